@@ -1,0 +1,325 @@
+//! The command line: subcommands, options and their defaults, parsed by hand (no argument
+//! crate: the grammar is small and the dependency list is part of the design).
+//!
+//! A parse error is a `UsageError`; `main` prints it with a hint and exits 2.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::log::Level;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Options shared by both modes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config: PathBuf,
+    pub max_connections: usize,
+    pub connect_timeout: Duration,
+    /// None: never close a connection for being idle.
+    pub idle_timeout: Option<Duration>,
+    pub drain_timeout: Duration,
+    pub reload_interval: Duration,
+    pub log_level: Level,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            config: PathBuf::from("config.json"),
+            max_connections: 4096,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            drain_timeout: Duration::from_secs(30),
+            reload_interval: Duration::from_secs(1),
+            log_level: Level::Info,
+        }
+    }
+}
+
+/// How configured ports reach the process; the only thing the two modes do differently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// One listener per configured port.
+    Simple,
+    /// One listener per address family on `port`; sk_lookup steers every configured port to it.
+    Bpf { port: u16, bind: Option<IpAddr> },
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Run(Mode, Settings),
+    Check { config: PathBuf },
+    /// Print this text to stdout and exit 0.
+    Help(&'static str),
+    Version,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError {
+    pub message: String,
+    /// The subcommand whose `--help` to point at.
+    pub command: Option<&'static str>,
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.command {
+            Some(c) => write!(f, "{}\n(see 'flyproxy {c} --help')", self.message),
+            None => write!(f, "{}\n(see 'flyproxy --help')", self.message),
+        }
+    }
+}
+
+pub const HELP: &str = "\
+flyproxy - a layer-4 TCP proxy and load balancer
+
+Usage:
+  flyproxy simple [OPTIONS]           one listener per configured port
+  flyproxy bpf [-p PORT] [OPTIONS]    one listener; eBPF sk_lookup steers every port to it
+  flyproxy check [-c PATH]            validate a config file and exit
+
+Run 'flyproxy <command> --help' for the options of each command.
+
+  -h, --help       print this help
+  -V, --version    print the version
+";
+
+/// The options both modes share, as one literal so that each help text can `concat!` it.
+macro_rules! run_options {
+    () => {
+        "  -c, --config PATH          config file (default ./config.json)
+      --max-connections N    open client connections at most; beyond it new ones wait
+                             in the kernel backlog (default 4096)
+      --connect-timeout DUR  time to connect to one target (default 5s)
+      --idle-timeout DUR     close a connection that moved no byte for this long
+                             (default 1h; 0 disables)
+      --drain-timeout DUR    how long open connections may finish after their port is
+                             removed or on SIGTERM (default 30s)
+      --reload-interval DUR  how often the config file's mtime is checked (default 1s)
+      --log-level LEVEL      error, warn, info or debug (default info)
+  -h, --help                 print this help
+  -V, --version              print the version
+
+DUR is a number with a unit: 250ms, 30s, 5m, 1h.
+"
+    };
+}
+
+pub const SIMPLE_HELP: &str = concat!(
+    "flyproxy simple - one listener per configured port\n\n",
+    "Usage: flyproxy simple [OPTIONS]\n\nOptions:\n",
+    run_options!(),
+    "Signals: SIGHUP reloads the config now; SIGTERM or SIGINT drains and exits\n",
+    "(a second one exits at once).\n",
+);
+
+pub const BPF_HELP: &str = concat!(
+    "flyproxy bpf - one listener; an eBPF sk_lookup program steers every configured port to it\n\n",
+    "Usage: flyproxy bpf [-p PORT] [--bind ADDR] [OPTIONS]\n\n",
+    "Needs CAP_BPF and CAP_NET_ADMIN (root) and Linux 5.9 or later.\n\nOptions:\n",
+    "  -p, --port PORT            port of the listener itself (default 8000)\n",
+    "      --bind ADDR            address of the listener (default: all, IPv4 and IPv6)\n",
+    run_options!(),
+    "Signals: SIGHUP reloads the config now; SIGTERM or SIGINT stops steering, drains and\n",
+    "exits (a second one exits at once).\n",
+);
+
+pub const CHECK_HELP: &str = "\
+flyproxy check - validate a config file
+
+Usage: flyproxy check [-c PATH]
+
+Prints a one-line summary and exits 0 if the file is valid; prints every problem
+found and exits 1 if not.
+
+Options:
+  -c, --config PATH   config file (default ./config.json)
+  -h, --help          print this help
+  -V, --version       print the version
+";
+
+/// Parse the arguments after the program name.
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageError> {
+    let mut args = args.into_iter();
+    let Some(first) = args.next() else {
+        return Err(usage(None, "no command given: use 'simple', 'bpf' or 'check'"));
+    };
+    let (name, mut mode): (&'static str, Option<Mode>) = match first.as_str() {
+        "-h" | "--help" | "help" => return Ok(Command::Help(HELP)),
+        "-V" | "--version" => return Ok(Command::Version),
+        "simple" => ("simple", Some(Mode::Simple)),
+        "bpf" => ("bpf", Some(Mode::Bpf { port: 8000, bind: None })),
+        "check" => ("check", None),
+        other => {
+            return Err(usage(
+                None,
+                &format!("unknown command '{other}': use 'simple', 'bpf' or 'check'"),
+            ))
+        }
+    };
+    let cmd = Some(name);
+    let mut s = Settings::default();
+    let mut rest = args.peekable();
+    while let Some(arg) = rest.next() {
+        // Accept both `--opt value` and `--opt=value`.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, UsageError> {
+            inline
+                .clone()
+                .or_else(|| rest.next())
+                .ok_or_else(|| usage(cmd, &format!("{flag} needs a value ({what})")))
+        };
+        let runs = mode.is_some();
+        match flag.as_str() {
+            "-h" | "--help" => {
+                return Ok(Command::Help(match name {
+                    "simple" => SIMPLE_HELP,
+                    "bpf" => BPF_HELP,
+                    _ => CHECK_HELP,
+                }))
+            }
+            "-V" | "--version" => return Ok(Command::Version),
+            "-c" | "--config" => s.config = PathBuf::from(value("a file path")?),
+            "--max-connections" if runs => {
+                let v = value("a number")?;
+                s.max_connections = match v.parse::<usize>() {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        return Err(usage(
+                            cmd,
+                            &format!("--max-connections: '{v}' is not a whole number above 0"),
+                        ))
+                    }
+                }
+            }
+            "--connect-timeout" if runs => {
+                s.connect_timeout = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
+            }
+            "--idle-timeout" if runs => {
+                let d = duration(cmd, &flag, &value("a duration")?)?;
+                s.idle_timeout = (!d.is_zero()).then_some(d);
+            }
+            "--drain-timeout" if runs => s.drain_timeout = duration(cmd, &flag, &value("a duration")?)?,
+            "--reload-interval" if runs => {
+                s.reload_interval = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
+            }
+            "--log-level" if runs => {
+                let v = value("error, warn, info or debug")?;
+                s.log_level = Level::parse(&v).ok_or_else(|| {
+                    usage(cmd, &format!("--log-level: '{v}' is not error, warn, info or debug"))
+                })?;
+            }
+            "-p" | "--port" if name == "bpf" => {
+                let v = value("a port")?;
+                let p = match v.parse::<u16>() {
+                    Ok(p) if p > 0 => p,
+                    _ => return Err(usage(cmd, &format!("{flag}: '{v}' is not a port (1-65535)"))),
+                };
+                if let Some(Mode::Bpf { port, .. }) = mode.as_mut() {
+                    *port = p;
+                }
+            }
+            "--bind" if name == "bpf" => {
+                let v = value("an IP address")?;
+                let ip = v
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<IpAddr>()
+                    .map_err(|_| usage(cmd, &format!("--bind: '{v}' is not an IP address")))?;
+                if let Some(Mode::Bpf { bind, .. }) = mode.as_mut() {
+                    *bind = Some(ip);
+                }
+            }
+            other if other.starts_with('-') => {
+                return Err(usage(cmd, &format!("unknown option '{other}' for '{name}'")))
+            }
+            other => return Err(usage(cmd, &format!("unexpected argument '{other}'"))),
+        }
+    }
+    Ok(match mode {
+        Some(m) => Command::Run(m, s),
+        None => Command::Check { config: s.config },
+    })
+}
+
+fn usage(command: Option<&'static str>, message: &str) -> UsageError {
+    UsageError { message: message.to_owned(), command }
+}
+
+fn nonzero(flag: &str, d: Duration) -> Result<Duration, UsageError> {
+    if d.is_zero() {
+        Err(usage(None, &format!("{flag} must be more than 0")))
+    } else {
+        Ok(d)
+    }
+}
+
+fn duration(cmd: Option<&'static str>, flag: &str, v: &str) -> Result<Duration, UsageError> {
+    parse_duration(v).ok_or_else(|| {
+        usage(cmd, &format!("{flag}: '{v}' is not a duration (write it like 250ms, 30s, 5m, 1h)"))
+    })
+}
+
+/// `250ms`, `30s`, `5m`, `1h`; a bare `0` is allowed (it disables what takes it).
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    if v == "0" {
+        return Some(Duration::ZERO);
+    }
+    let split = v.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Command, UsageError> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
+        for bad in ["", "5", "s", "1.5s", "-1s", "10d", "1 s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn modes_and_options() {
+        let Ok(Command::Run(Mode::Bpf { port, bind }, s)) =
+            run(&["bpf", "-p", "9000", "--bind=127.0.0.1", "--idle-timeout", "0"])
+        else {
+            panic!()
+        };
+        assert_eq!((port, bind), (9000, Some("127.0.0.1".parse().unwrap())));
+        assert_eq!(s.idle_timeout, None);
+        let Ok(Command::Run(Mode::Simple, s)) = run(&["simple", "-c", "x.json"]) else { panic!() };
+        assert_eq!(s.config, PathBuf::from("x.json"));
+        assert_eq!(s.max_connections, 4096);
+        assert!(run(&["simple", "-p", "80"]).is_err());
+        assert!(run(&["check", "--max-connections", "5"]).is_err());
+        assert!(run(&["simple", "--connect-timeout", "0"]).is_err());
+        assert!(run(&["frob"]).is_err());
+        assert!(run(&[]).is_err());
+    }
+}

@@ -1,0 +1,466 @@
+//! The config file: its raw serde shape, the validated `Config` the proxy runs on, and the
+//! diff between two configs that a reload applies.
+//!
+//! Parse, don't validate: `RawConfig` mirrors the JSON exactly (so the original challenge file
+//! loads byte for byte), and `Config::from_raw` turns it into a `Config` or into every problem
+//! found at once. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
+//! touch a live listener.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The file as written. Unknown keys are captured rather than refused by serde, so that the
+/// validator can report all of them, with the app they are in, instead of stopping at the first.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawConfig {
+    apps: Option<Vec<RawApp>>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawApp {
+    name: Option<String>,
+    /// Wider than u16 so that 0 and 70000 get our message, not serde's.
+    ports: Option<Vec<i64>>,
+    targets: Option<Vec<String>>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, Value>,
+}
+
+/// A validated config: app names unique, every port in 1..=65535 and used once, every app with
+/// at least one port and one well-formed target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub name: String,
+    pub ports: Vec<u16>,
+    pub targets: Vec<Target>,
+}
+
+/// A backend address as configured. The host stays a name: it is resolved at each connect, so a
+/// target whose address changes is followed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    /// A DNS name, an IPv4 address, or an IPv6 address (stored without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One thing wrong with a config file. Each names the app and field it is about, so the
+/// message tells the operator exactly what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The file could not be read.
+    Io(String),
+    /// The file is not JSON of the expected shape (serde's message carries line and column).
+    Syntax(String),
+    /// The top-level `Apps` key is missing.
+    MissingApps,
+    /// A key that flyproxy does not know; `app` is None at the top level.
+    UnknownKey { app: Option<String>, key: String },
+    /// A required field of an app is missing or empty.
+    Missing { app: String, field: &'static str },
+    /// Two apps share a name.
+    DuplicateApp { name: String },
+    /// A port outside 1..=65535.
+    PortOutOfRange { app: String, port: i64 },
+    /// A port listed twice, within one app (`first` is None) or across two.
+    DuplicatePort { port: u16, app: String, first: Option<String> },
+    /// A target that is not `host:port`.
+    BadTarget { app: String, target: String, why: &'static str },
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Problem::Io(e) => write!(f, "cannot read: {e}"),
+            Problem::Syntax(e) => write!(f, "not a valid config: {e}"),
+            Problem::MissingApps => write!(f, "missing key \"Apps\" (a list of apps)"),
+            Problem::UnknownKey { app: None, key } => {
+                write!(f, "unknown key \"{key}\" at the top level (expected \"Apps\")")
+            }
+            Problem::UnknownKey { app: Some(app), key } => write!(
+                f,
+                "app \"{app}\": unknown key \"{key}\" (expected \"Name\", \"Ports\", \"Targets\")"
+            ),
+            Problem::Missing { app, field } => {
+                write!(f, "app \"{app}\": {field}: missing or empty")
+            }
+            Problem::DuplicateApp { name } => {
+                write!(f, "app \"{name}\": Name: used by more than one app")
+            }
+            Problem::PortOutOfRange { app, port } => {
+                write!(f, "app \"{app}\": Ports: {port} is not a port (1-65535)")
+            }
+            Problem::DuplicatePort { port, app, first: None } => {
+                write!(f, "app \"{app}\": Ports: {port} is listed twice")
+            }
+            Problem::DuplicatePort { port, app, first: Some(first) } => write!(
+                f,
+                "app \"{app}\": Ports: {port} is already used by app \"{first}\""
+            ),
+            Problem::BadTarget { app, target, why } => {
+                write!(f, "app \"{app}\": Targets: \"{target}\" {why}")
+            }
+        }
+    }
+}
+
+/// Every problem found in one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {p}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Read and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
+            path: path.to_owned(),
+            problems: vec![Problem::Io(e.to_string())],
+        })?;
+        Config::parse(path, &bytes)
+    }
+
+    /// Validate `bytes` as the contents of `path` (the path only names the file in errors).
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError { path: path.to_owned(), problems };
+        let raw: RawConfig =
+            serde_json::from_slice(bytes).map_err(|e| fail(vec![Problem::Syntax(e.to_string())]))?;
+        Config::from_raw(raw).map_err(fail)
+    }
+
+    fn from_raw(raw: RawConfig) -> Result<Config, Vec<Problem>> {
+        let mut problems = Vec::new();
+        for key in raw.unknown.keys() {
+            problems.push(Problem::UnknownKey { app: None, key: key.clone() });
+        }
+        let Some(raw_apps) = raw.apps else {
+            problems.push(Problem::MissingApps);
+            return Err(problems);
+        };
+
+        let mut names = BTreeSet::new();
+        // Which app (by position, as names may repeat) took each port first.
+        let mut port_owner: HashMap<u16, (usize, String)> = HashMap::new();
+        let mut apps = Vec::with_capacity(raw_apps.len());
+        for (i, raw_app) in raw_apps.into_iter().enumerate() {
+            // An app without a usable name is still checked, under a name that says where it is.
+            let name = match raw_app.name {
+                Some(n) if !n.trim().is_empty() => n,
+                _ => {
+                    let placeholder = format!("#{}", i + 1);
+                    problems.push(Problem::Missing { app: placeholder.clone(), field: "Name" });
+                    placeholder
+                }
+            };
+            if !names.insert(name.clone()) {
+                problems.push(Problem::DuplicateApp { name: name.clone() });
+            }
+            for key in raw_app.unknown.keys() {
+                problems.push(Problem::UnknownKey { app: Some(name.clone()), key: key.clone() });
+            }
+
+            let mut ports = Vec::new();
+            match raw_app.ports {
+                Some(list) if !list.is_empty() => {
+                    for p in list {
+                        let Ok(port) = u16::try_from(p) else {
+                            problems.push(Problem::PortOutOfRange { app: name.clone(), port: p });
+                            continue;
+                        };
+                        if port == 0 {
+                            problems.push(Problem::PortOutOfRange { app: name.clone(), port: p });
+                            continue;
+                        }
+                        match port_owner.get(&port) {
+                            Some((owner, first)) => problems.push(Problem::DuplicatePort {
+                                port,
+                                app: name.clone(),
+                                first: (*owner != i).then(|| first.clone()),
+                            }),
+                            None => {
+                                port_owner.insert(port, (i, name.clone()));
+                                ports.push(port);
+                            }
+                        }
+                    }
+                }
+                _ => problems.push(Problem::Missing { app: name.clone(), field: "Ports" }),
+            }
+
+            let mut targets = Vec::new();
+            match raw_app.targets {
+                Some(list) if !list.is_empty() => {
+                    for t in list {
+                        match parse_target(&t) {
+                            Ok(target) => targets.push(target),
+                            Err(why) => problems.push(Problem::BadTarget {
+                                app: name.clone(),
+                                target: t,
+                                why,
+                            }),
+                        }
+                    }
+                }
+                _ => problems.push(Problem::Missing { app: name.clone(), field: "Targets" }),
+            }
+            apps.push(App { name, ports, targets });
+        }
+
+        if problems.is_empty() {
+            Ok(Config { apps })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Every configured port, each exactly once.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.apps.iter().flat_map(|a| a.ports.iter().copied())
+    }
+
+    /// A one-line summary, as `flyproxy check` prints it.
+    pub fn summary(&self) -> String {
+        let targets: usize = self.apps.iter().map(|a| a.targets.len()).sum();
+        format!(
+            "{} apps, {} ports, {} targets",
+            self.apps.len(),
+            self.ports().count(),
+            targets
+        )
+    }
+}
+
+/// Parse `host:port`. The host is a DNS name, an IPv4 address, or a bracketed IPv6 address.
+pub fn parse_target(s: &str) -> Result<Target, &'static str> {
+    const SHAPE: &str = "is not host:port (e.g. \"backend.internal:7001\" or \"[::1]:7001\")";
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((v6, port)) = rest.split_once("]:") else {
+            return Err(SHAPE);
+        };
+        if v6.parse::<Ipv6Addr>().is_err() {
+            return Err("has an invalid IPv6 address between the brackets");
+        }
+        (v6, port)
+    } else {
+        let Some((host, port)) = s.rsplit_once(':') else {
+            return Err(SHAPE);
+        };
+        if host.contains(':') {
+            return Err("looks like an IPv6 address: write it in brackets, as \"[::1]:7001\"");
+        }
+        if host.is_empty() {
+            return Err(SHAPE);
+        }
+        let name_ok = host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !name_ok {
+            return Err("has a host that is not a DNS name or IP address");
+        }
+        (host, port)
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Target { host: host.to_owned(), port: p })
+        }
+        _ => Err("has a port that is not a number in 1-65535"),
+    }
+}
+
+/// What a reload changes, for applying it as a diff and for the log line that says so.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub ports_added: Vec<u16>,
+    pub ports_removed: Vec<u16>,
+    pub apps_added: Vec<String>,
+    pub apps_removed: Vec<String>,
+    /// Apps present in both whose ports or targets differ.
+    pub apps_changed: Vec<String>,
+}
+
+impl Diff {
+    pub fn between(old: &Config, new: &Config) -> Diff {
+        let old_ports: BTreeSet<u16> = old.ports().collect();
+        let new_ports: BTreeSet<u16> = new.ports().collect();
+        let old_apps: BTreeMap<&str, &App> = old.apps.iter().map(|a| (a.name.as_str(), a)).collect();
+        let new_apps: BTreeMap<&str, &App> = new.apps.iter().map(|a| (a.name.as_str(), a)).collect();
+        Diff {
+            ports_added: new_ports.difference(&old_ports).copied().collect(),
+            ports_removed: old_ports.difference(&new_ports).copied().collect(),
+            apps_added: new_apps
+                .keys()
+                .filter(|n| !old_apps.contains_key(*n))
+                .map(|n| n.to_string())
+                .collect(),
+            apps_removed: old_apps
+                .keys()
+                .filter(|n| !new_apps.contains_key(*n))
+                .map(|n| n.to_string())
+                .collect(),
+            apps_changed: new_apps
+                .iter()
+                .filter(|(n, a)| old_apps.get(*n).is_some_and(|old| old != *a))
+                .map(|(n, _)| n.to_string())
+                .collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == Diff::default()
+    }
+}
+
+impl fmt::Display for Diff {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn list<T: fmt::Display>(items: &[T]) -> String {
+            let shown: Vec<String> = items.iter().take(20).map(|i| i.to_string()).collect();
+            let more = items.len().saturating_sub(20);
+            if more > 0 {
+                format!("{} (+{more} more)", shown.join(","))
+            } else {
+                shown.join(",")
+            }
+        }
+        write!(
+            f,
+            "ports_added={} ports_removed={} apps_added={} apps_removed={} apps_changed={}",
+            self.ports_added.len(),
+            self.ports_removed.len(),
+            self.apps_added.len(),
+            self.apps_removed.len(),
+            self.apps_changed.len()
+        )?;
+        for (label, items) in [
+            ("added", list(&self.ports_added)),
+            ("removed", list(&self.ports_removed)),
+        ] {
+            if !items.is_empty() {
+                write!(f, " {label}=[{items}]")?;
+            }
+        }
+        for (label, items) in [
+            ("new", list(&self.apps_added)),
+            ("gone", list(&self.apps_removed)),
+            ("changed", list(&self.apps_changed)),
+        ] {
+            if !items.is_empty() {
+                write!(f, " {label}=[{items}]")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, Vec<String>> {
+        Config::parse(Path::new("c.json"), s.as_bytes())
+            .map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
+    }
+
+    #[test]
+    fn original_challenge_file_loads() {
+        let s = r#"{"Apps": [{"Name": "six-thousand", "Ports": [6001, 6200, 6300, 6400],
+           "Targets": ["tcp-echo.fly.dev:6001", "tcp-echo.fly.dev:6002", "bad.target.for.testing:6003"]}]}"#;
+        let c = parse(s).unwrap();
+        assert_eq!(c.apps[0].ports, vec![6001, 6200, 6300, 6400]);
+        assert_eq!(c.apps[0].targets[2].host, "bad.target.for.testing");
+        assert_eq!(c.summary(), "1 apps, 4 ports, 3 targets");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let s = r#"{"Apps": [
+            {"Name": "a", "Ports": [0, 70000, 10], "Targets": ["x"], "Weight": 3},
+            {"Name": "a", "Ports": [10], "Targets": []},
+            {"Ports": [], "Targets": ["::1:80"]}], "Extra": 1}"#;
+        let errs = parse(s).unwrap_err();
+        let want = [
+            "unknown key \"Extra\" at the top level",
+            "app \"a\": unknown key \"Weight\"",
+            "app \"a\": Ports: 0 is not a port",
+            "app \"a\": Ports: 70000 is not a port",
+            "app \"a\": Targets: \"x\" is not host:port",
+            "app \"a\": Name: used by more than one app",
+            "app \"a\": Ports: 10 is already used by app \"a\"",
+            "app \"a\": Targets: missing or empty",
+            "app \"#3\": Name: missing or empty",
+            "app \"#3\": Ports: missing or empty",
+            "app \"#3\": Targets: \"::1:80\" looks like an IPv6 address",
+        ];
+        for w in want {
+            assert!(errs.iter().any(|e| e.contains(w)), "missing {w:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("[::1]:7001").unwrap().to_string(), "[::1]:7001");
+        assert_eq!(parse_target("10.0.0.1:80").unwrap().host, "10.0.0.1");
+        assert!(parse_target("host:0").is_err());
+        assert!(parse_target("host:+80").is_err());
+        assert!(parse_target("host:65536").is_err());
+        assert!(parse_target("[zz]:80").is_err());
+        assert!(parse_target("bad host:80").is_err());
+        assert!(parse_target(":80").is_err());
+    }
+
+    #[test]
+    fn diff() {
+        let a = parse(r#"{"Apps":[{"Name":"a","Ports":[1,2],"Targets":["h:1"]}]}"#).unwrap();
+        let b = parse(r#"{"Apps":[{"Name":"a","Ports":[2,3],"Targets":["h:1"]},{"Name":"b","Ports":[4],"Targets":["h:2"]}]}"#).unwrap();
+        let d = Diff::between(&a, &b);
+        assert_eq!(d.ports_added, vec![3, 4]);
+        assert_eq!(d.ports_removed, vec![1]);
+        assert_eq!(d.apps_added, vec!["b"]);
+        assert_eq!(d.apps_changed, vec!["a"]);
+        assert!(Diff::between(&a, &a).is_empty());
+    }
+}

@@ -1,0 +1,492 @@
+//! The listener loop: one mio `Poll` that accepts connections from the mode's listeners, hands
+//! them to the relay pool, and handles signals, config reload ticks, drain deadlines and the
+//! connection bound. It is the only thread that touches the routing table and the listeners,
+//! so neither needs a lock.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::net::UnixStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::cli::Settings;
+use crate::config::{Config, ConfigError, Diff};
+use crate::conns::Conns;
+use crate::pool::Pool;
+use crate::ports::{PortError, PortSource};
+use crate::routing::Routes;
+use crate::session::{self, Job, Shared};
+
+/// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
+const SIGHUP_PIPE: Token = Token(0);
+/// Readable when SIGTERM or SIGINT arrived.
+const STOP_PIPE: Token = Token(1);
+/// Woken by a relay thread that gave back a slot the loop is waiting for.
+const WAKE: Token = Token(2);
+
+/// Connections accepted from one listener before the loop looks at the others, so one busy
+/// port cannot starve the rest (or the signals).
+const ACCEPT_BATCH: usize = 64;
+
+/// Descriptors kept aside for listeners, the config file, the poll and pipes.
+const FD_RESERVE: u64 = 64;
+
+/// Why the proxy could not start. `main` prints it and exits 1.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    Port(PortError),
+    /// Setting up the poll, signals or another OS resource failed.
+    Os(&'static str, io::Error),
+    /// The mode's own set-up failed (bpf: loading or attaching the program).
+    Mode(String),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Port(e) => write!(f, "cannot listen on {e}"),
+            StartError::Os(what, e) => write!(f, "{what}: {e}"),
+            StartError::Mode(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Run the proxy until it is told to stop. `make_source` builds the mode's port source once the
+/// config is known to be valid, so nothing is set up for a config that will be refused.
+pub fn run(
+    settings: Settings,
+    mode_name: &'static str,
+    make_source: impl FnOnce() -> Result<Box<dyn PortSource>, StartError>,
+) -> Result<(), StartError> {
+    let config = Config::load(&settings.config).map_err(StartError::Config)?;
+    let mut source = make_source()?;
+
+    let mut poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
+    let waker = Waker::new(poll.registry(), WAKE)
+        .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
+    let mut hup = signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?;
+    let mut stop = signal_pipe(
+        &poll,
+        STOP_PIPE,
+        &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
+    )?;
+
+    let ports: Vec<u16> = config.ports().collect();
+    source.apply(poll.registry(), &ports, &[]).map_err(StartError::Port)?;
+    let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
+
+    let shared = Arc::new(Shared {
+        settings: settings.clone(),
+        max_connections,
+        conns: Conns::default(),
+        active: AtomicUsize::new(0),
+        stopping: AtomicBool::new(false),
+        waker,
+    });
+    let pool = {
+        let (s1, s2) = (Arc::clone(&shared), Arc::clone(&shared));
+        Pool::new(max_connections, move |job| session::serve(job, &s1), move || s2.release_slot())
+    };
+
+    let routes = Routes::new(&config, None);
+    crate::info!(
+        "started mode={mode_name} config={} {} max_connections={max_connections} pid={}",
+        settings.config.display(),
+        config.summary(),
+        std::process::id()
+    );
+
+    let mut lp = Loop {
+        settings,
+        shared,
+        pool,
+        source,
+        routes,
+        config,
+        watch: Watch::new(),
+        ready: HashSet::new(),
+        paused: false,
+        backoff_until: None,
+        backoff: Duration::ZERO,
+        next_drain: None,
+        stop_deadline: None,
+    };
+    lp.watch.seen(Watch::stat(&lp.settings.config));
+    lp.run(&mut poll, &mut hup, &mut stop)
+}
+
+struct Loop {
+    settings: Settings,
+    shared: Arc<Shared>,
+    pool: Pool<Job>,
+    source: Box<dyn PortSource>,
+    routes: Routes,
+    config: Config,
+    watch: Watch,
+    /// Listeners that may have connections waiting: readiness is edge-triggered, so a listener
+    /// we stopped draining early (batch, bound, back-off) stays here until it says WouldBlock.
+    ready: HashSet<Token>,
+    /// Accepting is paused at the connection bound.
+    paused: bool,
+    /// Accepting is paused after an error such as EMFILE, until then.
+    backoff_until: Option<Instant>,
+    backoff: Duration,
+    next_drain: Option<Instant>,
+    /// Set on the first stop signal: exit once every connection is done, or at this instant.
+    stop_deadline: Option<Instant>,
+}
+
+impl Loop {
+    fn run(&mut self, poll: &mut Poll, hup: &mut UnixStream, stop: &mut UnixStream) -> Result<(), StartError> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_tick = Instant::now() + self.settings.reload_interval;
+        loop {
+            let now = Instant::now();
+            let mut wake_at = next_tick;
+            for t in [self.next_drain, self.stop_deadline, self.backoff_until].into_iter().flatten() {
+                wake_at = wake_at.min(t);
+            }
+            let timeout = if !self.ready.is_empty() && self.can_accept(now) {
+                Duration::ZERO
+            } else {
+                wake_at.saturating_duration_since(now)
+            };
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(StartError::Os("event loop failed", e));
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SIGHUP_PIPE => {
+                        drain_pipe(hup);
+                        crate::info!("SIGHUP: reloading {}", self.settings.config.display());
+                        self.reload(poll, true);
+                    }
+                    STOP_PIPE => {
+                        drain_pipe(stop);
+                        if self.stop_deadline.is_some() {
+                            let open = self.shared.conns.len();
+                            crate::warn!("second stop signal: exiting now, {open} connections cut");
+                            std::process::exit(1);
+                        }
+                        self.begin_stop(poll);
+                    }
+                    WAKE => {}
+                    listener => {
+                        self.ready.insert(listener);
+                    }
+                }
+            }
+
+            let now = Instant::now();
+            if self.stop_deadline.is_none() {
+                self.accept_ready(now);
+            }
+            if now >= next_tick {
+                next_tick = now + self.settings.reload_interval;
+                if self.stop_deadline.is_none() {
+                    self.source.tick();
+                    if self.watch.changed(&self.settings.config) {
+                        self.reload(poll, false);
+                    }
+                }
+            }
+            if self.next_drain.is_some_and(|d| now >= d) {
+                let (cut, next) = self.shared.conns.cut_expired(now);
+                if cut > 0 {
+                    crate::info!("drain timeout: closed {cut} connections");
+                }
+                self.next_drain = next;
+            }
+            if let Some(deadline) = self.stop_deadline {
+                let active = self.shared.active.load(Ordering::Acquire);
+                if active == 0 {
+                    crate::info!("stopped: every connection finished");
+                    return Ok(());
+                }
+                // Connections cut at the drain deadline end within moments; give their threads
+                // a second to log, then go regardless.
+                if now >= deadline + Duration::from_secs(1) {
+                    crate::warn!("stopped: drain timeout passed with {active} connections still open");
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn can_accept(&self, now: Instant) -> bool {
+        self.backoff_until.is_none_or(|t| now >= t)
+            && self.shared.active.load(Ordering::Acquire) < self.shared.max_connections
+    }
+
+    /// Accept from every listener that may have connections waiting, within the bound.
+    fn accept_ready(&mut self, now: Instant) {
+        if self.ready.is_empty() {
+            return;
+        }
+        if self.backoff_until.is_some_and(|t| now < t) {
+            return;
+        }
+        self.backoff_until = None;
+        let tokens: Vec<Token> = self.ready.iter().copied().collect();
+        for token in tokens {
+            let mut accepted = 0;
+            loop {
+                if self.shared.active.load(Ordering::Acquire) >= self.shared.max_connections {
+                    if !self.paused {
+                        self.paused = true;
+                        crate::warn!(
+                            "connection limit reached ({}): new connections wait in the kernel backlog",
+                            self.shared.max_connections
+                        );
+                    }
+                    return;
+                }
+                if self.paused {
+                    self.paused = false;
+                    crate::info!("below the connection limit again: accepting");
+                }
+                if accepted == ACCEPT_BATCH {
+                    break;
+                }
+                match self.source.accept(token) {
+                    Ok(Some(conn)) => {
+                        accepted += 1;
+                        self.backoff = Duration::ZERO;
+                        self.dispatch(conn);
+                    }
+                    Ok(None) => {
+                        self.ready.remove(&token);
+                        break;
+                    }
+                    Err(e) => {
+                        if self.accept_error(e, now) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decide what an accept error means; true if accepting should pause for a while.
+    fn accept_error(&mut self, e: io::Error, now: Instant) -> bool {
+        match e.raw_os_error() {
+            // The client gave up before we got to it, or a signal: nothing wrong with us.
+            Some(libc::ECONNABORTED) | Some(libc::EINTR) | Some(libc::EPROTO) => false,
+            // Out of descriptors or memory: the connection stays queued in the kernel. Back off
+            // (doubling up to a second) instead of spinning on the same error.
+            _ => {
+                self.backoff = (self.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                self.backoff_until = Some(now + self.backoff);
+                crate::error!("accept failed: {e}; pausing accepts for {:?}", self.backoff);
+                true
+            }
+        }
+    }
+
+    fn dispatch(&mut self, conn: crate::ports::Accepted) {
+        let Some(app) = self.routes.app_for(conn.port) else {
+            // bpf mode, a port removed from the config while the kernel still queued a
+            // connection for it. Closing it is what a removed listener would have done.
+            crate::debug!("conn client={} port={}: port no longer configured, closed", conn.peer, conn.port);
+            return;
+        };
+        self.shared.active.fetch_add(1, Ordering::AcqRel);
+        let job = Job {
+            client: conn.stream,
+            peer: conn.peer,
+            port: conn.port,
+            app: Arc::clone(app),
+            accepted: Instant::now(),
+        };
+        if let Err((job, e)) = self.pool.submit(job) {
+            crate::error!("conn app={} client={}: no relay thread: {e}; closed", job.app.name, job.peer);
+            self.shared.active.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Re-read the config and apply it as a diff. Any error leaves the running config as it is.
+    fn reload(&mut self, poll: &Poll, forced: bool) {
+        let path = self.settings.config.clone();
+        // Stat before reading: a write that lands after the read then still shows as a change
+        // at the next tick.
+        let sig = Watch::stat(&path);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::error!("reload rejected: {}: cannot read: {e}; keeping the running config", path.display());
+                return;
+            }
+        };
+        self.watch.seen(sig);
+        let new = match Config::parse(&path, &bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                for line in e.to_string().lines() {
+                    crate::error!("reload rejected: {line}");
+                }
+                crate::error!("reload rejected: keeping the running config");
+                self.watch.rejected(bytes);
+                return;
+            }
+        };
+        let diff = Diff::between(&self.config, &new);
+        if diff.is_empty() {
+            if forced {
+                crate::info!("reload: config unchanged");
+            }
+            return;
+        }
+        if let Err(e) = self.source.apply(poll.registry(), &diff.ports_added, &diff.ports_removed) {
+            crate::error!("reload rejected: cannot listen on {e}; keeping the running config");
+            self.watch.rejected(bytes);
+            return;
+        }
+        self.routes = Routes::new(&new, Some(&self.routes));
+        self.config = new;
+        if !diff.ports_removed.is_empty() {
+            let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();
+            let at = Instant::now() + self.settings.drain_timeout;
+            let n = self.shared.conns.drain(|p| removed.contains(&p), at);
+            if n > 0 {
+                crate::info!("reload: {n} connections on removed ports draining for up to {:?}", self.settings.drain_timeout);
+                self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
+            }
+        }
+        crate::info!("reload ok: {diff}");
+    }
+
+    fn begin_stop(&mut self, poll: &Poll) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.source.stop(poll.registry());
+        self.ready.clear();
+        let at = Instant::now() + self.settings.drain_timeout;
+        self.stop_deadline = Some(at);
+        let n = self.shared.conns.drain(|_| true, at);
+        self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
+        crate::info!(
+            "stopping: listeners closed, {n} connections draining for up to {:?}",
+            self.settings.drain_timeout
+        );
+    }
+}
+
+/// Notices that the config file changed: by its metadata each tick, and by its contents after
+/// a rejected version (so a file fixed within the same mtime tick is still picked up).
+struct Watch {
+    sig: Option<FileSig>,
+    rejected: Option<Vec<u8>>,
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct FileSig {
+    mtime: Option<SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+impl Watch {
+    fn new() -> Watch {
+        Watch { sig: None, rejected: None }
+    }
+
+    fn stat(path: &Path) -> Option<FileSig> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(FileSig { mtime: m.modified().ok(), len: m.len(), ino: m.ino() })
+    }
+
+    /// Remember the file as it is now (after a load or a reload attempt).
+    fn seen(&mut self, sig: Option<FileSig>) {
+        self.sig = sig;
+        self.rejected = None;
+    }
+
+    fn rejected(&mut self, bytes: Vec<u8>) {
+        self.rejected = Some(bytes);
+    }
+
+    fn changed(&self, path: &Path) -> bool {
+        let sig = Watch::stat(path);
+        if sig.is_none() {
+            // Missing for a moment (being replaced) or gone: keep serving what we have.
+            return false;
+        }
+        if sig != self.sig {
+            return true;
+        }
+        match &self.rejected {
+            Some(old) => std::fs::read(path).is_ok_and(|now| &now != old),
+            None => false,
+        }
+    }
+}
+
+/// A self-pipe for `signals`: the handler writes a byte, the loop sees the read end readable.
+fn signal_pipe(poll: &Poll, token: Token, signals: &[i32]) -> Result<UnixStream, StartError> {
+    let err = |e| StartError::Os("cannot set up signal handling", e);
+    let (read, write) = StdUnixStream::pair().map_err(err)?;
+    read.set_nonblocking(true).map_err(err)?;
+    write.set_nonblocking(true).map_err(err)?;
+    for &sig in signals {
+        let w = write.try_clone().map_err(err)?;
+        signal_hook::low_level::pipe::register(sig, w).map_err(err)?;
+    }
+    let mut read = UnixStream::from_std(read);
+    poll.registry().register(&mut read, token, Interest::READABLE).map_err(err)?;
+    Ok(read)
+}
+
+fn drain_pipe(pipe: &mut UnixStream) {
+    let mut buf = [0u8; 64];
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
+/// descriptors per connection (client and backend) would not fit, saying so with the numbers.
+fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return max_connections;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let available = lim.rlim_cur.saturating_sub(FD_RESERVE + listeners);
+    let fits = (available / 2) as usize;
+    if max_connections > fits {
+        crate::warn!(
+            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({} listeners, {FD_RESERVE} reserved): lowering the bound to {fits}",
+            max_connections as u64 * 2 + FD_RESERVE + listeners,
+            lim.rlim_cur,
+            listeners
+        );
+        fits.max(1)
+    } else {
+        max_connections
+    }
+}
