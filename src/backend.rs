@@ -29,7 +29,10 @@ pub struct Backend {
 
 impl Backend {
     pub fn new(target: Target) -> Backend {
-        Backend { target, active: AtomicUsize::new(0) }
+        Backend {
+            target,
+            active: AtomicUsize::new(0),
+        }
     }
 }
 
@@ -44,18 +47,6 @@ pub enum ConnectError {
     Timeout,
     /// Anything else (unreachable network, no route, ...).
     Other(io::Error),
-}
-
-impl ConnectError {
-    /// A short word for logs and, later, metrics labels.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            ConnectError::Unresolvable(_) => "unresolvable",
-            ConnectError::Refused => "refused",
-            ConnectError::Timeout => "timeout",
-            ConnectError::Other(_) => "error",
-        }
-    }
 }
 
 impl fmt::Display for ConnectError {

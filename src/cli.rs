@@ -51,7 +51,9 @@ pub enum Mode {
 #[derive(Debug)]
 pub enum Command {
     Run(Mode, Settings),
-    Check { config: PathBuf },
+    Check {
+        config: PathBuf,
+    },
     /// Print this text to stdout and exit 0.
     Help(&'static str),
     Version,
@@ -145,13 +147,22 @@ Options:
 pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageError> {
     let mut args = args.into_iter();
     let Some(first) = args.next() else {
-        return Err(usage(None, "no command given: use 'simple', 'bpf' or 'check'"));
+        return Err(usage(
+            None,
+            "no command given: use 'simple', 'bpf' or 'check'",
+        ));
     };
     let (name, mut mode): (&'static str, Option<Mode>) = match first.as_str() {
         "-h" | "--help" | "help" => return Ok(Command::Help(HELP)),
         "-V" | "--version" => return Ok(Command::Version),
         "simple" => ("simple", Some(Mode::Simple)),
-        "bpf" => ("bpf", Some(Mode::Bpf { port: 8000, bind: None })),
+        "bpf" => (
+            "bpf",
+            Some(Mode::Bpf {
+                port: 8000,
+                bind: None,
+            }),
+        ),
         "check" => ("check", None),
         other => {
             return Err(usage(
@@ -205,21 +216,31 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 let d = duration(cmd, &flag, &value("a duration")?)?;
                 s.idle_timeout = (!d.is_zero()).then_some(d);
             }
-            "--drain-timeout" if runs => s.drain_timeout = duration(cmd, &flag, &value("a duration")?)?,
+            "--drain-timeout" if runs => {
+                s.drain_timeout = duration(cmd, &flag, &value("a duration")?)?
+            }
             "--reload-interval" if runs => {
                 s.reload_interval = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
             }
             "--log-level" if runs => {
                 let v = value("error, warn, info or debug")?;
                 s.log_level = Level::parse(&v).ok_or_else(|| {
-                    usage(cmd, &format!("--log-level: '{v}' is not error, warn, info or debug"))
+                    usage(
+                        cmd,
+                        &format!("--log-level: '{v}' is not error, warn, info or debug"),
+                    )
                 })?;
             }
             "-p" | "--port" if name == "bpf" => {
                 let v = value("a port")?;
                 let p = match v.parse::<u16>() {
                     Ok(p) if p > 0 => p,
-                    _ => return Err(usage(cmd, &format!("{flag}: '{v}' is not a port (1-65535)"))),
+                    _ => {
+                        return Err(usage(
+                            cmd,
+                            &format!("{flag}: '{v}' is not a port (1-65535)"),
+                        ))
+                    }
                 };
                 if let Some(Mode::Bpf { port, .. }) = mode.as_mut() {
                     *port = p;
@@ -237,7 +258,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 }
             }
             other if other.starts_with('-') => {
-                return Err(usage(cmd, &format!("unknown option '{other}' for '{name}'")))
+                return Err(usage(
+                    cmd,
+                    &format!("unknown option '{other}' for '{name}'"),
+                ))
             }
             other => return Err(usage(cmd, &format!("unexpected argument '{other}'"))),
         }
@@ -249,7 +273,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
 }
 
 fn usage(command: Option<&'static str>, message: &str) -> UsageError {
-    UsageError { message: message.to_owned(), command }
+    UsageError {
+        message: message.to_owned(),
+        command,
+    }
 }
 
 fn nonzero(flag: &str, d: Duration) -> Result<Duration, UsageError> {
@@ -262,7 +289,10 @@ fn nonzero(flag: &str, d: Duration) -> Result<Duration, UsageError> {
 
 fn duration(cmd: Option<&'static str>, flag: &str, v: &str) -> Result<Duration, UsageError> {
     parse_duration(v).ok_or_else(|| {
-        usage(cmd, &format!("{flag}: '{v}' is not a duration (write it like 250ms, 30s, 5m, 1h)"))
+        usage(
+            cmd,
+            &format!("{flag}: '{v}' is not a duration (write it like 250ms, 30s, 5m, 1h)"),
+        )
     })
 }
 
@@ -306,14 +336,21 @@ mod tests {
 
     #[test]
     fn modes_and_options() {
-        let Ok(Command::Run(Mode::Bpf { port, bind }, s)) =
-            run(&["bpf", "-p", "9000", "--bind=127.0.0.1", "--idle-timeout", "0"])
-        else {
+        let Ok(Command::Run(Mode::Bpf { port, bind }, s)) = run(&[
+            "bpf",
+            "-p",
+            "9000",
+            "--bind=127.0.0.1",
+            "--idle-timeout",
+            "0",
+        ]) else {
             panic!()
         };
         assert_eq!((port, bind), (9000, Some("127.0.0.1".parse().unwrap())));
         assert_eq!(s.idle_timeout, None);
-        let Ok(Command::Run(Mode::Simple, s)) = run(&["simple", "-c", "x.json"]) else { panic!() };
+        let Ok(Command::Run(Mode::Simple, s)) = run(&["simple", "-c", "x.json"]) else {
+            panic!()
+        };
         assert_eq!(s.config, PathBuf::from("x.json"));
         assert_eq!(s.max_connections, 4096);
         assert!(run(&["simple", "-p", "80"]).is_err());

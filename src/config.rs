@@ -87,9 +87,17 @@ pub enum Problem {
     /// A port outside 1..=65535.
     PortOutOfRange { app: String, port: i64 },
     /// A port listed twice, within one app (`first` is None) or across two.
-    DuplicatePort { port: u16, app: String, first: Option<String> },
+    DuplicatePort {
+        port: u16,
+        app: String,
+        first: Option<String>,
+    },
     /// A target that is not `host:port`.
-    BadTarget { app: String, target: String, why: &'static str },
+    BadTarget {
+        app: String,
+        target: String,
+        why: &'static str,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -99,9 +107,15 @@ impl fmt::Display for Problem {
             Problem::Syntax(e) => write!(f, "not a valid config: {e}"),
             Problem::MissingApps => write!(f, "missing key \"Apps\" (a list of apps)"),
             Problem::UnknownKey { app: None, key } => {
-                write!(f, "unknown key \"{key}\" at the top level (expected \"Apps\")")
+                write!(
+                    f,
+                    "unknown key \"{key}\" at the top level (expected \"Apps\")"
+                )
             }
-            Problem::UnknownKey { app: Some(app), key } => write!(
+            Problem::UnknownKey {
+                app: Some(app),
+                key,
+            } => write!(
                 f,
                 "app \"{app}\": unknown key \"{key}\" (expected \"Name\", \"Ports\", \"Targets\")"
             ),
@@ -114,10 +128,18 @@ impl fmt::Display for Problem {
             Problem::PortOutOfRange { app, port } => {
                 write!(f, "app \"{app}\": Ports: {port} is not a port (1-65535)")
             }
-            Problem::DuplicatePort { port, app, first: None } => {
+            Problem::DuplicatePort {
+                port,
+                app,
+                first: None,
+            } => {
                 write!(f, "app \"{app}\": Ports: {port} is listed twice")
             }
-            Problem::DuplicatePort { port, app, first: Some(first) } => write!(
+            Problem::DuplicatePort {
+                port,
+                app,
+                first: Some(first),
+            } => write!(
                 f,
                 "app \"{app}\": Ports: {port} is already used by app \"{first}\""
             ),
@@ -161,16 +183,22 @@ impl Config {
 
     /// Validate `bytes` as the contents of `path` (the path only names the file in errors).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
-        let fail = |problems| ConfigError { path: path.to_owned(), problems };
-        let raw: RawConfig =
-            serde_json::from_slice(bytes).map_err(|e| fail(vec![Problem::Syntax(e.to_string())]))?;
+        let fail = |problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        };
+        let raw: RawConfig = serde_json::from_slice(bytes)
+            .map_err(|e| fail(vec![Problem::Syntax(e.to_string())]))?;
         Config::from_raw(raw).map_err(fail)
     }
 
     fn from_raw(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         let mut problems = Vec::new();
         for key in raw.unknown.keys() {
-            problems.push(Problem::UnknownKey { app: None, key: key.clone() });
+            problems.push(Problem::UnknownKey {
+                app: None,
+                key: key.clone(),
+            });
         }
         let Some(raw_apps) = raw.apps else {
             problems.push(Problem::MissingApps);
@@ -187,7 +215,10 @@ impl Config {
                 Some(n) if !n.trim().is_empty() => n,
                 _ => {
                     let placeholder = format!("#{}", i + 1);
-                    problems.push(Problem::Missing { app: placeholder.clone(), field: "Name" });
+                    problems.push(Problem::Missing {
+                        app: placeholder.clone(),
+                        field: "Name",
+                    });
                     placeholder
                 }
             };
@@ -195,7 +226,10 @@ impl Config {
                 problems.push(Problem::DuplicateApp { name: name.clone() });
             }
             for key in raw_app.unknown.keys() {
-                problems.push(Problem::UnknownKey { app: Some(name.clone()), key: key.clone() });
+                problems.push(Problem::UnknownKey {
+                    app: Some(name.clone()),
+                    key: key.clone(),
+                });
             }
 
             let mut ports = Vec::new();
@@ -203,11 +237,17 @@ impl Config {
                 Some(list) if !list.is_empty() => {
                     for p in list {
                         let Ok(port) = u16::try_from(p) else {
-                            problems.push(Problem::PortOutOfRange { app: name.clone(), port: p });
+                            problems.push(Problem::PortOutOfRange {
+                                app: name.clone(),
+                                port: p,
+                            });
                             continue;
                         };
                         if port == 0 {
-                            problems.push(Problem::PortOutOfRange { app: name.clone(), port: p });
+                            problems.push(Problem::PortOutOfRange {
+                                app: name.clone(),
+                                port: p,
+                            });
                             continue;
                         }
                         match port_owner.get(&port) {
@@ -223,7 +263,10 @@ impl Config {
                         }
                     }
                 }
-                _ => problems.push(Problem::Missing { app: name.clone(), field: "Ports" }),
+                _ => problems.push(Problem::Missing {
+                    app: name.clone(),
+                    field: "Ports",
+                }),
             }
 
             let mut targets = Vec::new();
@@ -240,9 +283,16 @@ impl Config {
                         }
                     }
                 }
-                _ => problems.push(Problem::Missing { app: name.clone(), field: "Targets" }),
+                _ => problems.push(Problem::Missing {
+                    app: name.clone(),
+                    field: "Targets",
+                }),
             }
-            apps.push(App { name, ports, targets });
+            apps.push(App {
+                name,
+                ports,
+                targets,
+            });
         }
 
         if problems.is_empty() {
@@ -294,7 +344,9 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
             && host.split('.').all(|label| {
                 !label.is_empty()
                     && label.len() <= 63
-                    && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
                     && !label.starts_with('-')
                     && !label.ends_with('-')
             });
@@ -304,9 +356,10 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
         (host, port)
     };
     match port.parse::<u16>() {
-        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {
-            Ok(Target { host: host.to_owned(), port: p })
-        }
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(Target {
+            host: host.to_owned(),
+            port: p,
+        }),
         _ => Err("has a port that is not a number in 1-65535"),
     }
 }
@@ -326,8 +379,10 @@ impl Diff {
     pub fn between(old: &Config, new: &Config) -> Diff {
         let old_ports: BTreeSet<u16> = old.ports().collect();
         let new_ports: BTreeSet<u16> = new.ports().collect();
-        let old_apps: BTreeMap<&str, &App> = old.apps.iter().map(|a| (a.name.as_str(), a)).collect();
-        let new_apps: BTreeMap<&str, &App> = new.apps.iter().map(|a| (a.name.as_str(), a)).collect();
+        let old_apps: BTreeMap<&str, &App> =
+            old.apps.iter().map(|a| (a.name.as_str(), a)).collect();
+        let new_apps: BTreeMap<&str, &App> =
+            new.apps.iter().map(|a| (a.name.as_str(), a)).collect();
         Diff {
             ports_added: new_ports.difference(&old_ports).copied().collect(),
             ports_removed: old_ports.difference(&new_ports).copied().collect(),
@@ -435,14 +490,20 @@ mod tests {
             "app \"#3\": Targets: \"::1:80\" looks like an IPv6 address",
         ];
         for w in want {
-            assert!(errs.iter().any(|e| e.contains(w)), "missing {w:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.contains(w)),
+                "missing {w:?} in {errs:#?}"
+            );
         }
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
     }
 
     #[test]
     fn targets() {
-        assert_eq!(parse_target("[::1]:7001").unwrap().to_string(), "[::1]:7001");
+        assert_eq!(
+            parse_target("[::1]:7001").unwrap().to_string(),
+            "[::1]:7001"
+        );
         assert_eq!(parse_target("10.0.0.1:80").unwrap().host, "10.0.0.1");
         assert!(parse_target("host:0").is_err());
         assert!(parse_target("host:+80").is_err());

@@ -73,7 +73,11 @@ impl Conns {
             drained: AtomicBool::new(false),
         });
         self.lock().insert(id, Arc::clone(&entry));
-        Registered { conns: self, id, entry }
+        Registered {
+            conns: self,
+            id,
+            entry,
+        }
     }
 
     /// Give every open connection on a port for which `on_port` is true (every connection, for

@@ -82,7 +82,9 @@ pub fn run(
     )?;
 
     let ports: Vec<u16> = config.ports().collect();
-    source.apply(poll.registry(), &ports, &[]).map_err(StartError::Port)?;
+    source
+        .apply(poll.registry(), &ports, &[])
+        .map_err(StartError::Port)?;
     let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
 
     let shared = Arc::new(Shared {
@@ -95,7 +97,11 @@ pub fn run(
     });
     let pool = {
         let (s1, s2) = (Arc::clone(&shared), Arc::clone(&shared));
-        Pool::new(max_connections, move |job| session::serve(job, &s1), move || s2.release_slot())
+        Pool::new(
+            max_connections,
+            move |job| session::serve(job, &s1),
+            move || s2.release_slot(),
+        )
     };
 
     let routes = Routes::new(&config, None);
@@ -147,13 +153,21 @@ struct Loop {
 }
 
 impl Loop {
-    fn run(&mut self, poll: &mut Poll, hup: &mut UnixStream, stop: &mut UnixStream) -> Result<(), StartError> {
+    fn run(
+        &mut self,
+        poll: &mut Poll,
+        hup: &mut UnixStream,
+        stop: &mut UnixStream,
+    ) -> Result<(), StartError> {
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + self.settings.reload_interval;
         loop {
             let now = Instant::now();
             let mut wake_at = next_tick;
-            for t in [self.next_drain, self.stop_deadline, self.backoff_until].into_iter().flatten() {
+            for t in [self.next_drain, self.stop_deadline, self.backoff_until]
+                .into_iter()
+                .flatten()
+            {
                 wake_at = wake_at.min(t);
             }
             let timeout = if !self.ready.is_empty() && self.can_accept(now) {
@@ -218,7 +232,9 @@ impl Loop {
                 // Connections cut at the drain deadline end within moments; give their threads
                 // a second to log, then go regardless.
                 if now >= deadline + Duration::from_secs(1) {
-                    crate::warn!("stopped: drain timeout passed with {active} connections still open");
+                    crate::warn!(
+                        "stopped: drain timeout passed with {active} connections still open"
+                    );
                     return Ok(());
                 }
             }
@@ -288,7 +304,8 @@ impl Loop {
             // Out of descriptors or memory: the connection stays queued in the kernel. Back off
             // (doubling up to a second) instead of spinning on the same error.
             _ => {
-                self.backoff = (self.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                self.backoff =
+                    (self.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
                 self.backoff_until = Some(now + self.backoff);
                 crate::error!("accept failed: {e}; pausing accepts for {:?}", self.backoff);
                 true
@@ -300,7 +317,11 @@ impl Loop {
         let Some(app) = self.routes.app_for(conn.port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
-            crate::debug!("conn client={} port={}: port no longer configured, closed", conn.peer, conn.port);
+            crate::debug!(
+                "conn client={} port={}: port no longer configured, closed",
+                conn.peer,
+                conn.port
+            );
             return;
         };
         self.shared.active.fetch_add(1, Ordering::AcqRel);
@@ -312,7 +333,11 @@ impl Loop {
             accepted: Instant::now(),
         };
         if let Err((job, e)) = self.pool.submit(job) {
-            crate::error!("conn app={} client={}: no relay thread: {e}; closed", job.app.name, job.peer);
+            crate::error!(
+                "conn app={} client={}: no relay thread: {e}; closed",
+                job.app.name,
+                job.peer
+            );
             self.shared.active.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -326,7 +351,10 @@ impl Loop {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) => {
-                crate::error!("reload rejected: {}: cannot read: {e}; keeping the running config", path.display());
+                crate::error!(
+                    "reload rejected: {}: cannot read: {e}; keeping the running config",
+                    path.display()
+                );
                 return;
             }
         };
@@ -349,7 +377,10 @@ impl Loop {
             }
             return;
         }
-        if let Err(e) = self.source.apply(poll.registry(), &diff.ports_added, &diff.ports_removed) {
+        if let Err(e) = self
+            .source
+            .apply(poll.registry(), &diff.ports_added, &diff.ports_removed)
+        {
             crate::error!("reload rejected: cannot listen on {e}; keeping the running config");
             self.watch.rejected(bytes);
             return;
@@ -361,7 +392,10 @@ impl Loop {
             let at = Instant::now() + self.settings.drain_timeout;
             let n = self.shared.conns.drain(|p| removed.contains(&p), at);
             if n > 0 {
-                crate::info!("reload: {n} connections on removed ports draining for up to {:?}", self.settings.drain_timeout);
+                crate::info!(
+                    "reload: {n} connections on removed ports draining for up to {:?}",
+                    self.settings.drain_timeout
+                );
                 self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
             }
         }
@@ -399,13 +433,20 @@ struct FileSig {
 
 impl Watch {
     fn new() -> Watch {
-        Watch { sig: None, rejected: None }
+        Watch {
+            sig: None,
+            rejected: None,
+        }
     }
 
     fn stat(path: &Path) -> Option<FileSig> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
-        Some(FileSig { mtime: m.modified().ok(), len: m.len(), ino: m.ino() })
+        Some(FileSig {
+            mtime: m.modified().ok(),
+            len: m.len(),
+            ino: m.ino(),
+        })
     }
 
     /// Remember the file as it is now (after a load or a reload attempt).
@@ -445,7 +486,9 @@ fn signal_pipe(poll: &Poll, token: Token, signals: &[i32]) -> Result<UnixStream,
         signal_hook::low_level::pipe::register(sig, w).map_err(err)?;
     }
     let mut read = UnixStream::from_std(read);
-    poll.registry().register(&mut read, token, Interest::READABLE).map_err(err)?;
+    poll.registry()
+        .register(&mut read, token, Interest::READABLE)
+        .map_err(err)?;
     Ok(read)
 }
 
@@ -464,13 +507,19 @@ fn drain_pipe(pipe: &mut UnixStream) {
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
 /// descriptors per connection (client and backend) would not fit, saying so with the numbers.
 fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit fills the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return max_connections;
     }
     if lim.rlim_cur < lim.rlim_max {
-        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
         // SAFETY: setrlimit reads the struct we pass.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
             lim.rlim_cur = lim.rlim_max;

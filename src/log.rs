@@ -78,7 +78,9 @@ struct Timestamp(u64, u32);
 
 impl Timestamp {
     fn now() -> Timestamp {
-        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         Timestamp(d.as_secs(), d.subsec_millis())
     }
 }
@@ -115,7 +117,13 @@ mod tests {
     #[test]
     fn timestamps() {
         assert_eq!(Timestamp(0, 0).to_string(), "1970-01-01T00:00:00.000Z");
-        assert_eq!(Timestamp(1_795_675_406, 123).to_string(), "2026-11-26T06:43:26.123Z");
-        assert_eq!(Timestamp(951_782_400, 5).to_string(), "2000-02-29T00:00:00.005Z");
+        assert_eq!(
+            Timestamp(1_795_675_406, 123).to_string(),
+            "2026-11-26T06:43:26.123Z"
+        );
+        assert_eq!(
+            Timestamp(951_782_400, 5).to_string(),
+            "2000-02-29T00:00:00.005Z"
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! privileges), 2 bad command line.
 
 mod backend;
+mod bpf;
 mod cli;
 mod config;
 mod conns;
@@ -54,7 +55,11 @@ fn main() -> ExitCode {
                 Mode::Simple => frontend::run(settings, "simple", || {
                     Ok(Box::new(ports::PerPort::default()) as Box<dyn ports::PortSource>)
                 }),
-                Mode::Bpf { .. } => unimplemented!(),
+                Mode::Bpf { port, bind } => frontend::run(settings, "bpf", move || {
+                    bpf::listener::Steered::start(port, bind)
+                        .map(|s| Box::new(s) as Box<dyn ports::PortSource>)
+                        .map_err(|e| frontend::StartError::Mode(e.to_string()))
+                }),
             };
             match result {
                 Ok(()) => ExitCode::SUCCESS,

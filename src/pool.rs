@@ -56,7 +56,11 @@ impl<J: Send + 'static> Pool<J> {
         Pool {
             inner: Arc::new(Inner {
                 max,
-                state: Mutex::new(State { idle: Vec::new(), total: 0, next_id: 0 }),
+                state: Mutex::new(State {
+                    idle: Vec::new(),
+                    total: 0,
+                    next_id: 0,
+                }),
                 handler: Box::new(handler),
                 released: Box::new(released),
             }),
@@ -94,18 +98,15 @@ impl<J: Send + 'static> Pool<J> {
         match spawned {
             Ok(_) => match tx.send(job) {
                 Ok(()) => Ok(()),
-                Err(mpsc::SendError(j)) => Err((j, io::Error::other("relay thread exited at start"))),
+                Err(mpsc::SendError(j)) => {
+                    Err((j, io::Error::other("relay thread exited at start")))
+                }
             },
             Err(e) => {
                 self.inner.lock().total -= 1;
                 Err((job, e))
             }
         }
-    }
-
-    /// Threads alive now, busy or idle.
-    pub fn threads(&self) -> usize {
-        self.inner.lock().total
     }
 }
 
@@ -125,9 +126,14 @@ impl<J: Send + 'static> Inner<J> {
         loop {
             // A panic in one connection's code must not take the thread's slot with it.
             if catch_unwind(AssertUnwindSafe(|| (self.handler)(job))).is_err() {
-                crate::error!("relay thread {id}: a connection handler panicked; connection closed");
+                crate::error!(
+                    "relay thread {id}: a connection handler panicked; connection closed"
+                );
             }
-            self.lock().idle.push(Worker { id, jobs: tx.clone() });
+            self.lock().idle.push(Worker {
+                id,
+                jobs: tx.clone(),
+            });
             (self.released)();
             job = match rx.recv_timeout(IDLE_EXPIRY) {
                 Ok(j) => j,

@@ -32,7 +32,9 @@ impl fmt::Display for PortError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hint = match self.error.kind() {
             io::ErrorKind::AddrInUse => " (another process listens on it)",
-            io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            }
             _ => "",
         };
         write!(f, "port {}: {}{hint}", self.port, self.error)
@@ -51,7 +53,12 @@ pub struct Accepted {
 pub trait PortSource {
     /// Make `added` reachable and `removed` unreachable. On error nothing has changed: the
     /// reload (or the start-up) is refused whole.
-    fn apply(&mut self, registry: &Registry, added: &[u16], removed: &[u16]) -> Result<(), PortError>;
+    fn apply(
+        &mut self,
+        registry: &Registry,
+        added: &[u16],
+        removed: &[u16],
+    ) -> Result<(), PortError>;
 
     /// Called at every reload tick, for work that may need retrying.
     fn tick(&mut self) {}
@@ -74,7 +81,12 @@ pub struct PerPort {
 }
 
 impl PortSource for PerPort {
-    fn apply(&mut self, registry: &Registry, added: &[u16], removed: &[u16]) -> Result<(), PortError> {
+    fn apply(
+        &mut self,
+        registry: &Registry,
+        added: &[u16],
+        removed: &[u16],
+    ) -> Result<(), PortError> {
         // Bind every new port first, so that a port that cannot be bound refuses the whole
         // change before anything else has moved.
         let mut fresh = Vec::with_capacity(added.len());
@@ -103,7 +115,10 @@ impl PortSource for PerPort {
     }
 
     fn accept(&mut self, token: Token) -> io::Result<Option<Accepted>> {
-        let Some(port) = token.0.checked_sub(FIRST_LISTENER).and_then(|p| u16::try_from(p).ok())
+        let Some(port) = token
+            .0
+            .checked_sub(FIRST_LISTENER)
+            .and_then(|p| u16::try_from(p).ok())
         else {
             return Ok(None);
         };
@@ -144,7 +159,11 @@ pub fn accept_from(listener: &TcpListener, port: Option<u16>) -> io::Result<Opti
         Some(p) => p,
         None => stream.local_addr()?.port(),
     };
-    Ok(Some(Accepted { stream, peer: canonical(peer), port }))
+    Ok(Some(Accepted {
+        stream,
+        peer: canonical(peer),
+        port,
+    }))
 }
 
 /// `::ffff:a.b.c.d` (an IPv4 client on a dual-stack socket) written as plain IPv4.
@@ -161,10 +180,14 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 /// Listen on `port` on every local address, IPv4 and IPv6, with one dual-stack socket; on a
 /// host without IPv6, IPv4 only.
 pub fn listen_any(port: u16) -> io::Result<TcpListener> {
-    match listen(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port), false) {
-        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
-            listen(SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port), false)
-        }
+    match listen(
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+        false,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => listen(
+            SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port),
+            false,
+        ),
         other => other,
     }
 }
@@ -172,10 +195,18 @@ pub fn listen_any(port: u16) -> io::Result<TcpListener> {
 /// A non-blocking listening socket on `addr`. `v6only` is set explicitly either way rather than
 /// left to the net.ipv6.bindv6only sysctl, so behaviour does not depend on the host.
 pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
-    let family = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+    let family = if addr.is_ipv6() {
+        libc::AF_INET6
+    } else {
+        libc::AF_INET
+    };
     // SAFETY: plain socket(2); the result is checked before use.
     let fd = unsafe {
-        libc::socket(family, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
     };
     if fd < 0 {
         return Err(io::Error::last_os_error());
@@ -186,7 +217,12 @@ pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     // SO_REUSEADDR: a restarted proxy can bind while old connections sit in TIME_WAIT.
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, one)?;
     if addr.is_ipv6() {
-        setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, libc::c_int::from(v6only))?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_V6ONLY,
+            libc::c_int::from(v6only),
+        )?;
     }
     let (storage, len) = sockaddr(addr);
     // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
@@ -200,7 +236,12 @@ pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     Ok(listener)
 }
 
-fn setsockopt(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+fn setsockopt(
+    fd: libc::c_int,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> io::Result<()> {
     // SAFETY: value is a c_int, as these options expect.
     let rc = unsafe {
         libc::setsockopt(
@@ -227,7 +268,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
-            sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+            sin.sin_addr = libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            };
             std::mem::size_of::<libc::sockaddr_in>()
         }
         SocketAddr::V6(a) => {
@@ -235,7 +278,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sin6.sin6_addr = libc::in6_addr {
+                s6_addr: a.ip().octets(),
+            };
             sin6.sin6_scope_id = a.scope_id();
             std::mem::size_of::<libc::sockaddr_in6>()
         }

@@ -65,7 +65,14 @@ enum Step {
 
 impl Pipe {
     fn new() -> Pipe {
-        Pipe { buf: vec![0; BUF_SIZE].into_boxed_slice(), lo: 0, hi: 0, eof: false, shut: false, moved: 0 }
+        Pipe {
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            lo: 0,
+            hi: 0,
+            eof: false,
+            shut: false,
+            moved: 0,
+        }
     }
 
     fn done(&self) -> bool {
@@ -153,8 +160,16 @@ pub fn relay(client: &TcpStream, backend: &TcpStream, idle: Option<Duration>) ->
             break End::Closed;
         }
         let mut fds = [
-            libc::pollfd { fd: client.as_raw_fd(), events: 0, revents: 0 },
-            libc::pollfd { fd: backend.as_raw_fd(), events: 0, revents: 0 },
+            libc::pollfd {
+                fd: client.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: backend.as_raw_fd(),
+                events: 0,
+                revents: 0,
+            },
         ];
         if up.wants_read() {
             fds[0].events |= libc::POLLIN;
@@ -193,13 +208,20 @@ pub fn relay(client: &TcpStream, backend: &TcpStream, idle: Option<Duration>) ->
         // On readiness (or POLLHUP/POLLERR, which poll reports whatever was asked) the next
         // pump finds out what happened; on a timeout the idle check above decides.
     };
-    Outcome { up: up.moved, down: down.moved, end }
+    Outcome {
+        up: up.moved,
+        down: down.moved,
+        end,
+    }
 }
 
 /// Make the coming close send a RST instead of a FIN, so the peer learns the connection failed
 /// rather than seeing an orderly end of stream.
 fn reset(s: &TcpStream) {
-    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid fd, and the option value is a correctly sized linger struct.
     unsafe {
         libc::setsockopt(

@@ -42,7 +42,10 @@ impl Routes {
                     }))
                 })
                 .collect();
-            let route = Arc::new(AppRoute { name: app.name.clone(), backends: app_backends });
+            let route = Arc::new(AppRoute {
+                name: app.name.clone(),
+                backends: app_backends,
+            });
             for &port in &app.ports {
                 by_port.insert(port, Arc::clone(&route));
             }

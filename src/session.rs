@@ -50,14 +50,19 @@ impl Shared {
 }
 
 pub fn serve(job: Job, shared: &Shared) {
-    let Job { client, peer, port, app, accepted } = job;
+    let Job {
+        client,
+        peer,
+        port,
+        app,
+        accepted,
+    } = job;
     // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
     let _ = client.set_nodelay(true);
     let reg = shared.conns.register(port, client);
     let entry = &reg.entry;
 
-    let (backend, guard) = match backend::connect(&app.backends, shared.settings.connect_timeout)
-    {
+    let (backend, guard) = match backend::connect(&app.backends, shared.settings.connect_timeout) {
         Ok((stream, b)) => (stream, ActiveGuard::new(b)),
         Err(failed) => {
             crate::warn!(
@@ -71,17 +76,28 @@ pub fn serve(job: Job, shared: &Shared) {
     let target = guard.backend().target.to_string();
     let _ = backend.set_nodelay(true);
     if let Err(e) = backend.set_nonblocking(true) {
-        crate::error!("conn app={} client={peer}: cannot make backend socket non-blocking: {e}", app.name);
+        crate::error!(
+            "conn app={} client={peer}: cannot make backend socket non-blocking: {e}",
+            app.name
+        );
         return;
     }
     let backend = entry.backend.get_or_init(|| backend);
     let outcome = if entry.was_drained() {
         // Cut while we were connecting: do not start relaying.
-        relay::Outcome { up: 0, down: 0, end: End::Closed }
+        relay::Outcome {
+            up: 0,
+            down: 0,
+            end: End::Closed,
+        }
     } else {
         relay::relay(&entry.client, backend, shared.settings.idle_timeout)
     };
-    let end = if entry.was_drained() { "drained" } else { outcome.end.as_str() };
+    let end = if entry.was_drained() {
+        "drained"
+    } else {
+        outcome.end.as_str()
+    };
     crate::info!(
         "conn app={} client={peer} port={port} target={target} up={} down={} duration={:.3}s end={end}",
         app.name,

@@ -1,0 +1,48 @@
+# flyproxy: `make run` and `make test` work on a fresh Debian 12 machine as root; each installs
+# what it needs with apt first (only what is missing).
+
+CARGO        ?= cargo
+RELEASE      := target/release/flyproxy
+ECHO         := target/release/examples/echo
+# Build: clang compiles the eBPF program, libelf/zlib/pkg-config build the vendored libbpf.
+BUILD_DEPS   := clang libelf-dev zlib1g-dev pkg-config linux-libc-dev
+# Run and test: nc for the quick-start example, ip/bpftool for the bpf tests' namespaces.
+RUN_DEPS     := netcat-openbsd iproute2 bpftool
+# The backends `make run` starts, matching the targets in the shipped config.json.
+ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
+
+.PHONY: all deps build run test lint clean
+
+all: build
+
+# Install only what is missing, so a prepared machine does not touch apt at all.
+deps:
+	@missing=""; for p in $(BUILD_DEPS) $(RUN_DEPS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --release --bin flyproxy --example echo
+
+# Local echo backends plus the proxy on ./config.json; Ctrl-C stops both. Then, elsewhere:
+#   echo hello | nc -N localhost 6300
+run: build
+	@$(ECHO) $(ECHO_ADDRS) & echo_pid=$$!; \
+	trap 'kill $$echo_pid 2>/dev/null' EXIT INT TERM; \
+	$(RELEASE) simple -c config.json
+
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+test: deps lint
+	$(CARGO) build --bins --examples
+	$(CARGO) nextest run --no-fail-fast
+
+clean:
+	$(CARGO) clean

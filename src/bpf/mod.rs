@@ -1,0 +1,652 @@
+//! The eBPF half of "any number of ports on one socket": loads the sk_lookup
+//! program in `steer.bpf.c`, puts the proxy's listening sockets into its sockmap,
+//! attaches it to the current network namespace, and edits the set of steered ports.
+//!
+//! Ownership: [`Steering`] holds the attachment ([`Link`]) and handles to the maps it
+//! edits later. The skeleton and libbpf's `Object` only live inside
+//! [`Steering::attach`]; the kernel keeps the program and maps alive through the link
+//! and our own map file descriptors, so nothing here borrows from anything else.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{ErrorKind, Link, MapCore, MapFlags, MapHandle, ProgramType};
+
+/// The generated skeleton (`SteerSkelBuilder`, `SteerSkel`), built by build.rs.
+#[allow(unused_imports, clippy::all, clippy::pedantic, clippy::nursery)]
+pub mod listener;
+
+mod steer {
+    include!(concat!(env!("OUT_DIR"), "/steer.skel.rs"));
+}
+
+use steer::SteerSkelBuilder;
+
+/// The network namespace the program is attached to. `thread-self` rather than
+/// `self`: a namespace belongs to a thread, and `/proc/self` names the thread-group
+/// leader's. On the proxy's main thread the two are the same; in tests that
+/// `unshare(CLONE_NEWNET)` on a worker thread only `thread-self` is right.
+const NETNS_PATH: &str = "/proc/thread-self/ns/net";
+
+/// Keys of the `listeners` sockmap (LISTENER_V4/LISTENER_V6 in steer.bpf.c).
+const LISTENER_V4: u32 = 0;
+const LISTENER_V6: u32 = 1;
+
+/// Indices of the per-CPU `stats` counters (enum stat in steer.bpf.c).
+const STAT_STEERED: u32 = 0;
+const STAT_DROPPED_NO_LISTENER: u32 = 1;
+const STAT_PASSED: u32 = 2;
+const STAT_DROPPED_ASSIGN: u32 = 3;
+
+/// A step of [`Steering::attach`], named in errors so a failure says what was
+/// being done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Parsing the BPF object embedded in the binary.
+    Open,
+    /// Creating the maps and loading the program into the kernel (verifier included).
+    Load,
+    /// Putting the IPv4 listener into the sockmap.
+    ListenerV4,
+    /// Putting the IPv6 listener into the sockmap.
+    ListenerV6,
+    /// Attaching the program to the network namespace.
+    Attach,
+    /// Duplicating the map file descriptors kept by [`Steering`].
+    MapHandles,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Step::Open => f.write_str("opening the embedded BPF object"),
+            Step::Load => f.write_str("loading the sk_lookup program"),
+            Step::ListenerV4 => f.write_str("putting the IPv4 listener into the sockmap"),
+            Step::ListenerV6 => f.write_str("putting the IPv6 listener into the sockmap"),
+            Step::Attach => write!(f, "attaching the sk_lookup program to {NETNS_PATH}"),
+            Step::MapHandles => f.write_str("duplicating the BPF map file descriptors"),
+        }
+    }
+}
+
+/// Why steering could not be set up or changed.
+///
+/// `Display` is a complete, readable message that already ends with the lower-level
+/// cause, so `source()` returns `None` (printing the chain would repeat it).
+#[derive(Debug)]
+pub enum BpfError {
+    /// The kernel refused a step with EPERM/EACCES: the process lacks the
+    /// capabilities (CAP_BPF and CAP_NET_ADMIN).
+    PermissionDenied {
+        /// The step that was refused.
+        step: Step,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
+    /// The running kernel has no sk_lookup program type (Linux 5.9 or later is needed).
+    KernelUnsupported {
+        /// The kernel release, as `uname -r` prints it.
+        release: String,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
+    /// The network namespace file could not be opened (is /proc mounted?).
+    Netns {
+        /// The path that was opened.
+        path: &'static str,
+        /// Why opening it failed.
+        source: io::Error,
+    },
+    /// A step of [`Steering::attach`] failed for another reason.
+    Setup {
+        /// The step that failed.
+        step: Step,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
+    /// Adding a port to, or removing it from, the `ports` map failed.
+    Port {
+        /// The port being added or removed.
+        port: u16,
+        /// `true` when adding, `false` when removing.
+        adding: bool,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
+    /// Reading the `stats` map failed.
+    Stats {
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
+}
+
+impl fmt::Display for BpfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `{:#}` on a libbpf_rs::Error prints its whole context chain down to the errno.
+        match self {
+            BpfError::PermissionDenied { step, source } => write!(
+                f,
+                "{step} was refused: flyproxy bpf needs CAP_BPF and CAP_NET_ADMIN \
+                 (run as root or grant them); libbpf said: {source:#}"
+            ),
+            BpfError::KernelUnsupported { release, source } => write!(
+                f,
+                "this kernel ({}) does not support sk_lookup programs: \
+                 Linux 5.9 or later is needed; libbpf said: {source:#}",
+                major_minor(release)
+            ),
+            BpfError::Netns { path, source } => write!(
+                f,
+                "opening the network namespace {path} to attach the sk_lookup program \
+                 failed: {source}"
+            ),
+            BpfError::Setup { step, source } => write!(f, "{step} failed: {source:#}"),
+            BpfError::Port {
+                port,
+                adding: true,
+                source,
+            } => write!(
+                f,
+                "adding port {port} to the BPF ports map failed: {source:#}"
+            ),
+            BpfError::Port {
+                port,
+                adding: false,
+                source,
+            } => write!(
+                f,
+                "removing port {port} from the BPF ports map failed: {source:#}"
+            ),
+            BpfError::Stats { source } => {
+                write!(f, "reading the BPF stats map failed: {source:#}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BpfError {}
+
+/// The sk_lookup program, attached to the network namespace, and the maps it reads.
+///
+/// Dropping it (or calling [`Steering::detach`]) detaches the program: connections
+/// to the steered ports are refused again at once, since nothing listens on them.
+/// The listener sockets given to [`Steering::attach`] must stay open for as long as
+/// steering should work: closing one removes it from the sockmap.
+#[derive(Debug)]
+pub struct Steering {
+    /// The attachment; `None` after [`Steering::detach`]. Never forgotten or
+    /// disconnected: dropping it is what detaches the program.
+    link: Option<Link>,
+    /// Our own fd of the `ports` map (the skeleton's copy was closed with it).
+    ports: MapHandle,
+    /// Our own fd of the `stats` map.
+    stats: MapHandle,
+}
+
+impl Steering {
+    /// Load the program, put the listener fds in the sockmap (v4 at key 0, v6 at
+    /// key 1; either may be `None`), and attach to the calling thread's network
+    /// namespace (`/proc/thread-self/ns/net`, the same as `/proc/self/ns/net` on the
+    /// main thread).
+    ///
+    /// The listeners must already be listening (the sockmap accepts only TCP
+    /// sockets in LISTEN or ESTABLISHED state), and should bind an address of
+    /// their own family (the v6 one with IPV6_V6ONLY). No port is steered until
+    /// [`Steering::add_port`]. Connections of a family given `None` (or whose
+    /// listener was closed) to steered ports are refused (the program's SK_DROP
+    /// makes the kernel answer the SYN with a RST); they never fall through to
+    /// another socket bound to that port.
+    pub fn attach(
+        v4: Option<BorrowedFd<'_>>,
+        v6: Option<BorrowedFd<'_>>,
+    ) -> Result<Steering, BpfError> {
+        // The skeleton borrows this storage, so it cannot outlive this function;
+        // it does not need to. Everything kept afterwards is owned: the Link (its
+        // own fd, which pins the program in the kernel) and duplicated map fds.
+        // When the skeleton drops here, libbpf closes only its own fds.
+        let mut storage = MaybeUninit::uninit();
+        let open = SteerSkelBuilder::default()
+            .open(&mut storage)
+            .map_err(|source| BpfError::Setup {
+                step: Step::Open,
+                source,
+            })?;
+        let skel = open.load().map_err(|e| classify(Step::Load, e))?;
+
+        // Listeners go in before the program is attached (and no port is steered
+        // before add_port), so no connection ever meets a half-filled sockmap.
+        for (key, fd, step) in [
+            (LISTENER_V4, v4, Step::ListenerV4),
+            (LISTENER_V6, v6, Step::ListenerV6),
+        ] {
+            let Some(fd) = fd else { continue };
+            // A BorrowedFd is never negative, so the cast does not change the value.
+            // The map's value is a __u64, and MapCore::update checks sizes exactly.
+            let value = fd.as_raw_fd() as u64;
+            skel.maps
+                .listeners
+                .update(&key.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)
+                .map_err(|e| classify(step, e))?;
+        }
+
+        let handle = |map: &libbpf_rs::MapMut<'_>| {
+            MapHandle::try_from(map).map_err(|source| BpfError::Setup {
+                step: Step::MapHandles,
+                source,
+            })
+        };
+        let ports = handle(&skel.maps.ports)?;
+        let stats = handle(&skel.maps.stats)?;
+
+        let netns = fs::File::open(NETNS_PATH).map_err(|source| BpfError::Netns {
+            path: NETNS_PATH,
+            source,
+        })?;
+        let link = skel
+            .progs
+            .steer
+            .attach_netns(netns.as_raw_fd())
+            .map_err(|e| classify(Step::Attach, e))?;
+        // `netns` is closed when it drops: the link holds its own reference.
+
+        Ok(Steering {
+            link: Some(link),
+            ports,
+            stats,
+        })
+    }
+
+    /// Steer `port` (insert into the ports map): new TCP connections to it, on any
+    /// local address, go to our listener of their family. Adding a port twice is
+    /// harmless.
+    pub fn add_port(&mut self, port: u16) -> Result<(), BpfError> {
+        // The program compares ctx->local_port, which is in host byte order.
+        self.ports
+            .update(&port.to_ne_bytes(), &[1], MapFlags::ANY)
+            .map_err(|source| BpfError::Port {
+                port,
+                adding: true,
+                source,
+            })
+    }
+
+    /// Stop steering `port`: new connections to it take the kernel's normal lookup
+    /// (refused unless something else listens there). Established connections are
+    /// not affected. Removing a port that is not steered is not an error.
+    pub fn remove_port(&mut self, port: u16) -> Result<(), BpfError> {
+        match self.ports.delete(&port.to_ne_bytes()) {
+            Err(source) if source.kind() != ErrorKind::NotFound => Err(BpfError::Port {
+                port,
+                adding: false,
+                source,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stop steering every port at once, by dropping the link (used first thing
+    /// on SIGTERM so new connections are refused immediately). Connections already
+    /// accepted, or waiting in the listener's backlog, are not affected. It cannot
+    /// be undone: the ports map can still be edited, but nothing reads it.
+    pub fn detach(&mut self) {
+        self.link = None;
+    }
+
+    /// Read the per-CPU stats counters, summed over CPUs: `(steered, dropped,
+    /// passed)`. `dropped` counts SYNs to a steered port that found no listener
+    /// of their family or whose assignment the kernel refused; `passed` counts TCP
+    /// lookups for ports that are not steered.
+    // Read by the metrics endpoint (a later change); until then only the tests call it.
+    #[allow(dead_code)]
+    pub fn stats(&self) -> Result<(u64, u64, u64), BpfError> {
+        let steered = self.stat(STAT_STEERED)?;
+        let dropped = self
+            .stat(STAT_DROPPED_NO_LISTENER)?
+            .wrapping_add(self.stat(STAT_DROPPED_ASSIGN)?);
+        let passed = self.stat(STAT_PASSED)?;
+        Ok((steered, dropped, passed))
+    }
+
+    /// One counter of the `stats` map, summed over CPUs.
+    fn stat(&self, index: u32) -> Result<u64, BpfError> {
+        let per_cpu = self
+            .stats
+            .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| BpfError::Stats { source })?
+            // An array map has every index below max_entries, so None means the
+            // index is out of range: a mismatch with steer.bpf.c.
+            .ok_or_else(|| stats_error(format!("no counter at index {index}")))?;
+        per_cpu.iter().try_fold(0u64, |sum, value| {
+            let bytes = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| {
+                stats_error(format!("counter value is {} bytes, not 8", value.len()))
+            })?;
+            Ok(sum.wrapping_add(u64::from_ne_bytes(bytes)))
+        })
+    }
+}
+
+/// A [`BpfError::Stats`] for a map whose layout is not what steer.bpf.c declares.
+fn stats_error(message: String) -> BpfError {
+    BpfError::Stats {
+        source: io::Error::new(io::ErrorKind::InvalidData, message).into(),
+    }
+}
+
+/// Turn a failed step into the error a user can act on: missing capabilities, a
+/// kernel too old for sk_lookup, or else the step and libbpf's message.
+fn classify(step: Step, source: libbpf_rs::Error) -> BpfError {
+    // EPERM and EACCES both map to PermissionDenied. Checked before probing, because
+    // an unprivileged probe cannot load anything and would report "unsupported".
+    // (The verifier also rejects a program with EACCES; libbpf then prints the
+    // verifier log on stderr, and the message still ends with libbpf's error.)
+    if source.kind() == ErrorKind::PermissionDenied {
+        return BpfError::PermissionDenied { step, source };
+    }
+    if matches!(step, Step::Load | Step::Attach) && kernel_lacks_sk_lookup(&source) {
+        return BpfError::KernelUnsupported {
+            release: kernel_release(),
+            source,
+        };
+    }
+    BpfError::Setup { step, source }
+}
+
+/// Whether the failure of a load or attach is the kernel not knowing sk_lookup.
+fn kernel_lacks_sk_lookup(source: &libbpf_rs::Error) -> bool {
+    // libbpf's probe loads a minimal sk_lookup program: a clear answer whatever
+    // errno the real load returned (EINVAL for an unknown program type, or ENOTSUPP,
+    // which has no io::ErrorKind of its own).
+    match ProgramType::SkLookup.is_supported() {
+        Ok(supported) => !supported,
+        // The probe itself failed; fall back to what the failed call said.
+        Err(_) => matches!(
+            source.kind(),
+            ErrorKind::InvalidInput | ErrorKind::Unsupported
+        ),
+    }
+}
+
+/// The kernel release (`uname -r`), or "unknown".
+fn kernel_release() -> String {
+    // The same string uname(2) returns in `release`, without the unsafe call.
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// "X.Y" from a release such as "6.18.44-generic"; the whole release if it does
+/// not start with a number.
+fn major_minor(release: &str) -> &str {
+    let numeric = release
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(release.len());
+    let version = &release[..numeric];
+    let end = version
+        .match_indices('.')
+        .nth(1)
+        .map_or(version.len(), |(second_dot, _)| second_dot);
+    if end == 0 {
+        release
+    } else {
+        &release[..end]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind as IoKind;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
+
+    const PORT: u16 = 4242;
+    const UNSTEERED: u16 = 4243;
+
+    #[test]
+    fn major_minor_of_releases() {
+        assert_eq!(major_minor("6.18.44-fc-v657"), "6.18");
+        assert_eq!(major_minor("5.9.0"), "5.9");
+        assert_eq!(major_minor("5.10-rc1"), "5.10");
+        assert_eq!(major_minor("6"), "6");
+        assert_eq!(major_minor("unknown"), "unknown");
+    }
+
+    #[test]
+    fn errors_name_what_is_missing() {
+        let os = libbpf_rs::Error::from_raw_os_error;
+        for errno in [libc::EPERM, libc::EACCES] {
+            let err = classify(Step::Attach, os(errno));
+            assert!(matches!(
+                err,
+                BpfError::PermissionDenied {
+                    step: Step::Attach,
+                    ..
+                }
+            ));
+            assert!(err.to_string().starts_with(
+                "attaching the sk_lookup program to /proc/thread-self/ns/net was refused: \
+                 flyproxy bpf needs CAP_BPF and CAP_NET_ADMIN (run as root or grant them); "
+            ));
+        }
+        let err = BpfError::KernelUnsupported {
+            release: "5.4.0-150-generic".to_owned(),
+            source: os(libc::EINVAL),
+        };
+        assert!(err.to_string().starts_with(
+            "this kernel (5.4) does not support sk_lookup programs: Linux 5.9 or later is needed"
+        ));
+        let err = BpfError::Port {
+            port: 8080,
+            adding: true,
+            source: os(libc::ENOMEM),
+        };
+        assert!(err
+            .to_string()
+            .starts_with("adding port 8080 to the BPF ports map failed: "));
+    }
+
+    /// Steers real connections in a private network namespace, then checks the
+    /// capability error. Needs root (CAP_SYS_ADMIN for unshare, CAP_BPF,
+    /// CAP_NET_ADMIN); skipped otherwise.
+    #[test]
+    fn steers_ports_in_own_netns() {
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping steers_ports_in_own_netns: needs root");
+            return;
+        }
+        // A namespace belongs to a thread: unshare on a thread of our own so the
+        // test harness and other tests keep theirs. The thread ends with the test.
+        let outcome = std::thread::spawn(|| {
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                let err = io::Error::last_os_error();
+                eprintln!("skipping steers_ports_in_own_netns: unshare(CLONE_NEWNET): {err}");
+                return;
+            }
+            loopback_up();
+            steer_in_current_netns();
+            permission_error_without_caps();
+        })
+        .join();
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    fn steer_in_current_netns() {
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let v6 = v6only_listener();
+        let mut steering = Steering::attach(Some(v4.as_fd()), Some(v6.as_fd())).unwrap();
+
+        // Attached but no port added: the program passes, nothing listens, refused.
+        assert_refused(("127.0.0.1", PORT));
+
+        steering.add_port(PORT).unwrap();
+        steering.add_port(PORT).unwrap(); // idempotent
+        assert_steered(("127.0.0.1", PORT), &v4);
+        assert_steered(("::1", PORT), &v6);
+        assert_refused(("127.0.0.1", UNSTEERED));
+        assert_refused(("::1", UNSTEERED));
+        let (steered, dropped, passed) = steering.stats().unwrap();
+        assert_eq!((steered, dropped), (2, 0));
+        assert!(passed >= 2, "passed = {passed}");
+
+        steering.remove_port(PORT).unwrap();
+        steering.remove_port(PORT).unwrap(); // idempotent
+        assert_refused(("127.0.0.1", PORT));
+        assert_refused(("::1", PORT));
+
+        // Another socket bound to the port: untouched while the port is not
+        // steered (SK_PASS without assigning), bypassed once it is.
+        let squatter = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
+        squatter.set_nonblocking(true).unwrap();
+        assert_steered(("127.0.0.1", PORT), &squatter);
+        steering.add_port(PORT).unwrap();
+        assert_steered(("127.0.0.1", PORT), &v4);
+
+        // Closing the v4 listener empties its sockmap slot: SK_DROP. The kernel
+        // answers with a RST at once (not a silent drop, which would time out), and
+        // the connection does not fall through to the squatter.
+        drop(v4);
+        let addr = SocketAddr::from(([127, 0, 0, 1], PORT));
+        let err = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap_err();
+        assert_eq!(err.kind(), IoKind::ConnectionRefused, "{err}");
+        assert_eq!(squatter.accept().unwrap_err().kind(), IoKind::WouldBlock);
+        let (steered, dropped, _) = steering.stats().unwrap();
+        assert_eq!((steered, dropped), (3, 1));
+        assert_steered(("::1", PORT), &v6);
+
+        // Detaching stops steering at once, even for ports still in the map.
+        steering.detach();
+        assert_refused(("::1", PORT));
+        assert_steered(("127.0.0.1", PORT), &squatter);
+    }
+
+    /// With the BPF capabilities dropped from this thread, attach must say which
+    /// capabilities are missing rather than show a bare errno.
+    fn permission_error_without_caps() {
+        drop_bpf_caps();
+        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = Steering::attach(Some(v4.as_fd()), None).unwrap_err();
+        assert!(matches!(err, BpfError::PermissionDenied { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("CAP_BPF and CAP_NET_ADMIN"), "{message}");
+        eprintln!("attach without capabilities: {message}");
+    }
+
+    /// Connect to `addr` and check that `listener` (blocking, or non-blocking with
+    /// the connection already queued) accepts it, with `addr` as its local address.
+    fn assert_steered(addr: (&str, u16), listener: &TcpListener) {
+        let client = TcpStream::connect(addr).unwrap();
+        let (accepted, peer) = listener.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        // getsockname on the accepted socket gives the original destination.
+        assert_eq!(accepted.local_addr().unwrap().port(), addr.1);
+        assert_eq!(accepted.local_addr().unwrap(), client.peer_addr().unwrap());
+    }
+
+    fn assert_refused(addr: (&str, u16)) {
+        let err = TcpStream::connect(addr).unwrap_err();
+        assert_eq!(err.kind(), IoKind::ConnectionRefused, "{addr:?}: {err}");
+    }
+
+    /// A listener on [::1]:0 with IPV6_V6ONLY, which std cannot set before bind.
+    fn v6only_listener() -> TcpListener {
+        unsafe {
+            let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+            let fd = OwnedFd::from_raw_fd(fd);
+            let one: libc::c_int = 1;
+            let rc = libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "IPV6_V6ONLY: {}", io::Error::last_os_error());
+            let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
+            addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            addr.sin6_addr.s6_addr[15] = 1; // ::1
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+            );
+            assert_eq!(rc, 0, "bind [::1]:0: {}", io::Error::last_os_error());
+            assert_eq!(libc::listen(fd.as_raw_fd(), 16), 0);
+            TcpListener::from(fd)
+        }
+    }
+
+    /// `ip link set lo up` in the calling thread's network namespace.
+    fn loopback_up() {
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(sock >= 0, "socket: {}", io::Error::last_os_error());
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+            *dst = *src as libc::c_char;
+        }
+        unsafe {
+            assert_eq!(
+                libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr),
+                0
+            );
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            assert_eq!(
+                libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr),
+                0,
+                "SIOCSIFFLAGS lo: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+
+    /// Clear CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN from this thread's effective
+    /// set (capabilities are per thread, so other tests keep theirs).
+    fn drop_bpf_caps() {
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy, Default)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const VERSION_3: u32 = 0x2008_0522;
+        const CAP_NET_ADMIN: u32 = 12;
+        const CAP_SYS_ADMIN: u32 = 21;
+        const CAP_BPF: u32 = 39;
+        let mut header = Header {
+            version: VERSION_3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
+                0
+            );
+        }
+        for cap in [CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF] {
+            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
+        }
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+                0,
+                "capset: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}

@@ -1,0 +1,156 @@
+/*
+ * steer: flyproxy's sk_lookup program.
+ *
+ * The kernel runs it for every incoming connection in the network namespace it
+ * is attached to, before the normal socket lookup. For a TCP port listed in the
+ * `ports` map it hands the connection to flyproxy's one listener of the right
+ * family (from the `listeners` sockmap), so any number of ports reach the proxy
+ * through a single socket; accept() then reports the original destination as the
+ * accepted socket's local address. Every other port is left to the kernel.
+ *
+ * User space (src/bpf/mod.rs) owns the maps: it fills `listeners` once at start
+ * and adds/removes `ports` on reload. `stats` is read for metrics.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+/*
+ * Address families as ctx->family reports them. The uapi headers do not export
+ * AF_* (they come from libc's <sys/socket.h>, unusable with -target bpf), so
+ * they are spelled out; the values are fixed by the kernel ABI.
+ */
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Keys of the `listeners` sockmap. Must match LISTENER_V4/LISTENER_V6 in mod.rs. */
+#define LISTENER_V4 0
+#define LISTENER_V6 1
+
+/* Indices of the `stats` counters. Must match the STAT_* constants in mod.rs. */
+enum stat {
+	STAT_STEERED = 0,          /* assigned to our listener */
+	STAT_DROPPED_NO_LISTENER = 1, /* our port, but no listener of that family */
+	STAT_PASSED = 2,           /* TCP, but not one of our ports */
+	STAT_DROPPED_ASSIGN = 3,   /* our port, bpf_sk_assign refused the socket */
+	STAT_MAX,
+};
+
+/*
+ * flyproxy's listening sockets, IPv4 at key 0 and IPv6 (a V6ONLY socket) at
+ * key 1. User space writes socket fds; the map holds socket references, and a
+ * socket closed by its owner disappears from the map on its own.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKMAP);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} listeners SEC(".maps");
+
+/*
+ * The ports to steer, in host byte order (as ctx->local_port is). Only the
+ * presence of a key matters; the value is unused. 65536 entries: every port.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u16);
+	__type(value, __u8);
+} ports SEC(".maps");
+
+/* Per-CPU counters, so increments need no atomics; user space sums the CPUs. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *value = bpf_map_lookup_elem(&stats, &idx);
+
+	if (value)
+		*value += 1;
+}
+
+SEC("sk_lookup")
+int steer(struct bpf_sk_lookup *ctx)
+{
+	struct bpf_sock *sk;
+	__u16 port;
+	__u32 key;
+	long err;
+
+	/*
+	 * flyproxy only proxies TCP. SK_PASS without assigning a socket lets the
+	 * regular lookup (and any other sk_lookup program) handle UDP and the rest.
+	 */
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+
+	/* local_port is a __u32 in host byte order; ports fit in 16 bits. */
+	port = ctx->local_port;
+	if (!bpf_map_lookup_elem(&ports, &port)) {
+		/*
+		 * Not one of our ports: SK_PASS without assigning, so other
+		 * sockets and programs in the netns are untouched (a local sshd
+		 * on 22 keeps working).
+		 */
+		count(STAT_PASSED);
+		return SK_PASS;
+	}
+
+	if (ctx->family == AF_INET) {
+		key = LISTENER_V4;
+	} else if (ctx->family == AF_INET6) {
+		key = LISTENER_V6;
+	} else {
+		/* sk_lookup only runs for inet sockets; pass anything else untouched. */
+		return SK_PASS;
+	}
+
+	/* From sk_lookup a sockmap lookup returns a referenced socket (or NULL). */
+	sk = bpf_map_lookup_elem(&listeners, &key);
+	if (!sk) {
+		/*
+		 * The port is ours but our listener of this family is gone
+		 * (closed, being replaced, or never given). SK_DROP ends the
+		 * lookup with no socket: the regular lookup is skipped, so the
+		 * connection cannot land on some other socket that happens to be
+		 * bound to this port; tubular does the same. For TCP the kernel
+		 * then answers the SYN with a RST (the client sees "connection
+		 * refused", as if the proxy were down; it does not retransmit).
+		 */
+		count(STAT_DROPPED_NO_LISTENER);
+		return SK_DROP;
+	}
+
+	/*
+	 * Flags 0: if our listener is in an SO_REUSEPORT group the group still
+	 * picks, and we do not override a socket an earlier program chose.
+	 */
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		/*
+		 * The socket cannot take this connection (wrong family or
+		 * protocol, not listening, or an earlier program already
+		 * assigned one). The port is still ours, so do not let the
+		 * regular lookup hand it elsewhere: drop (refused, as above).
+		 */
+		count(STAT_DROPPED_ASSIGN);
+		return SK_DROP;
+	}
+
+	/* SK_PASS after a successful assign: the kernel uses our socket. */
+	count(STAT_STEERED);
+	return SK_PASS;
+}
+
+/*
+ * The kernel checks this string: GPL-compatible licenses may call GPL-only
+ * helpers. Dual BSD/GPL is what tubular and the kernel samples use.
+ */
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
