@@ -344,6 +344,7 @@ impl Loop {
 
     /// Re-read the config and apply it as a diff. Any error leaves the running config as it is.
     fn reload(&mut self, poll: &Poll, forced: bool) {
+        let began = Instant::now();
         let path = self.settings.config.clone();
         // Stat before reading: a write that lands after the read then still shows as a change
         // at the next tick.
@@ -399,7 +400,10 @@ impl Loop {
                 self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
             }
         }
-        crate::info!("reload ok: {diff}");
+        crate::info!(
+            "reload ok: {diff} took={:.3}ms",
+            began.elapsed().as_secs_f64() * 1000.0
+        );
     }
 
     fn begin_stop(&mut self, poll: &Poll) {
