@@ -51,7 +51,7 @@ pub fn enabled(level: Level) -> bool {
 pub fn write(level: Level, args: fmt::Arguments<'_>) {
     let mut line = String::with_capacity(160);
     use fmt::Write as _;
-    let _ = write!(line, "{} {:<5} {}\n", Timestamp::now(), level.label(), args);
+    let _ = writeln!(line, "{} {:<5} {}", Timestamp::now(), level.label(), args);
     // A closed or full stderr must not take the proxy down; the line is lost, nothing else.
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
