@@ -1,37 +1,108 @@
-//! Backends: a configured target's live state, resolving its name, and connecting to one of an
-//! app's targets with failover.
+//! Backends: a configured target's live state (health, active connections), picking one of an
+//! app's targets, and connecting to it with failover.
 //!
-//! Names are resolved at every connect (in the relay thread, never in the listener loop), so a
-//! target whose address changes is followed without a reload.
+//! Names are resolved at every connect and every health check (in relay or checker threads,
+//! never in the listener loop), so a target whose address changes is followed without a reload.
 
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::seq::SliceRandom;
+use rand::Rng;
 
-use crate::config::Target;
+use crate::config::{Balance, HealthCheck, Target};
+use crate::routing::AppRoute;
 
-/// At most this many distinct targets are tried for one client connection.
-pub const MAX_ATTEMPTS: usize = 3;
-
-/// A target and what the proxy knows of it. One `Backend` per distinct target, shared by every
-/// app that names it and kept across reloads while the target stays in the config.
+/// A target of one app and what the proxy knows of it. Kept across reloads while the app keeps
+/// the target, so health and load survive a reload.
 #[derive(Debug)]
 pub struct Backend {
     pub target: Target,
+    /// The app it belongs to, for logs.
+    pub app: String,
     /// Connections relaying to this target now.
     pub active: AtomicUsize,
+    up: AtomicBool,
+    /// Consecutive failed and successful active checks.
+    fails: AtomicU32,
+    oks: AtomicU32,
+    /// The app's check settings; replaced on reload.
+    pub check: Mutex<HealthCheck>,
 }
 
 impl Backend {
-    pub fn new(target: Target) -> Backend {
+    pub fn new(app: &str, target: Target, check: HealthCheck) -> Backend {
         Backend {
             target,
+            app: app.to_owned(),
             active: AtomicUsize::new(0),
+            // Targets start up: the first connection (or check) finds out otherwise, and
+            // starting down would refuse traffic to a healthy fleet for a whole interval.
+            up: AtomicBool::new(true),
+            fails: AtomicU32::new(0),
+            oks: AtomicU32::new(0),
+            check: Mutex::new(check),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn check_settings(&self) -> HealthCheck {
+        *self.check.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Passive health: a failed connect marks the target down at once, so the next
+    /// connections skip it; the active check brings it back.
+    fn connect_failed(&self, e: &ConnectError) {
+        self.oks.store(0, Ordering::Relaxed);
+        if self.up.swap(false, Ordering::Relaxed) {
+            crate::warn!("target {} of app {} is down: {e}", self.target, self.app);
+        }
+    }
+
+    /// A successful connect is proof the target is up.
+    fn connect_succeeded(&self) {
+        self.fails.store(0, Ordering::Relaxed);
+        if !self.up.swap(true, Ordering::Relaxed) {
+            crate::info!(
+                "target {} of app {} is up: a connection succeeded",
+                self.target,
+                self.app
+            );
+        }
+    }
+
+    /// Record an active check's result, applying the app's Fall and Rise.
+    pub fn checked(&self, result: Result<(), ConnectError>) {
+        let HealthCheck { fall, rise, .. } = self.check_settings();
+        match result {
+            Ok(()) => {
+                self.fails.store(0, Ordering::Relaxed);
+                let oks = self.oks.fetch_add(1, Ordering::Relaxed) + 1;
+                if oks >= rise && !self.up.swap(true, Ordering::Relaxed) {
+                    crate::info!(
+                        "target {} of app {} is up: health check passed",
+                        self.target,
+                        self.app
+                    );
+                }
+            }
+            Err(e) => {
+                self.oks.store(0, Ordering::Relaxed);
+                let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
+                if fails >= fall && self.up.swap(false, Ordering::Relaxed) {
+                    crate::warn!(
+                        "target {} of app {} is down: health check: {e}",
+                        self.target,
+                        self.app
+                    );
+                }
+            }
         }
     }
 }
@@ -60,6 +131,16 @@ impl fmt::Display for ConnectError {
     }
 }
 
+impl ConnectError {
+    pub fn from_io(e: io::Error) -> ConnectError {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ConnectError::Timeout,
+            _ => ConnectError::Other(e),
+        }
+    }
+}
+
 /// Every target tried for one client connection failed; each failure, in order.
 #[derive(Debug)]
 pub struct AllFailed(pub Vec<(Arc<Backend>, ConnectError)>);
@@ -76,20 +157,53 @@ impl fmt::Display for AllFailed {
     }
 }
 
-/// Connect to one of `targets`: picked at random, at most `MAX_ATTEMPTS` distinct ones, each
-/// given the whole `timeout`.
-pub fn connect(
-    targets: &[Arc<Backend>],
-    timeout: Duration,
-) -> Result<(TcpStream, Arc<Backend>), AllFailed> {
-    let mut order: Vec<&Arc<Backend>> = targets.iter().collect();
-    order.shuffle(&mut rand::rng());
+/// Pick the next target to try for `app`, skipping those in `tried` (indexes into
+/// `app.backends`). Healthy targets first; when none is left, the down ones: an app whose
+/// targets all look down is still tried (fail open) rather than refused outright.
+pub fn pick(app: &AppRoute, tried: &[usize]) -> Option<usize> {
+    let n = app.backends.len();
+    let untried = |i: &usize| !tried.contains(i);
+    let mut pool: Vec<usize> = (0..n)
+        .filter(untried)
+        .filter(|&i| app.backends[i].is_up())
+        .collect();
+    if pool.is_empty() {
+        pool = (0..n).filter(untried).collect();
+    }
+    let mut rng = rand::rng();
+    match (pool.len(), app.balance) {
+        (0, _) => None,
+        (1, _) => Some(pool[0]),
+        (len, Balance::Random) => Some(pool[rng.random_range(0..len)]),
+        (len, Balance::RoundRobin) => Some(pool[app.next.fetch_add(1, Ordering::Relaxed) % len]),
+        (len, Balance::P2c) => {
+            let a = rng.random_range(0..len);
+            // A second pick distinct from the first.
+            let b = (a + rng.random_range(1..len)) % len;
+            let load = |i: usize| app.backends[pool[i]].active.load(Ordering::Relaxed);
+            Some(pool[if load(b) < load(a) { b } else { a }])
+        }
+    }
+}
+
+/// Connect to one of `app`'s targets, trying at most `app.connect_attempts` distinct ones, each
+/// given the whole `timeout`. The connection is counted on its target until the guard drops.
+pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGuard), AllFailed> {
+    let mut tried = Vec::with_capacity(app.connect_attempts);
     let mut failures = Vec::new();
-    for backend in order.into_iter().take(MAX_ATTEMPTS) {
+    while tried.len() < app.connect_attempts {
+        let Some(i) = pick(app, &tried) else { break };
+        tried.push(i);
+        let backend = &app.backends[i];
+        // Count it before connecting, so concurrent picks (p2c) see the load it is about to add.
+        let guard = ActiveGuard::new(Arc::clone(backend));
         match connect_one(&backend.target, timeout) {
-            Ok(stream) => return Ok((stream, Arc::clone(backend))),
+            Ok(stream) => {
+                backend.connect_succeeded();
+                return Ok((stream, guard));
+            }
             Err(e) => {
-                crate::warn!("connect target={} failed: {e}", backend.target);
+                backend.connect_failed(&e);
                 failures.push((Arc::clone(backend), e));
             }
         }
@@ -101,13 +215,7 @@ pub fn connect(
 /// time left of `timeout`.
 pub fn connect_one(target: &Target, timeout: Duration) -> Result<TcpStream, ConnectError> {
     let deadline = Instant::now() + timeout;
-    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
-        .to_socket_addrs()
-        .map_err(ConnectError::Unresolvable)?
-        .collect();
-    if addrs.is_empty() {
-        return Err(ConnectError::Unresolvable(io::Error::other("no addresses")));
-    }
+    let addrs = resolve(target)?;
     let mut last = ConnectError::Timeout;
     for addr in addrs {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -116,16 +224,21 @@ pub fn connect_one(target: &Target, timeout: Duration) -> Result<TcpStream, Conn
         }
         match TcpStream::connect_timeout(&addr, left) {
             Ok(s) => return Ok(s),
-            Err(e) => {
-                last = match e.kind() {
-                    io::ErrorKind::ConnectionRefused => ConnectError::Refused,
-                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ConnectError::Timeout,
-                    _ => ConnectError::Other(e),
-                }
-            }
+            Err(e) => last = ConnectError::from_io(e),
         }
     }
     Err(last)
+}
+
+pub fn resolve(target: &Target) -> Result<Vec<SocketAddr>, ConnectError> {
+    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
+        .to_socket_addrs()
+        .map_err(ConnectError::Unresolvable)?
+        .collect();
+    if addrs.is_empty() {
+        return Err(ConnectError::Unresolvable(io::Error::other("no addresses")));
+    }
+    Ok(addrs)
 }
 
 /// Counts a connection on a backend for as long as it lives.

@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -31,6 +32,22 @@ struct RawApp {
     /// Wider than u16 so that 0 and 70000 get our message, not serde's.
     ports: Option<Vec<i64>>,
     targets: Option<Vec<String>>,
+    health_check: Option<RawHealthCheck>,
+    balance: Option<String>,
+    connect_attempts: Option<i64>,
+    max_connections: Option<i64>,
+    proxy_protocol: Option<String>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawHealthCheck {
+    interval_ms: Option<i64>,
+    timeout_ms: Option<i64>,
+    fall: Option<i64>,
+    rise: Option<i64>,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
 }
@@ -47,7 +64,60 @@ pub struct App {
     pub name: String,
     pub ports: Vec<u16>,
     pub targets: Vec<Target>,
+    pub health: HealthCheck,
+    pub balance: Balance,
+    /// Distinct targets tried for one client connection before it is closed.
+    pub connect_attempts: usize,
+    /// Open connections this app may have at once; None: only the global bound applies.
+    pub max_connections: Option<usize>,
+    pub proxy_protocol: Option<ProxyProtocol>,
 }
+
+/// Active health checking of an app's targets (a TCP connect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// How often a down target is checked; an up one is checked at `UP_CHECK_FACTOR` times this.
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failed checks that mark an up target down.
+    pub fall: u32,
+    /// Consecutive successful checks that bring a down target up.
+    pub rise: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> HealthCheck {
+        HealthCheck {
+            interval: Duration::from_millis(2000),
+            timeout: Duration::from_millis(1000),
+            fall: 1,
+            rise: 1,
+        }
+    }
+}
+
+/// How a target is picked among an app's healthy targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Uniformly at random.
+    Random,
+    /// Power of two random choices: the one with fewer active connections of two picked at
+    /// random. Nearly as good as least-connections, without its herd behaviour.
+    #[default]
+    P2c,
+    /// Each target in turn.
+    RoundRobin,
+}
+
+/// The PROXY protocol header sent to the backend before any client byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// Default for `ConnectAttempts`.
+pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 
 /// A backend address as configured. The host stays a name: it is resolved at each connect, so a
 /// target whose address changes is followed.
@@ -98,6 +168,13 @@ pub enum Problem {
         target: String,
         why: &'static str,
     },
+    /// An optional setting with a value outside what it takes.
+    BadValue {
+        app: String,
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -117,7 +194,7 @@ impl fmt::Display for Problem {
                 key,
             } => write!(
                 f,
-                "app \"{app}\": unknown key \"{key}\" (expected \"Name\", \"Ports\", \"Targets\")"
+                "app \"{app}\": unknown key \"{key}\" (expected one of {APP_KEYS})"
             ),
             Problem::Missing { app, field } => {
                 write!(f, "app \"{app}\": {field}: missing or empty")
@@ -146,9 +223,20 @@ impl fmt::Display for Problem {
             Problem::BadTarget { app, target, why } => {
                 write!(f, "app \"{app}\": Targets: \"{target}\" {why}")
             }
+            Problem::BadValue {
+                app,
+                field,
+                value,
+                expected,
+            } => {
+                write!(f, "app \"{app}\": {field}: {value} is not {expected}")
+            }
         }
     }
 }
+
+const APP_KEYS: &str = "Name, Ports, Targets, HealthCheck, Balance, ConnectAttempts, \
+                        MaxConnections, ProxyProtocol";
 
 /// Every problem found in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,10 +376,60 @@ impl Config {
                     field: "Targets",
                 }),
             }
+            let mut opts = Options {
+                app: &name,
+                problems: &mut problems,
+            };
+            let health = opts.health(raw_app.health_check);
+            let balance = match raw_app.balance.as_deref() {
+                None | Some("p2c") => Balance::P2c,
+                Some("random") => Balance::Random,
+                Some("round-robin") => Balance::RoundRobin,
+                Some(other) => {
+                    opts.bad(
+                        "Balance",
+                        format!("\"{other}\""),
+                        "\"random\", \"p2c\" or \"round-robin\"",
+                    );
+                    Balance::P2c
+                }
+            };
+            let connect_attempts = opts
+                .int(
+                    "ConnectAttempts",
+                    raw_app.connect_attempts,
+                    1,
+                    10,
+                    "a number from 1 to 10",
+                )
+                .map_or(DEFAULT_CONNECT_ATTEMPTS, |n| n as usize);
+            let max_connections = opts
+                .int(
+                    "MaxConnections",
+                    raw_app.max_connections,
+                    1,
+                    1_000_000,
+                    "a number from 1 to 1000000",
+                )
+                .map(|n| n as usize);
+            let proxy_protocol = match raw_app.proxy_protocol.as_deref() {
+                None => None,
+                Some("v1") => Some(ProxyProtocol::V1),
+                Some("v2") => Some(ProxyProtocol::V2),
+                Some(other) => {
+                    opts.bad("ProxyProtocol", format!("\"{other}\""), "\"v1\" or \"v2\"");
+                    None
+                }
+            };
             apps.push(App {
                 name,
                 ports,
                 targets,
+                health,
+                balance,
+                connect_attempts,
+                max_connections,
+                proxy_protocol,
             });
         }
 
@@ -316,6 +454,90 @@ impl Config {
             self.ports().count(),
             targets
         )
+    }
+}
+
+/// Checks an app's optional settings, recording what is wrong.
+struct Options<'a> {
+    app: &'a str,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Options<'_> {
+    fn bad(&mut self, field: &'static str, value: String, expected: &'static str) {
+        self.problems.push(Problem::BadValue {
+            app: self.app.to_owned(),
+            field,
+            value,
+            expected,
+        });
+    }
+
+    /// `value` if it is within `min..=max`; None (and a problem) if not, None if absent.
+    fn int(
+        &mut self,
+        field: &'static str,
+        value: Option<i64>,
+        min: i64,
+        max: i64,
+        expected: &'static str,
+    ) -> Option<i64> {
+        let v = value?;
+        if (min..=max).contains(&v) {
+            Some(v)
+        } else {
+            self.bad(field, v.to_string(), expected);
+            None
+        }
+    }
+
+    fn health(&mut self, raw: Option<RawHealthCheck>) -> HealthCheck {
+        let mut h = HealthCheck::default();
+        let Some(raw) = raw else { return h };
+        for key in raw.unknown.keys() {
+            self.problems.push(Problem::UnknownKey {
+                app: Some(self.app.to_owned()),
+                key: format!("HealthCheck.{key}"),
+            });
+        }
+        let ms = |n: i64| Duration::from_millis(n as u64);
+        if let Some(n) = self.int(
+            "HealthCheck.IntervalMs",
+            raw.interval_ms,
+            100,
+            3_600_000,
+            "a number of milliseconds from 100 to 3600000",
+        ) {
+            h.interval = ms(n);
+        }
+        if let Some(n) = self.int(
+            "HealthCheck.TimeoutMs",
+            raw.timeout_ms,
+            10,
+            600_000,
+            "a number of milliseconds from 10 to 600000",
+        ) {
+            h.timeout = ms(n);
+        }
+        if let Some(n) = self.int(
+            "HealthCheck.Fall",
+            raw.fall,
+            1,
+            100,
+            "a number from 1 to 100",
+        ) {
+            h.fall = n as u32;
+        }
+        if let Some(n) = self.int(
+            "HealthCheck.Rise",
+            raw.rise,
+            1,
+            100,
+            "a number from 1 to 100",
+        ) {
+            h.rise = n as u32;
+        }
+        h
     }
 }
 

@@ -18,6 +18,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::cli::Settings;
 use crate::config::{Config, ConfigError, Diff};
 use crate::conns::Conns;
+use crate::health::Checker;
 use crate::pool::Pool;
 use crate::ports::{PortError, PortSource};
 use crate::routing::Routes;
@@ -105,6 +106,9 @@ pub fn run(
     };
 
     let routes = Routes::new(&config, None);
+    let checker =
+        Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
+    checker.set(routes.backends());
     crate::info!(
         "started mode={mode_name} config={} {} max_connections={max_connections} pid={}",
         settings.config.display(),
@@ -118,6 +122,7 @@ pub fn run(
         pool,
         source,
         routes,
+        checker,
         config,
         watch: Watch::new(),
         ready: HashSet::new(),
@@ -137,6 +142,7 @@ struct Loop {
     pool: Pool<Job>,
     source: Box<dyn PortSource>,
     routes: Routes,
+    checker: Arc<Checker>,
     config: Config,
     watch: Watch,
     /// Listeners that may have connections waiting: readiness is edge-triggered, so a listener
@@ -387,6 +393,7 @@ impl Loop {
             return;
         }
         self.routes = Routes::new(&new, Some(&self.routes));
+        self.checker.set(self.routes.backends());
         self.config = new;
         if !diff.ports_removed.is_empty() {
             let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();

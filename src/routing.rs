@@ -1,4 +1,5 @@
-//! Routing: which app a frontend port belongs to, and which backends that app has.
+//! Routing: which app a frontend port belongs to, and what that app routes to (its backends,
+//! balancing, limit, PROXY protocol).
 //!
 //! A `Routes` is built whole from a validated `Config` and replaced whole on reload; it is owned
 //! by the listener loop, which looks the port up at accept and hands the app (an `Arc`) to the
@@ -6,55 +7,145 @@
 //! target of a connection already open; the next connection sees the new targets.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
-use crate::config::{Config, Target};
+use crate::config::{Balance, Config, ProxyProtocol, Target};
 
 #[derive(Debug)]
 pub struct AppRoute {
     pub name: String,
     pub backends: Vec<Arc<Backend>>,
+    pub balance: Balance,
+    pub connect_attempts: usize,
+    pub limit: Option<Arc<AppLimit>>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Round-robin position.
+    pub next: AtomicUsize,
 }
 
 #[derive(Debug)]
 pub struct Routes {
     by_port: HashMap<u16, Arc<AppRoute>>,
-    /// One backend per distinct target, reused by the next `Routes` so that per-target state
-    /// (active connections, later health) survives a reload.
-    backends: HashMap<Target, Arc<Backend>>,
+    /// Per (app, target), reused by the next `Routes` so that health and load survive a reload.
+    backends: HashMap<(String, Target), Arc<Backend>>,
+    /// Per app, reused likewise so connections open across a reload still count.
+    limits: HashMap<String, Arc<AppLimit>>,
 }
 
 impl Routes {
-    /// Build the table for `config`, keeping the backends of `previous` whose targets remain.
+    /// Build the table for `config`, keeping the state of `previous` for what remains.
     pub fn new(config: &Config, previous: Option<&Routes>) -> Routes {
-        let mut backends: HashMap<Target, Arc<Backend>> = HashMap::new();
+        let mut backends = HashMap::new();
+        let mut limits = HashMap::new();
         let mut by_port = HashMap::with_capacity(config.ports().count());
         for app in &config.apps {
             let app_backends = app
                 .targets
                 .iter()
                 .map(|t| {
-                    Arc::clone(backends.entry(t.clone()).or_insert_with(|| {
-                        previous
-                            .and_then(|p| p.backends.get(t).cloned())
-                            .unwrap_or_else(|| Arc::new(Backend::new(t.clone())))
-                    }))
+                    let key = (app.name.clone(), t.clone());
+                    let b = match previous.and_then(|p| p.backends.get(&key)) {
+                        Some(b) => {
+                            *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health;
+                            Arc::clone(b)
+                        }
+                        None => Arc::new(Backend::new(&app.name, t.clone(), app.health)),
+                    };
+                    backends.insert(key, Arc::clone(&b));
+                    b
                 })
                 .collect();
+            let limit = app.max_connections.map(|max| {
+                let l = match previous.and_then(|p| p.limits.get(&app.name)) {
+                    Some(l) => Arc::clone(l),
+                    None => Arc::new(AppLimit::default()),
+                };
+                l.set_max(max);
+                limits.insert(app.name.clone(), Arc::clone(&l));
+                l
+            });
             let route = Arc::new(AppRoute {
                 name: app.name.clone(),
                 backends: app_backends,
+                balance: app.balance,
+                connect_attempts: app.connect_attempts,
+                limit,
+                proxy_protocol: app.proxy_protocol,
+                next: AtomicUsize::new(0),
             });
             for &port in &app.ports {
                 by_port.insert(port, Arc::clone(&route));
             }
         }
-        Routes { by_port, backends }
+        Routes {
+            by_port,
+            backends,
+            limits,
+        }
     }
 
     pub fn app_for(&self, port: u16) -> Option<&Arc<AppRoute>> {
         self.by_port.get(&port)
+    }
+
+    /// Every backend, for the health checker.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.backends.values().cloned().collect()
+    }
+}
+
+/// An app's `MaxConnections`: a counting semaphore. A connection over the limit waits for a
+/// slot (its relay thread blocks, holding one of the global slots, so the global bound still
+/// holds) and gives up after the connect timeout; other apps are served meanwhile.
+#[derive(Debug, Default)]
+pub struct AppLimit {
+    state: Mutex<LimitState>,
+    freed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct LimitState {
+    max: usize,
+    used: usize,
+}
+
+impl AppLimit {
+    fn set_max(&self, max: usize) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).max = max;
+        // A raised limit may let waiters in.
+        self.freed.notify_all();
+    }
+
+    /// Take a slot, waiting up to `timeout`; None if none came free in time.
+    pub fn acquire(self: &Arc<Self>, timeout: Duration) -> Option<LimitGuard> {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        while st.used >= st.max {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            st = self
+                .freed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.used += 1;
+        Some(LimitGuard(Arc::clone(self)))
+    }
+}
+
+/// Holds one of an app's slots until dropped.
+pub struct LimitGuard(Arc<AppLimit>);
+
+impl Drop for LimitGuard {
+    fn drop(&mut self) {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner()).used -= 1;
+        self.0.freed.notify_one();
     }
 }
 
@@ -64,22 +155,37 @@ mod tests {
     use std::path::Path;
 
     #[test]
-    fn backends_survive_a_reload() {
+    fn state_survives_a_reload() {
         let c1 = Config::parse(
             Path::new("x"),
-            br#"{"Apps":[{"Name":"a","Ports":[1,2],"Targets":["h:1","h:2"]}]}"#,
+            br#"{"Apps":[{"Name":"a","Ports":[1,2],"Targets":["h:1","h:2"],"MaxConnections":1}]}"#,
         )
         .unwrap();
         let c2 = Config::parse(
             Path::new("x"),
-            br#"{"Apps":[{"Name":"b","Ports":[2],"Targets":["h:2","h:3"]}]}"#,
+            br#"{"Apps":[{"Name":"a","Ports":[2],"Targets":["h:2","h:3"],"MaxConnections":1},
+                         {"Name":"b","Ports":[3],"Targets":["h:2"]}]}"#,
         )
         .unwrap();
         let r1 = Routes::new(&c1, None);
         let r2 = Routes::new(&c2, Some(&r1));
         let kept = &r1.app_for(1).unwrap().backends[1];
         assert!(Arc::ptr_eq(kept, &r2.app_for(2).unwrap().backends[0]));
+        // Another app naming the same target has its own state.
+        assert!(!Arc::ptr_eq(kept, &r2.app_for(3).unwrap().backends[0]));
         assert!(r2.app_for(1).is_none());
-        assert_eq!(r2.app_for(2).unwrap().name, "b");
+        // A slot taken before the reload still counts after it.
+        let held = r1
+            .app_for(1)
+            .unwrap()
+            .limit
+            .as_ref()
+            .unwrap()
+            .acquire(Duration::ZERO);
+        assert!(held.is_some());
+        let l2 = r2.app_for(2).unwrap().limit.as_ref().unwrap();
+        assert!(l2.acquire(Duration::from_millis(10)).is_none());
+        drop(held);
+        assert!(l2.acquire(Duration::ZERO).is_some());
     }
 }

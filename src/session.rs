@@ -6,11 +6,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{self, ActiveGuard};
+use std::io::Write;
+
+use crate::backend;
 use crate::cli::Settings;
 use crate::conns::Conns;
-use crate::relay::{self, End};
+use crate::log::Level;
+use crate::relay;
 use crate::routing::AppRoute;
+use crate::{ports, proxy_protocol};
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
@@ -57,52 +61,72 @@ pub fn serve(job: Job, shared: &Shared) {
         app,
         accepted,
     } = job;
+    let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
+        let level = if reason.is_some() {
+            Level::Warn
+        } else {
+            Level::Info
+        };
+        crate::log_at!(
+            level,
+            "conn app={} client={peer} port={port} target={target} up={up} down={down} duration={:.3}s end={end}{}",
+            app.name,
+            accepted.elapsed().as_secs_f64(),
+            reason.map(|r| format!(" reason=\"{r}\"")).unwrap_or_default()
+        );
+    };
     // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
     let _ = client.set_nodelay(true);
+
+    // The app's own bound, if it has one: wait for a slot as long as a connect may take.
+    let _slot = match &app.limit {
+        None => None,
+        Some(limit) => match limit.acquire(shared.settings.connect_timeout) {
+            Some(slot) => Some(slot),
+            None => {
+                let reason = "the app's MaxConnections stayed reached for the connect timeout";
+                return end("-", 0, 0, "limit", Some(reason.into()));
+            }
+        },
+    };
+
     let reg = shared.conns.register(port, client);
     let entry = &reg.entry;
-
-    let (backend, guard) = match backend::connect(&app.backends, shared.settings.connect_timeout) {
-        Ok((stream, b)) => (stream, ActiveGuard::new(b)),
-        Err(failed) => {
-            crate::warn!(
-                "conn app={} client={peer} port={port} target=- up=0 down=0 duration={:.3}s end=connect_failed reason=\"{failed}\"",
-                app.name,
-                accepted.elapsed().as_secs_f64()
-            );
-            return;
-        }
+    let (backend, guard) = match backend::connect(&app, shared.settings.connect_timeout) {
+        Ok(ok) => ok,
+        Err(failed) => return end("-", 0, 0, "connect_failed", Some(failed.to_string())),
     };
     let target = guard.backend().target.to_string();
+    if let Some(version) = app.proxy_protocol {
+        // Sent while the socket is still blocking: a header this small always fits in a fresh
+        // socket's send buffer, so this cannot stall.
+        let frontend = entry.client.local_addr().map(ports::canonical);
+        let sent =
+            frontend.and_then(|f| (&backend).write_all(&proxy_protocol::header(version, peer, f)));
+        if let Err(e) = sent {
+            return end(
+                &target,
+                0,
+                0,
+                "reset",
+                Some(format!("sending the PROXY header: {e}")),
+            );
+        }
+    }
     let _ = backend.set_nodelay(true);
     if let Err(e) = backend.set_nonblocking(true) {
-        crate::error!(
-            "conn app={} client={peer}: cannot make backend socket non-blocking: {e}",
-            app.name
-        );
-        return;
+        return end(&target, 0, 0, "reset", Some(format!("backend socket: {e}")));
     }
     let backend = entry.backend.get_or_init(|| backend);
-    let outcome = if entry.was_drained() {
+    if entry.was_drained() {
         // Cut while we were connecting: do not start relaying.
-        relay::Outcome {
-            up: 0,
-            down: 0,
-            end: End::Closed,
-        }
-    } else {
-        relay::relay(&entry.client, backend, shared.settings.idle_timeout)
-    };
-    let end = if entry.was_drained() {
+        return end(&target, 0, 0, "drained", None);
+    }
+    let outcome = relay::relay(&entry.client, backend, shared.settings.idle_timeout);
+    let how = if entry.was_drained() {
         "drained"
     } else {
         outcome.end.as_str()
     };
-    crate::info!(
-        "conn app={} client={peer} port={port} target={target} up={} down={} duration={:.3}s end={end}",
-        app.name,
-        outcome.up,
-        outcome.down,
-        accepted.elapsed().as_secs_f64()
-    );
+    end(&target, outcome.up, outcome.down, how, None);
 }
