@@ -11,7 +11,7 @@ RUN_DEPS     := netcat-openbsd iproute2 bpftool
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
-.PHONY: all deps build run test lint clean
+.PHONY: all deps build run test lint clean bench
 
 all: build
 
@@ -31,10 +31,13 @@ build: deps
 
 # Local echo backends plus the proxy on ./config.json; Ctrl-C stops both. Then, elsewhere:
 #   echo hello | nc -N localhost 6300
+# MODE=bpf runs the single-listener mode instead (needs root).
+MODE ?= simple
 run: build
 	@$(ECHO) $(ECHO_ADDRS) & echo_pid=$$!; \
 	trap 'kill $$echo_pid 2>/dev/null' EXIT INT TERM; \
-	$(RELEASE) simple -c config.json
+	if [ "$(MODE)" = bpf ]; then $(RELEASE) bpf -p 8000 -c config.json; \
+	else $(RELEASE) simple -c config.json; fi
 
 lint: deps
 	$(CARGO) fmt --check
@@ -43,6 +46,14 @@ lint: deps
 test: deps lint
 	$(CARGO) build --bins --examples
 	$(CARGO) nextest run --no-fail-fast
+
+# The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network
+# namespace of its own (root; installs what it needs). Writes bench/results.md and .svg.
+#   make bench              # ROUNDS=3 DURATION=5, about 10 minutes
+#   make bench QUICK=1      # smoke test: one round of 2 s runs, to bench/quick-results.*
+# More settings (ROUNDS, DURATION, CONFIGS, ...): bench/README.md.
+bench:
+	bench/run.sh
 
 clean:
 	$(CARGO) clean
