@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,13 @@ pub struct Backend {
     pub app: String,
     /// Connections relaying to this target now.
     pub active: AtomicUsize,
+    /// Connections made to this target.
+    pub connections: AtomicU64,
+    /// Bytes delivered client to target, and target to client, counted as they move.
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+    /// Failed connects by `ConnectError::index`.
+    pub failures: [AtomicU64; ConnectError::KINDS],
     up: AtomicBool,
     /// Consecutive failed and successful active checks.
     fails: AtomicU32,
@@ -39,6 +46,10 @@ impl Backend {
             target,
             app: app.to_owned(),
             active: AtomicUsize::new(0),
+            connections: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            failures: Default::default(),
             // Targets start up: the first connection (or check) finds out otherwise, and
             // starting down would refuse traffic to a healthy fleet for a whole interval.
             up: AtomicBool::new(true),
@@ -59,6 +70,7 @@ impl Backend {
     /// Passive health: a failed connect marks the target down at once, so the next
     /// connections skip it; the active check brings it back.
     fn connect_failed(&self, e: &ConnectError) {
+        self.failures[e.index()].fetch_add(1, Ordering::Relaxed);
         self.oks.store(0, Ordering::Relaxed);
         if self.up.swap(false, Ordering::Relaxed) {
             crate::warn!("target {} of app {} is down: {e}", self.target, self.app);
@@ -67,6 +79,7 @@ impl Backend {
 
     /// A successful connect is proof the target is up.
     fn connect_succeeded(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
             crate::info!(
@@ -132,6 +145,20 @@ impl fmt::Display for ConnectError {
 }
 
 impl ConnectError {
+    /// How many kinds there are, and their labels by `index`.
+    pub const KINDS: usize = 4;
+    pub const REASONS: [&'static str; ConnectError::KINDS] =
+        ["unresolvable", "refused", "timeout", "error"];
+
+    pub fn index(&self) -> usize {
+        match self {
+            ConnectError::Unresolvable(_) => 0,
+            ConnectError::Refused => 1,
+            ConnectError::Timeout => 2,
+            ConnectError::Other(_) => 3,
+        }
+    }
+
     pub fn from_io(e: io::Error) -> ConnectError {
         match e.kind() {
             io::ErrorKind::ConnectionRefused => ConnectError::Refused,

@@ -4,13 +4,17 @@
 //! A parse error is a `UsageError`; `main` prints it with a hint and exits 2.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::log::Level;
+use crate::log::{Format, Level};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Where `flyproxy status` looks when not told: the address the docs suggest for --metrics.
+pub const DEFAULT_STATUS_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
 
 /// Options shared by both modes.
 #[derive(Debug, Clone)]
@@ -23,6 +27,9 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub reload_interval: Duration,
     pub log_level: Level,
+    pub log_format: Format,
+    /// Where to serve /metrics and /status; None: not served.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -35,6 +42,8 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(30),
             reload_interval: Duration::from_secs(1),
             log_level: Level::Info,
+            log_format: Format::Text,
+            metrics: None,
         }
     }
 }
@@ -51,6 +60,10 @@ pub enum Mode {
 #[derive(Debug)]
 pub enum Command {
     Run(Mode, Settings),
+    /// Fetch and print the /status page of a running proxy.
+    Status {
+        metrics: SocketAddr,
+    },
     Check {
         config: PathBuf,
     },
@@ -82,6 +95,8 @@ Usage:
   flyproxy simple [OPTIONS]           one listener per configured port
   flyproxy bpf [-p PORT] [OPTIONS]    one listener; eBPF sk_lookup steers every port to it
   flyproxy check [-c PATH]            validate a config file and exit
+  flyproxy status [--metrics ADDR]    show apps, targets, health and open connections of a
+                                      proxy running with --metrics (default 127.0.0.1:9100)
 
 Run 'flyproxy <command> --help' for the options of each command.
 
@@ -102,6 +117,9 @@ macro_rules! run_options {
                              removed or on SIGTERM (default 30s)
       --reload-interval DUR  how often the config file's mtime is checked (default 1s)
       --log-level LEVEL      error, warn, info or debug (default info)
+      --log-format FORMAT    text or json (default text)
+      --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
+                             e.g. 127.0.0.1:9100 (default: off)
   -h, --help                 print this help
   -V, --version              print the version
 
@@ -129,6 +147,19 @@ pub const BPF_HELP: &str = concat!(
     "exits (a second one exits at once).\n",
 );
 
+pub const STATUS_HELP: &str = "\
+flyproxy status - show a running proxy's apps, ports, targets, health and open connections
+
+Usage: flyproxy status [--metrics ADDR]
+
+Reads the /status page that a proxy started with --metrics ADDR serves.
+
+Options:
+      --metrics ADDR  the proxy's --metrics address (default 127.0.0.1:9100)
+  -h, --help          print this help
+  -V, --version       print the version
+";
+
 pub const CHECK_HELP: &str = "\
 flyproxy check - validate a config file
 
@@ -149,7 +180,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let Some(first) = args.next() else {
         return Err(usage(
             None,
-            "no command given: use 'simple', 'bpf' or 'check'",
+            "no command given: use 'simple', 'bpf', 'check' or 'status'",
         ));
     };
     let (name, mut mode): (&'static str, Option<Mode>) = match first.as_str() {
@@ -164,10 +195,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             }),
         ),
         "check" => ("check", None),
+        "status" => ("status", None),
         other => {
             return Err(usage(
                 None,
-                &format!("unknown command '{other}': use 'simple', 'bpf' or 'check'"),
+                &format!("unknown command '{other}': use 'simple', 'bpf', 'check' or 'status'"),
             ))
         }
     };
@@ -192,11 +224,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 return Ok(Command::Help(match name {
                     "simple" => SIMPLE_HELP,
                     "bpf" => BPF_HELP,
+                    "status" => STATUS_HELP,
                     _ => CHECK_HELP,
                 }))
             }
             "-V" | "--version" => return Ok(Command::Version),
-            "-c" | "--config" => s.config = PathBuf::from(value("a file path")?),
+            "-c" | "--config" if name != "status" => {
+                s.config = PathBuf::from(value("a file path")?)
+            }
             "--max-connections" if runs => {
                 let v = value("a number")?;
                 s.max_connections = match v.parse::<usize>() {
@@ -221,6 +256,21 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             }
             "--reload-interval" if runs => {
                 s.reload_interval = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
+            }
+            "--log-format" if runs => {
+                let v = value("text or json")?;
+                s.log_format = Format::parse(&v).ok_or_else(|| {
+                    usage(cmd, &format!("--log-format: '{v}' is not text or json"))
+                })?;
+            }
+            "--metrics" if runs || name == "status" => {
+                let v = value("an address like 127.0.0.1:9100")?;
+                s.metrics = Some(v.parse::<SocketAddr>().map_err(|_| {
+                    usage(
+                        cmd,
+                        &format!("--metrics: '{v}' is not an address like 127.0.0.1:9100"),
+                    )
+                })?);
             }
             "--log-level" if runs => {
                 let v = value("error, warn, info or debug")?;
@@ -268,6 +318,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     }
     Ok(match mode {
         Some(m) => Command::Run(m, s),
+        None if name == "status" => Command::Status {
+            metrics: s.metrics.unwrap_or(DEFAULT_STATUS_ADDR),
+        },
         None => Command::Check { config: s.config },
     })
 }

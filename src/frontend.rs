@@ -8,8 +8,8 @@ use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::UnixStream;
@@ -19,6 +19,7 @@ use crate::cli::Settings;
 use crate::config::{Config, ConfigError, Diff};
 use crate::conns::Conns;
 use crate::health::Checker;
+use crate::metrics;
 use crate::pool::Pool;
 use crate::ports::{PortError, PortSource};
 use crate::routing::Routes;
@@ -47,6 +48,8 @@ pub enum StartError {
     Os(&'static str, io::Error),
     /// The mode's own set-up failed (bpf: loading or attaching the program).
     Mode(String),
+    /// The --metrics address could not be bound.
+    Metrics(std::net::SocketAddr, io::Error),
 }
 
 impl fmt::Display for StartError {
@@ -56,6 +59,7 @@ impl fmt::Display for StartError {
             StartError::Port(e) => write!(f, "cannot listen on {e}"),
             StartError::Os(what, e) => write!(f, "{what}: {e}"),
             StartError::Mode(m) => write!(f, "{m}"),
+            StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
         }
     }
 }
@@ -88,6 +92,7 @@ pub fn run(
         .map_err(StartError::Port)?;
     let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
 
+    let routes = Arc::new(Routes::new(&config, None));
     let shared = Arc::new(Shared {
         settings: settings.clone(),
         max_connections,
@@ -95,7 +100,16 @@ pub fn run(
         active: AtomicUsize::new(0),
         stopping: AtomicBool::new(false),
         waker,
+        routes: Mutex::new(Arc::clone(&routes)),
+        reloads_ok: AtomicU64::new(0),
+        reloads_rejected: AtomicU64::new(0),
+        last_reload_ok_ms: AtomicU64::new(unix_ms()),
+        accept_paused: AtomicBool::new(false),
+        lookup_stats: source.lookup_stats(),
     });
+    if let Some(addr) = settings.metrics {
+        metrics::start(addr, Arc::clone(&shared)).map_err(|e| StartError::Metrics(addr, e))?;
+    }
     let pool = {
         let (s1, s2) = (Arc::clone(&shared), Arc::clone(&shared));
         Pool::new(
@@ -105,7 +119,6 @@ pub fn run(
         )
     };
 
-    let routes = Routes::new(&config, None);
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
@@ -141,7 +154,7 @@ struct Loop {
     shared: Arc<Shared>,
     pool: Pool<Job>,
     source: Box<dyn PortSource>,
-    routes: Routes,
+    routes: Arc<Routes>,
     checker: Arc<Checker>,
     config: Config,
     watch: Watch,
@@ -198,6 +211,7 @@ impl Loop {
                         if self.stop_deadline.is_some() {
                             let open = self.shared.conns.len();
                             crate::warn!("second stop signal: exiting now, {open} connections cut");
+                            crate::log::flush();
                             std::process::exit(1);
                         }
                         self.begin_stop(poll);
@@ -268,6 +282,7 @@ impl Loop {
                 if self.shared.active.load(Ordering::Acquire) >= self.shared.max_connections {
                     if !self.paused {
                         self.paused = true;
+                        self.shared.accept_paused.store(true, Ordering::Relaxed);
                         crate::warn!(
                             "connection limit reached ({}): new connections wait in the kernel backlog",
                             self.shared.max_connections
@@ -277,6 +292,7 @@ impl Loop {
                 }
                 if self.paused {
                     self.paused = false;
+                    self.shared.accept_paused.store(false, Ordering::Relaxed);
                     crate::info!("below the connection limit again: accepting");
                 }
                 if accepted == ACCEPT_BATCH {
@@ -362,6 +378,7 @@ impl Loop {
                     "reload rejected: {}: cannot read: {e}; keeping the running config",
                     path.display()
                 );
+                self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
@@ -373,6 +390,7 @@ impl Loop {
                     crate::error!("reload rejected: {line}");
                 }
                 crate::error!("reload rejected: keeping the running config");
+                self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
                 self.watch.rejected(bytes);
                 return;
             }
@@ -389,11 +407,17 @@ impl Loop {
             .apply(poll.registry(), &diff.ports_added, &diff.ports_removed)
         {
             crate::error!("reload rejected: cannot listen on {e}; keeping the running config");
+            self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
             self.watch.rejected(bytes);
             return;
         }
-        self.routes = Routes::new(&new, Some(&self.routes));
+        self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
         self.checker.set(self.routes.backends());
+        *self.shared.routes.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&self.routes);
+        self.shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .last_reload_ok_ms
+            .store(unix_ms(), Ordering::Relaxed);
         self.config = new;
         if !diff.ports_removed.is_empty() {
             let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();
@@ -484,6 +508,12 @@ impl Watch {
             None => false,
         }
     }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A self-pipe for `signals`: the handler writes a byte, the loop sees the read end readable.

@@ -1,12 +1,21 @@
-//! Logging to stderr, one line per event: `2026-11-26T06:43:26.123Z INFO message key=value ...`.
+//! Logging to stderr, one line per event, as text (`2026-11-26T06:43:26.123Z INFO  message
+//! key=value ...`) or as JSON objects (`--log-format json`).
 //!
-//! Each line goes out in a single `write` so that lines from relay threads never interleave.
-//! The level is a global set once at start; the macros check it before formatting anything.
+//! Lines are formatted by the thread that logs them and handed to one writer thread through a
+//! bounded queue, so a slow or blocked stderr never stalls relaying or accepting: when the queue
+//! is full the line is dropped and counted, and the writer reports the count once it catches up.
+//! The level and format are globals set once at start; the macros check the level before
+//! formatting anything.
 
 use std::fmt;
 use std::io::Write;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Lines queued for the writer at most; beyond this they are dropped (and counted).
+const QUEUE: usize = 16 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -27,6 +36,15 @@ impl Level {
         }
     }
 
+    fn name(self) -> &'static str {
+        match self {
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Level::Error => "ERROR",
@@ -37,23 +55,193 @@ impl Level {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "text" => Some(Format::Text),
+            "json" => Some(Format::Json),
+            _ => None,
+        }
+    }
+}
+
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
+static JSON: AtomicBool = AtomicBool::new(false);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+enum Msg {
+    Line(String),
+    /// Acknowledged once every line before it is written.
+    Flush(SyncSender<()>),
+}
+
+static QUEUE_TX: OnceLock<Option<SyncSender<Msg>>> = OnceLock::new();
 
 pub fn set_level(level: Level) {
     LEVEL.store(level as u8, Ordering::Relaxed);
+}
+
+pub fn set_format(format: Format) {
+    JSON.store(format == Format::Json, Ordering::Relaxed);
 }
 
 pub fn enabled(level: Level) -> bool {
     level as u8 <= LEVEL.load(Ordering::Relaxed)
 }
 
-/// Write one line. Use the macros, which skip formatting when the level is off.
+/// Lines dropped because the writer could not keep up.
+pub fn dropped() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Write one event line. Use the macros, which skip formatting when the level is off.
 pub fn write(level: Level, args: fmt::Arguments<'_>) {
     let mut line = String::with_capacity(160);
     use fmt::Write as _;
-    let _ = writeln!(line, "{} {:<5} {}", Timestamp::now(), level.label(), args);
-    // A closed or full stderr must not take the proxy down; the line is lost, nothing else.
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    if JSON.load(Ordering::Relaxed) {
+        let _ = writeln!(
+            line,
+            "{{\"ts\":\"{}\",\"level\":\"{}\",\"msg\":{}}}",
+            Timestamp::now(),
+            level.name(),
+            serde_json::Value::String(args.to_string())
+        );
+    } else {
+        let _ = writeln!(line, "{} {:<5} {}", Timestamp::now(), level.label(), args);
+    }
+    send(line);
+}
+
+/// Write one structured record: `msg` and its fields, as `msg k=v ...` in text or as JSON
+/// members. String values are quoted in text only when they need it.
+pub fn record(level: Level, msg: &str, fields: &[(&str, Field<'_>)]) {
+    if !enabled(level) {
+        return;
+    }
+    let mut line = String::with_capacity(256);
+    use fmt::Write as _;
+    if JSON.load(Ordering::Relaxed) {
+        let mut obj = serde_json::Map::new();
+        obj.insert("ts".into(), Timestamp::now().to_string().into());
+        obj.insert("level".into(), level.name().into());
+        obj.insert("msg".into(), msg.into());
+        for (k, v) in fields {
+            let v = match v {
+                Field::Str(s) => serde_json::Value::from(*s),
+                Field::Num(n) => serde_json::Value::from(*n),
+                Field::Secs(s) => serde_json::Value::from((s * 1000.0).round() / 1000.0),
+            };
+            obj.insert((*k).into(), v);
+        }
+        let _ = writeln!(line, "{}", serde_json::Value::Object(obj));
+    } else {
+        let _ = write!(line, "{} {:<5} {msg}", Timestamp::now(), level.label());
+        for (k, v) in fields {
+            match v {
+                Field::Str(s) if s.is_empty() || s.contains([' ', '"', '=']) => {
+                    let _ = write!(line, " {k}={}", serde_json::Value::from(*s));
+                }
+                Field::Str(s) => {
+                    let _ = write!(line, " {k}={s}");
+                }
+                Field::Num(n) => {
+                    let _ = write!(line, " {k}={n}");
+                }
+                Field::Secs(s) => {
+                    let _ = write!(line, " {k}={s:.3}s");
+                }
+            }
+        }
+        line.push('\n');
+    }
+    send(line);
+}
+
+/// A value in a structured record.
+pub enum Field<'a> {
+    Str(&'a str),
+    Num(u64),
+    /// A duration in seconds: `1.234s` in text, a number in JSON.
+    Secs(f64),
+}
+
+fn queue() -> Option<&'static SyncSender<Msg>> {
+    QUEUE_TX
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::sync_channel(QUEUE);
+            std::thread::Builder::new()
+                .name("log".into())
+                .stack_size(128 * 1024)
+                .spawn(move || writer(rx))
+                .ok()
+                .map(|_| tx)
+        })
+        .as_ref()
+}
+
+fn send(line: String) {
+    match queue() {
+        Some(tx) => match tx.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        },
+        // No writer thread could be started: write in place rather than lose the line.
+        None => {
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+    }
+}
+
+/// Wait (up to a second) until every line logged so far is written; call before exiting.
+pub fn flush() {
+    if let Some(tx) = queue() {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        if tx.send(Msg::Flush(ack_tx)).is_ok() {
+            let _ = ack_rx.recv_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+fn writer(rx: Receiver<Msg>) {
+    let stderr = std::io::stderr();
+    let mut reported = 0;
+    while let Ok(first) = rx.recv() {
+        let mut out = stderr.lock();
+        let mut next = Some(first);
+        // Write everything queued, then flush once.
+        while let Some(msg) = next {
+            match msg {
+                // A closed or full stderr must not take the proxy down; the line is lost.
+                Msg::Line(l) => {
+                    let _ = out.write_all(l.as_bytes());
+                }
+                Msg::Flush(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.try_send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        let dropped = DROPPED.load(Ordering::Relaxed);
+        if dropped != reported {
+            let _ = writeln!(
+                out,
+                "{} WARN  {} log lines dropped: stderr could not keep up",
+                Timestamp::now(),
+                dropped - reported
+            );
+            reported = dropped;
+        }
+        let _ = out.flush();
+    }
 }
 
 #[macro_export]

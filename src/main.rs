@@ -12,6 +12,7 @@ mod conns;
 mod frontend;
 mod health;
 mod log;
+mod metrics;
 mod pool;
 mod ports;
 mod proxy_protocol;
@@ -40,6 +41,18 @@ fn main() -> ExitCode {
             println!("flyproxy {}", cli::VERSION);
             ExitCode::SUCCESS
         }
+        Command::Status { metrics } => match metrics::fetch_status(metrics) {
+            Ok(page) => {
+                print!("{page}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "flyproxy: cannot read the status from {metrics}: {e}\n(is flyproxy running with --metrics {metrics}?)"
+                );
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config } => match config::Config::load(&config) {
             Ok(c) => {
                 println!("{}: ok: {}", config.display(), c.summary());
@@ -53,6 +66,7 @@ fn main() -> ExitCode {
         },
         Command::Run(mode, settings) => {
             log::set_level(settings.log_level);
+            log::set_format(settings.log_format);
             let result = match mode {
                 Mode::Simple => frontend::run(settings, "simple", || {
                     Ok(Box::new(ports::PerPort::default()) as Box<dyn ports::PortSource>)
@@ -63,16 +77,19 @@ fn main() -> ExitCode {
                         .map_err(|e| frontend::StartError::Mode(e.to_string()))
                 }),
             };
-            match result {
+            let code = match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     for line in e.to_string().lines() {
                         error!("{line}");
                     }
-                    error!("flyproxy not started");
+                    error!("exiting with status 1");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            // Lines are written by a background thread: let it finish before the process ends.
+            log::flush();
+            code
         }
     }
 }

@@ -14,6 +14,9 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
+/// Reads per-port-group lookup counters; called from the metrics thread.
+pub type LookupReader = Box<dyn Fn() -> Vec<crate::session::LookupStats> + Send + Sync>;
+
 /// Tokens at and above this belong to listeners; below it the loop reserves its own.
 pub const FIRST_LISTENER: usize = 16;
 
@@ -72,6 +75,11 @@ pub trait PortSource {
 
     /// Listener sockets held, for fd accounting.
     fn listeners(&self) -> usize;
+
+    /// A reader of the mode's lookup counters, for metrics (bpf mode only).
+    fn lookup_stats(&self) -> Option<LookupReader> {
+        None
+    }
 }
 
 /// Simple mode: one dual-stack listener per port, token = `FIRST_LISTENER + port`.

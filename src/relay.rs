@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -112,7 +113,9 @@ enum Carrier {
 }
 
 /// One direction of the relay: bytes from `src` to `dst`.
-struct Direction {
+struct Direction<'a> {
+    /// A live counter (the target's, for metrics) that every delivered byte is added to.
+    counter: &'a AtomicU64,
     carrier: Carrier,
     /// Bytes read from `src` and not yet written to `dst`.
     pending: usize,
@@ -151,9 +154,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-impl Direction {
-    fn new() -> Direction {
+impl<'a> Direction<'a> {
+    fn new(counter: &'a AtomicU64) -> Direction<'a> {
         Direction {
+            counter,
             carrier: Carrier::None,
             pending: 0,
             no_splice: false,
@@ -199,6 +203,7 @@ impl Direction {
                     }
                     self.pending -= n;
                     self.moved += n as u64;
+                    self.counter.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -293,9 +298,16 @@ impl Direction {
 
 /// Relay between `client` and `backend` until both directions are closed, one fails, or
 /// nothing moves for `idle`. Both sockets must be non-blocking. The caller closes them.
-pub fn relay(client: &TcpStream, backend: &TcpStream, idle: Option<Duration>) -> Outcome {
-    let mut up = Direction::new();
-    let mut down = Direction::new();
+/// Delivered bytes are also added to `up_counter` and `down_counter` as they move.
+pub fn relay(
+    client: &TcpStream,
+    backend: &TcpStream,
+    idle: Option<Duration>,
+    up_counter: &AtomicU64,
+    down_counter: &AtomicU64,
+) -> Outcome {
+    let mut up = Direction::new(up_counter);
+    let mut down = Direction::new(down_counter);
     let mut last_activity = Instant::now();
     let end = loop {
         let stepped = (up.pump(client, backend), down.pump(backend, client));

@@ -7,7 +7,7 @@
 //! target of a connection already open; the next connection sees the new targets.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,20 @@ pub struct AppRoute {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Round-robin position.
     pub next: AtomicUsize,
+    pub stats: Arc<AppStats>,
+}
+
+/// Per-app counters, kept across reloads while the app stays.
+#[derive(Debug, Default)]
+pub struct AppStats {
+    /// Client connections accepted.
+    pub accepted: AtomicU64,
+    /// Client connections open now (connecting or relaying).
+    pub active: AtomicUsize,
+    /// Closed because the app's MaxConnections stayed reached.
+    pub limited: AtomicU64,
+    /// Closed because no target could be connected.
+    pub failed: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -33,6 +47,9 @@ pub struct Routes {
     backends: HashMap<(String, Target), Arc<Backend>>,
     /// Per app, reused likewise so connections open across a reload still count.
     limits: HashMap<String, Arc<AppLimit>>,
+    stats: HashMap<String, Arc<AppStats>>,
+    /// Every app with its ports, in config order, for metrics and status.
+    apps: Vec<(Arc<AppRoute>, Vec<u16>)>,
 }
 
 impl Routes {
@@ -40,6 +57,8 @@ impl Routes {
     pub fn new(config: &Config, previous: Option<&Routes>) -> Routes {
         let mut backends = HashMap::new();
         let mut limits = HashMap::new();
+        let mut stats = HashMap::new();
+        let mut apps = Vec::with_capacity(config.apps.len());
         let mut by_port = HashMap::with_capacity(config.ports().count());
         for app in &config.apps {
             let app_backends = app
@@ -67,6 +86,10 @@ impl Routes {
                 limits.insert(app.name.clone(), Arc::clone(&l));
                 l
             });
+            let app_stats = previous
+                .and_then(|p| p.stats.get(&app.name).cloned())
+                .unwrap_or_default();
+            stats.insert(app.name.clone(), Arc::clone(&app_stats));
             let route = Arc::new(AppRoute {
                 name: app.name.clone(),
                 backends: app_backends,
@@ -75,20 +98,29 @@ impl Routes {
                 limit,
                 proxy_protocol: app.proxy_protocol,
                 next: AtomicUsize::new(0),
+                stats: app_stats,
             });
             for &port in &app.ports {
                 by_port.insert(port, Arc::clone(&route));
             }
+            apps.push((route, app.ports.clone()));
         }
         Routes {
             by_port,
             backends,
             limits,
+            stats,
+            apps,
         }
     }
 
     pub fn app_for(&self, port: u16) -> Option<&Arc<AppRoute>> {
         self.by_port.get(&port)
+    }
+
+    /// Every app with its ports, in config order.
+    pub fn apps(&self) -> &[(Arc<AppRoute>, Vec<u16>)] {
+        &self.apps
     }
 
     /// Every backend, for the health checker.

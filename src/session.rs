@@ -2,8 +2,8 @@
 //! relay until done, and log how it ended. The same code serves both modes.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use std::io::Write;
@@ -11,9 +11,9 @@ use std::io::Write;
 use crate::backend;
 use crate::cli::Settings;
 use crate::conns::Conns;
-use crate::log::Level;
+use crate::log::{self, Field, Level};
 use crate::relay;
-use crate::routing::AppRoute;
+use crate::routing::{AppRoute, Routes};
 use crate::{ports, proxy_protocol};
 
 /// An accepted client connection, on its way to a relay thread.
@@ -37,6 +37,24 @@ pub struct Shared {
     /// Set once shutdown has begun, so that the last slot given back wakes the loop.
     pub stopping: AtomicBool,
     pub waker: mio::Waker,
+    /// The routing table in force, published by the listener loop for metrics and status.
+    pub routes: Mutex<Arc<Routes>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    /// Unix time in milliseconds of the last successful (re)load.
+    pub last_reload_ok_ms: AtomicU64,
+    /// Accepting is held back by the connection bound.
+    pub accept_paused: AtomicBool,
+    /// bpf mode: reads the sk_lookup program's counters.
+    pub lookup_stats: Option<crate::ports::LookupReader>,
+}
+
+/// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupStats {
+    pub group: String,
+    pub steered: u64,
+    pub dropped: u64,
 }
 
 impl Shared {
@@ -61,19 +79,31 @@ pub fn serve(job: Job, shared: &Shared) {
         app,
         accepted,
     } = job;
+    let stats = &app.stats;
+    stats.accepted.fetch_add(1, Ordering::Relaxed);
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let client_addr = peer.to_string();
     let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
+        stats.active.fetch_sub(1, Ordering::Relaxed);
         let level = if reason.is_some() {
             Level::Warn
         } else {
             Level::Info
         };
-        crate::log_at!(
-            level,
-            "conn app={} client={peer} port={port} target={target} up={up} down={down} duration={:.3}s end={end}{}",
-            app.name,
-            accepted.elapsed().as_secs_f64(),
-            reason.map(|r| format!(" reason=\"{r}\"")).unwrap_or_default()
-        );
+        let mut fields = vec![
+            ("app", Field::Str(&app.name)),
+            ("client", Field::Str(&client_addr)),
+            ("port", Field::Num(u64::from(port))),
+            ("target", Field::Str(target)),
+            ("up", Field::Num(up)),
+            ("down", Field::Num(down)),
+            ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+            ("end", Field::Str(end)),
+        ];
+        if let Some(r) = &reason {
+            fields.push(("reason", Field::Str(r)));
+        }
+        log::record(level, "conn", &fields);
     };
     // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
     let _ = client.set_nodelay(true);
@@ -84,6 +114,7 @@ pub fn serve(job: Job, shared: &Shared) {
         Some(limit) => match limit.acquire(shared.settings.connect_timeout) {
             Some(slot) => Some(slot),
             None => {
+                stats.limited.fetch_add(1, Ordering::Relaxed);
                 let reason = "the app's MaxConnections stayed reached for the connect timeout";
                 return end("-", 0, 0, "limit", Some(reason.into()));
             }
@@ -94,9 +125,13 @@ pub fn serve(job: Job, shared: &Shared) {
     let entry = &reg.entry;
     let (backend, guard) = match backend::connect(&app, shared.settings.connect_timeout) {
         Ok(ok) => ok,
-        Err(failed) => return end("-", 0, 0, "connect_failed", Some(failed.to_string())),
+        Err(failed) => {
+            stats.failed.fetch_add(1, Ordering::Relaxed);
+            return end("-", 0, 0, "connect_failed", Some(failed.to_string()));
+        }
     };
-    let target = guard.backend().target.to_string();
+    let target_state = guard.backend();
+    let target = target_state.target.to_string();
     if let Some(version) = app.proxy_protocol {
         // Sent while the socket is still blocking: a header this small always fits in a fresh
         // socket's send buffer, so this cannot stall.
@@ -122,7 +157,13 @@ pub fn serve(job: Job, shared: &Shared) {
         // Cut while we were connecting: do not start relaying.
         return end(&target, 0, 0, "drained", None);
     }
-    let outcome = relay::relay(&entry.client, backend, shared.settings.idle_timeout);
+    let outcome = relay::relay(
+        &entry.client,
+        backend,
+        shared.settings.idle_timeout,
+        &target_state.bytes_up,
+        &target_state.bytes_down,
+    );
     let how = if entry.was_drained() {
         "drained"
     } else {
