@@ -88,7 +88,7 @@ pub fn run(
 
     let ports: Vec<u16> = config.ports().collect();
     source
-        .apply(poll.registry(), &ports, &[])
+        .apply(poll.registry(), &config, &ports, &[])
         .map_err(StartError::Port)?;
     let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
 
@@ -402,10 +402,12 @@ impl Loop {
             }
             return;
         }
-        if let Err(e) = self
-            .source
-            .apply(poll.registry(), &diff.ports_added, &diff.ports_removed)
-        {
+        if let Err(e) = self.source.apply(
+            poll.registry(),
+            &new,
+            &diff.ports_added,
+            &diff.ports_removed,
+        ) {
             crate::error!("reload rejected: cannot listen on {e}; keeping the running config");
             self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
             self.watch.rejected(bytes);

@@ -12,6 +12,8 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, IntoRawFd};
 
 use mio::net::TcpListener;
+
+use crate::config::Config;
 use mio::{Interest, Registry, Token};
 
 /// Reads per-port-group lookup counters; called from the metrics thread.
@@ -54,11 +56,13 @@ pub struct Accepted {
 }
 
 pub trait PortSource {
-    /// Make `added` reachable and `removed` unreachable. On error nothing has changed: the
-    /// reload (or the start-up) is refused whole.
+    /// Serve `config`'s ports: `added` become reachable and `removed` unreachable (the
+    /// config tells a mode that needs it which app each port is). On error nothing has
+    /// changed: the reload (or the start-up) is refused whole.
     fn apply(
         &mut self,
         registry: &Registry,
+        config: &Config,
         added: &[u16],
         removed: &[u16],
     ) -> Result<(), PortError>;
@@ -92,6 +96,7 @@ impl PortSource for PerPort {
     fn apply(
         &mut self,
         registry: &Registry,
+        _config: &Config,
         added: &[u16],
         removed: &[u16],
     ) -> Result<(), PortError> {

@@ -4,16 +4,19 @@
 //! Map writes that fail do not refuse a reload (the config is valid, and the ports already
 //! steered keep working): the port stays wanted and is retried at every reload tick.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
 
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
-use super::{BpfError, Steering};
-use crate::ports::{self, Accepted, PortError, PortSource, FIRST_LISTENER};
+use super::{BpfError, Steering, MAX_GROUPS};
+use crate::config::Config;
+use crate::ports::{self, Accepted, LookupReader, PortError, PortSource, FIRST_LISTENER};
+use crate::session::LookupStats;
 
 /// Listener tokens above every simple-mode port token, so the two can never be confused.
 const V4: Token = Token(FIRST_LISTENER + 65_536);
@@ -23,13 +26,35 @@ pub struct Steered {
     v4: Option<TcpListener>,
     v6: Option<TcpListener>,
     steering: Steering,
-    /// Ports the config wants steered.
-    wanted: BTreeSet<u16>,
-    /// Ports written into the map.
-    steered: BTreeSet<u16>,
+    /// Ports the config wants steered, with their port group.
+    wanted: BTreeMap<u16, u32>,
+    /// Ports written into the map, with the group written.
+    steered: BTreeMap<u16, u32>,
+    /// Port group (counter index) of each app, by name; never reused within a run, so a
+    /// group's counters always belong to one app.
+    groups: Arc<Mutex<GroupNames>>,
     /// A failed map write has been logged and not yet recovered, so retries stay quiet.
     failing: bool,
     registered: bool,
+}
+
+/// App names to port-group ids. Ids are handed out in order and never reused; past the
+/// program's MAX_GROUPS the apps share the last counter, which is named for all of them.
+#[derive(Default)]
+pub struct GroupNames {
+    by_name: BTreeMap<String, u32>,
+}
+
+impl GroupNames {
+    fn id(&mut self, app: &str) -> u32 {
+        let next = (self.by_name.len() as u32).min(MAX_GROUPS - 1);
+        if next == MAX_GROUPS - 1 && !self.by_name.contains_key(app) {
+            // Shared overflow counter: report it once, under a name that says so.
+            self.by_name.insert("(other apps)".into(), next);
+            return next;
+        }
+        *self.by_name.entry(app.to_owned()).or_insert(next)
+    }
 }
 
 /// Why bpf mode could not start.
@@ -88,8 +113,9 @@ impl Steered {
             v4,
             v6,
             steering,
-            wanted: BTreeSet::new(),
-            steered: BTreeSet::new(),
+            wanted: BTreeMap::new(),
+            steered: BTreeMap::new(),
+            groups: Arc::default(),
             failing: false,
             registered: false,
         })
@@ -99,7 +125,12 @@ impl Steered {
     fn sync(&mut self) {
         let mut failed: Option<(u16, BpfError)> = None;
         let mut failures = 0usize;
-        let remove: Vec<u16> = self.steered.difference(&self.wanted).copied().collect();
+        let remove: Vec<u16> = self
+            .steered
+            .keys()
+            .filter(|p| !self.wanted.contains_key(p))
+            .copied()
+            .collect();
         for port in remove {
             match self.steering.remove_port(port) {
                 Ok(()) => {
@@ -111,11 +142,17 @@ impl Steered {
                 }
             }
         }
-        let add: Vec<u16> = self.wanted.difference(&self.steered).copied().collect();
-        for port in add {
-            match self.steering.add_port(port) {
+        // New ports, and ports whose app (so group) changed.
+        let add: Vec<(u16, u32)> = self
+            .wanted
+            .iter()
+            .filter(|(p, g)| self.steered.get(p) != Some(g))
+            .map(|(p, g)| (*p, *g))
+            .collect();
+        for (port, group) in add {
+            match self.steering.add_port(port, group) {
                 Ok(()) => {
-                    self.steered.insert(port);
+                    self.steered.insert(port, group);
                 }
                 Err(e) => {
                     failures += 1;
@@ -145,8 +182,9 @@ impl PortSource for Steered {
     fn apply(
         &mut self,
         registry: &Registry,
-        added: &[u16],
-        removed: &[u16],
+        config: &Config,
+        _added: &[u16],
+        _removed: &[u16],
     ) -> Result<(), PortError> {
         if !self.registered {
             for (l, token) in [(&mut self.v4, V4), (&mut self.v6, V6)] {
@@ -158,10 +196,18 @@ impl PortSource for Steered {
             }
             self.registered = true;
         }
-        self.wanted.extend(added);
-        for p in removed {
-            self.wanted.remove(p);
-        }
+        // The whole wanted map from the config: a port that moved to another app keeps being
+        // steered, only its group changes.
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        self.wanted = config
+            .apps
+            .iter()
+            .flat_map(|app| {
+                let g = groups.id(&app.name);
+                app.ports.iter().map(move |&p| (p, g))
+            })
+            .collect();
+        drop(groups);
         self.sync();
         Ok(())
     }
@@ -197,5 +243,33 @@ impl PortSource for Steered {
 
     fn listeners(&self) -> usize {
         2
+    }
+
+    fn lookup_stats(&self) -> Option<LookupReader> {
+        let counters = match self.steering.counters() {
+            Ok(c) => c,
+            Err(e) => {
+                crate::error!("bpf: lookup counters unavailable for metrics: {e}");
+                return None;
+            }
+        };
+        let groups = Arc::clone(&self.groups);
+        Some(Box::new(move || {
+            let names: Vec<(String, u32)> = {
+                let g = groups.lock().unwrap_or_else(|e| e.into_inner());
+                g.by_name.iter().map(|(n, id)| (n.clone(), *id)).collect()
+            };
+            names
+                .into_iter()
+                .filter_map(|(group, id)| {
+                    let (steered, dropped) = counters.group(id).ok()?;
+                    Some(LookupStats {
+                        group,
+                        steered,
+                        dropped,
+                    })
+                })
+                .collect()
+        }))
     }
 }

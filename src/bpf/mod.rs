@@ -183,9 +183,21 @@ pub struct Steering {
     link: Option<Link>,
     /// Our own fd of the `ports` map (the skeleton's copy was closed with it).
     ports: MapHandle,
-    /// Our own fd of the `stats` map.
-    stats: MapHandle,
+    /// Our own fds of the counter maps.
+    counters: Counters,
 }
+
+/// Reads the program's per-CPU counters. Holds its own map fds, so a copy can live on the
+/// metrics thread while the `Steering` stays with the listener loop.
+#[derive(Debug)]
+pub struct Counters {
+    stats: MapHandle,
+    group_stats: MapHandle,
+}
+
+/// Port groups (apps) counted separately; must match MAX_GROUPS in steer.bpf.c. Groups at or
+/// beyond it share the last counter.
+pub const MAX_GROUPS: u32 = 4096;
 
 impl Steering {
     /// Load the program, put the listener fds in the sockmap (v4 at key 0, v6 at
@@ -241,6 +253,7 @@ impl Steering {
         };
         let ports = handle(&skel.maps.ports)?;
         let stats = handle(&skel.maps.stats)?;
+        let group_stats = handle(&skel.maps.group_stats)?;
 
         let netns = fs::File::open(NETNS_PATH).map_err(|source| BpfError::Netns {
             path: NETNS_PATH,
@@ -256,17 +269,18 @@ impl Steering {
         Ok(Steering {
             link: Some(link),
             ports,
-            stats,
+            counters: Counters { stats, group_stats },
         })
     }
 
     /// Steer `port` (insert into the ports map): new TCP connections to it, on any
     /// local address, go to our listener of their family. Adding a port twice is
     /// harmless.
-    pub fn add_port(&mut self, port: u16) -> Result<(), BpfError> {
+    /// Steer `port`, counting its lookups under `group` (the app's index).
+    pub fn add_port(&mut self, port: u16, group: u32) -> Result<(), BpfError> {
         // The program compares ctx->local_port, which is in host byte order.
         self.ports
-            .update(&port.to_ne_bytes(), &[1], MapFlags::ANY)
+            .update(&port.to_ne_bytes(), &group.to_ne_bytes(), MapFlags::ANY)
             .map_err(|source| BpfError::Port {
                 port,
                 adding: true,
@@ -296,40 +310,62 @@ impl Steering {
         self.link = None;
     }
 
-    /// Read the per-CPU stats counters, summed over CPUs: `(steered, dropped,
-    /// passed)`. `dropped` counts SYNs to a steered port that found no listener
-    /// of their family or whose assignment the kernel refused; `passed` counts TCP
-    /// lookups for ports that are not steered.
-    // Read by the metrics endpoint (a later change); until then only the tests call it.
+    /// Read the per-CPU stats counters, summed over CPUs: `(steered, dropped, passed)`.
     #[allow(dead_code)]
     pub fn stats(&self) -> Result<(u64, u64, u64), BpfError> {
-        let steered = self.stat(STAT_STEERED)?;
-        let dropped = self
-            .stat(STAT_DROPPED_NO_LISTENER)?
-            .wrapping_add(self.stat(STAT_DROPPED_ASSIGN)?);
-        let passed = self.stat(STAT_PASSED)?;
-        Ok((steered, dropped, passed))
+        self.counters.totals()
     }
 
-    /// One counter of the `stats` map, summed over CPUs.
-    fn stat(&self, index: u32) -> Result<u64, BpfError> {
-        let per_cpu = self
-            .stats
-            .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|source| BpfError::Stats { source })?
-            // An array map has every index below max_entries, so None means the
-            // index is out of range: a mismatch with steer.bpf.c.
-            .ok_or_else(|| stats_error(format!("no counter at index {index}")))?;
-        per_cpu.iter().try_fold(0u64, |sum, value| {
-            let bytes = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| {
-                stats_error(format!("counter value is {} bytes, not 8", value.len()))
-            })?;
-            Ok(sum.wrapping_add(u64::from_ne_bytes(bytes)))
+    /// A reader of the counters with fds of its own, for another thread.
+    pub fn counters(&self) -> Result<Counters, BpfError> {
+        let dup = |m: &MapHandle| {
+            MapHandle::try_from(m).map_err(|source| BpfError::Setup {
+                step: Step::MapHandles,
+                source,
+            })
+        };
+        Ok(Counters {
+            stats: dup(&self.counters.stats)?,
+            group_stats: dup(&self.counters.group_stats)?,
         })
     }
 }
 
-/// A [`BpfError::Stats`] for a map whose layout is not what steer.bpf.c declares.
+impl Counters {
+    /// Every lookup for our ports, summed over CPUs: `(steered, dropped, passed)`.
+    pub fn totals(&self) -> Result<(u64, u64, u64), BpfError> {
+        let steered = sum_percpu(&self.stats, STAT_STEERED)?;
+        let dropped = sum_percpu(&self.stats, STAT_DROPPED_NO_LISTENER)?
+            .wrapping_add(sum_percpu(&self.stats, STAT_DROPPED_ASSIGN)?);
+        let passed = sum_percpu(&self.stats, STAT_PASSED)?;
+        Ok((steered, dropped, passed))
+    }
+
+    /// `(steered, dropped)` for one port group.
+    pub fn group(&self, group: u32) -> Result<(u64, u64), BpfError> {
+        let g = group.min(MAX_GROUPS - 1);
+        Ok((
+            sum_percpu(&self.group_stats, g * 2)?,
+            sum_percpu(&self.group_stats, g * 2 + 1)?,
+        ))
+    }
+}
+
+/// One counter of a per-CPU array map, summed over CPUs.
+fn sum_percpu(map: &MapHandle, index: u32) -> Result<u64, BpfError> {
+    let per_cpu = map
+        .lookup_percpu(&index.to_ne_bytes(), MapFlags::ANY)
+        .map_err(|source| BpfError::Stats { source })?
+        // An array map has every index below max_entries, so None means the
+        // index is out of range: a mismatch with steer.bpf.c.
+        .ok_or_else(|| stats_error(format!("no counter at index {index}")))?;
+    per_cpu.iter().try_fold(0u64, |sum, value| {
+        let bytes = <[u8; 8]>::try_from(value.as_slice())
+            .map_err(|_| stats_error(format!("counter value is {} bytes, not 8", value.len())))?;
+        Ok(sum.wrapping_add(u64::from_ne_bytes(bytes)))
+    })
+}
+
 fn stats_error(message: String) -> BpfError {
     BpfError::Stats {
         source: io::Error::new(io::ErrorKind::InvalidData, message).into(),
@@ -485,8 +521,8 @@ mod tests {
         // Attached but no port added: the program passes, nothing listens, refused.
         assert_refused(("127.0.0.1", PORT));
 
-        steering.add_port(PORT).unwrap();
-        steering.add_port(PORT).unwrap(); // idempotent
+        steering.add_port(PORT, 0).unwrap();
+        steering.add_port(PORT, 0).unwrap(); // idempotent
         assert_steered(("127.0.0.1", PORT), &v4);
         assert_steered(("::1", PORT), &v6);
         assert_refused(("127.0.0.1", UNSTEERED));
@@ -505,7 +541,7 @@ mod tests {
         let squatter = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
         squatter.set_nonblocking(true).unwrap();
         assert_steered(("127.0.0.1", PORT), &squatter);
-        steering.add_port(PORT).unwrap();
+        steering.add_port(PORT, 0).unwrap();
         assert_steered(("127.0.0.1", PORT), &v4);
 
         // Closing the v4 listener empties its sockmap slot: SK_DROP. The kernel

@@ -52,12 +52,25 @@ struct {
  * The ports to steer, in host byte order (as ctx->local_port is). Only the
  * presence of a key matters; the value is unused. 65536 entries: every port.
  */
+/* Port (host order) -> port group: the index of the app the port belongs to. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u16);
-	__type(value, __u8);
+	__type(value, __u32);
 } ports SEC(".maps");
+
+/*
+ * Per port group: steered at index 2 * group, dropped at 2 * group + 1. Groups at or
+ * beyond MAX_GROUPS share the last one (user space never hands out more).
+ */
+#define MAX_GROUPS 4096
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, MAX_GROUPS * 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} group_stats SEC(".maps");
 
 /* Per-CPU counters, so increments need no atomics; user space sums the CPUs. */
 struct {
@@ -75,10 +88,24 @@ static __always_inline void count(__u32 idx)
 		*value += 1;
 }
 
+static __always_inline void count_group(__u32 group, __u32 dropped)
+{
+	__u32 idx;
+	__u64 *value;
+
+	if (group >= MAX_GROUPS)
+		group = MAX_GROUPS - 1;
+	idx = group * 2 + dropped;
+	value = bpf_map_lookup_elem(&group_stats, &idx);
+	if (value)
+		*value += 1;
+}
+
 SEC("sk_lookup")
 int steer(struct bpf_sk_lookup *ctx)
 {
 	struct bpf_sock *sk;
+	__u32 *group;
 	__u16 port;
 	__u32 key;
 	long err;
@@ -92,7 +119,8 @@ int steer(struct bpf_sk_lookup *ctx)
 
 	/* local_port is a __u32 in host byte order; ports fit in 16 bits. */
 	port = ctx->local_port;
-	if (!bpf_map_lookup_elem(&ports, &port)) {
+	group = bpf_map_lookup_elem(&ports, &port);
+	if (!group) {
 		/*
 		 * Not one of our ports: SK_PASS without assigning, so other
 		 * sockets and programs in the netns are untouched (a local sshd
@@ -124,6 +152,7 @@ int steer(struct bpf_sk_lookup *ctx)
 		 * refused", as if the proxy were down; it does not retransmit).
 		 */
 		count(STAT_DROPPED_NO_LISTENER);
+		count_group(*group, 1);
 		return SK_DROP;
 	}
 
@@ -141,11 +170,13 @@ int steer(struct bpf_sk_lookup *ctx)
 		 * regular lookup hand it elsewhere: drop (refused, as above).
 		 */
 		count(STAT_DROPPED_ASSIGN);
+		count_group(*group, 1);
 		return SK_DROP;
 	}
 
 	/* SK_PASS after a successful assign: the kernel uses our socket. */
 	count(STAT_STEERED);
+	count_group(*group, 0);
 	return SK_PASS;
 }
 

@@ -1,0 +1,573 @@
+//! Dropping Linux capabilities once start-up no longer needs them, so a proxy that faces the
+//! network holds only what its running life needs.
+//!
+//! What each mode keeps after start-up ([`keep_only`] is called once the listeners are up):
+//!
+//! - **bpf mode** keeps only `CAP_BPF`. Loading the sk_lookup program and attaching it to the
+//!   network namespace need `CAP_BPF` and `CAP_NET_ADMIN` (sk_lookup is a networking program
+//!   type); once attached, the program lives as long as our link fd and nothing needs
+//!   `CAP_NET_ADMIN` again, so it goes, and so does everything else. `CAP_BPF` stays because a
+//!   reload writes the ports map with the `bpf()` syscall, and when
+//!   `kernel.unprivileged_bpf_disabled` is set (Debian's default) older kernels refuse every
+//!   `bpf()` command, map writes on a map fd we already hold included, without `CAP_BPF`.
+//!   Detaching on SIGTERM only closes the link fd, which needs nothing.
+//! - **simple mode** keeps only `CAP_NET_BIND_SERVICE`, when it has it (root, or the unit's
+//!   ambient capability): a reload may bind a new port below 1024.
+//! - A process that has no capabilities at all (an ordinary user) is left as it is.
+//!
+//! Capabilities belong to a thread, not to the process: [`keep_only`] changes the calling
+//! thread only, and threads inherit the sets of the thread that spawns them. So it must be
+//! called before the other threads are spawned (relay pool, health checker), and a thread that
+//! already exists (the log writer, started by the first log line) must drop its own, for
+//! example with `keep_only(&[])` when it starts.
+//!
+//! The sets touched, in this order:
+//! 1. the bounding set (the most the thread can ever regain, even through `execve` of a root or
+//!    file-capability binary): every capability but `keep`, with `PR_CAPBSET_DROP`. That needs
+//!    `CAP_SETPCAP`, so it is done first, while we may still have it; without it (a non-root
+//!    service whose bounding set systemd already narrowed) it is skipped;
+//! 2. the ambient set (what an `execve` passes on to a non-root program): cleared;
+//! 3. the effective, permitted and inheritable sets: `keep` only, with `capset`. A capability
+//!    in `keep` that the thread does not have is not an error: it cannot be gained here.
+
+use std::fmt;
+use std::io;
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, as two 32-bit words.
+const VERSION_3: u32 = 0x2008_0522;
+
+/// The capabilities flyproxy cares about, by their kernel numbers
+/// (`include/uapi/linux/capability.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Cap {
+    /// Binding a port below 1024.
+    NetBindService = 10,
+    /// Network administration; attaching the sk_lookup program.
+    NetAdmin = 12,
+    /// The catch-all; unshare(CLONE_NEWNET), and `bpf()` on kernels before 5.8.
+    SysAdmin = 21,
+    /// Performance monitoring; not needed by flyproxy, named for logs and tests.
+    Perfmon = 38,
+    /// The `bpf()` syscall: loading programs, creating and writing maps.
+    Bpf = 39,
+}
+
+impl Cap {
+    /// Every variant, for tests and for turning a number back into a `Cap`.
+    pub const ALL: [Cap; 5] = [
+        Cap::NetBindService,
+        Cap::NetAdmin,
+        Cap::SysAdmin,
+        Cap::Perfmon,
+        Cap::Bpf,
+    ];
+
+    /// The kernel's number for this capability.
+    pub const fn number(self) -> u32 {
+        self as u32
+    }
+
+    /// The name as capabilities(7) and `/proc` tools spell it: `cap_net_bind_service`.
+    pub fn name(self) -> &'static str {
+        NAMES[self as usize]
+    }
+}
+
+impl fmt::Display for Cap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Names of capabilities 0 to 40, as in capabilities(7), for readable logs and errors.
+const NAMES: [&str; 41] = [
+    "cap_chown",
+    "cap_dac_override",
+    "cap_dac_read_search",
+    "cap_fowner",
+    "cap_fsetid",
+    "cap_kill",
+    "cap_setgid",
+    "cap_setuid",
+    "cap_setpcap",
+    "cap_linux_immutable",
+    "cap_net_bind_service",
+    "cap_net_broadcast",
+    "cap_net_admin",
+    "cap_net_raw",
+    "cap_ipc_lock",
+    "cap_ipc_owner",
+    "cap_sys_module",
+    "cap_sys_rawio",
+    "cap_sys_chroot",
+    "cap_sys_ptrace",
+    "cap_sys_pacct",
+    "cap_sys_admin",
+    "cap_sys_boot",
+    "cap_sys_nice",
+    "cap_sys_resource",
+    "cap_sys_time",
+    "cap_sys_tty_config",
+    "cap_mknod",
+    "cap_lease",
+    "cap_audit_write",
+    "cap_audit_control",
+    "cap_setfcap",
+    "cap_mac_override",
+    "cap_mac_admin",
+    "cap_syslog",
+    "cap_wake_alarm",
+    "cap_block_suspend",
+    "cap_audit_read",
+    "cap_perfmon",
+    "cap_bpf",
+    "cap_checkpoint_restore",
+];
+
+/// `CAP_SETPCAP`: needed to drop from the bounding set.
+const CAP_SETPCAP: u32 = 8;
+
+/// A set of capabilities, as the kernel's 64-bit mask (bit N is capability N).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapSet(pub u64);
+
+impl CapSet {
+    pub fn of(caps: &[Cap]) -> CapSet {
+        CapSet(caps.iter().fold(0, |m, c| m | 1 << c.number()))
+    }
+
+    pub fn contains(self, cap: Cap) -> bool {
+        self.has(cap.number())
+    }
+
+    fn has(self, number: u32) -> bool {
+        number < 64 && self.0 & (1 << number) != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    fn and(self, other: CapSet) -> CapSet {
+        CapSet(self.0 & other.0)
+    }
+}
+
+/// `cap_bpf,cap_net_admin`, or `none`; a capability without a name shows as `cap_N`.
+impl fmt::Display for CapSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        let mut first = true;
+        for n in (0..64).filter(|&n| self.has(n)) {
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            match NAMES.get(n as usize) {
+                Some(name) => f.write_str(name)?,
+                None => write!(f, "cap_{n}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The calling thread's effective, permitted and inheritable sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Caps {
+    pub effective: CapSet,
+    pub permitted: CapSet,
+    pub inheritable: CapSet,
+}
+
+impl fmt::Display for Caps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "effective={} permitted={} inheritable={}",
+            self.effective, self.permitted, self.inheritable
+        )
+    }
+}
+
+/// Why the capabilities could not be set as asked.
+#[derive(Debug)]
+pub enum CapsError {
+    /// `capget` failed.
+    Read(io::Error),
+    /// `prctl(PR_CAPBSET_DROP)` failed for a capability, for a reason other than lacking
+    /// `CAP_SETPCAP`.
+    Bounding { cap: u32, error: io::Error },
+    /// `prctl(PR_CAP_AMBIENT_CLEAR_ALL)` failed.
+    Ambient(io::Error),
+    /// `capset` refused the new sets.
+    Set { wanted: Caps, error: io::Error },
+    /// `capset` succeeded but the sets read back are not the ones asked for.
+    Mismatch { wanted: Caps, got: Caps },
+}
+
+impl fmt::Display for CapsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CapsError::Read(e) => write!(f, "cannot read the capabilities (capget): {e}"),
+            CapsError::Bounding { cap, error } => write!(
+                f,
+                "cannot drop {} from the capability bounding set: {error}",
+                CapSet(1 << cap)
+            ),
+            CapsError::Ambient(e) => write!(f, "cannot clear the ambient capabilities: {e}"),
+            CapsError::Set { wanted, error } => {
+                write!(f, "cannot set the capabilities to {wanted} (capset): {error}")
+            }
+            CapsError::Mismatch { wanted, got } => write!(
+                f,
+                "capabilities were set to {wanted} but read back as {got}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for CapsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CapsError::Read(e)
+            | CapsError::Bounding { error: e, .. }
+            | CapsError::Ambient(e)
+            | CapsError::Set { error: e, .. } => Some(e),
+            CapsError::Mismatch { .. } => None,
+        }
+    }
+}
+
+#[repr(C)]
+struct Header {
+    version: u32,
+    /// 0: the calling thread.
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Data {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The calling thread's capability sets (`capget`).
+pub fn current() -> Result<Caps, CapsError> {
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget writes two Data structs (version 3) into the array we pass.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(CapsError::Read(io::Error::last_os_error()));
+    }
+    let join = |lo: u32, hi: u32| CapSet(u64::from(lo) | u64::from(hi) << 32);
+    Ok(Caps {
+        effective: join(data[0].effective, data[1].effective),
+        permitted: join(data[0].permitted, data[1].permitted),
+        inheritable: join(data[0].inheritable, data[1].inheritable),
+    })
+}
+
+fn set(caps: Caps) -> io::Result<()> {
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let split = |s: CapSet| (s.0 as u32, (s.0 >> 32) as u32);
+    let (e0, e1) = split(caps.effective);
+    let (p0, p1) = split(caps.permitted);
+    let (i0, i1) = split(caps.inheritable);
+    let data = [
+        Data {
+            effective: e0,
+            permitted: p0,
+            inheritable: i0,
+        },
+        Data {
+            effective: e1,
+            permitted: p1,
+            inheritable: i1,
+        },
+    ];
+    // SAFETY: capset reads the header and two Data structs (version 3) that we pass.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The highest capability number this kernel knows (`/proc/sys/kernel/cap_last_cap`); without
+/// that file, 63, and the loop in [`drop_bounding`] stops at the first number the kernel
+/// refuses as unknown.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+        .min(63)
+}
+
+/// Drop every capability but `keep` from the calling thread's bounding set. Without
+/// `CAP_SETPCAP` in `effective` nothing can be dropped, and nothing is.
+fn drop_bounding(keep: CapSet, effective: CapSet) -> Result<(), CapsError> {
+    let may_drop = effective.has(CAP_SETPCAP);
+    for cap in 0..=last_cap() {
+        if keep.has(cap) {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        let present = unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) };
+        match present {
+            0 => continue,
+            1 => {}
+            // EINVAL: a number this kernel does not know; so are all above it.
+            _ => break,
+        }
+        if !may_drop {
+            // Leave it: systemd's CapabilityBoundingSet= has narrowed it already, or whoever
+            // started us chose to keep it; this process cannot change that.
+            return Ok(());
+        }
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            match error.raw_os_error() {
+                Some(libc::EINVAL) => break,
+                // CAP_SETPCAP is in the effective set but a security module (or a user
+                // namespace's rules) still refuses: as without it, leave the bounding set.
+                Some(libc::EPERM) => return Ok(()),
+                _ => return Err(CapsError::Bounding { cap, error }),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keep only `keep` (those of them the thread has) in the calling thread's effective,
+/// permitted and inheritable sets, clear its ambient set, and drop everything else from its
+/// bounding set if it may (`CAP_SETPCAP`). Threads it spawns afterwards inherit the result; see
+/// the module documentation for where to call it. A thread without any capability is left as
+/// it is (`Ok`). Calling it again with the same or a smaller `keep` is harmless.
+pub fn keep_only(keep: &[Cap]) -> Result<(), CapsError> {
+    let now = current()?;
+    if now.effective.is_empty() && now.permitted.is_empty() && now.inheritable.is_empty() {
+        // An ordinary user: nothing to drop (its ambient set is a subset of permitted, so
+        // empty too), and the bounding set cannot be changed without CAP_SETPCAP.
+        return Ok(());
+    }
+    let keep = CapSet::of(keep);
+
+    // First, while CAP_SETPCAP may still be ours.
+    drop_bounding(keep, now.effective)?;
+
+    // SAFETY: prctl with integer arguments only.
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        // EINVAL: a kernel before 4.3, which has no ambient set.
+        if error.raw_os_error() != Some(libc::EINVAL) {
+            return Err(CapsError::Ambient(error));
+        }
+    }
+
+    let kept = now.permitted.and(keep);
+    let wanted = Caps {
+        effective: kept,
+        permitted: kept,
+        inheritable: now.inheritable.and(keep),
+    };
+    set(wanted).map_err(|error| CapsError::Set { wanted, error })?;
+    let got = current()?;
+    if got != wanted {
+        return Err(CapsError::Mismatch { wanted, got });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_sets() {
+        for cap in Cap::ALL {
+            assert_eq!(
+                NAMES[cap.number() as usize],
+                cap.name(),
+                "{cap:?} is capability {}",
+                cap.number()
+            );
+        }
+        assert_eq!(Cap::Bpf.name(), "cap_bpf");
+        assert_eq!(Cap::NetBindService.to_string(), "cap_net_bind_service");
+        let set = CapSet::of(&[Cap::Bpf, Cap::NetAdmin]);
+        assert_eq!(set.0, 1 << 39 | 1 << 12);
+        assert!(set.contains(Cap::Bpf) && !set.contains(Cap::SysAdmin));
+        assert_eq!(set.to_string(), "cap_net_admin,cap_bpf");
+        assert_eq!(CapSet(0).to_string(), "none");
+        assert_eq!(CapSet(1 << 45 | 1).to_string(), "cap_chown,cap_45");
+        let err = CapsError::Bounding {
+            cap: 21,
+            error: io::Error::from_raw_os_error(libc::EPERM),
+        };
+        assert!(err
+            .to_string()
+            .starts_with("cannot drop cap_sys_admin from the capability bounding set: "));
+    }
+
+    /// `current` agrees with what the kernel shows for this thread in /proc.
+    #[test]
+    fn current_matches_proc() {
+        let caps = current().unwrap();
+        assert_eq!(caps.effective, proc_status("CapEff"));
+        assert_eq!(caps.permitted, proc_status("CapPrm"));
+        assert_eq!(caps.inheritable, proc_status("CapInh"));
+    }
+
+    /// A set from the calling thread's `/proc/thread-self/status`.
+    fn proc_status(field: &str) -> CapSet {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let line = status
+            .lines()
+            .find_map(|l| l.strip_prefix(field).and_then(|l| l.strip_prefix(':')))
+            .unwrap_or_else(|| panic!("no {field} in /proc/thread-self/status"));
+        CapSet(u64::from_str_radix(line.trim(), 16).unwrap())
+    }
+
+    /// Run `body` in a forked child (so this process keeps its capabilities) and fail with its
+    /// message if it returns one. The child only makes syscalls, reads /proc and allocates
+    /// (glibc's malloc is safe after fork); it leaves with `_exit`, so no destructor runs.
+    fn in_child(body: fn() -> Result<(), String>) {
+        let mut fds = [0; 2];
+        // SAFETY: pipe fills the two fds.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: the child runs `body` (see above) and then _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", io::Error::last_os_error());
+        if pid == 0 {
+            let code = match body() {
+                Ok(()) => 0,
+                Err(message) => {
+                    // SAFETY: writes our own buffer to the pipe's write end.
+                    unsafe { libc::write(fds[1], message.as_ptr().cast(), message.len()) };
+                    1
+                }
+            };
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(code) };
+        }
+        // SAFETY: closes our copy of the write end, so the read below ends with the child.
+        unsafe { libc::close(fds[1]) };
+        let mut message = Vec::new();
+        let mut buf = [0u8; 512];
+        loop {
+            // SAFETY: reads into our buffer.
+            let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            message.extend_from_slice(&buf[..n as usize]);
+        }
+        // SAFETY: closes the read end we own.
+        unsafe { libc::close(fds[0]) };
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child failed (status {status:#x}): {}",
+            String::from_utf8_lossy(&message)
+        );
+    }
+
+    fn check(what: &str, got: CapSet, want: CapSet) -> Result<(), String> {
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("{what}: {got} ({:#x}), expected {want}", got.0))
+        }
+    }
+
+    fn is_root_with_caps() -> bool {
+        // SAFETY: geteuid cannot fail.
+        let root = unsafe { libc::geteuid() } == 0;
+        let caps = current().unwrap();
+        let needed = CapSet::of(&[Cap::Bpf, Cap::NetAdmin]).0 | 1 << CAP_SETPCAP;
+        if !root || caps.effective.0 & needed != needed {
+            eprintln!("skipping: needs root with CAP_SETPCAP, CAP_BPF and CAP_NET_ADMIN");
+            return false;
+        }
+        true
+    }
+
+    /// As root: keep only CAP_BPF, as bpf mode does after start-up, and see every set follow.
+    #[test]
+    fn keeps_only_what_is_asked() {
+        if !is_root_with_caps() {
+            return;
+        }
+        in_child(|| {
+            let bpf = CapSet::of(&[Cap::Bpf]);
+            keep_only(&[Cap::Bpf]).map_err(|e| e.to_string())?;
+            let caps = current().map_err(|e| e.to_string())?;
+            check("effective (capget)", caps.effective, bpf)?;
+            check("permitted (capget)", caps.permitted, bpf)?;
+            check("CapEff", proc_status("CapEff"), bpf)?;
+            check("CapPrm", proc_status("CapPrm"), bpf)?;
+            check("CapBnd", proc_status("CapBnd"), bpf)?;
+            check("CapAmb", proc_status("CapAmb"), CapSet(0))?;
+            check("CapInh", proc_status("CapInh"), CapSet(0))?;
+
+            // A capability already dropped cannot come back by asking again.
+            keep_only(&[Cap::Bpf, Cap::NetAdmin]).map_err(|e| e.to_string())?;
+            check("CapEff after asking for more", proc_status("CapEff"), bpf)?;
+
+            // Down to nothing, after which keep_only has nothing to do and says Ok.
+            keep_only(&[]).map_err(|e| e.to_string())?;
+            check("CapEff after keep_only(&[])", proc_status("CapEff"), CapSet(0))?;
+            keep_only(&[Cap::Bpf]).map_err(|e| e.to_string())?;
+            check("CapEff of a thread without caps", proc_status("CapEff"), CapSet(0))
+        });
+    }
+
+    /// Without CAP_SETPCAP (a non-root service: systemd narrowed the bounding set already) the
+    /// bounding set is left alone and the other sets are still narrowed.
+    #[test]
+    fn without_setpcap_the_bounding_set_stays() {
+        if !is_root_with_caps() {
+            return;
+        }
+        in_child(|| {
+            let before = current().map_err(|e| e.to_string())?;
+            let bounding = proc_status("CapBnd");
+            let mut no_setpcap = before;
+            no_setpcap.effective.0 &= !(1 << CAP_SETPCAP);
+            no_setpcap.permitted.0 &= !(1 << CAP_SETPCAP);
+            set(no_setpcap).map_err(|e| format!("capset: {e}"))?;
+            keep_only(&[Cap::Bpf, Cap::NetBindService]).map_err(|e| e.to_string())?;
+            let kept = CapSet::of(&[Cap::Bpf, Cap::NetBindService]);
+            check("CapEff", proc_status("CapEff"), kept)?;
+            check("CapPrm", proc_status("CapPrm"), kept)?;
+            check("CapBnd", proc_status("CapBnd"), bounding)
+        });
+    }
+}
