@@ -37,7 +37,9 @@ use std::io;
 const VERSION_3: u32 = 0x2008_0522;
 
 /// The capabilities flyproxy cares about, by their kernel numbers
-/// (`include/uapi/linux/capability.h`).
+/// (`include/uapi/linux/capability.h`). Only `Bpf` and `NetBindService` are ever kept; the
+/// others are named for error messages, logs and tests.
+#[allow(dead_code)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Cap {
@@ -54,7 +56,8 @@ pub enum Cap {
 }
 
 impl Cap {
-    /// Every variant, for tests and for turning a number back into a `Cap`.
+    /// Every variant.
+    #[allow(dead_code)]
     pub const ALL: [Cap; 5] = [
         Cap::NetBindService,
         Cap::NetAdmin,
@@ -137,6 +140,7 @@ impl CapSet {
         CapSet(caps.iter().fold(0, |m, c| m | 1 << c.number()))
     }
 
+    #[allow(dead_code)]
     pub fn contains(self, cap: Cap) -> bool {
         self.has(cap.number())
     }
@@ -220,7 +224,10 @@ impl fmt::Display for CapsError {
             ),
             CapsError::Ambient(e) => write!(f, "cannot clear the ambient capabilities: {e}"),
             CapsError::Set { wanted, error } => {
-                write!(f, "cannot set the capabilities to {wanted} (capset): {error}")
+                write!(
+                    f,
+                    "cannot set the capabilities to {wanted} (capset): {error}"
+                )
             }
             CapsError::Mismatch { wanted, got } => write!(
                 f,
@@ -543,9 +550,17 @@ mod tests {
 
             // Down to nothing, after which keep_only has nothing to do and says Ok.
             keep_only(&[]).map_err(|e| e.to_string())?;
-            check("CapEff after keep_only(&[])", proc_status("CapEff"), CapSet(0))?;
+            check(
+                "CapEff after keep_only(&[])",
+                proc_status("CapEff"),
+                CapSet(0),
+            )?;
             keep_only(&[Cap::Bpf]).map_err(|e| e.to_string())?;
-            check("CapEff of a thread without caps", proc_status("CapEff"), CapSet(0))
+            check(
+                "CapEff of a thread without caps",
+                proc_status("CapEff"),
+                CapSet(0),
+            )
         });
     }
 

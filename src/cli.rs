@@ -30,6 +30,8 @@ pub struct Settings {
     pub log_format: Format,
     /// Where to serve /metrics and /status; None: not served.
     pub metrics: Option<SocketAddr>,
+    /// Where to write our pid once serving (and remove it at exit).
+    pub pid_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -44,6 +46,7 @@ impl Default for Settings {
             log_level: Level::Info,
             log_format: Format::Text,
             metrics: None,
+            pid_file: None,
         }
     }
 }
@@ -60,6 +63,10 @@ pub enum Mode {
 #[derive(Debug)]
 pub enum Command {
     Run(Mode, Settings),
+    /// Send SIGUSR2 to the proxy whose pid is in `pid_file`.
+    Upgrade {
+        pid_file: PathBuf,
+    },
     /// Fetch and print the /status page of a running proxy.
     Status {
         metrics: SocketAddr,
@@ -95,6 +102,7 @@ Usage:
   flyproxy simple [OPTIONS]           one listener per configured port
   flyproxy bpf [-p PORT] [OPTIONS]    one listener; eBPF sk_lookup steers every port to it
   flyproxy check [-c PATH]            validate a config file and exit
+  flyproxy upgrade --pid-file PATH    replace the running binary without refusing a connection
   flyproxy status [--metrics ADDR]    show apps, targets, health and open connections of a
                                       proxy running with --metrics (default 127.0.0.1:9100)
 
@@ -120,6 +128,7 @@ macro_rules! run_options {
       --log-format FORMAT    text or json (default text)
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
                              e.g. 127.0.0.1:9100 (default: off)
+      --pid-file PATH        write the pid here once serving; an upgrade rewrites it
   -h, --help                 print this help
   -V, --version              print the version
 
@@ -133,7 +142,7 @@ pub const SIMPLE_HELP: &str = concat!(
     "Usage: flyproxy simple [OPTIONS]\n\nOptions:\n",
     run_options!(),
     "Signals: SIGHUP reloads the config now; SIGTERM or SIGINT drains and exits\n",
-    "(a second one exits at once).\n",
+    "(a second one exits at once); SIGUSR2 upgrades to the binary now at the same path.\n",
 );
 
 pub const BPF_HELP: &str = concat!(
@@ -144,8 +153,25 @@ pub const BPF_HELP: &str = concat!(
     "      --bind ADDR            address of the listener (default: all, IPv4 and IPv6)\n",
     run_options!(),
     "Signals: SIGHUP reloads the config now; SIGTERM or SIGINT stops steering, drains and\n",
-    "exits (a second one exits at once).\n",
+    "exits (a second one exits at once); SIGUSR2 upgrades to the binary now at the same path.\n",
 );
+
+pub const UPGRADE_HELP: &str = "\
+flyproxy upgrade - replace a running proxy with the binary now at its path, without
+refusing a connection
+
+Usage: flyproxy upgrade --pid-file PATH
+
+Sends SIGUSR2 to the proxy whose pid is in PATH (started with --pid-file PATH). It starts the
+binary anew with its listening sockets; once the new process serves, the old one stops
+accepting and lets its open connections finish (up to its --drain-timeout). If the new
+process fails to start, the old one carries on.
+
+Options:
+      --pid-file PATH  the running proxy's pid file
+  -h, --help           print this help
+  -V, --version        print the version
+";
 
 pub const STATUS_HELP: &str = "\
 flyproxy status - show a running proxy's apps, ports, targets, health and open connections
@@ -180,7 +206,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let Some(first) = args.next() else {
         return Err(usage(
             None,
-            "no command given: use 'simple', 'bpf', 'check' or 'status'",
+            "no command given: use 'simple', 'bpf', 'check', 'status' or 'upgrade'",
         ));
     };
     let (name, mut mode): (&'static str, Option<Mode>) = match first.as_str() {
@@ -196,12 +222,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         ),
         "check" => ("check", None),
         "status" => ("status", None),
-        other => {
-            return Err(usage(
-                None,
-                &format!("unknown command '{other}': use 'simple', 'bpf', 'check' or 'status'"),
-            ))
-        }
+        "upgrade" => ("upgrade", None),
+        other => return Err(usage(
+            None,
+            &format!(
+                "unknown command '{other}': use 'simple', 'bpf', 'check', 'status' or 'upgrade'"
+            ),
+        )),
     };
     let cmd = Some(name);
     let mut s = Settings::default();
@@ -225,11 +252,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                     "simple" => SIMPLE_HELP,
                     "bpf" => BPF_HELP,
                     "status" => STATUS_HELP,
+                    "upgrade" => UPGRADE_HELP,
                     _ => CHECK_HELP,
                 }))
             }
             "-V" | "--version" => return Ok(Command::Version),
-            "-c" | "--config" if name != "status" => {
+            "-c" | "--config" if name != "status" && name != "upgrade" => {
                 s.config = PathBuf::from(value("a file path")?)
             }
             "--max-connections" if runs => {
@@ -256,6 +284,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             }
             "--reload-interval" if runs => {
                 s.reload_interval = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
+            }
+            "--pid-file" if runs || name == "upgrade" => {
+                s.pid_file = Some(PathBuf::from(value("a file path")?));
             }
             "--log-format" if runs => {
                 let v = value("text or json")?;
@@ -318,6 +349,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     }
     Ok(match mode {
         Some(m) => Command::Run(m, s),
+        None if name == "upgrade" => match s.pid_file {
+            Some(pid_file) => Command::Upgrade { pid_file },
+            None => {
+                return Err(usage(
+                    cmd,
+                    "upgrade needs --pid-file PATH (the running proxy's)",
+                ))
+            }
+        },
         None if name == "status" => Command::Status {
             metrics: s.metrics.unwrap_or(DEFAULT_STATUS_ADDR),
         },

@@ -24,6 +24,7 @@ use crate::pool::Pool;
 use crate::ports::{PortError, PortSource};
 use crate::routing::Routes;
 use crate::session::{self, Job, Shared};
+use crate::upgrade::{self, Exec, ReadyPipe, Upgrade};
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
 const SIGHUP_PIPE: Token = Token(0);
@@ -31,6 +32,13 @@ const SIGHUP_PIPE: Token = Token(0);
 const STOP_PIPE: Token = Token(1);
 /// Woken by a relay thread that gave back a slot the loop is waiting for.
 const WAKE: Token = Token(2);
+/// Readable when SIGUSR2 (upgrade) arrived.
+const UPGRADE_PIPE: Token = Token(3);
+/// The new process of an upgrade writes here once it serves (or closes it by dying).
+const UPGRADE_READY: Token = Token(4);
+
+/// How long a new process may take to start serving before an upgrade is abandoned.
+const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Connections accepted from one listener before the loop looks at the others, so one busy
 /// port cannot starve the rest (or the signals).
@@ -68,9 +76,11 @@ impl std::error::Error for StartError {}
 
 /// Run the proxy until it is told to stop. `make_source` builds the mode's port source once the
 /// config is known to be valid, so nothing is set up for a config that will be refused.
+/// `handed` is what a previous process handed over if this one was started by an upgrade.
 pub fn run(
     settings: Settings,
     mode_name: &'static str,
+    handed: Handed,
     make_source: impl FnOnce() -> Result<Box<dyn PortSource>, StartError>,
 ) -> Result<(), StartError> {
     let config = Config::load(&settings.config).map_err(StartError::Config)?;
@@ -85,6 +95,7 @@ pub fn run(
         STOP_PIPE,
         &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
     )?;
+    let usr2 = signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?;
 
     let ports: Vec<u16> = config.ports().collect();
     source
@@ -128,6 +139,24 @@ pub fn run(
         config.summary(),
         std::process::id()
     );
+    if let Some(path) = &settings.pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            crate::error!("--pid-file {}: cannot write: {e}", path.display());
+        }
+    }
+    // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
+    // this from the old process instead (see upgrade_progress).
+    if let Err(e) = crate::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    {
+        crate::warn!("cannot notify systemd of readiness: {e}");
+    }
+    if let Some(ready) = handed.ready {
+        crate::info!(
+            "upgrade: serving with {} listeners taken over from the previous process",
+            handed.adopted
+        );
+        ready.signal();
+    }
 
     let mut lp = Loop {
         settings,
@@ -144,9 +173,31 @@ pub fn run(
         backoff: Duration::ZERO,
         next_drain: None,
         stop_deadline: None,
+        usr2,
+        exec: handed.exec,
+        upgrade: None,
+        handed_over: false,
     };
     lp.watch.seen(Watch::stat(&lp.settings.config));
-    lp.run(&mut poll, &mut hup, &mut stop)
+    let result = lp.run(&mut poll, &mut hup, &mut stop);
+    lp.remove_pid_file();
+    result
+}
+
+/// What `run` gets from `main` about upgrades.
+pub struct Handed {
+    /// How to start our successor; None if it could not be determined (upgrades refused).
+    pub exec: Option<Exec>,
+    /// Set if a previous process started us: tell it when we serve.
+    pub ready: Option<ReadyPipe>,
+    /// Listeners taken over from it.
+    pub adopted: usize,
+}
+
+/// An upgrade in progress: the new process, its readiness pipe, and when we give up on it.
+struct InProgress {
+    up: Upgrade,
+    deadline: Instant,
 }
 
 struct Loop {
@@ -169,6 +220,11 @@ struct Loop {
     next_drain: Option<Instant>,
     /// Set on the first stop signal: exit once every connection is done, or at this instant.
     stop_deadline: Option<Instant>,
+    usr2: UnixStream,
+    exec: Option<Exec>,
+    upgrade: Option<InProgress>,
+    /// A new process took over: leave the pid file to it.
+    handed_over: bool,
 }
 
 impl Loop {
@@ -183,9 +239,15 @@ impl Loop {
         loop {
             let now = Instant::now();
             let mut wake_at = next_tick;
-            for t in [self.next_drain, self.stop_deadline, self.backoff_until]
-                .into_iter()
-                .flatten()
+            let upgrade_deadline = self.upgrade.as_ref().map(|u| u.deadline);
+            for t in [
+                self.next_drain,
+                self.stop_deadline,
+                self.backoff_until,
+                upgrade_deadline,
+            ]
+            .into_iter()
+            .flatten()
             {
                 wake_at = wake_at.min(t);
             }
@@ -216,6 +278,11 @@ impl Loop {
                         }
                         self.begin_stop(poll);
                     }
+                    UPGRADE_PIPE => {
+                        drain_pipe(&mut self.usr2);
+                        self.start_upgrade(poll);
+                    }
+                    UPGRADE_READY => self.upgrade_progress(poll),
                     WAKE => {}
                     listener => {
                         self.ready.insert(listener);
@@ -235,6 +302,9 @@ impl Loop {
                         self.reload(poll, false);
                     }
                 }
+            }
+            if self.upgrade.as_ref().is_some_and(|u| now >= u.deadline) {
+                self.abandon_upgrade(poll, "was not serving within the upgrade timeout");
             }
             if self.next_drain.is_some_and(|d| now >= d) {
                 let (cut, next) = self.shared.conns.cut_expired(now);
@@ -437,6 +507,128 @@ impl Loop {
             "reload ok: {diff} took={:.3}ms",
             began.elapsed().as_secs_f64() * 1000.0
         );
+    }
+
+    /// SIGUSR2: start the binary anew with our listeners; see `upgrade`.
+    fn start_upgrade(&mut self, poll: &Poll) {
+        if self.stop_deadline.is_some() {
+            crate::warn!("SIGUSR2 ignored: already stopping");
+            return;
+        }
+        if self.upgrade.is_some() {
+            crate::warn!("SIGUSR2 ignored: an upgrade is already in progress");
+            return;
+        }
+        let Some(exec) = &self.exec else {
+            crate::error!(
+                "upgrade refused: the path of this binary could not be determined at start"
+            );
+            return;
+        };
+        let listeners = self.source.handover();
+        match upgrade::spawn(exec, &listeners) {
+            Ok(mut up) => {
+                crate::info!(
+                    "upgrade: started {} as pid {} with {} listeners; waiting for it to serve",
+                    exec.exe.display(),
+                    up.child.id(),
+                    listeners.len()
+                );
+                if let Err(e) =
+                    poll.registry()
+                        .register(&mut up.ready, UPGRADE_READY, Interest::READABLE)
+                {
+                    crate::error!("upgrade: cannot watch the new process: {e}");
+                }
+                self.upgrade = Some(InProgress {
+                    up,
+                    deadline: Instant::now() + UPGRADE_TIMEOUT,
+                });
+            }
+            Err(e) => crate::error!(
+                "upgrade failed: cannot start {}: {e}; carrying on",
+                exec.exe.display()
+            ),
+        }
+    }
+
+    /// The new process wrote to its readiness pipe, or closed it.
+    fn upgrade_progress(&mut self, poll: &Poll) {
+        let Some(progress) = self.upgrade.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 8];
+        let ready = loop {
+            match progress.up.ready.read(&mut buf) {
+                Ok(0) => break Some(false),
+                Ok(_) if buf.contains(&b'R') => break Some(true),
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(_) => break Some(false),
+            }
+        };
+        match ready {
+            None => {}
+            Some(false) => self.abandon_upgrade(poll, "exited before it was serving"),
+            Some(true) => {
+                let Some(mut done) = self.upgrade.take() else {
+                    return;
+                };
+                let _ = poll.registry().deregister(&mut done.up.ready);
+                let pid = done.up.child.id();
+                crate::info!(
+                    "upgrade: pid {pid} is serving; this process stops accepting and drains"
+                );
+                // Tell systemd the service now lives on in the new process. Only the main pid
+                // may say so (NotifyAccess=main), so it has to come from us.
+                let _ = crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+                self.handed_over = true;
+                self.begin_stop(poll);
+            }
+        }
+    }
+
+    /// Give up on an upgrade: the old process (this one) carries on as before.
+    fn abandon_upgrade(&mut self, poll: &Poll, why: &str) {
+        let Some(mut failed) = self.upgrade.take() else {
+            return;
+        };
+        let _ = poll.registry().deregister(&mut failed.up.ready);
+        let child = &mut failed.up.child;
+        // Give a process that is exiting a moment to finish (and write its own error), then
+        // make sure nothing lingers half-started.
+        let until = Instant::now() + Duration::from_secs(2);
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status.to_string(),
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(10)),
+                _ => {
+                    let _ = child.kill();
+                    break child
+                        .wait()
+                        .map_or_else(|e| e.to_string(), |s| s.to_string());
+                }
+            }
+        };
+        crate::error!(
+            "upgrade failed: new process {} {why} ({status}); this process carries on serving",
+            child.id()
+        );
+    }
+
+    fn remove_pid_file(&self) {
+        let Some(path) = &self.settings.pid_file else {
+            return;
+        };
+        if self.handed_over {
+            return;
+        }
+        // Only our own: after an upgrade the file names the new process.
+        let ours = format!("{}\n", std::process::id());
+        if std::fs::read_to_string(path).is_ok_and(|c| c == ours) {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn begin_stop(&mut self, poll: &Poll) {

@@ -19,6 +19,8 @@ mod proxy_protocol;
 mod relay;
 mod routing;
 mod session;
+mod systemd;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -40,6 +42,18 @@ fn main() -> ExitCode {
         Command::Version => {
             println!("flyproxy {}", cli::VERSION);
             ExitCode::SUCCESS
+        }
+        Command::Upgrade { pid_file } => {
+            match send_upgrade(&pid_file) {
+                Ok(pid) => {
+                    println!("sent SIGUSR2 to flyproxy pid {pid}: it upgrades to the binary now at its path");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("flyproxy: upgrade: {}: {e}", pid_file.display());
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Status { metrics } => match metrics::fetch_status(metrics) {
             Ok(page) => {
@@ -67,12 +81,20 @@ fn main() -> ExitCode {
         Command::Run(mode, settings) => {
             log::set_level(settings.log_level);
             log::set_format(settings.log_format);
+            // Before any thread starts: this reads and clears the environment.
+            let inherited = upgrade::Inherited::from_env();
+            let handed = frontend::Handed {
+                exec: upgrade::Exec::current().ok(),
+                ready: inherited.ready,
+                adopted: inherited.listeners.len(),
+            };
+            let listeners = inherited.listeners;
             let result = match mode {
-                Mode::Simple => frontend::run(settings, "simple", || {
-                    Ok(Box::new(ports::PerPort::default()) as Box<dyn ports::PortSource>)
+                Mode::Simple => frontend::run(settings, "simple", handed, || {
+                    Ok(Box::new(ports::PerPort::new(listeners)) as Box<dyn ports::PortSource>)
                 }),
-                Mode::Bpf { port, bind } => frontend::run(settings, "bpf", move || {
-                    bpf::listener::Steered::start(port, bind)
+                Mode::Bpf { port, bind } => frontend::run(settings, "bpf", handed, move || {
+                    bpf::listener::Steered::start(port, bind, listeners)
                         .map(|s| Box::new(s) as Box<dyn ports::PortSource>)
                         .map_err(|e| frontend::StartError::Mode(e.to_string()))
                 }),
@@ -92,4 +114,23 @@ fn main() -> ExitCode {
             code
         }
     }
+}
+
+/// `flyproxy upgrade`: signal the proxy named by its pid file.
+fn send_upgrade(pid_file: &std::path::Path) -> Result<i32, String> {
+    let text = std::fs::read_to_string(pid_file).map_err(|e| format!("cannot read: {e}"))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("does not hold a pid (found {:?})", text.trim()))?;
+    // SAFETY: kill(2) with a positive pid and a valid signal number.
+    if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
+        return Err(format!(
+            "cannot signal pid {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(pid)
 }

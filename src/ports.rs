@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
 use mio::net::TcpListener;
 
@@ -80,6 +80,9 @@ pub trait PortSource {
     /// Listener sockets held, for fd accounting.
     fn listeners(&self) -> usize;
 
+    /// The listening sockets to hand to a new process on upgrade: bound address and fd.
+    fn handover(&self) -> Vec<(SocketAddr, RawFd)>;
+
     /// A reader of the mode's lookup counters, for metrics (bpf mode only).
     fn lookup_stats(&self) -> Option<LookupReader> {
         None
@@ -87,9 +90,34 @@ pub trait PortSource {
 }
 
 /// Simple mode: one dual-stack listener per port, token = `FIRST_LISTENER + port`.
-#[derive(Default)]
 pub struct PerPort {
     listeners: HashMap<u16, TcpListener>,
+    /// Listeners handed over by the process we upgrade, used instead of binding anew; those
+    /// the config no longer wants are closed after the first apply.
+    inherited: HashMap<SocketAddr, TcpListener>,
+}
+
+impl PerPort {
+    pub fn new(inherited: HashMap<SocketAddr, TcpListener>) -> PerPort {
+        PerPort {
+            listeners: HashMap::new(),
+            inherited,
+        }
+    }
+
+    /// The listener for `port`: the inherited one if there is one, else a new one.
+    fn listener_for(&mut self, port: u16) -> io::Result<TcpListener> {
+        let dual = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        let v4 = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port);
+        match self
+            .inherited
+            .remove(&dual)
+            .or_else(|| self.inherited.remove(&v4))
+        {
+            Some(l) => Ok(l),
+            None => listen_any(port),
+        }
+    }
 }
 
 impl PortSource for PerPort {
@@ -104,7 +132,7 @@ impl PortSource for PerPort {
         // change before anything else has moved.
         let mut fresh = Vec::with_capacity(added.len());
         for &port in added {
-            let bound = listen_any(port).and_then(|mut l| {
+            let bound = self.listener_for(port).and_then(|mut l| {
                 registry.register(&mut l, token_for(port), Interest::READABLE)?;
                 Ok(l)
             });
@@ -124,6 +152,7 @@ impl PortSource for PerPort {
             }
         }
         self.listeners.extend(fresh);
+        self.inherited.clear();
         Ok(())
     }
 
@@ -150,6 +179,15 @@ impl PortSource for PerPort {
     fn listeners(&self) -> usize {
         self.listeners.len()
     }
+
+    fn handover(&self) -> Vec<(SocketAddr, RawFd)> {
+        self.listeners.values().filter_map(handover_of).collect()
+    }
+}
+
+/// A listener's bound address and fd, for an upgrade.
+pub fn handover_of(l: &TcpListener) -> Option<(SocketAddr, RawFd)> {
+    Some((l.local_addr().ok()?, l.as_raw_fd()))
 }
 
 fn token_for(port: u16) -> Token {

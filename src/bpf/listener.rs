@@ -4,10 +4,11 @@
 //! Map writes that fail do not refuse a reload (the config is valid, and the ports already
 //! steered keep working): the port stays wanted and is retried at every reload tick.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
 use mio::net::TcpListener;
@@ -77,9 +78,16 @@ impl std::fmt::Display for StartError {
 impl Steered {
     /// Bind the listener(s) on `port` (all addresses, or `bind`), load the program with them in
     /// its socket map, and attach it to this network namespace. No port is steered yet.
-    pub fn start(port: u16, bind: Option<IpAddr>) -> Result<Steered, StartError> {
-        let listen = |addr: SocketAddr, v6only| {
-            ports::listen(addr, v6only).map_err(|e| StartError::Listen(addr, e))
+    /// Listeners in `inherited` (handed over by the process we upgrade) are used instead of
+    /// binding anew.
+    pub fn start(
+        port: u16,
+        bind: Option<IpAddr>,
+        mut inherited: HashMap<SocketAddr, TcpListener>,
+    ) -> Result<Steered, StartError> {
+        let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
+            Some(l) => Ok(l),
+            None => ports::listen(addr, v6only).map_err(|e| StartError::Listen(addr, e)),
         };
         // Two sockets rather than one dual-stack one: the program picks the socket by the
         // packet's family, and a v6-only socket keeps `local_addr` of an IPv4 connection a
@@ -243,6 +251,14 @@ impl PortSource for Steered {
 
     fn listeners(&self) -> usize {
         2
+    }
+
+    fn handover(&self) -> Vec<(SocketAddr, RawFd)> {
+        [&self.v4, &self.v6]
+            .into_iter()
+            .flatten()
+            .filter_map(ports::handover_of)
+            .collect()
     }
 
     fn lookup_stats(&self) -> Option<LookupReader> {
