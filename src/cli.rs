@@ -223,12 +223,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         "check" => ("check", None),
         "status" => ("status", None),
         "upgrade" => ("upgrade", None),
-        other => return Err(usage(
-            None,
-            &format!(
+        other => {
+            return Err(usage(
+                None,
+                &format!(
                 "unknown command '{other}': use 'simple', 'bpf', 'check', 'status' or 'upgrade'"
             ),
-        )),
+            ))
+        }
     };
     let cmd = Some(name);
     let mut s = Settings::default();

@@ -115,6 +115,7 @@ impl Steered {
         let steering = Steering::attach(
             v4.as_ref().map(|l| l.as_fd()),
             v6.as_ref().map(|l| l.as_fd()),
+            bind,
         )
         .map_err(StartError::Bpf)?;
         Ok(Steered {

@@ -11,6 +11,7 @@ use std::fmt;
 use std::fs;
 use std::io;
 use std::mem::MaybeUninit;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -54,6 +55,8 @@ pub enum Step {
     ListenerV4,
     /// Putting the IPv6 listener into the sockmap.
     ListenerV6,
+    /// Writing the --bind address into its map.
+    Bind,
     /// Attaching the program to the network namespace.
     Attach,
     /// Duplicating the map file descriptors kept by [`Steering`].
@@ -67,6 +70,7 @@ impl fmt::Display for Step {
             Step::Load => f.write_str("loading the sk_lookup program"),
             Step::ListenerV4 => f.write_str("putting the IPv4 listener into the sockmap"),
             Step::ListenerV6 => f.write_str("putting the IPv6 listener into the sockmap"),
+            Step::Bind => f.write_str("writing the --bind address into its map"),
             Step::Attach => write!(f, "attaching the sk_lookup program to {NETNS_PATH}"),
             Step::MapHandles => f.write_str("duplicating the BPF map file descriptors"),
         }
@@ -84,6 +88,12 @@ pub enum BpfError {
     PermissionDenied {
         /// The step that was refused.
         step: Step,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
+    /// The kernel's verifier rejected the program although the process has the
+    /// capabilities (libbpf prints the verifier's log on stderr).
+    Rejected {
         /// What libbpf reported.
         source: libbpf_rs::Error,
     },
@@ -128,6 +138,11 @@ impl fmt::Display for BpfError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // `{:#}` on a libbpf_rs::Error prints its whole context chain down to the errno.
         match self {
+            BpfError::Rejected { source } => write!(
+                f,
+                "the kernel's verifier rejected the sk_lookup program (its log is printed \
+                 above); libbpf said: {source:#}"
+            ),
             BpfError::PermissionDenied { step, source } => write!(
                 f,
                 "{step} was refused: flyproxy bpf needs CAP_BPF and CAP_NET_ADMIN \
@@ -212,9 +227,13 @@ impl Steering {
     /// listener was closed) to steered ports are refused (the program's SK_DROP
     /// makes the kernel answer the SYN with a RST); they never fall through to
     /// another socket bound to that port.
+    ///
+    /// With `bind` set, only connections to that address (or, for an unspecified address,
+    /// to that family) are steered; others are left to the regular lookup.
     pub fn attach(
         v4: Option<BorrowedFd<'_>>,
         v6: Option<BorrowedFd<'_>>,
+        bind: Option<IpAddr>,
     ) -> Result<Steering, BpfError> {
         // The skeleton borrows this storage, so it cannot outlive this function;
         // it does not need to. Everything kept afterwards is owned: the Link (its
@@ -243,6 +262,13 @@ impl Steering {
                 .listeners
                 .update(&key.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)
                 .map_err(|e| classify(step, e))?;
+        }
+
+        if let Some(ip) = bind {
+            skel.maps
+                .bind
+                .update(&0u32.to_ne_bytes(), &bind_value(ip), MapFlags::ANY)
+                .map_err(|e| classify(Step::Bind, e))?;
         }
 
         let handle = |map: &libbpf_rs::MapMut<'_>| {
@@ -351,6 +377,29 @@ impl Counters {
     }
 }
 
+/// The `bind` map's value (struct bind_addr in steer.bpf.c): family, whether to match the
+/// address, then the address in network order (IPv4, IPv6).
+fn bind_value(ip: IpAddr) -> [u8; 28] {
+    let mut v = [0u8; 28];
+    let (family, match_addr) = match ip {
+        IpAddr::V4(a) => {
+            v[8..12].copy_from_slice(&a.octets());
+            (AF_INET, !a.is_unspecified())
+        }
+        IpAddr::V6(a) => {
+            v[12..28].copy_from_slice(&a.octets());
+            (AF_INET6, !a.is_unspecified())
+        }
+    };
+    v[0..4].copy_from_slice(&family.to_ne_bytes());
+    v[4..8].copy_from_slice(&u32::from(match_addr).to_ne_bytes());
+    v
+}
+
+/// Address families as the program compares them (ctx->family).
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
 /// One counter of a per-CPU array map, summed over CPUs.
 fn sum_percpu(map: &MapHandle, index: u32) -> Result<u64, BpfError> {
     let per_cpu = map
@@ -380,6 +429,12 @@ fn classify(step: Step, source: libbpf_rs::Error) -> BpfError {
     // (The verifier also rejects a program with EACCES; libbpf then prints the
     // verifier log on stderr, and the message still ends with libbpf's error.)
     if source.kind() == ErrorKind::PermissionDenied {
+        // A process that holds the capabilities and still gets EACCES at load was refused
+        // by the verifier, not for lack of privilege: say so rather than send the operator
+        // looking for capabilities they already have.
+        if step == Step::Load && has_bpf_capabilities() {
+            return BpfError::Rejected { source };
+        }
         return BpfError::PermissionDenied { step, source };
     }
     if matches!(step, Step::Load | Step::Attach) && kernel_lacks_sk_lookup(&source) {
@@ -389,6 +444,21 @@ fn classify(step: Step, source: libbpf_rs::Error) -> BpfError {
         };
     }
     BpfError::Setup { step, source }
+}
+
+/// Whether this process holds CAP_BPF (or CAP_SYS_ADMIN, which older kernels ask for) in its
+/// effective set. Capabilities are per thread: read the calling thread's.
+fn has_bpf_capabilities() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = fs::read_to_string("/proc/thread-self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|eff| eff & (1 << CAP_BPF) != 0 || eff & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// Whether the failure of a load or attach is the kernel not knowing sk_lookup.
@@ -516,7 +586,7 @@ mod tests {
     fn steer_in_current_netns() {
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
         let v6 = v6only_listener();
-        let mut steering = Steering::attach(Some(v4.as_fd()), Some(v6.as_fd())).unwrap();
+        let mut steering = Steering::attach(Some(v4.as_fd()), Some(v6.as_fd()), None).unwrap();
 
         // Attached but no port added: the program passes, nothing listens, refused.
         assert_refused(("127.0.0.1", PORT));
@@ -567,7 +637,7 @@ mod tests {
     fn permission_error_without_caps() {
         drop_bpf_caps();
         let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let err = Steering::attach(Some(v4.as_fd()), None).unwrap_err();
+        let err = Steering::attach(Some(v4.as_fd()), None, None).unwrap_err();
         assert!(matches!(err, BpfError::PermissionDenied { .. }), "{err:?}");
         let message = err.to_string();
         assert!(message.contains("CAP_BPF and CAP_NET_ADMIN"), "{message}");

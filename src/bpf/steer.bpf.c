@@ -52,6 +52,51 @@ struct {
  * The ports to steer, in host byte order (as ctx->local_port is). Only the
  * presence of a key matters; the value is unused. 65536 entries: every port.
  */
+/*
+ * --bind: when family is set, only connections to that family (and, when match_addr
+ * is set, to that address, network order) are ours. One entry, at key 0.
+ */
+struct bind_addr {
+	__u32 family;
+	__u32 match_addr;
+	__u32 ip4;
+	__u32 ip6[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct bind_addr);
+} bind SEC(".maps");
+
+static __always_inline int bound_elsewhere(struct bpf_sk_lookup *ctx)
+{
+	__u32 zero = 0, ip4, ip6_0, ip6_1, ip6_2, ip6_3;
+	struct bind_addr *b = bpf_map_lookup_elem(&bind, &zero);
+
+	if (!b || !b->family)
+		return 0;
+	if (ctx->family != b->family)
+		return 1;
+	if (!b->match_addr)
+		return 0;
+	/*
+	 * Every context field is read at its own constant offset: the verifier refuses
+	 * a context pointer with a computed offset, which clang would otherwise make of
+	 * an ip4-or-ip6 choice.
+	 */
+	ip4 = ctx->local_ip4;
+	ip6_0 = ctx->local_ip6[0];
+	ip6_1 = ctx->local_ip6[1];
+	ip6_2 = ctx->local_ip6[2];
+	ip6_3 = ctx->local_ip6[3];
+	if (ctx->family == AF_INET)
+		return ip4 != b->ip4;
+	return ip6_0 != b->ip6[0] || ip6_1 != b->ip6[1] || ip6_2 != b->ip6[2] ||
+	       ip6_3 != b->ip6[3];
+}
+
 /* Port (host order) -> port group: the index of the app the port belongs to. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -125,6 +170,16 @@ int steer(struct bpf_sk_lookup *ctx)
 		 * Not one of our ports: SK_PASS without assigning, so other
 		 * sockets and programs in the netns are untouched (a local sshd
 		 * on 22 keeps working).
+		 */
+		count(STAT_PASSED);
+		return SK_PASS;
+	}
+
+	if (bound_elsewhere(ctx)) {
+		/*
+		 * Our port, but not the address the proxy was bound to (--bind):
+		 * not ours either. SK_PASS without assigning leaves it to whatever
+		 * else listens there, exactly as for a foreign port.
 		 */
 		count(STAT_PASSED);
 		return SK_PASS;

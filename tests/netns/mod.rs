@@ -1,0 +1,464 @@
+//! Helpers for the `flyproxy bpf` tests: a network namespace of the test's own, the proxy
+//! started in it, and what `bpftool` says about the sk_lookup program attached there.
+//!
+//! A network namespace belongs to a thread. [`run`] creates a fresh thread, moves that thread
+//! into a new namespace with `unshare(CLONE_NEWNET)`, brings `lo` up and runs the test body
+//! there; every thread spawned from it and every process it starts (backends, the proxy)
+//! inherit the namespace. So a test never steers the host's ports, tests run in parallel
+//! (nextest's processes or `cargo test`'s threads alike), and fixed port numbers are fine.
+//!
+//! A test that cannot run (not root, no namespaces, a kernel without sk_lookup) is skipped with
+//! a message, except in CI (`CI` set to anything but empty, `0` or `false`), where it fails.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::thread;
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::common::{
+    self, connect, expect_closed, read_line, roundtrip, wait_for, Proxy, TempDir, BIN, WAIT,
+};
+
+/// The port of the proxy's own listener. Any port works: the namespace is the test's own.
+pub const LISTENER_PORT: u16 = 8000;
+
+/// `127.0.0.1:port`.
+pub fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// `[::1]:port`.
+pub fn v6(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv6Addr::LOCALHOST, port))
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Run `body` on a thread of its own, in a network namespace of its own with `lo` up. Skips
+/// (prints why and returns) when that is impossible here, or fails in CI.
+pub fn run(test: &'static str, body: impl FnOnce(Netns) + Send + 'static) {
+    let outcome = thread::Builder::new()
+        .name(test.to_owned())
+        .spawn(move || match Netns::enter() {
+            Ok(ns) => body(ns),
+            Err(why) => {
+                if in_ci() {
+                    panic!("{test}: cannot run in CI (CI is set, so this is a failure): {why}");
+                }
+                eprintln!("skipping {test}: {why}");
+            }
+        })
+        .expect("spawn the test's thread");
+    if let Err(panic) = outcome.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// The calling thread's own network namespace (see [`run`]).
+pub struct Netns {
+    /// Inode of `/proc/thread-self/ns/net`: what bpftool shows as a link's `netns_ino`.
+    pub ino: u64,
+}
+
+impl Netns {
+    /// Move the calling thread into a new network namespace and bring `lo` up there. `Err`
+    /// says why the bpf tests cannot run on this machine.
+    fn enter() -> Result<Netns, String> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "needs root (CAP_SYS_ADMIN for a network namespace, CAP_BPF and \
+                        CAP_NET_ADMIN for the sk_lookup program)"
+                    .to_owned(),
+            );
+        }
+        check_kernel()?;
+        // SAFETY: unshare affects only the calling thread's namespaces.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!(
+                "unshare(CLONE_NEWNET): {}",
+                io::Error::last_os_error()
+            ));
+        }
+        loopback_up();
+        let ino = fs::metadata("/proc/thread-self/ns/net")
+            .expect("stat /proc/thread-self/ns/net")
+            .ino();
+        assert!(
+            Command::new("bpftool")
+                .arg("version")
+                .output()
+                .is_ok_and(|o| o.status.success()),
+            "bpftool is needed to check what the proxy attached (install it: make deps)"
+        );
+        Ok(Netns { ino })
+    }
+
+    /// The sk_lookup links attached to this namespace, as `(link id, program id)`.
+    pub fn links(&self) -> Vec<(u64, u64)> {
+        bpftool(&["link", "show"])
+            .as_array()
+            .expect("bpftool link show: an array")
+            .iter()
+            .filter(|l| {
+                l["type"] == "netns"
+                    && l["attach_type"] == "sk_lookup"
+                    && l["netns_ino"].as_u64() == Some(self.ino)
+            })
+            .map(|l| (l["id"].as_u64().unwrap(), l["prog_id"].as_u64().unwrap()))
+            .collect()
+    }
+
+    /// The proxy's attachment: exactly one sk_lookup link in this namespace, its program named
+    /// `steer`, and the program's `ports` map, whose descriptor process `pid` holds.
+    pub fn steering(&self, pid: u32) -> Steering {
+        let links = self.links();
+        assert_eq!(
+            links.len(),
+            1,
+            "sk_lookup links in this netns (ino {}): {links:?}",
+            self.ino
+        );
+        let (link, prog) = links[0];
+        let p =
+            prog_by_id(prog).unwrap_or_else(|| panic!("program {prog} of link {link} not listed"));
+        assert_eq!(p["type"], "sk_lookup", "{p}");
+        assert_eq!(p["name"], "steer", "{p}");
+        let ports_map = p["map_ids"]
+            .as_array()
+            .expect("map_ids")
+            .iter()
+            .map(|m| m.as_u64().unwrap())
+            .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == "ports")
+            .unwrap_or_else(|| panic!("program {prog} has no map named ports: {p}"));
+        // This bpftool may be built without pid support (no `pids` in its JSON): ownership is
+        // checked through the proxy's own descriptors instead.
+        let held = bpf_map_ids_of(pid);
+        assert!(
+            held.contains(&ports_map),
+            "the proxy (pid {}) holds no fd of ports map {ports_map} (it holds maps {held:?})",
+            pid
+        );
+        Steering {
+            link,
+            prog,
+            ports_map,
+        }
+    }
+
+    /// Wait until nothing of `steering` is left: no sk_lookup link in this namespace and its
+    /// program unloaded.
+    pub fn wait_nothing_attached(&self, steering: &Steering) {
+        wait_for(
+            &format!(
+                "no sk_lookup link left in netns {} (ours was link {}) and program {} unloaded",
+                self.ino, steering.link, steering.prog
+            ),
+            WAIT,
+            || (self.links().is_empty() && prog_by_id(steering.prog).is_none()).then_some(()),
+        );
+    }
+}
+
+/// What the proxy attached, by bpftool ids.
+#[derive(Debug, Clone, Copy)]
+pub struct Steering {
+    pub link: u64,
+    pub prog: u64,
+    pub ports_map: u64,
+}
+
+impl Steering {
+    /// The ports in the `ports` map.
+    pub fn ports(&self) -> BTreeSet<u16> {
+        bpftool(&["map", "dump", "id", &self.ports_map.to_string()])
+            .as_array()
+            .expect("bpftool map dump: an array")
+            .iter()
+            .map(|e| {
+                let bytes: Vec<u8> = e["key"]
+                    .as_array()
+                    .expect("raw key bytes")
+                    .iter()
+                    .map(|b| {
+                        u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16)
+                            .unwrap()
+                    })
+                    .collect();
+                // The key is a __u16 in host byte order.
+                u16::from_ne_bytes(bytes.try_into().expect("a 2-byte key"))
+            })
+            .collect()
+    }
+
+    /// Freeze the `ports` map: from now on every update from a syscall fails with EPERM.
+    pub fn freeze_ports_map(&self) {
+        run_bpftool(&["map", "freeze", "id", &self.ports_map.to_string()]);
+        let m = bpftool(&["map", "show", "id", &self.ports_map.to_string()]);
+        assert_eq!(m["frozen"], 1, "{m}");
+    }
+}
+
+/// `bpftool -j ARGS`, parsed; panics with bpftool's stderr if it fails.
+fn bpftool(args: &[&str]) -> Value {
+    let out = run_bpftool(args);
+    if out.trim().is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("bpftool -j {args:?}: {e}: {out}"))
+}
+
+fn run_bpftool(args: &[&str]) -> String {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running bpftool {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "bpftool -j {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("bpftool output is UTF-8")
+}
+
+/// The loaded program with this id, if any (listing all rather than `show id`, whose failure
+/// for a missing id would look like any other).
+fn prog_by_id(id: u64) -> Option<Value> {
+    bpftool(&["prog", "show"])
+        .as_array()
+        .expect("bpftool prog show: an array")
+        .iter()
+        .find(|p| p["id"].as_u64() == Some(id))
+        .cloned()
+}
+
+/// Ids of the BPF maps `pid` holds a descriptor of (from /proc/PID/fdinfo).
+fn bpf_map_ids_of(pid: u32) -> BTreeSet<u64> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = BTreeSet::new();
+    for entry in fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .flatten()
+    {
+        let Ok(info) = fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("map_id:"))
+                .filter_map(|v| v.trim().parse::<u64>().ok()),
+        );
+    }
+    ids
+}
+
+/// Linux 5.9 or later (sk_lookup); `Err` says what this kernel is.
+fn check_kernel() -> Result<(), String> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) if (major, minor) < (5, 9) => Err(format!(
+            "kernel {} has no sk_lookup programs (5.9 or later needed)",
+            release.trim()
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `ip link set lo up` in the calling thread's namespace, by ioctl.
+fn loopback_up() {
+    // SAFETY: socket(2); the result is checked and owned right away.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(sock >= 0, "socket: {}", io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: a zeroed ifreq is valid; the name is NUL-terminated.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq we pass.
+    unsafe {
+        let rc = libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr);
+        assert_eq!(rc, 0, "SIOCGIFFLAGS lo: {}", io::Error::last_os_error());
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        let rc = libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr);
+        assert_eq!(rc, 0, "SIOCSIFFLAGS lo: {}", io::Error::last_os_error());
+    }
+}
+
+/// Spawn `flyproxy bpf -p 8000 -c CONFIG ARGS...` in the calling thread's namespace (config
+/// written from `config_json`), without waiting for it.
+pub fn spawn(config_json: &str, args: &[&str]) -> Proxy {
+    spawn_with(config_json, args, |_| {})
+}
+
+/// [`spawn`], letting `adjust` change the command first.
+pub fn spawn_with(config_json: &str, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Proxy {
+    let dir = TempDir::new("bpf");
+    let config = dir.write("config.json", config_json);
+    let mut cmd = Command::new(BIN);
+    cmd.arg("bpf")
+        .arg("-p")
+        .arg(LISTENER_PORT.to_string())
+        .arg("-c")
+        .arg(&config)
+        .arg("--reload-interval")
+        .arg("100ms")
+        .args(args);
+    adjust(&mut cmd);
+    Proxy::spawn_cmd(cmd, dir, config)
+}
+
+/// [`spawn`], then wait for the `started mode=bpf` line (panicking with the log if it exits).
+pub fn start(config_json: &str, args: &[&str]) -> Proxy {
+    let p = spawn(config_json, args);
+    p.wait_log("started mode=bpf", |l| {
+        l.contains(" INFO  started mode=bpf ")
+    });
+    p
+}
+
+/// Replace the config and wait for the `reload ok` line that follows; return it.
+pub fn reload(proxy: &Proxy, config_json: &str) -> String {
+    let mark = proxy.mark();
+    proxy.rewrite_config(config_json);
+    let line = proxy.wait_log_since(mark, "reload ok", |l| {
+        l.contains(" reload ok: ") || l.contains(" reload rejected: ")
+    });
+    assert!(
+        line.contains(" reload ok: "),
+        "reload rejected:\n{}",
+        proxy.logs().join("\n")
+    );
+    line
+}
+
+/// Connect to `addr`, read the tag of the backend that answered, check that bytes go both
+/// ways, then close cleanly (half-close, then EOF from the proxy). The tag names the app.
+pub fn ask(addr: SocketAddr) -> String {
+    let mut s = connect(addr);
+    let tag = read_line(&mut s);
+    roundtrip(&mut s, format!("hello via {addr}\n").as_bytes());
+    s.shutdown(Shutdown::Write).expect("shutdown write");
+    expect_closed(&mut s, WAIT);
+    tag
+}
+
+/// [`ask`] without panicking: `Err` says what went wrong.
+pub fn try_ask(addr: SocketAddr) -> Result<String, String> {
+    let err = |what: &str, e: io::Error| format!("{addr}: {what}: {e}");
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| err("connect", e))?;
+    s.set_read_timeout(Some(WAIT))
+        .map_err(|e| err("timeout", e))?;
+    let mut tag = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        match s.read(&mut b) {
+            Ok(0) => return Err(format!("{addr}: EOF before the tag (got {tag:?})")),
+            Ok(_) => tag.push(b[0]),
+            Err(e) => return Err(err("read", e)),
+        }
+    }
+    tag.pop();
+    s.write_all(b"ping\n").map_err(|e| err("write", e))?;
+    let mut echo = [0u8; 5];
+    s.read_exact(&mut echo).map_err(|e| err("read echo", e))?;
+    if &echo != b"ping\n" {
+        return Err(format!("{addr}: echo {echo:?}"));
+    }
+    Ok(String::from_utf8_lossy(&tag).into_owned())
+}
+
+/// A process that is not our child (the one an upgrade starts), SIGKILLed on drop unless it
+/// is gone already, so that a failing test leaves nothing running in its namespace.
+pub struct Stray(pub u32);
+
+impl Stray {
+    /// Whether the process is gone (or a zombie waiting for its parent).
+    pub fn gone(&self) -> bool {
+        match fs::read_to_string(format!("/proc/{}/stat", self.0)) {
+            Err(_) => true,
+            // The state follows the parenthesised command name.
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        }
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) on a pid we were told about.
+        let rc = unsafe { libc::kill(self.0 as libc::pid_t, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.0,
+            io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for Stray {
+    fn drop(&mut self) {
+        if !self.gone() {
+            // SAFETY: as in signal.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+            // Bounded, and never a panic: this may run while a failed test unwinds.
+            for _ in 0..2000 {
+                if self.gone() {
+                    break;
+                }
+                thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Assert that `port` reaches app `app` over IPv4 and IPv6.
+pub fn assert_reaches(port: u16, app: &str) {
+    for addr in [v4(port), v6(port)] {
+        assert_eq!(ask(addr), app, "{addr} should reach app {app}");
+    }
+}
+
+/// Assert that connections to `port` are refused over IPv4 and IPv6.
+pub fn assert_refused(port: u16) {
+    for addr in [v4(port), v6(port)] {
+        common::expect_refused(addr);
+    }
+}
+
+/// Milliseconds of `took=1.234ms` in a log line.
+pub fn took_ms(line: &str) -> f64 {
+    common::field(line, "took")
+        .and_then(|v| v.strip_suffix("ms").and_then(|n| n.parse().ok()))
+        .unwrap_or_else(|| panic!("no took=...ms in {line:?}"))
+}
+
+/// Seconds of `duration=1.234s` in a conn line.
+pub fn duration_s(c: &common::ConnLine) -> f64 {
+    c.duration
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bad duration in {:?}", c.line))
+}
+
+/// Time since `t`, in milliseconds.
+pub fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
