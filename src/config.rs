@@ -192,6 +192,13 @@ impl fmt::Display for Problem {
             Problem::UnknownKey {
                 app: Some(app),
                 key,
+            } if key.starts_with("HealthCheck.") => write!(
+                f,
+                "app \"{app}\": unknown key \"{key}\" (HealthCheck takes {HEALTH_KEYS})"
+            ),
+            Problem::UnknownKey {
+                app: Some(app),
+                key,
             } => write!(
                 f,
                 "app \"{app}\": unknown key \"{key}\" (expected one of {APP_KEYS})"
@@ -237,6 +244,8 @@ impl fmt::Display for Problem {
 
 const APP_KEYS: &str = "Name, Ports, Targets, HealthCheck, Balance, ConnectAttempts, \
                         MaxConnections, ProxyProtocol";
+
+const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
 
 /// Every problem found in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,8 +97,9 @@ fn interval_of(b: &Backend) -> Duration {
     }
 }
 
-/// Check every backend in `batch` at once: resolve each name now, start a non-blocking connect
-/// to its first address, and wait for each until its own timeout.
+/// Check every backend in `batch` at once: resolve each name now and start a non-blocking
+/// connect to every address it resolves to (as a real connection would try them all); a
+/// backend passes when any of them connects within its timeout.
 fn check_all(batch: &[Arc<Backend>]) {
     let mut poll = match Poll::new() {
         Ok(p) => p,
@@ -109,28 +109,56 @@ fn check_all(batch: &[Arc<Backend>]) {
         }
     };
     let start = Instant::now();
-    let mut pending: HashMap<usize, (TcpStream, Instant)> = HashMap::new();
+    // Connects in flight by token: (backend index, stream).
+    let mut pending: HashMap<usize, (usize, TcpStream)> = HashMap::new();
+    // Per backend: connects still in flight, its deadline, and its last error.
+    let mut open: Vec<(usize, Instant, Option<ConnectError>)> = Vec::with_capacity(batch.len());
+    let mut next_token = 0;
     for (i, b) in batch.iter().enumerate() {
-        let timeout = b.check_settings().timeout;
-        let started = backend::resolve(&b.target).and_then(|addrs| {
-            let addr: SocketAddr = addrs[0];
-            let mut s = TcpStream::connect(addr).map_err(ConnectError::from_io)?;
-            poll.registry()
-                .register(&mut s, Token(i), Interest::WRITABLE)
-                .map_err(ConnectError::Other)?;
-            Ok(s)
-        });
-        match started {
-            Ok(s) => {
-                pending.insert(i, (s, start + timeout));
+        let deadline = start + b.check_settings().timeout;
+        open.push((0, deadline, None));
+        let addrs = match backend::resolve(&b.target) {
+            Ok(a) => a,
+            Err(e) => {
+                open[i].2 = Some(e);
+                continue;
             }
-            Err(e) => b.checked(Err(e)),
+        };
+        for addr in addrs {
+            let started = TcpStream::connect(addr)
+                .map_err(ConnectError::from_io)
+                .and_then(|mut s| {
+                    poll.registry()
+                        .register(&mut s, Token(next_token), Interest::WRITABLE)
+                        .map_err(ConnectError::Other)?;
+                    Ok(s)
+                });
+            match started {
+                Ok(s) => {
+                    pending.insert(next_token, (i, s));
+                    open[i].0 += 1;
+                    next_token += 1;
+                }
+                Err(e) => open[i].2 = Some(e),
+            }
+        }
+    }
+    // Backends with nothing in flight are decided already.
+    let mut decided = vec![false; batch.len()];
+    for (i, b) in batch.iter().enumerate() {
+        if open[i].0 == 0 {
+            decided[i] = true;
+            b.checked(Err(open[i].2.take().unwrap_or(ConnectError::Timeout)));
         }
     }
     let mut events = Events::with_capacity(64);
     while !pending.is_empty() {
         let now = Instant::now();
-        let deadline = pending.values().map(|(_, d)| *d).min().unwrap_or(now);
+        let deadline = pending
+            .values()
+            .map(|(i, _)| open[*i].1)
+            .min()
+            .unwrap_or(now);
         if let Err(e) = poll.poll(&mut events, Some(deadline.saturating_duration_since(now))) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -139,28 +167,43 @@ fn check_all(batch: &[Arc<Backend>]) {
             return;
         }
         for ev in events.iter() {
-            let i = ev.token().0;
-            let Some((s, _)) = pending.remove(&i) else {
+            let Some((i, s)) = pending.remove(&ev.token().0) else {
                 continue;
             };
             // Writable means the connect finished: connected, or failed with SO_ERROR set.
             let result = match s.take_error() {
-                Ok(None) => match s.peer_addr() {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(ConnectError::from_io(e)),
-                },
+                Ok(None) => s.peer_addr().map(|_| ()).map_err(ConnectError::from_io),
                 Ok(Some(e)) | Err(e) => Err(ConnectError::from_io(e)),
             };
-            batch[i].checked(result);
-        }
-        let now = Instant::now();
-        pending.retain(|&i, (_, d)| {
-            if *d <= now {
-                batch[i].checked(Err(ConnectError::Timeout));
-                false
-            } else {
-                true
+            if decided[i] {
+                continue;
             }
+            open[i].0 -= 1;
+            match result {
+                Ok(()) => {
+                    decided[i] = true;
+                    batch[i].checked(Ok(()));
+                }
+                Err(e) if open[i].0 == 0 => {
+                    decided[i] = true;
+                    batch[i].checked(Err(e));
+                }
+                Err(e) => open[i].2 = Some(e),
+            }
+        }
+        // Backends past their timeout fail; their remaining connects are dropped.
+        let now = Instant::now();
+        pending.retain(|_, (i, _)| {
+            if open[*i].1 > now {
+                return true;
+            }
+            if !decided[*i] {
+                decided[*i] = true;
+                batch[*i].checked(Err(ConnectError::Timeout));
+            }
+            false
         });
+        // Streams of backends already decided need not be waited for.
+        pending.retain(|_, (i, _)| !decided[*i]);
     }
 }

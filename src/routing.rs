@@ -66,6 +66,10 @@ impl Routes {
                 .iter()
                 .map(|t| {
                     let key = (app.name.clone(), t.clone());
+                    // A target listed twice in one app is one backend with two turns.
+                    if let Some(b) = backends.get(&key) {
+                        return Arc::clone(b);
+                    }
                     let b = match previous.and_then(|p| p.backends.get(&key)) {
                         Some(b) => {
                             *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health;
@@ -151,18 +155,24 @@ impl AppLimit {
         self.freed.notify_all();
     }
 
-    /// Take a slot, waiting up to `timeout`; None if none came free in time.
-    pub fn acquire(self: &Arc<Self>, timeout: Duration) -> Option<LimitGuard> {
+    /// Take a slot, waiting up to `timeout`; None if none came free in time, or if
+    /// `cancelled` says the connection was cut meanwhile (checked every `CANCEL_CHECK`).
+    pub fn acquire(
+        self: &Arc<Self>,
+        timeout: Duration,
+        cancelled: impl Fn() -> bool,
+    ) -> Option<LimitGuard> {
+        const CANCEL_CHECK: Duration = Duration::from_millis(50);
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         while st.used >= st.max {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if left.is_zero() || cancelled() {
                 return None;
             }
             st = self
                 .freed
-                .wait_timeout(st, left)
+                .wait_timeout(st, left.min(CANCEL_CHECK))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -213,11 +223,11 @@ mod tests {
             .limit
             .as_ref()
             .unwrap()
-            .acquire(Duration::ZERO);
+            .acquire(Duration::ZERO, || false);
         assert!(held.is_some());
         let l2 = r2.app_for(2).unwrap().limit.as_ref().unwrap();
-        assert!(l2.acquire(Duration::from_millis(10)).is_none());
+        assert!(l2.acquire(Duration::from_millis(10), || false).is_none());
         drop(held);
-        assert!(l2.acquire(Duration::ZERO).is_some());
+        assert!(l2.acquire(Duration::ZERO, || false).is_some());
     }
 }

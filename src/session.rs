@@ -108,11 +108,18 @@ pub fn serve(job: Job, shared: &Shared) {
     // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
     let _ = client.set_nodelay(true);
 
+    // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
+    // connection even while it waits for a slot of its app.
+    let reg = shared.conns.register(port, client);
+    let entry = &reg.entry;
+
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
         None => None,
-        Some(limit) => match limit.acquire(shared.settings.connect_timeout) {
+        Some(limit) => match limit.acquire(shared.settings.connect_timeout, || entry.was_drained())
+        {
             Some(slot) => Some(slot),
+            None if entry.was_drained() => return end("-", 0, 0, "drained", None),
             None => {
                 stats.limited.fetch_add(1, Ordering::Relaxed);
                 let reason = "the app's MaxConnections stayed reached for the connect timeout";
@@ -120,9 +127,6 @@ pub fn serve(job: Job, shared: &Shared) {
             }
         },
     };
-
-    let reg = shared.conns.register(port, client);
-    let entry = &reg.entry;
     let (backend, guard) = match backend::connect(&app, shared.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
