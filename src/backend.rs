@@ -159,6 +159,14 @@ impl ConnectError {
         }
     }
 
+    /// A failure of this host (descriptors, memory, local ports), not of the target.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Other(e) if matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+        ))
+    }
+
     pub fn from_io(e: io::Error) -> ConnectError {
         match e.kind() {
             io::ErrorKind::ConnectionRefused => ConnectError::Refused,
@@ -230,7 +238,11 @@ pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGu
                 return Ok((stream, guard));
             }
             Err(e) => {
-                backend.connect_failed(&e);
+                // Out of descriptors, memory or local ports is our trouble, not the
+                // target's: it must not mark a healthy target down.
+                if !e.is_local() {
+                    backend.connect_failed(&e);
+                }
                 failures.push((Arc::clone(backend), e));
             }
         }

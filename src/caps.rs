@@ -8,27 +8,36 @@
 //!   type); once attached, the program lives as long as our link fd and nothing needs
 //!   `CAP_NET_ADMIN` again, so it goes, and so does everything else. `CAP_BPF` stays because a
 //!   reload writes the ports map with the `bpf()` syscall, and when
-//!   `kernel.unprivileged_bpf_disabled` is set (Debian's default) older kernels refuse every
-//!   `bpf()` command, map writes on a map fd we already hold included, without `CAP_BPF`.
-//!   Detaching on SIGTERM only closes the link fd, which needs nothing.
+//!   `kernel.unprivileged_bpf_disabled` is set (Debian's default) kernels before 6.5 refuse
+//!   every `bpf()` command without it, map writes on a map fd we already hold included (6.5
+//!   moved that check to program loads and map creation). Detaching on SIGTERM only closes the
+//!   link fd, which needs nothing.
 //! - **simple mode** keeps only `CAP_NET_BIND_SERVICE`, when it has it (root, or the unit's
 //!   ambient capability): a reload may bind a new port below 1024.
 //! - A process that has no capabilities at all (an ordinary user) is left as it is.
 //!
+//! An upgrade (SIGUSR2) execs the binary anew, and the new process gets what survives exec:
+//! run as root, its bounding set; run as another user (the systemd units), its ambient set.
+//! Both are narrowed to `keep`, never emptied, so the new process has exactly what the old one
+//! kept: enough for simple mode, but not for a bpf-mode upgrade that loads and attaches a program
+//! of its own (that needs `CAP_NET_ADMIN` too, so keep it as well if such upgrades must work).
+//!
 //! Capabilities belong to a thread, not to the process: [`keep_only`] changes the calling
 //! thread only, and threads inherit the sets of the thread that spawns them. So it must be
-//! called before the other threads are spawned (relay pool, health checker), and a thread that
-//! already exists (the log writer, started by the first log line) must drop its own, for
-//! example with `keep_only(&[])` when it starts.
+//! called before the other threads are spawned (relay pool, health checker, metrics), and a
+//! thread that already exists (the log writer, started by the first log line) must drop its
+//! own, for example with `keep_only(&[])` when it starts.
 //!
 //! The sets touched, in this order:
 //! 1. the bounding set (the most the thread can ever regain, even through `execve` of a root or
 //!    file-capability binary): every capability but `keep`, with `PR_CAPBSET_DROP`. That needs
 //!    `CAP_SETPCAP`, so it is done first, while we may still have it; without it (a non-root
 //!    service whose bounding set systemd already narrowed) it is skipped;
-//! 2. the ambient set (what an `execve` passes on to a non-root program): cleared;
-//! 3. the effective, permitted and inheritable sets: `keep` only, with `capset`. A capability
-//!    in `keep` that the thread does not have is not an error: it cannot be gained here.
+//! 2. the effective, permitted and inheritable sets: `keep` only, with `capset`. A capability
+//!    in `keep` that the thread does not have is not an error: it cannot be gained here;
+//! 3. the ambient set (what an `execve` passes on to a non-root program): every capability but
+//!    `keep` is lowered (the kernel already lowers those no longer both permitted and
+//!    inheritable; this makes sure).
 
 use std::fmt;
 use std::io;
@@ -205,8 +214,8 @@ pub enum CapsError {
     /// `prctl(PR_CAPBSET_DROP)` failed for a capability, for a reason other than lacking
     /// `CAP_SETPCAP`.
     Bounding { cap: u32, error: io::Error },
-    /// `prctl(PR_CAP_AMBIENT_CLEAR_ALL)` failed.
-    Ambient(io::Error),
+    /// `prctl(PR_CAP_AMBIENT_LOWER)` failed for a capability.
+    Ambient { cap: u32, error: io::Error },
     /// `capset` refused the new sets.
     Set { wanted: Caps, error: io::Error },
     /// `capset` succeeded but the sets read back are not the ones asked for.
@@ -222,7 +231,11 @@ impl fmt::Display for CapsError {
                 "cannot drop {} from the capability bounding set: {error}",
                 CapSet(1 << cap)
             ),
-            CapsError::Ambient(e) => write!(f, "cannot clear the ambient capabilities: {e}"),
+            CapsError::Ambient { cap, error } => write!(
+                f,
+                "cannot drop {} from the ambient capabilities: {error}",
+                CapSet(1 << cap)
+            ),
             CapsError::Set { wanted, error } => {
                 write!(
                     f,
@@ -242,7 +255,7 @@ impl std::error::Error for CapsError {
         match self {
             CapsError::Read(e)
             | CapsError::Bounding { error: e, .. }
-            | CapsError::Ambient(e)
+            | CapsError::Ambient { error: e, .. }
             | CapsError::Set { error: e, .. } => Some(e),
             CapsError::Mismatch { .. } => None,
         }
@@ -361,11 +374,52 @@ fn drop_bounding(keep: CapSet, effective: CapSet) -> Result<(), CapsError> {
     Ok(())
 }
 
+/// Lower every capability but `keep` from the calling thread's ambient set.
+fn narrow_ambient(keep: CapSet) -> Result<(), CapsError> {
+    for cap in 0..=last_cap() {
+        if keep.has(cap) {
+            continue;
+        }
+        let arg = |op: libc::c_int| op as libc::c_ulong;
+        // SAFETY: prctl with integer arguments only.
+        let set = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                arg(libc::PR_CAP_AMBIENT_IS_SET),
+                cap as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        match set {
+            0 => continue,
+            1 => {}
+            // EINVAL: a kernel before 4.3 (no ambient set), or a number it does not know.
+            _ => break,
+        }
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                arg(libc::PR_CAP_AMBIENT_LOWER),
+                cap as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            return Err(CapsError::Ambient { cap, error });
+        }
+    }
+    Ok(())
+}
+
 /// Keep only `keep` (those of them the thread has) in the calling thread's effective,
-/// permitted and inheritable sets, clear its ambient set, and drop everything else from its
-/// bounding set if it may (`CAP_SETPCAP`). Threads it spawns afterwards inherit the result; see
-/// the module documentation for where to call it. A thread without any capability is left as
-/// it is (`Ok`). Calling it again with the same or a smaller `keep` is harmless.
+/// permitted, inheritable and ambient sets, and drop everything else from its bounding set if
+/// it may (`CAP_SETPCAP`). Threads it spawns afterwards inherit the result; see the module
+/// documentation for where to call it. A thread without any capability is left as it is
+/// (`Ok`). Calling it again with the same or a smaller `keep` is harmless.
 pub fn keep_only(keep: &[Cap]) -> Result<(), CapsError> {
     let now = current()?;
     if now.effective.is_empty() && now.permitted.is_empty() && now.inheritable.is_empty() {
@@ -378,24 +432,6 @@ pub fn keep_only(keep: &[Cap]) -> Result<(), CapsError> {
     // First, while CAP_SETPCAP may still be ours.
     drop_bounding(keep, now.effective)?;
 
-    // SAFETY: prctl with integer arguments only.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0,
-            0,
-            0,
-        )
-    };
-    if rc != 0 {
-        let error = io::Error::last_os_error();
-        // EINVAL: a kernel before 4.3, which has no ambient set.
-        if error.raw_os_error() != Some(libc::EINVAL) {
-            return Err(CapsError::Ambient(error));
-        }
-    }
-
     let kept = now.permitted.and(keep);
     let wanted = Caps {
         effective: kept,
@@ -403,6 +439,8 @@ pub fn keep_only(keep: &[Cap]) -> Result<(), CapsError> {
         inheritable: now.inheritable.and(keep),
     };
     set(wanted).map_err(|error| CapsError::Set { wanted, error })?;
+    narrow_ambient(keep)?;
+
     let got = current()?;
     if got != wanted {
         return Err(CapsError::Mismatch { wanted, got });
@@ -559,6 +597,48 @@ mod tests {
             check(
                 "CapEff of a thread without caps",
                 proc_status("CapEff"),
+                CapSet(0),
+            )
+        });
+    }
+
+    /// The ambient set (what a non-root service hands its upgraded successor through exec) is
+    /// narrowed to `keep`, not emptied.
+    #[test]
+    fn ambient_narrowed_to_what_is_kept() {
+        if !is_root_with_caps() {
+            return;
+        }
+        in_child(|| {
+            let three = CapSet::of(&[Cap::Bpf, Cap::NetAdmin, Cap::NetBindService]);
+            let mut caps = current().map_err(|e| e.to_string())?;
+            caps.inheritable = three;
+            set(caps).map_err(|e| format!("capset: {e}"))?;
+            for cap in [Cap::Bpf, Cap::NetAdmin, Cap::NetBindService] {
+                // SAFETY: prctl with integer arguments only.
+                let rc = unsafe {
+                    libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                        cap.number() as libc::c_ulong,
+                        0,
+                        0,
+                    )
+                };
+                if rc != 0 {
+                    return Err(format!("raise {cap}: {}", io::Error::last_os_error()));
+                }
+            }
+            check("CapAmb before", proc_status("CapAmb"), three)?;
+            keep_only(&[Cap::Bpf]).map_err(|e| e.to_string())?;
+            let bpf = CapSet::of(&[Cap::Bpf]);
+            check("CapAmb", proc_status("CapAmb"), bpf)?;
+            check("CapInh", proc_status("CapInh"), bpf)?;
+            check("CapEff", proc_status("CapEff"), bpf)?;
+            keep_only(&[]).map_err(|e| e.to_string())?;
+            check(
+                "CapAmb after keep_only(&[])",
+                proc_status("CapAmb"),
                 CapSet(0),
             )
         });

@@ -6,11 +6,11 @@
 //! and makes it finish; the sockets are owned by the entry, behind an `Arc`, so a descriptor is
 //! never shut down after its number was reused by another connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct Entry {
     /// The frontend port the client connected to.
@@ -41,7 +41,36 @@ impl Entry {
 #[derive(Default)]
 pub struct Conns {
     next_id: AtomicU64,
-    map: Mutex<HashMap<u64, Arc<Entry>>>,
+    map: Mutex<Table>,
+}
+
+#[derive(Default)]
+struct Table {
+    open: HashMap<u64, Arc<Entry>>,
+    /// Drains still running, so that a connection accepted before a drain began but
+    /// registered after it (its relay thread was just starting) gets the deadline too.
+    rules: Vec<Rule>,
+}
+
+struct Rule {
+    began: Instant,
+    ports: Ports,
+    at: Instant,
+}
+
+/// Which connections a drain is for.
+pub enum Ports {
+    All,
+    Some(HashSet<u16>),
+}
+
+impl Ports {
+    fn contains(&self, port: u16) -> bool {
+        match self {
+            Ports::All => true,
+            Ports::Some(set) => set.contains(&port),
+        }
+    }
 }
 
 /// Keeps a connection in the table while it lives; dropping it removes the entry.
@@ -53,26 +82,39 @@ pub struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.conns.lock().remove(&self.id);
+        self.conns.lock().open.remove(&self.id);
     }
 }
 
 impl Conns {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Entry>>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         // Every critical section is a single map operation: a poisoned map is still whole.
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn register(&self, port: u16, client: TcpStream) -> Registered<'_> {
+    /// Add a connection accepted at `accepted` on `port`.
+    pub fn register(&self, port: u16, client: TcpStream, accepted: Instant) -> Registered<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut table = self.lock();
+        let at = table
+            .rules
+            .iter()
+            .filter(|r| r.began >= accepted && r.ports.contains(port))
+            .map(|r| r.at)
+            .min();
         let entry = Arc::new(Entry {
             port,
             client,
             backend: OnceLock::new(),
-            drain_at: Mutex::new(None),
+            drain_at: Mutex::new(at),
             drained: AtomicBool::new(false),
         });
-        self.lock().insert(id, Arc::clone(&entry));
+        table.open.insert(id, Arc::clone(&entry));
+        drop(table);
+        if at.is_some_and(|at| at <= Instant::now()) {
+            // Its drain ran out before it even started.
+            entry.cut();
+        }
         Registered {
             conns: self,
             id,
@@ -80,37 +122,48 @@ impl Conns {
         }
     }
 
-    /// Give every open connection on a port for which `on_port` is true (every connection, for
-    /// shutdown) until `at` to finish. A deadline already set is kept if it is earlier.
-    pub fn drain(&self, on_port: impl Fn(u16) -> bool, at: Instant) -> usize {
-        let map = self.lock();
+    /// Give every open connection on `ports` until `at` to finish. A deadline already set is
+    /// kept if it is earlier. Connections accepted before now but not registered yet get it
+    /// when they register.
+    pub fn drain(&self, ports: Ports, at: Instant) -> usize {
+        let mut table = self.lock();
         let mut n = 0;
-        for e in map.values().filter(|e| on_port(e.port)) {
+        for e in table.open.values().filter(|e| ports.contains(e.port)) {
             let mut d = e.drain_at.lock().unwrap_or_else(|e| e.into_inner());
             if d.is_none_or(|d| d > at) {
                 *d = Some(at);
             }
             n += 1;
         }
+        table.rules.push(Rule {
+            began: Instant::now(),
+            ports,
+            at,
+        });
         n
     }
 
     /// Cut the connections whose deadline has passed; return how many, and the next deadline.
     pub fn cut_expired(&self, now: Instant) -> (usize, Option<Instant>) {
-        let due: Vec<Arc<Entry>>;
-        let mut next = None;
+        /// A rule outlives its deadline this long, for connections that register late.
+        const RULE_GRACE: Duration = Duration::from_secs(60);
+        let mut due = Vec::new();
+        let mut next: Option<Instant> = None;
+        let mut later = |at: Instant| next = Some(next.map_or(at, |n| n.min(at)));
         {
-            let map = self.lock();
-            let mut d = Vec::new();
-            for e in map.values() {
+            let mut table = self.lock();
+            for e in table.open.values() {
                 let at = *e.drain_at.lock().unwrap_or_else(|e| e.into_inner());
                 match at {
-                    Some(at) if at <= now => d.push(Arc::clone(e)),
-                    Some(at) => next = Some(next.map_or(at, |n: Instant| n.min(at))),
+                    Some(at) if at <= now => due.push(Arc::clone(e)),
+                    Some(at) => later(at),
                     None => {}
                 }
             }
-            due = d;
+            table.rules.retain(|r| r.at + RULE_GRACE > now);
+            for r in table.rules.iter().filter(|r| r.at > now) {
+                later(r.at);
+            }
         }
         // Shut down outside the lock: relay threads finishing now need it to unregister.
         for e in &due {
@@ -120,6 +173,6 @@ impl Conns {
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().open.len()
     }
 }

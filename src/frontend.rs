@@ -17,7 +17,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::cli::Settings;
 use crate::config::{Config, ConfigError, Diff};
-use crate::conns::Conns;
+use crate::conns::{Conns, Ports};
 use crate::health::Checker;
 use crate::metrics;
 use crate::pool::Pool;
@@ -83,6 +83,9 @@ pub fn run(
     handed: Handed,
     make_source: impl FnOnce() -> Result<Box<dyn PortSource>, StartError>,
 ) -> Result<(), StartError> {
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(&settings.config);
     let config = Config::load(&settings.config).map_err(StartError::Config)?;
     let mut source = make_source()?;
 
@@ -117,9 +120,16 @@ pub fn run(
         last_reload_ok_ms: AtomicU64::new(unix_ms()),
         accept_paused: AtomicBool::new(false),
         lookup_stats: source.lookup_stats(),
+        handed_over: AtomicBool::new(false),
     });
+    let mut metrics_socket = None;
     if let Some(addr) = settings.metrics {
-        metrics::start(addr, Arc::clone(&shared)).map_err(|e| StartError::Metrics(addr, e))?;
+        let inherited = handed
+            .metrics
+            .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+        let socket = metrics::start(addr, inherited, Arc::clone(&shared))
+            .map_err(|e| StartError::Metrics(addr, e))?;
+        metrics_socket = Some(socket);
     }
     let pool = {
         let (s1, s2) = (Arc::clone(&shared), Arc::clone(&shared));
@@ -177,8 +187,9 @@ pub fn run(
         exec: handed.exec,
         upgrade: None,
         handed_over: false,
+        metrics_socket,
     };
-    lp.watch.seen(Watch::stat(&lp.settings.config));
+    lp.watch.seen(loaded_sig);
     let result = lp.run(&mut poll, &mut hup, &mut stop);
     lp.remove_pid_file();
     result
@@ -192,6 +203,8 @@ pub struct Handed {
     pub ready: Option<ReadyPipe>,
     /// Listeners taken over from it.
     pub adopted: usize,
+    /// Its --metrics listening socket, if it had one.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// An upgrade in progress: the new process, its readiness pipe, and when we give up on it.
@@ -225,6 +238,8 @@ struct Loop {
     upgrade: Option<InProgress>,
     /// A new process took over: leave the pid file to it.
     handed_over: bool,
+    /// The --metrics listening socket's address and fd, handed over on upgrade.
+    metrics_socket: Option<(std::net::SocketAddr, std::os::fd::RawFd)>,
 }
 
 impl Loop {
@@ -265,8 +280,13 @@ impl Loop {
                 match event.token() {
                     SIGHUP_PIPE => {
                         drain_pipe(hup);
-                        crate::info!("SIGHUP: reloading {}", self.settings.config.display());
-                        self.reload(poll, true);
+                        if self.stop_deadline.is_some() {
+                            // Draining: nothing would accept on a port a reload added.
+                            crate::info!("SIGHUP ignored: stopping");
+                        } else {
+                            crate::info!("SIGHUP: reloading {}", self.settings.config.display());
+                            self.reload(poll, true);
+                        }
                     }
                     STOP_PIPE => {
                         drain_pipe(stop);
@@ -276,6 +296,9 @@ impl Loop {
                             crate::log::flush();
                             std::process::exit(1);
                         }
+                        // A new process not yet serving is abandoned: stopping means no
+                        // process of ours serves any more.
+                        self.abandon_upgrade(poll, "was abandoned: this process was told to stop");
                         self.begin_stop(poll);
                     }
                     UPGRADE_PIPE => {
@@ -494,13 +517,14 @@ impl Loop {
         if !diff.ports_removed.is_empty() {
             let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();
             let at = Instant::now() + self.settings.drain_timeout;
-            let n = self.shared.conns.drain(|p| removed.contains(&p), at);
+            let n = self.shared.conns.drain(Ports::Some(removed), at);
+            // Set even when none is open now: one accepted just before may register late.
+            self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
             if n > 0 {
                 crate::info!(
                     "reload: {n} connections on removed ports draining for up to {:?}",
                     self.settings.drain_timeout
                 );
-                self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
             }
         }
         crate::info!(
@@ -526,7 +550,7 @@ impl Loop {
             return;
         };
         let listeners = self.source.handover();
-        match upgrade::spawn(exec, &listeners) {
+        match upgrade::spawn(exec, &listeners, self.metrics_socket) {
             Ok(mut up) => {
                 crate::info!(
                     "upgrade: started {} as pid {} with {} listeners; waiting for it to serve",
@@ -584,6 +608,8 @@ impl Loop {
                 // may say so (NotifyAccess=main), so it has to come from us.
                 let _ = crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
                 self.handed_over = true;
+                // The new process serves /metrics on the same socket from now on.
+                self.shared.handed_over.store(true, Ordering::Release);
                 self.begin_stop(poll);
             }
         }
@@ -637,7 +663,7 @@ impl Loop {
         self.ready.clear();
         let at = Instant::now() + self.settings.drain_timeout;
         self.stop_deadline = Some(at);
-        let n = self.shared.conns.drain(|_| true, at);
+        let n = self.shared.conns.drain(Ports::All, at);
         self.next_drain = Some(self.next_drain.map_or(at, |d| d.min(at)));
         crate::info!(
             "stopping: listeners closed, {n} connections draining for up to {:?}",
@@ -762,6 +788,10 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
     }
     let available = lim.rlim_cur.saturating_sub(FD_RESERVE + listeners);
     let fits = (available / 2) as usize;
+    // Whatever the connections leave over is what the relay may spend on kernel pipes; past
+    // that it copies through a buffer instead of failing a socket with EMFILE.
+    let bound = max_connections.min(fits).max(1);
+    crate::relay::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
     if max_connections > fits {
         crate::warn!(
             "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({} listeners, {FD_RESERVE} reserved): lowering the bound to {fits}",

@@ -144,7 +144,14 @@ pub fn record(level: Level, msg: &str, fields: &[(&str, Field<'_>)]) {
         let _ = write!(line, "{} {:<5} {msg}", Timestamp::now(), level.label());
         for (k, v) in fields {
             match v {
-                Field::Str(s) if s.is_empty() || s.contains([' ', '"', '=']) => {
+                // Quoted (JSON string escapes) when it could break the key=value shape or the
+                // line: spaces, quotes, '=', line breaks and other control characters.
+                Field::Str(s)
+                    if s.is_empty()
+                        || s.contains(|c: char| {
+                            c.is_whitespace() || c.is_control() || c == '"' || c == '='
+                        }) =>
+                {
                     let _ = write!(line, " {k}={}", serde_json::Value::from(*s));
                 }
                 Field::Str(s) => {
@@ -232,12 +239,20 @@ fn writer(rx: Receiver<Msg>) {
         }
         let dropped = DROPPED.load(Ordering::Relaxed);
         if dropped != reported {
-            let _ = writeln!(
-                out,
-                "{} WARN  {} log lines dropped: stderr could not keep up",
-                Timestamp::now(),
+            let msg = format!(
+                "{} log lines dropped: stderr could not keep up",
                 dropped - reported
             );
+            let _ = if JSON.load(Ordering::Relaxed) {
+                writeln!(
+                    out,
+                    "{{\"ts\":\"{}\",\"level\":\"warn\",\"msg\":{}}}",
+                    Timestamp::now(),
+                    serde_json::Value::String(msg)
+                )
+            } else {
+                writeln!(out, "{} WARN  {msg}", Timestamp::now())
+            };
             reported = dropped;
         }
         let _ = out.flush();

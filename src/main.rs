@@ -87,6 +87,7 @@ fn main() -> ExitCode {
                 exec: upgrade::Exec::current().ok(),
                 ready: inherited.ready,
                 adopted: inherited.listeners.len(),
+                metrics: inherited.metrics,
             };
             let listeners = inherited.listeners;
             let result = match mode {

@@ -9,11 +9,25 @@
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::ConnectError;
+use crate::backend::{Backend, ConnectError};
+use crate::routing::AppRoute;
+
+/// An app's backends, each once: a target listed twice is one backend with two turns, and
+/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
+fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
+    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
+    for b in &app.backends {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
+            seen.push(b);
+        }
+    }
+    seen
+}
 use crate::session::Shared;
 
 /// A request must arrive, and the answer leave, within this.
@@ -21,34 +35,74 @@ const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request head read; anything longer is refused.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Bind `addr` now (so a bad address fails start-up) and serve it from a thread.
-pub fn start(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<()> {
-    let listener = TcpListener::bind(addr)?;
+/// Serve `addr` from a thread: on `inherited` (the socket a process we upgrade handed over),
+/// or on a socket bound now, so that a bad address fails start-up. Returns the socket's
+/// address and descriptor, for handing over in turn.
+pub fn start(
+    addr: SocketAddr,
+    inherited: Option<TcpListener>,
+    shared: Arc<Shared>,
+) -> io::Result<(SocketAddr, RawFd)> {
+    let listener = match inherited {
+        Some(l) => l,
+        None => TcpListener::bind(addr)?,
+    };
+    // Non-blocking: after an upgrade the other process may take a connection between our
+    // poll and our accept.
+    listener.set_nonblocking(true)?;
+    let handle = (listener.local_addr()?, listener.as_raw_fd());
     std::thread::Builder::new()
         .name("metrics".into())
         .stack_size(256 * 1024)
-        .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(s) => {
-                        if let Err(e) = answer(s, &shared) {
-                            crate::debug!("metrics: request failed: {e}");
-                        }
-                    }
-                    // Out of descriptors or the like: do not spin.
-                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        .spawn(move || serve(listener, &shared))?;
+    Ok(handle)
+}
+
+/// Answer requests until a new process takes the socket over (upgrade). Waits in `poll` with
+/// a short timeout rather than in `accept`, so that the hand-over is noticed; the socket is
+/// shared with the new process, so it must not be shut down, only closed here.
+fn serve(listener: TcpListener, shared: &Shared) {
+    while !shared.handed_over.load(Ordering::Acquire) {
+        let mut pfd = libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut pfd, 1, 250) } <= 0 {
+            continue;
+        }
+        match listener.accept() {
+            Ok((s, _)) => {
+                // The socket is shared, and non-blocking in the other process: be explicit.
+                let _ = s.set_nonblocking(false);
+                if let Err(e) = answer(s, shared) {
+                    crate::debug!("metrics: request failed: {e}");
                 }
             }
-        })?;
-    Ok(())
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            // Out of descriptors or the like: do not spin.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 fn answer(mut s: TcpStream, shared: &Shared) -> io::Result<()> {
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
+    // The timeout holds for the whole request, not each read: a client trickling a byte at
+    // a time must not keep the endpoint to itself.
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let head_end = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "request not complete in time",
+            ));
+        }
+        s.set_read_timeout(Some(left))?;
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break Some(i);
         }
@@ -199,7 +253,7 @@ pub fn render(shared: &Shared) -> String {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
             let mut f = Family::head(&mut out, $name, $kind, $help);
             for (app, _) in apps {
-                for b in &app.backends {
+                for b in unique_backends(app) {
                     let t = b.target.to_string();
                     f.sample(
                         $name,
@@ -236,7 +290,7 @@ pub fn render(shared: &Shared) -> String {
         "Bytes relayed, by app, target and direction.",
     );
     for (app, _) in apps {
-        for b in &app.backends {
+        for b in unique_backends(app) {
             let t = b.target.to_string();
             for (dir, v) in [
                 ("client_to_target", &b.bytes_up),
@@ -262,7 +316,7 @@ pub fn render(shared: &Shared) -> String {
         "Failed connects to a target, by app, target and reason.",
     );
     for (app, _) in apps {
-        for b in &app.backends {
+        for b in unique_backends(app) {
             let t = b.target.to_string();
             for (i, reason) in ConnectError::REASONS.iter().enumerate() {
                 f.sample(
@@ -397,7 +451,7 @@ pub fn status(shared: &Shared) -> String {
             app.stats.active.load(Ordering::Relaxed),
             app.stats.accepted.load(Ordering::Relaxed),
         );
-        for b in &app.backends {
+        for b in unique_backends(app) {
             let _ = writeln!(
                 out,
                 "  {:<40} {:<4} open {:<6} total {}",

@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -61,15 +61,33 @@ struct KernelPipe {
 }
 
 static PIPES: Mutex<Vec<KernelPipe>> = Mutex::new(Vec::new());
+/// Pipes that may exist at once (pooled or in use), so that pipes never take the descriptors
+/// the connection bound counts on; set at start from the open-file limit.
+static PIPE_BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+static PIPES_LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// Allow at most `pipes` kernel pipes; beyond, relaying falls back to a buffer.
+pub fn set_pipe_budget(pipes: u64) {
+    PIPE_BUDGET.store(
+        usize::try_from(pipes).unwrap_or(usize::MAX),
+        Ordering::Relaxed,
+    );
+}
 
 impl KernelPipe {
     fn take() -> io::Result<KernelPipe> {
         if let Some(p) = PIPES.lock().unwrap_or_else(|e| e.into_inner()).pop() {
             return Ok(p);
         }
+        // Reserve a place in the budget first, so concurrent takers cannot overshoot it.
+        if PIPES_LIVE.fetch_add(1, Ordering::Relaxed) >= PIPE_BUDGET.load(Ordering::Relaxed) {
+            PIPES_LIVE.fetch_sub(1, Ordering::Relaxed);
+            return Err(io::Error::other("pipe budget spent"));
+        }
         let mut fds = [0; 2];
         // SAFETY: pipe2 fills `fds` with two new descriptors on success.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } < 0 {
+            PIPES_LIVE.fetch_sub(1, Ordering::Relaxed);
             return Err(io::Error::last_os_error());
         }
         // SAFETY: both descriptors are new and owned by nobody else.
@@ -98,6 +116,12 @@ impl KernelPipe {
         if pool.len() < PIPE_POOL_MAX {
             pool.push(self);
         }
+    }
+}
+
+impl Drop for KernelPipe {
+    fn drop(&mut self) {
+        PIPES_LIVE.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

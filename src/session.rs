@@ -45,6 +45,8 @@ pub struct Shared {
     pub last_reload_ok_ms: AtomicU64,
     /// Accepting is held back by the connection bound.
     pub accept_paused: AtomicBool,
+    /// A new process took over (upgrade): the metrics thread stops serving.
+    pub handed_over: AtomicBool,
     /// bpf mode: reads the sk_lookup program's counters.
     pub lookup_stats: Option<crate::ports::LookupReader>,
 }
@@ -110,7 +112,7 @@ pub fn serve(job: Job, shared: &Shared) {
 
     // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
     // connection even while it waits for a slot of its app.
-    let reg = shared.conns.register(port, client);
+    let reg = shared.conns.register(port, client, accepted);
     let entry = &reg.entry;
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.

@@ -23,6 +23,7 @@ use mio::net::TcpListener;
 
 const LISTEN_FDS: &str = "FLYPROXY_LISTEN_FDS";
 const READY_FD: &str = "FLYPROXY_READY_FD";
+const METRICS_FD: &str = "FLYPROXY_METRICS_FD";
 
 /// How this process was started: what to exec for an upgrade. Recorded at start, because
 /// `/proc/self/exe` says "(deleted)" once a package upgrade has replaced the file.
@@ -33,12 +34,40 @@ pub struct Exec {
 }
 
 impl Exec {
+    /// The path we were started by, as given (made absolute, symlinks kept, so that an
+    /// upgrade runs what a symlink such as /usr/bin/flyproxy names by then), else the binary.
     pub fn current() -> io::Result<Exec> {
+        let mut args = std::env::args_os();
+        let argv0 = args.next().map(PathBuf::from);
+        let exe = match argv0 {
+            Some(p) if p.is_absolute() => p,
+            Some(p) if p.components().count() > 1 => std::env::current_dir()?.join(p),
+            Some(p) => search_path(&p).map_or_else(std::env::current_exe, Ok)?,
+            None => std::env::current_exe()?,
+        };
         Ok(Exec {
-            exe: std::env::current_exe()?,
-            args: std::env::args_os().skip(1).collect(),
+            exe,
+            args: args.collect(),
         })
     }
+}
+
+/// Where the shell would have found a bare command name: the first executable in $PATH.
+fn search_path(name: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .and_then(|p| {
+            if p.is_absolute() {
+                Some(p)
+            } else {
+                std::env::current_dir().ok().map(|d| d.join(p))
+            }
+        })
 }
 
 /// What a process started by an upgrade received from its parent.
@@ -48,6 +77,8 @@ pub struct Inherited {
     pub listeners: HashMap<SocketAddr, TcpListener>,
     /// Written to once this process serves.
     pub ready: Option<ReadyPipe>,
+    /// The --metrics listening socket.
+    pub metrics: Option<std::net::TcpListener>,
 }
 
 /// The pipe on which a new process tells its parent that it serves.
@@ -92,9 +123,20 @@ impl Inherited {
                 }
             }
         }
+        if let Some(fd) = std::env::var_os(METRICS_FD)
+            .and_then(|v| v.to_str().and_then(|s| s.parse::<RawFd>().ok()))
+        {
+            set_cloexec(fd);
+            // SAFETY: as above.
+            let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+            if is_listening(&l) {
+                inherited.metrics = Some(l);
+            }
+        }
         // Called at start-up on the main thread, before any other thread exists.
         std::env::remove_var(LISTEN_FDS);
         std::env::remove_var(READY_FD);
+        std::env::remove_var(METRICS_FD);
         inherited
     }
 }
@@ -106,7 +148,13 @@ pub struct Upgrade {
 }
 
 /// Start the new process with `listeners` (address and descriptor) handed over.
-pub fn spawn(exec: &Exec, listeners: &[(SocketAddr, RawFd)]) -> io::Result<Upgrade> {
+/// Start the new process with `listeners` (address and descriptor) and the metrics socket
+/// handed over.
+pub fn spawn(
+    exec: &Exec,
+    listeners: &[(SocketAddr, RawFd)],
+    metrics: Option<(SocketAddr, RawFd)>,
+) -> io::Result<Upgrade> {
     let (read, write) = std::os::unix::net::UnixStream::pair()?;
     read.set_nonblocking(true)?;
     let write_fd = write.as_raw_fd();
@@ -120,6 +168,10 @@ pub fn spawn(exec: &Exec, listeners: &[(SocketAddr, RawFd)]) -> io::Result<Upgra
     cmd.args(&exec.args)
         .env(LISTEN_FDS, list.join(","))
         .env(READY_FD, write_fd.to_string());
+    if let Some((_, fd)) = metrics {
+        fds.push(fd);
+        cmd.env(METRICS_FD, fd.to_string());
+    }
     // SAFETY: the closure runs in the child between fork and exec and only calls fcntl, which
     // is async-signal-safe; it clears close-on-exec on exactly the descriptors handed over.
     unsafe {
@@ -146,7 +198,7 @@ fn set_cloexec(fd: RawFd) {
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 }
 
-fn is_listening(l: &TcpListener) -> bool {
+fn is_listening(l: &impl AsRawFd) -> bool {
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt into a c_int of the right size.

@@ -1,0 +1,957 @@
+//! Shared helpers for the integration tests: a running `flyproxy simple` (`Proxy`), in-test
+//! backends (`Backend`), free ports, client helpers and waiting on conditions with deadlines.
+//!
+//! Every wait here polls a condition up to a deadline; nothing sleeps to synchronise. Each test
+//! gets its own temporary directory and its own ports, so tests run in parallel (nextest runs
+//! each in its own process; `cargo test` runs them as threads of one process).
+
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flyproxy");
+
+/// How long to wait for something that should happen. Generous: a loaded 2-core machine running
+/// other tests in parallel must not fail a correct proxy.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Poll interval of every wait.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Poll `f` every 10 ms until it returns `Some`, or panic after `timeout` saying `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Temporary directories
+
+/// A directory of its own under the system temp dir, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let name = format!(
+            "flyproxy-test-{label}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = std::env::temp_dir().join(name);
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+
+    /// Write `contents` to `name` in this directory and return its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.path.join(name);
+        fs::write(&p, contents).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Free ports
+
+/// A port nobody listens on, on IPv4 and IPv6, reserved for this test process.
+///
+/// Ports are picked below the kernel's ephemeral range, so that the many client connections of
+/// the tests (which take ephemeral ports) never hold a port the proxy is about to bind. Tests
+/// running in parallel processes keep off each other's ports through an flock'ed file per port,
+/// held until the process exits; within one process a set does the same.
+pub fn free_port() -> u16 {
+    static TAKEN: OnceLock<Mutex<(HashSet<u16>, Vec<File>)>> = OnceLock::new();
+    let taken = TAKEN.get_or_init(|| Mutex::new((HashSet::new(), Vec::new())));
+    let lock_dir = std::env::temp_dir().join("flyproxy-test-ports");
+    let _ = fs::create_dir_all(&lock_dir);
+    let (lo, hi) = candidate_range();
+    let mut rng = Rng::seeded();
+    for _ in 0..10_000 {
+        let port = lo + (rng.next() % u64::from(hi - lo)) as u16;
+        let mut t = taken.lock().unwrap();
+        if t.0.contains(&port) {
+            continue;
+        }
+        let Ok(file) = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(lock_dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // another test process has it
+        }
+        // Free on both families: a dual-stack listener like the proxy's binds only then.
+        if TcpListener::bind(("::", port)).is_err() {
+            continue;
+        }
+        t.0.insert(port);
+        t.1.push(file);
+        return port;
+    }
+    panic!("no free port found in {lo}..{hi}");
+}
+
+pub fn free_ports(n: usize) -> Vec<u16> {
+    (0..n).map(|_| free_port()).collect()
+}
+
+/// Ports below the ephemeral range (from 10000), or above it if that leaves too few.
+fn candidate_range() -> (u16, u16) {
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut it = range
+        .split_whitespace()
+        .filter_map(|s| s.parse::<u32>().ok());
+    let (elo, ehi) = (it.next().unwrap_or(32768), it.next().unwrap_or(60999));
+    if elo >= 12_000 {
+        (10_000, elo.min(65_535) as u16)
+    } else if ehi < 63_000 {
+        (ehi as u16 + 1, 65_535)
+    } else {
+        (10_000, 32_000)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pseudo-random numbers (no crate needed)
+
+/// xorshift64*: fast, deterministic for a seed, good enough for test data and port picks.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed | 1)
+    }
+
+    pub fn seeded() -> Rng {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        let mut r = Rng::new(
+            t ^ (u64::from(std::process::id()) << 32)
+                ^ N.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed),
+        );
+        r.next();
+        r
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Config files
+
+/// One app of a config, as JSON.
+pub fn app(name: &str, ports: &[u16], targets: &[String]) -> serde_json::Value {
+    serde_json::json!({ "Name": name, "Ports": ports, "Targets": targets })
+}
+
+/// A whole config file from its apps.
+pub fn config(apps: &[serde_json::Value]) -> String {
+    serde_json::to_string_pretty(&serde_json::json!({ "Apps": apps })).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy
+
+/// stderr lines of a child, collected by a background thread.
+#[derive(Default)]
+struct LogBuf {
+    lines: Mutex<(Vec<String>, bool)>,
+    changed: Condvar,
+}
+
+/// A running `flyproxy simple`, killed on drop. Its stderr (the log) is collected line by line.
+pub struct Proxy {
+    child: Child,
+    pub pid: u32,
+    pub dir: TempDir,
+    pub config: PathBuf,
+    /// The ports the config was made from (by `start`).
+    pub ports: Vec<u16>,
+    log: Arc<LogBuf>,
+    reader: Option<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+}
+
+impl Proxy {
+    /// Start `flyproxy simple` with `args`, on `nports` fresh ports and the config `make_config`
+    /// builds from them, and wait until it logs `started`. If a port turned out to be taken in
+    /// the moment between picking and binding it, start again on other ports.
+    pub fn start(nports: usize, args: &[&str], make_config: impl Fn(&[u16]) -> String) -> Proxy {
+        for attempt in 0.. {
+            let ports = free_ports(nports);
+            let mut p = Proxy::spawn(&make_config(&ports), args);
+            p.ports = ports;
+            match p.wait_started() {
+                Ok(()) => return p,
+                Err(log) if attempt < 2 && log.contains("cannot listen on port") => continue,
+                Err(log) => panic!("flyproxy did not start:\n{log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    /// Write `config_json` and spawn `flyproxy simple -c FILE ARGS...` without waiting.
+    pub fn spawn(config_json: &str, args: &[&str]) -> Proxy {
+        let dir = TempDir::new("proxy");
+        let config = dir.write("config.json", config_json);
+        let mut cmd = Command::new(BIN);
+        cmd.arg("simple").arg("-c").arg(&config).args(args);
+        Proxy::spawn_cmd(cmd, dir, config)
+    }
+
+    /// Spawn an arbitrary command line of the binary (its stderr collected like the proxy's).
+    pub fn spawn_cmd(mut cmd: Command, dir: TempDir, config: PathBuf) -> Proxy {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flyproxy");
+        let log = Arc::new(LogBuf::default());
+        let reader = collect_lines(child.stderr.take().unwrap(), Arc::clone(&log));
+        Proxy {
+            pid: child.id(),
+            child,
+            dir,
+            config,
+            ports: Vec::new(),
+            log,
+            reader: Some(reader),
+            status: None,
+        }
+    }
+
+    /// Wait for the `started` line; on exit before it, the log so far.
+    pub fn wait_started(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if self
+                .logs()
+                .iter()
+                .any(|l| l.contains(" INFO  started mode=simple "))
+            {
+                return Ok(());
+            }
+            if self.log_closed() || Instant::now() >= deadline {
+                let status = self.wait_exit(WAIT);
+                return Err(format!("exit {status:?}\n{}", self.logs().join("\n")));
+            }
+            self.wait_log_change(deadline);
+        }
+    }
+
+    /// `127.0.0.1:port` of the `i`th port.
+    pub fn v4(&self, i: usize) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.ports[i]))
+    }
+
+    /// `[::1]:port` of the `i`th port.
+    pub fn v6(&self, i: usize) -> SocketAddr {
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.ports[i]))
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().0.clone()
+    }
+
+    /// Number of log lines so far: pass it to `wait_log_since` to see only later lines.
+    pub fn mark(&self) -> usize {
+        self.log.lines.lock().unwrap().0.len()
+    }
+
+    /// Log lines from `mark` on that satisfy `pred`.
+    pub fn lines_since(&self, mark: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let g = self.log.lines.lock().unwrap();
+        g.0.iter().skip(mark).filter(|l| pred(l)).cloned().collect()
+    }
+
+    /// Log lines that satisfy `pred`.
+    pub fn lines(&self, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        self.lines_since(0, pred)
+    }
+
+    fn log_closed(&self) -> bool {
+        self.log.lines.lock().unwrap().1
+    }
+
+    fn wait_log_change(&self, deadline: Instant) {
+        let g = self.log.lines.lock().unwrap();
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(50));
+        let _ = self.log.changed.wait_timeout(g, left).unwrap();
+    }
+
+    /// The first log line from `mark` on that satisfies `pred`, waiting up to `WAIT` for it.
+    /// Panics (with the log) if it does not come, or the proxy's log ends without it.
+    pub fn wait_log_since(&self, mark: usize, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let closed;
+            {
+                let g = self.log.lines.lock().unwrap();
+                if let Some(l) = g.0.iter().skip(mark).find(|l| pred(l)) {
+                    return l.clone();
+                }
+                closed = g.1;
+            }
+            if closed || Instant::now() >= deadline {
+                panic!(
+                    "no log line {what} ({}):\n{}",
+                    if closed {
+                        "the proxy's log ended"
+                    } else {
+                        "timed out"
+                    },
+                    self.logs().join("\n")
+                );
+            }
+            self.wait_log_change(deadline);
+        }
+    }
+
+    /// `wait_log_since(0, ..)`.
+    pub fn wait_log(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_log_since(0, what, pred)
+    }
+
+    /// Wait until `n` lines from `mark` on satisfy `pred`; return them.
+    pub fn wait_log_count(
+        &self,
+        mark: usize,
+        n: usize,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        wait_for(&format!("{n} log lines {what}"), WAIT, || {
+            let l = self.lines_since(mark, &pred);
+            (l.len() >= n).then_some(l)
+        })
+    }
+
+    /// Wait for the `conn` log line of the connection from `client` (its local address).
+    pub fn wait_conn(&self, client: SocketAddr) -> ConnLine {
+        let want = canonical(client).to_string();
+        let line = self.wait_log(&format!("conn client={want}"), |l| {
+            ConnLine::parse(l).is_some_and(|c| c.client == want)
+        });
+        ConnLine::parse(&line).unwrap()
+    }
+
+    /// Every `conn` line so far, parsed.
+    pub fn conns(&self) -> Vec<ConnLine> {
+        self.logs()
+            .iter()
+            .filter_map(|l| ConnLine::parse(l))
+            .collect()
+    }
+
+    /// Replace the config file atomically (write a sibling, rename over), so that the proxy
+    /// never reads a half-written file.
+    pub fn rewrite_config(&self, json: &str) {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let tmp = self.dir.path.join(format!(
+            "config.json.tmp{}",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&tmp, json).expect("write config");
+        fs::rename(&tmp, &self.config).expect("rename config");
+    }
+
+    /// Send `sig` (libc::SIGHUP, SIGTERM, ...) to the proxy.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill(2) with our own child's pid.
+        let rc = unsafe { libc::kill(self.pid as libc::pid_t, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({}, {sig}): {}",
+            self.pid,
+            io::Error::last_os_error()
+        );
+    }
+
+    /// The exit status if the proxy has exited, without waiting.
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("try_wait");
+        }
+        self.status
+    }
+
+    /// Wait for the proxy to exit (and its log to be complete); panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let status = wait_for("flyproxy to exit", timeout, || self.try_status());
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        status
+    }
+
+    /// The proxy's thread count, from /proc/PID/status.
+    pub fn threads(&self) -> usize {
+        let status =
+            fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("Threads: line")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        if thread::panicking() {
+            eprintln!("---- flyproxy log (pid {}) ----", self.pid);
+            for l in self.logs() {
+                eprintln!("{l}");
+            }
+            eprintln!("---- end of flyproxy log ----");
+        }
+    }
+}
+
+fn collect_lines(stderr: ChildStderr, log: Arc<LogBuf>) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut r = BufReader::new(stderr);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches('\n')
+                        .to_owned();
+                    log.lines.lock().unwrap().0.push(line);
+                    log.changed.notify_all();
+                }
+            }
+        }
+        log.lines.lock().unwrap().1 = true;
+        log.changed.notify_all();
+    })
+}
+
+/// An IPv4 address the way the proxy logs it (plain, not IPv4-mapped IPv6).
+pub fn canonical(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => a,
+        },
+        v4 => v4,
+    }
+}
+
+/// One `conn` log line, parsed.
+#[derive(Debug, Clone)]
+pub struct ConnLine {
+    pub level: String,
+    pub app: String,
+    pub client: String,
+    pub port: u16,
+    pub target: String,
+    pub up: u64,
+    pub down: u64,
+    pub duration: String,
+    pub end: String,
+    pub reason: Option<String>,
+    pub line: String,
+}
+
+impl ConnLine {
+    pub fn parse(line: &str) -> Option<ConnLine> {
+        let mut words = line.split_whitespace();
+        let _time = words.next()?;
+        let level = words.next()?.to_owned();
+        if words.next()? != "conn" {
+            return None;
+        }
+        let get = |k: &str| field(line, k);
+        Some(ConnLine {
+            level,
+            app: get("app")?,
+            client: get("client")?,
+            port: get("port")?.parse().ok()?,
+            target: get("target")?,
+            up: get("up")?.parse().ok()?,
+            down: get("down")?.parse().ok()?,
+            duration: get("duration")?,
+            end: get("end")?,
+            reason: get("reason"),
+            line: line.to_owned(),
+        })
+    }
+}
+
+/// The value of ` key=value` in a log line; a value in double quotes is returned unquoted.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    let pat = format!(" {key}=");
+    let start = line.find(&pat)? + pat.len();
+    let rest = &line[start..];
+    if let Some(q) = rest.strip_prefix('"') {
+        let end = q.find('"')?;
+        Some(q[..end].to_owned())
+    } else {
+        Some(rest.split(' ').next().unwrap_or("").to_owned())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary to completion
+
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run the binary with `args` to completion (killed and failed after `WAIT`).
+pub fn run(args: &[&str]) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn flyproxy");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("flyproxy {args:?} did not exit within {WAIT:?}");
+        }
+        thread::sleep(POLL);
+    };
+    Output {
+        code: status.code(),
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends
+
+#[derive(Clone)]
+enum Kind {
+    /// Echo every byte; at EOF, close the write side.
+    Echo,
+    /// Write `name\n` first, then echo.
+    Tagged(String),
+    /// Read until EOF, then reply `got N bytes\n` and close: only works if the half-close
+    /// reaches it.
+    ReplyAtEof,
+}
+
+/// An in-test backend server on a loopback address; stops accepting on drop.
+///
+/// `accepted` counts every connection, the proxy's health checks included; `served` only those
+/// that sent at least one byte, i.e. client traffic relayed by the proxy.
+pub struct Backend {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    served: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn echo() -> Backend {
+        Backend::start("127.0.0.1:0", Kind::Echo)
+    }
+
+    /// An echo server on `[::1]`.
+    pub fn echo_v6() -> Backend {
+        Backend::start("[::1]:0", Kind::Echo)
+    }
+
+    pub fn tagged(name: &str) -> Backend {
+        Backend::start("127.0.0.1:0", Kind::Tagged(name.to_owned()))
+    }
+
+    pub fn tagged_v6(name: &str) -> Backend {
+        Backend::start("[::1]:0", Kind::Tagged(name.to_owned()))
+    }
+
+    pub fn reply_at_eof() -> Backend {
+        Backend::start("127.0.0.1:0", Kind::ReplyAtEof)
+    }
+
+    fn start(bind: &str, kind: Kind) -> Backend {
+        let listener = TcpListener::bind(bind).expect("bind backend");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, sv, s) = (
+            Arc::clone(&accepted),
+            Arc::clone(&served),
+            Arc::clone(&stop),
+        );
+        let thread = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                a.fetch_add(1, Ordering::AcqRel);
+                let kind = kind.clone();
+                let sv = Arc::clone(&sv);
+                thread::spawn(move || serve(conn, kind, &sv));
+            }
+        });
+        Backend {
+            addr,
+            accepted,
+            served,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The target as the config writes it.
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Connections accepted so far (health checks included).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Acquire)
+    }
+
+    /// Connections that sent at least one byte so far.
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::Acquire)
+    }
+
+    /// Stop accepting and close the listener (open connections go on).
+    pub fn stop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5));
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn serve(mut s: TcpStream, kind: Kind, served: &AtomicUsize) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut counted = false;
+    let mut count = |n: usize| {
+        if n > 0 && !counted {
+            counted = true;
+            served.fetch_add(1, Ordering::AcqRel);
+        }
+    };
+    match kind {
+        Kind::Tagged(name) => {
+            if s.write_all(format!("{name}\n").as_bytes()).is_err() {
+                return;
+            }
+        }
+        Kind::ReplyAtEof => {
+            let mut n = 0usize;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        count(k);
+                        n += k
+                    }
+                    Err(_) => return,
+                }
+            }
+            let _ = s.write_all(format!("got {n} bytes\n").as_bytes());
+            let _ = s.shutdown(Shutdown::Write);
+            return;
+        }
+        Kind::Echo => {}
+    }
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                count(n);
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+/// A loopback port that refuses connections: bound (so no one else takes it) but not
+/// listening, so a SYN to it is answered with a reset. Closed on drop.
+pub struct Refusing {
+    _fd: OwnedFd,
+    pub addr: SocketAddr,
+}
+
+impl Refusing {
+    pub fn new() -> Refusing {
+        // SAFETY: socket(2); the result is checked and owned right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: fd is a fresh socket nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let addr = bind_loopback_v4(fd.as_raw_fd(), 0);
+        Refusing { _fd: fd, addr }
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Default for Refusing {
+    fn default() -> Self {
+        Refusing::new()
+    }
+}
+
+/// A loopback port whose accept queue is full, so new SYNs are dropped and a connect to it
+/// hangs until the connector's timeout. Closed on drop.
+pub struct Blackhole {
+    _fd: OwnedFd,
+    _filler: Vec<TcpStream>,
+    pub addr: SocketAddr,
+}
+
+impl Blackhole {
+    pub fn new() -> Blackhole {
+        // SAFETY: as in Refusing::new.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: fresh socket.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let addr = bind_loopback_v4(fd.as_raw_fd(), 0);
+        // SAFETY: a bound stream socket; backlog 0 queues one connection at most.
+        assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 0) }, 0);
+        let mut filler = Vec::new();
+        for _ in 0..16 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(s) => filler.push(s),
+                Err(e)
+                    if e.kind() == io::ErrorKind::TimedOut
+                        || e.kind() == io::ErrorKind::WouldBlock =>
+                {
+                    return Blackhole {
+                        _fd: fd,
+                        _filler: filler,
+                        addr,
+                    };
+                }
+                Err(e) => panic!("filling the blackhole's queue: {e}"),
+            }
+        }
+        panic!("the accept queue of a backlog-0 listener never filled up");
+    }
+
+    pub fn target(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Default for Blackhole {
+    fn default() -> Self {
+        Blackhole::new()
+    }
+}
+
+/// bind(2) `fd` to 127.0.0.1:`port`; the address it got.
+fn bind_loopback_v4(fd: libc::c_int, port: u16) -> SocketAddr {
+    // SAFETY: a zeroed sockaddr_in is valid; we fill the fields bind needs.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_port = port.to_be();
+    sin.sin_addr = libc::in_addr {
+        s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: sin is a valid sockaddr_in of `len` bytes.
+    let rc = unsafe { libc::bind(fd, &sin as *const _ as *const libc::sockaddr, len) };
+    assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+    let mut got: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut got_len = len;
+    // SAFETY: got is a sockaddr_in buffer of got_len bytes.
+    let rc =
+        unsafe { libc::getsockname(fd, &mut got as *mut _ as *mut libc::sockaddr, &mut got_len) };
+    assert_eq!(rc, 0, "getsockname: {}", io::Error::last_os_error());
+    SocketAddr::from((Ipv4Addr::LOCALHOST, u16::from_be(got.sin_port)))
+}
+
+/// A target name that never resolves (`.invalid` is reserved for that).
+pub const UNRESOLVABLE: &str = "nothing.invalid:1";
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// Connect to `addr` (panicking on failure), with read and write timeouts of `WAIT` so that a
+/// broken proxy fails the test instead of hanging it.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s =
+        TcpStream::connect_timeout(&addr, WAIT).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Write `msg` and read back exactly as many bytes; panic unless they are `msg`.
+pub fn roundtrip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).expect("write to proxy");
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).expect("read echo from proxy");
+    assert_eq!(got, msg, "echo differs");
+}
+
+/// Read one `\n`-terminated line (without the newline), byte by byte so nothing after it is
+/// consumed.
+pub fn read_line(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => panic!(
+                "EOF before end of line (got {:?})",
+                String::from_utf8_lossy(&out)
+            ),
+            Ok(_) if b[0] == b'\n' => return String::from_utf8(out).unwrap(),
+            Ok(_) => out.push(b[0]),
+            Err(e) => panic!(
+                "reading a line: {e} (got {:?})",
+                String::from_utf8_lossy(&out)
+            ),
+        }
+    }
+}
+
+/// Connect and read the backend's tag line.
+pub fn tag_of(addr: SocketAddr) -> String {
+    let mut s = connect(addr);
+    read_line(&mut s)
+}
+
+/// Read until the proxy closes the connection; panic if it sends anything or does not close
+/// within `within`. A reset counts as closed.
+pub fn expect_closed(s: &mut TcpStream, within: Duration) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 1024];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!(
+            "expected the connection closed, got {n} bytes: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected the connection closed within {within:?}, got {e}"),
+    }
+}
+
+/// Panic unless nothing arrives on `s` for `window` (a bounded negative check).
+pub fn expect_silent(s: &mut TcpStream, window: Duration) {
+    s.set_read_timeout(Some(window)).unwrap();
+    let mut buf = [0u8; 1024];
+    match s.read(&mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {}
+        Ok(0) => panic!("expected no answer yet, got EOF"),
+        Ok(n) => panic!(
+            "expected no answer yet, got {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => panic!("expected no answer yet, got {e}"),
+    }
+    s.set_read_timeout(Some(WAIT)).unwrap();
+}
+
+/// Panic unless a connection to `addr` is refused.
+pub fn expect_refused(addr: SocketAddr) {
+    match TcpStream::connect_timeout(&addr, WAIT) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+        Err(e) => panic!("connect {addr}: expected refused, got {e}"),
+        Ok(_) => panic!("connect {addr}: expected refused, but it connected"),
+    }
+}

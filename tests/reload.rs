@@ -1,0 +1,480 @@
+//! Config reloads: by the file changing (checked every --reload-interval) and by SIGHUP.
+//! A reload is applied as a diff; a bad file, or a port that cannot be bound, changes nothing.
+
+mod common;
+
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+
+/// Short reload interval so that file changes are seen quickly.
+const FAST: &[&str] = &["--reload-interval", "100ms"];
+
+fn v4(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn reload_ok(l: &str) -> bool {
+    l.contains(" INFO  reload ok: ")
+}
+
+#[test]
+fn an_added_port_serves_after_reload_ok() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, FAST, |ports| {
+        config(&[app("a", ports, &[echo.target()])])
+    });
+    let new = free_port();
+    expect_refused(v4(new));
+
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app("a", &[p.ports[0], new], &[echo.target()])]));
+    let line = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(line.contains("ports_added=1 ports_removed=0"), "{line}");
+    assert!(line.contains(&format!("added=[{new}]")), "{line}");
+
+    for addr in [
+        v4(new),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, new)),
+        p.v4(0),
+    ] {
+        let mut s = connect(addr);
+        roundtrip(&mut s, b"new port");
+    }
+}
+
+/// A removed port refuses new connections at once; a connection already open on it goes on
+/// working (the drain timeout is long here) and ends normally.
+#[test]
+fn a_removed_port_refuses_new_connections_and_keeps_open_ones() {
+    let echo = Backend::echo();
+    let p = Proxy::start(2, FAST, |ports| {
+        config(&[app("a", ports, &[echo.target()])])
+    });
+    let mut live = connect(p.v4(1));
+    roundtrip(&mut live, b"before");
+    let local = live.local_addr().unwrap();
+
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app("a", &p.ports[..1], &[echo.target()])]));
+    let line = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(line.contains("ports_added=0 ports_removed=1"), "{line}");
+    p.wait_log_since(mark, "draining", |l| {
+        l.contains("reload: 1 connections on removed ports draining")
+    });
+
+    expect_refused(p.v4(1));
+    expect_refused(p.v6(1));
+    for i in 0..5 {
+        roundtrip(&mut live, format!("after {i}").as_bytes());
+    }
+    let mut other = connect(p.v4(0));
+    roundtrip(&mut other, b"the kept port still works");
+
+    live.shutdown(Shutdown::Write).unwrap();
+    expect_closed(&mut live, WAIT);
+    let c = p.wait_conn(local);
+    assert_eq!(c.end, "closed", "{}", c.line);
+    assert_eq!(c.port, p.ports[1], "{}", c.line);
+}
+
+/// With --drain-timeout 1s, a connection left open on a removed port is cut after that time
+/// and logged `end=drained`.
+#[test]
+fn a_removed_port_drains_open_connections_after_the_drain_timeout() {
+    let echo = Backend::echo();
+    let p = Proxy::start(
+        2,
+        &["--reload-interval", "100ms", "--drain-timeout", "1s"],
+        |ports| config(&[app("a", ports, &[echo.target()])]),
+    );
+    let mut live = connect(p.v4(1));
+    roundtrip(&mut live, b"before");
+    let local = live.local_addr().unwrap();
+    let mut kept = connect(p.v4(0));
+    roundtrip(&mut kept, b"on a kept port");
+
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app("a", &p.ports[..1], &[echo.target()])]));
+    p.wait_log_since(mark, "reload ok", reload_ok);
+    let since = std::time::Instant::now();
+    expect_closed(&mut live, WAIT);
+    assert!(since.elapsed() <= Duration::from_secs(15));
+    let c = p.wait_conn(local);
+    assert_eq!(c.end, "drained", "{}", c.line);
+    p.wait_log_since(mark, "drain timeout", |l| {
+        l.contains("drain timeout: closed 1 connections")
+    });
+
+    // The connection on the kept port was not touched.
+    roundtrip(&mut kept, b"still open");
+}
+
+/// New connections go to the new targets; a connection opened before stays on the old one.
+#[test]
+fn changed_targets_apply_to_new_connections_only() {
+    let old = Backend::tagged("old");
+    let new = Backend::tagged("new");
+    let p = Proxy::start(2, FAST, |ports| config(&[app("a", ports, &[old.target()])]));
+    let mut before = connect(p.v4(0));
+    assert_eq!(read_line(&mut before), "old");
+    let local = before.local_addr().unwrap();
+
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app("a", &p.ports, &[new.target()])]));
+    let line = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(
+        line.contains("ports_added=0 ports_removed=0 apps_added=0 apps_removed=0 apps_changed=1"),
+        "{line}"
+    );
+
+    for i in 0..10 {
+        assert_eq!(tag_of(p.v4(i % 2)), "new");
+    }
+    roundtrip(&mut before, b"still on the old backend");
+    drop(before);
+    let c = p.wait_conn(local);
+    assert_eq!(c.target, old.target(), "{}", c.line);
+}
+
+/// A port can move from one app to another without its listener going away.
+#[test]
+fn a_port_moved_to_another_app_routes_to_it() {
+    let a = Backend::tagged("a");
+    let b = Backend::tagged("b");
+    let p = Proxy::start(3, FAST, |ports| {
+        config(&[
+            app("a", &ports[..2], &[a.target()]),
+            app("b", &ports[2..], &[b.target()]),
+        ])
+    });
+    assert_eq!(tag_of(p.v4(1)), "a");
+    let mark = p.mark();
+    p.rewrite_config(&config(&[
+        app("a", &p.ports[..1], &[a.target()]),
+        app("b", &p.ports[1..], &[b.target()]),
+    ]));
+    let line = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(line.contains("ports_added=0 ports_removed=0"), "{line}");
+    assert_eq!(tag_of(p.v4(0)), "a");
+    assert_eq!(tag_of(p.v4(1)), "b");
+    assert_eq!(tag_of(p.v6(2)), "b");
+}
+
+/// A file that does not parse, or that fails validation, is refused with its reasons; the
+/// running config keeps serving; a fixed file is then picked up.
+#[test]
+fn an_invalid_file_is_rejected_and_the_old_config_kept() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, FAST, |ports| {
+        config(&[app("a", ports, &[echo.target()])])
+    });
+    let extra = free_port();
+
+    // Not JSON at all.
+    let mark = p.mark();
+    p.rewrite_config("{\"Apps\": [ this is not json");
+    let l = p.wait_log_since(mark, "reload rejected (syntax)", |l| {
+        l.contains("reload rejected: ")
+    });
+    assert!(
+        l.contains(" ERROR ") && l.contains("not a valid config"),
+        "{l}"
+    );
+    p.wait_log_since(mark, "keeping the running config", |l| {
+        l.contains("reload rejected: keeping the running config")
+    });
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still served");
+
+    // Valid JSON, invalid config: a port 0 next to a new port; neither is applied.
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app(
+        "a",
+        &[p.ports[0], extra, 0],
+        &[echo.target()],
+    )]));
+    let l = p.wait_log_since(mark, "reload rejected (port 0)", |l| {
+        l.contains("reload rejected: ")
+    });
+    assert!(l.contains("app \"a\": Ports: 0 is not a port"), "{l}");
+    p.wait_log_since(mark, "keeping the running config", |l| {
+        l.contains("reload rejected: keeping the running config")
+    });
+    expect_refused(v4(extra));
+    roundtrip(&mut s, b"still served");
+
+    // An unknown key and a bad target: every problem is logged.
+    let mark = p.mark();
+    p.rewrite_config(r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["nope"],"Weight":1}]}"#);
+    p.wait_log_since(mark, "keeping the running config", |l| {
+        l.contains("reload rejected: keeping the running config")
+    });
+    let rejected = p.lines_since(mark, |l| l.contains("reload rejected: "));
+    assert!(
+        rejected
+            .iter()
+            .any(|l| l.contains("unknown key \"Weight\"")),
+        "{rejected:#?}"
+    );
+    assert!(
+        rejected.iter().any(|l| l.contains("Targets: \"nope\"")),
+        "{rejected:#?}"
+    );
+    assert!(p.lines(reload_ok).is_empty(), "a rejected file was applied");
+    roundtrip(&mut s, b"still served");
+
+    // Fixed: applied.
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app("a", &[p.ports[0], extra], &[echo.target()])]));
+    p.wait_log_since(mark, "reload ok", reload_ok);
+    let mut s2 = connect(v4(extra));
+    roundtrip(&mut s2, b"extra");
+}
+
+/// A port that cannot be bound (another socket listens on it) refuses the whole reload: the
+/// other new port is not opened and the targets are not changed. Once the port is free, a
+/// SIGHUP applies the same file.
+#[test]
+fn a_port_that_cannot_be_bound_rejects_the_whole_reload() {
+    let old = Backend::tagged("old");
+    let new = Backend::tagged("new");
+    let p = Proxy::start(1, FAST, |ports| config(&[app("a", ports, &[old.target()])]));
+    let (free, busy) = (free_port(), free_port());
+    let squatter = TcpListener::bind(("::", busy)).expect("occupy a port");
+
+    let mark = p.mark();
+    p.rewrite_config(&config(&[
+        app("a", &p.ports, &[new.target()]),
+        app("b", &[free, busy], &[new.target()]),
+    ]));
+    let l = p.wait_log_since(mark, "reload rejected", |l| l.contains("reload rejected: "));
+    assert!(l.contains(&format!("cannot listen on port {busy}")), "{l}");
+    assert!(l.contains("keeping the running config"), "{l}");
+    expect_refused(v4(free));
+    assert_eq!(tag_of(p.v4(0)), "old");
+    assert!(p.lines(reload_ok).is_empty());
+
+    // The port is freed; the unchanged file is applied on SIGHUP.
+    drop(squatter);
+    let mark = p.mark();
+    p.signal(libc::SIGHUP);
+    p.wait_log_since(mark, "SIGHUP", |l| l.contains("SIGHUP: reloading"));
+    let l = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(
+        l.contains("ports_added=2") && l.contains("apps_added=1") && l.contains("apps_changed=1"),
+        "{l}"
+    );
+    assert_eq!(tag_of(v4(free)), "new");
+    assert_eq!(tag_of(v4(busy)), "new");
+    assert_eq!(tag_of(p.v4(0)), "new");
+}
+
+/// With a reload interval of an hour only SIGHUP reloads; a SIGHUP with nothing changed says
+/// so.
+#[test]
+fn sighup_forces_a_reload() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, &["--reload-interval", "1h"], |ports| {
+        config(&[app("a", ports, &[echo.target()])])
+    });
+
+    let mark = p.mark();
+    p.signal(libc::SIGHUP);
+    p.wait_log_since(mark, "config unchanged", |l| {
+        l.contains(" INFO  reload: config unchanged")
+    });
+
+    let new = free_port();
+    p.rewrite_config(&config(&[app("a", &[p.ports[0], new], &[echo.target()])]));
+    expect_refused(v4(new));
+    let mark = p.mark();
+    p.signal(libc::SIGHUP);
+    let hup = p.wait_log_since(mark, "SIGHUP", |l| l.contains(" INFO  SIGHUP: reloading "));
+    assert!(hup.contains(&p.config.display().to_string()), "{hup}");
+    let l = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(l.contains("ports_added=1"), "{l}");
+    let mut s = connect(v4(new));
+    roundtrip(&mut s, b"after SIGHUP");
+    assert_eq!(p.lines(reload_ok).len(), 1);
+}
+
+/// Twenty reloads, by file change and by SIGHUP, while a client connects continuously to ports
+/// that stay: not one of its connections fails. The reloads add and remove another port and
+/// change the streamed app's targets.
+#[test]
+fn reloads_under_a_steady_stream_of_connections_lose_nothing() {
+    let e1 = Backend::echo();
+    let e2 = Backend::echo_v6();
+    let other = Backend::echo();
+    let p = Proxy::start(3, FAST, |ports| {
+        config(&[
+            app("stream", &ports[..2], &[e1.target()]),
+            app("other", &ports[2..], &[other.target()]),
+        ])
+    });
+    let (s0, s1, o0) = (p.ports[0], p.ports[1], p.ports[2]);
+    let toggled = free_port();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+    let client = {
+        let (stop, ok, failures) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failures));
+        thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let port = if n % 2 == 0 { s0 } else { s1 };
+                let r = (|| -> std::io::Result<()> {
+                    use std::io::{Read, Write};
+                    let mut s = std::net::TcpStream::connect(v4(port))?;
+                    s.set_read_timeout(Some(WAIT))?;
+                    let msg = format!("conn {n}\n");
+                    s.write_all(msg.as_bytes())?;
+                    s.shutdown(Shutdown::Write)?;
+                    let mut got = String::new();
+                    s.read_to_string(&mut got)?;
+                    if got != msg {
+                        return Err(std::io::Error::other(format!("echo {got:?} for {msg:?}")));
+                    }
+                    Ok(())
+                })();
+                match r {
+                    Ok(()) => {
+                        ok.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Err(e) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("port {port} conn {n}: {e}")),
+                }
+            }
+        })
+    };
+
+    for i in 0..20 {
+        let with_toggled = i % 2 == 0;
+        let stream_targets = if i % 4 < 2 {
+            vec![e1.target(), e2.target()]
+        } else {
+            vec![e2.target()]
+        };
+        let other_ports = if with_toggled {
+            vec![o0, toggled]
+        } else {
+            vec![o0]
+        };
+        let mark = p.mark();
+        p.rewrite_config(&config(&[
+            app("stream", &[s0, s1], &stream_targets),
+            app("other", &other_ports, &[other.target()]),
+        ]));
+        if i % 3 == 0 {
+            p.signal(libc::SIGHUP);
+        }
+        p.wait_log_since(mark, &format!("reload ok #{i}"), reload_ok);
+        if with_toggled {
+            let mut s = connect(v4(toggled));
+            roundtrip(&mut s, b"toggled on");
+        } else {
+            expect_refused(v4(toggled));
+        }
+    }
+    // Let the client run a little past the last reload, then stop it.
+    let at_end = ok.load(Ordering::Acquire);
+    wait_for("a few more client connections", WAIT, || {
+        (ok.load(Ordering::Acquire) >= at_end + 5).then_some(())
+    });
+    stop.store(true, Ordering::Release);
+    client.join().unwrap();
+
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failed connections, e.g. {:#?}",
+        failures.len(),
+        &failures[..failures.len().min(10)]
+    );
+    let ok = ok.load(Ordering::Acquire);
+    assert!(ok >= 40, "only {ok} connections in 20 reloads");
+    assert_eq!(p.lines(reload_ok).len(), 20);
+    assert!(p.lines(|l| l.contains("reload rejected")).is_empty());
+    let bad: Vec<String> = p
+        .conns()
+        .into_iter()
+        .filter(|c| c.end != "closed")
+        .map(|c| c.line)
+        .collect();
+    assert!(bad.is_empty(), "{bad:#?}");
+    assert!(e1.served() > 0 && e2.served() > 0);
+}
+
+/// A change made to the file while the proxy is starting (after it read the file, before it
+/// started watching it) is still picked up. The file is padded with whitespace so that parsing
+/// it takes a while, and it is replaced as soon as the proxy has read it (its read-byte count
+/// in /proc says so).
+#[test]
+fn a_change_made_while_starting_is_not_lost() {
+    let echo = Backend::echo();
+    let ports = free_ports(2);
+    let first = config(&[app("a", &ports[..1], &[echo.target()])]);
+    let padded = format!("{first}{}", " ".repeat(64 << 20));
+    let mut p = Proxy::spawn(&padded, FAST);
+    p.ports = ports.clone();
+    let rchar = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/io"))
+            .ok()
+            .and_then(|io| {
+                io.lines()
+                    .find_map(|l| l.strip_prefix("rchar:"))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    wait_for("the proxy to read its config", WAIT, || {
+        (rchar(p.pid) >= padded.len() as u64).then_some(())
+    });
+    p.rewrite_config(&config(&[app("a", &ports, &[echo.target()])]));
+    let started = p.logs().iter().any(|l| l.contains(" started "));
+    p.wait_started().expect("started");
+    assert!(
+        !started,
+        "the proxy started before the file was replaced: the test did not hit the window"
+    );
+
+    let line = p.wait_log("reload ok", reload_ok);
+    assert!(line.contains(&format!("added=[{}]", ports[1])), "{line}");
+    let mut s = connect(v4(ports[1]));
+    roundtrip(&mut s, b"changed while starting");
+}
+
+/// A config file that disappears is not a config change: the running config goes on serving,
+/// a SIGHUP says it cannot read the file, and the file coming back is picked up.
+#[test]
+fn a_missing_config_file_keeps_the_running_config() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, FAST, |ports| {
+        config(&[app("a", ports, &[echo.target()])])
+    });
+    std::fs::remove_file(&p.config).unwrap();
+    let mark = p.mark();
+    p.signal(libc::SIGHUP);
+    let l = p.wait_log_since(mark, "reload rejected", |l| l.contains("reload rejected: "));
+    assert!(l.contains("cannot read"), "{l}");
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still served");
+
+    let extra = free_port();
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app("a", &[p.ports[0], extra], &[echo.target()])]));
+    let l = p.wait_log_since(mark, "reload ok", reload_ok);
+    assert!(l.contains(&format!("added=[{extra}]")), "{l}");
+    let mut s = connect(v4(extra));
+    roundtrip(&mut s, b"back");
+    assert!(p.lines(reload_ok).len() == 1);
+}
