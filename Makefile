@@ -11,7 +11,7 @@ RUN_DEPS     := netcat-openbsd iproute2 bpftool
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
-.PHONY: all deps build run test lint clean bench
+.PHONY: all deps build run test lint clean bench deb
 
 all: build
 
@@ -54,6 +54,18 @@ test: deps lint
 # More settings (ROUNDS, DURATION, CONFIGS, ...): bench/README.md.
 bench:
 	bench/run.sh
+
+# The Debian package, target/debian/flyproxy_<version>_<arch>.deb, built with dpkg-deb alone by
+# dist/build-deb.sh from the stripped release binary: /usr/bin/flyproxy, systemd units for both
+# modes (neither enabled nor started on install), /etc/flyproxy/config.json (a conffile), the man
+# page. Install it with `apt install ./target/debian/flyproxy_*.deb`.
+VERSION      := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)
+DEB_ARCH     := $(shell dpkg --print-architecture 2>/dev/null)
+DEB          := target/debian/flyproxy_$(VERSION)_$(DEB_ARCH).deb
+
+deb: deps
+	$(CARGO) build --release --bin flyproxy
+	dist/build-deb.sh $(RELEASE) $(DEB)
 
 clean:
 	$(CARGO) clean

@@ -187,6 +187,7 @@ pub fn run(
         exec: handed.exec,
         upgrade: None,
         handed_over: false,
+        told_to_stop: false,
         metrics_socket,
     };
     lp.watch.seen(loaded_sig);
@@ -238,6 +239,8 @@ struct Loop {
     upgrade: Option<InProgress>,
     /// A new process took over: leave the pid file to it.
     handed_over: bool,
+    /// A stop signal has been received (so the next one exits at once).
+    told_to_stop: bool,
     /// The --metrics listening socket's address and fd, handed over on upgrade.
     metrics_socket: Option<(std::net::SocketAddr, std::os::fd::RawFd)>,
 }
@@ -290,6 +293,13 @@ impl Loop {
                     }
                     STOP_PIPE => {
                         drain_pipe(stop);
+                        if self.stop_deadline.is_some() && self.handed_over && !self.told_to_stop {
+                            // Draining after an upgrade was our own doing: the first stop
+                            // signal (systemd stopping the whole group, say) only confirms it.
+                            self.told_to_stop = true;
+                            crate::info!("stop signal: already draining after an upgrade");
+                            continue;
+                        }
                         if self.stop_deadline.is_some() {
                             let open = self.shared.conns.len();
                             crate::warn!("second stop signal: exiting now, {open} connections cut");
@@ -298,7 +308,12 @@ impl Loop {
                         }
                         // A new process not yet serving is abandoned: stopping means no
                         // process of ours serves any more.
-                        self.abandon_upgrade(poll, "was abandoned: this process was told to stop");
+                        self.told_to_stop = true;
+                        self.abandon_upgrade(
+                            poll,
+                            "was abandoned: this process was told to stop",
+                            true,
+                        );
                         self.begin_stop(poll);
                     }
                     UPGRADE_PIPE => {
@@ -327,7 +342,7 @@ impl Loop {
                 }
             }
             if self.upgrade.as_ref().is_some_and(|u| now >= u.deadline) {
-                self.abandon_upgrade(poll, "was not serving within the upgrade timeout");
+                self.abandon_upgrade(poll, "was not serving within the upgrade timeout", true);
             }
             if self.next_drain.is_some_and(|d| now >= d) {
                 let (cut, next) = self.shared.conns.cut_expired(now);
@@ -594,7 +609,7 @@ impl Loop {
         };
         match ready {
             None => {}
-            Some(false) => self.abandon_upgrade(poll, "exited before it was serving"),
+            Some(false) => self.abandon_upgrade(poll, "exited before it was serving", false),
             Some(true) => {
                 let Some(mut done) = self.upgrade.take() else {
                     return;
@@ -615,8 +630,10 @@ impl Loop {
         }
     }
 
-    /// Give up on an upgrade: the old process (this one) carries on as before.
-    fn abandon_upgrade(&mut self, poll: &Poll, why: &str) {
+    /// Give up on an upgrade: the old process (this one) carries on as before. `kill` ends
+    /// the new process at once; otherwise it is exiting already and gets a moment to finish
+    /// writing its own error.
+    fn abandon_upgrade(&mut self, poll: &Poll, why: &str, kill: bool) {
         let Some(mut failed) = self.upgrade.take() else {
             return;
         };
@@ -624,6 +641,9 @@ impl Loop {
         let child = &mut failed.up.child;
         // Give a process that is exiting a moment to finish (and write its own error), then
         // make sure nothing lingers half-started.
+        if kill {
+            let _ = child.kill();
+        }
         let until = Instant::now() + Duration::from_secs(2);
         let status = loop {
             match child.try_wait() {
