@@ -172,6 +172,10 @@ impl Conns {
         (due.len(), next)
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         self.lock().open.len()
     }

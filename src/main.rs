@@ -4,27 +4,10 @@
 //! message and an exit code: 0 done, 1 could not run (bad config, port in use, missing
 //! privileges), 2 bad command line.
 
-mod backend;
-mod bpf;
-mod cli;
-mod config;
-mod conns;
-mod frontend;
-mod health;
-mod log;
-mod metrics;
-mod pool;
-mod ports;
-mod proxy_protocol;
-mod relay;
-mod routing;
-mod session;
-mod systemd;
-mod upgrade;
-
 use std::process::ExitCode;
 
-use cli::{Command, Mode};
+use flyproxy::cli::{self, Command, Mode};
+use flyproxy::{bpf, config, error, frontend, log, metrics, ports, upgrade};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
