@@ -18,8 +18,29 @@ use std::time::{Duration, Instant};
 const PIPE_SIZE: usize = 1024 * 1024;
 /// Spare pipes kept for reuse; beyond this, a freed pipe is closed.
 const PIPE_POOL_MAX: usize = 64;
-/// Buffer for the read/write fallback, used only when no pipe can be had.
+/// Buffer for copying through user space: small exchanges (requests, replies) are cheaper to
+/// copy than to splice, and it is the fallback when no pipe can be had.
 const BUF_SIZE: usize = 16 * 1024;
+/// Spare buffers kept for reuse.
+const BUF_POOL_MAX: usize = 256;
+
+static BUFS: Mutex<Vec<Box<[u8]>>> = Mutex::new(Vec::new());
+
+/// A buffer from the pool, or a new one. Buffers, like pipes, are held only while bytes are in
+/// flight, so an idle connection holds none.
+fn take_buf() -> Box<[u8]> {
+    BUFS.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pop()
+        .unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buf(buf: Box<[u8]>) {
+    let mut pool = BUFS.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < BUF_POOL_MAX {
+        pool.push(buf);
+    }
+}
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +149,9 @@ impl Drop for KernelPipe {
 /// What holds a direction's bytes in flight.
 enum Carrier {
     None,
+    /// For bulk: zero-copy.
     Pipe(KernelPipe),
-    /// Fallback when no pipe can be had (descriptors exhausted) or splice is refused.
+    /// For small exchanges, and when no pipe can be had or splice is refused.
     Buf {
         buf: Box<[u8]>,
         lo: usize,
@@ -145,6 +167,9 @@ struct Direction<'a> {
     pending: usize,
     /// splice was refused for this pair of sockets: use the buffer from now on.
     no_splice: bool,
+    /// The last read filled its carrier: a bulk transfer, worth splicing (as HAProxy's
+    /// splice-auto decides). Cleared by a short read.
+    bulk: bool,
     /// `src` has no more bytes (read returned 0).
     eof: bool,
     /// `dst`'s write side has been shut down after the last byte.
@@ -185,6 +210,7 @@ impl<'a> Direction<'a> {
             carrier: Carrier::None,
             pending: 0,
             no_splice: false,
+            bulk: false,
             eof: false,
             shut: false,
             moved: 0,
@@ -206,8 +232,10 @@ impl<'a> Direction<'a> {
     /// Give the carrier back once it is empty, so an idle direction holds nothing.
     fn release(&mut self) {
         if self.pending == 0 {
-            if let Carrier::Pipe(p) = std::mem::replace(&mut self.carrier, Carrier::None) {
-                p.give();
+            match std::mem::replace(&mut self.carrier, Carrier::None) {
+                Carrier::Pipe(p) => p.give(),
+                Carrier::Buf { buf, .. } => give_buf(buf),
+                Carrier::None => {}
             }
         }
     }
@@ -240,10 +268,15 @@ impl<'a> Direction<'a> {
     /// Read what `src` has into the carrier; Ok(None) if nothing is there yet.
     fn fill(&mut self, src: &TcpStream) -> io::Result<Option<usize>> {
         if matches!(self.carrier, Carrier::None) {
-            self.carrier = match (self.no_splice, KernelPipe::take()) {
-                (false, Ok(p)) => Carrier::Pipe(p),
-                _ => Carrier::Buf {
-                    buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            let pipe = if self.bulk && !self.no_splice {
+                KernelPipe::take().ok()
+            } else {
+                None
+            };
+            self.carrier = match pipe {
+                Some(p) => Carrier::Pipe(p),
+                None => Carrier::Buf {
+                    buf: take_buf(),
                     lo: 0,
                 },
             };
@@ -266,7 +299,7 @@ impl<'a> Direction<'a> {
                     self.no_splice = true;
                     self.release();
                     self.carrier = Carrier::Buf {
-                        buf: vec![0; BUF_SIZE].into_boxed_slice(),
+                        buf: take_buf(),
                         lo: 0,
                     };
                     continue;
@@ -287,6 +320,15 @@ impl<'a> Direction<'a> {
             }
             if !flushed {
                 return Ok(step);
+            }
+            // Switch carriers between fills when the kind of traffic changed.
+            let wrong_carrier = match self.carrier {
+                Carrier::Buf { .. } => self.bulk && !self.no_splice,
+                Carrier::Pipe(_) => !self.bulk,
+                Carrier::None => false,
+            };
+            if wrong_carrier {
+                self.release();
             }
             if self.eof {
                 self.release();
@@ -310,6 +352,27 @@ impl<'a> Direction<'a> {
                 Some(n) => {
                     self.pending = n;
                     step = Step::Progress;
+                    let capacity = match &self.carrier {
+                        Carrier::Buf { buf, .. } => buf.len(),
+                        _ => PIPE_SIZE,
+                    };
+                    self.bulk = n == capacity || (self.bulk && n >= BUF_SIZE);
+                    if !self.bulk && matches!(self.carrier, Carrier::Buf { .. }) {
+                        // A short read drained the socket (as far as it had bytes): deliver
+                        // them, then wait in poll rather than pay for a read that would only
+                        // say EAGAIN. Poll is level-triggered, so nothing is missed.
+                        let before = self.moved;
+                        let flushed = self.flush(dst)?;
+                        if flushed {
+                            self.release();
+                        }
+                        if self.moved != before {
+                            step = Step::Progress;
+                        }
+                        return Ok(step);
+                    }
+                    // A full carrier moving to a pipe: hand back the buffer once written, so
+                    // the next fill picks the pipe.
                 }
                 None => {
                     self.release();
