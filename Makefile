@@ -45,6 +45,10 @@ lint: deps
 
 test: deps lint
 	$(CARGO) build --bins --examples
+	@# The package tests (tests/packaging.rs) run in CI or with FLYPROXY_PACKAGING_TESTS=1; build
+	@# the package first, so its release build does not compete with the other tests for the CPU.
+	@if [ -n "$$CI" ] && [ "$$CI" != 0 ] && [ "$$CI" != false ] || [ "$$FLYPROXY_PACKAGING_TESTS" = 1 ]; then \
+	  $(MAKE) --no-print-directory deb; fi
 	$(CARGO) nextest run --no-fail-fast
 
 # The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network
@@ -69,3 +73,21 @@ deb: deps
 
 clean:
 	$(CARGO) clean
+
+.PHONY: fuzz reliability
+
+# Fuzzing, not part of `make test`: the config parser (bytes, and structured JSON), the PROXY
+# header writer (parsed back by an independent parser) and the command line, each under
+# libFuzzer for FUZZ_SECONDS (default 60). Installs cargo-fuzz if missing. See fuzz/run.sh.
+#   make fuzz FUZZ_SECONDS=30
+fuzz: deps
+	CARGO=$(CARGO) fuzz/run.sh
+
+# The long runs (root; about 10 minutes): for simple and bpf mode, each in a network namespace
+# of its own, a million connections and 100 GB through the release binary while the config is
+# rewritten 1,000 times and targets are killed and reset; then leak checks. Prints a table and
+# writes reliability/results.md. Settings (REL_CONNS, REL_GB, REL_MODES, ...): reliability/README.md.
+reliability: deps
+	$(CARGO) build --release --bin flyproxy
+	$(CARGO) build --release --manifest-path reliability/Cargo.toml
+	FLYPROXY=$(RELEASE) reliability/target/release/flyproxy-reliability run

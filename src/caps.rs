@@ -3,15 +3,18 @@
 //!
 //! What each mode keeps after start-up ([`keep_only`] is called once the listeners are up):
 //!
-//! - **bpf mode** keeps only `CAP_BPF`. Loading the sk_lookup program and attaching it to the
-//!   network namespace need `CAP_BPF` and `CAP_NET_ADMIN` (sk_lookup is a networking program
-//!   type); once attached, the program lives as long as our link fd and nothing needs
-//!   `CAP_NET_ADMIN` again, so it goes, and so does everything else. `CAP_BPF` stays because a
-//!   reload writes the ports map with the `bpf()` syscall, and when
-//!   `kernel.unprivileged_bpf_disabled` is set (Debian's default) kernels before 6.5 refuse
-//!   every `bpf()` command without it, map writes on a map fd we already hold included (6.5
-//!   moved that check to program loads and map creation). Detaching on SIGTERM only closes the
-//!   link fd, which needs nothing.
+//! - **bpf mode** keeps `CAP_BPF`, and `CAP_NET_ADMIN` as long as SIGUSR2 upgrades must work.
+//!   Loading the sk_lookup program and attaching it to the network namespace need both
+//!   (sk_lookup is a networking program type). Once attached, the program lives as long as our
+//!   link fd, and this process never needs `CAP_NET_ADMIN` again; but an upgrade's new process
+//!   loads and attaches a program of its own, with what the old one passes on through exec (see
+//!   below). `CAP_BPF` stays because a reload writes the ports map with the `bpf()` syscall,
+//!   and when `kernel.unprivileged_bpf_disabled` is set (Debian's default) older kernels, such
+//!   as Debian 12's 6.1, refuse every `bpf()` command without it, map writes on a map fd we
+//!   already hold included (newer ones check only program loads and map creation: measured on
+//!   6.18). Everything else goes, `CAP_NET_BIND_SERVICE` included unless the listener or the
+//!   metrics port is below 1024. Detaching on SIGTERM only closes the link fd, which needs
+//!   nothing.
 //! - **simple mode** keeps only `CAP_NET_BIND_SERVICE`, when it has it (root, or the unit's
 //!   ambient capability): a reload may bind a new port below 1024.
 //! - A process that has no capabilities at all (an ordinary user) is left as it is.
@@ -19,8 +22,7 @@
 //! An upgrade (SIGUSR2) execs the binary anew, and the new process gets what survives exec:
 //! run as root, its bounding set; run as another user (the systemd units), its ambient set.
 //! Both are narrowed to `keep`, never emptied, so the new process has exactly what the old one
-//! kept: enough for simple mode, but not for a bpf-mode upgrade that loads and attaches a program
-//! of its own (that needs `CAP_NET_ADMIN` too, so keep it as well if such upgrades must work).
+//! kept, and can itself keep the same.
 //!
 //! Capabilities belong to a thread, not to the process: [`keep_only`] changes the calling
 //! thread only, and threads inherit the sets of the thread that spawns them. So it must be

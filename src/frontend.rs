@@ -104,6 +104,7 @@ pub fn run(
     source
         .apply(poll.registry(), &config, &ports, &[])
         .map_err(StartError::Port)?;
+    drop_capabilities(mode_name, &settings)?;
     let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
 
     let routes = Arc::new(Routes::new(&config, None));
@@ -783,6 +784,31 @@ fn drain_pipe(pipe: &mut UnixStream) {
             Err(_) => return,
         }
     }
+}
+
+/// Set up, keep only the capabilities still needed, before any relay thread exists (they
+/// inherit the main thread's): bpf mode keeps CAP_BPF (map writes on reload need it where
+/// kernel.unprivileged_bpf_disabled is set) and CAP_NET_ADMIN (an upgrade's new process loads
+/// and attaches its own program); simple mode keeps CAP_NET_BIND_SERVICE (a reload may add a
+/// port below 1024). A process without capabilities (not root) is left as it is.
+fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartError> {
+    use crate::caps::Cap;
+    let mut keep = if mode_name == "bpf" {
+        vec![Cap::Bpf, Cap::NetAdmin]
+    } else {
+        vec![Cap::NetBindService]
+    };
+    // An upgrade binds nothing new for --metrics (the socket is handed over), but a fresh
+    // bind of a low metrics port in the new process would need it if the hand-over failed.
+    if settings.metrics.is_some_and(|a| a.port() < 1024) && !keep.contains(&Cap::NetBindService) {
+        keep.push(Cap::NetBindService);
+    }
+    crate::caps::keep_only(&keep)
+        .map_err(|e| StartError::Mode(format!("cannot drop capabilities: {e}")))?;
+    if let Ok(c) = crate::caps::current() {
+        crate::debug!("capabilities kept: {c}");
+    }
+    Ok(())
 }
 
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two

@@ -218,6 +218,9 @@ pub fn flush() {
 }
 
 fn writer(rx: Receiver<Msg>) {
+    // Capabilities belong to each thread: this one, started by the first log line, may
+    // predate the main thread dropping them, and needs none.
+    let _ = crate::caps::keep_only(&[]);
     let stderr = std::io::stderr();
     let mut reported = 0;
     while let Ok(first) = rx.recv() {

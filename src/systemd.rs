@@ -7,8 +7,9 @@
 //! the sk_lookup program attached and the ports map written). So `systemctl start` returns, and
 //! units ordered `After=flyproxy.service` start, only when connections are actually accepted,
 //! and a config or port that prevents start-up fails `systemctl start` instead of being
-//! reported as a running service that then exits. `STATUS=` lines show in `systemctl status`,
-//! and `STOPPING=1` marks the drain after SIGTERM.
+//! reported as a running service that then exits. `STATUS=` lines show in `systemctl status`;
+//! `STOPPING=1` tells systemd that a drain has begun; after an upgrade the old process names
+//! the new one with `MAINPID=`.
 //!
 //! The protocol (see sd_notify(3)): systemd puts the path of a datagram socket in
 //! `NOTIFY_SOCKET`, either a file system path or, when it starts with `@`, a name in the

@@ -82,19 +82,19 @@ static __always_inline int bound_elsewhere(struct bpf_sk_lookup *ctx)
 	if (!b->match_addr)
 		return 0;
 	/*
-	 * Every context field is read at its own constant offset: the verifier refuses
-	 * a context pointer with a computed offset, which clang would otherwise make of
-	 * an ip4-or-ip6 choice.
+	 * Every context and map field is read at its own constant offset, all of them
+	 * unconditionally: the verifier refuses a context pointer with a computed offset,
+	 * and (without CAP_PERFMON) a map value pointer with one, both of which clang
+	 * would otherwise make of an ip4-or-ip6 choice.
 	 */
-	ip4 = ctx->local_ip4;
-	ip6_0 = ctx->local_ip6[0];
-	ip6_1 = ctx->local_ip6[1];
-	ip6_2 = ctx->local_ip6[2];
-	ip6_3 = ctx->local_ip6[3];
+	ip4 = ctx->local_ip4 ^ b->ip4;
+	ip6_0 = ctx->local_ip6[0] ^ b->ip6[0];
+	ip6_1 = ctx->local_ip6[1] ^ b->ip6[1];
+	ip6_2 = ctx->local_ip6[2] ^ b->ip6[2];
+	ip6_3 = ctx->local_ip6[3] ^ b->ip6[3];
 	if (ctx->family == AF_INET)
-		return ip4 != b->ip4;
-	return ip6_0 != b->ip6[0] || ip6_1 != b->ip6[1] || ip6_2 != b->ip6[2] ||
-	       ip6_3 != b->ip6[3];
+		return ip4 != 0;
+	return (ip6_0 | ip6_1 | ip6_2 | ip6_3) != 0;
 }
 
 /* Port (host order) -> port group: the index of the app the port belongs to. */
