@@ -70,8 +70,13 @@ impl Backend {
 
     /// Passive health: a failed connect marks the target down at once, so the next
     /// connections skip it; the active check brings it back.
+    /// Out of descriptors, memory or local ports is this host's trouble, not the target's:
+    /// counted, but it marks nothing down.
     fn connect_failed(&self, e: &ConnectError) {
         self.failures[e.index()].fetch_add(1, Ordering::Relaxed);
+        if e.is_local() {
+            return;
+        }
         self.oks.store(0, Ordering::Relaxed);
         if self.up.swap(false, Ordering::Relaxed) {
             crate::warn!("target {} of app {} is down: {e}", self.target, self.app);
@@ -93,6 +98,13 @@ impl Backend {
 
     /// Record an active check's result, applying the app's Fall and Rise.
     pub fn checked(&self, result: Result<(), ConnectError>) {
+        if let Err(e) = &result {
+            if e.is_local() {
+                // Says nothing about the target (see connect_failed).
+                crate::debug!("health check of {} skipped: {e}", self.target);
+                return;
+            }
+        }
         let HealthCheck { fall, rise, .. } = self.check_settings();
         match result {
             Ok(()) => {
@@ -239,11 +251,7 @@ pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGu
                 return Ok((stream, guard));
             }
             Err(e) => {
-                // Out of descriptors, memory or local ports is our trouble, not the
-                // target's: it must not mark a healthy target down.
-                if !e.is_local() {
-                    backend.connect_failed(&e);
-                }
+                backend.connect_failed(&e);
                 failures.push((Arc::clone(backend), e));
             }
         }

@@ -86,7 +86,13 @@ pub fn run(
     // Stat before loading: a change written while we start shows as a change at the first
     // tick instead of being taken for what we loaded.
     let loaded_sig = Watch::stat(&settings.config);
-    let config = Config::load(&settings.config).map_err(StartError::Config)?;
+    let loaded = std::fs::read(&settings.config).map_err(|e| {
+        StartError::Config(ConfigError {
+            path: settings.config.clone(),
+            problems: vec![crate::config::Problem::Io(e.to_string())],
+        })
+    })?;
+    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
     let mut source = make_source()?;
 
     let mut poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
@@ -191,7 +197,7 @@ pub fn run(
         told_to_stop: false,
         metrics_socket,
     };
-    lp.watch.seen(loaded_sig);
+    lp.watch.seen(loaded_sig, loaded);
     let result = lp.run(&mut poll, &mut hup, &mut stop);
     lp.remove_pid_file();
     result
@@ -491,7 +497,7 @@ impl Loop {
                 return;
             }
         };
-        self.watch.seen(sig);
+        self.watch.seen(sig, bytes.clone());
         let new = match Config::parse(&path, &bytes) {
             Ok(c) => c,
             Err(e) => {
@@ -500,7 +506,7 @@ impl Loop {
                 }
                 crate::error!("reload rejected: keeping the running config");
                 self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                self.watch.rejected(bytes);
+                self.watch.rejected();
                 return;
             }
         };
@@ -519,7 +525,7 @@ impl Loop {
         ) {
             crate::error!("reload rejected: cannot listen on {e}; keeping the running config");
             self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-            self.watch.rejected(bytes);
+            self.watch.rejected();
             return;
         }
         self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
@@ -697,7 +703,10 @@ impl Loop {
 /// a rejected version (so a file fixed within the same mtime tick is still picked up).
 struct Watch {
     sig: Option<FileSig>,
-    rejected: Option<Vec<u8>>,
+    /// The contents last read (applied or not).
+    last: Vec<u8>,
+    /// The last contents read were refused.
+    rejected: bool,
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -707,11 +716,16 @@ struct FileSig {
     ino: u64,
 }
 
+/// A file modified this recently may have changed again within the same timestamp tick
+/// (coarse on some kernels and filesystems) without its size changing: compare contents.
+const RECENT: Duration = Duration::from_secs(2);
+
 impl Watch {
     fn new() -> Watch {
         Watch {
             sig: None,
-            rejected: None,
+            last: Vec::new(),
+            rejected: false,
         }
     }
 
@@ -725,29 +739,32 @@ impl Watch {
         })
     }
 
-    /// Remember the file as it is now (after a load or a reload attempt).
-    fn seen(&mut self, sig: Option<FileSig>) {
+    /// Remember the file as it was read (at a load or a reload attempt).
+    fn seen(&mut self, sig: Option<FileSig>, bytes: Vec<u8>) {
         self.sig = sig;
-        self.rejected = None;
+        self.last = bytes;
+        self.rejected = false;
     }
 
-    fn rejected(&mut self, bytes: Vec<u8>) {
-        self.rejected = Some(bytes);
+    fn rejected(&mut self) {
+        self.rejected = true;
     }
 
     fn changed(&self, path: &Path) -> bool {
-        let sig = Watch::stat(path);
-        if sig.is_none() {
+        let Some(sig) = Watch::stat(path) else {
             // Missing for a moment (being replaced) or gone: keep serving what we have.
             return false;
-        }
-        if sig != self.sig {
+        };
+        if Some(sig) != self.sig {
             return true;
         }
-        match &self.rejected {
-            Some(old) => std::fs::read(path).is_ok_and(|now| &now != old),
-            None => false,
-        }
+        // Same metadata. Compare contents after a refused version (fixed within the same
+        // tick) and while the file is fresh (rewritten within the same tick, same size).
+        let recent = sig
+            .mtime
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_none_or(|age| age < RECENT);
+        (self.rejected || recent) && std::fs::read(path).is_ok_and(|now| now != self.last)
     }
 }
 

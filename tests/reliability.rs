@@ -1,0 +1,2048 @@
+//! Reliability attacks, in short versions that run with every `make test`: hostile clients (an
+//! idle flood past the connection bound, a client that never reads, clients that reset
+//! mid-transfer, clients that never send), faulty backends (mute, resetting, half-closing),
+//! resource exhaustion (a low open-file limit, EMFILE at accept, local ports running out) and
+//! config chaos (hundreds of rewrites, valid and invalid, under load).
+//!
+//! Each attack runs in simple mode and, where the mode could matter, in bpf mode in a network
+//! namespace of the test's own (`netns::run`: skipped without root, a failure in CI). Every
+//! assertion is on what a user sees: bytes, closed or refused connections, log lines, metrics,
+//! and /proc figures of the proxy (threads, RSS, CPU time, descriptors). Waits poll a
+//! condition up to a deadline; the few sleeps are the attack's own pacing or a bounded window
+//! in which something must *not* happen (or CPU time is measured).
+//!
+//! The idle flood (5,000 connections) runs alone under nextest (see `.config/nextest.toml`).
+
+mod common;
+#[allow(dead_code)]
+mod netns;
+
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+// ---------------------------------------------------------------------------------------------
+// The two modes
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Simple,
+    Bpf,
+}
+
+/// What a test body needs to know about the mode it runs in.
+struct Env {
+    mode: Mode,
+    /// bpf mode: the test's own network namespace.
+    ns: Option<netns::Netns>,
+    /// bpf mode: the next frontend port to hand out (any port is free in our own namespace;
+    /// these stay below the ephemeral range and away from the listener and metrics ports).
+    next_port: Cell<u16>,
+}
+
+/// Port of `--metrics` in bpf mode (the namespace is ours).
+const NETNS_METRICS_PORT: u16 = 9100;
+
+/// Run `body` in `mode`: simple mode on this thread; bpf mode on a thread in a network
+/// namespace of its own.
+fn in_mode(mode: Mode, test: &'static str, body: impl FnOnce(Env) + Send + 'static) {
+    match mode {
+        Mode::Simple => body(Env {
+            mode,
+            ns: None,
+            next_port: Cell::new(0),
+        }),
+        Mode::Bpf => netns::run(test, move |ns| {
+            body(Env {
+                mode,
+                ns: Some(ns),
+                next_port: Cell::new(20_000),
+            })
+        }),
+    }
+}
+
+impl Env {
+    /// `n` frontend ports nobody listens on.
+    fn ports(&self, n: usize) -> Vec<u16> {
+        match self.mode {
+            Mode::Simple => free_ports(n),
+            Mode::Bpf => (0..n)
+                .map(|_| {
+                    let p = self.next_port.get();
+                    self.next_port.set(p + 1);
+                    p
+                })
+                .collect(),
+        }
+    }
+
+    /// An address for `--metrics`.
+    fn metrics_addr(&self) -> SocketAddr {
+        let port = match self.mode {
+            Mode::Simple => free_port(),
+            Mode::Bpf => NETNS_METRICS_PORT,
+        };
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Start the proxy in this mode on `config_json` (which serves `ports`) and wait until it
+    /// serves.
+    fn start(&self, ports: &[u16], config_json: &str, args: &[&str]) -> Proxy {
+        self.start_with(ports, config_json, args, |_| {})
+    }
+
+    /// [`Env::start`], letting `adjust` change the command first.
+    fn start_with(
+        &self,
+        ports: &[u16],
+        config_json: &str,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Proxy {
+        let mut p = match self.mode {
+            Mode::Simple => {
+                let dir = TempDir::new("reliability");
+                let cfg = dir.write("config.json", config_json);
+                let mut cmd = Command::new(BIN);
+                cmd.arg("simple").arg("-c").arg(&cfg).args(args);
+                adjust(&mut cmd);
+                let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
+                if let Err(log) = p.wait_started() {
+                    panic!("flyproxy did not start:\n{log}");
+                }
+                p
+            }
+            Mode::Bpf => {
+                let p = netns::spawn_with(config_json, args, adjust);
+                p.wait_log("started mode=bpf", |l| {
+                    l.contains(" INFO  started mode=bpf ")
+                });
+                p
+            }
+        };
+        p.ports = ports.to_vec();
+        p
+    }
+}
+
+/// An app whose targets are never health-checked while a test runs (an up target is checked
+/// every 5 intervals: 5 hours here), so every connection a test backend sees is a client's.
+fn quiet_app(name: &str, ports: &[u16], targets: &[String]) -> serde_json::Value {
+    json!({ "Name": name, "Ports": ports, "Targets": targets,
+            "HealthCheck": { "IntervalMs": 3_600_000 } })
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc figures of the proxy
+
+fn proc_status(pid: u32, key: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {path}"))
+}
+
+/// Resident memory, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+fn threads_of(pid: u32) -> u64 {
+    proc_status(pid, "Threads:")
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(") ").expect("a stat line").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}
+
+/// CPU seconds the process uses during the next `window` (a measurement, not a wait).
+fn cpu_during(pid: u32, window: Duration) -> f64 {
+    let before = cpu_secs(pid);
+    thread::sleep(window);
+    cpu_secs(pid) - before
+}
+
+/// The ports of the TCP sockets in LISTEN state the process holds.
+fn listening_ports(pid: u32) -> BTreeSet<u16> {
+    let inodes: BTreeSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = BTreeSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for l in text.lines().skip(1) {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid
+            // timeout inode ...
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                let port = f[1].rsplit_once(':').map(|(_, p)| p).unwrap_or("");
+                ports.insert(u16::from_str_radix(port, 16).expect("a hex port"));
+            }
+        }
+    }
+    ports
+}
+
+/// The descriptor numbers the process has open.
+fn fds_of(pid: u32) -> BTreeSet<u64> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc/PID/fd")
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// The descriptor number the process's next open would get.
+fn lowest_free_fd(pid: u32) -> u64 {
+    let open = fds_of(pid);
+    (0..).find(|n| !open.contains(n)).unwrap()
+}
+
+/// Set the open-file soft limit of a running process (prlimit(2)); the previous limits.
+fn set_fd_limit(pid: u32, soft: u64) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit reads nothing and fills `old`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    assert_eq!(rc, 0, "prlimit(get): {}", io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    restore_fd_limit(pid, new);
+    old
+}
+
+fn restore_fd_limit(pid: u32, lim: libc::rlimit) {
+    // SAFETY: prlimit reads `lim` and writes nothing.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit(set): {}", io::Error::last_os_error());
+}
+
+/// Raise this test process's own open-file soft limit to its hard limit; the new limit.
+fn raise_own_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on structs we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
+            0,
+            "setrlimit: {}",
+            io::Error::last_os_error()
+        );
+    }
+    lim.rlim_cur
+}
+
+/// Make `cmd`'s process start with an open-file limit of `n` (soft and hard, so the proxy
+/// cannot raise it).
+fn with_fd_limit(cmd: &mut Command, n: u64) {
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics
+
+/// `GET /metrics`: the exposition text.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, WAIT)
+        .unwrap_or_else(|e| panic!("metrics {addr}: connect: {e}"));
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
+        .expect("metrics: send the request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)
+        .unwrap_or_else(|e| panic!("metrics {addr}: read: {e}"));
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("metrics {addr}: no response head: {resp:?}"));
+    assert!(head.starts_with("HTTP/1.1 200 "), "metrics {addr}: {head}");
+    body.to_owned()
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (series, value) = l.rsplit_once(' ')?;
+        let (n, lbl) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            return None;
+        }
+        let has = |k: &str, v: &str| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+        if !labels.iter().all(|(k, v)| has(k, v)) {
+            return None;
+        }
+        value.parse().ok()
+    })
+}
+
+/// Scrape until `name{labels}` satisfies `ok`, up to `within`; its value.
+fn wait_metric_within(
+    addr: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    within: Duration,
+    what: &str,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = scrape(addr);
+        let v = sample(&text, name, labels);
+        if let Some(v) = v.filter(|v| ok(*v)) {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {within:?} waiting for {name}{labels:?} {what}: last value {v:?}"
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_metric(
+    addr: SocketAddr,
+    name: &str,
+    labels: &[(&str, &str)],
+    what: &str,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    wait_metric_within(addr, name, labels, WAIT, what, ok)
+}
+
+/// Wait until no connection holds a slot of the bound: nothing leaked.
+fn wait_no_open_connections(addr: SocketAddr) {
+    wait_metric(addr, "flyproxy_connections_open", &[], "to be 0", |v| {
+        v == 0.0
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Test backends with faults
+
+/// How a connection ended, as one side saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum How {
+    Eof,
+    /// Reset by the peer (ECONNRESET, or EPIPE on a write after the peer's reset).
+    Reset,
+    Error(String),
+}
+
+fn how_of(e: &io::Error) -> How {
+    match e.kind() {
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => How::Reset,
+        _ => How::Error(e.to_string()),
+    }
+}
+
+/// What a test server saw of one connection.
+#[derive(Debug)]
+struct Ended {
+    /// The first bytes it received (up to 4 KiB).
+    data: Vec<u8>,
+    /// Every byte it received.
+    bytes: u64,
+    how: How,
+    /// When it ended (for the resetter: when it sent its reset).
+    at: Instant,
+}
+
+/// An in-test server on 127.0.0.1 running `handler` on a thread per connection; stops
+/// accepting on drop.
+struct Server {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a test server");
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let s = Arc::clone(&stop);
+        let thread = thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::Acquire) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let h = Arc::clone(&handler);
+                thread::spawn(move || h(conn));
+            }
+        });
+        Server {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// A server whose handler reports each connection's end on the returned channel.
+    fn reporting(
+        handler: impl Fn(TcpStream, &mpsc::Sender<Ended>) + Send + Sync + 'static,
+    ) -> (Server, mpsc::Receiver<Ended>) {
+        let (tx, rx) = mpsc::channel();
+        (Server::start(move |s| handler(s, &tx)), rx)
+    }
+
+    fn target(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(5));
+            let _ = t.join();
+        }
+    }
+}
+
+/// Read until EOF or an error: (first bytes, byte count, how it ended).
+fn drain(s: &mut TcpStream) -> (Vec<u8>, u64, How) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut data = Vec::new();
+    let mut bytes = 0u64;
+    let how = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break How::Eof,
+            Ok(n) => {
+                if data.len() < 4096 {
+                    data.extend_from_slice(&buf[..n.min(4096 - data.len())]);
+                }
+                bytes += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break how_of(&e),
+        }
+    };
+    (data, bytes, how)
+}
+
+/// Echo every byte; at EOF close the write side; report how the connection ended.
+fn recording_echo(mut s: TcpStream, tx: &mpsc::Sender<Ended>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut bytes = 0u64;
+    let how = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break How::Eof,
+            Ok(n) => {
+                bytes += n as u64;
+                if let Err(e) = s.write_all(&buf[..n]) {
+                    break how_of(&e);
+                }
+            }
+            Err(e) => break how_of(&e),
+        }
+    };
+    let _ = s.shutdown(Shutdown::Write);
+    let _ = tx.send(Ended {
+        data: Vec::new(),
+        bytes,
+        how,
+        at: Instant::now(),
+    });
+}
+
+/// Accept and never answer: read (and drop) whatever comes until the connection ends.
+fn mute(mut s: TcpStream, tx: &mpsc::Sender<Ended>) {
+    let (data, bytes, how) = drain(&mut s);
+    let _ = tx.send(Ended {
+        data,
+        bytes,
+        how,
+        at: Instant::now(),
+    });
+}
+
+/// The bytes the resetting backend sends before its reset.
+fn reset_payload() -> Vec<u8> {
+    (0..64 * 1024).map(|i| (i % 251) as u8).collect()
+}
+
+/// Wait for a line from the client, send 64 KiB, then reset the connection mid-stream.
+fn resetter(mut s: TcpStream, tx: &mpsc::Sender<Ended>) {
+    let mut got = Vec::new();
+    let mut b = [0u8; 256];
+    while !got.contains(&b'\n') {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+        }
+    }
+    if s.write_all(&reset_payload()).is_err() {
+        return;
+    }
+    set_linger_zero(&s);
+    let at = Instant::now();
+    drop(s);
+    let _ = tx.send(Ended {
+        bytes: got.len() as u64,
+        data: got,
+        how: How::Reset,
+        at,
+    });
+}
+
+/// Say `bye`, close the write side at once, and keep reading what the client sends after.
+fn half_closer(mut s: TcpStream, tx: &mpsc::Sender<Ended>) {
+    if s.write_all(b"bye\n").is_err() || s.shutdown(Shutdown::Write).is_err() {
+        return;
+    }
+    let (data, bytes, how) = drain(&mut s);
+    let _ = tx.send(Ended {
+        data,
+        bytes,
+        how,
+        at: Instant::now(),
+    });
+}
+
+/// SO_LINGER 0: the coming close sends a reset instead of a FIN.
+fn set_linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// Read until the connection ends (EOF or reset): the bytes before the end and how it ended.
+/// Panics if it has not ended within `within`.
+fn read_until_end(s: &mut TcpStream, within: Duration) -> (Vec<u8>, How) {
+    let deadline = Instant::now() + within;
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the connection did not end within {within:?} ({} bytes read)",
+            data.len()
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return (data, How::Eof),
+            Ok(n) => data.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (data, how_of(&e)),
+        }
+    }
+}
+
+/// Read exactly `want.len()` bytes (up to `WAIT`) and compare.
+fn expect_reply(s: &mut TcpStream, want: &[u8]) {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("waiting for {:?}: {e}", String::from_utf8_lossy(want)));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want),
+        "reply differs"
+    );
+}
+
+/// One short echo round trip on a new connection; how long it took, or what went wrong.
+fn try_echo(addr: SocketAddr, msg: &[u8]) -> Result<Duration, String> {
+    let t = Instant::now();
+    let err = |what: &str, e: io::Error| format!("{addr}: {what}: {e}");
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).map_err(|e| err("connect", e))?;
+    s.set_read_timeout(Some(WAIT))
+        .map_err(|e| err("timeout", e))?;
+    s.write_all(msg).map_err(|e| err("write", e))?;
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).map_err(|e| err("read", e))?;
+    if got != msg {
+        return Err(format!("{addr}: echo {got:?}"));
+    }
+    Ok(t.elapsed())
+}
+
+/// A `conn` line's duration, in seconds.
+fn secs(c: &ConnLine) -> f64 {
+    netns::duration_s(c)
+}
+
+// =============================================================================================
+// Hostile clients: an idle flood past the connection bound
+
+const FLOOD: usize = 5000;
+const FLOOD_BOUND: usize = 1000;
+/// Threads besides the relay threads: the listener loop (main), health checker, log writer,
+/// metrics, and slack.
+const OTHER_THREADS: u64 = 8;
+
+/// 5,000 connections opened at once and left idle, against `--max-connections 1000`: the
+/// proxy accepts exactly 1,000 (the rest wait in the kernel backlog), its threads and memory
+/// stay bounded, a waiting client is served as soon as a slot frees (in arrival order), and a
+/// new client is served once the crowd is gone.
+fn idle_flood(env: Env) {
+    let own = raise_own_fd_limit();
+    assert!(
+        own >= (FLOOD + FLOOD_BOUND + 500) as u64,
+        "this test needs {} descriptors; the open-file limit is {own}",
+        FLOOD + FLOOD_BOUND + 500
+    );
+    // The clients past the bound wait in the listen backlog, which the kernel caps here.
+    let somaxconn: usize = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        somaxconn >= FLOOD - FLOOD_BOUND,
+        "net.core.somaxconn is {somaxconn}: a backlog of {} is needed",
+        FLOOD - FLOOD_BOUND
+    );
+    let echo = Backend::echo();
+    let ports = env.ports(1);
+    let metrics = env.metrics_addr();
+    let m = metrics.to_string();
+    let p = env.start(
+        &ports,
+        &config(&[app("flood", &ports, &[echo.target()])]),
+        &["--max-connections", "1000", "--metrics", &m],
+    );
+    let addr = p.v4(0);
+    let total = |text: &str| sample(text, "flyproxy_app_connections_total", &[("app", "flood")]);
+
+    // Warm up (one relay thread, the pipe pool), then the baseline figures.
+    roundtrip(&mut connect(addr), b"warm-up");
+    wait_no_open_connections(metrics);
+    let (rss0, threads0) = (rss_kib(p.pid), threads_of(p.pid));
+
+    let t0 = Instant::now();
+    let mut clients: Vec<TcpStream> = (0..FLOOD)
+        .map(|i| {
+            TcpStream::connect_timeout(&addr, WAIT)
+                .unwrap_or_else(|e| panic!("client {i} of {FLOOD}: connect: {e}"))
+        })
+        .collect();
+    let opened = t0.elapsed();
+
+    // Exactly the bound is accepted; the rest wait.
+    wait_metric(
+        metrics,
+        "flyproxy_connections_open",
+        &[],
+        "at the bound",
+        |v| v == FLOOD_BOUND as f64,
+    );
+    wait_metric(metrics, "flyproxy_accept_paused", &[], "to be 1", |v| {
+        v == 1.0
+    });
+    p.wait_log("connection limit reached", |l| {
+        l.contains(" WARN  connection limit reached (1000)")
+    });
+    let settled = t0.elapsed();
+    wait_metric(
+        metrics,
+        "flyproxy_connections_active",
+        &[("app", "flood"), ("target", &echo.target())],
+        "to be the bound",
+        |v| v == FLOOD_BOUND as f64,
+    );
+    // The first waiting client (in arrival order) speaks, and is not answered: not accepted.
+    clients[FLOOD_BOUND].write_all(b"early").unwrap();
+    clients[FLOOD_BOUND + 100].write_all(b"later").unwrap();
+    expect_silent(&mut clients[FLOOD_BOUND], Duration::from_millis(300));
+    let text = scrape(metrics);
+    assert_eq!(total(&text), Some((FLOOD_BOUND + 1) as f64), "{text}");
+    assert_eq!(
+        sample(&text, "flyproxy_connections_open", &[]),
+        Some(FLOOD_BOUND as f64)
+    );
+
+    let threads = threads_of(p.pid);
+    let rss = rss_kib(p.pid);
+    let per_conn = rss.saturating_sub(rss0) as f64 / FLOOD_BOUND as f64;
+    eprintln!(
+        "idle flood ({:?}): {FLOOD} connects in {opened:?}, bound reached after {settled:?}; \
+         threads {threads0} -> {threads}; RSS {rss0} KiB -> {rss} KiB \
+         ({per_conn:.1} KiB per open connection)",
+        env.mode
+    );
+    assert!(
+        threads <= FLOOD_BOUND as u64 + OTHER_THREADS,
+        "{threads} threads with a bound of {FLOOD_BOUND}"
+    );
+    let rss_limit = 64 * 1024 + 32 * FLOOD_BOUND as u64;
+    assert!(
+        rss < rss_limit,
+        "RSS {rss} KiB with {FLOOD_BOUND} open connections (limit {rss_limit} KiB)"
+    );
+
+    // 100 served clients leave: the next 100 in line are served, and no more.
+    drop(clients.drain(..100).collect::<Vec<_>>());
+    // Indexes from here on are shifted by the 100 gone.
+    let first_waiting = FLOOD_BOUND - 100;
+    expect_reply(&mut clients[first_waiting], b"early");
+    for (i, c) in clients[first_waiting..first_waiting + 100]
+        .iter_mut()
+        .enumerate()
+    {
+        c.set_write_timeout(Some(WAIT)).unwrap();
+        roundtrip(c, format!("served after the wait {i}").as_bytes());
+    }
+    let still_waiting = first_waiting + 100;
+    expect_silent(&mut clients[still_waiting], Duration::from_millis(300));
+    let text = scrape(metrics);
+    assert_eq!(total(&text), Some((FLOOD_BOUND + 101) as f64), "{text}");
+    assert_eq!(
+        sample(&text, "flyproxy_connections_open", &[]),
+        Some(FLOOD_BOUND as f64)
+    );
+    assert!(threads_of(p.pid) <= FLOOD_BOUND as u64 + OTHER_THREADS);
+
+    // Every served client leaves: the one that spoke later is served in its turn.
+    drop(clients.drain(..still_waiting).collect::<Vec<_>>());
+    expect_reply(&mut clients[0], b"later");
+
+    // The whole crowd leaves: every queued connection is accepted and closed, the proxy comes
+    // back to zero, and a new client is served at once.
+    let t1 = Instant::now();
+    drop(clients);
+    wait_metric_within(
+        metrics,
+        "flyproxy_app_connections_total",
+        &[("app", "flood")],
+        Duration::from_secs(90),
+        "to count every client",
+        |v| v == (FLOOD + 1) as f64,
+    );
+    wait_no_open_connections(metrics);
+    wait_metric(metrics, "flyproxy_accept_paused", &[], "to be 0", |v| {
+        v == 0.0
+    });
+    let drained = t1.elapsed();
+    let mut s = connect(addr);
+    roundtrip(&mut s, b"a new client");
+    drop(s);
+    wait_no_open_connections(metrics);
+    eprintln!(
+        "idle flood ({:?}): the remaining {} queued connections were taken and closed in \
+         {drained:?}; RSS at the end {} KiB, threads {}",
+        env.mode,
+        FLOOD - still_waiting - 100,
+        rss_kib(p.pid),
+        threads_of(p.pid)
+    );
+}
+
+#[test]
+fn idle_flood_is_held_at_the_bound_simple() {
+    in_mode(
+        Mode::Simple,
+        "idle_flood_is_held_at_the_bound_simple",
+        idle_flood,
+    );
+}
+
+#[test]
+fn idle_flood_is_held_at_the_bound_bpf() {
+    in_mode(Mode::Bpf, "idle_flood_is_held_at_the_bound_bpf", idle_flood);
+}
+
+// =============================================================================================
+// Hostile clients: a client that sends a lot and never reads
+
+const PUSH: u64 = 256 * 1024 * 1024;
+
+/// A backend that reads at a bounded pace (about 250 MiB/s at most) and at the same time tries
+/// to send as much back; both counts are kept.
+struct PacedSink {
+    server: Server,
+    received: Arc<AtomicU64>,
+    sent: Arc<AtomicU64>,
+}
+
+impl PacedSink {
+    fn start() -> PacedSink {
+        let received = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (r, w) = (Arc::clone(&received), Arc::clone(&sent));
+        let server = Server::start(move |mut s| {
+            let mut out = s.try_clone().expect("clone a socket");
+            let w = Arc::clone(&w);
+            let writer = thread::spawn(move || {
+                let chunk = vec![0xa5u8; 1 << 20];
+                while w.load(Ordering::Relaxed) < PUSH {
+                    match out.write(&chunk) {
+                        Ok(n) => w.fetch_add(n as u64, Ordering::Relaxed),
+                        Err(_) => break,
+                    };
+                }
+            });
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut since_pause = 0;
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        r.fetch_add(n as u64, Ordering::Relaxed);
+                        since_pause += n;
+                        if since_pause >= 1 << 20 {
+                            since_pause = 0;
+                            thread::sleep(Duration::from_millis(4)); // the pace
+                        }
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Both);
+            let _ = writer.join();
+        });
+        PacedSink {
+            server,
+            received,
+            sent,
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// A client pushes 256 MiB and never reads the backend's answer: the proxy's memory stays
+/// within a few MiB of its baseline (bytes wait in kernel buffers, and the relay stops reading
+/// a side whose peer cannot take more), the backend's answer stalls, and other clients are
+/// served meanwhile. When the client goes away, it is logged and nothing stays open.
+fn slow_reader(env: Env) {
+    let sink = PacedSink::start();
+    let echo = Backend::echo();
+    let ports = env.ports(2);
+    let metrics = env.metrics_addr();
+    let m = metrics.to_string();
+    let p = env.start(
+        &ports,
+        &config(&[
+            quiet_app("sink", &ports[..1], &[sink.server.target()]),
+            quiet_app("other", &ports[1..], &[echo.target()]),
+        ]),
+        &["--metrics", &m],
+    );
+    // Warm up, then the baseline.
+    roundtrip(&mut connect(p.v4(1)), &[7u8; 64 * 1024]);
+    wait_no_open_connections(metrics);
+    let rss0 = rss_kib(p.pid);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pid = p.pid;
+    let sampler = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(Ordering::Relaxed) {
+                max = max.max(rss_kib(pid));
+                thread::sleep(Duration::from_millis(5));
+            }
+            max
+        })
+    };
+    let other = p.v4(1);
+    let others = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let (mut n, mut worst, mut failures) = (0, Duration::ZERO, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match try_echo(other, b"are you there?\n") {
+                    Ok(t) => {
+                        n += 1;
+                        worst = worst.max(t);
+                    }
+                    Err(e) => failures.push(e),
+                }
+                thread::sleep(Duration::from_millis(20)); // the other client's pace
+            }
+            (n, worst, failures)
+        })
+    };
+
+    let t0 = Instant::now();
+    let mut c = connect(p.v4(0));
+    let local = c.local_addr().unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for mib in 0..PUSH >> 20 {
+        c.write_all(&chunk)
+            .unwrap_or_else(|e| panic!("pushing, after {mib} MiB: {e}"));
+    }
+    wait_for("the backend to receive every byte pushed", WAIT, || {
+        (sink.received() == PUSH).then_some(())
+    });
+    let pushed_in = t0.elapsed();
+    // The backend's answer found nowhere to go: its writes stalled, far short of what it
+    // tried to send (bytes wait in kernel buffers, not in the proxy).
+    let stalled_at = sink.sent();
+    thread::sleep(Duration::from_millis(300)); // a window in which nothing may move
+    assert_eq!(
+        sink.sent(),
+        stalled_at,
+        "the backend could still send to a client that never reads"
+    );
+    assert!(stalled_at < PUSH / 4, "the backend sent {stalled_at} bytes");
+
+    stop.store(true, Ordering::Relaxed);
+    let max_rss = sampler.join().unwrap();
+    let (n, worst, failures) = others.join().unwrap();
+    eprintln!(
+        "slow reader ({:?}): 256 MiB pushed in {pushed_in:?}; backend's answer stalled at {} KiB; \
+         proxy RSS {rss0} KiB, at most {max_rss} KiB (+{} KiB); other clients: {n} round trips, \
+         slowest {worst:?}",
+        env.mode,
+        stalled_at / 1024,
+        max_rss.saturating_sub(rss0)
+    );
+    assert!(failures.is_empty(), "other clients failed: {failures:?}");
+    assert!(n >= 5, "only {n} round trips of other clients meanwhile");
+    assert!(
+        worst < Duration::from_secs(2),
+        "another client waited {worst:?}"
+    );
+    assert!(
+        max_rss <= rss0 + 8 * 1024,
+        "proxy RSS grew from {rss0} KiB to {max_rss} KiB while a client pushed 256 MiB"
+    );
+
+    // The client leaves with unread bytes (its close is a reset).
+    drop(c);
+    let line = p.wait_conn(local);
+    assert!(line.end == "reset" || line.end == "closed", "{}", line.line);
+    assert_eq!(line.up, PUSH, "{}", line.line);
+    assert!(line.down <= stalled_at, "{}", line.line);
+    wait_no_open_connections(metrics);
+    wait_metric(
+        metrics,
+        "flyproxy_connections_active",
+        &[("app", "sink")],
+        "to be 0",
+        |v| v == 0.0,
+    );
+}
+
+#[test]
+fn slow_reader_is_paced_by_the_kernel_simple() {
+    in_mode(
+        Mode::Simple,
+        "slow_reader_is_paced_by_the_kernel_simple",
+        slow_reader,
+    );
+}
+
+#[test]
+fn slow_reader_is_paced_by_the_kernel_bpf() {
+    in_mode(
+        Mode::Bpf,
+        "slow_reader_is_paced_by_the_kernel_bpf",
+        slow_reader,
+    );
+}
+
+// =============================================================================================
+// Hostile clients: resets mid-transfer
+
+/// Clients that reset (SO_LINGER 0, then close) while bytes flow both ways: each is logged
+/// as ended by a reset, its backend connection ends too (the backend sees the end, not a
+/// hang), and no connection is left open.
+fn client_resets(env: Env) {
+    const CLIENTS: usize = 8;
+    const BEFORE_RESET: usize = 256 * 1024;
+    let (echo, ends) = Server::reporting(recording_echo);
+    let ports = env.ports(1);
+    let metrics = env.metrics_addr();
+    let m = metrics.to_string();
+    let p = env.start(
+        &ports,
+        &config(&[quiet_app("resets", &ports, &[echo.target()])]),
+        &["--metrics", &m],
+    );
+    let addr = p.v4(0);
+    let clients: Vec<JoinHandle<(SocketAddr, usize, usize)>> = (0..CLIENTS)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                s.set_nonblocking(true).unwrap();
+                let chunk = vec![i as u8; 16 * 1024];
+                let mut buf = vec![0u8; 64 * 1024];
+                let (mut sent, mut got) = (0, 0);
+                let deadline = Instant::now() + WAIT;
+                while got < BEFORE_RESET {
+                    assert!(
+                        Instant::now() < deadline,
+                        "client {i}: echo stalled at {got}"
+                    );
+                    let mut moved = false;
+                    match s.write(&chunk) {
+                        Ok(n) => (sent, moved) = (sent + n, true),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("client {i}: write: {e}"),
+                    }
+                    match s.read(&mut buf) {
+                        Ok(0) => panic!("client {i}: EOF mid-transfer"),
+                        Ok(n) => (got, moved) = (got + n, true),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => panic!("client {i}: read: {e}"),
+                    }
+                    if !moved {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                let local = s.local_addr().unwrap();
+                set_linger_zero(&s);
+                drop(s); // a reset, with bytes still in flight both ways
+                (local, sent, got)
+            })
+        })
+        .collect();
+    for c in clients {
+        let (local, sent, got) = c.join().unwrap();
+        let line = p.wait_conn(local);
+        assert!(line.end == "reset" || line.end == "closed", "{}", line.line);
+        assert!(
+            line.up > 0 && line.up <= sent as u64,
+            "{} (sent {sent})",
+            line.line
+        );
+        assert!(line.down >= got as u64, "{} (got {got})", line.line);
+    }
+    // The backend saw every one of its connections end.
+    for i in 0..CLIENTS {
+        let e = ends
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("the backend saw only {i} of {CLIENTS} connections end"));
+        assert!(e.bytes > 0, "{e:?}");
+        assert!(matches!(e.how, How::Eof | How::Reset), "{e:?}");
+    }
+    wait_no_open_connections(metrics);
+    wait_metric(
+        metrics,
+        "flyproxy_connections_active",
+        &[("app", "resets")],
+        "to be 0",
+        |v| v == 0.0,
+    );
+    let ends_seen: Vec<String> = p.conns().iter().map(|c| c.end.clone()).collect();
+    eprintln!("client resets ({:?}): conn ends {ends_seen:?}", env.mode);
+    // And the proxy serves on.
+    roundtrip(&mut connect(addr), b"after the resets");
+}
+
+#[test]
+fn clients_resetting_mid_transfer_leave_nothing_open_simple() {
+    in_mode(
+        Mode::Simple,
+        "clients_resetting_mid_transfer_leave_nothing_open_simple",
+        client_resets,
+    );
+}
+
+#[test]
+fn clients_resetting_mid_transfer_leave_nothing_open_bpf() {
+    in_mode(
+        Mode::Bpf,
+        "clients_resetting_mid_transfer_leave_nothing_open_bpf",
+        client_resets,
+    );
+}
+
+// =============================================================================================
+// Hostile clients: connections that never send a byte
+
+/// With `--idle-timeout 500ms`, connections that never send a byte are closed after half a
+/// second (logged `end=idle_timeout`, their backend connections closed too), while a client
+/// that keeps talking stays up for longer than that.
+fn silent_clients(env: Env) {
+    const SILENT: usize = 10;
+    let (echo, ends) = Server::reporting(recording_echo);
+    let ports = env.ports(1);
+    let metrics = env.metrics_addr();
+    let m = metrics.to_string();
+    let p = env.start(
+        &ports,
+        &config(&[quiet_app("idle", &ports, &[echo.target()])]),
+        &["--idle-timeout", "500ms", "--metrics", &m],
+    );
+    let addr = p.v4(0);
+    let chatty = thread::spawn(move || {
+        let mut s = connect(addr);
+        let began = Instant::now();
+        for _ in 0..12 {
+            thread::sleep(Duration::from_millis(100)); // the chatty client's pace
+            roundtrip(&mut s, b"x");
+        }
+        let alive_for = began.elapsed();
+        let last = Instant::now();
+        let (data, how) = read_until_end(&mut s, WAIT);
+        (
+            s.local_addr().unwrap(),
+            alive_for,
+            last.elapsed(),
+            data,
+            how,
+        )
+    });
+    let silent: Vec<(TcpStream, Instant)> = (0..SILENT)
+        .map(|_| (connect(addr), Instant::now()))
+        .collect();
+    for (mut s, opened) in silent {
+        let (data, how) = read_until_end(&mut s, WAIT);
+        let after = opened.elapsed();
+        assert!(data.is_empty() && how == How::Eof, "{data:?} {how:?}");
+        assert!(
+            after >= Duration::from_millis(490) && after < Duration::from_secs(5),
+            "a silent connection was closed after {after:?}"
+        );
+        let line = p.wait_conn(s.local_addr().unwrap());
+        assert_eq!(line.end, "idle_timeout", "{}", line.line);
+        assert_eq!((line.up, line.down), (0, 0), "{}", line.line);
+        assert!(secs(&line) >= 0.5, "{}", line.line);
+    }
+    let (local, alive_for, closed_after, data, how) = chatty.join().unwrap();
+    assert!(data.is_empty() && how == How::Eof, "{data:?} {how:?}");
+    assert!(alive_for >= Duration::from_millis(1200), "{alive_for:?}");
+    assert!(
+        closed_after >= Duration::from_millis(450) && closed_after < Duration::from_secs(5),
+        "the chatty client was closed {closed_after:?} after its last byte"
+    );
+    let line = p.wait_conn(local);
+    assert_eq!(line.end, "idle_timeout", "{}", line.line);
+    assert_eq!((line.up, line.down), (12, 12), "{}", line.line);
+    // The backend saw all of them end.
+    for i in 0..=SILENT {
+        let e = ends.recv_timeout(WAIT).unwrap_or_else(|_| {
+            panic!("the backend saw only {i} of {} connections end", SILENT + 1)
+        });
+        assert_eq!(e.how, How::Eof, "{e:?}");
+    }
+    wait_no_open_connections(metrics);
+}
+
+#[test]
+fn silent_clients_are_closed_by_the_idle_timeout_simple() {
+    in_mode(
+        Mode::Simple,
+        "silent_clients_are_closed_by_the_idle_timeout_simple",
+        silent_clients,
+    );
+}
+
+#[test]
+fn silent_clients_are_closed_by_the_idle_timeout_bpf() {
+    in_mode(
+        Mode::Bpf,
+        "silent_clients_are_closed_by_the_idle_timeout_bpf",
+        silent_clients,
+    );
+}
+
+// =============================================================================================
+// Backend faults
+
+/// Three faulty targets, each behind its own app:
+/// - one that accepts and never answers: the client's connection stays up (silent) until the
+///   idle timeout closes it, `end=idle_timeout`, and the target's connection is closed too.
+///   With the default `--idle-timeout` (1h) it would stay up that long: by design.
+/// - one that resets mid-stream: the client sees the connection end (reset or EOF) at once,
+///   after at most the bytes sent before the reset, and it is logged `end=reset`.
+/// - one that closes its write side first: the client reads EOF for that direction but can
+///   still send, and the target receives those later bytes; logged `end=closed`.
+fn backend_faults(env: Env) {
+    let (silent, silent_ends) = Server::reporting(mute);
+    let (resets, reset_ends) = Server::reporting(resetter);
+    let (half, half_ends) = Server::reporting(half_closer);
+    let ports = env.ports(3);
+    let metrics = env.metrics_addr();
+    let m = metrics.to_string();
+    let p = env.start(
+        &ports,
+        &config(&[
+            quiet_app("mute", &ports[..1], &[silent.target()]),
+            quiet_app("resetting", &ports[1..2], &[resets.target()]),
+            quiet_app("halfclosing", &ports[2..], &[half.target()]),
+        ]),
+        &["--idle-timeout", "1s", "--metrics", &m],
+    );
+
+    // A target that never answers.
+    let mut c = connect(p.v4(0));
+    c.write_all(b"hello?\n").unwrap();
+    let spoke = Instant::now();
+    expect_silent(&mut c, Duration::from_millis(600));
+    let (data, how) = read_until_end(&mut c, WAIT);
+    let closed_after = spoke.elapsed();
+    assert!(data.is_empty() && how == How::Eof, "{data:?} {how:?}");
+    assert!(
+        closed_after >= Duration::from_millis(990) && closed_after < Duration::from_secs(6),
+        "closed {closed_after:?} after the last byte (idle timeout 1s)"
+    );
+    let line = p.wait_conn(c.local_addr().unwrap());
+    assert_eq!(line.end, "idle_timeout", "{}", line.line);
+    assert_eq!((line.up, line.down), (7, 0), "{}", line.line);
+    let e = silent_ends
+        .recv_timeout(WAIT)
+        .expect("the mute target's end");
+    assert_eq!((e.data.as_slice(), &e.how), (&b"hello?\n"[..], &How::Eof));
+
+    // A target that resets mid-stream.
+    let mut c = connect(p.v4(1));
+    c.write_all(b"go\n").unwrap();
+    let (data, how) = read_until_end(&mut c, WAIT);
+    let ended = Instant::now();
+    let e = reset_ends
+        .recv_timeout(WAIT)
+        .expect("the resetting target's end");
+    let late = ended.saturating_duration_since(e.at);
+    let payload = reset_payload();
+    assert!(
+        payload.starts_with(&data),
+        "the client got {} bytes that are not what the target sent",
+        data.len()
+    );
+    assert!(matches!(how, How::Reset | How::Eof), "{how:?}");
+    assert!(
+        late < Duration::from_secs(2),
+        "the client saw the end {late:?} after the target's reset"
+    );
+    let line = p.wait_conn(c.local_addr().unwrap());
+    assert_eq!(line.end, "reset", "{}", line.line);
+    assert_eq!(line.up, 3, "{}", line.line);
+    eprintln!(
+        "backend faults ({:?}): after a target's reset the client got {} of 64 KiB and then \
+         {how:?}, {late:?} after the reset",
+        env.mode,
+        data.len()
+    );
+
+    // A target that closes its write side first.
+    let mut c = connect(p.v4(2));
+    assert_eq!(read_line(&mut c), "bye");
+    let (data, how) = read_until_end(&mut c, WAIT);
+    assert!(data.is_empty() && how == How::Eof, "{data:?} {how:?}");
+    c.write_all(b"later\n")
+        .expect("the client can still send after the target's half-close");
+    c.shutdown(Shutdown::Write).unwrap();
+    let e = half_ends
+        .recv_timeout(WAIT)
+        .expect("the half-closing target's end");
+    assert_eq!(
+        (String::from_utf8_lossy(&e.data).as_ref(), &e.how),
+        ("later\n", &How::Eof)
+    );
+    let line = p.wait_conn(c.local_addr().unwrap());
+    assert_eq!(line.end, "closed", "{}", line.line);
+    assert_eq!((line.up, line.down), (6, 4), "{}", line.line);
+
+    wait_no_open_connections(metrics);
+}
+
+#[test]
+fn backend_faults_reach_the_client_simple() {
+    in_mode(
+        Mode::Simple,
+        "backend_faults_reach_the_client_simple",
+        backend_faults,
+    );
+}
+
+#[test]
+fn backend_faults_reach_the_client_bpf() {
+    in_mode(
+        Mode::Bpf,
+        "backend_faults_reach_the_client_bpf",
+        backend_faults,
+    );
+}
+
+// =============================================================================================
+// Resource exhaustion: a low open-file limit
+
+/// Started with an open-file limit of 128 and `--max-connections 4096`, the proxy lowers its
+/// bound to what fits and says so. Past that bound (clients keep coming, some leaving at
+/// once) it never spins and never exits; the clients beyond the bound wait and are all served
+/// once slots free.
+fn low_fd_limit(env: Env) {
+    const NOFILE: u64 = 128;
+    let echo = Backend::echo();
+    let ports = env.ports(1);
+    let metrics = env.metrics_addr();
+    let m = metrics.to_string();
+    let mut p = env.start_with(
+        &ports,
+        &config(&[quiet_app("fd", &ports, &[echo.target()])]),
+        &["--max-connections", "4096", "--metrics", &m],
+        |cmd| with_fd_limit(cmd, NOFILE),
+    );
+    let addr = p.v4(0);
+    let started = p.wait_log("started", |l| l.contains(" started mode="));
+    let bound: usize = field(&started, "max_connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in {started}"));
+    let warning = p.wait_log("the bound lowered", |l| l.contains("lowering the bound to"));
+    assert!(
+        warning.contains(" WARN ")
+            && warning.contains("--max-connections 4096 needs")
+            && warning.contains("the open-file limit is 128")
+            && warning.ends_with(&format!("lowering the bound to {bound}")),
+        "{warning}"
+    );
+    assert!(
+        (8..64).contains(&bound),
+        "bound {bound} with 128 descriptors"
+    );
+    let limit = sample(&scrape(metrics), "flyproxy_connections_limit", &[]);
+    assert_eq!(limit, Some(bound as f64));
+
+    let total = bound + 60;
+    let msg = |i: usize| format!("client {i:04}\n");
+    let mut clients: Vec<TcpStream> = (0..total)
+        .map(|i| {
+            let mut s = connect(addr);
+            s.write_all(msg(i).as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    wait_for("the backend to serve the bound", WAIT, || {
+        (echo.served() >= bound).then_some(())
+    });
+    assert_eq!(echo.served(), bound, "served past the bound");
+    wait_metric(metrics, "flyproxy_accept_paused", &[], "to be 1", |v| {
+        v == 1.0
+    });
+    assert_eq!(
+        sample(&scrape(metrics), "flyproxy_connections_open", &[]),
+        Some(bound as f64)
+    );
+
+    // Pressure: more clients keep arriving (and leaving at once) while the bound holds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let churned = Arc::new(AtomicUsize::new(0));
+    let churn = {
+        let (stop, churned) = (Arc::clone(&stop), Arc::clone(&churned));
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && churned.load(Ordering::Relaxed) < 400 {
+                if TcpStream::connect_timeout(&addr, WAIT).is_ok() {
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(5)); // the arrivals' pace
+            }
+        })
+    };
+    let cpu = cpu_during(p.pid, Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    assert!(p.try_status().is_none(), "the proxy exited");
+    assert!(
+        cpu < 0.5,
+        "the proxy used {cpu:.2} s of CPU in 2 s while at its bound"
+    );
+    assert_eq!(echo.served(), bound, "served past the bound");
+    // The served ones still relay.
+    for (i, c) in clients.iter_mut().take(3).enumerate() {
+        expect_reply(c, msg(i).as_bytes());
+        roundtrip(c, &[b'z'; 100_000]);
+    }
+
+    // Slots free: every waiting client is served in its turn.
+    let waiting = clients.split_off(bound);
+    drop(clients);
+    for (i, mut c) in waiting.into_iter().enumerate() {
+        expect_reply(&mut c, msg(bound + i).as_bytes());
+    }
+    wait_no_open_connections(metrics);
+    wait_metric(metrics, "flyproxy_accept_paused", &[], "to be 0", |v| {
+        v == 0.0
+    });
+    assert_eq!(echo.served(), total);
+    assert!(p.try_status().is_none(), "the proxy exited");
+    roundtrip(&mut connect(addr), b"and a new one");
+    let failed = p.lines(|l| l.contains(" end=connect_failed"));
+    assert!(failed.is_empty(), "{failed:?}");
+    let accept_errors = p.lines(|l| l.contains("accept failed"));
+    eprintln!(
+        "low fd limit ({:?}): bound lowered to {bound}; {total} clients + {} arriving and \
+         leaving; proxy CPU {cpu:.3} s in 2 s at the bound; {} accept errors logged",
+        env.mode,
+        churned.load(Ordering::Relaxed),
+        accept_errors.len()
+    );
+}
+
+#[test]
+fn low_fd_limit_lowers_the_bound_and_recovers_simple() {
+    in_mode(
+        Mode::Simple,
+        "low_fd_limit_lowers_the_bound_and_recovers_simple",
+        low_fd_limit,
+    );
+}
+
+#[test]
+fn low_fd_limit_lowers_the_bound_and_recovers_bpf() {
+    in_mode(
+        Mode::Bpf,
+        "low_fd_limit_lowers_the_bound_and_recovers_bpf",
+        low_fd_limit,
+    );
+}
+
+// =============================================================================================
+// Resource exhaustion: no descriptor left at all (EMFILE)
+
+/// The open-file limit of the running proxy is lowered under its feet (prlimit) below what
+/// its bound assumed. With no descriptor left, accept fails with EMFILE: the proxy backs off
+/// instead of spinning, new clients wait in the backlog, open connections keep relaying, and
+/// once descriptors are back every waiting client is served. With exactly one descriptor
+/// left, accepting works but connecting to the target does not: the client is closed
+/// (`end=connect_failed`, the reason naming EMFILE) and the target is not marked down for an
+/// error of this host.
+#[test]
+fn emfile_backs_off_and_recovers() {
+    let echo = Backend::echo();
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let m = metrics.to_string();
+    let mut p = Proxy::start(1, &["--metrics", &m], |ports| {
+        config(&[quiet_app("fd", ports, &[echo.target()])])
+    });
+    let addr = p.v4(0);
+    let target = echo.target();
+    let mut held: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let mut s = connect(addr);
+            roundtrip(&mut s, format!("held {i}\n").as_bytes());
+            s
+        })
+        .collect();
+    wait_metric(metrics, "flyproxy_connections_open", &[], "to be 5", |v| {
+        v == 5.0
+    });
+
+    // No descriptor left.
+    let mark = p.mark();
+    let original = set_fd_limit(p.pid, lowest_free_fd(p.pid));
+    let msg = |i: usize| format!("waiting {i:02}\n");
+    let mut waiting: Vec<TcpStream> = (0..20)
+        .map(|i| {
+            let mut s = connect(addr);
+            s.write_all(msg(i).as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let first = p.wait_log_since(mark, "accept failed with EMFILE", |l| {
+        l.contains("accept failed: ")
+    });
+    assert!(first.contains("(os error 24)"), "{first}");
+    let cpu = cpu_during(p.pid, Duration::from_secs(2));
+    assert!(p.try_status().is_none(), "the proxy exited");
+    let errors = p.lines_since(mark, |l| l.contains("accept failed: ")).len();
+    assert!(
+        cpu < 0.5,
+        "the proxy used {cpu:.2} s of CPU in 2 s of EMFILE ({errors} accept errors logged)"
+    );
+    // Backing off: a retry now and then (10 ms doubling to 1 s), not thousands.
+    assert!(errors <= 20, "{errors} accept errors logged in about 2 s");
+    for (i, s) in held.iter_mut().enumerate() {
+        roundtrip(s, format!("still relaying {i}\n").as_bytes());
+    }
+    expect_silent(&mut waiting[0], Duration::from_millis(200));
+
+    // Descriptors are back: every waiting client is served.
+    restore_fd_limit(p.pid, original);
+    let t = Instant::now();
+    for (i, c) in waiting.iter_mut().enumerate() {
+        expect_reply(c, msg(i).as_bytes());
+    }
+    let recovered = t.elapsed();
+    assert!(
+        recovered < Duration::from_secs(5),
+        "served {recovered:?} after descriptors came back"
+    );
+    eprintln!(
+        "EMFILE: proxy CPU {cpu:.3} s in 2 s, {errors} accept errors logged; waiting clients \
+         served {recovered:?} after the limit was restored"
+    );
+
+    // One descriptor left: accept works, the connect to the target does not.
+    let original = set_fd_limit(p.pid, lowest_free_fd(p.pid) + 1);
+    for i in 0..5 {
+        let mut s = connect(addr);
+        s.write_all(format!("doomed {i}\n").as_bytes()).unwrap();
+        let (data, how) = read_until_end(&mut s, WAIT);
+        assert!(data.is_empty(), "{data:?}");
+        assert!(matches!(how, How::Eof | How::Reset), "{how:?}");
+        let line = p.wait_conn(s.local_addr().unwrap());
+        assert_eq!(line.end, "connect_failed", "{}", line.line);
+        assert_eq!(line.level, "WARN", "{}", line.line);
+        let reason = line.reason.clone().unwrap_or_default();
+        assert!(reason.contains("(os error 24)"), "{}", line.line);
+    }
+    restore_fd_limit(p.pid, original);
+    let down = p.lines(|l| l.contains(" is down"));
+    assert!(
+        down.is_empty(),
+        "a local error marked the target down: {down:?}"
+    );
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(&text, "flyproxy_target_up", &[("target", &target)]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "flyproxy_app_connections_refused_total",
+            &[("app", "fd"), ("reason", "connect_failed")]
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    roundtrip(&mut connect(addr), b"served again\n");
+    drop(held);
+    drop(waiting);
+    wait_no_open_connections(metrics);
+    assert!(p.try_status().is_none(), "the proxy exited");
+}
+
+// =============================================================================================
+// Resource exhaustion: local ports running out
+
+const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// In a namespace of its own whose ephemeral port range is cut to 51 ports, 200 clients at
+/// once to one target: the proxy's connections to the target run out of local ports. Those
+/// clients are closed (`end=connect_failed`, the reason naming the error), the target is not
+/// marked down (neither by the failed connects nor by health checks failing for the same
+/// local reason), and once ports free up the proxy serves again. Runs in bpf mode, since it
+/// needs the namespace anyway; the host's range is left alone.
+#[test]
+fn local_ports_running_out_fail_clients_not_the_target() {
+    let host_range = fs::read_to_string(PORT_RANGE).expect("read the port range");
+    netns::run(
+        "local_ports_running_out_fail_clients_not_the_target",
+        |_ns| {
+            const CLIENTS: usize = 200;
+            // Bound before the range shrinks (a listener's port comes from the range too).
+            let echo = Backend::echo();
+            let netns_range = fs::read_to_string(PORT_RANGE).unwrap();
+            fs::write(PORT_RANGE, "40000 40050").expect("set this namespace's port range");
+            // Put the range back before anything is dropped (even on a failure): the backend's
+            // stop connects to its own listener, which needs a free port.
+            let _restore = Restore(move || {
+                let _ = fs::write(PORT_RANGE, &netns_range);
+            });
+            let range = fs::read_to_string(PORT_RANGE).unwrap();
+            assert_eq!(
+                range.split_whitespace().collect::<Vec<_>>(),
+                ["40000", "40050"]
+            );
+            let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, NETNS_METRICS_PORT));
+            let m = metrics.to_string();
+            let target = echo.target();
+            let cfg = config(&[json!({
+                "Name": "eph", "Ports": [6000], "Targets": [target],
+                // Checked often (an up target every 500 ms), so checks run while ports are out.
+                "HealthCheck": { "IntervalMs": 100 }
+            })]);
+            let p = netns::start(&cfg, &["--metrics", &m, "--connect-timeout", "2s"]);
+            // Clients go to 127.0.0.1-8: their own ports come from the same small range, and a
+            // port can be reused towards each destination.
+            let dest = |i: usize| SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 6000));
+            let msg = |i: usize| format!("c{i:03}\n");
+            let mut clients: Vec<TcpStream> = (0..CLIENTS)
+                .map(|i| {
+                    let mut s = connect(dest(i));
+                    s.write_all(msg(i).as_bytes()).unwrap();
+                    s
+                })
+                .collect();
+            let (mut served, mut refused) = (Vec::new(), Vec::new());
+            for (i, mut s) in clients.drain(..).enumerate() {
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                let want = msg(i);
+                let mut got = vec![0u8; want.len()];
+                match s.read_exact(&mut got) {
+                    Ok(()) => {
+                        assert_eq!(got, want.as_bytes());
+                        served.push(s);
+                    }
+                    Err(e)
+                        if e.kind() == io::ErrorKind::UnexpectedEof
+                            || e.kind() == io::ErrorKind::ConnectionReset =>
+                    {
+                        refused.push(s.local_addr().unwrap())
+                    }
+                    Err(e) => panic!("client {i}: {e}"),
+                }
+            }
+            assert!(
+                served.len() >= 10 && refused.len() >= 100,
+                "{} served, {} closed: the ports did not run out as planned",
+                served.len(),
+                refused.len()
+            );
+            for &local in &refused {
+                let line = p.wait_conn(local);
+                assert_eq!(line.end, "connect_failed", "{}", line.line);
+                let reason = line.reason.clone().unwrap_or_default();
+                assert!(reason.contains("(os error 99)"), "{}", line.line);
+            }
+            // Hold the ports a while (three up-checks of the target), then look at the target.
+            let held_from = Instant::now();
+            while held_from.elapsed() < Duration::from_millis(1600) {
+                for s in &mut served {
+                    roundtrip(s, b"still here\n");
+                }
+                thread::sleep(Duration::from_millis(100)); // the clients' pace
+            }
+            let text = scrape(metrics);
+            let down = p.lines(|l| l.contains(" is down"));
+            let target_up = sample(&text, "flyproxy_target_up", &[("target", &target)]);
+            assert_eq!(
+                sample(
+                    &text,
+                    "flyproxy_app_connections_refused_total",
+                    &[("app", "eph"), ("reason", "connect_failed")]
+                ),
+                Some(refused.len() as f64)
+            );
+            let figures = format!("{} served, {} closed", served.len(), refused.len());
+
+            // Ports free up (the proxy's TIME_WAIT ones become reusable a second or so after
+            // the served clients left): served again, 20 clients in a row.
+            drop(served);
+            let t = Instant::now();
+            let mut rounds = 0;
+            wait_for(
+                "20 clients in a row served once ports free up",
+                WAIT,
+                || {
+                    rounds += 1;
+                    (0..20)
+                        .all(|i| try_echo(dest(i), format!("again {i}\n").as_bytes()).is_ok())
+                        .then_some(())
+                },
+            );
+            let recovered = t.elapsed();
+            eprintln!(
+                "local ports: {figures} of {CLIENTS}; 20 in a row served again {recovered:?} \
+                 after the others left ({rounds} tries); target marked down {} times",
+                down.len()
+            );
+            // The target was never marked down for this host's own trouble.
+            assert!(
+                down.is_empty(),
+                "a local error (no local port) marked the target down:\n{}",
+                down.join("\n")
+            );
+            assert_eq!(
+                target_up,
+                Some(1.0),
+                "flyproxy_target_up while ports were out"
+            );
+            wait_no_open_connections(metrics);
+        },
+    );
+    assert_eq!(
+        fs::read_to_string(PORT_RANGE).unwrap(),
+        host_range,
+        "the host's port range changed"
+    );
+}
+
+/// Runs a closure when dropped.
+struct Restore<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Restore<F> {
+    fn drop(&mut self) {
+        (self.0)()
+    }
+}
+
+// =============================================================================================
+// Config chaos
+
+/// How one version of the config file is made and written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Version {
+    /// Valid, written to a sibling and renamed over.
+    ValidRename,
+    /// Valid, written in place in two steps with a pause in between (a reader may see half).
+    ValidInPlace,
+    /// A valid version cut short (never completed), in place.
+    Broken,
+    /// Well-formed JSON that fails validation.
+    Invalid,
+    /// Truncated to nothing.
+    Empty,
+    /// Asks for a port another socket holds (simple mode: cannot be bound).
+    Unbindable,
+}
+
+/// The config file rewritten 200 times under a steady load, valid and invalid versions
+/// mixed, written in place (in two steps: the proxy may read a half-written file), by rename,
+/// and truncated. Every valid version has a marker port of its own (and every invalid one a
+/// port that must never be served). No client connection to the ports every version keeps
+/// fails; every `reload ok` applies exactly one valid version, in order; the proxy ends on
+/// the last version, serving exactly its ports.
+fn config_chaos(env: Env) {
+    const WRITES: usize = 200;
+    let stable = Backend::tagged("stable");
+    let marker = Backend::tagged("marker");
+    let stable_ports = env.ports(2);
+    let markers = env.ports(WRITES + 1);
+    // Simple mode: a port this test holds, so a version asking for it cannot be bound.
+    let busy = (env.mode == Mode::Simple).then(|| {
+        let port = free_port();
+        let l = TcpListener::bind(("::", port)).expect("hold a port");
+        (l, port)
+    });
+    let valid = |k: usize| {
+        config(&[
+            json!({ "Name": "stable", "Ports": stable_ports, "Targets": [stable.target()],
+                    "ConnectAttempts": 1 + k % 3 }),
+            app("marker", &[markers[k]], &[marker.target()]),
+        ])
+    };
+    let invalid = |k: usize, variant: u64| {
+        let stable_app = json!({ "Name": "stable", "Ports": stable_ports,
+                                 "Targets": [stable.target()] });
+        let marker_app = match variant % 4 {
+            0 => json!({ "Name": "marker", "Ports": [markers[k], 70000],
+                         "Targets": [marker.target()] }),
+            1 => json!({ "Name": "marker", "Ports": [markers[k]],
+                         "Targets": [marker.target()], "Weight": 3 }),
+            2 => json!({ "Name": "marker", "Ports": [markers[k]], "Targets": [] }),
+            // The stable app's port claimed by a second app.
+            _ => json!({ "Name": "marker", "Ports": [markers[k], stable_ports[0]],
+                         "Targets": [marker.target()] }),
+        };
+        config(&[stable_app, marker_app])
+    };
+
+    let p = env.start(&stable_ports, &valid(0), &["--reload-interval", "10ms"]);
+    let path = p.config.clone();
+    let dir = p.dir.path.clone();
+
+    // The steady load: two clients asking the stable ports in turn, all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let load: Vec<JoinHandle<usize>> = (0..2)
+        .map(|i| {
+            let addr = p.v4(i);
+            let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+            thread::spawn(move || {
+                let mut ok = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match netns::try_ask(addr) {
+                        Ok(tag) if tag == "stable" => ok += 1,
+                        Ok(tag) => failures.lock().unwrap().push(format!("{addr}: tag {tag}")),
+                        Err(e) => failures.lock().unwrap().push(e),
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32);
+    // FLYPROXY_CHAOS_SEED replays a run (the seed is printed).
+    let seed = std::env::var("FLYPROXY_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(seed);
+    let mut rng = Rng::new(seed);
+    let mut valid_versions = BTreeSet::from([0usize]);
+    let mut kinds = Vec::new();
+    let mut hups = 0;
+    let t0 = Instant::now();
+    for (k, &marker_port) in markers.iter().enumerate().skip(1) {
+        let roll = rng.next() % 100;
+        let kind = match roll {
+            _ if k == WRITES => Version::ValidRename,
+            0..=24 => Version::ValidRename,
+            25..=44 => Version::ValidInPlace,
+            45..=64 => Version::Broken,
+            65..=84 => Version::Invalid,
+            85..=91 => Version::Empty,
+            _ if busy.is_some() => Version::Unbindable,
+            _ => Version::Invalid,
+        };
+        kinds.push(kind);
+        let pause = Duration::from_millis(rng.next() % 25);
+        match kind {
+            Version::ValidRename => {
+                valid_versions.insert(k);
+                write_by_rename(&dir, &path, valid(k).as_bytes());
+            }
+            Version::ValidInPlace => {
+                valid_versions.insert(k);
+                let text = valid(k);
+                let split = 1 + (rng.next() as usize) % (text.len() - 1);
+                write_in_place(&path, text.as_bytes(), split, pause);
+            }
+            Version::Broken => {
+                let text = valid(k);
+                let cut = 1 + (rng.next() as usize) % (text.len() - 1);
+                if rng.next() % 2 == 0 {
+                    write_by_rename(&dir, &path, &text.as_bytes()[..cut]);
+                } else {
+                    write_in_place(&path, &text.as_bytes()[..cut], cut / 2, pause);
+                }
+            }
+            Version::Invalid => write_by_rename(&dir, &path, invalid(k, rng.next()).as_bytes()),
+            Version::Empty => {
+                OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .open(&path)
+                    .expect("truncate the config");
+            }
+            Version::Unbindable => {
+                let (_, busy_port) = busy.as_ref().unwrap();
+                let text = config(&[
+                    json!({ "Name": "stable", "Ports": stable_ports,
+                            "Targets": [stable.target()] }),
+                    app("marker", &[marker_port, *busy_port], &[marker.target()]),
+                ]);
+                write_by_rename(&dir, &path, text.as_bytes());
+            }
+        }
+        if rng.next() % 10 == 0 {
+            hups += 1;
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGHUP) };
+        }
+        thread::sleep(Duration::from_millis(2 + rng.next() % 20)); // the writer's pace
+    }
+    let written_in = t0.elapsed();
+    let last = markers[WRITES];
+    p.wait_log("the last version applied", |l| {
+        l.contains(" reload ok: ") && ports_in(l, "added") == [last]
+    });
+    // A little more load on the final config, then stop it.
+    let ok_before = {
+        thread::sleep(Duration::from_millis(200)); // load keeps running on the final config
+        stop.store(true, Ordering::Relaxed);
+        load.into_iter().map(|t| t.join().unwrap()).sum::<usize>()
+    };
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "{} of {} client connections to the stable ports failed: {:?}",
+        failures.len(),
+        failures.len() + ok_before,
+        &failures[..failures.len().min(10)]
+    );
+
+    // Every reload that applied anything applied one valid version, newer than the last.
+    let mut current = 0usize;
+    let reloads = p.lines(|l| l.contains(" reload ok: "));
+    for l in &reloads {
+        let added = ports_in(l, "added");
+        let removed = ports_in(l, "removed");
+        let k = match added.as_slice() {
+            [port] => markers
+                .iter()
+                .position(|m| m == port)
+                .unwrap_or_else(|| panic!("a reload added port {port}, of no version: {l}")),
+            _ => panic!("a reload that does not add exactly one marker port: {l}"),
+        };
+        assert!(
+            valid_versions.contains(&k),
+            "version {k} ({:?}) was applied: {l}",
+            kinds[k - 1]
+        );
+        assert!(
+            k > current,
+            "version {k} applied after version {current}: {l}"
+        );
+        assert_eq!(removed, [markers[current]], "{l}");
+        current = k;
+    }
+    assert_eq!(current, WRITES);
+    let rejected = p
+        .lines(|l| l.contains(" reload rejected: keeping the running config"))
+        .len();
+    let unbindable = p
+        .lines(|l| l.contains(" reload rejected: cannot listen on "))
+        .len();
+    assert!(rejected > 0, "no version was rejected");
+
+    // The proxy serves exactly the last version's ports.
+    assert_eq!(
+        netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, last))),
+        Ok("marker".into())
+    );
+    for &port in &stable_ports {
+        assert_eq!(
+            netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+            Ok("stable".into())
+        );
+    }
+    for &port in &markers[..WRITES] {
+        expect_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
+    let want: BTreeSet<u16> = stable_ports.iter().copied().chain([last]).collect();
+    match &env.ns {
+        // Simple mode: exactly these listening sockets.
+        None => assert_eq!(listening_ports(p.pid), want),
+        // bpf mode: exactly these ports steered.
+        Some(ns) => assert_eq!(ns.steering(p.pid).ports(), want),
+    }
+    eprintln!(
+        "config chaos ({:?}, seed {seed}): {WRITES} writes in {written_in:?} ({} valid, {hups} \
+         SIGHUPs); {} reloads applied, {rejected} rejected ({unbindable} for a port that could \
+         not be bound); {ok_before} client connections, none failed",
+        env.mode,
+        valid_versions.len() - 1,
+        reloads.len()
+    );
+}
+
+/// The ports listed as `key=[a,b]` in a reload line.
+fn ports_in(line: &str, key: &str) -> Vec<u16> {
+    let pat = format!(" {key}=[");
+    let Some(i) = line.find(&pat) else {
+        return Vec::new();
+    };
+    let rest = &line[i + pat.len()..];
+    rest[..rest.find(']').expect("a closing bracket")]
+        .split(',')
+        .map(|p| p.parse().unwrap_or_else(|_| panic!("a port in {line}")))
+        .collect()
+}
+
+/// Replace the file at once: write a sibling, rename it over.
+fn write_by_rename(dir: &Path, path: &Path, bytes: &[u8]) {
+    let tmp = dir.join("config.json.next");
+    fs::write(&tmp, bytes).expect("write the next config");
+    fs::rename(&tmp, path).expect("rename the config over");
+}
+
+/// Rewrite the file in place in two steps, `pause` apart: truncate and write the first
+/// `split` bytes, then the rest.
+fn write_in_place(path: &Path, bytes: &[u8], split: usize, pause: Duration) {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .expect("open the config");
+    f.write_all(&bytes[..split]).expect("write the first part");
+    thread::sleep(pause); // the attack: the file stays half-written for a moment
+    f.write_all(&bytes[split..]).expect("write the rest");
+}
+
+#[test]
+fn config_chaos_never_applies_a_partial_config_simple() {
+    in_mode(
+        Mode::Simple,
+        "config_chaos_never_applies_a_partial_config_simple",
+        config_chaos,
+    );
+}
+
+#[test]
+fn config_chaos_never_applies_a_partial_config_bpf() {
+    in_mode(
+        Mode::Bpf,
+        "config_chaos_never_applies_a_partial_config_bpf",
+        config_chaos,
+    );
+}
