@@ -53,9 +53,9 @@ test: deps lint
 
 # The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network
 # namespace of its own (root; installs what it needs). Writes bench/results.md and .svg.
-#   make bench              # ROUNDS=3 DURATION=5, about 10 minutes
+#   make bench              # ROUNDS=3 DURATION=5: about 10 minutes, 15 at most (BUDGET)
 #   make bench QUICK=1      # smoke test: one round of 2 s runs, to bench/quick-results.*
-# More settings (ROUNDS, DURATION, CONFIGS, ...): bench/README.md.
+# More settings (ROUNDS, DURATION, CONFIGS, REV, ...): bench/README.md.
 bench:
 	bench/run.sh
 

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::FromRawFd;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -282,24 +282,8 @@ pub fn connect_one(target: &Target, timeout: Duration) -> Result<TcpStream, Conn
 /// the relay wants it. Done by hand rather than with `TcpStream::connect_timeout`, which
 /// switches the socket to blocking and back: three system calls per connection saved.
 fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let family = if addr.is_ipv6() {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
-    };
-    // SAFETY: plain socket(2); checked before use.
-    let fd = unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh socket we own; the stream closes it on every path from here.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let stream = TcpStream::from(crate::ports::tcp_socket(addr)?);
+    let fd = stream.as_raw_fd();
     // We forward whatever arrives at once; Nagle would only add latency.
     stream.set_nodelay(true)?;
     let (storage, len) = crate::ports::sockaddr(addr);

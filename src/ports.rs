@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
 use mio::net::TcpListener;
 
@@ -243,9 +243,8 @@ pub fn listen_any(port: u16) -> io::Result<TcpListener> {
     }
 }
 
-/// A non-blocking listening socket on `addr`. `v6only` is set explicitly either way rather than
-/// left to the net.ipv6.bindv6only sysctl, so behaviour does not depend on the host.
-pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
+/// A new non-blocking, close-on-exec TCP socket of `addr`'s family.
+pub(crate) fn tcp_socket(addr: SocketAddr) -> io::Result<OwnedFd> {
     let family = if addr.is_ipv6() {
         libc::AF_INET6
     } else {
@@ -262,8 +261,15 @@ pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: fd is a fresh socket we own; the listener closes it on every path from here.
-    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    // SAFETY: a fresh socket nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A non-blocking listening socket on `addr`. `v6only` is set explicitly either way rather than
+/// left to the net.ipv6.bindv6only sysctl, so behaviour does not depend on the host.
+pub fn listen(addr: SocketAddr, v6only: bool) -> io::Result<TcpListener> {
+    let listener = TcpListener::from_std(std::net::TcpListener::from(tcp_socket(addr)?));
+    let fd = listener.as_raw_fd();
     let one: libc::c_int = 1;
     // SO_REUSEADDR: a restarted proxy can bind while old connections sit in TIME_WAIT.
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, one)?;
