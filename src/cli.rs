@@ -275,7 +275,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 }
             }
             "--connect-timeout" if runs => {
-                s.connect_timeout = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
+                s.connect_timeout =
+                    nonzero(cmd, &flag, duration(cmd, &flag, &value("a duration")?)?)?
             }
             "--idle-timeout" if runs => {
                 let d = duration(cmd, &flag, &value("a duration")?)?;
@@ -285,7 +286,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 s.drain_timeout = duration(cmd, &flag, &value("a duration")?)?
             }
             "--reload-interval" if runs => {
-                s.reload_interval = nonzero(&flag, duration(cmd, &flag, &value("a duration")?)?)?
+                s.reload_interval =
+                    nonzero(cmd, &flag, duration(cmd, &flag, &value("a duration")?)?)?
             }
             "--pid-file" if runs || name == "upgrade" => {
                 s.pid_file = Some(PathBuf::from(value("a file path")?));
@@ -374,9 +376,9 @@ fn usage(command: Option<&'static str>, message: &str) -> UsageError {
     }
 }
 
-fn nonzero(flag: &str, d: Duration) -> Result<Duration, UsageError> {
+fn nonzero(cmd: Option<&'static str>, flag: &str, d: Duration) -> Result<Duration, UsageError> {
     if d.is_zero() {
-        Err(usage(None, &format!("{flag} must be more than 0")))
+        Err(usage(cmd, &format!("{flag} must be more than 0")))
     } else {
         Ok(d)
     }

@@ -177,6 +177,8 @@ pub enum Problem {
     },
 }
 
+// Names, keys and targets are printed with `{:?}`: quoted, and escaped, so that no value in a
+// config can break a problem across lines or forge another one.
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -186,7 +188,7 @@ impl fmt::Display for Problem {
             Problem::UnknownKey { app: None, key } => {
                 write!(
                     f,
-                    "unknown key \"{key}\" at the top level (expected \"Apps\")"
+                    "unknown key {key:?} at the top level (expected \"Apps\")"
                 )
             }
             Problem::UnknownKey {
@@ -194,30 +196,30 @@ impl fmt::Display for Problem {
                 key,
             } if key.starts_with("HealthCheck.") => write!(
                 f,
-                "app \"{app}\": unknown key \"{key}\" (HealthCheck takes {HEALTH_KEYS})"
+                "app {app:?}: unknown key {key:?} (HealthCheck takes {HEALTH_KEYS})"
             ),
             Problem::UnknownKey {
                 app: Some(app),
                 key,
             } => write!(
                 f,
-                "app \"{app}\": unknown key \"{key}\" (expected one of {APP_KEYS})"
+                "app {app:?}: unknown key {key:?} (expected one of {APP_KEYS})"
             ),
             Problem::Missing { app, field } => {
-                write!(f, "app \"{app}\": {field}: missing or empty")
+                write!(f, "app {app:?}: {field}: missing or empty")
             }
             Problem::DuplicateApp { name } => {
-                write!(f, "app \"{name}\": Name: used by more than one app")
+                write!(f, "app {name:?}: Name: used by more than one app")
             }
             Problem::PortOutOfRange { app, port } => {
-                write!(f, "app \"{app}\": Ports: {port} is not a port (1-65535)")
+                write!(f, "app {app:?}: Ports: {port} is not a port (1-65535)")
             }
             Problem::DuplicatePort {
                 port,
                 app,
                 first: None,
             } => {
-                write!(f, "app \"{app}\": Ports: {port} is listed twice")
+                write!(f, "app {app:?}: Ports: {port} is listed twice")
             }
             Problem::DuplicatePort {
                 port,
@@ -225,10 +227,10 @@ impl fmt::Display for Problem {
                 first: Some(first),
             } => write!(
                 f,
-                "app \"{app}\": Ports: {port} is already used by app \"{first}\""
+                "app {app:?}: Ports: {port} is already used by app {first:?}"
             ),
             Problem::BadTarget { app, target, why } => {
-                write!(f, "app \"{app}\": Targets: \"{target}\" {why}")
+                write!(f, "app {app:?}: Targets: {target:?} {why}")
             }
             Problem::BadValue {
                 app,
@@ -236,7 +238,7 @@ impl fmt::Display for Problem {
                 value,
                 expected,
             } => {
-                write!(f, "app \"{app}\": {field}: {value} is not {expected}")
+                write!(f, "app {app:?}: {field}: {value} is not {expected}")
             }
         }
     }
@@ -571,6 +573,19 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
         if host.is_empty() {
             return Err(SHAPE);
         }
+        // A host whose last label is a number is not a DNS name but an IPv4 address; the
+        // resolver would also take legacy forms ("127.1", "0x7f.1", octal "010.0.0.5" as
+        // 8.0.0.5), so only the plain dotted form is accepted.
+        let last = host.rsplit('.').next().unwrap_or(host);
+        let numeric = !last.is_empty()
+            && (last.bytes().all(|b| b.is_ascii_digit())
+                || last.starts_with("0x")
+                || last.starts_with("0X"));
+        if numeric && host.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(
+                "has an IPv4 address that is not four decimal numbers 0-255 without leading zeros",
+            );
+        }
         let name_ok = host.len() <= 253
             && host.split('.').all(|label| {
                 !label.is_empty()
@@ -742,6 +757,15 @@ mod tests {
         assert!(parse_target("[zz]:80").is_err());
         assert!(parse_target("bad host:80").is_err());
         assert!(parse_target(":80").is_err());
+        for legacy in [
+            "127.1:80",
+            "0x7f.1:80",
+            "010.000.000.005:5432",
+            "1.2.3.256:80",
+        ] {
+            assert!(parse_target(legacy).is_err(), "{legacy}");
+        }
+        assert!(parse_target("10.0.0.5:5432").is_ok());
     }
 
     #[test]

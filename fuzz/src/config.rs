@@ -1,0 +1,819 @@
+//! Config parser checks: a differential oracle written from the README's description of the
+//! file (not from src/config.rs), and a structured generator of configs.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::net::Ipv6Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use arbitrary::Arbitrary;
+use flyproxy::config::{
+    parse_target, App, Balance, Config, Diff, HealthCheck, Problem, ProxyProtocol, Target,
+};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{json, Map, Value};
+
+const APP_KEYS: [&str; 8] = [
+    "Name",
+    "Ports",
+    "Targets",
+    "HealthCheck",
+    "Balance",
+    "ConnectAttempts",
+    "MaxConnections",
+    "ProxyProtocol",
+];
+const HEALTH_KEYS: [&str; 4] = ["IntervalMs", "TimeoutMs", "Fall", "Rise"];
+
+/// What the oracle expects `Config::parse` to say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not JSON, or JSON of the wrong shape (a wrong type anywhere): one `Problem::Syntax`.
+    Syntax,
+    /// Well-typed: this many problems, and if none, exactly this config.
+    Checked {
+        problems: usize,
+        config: Option<Config>,
+    },
+}
+
+/// Any JSON document, remembering whether some object had a key twice. serde_json's `Value`
+/// keeps the last of duplicate keys while serde's derived structs may refuse them, so the
+/// oracle does not judge such documents (it still checks the invariants of what parses).
+struct DupScan(bool);
+
+impl<'de> Deserialize<'de> for DupScan {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DupScan, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = DupScan;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<DupScan, E> {
+                Ok(DupScan(false))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<DupScan, E> {
+                Ok(DupScan(false))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<DupScan, E> {
+                Ok(DupScan(false))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<DupScan, E> {
+                Ok(DupScan(false))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<DupScan, E> {
+                Ok(DupScan(false))
+            }
+            fn visit_unit<E>(self) -> Result<DupScan, E> {
+                Ok(DupScan(false))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<DupScan, A::Error> {
+                let mut dup = false;
+                while let Some(DupScan(d)) = a.next_element()? {
+                    dup |= d;
+                }
+                Ok(DupScan(dup))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<DupScan, A::Error> {
+                let mut dup = false;
+                let mut keys = HashSet::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    dup |= !keys.insert(k);
+                    let DupScan(d) = a.next_value()?;
+                    dup |= d;
+                }
+                Ok(DupScan(dup))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A target as the README describes it: `host:port`, the host a DNS name (labels of letters,
+/// digits, `-` and `_`, 1-63 long, not starting or ending with `-`, 253 at most in all) or an
+/// IPv4 address (which that rule covers), or a bracketed IPv6 address; the port 1-65535 in
+/// decimal digits only.
+pub fn expected_target(s: &str) -> Option<Target> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let close = rest.find("]:")?;
+        let host = &rest[..close];
+        host.parse::<Ipv6Addr>().ok()?;
+        (host, &rest[close + 2..])
+    } else {
+        let colon = s.rfind(':')?;
+        let host = &s[..colon];
+        if host.is_empty() || host.contains(':') || host.len() > 253 {
+            return None;
+        }
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if !host.split('.').all(label_ok) {
+            return None;
+        }
+        // README: a host whose last label is numeric (or hex, 0x...) is an IPv4 address and
+        // must be the plain dotted form: four decimal numbers 0-255 without leading zeros.
+        let last = host.rsplit('.').next().unwrap_or(host);
+        if last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x") || last.starts_with("0X") {
+            let parts: Vec<&str> = host.split('.').collect();
+            let dotted = parts.len() == 4
+                && parts.iter().all(|p| {
+                    !p.is_empty()
+                        && p.len() <= 3
+                        && p.bytes().all(|b| b.is_ascii_digit())
+                        && (p.len() == 1 || !p.starts_with('0'))
+                        && p.parse::<u16>().is_ok_and(|n| n <= 255)
+                });
+            if !dotted {
+                return None;
+            }
+        }
+        (host, &s[colon + 1..])
+    };
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = port.trim_start_matches('0');
+    if digits.len() > 5 {
+        return None;
+    }
+    let n: u32 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
+    if !(1..=65535).contains(&n) {
+        return None;
+    }
+    Some(Target {
+        host: host.to_owned(),
+        port: n as u16,
+    })
+}
+
+fn int(v: &Value) -> Option<i64> {
+    v.as_i64()
+}
+
+/// Shape check: serde refuses the whole file at the first value of the wrong type.
+fn well_typed(v: &Value) -> bool {
+    let opt = |o: Option<&Value>, f: &dyn Fn(&Value) -> bool| match o {
+        None | Some(Value::Null) => true,
+        Some(v) => f(v),
+    };
+    let is_int = |v: &Value| int(v).is_some();
+    let is_str = |v: &Value| v.is_string();
+    let Some(top) = v.as_object() else {
+        return false;
+    };
+    opt(top.get("Apps"), &|apps| {
+        let Some(apps) = apps.as_array() else {
+            return false;
+        };
+        apps.iter().all(|app| {
+            let Some(a) = app.as_object() else {
+                return false;
+            };
+            opt(a.get("Name"), &is_str)
+                && opt(a.get("Ports"), &|p| {
+                    p.as_array().is_some_and(|l| l.iter().all(is_int))
+                })
+                && opt(a.get("Targets"), &|t| {
+                    t.as_array().is_some_and(|l| l.iter().all(is_str))
+                })
+                && opt(a.get("HealthCheck"), &|h| {
+                    h.as_object()
+                        .is_some_and(|h| HEALTH_KEYS.iter().all(|k| opt(h.get(*k), &is_int)))
+                })
+                && opt(a.get("Balance"), &is_str)
+                && opt(a.get("ProxyProtocol"), &is_str)
+                && opt(a.get("ConnectAttempts"), &is_int)
+                && opt(a.get("MaxConnections"), &is_int)
+        })
+    })
+}
+
+fn present(o: &Map<String, Value>, k: &str) -> Option<Value> {
+    match o.get(k) {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.clone()),
+    }
+}
+
+/// The oracle: what `Config::parse` must answer for `bytes`, or None when it does not judge
+/// (duplicate keys).
+pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
+    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+        return Some(Verdict::Syntax);
+    };
+    if serde_json::from_slice::<DupScan>(bytes).map_or(true, |d| d.0) {
+        return None;
+    }
+    if !well_typed(&v) {
+        return Some(Verdict::Syntax);
+    }
+    let top = v.as_object().expect("well typed");
+    let mut problems = top.keys().filter(|k| *k != "Apps").count();
+    let Some(apps) = present(top, "Apps") else {
+        return Some(Verdict::Checked {
+            problems: problems + 1,
+            config: None,
+        });
+    };
+    let mut names = HashSet::new();
+    let mut owner: HashMap<i64, usize> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, app) in apps.as_array().expect("well typed").iter().enumerate() {
+        let a = app.as_object().expect("well typed");
+        let name = match a.get("Name").and_then(Value::as_str) {
+            Some(n) if !n.trim().is_empty() => n.to_owned(),
+            _ => {
+                problems += 1;
+                format!("#{}", i + 1)
+            }
+        };
+        if !names.insert(name.clone()) {
+            problems += 1;
+        }
+        problems += a.keys().filter(|k| !APP_KEYS.contains(&k.as_str())).count();
+        let mut ports = Vec::new();
+        match present(a, "Ports") {
+            Some(Value::Array(l)) if !l.is_empty() => {
+                for p in l.iter().map(|p| int(p).expect("well typed")) {
+                    if !(1..=65535).contains(&p) || owner.contains_key(&p) {
+                        problems += 1;
+                    } else {
+                        owner.insert(p, i);
+                        ports.push(p as u16);
+                    }
+                }
+            }
+            _ => problems += 1,
+        }
+        let mut targets = Vec::new();
+        match present(a, "Targets") {
+            Some(Value::Array(l)) if !l.is_empty() => {
+                for t in &l {
+                    match expected_target(t.as_str().expect("well typed")) {
+                        Some(t) => targets.push(t),
+                        None => problems += 1,
+                    }
+                }
+            }
+            _ => problems += 1,
+        }
+        let mut ranged = |_key: &str, v: Option<Value>, lo: i64, hi: i64| -> Option<i64> {
+            let n = int(&v?).expect("well typed");
+            if (lo..=hi).contains(&n) {
+                Some(n)
+            } else {
+                problems += 1;
+                None
+            }
+        };
+        let mut health = HealthCheck {
+            interval: Duration::from_millis(2000),
+            timeout: Duration::from_millis(1000),
+            fall: 1,
+            rise: 1,
+        };
+        let mut health_unknown = 0;
+        if let Some(Value::Object(h)) = present(a, "HealthCheck") {
+            health_unknown = h
+                .keys()
+                .filter(|k| !HEALTH_KEYS.contains(&k.as_str()))
+                .count();
+            if let Some(n) = ranged("IntervalMs", present(&h, "IntervalMs"), 100, 3_600_000) {
+                health.interval = Duration::from_millis(n as u64);
+            }
+            if let Some(n) = ranged("TimeoutMs", present(&h, "TimeoutMs"), 10, 600_000) {
+                health.timeout = Duration::from_millis(n as u64);
+            }
+            if let Some(n) = ranged("Fall", present(&h, "Fall"), 1, 100) {
+                health.fall = n as u32;
+            }
+            if let Some(n) = ranged("Rise", present(&h, "Rise"), 1, 100) {
+                health.rise = n as u32;
+            }
+        }
+        let connect_attempts =
+            ranged("ConnectAttempts", present(a, "ConnectAttempts"), 1, 10).unwrap_or(3) as usize;
+        let max_connections = ranged("MaxConnections", present(a, "MaxConnections"), 1, 1_000_000)
+            .map(|n| n as usize);
+        problems += health_unknown;
+        let balance = match present(a, "Balance").as_ref().and_then(Value::as_str) {
+            None | Some("p2c") => Balance::P2c,
+            Some("random") => Balance::Random,
+            Some("round-robin") => Balance::RoundRobin,
+            Some(_) => {
+                problems += 1;
+                Balance::P2c
+            }
+        };
+        let proxy_protocol = match present(a, "ProxyProtocol").as_ref().and_then(Value::as_str) {
+            None => None,
+            Some("v1") => Some(ProxyProtocol::V1),
+            Some("v2") => Some(ProxyProtocol::V2),
+            Some(_) => {
+                problems += 1;
+                None
+            }
+        };
+        out.push(App {
+            name,
+            ports,
+            targets,
+            health,
+            balance,
+            connect_attempts,
+            max_connections,
+            proxy_protocol,
+        });
+    }
+    Some(Verdict::Checked {
+        problems,
+        config: (problems == 0).then_some(Config { apps: out }),
+    })
+}
+
+/// What must hold of any config that parsed, whatever the input.
+fn invariants(c: &Config) {
+    let mut names = HashSet::new();
+    let mut ports = HashSet::new();
+    for a in &c.apps {
+        assert!(!a.name.trim().is_empty(), "empty name accepted: {a:?}");
+        assert!(
+            names.insert(&a.name),
+            "duplicate name accepted: {:?}",
+            a.name
+        );
+        assert!(!a.ports.is_empty() && !a.targets.is_empty(), "{a:?}");
+        for p in &a.ports {
+            assert!(*p != 0, "port 0 accepted");
+            assert!(ports.insert(*p), "port {p} accepted twice");
+        }
+        for t in &a.targets {
+            assert!(t.port != 0);
+            // Display gives back a target that parses to the same thing.
+            let shown = t.to_string();
+            assert_eq!(parse_target(&shown).as_ref(), Ok(t), "{shown}");
+        }
+        assert!((1..=10).contains(&a.connect_attempts));
+        assert!(a
+            .max_connections
+            .is_none_or(|m| (1..=1_000_000).contains(&m)));
+        let h = a.health;
+        assert!(
+            h.interval >= Duration::from_millis(100) && h.interval <= Duration::from_secs(3600)
+        );
+        assert!(h.timeout >= Duration::from_millis(10) && h.timeout <= Duration::from_secs(600));
+        assert!((1..=100).contains(&h.fall) && (1..=100).contains(&h.rise));
+    }
+    assert!(Diff::between(c, c).is_empty());
+    let summary = c.summary();
+    assert!(summary.starts_with(&format!("{} apps, {} ports", c.apps.len(), ports.len())));
+}
+
+/// Any bytes: never a panic; problems always reported and printable; the answer agrees with
+/// the oracle.
+pub fn check_bytes(bytes: &[u8]) -> Option<Config> {
+    let got = Config::parse(Path::new("fuzz.json"), bytes);
+    match &got {
+        Ok(c) => invariants(c),
+        Err(e) => {
+            assert!(!e.problems.is_empty(), "an error with no problem in it");
+            // One line per problem, each naming the file. (A key or name with a newline in it
+            // is printed as it is, so a problem may span lines: compare problem by problem.)
+            let text = e.to_string();
+            let want: Vec<String> = e
+                .problems
+                .iter()
+                .map(|p| format!("fuzz.json: {p}"))
+                .collect();
+            assert_eq!(text, want.join("\n"));
+        }
+    }
+    match oracle(bytes) {
+        None => {}
+        Some(Verdict::Syntax) => match &got {
+            Err(e) if matches!(e.problems.as_slice(), [Problem::Syntax(_)]) => {}
+            other => panic!("expected a syntax error, got {other:?}"),
+        },
+        Some(Verdict::Checked {
+            problems: 0,
+            config,
+        }) => match &got {
+            Ok(c) => assert_eq!(Some(c), config.as_ref()),
+            Err(e) => panic!("expected a valid config, got {e}"),
+        },
+        Some(Verdict::Checked { problems, .. }) => match &got {
+            Ok(c) => panic!("expected {problems} problems, got a valid config {c:?}"),
+            Err(e) => {
+                assert!(
+                    !e.problems
+                        .iter()
+                        .any(|p| matches!(p, Problem::Syntax(_) | Problem::Io(_))),
+                    "expected {problems} problems, got {e}"
+                );
+                assert_eq!(e.problems.len(), problems, "{e}");
+            }
+        },
+    }
+    got.ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The structured generator.
+
+/// A field as written: absent, null, a value, or a value of the wrong type.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Field<T> {
+    Absent,
+    Null,
+    Value(T),
+    WrongType(Junk),
+}
+
+/// A value of some JSON type; `Field::WrongType` picks one the field does not take.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Junk {
+    Bool(bool),
+    Float(u16),
+    Str(String),
+    List,
+    Object,
+    BigNumber,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Name {
+    /// From a small set, so that names repeat and blank ones occur.
+    Pick(u8),
+    Free(String),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Port {
+    /// 1-16: likely to repeat within and across apps.
+    Small(u8),
+    Any(u16),
+    Raw(i64),
+    Edge(u8),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum TargetGen {
+    V4([u8; 4], u16),
+    V6([u8; 16], u16),
+    Name(u8, u16),
+    Free(String),
+    /// A valid shape with one thing broken.
+    Broken(u8, u16),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Int {
+    Edge(u8),
+    Raw(i64),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub enum Word {
+    Known(u8),
+    Free(String),
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub struct HealthGen {
+    interval: Field<Int>,
+    timeout: Field<Int>,
+    fall: Field<Int>,
+    rise: Field<Int>,
+    extra: Vec<String>,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub struct AppGen {
+    name: Field<Name>,
+    ports: Field<Vec<Port>>,
+    targets: Field<Vec<TargetGen>>,
+    health: Field<HealthGen>,
+    balance: Field<Word>,
+    connect_attempts: Field<Int>,
+    max_connections: Field<Int>,
+    proxy_protocol: Field<Word>,
+    extra: Vec<String>,
+}
+
+#[derive(Arbitrary, Debug, Clone)]
+pub struct ConfigGen {
+    apps: Field<Vec<AppGen>>,
+    extra: Vec<String>,
+    pretty: bool,
+}
+
+/// Two configs, for the diff between them too.
+#[derive(Arbitrary, Debug, Clone)]
+pub struct Structured {
+    pub a: ConfigGen,
+    pub b: ConfigGen,
+}
+
+const NAMES: [&str; 8] = ["a", "b", "six-thousand", "", " ", "#2", "é", "a\"b\\\n"];
+const EDGE_INTS: [i64; 16] = [
+    i64::MIN,
+    -1,
+    0,
+    1,
+    2,
+    9,
+    10,
+    11,
+    99,
+    100,
+    101,
+    600_000,
+    1_000_000,
+    1_000_001,
+    3_600_000,
+    3_600_001,
+];
+const EDGE_PORTS: [i64; 6] = [0, 1, 65535, 65536, -1, 70000];
+const HOSTS: [&str; 6] = [
+    "localhost",
+    "tcp-echo.fly.dev",
+    "bad.target.for.testing",
+    "a_b-c.d",
+    "10.0.0.1",
+    "x",
+];
+
+fn junk(j: &Junk, string_ok: bool) -> Value {
+    match j {
+        Junk::Bool(b) => json!(b),
+        Junk::Float(n) => json!(f64::from(*n) + 0.5),
+        Junk::Str(s) if !string_ok => json!(s),
+        Junk::Str(_) | Junk::List => json!([1, "x"]),
+        Junk::Object => json!({"k": 1}),
+        // Beyond i64: serde's i64 refuses it. Only wrong for ints and strings alike.
+        Junk::BigNumber => json!(u64::MAX),
+    }
+}
+
+/// Adds `key` to `m` as the field says; returns false if the value is of the wrong type.
+fn put<T>(
+    m: &mut Map<String, Value>,
+    key: &str,
+    f: &Field<T>,
+    string_ok: bool,
+    v: impl Fn(&T) -> Value,
+) -> bool {
+    match f {
+        Field::Absent => true,
+        Field::Null => {
+            m.insert(key.into(), Value::Null);
+            true
+        }
+        Field::Value(x) => {
+            m.insert(key.into(), v(x));
+            true
+        }
+        Field::WrongType(j) => {
+            let val = junk(j, string_ok);
+            // A "wrong" value that happens to be of the right type (an object where an object
+            // goes) is still fine to send: the oracle judges it; only the flag must be honest.
+            // ([1, "x"] is wrong for every list: Ports, Targets and Apps alike.)
+            let wrong = match (&val, key) {
+                (Value::Object(_), "HealthCheck") => false,
+                (Value::String(_), _) => !string_ok,
+                _ => true,
+            };
+            m.insert(key.into(), val);
+            !wrong
+        }
+    }
+}
+
+fn int_value(i: &Int) -> i64 {
+    match i {
+        Int::Edge(n) => EDGE_INTS[*n as usize % EDGE_INTS.len()],
+        Int::Raw(n) => *n,
+    }
+}
+
+fn target_value(t: &TargetGen) -> String {
+    match t {
+        TargetGen::V4(o, p) => format!("{}.{}.{}.{}:{p}", o[0], o[1], o[2], o[3]),
+        TargetGen::V6(o, p) => format!("[{}]:{p}", Ipv6Addr::from(*o)),
+        TargetGen::Name(h, p) => format!("{}:{p}", HOSTS[*h as usize % HOSTS.len()]),
+        TargetGen::Free(s) => s.clone(),
+        TargetGen::Broken(k, p) => match k % 8 {
+            0 => format!("::1:{p}"),
+            1 => format!("[::1]{p}"),
+            2 => format!("host:+{p}"),
+            3 => format!("-host:{p}"),
+            4 => format!("{}:{p}", "a".repeat(64)),
+            5 => format!("h..x:{p}"),
+            6 => format!("[::g]:{p}"),
+            _ => format!(":{p}"),
+        },
+    }
+}
+
+impl ConfigGen {
+    /// The JSON text, and whether every value in it has the type its key takes.
+    pub fn render(&self) -> (Vec<u8>, bool) {
+        let mut typed = true;
+        let mut top = Map::new();
+        for k in &self.extra {
+            if k != "Apps" {
+                top.insert(k.clone(), json!(1));
+            }
+        }
+        typed &= put(&mut top, "Apps", &self.apps, false, |apps: &Vec<AppGen>| {
+            Value::Array(apps.iter().map(|a| a.value(&mut true)).collect())
+        });
+        if let Field::Value(apps) = &self.apps {
+            for a in apps {
+                a.value(&mut typed);
+            }
+        }
+        let v = Value::Object(top);
+        let text = if self.pretty {
+            serde_json::to_vec_pretty(&v)
+        } else {
+            serde_json::to_vec(&v)
+        };
+        (text.expect("a Value always serializes"), typed)
+    }
+}
+
+impl HealthGen {
+    fn value(&self) -> (Value, bool) {
+        let mut hm = Map::new();
+        for k in &self.extra {
+            if !HEALTH_KEYS.contains(&k.as_str()) {
+                hm.insert(k.clone(), json!("x"));
+            }
+        }
+        let mut typed = true;
+        for (k, f) in [
+            ("IntervalMs", &self.interval),
+            ("TimeoutMs", &self.timeout),
+            ("Fall", &self.fall),
+            ("Rise", &self.rise),
+        ] {
+            typed &= put(&mut hm, k, f, false, |i| json!(int_value(i)));
+        }
+        (Value::Object(hm), typed)
+    }
+}
+
+impl AppGen {
+    fn value(&self, typed: &mut bool) -> Value {
+        let mut m = Map::new();
+        for k in &self.extra {
+            if !APP_KEYS.contains(&k.as_str()) {
+                m.insert(k.clone(), json!(null));
+            }
+        }
+        let mut t = true;
+        t &= put(&mut m, "Name", &self.name, true, |n| match n {
+            Name::Pick(i) => json!(NAMES[*i as usize % NAMES.len()]),
+            Name::Free(s) => json!(s),
+        });
+        t &= put(&mut m, "Ports", &self.ports, false, |ps: &Vec<Port>| {
+            Value::Array(
+                ps.iter()
+                    .map(|p| match p {
+                        Port::Small(n) => json!(1 + i64::from(*n % 16)),
+                        Port::Any(n) => json!(n),
+                        Port::Raw(n) => json!(n),
+                        Port::Edge(n) => json!(EDGE_PORTS[*n as usize % EDGE_PORTS.len()]),
+                    })
+                    .collect(),
+            )
+        });
+        t &= put(
+            &mut m,
+            "Targets",
+            &self.targets,
+            false,
+            |ts: &Vec<TargetGen>| Value::Array(ts.iter().map(|t| json!(target_value(t))).collect()),
+        );
+        if let Field::Value(h) = &self.health {
+            let (v, health_typed) = h.value();
+            m.insert("HealthCheck".into(), v);
+            t &= health_typed;
+        } else {
+            t &= put(
+                &mut m,
+                "HealthCheck",
+                &self.health,
+                false,
+                |_| unreachable!(),
+            );
+        }
+        let word = |known: &'static [&'static str]| {
+            move |w: &Word| match w {
+                Word::Known(i) => json!(known[*i as usize % known.len()]),
+                Word::Free(s) => json!(s),
+            }
+        };
+        t &= put(
+            &mut m,
+            "Balance",
+            &self.balance,
+            true,
+            word(&["p2c", "random", "round-robin", "P2C"]),
+        );
+        t &= put(
+            &mut m,
+            "ProxyProtocol",
+            &self.proxy_protocol,
+            true,
+            word(&["v1", "v2", "v3", ""]),
+        );
+        t &= put(
+            &mut m,
+            "ConnectAttempts",
+            &self.connect_attempts,
+            false,
+            |i| json!(int_value(i)),
+        );
+        t &= put(
+            &mut m,
+            "MaxConnections",
+            &self.max_connections,
+            false,
+            |i| json!(int_value(i)),
+        );
+        *typed &= t;
+        Value::Object(m)
+    }
+}
+
+/// A structured pair: each rendered and checked like any bytes (the oracle judges it); a
+/// well-typed one must never be a syntax error; and the diff between two valid ones must be
+/// exactly the set differences.
+pub fn check_structured(s: &Structured) {
+    let mut configs = Vec::new();
+    for g in [&s.a, &s.b] {
+        let (bytes, typed) = g.render();
+        let got = check_bytes(&bytes);
+        if typed {
+            if let Err(e) = Config::parse(Path::new("fuzz.json"), &bytes) {
+                assert!(
+                    !e.problems.iter().any(|p| matches!(p, Problem::Syntax(_))),
+                    "well-typed config refused as syntax: {e}\n{}",
+                    String::from_utf8_lossy(&bytes)
+                );
+            }
+        }
+        configs.push(got);
+    }
+    if let [Some(a), Some(b)] = configs.as_slice() {
+        let d = Diff::between(a, b);
+        let pa: BTreeSet<u16> = a.ports().collect();
+        let pb: BTreeSet<u16> = b.ports().collect();
+        assert_eq!(
+            d.ports_added,
+            pb.difference(&pa).copied().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            d.ports_removed,
+            pa.difference(&pb).copied().collect::<Vec<_>>()
+        );
+        let na: BTreeSet<&str> = a.apps.iter().map(|x| x.name.as_str()).collect();
+        let nb: BTreeSet<&str> = b.apps.iter().map(|x| x.name.as_str()).collect();
+        assert_eq!(
+            d.apps_added,
+            nb.difference(&na)
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            d.apps_removed,
+            na.difference(&nb)
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+        );
+        let changed: Vec<String> = b
+            .apps
+            .iter()
+            .filter(|x| a.apps.iter().any(|y| y.name == x.name && y != *x))
+            .map(|x| x.name.clone())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(d.apps_changed, changed);
+        assert_eq!(d.is_empty(), pa == pb && na == nb && changed.is_empty());
+        let _ = d.to_string();
+    }
+}

@@ -1,0 +1,88 @@
+//! The fuzz targets' checks on their seed corpora and on pseudo-random inputs, as plain tests:
+//! `cargo test --manifest-path fuzz/Cargo.toml` (`make fuzz` runs it before fuzzing).
+
+use std::path::PathBuf;
+
+use arbitrary::{Arbitrary, Unstructured};
+
+fn seeds(target: &str) -> Vec<Vec<u8>> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("seeds")
+        .join(target);
+    let mut out: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert!(!out.is_empty(), "no seeds in {}", dir.display());
+    // Plus a few thousand pseudo-random inputs (xorshift, fixed seed: the same every run).
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for len in 0..3000usize {
+        let mut buf = Vec::with_capacity(len % 512);
+        for _ in 0..len % 512 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            buf.push(x as u8);
+        }
+        out.push(buf);
+    }
+    out
+}
+
+fn each<T: for<'a> Arbitrary<'a>>(target: &str, check: impl Fn(&T)) {
+    for data in seeds(target) {
+        if let Ok(input) = T::arbitrary_take_rest(Unstructured::new(&data)) {
+            check(&input);
+        }
+    }
+}
+
+#[test]
+fn config_parse() {
+    for data in seeds("config_parse") {
+        flyproxy_fuzz::config::check_bytes(&data);
+    }
+    // The shipped config and the test fixture are valid, and the oracle agrees.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    for f in ["config.json", "tests/fixtures/original-config.json"] {
+        if let Ok(bytes) = std::fs::read(root.join(f)) {
+            assert!(flyproxy_fuzz::config::check_bytes(&bytes).is_some(), "{f}");
+        }
+    }
+}
+
+#[test]
+fn config_structured() {
+    each("config_structured", flyproxy_fuzz::config::check_structured);
+}
+
+#[test]
+fn proxy_header() {
+    each("proxy_header", flyproxy_fuzz::header::check);
+}
+
+#[test]
+fn cli_args() {
+    each("cli_args", flyproxy_fuzz::cli::check);
+}
+
+#[test]
+fn oracle_targets() {
+    use flyproxy_fuzz::config::expected_target;
+    assert!(expected_target("[::1]:7001").is_some());
+    assert!(expected_target("10.0.0.1:80").is_some());
+    assert!(expected_target("a_b.c-d:080").is_some());
+    for bad in [
+        "host:0",
+        "host:+80",
+        "host:65536",
+        "[zz]:80",
+        "bad host:80",
+        ":80",
+        "::1:80",
+        "-a:1",
+        "a..b:1",
+    ] {
+        assert!(expected_target(bad).is_none(), "{bad}");
+    }
+}
