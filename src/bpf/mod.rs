@@ -449,16 +449,9 @@ fn classify(step: Step, source: libbpf_rs::Error) -> BpfError {
 /// Whether this process holds CAP_BPF (or CAP_SYS_ADMIN, which older kernels ask for) in its
 /// effective set. Capabilities are per thread: read the calling thread's.
 fn has_bpf_capabilities() -> bool {
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    let Ok(status) = fs::read_to_string("/proc/thread-self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|eff| eff & (1 << CAP_BPF) != 0 || eff & (1 << CAP_SYS_ADMIN) != 0)
+    use crate::caps::Cap;
+    crate::caps::current()
+        .is_ok_and(|c| c.effective.contains(Cap::Bpf) || c.effective.contains(Cap::SysAdmin))
 }
 
 /// Whether the failure of a load or attach is the kernel not knowing sk_lookup.
