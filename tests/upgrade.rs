@@ -1450,42 +1450,9 @@ fn upgrade_command_without_a_usable_pid_file_exits_1() {
     }
 }
 
-/// Output of a command run to completion.
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
 /// Run the test's binary with `args` to completion (killed and failed after `WAIT`).
-fn run_bin(bin: &Binary, args: &[&str]) -> Output {
-    let mut child = Command::new(&bin.path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn flyproxy");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let t_out = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let status = wait_for(&format!("flyproxy {args:?} to exit"), WAIT, || {
-        child.try_wait().unwrap()
-    });
-    Output {
-        code: status.code(),
-        stdout: t_out.join().unwrap(),
-        stderr: t_err.join().unwrap(),
-    }
+fn run_bin(bin: &Binary, args: &[&str]) -> common::Output {
+    common::run_path(&bin.path, args)
 }
 
 // ---------------------------------------------------------------------------------------------

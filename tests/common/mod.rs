@@ -12,7 +12,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -568,7 +568,12 @@ pub struct Output {
 
 /// Run the binary with `args` to completion (killed and failed after `WAIT`).
 pub fn run(args: &[&str]) -> Output {
-    let mut child = Command::new(BIN)
+    run_path(Path::new(BIN), args)
+}
+
+/// Run the binary at `bin` (a copy of it, say) with `args`, as `run` does.
+pub fn run_path(bin: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
