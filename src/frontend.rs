@@ -497,8 +497,9 @@ impl Loop {
                 return;
             }
         };
-        self.watch.seen(sig, bytes.clone());
-        let new = match Config::parse(&path, &bytes) {
+        let parsed = Config::parse(&path, &bytes);
+        self.watch.seen(sig, bytes);
+        let new = match parsed {
             Ok(c) => c,
             Err(e) => {
                 for line in e.to_string().lines() {

@@ -191,19 +191,19 @@ fn check_all(batch: &[Arc<Backend>]) {
                 Err(e) => open[i].2 = Some(e),
             }
         }
-        // Backends past their timeout fail; their remaining connects are dropped.
+        // Streams of decided backends need not be waited for; backends past their timeout
+        // fail, and their remaining connects are dropped.
         let now = Instant::now();
         pending.retain(|_, (i, _)| {
+            if decided[*i] {
+                return false;
+            }
             if open[*i].1 > now {
                 return true;
             }
-            if !decided[*i] {
-                decided[*i] = true;
-                batch[*i].checked(Err(ConnectError::Timeout));
-            }
+            decided[*i] = true;
+            batch[*i].checked(Err(ConnectError::Timeout));
             false
         });
-        // Streams of backends already decided need not be waited for.
-        pending.retain(|_, (i, _)| !decided[*i]);
     }
 }
