@@ -60,6 +60,16 @@ pub enum Mode {
     Bpf { port: u16, bind: Option<IpAddr> },
 }
 
+impl Mode {
+    /// The mode's command name, as logs show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+            Mode::Bpf { .. } => "bpf",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub enum Command {
     Run(Mode, Settings),

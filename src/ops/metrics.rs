@@ -10,12 +10,12 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use crate::backends::backend::{Backend, ConnectError};
-use crate::backends::routing::AppRoute;
+use crate::backends::routing::{AppRoute, Routes};
 
 /// An app's backends, each once: a target listed twice is one backend with two turns, and
 /// must be one series (a duplicate series makes Prometheus reject the whole scrape).
@@ -29,22 +29,94 @@ fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
     seen
 }
 use crate::frontend::ports::LookupReader;
-use crate::relay::session::Shared;
+use crate::relay::slots::Slots;
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request head read; anything longer is refused.
 const MAX_REQUEST: usize = 8 * 1024;
 
+/// What the listener loop publishes for the endpoint: the routing table in force, how reloads
+/// went, and whether accepts are held back. Only the loop writes it.
+pub struct Published {
+    pub routes: Mutex<Arc<Routes>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    /// Unix time in milliseconds of the last successful (re)load.
+    pub last_reload_ok_ms: AtomicU64,
+    /// Accepting is held back by the connection bound.
+    pub accept_paused: AtomicBool,
+}
+
+impl Published {
+    /// The state at start-up: `routes` just loaded, no reload yet.
+    pub fn new(routes: Arc<Routes>) -> Published {
+        Published {
+            routes: Mutex::new(routes),
+            reloads_ok: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            last_reload_ok_ms: AtomicU64::new(unix_ms()),
+            accept_paused: AtomicBool::new(false),
+        }
+    }
+
+    /// The routing table in force.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A reload was applied: `routes` is in force from now on.
+    pub fn reloaded(&self, routes: Arc<Routes>) {
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes;
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.last_reload_ok_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// A reload was refused: the running config stays.
+    pub fn rejected(&self) {
+        self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the endpoint reads.
+pub struct Sources {
+    pub published: Arc<Published>,
+    pub slots: Arc<Slots>,
+    /// The mode's lookup counters (bpf mode only).
+    pub lookups: Option<LookupReader>,
+}
+
+/// The running endpoint, as the listener loop holds it.
+pub struct Endpoint {
+    socket: (SocketAddr, RawFd),
+    handed_over: Arc<AtomicBool>,
+}
+
+impl Endpoint {
+    /// The listening socket's address and descriptor, for handing over on upgrade.
+    pub fn socket(&self) -> (SocketAddr, RawFd) {
+        self.socket
+    }
+
+    /// A new process took the socket over (upgrade): stop serving on it.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+}
+
 /// Serve `addr` from a thread: on `inherited` (the socket a process we upgrade handed over),
-/// or on a socket bound now, so that a bad address fails start-up. Returns the socket's
-/// address and descriptor, for handing over in turn.
+/// or on a socket bound now, so that a bad address fails start-up.
 pub fn start(
     addr: SocketAddr,
     inherited: Option<TcpListener>,
-    shared: Arc<Shared>,
-    lookup_stats: Option<LookupReader>,
-) -> io::Result<(SocketAddr, RawFd)> {
+    sources: Sources,
+) -> io::Result<Endpoint> {
     let listener = match inherited {
         Some(l) => l,
         None => TcpListener::bind(addr)?,
@@ -52,19 +124,23 @@ pub fn start(
     // Non-blocking: after an upgrade the other process may take a connection between our
     // poll and our accept.
     listener.set_nonblocking(true)?;
-    let handle = (listener.local_addr()?, listener.as_raw_fd());
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let endpoint = Endpoint {
+        socket: (listener.local_addr()?, listener.as_raw_fd()),
+        handed_over: Arc::clone(&handed_over),
+    };
     std::thread::Builder::new()
         .name("metrics".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(listener, &shared, lookup_stats.as_ref()))?;
-    Ok(handle)
+        .spawn(move || serve(listener, &handed_over, &sources))?;
+    Ok(endpoint)
 }
 
 /// Answer requests until a new process takes the socket over (upgrade). Waits in `poll` with
 /// a short timeout rather than in `accept`, so that the hand-over is noticed; the socket is
 /// shared with the new process, so it must not be shut down, only closed here.
-fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupReader>) {
-    while !shared.handed_over.load(Ordering::Acquire) {
+fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
+    while !handed_over.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,
@@ -78,7 +154,7 @@ fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupRea
             Ok((s, _)) => {
                 // The socket is shared, and non-blocking in the other process: be explicit.
                 let _ = s.set_nonblocking(false);
-                if let Err(e) = answer(s, shared, lookup_stats) {
+                if let Err(e) = answer(s, sources) {
                     crate::debug!("metrics: request failed: {e}");
                 }
             }
@@ -89,11 +165,7 @@ fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupRea
     }
 }
 
-fn answer(
-    mut s: TcpStream,
-    shared: &Shared,
-    lookup_stats: Option<&LookupReader>,
-) -> io::Result<()> {
+fn answer(mut s: TcpStream, sources: &Sources) -> io::Result<()> {
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     // The timeout holds for the whole request, not each read: a client trickling a byte at
     // a time must not keep the endpoint to itself.
@@ -131,9 +203,9 @@ fn answer(
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    render(shared, lookup_stats),
+                    render(sources),
                 ),
-                "/status" => ("200 OK", "text/plain; charset=utf-8", status(shared)),
+                "/status" => ("200 OK", "text/plain; charset=utf-8", status(sources)),
                 _ => (
                     "404 Not Found",
                     "text/plain",
@@ -197,8 +269,13 @@ impl Family<'_> {
 }
 
 /// The whole exposition, from the current routing table and counters.
-pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
-    let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
+pub fn render(sources: &Sources) -> String {
+    let Sources {
+        published,
+        slots,
+        lookups,
+    } = sources;
+    let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
 
@@ -343,12 +420,12 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[("result", "ok")],
-        shared.reloads_ok.load(Ordering::Relaxed),
+        published.reloads_ok.load(Ordering::Relaxed),
     );
     f.sample(
         name,
         &[("result", "rejected")],
-        shared.reloads_rejected.load(Ordering::Relaxed),
+        published.reloads_rejected.load(Ordering::Relaxed),
     );
     let name = "flyproxy_config_last_reload_success_timestamp_seconds";
     let mut f = Family::head(
@@ -360,7 +437,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[],
-        shared.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        published.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
     );
     let name = "flyproxy_connections_limit";
     let mut f = Family::head(
@@ -369,7 +446,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
         "gauge",
         "The connection bound in force (--max-connections, lowered to fit the open-file limit).",
     );
-    f.sample(name, &[], shared.max_connections);
+    f.sample(name, &[], slots.max());
     let name = "flyproxy_connections_open";
     let mut f = Family::head(
         &mut out,
@@ -377,7 +454,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
         "gauge",
         "Client connections holding a slot of the bound now.",
     );
-    f.sample(name, &[], shared.active.load(Ordering::Relaxed));
+    f.sample(name, &[], slots.taken());
     let name = "flyproxy_accept_paused";
     let mut f = Family::head(
         &mut out,
@@ -388,7 +465,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[],
-        u8::from(shared.accept_paused.load(Ordering::Relaxed)),
+        u8::from(published.accept_paused.load(Ordering::Relaxed)),
     );
     let name = "flyproxy_log_lines_dropped_total";
     let mut f = Family::head(
@@ -399,7 +476,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     );
     f.sample(name, &[], crate::ops::log::dropped());
 
-    if let Some(read) = lookup_stats {
+    if let Some(read) = lookups {
         let name = "flyproxy_bpf_lookups_total";
         let mut f = Family::head(
             &mut out,
@@ -424,22 +501,25 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
 }
 
 /// A page for people: each app, its ports, its targets with health and open connections.
-pub fn status(shared: &Shared) -> String {
-    let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
+pub fn status(sources: &Sources) -> String {
+    let Sources {
+        published, slots, ..
+    } = sources;
+    let routes = published.routes();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "flyproxy {}: {} of {} connection slots in use{}, reloads ok={} rejected={}",
         crate::cli::VERSION,
-        shared.active.load(Ordering::Relaxed),
-        shared.max_connections,
-        if shared.accept_paused.load(Ordering::Relaxed) {
+        slots.taken(),
+        slots.max(),
+        if published.accept_paused.load(Ordering::Relaxed) {
             " (accepts paused)"
         } else {
             ""
         },
-        shared.reloads_ok.load(Ordering::Relaxed),
-        shared.reloads_rejected.load(Ordering::Relaxed),
+        published.reloads_ok.load(Ordering::Relaxed),
+        published.reloads_rejected.load(Ordering::Relaxed),
     );
     for (app, ports) in routes.apps() {
         let shown: Vec<String> = ports.iter().take(12).map(u16::to_string).collect();
