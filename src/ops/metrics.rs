@@ -16,18 +16,6 @@ use std::time::{Duration, SystemTime};
 
 use crate::backends::backend::{Backend, ConnectError};
 use crate::backends::routing::{AppRoute, Routes};
-
-/// An app's backends, each once: a target listed twice is one backend with two turns, and
-/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
-fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
-    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
-    for b in &app.backends {
-        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
-            seen.push(b);
-        }
-    }
-    seen
-}
 use crate::frontend::ports::LookupReader;
 use crate::relay::slots::Slots;
 
@@ -226,6 +214,17 @@ fn answer(mut s: TcpStream, sources: &Sources) -> io::Result<()> {
     s.write_all(body.as_bytes())
 }
 
+/// An app's backends, each once: a target listed twice is one backend with two turns, and
+/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
+fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
+    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
+    for b in &app.backends {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
+            seen.push(b);
+        }
+    }
+    seen
+}
 /// A label value escaped as the exposition format asks: backslash, double quote, newline.
 fn esc(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -278,22 +277,35 @@ pub fn render(sources: &Sources) -> String {
     let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
+    build_info(&mut out);
+    app_families(&mut out, apps);
+    target_families(&mut out, apps);
+    reload_families(&mut out, published);
+    bound_families(&mut out, slots, published);
+    log_families(&mut out);
+    if let Some(read) = lookups {
+        lookup_families(&mut out, read);
+    }
+    out
+}
 
-    let mut f = Family::head(
-        &mut out,
-        "flyproxy_build_info",
-        "gauge",
-        "The running version.",
-    );
+/// Apps in force, each with its ports.
+type Apps = [(Arc<AppRoute>, Vec<u16>)];
+
+fn build_info(out: &mut String) {
+    let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");
     f.sample(
         "flyproxy_build_info",
         &[("version", crate::cli::VERSION)],
         1,
     );
+}
 
+/// Client connections by app: accepted, open, refused.
+fn app_families(out: &mut String, apps: &Apps) {
     macro_rules! per_app {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(&mut out, $name, $kind, $help);
+            let mut f = Family::head(out, $name, $kind, $help);
             for (app, _) in apps {
                 f.sample($name, &[("app", app.name.as_str())], $get(&app.stats));
             }
@@ -313,7 +325,7 @@ pub fn render(sources: &Sources) -> String {
     );
     let name = "flyproxy_app_connections_refused_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Client connections closed without a target: reason=\"connect_failed\" (no target answered) or \"limit\" (the app's MaxConnections).",
@@ -331,10 +343,13 @@ pub fn render(sources: &Sources) -> String {
             s.limited.load(Ordering::Relaxed),
         );
     }
+}
 
+/// Connections to targets by app and target: made, open, health, bytes, failures.
+fn target_families(out: &mut String, apps: &Apps) {
     macro_rules! per_target {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(&mut out, $name, $kind, $help);
+            let mut f = Family::head(out, $name, $kind, $help);
             for (app, _) in apps {
                 for b in unique_backends(app) {
                     let t = b.target.to_string();
@@ -367,7 +382,7 @@ pub fn render(sources: &Sources) -> String {
     );
     let name = "flyproxy_bytes_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Bytes relayed, by app, target and direction.",
@@ -393,7 +408,7 @@ pub fn render(sources: &Sources) -> String {
     }
     let name = "flyproxy_connect_failures_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Failed connects to a target, by app, target and reason.",
@@ -414,9 +429,12 @@ pub fn render(sources: &Sources) -> String {
             }
         }
     }
+}
 
+/// How config reloads went.
+fn reload_families(out: &mut String, published: &Published) {
     let name = "flyproxy_reloads_total";
-    let mut f = Family::head(&mut out, name, "counter", "Config reloads, by result.");
+    let mut f = Family::head(out, name, "counter", "Config reloads, by result.");
     f.sample(
         name,
         &[("result", "ok")],
@@ -429,7 +447,7 @@ pub fn render(sources: &Sources) -> String {
     );
     let name = "flyproxy_config_last_reload_success_timestamp_seconds";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "Unix time of the last config load or reload that was applied.",
@@ -439,9 +457,13 @@ pub fn render(sources: &Sources) -> String {
         &[],
         published.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
     );
+}
+
+/// The connection bound and how full it is.
+fn bound_families(out: &mut String, slots: &Slots, published: &Published) {
     let name = "flyproxy_connections_limit";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "The connection bound in force (--max-connections, lowered to fit the open-file limit).",
@@ -449,7 +471,7 @@ pub fn render(sources: &Sources) -> String {
     f.sample(name, &[], slots.max());
     let name = "flyproxy_connections_open";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "Client connections holding a slot of the bound now.",
@@ -457,7 +479,7 @@ pub fn render(sources: &Sources) -> String {
     f.sample(name, &[], slots.taken());
     let name = "flyproxy_accept_paused";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "1 while the connection bound holds accepts back, else 0.",
@@ -467,37 +489,40 @@ pub fn render(sources: &Sources) -> String {
         &[],
         u8::from(published.accept_paused.load(Ordering::Relaxed)),
     );
+}
+
+fn log_families(out: &mut String) {
     let name = "flyproxy_log_lines_dropped_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::ops::log::dropped());
+}
 
-    if let Some(read) = lookups {
-        let name = "flyproxy_bpf_lookups_total";
-        let mut f = Family::head(
-            &mut out,
+/// sk_lookup verdicts (bpf mode).
+fn lookup_families(out: &mut String, read: &LookupReader) {
+    let name = "flyproxy_bpf_lookups_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+    );
+    for g in read() {
+        f.sample(
             name,
-            "counter",
-            "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+            &[("group", g.group.as_str()), ("verdict", "steered")],
+            g.steered,
         );
-        for g in read() {
-            f.sample(
-                name,
-                &[("group", g.group.as_str()), ("verdict", "steered")],
-                g.steered,
-            );
-            f.sample(
-                name,
-                &[("group", g.group.as_str()), ("verdict", "dropped")],
-                g.dropped,
-            );
-        }
+        f.sample(
+            name,
+            &[("group", g.group.as_str()), ("verdict", "dropped")],
+            g.dropped,
+        );
     }
-    out
 }
 
 /// A page for people: each app, its ports, its targets with health and open connections.
