@@ -2,19 +2,20 @@
 //! relay until done, and log how it ended. The same code serves both modes.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::io::Write;
 
-use crate::backend;
+use crate::backends::balance;
+use crate::backends::proxy_protocol;
+use crate::backends::routing::AppRoute;
 use crate::cli::Settings;
-use crate::conns::Conns;
-use crate::log::{self, Field, Level};
-use crate::relay;
-use crate::routing::{AppRoute, Routes};
-use crate::{ports, proxy_protocol};
+use crate::net;
+use crate::ops::log::{self, Field, Level};
+use crate::relay::conns::Conns;
+use crate::relay::transfer as relay;
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
@@ -25,55 +26,16 @@ pub struct Job {
     pub accepted: Instant,
 }
 
-/// What the listener loop and the relay threads share.
-pub struct Shared {
+/// What every session reads besides its own job: the options in force, and the table of open
+/// connections through which drains (a removed port, a stop, an upgrade) reach it.
+pub struct Context {
     pub settings: Settings,
-    /// The connection bound actually in force (the option, lowered to fit the fd limit).
-    pub max_connections: usize,
-    pub conns: Conns,
-    /// Connection slots taken: a slot is taken at accept and given back by the pool once the
-    /// relay thread is idle again, so accepted connections never outnumber threads.
-    pub active: AtomicUsize,
-    /// Set once shutdown has begun, so that the last slot given back wakes the loop.
-    pub stopping: AtomicBool,
-    pub waker: mio::Waker,
-    /// The routing table in force, published by the listener loop for metrics and status.
-    pub routes: Mutex<Arc<Routes>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_rejected: AtomicU64,
-    /// Unix time in milliseconds of the last successful (re)load.
-    pub last_reload_ok_ms: AtomicU64,
-    /// Accepting is held back by the connection bound.
-    pub accept_paused: AtomicBool,
-    /// A new process took over (upgrade): the metrics thread stops serving.
-    pub handed_over: AtomicBool,
-    /// bpf mode: reads the sk_lookup program's counters.
-    pub lookup_stats: Option<crate::ports::LookupReader>,
+    pub conns: Arc<Conns>,
 }
 
-/// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LookupStats {
-    pub group: String,
-    pub steered: u64,
-    pub dropped: u64,
-}
-
-impl Shared {
-    /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
-    /// bound, or draining for shutdown). Waking only then keeps the common path free of
-    /// cross-thread wake-ups.
-    pub fn release_slot(&self) {
-        let before = self.active.fetch_sub(1, Ordering::AcqRel);
-        if before == self.max_connections || self.stopping.load(Ordering::Acquire) {
-            if let Err(e) = self.waker.wake() {
-                crate::error!("cannot wake the listener loop: {e}");
-            }
-        }
-    }
-}
-
-pub fn serve(job: Job, shared: &Shared) {
+/// Connect `job` to a backend of its app, relay until either side is done, and log how it
+/// ended.
+pub fn serve(job: Job, cx: &Context) {
     let Job {
         client,
         peer,
@@ -112,14 +74,13 @@ pub fn serve(job: Job, shared: &Shared) {
 
     // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
     // connection even while it waits for a slot of its app.
-    let reg = shared.conns.register(port, client, accepted);
+    let reg = cx.conns.register(port, client, accepted);
     let entry = &reg.entry;
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
         None => None,
-        Some(limit) => match limit.acquire(shared.settings.connect_timeout, || entry.was_drained())
-        {
+        Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
             Some(slot) => Some(slot),
             None if entry.was_drained() => return end("-", 0, 0, "drained", None),
             None => {
@@ -129,7 +90,7 @@ pub fn serve(job: Job, shared: &Shared) {
             }
         },
     };
-    let (backend, guard) = match backend::connect(&app, shared.settings.connect_timeout) {
+    let (backend, guard) = match balance::connect(&app, cx.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -141,7 +102,7 @@ pub fn serve(job: Job, shared: &Shared) {
     if let Some(version) = app.proxy_protocol {
         // Sent while the socket is still blocking: a header this small always fits in a fresh
         // socket's send buffer, so this cannot stall.
-        let frontend = entry.client.local_addr().map(ports::canonical);
+        let frontend = entry.client.local_addr().map(net::canonical);
         let sent =
             frontend.and_then(|f| (&backend).write_all(&proxy_protocol::header(version, peer, f)));
         if let Err(e) = sent {
@@ -166,7 +127,7 @@ pub fn serve(job: Job, shared: &Shared) {
     let outcome = relay::relay(
         &entry.client,
         backend,
-        shared.settings.idle_timeout,
+        cx.settings.idle_timeout,
         &target_state.bytes_up,
         &target_state.bytes_down,
     );
