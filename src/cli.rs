@@ -21,6 +21,8 @@ pub const DEFAULT_STATUS_ADDR: SocketAddr =
 pub struct Settings {
     pub config: PathBuf,
     pub max_connections: usize,
+    /// Relay threads at most; None: as many as the connection bound.
+    pub max_threads: Option<usize>,
     pub connect_timeout: Duration,
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
@@ -39,6 +41,7 @@ impl Default for Settings {
         Settings {
             config: PathBuf::from("config.json"),
             max_connections: 4096,
+            max_threads: None,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
@@ -128,6 +131,8 @@ macro_rules! run_options {
         "  -c, --config PATH          config file (default ./config.json)
       --max-connections N    open client connections at most; beyond it new ones wait
                              in the kernel backlog (default 4096)
+      --max-threads N        relay threads at most; idle connections hold none, and
+                             busy ones take turns beyond it (default: --max-connections)
       --connect-timeout DUR  time to connect to one target (default 5s)
       --idle-timeout DUR     close a connection that moved no byte for this long
                              (default 1h; 0 disables)
@@ -344,6 +349,18 @@ fn run_option(
                     return Err(usage(
                         cmd,
                         &format!("--max-connections: '{v}' is not a whole number above 0"),
+                    ))
+                }
+            }
+        }
+        "--max-threads" => {
+            let v = value("a number")?;
+            s.max_threads = match v.parse::<usize>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    return Err(usage(
+                        cmd,
+                        &format!("--max-threads: '{v}' is not a whole number above 0"),
                     ))
                 }
             }

@@ -328,7 +328,7 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
 }
 
 /// The log: every line starts with an RFC 3339 UTC timestamp and a level; `started` gives the
-/// mode, config, summary, bound and pid.
+/// mode, config, summary, the connection and thread bounds, the open-file limit and the pid.
 #[test]
 fn log_lines_have_a_timestamp_and_a_level() {
     let echo = Backend::echo();
@@ -344,9 +344,17 @@ fn log_lines_have_a_timestamp_and_a_level() {
     drop(s);
     p.wait_conn(local);
     let started = p.wait_log("started", |l| l.contains(" started "));
+    // The proxy raises its open-file limit to the hard limit it inherited from us.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
     let want = format!(
-        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 pid={}",
+        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 max_threads=77 fd_limit={} pid={}",
         p.config.display(),
+        lim.rlim_max,
         p.pid
     );
     assert!(

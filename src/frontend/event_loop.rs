@@ -24,7 +24,7 @@ use crate::frontend::watch::Watch;
 use crate::ops::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::pool::Pool;
-use crate::relay::session::Job;
+use crate::relay::session::{Job, Task};
 use crate::relay::slots::Slots;
 
 /// Connections accepted from one listener before the loop looks at the others, so one busy
@@ -39,7 +39,7 @@ pub(super) struct Loop {
     pub(super) source: Box<dyn PortSource>,
     pub(super) routes: Arc<Routes>,
     pub(super) checker: Arc<Checker>,
-    pub(super) pool: Pool<Job>,
+    pub(super) pool: Pool<Task>,
     pub(super) slots: Arc<Slots>,
     pub(super) conns: Arc<Conns>,
     /// What the metrics endpoint reads of the loop's state.
@@ -281,12 +281,14 @@ impl Loop {
             app: Arc::clone(app),
             accepted: Instant::now(),
         };
-        if let Err((job, e)) = self.pool.submit(job) {
-            crate::error!(
-                "conn app={} client={}: no relay thread: {e}; closed",
-                job.app.name,
-                job.peer
-            );
+        if let Err((task, e)) = self.pool.submit(Task::New(job)) {
+            if let Task::New(job) = task {
+                crate::error!(
+                    "conn app={} client={}: no relay thread: {e}; closed",
+                    job.app.name,
+                    job.peer
+                );
+            }
             // No thread took the job, so the pool will not give its slot back.
             self.slots.cancel();
         }

@@ -28,8 +28,9 @@ use crate::ops::caps::{Cap, CapsError};
 use crate::ops::metrics::{self, Published, Sources};
 use crate::ops::upgrade::{Exec, ReadyPipe};
 use crate::relay::conns::Conns;
+use crate::relay::park::Lot;
 use crate::relay::pool::Pool;
-use crate::relay::session::{self, Context};
+use crate::relay::session::{self, Context, Task};
 use crate::relay::slots::Slots;
 
 /// Descriptors kept aside for listeners, the config file, the poll and pipes.
@@ -140,7 +141,8 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
-    let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
+    let (max_connections, fd_limit) =
+        fit_fd_limit(settings.max_connections, source.listeners() as u64);
 
     let routes = Arc::new(Routes::new(&config, None));
     let slots = Arc::new(Slots::new(max_connections, waker));
@@ -160,24 +162,36 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
             metrics::start(addr, inherited, sources).map_err(|e| StartError::Metrics(addr, e))?;
         metrics_endpoint = Some(endpoint);
     }
+    let max_threads = settings
+        .max_threads
+        .unwrap_or(max_connections)
+        .min(max_connections);
+    let lot = Lot::start().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
     let pool = {
         let cx = Context {
             settings: settings.clone(),
             conns: Arc::clone(&conns),
+            slots: Arc::clone(&slots),
+            lot: Arc::clone(&lot),
         };
-        let released = Arc::clone(&slots);
-        Pool::new(
-            max_connections,
-            move |job| session::serve(job, &cx),
-            move || released.release(),
-        )
+        Pool::new(max_threads, move |task, turn| session::run(task, &cx, turn))
     };
+    {
+        let pool = pool.clone();
+        lot.set_resume(move |session| {
+            if let Err((_, e)) = pool.submit(Task::Resume(session)) {
+                // Only when no relay thread is alive and none can be started: the connection
+                // is dropped (closed) with its session; its slot stays taken.
+                crate::error!("cannot resume a parked connection: {e}; closed");
+            }
+        });
+    }
 
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
     crate::info!(
-        "started mode={} config={} {} max_connections={max_connections} pid={}",
+        "started mode={} config={} {} max_connections={max_connections} max_threads={max_threads} fd_limit={fd_limit} pid={}",
         mode.name(),
         settings.config.display(),
         config.summary(),
@@ -292,14 +306,15 @@ fn capabilities_kept(mode: &Mode, settings: &Settings) -> Vec<Cap> {
 
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
 /// descriptors per connection (client and backend) would not fit, saying so with the numbers.
-fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
+/// Returns the bound and the open-file limit behind it.
+fn fit_fd_limit(max_connections: usize, listeners: u64) -> (usize, u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return max_connections;
+        return (max_connections, 0);
     }
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
@@ -324,8 +339,8 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
             lim.rlim_cur,
             listeners
         );
-        fits.max(1)
+        (fits.max(1), lim.rlim_cur)
     } else {
-        max_connections
+        (max_connections, lim.rlim_cur)
     }
 }

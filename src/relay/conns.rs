@@ -74,13 +74,13 @@ impl Ports {
 }
 
 /// Keeps a connection in the table while it lives; dropping it removes the entry.
-pub struct Registered<'a> {
-    conns: &'a Conns,
+pub struct Registered {
+    conns: Arc<Conns>,
     id: u64,
     pub entry: Arc<Entry>,
 }
 
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
         self.conns.lock().open.remove(&self.id);
     }
@@ -93,7 +93,12 @@ impl Conns {
     }
 
     /// Add a connection accepted at `accepted` on `port`.
-    pub fn register(&self, port: u16, client: TcpStream, accepted: Instant) -> Registered<'_> {
+    pub fn register(
+        self: &Arc<Self>,
+        port: u16,
+        client: TcpStream,
+        accepted: Instant,
+    ) -> Registered {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut table = self.lock();
         let at = table
@@ -116,7 +121,7 @@ impl Conns {
             entry.cut();
         }
         Registered {
-            conns: self,
+            conns: Arc::clone(self),
             id,
             entry,
         }

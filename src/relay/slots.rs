@@ -1,9 +1,9 @@
 //! The connection bound: how many accepted connections may be in the relay at once.
 //!
-//! The listener loop takes a slot for every connection it accepts; the pool gives it back once
-//! the relay thread that served the connection is idle again, so accepted connections never
-//! outnumber threads. The loop stops accepting while every slot is taken, and is woken when one
-//! comes back, or, while it drains for a stop, at every slot given back.
+//! The listener loop takes a slot for every connection it accepts; the session gives it back
+//! once the connection has ended and its sockets are closed, whether it ended on a relay thread
+//! or woke from the parking lot to end. The loop stops accepting while every slot is taken, and
+//! is woken when one comes back, or, while it drains for a stop, at every slot given back.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

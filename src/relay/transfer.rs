@@ -68,15 +68,6 @@ impl End {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct Outcome {
-    /// Bytes from the client delivered to the backend.
-    pub up: u64,
-    /// Bytes from the backend delivered to the client.
-    pub down: u64,
-    pub end: End,
-}
-
 /// A kernel pipe that bytes are spliced through: socket to pipe to socket, without being
 /// copied into user space (as HAProxy does). Pipes are shared by all connections through a
 /// pool and held only while bytes are in flight, so an idle connection costs its two sockets
@@ -164,9 +155,7 @@ enum Carrier {
 }
 
 /// One direction of the relay: bytes from `src` to `dst`.
-struct Direction<'a> {
-    /// A live counter (the target's, for metrics) that every delivered byte is added to.
-    counter: &'a AtomicU64,
+struct Direction {
     carrier: Carrier,
     /// Bytes read from `src` and not yet written to `dst`.
     pending: usize,
@@ -208,10 +197,9 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-impl<'a> Direction<'a> {
-    fn new(counter: &'a AtomicU64) -> Direction<'a> {
+impl Direction {
+    fn new() -> Direction {
         Direction {
-            counter,
             carrier: Carrier::None,
             pending: 0,
             no_splice: false,
@@ -245,8 +233,9 @@ impl<'a> Direction<'a> {
         }
     }
 
-    /// Write out what is pending; Ok(true) if all of it went.
-    fn flush(&mut self, dst: &TcpStream) -> io::Result<bool> {
+    /// Write out what is pending; Ok(true) if all of it went. Delivered bytes are added to
+    /// `counter` (the target's, for metrics) as they go.
+    fn flush(&mut self, dst: &TcpStream, counter: &AtomicU64) -> io::Result<bool> {
         while self.pending > 0 {
             let n = match &mut self.carrier {
                 Carrier::Pipe(p) => splice(p.r.as_raw_fd(), dst.as_raw_fd(), self.pending),
@@ -260,7 +249,7 @@ impl<'a> Direction<'a> {
                     }
                     self.pending -= n;
                     self.moved += n as u64;
-                    self.counter.fetch_add(n as u64, Ordering::Relaxed);
+                    counter.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -315,11 +304,11 @@ impl<'a> Direction<'a> {
     }
 
     /// Move as much as possible from `src` to `dst` without blocking.
-    fn pump(&mut self, src: &TcpStream, dst: &TcpStream) -> io::Result<Step> {
+    fn pump(&mut self, src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<Step> {
         let mut step = Step::Blocked;
         loop {
             let before = self.moved;
-            let flushed = self.flush(dst)?;
+            let flushed = self.flush(dst, counter)?;
             if self.moved != before {
                 step = Step::Progress;
             }
@@ -367,7 +356,7 @@ impl<'a> Direction<'a> {
                         // them, then wait in poll rather than pay for a read that would only
                         // say EAGAIN. Poll is level-triggered, so nothing is missed.
                         let before = self.moved;
-                        let flushed = self.flush(dst)?;
+                        let flushed = self.flush(dst, counter)?;
                         if flushed {
                             self.release();
                         }
@@ -388,99 +377,217 @@ impl<'a> Direction<'a> {
     }
 }
 
-/// Relay between `client` and `backend` until both directions are closed, one fails, or
-/// nothing moves for `idle`. Both sockets must be non-blocking. The caller closes them.
-/// Delivered bytes are also added to `up_counter` and `down_counter` as they move.
-pub fn relay(
-    client: &TcpStream,
-    backend: &TcpStream,
-    idle: Option<Duration>,
-    up_counter: &AtomicU64,
-    down_counter: &AtomicU64,
-) -> Outcome {
-    let mut up = Direction::new(up_counter);
-    let mut down = Direction::new(down_counter);
-    let mut last_activity = Instant::now();
-    // A hang-up without error was seen on the socket while nothing was wanted from it.
-    let (mut client_hup, mut backend_hup) = (false, false);
-    let end = loop {
-        let stepped = (up.pump(client, backend), down.pump(backend, client));
-        match stepped {
-            (Err(e), _) | (_, Err(e)) => {
-                crate::debug!("relay error: {e}");
-                reset(client);
-                reset(backend);
-                break End::Reset;
-            }
-            (Ok(a), Ok(b)) => {
-                if matches!(a, Step::Progress) || matches!(b, Step::Progress) {
-                    last_activity = Instant::now();
-                }
-            }
+/// A connection that moved no byte either way for this long gives its thread back (parks):
+/// long enough that a request/response exchange or a bulk transfer never parks between its
+/// steps, short enough that idle connections stop holding threads at once. Measured in
+/// bench/README.md.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
+
+/// How long a busy connection keeps its thread while other connections wait for one.
+pub const SLICE: Duration = Duration::from_millis(50);
+
+/// Why `Relay::run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    /// The connection is over (both sockets are to be closed).
+    Ended(End),
+    /// Nothing moved for `PARK_AFTER` (or the slice ended while others wait) and no byte is in
+    /// flight: the relay holds no buffer or pipe, and waits for `Relay::wanted` on the sockets
+    /// without a thread, until `Relay::deadline`.
+    Park,
+    /// The time slice ended while other connections wait for a thread, with bytes in flight:
+    /// continue later, after them.
+    Yield,
+}
+
+/// What a parked connection waits for on one socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wanted {
+    /// Bytes (or end of stream), or an error or hang-up.
+    Readable,
+    /// Only an error or hang-up: nothing more is read from it.
+    Failure,
+    /// Nothing: it is closed both ways, and what is left to do waits on the other socket.
+    Nothing,
+}
+
+/// The state of a relayed connection between two runs: both directions' progress, the time of
+/// the last byte moved and what has been seen of the sockets. It holds a buffer or a pipe only
+/// while bytes are in flight, so a parked relay is a few dozen bytes.
+pub struct Relay {
+    up: Direction,
+    down: Direction,
+    last_activity: Instant,
+    /// A hang-up without error was seen on the socket while nothing was wanted from it.
+    client_hup: bool,
+    backend_hup: bool,
+    /// Parking failed: do not try again before this.
+    park_again_at: Option<Instant>,
+}
+
+/// The two live counters (the target's, for metrics) that delivered bytes are added to.
+pub struct Counters<'a> {
+    pub up: &'a AtomicU64,
+    pub down: &'a AtomicU64,
+}
+
+impl Default for Relay {
+    fn default() -> Relay {
+        Relay::new()
+    }
+}
+
+impl Relay {
+    pub fn new() -> Relay {
+        Relay {
+            up: Direction::new(),
+            down: Direction::new(),
+            last_activity: Instant::now(),
+            client_hup: false,
+            backend_hup: false,
+            park_again_at: None,
         }
-        if up.done() && down.done() {
-            break End::Closed;
-        }
-        // A socket is polled only for what is still wanted from it. One that nothing is wanted
-        // from is still polled with no events, so that an error (a reset) or hang-up there is
-        // seen while the connection waits on the other side; once a hang-up without error has
-        // been seen there it is left out altogether, as poll would report it again at once.
-        let client_events = events(up.wants_read(), down.wants_write());
-        let backend_events = events(down.wants_read(), up.wants_write());
-        let mut fds = [
-            pollfd(client, client_events, client_hup),
-            pollfd(backend, backend_events, backend_hup),
-        ];
-        let timeout_ms = match idle {
-            None => -1,
-            Some(idle) => {
-                let left = idle.saturating_sub(last_activity.elapsed());
-                if left.is_zero() {
-                    break End::IdleTimeout;
-                }
-                // Round up so we do not wake a millisecond early and spin.
-                left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-            }
+    }
+
+    /// Parking failed: carry on with the thread for another `PARK_AFTER` before trying again.
+    pub fn hold_thread(&mut self) {
+        self.park_again_at = Some(Instant::now() + PARK_AFTER);
+    }
+
+    /// Bytes delivered so far: client to backend, backend to client.
+    pub fn moved(&self) -> (u64, u64) {
+        (self.up.moved, self.down.moved)
+    }
+
+    /// When a parked relay is to be resumed even if nothing happens: its idle timeout.
+    pub fn deadline(&self, idle: Option<Duration>) -> Option<Instant> {
+        idle.map(|d| self.last_activity + d)
+    }
+
+    /// What a parked relay waits for on the client and on the backend socket.
+    pub fn wanted(&self) -> (Wanted, Wanted) {
+        let on = |read: bool, hup: bool| match (read, hup) {
+            (true, _) => Wanted::Readable,
+            (false, false) => Wanted::Failure,
+            (false, true) => Wanted::Nothing,
         };
-        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                crate::error!("relay poll failed: {e}");
-                reset(client);
-                reset(backend);
-                break End::Reset;
+        (
+            on(self.up.wants_read(), self.client_hup),
+            on(self.down.wants_read(), self.backend_hup),
+        )
+    }
+
+    /// Relay between `client` and `backend` (both non-blocking) until both directions are
+    /// closed, one fails, nothing moves for `idle`, or the connection should give its thread
+    /// back (see `Pause`). `others_waiting` says whether other connections wait for a thread.
+    /// The caller closes the sockets once it has `Ended`.
+    pub fn run(
+        &mut self,
+        client: &TcpStream,
+        backend: &TcpStream,
+        idle: Option<Duration>,
+        counters: &Counters,
+        others_waiting: &dyn Fn() -> bool,
+    ) -> Pause {
+        let mut slice_end = Instant::now() + SLICE;
+        loop {
+            let stepped = (
+                self.up.pump(client, backend, counters.up),
+                self.down.pump(backend, client, counters.down),
+            );
+            let mut now = None;
+            match stepped {
+                (Err(e), _) | (_, Err(e)) => {
+                    crate::debug!("relay error: {e}");
+                    return self.fail(client, backend);
+                }
+                (Ok(a), Ok(b)) => {
+                    if matches!(a, Step::Progress) || matches!(b, Step::Progress) {
+                        let t = Instant::now();
+                        self.last_activity = t;
+                        now = Some(t);
+                    }
+                }
             }
-            continue;
-        }
-        // Where something was wanted, the next pump's read or write meets whatever happened
-        // (bytes, end of stream, or the error) in order, so nothing already received is lost.
-        // Where nothing was wanted, poll's error and hang-up flags are acted on here, or they
-        // would wake every poll without a pump ever clearing them.
-        match hangup(client, &fds[0], "client") {
-            Hangup::None => {}
-            Hangup::Closed => client_hup = true,
-            Hangup::Failed => {
-                reset(client);
-                reset(backend);
-                break End::Reset;
+            if self.up.done() && self.down.done() {
+                return Pause::Ended(End::Closed);
+            }
+            let now = now.unwrap_or_else(Instant::now);
+            let in_flight = self.up.wants_write() || self.down.wants_write();
+            let idle_at = idle.map(|d| self.last_activity + d);
+            if idle_at.is_some_and(|at| now >= at) {
+                return Pause::Ended(End::IdleTimeout);
+            }
+            let quiet = now.saturating_duration_since(self.last_activity);
+            let may_park = !in_flight && self.park_again_at.is_none_or(|t| now >= t);
+            if may_park && quiet >= PARK_AFTER {
+                return self.park();
+            }
+            if now >= slice_end {
+                if others_waiting() {
+                    return if may_park { self.park() } else { Pause::Yield };
+                }
+                slice_end = now + SLICE;
+            }
+            // A socket is polled only for what is still wanted from it. One that nothing is
+            // wanted from is still polled with no events, so that an error (a reset) or hang-up
+            // there is seen while the connection waits on the other side; once a hang-up
+            // without error has been seen there it is left out altogether, as poll would
+            // report it again at once.
+            let client_events = events(self.up.wants_read(), self.down.wants_write());
+            let backend_events = events(self.down.wants_read(), self.up.wants_write());
+            let mut fds = [
+                pollfd(client, client_events, self.client_hup),
+                pollfd(backend, backend_events, self.backend_hup),
+            ];
+            let mut wake = slice_end;
+            if may_park {
+                wake = wake.min(self.last_activity + PARK_AFTER);
+            }
+            if let Some(at) = idle_at {
+                wake = wake.min(at);
+            }
+            // Round up so we do not wake a millisecond early and spin.
+            let left = wake.saturating_duration_since(now);
+            let timeout_ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    crate::error!("relay poll failed: {e}");
+                    return self.fail(client, backend);
+                }
+                continue;
+            }
+            // Where something was wanted, the next pump's read or write meets whatever
+            // happened (bytes, end of stream, or the error) in order, so nothing already
+            // received is lost. Where nothing was wanted, poll's error and hang-up flags are
+            // acted on here, or they would wake every poll without a pump ever clearing them.
+            match hangup(client, &fds[0], "client") {
+                Hangup::None => {}
+                Hangup::Closed => self.client_hup = true,
+                Hangup::Failed => return self.fail(client, backend),
+            }
+            match hangup(backend, &fds[1], "target") {
+                Hangup::None => {}
+                Hangup::Closed => self.backend_hup = true,
+                Hangup::Failed => return self.fail(client, backend),
             }
         }
-        match hangup(backend, &fds[1], "target") {
-            Hangup::None => {}
-            Hangup::Closed => backend_hup = true,
-            Hangup::Failed => {
-                reset(client);
-                reset(backend);
-                break End::Reset;
-            }
-        }
-    };
-    Outcome {
-        up: up.moved,
-        down: down.moved,
-        end,
+    }
+
+    /// Give back the (empty) carriers, so the parked relay holds nothing.
+    fn park(&mut self) -> Pause {
+        self.up.release();
+        self.down.release();
+        Pause::Park
+    }
+
+    fn fail(&mut self, client: &TcpStream, backend: &TcpStream) -> Pause {
+        reset(client);
+        reset(backend);
+        Pause::Ended(End::Reset)
     }
 }
 
