@@ -8,8 +8,8 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,53 +20,6 @@ const WINDOW: Duration = Duration::from_secs(3);
 /// CPU seconds allowed in `WINDOW`: far above what an idle proxy uses even on a loaded machine,
 /// far below what a spinning relay thread burns (a whole core, so about `WINDOW`).
 const CPU_MAX: f64 = 0.3;
-
-/// The first bytes every client sends, so the target side can tell the relayed connection from
-/// the proxy's health checks (which connect and close).
-const HELLO: &[u8] = b"hello\n";
-
-/// A proxy in front of a target socket the test holds.
-struct Pair {
-    proxy: Proxy,
-    client: TcpStream,
-    target: TcpStream,
-    /// Kept open so the proxy's health checks keep finding the target up.
-    _listener: TcpListener,
-}
-
-/// Start a proxy whose one app's target is a listener of the test, connect a client through it
-/// and send `HELLO`, and return both ends of the relayed connection.
-fn pair() -> Pair {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let target_addr = listener.local_addr().unwrap().to_string();
-    let proxy = Proxy::start(1, &[], |ports| {
-        config(&[app("app", ports, std::slice::from_ref(&target_addr))])
-    });
-    let mut client = connect(proxy.v4(0));
-    client.write_all(HELLO).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let target = wait_for("the relayed connection at the target", WAIT, || {
-        let (mut s, _) = match listener.accept() {
-            Ok(ok) => ok,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-            Err(e) => panic!("accept: {e}"),
-        };
-        s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.set_write_timeout(Some(WAIT)).unwrap();
-        let mut got = vec![0; HELLO.len()];
-        // A health check closes without sending anything.
-        s.read_exact(&mut got).ok()?;
-        assert_eq!(got, HELLO);
-        Some(s)
-    });
-    Pair {
-        proxy,
-        client,
-        target,
-        _listener: listener,
-    }
-}
 
 /// Panic unless the proxy stays near zero CPU for `WINDOW`.
 fn assert_quiet(p: &Proxy, what: &str) {
@@ -84,7 +37,7 @@ fn expect_bytes_then_eof(s: &mut TcpStream, want: &[u8], who: &str) {
 }
 
 /// The `conn` line of the pair's connection.
-fn conn_line(pair: &Pair, local: std::net::SocketAddr) -> ConnLine {
+fn conn_line(pair: &Relayed, local: std::net::SocketAddr) -> ConnLine {
     pair.proxy.wait_conn(local)
 }
 
@@ -92,12 +45,12 @@ fn conn_line(pair: &Pair, local: std::net::SocketAddr) -> ConnLine {
 /// stays open and silent. The target sees the bytes, the end of stream, then a reset.
 #[test]
 fn client_half_close_then_reset_while_target_silent() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     pr.client.write_all(b"more").unwrap();
     pr.client.shutdown(Shutdown::Write).unwrap();
     expect_bytes_then_eof(&mut pr.target, b"more", "the target");
-    close_with_reset(std::mem::replace(&mut pr.client, connect_dummy()));
+    close_with_reset(std::mem::replace(&mut pr.client, placeholder()));
     assert_quiet(&pr.proxy, "client half-closed then reset, target silent");
     expect_reset(&mut pr.target, "the target");
     let c = conn_line(&pr, local);
@@ -108,12 +61,12 @@ fn client_half_close_then_reset_while_target_silent() {
 /// The mirror: the target sends, half-closes and then resets while the client stays silent.
 #[test]
 fn target_half_close_then_reset_while_client_silent() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     pr.target.write_all(b"reply").unwrap();
     pr.target.shutdown(Shutdown::Write).unwrap();
     expect_bytes_then_eof(&mut pr.client, b"reply", "the client");
-    close_with_reset(std::mem::replace(&mut pr.target, connect_dummy()));
+    close_with_reset(std::mem::replace(&mut pr.target, placeholder()));
     assert_quiet(&pr.proxy, "target half-closed then reset, client silent");
     expect_reset(&mut pr.client, "the client");
     let c = conn_line(&pr, local);
@@ -124,9 +77,9 @@ fn target_half_close_then_reset_while_client_silent() {
 /// A reset without a half-close first, from the client: the target is reset.
 #[test]
 fn client_reset_while_target_silent() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
-    close_with_reset(std::mem::replace(&mut pr.client, connect_dummy()));
+    close_with_reset(std::mem::replace(&mut pr.client, placeholder()));
     expect_reset(&mut pr.target, "the target");
     assert_quiet(&pr.proxy, "client reset, target silent");
     assert_eq!(conn_line(&pr, local).end, "reset");
@@ -135,9 +88,9 @@ fn client_reset_while_target_silent() {
 /// A reset without a half-close first, from the target: the client is reset.
 #[test]
 fn target_reset_while_client_silent() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
-    close_with_reset(std::mem::replace(&mut pr.target, connect_dummy()));
+    close_with_reset(std::mem::replace(&mut pr.target, placeholder()));
     expect_reset(&mut pr.client, "the client");
     assert_quiet(&pr.proxy, "target reset, client silent");
     assert_eq!(conn_line(&pr, local).end, "reset");
@@ -147,7 +100,7 @@ fn target_reset_while_client_silent() {
 /// late reply and the target's close reach the client.
 #[test]
 fn client_half_close_waits_for_a_slow_target() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     pr.client.shutdown(Shutdown::Write).unwrap();
     expect_bytes_then_eof(&mut pr.target, b"", "the target");
@@ -168,7 +121,7 @@ fn client_half_close_waits_for_a_slow_target() {
 /// client's late bytes and close reach the target.
 #[test]
 fn target_half_close_waits_for_a_slow_client() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     pr.target.shutdown(Shutdown::Write).unwrap();
     expect_bytes_then_eof(&mut pr.client, b"", "the client");
@@ -188,11 +141,11 @@ fn target_half_close_waits_for_a_slow_client() {
 /// The client half-closes, then the target resets: the client is reset.
 #[test]
 fn client_half_close_then_target_reset() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     pr.client.shutdown(Shutdown::Write).unwrap();
     expect_bytes_then_eof(&mut pr.target, b"", "the target");
-    close_with_reset(std::mem::replace(&mut pr.target, connect_dummy()));
+    close_with_reset(std::mem::replace(&mut pr.target, placeholder()));
     expect_reset(&mut pr.client, "the client");
     assert_quiet(&pr.proxy, "client half-closed, then target reset");
     assert_eq!(conn_line(&pr, local).end, "reset");
@@ -201,11 +154,11 @@ fn client_half_close_then_target_reset() {
 /// The target half-closes, then the client resets: the target is reset.
 #[test]
 fn target_half_close_then_client_reset() {
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     pr.target.shutdown(Shutdown::Write).unwrap();
     expect_bytes_then_eof(&mut pr.client, b"", "the client");
-    close_with_reset(std::mem::replace(&mut pr.client, connect_dummy()));
+    close_with_reset(std::mem::replace(&mut pr.client, placeholder()));
     expect_reset(&mut pr.target, "the target");
     assert_quiet(&pr.proxy, "target half-closed, then client reset");
     assert_eq!(conn_line(&pr, local).end, "reset");
@@ -216,7 +169,7 @@ fn target_half_close_then_client_reset() {
 #[test]
 fn both_half_close_in_either_order() {
     for client_first in [true, false] {
-        let mut pr = pair();
+        let mut pr = Relayed::start(&[]);
         let local = pr.client.local_addr().unwrap();
         if client_first {
             pr.client.shutdown(Shutdown::Write).unwrap();
@@ -257,7 +210,7 @@ fn hung_up_client_while_the_target_does_not_read() {
 /// other way round.
 fn reply_held_for_a_slow_reader(target_sends: bool) {
     const SIZE: usize = 8 << 20;
-    let mut pr = pair();
+    let mut pr = Relayed::start(&[]);
     let local = pr.client.local_addr().unwrap();
     let (mut sender, mut reader) = if target_sends {
         pr.client.shutdown(Shutdown::Write).unwrap();
@@ -326,10 +279,4 @@ fn reply_held_for_a_slow_reader(target_sends: bool) {
         "{}",
         c.line
     );
-}
-
-/// A throwaway stream to put in place of a socket a test closed (so the pair stays whole).
-fn connect_dummy() -> TcpStream {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    TcpStream::connect(l.local_addr().unwrap()).unwrap()
 }

@@ -490,6 +490,10 @@ impl Relay {
         others_waiting: &dyn Fn() -> bool,
     ) -> Pause {
         let mut slice_end = Instant::now() + SLICE;
+        // Parking waits for what poll would report, so it is decided only after a poll has
+        // looked at the sockets in this run: a relay resumed for an error or a hang-up on a
+        // socket nothing is read from must see and act on it here, not park again for it.
+        let mut polled = false;
         loop {
             let stepped = (
                 self.up.pump(client, backend, counters.up),
@@ -519,7 +523,7 @@ impl Relay {
                 return Pause::Ended(End::IdleTimeout);
             }
             let quiet = now.saturating_duration_since(self.last_activity);
-            let may_park = !in_flight && self.park_again_at.is_none_or(|t| now >= t);
+            let may_park = polled && !in_flight && self.park_again_at.is_none_or(|t| now >= t);
             if may_park && quiet >= PARK_AFTER {
                 return self.park();
             }
@@ -541,7 +545,7 @@ impl Relay {
                 pollfd(backend, backend_events, self.backend_hup),
             ];
             let mut wake = slice_end;
-            if may_park {
+            if !in_flight {
                 wake = wake.min(self.last_activity + PARK_AFTER);
             }
             if let Some(at) = idle_at {
@@ -549,9 +553,14 @@ impl Relay {
             }
             // Round up so we do not wake a millisecond early and spin.
             let left = wake.saturating_duration_since(now);
-            let timeout_ms = left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+            let timeout_ms = if left.is_zero() {
+                0
+            } else {
+                left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
+            };
             // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+            polled = true;
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {

@@ -1044,3 +1044,94 @@ pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
     s.read_to_end(&mut out).expect("read to end of stream");
     out
 }
+
+/// The first bytes a `Relayed` client sends, so the target side can tell the relayed connection
+/// from the proxy's health checks (which connect and close).
+pub const HELLO: &[u8] = b"hello\n";
+
+/// A proxy in front of a target socket the test holds: both ends of one relayed connection.
+pub struct Relayed {
+    pub proxy: Proxy,
+    pub client: TcpStream,
+    pub target: TcpStream,
+    /// Kept open so the proxy's health checks keep finding the target up.
+    pub listener: TcpListener,
+}
+
+impl Relayed {
+    /// Start a proxy (with `args`) whose one app's target is a listener of the test, connect a
+    /// client through it, send `HELLO`, and accept the relayed connection at the target.
+    pub fn start(args: &[&str]) -> Relayed {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target_addr = listener.local_addr().unwrap().to_string();
+        let proxy = Proxy::start(1, args, |ports| {
+            config(&[app("app", ports, std::slice::from_ref(&target_addr))])
+        });
+        let mut client = connect(proxy.v4(0));
+        client.write_all(HELLO).unwrap();
+        let target = accept_relayed(&listener, HELLO);
+        Relayed {
+            proxy,
+            client,
+            target,
+            listener,
+        }
+    }
+
+    /// Another client through the same proxy, sending `hello` first; both ends.
+    pub fn another(&self, hello: &[u8]) -> (TcpStream, TcpStream) {
+        let mut client = connect(self.proxy.v4(0));
+        client.write_all(hello).unwrap();
+        let target = accept_relayed(&self.listener, hello);
+        (client, target)
+    }
+}
+
+/// Accept at `listener` the connection that starts with `hello` (health checks, which send
+/// nothing, are dropped), with `hello` read; timeouts of `WAIT` set.
+pub fn accept_relayed(listener: &TcpListener, hello: &[u8]) -> TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let s = wait_for("the relayed connection at the target", WAIT, || {
+        let (mut s, _) = match listener.accept() {
+            Ok(ok) => ok,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) => panic!("accept: {e}"),
+        };
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        let mut got = vec![0; hello.len()];
+        // A health check closes without sending anything.
+        s.read_exact(&mut got).ok()?;
+        assert_eq!(got, hello);
+        Some(s)
+    });
+    listener.set_nonblocking(false).unwrap();
+    s
+}
+
+/// A throwaway stream to put in place of a socket a test closed (so a struct stays whole).
+pub fn placeholder() -> TcpStream {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    TcpStream::connect(l.local_addr().unwrap()).unwrap()
+}
+
+/// Raise this process's open-file soft limit to its hard limit; returns the limit.
+pub fn raise_own_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on structs we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
+            0,
+            "setrlimit: {}",
+            io::Error::last_os_error()
+        );
+    }
+    lim.rlim_cur
+}

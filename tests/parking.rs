@@ -1,0 +1,337 @@
+//! Idle connections park: after a short while without traffic a connection gives its relay
+//! thread back and waits in the parking lot, and comes back to a thread when either side speaks,
+//! closes or fails (issue 14). Parked connections are open connections: they are timed out,
+//! drained and counted like any other. `--max-threads` bounds the relay threads below the
+//! connection bound, and busy connections take turns so that none starves.
+//!
+//! Parking happens after `accept()`, on the one code path both modes share, so these run in
+//! simple mode.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Longer than the proxy's park hysteresis (250 ms), with margin: a connection left alone this
+/// long is parked. (A wait for the proxy to do something, not a synchronisation: the proxy
+/// gives no sign of parking but its thread count.)
+const IDLE: Duration = Duration::from_millis(800);
+
+/// Threads besides the relay threads: the listener loop (main), the health checker, the log
+/// writer, the parking lot, and slack.
+const OTHER_THREADS: usize = 6;
+/// Idle relay threads the pool keeps warm (pool.rs SPARE).
+const SPARE_THREADS: usize = 8;
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    Rng::new(seed).fill(&mut v);
+    v
+}
+
+/// Send `data` on `from` while reading it on `to` (so neither side's buffers fill up).
+fn carry(from: &mut TcpStream, to: &mut TcpStream, data: &[u8]) {
+    let mut w = from.try_clone().unwrap();
+    let sent = data.to_vec();
+    let writer = thread::spawn(move || w.write_all(&sent).expect("write"));
+    let mut got = vec![0u8; data.len()];
+    to.read_exact(&mut got).expect("read what was sent");
+    writer.join().unwrap();
+    assert!(got == data, "{} bytes arrived changed", data.len());
+}
+
+/// A connection left idle past the hysteresis is used again, in both directions and in turns,
+/// small and bulk, every time after parking: every byte arrives intact and the log counts
+/// them all.
+#[test]
+fn a_parked_connection_carries_on_both_ways_with_bytes_intact() {
+    let mut r = Relayed::start(&[]);
+    let local = r.client.local_addr().unwrap();
+    let (mut up, mut down) = (HELLO.len(), 0);
+    for (round, size) in [1usize, 100, 64 * 1024, 3 << 20].into_iter().enumerate() {
+        thread::sleep(IDLE);
+        let a = random(size, round as u64);
+        carry(&mut r.client, &mut r.target, &a);
+        thread::sleep(IDLE);
+        let b = random(size, 100 + round as u64);
+        carry(&mut r.target, &mut r.client, &b);
+        up += size;
+        down += size;
+    }
+    r.client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut r.target), b"");
+    r.target.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut r.client), b"");
+    let c = r.proxy.wait_conn(local);
+    assert_eq!(
+        (c.end.as_str(), c.up, c.down),
+        ("closed", up as u64, down as u64),
+        "{}",
+        c.line
+    );
+}
+
+/// Half-closes reach the other side while the connection is parked, in both directions, and
+/// the reply after them still flows.
+#[test]
+fn half_close_while_parked_both_ways() {
+    let mut r = Relayed::start(&[]);
+    let local = r.client.local_addr().unwrap();
+    thread::sleep(IDLE);
+    r.client.write_all(b"request").unwrap();
+    r.client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut r.target), b"request");
+    thread::sleep(IDLE);
+    r.target.write_all(b"late reply").unwrap();
+    thread::sleep(IDLE);
+    r.target.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut r.client), b"late reply");
+    let c = r.proxy.wait_conn(local);
+    assert_eq!((c.end.as_str(), c.down), ("closed", 10), "{}", c.line);
+
+    // The other way round: the target closes its side first, while parked.
+    let (mut client, mut target) = r.another(b"second\n");
+    let local = client.local_addr().unwrap();
+    thread::sleep(IDLE);
+    target.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut client), b"");
+    thread::sleep(IDLE);
+    client.write_all(b"after").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut target), b"after");
+    let c = r.proxy.wait_conn(local);
+    assert_eq!(c.end, "closed", "{}", c.line);
+}
+
+/// A reset while parked, from either side, resets the other side; the proxy stays quiet.
+#[test]
+fn reset_while_parked_both_ways() {
+    let mut r = Relayed::start(&[]);
+    let local = r.client.local_addr().unwrap();
+    thread::sleep(IDLE);
+    close_with_reset(std::mem::replace(&mut r.client, placeholder()));
+    expect_reset(&mut r.target, "the target");
+    assert_eq!(r.proxy.wait_conn(local).end, "reset");
+
+    let (mut client, target) = r.another(b"second\n");
+    let local = client.local_addr().unwrap();
+    thread::sleep(IDLE);
+    close_with_reset(target);
+    expect_reset(&mut client, "the client");
+    assert_eq!(r.proxy.wait_conn(local).end, "reset");
+
+    // A half-closed, then reset, parked connection (issue 11's spin, now while parked).
+    let (client, mut target) = r.another(b"third\n");
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut target), b"");
+    thread::sleep(IDLE);
+    close_with_reset(client);
+    expect_reset(&mut target, "the target");
+    let cpu = r.proxy.cpu_during(Duration::from_secs(2));
+    assert!(cpu < 0.3, "the proxy used {cpu:.2} s of CPU in 2 s");
+}
+
+/// The idle timeout cuts a parked connection, logged `end=idle_timeout`, and the client sees
+/// it closed.
+#[test]
+fn idle_timeout_cuts_a_parked_connection() {
+    let mut r = Relayed::start(&["--idle-timeout", "1500ms"]);
+    let local = r.client.local_addr().unwrap();
+    let began = Instant::now();
+    expect_closed(&mut r.client, WAIT);
+    assert!(
+        began.elapsed() >= Duration::from_millis(1400),
+        "closed after {:?}",
+        began.elapsed()
+    );
+    let c = r.proxy.wait_conn(local);
+    assert_eq!(c.end, "idle_timeout", "{}", c.line);
+    // Activity while parked pushes the timeout back: a connection that speaks every 800 ms
+    // outlives several timeouts' worth of parking.
+    let (mut client, mut target) = r.another(b"second\n");
+    for _ in 0..3 {
+        thread::sleep(IDLE);
+        carry(&mut client, &mut target, b"still here");
+    }
+    let me = canonical(client.local_addr().unwrap()).to_string();
+    assert!(
+        r.proxy.conns().iter().all(|c| c.client != me),
+        "a connection active every 800 ms was ended"
+    );
+}
+
+/// SIGTERM while connections are parked: a parked connection that speaks during the drain is
+/// relayed and ends on its own (`closed`); one that stays idle is cut at the drain deadline
+/// (`drained`); the proxy counts both as open until then, and exits 0 after.
+#[test]
+fn sigterm_drains_parked_connections() {
+    let metrics = free_port();
+    let m = format!("127.0.0.1:{metrics}");
+    let mut r = Relayed::start(&["--drain-timeout", "3s", "--metrics", &m]);
+    let (mut active, mut active_t) = r.another(b"second\n");
+    let idle_local = r.client.local_addr().unwrap();
+    let active_local = active.local_addr().unwrap();
+    thread::sleep(IDLE);
+    let open = scrape_open(&m);
+    assert_eq!(
+        open, 2.0,
+        "flyproxy_connections_open with two parked connections"
+    );
+    r.proxy.signal(libc::SIGTERM);
+    r.proxy.wait_log("stopping", |l| l.contains(" stopping: "));
+    thread::sleep(IDLE);
+    carry(&mut active, &mut active_t, b"during the drain");
+    carry(&mut active_t, &mut active, b"answer");
+    active.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut active_t), b"");
+    active_t.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut active), b"");
+    assert_eq!(r.proxy.wait_conn(active_local).end, "closed");
+    // The idle one is cut at the deadline.
+    expect_closed(&mut r.client, WAIT);
+    assert_eq!(r.proxy.wait_conn(idle_local).end, "drained");
+    let status = r.proxy.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+fn scrape_open(metrics: &str) -> f64 {
+    let mut s = connect(metrics.parse().unwrap());
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("flyproxy_connections_open "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no flyproxy_connections_open in:\n{text}"))
+}
+
+/// 5,000 idle connections are held by a handful of threads: every one relayed (the target
+/// holds its end), then parked; the proxy's thread count (from /proc) stays far below one per
+/// connection, and a sample of them still carries bytes both ways afterwards.
+#[test]
+fn five_thousand_idle_connections_hold_few_threads() {
+    const N: usize = 5000;
+    let own = raise_own_fd_limit();
+    assert!(
+        own >= (2 * N + 500) as u64,
+        "this test needs {} descriptors; the open-file limit is {own}",
+        2 * N + 500
+    );
+    // The target: one thread accepts and keeps every relayed connection, by the index its
+    // client sends first.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = listener.local_addr().unwrap().to_string();
+    let held: Arc<Mutex<HashMap<u32, TcpStream>>> = Arc::default();
+    {
+        let held = Arc::clone(&held);
+        thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                let mut idx = [0u8; 4];
+                // Health checks close without sending anything.
+                if s.read_exact(&mut idx).is_ok() {
+                    held.lock().unwrap().insert(u32::from_be_bytes(idx), s);
+                }
+            }
+        });
+    }
+    let p = Proxy::start(1, &["--max-connections", "6000"], |ports| {
+        config(&[app("idle", ports, std::slice::from_ref(&target_addr))])
+    });
+    let mut clients = Vec::with_capacity(N);
+    for i in 0..N as u32 {
+        let mut c = connect(p.v4(0));
+        c.write_all(&i.to_be_bytes()).unwrap();
+        clients.push(c);
+    }
+    wait_for("every connection relayed to the target", WAIT * 3, || {
+        (held.lock().unwrap().len() == N).then_some(())
+    });
+    let bound = OTHER_THREADS + SPARE_THREADS;
+    let threads = wait_for("the relay threads to go", WAIT, || {
+        let t = p.threads();
+        (t <= bound).then_some(t)
+    });
+    eprintln!("{N} idle connections: {threads} threads");
+    let cpu = p.cpu_during(Duration::from_secs(2));
+    assert!(
+        cpu < 0.3,
+        "{N} parked connections: {cpu:.2} s of CPU in 2 s"
+    );
+    for i in (0..N).step_by(N / 10) {
+        let mut target = held.lock().unwrap().remove(&(i as u32)).unwrap();
+        carry(&mut clients[i], &mut target, format!("up {i}").as_bytes());
+        carry(&mut target, &mut clients[i], format!("down {i}").as_bytes());
+    }
+    assert!(p.threads() <= bound + 10);
+}
+
+/// `--max-threads 4` and 32 concurrent bulk transfers (both ways, through an echo target):
+/// every one completes intact, while the proxy never runs more than 4 relay threads.
+#[test]
+fn four_threads_carry_thirty_two_transfers() {
+    const N: usize = 32;
+    const SIZE: usize = 4 << 20;
+    let echo = Backend::echo();
+    let p = Proxy::start(1, &["--max-threads", "4"], |ports| {
+        config(&[app("bulk", ports, &[echo.target()])])
+    });
+    let addr = p.v4(0);
+    let began = Instant::now();
+    let transfers: Vec<_> = (0..N)
+        .map(|i| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                let data = random(SIZE, i as u64);
+                let mut w = s.try_clone().unwrap();
+                let sent = data.clone();
+                let writer = thread::spawn(move || {
+                    w.write_all(&sent)?;
+                    w.shutdown(Shutdown::Write)
+                });
+                let mut got = Vec::with_capacity(SIZE);
+                s.read_to_end(&mut got)?;
+                writer.join().unwrap()?;
+                assert!(
+                    got == data,
+                    "transfer {i}: {} bytes back, changed",
+                    got.len()
+                );
+                Ok::<Duration, io::Error>(began.elapsed())
+            })
+        })
+        .collect();
+    let mut most_threads = 0;
+    while transfers.iter().any(|t| !t.is_finished()) {
+        most_threads = most_threads.max(p.threads());
+        assert!(began.elapsed() < WAIT * 3, "transfers still running");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let times: Vec<Duration> = transfers
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            t.join()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("transfer {i}: {e}"))
+        })
+        .collect();
+    eprintln!(
+        "{N} transfers of {SIZE} bytes each way with 4 threads: last done after {:?}; at most {most_threads} threads",
+        times.iter().max().unwrap()
+    );
+    assert!(
+        most_threads <= 4 + OTHER_THREADS,
+        "{most_threads} threads with --max-threads 4"
+    );
+    p.wait_log_count(0, N, "conn lines, one per transfer", |l| {
+        ConnLine::parse(l).is_some_and(|c| c.end == "closed")
+    });
+}
