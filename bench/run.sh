@@ -13,7 +13,7 @@
 #   QUICK=1           ROUNDS=1 DURATION=2 unless set, and OUT=bench/quick-results
 #   OUT=bench/results path prefix of the report: OUT.md, OUT.svg, OUT.json
 #   CONFIGS="direct flyproxy-simple flyproxy-bpf haproxy haproxy-splice nginx"  what to measure
-#   IDLE_CONNS=4000   idle connections held for the memory figure
+#   IDLE_CONNS=9000   idle connections held for the memory figure
 #   WRK_CONNS=50      wrk connections (both wrk figures); wrk runs 2 threads
 #   BACKEND_WORKERS=2 worker processes of the backend nginx that answers the wrk requests
 #   QUIET_IDLE=90 QUIET_WAIT=30  before each configuration, wait up to QUIET_WAIT s for the
@@ -41,7 +41,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 OUT=${OUT:-$BENCH_DIR/results}
 CONFIGS=${CONFIGS:-direct flyproxy-simple flyproxy-bpf haproxy haproxy-splice nginx}
-IDLE_CONNS=${IDLE_CONNS:-4000}
+IDLE_CONNS=${IDLE_CONNS:-9000}
 WRK_CONNS=${WRK_CONNS:-50}
 WRK_THREADS=2
 BACKEND_WORKERS=${BACKEND_WORKERS:-2}
@@ -57,9 +57,14 @@ BUDGET=${BUDGET:-900}
 # Niceness of everything the bench runs (e.g. NICE=-10 to win the CPU from others' builds and
 # tests on a shared machine, at their expense); unset: inherited.
 NICE=${NICE:-}
-# Client connections each proxy may hold; the same for all. 6000 leaves room in the 20,000-fd
-# limit for HAProxy with splice, which also keeps maxconn/4 pipes (2 fds each) per process.
-MAXCONN=6000
+# Client connections each proxy may hold; the same for all: room for the 9,000 idle connections
+# of the memory figure within the 20,000-fd limit (two descriptors per connection). HAProxy with
+# splice also keeps pipes (2 fds each): MAXPIPES of them fit beside.
+MAXCONN=9500
+MAXPIPES=400
+# The fairness case: flyproxy with this many relay threads carries FAIR_STREAMS bulk streams.
+FAIR_THREADS=8
+FAIR_STREAMS=64
 export QUICK ROUNDS DURATION OUT CONFIGS IDLE_CONNS WRK_CONNS BACKEND_WORKERS QUIET_IDLE QUIET_WAIT REDO_OVER REDO_MAX BUDGET NICE
 
 # Backend ports; each proxy listens on BASE+1 (iperf3), BASE+2 (http), BASE+3 (echo).
@@ -263,11 +268,11 @@ for cfg in $CONFIGS; do
             fill "$BENCH_DIR/conf/flyproxy.json.in" "$WORK/conf/$cfg.json" "${ports[@]}" ;;
         haproxy)
             fill "$BENCH_DIR/conf/haproxy.cfg.in" "$WORK/conf/$cfg.cfg" "${ports[@]}" \
-                MAXCONN=$MAXCONN SPLICE="# no splice"
+                MAXCONN=$MAXCONN MAXPIPES=$MAXPIPES SPLICE="# no splice"
             haproxy -c -q -f "$WORK/conf/$cfg.cfg" || die "haproxy rejects $WORK/conf/$cfg.cfg" ;;
         haproxy-splice)
             fill "$BENCH_DIR/conf/haproxy.cfg.in" "$WORK/conf/$cfg.cfg" "${ports[@]}" \
-                MAXCONN=$MAXCONN SPLICE="option splice-auto"
+                MAXCONN=$MAXCONN MAXPIPES=$MAXPIPES SPLICE="option splice-auto"
             haproxy -c -q -f "$WORK/conf/$cfg.cfg" || die "haproxy rejects $WORK/conf/$cfg.cfg" ;;
         nginx)
             mkdir -p "$WORK/nginx-stream"
@@ -301,18 +306,20 @@ start_iperf_server
 
 # ---------------------------------------------------------------- proxies
 
-# Start CFG's proxy (none for direct) and wait until it relays, or die.
+# Start CFG's proxy (none for direct) and wait until it relays, or die. Further arguments go to
+# flyproxy only.
 start_proxy() {
     local cfg=$1 b=${BASE[$1]}
+    shift
     case $cfg in
         direct) return 0 ;;
         flyproxy-simple)
             start proxy "$WORK/bin/flyproxy" simple -c "$WORK/conf/$cfg.json" --log-level warn \
-                --max-connections $MAXCONN --connect-timeout 5s --idle-timeout 1h --drain-timeout 1s ;;
+                --max-connections $MAXCONN --connect-timeout 5s --idle-timeout 1h --drain-timeout 1s "$@" ;;
         flyproxy-bpf)
             start proxy "$WORK/bin/flyproxy" bpf -p $BPF_LISTEN_PORT --bind 127.0.0.1 \
                 -c "$WORK/conf/$cfg.json" --log-level warn \
-                --max-connections $MAXCONN --connect-timeout 5s --idle-timeout 1h --drain-timeout 1s ;;
+                --max-connections $MAXCONN --connect-timeout 5s --idle-timeout 1h --drain-timeout 1s "$@" ;;
         haproxy|haproxy-splice)
             start proxy haproxy -db -f "$WORK/conf/$cfg.cfg" ;;
         nginx)
@@ -353,9 +360,13 @@ machine_jiffies() {
 }
 
 # iperf3 through CFG with STREAMS parallel streams; sets IPERF_BYTES to the bytes received.
+# NAME (default iperfSTREAMS) names the figures; with a NAME, the fairness across the streams
+# is recorded too.
 run_iperf() {
-    local cfg=$1 streams=$2 raw
-    raw=$WORK/raw/r$BENCH_ROUND-$cfg-iperf$streams.json
+    local cfg=$1 streams=$2 name=${3:-iperf$2} raw
+    local fair=()
+    [[ $name != "iperf$streams" ]] && fair=(--fairness)
+    raw=$WORK/raw/r$BENCH_ROUND-$cfg-$name.json
     exited "${PIDS[iperf-server]}" && { log "iperf3 server had exited: restarting it"; stop iperf-server; start_iperf_server; }
     local rc=0
     timeout $((DURATION + 30)) iperf3 -c 127.0.0.1 -p "$(port_of "$cfg" iperf)" -t "$DURATION" \
@@ -366,7 +377,7 @@ run_iperf() {
         stop iperf-server; start_iperf_server
         return 1
     fi
-    IPERF_BYTES=$("${TOOL[@]}" iperf "$raw" --name "iperf$streams") \
+    IPERF_BYTES=$("${TOOL[@]}" iperf "$raw" --name "$name" "${fair[@]}") \
         || { failed "iperf3 -P $streams: bad output"; return 1; }
 }
 
@@ -415,11 +426,12 @@ measure() { # measure CFG [TURNS_LEFT]
     rm -f "$WORK/foreign.json"
     start foreign-sampler "${TOOL[@]}" foreign-sampler "$WORK/foreign.json"
     start_proxy "$cfg"
-    # 4. memory, first, on the freshly started proxy
-    if [[ $cfg != direct ]]; then
-        timeout 120 "${TOOL[@]}" idle --port "$(port_of "$cfg" echo)" --conns "$IDLE_CONNS" \
-            --pid "${PIDS[proxy]}" --deadline 90 || failed "idle connections (memory) failed"
-    fi
+    # 4. memory, first, on the freshly started proxy (direct: the system memory the client
+    # and the backend alone take)
+    local pid=()
+    [[ $cfg != direct ]] && pid=(--pid "${PIDS[proxy]}")
+    timeout 120 "${TOOL[@]}" idle --port "$(port_of "$cfg" echo)" --conns "$IDLE_CONNS" \
+        "${pid[@]}" --deadline 90 || failed "idle connections (memory) failed"
     # 1 and 5. bulk throughput, and the proxy's CPU over both iperf3 runs
     local c0 c1 bytes1 bytes4
     [[ $cfg != direct ]] && c0=$("${TOOL[@]}" cpu --pid "${PIDS[proxy]}")
@@ -433,6 +445,12 @@ measure() { # measure CFG [TURNS_LEFT]
     # 2. new connections per second; 3. kept-alive requests per second and latency
     run_wrk "$cfg" close || true
     run_wrk "$cfg" keepalive || true
+    # 6. fairness: many bulk streams at once; flyproxy with fewer relay threads than streams
+    if [[ $cfg == flyproxy-* ]]; then
+        stop proxy
+        start_proxy "$cfg" --max-threads $FAIR_THREADS
+    fi
+    run_iperf "$cfg" $FAIR_STREAMS fair$FAIR_STREAMS || true
     if [[ $cfg != direct ]]; then
         kill -0 "${PIDS[proxy]}" 2>/dev/null || { show_log proxy; die "$cfg died during the run"; }
         stop proxy
@@ -447,7 +465,7 @@ measure() { # measure CFG [TURNS_LEFT]
 read -r -a CFG_LIST <<<"$CONFIGS"
 n=${#CFG_LIST[@]}
 # Seconds one turn (one configuration in one round) takes on a quiet machine.
-per=$(( 2 * (DURATION + 1) + 2 * DURATION + 8 ))
+per=$(( 3 * (DURATION + 1) + 2 * DURATION + 12 ))
 log "$ROUNDS rounds x $n configs, runs of ${DURATION}s: about $(( (ROUNDS * n * per + 59) / 60 )) minutes on a quiet machine"
 for (( r = 1; r <= ROUNDS; r++ )); do
     export BENCH_ROUND=$r
@@ -499,14 +517,15 @@ cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
     printf 'm:rustc\t%s\n' "$(rustc --version 2>/dev/null || echo ?)"
     printf 's:rounds × run length\t%s × %ss (iperf3 -t and wrk -d); configs interleaved per round, order rotated\n' "$ROUNDS" "$DURATION"
     printf 's:network\tloopback inside a network namespace created for the run (unshare --net)\n'
-    printf 's:threads / workers\tHAProxy nbthread 2; nginx worker_processes 2; flyproxy has no worker count: a mio accept loop plus one pooled relay thread per open connection\n'
+    printf 's:threads / workers\tHAProxy nbthread 2; nginx worker_processes 2; flyproxy: a mio accept loop, one pooled relay thread per busy connection (idle ones park in an event loop, without a thread), --max-threads at its default (= --max-connections) except in the %s-stream case (--max-threads %s)\n' "$FAIR_STREAMS" "$FAIR_THREADS"
     printf 's:logging\tnone per connection: flyproxy --log-level warn, HAProxy without any log line, nginx stream without access_log\n'
     printf 's:timeouts\tconnect 5s, idle 1h for all (flyproxy --connect-timeout 5s --idle-timeout 1h; HAProxy timeout connect/client/server; nginx proxy_connect_timeout/proxy_timeout)\n'
     printf 's:connection bound\t%s client connections for all (flyproxy --max-connections, HAProxy maxconn, nginx worker_connections %s per worker counting both sides)\n' "$MAXCONN" "$((2 * MAXCONN))"
     printf 's:HAProxy splice\t"HAProxy splice" adds option splice-auto; "HAProxy" has no splice option\n'
     printf 's:iperf3\tserver iperf3 -s as the backend; client iperf3 -c 127.0.0.1 -p PORT -t %s [-P 4]; Gbit/s received by the server\n' "$DURATION"
     printf 's:wrk\twrk -t %s -c %s -d %ss --latency [-H "Connection: close"] against nginx (%s workers, return 200 "ok", no log, keepalive_requests 1000000)\n' "$WRK_THREADS" "$WRK_CONNS" "$DURATION" "$BACKEND_WORKERS"
-    printf 's:memory\t%s connections opened one by one through the proxy to the echo backend (target/release/examples/echo), one 5-byte message echoed on each, then held idle; RSS = VmRSS summed over the proxy'"'"'s processes, sampled 1 s later (max of 3 samples); per connection = (RSS with - RSS before) / %s, in KiB\n' "$IDLE_CONNS" "$IDLE_CONNS"
+    printf 's:memory\t%s connections opened one by one through the proxy to the echo backend (target/release/examples/echo), one 5-byte message echoed on each, then held idle; RSS = VmRSS summed over the proxy'"'"'s processes, sampled 1 s later (max of 3 samples); per connection = (RSS with - RSS before) / %s, in KiB; system memory per connection = drop of MemAvailable over the same span / %s (client, backend and proxy, kernel included); threads = the proxy'"'"'s, summed over its processes, with the connections held\n' "$IDLE_CONNS" "$IDLE_CONNS" "$IDLE_CONNS"
+    printf 's:fairness\tiperf3 -P %s through each proxy (flyproxy restarted with --max-threads %s); the slowest stream'"'"'s rate over the mean of all, as the iperf3 server received them\n' "$FAIR_STREAMS" "$FAIR_THREADS"
     printf 's:CPU per GB\tutime+stime of all the proxy'"'"'s processes over both iperf3 runs, divided by the GB (10^9 bytes) the iperf3 server received\n'
     printf 's:fd limit\t%s (soft and hard) per process\n' "$(ulimit -Hn)"
     printf 's:niceness\t%s\n' "$(nice)"

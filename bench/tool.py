@@ -48,6 +48,10 @@ FIGURES = [
     ("keepalive_p99_ms", "latency p99, kept-alive", "ms", False, 3),
     ("rss_with_mib", "RSS with the idle connections", "MiB", False, 1),
     ("per_conn_kib", "memory per idle connection", "KiB", False, 2),
+    ("sysmem_per_conn_kib", "system memory per idle connection (MemAvailable)", "KiB", False, 2),
+    ("threads_idle", "threads with the idle connections", "threads", False, 0),
+    ("fair64_gbps", "bulk throughput, 64 streams", "Gbit/s", True, 1),
+    ("fair64_min_over_mean", "slowest of 64 streams / mean", "ratio", True, 2),
     ("cpu_s_per_gb", "CPU per GB relayed", "CPU s/GB", False, 3),
 ]
 
@@ -110,6 +114,27 @@ def tree_pids(root):
         pids.append(p)
         todo.extend(children.get(p, []))
     return pids
+
+
+def threads_of(root):
+    total = 0
+    for p in tree_pids(root):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("Threads:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def mem_available_kib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1])
+    fail("no MemAvailable in /proc/meminfo")
 
 
 def rss_kib(root):
@@ -320,7 +345,8 @@ def cmd_idle(a):
     if hard < a.conns + 100:
         fail(f"fd limit {hard} is too low for {a.conns} connections")
     time.sleep(a.settle)
-    before = rss_kib(a.pid)
+    before = rss_kib(a.pid) if a.pid else 0
+    avail_before = mem_available_kib()
     deadline = time.monotonic() + a.deadline
     socks = []
     msg = b"ping\n"
@@ -342,11 +368,14 @@ def cmd_idle(a):
             socks.append(s)
         opened = time.monotonic() - t0
         time.sleep(a.settle)
-        samples = []
+        samples, avail = [], []
         for _ in range(3):
-            samples.append(rss_kib(a.pid))
+            samples.append(rss_kib(a.pid) if a.pid else 0)
+            avail.append(mem_available_kib())
             time.sleep(0.2)
         with_ = max(samples)
+        avail_with = min(avail)
+        threads = threads_of(a.pid) if a.pid else 0
         # Every connection must still be open: a proxy that dropped idle ones is not measured.
         for s in socks:
             s.setblocking(False)
@@ -360,9 +389,14 @@ def cmd_idle(a):
     finally:
         for s in socks:
             s.close()
-    record("rss_before_mib", before / 1024)
-    record("rss_with_mib", with_ / 1024)
-    record("per_conn_kib", (with_ - before) / a.conns)
+    # The whole machine's view, kernel memory included: every socket of the proxy, the client
+    # and the backend. The direct run (no proxy) gives what the client and backend alone take.
+    record("sysmem_per_conn_kib", (avail_before - avail_with) / a.conns)
+    if a.pid:
+        record("rss_before_mib", before / 1024)
+        record("rss_with_mib", with_ / 1024)
+        record("per_conn_kib", (with_ - before) / a.conns)
+        record("threads_idle", threads)
     record("idle_open_s", opened, quiet=True)
 
 
@@ -381,6 +415,12 @@ def cmd_iperf(a):
     recv = j["end"]["sum_received"]
     record(f"{a.name}_gbps", recv["bits_per_second"] / 1e9)
     record(f"{a.name}_bytes", recv["bytes"], quiet=True)
+    streams = [s["receiver"]["bits_per_second"] for s in j["end"].get("streams", [])
+               if "receiver" in s]
+    if a.fairness and streams:
+        mean = sum(streams) / len(streams)
+        record(f"{a.name}_min_over_mean", min(streams) / mean if mean else 0.0)
+        record(f"{a.name}_streams", len(streams), quiet=True)
     retrans = j["end"].get("sum_sent", {}).get("retransmits")
     if retrans is not None:
         record(f"{a.name}_retransmits", retrans, quiet=True)
@@ -533,8 +573,11 @@ def cmd_report(a):
         cells = [fmt(med.get((c, metric)), digits) for c in present]
         w(f"| {label} {arrow} | {unit} | " + " | ".join(cells) + " |")
     w("\n↑: higher is better; ↓: lower is better. Memory and CPU figures are the proxy's own "
-      "(there is no proxy in *direct*). flyproxy has no worker count (one relay thread per open "
-      "connection); HAProxy runs 2 threads and nginx 2 workers.\n")
+      "(there is no proxy in *direct*), except the system memory per idle connection, which is the "
+      "drop in MemAvailable (kernel memory included) for the client, the backend and the proxy "
+      "together: *direct* gives what the client and backend alone take. flyproxy runs a relay "
+      "thread per busy connection (idle ones park without a thread); the 64-stream figures run it "
+      "with `--max-threads 8`. HAProxy runs 2 threads and nginx 2 workers.\n")
 
     w("## Ratios\n")
     w("A proxy's median divided by the reference's median: ×1.00 is a tie; for a ↓ figure a "
@@ -809,7 +852,7 @@ def main():
     s = sub.add_parser("idle")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--conns", type=int, default=4000)
-    s.add_argument("--pid", type=int, required=True)
+    s.add_argument("--pid", type=int)
     s.add_argument("--settle", type=float, default=1.0)
     s.add_argument("--deadline", type=float, default=60)
     s.set_defaults(fn=cmd_idle)
@@ -839,6 +882,8 @@ def main():
     s = sub.add_parser("iperf")
     s.add_argument("file")
     s.add_argument("--name", required=True)
+    s.add_argument("--fairness", action="store_true",
+                   help="also record the slowest stream's rate over the mean")
     s.set_defaults(fn=cmd_iperf)
 
     s = sub.add_parser("wrk")

@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsFd;
 use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 
 use mio::net::TcpListener;
@@ -87,7 +87,10 @@ impl Steered {
         mut inherited: HashMap<SocketAddr, TcpListener>,
     ) -> Result<Steered, SetupError> {
         let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
-            Some(l) => Ok(l),
+            // From an older process, perhaps without the option its accepted sockets inherit.
+            Some(l) => crate::net::set_nodelay(l.as_raw_fd())
+                .map(|()| l)
+                .map_err(|e| SetupError::Listen(addr, e)),
             None => crate::net::listen(addr, v6only).map_err(|e| SetupError::Listen(addr, e)),
         };
         // Two sockets rather than one dual-stack one: the program picks the socket by the

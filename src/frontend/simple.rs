@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
 
 use mio::net::TcpListener;
@@ -39,7 +40,8 @@ impl PerPort {
             .remove(&dual)
             .or_else(|| self.inherited.remove(&v4))
         {
-            Some(l) => Ok(l),
+            // From an older process, perhaps without the option its accepted sockets inherit.
+            Some(l) => crate::net::set_nodelay(l.as_raw_fd()).map(|()| l),
             None => listen_any(port),
         }
     }

@@ -210,9 +210,8 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
         cx.slots.release();
         None
     };
-    // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
-    let _ = client.set_nodelay(true);
-
+    // TCP_NODELAY is inherited from the listener (net::listen), and the backend socket comes
+    // non-blocking with it from its connect: no socket option is set here.
     // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
     // connection even while it waits for a slot of its app.
     let reg = cx.conns.register(port, client, accepted);
@@ -240,8 +239,8 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
     };
     let target = guard.backend().target.to_string();
     if let Some(version) = app.proxy_protocol {
-        // Sent while the socket is still blocking: a header this small always fits in a fresh
-        // socket's send buffer, so this cannot stall.
+        // A header this small always fits in a fresh socket's send buffer, so this write on the
+        // non-blocking socket cannot come back short.
         let frontend = entry.client.local_addr().map(net::canonical);
         let sent =
             frontend.and_then(|f| (&backend).write_all(&proxy_protocol::header(version, peer, f)));
@@ -249,10 +248,6 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
             let reason = format!("sending the PROXY header: {e}");
             return end(reg, &target, "reset", Some(reason));
         }
-    }
-    let _ = backend.set_nodelay(true);
-    if let Err(e) = backend.set_nonblocking(true) {
-        return end(reg, &target, "reset", Some(format!("backend socket: {e}")));
     }
     entry.backend.get_or_init(|| backend);
     if entry.was_drained() {

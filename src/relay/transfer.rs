@@ -304,7 +304,15 @@ impl Direction {
     }
 
     /// Move as much as possible from `src` to `dst` without blocking.
-    fn pump(&mut self, src: &TcpStream, dst: &TcpStream, counter: &AtomicU64) -> io::Result<Step> {
+    /// `other_done`: the other direction is over, so once this one is the connection ends and
+    /// both sockets are closed.
+    fn pump(
+        &mut self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        counter: &AtomicU64,
+        other_done: bool,
+    ) -> io::Result<Step> {
         let mut step = Step::Blocked;
         loop {
             let before = self.moved;
@@ -326,7 +334,12 @@ impl Direction {
             }
             if self.eof {
                 self.release();
-                if !self.shut {
+                if !self.shut && other_done {
+                    // The connection ends now and closing `dst` sends the FIN after the bytes
+                    // still queued (its incoming side is read to its end, so the close cannot
+                    // turn into a reset): no shutdown call needed.
+                    self.shut = true;
+                } else if !self.shut {
                     // Pass the half-close on only now that every byte before it is delivered.
                     // NotConnected means the peer is already fully gone: nothing to tell it.
                     match dst.shutdown(Shutdown::Write) {
@@ -496,8 +509,9 @@ impl Relay {
         let mut polled = false;
         loop {
             let stepped = (
-                self.up.pump(client, backend, counters.up),
-                self.down.pump(backend, client, counters.down),
+                self.up.pump(client, backend, counters.up, self.down.done()),
+                self.down
+                    .pump(backend, client, counters.down, self.up.done()),
             );
             let mut now = None;
             match stepped {
