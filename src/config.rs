@@ -15,6 +15,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::hostname::{HostnameError, Pattern};
+use crate::prefix::{Prefix, PrefixError};
+
 /// The file as written. Unknown keys are captured rather than refused by serde, so that the
 /// validator can report all of them, with the app they are in, instead of stopping at the first.
 #[derive(Debug, Deserialize)]
@@ -29,8 +32,11 @@ struct RawConfig {
 #[serde(rename_all = "PascalCase")]
 struct RawApp {
     name: Option<String>,
-    /// Wider than u16 so that 0 and 70000 get our message, not serde's.
-    ports: Option<Vec<i64>>,
+    /// Numbers and `"A-B"` ranges; kept as JSON values so that 0, 70000 and "x" all get our
+    /// message, not serde's.
+    ports: Option<Vec<Value>>,
+    addresses: Option<Vec<String>>,
+    hostnames: Option<Vec<String>>,
     targets: Option<Vec<String>>,
     health_check: Option<RawHealthCheck>,
     balance: Option<String>,
@@ -62,7 +68,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     pub name: String,
+    /// Every port, ranges expanded, ascending, each once.
     pub ports: Vec<u16>,
+    /// The local addresses the app's ports answer on; empty: every address.
+    pub addresses: Vec<Prefix>,
+    /// TLS server names that pick this app among those sharing an address and port; empty:
+    /// the app takes what no other app's names claim there (the default).
+    pub hostnames: Vec<Pattern>,
     pub targets: Vec<Target>,
     pub health: HealthCheck,
     pub balance: Balance,
@@ -156,11 +168,46 @@ pub enum Problem {
     DuplicateApp { name: String },
     /// A port outside 1..=65535.
     PortOutOfRange { app: String, port: i64 },
-    /// A port listed twice, within one app (`first` is None) or across two.
-    DuplicatePort {
-        port: u16,
+    /// A port string that is not a number or an `"A-B"` range within 1-65535.
+    BadPortRange {
         app: String,
-        first: Option<String>,
+        value: String,
+        why: &'static str,
+    },
+    /// Ports (written as ranges) listed twice within one app.
+    DuplicatePort { ports: String, app: String },
+    /// An address or hostname listed twice within one app.
+    Duplicate {
+        app: String,
+        field: &'static str,
+        value: String,
+    },
+    /// An entry of `Addresses` that is not an address or prefix.
+    BadAddress {
+        app: String,
+        value: String,
+        why: PrefixError,
+    },
+    /// An entry of `Hostnames` that is not a hostname pattern.
+    BadHostname {
+        app: String,
+        value: String,
+        why: HostnameError,
+    },
+    /// Two apps on the same address prefix and ports, neither told apart by Hostnames.
+    SharedDefault {
+        app: String,
+        first: String,
+        ports: String,
+        addresses: String,
+    },
+    /// Two apps on the same address prefix and ports claiming the same hostname.
+    SharedHostname {
+        app: String,
+        first: String,
+        hostname: String,
+        ports: String,
+        addresses: String,
     },
     /// A target that is not `host:port`.
     BadTarget {
@@ -214,20 +261,43 @@ impl fmt::Display for Problem {
             Problem::PortOutOfRange { app, port } => {
                 write!(f, "app {app:?}: Ports: {port} is not a port (1-65535)")
             }
-            Problem::DuplicatePort {
-                port,
-                app,
-                first: None,
-            } => {
-                write!(f, "app {app:?}: Ports: {port} is listed twice")
+            Problem::BadPortRange { app, value, why } => {
+                write!(f, "app {app:?}: Ports: {value:?} {why}")
             }
-            Problem::DuplicatePort {
-                port,
+            Problem::DuplicatePort { ports, app } => {
+                write!(f, "app {app:?}: Ports: {ports} {} listed twice", is_are(ports))
+            }
+            Problem::Duplicate { app, field, value } => {
+                write!(f, "app {app:?}: {field}: {value:?} is listed twice")
+            }
+            Problem::BadAddress { app, value, why } => {
+                write!(f, "app {app:?}: Addresses: {value:?} {why}")
+            }
+            Problem::BadHostname { app, value, why } => {
+                write!(f, "app {app:?}: Hostnames: {value:?} {why}")
+            }
+            Problem::SharedDefault {
                 app,
-                first: Some(first),
+                first,
+                ports,
+                addresses,
             } => write!(
                 f,
-                "app {app:?}: Ports: {port} is already used by app {first:?}"
+                "app {app:?}: Ports: {ports} {} already used by app {first:?} on {addresses}, \
+                 and neither has Hostnames (apps share an address and port only when Hostnames \
+                 tell them apart, with at most one app without them)",
+                is_are(ports)
+            ),
+            Problem::SharedHostname {
+                app,
+                first,
+                hostname,
+                ports,
+                addresses,
+            } => write!(
+                f,
+                "app {app:?}: Hostnames: {hostname:?} is also claimed by app {first:?} on \
+                 port {ports} ({addresses}): a name may pick only one app per address and port"
             ),
             Problem::BadTarget { app, target, why } => {
                 write!(f, "app {app:?}: Targets: {target:?} {why}")
@@ -244,8 +314,17 @@ impl fmt::Display for Problem {
     }
 }
 
-const APP_KEYS: &str = "Name, Ports, Targets, HealthCheck, Balance, ConnectAttempts, \
-                        MaxConnections, ProxyProtocol";
+const APP_KEYS: &str = "Name, Ports, Targets, Addresses, Hostnames, HealthCheck, Balance, \
+                        ConnectAttempts, MaxConnections, ProxyProtocol";
+
+/// "is" for one port, "are" for a list or a range.
+fn is_are(ports: &str) -> &'static str {
+    if ports.contains([',', '-']) {
+        "are"
+    } else {
+        "is"
+    }
+}
 
 const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
 
@@ -305,8 +384,6 @@ impl Config {
         };
 
         let mut names = BTreeSet::new();
-        // Which app (by position, as names may repeat) took each port first.
-        let mut port_owner: HashMap<u16, (usize, String)> = HashMap::new();
         let mut apps = Vec::with_capacity(raw_apps.len());
         for (i, raw_app) in raw_apps.into_iter().enumerate() {
             // An app without a usable name is still checked, under a name that says where it is.
@@ -331,42 +408,18 @@ impl Config {
                 });
             }
 
-            let mut ports = Vec::new();
-            match raw_app.ports {
-                Some(list) if !list.is_empty() => {
-                    for p in list {
-                        let Ok(port) = u16::try_from(p) else {
-                            problems.push(Problem::PortOutOfRange {
-                                app: name.clone(),
-                                port: p,
-                            });
-                            continue;
-                        };
-                        if port == 0 {
-                            problems.push(Problem::PortOutOfRange {
-                                app: name.clone(),
-                                port: p,
-                            });
-                            continue;
-                        }
-                        match port_owner.get(&port) {
-                            Some((owner, first)) => problems.push(Problem::DuplicatePort {
-                                port,
-                                app: name.clone(),
-                                first: (*owner != i).then(|| first.clone()),
-                            }),
-                            None => {
-                                port_owner.insert(port, (i, name.clone()));
-                                ports.push(port);
-                            }
-                        }
-                    }
+            let ports = match raw_app.ports {
+                Some(list) if !list.is_empty() => app_ports(&name, &list, &mut problems),
+                _ => {
+                    problems.push(Problem::Missing {
+                        app: name.clone(),
+                        field: "Ports",
+                    });
+                    Vec::new()
                 }
-                _ => problems.push(Problem::Missing {
-                    app: name.clone(),
-                    field: "Ports",
-                }),
-            }
+            };
+            let addresses = app_addresses(&name, raw_app.addresses, &mut problems);
+            let hostnames = app_hostnames(&name, raw_app.hostnames, &mut problems);
 
             let mut targets = Vec::new();
             match raw_app.targets {
@@ -435,6 +488,8 @@ impl Config {
             apps.push(App {
                 name,
                 ports,
+                addresses,
+                hostnames,
                 targets,
                 health,
                 balance,
@@ -444,6 +499,7 @@ impl Config {
             });
         }
 
+        check_sharing(&apps, &mut problems);
         if problems.is_empty() {
             Ok(Config { apps })
         } else {
@@ -451,9 +507,14 @@ impl Config {
         }
     }
 
-    /// Every configured port, each exactly once.
-    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.apps.iter().flat_map(|a| a.ports.iter().copied())
+    /// Every configured port, each exactly once (apps may share one), ascending.
+    pub fn ports(&self) -> impl Iterator<Item = u16> {
+        let set: BTreeSet<u16> = self
+            .apps
+            .iter()
+            .flat_map(|a| a.ports.iter().copied())
+            .collect();
+        set.into_iter()
     }
 
     /// A one-line summary, as `flyproxy check` prints it.
@@ -549,6 +610,249 @@ impl Options<'_> {
             h.rise = n as u32;
         }
         h
+    }
+}
+
+/// An app's `Ports`: numbers and `"A-B"` ranges, expanded, ascending, each once. Problems
+/// for what is not a port, and one problem listing every port given twice.
+fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16> {
+    let mut seen = BTreeSet::new();
+    let mut twice = BTreeSet::new();
+    for v in list {
+        let range = match v {
+            Value::Number(n) => match n.as_i64() {
+                Some(p) if (1..=65535).contains(&p) => p as u16..=p as u16,
+                _ => {
+                    problems.push(Problem::PortOutOfRange {
+                        app: app.to_owned(),
+                        port: n.as_i64().unwrap_or(i64::MAX),
+                    });
+                    continue;
+                }
+            },
+            Value::String(s) => match parse_port_range(s) {
+                Ok(r) => r,
+                Err(why) => {
+                    problems.push(Problem::BadPortRange {
+                        app: app.to_owned(),
+                        value: s.clone(),
+                        why,
+                    });
+                    continue;
+                }
+            },
+            other => {
+                problems.push(Problem::BadPortRange {
+                    app: app.to_owned(),
+                    value: other.to_string(),
+                    why: "is not a port number or a range \"A-B\"",
+                });
+                continue;
+            }
+        };
+        for p in range {
+            if !seen.insert(p) {
+                twice.insert(p);
+            }
+        }
+    }
+    if !twice.is_empty() {
+        problems.push(Problem::DuplicatePort {
+            ports: port_ranges(twice.iter().copied()),
+            app: app.to_owned(),
+        });
+    }
+    seen.into_iter().collect()
+}
+
+/// `"A-B"` (inclusive, 1 <= A <= B <= 65535) or a single port written as a string.
+pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, &'static str> {
+    let num = |t: &str| -> Result<u32, &'static str> {
+        let t = t.trim();
+        if t.is_empty() || t.len() > 5 || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("is not a port number or a range \"A-B\" (e.g. \"20000-20999\")");
+        }
+        t.parse::<u32>()
+            .map_err(|_| "is not a port number or a range \"A-B\"")
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => {
+            let p = num(s)?;
+            (p, p)
+        }
+    };
+    if a == 0 || b == 0 || a > 65535 || b > 65535 {
+        return Err("has a port outside 1-65535");
+    }
+    if a > b {
+        return Err("runs backwards (write the lower port first)");
+    }
+    Ok(a as u16..=b as u16)
+}
+
+/// Ports written compactly: `80,443,20000-20999`.
+pub fn port_ranges(ports: impl IntoIterator<Item = u16>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(u16, u16)> = None;
+    let flush = |run: Option<(u16, u16)>, out: &mut Vec<String>| match run {
+        Some((a, b)) if a == b => out.push(a.to_string()),
+        Some((a, b)) => out.push(format!("{a}-{b}")),
+        None => {}
+    };
+    for p in ports {
+        run = match run {
+            Some((a, b)) if b.checked_add(1) == Some(p) => Some((a, p)),
+            other => {
+                flush(other, &mut out);
+                Some((p, p))
+            }
+        };
+    }
+    flush(run, &mut out);
+    out.join(",")
+}
+
+fn app_addresses(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Prefix> {
+    let Some(list) = raw else { return Vec::new() };
+    if list.is_empty() {
+        problems.push(Problem::Missing {
+            app: app.to_owned(),
+            field: "Addresses",
+        });
+    }
+    let mut out: Vec<Prefix> = Vec::new();
+    for s in list {
+        match Prefix::parse(&s) {
+            Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {
+                app: app.to_owned(),
+                field: "Addresses",
+                value: s,
+            }),
+            Ok(p) => out.push(p),
+            Err(why) => problems.push(Problem::BadAddress {
+                app: app.to_owned(),
+                value: s,
+                why,
+            }),
+        }
+    }
+    out
+}
+
+fn app_hostnames(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Pattern> {
+    let Some(list) = raw else { return Vec::new() };
+    if list.is_empty() {
+        problems.push(Problem::Missing {
+            app: app.to_owned(),
+            field: "Hostnames",
+        });
+    }
+    let mut out: Vec<Pattern> = Vec::new();
+    for s in list {
+        match Pattern::parse(&s) {
+            Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {
+                app: app.to_owned(),
+                field: "Hostnames",
+                value: s,
+            }),
+            Ok(p) => out.push(p),
+            Err(why) => problems.push(Problem::BadHostname {
+                app: app.to_owned(),
+                value: s,
+                why,
+            }),
+        }
+    }
+    out
+}
+
+/// The prefixes an app's ports answer on: its `Addresses`, or every IPv4 and IPv6 address.
+pub fn app_prefixes(app: &App) -> Vec<Prefix> {
+    if app.addresses.is_empty() {
+        vec![Prefix::ALL_V4, Prefix::ALL_V6]
+    } else {
+        app.addresses.clone()
+    }
+}
+
+/// Apps may share an (address prefix, port) only if Hostnames tell them apart: at most one app
+/// there without Hostnames, and no hostname on two of them. One problem per pair of apps and
+/// conflict, naming every port and address it concerns (a range of 10,000 shared ports is one
+/// line, not 10,000).
+fn check_sharing(apps: &[App], problems: &mut Vec<Problem>) {
+    // (port, prefix) -> apps there, by index, in config order.
+    let mut at: HashMap<(u16, Prefix), Vec<usize>> = HashMap::new();
+    for (i, app) in apps.iter().enumerate() {
+        for prefix in app_prefixes(app) {
+            for &port in &app.ports {
+                at.entry((port, prefix)).or_default().push(i);
+            }
+        }
+    }
+    // (later app, first app, hostname or None for "both defaults") -> prefixes and ports.
+    type Clash = (usize, usize, Option<Pattern>);
+    let mut clashes: BTreeMap<Clash, (BTreeSet<Prefix>, BTreeSet<u16>)> = BTreeMap::new();
+    for ((port, prefix), list) in &at {
+        if list.len() < 2 {
+            continue;
+        }
+        let mut default: Option<usize> = None;
+        let mut names: HashMap<&Pattern, usize> = HashMap::new();
+        for &i in list {
+            let app = &apps[i];
+            let mut clash = |key: Clash| {
+                let e = clashes.entry(key).or_default();
+                e.0.insert(*prefix);
+                e.1.insert(*port);
+            };
+            if app.hostnames.is_empty() {
+                match default {
+                    Some(first) => clash((i, first, None)),
+                    None => default = Some(i),
+                }
+            }
+            for h in &app.hostnames {
+                match names.get(h) {
+                    Some(&first) if first != i => clash((i, first, Some(h.clone()))),
+                    Some(_) => {}
+                    None => {
+                        names.insert(h, i);
+                    }
+                }
+            }
+        }
+    }
+    for ((i, first, name), (prefixes, ports)) in clashes {
+        let addresses = if prefixes.len() == 2
+            && prefixes.contains(&Prefix::ALL_V4)
+            && prefixes.contains(&Prefix::ALL_V6)
+        {
+            "every address".to_owned()
+        } else {
+            prefixes
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ports = port_ranges(ports);
+        let (app, first) = (apps[i].name.clone(), apps[first].name.clone());
+        problems.push(match name {
+            None => Problem::SharedDefault {
+                app,
+                first,
+                ports,
+                addresses,
+            },
+            Some(h) => Problem::SharedHostname {
+                app,
+                first,
+                hostname: h.to_string(),
+                ports,
+                addresses,
+            },
+        });
     }
 }
 
