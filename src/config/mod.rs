@@ -15,8 +15,11 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::hostname::{HostnameError, Pattern};
-use crate::prefix::{Prefix, PrefixError};
+pub mod hostname;
+pub mod prefix;
+
+use hostname::{HostnameError, Pattern};
+use prefix::{Prefix, PrefixError};
 
 /// The file as written. Unknown keys are captured rather than refused by serde, so that the
 /// validator can report all of them, with the app they are in, instead of stopping at the first.
