@@ -200,7 +200,11 @@ impl PortSource for Steered {
                 if let Some(l) = l {
                     registry
                         .register(l, token, Interest::READABLE)
-                        .map_err(|error| PortError { port: 0, error })?;
+                        .map_err(|error| PortError {
+                            port: 0,
+                            addr: None,
+                            error,
+                        })?;
                 }
             }
             self.registered = true;
@@ -235,7 +239,7 @@ impl PortSource for Steered {
         };
         match listener {
             // The accepted socket's local address keeps the port the client dialled.
-            Some(l) => ports::accept_from(l, None),
+            Some(l) => ports::accept_from(l),
             None => Ok(None),
         }
     }

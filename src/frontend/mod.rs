@@ -19,7 +19,7 @@ use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::backends::health::Checker;
-use crate::backends::routing::Routes;
+use crate::backends::routing::{Routes, Unrouted};
 use crate::cli::Settings;
 use crate::config::{Config, ConfigError, Diff};
 use crate::ops::metrics;
@@ -130,6 +130,7 @@ pub fn run(
         last_reload_ok_ms: AtomicU64::new(unix_ms()),
         accept_paused: AtomicBool::new(false),
         handed_over: AtomicBool::new(false),
+        unrouted: Mutex::default(),
     });
     let mut metrics_socket = None;
     if let Some(addr) = settings.metrics {
@@ -454,28 +455,42 @@ impl Loop {
     }
 
     fn dispatch(&mut self, conn: ports::Accepted) {
-        let Some(app) = self.routes.app_for(conn.port) else {
+        let port = conn.local.port();
+        let Some(table) = self.routes.port(port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
             crate::debug!(
-                "conn client={} port={}: port no longer configured, closed",
+                "conn client={} port={port}: port no longer configured, closed",
                 conn.peer,
-                conn.port
             );
             return;
         };
+        let Some(binding) = table.lookup(conn.local.ip()) else {
+            // A wildcard listener of the port took a connection to an address no app on it
+            // answers (simple mode), or the config changed while it was queued: reset at once,
+            // as a refused connection would be.
+            self.shared.count_unrouted(port, Unrouted::NoApp);
+            crate::debug!(
+                "conn client={} local={}: no app on this address, reset",
+                conn.peer,
+                conn.local
+            );
+            crate::net::reset(conn.stream);
+            return;
+        };
+        let binding = Arc::clone(binding);
         self.shared.active.fetch_add(1, Ordering::AcqRel);
         let job = Job {
             client: conn.stream,
             peer: conn.peer,
-            port: conn.port,
-            app: Arc::clone(app),
+            local: conn.local,
+            binding,
             accepted: Instant::now(),
         };
         if let Err((job, e)) = self.pool.submit(job) {
             crate::error!(
-                "conn app={} client={}: no relay thread: {e}; closed",
-                job.app.name,
+                "conn local={} client={}: no relay thread: {e}; closed",
+                job.local,
                 job.peer
             );
             self.shared.active.fetch_sub(1, Ordering::AcqRel);

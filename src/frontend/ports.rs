@@ -34,6 +34,8 @@ pub const FIRST_LISTENER: usize = 16;
 #[derive(Debug)]
 pub struct PortError {
     pub port: u16,
+    /// The address, when the listener was for one address rather than every one.
+    pub addr: Option<std::net::IpAddr>,
     pub error: io::Error,
 }
 
@@ -46,7 +48,10 @@ impl fmt::Display for PortError {
             }
             _ => "",
         };
-        write!(f, "port {}: {}{hint}", self.port, self.error)
+        match self.addr {
+            Some(a) => write!(f, "port {} on {a}: {}{hint}", self.port, self.error),
+            None => write!(f, "port {}: {}{hint}", self.port, self.error),
+        }
     }
 }
 
@@ -56,7 +61,9 @@ impl std::error::Error for PortError {}
 pub struct Accepted {
     pub stream: TcpStream,
     pub peer: SocketAddr,
-    pub port: u16,
+    /// The address and port the client dialled (getsockname of the accepted socket, which
+    /// in bpf mode is the original destination, not the listener's), IPv4 written as IPv4.
+    pub local: SocketAddr,
 }
 
 pub trait PortSource {
@@ -101,7 +108,7 @@ pub fn handover_of(l: &TcpListener) -> Option<(SocketAddr, RawFd)> {
 /// Accept one connection. The port is the listener's own when known (simple mode); otherwise
 /// it is read from the accepted socket's local address, which keeps the original destination
 /// port when sk_lookup steered the connection to us.
-pub fn accept_from(listener: &TcpListener, port: Option<u16>) -> io::Result<Option<Accepted>> {
+pub fn accept_from(listener: &TcpListener) -> io::Result<Option<Accepted>> {
     let (stream, peer) = match listener.accept() {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -110,13 +117,10 @@ pub fn accept_from(listener: &TcpListener, port: Option<u16>) -> io::Result<Opti
     // mio accepts with SOCK_NONBLOCK; the relay wants exactly that, as a std stream.
     // SAFETY: into_raw_fd hands over sole ownership of a valid, open socket.
     let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
-    let port = match port {
-        Some(p) => p,
-        None => stream.local_addr()?.port(),
-    };
+    let local = canonical(stream.local_addr()?);
     Ok(Some(Accepted {
         stream,
         peer: canonical(peer),
-        port,
+        local,
     }))
 }

@@ -32,8 +32,9 @@ const NAME_TYPE_HOST: u8 = 0;
 /// What the bytes so far say.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
-    /// A valid start of a ClientHello: more bytes are needed.
-    Incomplete,
+    /// A valid start of a ClientHello: more bytes are needed, at least `needed` in all
+    /// (parsing fewer cannot tell more).
+    Incomplete { needed: usize },
     /// A whole ClientHello, with its host_name if it has one.
     Complete(Option<ServerName>),
 }
@@ -83,8 +84,10 @@ impl std::fmt::Debug for ServerName {
 pub fn parse(buf: &[u8]) -> Result<Parsed, Error> {
     let mut r = Records::new(buf);
     match parse_hello(&mut r) {
-        Err(Stop::NeedMore) if buf.len() >= MAX_PREREAD => Err(Error::TooLarge),
-        Err(Stop::NeedMore) => Ok(Parsed::Incomplete),
+        Err(Stop::NeedMore) if buf.len() >= MAX_PREREAD || r.needed > MAX_PREREAD => {
+            Err(Error::TooLarge)
+        }
+        Err(Stop::NeedMore) => Ok(Parsed::Incomplete { needed: r.needed }),
         Err(Stop::Bad(e)) => Err(e),
         Ok(name) => Ok(Parsed::Complete(name)),
     }
@@ -117,6 +120,8 @@ struct Records<'a> {
     end: usize,
     /// Handshake bytes consumed so far.
     consumed: usize,
+    /// When more bytes are needed: the length of `buf` that would let parsing go on.
+    needed: usize,
 }
 
 impl<'a> Records<'a> {
@@ -126,13 +131,21 @@ impl<'a> Records<'a> {
             pos: 0,
             end: 0,
             consumed: 0,
+            needed: 0,
         }
+    }
+
+    fn need(&mut self, len: usize) -> Stop {
+        self.needed = len;
+        Stop::NeedMore
     }
 
     /// Move to the next record if the current one is used up.
     fn next_record(&mut self) -> Result<(), Stop> {
         while self.pos >= self.end {
-            let h = self.buf.get(self.pos..self.pos + 5).ok_or(Stop::NeedMore)?;
+            let Some(h) = self.buf.get(self.pos..self.pos + 5) else {
+                return Err(self.need(self.pos + 5));
+            };
             if h[0] != RECORD_HANDSHAKE {
                 // Only the very first byte decides "not TLS at all"; a later record of
                 // another type inside the hello is a broken hello.
@@ -167,7 +180,9 @@ impl<'a> Records<'a> {
 
     fn u8(&mut self) -> Result<u8, Stop> {
         self.next_record()?;
-        let b = *self.buf.get(self.pos).ok_or(Stop::NeedMore)?;
+        let Some(&b) = self.buf.get(self.pos) else {
+            return Err(self.need(self.pos + 1));
+        };
         self.pos += 1;
         self.consumed += 1;
         Ok(b)
@@ -188,7 +203,7 @@ impl<'a> Records<'a> {
             self.next_record()?;
             let here = (self.end - self.pos).min(n);
             if self.pos + here > self.buf.len() {
-                return Err(Stop::NeedMore);
+                return Err(self.need(self.pos + here));
             }
             self.pos += here;
             self.consumed += here;
@@ -375,7 +390,7 @@ mod tests {
     fn name(p: Parsed) -> Option<String> {
         match p {
             Parsed::Complete(n) => n.map(|n| String::from_utf8(n.as_bytes().to_vec()).unwrap()),
-            Parsed::Incomplete => panic!("incomplete"),
+            Parsed::Incomplete { .. } => panic!("incomplete"),
         }
     }
 
@@ -388,7 +403,12 @@ mod tests {
             let wire = records(&msg, size);
             assert_eq!(name(parse(&wire).unwrap()).as_deref(), Some("Shop.Example.com"));
             for cut in 0..wire.len() {
-                assert_eq!(parse(&wire[..cut]), Ok(Parsed::Incomplete), "size {size} cut {cut}");
+                match parse(&wire[..cut]) {
+                    Ok(Parsed::Incomplete { needed }) => {
+                        assert!(needed > cut && needed <= wire.len(), "size {size} cut {cut}")
+                    }
+                    other => panic!("size {size} cut {cut}: {other:?}"),
+                }
             }
             // Bytes after the hello (early data, the next record) do not matter.
             let mut more = wire.clone();

@@ -4,6 +4,7 @@
 
 pub mod client_hello;
 pub mod conns;
+pub mod preread;
 pub mod pool;
 pub mod session;
 pub mod transfer;

@@ -1,6 +1,7 @@
 //! One client connection's life, run on a relay thread: connect to a backend of its app,
 //! relay until done, and log how it ended. The same code serves both modes.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,19 +11,21 @@ use std::io::Write;
 
 use crate::backends::balance;
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{AppRoute, Routes};
+use crate::backends::routing::{Binding, Routes, Unrouted};
 use crate::cli::Settings;
-use crate::net;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::Conns;
+use crate::relay::preread::{self, Hello};
 use crate::relay::transfer as relay;
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
     pub client: TcpStream,
     pub peer: SocketAddr,
-    pub port: u16,
-    pub app: Arc<AppRoute>,
+    /// The address and port the client dialled (canonical: IPv4 as IPv4).
+    pub local: SocketAddr,
+    /// The apps on that address and port; the relay thread picks one.
+    pub binding: Arc<Binding>,
     pub accepted: Instant,
 }
 
@@ -48,9 +51,20 @@ pub struct Shared {
     pub accept_paused: AtomicBool,
     /// A new process took over (upgrade): the metrics thread stops serving.
     pub handed_over: AtomicBool,
+    /// Connections no app took, by port and reason.
+    pub unrouted: Mutex<BTreeMap<(u16, Unrouted), u64>>,
 }
 
 impl Shared {
+    pub fn count_unrouted(&self, port: u16, why: Unrouted) {
+        *self
+            .unrouted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((port, why))
+            .or_insert(0) += 1;
+    }
+
     /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
     /// bound, or draining for shutdown). Waking only then keeps the common path free of
     /// cross-thread wake-ups.
@@ -68,14 +82,86 @@ pub fn serve(job: Job, shared: &Shared) {
     let Job {
         client,
         peer,
-        port,
-        app,
+        local,
+        binding,
         accepted,
     } = job;
+    let port = local.port();
+    let client_addr = peer.to_string();
+    // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
+    let _ = client.set_nodelay(true);
+
+    // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
+    // connection even while it waits for its ClientHello or for a slot of its app.
+    let reg = shared.conns.register(port, client, accepted);
+    let entry = &reg.entry;
+
+    // The app: read the server name first where Hostnames tell apps apart.
+    let (chosen, first_bytes, sni) = if binding.needs_server_name() {
+        let (hello, bytes) = preread::read_hello(&entry.client, shared.settings.preread_timeout);
+        let (chosen, sni) = match hello {
+            Hello::Name { sent, name } => {
+                let app = match &name {
+                    Some(n) => binding.for_name(n),
+                    None => binding.without_name(Unrouted::UnknownServerName),
+                };
+                (app, Some(sent))
+            }
+            Hello::NoName => (binding.without_name(Unrouted::NoServerName), None),
+            Hello::NotTls => (binding.without_name(Unrouted::NotTls), None),
+            Hello::TooLarge => (binding.without_name(Unrouted::TooLarge), None),
+            // Never routed to the default: a client that has not finished its hello has not
+            // asked for anything yet.
+            Hello::Timeout => (Err(Unrouted::PrereadTimeout), None),
+            Hello::Closed => (Err(Unrouted::ClientClosed), None),
+        };
+        (chosen, bytes, sni)
+    } else {
+        (
+            binding.default_app().ok_or(Unrouted::NoServerName),
+            Vec::new(),
+            None,
+        )
+    };
+    let app = match chosen {
+        Ok(app) => Arc::clone(app),
+        Err(why) => {
+            let end = if entry.was_drained() {
+                "drained"
+            } else {
+                shared.count_unrouted(port, why);
+                "no_route"
+            };
+            let reason = match why {
+                Unrouted::NoApp => "no app on the dialled address",
+                Unrouted::NoServerName => "the ClientHello has no server name and no app here is without Hostnames",
+                Unrouted::UnknownServerName => "no app here has the server name in its Hostnames, and none is without Hostnames",
+                Unrouted::NotTls => "not a TLS ClientHello, and no app here is without Hostnames",
+                Unrouted::TooLarge => "the ClientHello is larger than the preread bound, and no app here is without Hostnames",
+                Unrouted::PrereadTimeout => "no whole ClientHello within the preread timeout",
+                Unrouted::ClientClosed => "the client closed before its ClientHello was whole",
+            };
+            let mut fields = vec![
+                ("app", Field::Str("-")),
+                ("client", Field::Str(&client_addr)),
+                ("port", Field::Num(u64::from(port))),
+                ("target", Field::Str("-")),
+                ("up", Field::Num(0)),
+                ("down", Field::Num(0)),
+                ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+                ("end", Field::Str(end)),
+                ("reason", Field::Str(why.as_str())),
+                ("detail", Field::Str(reason)),
+            ];
+            if let Some(name) = &sni {
+                fields.push(("sni", Field::Str(name)));
+            }
+            return log::record(Level::Warn, "conn", &fields);
+        }
+    };
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
-    let client_addr = peer.to_string();
     let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
         stats.active.fetch_sub(1, Ordering::Relaxed);
         let level = if reason.is_some() {
@@ -96,15 +182,11 @@ pub fn serve(job: Job, shared: &Shared) {
         if let Some(r) = &reason {
             fields.push(("reason", Field::Str(r)));
         }
+        if let Some(name) = &sni {
+            fields.push(("sni", Field::Str(name)));
+        }
         log::record(level, "conn", &fields);
     };
-    // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
-    let _ = client.set_nodelay(true);
-
-    // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
-    // connection even while it waits for a slot of its app.
-    let reg = shared.conns.register(port, client, accepted);
-    let entry = &reg.entry;
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
@@ -131,10 +213,9 @@ pub fn serve(job: Job, shared: &Shared) {
     let target = target_state.target.to_string();
     if let Some(version) = app.proxy_protocol {
         // Sent while the socket is still blocking: a header this small always fits in a fresh
-        // socket's send buffer, so this cannot stall.
-        let frontend = entry.client.local_addr().map(net::canonical);
-        let sent =
-            frontend.and_then(|f| (&backend).write_all(&proxy_protocol::header(version, peer, f)));
+        // socket's send buffer, so this cannot stall. The destination is what the client
+        // dialled: the accepted socket's local address, in both modes.
+        let sent = (&backend).write_all(&proxy_protocol::header(version, peer, local));
         if let Err(e) = sent {
             return end(
                 &target,
@@ -144,6 +225,25 @@ pub fn serve(job: Job, shared: &Shared) {
                 Some(format!("sending the PROXY header: {e}")),
             );
         }
+    }
+    if !first_bytes.is_empty() {
+        // The bytes read for the server name go first, unchanged. Still blocking, with the
+        // connect timeout as a bound: at most MAX_PREREAD bytes to a fresh connection, which
+        // its send buffer and the target's window take at once unless the target is broken.
+        let _ = backend.set_write_timeout(Some(shared.settings.connect_timeout));
+        if let Err(e) = (&backend).write_all(&first_bytes) {
+            return end(
+                &target,
+                0,
+                0,
+                "reset",
+                Some(format!("sending the client's first bytes: {e}")),
+            );
+        }
+        let _ = backend.set_write_timeout(None);
+        target_state
+            .bytes_up
+            .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
     }
     let _ = backend.set_nodelay(true);
     if let Err(e) = backend.set_nonblocking(true) {
@@ -166,5 +266,11 @@ pub fn serve(job: Job, shared: &Shared) {
     } else {
         outcome.end.as_str()
     };
-    end(&target, outcome.up, outcome.down, how, None);
+    end(
+        &target,
+        outcome.up + first_bytes.len() as u64,
+        outcome.down,
+        how,
+        None,
+    );
 }
