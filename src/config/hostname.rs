@@ -116,11 +116,30 @@ mod tests {
             Pattern::parse("*.shop.example.com").unwrap().to_string(),
             "*.shop.example.com"
         );
-        for bad in ["", ".", "*", "a.*.com", "*x.com", "x*.com", "**.com", "a..b", "-a.com", "192.0.2.1", "::1", "a b.com"] {
+        for bad in [
+            "",
+            ".",
+            "*",
+            "a.*.com",
+            "*x.com",
+            "x*.com",
+            "**.com",
+            "a..b",
+            "-a.com",
+            "192.0.2.1",
+            "::1",
+            "a b.com",
+        ] {
             assert!(Pattern::parse(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(normalize(b"A.Example.com.").as_deref(), Some("a.example.com"));
+        assert_eq!(
+            normalize(b"A.Example.com.").as_deref(),
+            Some("a.example.com")
+        );
         assert_eq!(normalize(b"a\0b"), None);
-        assert_eq!(wildcard_suffix("a.shop.example.com"), Some("shop.example.com"));
+        assert_eq!(
+            wildcard_suffix("a.shop.example.com"),
+            Some("shop.example.com")
+        );
     }
 }

@@ -268,7 +268,11 @@ impl fmt::Display for Problem {
                 write!(f, "app {app:?}: Ports: {value:?} {why}")
             }
             Problem::DuplicatePort { ports, app } => {
-                write!(f, "app {app:?}: Ports: {ports} {} listed twice", is_are(ports))
+                write!(
+                    f,
+                    "app {app:?}: Ports: {ports} {} listed twice",
+                    is_are(ports)
+                )
             }
             Problem::Duplicate { app, field, value } => {
                 write!(f, "app {app:?}: {field}: {value:?} is listed twice")
@@ -518,6 +522,21 @@ impl Config {
             .flat_map(|a| a.ports.iter().copied())
             .collect();
         set.into_iter()
+    }
+
+    /// Every (port, address prefix) some app answers on, with the names of the apps there in
+    /// config order.
+    pub fn bindings(&self) -> BTreeMap<(u16, Prefix), Vec<&str>> {
+        let mut out: BTreeMap<(u16, Prefix), Vec<&str>> = BTreeMap::new();
+        for app in &self.apps {
+            let prefixes = app_prefixes(app);
+            for &port in &app.ports {
+                for &p in &prefixes {
+                    out.entry((port, p)).or_default().push(&app.name);
+                }
+            }
+        }
+        out
     }
 
     /// A one-line summary, as `flyproxy check` prints it.

@@ -219,7 +219,12 @@ struct Region {
 }
 
 impl Region {
-    fn open(r: &Records<'_>, len: usize, parent: &Region, what: &'static str) -> Result<Region, Stop> {
+    fn open(
+        r: &Records<'_>,
+        len: usize,
+        parent: &Region,
+        what: &'static str,
+    ) -> Result<Region, Stop> {
         let end = r.consumed + len;
         if end > parent.end {
             return Err(malformed(what));
@@ -315,7 +320,9 @@ fn server_name(r: &mut Records<'_>, ext: &Region) -> Result<Option<ServerName>, 
     ext.need(r, 2, "server name list length cut")?;
     let list_len = usize::from(r.u16()?);
     if list_len != ext.left(r) {
-        return Err(malformed("server name list length does not match its extension"));
+        return Err(malformed(
+            "server name list length does not match its extension",
+        ));
     }
     let list = Region::open(r, list_len, ext, "server name list beyond its extension")?;
     let mut found: Option<ServerName> = None;
@@ -401,11 +408,17 @@ mod tests {
         let msg = hello_msg(&exts);
         for size in [1, 2, 7, 100, MAX_RECORD] {
             let wire = records(&msg, size);
-            assert_eq!(name(parse(&wire).unwrap()).as_deref(), Some("Shop.Example.com"));
+            assert_eq!(
+                name(parse(&wire).unwrap()).as_deref(),
+                Some("Shop.Example.com")
+            );
             for cut in 0..wire.len() {
                 match parse(&wire[..cut]) {
                     Ok(Parsed::Incomplete { needed }) => {
-                        assert!(needed > cut && needed <= wire.len(), "size {size} cut {cut}")
+                        assert!(
+                            needed > cut && needed <= wire.len(),
+                            "size {size} cut {cut}"
+                        )
                     }
                     other => panic!("size {size} cut {cut}: {other:?}"),
                 }
@@ -413,7 +426,10 @@ mod tests {
             // Bytes after the hello (early data, the next record) do not matter.
             let mut more = wire.clone();
             more.extend([0x17, 3, 3, 0, 1, 9]);
-            assert_eq!(name(parse(&more).unwrap()).as_deref(), Some("Shop.Example.com"));
+            assert_eq!(
+                name(parse(&more).unwrap()).as_deref(),
+                Some("Shop.Example.com")
+            );
         }
     }
 
@@ -422,8 +438,14 @@ mod tests {
         assert_eq!(name(parse(&records(&hello_msg(&[]), 1000)).unwrap()), None);
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(Error::NotTls));
         assert_eq!(parse(b"\x80\x2e\x01\x03\x01"), Err(Error::NotTls)); // SSLv2 hello
-        assert_eq!(parse(&[0x16, 0x03, 0x01, 0, 4, 2, 0, 0, 0]), Err(Error::NotTls));
-        assert!(matches!(parse(&[0x16, 0x03, 0x01, 0, 0]), Err(Error::Malformed(_))));
+        assert_eq!(
+            parse(&[0x16, 0x03, 0x01, 0, 4, 2, 0, 0, 0]),
+            Err(Error::NotTls)
+        );
+        assert!(matches!(
+            parse(&[0x16, 0x03, 0x01, 0, 0]),
+            Err(Error::Malformed(_))
+        ));
     }
 
     #[test]
@@ -435,7 +457,10 @@ mod tests {
             let at = m.len() - sni_ext(b"a.example").len() - 2;
             let v = u16::from_be_bytes([m[at], m[at + 1]]) as i32 + delta;
             m[at..at + 2].copy_from_slice(&(v as u16).to_be_bytes());
-            assert!(matches!(parse(&records(&m, 50)), Err(Error::Malformed(_))), "{delta}");
+            assert!(
+                matches!(parse(&records(&m, 50)), Err(Error::Malformed(_))),
+                "{delta}"
+            );
         }
         // A name longer than its list.
         let mut m = msg.clone();

@@ -4,7 +4,7 @@
 
 pub mod client_hello;
 pub mod conns;
-pub mod preread;
 pub mod pool;
+pub mod preread;
 pub mod session;
 pub mod transfer;

@@ -20,7 +20,10 @@ use crate::relay::client_hello::{self, Parsed, MAX_PREREAD};
 pub enum Hello {
     /// A whole ClientHello; the server name as sent (lossy UTF-8) and normalised (lower-case,
     /// no trailing dot; None if it is not a DNS name). `None` if it carried no server name.
-    Name { sent: String, name: Option<String> },
+    Name {
+        sent: String,
+        name: Option<String>,
+    },
     NoName,
     /// Not a TLS ClientHello (plain text, another protocol, or a malformed hello).
     NotTls,
