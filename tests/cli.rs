@@ -260,7 +260,7 @@ fn check_reports_each_kind_of_problem() {
         (
             "ports not numbers",
             r#"{"Apps":[{"Name":"a","Ports":["80"],"Targets":["h:1"]}]}"#.into(),
-            "not a valid config",
+            r#"app "a": Ports: "80" is not a range "A-B""#,
         ),
     ];
     for (i, (what, json, want)) in cases.iter().enumerate() {

@@ -6,7 +6,7 @@
 //! found at once. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
 //! touch a live listener.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
@@ -635,10 +635,11 @@ impl Options<'_> {
     }
 }
 
-/// An app's `Ports`: numbers and `"A-B"` ranges, expanded, ascending, each once. Problems
-/// for what is not a port, and one problem listing every port given twice.
+/// An app's `Ports`: numbers and `"A-B"` ranges, expanded, in the order given, each once.
+/// Problems for what is not a port, and one problem listing every port given twice.
 fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16> {
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
     let mut twice = BTreeSet::new();
     for v in list {
         let range = match v {
@@ -673,7 +674,9 @@ fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16>
             }
         };
         for p in range {
-            if !seen.insert(p) {
+            if seen.insert(p) {
+                order.push(p);
+            } else {
                 twice.insert(p);
             }
         }
@@ -684,25 +687,22 @@ fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16>
             app: app.to_owned(),
         });
     }
-    seen.into_iter().collect()
+    order
 }
 
-/// `"A-B"` (inclusive, 1 <= A <= B <= 65535) or a single port written as a string.
+/// `"A-B"`: an inclusive range, 1 <= A <= B <= 65535. (A single port is written as a number.)
 pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, &'static str> {
+    const SHAPE: &str =
+        "is not a range \"A-B\" (e.g. \"20000-20999\"; write a single port as a number)";
     let num = |t: &str| -> Result<u32, &'static str> {
-        let t = t.trim();
         if t.is_empty() || t.len() > 5 || !t.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("is not a port number or a range \"A-B\" (e.g. \"20000-20999\")");
+            return Err(SHAPE);
         }
-        t.parse::<u32>()
-            .map_err(|_| "is not a port number or a range \"A-B\"")
+        t.parse::<u32>().map_err(|_| SHAPE)
     };
     let (a, b) = match s.split_once('-') {
         Some((a, b)) => (num(a)?, num(b)?),
-        None => {
-            let p = num(s)?;
-            (p, p)
-        }
+        None => return Err(SHAPE),
     };
     if a == 0 || b == 0 || a > 65535 || b > 65535 {
         return Err("has a port outside 1-65535");

@@ -398,13 +398,8 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::ops::log::dropped());
-    let name = "flyproxy_unrouted_connections_total";
-    let mut f = Family::head(
-        &mut out,
-        name,
-        "counter",
-        "Connections no app took, by port and reason: no_app (no app on the dialled address), no_server_name, unknown_server_name, not_tls, too_large (on ports where apps have Hostnames and none is without), preread_timeout, client_closed.",
-    );
+    // Only once there is something to count, as a family without samples is noise: most
+    // configs never refuse a connection this way.
     let unrouted: Vec<((u16, crate::backends::routing::Unrouted), u64)> = shared
         .unrouted
         .lock()
@@ -412,13 +407,22 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
         .iter()
         .map(|(k, v)| (*k, *v))
         .collect();
-    for ((port, why), n) in unrouted {
-        let port = port.to_string();
-        f.sample(
+    if !unrouted.is_empty() {
+        let name = "flyproxy_unrouted_connections_total";
+        let mut f = Family::head(
+            &mut out,
             name,
-            &[("port", port.as_str()), ("reason", why.as_str())],
-            n,
+            "counter",
+            "Connections no app took, by port and reason: no_app (no app on the dialled address), no_server_name, unknown_server_name, not_tls, too_large (where apps have Hostnames and none is without), preread_timeout, client_closed.",
         );
+        for ((port, why), n) in unrouted {
+            let port = port.to_string();
+            f.sample(
+                name,
+                &[("port", port.as_str()), ("reason", why.as_str())],
+                n,
+            );
+        }
     }
 
     if let Some(read) = lookup_stats {
