@@ -392,6 +392,7 @@ impl Config {
 
         let mut names = BTreeSet::new();
         let mut apps = Vec::with_capacity(raw_apps.len());
+        let mut unusable = Vec::with_capacity(raw_apps.len());
         for (i, raw_app) in raw_apps.into_iter().enumerate() {
             // An app without a usable name is still checked, under a name that says where it is.
             let name = match raw_app.name {
@@ -425,7 +426,11 @@ impl Config {
                     Vec::new()
                 }
             };
+            // Addresses given but none usable: already a problem; leave the app out of the
+            // sharing checks rather than take it for "every address" there.
+            let addresses_given = raw_app.addresses.is_some();
             let addresses = app_addresses(&name, raw_app.addresses, &mut problems);
+            unusable.push(addresses_given && addresses.is_empty());
             let hostnames = app_hostnames(&name, raw_app.hostnames, &mut problems);
 
             let mut targets = Vec::new();
@@ -506,7 +511,7 @@ impl Config {
             });
         }
 
-        check_sharing(&apps, &mut problems);
+        check_sharing(&apps, &unusable, &mut problems);
         if problems.is_empty() {
             Ok(Config { apps })
         } else {
@@ -643,12 +648,12 @@ fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16>
     let mut twice = BTreeSet::new();
     for v in list {
         let range = match v {
-            Value::Number(n) => match n.as_i64() {
+            Value::Number(n) if n.as_i64().is_some() => match n.as_i64() {
                 Some(p) if (1..=65535).contains(&p) => p as u16..=p as u16,
                 _ => {
                     problems.push(Problem::PortOutOfRange {
                         app: app.to_owned(),
-                        port: n.as_i64().unwrap_or(i64::MAX),
+                        port: n.as_i64().unwrap_or_default(),
                     });
                     continue;
                 }
@@ -802,10 +807,13 @@ pub fn app_prefixes(app: &App) -> Vec<Prefix> {
 /// there without Hostnames, and no hostname on two of them. One problem per pair of apps and
 /// conflict, naming every port and address it concerns (a range of 10,000 shared ports is one
 /// line, not 10,000).
-fn check_sharing(apps: &[App], problems: &mut Vec<Problem>) {
+fn check_sharing(apps: &[App], unusable: &[bool], problems: &mut Vec<Problem>) {
     // (port, prefix) -> apps there, by index, in config order.
     let mut at: HashMap<(u16, Prefix), Vec<usize>> = HashMap::new();
     for (i, app) in apps.iter().enumerate() {
+        if unusable[i] {
+            continue;
+        }
         for prefix in app_prefixes(app) {
             for &port in &app.ports {
                 at.entry((port, prefix)).or_default().push(i);
