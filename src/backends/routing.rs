@@ -96,6 +96,27 @@ impl Unrouted {
     }
 }
 
+/// Connections no app took, by port and reason, for metrics.
+#[derive(Debug, Default)]
+pub struct UnroutedCounts(Mutex<BTreeMap<(u16, Unrouted), u64>>);
+
+impl UnroutedCounts {
+    pub fn count(&self, port: u16, why: Unrouted) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((port, why))
+            .or_insert(0) += 1;
+    }
+
+    /// Every count so far, by port then reason.
+    pub fn snapshot(&self) -> Vec<((u16, Unrouted), u64)> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
 impl Binding {
     /// Whether the server name must be read to pick the app.
     pub fn needs_server_name(&self) -> bool {
@@ -308,7 +329,7 @@ fn port_table(config: &Config, routes: &[Arc<AppRoute>], on: &[usize]) -> PortTa
         .collect();
     // Longest prefix first; prefixes of one length never overlap, so the order among them
     // does not matter.
-    bindings.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    bindings.sort_by_key(|b| std::cmp::Reverse(b.0.prefix_len()));
     PortTable { bindings }
 }
 

@@ -415,8 +415,11 @@ fn bind_value(ip: IpAddr) -> [u8; 28] {
 /// IPv4 v4-mapped.
 pub fn binding_key(prefix: Prefix, port: u16) -> [u8; 24] {
     let (addr, bits) = match prefix.addr() {
-        IpAddr::V4(a) => (a.to_ipv6_mapped().octets(), 96 + u32::from(prefix.len())),
-        IpAddr::V6(a) => (a.octets(), u32::from(prefix.len())),
+        IpAddr::V4(a) => (
+            a.to_ipv6_mapped().octets(),
+            96 + u32::from(prefix.prefix_len()),
+        ),
+        IpAddr::V6(a) => (a.octets(), u32::from(prefix.prefix_len())),
     };
     let mut k = [0u8; 24];
     k[0..4].copy_from_slice(&(32 + bits).to_ne_bytes());

@@ -79,7 +79,7 @@ impl Prefix {
                 let v4 = match len {
                     128 => v4.to_string(),
                     n if n >= 96 => format!("{v4}/{}", n - 96),
-                    _ => return Ok(Prefix { addr, len }.checked()?),
+                    _ => return Prefix { addr, len }.checked(),
                 };
                 return Err(PrefixError::Mapped { v4 });
             }
@@ -115,7 +115,7 @@ impl Prefix {
         self.addr
     }
 
-    pub fn len(&self) -> u8 {
+    pub fn prefix_len(&self) -> u8 {
         self.len
     }
 

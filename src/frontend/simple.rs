@@ -13,8 +13,10 @@ use std::os::fd::RawFd;
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
-use super::ports::{accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER};
 use crate::config::{app_prefixes, Config};
+use crate::frontend::ports::{
+    accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER,
+};
 use crate::net::{listen, listen_any};
 
 /// A listening socket as the config wants it: where, and for `[::]`, whether IPv4 too.
@@ -135,16 +137,15 @@ impl PerPort {
 
     /// Bind and register `bind`.
     fn add(&mut self, registry: &Registry, bind: Bind) -> Result<(Token, TcpListener), PortError> {
-        let err = |error| PortError {
+        let mut l = self.open(bind).map_err(|error| PortError::Listen {
             port: bind.addr.port(),
             addr: (!bind.addr.ip().is_unspecified()).then_some(bind.addr.ip()),
             error,
-        };
-        let mut l = self.open(bind).map_err(err)?;
+        })?;
         let token = self.token();
         registry
             .register(&mut l, token, Interest::READABLE)
-            .map_err(err)?;
+            .map_err(PortError::Register)?;
         Ok((token, l))
     }
 

@@ -30,6 +30,9 @@ const EXT_SERVER_NAME: u16 = 0;
 const NAME_TYPE_HOST: u8 = 0;
 
 /// What the bytes so far say.
+// The name is returned by value, once per parse: boxing it would allocate, which this parser
+// never does.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Parsed {
     /// A valid start of a ClientHello: more bytes are needed, at least `needed` in all

@@ -1,17 +1,16 @@
 //! One client connection's life, run on a relay thread: connect to a backend of its app,
 //! relay until done, and log how it ended. The same code serves both modes.
 
-use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::io::Write;
 
 use crate::backends::balance;
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{Binding, Routes, Unrouted};
+use crate::backends::routing::{Binding, Unrouted, UnroutedCounts};
 use crate::cli::Settings;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::Conns;
@@ -29,56 +28,19 @@ pub struct Job {
     pub accepted: Instant,
 }
 
-/// What the listener loop and the relay threads share.
-pub struct Shared {
+/// What every session reads besides its own job: the options in force, and the table of open
+/// connections through which drains (a removed port, a stop, an upgrade) reach it.
+pub struct Context {
     pub settings: Settings,
-    /// The connection bound actually in force (the option, lowered to fit the fd limit).
-    pub max_connections: usize,
-    pub conns: Conns,
-    /// Connection slots taken: a slot is taken at accept and given back by the pool once the
-    /// relay thread is idle again, so accepted connections never outnumber threads.
-    pub active: AtomicUsize,
-    /// Set once shutdown has begun, so that the last slot given back wakes the loop.
-    pub stopping: AtomicBool,
-    pub waker: mio::Waker,
-    /// The routing table in force, published by the listener loop for metrics and status.
-    pub routes: Mutex<Arc<Routes>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_rejected: AtomicU64,
-    /// Unix time in milliseconds of the last successful (re)load.
-    pub last_reload_ok_ms: AtomicU64,
-    /// Accepting is held back by the connection bound.
-    pub accept_paused: AtomicBool,
-    /// A new process took over (upgrade): the metrics thread stops serving.
-    pub handed_over: AtomicBool,
+    pub conns: Arc<Conns>,
     /// Connections no app took, by port and reason.
-    pub unrouted: Mutex<BTreeMap<(u16, Unrouted), u64>>,
+    pub unrouted: Arc<UnroutedCounts>,
 }
 
-impl Shared {
-    pub fn count_unrouted(&self, port: u16, why: Unrouted) {
-        *self
-            .unrouted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry((port, why))
-            .or_insert(0) += 1;
-    }
-
-    /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
-    /// bound, or draining for shutdown). Waking only then keeps the common path free of
-    /// cross-thread wake-ups.
-    pub fn release_slot(&self) {
-        let before = self.active.fetch_sub(1, Ordering::AcqRel);
-        if before == self.max_connections || self.stopping.load(Ordering::Acquire) {
-            if let Err(e) = self.waker.wake() {
-                crate::error!("cannot wake the listener loop: {e}");
-            }
-        }
-    }
-}
-
-pub fn serve(job: Job, shared: &Shared) {
+/// Pick the app of `job` (reading its ClientHello first where apps share the binding by
+/// Hostnames), connect to a backend of it, relay until either side is done, and log how it
+/// ended.
+pub fn serve(job: Job, cx: &Context) {
     let Job {
         client,
         peer,
@@ -93,12 +55,12 @@ pub fn serve(job: Job, shared: &Shared) {
 
     // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
     // connection even while it waits for its ClientHello or for a slot of its app.
-    let reg = shared.conns.register(port, client, accepted);
+    let reg = cx.conns.register(port, client, accepted);
     let entry = &reg.entry;
 
     // The app: read the server name first where Hostnames tell apps apart.
     let (chosen, first_bytes, sni) = if binding.needs_server_name() {
-        let (hello, bytes) = preread::read_hello(&entry.client, shared.settings.preread_timeout);
+        let (hello, bytes) = preread::read_hello(&entry.client, cx.settings.preread_timeout);
         let (chosen, sni) = match hello {
             Hello::Name { sent, name } => {
                 let app = match &name {
@@ -129,7 +91,7 @@ pub fn serve(job: Job, shared: &Shared) {
             let end = if entry.was_drained() {
                 "drained"
             } else {
-                shared.count_unrouted(port, why);
+                cx.unrouted.count(port, why);
                 "no_route"
             };
             let reason = match why {
@@ -191,8 +153,7 @@ pub fn serve(job: Job, shared: &Shared) {
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
         None => None,
-        Some(limit) => match limit.acquire(shared.settings.connect_timeout, || entry.was_drained())
-        {
+        Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
             Some(slot) => Some(slot),
             None if entry.was_drained() => return end("-", 0, 0, "drained", None),
             None => {
@@ -202,7 +163,7 @@ pub fn serve(job: Job, shared: &Shared) {
             }
         },
     };
-    let (backend, guard) = match balance::connect(&app, shared.settings.connect_timeout) {
+    let (backend, guard) = match balance::connect(&app, cx.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +191,7 @@ pub fn serve(job: Job, shared: &Shared) {
         // The bytes read for the server name go first, unchanged. Still blocking, with the
         // connect timeout as a bound: at most MAX_PREREAD bytes to a fresh connection, which
         // its send buffer and the target's window take at once unless the target is broken.
-        let _ = backend.set_write_timeout(Some(shared.settings.connect_timeout));
+        let _ = backend.set_write_timeout(Some(cx.settings.connect_timeout));
         if let Err(e) = (&backend).write_all(&first_bytes) {
             return end(
                 &target,
@@ -257,7 +218,7 @@ pub fn serve(job: Job, shared: &Shared) {
     let outcome = relay::relay(
         &entry.client,
         backend,
-        shared.settings.idle_timeout,
+        cx.settings.idle_timeout,
         &target_state.bytes_up,
         &target_state.bytes_down,
     );
