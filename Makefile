@@ -6,8 +6,9 @@ RELEASE      := target/release/flyproxy
 ECHO         := target/release/examples/echo
 # Build: clang compiles the eBPF program, libelf/zlib/pkg-config build the vendored libbpf.
 BUILD_DEPS   := clang libelf-dev zlib1g-dev pkg-config linux-libc-dev
-# Run and test: nc for the quick-start example, ip/bpftool for the bpf tests' namespaces.
-RUN_DEPS     := netcat-openbsd iproute2 bpftool
+# Run and test: nc for the quick-start example, ip/bpftool for the bpf tests' namespaces,
+# openssl and curl for the TLS server-name tests (tests/shared_ports.rs).
+RUN_DEPS     := netcat-openbsd iproute2 bpftool openssl curl
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
