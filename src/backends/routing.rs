@@ -94,6 +94,25 @@ impl Unrouted {
             Unrouted::ClientClosed => "client_closed",
         }
     }
+
+    /// What happened, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Unrouted::NoApp => "no app on the dialled address",
+            Unrouted::NoServerName => {
+                "the ClientHello has no server name, and no app here is without Hostnames"
+            }
+            Unrouted::UnknownServerName => {
+                "no app here has the server name in its Hostnames, and none is without Hostnames"
+            }
+            Unrouted::NotTls => "not a TLS ClientHello, and no app here is without Hostnames",
+            Unrouted::TooLarge => {
+                "the ClientHello is larger than the preread bound, and no app here is without Hostnames"
+            }
+            Unrouted::PrereadTimeout => "no whole ClientHello within the preread timeout",
+            Unrouted::ClientClosed => "the client closed before its ClientHello was whole",
+        }
+    }
 }
 
 /// Connections no app took, by port and reason, for metrics.

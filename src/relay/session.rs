@@ -10,7 +10,7 @@ use std::io::Write;
 
 use crate::backends::balance;
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{Binding, Unrouted, UnroutedCounts};
+use crate::backends::routing::{AppRoute, Binding, Unrouted, UnroutedCounts};
 use crate::cli::Settings;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::Conns;
@@ -37,6 +37,50 @@ pub struct Context {
     pub unrouted: Arc<UnroutedCounts>,
 }
 
+/// The app a connection goes to, and what was read from it to decide.
+struct Choice {
+    app: Result<Arc<AppRoute>, Unrouted>,
+    /// Bytes read for the server name, to be sent to the target first.
+    first_bytes: Vec<u8>,
+    /// The server name as the client sent it, if one was read.
+    sni: Option<String>,
+}
+
+/// Pick the app on `binding`: the only one, or, where Hostnames tell apps apart, by the server
+/// name of the ClientHello read from `client` within `timeout`.
+fn choose(binding: &Binding, client: &TcpStream, timeout: std::time::Duration) -> Choice {
+    if !binding.needs_server_name() {
+        return Choice {
+            app: binding.default_app().cloned().ok_or(Unrouted::NoServerName),
+            first_bytes: Vec::new(),
+            sni: None,
+        };
+    }
+    let (hello, first_bytes) = preread::read_hello(client, timeout);
+    let (app, sni) = match hello {
+        Hello::Name { sent, name } => {
+            let app = match &name {
+                Some(n) => binding.for_name(n),
+                // Not a DNS name: no configured hostname can match it.
+                None => binding.without_name(Unrouted::UnknownServerName),
+            };
+            (app, Some(sent))
+        }
+        Hello::NoName => (binding.without_name(Unrouted::NoServerName), None),
+        Hello::NotTls => (binding.without_name(Unrouted::NotTls), None),
+        Hello::TooLarge => (binding.without_name(Unrouted::TooLarge), None),
+        // Never routed to the default: a client that has not finished its hello has not
+        // asked for anything yet.
+        Hello::Timeout => (Err(Unrouted::PrereadTimeout), None),
+        Hello::Closed => (Err(Unrouted::ClientClosed), None),
+    };
+    Choice {
+        app: app.cloned(),
+        first_bytes,
+        sni,
+    }
+}
+
 /// Pick the app of `job` (reading its ClientHello first where apps share the binding by
 /// Hostnames), connect to a backend of it, relay until either side is done, and log how it
 /// ended.
@@ -58,50 +102,19 @@ pub fn serve(job: Job, cx: &Context) {
     let reg = cx.conns.register(port, client, accepted);
     let entry = &reg.entry;
 
-    // The app: read the server name first where Hostnames tell apps apart.
-    let (chosen, first_bytes, sni) = if binding.needs_server_name() {
-        let (hello, bytes) = preread::read_hello(&entry.client, cx.settings.preread_timeout);
-        let (chosen, sni) = match hello {
-            Hello::Name { sent, name } => {
-                let app = match &name {
-                    Some(n) => binding.for_name(n),
-                    None => binding.without_name(Unrouted::UnknownServerName),
-                };
-                (app, Some(sent))
-            }
-            Hello::NoName => (binding.without_name(Unrouted::NoServerName), None),
-            Hello::NotTls => (binding.without_name(Unrouted::NotTls), None),
-            Hello::TooLarge => (binding.without_name(Unrouted::TooLarge), None),
-            // Never routed to the default: a client that has not finished its hello has not
-            // asked for anything yet.
-            Hello::Timeout => (Err(Unrouted::PrereadTimeout), None),
-            Hello::Closed => (Err(Unrouted::ClientClosed), None),
-        };
-        (chosen, bytes, sni)
-    } else {
-        (
-            binding.default_app().ok_or(Unrouted::NoServerName),
-            Vec::new(),
-            None,
-        )
-    };
-    let app = match chosen {
-        Ok(app) => Arc::clone(app),
+    let Choice {
+        app,
+        first_bytes,
+        sni,
+    } = choose(&binding, &entry.client, cx.settings.preread_timeout);
+    let app = match app {
+        Ok(app) => app,
         Err(why) => {
             let end = if entry.was_drained() {
                 "drained"
             } else {
                 cx.unrouted.count(port, why);
                 "no_route"
-            };
-            let reason = match why {
-                Unrouted::NoApp => "no app on the dialled address",
-                Unrouted::NoServerName => "the ClientHello has no server name and no app here is without Hostnames",
-                Unrouted::UnknownServerName => "no app here has the server name in its Hostnames, and none is without Hostnames",
-                Unrouted::NotTls => "not a TLS ClientHello, and no app here is without Hostnames",
-                Unrouted::TooLarge => "the ClientHello is larger than the preread bound, and no app here is without Hostnames",
-                Unrouted::PrereadTimeout => "no whole ClientHello within the preread timeout",
-                Unrouted::ClientClosed => "the client closed before its ClientHello was whole",
             };
             let mut fields = vec![
                 ("app", Field::Str("-")),
@@ -113,7 +126,7 @@ pub fn serve(job: Job, cx: &Context) {
                 ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
                 ("end", Field::Str(end)),
                 ("reason", Field::Str(why.as_str())),
-                ("detail", Field::Str(reason)),
+                ("detail", Field::Str(why.describe())),
             ];
             if let Some(name) = &sni {
                 fields.push(("sni", Field::Str(name)));
