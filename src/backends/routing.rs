@@ -415,6 +415,48 @@ mod tests {
     use super::*;
     use std::path::Path;
 
+    /// Longest prefix first, then exact name, then wildcard, then the default.
+    #[test]
+    fn who_gets_a_connection() {
+        let c = Config::parse(
+            Path::new("x"),
+            br#"{"Apps":[
+              {"Name":"wild","Ports":[443],"Hostnames":["*.example.com"],"Targets":["h:1"]},
+              {"Name":"exact","Ports":[443],"Hostnames":["www.example.com"],"Targets":["h:1"]},
+              {"Name":"dflt","Ports":[443],"Targets":["h:1"]},
+              {"Name":"net","Ports":[443],"Addresses":["10.0.0.0/8"],"Targets":["h:1"]},
+              {"Name":"host","Ports":[443],"Addresses":["10.1.2.3","fd00::1"],"Hostnames":["www.example.com"],"Targets":["h:1"]}]}"#,
+        )
+        .unwrap();
+        let r = Routes::new(&c, None);
+        let at = |a: &str| r.lookup(a.parse().unwrap()).unwrap();
+        let name = |b: &Binding, n: &str| b.for_name(n).map(|a| a.name.clone());
+        let any = at("127.0.0.1:443");
+        assert!(any.needs_server_name());
+        assert_eq!(name(any, "www.example.com").as_deref(), Ok("exact"));
+        assert_eq!(name(any, "api.example.com").as_deref(), Ok("wild"));
+        assert_eq!(name(any, "a.b.example.com").as_deref(), Ok("dflt"));
+        assert_eq!(name(any, "example.com").as_deref(), Ok("dflt"));
+        assert_eq!(any.group, "dflt+exact+wild");
+        let net = at("10.9.9.9:443");
+        assert!(!net.needs_server_name());
+        assert_eq!(net.default_app().unwrap().name, "net");
+        let host = at("10.1.2.3:443");
+        assert_eq!(name(host, "www.example.com").as_deref(), Ok("host"));
+        assert_eq!(
+            name(host, "api.example.com"),
+            Err(Unrouted::UnknownServerName),
+            "no fallback to a shorter prefix"
+        );
+        assert_eq!(
+            host.without_name(Unrouted::NotTls).map(|a| a.name.clone()),
+            Err(Unrouted::NotTls)
+        );
+        assert_eq!(at("[fd00::1]:443").group, "host");
+        assert_eq!(at("[::ffff:10.1.2.3]:443").group, "host");
+        assert!(r.lookup("127.0.0.1:80".parse().unwrap()).is_none());
+    }
+
     #[test]
     fn state_survives_a_reload() {
         let c1 = Config::parse(
