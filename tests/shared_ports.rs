@@ -967,3 +967,108 @@ fn a_refused_reload_keeps_the_shared_port_serving() {
         assert_eq!(ask(sa("127.0.0.3", 7000)), "b");
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// The cost of waiting for ClientHellos
+
+/// CPU time (user + system) process `pid` has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(") ").expect("a stat line").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}
+
+/// Attackers on a port where apps have Hostnames: 300 clients that send nothing, 100 that
+/// trickle a hello a byte at a time and never finish, and one that announces a 20 KB hello.
+/// The silent and the trickling ones are closed at the preread timeout, the oversized one at
+/// once; waiting costs the proxy next to no CPU (it sleeps in poll, and parses a trickled hello
+/// only when a whole field may have arrived); a real client is served throughout.
+#[test]
+fn waiting_for_hellos_is_bounded_and_cheap() {
+    netns::run("waiting_for_hellos_is_bounded_and_cheap", |_| {
+        let shop = Backend::tagged("shop");
+        let config = json!({"Apps": [
+            {"Name": "shop", "Ports": [8443], "Hostnames": ["shop.example.com"], "Targets": [shop.target()]},
+        ]});
+        let p = start(
+            Mode::Simple,
+            &config,
+            &["--preread-timeout", "3s", "--metrics", "127.0.0.1:9100"],
+        );
+        let at = sa("127.0.0.1", 8443);
+        let cpu_before = cpu_secs(p.pid);
+        let began = Instant::now();
+        let silent: Vec<TcpStream> = (0..300).map(|_| connect(at)).collect();
+        let hello = client_hello(Some("shop.example.com"), 1000);
+        let trickle = thread::spawn(move || {
+            let mut conns: Vec<TcpStream> = (0..100).map(|_| connect(at)).collect();
+            for s in &conns {
+                s.set_nodelay(true).unwrap();
+            }
+            // One byte per connection every 50 ms, never the last one: until the proxy closes
+            // them (writes then fail) or 10 s pass.
+            let until = Instant::now() + Duration::from_secs(10);
+            let mut i = 0;
+            while Instant::now() < until && i < hello.len() - 1 {
+                conns.retain_mut(|s| s.write_all(&hello[i..i + 1]).is_ok());
+                i += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+            conns
+        });
+        // A 20 KB ClientHello announced: refused at once, not at the timeout.
+        let mut big = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x50, 0x00];
+        big.extend([0u8; 100]);
+        let mut s = connect(at);
+        s.write_all(&big).unwrap();
+        let t = Instant::now();
+        expect_closed(&mut s, WAIT);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "too_large took {:?}",
+            t.elapsed()
+        );
+
+        // A real client meanwhile.
+        let (tag, _) = hello_reaches(at, &client_hello(Some("shop.example.com"), 100));
+        assert_eq!(tag, "shop");
+
+        for mut s in silent {
+            expect_closed(&mut s, WAIT);
+        }
+        let closed_after = began.elapsed();
+        assert!(
+            closed_after >= Duration::from_millis(2900),
+            "silent clients closed after {closed_after:?}, before the timeout"
+        );
+        let _ = trickle.join().unwrap();
+        let m = wait_for("401 unrouted connections counted", WAIT, || {
+            let m = metrics(sa("127.0.0.1", 9100));
+            let n = sample(
+                &m,
+                r#"flyproxy_unrouted_connections_total{port="8443",reason="preread_timeout"}"#,
+            );
+            (n == Some(400.0)).then_some(m)
+        });
+        assert_eq!(
+            sample(
+                &m,
+                r#"flyproxy_unrouted_connections_total{port="8443",reason="too_large"}"#
+            ),
+            Some(1.0),
+            "{m}"
+        );
+        let cpu = cpu_secs(p.pid) - cpu_before;
+        eprintln!("401 waiting clients over {closed_after:?}: {cpu:.2} CPU seconds");
+        // A proxy that spun while waiting would use seconds of CPU over 3 s with 400 waiters.
+        assert!(cpu < 1.0, "the proxy used {cpu:.2} CPU seconds");
+        // Still serving.
+        let (tag, _) = hello_reaches(at, &client_hello(Some("shop.example.com"), 100));
+        assert_eq!(tag, "shop");
+    });
+}
