@@ -1072,3 +1072,36 @@ fn waiting_for_hellos_is_bounded_and_cheap() {
         assert_eq!(tag, "shop");
     });
 }
+
+/// An upgrade hands the per-address listeners of simple mode to the new process, which adopts
+/// them all and binds nothing.
+#[test]
+fn upgrade_hands_over_per_address_listeners() {
+    netns::run("upgrade_hands_over_per_address_listeners", |_| {
+        let (a, b) = (Backend::tagged("a"), Backend::tagged("b"));
+        let config = json!({"Apps": [
+            {"Name": "a", "Ports": [7000], "Addresses": ["127.0.0.2", "::1"], "Targets": [a.target()]},
+            {"Name": "b", "Ports": [7000], "Addresses": ["127.0.0.3"], "Targets": [b.target()]},
+        ]});
+        let p = start(Mode::Simple, &config, &[]);
+        let mark = p.mark();
+        p.signal(libc::SIGUSR2);
+        let line = p.wait_log_since(mark, "upgrade: pid N is serving", |l| {
+            l.contains(" is serving; this process stops accepting") || l.contains("upgrade failed")
+        });
+        let new_pid: u32 = line
+            .split("upgrade: pid ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        let _successor = netns::Stray(new_pid);
+        p.wait_log_since(mark, "3 listeners taken over", |l| {
+            l.contains("upgrade: serving with 3 listeners taken over from the previous process")
+        });
+        assert_eq!(ask(sa("127.0.0.2", 7000)), "a");
+        assert_eq!(ask(sa("::1", 7000)), "a");
+        assert_eq!(ask(sa("127.0.0.3", 7000)), "b");
+        expect_refused(sa("127.0.0.4", 7000));
+    });
+}
