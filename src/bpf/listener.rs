@@ -1,8 +1,9 @@
 //! bpf mode's port source: one listener per address family, and the sk_lookup program that
-//! steers every configured port to it. A reload only rewrites the port map, as a diff.
+//! steers every configured (address prefix, port) to it. A reload only rewrites the bindings
+//! map, as a diff.
 //!
-//! Map writes that fail do not refuse a reload (the config is valid, and the ports already
-//! steered keep working): the port stays wanted and is retried at every reload tick.
+//! Map writes that fail do not refuse a reload (the config is valid, and what is already
+//! steered keeps working): the binding stays wanted and is retried at every reload tick.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;

@@ -1,6 +1,7 @@
 //! The eBPF half of "any number of ports on one socket": loads the sk_lookup
 //! program in `steer.bpf.c`, puts the proxy's listening sockets into its sockmap,
-//! attaches it to the current network namespace, and edits the set of steered ports.
+//! attaches it to the current network namespace, and edits the steered (address prefix,
+//! port) bindings.
 //!
 //! Ownership: [`Steering`] holds the attachment ([`Link`]) and handles to the maps it
 //! edits later. The skeleton and libbpf's `Object` only live inside

@@ -34,9 +34,9 @@
 /* Indices of the `stats` counters. Must match the STAT_* constants in mod.rs. */
 enum stat {
 	STAT_STEERED = 0,          /* assigned to our listener */
-	STAT_DROPPED_NO_LISTENER = 1, /* our port, but no listener of that family */
-	STAT_PASSED = 2,           /* TCP, but not one of our ports */
-	STAT_DROPPED_ASSIGN = 3,   /* our port, bpf_sk_assign refused the socket */
+	STAT_DROPPED_NO_LISTENER = 1, /* ours, but no listener of that family */
+	STAT_PASSED = 2,           /* TCP, but no app's (address, port) */
+	STAT_DROPPED_ASSIGN = 3,   /* ours, bpf_sk_assign refused the socket */
 	STAT_MAX,
 };
 
@@ -120,7 +120,8 @@ struct binding {
 
 /*
  * BPF_F_NO_PREALLOC is mandatory for LPM tries; max_entries only bounds the
- * count (every port on a few prefixes each).
+ * count (every port on 16 prefixes); memory is taken per entry written. A
+ * config beyond it fails its map writes, which are logged and retried.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
