@@ -1105,3 +1105,24 @@ fn upgrade_hands_over_per_address_listeners() {
         expect_refused(sa("127.0.0.4", 7000));
     });
 }
+
+/// Simple mode listens only on local addresses: an app on an address this host does not have
+/// stops the start with a message that says so (bpf mode steers whatever arrives instead).
+#[test]
+fn simple_mode_names_an_address_it_cannot_listen_on() {
+    let dir = TempDir::new("nonlocal");
+    let config = json!({"Apps": [
+        {"Name": "a", "Ports": [7000], "Addresses": ["192.0.2.10"], "Targets": ["127.0.0.1:1"]},
+    ]});
+    let path = dir.write("c.json", &serde_json::to_string(&config).unwrap());
+    let o = run(&["simple", "-c", path.to_str().unwrap()]);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    assert!(
+        o.stderr.contains(
+            "cannot listen on port 7000 on 192.0.2.10: Cannot assign requested address (os error 99) \
+             (the address is not on this host: simple mode listens only on local addresses)"
+        ),
+        "{}",
+        o.stderr
+    );
+}

@@ -53,6 +53,9 @@ impl fmt::Display for PortError {
                     io::ErrorKind::PermissionDenied => {
                         " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
                     }
+                    io::ErrorKind::AddrNotAvailable => {
+                        " (the address is not on this host: simple mode listens only on local addresses)"
+                    }
                     _ => "",
                 };
                 match addr {
