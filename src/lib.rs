@@ -19,5 +19,6 @@ pub mod proxy_protocol;
 pub mod relay;
 pub mod routing;
 pub mod session;
+pub mod sha256;
 pub mod systemd;
 pub mod upgrade;
