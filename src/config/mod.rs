@@ -1,10 +1,12 @@
 //! The config file: its raw serde shape, the validated `Config` the proxy runs on, and the
-//! diff between two configs that a reload applies.
+//! diff between two configs that a reload applies, and the SHA-256 that names a loaded file.
 //!
 //! Parse, don't validate: `RawConfig` mirrors the JSON exactly (so the original challenge file
 //! loads byte for byte), and `Config::from_raw` turns it into a `Config` or into every problem
 //! found at once. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
 //! touch a live listener.
+
+pub mod sha256;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;

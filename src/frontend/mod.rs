@@ -12,19 +12,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod ports;
+pub mod simple;
+
 use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::backends::health::Checker;
+use crate::backends::routing::Routes;
 use crate::cli::Settings;
 use crate::config::{Config, ConfigError, Diff};
-use crate::conns::{Conns, Ports};
-use crate::health::Checker;
-use crate::metrics;
-use crate::pool::Pool;
-use crate::ports::{PortError, PortSource};
-use crate::routing::Routes;
-use crate::session::{self, Job, Shared};
-use crate::upgrade::{self, Exec, ReadyPipe, Upgrade};
+use crate::ops::metrics;
+use crate::ops::upgrade::{self, Exec, ReadyPipe, Upgrade};
+use crate::relay::conns::{Conns, Ports};
+use crate::relay::pool::Pool;
+use crate::relay::session::{self, Job, Shared};
+use ports::{PortError, PortSource};
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
 const SIGHUP_PIPE: Token = Token(0);
@@ -126,7 +129,6 @@ pub fn run(
         reloads_rejected: AtomicU64::new(0),
         last_reload_ok_ms: AtomicU64::new(unix_ms()),
         accept_paused: AtomicBool::new(false),
-        lookup_stats: source.lookup_stats(),
         handed_over: AtomicBool::new(false),
     });
     let mut metrics_socket = None;
@@ -134,7 +136,7 @@ pub fn run(
         let inherited = handed
             .metrics
             .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
-        let socket = metrics::start(addr, inherited, Arc::clone(&shared))
+        let socket = metrics::start(addr, inherited, Arc::clone(&shared), source.lookup_stats())
             .map_err(|e| StartError::Metrics(addr, e))?;
         metrics_socket = Some(socket);
     }
@@ -163,7 +165,8 @@ pub fn run(
     }
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
     // this from the old process instead (see upgrade_progress).
-    if let Err(e) = crate::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    if let Err(e) =
+        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
     {
         crate::warn!("cannot notify systemd of readiness: {e}");
     }
@@ -310,7 +313,7 @@ impl Loop {
                         if self.stop_deadline.is_some() {
                             let open = self.shared.conns.len();
                             crate::warn!("second stop signal: exiting now, {open} connections cut");
-                            crate::log::flush();
+                            crate::ops::log::flush();
                             std::process::exit(1);
                         }
                         // A new process not yet serving is abandoned: stopping means no
@@ -450,7 +453,7 @@ impl Loop {
         }
     }
 
-    fn dispatch(&mut self, conn: crate::ports::Accepted) {
+    fn dispatch(&mut self, conn: ports::Accepted) {
         let Some(app) = self.routes.app_for(conn.port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
@@ -629,7 +632,7 @@ impl Loop {
                 );
                 // Tell systemd the service now lives on in the new process. Only the main pid
                 // may say so (NotifyAccess=main), so it has to come from us.
-                let _ = crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+                let _ = crate::ops::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
                 self.handed_over = true;
                 // The new process serves /metrics on the same socket from now on.
                 self.shared.handed_over.store(true, Ordering::Release);
@@ -810,7 +813,7 @@ fn drain_pipe(pipe: &mut UnixStream) {
 /// and attaches its own program); simple mode keeps CAP_NET_BIND_SERVICE (a reload may add a
 /// port below 1024). A process without capabilities (not root) is left as it is.
 fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartError> {
-    use crate::caps::Cap;
+    use crate::ops::caps::Cap;
     let mut keep = if mode_name == "bpf" {
         vec![Cap::Bpf, Cap::NetAdmin]
     } else {
@@ -821,9 +824,9 @@ fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartEr
     if settings.metrics.is_some_and(|a| a.port() < 1024) && !keep.contains(&Cap::NetBindService) {
         keep.push(Cap::NetBindService);
     }
-    crate::caps::keep_only(&keep)
+    crate::ops::caps::keep_only(&keep)
         .map_err(|e| StartError::Mode(format!("cannot drop capabilities: {e}")))?;
-    if let Ok(c) = crate::caps::current() {
+    if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
     Ok(())
@@ -855,7 +858,7 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
     // Whatever the connections leave over is what the relay may spend on kernel pipes; past
     // that it copies through a buffer instead of failing a socket with EMFILE.
     let bound = max_connections.min(fits).max(1);
-    crate::relay::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
+    crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
     if max_connections > fits {
         crate::warn!(
             "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({} listeners, {FD_RESERVE} reserved): lowering the bound to {fits}",
