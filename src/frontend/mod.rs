@@ -21,12 +21,12 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
-use crate::config::{Config, ConfigError, Diff};
+use crate::config::{sha256, Config, ConfigError, Diff};
 use crate::ops::metrics;
 use crate::ops::upgrade::{self, Exec, ReadyPipe, Upgrade};
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::pool::Pool;
-use crate::relay::session::{self, Job, Shared};
+use crate::relay::session::{self, ConfigHashes, Job, Shared};
 use ports::{PortError, PortSource};
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
@@ -96,6 +96,7 @@ pub fn run(
         })
     })?;
     let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let config_sha256 = sha256::hex(&loaded);
     let mut source = make_source()?;
 
     let mut poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
@@ -128,6 +129,10 @@ pub fn run(
         reloads_ok: AtomicU64::new(0),
         reloads_rejected: AtomicU64::new(0),
         last_reload_ok_ms: AtomicU64::new(unix_ms()),
+        config_sha256: Mutex::new(ConfigHashes {
+            running: config_sha256.clone(),
+            rejected: None,
+        }),
         accept_paused: AtomicBool::new(false),
         handed_over: AtomicBool::new(false),
     });
@@ -153,7 +158,7 @@ pub fn run(
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
     crate::info!(
-        "started mode={mode_name} config={} {} max_connections={max_connections} pid={}",
+        "started mode={mode_name} config={} {} max_connections={max_connections} pid={} sha256={config_sha256}",
         settings.config.display(),
         config.summary(),
         std::process::id()
@@ -501,6 +506,8 @@ impl Loop {
             }
         };
         let parsed = Config::parse(&path, &bytes);
+        // The file's identity as the fleet sees it (`sha256sum` of the file or of the etcd value).
+        let sha = sha256::hex(&bytes);
         self.watch.seen(sig, bytes);
         let new = match parsed {
             Ok(c) => c,
@@ -508,16 +515,20 @@ impl Loop {
                 for line in e.to_string().lines() {
                     crate::error!("reload rejected: {line}");
                 }
-                crate::error!("reload rejected: keeping the running config");
-                self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-                self.watch.rejected();
+                self.reject(&sha);
                 return;
             }
         };
         let diff = Diff::between(&self.config, &new);
         if diff.is_empty() {
-            if forced {
-                crate::info!("reload: config unchanged");
+            // Same apps in different bytes (spacing, key order) is still the file in force:
+            // its hash is what the fleet compares.
+            let was = self.shared.config_hashes();
+            if was.running != sha || was.rejected.is_some() {
+                self.shared.set_config_hash(Ok(&sha));
+                crate::info!("reload: config unchanged, new file sha256={sha}");
+            } else if forced {
+                crate::info!("reload: config unchanged sha256={sha}");
             }
             return;
         }
@@ -527,15 +538,15 @@ impl Loop {
             &diff.ports_added,
             &diff.ports_removed,
         ) {
-            crate::error!("reload rejected: cannot listen on {e}; keeping the running config");
-            self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
-            self.watch.rejected();
+            crate::error!("reload rejected: cannot listen on {e}");
+            self.reject(&sha);
             return;
         }
         self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
         self.checker.set(self.routes.backends());
         *self.shared.routes.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&self.routes);
         self.shared.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.shared.set_config_hash(Ok(&sha));
         self.shared
             .last_reload_ok_ms
             .store(unix_ms(), Ordering::Relaxed);
@@ -554,9 +565,21 @@ impl Loop {
             }
         }
         crate::info!(
-            "reload ok: {diff} took={:.3}ms",
+            "reload ok: {diff} took={:.3}ms sha256={sha}",
             began.elapsed().as_secs_f64() * 1000.0
         );
+    }
+
+    /// A reload of the file hashing to `sha` failed (the reasons are logged): say which file
+    /// was refused and which one keeps serving.
+    fn reject(&mut self, sha: &str) {
+        let running = self.shared.config_hashes().running;
+        crate::error!(
+            "reload rejected: keeping the running config; rejected sha256={sha} running={running}"
+        );
+        self.shared.set_config_hash(Err(sha));
+        self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+        self.watch.rejected();
     }
 
     /// SIGUSR2: start the binary anew with our listeners; see `upgrade`.

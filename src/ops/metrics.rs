@@ -362,6 +362,25 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
         &[],
         shared.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
     );
+    let hashes = shared.config_hashes();
+    let name = "flyproxy_config_info";
+    let mut f = Family::head(
+        &mut out,
+        name,
+        "gauge",
+        "The config in force, named by the SHA-256 of its file's bytes (compare across a fleet).",
+    );
+    f.sample(name, &[("sha256", hashes.running.as_str())], 1);
+    if let Some(rejected) = &hashes.rejected {
+        let name = "flyproxy_config_rejected_info";
+        let mut f = Family::head(
+            &mut out,
+            name,
+            "gauge",
+            "The last config file rejected since the one in force was loaded, by SHA-256.",
+        );
+        f.sample(name, &[("sha256", rejected.as_str())], 1);
+    }
     let name = "flyproxy_connections_limit";
     let mut f = Family::head(
         &mut out,
@@ -440,6 +459,16 @@ pub fn status(shared: &Shared) -> String {
         },
         shared.reloads_ok.load(Ordering::Relaxed),
         shared.reloads_rejected.load(Ordering::Relaxed),
+    );
+    let hashes = shared.config_hashes();
+    let _ = writeln!(
+        out,
+        "config sha256 {}{}",
+        hashes.running,
+        hashes
+            .rejected
+            .map(|r| format!(" (last rejected: {r})"))
+            .unwrap_or_default()
     );
     for (app, ports) in routes.apps() {
         let shown: Vec<String> = ports.iter().take(12).map(u16::to_string).collect();

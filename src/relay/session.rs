@@ -44,13 +44,44 @@ pub struct Shared {
     pub reloads_rejected: AtomicU64,
     /// Unix time in milliseconds of the last successful (re)load.
     pub last_reload_ok_ms: AtomicU64,
+    /// SHA-256 (hex) of the config file's bytes in force, and of the last file rejected since
+    /// then: how an operator tells which config each instance of a fleet runs.
+    pub config_sha256: Mutex<ConfigHashes>,
     /// Accepting is held back by the connection bound.
     pub accept_paused: AtomicBool,
     /// A new process took over (upgrade): the metrics thread stops serving.
     pub handed_over: AtomicBool,
 }
 
+/// The hashes `Shared::config_sha256` holds.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigHashes {
+    pub running: String,
+    /// The last file rejected after the running one was loaded; cleared by the next success.
+    pub rejected: Option<String>,
+}
+
 impl Shared {
+    /// The config hashes now (a copy, so the lock is held only for that).
+    pub fn config_hashes(&self) -> ConfigHashes {
+        self.config_sha256
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Record the hash of a file applied (`Ok`) or rejected (`Err`).
+    pub fn set_config_hash(&self, outcome: Result<&str, &str>) {
+        let mut h = self.config_sha256.lock().unwrap_or_else(|e| e.into_inner());
+        match outcome {
+            Ok(running) => {
+                h.running = running.to_string();
+                h.rejected = None;
+            }
+            Err(rejected) => h.rejected = Some(rejected.to_string()),
+        }
+    }
+
     /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
     /// bound, or draining for shutdown). Waking only then keeps the common path free of
     /// cross-thread wake-ups.
