@@ -14,12 +14,13 @@
 //! new one, never a mix.
 //!
 //! The cycle: `get` the key (its value and the store revision), write it, then `watch` from
-//! the next revision, so nothing between the two is missed. A watch resumes by itself across
-//! an etcd outage (the client resumes from the last revision it saw); when it ends (compacted,
+//! the next revision, so nothing between the two is missed. When the watch ends (compacted,
 //! cancelled, no leader, `etcdctl` failed) the cycle starts again with a fresh `get`, after a
-//! backoff while etcd stays unreachable. A `get` every `--resync` also catches anything a watch
-//! could have missed and shows in the log when etcd cannot be reached. Events older than what
-//! the file already holds are skipped, so a resync racing a watch never writes an older value.
+//! backoff while etcd stays unreachable. A `get` every `--resync` catches anything a watch could
+//! have missed and notices an etcd that cannot be reached (a watch would just wait). Events older than what
+//! the file already holds are skipped, so a resync racing a watch never writes an older value. A
+//! failed resync ends the watch: reconnecting is then on this follower's backoff (at most
+//! `BACKOFF_MAX`), not on the client library's, which grows to minutes during a long outage.
 //! A deleted or absent key leaves the file as it is, and is logged. The last good file always
 //! stays in place: nothing here removes or empties it.
 
@@ -45,7 +46,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// The defaults, also named in `--help` and the packaged environment file.
 pub const DEFAULT_KEY: &str = "/flyproxy/config";
 pub const DEFAULT_CONFIG: &str = "/etc/flyproxy/config.json";
-pub const DEFAULT_RESYNC: Duration = Duration::from_secs(60);
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(30);
 /// Lines of `etcdctl`'s stderr kept to explain a failure.
 const STDERR_LINES: usize = 3;
 
@@ -57,7 +58,7 @@ usage: flyproxy-etcd-sync [--key KEY] [--config PATH] [--etcdctl PATH] [--resync
   --key KEY        the etcd key holding the config   (env FLYPROXY_ETCD_KEY, default /flyproxy/config)
   --config PATH    the file flyproxy reads            (env FLYPROXY_CONFIG, default /etc/flyproxy/config.json)
   --etcdctl PATH   the etcdctl binary                 (env FLYPROXY_ETCDCTL, default etcdctl)
-  --resync DUR     re-read the key this often besides watching (env FLYPROXY_ETCD_RESYNC, default 60s)
+  --resync DUR     re-read the key this often besides watching (env FLYPROXY_ETCD_RESYNC, default 30s)
 
 etcd's endpoints, TLS and authentication are etcdctl's own settings, read from its environment:
 ETCDCTL_ENDPOINTS, ETCDCTL_CACERT, ETCDCTL_CERT, ETCDCTL_KEY, ETCDCTL_USER, ETCDCTL_PASSWORD,
@@ -524,18 +525,12 @@ impl Follower {
                 },
                 Err(RecvTimeoutError::Timeout) => {
                     next_resync = Instant::now() + self.settings.resync;
-                    // The watch resumes by itself once etcd is back; a failed resync only says
-                    // so, and a successful one catches anything the watch could have missed.
-                    match self.get() {
-                        Ok(snap) => {
-                            if self.apply(snap)? {
-                                crate::warn!("resync found a change the watch had not delivered");
-                            }
-                        }
-                        Err(e) => crate::warn!(
-                            "resync: {e}; {} left as it is, the watch carries on",
-                            self.settings.config.display()
-                        ),
+                    // A successful resync catches anything the watch could have missed. A
+                    // failed one means etcd is unreachable: the watch would wait for it on its
+                    // client library's own reconnect backoff (gRPC's grows to two minutes), so
+                    // end it and reconnect on ours, with a fresh get when etcd answers.
+                    if self.apply(self.get()?)? {
+                        crate::warn!("resync found a change the watch had not delivered");
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),

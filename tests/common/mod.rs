@@ -655,6 +655,12 @@ impl Backend {
         Backend::start("[::1]:0", Kind::Tagged(name.to_owned()))
     }
 
+    /// A tagged server on a fixed address (`127.0.0.1:7001`), for a test in a network
+    /// namespace of its own where every namespace has the same target.
+    pub fn tagged_at(bind: &str, name: &str) -> Backend {
+        Backend::start(bind, Kind::Tagged(name.to_owned()))
+    }
+
     pub fn reply_at_eof() -> Backend {
         Backend::start("127.0.0.1:0", Kind::ReplyAtEof)
     }
