@@ -722,3 +722,54 @@ fn fleet_follows_a_cluster_with_a_member_down() {
     eprintln!("leader down: put accepted in {put:?}, then served by all three in {took:?}");
     roll_bad(&etcd, &fleet, 6302, &sha256sum(&v2));
 }
+
+/// Under systemd (`Type=notify`) the follower says READY=1 once its first attempt is over,
+/// whether etcd answered (the file written first) or not (the last good file left in place), so
+/// a proxy ordered after it starts on the freshest file and never waits for etcd.
+#[test]
+fn follower_notifies_ready_after_its_first_attempt() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run("follower_notifies_ready_after_its_first_attempt", &why);
+    }
+    let etcd = Etcd::start(1);
+    let value = fleet_config(&[6300]);
+    etcd.put(&value);
+    let dir = TempDir::new("sync-notify");
+    let config = dir.path.join("config.json");
+    let socket_path = dir.path.join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let receive = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    let spawn = |endpoints: &str| {
+        let mut cmd = Command::new(SYNC);
+        cmd.args(["--key", KEY, "--config"])
+            .arg(&config)
+            .env("ETCDCTL_ENDPOINTS", endpoints)
+            .env("ETCDCTL_DIAL_TIMEOUT", "1s")
+            .env("NOTIFY_SOCKET", &socket_path);
+        die_with_parent(&mut cmd);
+        Proxy::spawn_cmd(cmd, TempDir::new("sync"), config.clone())
+    };
+    let f = spawn(&etcd.endpoints_from(0));
+    assert_eq!(receive(), "READY=1\nSTATUS=following");
+    // By then the file was written.
+    assert_eq!(fs::read(&config).unwrap(), value);
+    drop(f);
+
+    // Nothing listens here: ready once the first attempt failed, the file untouched.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let f = spawn(&nobody);
+    assert_eq!(
+        receive(),
+        "READY=1\nSTATUS=etcd unreachable; the config file is left as it is"
+    );
+    assert_eq!(fs::read(&config).unwrap(), value);
+    f.wait_log("the failure logged", |l| {
+        l.contains(" WARN  etcdctl failed")
+    });
+}
