@@ -171,6 +171,13 @@ impl Etcd {
         m.child = Some(die_with_parent(&mut cmd).spawn().expect("start etcd"));
     }
 
+    /// Kill member `i` and remove its data: started again, it is a new cluster (single member),
+    /// its revisions counting from 1 again, as after a rebuild.
+    fn wipe_member(&mut self, i: usize) {
+        self.kill_member(i);
+        fs::remove_dir_all(self.dir.path.join(format!("m{i}.etcd"))).unwrap();
+    }
+
     fn kill_member(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
             let _ = c.kill();
@@ -591,8 +598,9 @@ fn start_fleet(etcd: &Etcd, first: &[u8]) -> Result<Vec<Instance>, String> {
 // Tests
 
 /// The follower alone, no proxy and no namespaces: arbitrary bytes reach the file exactly; a
-/// deleted key leaves it; an etcd that is down at start leaves the file and is retried; and a
-/// put after etcd returns is written. No temporary file is ever left behind.
+/// deleted key leaves it; an etcd that is down at start leaves the file and is retried; a put
+/// after etcd returns is written, also when etcd came back rebuilt (revisions from 1 again).
+/// No temporary file is ever left behind.
 #[test]
 fn follower_writes_exact_bytes_and_survives_etcd_outages() {
     if let Some(why) = etcd_missing() {
@@ -659,6 +667,20 @@ fn follower_writes_exact_bytes_and_survives_etcd_outages() {
     let mark = f.mark();
     etcd.put(b"back");
     wait_written(&f, mark, &sha256sum(b"back"));
+
+    // etcd rebuilt empty (revisions start again, far below what the follower saw): the value
+    // put into the new cluster is still written.
+    for i in 0..5 {
+        etcd.put(format!("history {i}").as_bytes());
+    }
+    let mark = f.mark();
+    etcd.wipe_member(0);
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    etcd.put(b"rebuilt");
+    wait_written(&f, mark, &sha256sum(b"rebuilt"));
+    assert_eq!(fs::read(&config).unwrap(), b"rebuilt");
+
     let names: Vec<_> = fs::read_dir(&dir.path)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -774,7 +796,11 @@ fn follower_notifies_ready_after_its_first_attempt() {
         Proxy::spawn_cmd(cmd, TempDir::new("sync"), config.clone())
     };
     let f = spawn(&etcd.endpoints_from(0));
-    assert_eq!(receive(), "READY=1\nSTATUS=following");
+    let first = receive();
+    assert!(
+        first.starts_with("READY=1\nSTATUS=following from revision "),
+        "{first:?}"
+    );
     // By then the file was written.
     assert_eq!(fs::read(&config).unwrap(), value);
     drop(f);

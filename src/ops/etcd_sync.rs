@@ -369,10 +369,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// The follower's state: what the file holds as of which revision.
 pub struct Follower {
     settings: Settings,
-    /// The revision the file is known to be current as of; changes below it are old.
+    /// The revision the file is known to be current as of; watch events below it are old.
     revision: i64,
     /// The key was absent at the last look (said once, not at every resync).
     absent: bool,
+    /// systemd has been told READY=1 (once, after the first attempt).
+    ready: bool,
 }
 
 impl Follower {
@@ -381,6 +383,7 @@ impl Follower {
             settings,
             revision: 0,
             absent: false,
+            ready: false,
         }
     }
 
@@ -423,21 +426,37 @@ impl Follower {
         parse_get(&out.stdout, &self.settings.key)
     }
 
-    /// Bring the file to `snap` unless it holds that already or `snap` is older than it.
-    /// `Ok(true)` when the file was written.
-    pub fn apply(&mut self, snap: Snapshot) -> Result<bool, SyncError> {
-        if snap.revision != 0 && snap.revision < self.revision {
+    /// Bring the file to what a `get` returned: the key as it is now, whatever came before. (A
+    /// lower revision than seen so far means another cluster, or one restored from a backup:
+    /// it is still the truth now.) `Ok(true)` when the file was written.
+    pub fn apply_get(&mut self, snap: Snapshot) -> Result<bool, SyncError> {
+        let written = self.write(snap.value, snap.revision)?;
+        self.revision = snap.revision;
+        Ok(written)
+    }
+
+    /// Bring the file to a watched change, unless a `get` already brought it past that (a
+    /// resync racing the watch). `Ok(true)` when the file was written.
+    pub fn apply_event(&mut self, snap: Snapshot) -> Result<bool, SyncError> {
+        if snap.revision < self.revision {
             return Ok(false);
         }
+        let written = self.write(snap.value, snap.revision)?;
+        self.revision = snap.revision;
+        Ok(written)
+    }
+
+    /// Write `value` (the key at `revision`) unless the file holds it already; an absent key
+    /// leaves the file as it is.
+    fn write(&mut self, value: Option<Vec<u8>>, revision: i64) -> Result<bool, SyncError> {
         let path = &self.settings.config;
-        let written = match snap.value {
+        Ok(match value {
             None if self.absent => false,
             None => {
                 self.absent = true;
                 crate::warn!(
-                    "etcd key {:?} is absent (revision {}): {} left as it is",
+                    "etcd key {:?} is absent (revision {revision}): {} left as it is",
                     self.settings.key,
-                    snap.revision,
                     path.display()
                 );
                 false
@@ -445,38 +464,30 @@ impl Follower {
             Some(value) => {
                 self.absent = false;
                 if fs::read(path).is_ok_and(|now| now == value) {
-                    crate::debug!(
-                        "{} already holds revision {}",
-                        path.display(),
-                        snap.revision
-                    );
+                    crate::debug!("{} already holds revision {revision}", path.display());
                     false
                 } else {
                     write_atomically(path, &value)
                         .map_err(|e| SyncError::Write(path.clone(), e))?;
                     crate::info!(
-                        "wrote {} from etcd key {:?} revision={} bytes={} sha256={}",
+                        "wrote {} from etcd key {:?} revision={revision} bytes={} sha256={}",
                         path.display(),
                         self.settings.key,
-                        snap.revision,
                         value.len(),
                         sha256::hex(&value)
                     );
                     true
                 }
             }
-        };
-        self.revision = self.revision.max(snap.revision);
-        Ok(written)
+        })
     }
 
     /// Get, then watch until the watch ends; `Err` is why the cycle stopped early.
-    fn cycle(&mut self, ready: &mut bool) -> Result<(), SyncError> {
+    fn cycle(&mut self) -> Result<(), SyncError> {
         let snap = self.get()?;
         let from = snap.revision + 1;
-        // The file was read as of `snap.revision` even when it is left alone (absent key).
-        self.apply(snap)?;
-        notify_ready(ready, "following");
+        self.apply_get(snap)?;
+        self.notify(&format!("following from revision {from}"));
         let mut child = self
             .etcdctl()
             .args([
@@ -515,7 +526,7 @@ impl Follower {
             match lines.recv_timeout(wait) {
                 Ok(line) => match parse_watch_line(&line, &self.settings.key)? {
                     WatchUpdate::Changed(snap) => {
-                        self.apply(snap)?;
+                        self.apply_event(snap)?;
                     }
                     WatchUpdate::Nothing => {}
                     WatchUpdate::Ended(why) => {
@@ -529,7 +540,7 @@ impl Follower {
                     // failed one means etcd is unreachable: the watch would wait for it on its
                     // client library's own reconnect backoff (gRPC's grows to two minutes), so
                     // end it and reconnect on ours, with a fresh get when etcd answers.
-                    if self.apply(self.get()?)? {
+                    if self.apply_get(self.get()?)? {
                         crate::warn!("resync found a change the watch had not delivered");
                     }
                 }
@@ -549,26 +560,30 @@ impl Follower {
             std::env::var("ETCDCTL_ENDPOINTS").unwrap_or_else(|_| "etcdctl's default".into())
         );
         let mut backoff = BACKOFF_MIN;
-        let mut ready = false;
         loop {
             let started = Instant::now();
-            match self.cycle(&mut ready) {
+            match self.cycle() {
                 Err(e @ SyncError::Spawn(_)) => return e,
-                Err(e) => crate::warn!(
-                    "{e}; {} left as it is; retrying in {:.1}s",
-                    self.settings.config.display(),
-                    backoff.as_secs_f64()
-                ),
+                Err(e) => {
+                    crate::warn!(
+                        "{e}; {} left as it is; retrying in {:.1}s",
+                        self.settings.config.display(),
+                        backoff.as_secs_f64()
+                    );
+                    // The first attempt over without etcd: ready all the same, so the proxy
+                    // ordered after this unit starts on the last good file.
+                    self.notify(&match e {
+                        SyncError::Etcdctl { .. } => {
+                            "etcd unreachable; the config file is left as it is".to_string()
+                        }
+                        other => format!("{other}; the config file is left as it is"),
+                    });
+                }
                 Ok(()) => crate::info!(
                     "etcd watch ended; retrying in {:.1}s",
                     backoff.as_secs_f64()
                 ),
             }
-            // Not ready yet: the proxy ordered after this unit may start on the file it has.
-            notify_ready(
-                &mut ready,
-                "etcd unreachable; the config file is left as it is",
-            );
             // A cycle that ran long (a watch that held) was a success: start the backoff over.
             if started.elapsed() > BACKOFF_MAX {
                 backoff = BACKOFF_MIN;
@@ -579,12 +594,14 @@ impl Follower {
     }
 }
 
-/// Tell systemd (a `Type=notify` unit) once that the first attempt is over, whatever its
-/// outcome, so a proxy ordered after this unit starts on the freshest file there is.
-fn notify_ready(ready: &mut bool, status: &str) {
-    if !*ready {
-        *ready = true;
-        if let Err(e) = systemd::notify(&format!("READY=1\nSTATUS={status}")) {
+impl Follower {
+    /// Tell systemd (a `Type=notify` unit) how it goes, for `systemctl status`; the first time
+    /// also READY=1: the first attempt is over, whatever its outcome, so a proxy ordered after
+    /// this unit starts on the freshest file there is and never waits for etcd.
+    fn notify(&mut self, status: &str) {
+        let ready = if self.ready { "" } else { "READY=1\n" };
+        self.ready = true;
+        if let Err(e) = systemd::notify(&format!("{ready}STATUS={status}")) {
             crate::warn!("cannot notify systemd: {e}");
         }
     }
@@ -821,38 +838,27 @@ mod tests {
             etcdctl: "etcdctl".into(),
             resync: DEFAULT_RESYNC,
         });
-        assert!(f
-            .apply(Snapshot {
-                revision: 5,
-                value: Some(b"five".to_vec())
-            })
-            .unwrap());
-        assert!(!f
-            .apply(Snapshot {
-                revision: 5,
-                value: Some(b"five".to_vec())
-            })
-            .unwrap());
-        assert!(!f
-            .apply(Snapshot {
-                revision: 4,
-                value: Some(b"four".to_vec())
-            })
-            .unwrap());
-        assert!(!f
-            .apply(Snapshot {
-                revision: 6,
-                value: None
-            })
-            .unwrap());
+        let snap = |revision: i64, value: Option<&[u8]>| Snapshot {
+            revision,
+            value: value.map(<[u8]>::to_vec),
+        };
+        assert!(f.apply_get(snap(5, Some(b"five"))).unwrap());
+        // The same bytes again: nothing written.
+        assert!(!f.apply_event(snap(5, Some(b"five"))).unwrap());
+        // A watch event older than what a get already gave (a resync racing the watch).
+        assert!(!f.apply_event(snap(4, Some(b"four"))).unwrap());
+        // Deleted: the file stays, said once.
+        assert!(!f.apply_event(snap(6, None)).unwrap());
+        assert!(!f.apply_get(snap(6, None)).unwrap());
         assert_eq!(fs::read(&path).unwrap(), b"five");
-        assert!(f
-            .apply(Snapshot {
-                revision: 7,
-                value: Some(Vec::new())
-            })
-            .unwrap());
+        assert!(f.apply_event(snap(7, Some(b""))).unwrap());
         assert_eq!(fs::read(&path).unwrap(), b"");
+        // A get is the truth even at a lower revision (etcd rebuilt or restored from a backup),
+        // and later events are compared with it.
+        assert!(f.apply_get(snap(2, Some(b"rebuilt"))).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"rebuilt");
+        assert!(f.apply_event(snap(3, Some(b"three"))).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"three");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
