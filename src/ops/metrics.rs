@@ -10,41 +10,144 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use crate::backends::backend::{Backend, ConnectError};
-use crate::backends::routing::AppRoute;
-
-/// An app's backends, each once: a target listed twice is one backend with two turns, and
-/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
-fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
-    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
-    for b in &app.backends {
-        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
-            seen.push(b);
-        }
-    }
-    seen
-}
+use crate::backends::routing::{AppRoute, Routes};
 use crate::frontend::ports::LookupReader;
-use crate::relay::session::Shared;
+use crate::relay::slots::Slots;
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request head read; anything longer is refused.
 const MAX_REQUEST: usize = 8 * 1024;
 
+/// What the listener loop publishes for the endpoint: the routing table in force, how reloads
+/// went, which config file is in force, and whether accepts are held back. Only the loop writes
+/// it.
+pub struct Published {
+    pub routes: Mutex<Arc<Routes>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    /// Unix time in milliseconds of the last successful (re)load.
+    pub last_reload_ok_ms: AtomicU64,
+    /// Which config file is in force, and which was last refused: how an operator tells which
+    /// config each instance of a fleet runs.
+    config_sha256: Mutex<ConfigHashes>,
+    /// Accepting is held back by the connection bound.
+    pub accept_paused: AtomicBool,
+}
+
+/// SHA-256 (hex, as `sha256sum` prints it) of config files' bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigHashes {
+    /// The file in force.
+    pub running: String,
+    /// The last file rejected since the running one was loaded; cleared by the next success.
+    pub rejected: Option<String>,
+}
+
+impl Published {
+    /// The state at start-up: `routes` just loaded from the file hashing to `sha256`, no reload
+    /// yet.
+    pub fn new(routes: Arc<Routes>, sha256: String) -> Published {
+        Published {
+            routes: Mutex::new(routes),
+            reloads_ok: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            last_reload_ok_ms: AtomicU64::new(unix_ms()),
+            config_sha256: Mutex::new(ConfigHashes {
+                running: sha256,
+                rejected: None,
+            }),
+            accept_paused: AtomicBool::new(false),
+        }
+    }
+
+    /// The config hashes now (a copy: the lock is held only for that).
+    pub fn config_hashes(&self) -> ConfigHashes {
+        self.config_sha256
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The file hashing to `sha256` is in force from now on (any rejection is history).
+    /// `false` if it was already.
+    pub fn config_file(&self, sha256: &str) -> bool {
+        let mut h = self.config_sha256.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = h.running != sha256 || h.rejected.is_some();
+        h.running = sha256.to_owned();
+        h.rejected = None;
+        changed
+    }
+
+    /// The routing table in force.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A reload was applied: `routes`, from the file hashing to `sha256`, is in force from
+    /// now on.
+    pub fn reloaded(&self, routes: Arc<Routes>, sha256: &str) {
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes;
+        self.config_file(sha256);
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.last_reload_ok_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// A reload was refused: the running config stays. `sha256` names the refused file when
+    /// it could be read.
+    pub fn rejected(&self, sha256: Option<&str>) {
+        if let Some(sha) = sha256 {
+            let mut h = self.config_sha256.lock().unwrap_or_else(|e| e.into_inner());
+            h.rejected = Some(sha.to_owned());
+        }
+        self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the endpoint reads.
+pub struct Sources {
+    pub published: Arc<Published>,
+    pub slots: Arc<Slots>,
+    /// The mode's lookup counters (bpf mode only).
+    pub lookups: Option<LookupReader>,
+}
+
+/// The running endpoint, as the listener loop holds it.
+pub struct Endpoint {
+    socket: (SocketAddr, RawFd),
+    handed_over: Arc<AtomicBool>,
+}
+
+impl Endpoint {
+    /// The listening socket's address and descriptor, for handing over on upgrade.
+    pub fn socket(&self) -> (SocketAddr, RawFd) {
+        self.socket
+    }
+
+    /// A new process took the socket over (upgrade): stop serving on it.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+}
+
 /// Serve `addr` from a thread: on `inherited` (the socket a process we upgrade handed over),
-/// or on a socket bound now, so that a bad address fails start-up. Returns the socket's
-/// address and descriptor, for handing over in turn.
+/// or on a socket bound now, so that a bad address fails start-up.
 pub fn start(
     addr: SocketAddr,
     inherited: Option<TcpListener>,
-    shared: Arc<Shared>,
-    lookup_stats: Option<LookupReader>,
-) -> io::Result<(SocketAddr, RawFd)> {
+    sources: Sources,
+) -> io::Result<Endpoint> {
     let listener = match inherited {
         Some(l) => l,
         None => TcpListener::bind(addr)?,
@@ -52,19 +155,23 @@ pub fn start(
     // Non-blocking: after an upgrade the other process may take a connection between our
     // poll and our accept.
     listener.set_nonblocking(true)?;
-    let handle = (listener.local_addr()?, listener.as_raw_fd());
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let endpoint = Endpoint {
+        socket: (listener.local_addr()?, listener.as_raw_fd()),
+        handed_over: Arc::clone(&handed_over),
+    };
     std::thread::Builder::new()
         .name("metrics".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(listener, &shared, lookup_stats.as_ref()))?;
-    Ok(handle)
+        .spawn(move || serve(listener, &handed_over, &sources))?;
+    Ok(endpoint)
 }
 
 /// Answer requests until a new process takes the socket over (upgrade). Waits in `poll` with
 /// a short timeout rather than in `accept`, so that the hand-over is noticed; the socket is
 /// shared with the new process, so it must not be shut down, only closed here.
-fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupReader>) {
-    while !shared.handed_over.load(Ordering::Acquire) {
+fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
+    while !handed_over.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
             events: libc::POLLIN,
@@ -78,7 +185,7 @@ fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupRea
             Ok((s, _)) => {
                 // The socket is shared, and non-blocking in the other process: be explicit.
                 let _ = s.set_nonblocking(false);
-                if let Err(e) = answer(s, shared, lookup_stats) {
+                if let Err(e) = answer(s, sources) {
                     crate::debug!("metrics: request failed: {e}");
                 }
             }
@@ -89,11 +196,7 @@ fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupRea
     }
 }
 
-fn answer(
-    mut s: TcpStream,
-    shared: &Shared,
-    lookup_stats: Option<&LookupReader>,
-) -> io::Result<()> {
+fn answer(mut s: TcpStream, sources: &Sources) -> io::Result<()> {
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     // The timeout holds for the whole request, not each read: a client trickling a byte at
     // a time must not keep the endpoint to itself.
@@ -131,9 +234,9 @@ fn answer(
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    render(shared, lookup_stats),
+                    render(sources),
                 ),
-                "/status" => ("200 OK", "text/plain; charset=utf-8", status(shared)),
+                "/status" => ("200 OK", "text/plain; charset=utf-8", status(sources)),
                 _ => (
                     "404 Not Found",
                     "text/plain",
@@ -154,6 +257,17 @@ fn answer(
     s.write_all(body.as_bytes())
 }
 
+/// An app's backends, each once: a target listed twice is one backend with two turns, and
+/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
+fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
+    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
+    for b in &app.backends {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
+            seen.push(b);
+        }
+    }
+    seen
+}
 /// A label value escaped as the exposition format asks: backslash, double quote, newline.
 fn esc(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -197,26 +311,44 @@ impl Family<'_> {
 }
 
 /// The whole exposition, from the current routing table and counters.
-pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
-    let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
+pub fn render(sources: &Sources) -> String {
+    let Sources {
+        published,
+        slots,
+        lookups,
+    } = sources;
+    let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
+    build_info(&mut out);
+    app_families(&mut out, apps);
+    target_families(&mut out, apps);
+    reload_families(&mut out, published);
+    bound_families(&mut out, slots, published);
+    log_families(&mut out);
+    if let Some(read) = lookups {
+        lookup_families(&mut out, read);
+    }
+    out
+}
 
-    let mut f = Family::head(
-        &mut out,
-        "flyproxy_build_info",
-        "gauge",
-        "The running version.",
-    );
+/// Apps in force, each with its ports.
+type Apps = [(Arc<AppRoute>, Vec<u16>)];
+
+fn build_info(out: &mut String) {
+    let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");
     f.sample(
         "flyproxy_build_info",
         &[("version", crate::cli::VERSION)],
         1,
     );
+}
 
+/// Client connections by app: accepted, open, refused.
+fn app_families(out: &mut String, apps: &Apps) {
     macro_rules! per_app {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(&mut out, $name, $kind, $help);
+            let mut f = Family::head(out, $name, $kind, $help);
             for (app, _) in apps {
                 f.sample($name, &[("app", app.name.as_str())], $get(&app.stats));
             }
@@ -236,7 +368,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     );
     let name = "flyproxy_app_connections_refused_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Client connections closed without a target: reason=\"connect_failed\" (no target answered) or \"limit\" (the app's MaxConnections).",
@@ -254,10 +386,13 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
             s.limited.load(Ordering::Relaxed),
         );
     }
+}
 
+/// Connections to targets by app and target: made, open, health, bytes, failures.
+fn target_families(out: &mut String, apps: &Apps) {
     macro_rules! per_target {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(&mut out, $name, $kind, $help);
+            let mut f = Family::head(out, $name, $kind, $help);
             for (app, _) in apps {
                 for b in unique_backends(app) {
                     let t = b.target.to_string();
@@ -290,7 +425,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     );
     let name = "flyproxy_bytes_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Bytes relayed, by app, target and direction.",
@@ -316,7 +451,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     }
     let name = "flyproxy_connect_failures_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Failed connects to a target, by app, target and reason.",
@@ -337,22 +472,25 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
             }
         }
     }
+}
 
+/// How config reloads went.
+fn reload_families(out: &mut String, published: &Published) {
     let name = "flyproxy_reloads_total";
-    let mut f = Family::head(&mut out, name, "counter", "Config reloads, by result.");
+    let mut f = Family::head(out, name, "counter", "Config reloads, by result.");
     f.sample(
         name,
         &[("result", "ok")],
-        shared.reloads_ok.load(Ordering::Relaxed),
+        published.reloads_ok.load(Ordering::Relaxed),
     );
     f.sample(
         name,
         &[("result", "rejected")],
-        shared.reloads_rejected.load(Ordering::Relaxed),
+        published.reloads_rejected.load(Ordering::Relaxed),
     );
     let name = "flyproxy_config_last_reload_success_timestamp_seconds";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "Unix time of the last config load or reload that was applied.",
@@ -360,12 +498,12 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[],
-        shared.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        published.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
     );
-    let hashes = shared.config_hashes();
+    let hashes = published.config_hashes();
     let name = "flyproxy_config_info";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "The config in force, named by the SHA-256 of its file's bytes (compare across a fleet).",
@@ -374,32 +512,36 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     if let Some(rejected) = &hashes.rejected {
         let name = "flyproxy_config_rejected_info";
         let mut f = Family::head(
-            &mut out,
+            out,
             name,
             "gauge",
             "The last config file rejected since the one in force was loaded, by SHA-256.",
         );
         f.sample(name, &[("sha256", rejected.as_str())], 1);
     }
+}
+
+/// The connection bound and how full it is.
+fn bound_families(out: &mut String, slots: &Slots, published: &Published) {
     let name = "flyproxy_connections_limit";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "The connection bound in force (--max-connections, lowered to fit the open-file limit).",
     );
-    f.sample(name, &[], shared.max_connections);
+    f.sample(name, &[], slots.max());
     let name = "flyproxy_connections_open";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "Client connections holding a slot of the bound now.",
     );
-    f.sample(name, &[], shared.active.load(Ordering::Relaxed));
+    f.sample(name, &[], slots.taken());
     let name = "flyproxy_accept_paused";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "1 while the connection bound holds accepts back, else 0.",
@@ -407,60 +549,66 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[],
-        u8::from(shared.accept_paused.load(Ordering::Relaxed)),
+        u8::from(published.accept_paused.load(Ordering::Relaxed)),
     );
+}
+
+fn log_families(out: &mut String) {
     let name = "flyproxy_log_lines_dropped_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::ops::log::dropped());
+}
 
-    if let Some(read) = lookup_stats {
-        let name = "flyproxy_bpf_lookups_total";
-        let mut f = Family::head(
-            &mut out,
+/// sk_lookup verdicts (bpf mode).
+fn lookup_families(out: &mut String, read: &LookupReader) {
+    let name = "flyproxy_bpf_lookups_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+    );
+    for g in read() {
+        f.sample(
             name,
-            "counter",
-            "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+            &[("group", g.group.as_str()), ("verdict", "steered")],
+            g.steered,
         );
-        for g in read() {
-            f.sample(
-                name,
-                &[("group", g.group.as_str()), ("verdict", "steered")],
-                g.steered,
-            );
-            f.sample(
-                name,
-                &[("group", g.group.as_str()), ("verdict", "dropped")],
-                g.dropped,
-            );
-        }
+        f.sample(
+            name,
+            &[("group", g.group.as_str()), ("verdict", "dropped")],
+            g.dropped,
+        );
     }
-    out
 }
 
 /// A page for people: each app, its ports, its targets with health and open connections.
-pub fn status(shared: &Shared) -> String {
-    let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
+pub fn status(sources: &Sources) -> String {
+    let Sources {
+        published, slots, ..
+    } = sources;
+    let routes = published.routes();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "flyproxy {}: {} of {} connection slots in use{}, reloads ok={} rejected={}",
         crate::cli::VERSION,
-        shared.active.load(Ordering::Relaxed),
-        shared.max_connections,
-        if shared.accept_paused.load(Ordering::Relaxed) {
+        slots.taken(),
+        slots.max(),
+        if published.accept_paused.load(Ordering::Relaxed) {
             " (accepts paused)"
         } else {
             ""
         },
-        shared.reloads_ok.load(Ordering::Relaxed),
-        shared.reloads_rejected.load(Ordering::Relaxed),
+        published.reloads_ok.load(Ordering::Relaxed),
+        published.reloads_rejected.load(Ordering::Relaxed),
     );
-    let hashes = shared.config_hashes();
+    let hashes = published.config_hashes();
     let _ = writeln!(
         out,
         "config sha256 {}{}",

@@ -2,15 +2,15 @@
 //! relay until done, and log how it ended. The same code serves both modes.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::io::Write;
 
 use crate::backends::balance;
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{AppRoute, Routes};
+use crate::backends::routing::AppRoute;
 use crate::cli::Settings;
 use crate::net;
 use crate::ops::log::{self, Field, Level};
@@ -26,76 +26,16 @@ pub struct Job {
     pub accepted: Instant,
 }
 
-/// What the listener loop and the relay threads share.
-pub struct Shared {
+/// What every session reads besides its own job: the options in force, and the table of open
+/// connections through which drains (a removed port, a stop, an upgrade) reach it.
+pub struct Context {
     pub settings: Settings,
-    /// The connection bound actually in force (the option, lowered to fit the fd limit).
-    pub max_connections: usize,
-    pub conns: Conns,
-    /// Connection slots taken: a slot is taken at accept and given back by the pool once the
-    /// relay thread is idle again, so accepted connections never outnumber threads.
-    pub active: AtomicUsize,
-    /// Set once shutdown has begun, so that the last slot given back wakes the loop.
-    pub stopping: AtomicBool,
-    pub waker: mio::Waker,
-    /// The routing table in force, published by the listener loop for metrics and status.
-    pub routes: Mutex<Arc<Routes>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_rejected: AtomicU64,
-    /// Unix time in milliseconds of the last successful (re)load.
-    pub last_reload_ok_ms: AtomicU64,
-    /// SHA-256 (hex) of the config file's bytes in force, and of the last file rejected since
-    /// then: how an operator tells which config each instance of a fleet runs.
-    pub config_sha256: Mutex<ConfigHashes>,
-    /// Accepting is held back by the connection bound.
-    pub accept_paused: AtomicBool,
-    /// A new process took over (upgrade): the metrics thread stops serving.
-    pub handed_over: AtomicBool,
+    pub conns: Arc<Conns>,
 }
 
-/// The hashes `Shared::config_sha256` holds.
-#[derive(Debug, Clone, Default)]
-pub struct ConfigHashes {
-    pub running: String,
-    /// The last file rejected after the running one was loaded; cleared by the next success.
-    pub rejected: Option<String>,
-}
-
-impl Shared {
-    /// The config hashes now (a copy, so the lock is held only for that).
-    pub fn config_hashes(&self) -> ConfigHashes {
-        self.config_sha256
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Record the hash of a file applied (`Ok`) or rejected (`Err`).
-    pub fn set_config_hash(&self, outcome: Result<&str, &str>) {
-        let mut h = self.config_sha256.lock().unwrap_or_else(|e| e.into_inner());
-        match outcome {
-            Ok(running) => {
-                h.running = running.to_string();
-                h.rejected = None;
-            }
-            Err(rejected) => h.rejected = Some(rejected.to_string()),
-        }
-    }
-
-    /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
-    /// bound, or draining for shutdown). Waking only then keeps the common path free of
-    /// cross-thread wake-ups.
-    pub fn release_slot(&self) {
-        let before = self.active.fetch_sub(1, Ordering::AcqRel);
-        if before == self.max_connections || self.stopping.load(Ordering::Acquire) {
-            if let Err(e) = self.waker.wake() {
-                crate::error!("cannot wake the listener loop: {e}");
-            }
-        }
-    }
-}
-
-pub fn serve(job: Job, shared: &Shared) {
+/// Connect `job` to a backend of its app, relay until either side is done, and log how it
+/// ended.
+pub fn serve(job: Job, cx: &Context) {
     let Job {
         client,
         peer,
@@ -134,14 +74,13 @@ pub fn serve(job: Job, shared: &Shared) {
 
     // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
     // connection even while it waits for a slot of its app.
-    let reg = shared.conns.register(port, client, accepted);
+    let reg = cx.conns.register(port, client, accepted);
     let entry = &reg.entry;
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
         None => None,
-        Some(limit) => match limit.acquire(shared.settings.connect_timeout, || entry.was_drained())
-        {
+        Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
             Some(slot) => Some(slot),
             None if entry.was_drained() => return end("-", 0, 0, "drained", None),
             None => {
@@ -151,7 +90,7 @@ pub fn serve(job: Job, shared: &Shared) {
             }
         },
     };
-    let (backend, guard) = match balance::connect(&app, shared.settings.connect_timeout) {
+    let (backend, guard) = match balance::connect(&app, cx.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -188,7 +127,7 @@ pub fn serve(job: Job, shared: &Shared) {
     let outcome = relay::relay(
         &entry.client,
         backend,
-        shared.settings.idle_timeout,
+        cx.settings.idle_timeout,
         &target_state.bytes_up,
         &target_state.bytes_down,
     );
