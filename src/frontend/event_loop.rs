@@ -320,7 +320,7 @@ impl Loop {
                 for line in e.to_string().lines() {
                     crate::error!("reload rejected: {line}");
                 }
-                self.reject(&sha);
+                self.reject("", &sha);
                 return;
             }
         };
@@ -341,8 +341,7 @@ impl Loop {
             &diff.ports_added,
             &diff.ports_removed,
         ) {
-            crate::error!("reload rejected: {e}");
-            self.reject(&sha);
+            self.reject(&format!("{e}; "), &sha);
             return;
         }
         self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
@@ -368,12 +367,12 @@ impl Loop {
         );
     }
 
-    /// A reload of the file hashing to `sha` failed (the reasons are logged): say which file
-    /// was refused and which one keeps serving.
-    fn reject(&mut self, sha: &str) {
+    /// A reload of the file hashing to `sha` failed (for `why`, or for reasons already
+    /// logged): say which file was refused and which one keeps serving.
+    fn reject(&mut self, why: &str, sha: &str) {
         let running = self.published.config_hashes().running;
         crate::error!(
-            "reload rejected: keeping the running config; rejected sha256={sha} running={running}"
+            "reload rejected: {why}keeping the running config; rejected sha256={sha} running={running}"
         );
         self.published.rejected(Some(sha));
         self.watch.rejected();
