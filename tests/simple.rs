@@ -344,8 +344,10 @@ fn log_lines_have_a_timestamp_and_a_level() {
     drop(s);
     p.wait_conn(local);
     let started = p.wait_log("started", |l| l.contains(" started "));
+    // Last, the SHA-256 of the file's bytes (tests/fleet.rs checks it against sha256sum).
+    let sha256 = flyproxy::config::sha256::hex(&std::fs::read(&p.config).unwrap());
     let want = format!(
-        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 pid={}",
+        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 pid={} sha256={sha256}",
         p.config.display(),
         p.pid
     );
