@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
-use crate::config::raw::{RawConfig, RawHealthCheck};
+use crate::config::raw::{RawApp, RawConfig, RawHealthCheck};
 use crate::config::{
     App, Balance, Config, HealthCheck, Problem, ProxyProtocol, Target, DEFAULT_CONNECT_ATTEMPTS,
 };
@@ -23,153 +23,169 @@ impl Config {
             problems.push(Problem::MissingApps);
             return Err(problems);
         };
-
-        let mut names = BTreeSet::new();
-        // Which app (by position, as names may repeat) took each port first.
-        let mut port_owner: HashMap<u16, (usize, String)> = HashMap::new();
-        let mut apps = Vec::with_capacity(raw_apps.len());
-        for (i, raw_app) in raw_apps.into_iter().enumerate() {
-            // An app without a usable name is still checked, under a name that says where it is.
-            let name = match raw_app.name {
-                Some(n) if !n.trim().is_empty() => n,
-                _ => {
-                    let placeholder = format!("#{}", i + 1);
-                    problems.push(Problem::Missing {
-                        app: placeholder.clone(),
-                        field: "Name",
-                    });
-                    placeholder
-                }
-            };
-            if !names.insert(name.clone()) {
-                problems.push(Problem::DuplicateApp { name: name.clone() });
-            }
-            for key in raw_app.unknown.keys() {
-                problems.push(Problem::UnknownKey {
-                    app: Some(name.clone()),
-                    key: key.clone(),
-                });
-            }
-
-            let mut ports = Vec::new();
-            match raw_app.ports {
-                Some(list) if !list.is_empty() => {
-                    for p in list {
-                        let Ok(port) = u16::try_from(p) else {
-                            problems.push(Problem::PortOutOfRange {
-                                app: name.clone(),
-                                port: p,
-                            });
-                            continue;
-                        };
-                        if port == 0 {
-                            problems.push(Problem::PortOutOfRange {
-                                app: name.clone(),
-                                port: p,
-                            });
-                            continue;
-                        }
-                        match port_owner.get(&port) {
-                            Some((owner, first)) => problems.push(Problem::DuplicatePort {
-                                port,
-                                app: name.clone(),
-                                first: (*owner != i).then(|| first.clone()),
-                            }),
-                            None => {
-                                port_owner.insert(port, (i, name.clone()));
-                                ports.push(port);
-                            }
-                        }
-                    }
-                }
-                _ => problems.push(Problem::Missing {
-                    app: name.clone(),
-                    field: "Ports",
-                }),
-            }
-
-            let mut targets = Vec::new();
-            match raw_app.targets {
-                Some(list) if !list.is_empty() => {
-                    for t in list {
-                        match parse_target(&t) {
-                            Ok(target) => targets.push(target),
-                            Err(why) => problems.push(Problem::BadTarget {
-                                app: name.clone(),
-                                target: t,
-                                why,
-                            }),
-                        }
-                    }
-                }
-                _ => problems.push(Problem::Missing {
-                    app: name.clone(),
-                    field: "Targets",
-                }),
-            }
-            let mut opts = Options {
-                app: &name,
-                problems: &mut problems,
-            };
-            let health = opts.health(raw_app.health_check);
-            let balance = match raw_app.balance.as_deref() {
-                None | Some("p2c") => Balance::P2c,
-                Some("random") => Balance::Random,
-                Some("round-robin") => Balance::RoundRobin,
-                Some(other) => {
-                    opts.bad(
-                        "Balance",
-                        format!("\"{other}\""),
-                        "\"random\", \"p2c\" or \"round-robin\"",
-                    );
-                    Balance::P2c
-                }
-            };
-            let connect_attempts = opts
-                .int(
-                    "ConnectAttempts",
-                    raw_app.connect_attempts,
-                    1,
-                    10,
-                    "a number from 1 to 10",
-                )
-                .map_or(DEFAULT_CONNECT_ATTEMPTS, |n| n as usize);
-            let max_connections = opts
-                .int(
-                    "MaxConnections",
-                    raw_app.max_connections,
-                    1,
-                    1_000_000,
-                    "a number from 1 to 1000000",
-                )
-                .map(|n| n as usize);
-            let proxy_protocol = match raw_app.proxy_protocol.as_deref() {
-                None => None,
-                Some("v1") => Some(ProxyProtocol::V1),
-                Some("v2") => Some(ProxyProtocol::V2),
-                Some(other) => {
-                    opts.bad("ProxyProtocol", format!("\"{other}\""), "\"v1\" or \"v2\"");
-                    None
-                }
-            };
-            apps.push(App {
-                name,
-                ports,
-                targets,
-                health,
-                balance,
-                connect_attempts,
-                max_connections,
-                proxy_protocol,
-            });
-        }
-
+        let mut earlier = Earlier::default();
+        let apps = raw_apps
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw_app)| earlier.app(i, raw_app, &mut problems))
+            .collect();
         if problems.is_empty() {
             Ok(Config { apps })
         } else {
             Err(problems)
         }
     }
+}
+
+/// What checking an app needs to know of the apps before it in the file.
+#[derive(Default)]
+struct Earlier {
+    names: BTreeSet<String>,
+    /// Which app (by position, as names may repeat) took each port first.
+    port_owner: HashMap<u16, (usize, String)>,
+}
+
+impl Earlier {
+    /// Check the app at position `i`, recording what is wrong; the app as far as it is valid.
+    fn app(&mut self, i: usize, raw_app: RawApp, problems: &mut Vec<Problem>) -> App {
+        let name = self.name(i, raw_app.name, problems);
+        for key in raw_app.unknown.keys() {
+            problems.push(Problem::UnknownKey {
+                app: Some(name.clone()),
+                key: key.clone(),
+            });
+        }
+        let ports = self.ports(i, &name, raw_app.ports, problems);
+        let targets = targets(&name, raw_app.targets, problems);
+        let mut opts = Options {
+            app: &name,
+            problems,
+        };
+        let health = opts.health(raw_app.health_check);
+        let balance = opts.balance(raw_app.balance.as_deref());
+        let connect_attempts = opts
+            .int(
+                "ConnectAttempts",
+                raw_app.connect_attempts,
+                1,
+                10,
+                "a number from 1 to 10",
+            )
+            .map_or(DEFAULT_CONNECT_ATTEMPTS, |n| n as usize);
+        let max_connections = opts
+            .int(
+                "MaxConnections",
+                raw_app.max_connections,
+                1,
+                1_000_000,
+                "a number from 1 to 1000000",
+            )
+            .map(|n| n as usize);
+        let proxy_protocol = opts.proxy_protocol(raw_app.proxy_protocol.as_deref());
+        App {
+            name,
+            ports,
+            targets,
+            health,
+            balance,
+            connect_attempts,
+            max_connections,
+            proxy_protocol,
+        }
+    }
+
+    /// The app's name. An app without a usable one is still checked, under a name that says
+    /// where it is.
+    fn name(&mut self, i: usize, raw: Option<String>, problems: &mut Vec<Problem>) -> String {
+        let name = match raw {
+            Some(n) if !n.trim().is_empty() => n,
+            _ => {
+                let placeholder = format!("#{}", i + 1);
+                problems.push(Problem::Missing {
+                    app: placeholder.clone(),
+                    field: "Name",
+                });
+                placeholder
+            }
+        };
+        if !self.names.insert(name.clone()) {
+            problems.push(Problem::DuplicateApp { name: name.clone() });
+        }
+        name
+    }
+
+    /// The ports of app `name` (at position `i`) that are valid and not taken by an app before.
+    fn ports(
+        &mut self,
+        i: usize,
+        name: &str,
+        raw: Option<Vec<i64>>,
+        problems: &mut Vec<Problem>,
+    ) -> Vec<u16> {
+        let mut ports = Vec::new();
+        let list = match raw {
+            Some(list) if !list.is_empty() => list,
+            _ => {
+                problems.push(Problem::Missing {
+                    app: name.to_owned(),
+                    field: "Ports",
+                });
+                return ports;
+            }
+        };
+        for p in list {
+            let Ok(port) = u16::try_from(p) else {
+                problems.push(Problem::PortOutOfRange {
+                    app: name.to_owned(),
+                    port: p,
+                });
+                continue;
+            };
+            if port == 0 {
+                problems.push(Problem::PortOutOfRange {
+                    app: name.to_owned(),
+                    port: p,
+                });
+                continue;
+            }
+            match self.port_owner.get(&port) {
+                Some((owner, first)) => problems.push(Problem::DuplicatePort {
+                    port,
+                    app: name.to_owned(),
+                    first: (*owner != i).then(|| first.clone()),
+                }),
+                None => {
+                    self.port_owner.insert(port, (i, name.to_owned()));
+                    ports.push(port);
+                }
+            }
+        }
+        ports
+    }
+}
+
+/// The targets of app `name` that are well-formed.
+fn targets(name: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Target> {
+    let mut targets = Vec::new();
+    match raw {
+        Some(list) if !list.is_empty() => {
+            for t in list {
+                match parse_target(&t) {
+                    Ok(target) => targets.push(target),
+                    Err(why) => problems.push(Problem::BadTarget {
+                        app: name.to_owned(),
+                        target: t,
+                        why,
+                    }),
+                }
+            }
+        }
+        _ => problems.push(Problem::Missing {
+            app: name.to_owned(),
+            field: "Targets",
+        }),
+    }
+    targets
 }
 
 /// Checks an app's optional settings, recording what is wrong.
@@ -203,6 +219,34 @@ impl Options<'_> {
         } else {
             self.bad(field, v.to_string(), expected);
             None
+        }
+    }
+
+    fn balance(&mut self, raw: Option<&str>) -> Balance {
+        match raw {
+            None | Some("p2c") => Balance::P2c,
+            Some("random") => Balance::Random,
+            Some("round-robin") => Balance::RoundRobin,
+            Some(other) => {
+                self.bad(
+                    "Balance",
+                    format!("\"{other}\""),
+                    "\"random\", \"p2c\" or \"round-robin\"",
+                );
+                Balance::P2c
+            }
+        }
+    }
+
+    fn proxy_protocol(&mut self, raw: Option<&str>) -> Option<ProxyProtocol> {
+        match raw {
+            None => None,
+            Some("v1") => Some(ProxyProtocol::V1),
+            Some("v2") => Some(ProxyProtocol::V2),
+            Some(other) => {
+                self.bad("ProxyProtocol", format!("\"{other}\""), "\"v1\" or \"v2\"");
+                None
+            }
         }
     }
 
