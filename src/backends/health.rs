@@ -97,6 +97,42 @@ fn interval_of(b: &Backend) -> Duration {
     }
 }
 
+/// One backend's check within a round.
+struct Check<'a> {
+    backend: &'a Backend,
+    /// Connects still in flight.
+    in_flight: usize,
+    deadline: Instant,
+    /// The last connect that failed, reported if none succeeds.
+    last_error: Option<ConnectError>,
+    /// The result is recorded; later connects are ignored.
+    decided: bool,
+}
+
+impl Check<'_> {
+    fn decide(&mut self, result: Result<(), ConnectError>) {
+        self.decided = true;
+        self.backend.checked(result);
+    }
+
+    /// A connect of this check finished: the first success passes the backend, and the last
+    /// failure fails it.
+    fn finished(&mut self, result: Result<(), ConnectError>) {
+        if self.decided {
+            return;
+        }
+        self.in_flight -= 1;
+        match result {
+            Ok(()) => self.decide(Ok(())),
+            Err(e) if self.in_flight == 0 => self.decide(Err(e)),
+            Err(e) => self.last_error = Some(e),
+        }
+    }
+}
+
+/// Connects in flight by token: the index of their check, and the stream.
+type Pending = HashMap<usize, (usize, TcpStream)>;
+
 /// Check every backend in `batch` at once: resolve each name now and start a non-blocking
 /// connect to every address it resolves to (as a real connection would try them all); a
 /// backend passes when any of them connects within its timeout.
@@ -109,18 +145,36 @@ fn check_all(batch: &[Arc<Backend>]) {
         }
     };
     let start = Instant::now();
-    // Connects in flight by token: (backend index, stream).
-    let mut pending: HashMap<usize, (usize, TcpStream)> = HashMap::new();
-    // Per backend: connects still in flight, its deadline, and its last error.
-    let mut open: Vec<(usize, Instant, Option<ConnectError>)> = Vec::with_capacity(batch.len());
+    let mut checks: Vec<Check> = batch
+        .iter()
+        .map(|b| Check {
+            backend: b,
+            in_flight: 0,
+            deadline: start + b.check_settings().timeout,
+            last_error: None,
+            decided: false,
+        })
+        .collect();
+    let mut pending = start_connects(&poll, &mut checks);
+    // Backends with nothing in flight are decided already.
+    for c in &mut checks {
+        if c.in_flight == 0 {
+            let e = c.last_error.take().unwrap_or(ConnectError::Timeout);
+            c.decide(Err(e));
+        }
+    }
+    wait_for_connects(&mut poll, &mut pending, &mut checks);
+}
+
+/// Resolve every check's target and start a connect to each of its addresses.
+fn start_connects(poll: &Poll, checks: &mut [Check]) -> Pending {
+    let mut pending = Pending::new();
     let mut next_token = 0;
-    for (i, b) in batch.iter().enumerate() {
-        let deadline = start + b.check_settings().timeout;
-        open.push((0, deadline, None));
-        let addrs = match backend::resolve(&b.target) {
+    for (i, check) in checks.iter_mut().enumerate() {
+        let addrs = match backend::resolve(&check.backend.target) {
             Ok(a) => a,
             Err(e) => {
-                open[i].2 = Some(e);
+                check.last_error = Some(e);
                 continue;
             }
         };
@@ -136,27 +190,25 @@ fn check_all(batch: &[Arc<Backend>]) {
             match started {
                 Ok(s) => {
                     pending.insert(next_token, (i, s));
-                    open[i].0 += 1;
+                    check.in_flight += 1;
                     next_token += 1;
                 }
-                Err(e) => open[i].2 = Some(e),
+                Err(e) => check.last_error = Some(e),
             }
         }
     }
-    // Backends with nothing in flight are decided already.
-    let mut decided = vec![false; batch.len()];
-    for (i, b) in batch.iter().enumerate() {
-        if open[i].0 == 0 {
-            decided[i] = true;
-            b.checked(Err(open[i].2.take().unwrap_or(ConnectError::Timeout)));
-        }
-    }
+    pending
+}
+
+/// Wait until every check is decided: by a connect that succeeds, by its last connect
+/// failing, or by its timeout.
+fn wait_for_connects(poll: &mut Poll, pending: &mut Pending, checks: &mut [Check]) {
     let mut events = Events::with_capacity(64);
     while !pending.is_empty() {
         let now = Instant::now();
         let deadline = pending
             .values()
-            .map(|(i, _)| open[*i].1)
+            .map(|(i, _)| checks[*i].deadline)
             .min()
             .unwrap_or(now);
         if let Err(e) = poll.poll(&mut events, Some(deadline.saturating_duration_since(now))) {
@@ -175,34 +227,20 @@ fn check_all(batch: &[Arc<Backend>]) {
                 Ok(None) => s.peer_addr().map(|_| ()).map_err(ConnectError::from_io),
                 Ok(Some(e)) | Err(e) => Err(ConnectError::from_io(e)),
             };
-            if decided[i] {
-                continue;
-            }
-            open[i].0 -= 1;
-            match result {
-                Ok(()) => {
-                    decided[i] = true;
-                    batch[i].checked(Ok(()));
-                }
-                Err(e) if open[i].0 == 0 => {
-                    decided[i] = true;
-                    batch[i].checked(Err(e));
-                }
-                Err(e) => open[i].2 = Some(e),
-            }
+            checks[i].finished(result);
         }
         // Streams of decided backends need not be waited for; backends past their timeout
         // fail, and their remaining connects are dropped.
         let now = Instant::now();
         pending.retain(|_, (i, _)| {
-            if decided[*i] {
+            let check = &mut checks[*i];
+            if check.decided {
                 return false;
             }
-            if open[*i].1 > now {
+            if check.deadline > now {
                 return true;
             }
-            decided[*i] = true;
-            batch[*i].checked(Err(ConnectError::Timeout));
+            check.decide(Err(ConnectError::Timeout));
             false
         });
     }
