@@ -36,6 +36,7 @@ struct RawApp {
     balance: Option<String>,
     connect_attempts: Option<i64>,
     max_connections: Option<i64>,
+    max_connections_per_client: Option<i64>,
     proxy_protocol: Option<String>,
     #[serde(flatten)]
     unknown: BTreeMap<String, Value>,
@@ -70,6 +71,9 @@ pub struct App {
     pub connect_attempts: usize,
     /// Open connections this app may have at once; None: only the global bound applies.
     pub max_connections: Option<usize>,
+    /// Open connections one client address may have to this app at once; None: only
+    /// `--max-connections-per-client` applies.
+    pub max_connections_per_client: Option<usize>,
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 
@@ -245,7 +249,7 @@ impl fmt::Display for Problem {
 }
 
 const APP_KEYS: &str = "Name, Ports, Targets, HealthCheck, Balance, ConnectAttempts, \
-                        MaxConnections, ProxyProtocol";
+                        MaxConnections, MaxConnectionsPerClient, ProxyProtocol";
 
 const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
 
@@ -423,6 +427,15 @@ impl Config {
                     "a number from 1 to 1000000",
                 )
                 .map(|n| n as usize);
+            let max_connections_per_client = opts
+                .int(
+                    "MaxConnectionsPerClient",
+                    raw_app.max_connections_per_client,
+                    1,
+                    1_000_000,
+                    "a number from 1 to 1000000",
+                )
+                .map(|n| n as usize);
             let proxy_protocol = match raw_app.proxy_protocol.as_deref() {
                 None => None,
                 Some("v1") => Some(ProxyProtocol::V1),
@@ -440,6 +453,7 @@ impl Config {
                 balance,
                 connect_attempts,
                 max_connections,
+                max_connections_per_client,
                 proxy_protocol,
             });
         }

@@ -16,6 +16,7 @@ use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::cli::Settings;
+use crate::clients::ClientCounts;
 use crate::config::{Config, ConfigError, Diff};
 use crate::conns::{Conns, Ports};
 use crate::health::Checker;
@@ -23,7 +24,7 @@ use crate::metrics;
 use crate::pool::Pool;
 use crate::ports::{PortError, PortSource};
 use crate::routing::Routes;
-use crate::session::{self, Job, Shared};
+use crate::session::{self, ClientSlots, Job, Shared};
 use crate::upgrade::{self, Exec, ReadyPipe, Upgrade};
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
@@ -128,6 +129,8 @@ pub fn run(
         accept_paused: AtomicBool::new(false),
         lookup_stats: source.lookup_stats(),
         handed_over: AtomicBool::new(false),
+        clients: (settings.max_connections_per_client > 0)
+            .then(|| ClientCounts::new(settings.max_connections_per_client)),
     });
     let mut metrics_socket = None;
     if let Some(addr) = settings.metrics {
@@ -461,6 +464,15 @@ impl Loop {
             );
             return;
         };
+        // Per-client limits first, before the connection takes a slot or a thread: a client at
+        // its limit is closed at once and costs nothing more.
+        let client_slots = match ClientSlots::take(self.shared.clients.as_ref(), app, conn.peer) {
+            Ok(slots) => slots,
+            Err(reached) => {
+                session::refuse_client_limit(app, conn.stream, conn.peer, conn.port, reached);
+                return;
+            }
+        };
         self.shared.active.fetch_add(1, Ordering::AcqRel);
         let job = Job {
             client: conn.stream,
@@ -468,6 +480,7 @@ impl Loop {
             port: conn.port,
             app: Arc::clone(app),
             accepted: Instant::now(),
+            client_slots,
         };
         if let Err((job, e)) = self.pool.submit(job) {
             crate::error!(

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod bpf;
 pub mod caps;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod conns;
 pub mod frontend;

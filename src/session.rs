@@ -10,6 +10,7 @@ use std::io::Write;
 
 use crate::backend;
 use crate::cli::Settings;
+use crate::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::conns::Conns;
 use crate::log::{self, Field, Level};
 use crate::relay;
@@ -23,6 +24,47 @@ pub struct Job {
     pub port: u16,
     pub app: Arc<AppRoute>,
     pub accepted: Instant,
+    /// The client's counts under the per-client limits in force, given back when the job
+    /// drops, however the connection ends.
+    pub client_slots: ClientSlots,
+}
+
+/// A connection's place under `--max-connections-per-client` and its app's
+/// `MaxConnectionsPerClient` (either may be absent).
+#[derive(Debug, Default)]
+pub struct ClientSlots {
+    _global: Option<ClientSlot>,
+    _app: Option<ClientSlot>,
+}
+
+impl ClientSlots {
+    /// Count a new connection from `peer` to `app` under both limits. Err names the limit
+    /// already reached for this client and its value (nothing stays counted then).
+    pub fn take(
+        global: Option<&Arc<ClientCounts>>,
+        app: &AppRoute,
+        peer: SocketAddr,
+    ) -> Result<ClientSlots, (&'static str, usize)> {
+        let key = ClientKey::of(peer.ip());
+        let global = match global {
+            Some(c) => Some(
+                c.acquire(key)
+                    .ok_or(("--max-connections-per-client", c.limit()))?,
+            ),
+            None => None,
+        };
+        let app = match &app.per_client {
+            Some(c) => Some(
+                c.acquire(key)
+                    .ok_or(("the app's MaxConnectionsPerClient", c.limit()))?,
+            ),
+            None => None,
+        };
+        Ok(ClientSlots {
+            _global: global,
+            _app: app,
+        })
+    }
 }
 
 /// What the listener loop and the relay threads share.
@@ -49,6 +91,9 @@ pub struct Shared {
     pub handed_over: AtomicBool,
     /// bpf mode: reads the sk_lookup program's counters.
     pub lookup_stats: Option<crate::ports::LookupReader>,
+    /// Open connections per client address, with --max-connections-per-client; None
+    /// without a limit.
+    pub clients: Option<Arc<ClientCounts>>,
 }
 
 /// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
@@ -73,6 +118,67 @@ impl Shared {
     }
 }
 
+/// Write a connection's access-log line: a warning when `reason` says why it was refused or
+/// failed.
+#[allow(clippy::too_many_arguments)]
+fn log_conn(
+    app: &str,
+    client: &str,
+    port: u16,
+    target: &str,
+    (up, down): (u64, u64),
+    accepted: Instant,
+    end: &str,
+    reason: Option<&str>,
+) {
+    let level = if reason.is_some() {
+        Level::Warn
+    } else {
+        Level::Info
+    };
+    let mut fields = vec![
+        ("app", Field::Str(app)),
+        ("client", Field::Str(client)),
+        ("port", Field::Num(u64::from(port))),
+        ("target", Field::Str(target)),
+        ("up", Field::Num(up)),
+        ("down", Field::Num(down)),
+        ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+        ("end", Field::Str(end)),
+    ];
+    if let Some(r) = reason {
+        fields.push(("reason", Field::Str(r)));
+    }
+    log::record(level, "conn", &fields);
+}
+
+/// A connection closed at accept because its client address already has `limit` connections
+/// open under `which` limit: counted and logged as `end=client_limit`. Called by the listener
+/// loop instead of handing the connection on.
+pub fn refuse_client_limit(
+    app: &AppRoute,
+    client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    (which, limit): (&str, usize),
+) {
+    let accepted = Instant::now();
+    drop(client);
+    app.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    app.stats.client_limited.fetch_add(1, Ordering::Relaxed);
+    let reason = format!("the client address has {limit} connections open ({which})");
+    log_conn(
+        &app.name,
+        &peer.to_string(),
+        port,
+        "-",
+        (0, 0),
+        accepted,
+        "client_limit",
+        Some(&reason),
+    );
+}
+
 pub fn serve(job: Job, shared: &Shared) {
     let Job {
         client,
@@ -80,6 +186,7 @@ pub fn serve(job: Job, shared: &Shared) {
         port,
         app,
         accepted,
+        client_slots: _client_slots,
     } = job;
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -87,25 +194,16 @@ pub fn serve(job: Job, shared: &Shared) {
     let client_addr = peer.to_string();
     let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
         stats.active.fetch_sub(1, Ordering::Relaxed);
-        let level = if reason.is_some() {
-            Level::Warn
-        } else {
-            Level::Info
-        };
-        let mut fields = vec![
-            ("app", Field::Str(&app.name)),
-            ("client", Field::Str(&client_addr)),
-            ("port", Field::Num(u64::from(port))),
-            ("target", Field::Str(target)),
-            ("up", Field::Num(up)),
-            ("down", Field::Num(down)),
-            ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
-            ("end", Field::Str(end)),
-        ];
-        if let Some(r) = &reason {
-            fields.push(("reason", Field::Str(r)));
-        }
-        log::record(level, "conn", &fields);
+        log_conn(
+            &app.name,
+            &client_addr,
+            port,
+            target,
+            (up, down),
+            accepted,
+            end,
+            reason.as_deref(),
+        );
     };
     // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
     let _ = client.set_nodelay(true);
@@ -120,12 +218,11 @@ pub fn serve(job: Job, shared: &Shared) {
         None => None,
         Some(limit) => match limit.acquire(shared.settings.connect_timeout, || entry.was_drained())
         {
-            Some(slot) => Some(slot),
-            None if entry.was_drained() => return end("-", 0, 0, "drained", None),
-            None => {
+            Ok(slot) => Some(slot),
+            Err(_) if entry.was_drained() => return end("-", 0, 0, "drained", None),
+            Err(denied) => {
                 stats.limited.fetch_add(1, Ordering::Relaxed);
-                let reason = "the app's MaxConnections stayed reached for the connect timeout";
-                return end("-", 0, 0, "limit", Some(reason.into()));
+                return end("-", 0, 0, "limit", Some(denied.reason().into()));
             }
         },
     };
