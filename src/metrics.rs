@@ -208,6 +208,9 @@ const HANDOVER_CHECK: Duration = Duration::from_millis(250);
 /// Connections served at once (see `serve`).
 const MAX_CONNS: usize = 4;
 
+/// Descriptors the endpoint may hold at once: its connections and its listener.
+pub const FDS: u64 = MAX_CONNS as u64 + 1;
+
 /// One connection to the endpoint: reading its request, then writing its answer.
 struct Conn {
     stream: TcpStream,
