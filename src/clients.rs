@@ -13,7 +13,7 @@
 //! so counting single addresses would let one host open a limit's worth from each of them.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -71,10 +71,8 @@ impl ClientCounts {
     }
 
     fn shard(&self, key: &ClientKey) -> MutexGuard<'_, HashMap<ClientKey, usize>> {
-        let mut h = self.hasher.build_hasher();
-        key.hash(&mut h);
         // Every critical section is one map operation: a poisoned shard is still whole.
-        self.shards[h.finish() as usize % SHARDS]
+        self.shards[self.hasher.hash_one(key) as usize % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }

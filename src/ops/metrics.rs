@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, ConnectError};
-use crate::routing::AppRoute;
+use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::routing::AppRoute;
 
 /// An app's backends, each once: a target listed twice is one backend with two turns, and
 /// must be one series (a duplicate series makes Prometheus reject the whole scrape).
@@ -28,7 +28,8 @@ fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
     }
     seen
 }
-use crate::session::Shared;
+use crate::frontend::ports::LookupReader;
+use crate::relay::session::Shared;
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +43,7 @@ pub fn start(
     addr: SocketAddr,
     inherited: Option<TcpListener>,
     shared: Arc<Shared>,
+    lookup_stats: Option<LookupReader>,
 ) -> io::Result<(SocketAddr, RawFd)> {
     let listener = match inherited {
         Some(l) => l,
@@ -54,7 +56,7 @@ pub fn start(
     std::thread::Builder::new()
         .name("metrics".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(listener, &shared))?;
+        .spawn(move || serve(listener, &shared, lookup_stats.as_ref()))?;
     Ok(handle)
 }
 
@@ -68,7 +70,7 @@ pub fn start(
 /// Waits in `poll` with a short timeout rather than in `accept`, so that the hand-over is
 /// noticed; the socket is shared with the new process, so it must not be shut down, only
 /// closed here.
-fn serve(listener: TcpListener, shared: &Shared) {
+fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupReader>) {
     let mut conns: Vec<Conn> = Vec::with_capacity(MAX_CONNS);
     while !shared.handed_over.load(Ordering::Acquire) {
         let now = Instant::now();
@@ -109,7 +111,7 @@ fn serve(listener: TcpListener, shared: &Shared) {
         // Connections first (their indexes match `pfds[1..]`), then expiry, then accepting.
         for (c, pfd) in conns.iter_mut().zip(&pfds[1..]) {
             if pfd.revents != 0 {
-                c.progress(shared);
+                c.progress(shared, lookup_stats);
             }
         }
         let now = Instant::now();
@@ -127,14 +129,19 @@ fn serve(listener: TcpListener, shared: &Shared) {
             true
         });
         if pfds[0].revents != 0 {
-            accept_some(&listener, &mut conns, shared);
+            accept_some(&listener, &mut conns, shared, lookup_stats);
         }
     }
 }
 
 /// Accept what is waiting, within the bound (replacing the oldest connection still waiting
 /// for its request when full).
-fn accept_some(listener: &TcpListener, conns: &mut Vec<Conn>, shared: &Shared) {
+fn accept_some(
+    listener: &TcpListener,
+    conns: &mut Vec<Conn>,
+    shared: &Shared,
+    lookup_stats: Option<&LookupReader>,
+) {
     loop {
         if conns.len() >= MAX_CONNS {
             let oldest = conns
@@ -147,9 +154,11 @@ fn accept_some(listener: &TcpListener, conns: &mut Vec<Conn>, shared: &Shared) {
             // Accept first: if nothing is waiting (another process took it), keep the old one.
             match accept_one(listener) {
                 Some(conn) => {
-                    crate::debug!("metrics: at {MAX_CONNS} connections: closed the oldest idle one");
+                    crate::debug!(
+                        "metrics: at {MAX_CONNS} connections: closed the oldest idle one"
+                    );
                     conns[i] = conn;
-                    conns[i].progress(shared);
+                    conns[i].progress(shared, lookup_stats);
                     conns.retain(|c| !c.done);
                     continue;
                 }
@@ -159,7 +168,7 @@ fn accept_some(listener: &TcpListener, conns: &mut Vec<Conn>, shared: &Shared) {
         match accept_one(listener) {
             Some(mut conn) => {
                 // The request usually came with the handshake's last packet: answer now.
-                conn.progress(shared);
+                conn.progress(shared, lookup_stats);
                 if !conn.done {
                     conns.push(conn);
                 }
@@ -229,26 +238,26 @@ impl Conn {
     }
 
     /// Read what has arrived, answer a complete request, write what the socket takes.
-    fn progress(&mut self, shared: &Shared) {
-        if let Err(e) = self.step(shared) {
+    fn progress(&mut self, shared: &Shared, lookup_stats: Option<&LookupReader>) {
+        if let Err(e) = self.step(shared, lookup_stats) {
             crate::debug!("metrics: request failed: {e}");
             self.done = true;
         }
     }
 
-    fn step(&mut self, shared: &Shared) -> io::Result<()> {
+    fn step(&mut self, shared: &Shared, lookup_stats: Option<&LookupReader>) -> io::Result<()> {
         let mut chunk = [0u8; 1024];
         while self.answer.is_none() {
             let complete = head_end(&self.request).is_some();
             if complete || self.request.len() > MAX_REQUEST {
-                self.answer = Some((answer(&self.request, shared), 0));
+                self.answer = Some((answer(&self.request, shared, lookup_stats), 0));
                 self.deadline = Instant::now() + IO_TIMEOUT;
                 break;
             }
             match self.stream.read(&mut chunk) {
                 // Closed before a whole request: it gets the answer to what it sent.
                 Ok(0) => {
-                    self.answer = Some((answer(&self.request, shared), 0));
+                    self.answer = Some((answer(&self.request, shared, lookup_stats), 0));
                     self.deadline = Instant::now() + IO_TIMEOUT;
                 }
                 Ok(n) => self.request.extend_from_slice(&chunk[..n]),
@@ -290,7 +299,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The whole answer (head and body) to `request`.
-fn answer(request: &[u8], shared: &Shared) -> Vec<u8> {
+fn answer(request: &[u8], shared: &Shared, lookup_stats: Option<&LookupReader>) -> Vec<u8> {
     let line = head_end(request)
         .and_then(|i| std::str::from_utf8(&request[..i]).ok())
         .and_then(|h| h.lines().next())
@@ -303,7 +312,7 @@ fn answer(request: &[u8], shared: &Shared) -> Vec<u8> {
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    render(shared),
+                    render(shared, lookup_stats),
                 ),
                 "/status" => ("200 OK", "text/plain; charset=utf-8", status(shared)),
                 _ => (
@@ -370,7 +379,7 @@ impl Family<'_> {
 }
 
 /// The whole exposition, from the current routing table and counters.
-pub fn render(shared: &Shared) -> String {
+pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
@@ -399,13 +408,13 @@ pub fn render(shared: &Shared) -> String {
         "flyproxy_app_connections_total",
         "counter",
         "Client connections accepted, by app.",
-        |s: &crate::routing::AppStats| s.accepted.load(Ordering::Relaxed)
+        |s: &crate::backends::routing::AppStats| s.accepted.load(Ordering::Relaxed)
     );
     per_app!(
         "flyproxy_app_connections_active",
         "gauge",
         "Client connections open now (connecting or relaying), by app.",
-        |s: &crate::routing::AppStats| s.active.load(Ordering::Relaxed)
+        |s: &crate::backends::routing::AppStats| s.active.load(Ordering::Relaxed)
     );
     let name = "flyproxy_app_connections_refused_total";
     let mut f = Family::head(
@@ -452,19 +461,19 @@ pub fn render(shared: &Shared) -> String {
         "flyproxy_connections_total",
         "counter",
         "Connections made to a target, by app and target.",
-        |b: &crate::backend::Backend| b.connections.load(Ordering::Relaxed)
+        |b: &crate::backends::backend::Backend| b.connections.load(Ordering::Relaxed)
     );
     per_target!(
         "flyproxy_connections_active",
         "gauge",
         "Connections to a target open now, by app and target.",
-        |b: &crate::backend::Backend| b.active.load(Ordering::Relaxed)
+        |b: &crate::backends::backend::Backend| b.active.load(Ordering::Relaxed)
     );
     per_target!(
         "flyproxy_target_up",
         "gauge",
         "1 if the target is considered up (passive and active health checks), else 0.",
-        |b: &crate::backend::Backend| u8::from(b.is_up())
+        |b: &crate::backends::backend::Backend| u8::from(b.is_up())
     );
     let name = "flyproxy_bytes_total";
     let mut f = Family::head(
@@ -575,9 +584,9 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Log lines dropped because stderr could not keep up.",
     );
-    f.sample(name, &[], crate::log::dropped());
+    f.sample(name, &[], crate::ops::log::dropped());
 
-    if let Some(read) = &shared.lookup_stats {
+    if let Some(read) = lookup_stats {
         let name = "flyproxy_bpf_lookups_total";
         let mut f = Family::head(
             &mut out,
@@ -668,20 +677,40 @@ mod tests {
 
     #[test]
     fn request_heads_end_with_crlf_or_bare_lf() {
-        assert_eq!(head_end(b"GET / HTTP/1.1
+        assert_eq!(
+            head_end(
+                b"GET / HTTP/1.1
 Host: x
 
-"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1
+"
+            ),
+            Some(24)
+        );
+        assert_eq!(
+            head_end(
+                b"GET / HTTP/1.1
 Host: x
 
-"), Some(22));
-        assert_eq!(head_end(b"GET / HTTP/1.1
+"
+            ),
+            Some(22)
+        );
+        assert_eq!(
+            head_end(
+                b"GET / HTTP/1.1
 
-"), Some(14));
-        assert_eq!(head_end(b"GET / HTTP/1.1
+"
+            ),
+            Some(14)
+        );
+        assert_eq!(
+            head_end(
+                b"GET / HTTP/1.1
 Host: x
-"), None);
+"
+            ),
+            None
+        );
         assert_eq!(head_end(b""), None);
     }
 

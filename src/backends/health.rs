@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::backend::{self, Backend, ConnectError};
+use crate::backends::backend::{self, Backend, ConnectError};
 use crate::config::Target;
 
 /// An up target is checked this many times less often than a down one: passive checks (every
@@ -158,12 +158,8 @@ impl Run {
             self.last.entry(Arc::as_ptr(&b)).or_insert(now);
             self.targets.entry(b.target.clone()).or_default().push(b);
         }
-        let current: HashSet<*const Backend> = self
-            .targets
-            .values()
-            .flatten()
-            .map(Arc::as_ptr)
-            .collect();
+        let current: HashSet<*const Backend> =
+            self.targets.values().flatten().map(Arc::as_ptr).collect();
         self.last.retain(|k, _| current.contains(k));
     }
 

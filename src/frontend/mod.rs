@@ -12,20 +12,23 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod ports;
+pub mod simple;
+
 use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::backends::health::Checker;
+use crate::backends::routing::Routes;
 use crate::cli::Settings;
 use crate::clients::ClientCounts;
 use crate::config::{Config, ConfigError, Diff};
-use crate::conns::{Conns, Ports};
-use crate::health::Checker;
-use crate::metrics;
-use crate::pool::Pool;
-use crate::ports::{PortError, PortSource};
-use crate::routing::Routes;
-use crate::session::{self, ClientSlots, Job, Shared};
-use crate::upgrade::{self, Exec, ReadyPipe, Upgrade};
+use crate::ops::metrics;
+use crate::ops::upgrade::{self, Exec, ReadyPipe, Upgrade};
+use crate::relay::conns::{Conns, Ports};
+use crate::relay::pool::Pool;
+use crate::relay::session::{self, ClientSlots, Job, Shared};
+use ports::{PortError, PortSource};
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
 const SIGHUP_PIPE: Token = Token(0);
@@ -133,7 +136,6 @@ pub fn run(
         reloads_rejected: AtomicU64::new(0),
         last_reload_ok_ms: AtomicU64::new(unix_ms()),
         accept_paused: AtomicBool::new(false),
-        lookup_stats: source.lookup_stats(),
         handed_over: AtomicBool::new(false),
         clients: (settings.max_connections_per_client > 0)
             .then(|| ClientCounts::new(settings.max_connections_per_client)),
@@ -143,7 +145,7 @@ pub fn run(
         let inherited = handed
             .metrics
             .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
-        let socket = metrics::start(addr, inherited, Arc::clone(&shared))
+        let socket = metrics::start(addr, inherited, Arc::clone(&shared), source.lookup_stats())
             .map_err(|e| StartError::Metrics(addr, e))?;
         metrics_socket = Some(socket);
     }
@@ -167,7 +169,7 @@ pub fn run(
             0 => String::new(),
             n => format!(" max_connections_per_client={n}"),
         },
-        crate::health::MAX_IN_FLIGHT,
+        crate::backends::health::MAX_IN_FLIGHT,
         std::process::id()
     );
     if let Some(path) = &settings.pid_file {
@@ -177,7 +179,8 @@ pub fn run(
     }
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
     // this from the old process instead (see upgrade_progress).
-    if let Err(e) = crate::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    if let Err(e) =
+        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
     {
         crate::warn!("cannot notify systemd of readiness: {e}");
     }
@@ -324,7 +327,7 @@ impl Loop {
                         if self.stop_deadline.is_some() {
                             let open = self.shared.conns.len();
                             crate::warn!("second stop signal: exiting now, {open} connections cut");
-                            crate::log::flush();
+                            crate::ops::log::flush();
                             std::process::exit(1);
                         }
                         // A new process not yet serving is abandoned: stopping means no
@@ -464,7 +467,7 @@ impl Loop {
         }
     }
 
-    fn dispatch(&mut self, conn: crate::ports::Accepted) {
+    fn dispatch(&mut self, conn: ports::Accepted) {
         let Some(app) = self.routes.app_for(conn.port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
@@ -653,7 +656,7 @@ impl Loop {
                 );
                 // Tell systemd the service now lives on in the new process. Only the main pid
                 // may say so (NotifyAccess=main), so it has to come from us.
-                let _ = crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+                let _ = crate::ops::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
                 self.handed_over = true;
                 // The new process serves /metrics on the same socket from now on.
                 self.shared.handed_over.store(true, Ordering::Release);
@@ -834,7 +837,7 @@ fn drain_pipe(pipe: &mut UnixStream) {
 /// and attaches its own program); simple mode keeps CAP_NET_BIND_SERVICE (a reload may add a
 /// port below 1024). A process without capabilities (not root) is left as it is.
 fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartError> {
-    use crate::caps::Cap;
+    use crate::ops::caps::Cap;
     let mut keep = if mode_name == "bpf" {
         vec![Cap::Bpf, Cap::NetAdmin]
     } else {
@@ -845,9 +848,9 @@ fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartEr
     if settings.metrics.is_some_and(|a| a.port() < 1024) && !keep.contains(&Cap::NetBindService) {
         keep.push(Cap::NetBindService);
     }
-    crate::caps::keep_only(&keep)
+    crate::ops::caps::keep_only(&keep)
         .map_err(|e| StartError::Mode(format!("cannot drop capabilities: {e}")))?;
-    if let Ok(c) = crate::caps::current() {
+    if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
     Ok(())
@@ -877,7 +880,7 @@ impl fmt::Display for FdBudget {
 /// connections (`metrics::FDS`, with `--metrics`) and `FD_RESERVE`. Says so with the numbers.
 fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize, FdBudget) {
     let metrics_fds = if metrics { metrics::FDS } else { 0 };
-    let reserved = FD_RESERVE + listeners + crate::health::FDS + metrics_fds;
+    let reserved = FD_RESERVE + listeners + crate::backends::health::FDS + metrics_fds;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -909,13 +912,13 @@ fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize
     // Whatever the connections leave over is what the relay may spend on kernel pipes; past
     // that it copies through a buffer instead of failing a socket with EMFILE.
     let bound = max_connections.min(fits).max(1);
-    crate::relay::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
+    crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
     if max_connections > fits {
         crate::warn!(
             "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",
             max_connections as u64 * 2 + reserved,
             lim.rlim_cur,
-            crate::health::FDS,
+            crate::backends::health::FDS,
             fits.max(1)
         );
         (fits.max(1), budget)

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use crate::backends::backend::Backend;
 use crate::clients::ClientCounts;
 use crate::config::{Balance, Config, ProxyProtocol, Target};
 

@@ -1,0 +1,9 @@
+//! Where a connection goes: each target's live state (`backend`), the routing table from a
+//! frontend port to its app (`routing`), picking and connecting to a target (`balance`), active
+//! health checks (`health`), and the PROXY protocol header sent to targets (`proxy_protocol`).
+
+pub mod backend;
+pub mod balance;
+pub mod health;
+pub mod proxy_protocol;
+pub mod routing;
