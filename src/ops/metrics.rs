@@ -677,40 +677,10 @@ mod tests {
 
     #[test]
     fn request_heads_end_with_crlf_or_bare_lf() {
-        assert_eq!(
-            head_end(
-                b"GET / HTTP/1.1
-Host: x
-
-"
-            ),
-            Some(24)
-        );
-        assert_eq!(
-            head_end(
-                b"GET / HTTP/1.1
-Host: x
-
-"
-            ),
-            Some(22)
-        );
-        assert_eq!(
-            head_end(
-                b"GET / HTTP/1.1
-
-"
-            ),
-            Some(14)
-        );
-        assert_eq!(
-            head_end(
-                b"GET / HTTP/1.1
-Host: x
-"
-            ),
-            None
-        );
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Some(24));
+        assert_eq!(head_end(b"GET / HTTP/1.1\nHost: x\n\n"), Some(22));
+        assert_eq!(head_end(b"GET / HTTP/1.1\n\n"), Some(14));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: x\r\n"), None);
         assert_eq!(head_end(b""), None);
     }
 
