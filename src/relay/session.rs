@@ -177,13 +177,17 @@ pub fn serve(job: Job, shared: &Shared) {
         port,
         app,
         accepted,
-        client_slots: _client_slots,
+        client_slots,
     } = job;
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
     let client_addr = peer.to_string();
+    // Given back as the connection ends, before its log line: a client that saw it end may
+    // open another at once.
+    let client_slots = std::cell::Cell::new(Some(client_slots));
     let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
+        drop(client_slots.take());
         stats.active.fetch_sub(1, Ordering::Relaxed);
         log_conn(
             &app.name,
