@@ -15,7 +15,7 @@
 //! The listener loop hands it the current backends after each reload; backends that left the
 //! config are simply no longer checked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -91,6 +91,12 @@ struct Run {
     last: HashMap<*const Backend, Instant>,
     /// Checks under way, by target.
     checks: HashMap<Target, Check>,
+    /// Targets found due by the last scan and not started yet (the bound was reached), the
+    /// longest-waiting first. The targets are scanned again only once these are all started,
+    /// so a connect finishing costs no pass over every target.
+    queue: VecDeque<Target>,
+    /// When to scan the targets again for checks due.
+    next_scan: Instant,
     /// Connects in flight: token to the target being checked and the socket.
     sockets: HashMap<Token, (Target, TcpStream)>,
     next_token: usize,
@@ -118,6 +124,8 @@ impl Run {
             targets: HashMap::new(),
             last: HashMap::new(),
             checks: HashMap::new(),
+            queue: VecDeque::new(),
+            next_scan: Instant::now(),
             sockets: HashMap::new(),
             next_token: 0,
         }
@@ -131,11 +139,19 @@ impl Run {
             }
             let now = Instant::now();
             self.expire(now);
-            let next_due = self.start_due(now);
-            let deadline = self.checks.values().map(|c| c.deadline).min();
-            let wake = deadline.map_or(next_due, |d| d.min(next_due));
-            let timeout = wake.saturating_duration_since(Instant::now());
-            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+            self.fill_queued();
+            if self.queue.is_empty() && now >= self.next_scan {
+                self.scan(now);
+            }
+            self.start_queued();
+            // Waiting for room, the poll wakes when a connect finishes or a check times out.
+            let mut wake = self.checks.values().map(|c| c.deadline).min();
+            if self.queue.is_empty() {
+                wake = Some(wake.map_or(self.next_scan, |d| d.min(self.next_scan)));
+            }
+            let wake = wake.unwrap_or(self.next_scan);
+            let timeout = Some(wake.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     crate::error!("health checks: poll failed: {e}");
                     std::thread::sleep(Duration::from_secs(1));
@@ -161,6 +177,9 @@ impl Run {
         let current: HashSet<*const Backend> =
             self.targets.values().flatten().map(Arc::as_ptr).collect();
         self.last.retain(|k, _| current.contains(k));
+        // New targets get their schedule at once.
+        self.queue.clear();
+        self.next_scan = now;
     }
 
     /// When `target` is next due: when the first of its backends is.
@@ -172,37 +191,43 @@ impl Run {
             .unwrap_or(now + Duration::from_secs(60))
     }
 
-    /// Start what is due, the longest overdue first, while the bound allows; return when the
-    /// next target not started falls due (now, if one is waiting for room).
-    fn start_due(&mut self, now: Instant) -> Instant {
-        self.fill_queued();
-        // Wake at least every minute, and every shortest down interval, to notice targets
-        // marked down passively since the last look.
+    /// Find the targets due now, the longest overdue first, into the queue; and when to look
+    /// again.
+    fn scan(&mut self, now: Instant) {
+        // Look again at least every minute, and every shortest down interval, to notice
+        // targets marked down passively since.
         let mut next = now + Duration::from_secs(60);
-        let mut due: Vec<(Instant, Target)> = Vec::new();
+        let mut due: Vec<(Instant, &Target)> = Vec::new();
         for (target, backends) in &self.targets {
+            for b in backends {
+                next = next.min(now + b.check_settings().interval);
+            }
             if self.checks.contains_key(target) {
                 continue;
             }
             let at = self.due(backends, now);
             if at <= now {
-                due.push((at, target.clone()));
+                due.push((at, target));
             } else {
                 next = next.min(at);
             }
-            for b in backends {
-                next = next.min(now + b.check_settings().interval);
-            }
         }
         due.sort();
-        for (_, target) in due {
-            if self.sockets.len() >= MAX_IN_FLIGHT {
-                // The rest wait for room; a finished connect wakes the poll.
-                return next;
+        self.queue = due.into_iter().map(|(_, t)| t.clone()).collect();
+        self.next_scan = next;
+    }
+
+    /// Begin the queued checks, while the bound allows.
+    fn start_queued(&mut self) {
+        while self.sockets.len() < MAX_IN_FLIGHT {
+            let Some(target) = self.queue.pop_front() else {
+                return;
+            };
+            // A reload may have removed it since the scan.
+            if self.targets.contains_key(&target) && !self.checks.contains_key(&target) {
+                self.begin(target);
             }
-            self.begin(target);
         }
-        next
     }
 
     /// Begin checking `target`: resolve it now and connect to as many of its addresses as
