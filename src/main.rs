@@ -6,10 +6,10 @@
 
 use std::process::ExitCode;
 
-use flyproxy::cli::{self, Command, Mode};
-use flyproxy::frontend::{self, ports, simple};
+use flyproxy::cli::{self, Command};
+use flyproxy::frontend;
 use flyproxy::ops::{log, metrics, upgrade};
-use flyproxy::{bpf, config, error};
+use flyproxy::{config, error};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -71,20 +71,10 @@ fn main() -> ExitCode {
             let handed = frontend::Handed {
                 exec: upgrade::Exec::current().ok(),
                 ready: inherited.ready,
-                adopted: inherited.listeners.len(),
+                listeners: inherited.listeners,
                 metrics: inherited.metrics,
             };
-            let listeners = inherited.listeners;
-            let result = match mode {
-                Mode::Simple => frontend::run(settings, "simple", handed, || {
-                    Ok(Box::new(simple::PerPort::new(listeners)) as Box<dyn ports::PortSource>)
-                }),
-                Mode::Bpf { port, bind } => frontend::run(settings, "bpf", handed, move || {
-                    bpf::listener::Steered::start(port, bind, listeners)
-                        .map(|s| Box::new(s) as Box<dyn ports::PortSource>)
-                        .map_err(|e| frontend::StartError::Mode(e.to_string()))
-                }),
-            };
+            let result = frontend::run(settings, mode, handed);
             let code = match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

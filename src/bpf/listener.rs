@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex};
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
-use super::{BpfError, Steering, MAX_GROUPS};
+use crate::bpf::{BpfError, Steering, MAX_GROUPS};
 use crate::config::Config;
-use crate::frontend::ports::LookupStats;
-use crate::frontend::ports::{self, Accepted, LookupReader, PortError, PortSource, FIRST_LISTENER};
+use crate::frontend::ports::{
+    self, Accepted, LookupReader, LookupStats, PortError, PortSource, FIRST_LISTENER,
+};
 
 /// Listener tokens above every simple-mode port token, so the two can never be confused.
 const V4: Token = Token(FIRST_LISTENER + 65_536);
@@ -96,19 +97,19 @@ impl GroupNames {
     }
 }
 
-/// Why bpf mode could not start.
+/// Why bpf mode's listeners and program could not be set up.
 #[derive(Debug)]
-pub enum StartError {
+pub enum SetupError {
     /// The listener itself could not be bound.
     Listen(SocketAddr, io::Error),
     Bpf(BpfError),
 }
 
-impl std::fmt::Display for StartError {
+impl std::fmt::Display for SetupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
-            StartError::Bpf(e) => write!(f, "{e}"),
+            SetupError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            SetupError::Bpf(e) => write!(f, "{e}"),
         }
     }
 }
@@ -122,10 +123,10 @@ impl Steered {
         port: u16,
         bind: Option<IpAddr>,
         mut inherited: HashMap<SocketAddr, TcpListener>,
-    ) -> Result<Steered, StartError> {
+    ) -> Result<Steered, SetupError> {
         let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
             Some(l) => Ok(l),
-            None => crate::net::listen(addr, v6only).map_err(|e| StartError::Listen(addr, e)),
+            None => crate::net::listen(addr, v6only).map_err(|e| SetupError::Listen(addr, e)),
         };
         // Two sockets rather than one dual-stack one: the program picks the socket by the
         // packet's family, and a v6-only socket keeps `local_addr` of an IPv4 connection a
@@ -139,7 +140,7 @@ impl Steered {
                 match listen(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true) {
                     Ok(l) => Some(l),
                     // A host without IPv6 still serves IPv4.
-                    Err(StartError::Listen(_, e))
+                    Err(SetupError::Listen(_, e))
                         if e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
                     {
                         None
@@ -155,7 +156,7 @@ impl Steered {
             v6.as_ref().map(|l| l.as_fd()),
             bind,
         )
-        .map_err(StartError::Bpf)?;
+        .map_err(SetupError::Bpf)?;
         Ok(Steered {
             v4,
             v6,
@@ -253,7 +254,7 @@ impl PortSource for Steered {
                 if let Some(l) = l {
                     registry
                         .register(l, token, Interest::READABLE)
-                        .map_err(|error| PortError { port: 0, error })?;
+                        .map_err(PortError::Register)?;
                 }
             }
             self.registered = true;

@@ -30,23 +30,32 @@ pub struct LookupStats {
 /// Tokens at and above this belong to listeners; below it the loop reserves its own.
 pub const FIRST_LISTENER: usize = 16;
 
-/// A port that could not be made reachable, with the OS error.
+/// Why a set of ports could not be made reachable.
 #[derive(Debug)]
-pub struct PortError {
-    pub port: u16,
-    pub error: io::Error,
+pub enum PortError {
+    /// This port could not be listened on.
+    Listen { port: u16, error: io::Error },
+    /// A listener could not be added to the event loop.
+    Register(io::Error),
 }
 
 impl fmt::Display for PortError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hint = match self.error.kind() {
-            io::ErrorKind::AddrInUse => " (another process listens on it)",
-            io::ErrorKind::PermissionDenied => {
-                " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        match self {
+            PortError::Listen { port, error } => {
+                let hint = match error.kind() {
+                    io::ErrorKind::AddrInUse => " (another process listens on it)",
+                    io::ErrorKind::PermissionDenied => {
+                        " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                    }
+                    _ => "",
+                };
+                write!(f, "cannot listen on port {port}: {error}{hint}")
             }
-            _ => "",
-        };
-        write!(f, "port {}: {}{hint}", self.port, self.error)
+            PortError::Register(error) => {
+                write!(f, "cannot add a listener to the event loop: {error}")
+            }
+        }
     }
 }
 

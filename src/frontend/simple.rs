@@ -8,8 +8,10 @@ use std::os::fd::RawFd;
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
-use super::ports::{accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER};
 use crate::config::Config;
+use crate::frontend::ports::{
+    accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER,
+};
 use crate::net::listen_any;
 
 /// Simple mode: one dual-stack listener per port, token = `FIRST_LISTENER + port`.
@@ -65,7 +67,7 @@ impl PortSource for PerPort {
                     for (_, mut l) in fresh {
                         let _ = registry.deregister(&mut l);
                     }
-                    return Err(PortError { port, error });
+                    return Err(PortError::Listen { port, error });
                 }
             }
         }

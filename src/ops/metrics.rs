@@ -10,41 +10,101 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::backends::backend::{Backend, ConnectError};
-use crate::backends::routing::AppRoute;
-
-/// An app's backends, each once: a target listed twice is one backend with two turns, and
-/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
-fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
-    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
-    for b in &app.backends {
-        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
-            seen.push(b);
-        }
-    }
-    seen
-}
+use crate::backends::routing::{AppRoute, Routes};
 use crate::frontend::ports::LookupReader;
-use crate::relay::session::Shared;
+use crate::relay::slots::Slots;
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest request head read; anything longer is refused.
 const MAX_REQUEST: usize = 8 * 1024;
 
+/// What the listener loop publishes for the endpoint: the routing table in force, how reloads
+/// went, and whether accepts are held back. Only the loop writes it.
+pub struct Published {
+    pub routes: Mutex<Arc<Routes>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    /// Unix time in milliseconds of the last successful (re)load.
+    pub last_reload_ok_ms: AtomicU64,
+    /// Accepting is held back by the connection bound.
+    pub accept_paused: AtomicBool,
+}
+
+impl Published {
+    /// The state at start-up: `routes` just loaded, no reload yet.
+    pub fn new(routes: Arc<Routes>) -> Published {
+        Published {
+            routes: Mutex::new(routes),
+            reloads_ok: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            last_reload_ok_ms: AtomicU64::new(unix_ms()),
+            accept_paused: AtomicBool::new(false),
+        }
+    }
+
+    /// The routing table in force.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A reload was applied: `routes` is in force from now on.
+    pub fn reloaded(&self, routes: Arc<Routes>) {
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes;
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.last_reload_ok_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// A reload was refused: the running config stays.
+    pub fn rejected(&self) {
+        self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the endpoint reads.
+pub struct Sources {
+    pub published: Arc<Published>,
+    pub slots: Arc<Slots>,
+    /// The mode's lookup counters (bpf mode only).
+    pub lookups: Option<LookupReader>,
+}
+
+/// The running endpoint, as the listener loop holds it.
+pub struct Endpoint {
+    socket: (SocketAddr, RawFd),
+    handed_over: Arc<AtomicBool>,
+}
+
+impl Endpoint {
+    /// The listening socket's address and descriptor, for handing over on upgrade.
+    pub fn socket(&self) -> (SocketAddr, RawFd) {
+        self.socket
+    }
+
+    /// A new process took the socket over (upgrade): stop serving on it.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
+    }
+}
+
 /// Serve `addr` from a thread: on `inherited` (the socket a process we upgrade handed over),
-/// or on a socket bound now, so that a bad address fails start-up. Returns the socket's
-/// address and descriptor, for handing over in turn.
+/// or on a socket bound now, so that a bad address fails start-up.
 pub fn start(
     addr: SocketAddr,
     inherited: Option<TcpListener>,
-    shared: Arc<Shared>,
-    lookup_stats: Option<LookupReader>,
-) -> io::Result<(SocketAddr, RawFd)> {
+    sources: Sources,
+) -> io::Result<Endpoint> {
     let listener = match inherited {
         Some(l) => l,
         None => TcpListener::bind(addr)?,
@@ -52,12 +112,16 @@ pub fn start(
     // Non-blocking: after an upgrade the other process may take a connection between our
     // poll and our accept.
     listener.set_nonblocking(true)?;
-    let handle = (listener.local_addr()?, listener.as_raw_fd());
+    let handed_over = Arc::new(AtomicBool::new(false));
+    let endpoint = Endpoint {
+        socket: (listener.local_addr()?, listener.as_raw_fd()),
+        handed_over: Arc::clone(&handed_over),
+    };
     std::thread::Builder::new()
         .name("metrics".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(listener, &shared, lookup_stats.as_ref()))?;
-    Ok(handle)
+        .spawn(move || serve(listener, &handed_over, &sources))?;
+    Ok(endpoint)
 }
 
 /// Answer requests until a new process takes the socket over (upgrade). One thread serves up
@@ -70,9 +134,9 @@ pub fn start(
 /// Waits in `poll` with a short timeout rather than in `accept`, so that the hand-over is
 /// noticed; the socket is shared with the new process, so it must not be shut down, only
 /// closed here.
-fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupReader>) {
+fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
     let mut conns: Vec<Conn> = Vec::with_capacity(MAX_CONNS);
-    while !shared.handed_over.load(Ordering::Acquire) {
+    while !handed_over.load(Ordering::Acquire) {
         let now = Instant::now();
         // Room for another connection: a free place, or one waiting for its request.
         let room = conns.len() < MAX_CONNS || conns.iter().any(Conn::reading);
@@ -111,7 +175,7 @@ fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupRea
         // Connections first (their indexes match `pfds[1..]`), then expiry, then accepting.
         for (c, pfd) in conns.iter_mut().zip(&pfds[1..]) {
             if pfd.revents != 0 {
-                c.progress(shared, lookup_stats);
+                c.progress(sources);
             }
         }
         let now = Instant::now();
@@ -129,19 +193,14 @@ fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupRea
             true
         });
         if pfds[0].revents != 0 {
-            accept_some(&listener, &mut conns, shared, lookup_stats);
+            accept_some(&listener, &mut conns, sources);
         }
     }
 }
 
 /// Accept what is waiting, within the bound (replacing the oldest connection still waiting
 /// for its request when full).
-fn accept_some(
-    listener: &TcpListener,
-    conns: &mut Vec<Conn>,
-    shared: &Shared,
-    lookup_stats: Option<&LookupReader>,
-) {
+fn accept_some(listener: &TcpListener, conns: &mut Vec<Conn>, sources: &Sources) {
     loop {
         if conns.len() >= MAX_CONNS {
             let oldest = conns
@@ -158,7 +217,7 @@ fn accept_some(
                         "metrics: at {MAX_CONNS} connections: closed the oldest idle one"
                     );
                     conns[i] = conn;
-                    conns[i].progress(shared, lookup_stats);
+                    conns[i].progress(sources);
                     conns.retain(|c| !c.done);
                     continue;
                 }
@@ -168,7 +227,7 @@ fn accept_some(
         match accept_one(listener) {
             Some(mut conn) => {
                 // The request usually came with the handshake's last packet: answer now.
-                conn.progress(shared, lookup_stats);
+                conn.progress(sources);
                 if !conn.done {
                     conns.push(conn);
                 }
@@ -238,26 +297,26 @@ impl Conn {
     }
 
     /// Read what has arrived, answer a complete request, write what the socket takes.
-    fn progress(&mut self, shared: &Shared, lookup_stats: Option<&LookupReader>) {
-        if let Err(e) = self.step(shared, lookup_stats) {
+    fn progress(&mut self, sources: &Sources) {
+        if let Err(e) = self.step(sources) {
             crate::debug!("metrics: request failed: {e}");
             self.done = true;
         }
     }
 
-    fn step(&mut self, shared: &Shared, lookup_stats: Option<&LookupReader>) -> io::Result<()> {
+    fn step(&mut self, sources: &Sources) -> io::Result<()> {
         let mut chunk = [0u8; 1024];
         while self.answer.is_none() {
             let complete = head_end(&self.request).is_some();
             if complete || self.request.len() > MAX_REQUEST {
-                self.answer = Some((answer(&self.request, shared, lookup_stats), 0));
+                self.answer = Some((answer(&self.request, sources), 0));
                 self.deadline = Instant::now() + IO_TIMEOUT;
                 break;
             }
             match self.stream.read(&mut chunk) {
                 // Closed before a whole request: it gets the answer to what it sent.
                 Ok(0) => {
-                    self.answer = Some((answer(&self.request, shared, lookup_stats), 0));
+                    self.answer = Some((answer(&self.request, sources), 0));
                     self.deadline = Instant::now() + IO_TIMEOUT;
                 }
                 Ok(n) => self.request.extend_from_slice(&chunk[..n]),
@@ -299,7 +358,7 @@ fn head_end(buf: &[u8]) -> Option<usize> {
 }
 
 /// The whole answer (head and body) to `request`.
-fn answer(request: &[u8], shared: &Shared, lookup_stats: Option<&LookupReader>) -> Vec<u8> {
+fn answer(request: &[u8], sources: &Sources) -> Vec<u8> {
     let line = head_end(request)
         .and_then(|i| std::str::from_utf8(&request[..i]).ok())
         .and_then(|h| h.lines().next())
@@ -312,9 +371,9 @@ fn answer(request: &[u8], shared: &Shared, lookup_stats: Option<&LookupReader>) 
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    render(shared, lookup_stats),
+                    render(sources),
                 ),
-                "/status" => ("200 OK", "text/plain; charset=utf-8", status(shared)),
+                "/status" => ("200 OK", "text/plain; charset=utf-8", status(sources)),
                 _ => (
                     "404 Not Found",
                     "text/plain",
@@ -336,6 +395,17 @@ fn answer(request: &[u8], shared: &Shared, lookup_stats: Option<&LookupReader>) 
     out
 }
 
+/// An app's backends, each once: a target listed twice is one backend with two turns, and
+/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
+fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
+    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
+    for b in &app.backends {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
+            seen.push(b);
+        }
+    }
+    seen
+}
 /// A label value escaped as the exposition format asks: backslash, double quote, newline.
 fn esc(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
@@ -379,26 +449,44 @@ impl Family<'_> {
 }
 
 /// The whole exposition, from the current routing table and counters.
-pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
-    let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
+pub fn render(sources: &Sources) -> String {
+    let Sources {
+        published,
+        slots,
+        lookups,
+    } = sources;
+    let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
+    build_info(&mut out);
+    app_families(&mut out, apps);
+    target_families(&mut out, apps);
+    reload_families(&mut out, published);
+    bound_families(&mut out, slots, published);
+    log_families(&mut out);
+    if let Some(read) = lookups {
+        lookup_families(&mut out, read);
+    }
+    out
+}
 
-    let mut f = Family::head(
-        &mut out,
-        "flyproxy_build_info",
-        "gauge",
-        "The running version.",
-    );
+/// Apps in force, each with its ports.
+type Apps = [(Arc<AppRoute>, Vec<u16>)];
+
+fn build_info(out: &mut String) {
+    let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");
     f.sample(
         "flyproxy_build_info",
         &[("version", crate::cli::VERSION)],
         1,
     );
+}
 
+/// Client connections by app: accepted, open, refused.
+fn app_families(out: &mut String, apps: &Apps) {
     macro_rules! per_app {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(&mut out, $name, $kind, $help);
+            let mut f = Family::head(out, $name, $kind, $help);
             for (app, _) in apps {
                 f.sample($name, &[("app", app.name.as_str())], $get(&app.stats));
             }
@@ -418,7 +506,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     );
     let name = "flyproxy_app_connections_refused_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Client connections closed without a target: reason=\"connect_failed\" (no target answered), \"limit\" (the app's MaxConnections) or \"client_limit\" (the client address had its limit of connections open).",
@@ -441,10 +529,13 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
             s.client_limited.load(Ordering::Relaxed),
         );
     }
+}
 
+/// Connections to targets by app and target: made, open, health, bytes, failures.
+fn target_families(out: &mut String, apps: &Apps) {
     macro_rules! per_target {
         ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(&mut out, $name, $kind, $help);
+            let mut f = Family::head(out, $name, $kind, $help);
             for (app, _) in apps {
                 for b in unique_backends(app) {
                     let t = b.target.to_string();
@@ -477,7 +568,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     );
     let name = "flyproxy_bytes_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Bytes relayed, by app, target and direction.",
@@ -503,7 +594,7 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     }
     let name = "flyproxy_connect_failures_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Failed connects to a target, by app, target and reason.",
@@ -524,22 +615,25 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
             }
         }
     }
+}
 
+/// How config reloads went.
+fn reload_families(out: &mut String, published: &Published) {
     let name = "flyproxy_reloads_total";
-    let mut f = Family::head(&mut out, name, "counter", "Config reloads, by result.");
+    let mut f = Family::head(out, name, "counter", "Config reloads, by result.");
     f.sample(
         name,
         &[("result", "ok")],
-        shared.reloads_ok.load(Ordering::Relaxed),
+        published.reloads_ok.load(Ordering::Relaxed),
     );
     f.sample(
         name,
         &[("result", "rejected")],
-        shared.reloads_rejected.load(Ordering::Relaxed),
+        published.reloads_rejected.load(Ordering::Relaxed),
     );
     let name = "flyproxy_config_last_reload_success_timestamp_seconds";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "Unix time of the last config load or reload that was applied.",
@@ -547,27 +641,31 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[],
-        shared.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+        published.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
     );
+}
+
+/// The connection bound and how full it is.
+fn bound_families(out: &mut String, slots: &Slots, published: &Published) {
     let name = "flyproxy_connections_limit";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "The connection bound in force (--max-connections, lowered to fit the open-file limit).",
     );
-    f.sample(name, &[], shared.max_connections);
+    f.sample(name, &[], slots.max());
     let name = "flyproxy_connections_open";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "Client connections holding a slot of the bound now.",
     );
-    f.sample(name, &[], shared.active.load(Ordering::Relaxed));
+    f.sample(name, &[], slots.taken());
     let name = "flyproxy_accept_paused";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "gauge",
         "1 while the connection bound holds accepts back, else 0.",
@@ -575,58 +673,64 @@ pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     f.sample(
         name,
         &[],
-        u8::from(shared.accept_paused.load(Ordering::Relaxed)),
+        u8::from(published.accept_paused.load(Ordering::Relaxed)),
     );
+}
+
+fn log_families(out: &mut String) {
     let name = "flyproxy_log_lines_dropped_total";
     let mut f = Family::head(
-        &mut out,
+        out,
         name,
         "counter",
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::ops::log::dropped());
+}
 
-    if let Some(read) = lookup_stats {
-        let name = "flyproxy_bpf_lookups_total";
-        let mut f = Family::head(
-            &mut out,
+/// sk_lookup verdicts (bpf mode).
+fn lookup_families(out: &mut String, read: &LookupReader) {
+    let name = "flyproxy_bpf_lookups_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+    );
+    for g in read() {
+        f.sample(
             name,
-            "counter",
-            "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+            &[("group", g.group.as_str()), ("verdict", "steered")],
+            g.steered,
         );
-        for g in read() {
-            f.sample(
-                name,
-                &[("group", g.group.as_str()), ("verdict", "steered")],
-                g.steered,
-            );
-            f.sample(
-                name,
-                &[("group", g.group.as_str()), ("verdict", "dropped")],
-                g.dropped,
-            );
-        }
+        f.sample(
+            name,
+            &[("group", g.group.as_str()), ("verdict", "dropped")],
+            g.dropped,
+        );
     }
-    out
 }
 
 /// A page for people: each app, its ports, its targets with health and open connections.
-pub fn status(shared: &Shared) -> String {
-    let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
+pub fn status(sources: &Sources) -> String {
+    let Sources {
+        published, slots, ..
+    } = sources;
+    let routes = published.routes();
     let mut out = String::new();
     let _ = writeln!(
         out,
         "flyproxy {}: {} of {} connection slots in use{}, reloads ok={} rejected={}",
         crate::cli::VERSION,
-        shared.active.load(Ordering::Relaxed),
-        shared.max_connections,
-        if shared.accept_paused.load(Ordering::Relaxed) {
+        slots.taken(),
+        slots.max(),
+        if published.accept_paused.load(Ordering::Relaxed) {
             " (accepts paused)"
         } else {
             ""
         },
-        shared.reloads_ok.load(Ordering::Relaxed),
-        shared.reloads_rejected.load(Ordering::Relaxed),
+        published.reloads_ok.load(Ordering::Relaxed),
+        published.reloads_rejected.load(Ordering::Relaxed),
     );
     for (app, ports) in routes.apps() {
         let shown: Vec<String> = ports.iter().take(12).map(u16::to_string).collect();

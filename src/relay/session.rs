@@ -2,15 +2,15 @@
 //! relay until done, and log how it ended. The same code serves both modes.
 
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use std::io::Write;
 
 use crate::backends::balance;
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{AppRoute, Routes};
+use crate::backends::routing::AppRoute;
 use crate::cli::Settings;
 use crate::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::net;
@@ -25,8 +25,8 @@ pub struct Job {
     pub port: u16,
     pub app: Arc<AppRoute>,
     pub accepted: Instant,
-    /// The client's counts under the per-client limits in force, given back when the job
-    /// drops, however the connection ends.
+    /// The client's counts under the per-client limits in force, given back as the
+    /// connection ends, however it ends.
     pub client_slots: ClientSlots,
 }
 
@@ -68,45 +68,11 @@ impl ClientSlots {
     }
 }
 
-/// What the listener loop and the relay threads share.
-pub struct Shared {
+/// What every session reads besides its own job: the options in force, and the table of open
+/// connections through which drains (a removed port, a stop, an upgrade) reach it.
+pub struct Context {
     pub settings: Settings,
-    /// The connection bound actually in force (the option, lowered to fit the fd limit).
-    pub max_connections: usize,
-    pub conns: Conns,
-    /// Connection slots taken: a slot is taken at accept and given back by the pool once the
-    /// relay thread is idle again, so accepted connections never outnumber threads.
-    pub active: AtomicUsize,
-    /// Set once shutdown has begun, so that the last slot given back wakes the loop.
-    pub stopping: AtomicBool,
-    pub waker: mio::Waker,
-    /// The routing table in force, published by the listener loop for metrics and status.
-    pub routes: Mutex<Arc<Routes>>,
-    pub reloads_ok: AtomicU64,
-    pub reloads_rejected: AtomicU64,
-    /// Unix time in milliseconds of the last successful (re)load.
-    pub last_reload_ok_ms: AtomicU64,
-    /// Accepting is held back by the connection bound.
-    pub accept_paused: AtomicBool,
-    /// A new process took over (upgrade): the metrics thread stops serving.
-    pub handed_over: AtomicBool,
-    /// Open connections per client address, with --max-connections-per-client; None
-    /// without a limit.
-    pub clients: Option<Arc<ClientCounts>>,
-}
-
-impl Shared {
-    /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
-    /// bound, or draining for shutdown). Waking only then keeps the common path free of
-    /// cross-thread wake-ups.
-    pub fn release_slot(&self) {
-        let before = self.active.fetch_sub(1, Ordering::AcqRel);
-        if before == self.max_connections || self.stopping.load(Ordering::Acquire) {
-            if let Err(e) = self.waker.wake() {
-                crate::error!("cannot wake the listener loop: {e}");
-            }
-        }
-    }
+    pub conns: Arc<Conns>,
 }
 
 /// Write a connection's access-log line: a warning when `reason` says why it was refused or
@@ -170,7 +136,9 @@ pub fn refuse_client_limit(
     );
 }
 
-pub fn serve(job: Job, shared: &Shared) {
+/// Connect `job` to a backend of its app, relay until either side is done, and log how it
+/// ended.
+pub fn serve(job: Job, cx: &Context) {
     let Job {
         client,
         peer,
@@ -205,14 +173,13 @@ pub fn serve(job: Job, shared: &Shared) {
 
     // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
     // connection even while it waits for a slot of its app.
-    let reg = shared.conns.register(port, client, accepted);
+    let reg = cx.conns.register(port, client, accepted);
     let entry = &reg.entry;
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
         None => None,
-        Some(limit) => match limit.acquire(shared.settings.connect_timeout, || entry.was_drained())
-        {
+        Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
             Ok(slot) => Some(slot),
             Err(_) if entry.was_drained() => return end("-", 0, 0, "drained", None),
             Err(denied) => {
@@ -221,7 +188,7 @@ pub fn serve(job: Job, shared: &Shared) {
             }
         },
     };
-    let (backend, guard) = match balance::connect(&app, shared.settings.connect_timeout) {
+    let (backend, guard) = match balance::connect(&app, cx.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -258,7 +225,7 @@ pub fn serve(job: Job, shared: &Shared) {
     let outcome = relay::relay(
         &entry.client,
         backend,
-        shared.settings.idle_timeout,
+        cx.settings.idle_timeout,
         &target_state.bytes_up,
         &target_state.bytes_down,
     );
