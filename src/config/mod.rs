@@ -730,6 +730,29 @@ mod tests {
     }
 
     #[test]
+    fn max_connections_per_client() {
+        let c = parse(
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"MaxConnectionsPerClient":10}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.apps[0].max_connections_per_client, Some(10));
+        let c = parse(r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"]}]}"#).unwrap();
+        assert_eq!(c.apps[0].max_connections_per_client, None);
+        for bad in ["0", "-1", "1000001"] {
+            let errs = parse(&format!(
+                r#"{{"Apps":[{{"Name":"a","Ports":[1],"Targets":["h:1"],"MaxConnectionsPerClient":{bad}}}]}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(
+                errs,
+                [format!(
+                    "app \"a\": MaxConnectionsPerClient: {bad} is not a number from 1 to 1000000"
+                )]
+            );
+        }
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let s = r#"{"Apps": [
             {"Name": "a", "Ports": [0, 70000, 10], "Targets": ["x"], "Weight": 3},
