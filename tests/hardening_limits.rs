@@ -573,10 +573,10 @@ fn a_target_listed_by_several_apps_is_checked_once() {
     std::thread::sleep(Duration::from_secs(3));
     let checks = echo.accepted() - before;
     let window = began.elapsed().as_secs_f64();
-    // One check per 500 ms for the target: at most window / 0.5 + 1 (checks are only ever
-    // late on a loaded machine, never early). Three apps checked separately would be 3 times
-    // that.
-    let most = (window / 0.5).floor() as usize + 1;
+    // One check per 500 ms for the target: at most window / 0.5 + 1, and one more for a check
+    // begun just before the window that arrived in it (checks are only ever late on a loaded
+    // machine, never early). Three apps checked separately would be 3 times that.
+    let most = (window / 0.5).floor() as usize + 2;
     assert!(
         (1..=most).contains(&checks),
         "{checks} checks in {window:.2} s (at most {most} expected)"
