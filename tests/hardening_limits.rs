@@ -116,6 +116,52 @@ fn connect_from(from: Ipv4Addr, to: SocketAddr) -> TcpStream {
     s
 }
 
+/// A client connection to `[::1]:port` from the source address `from` (an address of this
+/// namespace's `lo`).
+fn connect_from_v6(from: std::net::Ipv6Addr, port: u16) -> TcpStream {
+    use std::os::fd::AsRawFd;
+    // SAFETY: socket(2); the result is checked and owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sin6 = |ip: std::net::Ipv6Addr, port: u16| {
+        // SAFETY: a zeroed sockaddr_in6 is valid; the fields bind and connect need are set.
+        let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        a.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        a.sin6_port = port.to_be();
+        a.sin6_addr.s6_addr = ip.octets();
+        a
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+    let src = sin6(from, 0);
+    let dst = sin6(std::net::Ipv6Addr::LOCALHOST, port);
+    // SAFETY: valid sockaddr_in6 structures of `len` bytes.
+    unsafe {
+        let rc = libc::bind(
+            fd.as_raw_fd(),
+            (&src as *const libc::sockaddr_in6).cast(),
+            len,
+        );
+        assert_eq!(rc, 0, "bind {from}: {}", std::io::Error::last_os_error());
+        let rc = libc::connect(
+            fd.as_raw_fd(),
+            (&dst as *const libc::sockaddr_in6).cast(),
+            len,
+        );
+        assert_eq!(
+            rc,
+            0,
+            "connect [::1]:{port}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
 /// `GET /metrics` (with CRLF line ends): the exposition text.
 fn scrape(addr: SocketAddr) -> String {
     get(addr, b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
@@ -314,6 +360,52 @@ fn per_client_limit_closes_the_11th_from_one_address_simple() {
 #[test]
 fn per_client_limit_closes_the_11th_from_one_address_bpf() {
     in_mode(Mode::Bpf, "per_client_bpf", eleventh_from_one_address);
+}
+
+/// IPv6 clients are counted by their /64: two addresses of one /64 share the limit, an address
+/// of another /64 is a client of its own. (bpf mode: the namespace is the test's, so it may give
+/// `lo` addresses of its own.)
+#[test]
+fn per_client_limit_counts_an_ipv6_64_as_one_client_bpf() {
+    in_mode(Mode::Bpf, "per_client_ipv6_bpf", |mode| {
+        let host_a: std::net::Ipv6Addr = "2001:db8::a".parse().unwrap();
+        let host_b: std::net::Ipv6Addr = "2001:db8::b".parse().unwrap();
+        let other_net: std::net::Ipv6Addr = "2001:db8:0:1::a".parse().unwrap();
+        for a in [host_a, host_b, other_net] {
+            let out = Command::new("ip")
+                .args([
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{a}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ])
+                .output()
+                .expect("run ip (iproute2)");
+            assert!(out.status.success(), "ip addr add {a}: {out:?}");
+        }
+        let echo = Backend::echo();
+        let p = start_in(mode, 1, &["--max-connections-per-client", "2"], |ports| {
+            config(&[quiet_app("web", ports, &[echo.target()])])
+        });
+        let port = p.ports[0];
+        let mut held = Vec::new();
+        for (i, from) in [host_a, host_b].into_iter().enumerate() {
+            let mut s = connect_from_v6(from, port);
+            roundtrip(&mut s, format!("v6 {i}").as_bytes());
+            held.push(s);
+        }
+        // A third from the same /64, by another address of it: refused.
+        let mut third = connect_from_v6(host_a, port);
+        expect_closed(&mut third, WAIT);
+        let line = p.wait_conn(third.local_addr().unwrap());
+        assert_eq!(line.end, "client_limit", "{}", line.line);
+        // Another /64 is another client.
+        let mut other = connect_from_v6(other_net, port);
+        roundtrip(&mut other, b"another /64");
+    });
 }
 
 /// The per-app `MaxConnectionsPerClient` limits that app only; a connection that fails to
