@@ -373,7 +373,10 @@ impl Run {
         let done = Instant::now();
         let took = done.duration_since(check.began);
         for b in &check.backends {
-            self.last.insert(Arc::as_ptr(b), done);
+            // Only backends still configured: one a reload removed meanwhile keeps no entry.
+            if let Some(last) = self.last.get_mut(&Arc::as_ptr(b)) {
+                *last = done;
+            }
             let own = match &result {
                 // Connected, but later than this app allows.
                 Ok(()) if took > b.check_settings().timeout => Err(ConnectError::Timeout),
