@@ -144,12 +144,16 @@ impl Run {
                 self.scan(now);
             }
             self.start_queued();
-            // Waiting for room, the poll wakes when a connect finishes or a check times out.
-            let mut wake = self.checks.values().map(|c| c.deadline).min();
-            if self.queue.is_empty() {
-                wake = Some(wake.map_or(self.next_scan, |d| d.min(self.next_scan)));
-            }
-            let wake = wake.unwrap_or(self.next_scan);
+            // While targets wait for room, a finished connect or a check's deadline wakes the
+            // poll; otherwise also the next scan.
+            let deadline = self.checks.values().map(|c| c.deadline).min();
+            let wake = match (self.queue.is_empty(), deadline) {
+                (true, Some(d)) => d.min(self.next_scan),
+                (true, None) => self.next_scan,
+                (false, Some(d)) => d,
+                // Targets wait for room only while connects are in flight; be safe anyway.
+                (false, None) => now + Duration::from_millis(100),
+            };
             let timeout = Some(wake.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
