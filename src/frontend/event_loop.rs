@@ -101,36 +101,7 @@ impl Loop {
                 }
             }
             for event in events.iter() {
-                match event.token() {
-                    SIGHUP_PIPE => {
-                        drain_pipe(&mut self.signals.hup);
-                        if self.lifecycle.is_draining() {
-                            // Draining: nothing would accept on a port a reload added.
-                            crate::info!("SIGHUP ignored: stopping");
-                        } else {
-                            crate::info!("SIGHUP: reloading {}", self.settings.config.display());
-                            self.reload(poll, true);
-                        }
-                    }
-                    STOP_PIPE => {
-                        drain_pipe(&mut self.signals.stop);
-                        let next = self.lifecycle.stop_signal(poll.registry());
-                        self.carry_out(poll, next);
-                    }
-                    UPGRADE_PIPE => {
-                        drain_pipe(&mut self.signals.upgrade);
-                        self.lifecycle
-                            .upgrade_signal(poll.registry(), self.source.as_ref());
-                    }
-                    UPGRADE_READY => {
-                        let next = self.lifecycle.upgrade_progress(poll.registry());
-                        self.carry_out(poll, next);
-                    }
-                    WAKE => {}
-                    listener => {
-                        self.ready.insert(listener);
-                    }
-                }
+                self.event(poll, event.token());
             }
 
             let now = Instant::now();
@@ -155,22 +126,63 @@ impl Loop {
                 }
                 self.next_drain = next;
             }
-            if let Some(deadline) = self.lifecycle.drain_deadline() {
-                let active = self.slots.taken();
-                if active == 0 {
-                    crate::info!("stopped: every connection finished");
-                    return Ok(());
-                }
-                // Connections cut at the drain deadline end within moments; give their threads
-                // a second to log, then go regardless.
-                if now >= deadline + Duration::from_secs(1) {
-                    crate::warn!(
-                        "stopped: drain timeout passed with {active} connections still open"
-                    );
-                    return Ok(());
-                }
+            if self.drained(now) {
+                return Ok(());
             }
         }
+    }
+
+    /// One readiness event: a signal, a wake-up, the upgrade's new process, or a listener.
+    fn event(&mut self, poll: &Poll, token: Token) {
+        match token {
+            SIGHUP_PIPE => {
+                drain_pipe(&mut self.signals.hup);
+                if self.lifecycle.is_draining() {
+                    // Draining: nothing would accept on a port a reload added.
+                    crate::info!("SIGHUP ignored: stopping");
+                } else {
+                    crate::info!("SIGHUP: reloading {}", self.settings.config.display());
+                    self.reload(poll, true);
+                }
+            }
+            STOP_PIPE => {
+                drain_pipe(&mut self.signals.stop);
+                let next = self.lifecycle.stop_signal(poll.registry());
+                self.carry_out(poll, next);
+            }
+            UPGRADE_PIPE => {
+                drain_pipe(&mut self.signals.upgrade);
+                self.lifecycle
+                    .upgrade_signal(poll.registry(), self.source.as_ref());
+            }
+            UPGRADE_READY => {
+                let next = self.lifecycle.upgrade_progress(poll.registry());
+                self.carry_out(poll, next);
+            }
+            WAKE => {}
+            listener => {
+                self.ready.insert(listener);
+            }
+        }
+    }
+
+    /// While draining: true once every connection is done, or the drain deadline is past.
+    fn drained(&self, now: Instant) -> bool {
+        let Some(deadline) = self.lifecycle.drain_deadline() else {
+            return false;
+        };
+        let active = self.slots.taken();
+        if active == 0 {
+            crate::info!("stopped: every connection finished");
+            return true;
+        }
+        // Connections cut at the drain deadline end within moments; give their threads a
+        // second to log, then go regardless.
+        if now >= deadline + Duration::from_secs(1) {
+            crate::warn!("stopped: drain timeout passed with {active} connections still open");
+            return true;
+        }
+        false
     }
 
     /// Do what a lifecycle transition asks of the rest of the process.

@@ -26,11 +26,11 @@ use crate::frontend::simple::PerPort;
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, WAKE};
 use crate::frontend::watch::Watch;
 use crate::ops::caps::{Cap, CapsError};
-use crate::ops::metrics::{self, Published, Sources};
+use crate::ops::metrics::{self, Endpoint, Published, Sources};
 use crate::ops::upgrade::{Exec, ReadyPipe};
 use crate::relay::conns::Conns;
 use crate::relay::pool::Pool;
-use crate::relay::session::{self, Context};
+use crate::relay::session::{self, Context, Job};
 use crate::relay::slots::Slots;
 
 /// Descriptors kept aside for what is not counted elsewhere: the standard streams, the config
@@ -109,32 +109,10 @@ pub struct Handed {
 /// config is known to be valid, so nothing is set up for a config that will be refused.
 /// `handed` is what a previous process handed over if this one was started by an upgrade.
 pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunError> {
-    // Stat before loading: a change written while we start shows as a change at the first
-    // tick instead of being taken for what we loaded.
-    let loaded_sig = Watch::stat(&settings.config);
-    let loaded = std::fs::read(&settings.config).map_err(|e| {
-        StartError::Config(ConfigError {
-            path: settings.config.clone(),
-            problems: vec![crate::config::Problem::Io(e.to_string())],
-        })
-    })?;
-    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let (config, watch) = load(&settings)?;
     let adopted = handed.listeners.len();
     let mut source = port_source(&mode, handed.listeners)?;
-
-    let mut poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
-    let waker = Waker::new(poll.registry(), WAKE)
-        .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
-    let signals = SignalPipes {
-        hup: signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?,
-        stop: signal_pipe(
-            &poll,
-            STOP_PIPE,
-            &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
-        )?,
-        upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
-    };
-
+    let (mut poll, waker, signals) = event_loop_parts()?;
     let ports: Vec<u16> = config.ports().collect();
     source
         .apply(poll.registry(), &config, &ports, &[])
@@ -153,60 +131,17 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes)));
     let conns = Arc::new(Conns::default());
-    let mut metrics_endpoint = None;
-    if let Some(addr) = settings.metrics {
-        let inherited = handed
-            .metrics
-            .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
-        let sources = Sources {
-            published: Arc::clone(&published),
-            slots: Arc::clone(&slots),
-            lookups: source.lookup_stats(),
-        };
-        let endpoint =
-            metrics::start(addr, inherited, sources).map_err(|e| StartError::Metrics(addr, e))?;
-        metrics_endpoint = Some(endpoint);
-    }
-    let pool = {
-        let cx = Context {
-            settings: settings.clone(),
-            conns: Arc::clone(&conns),
-        };
-        let released = Arc::clone(&slots);
-        Pool::new(
-            max_connections,
-            move |job| session::serve(job, &cx),
-            move || released.release(),
-        )
+    let sources = || Sources {
+        published: Arc::clone(&published),
+        slots: Arc::clone(&slots),
+        lookups: source.lookup_stats(),
     };
-
+    let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
+    let pool = relay_pool(&settings, &conns, &slots);
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
-    crate::info!(
-        "started mode={} config={} {} max_connections={max_connections}{} {fds} health_checks_in_flight={} pid={}",
-        mode.name(),
-        settings.config.display(),
-        config.summary(),
-        match settings.max_connections_per_client {
-            0 => String::new(),
-            n => format!(" max_connections_per_client={n}"),
-        },
-        crate::backends::health::MAX_IN_FLIGHT,
-        std::process::id()
-    );
-    if let Some(path) = &settings.pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            crate::error!("--pid-file {}: cannot write: {e}", path.display());
-        }
-    }
-    // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
-    // this from the old process instead (see lifecycle's upgrade_progress).
-    if let Err(e) =
-        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
-    {
-        crate::warn!("cannot notify systemd of readiness: {e}");
-    }
+    announce(&mode, &settings, &config, max_connections, &fds);
     if let Some(ready) = handed.ready {
         crate::info!(
             "upgrade: serving with {adopted} listeners taken over from the previous process"
@@ -214,11 +149,9 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         ready.signal();
     }
 
-    let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
-    let mut watch = Watch::new();
-    watch.seen(loaded_sig, loaded);
     let clients = (settings.max_connections_per_client > 0)
         .then(|| ClientCounts::new(settings.max_connections_per_client));
+    let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
     let mut lp = Loop {
         settings,
         config,
@@ -243,6 +176,104 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         remove_pid_file(&lp.settings);
     }
     result.map_err(RunError::EventLoop)
+}
+
+/// Read and validate the config file, and start watching it.
+fn load(settings: &Settings) -> Result<(Config, Watch), StartError> {
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(&settings.config);
+    let loaded = std::fs::read(&settings.config).map_err(|e| {
+        StartError::Config(ConfigError {
+            path: settings.config.clone(),
+            problems: vec![crate::config::Problem::Io(e.to_string())],
+        })
+    })?;
+    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let mut watch = Watch::new();
+    watch.seen(loaded_sig, loaded);
+    Ok((config, watch))
+}
+
+/// The poll, the waker relay threads wake it with, and the signals' self-pipes.
+fn event_loop_parts() -> Result<(Poll, Waker, SignalPipes), StartError> {
+    let poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
+    let waker = Waker::new(poll.registry(), WAKE)
+        .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
+    let signals = SignalPipes {
+        hup: signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?,
+        stop: signal_pipe(
+            &poll,
+            STOP_PIPE,
+            &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
+        )?,
+        upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
+    };
+    Ok((poll, waker, signals))
+}
+
+/// Serve --metrics, on the socket a previous process handed over if it is the same address.
+/// `sources` is asked for only then (reading bpf's counters may fail, and says so).
+fn start_metrics(
+    settings: &Settings,
+    handed: Option<std::net::TcpListener>,
+    sources: impl FnOnce() -> Sources,
+) -> Result<Option<Endpoint>, StartError> {
+    let Some(addr) = settings.metrics else {
+        return Ok(None);
+    };
+    let inherited = handed.filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+    metrics::start(addr, inherited, sources())
+        .map(Some)
+        .map_err(|e| StartError::Metrics(addr, e))
+}
+
+/// The relay threads: each serves a session, and gives its slot back once idle again.
+fn relay_pool(settings: &Settings, conns: &Arc<Conns>, slots: &Arc<Slots>) -> Pool<Job> {
+    let cx = Context {
+        settings: settings.clone(),
+        conns: Arc::clone(conns),
+    };
+    let released = Arc::clone(slots);
+    Pool::new(
+        slots.max(),
+        move |job| session::serve(job, &cx),
+        move || released.release(),
+    )
+}
+
+/// Say that the proxy serves: in the log, in the pid file, and to systemd.
+fn announce(
+    mode: &Mode,
+    settings: &Settings,
+    config: &Config,
+    max_connections: usize,
+    fds: &FdBudget,
+) {
+    crate::info!(
+        "started mode={} config={} {} max_connections={max_connections}{} {fds} health_checks_in_flight={} pid={}",
+        mode.name(),
+        settings.config.display(),
+        config.summary(),
+        match settings.max_connections_per_client {
+            0 => String::new(),
+            n => format!(" max_connections_per_client={n}"),
+        },
+        crate::backends::health::MAX_IN_FLIGHT,
+        std::process::id()
+    );
+    if let Some(path) = &settings.pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            crate::error!("--pid-file {}: cannot write: {e}", path.display());
+        }
+    }
+    // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
+    // this from the old process instead (see lifecycle's upgrade_progress).
+    if let Err(e) =
+        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    {
+        crate::warn!("cannot notify systemd of readiness: {e}");
+    }
 }
 
 /// On the way out, remove the pid file if it still names this process (after a hand-over it
