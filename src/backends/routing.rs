@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backends::backend::Backend;
-use crate::clients::ClientCounts;
+use crate::backends::clients::ClientCounts;
 use crate::config::{Balance, Config, ProxyProtocol, Target};
 
 #[derive(Debug)]

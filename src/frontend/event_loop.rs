@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use mio::net::UnixStream;
 use mio::{Events, Poll, Token};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
-use crate::clients::ClientCounts;
 use crate::config::{Config, Diff};
 use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::ports::{Accepted, PortSource};

@@ -13,11 +13,11 @@ use std::time::Duration;
 use mio::net::{TcpListener, UnixStream};
 use mio::{Interest, Poll, Token, Waker};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::bpf::listener::{SetupError, Steered};
 use crate::cli::{Mode, Settings};
-use crate::clients::ClientCounts;
 use crate::config::{Config, ConfigError};
 use crate::frontend::event_loop::{Loop, SignalPipes};
 use crate::frontend::lifecycle::Lifecycle;

@@ -9,10 +9,10 @@ use std::time::Instant;
 use std::io::Write;
 
 use crate::backends::balance;
+use crate::backends::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::backends::proxy_protocol;
 use crate::backends::routing::AppRoute;
 use crate::cli::Settings;
-use crate::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::net;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::Conns;
