@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use mio::net::UnixStream;
 use mio::{Events, Poll, Token};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
@@ -24,7 +25,7 @@ use crate::frontend::watch::Watch;
 use crate::ops::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::pool::Pool;
-use crate::relay::session::Job;
+use crate::relay::session::{self, ClientSlots, Job};
 use crate::relay::slots::Slots;
 
 /// Connections accepted from one listener before the loop looks at the others, so one busy
@@ -41,6 +42,9 @@ pub(super) struct Loop {
     pub(super) checker: Arc<Checker>,
     pub(super) pool: Pool<Job>,
     pub(super) slots: Arc<Slots>,
+    /// Open connections per client address, with --max-connections-per-client; None without
+    /// a limit.
+    pub(super) clients: Option<Arc<ClientCounts>>,
     pub(super) conns: Arc<Conns>,
     /// What the metrics endpoint reads of the loop's state.
     pub(super) published: Arc<Published>,
@@ -285,6 +289,15 @@ impl Loop {
             );
             return;
         };
+        // Per-client limits first, before the connection takes a slot or a thread: a client at
+        // its limit is closed at once and costs nothing more.
+        let client_slots = match ClientSlots::take(self.clients.as_ref(), app, conn.peer) {
+            Ok(slots) => slots,
+            Err(reached) => {
+                session::refuse_client_limit(app, conn.stream, conn.peer, conn.port, reached);
+                return;
+            }
+        };
         self.slots.take();
         let job = Job {
             client: conn.stream,
@@ -292,6 +305,7 @@ impl Loop {
             port: conn.port,
             app: Arc::clone(app),
             accepted: Instant::now(),
+            client_slots,
         };
         if let Err((job, e)) = self.pool.submit(job) {
             crate::error!(
