@@ -16,7 +16,7 @@ use flyproxy::config::{
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 
-const APP_KEYS: [&str; 10] = [
+const APP_KEYS: [&str; 11] = [
     "Name",
     "Ports",
     "Targets",
@@ -26,6 +26,7 @@ const APP_KEYS: [&str; 10] = [
     "Balance",
     "ConnectAttempts",
     "MaxConnections",
+    "MaxConnectionsPerClient",
     "ProxyProtocol",
 ];
 const HEALTH_KEYS: [&str; 4] = ["IntervalMs", "TimeoutMs", "Fall", "Rise"];
@@ -208,6 +209,7 @@ fn well_typed(v: &Value) -> bool {
                 && opt(a.get("ProxyProtocol"), &is_str)
                 && opt(a.get("ConnectAttempts"), &is_int)
                 && opt(a.get("MaxConnections"), &is_int)
+                && opt(a.get("MaxConnectionsPerClient"), &is_int)
         })
     })
 }
@@ -360,6 +362,13 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             ranged("ConnectAttempts", present(a, "ConnectAttempts"), 1, 10).unwrap_or(3) as usize;
         let max_connections = ranged("MaxConnections", present(a, "MaxConnections"), 1, 1_000_000)
             .map(|n| n as usize);
+        let max_connections_per_client = ranged(
+            "MaxConnectionsPerClient",
+            present(a, "MaxConnectionsPerClient"),
+            1,
+            1_000_000,
+        )
+        .map(|n| n as usize);
         problems += health_unknown;
         let balance = match present(a, "Balance").as_ref().and_then(Value::as_str) {
             None | Some("p2c") => Balance::P2c,
@@ -389,6 +398,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             balance,
             connect_attempts,
             max_connections,
+            max_connections_per_client,
             proxy_protocol,
         });
     }
@@ -737,6 +747,7 @@ pub struct AppGen {
     balance: Field<Word>,
     connect_attempts: Field<Int>,
     max_connections: Field<Int>,
+    max_connections_per_client: Field<Int>,
     proxy_protocol: Field<Word>,
     extra: Vec<String>,
 }
@@ -1015,6 +1026,13 @@ impl AppGen {
             &mut m,
             "MaxConnections",
             &self.max_connections,
+            false,
+            |i| json!(int_value(i)),
+        );
+        t &= put(
+            &mut m,
+            "MaxConnectionsPerClient",
+            &self.max_connections_per_client,
             false,
             |i| json!(int_value(i)),
         );

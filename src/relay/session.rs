@@ -9,6 +9,7 @@ use std::time::Instant;
 use std::io::Write;
 
 use crate::backends::balance;
+use crate::backends::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::backends::proxy_protocol;
 use crate::backends::routing::{AppRoute, Binding, Unrouted, UnroutedCounts};
 use crate::cli::Settings;
@@ -26,6 +27,68 @@ pub struct Job {
     /// The apps on that address and port; the relay thread picks one.
     pub binding: Arc<Binding>,
     pub accepted: Instant,
+    /// The client's counts under the per-client limits in force, given back as the
+    /// connection ends, however it ends.
+    pub client_slots: ClientSlots,
+}
+
+/// A connection's place under `--max-connections-per-client` and its app's
+/// `MaxConnectionsPerClient` (either may be absent).
+#[derive(Debug, Default)]
+pub struct ClientSlots {
+    _global: Option<ClientSlot>,
+    _app: Option<ClientSlot>,
+    /// The app's limit has been checked (it may have none).
+    app_checked: bool,
+}
+
+impl ClientSlots {
+    /// Count a new connection from `peer` under the global limit and, when the app is known at
+    /// accept, under `app`'s. Err names the limit already reached for this client and its
+    /// value (nothing stays counted then). Where the app is only known once the server name
+    /// is read, `take_app` counts it then.
+    pub fn take(
+        global: Option<&Arc<ClientCounts>>,
+        app: Option<&AppRoute>,
+        peer: SocketAddr,
+    ) -> Result<ClientSlots, (&'static str, usize)> {
+        let key = ClientKey::of(peer.ip());
+        let global = match global {
+            Some(c) => Some(
+                c.acquire(key)
+                    .ok_or(("--max-connections-per-client", c.limit()))?,
+            ),
+            None => None,
+        };
+        let mut slots = ClientSlots {
+            _global: global,
+            _app: None,
+            app_checked: false,
+        };
+        if let Some(app) = app {
+            slots.take_app(app, peer)?;
+        }
+        Ok(slots)
+    }
+
+    /// Count the connection under `app`'s `MaxConnectionsPerClient`, once.
+    pub fn take_app(
+        &mut self,
+        app: &AppRoute,
+        peer: SocketAddr,
+    ) -> Result<(), (&'static str, usize)> {
+        if self.app_checked {
+            return Ok(());
+        }
+        if let Some(c) = &app.per_client {
+            let slot = c
+                .acquire(ClientKey::of(peer.ip()))
+                .ok_or(("the app's MaxConnectionsPerClient", c.limit()))?;
+            self._app = Some(slot);
+        }
+        self.app_checked = true;
+        Ok(())
+    }
 }
 
 /// What every session reads besides its own job: the options in force, and the table of open
@@ -35,6 +98,87 @@ pub struct Context {
     pub conns: Arc<Conns>,
     /// Connections no app took, by port and reason.
     pub unrouted: Arc<UnroutedCounts>,
+}
+
+/// Write a connection's access-log line: a warning when `reason` says why it was refused or
+/// failed.
+#[allow(clippy::too_many_arguments)]
+fn log_conn(
+    app: &str,
+    client: &str,
+    port: u16,
+    target: &str,
+    (up, down): (u64, u64),
+    accepted: Instant,
+    end: &str,
+    reason: Option<&str>,
+    sni: Option<&str>,
+) {
+    let level = if reason.is_some() {
+        Level::Warn
+    } else {
+        Level::Info
+    };
+    let mut fields = vec![
+        ("app", Field::Str(app)),
+        ("client", Field::Str(client)),
+        ("port", Field::Num(u64::from(port))),
+        ("target", Field::Str(target)),
+        ("up", Field::Num(up)),
+        ("down", Field::Num(down)),
+        ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+        ("end", Field::Str(end)),
+    ];
+    if let Some(r) = reason {
+        fields.push(("reason", Field::Str(r)));
+    }
+    if let Some(name) = sni {
+        fields.push(("sni", Field::Str(name)));
+    }
+    log::record(level, "conn", &fields);
+}
+
+/// A connection closed at accept because its client address already has `limit` connections
+/// open under `which` limit: counted and logged as `end=client_limit`. Called by the listener
+/// loop instead of handing the connection on.
+/// `app` is None where the app is not known yet (it would be picked by the server name).
+pub fn refuse_client_limit(
+    app: Option<&AppRoute>,
+    client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    reached: (&str, usize),
+) {
+    let accepted = Instant::now();
+    drop(client);
+    client_limited(app, &peer.to_string(), port, accepted, reached, None);
+}
+
+/// Count and log a connection refused by a per-client limit.
+fn client_limited(
+    app: Option<&AppRoute>,
+    client: &str,
+    port: u16,
+    accepted: Instant,
+    (which, limit): (&str, usize),
+    sni: Option<&str>,
+) {
+    if let Some(app) = app {
+        app.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        app.stats.client_limited.fetch_add(1, Ordering::Relaxed);
+    }
+    let reason = format!("the client address has {limit} connections open ({which})");
+    log_conn(
+        app.map_or("-", |a| a.name.as_str()),
+        client,
+        port,
+        "-",
+        (0, 0),
+        accepted,
+        "client_limit",
+        Some(&reason),
+        sni,
+    );
 }
 
 /// The app a connection goes to, and what was read from it to decide.
@@ -91,6 +235,7 @@ pub fn serve(job: Job, cx: &Context) {
         local,
         binding,
         accepted,
+        mut client_slots,
     } = job;
     let port = local.port();
     let client_addr = peer.to_string();
@@ -110,6 +255,7 @@ pub fn serve(job: Job, cx: &Context) {
     let app = match app {
         Ok(app) => app,
         Err(why) => {
+            drop(client_slots);
             let end = if entry.was_drained() {
                 "drained"
             } else {
@@ -134,45 +280,49 @@ pub fn serve(job: Job, cx: &Context) {
             return log::record(Level::Warn, "conn", &fields);
         }
     };
+    // The app's per-client limit, where the app was only known now.
+    if let Err(reached) = client_slots.take_app(&app, peer) {
+        drop(client_slots);
+        return client_limited(
+            Some(&app),
+            &client_addr,
+            port,
+            accepted,
+            reached,
+            sni.as_deref(),
+        );
+    }
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
+    // Given back as the connection ends, before its log line: a client that saw it end may
+    // open another at once.
+    let client_slots = std::cell::Cell::new(Some(client_slots));
     let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
+        drop(client_slots.take());
         stats.active.fetch_sub(1, Ordering::Relaxed);
-        let level = if reason.is_some() {
-            Level::Warn
-        } else {
-            Level::Info
-        };
-        let mut fields = vec![
-            ("app", Field::Str(&app.name)),
-            ("client", Field::Str(&client_addr)),
-            ("port", Field::Num(u64::from(port))),
-            ("target", Field::Str(target)),
-            ("up", Field::Num(up)),
-            ("down", Field::Num(down)),
-            ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
-            ("end", Field::Str(end)),
-        ];
-        if let Some(r) = &reason {
-            fields.push(("reason", Field::Str(r)));
-        }
-        if let Some(name) = &sni {
-            fields.push(("sni", Field::Str(name)));
-        }
-        log::record(level, "conn", &fields);
+        log_conn(
+            &app.name,
+            &client_addr,
+            port,
+            target,
+            (up, down),
+            accepted,
+            end,
+            reason.as_deref(),
+            sni.as_deref(),
+        );
     };
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let _slot = match &app.limit {
         None => None,
         Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
-            Some(slot) => Some(slot),
-            None if entry.was_drained() => return end("-", 0, 0, "drained", None),
-            None => {
+            Ok(slot) => Some(slot),
+            Err(_) if entry.was_drained() => return end("-", 0, 0, "drained", None),
+            Err(denied) => {
                 stats.limited.fetch_add(1, Ordering::Relaxed);
-                let reason = "the app's MaxConnections stayed reached for the connect timeout";
-                return end("-", 0, 0, "limit", Some(reason.into()));
+                return end("-", 0, 0, "limit", Some(denied.reason().into()));
             }
         },
     };
