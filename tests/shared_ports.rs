@@ -1126,3 +1126,38 @@ fn simple_mode_names_an_address_it_cannot_listen_on() {
         o.stderr
     );
 }
+
+/// An app picked by server name still has its `MaxConnectionsPerClient`: counted once the name
+/// is read, and logged with the app and the name.
+#[test]
+fn per_client_limit_of_an_app_picked_by_name() {
+    netns::run("per_client_limit_of_an_app_picked_by_name", |_| {
+        let (shop, other) = (Backend::tagged("shop"), Backend::tagged("other"));
+        let config = json!({"Apps": [
+            {"Name": "shop", "Ports": [8443], "Hostnames": ["shop.example.com"],
+             "MaxConnectionsPerClient": 1, "Targets": [shop.target()]},
+            {"Name": "other", "Ports": [8443], "Targets": [other.target()]},
+        ]});
+        let p = start(Mode::Simple, &config, &[]);
+        let at = sa("127.0.0.1", 8443);
+        let hello = client_hello(Some("shop.example.com"), 1000);
+        let (tag, _held) = hello_reaches(at, &hello);
+        assert_eq!(tag, "shop");
+        let mark = p.mark();
+        let mut s = connect(at);
+        s.write_all(&hello).unwrap();
+        expect_closed(&mut s, WAIT);
+        let line = p.wait_log_since(mark, "end=client_limit", |l| {
+            l.contains(" end=client_limit")
+        });
+        assert_eq!(field(&line, "app").as_deref(), Some("shop"), "{line}");
+        assert_eq!(
+            field(&line, "sni").as_deref(),
+            Some("shop.example.com"),
+            "{line}"
+        );
+        // The other app on the same port is not limited for this client.
+        let (tag, _) = hello_reaches(at, &client_hello(Some("x.example"), 1000));
+        assert_eq!(tag, "other");
+    });
+}
