@@ -183,11 +183,6 @@ impl PortTable {
             .find(|(p, _)| p.contains(ip))
             .map(|(_, b)| b)
     }
-
-    /// Every (prefix, binding) of the port, most specific first.
-    pub fn bindings(&self) -> &[(Prefix, Arc<Binding>)] {
-        &self.bindings
-    }
 }
 
 #[derive(Debug)]
@@ -306,13 +301,6 @@ impl Routes {
     /// The bindings of `port`, if it is configured.
     pub fn port(&self, port: u16) -> Option<&Arc<PortTable>> {
         self.by_port.get(&port)
-    }
-
-    /// Every configured port with its table, ascending.
-    pub fn ports(&self) -> impl Iterator<Item = (u16, &Arc<PortTable>)> {
-        let mut v: Vec<_> = self.by_port.iter().map(|(p, t)| (*p, t)).collect();
-        v.sort_unstable_by_key(|(p, _)| *p);
-        v.into_iter()
     }
 
     /// The app of `port` on every address without Hostnames (tests, and ports not shared).

@@ -27,8 +27,9 @@ use prefix::{Prefix, PrefixError};
 
 use raw::RawConfig;
 
-/// A validated config: app names unique, every port in 1..=65535 and used once, every app with
-/// at least one port and one well-formed target.
+/// A validated config: app names unique, every port in 1..=65535, apps sharing an (address
+/// prefix, port) told apart by Hostnames, every app with at least one port and one well-formed
+/// target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub apps: Vec<App>,
