@@ -432,17 +432,19 @@ two_modes!(
     let p = start(
         mode,
         &config,
-        &["--preread-timeout", "1s", "--metrics", "127.0.0.1:9100"],
+        &["--preread-timeout", "2s", "--metrics", "127.0.0.1:9100"],
     );
     let at = sa("127.0.0.1", 8443);
 
-    // A real hello, in records of 7 bytes, written one byte at a time.
+    // A real hello, in records of 7 bytes, written one byte at a time (each write its own
+    // segment: TCP_NODELAY). No sleeps between them: on a loaded machine sleeps would stretch
+    // the hello past the preread timeout.
     let hello = client_hello(Some("www.blog.example.com"), 7);
     let mut s = connect(at);
     s.set_nodelay(true).unwrap();
     for b in &hello {
         s.write_all(std::slice::from_ref(b)).unwrap();
-        thread::sleep(Duration::from_micros(200));
+        thread::yield_now();
     }
     assert_eq!(read_line(&mut s), "blog");
     let mut back = vec![0u8; hello.len()];
@@ -480,10 +482,10 @@ two_modes!(
         b"GET / HTTP/1.1\r\nHost: shop.example.com\r\n\r\n",
         "not_tls",
     );
-    // A client that sends nothing: closed at the preread timeout (1s), not before.
+    // A client that sends nothing: closed at the preread timeout (2s), not before.
     let (_, took) = expect_no_route(b"", "preread_timeout");
     assert!(
-        took >= Duration::from_millis(900),
+        took >= Duration::from_millis(1900),
         "closed after {took:?}, before the preread timeout"
     );
     // Half a hello, then silence: the same.
