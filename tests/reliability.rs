@@ -14,10 +14,11 @@
 //! The idle flood (5,000 connections) runs alone under nextest (see `.config/nextest.toml`).
 
 mod common;
+#[macro_use]
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
-use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -32,112 +33,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
+use modes::{Env, Mode, NETNS_METRICS_PORT};
 use serde_json::json;
-
-// ---------------------------------------------------------------------------------------------
-// The two modes
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Bpf,
-}
-
-/// What a test body needs to know about the mode it runs in.
-struct Env {
-    mode: Mode,
-    /// bpf mode: the test's own network namespace.
-    ns: Option<netns::Netns>,
-    /// bpf mode: the next frontend port to hand out (any port is free in our own namespace;
-    /// these stay below the ephemeral range and away from the listener and metrics ports).
-    next_port: Cell<u16>,
-}
-
-/// Port of `--metrics` in bpf mode (the namespace is ours).
-const NETNS_METRICS_PORT: u16 = 9100;
-
-/// Run `body` in `mode`: simple mode on this thread; bpf mode on a thread in a network
-/// namespace of its own.
-fn in_mode(mode: Mode, test: &'static str, body: impl FnOnce(Env) + Send + 'static) {
-    match mode {
-        Mode::Simple => body(Env {
-            mode,
-            ns: None,
-            next_port: Cell::new(0),
-        }),
-        Mode::Bpf => netns::run(test, move |ns| {
-            body(Env {
-                mode,
-                ns: Some(ns),
-                next_port: Cell::new(20_000),
-            })
-        }),
-    }
-}
-
-impl Env {
-    /// `n` frontend ports nobody listens on.
-    fn ports(&self, n: usize) -> Vec<u16> {
-        match self.mode {
-            Mode::Simple => free_ports(n),
-            Mode::Bpf => (0..n)
-                .map(|_| {
-                    let p = self.next_port.get();
-                    self.next_port.set(p + 1);
-                    p
-                })
-                .collect(),
-        }
-    }
-
-    /// An address for `--metrics`.
-    fn metrics_addr(&self) -> SocketAddr {
-        let port = match self.mode {
-            Mode::Simple => free_port(),
-            Mode::Bpf => NETNS_METRICS_PORT,
-        };
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-    }
-
-    /// Start the proxy in this mode on `config_json` (which serves `ports`) and wait until it
-    /// serves.
-    fn start(&self, ports: &[u16], config_json: &str, args: &[&str]) -> Proxy {
-        self.start_with(ports, config_json, args, |_| {})
-    }
-
-    /// [`Env::start`], letting `adjust` change the command first.
-    fn start_with(
-        &self,
-        ports: &[u16],
-        config_json: &str,
-        args: &[&str],
-        adjust: impl FnOnce(&mut Command),
-    ) -> Proxy {
-        let mut p = match self.mode {
-            Mode::Simple => {
-                let dir = TempDir::new("reliability");
-                let cfg = dir.write("config.json", config_json);
-                let mut cmd = Command::new(BIN);
-                cmd.arg("simple").arg("-c").arg(&cfg).args(args);
-                adjust(&mut cmd);
-                let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-                if let Err(log) = p.wait_started() {
-                    panic!("flyproxy did not start:\n{log}");
-                }
-                p
-            }
-            Mode::Bpf => {
-                let p = netns::spawn_with(config_json, args, adjust);
-                p.wait_log("started mode=bpf", |l| {
-                    l.contains(" INFO  started mode=bpf ")
-                });
-                p
-            }
-        };
-        p.ports = ports.to_vec();
-        p
-    }
-}
 
 /// An app whose targets are never health-checked while a test runs (an up target is checked
 /// every 5 intervals: 5 hours here), so every connection a test backend sees is a client's.
@@ -819,19 +716,7 @@ fn idle_flood(env: Env) {
     );
 }
 
-#[test]
-fn idle_flood_is_held_at_the_bound_simple() {
-    in_mode(
-        Mode::Simple,
-        "idle_flood_is_held_at_the_bound_simple",
-        idle_flood,
-    );
-}
-
-#[test]
-fn idle_flood_is_held_at_the_bound_bpf() {
-    in_mode(Mode::Bpf, "idle_flood_is_held_at_the_bound_bpf", idle_flood);
-}
+two_modes!(idle_flood_is_held_at_the_bound, idle_flood);
 
 // =============================================================================================
 // Hostile clients: a client that sends a lot and never reads
@@ -1013,23 +898,7 @@ fn slow_reader(env: Env) {
     );
 }
 
-#[test]
-fn slow_reader_is_paced_by_the_kernel_simple() {
-    in_mode(
-        Mode::Simple,
-        "slow_reader_is_paced_by_the_kernel_simple",
-        slow_reader,
-    );
-}
-
-#[test]
-fn slow_reader_is_paced_by_the_kernel_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "slow_reader_is_paced_by_the_kernel_bpf",
-        slow_reader,
-    );
-}
+two_modes!(slow_reader_is_paced_by_the_kernel, slow_reader);
 
 // =============================================================================================
 // Hostile clients: resets mid-transfer
@@ -1120,23 +989,10 @@ fn client_resets(env: Env) {
     roundtrip(&mut connect(addr), b"after the resets");
 }
 
-#[test]
-fn clients_resetting_mid_transfer_leave_nothing_open_simple() {
-    in_mode(
-        Mode::Simple,
-        "clients_resetting_mid_transfer_leave_nothing_open_simple",
-        client_resets,
-    );
-}
-
-#[test]
-fn clients_resetting_mid_transfer_leave_nothing_open_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "clients_resetting_mid_transfer_leave_nothing_open_bpf",
-        client_resets,
-    );
-}
+two_modes!(
+    clients_resetting_mid_transfer_leave_nothing_open,
+    client_resets
+);
 
 // =============================================================================================
 // Hostile clients: connections that never send a byte
@@ -1210,23 +1066,10 @@ fn silent_clients(env: Env) {
     wait_no_open_connections(metrics);
 }
 
-#[test]
-fn silent_clients_are_closed_by_the_idle_timeout_simple() {
-    in_mode(
-        Mode::Simple,
-        "silent_clients_are_closed_by_the_idle_timeout_simple",
-        silent_clients,
-    );
-}
-
-#[test]
-fn silent_clients_are_closed_by_the_idle_timeout_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "silent_clients_are_closed_by_the_idle_timeout_bpf",
-        silent_clients,
-    );
-}
+two_modes!(
+    silent_clients_are_closed_by_the_idle_timeout,
+    silent_clients
+);
 
 // =============================================================================================
 // Backend faults
@@ -1328,23 +1171,7 @@ fn backend_faults(env: Env) {
     wait_no_open_connections(metrics);
 }
 
-#[test]
-fn backend_faults_reach_the_client_simple() {
-    in_mode(
-        Mode::Simple,
-        "backend_faults_reach_the_client_simple",
-        backend_faults,
-    );
-}
-
-#[test]
-fn backend_faults_reach_the_client_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "backend_faults_reach_the_client_bpf",
-        backend_faults,
-    );
-}
+two_modes!(backend_faults_reach_the_client, backend_faults);
 
 // =============================================================================================
 // Resource exhaustion: a low open-file limit
@@ -1460,23 +1287,7 @@ fn low_fd_limit(env: Env) {
     );
 }
 
-#[test]
-fn low_fd_limit_lowers_the_bound_and_recovers_simple() {
-    in_mode(
-        Mode::Simple,
-        "low_fd_limit_lowers_the_bound_and_recovers_simple",
-        low_fd_limit,
-    );
-}
-
-#[test]
-fn low_fd_limit_lowers_the_bound_and_recovers_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "low_fd_limit_lowers_the_bound_and_recovers_bpf",
-        low_fd_limit,
-    );
-}
+two_modes!(low_fd_limit_lowers_the_bound_and_recovers, low_fd_limit);
 
 // =============================================================================================
 // Resource exhaustion: no descriptor left at all (EMFILE)
@@ -2029,20 +1840,4 @@ fn write_in_place(path: &Path, bytes: &[u8], split: usize, pause: Duration) {
     f.write_all(&bytes[split..]).expect("write the rest");
 }
 
-#[test]
-fn config_chaos_never_applies_a_partial_config_simple() {
-    in_mode(
-        Mode::Simple,
-        "config_chaos_never_applies_a_partial_config_simple",
-        config_chaos,
-    );
-}
-
-#[test]
-fn config_chaos_never_applies_a_partial_config_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "config_chaos_never_applies_a_partial_config_bpf",
-        config_chaos,
-    );
-}
+two_modes!(config_chaos_never_applies_a_partial_config, config_chaos);

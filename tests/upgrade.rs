@@ -12,6 +12,8 @@
 //! Every wait polls a condition with a deadline; the only sleeps pace the load generators.
 
 mod common;
+#[macro_use]
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
@@ -30,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use common::{app, config, field, free_ports, wait_for, Backend, ConnLine, Proxy, Rng, TempDir};
 use common::{BIN, WAIT};
+use modes::Env;
 
 /// Upgrades performed in a row by the load tests.
 const UPGRADES: usize = 20;
@@ -833,104 +836,104 @@ fn upgrades_under_load(
 // ---------------------------------------------------------------------------------------------
 // The tests
 
-/// Simple mode: 20 upgrades in a row under load lose nothing.
-#[test]
-fn twenty_upgrades_under_load_lose_nothing_simple() {
+two_modes!(
+    /// 20 upgrades in a row under load lose nothing. In bpf mode (in a network namespace of
+    /// the test's own), once the old processes have stopped exactly one sk_lookup link is
+    /// attached, the last generation's.
+    twenty_upgrades_under_load_lose_nothing,
+    twenty_upgrades
+);
+
+fn twenty_upgrades(env: Env) {
     become_subreaper();
     let bin = Binary::new();
     let backend = Backend::echo();
-    let (mut proxy, pid_file) = start_simple(&bin, 2, &backend, &[]);
-    let _family = bin.family(proxy.pid);
-    let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
-    upgrades_under_load(
-        "simple",
-        &mut proxy,
-        &pid_file,
-        &bin.path,
-        2,
-        &addrs,
-        &|_| {},
-    );
-}
-
-/// bpf mode, in a network namespace of the test's own: 20 upgrades in a row under load lose
-/// nothing, and once the old processes have stopped exactly one sk_lookup link is attached,
-/// the last generation's.
-#[test]
-fn twenty_upgrades_under_load_lose_nothing_bpf() {
-    netns::run("twenty_upgrades_under_load_lose_nothing_bpf", |ns| {
-        become_subreaper();
-        let bin = Binary::new();
-        let backend = Backend::echo();
-        let ports = free_ports(2);
-        let dir = TempDir::new("upgrade-bpf");
-        let cfg = dir.write(
-            "config.json",
-            &config(&[app("echo", &ports, &[backend.target()])]),
-        );
-        let pid_file = dir.path.join("flyproxy.pid");
-        let mut cmd = Command::new(&bin.path);
-        cmd.arg("bpf")
-            .arg("-p")
-            .arg(netns::LISTENER_PORT.to_string())
-            .arg("-c")
-            .arg(&cfg)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(RUN_ARGS);
-        let mut proxy = Proxy::spawn_cmd(cmd, dir, cfg);
+    let Some(ns) = &env.ns else {
+        let (mut proxy, pid_file) = start_simple(&bin, 2, &backend, &[]);
         let _family = bin.family(proxy.pid);
-        proxy.wait_log("started mode=bpf", |l| {
-            l.contains(" INFO  started mode=bpf ")
-        });
-        wait_pid_file(&pid_file, proxy.pid);
-        assert_eq!(ns.links().len(), 1, "{:?}", ns.links());
-
-        let addrs = [
-            netns::v4(ports[0]),
-            netns::v6(ports[1]),
-            netns::v6(ports[0]),
-            netns::v4(ports[1]),
-        ];
-        let check_links = |last: u32| {
-            let deadline = Instant::now() + WAIT;
-            let links = loop {
-                let l = ns.links();
-                if l.len() == 1 {
-                    break l;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{WAIT:?} after the last hand-over, {} sk_lookup links (link, program) are \
-                     attached in the test's netns (ino {}), not one: {l:?}",
-                    l.len(),
-                    ns.ino
-                );
-                thread::sleep(Duration::from_millis(20));
-            };
-            let prog = links[0].1;
-            let maps = prog_map_ids(prog);
-            let held = map_ids_held(last);
-            assert!(
-                maps.iter().any(|m| held.contains(m)),
-                "the one sk_lookup link (program {prog}, maps {maps:?}) is not the last generation's (pid {last} holds maps {held:?})"
-            );
-        };
+        let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
         upgrades_under_load(
-            "bpf",
+            "simple",
             &mut proxy,
             &pid_file,
             &bin.path,
             2,
             &addrs,
-            &check_links,
+            &|_| {},
         );
-        wait_for(
-            "no sk_lookup link left after the last generation stopped",
-            WAIT,
-            || ns.links().is_empty().then_some(()),
+        return;
+    };
+    let (mut proxy, pid_file) = start_bpf(&bin, &backend);
+    let _family = bin.family(proxy.pid);
+    wait_pid_file(&pid_file, proxy.pid);
+    assert_eq!(ns.links().len(), 1, "{:?}", ns.links());
+
+    let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
+    let check_links = |last: u32| {
+        let deadline = Instant::now() + WAIT;
+        let links = loop {
+            let l = ns.links();
+            if l.len() == 1 {
+                break l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{WAIT:?} after the last hand-over, {} sk_lookup links (link, program) are \
+                 attached in the test's netns (ino {}), not one: {l:?}",
+                l.len(),
+                ns.ino
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let prog = links[0].1;
+        let maps = prog_map_ids(prog);
+        let held = map_ids_held(last);
+        assert!(
+            maps.iter().any(|m| held.contains(m)),
+            "the one sk_lookup link (program {prog}, maps {maps:?}) is not the last generation's (pid {last} holds maps {held:?})"
         );
+    };
+    upgrades_under_load(
+        "bpf",
+        &mut proxy,
+        &pid_file,
+        &bin.path,
+        2,
+        &addrs,
+        &check_links,
+    );
+    wait_for(
+        "no sk_lookup link left after the last generation stopped",
+        WAIT,
+        || ns.links().is_empty().then_some(()),
+    );
+}
+
+/// bpf mode in the test's own namespace: the proxy serving two ports of `backend`, started
+/// with a pid file, and that file.
+fn start_bpf(bin: &Binary, backend: &Backend) -> (Proxy, PathBuf) {
+    let ports = free_ports(2);
+    let dir = TempDir::new("upgrade-bpf");
+    let cfg = dir.write(
+        "config.json",
+        &config(&[app("echo", &ports, &[backend.target()])]),
+    );
+    let pid_file = dir.path.join("flyproxy.pid");
+    let mut cmd = Command::new(&bin.path);
+    cmd.arg("bpf")
+        .arg("-p")
+        .arg(netns::LISTENER_PORT.to_string())
+        .arg("-c")
+        .arg(&cfg)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .args(RUN_ARGS);
+    let mut proxy = Proxy::spawn_cmd(cmd, dir, cfg);
+    proxy.ports = ports;
+    proxy.wait_log("started mode=bpf", |l| {
+        l.contains(" INFO  started mode=bpf ")
     });
+    (proxy, pid_file)
 }
 
 /// A new process that fails before it serves (here: the config became invalid) changes

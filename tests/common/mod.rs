@@ -4,6 +4,9 @@
 //! Every wait here polls a condition up to a deadline; nothing sleeps to synchronise. Each test
 //! gets its own temporary directory and its own ports, so tests run in parallel (nextest runs
 //! each in its own process; `cargo test` runs them as threads of one process).
+//!
+//! Beside it: `tests/netns` (a network namespace per bpf test) and `tests/modes` (a test
+//! written once for both modes: `two_modes!`).
 
 #![allow(dead_code)]
 
