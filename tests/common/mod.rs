@@ -452,6 +452,26 @@ impl Proxy {
             .and_then(|v| v.trim().parse().ok())
             .expect("Threads: line")
     }
+
+    /// CPU time (user + system) the proxy has used so far, in seconds, from /proc/PID/stat.
+    pub fn cpu_secs(&self) -> f64 {
+        let path = format!("/proc/{}/stat", self.pid);
+        let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
+        let rest = stat.rsplit_once(") ").expect("a stat line").1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        ticks as f64 / hz as f64
+    }
+
+    /// CPU seconds the proxy uses during the next `window` (a measurement, not a wait).
+    pub fn cpu_during(&self, window: Duration) -> f64 {
+        let before = self.cpu_secs();
+        thread::sleep(window);
+        self.cpu_secs() - before
+    }
 }
 
 impl Drop for Proxy {
@@ -962,4 +982,68 @@ pub fn expect_refused(addr: SocketAddr) {
         Err(e) => panic!("connect {addr}: expected refused, got {e}"),
         Ok(_) => panic!("connect {addr}: expected refused, but it connected"),
     }
+}
+
+/// Close `s` with a reset (SO_LINGER 0) instead of a FIN.
+pub fn close_with_reset(s: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, and the option value is a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+    drop(s);
+}
+
+/// TCP states as the kernel numbers them (include/net/tcp_states.h; libc does not export them).
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_FIN_WAIT2: u8 = 5;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+pub const TCP_LAST_ACK: u8 = 9;
+
+/// The kernel's TCP state of `s` (`TCP_ESTABLISHED`, `TCP_CLOSE_WAIT`, ...), from TCP_INFO.
+pub fn tcp_state(s: &TcpStream) -> u8 {
+    // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd; `info` and `len` describe a writable buffer of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    info.tcpi_state
+}
+
+/// Wait until the peer of `s` has reset the connection: the socket is closed (TCP_CLOSE)
+/// although this side never closed it, and a write now fails.
+pub fn expect_reset(s: &mut TcpStream, what: &str) {
+    wait_for(&format!("{what} to be reset"), WAIT, || {
+        (tcp_state(s) == TCP_CLOSE).then_some(())
+    });
+    let wrote = s.write(b"x");
+    assert!(wrote.is_err(), "{what}: a write after the reset succeeded");
+}
+
+/// Read until end of stream and return every byte; panics on an error or after `WAIT`.
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read to end of stream");
+    out
 }
