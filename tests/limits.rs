@@ -107,14 +107,6 @@ fn a_limit_of_one_serves_connections_in_turn() {
     assert!(p.threads() <= 1 + OTHER_THREADS);
 }
 
-/// Read exactly `want.len()` bytes (waiting up to `WAIT`) and compare.
-fn expect_reply(s: &mut TcpStream, want: &[u8]) {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got).expect("read the delayed echo");
-    assert_eq!(got, want);
-}
-
 /// Under a low open-file limit the proxy lowers its bound to what fits (saying so), and then
 /// serves every connection within that bound, also after a burst of bulk traffic.
 #[test]

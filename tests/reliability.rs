@@ -23,7 +23,6 @@ use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -469,25 +468,6 @@ fn half_closer(mut s: TcpStream, tx: &mpsc::Sender<Ended>) {
     });
 }
 
-/// SO_LINGER 0: the coming close sends a reset instead of a FIN.
-fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clients
 
@@ -515,19 +495,6 @@ fn read_until_end(s: &mut TcpStream, within: Duration) -> (Vec<u8>, How) {
             Err(e) => return (data, how_of(&e)),
         }
     }
-}
-
-/// Read exactly `want.len()` bytes (up to `WAIT`) and compare.
-fn expect_reply(s: &mut TcpStream, want: &[u8]) {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("waiting for {:?}: {e}", String::from_utf8_lossy(want)));
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(want),
-        "reply differs"
-    );
 }
 
 /// One short echo round trip on a new connection; how long it took, or what went wrong.

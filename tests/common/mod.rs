@@ -984,8 +984,8 @@ pub fn expect_refused(addr: SocketAddr) {
     }
 }
 
-/// Close `s` with a reset (SO_LINGER 0) instead of a FIN.
-pub fn close_with_reset(s: TcpStream) {
+/// SO_LINGER 0: the coming close of `s` sends a reset (RST) instead of a FIN.
+pub fn set_linger_zero(s: &TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -1001,7 +1001,33 @@ pub fn close_with_reset(s: TcpStream) {
         )
     };
     assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
+/// Close `s` with a reset (SO_LINGER 0) instead of a FIN.
+pub fn close_with_reset(s: TcpStream) {
+    set_linger_zero(&s);
     drop(s);
+}
+
+/// Read exactly `want` from `s` (within `WAIT`) and check it is what came.
+pub fn expect_reply(s: &mut TcpStream, want: &[u8]) {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("waiting for {:?}: {e}", String::from_utf8_lossy(want)));
+    assert_eq!(
+        got,
+        want,
+        "reply differs: got {:?}, want {:?}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want)
+    );
+}
+
+/// Whether this runs in CI (`CI` set, and not empty, "0" or "false"): a test that cannot run
+/// here is then a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
 
 /// TCP states as the kernel numbers them (include/net/tcp_states.h; libc does not export them).

@@ -39,10 +39,6 @@ pub fn v6(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv6Addr::LOCALHOST, port))
 }
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
 /// Run `body` on a thread of its own, in a network namespace of its own with `lo` up. Skips
 /// (prints why and returns) when that is impossible here, or fails in CI.
 pub fn run(test: &'static str, body: impl FnOnce(Netns) + Send + 'static) {
@@ -51,7 +47,7 @@ pub fn run(test: &'static str, body: impl FnOnce(Netns) + Send + 'static) {
         .spawn(move || match Netns::enter() {
             Ok(ns) => body(ns),
             Err(why) => {
-                if in_ci() {
+                if common::in_ci() {
                     panic!("{test}: cannot run in CI (CI is set, so this is a failure): {why}");
                 }
                 eprintln!("skipping {test}: {why}");
