@@ -31,6 +31,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::metrics::{scrape, Exposition};
 use common::*;
 use modes::{Env, Mode, NETNS_METRICS_PORT};
 use serde_json::json;
@@ -204,42 +205,6 @@ fn with_fd_limit(cmd: &mut Command, n: u64) {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// `GET /metrics`: the exposition text.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT)
-        .unwrap_or_else(|e| panic!("metrics {addr}: connect: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .expect("metrics: send the request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .unwrap_or_else(|e| panic!("metrics {addr}: read: {e}"));
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("metrics {addr}: no response head: {resp:?}"));
-    assert!(head.starts_with("HTTP/1.1 200 "), "metrics {addr}: {head}");
-    body.to_owned()
-}
-
-/// The value of the sample `name` whose labels include `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            return None;
-        }
-        let has = |k: &str, v: &str| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
-        if !labels.iter().all(|(k, v)| has(k, v)) {
-            return None;
-        }
-        value.parse().ok()
-    })
-}
-
 /// Scrape until `name{labels}` satisfies `ok`, up to `within`; its value.
 fn wait_metric_within(
     addr: SocketAddr,
@@ -252,7 +217,7 @@ fn wait_metric_within(
     let deadline = Instant::now() + within;
     loop {
         let text = scrape(addr);
-        let v = sample(&text, name, labels);
+        let v = text.sample(name, labels);
         if let Some(v) = v.filter(|v| ok(*v)) {
             return v;
         }
@@ -558,7 +523,8 @@ fn idle_flood(env: Env) {
         &["--max-connections", "1000", "--metrics", &m],
     );
     let addr = p.v4(0);
-    let total = |text: &str| sample(text, "flyproxy_app_connections_total", &[("app", "flood")]);
+    let total =
+        |text: &Exposition| text.sample("flyproxy_app_connections_total", &[("app", "flood")]);
 
     // Warm up (one relay thread, the pipe pool), then the baseline figures.
     roundtrip(&mut connect(addr), b"warm-up");
@@ -603,7 +569,7 @@ fn idle_flood(env: Env) {
     let text = scrape(metrics);
     assert_eq!(total(&text), Some((FLOOD_BOUND + 1) as f64), "{text}");
     assert_eq!(
-        sample(&text, "flyproxy_connections_open", &[]),
+        text.sample("flyproxy_connections_open", &[]),
         Some(FLOOD_BOUND as f64)
     );
 
@@ -643,7 +609,7 @@ fn idle_flood(env: Env) {
     let text = scrape(metrics);
     assert_eq!(total(&text), Some((FLOOD_BOUND + 101) as f64), "{text}");
     assert_eq!(
-        sample(&text, "flyproxy_connections_open", &[]),
+        text.sample("flyproxy_connections_open", &[]),
         Some(FLOOD_BOUND as f64)
     );
     assert!(threads_of(p.pid) <= FLOOD_BOUND as u64 + OTHER_THREADS);
@@ -1176,7 +1142,7 @@ fn low_fd_limit(env: Env) {
         (8..64).contains(&bound),
         "bound {bound} with 128 descriptors"
     );
-    let limit = sample(&scrape(metrics), "flyproxy_connections_limit", &[]);
+    let limit = scrape(metrics).sample("flyproxy_connections_limit", &[]);
     assert_eq!(limit, Some(bound as f64));
 
     let total = bound + 60;
@@ -1196,7 +1162,7 @@ fn low_fd_limit(env: Env) {
         v == 1.0
     });
     assert_eq!(
-        sample(&scrape(metrics), "flyproxy_connections_open", &[]),
+        scrape(metrics).sample("flyproxy_connections_open", &[]),
         Some(bound as f64)
     );
 
@@ -1354,13 +1320,12 @@ fn emfile_backs_off_and_recovers() {
     );
     let text = scrape(metrics);
     assert_eq!(
-        sample(&text, "flyproxy_target_up", &[("target", &target)]),
+        text.sample("flyproxy_target_up", &[("target", &target)]),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        sample(
-            &text,
+        text.sample(
             "flyproxy_app_connections_refused_total",
             &[("app", "fd"), ("reason", "connect_failed")]
         ),
@@ -1467,10 +1432,9 @@ fn local_ports_running_out_fail_clients_not_the_target() {
             }
             let text = scrape(metrics);
             let down = p.lines(|l| l.contains(" is down"));
-            let target_up = sample(&text, "flyproxy_target_up", &[("target", &target)]);
+            let target_up = text.sample("flyproxy_target_up", &[("target", &target)]);
             assert_eq!(
-                sample(
-                    &text,
+                text.sample(
                     "flyproxy_app_connections_refused_total",
                     &[("app", "eph"), ("reason", "connect_failed")]
                 ),

@@ -22,6 +22,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod metrics;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_flyproxy");
 
 /// How long to wait for something that should happen. Generous: a loaded 2-core machine running
