@@ -137,263 +137,338 @@ fn unix_now() -> f64 {
 /// connection bound is reached and left; a good reload and a rejected one.
 #[test]
 fn scrape_counts_known_traffic_exactly() {
-    const K: usize = 1000;
-    const H: usize = 333;
-    const MAX: usize = 4;
-    let echo = Backend::echo();
-    let refusing = Refusing::new();
-    let (e, r) = (echo.target(), refusing.target());
-    let maddr = metrics_addr();
-    let m_arg = maddr.to_string();
-    let base = |ports: &[u16]| {
-        vec![
-            app("a", &ports[..1], std::slice::from_ref(&e)),
-            app("b", &ports[1..2], std::slice::from_ref(&r)),
-        ]
-    };
-    let p = start_proxy(
-        3,
-        &[
-            "--metrics",
-            &m_arg,
-            "--max-connections",
-            "4",
-            "--reload-interval",
-            "100ms",
-        ],
-        |ports| config(&base(ports)),
-    );
-    let (a, b) = (p.v4(0), p.v4(1));
-    let ae = [("app", "a"), ("target", e.as_str())];
-    let br = [("app", "b"), ("target", r.as_str())];
+    let t = KnownTraffic::start();
+    let ts0 = t.everything_starts_at_zero();
+    let held = t.traffic_is_counted_exactly();
+    t.closing_empties_the_gauges_and_keeps_the_counters(held);
+    let total_a = t.the_bound_pauses_accepting();
+    let ts1 = t.a_good_reload_is_counted_and_keeps_the_counters(ts0, total_a);
+    t.a_rejected_reload_is_counted_and_changes_nothing(ts1);
+}
 
-    // Before any traffic: everything at zero, the bound as given.
-    let m = scrape(maddr);
-    for app in ["a", "b"] {
+/// Bytes per echoed connection.
+const KNOWN_K: usize = 1000;
+/// Bytes per held connection.
+const KNOWN_H: usize = 333;
+/// The connection bound.
+const KNOWN_MAX: usize = 4;
+
+/// The proxy of `scrape_counts_known_traffic_exactly`: app `a` on an echo target, app `b` on
+/// a refusing one, a third port kept for a reload.
+struct KnownTraffic {
+    p: Proxy,
+    maddr: SocketAddr,
+    _echo: Backend,
+    _refusing: Refusing,
+    e: String,
+    r: String,
+}
+
+impl KnownTraffic {
+    fn start() -> KnownTraffic {
+        let echo = Backend::echo();
+        let refusing = Refusing::new();
+        let (e, r) = (echo.target(), refusing.target());
+        let maddr = metrics_addr();
+        let m_arg = maddr.to_string();
+        let p = start_proxy(
+            3,
+            &[
+                "--metrics",
+                &m_arg,
+                "--max-connections",
+                "4",
+                "--reload-interval",
+                "100ms",
+            ],
+            |ports| config(&known_apps(ports, &e, &r)),
+        );
+        KnownTraffic {
+            p,
+            maddr,
+            _echo: echo,
+            _refusing: refusing,
+            e,
+            r,
+        }
+    }
+
+    fn ae(&self) -> [(&'static str, &str); 2] {
+        [("app", "a"), ("target", self.e.as_str())]
+    }
+
+    fn br(&self) -> [(&'static str, &str); 2] {
+        [("app", "b"), ("target", self.r.as_str())]
+    }
+
+    /// Before any traffic: everything at zero, the bound as given. The start-up load time.
+    fn everything_starts_at_zero(&self) -> f64 {
+        let m = scrape(self.maddr);
+        for app in ["a", "b"] {
+            assert_eq!(
+                m.get("flyproxy_app_connections_total", &[("app", app)]),
+                0.0
+            );
+            assert_eq!(
+                m.get("flyproxy_app_connections_active", &[("app", app)]),
+                0.0
+            );
+        }
+        assert_eq!(m.get("flyproxy_connections_limit", &[]), KNOWN_MAX as f64);
+        assert_eq!(m.get("flyproxy_connections_open", &[]), 0.0);
+        assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
+        assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 0.0);
         assert_eq!(
-            m.get("flyproxy_app_connections_total", &[("app", app)]),
+            m.get("flyproxy_reloads_total", &[("result", "rejected")]),
             0.0
         );
-        assert_eq!(
-            m.get("flyproxy_app_connections_active", &[("app", app)]),
-            0.0
-        );
-    }
-    assert_eq!(m.get("flyproxy_connections_limit", &[]), MAX as f64);
-    assert_eq!(m.get("flyproxy_connections_open", &[]), 0.0);
-    assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 0.0);
-    assert_eq!(
-        m.get("flyproxy_reloads_total", &[("result", "rejected")]),
-        0.0
-    );
-    let ts0 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
-    assert!(
-        (ts0 - unix_now()).abs() < 120.0,
-        "start-up load time {ts0} is not about now ({})",
-        unix_now()
-    );
-    assert_eq!(
-        m.get(
-            "flyproxy_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        1.0
-    );
-
-    let mark = p.mark();
-    for i in 0..7 {
-        conversation(a, &bytes(K, i + 1));
-    }
-    let mut held: Vec<TcpStream> = (0..2)
-        .map(|i| {
-            let mut s = connect(a);
-            roundtrip(&mut s, &bytes(H, 100 + i));
-            s
-        })
-        .collect();
-    for _ in 0..3 {
-        let mut s = connect(b);
-        expect_closed(&mut s, WAIT);
-    }
-    p.wait_log_count(mark, 10, "conn (7 closed, 3 connect_failed)", |l| {
-        l.contains(" conn ") && (l.contains(" end=closed") || l.contains(" end=connect_failed"))
-    });
-    let m = scrape_until(maddr, "2 connections open, the rest finished", |m| {
-        m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(2.0)
-            && m.value("flyproxy_app_connections_active", &[("app", "b")]) == Some(0.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(2.0)
-    });
-    let up = (7 * K + 2 * H) as f64;
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        9.0
-    );
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "b")]),
-        3.0
-    );
-    assert_eq!(m.get("flyproxy_connections_total", &ae), 9.0);
-    assert_eq!(m.get("flyproxy_connections_active", &ae), 2.0);
-    assert_eq!(m.get("flyproxy_connections_total", &br), 0.0);
-    assert_eq!(m.get("flyproxy_connections_active", &br), 0.0);
-    let dir = |m: &Exposition, d: &'static str, t: &[(&'static str, &str); 2]| {
-        m.get("flyproxy_bytes_total", &[t[0], t[1], ("direction", d)])
-    };
-    assert_eq!(dir(&m, "client_to_target", &ae), up);
-    assert_eq!(dir(&m, "target_to_client", &ae), up);
-    assert_eq!(dir(&m, "client_to_target", &br), 0.0);
-    assert_eq!(dir(&m, "target_to_client", &br), 0.0);
-    // One target, so one attempt per connection whatever ConnectAttempts says.
-    for (reason, want) in [
-        ("unresolvable", 0.0),
-        ("refused", 3.0),
-        ("timeout", 0.0),
-        ("error", 0.0),
-    ] {
-        assert_eq!(
-            m.get(
-                "flyproxy_connect_failures_total",
-                &[br[0], br[1], ("reason", reason)]
-            ),
-            want,
-            "b, reason {reason}"
+        let ts0 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
+        assert!(
+            (ts0 - unix_now()).abs() < 120.0,
+            "start-up load time {ts0} is not about now ({})",
+            unix_now()
         );
         assert_eq!(
             m.get(
-                "flyproxy_connect_failures_total",
-                &[ae[0], ae[1], ("reason", reason)]
+                "flyproxy_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
             ),
+            1.0
+        );
+        ts0
+    }
+
+    /// 7 echoed connections and 2 held ones through `a`, 3 refused ones through `b`: every
+    /// counter exact. The held connections.
+    fn traffic_is_counted_exactly(&self) -> Vec<TcpStream> {
+        let (a, b) = (self.p.v4(0), self.p.v4(1));
+        let (ae, br) = (self.ae(), self.br());
+        let mark = self.p.mark();
+        for i in 0..7 {
+            conversation(a, &bytes(KNOWN_K, i + 1));
+        }
+        let held: Vec<TcpStream> = (0..2)
+            .map(|i| {
+                let mut s = connect(a);
+                roundtrip(&mut s, &bytes(KNOWN_H, 100 + i));
+                s
+            })
+            .collect();
+        for _ in 0..3 {
+            let mut s = connect(b);
+            expect_closed(&mut s, WAIT);
+        }
+        self.p
+            .wait_log_count(mark, 10, "conn (7 closed, 3 connect_failed)", |l| {
+                l.contains(" conn ")
+                    && (l.contains(" end=closed") || l.contains(" end=connect_failed"))
+            });
+        let m = scrape_until(self.maddr, "2 connections open, the rest finished", |m| {
+            m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(2.0)
+                && m.value("flyproxy_app_connections_active", &[("app", "b")]) == Some(0.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(2.0)
+        });
+        let up = known_up();
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            9.0
+        );
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "b")]),
+            3.0
+        );
+        assert_eq!(m.get("flyproxy_connections_total", &ae), 9.0);
+        assert_eq!(m.get("flyproxy_connections_active", &ae), 2.0);
+        assert_eq!(m.get("flyproxy_connections_total", &br), 0.0);
+        assert_eq!(m.get("flyproxy_connections_active", &br), 0.0);
+        assert_eq!(bytes_dir(&m, "client_to_target", &ae), up);
+        assert_eq!(bytes_dir(&m, "target_to_client", &ae), up);
+        assert_eq!(bytes_dir(&m, "client_to_target", &br), 0.0);
+        assert_eq!(bytes_dir(&m, "target_to_client", &br), 0.0);
+        // One target, so one attempt per connection whatever ConnectAttempts says.
+        for (reason, want) in [
+            ("unresolvable", 0.0),
+            ("refused", 3.0),
+            ("timeout", 0.0),
+            ("error", 0.0),
+        ] {
+            assert_eq!(
+                m.get(
+                    "flyproxy_connect_failures_total",
+                    &[br[0], br[1], ("reason", reason)]
+                ),
+                want,
+                "b, reason {reason}"
+            );
+            assert_eq!(
+                m.get(
+                    "flyproxy_connect_failures_total",
+                    &[ae[0], ae[1], ("reason", reason)]
+                ),
+                0.0,
+                "a, reason {reason}"
+            );
+        }
+        assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
+        assert_eq!(refused(&m, "b", "limit"), 0.0);
+        assert_eq!(refused(&m, "a", "connect_failed"), 0.0);
+        assert_eq!(refused(&m, "a", "limit"), 0.0);
+        assert_eq!(m.get("flyproxy_target_up", &ae), 1.0);
+        assert_eq!(m.get("flyproxy_target_up", &br), 0.0);
+        assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
+        held
+    }
+
+    /// The held ones close: the gauges go back to zero, the counters stay.
+    fn closing_empties_the_gauges_and_keeps_the_counters(&self, mut held: Vec<TcpStream>) {
+        let ae = self.ae();
+        drop(held.drain(..));
+        let m = scrape_until(self.maddr, "no connection open", |m| {
+            m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(0.0)
+                && m.value("flyproxy_connections_active", &ae) == Some(0.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(0.0)
+        });
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            9.0
+        );
+        assert_eq!(bytes_dir(&m, "client_to_target", &ae), known_up());
+        assert_eq!(bytes_dir(&m, "target_to_client", &ae), known_up());
+    }
+
+    /// The bound: KNOWN_MAX held connections pause accepting; one more waits in the backlog.
+    /// The connections `a` has counted by then.
+    fn the_bound_pauses_accepting(&self) -> usize {
+        let a = self.p.v4(0);
+        let mut held: Vec<TcpStream> = (0..KNOWN_MAX as u64)
+            .map(|i| {
+                let mut s = connect(a);
+                roundtrip(&mut s, &bytes(10, 200 + i));
+                s
+            })
+            .collect();
+        scrape_until(self.maddr, "accept_paused 1 with the bound reached", |m| {
+            m.value("flyproxy_accept_paused", &[]) == Some(1.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(KNOWN_MAX as f64)
+        });
+        let mut extra = connect(a);
+        extra.write_all(b"extra").unwrap();
+        drop(held.remove(0));
+        let mut got = [0u8; 5];
+        extra
+            .read_exact(&mut got)
+            .expect("the waiting connection is served once a slot frees");
+        assert_eq!(&got, b"extra");
+        drop(held);
+        drop(extra);
+        let m = scrape_until(self.maddr, "accept_paused 0 once below the bound", |m| {
+            m.value("flyproxy_accept_paused", &[]) == Some(0.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(0.0)
+        });
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            (9 + KNOWN_MAX + 1) as f64
+        );
+        9 + KNOWN_MAX + 1
+    }
+
+    /// A good reload (adds app c): counted, timestamped later, and the counters of what stays
+    /// are kept. Its time.
+    fn a_good_reload_is_counted_and_keeps_the_counters(&self, ts0: f64, total_a: usize) -> f64 {
+        let e = &self.e;
+        wait_for("the clock to pass the start-up load time", WAIT, || {
+            (unix_now() > ts0 + 0.01).then_some(())
+        });
+        let mut apps = known_apps(&self.p.ports, e, &self.r);
+        apps.push(app("c", &self.p.ports[2..3], std::slice::from_ref(e)));
+        let mark = self.p.mark();
+        self.p.rewrite_config(&config(&apps));
+        self.p
+            .wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+        let m = scrape(self.maddr);
+        assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
+        assert_eq!(
+            m.get("flyproxy_reloads_total", &[("result", "rejected")]),
+            0.0
+        );
+        let ts1 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
+        assert!(
+            ts1 > ts0,
+            "last reload time {ts1} not after the start-up one {ts0}"
+        );
+        assert!(
+            ts1 <= unix_now() + 1.0,
+            "last reload time {ts1} in the future"
+        );
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            total_a as f64
+        );
+        assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "c")]),
+            0.0
+        );
+        assert_eq!(
+            m.get("flyproxy_connections_total", &[("app", "c"), ("target", e)]),
             0.0,
-            "a, reason {reason}"
+            "app c's target has counters of its own"
+        );
+        conversation(self.p.v4(2), b"to c");
+        ts1
+    }
+
+    /// A rejected reload: counted, nothing else changes.
+    fn a_rejected_reload_is_counted_and_changes_nothing(&self, ts1: f64) {
+        let mark = self.p.mark();
+        self.p.rewrite_config("{\"Apps\": [ this is not json");
+        self.p.wait_log_since(mark, "reload rejected", |l| {
+            l.contains(" reload rejected: ")
+        });
+        // (The counter moves just after the log lines.)
+        let m = scrape_until(self.maddr, "the rejected reload counted", |m| {
+            m.value("flyproxy_reloads_total", &[("result", "rejected")]) == Some(1.0)
+        });
+        assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
+        assert_eq!(
+            m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]),
+            ts1
+        );
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "c")]),
+            1.0
+        );
+        assert_eq!(
+            m.label_values("flyproxy_app_connections_total", "app"),
+            ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
         );
     }
-    let refused = |m: &Exposition, app: &str, reason: &str| {
-        m.get(
-            "flyproxy_app_connections_refused_total",
-            &[("app", app), ("reason", reason)],
-        )
-    };
-    assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
-    assert_eq!(refused(&m, "b", "limit"), 0.0);
-    assert_eq!(refused(&m, "a", "connect_failed"), 0.0);
-    assert_eq!(refused(&m, "a", "limit"), 0.0);
-    assert_eq!(m.get("flyproxy_target_up", &ae), 1.0);
-    assert_eq!(m.get("flyproxy_target_up", &br), 0.0);
-    assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
+}
 
-    // The held ones close: the gauges go back to zero, the counters stay.
-    drop(held.drain(..));
-    let m = scrape_until(maddr, "no connection open", |m| {
-        m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(0.0)
-            && m.value("flyproxy_connections_active", &ae) == Some(0.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(0.0)
-    });
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        9.0
-    );
-    assert_eq!(dir(&m, "client_to_target", &ae), up);
-    assert_eq!(dir(&m, "target_to_client", &ae), up);
+/// Apps `a` (first port, target `e`) and `b` (second port, target `r`).
+fn known_apps(ports: &[u16], e: &str, r: &str) -> Vec<Value> {
+    vec![
+        app("a", &ports[..1], &[e.to_owned()]),
+        app("b", &ports[1..2], &[r.to_owned()]),
+    ]
+}
 
-    // The bound: MAX held connections pause accepting; one more waits in the backlog.
-    let mut held: Vec<TcpStream> = (0..MAX as u64)
-        .map(|i| {
-            let mut s = connect(a);
-            roundtrip(&mut s, &bytes(10, 200 + i));
-            s
-        })
-        .collect();
-    scrape_until(maddr, "accept_paused 1 with the bound reached", |m| {
-        m.value("flyproxy_accept_paused", &[]) == Some(1.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(MAX as f64)
-    });
-    let mut extra = connect(a);
-    extra.write_all(b"extra").unwrap();
-    drop(held.remove(0));
-    let mut got = [0u8; 5];
-    extra
-        .read_exact(&mut got)
-        .expect("the waiting connection is served once a slot frees");
-    assert_eq!(&got, b"extra");
-    drop(held);
-    drop(extra);
-    let m = scrape_until(maddr, "accept_paused 0 once below the bound", |m| {
-        m.value("flyproxy_accept_paused", &[]) == Some(0.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(0.0)
-    });
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        (9 + MAX + 1) as f64
-    );
-    let total_a = 9 + MAX + 1;
+/// Bytes each way through `a`'s target: the echoed connections and the held ones.
+fn known_up() -> f64 {
+    (7 * KNOWN_K + 2 * KNOWN_H) as f64
+}
 
-    // A good reload (adds app c): counted, timestamped later, and the counters of what stays
-    // are kept.
-    wait_for("the clock to pass the start-up load time", WAIT, || {
-        (unix_now() > ts0 + 0.01).then_some(())
-    });
-    let mut apps = base(&p.ports);
-    apps.push(app("c", &p.ports[2..3], std::slice::from_ref(&e)));
-    let mark = p.mark();
-    p.rewrite_config(&config(&apps));
-    p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
-    let m = scrape(maddr);
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
-    assert_eq!(
-        m.get("flyproxy_reloads_total", &[("result", "rejected")]),
-        0.0
-    );
-    let ts1 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
-    assert!(
-        ts1 > ts0,
-        "last reload time {ts1} not after the start-up one {ts0}"
-    );
-    assert!(
-        ts1 <= unix_now() + 1.0,
-        "last reload time {ts1} in the future"
-    );
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        total_a as f64
-    );
-    assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "c")]),
-        0.0
-    );
-    assert_eq!(
-        m.get(
-            "flyproxy_connections_total",
-            &[("app", "c"), ("target", &e)]
-        ),
-        0.0,
-        "app c's target has counters of its own"
-    );
-    conversation(p.v4(2), b"to c");
-    // A rejected reload: counted, nothing else changes.
-    let mark = p.mark();
-    p.rewrite_config("{\"Apps\": [ this is not json");
-    p.wait_log_since(mark, "reload rejected", |l| {
-        l.contains(" reload rejected: ")
-    });
-    // (The counter moves just after the log lines.)
-    let m = scrape_until(maddr, "the rejected reload counted", |m| {
-        m.value("flyproxy_reloads_total", &[("result", "rejected")]) == Some(1.0)
-    });
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
-    assert_eq!(
-        m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]),
-        ts1
-    );
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "c")]),
-        1.0
-    );
-    assert_eq!(
-        m.label_values("flyproxy_app_connections_total", "app"),
-        ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
-    );
+/// `flyproxy_bytes_total` of target `t` in direction `d`.
+fn bytes_dir(m: &Exposition, d: &'static str, t: &[(&'static str, &str); 2]) -> f64 {
+    m.get("flyproxy_bytes_total", &[t[0], t[1], ("direction", d)])
+}
+
+/// `flyproxy_app_connections_refused_total` of `app` for `reason`.
+fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
+    m.get(
+        "flyproxy_app_connections_refused_total",
+        &[("app", app), ("reason", reason)],
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
