@@ -1520,185 +1520,23 @@ enum Version {
 /// fails; every `reload ok` applies exactly one valid version, in order; the proxy ends on
 /// the last version, serving exactly its ports.
 fn config_chaos(env: Env) {
-    const WRITES: usize = 200;
-    let stable = Backend::tagged("stable");
-    let marker = Backend::tagged("marker");
-    let stable_ports = env.ports(2);
-    let markers = env.ports(WRITES + 1);
-    // Simple mode: a port this test holds, so a version asking for it cannot be bound.
-    let busy = (env.mode == Mode::Simple).then(|| {
-        let port = free_port();
-        let l = TcpListener::bind(("::", port)).expect("hold a port");
-        (l, port)
-    });
-    let valid = |k: usize| {
-        config(&[
-            json!({ "Name": "stable", "Ports": stable_ports, "Targets": [stable.target()],
-                    "ConnectAttempts": 1 + k % 3 }),
-            app("marker", &[markers[k]], &[marker.target()]),
-        ])
-    };
-    let invalid = |k: usize, variant: u64| {
-        let stable_app = json!({ "Name": "stable", "Ports": stable_ports,
-                                 "Targets": [stable.target()] });
-        let marker_app = match variant % 4 {
-            0 => json!({ "Name": "marker", "Ports": [markers[k], 70000],
-                         "Targets": [marker.target()] }),
-            1 => json!({ "Name": "marker", "Ports": [markers[k]],
-                         "Targets": [marker.target()], "Weight": 3 }),
-            2 => json!({ "Name": "marker", "Ports": [markers[k]], "Targets": [] }),
-            // The stable app's port claimed by a second app.
-            _ => json!({ "Name": "marker", "Ports": [markers[k], stable_ports[0]],
-                         "Targets": [marker.target()] }),
-        };
-        config(&[stable_app, marker_app])
-    };
-
-    let p = env.start(&stable_ports, &valid(0), &["--reload-interval", "10ms"]);
-    let path = p.config.clone();
-    let dir = p.dir.path.clone();
-
-    // The steady load: two clients asking the stable ports in turn, all along.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let load: Vec<JoinHandle<usize>> = (0..2)
-        .map(|i| {
-            let addr = p.v4(i);
-            let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
-            thread::spawn(move || {
-                let mut ok = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    match netns::try_ask(addr) {
-                        Ok(tag) if tag == "stable" => ok += 1,
-                        Ok(tag) => failures.lock().unwrap().push(format!("{addr}: tag {tag}")),
-                        Err(e) => failures.lock().unwrap().push(e),
-                    }
-                }
-                ok
-            })
-        })
-        .collect();
-
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        ^ (u64::from(std::process::id()) << 32);
-    // FLYPROXY_CHAOS_SEED replays a run (the seed is printed).
-    let seed = std::env::var("FLYPROXY_CHAOS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(seed);
-    let mut rng = Rng::new(seed);
-    let mut valid_versions = BTreeSet::from([0usize]);
-    let mut kinds = Vec::new();
-    let mut hups = 0;
-    let t0 = Instant::now();
-    for (k, &marker_port) in markers.iter().enumerate().skip(1) {
-        let roll = rng.next() % 100;
-        let kind = match roll {
-            _ if k == WRITES => Version::ValidRename,
-            0..=24 => Version::ValidRename,
-            25..=44 => Version::ValidInPlace,
-            45..=64 => Version::Broken,
-            65..=84 => Version::Invalid,
-            85..=91 => Version::Empty,
-            _ if busy.is_some() => Version::Unbindable,
-            _ => Version::Invalid,
-        };
-        kinds.push(kind);
-        let pause = Duration::from_millis(rng.next() % 25);
-        match kind {
-            Version::ValidRename => {
-                valid_versions.insert(k);
-                write_by_rename(&dir, &path, valid(k).as_bytes());
-            }
-            Version::ValidInPlace => {
-                valid_versions.insert(k);
-                let text = valid(k);
-                let split = 1 + (rng.next() as usize) % (text.len() - 1);
-                write_in_place(&path, text.as_bytes(), split, pause);
-            }
-            Version::Broken => {
-                let text = valid(k);
-                let cut = 1 + (rng.next() as usize) % (text.len() - 1);
-                if rng.next() % 2 == 0 {
-                    write_by_rename(&dir, &path, &text.as_bytes()[..cut]);
-                } else {
-                    write_in_place(&path, &text.as_bytes()[..cut], cut / 2, pause);
-                }
-            }
-            Version::Invalid => write_by_rename(&dir, &path, invalid(k, rng.next()).as_bytes()),
-            Version::Empty => {
-                OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(&path)
-                    .expect("truncate the config");
-            }
-            Version::Unbindable => {
-                let (_, busy_port) = busy.as_ref().unwrap();
-                let text = config(&[
-                    json!({ "Name": "stable", "Ports": stable_ports,
-                            "Targets": [stable.target()] }),
-                    app("marker", &[marker_port, *busy_port], &[marker.target()]),
-                ]);
-                write_by_rename(&dir, &path, text.as_bytes());
-            }
-        }
-        if rng.next() % 10 == 0 {
-            hups += 1;
-            // SAFETY: kill(2) on our child.
-            unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGHUP) };
-        }
-        thread::sleep(Duration::from_millis(2 + rng.next() % 20)); // the writer's pace
-    }
-    let written_in = t0.elapsed();
-    let last = markers[WRITES];
+    let chaos = Chaos::new(&env);
+    let p = env.start(
+        &chaos.stable_ports,
+        &chaos.valid(0),
+        &["--reload-interval", "10ms"],
+    );
+    let load = SteadyLoad::start(&p);
+    let seed = chaos_seed();
+    let run = chaos.write_versions(&p, seed);
+    let last = chaos.markers[CHAOS_WRITES];
     p.wait_log("the last version applied", |l| {
         l.contains(" reload ok: ") && ports_in(l, "added") == [last]
     });
     // A little more load on the final config, then stop it.
-    let ok_before = {
-        thread::sleep(Duration::from_millis(200)); // load keeps running on the final config
-        stop.store(true, Ordering::Relaxed);
-        load.into_iter().map(|t| t.join().unwrap()).sum::<usize>()
-    };
-    let failures = failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} of {} client connections to the stable ports failed: {:?}",
-        failures.len(),
-        failures.len() + ok_before,
-        &failures[..failures.len().min(10)]
-    );
-
-    // Every reload that applied anything applied one valid version, newer than the last.
-    let mut current = 0usize;
-    let reloads = p.lines(|l| l.contains(" reload ok: "));
-    for l in &reloads {
-        let added = ports_in(l, "added");
-        let removed = ports_in(l, "removed");
-        let k = match added.as_slice() {
-            [port] => markers
-                .iter()
-                .position(|m| m == port)
-                .unwrap_or_else(|| panic!("a reload added port {port}, of no version: {l}")),
-            _ => panic!("a reload that does not add exactly one marker port: {l}"),
-        };
-        assert!(
-            valid_versions.contains(&k),
-            "version {k} ({:?}) was applied: {l}",
-            kinds[k - 1]
-        );
-        assert!(
-            k > current,
-            "version {k} applied after version {current}: {l}"
-        );
-        assert_eq!(removed, [markers[current]], "{l}");
-        current = k;
-    }
-    assert_eq!(current, WRITES);
+    thread::sleep(Duration::from_millis(200)); // load keeps running on the final config
+    let ok_before = load.stop_and_check();
+    let reloads = chaos.assert_valid_versions_applied_in_order(&p, &run);
     let rejected = p
         .lines(|l| l.contains(" reload rejected: keeping the running config"))
         .len();
@@ -1706,36 +1544,293 @@ fn config_chaos(env: Env) {
         .lines(|l| l.contains(" reload rejected: cannot listen on "))
         .len();
     assert!(rejected > 0, "no version was rejected");
-
-    // The proxy serves exactly the last version's ports.
-    assert_eq!(
-        netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, last))),
-        Ok("marker".into())
-    );
-    for &port in &stable_ports {
-        assert_eq!(
-            netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
-            Ok("stable".into())
-        );
-    }
-    for &port in &markers[..WRITES] {
-        expect_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-    }
-    let want: BTreeSet<u16> = stable_ports.iter().copied().chain([last]).collect();
-    match &env.ns {
-        // Simple mode: exactly these listening sockets.
-        None => assert_eq!(listening_ports(p.pid), want),
-        // bpf mode: exactly these ports steered.
-        Some(ns) => assert_eq!(ns.steering(p.pid).ports(), want),
-    }
+    chaos.assert_serves_exactly_the_last_version(&env, &p);
     eprintln!(
-        "config chaos ({:?}, seed {seed}): {WRITES} writes in {written_in:?} ({} valid, {hups} \
-         SIGHUPs); {} reloads applied, {rejected} rejected ({unbindable} for a port that could \
-         not be bound); {ok_before} client connections, none failed",
+        "config chaos ({:?}, seed {seed}): {CHAOS_WRITES} writes in {:?} ({} valid, {} \
+         SIGHUPs); {reloads} reloads applied, {rejected} rejected ({unbindable} for a port that \
+         could not be bound); {ok_before} client connections, none failed",
         env.mode,
-        valid_versions.len() - 1,
-        reloads.len()
+        run.written_in,
+        run.valid_versions.len() - 1,
+        run.hups,
     );
+}
+
+/// Rewrites of the config file in `config_chaos`.
+const CHAOS_WRITES: usize = 200;
+
+/// The apps and ports of `config_chaos`, and how each version of its config reads.
+struct Chaos {
+    stable: Backend,
+    marker: Backend,
+    stable_ports: Vec<u16>,
+    /// One marker port per version.
+    markers: Vec<u16>,
+    /// Simple mode: a port this test holds, so a version asking for it cannot be bound.
+    busy: Option<(TcpListener, u16)>,
+}
+
+/// What `Chaos::write_versions` wrote.
+struct ChaosRun {
+    valid_versions: BTreeSet<usize>,
+    /// The kind of each version after the first.
+    kinds: Vec<Version>,
+    hups: usize,
+    written_in: Duration,
+}
+
+impl Chaos {
+    fn new(env: &Env) -> Chaos {
+        let busy = (env.mode == Mode::Simple).then(|| {
+            let port = free_port();
+            let l = TcpListener::bind(("::", port)).expect("hold a port");
+            (l, port)
+        });
+        Chaos {
+            stable: Backend::tagged("stable"),
+            marker: Backend::tagged("marker"),
+            stable_ports: env.ports(2),
+            markers: env.ports(CHAOS_WRITES + 1),
+            busy,
+        }
+    }
+
+    /// Version `k`, valid.
+    fn valid(&self, k: usize) -> String {
+        config(&[
+            json!({ "Name": "stable", "Ports": self.stable_ports, "Targets": [self.stable.target()],
+                    "ConnectAttempts": 1 + k % 3 }),
+            app("marker", &[self.markers[k]], &[self.marker.target()]),
+        ])
+    }
+
+    /// Version `k`, well-formed but invalid in one of four ways.
+    fn invalid(&self, k: usize, variant: u64) -> String {
+        let (stable_ports, markers) = (&self.stable_ports, &self.markers);
+        let stable_app = json!({ "Name": "stable", "Ports": stable_ports,
+                                 "Targets": [self.stable.target()] });
+        let marker_app = match variant % 4 {
+            0 => json!({ "Name": "marker", "Ports": [markers[k], 70000],
+                         "Targets": [self.marker.target()] }),
+            1 => json!({ "Name": "marker", "Ports": [markers[k]],
+                         "Targets": [self.marker.target()], "Weight": 3 }),
+            2 => json!({ "Name": "marker", "Ports": [markers[k]], "Targets": [] }),
+            // The stable app's port claimed by a second app.
+            _ => json!({ "Name": "marker", "Ports": [markers[k], stable_ports[0]],
+                         "Targets": [self.marker.target()] }),
+        };
+        config(&[stable_app, marker_app])
+    }
+
+    /// The kind of version `k`, from a roll of 0..100.
+    fn kind(&self, k: usize, roll: u64) -> Version {
+        match roll {
+            _ if k == CHAOS_WRITES => Version::ValidRename,
+            0..=24 => Version::ValidRename,
+            25..=44 => Version::ValidInPlace,
+            45..=64 => Version::Broken,
+            65..=84 => Version::Invalid,
+            85..=91 => Version::Empty,
+            _ if self.busy.is_some() => Version::Unbindable,
+            _ => Version::Invalid,
+        }
+    }
+
+    /// Write every version after the first, each of a random kind, at a random pace, with a
+    /// SIGHUP now and then.
+    fn write_versions(&self, p: &Proxy, seed: u64) -> ChaosRun {
+        let (path, dir) = (&p.config, &p.dir.path);
+        let mut rng = Rng::new(seed);
+        let mut run = ChaosRun {
+            valid_versions: BTreeSet::from([0usize]),
+            kinds: Vec::new(),
+            hups: 0,
+            written_in: Duration::ZERO,
+        };
+        let t0 = Instant::now();
+        for (k, &marker_port) in self.markers.iter().enumerate().skip(1) {
+            let kind = self.kind(k, rng.next() % 100);
+            run.kinds.push(kind);
+            let pause = Duration::from_millis(rng.next() % 25);
+            match kind {
+                Version::ValidRename => {
+                    run.valid_versions.insert(k);
+                    write_by_rename(dir, path, self.valid(k).as_bytes());
+                }
+                Version::ValidInPlace => {
+                    run.valid_versions.insert(k);
+                    let text = self.valid(k);
+                    let split = 1 + (rng.next() as usize) % (text.len() - 1);
+                    write_in_place(path, text.as_bytes(), split, pause);
+                }
+                Version::Broken => {
+                    let text = self.valid(k);
+                    let cut = 1 + (rng.next() as usize) % (text.len() - 1);
+                    if rng.next() % 2 == 0 {
+                        write_by_rename(dir, path, &text.as_bytes()[..cut]);
+                    } else {
+                        write_in_place(path, &text.as_bytes()[..cut], cut / 2, pause);
+                    }
+                }
+                Version::Invalid => {
+                    write_by_rename(dir, path, self.invalid(k, rng.next()).as_bytes())
+                }
+                Version::Empty => {
+                    OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(path)
+                        .expect("truncate the config");
+                }
+                Version::Unbindable => {
+                    let (_, busy_port) = self.busy.as_ref().unwrap();
+                    let text = config(&[
+                        json!({ "Name": "stable", "Ports": self.stable_ports,
+                                "Targets": [self.stable.target()] }),
+                        app(
+                            "marker",
+                            &[marker_port, *busy_port],
+                            &[self.marker.target()],
+                        ),
+                    ]);
+                    write_by_rename(dir, path, text.as_bytes());
+                }
+            }
+            if rng.next() % 10 == 0 {
+                run.hups += 1;
+                // SAFETY: kill(2) on our child.
+                unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGHUP) };
+            }
+            thread::sleep(Duration::from_millis(2 + rng.next() % 20)); // the writer's pace
+        }
+        run.written_in = t0.elapsed();
+        run
+    }
+
+    /// Every reload that applied anything applied one valid version, newer than the last,
+    /// and the last applied is the last written. How many applied.
+    fn assert_valid_versions_applied_in_order(&self, p: &Proxy, run: &ChaosRun) -> usize {
+        let markers = &self.markers;
+        let mut current = 0usize;
+        let reloads = p.lines(|l| l.contains(" reload ok: "));
+        for l in &reloads {
+            let added = ports_in(l, "added");
+            let removed = ports_in(l, "removed");
+            let k = match added.as_slice() {
+                [port] => markers
+                    .iter()
+                    .position(|m| m == port)
+                    .unwrap_or_else(|| panic!("a reload added port {port}, of no version: {l}")),
+                _ => panic!("a reload that does not add exactly one marker port: {l}"),
+            };
+            assert!(
+                run.valid_versions.contains(&k),
+                "version {k} ({:?}) was applied: {l}",
+                run.kinds[k - 1]
+            );
+            assert!(
+                k > current,
+                "version {k} applied after version {current}: {l}"
+            );
+            assert_eq!(removed, [markers[current]], "{l}");
+            current = k;
+        }
+        assert_eq!(current, CHAOS_WRITES);
+        reloads.len()
+    }
+
+    /// The proxy serves exactly the last version's ports.
+    fn assert_serves_exactly_the_last_version(&self, env: &Env, p: &Proxy) {
+        let last = self.markers[CHAOS_WRITES];
+        assert_eq!(
+            netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, last))),
+            Ok("marker".into())
+        );
+        for &port in &self.stable_ports {
+            assert_eq!(
+                netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+                Ok("stable".into())
+            );
+        }
+        for &port in &self.markers[..CHAOS_WRITES] {
+            expect_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        }
+        let want: BTreeSet<u16> = self.stable_ports.iter().copied().chain([last]).collect();
+        match &env.ns {
+            // Simple mode: exactly these listening sockets.
+            None => assert_eq!(listening_ports(p.pid), want),
+            // bpf mode: exactly these ports steered.
+            Some(ns) => assert_eq!(ns.steering(p.pid).ports(), want),
+        }
+    }
+}
+
+/// The steady load of `config_chaos`: two clients asking the stable ports in turn, all along.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    clients: Vec<JoinHandle<usize>>,
+}
+
+impl SteadyLoad {
+    fn start(p: &Proxy) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let clients = (0..2)
+            .map(|i| {
+                let addr = p.v4(i);
+                let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+                thread::spawn(move || {
+                    let mut ok = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match netns::try_ask(addr) {
+                            Ok(tag) if tag == "stable" => ok += 1,
+                            Ok(tag) => failures.lock().unwrap().push(format!("{addr}: tag {tag}")),
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            failures,
+            clients,
+        }
+    }
+
+    /// Stop the clients; none may have failed. How many connections succeeded.
+    fn stop_and_check(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let ok_before = self
+            .clients
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum::<usize>();
+        let failures = self.failures.lock().unwrap().clone();
+        assert!(
+            failures.is_empty(),
+            "{} of {} client connections to the stable ports failed: {:?}",
+            failures.len(),
+            failures.len() + ok_before,
+            &failures[..failures.len().min(10)]
+        );
+        ok_before
+    }
+}
+
+/// A seed from the clock and the pid; FLYPROXY_CHAOS_SEED replays a run (the seed is printed).
+fn chaos_seed() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32);
+    std::env::var("FLYPROXY_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(seed)
 }
 
 /// The ports listed as `key=[a,b]` in a reload line.
