@@ -497,22 +497,7 @@ const OTHER_THREADS: u64 = 8;
 /// stay bounded, a waiting client is served as soon as a slot frees (in arrival order), and a
 /// new client is served once the crowd is gone.
 fn idle_flood(env: Env) {
-    let own = raise_own_fd_limit();
-    assert!(
-        own >= (FLOOD + FLOOD_BOUND + 500) as u64,
-        "this test needs {} descriptors; the open-file limit is {own}",
-        FLOOD + FLOOD_BOUND + 500
-    );
-    // The clients past the bound wait in the listen backlog, which the kernel caps here.
-    let somaxconn: usize = fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(
-        somaxconn >= FLOOD - FLOOD_BOUND,
-        "net.core.somaxconn is {somaxconn}: a backlog of {} is needed",
-        FLOOD - FLOOD_BOUND
-    );
+    flood_fits_this_machine();
     let echo = Backend::echo();
     let ports = env.ports(1);
     let metrics = env.metrics_addr();
@@ -523,8 +508,6 @@ fn idle_flood(env: Env) {
         &["--max-connections", "1000", "--metrics", &m],
     );
     let addr = p.v4(0);
-    let total =
-        |text: &Exposition| text.sample("flyproxy_app_connections_total", &[("app", "flood")]);
 
     // Warm up (one relay thread, the pipe pool), then the baseline figures.
     roundtrip(&mut connect(addr), b"warm-up");
@@ -539,8 +522,73 @@ fn idle_flood(env: Env) {
         })
         .collect();
     let opened = t0.elapsed();
+    let settled = exactly_the_bound_is_accepted(&p, metrics, &echo, &mut clients, t0);
 
-    // Exactly the bound is accepted; the rest wait.
+    let threads = threads_of(p.pid);
+    let rss = rss_kib(p.pid);
+    let per_conn = rss.saturating_sub(rss0) as f64 / FLOOD_BOUND as f64;
+    eprintln!(
+        "idle flood ({:?}): {FLOOD} connects in {opened:?}, bound reached after {settled:?}; \
+         threads {threads0} -> {threads}; RSS {rss0} KiB -> {rss} KiB \
+         ({per_conn:.1} KiB per open connection)",
+        env.mode
+    );
+    assert!(
+        threads <= FLOOD_BOUND as u64 + OTHER_THREADS,
+        "{threads} threads with a bound of {FLOOD_BOUND}"
+    );
+    let rss_limit = 64 * 1024 + 32 * FLOOD_BOUND as u64;
+    assert!(
+        rss < rss_limit,
+        "RSS {rss} KiB with {FLOOD_BOUND} open connections (limit {rss_limit} KiB)"
+    );
+
+    let still_waiting = waiting_clients_are_served_in_order(&p, metrics, &mut clients);
+    let drained = the_crowd_leaves(metrics, addr, clients);
+    eprintln!(
+        "idle flood ({:?}): the remaining {} queued connections were taken and closed in \
+         {drained:?}; RSS at the end {} KiB, threads {}",
+        env.mode,
+        FLOOD - still_waiting - 100,
+        rss_kib(p.pid),
+        threads_of(p.pid)
+    );
+}
+
+/// The flood needs descriptors for both ends and a listen backlog for the clients past the
+/// bound (which the kernel caps).
+fn flood_fits_this_machine() {
+    let own = raise_own_fd_limit();
+    assert!(
+        own >= (FLOOD + FLOOD_BOUND + 500) as u64,
+        "this test needs {} descriptors; the open-file limit is {own}",
+        FLOOD + FLOOD_BOUND + 500
+    );
+    let somaxconn: usize = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        somaxconn >= FLOOD - FLOOD_BOUND,
+        "net.core.somaxconn is {somaxconn}: a backlog of {} is needed",
+        FLOOD - FLOOD_BOUND
+    );
+}
+
+/// `flyproxy_app_connections_total` of the flood's app.
+fn flood_total(text: &Exposition) -> Option<f64> {
+    text.sample("flyproxy_app_connections_total", &[("app", "flood")])
+}
+
+/// Exactly the bound is accepted; the rest wait, and the first waiting client (in arrival
+/// order) speaks and is not answered: not accepted. How long after `t0` the bound was reached.
+fn exactly_the_bound_is_accepted(
+    p: &Proxy,
+    metrics: SocketAddr,
+    echo: &Backend,
+    clients: &mut [TcpStream],
+    t0: Instant,
+) -> Duration {
     wait_metric(
         metrics,
         "flyproxy_connections_open",
@@ -562,37 +610,26 @@ fn idle_flood(env: Env) {
         "to be the bound",
         |v| v == FLOOD_BOUND as f64,
     );
-    // The first waiting client (in arrival order) speaks, and is not answered: not accepted.
     clients[FLOOD_BOUND].write_all(b"early").unwrap();
     clients[FLOOD_BOUND + 100].write_all(b"later").unwrap();
     expect_silent(&mut clients[FLOOD_BOUND], Duration::from_millis(300));
     let text = scrape(metrics);
-    assert_eq!(total(&text), Some((FLOOD_BOUND + 1) as f64), "{text}");
+    assert_eq!(flood_total(&text), Some((FLOOD_BOUND + 1) as f64), "{text}");
     assert_eq!(
         text.sample("flyproxy_connections_open", &[]),
         Some(FLOOD_BOUND as f64)
     );
+    settled
+}
 
-    let threads = threads_of(p.pid);
-    let rss = rss_kib(p.pid);
-    let per_conn = rss.saturating_sub(rss0) as f64 / FLOOD_BOUND as f64;
-    eprintln!(
-        "idle flood ({:?}): {FLOOD} connects in {opened:?}, bound reached after {settled:?}; \
-         threads {threads0} -> {threads}; RSS {rss0} KiB -> {rss} KiB \
-         ({per_conn:.1} KiB per open connection)",
-        env.mode
-    );
-    assert!(
-        threads <= FLOOD_BOUND as u64 + OTHER_THREADS,
-        "{threads} threads with a bound of {FLOOD_BOUND}"
-    );
-    let rss_limit = 64 * 1024 + 32 * FLOOD_BOUND as u64;
-    assert!(
-        rss < rss_limit,
-        "RSS {rss} KiB with {FLOOD_BOUND} open connections (limit {rss_limit} KiB)"
-    );
-
-    // 100 served clients leave: the next 100 in line are served, and no more.
+/// 100 served clients leave: the next 100 in line are served, and no more; then every served
+/// client leaves, and the one that spoke later is served in its turn. The index (before the
+/// last leave) of the first client still waiting.
+fn waiting_clients_are_served_in_order(
+    p: &Proxy,
+    metrics: SocketAddr,
+    clients: &mut Vec<TcpStream>,
+) -> usize {
     drop(clients.drain(..100).collect::<Vec<_>>());
     // Indexes from here on are shifted by the 100 gone.
     let first_waiting = FLOOD_BOUND - 100;
@@ -607,19 +644,25 @@ fn idle_flood(env: Env) {
     let still_waiting = first_waiting + 100;
     expect_silent(&mut clients[still_waiting], Duration::from_millis(300));
     let text = scrape(metrics);
-    assert_eq!(total(&text), Some((FLOOD_BOUND + 101) as f64), "{text}");
+    assert_eq!(
+        flood_total(&text),
+        Some((FLOOD_BOUND + 101) as f64),
+        "{text}"
+    );
     assert_eq!(
         text.sample("flyproxy_connections_open", &[]),
         Some(FLOOD_BOUND as f64)
     );
     assert!(threads_of(p.pid) <= FLOOD_BOUND as u64 + OTHER_THREADS);
 
-    // Every served client leaves: the one that spoke later is served in its turn.
     drop(clients.drain(..still_waiting).collect::<Vec<_>>());
     expect_reply(&mut clients[0], b"later");
+    still_waiting
+}
 
-    // The whole crowd leaves: every queued connection is accepted and closed, the proxy comes
-    // back to zero, and a new client is served at once.
+/// The whole crowd leaves: every queued connection is accepted and closed, the proxy comes
+/// back to zero, and a new client is served at once. How long the queue took to drain.
+fn the_crowd_leaves(metrics: SocketAddr, addr: SocketAddr, clients: Vec<TcpStream>) -> Duration {
     let t1 = Instant::now();
     drop(clients);
     wait_metric_within(
@@ -639,14 +682,7 @@ fn idle_flood(env: Env) {
     roundtrip(&mut s, b"a new client");
     drop(s);
     wait_no_open_connections(metrics);
-    eprintln!(
-        "idle flood ({:?}): the remaining {} queued connections were taken and closed in \
-         {drained:?}; RSS at the end {} KiB, threads {}",
-        env.mode,
-        FLOOD - still_waiting - 100,
-        rss_kib(p.pid),
-        threads_of(p.pid)
-    );
+    drained
 }
 
 two_modes!(idle_flood_is_held_at_the_bound, idle_flood);
