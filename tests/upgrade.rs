@@ -703,12 +703,49 @@ fn upgrades_under_load(
     after_upgrades: AfterUpgrades<'_>,
 ) {
     let began = Instant::now();
-    let first = proxy.pid;
     let long = LongLived::start(addrs, LONG_LIVED);
     let churn = Churn::start(addrs.to_vec());
     churn.wait_progress(20);
 
-    let mut pids = vec![first];
+    let (pids, slowest) = upgrade_each_under_load(proxy, pid_file, exe, listeners, &long, &churn);
+    let last = *pids.last().unwrap();
+    let upgrades_took = began.elapsed();
+    churn.wait_progress(20);
+
+    let mut reaped = Reaped::default();
+    only_the_first_generation_holds_the_long_lived(proxy, &pids, &long, &mut reaped);
+    after_upgrades(last);
+
+    // Stop the load: nothing refused, reset, cut short or corrupted.
+    let tally = churn.finish();
+    assert_eq!(tally.failed(), 0, "{}", tally.summary());
+
+    let closed = long_lived_close_and_the_first_generation_ends(proxy, long);
+    every_generation_exits_0(&pids, pid_file, exe, &mut reaped);
+    the_logs_tell_each_generation(proxy, &pids);
+
+    let bytes: u64 = closed.iter().map(|c| c.2).sum();
+    eprintln!(
+        "{test}: {UPGRADES} upgrades in {:.1}s (slowest {:.0} ms), whole test {:.1}s; short connections: {}; long-lived: {} connections, {bytes} bytes echoed",
+        upgrades_took.as_secs_f64(),
+        slowest.as_secs_f64() * 1000.0,
+        began.elapsed().as_secs_f64(),
+        tally.summary(),
+        closed.len(),
+    );
+}
+
+/// [`UPGRADES`] upgrades in a row, each once the load has made progress since the previous
+/// one. The pids of every generation, first to last, and the slowest upgrade.
+fn upgrade_each_under_load(
+    proxy: &Proxy,
+    pid_file: &Path,
+    exe: &Path,
+    listeners: usize,
+    long: &LongLived,
+    churn: &Churn,
+) -> (Vec<u32>, Duration) {
+    let mut pids = vec![proxy.pid];
     let mut slowest = Duration::ZERO;
     for i in 0..UPGRADES {
         // Load meets every hand-over: short connections and long-lived exchanges made progress
@@ -724,13 +761,18 @@ fn upgrades_under_load(
         assert!(!pids.contains(&new), "upgrade {i}: pid {new} seen before");
         pids.push(new);
     }
-    let last = *pids.last().unwrap();
-    let upgrades_took = began.elapsed();
-    churn.wait_progress(20);
+    (pids, slowest)
+}
 
-    // Every generation in between drained its short connections and exited; the first one
-    // still holds the long-lived connections, and only it does.
-    let mut reaped = Reaped::default();
+/// Every generation in between drained its short connections and exited; the first one
+/// still holds the long-lived connections, and only it does.
+fn only_the_first_generation_holds_the_long_lived(
+    proxy: &mut Proxy,
+    pids: &[u32],
+    long: &LongLived,
+    reaped: &mut Reaped,
+) {
+    let first = pids[0];
     wait_for(
         "the generations between the first and the last to exit",
         WAIT,
@@ -759,14 +801,15 @@ fn upgrades_under_load(
             c.remote
         );
     }
-    after_upgrades(last);
+}
 
-    // Stop the load: nothing refused, reset, cut short or corrupted.
-    let tally = churn.finish();
-    assert_eq!(tally.failed(), 0, "{}", tally.summary());
-
-    // Close the long-lived connections: every byte came back, and only now does the first
-    // generation finish, each connection logged (after the upgrades) with its byte counts.
+/// Close the long-lived connections: every byte came back, and only now does the first
+/// generation finish, each connection logged (after the upgrades) with its byte counts.
+fn long_lived_close_and_the_first_generation_ends(
+    proxy: &mut Proxy,
+    long: LongLived,
+) -> Vec<(SocketAddr, SocketAddr, u64)> {
+    let first = proxy.pid;
     let mark = proxy.mark();
     let closed = long.finish();
     for (local, remote, bytes) in &closed {
@@ -782,14 +825,17 @@ fn upgrades_under_load(
     }
     let status = wait_for("the first generation to exit", WAIT, || proxy.try_status());
     assert!(status.success(), "first generation (pid {first}): {status}");
+    closed
+}
 
-    // The last generation stops on SIGTERM; then nothing of this test is left.
-    signal(last, libc::SIGTERM);
+/// The last generation stops on SIGTERM; then nothing of this test is left.
+fn every_generation_exits_0(pids: &[u32], pid_file: &Path, exe: &Path, reaped: &mut Reaped) {
+    signal(*pids.last().unwrap(), libc::SIGTERM);
     wait_for("every generation to exit", WAIT, || {
         pids[1..].iter().all(|&p| reaped.gone(p)).then_some(())
     });
     reaped.assert_all_exited_0();
-    for &p in &pids {
+    for &p in pids {
         assert!(no_such_process(p), "pid {p} is still there");
     }
     wait_for("the pid file to be removed", WAIT, || {
@@ -800,11 +846,15 @@ fn upgrades_under_load(
         left.is_empty(),
         "processes of this test still running: {left:?}"
     );
+}
 
+/// Each generation said it started and that it stopped with its connections finished, and
+/// none logged an error or a warning.
+fn the_logs_tell_each_generation(proxy: &Proxy, pids: &[u32]) {
     let logs = proxy.logs();
     let mut started = generations(proxy);
     started.sort_unstable();
-    let mut expected = pids.clone();
+    let mut expected = pids.to_vec();
     expected.sort_unstable();
     assert_eq!(started, expected, "`started` lines vs. the generations");
     let stopped = logs
@@ -821,16 +871,6 @@ fn upgrades_under_load(
         .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
         .collect();
     assert!(bad.is_empty(), "errors or warnings logged: {bad:#?}");
-
-    let bytes: u64 = closed.iter().map(|c| c.2).sum();
-    eprintln!(
-        "{test}: {UPGRADES} upgrades in {:.1}s (slowest {:.0} ms), whole test {:.1}s; short connections: {}; long-lived: {} connections, {bytes} bytes echoed",
-        upgrades_took.as_secs_f64(),
-        slowest.as_secs_f64() * 1000.0,
-        began.elapsed().as_secs_f64(),
-        tally.summary(),
-        closed.len(),
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
