@@ -699,7 +699,15 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         config(&[app("a", ports, &[echo.target()])])
     });
     scrape(maddr);
+    bad_requests_get_their_status(maddr);
+    oversized_requests_are_refused_promptly(maddr);
+    a_silent_scraper_is_closed_at_the_timeout(maddr);
+    relaying_goes_on_while_a_scraper_stalls(maddr, p.v4(0));
+    scrape(maddr);
+}
 
+/// Methods, paths and request lines the endpoint does not serve get 405, 404 or 400.
+fn bad_requests_get_their_status(maddr: SocketAddr) {
     for (req, want) in [
         (
             &b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"[..],
@@ -733,9 +741,11 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
             }
         }
     }
+}
 
-    // 100 KB of garbage, and a request whose head never ends within the size cap: a 400, or
-    // the connection closed (it may be reset, as the rest is never read); and promptly.
+/// 100 KB of garbage, and a request whose head never ends within the size cap: a 400, or
+/// the connection closed (it may be reset, as the rest is never read); and promptly.
+fn oversized_requests_are_refused_promptly(maddr: SocketAddr) {
     for (what, req) in [
         ("garbage", vec![b'x'; 100 * 1024]),
         ("an endless head", {
@@ -773,9 +783,11 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         writer.join().unwrap();
         scrape(maddr);
     }
+}
 
-    // A scraper that connects and sends nothing holds the endpoint until the 2 s timeout
-    // frees it, then is closed without an answer; the next scrape is then served.
+/// A scraper that connects and sends nothing holds the endpoint until the 2 s timeout
+/// frees it, then is closed without an answer; the next scrape is then served.
+fn a_silent_scraper_is_closed_at_the_timeout(maddr: SocketAddr) {
     let mut silent = TcpStream::connect_timeout(&maddr, WAIT).unwrap();
     let t = Instant::now();
     let (raw, err) = exchange(
@@ -807,14 +819,16 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         "the silent scraper was closed after {:?}, before the 2 s timeout",
         t.elapsed()
     );
+}
 
-    // While the endpoint is stuck with a silent scraper, a connection through the proxy
-    // works. Checked: the stalled scraper is still open after the connection is done (if a
-    // loaded machine made the connection take past the 2 s, try again).
+/// While the endpoint is stuck with a silent scraper, a connection through the proxy
+/// works. Checked: the stalled scraper is still open after the connection is done (if a
+/// loaded machine made the connection take past the 2 s, try again).
+fn relaying_goes_on_while_a_scraper_stalls(maddr: SocketAddr, proxied: SocketAddr) {
     let mut proven = false;
     for i in 0..3 {
         let mut stall = TcpStream::connect_timeout(&maddr, WAIT).unwrap();
-        conversation(p.v4(0), format!("during stall {i}").as_bytes());
+        conversation(proxied, format!("during stall {i}").as_bytes());
         stall.set_nonblocking(true).unwrap();
         let mut b = [0u8; 1];
         if matches!(stall.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
@@ -826,7 +840,6 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         proven,
         "relaying could not be shown to work during a scraper's stall"
     );
-    scrape(maddr);
 }
 
 /// A scraper that sends its request a byte at a time, each byte within the 2 s read timeout,
