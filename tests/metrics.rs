@@ -1007,7 +1007,17 @@ fn status_command_shows_apps_ports_targets_and_health() {
     roundtrip(&mut held, b"held one");
     let mut failed = connect(p.v4(13));
     expect_closed(&mut failed, WAIT);
+    status_shows_each_app_and_target(&p, maddr, &echo.target(), &refusing.target());
+    drop(held);
+    status_without_a_proxy_exits_1();
+    status_against_another_server_exits_1();
+}
 
+/// The page: the slots in use and the reloads, then each app (its first 12 ports, a count of
+/// the rest, open and accepted connections) with its targets (health, open, total); the same
+/// page as /status serves.
+fn status_shows_each_app_and_target(p: &Proxy, maddr: SocketAddr, target_a: &str, target_b: &str) {
+    let m_arg = maddr.to_string();
     let out = wait_for("status to show 1 slot in use", WAIT, || {
         let out = common::run(&["status", "--metrics", &m_arg]);
         assert_eq!(out.code, Some(0), "status: {}", out.stderr);
@@ -1041,17 +1051,15 @@ fn status_command_shows_apps_ports_targets_and_health() {
     };
     let (ia, ib) = (at(&want_alpha), at(&want_beta));
     let words = |i: usize| lines[i].split_whitespace().collect::<Vec<_>>();
-    let target_a = echo.target();
-    let target_b = refusing.target();
     assert_eq!(
         words(ia + 1),
-        [target_a.as_str(), "up", "open", "1", "total", "2"],
+        [target_a, "up", "open", "1", "total", "2"],
         "{}",
         out.stdout
     );
     assert_eq!(
         words(ib + 1),
-        [target_b.as_str(), "DOWN", "open", "0", "total", "0"],
+        [target_b, "DOWN", "open", "0", "total", "0"],
         "{}",
         out.stdout
     );
@@ -1060,9 +1068,10 @@ fn status_command_shows_apps_ports_targets_and_health() {
     let page = get(maddr, "/status");
     assert_eq!(page.status, 200);
     assert_eq!(page.body, out.stdout);
-    drop(held);
+}
 
-    // Nothing listening: exit 1, saying where it looked.
+/// Nothing listening: exit 1, saying where it looked.
+fn status_without_a_proxy_exits_1() {
     let closed = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let out = common::run(&["status", "--metrics", &closed.to_string()]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
@@ -1074,8 +1083,11 @@ fn status_command_shows_apps_ports_targets_and_health() {
         out.stderr
     );
     assert!(out.stderr.contains("--metrics"), "{}", out.stderr);
+}
 
-    // Something that is not flyproxy: a 404, and a server that never answers.
+/// Something that is not flyproxy: a 404, and a server that never answers; exit 1 each time,
+/// and promptly.
+fn status_against_another_server_exits_1() {
     let not_us = TcpListener::bind("127.0.0.1:0").unwrap();
     let not_us_addr = not_us.local_addr().unwrap();
     let server = thread::spawn(move || {
