@@ -530,8 +530,6 @@ fn check_values(m: &Exposition) {
 /// backslash, a newline, non-ASCII) round-tripping through label values, and an IPv6 target.
 #[test]
 fn exposition_is_valid_and_escapes_label_values() {
-    const WEIRD: &str = "we\"ird\\app";
-    const MULTI: &str = "line\nbreak ünï☃ {x=\"y\"}";
     let echo = Backend::echo();
     let echo6 = Backend::echo_v6();
     let refusing = Refusing::new();
@@ -571,6 +569,28 @@ fn exposition_is_valid_and_escapes_label_values() {
         ) == Some(1.0)
     });
     check_values(&m);
+    every_family_is_there_in_order(&m);
+    the_names_round_trip(&m, &echo.target(), &echo6.target());
+    assert_eq!(
+        m.samples("flyproxy_connections_total").len(),
+        4,
+        "(app, target) pairs after the reload: {}",
+        m.text
+    );
+    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
+    assert!(
+        m.family("flyproxy_bpf_lookups_total").is_none(),
+        "bpf family in simple mode"
+    );
+}
+
+/// An app name with a double quote and a backslash.
+const WEIRD: &str = "we\"ird\\app";
+/// An app name with a newline, non-ASCII and what looks like labels.
+const MULTI: &str = "line\nbreak ünï☃ {x=\"y\"}";
+
+/// Every family, in order, with its type, some samples and a HELP.
+fn every_family_is_there_in_order(m: &Exposition) {
     let names: Vec<(&str, &str)> = m
         .families
         .iter()
@@ -594,8 +614,11 @@ fn exposition_is_valid_and_escapes_label_values() {
             f.name
         );
     }
+}
 
-    // The names round-trip: the parsed label values are the names exactly.
+/// The names round-trip: the parsed label values are the names exactly, escaped in the text,
+/// with the bytes of each app's one conversation.
+fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
     let want: BTreeSet<String> = [WEIRD, MULTI, "plain"]
         .iter()
         .map(|s| s.to_string())
@@ -623,31 +646,19 @@ fn exposition_is_valid_and_escapes_label_values() {
         "the multi-line name, escaped:\n{}",
         m.text
     );
-    let t6 = echo6.target();
     assert!(t6.starts_with("[::1]:"), "{t6}");
-    for (app, target, n) in [(WEIRD, echo.target(), "weird app".len()), (MULTI, t6, 25)] {
+    for (app, target, n) in [(WEIRD, echo, "weird app".len()), (MULTI, t6, 25)] {
         for d in ["client_to_target", "target_to_client"] {
             assert_eq!(
                 m.get(
                     "flyproxy_bytes_total",
-                    &[("app", app), ("target", &target), ("direction", d)]
+                    &[("app", app), ("target", target), ("direction", d)]
                 ),
                 n as f64,
                 "{app:?} {d}"
             );
         }
     }
-    assert_eq!(
-        m.samples("flyproxy_connections_total").len(),
-        4,
-        "(app, target) pairs after the reload: {}",
-        m.text
-    );
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
-    assert!(
-        m.family("flyproxy_bpf_lookups_total").is_none(),
-        "bpf family in simple mode"
-    );
 }
 
 /// An app listing the same target twice (literally, or as `host:0port`) must not produce two
