@@ -1321,121 +1321,167 @@ fn assert_every_line_is_an_event(lines: &[String], json: bool) {
 }
 
 fn access_log(format: &str) {
-    const APP: &str = "we\"ird =app\\";
-    let json = format == "json";
-    let tagged = Backend::tagged("tag");
-    let refusing = Refusing::new();
-    let p = start_proxy(
-        2,
-        &["--log-format", format, "--idle-timeout", "1s"],
-        |ports| {
-            config(&[
-                app(APP, &ports[..1], &[tagged.target()]),
-                app("b", &ports[1..], &[refusing.target()]),
-            ])
-        },
-    );
-    let conns = |p: &Proxy| -> Vec<Conn> {
-        p.logs()
-            .iter()
-            .filter_map(|l| {
-                if json {
-                    conn_from_json(l)
-                } else {
-                    conn_from_text(l)
-                }
-            })
-            .collect()
-    };
-    let wait_conn = |client: SocketAddr| -> Conn {
+    let log = AccessLog::start(format);
+    log.a_relayed_connection_is_logged();
+    log.an_idle_connection_is_logged();
+    log.a_connection_no_target_takes_warns();
+    log.stop_and_check_every_line();
+}
+
+/// An app name that needs quoting in the text format and escaping in JSON.
+const ACCESS_APP: &str = "we\"ird =app\\";
+/// Bytes sent up on the known connection.
+const ACCESS_K: usize = 1234;
+
+/// The proxy of `access_log`: app ACCESS_APP on a tagged echo, app `b` on a refusing target.
+struct AccessLog {
+    p: Proxy,
+    json: bool,
+    tagged: Backend,
+    refusing: Refusing,
+}
+
+/// The conn records logged so far.
+fn conns(p: &Proxy, json: bool) -> Vec<Conn> {
+    p.logs()
+        .iter()
+        .filter_map(|l| {
+            if json {
+                conn_from_json(l)
+            } else {
+                conn_from_text(l)
+            }
+        })
+        .collect()
+}
+
+impl AccessLog {
+    fn start(format: &str) -> AccessLog {
+        let tagged = Backend::tagged("tag");
+        let refusing = Refusing::new();
+        let p = start_proxy(
+            2,
+            &["--log-format", format, "--idle-timeout", "1s"],
+            |ports| {
+                config(&[
+                    app(ACCESS_APP, &ports[..1], &[tagged.target()]),
+                    app("b", &ports[1..], &[refusing.target()]),
+                ])
+            },
+        );
+        AccessLog {
+            p,
+            json: format == "json",
+            tagged,
+            refusing,
+        }
+    }
+
+    /// The conn record of `client`, once logged.
+    fn wait_conn(&self, client: SocketAddr) -> Conn {
         let want = canonical(client).to_string();
         wait_for(&format!("the conn line of {want}"), WAIT, || {
-            conns(&p).into_iter().find(|c| c.client == want)
+            conns(&self.p, self.json)
+                .into_iter()
+                .find(|c| c.client == want)
         })
-    };
+    }
 
-    // A known connection: 1234 bytes up, the tag line and their echo down.
-    const K: usize = 1234;
-    let mut s = connect(p.v4(0));
-    assert_eq!(read_line(&mut s), "tag");
-    roundtrip(&mut s, &bytes(K, 7));
-    let local = s.local_addr().unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    expect_closed(&mut s, WAIT);
-    let c = wait_conn(local);
-    assert_eq!(c.level, "info", "{}", c.line);
-    assert_eq!(c.app, APP, "{}", c.line);
-    assert_eq!(c.client, local.to_string(), "{}", c.line);
-    assert_eq!(c.port, u64::from(p.ports[0]), "{}", c.line);
-    assert_eq!(c.target, tagged.target(), "{}", c.line);
-    assert_eq!((c.up, c.down), (K as u64, K as u64 + 4), "{}", c.line);
-    assert!(c.duration >= 0.0 && c.duration < 10.0, "{}", c.line);
-    assert_eq!(c.end, "closed", "{}", c.line);
-    assert_eq!(c.reason, None, "{}", c.line);
+    /// A known connection: ACCESS_K (1234) bytes up, the tag line and their echo down.
+    fn a_relayed_connection_is_logged(&self) {
+        let mut s = connect(self.p.v4(0));
+        assert_eq!(read_line(&mut s), "tag");
+        roundtrip(&mut s, &bytes(ACCESS_K, 7));
+        let local = s.local_addr().unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        expect_closed(&mut s, WAIT);
+        let c = self.wait_conn(local);
+        assert_eq!(c.level, "info", "{}", c.line);
+        assert_eq!(c.app, ACCESS_APP, "{}", c.line);
+        assert_eq!(c.client, local.to_string(), "{}", c.line);
+        assert_eq!(c.port, u64::from(self.p.ports[0]), "{}", c.line);
+        assert_eq!(c.target, self.tagged.target(), "{}", c.line);
+        assert_eq!(
+            (c.up, c.down),
+            (ACCESS_K as u64, ACCESS_K as u64 + 4),
+            "{}",
+            c.line
+        );
+        assert!(c.duration >= 0.0 && c.duration < 10.0, "{}", c.line);
+        assert_eq!(c.end, "closed", "{}", c.line);
+        assert_eq!(c.reason, None, "{}", c.line);
+    }
 
-    // An idle connection, from IPv6: closed by the idle timeout.
-    let mut idle = connect(p.v6(0));
-    assert_eq!(read_line(&mut idle), "tag");
-    let local6 = idle.local_addr().unwrap();
-    expect_closed(&mut idle, WAIT);
-    let c = wait_conn(local6);
-    assert_eq!(c.level, "info", "{}", c.line);
-    assert!(c.client.starts_with("[::1]:"), "{}", c.line);
-    assert_eq!(c.port, u64::from(p.ports[0]), "{}", c.line);
-    assert_eq!((c.up, c.down), (0, 4), "{}", c.line);
-    assert_eq!(c.end, "idle_timeout", "{}", c.line);
-    assert!(c.duration >= 0.95, "idle for 1s but {}", c.line);
-    assert_eq!(c.reason, None, "{}", c.line);
+    /// An idle connection, from IPv6: closed by the idle timeout.
+    fn an_idle_connection_is_logged(&self) {
+        let mut idle = connect(self.p.v6(0));
+        assert_eq!(read_line(&mut idle), "tag");
+        let local6 = idle.local_addr().unwrap();
+        expect_closed(&mut idle, WAIT);
+        let c = self.wait_conn(local6);
+        assert_eq!(c.level, "info", "{}", c.line);
+        assert!(c.client.starts_with("[::1]:"), "{}", c.line);
+        assert_eq!(c.port, u64::from(self.p.ports[0]), "{}", c.line);
+        assert_eq!((c.up, c.down), (0, 4), "{}", c.line);
+        assert_eq!(c.end, "idle_timeout", "{}", c.line);
+        assert!(c.duration >= 0.95, "idle for 1s but {}", c.line);
+        assert_eq!(c.reason, None, "{}", c.line);
+    }
 
-    // A connection no target takes: a warning with the reason.
-    let mut failed = connect(p.v4(1));
-    let local_f = failed.local_addr().unwrap();
-    expect_closed(&mut failed, WAIT);
-    let c = wait_conn(local_f);
-    assert_eq!(c.level, "warn", "{}", c.line);
-    assert_eq!(c.app, "b", "{}", c.line);
-    assert_eq!(c.port, u64::from(p.ports[1]), "{}", c.line);
-    assert_eq!(c.target, "-", "{}", c.line);
-    assert_eq!((c.up, c.down), (0, 0), "{}", c.line);
-    assert_eq!(c.end, "connect_failed", "{}", c.line);
-    let reason = c
-        .reason
-        .as_deref()
-        .unwrap_or_else(|| panic!("no reason: {}", c.line));
-    assert!(
-        reason.contains(&refusing.target()) && reason.contains("refused"),
-        "{}",
-        c.line
-    );
+    /// A connection no target takes: a warning with the reason.
+    fn a_connection_no_target_takes_warns(&self) {
+        let mut failed = connect(self.p.v4(1));
+        let local_f = failed.local_addr().unwrap();
+        expect_closed(&mut failed, WAIT);
+        let c = self.wait_conn(local_f);
+        assert_eq!(c.level, "warn", "{}", c.line);
+        assert_eq!(c.app, "b", "{}", c.line);
+        assert_eq!(c.port, u64::from(self.p.ports[1]), "{}", c.line);
+        assert_eq!(c.target, "-", "{}", c.line);
+        assert_eq!((c.up, c.down), (0, 0), "{}", c.line);
+        assert_eq!(c.end, "connect_failed", "{}", c.line);
+        let reason = c
+            .reason
+            .as_deref()
+            .unwrap_or_else(|| panic!("no reason: {}", c.line));
+        assert!(
+            reason.contains(&self.refusing.target()) && reason.contains("refused"),
+            "{}",
+            c.line
+        );
+    }
 
-    // Stop, so the log is complete; one conn record per connection, every line an event.
-    let mut p = p;
-    p.signal(libc::SIGTERM);
-    let status = p.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(0));
-    assert_eq!(conns(&p).len(), 3, "{:#?}", conns(&p));
-    assert_every_line_is_an_event(&p.logs(), json);
-    if json {
-        let events: Vec<Value> = p
-            .logs()
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .filter(|v: &Value| v["msg"] != "conn")
-            .collect();
-        for v in &events {
-            assert_eq!(
-                v.as_object().unwrap().len(),
-                3,
-                "events other than conn have ts, level and msg only: {v}"
+    /// Stop, so the log is complete; one conn record per connection, every line an event.
+    fn stop_and_check_every_line(self) {
+        let json = self.json;
+        let mut p = self.p;
+        p.signal(libc::SIGTERM);
+        let status = p.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(0));
+        assert_eq!(conns(&p, json).len(), 3, "{:#?}", conns(&p, json));
+        assert_every_line_is_an_event(&p.logs(), json);
+        if json {
+            let events: Vec<Value> = p
+                .logs()
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .filter(|v: &Value| v["msg"] != "conn")
+                .collect();
+            for v in &events {
+                assert_eq!(
+                    v.as_object().unwrap().len(),
+                    3,
+                    "events other than conn have ts, level and msg only: {v}"
+                );
+            }
+            assert!(
+                events.iter().any(|v| v["msg"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("started mode=simple ")),
+                "{events:#?}"
             );
         }
-        assert!(
-            events.iter().any(|v| v["msg"]
-                .as_str()
-                .unwrap()
-                .starts_with("started mode=simple ")),
-            "{events:#?}"
-        );
     }
 }
 
