@@ -1391,133 +1391,158 @@ fn local_ports_running_out_fail_clients_not_the_target() {
     let host_range = fs::read_to_string(PORT_RANGE).expect("read the port range");
     netns::run(
         "local_ports_running_out_fail_clients_not_the_target",
-        |_ns| {
-            const CLIENTS: usize = 200;
-            // Bound before the range shrinks (a listener's port comes from the range too).
-            let echo = Backend::echo();
-            let netns_range = fs::read_to_string(PORT_RANGE).unwrap();
-            fs::write(PORT_RANGE, "40000 40050").expect("set this namespace's port range");
-            // Put the range back before anything is dropped (even on a failure): the backend's
-            // stop connects to its own listener, which needs a free port.
-            let _restore = Restore(move || {
-                let _ = fs::write(PORT_RANGE, &netns_range);
-            });
-            let range = fs::read_to_string(PORT_RANGE).unwrap();
-            assert_eq!(
-                range.split_whitespace().collect::<Vec<_>>(),
-                ["40000", "40050"]
-            );
-            let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, NETNS_METRICS_PORT));
-            let m = metrics.to_string();
-            let target = echo.target();
-            let cfg = config(&[json!({
-                "Name": "eph", "Ports": [6000], "Targets": [target],
-                // Checked often (an up target every 500 ms), so checks run while ports are out.
-                "HealthCheck": { "IntervalMs": 100 }
-            })]);
-            let p = netns::start(&cfg, &["--metrics", &m, "--connect-timeout", "2s"]);
-            // Clients go to 127.0.0.1-8: their own ports come from the same small range, and a
-            // port can be reused towards each destination.
-            let dest = |i: usize| SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 6000));
-            let msg = |i: usize| format!("c{i:03}\n");
-            let mut clients: Vec<TcpStream> = (0..CLIENTS)
-                .map(|i| {
-                    let mut s = connect(dest(i));
-                    s.write_all(msg(i).as_bytes()).unwrap();
-                    s
-                })
-                .collect();
-            let (mut served, mut refused) = (Vec::new(), Vec::new());
-            for (i, mut s) in clients.drain(..).enumerate() {
-                s.set_read_timeout(Some(WAIT)).unwrap();
-                let want = msg(i);
-                let mut got = vec![0u8; want.len()];
-                match s.read_exact(&mut got) {
-                    Ok(()) => {
-                        assert_eq!(got, want.as_bytes());
-                        served.push(s);
-                    }
-                    Err(e)
-                        if e.kind() == io::ErrorKind::UnexpectedEof
-                            || e.kind() == io::ErrorKind::ConnectionReset =>
-                    {
-                        refused.push(s.local_addr().unwrap())
-                    }
-                    Err(e) => panic!("client {i}: {e}"),
-                }
-            }
-            assert!(
-                served.len() >= 10 && refused.len() >= 100,
-                "{} served, {} closed: the ports did not run out as planned",
-                served.len(),
-                refused.len()
-            );
-            for &local in &refused {
-                let line = p.wait_conn(local);
-                assert_eq!(line.end, "connect_failed", "{}", line.line);
-                let reason = line.reason.clone().unwrap_or_default();
-                assert!(reason.contains("(os error 99)"), "{}", line.line);
-            }
-            // Hold the ports a while (three up-checks of the target), then look at the target.
-            let held_from = Instant::now();
-            while held_from.elapsed() < Duration::from_millis(1600) {
-                for s in &mut served {
-                    roundtrip(s, b"still here\n");
-                }
-                thread::sleep(Duration::from_millis(100)); // the clients' pace
-            }
-            let text = scrape(metrics);
-            let down = p.lines(|l| l.contains(" is down"));
-            let target_up = text.sample("flyproxy_target_up", &[("target", &target)]);
-            assert_eq!(
-                text.sample(
-                    "flyproxy_app_connections_refused_total",
-                    &[("app", "eph"), ("reason", "connect_failed")]
-                ),
-                Some(refused.len() as f64)
-            );
-            let figures = format!("{} served, {} closed", served.len(), refused.len());
-
-            // Ports free up (the proxy's TIME_WAIT ones become reusable a second or so after
-            // the served clients left): served again, 20 clients in a row.
-            drop(served);
-            let t = Instant::now();
-            let mut rounds = 0;
-            wait_for(
-                "20 clients in a row served once ports free up",
-                WAIT,
-                || {
-                    rounds += 1;
-                    (0..20)
-                        .all(|i| try_echo(dest(i), format!("again {i}\n").as_bytes()).is_ok())
-                        .then_some(())
-                },
-            );
-            let recovered = t.elapsed();
-            eprintln!(
-                "local ports: {figures} of {CLIENTS}; 20 in a row served again {recovered:?} \
-                 after the others left ({rounds} tries); target marked down {} times",
-                down.len()
-            );
-            // The target was never marked down for this host's own trouble.
-            assert!(
-                down.is_empty(),
-                "a local error (no local port) marked the target down:\n{}",
-                down.join("\n")
-            );
-            assert_eq!(
-                target_up,
-                Some(1.0),
-                "flyproxy_target_up while ports were out"
-            );
-            wait_no_open_connections(metrics);
-        },
+        |_ns| local_ports_run_out(),
     );
     assert_eq!(
         fs::read_to_string(PORT_RANGE).unwrap(),
         host_range,
         "the host's port range changed"
     );
+}
+
+/// Clients of `local_ports_running_out_fail_clients_not_the_target`.
+const EPH_CLIENTS: usize = 200;
+
+/// The body of `local_ports_running_out_fail_clients_not_the_target`, in its namespace.
+fn local_ports_run_out() {
+    // Bound before the range shrinks (a listener's port comes from the range too).
+    let echo = Backend::echo();
+    let _restore = shrink_the_port_range();
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, NETNS_METRICS_PORT));
+    let m = metrics.to_string();
+    let target = echo.target();
+    let cfg = config(&[json!({
+        "Name": "eph", "Ports": [6000], "Targets": [target],
+        // Checked often (an up target every 500 ms), so checks run while ports are out.
+        "HealthCheck": { "IntervalMs": 100 }
+    })]);
+    let p = netns::start(&cfg, &["--metrics", &m, "--connect-timeout", "2s"]);
+    let (mut served, refused) = clients_past_the_port_range();
+    for &local in &refused {
+        let line = p.wait_conn(local);
+        assert_eq!(line.end, "connect_failed", "{}", line.line);
+        let reason = line.reason.clone().unwrap_or_default();
+        assert!(reason.contains("(os error 99)"), "{}", line.line);
+    }
+    // Hold the ports a while (three up-checks of the target), then look at the target.
+    let held_from = Instant::now();
+    while held_from.elapsed() < Duration::from_millis(1600) {
+        for s in &mut served {
+            roundtrip(s, b"still here\n");
+        }
+        thread::sleep(Duration::from_millis(100)); // the clients' pace
+    }
+    let text = scrape(metrics);
+    let down = p.lines(|l| l.contains(" is down"));
+    let target_up = text.sample("flyproxy_target_up", &[("target", &target)]);
+    assert_eq!(
+        text.sample(
+            "flyproxy_app_connections_refused_total",
+            &[("app", "eph"), ("reason", "connect_failed")]
+        ),
+        Some(refused.len() as f64)
+    );
+    let figures = format!("{} served, {} closed", served.len(), refused.len());
+    drop(served);
+    let (recovered, rounds) = served_again_once_ports_free_up();
+    eprintln!(
+        "local ports: {figures} of {EPH_CLIENTS}; 20 in a row served again {recovered:?} \
+         after the others left ({rounds} tries); target marked down {} times",
+        down.len()
+    );
+    // The target was never marked down for this host's own trouble.
+    assert!(
+        down.is_empty(),
+        "a local error (no local port) marked the target down:\n{}",
+        down.join("\n")
+    );
+    assert_eq!(
+        target_up,
+        Some(1.0),
+        "flyproxy_target_up while ports were out"
+    );
+    wait_no_open_connections(metrics);
+}
+
+/// Cut this namespace's ephemeral port range to 51 ports; it is put back when the result is
+/// dropped.
+fn shrink_the_port_range() -> Restore<impl FnMut()> {
+    let netns_range = fs::read_to_string(PORT_RANGE).unwrap();
+    fs::write(PORT_RANGE, "40000 40050").expect("set this namespace's port range");
+    // Put the range back before anything is dropped (even on a failure): the backend's
+    // stop connects to its own listener, which needs a free port.
+    let restore = Restore(move || {
+        let _ = fs::write(PORT_RANGE, &netns_range);
+    });
+    let range = fs::read_to_string(PORT_RANGE).unwrap();
+    assert_eq!(
+        range.split_whitespace().collect::<Vec<_>>(),
+        ["40000", "40050"]
+    );
+    restore
+}
+
+/// Where client `i` connects: 127.0.0.1-8, so that their own ports come from the same small
+/// range, and a port can be reused towards each destination.
+fn eph_dest(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 6000))
+}
+
+/// EPH_CLIENTS clients at once, each sending a line: the served ones (still open) and the
+/// local addresses of those closed without an answer; the ports must have run out.
+fn clients_past_the_port_range() -> (Vec<TcpStream>, Vec<SocketAddr>) {
+    let msg = |i: usize| format!("c{i:03}\n");
+    let mut clients: Vec<TcpStream> = (0..EPH_CLIENTS)
+        .map(|i| {
+            let mut s = connect(eph_dest(i));
+            s.write_all(msg(i).as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let (mut served, mut refused) = (Vec::new(), Vec::new());
+    for (i, mut s) in clients.drain(..).enumerate() {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let want = msg(i);
+        let mut got = vec![0u8; want.len()];
+        match s.read_exact(&mut got) {
+            Ok(()) => {
+                assert_eq!(got, want.as_bytes());
+                served.push(s);
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::UnexpectedEof
+                    || e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                refused.push(s.local_addr().unwrap())
+            }
+            Err(e) => panic!("client {i}: {e}"),
+        }
+    }
+    assert!(
+        served.len() >= 10 && refused.len() >= 100,
+        "{} served, {} closed: the ports did not run out as planned",
+        served.len(),
+        refused.len()
+    );
+    (served, refused)
+}
+
+/// Ports free up (the proxy's TIME_WAIT ones become reusable a second or so after the served
+/// clients left): served again, 20 clients in a row. How long that took, and the tries.
+fn served_again_once_ports_free_up() -> (Duration, usize) {
+    let t = Instant::now();
+    let mut rounds = 0;
+    wait_for(
+        "20 clients in a row served once ports free up",
+        WAIT,
+        || {
+            rounds += 1;
+            (0..20)
+                .all(|i| try_echo(eph_dest(i), format!("again {i}\n").as_bytes()).is_ok())
+                .then_some(())
+        },
+    );
+    (t.elapsed(), rounds)
 }
 
 /// Runs a closure when dropped.
