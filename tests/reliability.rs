@@ -774,38 +774,7 @@ fn slow_reader(env: Env) {
     wait_no_open_connections(metrics);
     let rss0 = rss_kib(p.pid);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let pid = p.pid;
-    let sampler = {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut max = 0;
-            while !stop.load(Ordering::Relaxed) {
-                max = max.max(rss_kib(pid));
-                thread::sleep(Duration::from_millis(5));
-            }
-            max
-        })
-    };
-    let other = p.v4(1);
-    let others = {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let (mut n, mut worst, mut failures) = (0, Duration::ZERO, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                match try_echo(other, b"are you there?\n") {
-                    Ok(t) => {
-                        n += 1;
-                        worst = worst.max(t);
-                    }
-                    Err(e) => failures.push(e),
-                }
-                thread::sleep(Duration::from_millis(20)); // the other client's pace
-            }
-            (n, worst, failures)
-        })
-    };
-
+    let meanwhile = Meanwhile::start(p.pid, p.v4(1));
     let t0 = Instant::now();
     let mut c = connect(p.v4(0));
     let local = c.local_addr().unwrap();
@@ -818,20 +787,9 @@ fn slow_reader(env: Env) {
         (sink.received() == PUSH).then_some(())
     });
     let pushed_in = t0.elapsed();
-    // The backend's answer found nowhere to go: its writes stalled, far short of what it
-    // tried to send (bytes wait in kernel buffers, not in the proxy).
-    let stalled_at = sink.sent();
-    thread::sleep(Duration::from_millis(300)); // a window in which nothing may move
-    assert_eq!(
-        sink.sent(),
-        stalled_at,
-        "the backend could still send to a client that never reads"
-    );
-    assert!(stalled_at < PUSH / 4, "the backend sent {stalled_at} bytes");
+    let stalled_at = the_answer_stalls(&sink);
 
-    stop.store(true, Ordering::Relaxed);
-    let max_rss = sampler.join().unwrap();
-    let (n, worst, failures) = others.join().unwrap();
+    let (max_rss, n, worst, failures) = meanwhile.finish();
     eprintln!(
         "slow reader ({:?}): 256 MiB pushed in {pushed_in:?}; backend's answer stalled at {} KiB; \
          proxy RSS {rss0} KiB, at most {max_rss} KiB (+{} KiB); other clients: {n} round trips, \
@@ -865,6 +823,75 @@ fn slow_reader(env: Env) {
         "to be 0",
         |v| v == 0.0,
     );
+}
+
+/// The backend's answer found nowhere to go: its writes stalled, far short of what it tried
+/// to send (bytes wait in kernel buffers, not in the proxy). Where it stalled.
+fn the_answer_stalls(sink: &PacedSink) -> u64 {
+    let stalled_at = sink.sent();
+    thread::sleep(Duration::from_millis(300)); // a window in which nothing may move
+    assert_eq!(
+        sink.sent(),
+        stalled_at,
+        "the backend could still send to a client that never reads"
+    );
+    assert!(stalled_at < PUSH / 4, "the backend sent {stalled_at} bytes");
+    stalled_at
+}
+
+/// What goes on while the slow reader pushes: the proxy's RSS sampled, and another client
+/// asking the echo app at its own pace.
+struct Meanwhile {
+    stop: Arc<AtomicBool>,
+    sampler: JoinHandle<u64>,
+    others: JoinHandle<(usize, Duration, Vec<String>)>,
+}
+
+impl Meanwhile {
+    fn start(pid: u32, other: SocketAddr) -> Meanwhile {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut max = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    max = max.max(rss_kib(pid));
+                    thread::sleep(Duration::from_millis(5));
+                }
+                max
+            })
+        };
+        let others = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut n, mut worst, mut failures) = (0, Duration::ZERO, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match try_echo(other, b"are you there?\n") {
+                        Ok(t) => {
+                            n += 1;
+                            worst = worst.max(t);
+                        }
+                        Err(e) => failures.push(e),
+                    }
+                    thread::sleep(Duration::from_millis(20)); // the other client's pace
+                }
+                (n, worst, failures)
+            })
+        };
+        Meanwhile {
+            stop,
+            sampler,
+            others,
+        }
+    }
+
+    /// The highest RSS seen, and the other client's round trips, slowest one and failures.
+    fn finish(self) -> (u64, usize, Duration, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let max_rss = self.sampler.join().unwrap();
+        let (n, worst, failures) = self.others.join().unwrap();
+        (max_rss, n, worst, failures)
+    }
 }
 
 two_modes!(slow_reader_is_paced_by_the_kernel, slow_reader);
