@@ -1189,24 +1189,7 @@ fn low_fd_limit(env: Env) {
         |cmd| with_fd_limit(cmd, NOFILE),
     );
     let addr = p.v4(0);
-    let started = p.wait_log("started", |l| l.contains(" started mode="));
-    let bound: usize = field(&started, "max_connections")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no max_connections in {started}"));
-    let warning = p.wait_log("the bound lowered", |l| l.contains("lowering the bound to"));
-    assert!(
-        warning.contains(" WARN ")
-            && warning.contains("--max-connections 4096 needs")
-            && warning.contains("the open-file limit is 128")
-            && warning.ends_with(&format!("lowering the bound to {bound}")),
-        "{warning}"
-    );
-    assert!(
-        (8..64).contains(&bound),
-        "bound {bound} with 128 descriptors"
-    );
-    let limit = scrape(metrics).sample("flyproxy_connections_limit", &[]);
-    assert_eq!(limit, Some(bound as f64));
+    let bound = the_bound_is_lowered_to_128_descriptors(&p, metrics);
 
     let total = bound + 60;
     let msg = |i: usize| format!("client {i:04}\n");
@@ -1229,28 +1212,7 @@ fn low_fd_limit(env: Env) {
         Some(bound as f64)
     );
 
-    // Pressure: more clients keep arriving (and leaving at once) while the bound holds.
-    let stop = Arc::new(AtomicBool::new(false));
-    let churned = Arc::new(AtomicUsize::new(0));
-    let churn = {
-        let (stop, churned) = (Arc::clone(&stop), Arc::clone(&churned));
-        thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) && churned.load(Ordering::Relaxed) < 400 {
-                if TcpStream::connect_timeout(&addr, WAIT).is_ok() {
-                    churned.fetch_add(1, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(5)); // the arrivals' pace
-            }
-        })
-    };
-    let cpu = cpu_during(p.pid, Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    churn.join().unwrap();
-    assert!(p.try_status().is_none(), "the proxy exited");
-    assert!(
-        cpu < 0.5,
-        "the proxy used {cpu:.2} s of CPU in 2 s while at its bound"
-    );
+    let (cpu, churned) = no_spin_under_arrivals_at_the_bound(&mut p, addr);
     assert_eq!(echo.served(), bound, "served past the bound");
     // The served ones still relay.
     for (i, c) in clients.iter_mut().take(3).enumerate() {
@@ -1275,12 +1237,62 @@ fn low_fd_limit(env: Env) {
     assert!(failed.is_empty(), "{failed:?}");
     let accept_errors = p.lines(|l| l.contains("accept failed"));
     eprintln!(
-        "low fd limit ({:?}): bound lowered to {bound}; {total} clients + {} arriving and \
+        "low fd limit ({:?}): bound lowered to {bound}; {total} clients + {churned} arriving and \
          leaving; proxy CPU {cpu:.3} s in 2 s at the bound; {} accept errors logged",
         env.mode,
-        churned.load(Ordering::Relaxed),
         accept_errors.len()
     );
+}
+
+/// With 128 descriptors the proxy starts with a lower bound, warns with the numbers, and
+/// reports the bound in force. The bound.
+fn the_bound_is_lowered_to_128_descriptors(p: &Proxy, metrics: SocketAddr) -> usize {
+    let started = p.wait_log("started", |l| l.contains(" started mode="));
+    let bound: usize = field(&started, "max_connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in {started}"));
+    let warning = p.wait_log("the bound lowered", |l| l.contains("lowering the bound to"));
+    assert!(
+        warning.contains(" WARN ")
+            && warning.contains("--max-connections 4096 needs")
+            && warning.contains("the open-file limit is 128")
+            && warning.ends_with(&format!("lowering the bound to {bound}")),
+        "{warning}"
+    );
+    assert!(
+        (8..64).contains(&bound),
+        "bound {bound} with 128 descriptors"
+    );
+    let limit = scrape(metrics).sample("flyproxy_connections_limit", &[]);
+    assert_eq!(limit, Some(bound as f64));
+    bound
+}
+
+/// Pressure: more clients keep arriving (and leaving at once) while the bound holds; the proxy
+/// neither spins nor exits. Its CPU time over 2 s, and the clients that came and went.
+fn no_spin_under_arrivals_at_the_bound(p: &mut Proxy, addr: SocketAddr) -> (f64, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let churned = Arc::new(AtomicUsize::new(0));
+    let churn = {
+        let (stop, churned) = (Arc::clone(&stop), Arc::clone(&churned));
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && churned.load(Ordering::Relaxed) < 400 {
+                if TcpStream::connect_timeout(&addr, WAIT).is_ok() {
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(5)); // the arrivals' pace
+            }
+        })
+    };
+    let cpu = cpu_during(p.pid, Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    assert!(p.try_status().is_none(), "the proxy exited");
+    assert!(
+        cpu < 0.5,
+        "the proxy used {cpu:.2} s of CPU in 2 s while at its bound"
+    );
+    (cpu, churned.load(Ordering::Relaxed))
 }
 
 two_modes!(low_fd_limit_lowers_the_bound_and_recovers, low_fd_limit);
@@ -1315,8 +1327,37 @@ fn emfile_backs_off_and_recovers() {
     wait_metric(metrics, "flyproxy_connections_open", &[], "to be 5", |v| {
         v == 5.0
     });
+    let waiting = no_descriptor_left_backs_off(&mut p, addr, &mut held);
+    with_one_descriptor_connects_fail_not_the_target(&p, addr);
+    let text = scrape(metrics);
+    assert_eq!(
+        text.sample("flyproxy_target_up", &[("target", &target)]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        text.sample(
+            "flyproxy_app_connections_refused_total",
+            &[("app", "fd"), ("reason", "connect_failed")]
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    roundtrip(&mut connect(addr), b"served again\n");
+    drop(held);
+    drop(waiting);
+    wait_no_open_connections(metrics);
+    assert!(p.try_status().is_none(), "the proxy exited");
+}
 
-    // No descriptor left.
+/// No descriptor left: accept fails with EMFILE and the proxy backs off instead of spinning,
+/// new clients wait, `held` keep relaying; with descriptors back every waiting client is
+/// served promptly. The waiting clients.
+fn no_descriptor_left_backs_off(
+    p: &mut Proxy,
+    addr: SocketAddr,
+    held: &mut [TcpStream],
+) -> Vec<TcpStream> {
     let mark = p.mark();
     let original = set_fd_limit(p.pid, lowest_free_fd(p.pid));
     let msg = |i: usize| format!("waiting {i:02}\n");
@@ -1360,8 +1401,12 @@ fn emfile_backs_off_and_recovers() {
         "EMFILE: proxy CPU {cpu:.3} s in 2 s, {errors} accept errors logged; waiting clients \
          served {recovered:?} after the limit was restored"
     );
+    waiting
+}
 
-    // One descriptor left: accept works, the connect to the target does not.
+/// One descriptor left: accept works, the connect to the target does not. Each client is
+/// closed with the reason, and the target is not marked down for an error of this host.
+fn with_one_descriptor_connects_fail_not_the_target(p: &Proxy, addr: SocketAddr) {
     let original = set_fd_limit(p.pid, lowest_free_fd(p.pid) + 1);
     for i in 0..5 {
         let mut s = connect(addr);
@@ -1381,25 +1426,6 @@ fn emfile_backs_off_and_recovers() {
         down.is_empty(),
         "a local error marked the target down: {down:?}"
     );
-    let text = scrape(metrics);
-    assert_eq!(
-        text.sample("flyproxy_target_up", &[("target", &target)]),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        text.sample(
-            "flyproxy_app_connections_refused_total",
-            &[("app", "fd"), ("reason", "connect_failed")]
-        ),
-        Some(5.0),
-        "{text}"
-    );
-    roundtrip(&mut connect(addr), b"served again\n");
-    drop(held);
-    drop(waiting);
-    wait_no_open_connections(metrics);
-    assert!(p.try_status().is_none(), "the proxy exited");
 }
 
 // =============================================================================================
