@@ -46,45 +46,6 @@ fn quiet_app(name: &str, ports: &[u16], targets: &[String]) -> serde_json::Value
 // ---------------------------------------------------------------------------------------------
 // /proc figures of the proxy
 
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {path}"))
-}
-
-/// Resident memory, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    proc_status(pid, "VmRSS:")
-}
-
-fn threads_of(pid: u32) -> u64 {
-    proc_status(pid, "Threads:")
-}
-
-/// CPU time (user + system) the process has used, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
-    let rest = stat.rsplit_once(") ").expect("a stat line").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ticks as f64 / hz as f64
-}
-
-/// CPU seconds the process uses during the next `window` (a measurement, not a wait).
-fn cpu_during(pid: u32, window: Duration) -> f64 {
-    let before = cpu_secs(pid);
-    thread::sleep(window);
-    cpu_secs(pid) - before
-}
-
 /// The ports of the TCP sockets in LISTEN state the process holds.
 fn listening_ports(pid: u32) -> BTreeSet<u16> {
     let inodes: BTreeSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))

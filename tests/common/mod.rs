@@ -446,34 +446,61 @@ impl Proxy {
 
     /// The proxy's thread count, from /proc/PID/status.
     pub fn threads(&self) -> usize {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("Threads: line")
+        threads_of(self.pid) as usize
     }
 
     /// CPU time (user + system) the proxy has used so far, in seconds, from /proc/PID/stat.
     pub fn cpu_secs(&self) -> f64 {
-        let path = format!("/proc/{}/stat", self.pid);
-        let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
-        let rest = stat.rsplit_once(") ").expect("a stat line").1;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        ticks as f64 / hz as f64
+        cpu_secs(self.pid)
     }
 
     /// CPU seconds the proxy uses during the next `window` (a measurement, not a wait).
     pub fn cpu_during(&self, window: Duration) -> f64 {
-        let before = self.cpu_secs();
-        thread::sleep(window);
-        self.cpu_secs() - before
+        cpu_during(self.pid, window)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc figures of a process
+
+/// The number after `key` in /proc/PID/status (a `kB` unit dropped).
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {path}"))
+}
+
+/// Resident memory, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+pub fn threads_of(pid: u32) -> u64 {
+    proc_status(pid, "Threads:")
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(") ").expect("a stat line").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}
+
+/// CPU seconds the process uses during the next `window` (a measurement, not a wait).
+pub fn cpu_during(pid: u32, window: Duration) -> f64 {
+    let before = cpu_secs(pid);
+    thread::sleep(window);
+    cpu_secs(pid) - before
 }
 
 impl Drop for Proxy {
@@ -584,6 +611,19 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 
 // ---------------------------------------------------------------------------------------------
 // Running the binary to completion
+
+/// A problem on a line of `check`'s output naming `path`, for each of `want`.
+pub fn expect_problems(stdout: &str, path: &str, want: &[&str]) {
+    let lines: Vec<&str> = stdout.lines().collect();
+    for w in want {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{path}: ")) && l.contains(w)),
+            "{w:?} missing:\n{stdout}"
+        );
+    }
+}
 
 pub struct Output {
     pub code: Option<i32>,
