@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use common::{app, config, field, free_ports, wait_for, Backend, ConnLine, Proxy, Rng, TempDir};
 use common::{BIN, WAIT};
-use modes::Env;
+use modes::{Env, Mode};
 
 /// Upgrades performed in a row by the load tests.
 const UPGRADES: usize = 20;
@@ -247,17 +247,39 @@ fn start_simple(
     backend: &Backend,
     extra: &[&str],
 ) -> (Proxy, PathBuf) {
+    start_in(Mode::Simple, bin, nports, backend, extra)
+}
+
+/// The proxy from `bin` in `mode` (bpf: in the calling thread's namespace, the test's own) on
+/// `nports` fresh ports (all to `backend`), with a pid file; waits until it serves and has
+/// written the pid file. Simple mode starts again on other ports if one was taken meanwhile.
+fn start_in(
+    mode: Mode,
+    bin: &Binary,
+    nports: usize,
+    backend: &Backend,
+    extra: &[&str],
+) -> (Proxy, PathBuf) {
     for attempt in 0.. {
         let ports = free_ports(nports);
-        let dir = TempDir::new("upgrade");
+        let dir = TempDir::new(match mode {
+            Mode::Simple => "upgrade",
+            Mode::Bpf => "upgrade-bpf",
+        });
         let cfg = dir.write(
             "config.json",
             &config(&[app("echo", &ports, &[backend.target()])]),
         );
         let pid_file = dir.path.join("flyproxy.pid");
         let mut cmd = Command::new(&bin.path);
-        cmd.arg("simple")
-            .arg("-c")
+        match mode {
+            Mode::Simple => cmd.arg("simple"),
+            Mode::Bpf => cmd
+                .arg("bpf")
+                .arg("-p")
+                .arg(netns::LISTENER_PORT.to_string()),
+        };
+        cmd.arg("-c")
             .arg(&cfg)
             .arg("--pid-file")
             .arg(&pid_file)
@@ -265,7 +287,17 @@ fn start_simple(
             .args(extra);
         let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
         p.ports = ports;
-        match p.wait_started() {
+        let started = match mode {
+            Mode::Simple => p.wait_started(),
+            // One listener of its own, in a namespace of the test's own: nothing to lose.
+            Mode::Bpf => {
+                p.wait_log("started mode=bpf", |l| {
+                    l.contains(" INFO  started mode=bpf ")
+                });
+                Ok(())
+            }
+        };
+        match started {
             Ok(()) => {
                 wait_pid_file(&pid_file, p.pid);
                 return (p, pid_file);
@@ -888,10 +920,10 @@ fn twenty_upgrades(env: Env) {
     become_subreaper();
     let bin = Binary::new();
     let backend = Backend::echo();
+    let (mut proxy, pid_file) = start_in(env.mode, &bin, 2, &backend, &[]);
+    let _family = bin.family(proxy.pid);
+    let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
     let Some(ns) = &env.ns else {
-        let (mut proxy, pid_file) = start_simple(&bin, 2, &backend, &[]);
-        let _family = bin.family(proxy.pid);
-        let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
         upgrades_under_load(
             "simple",
             &mut proxy,
@@ -903,12 +935,7 @@ fn twenty_upgrades(env: Env) {
         );
         return;
     };
-    let (mut proxy, pid_file) = start_bpf(&bin, &backend);
-    let _family = bin.family(proxy.pid);
-    wait_pid_file(&pid_file, proxy.pid);
     assert_eq!(ns.links().len(), 1, "{:?}", ns.links());
-
-    let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
     let check_links = |last: u32| {
         let deadline = Instant::now() + WAIT;
         let links = loop {
@@ -947,33 +974,6 @@ fn twenty_upgrades(env: Env) {
         WAIT,
         || ns.links().is_empty().then_some(()),
     );
-}
-
-/// bpf mode in the test's own namespace: the proxy serving two ports of `backend`, started
-/// with a pid file, and that file.
-fn start_bpf(bin: &Binary, backend: &Backend) -> (Proxy, PathBuf) {
-    let ports = free_ports(2);
-    let dir = TempDir::new("upgrade-bpf");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[app("echo", &ports, &[backend.target()])]),
-    );
-    let pid_file = dir.path.join("flyproxy.pid");
-    let mut cmd = Command::new(&bin.path);
-    cmd.arg("bpf")
-        .arg("-p")
-        .arg(netns::LISTENER_PORT.to_string())
-        .arg("-c")
-        .arg(&cfg)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .args(RUN_ARGS);
-    let mut proxy = Proxy::spawn_cmd(cmd, dir, cfg);
-    proxy.ports = ports;
-    proxy.wait_log("started mode=bpf", |l| {
-        l.contains(" INFO  started mode=bpf ")
-    });
-    (proxy, pid_file)
 }
 
 /// A new process that fails before it serves (here: the config became invalid) changes
