@@ -21,6 +21,8 @@ pub const DEFAULT_STATUS_ADDR: SocketAddr =
 pub struct Settings {
     pub config: PathBuf,
     pub max_connections: usize,
+    /// Open connections one client address may have at once; 0: no limit.
+    pub max_connections_per_client: usize,
     pub connect_timeout: Duration,
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
@@ -39,6 +41,7 @@ impl Default for Settings {
         Settings {
             config: PathBuf::from("config.json"),
             max_connections: 4096,
+            max_connections_per_client: 0,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
@@ -128,6 +131,10 @@ macro_rules! run_options {
         "  -c, --config PATH          config file (default ./config.json)
       --max-connections N    open client connections at most; beyond it new ones wait
                              in the kernel backlog (default 4096)
+      --max-connections-per-client N
+                             open connections one client address (IPv6: one /64) may
+                             have; past it new ones are closed at once (default 0: no
+                             limit)
       --connect-timeout DUR  time to connect to one target (default 5s)
       --idle-timeout DUR     close a connection that moved no byte for this long
                              (default 1h; 0 disables)
@@ -348,6 +355,17 @@ fn run_option(
                 }
             }
         }
+        "--max-connections-per-client" => {
+            let v = value("a number")?;
+            s.max_connections_per_client = v.parse::<usize>().map_err(|_| {
+                usage(
+                    cmd,
+                    &format!(
+                        "--max-connections-per-client: '{v}' is not a whole number (0: no limit)"
+                    ),
+                )
+            })?;
+        }
         "--connect-timeout" => {
             s.connect_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }
@@ -512,6 +530,12 @@ mod tests {
         };
         assert_eq!(s.config, PathBuf::from("x.json"));
         assert_eq!(s.max_connections, 4096);
+        assert_eq!(s.max_connections_per_client, 0);
+        let Ok(Command::Run(_, s)) = run(&["simple", "--max-connections-per-client=10"]) else {
+            panic!()
+        };
+        assert_eq!(s.max_connections_per_client, 10);
+        assert!(run(&["simple", "--max-connections-per-client", "-1"]).is_err());
         assert!(run(&["simple", "-p", "80"]).is_err());
         assert!(run(&["check", "--max-connections", "5"]).is_err());
         assert!(run(&["simple", "--connect-timeout", "0"]).is_err());

@@ -47,6 +47,7 @@ fn help_and_version_exit_0() {
     for opt in [
         "--config",
         "--max-connections",
+        "--max-connections-per-client",
         "--connect-timeout",
         "--idle-timeout",
         "--drain-timeout",

@@ -475,7 +475,7 @@ fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 15] = [
+const FAMILIES: [(&str, &str); 16] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
@@ -490,6 +490,7 @@ const FAMILIES: [(&str, &str); 15] = [
         "flyproxy_config_last_reload_success_timestamp_seconds",
         "gauge",
     ),
+    ("flyproxy_config_info", "gauge"),
     ("flyproxy_connections_limit", "gauge"),
     ("flyproxy_connections_open", "gauge"),
     ("flyproxy_accept_paused", "gauge"),

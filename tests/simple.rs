@@ -344,9 +344,16 @@ fn log_lines_have_a_timestamp_and_a_level() {
     drop(s);
     p.wait_conn(local);
     let started = p.wait_log("started", |l| l.contains(" started "));
+    // The descriptor budget: the open-file limit in force and what is set aside from it
+    // (listeners, health checks, FD_RESERVE); last, the SHA-256 of the file's bytes
+    // (tests/fleet.rs checks it against sha256sum).
+    let fd_limit = field(&started, "fd_limit").unwrap_or_default();
+    assert!(fd_limit.parse::<u64>().is_ok(), "{started}");
+    let sha256 = flyproxy::config::sha256::hex(&std::fs::read(&p.config).unwrap());
     let want = format!(
-        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 pid={}",
+        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 fd_limit={fd_limit} fd_reserved={} health_checks_in_flight=64 pid={} sha256={sha256}",
         p.config.display(),
+        32 + 3 + 66,
         p.pid
     );
     assert!(

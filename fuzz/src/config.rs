@@ -14,7 +14,7 @@ use flyproxy::config::{
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 
-const APP_KEYS: [&str; 8] = [
+const APP_KEYS: [&str; 9] = [
     "Name",
     "Ports",
     "Targets",
@@ -22,6 +22,7 @@ const APP_KEYS: [&str; 8] = [
     "Balance",
     "ConnectAttempts",
     "MaxConnections",
+    "MaxConnectionsPerClient",
     "ProxyProtocol",
 ];
 const HEALTH_KEYS: [&str; 4] = ["IntervalMs", "TimeoutMs", "Fall", "Rise"];
@@ -195,6 +196,7 @@ fn well_typed(v: &Value) -> bool {
                 && opt(a.get("ProxyProtocol"), &is_str)
                 && opt(a.get("ConnectAttempts"), &is_int)
                 && opt(a.get("MaxConnections"), &is_int)
+                && opt(a.get("MaxConnectionsPerClient"), &is_int)
         })
     })
 }
@@ -306,6 +308,13 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             ranged("ConnectAttempts", present(a, "ConnectAttempts"), 1, 10).unwrap_or(3) as usize;
         let max_connections = ranged("MaxConnections", present(a, "MaxConnections"), 1, 1_000_000)
             .map(|n| n as usize);
+        let max_connections_per_client = ranged(
+            "MaxConnectionsPerClient",
+            present(a, "MaxConnectionsPerClient"),
+            1,
+            1_000_000,
+        )
+        .map(|n| n as usize);
         problems += health_unknown;
         let balance = match present(a, "Balance").as_ref().and_then(Value::as_str) {
             None | Some("p2c") => Balance::P2c,
@@ -333,6 +342,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             balance,
             connect_attempts,
             max_connections,
+            max_connections_per_client,
             proxy_protocol,
         });
     }
@@ -507,6 +517,7 @@ pub struct AppGen {
     balance: Field<Word>,
     connect_attempts: Field<Int>,
     max_connections: Field<Int>,
+    max_connections_per_client: Field<Int>,
     proxy_protocol: Field<Word>,
     extra: Vec<String>,
 }
@@ -751,6 +762,13 @@ impl AppGen {
             &mut m,
             "MaxConnections",
             &self.max_connections,
+            false,
+            |i| json!(int_value(i)),
+        );
+        t &= put(
+            &mut m,
+            "MaxConnectionsPerClient",
+            &self.max_connections_per_client,
             false,
             |i| json!(int_value(i)),
         );

@@ -12,6 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backends::backend::Backend;
+use crate::backends::clients::ClientCounts;
 use crate::config::{Balance, Config, ProxyProtocol, Target};
 
 #[derive(Debug)]
@@ -21,6 +22,8 @@ pub struct AppRoute {
     pub balance: Balance,
     pub connect_attempts: usize,
     pub limit: Option<Arc<AppLimit>>,
+    /// Open connections per client address, with the app's `MaxConnectionsPerClient`.
+    pub per_client: Option<Arc<ClientCounts>>,
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Round-robin position.
     pub next: AtomicUsize,
@@ -38,6 +41,8 @@ pub struct AppStats {
     pub limited: AtomicU64,
     /// Closed because no target could be connected.
     pub failed: AtomicU64,
+    /// Closed at accept because the client address had its limit of connections open.
+    pub client_limited: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -47,6 +52,8 @@ pub struct Routes {
     backends: HashMap<(String, Target), Arc<Backend>>,
     /// Per app, reused likewise so connections open across a reload still count.
     limits: HashMap<String, Arc<AppLimit>>,
+    /// Per app, likewise: connections open across a reload still count against the client.
+    per_client: HashMap<String, Arc<ClientCounts>>,
     stats: HashMap<String, Arc<AppStats>>,
     /// Every app with its ports, in config order, for metrics and status.
     apps: Vec<(Arc<AppRoute>, Vec<u16>)>,
@@ -57,6 +64,7 @@ impl Routes {
     pub fn new(config: &Config, previous: Option<&Routes>) -> Routes {
         let mut backends = HashMap::new();
         let mut limits = HashMap::new();
+        let mut per_client = HashMap::new();
         let mut stats = HashMap::new();
         let mut apps = Vec::with_capacity(config.apps.len());
         let mut by_port = HashMap::with_capacity(config.ports().count());
@@ -90,6 +98,17 @@ impl Routes {
                 limits.insert(app.name.clone(), Arc::clone(&l));
                 l
             });
+            let app_per_client = app.max_connections_per_client.map(|max| {
+                let c = match previous.and_then(|p| p.per_client.get(&app.name)) {
+                    Some(c) => {
+                        c.set_limit(max);
+                        Arc::clone(c)
+                    }
+                    None => ClientCounts::new(max),
+                };
+                per_client.insert(app.name.clone(), Arc::clone(&c));
+                c
+            });
             let app_stats = previous
                 .and_then(|p| p.stats.get(&app.name).cloned())
                 .unwrap_or_default();
@@ -100,6 +119,7 @@ impl Routes {
                 balance: app.balance,
                 connect_attempts: app.connect_attempts,
                 limit,
+                per_client: app_per_client,
                 proxy_protocol: app.proxy_protocol,
                 next: AtomicUsize::new(0),
                 stats: app_stats,
@@ -113,6 +133,7 @@ impl Routes {
             by_port,
             backends,
             limits,
+            per_client,
             stats,
             apps,
         }
@@ -135,7 +156,9 @@ impl Routes {
 
 /// An app's `MaxConnections`: a counting semaphore. A connection over the limit waits for a
 /// slot (its relay thread blocks, holding one of the global slots, so the global bound still
-/// holds) and gives up after the connect timeout; other apps are served meanwhile.
+/// holds) and gives up after the connect timeout; other apps are served meanwhile. No more
+/// connections wait than the limit itself: past that they are refused at once, so a flood at
+/// one app holds at most twice its limit of the global slots and cannot take the others'.
 #[derive(Debug, Default)]
 pub struct AppLimit {
     state: Mutex<LimitState>,
@@ -146,6 +169,8 @@ pub struct AppLimit {
 struct LimitState {
     max: usize,
     used: usize,
+    /// Connections waiting for a slot now.
+    waiting: usize,
 }
 
 impl AppLimit {
@@ -155,29 +180,67 @@ impl AppLimit {
         self.freed.notify_all();
     }
 
-    /// Take a slot, waiting up to `timeout`; None if none came free in time, or if
-    /// `cancelled` says the connection was cut meanwhile (checked every `CANCEL_CHECK`).
+    /// Take a slot, waiting up to `timeout`; Err if as many connections wait already as the
+    /// limit allows, if none came free in time, or if `cancelled` says the connection was cut
+    /// meanwhile (checked every `CANCEL_CHECK`).
     pub fn acquire(
         self: &Arc<Self>,
         timeout: Duration,
         cancelled: impl Fn() -> bool,
-    ) -> Option<LimitGuard> {
+    ) -> Result<LimitGuard, LimitDenied> {
         const CANCEL_CHECK: Duration = Duration::from_millis(50);
         let deadline = Instant::now() + timeout;
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        while st.used >= st.max {
+        if st.used < st.max {
+            st.used += 1;
+            return Ok(LimitGuard(Arc::clone(self)));
+        }
+        if st.waiting >= st.max {
+            return Err(LimitDenied::QueueFull);
+        }
+        st.waiting += 1;
+        let got = loop {
+            if st.used < st.max {
+                break true;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || cancelled() {
-                return None;
+                break false;
             }
             st = self
                 .freed
                 .wait_timeout(st, left.min(CANCEL_CHECK))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
+        };
+        st.waiting -= 1;
+        if !got {
+            return Err(LimitDenied::TimedOut);
         }
         st.used += 1;
-        Some(LimitGuard(Arc::clone(self)))
+        Ok(LimitGuard(Arc::clone(self)))
+    }
+}
+
+/// Why no slot of an app's limit was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitDenied {
+    /// As many connections wait already as the limit: refused without waiting.
+    QueueFull,
+    /// No slot came free within the wait (or the wait was cancelled).
+    TimedOut,
+}
+
+impl LimitDenied {
+    pub fn reason(self) -> &'static str {
+        match self {
+            LimitDenied::QueueFull => {
+                "the app's MaxConnections is reached and as many connections wait already"
+            }
+            LimitDenied::TimedOut => {
+                "the app's MaxConnections stayed reached for the connect timeout"
+            }
+        }
     }
 }
 
@@ -224,10 +287,34 @@ mod tests {
             .as_ref()
             .unwrap()
             .acquire(Duration::ZERO, || false);
-        assert!(held.is_some());
+        assert!(held.is_ok());
         let l2 = r2.app_for(2).unwrap().limit.as_ref().unwrap();
-        assert!(l2.acquire(Duration::from_millis(10), || false).is_none());
+        assert!(l2.acquire(Duration::from_millis(10), || false).is_err());
         drop(held);
-        assert!(l2.acquire(Duration::ZERO, || false).is_some());
+        assert!(l2.acquire(Duration::ZERO, || false).is_ok());
+    }
+
+    #[test]
+    fn waiters_are_bounded_by_the_limit() {
+        let limit = Arc::new(AppLimit::default());
+        limit.set_max(1);
+        let held = limit.acquire(Duration::ZERO, || false).unwrap();
+        // One waiter may wait; a second is refused at once, however long it would wait.
+        let l = Arc::clone(&limit);
+        let waiter = std::thread::spawn(move || l.acquire(Duration::from_secs(30), || false));
+        let until = Instant::now() + Duration::from_secs(20);
+        while limit.state.lock().unwrap().waiting == 0 {
+            assert!(Instant::now() < until, "the waiter never waited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let began = Instant::now();
+        assert_eq!(
+            limit.acquire(Duration::from_secs(30), || false).err(),
+            Some(LimitDenied::QueueFull)
+        );
+        assert!(began.elapsed() < Duration::from_secs(5));
+        drop(held);
+        assert!(waiter.join().unwrap().is_ok());
+        assert_eq!(limit.state.lock().unwrap().waiting, 0);
     }
 }

@@ -4,7 +4,7 @@
 //! Map writes that fail do not refuse a reload (the config is valid, and the ports already
 //! steered keep working): the port stays wanted and is retried at every reload tick.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
@@ -32,30 +32,68 @@ pub struct Steered {
     wanted: BTreeMap<u16, u32>,
     /// Ports written into the map, with the group written.
     steered: BTreeMap<u16, u32>,
-    /// Port group (counter index) of each app, by name; never reused within a run, so a
-    /// group's counters always belong to one app.
+    /// Port group (counter index) of each app, by name (see `GroupNames`).
     groups: Arc<Mutex<GroupNames>>,
     /// A failed map write has been logged and not yet recovered, so retries stay quiet.
     failing: bool,
     registered: bool,
 }
 
-/// App names to port-group ids. Ids are handed out in order and never reused; past the
-/// program's MAX_GROUPS the apps share the last counter, which is named for all of them.
+/// App names to port-group ids (the index of an app's lookup counters). An app keeps its id
+/// while it is in the config; once an app is gone and no steered port names its group any more,
+/// the id is released (its series leaves /metrics) and given to the next new app, its counters
+/// zeroed first. Past the program's MAX_GROUPS the apps share the last counter, which is named
+/// for all of them.
 #[derive(Default)]
 pub struct GroupNames {
     by_name: BTreeMap<String, u32>,
+    /// Released ids, reused before new ones.
+    free: Vec<u32>,
+    /// The next id never handed out.
+    next: u32,
+    /// Released ids whose counters still hold the last app's counts.
+    stale: BTreeSet<u32>,
 }
 
+/// The name of the shared counter of the apps past MAX_GROUPS.
+const OVERFLOW: &str = "(other apps)";
+
 impl GroupNames {
-    fn id(&mut self, app: &str) -> u32 {
-        let next = (self.by_name.len() as u32).min(MAX_GROUPS - 1);
-        if next == MAX_GROUPS - 1 && !self.by_name.contains_key(app) {
-            // Shared overflow counter: report it once, under a name that says so.
-            self.by_name.insert("(other apps)".into(), next);
-            return next;
+    /// The group of `app`, handing out one if it has none; the second value says whether the
+    /// group's counters must be zeroed before the app's ports use it.
+    fn id(&mut self, app: &str) -> (u32, bool) {
+        if let Some(&g) = self.by_name.get(app) {
+            return (g, false);
         }
-        *self.by_name.entry(app.to_owned()).or_insert(next)
+        let (name, g) = if let Some(g) = self.free.pop() {
+            (app, g)
+        } else if self.next < MAX_GROUPS - 1 {
+            self.next += 1;
+            (app, self.next - 1)
+        } else {
+            // Shared overflow counter: reported once, under a name that says so.
+            (OVERFLOW, MAX_GROUPS - 1)
+        };
+        let stale = self.stale.remove(&g);
+        self.by_name.entry(name.to_owned()).or_insert(g);
+        (g, stale)
+    }
+
+    /// Release the groups no port uses any more (neither wanted nor still in the map).
+    fn release_unused(&mut self, in_use: &BTreeSet<u32>) {
+        let gone: Vec<(String, u32)> = self
+            .by_name
+            .iter()
+            .filter(|(_, g)| !in_use.contains(g))
+            .map(|(n, g)| (n.clone(), *g))
+            .collect();
+        for (name, g) in gone {
+            self.by_name.remove(&name);
+            self.stale.insert(g);
+            if g != MAX_GROUPS - 1 {
+                self.free.push(g);
+            }
+        }
     }
 }
 
@@ -129,6 +167,21 @@ impl Steered {
             failing: false,
             registered: false,
         })
+    }
+
+    /// Release the port groups of apps that left, once no port in the map names them (a
+    /// failed map write keeps a group until a retry removes its ports).
+    fn release_groups(&mut self) {
+        let in_use: BTreeSet<u32> = self
+            .wanted
+            .values()
+            .chain(self.steered.values())
+            .copied()
+            .collect();
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release_unused(&in_use);
     }
 
     /// Bring the map in line with `wanted`; failures are logged and left for the next tick.
@@ -209,22 +262,34 @@ impl PortSource for Steered {
         // The whole wanted map from the config: a port that moved to another app keeps being
         // steered, only its group changes.
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stale = Vec::new();
         self.wanted = config
             .apps
             .iter()
             .flat_map(|app| {
-                let g = groups.id(&app.name);
+                let (g, zero) = groups.id(&app.name);
+                if zero {
+                    stale.push(g);
+                }
                 app.ports.iter().map(move |&p| (p, g))
             })
             .collect();
         drop(groups);
+        for g in stale {
+            // Not fatal: the app's counters would start from the last app's counts.
+            if let Err(e) = self.steering.clear_group(g) {
+                crate::error!("bpf: {e}");
+            }
+        }
         self.sync();
+        self.release_groups();
         Ok(())
     }
 
     fn tick(&mut self) {
         if self.wanted != self.steered {
             self.sync();
+            self.release_groups();
         }
     }
 
@@ -289,5 +354,25 @@ impl PortSource for Steered {
                 })
                 .collect()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_of_removed_apps_are_released_and_reused_zeroed() {
+        let mut g = GroupNames::default();
+        assert_eq!(g.id("a"), (0, false));
+        assert_eq!(g.id("b"), (1, false));
+        assert_eq!(g.id("a"), (0, false));
+        // "b" leaves the config: its group is no longer in use.
+        g.release_unused(&BTreeSet::from([0]));
+        assert!(!g.by_name.contains_key("b"));
+        // The next new app gets it, to be zeroed first; then it is simply its own.
+        assert_eq!(g.id("c"), (1, true));
+        assert_eq!(g.id("c"), (1, false));
+        assert_eq!(g.id("d"), (2, false));
     }
 }

@@ -133,6 +133,13 @@ pub enum BpfError {
         /// What libbpf reported.
         source: libbpf_rs::Error,
     },
+    /// Zeroing a port group's counters (before the group is given to another app) failed.
+    ClearGroup {
+        /// The group whose counters were being zeroed.
+        group: u32,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
 }
 
 impl fmt::Display for BpfError {
@@ -180,6 +187,10 @@ impl fmt::Display for BpfError {
             BpfError::Stats { source } => {
                 write!(f, "reading the BPF stats map failed: {source:#}")
             }
+            BpfError::ClearGroup { group, source } => write!(
+                f,
+                "zeroing the lookup counters of port group {group} failed: {source:#}"
+            ),
         }
     }
 }
@@ -341,6 +352,22 @@ impl Steering {
     #[allow(dead_code)]
     pub fn stats(&self) -> Result<(u64, u64, u64), BpfError> {
         self.counters.totals()
+    }
+
+    /// Zero the lookup counters of port `group`, so that an app given a group another app
+    /// had starts from nothing.
+    pub fn clear_group(&self, group: u32) -> Result<(), BpfError> {
+        let fail = |source| BpfError::ClearGroup { group, source };
+        let cpus = libbpf_rs::num_possible_cpus().map_err(fail)?;
+        let zeros = vec![vec![0u8; 8]; cpus];
+        let g = group.min(MAX_GROUPS - 1);
+        for index in [g * 2, g * 2 + 1] {
+            self.counters
+                .group_stats
+                .update_percpu(&index.to_ne_bytes(), &zeros, MapFlags::ANY)
+                .map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// A reader of the counters with fds of its own, for another thread.

@@ -1,6 +1,6 @@
 //! The config file: its raw serde shape (`raw`), the validated `Config` the proxy runs on (here)
 //! and how it is made (`validate`), and the diff between two configs that a reload applies
-//! (`diff`).
+//! (`diff`), and the SHA-256 that names a loaded file (`sha256`).
 //!
 //! Parse, don't validate: `RawConfig` mirrors the JSON exactly (so the original challenge file
 //! loads byte for byte), and `Config::from_raw` turns it into a `Config` or into every problem
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 mod diff;
 mod raw;
+pub mod sha256;
 mod validate;
 
 pub use diff::Diff;
@@ -38,6 +39,9 @@ pub struct App {
     pub connect_attempts: usize,
     /// Open connections this app may have at once; None: only the global bound applies.
     pub max_connections: Option<usize>,
+    /// Open connections one client address may have to this app at once; None: only
+    /// `--max-connections-per-client` applies.
+    pub max_connections_per_client: Option<usize>,
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 
@@ -213,7 +217,7 @@ impl fmt::Display for Problem {
 }
 
 const APP_KEYS: &str = "Name, Ports, Targets, HealthCheck, Balance, ConnectAttempts, \
-                        MaxConnections, ProxyProtocol";
+                        MaxConnections, MaxConnectionsPerClient, ProxyProtocol";
 
 const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
 
@@ -294,6 +298,29 @@ mod tests {
         assert_eq!(c.apps[0].ports, vec![6001, 6200, 6300, 6400]);
         assert_eq!(c.apps[0].targets[2].host, "bad.target.for.testing");
         assert_eq!(c.summary(), "1 apps, 4 ports, 3 targets");
+    }
+
+    #[test]
+    fn max_connections_per_client() {
+        let c = parse(
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"MaxConnectionsPerClient":10}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.apps[0].max_connections_per_client, Some(10));
+        let c = parse(r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"]}]}"#).unwrap();
+        assert_eq!(c.apps[0].max_connections_per_client, None);
+        for bad in ["0", "-1", "1000001"] {
+            let errs = parse(&format!(
+                r#"{{"Apps":[{{"Name":"a","Ports":[1],"Targets":["h:1"],"MaxConnectionsPerClient":{bad}}}]}}"#
+            ))
+            .unwrap_err();
+            assert_eq!(
+                errs,
+                [format!(
+                    "app \"a\": MaxConnectionsPerClient: {bad} is not a number from 1 to 1000000"
+                )]
+            );
+        }
     }
 
     #[test]

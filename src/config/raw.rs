@@ -28,6 +28,7 @@ pub(super) struct RawApp {
     pub(super) balance: Option<String>,
     pub(super) connect_attempts: Option<i64>,
     pub(super) max_connections: Option<i64>,
+    pub(super) max_connections_per_client: Option<i64>,
     pub(super) proxy_protocol: Option<String>,
     #[serde(flatten)]
     pub(super) unknown: BTreeMap<String, Value>,

@@ -81,6 +81,15 @@ impl Earlier {
                 "a number from 1 to 1000000",
             )
             .map(|n| n as usize);
+        let max_connections_per_client = opts
+            .int(
+                "MaxConnectionsPerClient",
+                raw_app.max_connections_per_client,
+                1,
+                1_000_000,
+                "a number from 1 to 1000000",
+            )
+            .map(|n| n as usize);
         let proxy_protocol = opts.proxy_protocol(raw_app.proxy_protocol.as_deref());
         App {
             name,
@@ -90,6 +99,7 @@ impl Earlier {
             balance,
             connect_attempts,
             max_connections,
+            max_connections_per_client,
             proxy_protocol,
         }
     }

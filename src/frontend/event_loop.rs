@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use mio::net::UnixStream;
 use mio::{Events, Poll, Token};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
-use crate::config::{Config, Diff};
+use crate::config::{sha256, Config, Diff};
 use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::ports::{Accepted, PortSource};
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE};
@@ -24,7 +25,7 @@ use crate::frontend::watch::Watch;
 use crate::ops::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::pool::Pool;
-use crate::relay::session::Job;
+use crate::relay::session::{self, ClientSlots, Job};
 use crate::relay::slots::Slots;
 
 /// Connections accepted from one listener before the loop looks at the others, so one busy
@@ -41,6 +42,9 @@ pub(super) struct Loop {
     pub(super) checker: Arc<Checker>,
     pub(super) pool: Pool<Job>,
     pub(super) slots: Arc<Slots>,
+    /// Open connections per client address, with --max-connections-per-client; None without
+    /// a limit.
+    pub(super) clients: Option<Arc<ClientCounts>>,
     pub(super) conns: Arc<Conns>,
     /// What the metrics endpoint reads of the loop's state.
     pub(super) published: Arc<Published>,
@@ -285,6 +289,15 @@ impl Loop {
             );
             return;
         };
+        // Per-client limits first, before the connection takes a slot or a thread: a client at
+        // its limit is closed at once and costs nothing more.
+        let client_slots = match ClientSlots::take(self.clients.as_ref(), app, conn.peer) {
+            Ok(slots) => slots,
+            Err(reached) => {
+                session::refuse_client_limit(app, conn.stream, conn.peer, conn.port, reached);
+                return;
+            }
+        };
         self.slots.take();
         let job = Job {
             client: conn.stream,
@@ -292,6 +305,7 @@ impl Loop {
             port: conn.port,
             app: Arc::clone(app),
             accepted: Instant::now(),
+            client_slots,
         };
         if let Err((job, e)) = self.pool.submit(job) {
             crate::error!(
@@ -318,11 +332,13 @@ impl Loop {
                     "reload rejected: {}: cannot read: {e}; keeping the running config",
                     path.display()
                 );
-                self.published.rejected();
+                self.published.rejected(None);
                 return;
             }
         };
         let parsed = Config::parse(&path, &bytes);
+        // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
+        let sha = sha256::hex(&bytes);
         self.watch.seen(sig, bytes);
         let new = match parsed {
             Ok(c) => c,
@@ -330,16 +346,18 @@ impl Loop {
                 for line in e.to_string().lines() {
                     crate::error!("reload rejected: {line}");
                 }
-                crate::error!("reload rejected: keeping the running config");
-                self.published.rejected();
-                self.watch.rejected();
+                self.reject("", &sha);
                 return;
             }
         };
         let diff = Diff::between(&self.config, &new);
         if diff.is_empty() {
-            if forced {
-                crate::info!("reload: config unchanged");
+            // Same apps in other bytes (spacing, key order) is still the file in force: its
+            // hash is what a fleet compares.
+            if self.published.config_file(&sha) {
+                crate::info!("reload: config unchanged, new file sha256={sha}");
+            } else if forced {
+                crate::info!("reload: config unchanged sha256={sha}");
             }
             return;
         }
@@ -349,14 +367,12 @@ impl Loop {
             &diff.ports_added,
             &diff.ports_removed,
         ) {
-            crate::error!("reload rejected: {e}; keeping the running config");
-            self.published.rejected();
-            self.watch.rejected();
+            self.reject(&format!("{e}; "), &sha);
             return;
         }
         self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
         self.checker.set(self.routes.backends());
-        self.published.reloaded(Arc::clone(&self.routes));
+        self.published.reloaded(Arc::clone(&self.routes), &sha);
         self.config = new;
         if !diff.ports_removed.is_empty() {
             let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();
@@ -372,9 +388,20 @@ impl Loop {
             }
         }
         crate::info!(
-            "reload ok: {diff} took={:.3}ms",
+            "reload ok: {diff} took={:.3}ms sha256={sha}",
             began.elapsed().as_secs_f64() * 1000.0
         );
+    }
+
+    /// A reload of the file hashing to `sha` failed (for `why`, or for reasons already
+    /// logged): say which file was refused and which one keeps serving.
+    fn reject(&mut self, why: &str, sha: &str) {
+        let running = self.published.config_hashes().running;
+        crate::error!(
+            "reload rejected: {why}keeping the running config; rejected sha256={sha} running={running}"
+        );
+        self.published.rejected(Some(sha));
+        self.watch.rejected();
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use mio::net::{TcpListener, UnixStream};
 use mio::{Interest, Poll, Token, Waker};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::bpf::listener::{SetupError, Steered};
@@ -32,8 +33,10 @@ use crate::relay::pool::Pool;
 use crate::relay::session::{self, Context, Job};
 use crate::relay::slots::Slots;
 
-/// Descriptors kept aside for listeners, the config file, the poll and pipes.
-const FD_RESERVE: u64 = 64;
+/// Descriptors kept aside for what is not counted elsewhere: the standard streams, the config
+/// file, the poll and its waker, the signal and log pipes, bpf maps, an upgrade's pipe, a
+/// resolver's socket. (Listeners, health checks and the metrics endpoint are counted apart.)
+const FD_RESERVE: u64 = 32;
 
 /// Why the proxy could not start. `main` prints it and exits 1.
 #[derive(Debug)]
@@ -106,7 +109,7 @@ pub struct Handed {
 /// config is known to be valid, so nothing is set up for a config that will be refused.
 /// `handed` is what a previous process handed over if this one was started by an upgrade.
 pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunError> {
-    let (config, watch) = load(&settings)?;
+    let (config, watch, config_sha256) = load(&settings)?;
     let adopted = handed.listeners.len();
     let mut source = port_source(&mode, handed.listeners)?;
     let (mut poll, waker, signals) = event_loop_parts()?;
@@ -118,11 +121,15 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
-    let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
+    let (max_connections, fds) = fit_fd_limit(
+        settings.max_connections,
+        source.listeners() as u64,
+        settings.metrics.is_some(),
+    );
 
     let routes = Arc::new(Routes::new(&config, None));
     let slots = Arc::new(Slots::new(max_connections, waker));
-    let published = Arc::new(Published::new(Arc::clone(&routes)));
+    let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
     let sources = || Sources {
         published: Arc::clone(&published),
@@ -134,7 +141,14 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
-    announce(&mode, &settings, &config, max_connections);
+    announce(
+        &mode,
+        &settings,
+        &config,
+        &config_sha256,
+        max_connections,
+        &fds,
+    );
     if let Some(ready) = handed.ready {
         crate::info!(
             "upgrade: serving with {adopted} listeners taken over from the previous process"
@@ -142,6 +156,8 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         ready.signal();
     }
 
+    let clients = (settings.max_connections_per_client > 0)
+        .then(|| ClientCounts::new(settings.max_connections_per_client));
     let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
     let mut lp = Loop {
         settings,
@@ -152,6 +168,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         checker,
         pool,
         slots,
+        clients,
         conns,
         published,
         lifecycle,
@@ -169,7 +186,9 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
 }
 
 /// Read and validate the config file, and start watching it.
-fn load(settings: &Settings) -> Result<(Config, Watch), StartError> {
+/// The config, the watch that has seen it, and the SHA-256 of the file's bytes: its identity
+/// as a fleet sees it (`sha256sum` of the file, or of the value in etcd).
+fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
     // Stat before loading: a change written while we start shows as a change at the first
     // tick instead of being taken for what we loaded.
     let loaded_sig = Watch::stat(&settings.config);
@@ -180,9 +199,10 @@ fn load(settings: &Settings) -> Result<(Config, Watch), StartError> {
         })
     })?;
     let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let sha256 = crate::config::sha256::hex(&loaded);
     let mut watch = Watch::new();
     watch.seen(loaded_sig, loaded);
-    Ok((config, watch))
+    Ok((config, watch, sha256))
 }
 
 /// The poll, the waker relay threads wake it with, and the signals' self-pipes.
@@ -233,12 +253,24 @@ fn relay_pool(settings: &Settings, conns: &Arc<Conns>, slots: &Arc<Slots>) -> Po
 }
 
 /// Say that the proxy serves: in the log, in the pid file, and to systemd.
-fn announce(mode: &Mode, settings: &Settings, config: &Config, max_connections: usize) {
+fn announce(
+    mode: &Mode,
+    settings: &Settings,
+    config: &Config,
+    sha256: &str,
+    max_connections: usize,
+    fds: &FdBudget,
+) {
     crate::info!(
-        "started mode={} config={} {} max_connections={max_connections} pid={}",
+        "started mode={} config={} {} max_connections={max_connections}{} {fds} health_checks_in_flight={} pid={} sha256={sha256}",
         mode.name(),
         settings.config.display(),
         config.summary(),
+        match settings.max_connections_per_client {
+            0 => String::new(),
+            n => format!(" max_connections_per_client={n}"),
+        },
+        crate::backends::health::MAX_IN_FLIGHT,
         std::process::id()
     );
     if let Some(path) = &settings.pid_file {
@@ -315,16 +347,43 @@ fn capabilities_kept(mode: &Mode, settings: &Settings) -> Vec<Cap> {
     keep
 }
 
+/// The open-file limit and what is set aside from it before connections get their two
+/// descriptors each; the start-up line shows it.
+struct FdBudget {
+    /// The soft limit in force (after raising it), None if it could not be read.
+    limit: Option<u64>,
+    /// Listeners, health checks, the metrics endpoint and `FD_RESERVE`.
+    reserved: u64,
+}
+
+impl fmt::Display for FdBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.limit {
+            Some(l) => write!(f, "fd_limit={l} fd_reserved={}", self.reserved),
+            None => write!(f, "fd_limit=unknown fd_reserved={}", self.reserved),
+        }
+    }
+}
+
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
-/// descriptors per connection (client and backend) would not fit, saying so with the numbers.
-fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
+/// descriptors per connection (client and backend) would not fit beside what is reserved:
+/// the listeners, the health checker's connects (`health::FDS`), the metrics endpoint's
+/// connections (`metrics::FDS`, with `--metrics`) and `FD_RESERVE`. Says so with the numbers.
+fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize, FdBudget) {
+    let health_fds = crate::backends::health::FDS;
+    let metrics_fds = if metrics { metrics::FDS } else { 0 };
+    let reserved = FD_RESERVE + listeners + health_fds + metrics_fds;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return max_connections;
+        let budget = FdBudget {
+            limit: None,
+            reserved,
+        };
+        return (max_connections, budget);
     }
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
@@ -336,7 +395,11 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    let available = lim.rlim_cur.saturating_sub(FD_RESERVE + listeners);
+    let budget = FdBudget {
+        limit: Some(lim.rlim_cur),
+        reserved,
+    };
+    let available = lim.rlim_cur.saturating_sub(reserved);
     let fits = (available / 2) as usize;
     // Whatever the connections leave over is what the relay may spend on kernel pipes; past
     // that it copies through a buffer instead of failing a socket with EMFILE.
@@ -344,13 +407,13 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
     crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
     if max_connections > fits {
         crate::warn!(
-            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({} listeners, {FD_RESERVE} reserved): lowering the bound to {fits}",
-            max_connections as u64 * 2 + FD_RESERVE + listeners,
+            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",
+            max_connections as u64 * 2 + reserved,
             lim.rlim_cur,
-            listeners
+            fits.max(1)
         );
-        fits.max(1)
+        (fits.max(1), budget)
     } else {
-        max_connections
+        (max_connections, budget)
     }
 }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use std::io::Write;
 
 use crate::backends::balance;
+use crate::backends::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::backends::proxy_protocol;
 use crate::backends::routing::AppRoute;
 use crate::cli::Settings;
@@ -24,6 +25,47 @@ pub struct Job {
     pub port: u16,
     pub app: Arc<AppRoute>,
     pub accepted: Instant,
+    /// The client's counts under the per-client limits in force, given back as the
+    /// connection ends, however it ends.
+    pub client_slots: ClientSlots,
+}
+
+/// A connection's place under `--max-connections-per-client` and its app's
+/// `MaxConnectionsPerClient` (either may be absent).
+#[derive(Debug, Default)]
+pub struct ClientSlots {
+    _global: Option<ClientSlot>,
+    _app: Option<ClientSlot>,
+}
+
+impl ClientSlots {
+    /// Count a new connection from `peer` to `app` under both limits. Err names the limit
+    /// already reached for this client and its value (nothing stays counted then).
+    pub fn take(
+        global: Option<&Arc<ClientCounts>>,
+        app: &AppRoute,
+        peer: SocketAddr,
+    ) -> Result<ClientSlots, (&'static str, usize)> {
+        let key = ClientKey::of(peer.ip());
+        let global = match global {
+            Some(c) => Some(
+                c.acquire(key)
+                    .ok_or(("--max-connections-per-client", c.limit()))?,
+            ),
+            None => None,
+        };
+        let app = match &app.per_client {
+            Some(c) => Some(
+                c.acquire(key)
+                    .ok_or(("the app's MaxConnectionsPerClient", c.limit()))?,
+            ),
+            None => None,
+        };
+        Ok(ClientSlots {
+            _global: global,
+            _app: app,
+        })
+    }
 }
 
 /// What every session reads besides its own job: the options in force, and the table of open
@@ -31,6 +73,67 @@ pub struct Job {
 pub struct Context {
     pub settings: Settings,
     pub conns: Arc<Conns>,
+}
+
+/// Write a connection's access-log line: a warning when `reason` says why it was refused or
+/// failed.
+#[allow(clippy::too_many_arguments)]
+fn log_conn(
+    app: &str,
+    client: &str,
+    port: u16,
+    target: &str,
+    (up, down): (u64, u64),
+    accepted: Instant,
+    end: &str,
+    reason: Option<&str>,
+) {
+    let level = if reason.is_some() {
+        Level::Warn
+    } else {
+        Level::Info
+    };
+    let mut fields = vec![
+        ("app", Field::Str(app)),
+        ("client", Field::Str(client)),
+        ("port", Field::Num(u64::from(port))),
+        ("target", Field::Str(target)),
+        ("up", Field::Num(up)),
+        ("down", Field::Num(down)),
+        ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+        ("end", Field::Str(end)),
+    ];
+    if let Some(r) = reason {
+        fields.push(("reason", Field::Str(r)));
+    }
+    log::record(level, "conn", &fields);
+}
+
+/// A connection closed at accept because its client address already has `limit` connections
+/// open under `which` limit: counted and logged as `end=client_limit`. Called by the listener
+/// loop instead of handing the connection on.
+pub fn refuse_client_limit(
+    app: &AppRoute,
+    client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    (which, limit): (&str, usize),
+) {
+    let accepted = Instant::now();
+    drop(client);
+    app.stats.accepted.fetch_add(1, Ordering::Relaxed);
+    app.stats.client_limited.fetch_add(1, Ordering::Relaxed);
+    let reason = format!("the client address has {limit} connections open ({which})");
+    log_conn(
+        &app.name,
+        &peer.to_string(),
+        port,
+        "-",
+        (0, 0),
+        accepted,
+        "client_limit",
+        Some(&reason),
+    );
 }
 
 /// Connect `job` to a backend of its app, relay until either side is done, and log how it
@@ -42,32 +145,28 @@ pub fn serve(job: Job, cx: &Context) {
         port,
         app,
         accepted,
+        client_slots,
     } = job;
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
     let client_addr = peer.to_string();
+    // Given back as the connection ends, before its log line: a client that saw it end may
+    // open another at once.
+    let client_slots = std::cell::Cell::new(Some(client_slots));
     let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
+        drop(client_slots.take());
         stats.active.fetch_sub(1, Ordering::Relaxed);
-        let level = if reason.is_some() {
-            Level::Warn
-        } else {
-            Level::Info
-        };
-        let mut fields = vec![
-            ("app", Field::Str(&app.name)),
-            ("client", Field::Str(&client_addr)),
-            ("port", Field::Num(u64::from(port))),
-            ("target", Field::Str(target)),
-            ("up", Field::Num(up)),
-            ("down", Field::Num(down)),
-            ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
-            ("end", Field::Str(end)),
-        ];
-        if let Some(r) = &reason {
-            fields.push(("reason", Field::Str(r)));
-        }
-        log::record(level, "conn", &fields);
+        log_conn(
+            &app.name,
+            &client_addr,
+            port,
+            target,
+            (up, down),
+            accepted,
+            end,
+            reason.as_deref(),
+        );
     };
     // TCP_NODELAY: we forward whatever arrives at once; Nagle would only add latency.
     let _ = client.set_nodelay(true);
@@ -81,12 +180,11 @@ pub fn serve(job: Job, cx: &Context) {
     let _slot = match &app.limit {
         None => None,
         Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
-            Some(slot) => Some(slot),
-            None if entry.was_drained() => return end("-", 0, 0, "drained", None),
-            None => {
+            Ok(slot) => Some(slot),
+            Err(_) if entry.was_drained() => return end("-", 0, 0, "drained", None),
+            Err(denied) => {
                 stats.limited.fetch_add(1, Ordering::Relaxed);
-                let reason = "the app's MaxConnections stayed reached for the connect timeout";
-                return end("-", 0, 0, "limit", Some(reason.into()));
+                return end("-", 0, 0, "limit", Some(denied.reason().into()));
             }
         },
     };

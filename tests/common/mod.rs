@@ -720,6 +720,12 @@ impl Backend {
         Backend::start("[::1]:0", Kind::Tagged(name.to_owned()))
     }
 
+    /// A tagged server on a fixed address (`127.0.0.1:7001`), for a test in a network
+    /// namespace of its own where every namespace has the same target.
+    pub fn tagged_at(bind: &str, name: &str) -> Backend {
+        Backend::start(bind, Kind::Tagged(name.to_owned()))
+    }
+
     pub fn reply_at_eof() -> Backend {
         Backend::start("127.0.0.1:0", Kind::ReplyAtEof)
     }
@@ -873,12 +879,23 @@ pub struct Blackhole {
 
 impl Blackhole {
     pub fn new() -> Blackhole {
+        Blackhole::bound(Ipv4Addr::LOCALHOST)
+    }
+
+    /// A blackhole bound to 0.0.0.0, so that its port on every loopback address
+    /// (127.0.0.0/8) hangs: as many distinct unreachable targets as needed, `127.a.b.c:port`,
+    /// from one socket. `addr` is its 127.0.0.1 address.
+    pub fn every_loopback_address() -> Blackhole {
+        Blackhole::bound(Ipv4Addr::UNSPECIFIED)
+    }
+
+    fn bound(ip: Ipv4Addr) -> Blackhole {
         // SAFETY: as in Refusing::new.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
         // SAFETY: fresh socket.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let addr = bind_loopback_v4(fd.as_raw_fd(), 0);
+        let addr = bind_v4(fd.as_raw_fd(), ip, 0);
         // SAFETY: a bound stream socket; backlog 0 queues one connection at most.
         assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 0) }, 0);
         let mut filler = Vec::new();
@@ -914,12 +931,17 @@ impl Default for Blackhole {
 
 /// bind(2) `fd` to 127.0.0.1:`port`; the address it got.
 fn bind_loopback_v4(fd: libc::c_int, port: u16) -> SocketAddr {
+    bind_v4(fd, Ipv4Addr::LOCALHOST, port)
+}
+
+/// bind(2) `fd` to `ip`:`port`; the address it got, as 127.0.0.1:port for 0.0.0.0.
+fn bind_v4(fd: libc::c_int, ip: Ipv4Addr, port: u16) -> SocketAddr {
     // SAFETY: a zeroed sockaddr_in is valid; we fill the fields bind needs.
     let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     sin.sin_family = libc::AF_INET as libc::sa_family_t;
     sin.sin_port = port.to_be();
     sin.sin_addr = libc::in_addr {
-        s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        s_addr: u32::from_ne_bytes(ip.octets()),
     };
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: sin is a valid sockaddr_in of `len` bytes.

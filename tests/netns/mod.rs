@@ -26,6 +26,9 @@ use crate::common::{
     self, connect, expect_closed, read_line, roundtrip, wait_for, Proxy, TempDir, BIN, WAIT,
 };
 
+/// Whether a bpf test that cannot run is a failure (defined in `common`).
+pub use crate::common::in_ci;
+
 /// The port of the proxy's own listener. Any port works: the namespace is the test's own.
 pub const LISTENER_PORT: u16 = 8000;
 
@@ -47,7 +50,7 @@ pub fn run(test: &'static str, body: impl FnOnce(Netns) + Send + 'static) {
         .spawn(move || match Netns::enter() {
             Ok(ns) => body(ns),
             Err(why) => {
-                if common::in_ci() {
+                if in_ci() {
                     panic!("{test}: cannot run in CI (CI is set, so this is a failure): {why}");
                 }
                 eprintln!("skipping {test}: {why}");
@@ -272,6 +275,67 @@ fn check_kernel() -> Result<(), String> {
             release.trim()
         )),
         _ => Ok(()),
+    }
+}
+
+/// A network namespace kept by its descriptor, for tests that need several at once (a fleet of
+/// proxies on the same ports, each with its own `lo`). Threads enter it with [`Namespace::spawn`]
+/// and processes they start live in it; it ends when the descriptor and those processes are gone.
+/// Things that must be dropped inside it (an in-test `Backend` connects to itself to stop) are
+/// dropped through [`Namespace::run`].
+#[derive(Clone)]
+#[allow(dead_code)] // used by tests/fleet.rs; tests/bpf.rs includes this module too
+pub struct Namespace {
+    fd: std::sync::Arc<OwnedFd>,
+}
+
+#[allow(dead_code)]
+impl Namespace {
+    /// A new namespace with `lo` up. `Err` says why it cannot be made here (not root).
+    pub fn new() -> Result<Namespace, String> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("needs root (CAP_SYS_ADMIN for network namespaces)".to_owned());
+        }
+        thread::spawn(|| {
+            // SAFETY: unshare affects only this short-lived thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "unshare(CLONE_NEWNET): {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            loopback_up();
+            let file = fs::File::open("/proc/thread-self/ns/net")
+                .map_err(|e| format!("open /proc/thread-self/ns/net: {e}"))?;
+            Ok(Namespace {
+                fd: std::sync::Arc::new(OwnedFd::from(file)),
+            })
+        })
+        .join()
+        .expect("the namespace thread")
+    }
+
+    /// Run `f` on a new thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let fd = std::sync::Arc::clone(&self.fd);
+        thread::spawn(move || {
+            // SAFETY: setns on a namespace descriptor we own; it moves only this new thread.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// [`Namespace::spawn`] and wait for the result (a panic inside goes on here).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        match self.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 }
 
