@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{app, config, free_port, Backend, Proxy, TempDir, BIN, WAIT};
+use common::{app, config, free_port, in_ci, Backend, Proxy, TempDir, BIN, WAIT};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -38,10 +38,6 @@ const CAP_BPF: u32 = 39;
 
 fn env_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-fn in_ci() -> bool {
-    env_set("CI")
 }
 
 fn is_root() -> bool {

@@ -420,27 +420,6 @@ fn log_level_filters_lines() {
     );
 }
 
-/// Close `s` with a reset (RST) instead of an orderly FIN.
-fn close_with_reset(s: std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-    drop(s);
-}
-
 /// Read until the end; how the stream ended: "eof" or the error kind.
 fn read_to_end_how(s: &mut std::net::TcpStream) -> String {
     let mut buf = [0u8; 4096];

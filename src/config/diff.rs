@@ -95,12 +95,7 @@ impl fmt::Display for Diff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    fn parse(s: &str) -> Result<Config, Vec<String>> {
-        Config::parse(Path::new("c.json"), s.as_bytes())
-            .map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
-    }
+    use crate::config::tests::parse;
 
     #[test]
     fn diff() {

@@ -398,7 +398,8 @@ pub fn app_prefixes(app: &App) -> Vec<Prefix> {
 mod tests {
     use super::*;
 
-    fn parse(s: &str) -> Result<Config, Vec<String>> {
+    /// `s` as a config file: the config, or each problem as it is printed.
+    pub(super) fn parse(s: &str) -> Result<Config, Vec<String>> {
         Config::parse(Path::new("c.json"), s.as_bytes())
             .map_err(|e| e.problems.iter().map(|p| p.to_string()).collect())
     }

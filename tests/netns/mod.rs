@@ -26,6 +26,9 @@ use crate::common::{
     self, connect, expect_closed, read_line, roundtrip, wait_for, Proxy, TempDir, BIN, WAIT,
 };
 
+/// Whether a bpf test that cannot run is a failure (defined in `common`).
+pub use crate::common::in_ci;
+
 /// The port of the proxy's own listener. Any port works: the namespace is the test's own.
 pub const LISTENER_PORT: u16 = 8000;
 
@@ -37,10 +40,6 @@ pub fn v4(port: u16) -> SocketAddr {
 /// `[::1]:port`.
 pub fn v6(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv6Addr::LOCALHOST, port))
-}
-
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
 
 /// Run `body` on a thread of its own, in a network namespace of its own with `lo` up. Skips
