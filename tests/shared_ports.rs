@@ -3,7 +3,9 @@
 //! in both modes.
 //!
 //! Every two-mode test runs in a network namespace of its own (tests/netns), simple mode too:
-//! there it can use extra IPv6 addresses on `lo` (added with `ip`) and fixed ports. The TLS
+//! there it can use extra IPv6 addresses on `lo` (added with `ip`) and fixed ports such as 443.
+//! That is why these tests use their own `both_modes_in_netns!` rather than tests/modes'
+//! `two_modes!`, whose simple mode runs on the host. The TLS
 //! tests use the `openssl` tool (an `s_server` per target with its own self-signed certificate,
 //! made in the test) and `curl`; the client checks which certificate it reached.
 
@@ -19,8 +21,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    connect, expect_closed, expect_refused, field, read_line, roundtrip, run, wait_for, Backend,
-    Proxy, TempDir, WAIT,
+    connect, cpu_secs, expect_closed, expect_refused, field, metrics, read_line, roundtrip, run,
+    wait_for, Backend, Proxy, TempDir, WAIT,
 };
 use serde_json::{json, Value};
 
@@ -31,8 +33,9 @@ enum Mode {
     Bpf,
 }
 
-/// A test body written once, run as `NAME::simple` and `NAME::bpf`, each in its own namespace.
-macro_rules! two_modes {
+/// A test body written once, run as `NAME::simple` and `NAME::bpf`, each in a network namespace
+/// of its own (skipped without root, a failure in CI, as `netns::run` does).
+macro_rules! both_modes_in_netns {
     ($(#[$doc:meta])* $name:ident, $body:expr) => {
         $(#[$doc])*
         mod $name {
@@ -108,21 +111,6 @@ fn expect_unserved(addr: SocketAddr) {
         Err(e) => panic!("connect {addr}: {e}"),
         Ok(mut s) => expect_closed(&mut s, WAIT),
     }
-}
-
-/// `GET /metrics` from the proxy's `--metrics` address.
-fn metrics(addr: SocketAddr) -> String {
-    let mut s = connect(addr);
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of the sample `name{labels}` (labels exactly as rendered), if present.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,7 +268,7 @@ fn tls_subject(addr: SocketAddr, name: Option<&str>) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // By address
 
-two_modes!(two_apps_one_port_by_address_v4_and_v6, |mode| {
+both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
     add_v6("fd00:fe::2");
     add_v6("fd00:fe::3");
     let (a, b) = (Backend::tagged("a"), Backend::tagged("b"));
@@ -298,7 +286,7 @@ two_modes!(two_apps_one_port_by_address_v4_and_v6, |mode| {
     expect_refused(sa("::1", 5432));
 });
 
-two_modes!(longest_prefix_wins, |mode| {
+both_modes_in_netns!(longest_prefix_wins, |mode| {
     add_v6("fd00:fe::5");
     add_v6("fd00:fe::9");
     let (wide, narrow) = (Backend::tagged("wide"), Backend::tagged("narrow"));
@@ -316,21 +304,22 @@ two_modes!(longest_prefix_wins, |mode| {
     // listener takes it and resets it at once, counted as no_app.
     expect_unserved(sa("::1", 7000));
     if mode == Mode::Simple {
-        let m = metrics(sa("127.0.0.1", 9100));
+        let m = metrics::scrape(sa("127.0.0.1", 9100));
         assert_eq!(
-            sample(
-                &m,
-                r#"flyproxy_unrouted_connections_total{port="7000",reason="no_app"}"#
+            m.value(
+                "flyproxy_unrouted_connections_total",
+                &[("port", "7000"), ("reason", "no_app")],
             ),
             Some(1.0),
-            "{m}"
+            "{}",
+            m.text
         );
     }
     let log = p.logs().join("\n");
     assert!(log.contains("started mode="), "{log}");
 });
 
-two_modes!(
+both_modes_in_netns!(
     /// A server-first protocol (the target speaks before the client) works on a port shared by
     /// address, with no Hostnames: the proxy never waits for the client there.
     server_first_target_on_a_port_without_hostnames, |mode| {
@@ -361,7 +350,7 @@ two_modes!(
 // ---------------------------------------------------------------------------------------------
 // By server name, with real TLS handshakes
 
-two_modes!(
+both_modes_in_netns!(
     /// Three apps on one port told apart by SNI; each target presents its own certificate and the
     /// client checks which one it reached.
     three_apps_by_server_name_with_tls, |mode| {
@@ -419,7 +408,7 @@ two_modes!(
     );
 });
 
-two_modes!(
+both_modes_in_netns!(
     /// Without a default app, a connection no name picks is closed and logged `end=no_route` with
     /// the reason, and counted; plain text and a silent client too; the ClientHello may come one
     /// byte per write.
@@ -494,7 +483,7 @@ two_modes!(
         "preread_timeout",
     );
 
-    let m = metrics(sa("127.0.0.1", 9100));
+    let m = metrics::scrape(sa("127.0.0.1", 9100));
     for (reason, n) in [
         ("unknown_server_name", 2.0),
         ("no_server_name", 1.0),
@@ -502,18 +491,18 @@ two_modes!(
         ("preread_timeout", 2.0),
     ] {
         assert_eq!(
-            sample(
-                &m,
-                &format!(r#"flyproxy_unrouted_connections_total{{port="8443",reason="{reason}"}}"#)
+            m.value(
+                "flyproxy_unrouted_connections_total",
+                &[("port", "8443"), ("reason", reason)]
             ),
             Some(n),
-            "{reason}:\n{m}"
+            "{reason}:\n{}", m.text
         );
     }
     assert_eq!(shop.served(), 0, "nothing reached shop");
 });
 
-two_modes!(
+both_modes_in_netns!(
     /// The PROXY header's destination is what the client dialled, and the ClientHello follows it
     /// unchanged.
     proxy_header_then_the_hello, |mode| {
@@ -538,7 +527,7 @@ two_modes!(
     assert_eq!(back, hello);
 });
 
-two_modes!(
+both_modes_in_netns!(
     /// A reload moves a hostname to another app: a connection open before it stays on its target,
     /// the next one goes to the new app.
     reload_moves_a_hostname_live_connection_stays, |mode| {
@@ -590,7 +579,7 @@ two_modes!(
     assert_eq!(field(&line, "target"), Some(shop.target()), "{line}");
 });
 
-two_modes!(
+both_modes_in_netns!(
     /// `curl --resolve` to two HTTPS sites on one port, as a user would try it: curl checks each
     /// site's certificate against that site's own CA file.
     curl_to_two_https_backends_on_one_port, |mode| {
@@ -680,22 +669,24 @@ fn bpf_ten_thousand_port_range_with_a_more_specific_app() {
             expect_refused(sa("127.0.0.1", 30000));
             expect_refused(sa("127.0.0.1", 19999));
             // The per-app lookup counters: 5 steered to games' bindings, 2 to lobby's.
-            let m = metrics(sa("127.0.0.1", 9100));
+            let m = metrics::scrape(sa("127.0.0.1", 9100));
             assert_eq!(
-                sample(
-                    &m,
-                    r#"flyproxy_bpf_lookups_total{group="games",verdict="steered"}"#
+                m.value(
+                    "flyproxy_bpf_lookups_total",
+                    &[("group", "games"), ("verdict", "steered")],
                 ),
                 Some(5.0),
-                "{m}"
+                "{}",
+                m.text
             );
             assert_eq!(
-                sample(
-                    &m,
-                    r#"flyproxy_bpf_lookups_total{group="lobby",verdict="steered"}"#
+                m.value(
+                    "flyproxy_bpf_lookups_total",
+                    &[("group", "lobby"), ("verdict", "steered")],
                 ),
                 Some(2.0),
-                "{m}"
+                "{}",
+                m.text
             );
             eprintln!("10,003 bindings: started in {started:?}");
 
@@ -735,22 +726,24 @@ fn bpf_shared_binding_counts_under_the_apps_together() {
             "a"
         );
         assert_eq!(ask(sa("127.0.0.1", 8444)), "a");
-        let m = metrics(sa("127.0.0.1", 9100));
+        let m = metrics::scrape(sa("127.0.0.1", 9100));
         assert_eq!(
-            sample(
-                &m,
-                r#"flyproxy_bpf_lookups_total{group="a+b",verdict="steered"}"#
+            m.value(
+                "flyproxy_bpf_lookups_total",
+                &[("group", "a+b"), ("verdict", "steered")],
             ),
             Some(2.0),
-            "{m}"
+            "{}",
+            m.text
         );
         assert_eq!(
-            sample(
-                &m,
-                r#"flyproxy_bpf_lookups_total{group="a",verdict="steered"}"#
+            m.value(
+                "flyproxy_bpf_lookups_total",
+                &[("group", "a"), ("verdict", "steered")],
             ),
             Some(1.0),
-            "{m}"
+            "{}",
+            m.text
         );
     });
 }
@@ -973,18 +966,6 @@ fn a_refused_reload_keeps_the_shared_port_serving() {
 // ---------------------------------------------------------------------------------------------
 // The cost of waiting for ClientHellos
 
-/// CPU time (user + system) process `pid` has used, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
-    let rest = stat.rsplit_once(") ").expect("a stat line").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ticks as f64 / hz as f64
-}
-
 /// Attackers on a port where apps have Hostnames: 300 clients that send nothing, 100 that
 /// trickle a hello a byte at a time and never finish, and one that announces a 20 KB hello.
 /// The silent and the trickling ones are closed at the preread timeout, the oversized one at
@@ -1050,20 +1031,21 @@ fn waiting_for_hellos_is_bounded_and_cheap() {
         );
         let _ = trickle.join().unwrap();
         let m = wait_for("401 unrouted connections counted", WAIT, || {
-            let m = metrics(sa("127.0.0.1", 9100));
-            let n = sample(
-                &m,
-                r#"flyproxy_unrouted_connections_total{port="8443",reason="preread_timeout"}"#,
+            let m = metrics::scrape(sa("127.0.0.1", 9100));
+            let n = m.value(
+                "flyproxy_unrouted_connections_total",
+                &[("port", "8443"), ("reason", "preread_timeout")],
             );
             (n == Some(400.0)).then_some(m)
         });
         assert_eq!(
-            sample(
-                &m,
-                r#"flyproxy_unrouted_connections_total{port="8443",reason="too_large"}"#
+            m.value(
+                "flyproxy_unrouted_connections_total",
+                &[("port", "8443"), ("reason", "too_large")],
             ),
             Some(1.0),
-            "{m}"
+            "{}",
+            m.text
         );
         let cpu = cpu_secs(p.pid) - cpu_before;
         eprintln!("401 waiting clients over {closed_after:?}: {cpu:.2} CPU seconds");
