@@ -276,7 +276,7 @@ both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
         {"Name": "a", "Ports": [5432], "Addresses": ["127.0.0.2", "fd00:fe::2"], "Targets": [a.target()]},
         {"Name": "b", "Ports": [5432], "Addresses": ["127.0.0.3", "fd00:fe::3"], "Targets": [b.target()]},
     ]});
-    let _p = start(mode, &config, &[]);
+    let _p = start(mode, &config, &["--metrics", "127.0.0.1:9100"]);
     assert_eq!(ask(sa("127.0.0.2", 5432)), "a");
     assert_eq!(ask(sa("127.0.0.3", 5432)), "b");
     assert_eq!(ask(sa("fd00:fe::2", 5432)), "a");
@@ -284,6 +284,13 @@ both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
     // Addresses no app names: nothing listens there (simple) or nothing is steered (bpf).
     expect_refused(sa("127.0.0.4", 5432));
     expect_refused(sa("::1", 5432));
+    // The status page says where each app answers.
+    let status = metrics::get(sa("127.0.0.1", 9100), "/status").body;
+    assert!(
+        status.contains("\napp a  ports 5432 ")
+            && status.contains("\n  addresses 127.0.0.2,fd00:fe::2\n"),
+        "{status}"
+    );
 });
 
 both_modes_in_netns!(longest_prefix_wins, |mode| {

@@ -33,6 +33,10 @@ pub struct AppRoute {
     /// Open connections per client address, with the app's `MaxConnectionsPerClient`.
     pub per_client: Option<Arc<ClientCounts>>,
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Where the app answers, for status: its `Addresses` (empty: every address) and
+    /// `Hostnames`.
+    pub addresses: Vec<Prefix>,
+    pub hostnames: Vec<Pattern>,
     /// Round-robin position.
     pub next: AtomicUsize,
     pub stats: Arc<AppStats>,
@@ -264,6 +268,8 @@ impl Routes {
                 limit,
                 per_client: app_per_client,
                 proxy_protocol: app.proxy_protocol,
+                addresses: app.addresses.clone(),
+                hostnames: app.hostnames.clone(),
                 next: AtomicUsize::new(0),
                 stats: app_stats,
             });
