@@ -448,7 +448,12 @@ measure() { # measure CFG [TURNS_LEFT]
     # 6. fairness: many bulk streams at once; flyproxy with fewer relay threads than streams
     if [[ $cfg == flyproxy-* ]]; then
         stop proxy
-        start_proxy "$cfg" --max-threads $FAIR_THREADS
+        if "$WORK/bin/flyproxy" simple --help 2>&1 | grep -q -- --max-threads; then
+            start_proxy "$cfg" --max-threads $FAIR_THREADS
+        else
+            # A build from before --max-threads (REV=...): one thread per connection.
+            start_proxy "$cfg"
+        fi
     fi
     run_iperf "$cfg" $FAIR_STREAMS fair$FAIR_STREAMS || true
     if [[ $cfg != direct ]]; then

@@ -23,10 +23,14 @@ pub struct Settings {
     pub max_connections: usize,
     /// Relay threads at most; None: as many as the connection bound.
     pub max_threads: Option<usize>,
+    /// Open connections one client address may have at once; 0: no limit.
+    pub max_connections_per_client: usize,
     pub connect_timeout: Duration,
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
+    /// How long a connection on a port with Hostnames may take to send its whole ClientHello.
+    pub preread_timeout: Duration,
     pub reload_interval: Duration,
     pub log_level: Level,
     pub log_format: Format,
@@ -42,9 +46,11 @@ impl Default for Settings {
             config: PathBuf::from("config.json"),
             max_connections: 4096,
             max_threads: None,
+            max_connections_per_client: 0,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
+            preread_timeout: Duration::from_secs(5),
             reload_interval: Duration::from_secs(1),
             log_level: Level::Info,
             log_format: Format::Text,
@@ -133,11 +139,17 @@ macro_rules! run_options {
                              in the kernel backlog (default 4096)
       --max-threads N        relay threads at most; idle connections hold none, and
                              busy ones take turns beyond it (default: --max-connections)
+      --max-connections-per-client N
+                             open connections one client address (IPv6: one /64) may
+                             have; past it new ones are closed at once (default 0: no
+                             limit)
       --connect-timeout DUR  time to connect to one target (default 5s)
       --idle-timeout DUR     close a connection that moved no byte for this long
                              (default 1h; 0 disables)
       --drain-timeout DUR    how long open connections may finish after their port is
                              removed or on SIGTERM (default 30s)
+      --preread-timeout DUR  on a port where apps have Hostnames, how long a client may
+                             take to send its whole TLS ClientHello (default 5s)
       --reload-interval DUR  how often the config file's mtime is checked (default 1s)
       --log-level LEVEL      error, warn, info or debug (default info)
       --log-format FORMAT    text or json (default text)
@@ -365,6 +377,17 @@ fn run_option(
                 }
             }
         }
+        "--max-connections-per-client" => {
+            let v = value("a number")?;
+            s.max_connections_per_client = v.parse::<usize>().map_err(|_| {
+                usage(
+                    cmd,
+                    &format!(
+                        "--max-connections-per-client: '{v}' is not a whole number (0: no limit)"
+                    ),
+                )
+            })?;
+        }
         "--connect-timeout" => {
             s.connect_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }
@@ -373,6 +396,9 @@ fn run_option(
             s.idle_timeout = (!d.is_zero()).then_some(d);
         }
         "--drain-timeout" => s.drain_timeout = duration(cmd, flag, &value("a duration")?)?,
+        "--preread-timeout" => {
+            s.preread_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
+        }
         "--reload-interval" => {
             s.reload_interval = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }
@@ -529,6 +555,12 @@ mod tests {
         };
         assert_eq!(s.config, PathBuf::from("x.json"));
         assert_eq!(s.max_connections, 4096);
+        assert_eq!(s.max_connections_per_client, 0);
+        let Ok(Command::Run(_, s)) = run(&["simple", "--max-connections-per-client=10"]) else {
+            panic!()
+        };
+        assert_eq!(s.max_connections_per_client, 10);
+        assert!(run(&["simple", "--max-connections-per-client", "-1"]).is_err());
         assert!(run(&["simple", "-p", "80"]).is_err());
         assert!(run(&["check", "--max-connections", "5"]).is_err());
         assert!(run(&["simple", "--connect-timeout", "0"]).is_err());

@@ -4,9 +4,11 @@
 //! message and an exit code: 0 done, 1 could not run (bad config, port in use, missing
 //! privileges), 2 bad command line.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 
-use flyproxy::cli::{self, Command};
+use flyproxy::cli::{self, Command, Mode, Settings};
 use flyproxy::frontend;
 use flyproxy::ops::{log, metrics, upgrade};
 use flyproxy::{config, error};
@@ -28,72 +30,89 @@ fn main() -> ExitCode {
             println!("flyproxy {}", cli::VERSION);
             ExitCode::SUCCESS
         }
-        Command::Upgrade { pid_file } => {
-            match send_upgrade(&pid_file) {
-                Ok(pid) => {
-                    println!("sent SIGUSR2 to flyproxy pid {pid}: it upgrades to the binary now at its path");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("flyproxy: upgrade: {}: {e}", pid_file.display());
-                    ExitCode::FAILURE
-                }
+        Command::Upgrade { pid_file } => request_upgrade(&pid_file),
+        Command::Status { metrics } => status(metrics),
+        Command::Check { config } => check(&config),
+        Command::Run(mode, settings) => run(mode, settings),
+    }
+}
+
+/// `flyproxy simple` and `flyproxy bpf`: serve until stopped.
+fn run(mode: Mode, settings: Settings) -> ExitCode {
+    log::set_level(settings.log_level);
+    log::set_format(settings.log_format);
+    // Before any thread starts: this reads and clears the environment.
+    let inherited = upgrade::Inherited::from_env();
+    let handed = frontend::Handed {
+        exec: upgrade::Exec::current().ok(),
+        ready: inherited.ready,
+        listeners: inherited.listeners,
+        metrics: inherited.metrics,
+    };
+    let code = match frontend::run(settings, mode, handed) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("{line}");
             }
+            error!("exiting with status 1");
+            ExitCode::FAILURE
         }
-        Command::Status { metrics } => match metrics::fetch_status(metrics) {
-            Ok(page) => {
-                print!("{page}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!(
-                    "flyproxy: cannot read the status from {metrics}: {e}\n(is flyproxy running with --metrics {metrics}?)"
-                );
-                ExitCode::FAILURE
-            }
-        },
-        Command::Check { config } => match config::Config::load(&config) {
-            Ok(c) => {
-                println!("{}: ok: {}", config.display(), c.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                println!("{e}");
-                println!("{}: {} problems found", config.display(), e.problems.len());
-                ExitCode::FAILURE
-            }
-        },
-        Command::Run(mode, settings) => {
-            log::set_level(settings.log_level);
-            log::set_format(settings.log_format);
-            // Before any thread starts: this reads and clears the environment.
-            let inherited = upgrade::Inherited::from_env();
-            let handed = frontend::Handed {
-                exec: upgrade::Exec::current().ok(),
-                ready: inherited.ready,
-                listeners: inherited.listeners,
-                metrics: inherited.metrics,
-            };
-            let result = frontend::run(settings, mode, handed);
-            let code = match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    for line in e.to_string().lines() {
-                        error!("{line}");
-                    }
-                    error!("exiting with status 1");
-                    ExitCode::FAILURE
-                }
-            };
-            // Lines are written by a background thread: let it finish before the process ends.
-            log::flush();
-            code
+    };
+    // Lines are written by a background thread: let it finish before the process ends.
+    log::flush();
+    code
+}
+
+/// `flyproxy check`: validate a config file.
+fn check(config: &Path) -> ExitCode {
+    match config::Config::load(config) {
+        Ok(c) => {
+            println!("{}: ok: {}", config.display(), c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            println!("{}: {} problems found", config.display(), e.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flyproxy status`: print a running proxy's status page.
+fn status(metrics: SocketAddr) -> ExitCode {
+    match metrics::fetch_status(metrics) {
+        Ok(page) => {
+            print!("{page}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "flyproxy: cannot read the status from {metrics}: {e}\n(is flyproxy running with --metrics {metrics}?)"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flyproxy upgrade`: tell the running proxy to upgrade.
+fn request_upgrade(pid_file: &Path) -> ExitCode {
+    match send_upgrade(pid_file) {
+        Ok(pid) => {
+            println!(
+                "sent SIGUSR2 to flyproxy pid {pid}: it upgrades to the binary now at its path"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flyproxy: upgrade: {}: {e}", pid_file.display());
+            ExitCode::FAILURE
         }
     }
 }
 
 /// `flyproxy upgrade`: signal the proxy named by its pid file.
-fn send_upgrade(pid_file: &std::path::Path) -> Result<i32, String> {
+fn send_upgrade(pid_file: &Path) -> Result<i32, String> {
     let text = std::fs::read_to_string(pid_file).map_err(|e| format!("cannot read: {e}"))?;
     let pid: i32 = text
         .trim()

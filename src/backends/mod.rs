@@ -1,9 +1,11 @@
 //! Where a connection goes: each target's live state (`backend`), the routing table from a
 //! frontend port to its app (`routing`), picking and connecting to a target (`balance`), active
-//! health checks (`health`), and the PROXY protocol header sent to targets (`proxy_protocol`).
+//! health checks (`health`), per-client connection counts for the per-client limits
+//! (`clients`), and the PROXY protocol header sent to targets (`proxy_protocol`).
 
 pub mod backend;
 pub mod balance;
+pub mod clients;
 pub mod health;
 pub mod proxy_protocol;
 pub mod routing;

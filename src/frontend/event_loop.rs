@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use mio::net::UnixStream;
 use mio::{Events, Poll, Token};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
-use crate::backends::routing::Routes;
+use crate::backends::routing::{Routes, Unrouted};
 use crate::cli::Settings;
-use crate::config::{Config, Diff};
+use crate::config::{sha256, Config, Diff};
 use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::ports::{Accepted, PortSource};
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE};
@@ -24,7 +25,7 @@ use crate::frontend::watch::Watch;
 use crate::ops::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::pool::Pool;
-use crate::relay::session::{Job, Task};
+use crate::relay::session::{self, ClientSlots, Job, Task};
 use crate::relay::slots::Slots;
 
 /// Connections accepted from one listener before the loop looks at the others, so one busy
@@ -41,6 +42,9 @@ pub(super) struct Loop {
     pub(super) checker: Arc<Checker>,
     pub(super) pool: Pool<Task>,
     pub(super) slots: Arc<Slots>,
+    /// Open connections per client address, with --max-connections-per-client; None without
+    /// a limit.
+    pub(super) clients: Option<Arc<ClientCounts>>,
     pub(super) conns: Arc<Conns>,
     /// What the metrics endpoint reads of the loop's state.
     pub(super) published: Arc<Published>,
@@ -97,36 +101,7 @@ impl Loop {
                 }
             }
             for event in events.iter() {
-                match event.token() {
-                    SIGHUP_PIPE => {
-                        drain_pipe(&mut self.signals.hup);
-                        if self.lifecycle.is_draining() {
-                            // Draining: nothing would accept on a port a reload added.
-                            crate::info!("SIGHUP ignored: stopping");
-                        } else {
-                            crate::info!("SIGHUP: reloading {}", self.settings.config.display());
-                            self.reload(poll, true);
-                        }
-                    }
-                    STOP_PIPE => {
-                        drain_pipe(&mut self.signals.stop);
-                        let next = self.lifecycle.stop_signal(poll.registry());
-                        self.carry_out(poll, next);
-                    }
-                    UPGRADE_PIPE => {
-                        drain_pipe(&mut self.signals.upgrade);
-                        self.lifecycle
-                            .upgrade_signal(poll.registry(), self.source.as_ref());
-                    }
-                    UPGRADE_READY => {
-                        let next = self.lifecycle.upgrade_progress(poll.registry());
-                        self.carry_out(poll, next);
-                    }
-                    WAKE => {}
-                    listener => {
-                        self.ready.insert(listener);
-                    }
-                }
+                self.event(poll, event.token());
             }
 
             let now = Instant::now();
@@ -151,22 +126,63 @@ impl Loop {
                 }
                 self.next_drain = next;
             }
-            if let Some(deadline) = self.lifecycle.drain_deadline() {
-                let active = self.slots.taken();
-                if active == 0 {
-                    crate::info!("stopped: every connection finished");
-                    return Ok(());
-                }
-                // Connections cut at the drain deadline end within moments; give their threads
-                // a second to log, then go regardless.
-                if now >= deadline + Duration::from_secs(1) {
-                    crate::warn!(
-                        "stopped: drain timeout passed with {active} connections still open"
-                    );
-                    return Ok(());
-                }
+            if self.drained(now) {
+                return Ok(());
             }
         }
+    }
+
+    /// One readiness event: a signal, a wake-up, the upgrade's new process, or a listener.
+    fn event(&mut self, poll: &Poll, token: Token) {
+        match token {
+            SIGHUP_PIPE => {
+                drain_pipe(&mut self.signals.hup);
+                if self.lifecycle.is_draining() {
+                    // Draining: nothing would accept on a port a reload added.
+                    crate::info!("SIGHUP ignored: stopping");
+                } else {
+                    crate::info!("SIGHUP: reloading {}", self.settings.config.display());
+                    self.reload(poll, true);
+                }
+            }
+            STOP_PIPE => {
+                drain_pipe(&mut self.signals.stop);
+                let next = self.lifecycle.stop_signal(poll.registry());
+                self.carry_out(poll, next);
+            }
+            UPGRADE_PIPE => {
+                drain_pipe(&mut self.signals.upgrade);
+                self.lifecycle
+                    .upgrade_signal(poll.registry(), self.source.as_ref());
+            }
+            UPGRADE_READY => {
+                let next = self.lifecycle.upgrade_progress(poll.registry());
+                self.carry_out(poll, next);
+            }
+            WAKE => {}
+            listener => {
+                self.ready.insert(listener);
+            }
+        }
+    }
+
+    /// While draining: true once every connection is done, or the drain deadline is past.
+    fn drained(&self, now: Instant) -> bool {
+        let Some(deadline) = self.lifecycle.drain_deadline() else {
+            return false;
+        };
+        let active = self.slots.taken();
+        if active == 0 {
+            crate::info!("stopped: every connection finished");
+            return true;
+        }
+        // Connections cut at the drain deadline end within moments; give their threads a
+        // second to log, then go regardless.
+        if now >= deadline + Duration::from_secs(1) {
+            crate::warn!("stopped: drain timeout passed with {active} connections still open");
+            return true;
+        }
+        false
     }
 
     /// Do what a lifecycle transition asks of the rest of the process.
@@ -263,29 +279,64 @@ impl Loop {
     }
 
     fn dispatch(&mut self, conn: Accepted) {
-        let Some(app) = self.routes.app_for(conn.port) else {
+        let port = conn.local.port();
+        let Some(table) = self.routes.port(port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
             crate::debug!(
-                "conn client={} port={}: port no longer configured, closed",
+                "conn client={} port={port}: port no longer configured, closed",
                 conn.peer,
-                conn.port
             );
             return;
         };
+        let Some(binding) = table.lookup(conn.local.ip()) else {
+            // A wildcard listener of the port took a connection to an address no app on it
+            // answers (simple mode), or the config changed while it was queued: reset at once,
+            // as a refused connection would be.
+            self.published.unrouted.count(port, Unrouted::NoApp);
+            crate::debug!(
+                "conn client={} local={}: no app on this address, reset",
+                conn.peer,
+                conn.local
+            );
+            crate::net::reset(conn.stream);
+            return;
+        };
+        let binding = Arc::clone(binding);
+        // Per-client limits first, before the connection takes a slot or a thread: a client at
+        // its limit is closed at once and costs nothing more. Where the app is picked by the
+        // server name, only the global limit is known yet; the session checks the app's.
+        let app = (!binding.needs_server_name())
+            .then(|| binding.default_app())
+            .flatten();
+        let client_slots =
+            match ClientSlots::take(self.clients.as_ref(), app.map(|a| &**a), conn.peer) {
+                Ok(slots) => slots,
+                Err(reached) => {
+                    session::refuse_client_limit(
+                        app.map(|a| &**a),
+                        conn.stream,
+                        conn.peer,
+                        port,
+                        reached,
+                    );
+                    return;
+                }
+            };
         self.slots.take();
         let job = Job {
             client: conn.stream,
             peer: conn.peer,
-            port: conn.port,
-            app: Arc::clone(app),
+            local: conn.local,
+            binding,
             accepted: Instant::now(),
+            client_slots,
         };
         if let Err((task, e)) = self.pool.submit(Task::New(job)) {
             if let Task::New(job) = task {
                 crate::error!(
-                    "conn app={} client={}: no relay thread: {e}; closed",
-                    job.app.name,
+                    "conn local={} client={}: no relay thread: {e}; closed",
+                    job.local,
                     job.peer
                 );
             }
@@ -308,11 +359,13 @@ impl Loop {
                     "reload rejected: {}: cannot read: {e}; keeping the running config",
                     path.display()
                 );
-                self.published.rejected();
+                self.published.rejected(None);
                 return;
             }
         };
         let parsed = Config::parse(&path, &bytes);
+        // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
+        let sha = sha256::hex(&bytes);
         self.watch.seen(sig, bytes);
         let new = match parsed {
             Ok(c) => c,
@@ -320,16 +373,18 @@ impl Loop {
                 for line in e.to_string().lines() {
                     crate::error!("reload rejected: {line}");
                 }
-                crate::error!("reload rejected: keeping the running config");
-                self.published.rejected();
-                self.watch.rejected();
+                self.reject("", &sha);
                 return;
             }
         };
         let diff = Diff::between(&self.config, &new);
         if diff.is_empty() {
-            if forced {
-                crate::info!("reload: config unchanged");
+            // Same apps in other bytes (spacing, key order) is still the file in force: its
+            // hash is what a fleet compares.
+            if self.published.config_file(&sha) {
+                crate::info!("reload: config unchanged, new file sha256={sha}");
+            } else if forced {
+                crate::info!("reload: config unchanged sha256={sha}");
             }
             return;
         }
@@ -339,14 +394,12 @@ impl Loop {
             &diff.ports_added,
             &diff.ports_removed,
         ) {
-            crate::error!("reload rejected: {e}; keeping the running config");
-            self.published.rejected();
-            self.watch.rejected();
+            self.reject(&format!("{e}; "), &sha);
             return;
         }
         self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
         self.checker.set(self.routes.backends());
-        self.published.reloaded(Arc::clone(&self.routes));
+        self.published.reloaded(Arc::clone(&self.routes), &sha);
         self.config = new;
         if !diff.ports_removed.is_empty() {
             let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();
@@ -362,9 +415,20 @@ impl Loop {
             }
         }
         crate::info!(
-            "reload ok: {diff} took={:.3}ms",
+            "reload ok: {diff} took={:.3}ms sha256={sha}",
             began.elapsed().as_secs_f64() * 1000.0
         );
+    }
+
+    /// A reload of the file hashing to `sha` failed (for `why`, or for reasons already
+    /// logged): say which file was refused and which one keeps serving.
+    fn reject(&mut self, why: &str, sha: &str) {
+        let running = self.published.config_hashes().running;
+        crate::error!(
+            "reload rejected: {why}keeping the running config; rejected sha256={sha} running={running}"
+        );
+        self.published.rejected(Some(sha));
+        self.watch.rejected();
     }
 }
 

@@ -13,8 +13,10 @@ use std::time::Duration;
 use mio::net::{TcpListener, UnixStream};
 use mio::{Interest, Poll, Token, Waker};
 
+use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
+use crate::backends::routing::UnroutedCounts;
 use crate::bpf::listener::{SetupError, Steered};
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
@@ -25,7 +27,7 @@ use crate::frontend::simple::PerPort;
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, WAKE};
 use crate::frontend::watch::Watch;
 use crate::ops::caps::{Cap, CapsError};
-use crate::ops::metrics::{self, Published, Sources};
+use crate::ops::metrics::{self, Endpoint, Published, Sources};
 use crate::ops::upgrade::{Exec, ReadyPipe};
 use crate::relay::conns::Conns;
 use crate::relay::park::Lot;
@@ -33,8 +35,10 @@ use crate::relay::pool::Pool;
 use crate::relay::session::{self, Context, Task};
 use crate::relay::slots::Slots;
 
-/// Descriptors kept aside for listeners, the config file, the poll and pipes.
-const FD_RESERVE: u64 = 64;
+/// Descriptors kept aside for what is not counted elsewhere: the standard streams, the config
+/// file, the poll and its waker, the signal and log pipes, bpf maps, an upgrade's pipe, a
+/// resolver's socket. (Listeners, health checks and the metrics endpoint are counted apart.)
+const FD_RESERVE: u64 = 32;
 
 /// Why the proxy could not start. `main` prints it and exits 1.
 #[derive(Debug)]
@@ -107,32 +111,10 @@ pub struct Handed {
 /// config is known to be valid, so nothing is set up for a config that will be refused.
 /// `handed` is what a previous process handed over if this one was started by an upgrade.
 pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunError> {
-    // Stat before loading: a change written while we start shows as a change at the first
-    // tick instead of being taken for what we loaded.
-    let loaded_sig = Watch::stat(&settings.config);
-    let loaded = std::fs::read(&settings.config).map_err(|e| {
-        StartError::Config(ConfigError {
-            path: settings.config.clone(),
-            problems: vec![crate::config::Problem::Io(e.to_string())],
-        })
-    })?;
-    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let (config, watch, config_sha256) = load(&settings)?;
     let adopted = handed.listeners.len();
     let mut source = port_source(&mode, handed.listeners)?;
-
-    let mut poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
-    let waker = Waker::new(poll.registry(), WAKE)
-        .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
-    let signals = SignalPipes {
-        hup: signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?,
-        stop: signal_pipe(
-            &poll,
-            STOP_PIPE,
-            &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
-        )?,
-        upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
-    };
-
+    let (mut poll, waker, signals) = event_loop_parts()?;
     let ports: Vec<u16> = config.ports().collect();
     source
         .apply(poll.registry(), &config, &ports, &[])
@@ -141,74 +123,34 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
-    let (max_connections, fd_limit) =
-        fit_fd_limit(settings.max_connections, source.listeners() as u64);
+    let (max_connections, fds) = fit_fd_limit(
+        settings.max_connections,
+        source.listeners() as u64,
+        settings.metrics.is_some(),
+    );
 
     let routes = Arc::new(Routes::new(&config, None));
     let slots = Arc::new(Slots::new(max_connections, waker));
-    let published = Arc::new(Published::new(Arc::clone(&routes)));
+    let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
-    let mut metrics_endpoint = None;
-    if let Some(addr) = settings.metrics {
-        let inherited = handed
-            .metrics
-            .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
-        let sources = Sources {
-            published: Arc::clone(&published),
-            slots: Arc::clone(&slots),
-            lookups: source.lookup_stats(),
-        };
-        let endpoint =
-            metrics::start(addr, inherited, sources).map_err(|e| StartError::Metrics(addr, e))?;
-        metrics_endpoint = Some(endpoint);
-    }
-    let max_threads = settings
-        .max_threads
-        .unwrap_or(max_connections)
-        .min(max_connections);
-    let lot = Lot::start().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
-    let pool = {
-        let cx = Context {
-            settings: settings.clone(),
-            conns: Arc::clone(&conns),
-            slots: Arc::clone(&slots),
-            lot: Arc::clone(&lot),
-        };
-        Pool::new(max_threads, move |task, turn| session::run(task, &cx, turn))
+    let sources = || Sources {
+        published: Arc::clone(&published),
+        slots: Arc::clone(&slots),
+        lookups: source.lookup_stats(),
     };
-    {
-        let pool = pool.clone();
-        lot.set_resume(move |session| {
-            if let Err((_, e)) = pool.submit(Task::Resume(session)) {
-                // Only when no relay thread is alive and none can be started: the connection
-                // is dropped (closed) with its session; its slot stays taken.
-                crate::error!("cannot resume a parked connection: {e}; closed");
-            }
-        });
-    }
-
+    let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
+    let pool = relay_pool(&settings, &conns, &slots, &published.unrouted)?;
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
-    crate::info!(
-        "started mode={} config={} {} max_connections={max_connections} max_threads={max_threads} fd_limit={fd_limit} pid={}",
-        mode.name(),
-        settings.config.display(),
-        config.summary(),
-        std::process::id()
+    announce(
+        &mode,
+        &settings,
+        &config,
+        &config_sha256,
+        max_connections,
+        &fds,
     );
-    if let Some(path) = &settings.pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            crate::error!("--pid-file {}: cannot write: {e}", path.display());
-        }
-    }
-    // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
-    // this from the old process instead (see lifecycle's upgrade_progress).
-    if let Err(e) =
-        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
-    {
-        crate::warn!("cannot notify systemd of readiness: {e}");
-    }
     if let Some(ready) = handed.ready {
         crate::info!(
             "upgrade: serving with {adopted} listeners taken over from the previous process"
@@ -216,9 +158,9 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         ready.signal();
     }
 
+    let clients = (settings.max_connections_per_client > 0)
+        .then(|| ClientCounts::new(settings.max_connections_per_client));
     let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
-    let mut watch = Watch::new();
-    watch.seen(loaded_sig, loaded);
     let mut lp = Loop {
         settings,
         config,
@@ -228,6 +170,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         checker,
         pool,
         slots,
+        clients,
         conns,
         published,
         lifecycle,
@@ -242,6 +185,134 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         remove_pid_file(&lp.settings);
     }
     result.map_err(RunError::EventLoop)
+}
+
+/// Read and validate the config file, and start watching it.
+/// The config, the watch that has seen it, and the SHA-256 of the file's bytes: its identity
+/// as a fleet sees it (`sha256sum` of the file, or of the value in etcd).
+fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(&settings.config);
+    let loaded = std::fs::read(&settings.config).map_err(|e| {
+        StartError::Config(ConfigError {
+            path: settings.config.clone(),
+            problems: vec![crate::config::Problem::Io(e.to_string())],
+        })
+    })?;
+    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let sha256 = crate::config::sha256::hex(&loaded);
+    let mut watch = Watch::new();
+    watch.seen(loaded_sig, loaded);
+    Ok((config, watch, sha256))
+}
+
+/// The poll, the waker relay threads wake it with, and the signals' self-pipes.
+fn event_loop_parts() -> Result<(Poll, Waker, SignalPipes), StartError> {
+    let poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
+    let waker = Waker::new(poll.registry(), WAKE)
+        .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
+    let signals = SignalPipes {
+        hup: signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?,
+        stop: signal_pipe(
+            &poll,
+            STOP_PIPE,
+            &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
+        )?,
+        upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
+    };
+    Ok((poll, waker, signals))
+}
+
+/// Serve --metrics, on the socket a previous process handed over if it is the same address.
+/// `sources` is asked for only then (reading bpf's counters may fail, and says so).
+fn start_metrics(
+    settings: &Settings,
+    handed: Option<std::net::TcpListener>,
+    sources: impl FnOnce() -> Sources,
+) -> Result<Option<Endpoint>, StartError> {
+    let Some(addr) = settings.metrics else {
+        return Ok(None);
+    };
+    let inherited = handed.filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+    metrics::start(addr, inherited, sources())
+        .map(Some)
+        .map_err(|e| StartError::Metrics(addr, e))
+}
+
+/// The relay threads, at most `--max-threads` (default: the connection bound), and the parking
+/// lot where idle connections wait without one and from which they come back to the pool.
+fn relay_pool(
+    settings: &Settings,
+    conns: &Arc<Conns>,
+    slots: &Arc<Slots>,
+    unrouted: &Arc<UnroutedCounts>,
+) -> Result<Pool<Task>, StartError> {
+    let lot = Lot::start().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
+    let cx = Context {
+        settings: settings.clone(),
+        conns: Arc::clone(conns),
+        unrouted: Arc::clone(unrouted),
+        slots: Arc::clone(slots),
+        lot: Arc::clone(&lot),
+    };
+    let pool = Pool::new(max_threads(settings, slots.max()), move |task, turn| {
+        session::run(task, &cx, turn)
+    });
+    let resume = pool.clone();
+    lot.set_resume(move |session| {
+        if let Err((_, e)) = resume.submit(Task::Resume(session)) {
+            // Only when no relay thread is alive and none can be started: the connection is
+            // dropped (closed) with its session; its slot stays taken.
+            crate::error!("cannot resume a parked connection: {e}; closed");
+        }
+    });
+    Ok(pool)
+}
+
+/// The relay thread bound: `--max-threads`, or the connection bound, the most connections that
+/// could ever be busy at once (so nothing changes for whoever sets neither); never above it.
+fn max_threads(settings: &Settings, max_connections: usize) -> usize {
+    settings
+        .max_threads
+        .unwrap_or(max_connections)
+        .min(max_connections)
+}
+
+/// Say that the proxy serves: in the log, in the pid file, and to systemd.
+fn announce(
+    mode: &Mode,
+    settings: &Settings,
+    config: &Config,
+    sha256: &str,
+    max_connections: usize,
+    fds: &FdBudget,
+) {
+    crate::info!(
+        "started mode={} config={} {} max_connections={max_connections}{} max_threads={} {fds} health_checks_in_flight={} pid={} sha256={sha256}",
+        mode.name(),
+        settings.config.display(),
+        config.summary(),
+        match settings.max_connections_per_client {
+            0 => String::new(),
+            n => format!(" max_connections_per_client={n}"),
+        },
+        max_threads(settings, max_connections),
+        crate::backends::health::MAX_IN_FLIGHT,
+        std::process::id()
+    );
+    if let Some(path) = &settings.pid_file {
+        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
+            crate::error!("--pid-file {}: cannot write: {e}", path.display());
+        }
+    }
+    // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
+    // this from the old process instead (see lifecycle's upgrade_progress).
+    if let Err(e) =
+        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    {
+        crate::warn!("cannot notify systemd of readiness: {e}");
+    }
 }
 
 /// On the way out, remove the pid file if it still names this process (after a hand-over it
@@ -304,17 +375,43 @@ fn capabilities_kept(mode: &Mode, settings: &Settings) -> Vec<Cap> {
     keep
 }
 
+/// The open-file limit and what is set aside from it before connections get their two
+/// descriptors each; the start-up line shows it.
+struct FdBudget {
+    /// The soft limit in force (after raising it), None if it could not be read.
+    limit: Option<u64>,
+    /// Listeners, health checks, the metrics endpoint and `FD_RESERVE`.
+    reserved: u64,
+}
+
+impl fmt::Display for FdBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.limit {
+            Some(l) => write!(f, "fd_limit={l} fd_reserved={}", self.reserved),
+            None => write!(f, "fd_limit=unknown fd_reserved={}", self.reserved),
+        }
+    }
+}
+
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
-/// descriptors per connection (client and backend) would not fit, saying so with the numbers.
-/// Returns the bound and the open-file limit behind it.
-fn fit_fd_limit(max_connections: usize, listeners: u64) -> (usize, u64) {
+/// descriptors per connection (client and backend) would not fit beside what is reserved:
+/// the listeners, the health checker's connects (`health::FDS`), the metrics endpoint's
+/// connections (`metrics::FDS`, with `--metrics`) and `FD_RESERVE`. Says so with the numbers.
+fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize, FdBudget) {
+    let health_fds = crate::backends::health::FDS;
+    let metrics_fds = if metrics { metrics::FDS } else { 0 };
+    let reserved = FD_RESERVE + listeners + health_fds + metrics_fds;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit fills the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return (max_connections, 0);
+        let budget = FdBudget {
+            limit: None,
+            reserved,
+        };
+        return (max_connections, budget);
     }
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
@@ -326,7 +423,11 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> (usize, u64) {
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    let available = lim.rlim_cur.saturating_sub(FD_RESERVE + listeners);
+    let budget = FdBudget {
+        limit: Some(lim.rlim_cur),
+        reserved,
+    };
+    let available = lim.rlim_cur.saturating_sub(reserved);
     let fits = (available / 2) as usize;
     // Whatever the connections leave over is what the relay may spend on kernel pipes; past
     // that it copies through a buffer instead of failing a socket with EMFILE.
@@ -334,13 +435,13 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> (usize, u64) {
     crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
     if max_connections > fits {
         crate::warn!(
-            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({} listeners, {FD_RESERVE} reserved): lowering the bound to {fits}",
-            max_connections as u64 * 2 + FD_RESERVE + listeners,
+            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",
+            max_connections as u64 * 2 + reserved,
             lim.rlim_cur,
-            listeners
+            fits.max(1)
         );
-        (fits.max(1), lim.rlim_cur)
+        (fits.max(1), budget)
     } else {
-        (max_connections, lim.rlim_cur)
+        (max_connections, budget)
     }
 }

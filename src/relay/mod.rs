@@ -3,9 +3,11 @@
 //! (`pool`), where idle connections wait without a thread (`park`), the connection bound
 //! (`slots`), and the table of open connections that drains close (`conns`).
 
+pub mod client_hello;
 pub mod conns;
 pub mod park;
 pub mod pool;
+pub mod preread;
 pub mod session;
 pub mod slots;
 pub mod transfer;

@@ -12,18 +12,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use std::io::Write;
+use std::io::{self, Write};
 
 use crate::backends::backend::ActiveGuard;
 use crate::backends::balance;
+use crate::backends::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{AppRoute, LimitGuard};
+use crate::backends::routing::{AppRoute, Binding, LimitGuard, Unrouted, UnroutedCounts};
 use crate::cli::Settings;
-use crate::net;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::{Conns, Registered};
 use crate::relay::park::Lot;
 use crate::relay::pool::Turn;
+use crate::relay::preread::{self, Hello};
 use crate::relay::slots::Slots;
 use crate::relay::transfer::{Counters, Pause, Relay};
 
@@ -31,9 +32,73 @@ use crate::relay::transfer::{Counters, Pause, Relay};
 pub struct Job {
     pub client: TcpStream,
     pub peer: SocketAddr,
-    pub port: u16,
-    pub app: Arc<AppRoute>,
+    /// The address and port the client dialled (canonical: IPv4 as IPv4).
+    pub local: SocketAddr,
+    /// The apps on that address and port; the relay thread picks one.
+    pub binding: Arc<Binding>,
     pub accepted: Instant,
+    /// The client's counts under the per-client limits in force, given back as the
+    /// connection ends, however it ends.
+    pub client_slots: ClientSlots,
+}
+
+/// A connection's place under `--max-connections-per-client` and its app's
+/// `MaxConnectionsPerClient` (either may be absent).
+#[derive(Debug, Default)]
+pub struct ClientSlots {
+    _global: Option<ClientSlot>,
+    _app: Option<ClientSlot>,
+    /// The app's limit has been checked (it may have none).
+    app_checked: bool,
+}
+
+impl ClientSlots {
+    /// Count a new connection from `peer` under the global limit and, when the app is known at
+    /// accept, under `app`'s. Err names the limit already reached for this client and its
+    /// value (nothing stays counted then). Where the app is only known once the server name
+    /// is read, `take_app` counts it then.
+    pub fn take(
+        global: Option<&Arc<ClientCounts>>,
+        app: Option<&AppRoute>,
+        peer: SocketAddr,
+    ) -> Result<ClientSlots, (&'static str, usize)> {
+        let key = ClientKey::of(peer.ip());
+        let global = match global {
+            Some(c) => Some(
+                c.acquire(key)
+                    .ok_or(("--max-connections-per-client", c.limit()))?,
+            ),
+            None => None,
+        };
+        let mut slots = ClientSlots {
+            _global: global,
+            _app: None,
+            app_checked: false,
+        };
+        if let Some(app) = app {
+            slots.take_app(app, peer)?;
+        }
+        Ok(slots)
+    }
+
+    /// Count the connection under `app`'s `MaxConnectionsPerClient`, once.
+    pub fn take_app(
+        &mut self,
+        app: &AppRoute,
+        peer: SocketAddr,
+    ) -> Result<(), (&'static str, usize)> {
+        if self.app_checked {
+            return Ok(());
+        }
+        if let Some(c) = &app.per_client {
+            let slot = c
+                .acquire(ClientKey::of(peer.ip()))
+                .ok_or(("the app's MaxConnectionsPerClient", c.limit()))?;
+            self._app = Some(slot);
+        }
+        self.app_checked = true;
+        Ok(())
+    }
 }
 
 /// What a relay thread is given to run.
@@ -50,6 +115,8 @@ pub enum Task {
 pub struct Context {
     pub settings: Settings,
     pub conns: Arc<Conns>,
+    /// Connections no app took, by port and reason.
+    pub unrouted: Arc<UnroutedCounts>,
     pub slots: Arc<Slots>,
     pub lot: Arc<Lot<Box<Session>>>,
 }
@@ -61,11 +128,17 @@ pub struct Session {
     client_addr: String,
     port: u16,
     accepted: Instant,
+    sni: Option<String>,
+    /// Given back as the connection ends, before its log line: a client that saw it end may
+    /// open another at once.
+    client_slots: Option<ClientSlots>,
     /// The app's MaxConnections slot, if it has the bound.
     _limit: Option<LimitGuard>,
     /// Counts the connection on its target (least-connections) and carries its byte counters.
     target: ActiveGuard,
     target_name: String,
+    /// Bytes read for the server name and sent before relaying began.
+    first_bytes: u64,
     relay: Relay,
 }
 
@@ -73,7 +146,14 @@ pub struct Session {
 /// others wait) gives the thread up: then it is returned, to be continued after them.
 pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
     let session = match task {
-        Task::New(job) => start(job, cx)?,
+        Task::New(job) => match start(job, cx) {
+            Some(s) => s,
+            None => {
+                // Ended before relaying (logged; its sockets closed): its slot is free.
+                cx.slots.release();
+                return None;
+            }
+        },
         Task::Resume(s) => s,
     };
     relay(session, cx, turn)
@@ -86,7 +166,7 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
             // A Session is only made once the backend is set (see `start`).
             unreachable!("a session without its backend socket");
         };
-        let bytes = &s.target.backend();
+        let bytes = s.target.backend();
         let counters = Counters {
             up: &bytes.bytes_up,
             down: &bytes.bytes_down,
@@ -110,16 +190,25 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
                     client_addr,
                     port,
                     accepted,
+                    sni,
+                    client_slots,
                     target_name,
+                    first_bytes,
                     ..
                 } = *s;
-                let conn = Conn {
-                    app: &app,
-                    client: &client_addr,
+                drop(client_slots);
+                app.stats.active.fetch_sub(1, Ordering::Relaxed);
+                log_conn(
+                    &app.name,
+                    &client_addr,
                     port,
+                    &target_name,
+                    (up + first_bytes, down),
                     accepted,
-                };
-                conn.log(&target_name, up, down, how, None);
+                    how,
+                    None,
+                    sni.as_deref(),
+                );
                 drop(reg);
                 cx.slots.release();
                 return None;
@@ -145,88 +234,234 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
     }
 }
 
-/// What a connection's log line says about it besides how it ended.
-struct Conn<'a> {
-    app: &'a AppRoute,
-    client: &'a str,
+/// Write a connection's access-log line: a warning when `reason` says why it was refused or
+/// failed.
+#[allow(clippy::too_many_arguments)]
+fn log_conn(
+    app: &str,
+    client: &str,
     port: u16,
+    target: &str,
+    (up, down): (u64, u64),
     accepted: Instant,
+    end: &str,
+    reason: Option<&str>,
+    sni: Option<&str>,
+) {
+    let level = if reason.is_some() {
+        Level::Warn
+    } else {
+        Level::Info
+    };
+    let mut fields = vec![
+        ("app", Field::Str(app)),
+        ("client", Field::Str(client)),
+        ("port", Field::Num(u64::from(port))),
+        ("target", Field::Str(target)),
+        ("up", Field::Num(up)),
+        ("down", Field::Num(down)),
+        ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+        ("end", Field::Str(end)),
+    ];
+    if let Some(r) = reason {
+        fields.push(("reason", Field::Str(r)));
+    }
+    if let Some(name) = sni {
+        fields.push(("sni", Field::Str(name)));
+    }
+    log::record(level, "conn", &fields);
 }
 
-impl Conn<'_> {
-    /// Log the connection's end and stop counting it as active on its app.
-    fn log(&self, target: &str, up: u64, down: u64, end: &str, reason: Option<String>) {
-        self.app.stats.active.fetch_sub(1, Ordering::Relaxed);
-        let level = if reason.is_some() {
-            Level::Warn
-        } else {
-            Level::Info
+/// A connection closed at accept because its client address already has `limit` connections
+/// open under `which` limit: counted and logged as `end=client_limit`. Called by the listener
+/// loop instead of handing the connection on.
+/// `app` is None where the app is not known yet (it would be picked by the server name).
+pub fn refuse_client_limit(
+    app: Option<&AppRoute>,
+    client: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    reached: (&str, usize),
+) {
+    let accepted = Instant::now();
+    drop(client);
+    client_limited(app, &peer.to_string(), port, accepted, reached, None);
+}
+
+/// Count and log a connection refused by a per-client limit.
+fn client_limited(
+    app: Option<&AppRoute>,
+    client: &str,
+    port: u16,
+    accepted: Instant,
+    (which, limit): (&str, usize),
+    sni: Option<&str>,
+) {
+    if let Some(app) = app {
+        app.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        app.stats.client_limited.fetch_add(1, Ordering::Relaxed);
+    }
+    let reason = format!("the client address has {limit} connections open ({which})");
+    log_conn(
+        app.map_or("-", |a| a.name.as_str()),
+        client,
+        port,
+        "-",
+        (0, 0),
+        accepted,
+        "client_limit",
+        Some(&reason),
+        sni,
+    );
+}
+
+/// The app a connection goes to, and what was read from it to decide.
+struct Choice {
+    app: Result<Arc<AppRoute>, Unrouted>,
+    /// Bytes read for the server name, to be sent to the target first.
+    first_bytes: Vec<u8>,
+    /// The server name as the client sent it, if one was read.
+    sni: Option<String>,
+}
+
+/// Pick the app on `binding`: the only one, or, where Hostnames tell apps apart, by the server
+/// name of the ClientHello read from `client` within `timeout`.
+fn choose(binding: &Binding, client: &TcpStream, timeout: std::time::Duration) -> Choice {
+    if !binding.needs_server_name() {
+        return Choice {
+            app: binding.default_app().cloned().ok_or(Unrouted::NoServerName),
+            first_bytes: Vec::new(),
+            sni: None,
         };
-        let mut fields = vec![
-            ("app", Field::Str(&self.app.name)),
-            ("client", Field::Str(self.client)),
-            ("port", Field::Num(u64::from(self.port))),
-            ("target", Field::Str(target)),
-            ("up", Field::Num(up)),
-            ("down", Field::Num(down)),
-            (
-                "duration",
-                Field::Secs(self.accepted.elapsed().as_secs_f64()),
-            ),
-            ("end", Field::Str(end)),
-        ];
-        if let Some(r) = &reason {
-            fields.push(("reason", Field::Str(r)));
+    }
+    let (hello, first_bytes) = preread::read_hello(client, timeout);
+    let (app, sni) = match hello {
+        Hello::Name { sent, name } => {
+            let app = match &name {
+                Some(n) => binding.for_name(n),
+                // Not a DNS name: no configured hostname can match it.
+                None => binding.without_name(Unrouted::UnknownServerName),
+            };
+            (app, Some(sent))
         }
-        log::record(level, "conn", &fields);
+        Hello::NoName => (binding.without_name(Unrouted::NoServerName), None),
+        Hello::NotTls => (binding.without_name(Unrouted::NotTls), None),
+        Hello::TooLarge => (binding.without_name(Unrouted::TooLarge), None),
+        // Never routed to the default: a client that has not finished its hello has not
+        // asked for anything yet.
+        Hello::Timeout => (Err(Unrouted::PrereadTimeout), None),
+        Hello::Closed => (Err(Unrouted::ClientClosed), None),
+    };
+    Choice {
+        app: app.cloned(),
+        first_bytes,
+        sni,
     }
 }
 
-/// Connect `job` to a backend of its app: the session to relay, or None if it ended here
-/// (logged, its slot given back).
+/// Pick the app of `job` (reading its ClientHello first where apps share the binding by
+/// Hostnames) and connect to a backend of it: the session to relay, or None if it ended here
+/// (logged, its sockets closed; the caller gives its slot back).
 fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
     let Job {
         client,
         peer,
-        port,
-        app,
+        local,
+        binding,
         accepted,
+        mut client_slots,
     } = job;
+    let port = local.port();
+    let client_addr = peer.to_string();
+    // TCP_NODELAY is inherited from the listener (net::listen), and the backend socket comes
+    // non-blocking with it from its connect: no socket option is set here.
+
+    // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
+    // connection even while it waits for its ClientHello or for a slot of its app.
+    let reg = cx.conns.register(port, client, accepted);
+    let entry = Arc::clone(&reg.entry);
+
+    let Choice {
+        app,
+        first_bytes,
+        sni,
+    } = choose(&binding, &entry.client, cx.settings.preread_timeout);
+    let app = match app {
+        Ok(app) => app,
+        Err(why) => {
+            drop(client_slots);
+            let end = if entry.was_drained() {
+                "drained"
+            } else {
+                cx.unrouted.count(port, why);
+                "no_route"
+            };
+            let mut fields = vec![
+                ("app", Field::Str("-")),
+                ("client", Field::Str(&client_addr)),
+                ("port", Field::Num(u64::from(port))),
+                ("target", Field::Str("-")),
+                ("up", Field::Num(0)),
+                ("down", Field::Num(0)),
+                ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+                ("end", Field::Str(end)),
+                ("reason", Field::Str(why.as_str())),
+                ("detail", Field::Str(why.describe())),
+            ];
+            if let Some(name) = &sni {
+                fields.push(("sni", Field::Str(name)));
+            }
+            log::record(Level::Warn, "conn", &fields);
+            return None;
+        }
+    };
+    // The app's per-client limit, where the app was only known now.
+    if let Err(reached) = client_slots.take_app(&app, peer) {
+        drop(client_slots);
+        client_limited(
+            Some(&app),
+            &client_addr,
+            port,
+            accepted,
+            reached,
+            sni.as_deref(),
+        );
+        return None;
+    }
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
-    let client_addr = peer.to_string();
-    let conn = Conn {
-        app: &app,
-        client: &client_addr,
-        port,
-        accepted,
-    };
-    // Ends the connection before it is relayed. The registration (and the sockets) are
-    // dropped by the caller's return, before the slot is given back.
-    let end = |reg: Registered, target: &str, end: &str, reason: Option<String>| {
-        conn.log(target, 0, 0, end, reason);
-        drop(reg);
-        cx.slots.release();
+    // Given back as the connection ends, before its log line: a client that saw it end may
+    // open another at once.
+    let client_slots = std::cell::Cell::new(Some(client_slots));
+    // Ends the connection before it is relayed; its registration (and so its sockets) goes
+    // with the caller's return.
+    let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
+        drop(client_slots.take());
+        stats.active.fetch_sub(1, Ordering::Relaxed);
+        log_conn(
+            &app.name,
+            &client_addr,
+            port,
+            target,
+            (up, down),
+            accepted,
+            end,
+            reason.as_deref(),
+            sni.as_deref(),
+        );
         None
     };
-    // TCP_NODELAY is inherited from the listener (net::listen), and the backend socket comes
-    // non-blocking with it from its connect: no socket option is set here.
-    // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
-    // connection even while it waits for a slot of its app.
-    let reg = cx.conns.register(port, client, accepted);
-    let entry = Arc::clone(&reg.entry);
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
     let limit = match &app.limit {
         None => None,
         Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
-            Some(slot) => Some(slot),
-            None if entry.was_drained() => return end(reg, "-", "drained", None),
-            None => {
+            Ok(slot) => Some(slot),
+            Err(_) if entry.was_drained() => return end("-", 0, 0, "drained", None),
+            Err(denied) => {
                 stats.limited.fetch_add(1, Ordering::Relaxed);
-                let reason = "the app's MaxConnections stayed reached for the connect timeout";
-                return end(reg, "-", "limit", Some(reason.into()));
+                return end("-", 0, 0, "limit", Some(denied.reason().into()));
             }
         },
     };
@@ -234,25 +469,46 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
-            return end(reg, "-", "connect_failed", Some(failed.to_string()));
+            return end("-", 0, 0, "connect_failed", Some(failed.to_string()));
         }
     };
-    let target = guard.backend().target.to_string();
+    let target_state = guard.backend();
+    let target = target_state.target.to_string();
     if let Some(version) = app.proxy_protocol {
-        // A header this small always fits in a fresh socket's send buffer, so this write on the
-        // non-blocking socket cannot come back short.
-        let frontend = entry.client.local_addr().map(net::canonical);
-        let sent =
-            frontend.and_then(|f| (&backend).write_all(&proxy_protocol::header(version, peer, f)));
+        // The destination is what the client dialled: the accepted socket's local address, in
+        // both modes.
+        let header = proxy_protocol::header(version, peer, local);
+        let sent = write_all_within(&backend, &header, cx.settings.connect_timeout);
         if let Err(e) = sent {
-            let reason = format!("sending the PROXY header: {e}");
-            return end(reg, &target, "reset", Some(reason));
+            return end(
+                &target,
+                0,
+                0,
+                "reset",
+                Some(format!("sending the PROXY header: {e}")),
+            );
         }
+    }
+    if !first_bytes.is_empty() {
+        // The bytes read for the server name go first, unchanged: at most MAX_PREREAD bytes to
+        // a fresh connection, which its send buffer takes at once unless the target is broken.
+        if let Err(e) = write_all_within(&backend, &first_bytes, cx.settings.connect_timeout) {
+            return end(
+                &target,
+                0,
+                0,
+                "reset",
+                Some(format!("sending the client's first bytes: {e}")),
+            );
+        }
+        target_state
+            .bytes_up
+            .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
     }
     entry.backend.get_or_init(|| backend);
     if entry.was_drained() {
         // Cut while we were connecting: do not start relaying.
-        return end(reg, &target, "drained", None);
+        return end(&target, 0, 0, "drained", None);
     }
     Some(Box::new(Session {
         reg,
@@ -260,9 +516,41 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
         client_addr,
         port,
         accepted,
+        sni,
+        client_slots: client_slots.take(),
         _limit: limit,
         target: guard,
         target_name: target,
+        first_bytes: first_bytes.len() as u64,
         relay: Relay::new(),
     }))
+}
+
+/// Write all of `buf` to the non-blocking `s` before relaying starts (a PROXY header, the bytes
+/// read for the server name), waiting for room at most `timeout` in all.
+fn write_all_within(s: &TcpStream, mut buf: &[u8], timeout: std::time::Duration) -> io::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !buf.is_empty() {
+        match (&*s).write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                let mut pfd = libc::pollfd {
+                    fd: s.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
