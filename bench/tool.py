@@ -635,9 +635,13 @@ def cmd_report(a):
         "2-core machine: p99 depends on scheduling more than on the proxy and moves more from "
         "run to run than the other figures (see every round below).")
     cav.append(
-        "**flyproxy** runs a thread per open connection (no worker count to set); HAProxy "
-        "runs 2 threads and nginx 2 worker processes. The memory figure includes flyproxy's "
-        "per-connection thread (stack pages touched) and buffers.")
+        "**flyproxy** runs a relay thread per busy connection (no worker count to set; "
+        "`--max-threads` left at its default except in the 64-stream case); a connection idle "
+        "for 250 ms parks in an event loop without a thread, buffer or pipe, so the memory "
+        "figure is its two sockets and its parked state. HAProxy runs 2 threads and nginx 2 "
+        "worker processes. The system memory figure is the drop in MemAvailable for the whole "
+        "machine, which other processes' allocations move by as much as the figure itself on a "
+        "shared machine: compare it with *direct* in the same run, and across rounds.")
     fg = [(r["value"], r["round"], r["config"]) for r in records
           if r["metric"] == "foreign_cpu_pct"]
     if fg:

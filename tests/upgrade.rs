@@ -1047,6 +1047,65 @@ fn failed_upgrade_leaves_the_old_process_serving() {
     eprintln!("failed upgrade: short connections: {}", tally.summary());
 }
 
+/// Connections parked on the old process (idle, holding no thread: issue 14) stay with it
+/// through an upgrade: after the hand-over each carries on both ways when used again, the new
+/// process serves new connections meanwhile, and the old one exits 0 once the parked ones
+/// closed, logging each as `closed` with every byte counted.
+#[test]
+fn parked_connections_on_the_old_process_carry_on_after_an_upgrade() {
+    const PARKED: usize = 20;
+    become_subreaper();
+    let bin = Binary::new();
+    let backend = Backend::echo();
+    let (mut proxy, pid_file) = start_simple(&bin, 1, &backend, &[]);
+    let _family = bin.family(proxy.pid);
+    let first = proxy.pid;
+    let mut parked: Vec<TcpStream> = (0..PARKED)
+        .map(|i| {
+            let mut s = common::connect(proxy.v4(0));
+            common::roundtrip(&mut s, format!("hello {i}\n").as_bytes());
+            s
+        })
+        .collect();
+    // Parked: the relay threads that served them are gone (a thread each would be 20 more).
+    wait_for("the connections to park", WAIT, || {
+        (common::threads_of(first) < PARKED as u64).then_some(())
+    });
+
+    let new = upgrade(&proxy, &pid_file, &bin.path, 1);
+    let mut fresh = common::connect(proxy.v4(0));
+    common::roundtrip(&mut fresh, b"served after the upgrade\n");
+    for (i, s) in parked.iter_mut().enumerate() {
+        common::roundtrip(s, format!("after the upgrade {i}\n").as_bytes());
+    }
+    assert!(
+        proxy.try_status().is_none(),
+        "the old process exited with its parked connections open"
+    );
+    let locals: Vec<SocketAddr> = parked.iter().map(|s| s.local_addr().unwrap()).collect();
+    drop(parked);
+    let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
+    assert!(status.success(), "{status}");
+    for (i, local) in locals.into_iter().enumerate() {
+        let c = proxy.wait_conn(local);
+        let bytes = format!("hello {i}\nafter the upgrade {i}\n").len() as u64;
+        assert_eq!(
+            (c.end.as_str(), c.up, c.down),
+            ("closed", bytes, bytes),
+            "{}",
+            c.line
+        );
+    }
+
+    drop(fresh);
+    signal(new, libc::SIGTERM);
+    let mut reaped = Reaped::default();
+    wait_for("the new process to exit", WAIT, || {
+        reaped.gone(new).then_some(())
+    });
+    reaped.assert_all_exited_0();
+}
+
 /// `flyproxy upgrade --pid-file PATH` signals the process named there, which upgrades.
 #[test]
 fn upgrade_command_signals_the_pid_in_the_pid_file() {
