@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 
 use crate::config::{Balance, HealthCheck, Target};
+use crate::loops::Frontends;
 use crate::routing::AppRoute;
 
 /// A target of one app and what the proxy knows of it. Kept across reloads while the app keeps
@@ -144,6 +145,8 @@ pub enum ConnectError {
     Timeout,
     /// Anything else (unreachable network, no route, ...).
     Other(io::Error),
+    /// Every address the target resolved to is this proxy's own frontend (see `loops`).
+    Loop(SocketAddr),
 }
 
 impl fmt::Display for ConnectError {
@@ -153,15 +156,19 @@ impl fmt::Display for ConnectError {
             ConnectError::Refused => write!(f, "connection refused"),
             ConnectError::Timeout => write!(f, "no answer within the connect timeout"),
             ConnectError::Other(e) => write!(f, "{e}"),
+            ConnectError::Loop(a) => write!(
+                f,
+                "resolves to {a}, this proxy's own frontend: not connected, it would loop"
+            ),
         }
     }
 }
 
 impl ConnectError {
     /// How many kinds there are, and their labels by `index`.
-    pub const KINDS: usize = 4;
+    pub const KINDS: usize = 5;
     pub const REASONS: [&'static str; ConnectError::KINDS] =
-        ["unresolvable", "refused", "timeout", "error"];
+        ["unresolvable", "refused", "timeout", "error", "loop"];
 
     pub fn index(&self) -> usize {
         match self {
@@ -169,6 +176,7 @@ impl ConnectError {
             ConnectError::Refused => 1,
             ConnectError::Timeout => 2,
             ConnectError::Other(_) => 3,
+            ConnectError::Loop(_) => 4,
         }
     }
 
@@ -202,6 +210,18 @@ impl fmt::Display for AllFailed {
             write!(f, "{}: {e}", b.target)?;
         }
         Ok(())
+    }
+}
+
+impl AllFailed {
+    /// The first target tried, if every failure was a loop (the target is this proxy).
+    pub fn only_loops(&self) -> Option<&Target> {
+        let all = !self.0.is_empty()
+            && self
+                .0
+                .iter()
+                .all(|(_, e)| matches!(e, ConnectError::Loop(_)));
+        all.then(|| &self.0[0].0.target)
     }
 }
 
@@ -245,7 +265,7 @@ pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGu
         let backend = &app.backends[i];
         // Count it before connecting, so concurrent picks (p2c) see the load it is about to add.
         let guard = ActiveGuard::new(Arc::clone(backend));
-        match connect_one(&backend.target, timeout) {
+        match connect_one(&backend.target, timeout, &app.own) {
             Ok(stream) => {
                 backend.connect_succeeded();
                 return Ok((stream, guard));
@@ -260,12 +280,21 @@ pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGu
 }
 
 /// Resolve `target` now and connect to the first of its addresses that answers within the
-/// time left of `timeout`.
-pub fn connect_one(target: &Target, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// time left of `timeout`. An address that is one of `own` (this proxy's frontends) is never
+/// connected to: that connection would come straight back to us.
+pub fn connect_one(
+    target: &Target,
+    timeout: Duration,
+    own: &Frontends,
+) -> Result<TcpStream, ConnectError> {
     let deadline = Instant::now() + timeout;
     let addrs = resolve(target)?;
     let mut last = ConnectError::Timeout;
     for addr in addrs {
+        if own.is_own(addr) {
+            last = ConnectError::Loop(addr);
+            continue;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(ConnectError::Timeout);

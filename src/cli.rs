@@ -32,6 +32,10 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Where to write our pid once serving (and remove it at exit).
     pub pid_file: Option<PathBuf>,
+    /// Run as this user (a name or uid) once set up; None: stay who we were started as.
+    pub user: Option<String>,
+    /// With `user`: run as this group (default: the user's primary group).
+    pub group: Option<String>,
 }
 
 impl Default for Settings {
@@ -47,6 +51,8 @@ impl Default for Settings {
             log_format: Format::Text,
             metrics: None,
             pid_file: None,
+            user: None,
+            group: None,
         }
     }
 }
@@ -129,6 +135,8 @@ macro_rules! run_options {
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
                              e.g. 127.0.0.1:9100 (default: off)
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
+      --user USER            once set up, run as USER (a name or uid; needs root)
+      --group GROUP          with --user: run as GROUP (default: USER's primary group)
   -h, --help                 print this help
   -V, --version              print the version
 
@@ -292,6 +300,20 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             "--pid-file" if runs || name == "upgrade" => {
                 s.pid_file = Some(PathBuf::from(value("a file path")?));
             }
+            "--user" if runs => {
+                let v = value("a user name or uid")?;
+                if v.is_empty() {
+                    return Err(usage(cmd, "--user: needs a user name or uid"));
+                }
+                s.user = Some(v);
+            }
+            "--group" if runs => {
+                let v = value("a group name or gid")?;
+                if v.is_empty() {
+                    return Err(usage(cmd, "--group: needs a group name or gid"));
+                }
+                s.group = Some(v);
+            }
             "--log-format" if runs => {
                 let v = value("text or json")?;
                 s.log_format = Format::parse(&v).ok_or_else(|| {
@@ -350,6 +372,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             }
             other => return Err(usage(cmd, &format!("unexpected argument '{other}'"))),
         }
+    }
+    if s.group.is_some() && s.user.is_none() {
+        return Err(usage(cmd, "--group needs --user (the user to run as)"));
     }
     Ok(match mode {
         Some(m) => Command::Run(m, s),

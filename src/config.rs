@@ -144,6 +144,10 @@ impl fmt::Display for Target {
 pub enum Problem {
     /// The file could not be read.
     Io(String),
+    /// The path names something other than a regular file (a directory, a FIFO, a device).
+    NotAFile(&'static str),
+    /// The file is larger than `MAX_FILE_BYTES`.
+    TooLarge,
     /// The file is not JSON of the expected shape (serde's message carries line and column).
     Syntax(String),
     /// The top-level `Apps` key is missing.
@@ -154,6 +158,8 @@ pub enum Problem {
     Missing { app: String, field: &'static str },
     /// Two apps share a name.
     DuplicateApp { name: String },
+    /// A name that is not 1-64 characters of letters, digits, `.`, `_` and `-`.
+    BadName { name: String },
     /// A port outside 1..=65535.
     PortOutOfRange { app: String, port: i64 },
     /// A port listed twice, within one app (`first` is None) or across two.
@@ -167,6 +173,13 @@ pub enum Problem {
         app: String,
         target: String,
         why: &'static str,
+    },
+    /// A target that is the proxy's own frontend: a local address (or `localhost`) on one of
+    /// its ports (see `loops`).
+    Loop {
+        app: String,
+        target: String,
+        port: u16,
     },
     /// An optional setting with a value outside what it takes.
     BadValue {
@@ -183,6 +196,15 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Io(e) => write!(f, "cannot read: {e}"),
+            Problem::NotAFile(kind) => write!(
+                f,
+                "cannot read: it is {kind}, not a regular file"
+            ),
+            Problem::TooLarge => write!(
+                f,
+                "larger than {} MiB: not read (a config file is at most that)",
+                MAX_FILE_BYTES >> 20
+            ),
             Problem::Syntax(e) => write!(f, "not a valid config: {e}"),
             Problem::MissingApps => write!(f, "missing key \"Apps\" (a list of apps)"),
             Problem::UnknownKey { app: None, key } => {
@@ -211,6 +233,10 @@ impl fmt::Display for Problem {
             Problem::DuplicateApp { name } => {
                 write!(f, "app {name:?}: Name: used by more than one app")
             }
+            Problem::BadName { name } => write!(
+                f,
+                "app {name:?}: Name: must be 1-{NAME_MAX} characters, each a letter, a digit, '.', '_' or '-'"
+            ),
             Problem::PortOutOfRange { app, port } => {
                 write!(f, "app {app:?}: Ports: {port} is not a port (1-65535)")
             }
@@ -232,6 +258,10 @@ impl fmt::Display for Problem {
             Problem::BadTarget { app, target, why } => {
                 write!(f, "app {app:?}: Targets: {target:?} {why}")
             }
+            Problem::Loop { app, target, port } => write!(
+                f,
+                "app {app:?}: Targets: {target:?} is this proxy's own frontend (port {port} on a local address): connections to it would loop back into the proxy"
+            ),
             Problem::BadValue {
                 app,
                 field,
@@ -270,12 +300,60 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The most of a config file that is read. A 10,000-port config is about 100 KiB; the cap is
+/// far above any real file and stops a path that points at something endless (`/dev/zero`,
+/// a file still growing) from growing the read without bound.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Read the config file at `path` without ever blocking: opened with `O_NONBLOCK|O_NOCTTY` (a
+/// FIFO or a terminal at the path cannot stall the caller, which is the event loop on reload),
+/// checked with `fstat` to be a regular file once open (so what is read is what was checked),
+/// and read up to `MAX_FILE_BYTES`.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, Problem> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Problem::Io(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| Problem::Io(e.to_string()))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        return Err(Problem::NotAFile(if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        }));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Problem::TooLarge);
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte past the cap tells a file that grew since the fstat from one that did not.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Problem::Io(e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Problem::TooLarge);
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Read and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|e| ConfigError {
+        let bytes = read_file(path).map_err(|p| ConfigError {
             path: path.to_owned(),
-            problems: vec![Problem::Io(e.to_string())],
+            problems: vec![p],
         })?;
         Config::parse(path, &bytes)
     }
@@ -311,7 +389,12 @@ impl Config {
         for (i, raw_app) in raw_apps.into_iter().enumerate() {
             // An app without a usable name is still checked, under a name that says where it is.
             let name = match raw_app.name {
-                Some(n) if !n.trim().is_empty() => n,
+                Some(n) if !n.trim().is_empty() => {
+                    if !is_valid_name(&n) {
+                        problems.push(Problem::BadName { name: n.clone() });
+                    }
+                    n
+                }
                 _ => {
                     let placeholder = format!("#{}", i + 1);
                     problems.push(Problem::Missing {
@@ -552,6 +635,19 @@ impl Options<'_> {
     }
 }
 
+/// Longest app name accepted.
+pub const NAME_MAX: usize = 64;
+
+/// An app name: 1-64 characters, each an ASCII letter, digit, `.`, `_` or `-`. Names go into
+/// log lines, the status page and metric labels as they are; this keeps them one token that
+/// cannot forge a line, a field or a label.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Parse `host:port`. The host is a DNS name, an IPv4 address, or a bracketed IPv6 address.
 pub fn parse_target(s: &str) -> Result<Target, &'static str> {
     const SHAPE: &str = "is not host:port (e.g. \"backend.internal:7001\" or \"[::1]:7001\")";
@@ -601,6 +697,11 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
         }
         (host, port)
     };
+    // A leading zero is refused rather than read as decimal: `041901` is 41901 to us but
+    // reads as octal to some tools, and a port written two ways hides typos.
+    if port.starts_with('0') {
+        return Err("has a port with a leading zero (write the plain number, 1-65535)");
+    }
     match port.parse::<u16>() {
         Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(Target {
             host: host.to_owned(),
@@ -754,6 +855,8 @@ mod tests {
         assert!(parse_target("host:0").is_err());
         assert!(parse_target("host:+80").is_err());
         assert!(parse_target("host:65536").is_err());
+        assert!(parse_target("host:041901").is_err());
+        assert!(parse_target("host:080").is_err());
         assert!(parse_target("[zz]:80").is_err());
         assert!(parse_target("bad host:80").is_err());
         assert!(parse_target(":80").is_err());
@@ -766,6 +869,35 @@ mod tests {
             assert!(parse_target(legacy).is_err(), "{legacy}");
         }
         assert!(parse_target("10.0.0.5:5432").is_ok());
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "six-thousand", "db_1.prod", &"x".repeat(64)] {
+            assert!(is_valid_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a\nb",
+            "a\0",
+            "tab\there",
+            "é",
+            "a/b",
+            "a=b",
+            &"x".repeat(65),
+        ] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+        let errs = parse(r#"{"Apps":[{"Name":"a\nINFO forged","Ports":[1],"Targets":["h:1"]}]}"#)
+            .unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].contains("Name: must be 1-64 characters"),
+            "{errs:?}"
+        );
+        // Escaped: the problem stays on one line.
+        assert!(!errs[0].contains('\n'), "{errs:?}");
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub enum StartError {
     Os(&'static str, io::Error),
     /// The mode's own set-up failed (bpf: loading or attaching the program).
     Mode(String),
+    /// The --pid-file cannot be written safely.
+    PidFile(crate::pidfile::PidFileError),
+    /// Switching to --user/--group failed.
+    User(crate::user::UserError),
     /// The --metrics address could not be bound.
     Metrics(std::net::SocketAddr, io::Error),
 }
@@ -67,6 +71,8 @@ impl fmt::Display for StartError {
             StartError::Port(e) => write!(f, "cannot listen on {e}"),
             StartError::Os(what, e) => write!(f, "{what}: {e}"),
             StartError::Mode(m) => write!(f, "{m}"),
+            StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
+            StartError::User(e) => write!(f, "--user: {e}"),
             StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
         }
     }
@@ -83,18 +89,9 @@ pub fn run(
     handed: Handed,
     make_source: impl FnOnce() -> Result<Box<dyn PortSource>, StartError>,
 ) -> Result<(), StartError> {
-    // Stat before loading: a change written while we start shows as a change at the first
-    // tick instead of being taken for what we loaded.
-    let loaded_sig = Watch::stat(&settings.config);
-    let loaded = std::fs::read(&settings.config).map_err(|e| {
-        StartError::Config(ConfigError {
-            path: settings.config.clone(),
-            problems: vec![crate::config::Problem::Io(e.to_string())],
-        })
-    })?;
-    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
-    let mut source = make_source()?;
-
+    // Signals first, before anything that can take time (reading and validating a large
+    // config, loading the bpf program, binding thousands of ports): a SIGHUP now is a reload
+    // once serving, a SIGTERM now a clean exit at the next step, and neither kills us.
     let mut poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
     let waker = Waker::new(poll.registry(), WAKE)
         .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
@@ -105,12 +102,47 @@ pub fn run(
         &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
     )?;
     let usr2 = signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?;
+    let run_as = match &settings.user {
+        Some(u) => {
+            Some(crate::user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?)
+        }
+        None => None,
+    };
+
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(&settings.config);
+    let loaded = crate::config::read_file(&settings.config).map_err(|p| {
+        StartError::Config(ConfigError {
+            path: settings.config.clone(),
+            problems: vec![p],
+        })
+    })?;
+    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    check_loops(&settings.config, &config).map_err(StartError::Config)?;
+    if let Some(path) = &settings.pid_file {
+        crate::pidfile::check_dir(path).map_err(StartError::PidFile)?;
+    }
+    if stop_requested(&mut stop) {
+        return stopped_starting();
+    }
+    let mut source = make_source()?;
+    if stop_requested(&mut stop) {
+        return stopped_starting();
+    }
 
     let ports: Vec<u16> = config.ports().collect();
     source
         .apply(poll.registry(), &config, &ports, &[])
         .map_err(StartError::Port)?;
-    drop_capabilities(mode_name, &settings)?;
+    if stop_requested(&mut stop) {
+        return stopped_starting();
+    }
+    let keep = drop_capabilities(mode_name, &settings)?;
+    if let Some(ids) = &run_as {
+        crate::user::switch(ids, &keep).map_err(StartError::User)?;
+        crate::info!("running as {ids}");
+    }
     let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);
 
     let routes = Arc::new(Routes::new(&config, None));
@@ -157,8 +189,8 @@ pub fn run(
         std::process::id()
     );
     if let Some(path) = &settings.pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            crate::error!("--pid-file {}: cannot write: {e}", path.display());
+        if let Err(e) = crate::pidfile::write(path, std::process::id()) {
+            crate::error!("--pid-file {}: {e}", path.display());
         }
     }
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
@@ -198,6 +230,14 @@ pub fn run(
         metrics_socket,
     };
     lp.watch.seen(loaded_sig, loaded);
+    // A SIGHUP that came while we were starting: the file may have changed since we read it.
+    if stop_requested(&mut hup) {
+        crate::info!(
+            "SIGHUP during start-up: reloading {}",
+            lp.settings.config.display()
+        );
+        lp.reload(&poll, true);
+    }
     let result = lp.run(&mut poll, &mut hup, &mut stop);
     lp.remove_pid_file();
     result
@@ -486,18 +526,23 @@ impl Loop {
         // Stat before reading: a write that lands after the read then still shows as a change
         // at the next tick.
         let sig = Watch::stat(&path);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match crate::config::read_file(&path) {
             Ok(b) => b,
-            Err(e) => {
-                crate::error!(
-                    "reload rejected: {}: cannot read: {e}; keeping the running config",
-                    path.display()
-                );
-                self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+            Err(problem) => {
+                // Logged once per distinct error (and on every SIGHUP, which asks): a path left
+                // pointing at a directory must not write a line per tick forever.
+                let message = problem.to_string();
+                if self.watch.unreadable(sig, &message) || forced {
+                    crate::error!(
+                        "reload rejected: {}: {message}; keeping the running config",
+                        path.display()
+                    );
+                    self.shared.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+                }
                 return;
             }
         };
-        let parsed = Config::parse(&path, &bytes);
+        let parsed = Config::parse(&path, &bytes).and_then(|c| check_loops(&path, &c).map(|()| c));
         self.watch.seen(sig, bytes);
         let new = match parsed {
             Ok(c) => c,
@@ -679,10 +724,7 @@ impl Loop {
             return;
         }
         // Only our own: after an upgrade the file names the new process.
-        let ours = format!("{}\n", std::process::id());
-        if std::fs::read_to_string(path).is_ok_and(|c| c == ours) {
-            let _ = std::fs::remove_file(path);
-        }
+        crate::pidfile::remove_if_ours(path, std::process::id());
     }
 
     fn begin_stop(&mut self, poll: &Poll) {
@@ -708,6 +750,8 @@ struct Watch {
     last: Vec<u8>,
     /// The last contents read were refused.
     rejected: bool,
+    /// The last error reading the file, while it stays unreadable.
+    unreadable: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -727,6 +771,7 @@ impl Watch {
             sig: None,
             last: Vec::new(),
             rejected: false,
+            unreadable: None,
         }
     }
 
@@ -745,6 +790,16 @@ impl Watch {
         self.sig = sig;
         self.last = bytes;
         self.rejected = false;
+        self.unreadable = None;
+    }
+
+    /// The file could not be read; true if this error is new (to be logged). The contents
+    /// last read stay, so a file put back as it was is no change.
+    fn unreadable(&mut self, sig: Option<FileSig>, error: &str) -> bool {
+        self.sig = sig;
+        let new = self.unreadable.as_deref() != Some(error);
+        self.unreadable = Some(error.to_owned());
+        new
     }
 
     fn rejected(&mut self) {
@@ -765,7 +820,8 @@ impl Watch {
             .mtime
             .and_then(|m| SystemTime::now().duration_since(m).ok())
             .is_none_or(|age| age < RECENT);
-        (self.rejected || recent) && std::fs::read(path).is_ok_and(|now| now != self.last)
+        (self.rejected || recent)
+            && crate::config::read_file(path).is_ok_and(|now| now != self.last)
     }
 }
 
@@ -792,6 +848,40 @@ fn signal_pipe(poll: &Poll, token: Token, signals: &[i32]) -> Result<UnixStream,
     Ok(read)
 }
 
+/// Drain a signal pipe without waiting; true if a signal had arrived.
+fn stop_requested(pipe: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let mut got = false;
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(_) => got = true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return got,
+        }
+    }
+}
+
+/// A stop signal arrived before we served: what was set up is dropped on return (listeners
+/// closed, the bpf program detached), nothing was announced, and the exit is clean.
+fn stopped_starting() -> Result<(), StartError> {
+    crate::info!("stop signal during start-up: exiting before serving");
+    Ok(())
+}
+
+/// The config's targets that are this proxy's own frontends, as a config error.
+fn check_loops(path: &Path, config: &Config) -> Result<(), ConfigError> {
+    let problems = crate::loops::problems(config);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
 fn drain_pipe(pipe: &mut UnixStream) {
     let mut buf = [0u8; 64];
     loop {
@@ -809,7 +899,10 @@ fn drain_pipe(pipe: &mut UnixStream) {
 /// kernel.unprivileged_bpf_disabled is set) and CAP_NET_ADMIN (an upgrade's new process loads
 /// and attaches its own program); simple mode keeps CAP_NET_BIND_SERVICE (a reload may add a
 /// port below 1024). A process without capabilities (not root) is left as it is.
-fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartError> {
+fn drop_capabilities(
+    mode_name: &str,
+    settings: &Settings,
+) -> Result<Vec<crate::caps::Cap>, StartError> {
     use crate::caps::Cap;
     let mut keep = if mode_name == "bpf" {
         vec![Cap::Bpf, Cap::NetAdmin]
@@ -826,7 +919,7 @@ fn drop_capabilities(mode_name: &str, settings: &Settings) -> Result<(), StartEr
     if let Ok(c) = crate::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
-    Ok(())
+    Ok(keep)
 }
 
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two

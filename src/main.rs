@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use flyproxy::cli::{self, Command, Mode};
-use flyproxy::{bpf, config, error, frontend, log, metrics, ports, upgrade};
+use flyproxy::{bpf, config, error, frontend, log, loops, metrics, pidfile, ports, upgrade};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -50,7 +50,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Check { config } => match config::Config::load(&config) {
+        // The loop check needs no mode: see `loops`.
+        Command::Check { config } => match config::Config::load(&config).and_then(|c| {
+            let problems = loops::problems(&c);
+            if problems.is_empty() {
+                Ok(c)
+            } else {
+                Err(config::ConfigError {
+                    path: config.clone(),
+                    problems,
+                })
+            }
+        }) {
             Ok(c) => {
                 println!("{}: ok: {}", config.display(), c.summary());
                 ExitCode::SUCCESS
@@ -65,7 +76,15 @@ fn main() -> ExitCode {
             log::set_level(settings.log_level);
             log::set_format(settings.log_format);
             // Before any thread starts: this reads and clears the environment.
-            let inherited = upgrade::Inherited::from_env();
+            let inherited = match upgrade::Inherited::from_env() {
+                Ok(i) => i,
+                Err(e) => {
+                    error!("{e}");
+                    error!("exiting with status 1");
+                    log::flush();
+                    return ExitCode::FAILURE;
+                }
+            };
             let handed = frontend::Handed {
                 exec: upgrade::Exec::current().ok(),
                 ready: inherited.ready,
@@ -100,15 +119,10 @@ fn main() -> ExitCode {
     }
 }
 
-/// `flyproxy upgrade`: signal the proxy named by its pid file.
+/// `flyproxy upgrade`: signal the proxy named by its pid file, once it is known to be a
+/// flyproxy of the caller's.
 fn send_upgrade(pid_file: &std::path::Path) -> Result<i32, String> {
-    let text = std::fs::read_to_string(pid_file).map_err(|e| format!("cannot read: {e}"))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("does not hold a pid (found {:?})", text.trim()))?;
+    let pid = pidfile::read_checked(pid_file)?;
     // SAFETY: kill(2) with a positive pid and a valid signal number.
     if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
         return Err(format!(

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::config::{Balance, Config, ProxyProtocol, Target};
+use crate::loops::Frontends;
 
 #[derive(Debug)]
 pub struct AppRoute {
@@ -24,6 +25,9 @@ pub struct AppRoute {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Round-robin position.
     pub next: AtomicUsize,
+    /// This proxy's own frontends in the config of this route: a target resolving to one of
+    /// them is a loop.
+    pub own: Arc<Frontends>,
     pub stats: Arc<AppStats>,
 }
 
@@ -60,6 +64,7 @@ impl Routes {
         let mut stats = HashMap::new();
         let mut apps = Vec::with_capacity(config.apps.len());
         let mut by_port = HashMap::with_capacity(config.ports().count());
+        let own = Arc::new(Frontends::new(config));
         for app in &config.apps {
             let app_backends = app
                 .targets
@@ -102,6 +107,7 @@ impl Routes {
                 limit,
                 proxy_protocol: app.proxy_protocol,
                 next: AtomicUsize::new(0),
+                own: Arc::clone(&own),
                 stats: app_stats,
             });
             for &port in &app.ports {
