@@ -450,6 +450,18 @@ pub fn keep_only(keep: &[Cap]) -> Result<(), CapsError> {
     Ok(())
 }
 
+/// Make the effective set the whole permitted set again: after a uid change with
+/// `PR_SET_KEEPCAPS` the kernel keeps the permitted set but clears the effective one, and
+/// [`keep_only`] needs CAP_SETPCAP effective to narrow the bounding set.
+pub fn effective_from_permitted() -> Result<(), CapsError> {
+    let now = current()?;
+    let wanted = Caps {
+        effective: now.permitted,
+        ..now
+    };
+    set(wanted).map_err(|error| CapsError::Set { wanted, error })
+}
+
 /// After a switch of user with `PR_SET_KEEPCAPS` (see `user::switch`): the kernel kept the
 /// permitted set but cleared the effective one. Make `keep` (those of it still permitted)
 /// effective again, and inheritable and ambient, so that an upgrade's new process, exec'd as

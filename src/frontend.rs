@@ -138,9 +138,18 @@ pub fn run(
     if stop_requested(&mut stop) {
         return stopped_starting();
     }
+    // Switch user first (it needs CAP_SETUID and CAP_SETGID), then keep only what the running
+    // proxy needs, then pass that on to an upgrade's exec as the new user (the ambient set).
+    let switched = match &run_as {
+        Some(ids) => crate::user::switch(ids).map_err(StartError::User)?,
+        None => false,
+    };
     let keep = drop_capabilities(mode_name, &settings)?;
     if let Some(ids) = &run_as {
-        crate::user::switch(ids, &keep).map_err(StartError::User)?;
+        if switched {
+            crate::caps::regain(&keep)
+                .map_err(|e| StartError::User(crate::user::UserError::Caps(e)))?;
+        }
         crate::info!("running as {ids}");
     }
     let max_connections = fit_fd_limit(settings.max_connections, source.listeners() as u64);

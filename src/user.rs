@@ -4,18 +4,19 @@
 //! Names are looked up in `/etc/passwd` and `/etc/group` directly (no NSS, no new crate): the
 //! proxy's own user is a local system account. A number is taken as a uid or gid as it is.
 //!
-//! The switch happens once set-up is done and capabilities are narrowed to what the running
-//! proxy still needs (`caps::keep_only`), before any relay thread exists: supplementary groups
-//! are reset to the one group, then gid, then uid (all of real, effective and saved, so there
-//! is no way back), with `PR_SET_KEEPCAPS` so that the kept capabilities survive the uid change;
-//! they are then made effective again and raised into the ambient set, so that an upgrade's new
-//! process (exec'd as this user) gets exactly them too. glibc applies `setresuid` and friends
-//! to every thread of the process, the log writer included.
+//! The switch happens once set-up is done, before any relay thread exists, and before the
+//! capabilities are narrowed (switching needs CAP_SETUID and CAP_SETGID, narrowing the bounding
+//! set CAP_SETPCAP): supplementary groups are reset to the one group, then gid, then uid (all
+//! of real, effective and saved, so there is no way back), with `PR_SET_KEEPCAPS` so that the
+//! capabilities survive the uid change. The caller then keeps only what the running proxy
+//! needs (`caps::keep_only`) and raises that into the ambient set (`caps::regain`), so that an
+//! upgrade's new process, exec'd as this user, gets exactly them too. glibc applies
+//! `setresuid` and friends to every thread of the process, the log writer included.
 
 use std::fmt;
 use std::io;
 
-use crate::caps::{self, Cap, CapsError};
+use crate::caps::{self, CapsError};
 
 /// Who to run as, looked up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,10 +159,11 @@ pub fn lookup(user: &str, group: Option<&str>) -> Result<Ids, UserError> {
     })
 }
 
-/// Become `ids`, keeping `keep` (those of them held now) across the switch. Nothing is done
-/// if the process already runs as `ids` (an upgrade's new process, exec'd by one that had
-/// switched).
-pub fn switch(ids: &Ids, keep: &[Cap]) -> Result<(), UserError> {
+/// Become `ids`, keeping the capabilities held now (the caller narrows them next, with
+/// `caps::keep_only`, then makes what it kept inheritable with `caps::regain`). Nothing is
+/// done if the process already runs as `ids` (an upgrade's new process, exec'd by one that had
+/// switched); `Ok(false)` then.
+pub fn switch(ids: &Ids) -> Result<bool, UserError> {
     let (mut ruid, mut euid, mut suid) = (0, 0, 0);
     let (mut rgid, mut egid, mut sgid) = (0, 0, 0);
     // SAFETY: getres[ug]id write three ids into the variables we pass.
@@ -170,7 +172,7 @@ pub fn switch(ids: &Ids, keep: &[Cap]) -> Result<(), UserError> {
         libc::getresgid(&mut rgid, &mut egid, &mut sgid);
     }
     if [ruid, euid, suid] == [ids.uid; 3] && [rgid, egid, sgid] == [ids.gid; 3] {
-        return Ok(());
+        return Ok(false);
     }
     let check = |call: &'static str, rc: libc::c_int| {
         if rc == 0 {
@@ -196,7 +198,8 @@ pub fn switch(ids: &Ids, keep: &[Cap]) -> Result<(), UserError> {
     check("prctl(PR_SET_KEEPCAPS)", unsafe {
         libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0)
     })?;
-    caps::regain(keep).map_err(UserError::Caps)?;
+    // The uid change cleared the effective set; the permitted one survived (KEEPCAPS).
+    caps::effective_from_permitted().map_err(UserError::Caps)?;
     // SAFETY: as above.
     unsafe {
         libc::getresuid(&mut ruid, &mut euid, &mut suid);
@@ -207,7 +210,7 @@ pub fn switch(ids: &Ids, keep: &[Cap]) -> Result<(), UserError> {
             io::Error::other(format!("still uid {ruid}/{euid}/{suid}")),
         ));
     }
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]
