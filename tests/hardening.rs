@@ -29,7 +29,7 @@ use common::{
 fn serving(args: &[&str], backend: &Backend) -> Proxy {
     let target = backend.target();
     Proxy::start(1, args, move |ports| {
-        config(&[app("echo", ports, &[target.clone()])])
+        config(&[app("echo", ports, std::slice::from_ref(&target))])
     })
 }
 
@@ -48,6 +48,12 @@ fn refused_start(p: &mut Proxy) -> (Option<i32>, String) {
     let status = p.wait_exit(WAIT);
     (status.code(), p.logs().join("\n"))
 }
+
+/// Puts something at a path.
+type MakePath<'a> = &'a dyn Fn(&Path);
+
+/// Hand-over variables, descriptors placed in the child (from, to), and the message expected.
+type FdCase<'a> = (Vec<(&'a str, String)>, Vec<(i32, i32)>, &'a str);
 
 fn mkfifo(path: &Path) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
@@ -191,7 +197,7 @@ fn config_path_that_is_not_a_file_never_blocks_or_floods() {
         let what = what.to_owned();
         move |l: &str| l.contains("reload rejected") && l.contains(&what)
     };
-    let cases: [(&str, &dyn Fn(&Path)); 3] = [
+    let cases: [(&str, MakePath); 3] = [
         ("it is a FIFO, not a regular file", &|path| mkfifo(path)),
         ("it is a directory, not a regular file", &|path| {
             fs::create_dir(path).unwrap()
@@ -350,7 +356,7 @@ fn bad_inherited_descriptors_are_start_up_errors() {
     let idle = std::net::TcpStream::connect(backend.addr).unwrap();
     let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let other_addr = other.local_addr().unwrap();
-    let cases: Vec<(Vec<(&str, String)>, Vec<(i32, i32)>, &str)> = vec![
+    let cases: Vec<FdCase> = vec![
         (
             vec![("FLYPROXY_READY_FD", "-1".into())],
             vec![],
