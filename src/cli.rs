@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::log::{Format, Level};
+use crate::ops::log::{Format, Level};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

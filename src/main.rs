@@ -6,8 +6,11 @@
 
 use std::process::ExitCode;
 
+use flyproxy::backends::loops;
 use flyproxy::cli::{self, Command, Mode};
-use flyproxy::{bpf, config, error, frontend, log, loops, metrics, pidfile, ports, upgrade};
+use flyproxy::frontend::{self, ports, simple};
+use flyproxy::ops::{log, metrics, pidfile, upgrade};
+use flyproxy::{bpf, config, error};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -94,7 +97,7 @@ fn main() -> ExitCode {
             let listeners = inherited.listeners;
             let result = match mode {
                 Mode::Simple => frontend::run(settings, "simple", handed, || {
-                    Ok(Box::new(ports::PerPort::new(listeners)) as Box<dyn ports::PortSource>)
+                    Ok(Box::new(simple::PerPort::new(listeners)) as Box<dyn ports::PortSource>)
                 }),
                 Mode::Bpf { port, bind } => frontend::run(settings, "bpf", handed, move || {
                     bpf::listener::Steered::start(port, bind, listeners)

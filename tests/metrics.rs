@@ -1192,7 +1192,7 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
 
 /// A scraper that sends its request a byte at a time, each byte within the 2 s read timeout,
 /// must not hold the one-request-at-a-time endpoint for longer than "a few seconds" (as
-/// src/metrics.rs promises): the timeout has to bound the whole request, not each read.
+/// src/ops/metrics.rs promises): the timeout has to bound the whole request, not each read.
 #[test]
 fn a_trickling_scraper_cannot_hold_the_endpoint() {
     let maddr = metrics_addr();
@@ -1775,7 +1775,7 @@ fn access_log_text() {
 }
 
 /// In the text log a value is quoted when it needs it; one with a line break needs it too, or
-/// one record spans two lines and the second is no log line at all (src/log.rs, `record`,
+/// one record spans two lines and the second is no log line at all (src/ops/log.rs, `record`,
 /// quotes only values with a space, a double quote or an `=`).
 #[test]
 fn a_text_record_stays_on_one_line_when_an_app_name_has_a_line_break() {
@@ -1960,7 +1960,7 @@ fn dropped_log_lines_are_counted_and_reported_in_the_log_format() {
     assert!(
         serde_json::from_str::<Value>(&report).is_ok_and(|v| v.is_object()),
         "with --log-format json the report of dropped lines is not JSON: {report:?} \
-         (src/log.rs, writer(), writes it as text)"
+         (src/ops/log.rs, writer(), writes it as text)"
     );
     assert_every_line_is_an_event(&lines, true);
 }

@@ -16,8 +16,8 @@ use mio::{Interest, Registry, Token};
 
 use super::{BpfError, Steering, MAX_GROUPS};
 use crate::config::Config;
-use crate::ports::{self, Accepted, LookupReader, PortError, PortSource, FIRST_LISTENER};
-use crate::session::LookupStats;
+use crate::frontend::ports::LookupStats;
+use crate::frontend::ports::{self, Accepted, LookupReader, PortError, PortSource, FIRST_LISTENER};
 
 /// Listener tokens above every simple-mode port token, so the two can never be confused.
 const V4: Token = Token(FIRST_LISTENER + 65_536);
@@ -87,7 +87,7 @@ impl Steered {
     ) -> Result<Steered, StartError> {
         let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
             Some(l) => Ok(l),
-            None => ports::listen(addr, v6only).map_err(|e| StartError::Listen(addr, e)),
+            None => crate::net::listen(addr, v6only).map_err(|e| StartError::Listen(addr, e)),
         };
         // Two sockets rather than one dual-stack one: the program picks the socket by the
         // packet's family, and a v6-only socket keeps `local_addr` of an IPv4 connection a

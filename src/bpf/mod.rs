@@ -17,10 +17,11 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ErrorKind, Link, MapCore, MapFlags, MapHandle, ProgramType};
 
-/// The generated skeleton (`SteerSkelBuilder`, `SteerSkel`), built by build.rs.
-#[allow(unused_imports, clippy::all, clippy::pedantic, clippy::nursery)]
 pub mod listener;
 
+/// The generated skeleton (`SteerSkelBuilder`, `SteerSkel`), built by build.rs. Lints are
+/// silenced on the generated code alone.
+#[allow(unused_imports, clippy::all, clippy::pedantic, clippy::nursery)]
 mod steer {
     include!(concat!(env!("OUT_DIR"), "/steer.skel.rs"));
 }
@@ -449,8 +450,8 @@ fn classify(step: Step, source: libbpf_rs::Error) -> BpfError {
 /// Whether this process holds CAP_BPF (or CAP_SYS_ADMIN, which older kernels ask for) in its
 /// effective set. Capabilities are per thread: read the calling thread's.
 fn has_bpf_capabilities() -> bool {
-    use crate::caps::Cap;
-    crate::caps::current()
+    use crate::ops::caps::Cap;
+    crate::ops::caps::current()
         .is_ok_and(|c| c.effective.contains(Cap::Bpf) || c.effective.contains(Cap::SysAdmin))
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::backend::{self, Backend, ConnectError};
+use crate::backends::backend::{self, Backend, ConnectError};
 
 /// An up target is checked this many times less often than a down one: passive checks (every
 /// real connection) already watch up targets closely.

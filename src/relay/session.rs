@@ -8,13 +8,14 @@ use std::time::Instant;
 
 use std::io::Write;
 
-use crate::backend;
+use crate::backends::balance;
+use crate::backends::proxy_protocol;
+use crate::backends::routing::{AppRoute, Routes};
 use crate::cli::Settings;
-use crate::conns::Conns;
-use crate::log::{self, Field, Level};
-use crate::relay;
-use crate::routing::{AppRoute, Routes};
-use crate::{ports, proxy_protocol};
+use crate::net;
+use crate::ops::log::{self, Field, Level};
+use crate::relay::conns::Conns;
+use crate::relay::transfer as relay;
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
@@ -47,16 +48,6 @@ pub struct Shared {
     pub accept_paused: AtomicBool,
     /// A new process took over (upgrade): the metrics thread stops serving.
     pub handed_over: AtomicBool,
-    /// bpf mode: reads the sk_lookup program's counters.
-    pub lookup_stats: Option<crate::ports::LookupReader>,
-}
-
-/// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LookupStats {
-    pub group: String,
-    pub steered: u64,
-    pub dropped: u64,
 }
 
 impl Shared {
@@ -129,7 +120,7 @@ pub fn serve(job: Job, shared: &Shared) {
             }
         },
     };
-    let (backend, guard) = match backend::connect(&app, shared.settings.connect_timeout) {
+    let (backend, guard) = match balance::connect(&app, shared.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -147,7 +138,7 @@ pub fn serve(job: Job, shared: &Shared) {
     if let Some(version) = app.proxy_protocol {
         // Sent while the socket is still blocking: a header this small always fits in a fresh
         // socket's send buffer, so this cannot stall.
-        let frontend = entry.client.local_addr().map(ports::canonical);
+        let frontend = entry.client.local_addr().map(net::canonical);
         let sent =
             frontend.and_then(|f| (&backend).write_all(&proxy_protocol::header(version, peer, f)));
         if let Err(e) = sent {

@@ -16,7 +16,7 @@
 use std::fmt;
 use std::io;
 
-use crate::caps::{self, CapsError};
+use super::caps::{self, CapsError};
 
 /// Who to run as, looked up.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,5 @@
-//! Backends: a configured target's live state (health, active connections), picking one of an
-//! app's targets, and connecting to it with failover.
+//! A configured target's live state (health, active connections, counters), and resolving and
+//! connecting to it. Picking one of an app's targets, with failover, is `balance`'s.
 //!
 //! Names are resolved at every connect and every health check (in relay or checker threads,
 //! never in the listener loop), so a target whose address changes is followed without a reload.
@@ -12,11 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-
-use crate::config::{Balance, HealthCheck, Target};
-use crate::loops::Frontends;
-use crate::routing::AppRoute;
+use super::loops::Frontends;
+use crate::config::{HealthCheck, Target};
 
 /// A target of one app and what the proxy knows of it. Kept across reloads while the app keeps
 /// the target, so health and load survive a reload.
@@ -73,7 +70,7 @@ impl Backend {
     /// connections skip it; the active check brings it back.
     /// Out of descriptors, memory or local ports is this host's trouble, not the target's:
     /// counted, but it marks nothing down.
-    fn connect_failed(&self, e: &ConnectError) {
+    pub(super) fn connect_failed(&self, e: &ConnectError) {
         self.failures[e.index()].fetch_add(1, Ordering::Relaxed);
         if e.is_local() {
             return;
@@ -85,7 +82,7 @@ impl Backend {
     }
 
     /// A successful connect is proof the target is up.
-    fn connect_succeeded(&self) {
+    pub(super) fn connect_succeeded(&self) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
@@ -225,60 +222,6 @@ impl AllFailed {
     }
 }
 
-/// Pick the next target to try for `app`, skipping those in `tried` (indexes into
-/// `app.backends`). Healthy targets first; when none is left, the down ones: an app whose
-/// targets all look down is still tried (fail open) rather than refused outright.
-pub fn pick(app: &AppRoute, tried: &[usize]) -> Option<usize> {
-    let n = app.backends.len();
-    let untried = |i: &usize| !tried.contains(i);
-    let mut pool: Vec<usize> = (0..n)
-        .filter(untried)
-        .filter(|&i| app.backends[i].is_up())
-        .collect();
-    if pool.is_empty() {
-        pool = (0..n).filter(untried).collect();
-    }
-    let mut rng = rand::rng();
-    match (pool.len(), app.balance) {
-        (0, _) => None,
-        (1, _) => Some(pool[0]),
-        (len, Balance::Random) => Some(pool[rng.random_range(0..len)]),
-        (len, Balance::RoundRobin) => Some(pool[app.next.fetch_add(1, Ordering::Relaxed) % len]),
-        (len, Balance::P2c) => {
-            let a = rng.random_range(0..len);
-            // A second pick distinct from the first.
-            let b = (a + rng.random_range(1..len)) % len;
-            let load = |i: usize| app.backends[pool[i]].active.load(Ordering::Relaxed);
-            Some(pool[if load(b) < load(a) { b } else { a }])
-        }
-    }
-}
-
-/// Connect to one of `app`'s targets, trying at most `app.connect_attempts` distinct ones, each
-/// given the whole `timeout`. The connection is counted on its target until the guard drops.
-pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGuard), AllFailed> {
-    let mut tried = Vec::with_capacity(app.connect_attempts);
-    let mut failures = Vec::new();
-    while tried.len() < app.connect_attempts {
-        let Some(i) = pick(app, &tried) else { break };
-        tried.push(i);
-        let backend = &app.backends[i];
-        // Count it before connecting, so concurrent picks (p2c) see the load it is about to add.
-        let guard = ActiveGuard::new(Arc::clone(backend));
-        match connect_one(&backend.target, timeout, &app.own) {
-            Ok(stream) => {
-                backend.connect_succeeded();
-                return Ok((stream, guard));
-            }
-            Err(e) => {
-                backend.connect_failed(&e);
-                failures.push((Arc::clone(backend), e));
-            }
-        }
-    }
-    Err(AllFailed(failures))
-}
-
 /// Resolve `target` now and connect to the first of its addresses that answers within the
 /// time left of `timeout`. An address that is one of `own` (this proxy's frontends) is never
 /// connected to: that connection would come straight back to us.
@@ -311,11 +254,11 @@ pub fn connect_one(
 /// the relay wants it. Done by hand rather than with `TcpStream::connect_timeout`, which
 /// switches the socket to blocking and back: three system calls per connection saved.
 fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = TcpStream::from(crate::ports::tcp_socket(addr)?);
+    let stream = TcpStream::from(crate::net::tcp_socket(addr)?);
     let fd = stream.as_raw_fd();
     // We forward whatever arrives at once; Nagle would only add latency.
     stream.set_nodelay(true)?;
-    let (storage, len) = crate::ports::sockaddr(addr);
+    let (storage, len) = crate::net::sockaddr(addr);
     // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
     if unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) } == 0 {
         return Ok(stream);

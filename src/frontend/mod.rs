@@ -12,19 +12,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+pub mod ports;
+pub mod simple;
+
 use mio::net::UnixStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::backends::health::Checker;
+use crate::backends::routing::Routes;
 use crate::cli::Settings;
 use crate::config::{Config, ConfigError, Diff};
-use crate::conns::{Conns, Ports};
-use crate::health::Checker;
-use crate::metrics;
-use crate::pool::Pool;
-use crate::ports::{PortError, PortSource};
-use crate::routing::Routes;
-use crate::session::{self, Job, Shared};
-use crate::upgrade::{self, Exec, ReadyPipe, Upgrade};
+use crate::ops::metrics;
+use crate::ops::upgrade::{self, Exec, ReadyPipe, Upgrade};
+use crate::relay::conns::{Conns, Ports};
+use crate::relay::pool::Pool;
+use crate::relay::session::{self, Job, Shared};
+use ports::{PortError, PortSource};
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
 const SIGHUP_PIPE: Token = Token(0);
@@ -57,9 +60,9 @@ pub enum StartError {
     /// The mode's own set-up failed (bpf: loading or attaching the program).
     Mode(String),
     /// The --pid-file cannot be written safely.
-    PidFile(crate::pidfile::PidFileError),
+    PidFile(crate::ops::pidfile::PidFileError),
     /// Switching to --user/--group failed.
-    User(crate::user::UserError),
+    User(crate::ops::user::UserError),
     /// The --metrics address could not be bound.
     Metrics(std::net::SocketAddr, io::Error),
 }
@@ -104,7 +107,7 @@ pub fn run(
     let usr2 = signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?;
     let run_as = match &settings.user {
         Some(u) => {
-            Some(crate::user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?)
+            Some(crate::ops::user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?)
         }
         None => None,
     };
@@ -121,7 +124,7 @@ pub fn run(
     let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
     check_loops(&settings.config, &config).map_err(StartError::Config)?;
     if let Some(path) = &settings.pid_file {
-        crate::pidfile::check_dir(path).map_err(StartError::PidFile)?;
+        crate::ops::pidfile::check_dir(path).map_err(StartError::PidFile)?;
     }
     if stop_requested(&mut stop) {
         return stopped_starting();
@@ -141,14 +144,14 @@ pub fn run(
     // Switch user first (it needs CAP_SETUID and CAP_SETGID), then keep only what the running
     // proxy needs, then pass that on to an upgrade's exec as the new user (the ambient set).
     let switched = match &run_as {
-        Some(ids) => crate::user::switch(ids).map_err(StartError::User)?,
+        Some(ids) => crate::ops::user::switch(ids).map_err(StartError::User)?,
         None => false,
     };
     let keep = drop_capabilities(mode_name, &settings)?;
     if let Some(ids) = &run_as {
         if switched {
-            crate::caps::regain(&keep)
-                .map_err(|e| StartError::User(crate::user::UserError::Caps(e)))?;
+            crate::ops::caps::regain(&keep)
+                .map_err(|e| StartError::User(crate::ops::user::UserError::Caps(e)))?;
         }
         crate::info!("running as {ids}");
     }
@@ -167,7 +170,6 @@ pub fn run(
         reloads_rejected: AtomicU64::new(0),
         last_reload_ok_ms: AtomicU64::new(unix_ms()),
         accept_paused: AtomicBool::new(false),
-        lookup_stats: source.lookup_stats(),
         handed_over: AtomicBool::new(false),
     });
     let mut metrics_socket = None;
@@ -175,7 +177,7 @@ pub fn run(
         let inherited = handed
             .metrics
             .filter(|l| l.local_addr().is_ok_and(|a| a == addr));
-        let socket = metrics::start(addr, inherited, Arc::clone(&shared))
+        let socket = metrics::start(addr, inherited, Arc::clone(&shared), source.lookup_stats())
             .map_err(|e| StartError::Metrics(addr, e))?;
         metrics_socket = Some(socket);
     }
@@ -198,13 +200,14 @@ pub fn run(
         std::process::id()
     );
     if let Some(path) = &settings.pid_file {
-        if let Err(e) = crate::pidfile::write(path, std::process::id()) {
+        if let Err(e) = crate::ops::pidfile::write(path, std::process::id()) {
             crate::error!("--pid-file {}: {e}", path.display());
         }
     }
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
     // this from the old process instead (see upgrade_progress).
-    if let Err(e) = crate::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    if let Err(e) =
+        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
     {
         crate::warn!("cannot notify systemd of readiness: {e}");
     }
@@ -359,7 +362,7 @@ impl Loop {
                         if self.stop_deadline.is_some() {
                             let open = self.shared.conns.len();
                             crate::warn!("second stop signal: exiting now, {open} connections cut");
-                            crate::log::flush();
+                            crate::ops::log::flush();
                             std::process::exit(1);
                         }
                         // A new process not yet serving is abandoned: stopping means no
@@ -499,7 +502,7 @@ impl Loop {
         }
     }
 
-    fn dispatch(&mut self, conn: crate::ports::Accepted) {
+    fn dispatch(&mut self, conn: ports::Accepted) {
         let Some(app) = self.routes.app_for(conn.port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
@@ -683,7 +686,7 @@ impl Loop {
                 );
                 // Tell systemd the service now lives on in the new process. Only the main pid
                 // may say so (NotifyAccess=main), so it has to come from us.
-                let _ = crate::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+                let _ = crate::ops::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
                 self.handed_over = true;
                 // The new process serves /metrics on the same socket from now on.
                 self.shared.handed_over.store(true, Ordering::Release);
@@ -733,7 +736,7 @@ impl Loop {
             return;
         }
         // Only our own: after an upgrade the file names the new process.
-        crate::pidfile::remove_if_ours(path, std::process::id());
+        crate::ops::pidfile::remove_if_ours(path, std::process::id());
     }
 
     fn begin_stop(&mut self, poll: &Poll) {
@@ -880,7 +883,7 @@ fn stopped_starting() -> Result<(), StartError> {
 
 /// The config's targets that are this proxy's own frontends, as a config error.
 fn check_loops(path: &Path, config: &Config) -> Result<(), ConfigError> {
-    let problems = crate::loops::problems(config);
+    let problems = crate::backends::loops::problems(config);
     if problems.is_empty() {
         Ok(())
     } else {
@@ -911,8 +914,8 @@ fn drain_pipe(pipe: &mut UnixStream) {
 fn drop_capabilities(
     mode_name: &str,
     settings: &Settings,
-) -> Result<Vec<crate::caps::Cap>, StartError> {
-    use crate::caps::Cap;
+) -> Result<Vec<crate::ops::caps::Cap>, StartError> {
+    use crate::ops::caps::Cap;
     let mut keep = if mode_name == "bpf" {
         vec![Cap::Bpf, Cap::NetAdmin]
     } else {
@@ -923,9 +926,9 @@ fn drop_capabilities(
     if settings.metrics.is_some_and(|a| a.port() < 1024) && !keep.contains(&Cap::NetBindService) {
         keep.push(Cap::NetBindService);
     }
-    crate::caps::keep_only(&keep)
+    crate::ops::caps::keep_only(&keep)
         .map_err(|e| StartError::Mode(format!("cannot drop capabilities: {e}")))?;
-    if let Ok(c) = crate::caps::current() {
+    if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
     Ok(keep)
@@ -957,7 +960,7 @@ fn fit_fd_limit(max_connections: usize, listeners: u64) -> usize {
     // Whatever the connections leave over is what the relay may spend on kernel pipes; past
     // that it copies through a buffer instead of failing a socket with EMFILE.
     let bound = max_connections.min(fits).max(1);
-    crate::relay::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
+    crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
     if max_connections > fits {
         crate::warn!(
             "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({} listeners, {FD_RESERVE} reserved): lowering the bound to {fits}",

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
+use super::loops::Frontends;
+use crate::backends::backend::Backend;
 use crate::config::{Balance, Config, ProxyProtocol, Target};
-use crate::loops::Frontends;
 
 #[derive(Debug)]
 pub struct AppRoute {

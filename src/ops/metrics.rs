@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, ConnectError};
-use crate::routing::AppRoute;
+use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::routing::AppRoute;
 
 /// An app's backends, each once: a target listed twice is one backend with two turns, and
 /// must be one series (a duplicate series makes Prometheus reject the whole scrape).
@@ -28,7 +28,8 @@ fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
     }
     seen
 }
-use crate::session::Shared;
+use crate::frontend::ports::LookupReader;
+use crate::relay::session::Shared;
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +43,7 @@ pub fn start(
     addr: SocketAddr,
     inherited: Option<TcpListener>,
     shared: Arc<Shared>,
+    lookup_stats: Option<LookupReader>,
 ) -> io::Result<(SocketAddr, RawFd)> {
     let listener = match inherited {
         Some(l) => l,
@@ -54,14 +56,14 @@ pub fn start(
     std::thread::Builder::new()
         .name("metrics".into())
         .stack_size(256 * 1024)
-        .spawn(move || serve(listener, &shared))?;
+        .spawn(move || serve(listener, &shared, lookup_stats.as_ref()))?;
     Ok(handle)
 }
 
 /// Answer requests until a new process takes the socket over (upgrade). Waits in `poll` with
 /// a short timeout rather than in `accept`, so that the hand-over is noticed; the socket is
 /// shared with the new process, so it must not be shut down, only closed here.
-fn serve(listener: TcpListener, shared: &Shared) {
+fn serve(listener: TcpListener, shared: &Shared, lookup_stats: Option<&LookupReader>) {
     while !shared.handed_over.load(Ordering::Acquire) {
         let mut pfd = libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -76,7 +78,7 @@ fn serve(listener: TcpListener, shared: &Shared) {
             Ok((s, _)) => {
                 // The socket is shared, and non-blocking in the other process: be explicit.
                 let _ = s.set_nonblocking(false);
-                if let Err(e) = answer(s, shared) {
+                if let Err(e) = answer(s, shared, lookup_stats) {
                     crate::debug!("metrics: request failed: {e}");
                 }
             }
@@ -87,7 +89,11 @@ fn serve(listener: TcpListener, shared: &Shared) {
     }
 }
 
-fn answer(mut s: TcpStream, shared: &Shared) -> io::Result<()> {
+fn answer(
+    mut s: TcpStream,
+    shared: &Shared,
+    lookup_stats: Option<&LookupReader>,
+) -> io::Result<()> {
     s.set_write_timeout(Some(IO_TIMEOUT))?;
     // The timeout holds for the whole request, not each read: a client trickling a byte at
     // a time must not keep the endpoint to itself.
@@ -125,7 +131,7 @@ fn answer(mut s: TcpStream, shared: &Shared) -> io::Result<()> {
                 "/metrics" => (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
-                    render(shared),
+                    render(shared, lookup_stats),
                 ),
                 "/status" => ("200 OK", "text/plain; charset=utf-8", status(shared)),
                 _ => (
@@ -191,7 +197,7 @@ impl Family<'_> {
 }
 
 /// The whole exposition, from the current routing table and counters.
-pub fn render(shared: &Shared) -> String {
+pub fn render(shared: &Shared, lookup_stats: Option<&LookupReader>) -> String {
     let routes = Arc::clone(&shared.routes.lock().unwrap_or_else(|e| e.into_inner()));
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
@@ -220,13 +226,13 @@ pub fn render(shared: &Shared) -> String {
         "flyproxy_app_connections_total",
         "counter",
         "Client connections accepted, by app.",
-        |s: &crate::routing::AppStats| s.accepted.load(Ordering::Relaxed)
+        |s: &crate::backends::routing::AppStats| s.accepted.load(Ordering::Relaxed)
     );
     per_app!(
         "flyproxy_app_connections_active",
         "gauge",
         "Client connections open now (connecting or relaying), by app.",
-        |s: &crate::routing::AppStats| s.active.load(Ordering::Relaxed)
+        |s: &crate::backends::routing::AppStats| s.active.load(Ordering::Relaxed)
     );
     let name = "flyproxy_app_connections_refused_total";
     let mut f = Family::head(
@@ -268,19 +274,19 @@ pub fn render(shared: &Shared) -> String {
         "flyproxy_connections_total",
         "counter",
         "Connections made to a target, by app and target.",
-        |b: &crate::backend::Backend| b.connections.load(Ordering::Relaxed)
+        |b: &crate::backends::backend::Backend| b.connections.load(Ordering::Relaxed)
     );
     per_target!(
         "flyproxy_connections_active",
         "gauge",
         "Connections to a target open now, by app and target.",
-        |b: &crate::backend::Backend| b.active.load(Ordering::Relaxed)
+        |b: &crate::backends::backend::Backend| b.active.load(Ordering::Relaxed)
     );
     per_target!(
         "flyproxy_target_up",
         "gauge",
         "1 if the target is considered up (passive and active health checks), else 0.",
-        |b: &crate::backend::Backend| u8::from(b.is_up())
+        |b: &crate::backends::backend::Backend| u8::from(b.is_up())
     );
     let name = "flyproxy_bytes_total";
     let mut f = Family::head(
@@ -391,9 +397,9 @@ pub fn render(shared: &Shared) -> String {
         "counter",
         "Log lines dropped because stderr could not keep up.",
     );
-    f.sample(name, &[], crate::log::dropped());
+    f.sample(name, &[], crate::ops::log::dropped());
 
-    if let Some(read) = &shared.lookup_stats {
+    if let Some(read) = lookup_stats {
         let name = "flyproxy_bpf_lookups_total";
         let mut f = Family::head(
             &mut out,

@@ -1,8 +1,10 @@
 //! Moving bytes between a client and its backend, both ways, until both sides are done.
 //!
 //! One relay thread runs one connection with `poll(2)` on the two non-blocking sockets, so a
-//! connection costs one pooled thread and no extra threads per direction. Bytes go through a
-//! pooled kernel pipe with `splice(2)`, never through user space, and only while in flight. Half-close is carried
+//! connection costs one pooled thread and no extra threads per direction. Bulk bytes go
+//! through a pooled kernel pipe with `splice(2)`, held only while bytes are in flight; small
+//! exchanges are copied through a pooled user-space buffer instead, which costs fewer system
+//! calls than a splice in and out (splice-auto, as HAProxy calls it). Half-close is carried
 //! through: when one side shuts down its write side, the other side's write side is shut down
 //! once every byte before it has been delivered, and the reply keeps flowing the other way.
 //! A reset on one side is passed on as a reset on the other, so neither peer hangs.

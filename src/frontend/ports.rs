@@ -1,0 +1,122 @@
+//! How configured ports reach the process: the one thing the two modes do differently.
+//!
+//! `PortSource` is what the listener loop needs from a mode: make a set of ports reachable,
+//! change it by a diff on reload, and accept from its listeners. `simple::PerPort` is the simple
+//! mode (one listener per port); the bpf mode's source lives in `bpf::listener`. Everything after
+//! `accept()` is shared.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+
+use mio::net::TcpListener;
+
+use crate::config::Config;
+use crate::net::canonical;
+use mio::{Registry, Token};
+
+/// Reads per-port-group lookup counters; called from the metrics thread.
+pub type LookupReader = Box<dyn Fn() -> Vec<LookupStats> + Send + Sync>;
+
+/// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupStats {
+    pub group: String,
+    pub steered: u64,
+    pub dropped: u64,
+}
+
+/// Tokens at and above this belong to listeners; below it the loop reserves its own.
+pub const FIRST_LISTENER: usize = 16;
+
+/// A port that could not be made reachable, with the OS error.
+#[derive(Debug)]
+pub struct PortError {
+    pub port: u16,
+    pub error: io::Error,
+}
+
+impl fmt::Display for PortError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hint = match self.error.kind() {
+            io::ErrorKind::AddrInUse => " (another process listens on it)",
+            io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            }
+            _ => "",
+        };
+        write!(f, "port {}: {}{hint}", self.port, self.error)
+    }
+}
+
+impl std::error::Error for PortError {}
+
+/// One accepted connection and the frontend port it came in on.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub port: u16,
+}
+
+pub trait PortSource {
+    /// Serve `config`'s ports: `added` become reachable and `removed` unreachable (the
+    /// config tells a mode that needs it which app each port is). On error nothing has
+    /// changed: the reload (or the start-up) is refused whole.
+    fn apply(
+        &mut self,
+        registry: &Registry,
+        config: &Config,
+        added: &[u16],
+        removed: &[u16],
+    ) -> Result<(), PortError>;
+
+    /// Called at every reload tick, for work that may need retrying.
+    fn tick(&mut self) {}
+
+    /// Accept one connection from the listener behind `token`. `Ok(None)`: nothing waiting
+    /// (or a token that is no longer ours).
+    fn accept(&mut self, token: Token) -> io::Result<Option<Accepted>>;
+
+    /// Stop taking new connections (shutdown). Open connections are left alone.
+    fn stop(&mut self, registry: &Registry);
+
+    /// Listener sockets held, for fd accounting.
+    fn listeners(&self) -> usize;
+
+    /// The listening sockets to hand to a new process on upgrade: bound address and fd.
+    fn handover(&self) -> Vec<(SocketAddr, RawFd)>;
+
+    /// A reader of the mode's lookup counters, for metrics (bpf mode only).
+    fn lookup_stats(&self) -> Option<LookupReader> {
+        None
+    }
+}
+
+/// A listener's bound address and fd, for an upgrade.
+pub fn handover_of(l: &TcpListener) -> Option<(SocketAddr, RawFd)> {
+    Some((l.local_addr().ok()?, l.as_raw_fd()))
+}
+
+/// Accept one connection. The port is the listener's own when known (simple mode); otherwise
+/// it is read from the accepted socket's local address, which keeps the original destination
+/// port when sk_lookup steered the connection to us.
+pub fn accept_from(listener: &TcpListener, port: Option<u16>) -> io::Result<Option<Accepted>> {
+    let (stream, peer) = match listener.accept() {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // mio accepts with SOCK_NONBLOCK; the relay wants exactly that, as a std stream.
+    // SAFETY: into_raw_fd hands over sole ownership of a valid, open socket.
+    let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
+    let port = match port {
+        Some(p) => p,
+        None => stream.local_addr()?.port(),
+    };
+    Ok(Some(Accepted {
+        stream,
+        peer: canonical(peer),
+        port,
+    }))
+}
