@@ -137,7 +137,7 @@ pub fn expected_target(s: &str) -> Option<Target> {
         (host, &s[colon + 1..])
     };
     // README: no leading zeros in a port.
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || port.starts_with('0') {
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || (port.len() > 1 && port.starts_with('0')) {
         return None;
     }
     let digits = port.trim_start_matches('0');

@@ -11,7 +11,11 @@
 //! - [`header::check`]: the PROXY protocol writer, with its output parsed back by a small
 //!   parser written from HAProxy's spec.
 //! - [`cli::check`]: the command-line parser and `parse_duration`.
+//! - [`handover::check`]: the upgrade hand-over variables' parser, against an oracle.
+//! - [`names::check`]: app name validation and the log's escaping.
 
 pub mod cli;
 pub mod config;
+pub mod handover;
 pub mod header;
+pub mod names;

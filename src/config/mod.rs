@@ -699,7 +699,7 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
     };
     // A leading zero is refused rather than read as decimal: `041901` is 41901 to us but
     // reads as octal to some tools, and a port written two ways hides typos.
-    if port.starts_with('0') {
+    if port.len() > 1 && port.starts_with('0') {
         return Err("has a port with a leading zero (write the plain number, 1-65535)");
     }
     match port.parse::<u16>() {

@@ -177,7 +177,7 @@ pub fn parse_env(
 
 /// A descriptor number as the hand-over writes it: decimal digits, above 2.
 fn parse_fd(v: &str) -> Option<RawFd> {
-    if v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()) {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     v.parse::<RawFd>().ok().filter(|fd| *fd > 2)
