@@ -317,6 +317,29 @@ fn sigterm_during_start_up_exits_cleanly() {
     expect_refused(SocketAddr::from(([127, 0, 0, 1], port)));
 }
 
+/// Issue 11, item 4, bpf mode: a SIGTERM during start-up exits 0 with no program attached and
+/// no port steered.
+#[test]
+fn bpf_sigterm_during_start_up_leaves_nothing_attached() {
+    netns::run(
+        "bpf_sigterm_during_start_up_leaves_nothing_attached",
+        |ns| {
+            let backend = Backend::echo();
+            let mut p = netns::spawn(&large_config(7001, &backend.target()), &[]);
+            wait_for("the SIGTERM handler", WAIT, || {
+                catches(p.pid, libc::SIGTERM).then_some(())
+            });
+            p.signal(libc::SIGTERM);
+            let (code, log) = refused_start(&mut p);
+            assert_eq!(code, Some(0), "{log}");
+            assert!(log.contains("stop signal during start-up"), "{log}");
+            assert!(ns.links().is_empty(), "{:?}", ns.links());
+            expect_refused(netns::v4(7001));
+            expect_refused(netns::v4(netns::LISTENER_PORT));
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inherited descriptors
 
@@ -718,7 +741,62 @@ fn user_switch_runs_as_nobody() {
         "{}",
         p.logs().join("\n")
     );
-    assert_serves_then_stops(p);
+
+    // Run by nobody, the upgrade goes through: the new process, executed as nobody, has
+    // exactly the kept capability (passed on in the ambient set) and serves.
+    let out = Command::new(BIN)
+        .args(["upgrade", "--pid-file", pid_file.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = p.wait_log("the new process serving", |l| {
+        l.contains("upgrade: pid ") && l.contains(" is serving")
+    });
+    let new: u32 = line
+        .split("upgrade: pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the process this test's upgrade started.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _stop = Stop(new);
+    assert_eq!(proc_ids(new, "Uid:"), vec![65534; 4]);
+    let status = fs::read_to_string(format!("/proc/{new}/status")).unwrap();
+    let cap = |f: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(f))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    assert_eq!(cap("CapEff:"), 1 << 10, "{status}");
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"served by the new process\n");
+    drop(s);
+    let mut p = p;
+    // The old process drains and exits (its log pipe stays open in the new process, which
+    // inherited stderr: so wait on the status, not on the end of the log).
+    let status = wait_for("the old process to exit", WAIT, || p.try_status());
+    assert_eq!(status.code(), Some(0));
+    // SAFETY: kill(2) of the new process, which runs as nobody (we are root).
+    unsafe { libc::kill(new as libc::pid_t, libc::SIGTERM) };
+    wait_for("the new process to exit", WAIT, || {
+        let stat = fs::read_to_string(format!("/proc/{new}/stat")).ok();
+        stat.is_none_or(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .then_some(())
+    });
 }
 
 /// Issue 11, item 11: `--user` naming nobody that exists, or --group alone, are clear errors.
