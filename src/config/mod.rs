@@ -331,7 +331,7 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, Problem> {
         } else if kind.is_socket() {
             "a socket"
         } else {
-            "not a file"
+            "of an unknown kind"
         }));
     }
     if meta.len() > MAX_FILE_BYTES {
