@@ -8,16 +8,28 @@ ECHO         := target/release/examples/echo
 BUILD_DEPS   := clang libelf-dev zlib1g-dev pkg-config linux-libc-dev
 # Run and test: nc for the quick-start example, ip/bpftool for the bpf tests' namespaces.
 RUN_DEPS     := netcat-openbsd iproute2 bpftool
+# Tests only: a real etcd for the fleet tests (tests/fleet.rs start their own members on free
+# loopback ports; without etcd they fail in CI). Debian's etcd-server also enables an etcd.service
+# of its own on 127.0.0.1:2379 where systemd runs; the tests leave it alone.
+# openssl and curl for the TLS server-name tests (tests/shared_ports.rs).
+TEST_DEPS    := etcd-server etcd-client openssl curl
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
-.PHONY: all deps build run test lint clean bench deb
+.PHONY: all deps test-deps build run test lint clean bench deb
 
 all: build
 
 # Install only what is missing, so a prepared machine does not touch apt at all.
 deps:
-	@missing=""; for p in $(BUILD_DEPS) $(RUN_DEPS); do \
+	@$(MAKE) --no-print-directory install-missing PKGS="$(BUILD_DEPS) $(RUN_DEPS)"
+
+test-deps: deps
+	@$(MAKE) --no-print-directory install-missing PKGS="$(TEST_DEPS)"
+
+.PHONY: install-missing
+install-missing:
+	@missing=""; for p in $(PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -43,7 +55,7 @@ lint: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: deps lint
+test: test-deps lint
 	$(CARGO) build --bins --examples
 	@# The package tests (tests/packaging.rs) run in CI or with FLYPROXY_PACKAGING_TESTS=1; build
 	@# the package first, so its release build does not compete with the other tests for the CPU.
@@ -60,15 +72,16 @@ bench:
 	bench/run.sh
 
 # The Debian package, target/debian/flyproxy_<version>_<arch>.deb, built with dpkg-deb alone by
-# dist/build-deb.sh from the stripped release binary: /usr/bin/flyproxy, systemd units for both
-# modes (neither enabled nor started on install), /etc/flyproxy/config.json (a conffile), the man
-# page. Install it with `apt install ./target/debian/flyproxy_*.deb`.
+# dist/build-deb.sh from the stripped release binaries: /usr/bin/flyproxy, the etcd follower
+# /usr/bin/flyproxy-etcd-sync, systemd units for both modes and the follower (none enabled nor
+# started on install), /etc/flyproxy/config.json and /etc/default/flyproxy-etcd-sync (conffiles),
+# the man page. Install it with `apt install ./target/debian/flyproxy_*.deb`.
 VERSION      := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)
 DEB_ARCH     := $(shell dpkg --print-architecture 2>/dev/null)
 DEB          := target/debian/flyproxy_$(VERSION)_$(DEB_ARCH).deb
 
 deb: deps
-	$(CARGO) build --release --bin flyproxy
+	$(CARGO) build --release --bin flyproxy --bin flyproxy-etcd-sync
 	dist/build-deb.sh $(RELEASE) $(DEB)
 
 clean:

@@ -21,10 +21,14 @@ pub const DEFAULT_STATUS_ADDR: SocketAddr =
 pub struct Settings {
     pub config: PathBuf,
     pub max_connections: usize,
+    /// Open connections one client address may have at once; 0: no limit.
+    pub max_connections_per_client: usize,
     pub connect_timeout: Duration,
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
+    /// How long a connection on a port with Hostnames may take to send its whole ClientHello.
+    pub preread_timeout: Duration,
     pub reload_interval: Duration,
     pub log_level: Level,
     pub log_format: Format,
@@ -43,9 +47,11 @@ impl Default for Settings {
         Settings {
             config: PathBuf::from("config.json"),
             max_connections: 4096,
+            max_connections_per_client: 0,
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
+            preread_timeout: Duration::from_secs(5),
             reload_interval: Duration::from_secs(1),
             log_level: Level::Info,
             log_format: Format::Text,
@@ -66,6 +72,18 @@ pub enum Mode {
     Bpf { port: u16, bind: Option<IpAddr> },
 }
 
+impl Mode {
+    /// The mode's command name, as logs show it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+            Mode::Bpf { .. } => "bpf",
+        }
+    }
+}
+
+// One value per process, parsed once and moved into `run`: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Run(Mode, Settings),
@@ -124,11 +142,17 @@ macro_rules! run_options {
         "  -c, --config PATH          config file (default ./config.json)
       --max-connections N    open client connections at most; beyond it new ones wait
                              in the kernel backlog (default 4096)
+      --max-connections-per-client N
+                             open connections one client address (IPv6: one /64) may
+                             have; past it new ones are closed at once (default 0: no
+                             limit)
       --connect-timeout DUR  time to connect to one target (default 5s)
       --idle-timeout DUR     close a connection that moved no byte for this long
                              (default 1h; 0 disables)
       --drain-timeout DUR    how long open connections may finish after their port is
                              removed or on SIGTERM (default 30s)
+      --preread-timeout DUR  on a port where apps have Hostnames, how long a client may
+                             take to send its whole TLS ClientHello (default 5s)
       --reload-interval DUR  how often the config file's mtime is checked (default 1s)
       --log-level LEVEL      error, warn, info or debug (default info)
       --log-format FORMAT    text or json (default text)
@@ -217,9 +241,40 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             "no command given: use 'simple', 'bpf', 'check', 'status' or 'upgrade'",
         ));
     };
-    let (name, mut mode): (&'static str, Option<Mode>) = match first.as_str() {
+    match first.as_str() {
         "-h" | "--help" | "help" => return Ok(Command::Help(HELP)),
         "-V" | "--version" => return Ok(Command::Version),
+        _ => {}
+    }
+    let (name, mut mode) = command_named(&first)?;
+    let cmd = Some(name);
+    let mut s = Settings::default();
+    let mut rest = args.peekable();
+    while let Some(arg) = rest.next() {
+        // Accept both `--opt value` and `--opt=value`.
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |what: &str| -> Result<String, UsageError> {
+            inline
+                .clone()
+                .or_else(|| rest.next())
+                .ok_or_else(|| usage(cmd, &format!("{flag} needs a value ({what})")))
+        };
+        if let Some(now) = option(name, &flag, &mut value, &mut s, &mut mode)? {
+            return Ok(now);
+        }
+    }
+    finish(name, mode, s)
+}
+
+/// A value for the option being parsed, asked for with a description of what it should be.
+type Value<'a> = dyn FnMut(&str) -> Result<String, UsageError> + 'a;
+
+/// The command named first, and its mode if it runs the proxy.
+fn command_named(first: &str) -> Result<(&'static str, Option<Mode>), UsageError> {
+    Ok(match first {
         "simple" => ("simple", Some(Mode::Simple)),
         "bpf" => (
             "bpf",
@@ -239,142 +294,180 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             ),
             ))
         }
-    };
+    })
+}
+
+/// Take one option of command `name` into `s` or `mode`. Some: a command to carry out at
+/// once instead (--help, --version).
+fn option(
+    name: &'static str,
+    flag: &str,
+    value: &mut Value,
+    s: &mut Settings,
+    mode: &mut Option<Mode>,
+) -> Result<Option<Command>, UsageError> {
     let cmd = Some(name);
-    let mut s = Settings::default();
-    let mut rest = args.peekable();
-    while let Some(arg) = rest.next() {
-        // Accept both `--opt value` and `--opt=value`.
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |what: &str| -> Result<String, UsageError> {
-            inline
-                .clone()
-                .or_else(|| rest.next())
-                .ok_or_else(|| usage(cmd, &format!("{flag} needs a value ({what})")))
-        };
-        let runs = mode.is_some();
-        match flag.as_str() {
-            "-h" | "--help" => {
-                return Ok(Command::Help(match name {
-                    "simple" => SIMPLE_HELP,
-                    "bpf" => BPF_HELP,
-                    "status" => STATUS_HELP,
-                    "upgrade" => UPGRADE_HELP,
-                    _ => CHECK_HELP,
-                }))
-            }
-            "-V" | "--version" => return Ok(Command::Version),
-            "-c" | "--config" if name != "status" && name != "upgrade" => {
-                s.config = PathBuf::from(value("a file path")?)
-            }
-            "--max-connections" if runs => {
-                let v = value("a number")?;
-                s.max_connections = match v.parse::<usize>() {
-                    Ok(n) if n > 0 => n,
-                    _ => {
-                        return Err(usage(
-                            cmd,
-                            &format!("--max-connections: '{v}' is not a whole number above 0"),
-                        ))
-                    }
-                }
-            }
-            "--connect-timeout" if runs => {
-                s.connect_timeout =
-                    nonzero(cmd, &flag, duration(cmd, &flag, &value("a duration")?)?)?
-            }
-            "--idle-timeout" if runs => {
-                let d = duration(cmd, &flag, &value("a duration")?)?;
-                s.idle_timeout = (!d.is_zero()).then_some(d);
-            }
-            "--drain-timeout" if runs => {
-                s.drain_timeout = duration(cmd, &flag, &value("a duration")?)?
-            }
-            "--reload-interval" if runs => {
-                s.reload_interval =
-                    nonzero(cmd, &flag, duration(cmd, &flag, &value("a duration")?)?)?
-            }
-            "--pid-file" if runs || name == "upgrade" => {
-                s.pid_file = Some(PathBuf::from(value("a file path")?));
-            }
-            "--user" if runs => {
-                let v = value("a user name or uid")?;
-                if v.is_empty() {
-                    return Err(usage(cmd, "--user: needs a user name or uid"));
-                }
-                s.user = Some(v);
-            }
-            "--group" if runs => {
-                let v = value("a group name or gid")?;
-                if v.is_empty() {
-                    return Err(usage(cmd, "--group: needs a group name or gid"));
-                }
-                s.group = Some(v);
-            }
-            "--log-format" if runs => {
-                let v = value("text or json")?;
-                s.log_format = Format::parse(&v).ok_or_else(|| {
-                    usage(cmd, &format!("--log-format: '{v}' is not text or json"))
-                })?;
-            }
-            "--metrics" if runs || name == "status" => {
-                let v = value("an address like 127.0.0.1:9100")?;
-                s.metrics = Some(v.parse::<SocketAddr>().map_err(|_| {
-                    usage(
+    let runs = mode.is_some();
+    match flag {
+        "-h" | "--help" => return Ok(Some(Command::Help(help_of(name)))),
+        "-V" | "--version" => return Ok(Some(Command::Version)),
+        "-c" | "--config" if name != "status" && name != "upgrade" => {
+            s.config = PathBuf::from(value("a file path")?)
+        }
+        "--pid-file" if runs || name == "upgrade" => {
+            s.pid_file = Some(PathBuf::from(value("a file path")?));
+        }
+        "--metrics" if runs || name == "status" => {
+            let v = value("an address like 127.0.0.1:9100")?;
+            s.metrics = Some(v.parse::<SocketAddr>().map_err(|_| {
+                usage(
+                    cmd,
+                    &format!("--metrics: '{v}' is not an address like 127.0.0.1:9100"),
+                )
+            })?);
+        }
+        "-p" | "--port" | "--bind" if name == "bpf" => bpf_option(cmd, flag, value, mode)?,
+        _ if runs && run_option(cmd, flag, value, s)? => {}
+        other if other.starts_with('-') => {
+            return Err(usage(
+                cmd,
+                &format!("unknown option '{other}' for '{name}'"),
+            ))
+        }
+        other => return Err(usage(cmd, &format!("unexpected argument '{other}'"))),
+    }
+    Ok(None)
+}
+
+/// The help text of command `name`.
+fn help_of(name: &str) -> &'static str {
+    match name {
+        "simple" => SIMPLE_HELP,
+        "bpf" => BPF_HELP,
+        "status" => STATUS_HELP,
+        "upgrade" => UPGRADE_HELP,
+        _ => CHECK_HELP,
+    }
+}
+
+/// The options of both modes that only tune the proxy; false if `flag` is none of them.
+fn run_option(
+    cmd: Option<&'static str>,
+    flag: &str,
+    value: &mut Value,
+    s: &mut Settings,
+) -> Result<bool, UsageError> {
+    match flag {
+        "--max-connections" => {
+            let v = value("a number")?;
+            s.max_connections = match v.parse::<usize>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(usage(
                         cmd,
-                        &format!("--metrics: '{v}' is not an address like 127.0.0.1:9100"),
-                    )
-                })?);
-            }
-            "--log-level" if runs => {
-                let v = value("error, warn, info or debug")?;
-                s.log_level = Level::parse(&v).ok_or_else(|| {
-                    usage(
-                        cmd,
-                        &format!("--log-level: '{v}' is not error, warn, info or debug"),
-                    )
-                })?;
-            }
-            "-p" | "--port" if name == "bpf" => {
-                let v = value("a port")?;
-                let p = match v.parse::<u16>() {
-                    Ok(p) if p > 0 => p,
-                    _ => {
-                        return Err(usage(
-                            cmd,
-                            &format!("{flag}: '{v}' is not a port (1-65535)"),
-                        ))
-                    }
-                };
-                if let Some(Mode::Bpf { port, .. }) = mode.as_mut() {
-                    *port = p;
+                        &format!("--max-connections: '{v}' is not a whole number above 0"),
+                    ))
                 }
             }
-            "--bind" if name == "bpf" => {
-                let v = value("an IP address")?;
-                let ip = v
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse::<IpAddr>()
-                    .map_err(|_| usage(cmd, &format!("--bind: '{v}' is not an IP address")))?;
-                if let Some(Mode::Bpf { bind, .. }) = mode.as_mut() {
-                    *bind = Some(ip);
-                }
+        }
+        "--max-connections-per-client" => {
+            let v = value("a number")?;
+            s.max_connections_per_client = v.parse::<usize>().map_err(|_| {
+                usage(
+                    cmd,
+                    &format!(
+                        "--max-connections-per-client: '{v}' is not a whole number (0: no limit)"
+                    ),
+                )
+            })?;
+        }
+        "--connect-timeout" => {
+            s.connect_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
+        }
+        "--idle-timeout" => {
+            let d = duration(cmd, flag, &value("a duration")?)?;
+            s.idle_timeout = (!d.is_zero()).then_some(d);
+        }
+        "--drain-timeout" => s.drain_timeout = duration(cmd, flag, &value("a duration")?)?,
+        "--preread-timeout" => {
+            s.preread_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
+        }
+        "--reload-interval" => {
+            s.reload_interval = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
+        }
+        "--user" => {
+            let v = value("a user name or uid")?;
+            if v.is_empty() {
+                return Err(usage(cmd, "--user: needs a user name or uid"));
             }
-            other if other.starts_with('-') => {
+            s.user = Some(v);
+        }
+        "--group" => {
+            let v = value("a group name or gid")?;
+            if v.is_empty() {
+                return Err(usage(cmd, "--group: needs a group name or gid"));
+            }
+            s.group = Some(v);
+        }
+        "--log-format" => {
+            let v = value("text or json")?;
+            s.log_format = Format::parse(&v)
+                .ok_or_else(|| usage(cmd, &format!("--log-format: '{v}' is not text or json")))?;
+        }
+        "--log-level" => {
+            let v = value("error, warn, info or debug")?;
+            s.log_level = Level::parse(&v).ok_or_else(|| {
+                usage(
+                    cmd,
+                    &format!("--log-level: '{v}' is not error, warn, info or debug"),
+                )
+            })?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// bpf mode's own options: the listener's port and address.
+fn bpf_option(
+    cmd: Option<&'static str>,
+    flag: &str,
+    value: &mut Value,
+    mode: &mut Option<Mode>,
+) -> Result<(), UsageError> {
+    let Some(Mode::Bpf { port, bind }) = mode.as_mut() else {
+        return Ok(());
+    };
+    if flag == "--bind" {
+        let v = value("an IP address")?;
+        let ip = v
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .map_err(|_| usage(cmd, &format!("--bind: '{v}' is not an IP address")))?;
+        *bind = Some(ip);
+    } else {
+        let v = value("a port")?;
+        *port = match v.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => {
                 return Err(usage(
                     cmd,
-                    &format!("unknown option '{other}' for '{name}'"),
+                    &format!("{flag}: '{v}' is not a port (1-65535)"),
                 ))
             }
-            other => return Err(usage(cmd, &format!("unexpected argument '{other}'"))),
-        }
+        };
     }
+    Ok(())
+}
+
+/// The command the options of `name` make up, once all are read.
+fn finish(name: &'static str, mode: Option<Mode>, s: Settings) -> Result<Command, UsageError> {
     if s.group.is_some() && s.user.is_none() {
-        return Err(usage(cmd, "--group needs --user (the user to run as)"));
+        return Err(usage(
+            Some(name),
+            "--group needs --user (the user to run as)",
+        ));
     }
     Ok(match mode {
         Some(m) => Command::Run(m, s),
@@ -382,7 +475,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             Some(pid_file) => Command::Upgrade { pid_file },
             None => {
                 return Err(usage(
-                    cmd,
+                    Some(name),
                     "upgrade needs --pid-file PATH (the running proxy's)",
                 ))
             }
@@ -475,6 +568,12 @@ mod tests {
         };
         assert_eq!(s.config, PathBuf::from("x.json"));
         assert_eq!(s.max_connections, 4096);
+        assert_eq!(s.max_connections_per_client, 0);
+        let Ok(Command::Run(_, s)) = run(&["simple", "--max-connections-per-client=10"]) else {
+            panic!()
+        };
+        assert_eq!(s.max_connections_per_client, 10);
+        assert!(run(&["simple", "--max-connections-per-client", "-1"]).is_err());
         assert!(run(&["simple", "-p", "80"]).is_err());
         assert!(run(&["check", "--max-connections", "5"]).is_err());
         assert!(run(&["simple", "--connect-timeout", "0"]).is_err());

@@ -4,13 +4,15 @@
 //! message and an exit code: 0 done, 1 could not run (bad config, port in use, missing
 //! privileges), 2 bad command line.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
 
 use flyproxy::backends::loops;
-use flyproxy::cli::{self, Command, Mode};
-use flyproxy::frontend::{self, ports, simple};
+use flyproxy::cli::{self, Command, Mode, Settings};
+use flyproxy::frontend;
 use flyproxy::ops::{log, metrics, pidfile, upgrade};
-use flyproxy::{bpf, config, error};
+use flyproxy::{config, error};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -29,102 +31,110 @@ fn main() -> ExitCode {
             println!("flyproxy {}", cli::VERSION);
             ExitCode::SUCCESS
         }
-        Command::Upgrade { pid_file } => {
-            match send_upgrade(&pid_file) {
-                Ok(pid) => {
-                    println!("sent SIGUSR2 to flyproxy pid {pid}: it upgrades to the binary now at its path");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("flyproxy: upgrade: {}: {e}", pid_file.display());
-                    ExitCode::FAILURE
-                }
-            }
-        }
-        Command::Status { metrics } => match metrics::fetch_status(metrics) {
-            Ok(page) => {
-                print!("{page}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!(
-                    "flyproxy: cannot read the status from {metrics}: {e}\n(is flyproxy running with --metrics {metrics}?)"
-                );
-                ExitCode::FAILURE
-            }
-        },
-        // The loop check needs no mode: see `loops`.
-        Command::Check { config } => match config::Config::load(&config).and_then(|c| {
-            let problems = loops::problems(&c);
-            if problems.is_empty() {
-                Ok(c)
-            } else {
-                Err(config::ConfigError {
-                    path: config.clone(),
-                    problems,
-                })
-            }
-        }) {
-            Ok(c) => {
-                println!("{}: ok: {}", config.display(), c.summary());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                println!("{e}");
-                println!("{}: {} problems found", config.display(), e.problems.len());
-                ExitCode::FAILURE
-            }
-        },
-        Command::Run(mode, settings) => {
-            log::set_level(settings.log_level);
-            log::set_format(settings.log_format);
-            // Before any thread starts: this reads and clears the environment.
-            let inherited = match upgrade::Inherited::from_env() {
-                Ok(i) => i,
-                Err(e) => {
-                    error!("{e}");
-                    error!("exiting with status 1");
-                    log::flush();
-                    return ExitCode::FAILURE;
-                }
-            };
-            let handed = frontend::Handed {
-                exec: upgrade::Exec::current().ok(),
-                ready: inherited.ready,
-                adopted: inherited.listeners.len(),
-                metrics: inherited.metrics,
-            };
-            let listeners = inherited.listeners;
-            let result = match mode {
-                Mode::Simple => frontend::run(settings, "simple", handed, || {
-                    Ok(Box::new(simple::PerPort::new(listeners)) as Box<dyn ports::PortSource>)
-                }),
-                Mode::Bpf { port, bind } => frontend::run(settings, "bpf", handed, move || {
-                    bpf::listener::Steered::start(port, bind, listeners)
-                        .map(|s| Box::new(s) as Box<dyn ports::PortSource>)
-                        .map_err(|e| frontend::StartError::Mode(e.to_string()))
-                }),
-            };
-            let code = match result {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    for line in e.to_string().lines() {
-                        error!("{line}");
-                    }
-                    error!("exiting with status 1");
-                    ExitCode::FAILURE
-                }
-            };
-            // Lines are written by a background thread: let it finish before the process ends.
+        Command::Upgrade { pid_file } => request_upgrade(&pid_file),
+        Command::Status { metrics } => status(metrics),
+        Command::Check { config } => check(&config),
+        Command::Run(mode, settings) => run(mode, settings),
+    }
+}
+
+/// `flyproxy simple` and `flyproxy bpf`: serve until stopped.
+fn run(mode: Mode, settings: Settings) -> ExitCode {
+    log::set_level(settings.log_level);
+    log::set_format(settings.log_format);
+    // Before any thread starts: this reads and clears the environment.
+    let inherited = match upgrade::Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            error!("{e}");
+            error!("exiting with status 1");
             log::flush();
-            code
+            return ExitCode::FAILURE;
+        }
+    };
+    let handed = frontend::Handed {
+        exec: upgrade::Exec::current().ok(),
+        ready: inherited.ready,
+        listeners: inherited.listeners,
+        metrics: inherited.metrics,
+    };
+    let code = match frontend::run(settings, mode, handed) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                error!("{line}");
+            }
+            error!("exiting with status 1");
+            ExitCode::FAILURE
+        }
+    };
+    // Lines are written by a background thread: let it finish before the process ends.
+    log::flush();
+    code
+}
+
+/// `flyproxy check`: validate a config file.
+fn check(config: &Path) -> ExitCode {
+    // The loop check needs no mode: see `loops`.
+    let checked = config::Config::load(config).and_then(|c| {
+        let problems = loops::problems(&c);
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(config::ConfigError {
+                path: config.to_owned(),
+                problems,
+            })
+        }
+    });
+    match checked {
+        Ok(c) => {
+            println!("{}: ok: {}", config.display(), c.summary());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            println!("{}: {} problems found", config.display(), e.problems.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flyproxy status`: print a running proxy's status page.
+fn status(metrics: SocketAddr) -> ExitCode {
+    match metrics::fetch_status(metrics) {
+        Ok(page) => {
+            print!("{page}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "flyproxy: cannot read the status from {metrics}: {e}\n(is flyproxy running with --metrics {metrics}?)"
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flyproxy upgrade`: tell the running proxy to upgrade.
+fn request_upgrade(pid_file: &Path) -> ExitCode {
+    match send_upgrade(pid_file) {
+        Ok(pid) => {
+            println!(
+                "sent SIGUSR2 to flyproxy pid {pid}: it upgrades to the binary now at its path"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flyproxy: upgrade: {}: {e}", pid_file.display());
+            ExitCode::FAILURE
         }
     }
 }
 
 /// `flyproxy upgrade`: signal the proxy named by its pid file, once it is known to be a
 /// flyproxy of the caller's.
-fn send_upgrade(pid_file: &std::path::Path) -> Result<i32, String> {
+fn send_upgrade(pid_file: &Path) -> Result<i32, String> {
     let pid = pidfile::read_checked(pid_file)?;
     // SAFETY: kill(2) with a positive pid and a valid signal number.
     if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {

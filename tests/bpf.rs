@@ -270,7 +270,7 @@ fn failed_map_write_keeps_the_proxy_serving() {
             error.contains(" ERROR ")
                 && error.contains(
                     "bpf: cannot update the port map for 1 ports (first: port 7003: \
-                     adding port 7003 to the BPF ports map failed: "
+                     adding port 7003 to the BPF bindings map failed: "
                 )
                 && error.contains("retrying at every reload tick"),
             "{error}"
@@ -422,122 +422,149 @@ fn sigkill_leaves_nothing_attached() {
 fn upgrade_hands_steering_to_the_new_process_without_refusing() {
     netns::run(
         "upgrade_hands_steering_to_the_new_process_without_refusing",
-        |ns| {
-            let alpha = Backend::tagged("alpha");
-            let beta = Backend::tagged("beta");
-            let mut proxy = netns::start(
-                &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-                &["--drain-timeout", "60s"],
-            );
-            let old = ns.steering(proxy.pid);
-            let mut open = connect(v4(7002));
-            assert_eq!(read_line(&mut open), "alpha");
-
-            // Clients connecting all along, over both families.
-            let stop = Arc::new(AtomicBool::new(false));
-            // Stops the clients however the test ends.
-            struct Stop(Arc<AtomicBool>);
-            impl Drop for Stop {
-                fn drop(&mut self) {
-                    self.0.store(true, Ordering::Release);
-                }
-            }
-            let _stop_clients = Stop(Arc::clone(&stop));
-            let clients = {
-                let stop = Arc::clone(&stop);
-                thread::spawn(move || {
-                    let (mut ok, mut failed) = (0usize, Vec::new());
-                    for i in 0..1_000_000usize {
-                        if stop.load(Ordering::Acquire) {
-                            break;
-                        }
-                        let (addr, want) = if i % 2 == 0 {
-                            (v4(7001), "alpha")
-                        } else {
-                            (v6(7101), "beta")
-                        };
-                        match netns::try_ask(addr) {
-                            Ok(tag) if tag == want => ok += 1,
-                            Ok(tag) => failed.push(format!("{addr}: served by {tag}")),
-                            Err(e) => failed.push(e),
-                        }
-                    }
-                    (ok, failed)
-                })
-            };
-            wait_for("clients under way", WAIT, || {
-                (proxy.lines(|l| l.contains(" conn ")).len() >= 20).then_some(())
-            });
-
-            let mark = proxy.mark();
-            proxy.signal(libc::SIGUSR2);
-            let started = proxy.wait_log_since(mark, "upgrade started", |l| {
-                l.contains(" upgrade: started ")
-            });
-            let new_pid: u32 = started
-                .split(" as pid ")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("no pid in {started:?}"));
-            let new = netns::Stray(new_pid);
-            proxy.wait_log_since(mark, "handed over", |l| {
-                l.contains(&format!(" upgrade: pid {new_pid} is serving; "))
-            });
-
-            // The old program goes once the new one is attached: exactly one link, the new
-            // process's, while the old process still drains.
-            let links = wait_for("the old program detached", WAIT, || {
-                let links = ns.links();
-                (links.len() == 1 && links[0].1 != old.prog).then_some(links)
-            });
-            let steering = ns.steering(new_pid);
-            assert_eq!(links, vec![(steering.link, steering.prog)]);
-            assert_eq!(steering.ports(), set(&[7001, 7002, 7101]));
-            assert!(
-                proxy.try_status().is_none(),
-                "the old process left its connection"
-            );
-
-            // Keep the clients going a little past the switch, then look at what they saw.
-            let after = proxy.mark();
-            wait_for("clients served by the new process", WAIT, || {
-                (proxy.lines_since(after, |l| l.contains(" conn ")).len() >= 20).then_some(())
-            });
-            stop.store(true, Ordering::Release);
-            let (ok, failed) = clients.join().expect("client thread");
-            assert!(
-                failed.is_empty(),
-                "{} of {} connections failed during the upgrade: {failed:#?}",
-                failed.len(),
-                ok + failed.len()
-            );
-            assert!(ok >= 40, "only {ok} connections");
-
-            // The old process still relays its connection, then exits 0 once it closes.
-            roundtrip(&mut open, b"through the old process\n");
-            open.shutdown(Shutdown::Write).unwrap();
-            expect_closed(&mut open, WAIT);
-            let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
-            assert_eq!(status.code(), Some(0));
-
-            // The new process serves and reloads.
-            assert_reaches(7001, "alpha");
-            let ok = netns::reload(
-                &proxy,
-                &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]),
-            );
-            assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
-            assert_reaches(7003, "alpha");
-            assert_eq!(ns.links().len(), 1);
-
-            new.signal(libc::SIGTERM);
-            wait_for("the new process to exit", WAIT, || new.gone().then_some(()));
-            ns.wait_nothing_attached(&steering);
-            ns.wait_nothing_attached(&old);
-            assert_refused(7001);
-        },
+        upgrade_hands_steering,
     );
+}
+
+fn upgrade_hands_steering(ns: netns::Netns) {
+    let alpha = Backend::tagged("alpha");
+    let beta = Backend::tagged("beta");
+    let mut proxy = netns::start(
+        &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
+        &["--drain-timeout", "60s"],
+    );
+    let old = ns.steering(proxy.pid);
+    let mut open = connect(v4(7002));
+    assert_eq!(read_line(&mut open), "alpha");
+
+    let clients = AlternatingClients::start();
+    wait_for("clients under way", WAIT, || {
+        (proxy.lines(|l| l.contains(" conn ")).len() >= 20).then_some(())
+    });
+    let new_pid = upgrade_and_wait_served(&proxy);
+    let new = netns::Stray(new_pid);
+
+    // The old program goes once the new one is attached: exactly one link, the new
+    // process's, while the old process still drains.
+    let links = wait_for("the old program detached", WAIT, || {
+        let links = ns.links();
+        (links.len() == 1 && links[0].1 != old.prog).then_some(links)
+    });
+    let steering = ns.steering(new_pid);
+    assert_eq!(links, vec![(steering.link, steering.prog)]);
+    assert_eq!(steering.ports(), set(&[7001, 7002, 7101]));
+    assert!(
+        proxy.try_status().is_none(),
+        "the old process left its connection"
+    );
+
+    // Keep the clients going a little past the switch, then look at what they saw.
+    let after = proxy.mark();
+    wait_for("clients served by the new process", WAIT, || {
+        (proxy.lines_since(after, |l| l.contains(" conn ")).len() >= 20).then_some(())
+    });
+    clients.stop_and_check();
+
+    // The old process still relays its connection, then exits 0 once it closes.
+    roundtrip(&mut open, b"through the old process\n");
+    open.shutdown(Shutdown::Write).unwrap();
+    expect_closed(&mut open, WAIT);
+    let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
+    assert_eq!(status.code(), Some(0));
+
+    // The new process serves and reloads.
+    assert_reaches(7001, "alpha");
+    let ok = netns::reload(
+        &proxy,
+        &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]),
+    );
+    assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
+    assert_reaches(7003, "alpha");
+    assert_eq!(ns.links().len(), 1);
+
+    new.signal(libc::SIGTERM);
+    wait_for("the new process to exit", WAIT, || new.gone().then_some(()));
+    ns.wait_nothing_attached(&steering);
+    ns.wait_nothing_attached(&old);
+    assert_refused(7001);
+}
+
+/// SIGUSR2 to `proxy`: the pid of the new process, once it says it serves.
+fn upgrade_and_wait_served(proxy: &common::Proxy) -> u32 {
+    let mark = proxy.mark();
+    proxy.signal(libc::SIGUSR2);
+    let started = proxy.wait_log_since(mark, "upgrade started", |l| {
+        l.contains(" upgrade: started ")
+    });
+    let new_pid: u32 = started
+        .split(" as pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {started:?}"));
+    proxy.wait_log_since(mark, "handed over", |l| {
+        l.contains(&format!(" upgrade: pid {new_pid} is serving; "))
+    });
+    new_pid
+}
+
+/// Clients connecting all along, over both families (7001 on IPv4 to alpha, 7101 on IPv6 to
+/// beta, in turn); stopped however the test ends.
+struct AlternatingClients {
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl AlternatingClients {
+    fn start() -> AlternatingClients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut ok, mut failed) = (0usize, Vec::new());
+                for i in 0..1_000_000usize {
+                    if stop.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let (addr, want) = if i % 2 == 0 {
+                        (v4(7001), "alpha")
+                    } else {
+                        (v6(7101), "beta")
+                    };
+                    match netns::try_ask(addr) {
+                        Ok(tag) if tag == want => ok += 1,
+                        Ok(tag) => failed.push(format!("{addr}: served by {tag}")),
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        };
+        AlternatingClients {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop the clients: none failed, and at least 40 were served.
+    fn stop_and_check(mut self) {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().expect("the client thread, once");
+        let (ok, failed) = thread.join().expect("client thread");
+        assert!(
+            failed.is_empty(),
+            "{} of {} connections failed during the upgrade: {failed:#?}",
+            failed.len(),
+            ok + failed.len()
+        );
+        assert!(ok >= 40, "only {ok} connections");
+    }
+}
+
+impl Drop for AlternatingClients {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
 }
 
 /// `--bind 127.0.0.1` claims nothing on IPv6: an IPv6 connection to a configured port is left

@@ -47,6 +47,7 @@ fn help_and_version_exit_0() {
     for opt in [
         "--config",
         "--max-connections",
+        "--max-connections-per-client",
         "--connect-timeout",
         "--idle-timeout",
         "--drain-timeout",
@@ -168,8 +169,16 @@ fn check_accepts_the_original_challenge_config() {
 #[test]
 fn check_reports_each_kind_of_problem() {
     let dir = TempDir::new("check");
+    for (i, (what, json, want)) in problem_cases().iter().enumerate() {
+        check_reports_one_problem(&dir, &format!("c{i}.json"), what, json, want);
+    }
+    check_reports_a_missing_file(&dir);
+}
+
+/// Each kind of problem: what it is, a file with only it, and what the report must say.
+fn problem_cases() -> Vec<(&'static str, String, &'static str)> {
     let ok_app = r#"{"Name":"ok","Ports":[100],"Targets":["h:1"]}"#;
-    let cases: &[(&str, String, &str)] = &[
+    vec![
         (
             "unknown top-level key",
             format!(r#"{{"Apps":[{ok_app}],"Extra":1}}"#),
@@ -260,36 +269,42 @@ fn check_reports_each_kind_of_problem() {
         (
             "ports not numbers",
             r#"{"Apps":[{"Name":"a","Ports":["80"],"Targets":["h:1"]}]}"#.into(),
-            "not a valid config",
+            r#"app "a": Ports: "80" is not a range "A-B""#,
         ),
-    ];
-    for (i, (what, json, want)) in cases.iter().enumerate() {
-        let (o, path) = check(&dir, &format!("c{i}.json"), json);
-        assert_eq!(o.code, Some(1), "{what}: {}", o.stdout);
-        let lines: Vec<&str> = o.stdout.lines().collect();
-        let problems: Vec<&str> = lines
-            .iter()
-            .copied()
-            .filter(|l| !l.ends_with("problems found"))
-            .collect();
-        assert_eq!(
-            problems.len(),
-            1,
-            "{what}: expected one problem:\n{}",
-            o.stdout
-        );
-        assert!(
-            problems[0].starts_with(&format!("{path}: ")) && problems[0].contains(want),
-            "{what}: {want:?} not in {:?}",
-            problems[0]
-        );
-        assert_eq!(
-            lines.last(),
-            Some(&format!("{path}: 1 problems found").as_str()),
-            "{what}"
-        );
-    }
-    // A file that is not there.
+    ]
+}
+
+/// `check` of a file with one problem: exit 1, the problem on a line of its own that names
+/// the file and says `want`, and the count.
+fn check_reports_one_problem(dir: &TempDir, name: &str, what: &str, json: &str, want: &str) {
+    let (o, path) = check(dir, name, json);
+    assert_eq!(o.code, Some(1), "{what}: {}", o.stdout);
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    let problems: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| !l.ends_with("problems found"))
+        .collect();
+    assert_eq!(
+        problems.len(),
+        1,
+        "{what}: expected one problem:\n{}",
+        o.stdout
+    );
+    assert!(
+        problems[0].starts_with(&format!("{path}: ")) && problems[0].contains(want),
+        "{what}: {want:?} not in {:?}",
+        problems[0]
+    );
+    assert_eq!(
+        lines.last(),
+        Some(&format!("{path}: 1 problems found").as_str()),
+        "{what}"
+    );
+}
+
+/// A file that is not there.
+fn check_reports_a_missing_file(dir: &TempDir) {
     let missing = dir.path.join("missing.json").display().to_string();
     let o = run(&["check", "-c", &missing]);
     assert_eq!(o.code, Some(1));
@@ -324,16 +339,8 @@ fn check_reports_every_problem_at_once() {
         r#"app "c": Ports: missing or empty"#,
         r#"app "c": Targets: "::1:80" looks like an IPv6 address"#,
     ];
+    expect_problems(&o.stdout, &path, &want);
     let lines: Vec<&str> = o.stdout.lines().collect();
-    for w in want {
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.starts_with(&format!("{path}: ")) && l.contains(w)),
-            "{w:?} missing:\n{}",
-            o.stdout
-        );
-    }
     assert_eq!(lines.len(), want.len() + 1, "{}", o.stdout);
     assert_eq!(
         lines.last().unwrap(),

@@ -107,24 +107,49 @@ fn a_limit_of_one_serves_connections_in_turn() {
     assert!(p.threads() <= 1 + OTHER_THREADS);
 }
 
-/// Read exactly `want.len()` bytes (waiting up to `WAIT`) and compare.
-fn expect_reply(s: &mut TcpStream, want: &[u8]) {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got).expect("read the delayed echo");
-    assert_eq!(got, want);
-}
-
 /// Under a low open-file limit the proxy lowers its bound to what fits (saying so), and then
 /// serves every connection within that bound, also after a burst of bulk traffic.
 #[test]
 fn a_low_fd_limit_lowers_the_bound_and_connections_within_it_are_served() {
+    let echo = Backend::echo();
+    let p = start_with_nofile(&echo);
+    let bound = the_bound_is_lowered_to_fit(&p);
+    let (base, after_burst) = a_stalled_bulk_burst_is_relayed(&p, bound);
+    // Then as many connections as the bound allows, all open at once: each is served.
+    let mut open = Vec::new();
+    for i in 0..bound {
+        let mut s = connect(p.v4(0));
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(format!("{i:04}").as_bytes()).unwrap();
+        open.push(s);
+    }
+    for (i, s) in open.iter_mut().enumerate() {
+        let mut got = [0u8; 4];
+        if let Err(e) = s.read_exact(&mut got) {
+            panic!(
+                "connection {i} of {bound} (within the bound) not served: {e}\n\
+                 ({base} descriptors open at start, {after_burst} after the burst)\n{}",
+                p.lines(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .join("\n")
+            );
+        }
+        assert_eq!(&got, format!("{i:04}").as_bytes());
+    }
+    let failed: Vec<String> =
+        p.lines(|l| l.contains("end=connect_failed") || l.contains("accept failed"));
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// The open-file limit the proxy gets.
+const NOFILE: u64 = 256;
+/// Bytes each way on each connection of the burst.
+const BULK: usize = 8 << 20;
+
+/// The proxy in simple mode on one port of `echo`, under an open-file limit of NOFILE.
+fn start_with_nofile(echo: &Backend) -> Proxy {
     use std::os::unix::process::CommandExt;
     use std::process::Command;
-    use std::thread;
 
-    const NOFILE: u64 = 256;
-    let echo = Backend::echo();
     let ports = free_ports(1);
     let dir = TempDir::new("fdlimit");
     let cfg = dir.write(
@@ -149,6 +174,11 @@ fn a_low_fd_limit_lowers_the_bound_and_connections_within_it_are_served() {
     let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
     p.ports = ports;
     p.wait_started().expect("started");
+    p
+}
+
+/// The proxy says it lowers its bound, and starts with it: the bound.
+fn the_bound_is_lowered_to_fit(p: &Proxy) -> usize {
     let warn = p.wait_log("the bound lowered", |l| l.contains("lowering the bound to"));
     let bound: usize = warn
         .rsplit("lowering the bound to ")
@@ -161,11 +191,16 @@ fn a_low_fd_limit_lowers_the_bound_and_connections_within_it_are_served() {
         "{started}"
     );
     assert!(bound >= 10 && (bound as u64) * 2 < NOFILE, "bound {bound}");
+    bound
+}
 
-    // A burst of bulk traffic whose readers stall for a moment, so that many connections
-    // have bytes in flight both ways at once; then everything is read and closed.
+/// A burst of bulk traffic whose readers stall for a moment, so that many connections have
+/// bytes in flight both ways at once; then everything is read and closed. The proxy's
+/// descriptors before and after.
+fn a_stalled_bulk_burst_is_relayed(p: &Proxy, bound: usize) -> (usize, usize) {
+    use std::thread;
+
     let stalled = bound.min(36);
-    const BULK: usize = 8 << 20;
     let fds = || {
         std::fs::read_dir(format!("/proc/{}/fd", p.pid))
             .map(|d| d.count())
@@ -208,29 +243,5 @@ fn a_low_fd_limit_lowers_the_bound_and_connections_within_it_are_served() {
     wait_for("the bulk connections to close", WAIT, || {
         (p.conns().len() >= stalled).then_some(())
     });
-    let after_burst = fds();
-
-    // Then as many connections as the bound allows, all open at once: each is served.
-    let mut open = Vec::new();
-    for i in 0..bound {
-        let mut s = connect(p.v4(0));
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        s.write_all(format!("{i:04}").as_bytes()).unwrap();
-        open.push(s);
-    }
-    for (i, s) in open.iter_mut().enumerate() {
-        let mut got = [0u8; 4];
-        if let Err(e) = s.read_exact(&mut got) {
-            panic!(
-                "connection {i} of {bound} (within the bound) not served: {e}\n\
-                 ({base} descriptors open at start, {after_burst} after the burst)\n{}",
-                p.lines(|l| l.contains("WARN") || l.contains("ERROR"))
-                    .join("\n")
-            );
-        }
-        assert_eq!(&got, format!("{i:04}").as_bytes());
-    }
-    let failed: Vec<String> =
-        p.lines(|l| l.contains("end=connect_failed") || l.contains("accept failed"));
-    assert!(failed.is_empty(), "{failed:#?}");
+    (base, fds())
 }

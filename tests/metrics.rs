@@ -9,7 +9,7 @@ mod common;
 #[allow(dead_code)]
 mod netns;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -20,451 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::metrics::*;
 use common::{
     app, canonical, config, connect, expect_closed, free_port, free_ports, read_line, roundtrip,
     wait_for, Backend, Proxy, Refusing, Rng, TempDir, BIN, WAIT,
 };
 use serde_json::Value;
 
-// ---------------------------------------------------------------------------------------------
-// HTTP against the endpoint
-
-/// One answer of the endpoint.
-#[derive(Debug)]
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Send `req` as is and read until the endpoint closes. The error, if reading ended in one,
-/// comes with whatever arrived before it.
-fn exchange(addr: SocketAddr, req: &[u8], timeout: Duration) -> (Vec<u8>, Option<io::Error>) {
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
-        .unwrap_or_else(|e| panic!("connect to the metrics endpoint {addr}: {e}"));
-    s.set_read_timeout(Some(timeout)).unwrap();
-    s.set_write_timeout(Some(timeout)).unwrap();
-    if let Err(e) = s.write_all(req) {
-        return (Vec::new(), Some(e));
-    }
-    read_all(&mut s)
-}
-
-fn read_all(s: &mut TcpStream) -> (Vec<u8>, Option<io::Error>) {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return (out, None),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (out, Some(e)),
-        }
-    }
-}
-
-/// Parse an HTTP/1.1 answer, checking what every answer of the endpoint must have: a status
-/// line, `Connection: close`, and a Content-Length that is the body's length.
-fn parse_response(raw: &[u8]) -> Response {
-    let text = String::from_utf8(raw.to_vec())
-        .unwrap_or_else(|_| panic!("answer is not UTF-8: {:?}", String::from_utf8_lossy(raw)));
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("answer without an end of head: {text:?}"));
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    let mut words = status_line.splitn(3, ' ');
-    assert_eq!(
-        words.next(),
-        Some("HTTP/1.1"),
-        "status line {status_line:?}"
-    );
-    let status: u16 = words
-        .next()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line {status_line:?}"));
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (k, v) = l
-                .split_once(": ")
-                .unwrap_or_else(|| panic!("header line {l:?}"));
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
-    let r = Response {
-        status,
-        headers,
-        body: body.to_owned(),
-    };
-    assert_eq!(
-        r.header("Content-Length").and_then(|v| v.parse().ok()),
-        Some(r.body.len()),
-        "Content-Length of {status_line:?}: {:?}",
-        r.headers
-    );
-    assert_eq!(r.header("Connection"), Some("close"), "{:?}", r.headers);
-    r
-}
-
-/// Send `req` and parse the answer; panics if there is none.
-fn request(addr: SocketAddr, req: &[u8]) -> Response {
-    let (raw, err) = exchange(addr, req, WAIT);
-    if let Some(e) = err {
-        panic!(
-            "request {:?}: {e} after {:?}",
-            String::from_utf8_lossy(req),
-            String::from_utf8_lossy(&raw)
-        );
-    }
-    parse_response(&raw)
-}
-
-fn get(addr: SocketAddr, path: &str) -> Response {
-    request(
-        addr,
-        format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: */*\r\n\r\n").as_bytes(),
-    )
-}
-
-/// `GET /metrics`, checked and parsed (a malformed exposition fails the test here).
-fn scrape(addr: SocketAddr) -> Exposition {
-    let r = get(addr, "/metrics");
-    assert_eq!(r.status, 200, "{r:?}");
-    let ctype = r.header("Content-Type").unwrap_or("");
-    assert!(
-        ctype.starts_with("text/plain") && ctype.contains("version=0.0.4"),
-        "Content-Type {ctype:?}"
-    );
-    Exposition::parse(&r.body)
-        .unwrap_or_else(|e| panic!("invalid exposition: {e}\n---- exposition ----\n{}", r.body))
-}
-
-/// A scrape once `ok` holds for it, polling up to `WAIT`; panics with the last one if never.
-fn scrape_until(addr: SocketAddr, what: &str, ok: impl Fn(&Exposition) -> bool) -> Exposition {
-    let last = Mutex::new(String::new());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let m = scrape(addr);
-        if ok(&m) {
-            return m;
-        }
-        *last.lock().unwrap() = m.text.clone();
-        if Instant::now() >= deadline {
-            panic!(
-                "timed out after {WAIT:?} waiting for {what}; last scrape:\n{}",
-                last.lock().unwrap()
-            );
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn metrics_addr() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
-}
-
-// ---------------------------------------------------------------------------------------------
-// The text exposition format 0.0.4, parsed strictly
-
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-#[derive(Debug)]
-struct Family {
-    name: String,
-    help: Option<String>,
-    kind: Option<String>,
-    samples: Vec<Sample>,
-}
-
-#[derive(Debug)]
-struct Exposition {
-    text: String,
-    families: Vec<Family>,
-}
-
-fn valid_metric_name(n: &str) -> bool {
-    let mut c = n.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_' || f == ':')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == ':')
-}
-
-fn valid_label_name(n: &str) -> bool {
-    let mut c = n.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-}
-
-/// A HELP docstring: `\\` and `\n` are its only escapes.
-fn unescape_help(s: &str) -> Result<String, String> {
-    let mut out = String::new();
-    let mut it = s.chars();
-    while let Some(c) = it.next() {
-        if c == '\\' {
-            match it.next() {
-                Some('\\') => out.push('\\'),
-                Some('n') => out.push('\n'),
-                other => return Err(format!("bad escape \\{other:?} in HELP")),
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    Ok(out)
-}
-
-/// A sample value: a Go-style float, including NaN and +Inf/-Inf.
-fn parse_value(s: &str) -> Result<f64, String> {
-    match s {
-        "NaN" => Ok(f64::NAN),
-        "+Inf" => Ok(f64::INFINITY),
-        "-Inf" => Ok(f64::NEG_INFINITY),
-        _ if s.is_empty() => Err("empty value".into()),
-        _ => s.parse::<f64>().map_err(|e| format!("value {s:?}: {e}")),
-    }
-}
-
-/// `name{label="value",...} value [timestamp]`.
-fn parse_sample(line: &str) -> Result<Sample, String> {
-    let end = line
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .unwrap_or(line.len());
-    let name = &line[..end];
-    if !valid_metric_name(name) {
-        return Err(format!("bad metric name {name:?}"));
-    }
-    let mut it = line[end..].chars().peekable();
-    let mut labels = BTreeMap::new();
-    if it.peek() == Some(&'{') {
-        it.next();
-        loop {
-            match it.peek() {
-                Some('}') => {
-                    it.next();
-                    break;
-                }
-                None => return Err("unterminated label set".into()),
-                _ => {}
-            }
-            let mut lname = String::new();
-            while let Some(&c) = it.peek() {
-                if c == '=' {
-                    break;
-                }
-                lname.push(c);
-                it.next();
-            }
-            if !valid_label_name(&lname) {
-                return Err(format!("bad label name {lname:?}"));
-            }
-            if lname.starts_with("__") {
-                return Err(format!("label name {lname:?} is reserved"));
-            }
-            if it.next() != Some('=') || it.next() != Some('"') {
-                return Err(format!("label {lname}: expected =\""));
-            }
-            let mut v = String::new();
-            loop {
-                match it.next() {
-                    None => return Err(format!("label {lname}: unterminated value")),
-                    Some('"') => break,
-                    Some('\\') => match it.next() {
-                        Some('\\') => v.push('\\'),
-                        Some('"') => v.push('"'),
-                        Some('n') => v.push('\n'),
-                        other => return Err(format!("label {lname}: bad escape \\{other:?}")),
-                    },
-                    Some(c) => v.push(c),
-                }
-            }
-            if labels.insert(lname.clone(), v).is_some() {
-                return Err(format!("label {lname} given twice"));
-            }
-            match it.next() {
-                Some(',') => continue,
-                Some('}') => break,
-                other => return Err(format!("after label {lname}: unexpected {other:?}")),
-            }
-        }
-    }
-    let tail: String = it.collect();
-    let tail = tail
-        .strip_prefix(' ')
-        .ok_or_else(|| format!("no single space before the value in {tail:?}"))?;
-    let mut parts = tail.split(' ');
-    let value = parse_value(parts.next().unwrap_or(""))?;
-    if let Some(ts) = parts.next() {
-        ts.parse::<i64>()
-            .map_err(|_| format!("bad timestamp {ts:?}"))?;
-    }
-    if parts.next().is_some() {
-        return Err(format!("trailing fields in {tail:?}"));
-    }
-    Ok(Sample {
-        name: name.to_owned(),
-        labels,
-        value,
-    })
-}
-
-impl Exposition {
-    /// Parse `text`, refusing anything the format (or good practice for it) does not allow:
-    /// each family has one HELP and one TYPE, both before its samples; families are not
-    /// interleaved; no two samples share name and label set.
-    fn parse(text: &str) -> Result<Exposition, String> {
-        let body = text
-            .strip_suffix('\n')
-            .ok_or("the last line does not end with a newline")?;
-        let mut families: Vec<Family> = Vec::new();
-        let mut series = HashSet::new();
-        for (i, line) in body.split('\n').enumerate() {
-            let fail = |m: String| format!("line {} {line:?}: {m}", i + 1);
-            if line.is_empty() {
-                return Err(fail("empty line".into()));
-            }
-            if let Some(comment) = line.strip_prefix('#') {
-                let comment = comment.trim_start_matches([' ', '\t']);
-                let (kw, rest) = comment.split_once(' ').unwrap_or((comment, ""));
-                if kw != "HELP" && kw != "TYPE" {
-                    continue; // a plain comment
-                }
-                let (name, arg) = rest.split_once(' ').unwrap_or((rest, ""));
-                if !valid_metric_name(name) {
-                    return Err(fail(format!("bad metric name {name:?}")));
-                }
-                let fam = open_family(&mut families, name).map_err(fail)?;
-                if !fam.samples.is_empty() {
-                    return Err(fail(format!("{kw} after samples of {name}")));
-                }
-                if kw == "HELP" {
-                    let help = unescape_help(arg).map_err(fail)?;
-                    if fam.help.replace(help).is_some() {
-                        return Err(fail(format!("second HELP for {name}")));
-                    }
-                } else {
-                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&arg) {
-                        return Err(fail(format!("unknown type {arg:?}")));
-                    }
-                    if fam.kind.replace(arg.to_owned()).is_some() {
-                        return Err(fail(format!("second TYPE for {name}")));
-                    }
-                }
-                continue;
-            }
-            let s = parse_sample(line).map_err(fail)?;
-            let Some(fam) = families.last_mut() else {
-                return Err(fail("a sample before any HELP and TYPE".into()));
-            };
-            let kind = fam.kind.clone().unwrap_or_default();
-            let belongs = s.name == fam.name
-                || (kind == "histogram" || kind == "summary")
-                    && ["_bucket", "_sum", "_count"]
-                        .iter()
-                        .any(|suf| s.name == format!("{}{suf}", fam.name));
-            if !belongs {
-                return Err(fail(format!(
-                    "sample of {} inside family {} (families interleaved, or HELP/TYPE missing)",
-                    s.name, fam.name
-                )));
-            }
-            if fam.help.is_none() || fam.kind.is_none() {
-                return Err(fail(format!("family {} lacks HELP or TYPE", fam.name)));
-            }
-            let key = (
-                s.name.clone(),
-                s.labels
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect::<Vec<_>>(),
-            );
-            if !series.insert(key) {
-                return Err(fail(format!("duplicate series {}{:?}", s.name, s.labels)));
-            }
-            fam.samples.push(s);
-        }
-        for f in &families {
-            if f.help.is_none() || f.kind.is_none() {
-                return Err(format!("family {} lacks HELP or TYPE", f.name));
-            }
-        }
-        Ok(Exposition {
-            text: text.to_owned(),
-            families,
-        })
-    }
-
-    fn family(&self, name: &str) -> Option<&Family> {
-        self.families.iter().find(|f| f.name == name)
-    }
-
-    fn samples(&self, name: &str) -> Vec<&Sample> {
-        self.families
-            .iter()
-            .flat_map(|f| &f.samples)
-            .filter(|s| s.name == name)
-            .collect()
-    }
-
-    /// The value of the sample with exactly these labels.
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        let want: BTreeMap<String, String> = labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        self.samples(name)
-            .into_iter()
-            .find(|s| s.labels == want)
-            .map(|s| s.value)
-    }
-
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.value(name, labels).unwrap_or_else(|| {
-            panic!(
-                "no sample {name}{labels:?} in the exposition:\n{}",
-                self.text
-            )
-        })
-    }
-
-    fn label_values(&self, name: &str, label: &str) -> BTreeSet<String> {
-        self.samples(name)
-            .into_iter()
-            .filter_map(|s| s.labels.get(label).cloned())
-            .collect()
-    }
-}
-
-/// The family `name`, continuing the current one or starting a new one; an error if `name`
-/// already had a family earlier (families interleaved).
-fn open_family<'a>(families: &'a mut Vec<Family>, name: &str) -> Result<&'a mut Family, String> {
-    let continues = families.last().is_some_and(|f| f.name == name);
-    if !continues {
-        if families.iter().any(|f| f.name == name) {
-            return Err(format!("family {name} resumes after another family"));
-        }
-        families.push(Family {
-            name: name.to_owned(),
-            help: None,
-            kind: None,
-            samples: Vec::new(),
-        });
-    }
-    Ok(families.last_mut().unwrap())
 }
 
 /// The parser itself refuses what it should (a parser that accepts everything proves nothing).
@@ -573,270 +137,345 @@ fn unix_now() -> f64 {
 /// connection bound is reached and left; a good reload and a rejected one.
 #[test]
 fn scrape_counts_known_traffic_exactly() {
-    const K: usize = 1000;
-    const H: usize = 333;
-    const MAX: usize = 4;
-    let echo = Backend::echo();
-    let refusing = Refusing::new();
-    let (e, r) = (echo.target(), refusing.target());
-    let maddr = metrics_addr();
-    let m_arg = maddr.to_string();
-    let base = |ports: &[u16]| {
-        vec![
-            app("a", &ports[..1], std::slice::from_ref(&e)),
-            app("b", &ports[1..2], std::slice::from_ref(&r)),
-        ]
-    };
-    let p = start_proxy(
-        3,
-        &[
-            "--metrics",
-            &m_arg,
-            "--max-connections",
-            "4",
-            "--reload-interval",
-            "100ms",
-        ],
-        |ports| config(&base(ports)),
-    );
-    let (a, b) = (p.v4(0), p.v4(1));
-    let ae = [("app", "a"), ("target", e.as_str())];
-    let br = [("app", "b"), ("target", r.as_str())];
+    let t = KnownTraffic::start();
+    let ts0 = t.everything_starts_at_zero();
+    let held = t.traffic_is_counted_exactly();
+    t.closing_empties_the_gauges_and_keeps_the_counters(held);
+    let total_a = t.the_bound_pauses_accepting();
+    let ts1 = t.a_good_reload_is_counted_and_keeps_the_counters(ts0, total_a);
+    t.a_rejected_reload_is_counted_and_changes_nothing(ts1);
+}
 
-    // Before any traffic: everything at zero, the bound as given.
-    let m = scrape(maddr);
-    for app in ["a", "b"] {
+/// Bytes per echoed connection.
+const KNOWN_K: usize = 1000;
+/// Bytes per held connection.
+const KNOWN_H: usize = 333;
+/// The connection bound.
+const KNOWN_MAX: usize = 4;
+
+/// The proxy of `scrape_counts_known_traffic_exactly`: app `a` on an echo target, app `b` on
+/// a refusing one, a third port kept for a reload.
+struct KnownTraffic {
+    p: Proxy,
+    maddr: SocketAddr,
+    _echo: Backend,
+    _refusing: Refusing,
+    e: String,
+    r: String,
+}
+
+impl KnownTraffic {
+    fn start() -> KnownTraffic {
+        let echo = Backend::echo();
+        let refusing = Refusing::new();
+        let (e, r) = (echo.target(), refusing.target());
+        let maddr = metrics_addr();
+        let m_arg = maddr.to_string();
+        let p = start_proxy(
+            3,
+            &[
+                "--metrics",
+                &m_arg,
+                "--max-connections",
+                "4",
+                "--reload-interval",
+                "100ms",
+            ],
+            |ports| config(&known_apps(ports, &e, &r)),
+        );
+        KnownTraffic {
+            p,
+            maddr,
+            _echo: echo,
+            _refusing: refusing,
+            e,
+            r,
+        }
+    }
+
+    fn ae(&self) -> [(&'static str, &str); 2] {
+        [("app", "a"), ("target", self.e.as_str())]
+    }
+
+    fn br(&self) -> [(&'static str, &str); 2] {
+        [("app", "b"), ("target", self.r.as_str())]
+    }
+
+    /// Before any traffic: everything at zero, the bound as given. The start-up load time.
+    fn everything_starts_at_zero(&self) -> f64 {
+        let m = scrape(self.maddr);
+        for app in ["a", "b"] {
+            assert_eq!(
+                m.get("flyproxy_app_connections_total", &[("app", app)]),
+                0.0
+            );
+            assert_eq!(
+                m.get("flyproxy_app_connections_active", &[("app", app)]),
+                0.0
+            );
+        }
+        assert_eq!(m.get("flyproxy_connections_limit", &[]), KNOWN_MAX as f64);
+        assert_eq!(m.get("flyproxy_connections_open", &[]), 0.0);
+        assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
+        assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 0.0);
         assert_eq!(
-            m.get("flyproxy_app_connections_total", &[("app", app)]),
+            m.get("flyproxy_reloads_total", &[("result", "rejected")]),
             0.0
         );
-        assert_eq!(
-            m.get("flyproxy_app_connections_active", &[("app", app)]),
-            0.0
-        );
-    }
-    assert_eq!(m.get("flyproxy_connections_limit", &[]), MAX as f64);
-    assert_eq!(m.get("flyproxy_connections_open", &[]), 0.0);
-    assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 0.0);
-    assert_eq!(
-        m.get("flyproxy_reloads_total", &[("result", "rejected")]),
-        0.0
-    );
-    let ts0 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
-    assert!(
-        (ts0 - unix_now()).abs() < 120.0,
-        "start-up load time {ts0} is not about now ({})",
-        unix_now()
-    );
-    assert_eq!(
-        m.get(
-            "flyproxy_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        1.0
-    );
-
-    let mark = p.mark();
-    for i in 0..7 {
-        conversation(a, &bytes(K, i + 1));
-    }
-    let mut held: Vec<TcpStream> = (0..2)
-        .map(|i| {
-            let mut s = connect(a);
-            roundtrip(&mut s, &bytes(H, 100 + i));
-            s
-        })
-        .collect();
-    for _ in 0..3 {
-        let mut s = connect(b);
-        expect_closed(&mut s, WAIT);
-    }
-    p.wait_log_count(mark, 10, "conn (7 closed, 3 connect_failed)", |l| {
-        l.contains(" conn ") && (l.contains(" end=closed") || l.contains(" end=connect_failed"))
-    });
-    let m = scrape_until(maddr, "2 connections open, the rest finished", |m| {
-        m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(2.0)
-            && m.value("flyproxy_app_connections_active", &[("app", "b")]) == Some(0.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(2.0)
-    });
-    let up = (7 * K + 2 * H) as f64;
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        9.0
-    );
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "b")]),
-        3.0
-    );
-    assert_eq!(m.get("flyproxy_connections_total", &ae), 9.0);
-    assert_eq!(m.get("flyproxy_connections_active", &ae), 2.0);
-    assert_eq!(m.get("flyproxy_connections_total", &br), 0.0);
-    assert_eq!(m.get("flyproxy_connections_active", &br), 0.0);
-    let dir = |m: &Exposition, d: &'static str, t: &[(&'static str, &str); 2]| {
-        m.get("flyproxy_bytes_total", &[t[0], t[1], ("direction", d)])
-    };
-    assert_eq!(dir(&m, "client_to_target", &ae), up);
-    assert_eq!(dir(&m, "target_to_client", &ae), up);
-    assert_eq!(dir(&m, "client_to_target", &br), 0.0);
-    assert_eq!(dir(&m, "target_to_client", &br), 0.0);
-    // One target, so one attempt per connection whatever ConnectAttempts says.
-    for (reason, want) in [
-        ("unresolvable", 0.0),
-        ("refused", 3.0),
-        ("timeout", 0.0),
-        ("error", 0.0),
-    ] {
-        assert_eq!(
-            m.get(
-                "flyproxy_connect_failures_total",
-                &[br[0], br[1], ("reason", reason)]
-            ),
-            want,
-            "b, reason {reason}"
+        let ts0 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
+        assert!(
+            (ts0 - unix_now()).abs() < 120.0,
+            "start-up load time {ts0} is not about now ({})",
+            unix_now()
         );
         assert_eq!(
             m.get(
-                "flyproxy_connect_failures_total",
-                &[ae[0], ae[1], ("reason", reason)]
+                "flyproxy_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
             ),
+            1.0
+        );
+        ts0
+    }
+
+    /// 7 echoed connections and 2 held ones through `a`, 3 refused ones through `b`: every
+    /// counter exact. The held connections.
+    fn traffic_is_counted_exactly(&self) -> Vec<TcpStream> {
+        let (a, b) = (self.p.v4(0), self.p.v4(1));
+        let (ae, br) = (self.ae(), self.br());
+        let mark = self.p.mark();
+        for i in 0..7 {
+            conversation(a, &bytes(KNOWN_K, i + 1));
+        }
+        let held: Vec<TcpStream> = (0..2)
+            .map(|i| {
+                let mut s = connect(a);
+                roundtrip(&mut s, &bytes(KNOWN_H, 100 + i));
+                s
+            })
+            .collect();
+        for _ in 0..3 {
+            let mut s = connect(b);
+            expect_closed(&mut s, WAIT);
+        }
+        self.p
+            .wait_log_count(mark, 10, "conn (7 closed, 3 connect_failed)", |l| {
+                l.contains(" conn ")
+                    && (l.contains(" end=closed") || l.contains(" end=connect_failed"))
+            });
+        let m = scrape_until(self.maddr, "2 connections open, the rest finished", |m| {
+            m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(2.0)
+                && m.value("flyproxy_app_connections_active", &[("app", "b")]) == Some(0.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(2.0)
+        });
+        let up = known_up();
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            9.0
+        );
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "b")]),
+            3.0
+        );
+        assert_eq!(m.get("flyproxy_connections_total", &ae), 9.0);
+        assert_eq!(m.get("flyproxy_connections_active", &ae), 2.0);
+        assert_eq!(m.get("flyproxy_connections_total", &br), 0.0);
+        assert_eq!(m.get("flyproxy_connections_active", &br), 0.0);
+        assert_eq!(bytes_dir(&m, "client_to_target", &ae), up);
+        assert_eq!(bytes_dir(&m, "target_to_client", &ae), up);
+        assert_eq!(bytes_dir(&m, "client_to_target", &br), 0.0);
+        assert_eq!(bytes_dir(&m, "target_to_client", &br), 0.0);
+        // One target, so one attempt per connection whatever ConnectAttempts says.
+        for (reason, want) in [
+            ("unresolvable", 0.0),
+            ("refused", 3.0),
+            ("timeout", 0.0),
+            ("error", 0.0),
+        ] {
+            assert_eq!(
+                m.get(
+                    "flyproxy_connect_failures_total",
+                    &[br[0], br[1], ("reason", reason)]
+                ),
+                want,
+                "b, reason {reason}"
+            );
+            assert_eq!(
+                m.get(
+                    "flyproxy_connect_failures_total",
+                    &[ae[0], ae[1], ("reason", reason)]
+                ),
+                0.0,
+                "a, reason {reason}"
+            );
+        }
+        assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
+        assert_eq!(refused(&m, "b", "limit"), 0.0);
+        assert_eq!(refused(&m, "a", "connect_failed"), 0.0);
+        assert_eq!(refused(&m, "a", "limit"), 0.0);
+        assert_eq!(m.get("flyproxy_target_up", &ae), 1.0);
+        assert_eq!(m.get("flyproxy_target_up", &br), 0.0);
+        assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
+        held
+    }
+
+    /// The held ones close: the gauges go back to zero, the counters stay.
+    fn closing_empties_the_gauges_and_keeps_the_counters(&self, mut held: Vec<TcpStream>) {
+        let ae = self.ae();
+        drop(held.drain(..));
+        let m = scrape_until(self.maddr, "no connection open", |m| {
+            m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(0.0)
+                && m.value("flyproxy_connections_active", &ae) == Some(0.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(0.0)
+        });
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            9.0
+        );
+        assert_eq!(bytes_dir(&m, "client_to_target", &ae), known_up());
+        assert_eq!(bytes_dir(&m, "target_to_client", &ae), known_up());
+    }
+
+    /// The bound: KNOWN_MAX held connections pause accepting; one more waits in the backlog.
+    /// The connections `a` has counted by then.
+    fn the_bound_pauses_accepting(&self) -> usize {
+        let a = self.p.v4(0);
+        let mut held: Vec<TcpStream> = (0..KNOWN_MAX as u64)
+            .map(|i| {
+                let mut s = connect(a);
+                roundtrip(&mut s, &bytes(10, 200 + i));
+                s
+            })
+            .collect();
+        scrape_until(self.maddr, "accept_paused 1 with the bound reached", |m| {
+            m.value("flyproxy_accept_paused", &[]) == Some(1.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(KNOWN_MAX as f64)
+        });
+        let mut extra = connect(a);
+        extra.write_all(b"extra").unwrap();
+        drop(held.remove(0));
+        let mut got = [0u8; 5];
+        extra
+            .read_exact(&mut got)
+            .expect("the waiting connection is served once a slot frees");
+        assert_eq!(&got, b"extra");
+        drop(held);
+        drop(extra);
+        let m = scrape_until(self.maddr, "accept_paused 0 once below the bound", |m| {
+            m.value("flyproxy_accept_paused", &[]) == Some(0.0)
+                && m.value("flyproxy_connections_open", &[]) == Some(0.0)
+        });
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            (9 + KNOWN_MAX + 1) as f64
+        );
+        9 + KNOWN_MAX + 1
+    }
+
+    /// A good reload (adds app c): counted, timestamped later, and the counters of what stays
+    /// are kept. Its time.
+    fn a_good_reload_is_counted_and_keeps_the_counters(&self, ts0: f64, total_a: usize) -> f64 {
+        let e = &self.e;
+        wait_for("the clock to pass the start-up load time", WAIT, || {
+            (unix_now() > ts0 + 0.01).then_some(())
+        });
+        let mut apps = known_apps(&self.p.ports, e, &self.r);
+        apps.push(app("c", &self.p.ports[2..3], std::slice::from_ref(e)));
+        let mark = self.p.mark();
+        self.p.rewrite_config(&config(&apps));
+        self.p
+            .wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+        let m = scrape(self.maddr);
+        assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
+        assert_eq!(
+            m.get("flyproxy_reloads_total", &[("result", "rejected")]),
+            0.0
+        );
+        let ts1 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
+        assert!(
+            ts1 > ts0,
+            "last reload time {ts1} not after the start-up one {ts0}"
+        );
+        assert!(
+            ts1 <= unix_now() + 1.0,
+            "last reload time {ts1} in the future"
+        );
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "a")]),
+            total_a as f64
+        );
+        assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "c")]),
+            0.0
+        );
+        assert_eq!(
+            m.get("flyproxy_connections_total", &[("app", "c"), ("target", e)]),
             0.0,
-            "a, reason {reason}"
+            "app c's target has counters of its own"
+        );
+        conversation(self.p.v4(2), b"to c");
+        ts1
+    }
+
+    /// A rejected reload: counted, nothing else changes.
+    fn a_rejected_reload_is_counted_and_changes_nothing(&self, ts1: f64) {
+        let mark = self.p.mark();
+        self.p.rewrite_config("{\"Apps\": [ this is not json");
+        self.p.wait_log_since(mark, "reload rejected", |l| {
+            l.contains(" reload rejected: ")
+        });
+        // (The counter moves just after the log lines.)
+        let m = scrape_until(self.maddr, "the rejected reload counted", |m| {
+            m.value("flyproxy_reloads_total", &[("result", "rejected")]) == Some(1.0)
+        });
+        assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
+        assert_eq!(
+            m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]),
+            ts1
+        );
+        assert_eq!(
+            m.get("flyproxy_app_connections_total", &[("app", "c")]),
+            1.0
+        );
+        assert_eq!(
+            m.label_values("flyproxy_app_connections_total", "app"),
+            ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
         );
     }
-    let refused = |m: &Exposition, app: &str, reason: &str| {
-        m.get(
-            "flyproxy_app_connections_refused_total",
-            &[("app", app), ("reason", reason)],
-        )
-    };
-    assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
-    assert_eq!(refused(&m, "b", "limit"), 0.0);
-    assert_eq!(refused(&m, "a", "connect_failed"), 0.0);
-    assert_eq!(refused(&m, "a", "limit"), 0.0);
-    assert_eq!(m.get("flyproxy_target_up", &ae), 1.0);
-    assert_eq!(m.get("flyproxy_target_up", &br), 0.0);
-    assert_eq!(m.get("flyproxy_accept_paused", &[]), 0.0);
+}
 
-    // The held ones close: the gauges go back to zero, the counters stay.
-    drop(held.drain(..));
-    let m = scrape_until(maddr, "no connection open", |m| {
-        m.value("flyproxy_app_connections_active", &[("app", "a")]) == Some(0.0)
-            && m.value("flyproxy_connections_active", &ae) == Some(0.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(0.0)
-    });
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        9.0
-    );
-    assert_eq!(dir(&m, "client_to_target", &ae), up);
-    assert_eq!(dir(&m, "target_to_client", &ae), up);
+/// Apps `a` (first port, target `e`) and `b` (second port, target `r`).
+fn known_apps(ports: &[u16], e: &str, r: &str) -> Vec<Value> {
+    vec![
+        app("a", &ports[..1], &[e.to_owned()]),
+        app("b", &ports[1..2], &[r.to_owned()]),
+    ]
+}
 
-    // The bound: MAX held connections pause accepting; one more waits in the backlog.
-    let mut held: Vec<TcpStream> = (0..MAX as u64)
-        .map(|i| {
-            let mut s = connect(a);
-            roundtrip(&mut s, &bytes(10, 200 + i));
-            s
-        })
-        .collect();
-    scrape_until(maddr, "accept_paused 1 with the bound reached", |m| {
-        m.value("flyproxy_accept_paused", &[]) == Some(1.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(MAX as f64)
-    });
-    let mut extra = connect(a);
-    extra.write_all(b"extra").unwrap();
-    drop(held.remove(0));
-    let mut got = [0u8; 5];
-    extra
-        .read_exact(&mut got)
-        .expect("the waiting connection is served once a slot frees");
-    assert_eq!(&got, b"extra");
-    drop(held);
-    drop(extra);
-    let m = scrape_until(maddr, "accept_paused 0 once below the bound", |m| {
-        m.value("flyproxy_accept_paused", &[]) == Some(0.0)
-            && m.value("flyproxy_connections_open", &[]) == Some(0.0)
-    });
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        (9 + MAX + 1) as f64
-    );
-    let total_a = 9 + MAX + 1;
+/// Bytes each way through `a`'s target: the echoed connections and the held ones.
+fn known_up() -> f64 {
+    (7 * KNOWN_K + 2 * KNOWN_H) as f64
+}
 
-    // A good reload (adds app c): counted, timestamped later, and the counters of what stays
-    // are kept.
-    wait_for("the clock to pass the start-up load time", WAIT, || {
-        (unix_now() > ts0 + 0.01).then_some(())
-    });
-    let mut apps = base(&p.ports);
-    apps.push(app("c", &p.ports[2..3], std::slice::from_ref(&e)));
-    let mark = p.mark();
-    p.rewrite_config(&config(&apps));
-    p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
-    let m = scrape(maddr);
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
-    assert_eq!(
-        m.get("flyproxy_reloads_total", &[("result", "rejected")]),
-        0.0
-    );
-    let ts1 = m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]);
-    assert!(
-        ts1 > ts0,
-        "last reload time {ts1} not after the start-up one {ts0}"
-    );
-    assert!(
-        ts1 <= unix_now() + 1.0,
-        "last reload time {ts1} in the future"
-    );
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "a")]),
-        total_a as f64
-    );
-    assert_eq!(refused(&m, "b", "connect_failed"), 3.0);
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "c")]),
-        0.0
-    );
-    assert_eq!(
-        m.get(
-            "flyproxy_connections_total",
-            &[("app", "c"), ("target", &e)]
-        ),
-        0.0,
-        "app c's target has counters of its own"
-    );
-    conversation(p.v4(2), b"to c");
-    // A rejected reload: counted, nothing else changes.
-    let mark = p.mark();
-    p.rewrite_config("{\"Apps\": [ this is not json");
-    p.wait_log_since(mark, "reload rejected", |l| {
-        l.contains(" reload rejected: ")
-    });
-    // (The counter moves just after the log lines.)
-    let m = scrape_until(maddr, "the rejected reload counted", |m| {
-        m.value("flyproxy_reloads_total", &[("result", "rejected")]) == Some(1.0)
-    });
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
-    assert_eq!(
-        m.get("flyproxy_config_last_reload_success_timestamp_seconds", &[]),
-        ts1
-    );
-    assert_eq!(
-        m.get("flyproxy_app_connections_total", &[("app", "c")]),
-        1.0
-    );
-    assert_eq!(
-        m.label_values("flyproxy_app_connections_total", "app"),
-        ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
-    );
+/// `flyproxy_bytes_total` of target `t` in direction `d`.
+fn bytes_dir(m: &Exposition, d: &'static str, t: &[(&'static str, &str); 2]) -> f64 {
+    m.get("flyproxy_bytes_total", &[t[0], t[1], ("direction", d)])
+}
+
+/// `flyproxy_app_connections_refused_total` of `app` for `reason`.
+fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
+    m.get(
+        "flyproxy_app_connections_refused_total",
+        &[("app", app), ("reason", reason)],
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 15] = [
+const FAMILIES: [(&str, &str); 16] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
@@ -851,6 +490,7 @@ const FAMILIES: [(&str, &str); 15] = [
         "flyproxy_config_last_reload_success_timestamp_seconds",
         "gauge",
     ),
+    ("flyproxy_config_info", "gauge"),
     ("flyproxy_connections_limit", "gauge"),
     ("flyproxy_connections_open", "gauge"),
     ("flyproxy_accept_paused", "gauge"),
@@ -887,14 +527,10 @@ fn check_values(m: &Exposition) {
     }
 }
 
-/// The exposition parses strictly, with app names using every character a name may have
-/// besides letters and digits (`.`, `_`, `-`: names that would need escaping in a label are
-/// refused by the config since issue 11; `metrics::esc` keeps its unit test) round-tripping
-/// through label values, and an IPv6 target.
+/// The exposition parses strictly, with apps whose names need escaping (a double quote, a
+/// backslash, a newline, non-ASCII) round-tripping through label values, and an IPv6 target.
 #[test]
 fn exposition_is_valid_and_escapes_label_values() {
-    const WEIRD: &str = "We.ird_app-1";
-    const MULTI: &str = "multi.line-app_2";
     let echo = Backend::echo();
     let echo6 = Backend::echo_v6();
     let refusing = Refusing::new();
@@ -934,6 +570,29 @@ fn exposition_is_valid_and_escapes_label_values() {
         ) == Some(1.0)
     });
     check_values(&m);
+    every_family_is_there_in_order(&m);
+    the_names_round_trip(&m, &echo.target(), &echo6.target());
+    assert_eq!(
+        m.samples("flyproxy_connections_total").len(),
+        4,
+        "(app, target) pairs after the reload: {}",
+        m.text
+    );
+    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
+    assert!(
+        m.family("flyproxy_bpf_lookups_total").is_none(),
+        "bpf family in simple mode"
+    );
+}
+
+/// App names with every character a name may have besides letters and digits (`.`, `_`,
+/// `-`). Names that would need escaping in a label are refused by the config since issue 11;
+/// `metrics::esc` keeps its unit test.
+const WEIRD: &str = "We.ird_app-1";
+const MULTI: &str = "multi.line-app_2";
+
+/// Every family, in order, with its type, some samples and a HELP.
+fn every_family_is_there_in_order(m: &Exposition) {
     let names: Vec<(&str, &str)> = m
         .families
         .iter()
@@ -957,8 +616,11 @@ fn exposition_is_valid_and_escapes_label_values() {
             f.name
         );
     }
+}
 
-    // The names round-trip: the parsed label values are the names exactly.
+/// The names round-trip: the parsed label values are the names exactly, escaped in the text,
+/// with the bytes of each app's one conversation.
+fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
     let want: BTreeSet<String> = [WEIRD, MULTI, "plain"]
         .iter()
         .map(|s| s.to_string())
@@ -981,31 +643,19 @@ fn exposition_is_valid_and_escapes_label_values() {
         "the name, as it is:\n{}",
         m.text
     );
-    let t6 = echo6.target();
     assert!(t6.starts_with("[::1]:"), "{t6}");
-    for (app, target, n) in [(WEIRD, echo.target(), "weird app".len()), (MULTI, t6, 25)] {
+    for (app, target, n) in [(WEIRD, echo, "weird app".len()), (MULTI, t6, 25)] {
         for d in ["client_to_target", "target_to_client"] {
             assert_eq!(
                 m.get(
                     "flyproxy_bytes_total",
-                    &[("app", app), ("target", &target), ("direction", d)]
+                    &[("app", app), ("target", target), ("direction", d)]
                 ),
                 n as f64,
                 "{app:?} {d}"
             );
         }
     }
-    assert_eq!(
-        m.samples("flyproxy_connections_total").len(),
-        4,
-        "(app, target) pairs after the reload: {}",
-        m.text
-    );
-    assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
-    assert!(
-        m.family("flyproxy_bpf_lookups_total").is_none(),
-        "bpf family in simple mode"
-    );
 }
 
 /// An app listing the same target twice (literally, or as `host:0port`) must not produce two
@@ -1057,7 +707,15 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         config(&[app("a", ports, &[echo.target()])])
     });
     scrape(maddr);
+    bad_requests_get_their_status(maddr);
+    oversized_requests_are_refused_promptly(maddr);
+    a_silent_scraper_is_closed_at_the_timeout(maddr);
+    relaying_goes_on_while_a_scraper_stalls(maddr, p.v4(0));
+    scrape(maddr);
+}
 
+/// Methods, paths and request lines the endpoint does not serve get 405, 404 or 400.
+fn bad_requests_get_their_status(maddr: SocketAddr) {
     for (req, want) in [
         (
             &b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n"[..],
@@ -1091,9 +749,11 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
             }
         }
     }
+}
 
-    // 100 KB of garbage, and a request whose head never ends within the size cap: a 400, or
-    // the connection closed (it may be reset, as the rest is never read); and promptly.
+/// 100 KB of garbage, and a request whose head never ends within the size cap: a 400, or
+/// the connection closed (it may be reset, as the rest is never read); and promptly.
+fn oversized_requests_are_refused_promptly(maddr: SocketAddr) {
     for (what, req) in [
         ("garbage", vec![b'x'; 100 * 1024]),
         ("an endless head", {
@@ -1131,9 +791,11 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         writer.join().unwrap();
         scrape(maddr);
     }
+}
 
-    // A scraper that connects and sends nothing holds the endpoint until the 2 s timeout
-    // frees it, then is closed without an answer; the next scrape is then served.
+/// A scraper that connects and sends nothing holds the endpoint until the 2 s timeout
+/// frees it, then is closed without an answer; the next scrape is then served.
+fn a_silent_scraper_is_closed_at_the_timeout(maddr: SocketAddr) {
     let mut silent = TcpStream::connect_timeout(&maddr, WAIT).unwrap();
     let t = Instant::now();
     let (raw, err) = exchange(
@@ -1165,14 +827,16 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         "the silent scraper was closed after {:?}, before the 2 s timeout",
         t.elapsed()
     );
+}
 
-    // While the endpoint is stuck with a silent scraper, a connection through the proxy
-    // works. Checked: the stalled scraper is still open after the connection is done (if a
-    // loaded machine made the connection take past the 2 s, try again).
+/// While the endpoint is stuck with a silent scraper, a connection through the proxy
+/// works. Checked: the stalled scraper is still open after the connection is done (if a
+/// loaded machine made the connection take past the 2 s, try again).
+fn relaying_goes_on_while_a_scraper_stalls(maddr: SocketAddr, proxied: SocketAddr) {
     let mut proven = false;
     for i in 0..3 {
         let mut stall = TcpStream::connect_timeout(&maddr, WAIT).unwrap();
-        conversation(p.v4(0), format!("during stall {i}").as_bytes());
+        conversation(proxied, format!("during stall {i}").as_bytes());
         stall.set_nonblocking(true).unwrap();
         let mut b = [0u8; 1];
         if matches!(stall.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
@@ -1184,7 +848,6 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
         proven,
         "relaying could not be shown to work during a scraper's stall"
     );
-    scrape(maddr);
 }
 
 /// A scraper that sends its request a byte at a time, each byte within the 2 s read timeout,
@@ -1352,7 +1015,17 @@ fn status_command_shows_apps_ports_targets_and_health() {
     roundtrip(&mut held, b"held one");
     let mut failed = connect(p.v4(13));
     expect_closed(&mut failed, WAIT);
+    status_shows_each_app_and_target(&p, maddr, &echo.target(), &refusing.target());
+    drop(held);
+    status_without_a_proxy_exits_1();
+    status_against_another_server_exits_1();
+}
 
+/// The page: the slots in use and the reloads, then each app (its first 12 ports, a count of
+/// the rest, open and accepted connections) with its targets (health, open, total); the same
+/// page as /status serves.
+fn status_shows_each_app_and_target(p: &Proxy, maddr: SocketAddr, target_a: &str, target_b: &str) {
+    let m_arg = maddr.to_string();
     let out = wait_for("status to show 1 slot in use", WAIT, || {
         let out = common::run(&["status", "--metrics", &m_arg]);
         assert_eq!(out.code, Some(0), "status: {}", out.stderr);
@@ -1386,17 +1059,15 @@ fn status_command_shows_apps_ports_targets_and_health() {
     };
     let (ia, ib) = (at(&want_alpha), at(&want_beta));
     let words = |i: usize| lines[i].split_whitespace().collect::<Vec<_>>();
-    let target_a = echo.target();
-    let target_b = refusing.target();
     assert_eq!(
         words(ia + 1),
-        [target_a.as_str(), "up", "open", "1", "total", "2"],
+        [target_a, "up", "open", "1", "total", "2"],
         "{}",
         out.stdout
     );
     assert_eq!(
         words(ib + 1),
-        [target_b.as_str(), "DOWN", "open", "0", "total", "0"],
+        [target_b, "DOWN", "open", "0", "total", "0"],
         "{}",
         out.stdout
     );
@@ -1405,9 +1076,10 @@ fn status_command_shows_apps_ports_targets_and_health() {
     let page = get(maddr, "/status");
     assert_eq!(page.status, 200);
     assert_eq!(page.body, out.stdout);
-    drop(held);
+}
 
-    // Nothing listening: exit 1, saying where it looked.
+/// Nothing listening: exit 1, saying where it looked.
+fn status_without_a_proxy_exits_1() {
     let closed = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let out = common::run(&["status", "--metrics", &closed.to_string()]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
@@ -1419,8 +1091,11 @@ fn status_command_shows_apps_ports_targets_and_health() {
         out.stderr
     );
     assert!(out.stderr.contains("--metrics"), "{}", out.stderr);
+}
 
-    // Something that is not flyproxy: a 404, and a server that never answers.
+/// Something that is not flyproxy: a 404, and a server that never answers; exit 1 each time,
+/// and promptly.
+fn status_against_another_server_exits_1() {
     let not_us = TcpListener::bind("127.0.0.1:0").unwrap();
     let not_us_addr = not_us.local_addr().unwrap();
     let server = thread::spawn(move || {
@@ -1643,121 +1318,167 @@ fn assert_every_line_is_an_event(lines: &[String], json: bool) {
 }
 
 fn access_log(format: &str) {
-    const APP: &str = "We.ird_app-1";
-    let json = format == "json";
-    let tagged = Backend::tagged("tag");
-    let refusing = Refusing::new();
-    let p = start_proxy(
-        2,
-        &["--log-format", format, "--idle-timeout", "1s"],
-        |ports| {
-            config(&[
-                app(APP, &ports[..1], &[tagged.target()]),
-                app("b", &ports[1..], &[refusing.target()]),
-            ])
-        },
-    );
-    let conns = |p: &Proxy| -> Vec<Conn> {
-        p.logs()
-            .iter()
-            .filter_map(|l| {
-                if json {
-                    conn_from_json(l)
-                } else {
-                    conn_from_text(l)
-                }
-            })
-            .collect()
-    };
-    let wait_conn = |client: SocketAddr| -> Conn {
+    let log = AccessLog::start(format);
+    log.a_relayed_connection_is_logged();
+    log.an_idle_connection_is_logged();
+    log.a_connection_no_target_takes_warns();
+    log.stop_and_check_every_line();
+}
+
+/// An app name that needs quoting in the text format and escaping in JSON.
+const ACCESS_APP: &str = "We.ird_app-1";
+/// Bytes sent up on the known connection.
+const ACCESS_K: usize = 1234;
+
+/// The proxy of `access_log`: app ACCESS_APP on a tagged echo, app `b` on a refusing target.
+struct AccessLog {
+    p: Proxy,
+    json: bool,
+    tagged: Backend,
+    refusing: Refusing,
+}
+
+/// The conn records logged so far.
+fn conns(p: &Proxy, json: bool) -> Vec<Conn> {
+    p.logs()
+        .iter()
+        .filter_map(|l| {
+            if json {
+                conn_from_json(l)
+            } else {
+                conn_from_text(l)
+            }
+        })
+        .collect()
+}
+
+impl AccessLog {
+    fn start(format: &str) -> AccessLog {
+        let tagged = Backend::tagged("tag");
+        let refusing = Refusing::new();
+        let p = start_proxy(
+            2,
+            &["--log-format", format, "--idle-timeout", "1s"],
+            |ports| {
+                config(&[
+                    app(ACCESS_APP, &ports[..1], &[tagged.target()]),
+                    app("b", &ports[1..], &[refusing.target()]),
+                ])
+            },
+        );
+        AccessLog {
+            p,
+            json: format == "json",
+            tagged,
+            refusing,
+        }
+    }
+
+    /// The conn record of `client`, once logged.
+    fn wait_conn(&self, client: SocketAddr) -> Conn {
         let want = canonical(client).to_string();
         wait_for(&format!("the conn line of {want}"), WAIT, || {
-            conns(&p).into_iter().find(|c| c.client == want)
+            conns(&self.p, self.json)
+                .into_iter()
+                .find(|c| c.client == want)
         })
-    };
+    }
 
-    // A known connection: 1234 bytes up, the tag line and their echo down.
-    const K: usize = 1234;
-    let mut s = connect(p.v4(0));
-    assert_eq!(read_line(&mut s), "tag");
-    roundtrip(&mut s, &bytes(K, 7));
-    let local = s.local_addr().unwrap();
-    s.shutdown(Shutdown::Write).unwrap();
-    expect_closed(&mut s, WAIT);
-    let c = wait_conn(local);
-    assert_eq!(c.level, "info", "{}", c.line);
-    assert_eq!(c.app, APP, "{}", c.line);
-    assert_eq!(c.client, local.to_string(), "{}", c.line);
-    assert_eq!(c.port, u64::from(p.ports[0]), "{}", c.line);
-    assert_eq!(c.target, tagged.target(), "{}", c.line);
-    assert_eq!((c.up, c.down), (K as u64, K as u64 + 4), "{}", c.line);
-    assert!(c.duration >= 0.0 && c.duration < 10.0, "{}", c.line);
-    assert_eq!(c.end, "closed", "{}", c.line);
-    assert_eq!(c.reason, None, "{}", c.line);
+    /// A known connection: ACCESS_K (1234) bytes up, the tag line and their echo down.
+    fn a_relayed_connection_is_logged(&self) {
+        let mut s = connect(self.p.v4(0));
+        assert_eq!(read_line(&mut s), "tag");
+        roundtrip(&mut s, &bytes(ACCESS_K, 7));
+        let local = s.local_addr().unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        expect_closed(&mut s, WAIT);
+        let c = self.wait_conn(local);
+        assert_eq!(c.level, "info", "{}", c.line);
+        assert_eq!(c.app, ACCESS_APP, "{}", c.line);
+        assert_eq!(c.client, local.to_string(), "{}", c.line);
+        assert_eq!(c.port, u64::from(self.p.ports[0]), "{}", c.line);
+        assert_eq!(c.target, self.tagged.target(), "{}", c.line);
+        assert_eq!(
+            (c.up, c.down),
+            (ACCESS_K as u64, ACCESS_K as u64 + 4),
+            "{}",
+            c.line
+        );
+        assert!(c.duration >= 0.0 && c.duration < 10.0, "{}", c.line);
+        assert_eq!(c.end, "closed", "{}", c.line);
+        assert_eq!(c.reason, None, "{}", c.line);
+    }
 
-    // An idle connection, from IPv6: closed by the idle timeout.
-    let mut idle = connect(p.v6(0));
-    assert_eq!(read_line(&mut idle), "tag");
-    let local6 = idle.local_addr().unwrap();
-    expect_closed(&mut idle, WAIT);
-    let c = wait_conn(local6);
-    assert_eq!(c.level, "info", "{}", c.line);
-    assert!(c.client.starts_with("[::1]:"), "{}", c.line);
-    assert_eq!(c.port, u64::from(p.ports[0]), "{}", c.line);
-    assert_eq!((c.up, c.down), (0, 4), "{}", c.line);
-    assert_eq!(c.end, "idle_timeout", "{}", c.line);
-    assert!(c.duration >= 0.95, "idle for 1s but {}", c.line);
-    assert_eq!(c.reason, None, "{}", c.line);
+    /// An idle connection, from IPv6: closed by the idle timeout.
+    fn an_idle_connection_is_logged(&self) {
+        let mut idle = connect(self.p.v6(0));
+        assert_eq!(read_line(&mut idle), "tag");
+        let local6 = idle.local_addr().unwrap();
+        expect_closed(&mut idle, WAIT);
+        let c = self.wait_conn(local6);
+        assert_eq!(c.level, "info", "{}", c.line);
+        assert!(c.client.starts_with("[::1]:"), "{}", c.line);
+        assert_eq!(c.port, u64::from(self.p.ports[0]), "{}", c.line);
+        assert_eq!((c.up, c.down), (0, 4), "{}", c.line);
+        assert_eq!(c.end, "idle_timeout", "{}", c.line);
+        assert!(c.duration >= 0.95, "idle for 1s but {}", c.line);
+        assert_eq!(c.reason, None, "{}", c.line);
+    }
 
-    // A connection no target takes: a warning with the reason.
-    let mut failed = connect(p.v4(1));
-    let local_f = failed.local_addr().unwrap();
-    expect_closed(&mut failed, WAIT);
-    let c = wait_conn(local_f);
-    assert_eq!(c.level, "warn", "{}", c.line);
-    assert_eq!(c.app, "b", "{}", c.line);
-    assert_eq!(c.port, u64::from(p.ports[1]), "{}", c.line);
-    assert_eq!(c.target, "-", "{}", c.line);
-    assert_eq!((c.up, c.down), (0, 0), "{}", c.line);
-    assert_eq!(c.end, "connect_failed", "{}", c.line);
-    let reason = c
-        .reason
-        .as_deref()
-        .unwrap_or_else(|| panic!("no reason: {}", c.line));
-    assert!(
-        reason.contains(&refusing.target()) && reason.contains("refused"),
-        "{}",
-        c.line
-    );
+    /// A connection no target takes: a warning with the reason.
+    fn a_connection_no_target_takes_warns(&self) {
+        let mut failed = connect(self.p.v4(1));
+        let local_f = failed.local_addr().unwrap();
+        expect_closed(&mut failed, WAIT);
+        let c = self.wait_conn(local_f);
+        assert_eq!(c.level, "warn", "{}", c.line);
+        assert_eq!(c.app, "b", "{}", c.line);
+        assert_eq!(c.port, u64::from(self.p.ports[1]), "{}", c.line);
+        assert_eq!(c.target, "-", "{}", c.line);
+        assert_eq!((c.up, c.down), (0, 0), "{}", c.line);
+        assert_eq!(c.end, "connect_failed", "{}", c.line);
+        let reason = c
+            .reason
+            .as_deref()
+            .unwrap_or_else(|| panic!("no reason: {}", c.line));
+        assert!(
+            reason.contains(&self.refusing.target()) && reason.contains("refused"),
+            "{}",
+            c.line
+        );
+    }
 
-    // Stop, so the log is complete; one conn record per connection, every line an event.
-    let mut p = p;
-    p.signal(libc::SIGTERM);
-    let status = p.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(0));
-    assert_eq!(conns(&p).len(), 3, "{:#?}", conns(&p));
-    assert_every_line_is_an_event(&p.logs(), json);
-    if json {
-        let events: Vec<Value> = p
-            .logs()
-            .iter()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .filter(|v: &Value| v["msg"] != "conn")
-            .collect();
-        for v in &events {
-            assert_eq!(
-                v.as_object().unwrap().len(),
-                3,
-                "events other than conn have ts, level and msg only: {v}"
+    /// Stop, so the log is complete; one conn record per connection, every line an event.
+    fn stop_and_check_every_line(self) {
+        let json = self.json;
+        let mut p = self.p;
+        p.signal(libc::SIGTERM);
+        let status = p.wait_exit(WAIT);
+        assert_eq!(status.code(), Some(0));
+        assert_eq!(conns(&p, json).len(), 3, "{:#?}", conns(&p, json));
+        assert_every_line_is_an_event(&p.logs(), json);
+        if json {
+            let events: Vec<Value> = p
+                .logs()
+                .iter()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .filter(|v: &Value| v["msg"] != "conn")
+                .collect();
+            for v in &events {
+                assert_eq!(
+                    v.as_object().unwrap().len(),
+                    3,
+                    "events other than conn have ts, level and msg only: {v}"
+                );
+            }
+            assert!(
+                events.iter().any(|v| v["msg"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("started mode=simple ")),
+                "{events:#?}"
             );
         }
-        assert!(
-            events.iter().any(|v| v["msg"]
-                .as_str()
-                .unwrap()
-                .starts_with("started mode=simple ")),
-            "{events:#?}"
-        );
     }
 }
 
@@ -1776,7 +1497,7 @@ fn access_log_text() {
 #[test]
 fn an_app_name_with_a_line_break_is_refused_on_one_line() {
     let echo = Backend::echo();
-    let port = common::free_port();
+    let port = free_port();
     let mut p = Proxy::spawn(
         &config(&[app("evil\nname", &[port], &[echo.target()])]),
         &[],

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{app, config, free_port, Backend, Proxy, TempDir, BIN, WAIT};
+use common::{app, config, free_port, in_ci, Backend, Proxy, TempDir, BIN, WAIT};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -38,10 +38,6 @@ const CAP_BPF: u32 = 39;
 
 fn env_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-fn in_ci() -> bool {
-    env_set("CI")
 }
 
 fn is_root() -> bool {
@@ -142,10 +138,13 @@ fn build_deb(dir: &Path) -> PathBuf {
 
 /// The files the package installs (directories left out), and their owners.
 const FILES: &[&str] = &[
+    "/etc/default/flyproxy-etcd-sync",
     "/etc/flyproxy/config.json",
     "/lib/systemd/system/flyproxy-bpf.service",
+    "/lib/systemd/system/flyproxy-etcd-sync.service",
     "/lib/systemd/system/flyproxy.service",
     "/usr/bin/flyproxy",
+    "/usr/bin/flyproxy-etcd-sync",
     "/usr/share/doc/flyproxy/README.md.gz",
     "/usr/share/doc/flyproxy/changelog.gz",
     "/usr/share/doc/flyproxy/copyright",
@@ -174,6 +173,7 @@ fn deb_package_contents() {
     }
     assert!(!field("Maintainer").trim().is_empty());
     assert!(field("Description").contains("TCP proxy"));
+    assert_eq!(field("Suggests").trim(), "etcd-client");
 
     // Every file, owned by root; nothing else.
     let listing = stdout(Command::new("dpkg-deb").arg("-c").arg(&deb));
@@ -189,13 +189,13 @@ fn deb_package_contents() {
     let expected: BTreeSet<String> = FILES.iter().map(|s| s.to_string()).collect();
     assert_eq!(files, expected, "files in the package");
 
-    // Control area: the config is a conffile; the maintainer scripts are executable and start
-    // nothing.
+    // Control area: the config and the follower's settings are conffiles; the maintainer
+    // scripts are executable and start nothing.
     let control = dir.path.join("control");
     run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
     assert_eq!(
         fs::read_to_string(control.join("conffiles")).unwrap(),
-        "/etc/flyproxy/config.json\n"
+        "/etc/default/flyproxy-etcd-sync\n/etc/flyproxy/config.json\n"
     );
     for script in ["postinst", "prerm", "postrm"] {
         let path = control.join(script);
@@ -233,8 +233,25 @@ fn deb_package_contents() {
             .arg(root.join("etc/flyproxy/config.json")),
     );
     assert!(check.contains(": ok: "), "{check}");
-    let sections = stdout(Command::new("readelf").arg("-S").arg(&bin));
-    assert!(!sections.contains(".symtab"), "the binary is not stripped");
+    let sync = root.join("usr/bin/flyproxy-etcd-sync");
+    assert_eq!(
+        stdout(Command::new(&sync).arg("--version")).trim(),
+        format!("flyproxy-etcd-sync {VERSION}")
+    );
+    for b in [&bin, &sync] {
+        let sections = stdout(Command::new("readelf").arg("-S").arg(b));
+        assert!(
+            !sections.contains(".symtab"),
+            "{} is not stripped",
+            b.display()
+        );
+    }
+    // The follower's settings may hold etcd credentials: root only.
+    let mode = fs::metadata(root.join("etc/default/flyproxy-etcd-sync"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 
     let man = root.join("usr/share/man");
     verify_units(&root.join("lib/systemd/system"), &bin, &man);
@@ -350,6 +367,10 @@ fn deb_installs_and_purges() {
         !Path::new("/etc/flyproxy").exists(),
         "purge removes /etc/flyproxy"
     );
+    assert!(
+        !Path::new("/etc/default/flyproxy-etcd-sync").exists(),
+        "purge removes the follower's settings"
+    );
     let left = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", "flyproxy"])
         .output()
@@ -361,14 +382,25 @@ fn deb_installs_and_purges() {
 }
 
 /// `systemd-analyze verify` on the units in `unit_dir`, with their `/usr/bin/flyproxy` replaced
-/// by `bin` (unless it is that) and the man page looked up in `man_dir` (the units'
+/// by `bin` (unless it is that; the follower's `/usr/bin/flyproxy-etcd-sync` becomes the binary
+/// of that name beside `bin`) and the man page looked up in `man_dir` (the units'
 /// `Documentation=man:flyproxy(1)` is checked too). Any message about our units fails.
 fn verify_units(unit_dir: &Path, bin: &Path, man_dir: &Path) {
     let dir = TempDir::new("units");
     let mut units = Vec::new();
-    for name in ["flyproxy.service", "flyproxy-bpf.service"] {
+    for (name, exec) in [
+        ("flyproxy.service", "/usr/bin/flyproxy "),
+        ("flyproxy-bpf.service", "/usr/bin/flyproxy "),
+        (
+            "flyproxy-etcd-sync.service",
+            "/usr/bin/flyproxy-etcd-sync\n",
+        ),
+    ] {
         let text = fs::read_to_string(unit_dir.join(name)).unwrap();
-        assert!(text.contains("/usr/bin/flyproxy "), "{name}: ExecStart");
+        assert!(
+            text.contains(&format!("ExecStart={exec}")),
+            "{name}: ExecStart"
+        );
         let text = text.replace("/usr/bin/flyproxy", bin.to_str().unwrap());
         units.push(dir.write(name, &text));
     }

@@ -14,15 +14,15 @@
 //! The idle flood (5,000 connections) runs alone under nextest (see `.config/nextest.toml`).
 
 mod common;
+#[macro_use]
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
-use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -31,113 +31,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::metrics::{scrape, Exposition};
 use common::*;
+use modes::{Env, Mode, NETNS_METRICS_PORT};
 use serde_json::json;
-
-// ---------------------------------------------------------------------------------------------
-// The two modes
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Bpf,
-}
-
-/// What a test body needs to know about the mode it runs in.
-struct Env {
-    mode: Mode,
-    /// bpf mode: the test's own network namespace.
-    ns: Option<netns::Netns>,
-    /// bpf mode: the next frontend port to hand out (any port is free in our own namespace;
-    /// these stay below the ephemeral range and away from the listener and metrics ports).
-    next_port: Cell<u16>,
-}
-
-/// Port of `--metrics` in bpf mode (the namespace is ours).
-const NETNS_METRICS_PORT: u16 = 9100;
-
-/// Run `body` in `mode`: simple mode on this thread; bpf mode on a thread in a network
-/// namespace of its own.
-fn in_mode(mode: Mode, test: &'static str, body: impl FnOnce(Env) + Send + 'static) {
-    match mode {
-        Mode::Simple => body(Env {
-            mode,
-            ns: None,
-            next_port: Cell::new(0),
-        }),
-        Mode::Bpf => netns::run(test, move |ns| {
-            body(Env {
-                mode,
-                ns: Some(ns),
-                next_port: Cell::new(20_000),
-            })
-        }),
-    }
-}
-
-impl Env {
-    /// `n` frontend ports nobody listens on.
-    fn ports(&self, n: usize) -> Vec<u16> {
-        match self.mode {
-            Mode::Simple => free_ports(n),
-            Mode::Bpf => (0..n)
-                .map(|_| {
-                    let p = self.next_port.get();
-                    self.next_port.set(p + 1);
-                    p
-                })
-                .collect(),
-        }
-    }
-
-    /// An address for `--metrics`.
-    fn metrics_addr(&self) -> SocketAddr {
-        let port = match self.mode {
-            Mode::Simple => free_port(),
-            Mode::Bpf => NETNS_METRICS_PORT,
-        };
-        SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-    }
-
-    /// Start the proxy in this mode on `config_json` (which serves `ports`) and wait until it
-    /// serves.
-    fn start(&self, ports: &[u16], config_json: &str, args: &[&str]) -> Proxy {
-        self.start_with(ports, config_json, args, |_| {})
-    }
-
-    /// [`Env::start`], letting `adjust` change the command first.
-    fn start_with(
-        &self,
-        ports: &[u16],
-        config_json: &str,
-        args: &[&str],
-        adjust: impl FnOnce(&mut Command),
-    ) -> Proxy {
-        let mut p = match self.mode {
-            Mode::Simple => {
-                let dir = TempDir::new("reliability");
-                let cfg = dir.write("config.json", config_json);
-                let mut cmd = Command::new(BIN);
-                cmd.arg("simple").arg("-c").arg(&cfg).args(args);
-                adjust(&mut cmd);
-                let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-                if let Err(log) = p.wait_started() {
-                    panic!("flyproxy did not start:\n{log}");
-                }
-                p
-            }
-            Mode::Bpf => {
-                let p = netns::spawn_with(config_json, args, adjust);
-                p.wait_log("started mode=bpf", |l| {
-                    l.contains(" INFO  started mode=bpf ")
-                });
-                p
-            }
-        };
-        p.ports = ports.to_vec();
-        p
-    }
-}
 
 /// An app whose targets are never health-checked while a test runs (an up target is checked
 /// every 5 intervals: 5 hours here), so every connection a test backend sees is a client's.
@@ -148,45 +45,6 @@ fn quiet_app(name: &str, ports: &[u16], targets: &[String]) -> serde_json::Value
 
 // ---------------------------------------------------------------------------------------------
 // /proc figures of the proxy
-
-fn proc_status(pid: u32, key: &str) -> u64 {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {path}"))
-}
-
-/// Resident memory, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    proc_status(pid, "VmRSS:")
-}
-
-fn threads_of(pid: u32) -> u64 {
-    proc_status(pid, "Threads:")
-}
-
-/// CPU time (user + system) the process has used, in seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
-    let rest = stat.rsplit_once(") ").expect("a stat line").1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    ticks as f64 / hz as f64
-}
-
-/// CPU seconds the process uses during the next `window` (a measurement, not a wait).
-fn cpu_during(pid: u32, window: Duration) -> f64 {
-    let before = cpu_secs(pid);
-    thread::sleep(window);
-    cpu_secs(pid) - before
-}
 
 /// The ports of the TCP sockets in LISTEN state the process holds.
 fn listening_ports(pid: u32) -> BTreeSet<u16> {
@@ -308,42 +166,6 @@ fn with_fd_limit(cmd: &mut Command, n: u64) {
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
-/// `GET /metrics`: the exposition text.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT)
-        .unwrap_or_else(|e| panic!("metrics {addr}: connect: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-        .expect("metrics: send the request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .unwrap_or_else(|e| panic!("metrics {addr}: read: {e}"));
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("metrics {addr}: no response head: {resp:?}"));
-    assert!(head.starts_with("HTTP/1.1 200 "), "metrics {addr}: {head}");
-    body.to_owned()
-}
-
-/// The value of the sample `name` whose labels include `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            return None;
-        }
-        let has = |k: &str, v: &str| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
-        if !labels.iter().all(|(k, v)| has(k, v)) {
-            return None;
-        }
-        value.parse().ok()
-    })
-}
-
 /// Scrape until `name{labels}` satisfies `ok`, up to `within`; its value.
 fn wait_metric_within(
     addr: SocketAddr,
@@ -356,7 +178,7 @@ fn wait_metric_within(
     let deadline = Instant::now() + within;
     loop {
         let text = scrape(addr);
-        let v = sample(&text, name, labels);
+        let v = text.sample(name, labels);
         if let Some(v) = v.filter(|v| ok(*v)) {
             return v;
         }
@@ -572,25 +394,6 @@ fn half_closer(mut s: TcpStream, tx: &mpsc::Sender<Ended>) {
     });
 }
 
-/// SO_LINGER 0: the coming close sends a reset instead of a FIN.
-fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
-}
-
 // ---------------------------------------------------------------------------------------------
 // Clients
 
@@ -618,19 +421,6 @@ fn read_until_end(s: &mut TcpStream, within: Duration) -> (Vec<u8>, How) {
             Err(e) => return (data, how_of(&e)),
         }
     }
-}
-
-/// Read exactly `want.len()` bytes (up to `WAIT`) and compare.
-fn expect_reply(s: &mut TcpStream, want: &[u8]) {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    let mut got = vec![0u8; want.len()];
-    s.read_exact(&mut got)
-        .unwrap_or_else(|e| panic!("waiting for {:?}: {e}", String::from_utf8_lossy(want)));
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(want),
-        "reply differs"
-    );
 }
 
 /// One short echo round trip on a new connection; how long it took, or what went wrong.
@@ -668,22 +458,7 @@ const OTHER_THREADS: u64 = 8;
 /// stay bounded, a waiting client is served as soon as a slot frees (in arrival order), and a
 /// new client is served once the crowd is gone.
 fn idle_flood(env: Env) {
-    let own = raise_own_fd_limit();
-    assert!(
-        own >= (FLOOD + FLOOD_BOUND + 500) as u64,
-        "this test needs {} descriptors; the open-file limit is {own}",
-        FLOOD + FLOOD_BOUND + 500
-    );
-    // The clients past the bound wait in the listen backlog, which the kernel caps here.
-    let somaxconn: usize = fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(
-        somaxconn >= FLOOD - FLOOD_BOUND,
-        "net.core.somaxconn is {somaxconn}: a backlog of {} is needed",
-        FLOOD - FLOOD_BOUND
-    );
+    flood_fits_this_machine();
     let echo = Backend::echo();
     let ports = env.ports(1);
     let metrics = env.metrics_addr();
@@ -694,7 +469,6 @@ fn idle_flood(env: Env) {
         &["--max-connections", "1000", "--metrics", &m],
     );
     let addr = p.v4(0);
-    let total = |text: &str| sample(text, "flyproxy_app_connections_total", &[("app", "flood")]);
 
     // Warm up (one relay thread, the pipe pool), then the baseline figures.
     roundtrip(&mut connect(addr), b"warm-up");
@@ -709,8 +483,73 @@ fn idle_flood(env: Env) {
         })
         .collect();
     let opened = t0.elapsed();
+    let settled = exactly_the_bound_is_accepted(&p, metrics, &echo, &mut clients, t0);
 
-    // Exactly the bound is accepted; the rest wait.
+    let threads = threads_of(p.pid);
+    let rss = rss_kib(p.pid);
+    let per_conn = rss.saturating_sub(rss0) as f64 / FLOOD_BOUND as f64;
+    eprintln!(
+        "idle flood ({:?}): {FLOOD} connects in {opened:?}, bound reached after {settled:?}; \
+         threads {threads0} -> {threads}; RSS {rss0} KiB -> {rss} KiB \
+         ({per_conn:.1} KiB per open connection)",
+        env.mode
+    );
+    assert!(
+        threads <= FLOOD_BOUND as u64 + OTHER_THREADS,
+        "{threads} threads with a bound of {FLOOD_BOUND}"
+    );
+    let rss_limit = 64 * 1024 + 32 * FLOOD_BOUND as u64;
+    assert!(
+        rss < rss_limit,
+        "RSS {rss} KiB with {FLOOD_BOUND} open connections (limit {rss_limit} KiB)"
+    );
+
+    let still_waiting = waiting_clients_are_served_in_order(&p, metrics, &mut clients);
+    let drained = the_crowd_leaves(metrics, addr, clients);
+    eprintln!(
+        "idle flood ({:?}): the remaining {} queued connections were taken and closed in \
+         {drained:?}; RSS at the end {} KiB, threads {}",
+        env.mode,
+        FLOOD - still_waiting - 100,
+        rss_kib(p.pid),
+        threads_of(p.pid)
+    );
+}
+
+/// The flood needs descriptors for both ends and a listen backlog for the clients past the
+/// bound (which the kernel caps).
+fn flood_fits_this_machine() {
+    let own = raise_own_fd_limit();
+    assert!(
+        own >= (FLOOD + FLOOD_BOUND + 500) as u64,
+        "this test needs {} descriptors; the open-file limit is {own}",
+        FLOOD + FLOOD_BOUND + 500
+    );
+    let somaxconn: usize = fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        somaxconn >= FLOOD - FLOOD_BOUND,
+        "net.core.somaxconn is {somaxconn}: a backlog of {} is needed",
+        FLOOD - FLOOD_BOUND
+    );
+}
+
+/// `flyproxy_app_connections_total` of the flood's app.
+fn flood_total(text: &Exposition) -> Option<f64> {
+    text.sample("flyproxy_app_connections_total", &[("app", "flood")])
+}
+
+/// Exactly the bound is accepted; the rest wait, and the first waiting client (in arrival
+/// order) speaks and is not answered: not accepted. How long after `t0` the bound was reached.
+fn exactly_the_bound_is_accepted(
+    p: &Proxy,
+    metrics: SocketAddr,
+    echo: &Backend,
+    clients: &mut [TcpStream],
+    t0: Instant,
+) -> Duration {
     wait_metric(
         metrics,
         "flyproxy_connections_open",
@@ -732,37 +571,26 @@ fn idle_flood(env: Env) {
         "to be the bound",
         |v| v == FLOOD_BOUND as f64,
     );
-    // The first waiting client (in arrival order) speaks, and is not answered: not accepted.
     clients[FLOOD_BOUND].write_all(b"early").unwrap();
     clients[FLOOD_BOUND + 100].write_all(b"later").unwrap();
     expect_silent(&mut clients[FLOOD_BOUND], Duration::from_millis(300));
     let text = scrape(metrics);
-    assert_eq!(total(&text), Some((FLOOD_BOUND + 1) as f64), "{text}");
+    assert_eq!(flood_total(&text), Some((FLOOD_BOUND + 1) as f64), "{text}");
     assert_eq!(
-        sample(&text, "flyproxy_connections_open", &[]),
+        text.sample("flyproxy_connections_open", &[]),
         Some(FLOOD_BOUND as f64)
     );
+    settled
+}
 
-    let threads = threads_of(p.pid);
-    let rss = rss_kib(p.pid);
-    let per_conn = rss.saturating_sub(rss0) as f64 / FLOOD_BOUND as f64;
-    eprintln!(
-        "idle flood ({:?}): {FLOOD} connects in {opened:?}, bound reached after {settled:?}; \
-         threads {threads0} -> {threads}; RSS {rss0} KiB -> {rss} KiB \
-         ({per_conn:.1} KiB per open connection)",
-        env.mode
-    );
-    assert!(
-        threads <= FLOOD_BOUND as u64 + OTHER_THREADS,
-        "{threads} threads with a bound of {FLOOD_BOUND}"
-    );
-    let rss_limit = 64 * 1024 + 32 * FLOOD_BOUND as u64;
-    assert!(
-        rss < rss_limit,
-        "RSS {rss} KiB with {FLOOD_BOUND} open connections (limit {rss_limit} KiB)"
-    );
-
-    // 100 served clients leave: the next 100 in line are served, and no more.
+/// 100 served clients leave: the next 100 in line are served, and no more; then every served
+/// client leaves, and the one that spoke later is served in its turn. The index (before the
+/// last leave) of the first client still waiting.
+fn waiting_clients_are_served_in_order(
+    p: &Proxy,
+    metrics: SocketAddr,
+    clients: &mut Vec<TcpStream>,
+) -> usize {
     drop(clients.drain(..100).collect::<Vec<_>>());
     // Indexes from here on are shifted by the 100 gone.
     let first_waiting = FLOOD_BOUND - 100;
@@ -777,19 +605,25 @@ fn idle_flood(env: Env) {
     let still_waiting = first_waiting + 100;
     expect_silent(&mut clients[still_waiting], Duration::from_millis(300));
     let text = scrape(metrics);
-    assert_eq!(total(&text), Some((FLOOD_BOUND + 101) as f64), "{text}");
     assert_eq!(
-        sample(&text, "flyproxy_connections_open", &[]),
+        flood_total(&text),
+        Some((FLOOD_BOUND + 101) as f64),
+        "{text}"
+    );
+    assert_eq!(
+        text.sample("flyproxy_connections_open", &[]),
         Some(FLOOD_BOUND as f64)
     );
     assert!(threads_of(p.pid) <= FLOOD_BOUND as u64 + OTHER_THREADS);
 
-    // Every served client leaves: the one that spoke later is served in its turn.
     drop(clients.drain(..still_waiting).collect::<Vec<_>>());
     expect_reply(&mut clients[0], b"later");
+    still_waiting
+}
 
-    // The whole crowd leaves: every queued connection is accepted and closed, the proxy comes
-    // back to zero, and a new client is served at once.
+/// The whole crowd leaves: every queued connection is accepted and closed, the proxy comes
+/// back to zero, and a new client is served at once. How long the queue took to drain.
+fn the_crowd_leaves(metrics: SocketAddr, addr: SocketAddr, clients: Vec<TcpStream>) -> Duration {
     let t1 = Instant::now();
     drop(clients);
     wait_metric_within(
@@ -809,29 +643,10 @@ fn idle_flood(env: Env) {
     roundtrip(&mut s, b"a new client");
     drop(s);
     wait_no_open_connections(metrics);
-    eprintln!(
-        "idle flood ({:?}): the remaining {} queued connections were taken and closed in \
-         {drained:?}; RSS at the end {} KiB, threads {}",
-        env.mode,
-        FLOOD - still_waiting - 100,
-        rss_kib(p.pid),
-        threads_of(p.pid)
-    );
+    drained
 }
 
-#[test]
-fn idle_flood_is_held_at_the_bound_simple() {
-    in_mode(
-        Mode::Simple,
-        "idle_flood_is_held_at_the_bound_simple",
-        idle_flood,
-    );
-}
-
-#[test]
-fn idle_flood_is_held_at_the_bound_bpf() {
-    in_mode(Mode::Bpf, "idle_flood_is_held_at_the_bound_bpf", idle_flood);
-}
+two_modes!(idle_flood_is_held_at_the_bound, idle_flood);
 
 // =============================================================================================
 // Hostile clients: a client that sends a lot and never reads
@@ -920,38 +735,7 @@ fn slow_reader(env: Env) {
     wait_no_open_connections(metrics);
     let rss0 = rss_kib(p.pid);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let pid = p.pid;
-    let sampler = {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let mut max = 0;
-            while !stop.load(Ordering::Relaxed) {
-                max = max.max(rss_kib(pid));
-                thread::sleep(Duration::from_millis(5));
-            }
-            max
-        })
-    };
-    let other = p.v4(1);
-    let others = {
-        let stop = Arc::clone(&stop);
-        thread::spawn(move || {
-            let (mut n, mut worst, mut failures) = (0, Duration::ZERO, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                match try_echo(other, b"are you there?\n") {
-                    Ok(t) => {
-                        n += 1;
-                        worst = worst.max(t);
-                    }
-                    Err(e) => failures.push(e),
-                }
-                thread::sleep(Duration::from_millis(20)); // the other client's pace
-            }
-            (n, worst, failures)
-        })
-    };
-
+    let meanwhile = Meanwhile::start(p.pid, p.v4(1));
     let t0 = Instant::now();
     let mut c = connect(p.v4(0));
     let local = c.local_addr().unwrap();
@@ -964,20 +748,9 @@ fn slow_reader(env: Env) {
         (sink.received() == PUSH).then_some(())
     });
     let pushed_in = t0.elapsed();
-    // The backend's answer found nowhere to go: its writes stalled, far short of what it
-    // tried to send (bytes wait in kernel buffers, not in the proxy).
-    let stalled_at = sink.sent();
-    thread::sleep(Duration::from_millis(300)); // a window in which nothing may move
-    assert_eq!(
-        sink.sent(),
-        stalled_at,
-        "the backend could still send to a client that never reads"
-    );
-    assert!(stalled_at < PUSH / 4, "the backend sent {stalled_at} bytes");
+    let stalled_at = the_answer_stalls(&sink);
 
-    stop.store(true, Ordering::Relaxed);
-    let max_rss = sampler.join().unwrap();
-    let (n, worst, failures) = others.join().unwrap();
+    let (max_rss, n, worst, failures) = meanwhile.finish();
     eprintln!(
         "slow reader ({:?}): 256 MiB pushed in {pushed_in:?}; backend's answer stalled at {} KiB; \
          proxy RSS {rss0} KiB, at most {max_rss} KiB (+{} KiB); other clients: {n} round trips, \
@@ -1013,23 +786,76 @@ fn slow_reader(env: Env) {
     );
 }
 
-#[test]
-fn slow_reader_is_paced_by_the_kernel_simple() {
-    in_mode(
-        Mode::Simple,
-        "slow_reader_is_paced_by_the_kernel_simple",
-        slow_reader,
+/// The backend's answer found nowhere to go: its writes stalled, far short of what it tried
+/// to send (bytes wait in kernel buffers, not in the proxy). Where it stalled.
+fn the_answer_stalls(sink: &PacedSink) -> u64 {
+    let stalled_at = sink.sent();
+    thread::sleep(Duration::from_millis(300)); // a window in which nothing may move
+    assert_eq!(
+        sink.sent(),
+        stalled_at,
+        "the backend could still send to a client that never reads"
     );
+    assert!(stalled_at < PUSH / 4, "the backend sent {stalled_at} bytes");
+    stalled_at
 }
 
-#[test]
-fn slow_reader_is_paced_by_the_kernel_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "slow_reader_is_paced_by_the_kernel_bpf",
-        slow_reader,
-    );
+/// What goes on while the slow reader pushes: the proxy's RSS sampled, and another client
+/// asking the echo app at its own pace.
+struct Meanwhile {
+    stop: Arc<AtomicBool>,
+    sampler: JoinHandle<u64>,
+    others: JoinHandle<(usize, Duration, Vec<String>)>,
 }
+
+impl Meanwhile {
+    fn start(pid: u32, other: SocketAddr) -> Meanwhile {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let mut max = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    max = max.max(rss_kib(pid));
+                    thread::sleep(Duration::from_millis(5));
+                }
+                max
+            })
+        };
+        let others = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut n, mut worst, mut failures) = (0, Duration::ZERO, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match try_echo(other, b"are you there?\n") {
+                        Ok(t) => {
+                            n += 1;
+                            worst = worst.max(t);
+                        }
+                        Err(e) => failures.push(e),
+                    }
+                    thread::sleep(Duration::from_millis(20)); // the other client's pace
+                }
+                (n, worst, failures)
+            })
+        };
+        Meanwhile {
+            stop,
+            sampler,
+            others,
+        }
+    }
+
+    /// The highest RSS seen, and the other client's round trips, slowest one and failures.
+    fn finish(self) -> (u64, usize, Duration, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let max_rss = self.sampler.join().unwrap();
+        let (n, worst, failures) = self.others.join().unwrap();
+        (max_rss, n, worst, failures)
+    }
+}
+
+two_modes!(slow_reader_is_paced_by_the_kernel, slow_reader);
 
 // =============================================================================================
 // Hostile clients: resets mid-transfer
@@ -1120,23 +946,10 @@ fn client_resets(env: Env) {
     roundtrip(&mut connect(addr), b"after the resets");
 }
 
-#[test]
-fn clients_resetting_mid_transfer_leave_nothing_open_simple() {
-    in_mode(
-        Mode::Simple,
-        "clients_resetting_mid_transfer_leave_nothing_open_simple",
-        client_resets,
-    );
-}
-
-#[test]
-fn clients_resetting_mid_transfer_leave_nothing_open_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "clients_resetting_mid_transfer_leave_nothing_open_bpf",
-        client_resets,
-    );
-}
+two_modes!(
+    clients_resetting_mid_transfer_leave_nothing_open,
+    client_resets
+);
 
 // =============================================================================================
 // Hostile clients: connections that never send a byte
@@ -1210,23 +1023,10 @@ fn silent_clients(env: Env) {
     wait_no_open_connections(metrics);
 }
 
-#[test]
-fn silent_clients_are_closed_by_the_idle_timeout_simple() {
-    in_mode(
-        Mode::Simple,
-        "silent_clients_are_closed_by_the_idle_timeout_simple",
-        silent_clients,
-    );
-}
-
-#[test]
-fn silent_clients_are_closed_by_the_idle_timeout_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "silent_clients_are_closed_by_the_idle_timeout_bpf",
-        silent_clients,
-    );
-}
+two_modes!(
+    silent_clients_are_closed_by_the_idle_timeout,
+    silent_clients
+);
 
 // =============================================================================================
 // Backend faults
@@ -1328,23 +1128,7 @@ fn backend_faults(env: Env) {
     wait_no_open_connections(metrics);
 }
 
-#[test]
-fn backend_faults_reach_the_client_simple() {
-    in_mode(
-        Mode::Simple,
-        "backend_faults_reach_the_client_simple",
-        backend_faults,
-    );
-}
-
-#[test]
-fn backend_faults_reach_the_client_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "backend_faults_reach_the_client_bpf",
-        backend_faults,
-    );
-}
+two_modes!(backend_faults_reach_the_client, backend_faults);
 
 // =============================================================================================
 // Resource exhaustion: a low open-file limit
@@ -1366,24 +1150,7 @@ fn low_fd_limit(env: Env) {
         |cmd| with_fd_limit(cmd, NOFILE),
     );
     let addr = p.v4(0);
-    let started = p.wait_log("started", |l| l.contains(" started mode="));
-    let bound: usize = field(&started, "max_connections")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no max_connections in {started}"));
-    let warning = p.wait_log("the bound lowered", |l| l.contains("lowering the bound to"));
-    assert!(
-        warning.contains(" WARN ")
-            && warning.contains("--max-connections 4096 needs")
-            && warning.contains("the open-file limit is 128")
-            && warning.ends_with(&format!("lowering the bound to {bound}")),
-        "{warning}"
-    );
-    assert!(
-        (8..64).contains(&bound),
-        "bound {bound} with 128 descriptors"
-    );
-    let limit = sample(&scrape(metrics), "flyproxy_connections_limit", &[]);
-    assert_eq!(limit, Some(bound as f64));
+    let bound = the_bound_is_lowered_to_128_descriptors(&p, metrics);
 
     let total = bound + 60;
     let msg = |i: usize| format!("client {i:04}\n");
@@ -1402,32 +1169,11 @@ fn low_fd_limit(env: Env) {
         v == 1.0
     });
     assert_eq!(
-        sample(&scrape(metrics), "flyproxy_connections_open", &[]),
+        scrape(metrics).sample("flyproxy_connections_open", &[]),
         Some(bound as f64)
     );
 
-    // Pressure: more clients keep arriving (and leaving at once) while the bound holds.
-    let stop = Arc::new(AtomicBool::new(false));
-    let churned = Arc::new(AtomicUsize::new(0));
-    let churn = {
-        let (stop, churned) = (Arc::clone(&stop), Arc::clone(&churned));
-        thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) && churned.load(Ordering::Relaxed) < 400 {
-                if TcpStream::connect_timeout(&addr, WAIT).is_ok() {
-                    churned.fetch_add(1, Ordering::Relaxed);
-                }
-                thread::sleep(Duration::from_millis(5)); // the arrivals' pace
-            }
-        })
-    };
-    let cpu = cpu_during(p.pid, Duration::from_secs(2));
-    stop.store(true, Ordering::Relaxed);
-    churn.join().unwrap();
-    assert!(p.try_status().is_none(), "the proxy exited");
-    assert!(
-        cpu < 0.5,
-        "the proxy used {cpu:.2} s of CPU in 2 s while at its bound"
-    );
+    let (cpu, churned) = no_spin_under_arrivals_at_the_bound(&mut p, addr);
     assert_eq!(echo.served(), bound, "served past the bound");
     // The served ones still relay.
     for (i, c) in clients.iter_mut().take(3).enumerate() {
@@ -1452,31 +1198,65 @@ fn low_fd_limit(env: Env) {
     assert!(failed.is_empty(), "{failed:?}");
     let accept_errors = p.lines(|l| l.contains("accept failed"));
     eprintln!(
-        "low fd limit ({:?}): bound lowered to {bound}; {total} clients + {} arriving and \
+        "low fd limit ({:?}): bound lowered to {bound}; {total} clients + {churned} arriving and \
          leaving; proxy CPU {cpu:.3} s in 2 s at the bound; {} accept errors logged",
         env.mode,
-        churned.load(Ordering::Relaxed),
         accept_errors.len()
     );
 }
 
-#[test]
-fn low_fd_limit_lowers_the_bound_and_recovers_simple() {
-    in_mode(
-        Mode::Simple,
-        "low_fd_limit_lowers_the_bound_and_recovers_simple",
-        low_fd_limit,
+/// With 128 descriptors the proxy starts with a lower bound, warns with the numbers, and
+/// reports the bound in force. The bound.
+fn the_bound_is_lowered_to_128_descriptors(p: &Proxy, metrics: SocketAddr) -> usize {
+    let started = p.wait_log("started", |l| l.contains(" started mode="));
+    let bound: usize = field(&started, "max_connections")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no max_connections in {started}"));
+    let warning = p.wait_log("the bound lowered", |l| l.contains("lowering the bound to"));
+    assert!(
+        warning.contains(" WARN ")
+            && warning.contains("--max-connections 4096 needs")
+            && warning.contains("the open-file limit is 128")
+            && warning.ends_with(&format!("lowering the bound to {bound}")),
+        "{warning}"
     );
+    assert!(
+        (8..64).contains(&bound),
+        "bound {bound} with 128 descriptors"
+    );
+    let limit = scrape(metrics).sample("flyproxy_connections_limit", &[]);
+    assert_eq!(limit, Some(bound as f64));
+    bound
 }
 
-#[test]
-fn low_fd_limit_lowers_the_bound_and_recovers_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "low_fd_limit_lowers_the_bound_and_recovers_bpf",
-        low_fd_limit,
+/// Pressure: more clients keep arriving (and leaving at once) while the bound holds; the proxy
+/// neither spins nor exits. Its CPU time over 2 s, and the clients that came and went.
+fn no_spin_under_arrivals_at_the_bound(p: &mut Proxy, addr: SocketAddr) -> (f64, usize) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let churned = Arc::new(AtomicUsize::new(0));
+    let churn = {
+        let (stop, churned) = (Arc::clone(&stop), Arc::clone(&churned));
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) && churned.load(Ordering::Relaxed) < 400 {
+                if TcpStream::connect_timeout(&addr, WAIT).is_ok() {
+                    churned.fetch_add(1, Ordering::Relaxed);
+                }
+                thread::sleep(Duration::from_millis(5)); // the arrivals' pace
+            }
+        })
+    };
+    let cpu = cpu_during(p.pid, Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    churn.join().unwrap();
+    assert!(p.try_status().is_none(), "the proxy exited");
+    assert!(
+        cpu < 0.5,
+        "the proxy used {cpu:.2} s of CPU in 2 s while at its bound"
     );
+    (cpu, churned.load(Ordering::Relaxed))
 }
+
+two_modes!(low_fd_limit_lowers_the_bound_and_recovers, low_fd_limit);
 
 // =============================================================================================
 // Resource exhaustion: no descriptor left at all (EMFILE)
@@ -1508,8 +1288,37 @@ fn emfile_backs_off_and_recovers() {
     wait_metric(metrics, "flyproxy_connections_open", &[], "to be 5", |v| {
         v == 5.0
     });
+    let waiting = no_descriptor_left_backs_off(&mut p, addr, &mut held);
+    with_one_descriptor_connects_fail_not_the_target(&p, addr);
+    let text = scrape(metrics);
+    assert_eq!(
+        text.sample("flyproxy_target_up", &[("target", &target)]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        text.sample(
+            "flyproxy_app_connections_refused_total",
+            &[("app", "fd"), ("reason", "connect_failed")]
+        ),
+        Some(5.0),
+        "{text}"
+    );
+    roundtrip(&mut connect(addr), b"served again\n");
+    drop(held);
+    drop(waiting);
+    wait_no_open_connections(metrics);
+    assert!(p.try_status().is_none(), "the proxy exited");
+}
 
-    // No descriptor left.
+/// No descriptor left: accept fails with EMFILE and the proxy backs off instead of spinning,
+/// new clients wait, `held` keep relaying; with descriptors back every waiting client is
+/// served promptly. The waiting clients.
+fn no_descriptor_left_backs_off(
+    p: &mut Proxy,
+    addr: SocketAddr,
+    held: &mut [TcpStream],
+) -> Vec<TcpStream> {
     let mark = p.mark();
     let original = set_fd_limit(p.pid, lowest_free_fd(p.pid));
     let msg = |i: usize| format!("waiting {i:02}\n");
@@ -1553,8 +1362,12 @@ fn emfile_backs_off_and_recovers() {
         "EMFILE: proxy CPU {cpu:.3} s in 2 s, {errors} accept errors logged; waiting clients \
          served {recovered:?} after the limit was restored"
     );
+    waiting
+}
 
-    // One descriptor left: accept works, the connect to the target does not.
+/// One descriptor left: accept works, the connect to the target does not. Each client is
+/// closed with the reason, and the target is not marked down for an error of this host.
+fn with_one_descriptor_connects_fail_not_the_target(p: &Proxy, addr: SocketAddr) {
     let original = set_fd_limit(p.pid, lowest_free_fd(p.pid) + 1);
     for i in 0..5 {
         let mut s = connect(addr);
@@ -1574,26 +1387,6 @@ fn emfile_backs_off_and_recovers() {
         down.is_empty(),
         "a local error marked the target down: {down:?}"
     );
-    let text = scrape(metrics);
-    assert_eq!(
-        sample(&text, "flyproxy_target_up", &[("target", &target)]),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        sample(
-            &text,
-            "flyproxy_app_connections_refused_total",
-            &[("app", "fd"), ("reason", "connect_failed")]
-        ),
-        Some(5.0),
-        "{text}"
-    );
-    roundtrip(&mut connect(addr), b"served again\n");
-    drop(held);
-    drop(waiting);
-    wait_no_open_connections(metrics);
-    assert!(p.try_status().is_none(), "the proxy exited");
 }
 
 // =============================================================================================
@@ -1612,134 +1405,158 @@ fn local_ports_running_out_fail_clients_not_the_target() {
     let host_range = fs::read_to_string(PORT_RANGE).expect("read the port range");
     netns::run(
         "local_ports_running_out_fail_clients_not_the_target",
-        |_ns| {
-            const CLIENTS: usize = 200;
-            // Bound before the range shrinks (a listener's port comes from the range too).
-            let echo = Backend::echo();
-            let netns_range = fs::read_to_string(PORT_RANGE).unwrap();
-            fs::write(PORT_RANGE, "40000 40050").expect("set this namespace's port range");
-            // Put the range back before anything is dropped (even on a failure): the backend's
-            // stop connects to its own listener, which needs a free port.
-            let _restore = Restore(move || {
-                let _ = fs::write(PORT_RANGE, &netns_range);
-            });
-            let range = fs::read_to_string(PORT_RANGE).unwrap();
-            assert_eq!(
-                range.split_whitespace().collect::<Vec<_>>(),
-                ["40000", "40050"]
-            );
-            let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, NETNS_METRICS_PORT));
-            let m = metrics.to_string();
-            let target = echo.target();
-            let cfg = config(&[json!({
-                "Name": "eph", "Ports": [6000], "Targets": [target],
-                // Checked often (an up target every 500 ms), so checks run while ports are out.
-                "HealthCheck": { "IntervalMs": 100 }
-            })]);
-            let p = netns::start(&cfg, &["--metrics", &m, "--connect-timeout", "2s"]);
-            // Clients go to 127.0.0.1-8: their own ports come from the same small range, and a
-            // port can be reused towards each destination.
-            let dest = |i: usize| SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 6000));
-            let msg = |i: usize| format!("c{i:03}\n");
-            let mut clients: Vec<TcpStream> = (0..CLIENTS)
-                .map(|i| {
-                    let mut s = connect(dest(i));
-                    s.write_all(msg(i).as_bytes()).unwrap();
-                    s
-                })
-                .collect();
-            let (mut served, mut refused) = (Vec::new(), Vec::new());
-            for (i, mut s) in clients.drain(..).enumerate() {
-                s.set_read_timeout(Some(WAIT)).unwrap();
-                let want = msg(i);
-                let mut got = vec![0u8; want.len()];
-                match s.read_exact(&mut got) {
-                    Ok(()) => {
-                        assert_eq!(got, want.as_bytes());
-                        served.push(s);
-                    }
-                    Err(e)
-                        if e.kind() == io::ErrorKind::UnexpectedEof
-                            || e.kind() == io::ErrorKind::ConnectionReset =>
-                    {
-                        refused.push(s.local_addr().unwrap())
-                    }
-                    Err(e) => panic!("client {i}: {e}"),
-                }
-            }
-            assert!(
-                served.len() >= 10 && refused.len() >= 100,
-                "{} served, {} closed: the ports did not run out as planned",
-                served.len(),
-                refused.len()
-            );
-            for &local in &refused {
-                let line = p.wait_conn(local);
-                assert_eq!(line.end, "connect_failed", "{}", line.line);
-                let reason = line.reason.clone().unwrap_or_default();
-                assert!(reason.contains("(os error 99)"), "{}", line.line);
-            }
-            // Hold the ports a while (three up-checks of the target), then look at the target.
-            let held_from = Instant::now();
-            while held_from.elapsed() < Duration::from_millis(1600) {
-                for s in &mut served {
-                    roundtrip(s, b"still here\n");
-                }
-                thread::sleep(Duration::from_millis(100)); // the clients' pace
-            }
-            let text = scrape(metrics);
-            let down = p.lines(|l| l.contains(" is down"));
-            let target_up = sample(&text, "flyproxy_target_up", &[("target", &target)]);
-            assert_eq!(
-                sample(
-                    &text,
-                    "flyproxy_app_connections_refused_total",
-                    &[("app", "eph"), ("reason", "connect_failed")]
-                ),
-                Some(refused.len() as f64)
-            );
-            let figures = format!("{} served, {} closed", served.len(), refused.len());
-
-            // Ports free up (the proxy's TIME_WAIT ones become reusable a second or so after
-            // the served clients left): served again, 20 clients in a row.
-            drop(served);
-            let t = Instant::now();
-            let mut rounds = 0;
-            wait_for(
-                "20 clients in a row served once ports free up",
-                WAIT,
-                || {
-                    rounds += 1;
-                    (0..20)
-                        .all(|i| try_echo(dest(i), format!("again {i}\n").as_bytes()).is_ok())
-                        .then_some(())
-                },
-            );
-            let recovered = t.elapsed();
-            eprintln!(
-                "local ports: {figures} of {CLIENTS}; 20 in a row served again {recovered:?} \
-                 after the others left ({rounds} tries); target marked down {} times",
-                down.len()
-            );
-            // The target was never marked down for this host's own trouble.
-            assert!(
-                down.is_empty(),
-                "a local error (no local port) marked the target down:\n{}",
-                down.join("\n")
-            );
-            assert_eq!(
-                target_up,
-                Some(1.0),
-                "flyproxy_target_up while ports were out"
-            );
-            wait_no_open_connections(metrics);
-        },
+        |_ns| local_ports_run_out(),
     );
     assert_eq!(
         fs::read_to_string(PORT_RANGE).unwrap(),
         host_range,
         "the host's port range changed"
     );
+}
+
+/// Clients of `local_ports_running_out_fail_clients_not_the_target`.
+const EPH_CLIENTS: usize = 200;
+
+/// The body of `local_ports_running_out_fail_clients_not_the_target`, in its namespace.
+fn local_ports_run_out() {
+    // Bound before the range shrinks (a listener's port comes from the range too).
+    let echo = Backend::echo();
+    let _restore = shrink_the_port_range();
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, NETNS_METRICS_PORT));
+    let m = metrics.to_string();
+    let target = echo.target();
+    let cfg = config(&[json!({
+        "Name": "eph", "Ports": [6000], "Targets": [target],
+        // Checked often (an up target every 500 ms), so checks run while ports are out.
+        "HealthCheck": { "IntervalMs": 100 }
+    })]);
+    let p = netns::start(&cfg, &["--metrics", &m, "--connect-timeout", "2s"]);
+    let (mut served, refused) = clients_past_the_port_range();
+    for &local in &refused {
+        let line = p.wait_conn(local);
+        assert_eq!(line.end, "connect_failed", "{}", line.line);
+        let reason = line.reason.clone().unwrap_or_default();
+        assert!(reason.contains("(os error 99)"), "{}", line.line);
+    }
+    // Hold the ports a while (three up-checks of the target), then look at the target.
+    let held_from = Instant::now();
+    while held_from.elapsed() < Duration::from_millis(1600) {
+        for s in &mut served {
+            roundtrip(s, b"still here\n");
+        }
+        thread::sleep(Duration::from_millis(100)); // the clients' pace
+    }
+    let text = scrape(metrics);
+    let down = p.lines(|l| l.contains(" is down"));
+    let target_up = text.sample("flyproxy_target_up", &[("target", &target)]);
+    assert_eq!(
+        text.sample(
+            "flyproxy_app_connections_refused_total",
+            &[("app", "eph"), ("reason", "connect_failed")]
+        ),
+        Some(refused.len() as f64)
+    );
+    let figures = format!("{} served, {} closed", served.len(), refused.len());
+    drop(served);
+    let (recovered, rounds) = served_again_once_ports_free_up();
+    eprintln!(
+        "local ports: {figures} of {EPH_CLIENTS}; 20 in a row served again {recovered:?} \
+         after the others left ({rounds} tries); target marked down {} times",
+        down.len()
+    );
+    // The target was never marked down for this host's own trouble.
+    assert!(
+        down.is_empty(),
+        "a local error (no local port) marked the target down:\n{}",
+        down.join("\n")
+    );
+    assert_eq!(
+        target_up,
+        Some(1.0),
+        "flyproxy_target_up while ports were out"
+    );
+    wait_no_open_connections(metrics);
+}
+
+/// Cut this namespace's ephemeral port range to 51 ports; it is put back when the result is
+/// dropped.
+fn shrink_the_port_range() -> Restore<impl FnMut()> {
+    let netns_range = fs::read_to_string(PORT_RANGE).unwrap();
+    fs::write(PORT_RANGE, "40000 40050").expect("set this namespace's port range");
+    // Put the range back before anything is dropped (even on a failure): the backend's
+    // stop connects to its own listener, which needs a free port.
+    let restore = Restore(move || {
+        let _ = fs::write(PORT_RANGE, &netns_range);
+    });
+    let range = fs::read_to_string(PORT_RANGE).unwrap();
+    assert_eq!(
+        range.split_whitespace().collect::<Vec<_>>(),
+        ["40000", "40050"]
+    );
+    restore
+}
+
+/// Where client `i` connects: 127.0.0.1-8, so that their own ports come from the same small
+/// range, and a port can be reused towards each destination.
+fn eph_dest(i: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1 + (i % 8) as u8], 6000))
+}
+
+/// EPH_CLIENTS clients at once, each sending a line: the served ones (still open) and the
+/// local addresses of those closed without an answer; the ports must have run out.
+fn clients_past_the_port_range() -> (Vec<TcpStream>, Vec<SocketAddr>) {
+    let msg = |i: usize| format!("c{i:03}\n");
+    let mut clients: Vec<TcpStream> = (0..EPH_CLIENTS)
+        .map(|i| {
+            let mut s = connect(eph_dest(i));
+            s.write_all(msg(i).as_bytes()).unwrap();
+            s
+        })
+        .collect();
+    let (mut served, mut refused) = (Vec::new(), Vec::new());
+    for (i, mut s) in clients.drain(..).enumerate() {
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let want = msg(i);
+        let mut got = vec![0u8; want.len()];
+        match s.read_exact(&mut got) {
+            Ok(()) => {
+                assert_eq!(got, want.as_bytes());
+                served.push(s);
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::UnexpectedEof
+                    || e.kind() == io::ErrorKind::ConnectionReset =>
+            {
+                refused.push(s.local_addr().unwrap())
+            }
+            Err(e) => panic!("client {i}: {e}"),
+        }
+    }
+    assert!(
+        served.len() >= 10 && refused.len() >= 100,
+        "{} served, {} closed: the ports did not run out as planned",
+        served.len(),
+        refused.len()
+    );
+    (served, refused)
+}
+
+/// Ports free up (the proxy's TIME_WAIT ones become reusable a second or so after the served
+/// clients left): served again, 20 clients in a row. How long that took, and the tries.
+fn served_again_once_ports_free_up() -> (Duration, usize) {
+    let t = Instant::now();
+    let mut rounds = 0;
+    wait_for(
+        "20 clients in a row served once ports free up",
+        WAIT,
+        || {
+            rounds += 1;
+            (0..20)
+                .all(|i| try_echo(eph_dest(i), format!("again {i}\n").as_bytes()).is_ok())
+                .then_some(())
+        },
+    );
+    (t.elapsed(), rounds)
 }
 
 /// Runs a closure when dropped.
@@ -1778,185 +1595,23 @@ enum Version {
 /// fails; every `reload ok` applies exactly one valid version, in order; the proxy ends on
 /// the last version, serving exactly its ports.
 fn config_chaos(env: Env) {
-    const WRITES: usize = 200;
-    let stable = Backend::tagged("stable");
-    let marker = Backend::tagged("marker");
-    let stable_ports = env.ports(2);
-    let markers = env.ports(WRITES + 1);
-    // Simple mode: a port this test holds, so a version asking for it cannot be bound.
-    let busy = (env.mode == Mode::Simple).then(|| {
-        let port = free_port();
-        let l = TcpListener::bind(("::", port)).expect("hold a port");
-        (l, port)
-    });
-    let valid = |k: usize| {
-        config(&[
-            json!({ "Name": "stable", "Ports": stable_ports, "Targets": [stable.target()],
-                    "ConnectAttempts": 1 + k % 3 }),
-            app("marker", &[markers[k]], &[marker.target()]),
-        ])
-    };
-    let invalid = |k: usize, variant: u64| {
-        let stable_app = json!({ "Name": "stable", "Ports": stable_ports,
-                                 "Targets": [stable.target()] });
-        let marker_app = match variant % 4 {
-            0 => json!({ "Name": "marker", "Ports": [markers[k], 70000],
-                         "Targets": [marker.target()] }),
-            1 => json!({ "Name": "marker", "Ports": [markers[k]],
-                         "Targets": [marker.target()], "Weight": 3 }),
-            2 => json!({ "Name": "marker", "Ports": [markers[k]], "Targets": [] }),
-            // The stable app's port claimed by a second app.
-            _ => json!({ "Name": "marker", "Ports": [markers[k], stable_ports[0]],
-                         "Targets": [marker.target()] }),
-        };
-        config(&[stable_app, marker_app])
-    };
-
-    let p = env.start(&stable_ports, &valid(0), &["--reload-interval", "10ms"]);
-    let path = p.config.clone();
-    let dir = p.dir.path.clone();
-
-    // The steady load: two clients asking the stable ports in turn, all along.
-    let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let load: Vec<JoinHandle<usize>> = (0..2)
-        .map(|i| {
-            let addr = p.v4(i);
-            let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
-            thread::spawn(move || {
-                let mut ok = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    match netns::try_ask(addr) {
-                        Ok(tag) if tag == "stable" => ok += 1,
-                        Ok(tag) => failures.lock().unwrap().push(format!("{addr}: tag {tag}")),
-                        Err(e) => failures.lock().unwrap().push(e),
-                    }
-                }
-                ok
-            })
-        })
-        .collect();
-
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        ^ (u64::from(std::process::id()) << 32);
-    // FLYPROXY_CHAOS_SEED replays a run (the seed is printed).
-    let seed = std::env::var("FLYPROXY_CHAOS_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(seed);
-    let mut rng = Rng::new(seed);
-    let mut valid_versions = BTreeSet::from([0usize]);
-    let mut kinds = Vec::new();
-    let mut hups = 0;
-    let t0 = Instant::now();
-    for (k, &marker_port) in markers.iter().enumerate().skip(1) {
-        let roll = rng.next() % 100;
-        let kind = match roll {
-            _ if k == WRITES => Version::ValidRename,
-            0..=24 => Version::ValidRename,
-            25..=44 => Version::ValidInPlace,
-            45..=64 => Version::Broken,
-            65..=84 => Version::Invalid,
-            85..=91 => Version::Empty,
-            _ if busy.is_some() => Version::Unbindable,
-            _ => Version::Invalid,
-        };
-        kinds.push(kind);
-        let pause = Duration::from_millis(rng.next() % 25);
-        match kind {
-            Version::ValidRename => {
-                valid_versions.insert(k);
-                write_by_rename(&dir, &path, valid(k).as_bytes());
-            }
-            Version::ValidInPlace => {
-                valid_versions.insert(k);
-                let text = valid(k);
-                let split = 1 + (rng.next() as usize) % (text.len() - 1);
-                write_in_place(&path, text.as_bytes(), split, pause);
-            }
-            Version::Broken => {
-                let text = valid(k);
-                let cut = 1 + (rng.next() as usize) % (text.len() - 1);
-                if rng.next() % 2 == 0 {
-                    write_by_rename(&dir, &path, &text.as_bytes()[..cut]);
-                } else {
-                    write_in_place(&path, &text.as_bytes()[..cut], cut / 2, pause);
-                }
-            }
-            Version::Invalid => write_by_rename(&dir, &path, invalid(k, rng.next()).as_bytes()),
-            Version::Empty => {
-                OpenOptions::new()
-                    .write(true)
-                    .truncate(true)
-                    .open(&path)
-                    .expect("truncate the config");
-            }
-            Version::Unbindable => {
-                let (_, busy_port) = busy.as_ref().unwrap();
-                let text = config(&[
-                    json!({ "Name": "stable", "Ports": stable_ports,
-                            "Targets": [stable.target()] }),
-                    app("marker", &[marker_port, *busy_port], &[marker.target()]),
-                ]);
-                write_by_rename(&dir, &path, text.as_bytes());
-            }
-        }
-        if rng.next() % 10 == 0 {
-            hups += 1;
-            // SAFETY: kill(2) on our child.
-            unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGHUP) };
-        }
-        thread::sleep(Duration::from_millis(2 + rng.next() % 20)); // the writer's pace
-    }
-    let written_in = t0.elapsed();
-    let last = markers[WRITES];
+    let chaos = Chaos::new(&env);
+    let p = env.start(
+        &chaos.stable_ports,
+        &chaos.valid(0),
+        &["--reload-interval", "10ms"],
+    );
+    let load = SteadyLoad::start(&p);
+    let seed = chaos_seed();
+    let run = chaos.write_versions(&p, seed);
+    let last = chaos.markers[CHAOS_WRITES];
     p.wait_log("the last version applied", |l| {
         l.contains(" reload ok: ") && ports_in(l, "added") == [last]
     });
     // A little more load on the final config, then stop it.
-    let ok_before = {
-        thread::sleep(Duration::from_millis(200)); // load keeps running on the final config
-        stop.store(true, Ordering::Relaxed);
-        load.into_iter().map(|t| t.join().unwrap()).sum::<usize>()
-    };
-    let failures = failures.lock().unwrap().clone();
-    assert!(
-        failures.is_empty(),
-        "{} of {} client connections to the stable ports failed: {:?}",
-        failures.len(),
-        failures.len() + ok_before,
-        &failures[..failures.len().min(10)]
-    );
-
-    // Every reload that applied anything applied one valid version, newer than the last.
-    let mut current = 0usize;
-    let reloads = p.lines(|l| l.contains(" reload ok: "));
-    for l in &reloads {
-        let added = ports_in(l, "added");
-        let removed = ports_in(l, "removed");
-        let k = match added.as_slice() {
-            [port] => markers
-                .iter()
-                .position(|m| m == port)
-                .unwrap_or_else(|| panic!("a reload added port {port}, of no version: {l}")),
-            _ => panic!("a reload that does not add exactly one marker port: {l}"),
-        };
-        assert!(
-            valid_versions.contains(&k),
-            "version {k} ({:?}) was applied: {l}",
-            kinds[k - 1]
-        );
-        assert!(
-            k > current,
-            "version {k} applied after version {current}: {l}"
-        );
-        assert_eq!(removed, [markers[current]], "{l}");
-        current = k;
-    }
-    assert_eq!(current, WRITES);
+    thread::sleep(Duration::from_millis(200)); // load keeps running on the final config
+    let ok_before = load.stop_and_check();
+    let reloads = chaos.assert_valid_versions_applied_in_order(&p, &run);
     let rejected = p
         .lines(|l| l.contains(" reload rejected: keeping the running config"))
         .len();
@@ -1964,36 +1619,293 @@ fn config_chaos(env: Env) {
         .lines(|l| l.contains(" reload rejected: cannot listen on "))
         .len();
     assert!(rejected > 0, "no version was rejected");
-
-    // The proxy serves exactly the last version's ports.
-    assert_eq!(
-        netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, last))),
-        Ok("marker".into())
-    );
-    for &port in &stable_ports {
-        assert_eq!(
-            netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
-            Ok("stable".into())
-        );
-    }
-    for &port in &markers[..WRITES] {
-        expect_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-    }
-    let want: BTreeSet<u16> = stable_ports.iter().copied().chain([last]).collect();
-    match &env.ns {
-        // Simple mode: exactly these listening sockets.
-        None => assert_eq!(listening_ports(p.pid), want),
-        // bpf mode: exactly these ports steered.
-        Some(ns) => assert_eq!(ns.steering(p.pid).ports(), want),
-    }
+    chaos.assert_serves_exactly_the_last_version(&env, &p);
     eprintln!(
-        "config chaos ({:?}, seed {seed}): {WRITES} writes in {written_in:?} ({} valid, {hups} \
-         SIGHUPs); {} reloads applied, {rejected} rejected ({unbindable} for a port that could \
-         not be bound); {ok_before} client connections, none failed",
+        "config chaos ({:?}, seed {seed}): {CHAOS_WRITES} writes in {:?} ({} valid, {} \
+         SIGHUPs); {reloads} reloads applied, {rejected} rejected ({unbindable} for a port that \
+         could not be bound); {ok_before} client connections, none failed",
         env.mode,
-        valid_versions.len() - 1,
-        reloads.len()
+        run.written_in,
+        run.valid_versions.len() - 1,
+        run.hups,
     );
+}
+
+/// Rewrites of the config file in `config_chaos`.
+const CHAOS_WRITES: usize = 200;
+
+/// The apps and ports of `config_chaos`, and how each version of its config reads.
+struct Chaos {
+    stable: Backend,
+    marker: Backend,
+    stable_ports: Vec<u16>,
+    /// One marker port per version.
+    markers: Vec<u16>,
+    /// Simple mode: a port this test holds, so a version asking for it cannot be bound.
+    busy: Option<(TcpListener, u16)>,
+}
+
+/// What `Chaos::write_versions` wrote.
+struct ChaosRun {
+    valid_versions: BTreeSet<usize>,
+    /// The kind of each version after the first.
+    kinds: Vec<Version>,
+    hups: usize,
+    written_in: Duration,
+}
+
+impl Chaos {
+    fn new(env: &Env) -> Chaos {
+        let busy = (env.mode == Mode::Simple).then(|| {
+            let port = free_port();
+            let l = TcpListener::bind(("::", port)).expect("hold a port");
+            (l, port)
+        });
+        Chaos {
+            stable: Backend::tagged("stable"),
+            marker: Backend::tagged("marker"),
+            stable_ports: env.ports(2),
+            markers: env.ports(CHAOS_WRITES + 1),
+            busy,
+        }
+    }
+
+    /// Version `k`, valid.
+    fn valid(&self, k: usize) -> String {
+        config(&[
+            json!({ "Name": "stable", "Ports": self.stable_ports, "Targets": [self.stable.target()],
+                    "ConnectAttempts": 1 + k % 3 }),
+            app("marker", &[self.markers[k]], &[self.marker.target()]),
+        ])
+    }
+
+    /// Version `k`, well-formed but invalid in one of four ways.
+    fn invalid(&self, k: usize, variant: u64) -> String {
+        let (stable_ports, markers) = (&self.stable_ports, &self.markers);
+        let stable_app = json!({ "Name": "stable", "Ports": stable_ports,
+                                 "Targets": [self.stable.target()] });
+        let marker_app = match variant % 4 {
+            0 => json!({ "Name": "marker", "Ports": [markers[k], 70000],
+                         "Targets": [self.marker.target()] }),
+            1 => json!({ "Name": "marker", "Ports": [markers[k]],
+                         "Targets": [self.marker.target()], "Weight": 3 }),
+            2 => json!({ "Name": "marker", "Ports": [markers[k]], "Targets": [] }),
+            // The stable app's port claimed by a second app.
+            _ => json!({ "Name": "marker", "Ports": [markers[k], stable_ports[0]],
+                         "Targets": [self.marker.target()] }),
+        };
+        config(&[stable_app, marker_app])
+    }
+
+    /// The kind of version `k`, from a roll of 0..100.
+    fn kind(&self, k: usize, roll: u64) -> Version {
+        match roll {
+            _ if k == CHAOS_WRITES => Version::ValidRename,
+            0..=24 => Version::ValidRename,
+            25..=44 => Version::ValidInPlace,
+            45..=64 => Version::Broken,
+            65..=84 => Version::Invalid,
+            85..=91 => Version::Empty,
+            _ if self.busy.is_some() => Version::Unbindable,
+            _ => Version::Invalid,
+        }
+    }
+
+    /// Write every version after the first, each of a random kind, at a random pace, with a
+    /// SIGHUP now and then.
+    fn write_versions(&self, p: &Proxy, seed: u64) -> ChaosRun {
+        let (path, dir) = (&p.config, &p.dir.path);
+        let mut rng = Rng::new(seed);
+        let mut run = ChaosRun {
+            valid_versions: BTreeSet::from([0usize]),
+            kinds: Vec::new(),
+            hups: 0,
+            written_in: Duration::ZERO,
+        };
+        let t0 = Instant::now();
+        for (k, &marker_port) in self.markers.iter().enumerate().skip(1) {
+            let kind = self.kind(k, rng.next() % 100);
+            run.kinds.push(kind);
+            let pause = Duration::from_millis(rng.next() % 25);
+            match kind {
+                Version::ValidRename => {
+                    run.valid_versions.insert(k);
+                    write_by_rename(dir, path, self.valid(k).as_bytes());
+                }
+                Version::ValidInPlace => {
+                    run.valid_versions.insert(k);
+                    let text = self.valid(k);
+                    let split = 1 + (rng.next() as usize) % (text.len() - 1);
+                    write_in_place(path, text.as_bytes(), split, pause);
+                }
+                Version::Broken => {
+                    let text = self.valid(k);
+                    let cut = 1 + (rng.next() as usize) % (text.len() - 1);
+                    if rng.next() % 2 == 0 {
+                        write_by_rename(dir, path, &text.as_bytes()[..cut]);
+                    } else {
+                        write_in_place(path, &text.as_bytes()[..cut], cut / 2, pause);
+                    }
+                }
+                Version::Invalid => {
+                    write_by_rename(dir, path, self.invalid(k, rng.next()).as_bytes())
+                }
+                Version::Empty => {
+                    OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(path)
+                        .expect("truncate the config");
+                }
+                Version::Unbindable => {
+                    let (_, busy_port) = self.busy.as_ref().unwrap();
+                    let text = config(&[
+                        json!({ "Name": "stable", "Ports": self.stable_ports,
+                                "Targets": [self.stable.target()] }),
+                        app(
+                            "marker",
+                            &[marker_port, *busy_port],
+                            &[self.marker.target()],
+                        ),
+                    ]);
+                    write_by_rename(dir, path, text.as_bytes());
+                }
+            }
+            if rng.next() % 10 == 0 {
+                run.hups += 1;
+                // SAFETY: kill(2) on our child.
+                unsafe { libc::kill(p.pid as libc::pid_t, libc::SIGHUP) };
+            }
+            thread::sleep(Duration::from_millis(2 + rng.next() % 20)); // the writer's pace
+        }
+        run.written_in = t0.elapsed();
+        run
+    }
+
+    /// Every reload that applied anything applied one valid version, newer than the last,
+    /// and the last applied is the last written. How many applied.
+    fn assert_valid_versions_applied_in_order(&self, p: &Proxy, run: &ChaosRun) -> usize {
+        let markers = &self.markers;
+        let mut current = 0usize;
+        let reloads = p.lines(|l| l.contains(" reload ok: "));
+        for l in &reloads {
+            let added = ports_in(l, "added");
+            let removed = ports_in(l, "removed");
+            let k = match added.as_slice() {
+                [port] => markers
+                    .iter()
+                    .position(|m| m == port)
+                    .unwrap_or_else(|| panic!("a reload added port {port}, of no version: {l}")),
+                _ => panic!("a reload that does not add exactly one marker port: {l}"),
+            };
+            assert!(
+                run.valid_versions.contains(&k),
+                "version {k} ({:?}) was applied: {l}",
+                run.kinds[k - 1]
+            );
+            assert!(
+                k > current,
+                "version {k} applied after version {current}: {l}"
+            );
+            assert_eq!(removed, [markers[current]], "{l}");
+            current = k;
+        }
+        assert_eq!(current, CHAOS_WRITES);
+        reloads.len()
+    }
+
+    /// The proxy serves exactly the last version's ports.
+    fn assert_serves_exactly_the_last_version(&self, env: &Env, p: &Proxy) {
+        let last = self.markers[CHAOS_WRITES];
+        assert_eq!(
+            netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, last))),
+            Ok("marker".into())
+        );
+        for &port in &self.stable_ports {
+            assert_eq!(
+                netns::try_ask(SocketAddr::from((Ipv4Addr::LOCALHOST, port))),
+                Ok("stable".into())
+            );
+        }
+        for &port in &self.markers[..CHAOS_WRITES] {
+            expect_refused(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        }
+        let want: BTreeSet<u16> = self.stable_ports.iter().copied().chain([last]).collect();
+        match &env.ns {
+            // Simple mode: exactly these listening sockets.
+            None => assert_eq!(listening_ports(p.pid), want),
+            // bpf mode: exactly these ports steered.
+            Some(ns) => assert_eq!(ns.steering(p.pid).ports(), want),
+        }
+    }
+}
+
+/// The steady load of `config_chaos`: two clients asking the stable ports in turn, all along.
+struct SteadyLoad {
+    stop: Arc<AtomicBool>,
+    failures: Arc<Mutex<Vec<String>>>,
+    clients: Vec<JoinHandle<usize>>,
+}
+
+impl SteadyLoad {
+    fn start(p: &Proxy) -> SteadyLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let clients = (0..2)
+            .map(|i| {
+                let addr = p.v4(i);
+                let (stop, failures) = (Arc::clone(&stop), Arc::clone(&failures));
+                thread::spawn(move || {
+                    let mut ok = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        match netns::try_ask(addr) {
+                            Ok(tag) if tag == "stable" => ok += 1,
+                            Ok(tag) => failures.lock().unwrap().push(format!("{addr}: tag {tag}")),
+                            Err(e) => failures.lock().unwrap().push(e),
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        SteadyLoad {
+            stop,
+            failures,
+            clients,
+        }
+    }
+
+    /// Stop the clients; none may have failed. How many connections succeeded.
+    fn stop_and_check(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        let ok_before = self
+            .clients
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum::<usize>();
+        let failures = self.failures.lock().unwrap().clone();
+        assert!(
+            failures.is_empty(),
+            "{} of {} client connections to the stable ports failed: {:?}",
+            failures.len(),
+            failures.len() + ok_before,
+            &failures[..failures.len().min(10)]
+        );
+        ok_before
+    }
+}
+
+/// A seed from the clock and the pid; FLYPROXY_CHAOS_SEED replays a run (the seed is printed).
+fn chaos_seed() -> u64 {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        ^ (u64::from(std::process::id()) << 32);
+    std::env::var("FLYPROXY_CHAOS_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(seed)
 }
 
 /// The ports listed as `key=[a,b]` in a reload line.
@@ -2029,20 +1941,4 @@ fn write_in_place(path: &Path, bytes: &[u8], split: usize, pause: Duration) {
     f.write_all(&bytes[split..]).expect("write the rest");
 }
 
-#[test]
-fn config_chaos_never_applies_a_partial_config_simple() {
-    in_mode(
-        Mode::Simple,
-        "config_chaos_never_applies_a_partial_config_simple",
-        config_chaos,
-    );
-}
-
-#[test]
-fn config_chaos_never_applies_a_partial_config_bpf() {
-    in_mode(
-        Mode::Bpf,
-        "config_chaos_never_applies_a_partial_config_bpf",
-        config_chaos,
-    );
-}
+two_modes!(config_chaos_never_applies_a_partial_config, config_chaos);

@@ -319,43 +319,7 @@ fn reloads_under_a_steady_stream_of_connections_lose_nothing() {
     });
     let (s0, s1, o0) = (p.ports[0], p.ports[1], p.ports[2]);
     let toggled = free_port();
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
-    let client = {
-        let (stop, ok, failures) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failures));
-        thread::spawn(move || {
-            let mut n = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                n += 1;
-                let port = if n % 2 == 0 { s0 } else { s1 };
-                let r = (|| -> std::io::Result<()> {
-                    use std::io::{Read, Write};
-                    let mut s = std::net::TcpStream::connect(v4(port))?;
-                    s.set_read_timeout(Some(WAIT))?;
-                    let msg = format!("conn {n}\n");
-                    s.write_all(msg.as_bytes())?;
-                    s.shutdown(Shutdown::Write)?;
-                    let mut got = String::new();
-                    s.read_to_string(&mut got)?;
-                    if got != msg {
-                        return Err(std::io::Error::other(format!("echo {got:?} for {msg:?}")));
-                    }
-                    Ok(())
-                })();
-                match r {
-                    Ok(()) => {
-                        ok.fetch_add(1, Ordering::AcqRel);
-                    }
-                    Err(e) => failures
-                        .lock()
-                        .unwrap()
-                        .push(format!("port {port} conn {n}: {e}")),
-                }
-            }
-        })
-    };
+    let client = StreamingClient::start(s0, s1);
 
     for i in 0..20 {
         let with_toggled = i % 2 == 0;
@@ -385,22 +349,7 @@ fn reloads_under_a_steady_stream_of_connections_lose_nothing() {
             expect_refused(v4(toggled));
         }
     }
-    // Let the client run a little past the last reload, then stop it.
-    let at_end = ok.load(Ordering::Acquire);
-    wait_for("a few more client connections", WAIT, || {
-        (ok.load(Ordering::Acquire) >= at_end + 5).then_some(())
-    });
-    stop.store(true, Ordering::Release);
-    client.join().unwrap();
-
-    let failures = failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} failed connections, e.g. {:#?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
-    let ok = ok.load(Ordering::Acquire);
+    let ok = client.run_on_then_stop();
     assert!(ok >= 40, "only {ok} connections in 20 reloads");
     assert_eq!(p.lines(reload_ok).len(), 20);
     assert!(p.lines(|l| l.contains("reload rejected")).is_empty());
@@ -412,6 +361,82 @@ fn reloads_under_a_steady_stream_of_connections_lose_nothing() {
         .collect();
     assert!(bad.is_empty(), "{bad:#?}");
     assert!(e1.served() > 0 && e2.served() > 0);
+}
+
+/// A client connecting continuously to two ports in turn, each connection one echoed line.
+struct StreamingClient {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl StreamingClient {
+    fn start(s0: u16, s1: u16) -> StreamingClient {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+        let thread = {
+            let (stop, ok, failures) = (Arc::clone(&stop), Arc::clone(&ok), Arc::clone(&failures));
+            thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    n += 1;
+                    let port = if n % 2 == 0 { s0 } else { s1 };
+                    match echo_one_line(port, n) {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::AcqRel);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("port {port} conn {n}: {e}")),
+                    }
+                }
+            })
+        };
+        StreamingClient {
+            stop,
+            ok,
+            failures,
+            thread,
+        }
+    }
+
+    /// Let the client run a little past the last reload, then stop it: not one connection
+    /// failed. How many succeeded.
+    fn run_on_then_stop(self) -> usize {
+        let at_end = self.ok.load(Ordering::Acquire);
+        wait_for("a few more client connections", WAIT, || {
+            (self.ok.load(Ordering::Acquire) >= at_end + 5).then_some(())
+        });
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap();
+        let failures = self.failures.lock().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} failed connections, e.g. {:#?}",
+            failures.len(),
+            &failures[..failures.len().min(10)]
+        );
+        self.ok.load(Ordering::Acquire)
+    }
+}
+
+/// Connection `n` to `port`: one line, echoed back in full before the end of stream.
+fn echo_one_line(port: u16, n: u64) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(v4(port))?;
+    s.set_read_timeout(Some(WAIT))?;
+    let msg = format!("conn {n}\n");
+    s.write_all(msg.as_bytes())?;
+    s.shutdown(Shutdown::Write)?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)?;
+    if got != msg {
+        return Err(std::io::Error::other(format!("echo {got:?} for {msg:?}")));
+    }
+    Ok(())
 }
 
 /// A change made to the file while the proxy is starting (after it read the file, before it

@@ -344,9 +344,16 @@ fn log_lines_have_a_timestamp_and_a_level() {
     drop(s);
     p.wait_conn(local);
     let started = p.wait_log("started", |l| l.contains(" started "));
+    // The descriptor budget: the open-file limit in force and what is set aside from it
+    // (listeners, health checks, FD_RESERVE); last, the SHA-256 of the file's bytes
+    // (tests/fleet.rs checks it against sha256sum).
+    let fd_limit = field(&started, "fd_limit").unwrap_or_default();
+    assert!(fd_limit.parse::<u64>().is_ok(), "{started}");
+    let sha256 = flyproxy::config::sha256::hex(&std::fs::read(&p.config).unwrap());
     let want = format!(
-        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 pid={}",
+        " INFO  started mode=simple config={} 2 apps, 3 ports, 3 targets max_connections=77 fd_limit={fd_limit} fd_reserved={} health_checks_in_flight=64 pid={} sha256={sha256}",
         p.config.display(),
+        32 + 3 + 66,
         p.pid
     );
     assert!(
@@ -411,27 +418,6 @@ fn log_level_filters_lines() {
         noisy.is_empty(),
         "lines below error at --log-level error: {noisy:#?}"
     );
-}
-
-/// Close `s` with a reset (RST) instead of an orderly FIN.
-fn close_with_reset(s: std::net::TcpStream) {
-    use std::os::fd::AsRawFd;
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            &linger as *const libc::linger as *const libc::c_void,
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
-    drop(s);
 }
 
 /// Read until the end; how the stream ended: "eof" or the error kind.

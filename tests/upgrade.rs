@@ -12,6 +12,8 @@
 //! Every wait polls a condition with a deadline; the only sleeps pace the load generators.
 
 mod common;
+#[macro_use]
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
@@ -29,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use common::{app, config, field, free_ports, wait_for, Backend, ConnLine, Proxy, Rng, TempDir};
 use common::{BIN, WAIT};
+use modes::{Env, Mode};
 
 /// Upgrades performed in a row by the load tests.
 const UPGRADES: usize = 20;
@@ -243,17 +246,39 @@ fn start_simple(
     backend: &Backend,
     extra: &[&str],
 ) -> (Proxy, PathBuf) {
+    start_in(Mode::Simple, bin, nports, backend, extra)
+}
+
+/// The proxy from `bin` in `mode` (bpf: in the calling thread's namespace, the test's own) on
+/// `nports` fresh ports (all to `backend`), with a pid file; waits until it serves and has
+/// written the pid file. Simple mode starts again on other ports if one was taken meanwhile.
+fn start_in(
+    mode: Mode,
+    bin: &Binary,
+    nports: usize,
+    backend: &Backend,
+    extra: &[&str],
+) -> (Proxy, PathBuf) {
     for attempt in 0.. {
         let ports = free_ports(nports);
-        let dir = TempDir::new("upgrade");
+        let dir = TempDir::new(match mode {
+            Mode::Simple => "upgrade",
+            Mode::Bpf => "upgrade-bpf",
+        });
         let cfg = dir.write(
             "config.json",
             &config(&[app("echo", &ports, &[backend.target()])]),
         );
         let pid_file = dir.path.join("flyproxy.pid");
         let mut cmd = Command::new(&bin.path);
-        cmd.arg("simple")
-            .arg("-c")
+        match mode {
+            Mode::Simple => cmd.arg("simple"),
+            Mode::Bpf => cmd
+                .arg("bpf")
+                .arg("-p")
+                .arg(netns::LISTENER_PORT.to_string()),
+        };
+        cmd.arg("-c")
             .arg(&cfg)
             .arg("--pid-file")
             .arg(&pid_file)
@@ -261,7 +286,17 @@ fn start_simple(
             .args(extra);
         let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
         p.ports = ports;
-        match p.wait_started() {
+        let started = match mode {
+            Mode::Simple => p.wait_started(),
+            // One listener of its own, in a namespace of the test's own: nothing to lose.
+            Mode::Bpf => {
+                p.wait_log("started mode=bpf", |l| {
+                    l.contains(" INFO  started mode=bpf ")
+                });
+                Ok(())
+            }
+        };
+        match started {
             Ok(()) => {
                 wait_pid_file(&pid_file, p.pid);
                 return (p, pid_file);
@@ -699,12 +734,49 @@ fn upgrades_under_load(
     after_upgrades: AfterUpgrades<'_>,
 ) {
     let began = Instant::now();
-    let first = proxy.pid;
     let long = LongLived::start(addrs, LONG_LIVED);
     let churn = Churn::start(addrs.to_vec());
     churn.wait_progress(20);
 
-    let mut pids = vec![first];
+    let (pids, slowest) = upgrade_each_under_load(proxy, pid_file, exe, listeners, &long, &churn);
+    let last = *pids.last().unwrap();
+    let upgrades_took = began.elapsed();
+    churn.wait_progress(20);
+
+    let mut reaped = Reaped::default();
+    only_the_first_generation_holds_the_long_lived(proxy, &pids, &long, &mut reaped);
+    after_upgrades(last);
+
+    // Stop the load: nothing refused, reset, cut short or corrupted.
+    let tally = churn.finish();
+    assert_eq!(tally.failed(), 0, "{}", tally.summary());
+
+    let closed = long_lived_close_and_the_first_generation_ends(proxy, long);
+    every_generation_exits_0(&pids, pid_file, exe, &mut reaped);
+    the_logs_tell_each_generation(proxy, &pids);
+
+    let bytes: u64 = closed.iter().map(|c| c.2).sum();
+    eprintln!(
+        "{test}: {UPGRADES} upgrades in {:.1}s (slowest {:.0} ms), whole test {:.1}s; short connections: {}; long-lived: {} connections, {bytes} bytes echoed",
+        upgrades_took.as_secs_f64(),
+        slowest.as_secs_f64() * 1000.0,
+        began.elapsed().as_secs_f64(),
+        tally.summary(),
+        closed.len(),
+    );
+}
+
+/// [`UPGRADES`] upgrades in a row, each once the load has made progress since the previous
+/// one. The pids of every generation, first to last, and the slowest upgrade.
+fn upgrade_each_under_load(
+    proxy: &Proxy,
+    pid_file: &Path,
+    exe: &Path,
+    listeners: usize,
+    long: &LongLived,
+    churn: &Churn,
+) -> (Vec<u32>, Duration) {
+    let mut pids = vec![proxy.pid];
     let mut slowest = Duration::ZERO;
     for i in 0..UPGRADES {
         // Load meets every hand-over: short connections and long-lived exchanges made progress
@@ -720,13 +792,18 @@ fn upgrades_under_load(
         assert!(!pids.contains(&new), "upgrade {i}: pid {new} seen before");
         pids.push(new);
     }
-    let last = *pids.last().unwrap();
-    let upgrades_took = began.elapsed();
-    churn.wait_progress(20);
+    (pids, slowest)
+}
 
-    // Every generation in between drained its short connections and exited; the first one
-    // still holds the long-lived connections, and only it does.
-    let mut reaped = Reaped::default();
+/// Every generation in between drained its short connections and exited; the first one
+/// still holds the long-lived connections, and only it does.
+fn only_the_first_generation_holds_the_long_lived(
+    proxy: &mut Proxy,
+    pids: &[u32],
+    long: &LongLived,
+    reaped: &mut Reaped,
+) {
+    let first = pids[0];
     wait_for(
         "the generations between the first and the last to exit",
         WAIT,
@@ -755,14 +832,15 @@ fn upgrades_under_load(
             c.remote
         );
     }
-    after_upgrades(last);
+}
 
-    // Stop the load: nothing refused, reset, cut short or corrupted.
-    let tally = churn.finish();
-    assert_eq!(tally.failed(), 0, "{}", tally.summary());
-
-    // Close the long-lived connections: every byte came back, and only now does the first
-    // generation finish, each connection logged (after the upgrades) with its byte counts.
+/// Close the long-lived connections: every byte came back, and only now does the first
+/// generation finish, each connection logged (after the upgrades) with its byte counts.
+fn long_lived_close_and_the_first_generation_ends(
+    proxy: &mut Proxy,
+    long: LongLived,
+) -> Vec<(SocketAddr, SocketAddr, u64)> {
+    let first = proxy.pid;
     let mark = proxy.mark();
     let closed = long.finish();
     for (local, remote, bytes) in &closed {
@@ -778,14 +856,17 @@ fn upgrades_under_load(
     }
     let status = wait_for("the first generation to exit", WAIT, || proxy.try_status());
     assert!(status.success(), "first generation (pid {first}): {status}");
+    closed
+}
 
-    // The last generation stops on SIGTERM; then nothing of this test is left.
-    signal(last, libc::SIGTERM);
+/// The last generation stops on SIGTERM; then nothing of this test is left.
+fn every_generation_exits_0(pids: &[u32], pid_file: &Path, exe: &Path, reaped: &mut Reaped) {
+    signal(*pids.last().unwrap(), libc::SIGTERM);
     wait_for("every generation to exit", WAIT, || {
         pids[1..].iter().all(|&p| reaped.gone(p)).then_some(())
     });
     reaped.assert_all_exited_0();
-    for &p in &pids {
+    for &p in pids {
         assert!(no_such_process(p), "pid {p} is still there");
     }
     wait_for("the pid file to be removed", WAIT, || {
@@ -796,11 +877,15 @@ fn upgrades_under_load(
         left.is_empty(),
         "processes of this test still running: {left:?}"
     );
+}
 
+/// Each generation said it started and that it stopped with its connections finished, and
+/// none logged an error or a warning.
+fn the_logs_tell_each_generation(proxy: &Proxy, pids: &[u32]) {
     let logs = proxy.logs();
     let mut started = generations(proxy);
     started.sort_unstable();
-    let mut expected = pids.clone();
+    let mut expected = pids.to_vec();
     expected.sort_unstable();
     assert_eq!(started, expected, "`started` lines vs. the generations");
     let stopped = logs
@@ -817,119 +902,77 @@ fn upgrades_under_load(
         .filter(|l| l.contains(" ERROR ") || l.contains(" WARN "))
         .collect();
     assert!(bad.is_empty(), "errors or warnings logged: {bad:#?}");
-
-    let bytes: u64 = closed.iter().map(|c| c.2).sum();
-    eprintln!(
-        "{test}: {UPGRADES} upgrades in {:.1}s (slowest {:.0} ms), whole test {:.1}s; short connections: {}; long-lived: {} connections, {bytes} bytes echoed",
-        upgrades_took.as_secs_f64(),
-        slowest.as_secs_f64() * 1000.0,
-        began.elapsed().as_secs_f64(),
-        tally.summary(),
-        closed.len(),
-    );
 }
 
 // ---------------------------------------------------------------------------------------------
 // The tests
 
-/// Simple mode: 20 upgrades in a row under load lose nothing.
-#[test]
-fn twenty_upgrades_under_load_lose_nothing_simple() {
+two_modes!(
+    /// 20 upgrades in a row under load lose nothing. In bpf mode (in a network namespace of
+    /// the test's own), once the old processes have stopped exactly one sk_lookup link is
+    /// attached, the last generation's.
+    twenty_upgrades_under_load_lose_nothing,
+    twenty_upgrades
+);
+
+fn twenty_upgrades(env: Env) {
     become_subreaper();
     let bin = Binary::new();
     let backend = Backend::echo();
-    let (mut proxy, pid_file) = start_simple(&bin, 2, &backend, &[]);
+    let (mut proxy, pid_file) = start_in(env.mode, &bin, 2, &backend, &[]);
     let _family = bin.family(proxy.pid);
     let addrs = [proxy.v4(0), proxy.v6(1), proxy.v6(0), proxy.v4(1)];
-    upgrades_under_load(
-        "simple",
-        &mut proxy,
-        &pid_file,
-        &bin.path,
-        2,
-        &addrs,
-        &|_| {},
-    );
-}
-
-/// bpf mode, in a network namespace of the test's own: 20 upgrades in a row under load lose
-/// nothing, and once the old processes have stopped exactly one sk_lookup link is attached,
-/// the last generation's.
-#[test]
-fn twenty_upgrades_under_load_lose_nothing_bpf() {
-    netns::run("twenty_upgrades_under_load_lose_nothing_bpf", |ns| {
-        become_subreaper();
-        let bin = Binary::new();
-        let backend = Backend::echo();
-        let ports = free_ports(2);
-        let dir = TempDir::new("upgrade-bpf");
-        let cfg = dir.write(
-            "config.json",
-            &config(&[app("echo", &ports, &[backend.target()])]),
-        );
-        let pid_file = dir.path.join("flyproxy.pid");
-        let mut cmd = Command::new(&bin.path);
-        cmd.arg("bpf")
-            .arg("-p")
-            .arg(netns::LISTENER_PORT.to_string())
-            .arg("-c")
-            .arg(&cfg)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(RUN_ARGS);
-        let mut proxy = Proxy::spawn_cmd(cmd, dir, cfg);
-        let _family = bin.family(proxy.pid);
-        proxy.wait_log("started mode=bpf", |l| {
-            l.contains(" INFO  started mode=bpf ")
-        });
-        wait_pid_file(&pid_file, proxy.pid);
-        assert_eq!(ns.links().len(), 1, "{:?}", ns.links());
-
-        let addrs = [
-            netns::v4(ports[0]),
-            netns::v6(ports[1]),
-            netns::v6(ports[0]),
-            netns::v4(ports[1]),
-        ];
-        let check_links = |last: u32| {
-            let deadline = Instant::now() + WAIT;
-            let links = loop {
-                let l = ns.links();
-                if l.len() == 1 {
-                    break l;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{WAIT:?} after the last hand-over, {} sk_lookup links (link, program) are \
-                     attached in the test's netns (ino {}), not one: {l:?}",
-                    l.len(),
-                    ns.ino
-                );
-                thread::sleep(Duration::from_millis(20));
-            };
-            let prog = links[0].1;
-            let maps = prog_map_ids(prog);
-            let held = map_ids_held(last);
-            assert!(
-                maps.iter().any(|m| held.contains(m)),
-                "the one sk_lookup link (program {prog}, maps {maps:?}) is not the last generation's (pid {last} holds maps {held:?})"
-            );
-        };
+    let Some(ns) = &env.ns else {
         upgrades_under_load(
-            "bpf",
+            "simple",
             &mut proxy,
             &pid_file,
             &bin.path,
             2,
             &addrs,
-            &check_links,
+            &|_| {},
         );
-        wait_for(
-            "no sk_lookup link left after the last generation stopped",
-            WAIT,
-            || ns.links().is_empty().then_some(()),
+        return;
+    };
+    assert_eq!(ns.links().len(), 1, "{:?}", ns.links());
+    let check_links = |last: u32| {
+        let deadline = Instant::now() + WAIT;
+        let links = loop {
+            let l = ns.links();
+            if l.len() == 1 {
+                break l;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{WAIT:?} after the last hand-over, {} sk_lookup links (link, program) are \
+                 attached in the test's netns (ino {}), not one: {l:?}",
+                l.len(),
+                ns.ino
+            );
+            thread::sleep(Duration::from_millis(20));
+        };
+        let prog = links[0].1;
+        let maps = prog_map_ids(prog);
+        let held = map_ids_held(last);
+        assert!(
+            maps.iter().any(|m| held.contains(m)),
+            "the one sk_lookup link (program {prog}, maps {maps:?}) is not the last generation's (pid {last} holds maps {held:?})"
         );
-    });
+    };
+    upgrades_under_load(
+        "bpf",
+        &mut proxy,
+        &pid_file,
+        &bin.path,
+        2,
+        &addrs,
+        &check_links,
+    );
+    wait_for(
+        "no sk_lookup link left after the last generation stopped",
+        WAIT,
+        || ns.links().is_empty().then_some(()),
+    );
 }
 
 /// A new process that fails before it serves (here: the config became invalid) changes

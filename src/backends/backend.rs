@@ -185,6 +185,22 @@ impl ConnectError {
         ))
     }
 
+    /// The same error again, for another receiver of one result (`io::Error` is not `Clone`;
+    /// the errno, or else the kind and message, are kept).
+    pub fn clone_kind(&self) -> ConnectError {
+        let copy = |e: &io::Error| match e.raw_os_error() {
+            Some(n) => io::Error::from_raw_os_error(n),
+            None => io::Error::new(e.kind(), e.to_string()),
+        };
+        match self {
+            ConnectError::Unresolvable(e) => ConnectError::Unresolvable(copy(e)),
+            ConnectError::Refused => ConnectError::Refused,
+            ConnectError::Timeout => ConnectError::Timeout,
+            ConnectError::Other(e) => ConnectError::Other(copy(e)),
+            ConnectError::Loop(a) => ConnectError::Loop(*a),
+        }
+    }
+
     pub fn from_io(e: io::Error) -> ConnectError {
         match e.kind() {
             io::ErrorKind::ConnectionRefused => ConnectError::Refused,

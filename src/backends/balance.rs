@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use super::backend::{connect_one, ActiveGuard, AllFailed};
-use super::routing::AppRoute;
+use crate::backends::backend::{connect_one, ActiveGuard, AllFailed};
+use crate::backends::routing::AppRoute;
 use crate::config::Balance;
 
 /// Pick the next target to try for `app`, skipping those in `tried` (indexes into

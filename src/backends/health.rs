@@ -1,89 +1,393 @@
 //! Active health checks: one background thread that checks targets with a TCP connect, a down
-//! target every `IntervalMs` and an up one every `UP_CHECK_FACTOR` intervals. Checks due at
-//! the same time run together as non-blocking connects in one poll, so a slow target does not
-//! hold the others back and the checker stays one thread however many targets there are.
+//! target every `IntervalMs` and an up one every `UP_CHECK_FACTOR` intervals.
+//!
+//! Checks run as non-blocking connects in one poll, so a slow target does not hold the others
+//! back and the checker stays one thread however many targets there are. Two bounds keep it
+//! inside the process's descriptor budget and its fair share of the network:
+//! - at most `MAX_IN_FLIGHT` connects are open at once (their descriptors are reserved when the
+//!   connection bound is fitted to the open-file limit, see `FDS`); targets due meanwhile wait
+//!   their turn, the longest-waiting first, so with thousands of unreachable targets the checks
+//!   fall behind their interval rather than take descriptors from clients;
+//! - a target is checked once however many apps list it, and the result goes to every app's
+//!   view of it (each applying its own `Fall` and `Rise`, and judging the time the connect took
+//!   against its own `TimeoutMs`).
 //!
 //! The listener loop hands it the current backends after each reload; backends that left the
 //! config are simply no longer checked.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
-use std::sync::{Arc, Condvar, Mutex};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::backends::backend::{self, Backend, ConnectError};
+use crate::config::Target;
 
 /// An up target is checked this many times less often than a down one: passive checks (every
 /// real connection) already watch up targets closely.
 const UP_CHECK_FACTOR: u32 = 5;
 
+/// Connects in flight at once, at most.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Descriptors the checker may hold at once: its connects, its poll and its waker.
+pub const FDS: u64 = MAX_IN_FLIGHT as u64 + 2;
+
+/// Woken by `Checker::set` (a reload).
+const WAKE: Token = Token(usize::MAX);
+
 /// Shared between the listener loop (which replaces the list) and the checker thread.
-#[derive(Default)]
 pub struct Checker {
-    backends: Mutex<Vec<Arc<Backend>>>,
-    changed: Condvar,
+    backends: Mutex<Option<Vec<Arc<Backend>>>>,
+    waker: Waker,
 }
 
 impl Checker {
     /// Start the checker thread.
     pub fn start() -> io::Result<Arc<Checker>> {
-        let checker = Arc::new(Checker::default());
+        let poll = Poll::new()?;
+        let waker = Waker::new(poll.registry(), WAKE)?;
+        let checker = Arc::new(Checker {
+            backends: Mutex::new(None),
+            waker,
+        });
         let c = Arc::clone(&checker);
         std::thread::Builder::new()
             .name("health".into())
             .stack_size(256 * 1024)
-            .spawn(move || c.run())?;
+            .spawn(move || Run::new(poll).run(&c))?;
         Ok(checker)
     }
 
     /// Check these backends from now on.
     pub fn set(&self, backends: Vec<Arc<Backend>>) {
-        *self.backends.lock().unwrap_or_else(|e| e.into_inner()) = backends;
-        self.changed.notify_one();
+        *self.backends.lock().unwrap_or_else(|e| e.into_inner()) = Some(backends);
+        if let Err(e) = self.waker.wake() {
+            crate::error!("cannot wake the health checker: {e}");
+        }
     }
 
-    fn run(&self) {
-        // When each backend (by the address of its state) was last checked, or first seen.
-        // Its next check is that plus its interval as of now, so a target that a failed
-        // connection just marked down is due at the shorter interval at once.
-        let mut last: HashMap<*const Backend, Instant> = HashMap::new();
+    /// The new list of backends, if `set` gave one since the last call.
+    fn take(&self) -> Option<Vec<Arc<Backend>>> {
+        self.backends
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+}
+
+/// The checker thread's state.
+struct Run {
+    poll: Poll,
+    /// The backends of each distinct target, as of the last `set`.
+    targets: HashMap<Target, Vec<Arc<Backend>>>,
+    /// When each backend (by the address of its state) was last checked, or first seen. Its
+    /// next check is that plus its interval as of now, so a target that a failed connection
+    /// just marked down is due at the shorter interval at once.
+    last: HashMap<*const Backend, Instant>,
+    /// Checks under way, by target.
+    checks: HashMap<Target, Check>,
+    /// Targets found due by the last scan and not started yet (the bound was reached), the
+    /// longest-waiting first. The targets are scanned again only once these are all started,
+    /// so a connect finishing costs no pass over every target.
+    queue: VecDeque<Target>,
+    /// When to scan the targets again for checks due.
+    next_scan: Instant,
+    /// Connects in flight: token to the target being checked and the socket.
+    sockets: HashMap<Token, (Target, TcpStream)>,
+    next_token: usize,
+}
+
+/// One target's check: every address it resolved to is tried at once (as far as the bound
+/// allows); the first to connect passes it.
+struct Check {
+    /// Every backend naming the target when the check began.
+    backends: Vec<Arc<Backend>>,
+    began: Instant,
+    /// The longest `TimeoutMs` among the backends: the check ends by then.
+    deadline: Instant,
+    /// Addresses not tried yet because the bound was reached.
+    queued: Vec<SocketAddr>,
+    /// Connects of this check in flight.
+    open: usize,
+    last_error: Option<ConnectError>,
+}
+
+impl Run {
+    fn new(poll: Poll) -> Run {
+        Run {
+            poll,
+            targets: HashMap::new(),
+            last: HashMap::new(),
+            checks: HashMap::new(),
+            queue: VecDeque::new(),
+            next_scan: Instant::now(),
+            sockets: HashMap::new(),
+            next_token: 0,
+        }
+    }
+
+    fn run(mut self, checker: &Checker) {
+        let mut events = Events::with_capacity(256);
         loop {
-            let now = Instant::now();
-            let backends = self
-                .backends
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            let mut batch = Vec::new();
-            // Wake at least every shortest down interval, to notice targets marked down
-            // passively since the last pass.
-            let mut next = now + Duration::from_secs(60);
-            for b in &backends {
-                let since = *last.entry(Arc::as_ptr(b)).or_insert(now);
-                let at = since + interval_of(b);
-                if at <= now {
-                    batch.push(Arc::clone(b));
-                } else {
-                    next = next.min(at).min(now + b.check_settings().interval);
-                }
+            if let Some(backends) = checker.take() {
+                self.replace(backends);
             }
-            let current: HashSet<*const Backend> = backends.iter().map(Arc::as_ptr).collect();
-            last.retain(|k, _| current.contains(k));
-            if !batch.is_empty() {
-                check_all(&batch);
-                let done = Instant::now();
-                for b in &batch {
-                    last.insert(Arc::as_ptr(b), done);
+            let now = Instant::now();
+            self.expire(now);
+            self.fill_queued();
+            if self.queue.is_empty() && now >= self.next_scan {
+                self.scan(now);
+            }
+            self.start_queued();
+            // While targets wait for room, a finished connect or a check's deadline wakes the
+            // poll; otherwise also the next scan.
+            let deadline = self.checks.values().map(|c| c.deadline).min();
+            let wake = match (self.queue.is_empty(), deadline) {
+                (true, Some(d)) => d.min(self.next_scan),
+                (true, None) => self.next_scan,
+                (false, Some(d)) => d,
+                // Targets wait for room only while connects are in flight; be safe anyway.
+                (false, None) => now + Duration::from_millis(100),
+            };
+            let timeout = Some(wake.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    crate::error!("health checks: poll failed: {e}");
+                    std::thread::sleep(Duration::from_secs(1));
                 }
                 continue;
             }
-            let guard = self.backends.lock().unwrap_or_else(|e| e.into_inner());
-            let wait = next.saturating_duration_since(Instant::now());
-            // Woken early by a reload, so new backends get their schedule at once.
-            let _ = self.changed.wait_timeout(guard, wait);
+            for ev in events.iter() {
+                if ev.token() != WAKE {
+                    self.connect_done(ev.token());
+                }
+            }
+        }
+    }
+
+    /// A reload's backends: group them by target; forget the state of those that left.
+    fn replace(&mut self, backends: Vec<Arc<Backend>>) {
+        let now = Instant::now();
+        self.targets.clear();
+        for b in backends {
+            self.last.entry(Arc::as_ptr(&b)).or_insert(now);
+            self.targets.entry(b.target.clone()).or_default().push(b);
+        }
+        let current: HashSet<*const Backend> =
+            self.targets.values().flatten().map(Arc::as_ptr).collect();
+        self.last.retain(|k, _| current.contains(k));
+        // New targets get their schedule at once.
+        self.queue.clear();
+        self.next_scan = now;
+    }
+
+    /// When `target` is next due: when the first of its backends is.
+    fn due(&self, backends: &[Arc<Backend>], now: Instant) -> Instant {
+        backends
+            .iter()
+            .map(|b| self.last.get(&Arc::as_ptr(b)).copied().unwrap_or(now) + interval_of(b))
+            .min()
+            .unwrap_or(now + Duration::from_secs(60))
+    }
+
+    /// Find the targets due now, the longest overdue first, into the queue; and when to look
+    /// again.
+    fn scan(&mut self, now: Instant) {
+        // Look again at least every minute, and every shortest down interval, to notice
+        // targets marked down passively since.
+        let mut next = now + Duration::from_secs(60);
+        let mut due: Vec<(Instant, &Target)> = Vec::new();
+        for (target, backends) in &self.targets {
+            for b in backends {
+                next = next.min(now + b.check_settings().interval);
+            }
+            if self.checks.contains_key(target) {
+                continue;
+            }
+            let at = self.due(backends, now);
+            if at <= now {
+                due.push((at, target));
+            } else {
+                next = next.min(at);
+            }
+        }
+        due.sort();
+        self.queue = due.into_iter().map(|(_, t)| t.clone()).collect();
+        self.next_scan = next;
+    }
+
+    /// Begin the queued checks, while the bound allows.
+    fn start_queued(&mut self) {
+        while self.sockets.len() < MAX_IN_FLIGHT {
+            let Some(target) = self.queue.pop_front() else {
+                return;
+            };
+            // A reload may have removed it since the scan.
+            if self.targets.contains_key(&target) && !self.checks.contains_key(&target) {
+                self.begin(target);
+            }
+        }
+    }
+
+    /// Begin checking `target`: resolve it now and connect to as many of its addresses as
+    /// the bound allows (the rest as room frees up).
+    fn begin(&mut self, target: Target) {
+        let Some(backends) = self.targets.get(&target).cloned() else {
+            return;
+        };
+        let began = Instant::now();
+        let timeout = backends
+            .iter()
+            .map(|b| b.check_settings().timeout)
+            .max()
+            .unwrap_or_default();
+        let mut check = Check {
+            backends,
+            began,
+            deadline: began + timeout,
+            queued: Vec::new(),
+            open: 0,
+            last_error: None,
+        };
+        match backend::resolve(&target) {
+            // Tried in the order the resolver gave, like a real connection.
+            Ok(mut addrs) => {
+                addrs.reverse();
+                check.queued = addrs;
+            }
+            Err(e) => check.last_error = Some(e),
+        }
+        self.checks.insert(target.clone(), check);
+        self.fill(&target);
+        self.finish_if_failed(&target);
+    }
+
+    /// Start queued addresses of checks under way, while the bound allows.
+    fn fill_queued(&mut self) {
+        let waiting: Vec<Target> = self
+            .checks
+            .iter()
+            .filter(|(_, c)| !c.queued.is_empty())
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in waiting {
+            if self.sockets.len() >= MAX_IN_FLIGHT {
+                return;
+            }
+            self.fill(&t);
+            self.finish_if_failed(&t);
+        }
+    }
+
+    /// Start connects to `target`'s queued addresses, while the bound allows.
+    fn fill(&mut self, target: &Target) {
+        while self.sockets.len() < MAX_IN_FLIGHT {
+            let Some(check) = self.checks.get_mut(target) else {
+                return;
+            };
+            let Some(addr) = check.queued.pop() else {
+                return;
+            };
+            let token = Token(self.next_token);
+            // Wraps long before WAKE could be reached on any real run; skip it if it is.
+            self.next_token = (self.next_token + 1) % WAKE.0;
+            let started = TcpStream::connect(addr)
+                .map_err(ConnectError::from_io)
+                .and_then(|mut s| {
+                    self.poll
+                        .registry()
+                        .register(&mut s, token, Interest::WRITABLE)
+                        .map_err(ConnectError::Other)?;
+                    Ok(s)
+                });
+            match started {
+                Ok(s) => {
+                    check.open += 1;
+                    self.sockets.insert(token, (target.clone(), s));
+                }
+                Err(e) => check.last_error = Some(e),
+            }
+        }
+    }
+
+    /// A check with nothing in flight and nothing left to try has failed.
+    fn finish_if_failed(&mut self, target: &Target) {
+        if let Some(c) = self.checks.get(target) {
+            if c.open == 0 && c.queued.is_empty() {
+                let e = self
+                    .checks
+                    .get_mut(target)
+                    .and_then(|c| c.last_error.take())
+                    .unwrap_or(ConnectError::Timeout);
+                self.finish(target, Err(e));
+            }
+        }
+    }
+
+    /// A connect finished: connected, or failed with SO_ERROR set.
+    fn connect_done(&mut self, token: Token) {
+        let Some((target, s)) = self.sockets.remove(&token) else {
+            return;
+        };
+        let result = match s.take_error() {
+            Ok(None) => s.peer_addr().map(|_| ()).map_err(ConnectError::from_io),
+            Ok(Some(e)) | Err(e) => Err(ConnectError::from_io(e)),
+        };
+        drop(s);
+        let Some(check) = self.checks.get_mut(&target) else {
+            return;
+        };
+        check.open -= 1;
+        match result {
+            Ok(()) => self.finish(&target, Ok(())),
+            Err(e) => {
+                check.last_error = Some(e);
+                self.fill(&target);
+                self.finish_if_failed(&target);
+            }
+        }
+    }
+
+    /// Checks past their deadline fail with a timeout.
+    fn expire(&mut self, now: Instant) {
+        let late: Vec<Target> = self
+            .checks
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in late {
+            self.finish(&t, Err(ConnectError::Timeout));
+        }
+    }
+
+    /// End `target`'s check: close its connects, tell every backend naming it.
+    fn finish(&mut self, target: &Target, result: Result<(), ConnectError>) {
+        let Some(check) = self.checks.remove(target) else {
+            return;
+        };
+        if check.open > 0 {
+            self.sockets.retain(|_, (t, _)| t != target);
+        }
+        let done = Instant::now();
+        let took = done.duration_since(check.began);
+        for b in &check.backends {
+            // Only backends still configured: one a reload removed meanwhile keeps no entry.
+            if let Some(last) = self.last.get_mut(&Arc::as_ptr(b)) {
+                *last = done;
+            }
+            let own = match &result {
+                // Connected, but later than this app allows.
+                Ok(()) if took > b.check_settings().timeout => Err(ConnectError::Timeout),
+                Ok(()) => Ok(()),
+                Err(e) => Err(e.clone_kind()),
+            };
+            b.checked(own);
         }
     }
 }
@@ -94,116 +398,5 @@ fn interval_of(b: &Backend) -> Duration {
         check.interval * UP_CHECK_FACTOR
     } else {
         check.interval
-    }
-}
-
-/// Check every backend in `batch` at once: resolve each name now and start a non-blocking
-/// connect to every address it resolves to (as a real connection would try them all); a
-/// backend passes when any of them connects within its timeout.
-fn check_all(batch: &[Arc<Backend>]) {
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            crate::error!("health checks skipped: cannot create a poll: {e}");
-            return;
-        }
-    };
-    let start = Instant::now();
-    // Connects in flight by token: (backend index, stream).
-    let mut pending: HashMap<usize, (usize, TcpStream)> = HashMap::new();
-    // Per backend: connects still in flight, its deadline, and its last error.
-    let mut open: Vec<(usize, Instant, Option<ConnectError>)> = Vec::with_capacity(batch.len());
-    let mut next_token = 0;
-    for (i, b) in batch.iter().enumerate() {
-        let deadline = start + b.check_settings().timeout;
-        open.push((0, deadline, None));
-        let addrs = match backend::resolve(&b.target) {
-            Ok(a) => a,
-            Err(e) => {
-                open[i].2 = Some(e);
-                continue;
-            }
-        };
-        for addr in addrs {
-            let started = TcpStream::connect(addr)
-                .map_err(ConnectError::from_io)
-                .and_then(|mut s| {
-                    poll.registry()
-                        .register(&mut s, Token(next_token), Interest::WRITABLE)
-                        .map_err(ConnectError::Other)?;
-                    Ok(s)
-                });
-            match started {
-                Ok(s) => {
-                    pending.insert(next_token, (i, s));
-                    open[i].0 += 1;
-                    next_token += 1;
-                }
-                Err(e) => open[i].2 = Some(e),
-            }
-        }
-    }
-    // Backends with nothing in flight are decided already.
-    let mut decided = vec![false; batch.len()];
-    for (i, b) in batch.iter().enumerate() {
-        if open[i].0 == 0 {
-            decided[i] = true;
-            b.checked(Err(open[i].2.take().unwrap_or(ConnectError::Timeout)));
-        }
-    }
-    let mut events = Events::with_capacity(64);
-    while !pending.is_empty() {
-        let now = Instant::now();
-        let deadline = pending
-            .values()
-            .map(|(i, _)| open[*i].1)
-            .min()
-            .unwrap_or(now);
-        if let Err(e) = poll.poll(&mut events, Some(deadline.saturating_duration_since(now))) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            crate::error!("health checks: poll failed: {e}");
-            return;
-        }
-        for ev in events.iter() {
-            let Some((i, s)) = pending.remove(&ev.token().0) else {
-                continue;
-            };
-            // Writable means the connect finished: connected, or failed with SO_ERROR set.
-            let result = match s.take_error() {
-                Ok(None) => s.peer_addr().map(|_| ()).map_err(ConnectError::from_io),
-                Ok(Some(e)) | Err(e) => Err(ConnectError::from_io(e)),
-            };
-            if decided[i] {
-                continue;
-            }
-            open[i].0 -= 1;
-            match result {
-                Ok(()) => {
-                    decided[i] = true;
-                    batch[i].checked(Ok(()));
-                }
-                Err(e) if open[i].0 == 0 => {
-                    decided[i] = true;
-                    batch[i].checked(Err(e));
-                }
-                Err(e) => open[i].2 = Some(e),
-            }
-        }
-        // Streams of decided backends need not be waited for; backends past their timeout
-        // fail, and their remaining connects are dropped.
-        let now = Instant::now();
-        pending.retain(|_, (i, _)| {
-            if decided[*i] {
-                return false;
-            }
-            if open[*i].1 > now {
-                return true;
-            }
-            decided[*i] = true;
-            batch[*i].checked(Err(ConnectError::Timeout));
-            false
-        });
     }
 }

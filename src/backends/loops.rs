@@ -2,10 +2,11 @@
 //! accepted again by the proxy, which connects again, until every slot is taken and every other
 //! app is starved.
 //!
-//! Which addresses reach a frontend is the same in both modes: simple mode listens on every
-//! local address of each configured port (`[::]:PORT`), and bpf mode's sk_lookup program
-//! steers each configured port whatever local address was dialled. So a target loops when its
-//! port is a configured port and its address is local to this host. (bpf mode's own `-p`
+//! Which addresses reach a frontend is the same in both modes: each configured port answers on
+//! the app's `Addresses` (every local address when it has none): simple mode binds exactly
+//! those, and bpf mode's sk_lookup program steers exactly those (prefix, port) pairs. So a
+//! target loops when its address is local to this host and one of the config's (port,
+//! prefix) pairs covers it. (bpf mode's own `-p`
 //! listener port is not a frontend: a connection dialled to it directly names no app and is
 //! closed at once, so it cannot loop.)
 //!
@@ -18,28 +19,46 @@
 //! - [`Frontends::is_own`], at each connect, on the addresses a name resolved to: a name that
 //!   later resolves to this host fails that connection with reason `loop` instead of relaying.
 
-use std::collections::HashSet;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
+use crate::config::prefix::Prefix;
 use crate::config::{Config, Problem};
 
-/// The ports on which this proxy accepts, for the run-time check.
+/// Where this proxy accepts: each port with the prefixes it answers on.
 #[derive(Debug, Default)]
 pub struct Frontends {
-    ports: HashSet<u16>,
+    ports: HashMap<u16, Vec<Prefix>>,
 }
 
 impl Frontends {
     pub fn new(config: &Config) -> Frontends {
-        Frontends {
-            ports: config.ports().collect(),
+        let mut ports: HashMap<u16, Vec<Prefix>> = HashMap::new();
+        for (port, prefix) in config.bindings().into_keys() {
+            ports.entry(port).or_default().push(prefix);
         }
+        Frontends { ports }
     }
 
     /// `addr` would be accepted by this proxy itself.
     pub fn is_own(&self, addr: SocketAddr) -> bool {
         // The port first: a bind test costs three system calls, and most targets are remote.
-        self.ports.contains(&addr.port()) && is_local(addr.ip())
+        let Some(prefixes) = self.ports.get(&addr.port()) else {
+            return false;
+        };
+        let ip = dialled(addr.ip());
+        prefixes.iter().any(|p| p.contains(ip)) && is_local(ip)
+    }
+}
+
+/// The address a connection to `ip` arrives at: IPv4-mapped as IPv4, and the unspecified
+/// address as loopback (connecting to 0.0.0.0 or :: reaches this host's loopback).
+fn dialled(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, |v4| dialled(IpAddr::V4(v4))),
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        v4 => v4,
     }
 }
 
@@ -71,14 +90,21 @@ fn is_localhost_name(host: &str) -> bool {
 
 /// Every target of `config` that is the proxy's own frontend, as a problem naming it.
 pub fn problems(config: &Config) -> Vec<Problem> {
-    let ports: HashSet<u16> = config.ports().collect();
+    let own = Frontends::new(config);
     let mut found = Vec::new();
     for app in &config.apps {
         for t in &app.targets {
-            if !ports.contains(&t.port) {
-                continue;
-            }
-            let local = is_localhost_name(&t.host) || t.host.parse::<IpAddr>().is_ok_and(is_local);
+            let local = if is_localhost_name(&t.host) {
+                // Whatever loopback address it resolves to.
+                ["127.0.0.1", "::1"]
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .any(|ip| own.is_own(SocketAddr::new(ip, t.port)))
+            } else {
+                t.host
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| own.is_own(SocketAddr::new(ip, t.port)))
+            };
             if local {
                 found.push(Problem::Loop {
                     app: app.name.clone(),

@@ -1,10 +1,11 @@
 //! bpf mode's port source: one listener per address family, and the sk_lookup program that
-//! steers every configured port to it. A reload only rewrites the port map, as a diff.
+//! steers every configured (address prefix, port) to it. A reload only rewrites the bindings
+//! map, as a diff.
 //!
-//! Map writes that fail do not refuse a reload (the config is valid, and the ports already
-//! steered keep working): the port stays wanted and is retried at every reload tick.
+//! Map writes that fail do not refuse a reload (the config is valid, and what is already
+//! steered keeps working): the binding stays wanted and is retried at every reload tick.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsFd;
@@ -14,10 +15,12 @@ use std::sync::{Arc, Mutex};
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
-use super::{BpfError, Steering, MAX_GROUPS};
+use crate::bpf::{BpfError, Steering, MAX_GROUPS};
+use crate::config::prefix::Prefix;
 use crate::config::Config;
-use crate::frontend::ports::LookupStats;
-use crate::frontend::ports::{self, Accepted, LookupReader, PortError, PortSource, FIRST_LISTENER};
+use crate::frontend::ports::{
+    self, Accepted, LookupReader, LookupStats, PortError, PortSource, FIRST_LISTENER,
+};
 
 /// Listener tokens above every simple-mode port token, so the two can never be confused.
 const V4: Token = Token(FIRST_LISTENER + 65_536);
@@ -27,50 +30,89 @@ pub struct Steered {
     v4: Option<TcpListener>,
     v6: Option<TcpListener>,
     steering: Steering,
-    /// Ports the config wants steered, with their port group.
-    wanted: BTreeMap<u16, u32>,
-    /// Ports written into the map, with the group written.
-    steered: BTreeMap<u16, u32>,
-    /// Port group (counter index) of each app, by name; never reused within a run, so a
-    /// group's counters always belong to one app.
+    /// (port, prefix) pairs the config wants steered, with their port group.
+    wanted: BTreeMap<(u16, Prefix), u32>,
+    /// Pairs written into the map, with the group written.
+    steered: BTreeMap<(u16, Prefix), u32>,
+    /// Port group (counter index) of each app, or of the apps sharing a binding by Hostnames
+    /// (their names joined with `+`), by name (see `GroupNames`).
     groups: Arc<Mutex<GroupNames>>,
     /// A failed map write has been logged and not yet recovered, so retries stay quiet.
     failing: bool,
     registered: bool,
 }
 
-/// App names to port-group ids. Ids are handed out in order and never reused; past the
-/// program's MAX_GROUPS the apps share the last counter, which is named for all of them.
+/// App names to port-group ids (the index of an app's lookup counters). An app keeps its id
+/// while it is in the config; once an app is gone and no steered port names its group any more,
+/// the id is released (its series leaves /metrics) and given to the next new app, its counters
+/// zeroed first. Past the program's MAX_GROUPS the apps share the last counter, which is named
+/// for all of them.
 #[derive(Default)]
 pub struct GroupNames {
     by_name: BTreeMap<String, u32>,
+    /// Released ids, reused before new ones.
+    free: Vec<u32>,
+    /// The next id never handed out.
+    next: u32,
+    /// Released ids whose counters still hold the last app's counts.
+    stale: BTreeSet<u32>,
 }
 
+/// The name of the shared counter of the apps past MAX_GROUPS.
+const OVERFLOW: &str = "(other apps)";
+
 impl GroupNames {
-    fn id(&mut self, app: &str) -> u32 {
-        let next = (self.by_name.len() as u32).min(MAX_GROUPS - 1);
-        if next == MAX_GROUPS - 1 && !self.by_name.contains_key(app) {
-            // Shared overflow counter: report it once, under a name that says so.
-            self.by_name.insert("(other apps)".into(), next);
-            return next;
+    /// The group of `app`, handing out one if it has none; the second value says whether the
+    /// group's counters must be zeroed before the app's ports use it.
+    fn id(&mut self, app: &str) -> (u32, bool) {
+        if let Some(&g) = self.by_name.get(app) {
+            return (g, false);
         }
-        *self.by_name.entry(app.to_owned()).or_insert(next)
+        let (name, g) = if let Some(g) = self.free.pop() {
+            (app, g)
+        } else if self.next < MAX_GROUPS - 1 {
+            self.next += 1;
+            (app, self.next - 1)
+        } else {
+            // Shared overflow counter: reported once, under a name that says so.
+            (OVERFLOW, MAX_GROUPS - 1)
+        };
+        let stale = self.stale.remove(&g);
+        self.by_name.entry(name.to_owned()).or_insert(g);
+        (g, stale)
+    }
+
+    /// Release the groups no port uses any more (neither wanted nor still in the map).
+    fn release_unused(&mut self, in_use: &BTreeSet<u32>) {
+        let gone: Vec<(String, u32)> = self
+            .by_name
+            .iter()
+            .filter(|(_, g)| !in_use.contains(g))
+            .map(|(n, g)| (n.clone(), *g))
+            .collect();
+        for (name, g) in gone {
+            self.by_name.remove(&name);
+            self.stale.insert(g);
+            if g != MAX_GROUPS - 1 {
+                self.free.push(g);
+            }
+        }
     }
 }
 
-/// Why bpf mode could not start.
+/// Why bpf mode's listeners and program could not be set up.
 #[derive(Debug)]
-pub enum StartError {
+pub enum SetupError {
     /// The listener itself could not be bound.
     Listen(SocketAddr, io::Error),
     Bpf(BpfError),
 }
 
-impl std::fmt::Display for StartError {
+impl std::fmt::Display for SetupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StartError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
-            StartError::Bpf(e) => write!(f, "{e}"),
+            SetupError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            SetupError::Bpf(e) => write!(f, "{e}"),
         }
     }
 }
@@ -84,10 +126,10 @@ impl Steered {
         port: u16,
         bind: Option<IpAddr>,
         mut inherited: HashMap<SocketAddr, TcpListener>,
-    ) -> Result<Steered, StartError> {
+    ) -> Result<Steered, SetupError> {
         let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
             Some(l) => Ok(l),
-            None => crate::net::listen(addr, v6only).map_err(|e| StartError::Listen(addr, e)),
+            None => crate::net::listen(addr, v6only).map_err(|e| SetupError::Listen(addr, e)),
         };
         // Two sockets rather than one dual-stack one: the program picks the socket by the
         // packet's family, and a v6-only socket keeps `local_addr` of an IPv4 connection a
@@ -101,7 +143,7 @@ impl Steered {
                 match listen(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true) {
                     Ok(l) => Some(l),
                     // A host without IPv6 still serves IPv4.
-                    Err(StartError::Listen(_, e))
+                    Err(SetupError::Listen(_, e))
                         if e.raw_os_error() == Some(libc::EAFNOSUPPORT) =>
                     {
                         None
@@ -117,7 +159,7 @@ impl Steered {
             v6.as_ref().map(|l| l.as_fd()),
             bind,
         )
-        .map_err(StartError::Bpf)?;
+        .map_err(SetupError::Bpf)?;
         Ok(Steered {
             v4,
             v6,
@@ -130,41 +172,59 @@ impl Steered {
         })
     }
 
-    /// Bring the map in line with `wanted`; failures are logged and left for the next tick.
-    fn sync(&mut self) {
-        let mut failed: Option<(u16, BpfError)> = None;
-        let mut failures = 0usize;
-        let remove: Vec<u16> = self
-            .steered
-            .keys()
-            .filter(|p| !self.wanted.contains_key(p))
+    /// Release the port groups of apps that left, once no port in the map names them (a
+    /// failed map write keeps a group until a retry removes its ports).
+    fn release_groups(&mut self) {
+        let in_use: BTreeSet<u32> = self
+            .wanted
+            .values()
+            .chain(self.steered.values())
             .copied()
             .collect();
-        for port in remove {
-            match self.steering.remove_port(port) {
+        self.groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release_unused(&in_use);
+    }
+
+    /// Bring the map in line with `wanted`; failures are logged and left for the next tick.
+    /// New bindings go in before old ones go out: a longer prefix added beside a shorter one
+    /// takes over at once, and a port never has a moment with neither.
+    fn sync(&mut self) {
+        let mut failed: Option<(u16, BpfError)> = None;
+        // Ports (not bindings) that failed, for the message.
+        let mut failures = BTreeSet::new();
+        // New bindings, and bindings whose apps (so group) changed.
+        let add: Vec<((u16, Prefix), u32)> = self
+            .wanted
+            .iter()
+            .filter(|(k, g)| self.steered.get(k) != Some(g))
+            .map(|(k, g)| (*k, *g))
+            .collect();
+        for ((port, prefix), group) in add {
+            match self.steering.add_binding(prefix, port, group) {
                 Ok(()) => {
-                    self.steered.remove(&port);
+                    self.steered.insert((port, prefix), group);
                 }
                 Err(e) => {
-                    failures += 1;
+                    failures.insert(port);
                     failed.get_or_insert((port, e));
                 }
             }
         }
-        // New ports, and ports whose app (so group) changed.
-        let add: Vec<(u16, u32)> = self
-            .wanted
-            .iter()
-            .filter(|(p, g)| self.steered.get(p) != Some(g))
-            .map(|(p, g)| (*p, *g))
+        let remove: Vec<(u16, Prefix)> = self
+            .steered
+            .keys()
+            .filter(|k| !self.wanted.contains_key(k))
+            .copied()
             .collect();
-        for (port, group) in add {
-            match self.steering.add_port(port, group) {
+        for (port, prefix) in remove {
+            match self.steering.remove_binding(prefix, port) {
                 Ok(()) => {
-                    self.steered.insert(port, group);
+                    self.steered.remove(&(port, prefix));
                 }
                 Err(e) => {
-                    failures += 1;
+                    failures.insert(port);
                     failed.get_or_insert((port, e));
                 }
             }
@@ -173,7 +233,8 @@ impl Steered {
             Some((port, e)) => {
                 if !self.failing {
                     crate::error!(
-                        "bpf: cannot update the port map for {failures} ports (first: port {port}: {e}); retrying at every reload tick"
+                        "bpf: cannot update the port map for {} ports (first: port {port}: {e}); retrying at every reload tick",
+                        failures.len()
                     );
                 }
                 self.failing = true;
@@ -200,30 +261,43 @@ impl PortSource for Steered {
                 if let Some(l) = l {
                     registry
                         .register(l, token, Interest::READABLE)
-                        .map_err(|error| PortError { port: 0, error })?;
+                        .map_err(PortError::Register)?;
                 }
             }
             self.registered = true;
         }
-        // The whole wanted map from the config: a port that moved to another app keeps being
-        // steered, only its group changes.
+        // The whole wanted map from the config: a binding that moved to another app keeps
+        // being steered, only its group changes.
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stale = Vec::new();
         self.wanted = config
-            .apps
-            .iter()
-            .flat_map(|app| {
-                let g = groups.id(&app.name);
-                app.ports.iter().map(move |&p| (p, g))
+            .bindings()
+            .into_iter()
+            .map(|(key, mut apps)| {
+                apps.sort_unstable();
+                let (g, zero) = groups.id(&apps.join("+"));
+                if zero {
+                    stale.push(g);
+                }
+                (key, g)
             })
             .collect();
         drop(groups);
+        for g in stale {
+            // Not fatal: the app's counters would start from the last app's counts.
+            if let Err(e) = self.steering.clear_group(g) {
+                crate::error!("bpf: {e}");
+            }
+        }
         self.sync();
+        self.release_groups();
         Ok(())
     }
 
     fn tick(&mut self) {
         if self.wanted != self.steered {
             self.sync();
+            self.release_groups();
         }
     }
 
@@ -235,7 +309,7 @@ impl PortSource for Steered {
         };
         match listener {
             // The accepted socket's local address keeps the port the client dialled.
-            Some(l) => ports::accept_from(l, None),
+            Some(l) => ports::accept_from(l),
             None => Ok(None),
         }
     }
@@ -288,5 +362,25 @@ impl PortSource for Steered {
                 })
                 .collect()
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_of_removed_apps_are_released_and_reused_zeroed() {
+        let mut g = GroupNames::default();
+        assert_eq!(g.id("a"), (0, false));
+        assert_eq!(g.id("b"), (1, false));
+        assert_eq!(g.id("a"), (0, false));
+        // "b" leaves the config: its group is no longer in use.
+        g.release_unused(&BTreeSet::from([0]));
+        assert!(!g.by_name.contains_key("b"));
+        // The next new app gets it, to be zeroed first; then it is simply its own.
+        assert_eq!(g.id("c"), (1, true));
+        assert_eq!(g.id("c"), (1, false));
+        assert_eq!(g.id("d"), (2, false));
     }
 }

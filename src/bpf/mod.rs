@@ -1,6 +1,7 @@
 //! The eBPF half of "any number of ports on one socket": loads the sk_lookup
 //! program in `steer.bpf.c`, puts the proxy's listening sockets into its sockmap,
-//! attaches it to the current network namespace, and edits the set of steered ports.
+//! attaches it to the current network namespace, and edits the steered (address prefix,
+//! port) bindings.
 //!
 //! Ownership: [`Steering`] holds the attachment ([`Link`]) and handles to the maps it
 //! edits later. The skeleton and libbpf's `Object` only live inside
@@ -16,6 +17,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ErrorKind, Link, MapCore, MapFlags, MapHandle, ProgramType};
+
+use crate::config::prefix::Prefix;
 
 pub mod listener;
 
@@ -133,6 +136,13 @@ pub enum BpfError {
         /// What libbpf reported.
         source: libbpf_rs::Error,
     },
+    /// Zeroing a port group's counters (before the group is given to another app) failed.
+    ClearGroup {
+        /// The group whose counters were being zeroed.
+        group: u32,
+        /// What libbpf reported.
+        source: libbpf_rs::Error,
+    },
 }
 
 impl fmt::Display for BpfError {
@@ -167,7 +177,7 @@ impl fmt::Display for BpfError {
                 source,
             } => write!(
                 f,
-                "adding port {port} to the BPF ports map failed: {source:#}"
+                "adding port {port} to the BPF bindings map failed: {source:#}"
             ),
             BpfError::Port {
                 port,
@@ -175,11 +185,15 @@ impl fmt::Display for BpfError {
                 source,
             } => write!(
                 f,
-                "removing port {port} from the BPF ports map failed: {source:#}"
+                "removing port {port} from the BPF bindings map failed: {source:#}"
             ),
             BpfError::Stats { source } => {
                 write!(f, "reading the BPF stats map failed: {source:#}")
             }
+            BpfError::ClearGroup { group, source } => write!(
+                f,
+                "zeroing the lookup counters of port group {group} failed: {source:#}"
+            ),
         }
     }
 }
@@ -197,8 +211,8 @@ pub struct Steering {
     /// The attachment; `None` after [`Steering::detach`]. Never forgotten or
     /// disconnected: dropping it is what detaches the program.
     link: Option<Link>,
-    /// Our own fd of the `ports` map (the skeleton's copy was closed with it).
-    ports: MapHandle,
+    /// Our own fd of the `bindings` map (the skeleton's copy was closed with it).
+    bindings: MapHandle,
     /// Our own fds of the counter maps.
     counters: Counters,
 }
@@ -278,7 +292,7 @@ impl Steering {
                 source,
             })
         };
-        let ports = handle(&skel.maps.ports)?;
+        let bindings = handle(&skel.maps.bindings)?;
         let stats = handle(&skel.maps.stats)?;
         let group_stats = handle(&skel.maps.group_stats)?;
 
@@ -295,19 +309,18 @@ impl Steering {
 
         Ok(Steering {
             link: Some(link),
-            ports,
+            bindings,
             counters: Counters { stats, group_stats },
         })
     }
 
-    /// Steer `port` (insert into the ports map): new TCP connections to it, on any
-    /// local address, go to our listener of their family. Adding a port twice is
-    /// harmless.
-    /// Steer `port`, counting its lookups under `group` (the app's index).
-    pub fn add_port(&mut self, port: u16, group: u32) -> Result<(), BpfError> {
-        // The program compares ctx->local_port, which is in host byte order.
-        self.ports
-            .update(&port.to_ne_bytes(), &group.to_ne_bytes(), MapFlags::ANY)
+    /// Steer connections to `prefix` on `port` (insert into the bindings map), counting
+    /// their lookups under `group`. A longer prefix on the same port wins over it. Adding a
+    /// binding twice overwrites its group.
+    pub fn add_binding(&mut self, prefix: Prefix, port: u16, group: u32) -> Result<(), BpfError> {
+        let value = binding_value(prefix, group);
+        self.bindings
+            .update(&binding_key(prefix, port), &value, MapFlags::ANY)
             .map_err(|source| BpfError::Port {
                 port,
                 adding: true,
@@ -315,11 +328,11 @@ impl Steering {
             })
     }
 
-    /// Stop steering `port`: new connections to it take the kernel's normal lookup
-    /// (refused unless something else listens there). Established connections are
-    /// not affected. Removing a port that is not steered is not an error.
-    pub fn remove_port(&mut self, port: u16) -> Result<(), BpfError> {
-        match self.ports.delete(&port.to_ne_bytes()) {
+    /// Stop steering `prefix` on `port`: new connections that only it covered take the
+    /// kernel's normal lookup. Established connections are not affected. Removing a binding
+    /// that is not there is not an error.
+    pub fn remove_binding(&mut self, prefix: Prefix, port: u16) -> Result<(), BpfError> {
+        match self.bindings.delete(&binding_key(prefix, port)) {
             Err(source) if source.kind() != ErrorKind::NotFound => Err(BpfError::Port {
                 port,
                 adding: false,
@@ -327,6 +340,18 @@ impl Steering {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Steer `port` on every address, IPv4 and IPv6.
+    pub fn add_port(&mut self, port: u16, group: u32) -> Result<(), BpfError> {
+        self.add_binding(Prefix::ALL_V4, port, group)?;
+        self.add_binding(Prefix::ALL_V6, port, group)
+    }
+
+    /// Stop steering `port` on every address.
+    pub fn remove_port(&mut self, port: u16) -> Result<(), BpfError> {
+        self.remove_binding(Prefix::ALL_V4, port)?;
+        self.remove_binding(Prefix::ALL_V6, port)
     }
 
     /// Stop steering every port at once, by dropping the link (used first thing
@@ -341,6 +366,22 @@ impl Steering {
     #[allow(dead_code)]
     pub fn stats(&self) -> Result<(u64, u64, u64), BpfError> {
         self.counters.totals()
+    }
+
+    /// Zero the lookup counters of port `group`, so that an app given a group another app
+    /// had starts from nothing.
+    pub fn clear_group(&self, group: u32) -> Result<(), BpfError> {
+        let fail = |source| BpfError::ClearGroup { group, source };
+        let cpus = libbpf_rs::num_possible_cpus().map_err(fail)?;
+        let zeros = vec![vec![0u8; 8]; cpus];
+        let g = group.min(MAX_GROUPS - 1);
+        for index in [g * 2, g * 2 + 1] {
+            self.counters
+                .group_stats
+                .update_percpu(&index.to_ne_bytes(), &zeros, MapFlags::ANY)
+                .map_err(fail)?;
+        }
+        Ok(())
     }
 
     /// A reader of the counters with fds of its own, for another thread.
@@ -394,6 +435,33 @@ fn bind_value(ip: IpAddr) -> [u8; 28] {
     };
     v[0..4].copy_from_slice(&family.to_ne_bytes());
     v[4..8].copy_from_slice(&u32::from(match_addr).to_ne_bytes());
+    v
+}
+
+/// The `bindings` key of (prefix, port), as `struct binding_key` in steer.bpf.c: prefix length
+/// in bits of what follows, the port as a host-order u32, then the address in network order,
+/// IPv4 v4-mapped.
+pub fn binding_key(prefix: Prefix, port: u16) -> [u8; 24] {
+    let (addr, bits) = match prefix.addr() {
+        IpAddr::V4(a) => (
+            a.to_ipv6_mapped().octets(),
+            96 + u32::from(prefix.prefix_len()),
+        ),
+        IpAddr::V6(a) => (a.octets(), u32::from(prefix.prefix_len())),
+    };
+    let mut k = [0u8; 24];
+    k[0..4].copy_from_slice(&(32 + bits).to_ne_bytes());
+    k[4..8].copy_from_slice(&u32::from(port).to_ne_bytes());
+    k[8..24].copy_from_slice(&addr);
+    k
+}
+
+/// The `bindings` value, as `struct binding`: the port group and the prefix's family.
+fn binding_value(prefix: Prefix, group: u32) -> [u8; 8] {
+    let family = if prefix.is_v4() { AF_INET } else { AF_INET6 };
+    let mut v = [0u8; 8];
+    v[0..4].copy_from_slice(&group.to_ne_bytes());
+    v[4..8].copy_from_slice(&family.to_ne_bytes());
     v
 }
 
@@ -499,13 +567,6 @@ fn major_minor(release: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::ErrorKind as IoKind;
-    use std::net::{SocketAddr, TcpListener, TcpStream};
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-    use std::time::Duration;
-
-    const PORT: u16 = 4242;
-    const UNSTEERED: u16 = 4243;
 
     #[test]
     fn major_minor_of_releases() {
@@ -547,206 +608,6 @@ mod tests {
         };
         assert!(err
             .to_string()
-            .starts_with("adding port 8080 to the BPF ports map failed: "));
-    }
-
-    /// Steers real connections in a private network namespace, then checks the
-    /// capability error. Needs root (CAP_SYS_ADMIN for unshare, CAP_BPF,
-    /// CAP_NET_ADMIN); skipped otherwise.
-    #[test]
-    fn steers_ports_in_own_netns() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipping steers_ports_in_own_netns: needs root");
-            return;
-        }
-        // A namespace belongs to a thread: unshare on a thread of our own so the
-        // test harness and other tests keep theirs. The thread ends with the test.
-        let outcome = std::thread::spawn(|| {
-            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-                let err = io::Error::last_os_error();
-                eprintln!("skipping steers_ports_in_own_netns: unshare(CLONE_NEWNET): {err}");
-                return;
-            }
-            loopback_up();
-            steer_in_current_netns();
-            permission_error_without_caps();
-        })
-        .join();
-        if let Err(panic) = outcome {
-            std::panic::resume_unwind(panic);
-        }
-    }
-
-    fn steer_in_current_netns() {
-        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let v6 = v6only_listener();
-        let mut steering = Steering::attach(Some(v4.as_fd()), Some(v6.as_fd()), None).unwrap();
-
-        // Attached but no port added: the program passes, nothing listens, refused.
-        assert_refused(("127.0.0.1", PORT));
-
-        steering.add_port(PORT, 0).unwrap();
-        steering.add_port(PORT, 0).unwrap(); // idempotent
-        assert_steered(("127.0.0.1", PORT), &v4);
-        assert_steered(("::1", PORT), &v6);
-        assert_refused(("127.0.0.1", UNSTEERED));
-        assert_refused(("::1", UNSTEERED));
-        let (steered, dropped, passed) = steering.stats().unwrap();
-        assert_eq!((steered, dropped), (2, 0));
-        assert!(passed >= 2, "passed = {passed}");
-
-        steering.remove_port(PORT).unwrap();
-        steering.remove_port(PORT).unwrap(); // idempotent
-        assert_refused(("127.0.0.1", PORT));
-        assert_refused(("::1", PORT));
-
-        // Another socket bound to the port: untouched while the port is not
-        // steered (SK_PASS without assigning), bypassed once it is.
-        let squatter = TcpListener::bind(("127.0.0.1", PORT)).unwrap();
-        squatter.set_nonblocking(true).unwrap();
-        assert_steered(("127.0.0.1", PORT), &squatter);
-        steering.add_port(PORT, 0).unwrap();
-        assert_steered(("127.0.0.1", PORT), &v4);
-
-        // Closing the v4 listener empties its sockmap slot: SK_DROP. The kernel
-        // answers with a RST at once (not a silent drop, which would time out), and
-        // the connection does not fall through to the squatter.
-        drop(v4);
-        let addr = SocketAddr::from(([127, 0, 0, 1], PORT));
-        let err = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).unwrap_err();
-        assert_eq!(err.kind(), IoKind::ConnectionRefused, "{err}");
-        assert_eq!(squatter.accept().unwrap_err().kind(), IoKind::WouldBlock);
-        let (steered, dropped, _) = steering.stats().unwrap();
-        assert_eq!((steered, dropped), (3, 1));
-        assert_steered(("::1", PORT), &v6);
-
-        // Detaching stops steering at once, even for ports still in the map.
-        steering.detach();
-        assert_refused(("::1", PORT));
-        assert_steered(("127.0.0.1", PORT), &squatter);
-    }
-
-    /// With the BPF capabilities dropped from this thread, attach must say which
-    /// capabilities are missing rather than show a bare errno.
-    fn permission_error_without_caps() {
-        drop_bpf_caps();
-        let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
-        let err = Steering::attach(Some(v4.as_fd()), None, None).unwrap_err();
-        assert!(matches!(err, BpfError::PermissionDenied { .. }), "{err:?}");
-        let message = err.to_string();
-        assert!(message.contains("CAP_BPF and CAP_NET_ADMIN"), "{message}");
-        eprintln!("attach without capabilities: {message}");
-    }
-
-    /// Connect to `addr` and check that `listener` (blocking, or non-blocking with
-    /// the connection already queued) accepts it, with `addr` as its local address.
-    fn assert_steered(addr: (&str, u16), listener: &TcpListener) {
-        let client = TcpStream::connect(addr).unwrap();
-        let (accepted, peer) = listener.accept().unwrap();
-        assert_eq!(peer, client.local_addr().unwrap());
-        // getsockname on the accepted socket gives the original destination.
-        assert_eq!(accepted.local_addr().unwrap().port(), addr.1);
-        assert_eq!(accepted.local_addr().unwrap(), client.peer_addr().unwrap());
-    }
-
-    fn assert_refused(addr: (&str, u16)) {
-        let err = TcpStream::connect(addr).unwrap_err();
-        assert_eq!(err.kind(), IoKind::ConnectionRefused, "{addr:?}: {err}");
-    }
-
-    /// A listener on [::1]:0 with IPV6_V6ONLY, which std cannot set before bind.
-    fn v6only_listener() -> TcpListener {
-        unsafe {
-            let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
-            let fd = OwnedFd::from_raw_fd(fd);
-            let one: libc::c_int = 1;
-            let rc = libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_V6ONLY,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-            assert_eq!(rc, 0, "IPV6_V6ONLY: {}", io::Error::last_os_error());
-            let mut addr: libc::sockaddr_in6 = std::mem::zeroed();
-            addr.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            addr.sin6_addr.s6_addr[15] = 1; // ::1
-            let rc = libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_in6).cast(),
-                std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-            );
-            assert_eq!(rc, 0, "bind [::1]:0: {}", io::Error::last_os_error());
-            assert_eq!(libc::listen(fd.as_raw_fd(), 16), 0);
-            TcpListener::from(fd)
-        }
-    }
-
-    /// `ip link set lo up` in the calling thread's network namespace.
-    fn loopback_up() {
-        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(sock >= 0, "socket: {}", io::Error::last_os_error());
-        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-            *dst = *src as libc::c_char;
-        }
-        unsafe {
-            assert_eq!(
-                libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut ifr),
-                0
-            );
-            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            assert_eq!(
-                libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &ifr),
-                0,
-                "SIOCSIFFLAGS lo: {}",
-                io::Error::last_os_error()
-            );
-        }
-    }
-
-    /// Clear CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN from this thread's effective
-    /// set (capabilities are per thread, so other tests keep theirs).
-    fn drop_bpf_caps() {
-        #[repr(C)]
-        struct Header {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy, Default)]
-        struct Data {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        const VERSION_3: u32 = 0x2008_0522;
-        const CAP_NET_ADMIN: u32 = 12;
-        const CAP_SYS_ADMIN: u32 = 21;
-        const CAP_BPF: u32 = 39;
-        let mut header = Header {
-            version: VERSION_3,
-            pid: 0,
-        };
-        let mut data = [Data::default(); 2];
-        unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()),
-                0
-            );
-        }
-        for cap in [CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF] {
-            data[(cap / 32) as usize].effective &= !(1 << (cap % 32));
-        }
-        unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
-                0,
-                "capset: {}",
-                io::Error::last_os_error()
-            );
-        }
+            .starts_with("adding port 8080 to the BPF bindings map failed: "));
     }
 }

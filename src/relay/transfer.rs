@@ -8,6 +8,9 @@
 //! through: when one side shuts down its write side, the other side's write side is shut down
 //! once every byte before it has been delivered, and the reply keeps flowing the other way.
 //! A reset on one side is passed on as a reset on the other, so neither peer hangs.
+//! A socket is polled only for what is still wanted from it, and an error or hang-up reported
+//! on a socket nothing is wanted from is acted on at once (a reset is passed on; a socket closed
+//! both ways is left out of the poll), so no close sequence leaves the thread spinning.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -398,6 +401,8 @@ pub fn relay(
     let mut up = Direction::new(up_counter);
     let mut down = Direction::new(down_counter);
     let mut last_activity = Instant::now();
+    // A hang-up without error was seen on the socket while nothing was wanted from it.
+    let (mut client_hup, mut backend_hup) = (false, false);
     let end = loop {
         let stepped = (up.pump(client, backend), down.pump(backend, client));
         match stepped {
@@ -416,30 +421,16 @@ pub fn relay(
         if up.done() && down.done() {
             break End::Closed;
         }
+        // A socket is polled only for what is still wanted from it. One that nothing is wanted
+        // from is still polled with no events, so that an error (a reset) or hang-up there is
+        // seen while the connection waits on the other side; once a hang-up without error has
+        // been seen there it is left out altogether, as poll would report it again at once.
+        let client_events = events(up.wants_read(), down.wants_write());
+        let backend_events = events(down.wants_read(), up.wants_write());
         let mut fds = [
-            libc::pollfd {
-                fd: client.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: backend.as_raw_fd(),
-                events: 0,
-                revents: 0,
-            },
+            pollfd(client, client_events, client_hup),
+            pollfd(backend, backend_events, backend_hup),
         ];
-        if up.wants_read() {
-            fds[0].events |= libc::POLLIN;
-        }
-        if up.wants_write() {
-            fds[1].events |= libc::POLLOUT;
-        }
-        if down.wants_read() {
-            fds[1].events |= libc::POLLIN;
-        }
-        if down.wants_write() {
-            fds[0].events |= libc::POLLOUT;
-        }
         let timeout_ms = match idle {
             None => -1,
             Some(idle) => {
@@ -461,15 +452,91 @@ pub fn relay(
                 reset(backend);
                 break End::Reset;
             }
+            continue;
         }
-        // On readiness (or POLLHUP/POLLERR, which poll reports whatever was asked) the next
-        // pump finds out what happened; on a timeout the idle check above decides.
+        // Where something was wanted, the next pump's read or write meets whatever happened
+        // (bytes, end of stream, or the error) in order, so nothing already received is lost.
+        // Where nothing was wanted, poll's error and hang-up flags are acted on here, or they
+        // would wake every poll without a pump ever clearing them.
+        match hangup(client, &fds[0], "client") {
+            Hangup::None => {}
+            Hangup::Closed => client_hup = true,
+            Hangup::Failed => {
+                reset(client);
+                reset(backend);
+                break End::Reset;
+            }
+        }
+        match hangup(backend, &fds[1], "target") {
+            Hangup::None => {}
+            Hangup::Closed => backend_hup = true,
+            Hangup::Failed => {
+                reset(client);
+                reset(backend);
+                break End::Reset;
+            }
+        }
     };
     Outcome {
         up: up.moved,
         down: down.moved,
         end,
     }
+}
+
+fn events(read: bool, write: bool) -> libc::c_short {
+    let mut events = 0;
+    if read {
+        events |= libc::POLLIN;
+    }
+    if write {
+        events |= libc::POLLOUT;
+    }
+    events
+}
+
+/// The poll entry of `s` for `events`; a negative descriptor (which poll skips) if nothing is
+/// wanted from it and it has already hung up.
+fn pollfd(s: &TcpStream, events: libc::c_short, hung_up: bool) -> libc::pollfd {
+    libc::pollfd {
+        fd: if events == 0 && hung_up {
+            -1
+        } else {
+            s.as_raw_fd()
+        },
+        events,
+        revents: 0,
+    }
+}
+
+enum Hangup {
+    /// Nothing to act on here.
+    None,
+    /// Both ways of this socket are closed without an error (its peer's FIN arrived and ours
+    /// went, or the proxy cut it): whatever is still to do waits on the other socket.
+    Closed,
+    /// The socket failed (a reset, a timeout): the connection cannot complete.
+    Failed,
+}
+
+/// What poll's error and hang-up flags on a socket from which nothing was wanted mean.
+fn hangup(s: &TcpStream, fd: &libc::pollfd, side: &str) -> Hangup {
+    if fd.fd < 0 || fd.events != 0 {
+        return Hangup::None;
+    }
+    if fd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        // Read (and so clear) the pending error, for the log.
+        match s.take_error() {
+            Ok(Some(e)) => crate::debug!("relay: {side} socket failed: {e}"),
+            Ok(None) => crate::debug!("relay: {side} socket reported an error"),
+            Err(e) => crate::debug!("relay: {side} socket: {e}"),
+        }
+        return Hangup::Failed;
+    }
+    if fd.revents & libc::POLLHUP != 0 {
+        return Hangup::Closed;
+    }
+    Hangup::None
 }
 
 /// Make the coming close send a RST instead of a FIN, so the peer learns the connection failed

@@ -4,6 +4,9 @@
 //! Every wait here polls a condition up to a deadline; nothing sleeps to synchronise. Each test
 //! gets its own temporary directory and its own ports, so tests run in parallel (nextest runs
 //! each in its own process; `cargo test` runs them as threads of one process).
+//!
+//! Beside it: `tests/netns` (a network namespace per bpf test) and `tests/modes` (a test
+//! written once for both modes: `two_modes!`).
 
 #![allow(dead_code)]
 
@@ -18,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub mod metrics;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flyproxy");
 
@@ -441,14 +446,61 @@ impl Proxy {
 
     /// The proxy's thread count, from /proc/PID/status.
     pub fn threads(&self) -> usize {
-        let status =
-            fs::read_to_string(format!("/proc/{}/status", self.pid)).expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("Threads: line")
+        threads_of(self.pid) as usize
     }
+
+    /// CPU time (user + system) the proxy has used so far, in seconds, from /proc/PID/stat.
+    pub fn cpu_secs(&self) -> f64 {
+        cpu_secs(self.pid)
+    }
+
+    /// CPU seconds the proxy uses during the next `window` (a measurement, not a wait).
+    pub fn cpu_during(&self, window: Duration) -> f64 {
+        cpu_during(self.pid, window)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// /proc figures of a process
+
+/// The number after `key` in /proc/PID/status (a `kB` unit dropped).
+pub fn proc_status(pid: u32, key: &str) -> u64 {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {path}"))
+}
+
+/// Resident memory, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS:")
+}
+
+pub fn threads_of(pid: u32) -> u64 {
+    proc_status(pid, "Threads:")
+}
+
+/// CPU time (user + system) the process has used, in seconds.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    // Fields after the parenthesised name, from field 3 (state): utime is field 14, stime 15.
+    let rest = stat.rsplit_once(") ").expect("a stat line").1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}
+
+/// CPU seconds the process uses during the next `window` (a measurement, not a wait).
+pub fn cpu_during(pid: u32, window: Duration) -> f64 {
+    let before = cpu_secs(pid);
+    thread::sleep(window);
+    cpu_secs(pid) - before
 }
 
 impl Drop for Proxy {
@@ -560,6 +612,19 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Running the binary to completion
 
+/// A problem on a line of `check`'s output naming `path`, for each of `want`.
+pub fn expect_problems(stdout: &str, path: &str, want: &[&str]) {
+    let lines: Vec<&str> = stdout.lines().collect();
+    for w in want {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("{path}: ")) && l.contains(w)),
+            "{w:?} missing:\n{stdout}"
+        );
+    }
+}
+
 pub struct Output {
     pub code: Option<i32>,
     pub stdout: String,
@@ -653,6 +718,12 @@ impl Backend {
 
     pub fn tagged_v6(name: &str) -> Backend {
         Backend::start("[::1]:0", Kind::Tagged(name.to_owned()))
+    }
+
+    /// A tagged server on a fixed address (`127.0.0.1:7001`), for a test in a network
+    /// namespace of its own where every namespace has the same target.
+    pub fn tagged_at(bind: &str, name: &str) -> Backend {
+        Backend::start(bind, Kind::Tagged(name.to_owned()))
     }
 
     pub fn reply_at_eof() -> Backend {
@@ -808,12 +879,23 @@ pub struct Blackhole {
 
 impl Blackhole {
     pub fn new() -> Blackhole {
+        Blackhole::bound(Ipv4Addr::LOCALHOST)
+    }
+
+    /// A blackhole bound to 0.0.0.0, so that its port on every loopback address
+    /// (127.0.0.0/8) hangs: as many distinct unreachable targets as needed, `127.a.b.c:port`,
+    /// from one socket. `addr` is its 127.0.0.1 address.
+    pub fn every_loopback_address() -> Blackhole {
+        Blackhole::bound(Ipv4Addr::UNSPECIFIED)
+    }
+
+    fn bound(ip: Ipv4Addr) -> Blackhole {
         // SAFETY: as in Refusing::new.
         let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
         // SAFETY: fresh socket.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let addr = bind_loopback_v4(fd.as_raw_fd(), 0);
+        let addr = bind_v4(fd.as_raw_fd(), ip, 0);
         // SAFETY: a bound stream socket; backlog 0 queues one connection at most.
         assert_eq!(unsafe { libc::listen(fd.as_raw_fd(), 0) }, 0);
         let mut filler = Vec::new();
@@ -849,12 +931,17 @@ impl Default for Blackhole {
 
 /// bind(2) `fd` to 127.0.0.1:`port`; the address it got.
 fn bind_loopback_v4(fd: libc::c_int, port: u16) -> SocketAddr {
+    bind_v4(fd, Ipv4Addr::LOCALHOST, port)
+}
+
+/// bind(2) `fd` to `ip`:`port`; the address it got, as 127.0.0.1:port for 0.0.0.0.
+fn bind_v4(fd: libc::c_int, ip: Ipv4Addr, port: u16) -> SocketAddr {
     // SAFETY: a zeroed sockaddr_in is valid; we fill the fields bind needs.
     let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
     sin.sin_family = libc::AF_INET as libc::sa_family_t;
     sin.sin_port = port.to_be();
     sin.sin_addr = libc::in_addr {
-        s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
+        s_addr: u32::from_ne_bytes(ip.octets()),
     };
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     // SAFETY: sin is a valid sockaddr_in of `len` bytes.
@@ -959,4 +1046,94 @@ pub fn expect_refused(addr: SocketAddr) {
         Err(e) => panic!("connect {addr}: expected refused, got {e}"),
         Ok(_) => panic!("connect {addr}: expected refused, but it connected"),
     }
+}
+
+/// SO_LINGER 0: the coming close of `s` sends a reset (RST) instead of a FIN.
+pub fn set_linger_zero(s: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd, and the option value is a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
+}
+
+/// Close `s` with a reset (SO_LINGER 0) instead of a FIN.
+pub fn close_with_reset(s: TcpStream) {
+    set_linger_zero(&s);
+    drop(s);
+}
+
+/// Read exactly `want` from `s` (within `WAIT`) and check it is what came.
+pub fn expect_reply(s: &mut TcpStream, want: &[u8]) {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("waiting for {:?}: {e}", String::from_utf8_lossy(want)));
+    assert_eq!(
+        got,
+        want,
+        "reply differs: got {:?}, want {:?}",
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(want)
+    );
+}
+
+/// Whether this runs in CI (`CI` set, and not empty, "0" or "false"): a test that cannot run
+/// here is then a failure, not a skip.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// TCP states as the kernel numbers them (include/net/tcp_states.h; libc does not export them).
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_FIN_WAIT2: u8 = 5;
+pub const TCP_CLOSE: u8 = 7;
+pub const TCP_CLOSE_WAIT: u8 = 8;
+pub const TCP_LAST_ACK: u8 = 9;
+
+/// The kernel's TCP state of `s` (`TCP_ESTABLISHED`, `TCP_CLOSE_WAIT`, ...), from TCP_INFO.
+pub fn tcp_state(s: &TcpStream) -> u8 {
+    // SAFETY: tcp_info is plain data; getsockopt fills at most `len` bytes of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: valid fd; `info` and `len` describe a writable buffer of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", io::Error::last_os_error());
+    info.tcpi_state
+}
+
+/// Wait until the peer of `s` has reset the connection: the socket is closed (TCP_CLOSE)
+/// although this side never closed it, and a write now fails.
+pub fn expect_reset(s: &mut TcpStream, what: &str) {
+    wait_for(&format!("{what} to be reset"), WAIT, || {
+        (tcp_state(s) == TCP_CLOSE).then_some(())
+    });
+    let wrote = s.write(b"x");
+    assert!(wrote.is_err(), "{what}: a write after the reset succeeded");
+}
+
+/// Read until end of stream and return every byte; panics on an error or after `WAIT`.
+pub fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read to end of stream");
+    out
 }

@@ -26,6 +26,9 @@ use crate::common::{
     self, connect, expect_closed, read_line, roundtrip, wait_for, Proxy, TempDir, BIN, WAIT,
 };
 
+/// Whether a bpf test that cannot run is a failure (defined in `common`).
+pub use crate::common::in_ci;
+
 /// The port of the proxy's own listener. Any port works: the namespace is the test's own.
 pub const LISTENER_PORT: u16 = 8000;
 
@@ -37,10 +40,6 @@ pub fn v4(port: u16) -> SocketAddr {
 /// `[::1]:port`.
 pub fn v6(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv6Addr::LOCALHOST, port))
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
 }
 
 /// Run `body` on a thread of its own, in a network namespace of its own with `lo` up. Skips
@@ -119,7 +118,7 @@ impl Netns {
     }
 
     /// The proxy's attachment: exactly one sk_lookup link in this namespace, its program named
-    /// `steer`, and the program's `ports` map, whose descriptor process `pid` holds.
+    /// `steer`, and the program's `bindings` map, whose descriptor process `pid` holds.
     pub fn steering(&self, pid: u32) -> Steering {
         let links = self.links();
         assert_eq!(
@@ -138,14 +137,14 @@ impl Netns {
             .expect("map_ids")
             .iter()
             .map(|m| m.as_u64().unwrap())
-            .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == "ports")
-            .unwrap_or_else(|| panic!("program {prog} has no map named ports: {p}"));
+            .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == "bindings")
+            .unwrap_or_else(|| panic!("program {prog} has no map named bindings: {p}"));
         // This bpftool may be built without pid support (no `pids` in its JSON): ownership is
         // checked through the proxy's own descriptors instead.
         let held = bpf_map_ids_of(pid);
         assert!(
             held.contains(&ports_map),
-            "the proxy (pid {}) holds no fd of ports map {ports_map} (it holds maps {held:?})",
+            "the proxy (pid {}) holds no fd of bindings map {ports_map} (it holds maps {held:?})",
             pid
         );
         Steering {
@@ -178,8 +177,13 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// The ports in the `ports` map.
+    /// The ports in the `bindings` map (on any address).
     pub fn ports(&self) -> BTreeSet<u16> {
+        self.bindings().into_iter().map(|(_, port)| port).collect()
+    }
+
+    /// The `bindings` map as (prefix, port): `198.51.100.0/24`, `::/0`, `127.0.0.2/32`.
+    pub fn bindings(&self) -> BTreeSet<(String, u16)> {
         bpftool(&["map", "dump", "id", &self.ports_map.to_string()])
             .as_array()
             .expect("bpftool map dump: an array")
@@ -194,13 +198,22 @@ impl Steering {
                             .unwrap()
                     })
                     .collect();
-                // The key is a __u16 in host byte order.
-                u16::from_ne_bytes(bytes.try_into().expect("a 2-byte key"))
+                // struct binding_key: prefixlen (u32, host order) counting the 32 port bits
+                // and the address bits; the port (u32, host order); the address, IPv4 mapped.
+                assert_eq!(bytes.len(), 24, "a binding key is 24 bytes");
+                let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().unwrap());
+                let (bits, port) = (word(0) - 32, word(4) as u16);
+                let addr = Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[8..24]).unwrap());
+                let prefix = match addr.to_ipv4_mapped() {
+                    Some(v4) if bits >= 96 => format!("{v4}/{}", bits - 96),
+                    _ => format!("{addr}/{bits}"),
+                };
+                (prefix, port)
             })
             .collect()
     }
 
-    /// Freeze the `ports` map: from now on every update from a syscall fails with EPERM.
+    /// Freeze the `bindings` map: from now on every update from a syscall fails with EPERM.
     pub fn freeze_ports_map(&self) {
         run_bpftool(&["map", "freeze", "id", &self.ports_map.to_string()]);
         let m = bpftool(&["map", "show", "id", &self.ports_map.to_string()]);
@@ -276,6 +289,67 @@ fn check_kernel() -> Result<(), String> {
             release.trim()
         )),
         _ => Ok(()),
+    }
+}
+
+/// A network namespace kept by its descriptor, for tests that need several at once (a fleet of
+/// proxies on the same ports, each with its own `lo`). Threads enter it with [`Namespace::spawn`]
+/// and processes they start live in it; it ends when the descriptor and those processes are gone.
+/// Things that must be dropped inside it (an in-test `Backend` connects to itself to stop) are
+/// dropped through [`Namespace::run`].
+#[derive(Clone)]
+#[allow(dead_code)] // used by tests/fleet.rs; tests/bpf.rs includes this module too
+pub struct Namespace {
+    fd: std::sync::Arc<OwnedFd>,
+}
+
+#[allow(dead_code)]
+impl Namespace {
+    /// A new namespace with `lo` up. `Err` says why it cannot be made here (not root).
+    pub fn new() -> Result<Namespace, String> {
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("needs root (CAP_SYS_ADMIN for network namespaces)".to_owned());
+        }
+        thread::spawn(|| {
+            // SAFETY: unshare affects only this short-lived thread's namespaces.
+            if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "unshare(CLONE_NEWNET): {}",
+                    io::Error::last_os_error()
+                ));
+            }
+            loopback_up();
+            let file = fs::File::open("/proc/thread-self/ns/net")
+                .map_err(|e| format!("open /proc/thread-self/ns/net: {e}"))?;
+            Ok(Namespace {
+                fd: std::sync::Arc::new(OwnedFd::from(file)),
+            })
+        })
+        .join()
+        .expect("the namespace thread")
+    }
+
+    /// Run `f` on a new thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let fd = std::sync::Arc::clone(&self.fd);
+        thread::spawn(move || {
+            // SAFETY: setns on a namespace descriptor we own; it moves only this new thread.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+            f()
+        })
+    }
+
+    /// [`Namespace::spawn`] and wait for the result (a panic inside goes on here).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        match self.spawn(f).join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 }
 

@@ -1,0 +1,508 @@
+//! Start-up: from the command line's settings to a serving listener loop. Everything that can
+//! refuse to start happens here, before the first connection is accepted, and is reported as a
+//! `StartError`; what fails later, while serving, is a `RunError::EventLoop`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mio::net::{TcpListener, UnixStream};
+use mio::{Interest, Poll, Token, Waker};
+
+use crate::backends::clients::ClientCounts;
+use crate::backends::health::Checker;
+use crate::backends::routing::Routes;
+use crate::backends::routing::UnroutedCounts;
+use crate::bpf::listener::{SetupError, Steered};
+use crate::cli::{Mode, Settings};
+use crate::config::{Config, ConfigError};
+use crate::frontend::event_loop::{Loop, SignalPipes};
+use crate::frontend::lifecycle::Lifecycle;
+use crate::frontend::ports::{PortError, PortSource};
+use crate::frontend::simple::PerPort;
+use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, WAKE};
+use crate::frontend::watch::Watch;
+use crate::ops::caps::{Cap, CapsError};
+use crate::ops::metrics::{self, Endpoint, Published, Sources};
+use crate::ops::pidfile::{self, PidFileError};
+use crate::ops::upgrade::{Exec, ReadyPipe};
+use crate::ops::user::{self, UserError};
+use crate::relay::conns::Conns;
+use crate::relay::pool::Pool;
+use crate::relay::session::{self, Context, Job};
+use crate::relay::slots::Slots;
+
+/// Descriptors kept aside for what is not counted elsewhere: the standard streams, the config
+/// file, the poll and its waker, the signal and log pipes, bpf maps, an upgrade's pipe, a
+/// resolver's socket. (Listeners, health checks and the metrics endpoint are counted apart.)
+const FD_RESERVE: u64 = 32;
+
+/// Why the proxy could not start. `main` prints it and exits 1.
+#[derive(Debug)]
+pub enum StartError {
+    Config(ConfigError),
+    Port(PortError),
+    /// Setting up the poll, signals or another OS resource failed.
+    Os(&'static str, io::Error),
+    /// bpf mode's listeners or program could not be set up.
+    Bpf(SetupError),
+    /// The capabilities no longer needed could not be dropped.
+    Caps(CapsError),
+    /// The --metrics address could not be bound.
+    Metrics(SocketAddr, io::Error),
+    /// The --pid-file cannot be written safely.
+    PidFile(PidFileError),
+    /// Switching to --user/--group failed.
+    User(UserError),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Config(e) => write!(f, "{e}"),
+            StartError::Port(e) => write!(f, "{e}"),
+            StartError::Os(what, e) => write!(f, "{what}: {e}"),
+            StartError::Bpf(e) => write!(f, "{e}"),
+            StartError::Caps(e) => write!(f, "cannot drop capabilities: {e}"),
+            StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
+            StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
+            StartError::User(e) => write!(f, "--user: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// Why `run` ended in failure: the proxy did not start, or its loop failed while serving.
+#[derive(Debug)]
+pub enum RunError {
+    Start(StartError),
+    /// Waiting for events failed: the loop cannot go on.
+    EventLoop(io::Error),
+}
+
+impl fmt::Display for RunError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunError::Start(e) => write!(f, "{e}"),
+            RunError::EventLoop(e) => write!(f, "event loop failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RunError {}
+
+impl From<StartError> for RunError {
+    fn from(e: StartError) -> RunError {
+        RunError::Start(e)
+    }
+}
+
+/// What `run` gets from `main` about upgrades.
+pub struct Handed {
+    /// How to start our successor; None if it could not be determined (upgrades refused).
+    pub exec: Option<Exec>,
+    /// Set if a previous process started us: tell it when we serve.
+    pub ready: Option<ReadyPipe>,
+    /// Listeners taken over from it, by the address they are bound to.
+    pub listeners: HashMap<SocketAddr, TcpListener>,
+    /// Its --metrics listening socket, if it had one.
+    pub metrics: Option<std::net::TcpListener>,
+}
+
+/// Run the proxy in `mode` until it is told to stop. The mode's ports are set up only once the
+/// config is known to be valid, so nothing is set up for a config that will be refused.
+/// `handed` is what a previous process handed over if this one was started by an upgrade.
+pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunError> {
+    // Signals first, before anything that can take time (reading and validating a large
+    // config, loading the bpf program, binding thousands of ports): a SIGHUP now is a reload
+    // once serving, a SIGTERM now a clean exit at the next step, and neither kills us.
+    let (mut poll, waker, mut signals) = event_loop_parts()?;
+    let run_as = match &settings.user {
+        Some(u) => Some(user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?),
+        None => None,
+    };
+    let (config, watch, config_sha256) = load(&settings)?;
+    if let Some(path) = &settings.pid_file {
+        pidfile::check_dir(path).map_err(StartError::PidFile)?;
+    }
+    if stop_requested(&mut signals.stop) {
+        return stopped_starting();
+    }
+    let adopted = handed.listeners.len();
+    let mut source = port_source(&mode, handed.listeners)?;
+    if stop_requested(&mut signals.stop) {
+        return stopped_starting();
+    }
+    let ports: Vec<u16> = config.ports().collect();
+    source
+        .apply(poll.registry(), &config, &ports, &[])
+        .map_err(StartError::Port)?;
+    if stop_requested(&mut signals.stop) {
+        return stopped_starting();
+    }
+    // Switch user first (it needs CAP_SETUID and CAP_SETGID), then keep only what the running
+    // proxy needs, then pass that on to an upgrade's exec as the new user (the ambient set).
+    let switched = match &run_as {
+        Some(ids) => user::switch(ids).map_err(StartError::User)?,
+        None => false,
+    };
+    let keep = capabilities_kept(&mode, &settings);
+    crate::ops::caps::keep_only(&keep).map_err(StartError::Caps)?;
+    if switched {
+        crate::ops::caps::regain(&keep).map_err(|e| StartError::User(UserError::Caps(e)))?;
+    }
+    if let Some(ids) = &run_as {
+        crate::info!("running as {ids}");
+    }
+    if let Ok(c) = crate::ops::caps::current() {
+        crate::debug!("capabilities kept: {c}");
+    }
+    let (max_connections, fds) = fit_fd_limit(
+        settings.max_connections,
+        source.listeners() as u64,
+        settings.metrics.is_some(),
+    );
+
+    let routes = Arc::new(Routes::new(&config, None));
+    let slots = Arc::new(Slots::new(max_connections, waker));
+    let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
+    let conns = Arc::new(Conns::default());
+    let sources = || Sources {
+        published: Arc::clone(&published),
+        slots: Arc::clone(&slots),
+        lookups: source.lookup_stats(),
+    };
+    let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
+    let pool = relay_pool(&settings, &conns, &slots, &published.unrouted);
+    let checker =
+        Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
+    checker.set(routes.backends());
+    announce(
+        &mode,
+        &settings,
+        &config,
+        &config_sha256,
+        max_connections,
+        &fds,
+    );
+    if let Some(ready) = handed.ready {
+        crate::info!(
+            "upgrade: serving with {adopted} listeners taken over from the previous process"
+        );
+        ready.signal();
+    }
+
+    let clients = (settings.max_connections_per_client > 0)
+        .then(|| ClientCounts::new(settings.max_connections_per_client));
+    let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
+    let mut lp = Loop {
+        settings,
+        config,
+        watch,
+        source,
+        routes,
+        checker,
+        pool,
+        slots,
+        clients,
+        conns,
+        published,
+        lifecycle,
+        signals,
+        ready: HashSet::new(),
+        backoff_until: None,
+        backoff: Duration::ZERO,
+        next_drain: None,
+    };
+    // A SIGHUP that came while we were starting: the file may have changed since we read it.
+    if stop_requested(&mut lp.signals.hup) {
+        crate::info!(
+            "SIGHUP during start-up: reloading {}",
+            lp.settings.config.display()
+        );
+        lp.reload(&poll, true);
+    }
+    let result = lp.run(&mut poll);
+    if !lp.lifecycle.handed_over() {
+        remove_pid_file(&lp.settings);
+    }
+    result.map_err(RunError::EventLoop)
+}
+
+/// Read and validate the config file, and start watching it.
+/// The config, the watch that has seen it, and the SHA-256 of the file's bytes: its identity
+/// as a fleet sees it (`sha256sum` of the file, or of the value in etcd).
+fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(&settings.config);
+    let loaded = crate::config::read_file(&settings.config).map_err(|p| {
+        StartError::Config(ConfigError {
+            path: settings.config.clone(),
+            problems: vec![p],
+        })
+    })?;
+    let config = Config::parse(&settings.config, &loaded)
+        .and_then(|c| check_loops(&settings.config, &c).map(|()| c))
+        .map_err(StartError::Config)?;
+    let sha256 = crate::config::sha256::hex(&loaded);
+    let mut watch = Watch::new();
+    watch.seen(loaded_sig, loaded);
+    Ok((config, watch, sha256))
+}
+
+/// The poll, the waker relay threads wake it with, and the signals' self-pipes.
+fn event_loop_parts() -> Result<(Poll, Waker, SignalPipes), StartError> {
+    let poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
+    let waker = Waker::new(poll.registry(), WAKE)
+        .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
+    let signals = SignalPipes {
+        hup: signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?,
+        stop: signal_pipe(
+            &poll,
+            STOP_PIPE,
+            &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
+        )?,
+        upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
+    };
+    Ok((poll, waker, signals))
+}
+
+/// Serve --metrics, on the socket a previous process handed over if it is the same address.
+/// `sources` is asked for only then (reading bpf's counters may fail, and says so).
+fn start_metrics(
+    settings: &Settings,
+    handed: Option<std::net::TcpListener>,
+    sources: impl FnOnce() -> Sources,
+) -> Result<Option<Endpoint>, StartError> {
+    let Some(addr) = settings.metrics else {
+        return Ok(None);
+    };
+    let inherited = handed.filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+    metrics::start(addr, inherited, sources())
+        .map(Some)
+        .map_err(|e| StartError::Metrics(addr, e))
+}
+
+/// The relay threads: each serves a session, and gives its slot back once idle again.
+fn relay_pool(
+    settings: &Settings,
+    conns: &Arc<Conns>,
+    slots: &Arc<Slots>,
+    unrouted: &Arc<UnroutedCounts>,
+) -> Pool<Job> {
+    let cx = Context {
+        settings: settings.clone(),
+        conns: Arc::clone(conns),
+        unrouted: Arc::clone(unrouted),
+    };
+    let released = Arc::clone(slots);
+    Pool::new(
+        slots.max(),
+        move |job| session::serve(job, &cx),
+        move || released.release(),
+    )
+}
+
+/// Say that the proxy serves: in the log, in the pid file, and to systemd.
+fn announce(
+    mode: &Mode,
+    settings: &Settings,
+    config: &Config,
+    sha256: &str,
+    max_connections: usize,
+    fds: &FdBudget,
+) {
+    crate::info!(
+        "started mode={} config={} {} max_connections={max_connections}{} {fds} health_checks_in_flight={} pid={} sha256={sha256}",
+        mode.name(),
+        settings.config.display(),
+        config.summary(),
+        match settings.max_connections_per_client {
+            0 => String::new(),
+            n => format!(" max_connections_per_client={n}"),
+        },
+        crate::backends::health::MAX_IN_FLIGHT,
+        std::process::id()
+    );
+    if let Some(path) = &settings.pid_file {
+        if let Err(e) = pidfile::write(path, std::process::id()) {
+            crate::error!("--pid-file {}: {e}", path.display());
+        }
+    }
+    // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
+    // this from the old process instead (see lifecycle's upgrade_progress).
+    if let Err(e) =
+        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+    {
+        crate::warn!("cannot notify systemd of readiness: {e}");
+    }
+}
+
+/// On the way out, remove the pid file if it still names this process (after a hand-over it
+/// names the new one, which is not touched).
+fn remove_pid_file(settings: &Settings) {
+    let Some(path) = &settings.pid_file else {
+        return;
+    };
+    pidfile::remove_if_ours(path, std::process::id());
+}
+
+/// Drain a signal pipe without waiting; true if a signal had arrived.
+fn stop_requested(pipe: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let mut got = false;
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(_) => got = true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return got,
+        }
+    }
+}
+
+/// A stop signal arrived before we served: what was set up is dropped on return (listeners
+/// closed, the bpf program detached), nothing was announced, and the exit is clean.
+fn stopped_starting() -> Result<(), RunError> {
+    crate::info!("stop signal during start-up: exiting before serving");
+    Ok(())
+}
+
+/// The config's targets that are this proxy's own frontends, as a config error (start and
+/// every reload; `flyproxy check` runs the same).
+pub(super) fn check_loops(path: &std::path::Path, config: &Config) -> Result<(), ConfigError> {
+    let problems = crate::backends::loops::problems(config);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+}
+
+/// The mode's port source, using the listeners a previous process handed over where they fit.
+fn port_source(
+    mode: &Mode,
+    inherited: HashMap<SocketAddr, TcpListener>,
+) -> Result<Box<dyn PortSource>, StartError> {
+    Ok(match *mode {
+        Mode::Simple => Box::new(PerPort::new(inherited)),
+        Mode::Bpf { port, bind } => {
+            Box::new(Steered::start(port, bind, inherited).map_err(StartError::Bpf)?)
+        }
+    })
+}
+
+/// A self-pipe for `signals`: the handler writes a byte, the loop sees the read end readable.
+fn signal_pipe(poll: &Poll, token: Token, signals: &[i32]) -> Result<UnixStream, StartError> {
+    let err = |e| StartError::Os("cannot set up signal handling", e);
+    let (read, write) = StdUnixStream::pair().map_err(err)?;
+    read.set_nonblocking(true).map_err(err)?;
+    write.set_nonblocking(true).map_err(err)?;
+    for &sig in signals {
+        let w = write.try_clone().map_err(err)?;
+        signal_hook::low_level::pipe::register(sig, w).map_err(err)?;
+    }
+    let mut read = UnixStream::from_std(read);
+    poll.registry()
+        .register(&mut read, token, Interest::READABLE)
+        .map_err(err)?;
+    Ok(read)
+}
+
+/// The capabilities kept once set up, before any relay thread exists (they inherit the main
+/// thread's): bpf mode keeps CAP_BPF (map writes on reload need it where
+/// kernel.unprivileged_bpf_disabled is set) and CAP_NET_ADMIN (an upgrade's new process loads
+/// and attaches its own program); simple mode keeps CAP_NET_BIND_SERVICE (a reload may add a
+/// port below 1024). A process without capabilities (not root) is left as it is.
+fn capabilities_kept(mode: &Mode, settings: &Settings) -> Vec<Cap> {
+    let mut keep = match mode {
+        Mode::Bpf { .. } => vec![Cap::Bpf, Cap::NetAdmin],
+        Mode::Simple => vec![Cap::NetBindService],
+    };
+    // An upgrade binds nothing new for --metrics (the socket is handed over), but a fresh
+    // bind of a low metrics port in the new process would need it if the hand-over failed.
+    if settings.metrics.is_some_and(|a| a.port() < 1024) && !keep.contains(&Cap::NetBindService) {
+        keep.push(Cap::NetBindService);
+    }
+    keep
+}
+
+/// The open-file limit and what is set aside from it before connections get their two
+/// descriptors each; the start-up line shows it.
+struct FdBudget {
+    /// The soft limit in force (after raising it), None if it could not be read.
+    limit: Option<u64>,
+    /// Listeners, health checks, the metrics endpoint and `FD_RESERVE`.
+    reserved: u64,
+}
+
+impl fmt::Display for FdBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.limit {
+            Some(l) => write!(f, "fd_limit={l} fd_reserved={}", self.reserved),
+            None => write!(f, "fd_limit=unknown fd_reserved={}", self.reserved),
+        }
+    }
+}
+
+/// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
+/// descriptors per connection (client and backend) would not fit beside what is reserved:
+/// the listeners, the health checker's connects (`health::FDS`), the metrics endpoint's
+/// connections (`metrics::FDS`, with `--metrics`) and `FD_RESERVE`. Says so with the numbers.
+fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize, FdBudget) {
+    let health_fds = crate::backends::health::FDS;
+    let metrics_fds = if metrics { metrics::FDS } else { 0 };
+    let reserved = FD_RESERVE + listeners + health_fds + metrics_fds;
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        let budget = FdBudget {
+            limit: None,
+            reserved,
+        };
+        return (max_connections, budget);
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let budget = FdBudget {
+        limit: Some(lim.rlim_cur),
+        reserved,
+    };
+    let available = lim.rlim_cur.saturating_sub(reserved);
+    let fits = (available / 2) as usize;
+    // Whatever the connections leave over is what the relay may spend on kernel pipes; past
+    // that it copies through a buffer instead of failing a socket with EMFILE.
+    let bound = max_connections.min(fits).max(1);
+    crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
+    if max_connections > fits {
+        crate::warn!(
+            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",
+            max_connections as u64 * 2 + reserved,
+            lim.rlim_cur,
+            fits.max(1)
+        );
+        (fits.max(1), budget)
+    } else {
+        (max_connections, budget)
+    }
+}

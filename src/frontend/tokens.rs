@@ -1,0 +1,19 @@
+//! The listener loop's token space: the reserved tokens, each named for what wakes it, below
+//! `ports::FIRST_LISTENER`; the modes' listeners at and above it.
+
+use mio::Token;
+
+use crate::frontend::ports::FIRST_LISTENER;
+
+/// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
+pub(super) const SIGHUP_PIPE: Token = Token(0);
+/// Readable when SIGTERM or SIGINT arrived.
+pub(super) const STOP_PIPE: Token = Token(1);
+/// Woken by a relay thread that gave back a slot the loop is waiting for.
+pub(super) const WAKE: Token = Token(2);
+/// Readable when SIGUSR2 (upgrade) arrived.
+pub(super) const UPGRADE_PIPE: Token = Token(3);
+/// The new process of an upgrade writes here once it serves (or closes it by dying).
+pub(super) const UPGRADE_READY: Token = Token(4);
+
+const _: () = assert!(UPGRADE_READY.0 < FIRST_LISTENER);

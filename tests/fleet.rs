@@ -1,0 +1,819 @@
+//! A fleet: flyproxy instances that follow one config held in etcd, each through its own
+//! `flyproxy-etcd-sync`, against a real etcd (Debian's `etcd-server`) that the test starts on
+//! loopback with its data in a temporary directory.
+//!
+//! Each proxy runs in a network namespace of its own (tests/netns), so all three serve the same
+//! config, with the same ports and the same target address: every namespace has its own tagged
+//! backend on 127.0.0.1:7001, so a reply also says which instance relayed it. etcd and the
+//! followers run in the test's own namespace; a follower writes the file its proxy reads.
+//!
+//! The follower-only test needs etcd; the fleet tests also need root (namespaces). A test that
+//! cannot run is skipped with a message, except in CI, where it fails.
+
+mod common;
+#[allow(dead_code)] // the bpf helpers there
+mod netns;
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{free_port, wait_for, Backend, Proxy, TempDir, BIN, WAIT};
+use netns::Namespace;
+
+const SYNC: &str = env!("CARGO_BIN_EXE_flyproxy-etcd-sync");
+const KEY: &str = "/flyproxy/config";
+/// The same in every namespace.
+const TARGET: &str = "127.0.0.1:7001";
+const METRICS: &str = "127.0.0.1:9100";
+/// How long a put may take to be served by every instance. The promise is "a few seconds"
+/// (measured: well under one, see the printed figures); this leaves room for a loaded machine.
+const CONVERGE: Duration = Duration::from_secs(15);
+
+/// Skip (or, in CI, fail) when `why` says the test cannot run here.
+fn cannot_run(test: &str, why: &str) {
+    if netns::in_ci() {
+        panic!("{test}: cannot run in CI (CI is set, so this is a failure): {why}");
+    }
+    eprintln!("skipping {test}: {why}");
+}
+
+/// Why etcd cannot be used here, if it cannot.
+fn etcd_missing() -> Option<String> {
+    for (bin, arg) in [("etcd", "--version"), ("etcdctl", "version")] {
+        let ok = Command::new(bin)
+            .arg(arg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Some(format!(
+                "`{bin}` not found (Debian packages etcd-server and etcd-client; `make test` installs them)"
+            ));
+        }
+    }
+    None
+}
+
+/// The standard digest of `bytes`, by coreutils' `sha256sum`: independent of flyproxy's own.
+fn sha256sum(bytes: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// Kill the child with SIGKILL if the test process dies first (the calling thread, which
+/// must outlive the child, is the test's own).
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd, started by the test
+
+struct Member {
+    name: String,
+    client: u16,
+    peer: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Member {
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client)
+    }
+}
+
+/// An etcd cluster of one or more members on loopback, its data under a temporary directory;
+/// every member is killed on drop.
+struct Etcd {
+    dir: TempDir,
+    members: Vec<Member>,
+    initial_cluster: String,
+}
+
+impl Etcd {
+    fn start(n: usize) -> Etcd {
+        let dir = TempDir::new("etcd");
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: free_port(),
+                peer: free_port(),
+                child: None,
+                log: dir.path.join(format!("m{i}.log")),
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut etcd = Etcd {
+            dir,
+            members,
+            initial_cluster,
+        };
+        for i in 0..n {
+            etcd.start_member(i);
+        }
+        etcd.wait_healthy();
+        etcd
+    }
+
+    /// Start member `i` (again: a restart keeps its data directory, so it rejoins).
+    fn start_member(&mut self, i: usize) {
+        let data = self.dir.path.join(format!("m{i}.etcd"));
+        let m = &mut self.members[i];
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&m.log)
+            .unwrap();
+        let client = format!("http://127.0.0.1:{}", m.client);
+        let peer = format!("http://127.0.0.1:{}", m.peer);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", &m.name, "--data-dir"])
+            .arg(&data)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args([
+                "--initial-cluster-token",
+                &format!("fleet-{}", std::process::id()),
+            ])
+            .args(["--initial-cluster-state", "new"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        m.child = Some(die_with_parent(&mut cmd).spawn().expect("start etcd"));
+    }
+
+    /// Kill member `i` and remove its data: started again, it is a new cluster (single member),
+    /// its revisions counting from 1 again, as after a rebuild.
+    fn wipe_member(&mut self, i: usize) {
+        self.kill_member(i);
+        fs::remove_dir_all(self.dir.path.join(format!("m{i}.etcd"))).unwrap();
+    }
+
+    fn kill_member(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every member's client endpoint, starting with member `first`.
+    fn endpoints_from(&self, first: usize) -> String {
+        let n = self.members.len();
+        (0..n)
+            .map(|k| self.members[(first + k) % n].endpoint())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The endpoints of the members running now.
+    fn live_endpoints(&self) -> String {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .map(Member::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn ctl(&self, args: &[&str], stdin: &[u8]) -> std::process::Output {
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .env("ETCDCTL_ENDPOINTS", self.live_endpoints())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `etcdctl put KEY` with `value` on stdin (binary-safe), retried while the cluster settles.
+    fn put(&self, value: &[u8]) {
+        wait_for("etcdctl put to succeed", WAIT, || {
+            self.ctl(&["put", KEY], value)
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    fn del(&self) {
+        let out = self.ctl(&["del", KEY], b"");
+        assert!(out.status.success(), "etcdctl del: {:?}", out);
+    }
+
+    fn wait_healthy(&self) {
+        wait_for("etcd to serve", WAIT, || {
+            self.ctl(&["endpoint", "health"], b"")
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    /// The index of the member that leads now.
+    fn leader(&self) -> usize {
+        let out = self.ctl(&["endpoint", "status", "-w", "json"], b"");
+        assert!(out.status.success(), "endpoint status: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let statuses = v.as_array().expect("a list of statuses");
+        let leader = statuses[0]["Status"]["leader"].as_u64().expect("leader id");
+        let endpoint = statuses
+            .iter()
+            .find(|s| s["Status"]["header"]["member_id"].as_u64() == Some(leader))
+            .and_then(|s| s["Endpoint"].as_str())
+            .expect("the leader among the endpoints")
+            .to_owned();
+        self.members
+            .iter()
+            .position(|m| m.endpoint() == endpoint)
+            .expect("a member of ours")
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill_member(i);
+        }
+        if thread::panicking() {
+            for m in &self.members {
+                let log = fs::read_to_string(&m.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                eprintln!("---- etcd {} log (last lines) ----", m.name);
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The follower and the fleet
+
+/// Start `flyproxy-etcd-sync` for `config` on `endpoints`, its log collected like a proxy's.
+fn follower(endpoints: &str, config: &std::path::Path) -> Proxy {
+    let mut cmd = Command::new(SYNC);
+    cmd.args(["--key", KEY, "--resync", "1s", "--config"])
+        .arg(config)
+        .env("ETCDCTL_ENDPOINTS", endpoints)
+        .env("ETCDCTL_DIAL_TIMEOUT", "1s")
+        .env("ETCDCTL_COMMAND_TIMEOUT", "2s");
+    die_with_parent(&mut cmd);
+    Proxy::spawn_cmd(cmd, TempDir::new("sync"), config.to_path_buf())
+}
+
+/// The follower's `wrote` line for `sha`, waiting for it.
+fn wait_written(f: &Proxy, mark: usize, sha: &str) {
+    f.wait_log_since(mark, &format!("wrote sha256={sha}"), |l| {
+        l.contains(" INFO  wrote ") && l.ends_with(&format!(" sha256={sha}"))
+    });
+}
+
+/// An in-test backend inside a namespace. It stops by connecting to itself, so it must be
+/// dropped from inside its namespace (from outside, the connect would miss it and the stop
+/// would wait for ever).
+struct NsBackend {
+    ns: Namespace,
+    backend: Option<Backend>,
+}
+
+impl NsBackend {
+    fn tagged(ns: &Namespace, tag: String) -> NsBackend {
+        NsBackend {
+            ns: ns.clone(),
+            backend: Some(ns.run(move || Backend::tagged_at(TARGET, &tag))),
+        }
+    }
+}
+
+impl Drop for NsBackend {
+    fn drop(&mut self) {
+        if let Some(b) = self.backend.take() {
+            let _ = self.ns.spawn(move || drop(b)).join();
+        }
+    }
+}
+
+/// One flyproxy with its follower, its namespace and its backend.
+struct Instance {
+    name: String,
+    ns: Namespace,
+    follower: Proxy,
+    proxy: Proxy,
+    _backend: NsBackend,
+}
+
+impl Instance {
+    /// The follower first, which writes the file from etcd; then the proxy on it (as the
+    /// packaged units are ordered).
+    fn start(i: usize, endpoints: &str, expect: &str) -> Result<Instance, String> {
+        let ns = Namespace::new()?;
+        let name = format!("instance{i}");
+        let backend = NsBackend::tagged(&ns, name.clone());
+        let dir = TempDir::new("fleet");
+        let config = dir.path.join("config.json");
+        let follower = follower(endpoints, &config);
+        wait_written(&follower, 0, expect);
+        // The follower owns nothing in `dir` but the file; keep the directory with the proxy.
+        let proxy = ns.run(move || {
+            let mut cmd = Command::new(BIN);
+            cmd.arg("simple").arg("-c").arg(&config).args([
+                "--reload-interval",
+                "100ms",
+                "--metrics",
+                METRICS,
+            ]);
+            Proxy::spawn_cmd(cmd, dir, config)
+        });
+        let started = proxy.wait_log("started", |l| l.contains(" INFO  started mode=simple "));
+        assert_eq!(
+            common::field(&started, "sha256").as_deref(),
+            Some(expect),
+            "{started}"
+        );
+        Ok(Instance {
+            name,
+            ns,
+            follower,
+            proxy,
+            _backend: backend,
+        })
+    }
+
+    fn proxy(&self) -> &Proxy {
+        &self.proxy
+    }
+
+    /// `GET /metrics` inside the namespace: the `sha256` of `flyproxy_config_info`.
+    fn metrics_sha256(&self) -> String {
+        let text = self.ns.run(|| {
+            let mut s = common::connect(METRICS.parse().unwrap());
+            s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        });
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("flyproxy_config_info{"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let v = lines[0]
+            .strip_prefix("flyproxy_config_info{sha256=\"")
+            .and_then(|r| r.strip_suffix("\"} 1"))
+            .unwrap_or_else(|| panic!("{}", lines[0]));
+        v.to_owned()
+    }
+
+    /// `flyproxy status` inside the namespace.
+    fn status(&self) -> String {
+        let out = self
+            .ns
+            .run(|| common::run(&["status", "--metrics", METRICS]));
+        assert_eq!(out.code, Some(0), "{}", out.stderr);
+        out.stdout
+    }
+
+    /// A bounded client loop through `port` in this instance's namespace until `stop` (or
+    /// `max` connections): each connection reads the backend's tag and echoes a message.
+    /// Returns (ok, failures with their reasons).
+    fn client_loop(
+        &self,
+        port: u16,
+        stop: Arc<AtomicBool>,
+        max: usize,
+    ) -> thread::JoinHandle<(usize, Vec<String>)> {
+        let tag = self.name.clone();
+        self.ns.spawn(move || {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let (mut ok, mut failed) = (0, Vec::new());
+            let t0 = Instant::now();
+            while ok + failed.len() < max && t0.elapsed() < Duration::from_secs(60) {
+                if stop.load(Ordering::Relaxed) && ok > 0 {
+                    break;
+                }
+                match exchange(addr, &tag) {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    }
+}
+
+/// One connection through the proxy: the tag of the backend it reached, then an echo.
+fn exchange(addr: SocketAddr, tag: &str) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let want = format!("{tag}\nping {addr}");
+    s.write_all(format!("ping {addr}").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut got = String::new();
+    s.read_to_string(&mut got)
+        .map_err(|e| format!("read: {e}"))?;
+    (got == want)
+        .then_some(())
+        .ok_or_else(|| format!("got {got:?}, want {want:?}"))
+}
+
+/// A config for the fleet serving `ports`, in the bytes etcd will hold (a trailing newline and
+/// a tab, so a follower that trimmed or re-encoded the value would change its hash).
+fn fleet_config(ports: &[u16]) -> Vec<u8> {
+    format!(
+        "{{\"Apps\": [{{\"Name\": \"fleet\",\t\"Ports\": {ports:?}, \"Targets\": [\"{TARGET}\"]}}]}}\n"
+    )
+    .into_bytes()
+}
+
+/// Put `value` and wait until every instance has applied it: each follower wrote it, each
+/// proxy's `reload ok` names its hash and each serves `port`. Returns how long etcd took to
+/// accept the put, and from then until every instance had applied it.
+fn roll(etcd: &Etcd, fleet: &[Instance], value: &[u8], port: u16) -> (Duration, Duration) {
+    let sha = sha256sum(value);
+    let marks: Vec<(usize, usize)> = fleet
+        .iter()
+        .map(|i| (i.follower.mark(), i.proxy().mark()))
+        .collect();
+    let t0 = Instant::now();
+    etcd.put(value);
+    let accepted = Instant::now();
+    for (inst, (fmark, pmark)) in fleet.iter().zip(marks) {
+        wait_written(&inst.follower, fmark, &sha);
+        let line = inst
+            .proxy()
+            .wait_log_since(pmark, &format!("reload ok sha256={sha}"), |l| {
+                l.contains(" INFO  reload ok: ")
+            });
+        assert_eq!(
+            common::field(&line, "sha256").as_deref(),
+            Some(sha.as_str()),
+            "{}: {line}",
+            inst.name
+        );
+    }
+    let took = accepted.elapsed();
+    assert!(took < CONVERGE, "the fleet took {took:?} to apply a put");
+    for inst in fleet {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let tag = inst.name.clone();
+        inst.ns.run(move || exchange(addr, &tag)).unwrap();
+        assert_eq!(inst.metrics_sha256(), sha, "{}", inst.name);
+        // `flyproxy status` too, with no rejection left over from before.
+        let status = inst.status();
+        assert!(
+            status.contains(&format!("\nconfig sha256 {sha}\n")),
+            "{}: {status}",
+            inst.name
+        );
+        assert_eq!(
+            fs::read(&inst.proxy().config).unwrap(),
+            value,
+            "{}: the file holds the value byte for byte",
+            inst.name
+        );
+    }
+    (accepted - t0, took)
+}
+
+/// Put a config with an error while clients loop through `port` on every instance: every
+/// instance rejects it, naming its hash, keeps serving `running`, and no connection fails.
+fn roll_bad(etcd: &Etcd, fleet: &[Instance], port: u16, running: &str) {
+    // Valid JSON, invalid config: a port out of range. Two trailing newlines, kept exactly.
+    let bad = format!(
+        "{{\"Apps\": [{{\"Name\": \"fleet\", \"Ports\": [{port}, 70000], \"Targets\": [\"{TARGET}\"]}}]}}\n\n"
+    )
+    .into_bytes();
+    let sha = sha256sum(&bad);
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = fleet
+        .iter()
+        .map(|i| i.client_loop(port, Arc::clone(&stop), 20_000))
+        .collect();
+    let marks: Vec<usize> = fleet.iter().map(|i| i.proxy().mark()).collect();
+    etcd.put(&bad);
+    for (inst, mark) in fleet.iter().zip(marks) {
+        let line = inst
+            .proxy()
+            .wait_log_since(mark, "reload rejected ... rejected sha256", |l| {
+                l.contains(" reload rejected: keeping the running config; ")
+            });
+        assert_eq!(
+            common::field(&line, "sha256").as_deref(),
+            Some(sha.as_str()),
+            "{line}"
+        );
+        assert_eq!(
+            common::field(&line, "running").as_deref(),
+            Some(running),
+            "{line}"
+        );
+        assert!(
+            inst.proxy()
+                .lines_since(mark, |l| l.contains("Ports: 70000 is not a port"))
+                .len()
+                == 1,
+            "{}",
+            inst.proxy().logs().join("\n")
+        );
+    }
+    // Let the loops run on the kept config a little longer (bounded by their count).
+    let settle = Instant::now();
+    wait_for("a little traffic after the rejections", WAIT, || {
+        (settle.elapsed() > Duration::from_millis(300)).then_some(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    for (inst, l) in fleet.iter().zip(loops) {
+        let (ok, failed) = l.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{}: {} of {} connections failed: {:?}",
+            inst.name,
+            failed.len(),
+            ok + failed.len(),
+            &failed[..failed.len().min(5)]
+        );
+        assert!(ok > 0, "{}: no connection made", inst.name);
+        eprintln!(
+            "{}: {ok} connections through the rejected put, 0 failed",
+            inst.name
+        );
+        assert_eq!(inst.metrics_sha256(), running, "{}", inst.name);
+        let status = inst.status();
+        assert!(
+            status.contains(&format!(
+                "\nconfig sha256 {running} (last rejected: {sha})\n"
+            )),
+            "{}: {status}",
+            inst.name
+        );
+    }
+}
+
+fn start_fleet(etcd: &Etcd, first: &[u8]) -> Result<Vec<Instance>, String> {
+    etcd.put(first);
+    let sha = sha256sum(first);
+    (0..3)
+        .map(|i| Instance::start(i, &etcd.endpoints_from(i), &sha))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// The follower alone, no proxy and no namespaces: arbitrary bytes reach the file exactly; a
+/// deleted key leaves it; an etcd that is down at start leaves the file and is retried; a put
+/// after etcd returns is written, also when etcd came back rebuilt (revisions from 1 again).
+/// No temporary file is ever left behind.
+#[test]
+fn follower_writes_exact_bytes_and_survives_etcd_outages() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "follower_writes_exact_bytes_and_survives_etcd_outages",
+            &why,
+        );
+    }
+    let mut etcd = Etcd::start(1);
+    let dir = TempDir::new("sync-file");
+    let config = dir.path.join("config.json");
+    fs::write(&config, b"the last good file\n").unwrap();
+    let f = follower(&etcd.endpoints_from(0), &config);
+    // An absent key: said once, the file left alone.
+    f.wait_log("the key absent", |l| {
+        l.contains(" is absent ") && l.contains("left as it is")
+    });
+    assert_eq!(fs::read(&config).unwrap(), b"the last good file\n");
+
+    // Every byte value, newlines at the end, CR LF, NUL: the file equals the value.
+    let mut value: Vec<u8> = (0..=255u8).collect();
+    value.extend_from_slice(b"\r\n\0\n\n");
+    let mark = f.mark();
+    etcd.put(&value);
+    wait_written(&f, mark, &sha256sum(&value));
+    assert_eq!(fs::read(&config).unwrap(), value);
+    // An empty line only: not confused with an absent key.
+    let mark = f.mark();
+    etcd.put(b"\n");
+    wait_written(&f, mark, &sha256sum(b"\n"));
+    assert_eq!(fs::read(&config).unwrap(), b"\n");
+
+    // Deleted: the file stays as it was.
+    let mark = f.mark();
+    etcd.del();
+    f.wait_log_since(mark, "the deletion", |l| l.contains(" is absent "));
+    assert_eq!(fs::read(&config).unwrap(), b"\n");
+
+    // etcd down: the follower says so and leaves the file; back up, a put reaches the file.
+    etcd.kill_member(0);
+    let mark = f.mark();
+    f.wait_log_since(mark, "etcd unreachable", |l| {
+        l.contains(" WARN  ") && l.contains("left as it is")
+    });
+    assert_eq!(fs::read(&config).unwrap(), b"\n");
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    let mark = f.mark();
+    etcd.put(b"{\"Apps\": []}");
+    wait_written(&f, mark, &sha256sum(b"{\"Apps\": []}"));
+    assert_eq!(fs::read(&config).unwrap(), b"{\"Apps\": []}");
+
+    // A follower started while etcd is down leaves its file, retries with a backoff, and
+    // writes once etcd is back.
+    etcd.kill_member(0);
+    drop(f);
+    let f = follower(&etcd.endpoints_from(0), &config);
+    f.wait_log_count(0, 2, "two failed attempts", |l| {
+        l.contains(" WARN  etcdctl failed") && l.contains("retrying in")
+    });
+    assert_eq!(fs::read(&config).unwrap(), b"{\"Apps\": []}");
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    let mark = f.mark();
+    etcd.put(b"back");
+    wait_written(&f, mark, &sha256sum(b"back"));
+
+    // etcd rebuilt empty (revisions start again, far below what the follower saw): the value
+    // put into the new cluster is still written.
+    for i in 0..5 {
+        etcd.put(format!("history {i}").as_bytes());
+    }
+    let mark = f.mark();
+    etcd.wipe_member(0);
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    etcd.put(b"rebuilt");
+    wait_written(&f, mark, &sha256sum(b"rebuilt"));
+    assert_eq!(fs::read(&config).unwrap(), b"rebuilt");
+
+    let names: Vec<_> = fs::read_dir(&dir.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, ["config.json"], "no temporary file left behind");
+}
+
+/// Three instances following one etcd: a put is served by all of them within seconds with the
+/// same hash; a bad config is rejected by all while they keep serving (0 failed connections);
+/// with etcd stopped they keep serving; a put after etcd returns reaches all of them.
+#[test]
+fn fleet_follows_one_etcd() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run("fleet_follows_one_etcd", &why);
+    }
+    let mut etcd = Etcd::start(1);
+    let v0 = fleet_config(&[6300]);
+    let fleet = match start_fleet(&etcd, &v0) {
+        Ok(f) => f,
+        Err(why) => return cannot_run("fleet_follows_one_etcd", &why),
+    };
+
+    let v1 = fleet_config(&[6300, 6301]);
+    let (put, took) = roll(&etcd, &fleet, &v1, 6301);
+    eprintln!("put accepted in {put:?}, then served by all three in {took:?}");
+    let sha1 = sha256sum(&v1);
+
+    roll_bad(&etcd, &fleet, 6301, &sha1);
+
+    // etcd stopped: every instance keeps serving, every follower notices and keeps its file.
+    etcd.kill_member(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let marks: Vec<usize> = fleet.iter().map(|i| i.follower.mark()).collect();
+    let loops: Vec<_> = fleet
+        .iter()
+        .map(|i| i.client_loop(6301, Arc::clone(&stop), 200))
+        .collect();
+    for (inst, l) in fleet.iter().zip(loops) {
+        let (ok, failed) = l.join().unwrap();
+        assert_eq!((ok, failed), (200, vec![]), "{}", inst.name);
+    }
+    for (inst, mark) in fleet.iter().zip(marks) {
+        inst.follower.wait_log_since(mark, "etcd unreachable", |l| {
+            l.contains(" WARN  etcdctl failed") && l.contains("retrying in")
+        });
+        assert_eq!(inst.metrics_sha256(), sha1);
+    }
+
+    // etcd back: a change reaches every instance.
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    let v2 = fleet_config(&[6300, 6301, 6302]);
+    let (put, took) = roll(&etcd, &fleet, &v2, 6302);
+    eprintln!("after etcd returned: put accepted in {put:?}, then served by all three in {took:?}");
+}
+
+/// The same against a three-member etcd cluster: one member (the leader) killed, a change
+/// still reaches every instance. Each follower lists the members starting at a different one.
+#[test]
+fn fleet_follows_a_cluster_with_a_member_down() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run("fleet_follows_a_cluster_with_a_member_down", &why);
+    }
+    let mut etcd = Etcd::start(3);
+    let v0 = fleet_config(&[6300]);
+    let fleet = match start_fleet(&etcd, &v0) {
+        Ok(f) => f,
+        Err(why) => return cannot_run("fleet_follows_a_cluster_with_a_member_down", &why),
+    };
+    let v1 = fleet_config(&[6300, 6301]);
+    let (put, took) = roll(&etcd, &fleet, &v1, 6301);
+    eprintln!("3 members: put accepted in {put:?}, then served by all three in {took:?}");
+
+    let leader = etcd.leader();
+    eprintln!("killing the leader, member m{leader}");
+    etcd.kill_member(leader);
+    let v2 = fleet_config(&[6300, 6301, 6302]);
+    let (put, took) = roll(&etcd, &fleet, &v2, 6302);
+    eprintln!("leader down: put accepted in {put:?}, then served by all three in {took:?}");
+    roll_bad(&etcd, &fleet, 6302, &sha256sum(&v2));
+}
+
+/// Under systemd (`Type=notify`) the follower says READY=1 once its first attempt is over,
+/// whether etcd answered (the file written first) or not (the last good file left in place), so
+/// a proxy ordered after it starts on the freshest file and never waits for etcd.
+#[test]
+fn follower_notifies_ready_after_its_first_attempt() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run("follower_notifies_ready_after_its_first_attempt", &why);
+    }
+    let etcd = Etcd::start(1);
+    let value = fleet_config(&[6300]);
+    etcd.put(&value);
+    let dir = TempDir::new("sync-notify");
+    let config = dir.path.join("config.json");
+    let socket_path = dir.path.join("notify");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(WAIT)).unwrap();
+    let receive = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    let spawn = |endpoints: &str| {
+        let mut cmd = Command::new(SYNC);
+        cmd.args(["--key", KEY, "--config"])
+            .arg(&config)
+            .env("ETCDCTL_ENDPOINTS", endpoints)
+            .env("ETCDCTL_DIAL_TIMEOUT", "1s")
+            .env("NOTIFY_SOCKET", &socket_path);
+        die_with_parent(&mut cmd);
+        Proxy::spawn_cmd(cmd, TempDir::new("sync"), config.clone())
+    };
+    let f = spawn(&etcd.endpoints_from(0));
+    let first = receive();
+    assert!(
+        first.starts_with("READY=1\nSTATUS=following from revision "),
+        "{first:?}"
+    );
+    // By then the file was written.
+    assert_eq!(fs::read(&config).unwrap(), value);
+    drop(f);
+
+    // Nothing listens here: ready once the first attempt failed, the file untouched.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let f = spawn(&nobody);
+    assert_eq!(
+        receive(),
+        "READY=1\nSTATUS=etcd unreachable; the config file is left as it is"
+    );
+    assert_eq!(fs::read(&config).unwrap(), value);
+    f.wait_log("the failure logged", |l| {
+        l.contains(" WARN  etcdctl failed")
+    });
+}
