@@ -6,6 +6,7 @@
 //! The bpf cases run in a network namespace of their own (`netns::run`).
 
 mod common;
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
@@ -24,6 +25,7 @@ use common::{
     app, config, connect, expect_closed, expect_refused, roundtrip, run, tag_of, wait_for, Backend,
     Proxy, TempDir, BIN, WAIT,
 };
+use modes::Env;
 
 /// Start `flyproxy simple` on one fresh port (more with `nports`) for an echo backend.
 fn serving(args: &[&str], backend: &Backend) -> Proxy {
@@ -541,85 +543,54 @@ fn local_hostname() -> String {
     name
 }
 
-/// Issue 11, item 6: at run time, a target name that resolves to the proxy itself ends the
-/// connection as `connect_failed` with `reason=loop` (one line, no cascade) while another app
-/// is served.
-#[test]
-fn a_name_resolving_to_the_proxy_ends_with_reason_loop() {
-    let host = local_hostname();
-    let beta = Backend::tagged("beta");
-    let p = Proxy::start(2, &[], |ports| {
-        config(&[
-            app("alpha", &[ports[0]], &[format!("{host}:{}", ports[1])]),
-            app("beta", &[ports[1]], &[beta.target()]),
-        ])
-    });
-    let mut s = connect(p.v4(0));
-    expect_closed(&mut s, WAIT);
-    let line = p.wait_conn(s.local_addr().unwrap());
-    assert_eq!(line.end, "connect_failed", "{}", line.line);
-    assert_eq!(line.reason.as_deref(), Some("loop"), "{}", line.line);
-    assert_eq!(line.target, format!("{host}:{}", p.ports[1]));
-    assert_eq!(tag_of(p.v4(1)), "beta");
-    // The loop was cut at the first hop: beta's port saw only the test's own connection.
-    let beta_conns = p.conns().iter().filter(|c| c.app == "beta").count();
-    let loops = p
-        .conns()
-        .iter()
-        .filter(|c| c.reason.as_deref() == Some("loop"))
-        .count();
-    assert_eq!(
-        (loops, beta_conns <= 1),
-        (1, true),
-        "{}",
-        p.logs().join("\n")
-    );
-    let mut p = p;
-    p.signal(libc::SIGTERM);
-    assert_eq!(p.wait_exit(WAIT).code(), Some(0));
-}
-
-/// Issue 11, item 6, bpf mode: any local address on a steered port is refused at reload, and a
-/// name resolving locally ends with `reason=loop` while the other app is served.
-#[test]
-fn bpf_loops_are_refused_and_cut() {
-    let host = local_hostname();
-    netns::run("bpf_loops_are_refused_and_cut", move |_ns| {
+two_modes!(
+    /// Issue 11, item 6, both modes: a reload naming a local address on one of the proxy's
+    /// ports is refused (the running config serves on), and a name that resolves to the proxy
+    /// only at connect time ends that connection as `connect_failed` with `reason=loop`, once
+    /// (no cascade), while the other app is served.
+    loops_are_refused_at_reload_and_cut_at_run_time,
+    |env: Env| {
+        let host = local_hostname();
         let beta = Backend::tagged("beta");
-        let good = config(&[
-            app("alpha", &[7001], &[beta.target()]),
-            app("beta", &[7101], &[beta.target()]),
-        ]);
-        let proxy = netns::start(&good, &[]);
-        let mark = proxy.mark();
-        proxy.rewrite_config(&config(&[
-            app("alpha", &[7001], &["127.0.0.1:7101".into()]),
-            app("beta", &[7101], &[beta.target()]),
-        ]));
-        proxy.wait_log_since(mark, "loop rejected", |l| {
+        let ports = env.ports(2);
+        let cfg = |alpha_target: String| {
+            config(&[
+                app("alpha", &ports[..1], &[alpha_target]),
+                app("beta", &ports[1..], &[beta.target()]),
+            ])
+        };
+        let mut p = env.start(&ports, &cfg(beta.target()), &["--reload-interval", "100ms"]);
+
+        let mark = p.mark();
+        let own = format!("127.0.0.1:{}", ports[1]);
+        p.rewrite_config(&cfg(own.clone()));
+        p.wait_log_since(mark, "loop rejected", |l| {
             l.contains("reload rejected")
-                && l.contains("\"127.0.0.1:7101\" is this proxy's own frontend")
+                && l.contains(&format!("\"{own}\" is this proxy's own frontend"))
         });
-        proxy.wait_log_since(mark, "the end of the rejection", |l| {
+        p.wait_log_since(mark, "the end of the rejection", |l| {
             l.contains("reload rejected: keeping the running config")
         });
-        netns::reload(
-            &proxy,
-            &config(&[
-                app("alpha", &[7001], &[format!("{host}:7101")]),
-                app("beta", &[7101], &[beta.target()]),
-            ]),
-        );
-        let mut s = connect(netns::v4(7001));
+        assert_eq!(tag_of(p.v4(0)), "beta", "the running config serves on");
+
+        let mark = p.mark();
+        p.rewrite_config(&cfg(format!("{host}:{}", ports[1])));
+        p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+        let mut s = connect(p.v4(0));
         expect_closed(&mut s, WAIT);
-        let line = proxy.wait_conn(s.local_addr().unwrap());
+        let line = p.wait_conn(s.local_addr().unwrap());
+        assert_eq!(line.end, "connect_failed", "{}", line.line);
         assert_eq!(line.reason.as_deref(), Some("loop"), "{}", line.line);
-        assert_eq!(tag_of(netns::v4(7101)), "beta");
-        let mut proxy = proxy;
-        proxy.signal(libc::SIGTERM);
-        assert_eq!(proxy.wait_exit(WAIT).code(), Some(0));
-    });
-}
+        assert_eq!(line.target, format!("{host}:{}", ports[1]));
+        assert_eq!(tag_of(p.v4(1)), "beta");
+        // Cut at the first hop: one loop line, and beta saw no connection from the proxy itself.
+        let conns = p.conns();
+        let loops = conns.iter().filter(|c| c.reason.as_deref() == Some("loop")).count();
+        assert_eq!(loops, 1, "{}", p.logs().join("\n"));
+        p.signal(libc::SIGTERM);
+        assert_eq!(p.wait_exit(WAIT).code(), Some(0));
+    }
+);
 
 // ---------------------------------------------------------------------------------------------
 // Names and ports
