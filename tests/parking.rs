@@ -4,10 +4,13 @@
 //! drained and counted like any other. `--max-threads` bounds the relay threads below the
 //! connection bound, and busy connections take turns so that none starves.
 //!
-//! Parking happens after `accept()`, on the one code path both modes share, so these run in
-//! simple mode.
+//! Parking happens after `accept()`, on the one code path both modes share: one test runs in
+//! both modes (`two_modes!`), the rest in simple mode.
 
 mod common;
+mod modes;
+#[allow(dead_code)]
+mod netns;
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -17,6 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use modes::Env;
 
 /// Longer than the proxy's park hysteresis (250 ms), with margin: a connection left alone this
 /// long is parked. (A wait for the proxy to do something, not a synchronisation: the proxy
@@ -335,3 +339,42 @@ fn four_threads_carry_thirty_two_transfers() {
         ConnLine::parse(l).is_some_and(|c| c.end == "closed")
     });
 }
+
+two_modes!(
+    /// Both modes: 20 connections parked (the proxy's threads drop below one per connection)
+    /// carry on with bytes intact both ways, and a half-close while parked ends each `closed`.
+    parked_connections_carry_on_in_either_mode,
+    |env: Env| {
+        const N: usize = 20;
+        let echo = Backend::echo();
+        let ports = env.ports(1);
+        let p = env.start(&ports, &config(&[app("echo", &ports, &[echo.target()])]), &[]);
+        let mut clients: Vec<TcpStream> = (0..N)
+            .map(|i| {
+                let mut s = connect(p.v4(0));
+                roundtrip(&mut s, format!("hello {i}\n").as_bytes());
+                s
+            })
+            .collect();
+        wait_for("the connections to park", WAIT, || {
+            (p.threads() < N).then_some(())
+        });
+        for (i, s) in clients.iter_mut().enumerate() {
+            roundtrip(s, &random(64 * 1024 + i, i as u64));
+        }
+        thread::sleep(IDLE);
+        for (i, s) in clients.iter_mut().enumerate() {
+            let local = s.local_addr().unwrap();
+            s.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(read_to_eof(s), b"");
+            let c = p.wait_conn(local);
+            let bytes = (format!("hello {i}\n").len() + 64 * 1024 + i) as u64;
+            assert_eq!(
+                (c.end.as_str(), c.up, c.down),
+                ("closed", bytes, bytes),
+                "{}",
+                c.line
+            );
+        }
+    }
+);
