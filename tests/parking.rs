@@ -378,3 +378,64 @@ two_modes!(
         }
     }
 );
+
+/// `--max-threads 2` with two bulk transfers that never pause: a third connection still gets a
+/// thread within a time slice or two (each relay hands its thread on after 50 ms while another
+/// waits), so its echo comes back in well under a second instead of after the transfers.
+#[test]
+fn a_waiting_connection_gets_a_thread_while_long_transfers_run() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, &["--max-threads", "2"], |ports| {
+        config(&[app("bulk", ports, &[echo.target()])])
+    });
+    let addr = p.v4(0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let streams: Vec<_> = (0..2)
+        .map(|i| {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let s = connect(addr);
+                let mut r = s.try_clone().unwrap();
+                let reader = thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 * 1024];
+                    let mut total = 0u64;
+                    while let Ok(n) = r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        total += n as u64;
+                    }
+                    total
+                });
+                let chunk = random(256 * 1024, i);
+                let mut w = s;
+                let mut sent = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    w.write_all(&chunk).expect("bulk write");
+                    sent += chunk.len() as u64;
+                }
+                w.shutdown(Shutdown::Write).unwrap();
+                let got = reader.join().unwrap();
+                assert_eq!(got, sent, "transfer {i}: echoed bytes");
+                sent
+            })
+        })
+        .collect();
+    // Both transfers under way, holding both threads.
+    thread::sleep(Duration::from_millis(500));
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        let began = Instant::now();
+        let mut s = connect(addr);
+        roundtrip(&mut s, format!("waiting {i}\n").as_bytes());
+        worst = worst.max(began.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let moved: Vec<u64> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!("short connections beside two endless transfers on 2 threads: worst {worst:?}; transfers moved {moved:?} bytes");
+    assert!(
+        worst < Duration::from_secs(2),
+        "a connection waited {worst:?} for a thread"
+    );
+    assert!(moved.iter().all(|&m| m > 0));
+}
