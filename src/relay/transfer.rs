@@ -1,7 +1,10 @@
 //! Moving bytes between a client and its backend, both ways, until both sides are done.
 //!
-//! One relay thread runs one connection with `poll(2)` on the two non-blocking sockets, so a
-//! connection costs one pooled thread and no extra threads per direction. Bulk bytes go
+//! While a connection moves bytes, a relay thread runs it with `poll(2)` on the two
+//! non-blocking sockets (no extra thread per direction). Once nothing has moved for
+//! `PARK_AFTER`, `Relay::run` returns `Pause::Park` and the state waits in the parking lot
+//! without a thread (see `park`); past its `SLICE` while other connections wait for a thread it
+//! returns to be continued later. The state kept between runs is `Relay`. Bulk bytes go
 //! through a pooled kernel pipe with `splice(2)`, held only while bytes are in flight; small
 //! exchanges are copied through a pooled user-space buffer instead, which costs fewer system
 //! calls than a splice in and out (splice-auto, as HAProxy calls it). Half-close is carried
