@@ -110,6 +110,24 @@ impl Env {
         SocketAddr::from((Ipv4Addr::LOCALHOST, port))
     }
 
+    /// Start the proxy in this mode on `nports` frontend ports with the config `make_config`
+    /// builds from them, and wait until it serves. (Simple mode starts again on other ports
+    /// if one was taken meanwhile.)
+    pub fn start_on(
+        &self,
+        nports: usize,
+        args: &[&str],
+        make_config: impl Fn(&[u16]) -> String,
+    ) -> Proxy {
+        match self.mode {
+            Mode::Simple => Proxy::start(nports, args, make_config),
+            Mode::Bpf => {
+                let ports = self.ports(nports);
+                self.start(&ports, &make_config(&ports), args)
+            }
+        }
+    }
+
     /// Start the proxy in this mode on `config_json` (which serves `ports`) and wait until it
     /// serves.
     pub fn start(&self, ports: &[u16], config_json: &str, args: &[&str]) -> Proxy {
