@@ -15,7 +15,6 @@ mod netns;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -488,19 +487,7 @@ fn thousands_of_unreachable_targets_stay_within_the_descriptor_budget() {
         .arg(&cfg)
         .arg("--metrics")
         .arg(maddr.to_string());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: NOFILE,
-                rlim_max: NOFILE,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_fd_limit(&mut cmd, NOFILE);
     let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
     p.ports = ports;
     p.wait_started().expect("started");
