@@ -13,7 +13,8 @@ RUN_DEPS     := netcat-openbsd iproute2 bpftool
 # Tests only: a real etcd for the fleet tests (tests/fleet.rs start their own members on free
 # loopback ports; without etcd they fail in CI). Debian's etcd-server also enables an etcd.service
 # of its own on 127.0.0.1:2379 where systemd runs; the tests leave it alone.
-TEST_DEPS    := etcd-server etcd-client
+# openssl and curl for the TLS server-name tests (tests/shared_ports.rs).
+TEST_DEPS    := etcd-server etcd-client openssl curl
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 

@@ -27,6 +27,8 @@ pub struct Settings {
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
+    /// How long a connection on a port with Hostnames may take to send its whole ClientHello.
+    pub preread_timeout: Duration,
     pub reload_interval: Duration,
     pub log_level: Level,
     pub log_format: Format,
@@ -45,6 +47,7 @@ impl Default for Settings {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
+            preread_timeout: Duration::from_secs(5),
             reload_interval: Duration::from_secs(1),
             log_level: Level::Info,
             log_format: Format::Text,
@@ -140,6 +143,8 @@ macro_rules! run_options {
                              (default 1h; 0 disables)
       --drain-timeout DUR    how long open connections may finish after their port is
                              removed or on SIGTERM (default 30s)
+      --preread-timeout DUR  on a port where apps have Hostnames, how long a client may
+                             take to send its whole TLS ClientHello (default 5s)
       --reload-interval DUR  how often the config file's mtime is checked (default 1s)
       --log-level LEVEL      error, warn, info or debug (default info)
       --log-format FORMAT    text or json (default text)
@@ -374,6 +379,9 @@ fn run_option(
             s.idle_timeout = (!d.is_zero()).then_some(d);
         }
         "--drain-timeout" => s.drain_timeout = duration(cmd, flag, &value("a duration")?)?,
+        "--preread-timeout" => {
+            s.preread_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
+        }
         "--reload-interval" => {
             s.reload_interval = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }

@@ -140,3 +140,23 @@ pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     };
     (storage, len as libc::socklen_t)
 }
+
+/// Close `stream` with a reset (SO_LINGER 0) rather than a FIN: a connection the proxy will not
+/// serve ends at once for the client, as a refused one would, and leaves no TIME_WAIT.
+pub fn reset(stream: std::net::TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a linger struct of the size given, on a socket we own until it drops below.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}

@@ -270,7 +270,7 @@ fn failed_map_write_keeps_the_proxy_serving() {
             error.contains(" ERROR ")
                 && error.contains(
                     "bpf: cannot update the port map for 1 ports (first: port 7003: \
-                     adding port 7003 to the BPF ports map failed: "
+                     adding port 7003 to the BPF bindings map failed: "
                 )
                 && error.contains("retrying at every reload tick"),
             "{error}"

@@ -269,7 +269,7 @@ fn problem_cases() -> Vec<(&'static str, String, &'static str)> {
         (
             "ports not numbers",
             r#"{"Apps":[{"Name":"a","Ports":["80"],"Targets":["h:1"]}]}"#.into(),
-            "not a valid config",
+            r#"app "a": Ports: "80" is not a range "A-B""#,
         ),
     ]
 }

@@ -3,21 +3,25 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::Path;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
+use flyproxy::config::hostname::Pattern;
+use flyproxy::config::prefix::Prefix;
 use flyproxy::config::{
     parse_target, App, Balance, Config, Diff, HealthCheck, Problem, ProxyProtocol, Target,
 };
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
 
-const APP_KEYS: [&str; 9] = [
+const APP_KEYS: [&str; 11] = [
     "Name",
     "Ports",
     "Targets",
+    "Addresses",
+    "Hostnames",
     "HealthCheck",
     "Balance",
     "ConnectAttempts",
@@ -121,7 +125,10 @@ pub fn expected_target(s: &str) -> Option<Target> {
         // README: a host whose last label is numeric (or hex, 0x...) is an IPv4 address and
         // must be the plain dotted form: four decimal numbers 0-255 without leading zeros.
         let last = host.rsplit('.').next().unwrap_or(host);
-        if last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x") || last.starts_with("0X") {
+        if last.bytes().all(|b| b.is_ascii_digit())
+            || last.starts_with("0x")
+            || last.starts_with("0X")
+        {
             let parts: Vec<&str> = host.split('.').collect();
             let dotted = parts.len() == 4
                 && parts.iter().all(|p| {
@@ -182,8 +189,14 @@ fn well_typed(v: &Value) -> bool {
                 return false;
             };
             opt(a.get("Name"), &is_str)
-                && opt(a.get("Ports"), &|p| {
-                    p.as_array().is_some_and(|l| l.iter().all(is_int))
+                // Port entries are numbers or "A-B" strings; any other entry is the
+                // validator's to report, not serde's.
+                && opt(a.get("Ports"), &|p| p.is_array())
+                && opt(a.get("Addresses"), &|t| {
+                    t.as_array().is_some_and(|l| l.iter().all(is_str))
+                })
+                && opt(a.get("Hostnames"), &|t| {
+                    t.as_array().is_some_and(|l| l.iter().all(is_str))
                 })
                 && opt(a.get("Targets"), &|t| {
                     t.as_array().is_some_and(|l| l.iter().all(is_str))
@@ -229,8 +242,8 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         });
     };
     let mut names = HashSet::new();
-    let mut owner: HashMap<i64, usize> = HashMap::new();
     let mut out = Vec::new();
+    let mut unusable = Vec::new();
     for (i, app) in apps.as_array().expect("well typed").iter().enumerate() {
         let a = app.as_object().expect("well typed");
         let name = match a.get("Name").and_then(Value::as_str) {
@@ -244,19 +257,60 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             problems += 1;
         }
         problems += a.keys().filter(|k| !APP_KEYS.contains(&k.as_str())).count();
-        let mut ports = Vec::new();
+        // README: numbers 1-65535 and "A-B" inclusive ranges; a port given twice in one app
+        // is one problem however many there are.
+        let mut ports: Vec<u16> = Vec::new();
         match present(a, "Ports") {
             Some(Value::Array(l)) if !l.is_empty() => {
-                for p in l.iter().map(|p| int(p).expect("well typed")) {
-                    if !(1..=65535).contains(&p) || owner.contains_key(&p) {
+                let mut twice = false;
+                for p in &l {
+                    let range = match p {
+                        Value::Number(_) => match int(p) {
+                            Some(n) if (1..=65535).contains(&n) => Some((n, n)),
+                            _ => None,
+                        },
+                        Value::String(r) => expected_range(r),
+                        _ => None,
+                    };
+                    let Some((lo, hi)) = range else {
                         problems += 1;
-                    } else {
-                        owner.insert(p, i);
-                        ports.push(p as u16);
+                        continue;
+                    };
+                    for n in lo..=hi {
+                        if ports.contains(&(n as u16)) {
+                            twice = true;
+                        } else {
+                            ports.push(n as u16);
+                        }
                     }
                 }
+                problems += usize::from(twice);
             }
             _ => problems += 1,
+        }
+        let mut addresses = Vec::new();
+        let given = present(a, "Addresses");
+        if let Some(Value::Array(l)) = &given {
+            problems += usize::from(l.is_empty());
+            for t in l {
+                match expected_prefix(t.as_str().expect("well typed")) {
+                    Some(p) if addresses.contains(&p) => problems += 1,
+                    Some(p) => addresses.push(p),
+                    None => problems += 1,
+                }
+            }
+        }
+        unusable.push(given.is_some() && addresses.is_empty());
+        let mut hostnames = Vec::new();
+        if let Some(Value::Array(l)) = present(a, "Hostnames") {
+            problems += usize::from(l.is_empty());
+            for t in &l {
+                match expected_hostname(t.as_str().expect("well typed")) {
+                    Some(h) if hostnames.contains(&h) => problems += 1,
+                    Some(h) => hostnames.push(h),
+                    None => problems += 1,
+                }
+            }
         }
         let mut targets = Vec::new();
         match present(a, "Targets") {
@@ -337,6 +391,8 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         out.push(App {
             name,
             ports,
+            addresses,
+            hostnames,
             targets,
             health,
             balance,
@@ -346,10 +402,136 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             proxy_protocol,
         });
     }
+    problems += sharing_clashes(&out, &unusable);
     Some(Verdict::Checked {
         problems,
         config: (problems == 0).then_some(Config { apps: out }),
     })
+}
+
+/// README: `"A-B"`, inclusive, 1 <= A <= B <= 65535 (decimal digits only).
+pub fn expected_range(s: &str) -> Option<(i64, i64)> {
+    let (a, b) = s.split_once('-')?;
+    let num = |t: &str| -> Option<i64> {
+        if t.is_empty() || t.len() > 5 || !t.chars().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    let (a, b) = (num(a)?, num(b)?);
+    ((1..=65535).contains(&a) && (1..=65535).contains(&b) && a <= b).then_some((a, b))
+}
+
+/// README: an IPv4 or IPv6 address, or one with `/len`; no bits past the length; an
+/// IPv4-mapped IPv6 address is refused (write it as IPv4).
+pub fn expected_prefix(s: &str) -> Option<Prefix> {
+    let (addr, len) = match s.find('/') {
+        Some(i) => (&s[..i], Some(&s[i + 1..])),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr.parse().ok()?;
+    let max: u32 = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u32 = match len {
+        None => max,
+        Some(l) if !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()) => {
+            l.parse::<u64>().ok().filter(|n| *n <= u64::from(max))? as u32
+        }
+        Some(_) => return None,
+    };
+    let bits: u128 = match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)) << 96,
+        IpAddr::V6(a) => {
+            if a.to_ipv4_mapped().is_some() {
+                return None;
+            }
+            u128::from(a)
+        }
+    };
+    // The address sits in the top bits (IPv4 in the top 32), so the host bits are all below
+    // the first `len`.
+    let width = len;
+    let host_bits = if width >= 128 { 0 } else { u128::MAX >> width };
+    if bits & host_bits != 0 {
+        return None;
+    }
+    Some(Prefix::new(ip, len as u8))
+}
+
+/// README: a name, or `*.` and a name; case-insensitive, a trailing dot ignored; never an IP
+/// address. Names: labels of letters, digits, '-' and '_', 1-63 long, not starting or ending
+/// with '-', 253 in all.
+pub fn expected_hostname(s: &str) -> Option<Pattern> {
+    let s = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    if s.parse::<IpAddr>().is_ok() {
+        return None;
+    }
+    let (wild, name) = match s.strip_prefix("*.") {
+        Some(r) => (true, r.to_string()),
+        None => (false, s),
+    };
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return None;
+    }
+    Some(if wild {
+        Pattern::Wildcard(name)
+    } else {
+        Pattern::Exact(name)
+    })
+}
+
+/// README: apps share an (address, port) only if Hostnames tell them apart (at most one
+/// without), and no hostname is on two of them; one problem per pair of apps and conflict.
+fn sharing_clashes(apps: &[App], unusable: &[bool]) -> usize {
+    let all = [
+        Prefix::new(IpAddr::from([0u8; 4]), 0),
+        Prefix::new(IpAddr::from([0u16; 8]), 0),
+    ];
+    let mut clashes: HashSet<(usize, usize, Option<Pattern>)> = HashSet::new();
+    let mut first_default: HashMap<(u16, Prefix), usize> = HashMap::new();
+    let mut first_name: HashMap<(u16, Prefix, Pattern), usize> = HashMap::new();
+    for (i, app) in apps.iter().enumerate() {
+        if unusable[i] {
+            continue;
+        }
+        let prefixes: Vec<Prefix> = if app.addresses.is_empty() {
+            all.to_vec()
+        } else {
+            app.addresses.clone()
+        };
+        for &port in &app.ports {
+            for &p in &prefixes {
+                if app.hostnames.is_empty() {
+                    match first_default.get(&(port, p)) {
+                        Some(&j) => {
+                            clashes.insert((i, j, None));
+                        }
+                        None => {
+                            first_default.insert((port, p), i);
+                        }
+                    }
+                }
+                for h in &app.hostnames {
+                    match first_name.get(&(port, p, h.clone())) {
+                        Some(&j) if j != i => {
+                            clashes.insert((i, j, Some(h.clone())));
+                        }
+                        Some(_) => {}
+                        None => {
+                            first_name.insert((port, p, h.clone()), i);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    clashes.len()
 }
 
 /// What must hold of any config that parsed, whatever the input.
@@ -364,9 +546,11 @@ fn invariants(c: &Config) {
             a.name
         );
         assert!(!a.ports.is_empty() && !a.targets.is_empty(), "{a:?}");
+        let mut own = HashSet::new();
         for p in &a.ports {
             assert!(*p != 0, "port 0 accepted");
-            assert!(ports.insert(*p), "port {p} accepted twice");
+            assert!(own.insert(*p), "port {p} twice in one app");
+            ports.insert(*p);
         }
         for t in &a.targets {
             assert!(t.port != 0);
@@ -472,6 +656,9 @@ pub enum Name {
 pub enum Port {
     /// 1-16: likely to repeat within and across apps.
     Small(u8),
+    /// "A-B" of small numbers (maybe backwards), or a free string.
+    Range(u8, u8),
+    Text(String),
     Any(u16),
     Raw(i64),
     Edge(u8),
@@ -508,10 +695,53 @@ pub struct HealthGen {
     extra: Vec<String>,
 }
 
+/// Addresses from a small pool, so that apps share and nest them, or free text.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum AddrGen {
+    Pick(u8),
+    Free(String),
+}
+
+/// Hostnames from a small pool (case and trailing dots vary), or free text.
+#[derive(Arbitrary, Debug, Clone)]
+pub enum HostGen {
+    Pick(u8),
+    Free(String),
+}
+
+const ADDRS: [&str; 12] = [
+    "127.0.0.2",
+    "127.0.0.0/8",
+    "127.0.0.1/8",
+    "0.0.0.0/0",
+    "::1",
+    "fd00::/8",
+    "::/0",
+    "::ffff:127.0.0.2",
+    "192.0.2.0/33",
+    "2001:db8::11",
+    "10.0.0.010",
+    "fd00::2/128",
+];
+const HOSTS_SNI: [&str; 10] = [
+    "shop.example.com",
+    "SHOP.example.com.",
+    "*.shop.example.com",
+    "blog.example.com",
+    "*.example.com",
+    "*",
+    "a.*.com",
+    "127.0.0.1",
+    "",
+    "-x.example",
+];
+
 #[derive(Arbitrary, Debug, Clone)]
 pub struct AppGen {
     name: Field<Name>,
     ports: Field<Vec<Port>>,
+    addresses: Field<Vec<AddrGen>>,
+    hostnames: Field<Vec<HostGen>>,
     targets: Field<Vec<TargetGen>>,
     health: Field<HealthGen>,
     balance: Field<Word>,
@@ -704,6 +934,8 @@ impl AppGen {
                 ps.iter()
                     .map(|p| match p {
                         Port::Small(n) => json!(1 + i64::from(*n % 16)),
+                        Port::Range(a, b) => json!(format!("{}-{}", a % 20, b % 20)),
+                        Port::Text(t) => json!(t),
                         Port::Any(n) => json!(n),
                         Port::Raw(n) => json!(n),
                         Port::Edge(n) => json!(EDGE_PORTS[*n as usize % EDGE_PORTS.len()]),
@@ -711,6 +943,38 @@ impl AppGen {
                     .collect(),
             )
         });
+        t &= put(
+            &mut m,
+            "Addresses",
+            &self.addresses,
+            false,
+            |xs: &Vec<AddrGen>| {
+                Value::Array(
+                    xs.iter()
+                        .map(|x| match x {
+                            AddrGen::Pick(i) => json!(ADDRS[*i as usize % ADDRS.len()]),
+                            AddrGen::Free(s) => json!(s),
+                        })
+                        .collect(),
+                )
+            },
+        );
+        t &= put(
+            &mut m,
+            "Hostnames",
+            &self.hostnames,
+            false,
+            |xs: &Vec<HostGen>| {
+                Value::Array(
+                    xs.iter()
+                        .map(|x| match x {
+                            HostGen::Pick(i) => json!(HOSTS_SNI[*i as usize % HOSTS_SNI.len()]),
+                            HostGen::Free(s) => json!(s),
+                        })
+                        .collect(),
+                )
+            },
+        );
         t &= put(
             &mut m,
             "Targets",

@@ -4,9 +4,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
 use arbitrary::Arbitrary;
+use flyproxy::backends::proxy_protocol::header;
 use flyproxy::config::ProxyProtocol;
 use flyproxy::net::canonical;
-use flyproxy::backends::proxy_protocol::header;
 
 /// v1: "the maximum line lengths the receiver must support including the CRLF are [...] 107
 /// characters" (the worst case, TCP6 with both ports 65535, is 104).

@@ -11,7 +11,10 @@
 //! - [`header::check`]: the PROXY protocol writer, with its output parsed back by a small
 //!   parser written from HAProxy's spec.
 //! - [`cli::check`]: the command-line parser and `parse_duration`.
+//! - [`client_hello::check_bytes`], [`client_hello::check_structured`]: the ClientHello parser
+//!   against an independent one, on any bytes and on hellos built from structured choices.
 
 pub mod cli;
+pub mod client_hello;
 pub mod config;
 pub mod header;

@@ -62,6 +62,25 @@ fn proxy_header() {
 }
 
 #[test]
+fn client_hello() {
+    for data in seeds("client_hello") {
+        flyproxy_fuzz::client_hello::check_bytes(&data);
+        // Every cut of a real hello, too.
+        for cut in 0..data.len() {
+            flyproxy_fuzz::client_hello::check_bytes(&data[..cut]);
+        }
+    }
+}
+
+#[test]
+fn client_hello_structured() {
+    each(
+        "client_hello_structured",
+        flyproxy_fuzz::client_hello::check_structured,
+    );
+}
+
+#[test]
 fn cli_args() {
     each("cli_args", flyproxy_fuzz::cli::check);
 }

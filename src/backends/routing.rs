@@ -1,19 +1,27 @@
-//! Routing: which app a frontend port belongs to, and what that app routes to (its backends,
+//! Routing: which app a connection belongs to, and what that app routes to (its backends,
 //! balancing, limit, PROXY protocol).
 //!
-//! A `Routes` is built whole from a validated `Config` and replaced whole on reload; it is owned
-//! by the listener loop, which looks the port up at accept and hands the app (an `Arc`) to the
-//! relay thread. A connection keeps the app it was accepted with, so a reload never changes the
-//! target of a connection already open; the next connection sees the new targets.
+//! Who gets a connection: on its port, the most specific address prefix covering the address
+//! the client dialled (longest prefix wins); on that (prefix, port), a `Binding`, the app whose
+//! Hostnames match the ClientHello's server name (exact before wildcard), else the app there
+//! without Hostnames (the default). The listener loop looks the binding up at accept; the relay
+//! thread reads the server name if the binding needs it and picks the app.
+//!
+//! A `Routes` is built whole from a validated `Config` and replaced whole on reload. A
+//! connection keeps the binding (so the apps) it was accepted with, so a reload never changes
+//! the target of a connection already open; the next connection sees the new table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backends::backend::Backend;
 use crate::backends::clients::ClientCounts;
-use crate::config::{Balance, Config, ProxyProtocol, Target};
+use crate::config::hostname::{self, Pattern};
+use crate::config::prefix::Prefix;
+use crate::config::{app_prefixes, Balance, Config, ProxyProtocol, Target};
 
 #[derive(Debug)]
 pub struct AppRoute {
@@ -25,6 +33,10 @@ pub struct AppRoute {
     /// Open connections per client address, with the app's `MaxConnectionsPerClient`.
     pub per_client: Option<Arc<ClientCounts>>,
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Where the app answers, for status: its `Addresses` (empty: every address) and
+    /// `Hostnames`.
+    pub addresses: Vec<Prefix>,
+    pub hostnames: Vec<Pattern>,
     /// Round-robin position.
     pub next: AtomicUsize,
     pub stats: Arc<AppStats>,
@@ -45,9 +57,142 @@ pub struct AppStats {
     pub client_limited: AtomicU64,
 }
 
+/// The apps on one (address prefix, port): told apart by the ClientHello's server name.
+#[derive(Debug, Default)]
+pub struct Binding {
+    /// Exact hostnames, lower-case.
+    exact: HashMap<String, Arc<AppRoute>>,
+    /// Wildcards by the suffix after `*.`.
+    wildcard: HashMap<String, Arc<AppRoute>>,
+    /// The app without Hostnames, if there is one.
+    default: Option<Arc<AppRoute>>,
+    /// The names of every app here, sorted and joined with `+`: the port group (counter
+    /// label) of this binding in bpf mode, where the kernel cannot tell them apart.
+    pub group: String,
+}
+
+/// Why a connection found no app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Unrouted {
+    /// No app on the dialled address (simple mode: a wildcard listener of the port took it).
+    NoApp,
+    /// A ClientHello without a server name, and no default app.
+    NoServerName,
+    /// A server name no app claims, and no default app.
+    UnknownServerName,
+    /// The first bytes were not a TLS ClientHello, and no default app.
+    NotTls,
+    /// The ClientHello did not fit in the preread bound, and no default app.
+    TooLarge,
+    /// The client sent no whole ClientHello within `--preread-timeout`.
+    PrereadTimeout,
+    /// The client closed or reset before its ClientHello was whole.
+    ClientClosed,
+}
+
+impl Unrouted {
+    /// The `reason` label and log value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unrouted::NoApp => "no_app",
+            Unrouted::NoServerName => "no_server_name",
+            Unrouted::UnknownServerName => "unknown_server_name",
+            Unrouted::NotTls => "not_tls",
+            Unrouted::TooLarge => "too_large",
+            Unrouted::PrereadTimeout => "preread_timeout",
+            Unrouted::ClientClosed => "client_closed",
+        }
+    }
+
+    /// What happened, for the log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Unrouted::NoApp => "no app on the dialled address",
+            Unrouted::NoServerName => {
+                "the ClientHello has no server name, and no app here is without Hostnames"
+            }
+            Unrouted::UnknownServerName => {
+                "no app here has the server name in its Hostnames, and none is without Hostnames"
+            }
+            Unrouted::NotTls => "not a TLS ClientHello, and no app here is without Hostnames",
+            Unrouted::TooLarge => {
+                "the ClientHello is larger than the preread bound, and no app here is without Hostnames"
+            }
+            Unrouted::PrereadTimeout => "no whole ClientHello within the preread timeout",
+            Unrouted::ClientClosed => "the client closed before its ClientHello was whole",
+        }
+    }
+}
+
+/// Connections no app took, by port and reason, for metrics.
+#[derive(Debug, Default)]
+pub struct UnroutedCounts(Mutex<BTreeMap<(u16, Unrouted), u64>>);
+
+impl UnroutedCounts {
+    pub fn count(&self, port: u16, why: Unrouted) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((port, why))
+            .or_insert(0) += 1;
+    }
+
+    /// Every count so far, by port then reason.
+    pub fn snapshot(&self) -> Vec<((u16, Unrouted), u64)> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.iter().map(|(k, v)| (*k, *v)).collect()
+    }
+}
+
+impl Binding {
+    /// Whether the server name must be read to pick the app.
+    pub fn needs_server_name(&self) -> bool {
+        !self.exact.is_empty() || !self.wildcard.is_empty()
+    }
+
+    /// The app without Hostnames (the only app of a binding that needs no server name).
+    pub fn default_app(&self) -> Option<&Arc<AppRoute>> {
+        self.default.as_ref()
+    }
+
+    /// The app for a (normalised) server name: exact, then wildcard, then the default.
+    pub fn for_name(&self, name: &str) -> Result<&Arc<AppRoute>, Unrouted> {
+        self.exact
+            .get(name)
+            .or_else(|| {
+                hostname::wildcard_suffix(name).and_then(|suffix| self.wildcard.get(suffix))
+            })
+            .or(self.default.as_ref())
+            .ok_or(Unrouted::UnknownServerName)
+    }
+
+    /// The app when the start of the connection gave no usable name (`why`).
+    pub fn without_name(&self, why: Unrouted) -> Result<&Arc<AppRoute>, Unrouted> {
+        self.default.as_ref().ok_or(why)
+    }
+}
+
+/// The bindings of one port, most specific prefix first.
+#[derive(Debug, Default)]
+pub struct PortTable {
+    bindings: Vec<(Prefix, Arc<Binding>)>,
+}
+
+impl PortTable {
+    /// The binding of the longest prefix covering `ip`.
+    pub fn lookup(&self, ip: std::net::IpAddr) -> Option<&Arc<Binding>> {
+        self.bindings
+            .iter()
+            .find(|(p, _)| p.contains(ip))
+            .map(|(_, b)| b)
+    }
+}
+
 #[derive(Debug)]
 pub struct Routes {
-    by_port: HashMap<u16, Arc<AppRoute>>,
+    /// Ports served by the same apps share one table (a range of 10,000 ports is one table).
+    by_port: HashMap<u16, Arc<PortTable>>,
     /// Per (app, target), reused by the next `Routes` so that health and load survive a reload.
     backends: HashMap<(String, Target), Arc<Backend>>,
     /// Per app, reused likewise so connections open across a reload still count.
@@ -67,8 +212,10 @@ impl Routes {
         let mut per_client = HashMap::new();
         let mut stats = HashMap::new();
         let mut apps = Vec::with_capacity(config.apps.len());
-        let mut by_port = HashMap::with_capacity(config.ports().count());
-        for app in &config.apps {
+        let mut routes = Vec::with_capacity(config.apps.len());
+        // Port -> the apps on it, by index in config order.
+        let mut on_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        for (i, app) in config.apps.iter().enumerate() {
             let app_backends = app
                 .targets
                 .iter()
@@ -121,14 +268,27 @@ impl Routes {
                 limit,
                 per_client: app_per_client,
                 proxy_protocol: app.proxy_protocol,
+                addresses: app.addresses.clone(),
+                hostnames: app.hostnames.clone(),
                 next: AtomicUsize::new(0),
                 stats: app_stats,
             });
             for &port in &app.ports {
-                by_port.insert(port, Arc::clone(&route));
+                on_port.entry(port).or_default().push(i);
             }
-            apps.push((route, app.ports.clone()));
+            apps.push((Arc::clone(&route), app.ports.clone()));
+            routes.push(route);
         }
+        let mut tables: HashMap<Vec<usize>, Arc<PortTable>> = HashMap::new();
+        let by_port = on_port
+            .into_iter()
+            .map(|(port, on)| {
+                let table = tables
+                    .entry(on)
+                    .or_insert_with_key(|on| Arc::new(port_table(config, &routes, on)));
+                (port, Arc::clone(table))
+            })
+            .collect();
         Routes {
             by_port,
             backends,
@@ -139,8 +299,24 @@ impl Routes {
         }
     }
 
-    pub fn app_for(&self, port: u16) -> Option<&Arc<AppRoute>> {
+    /// The binding that takes a connection to `local` (the address the client dialled).
+    pub fn lookup(&self, local: SocketAddr) -> Option<&Arc<Binding>> {
+        self.by_port.get(&local.port())?.lookup(local.ip())
+    }
+
+    /// The bindings of `port`, if it is configured.
+    pub fn port(&self, port: u16) -> Option<&Arc<PortTable>> {
         self.by_port.get(&port)
+    }
+
+    /// The app of `port` on every address without Hostnames (tests, and ports not shared).
+    pub fn app_for(&self, port: u16) -> Option<&Arc<AppRoute>> {
+        let table = self.by_port.get(&port)?;
+        table
+            .bindings
+            .iter()
+            .find(|(p, _)| p.is_all())
+            .and_then(|(_, b)| b.default.as_ref())
     }
 
     /// Every app with its ports, in config order.
@@ -152,6 +328,43 @@ impl Routes {
     pub fn backends(&self) -> Vec<Arc<Backend>> {
         self.backends.values().cloned().collect()
     }
+}
+
+/// The table of a port served by the apps `on` (indices into `config.apps` and `routes`).
+fn port_table(config: &Config, routes: &[Arc<AppRoute>], on: &[usize]) -> PortTable {
+    let mut by_prefix: BTreeMap<Prefix, Binding> = BTreeMap::new();
+    let mut names: BTreeMap<Prefix, Vec<&str>> = BTreeMap::new();
+    for &i in on {
+        let app = &config.apps[i];
+        for prefix in app_prefixes(app) {
+            let b = by_prefix.entry(prefix).or_default();
+            names.entry(prefix).or_default().push(&app.name);
+            if app.hostnames.is_empty() {
+                b.default = Some(Arc::clone(&routes[i]));
+            }
+            for h in &app.hostnames {
+                let map = match h {
+                    Pattern::Exact(_) => &mut b.exact,
+                    Pattern::Wildcard(_) => &mut b.wildcard,
+                };
+                let (Pattern::Exact(key) | Pattern::Wildcard(key)) = h;
+                map.insert(key.clone(), Arc::clone(&routes[i]));
+            }
+        }
+    }
+    let mut bindings: Vec<(Prefix, Arc<Binding>)> = by_prefix
+        .into_iter()
+        .map(|(prefix, mut b)| {
+            let mut n = names.remove(&prefix).unwrap_or_default();
+            n.sort_unstable();
+            b.group = n.join("+");
+            (prefix, Arc::new(b))
+        })
+        .collect();
+    // Longest prefix first; prefixes of one length never overlap, so the order among them
+    // does not matter.
+    bindings.sort_by_key(|b| std::cmp::Reverse(b.0.prefix_len()));
+    PortTable { bindings }
 }
 
 /// An app's `MaxConnections`: a counting semaphore. A connection over the limit waits for a
@@ -258,6 +471,48 @@ impl Drop for LimitGuard {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    /// Longest prefix first, then exact name, then wildcard, then the default.
+    #[test]
+    fn who_gets_a_connection() {
+        let c = Config::parse(
+            Path::new("x"),
+            br#"{"Apps":[
+              {"Name":"wild","Ports":[443],"Hostnames":["*.example.com"],"Targets":["h:1"]},
+              {"Name":"exact","Ports":[443],"Hostnames":["www.example.com"],"Targets":["h:1"]},
+              {"Name":"dflt","Ports":[443],"Targets":["h:1"]},
+              {"Name":"net","Ports":[443],"Addresses":["10.0.0.0/8"],"Targets":["h:1"]},
+              {"Name":"host","Ports":[443],"Addresses":["10.1.2.3","fd00::1"],"Hostnames":["www.example.com"],"Targets":["h:1"]}]}"#,
+        )
+        .unwrap();
+        let r = Routes::new(&c, None);
+        let at = |a: &str| r.lookup(a.parse().unwrap()).unwrap();
+        let name = |b: &Binding, n: &str| b.for_name(n).map(|a| a.name.clone());
+        let any = at("127.0.0.1:443");
+        assert!(any.needs_server_name());
+        assert_eq!(name(any, "www.example.com").as_deref(), Ok("exact"));
+        assert_eq!(name(any, "api.example.com").as_deref(), Ok("wild"));
+        assert_eq!(name(any, "a.b.example.com").as_deref(), Ok("dflt"));
+        assert_eq!(name(any, "example.com").as_deref(), Ok("dflt"));
+        assert_eq!(any.group, "dflt+exact+wild");
+        let net = at("10.9.9.9:443");
+        assert!(!net.needs_server_name());
+        assert_eq!(net.default_app().unwrap().name, "net");
+        let host = at("10.1.2.3:443");
+        assert_eq!(name(host, "www.example.com").as_deref(), Ok("host"));
+        assert_eq!(
+            name(host, "api.example.com"),
+            Err(Unrouted::UnknownServerName),
+            "no fallback to a shorter prefix"
+        );
+        assert_eq!(
+            host.without_name(Unrouted::NotTls).map(|a| a.name.clone()),
+            Err(Unrouted::NotTls)
+        );
+        assert_eq!(at("[fd00::1]:443").group, "host");
+        assert_eq!(at("[::ffff:10.1.2.3]:443").group, "host");
+        assert!(r.lookup("127.0.0.1:80".parse().unwrap()).is_none());
+    }
 
     #[test]
     fn state_survives_a_reload() {

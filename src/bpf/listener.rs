@@ -1,8 +1,9 @@
 //! bpf mode's port source: one listener per address family, and the sk_lookup program that
-//! steers every configured port to it. A reload only rewrites the port map, as a diff.
+//! steers every configured (address prefix, port) to it. A reload only rewrites the bindings
+//! map, as a diff.
 //!
-//! Map writes that fail do not refuse a reload (the config is valid, and the ports already
-//! steered keep working): the port stays wanted and is retried at every reload tick.
+//! Map writes that fail do not refuse a reload (the config is valid, and what is already
+//! steered keeps working): the binding stays wanted and is retried at every reload tick.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -15,6 +16,7 @@ use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
 use crate::bpf::{BpfError, Steering, MAX_GROUPS};
+use crate::config::prefix::Prefix;
 use crate::config::Config;
 use crate::frontend::ports::{
     self, Accepted, LookupReader, LookupStats, PortError, PortSource, FIRST_LISTENER,
@@ -28,11 +30,12 @@ pub struct Steered {
     v4: Option<TcpListener>,
     v6: Option<TcpListener>,
     steering: Steering,
-    /// Ports the config wants steered, with their port group.
-    wanted: BTreeMap<u16, u32>,
-    /// Ports written into the map, with the group written.
-    steered: BTreeMap<u16, u32>,
-    /// Port group (counter index) of each app, by name (see `GroupNames`).
+    /// (port, prefix) pairs the config wants steered, with their port group.
+    wanted: BTreeMap<(u16, Prefix), u32>,
+    /// Pairs written into the map, with the group written.
+    steered: BTreeMap<(u16, Prefix), u32>,
+    /// Port group (counter index) of each app, or of the apps sharing a binding by Hostnames
+    /// (their names joined with `+`), by name (see `GroupNames`).
     groups: Arc<Mutex<GroupNames>>,
     /// A failed map write has been logged and not yet recovered, so retries stay quiet.
     failing: bool,
@@ -185,40 +188,43 @@ impl Steered {
     }
 
     /// Bring the map in line with `wanted`; failures are logged and left for the next tick.
+    /// New bindings go in before old ones go out: a longer prefix added beside a shorter one
+    /// takes over at once, and a port never has a moment with neither.
     fn sync(&mut self) {
         let mut failed: Option<(u16, BpfError)> = None;
-        let mut failures = 0usize;
-        let remove: Vec<u16> = self
-            .steered
-            .keys()
-            .filter(|p| !self.wanted.contains_key(p))
-            .copied()
+        // Ports (not bindings) that failed, for the message.
+        let mut failures = BTreeSet::new();
+        // New bindings, and bindings whose apps (so group) changed.
+        let add: Vec<((u16, Prefix), u32)> = self
+            .wanted
+            .iter()
+            .filter(|(k, g)| self.steered.get(k) != Some(g))
+            .map(|(k, g)| (*k, *g))
             .collect();
-        for port in remove {
-            match self.steering.remove_port(port) {
+        for ((port, prefix), group) in add {
+            match self.steering.add_binding(prefix, port, group) {
                 Ok(()) => {
-                    self.steered.remove(&port);
+                    self.steered.insert((port, prefix), group);
                 }
                 Err(e) => {
-                    failures += 1;
+                    failures.insert(port);
                     failed.get_or_insert((port, e));
                 }
             }
         }
-        // New ports, and ports whose app (so group) changed.
-        let add: Vec<(u16, u32)> = self
-            .wanted
-            .iter()
-            .filter(|(p, g)| self.steered.get(p) != Some(g))
-            .map(|(p, g)| (*p, *g))
+        let remove: Vec<(u16, Prefix)> = self
+            .steered
+            .keys()
+            .filter(|k| !self.wanted.contains_key(k))
+            .copied()
             .collect();
-        for (port, group) in add {
-            match self.steering.add_port(port, group) {
+        for (port, prefix) in remove {
+            match self.steering.remove_binding(prefix, port) {
                 Ok(()) => {
-                    self.steered.insert(port, group);
+                    self.steered.remove(&(port, prefix));
                 }
                 Err(e) => {
-                    failures += 1;
+                    failures.insert(port);
                     failed.get_or_insert((port, e));
                 }
             }
@@ -227,7 +233,8 @@ impl Steered {
             Some((port, e)) => {
                 if !self.failing {
                     crate::error!(
-                        "bpf: cannot update the port map for {failures} ports (first: port {port}: {e}); retrying at every reload tick"
+                        "bpf: cannot update the port map for {} ports (first: port {port}: {e}); retrying at every reload tick",
+                        failures.len()
                     );
                 }
                 self.failing = true;
@@ -259,19 +266,20 @@ impl PortSource for Steered {
             }
             self.registered = true;
         }
-        // The whole wanted map from the config: a port that moved to another app keeps being
-        // steered, only its group changes.
+        // The whole wanted map from the config: a binding that moved to another app keeps
+        // being steered, only its group changes.
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         let mut stale = Vec::new();
         self.wanted = config
-            .apps
-            .iter()
-            .flat_map(|app| {
-                let (g, zero) = groups.id(&app.name);
+            .bindings()
+            .into_iter()
+            .map(|(key, mut apps)| {
+                apps.sort_unstable();
+                let (g, zero) = groups.id(&apps.join("+"));
                 if zero {
                     stale.push(g);
                 }
-                app.ports.iter().map(move |&p| (p, g))
+                (key, g)
             })
             .collect();
         drop(groups);
@@ -301,7 +309,7 @@ impl PortSource for Steered {
         };
         match listener {
             // The accepted socket's local address keeps the port the client dialled.
-            Some(l) => ports::accept_from(l, None),
+            Some(l) => ports::accept_from(l),
             None => Ok(None),
         }
     }

@@ -1,6 +1,7 @@
 //! The eBPF half of "any number of ports on one socket": loads the sk_lookup
 //! program in `steer.bpf.c`, puts the proxy's listening sockets into its sockmap,
-//! attaches it to the current network namespace, and edits the set of steered ports.
+//! attaches it to the current network namespace, and edits the steered (address prefix,
+//! port) bindings.
 //!
 //! Ownership: [`Steering`] holds the attachment ([`Link`]) and handles to the maps it
 //! edits later. The skeleton and libbpf's `Object` only live inside
@@ -16,6 +17,8 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ErrorKind, Link, MapCore, MapFlags, MapHandle, ProgramType};
+
+use crate::config::prefix::Prefix;
 
 pub mod listener;
 
@@ -174,7 +177,7 @@ impl fmt::Display for BpfError {
                 source,
             } => write!(
                 f,
-                "adding port {port} to the BPF ports map failed: {source:#}"
+                "adding port {port} to the BPF bindings map failed: {source:#}"
             ),
             BpfError::Port {
                 port,
@@ -182,7 +185,7 @@ impl fmt::Display for BpfError {
                 source,
             } => write!(
                 f,
-                "removing port {port} from the BPF ports map failed: {source:#}"
+                "removing port {port} from the BPF bindings map failed: {source:#}"
             ),
             BpfError::Stats { source } => {
                 write!(f, "reading the BPF stats map failed: {source:#}")
@@ -208,8 +211,8 @@ pub struct Steering {
     /// The attachment; `None` after [`Steering::detach`]. Never forgotten or
     /// disconnected: dropping it is what detaches the program.
     link: Option<Link>,
-    /// Our own fd of the `ports` map (the skeleton's copy was closed with it).
-    ports: MapHandle,
+    /// Our own fd of the `bindings` map (the skeleton's copy was closed with it).
+    bindings: MapHandle,
     /// Our own fds of the counter maps.
     counters: Counters,
 }
@@ -289,7 +292,7 @@ impl Steering {
                 source,
             })
         };
-        let ports = handle(&skel.maps.ports)?;
+        let bindings = handle(&skel.maps.bindings)?;
         let stats = handle(&skel.maps.stats)?;
         let group_stats = handle(&skel.maps.group_stats)?;
 
@@ -306,19 +309,18 @@ impl Steering {
 
         Ok(Steering {
             link: Some(link),
-            ports,
+            bindings,
             counters: Counters { stats, group_stats },
         })
     }
 
-    /// Steer `port` (insert into the ports map): new TCP connections to it, on any
-    /// local address, go to our listener of their family. Adding a port twice is
-    /// harmless.
-    /// Steer `port`, counting its lookups under `group` (the app's index).
-    pub fn add_port(&mut self, port: u16, group: u32) -> Result<(), BpfError> {
-        // The program compares ctx->local_port, which is in host byte order.
-        self.ports
-            .update(&port.to_ne_bytes(), &group.to_ne_bytes(), MapFlags::ANY)
+    /// Steer connections to `prefix` on `port` (insert into the bindings map), counting
+    /// their lookups under `group`. A longer prefix on the same port wins over it. Adding a
+    /// binding twice overwrites its group.
+    pub fn add_binding(&mut self, prefix: Prefix, port: u16, group: u32) -> Result<(), BpfError> {
+        let value = binding_value(prefix, group);
+        self.bindings
+            .update(&binding_key(prefix, port), &value, MapFlags::ANY)
             .map_err(|source| BpfError::Port {
                 port,
                 adding: true,
@@ -326,11 +328,11 @@ impl Steering {
             })
     }
 
-    /// Stop steering `port`: new connections to it take the kernel's normal lookup
-    /// (refused unless something else listens there). Established connections are
-    /// not affected. Removing a port that is not steered is not an error.
-    pub fn remove_port(&mut self, port: u16) -> Result<(), BpfError> {
-        match self.ports.delete(&port.to_ne_bytes()) {
+    /// Stop steering `prefix` on `port`: new connections that only it covered take the
+    /// kernel's normal lookup. Established connections are not affected. Removing a binding
+    /// that is not there is not an error.
+    pub fn remove_binding(&mut self, prefix: Prefix, port: u16) -> Result<(), BpfError> {
+        match self.bindings.delete(&binding_key(prefix, port)) {
             Err(source) if source.kind() != ErrorKind::NotFound => Err(BpfError::Port {
                 port,
                 adding: false,
@@ -338,6 +340,18 @@ impl Steering {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// Steer `port` on every address, IPv4 and IPv6.
+    pub fn add_port(&mut self, port: u16, group: u32) -> Result<(), BpfError> {
+        self.add_binding(Prefix::ALL_V4, port, group)?;
+        self.add_binding(Prefix::ALL_V6, port, group)
+    }
+
+    /// Stop steering `port` on every address.
+    pub fn remove_port(&mut self, port: u16) -> Result<(), BpfError> {
+        self.remove_binding(Prefix::ALL_V4, port)?;
+        self.remove_binding(Prefix::ALL_V6, port)
     }
 
     /// Stop steering every port at once, by dropping the link (used first thing
@@ -421,6 +435,33 @@ fn bind_value(ip: IpAddr) -> [u8; 28] {
     };
     v[0..4].copy_from_slice(&family.to_ne_bytes());
     v[4..8].copy_from_slice(&u32::from(match_addr).to_ne_bytes());
+    v
+}
+
+/// The `bindings` key of (prefix, port), as `struct binding_key` in steer.bpf.c: prefix length
+/// in bits of what follows, the port as a host-order u32, then the address in network order,
+/// IPv4 v4-mapped.
+pub fn binding_key(prefix: Prefix, port: u16) -> [u8; 24] {
+    let (addr, bits) = match prefix.addr() {
+        IpAddr::V4(a) => (
+            a.to_ipv6_mapped().octets(),
+            96 + u32::from(prefix.prefix_len()),
+        ),
+        IpAddr::V6(a) => (a.octets(), u32::from(prefix.prefix_len())),
+    };
+    let mut k = [0u8; 24];
+    k[0..4].copy_from_slice(&(32 + bits).to_ne_bytes());
+    k[4..8].copy_from_slice(&u32::from(port).to_ne_bytes());
+    k[8..24].copy_from_slice(&addr);
+    k
+}
+
+/// The `bindings` value, as `struct binding`: the port group and the prefix's family.
+fn binding_value(prefix: Prefix, group: u32) -> [u8; 8] {
+    let family = if prefix.is_v4() { AF_INET } else { AF_INET6 };
+    let mut v = [0u8; 8];
+    v[0..4].copy_from_slice(&group.to_ne_bytes());
+    v[4..8].copy_from_slice(&family.to_ne_bytes());
     v
 }
 
@@ -567,6 +608,6 @@ mod tests {
         };
         assert!(err
             .to_string()
-            .starts_with("adding port 8080 to the BPF ports map failed: "));
+            .starts_with("adding port 8080 to the BPF bindings map failed: "));
     }
 }

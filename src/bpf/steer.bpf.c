@@ -2,18 +2,22 @@
  * steer: flyproxy's sk_lookup program.
  *
  * The kernel runs it for every incoming connection in the network namespace it
- * is attached to, before the normal socket lookup. For a TCP port listed in the
- * `ports` map it hands the connection to flyproxy's one listener of the right
- * family (from the `listeners` sockmap), so any number of ports reach the proxy
- * through a single socket; accept() then reports the original destination as the
- * accepted socket's local address. Every other port is left to the kernel.
+ * is attached to, before the normal socket lookup. For a TCP (address, port) some
+ * app owns, as the `bindings` longest-prefix-match map says, it hands the
+ * connection to flyproxy's one listener of the right family (from the `listeners`
+ * sockmap), so any number of ports and addresses reach the proxy through a single
+ * socket; accept() then reports the original destination as the accepted socket's
+ * local address, from which the proxy picks the app (and, where apps share the
+ * binding, reads the TLS server name). Every other (address, port) is left to
+ * the kernel.
  *
  * User space (src/bpf/mod.rs) owns the maps: it fills `listeners` once at start
- * and adds/removes `ports` on reload. `stats` is read for metrics.
+ * and adds/removes `bindings` on reload, as a diff. `stats` is read for metrics.
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
 
 /*
  * Address families as ctx->family reports them. The uapi headers do not export
@@ -30,9 +34,9 @@
 /* Indices of the `stats` counters. Must match the STAT_* constants in mod.rs. */
 enum stat {
 	STAT_STEERED = 0,          /* assigned to our listener */
-	STAT_DROPPED_NO_LISTENER = 1, /* our port, but no listener of that family */
-	STAT_PASSED = 2,           /* TCP, but not one of our ports */
-	STAT_DROPPED_ASSIGN = 3,   /* our port, bpf_sk_assign refused the socket */
+	STAT_DROPPED_NO_LISTENER = 1, /* ours, but no listener of that family */
+	STAT_PASSED = 2,           /* TCP, but no app's (address, port) */
+	STAT_DROPPED_ASSIGN = 3,   /* ours, bpf_sk_assign refused the socket */
 	STAT_MAX,
 };
 
@@ -48,10 +52,6 @@ struct {
 	__type(value, __u64);
 } listeners SEC(".maps");
 
-/*
- * The ports to steer, in host byte order (as ctx->local_port is). Only the
- * presence of a key matters; the value is unused. 65536 entries: every port.
- */
 /*
  * --bind: when family is set, only connections to that family (and, when match_addr
  * is set, to that address, network order) are ours. One entry, at key 0.
@@ -97,13 +97,39 @@ static __always_inline int bound_elsewhere(struct bpf_sk_lookup *ctx)
 	return (ip6_0 | ip6_1 | ip6_2 | ip6_3) != 0;
 }
 
-/* Port (host order) -> port group: the index of the app the port belongs to. */
+/*
+ * The (address prefix, port) pairs some app owns, keyed the way Cloudflare's
+ * tubular keys its bindings: the port first, then the address, so that one
+ * lookup with a full-length key finds "this port exactly, then the longest
+ * address prefix". IPv4 is stored v4-mapped (::ffff:a.b.c.d), so both families
+ * live in one trie; prefixlen = 32 (the port word) + 96 + IPv4 prefix length,
+ * or 32 + IPv6 prefix length. The port is a __u32 in host byte order, as
+ * ctx->local_port is; its whole word is always inside the prefix, so the byte
+ * order only has to agree with user space.
+ */
+struct binding_key {
+	__u32 prefixlen;
+	__u32 port;
+	__u32 addr[4]; /* network order */
+};
+
+struct binding {
+	__u32 group;  /* port group: counter index of the app(s) on this binding */
+	__u32 family; /* AF_INET or AF_INET6: the family of the configured prefix */
+};
+
+/*
+ * BPF_F_NO_PREALLOC is mandatory for LPM tries; max_entries only bounds the
+ * count (every port on 16 prefixes); memory is taken per entry written. A
+ * config beyond it fails its map writes, which are logged and retried.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u16);
-	__type(value, __u32);
-} ports SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct binding_key);
+	__type(value, struct binding);
+} bindings SEC(".maps");
 
 /*
  * Per port group: steered at index 2 * group, dropped at 2 * group + 1. Groups at or
@@ -149,10 +175,10 @@ static __always_inline void count_group(__u32 group, __u32 dropped)
 SEC("sk_lookup")
 int steer(struct bpf_sk_lookup *ctx)
 {
+	struct binding_key key = {};
+	struct binding *b;
 	struct bpf_sock *sk;
-	__u32 *group;
-	__u16 port;
-	__u32 key;
+	__u32 ip4, ip6_0, ip6_1, ip6_2, ip6_3, idx, group;
 	long err;
 
 	/*
@@ -162,22 +188,64 @@ int steer(struct bpf_sk_lookup *ctx)
 	if (ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
 
-	/* local_port is a __u32 in host byte order; ports fit in 16 bits. */
-	port = ctx->local_port;
-	group = bpf_map_lookup_elem(&ports, &port);
-	if (!group) {
+	/*
+	 * A full-length key for the dialled address. Every context field is read at
+	 * its own constant offset, unconditionally: the verifier refuses a context
+	 * pointer with a computed offset, which clang would make of an ip4-or-ip6
+	 * choice.
+	 */
+	ip4 = ctx->local_ip4;
+	ip6_0 = ctx->local_ip6[0];
+	ip6_1 = ctx->local_ip6[1];
+	ip6_2 = ctx->local_ip6[2];
+	ip6_3 = ctx->local_ip6[3];
+
+	key.prefixlen = 32 + 128;
+	/* local_port is a __u32 in host byte order. */
+	key.port = ctx->local_port;
+	if (ctx->family == AF_INET) {
+		/* ::ffff:a.b.c.d, in network order as the map stores it. */
+		key.addr[2] = bpf_htonl(0x0000ffff);
+		key.addr[3] = ip4;
+	} else if (ctx->family == AF_INET6) {
+		key.addr[0] = ip6_0;
+		key.addr[1] = ip6_1;
+		key.addr[2] = ip6_2;
+		key.addr[3] = ip6_3;
+	} else {
+		/* sk_lookup only runs for inet sockets; pass anything else untouched. */
+		return SK_PASS;
+	}
+
+	b = bpf_map_lookup_elem(&bindings, &key);
+	if (!b) {
 		/*
-		 * Not one of our ports: SK_PASS without assigning, so other
-		 * sockets and programs in the netns are untouched (a local sshd
-		 * on 22 keeps working).
+		 * No app owns this (address, port): SK_PASS without assigning, so
+		 * other sockets and programs in the netns are untouched (a local
+		 * sshd on 22 keeps working, as does anything on an address or port
+		 * no app names).
 		 */
 		count(STAT_PASSED);
 		return SK_PASS;
 	}
 
+	if (b->family != ctx->family) {
+		/*
+		 * The longest match is an IPv6 prefix short enough to cover the
+		 * v4-mapped space (::/0, say) and no IPv4 prefix covers this
+		 * address: an app that asked for IPv6 addresses does not take IPv4.
+		 * Not ours: pass, as for an address no app names.
+		 */
+		count(STAT_PASSED);
+		return SK_PASS;
+	}
+
+	idx = ctx->family == AF_INET ? LISTENER_V4 : LISTENER_V6;
+	group = b->group;
+
 	if (bound_elsewhere(ctx)) {
 		/*
-		 * Our port, but not the address the proxy was bound to (--bind):
+		 * Ours, but not the address the proxy was bound to (--bind):
 		 * not ours either. SK_PASS without assigning leaves it to whatever
 		 * else listens there, exactly as for a foreign port.
 		 */
@@ -185,20 +253,11 @@ int steer(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 
-	if (ctx->family == AF_INET) {
-		key = LISTENER_V4;
-	} else if (ctx->family == AF_INET6) {
-		key = LISTENER_V6;
-	} else {
-		/* sk_lookup only runs for inet sockets; pass anything else untouched. */
-		return SK_PASS;
-	}
-
 	/* From sk_lookup a sockmap lookup returns a referenced socket (or NULL). */
-	sk = bpf_map_lookup_elem(&listeners, &key);
+	sk = bpf_map_lookup_elem(&listeners, &idx);
 	if (!sk) {
 		/*
-		 * The port is ours but our listener of this family is gone
+		 * The binding is ours but our listener of this family is gone
 		 * (closed, being replaced, or never given). SK_DROP ends the
 		 * lookup with no socket: the regular lookup is skipped, so the
 		 * connection cannot land on some other socket that happens to be
@@ -207,7 +266,7 @@ int steer(struct bpf_sk_lookup *ctx)
 		 * refused", as if the proxy were down; it does not retransmit).
 		 */
 		count(STAT_DROPPED_NO_LISTENER);
-		count_group(*group, 1);
+		count_group(group, 1);
 		return SK_DROP;
 	}
 
@@ -221,17 +280,17 @@ int steer(struct bpf_sk_lookup *ctx)
 		/*
 		 * The socket cannot take this connection (wrong family or
 		 * protocol, not listening, or an earlier program already
-		 * assigned one). The port is still ours, so do not let the
+		 * assigned one). The binding is still ours, so do not let the
 		 * regular lookup hand it elsewhere: drop (refused, as above).
 		 */
 		count(STAT_DROPPED_ASSIGN);
-		count_group(*group, 1);
+		count_group(group, 1);
 		return SK_DROP;
 	}
 
 	/* SK_PASS after a successful assign: the kernel uses our socket. */
 	count(STAT_STEERED);
-	count_group(*group, 0);
+	count_group(group, 0);
 	return SK_PASS;
 }
 

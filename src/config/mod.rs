@@ -7,22 +7,29 @@
 //! found at once. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
 //! touch a live listener.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod diff;
+pub mod hostname;
+pub mod prefix;
 mod raw;
 pub mod sha256;
 mod validate;
 
 pub use diff::Diff;
-pub use validate::parse_target;
+pub use validate::{parse_port_range, parse_target, port_ranges};
+
+use hostname::{HostnameError, Pattern};
+use prefix::{Prefix, PrefixError};
 
 use raw::RawConfig;
 
-/// A validated config: app names unique, every port in 1..=65535 and used once, every app with
-/// at least one port and one well-formed target.
+/// A validated config: app names unique, every port in 1..=65535, apps sharing an (address
+/// prefix, port) told apart by Hostnames, every app with at least one port and one well-formed
+/// target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub apps: Vec<App>,
@@ -31,7 +38,13 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct App {
     pub name: String,
+    /// Every port, ranges expanded, in the order given, each once.
     pub ports: Vec<u16>,
+    /// The local addresses the app's ports answer on; empty: every address.
+    pub addresses: Vec<Prefix>,
+    /// TLS server names that pick this app among those sharing an address and port; empty:
+    /// the app takes what no other app's names claim there (the default).
+    pub hostnames: Vec<Pattern>,
     pub targets: Vec<Target>,
     pub health: HealthCheck,
     pub balance: Balance,
@@ -128,11 +141,46 @@ pub enum Problem {
     DuplicateApp { name: String },
     /// A port outside 1..=65535.
     PortOutOfRange { app: String, port: i64 },
-    /// A port listed twice, within one app (`first` is None) or across two.
-    DuplicatePort {
-        port: u16,
+    /// A port string that is not a number or an `"A-B"` range within 1-65535.
+    BadPortRange {
         app: String,
-        first: Option<String>,
+        value: String,
+        why: &'static str,
+    },
+    /// Ports (written as ranges) listed twice within one app.
+    DuplicatePort { ports: String, app: String },
+    /// An address or hostname listed twice within one app.
+    Duplicate {
+        app: String,
+        field: &'static str,
+        value: String,
+    },
+    /// An entry of `Addresses` that is not an address or prefix.
+    BadAddress {
+        app: String,
+        value: String,
+        why: PrefixError,
+    },
+    /// An entry of `Hostnames` that is not a hostname pattern.
+    BadHostname {
+        app: String,
+        value: String,
+        why: HostnameError,
+    },
+    /// Two apps on the same address prefix and ports, neither told apart by Hostnames.
+    SharedDefault {
+        app: String,
+        first: String,
+        ports: String,
+        addresses: String,
+    },
+    /// Two apps on the same address prefix and ports claiming the same hostname.
+    SharedHostname {
+        app: String,
+        first: String,
+        hostname: String,
+        ports: String,
+        addresses: String,
     },
     /// A target that is not `host:port`.
     BadTarget {
@@ -186,20 +234,47 @@ impl fmt::Display for Problem {
             Problem::PortOutOfRange { app, port } => {
                 write!(f, "app {app:?}: Ports: {port} is not a port (1-65535)")
             }
-            Problem::DuplicatePort {
-                port,
-                app,
-                first: None,
-            } => {
-                write!(f, "app {app:?}: Ports: {port} is listed twice")
+            Problem::BadPortRange { app, value, why } => {
+                write!(f, "app {app:?}: Ports: {value:?} {why}")
             }
-            Problem::DuplicatePort {
-                port,
+            Problem::DuplicatePort { ports, app } => {
+                write!(
+                    f,
+                    "app {app:?}: Ports: {ports} {} listed twice",
+                    is_are(ports)
+                )
+            }
+            Problem::Duplicate { app, field, value } => {
+                write!(f, "app {app:?}: {field}: {value:?} is listed twice")
+            }
+            Problem::BadAddress { app, value, why } => {
+                write!(f, "app {app:?}: Addresses: {value:?} {why}")
+            }
+            Problem::BadHostname { app, value, why } => {
+                write!(f, "app {app:?}: Hostnames: {value:?} {why}")
+            }
+            Problem::SharedDefault {
                 app,
-                first: Some(first),
+                first,
+                ports,
+                addresses,
             } => write!(
                 f,
-                "app {app:?}: Ports: {port} is already used by app {first:?}"
+                "app {app:?}: Ports: {ports} {} already used by app {first:?} on {addresses}, \
+                 and neither has Hostnames (apps share an address and port only when Hostnames \
+                 tell them apart, with at most one app without them)",
+                is_are(ports)
+            ),
+            Problem::SharedHostname {
+                app,
+                first,
+                hostname,
+                ports,
+                addresses,
+            } => write!(
+                f,
+                "app {app:?}: Hostnames: {hostname:?} is also claimed by app {first:?} on \
+                 port {ports} ({addresses}): a name may pick only one app per address and port"
             ),
             Problem::BadTarget { app, target, why } => {
                 write!(f, "app {app:?}: Targets: {target:?} {why}")
@@ -216,8 +291,18 @@ impl fmt::Display for Problem {
     }
 }
 
-const APP_KEYS: &str = "Name, Ports, Targets, HealthCheck, Balance, ConnectAttempts, \
+const APP_KEYS: &str =
+    "Name, Ports, Targets, Addresses, Hostnames, HealthCheck, Balance, ConnectAttempts, \
                         MaxConnections, MaxConnectionsPerClient, ProxyProtocol";
+
+/// "is" for one port, "are" for a list or a range.
+fn is_are(ports: &str) -> &'static str {
+    if ports.contains([',', '-']) {
+        "are"
+    } else {
+        "is"
+    }
+}
 
 const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
 
@@ -263,9 +348,29 @@ impl Config {
         Config::from_raw(raw).map_err(fail)
     }
 
-    /// Every configured port, each exactly once.
-    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.apps.iter().flat_map(|a| a.ports.iter().copied())
+    /// Every configured port, each exactly once (apps may share one), ascending.
+    pub fn ports(&self) -> impl Iterator<Item = u16> {
+        let set: BTreeSet<u16> = self
+            .apps
+            .iter()
+            .flat_map(|a| a.ports.iter().copied())
+            .collect();
+        set.into_iter()
+    }
+
+    /// Every (port, address prefix) some app answers on, with the names of the apps there in
+    /// config order.
+    pub fn bindings(&self) -> BTreeMap<(u16, Prefix), Vec<&str>> {
+        let mut out: BTreeMap<(u16, Prefix), Vec<&str>> = BTreeMap::new();
+        for app in &self.apps {
+            let prefixes = app_prefixes(app);
+            for &port in &app.ports {
+                for &p in &prefixes {
+                    out.entry((port, p)).or_default().push(&app.name);
+                }
+            }
+        }
+        out
     }
 
     /// A one-line summary, as `flyproxy check` prints it.
@@ -277,6 +382,15 @@ impl Config {
             self.ports().count(),
             targets
         )
+    }
+}
+
+/// The prefixes an app's ports answer on: its `Addresses`, or every IPv4 and IPv6 address.
+pub fn app_prefixes(app: &App) -> Vec<Prefix> {
+    if app.addresses.is_empty() {
+        vec![Prefix::ALL_V4, Prefix::ALL_V6]
+    } else {
+        app.addresses.clone()
     }
 }
 

@@ -21,8 +21,11 @@ pub(super) struct RawConfig {
 #[serde(rename_all = "PascalCase")]
 pub(super) struct RawApp {
     pub(super) name: Option<String>,
-    /// Wider than u16 so that 0 and 70000 get our message, not serde's.
-    pub(super) ports: Option<Vec<i64>>,
+    /// Numbers and `"A-B"` ranges; kept as JSON values so that 0, 70000 and "x" all get our
+    /// message, not serde's.
+    pub(super) ports: Option<Vec<Value>>,
+    pub(super) addresses: Option<Vec<String>>,
+    pub(super) hostnames: Option<Vec<String>>,
     pub(super) targets: Option<Vec<String>>,
     pub(super) health_check: Option<RawHealthCheck>,
     pub(super) balance: Option<String>,

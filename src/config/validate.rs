@@ -1,13 +1,18 @@
 //! From the raw file to a `Config`: every problem found at once, each naming the app and the
 //! field, or a config the proxy can run on.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::Ipv6Addr;
 use std::time::Duration;
 
+use serde_json::Value;
+
+use crate::config::hostname::Pattern;
+use crate::config::prefix::Prefix;
 use crate::config::raw::{RawApp, RawConfig, RawHealthCheck};
 use crate::config::{
-    App, Balance, Config, HealthCheck, Problem, ProxyProtocol, Target, DEFAULT_CONNECT_ATTEMPTS,
+    app_prefixes, App, Balance, Config, HealthCheck, Problem, ProxyProtocol, Target,
+    DEFAULT_CONNECT_ATTEMPTS,
 };
 
 impl Config {
@@ -24,11 +29,12 @@ impl Config {
             return Err(problems);
         };
         let mut earlier = Earlier::default();
-        let apps = raw_apps
+        let apps: Vec<App> = raw_apps
             .into_iter()
             .enumerate()
             .map(|(i, raw_app)| earlier.app(i, raw_app, &mut problems))
             .collect();
+        check_sharing(&apps, &earlier.unusable, &mut problems);
         if problems.is_empty() {
             Ok(Config { apps })
         } else {
@@ -41,8 +47,10 @@ impl Config {
 #[derive(Default)]
 struct Earlier {
     names: BTreeSet<String>,
-    /// Which app (by position, as names may repeat) took each port first.
-    port_owner: HashMap<u16, (usize, String)>,
+    /// By position: the app's Addresses were given but none is usable. Such an app is left
+    /// out of the sharing checks (its addresses are already a problem) rather than taken for
+    /// "every address" there.
+    unusable: Vec<bool>,
 }
 
 impl Earlier {
@@ -55,7 +63,20 @@ impl Earlier {
                 key: key.clone(),
             });
         }
-        let ports = self.ports(i, &name, raw_app.ports, problems);
+        let ports = match raw_app.ports {
+            Some(list) if !list.is_empty() => app_ports(&name, &list, problems),
+            _ => {
+                problems.push(Problem::Missing {
+                    app: name.clone(),
+                    field: "Ports",
+                });
+                Vec::new()
+            }
+        };
+        let addresses_given = raw_app.addresses.is_some();
+        let addresses = app_addresses(&name, raw_app.addresses, problems);
+        self.unusable.push(addresses_given && addresses.is_empty());
+        let hostnames = app_hostnames(&name, raw_app.hostnames, problems);
         let targets = targets(&name, raw_app.targets, problems);
         let mut opts = Options {
             app: &name,
@@ -94,6 +115,8 @@ impl Earlier {
         App {
             name,
             ports,
+            addresses,
+            hostnames,
             targets,
             health,
             balance,
@@ -123,54 +146,242 @@ impl Earlier {
         }
         name
     }
+}
 
-    /// The ports of app `name` (at position `i`) that are valid and not taken by an app before.
-    fn ports(
-        &mut self,
-        i: usize,
-        name: &str,
-        raw: Option<Vec<i64>>,
-        problems: &mut Vec<Problem>,
-    ) -> Vec<u16> {
-        let mut ports = Vec::new();
-        let list = match raw {
-            Some(list) if !list.is_empty() => list,
-            _ => {
-                problems.push(Problem::Missing {
-                    app: name.to_owned(),
-                    field: "Ports",
+/// An app's `Ports`: numbers and `"A-B"` ranges, expanded, in the order given, each once.
+/// Problems for what is not a port, and one problem listing every port given twice.
+fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16> {
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
+    let mut twice = BTreeSet::new();
+    for v in list {
+        let range = match v {
+            Value::Number(n) if n.as_i64().is_some() => match n.as_i64() {
+                Some(p) if (1..=65535).contains(&p) => p as u16..=p as u16,
+                _ => {
+                    problems.push(Problem::PortOutOfRange {
+                        app: app.to_owned(),
+                        port: n.as_i64().unwrap_or_default(),
+                    });
+                    continue;
+                }
+            },
+            Value::String(s) => match parse_port_range(s) {
+                Ok(r) => r,
+                Err(why) => {
+                    problems.push(Problem::BadPortRange {
+                        app: app.to_owned(),
+                        value: s.clone(),
+                        why,
+                    });
+                    continue;
+                }
+            },
+            other => {
+                problems.push(Problem::BadPortRange {
+                    app: app.to_owned(),
+                    value: other.to_string(),
+                    why: "is not a port number or a range \"A-B\"",
                 });
-                return ports;
+                continue;
             }
         };
-        for p in list {
-            let Ok(port) = u16::try_from(p) else {
-                problems.push(Problem::PortOutOfRange {
-                    app: name.to_owned(),
-                    port: p,
-                });
-                continue;
-            };
-            if port == 0 {
-                problems.push(Problem::PortOutOfRange {
-                    app: name.to_owned(),
-                    port: p,
-                });
-                continue;
+        for p in range {
+            if seen.insert(p) {
+                order.push(p);
+            } else {
+                twice.insert(p);
             }
-            match self.port_owner.get(&port) {
-                Some((owner, first)) => problems.push(Problem::DuplicatePort {
-                    port,
-                    app: name.to_owned(),
-                    first: (*owner != i).then(|| first.clone()),
-                }),
-                None => {
-                    self.port_owner.insert(port, (i, name.to_owned()));
-                    ports.push(port);
+        }
+    }
+    if !twice.is_empty() {
+        problems.push(Problem::DuplicatePort {
+            ports: port_ranges(twice.iter().copied()),
+            app: app.to_owned(),
+        });
+    }
+    order
+}
+
+/// `"A-B"`: an inclusive range, 1 <= A <= B <= 65535. (A single port is written as a number.)
+pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, &'static str> {
+    const SHAPE: &str =
+        "is not a range \"A-B\" (e.g. \"20000-20999\"; write a single port as a number)";
+    let num = |t: &str| -> Result<u32, &'static str> {
+        if t.is_empty() || t.len() > 5 || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(SHAPE);
+        }
+        t.parse::<u32>().map_err(|_| SHAPE)
+    };
+    let (a, b) = match s.split_once('-') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => return Err(SHAPE),
+    };
+    if a == 0 || b == 0 || a > 65535 || b > 65535 {
+        return Err("has a port outside 1-65535");
+    }
+    if a > b {
+        return Err("runs backwards (write the lower port first)");
+    }
+    Ok(a as u16..=b as u16)
+}
+
+/// Ports written compactly: `80,443,20000-20999`.
+pub fn port_ranges(ports: impl IntoIterator<Item = u16>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut run: Option<(u16, u16)> = None;
+    let flush = |run: Option<(u16, u16)>, out: &mut Vec<String>| match run {
+        Some((a, b)) if a == b => out.push(a.to_string()),
+        Some((a, b)) => out.push(format!("{a}-{b}")),
+        None => {}
+    };
+    for p in ports {
+        run = match run {
+            Some((a, b)) if b.checked_add(1) == Some(p) => Some((a, p)),
+            other => {
+                flush(other, &mut out);
+                Some((p, p))
+            }
+        };
+    }
+    flush(run, &mut out);
+    out.join(",")
+}
+
+fn app_addresses(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Prefix> {
+    let Some(list) = raw else { return Vec::new() };
+    if list.is_empty() {
+        problems.push(Problem::Missing {
+            app: app.to_owned(),
+            field: "Addresses",
+        });
+    }
+    let mut out: Vec<Prefix> = Vec::new();
+    for s in list {
+        match Prefix::parse(&s) {
+            Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {
+                app: app.to_owned(),
+                field: "Addresses",
+                value: s,
+            }),
+            Ok(p) => out.push(p),
+            Err(why) => problems.push(Problem::BadAddress {
+                app: app.to_owned(),
+                value: s,
+                why,
+            }),
+        }
+    }
+    out
+}
+
+fn app_hostnames(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Pattern> {
+    let Some(list) = raw else { return Vec::new() };
+    if list.is_empty() {
+        problems.push(Problem::Missing {
+            app: app.to_owned(),
+            field: "Hostnames",
+        });
+    }
+    let mut out: Vec<Pattern> = Vec::new();
+    for s in list {
+        match Pattern::parse(&s) {
+            Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {
+                app: app.to_owned(),
+                field: "Hostnames",
+                value: s,
+            }),
+            Ok(p) => out.push(p),
+            Err(why) => problems.push(Problem::BadHostname {
+                app: app.to_owned(),
+                value: s,
+                why,
+            }),
+        }
+    }
+    out
+}
+
+/// Apps may share an (address prefix, port) only if Hostnames tell them apart: at most one app
+/// there without Hostnames, and no hostname on two of them. One problem per pair of apps and
+/// conflict, naming every port and address it concerns (a range of 10,000 shared ports is one
+/// line, not 10,000).
+fn check_sharing(apps: &[App], unusable: &[bool], problems: &mut Vec<Problem>) {
+    // (port, prefix) -> apps there, by index, in config order.
+    let mut at: HashMap<(u16, Prefix), Vec<usize>> = HashMap::new();
+    for (i, app) in apps.iter().enumerate() {
+        if unusable[i] {
+            continue;
+        }
+        for prefix in app_prefixes(app) {
+            for &port in &app.ports {
+                at.entry((port, prefix)).or_default().push(i);
+            }
+        }
+    }
+    // (later app, first app, hostname or None for "both defaults") -> prefixes and ports.
+    type Clash = (usize, usize, Option<Pattern>);
+    let mut clashes: BTreeMap<Clash, (BTreeSet<Prefix>, BTreeSet<u16>)> = BTreeMap::new();
+    for ((port, prefix), list) in &at {
+        if list.len() < 2 {
+            continue;
+        }
+        let mut default: Option<usize> = None;
+        let mut names: HashMap<&Pattern, usize> = HashMap::new();
+        for &i in list {
+            let app = &apps[i];
+            let mut clash = |key: Clash| {
+                let e = clashes.entry(key).or_default();
+                e.0.insert(*prefix);
+                e.1.insert(*port);
+            };
+            if app.hostnames.is_empty() {
+                match default {
+                    Some(first) => clash((i, first, None)),
+                    None => default = Some(i),
+                }
+            }
+            for h in &app.hostnames {
+                match names.get(h) {
+                    Some(&first) if first != i => clash((i, first, Some(h.clone()))),
+                    Some(_) => {}
+                    None => {
+                        names.insert(h, i);
+                    }
                 }
             }
         }
-        ports
+    }
+    for ((i, first, name), (prefixes, ports)) in clashes {
+        let addresses = if prefixes.len() == 2
+            && prefixes.contains(&Prefix::ALL_V4)
+            && prefixes.contains(&Prefix::ALL_V6)
+        {
+            "every address".to_owned()
+        } else {
+            prefixes
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ports = port_ranges(ports);
+        let (app, first) = (apps[i].name.clone(), apps[first].name.clone());
+        problems.push(match name {
+            None => Problem::SharedDefault {
+                app,
+                first,
+                ports,
+                addresses,
+            },
+            Some(h) => Problem::SharedHostname {
+                app,
+                first,
+                hostname: h.to_string(),
+                ports,
+                addresses,
+            },
+        });
     }
 }
 

@@ -15,7 +15,7 @@ use mio::{Events, Poll, Token};
 
 use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
-use crate::backends::routing::Routes;
+use crate::backends::routing::{Routes, Unrouted};
 use crate::cli::Settings;
 use crate::config::{sha256, Config, Diff};
 use crate::frontend::lifecycle::{Lifecycle, Next};
@@ -279,38 +279,63 @@ impl Loop {
     }
 
     fn dispatch(&mut self, conn: Accepted) {
-        let Some(app) = self.routes.app_for(conn.port) else {
+        let port = conn.local.port();
+        let Some(table) = self.routes.port(port) else {
             // bpf mode, a port removed from the config while the kernel still queued a
             // connection for it. Closing it is what a removed listener would have done.
             crate::debug!(
-                "conn client={} port={}: port no longer configured, closed",
+                "conn client={} port={port}: port no longer configured, closed",
                 conn.peer,
-                conn.port
             );
             return;
         };
-        // Per-client limits first, before the connection takes a slot or a thread: a client at
-        // its limit is closed at once and costs nothing more.
-        let client_slots = match ClientSlots::take(self.clients.as_ref(), app, conn.peer) {
-            Ok(slots) => slots,
-            Err(reached) => {
-                session::refuse_client_limit(app, conn.stream, conn.peer, conn.port, reached);
-                return;
-            }
+        let Some(binding) = table.lookup(conn.local.ip()) else {
+            // A wildcard listener of the port took a connection to an address no app on it
+            // answers (simple mode), or the config changed while it was queued: reset at once,
+            // as a refused connection would be.
+            self.published.unrouted.count(port, Unrouted::NoApp);
+            crate::debug!(
+                "conn client={} local={}: no app on this address, reset",
+                conn.peer,
+                conn.local
+            );
+            crate::net::reset(conn.stream);
+            return;
         };
+        let binding = Arc::clone(binding);
+        // Per-client limits first, before the connection takes a slot or a thread: a client at
+        // its limit is closed at once and costs nothing more. Where the app is picked by the
+        // server name, only the global limit is known yet; the session checks the app's.
+        let app = (!binding.needs_server_name())
+            .then(|| binding.default_app())
+            .flatten();
+        let client_slots =
+            match ClientSlots::take(self.clients.as_ref(), app.map(|a| &**a), conn.peer) {
+                Ok(slots) => slots,
+                Err(reached) => {
+                    session::refuse_client_limit(
+                        app.map(|a| &**a),
+                        conn.stream,
+                        conn.peer,
+                        port,
+                        reached,
+                    );
+                    return;
+                }
+            };
         self.slots.take();
         let job = Job {
             client: conn.stream,
             peer: conn.peer,
-            port: conn.port,
-            app: Arc::clone(app),
+            local: conn.local,
+            binding,
             accepted: Instant::now(),
             client_slots,
         };
         if let Err((job, e)) = self.pool.submit(job) {
             crate::error!(
-                "conn app={} client={}: no relay thread: {e}; closed",
-                job.app.name,
+                "conn local={} client={}: no relay thread: {e}; closed",
+                job.local,
                 job.peer
             );
             // No thread took the job, so the pool will not give its slot back.

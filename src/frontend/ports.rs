@@ -33,8 +33,13 @@ pub const FIRST_LISTENER: usize = 16;
 /// Why a set of ports could not be made reachable.
 #[derive(Debug)]
 pub enum PortError {
-    /// This port could not be listened on.
-    Listen { port: u16, error: io::Error },
+    /// This port (on this address, when the listener was for one address rather than every
+    /// one) could not be listened on.
+    Listen {
+        port: u16,
+        addr: Option<std::net::IpAddr>,
+        error: io::Error,
+    },
     /// A listener could not be added to the event loop.
     Register(io::Error),
 }
@@ -42,15 +47,21 @@ pub enum PortError {
 impl fmt::Display for PortError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PortError::Listen { port, error } => {
+            PortError::Listen { port, addr, error } => {
                 let hint = match error.kind() {
                     io::ErrorKind::AddrInUse => " (another process listens on it)",
                     io::ErrorKind::PermissionDenied => {
                         " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
                     }
+                    io::ErrorKind::AddrNotAvailable => {
+                        " (the address is not on this host: simple mode listens only on local addresses)"
+                    }
                     _ => "",
                 };
-                write!(f, "cannot listen on port {port}: {error}{hint}")
+                match addr {
+                    Some(a) => write!(f, "cannot listen on port {port} on {a}: {error}{hint}"),
+                    None => write!(f, "cannot listen on port {port}: {error}{hint}"),
+                }
             }
             PortError::Register(error) => {
                 write!(f, "cannot add a listener to the event loop: {error}")
@@ -61,11 +72,13 @@ impl fmt::Display for PortError {
 
 impl std::error::Error for PortError {}
 
-/// One accepted connection and the frontend port it came in on.
+/// One accepted connection and the address it came in on.
 pub struct Accepted {
     pub stream: TcpStream,
     pub peer: SocketAddr,
-    pub port: u16,
+    /// The address and port the client dialled (getsockname of the accepted socket, which
+    /// in bpf mode is the original destination, not the listener's), IPv4 written as IPv4.
+    pub local: SocketAddr,
 }
 
 pub trait PortSource {
@@ -107,10 +120,9 @@ pub fn handover_of(l: &TcpListener) -> Option<(SocketAddr, RawFd)> {
     Some((l.local_addr().ok()?, l.as_raw_fd()))
 }
 
-/// Accept one connection. The port is the listener's own when known (simple mode); otherwise
-/// it is read from the accepted socket's local address, which keeps the original destination
-/// port when sk_lookup steered the connection to us.
-pub fn accept_from(listener: &TcpListener, port: Option<u16>) -> io::Result<Option<Accepted>> {
+/// Accept one connection, with the address the client dialled: the accepted socket's local
+/// address, which keeps the original destination when sk_lookup steered the connection to us.
+pub fn accept_from(listener: &TcpListener) -> io::Result<Option<Accepted>> {
     let (stream, peer) = match listener.accept() {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -119,13 +131,10 @@ pub fn accept_from(listener: &TcpListener, port: Option<u16>) -> io::Result<Opti
     // mio accepts with SOCK_NONBLOCK; the relay wants exactly that, as a std stream.
     // SAFETY: into_raw_fd hands over sole ownership of a valid, open socket.
     let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
-    let port = match port {
-        Some(p) => p,
-        None => stream.local_addr()?.port(),
-    };
+    let local = canonical(stream.local_addr()?);
     Ok(Some(Accepted {
         stream,
         peer: canonical(peer),
-        port,
+        local,
     }))
 }

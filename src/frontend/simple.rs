@@ -1,47 +1,168 @@
-//! Simple mode: one dual-stack listener per configured port, bound directly by this process.
+//! Simple mode: listeners bound directly by this process, so that every configured (address,
+//! port) is served: per port and family, a wildcard listener where some app there takes more
+//! than single addresses (every address, or a prefix), else one listener per configured
+//! address. A port whose apps take every address of both families gets one dual-stack socket,
+//! as it always has. Which app a connection belongs to is decided after accept, from its local
+//! address (and server name), the same as in bpf mode.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
-use crate::config::Config;
+use crate::config::{app_prefixes, Config};
 use crate::frontend::ports::{
     accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER,
 };
-use crate::net::listen_any;
+use crate::net::{listen, listen_any};
 
-/// Simple mode: one dual-stack listener per port, token = `FIRST_LISTENER + port`.
+/// A listening socket as the config wants it: where, and for `[::]`, whether IPv4 too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bind {
+    pub addr: SocketAddr,
+    /// `[::]` taking IPv4 as well (dual-stack). False for every other address.
+    pub dual: bool,
+}
+
+/// Simple mode's listeners, by what they bind; tokens are handed out in order, never reused.
 pub struct PerPort {
-    listeners: HashMap<u16, TcpListener>,
+    listeners: BTreeMap<Bind, (Token, TcpListener)>,
+    by_token: HashMap<Token, Bind>,
+    next_token: usize,
     /// Listeners handed over by the process we upgrade, used instead of binding anew; those
     /// the config no longer wants are closed after the first apply.
     inherited: HashMap<SocketAddr, TcpListener>,
 }
 
+/// The listeners `config` needs.
+pub fn wanted(config: &Config) -> BTreeSet<Bind> {
+    // Port -> (IPv4 wildcard needed, IPv6 wildcard needed, single addresses).
+    let mut per_port: BTreeMap<u16, (bool, bool, BTreeSet<IpAddr>)> = BTreeMap::new();
+    for app in &config.apps {
+        let prefixes = app_prefixes(app);
+        for &port in &app.ports {
+            let e = per_port.entry(port).or_default();
+            for p in &prefixes {
+                match (p.is_v4(), p.is_host()) {
+                    (true, false) => e.0 = true,
+                    (false, false) => e.1 = true,
+                    (_, true) => {
+                        e.2.insert(p.addr());
+                    }
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    for (port, (all4, all6, hosts)) in per_port {
+        let at = |ip: IpAddr| SocketAddr::new(ip, port);
+        if all4 && all6 {
+            out.insert(Bind {
+                addr: at(Ipv6Addr::UNSPECIFIED.into()),
+                dual: true,
+            });
+            continue;
+        }
+        if all4 {
+            out.insert(Bind {
+                addr: at(Ipv4Addr::UNSPECIFIED.into()),
+                dual: false,
+            });
+        }
+        if all6 {
+            out.insert(Bind {
+                addr: at(Ipv6Addr::UNSPECIFIED.into()),
+                dual: false,
+            });
+        }
+        for ip in hosts {
+            if (ip.is_ipv4() && !all4) || (ip.is_ipv6() && !all6) {
+                out.insert(Bind {
+                    addr: at(ip),
+                    dual: false,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Whether two listeners of ours would refuse each other's bind: the same port, the same
+/// family (or a dual-stack one), and the same address or a wildcard on one side.
+fn clash(a: &Bind, b: &Bind) -> bool {
+    if a.addr.port() != b.addr.port() {
+        return false;
+    }
+    let same_family = a.addr.is_ipv4() == b.addr.is_ipv4() || a.dual || b.dual;
+    same_family
+        && (a.addr.ip() == b.addr.ip()
+            || a.addr.ip().is_unspecified()
+            || b.addr.ip().is_unspecified())
+}
+
 impl PerPort {
     pub fn new(inherited: HashMap<SocketAddr, TcpListener>) -> PerPort {
         PerPort {
-            listeners: HashMap::new(),
+            listeners: BTreeMap::new(),
+            by_token: HashMap::new(),
+            next_token: FIRST_LISTENER,
             inherited,
         }
     }
 
-    /// The listener for `port`: the inherited one if there is one, else a new one.
-    fn listener_for(&mut self, port: u16) -> io::Result<TcpListener> {
-        let dual = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
-        let v4 = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port);
-        match self
-            .inherited
-            .remove(&dual)
-            .or_else(|| self.inherited.remove(&v4))
-        {
-            Some(l) => Ok(l),
-            None => listen_any(port),
+    /// The listener for `bind`: the inherited one if there is one, else a new one.
+    fn open(&mut self, bind: Bind) -> io::Result<TcpListener> {
+        if let Some(l) = self.inherited.remove(&bind.addr) {
+            return Ok(l);
         }
+        if bind.dual {
+            // An inherited IPv4-only wildcard (a host without IPv6) serves the same purpose.
+            let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), bind.addr.port());
+            if let Some(l) = self.inherited.remove(&v4) {
+                return Ok(l);
+            }
+            return listen_any(bind.addr.port());
+        }
+        listen(bind.addr, bind.addr.is_ipv6())
+    }
+
+    fn token(&mut self) -> Token {
+        let t = Token(self.next_token);
+        self.next_token += 1;
+        t
+    }
+
+    /// Bind and register `bind`.
+    fn add(&mut self, registry: &Registry, bind: Bind) -> Result<(Token, TcpListener), PortError> {
+        let mut l = self.open(bind).map_err(|error| PortError::Listen {
+            port: bind.addr.port(),
+            addr: (!bind.addr.ip().is_unspecified()).then_some(bind.addr.ip()),
+            error,
+        })?;
+        let token = self.token();
+        registry
+            .register(&mut l, token, Interest::READABLE)
+            .map_err(PortError::Register)?;
+        Ok((token, l))
+    }
+
+    fn close(&mut self, registry: &Registry, bind: &Bind) -> bool {
+        match self.listeners.remove(bind) {
+            Some((token, mut l)) => {
+                self.by_token.remove(&token);
+                let _ = registry.deregister(&mut l);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn keep(&mut self, bind: Bind, token: Token, l: TcpListener) {
+        self.by_token.insert(token, bind);
+        self.listeners.insert(bind, (token, l));
     }
 }
 
@@ -49,55 +170,92 @@ impl PortSource for PerPort {
     fn apply(
         &mut self,
         registry: &Registry,
-        _config: &Config,
-        added: &[u16],
-        removed: &[u16],
+        config: &Config,
+        _added: &[u16],
+        _removed: &[u16],
     ) -> Result<(), PortError> {
-        // Bind every new port first, so that a port that cannot be bound refuses the whole
-        // change before anything else has moved.
-        let mut fresh = Vec::with_capacity(added.len());
-        for &port in added {
-            let bound = self.listener_for(port).and_then(|mut l| {
-                registry.register(&mut l, token_for(port), Interest::READABLE)?;
-                Ok(l)
-            });
-            match bound {
-                Ok(l) => fresh.push((port, l)),
-                Err(error) => {
-                    for (_, mut l) in fresh {
-                        let _ = registry.deregister(&mut l);
-                    }
-                    return Err(PortError::Listen { port, error });
+        let want = wanted(config);
+        let have: BTreeSet<Bind> = self.listeners.keys().copied().collect();
+        let gone: Vec<Bind> = have.difference(&want).copied().collect();
+        let new: Vec<Bind> = want.difference(&have).copied().collect();
+
+        // Bind every new listener first, so that one that cannot be bound refuses the whole
+        // change before anything else has moved. A new listener that would clash with one of
+        // ours that is going away (a port going from single addresses to every address, or
+        // back) can only be bound once that one is closed: those come second.
+        let mut fresh: Vec<(Bind, Token, TcpListener)> = Vec::new();
+        let (later, now): (Vec<Bind>, Vec<Bind>) = new
+            .into_iter()
+            .partition(|b| gone.iter().any(|g| clash(b, g)));
+        let undo = |fresh: Vec<(Bind, Token, TcpListener)>| {
+            for (_, _, mut l) in fresh {
+                let _ = registry.deregister(&mut l);
+            }
+        };
+        for bind in now {
+            match self.add(registry, bind) {
+                Ok((t, l)) => fresh.push((bind, t, l)),
+                Err(e) => {
+                    undo(fresh);
+                    return Err(e);
                 }
             }
         }
-        for port in removed {
-            if let Some(mut l) = self.listeners.remove(port) {
-                let _ = registry.deregister(&mut l);
+        if !later.is_empty() {
+            // Connections queued on the closed listeners are lost, and for a moment the
+            // address refuses: the price of changing a port's kind of binding.
+            let closed: Vec<Bind> = gone
+                .iter()
+                .filter(|g| later.iter().any(|b| clash(b, g)))
+                .copied()
+                .collect();
+            for g in &closed {
+                self.close(registry, g);
+            }
+            for bind in later {
+                match self.add(registry, bind) {
+                    Ok((t, l)) => fresh.push((bind, t, l)),
+                    Err(e) => {
+                        undo(fresh);
+                        // Put back what was closed, so the running config keeps serving.
+                        for g in closed {
+                            match self.add(registry, g) {
+                                Ok((t, l)) => self.keep(g, t, l),
+                                Err(again) => crate::error!(
+                                    "cannot listen again on {} after a refused reload: {again}",
+                                    g.addr
+                                ),
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
             }
         }
-        self.listeners.extend(fresh);
+        for g in &gone {
+            self.close(registry, g);
+        }
+        for (bind, t, l) in fresh {
+            self.keep(bind, t, l);
+        }
         self.inherited.clear();
         Ok(())
     }
 
     fn accept(&mut self, token: Token) -> io::Result<Option<Accepted>> {
-        let Some(port) = token
-            .0
-            .checked_sub(FIRST_LISTENER)
-            .and_then(|p| u16::try_from(p).ok())
-        else {
+        let Some(bind) = self.by_token.get(&token) else {
             return Ok(None);
         };
-        let Some(listener) = self.listeners.get(&port) else {
-            return Ok(None);
-        };
-        accept_from(listener, Some(port))
+        match self.listeners.get(bind) {
+            Some((_, l)) => accept_from(l),
+            None => Ok(None),
+        }
     }
 
     fn stop(&mut self, registry: &Registry) {
-        for (_, mut l) in self.listeners.drain() {
-            let _ = registry.deregister(&mut l);
+        let all: Vec<Bind> = self.listeners.keys().copied().collect();
+        for b in &all {
+            self.close(registry, b);
         }
     }
 
@@ -106,10 +264,45 @@ impl PortSource for PerPort {
     }
 
     fn handover(&self) -> Vec<(SocketAddr, RawFd)> {
-        self.listeners.values().filter_map(handover_of).collect()
+        self.listeners
+            .values()
+            .filter_map(|(_, l)| handover_of(l))
+            .collect()
     }
 }
 
-fn token_for(port: u16) -> Token {
-    Token(FIRST_LISTENER + port as usize)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn binds(json: &str) -> Vec<String> {
+        let c = Config::parse(Path::new("c"), json.as_bytes()).unwrap();
+        wanted(&c)
+            .into_iter()
+            .map(|b| format!("{}{}", b.addr, if b.dual { " dual" } else { "" }))
+            .collect()
+    }
+
+    #[test]
+    fn binds_what_the_apps_ask() {
+        assert_eq!(
+            binds(r#"{"Apps":[{"Name":"a","Ports":[80],"Targets":["h:1"]}]}"#),
+            ["[::]:80 dual"]
+        );
+        assert_eq!(
+            binds(
+                r#"{"Apps":[{"Name":"a","Ports":[80],"Addresses":["127.0.0.2","::1"],"Targets":["h:1"]},
+                            {"Name":"b","Ports":[80],"Addresses":["127.0.0.3"],"Targets":["h:1"]}]}"#
+            ),
+            ["127.0.0.2:80", "127.0.0.3:80", "[::1]:80"]
+        );
+        assert_eq!(
+            binds(
+                r#"{"Apps":[{"Name":"a","Ports":[80],"Addresses":["127.0.0.0/8","::1"],"Targets":["h:1"]},
+                            {"Name":"b","Ports":[80],"Addresses":["127.0.0.3"],"Targets":["h:1"]}]}"#
+            ),
+            ["0.0.0.0:80", "[::1]:80"]
+        );
+    }
 }

@@ -16,6 +16,7 @@ use mio::{Interest, Poll, Token, Waker};
 use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
+use crate::backends::routing::UnroutedCounts;
 use crate::bpf::listener::{SetupError, Steered};
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
@@ -137,7 +138,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         lookups: source.lookup_stats(),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
-    let pool = relay_pool(&settings, &conns, &slots);
+    let pool = relay_pool(&settings, &conns, &slots, &published.unrouted);
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
@@ -239,10 +240,16 @@ fn start_metrics(
 }
 
 /// The relay threads: each serves a session, and gives its slot back once idle again.
-fn relay_pool(settings: &Settings, conns: &Arc<Conns>, slots: &Arc<Slots>) -> Pool<Job> {
+fn relay_pool(
+    settings: &Settings,
+    conns: &Arc<Conns>,
+    slots: &Arc<Slots>,
+    unrouted: &Arc<UnroutedCounts>,
+) -> Pool<Job> {
     let cx = Context {
         settings: settings.clone(),
         conns: Arc::clone(conns),
+        unrouted: Arc::clone(unrouted),
     };
     let released = Arc::clone(slots);
     Pool::new(

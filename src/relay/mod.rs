@@ -3,8 +3,10 @@
 //! (`pool`), the connection bound (`slots`), and the table of open connections that drains
 //! close (`conns`).
 
+pub mod client_hello;
 pub mod conns;
 pub mod pool;
+pub mod preread;
 pub mod session;
 pub mod slots;
 pub mod transfer;

@@ -118,7 +118,7 @@ impl Netns {
     }
 
     /// The proxy's attachment: exactly one sk_lookup link in this namespace, its program named
-    /// `steer`, and the program's `ports` map, whose descriptor process `pid` holds.
+    /// `steer`, and the program's `bindings` map, whose descriptor process `pid` holds.
     pub fn steering(&self, pid: u32) -> Steering {
         let links = self.links();
         assert_eq!(
@@ -137,14 +137,14 @@ impl Netns {
             .expect("map_ids")
             .iter()
             .map(|m| m.as_u64().unwrap())
-            .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == "ports")
-            .unwrap_or_else(|| panic!("program {prog} has no map named ports: {p}"));
+            .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == "bindings")
+            .unwrap_or_else(|| panic!("program {prog} has no map named bindings: {p}"));
         // This bpftool may be built without pid support (no `pids` in its JSON): ownership is
         // checked through the proxy's own descriptors instead.
         let held = bpf_map_ids_of(pid);
         assert!(
             held.contains(&ports_map),
-            "the proxy (pid {}) holds no fd of ports map {ports_map} (it holds maps {held:?})",
+            "the proxy (pid {}) holds no fd of bindings map {ports_map} (it holds maps {held:?})",
             pid
         );
         Steering {
@@ -177,8 +177,13 @@ pub struct Steering {
 }
 
 impl Steering {
-    /// The ports in the `ports` map.
+    /// The ports in the `bindings` map (on any address).
     pub fn ports(&self) -> BTreeSet<u16> {
+        self.bindings().into_iter().map(|(_, port)| port).collect()
+    }
+
+    /// The `bindings` map as (prefix, port): `198.51.100.0/24`, `::/0`, `127.0.0.2/32`.
+    pub fn bindings(&self) -> BTreeSet<(String, u16)> {
         bpftool(&["map", "dump", "id", &self.ports_map.to_string()])
             .as_array()
             .expect("bpftool map dump: an array")
@@ -193,13 +198,22 @@ impl Steering {
                             .unwrap()
                     })
                     .collect();
-                // The key is a __u16 in host byte order.
-                u16::from_ne_bytes(bytes.try_into().expect("a 2-byte key"))
+                // struct binding_key: prefixlen (u32, host order) counting the 32 port bits
+                // and the address bits; the port (u32, host order); the address, IPv4 mapped.
+                assert_eq!(bytes.len(), 24, "a binding key is 24 bytes");
+                let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().unwrap());
+                let (bits, port) = (word(0) - 32, word(4) as u16);
+                let addr = Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[8..24]).unwrap());
+                let prefix = match addr.to_ipv4_mapped() {
+                    Some(v4) if bits >= 96 => format!("{v4}/{}", bits - 96),
+                    _ => format!("{addr}/{bits}"),
+                };
+                (prefix, port)
             })
             .collect()
     }
 
-    /// Freeze the `ports` map: from now on every update from a syscall fails with EPERM.
+    /// Freeze the `bindings` map: from now on every update from a syscall fails with EPERM.
     pub fn freeze_ports_map(&self) {
         run_bpftool(&["map", "freeze", "id", &self.ports_map.to_string()]);
         let m = bpftool(&["map", "show", "id", &self.ports_map.to_string()]);

@@ -80,6 +80,7 @@ pub fn render(sources: &Sources) -> String {
     reload_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);
+    unrouted_families(&mut out, published);
     if let Some(read) = lookups {
         lookup_families(&mut out, read);
     }
@@ -321,6 +322,30 @@ fn log_families(out: &mut String) {
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::ops::log::dropped());
+}
+
+/// Connections no app took, by port and reason; only once there is something to count, as a
+/// family without samples is noise (most configs never refuse a connection this way).
+fn unrouted_families(out: &mut String, published: &Published) {
+    let unrouted = published.unrouted.snapshot();
+    if unrouted.is_empty() {
+        return;
+    }
+    let name = "flyproxy_unrouted_connections_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Connections no app took, by port and reason: no_app (no app on the dialled address), no_server_name, unknown_server_name, not_tls, too_large (where apps have Hostnames and none is without), preread_timeout, client_closed.",
+    );
+    for ((port, why), n) in unrouted {
+        let port = port.to_string();
+        f.sample(
+            name,
+            &[("port", port.as_str()), ("reason", why.as_str())],
+            n,
+        );
+    }
 }
 
 /// sk_lookup verdicts (bpf mode).

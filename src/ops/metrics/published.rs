@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::backends::routing::Routes;
+use crate::backends::routing::{Routes, UnroutedCounts};
 use crate::frontend::ports::LookupReader;
 use crate::relay::slots::Slots;
 
@@ -22,6 +22,8 @@ pub struct Published {
     config_sha256: Mutex<ConfigHashes>,
     /// Accepting is held back by the connection bound.
     pub accept_paused: AtomicBool,
+    /// Connections no app took (counted by the listener loop and the sessions).
+    pub unrouted: Arc<UnroutedCounts>,
 }
 
 /// SHA-256 (hex, as `sha256sum` prints it) of config files' bytes.
@@ -47,6 +49,7 @@ impl Published {
                 rejected: None,
             }),
             accept_paused: AtomicBool::new(false),
+            unrouted: Arc::default(),
         }
     }
 

@@ -53,6 +53,23 @@ pub fn status(sources: &Sources) -> String {
             app.stats.active.load(Ordering::Relaxed),
             app.stats.accepted.load(Ordering::Relaxed),
         );
+        // Where the app answers, when it is more specific than every address of its ports.
+        let show = |items: Vec<String>| {
+            let n = items.len();
+            let mut s = items.into_iter().take(8).collect::<Vec<_>>().join(",");
+            if n > 8 {
+                s.push_str(&format!(" (+{} more)", n - 8));
+            }
+            s
+        };
+        if !app.addresses.is_empty() {
+            let shown = show(app.addresses.iter().map(|a| a.to_string()).collect());
+            let _ = writeln!(out, "  addresses {shown}");
+        }
+        if !app.hostnames.is_empty() {
+            let shown = show(app.hostnames.iter().map(|h| h.to_string()).collect());
+            let _ = writeln!(out, "  hostnames {shown}");
+        }
         for b in unique_backends(app) {
             let _ = writeln!(
                 out,

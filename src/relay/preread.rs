@@ -1,0 +1,94 @@
+//! Reading the start of a connection until its TLS ClientHello is whole, to route by the server
+//! name (SNI) without terminating TLS. Used only on bindings where some app has Hostnames: on
+//! every other port the proxy never waits for the client, so server-first protocols work.
+//!
+//! Bounded in bytes (`client_hello::MAX_PREREAD`) and in time (`--preread-timeout`). The bytes
+//! read are returned unchanged, to be sent to the target first. Re-parsing starts from the
+//! first byte each time, but only once the buffer has grown past what the last parse said it
+//! needs, so a client trickling one byte at a time costs a parse per field, not per byte.
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use crate::config::hostname;
+use crate::relay::client_hello::{self, Parsed, MAX_PREREAD};
+
+/// What the start of the connection said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hello {
+    /// A whole ClientHello; the server name as sent (lossy UTF-8) and normalised (lower-case,
+    /// no trailing dot; None if it is not a DNS name). `None` if it carried no server name.
+    Name {
+        sent: String,
+        name: Option<String>,
+    },
+    NoName,
+    /// Not a TLS ClientHello (plain text, another protocol, or a malformed hello).
+    NotTls,
+    /// A ClientHello larger than the preread bound.
+    TooLarge,
+    /// No whole ClientHello within the timeout.
+    Timeout,
+    /// The client closed (or reset, or the proxy cut it) before its ClientHello was whole.
+    Closed,
+}
+
+/// Read from `client` (non-blocking) until a ClientHello is whole, the bytes are not one, or
+/// `timeout` passes. Returns the verdict and every byte read.
+pub fn read_hello(client: &TcpStream, timeout: Duration) -> (Hello, Vec<u8>) {
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // The buffer length below which parsing again cannot tell more.
+    let mut need = 1;
+    loop {
+        while buf.len() < need {
+            let room = (MAX_PREREAD - buf.len()).min(chunk.len());
+            match (&*client).read(&mut chunk[..room]) {
+                Ok(0) => return (Hello::Closed, buf),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() || !wait_readable(client, left) {
+                        return (Hello::Timeout, buf);
+                    }
+                }
+                Err(_) => return (Hello::Closed, buf),
+            }
+        }
+        match client_hello::parse(&buf) {
+            Ok(Parsed::Complete(None)) => return (Hello::NoName, buf),
+            Ok(Parsed::Complete(Some(n))) => {
+                let sent = String::from_utf8_lossy(n.as_bytes()).into_owned();
+                let name = hostname::normalize(n.as_bytes());
+                return (Hello::Name { sent, name }, buf);
+            }
+            Ok(Parsed::Incomplete { needed }) => need = needed.clamp(buf.len() + 1, MAX_PREREAD),
+            Err(client_hello::Error::TooLarge) => return (Hello::TooLarge, buf),
+            Err(_) => return (Hello::NotTls, buf),
+        }
+    }
+}
+
+/// Wait until `client` is readable (or hung up), at most `left`. False on timeout.
+fn wait_readable(client: &TcpStream, left: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: client.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // Round up, so a deadline a fraction of a millisecond away is not a busy loop of 0 ms polls.
+    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    loop {
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        // An error of poll itself is left to the next read to report.
+        return rc != 0;
+    }
+}
