@@ -761,7 +761,36 @@ fn check(dir: &TempDir, config: &Value) -> (Option<i32>, String) {
 fn every_validation_error_names_apps_ports_and_addresses() {
     let dir = TempDir::new("shared-check");
     let t = json!(["127.0.0.1:1"]);
-    let cases: Vec<(&str, Value, &str)> = vec![
+    for (what, apps, want) in &sharing_problems(&t) {
+        let (code, out) = check(&dir, &json!({ "Apps": apps }));
+        assert_eq!(code, Some(1), "{what}: {out}");
+        let problems: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.ends_with("problems found"))
+            .collect();
+        assert_eq!(problems.len(), 1, "{what}: exactly one problem: {out}");
+        assert!(
+            problems[0].contains(want),
+            "{what}:\n  want {want}\n  got  {}",
+            problems[0]
+        );
+    }
+
+    for apps in sharing_configs_that_are_fine(&t) {
+        let (code, out) = check(&dir, &json!({ "Apps": apps }));
+        assert_eq!(code, Some(0), "{apps}: {out}");
+    }
+    let (_, out) = check(
+        &dir,
+        &json!({"Apps": [{"Name": "g", "Ports": ["20000-29999"], "Targets": t}]}),
+    );
+    assert!(out.contains("1 apps, 10000 ports, 1 targets"), "{out}");
+}
+
+/// Each kind of problem with ports, addresses, hostnames and sharing: what it is, the apps
+/// (each target `t`), and what the report must say.
+fn sharing_problems(t: &Value) -> Vec<(&'static str, Value, &'static str)> {
+    vec![
         (
             "range backwards",
             json!([{"Name": "a", "Ports": ["30-20"], "Targets": t}]),
@@ -875,25 +904,13 @@ fn every_validation_error_names_apps_ports_and_addresses() {
             {"Name": "shop2", "Ports": [443, 8443], "Hostnames": ["SHOP.example.com"], "Targets": t}]),
             r#"app "shop2": Hostnames: "shop.example.com" is also claimed by app "shop" on port 443 (every address): a name may pick only one app per address and port"#,
         ),
-    ];
-    for (what, apps, want) in &cases {
-        let (code, out) = check(&dir, &json!({ "Apps": apps }));
-        assert_eq!(code, Some(1), "{what}: {out}");
-        let problems: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.ends_with("problems found"))
-            .collect();
-        assert_eq!(problems.len(), 1, "{what}: exactly one problem: {out}");
-        assert!(
-            problems[0].contains(want),
-            "{what}:\n  want {want}\n  got  {}",
-            problems[0]
-        );
-    }
+    ]
+}
 
-    // What is fine: a 10,000-port range; the same name, or two defaults, on different
-    // addresses; a prefix beside an address in it; the issue's example.
-    let fine = [
+/// What is fine: a 10,000-port range; the same name, or two defaults, on different
+/// addresses; a prefix beside an address in it; the issue's example.
+fn sharing_configs_that_are_fine(t: &Value) -> [Value; 3] {
+    [
         json!([{"Name": "g", "Ports": ["20000-29999", 31500, 80], "Targets": t}]),
         json!([
             {"Name": "a", "Ports": [443], "Addresses": ["192.0.2.10"], "Hostnames": ["x.example"], "Targets": t},
@@ -907,16 +924,7 @@ fn every_validation_error_names_apps_ports_and_addresses() {
             {"Name": "db-a", "Ports": [5432], "Addresses": ["192.0.2.10"], "Targets": ["10.0.1.5:5432"]},
             {"Name": "db-b", "Ports": [5432], "Addresses": ["192.0.2.11", "2001:db8::11"], "Targets": ["10.0.1.6:5432"]},
             {"Name": "games", "Ports": ["20000-20999", 21500], "Addresses": ["198.51.100.0/24"], "Targets": ["10.0.2.5:7000"]}]),
-    ];
-    for apps in fine {
-        let (code, out) = check(&dir, &json!({ "Apps": apps }));
-        assert_eq!(code, Some(0), "{apps}: {out}");
-    }
-    let (_, out) = check(
-        &dir,
-        &json!({"Apps": [{"Name": "g", "Ports": ["20000-29999"], "Targets": t}]}),
-    );
-    assert!(out.contains("1 apps, 10000 ports, 1 targets"), "{out}");
+    ]
 }
 
 /// A reload that breaks a sharing rule is refused whole, and the running config keeps serving.
