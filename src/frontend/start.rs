@@ -114,9 +114,8 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let adopted = handed.listeners.len();
     let mut source = port_source(&mode, handed.listeners)?;
     let (mut poll, waker, signals) = event_loop_parts()?;
-    let ports: Vec<u16> = config.ports().collect();
     source
-        .apply(poll.registry(), &config, &ports, &[])
+        .apply(poll.registry(), &config)
         .map_err(StartError::Port)?;
     crate::ops::caps::keep_only(&capabilities_kept(&mode, &settings)).map_err(StartError::Caps)?;
     if let Ok(c) = crate::ops::caps::current() {
