@@ -234,6 +234,61 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
     }
 }
 
+/// The conn line of a connection no app took: `end` (no_route, or drained meanwhile) and why.
+fn log_unrouted(
+    client_addr: &str,
+    port: u16,
+    accepted: Instant,
+    end: &str,
+    why: Unrouted,
+    sni: Option<&str>,
+) {
+    let mut fields = vec![
+        ("app", Field::Str("-")),
+        ("client", Field::Str(client_addr)),
+        ("port", Field::Num(u64::from(port))),
+        ("target", Field::Str("-")),
+        ("up", Field::Num(0)),
+        ("down", Field::Num(0)),
+        ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+        ("end", Field::Str(end)),
+        ("reason", Field::Str(why.as_str())),
+        ("detail", Field::Str(why.describe())),
+    ];
+    if let Some(name) = sni {
+        fields.push(("sni", Field::Str(name)));
+    }
+    log::record(Level::Warn, "conn", &fields);
+}
+
+/// What goes to the target before relaying: the PROXY header if the app sends one, then the
+/// client's bytes read for its server name. The reason, if the target would not take them.
+fn send_preamble(
+    backend: &TcpStream,
+    app: &AppRoute,
+    peer: SocketAddr,
+    local: SocketAddr,
+    first_bytes: &[u8],
+    cx: &Context,
+) -> Result<(), String> {
+    let timeout = cx.settings.connect_timeout;
+    if let Some(version) = app.proxy_protocol {
+        // The destination is what the client dialled: the accepted socket's local address, in
+        // both modes.
+        let header = proxy_protocol::header(version, peer, local);
+        write_all_within(backend, &header, timeout)
+            .map_err(|e| format!("sending the PROXY header: {e}"))?;
+    }
+    if !first_bytes.is_empty() {
+        // The bytes read for the server name go first, unchanged: at most MAX_PREREAD bytes to
+        // a fresh connection, which its send buffer and the target's window take at once
+        // unless the target is broken.
+        write_all_within(backend, first_bytes, timeout)
+            .map_err(|e| format!("sending the client's first bytes: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Write a connection's access-log line: a warning when `reason` says why it was refused or
 /// failed.
 #[allow(clippy::too_many_arguments)]
@@ -396,22 +451,7 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
                 cx.unrouted.count(port, why);
                 "no_route"
             };
-            let mut fields = vec![
-                ("app", Field::Str("-")),
-                ("client", Field::Str(&client_addr)),
-                ("port", Field::Num(u64::from(port))),
-                ("target", Field::Str("-")),
-                ("up", Field::Num(0)),
-                ("down", Field::Num(0)),
-                ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
-                ("end", Field::Str(end)),
-                ("reason", Field::Str(why.as_str())),
-                ("detail", Field::Str(why.describe())),
-            ];
-            if let Some(name) = &sni {
-                fields.push(("sni", Field::Str(name)));
-            }
-            log::record(Level::Warn, "conn", &fields);
+            log_unrouted(&client_addr, port, accepted, end, why, sni.as_deref());
             return None;
         }
     };
@@ -480,37 +520,12 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
     };
     let target_state = guard.backend();
     let target = target_state.target.to_string();
-    if let Some(version) = app.proxy_protocol {
-        // The destination is what the client dialled: the accepted socket's local address, in
-        // both modes.
-        let header = proxy_protocol::header(version, peer, local);
-        let sent = write_all_within(&backend, &header, cx.settings.connect_timeout);
-        if let Err(e) = sent {
-            return end(
-                &target,
-                0,
-                0,
-                "reset",
-                Some(format!("sending the PROXY header: {e}")),
-            );
-        }
+    if let Err(reason) = send_preamble(&backend, &app, peer, local, &first_bytes, cx) {
+        return end(&target, 0, 0, "reset", Some(reason));
     }
-    if !first_bytes.is_empty() {
-        // The bytes read for the server name go first, unchanged: at most MAX_PREREAD bytes to
-        // a fresh connection, which its send buffer takes at once unless the target is broken.
-        if let Err(e) = write_all_within(&backend, &first_bytes, cx.settings.connect_timeout) {
-            return end(
-                &target,
-                0,
-                0,
-                "reset",
-                Some(format!("sending the client's first bytes: {e}")),
-            );
-        }
-        target_state
-            .bytes_up
-            .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
-    }
+    target_state
+        .bytes_up
+        .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
     entry.backend.get_or_init(|| backend);
     if entry.was_drained() {
         // Cut while we were connecting: do not start relaying.
