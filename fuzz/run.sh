@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 CARGO=${CARGO:-cargo}
 SECONDS_PER=${FUZZ_SECONDS:-60}
-TARGETS=${FUZZ_TARGETS:-config_parse config_structured proxy_header cli_args client_hello client_hello_structured}
+TARGETS=${FUZZ_TARGETS:-config_parse config_structured proxy_header cli_args client_hello client_hello_structured handover_env names}
 JOBS=${FUZZ_JOBS:-1}
 export RUSTC_BOOTSTRAP=1
 

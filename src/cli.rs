@@ -36,6 +36,10 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Where to write our pid once serving (and remove it at exit).
     pub pid_file: Option<PathBuf>,
+    /// Run as this user (a name or uid) once set up; None: stay who we were started as.
+    pub user: Option<String>,
+    /// With `user`: run as this group (default: the user's primary group).
+    pub group: Option<String>,
 }
 
 impl Default for Settings {
@@ -53,6 +57,8 @@ impl Default for Settings {
             log_format: Format::Text,
             metrics: None,
             pid_file: None,
+            user: None,
+            group: None,
         }
     }
 }
@@ -76,6 +82,8 @@ impl Mode {
     }
 }
 
+// One value per process, parsed once and moved into `run`: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Command {
     Run(Mode, Settings),
@@ -151,6 +159,8 @@ macro_rules! run_options {
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
                              e.g. 127.0.0.1:9100 (default: off)
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
+      --user USER            once set up, run as USER (a name or uid; needs root)
+      --group GROUP          with --user: run as GROUP (default: USER's primary group)
   -h, --help                 print this help
   -V, --version              print the version
 
@@ -385,6 +395,20 @@ fn run_option(
         "--reload-interval" => {
             s.reload_interval = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }
+        "--user" => {
+            let v = value("a user name or uid")?;
+            if v.is_empty() {
+                return Err(usage(cmd, "--user: needs a user name or uid"));
+            }
+            s.user = Some(v);
+        }
+        "--group" => {
+            let v = value("a group name or gid")?;
+            if v.is_empty() {
+                return Err(usage(cmd, "--group: needs a group name or gid"));
+            }
+            s.group = Some(v);
+        }
         "--log-format" => {
             let v = value("text or json")?;
             s.log_format = Format::parse(&v)
@@ -439,6 +463,12 @@ fn bpf_option(
 
 /// The command the options of `name` make up, once all are read.
 fn finish(name: &'static str, mode: Option<Mode>, s: Settings) -> Result<Command, UsageError> {
+    if s.group.is_some() && s.user.is_none() {
+        return Err(usage(
+            Some(name),
+            "--group needs --user (the user to run as)",
+        ));
+    }
     Ok(match mode {
         Some(m) => Command::Run(m, s),
         None if name == "upgrade" => match s.pid_file {

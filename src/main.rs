@@ -8,9 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
+use flyproxy::backends::loops;
 use flyproxy::cli::{self, Command, Mode, Settings};
 use flyproxy::frontend;
-use flyproxy::ops::{log, metrics, upgrade};
+use flyproxy::ops::{log, metrics, pidfile, upgrade};
 use flyproxy::{config, error};
 
 fn main() -> ExitCode {
@@ -42,7 +43,15 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
     log::set_level(settings.log_level);
     log::set_format(settings.log_format);
     // Before any thread starts: this reads and clears the environment.
-    let inherited = upgrade::Inherited::from_env();
+    let inherited = match upgrade::Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            error!("{e}");
+            error!("exiting with status 1");
+            log::flush();
+            return ExitCode::FAILURE;
+        }
+    };
     let handed = frontend::Handed {
         exec: upgrade::Exec::current().ok(),
         ready: inherited.ready,
@@ -66,7 +75,19 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
 
 /// `flyproxy check`: validate a config file.
 fn check(config: &Path) -> ExitCode {
-    match config::Config::load(config) {
+    // The loop check needs no mode: see `loops`.
+    let checked = config::Config::load(config).and_then(|c| {
+        let problems = loops::problems(&c);
+        if problems.is_empty() {
+            Ok(c)
+        } else {
+            Err(config::ConfigError {
+                path: config.to_owned(),
+                problems,
+            })
+        }
+    });
+    match checked {
         Ok(c) => {
             println!("{}: ok: {}", config.display(), c.summary());
             ExitCode::SUCCESS
@@ -111,15 +132,10 @@ fn request_upgrade(pid_file: &Path) -> ExitCode {
     }
 }
 
-/// `flyproxy upgrade`: signal the proxy named by its pid file.
+/// `flyproxy upgrade`: signal the proxy named by its pid file, once it is known to be a
+/// flyproxy of the caller's.
 fn send_upgrade(pid_file: &Path) -> Result<i32, String> {
-    let text = std::fs::read_to_string(pid_file).map_err(|e| format!("cannot read: {e}"))?;
-    let pid: i32 = text
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-        .ok_or_else(|| format!("does not hold a pid (found {:?})", text.trim()))?;
+    let pid = pidfile::read_checked(pid_file)?;
     // SAFETY: kill(2) with a positive pid and a valid signal number.
     if unsafe { libc::kill(pid, libc::SIGUSR2) } != 0 {
         return Err(format!(

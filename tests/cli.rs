@@ -155,7 +155,7 @@ fn check_accepts_the_original_challenge_config() {
     let (o, path) = check(
         &dir,
         "ok.json",
-        r#"{"Apps":[{"Name":"a","Ports":[1,65535],"Targets":["[::1]:1","127.0.0.1:2","some-host.example_x.internal:3"]}]}"#,
+        r#"{"Apps":[{"Name":"a","Ports":[1,65535],"Targets":["[::1]:4","127.0.0.1:2","some-host.example_x.internal:3"]}]}"#,
     );
     assert_eq!(o.code, Some(0), "{}", o.stdout);
     assert_eq!(

@@ -772,7 +772,7 @@ fn slow_reader(env: Env) {
 
     // The client leaves with unread bytes (its close is a reset).
     drop(c);
-    let line = p.wait_conn(local);
+    let line = p.wait_conn_of_app(local, "sink");
     assert!(line.end == "reset" || line.end == "closed", "{}", line.line);
     assert_eq!(line.up, PUSH, "{}", line.line);
     assert!(line.down <= stalled_at, "{}", line.line);

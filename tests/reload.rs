@@ -447,8 +447,12 @@ fn echo_one_line(port: u16, n: u64) -> std::io::Result<()> {
 fn a_change_made_while_starting_is_not_lost() {
     let echo = Backend::echo();
     let ports = free_ports(2);
-    let first = config(&[app("a", &ports[..1], &[echo.target()])]);
-    let padded = format!("{first}{}", " ".repeat(64 << 20));
+    // Slow to load, under the 16 MiB cap: 700,000 copies of one target (about a second to
+    // validate in a debug build).
+    let padded = serde_json::to_string(&serde_json::json!({
+        "Apps": [app("a", &ports[..1], &vec![echo.target(); 700_000])]
+    }))
+    .unwrap();
     let mut p = Proxy::spawn(&padded, FAST);
     p.ports = ports.clone();
     let rchar = |pid: u32| -> u64 {

@@ -21,8 +21,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1276,66 +1275,42 @@ fn upgrade_through_a_symlink_runs_the_binary_it_names_now() {
     reaped.assert_all_exited_0();
 }
 
-/// Replace the config file by a FIFO nobody writes to: a process started now blocks reading
-/// its config, before it serves, until a [`Feeder`] writes it. The proxy must run with a long
-/// --reload-interval, so that it never reads the file itself meanwhile.
-fn config_fifo(proxy: &Proxy) {
-    let tmp = proxy.dir.path.join("config.fifo");
-    let c = std::ffi::CString::new(tmp.as_os_str().as_bytes()).unwrap();
-    // SAFETY: mkfifo with a NUL-terminated path.
-    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
-    assert_eq!(rc, 0, "mkfifo: {}", io::Error::last_os_error());
-    fs::rename(&tmp, &proxy.config).expect("rename the FIFO over the config");
+/// Make a process started now slow to start, so that a test can catch it before it serves
+/// ([`Held::hold`]): the config gets 700,000 more copies of its app's target (13 MB, under the
+/// 16 MiB cap; about a second to validate in a debug build). The proxy must run with a long
+/// --reload-interval, so that it never reads the file itself meanwhile. (A FIFO config used to
+/// block the new process for as long as a test liked; reading the config never blocks now.)
+fn config_slow(proxy: &Proxy) {
+    let text = fs::read_to_string(&proxy.config).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let targets = json["Apps"][0]["Targets"].as_array_mut().unwrap();
+    let first = targets[0].clone();
+    targets.extend(std::iter::repeat_n(first, 700_000));
+    proxy.rewrite_config(&serde_json::to_string(&json).unwrap());
 }
 
-/// Writes a config into the FIFO of [`config_fifo`] from a thread of its own, as soon as a
-/// process opens it for reading.
-struct Feeder {
-    path: PathBuf,
-    thread: Option<JoinHandle<()>>,
-}
+/// A process stopped (SIGSTOP) while it starts, continued (SIGCONT) on `release` or drop.
+struct Held(u32);
 
-impl Feeder {
-    fn start(path: &Path, contents: &str) -> Feeder {
-        let (p, c) = (path.to_owned(), contents.to_owned());
-        let thread = thread::spawn(move || {
-            // Blocks until a reader opens the FIFO.
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .open(&p)
-                .unwrap_or_else(|e| panic!("open {} for writing: {e}", p.display()));
-            // A reader that went away meanwhile is no failure of the feeder.
-            let _ = f.write_all(c.as_bytes());
+impl Held {
+    /// Stop `pid` and wait until the kernel says it is stopped.
+    fn hold(pid: u32) -> Held {
+        signal(pid, libc::SIGSTOP);
+        wait_for("the new process to be stopped", WAIT, || {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let state = stat.rsplit_once(") ")?.1.chars().next()?;
+            matches!(state, 'T' | 't' | 'Z').then_some(())
         });
-        Feeder {
-            path: path.to_owned(),
-            thread: Some(thread),
-        }
+        Held(pid)
     }
 
-    /// Wait for the feeder; if no process read the FIFO, open it ourselves so that it ends.
-    fn finish(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        let Some(t) = self.thread.take() else {
-            return;
-        };
-        // Opening the read end lets a writer still waiting in open(2) go on (the config fits
-        // in the pipe buffer, so its write does not block either).
-        let reader = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&self.path);
-        let _ = t.join();
-        drop(reader);
-    }
+    fn release(self) {}
 }
 
-impl Drop for Feeder {
+impl Drop for Held {
     fn drop(&mut self) {
-        self.stop();
+        // SAFETY: kill(2) of a process of this test (it may be gone: ESRCH is fine).
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGCONT) };
     }
 }
 
@@ -1362,18 +1337,18 @@ fn sigusr2_during_an_upgrade_is_ignored() {
     let (mut proxy, pid_file) = start_simple(&bin, 1, &backend, &["--reload-interval", "1h"]);
     let _family = bin.family(proxy.pid);
     let first = proxy.pid;
-    let good = fs::read_to_string(&proxy.config).unwrap();
     let churn = Churn::start(vec![proxy.v4(0), proxy.v6(0)]);
     churn.wait_progress(10);
 
-    config_fifo(&proxy);
+    config_slow(&proxy);
     let mark = proxy.mark();
     signal(first, libc::SIGUSR2);
     let line = proxy.wait_log_since(mark, "`upgrade: started ... as pid N`", |l| {
         spawned_pid(l).is_some()
     });
     let pending = spawned_pid(&line).unwrap();
-    // The new process is blocked reading its config: the upgrade is in progress.
+    // The new process is held before it serves: the upgrade is in progress.
+    let held = Held::hold(pending);
     let again = proxy.mark();
     signal(first, libc::SIGUSR2);
     proxy.wait_log_since(again, "`SIGUSR2 ignored`", |l| {
@@ -1383,13 +1358,12 @@ fn sigusr2_during_an_upgrade_is_ignored() {
     assert_eq!(read_pid(&pid_file), Some(first));
     assert!(proxy.try_status().is_none());
 
-    let feeder = Feeder::start(&proxy.config, &good);
+    held.release();
     let line = proxy.wait_log_since(mark, "`upgrade: pid N is serving`", |l| {
         serving_pid(l).is_some() || l.contains(" upgrade failed")
     });
     assert_eq!(serving_pid(&line), Some(pending), "{line}");
     wait_pid_file(&pid_file, pending);
-    feeder.finish();
     churn.wait_progress(10);
     let tally = churn.finish();
     assert_eq!(tally.failed(), 0, "{}", tally.summary());
@@ -1408,7 +1382,7 @@ fn sigusr2_during_an_upgrade_is_ignored() {
 
 /// SIGTERM while the new process of an upgrade is still starting stops the proxy: once the old
 /// process has said `stopped` and exited, no process of it may go on to serve. (The new one
-/// is held before it serves by a config FIFO nobody writes to, then let go.)
+/// is held before it serves with SIGSTOP, then let go.)
 #[test]
 fn sigterm_during_an_upgrade_leaves_no_process_serving() {
     become_subreaper();
@@ -1417,21 +1391,21 @@ fn sigterm_during_an_upgrade_leaves_no_process_serving() {
     let (mut proxy, pid_file) = start_simple(&bin, 1, &backend, &["--reload-interval", "1h"]);
     let _family = bin.family(proxy.pid);
     let first = proxy.pid;
-    let good = fs::read_to_string(&proxy.config).unwrap();
 
-    config_fifo(&proxy);
+    config_slow(&proxy);
     let mark = proxy.mark();
     signal(first, libc::SIGUSR2);
     let line = proxy.wait_log_since(mark, "`upgrade: started ... as pid N`", |l| {
         spawned_pid(l).is_some()
     });
     let pending = spawned_pid(&line).unwrap();
+    let held = Held::hold(pending);
     signal(first, libc::SIGTERM);
     let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
     assert!(status.success(), "{status}");
 
     // Let the new process go on, if it is still there: it must not serve.
-    let feeder = Feeder::start(&proxy.config, &good);
+    held.release();
     let mut reaped = Reaped::default();
     let deadline = Instant::now() + WAIT;
     while !reaped.gone(pending) {
@@ -1451,7 +1425,6 @@ fn sigterm_during_an_upgrade_leaves_no_process_serving() {
         );
         thread::sleep(Duration::from_millis(10));
     }
-    feeder.finish();
     common::expect_refused(proxy.v4(0));
     assert_eq!(read_pid(&pid_file), None, "the pid file outlived the proxy");
 }

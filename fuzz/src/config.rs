@@ -144,7 +144,8 @@ pub fn expected_target(s: &str) -> Option<Target> {
         }
         (host, &s[colon + 1..])
     };
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+    // README: no leading zeros in a port.
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || (port.len() > 1 && port.starts_with('0')) {
         return None;
     }
     let digits = port.trim_start_matches('0');
@@ -247,7 +248,15 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
     for (i, app) in apps.as_array().expect("well typed").iter().enumerate() {
         let a = app.as_object().expect("well typed");
         let name = match a.get("Name").and_then(Value::as_str) {
-            Some(n) if !n.trim().is_empty() => n.to_owned(),
+            Some(n) if !n.trim().is_empty() => {
+                // README: 1-64 letters, digits, '.', '_' or '-'.
+                let ok = n.chars().count() <= 64
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+                if !ok {
+                    problems += 1;
+                }
+                n.to_owned()
+            }
             _ => {
                 problems += 1;
                 format!("#{}", i + 1)
@@ -540,6 +549,10 @@ fn invariants(c: &Config) {
     let mut ports = HashSet::new();
     for a in &c.apps {
         assert!(!a.name.trim().is_empty(), "empty name accepted: {a:?}");
+        assert!(
+            flyproxy::config::is_valid_name(&a.name),
+            "bad name accepted: {a:?}"
+        );
         assert!(
             names.insert(&a.name),
             "duplicate name accepted: {:?}",

@@ -13,8 +13,12 @@
 //! - [`cli::check`]: the command-line parser and `parse_duration`.
 //! - [`client_hello::check_bytes`], [`client_hello::check_structured`]: the ClientHello parser
 //!   against an independent one, on any bytes and on hellos built from structured choices.
+//! - [`handover::check`]: the upgrade hand-over variables' parser, against an oracle.
+//! - [`names::check`]: app name validation and the log's escaping.
 
 pub mod cli;
 pub mod client_hello;
 pub mod config;
+pub mod handover;
 pub mod header;
+pub mod names;

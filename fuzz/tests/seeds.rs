@@ -90,7 +90,7 @@ fn oracle_targets() {
     use flyproxy_fuzz::config::expected_target;
     assert!(expected_target("[::1]:7001").is_some());
     assert!(expected_target("10.0.0.1:80").is_some());
-    assert!(expected_target("a_b.c-d:080").is_some());
+    assert!(expected_target("a_b.c-d:80").is_some());
     for bad in [
         "host:0",
         "host:+80",
@@ -101,7 +101,21 @@ fn oracle_targets() {
         "::1:80",
         "-a:1",
         "a..b:1",
+        "host:080",
+        "host:041901",
     ] {
         assert!(expected_target(bad).is_none(), "{bad}");
+    }
+}
+
+#[test]
+fn handover_env() {
+    each("handover_env", flyproxy_fuzz::handover::check);
+}
+
+#[test]
+fn names() {
+    for data in seeds("names") {
+        flyproxy_fuzz::names::check(&String::from_utf8_lossy(&data));
     }
 }

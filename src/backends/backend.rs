@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::loops::Frontends;
 use crate::config::{HealthCheck, Target};
 
 /// A target of one app and what the proxy knows of it. Kept across reloads while the app keeps
@@ -141,6 +142,8 @@ pub enum ConnectError {
     Timeout,
     /// Anything else (unreachable network, no route, ...).
     Other(io::Error),
+    /// Every address the target resolved to is this proxy's own frontend (see `loops`).
+    Loop(SocketAddr),
 }
 
 impl fmt::Display for ConnectError {
@@ -150,15 +153,19 @@ impl fmt::Display for ConnectError {
             ConnectError::Refused => write!(f, "connection refused"),
             ConnectError::Timeout => write!(f, "no answer within the connect timeout"),
             ConnectError::Other(e) => write!(f, "{e}"),
+            ConnectError::Loop(a) => write!(
+                f,
+                "resolves to {a}, this proxy's own frontend: not connected, it would loop"
+            ),
         }
     }
 }
 
 impl ConnectError {
     /// How many kinds there are, and their labels by `index`.
-    pub const KINDS: usize = 4;
+    pub const KINDS: usize = 5;
     pub const REASONS: [&'static str; ConnectError::KINDS] =
-        ["unresolvable", "refused", "timeout", "error"];
+        ["unresolvable", "refused", "timeout", "error", "loop"];
 
     pub fn index(&self) -> usize {
         match self {
@@ -166,6 +173,7 @@ impl ConnectError {
             ConnectError::Refused => 1,
             ConnectError::Timeout => 2,
             ConnectError::Other(_) => 3,
+            ConnectError::Loop(_) => 4,
         }
     }
 
@@ -189,6 +197,7 @@ impl ConnectError {
             ConnectError::Refused => ConnectError::Refused,
             ConnectError::Timeout => ConnectError::Timeout,
             ConnectError::Other(e) => ConnectError::Other(copy(e)),
+            ConnectError::Loop(a) => ConnectError::Loop(*a),
         }
     }
 
@@ -217,13 +226,34 @@ impl fmt::Display for AllFailed {
     }
 }
 
+impl AllFailed {
+    /// The first target tried, if every failure was a loop (the target is this proxy).
+    pub fn only_loops(&self) -> Option<&Target> {
+        let all = !self.0.is_empty()
+            && self
+                .0
+                .iter()
+                .all(|(_, e)| matches!(e, ConnectError::Loop(_)));
+        all.then(|| &self.0[0].0.target)
+    }
+}
+
 /// Resolve `target` now and connect to the first of its addresses that answers within the
-/// time left of `timeout`.
-pub fn connect_one(target: &Target, timeout: Duration) -> Result<TcpStream, ConnectError> {
+/// time left of `timeout`. An address that is one of `own` (this proxy's frontends) is never
+/// connected to: that connection would come straight back to us.
+pub fn connect_one(
+    target: &Target,
+    timeout: Duration,
+    own: &Frontends,
+) -> Result<TcpStream, ConnectError> {
     let deadline = Instant::now() + timeout;
     let addrs = resolve(target)?;
     let mut last = ConnectError::Timeout;
     for addr in addrs {
+        if own.is_own(addr) {
+            last = ConnectError::Loop(addr);
+            continue;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(ConnectError::Timeout);

@@ -51,7 +51,7 @@ pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGu
         let backend = &app.backends[i];
         // Count it before connecting, so concurrent picks (p2c) see the load it is about to add.
         let guard = ActiveGuard::new(Arc::clone(backend));
-        match connect_one(&backend.target, timeout) {
+        match connect_one(&backend.target, timeout, &app.own) {
             Ok(stream) => {
                 backend.connect_succeeded();
                 return Ok((stream, guard));

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::backends::backend::Backend;
 use crate::backends::clients::ClientCounts;
+use crate::backends::loops::Frontends;
 use crate::config::hostname::{self, Pattern};
 use crate::config::prefix::Prefix;
 use crate::config::{app_prefixes, Balance, Config, ProxyProtocol, Target};
@@ -39,6 +40,9 @@ pub struct AppRoute {
     pub hostnames: Vec<Pattern>,
     /// Round-robin position.
     pub next: AtomicUsize,
+    /// This proxy's own frontends in the config of this route: a target resolving to one of
+    /// them is a loop.
+    pub own: Arc<Frontends>,
     pub stats: Arc<AppStats>,
 }
 
@@ -215,6 +219,7 @@ impl Routes {
         let mut routes = Vec::with_capacity(config.apps.len());
         // Port -> the apps on it, by index in config order.
         let mut on_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+        let own = Arc::new(Frontends::new(config));
         for (i, app) in config.apps.iter().enumerate() {
             let app_backends = app
                 .targets
@@ -271,6 +276,7 @@ impl Routes {
                 addresses: app.addresses.clone(),
                 hostnames: app.hostnames.clone(),
                 next: AtomicUsize::new(0),
+                own: Arc::clone(&own),
                 stats: app_stats,
             });
             for &port in &app.ports {

@@ -20,7 +20,7 @@ pub mod sha256;
 mod validate;
 
 pub use diff::Diff;
-pub use validate::{parse_port_range, parse_target, port_ranges};
+pub use validate::{is_valid_name, parse_port_range, parse_target, port_ranges, NAME_MAX};
 
 use hostname::{HostnameError, Pattern};
 use prefix::{Prefix, PrefixError};
@@ -136,6 +136,10 @@ impl fmt::Display for Target {
 pub enum Problem {
     /// The file could not be read.
     Io(String),
+    /// The path names something other than a regular file (a directory, a FIFO, a device).
+    NotAFile(&'static str),
+    /// The file is larger than `MAX_FILE_BYTES`.
+    TooLarge,
     /// The file is not JSON of the expected shape (serde's message carries line and column).
     Syntax(String),
     /// The top-level `Apps` key is missing.
@@ -146,6 +150,8 @@ pub enum Problem {
     Missing { app: String, field: &'static str },
     /// Two apps share a name.
     DuplicateApp { name: String },
+    /// A name that is not 1-64 characters of letters, digits, `.`, `_` and `-`.
+    BadName { name: String },
     /// A port outside 1..=65535.
     PortOutOfRange { app: String, port: i64 },
     /// A port string that is not a number or an `"A-B"` range within 1-65535.
@@ -197,6 +203,13 @@ pub enum Problem {
         target: String,
         why: &'static str,
     },
+    /// A target that is the proxy's own frontend: a local address (or `localhost`) on one of
+    /// its ports (see `backends::loops`).
+    Loop {
+        app: String,
+        target: String,
+        port: u16,
+    },
     /// An optional setting with a value outside what it takes.
     BadValue {
         app: String,
@@ -212,6 +225,12 @@ impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Problem::Io(e) => write!(f, "cannot read: {e}"),
+            Problem::NotAFile(kind) => write!(f, "cannot read: it is {kind}, not a regular file"),
+            Problem::TooLarge => write!(
+                f,
+                "larger than {} MiB: not read (a config file is at most that)",
+                MAX_FILE_BYTES >> 20
+            ),
             Problem::Syntax(e) => write!(f, "not a valid config: {e}"),
             Problem::MissingApps => write!(f, "missing key \"Apps\" (a list of apps)"),
             Problem::UnknownKey { app: None, key } => {
@@ -237,6 +256,14 @@ impl fmt::Display for Problem {
             Problem::Missing { app, field } => {
                 write!(f, "app {app:?}: {field}: missing or empty")
             }
+            Problem::BadName { name } => write!(
+                f,
+                "app {name:?}: Name: must be 1-{NAME_MAX} characters, each a letter, a digit, '.', '_' or '-'"
+            ),
+            Problem::Loop { app, target, port } => write!(
+                f,
+                "app {app:?}: Targets: {target:?} is this proxy's own frontend (port {port} on a local address): connections to it would loop back into the proxy"
+            ),
             Problem::DuplicateApp { name } => {
                 write!(f, "app {name:?}: Name: used by more than one app")
             }
@@ -342,12 +369,60 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The most of a config file that is read. A 10,000-port config is about 100 KiB; the cap is
+/// far above any real file and stops a path that points at something endless (`/dev/zero`,
+/// a file still growing) from growing the read without bound.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+
+/// Read the config file at `path` without ever blocking: opened with `O_NONBLOCK|O_NOCTTY` (a
+/// FIFO or a terminal at the path cannot stall the caller, which is the event loop on reload),
+/// checked with `fstat` to be a regular file once open (so what is read is what was checked),
+/// and read up to `MAX_FILE_BYTES`.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, Problem> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Problem::Io(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| Problem::Io(e.to_string()))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        return Err(Problem::NotAFile(if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "of an unknown kind"
+        }));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Problem::TooLarge);
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // One byte past the cap tells a file that grew since the fstat from one that did not.
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Problem::Io(e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Problem::TooLarge);
+    }
+    Ok(bytes)
+}
+
 impl Config {
     /// Read and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = std::fs::read(path).map_err(|e| ConfigError {
+        let bytes = read_file(path).map_err(|p| ConfigError {
             path: path.to_owned(),
-            problems: vec![Problem::Io(e.to_string())],
+            problems: vec![p],
         })?;
         Config::parse(path, &bytes)
     }

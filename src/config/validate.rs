@@ -131,7 +131,12 @@ impl Earlier {
     /// where it is.
     fn name(&mut self, i: usize, raw: Option<String>, problems: &mut Vec<Problem>) -> String {
         let name = match raw {
-            Some(n) if !n.trim().is_empty() => n,
+            Some(n) if !n.trim().is_empty() => {
+                if !is_valid_name(&n) {
+                    problems.push(Problem::BadName { name: n.clone() });
+                }
+                n
+            }
             _ => {
                 let placeholder = format!("#{}", i + 1);
                 problems.push(Problem::Missing {
@@ -529,6 +534,19 @@ impl Options<'_> {
     }
 }
 
+/// Longest app name accepted.
+pub const NAME_MAX: usize = 64;
+
+/// An app name: 1-64 characters, each an ASCII letter, digit, `.`, `_` or `-`. Names go into
+/// log lines, the status page and metric labels as they are; this keeps them one token that
+/// cannot forge a line, a field or a label.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=NAME_MAX).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Parse `host:port`. The host is a DNS name, an IPv4 address, or a bracketed IPv6 address.
 pub fn parse_target(s: &str) -> Result<Target, &'static str> {
     const SHAPE: &str = "is not host:port (e.g. \"backend.internal:7001\" or \"[::1]:7001\")";
@@ -578,6 +596,11 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
         }
         (host, port)
     };
+    // A leading zero is refused rather than read as decimal: `041901` is 41901 to us but
+    // reads as octal to some tools, and a port written two ways hides typos.
+    if port.len() > 1 && port.starts_with('0') {
+        return Err("has a port with a leading zero (write the plain number, 1-65535)");
+    }
     match port.parse::<u16>() {
         Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(Target {
             host: host.to_owned(),

@@ -350,18 +350,24 @@ impl Loop {
         // Stat before reading: a write that lands after the read then still shows as a change
         // at the next tick.
         let sig = Watch::stat(&path);
-        let bytes = match std::fs::read(&path) {
+        let bytes = match crate::config::read_file(&path) {
             Ok(b) => b,
-            Err(e) => {
-                crate::error!(
-                    "reload rejected: {}: cannot read: {e}; keeping the running config",
-                    path.display()
-                );
-                self.published.rejected(None);
+            Err(problem) => {
+                // Logged once per distinct error (and on every SIGHUP, which asks): a path left
+                // pointing at a directory must not write a line per tick forever.
+                let message = problem.to_string();
+                if self.watch.unreadable(sig, &message) || forced {
+                    crate::error!(
+                        "reload rejected: {}: {message}; keeping the running config",
+                        path.display()
+                    );
+                    self.published.rejected(None);
+                }
                 return;
             }
         };
-        let parsed = Config::parse(&path, &bytes);
+        let parsed = Config::parse(&path, &bytes)
+            .and_then(|c| super::start::check_loops(&path, &c).map(|()| c));
         // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
         let sha = sha256::hex(&bytes);
         self.watch.seen(sig, bytes);

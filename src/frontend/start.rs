@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io;
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
@@ -28,7 +28,9 @@ use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, WAKE};
 use crate::frontend::watch::Watch;
 use crate::ops::caps::{Cap, CapsError};
 use crate::ops::metrics::{self, Endpoint, Published, Sources};
+use crate::ops::pidfile::{self, PidFileError};
 use crate::ops::upgrade::{Exec, ReadyPipe};
+use crate::ops::user::{self, UserError};
 use crate::relay::conns::Conns;
 use crate::relay::pool::Pool;
 use crate::relay::session::{self, Context, Job};
@@ -52,6 +54,10 @@ pub enum StartError {
     Caps(CapsError),
     /// The --metrics address could not be bound.
     Metrics(SocketAddr, io::Error),
+    /// The --pid-file cannot be written safely.
+    PidFile(PidFileError),
+    /// Switching to --user/--group failed.
+    User(UserError),
 }
 
 impl fmt::Display for StartError {
@@ -63,6 +69,8 @@ impl fmt::Display for StartError {
             StartError::Bpf(e) => write!(f, "{e}"),
             StartError::Caps(e) => write!(f, "cannot drop capabilities: {e}"),
             StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
+            StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
+            StartError::User(e) => write!(f, "--user: {e}"),
         }
     }
 }
@@ -110,15 +118,47 @@ pub struct Handed {
 /// config is known to be valid, so nothing is set up for a config that will be refused.
 /// `handed` is what a previous process handed over if this one was started by an upgrade.
 pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunError> {
+    // Signals first, before anything that can take time (reading and validating a large
+    // config, loading the bpf program, binding thousands of ports): a SIGHUP now is a reload
+    // once serving, a SIGTERM now a clean exit at the next step, and neither kills us.
+    let (mut poll, waker, mut signals) = event_loop_parts()?;
+    let run_as = match &settings.user {
+        Some(u) => Some(user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?),
+        None => None,
+    };
     let (config, watch, config_sha256) = load(&settings)?;
+    if let Some(path) = &settings.pid_file {
+        pidfile::check_dir(path).map_err(StartError::PidFile)?;
+    }
+    if stop_requested(&mut signals.stop) {
+        return stopped_starting();
+    }
     let adopted = handed.listeners.len();
     let mut source = port_source(&mode, handed.listeners)?;
-    let (mut poll, waker, signals) = event_loop_parts()?;
+    if stop_requested(&mut signals.stop) {
+        return stopped_starting();
+    }
     let ports: Vec<u16> = config.ports().collect();
     source
         .apply(poll.registry(), &config, &ports, &[])
         .map_err(StartError::Port)?;
-    crate::ops::caps::keep_only(&capabilities_kept(&mode, &settings)).map_err(StartError::Caps)?;
+    if stop_requested(&mut signals.stop) {
+        return stopped_starting();
+    }
+    // Switch user first (it needs CAP_SETUID and CAP_SETGID), then keep only what the running
+    // proxy needs, then pass that on to an upgrade's exec as the new user (the ambient set).
+    let switched = match &run_as {
+        Some(ids) => user::switch(ids).map_err(StartError::User)?,
+        None => false,
+    };
+    let keep = capabilities_kept(&mode, &settings);
+    crate::ops::caps::keep_only(&keep).map_err(StartError::Caps)?;
+    if switched {
+        crate::ops::caps::regain(&keep).map_err(|e| StartError::User(UserError::Caps(e)))?;
+    }
+    if let Some(ids) = &run_as {
+        crate::info!("running as {ids}");
+    }
     if let Ok(c) = crate::ops::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
@@ -179,6 +219,14 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         backoff: Duration::ZERO,
         next_drain: None,
     };
+    // A SIGHUP that came while we were starting: the file may have changed since we read it.
+    if stop_requested(&mut lp.signals.hup) {
+        crate::info!(
+            "SIGHUP during start-up: reloading {}",
+            lp.settings.config.display()
+        );
+        lp.reload(&poll, true);
+    }
     let result = lp.run(&mut poll);
     if !lp.lifecycle.handed_over() {
         remove_pid_file(&lp.settings);
@@ -193,13 +241,15 @@ fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
     // Stat before loading: a change written while we start shows as a change at the first
     // tick instead of being taken for what we loaded.
     let loaded_sig = Watch::stat(&settings.config);
-    let loaded = std::fs::read(&settings.config).map_err(|e| {
+    let loaded = crate::config::read_file(&settings.config).map_err(|p| {
         StartError::Config(ConfigError {
             path: settings.config.clone(),
-            problems: vec![crate::config::Problem::Io(e.to_string())],
+            problems: vec![p],
         })
     })?;
-    let config = Config::parse(&settings.config, &loaded).map_err(StartError::Config)?;
+    let config = Config::parse(&settings.config, &loaded)
+        .and_then(|c| check_loops(&settings.config, &c).map(|()| c))
+        .map_err(StartError::Config)?;
     let sha256 = crate::config::sha256::hex(&loaded);
     let mut watch = Watch::new();
     watch.seen(loaded_sig, loaded);
@@ -281,8 +331,8 @@ fn announce(
         std::process::id()
     );
     if let Some(path) = &settings.pid_file {
-        if let Err(e) = std::fs::write(path, format!("{}\n", std::process::id())) {
-            crate::error!("--pid-file {}: cannot write: {e}", path.display());
+        if let Err(e) = pidfile::write(path, std::process::id()) {
+            crate::error!("--pid-file {}: {e}", path.display());
         }
     }
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
@@ -300,9 +350,41 @@ fn remove_pid_file(settings: &Settings) {
     let Some(path) = &settings.pid_file else {
         return;
     };
-    let ours = format!("{}\n", std::process::id());
-    if std::fs::read_to_string(path).is_ok_and(|c| c == ours) {
-        let _ = std::fs::remove_file(path);
+    pidfile::remove_if_ours(path, std::process::id());
+}
+
+/// Drain a signal pipe without waiting; true if a signal had arrived.
+fn stop_requested(pipe: &mut UnixStream) -> bool {
+    let mut buf = [0u8; 64];
+    let mut got = false;
+    loop {
+        match pipe.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(_) => got = true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return got,
+        }
+    }
+}
+
+/// A stop signal arrived before we served: what was set up is dropped on return (listeners
+/// closed, the bpf program detached), nothing was announced, and the exit is clean.
+fn stopped_starting() -> Result<(), RunError> {
+    crate::info!("stop signal during start-up: exiting before serving");
+    Ok(())
+}
+
+/// The config's targets that are this proxy's own frontends, as a config error (start and
+/// every reload; `flyproxy check` runs the same).
+pub(super) fn check_loops(path: &std::path::Path, config: &Config) -> Result<(), ConfigError> {
+    let problems = crate::backends::loops::problems(config);
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError {
+            path: path.to_owned(),
+            problems,
+        })
     }
 }
 

@@ -11,6 +11,8 @@ pub(super) struct Watch {
     last: Vec<u8>,
     /// The last contents read were refused.
     rejected: bool,
+    /// The last error reading the file, while it stays unreadable.
+    unreadable: Option<String>,
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
@@ -30,6 +32,7 @@ impl Watch {
             sig: None,
             last: Vec::new(),
             rejected: false,
+            unreadable: None,
         }
     }
 
@@ -48,6 +51,16 @@ impl Watch {
         self.sig = sig;
         self.last = bytes;
         self.rejected = false;
+        self.unreadable = None;
+    }
+
+    /// The file could not be read; true if this error is new (to be logged). The contents
+    /// last read stay, so a file put back as it was is no change.
+    pub(super) fn unreadable(&mut self, sig: Option<FileSig>, error: &str) -> bool {
+        self.sig = sig;
+        let new = self.unreadable.as_deref() != Some(error);
+        self.unreadable = Some(error.to_owned());
+        new
     }
 
     pub(super) fn rejected(&mut self) {
@@ -68,6 +81,7 @@ impl Watch {
             .mtime
             .and_then(|m| SystemTime::now().duration_since(m).ok())
             .is_none_or(|age| age < RECENT);
-        (self.rejected || recent) && std::fs::read(path).is_ok_and(|now| now != self.last)
+        (self.rejected || recent)
+            && crate::config::read_file(path).is_ok_and(|now| now != self.last)
     }
 }

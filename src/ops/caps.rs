@@ -450,6 +450,57 @@ pub fn keep_only(keep: &[Cap]) -> Result<(), CapsError> {
     Ok(())
 }
 
+/// Make the effective set the whole permitted set again: after a uid change with
+/// `PR_SET_KEEPCAPS` the kernel keeps the permitted set but clears the effective one, and
+/// [`keep_only`] needs CAP_SETPCAP effective to narrow the bounding set.
+pub fn effective_from_permitted() -> Result<(), CapsError> {
+    let now = current()?;
+    let wanted = Caps {
+        effective: now.permitted,
+        ..now
+    };
+    set(wanted).map_err(|error| CapsError::Set { wanted, error })
+}
+
+/// After a switch of user with `PR_SET_KEEPCAPS` (see `user::switch`): the kernel kept the
+/// permitted set but cleared the effective one. Make `keep` (those of it still permitted)
+/// effective again, and inheritable and ambient, so that an upgrade's new process, exec'd as
+/// this non-root user, receives the same capabilities.
+pub fn regain(keep: &[Cap]) -> Result<(), CapsError> {
+    let now = current()?;
+    let kept = now.permitted.and(CapSet::of(keep));
+    let wanted = Caps {
+        effective: kept,
+        permitted: kept,
+        inheritable: kept,
+    };
+    set(wanted).map_err(|error| CapsError::Set { wanted, error })?;
+    for cap in keep.iter().filter(|c| kept.contains(**c)) {
+        // SAFETY: prctl with integer arguments only.
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap.number() as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        if rc != 0 {
+            let error = io::Error::last_os_error();
+            return Err(CapsError::Ambient {
+                cap: cap.number(),
+                error,
+            });
+        }
+    }
+    let got = current()?;
+    if got != wanted {
+        return Err(CapsError::Mismatch { wanted, got });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

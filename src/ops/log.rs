@@ -113,9 +113,29 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
             serde_json::Value::String(args.to_string())
         );
     } else {
-        let _ = writeln!(line, "{} {:<5} {}", Timestamp::now(), level.label(), args);
+        let _ = write!(line, "{} {:<5} ", Timestamp::now(), level.label());
+        // A message may carry text from outside (an error, a path, a resolver's answer): its
+        // control characters are escaped so that it cannot end the line and forge another.
+        push_escaped(&mut line, &args.to_string());
+        line.push('\n');
     }
     send(line);
+}
+
+/// Append `text` with line breaks, tabs and other control characters written as escapes.
+pub fn push_escaped(out: &mut String, text: &str) {
+    use fmt::Write as _;
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
 }
 
 /// Write one structured record: `msg` and its fields, as `msg k=v ...` in text or as JSON

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::fmt;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -94,50 +95,214 @@ impl ReadyPipe {
     }
 }
 
+/// The descriptors the environment says were handed over, before any of them is looked at.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HandedFds {
+    pub ready: Option<RawFd>,
+    /// Each listener with the address the old process said it is bound to.
+    pub listeners: Vec<(SocketAddr, RawFd)>,
+    pub metrics: Option<RawFd>,
+}
+
+/// A hand-over variable that cannot be used: start-up stops with this (exit 1), closing nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct EnvError {
+    pub var: &'static str,
+    pub value: String,
+    pub why: String,
+}
+
+impl fmt::Display for EnvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}={:?}: {} (this variable is set only by a flyproxy upgrade; unset it)",
+            self.var, self.value, self.why
+        )
+    }
+}
+
+impl std::error::Error for EnvError {}
+
+/// Parse the hand-over variables' values (None: unset). Pure, so that fuzzing reaches it: a
+/// descriptor is a decimal number above 2 (0-2 are stdin, stdout and stderr, never handed
+/// over), no descriptor appears twice, and `FLYPROXY_LISTEN_FDS` is `addr=fd,...`.
+pub fn parse_env(
+    ready: Option<&str>,
+    listen: Option<&str>,
+    metrics: Option<&str>,
+) -> Result<HandedFds, EnvError> {
+    let mut seen = Vec::new();
+    let mut fd_of = |var: &'static str, whole: &str, v: &str| -> Result<RawFd, EnvError> {
+        let err = |why: String| EnvError {
+            var,
+            value: whole.to_owned(),
+            why,
+        };
+        let fd = parse_fd(v).ok_or_else(|| {
+            err(format!(
+                "{v:?} is not a descriptor number above 2 (0-2 are stdin, stdout and stderr)"
+            ))
+        })?;
+        if seen.contains(&fd) {
+            return Err(err(format!("descriptor {fd} is handed over twice")));
+        }
+        seen.push(fd);
+        Ok(fd)
+    };
+    let mut out = HandedFds::default();
+    if let Some(v) = ready {
+        out.ready = Some(fd_of(READY_FD, v, v)?);
+    }
+    if let Some(v) = metrics {
+        out.metrics = Some(fd_of(METRICS_FD, v, v)?);
+    }
+    if let Some(v) = listen {
+        for item in v.split(',').filter(|_| !v.is_empty()) {
+            let (addr, fd) = item.rsplit_once('=').ok_or_else(|| EnvError {
+                var: LISTEN_FDS,
+                value: v.to_owned(),
+                why: format!("{item:?} is not address=descriptor"),
+            })?;
+            let addr = addr.parse::<SocketAddr>().map_err(|_| EnvError {
+                var: LISTEN_FDS,
+                value: v.to_owned(),
+                why: format!("{addr:?} is not a socket address"),
+            })?;
+            out.listeners.push((addr, fd_of(LISTEN_FDS, v, fd)?));
+        }
+    }
+    Ok(out)
+}
+
+/// A descriptor number as the hand-over writes it: decimal digits, above 2.
+fn parse_fd(v: &str) -> Option<RawFd> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse::<RawFd>().ok().filter(|fd| *fd > 2)
+}
+
 impl Inherited {
     /// Take what the environment hands over (and clear it, so it is not handed on by
-    /// accident). Descriptors that are not listening TCP sockets are ignored and closed.
-    pub fn from_env() -> Inherited {
-        let mut inherited = Inherited::default();
-        if let Some(v) = std::env::var_os(READY_FD) {
-            if let Some(fd) = v.to_str().and_then(|s| s.parse::<RawFd>().ok()) {
-                set_cloexec(fd);
-                // SAFETY: our parent created this descriptor for us and nothing else in this
-                // process knows its number.
-                inherited.ready = Some(ReadyPipe(unsafe { OwnedFd::from_raw_fd(fd) }));
+    /// accident). Every descriptor is checked before any is taken: each listener must be a
+    /// listening TCP socket bound to the address it is listed with (`getsockname`), the
+    /// metrics one a listening TCP socket, the ready one a pipe or a unix socket. Anything else
+    /// is an error, and no descriptor is closed: none of them is known to be ours.
+    pub fn from_env() -> Result<Inherited, EnvError> {
+        let var = |name: &'static str| -> Result<Option<String>, EnvError> {
+            match std::env::var_os(name) {
+                None => Ok(None),
+                Some(v) => v.into_string().map(Some).map_err(|v| EnvError {
+                    var: name,
+                    value: v.to_string_lossy().into_owned(),
+                    why: "not text".into(),
+                }),
             }
-        }
-        if let Some(v) = std::env::var_os(LISTEN_FDS) {
-            for item in v.to_string_lossy().split(',').filter(|s| !s.is_empty()) {
-                let Some((addr, fd)) = item.rsplit_once('=') else {
-                    continue;
-                };
-                let (Ok(addr), Ok(fd)) = (addr.parse::<SocketAddr>(), fd.parse::<RawFd>()) else {
-                    continue;
-                };
-                set_cloexec(fd);
-                // SAFETY: as above: handed to us, used by nothing else in this process.
-                let listener = unsafe { TcpListener::from_raw_fd(fd) };
-                if is_listening(&listener) {
-                    inherited.listeners.insert(addr, listener);
-                }
-            }
-        }
-        if let Some(fd) = std::env::var_os(METRICS_FD)
-            .and_then(|v| v.to_str().and_then(|s| s.parse::<RawFd>().ok()))
-        {
-            set_cloexec(fd);
-            // SAFETY: as above.
-            let l = unsafe { std::net::TcpListener::from_raw_fd(fd) };
-            if is_listening(&l) {
-                inherited.metrics = Some(l);
-            }
-        }
+        };
+        let (ready, listen, metrics) = (var(READY_FD)?, var(LISTEN_FDS)?, var(METRICS_FD)?);
         // Called at start-up on the main thread, before any other thread exists.
         std::env::remove_var(LISTEN_FDS);
         std::env::remove_var(READY_FD);
         std::env::remove_var(METRICS_FD);
-        inherited
+        let fds = parse_env(ready.as_deref(), listen.as_deref(), metrics.as_deref())?;
+        let bad = |var, fd: RawFd, why: String| EnvError {
+            var,
+            value: fd.to_string(),
+            why: format!("descriptor {fd} {why}"),
+        };
+        if let Some(fd) = fds.ready {
+            check_ready(fd).map_err(|why| bad(READY_FD, fd, why))?;
+        }
+        if let Some(fd) = fds.metrics {
+            check_listener(fd).map_err(|why| bad(METRICS_FD, fd, why))?;
+        }
+        for &(addr, fd) in &fds.listeners {
+            let bound = check_listener(fd).map_err(|why| bad(LISTEN_FDS, fd, why))?;
+            if crate::net::canonical(bound) != crate::net::canonical(addr) {
+                return Err(bad(
+                    LISTEN_FDS,
+                    fd,
+                    format!("is bound to {bound}, not to {addr} as listed"),
+                ));
+            }
+        }
+        // Every one checked: take them.
+        let mut inherited = Inherited::default();
+        if let Some(fd) = fds.ready {
+            set_cloexec(fd);
+            // SAFETY: checked above to be an open pipe or socket that our parent created for
+            // us; nothing else in this process knows its number.
+            inherited.ready = Some(ReadyPipe(unsafe { OwnedFd::from_raw_fd(fd) }));
+        }
+        if let Some(fd) = fds.metrics {
+            set_cloexec(fd);
+            // SAFETY: as above, a listening TCP socket handed to us.
+            inherited.metrics = Some(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+        }
+        for (addr, fd) in fds.listeners {
+            set_cloexec(fd);
+            // SAFETY: as above.
+            let listener = unsafe { TcpListener::from_raw_fd(fd) };
+            inherited.listeners.insert(addr, listener);
+        }
+        Ok(inherited)
+    }
+}
+
+/// The mode bits of what `fd` is, or why it is not open.
+fn fstat_mode(fd: RawFd) -> Result<libc::mode_t, String> {
+    // SAFETY: all-zero is a valid stat; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the struct we pass; an unopened fd is EBADF.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(format!("is not open ({})", io::Error::last_os_error()));
+    }
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+fn sockopt(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a c_int of the right size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            &mut v as *mut libc::c_int as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(v)
+}
+
+/// `fd` is a listening TCP socket (IPv4 or IPv6); its bound address.
+fn check_listener(fd: RawFd) -> Result<SocketAddr, String> {
+    if fstat_mode(fd)? != libc::S_IFSOCK {
+        return Err("is not a socket".into());
+    }
+    let domain = sockopt(fd, libc::SO_DOMAIN);
+    if !matches!(domain, Some(libc::AF_INET | libc::AF_INET6))
+        || sockopt(fd, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+    {
+        return Err("is not a TCP socket".into());
+    }
+    if sockopt(fd, libc::SO_ACCEPTCONN) != Some(1) {
+        return Err("is not a listening socket".into());
+    }
+    // Borrowed only to read its address; ManuallyDrop so the descriptor is not closed here.
+    // SAFETY: fd is an open TCP socket (checked above).
+    let l = std::mem::ManuallyDrop::new(unsafe { std::net::TcpListener::from_raw_fd(fd) });
+    l.local_addr().map_err(|e| format!("has no address ({e})"))
+}
+
+/// `fd` is a pipe or a unix socket: what a ready notice can be written to.
+fn check_ready(fd: RawFd) -> Result<(), String> {
+    match fstat_mode(fd)? {
+        libc::S_IFIFO => Ok(()),
+        libc::S_IFSOCK if sockopt(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX) => Ok(()),
+        _ => Err("is not a pipe or a unix socket".into()),
     }
 }
 
@@ -164,8 +329,14 @@ pub fn spawn(
         .collect();
     let mut fds: Vec<RawFd> = listeners.iter().map(|(_, fd)| *fd).collect();
     fds.push(write_fd);
-    let mut cmd = Command::new(&exec.exe);
-    cmd.args(&exec.args)
+    // Opened once and executed through that descriptor, so what runs is the very file that
+    // was checked, whatever is renamed over the path meanwhile.
+    let binary = std::fs::File::open(&exec.exe)?;
+    check_binary(&exec.exe, &binary.metadata()?).map_err(io::Error::other)?;
+    let mut cmd = Command::new(format!("/proc/self/fd/{}", binary.as_raw_fd()));
+    // The new process records its path from argv[0] (see `Exec::current`): the path as given.
+    cmd.arg0(&exec.exe)
+        .args(&exec.args)
         .env(LISTEN_FDS, list.join(","))
         .env(READY_FD, write_fd.to_string());
     if let Some((_, fd)) = metrics {
@@ -185,6 +356,7 @@ pub fn spawn(
         });
     }
     let child = cmd.spawn()?;
+    drop(binary);
     // Our copy of the write end must go, so that the read end sees EOF if the child dies.
     drop(write);
     Ok(Upgrade {
@@ -193,23 +365,31 @@ pub fn spawn(
     })
 }
 
+/// An upgrade executes the binary at our path with our privileges (root, or capabilities): only
+/// one that nobody but root or our own user could have put there. Owned by root or by the
+/// running user, and not writable by group or others.
+pub fn check_binary(path: &std::path::Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}, neither root nor this process's user (uid {me}): refusing to execute it",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {:o}): refusing to execute it",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 fn set_cloexec(fd: RawFd) {
     // SAFETY: fcntl on a descriptor number; harmless if it is not open.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-}
-
-fn is_listening(l: &impl AsRawFd) -> bool {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt into a c_int of the right size.
-    let rc = unsafe {
-        libc::getsockopt(
-            l.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            &mut v as *mut libc::c_int as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    rc == 0 && v == 1
 }

@@ -330,6 +330,12 @@ pub fn serve(job: Job, cx: &Context) {
         Ok(ok) => ok,
         Err(failed) => {
             stats.failed.fetch_add(1, Ordering::Relaxed);
+            // Every target tried was this proxy itself: say so in one word, naming the first
+            // (the `target ... is down` line gives the address it resolved to).
+            if let Some(first) = failed.only_loops() {
+                let target = first.to_string();
+                return end(&target, 0, 0, "connect_failed", Some("loop".into()));
+            }
             return end("-", 0, 0, "connect_failed", Some(failed.to_string()));
         }
     };

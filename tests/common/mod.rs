@@ -394,6 +394,17 @@ impl Proxy {
         ConnLine::parse(&line).unwrap()
     }
 
+    /// The `conn` line of the connection from `client` to `app`. Where other connections to
+    /// other apps run beside it, the kernel may have given one of them the same client port
+    /// earlier: the app tells the lines apart.
+    pub fn wait_conn_of_app(&self, client: SocketAddr, app: &str) -> ConnLine {
+        let want = canonical(client).to_string();
+        let line = self.wait_log(&format!("conn client={want} app={app}"), |l| {
+            ConnLine::parse(l).is_some_and(|c| c.client == want && c.app == app)
+        });
+        ConnLine::parse(&line).unwrap()
+    }
+
     /// Every `conn` line so far, parsed.
     pub fn conns(&self) -> Vec<ConnLine> {
         self.logs()

@@ -1,0 +1,164 @@
+//! Loop detection: a target that is the proxy's own frontend would have every connection to it
+//! accepted again by the proxy, which connects again, until every slot is taken and every other
+//! app is starved.
+//!
+//! Which addresses reach a frontend is the same in both modes: each configured port answers on
+//! the app's `Addresses` (every local address when it has none): simple mode binds exactly
+//! those, and bpf mode's sk_lookup program steers exactly those (prefix, port) pairs. So a
+//! target loops when its address is local to this host and one of the config's (port,
+//! prefix) pairs covers it. (bpf mode's own `-p`
+//! listener port is not a frontend: a connection dialled to it directly names no app and is
+//! closed at once, so it cannot loop.)
+//!
+//! Two checks, both needed:
+//! - [`problems`], on the config (`flyproxy check`, the start and every reload): targets whose
+//!   host is an IP address local to this host, or `localhost`, on a configured port. It resolves
+//!   no name (a reload must not wait on DNS), so it runs the same with or without a mode, and
+//!   `check` gives the answer the running proxy would (it runs on the same host under
+//!   `systemctl reload`).
+//! - [`Frontends::is_own`], at each connect, on the addresses a name resolved to: a name that
+//!   later resolves to this host fails that connection with reason `loop` instead of relaying.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+
+use crate::config::prefix::Prefix;
+use crate::config::{Config, Problem};
+
+/// Where this proxy accepts: each port with the prefixes it answers on.
+#[derive(Debug, Default)]
+pub struct Frontends {
+    ports: HashMap<u16, Vec<Prefix>>,
+}
+
+impl Frontends {
+    pub fn new(config: &Config) -> Frontends {
+        let mut ports: HashMap<u16, Vec<Prefix>> = HashMap::new();
+        for (port, prefix) in config.bindings().into_keys() {
+            ports.entry(port).or_default().push(prefix);
+        }
+        Frontends { ports }
+    }
+
+    /// `addr` would be accepted by this proxy itself.
+    pub fn is_own(&self, addr: SocketAddr) -> bool {
+        // The port first: a bind test costs three system calls, and most targets are remote.
+        let Some(prefixes) = self.ports.get(&addr.port()) else {
+            return false;
+        };
+        let ip = dialled(addr.ip());
+        prefixes.iter().any(|p| p.contains(ip)) && is_local(ip)
+    }
+}
+
+/// The address a connection to `ip` arrives at: IPv4-mapped as IPv4, and the unspecified
+/// address as loopback (connecting to 0.0.0.0 or :: reaches this host's loopback).
+fn dialled(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, |v4| dialled(IpAddr::V4(v4))),
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        v4 => v4,
+    }
+}
+
+/// `ip` is an address of this host: unspecified (connecting to it reaches this host),
+/// loopback, or an address some interface here has. The last is asked of the kernel by binding
+/// a UDP socket to it, which succeeds only for a local address (unless the host set
+/// `net.ipv4.ip_nonlocal_bind`, which makes every address look local: refused as a loop, a
+/// target is never silently relayed into ourselves).
+pub fn is_local(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    if ip.is_unspecified() || ip.is_loopback() {
+        return true;
+    }
+    if ip.is_multicast() {
+        return false;
+    }
+    UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// A host name that is this host whatever the resolver says (RFC 6761: `localhost` and names
+/// under it), written in any case, with or without the root dot.
+fn is_localhost_name(host: &str) -> bool {
+    let h = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    h == "localhost" || h.ends_with(".localhost")
+}
+
+/// Every target of `config` that is the proxy's own frontend, as a problem naming it.
+pub fn problems(config: &Config) -> Vec<Problem> {
+    let own = Frontends::new(config);
+    let mut found = Vec::new();
+    for app in &config.apps {
+        for t in &app.targets {
+            let local = if is_localhost_name(&t.host) {
+                // Whatever loopback address it resolves to.
+                ["127.0.0.1", "::1"]
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .any(|ip| own.is_own(SocketAddr::new(ip, t.port)))
+            } else {
+                t.host
+                    .parse::<IpAddr>()
+                    .is_ok_and(|ip| own.is_own(SocketAddr::new(ip, t.port)))
+            };
+            if local {
+                found.push(Problem::Loop {
+                    app: app.name.clone(),
+                    target: t.to_string(),
+                    port: t.port,
+                });
+            }
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn local_addresses() {
+        for ip in [
+            "127.0.0.1",
+            "127.9.9.9",
+            "0.0.0.0",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(is_local(ip.parse().unwrap()), "{ip}");
+        }
+        // TEST-NET-1 (RFC 5737) is never configured on a test host.
+        assert!(!is_local("192.0.2.1".parse().unwrap()));
+        assert!(!is_local("224.0.0.1".parse().unwrap()));
+        assert!(is_localhost_name("LocalHost."));
+        assert!(is_localhost_name("a.localhost"));
+        assert!(!is_localhost_name("localhost.example.com"));
+    }
+
+    #[test]
+    fn own_frontends_are_found() {
+        let c = Config::parse(
+            Path::new("c.json"),
+            br#"{"Apps":[
+                {"Name":"a","Ports":[7001],"Targets":["127.0.0.1:7002","localhost:7001","192.0.2.1:7001"]},
+                {"Name":"b","Ports":[7002],"Targets":["127.0.0.1:7003","[::1]:7002"]}]}"#,
+        )
+        .unwrap();
+        let found: Vec<String> = problems(&c).iter().map(|p| p.to_string()).collect();
+        assert_eq!(found.len(), 3, "{found:#?}");
+        assert!(found[0].contains("\"127.0.0.1:7002\""), "{found:#?}");
+        assert!(found[1].contains("\"localhost:7001\""), "{found:#?}");
+        assert!(found[2].contains("\"[::1]:7002\""), "{found:#?}");
+        let own = Frontends::new(&c);
+        assert!(own.is_own("127.0.0.1:7001".parse().unwrap()));
+        assert!(!own.is_own("127.0.0.1:7003".parse().unwrap()));
+        assert!(!own.is_own("192.0.2.1:7001".parse().unwrap()));
+    }
+}

@@ -1,0 +1,826 @@
+//! Hardening (issue 11): what a file, the environment, a signal or a target can do to the proxy,
+//! tried as an attacker would, each asserting what a user observes: files left untouched, the
+//! exit status and its message, the proxy still serving and stopping on SIGTERM, a loop refused
+//! or ended with `reason=loop` while another app is served, the uid in /proc.
+//!
+//! The bpf cases run in a network namespace of their own (`netns::run`).
+
+mod common;
+mod modes;
+#[allow(dead_code)]
+mod netns;
+
+use std::ffi::CString;
+use std::fs;
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{
+    app, config, connect, expect_closed, expect_refused, roundtrip, run, tag_of, wait_for, Backend,
+    Proxy, TempDir, BIN, WAIT,
+};
+use modes::Env;
+
+/// Start `flyproxy simple` on one fresh port (more with `nports`) for an echo backend.
+fn serving(args: &[&str], backend: &Backend) -> Proxy {
+    let target = backend.target();
+    Proxy::start(1, args, move |ports| {
+        config(&[app("echo", ports, std::slice::from_ref(&target))])
+    })
+}
+
+/// The proxy answers on its first port, and stops with status 0 on SIGTERM.
+fn assert_serves_then_stops(mut p: Proxy) {
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still serving\n");
+    drop(s);
+    p.signal(libc::SIGTERM);
+    let status = p.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", p.logs().join("\n"));
+}
+
+/// The exit status of a proxy expected to refuse to start, with its whole log.
+fn refused_start(p: &mut Proxy) -> (Option<i32>, String) {
+    let status = p.wait_exit(WAIT);
+    (status.code(), p.logs().join("\n"))
+}
+
+/// Puts something at a path.
+type MakePath<'a> = &'a dyn Fn(&Path);
+
+/// Hand-over variables, descriptors placed in the child (from, to), and the message expected.
+type FdCase<'a> = (Vec<(&'a str, String)>, Vec<(i32, i32)>, &'a str);
+
+fn mkfifo(path: &Path) {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// Signal `sig` has a handler in process `pid` (the SigCgt mask of /proc/PID/status).
+fn catches(pid: u32, sig: libc::c_int) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+/// A config that takes measurable time to load (about a second in a debug build): one app with
+/// 700,000 targets (about 13 MB, under the 16 MiB cap), a size a generated config can reach.
+fn large_config(port: u16, target: &str) -> String {
+    let targets = vec![target.to_owned(); 700_000];
+    serde_json::to_string(&serde_json::json!({"Apps": [app("big", &[port], &targets)]})).unwrap()
+}
+
+fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// ---------------------------------------------------------------------------------------------
+// --pid-file
+
+/// Issue 11, item 2: a symlink planted at the pid file's path is replaced, never written
+/// through; the file it pointed at is unchanged.
+#[test]
+fn pid_file_replaces_a_planted_symlink_and_leaves_its_target_alone() {
+    let backend = Backend::echo();
+    let elsewhere = TempDir::new("victim");
+    let victim = elsewhere.write("precious", "do not overwrite\n");
+    let run_dir = TempDir::new("run");
+    let pid_file = run_dir.path.join("flyproxy.pid");
+    symlink(&victim, &pid_file).unwrap();
+    let p = serving(&["--pid-file", pid_file.to_str().unwrap()], &backend);
+    // Written just after the `started` line.
+    wait_for("the pid file to replace the symlink", WAIT, || {
+        fs::symlink_metadata(&pid_file)
+            .is_ok_and(|m| m.file_type().is_file())
+            .then_some(())
+    });
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "do not overwrite\n");
+    assert_eq!(
+        fs::read_to_string(&pid_file).unwrap(),
+        format!("{}\n", p.pid)
+    );
+    // No temporary file left beside it.
+    let names: Vec<_> = fs::read_dir(&run_dir.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_serves_then_stops(p);
+    assert!(!pid_file.exists(), "removed at exit");
+    assert_eq!(fs::read_to_string(&victim).unwrap(), "do not overwrite\n");
+}
+
+/// Issue 11, item 2: a pid file in a directory anyone may write without the sticky bit is
+/// refused at start (exit 1, nothing bound); with the sticky bit (like /tmp) it is fine.
+#[test]
+fn pid_file_in_a_world_writable_directory_is_refused() {
+    let backend = Backend::echo();
+    let dir = TempDir::new("open-dir");
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
+    let pid_file = dir.path.join("flyproxy.pid");
+    let port = common::free_port();
+    let mut p = Proxy::spawn(
+        &config(&[app("echo", &[port], &[backend.target()])]),
+        &["--pid-file", pid_file.to_str().unwrap()],
+    );
+    let (code, log) = refused_start(&mut p);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains("writable by others without the sticky bit"),
+        "{log}"
+    );
+    assert!(!pid_file.exists());
+    expect_refused(SocketAddr::from(([127, 0, 0, 1], port)));
+
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o1777)).unwrap();
+    let p = serving(&["--pid-file", pid_file.to_str().unwrap()], &backend);
+    wait_for("the pid file", WAIT, || {
+        fs::read_to_string(&pid_file)
+            .is_ok_and(|c| c == format!("{}\n", p.pid))
+            .then_some(())
+    });
+    assert_serves_then_stops(p);
+}
+
+/// Issue 11, item 2: `flyproxy upgrade` signals only a flyproxy: a pid file naming another
+/// process is refused, and that process gets no SIGUSR2 (which would have killed it).
+#[test]
+fn upgrade_refuses_to_signal_a_process_that_is_not_flyproxy() {
+    let dir = TempDir::new("upgrade-pid");
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid_file = dir.write("flyproxy.pid", &format!("{}\n", sleeper.id()));
+    let out = run(&["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("is not flyproxy"), "{}", out.stderr);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the process was signalled"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The config file
+
+/// Issue 11, item 3: the config path turned into a FIFO, a directory, then a symlink to
+/// /dev/zero: each is one rejected reload (not one per tick), the running config keeps serving,
+/// SIGHUP still reloads and SIGTERM still stops.
+#[test]
+fn config_path_that_is_not_a_file_never_blocks_or_floods() {
+    let backend = Backend::echo();
+    let p = serving(&["--reload-interval", "50ms"], &backend);
+    let rejected = |what: &str| {
+        let what = what.to_owned();
+        move |l: &str| l.contains("reload rejected") && l.contains(&what)
+    };
+    let cases: [(&str, MakePath); 3] = [
+        ("it is a FIFO, not a regular file", &|path| mkfifo(path)),
+        ("it is a directory, not a regular file", &|path| {
+            fs::create_dir(path).unwrap()
+        }),
+        ("it is a character device, not a regular file", &|path| {
+            symlink("/dev/zero", path).unwrap()
+        }),
+    ];
+    for (what, make) in cases {
+        let mark = p.mark();
+        if p.config.is_dir() {
+            fs::remove_dir(&p.config).unwrap();
+        } else {
+            fs::remove_file(&p.config).unwrap();
+        }
+        make(&p.config);
+        p.wait_log_since(mark, what, rejected(what));
+        // 20 ticks more: still one line, and the proxy serves throughout.
+        let mut s = connect(p.v4(0));
+        roundtrip(&mut s, what.as_bytes());
+        thread::sleep(Duration::from_secs(1));
+        roundtrip(&mut s, what.as_bytes());
+        assert_eq!(
+            p.lines_since(mark, rejected(what)).len(),
+            1,
+            "{}",
+            p.logs().join("\n")
+        );
+        // SIGHUP is handled (and says why it cannot reload).
+        let mark = p.mark();
+        p.signal(libc::SIGHUP);
+        p.wait_log_since(mark, "SIGHUP reload", |l| l.contains("SIGHUP: reloading"));
+        p.wait_log_since(mark, what, rejected(what));
+    }
+    assert_serves_then_stops(p);
+}
+
+/// Issue 11, item 3: a config larger than 16 MiB is refused with a message saying so, at
+/// start and at reload; a FIFO at start is refused at once instead of blocking.
+#[test]
+fn config_too_large_or_a_fifo_is_a_clear_error() {
+    let dir = TempDir::new("large");
+    let big = dir.path.join("big.json");
+    let padding = " ".repeat(17 << 20);
+    fs::write(&big, format!("{{\"Apps\": []{padding}}}")).unwrap();
+    let out = run(&["check", "-c", big.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stdout.contains("larger than 16 MiB"), "{}", out.stdout);
+
+    let fifo = dir.path.join("fifo.json");
+    mkfifo(&fifo);
+    let began = Instant::now();
+    let out = run(&["simple", "-c", fifo.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("it is a FIFO, not a regular file"),
+        "{}",
+        out.stderr
+    );
+    assert!(began.elapsed() < Duration::from_secs(10));
+
+    let backend = Backend::echo();
+    let p = serving(&["--reload-interval", "50ms"], &backend);
+    let mark = p.mark();
+    p.rewrite_config(&format!("{{\"Apps\": []{padding}}}"));
+    p.wait_log_since(mark, "too large", |l| {
+        l.contains("reload rejected") && l.contains("larger than 16 MiB")
+    });
+    assert_serves_then_stops(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals during start-up
+
+/// Issue 11, item 4: a SIGHUP while a large config is still being loaded does not kill the
+/// proxy: it starts, then reloads.
+#[test]
+fn sighup_during_start_up_is_a_reload_once_serving() {
+    let backend = Backend::echo();
+    let port = common::free_port();
+    let p = Proxy::spawn(&large_config(port, &backend.target()), &[]);
+    wait_for("the SIGHUP handler", WAIT, || {
+        catches(p.pid, libc::SIGHUP).then_some(())
+    });
+    p.signal(libc::SIGHUP);
+    p.wait_log("the start-up SIGHUP taken as a reload", |l| {
+        l.contains("SIGHUP during start-up: reloading")
+    });
+    let started = p
+        .logs()
+        .iter()
+        .position(|l| l.contains(" started mode=simple "));
+    let reload = p
+        .logs()
+        .iter()
+        .position(|l| l.contains("SIGHUP during start-up"));
+    assert!(started < reload, "{}", p.logs().join("\n"));
+    let mut p = p;
+    p.ports = vec![port];
+    assert_serves_then_stops(p);
+}
+
+/// Issue 11, item 4: a SIGTERM during start-up exits 0 before serving, leaving nothing bound.
+#[test]
+fn sigterm_during_start_up_exits_cleanly() {
+    let backend = Backend::echo();
+    let port = common::free_port();
+    let mut p = Proxy::spawn(&large_config(port, &backend.target()), &[]);
+    wait_for("the SIGTERM handler", WAIT, || {
+        catches(p.pid, libc::SIGTERM).then_some(())
+    });
+    p.signal(libc::SIGTERM);
+    let (code, log) = refused_start(&mut p);
+    assert_eq!(code, Some(0), "{log}");
+    assert!(log.contains("stop signal during start-up"), "{log}");
+    assert!(!log.contains(" started mode="), "{log}");
+    expect_refused(SocketAddr::from(([127, 0, 0, 1], port)));
+}
+
+/// Issue 11, item 4, bpf mode: a SIGTERM during start-up exits 0 with no program attached and
+/// no port steered.
+#[test]
+fn bpf_sigterm_during_start_up_leaves_nothing_attached() {
+    netns::run(
+        "bpf_sigterm_during_start_up_leaves_nothing_attached",
+        |ns| {
+            let backend = Backend::echo();
+            let mut p = netns::spawn(&large_config(7001, &backend.target()), &[]);
+            wait_for("the SIGTERM handler", WAIT, || {
+                catches(p.pid, libc::SIGTERM).then_some(())
+            });
+            p.signal(libc::SIGTERM);
+            let (code, log) = refused_start(&mut p);
+            assert_eq!(code, Some(0), "{log}");
+            assert!(log.contains("stop signal during start-up"), "{log}");
+            assert!(ns.links().is_empty(), "{:?}", ns.links());
+            expect_refused(netns::v4(7001));
+            expect_refused(netns::v4(netns::LISTENER_PORT));
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inherited descriptors
+
+/// Spawn `flyproxy simple` with `env` set and `dup` (from, to) descriptors placed in the child.
+fn spawn_with_env(config_json: &str, env: &[(&str, String)], dup: Vec<(i32, i32)>) -> Proxy {
+    let dir = TempDir::new("env");
+    let config = dir.write("config.json", config_json);
+    let mut cmd = Command::new(BIN);
+    cmd.arg("simple").arg("-c").arg(&config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    // SAFETY: dup2 only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(from, to) in &dup {
+                if libc::dup2(from, to) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Proxy::spawn_cmd(cmd, dir, config)
+}
+
+/// Issue 11, item 5: every bad hand-over variable is a start-up error naming it (exit 1, no
+/// panic, stderr still there to say so), whatever the descriptor is.
+#[test]
+fn bad_inherited_descriptors_are_start_up_errors() {
+    use std::os::fd::AsRawFd;
+    let backend = Backend::echo();
+    let port = common::free_port();
+    let cfg = config(&[app("echo", &[port], &[backend.target()])]);
+    let dir = TempDir::new("fds");
+    let plain = fs::File::create(dir.path.join("plain")).unwrap();
+    let idle = std::net::TcpStream::connect(backend.addr).unwrap();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_addr = other.local_addr().unwrap();
+    let cases: Vec<FdCase> = vec![
+        (
+            vec![("FLYPROXY_READY_FD", "-1".into())],
+            vec![],
+            "is not a descriptor number above 2",
+        ),
+        (
+            vec![("FLYPROXY_READY_FD", "2".into())],
+            vec![],
+            "is not a descriptor number above 2",
+        ),
+        (
+            vec![("FLYPROXY_METRICS_FD", "-1".into())],
+            vec![],
+            "is not a descriptor number above 2",
+        ),
+        (
+            vec![("FLYPROXY_READY_FD", "x7".into())],
+            vec![],
+            "is not a descriptor number above 2",
+        ),
+        (
+            vec![("FLYPROXY_READY_FD", "57".into())],
+            vec![],
+            "descriptor 57 is not open",
+        ),
+        (
+            vec![("FLYPROXY_READY_FD", "57".into())],
+            vec![(plain.as_raw_fd(), 57)],
+            "descriptor 57 is not a pipe or a unix socket",
+        ),
+        (
+            vec![("FLYPROXY_METRICS_FD", "57".into())],
+            vec![(plain.as_raw_fd(), 57)],
+            "descriptor 57 is not a socket",
+        ),
+        (
+            vec![("FLYPROXY_LISTEN_FDS", format!("[::]:{port}=57"))],
+            vec![(idle.as_raw_fd(), 57)],
+            "descriptor 57 is not a listening socket",
+        ),
+        (
+            vec![("FLYPROXY_LISTEN_FDS", format!("[::]:{port}=57"))],
+            vec![(other.as_raw_fd(), 57)],
+            &*Box::leak(
+                format!("descriptor 57 is bound to {other_addr}, not to [::]:{port}")
+                    .into_boxed_str(),
+            ),
+        ),
+        (
+            vec![("FLYPROXY_LISTEN_FDS", "nonsense".into())],
+            vec![],
+            "is not address=descriptor",
+        ),
+        (
+            vec![
+                ("FLYPROXY_LISTEN_FDS", format!("[::]:{port}=57")),
+                ("FLYPROXY_METRICS_FD", "57".into()),
+            ],
+            vec![(other.as_raw_fd(), 57)],
+            "descriptor 57 is handed over twice",
+        ),
+    ];
+    for (env, dup, want) in cases {
+        let mut p = spawn_with_env(&cfg, &env, dup);
+        let (code, log) = refused_start(&mut p);
+        assert_eq!(code, Some(1), "{env:?}: {log}");
+        assert!(log.contains(want), "{env:?}: want {want:?} in:\n{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    // The descriptors handed in were not ours to close: the test's own still work.
+    assert!(other.local_addr().is_ok());
+    expect_refused(SocketAddr::from(([127, 0, 0, 1], port)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loops
+
+/// Issue 11, item 6: `check`, the start and every reload refuse a target that is the proxy's
+/// own frontend, naming it; the running config keeps serving.
+#[test]
+fn a_target_on_the_proxys_own_frontend_is_refused() {
+    let backend = Backend::echo();
+    let dir = TempDir::new("loop");
+    for target in ["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "127.0.0.2"] {
+        let cfg = dir.write(
+            "loop.json",
+            &config(&[app(
+                "web",
+                &[7001, 7002],
+                &[backend.target(), format!("{target}:7002")],
+            )]),
+        );
+        let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+        assert_eq!(out.code, Some(1), "{target}: {}", out.stdout);
+        assert!(
+            out.stdout.contains(&format!(
+                "app \"web\": Targets: \"{target}:7002\" is this proxy's own frontend"
+            )),
+            "{}",
+            out.stdout
+        );
+    }
+    // A local address on a port that is not a frontend is fine.
+    let cfg = dir.write(
+        "ok.json",
+        &config(&[app("web", &[7001], &["127.0.0.1:7002".into()])]),
+    );
+    assert_eq!(run(&["check", "-c", cfg.to_str().unwrap()]).code, Some(0));
+
+    let port = common::free_port();
+    let mut p = Proxy::spawn(
+        &config(&[app("web", &[port], &[format!("localhost:{port}")])]),
+        &[],
+    );
+    let (code, log) = refused_start(&mut p);
+    assert_eq!(code, Some(1), "{log}");
+    assert!(
+        log.contains(&format!(
+            "\"localhost:{port}\" is this proxy's own frontend"
+        )),
+        "{log}"
+    );
+
+    let p = serving(&["--reload-interval", "50ms"], &backend);
+    let port = p.ports[0];
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app(
+        "echo",
+        &[port],
+        &[format!("127.0.0.1:{port}")],
+    )]));
+    p.wait_log_since(mark, "loop rejected", |l| {
+        l.contains("reload rejected")
+            && l.contains(&format!(
+                "\"127.0.0.1:{port}\" is this proxy's own frontend"
+            ))
+    });
+    assert_serves_then_stops(p);
+}
+
+/// This host's name, resolved: a name (not `localhost`) that the config check cannot know is
+/// local, as a DNS name that later points at the proxy would be.
+fn local_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes.
+    assert_eq!(
+        unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) },
+        0
+    );
+    let name =
+        String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap()]).into_owned();
+    let local = std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), 0))
+        .map(|mut a| a.any(|a| std::net::UdpSocket::bind((a.ip(), 0)).is_ok()))
+        .unwrap_or(false);
+    assert!(
+        local,
+        "this test needs the host name {name:?} to resolve to a local address"
+    );
+    name
+}
+
+two_modes!(
+    /// Issue 11, item 6, both modes: a reload naming a local address on one of the proxy's
+    /// ports is refused (the running config serves on), and a name that resolves to the proxy
+    /// only at connect time ends that connection as `connect_failed` with `reason=loop`, once
+    /// (no cascade), while the other app is served.
+    loops_are_refused_at_reload_and_cut_at_run_time,
+    |env: Env| {
+        let host = local_hostname();
+        let beta = Backend::tagged("beta");
+        let ports = env.ports(2);
+        let cfg = |alpha_target: String| {
+            config(&[
+                app("alpha", &ports[..1], &[alpha_target]),
+                app("beta", &ports[1..], &[beta.target()]),
+            ])
+        };
+        let mut p = env.start(&ports, &cfg(beta.target()), &["--reload-interval", "100ms"]);
+
+        let mark = p.mark();
+        let own = format!("127.0.0.1:{}", ports[1]);
+        p.rewrite_config(&cfg(own.clone()));
+        p.wait_log_since(mark, "loop rejected", |l| {
+            l.contains("reload rejected")
+                && l.contains(&format!("\"{own}\" is this proxy's own frontend"))
+        });
+        p.wait_log_since(mark, "the end of the rejection", |l| {
+            l.contains("reload rejected: keeping the running config")
+        });
+        assert_eq!(tag_of(p.v4(0)), "beta", "the running config serves on");
+
+        let mark = p.mark();
+        p.rewrite_config(&cfg(format!("{host}:{}", ports[1])));
+        p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+        let mut s = connect(p.v4(0));
+        expect_closed(&mut s, WAIT);
+        let line = p.wait_conn(s.local_addr().unwrap());
+        assert_eq!(line.end, "connect_failed", "{}", line.line);
+        assert_eq!(line.reason.as_deref(), Some("loop"), "{}", line.line);
+        assert_eq!(line.target, format!("{host}:{}", ports[1]));
+        assert_eq!(tag_of(p.v4(1)), "beta");
+        // Cut at the first hop: one loop line, and beta saw no connection from the proxy itself.
+        let conns = p.conns();
+        let loops = conns.iter().filter(|c| c.reason.as_deref() == Some("loop")).count();
+        assert_eq!(loops, 1, "{}", p.logs().join("\n"));
+        p.signal(libc::SIGTERM);
+        assert_eq!(p.wait_exit(WAIT).code(), Some(0));
+    }
+);
+
+// ---------------------------------------------------------------------------------------------
+// Names and ports
+
+/// Issue 11, items 7 and 12a: app names outside [A-Za-z0-9._-]{1,64} and target ports with
+/// leading zeros are validation errors; a rejected reload's line cannot be split by a name.
+#[test]
+fn bad_names_and_zero_padded_ports_are_refused() {
+    let dir = TempDir::new("names");
+    let long = "n".repeat(65);
+    for name in [
+        "a b",
+        "tab\there",
+        "new\nline",
+        "nul\0",
+        "sl/ash",
+        long.as_str(),
+        "é",
+    ] {
+        let cfg = dir.write("c.json", &config(&[app(name, &[7001], &["h:1".into()])]));
+        let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+        assert_eq!(out.code, Some(1), "{name:?}: {}", out.stdout);
+        assert!(
+            out.stdout
+                .contains("Name: must be 1-64 characters, each a letter, a digit, '.', '_' or '-'"),
+            "{name:?}: {}",
+            out.stdout
+        );
+        // One line per problem and the summary: a newline in the name does not make more.
+        assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    }
+    let cfg = dir.write(
+        "p.json",
+        &config(&[app("a", &[7001], &["host:041901".into()])]),
+    );
+    let out = run(&["check", "-c", cfg.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1));
+    assert!(
+        out.stdout
+            .contains("\"host:041901\" has a port with a leading zero"),
+        "{}",
+        out.stdout
+    );
+
+    let backend = Backend::echo();
+    let p = serving(&["--reload-interval", "50ms"], &backend);
+    let mark = p.mark();
+    p.rewrite_config(&config(&[app(
+        "x\nINFO  forged",
+        &[p.ports[0]],
+        &[backend.target()],
+    )]));
+    p.wait_log_since(mark, "name rejected", |l| {
+        l.contains("reload rejected") && l.contains("Name: must be")
+    });
+    assert!(
+        p.lines_since(mark, |l| l.starts_with("INFO  forged"))
+            .is_empty(),
+        "{}",
+        p.logs().join("\n")
+    );
+    assert_serves_then_stops(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// --user and upgrades
+
+/// Issue 11, item 11: started as root with `--user nobody`, the proxy runs as nobody (uid and
+/// gid in /proc), keeps only CAP_NET_BIND_SERVICE, serves, and a root `flyproxy upgrade`
+/// refuses to signal it (another user's process); it still stops on SIGTERM.
+#[test]
+fn user_switch_runs_as_nobody() {
+    if !is_root() {
+        eprintln!("skipping: switching user needs root");
+        return;
+    }
+    let backend = Backend::echo();
+    let run_dir = TempDir::new("user-run");
+    // nobody must be able to write its pid file: a directory of its own.
+    let c = CString::new(run_dir.path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: chown with a valid C string.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+    let pid_file = run_dir.path.join("flyproxy.pid");
+    let p = serving(
+        &["--user", "nobody", "--pid-file", pid_file.to_str().unwrap()],
+        &backend,
+    );
+    p.wait_log("running as", |l| {
+        l.contains("running as user nobody (uid 65534) group")
+    });
+    assert_eq!(proc_ids(p.pid, "Uid:"), vec![65534; 4]);
+    assert_eq!(proc_ids(p.pid, "Gid:"), vec![65534; 4]);
+    assert_eq!(proc_ids(p.pid, "Groups:"), vec![65534]);
+    let status = fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap();
+    let cap = |f: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(f))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    // CAP_NET_BIND_SERVICE (10) only: a reload may add a port below 1024.
+    assert_eq!(cap("CapEff:"), 1 << 10, "{status}");
+    assert_eq!(cap("CapPrm:"), 1 << 10, "{status}");
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"as nobody\n");
+    drop(s);
+    wait_for("the pid file", WAIT, || pid_file.exists().then_some(()));
+    let out = run(&["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("runs as uid 65534, not as the caller (uid 0)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        p.lines(|l| l.contains("upgrade")).is_empty(),
+        "{}",
+        p.logs().join("\n")
+    );
+
+    // Run by nobody, the upgrade goes through: the new process, executed as nobody, has
+    // exactly the kept capability (passed on in the ambient set) and serves.
+    let out = Command::new(BIN)
+        .args(["upgrade", "--pid-file", pid_file.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = p.wait_log("the new process serving", |l| {
+        l.contains("upgrade: pid ") && l.contains(" is serving")
+    });
+    let new: u32 = line
+        .split("upgrade: pid ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the process this test's upgrade started.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _stop = Stop(new);
+    assert_eq!(proc_ids(new, "Uid:"), vec![65534; 4]);
+    let status = fs::read_to_string(format!("/proc/{new}/status")).unwrap();
+    let cap = |f: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(f))
+            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+            .unwrap()
+    };
+    assert_eq!(cap("CapEff:"), 1 << 10, "{status}");
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"served by the new process\n");
+    drop(s);
+    let mut p = p;
+    // The old process drains and exits (its log pipe stays open in the new process, which
+    // inherited stderr: so wait on the status, not on the end of the log).
+    let status = wait_for("the old process to exit", WAIT, || p.try_status());
+    assert_eq!(status.code(), Some(0));
+    // SAFETY: kill(2) of the new process, which runs as nobody (we are root).
+    unsafe { libc::kill(new as libc::pid_t, libc::SIGTERM) };
+    wait_for("the new process to exit", WAIT, || {
+        let stat = fs::read_to_string(format!("/proc/{new}/stat")).ok();
+        stat.is_none_or(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .then_some(())
+    });
+}
+
+/// Issue 11, item 11: `--user` naming nobody that exists, or --group alone, are clear errors.
+#[test]
+fn user_errors_are_clear() {
+    let out = run(&[
+        "simple",
+        "--user",
+        "no-such-user-here",
+        "-c",
+        "/nonexistent.json",
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("no user \"no-such-user-here\" in /etc/passwd"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&["simple", "--group", "nogroup"]);
+    assert_eq!(out.code, Some(2));
+    assert!(
+        out.stderr.contains("--group needs --user"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Issue 11, item 11: an upgrade does not execute a binary that group or others may write;
+/// the log says why and the running proxy carries on.
+#[test]
+fn upgrade_refuses_a_binary_others_may_write() {
+    let bin_dir = TempDir::new("bin");
+    let bin = bin_dir.path.join("flyproxy");
+    fs::copy(BIN, &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o777)).unwrap();
+    let backend = Backend::echo();
+    let port = common::free_port();
+    let dir = TempDir::new("proxy");
+    let cfg = dir.write(
+        "config.json",
+        &config(&[app("echo", &[port], &[backend.target()])]),
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.arg("simple").arg("-c").arg(&cfg).stdin(Stdio::null());
+    let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
+    p.ports = vec![port];
+    p.wait_started().unwrap();
+    p.signal(libc::SIGUSR2);
+    let line = p.wait_log("upgrade refused", |l| l.contains("upgrade failed"));
+    assert!(
+        line.contains("is writable by group or others (mode 777): refusing to execute it"),
+        "{line}"
+    );
+    assert_serves_then_stops(p);
+}
