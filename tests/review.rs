@@ -147,3 +147,70 @@ fn loop_check_with_an_address_per_app_is_fast() {
         "check of {APPS} apps took {took:?}"
     );
 }
+
+/// A reload that adds more listeners than the open-file limit leaves room for beside the
+/// connection bound is refused before anything is bound, naming the numbers; one that fits is
+/// applied. Before, simple mode bound until EMFILE (a range of 50,000 ports took every
+/// descriptor for half a second, failing the connects and accepts of live traffic, before the
+/// reload was rejected), and a range that happened to bind left too few descriptors for the
+/// connection bound fitted at start.
+#[test]
+fn reload_past_the_descriptor_budget_is_refused() {
+    use std::os::unix::process::CommandExt;
+    const NOFILE: u64 = 400;
+    let echo = Backend::echo();
+    let ports = common::free_ports(1 + 150);
+    let dir = TempDir::new("review");
+    let cfg = dir.write(
+        "config.json",
+        &config(&[app("served", &ports[..1], &[echo.target()])]),
+    );
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.arg("simple")
+        .arg("-c")
+        .arg(&cfg)
+        .args(["--max-connections", "100"]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: NOFILE,
+                rlim_max: NOFILE,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut p = common::Proxy::spawn_cmd(cmd, dir, cfg);
+    p.ports = ports.clone();
+    p.wait_started().expect("started");
+    // 400 - (32 other + 66 health checks) - 2 * 100 connections: room for 102 listeners.
+    let mark = p.mark();
+    p.rewrite_config(&config(&[
+        app("served", &ports[..1], &[echo.target()]),
+        app("wide", &ports[1..], &[echo.target()]),
+    ]));
+    let rejected = p.wait_log_since(mark, "the rejected reload", |l| {
+        l.contains("reload rejected")
+    });
+    assert!(
+        rejected.contains("the config needs 151 listening sockets")
+            && rejected.contains("room for 102"),
+        "{rejected}"
+    );
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still served");
+    // Nothing of the refused reload is listened on.
+    common::expect_refused(p.v4(1));
+    // Within the room: applied.
+    let mark = p.mark();
+    p.rewrite_config(&config(&[
+        app("served", &ports[..1], &[echo.target()]),
+        app("wide", &ports[1..61], &[echo.target()]),
+    ]));
+    p.wait_log_since(mark, "the reload", |l| l.contains("reload ok"));
+    let mut s = connect(p.v4(60));
+    roundtrip(&mut s, b"new port served");
+}
