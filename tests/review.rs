@@ -214,3 +214,53 @@ fn reload_past_the_descriptor_budget_is_refused() {
     let mut s = connect(p.v4(60));
     roundtrip(&mut s, b"new port served");
 }
+
+/// `flyproxy status` pointed at something that is not a flyproxy (a wrong address): an endless
+/// answer is cut at a bound, and a trickling one at a deadline, each with a message. Before,
+/// the command read whatever came into memory (8 GB in 25 s from `yes | nc -l`) and waited for
+/// ever on a trickle (each byte within the 2 s read timeout).
+#[test]
+fn status_of_a_hostile_server_is_bounded() {
+    use std::io::Write;
+    use std::net::TcpListener;
+    // At most this much is sent, so the test itself stays bounded whatever the command does.
+    const SENT: usize = 80 << 20;
+    let flood = TcpListener::bind("127.0.0.1:0").unwrap();
+    let flood_addr = flood.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = flood.accept().unwrap();
+        let chunk = vec![b'y'; 1 << 20];
+        let mut sent = 0;
+        s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        while sent < SENT && s.write_all(&chunk).is_ok() {
+            sent += chunk.len();
+        }
+    });
+    let out = run(&["status", "--metrics", &flood_addr.to_string()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "printed {} bytes", out.stdout.len());
+    assert!(
+        out.stderr.contains("is larger than 64 MiB"),
+        "{}",
+        out.stderr
+    );
+
+    let trickle = TcpListener::bind("127.0.0.1:0").unwrap();
+    let trickle_addr = trickle.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = trickle.accept().unwrap();
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+        // A byte every 500 ms, for at most 30 s: never the whole answer.
+        for _ in 0..60 {
+            if s.write_all(b".").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
+    let started = std::time::Instant::now();
+    let out = run(&["status", "--metrics", &trickle_addr.to_string()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("no whole answer"), "{}", out.stderr);
+    assert!(started.elapsed() < WAIT, "took {:?}", started.elapsed());
+}
