@@ -1,5 +1,7 @@
-# flyproxy: `make run` and `make test` work on a fresh Debian 12 machine as root; each installs
-# what it needs with apt first (only what is missing).
+# flyproxy: `make run` and `make test` work on a fresh Debian 12 machine as root, given a Rust
+# toolchain (rust-version in Cargo.toml, or newer; `make` says so first if there is none). Each
+# installs what else it needs with apt first (only what is missing); `make test` installs
+# cargo-nextest from crates.io if it is missing.
 
 CARGO        ?= cargo
 RELEASE      := target/release/flyproxy
@@ -16,12 +18,32 @@ TEST_DEPS    := etcd-server etcd-client openssl curl
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
-.PHONY: all deps test-deps build run test lint clean bench deb
+.PHONY: all toolchain deps test-deps build run test lint nextest clean bench deb
 
 all: build
 
+# The oldest Rust that builds flyproxy: Cargo.toml's rust-version.
+RUST_MIN     := $(shell sed -n 's/^rust-version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)
+RUSTC        ?= rustc
+
+# Before anything else: a Rust toolchain, new enough. Debian 12's own rustc (1.63) is too old.
+toolchain:
+	@cargo_v=$$($(CARGO) --version 2>/dev/null | sed -n 's/^cargo \([0-9][0-9.]*\).*/\1/p'); \
+	rustc_v=$$($(RUSTC) --version 2>/dev/null | sed -n 's/^rustc \([0-9][0-9.]*\).*/\1/p'); \
+	if [ -z "$$cargo_v" ] || [ -z "$$rustc_v" ] || \
+	   ! printf '%s\n%s\n' "$(RUST_MIN)" "$$rustc_v" | sort -V -C; then \
+	  echo "flyproxy needs a Rust toolchain, $(RUST_MIN) or newer (rust-version in Cargo.toml);" >&2; \
+	  echo "found: rustc $${rustc_v:-none}, cargo $${cargo_v:-none} ($(CARGO) and $(RUSTC) in PATH)." >&2; \
+	  echo "Get one with rustup (https://rustup.rs), as the user who builds:" >&2; \
+	  echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal" >&2; \
+	  echo "  . \"\$$HOME/.cargo/env\"" >&2; \
+	  echo "or Debian's rustc and cargo packages where they are new enough: see" >&2; \
+	  echo "'apt-cache policy rustc cargo' (Debian 12 has 1.63: too old)." >&2; \
+	  exit 1; \
+	fi
+
 # Install only what is missing, so a prepared machine does not touch apt at all.
-deps:
+deps: toolchain
 	@$(MAKE) --no-print-directory install-missing PKGS="$(BUILD_DEPS) $(RUN_DEPS)"
 
 test-deps: deps
@@ -55,13 +77,27 @@ lint: deps
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-test: test-deps lint
+# cargo-nextest runs the tests, each in a process of its own (see .config/nextest.toml). If it is
+# missing it is installed from crates.io (a few minutes of compiling); if that fails, the same
+# tests run with `cargo test` instead.
+nextest: toolchain
+	@if ! $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  echo "cargo-nextest is missing: installing it from crates.io (cargo install --locked cargo-nextest)"; \
+	  $(CARGO) install --locked cargo-nextest || \
+	    echo "flyproxy: cargo-nextest could not be installed; the tests run with cargo test instead" >&2; \
+	fi
+
+test: toolchain test-deps lint nextest
 	$(CARGO) build --bins --examples
 	@# The package tests (tests/packaging.rs) run in CI or with FLYPROXY_PACKAGING_TESTS=1; build
 	@# the package first, so its release build does not compete with the other tests for the CPU.
 	@if [ -n "$$CI" ] && [ "$$CI" != 0 ] && [ "$$CI" != false ] || [ "$$FLYPROXY_PACKAGING_TESTS" = 1 ]; then \
 	  $(MAKE) --no-print-directory deb; fi
-	$(CARGO) nextest run --no-fail-fast
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  echo "$(CARGO) nextest run --no-fail-fast"; $(CARGO) nextest run --no-fail-fast; \
+	else \
+	  echo "$(CARGO) test --no-fail-fast"; $(CARGO) test --no-fail-fast; \
+	fi
 
 # The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network
 # namespace of its own (root; installs what it needs). Writes bench/results.md and .svg.

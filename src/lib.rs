@@ -5,15 +5,16 @@
 //!
 //! The layout follows a connection's way through the proxy, bottom to top; a module imports
 //! only from its own level or below:
-//! 1. `net`, `ops::log`, `ops::caps`, `ops::systemd`, `ops::upgrade`: helpers over
-//!    the OS (socket options, logging, capabilities,
-//!    systemd notification, handing descriptors to a new process). They know nothing of the
-//!    proxy.
+//! 1. `net`, `ops::log`, `ops::caps`, `ops::systemd`, `ops::upgrade`, `ops::pidfile`,
+//!    `ops::user`: helpers over the OS (socket options, logging, capabilities, systemd
+//!    notification, handing descriptors to a new process, the pid file, switching user). They
+//!    know nothing of the proxy.
 //! 2. `cli`, `config`: the command line; the config file, its validation, its diff and its
 //!    hash. `ops::etcd_sync`, the etcd follower (a program beside the proxy, the
 //!    `flyproxy-etcd-sync` binary), uses only these and level 1.
 //! 3. `backends`: targets' live state, routing from a port to an app, balancing, health checks,
-//!    connections counted per client address, the PROXY protocol header.
+//!    connections counted per client address, targets that are the proxy itself, the PROXY
+//!    protocol header.
 //! 4. `relay`: one connection's life (session), moving its bytes, the bounded thread pool, the
 //!    connection bound, the table of open connections that drains use.
 //! 5. `frontend::ports` (the seam between the modes), `frontend::simple` and `bpf`: how ports

@@ -685,20 +685,44 @@ fn user_switch_runs_as_nobody() {
     assert_eq!(proc_ids(p.pid, "Gid:"), vec![65534; 4]);
     assert_eq!(proc_ids(p.pid, "Groups:"), vec![65534]);
     let status = fs::read_to_string(format!("/proc/{}/status", p.pid)).unwrap();
-    let cap = |f: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(f))
-            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-            .unwrap()
-    };
     // CAP_NET_BIND_SERVICE (10) only: a reload may add a port below 1024.
-    assert_eq!(cap("CapEff:"), 1 << 10, "{status}");
-    assert_eq!(cap("CapPrm:"), 1 << 10, "{status}");
+    assert_eq!(cap_of(&status, "CapEff:"), 1 << 10, "{status}");
+    assert_eq!(cap_of(&status, "CapPrm:"), 1 << 10, "{status}");
     let mut s = connect(p.v4(0));
     roundtrip(&mut s, b"as nobody\n");
     drop(s);
     wait_for("the pid file", WAIT, || pid_file.exists().then_some(()));
+    root_cannot_upgrade_a_process_of_nobody(&p, &pid_file);
+
+    let (new, _stop) = nobody_upgrades_with_the_kept_capability(&p, &pid_file);
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"served by the new process\n");
+    drop(s);
+    let mut p = p;
+    // The old process drains and exits (its log pipe stays open in the new process, which
+    // inherited stderr: so wait on the status, not on the end of the log).
+    let status = wait_for("the old process to exit", WAIT, || p.try_status());
+    assert_eq!(status.code(), Some(0));
+    // SAFETY: kill(2) of the new process, which runs as nobody (we are root).
+    unsafe { libc::kill(new as libc::pid_t, libc::SIGTERM) };
+    wait_for("the new process to exit", WAIT, || {
+        let stat = fs::read_to_string(format!("/proc/{new}/stat")).ok();
+        stat.is_none_or(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+            .then_some(())
+    });
+}
+
+/// The capability set `field` (`CapEff:`, `CapPrm:`) of a /proc/PID/status text.
+fn cap_of(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap()
+}
+
+/// A root `flyproxy upgrade` refuses to signal a proxy that runs as nobody, and says why.
+fn root_cannot_upgrade_a_process_of_nobody(p: &Proxy, pid_file: &Path) {
     let out = run(&["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(
@@ -712,9 +736,21 @@ fn user_switch_runs_as_nobody() {
         "{}",
         p.logs().join("\n")
     );
+}
 
-    // Run by nobody, the upgrade goes through: the new process, executed as nobody, has
-    // exactly the kept capability (passed on in the ambient set) and serves.
+/// Kills the process of an upgrade this test started, however the test ends.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the process this test's upgrade started.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+/// Run by nobody, the upgrade goes through: the new process, executed as nobody, has exactly
+/// the kept capability (passed on in the ambient set). Its pid, and a guard that kills it.
+fn nobody_upgrades_with_the_kept_capability(p: &Proxy, pid_file: &Path) -> (u32, KillOnDrop) {
     let out = Command::new(BIN)
         .args(["upgrade", "--pid-file", pid_file.to_str().unwrap()])
         .uid(65534)
@@ -735,39 +771,11 @@ fn user_switch_runs_as_nobody() {
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{line}"));
-    struct Stop(u32);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) of the process this test's upgrade started.
-            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
-        }
-    }
-    let _stop = Stop(new);
+    let guard = KillOnDrop(new);
     assert_eq!(proc_ids(new, "Uid:"), vec![65534; 4]);
     let status = fs::read_to_string(format!("/proc/{new}/status")).unwrap();
-    let cap = |f: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(f))
-            .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
-            .unwrap()
-    };
-    assert_eq!(cap("CapEff:"), 1 << 10, "{status}");
-    let mut s = connect(p.v4(0));
-    roundtrip(&mut s, b"served by the new process\n");
-    drop(s);
-    let mut p = p;
-    // The old process drains and exits (its log pipe stays open in the new process, which
-    // inherited stderr: so wait on the status, not on the end of the log).
-    let status = wait_for("the old process to exit", WAIT, || p.try_status());
-    assert_eq!(status.code(), Some(0));
-    // SAFETY: kill(2) of the new process, which runs as nobody (we are root).
-    unsafe { libc::kill(new as libc::pid_t, libc::SIGTERM) };
-    wait_for("the new process to exit", WAIT, || {
-        let stat = fs::read_to_string(format!("/proc/{new}/stat")).ok();
-        stat.is_none_or(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
-            .then_some(())
-    });
+    assert_eq!(cap_of(&status, "CapEff:"), 1 << 10, "{status}");
+    (new, guard)
 }
 
 /// Issue 11, item 11: `--user` naming nobody that exists, or --group alone, are clear errors.

@@ -7,63 +7,24 @@
 //! (tests/netns), where the mode matters.
 
 mod common;
+#[macro_use]
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::metrics::{request, scrape, Exposition};
 use common::*;
+use modes::{Env, Mode};
 use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Bpf,
-}
-
-/// Run `body` in `mode`: simple mode on this thread, bpf mode in a network namespace of its own.
-fn in_mode(mode: Mode, test: &'static str, body: impl FnOnce(Mode) + Send + 'static) {
-    match mode {
-        Mode::Simple => body(mode),
-        Mode::Bpf => netns::run(test, move |_ns| body(mode)),
-    }
-}
-
-/// An address for `--metrics`: a free port, or in bpf mode's own namespace a fixed one.
-fn metrics_addr(mode: Mode) -> SocketAddr {
-    let port = match mode {
-        Mode::Simple => free_port(),
-        Mode::Bpf => 9100,
-    };
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// Start the proxy in `mode` on `nports` frontend ports with the config `make_config` builds
-/// from them, and wait until it serves.
-fn start_in(
-    mode: Mode,
-    nports: usize,
-    args: &[&str],
-    make_config: impl Fn(&[u16]) -> String,
-) -> Proxy {
-    match mode {
-        Mode::Simple => Proxy::start(nports, args, make_config),
-        Mode::Bpf => {
-            let ports: Vec<u16> = (0..nports as u16).map(|i| 7001 + i).collect();
-            let mut p = netns::start(&make_config(&ports), args);
-            p.ports = ports;
-            p
-        }
-    }
-}
 
 /// An app whose targets are health-checked only once an hour, so that every connection a
 /// test backend sees is a client's.
@@ -162,44 +123,11 @@ fn connect_from_v6(from: std::net::Ipv6Addr, port: u16) -> TcpStream {
     s
 }
 
-/// `GET /metrics` (with CRLF line ends): the exposition text.
-fn scrape(addr: SocketAddr) -> String {
-    get(addr, b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-}
-
-/// Send `request` to the metrics endpoint and return the body of its 200 answer.
-fn get(addr: SocketAddr, request: &[u8]) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, WAIT)
-        .unwrap_or_else(|e| panic!("metrics {addr}: connect: {e}"));
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(request).expect("metrics: send the request");
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .unwrap_or_else(|e| panic!("metrics {addr}: read: {e}"));
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("metrics {addr}: no response head: {resp:?}"));
-    assert!(head.starts_with("HTTP/1.1 200 "), "metrics {addr}: {head}");
-    body.to_owned()
-}
-
-/// The value of the sample `name` whose labels include `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (series, value) = l.rsplit_once(' ')?;
-        let (n, lbl) = match series.split_once('{') {
-            Some((n, rest)) => (n, rest.trim_end_matches('}')),
-            None => (series, ""),
-        };
-        if n != name {
-            return None;
-        }
-        let has = |k: &str, v: &str| lbl.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
-        if !labels.iter().all(|(k, v)| has(k, v)) {
-            return None;
-        }
-        value.parse().ok()
-    })
+/// Send `req` to the metrics endpoint: the body of its answer, which must be a 200.
+fn ok_body(addr: SocketAddr, req: &[u8]) -> String {
+    let r = request(addr, req);
+    assert_eq!(r.status, 200, "metrics {addr}: {r:?}");
+    r.body
 }
 
 /// Network socket descriptors the process holds now: its socket descriptors that are not Unix
@@ -227,17 +155,6 @@ fn tcp_sockets_of(pid: u32) -> usize {
         .count()
 }
 
-/// CPU seconds (user and system) the process has used, from /proc/PID/stat.
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
-    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 /// Read whatever comes within `within`: Some(bytes) if anything came, None at EOF or reset.
 fn read_some(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
     s.set_read_timeout(Some(within)).unwrap();
@@ -256,12 +173,11 @@ fn read_some(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
 /// `--max-connections-per-client 10`: the 11th connection from one address is closed at once,
 /// logged `end=client_limit` and counted, while another address is served; a connection that
 /// ends gives its count back.
-fn eleventh_from_one_address(mode: Mode) {
+fn eleventh_from_one_address(env: Env) {
     let echo = Backend::echo();
-    let maddr = metrics_addr(mode);
+    let maddr = env.metrics_addr();
     let m = maddr.to_string();
-    let p = start_in(
-        mode,
+    let p = env.start_on(
         1,
         &["--max-connections-per-client", "10", "--metrics", &m],
         |ports| config(&[quiet_app("web", ports, &[echo.target()])]),
@@ -317,8 +233,7 @@ fn eleventh_from_one_address(mode: Mode) {
     }
     let text = scrape(maddr);
     let refused = |reason: &str| {
-        sample(
-            &text,
+        text.sample(
             "flyproxy_app_connections_refused_total",
             &[("app", "web"), ("reason", reason)],
         )
@@ -326,7 +241,7 @@ fn eleventh_from_one_address(mode: Mode) {
     assert_eq!(refused("client_limit"), Some(1.0), "{text}");
     assert_eq!(refused("limit"), Some(0.0), "{text}");
     assert_eq!(
-        sample(&text, "flyproxy_app_connections_total", &[("app", "web")]),
+        text.sample("flyproxy_app_connections_total", &[("app", "web")]),
         Some(12.0),
         "{text}"
     );
@@ -352,60 +267,59 @@ fn eleventh_from_one_address(mode: Mode) {
     );
 }
 
-#[test]
-fn per_client_limit_closes_the_11th_from_one_address_simple() {
-    in_mode(Mode::Simple, "per_client_simple", eleventh_from_one_address);
-}
-
-#[test]
-fn per_client_limit_closes_the_11th_from_one_address_bpf() {
-    in_mode(Mode::Bpf, "per_client_bpf", eleventh_from_one_address);
-}
+two_modes!(
+    per_client_limit_closes_the_11th_from_one_address,
+    eleventh_from_one_address
+);
 
 /// IPv6 clients are counted by their /64: two addresses of one /64 share the limit, an address
 /// of another /64 is a client of its own. (bpf mode: the namespace is the test's, so it may give
 /// `lo` addresses of its own.)
 #[test]
 fn per_client_limit_counts_an_ipv6_64_as_one_client_bpf() {
-    in_mode(Mode::Bpf, "per_client_ipv6_bpf", |mode| {
-        let host_a: std::net::Ipv6Addr = "2001:db8::a".parse().unwrap();
-        let host_b: std::net::Ipv6Addr = "2001:db8::b".parse().unwrap();
-        let other_net: std::net::Ipv6Addr = "2001:db8:0:1::a".parse().unwrap();
-        for a in [host_a, host_b, other_net] {
-            let out = Command::new("ip")
-                .args([
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a}/128"),
-                    "dev",
-                    "lo",
-                    "nodad",
-                ])
-                .output()
-                .expect("run ip (iproute2)");
-            assert!(out.status.success(), "ip addr add {a}: {out:?}");
-        }
-        let echo = Backend::echo();
-        let p = start_in(mode, 1, &["--max-connections-per-client", "2"], |ports| {
-            config(&[quiet_app("web", ports, &[echo.target()])])
-        });
-        let port = p.ports[0];
-        let mut held = Vec::new();
-        for (i, from) in [host_a, host_b].into_iter().enumerate() {
-            let mut s = connect_from_v6(from, port);
-            roundtrip(&mut s, format!("v6 {i}").as_bytes());
-            held.push(s);
-        }
-        // A third from the same /64, by another address of it: refused.
-        let mut third = connect_from_v6(host_a, port);
-        expect_closed(&mut third, WAIT);
-        let line = p.wait_conn(third.local_addr().unwrap());
-        assert_eq!(line.end, "client_limit", "{}", line.line);
-        // Another /64 is another client.
-        let mut other = connect_from_v6(other_net, port);
-        roundtrip(&mut other, b"another /64");
-    });
+    modes::in_mode(
+        Mode::Bpf,
+        "per_client_limit_counts_an_ipv6_64_as_one_client_bpf",
+        |env| {
+            let host_a: std::net::Ipv6Addr = "2001:db8::a".parse().unwrap();
+            let host_b: std::net::Ipv6Addr = "2001:db8::b".parse().unwrap();
+            let other_net: std::net::Ipv6Addr = "2001:db8:0:1::a".parse().unwrap();
+            for a in [host_a, host_b, other_net] {
+                let out = Command::new("ip")
+                    .args([
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{a}/128"),
+                        "dev",
+                        "lo",
+                        "nodad",
+                    ])
+                    .output()
+                    .expect("run ip (iproute2)");
+                assert!(out.status.success(), "ip addr add {a}: {out:?}");
+            }
+            let echo = Backend::echo();
+            let p = env.start_on(1, &["--max-connections-per-client", "2"], |ports| {
+                config(&[quiet_app("web", ports, &[echo.target()])])
+            });
+            let port = p.ports[0];
+            let mut held = Vec::new();
+            for (i, from) in [host_a, host_b].into_iter().enumerate() {
+                let mut s = connect_from_v6(from, port);
+                roundtrip(&mut s, format!("v6 {i}").as_bytes());
+                held.push(s);
+            }
+            // A third from the same /64, by another address of it: refused.
+            let mut third = connect_from_v6(host_a, port);
+            expect_closed(&mut third, WAIT);
+            let line = p.wait_conn(third.local_addr().unwrap());
+            assert_eq!(line.end, "client_limit", "{}", line.line);
+            // Another /64 is another client.
+            let mut other = connect_from_v6(other_net, port);
+            roundtrip(&mut other, b"another /64");
+        },
+    );
 }
 
 /// The per-app `MaxConnectionsPerClient` limits that app only; a connection that fails to
@@ -557,7 +471,7 @@ fn thousands_of_unreachable_targets_stay_within_the_descriptor_budget() {
         .collect();
     let echo = Backend::echo();
     let ports = free_ports(2);
-    let maddr = metrics_addr(Mode::Simple);
+    let maddr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let dir = TempDir::new("health-budget");
     let cfg = dir.write(
         "config.json",
@@ -573,19 +487,7 @@ fn thousands_of_unreachable_targets_stay_within_the_descriptor_budget() {
         .arg(&cfg)
         .arg("--metrics")
         .arg(maddr.to_string());
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: NOFILE,
-                rlim_max: NOFILE,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_fd_limit(&mut cmd, NOFILE);
     let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
     p.ports = ports;
     p.wait_started().expect("started");
@@ -639,7 +541,7 @@ fn thousands_of_unreachable_targets_stay_within_the_descriptor_budget() {
     );
     let text = scrape(maddr);
     assert_eq!(
-        sample(&text, "flyproxy_target_up", &[("app", "live")]),
+        text.sample("flyproxy_target_up", &[("app", "live")]),
         Some(1.0)
     );
 }
@@ -649,7 +551,7 @@ fn thousands_of_unreachable_targets_stay_within_the_descriptor_budget() {
 #[test]
 fn a_target_listed_by_several_apps_is_checked_once() {
     let mut echo = Backend::echo();
-    let maddr = metrics_addr(Mode::Simple);
+    let maddr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let m = maddr.to_string();
     // Up targets are checked every 5 intervals: every 500 ms here.
     let _p = Proxy::start(3, &["--metrics", &m], |ports| {
@@ -687,7 +589,7 @@ fn a_target_listed_by_several_apps_is_checked_once() {
         let text = scrape(maddr);
         ["a", "b", "c"]
             .iter()
-            .all(|app| sample(&text, "flyproxy_target_up", &[("app", app)]) == Some(0.0))
+            .all(|app| text.sample("flyproxy_target_up", &[("app", app)]) == Some(0.0))
             .then_some(())
     });
 }
@@ -700,7 +602,7 @@ fn a_target_listed_by_several_apps_is_checked_once() {
 #[test]
 fn idle_connections_do_not_delay_a_scrape_and_bare_lf_is_answered() {
     let echo = Backend::echo();
-    let maddr = metrics_addr(Mode::Simple);
+    let maddr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let m = maddr.to_string();
     let _p = Proxy::start(1, &["--metrics", &m], |ports| {
         config(&[quiet_app("web", ports, &[echo.target()])])
@@ -712,7 +614,7 @@ fn idle_connections_do_not_delay_a_scrape_and_bare_lf_is_answered() {
         let began = Instant::now();
         let text = scrape(maddr);
         let took = began.elapsed();
-        assert!(text.contains("flyproxy_build_info"), "{text}");
+        assert!(text.text.contains("flyproxy_build_info"), "{text}");
         // The idle ones would hold a one-at-a-time endpoint for 2 s each.
         assert!(
             took < Duration::from_millis(1500),
@@ -721,9 +623,9 @@ fn idle_connections_do_not_delay_a_scrape_and_bare_lf_is_answered() {
     }
     drop(idle);
 
-    let body = get(maddr, b"GET /metrics HTTP/1.1\nHost: test\n\n");
+    let body = ok_body(maddr, b"GET /metrics HTTP/1.1\nHost: test\n\n");
     assert!(body.contains("flyproxy_build_info"), "{body}");
-    let body = get(maddr, b"GET /status HTTP/1.0\n\n");
+    let body = ok_body(maddr, b"GET /status HTTP/1.0\n\n");
     assert!(body.contains("app web"), "{body}");
 }
 
@@ -746,9 +648,8 @@ fn a_removed_apps_bpf_counters_are_freed() {
             let mut s = connect(netns::v4(7101));
             roundtrip(&mut s, format!("beta {i}").as_bytes());
         }
-        let steered = |text: &str, group: &str| {
-            sample(
-                text,
+        let steered = |text: &Exposition, group: &str| {
+            text.sample(
                 "flyproxy_bpf_lookups_total",
                 &[("group", group), ("verdict", "steered")],
             )
@@ -762,7 +663,7 @@ fn a_removed_apps_bpf_counters_are_freed() {
         );
         let text = scrape(maddr);
         assert_eq!(steered(&text, "beta"), None, "{text}");
-        assert!(!text.contains("group=\"beta\""), "{text}");
+        assert!(!text.text.contains("group=\"beta\""), "{text}");
         assert_eq!(steered(&text, "alpha"), Some(0.0), "{text}");
 
         // gamma takes beta's freed counters: from zero, not from beta's 3.

@@ -147,7 +147,6 @@ const BULK: usize = 8 << 20;
 
 /// The proxy in simple mode on one port of `echo`, under an open-file limit of NOFILE.
 fn start_with_nofile(echo: &Backend) -> Proxy {
-    use std::os::unix::process::CommandExt;
     use std::process::Command;
 
     let ports = free_ports(1);
@@ -158,19 +157,7 @@ fn start_with_nofile(echo: &Backend) -> Proxy {
     );
     let mut cmd = Command::new(BIN);
     cmd.arg("simple").arg("-c").arg(&cfg);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: NOFILE,
-                rlim_max: NOFILE,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_fd_limit(&mut cmd, NOFILE);
     let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
     p.ports = ports;
     p.wait_started().expect("started");

@@ -852,7 +852,7 @@ fn relaying_goes_on_while_a_scraper_stalls(maddr: SocketAddr, proxied: SocketAdd
 
 /// A scraper that sends its request a byte at a time, each byte within the 2 s read timeout,
 /// must not hold the one-request-at-a-time endpoint for longer than "a few seconds" (as
-/// src/ops/metrics.rs promises): the timeout has to bound the whole request, not each read.
+/// src/ops/metrics promises): the timeout has to bound the whole request, not each read.
 #[test]
 fn a_trickling_scraper_cannot_hold_the_endpoint() {
     let maddr = metrics_addr();

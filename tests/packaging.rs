@@ -161,8 +161,15 @@ fn deb_package_contents() {
     }
     let dir = TempDir::new("deb");
     let deb = build_deb(&dir.path);
+    deb_control_fields(&deb);
+    deb_files(&deb);
+    deb_control_area(&deb, &dir.path.join("control"));
+    deb_contents(&deb, &dir.path.join("root"));
+}
 
-    let field = |name: &str| stdout(Command::new("dpkg-deb").arg("-f").arg(&deb).arg(name));
+/// The control fields: name, version, architecture, dependencies, description.
+fn deb_control_fields(deb: &Path) {
+    let field = |name: &str| stdout(Command::new("dpkg-deb").arg("-f").arg(deb).arg(name));
     assert_eq!(field("Package").trim(), "flyproxy");
     assert_eq!(field("Version").trim(), VERSION);
     let arch = stdout(Command::new("dpkg").arg("--print-architecture"));
@@ -174,9 +181,11 @@ fn deb_package_contents() {
     assert!(!field("Maintainer").trim().is_empty());
     assert!(field("Description").contains("TCP proxy"));
     assert_eq!(field("Suggests").trim(), "etcd-client");
+}
 
-    // Every file, owned by root; nothing else.
-    let listing = stdout(Command::new("dpkg-deb").arg("-c").arg(&deb));
+/// Every file, owned by root; nothing else.
+fn deb_files(deb: &Path) {
+    let listing = stdout(Command::new("dpkg-deb").arg("-c").arg(deb));
     let mut files = BTreeSet::new();
     for line in listing.lines() {
         let cols: Vec<&str> = line.split_whitespace().collect();
@@ -188,11 +197,12 @@ fn deb_package_contents() {
     }
     let expected: BTreeSet<String> = FILES.iter().map(|s| s.to_string()).collect();
     assert_eq!(files, expected, "files in the package");
+}
 
-    // Control area: the config and the follower's settings are conffiles; the maintainer
-    // scripts are executable and start nothing.
-    let control = dir.path.join("control");
-    run(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control));
+/// Control area: the config and the follower's settings are conffiles; the maintainer
+/// scripts are executable and start nothing.
+fn deb_control_area(deb: &Path, control: &Path) {
+    run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(control));
     assert_eq!(
         fs::read_to_string(control.join("conffiles")).unwrap(),
         "/etc/default/flyproxy-etcd-sync\n/etc/flyproxy/config.json\n"
@@ -217,10 +227,11 @@ fn deb_package_contents() {
             );
         }
     }
+}
 
-    // The contents.
-    let root = dir.path.join("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root));
+/// The contents.
+fn deb_contents(deb: &Path, root: &Path) {
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root));
     let bin = root.join("usr/bin/flyproxy");
     assert_eq!(
         stdout(Command::new(&bin).arg("--version")).trim(),

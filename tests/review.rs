@@ -250,12 +250,13 @@ fn status_of_a_hostile_server_is_bounded() {
     std::thread::spawn(move || {
         let (mut s, _) = trickle.accept().unwrap();
         let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
-        // A byte every 500 ms, for at most 30 s: never the whole answer.
-        for _ in 0..60 {
+        // A byte every 100 ms (well within the 2 s read timeout, even on a loaded machine), for
+        // at most 30 s: never the whole answer.
+        for _ in 0..300 {
             if s.write_all(b".").is_err() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(500));
+            std::thread::sleep(Duration::from_millis(100));
         }
     });
     let started = std::time::Instant::now();

@@ -4,12 +4,14 @@
 //!
 //! Every two-mode test runs in a network namespace of its own (tests/netns), simple mode too:
 //! there it can use extra IPv6 addresses on `lo` (added with `ip`) and fixed ports such as 443.
-//! That is why these tests use their own `both_modes_in_netns!` rather than tests/modes'
-//! `two_modes!`, whose simple mode runs on the host. The TLS
+//! That is why these tests use `two_modes!(netns: ...)` (tests/modes), whose simple mode runs
+//! in a namespace too. The TLS
 //! tests use the `openssl` tool (an `s_server` per target with its own self-signed certificate,
 //! made in the test) and `curl`; the client checks which certificate it reached.
 
 mod common;
+#[macro_use]
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
@@ -24,35 +26,8 @@ use common::{
     connect, cpu_secs, expect_closed, expect_refused, field, metrics, read_line, roundtrip, run,
     wait_for, Backend, Proxy, TempDir, WAIT,
 };
+use modes::Mode;
 use serde_json::{json, Value};
-
-/// The two ways ports reach the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Bpf,
-}
-
-/// A test body written once, run as `NAME::simple` and `NAME::bpf`, each in a network namespace
-/// of its own (skipped without root, a failure in CI, as `netns::run` does).
-macro_rules! both_modes_in_netns {
-    ($(#[$doc:meta])* $name:ident, $body:expr) => {
-        $(#[$doc])*
-        mod $name {
-            use super::*;
-            #[test]
-            fn simple() {
-                netns::run(concat!(stringify!($name), "::simple"), |_| {
-                    ($body)(Mode::Simple)
-                });
-            }
-            #[test]
-            fn bpf() {
-                netns::run(concat!(stringify!($name), "::bpf"), |_| ($body)(Mode::Bpf));
-            }
-        }
-    };
-}
 
 /// Start the proxy in `mode` on `config` (in the calling thread's namespace), with `args`.
 fn start(mode: Mode, config: &Value, args: &[&str]) -> Proxy {
@@ -268,7 +243,7 @@ fn tls_subject(addr: SocketAddr, name: Option<&str>) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // By address
 
-both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
+two_modes!(netns: two_apps_one_port_by_address_v4_and_v6, |mode| {
     add_v6("fd00:fe::2");
     add_v6("fd00:fe::3");
     let (a, b) = (Backend::tagged("a"), Backend::tagged("b"));
@@ -293,7 +268,7 @@ both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
     );
 });
 
-both_modes_in_netns!(longest_prefix_wins, |mode| {
+two_modes!(netns: longest_prefix_wins, |mode| {
     add_v6("fd00:fe::5");
     add_v6("fd00:fe::9");
     let (wide, narrow) = (Backend::tagged("wide"), Backend::tagged("narrow"));
@@ -326,7 +301,7 @@ both_modes_in_netns!(longest_prefix_wins, |mode| {
     assert!(log.contains("started mode="), "{log}");
 });
 
-both_modes_in_netns!(
+two_modes!(netns:
     /// A server-first protocol (the target speaks before the client) works on a port shared by
     /// address, with no Hostnames: the proxy never waits for the client there.
     server_first_target_on_a_port_without_hostnames, |mode| {
@@ -357,7 +332,7 @@ both_modes_in_netns!(
 // ---------------------------------------------------------------------------------------------
 // By server name, with real TLS handshakes
 
-both_modes_in_netns!(
+two_modes!(netns:
     /// Three apps on one port told apart by SNI; each target presents its own certificate and the
     /// client checks which one it reached.
     three_apps_by_server_name_with_tls, |mode| {
@@ -415,7 +390,7 @@ both_modes_in_netns!(
     );
 });
 
-both_modes_in_netns!(
+two_modes!(netns:
     /// Without a default app, a connection no name picks is closed and logged `end=no_route` with
     /// the reason, and counted; plain text and a silent client too; the ClientHello may come one
     /// byte per write.
@@ -509,7 +484,7 @@ both_modes_in_netns!(
     assert_eq!(shop.served(), 0, "nothing reached shop");
 });
 
-both_modes_in_netns!(
+two_modes!(netns:
     /// The PROXY header's destination is what the client dialled, and the ClientHello follows it
     /// unchanged.
     proxy_header_then_the_hello, |mode| {
@@ -534,7 +509,7 @@ both_modes_in_netns!(
     assert_eq!(back, hello);
 });
 
-both_modes_in_netns!(
+two_modes!(netns:
     /// A reload moves a hostname to another app: a connection open before it stays on its target,
     /// the next one goes to the new app.
     reload_moves_a_hostname_live_connection_stays, |mode| {
@@ -586,7 +561,7 @@ both_modes_in_netns!(
     assert_eq!(field(&line, "target"), Some(shop.target()), "{line}");
 });
 
-both_modes_in_netns!(
+two_modes!(netns:
     /// `curl --resolve` to two HTTPS sites on one port, as a user would try it: curl checks each
     /// site's certificate against that site's own CA file.
     curl_to_two_https_backends_on_one_port, |mode| {
@@ -786,7 +761,36 @@ fn check(dir: &TempDir, config: &Value) -> (Option<i32>, String) {
 fn every_validation_error_names_apps_ports_and_addresses() {
     let dir = TempDir::new("shared-check");
     let t = json!(["127.0.0.1:1"]);
-    let cases: Vec<(&str, Value, &str)> = vec![
+    for (what, apps, want) in &sharing_problems(&t) {
+        let (code, out) = check(&dir, &json!({ "Apps": apps }));
+        assert_eq!(code, Some(1), "{what}: {out}");
+        let problems: Vec<&str> = out
+            .lines()
+            .filter(|l| !l.ends_with("problems found"))
+            .collect();
+        assert_eq!(problems.len(), 1, "{what}: exactly one problem: {out}");
+        assert!(
+            problems[0].contains(want),
+            "{what}:\n  want {want}\n  got  {}",
+            problems[0]
+        );
+    }
+
+    for apps in sharing_configs_that_are_fine(&t) {
+        let (code, out) = check(&dir, &json!({ "Apps": apps }));
+        assert_eq!(code, Some(0), "{apps}: {out}");
+    }
+    let (_, out) = check(
+        &dir,
+        &json!({"Apps": [{"Name": "g", "Ports": ["20000-29999"], "Targets": t}]}),
+    );
+    assert!(out.contains("1 apps, 10000 ports, 1 targets"), "{out}");
+}
+
+/// Each kind of problem with ports, addresses, hostnames and sharing: what it is, the apps
+/// (each target `t`), and what the report must say.
+fn sharing_problems(t: &Value) -> Vec<(&'static str, Value, &'static str)> {
+    vec![
         (
             "range backwards",
             json!([{"Name": "a", "Ports": ["30-20"], "Targets": t}]),
@@ -900,25 +904,13 @@ fn every_validation_error_names_apps_ports_and_addresses() {
             {"Name": "shop2", "Ports": [443, 8443], "Hostnames": ["SHOP.example.com"], "Targets": t}]),
             r#"app "shop2": Hostnames: "shop.example.com" is also claimed by app "shop" on port 443 (every address): a name may pick only one app per address and port"#,
         ),
-    ];
-    for (what, apps, want) in &cases {
-        let (code, out) = check(&dir, &json!({ "Apps": apps }));
-        assert_eq!(code, Some(1), "{what}: {out}");
-        let problems: Vec<&str> = out
-            .lines()
-            .filter(|l| !l.ends_with("problems found"))
-            .collect();
-        assert_eq!(problems.len(), 1, "{what}: exactly one problem: {out}");
-        assert!(
-            problems[0].contains(want),
-            "{what}:\n  want {want}\n  got  {}",
-            problems[0]
-        );
-    }
+    ]
+}
 
-    // What is fine: a 10,000-port range; the same name, or two defaults, on different
-    // addresses; a prefix beside an address in it; the issue's example.
-    let fine = [
+/// What is fine: a 10,000-port range; the same name, or two defaults, on different
+/// addresses; a prefix beside an address in it; the issue's example.
+fn sharing_configs_that_are_fine(t: &Value) -> [Value; 3] {
+    [
         json!([{"Name": "g", "Ports": ["20000-29999", 31500, 80], "Targets": t}]),
         json!([
             {"Name": "a", "Ports": [443], "Addresses": ["192.0.2.10"], "Hostnames": ["x.example"], "Targets": t},
@@ -932,16 +924,7 @@ fn every_validation_error_names_apps_ports_and_addresses() {
             {"Name": "db-a", "Ports": [5432], "Addresses": ["192.0.2.10"], "Targets": ["10.0.1.5:5432"]},
             {"Name": "db-b", "Ports": [5432], "Addresses": ["192.0.2.11", "2001:db8::11"], "Targets": ["10.0.1.6:5432"]},
             {"Name": "games", "Ports": ["20000-20999", 21500], "Addresses": ["198.51.100.0/24"], "Targets": ["10.0.2.5:7000"]}]),
-    ];
-    for apps in fine {
-        let (code, out) = check(&dir, &json!({ "Apps": apps }));
-        assert_eq!(code, Some(0), "{apps}: {out}");
-    }
-    let (_, out) = check(
-        &dir,
-        &json!({"Apps": [{"Name": "g", "Ports": ["20000-29999"], "Targets": t}]}),
-    );
-    assert!(out.contains("1 apps, 10000 ports, 1 targets"), "{out}");
+    ]
 }
 
 /// A reload that breaks a sharing rule is refused whole, and the running config keeps serving.

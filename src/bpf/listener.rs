@@ -249,13 +249,7 @@ impl Steered {
 }
 
 impl PortSource for Steered {
-    fn apply(
-        &mut self,
-        registry: &Registry,
-        config: &Config,
-        _added: &[u16],
-        _removed: &[u16],
-    ) -> Result<(), PortError> {
+    fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError> {
         if !self.registered {
             for (l, token) in [(&mut self.v4, V4), (&mut self.v6, V6)] {
                 if let Some(l) = l {

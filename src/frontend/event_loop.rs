@@ -392,12 +392,7 @@ impl Loop {
             }
             return;
         }
-        if let Err(e) = self.source.apply(
-            poll.registry(),
-            &new,
-            &diff.ports_added,
-            &diff.ports_removed,
-        ) {
+        if let Err(e) = self.source.apply(poll.registry(), &new) {
             self.reject(&format!("{e}; "), &sha);
             return;
         }

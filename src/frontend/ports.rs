@@ -90,16 +90,10 @@ pub struct Accepted {
 }
 
 pub trait PortSource {
-    /// Serve `config`'s ports: `added` become reachable and `removed` unreachable (the
-    /// config tells a mode that needs it which app each port is). On error nothing has
-    /// changed: the reload (or the start-up) is refused whole.
-    fn apply(
-        &mut self,
-        registry: &Registry,
-        config: &Config,
-        added: &[u16],
-        removed: &[u16],
-    ) -> Result<(), PortError>;
+    /// Serve exactly `config`'s ports: the source works out what changed since the last
+    /// apply (the config also tells a mode that needs it which app each port is). On error
+    /// nothing has changed: the reload (or the start-up) is refused whole.
+    fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError>;
 
     /// Called at every reload tick, for work that may need retrying.
     fn tick(&mut self) {}

@@ -177,13 +177,7 @@ impl PortSource for PerPort {
         self.room = Some(room);
     }
 
-    fn apply(
-        &mut self,
-        registry: &Registry,
-        config: &Config,
-        _added: &[u16],
-        _removed: &[u16],
-    ) -> Result<(), PortError> {
+    fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError> {
         let want = wanted(config);
         let have: BTreeSet<Bind> = self.listeners.keys().copied().collect();
         let gone: Vec<Bind> = have.difference(&want).copied().collect();

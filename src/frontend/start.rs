@@ -138,30 +138,13 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if stop_requested(&mut signals.stop) {
         return stopped_starting();
     }
-    let ports: Vec<u16> = config.ports().collect();
     source
-        .apply(poll.registry(), &config, &ports, &[])
+        .apply(poll.registry(), &config)
         .map_err(StartError::Port)?;
     if stop_requested(&mut signals.stop) {
         return stopped_starting();
     }
-    // Switch user first (it needs CAP_SETUID and CAP_SETGID), then keep only what the running
-    // proxy needs, then pass that on to an upgrade's exec as the new user (the ambient set).
-    let switched = match &run_as {
-        Some(ids) => user::switch(ids).map_err(StartError::User)?,
-        None => false,
-    };
-    let keep = capabilities_kept(&mode, &settings);
-    crate::ops::caps::keep_only(&keep).map_err(StartError::Caps)?;
-    if switched {
-        crate::ops::caps::regain(&keep).map_err(|e| StartError::User(UserError::Caps(e)))?;
-    }
-    if let Some(ids) = &run_as {
-        crate::info!("running as {ids}");
-    }
-    if let Ok(c) = crate::ops::caps::current() {
-        crate::debug!("capabilities kept: {c}");
-    }
+    drop_privileges(&mode, &settings, run_as.as_ref())?;
     let (max_connections, fds) = fit_fd_limit(
         settings.max_connections,
         source.listeners() as u64,
@@ -277,6 +260,32 @@ fn event_loop_parts() -> Result<(Poll, Waker, SignalPipes), StartError> {
         upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
     };
     Ok((poll, waker, signals))
+}
+
+/// Once the ports are set up, give up what the running proxy does not need: switch user first
+/// (it needs CAP_SETUID and CAP_SETGID), then keep only the capabilities the mode needs, then
+/// pass those on to an upgrade's exec as the new user (the ambient set).
+fn drop_privileges(
+    mode: &Mode,
+    settings: &Settings,
+    run_as: Option<&user::Ids>,
+) -> Result<(), StartError> {
+    let switched = match run_as {
+        Some(ids) => user::switch(ids).map_err(StartError::User)?,
+        None => false,
+    };
+    let keep = capabilities_kept(mode, settings);
+    crate::ops::caps::keep_only(&keep).map_err(StartError::Caps)?;
+    if switched {
+        crate::ops::caps::regain(&keep).map_err(|e| StartError::User(UserError::Caps(e)))?;
+    }
+    if let Some(ids) = run_as {
+        crate::info!("running as {ids}");
+    }
+    if let Ok(c) = crate::ops::caps::current() {
+        crate::debug!("capabilities kept: {c}");
+    }
+    Ok(())
 }
 
 /// Serve --metrics, on the socket a previous process handed over if it is the same address.

@@ -100,6 +100,64 @@ pub struct Context {
     pub unrouted: Arc<UnroutedCounts>,
 }
 
+/// The conn line of a connection no app took: `end` (no_route, or drained meanwhile) and why.
+fn log_unrouted(
+    client_addr: &str,
+    port: u16,
+    accepted: Instant,
+    end: &str,
+    why: Unrouted,
+    sni: Option<&str>,
+) {
+    let mut fields = vec![
+        ("app", Field::Str("-")),
+        ("client", Field::Str(client_addr)),
+        ("port", Field::Num(u64::from(port))),
+        ("target", Field::Str("-")),
+        ("up", Field::Num(0)),
+        ("down", Field::Num(0)),
+        ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
+        ("end", Field::Str(end)),
+        ("reason", Field::Str(why.as_str())),
+        ("detail", Field::Str(why.describe())),
+    ];
+    if let Some(name) = sni {
+        fields.push(("sni", Field::Str(name)));
+    }
+    log::record(Level::Warn, "conn", &fields);
+}
+
+/// What goes to the target before relaying: the PROXY header if the app sends one, then the
+/// client's bytes read for its server name. The reason, if the target would not take them.
+fn send_preamble(
+    backend: &TcpStream,
+    app: &AppRoute,
+    peer: SocketAddr,
+    local: SocketAddr,
+    first_bytes: &[u8],
+    cx: &Context,
+) -> Result<(), String> {
+    // Writing needs only a shared reference (`Write` is implemented for `&TcpStream`).
+    let mut to = backend;
+    if let Some(version) = app.proxy_protocol {
+        // Sent while the socket is still blocking: a header this small always fits in a fresh
+        // socket's send buffer, so this cannot stall. The destination is what the client
+        // dialled: the accepted socket's local address, in both modes.
+        to.write_all(&proxy_protocol::header(version, peer, local))
+            .map_err(|e| format!("sending the PROXY header: {e}"))?;
+    }
+    if !first_bytes.is_empty() {
+        // The bytes read for the server name go first, unchanged. Still blocking, with the
+        // connect timeout as a bound: at most MAX_PREREAD bytes to a fresh connection, which
+        // its send buffer and the target's window take at once unless the target is broken.
+        let _ = backend.set_write_timeout(Some(cx.settings.connect_timeout));
+        to.write_all(first_bytes)
+            .map_err(|e| format!("sending the client's first bytes: {e}"))?;
+        let _ = backend.set_write_timeout(None);
+    }
+    Ok(())
+}
+
 /// Write a connection's access-log line: a warning when `reason` says why it was refused or
 /// failed.
 #[allow(clippy::too_many_arguments)]
@@ -262,22 +320,7 @@ pub fn serve(job: Job, cx: &Context) {
                 cx.unrouted.count(port, why);
                 "no_route"
             };
-            let mut fields = vec![
-                ("app", Field::Str("-")),
-                ("client", Field::Str(&client_addr)),
-                ("port", Field::Num(u64::from(port))),
-                ("target", Field::Str("-")),
-                ("up", Field::Num(0)),
-                ("down", Field::Num(0)),
-                ("duration", Field::Secs(accepted.elapsed().as_secs_f64())),
-                ("end", Field::Str(end)),
-                ("reason", Field::Str(why.as_str())),
-                ("detail", Field::Str(why.describe())),
-            ];
-            if let Some(name) = &sni {
-                fields.push(("sni", Field::Str(name)));
-            }
-            return log::record(Level::Warn, "conn", &fields);
+            return log_unrouted(&client_addr, port, accepted, end, why, sni.as_deref());
         }
     };
     // The app's per-client limit, where the app was only known now.
@@ -341,40 +384,12 @@ pub fn serve(job: Job, cx: &Context) {
     };
     let target_state = guard.backend();
     let target = target_state.target.to_string();
-    if let Some(version) = app.proxy_protocol {
-        // Sent while the socket is still blocking: a header this small always fits in a fresh
-        // socket's send buffer, so this cannot stall. The destination is what the client
-        // dialled: the accepted socket's local address, in both modes.
-        let sent = (&backend).write_all(&proxy_protocol::header(version, peer, local));
-        if let Err(e) = sent {
-            return end(
-                &target,
-                0,
-                0,
-                "reset",
-                Some(format!("sending the PROXY header: {e}")),
-            );
-        }
+    if let Err(reason) = send_preamble(&backend, &app, peer, local, &first_bytes, cx) {
+        return end(&target, 0, 0, "reset", Some(reason));
     }
-    if !first_bytes.is_empty() {
-        // The bytes read for the server name go first, unchanged. Still blocking, with the
-        // connect timeout as a bound: at most MAX_PREREAD bytes to a fresh connection, which
-        // its send buffer and the target's window take at once unless the target is broken.
-        let _ = backend.set_write_timeout(Some(cx.settings.connect_timeout));
-        if let Err(e) = (&backend).write_all(&first_bytes) {
-            return end(
-                &target,
-                0,
-                0,
-                "reset",
-                Some(format!("sending the client's first bytes: {e}")),
-            );
-        }
-        let _ = backend.set_write_timeout(None);
-        target_state
-            .bytes_up
-            .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
-    }
+    target_state
+        .bytes_up
+        .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
     let _ = backend.set_nodelay(true);
     if let Err(e) = backend.set_nonblocking(true) {
         return end(&target, 0, 0, "reset", Some(format!("backend socket: {e}")));

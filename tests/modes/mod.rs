@@ -1,8 +1,9 @@
 //! A test written once for both modes. `two_modes!(name, body)` defines the tests
 //! `name::simple` and `name::bpf`; each runs `body` (a function or closure taking an `Env`)
 //! in its mode: simple mode on the test's thread, bpf mode on a thread in a network namespace
-//! of its own (`netns::run`: skipped without root, a failure in CI). Filter one mode with
-//! nextest as `-E 'test(/::bpf$/)'`.
+//! of its own (`netns::run`: skipped without root, a failure in CI). `two_modes!(netns: name,
+//! body)` runs both modes in a namespace of their own, `body` taking the `Mode`. Filter one
+//! mode with nextest as `-E 'test(/::bpf$/)'`.
 //!
 //! (A module per test rather than `name_simple` and `name_bpf`: `macro_rules!` cannot join
 //! identifiers, and the crate takes no dependency for that.)
@@ -19,8 +20,31 @@ use crate::common::{free_port, free_ports, Proxy, TempDir, BIN};
 use crate::netns;
 
 /// Define `$name::simple` and `$name::bpf`, each running `$body` with the `Env` of its mode.
+/// With `netns:` first, both run in a network namespace of their own (simple mode too, for
+/// tests that need addresses or ports of their own), and `$body` gets the `Mode`.
 #[macro_export]
 macro_rules! two_modes {
+    (netns: $(#[$attr:meta])* $name:ident, $body:expr) => {
+        $(#[$attr])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            #[test]
+            fn simple() {
+                $crate::netns::run(concat!(stringify!($name), "::simple"), |_| {
+                    ($body)($crate::modes::Mode::Simple)
+                });
+            }
+
+            #[test]
+            fn bpf() {
+                $crate::netns::run(concat!(stringify!($name), "::bpf"), |_| {
+                    ($body)($crate::modes::Mode::Bpf)
+                });
+            }
+        }
+    };
     ($(#[$attr:meta])* $name:ident, $body:expr) => {
         $(#[$attr])*
         mod $name {
@@ -108,6 +132,24 @@ impl Env {
             Mode::Bpf => NETNS_METRICS_PORT,
         };
         SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+    }
+
+    /// Start the proxy in this mode on `nports` frontend ports with the config `make_config`
+    /// builds from them, and wait until it serves. (Simple mode starts again on other ports
+    /// if one was taken meanwhile.)
+    pub fn start_on(
+        &self,
+        nports: usize,
+        args: &[&str],
+        make_config: impl Fn(&[u16]) -> String,
+    ) -> Proxy {
+        match self.mode {
+            Mode::Simple => Proxy::start(nports, args, make_config),
+            Mode::Bpf => {
+                let ports = self.ports(nports);
+                self.start(&ports, &make_config(&ports), args)
+            }
+        }
     }
 
     /// Start the proxy in this mode on `config_json` (which serves `ports`) and wait until it

@@ -1,0 +1,383 @@
+//! The /metrics text: the Prometheus text exposition format 0.0.4, one family after another.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::routing::AppRoute;
+use crate::frontend::ports::LookupReader;
+use crate::ops::metrics::{Published, Sources};
+use crate::relay::slots::Slots;
+
+/// An app's backends, each once: a target listed twice is one backend with two turns, and
+/// must be one series (a duplicate series makes Prometheus reject the whole scrape).
+pub(super) fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
+    let mut seen: Vec<&Arc<Backend>> = Vec::with_capacity(app.backends.len());
+    for b in &app.backends {
+        if !seen.iter().any(|s| Arc::ptr_eq(s, b)) {
+            seen.push(b);
+        }
+    }
+    seen
+}
+
+/// A label value escaped as the exposition format asks: backslash, double quote, newline.
+fn esc(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes one metric family: HELP and TYPE once, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head<'a>(out: &'a mut String, name: &str, kind: &str, help: &str) -> Family<'a> {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", esc(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+}
+
+/// The whole exposition, from the current routing table and counters.
+pub fn render(sources: &Sources) -> String {
+    let Sources {
+        published,
+        slots,
+        lookups,
+    } = sources;
+    let routes = published.routes();
+    let apps = routes.apps();
+    let mut out = String::with_capacity(4096);
+    build_info(&mut out);
+    app_families(&mut out, apps);
+    target_families(&mut out, apps);
+    reload_families(&mut out, published);
+    bound_families(&mut out, slots, published);
+    log_families(&mut out);
+    unrouted_families(&mut out, published);
+    if let Some(read) = lookups {
+        lookup_families(&mut out, read);
+    }
+    out
+}
+
+/// Apps in force, each with its ports.
+type Apps = [(Arc<AppRoute>, Vec<u16>)];
+
+fn build_info(out: &mut String) {
+    let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");
+    f.sample(
+        "flyproxy_build_info",
+        &[("version", crate::cli::VERSION)],
+        1,
+    );
+}
+
+/// Client connections by app: accepted, open, refused.
+fn app_families(out: &mut String, apps: &Apps) {
+    macro_rules! per_app {
+        ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
+            let mut f = Family::head(out, $name, $kind, $help);
+            for (app, _) in apps {
+                f.sample($name, &[("app", app.name.as_str())], $get(&app.stats));
+            }
+        }};
+    }
+    per_app!(
+        "flyproxy_app_connections_total",
+        "counter",
+        "Client connections accepted, by app.",
+        |s: &crate::backends::routing::AppStats| s.accepted.load(Ordering::Relaxed)
+    );
+    per_app!(
+        "flyproxy_app_connections_active",
+        "gauge",
+        "Client connections open now (connecting or relaying), by app.",
+        |s: &crate::backends::routing::AppStats| s.active.load(Ordering::Relaxed)
+    );
+    let name = "flyproxy_app_connections_refused_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Client connections closed without a target: reason=\"connect_failed\" (no target answered), \"limit\" (the app's MaxConnections) or \"client_limit\" (the client address had its limit of connections open).",
+    );
+    for (app, _) in apps {
+        let s = &app.stats;
+        f.sample(
+            name,
+            &[("app", app.name.as_str()), ("reason", "connect_failed")],
+            s.failed.load(Ordering::Relaxed),
+        );
+        f.sample(
+            name,
+            &[("app", app.name.as_str()), ("reason", "limit")],
+            s.limited.load(Ordering::Relaxed),
+        );
+        f.sample(
+            name,
+            &[("app", app.name.as_str()), ("reason", "client_limit")],
+            s.client_limited.load(Ordering::Relaxed),
+        );
+    }
+}
+
+/// Connections to targets by app and target: made, open, health, bytes, failures.
+fn target_families(out: &mut String, apps: &Apps) {
+    macro_rules! per_target {
+        ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
+            let mut f = Family::head(out, $name, $kind, $help);
+            for (app, _) in apps {
+                for b in unique_backends(app) {
+                    let t = b.target.to_string();
+                    f.sample(
+                        $name,
+                        &[("app", app.name.as_str()), ("target", t.as_str())],
+                        $get(b),
+                    );
+                }
+            }
+        }};
+    }
+    per_target!(
+        "flyproxy_connections_total",
+        "counter",
+        "Connections made to a target, by app and target.",
+        |b: &crate::backends::backend::Backend| b.connections.load(Ordering::Relaxed)
+    );
+    per_target!(
+        "flyproxy_connections_active",
+        "gauge",
+        "Connections to a target open now, by app and target.",
+        |b: &crate::backends::backend::Backend| b.active.load(Ordering::Relaxed)
+    );
+    per_target!(
+        "flyproxy_target_up",
+        "gauge",
+        "1 if the target is considered up (passive and active health checks), else 0.",
+        |b: &crate::backends::backend::Backend| u8::from(b.is_up())
+    );
+    let name = "flyproxy_bytes_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Bytes relayed, by app, target and direction.",
+    );
+    for (app, _) in apps {
+        for b in unique_backends(app) {
+            let t = b.target.to_string();
+            for (dir, v) in [
+                ("client_to_target", &b.bytes_up),
+                ("target_to_client", &b.bytes_down),
+            ] {
+                f.sample(
+                    name,
+                    &[
+                        ("app", app.name.as_str()),
+                        ("target", t.as_str()),
+                        ("direction", dir),
+                    ],
+                    v.load(Ordering::Relaxed),
+                );
+            }
+        }
+    }
+    let name = "flyproxy_connect_failures_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Failed connects to a target, by app, target and reason.",
+    );
+    for (app, _) in apps {
+        for b in unique_backends(app) {
+            let t = b.target.to_string();
+            for (i, reason) in ConnectError::REASONS.iter().enumerate() {
+                f.sample(
+                    name,
+                    &[
+                        ("app", app.name.as_str()),
+                        ("target", t.as_str()),
+                        ("reason", reason),
+                    ],
+                    b.failures[i].load(Ordering::Relaxed),
+                );
+            }
+        }
+    }
+}
+
+/// How config reloads went.
+fn reload_families(out: &mut String, published: &Published) {
+    let name = "flyproxy_reloads_total";
+    let mut f = Family::head(out, name, "counter", "Config reloads, by result.");
+    f.sample(
+        name,
+        &[("result", "ok")],
+        published.reloads_ok.load(Ordering::Relaxed),
+    );
+    f.sample(
+        name,
+        &[("result", "rejected")],
+        published.reloads_rejected.load(Ordering::Relaxed),
+    );
+    let name = "flyproxy_config_last_reload_success_timestamp_seconds";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "Unix time of the last config load or reload that was applied.",
+    );
+    f.sample(
+        name,
+        &[],
+        published.last_reload_ok_ms.load(Ordering::Relaxed) as f64 / 1000.0,
+    );
+    let hashes = published.config_hashes();
+    let name = "flyproxy_config_info";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "The config in force, named by the SHA-256 of its file's bytes (compare across a fleet).",
+    );
+    f.sample(name, &[("sha256", hashes.running.as_str())], 1);
+    if let Some(rejected) = &hashes.rejected {
+        let name = "flyproxy_config_rejected_info";
+        let mut f = Family::head(
+            out,
+            name,
+            "gauge",
+            "The last config file rejected since the one in force was loaded, by SHA-256.",
+        );
+        f.sample(name, &[("sha256", rejected.as_str())], 1);
+    }
+}
+
+/// The connection bound and how full it is.
+fn bound_families(out: &mut String, slots: &Slots, published: &Published) {
+    let name = "flyproxy_connections_limit";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "The connection bound in force (--max-connections, lowered to fit the open-file limit).",
+    );
+    f.sample(name, &[], slots.max());
+    let name = "flyproxy_connections_open";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "Client connections holding a slot of the bound now.",
+    );
+    f.sample(name, &[], slots.taken());
+    let name = "flyproxy_accept_paused";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "1 while the connection bound holds accepts back, else 0.",
+    );
+    f.sample(
+        name,
+        &[],
+        u8::from(published.accept_paused.load(Ordering::Relaxed)),
+    );
+}
+
+fn log_families(out: &mut String) {
+    let name = "flyproxy_log_lines_dropped_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Log lines dropped because stderr could not keep up.",
+    );
+    f.sample(name, &[], crate::ops::log::dropped());
+}
+
+/// Connections no app took, by port and reason; only once there is something to count, as a
+/// family without samples is noise (most configs never refuse a connection this way).
+fn unrouted_families(out: &mut String, published: &Published) {
+    let unrouted = published.unrouted.snapshot();
+    if unrouted.is_empty() {
+        return;
+    }
+    let name = "flyproxy_unrouted_connections_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Connections no app took, by port and reason: no_app (no app on the dialled address), no_server_name, unknown_server_name, not_tls, too_large (where apps have Hostnames and none is without), preread_timeout, client_closed.",
+    );
+    for ((port, why), n) in unrouted {
+        let port = port.to_string();
+        f.sample(
+            name,
+            &[("port", port.as_str()), ("reason", why.as_str())],
+            n,
+        );
+    }
+}
+
+/// sk_lookup verdicts (bpf mode).
+fn lookup_families(out: &mut String, read: &LookupReader) {
+    let name = "flyproxy_bpf_lookups_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "sk_lookup verdicts for configured ports, by port group (app): steered to our listener, or dropped (listener missing).",
+    );
+    for g in read() {
+        f.sample(
+            name,
+            &[("group", g.group.as_str()), ("verdict", "steered")],
+            g.steered,
+        );
+        f.sample(
+            name,
+            &[("group", g.group.as_str()), ("verdict", "dropped")],
+            g.dropped,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_escaping() {
+        assert_eq!(esc(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(esc("x\ny"), "x\\ny");
+    }
+}

@@ -1,0 +1,111 @@
+//! What the listener loop publishes for the metrics endpoint, and everything the endpoint reads.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::backends::routing::{Routes, UnroutedCounts};
+use crate::frontend::ports::LookupReader;
+use crate::relay::slots::Slots;
+
+/// What the listener loop publishes for the endpoint: the routing table in force, how reloads
+/// went, which config file is in force, and whether accepts are held back. Only the loop writes
+/// it.
+pub struct Published {
+    pub routes: Mutex<Arc<Routes>>,
+    pub reloads_ok: AtomicU64,
+    pub reloads_rejected: AtomicU64,
+    /// Unix time in milliseconds of the last successful (re)load.
+    pub last_reload_ok_ms: AtomicU64,
+    /// Which config file is in force, and which was last refused: how an operator tells which
+    /// config each instance of a fleet runs.
+    config_sha256: Mutex<ConfigHashes>,
+    /// Accepting is held back by the connection bound.
+    pub accept_paused: AtomicBool,
+    /// Connections no app took (counted by the listener loop and the sessions).
+    pub unrouted: Arc<UnroutedCounts>,
+}
+
+/// SHA-256 (hex, as `sha256sum` prints it) of config files' bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigHashes {
+    /// The file in force.
+    pub running: String,
+    /// The last file rejected since the running one was loaded; cleared by the next success.
+    pub rejected: Option<String>,
+}
+
+impl Published {
+    /// The state at start-up: `routes` just loaded from the file hashing to `sha256`, no reload
+    /// yet.
+    pub fn new(routes: Arc<Routes>, sha256: String) -> Published {
+        Published {
+            routes: Mutex::new(routes),
+            reloads_ok: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            last_reload_ok_ms: AtomicU64::new(unix_ms()),
+            config_sha256: Mutex::new(ConfigHashes {
+                running: sha256,
+                rejected: None,
+            }),
+            accept_paused: AtomicBool::new(false),
+            unrouted: Arc::default(),
+        }
+    }
+
+    /// The config hashes now (a copy: the lock is held only for that).
+    pub fn config_hashes(&self) -> ConfigHashes {
+        self.config_sha256
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The file hashing to `sha256` is in force from now on (any rejection is history).
+    /// `false` if it was already.
+    pub fn config_file(&self, sha256: &str) -> bool {
+        let mut h = self.config_sha256.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = h.running != sha256 || h.rejected.is_some();
+        h.running = sha256.to_owned();
+        h.rejected = None;
+        changed
+    }
+
+    /// The routing table in force.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A reload was applied: `routes`, from the file hashing to `sha256`, is in force from
+    /// now on.
+    pub fn reloaded(&self, routes: Arc<Routes>, sha256: &str) {
+        *self.routes.lock().unwrap_or_else(|e| e.into_inner()) = routes;
+        self.config_file(sha256);
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.last_reload_ok_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// A reload was refused: the running config stays. `sha256` names the refused file when
+    /// it could be read.
+    pub fn rejected(&self, sha256: Option<&str>) {
+        if let Some(sha) = sha256 {
+            let mut h = self.config_sha256.lock().unwrap_or_else(|e| e.into_inner());
+            h.rejected = Some(sha.to_owned());
+        }
+        self.reloads_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Everything the endpoint reads.
+pub struct Sources {
+    pub published: Arc<Published>,
+    pub slots: Arc<Slots>,
+    /// The mode's lookup counters (bpf mode only).
+    pub lookups: Option<LookupReader>,
+}
