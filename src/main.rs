@@ -94,7 +94,9 @@ fn check(config: &Path) -> ExitCode {
         }
         Err(e) => {
             println!("{e}");
-            println!("{}: {} problems found", config.display(), e.problems.len());
+            let n = e.problems.len();
+            let noun = if n == 1 { "problem" } else { "problems" };
+            println!("{}: {n} {noun} found", config.display());
             ExitCode::FAILURE
         }
     }

@@ -283,7 +283,7 @@ fn check_reports_one_problem(dir: &TempDir, name: &str, what: &str, json: &str, 
     let problems: Vec<&str> = lines
         .iter()
         .copied()
-        .filter(|l| !l.ends_with("problems found"))
+        .filter(|l| !l.ends_with("problems found") && !l.ends_with("problem found"))
         .collect();
     assert_eq!(
         problems.len(),
@@ -298,7 +298,7 @@ fn check_reports_one_problem(dir: &TempDir, name: &str, what: &str, json: &str, 
     );
     assert_eq!(
         lines.last(),
-        Some(&format!("{path}: 1 problems found").as_str()),
+        Some(&format!("{path}: 1 problem found").as_str()),
         "{what}"
     );
 }

@@ -285,19 +285,7 @@ fn per_client_limit_counts_an_ipv6_64_as_one_client_bpf() {
             let host_b: std::net::Ipv6Addr = "2001:db8::b".parse().unwrap();
             let other_net: std::net::Ipv6Addr = "2001:db8:0:1::a".parse().unwrap();
             for a in [host_a, host_b, other_net] {
-                let out = Command::new("ip")
-                    .args([
-                        "-6",
-                        "addr",
-                        "add",
-                        &format!("{a}/128"),
-                        "dev",
-                        "lo",
-                        "nodad",
-                    ])
-                    .output()
-                    .expect("run ip (iproute2)");
-                assert!(out.status.success(), "ip addr add {a}: {out:?}");
+                netns::add_v6(a);
             }
             let echo = Backend::echo();
             let p = env.start_on(1, &["--max-connections-per-client", "2"], |ports| {

@@ -19,7 +19,7 @@
 //! - [`Frontends::is_own`], at each connect, on the addresses a name resolved to: a name that
 //!   later resolves to this host fails that connection with reason `loop` instead of relaying.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 
 use crate::config::prefix::Prefix;
@@ -28,14 +28,29 @@ use crate::config::{Config, Problem};
 /// Where this proxy accepts: each port with the prefixes it answers on.
 #[derive(Debug, Default)]
 pub struct Frontends {
-    ports: HashMap<u16, Vec<Prefix>>,
+    ports: HashMap<u16, PortPrefixes>,
+}
+
+/// A port's prefixes, looked up by masking the address to each length in use rather than
+/// tried one by one: an edge with an address per app has as many prefixes on a port as it has
+/// apps, and every target of every app is checked against them (a scan made 100,000 such
+/// apps take minutes to check, and every connect to a target on that port pay for the scan).
+#[derive(Debug, Default)]
+struct PortPrefixes {
+    set: HashSet<Prefix>,
+    /// The distinct prefix lengths in `set` (at most 33 + 129).
+    lens: Vec<u8>,
 }
 
 impl Frontends {
     pub fn new(config: &Config) -> Frontends {
-        let mut ports: HashMap<u16, Vec<Prefix>> = HashMap::new();
+        let mut ports: HashMap<u16, PortPrefixes> = HashMap::new();
         for (port, prefix) in config.bindings().into_keys() {
-            ports.entry(port).or_default().push(prefix);
+            let at = ports.entry(port).or_default();
+            if !at.lens.contains(&prefix.prefix_len()) {
+                at.lens.push(prefix.prefix_len());
+            }
+            at.set.insert(prefix);
         }
         Frontends { ports }
     }
@@ -47,7 +62,13 @@ impl Frontends {
             return false;
         };
         let ip = dialled(addr.ip());
-        prefixes.iter().any(|p| p.contains(ip)) && is_local(ip)
+        // `Prefix::new` caps a length at the address's family, so a length of the other
+        // family can only find a prefix that does contain `ip`.
+        let covered = prefixes
+            .lens
+            .iter()
+            .any(|&len| prefixes.set.contains(&Prefix::new(ip, len)));
+        covered && is_local(ip)
     }
 }
 

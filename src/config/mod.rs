@@ -104,6 +104,13 @@ pub enum ProxyProtocol {
 /// Default for `ConnectAttempts`.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
 
+/// At most this many (address prefix, port) pairs, counted per app (an app without Addresses
+/// counts two prefixes per port: every IPv4 and every IPv6 address). It is the size of bpf
+/// mode's bindings map (`max_entries` of `bindings` in steer.bpf.c): a config past it could
+/// only be applied in part there. It also bounds what validating a small file can cost: a
+/// few lines of ranges times addresses would otherwise build millions of entries.
+pub const MAX_BINDINGS: usize = 1 << 20;
+
 /// A backend address as configured. The host stays a name: it is resolved at each connect, so a
 /// target whose address changes is followed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -188,6 +195,8 @@ pub enum Problem {
         ports: String,
         addresses: String,
     },
+    /// More (address prefix, port) pairs over all apps than `MAX_BINDINGS`.
+    TooManyBindings { pairs: usize },
     /// A target that is not `host:port`.
     BadTarget {
         app: String,
@@ -302,6 +311,12 @@ impl fmt::Display for Problem {
                 f,
                 "app {app:?}: Hostnames: {hostname:?} is also claimed by app {first:?} on \
                  port {ports} ({addresses}): a name may pick only one app per address and port"
+            ),
+            Problem::TooManyBindings { pairs } => write!(
+                f,
+                "Ports and Addresses: the apps have {pairs} (address, port) pairs in all (each \
+                 app's ports times its addresses, two for an app without Addresses), more than \
+                 the {MAX_BINDINGS} the proxy holds; use fewer ports or wider prefixes"
             ),
             Problem::BadTarget { app, target, why } => {
                 write!(f, "app {app:?}: Targets: {target:?} {why}")

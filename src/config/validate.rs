@@ -12,7 +12,7 @@ use crate::config::prefix::Prefix;
 use crate::config::raw::{RawApp, RawConfig, RawHealthCheck};
 use crate::config::{
     app_prefixes, App, Balance, Config, HealthCheck, Problem, ProxyProtocol, Target,
-    DEFAULT_CONNECT_ATTEMPTS,
+    DEFAULT_CONNECT_ATTEMPTS, MAX_BINDINGS,
 };
 
 impl Config {
@@ -312,6 +312,14 @@ fn app_hostnames(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem
 /// conflict, naming every port and address it concerns (a range of 10,000 shared ports is one
 /// line, not 10,000).
 fn check_sharing(apps: &[App], unusable: &[bool], problems: &mut Vec<Problem>) {
+    // Counted before anything is built: the count is cheap, the map below is not.
+    let pairs: usize = apps
+        .iter()
+        .map(|app| app.ports.len() * app_prefixes(app).len())
+        .sum();
+    if pairs > MAX_BINDINGS {
+        return problems.push(Problem::TooManyBindings { pairs });
+    }
     // (port, prefix) -> apps there, by index, in config order.
     let mut at: HashMap<(u16, Prefix), Vec<usize>> = HashMap::new();
     for (i, app) in apps.iter().enumerate() {

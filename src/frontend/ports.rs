@@ -42,6 +42,8 @@ pub enum PortError {
     },
     /// A listener could not be added to the event loop.
     Register(io::Error),
+    /// More listeners than the open-file limit leaves room for beside the connection bound.
+    TooManyListeners { wanted: usize, room: u64 },
 }
 
 impl fmt::Display for PortError {
@@ -66,6 +68,12 @@ impl fmt::Display for PortError {
             PortError::Register(error) => {
                 write!(f, "cannot add a listener to the event loop: {error}")
             }
+            PortError::TooManyListeners { wanted, room } => write!(
+                f,
+                "the config needs {wanted} listening sockets, but the open-file limit leaves \
+                 room for {room} beside the connections (--max-connections) and the proxy's \
+                 own descriptors: raise the limit, lower --max-connections or use fewer ports"
+            ),
         }
     }
 }
@@ -89,6 +97,10 @@ pub trait PortSource {
 
     /// Called at every reload tick, for work that may need retrying.
     fn tick(&mut self) {}
+
+    /// The most listening sockets the descriptor budget leaves room for, once the connection
+    /// bound is fitted to it (a mode with a fixed number of listeners ignores it).
+    fn set_listener_room(&mut self, _room: u64) {}
 
     /// Accept one connection from the listener behind `token`. `Ok(None)`: nothing waiting
     /// (or a token that is no longer ours).

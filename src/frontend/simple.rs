@@ -35,6 +35,11 @@ pub struct PerPort {
     /// Listeners handed over by the process we upgrade, used instead of binding anew; those
     /// the config no longer wants are closed after the first apply.
     inherited: HashMap<SocketAddr, TcpListener>,
+    /// The most listeners the descriptor budget has room for (unknown before the start has
+    /// fitted the connection bound to it). A reload past it is refused before anything is
+    /// bound: binding until EMFILE would take, for a moment, the descriptors that the open
+    /// connections' targets and the clients being accepted need.
+    room: Option<u64>,
 }
 
 /// The listeners `config` needs.
@@ -110,6 +115,7 @@ impl PerPort {
             by_token: HashMap::new(),
             next_token: FIRST_LISTENER,
             inherited,
+            room: None,
         }
     }
 
@@ -167,11 +173,23 @@ impl PerPort {
 }
 
 impl PortSource for PerPort {
+    fn set_listener_room(&mut self, room: u64) {
+        self.room = Some(room);
+    }
+
     fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError> {
         let want = wanted(config);
         let have: BTreeSet<Bind> = self.listeners.keys().copied().collect();
         let gone: Vec<Bind> = have.difference(&want).copied().collect();
         let new: Vec<Bind> = want.difference(&have).copied().collect();
+        if let Some(room) = self.room {
+            if want.len() as u64 > room && new.len() > gone.len() {
+                return Err(PortError::TooManyListeners {
+                    wanted: want.len(),
+                    room,
+                });
+            }
+        }
 
         // Bind every new listener first, so that one that cannot be bound refuses the whole
         // change before anything else has moved. A new listener that would clash with one of

@@ -150,6 +150,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         source.listeners() as u64,
         settings.metrics.is_some(),
     );
+    if let Some(limit) = fds.limit {
+        // What the limit leaves beside the connections and everything reserved but the
+        // listeners themselves.
+        let others = fds.reserved - source.listeners() as u64;
+        source.set_listener_room(limit.saturating_sub(others + 2 * max_connections as u64));
+    }
 
     let routes = Arc::new(Routes::new(&config, None));
     let slots = Arc::new(Slots::new(max_connections, waker));

@@ -375,6 +375,35 @@ fn loopback_up() {
     }
 }
 
+/// Add the IPv6 address `addr` to `lo` in the calling thread's namespace, and wait until it is
+/// usable. Even with `nodad` the kernel installs the address's local route from a workqueue, so
+/// on a loaded machine a connect right after `ip addr add` can still fail with "network is
+/// unreachable"; a UDP connect (a route lookup, no packet) says when the route is there.
+#[allow(dead_code)] // used by tests/shared_ports.rs and tests/hardening_limits.rs
+pub fn add_v6(addr: Ipv6Addr) {
+    let out = Command::new("ip")
+        .args([
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip -6 addr add {addr}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    common::wait_for(&format!("a route to {addr}"), common::WAIT, || {
+        let probe = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+        probe.connect((addr, 9)).ok()
+    });
+}
+
 /// Spawn `flyproxy bpf -p 8000 -c CONFIG ARGS...` in the calling thread's namespace (config
 /// written from `config_json`), without waiting for it.
 pub fn spawn(config_json: &str, args: &[&str]) -> Proxy {

@@ -330,13 +330,56 @@ fn answer(request: &[u8], sources: &Sources) -> Vec<u8> {
     out
 }
 
+/// The largest answer `flyproxy status` takes (100,000 apps make a status page of about
+/// 14 MB), and how long the whole answer may take: whatever listens at the address given
+/// (a wrong one, or not a flyproxy) must not make the command grow without bound or wait for
+/// ever on a trickle.
+const STATUS_MAX_BYTES: usize = 64 << 20;
+const STATUS_DEADLINE: Duration = Duration::from_secs(10);
+
 /// `flyproxy status`: fetch the /status page from a running proxy.
 pub fn fetch_status(addr: SocketAddr) -> io::Result<String> {
+    let deadline = Instant::now() + STATUS_DEADLINE;
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.write_all(b"GET /status HTTP/1.1\r\nHost: flyproxy\r\nConnection: close\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let too_slow = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no whole answer from {addr} within {STATUS_DEADLINE:?}"),
+        )
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(too_slow());
+        }
+        s.set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) if buf.len() + n > STATUS_MAX_BYTES => {
+                return Err(io::Error::other(format!(
+                    "the answer from {addr} is larger than {} MiB",
+                    STATUS_MAX_BYTES >> 20
+                )))
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // This read's timeout was what was left of the deadline.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && left < IO_TIMEOUT =>
+            {
+                return Err(too_slow())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let resp = String::from_utf8(buf)
+        .map_err(|_| io::Error::other(format!("unexpected answer from {addr}")))?;
     match resp.split_once("\r\n\r\n") {
         Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
         _ => Err(io::Error::other(format!("unexpected answer from {addr}"))),
