@@ -158,7 +158,6 @@ fn loop_check_with_an_address_per_app_is_fast() {
 /// connection bound fitted at start.
 #[test]
 fn reload_past_the_descriptor_budget_is_refused() {
-    use std::os::unix::process::CommandExt;
     const NOFILE: u64 = 400;
     let echo = Backend::echo();
     let ports = common::free_ports(1 + 150);
@@ -172,19 +171,7 @@ fn reload_past_the_descriptor_budget_is_refused() {
         .arg("-c")
         .arg(&cfg)
         .args(["--max-connections", "100"]);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: NOFILE,
-                rlim_max: NOFILE,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::with_fd_limit(&mut cmd, NOFILE);
     let mut p = common::Proxy::spawn_cmd(cmd, dir, cfg);
     p.ports = ports.clone();
     p.wait_started().expect("started");

@@ -4,14 +4,12 @@
 //!
 //! Every two-mode test runs in a network namespace of its own (tests/netns), simple mode too:
 //! there it can use extra IPv6 addresses on `lo` (added with `ip`) and fixed ports such as 443.
-//! That is why these tests use `two_modes!(netns: ...)` (tests/modes), whose simple mode runs
-//! in a namespace too. The TLS
+//! That is why these tests use their own `both_modes_in_netns!` rather than tests/modes'
+//! `two_modes!`, whose simple mode runs on the host. The TLS
 //! tests use the `openssl` tool (an `s_server` per target with its own self-signed certificate,
 //! made in the test) and `curl`; the client checks which certificate it reached.
 
 mod common;
-#[macro_use]
-mod modes;
 #[allow(dead_code)]
 mod netns;
 
@@ -26,8 +24,35 @@ use common::{
     connect, cpu_secs, expect_closed, expect_refused, field, metrics, read_line, roundtrip, run,
     wait_for, Backend, Proxy, TempDir, WAIT,
 };
-use modes::Mode;
 use serde_json::{json, Value};
+
+/// The two ways ports reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Simple,
+    Bpf,
+}
+
+/// A test body written once, run as `NAME::simple` and `NAME::bpf`, each in a network namespace
+/// of its own (skipped without root, a failure in CI, as `netns::run` does).
+macro_rules! both_modes_in_netns {
+    ($(#[$doc:meta])* $name:ident, $body:expr) => {
+        $(#[$doc])*
+        mod $name {
+            use super::*;
+            #[test]
+            fn simple() {
+                netns::run(concat!(stringify!($name), "::simple"), |_| {
+                    ($body)(Mode::Simple)
+                });
+            }
+            #[test]
+            fn bpf() {
+                netns::run(concat!(stringify!($name), "::bpf"), |_| ($body)(Mode::Bpf));
+            }
+        }
+    };
+}
 
 /// Start the proxy in `mode` on `config` (in the calling thread's namespace), with `args`.
 fn start(mode: Mode, config: &Value, args: &[&str]) -> Proxy {
@@ -227,7 +252,7 @@ fn tls_subject(addr: SocketAddr, name: Option<&str>) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // By address
 
-two_modes!(netns: two_apps_one_port_by_address_v4_and_v6, |mode| {
+both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
     add_v6("fd00:fe::2");
     add_v6("fd00:fe::3");
     let (a, b) = (Backend::tagged("a"), Backend::tagged("b"));
@@ -252,7 +277,7 @@ two_modes!(netns: two_apps_one_port_by_address_v4_and_v6, |mode| {
     );
 });
 
-two_modes!(netns: longest_prefix_wins, |mode| {
+both_modes_in_netns!(longest_prefix_wins, |mode| {
     add_v6("fd00:fe::5");
     add_v6("fd00:fe::9");
     let (wide, narrow) = (Backend::tagged("wide"), Backend::tagged("narrow"));
@@ -285,7 +310,7 @@ two_modes!(netns: longest_prefix_wins, |mode| {
     assert!(log.contains("started mode="), "{log}");
 });
 
-two_modes!(netns:
+both_modes_in_netns!(
     /// A server-first protocol (the target speaks before the client) works on a port shared by
     /// address, with no Hostnames: the proxy never waits for the client there.
     server_first_target_on_a_port_without_hostnames, |mode| {
@@ -316,7 +341,7 @@ two_modes!(netns:
 // ---------------------------------------------------------------------------------------------
 // By server name, with real TLS handshakes
 
-two_modes!(netns:
+both_modes_in_netns!(
     /// Three apps on one port told apart by SNI; each target presents its own certificate and the
     /// client checks which one it reached.
     three_apps_by_server_name_with_tls, |mode| {
@@ -374,7 +399,7 @@ two_modes!(netns:
     );
 });
 
-two_modes!(netns:
+both_modes_in_netns!(
     /// Without a default app, a connection no name picks is closed and logged `end=no_route` with
     /// the reason, and counted; plain text and a silent client too; the ClientHello may come one
     /// byte per write.
@@ -468,7 +493,7 @@ two_modes!(netns:
     assert_eq!(shop.served(), 0, "nothing reached shop");
 });
 
-two_modes!(netns:
+both_modes_in_netns!(
     /// The PROXY header's destination is what the client dialled, and the ClientHello follows it
     /// unchanged.
     proxy_header_then_the_hello, |mode| {
@@ -493,7 +518,7 @@ two_modes!(netns:
     assert_eq!(back, hello);
 });
 
-two_modes!(netns:
+both_modes_in_netns!(
     /// A reload moves a hostname to another app: a connection open before it stays on its target,
     /// the next one goes to the new app.
     reload_moves_a_hostname_live_connection_stays, |mode| {
@@ -545,7 +570,7 @@ two_modes!(netns:
     assert_eq!(field(&line, "target"), Some(shop.target()), "{line}");
 });
 
-two_modes!(netns:
+both_modes_in_netns!(
     /// `curl --resolve` to two HTTPS sites on one port, as a user would try it: curl checks each
     /// site's certificate against that site's own CA file.
     curl_to_two_https_backends_on_one_port, |mode| {

@@ -1,9 +1,9 @@
 //! A test written once for both modes. `two_modes!(name, body)` defines the tests
 //! `name::simple` and `name::bpf`; each runs `body` (a function or closure taking an `Env`)
 //! in its mode: simple mode on the test's thread, bpf mode on a thread in a network namespace
-//! of its own (`netns::run`: skipped without root, a failure in CI). `two_modes!(netns: name,
-//! body)` runs both modes in a namespace of their own, `body` taking the `Mode`. Filter one
-//! mode with nextest as `-E 'test(/::bpf$/)'`.
+//! of its own (`netns::run`: skipped without root, a failure in CI). Filter one mode with
+//! nextest as `-E 'test(/::bpf$/)'`. (tests/shared_ports.rs has a variant that runs simple
+//! mode in a namespace too.)
 //!
 //! (A module per test rather than `name_simple` and `name_bpf`: `macro_rules!` cannot join
 //! identifiers, and the crate takes no dependency for that.)
@@ -20,31 +20,8 @@ use crate::common::{free_port, free_ports, Proxy, TempDir, BIN};
 use crate::netns;
 
 /// Define `$name::simple` and `$name::bpf`, each running `$body` with the `Env` of its mode.
-/// With `netns:` first, both run in a network namespace of their own (simple mode too, for
-/// tests that need addresses or ports of their own), and `$body` gets the `Mode`.
 #[macro_export]
 macro_rules! two_modes {
-    (netns: $(#[$attr:meta])* $name:ident, $body:expr) => {
-        $(#[$attr])*
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            #[test]
-            fn simple() {
-                $crate::netns::run(concat!(stringify!($name), "::simple"), |_| {
-                    ($body)($crate::modes::Mode::Simple)
-                });
-            }
-
-            #[test]
-            fn bpf() {
-                $crate::netns::run(concat!(stringify!($name), "::bpf"), |_| {
-                    ($body)($crate::modes::Mode::Bpf)
-                });
-            }
-        }
-    };
     ($(#[$attr:meta])* $name:ident, $body:expr) => {
         $(#[$attr])*
         mod $name {
