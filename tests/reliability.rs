@@ -123,26 +123,6 @@ fn restore_fd_limit(pid: u32, lim: libc::rlimit) {
     assert_eq!(rc, 0, "prlimit(set): {}", io::Error::last_os_error());
 }
 
-/// Raise this test process's own open-file soft limit to its hard limit; the new limit.
-fn raise_own_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit on structs we own.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim),
-            0,
-            "setrlimit: {}",
-            io::Error::last_os_error()
-        );
-    }
-    lim.rlim_cur
-}
-
 // ---------------------------------------------------------------------------------------------
 // Metrics
 
