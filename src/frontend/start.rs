@@ -325,8 +325,8 @@ fn relay_pool(
         session::run(task, &cx, turn)
     });
     let resume = pool.clone();
-    lot.set_resume(move |session| {
-        if let Err((_, e)) = resume.submit(Task::Resume(session)) {
+    lot.set_resume(move |task| {
+        if let Err((_, e)) = resume.submit(task) {
             // Only when no relay thread is alive and none can be started: the connection is
             // dropped (closed) with its session; its slot stays taken.
             crate::error!("cannot resume a parked connection: {e}; closed");

@@ -10,7 +10,7 @@
 use std::io::{self, Read};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::hostname;
 use crate::relay::client_hello::{self, Parsed, MAX_PREREAD};
@@ -35,46 +35,68 @@ pub enum Hello {
     Closed,
 }
 
-/// Read from `client` (non-blocking) until a ClientHello is whole, the bytes are not one, or
-/// `timeout` passes. Returns the verdict and every byte read.
-pub fn read_hello(client: &TcpStream, timeout: Duration) -> (Hello, Vec<u8>) {
-    let deadline = Instant::now() + timeout;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    // The buffer length below which parsing again cannot tell more.
-    let mut need = 1;
-    loop {
-        while buf.len() < need {
-            let room = (MAX_PREREAD - buf.len()).min(chunk.len());
-            match (&*client).read(&mut chunk[..room]) {
-                Ok(0) => return (Hello::Closed, buf),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() || !wait_readable(client, left) {
-                        return (Hello::Timeout, buf);
-                    }
+/// A ClientHello being read: the bytes so far, kept between reads so that the wait for more is
+/// done without a thread (the connection waits in the parking lot meanwhile).
+pub struct HelloReader {
+    buf: Vec<u8>,
+    /// The buffer length below which parsing again cannot tell more.
+    need: usize,
+}
+
+impl Default for HelloReader {
+    fn default() -> HelloReader {
+        HelloReader::new()
+    }
+}
+
+impl HelloReader {
+    pub fn new() -> HelloReader {
+        HelloReader {
+            buf: Vec::new(),
+            need: 1,
+        }
+    }
+
+    /// Read what `client` (non-blocking) has: the verdict once the bytes tell it, or None if
+    /// more must be waited for (the caller waits for `client` to be readable, within its
+    /// preread timeout).
+    pub fn step(&mut self, client: &TcpStream) -> Option<Hello> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            while self.buf.len() < self.need {
+                let room = (MAX_PREREAD - self.buf.len()).min(chunk.len());
+                match (&*client).read(&mut chunk[..room]) {
+                    Ok(0) => return Some(Hello::Closed),
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    Err(_) => return Some(Hello::Closed),
                 }
-                Err(_) => return (Hello::Closed, buf),
+            }
+            match client_hello::parse(&self.buf) {
+                Ok(Parsed::Complete(None)) => return Some(Hello::NoName),
+                Ok(Parsed::Complete(Some(n))) => {
+                    let sent = String::from_utf8_lossy(n.as_bytes()).into_owned();
+                    let name = hostname::normalize(n.as_bytes());
+                    return Some(Hello::Name { sent, name });
+                }
+                Ok(Parsed::Incomplete { needed }) => {
+                    self.need = needed.clamp(self.buf.len() + 1, MAX_PREREAD)
+                }
+                Err(client_hello::Error::TooLarge) => return Some(Hello::TooLarge),
+                Err(_) => return Some(Hello::NotTls),
             }
         }
-        match client_hello::parse(&buf) {
-            Ok(Parsed::Complete(None)) => return (Hello::NoName, buf),
-            Ok(Parsed::Complete(Some(n))) => {
-                let sent = String::from_utf8_lossy(n.as_bytes()).into_owned();
-                let name = hostname::normalize(n.as_bytes());
-                return (Hello::Name { sent, name }, buf);
-            }
-            Ok(Parsed::Incomplete { needed }) => need = needed.clamp(buf.len() + 1, MAX_PREREAD),
-            Err(client_hello::Error::TooLarge) => return (Hello::TooLarge, buf),
-            Err(_) => return (Hello::NotTls, buf),
-        }
+    }
+
+    /// Every byte read, to be sent to the target first.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.buf
     }
 }
 
 /// Wait until `client` is readable (or hung up), at most `left`. False on timeout.
-fn wait_readable(client: &TcpStream, left: Duration) -> bool {
+pub fn wait_readable(client: &TcpStream, left: Duration) -> bool {
     let mut pfd = libc::pollfd {
         fd: client.as_raw_fd(),
         events: libc::POLLIN,

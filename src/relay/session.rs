@@ -4,7 +4,9 @@
 //! A connection that waits (no byte either way for `transfer::PARK_AFTER`) leaves its thread
 //! and waits in the parking lot (`park`) as a `Session`, and comes back to a pool thread as a
 //! `Task::Resume` when a socket wakes it; a busy one hands its thread on after a time slice
-//! while others wait. Either way it stays registered and counted as open until it ends.
+//! while others wait. Either way it stays registered and counted as open until it ends. A
+//! connection still waiting for its ClientHello waits in the lot the same way, as a
+//! `Task::Greet`, so silent clients hold no thread either.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -26,7 +28,7 @@ use crate::relay::park::Lot;
 use crate::relay::pool::Turn;
 use crate::relay::preread::{self, Hello};
 use crate::relay::slots::Slots;
-use crate::relay::transfer::{Counters, Pause, Relay};
+use crate::relay::transfer::{Counters, Pause, Relay, Wanted};
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
@@ -105,8 +107,24 @@ impl ClientSlots {
 pub enum Task {
     /// A connection just accepted.
     New(Job),
+    /// A connection that waited for the rest of its ClientHello without a thread, to carry on.
+    Greet(Box<Greeting>),
     /// A connection that was parked or gave its thread up, to carry on.
     Resume(Box<Session>),
+}
+
+/// A connection reading its ClientHello (where apps share its binding by Hostnames). While the
+/// client is silent it waits in the parking lot, not on a thread: otherwise as many silent
+/// clients as `--max-threads` would hold every relay thread for the preread timeout, and no
+/// other connection on any port would be served meanwhile.
+pub struct Greeting {
+    reg: Registered,
+    peer: SocketAddr,
+    local: SocketAddr,
+    binding: Arc<Binding>,
+    accepted: Instant,
+    client_slots: ClientSlots,
+    hello: preread::HelloReader,
 }
 
 /// What every session reads besides its own job: the options in force, the table of open
@@ -118,7 +136,7 @@ pub struct Context {
     /// Connections no app took, by port and reason.
     pub unrouted: Arc<UnroutedCounts>,
     pub slots: Arc<Slots>,
-    pub lot: Arc<Lot<Box<Session>>>,
+    pub lot: Arc<Lot<Task>>,
 }
 
 /// A connection being relayed: everything it holds between two runs on a thread.
@@ -145,18 +163,20 @@ pub struct Session {
 /// Run `task` on this thread until the connection ends, parks, or (past its time slice while
 /// others wait) gives the thread up: then it is returned, to be continued after them.
 pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
-    let session = match task {
-        Task::New(job) => match start(job, cx) {
-            Some(s) => s,
-            None => {
-                // Ended before relaying (logged; its sockets closed): its slot is free.
-                cx.slots.release();
-                return None;
-            }
-        },
-        Task::Resume(s) => s,
+    let greeting = match task {
+        Task::New(job) => greet(job, cx),
+        Task::Greet(g) => g,
+        Task::Resume(s) => return relay(s, cx, turn),
     };
-    relay(session, cx, turn)
+    match start(greeting, cx) {
+        Start::Relay(s) => relay(s, cx, turn),
+        Start::Wait => None,
+        Start::Ended => {
+            // Ended before relaying (logged; its sockets closed): its slot is free.
+            cx.slots.release();
+            None
+        }
+    }
 }
 
 fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
@@ -221,13 +241,15 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
                     (backend.as_raw_fd(), on_backend),
                 ];
                 let deadline = s.relay.deadline(idle);
-                match cx.lot.park(s, sockets, deadline) {
+                match cx.lot.park(Task::Resume(s), sockets, deadline) {
                     Ok(()) => return None,
-                    Err(back) => {
+                    Err(Task::Resume(back)) => {
                         // Could not park (out of memory for the registration): keep the thread.
                         s = back;
                         s.relay.hold_thread();
                     }
+                    // The lot gives back what it was given.
+                    Err(_) => unreachable!("the parking lot gave back another task"),
                 }
             }
         }
@@ -381,15 +403,7 @@ struct Choice {
 
 /// Pick the app on `binding`: the only one, or, where Hostnames tell apps apart, by the server
 /// name of the ClientHello read from `client` within `timeout`.
-fn choose(binding: &Binding, client: &TcpStream, timeout: std::time::Duration) -> Choice {
-    if !binding.needs_server_name() {
-        return Choice {
-            app: binding.default_app().cloned().ok_or(Unrouted::NoServerName),
-            first_bytes: Vec::new(),
-            sni: None,
-        };
-    }
-    let (hello, first_bytes) = preread::read_hello(client, timeout);
+fn choose(binding: &Binding, hello: Hello, first_bytes: Vec<u8>) -> Choice {
     let (app, sni) = match hello {
         Hello::Name { sent, name } => {
             let app = match &name {
@@ -414,33 +428,97 @@ fn choose(binding: &Binding, client: &TcpStream, timeout: std::time::Duration) -
     }
 }
 
-/// Pick the app of `job` (reading its ClientHello first where apps share the binding by
-/// Hostnames) and connect to a backend of it: the session to relay, or None if it ended here
-/// (logged, its sockets closed; the caller gives its slot back).
-fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
+/// Register `job`'s connection, so that a drain (its port removed, shutdown, upgrade) reaches
+/// it even while it waits for its ClientHello or for a slot of its app.
+fn greet(job: Job, cx: &Context) -> Box<Greeting> {
     let Job {
         client,
         peer,
         local,
         binding,
         accepted,
-        mut client_slots,
+        client_slots,
     } = job;
-    let port = local.port();
-    let client_addr = peer.to_string();
-    // TCP_NODELAY is inherited from the listener (net::listen), and the backend socket comes
-    // non-blocking with it from its connect: no socket option is set here.
+    Box::new(Greeting {
+        reg: cx.conns.register(local.port(), client, accepted),
+        peer,
+        local,
+        binding,
+        accepted,
+        client_slots,
+        hello: preread::HelloReader::new(),
+    })
+}
 
-    // Registered first, so that a drain (its port removed, shutdown, upgrade) reaches the
-    // connection even while it waits for its ClientHello or for a slot of its app.
-    let reg = cx.conns.register(port, client, accepted);
-    let entry = Arc::clone(&reg.entry);
+/// What `start` made of a connection.
+enum Start {
+    /// Connected to a backend: relay it.
+    Relay(Box<Session>),
+    /// Waiting in the parking lot for the rest of its ClientHello.
+    Wait,
+    /// Ended here (logged, its sockets closed).
+    Ended,
+}
 
+/// Pick the app of the connection (reading its ClientHello first where apps share the binding
+/// by Hostnames, waiting for it in the parking lot while the client is silent) and connect to a
+/// backend of it.
+fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
     let Choice {
         app,
         first_bytes,
         sni,
-    } = choose(&binding, &entry.client, cx.settings.preread_timeout);
+    } = if !g.binding.needs_server_name() {
+        Choice {
+            app: g
+                .binding
+                .default_app()
+                .cloned()
+                .ok_or(Unrouted::NoServerName),
+            first_bytes: Vec::new(),
+            sni: None,
+        }
+    } else {
+        // The preread timeout counts from the accept, however the wait was split.
+        let deadline = g.accepted + cx.settings.preread_timeout;
+        let hello = loop {
+            if let Some(hello) = g.hello.step(&g.reg.entry.client) {
+                break hello;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Hello::Timeout;
+            }
+            let fd = g.reg.entry.client.as_raw_fd();
+            let sockets = [(fd, Wanted::Readable), (fd, Wanted::Nothing)];
+            match cx.lot.park(Task::Greet(g), sockets, Some(deadline)) {
+                Ok(()) => return Start::Wait,
+                Err(Task::Greet(back)) => {
+                    // Could not park (out of memory for the registration): wait here.
+                    g = back;
+                    preread::wait_readable(&g.reg.entry.client, deadline - now);
+                }
+                // The lot gives back what it was given.
+                Err(_) => unreachable!("the parking lot gave back another task"),
+            }
+        };
+        let bytes = std::mem::take(&mut g.hello).into_bytes();
+        choose(&g.binding, hello, bytes)
+    };
+    let Greeting {
+        reg,
+        peer,
+        local,
+        accepted,
+        mut client_slots,
+        ..
+    } = *g;
+    let port = local.port();
+    let client_addr = peer.to_string();
+    // TCP_NODELAY is inherited from the listener (net::listen), and the backend socket comes
+    // non-blocking with it from its connect: no socket option is set here.
+    let entry = Arc::clone(&reg.entry);
+
     let app = match app {
         Ok(app) => app,
         Err(why) => {
@@ -452,7 +530,7 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
                 "no_route"
             };
             log_unrouted(&client_addr, port, accepted, end, why, sni.as_deref());
-            return None;
+            return Start::Ended;
         }
     };
     // The app's per-client limit, where the app was only known now.
@@ -466,7 +544,7 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
             reached,
             sni.as_deref(),
         );
-        return None;
+        return Start::Ended;
     }
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
@@ -490,7 +568,7 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
             reason.as_deref(),
             sni.as_deref(),
         );
-        None
+        Start::Ended
     };
 
     // The app's own bound, if it has one: wait for a slot as long as a connect may take.
@@ -531,7 +609,7 @@ fn start(job: Job, cx: &Context) -> Option<Box<Session>> {
         // Cut while we were connecting: do not start relaying.
         return end(&target, 0, 0, "drained", None);
     }
-    Some(Box::new(Session {
+    Start::Relay(Box::new(Session {
         reg,
         app: Arc::clone(&app),
         client_addr,

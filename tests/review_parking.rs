@@ -1,0 +1,233 @@
+//! Review of parking (issue 14) as an attacker would drive it, through the real binary: a peer
+//! that speaks just after every park, a client that never reads, one thread shared by an
+//! endless transfer and short connections, and silent TLS clients under `--max-threads`.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A peer that sends one byte just after every park (the hysteresis is 250 ms), alternating
+/// directions: every byte arrives, in order, and the proxy's CPU is bounded by the peer's own
+/// rate (a handful of system calls per wake-up, not a spin).
+#[test]
+fn a_byte_after_every_park_arrives_in_order_at_little_cost() {
+    let mut r = Relayed::start(&[]);
+    let local = r.client.local_addr().unwrap();
+    let rounds = 12u8;
+    let cpu_before = r.proxy.cpu_secs();
+    let began = Instant::now();
+    for i in 0..rounds {
+        thread::sleep(Duration::from_millis(280));
+        let (from, to) = if i % 2 == 0 {
+            (&mut r.client, &mut r.target)
+        } else {
+            (&mut r.target, &mut r.client)
+        };
+        from.write_all(&[i]).unwrap();
+        let mut b = [0u8; 1];
+        to.read_exact(&mut b).unwrap();
+        assert_eq!(b[0], i, "byte {i} arrived out of order");
+    }
+    let cpu = r.proxy.cpu_secs() - cpu_before;
+    eprintln!(
+        "{rounds} park/resume rounds in {:?}: {cpu:.3} s CPU",
+        began.elapsed()
+    );
+    assert!(cpu < 0.5, "{rounds} wake-ups cost {cpu:.2} s of CPU");
+    r.client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut r.target), b"");
+    r.target.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut r.client), b"");
+    let c = r.proxy.wait_conn(local);
+    let half = u64::from(rounds) / 2;
+    assert_eq!(
+        (c.end.as_str(), c.up, c.down),
+        ("closed", HELLO.len() as u64 + half, half),
+        "{}",
+        c.line
+    );
+}
+
+/// A client that never reads while the target keeps sending: the proxy neither spins nor
+/// buffers without bound (its RSS stays near where it was), and the idle timeout still cuts it.
+#[test]
+fn a_client_that_never_reads_costs_no_cpu_and_bounded_memory() {
+    let mut r = Relayed::start(&["--idle-timeout", "4s"]);
+    let local = r.client.local_addr().unwrap();
+    r.target.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    let mut sent = 0usize;
+    // Fill every buffer on the way until the target can send no more.
+    let full = wait_for("the path to fill up", Duration::from_secs(20), || {
+        let mut blocked = 0;
+        for _ in 0..200 {
+            match r.target.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    blocked += 1;
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("target write: {e}"),
+            }
+        }
+        (blocked == 200).then_some(sent)
+    });
+    let rss_before = rss_kib(r.proxy.pid);
+    let cpu = r.proxy.cpu_during(Duration::from_secs(2));
+    let rss_after = rss_kib(r.proxy.pid);
+    eprintln!(
+        "stalled after {full} bytes: {cpu:.3} s CPU in 2 s, RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert!(cpu < 0.3, "a stalled reader cost {cpu:.2} s of CPU in 2 s");
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "RSS grew {rss_before} -> {rss_after} KiB"
+    );
+    let c = r.proxy.wait_conn(local);
+    assert_eq!(c.end, "idle_timeout", "{}", c.line);
+}
+
+/// `--max-threads 1`: one endless transfer and twenty short connections one after another;
+/// every short one gets the thread within a bound while the transfer carries on.
+#[test]
+fn one_thread_shared_by_an_endless_transfer_and_short_connections() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, &["--max-threads", "1"], |ports| {
+        config(&[app("bulk", ports, &[echo.target()])])
+    });
+    let addr = p.v4(0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let s = connect(addr);
+            let mut rd = s.try_clone().unwrap();
+            let reader = thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                while let Ok(n) = rd.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                total
+            });
+            let chunk = vec![3u8; 256 * 1024];
+            let mut w = s;
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(&chunk).expect("bulk write");
+                sent += chunk.len() as u64;
+            }
+            w.shutdown(Shutdown::Write).unwrap();
+            assert_eq!(reader.join().unwrap(), sent, "echoed bytes of the transfer");
+            sent
+        })
+    };
+    thread::sleep(Duration::from_millis(500));
+    let mut worst = Duration::ZERO;
+    for i in 0..20 {
+        let began = Instant::now();
+        let mut s = connect(addr);
+        roundtrip(&mut s, format!("short {i}\n").as_bytes());
+        worst = worst.max(began.elapsed());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let moved = bulk.join().unwrap();
+    eprintln!("20 short connections beside an endless transfer on 1 thread: worst {worst:?}; transfer moved {moved} bytes");
+    assert!(
+        worst < Duration::from_secs(2),
+        "a connection waited {worst:?}"
+    );
+    assert!(moved > 0);
+}
+
+/// A ClientHello written by the test (independent of the proxy's parser), with `name`.
+fn client_hello(name: &str) -> Vec<u8> {
+    let n = name.as_bytes();
+    let mut exts = vec![0x00, 0x00];
+    exts.extend(((n.len() + 5) as u16).to_be_bytes());
+    exts.extend(((n.len() + 3) as u16).to_be_bytes());
+    exts.push(0);
+    exts.extend((n.len() as u16).to_be_bytes());
+    exts.extend(n);
+    let mut body = vec![0x03, 0x03];
+    body.extend([0x5a; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0xc0, 0x2f, 0x01, 0x00]);
+    body.extend((exts.len() as u16).to_be_bytes());
+    body.extend(exts);
+    let mut msg = vec![0x01];
+    msg.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend(body);
+    let mut wire = vec![0x16, 0x03, 0x01];
+    wire.extend((msg.len() as u16).to_be_bytes());
+    wire.extend(msg);
+    wire
+}
+
+/// `--max-threads 2` and a hundred clients that connect to a port whose apps have Hostnames
+/// and then send nothing (a slowloris on the preread): they wait without a thread, so a client
+/// of another port is served at once, not after the preread timeout; a client that sends its
+/// ClientHello in two parts with a pause longer than the park delay between them is routed
+/// with every byte intact; the silent ones are still cut at the preread timeout.
+#[test]
+fn silent_tls_clients_do_not_hold_every_thread() {
+    let echo = Backend::echo();
+    let p = Proxy::start(
+        2,
+        &["--max-threads", "2", "--preread-timeout", "6s"],
+        |ports| {
+            config(&[
+                serde_json::json!({"Name": "tls", "Ports": [ports[0]], "Hostnames": ["x.example"], "Targets": [echo.target()]}),
+                app("plain", &ports[1..], &[echo.target()]),
+            ])
+        },
+    );
+    let silent: Vec<TcpStream> = (0..100).map(|_| connect(p.v4(0))).collect();
+    thread::sleep(Duration::from_millis(500));
+    let threads = p.threads();
+    let began = Instant::now();
+    let mut s = connect(p.v4(1));
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    roundtrip(&mut s, b"served?\n");
+    let took = began.elapsed();
+    eprintln!("100 silent TLS clients on 2 threads: proxy threads {threads}; a plain client served in {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "a plain client waited {took:?} behind silent TLS clients"
+    );
+    assert!(threads <= 12, "{threads} threads with 100 silent clients");
+
+    // A ClientHello in two parts, the pause between them past the park delay.
+    let hello = client_hello("x.example");
+    let mut t = connect(p.v4(0));
+    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    t.write_all(&hello[..20]).unwrap();
+    thread::sleep(Duration::from_millis(600));
+    t.write_all(&hello[20..]).unwrap();
+    let mut back = vec![0u8; hello.len()];
+    t.read_exact(&mut back)
+        .expect("the ClientHello echoed through the tls app");
+    assert_eq!(back, hello, "the ClientHello reached the target changed");
+
+    // The silent ones end at the preread timeout, each with its conn line.
+    for c in &silent {
+        let line = p.wait_conn(c.local_addr().unwrap());
+        assert_eq!(
+            (line.end.as_str(), line.reason.as_deref()),
+            ("no_route", Some("preread_timeout")),
+            "{}",
+            line.line
+        );
+    }
+    drop(silent);
+}
