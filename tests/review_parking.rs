@@ -231,3 +231,39 @@ fn silent_tls_clients_do_not_hold_every_thread() {
     }
     drop(silent);
 }
+
+/// `--max-threads 2` and an app with `MaxConnections 2`: two idle connections take its slots
+/// (and park), two more wait for a slot. A client of another app must still be served at once;
+/// the waiters must not hold every relay thread for the connect timeout.
+///
+/// Known and left open (see the review notes): a connection waiting for its app's slot blocks
+/// on its relay thread (`AppLimit::acquire`), so it fails today.
+#[test]
+#[ignore = "open: waiters for an app's MaxConnections slot hold relay threads"]
+fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
+    let echo = Backend::echo();
+    let p = Proxy::start(
+        2,
+        &["--max-threads", "2", "--connect-timeout", "20s"],
+        |ports| {
+            let mut limited = app("limited", &ports[..1], &[echo.target()]);
+            limited["MaxConnections"] = serde_json::json!(2);
+            config(&[limited, app("free", &ports[1..], &[echo.target()])])
+        },
+    );
+    let mut holders: Vec<TcpStream> = (0..2).map(|_| connect(p.v4(0))).collect();
+    for (i, h) in holders.iter_mut().enumerate() {
+        roundtrip(h, format!("holder {i}\n").as_bytes());
+    }
+    let _waiters: Vec<TcpStream> = (0..2).map(|_| connect(p.v4(0))).collect();
+    thread::sleep(Duration::from_millis(800));
+    let began = Instant::now();
+    let mut s = connect(p.v4(1));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    roundtrip(&mut s, b"served?\n");
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "a client of another app waited {took:?} behind two waiters for a slot"
+    );
+}

@@ -563,7 +563,10 @@ impl Relay {
             ];
             let mut wake = slice_end;
             if !in_flight {
-                wake = wake.min(self.last_activity + PARK_AFTER);
+                // After a failed park, not before the next try: waking at the (past) park
+                // time would make every poll return at once until then.
+                let park_at = self.last_activity + PARK_AFTER;
+                wake = wake.min(self.park_again_at.map_or(park_at, |t| t.max(park_at)));
             }
             if let Some(at) = idle_at {
                 wake = wake.min(at);
