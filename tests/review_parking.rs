@@ -235,11 +235,8 @@ fn silent_tls_clients_do_not_hold_every_thread() {
 /// `--max-threads 2` and an app with `MaxConnections 2`: two idle connections take its slots
 /// (and park), two more wait for a slot. A client of another app must still be served at once;
 /// the waiters must not hold every relay thread for the connect timeout.
-///
-/// Known and left open (see the review notes): a connection waiting for its app's slot blocks
-/// on its relay thread (`AppLimit::acquire`), so it fails today.
+/// Then the holders close and both waiters are served.
 #[test]
-#[ignore = "open: waiters for an app's MaxConnections slot hold relay threads"]
 fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
     let echo = Backend::echo();
     let p = Proxy::start(
@@ -255,7 +252,7 @@ fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
     for (i, h) in holders.iter_mut().enumerate() {
         roundtrip(h, format!("holder {i}\n").as_bytes());
     }
-    let _waiters: Vec<TcpStream> = (0..2).map(|_| connect(p.v4(0))).collect();
+    let mut waiters: Vec<TcpStream> = (0..2).map(|_| connect(p.v4(0))).collect();
     thread::sleep(Duration::from_millis(800));
     let began = Instant::now();
     let mut s = connect(p.v4(1));
@@ -266,4 +263,9 @@ fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
         took < Duration::from_secs(3),
         "a client of another app waited {took:?} behind two waiters for a slot"
     );
+    drop(holders);
+    for (i, w) in waiters.iter_mut().enumerate() {
+        w.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        roundtrip(w, format!("waiter {i}\n").as_bytes());
+    }
 }

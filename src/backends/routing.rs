@@ -374,8 +374,8 @@ fn port_table(config: &Config, routes: &[Arc<AppRoute>], on: &[usize]) -> PortTa
 }
 
 /// An app's `MaxConnections`: a counting semaphore. A connection over the limit waits for a
-/// slot (its relay thread blocks, holding one of the global slots, so the global bound still
-/// holds) and gives up after the connect timeout; other apps are served meanwhile. No more
+/// slot (in the parking lot, without a thread, through `acquire_or_wait`; holding one of the
+/// global slots, so the global bound still holds) and gives up after the connect timeout; other apps are served meanwhile. No more
 /// connections wait than the limit itself: past that they are refused at once, so a flood at
 /// one app holds at most twice its limit of the global slots and cannot take the others'.
 #[derive(Debug, Default)]
@@ -438,6 +438,55 @@ impl AppLimit {
         }
         st.used += 1;
         Ok(LimitGuard(Arc::clone(self)))
+    }
+}
+
+impl AppLimit {
+    /// Take a slot now, or a place among the connections waiting for one (the wait itself is
+    /// the caller's, e.g. in the parking lot, retrying with `LimitWait::try_take`); Err if as
+    /// many connections wait already as the limit allows.
+    pub fn acquire_or_wait(self: &Arc<Self>) -> Result<Acquired, LimitDenied> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.used < st.max {
+            st.used += 1;
+            return Ok(Acquired::Slot(LimitGuard(Arc::clone(self))));
+        }
+        if st.waiting >= st.max {
+            return Err(LimitDenied::QueueFull);
+        }
+        st.waiting += 1;
+        Ok(Acquired::Wait(LimitWait(Arc::clone(self))))
+    }
+}
+
+/// What `AppLimit::acquire_or_wait` gave.
+pub enum Acquired {
+    Slot(LimitGuard),
+    Wait(LimitWait),
+}
+
+/// A place among the connections waiting for one of an app's slots, until dropped.
+pub struct LimitWait(Arc<AppLimit>);
+
+impl LimitWait {
+    /// A slot if one is free now (the place is given back when `self` drops).
+    pub fn try_take(&self) -> Option<LimitGuard> {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.used < st.max {
+            st.used += 1;
+            return Some(LimitGuard(Arc::clone(&self.0)));
+        }
+        None
+    }
+}
+
+impl Drop for LimitWait {
+    fn drop(&mut self) {
+        self.0
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .waiting -= 1;
     }
 }
 

@@ -20,7 +20,9 @@ use crate::backends::backend::ActiveGuard;
 use crate::backends::balance;
 use crate::backends::clients::{ClientCounts, ClientKey, ClientSlot};
 use crate::backends::proxy_protocol;
-use crate::backends::routing::{AppRoute, Binding, LimitGuard, Unrouted, UnroutedCounts};
+use crate::backends::routing::{
+    Acquired, AppRoute, Binding, LimitDenied, LimitGuard, LimitWait, Unrouted, UnroutedCounts,
+};
 use crate::cli::Settings;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::{Conns, Registered};
@@ -109,6 +111,8 @@ pub enum Task {
     New(Job),
     /// A connection that waited for the rest of its ClientHello without a thread, to carry on.
     Greet(Box<Greeting>),
+    /// A connection that waited for a slot of its app without a thread, to carry on.
+    Admit(Box<Admitted>),
     /// A connection that was parked or gave its thread up, to carry on.
     Resume(Box<Session>),
 }
@@ -166,9 +170,15 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
     let greeting = match task {
         Task::New(job) => greet(job, cx),
         Task::Greet(g) => g,
+        Task::Admit(a) => return started(admit(a, cx), cx, turn),
         Task::Resume(s) => return relay(s, cx, turn),
     };
-    match start(greeting, cx) {
+    started(start(greeting, cx), cx, turn)
+}
+
+/// Carry on with what `start` or `admit` made of a connection.
+fn started(start: Start, cx: &Context, turn: &Turn) -> Option<Task> {
+    match start {
         Start::Relay(s) => relay(s, cx, turn),
         Start::Wait => None,
         Start::Ended => {
@@ -454,7 +464,7 @@ fn greet(job: Job, cx: &Context) -> Box<Greeting> {
 enum Start {
     /// Connected to a backend: relay it.
     Relay(Box<Session>),
-    /// Waiting in the parking lot for the rest of its ClientHello.
+    /// Waiting in the parking lot for the rest of its ClientHello or for a slot of its app.
     Wait,
     /// Ended here (logged, its sockets closed).
     Ended,
@@ -549,6 +559,134 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
     let stats = &app.stats;
     stats.accepted.fetch_add(1, Ordering::Relaxed);
     stats.active.fetch_add(1, Ordering::Relaxed);
+    admit(
+        Box::new(Admitted {
+            reg,
+            app,
+            client_addr,
+            port,
+            peer,
+            local,
+            accepted,
+            sni,
+            client_slots,
+            first_bytes,
+            wait: None,
+        }),
+        cx,
+    )
+}
+
+/// How often a connection waiting in the parking lot for a slot of its app looks again.
+const LIMIT_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// A connection routed to its app and counted there, on its way to a backend: it may have to
+/// wait for a slot of the app's MaxConnections first, which it does in the parking lot (looking
+/// again every `LIMIT_RETRY`), not on a thread: otherwise as many waiters as `--max-threads`
+/// would hold every relay thread for the connect timeout.
+pub struct Admitted {
+    reg: Registered,
+    app: Arc<AppRoute>,
+    client_addr: String,
+    port: u16,
+    peer: SocketAddr,
+    local: SocketAddr,
+    accepted: Instant,
+    sni: Option<String>,
+    client_slots: ClientSlots,
+    first_bytes: Vec<u8>,
+    /// Its place among the app's waiters, and until when it waits.
+    wait: Option<(LimitWait, Instant)>,
+}
+
+impl Admitted {
+    /// End it before it took a slot of its app (logged; its sockets go with it).
+    fn end(self: Box<Self>, end: &str, reason: Option<String>) -> Start {
+        let a = *self;
+        drop(a.client_slots);
+        a.app.stats.active.fetch_sub(1, Ordering::Relaxed);
+        log_conn(
+            &a.app.name,
+            &a.client_addr,
+            a.port,
+            "-",
+            (0, 0),
+            a.accepted,
+            end,
+            reason.as_deref(),
+            a.sni.as_deref(),
+        );
+        Start::Ended
+    }
+
+    fn limited(self: Box<Self>, denied: LimitDenied) -> Start {
+        self.app.stats.limited.fetch_add(1, Ordering::Relaxed);
+        self.end("limit", Some(denied.reason().into()))
+    }
+}
+
+/// Take a slot of the app's MaxConnections, if it has one (waiting in the parking lot as long
+/// as a connect may take), connect to a backend and send what goes first.
+fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
+    let limit = match a.app.limit.clone() {
+        None => None,
+        Some(limit) => loop {
+            if a.wait.is_none() {
+                match limit.acquire_or_wait() {
+                    Ok(Acquired::Slot(slot)) => break Some(slot),
+                    Ok(Acquired::Wait(w)) => {
+                        a.wait = Some((w, Instant::now() + cx.settings.connect_timeout))
+                    }
+                    Err(denied) => return a.limited(denied),
+                }
+            }
+            let Some((w, deadline)) = &a.wait else {
+                unreachable!("a waiter's place is set just above");
+            };
+            let deadline = *deadline;
+            if let Some(slot) = w.try_take() {
+                a.wait = None;
+                break Some(slot);
+            }
+            if a.reg.entry.was_drained() {
+                return a.end("drained", None);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return a.limited(LimitDenied::TimedOut);
+            }
+            // The client socket is watched for failure only: a drain shuts it down, which
+            // wakes the connection at once.
+            let fd = a.reg.entry.client.as_raw_fd();
+            let sockets = [(fd, Wanted::Failure), (fd, Wanted::Nothing)];
+            let at = deadline.min(now + LIMIT_RETRY);
+            match cx.lot.park(Task::Admit(a), sockets, Some(at)) {
+                Ok(()) => return Start::Wait,
+                Err(Task::Admit(back)) => {
+                    // Could not park (out of memory for the registration): wait here.
+                    a = back;
+                    std::thread::sleep(at - now);
+                }
+                // The lot gives back what it was given.
+                Err(_) => unreachable!("the parking lot gave back another task"),
+            }
+        },
+    };
+    let Admitted {
+        reg,
+        app,
+        client_addr,
+        port,
+        peer,
+        local,
+        accepted,
+        sni,
+        client_slots,
+        first_bytes,
+        ..
+    } = *a;
+    let entry = Arc::clone(&reg.entry);
+    let stats = &app.stats;
     // Given back as the connection ends, before its log line: a client that saw it end may
     // open another at once.
     let client_slots = std::cell::Cell::new(Some(client_slots));
@@ -571,18 +709,6 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
         Start::Ended
     };
 
-    // The app's own bound, if it has one: wait for a slot as long as a connect may take.
-    let limit = match &app.limit {
-        None => None,
-        Some(limit) => match limit.acquire(cx.settings.connect_timeout, || entry.was_drained()) {
-            Ok(slot) => Some(slot),
-            Err(_) if entry.was_drained() => return end("-", 0, 0, "drained", None),
-            Err(denied) => {
-                stats.limited.fetch_add(1, Ordering::Relaxed);
-                return end("-", 0, 0, "limit", Some(denied.reason().into()));
-            }
-        },
-    };
     let (backend, guard) = match balance::connect(&app, cx.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {
