@@ -269,3 +269,47 @@ fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
         roundtrip(w, format!("waiter {i}\n").as_bytes());
     }
 }
+
+/// SIGTERM while connections wait without a thread, for their ClientHello and for a slot of
+/// their app: the drain deadline cuts them (conn line `drained`) and the proxy exits, long
+/// before the preread and connect timeouts.
+#[test]
+fn sigterm_drains_connections_waiting_for_a_hello_or_a_slot() {
+    let echo = Backend::echo();
+    let mut p = Proxy::start(
+        2,
+        &[
+            "--max-threads",
+            "2",
+            "--preread-timeout",
+            "60s",
+            "--connect-timeout",
+            "60s",
+            "--drain-timeout",
+            "2s",
+        ],
+        |ports| {
+            let mut limited = app("limited", &ports[1..], &[echo.target()]);
+            limited["MaxConnections"] = serde_json::json!(1);
+            config(&[
+                serde_json::json!({"Name": "tls", "Ports": [ports[0]], "Hostnames": ["x.example"], "Targets": [echo.target()]}),
+                limited,
+            ])
+        },
+    );
+    let silent: Vec<TcpStream> = (0..20).map(|_| connect(p.v4(0))).collect();
+    let mut holder = connect(p.v4(1));
+    roundtrip(&mut holder, b"holder\n");
+    let waiter = connect(p.v4(1));
+    thread::sleep(Duration::from_millis(500));
+    let began = Instant::now();
+    p.signal(libc::SIGTERM);
+    for c in silent.iter().chain([&waiter]) {
+        let line = p.wait_conn(c.local_addr().unwrap());
+        assert_eq!(line.end, "drained", "{}", line.line);
+    }
+    let status = p.wait_exit(Duration::from_secs(30));
+    let took = began.elapsed();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(took < Duration::from_secs(15), "the drain took {took:?}");
+}
