@@ -150,30 +150,6 @@ fn one_thread_shared_by_an_endless_transfer_and_short_connections() {
     assert!(moved > 0);
 }
 
-/// A ClientHello written by the test (independent of the proxy's parser), with `name`.
-fn client_hello(name: &str) -> Vec<u8> {
-    let n = name.as_bytes();
-    let mut exts = vec![0x00, 0x00];
-    exts.extend(((n.len() + 5) as u16).to_be_bytes());
-    exts.extend(((n.len() + 3) as u16).to_be_bytes());
-    exts.push(0);
-    exts.extend((n.len() as u16).to_be_bytes());
-    exts.extend(n);
-    let mut body = vec![0x03, 0x03];
-    body.extend([0x5a; 32]);
-    body.push(0);
-    body.extend([0x00, 0x02, 0xc0, 0x2f, 0x01, 0x00]);
-    body.extend((exts.len() as u16).to_be_bytes());
-    body.extend(exts);
-    let mut msg = vec![0x01];
-    msg.extend(&(body.len() as u32).to_be_bytes()[1..]);
-    msg.extend(body);
-    let mut wire = vec![0x16, 0x03, 0x01];
-    wire.extend((msg.len() as u16).to_be_bytes());
-    wire.extend(msg);
-    wire
-}
-
 /// `--max-threads 2` and a hundred clients that connect to a port whose apps have Hostnames
 /// and then send nothing (a slowloris on the preread): they wait without a thread, so a client
 /// of another port is served at once, not after the preread timeout; a client that sends its
@@ -208,7 +184,7 @@ fn silent_tls_clients_do_not_hold_every_thread() {
     assert!(threads <= 12, "{threads} threads with 100 silent clients");
 
     // A ClientHello in two parts, the pause between them past the park delay.
-    let hello = client_hello("x.example");
+    let hello = client_hello(Some("x.example"), 16 * 1024);
     let mut t = connect(p.v4(0));
     t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     t.write_all(&hello[..20]).unwrap();

@@ -1258,3 +1258,39 @@ pub fn raise_own_fd_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// A ClientHello written by the test (independent of the proxy's parser): TLS 1.2-style, with
+/// the given server name, split into records of `record` bytes.
+pub fn client_hello(name: Option<&str>, record: usize) -> Vec<u8> {
+    let mut exts = Vec::new();
+    // supported_groups, a harmless extension before the name.
+    exts.extend([0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x1d]);
+    if let Some(n) = name {
+        let n = n.as_bytes();
+        exts.extend([0x00, 0x00]);
+        exts.extend(((n.len() + 5) as u16).to_be_bytes());
+        exts.extend(((n.len() + 3) as u16).to_be_bytes());
+        exts.push(0);
+        exts.extend((n.len() as u16).to_be_bytes());
+        exts.extend(n);
+    }
+    let mut body = vec![0x03, 0x03];
+    body.extend([0x5a; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0xc0, 0x2f, 0x01, 0x00]);
+    body.extend((exts.len() as u16).to_be_bytes());
+    body.extend(exts);
+    let mut msg = vec![0x01];
+    msg.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    msg.extend(body);
+    let mut wire = Vec::new();
+    for chunk in msg.chunks(record) {
+        wire.extend([0x16, 0x03, 0x01]);
+        wire.extend((chunk.len() as u16).to_be_bytes());
+        wire.extend(chunk);
+    }
+    wire
+}
