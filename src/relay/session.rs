@@ -600,8 +600,10 @@ pub struct Admitted {
 }
 
 impl Admitted {
-    /// End it before it took a slot of its app (logged; its sockets go with it).
-    fn end(self: Box<Self>, end: &str, reason: Option<String>) -> Start {
+    /// End it before it is relayed: logged with `target` (the one it was connected to, or
+    /// "-"), its client count given back before the line (a client that saw it end may open
+    /// another at once); its sockets go with it.
+    fn end(self: Box<Self>, target: &str, end: &str, reason: Option<String>) -> Start {
         let a = *self;
         drop(a.client_slots);
         a.app.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -609,7 +611,7 @@ impl Admitted {
             &a.app.name,
             &a.client_addr,
             a.port,
-            "-",
+            target,
             (0, 0),
             a.accepted,
             end,
@@ -621,7 +623,7 @@ impl Admitted {
 
     fn limited(self: Box<Self>, denied: LimitDenied) -> Start {
         self.app.stats.limited.fetch_add(1, Ordering::Relaxed);
-        self.end("limit", Some(denied.reason().into()))
+        self.end("-", "limit", Some(denied.reason().into()))
     }
 }
 
@@ -649,7 +651,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
                 break Some(slot);
             }
             if a.reg.entry.was_drained() {
-                return a.end("drained", None);
+                return a.end("-", "drained", None);
             }
             let now = Instant::now();
             if now >= deadline {
@@ -672,77 +674,51 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             }
         },
     };
+    let (backend, guard) = match balance::connect(&a.app, cx.settings.connect_timeout) {
+        Ok(ok) => ok,
+        Err(failed) => {
+            a.app.stats.failed.fetch_add(1, Ordering::Relaxed);
+            // Every target tried was this proxy itself: say so in one word, naming the first
+            // (the `target ... is down` line gives the address it resolved to).
+            if let Some(first) = failed.only_loops() {
+                let target = first.to_string();
+                return a.end(&target, "connect_failed", Some("loop".into()));
+            }
+            return a.end("-", "connect_failed", Some(failed.to_string()));
+        }
+    };
+    let target_state = guard.backend();
+    let target = target_state.target.to_string();
+    if let Err(reason) = send_preamble(&backend, &a.app, a.peer, a.local, &a.first_bytes, cx) {
+        return a.end(&target, "reset", Some(reason));
+    }
+    target_state
+        .bytes_up
+        .fetch_add(a.first_bytes.len() as u64, Ordering::Relaxed);
+    a.reg.entry.backend.get_or_init(|| backend);
+    if a.reg.entry.was_drained() {
+        // Cut while we were connecting: do not start relaying.
+        return a.end(&target, "drained", None);
+    }
     let Admitted {
         reg,
         app,
         client_addr,
         port,
-        peer,
-        local,
         accepted,
         sni,
         client_slots,
         first_bytes,
         ..
     } = *a;
-    let entry = Arc::clone(&reg.entry);
-    let stats = &app.stats;
-    // Given back as the connection ends, before its log line: a client that saw it end may
-    // open another at once.
-    let client_slots = std::cell::Cell::new(Some(client_slots));
-    // Ends the connection before it is relayed; its registration (and so its sockets) goes
-    // with the caller's return.
-    let end = |target: &str, up: u64, down: u64, end: &str, reason: Option<String>| {
-        drop(client_slots.take());
-        stats.active.fetch_sub(1, Ordering::Relaxed);
-        log_conn(
-            &app.name,
-            &client_addr,
-            port,
-            target,
-            (up, down),
-            accepted,
-            end,
-            reason.as_deref(),
-            sni.as_deref(),
-        );
-        Start::Ended
-    };
-
-    let (backend, guard) = match balance::connect(&app, cx.settings.connect_timeout) {
-        Ok(ok) => ok,
-        Err(failed) => {
-            stats.failed.fetch_add(1, Ordering::Relaxed);
-            // Every target tried was this proxy itself: say so in one word, naming the first
-            // (the `target ... is down` line gives the address it resolved to).
-            if let Some(first) = failed.only_loops() {
-                let target = first.to_string();
-                return end(&target, 0, 0, "connect_failed", Some("loop".into()));
-            }
-            return end("-", 0, 0, "connect_failed", Some(failed.to_string()));
-        }
-    };
-    let target_state = guard.backend();
-    let target = target_state.target.to_string();
-    if let Err(reason) = send_preamble(&backend, &app, peer, local, &first_bytes, cx) {
-        return end(&target, 0, 0, "reset", Some(reason));
-    }
-    target_state
-        .bytes_up
-        .fetch_add(first_bytes.len() as u64, Ordering::Relaxed);
-    entry.backend.get_or_init(|| backend);
-    if entry.was_drained() {
-        // Cut while we were connecting: do not start relaying.
-        return end(&target, 0, 0, "drained", None);
-    }
     Start::Relay(Box::new(Session {
         reg,
-        app: Arc::clone(&app),
+        app,
         client_addr,
         port,
         accepted,
         sni,
-        client_slots: client_slots.take(),
+        client_slots: Some(client_slots),
         _limit: limit,
         target: guard,
         target_name: target,
