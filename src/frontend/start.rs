@@ -306,14 +306,14 @@ fn start_metrics(
 }
 
 /// The relay threads, at most `--max-threads` (default: the connection bound), and the parking
-/// lot where idle connections wait without one and from which they come back to the pool.
+/// lot where connections wait without one; one relay thread per core waits on the lot at a time.
 fn relay_pool(
     settings: &Settings,
     conns: &Arc<Conns>,
     slots: &Arc<Slots>,
     unrouted: &Arc<UnroutedCounts>,
 ) -> Result<Pool<Task>, StartError> {
-    let lot = Lot::start().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
+    let lot = Lot::new().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
     let cx = Context {
         settings: settings.clone(),
         conns: Arc::clone(conns),
@@ -321,17 +321,13 @@ fn relay_pool(
         slots: Arc::clone(slots),
         lot: Arc::clone(&lot),
     };
-    let pool = Pool::new(max_threads(settings, slots.max()), move |task, turn| {
-        session::run(task, &cx, turn)
-    });
-    let resume = pool.clone();
-    lot.set_resume(move |task| {
-        if let Err((_, e)) = resume.submit(task) {
-            // Only when no relay thread is alive and none can be started: the connection is
-            // dropped (closed) with its session; its slot stays taken.
-            crate::error!("cannot resume a parked connection: {e}; closed");
-        }
-    });
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pool = Pool::new(
+        max_threads(settings, slots.max()),
+        cores,
+        lot,
+        move |task, turn| session::run(task, &cx, turn),
+    );
     Ok(pool)
 }
 

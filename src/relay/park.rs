@@ -1,214 +1,354 @@
 //! The parking lot: connections that wait, without a thread.
 //!
-//! A relay that moved no byte for a while gives its thread back and leaves its connection here
-//! (its sockets, its state, no buffer and no pipe). One thread waits on all of them in a mio
-//! `Poll` beside the listener loop, and hands a connection back to the pool as soon as one of
-//! its sockets becomes readable, fails or hangs up, or its idle timeout is due; the relay then
-//! carries on where it stopped. Drains reach parked connections like any other: cutting one
-//! shuts its sockets down, which wakes it here.
+//! A connection whose sockets have nothing for it right now (every read and write it wants said
+//! "would block") gives its thread back at once and waits here: its sockets, its state, and a
+//! buffer or pipe only if bytes are still in flight. The relay threads themselves wait on the
+//! lot (a few at a time, see `pool`), in one edge-triggered epoll set holding every waiting
+//! connection's sockets, and take up whichever connections become ready, several per wake-up
+//! when traffic is heavy: a busy proxy then moves from connection to connection without a
+//! context switch for each, as HAProxy's and nginx's event loops do, while an idle connection
+//! costs no thread at all.
 //!
-//! A socket is registered only for what the relay still wants from it (see
-//! `transfer::Wanted`), and removed before the connection is resumed, so the lot never wakes
-//! for a connection a relay thread is running.
+//! Each connection's sockets are registered once, for reading and writing, edge-triggered, and
+//! stay registered until they are closed. Edge-triggered is what makes this cheap: a relay only
+//! waits after its reads and writes said "would block", so the next readiness is a new edge, and
+//! no call is needed to re-arm a socket between waits. An edge that comes while the connection
+//! is being run (or is queued to run) is remembered, and its next `wait` runs it again at once
+//! instead of sleeping, so none is lost. A connection is run by one thread at a time: only the
+//! thread that takes it out of the lot (or the one it was never given up by) has it.
+//!
+//! Deadlines (idle timeout, preread timeout, the retry of a connection waiting for a slot) are
+//! kept here too: a connection whose deadline comes is handed back as if a socket had woken it.
+//! Drains reach waiting connections like any other: cutting one shuts its sockets down, which
+//! wakes it here.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
-use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token, Waker};
+/// The epoll data of the lot's own eventfd, which `interrupt` writes to wake a waiting thread.
+const INTERRUPT: u64 = u64::MAX;
+/// Events taken per wake-up: enough for a batch under load, small enough that one thread does
+/// not take all the work of a burst while another thread could share it.
+const BATCH: usize = 32;
 
-use crate::relay::transfer::Wanted;
+/// Which of a connection's sockets an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client = 0,
+    Backend = 1,
+}
 
-/// Wakes the lot's thread when a connection parks with an earlier deadline than it waits for.
-const WAKE: Token = Token(usize::MAX);
+/// The epoll events seen on a connection's two sockets since it last ran (client, backend):
+/// `EPOLLIN`, `EPOLLOUT`, `EPOLLRDHUP`, `EPOLLERR`, `EPOLLHUP` bits; 0 for a socket with no news.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Woke(pub [u32; 2]);
+
+impl Woke {
+    fn any(&self) -> bool {
+        self.0 != [0, 0]
+    }
+}
+
+/// What the lot hands back: told what woke it before it runs.
+pub trait Wakeable: Send + 'static {
+    fn woke(&mut self, woke: Woke);
+}
+
+/// A connection's place in the lot, from its first wait to its end: dropping it (with the
+/// connection) forgets the connection there.
+pub struct Ticket {
+    id: u64,
+    enrolled: [bool; 2],
+    lot: Arc<dyn Forget>,
+}
+
+trait Forget: Send + Sync {
+    fn forget(&self, id: u64);
+    fn enroll(&self, id: u64, side: Side, fd: RawFd) -> io::Result<()>;
+}
+
+impl Ticket {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Register `fd` as the connection's `side`, once. The socket must stay open as long as the
+    /// ticket lives (closing it is what takes it out of the epoll set).
+    pub fn enroll(&mut self, side: Side, fd: RawFd) -> io::Result<()> {
+        if !self.enrolled[side as usize] {
+            self.lot.enroll(self.id, side, fd)?;
+            self.enrolled[side as usize] = true;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.lot.forget(self.id);
+    }
+}
 
 pub struct Lot<T> {
-    registry: Registry,
-    waker: Waker,
+    epoll: OwnedFd,
+    interrupt: OwnedFd,
     state: Mutex<State<T>>,
-    /// Where a connection goes when it wakes: the relay pool.
-    resume: OnceLock<Box<dyn Fn(T) + Send + Sync>>,
 }
 
 struct State<T> {
-    parked: HashMap<usize, Parked<T>>,
-    /// Deadlines, earliest first, with the connection they are for.
-    timers: BTreeSet<(Instant, usize)>,
-    /// Tokens are never reused, so a late event for a connection already resumed is ignored.
-    next_token: usize,
-    /// When the lot's thread will look at the timers next; None: not before an event.
-    wake_at: Option<Instant>,
+    entries: HashMap<u64, Entry<T>>,
+    /// Deadlines of waiting connections, earliest first.
+    timers: BTreeSet<(Instant, u64)>,
+    /// Ids are never reused, so a late event for a connection that ended is ignored.
+    next_id: u64,
+    /// When each thread now blocked in `collect` will wake at the latest (None: only for an
+    /// event), so that a new earlier deadline interrupts one of them.
+    sleepers: Vec<(u64, Option<Instant>)>,
+    next_sleeper: u64,
 }
 
-struct Parked<T> {
-    item: T,
-    fds: [Option<RawFd>; 2],
+struct Entry<T> {
+    /// Some while the connection waits here; None while a thread has it.
+    item: Option<T>,
+    /// Events seen since it last ran.
+    woke: Woke,
     deadline: Option<Instant>,
 }
 
-impl<T: Send + 'static> Lot<T> {
-    /// Start the lot's thread.
-    pub fn start() -> io::Result<Arc<Lot<T>>> {
-        let poll = Poll::new()?;
-        let registry = poll.registry().try_clone()?;
-        let waker = Waker::new(poll.registry(), WAKE)?;
-        let lot = Arc::new(Lot {
-            registry,
-            waker,
-            state: Mutex::new(State {
-                parked: HashMap::new(),
-                timers: BTreeSet::new(),
-                next_token: 0,
-                wake_at: None,
-            }),
-            resume: OnceLock::new(),
-        });
-        let run = Arc::clone(&lot);
-        std::thread::Builder::new()
-            .name("park".into())
-            .stack_size(128 * 1024)
-            .spawn(move || run.run(poll))?;
-        Ok(lot)
-    }
-
-    /// Say where woken connections go. Set once, before the first `park`.
-    pub fn set_resume(&self, resume: impl Fn(T) + Send + Sync + 'static) {
-        let _ = self.resume.set(Box::new(resume));
-    }
-
-    /// Connections parked now.
-    pub fn len(&self) -> usize {
-        self.lock().parked.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Park `item` until one of `sockets` shows what it is wanted for, or `deadline`. The
-    /// sockets must stay open while the item is parked (the item owns them). If they cannot be
-    /// registered, the item is given back.
-    pub fn park(
-        &self,
-        item: T,
-        sockets: [(RawFd, Wanted); 2],
-        deadline: Option<Instant>,
-    ) -> Result<(), T> {
-        // All under the lock, so that the lot's thread cannot resume the connection (and its
-        // sockets be closed and their numbers reused) while its sockets are being registered.
-        let mut state = self.lock();
-        let token = state.next_token;
-        state.next_token += 1;
-        let mut fds = [None, None];
-        for (i, &(fd, wanted)) in sockets.iter().enumerate() {
-            let interest = match wanted {
-                Wanted::Readable => Interest::READABLE,
-                // Nothing is read from it: errors and hang-ups are reported whatever the
-                // interest, and urgent data (PRIORITY) never comes on these sockets.
-                Wanted::Failure => Interest::PRIORITY,
-                Wanted::Nothing => continue,
-            };
-            if let Err(e) = self
-                .registry
-                .register(&mut SourceFd(&fd), Token(token), interest)
-            {
-                self.deregister(&fds);
-                crate::debug!("cannot park a connection: {e}");
-                return Err(item);
-            }
-            fds[i] = Some(fd);
+impl<T: Wakeable> Lot<T> {
+    pub fn new() -> io::Result<Arc<Lot<T>>> {
+        // SAFETY: plain system calls; each returns a new descriptor we own, or -1.
+        let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epoll < 0 {
+            return Err(io::Error::last_os_error());
         }
-        state.parked.insert(
-            token,
-            Parked {
-                item,
-                fds,
-                deadline,
+        // SAFETY: `epoll` is a new descriptor owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(epoll) };
+        // SAFETY: as above.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a new descriptor owned by nobody else.
+        let interrupt = unsafe { OwnedFd::from_raw_fd(efd) };
+        // Edge-triggered: each write wakes one waiting thread once, and nobody needs to read
+        // the counter back (it cannot overflow in practice: 2^64 interrupts).
+        epoll_add(
+            epoll.as_raw_fd(),
+            efd,
+            libc::EPOLLIN | libc::EPOLLET,
+            INTERRUPT,
+        )?;
+        Ok(Arc::new(Lot {
+            epoll,
+            interrupt,
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                timers: BTreeSet::new(),
+                next_id: 0,
+                sleepers: Vec::new(),
+                next_sleeper: 0,
+            }),
+        }))
+    }
+
+    /// A place for a new connection, held by the thread that runs it.
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
+        let mut state = self.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.entries.insert(
+            id,
+            Entry {
+                item: None,
+                woke: Woke::default(),
+                deadline: None,
             },
         );
-        if let Some(at) = deadline {
-            state.timers.insert((at, token));
-            if state.wake_at.is_none_or(|w| at < w) {
-                state.wake_at = Some(at);
-                if let Err(e) = self.waker.wake() {
-                    crate::error!("cannot wake the parking lot: {e}");
+        drop(state);
+        Ticket {
+            id,
+            enrolled: [false; 2],
+            lot: Arc::clone(self) as Arc<dyn Forget>,
+        }
+    }
+
+    /// Leave `item` (the connection of `ticket`) here until one of its enrolled sockets shows an
+    /// event, or `deadline`. If an event came while it ran, it is given back at once with what
+    /// woke it: run it again.
+    pub fn wait(&self, ticket: u64, item: T, deadline: Option<Instant>) -> Result<(), (T, Woke)> {
+        let mut state = self.lock();
+        let Some(entry) = state.entries.get_mut(&ticket) else {
+            // Its ticket is gone, which cannot be while the item (which holds it) lives.
+            return Err((item, Woke::default()));
+        };
+        if entry.woke.any() {
+            return Err((item, std::mem::take(&mut entry.woke)));
+        }
+        entry.item = Some(item);
+        entry.deadline = deadline;
+        let Some(at) = deadline else {
+            return Ok(());
+        };
+        state.timers.insert((at, ticket));
+        // Interrupt a sleeping thread if none would wake by then, so it counts the deadline in.
+        let late = !state.sleepers.is_empty()
+            && state.sleepers.iter().all(|(_, s)| s.is_none_or(|w| w > at));
+        drop(state);
+        if late {
+            self.interrupt();
+        }
+        Ok(())
+    }
+
+    /// Wake one thread blocked in `collect`.
+    pub fn interrupt(&self) {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write from a valid u64 to our eventfd. It fails only if the
+        // counter is full, which would take 2^64 interrupts.
+        unsafe {
+            libc::write(
+                self.interrupt.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+    }
+
+    /// The connections that are ready: woken by an event or due. With `block`, wait for at
+    /// least one (or an interrupt); without, only look. Each comes with what woke it.
+    pub fn collect(&self, block: bool, out: &mut Vec<T>) {
+        let mut me = None;
+        let timeout = if block {
+            let mut state = self.lock();
+            let next = state.timers.first().map(|&(at, _)| at);
+            let id = state.next_sleeper;
+            state.next_sleeper += 1;
+            state.sleepers.push((id, next));
+            me = Some(id);
+            next.map_or(-1, |at| {
+                let left = at.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    0
+                } else {
+                    // Round up, so as not to wake a millisecond early and spin.
+                    left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
+                }
+            })
+        } else {
+            0
+        };
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; BATCH];
+        // SAFETY: `events` is a valid array of BATCH entries for the call.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr(),
+                BATCH as i32,
+                timeout,
+            )
+        };
+        let failed = (n < 0).then(io::Error::last_os_error);
+        let mut state = self.lock();
+        if let Some(i) = me.and_then(|me| state.sleepers.iter().position(|&(id, _)| id == me)) {
+            state.sleepers.swap_remove(i);
+        }
+        let mut ready = Vec::new();
+        for ev in &events[..usize::try_from(n).unwrap_or(0)] {
+            let data = ev.u64;
+            if data == INTERRUPT {
+                continue;
+            }
+            let (id, side) = (data >> 1, (data & 1) as usize);
+            if let Some(entry) = state.entries.get_mut(&id) {
+                entry.woke.0[side] |= ev.events;
+                if entry.item.is_some() {
+                    ready.push(id);
                 }
             }
         }
-        Ok(())
+        let now = Instant::now();
+        while let Some(&(at, id)) = state.timers.first() {
+            if at > now {
+                break;
+            }
+            state.timers.pop_first();
+            ready.push(id);
+        }
+        for id in ready {
+            let Some(entry) = state.entries.get_mut(&id) else {
+                continue;
+            };
+            // A connection woken by both of its sockets, or by a socket and its deadline, is
+            // listed twice: the first takes it.
+            let Some(mut item) = entry.item.take() else {
+                continue;
+            };
+            let woke = std::mem::take(&mut entry.woke);
+            if let Some(at) = entry.deadline.take() {
+                state.timers.remove(&(at, id));
+            }
+            item.woke(woke);
+            out.push(item);
+        }
+        drop(state);
+        if let Some(e) = failed {
+            if e.kind() != io::ErrorKind::Interrupted {
+                // Nothing waiting could be woken any more: better to say so loudly, and not
+                // spin on it.
+                crate::error!("parking lot: waiting for events failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         // Every critical section is a few map operations: a poisoned lock is still whole.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
-    fn deregister(&self, fds: &[Option<RawFd>; 2]) {
-        for fd in fds.iter().flatten() {
-            // Fails only if it was not registered, which is what we want anyway.
-            let _ = self.registry.deregister(&mut SourceFd(fd));
+impl<T: Wakeable> Forget for Lot<T> {
+    fn forget(&self, id: u64) {
+        let mut state = self.lock();
+        let entry = state.entries.remove(&id);
+        if let Some(at) = entry.as_ref().and_then(|e| e.deadline) {
+            state.timers.remove(&(at, id));
         }
+        drop(state);
+        // Dropped without the lock: an item holds its own ticket.
+        drop(entry);
     }
 
-    fn run(self: Arc<Self>, mut poll: Poll) {
-        let mut events = Events::with_capacity(1024);
-        let mut due = Vec::new();
-        loop {
-            let timeout = {
-                let mut state = self.lock();
-                let next = state.timers.first().map(|&(at, _)| at);
-                state.wake_at = next;
-                next.map(|at| at.saturating_duration_since(Instant::now()))
-            };
-            if let Err(e) = poll.poll(&mut events, timeout) {
-                if e.kind() != io::ErrorKind::Interrupted {
-                    // Nothing parked could be woken any more: better to say so loudly.
-                    crate::error!("parking lot: waiting for events failed: {e}");
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                continue;
-            }
-            {
-                let mut state = self.lock();
-                for event in events.iter() {
-                    if event.token() == WAKE {
-                        continue;
-                    }
-                    if let Some(p) = state.remove(event.token().0) {
-                        due.push(p);
-                    }
-                }
-                let now = Instant::now();
-                while state.timers.first().is_some_and(|&(at, _)| at <= now) {
-                    let Some((_, token)) = state.timers.pop_first() else {
-                        break;
-                    };
-                    if let Some(p) = state.remove(token) {
-                        due.push(p);
-                    }
-                }
-            }
-            for p in due.drain(..) {
-                self.deregister(&p.fds);
-                match self.resume.get() {
-                    Some(resume) => resume(p.item),
-                    None => crate::error!("parking lot: nowhere to resume a connection"),
-                }
-            }
-        }
+    fn enroll(&self, id: u64, side: Side, fd: RawFd) -> io::Result<()> {
+        // EPOLLRDHUP: the relay must know that an end of stream waits behind the bytes it
+        // reads, as no new edge comes for it (see `transfer`).
+        let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
+        epoll_add(self.epoll.as_raw_fd(), fd, events, id << 1 | side as u64)
     }
 }
 
-impl<T> State<T> {
-    /// Take a connection out of the table and its timer.
-    fn remove(&mut self, token: usize) -> Option<Parked<T>> {
-        let p = self.parked.remove(&token)?;
-        if let Some(at) = p.deadline {
-            self.timers.remove(&(at, token));
-        }
-        Some(p)
+fn epoll_add(epoll: RawFd, fd: RawFd, events: libc::c_int, data: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event {
+        events: events as u32,
+        u64: data,
+    };
+    // SAFETY: epoll_ctl with a valid event struct; both descriptors are open.
+    if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl<T: Wakeable> crate::relay::pool::Source<T> for Lot<T> {
+    fn collect(&self, block: bool, out: &mut Vec<T>) {
+        Lot::collect(self, block, out)
+    }
+
+    fn interrupt(&self) {
+        Lot::interrupt(self)
     }
 }

@@ -1,12 +1,12 @@
 //! One client connection's life, run on relay threads: connect to a backend of its app, relay
 //! until done, and log how it ended. The same code serves both modes.
 //!
-//! A connection that waits (no byte either way for `transfer::PARK_AFTER`) leaves its thread
-//! and waits in the parking lot (`park`) as a `Session`, and comes back to a pool thread as a
-//! `Task::Resume` when a socket wakes it; a busy one hands its thread on after a time slice
-//! while others wait. Either way it stays registered and counted as open until it ends. A
-//! connection still waiting for its ClientHello waits in the lot the same way, as a
-//! `Task::Greet`, so silent clients hold no thread either.
+//! A connection that has to wait (every read and write it wants would block) leaves its thread
+//! at once and waits in the parking lot (`park`) as a `Session`, and comes back to a pool
+//! thread as a `Task::Resume` when a socket wakes it; a busy one hands its thread on after a
+//! time slice while others wait. Either way it stays registered and counted as open until it
+//! ends. A connection still waiting for its ClientHello, or for a slot of its app, waits in the
+//! lot the same way, so silent clients hold no thread either.
 
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -26,11 +26,11 @@ use crate::backends::routing::{
 use crate::cli::Settings;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::{Conns, Registered};
-use crate::relay::park::Lot;
-use crate::relay::pool::Turn;
+use crate::relay::park::{Lot, Side, Ticket, Wakeable, Woke};
+use crate::relay::pool::{Job as PoolJob, Turn};
 use crate::relay::preread::{self, Hello};
 use crate::relay::slots::Slots;
-use crate::relay::transfer::{Counters, Pause, Relay, Wanted};
+use crate::relay::transfer::{Counters, Pause, Relay};
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
@@ -117,6 +117,24 @@ pub enum Task {
     Resume(Box<Session>),
 }
 
+impl Wakeable for Task {
+    fn woke(&mut self, woke: Woke) {
+        // Only a relay acts on what woke it; a connection waiting for its ClientHello or a slot
+        // looks again whatever it was.
+        if let Task::Resume(s) = self {
+            s.relay.woke(woke);
+        }
+    }
+}
+
+impl PoolJob for Task {
+    fn may_block(&self) -> bool {
+        // Starting a connection resolves and connects to its backend, which blocks; relaying
+        // never does.
+        !matches!(self, Task::Resume(_))
+    }
+}
+
 /// A connection reading its ClientHello (where apps share its binding by Hostnames). While the
 /// client is silent it waits in the parking lot, not on a thread: otherwise as many silent
 /// clients as `--max-threads` would hold every relay thread for the preread timeout, and no
@@ -129,6 +147,8 @@ pub struct Greeting {
     accepted: Instant,
     client_slots: ClientSlots,
     hello: preread::HelloReader,
+    /// Its place in the parking lot, from its first wait on.
+    ticket: Option<Ticket>,
 }
 
 /// What every session reads besides its own job: the options in force, the table of open
@@ -162,6 +182,7 @@ pub struct Session {
     /// Bytes read for the server name and sent before relaying began.
     first_bytes: u64,
     relay: Relay,
+    ticket: Option<Ticket>,
 }
 
 /// Run `task` on this thread until the connection ends, parks, or (past its time slice while
@@ -244,19 +265,29 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
                 return None;
             }
             Pause::Yield => return Some(Task::Resume(s)),
-            Pause::Park => {
-                let (on_client, on_backend) = s.relay.wanted();
-                let sockets = [
-                    (s.reg.entry.client.as_raw_fd(), on_client),
-                    (backend.as_raw_fd(), on_backend),
-                ];
+            Pause::Wait => {
                 let deadline = s.relay.deadline(idle);
-                match cx.lot.park(Task::Resume(s), sockets, deadline) {
+                let client = s.reg.entry.client.as_raw_fd();
+                let enrolled = enroll(&mut s.ticket, cx, Side::Client, client).and_then(|t| {
+                    t.enroll(Side::Backend, backend.as_raw_fd())
+                        .map(|()| t.id())
+                });
+                let id = match enrolled {
+                    Ok(id) => id,
+                    Err(e) => {
+                        // The lot cannot watch it (out of memory, or fs.epoll.max_user_watches
+                        // reached): wait on this thread instead, and try again next time.
+                        crate::debug!("cannot park a connection: {e}");
+                        s.relay.wait_here(&s.reg.entry.client, backend, deadline);
+                        continue;
+                    }
+                };
+                match cx.lot.wait(id, Task::Resume(s), deadline) {
                     Ok(()) => return None,
-                    Err(Task::Resume(back)) => {
-                        // Could not park (out of memory for the registration): keep the thread.
+                    Err((Task::Resume(back), woke)) => {
+                        // Something happened while it ran: run it again at once.
                         s = back;
-                        s.relay.hold_thread();
+                        s.relay.woke(woke);
                     }
                     // The lot gives back what it was given.
                     Err(_) => unreachable!("the parking lot gave back another task"),
@@ -264,6 +295,18 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
             }
         }
     }
+}
+
+/// The connection's ticket in the lot, taken at its first wait, with its client socket enrolled.
+fn enroll<'t>(
+    ticket: &'t mut Option<Ticket>,
+    cx: &Context,
+    side: Side,
+    fd: std::os::fd::RawFd,
+) -> io::Result<&'t mut Ticket> {
+    let t = ticket.get_or_insert_with(|| cx.lot.ticket());
+    t.enroll(side, fd)?;
+    Ok(t)
 }
 
 /// The conn line of a connection no app took: `end` (no_route, or drained meanwhile) and why.
@@ -457,6 +500,7 @@ fn greet(job: Job, cx: &Context) -> Box<Greeting> {
         accepted,
         client_slots,
         hello: preread::HelloReader::new(),
+        ticket: None,
     })
 }
 
@@ -500,16 +544,19 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
                 break Hello::Timeout;
             }
             let fd = g.reg.entry.client.as_raw_fd();
-            let sockets = [(fd, Wanted::Readable), (fd, Wanted::Nothing)];
-            match cx.lot.park(Task::Greet(g), sockets, Some(deadline)) {
-                Ok(()) => return Start::Wait,
-                Err(Task::Greet(back)) => {
-                    // Could not park (out of memory for the registration): wait here.
-                    g = back;
+            match enroll(&mut g.ticket, cx, Side::Client, fd).map(|t| t.id()) {
+                Ok(id) => match cx.lot.wait(id, Task::Greet(g), Some(deadline)) {
+                    Ok(()) => return Start::Wait,
+                    // Bytes came meanwhile: read them.
+                    Err((Task::Greet(back), _)) => g = back,
+                    // The lot gives back what it was given.
+                    Err(_) => unreachable!("the parking lot gave back another task"),
+                },
+                Err(e) => {
+                    // The lot cannot watch it (out of memory for the registration): wait here.
+                    crate::debug!("cannot park a connection: {e}");
                     preread::wait_readable(&g.reg.entry.client, deadline - now);
                 }
-                // The lot gives back what it was given.
-                Err(_) => unreachable!("the parking lot gave back another task"),
             }
         };
         let bytes = std::mem::take(&mut g.hello).into_bytes();
@@ -521,6 +568,7 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
         local,
         accepted,
         mut client_slots,
+        ticket,
         ..
     } = *g;
     let port = local.port();
@@ -572,6 +620,7 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
             client_slots,
             first_bytes,
             wait: None,
+            ticket,
         }),
         cx,
     )
@@ -597,6 +646,7 @@ pub struct Admitted {
     first_bytes: Vec<u8>,
     /// Its place among the app's waiters, and until when it waits.
     wait: Option<(LimitWait, Instant)>,
+    ticket: Option<Ticket>,
 }
 
 impl Admitted {
@@ -657,20 +707,23 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             if now >= deadline {
                 return a.limited(LimitDenied::TimedOut);
             }
-            // The client socket is watched for failure only: a drain shuts it down, which
-            // wakes the connection at once.
+            // Its client socket is watched meanwhile: a drain shuts it down, which wakes the
+            // connection at once.
             let fd = a.reg.entry.client.as_raw_fd();
-            let sockets = [(fd, Wanted::Failure), (fd, Wanted::Nothing)];
             let at = deadline.min(now + LIMIT_RETRY);
-            match cx.lot.park(Task::Admit(a), sockets, Some(at)) {
-                Ok(()) => return Start::Wait,
-                Err(Task::Admit(back)) => {
-                    // Could not park (out of memory for the registration): wait here.
-                    a = back;
+            match enroll(&mut a.ticket, cx, Side::Client, fd).map(|t| t.id()) {
+                Ok(id) => match cx.lot.wait(id, Task::Admit(a), Some(at)) {
+                    Ok(()) => return Start::Wait,
+                    // Its socket had news meanwhile (bytes, or a drain): look again.
+                    Err((Task::Admit(back), _)) => a = back,
+                    // The lot gives back what it was given.
+                    Err(_) => unreachable!("the parking lot gave back another task"),
+                },
+                Err(e) => {
+                    // The lot cannot watch it (out of memory for the registration): wait here.
+                    crate::debug!("cannot park a connection: {e}");
                     std::thread::sleep(at - now);
                 }
-                // The lot gives back what it was given.
-                Err(_) => unreachable!("the parking lot gave back another task"),
             }
         },
     };
@@ -709,6 +762,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
         sni,
         client_slots,
         first_bytes,
+        ticket,
         ..
     } = *a;
     Start::Relay(Box::new(Session {
@@ -724,6 +778,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
         target_name: target,
         first_bytes: first_bytes.len() as u64,
         relay: Relay::new(),
+        ticket,
     }))
 }
 

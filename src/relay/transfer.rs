@@ -1,19 +1,19 @@
 //! Moving bytes between a client and its backend, both ways, until both sides are done.
 //!
-//! While a connection moves bytes, a relay thread runs it with `poll(2)` on the two
-//! non-blocking sockets (no extra thread per direction). Once nothing has moved for
-//! `PARK_AFTER`, `Relay::run` returns `Pause::Park` and the state waits in the parking lot
-//! without a thread (see `park`); past its `SLICE` while other connections wait for a thread it
-//! returns to be continued later. The state kept between runs is `Relay`. Bulk bytes go
-//! through a pooled kernel pipe with `splice(2)`, held only while bytes are in flight; small
-//! exchanges are copied through a pooled user-space buffer instead, which costs fewer system
-//! calls than a splice in and out (splice-auto, as HAProxy calls it). Half-close is carried
-//! through: when one side shuts down its write side, the other side's write side is shut down
-//! once every byte before it has been delivered, and the reply keeps flowing the other way.
-//! A reset on one side is passed on as a reset on the other, so neither peer hangs.
-//! A socket is polled only for what is still wanted from it, and an error or hang-up reported
-//! on a socket nothing is wanted from is acted on at once (a reset is passed on; a socket closed
-//! both ways is left out of the poll), so no close sequence leaves the thread spinning.
+//! A relay thread runs a connection with non-blocking reads and writes on its two sockets (no
+//! thread per direction) until every one it wants would block; `Relay::run` then returns
+//! `Pause::Wait` and the connection waits in the parking lot without a thread (see `park`)
+//! until a socket has news for it. Past its `SLICE` while other connections wait for a thread,
+//! a relay still moving bytes returns to be continued later. The state kept between runs is
+//! `Relay`. Bulk bytes go through a pooled kernel pipe with `splice(2)`, held only while bytes
+//! are in flight; small exchanges are copied through a pooled user-space buffer instead, which
+//! costs fewer system calls than a splice in and out (splice-auto, as HAProxy calls it).
+//! Half-close is carried through: when one side shuts down its write side, the other side's
+//! write side is shut down once every byte before it has been delivered, and the reply keeps
+//! flowing the other way. A reset on one side is passed on as a reset on the other, so neither
+//! peer hangs. An error reported on a socket nothing is wanted from is acted on at once, and a
+//! hang-up there is reported once (the lot is edge-triggered), so no close sequence leaves a
+//! thread spinning.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -21,6 +21,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::relay::park::Woke;
 
 /// Bytes moved per splice (the pipe is sized to hold them).
 const PIPE_SIZE: usize = 1024 * 1024;
@@ -169,16 +171,23 @@ struct Direction {
     bulk: bool,
     /// `src` has no more bytes (read returned 0).
     eof: bool,
+    /// `src`'s peer has closed its side (the lot saw `EPOLLRDHUP`): a short read does not mean
+    /// the end of what is there, as the end of stream waits behind the bytes, and no new event
+    /// will come for it.
+    closing: bool,
     /// `dst`'s write side has been shut down after the last byte.
     shut: bool,
     moved: u64,
 }
 
-enum Step {
-    /// Nothing more can be done until poll says so.
-    Blocked,
-    /// Bytes moved.
-    Progress,
+/// What a pass of `Direction::pump` did.
+#[derive(Default)]
+struct Step {
+    /// Bytes moved, or the end of stream was met.
+    moved: bool,
+    /// It stopped at its byte budget, not because a read or write would block: more may move
+    /// at once.
+    more: bool,
 }
 
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
@@ -208,6 +217,7 @@ impl Direction {
             no_splice: false,
             bulk: false,
             eof: false,
+            closing: false,
             shut: false,
             moved: 0,
         }
@@ -306,7 +316,7 @@ impl Direction {
         }
     }
 
-    /// Move as much as possible from `src` to `dst` without blocking.
+    /// Move as much as possible from `src` to `dst` without blocking (up to `PASS_BUDGET`).
     /// `other_done`: the other direction is over, so once this one is the connection ends and
     /// both sockets are closed.
     fn pump(
@@ -316,14 +326,19 @@ impl Direction {
         counter: &AtomicU64,
         other_done: bool,
     ) -> io::Result<Step> {
-        let mut step = Step::Blocked;
+        let mut step = Step::default();
+        let start = self.moved;
         loop {
             let before = self.moved;
             let flushed = self.flush(dst, counter)?;
             if self.moved != before {
-                step = Step::Progress;
+                step.moved = true;
             }
             if !flushed {
+                return Ok(step);
+            }
+            if self.moved - start >= PASS_BUDGET {
+                step.more = true;
                 return Ok(step);
             }
             // Switch carriers between fills when the kind of traffic changed.
@@ -357,27 +372,28 @@ impl Direction {
             match self.fill(src)? {
                 Some(0) => {
                     self.eof = true;
-                    step = Step::Progress;
+                    step.moved = true;
                 }
                 Some(n) => {
                     self.pending = n;
-                    step = Step::Progress;
+                    step.moved = true;
                     let capacity = match &self.carrier {
                         Carrier::Buf { buf, .. } => buf.len(),
                         _ => PIPE_SIZE,
                     };
                     self.bulk = n == capacity || (self.bulk && n >= BUF_SIZE);
-                    if !self.bulk && matches!(self.carrier, Carrier::Buf { .. }) {
+                    if !self.bulk && !self.closing && matches!(self.carrier, Carrier::Buf { .. }) {
                         // A short read drained the socket (as far as it had bytes): deliver
-                        // them, then wait in poll rather than pay for a read that would only
-                        // say EAGAIN. Poll is level-triggered, so nothing is missed.
+                        // them, then wait rather than pay for a read that would only say
+                        // EAGAIN. Bytes that come after it are a new edge for the lot (or were
+                        // seen while it ran, and run it again), so nothing is missed.
                         let before = self.moved;
                         let flushed = self.flush(dst, counter)?;
                         if flushed {
                             self.release();
                         }
                         if self.moved != before {
-                            step = Step::Progress;
+                            step.moved = true;
                         }
                         return Ok(step);
                     }
@@ -393,52 +409,39 @@ impl Direction {
     }
 }
 
-/// A connection that moved no byte either way for this long gives its thread back (parks):
-/// long enough that a request/response exchange or a bulk transfer never parks between its
-/// steps, short enough that idle connections stop holding threads at once. Measured in
-/// bench/README.md.
-pub const PARK_AFTER: Duration = Duration::from_millis(250);
-
 /// How long a busy connection keeps its thread while other connections wait for one.
 pub const SLICE: Duration = Duration::from_millis(50);
+
+/// Bytes one direction moves per pass before the relay looks at the clock: a transfer whose
+/// source never runs dry must still come back to check its time slice.
+const PASS_BUDGET: u64 = 8 * 1024 * 1024;
 
 /// Why `Relay::run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pause {
     /// The connection is over (both sockets are to be closed).
     Ended(End),
-    /// Nothing moved for `PARK_AFTER` (or the slice ended while others wait) and no byte is in
-    /// flight: the relay holds no buffer or pipe, and waits for `Relay::wanted` on the sockets
-    /// without a thread, until `Relay::deadline`.
-    Park,
-    /// The time slice ended while other connections wait for a thread, with bytes in flight:
-    /// continue later, after them.
+    /// Every read and write it wants would block: it waits in the parking lot, without a
+    /// thread, for an event on its sockets or `Relay::deadline`. It holds a buffer or pipe only
+    /// if bytes are in flight.
+    Wait,
+    /// The time slice ended while other connections wait for a thread, with bytes still
+    /// moving: continue later, after them.
     Yield,
 }
 
-/// What a parked connection waits for on one socket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wanted {
-    /// Bytes (or end of stream), or an error or hang-up.
-    Readable,
-    /// Only an error or hang-up: nothing more is read from it.
-    Failure,
-    /// Nothing: it is closed both ways, and what is left to do waits on the other socket.
-    Nothing,
-}
-
 /// The state of a relayed connection between two runs: both directions' progress, the time of
-/// the last byte moved and what has been seen of the sockets. It holds a buffer or a pipe only
-/// while bytes are in flight, so a parked relay is a few dozen bytes.
+/// the last byte moved and the events seen on its sockets since it last ran. It holds a buffer
+/// or a pipe only while bytes are in flight, so a waiting relay is a few dozen bytes.
 pub struct Relay {
     up: Direction,
     down: Direction,
     last_activity: Instant,
-    /// A hang-up without error was seen on the socket while nothing was wanted from it.
-    client_hup: bool,
-    backend_hup: bool,
-    /// Parking failed: do not try again before this.
-    park_again_at: Option<Instant>,
+    /// Events seen on the client and the backend socket since the last run (epoll bits).
+    woke: Woke,
+    /// A hang-up without error was seen on the client or backend socket while nothing was
+    /// wanted from it (only `wait_here` needs this: poll reports a hang-up again and again).
+    hup: [bool; 2],
 }
 
 /// The two live counters (the target's, for metrics) that delivered bytes are added to.
@@ -459,15 +462,9 @@ impl Relay {
             up: Direction::new(),
             down: Direction::new(),
             last_activity: Instant::now(),
-            client_hup: false,
-            backend_hup: false,
-            park_again_at: None,
+            woke: Woke::default(),
+            hup: [false; 2],
         }
-    }
-
-    /// Parking failed: carry on with the thread for another `PARK_AFTER` before trying again.
-    pub fn hold_thread(&mut self) {
-        self.park_again_at = Some(Instant::now() + PARK_AFTER);
     }
 
     /// Bytes delivered so far: client to backend, backend to client.
@@ -475,28 +472,30 @@ impl Relay {
         (self.up.moved, self.down.moved)
     }
 
-    /// When a parked relay is to be resumed even if nothing happens: its idle timeout.
+    /// When a waiting relay is to be run even if nothing happens: its idle timeout.
     pub fn deadline(&self, idle: Option<Duration>) -> Option<Instant> {
         idle.map(|d| self.last_activity + d)
     }
 
-    /// What a parked relay waits for on the client and on the backend socket.
-    pub fn wanted(&self) -> (Wanted, Wanted) {
-        let on = |read: bool, hup: bool| match (read, hup) {
-            (true, _) => Wanted::Readable,
-            (false, false) => Wanted::Failure,
-            (false, true) => Wanted::Nothing,
-        };
-        (
-            on(self.up.wants_read(), self.client_hup),
-            on(self.down.wants_read(), self.backend_hup),
-        )
+    /// Note what woke the relay, for its next run.
+    pub fn woke(&mut self, woke: Woke) {
+        for i in 0..2 {
+            self.woke.0[i] |= woke.0[i];
+        }
     }
 
-    /// Relay between `client` and `backend` (both non-blocking) until both directions are
-    /// closed, one fails, nothing moves for `idle`, or the connection should give its thread
-    /// back (see `Pause`). `others_waiting` says whether other connections wait for a thread.
-    /// The caller closes the sockets once it has `Ended`.
+    /// Whether anything is still wanted from the client and from the backend socket.
+    fn wanted(&self) -> [bool; 2] {
+        [
+            self.up.wants_read() || self.down.wants_write(),
+            self.down.wants_read() || self.up.wants_write(),
+        ]
+    }
+
+    /// Relay between `client` and `backend` (both non-blocking) while bytes can move without
+    /// waiting: until both directions are closed, one fails, nothing moved for `idle`, every
+    /// read and write it wants would block (`Pause::Wait`), or its time slice ends while
+    /// `others_waiting` (`Pause::Yield`). The caller closes the sockets once it has `Ended`.
     pub fn run(
         &mut self,
         client: &TcpStream,
@@ -506,111 +505,117 @@ impl Relay {
         others_waiting: &dyn Fn() -> bool,
     ) -> Pause {
         let mut slice_end = Instant::now() + SLICE;
-        // Parking waits for what poll would report, so it is decided only after a poll has
-        // looked at the sockets in this run: a relay resumed for an error or a hang-up on a
-        // socket nothing is read from must see and act on it here, not park again for it.
-        let mut polled = false;
         loop {
+            // Where something is wanted from a socket, the pump's read or write meets whatever
+            // happened there (bytes, end of stream, or the error) in order, so nothing already
+            // received is lost. Where nothing is wanted, an error is acted on here: it is
+            // reported once (edge-triggered), and a reset must be passed on, not wait.
+            let woke = std::mem::take(&mut self.woke);
+            let closing = (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32;
+            self.up.closing |= woke.0[0] & closing != 0;
+            self.down.closing |= woke.0[1] & closing != 0;
+            let wanted = self.wanted();
+            let sockets = [(client, "client"), (backend, "target")];
+            for (i, &(s, side)) in sockets.iter().enumerate() {
+                if !wanted[i] && failed(s, woke.0[i], side) {
+                    return self.fail(client, backend);
+                }
+            }
             let stepped = (
                 self.up.pump(client, backend, counters.up, self.down.done()),
                 self.down
                     .pump(backend, client, counters.down, self.up.done()),
             );
-            let mut now = None;
-            match stepped {
+            let (a, b) = match stepped {
                 (Err(e), _) | (_, Err(e)) => {
                     crate::debug!("relay error: {e}");
                     return self.fail(client, backend);
                 }
-                (Ok(a), Ok(b)) => {
-                    if matches!(a, Step::Progress) || matches!(b, Step::Progress) {
-                        let t = Instant::now();
-                        self.last_activity = t;
-                        now = Some(t);
-                    }
-                }
+                (Ok(a), Ok(b)) => (a, b),
+            };
+            let now = Instant::now();
+            if a.moved || b.moved {
+                self.last_activity = now;
             }
             if self.up.done() && self.down.done() {
                 return Pause::Ended(End::Closed);
             }
-            let now = now.unwrap_or_else(Instant::now);
-            let in_flight = self.up.wants_write() || self.down.wants_write();
-            let idle_at = idle.map(|d| self.last_activity + d);
-            if idle_at.is_some_and(|at| now >= at) {
+            if idle.is_some_and(|d| now >= self.last_activity + d) {
                 return Pause::Ended(End::IdleTimeout);
             }
-            let quiet = now.saturating_duration_since(self.last_activity);
-            let may_park = polled && !in_flight && self.park_again_at.is_none_or(|t| now >= t);
-            if may_park && quiet >= PARK_AFTER {
-                return self.park();
+            if !a.more && !b.more {
+                return Pause::Wait;
             }
             if now >= slice_end {
                 if others_waiting() {
-                    return if may_park { self.park() } else { Pause::Yield };
+                    return Pause::Yield;
                 }
                 slice_end = now + SLICE;
-            }
-            // A socket is polled only for what is still wanted from it. One that nothing is
-            // wanted from is still polled with no events, so that an error (a reset) or hang-up
-            // there is seen while the connection waits on the other side; once a hang-up
-            // without error has been seen there it is left out altogether, as poll would
-            // report it again at once.
-            let client_events = events(self.up.wants_read(), self.down.wants_write());
-            let backend_events = events(self.down.wants_read(), self.up.wants_write());
-            let mut fds = [
-                pollfd(client, client_events, self.client_hup),
-                pollfd(backend, backend_events, self.backend_hup),
-            ];
-            let mut wake = slice_end;
-            if !in_flight {
-                // After a failed park, not before the next try: waking at the (past) park
-                // time would make every poll return at once until then.
-                let park_at = self.last_activity + PARK_AFTER;
-                wake = wake.min(self.park_again_at.map_or(park_at, |t| t.max(park_at)));
-            }
-            if let Some(at) = idle_at {
-                wake = wake.min(at);
-            }
-            // Round up so we do not wake a millisecond early and spin.
-            let left = wake.saturating_duration_since(now);
-            let timeout_ms = if left.is_zero() {
-                0
-            } else {
-                left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-            };
-            // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-            polled = true;
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    crate::error!("relay poll failed: {e}");
-                    return self.fail(client, backend);
-                }
-                continue;
-            }
-            // Where something was wanted, the next pump's read or write meets whatever
-            // happened (bytes, end of stream, or the error) in order, so nothing already
-            // received is lost. Where nothing was wanted, poll's error and hang-up flags are
-            // acted on here, or they would wake every poll without a pump ever clearing them.
-            match hangup(client, &fds[0], "client") {
-                Hangup::None => {}
-                Hangup::Closed => self.client_hup = true,
-                Hangup::Failed => return self.fail(client, backend),
-            }
-            match hangup(backend, &fds[1], "target") {
-                Hangup::None => {}
-                Hangup::Closed => self.backend_hup = true,
-                Hangup::Failed => return self.fail(client, backend),
             }
         }
     }
 
-    /// Give back the (empty) carriers, so the parked relay holds nothing.
-    fn park(&mut self) -> Pause {
-        self.up.release();
-        self.down.release();
-        Pause::Park
+    /// Wait on this thread, with poll(2), for what the relay wants or `until`: only when the
+    /// parking lot cannot take the connection (its sockets could not be registered). The
+    /// relay's next run acts on what was seen.
+    pub fn wait_here(&mut self, client: &TcpStream, backend: &TcpStream, until: Option<Instant>) {
+        let want = |read: bool, write: bool| {
+            let mut events = 0;
+            if read {
+                events |= libc::POLLIN | libc::POLLRDHUP;
+            }
+            if write {
+                events |= libc::POLLOUT;
+            }
+            events
+        };
+        let events = [
+            want(self.up.wants_read(), self.down.wants_write()),
+            want(self.down.wants_read(), self.up.wants_write()),
+        ];
+        let sockets = [client, backend];
+        // A socket nothing is wanted from is still polled (with no events) for an error, until
+        // it has hung up: poll would report that at once every time.
+        let mut fds: Vec<libc::pollfd> = (0..2)
+            .map(|i| libc::pollfd {
+                fd: if events[i] == 0 && self.hup[i] {
+                    -1
+                } else {
+                    sockets[i].as_raw_fd()
+                },
+                events: events[i],
+                revents: 0,
+            })
+            .collect();
+        // Not past a second, so that the caller tries the lot again now and then.
+        let left = until.map_or(Duration::from_secs(1), |at| {
+            at.saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1))
+        });
+        let timeout = left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } <= 0 {
+            return;
+        }
+        for (i, fd) in fds.iter().enumerate() {
+            let r = fd.revents;
+            if events[i] == 0 && r & libc::POLLHUP != 0 && r & libc::POLLERR == 0 {
+                self.hup[i] = true;
+            }
+            let mut bits = 0u32;
+            for (p, e) in [
+                (libc::POLLIN, libc::EPOLLIN),
+                (libc::POLLRDHUP, libc::EPOLLRDHUP),
+                (libc::POLLOUT, libc::EPOLLOUT),
+                (libc::POLLERR | libc::POLLNVAL, libc::EPOLLERR),
+                (libc::POLLHUP, libc::EPOLLHUP),
+            ] {
+                if r & p != 0 {
+                    bits |= e as u32;
+                }
+            }
+            self.woke.0[i] |= bits;
+        }
     }
 
     fn fail(&mut self, client: &TcpStream, backend: &TcpStream) -> Pause {
@@ -620,59 +625,21 @@ impl Relay {
     }
 }
 
-fn events(read: bool, write: bool) -> libc::c_short {
-    let mut events = 0;
-    if read {
-        events |= libc::POLLIN;
+/// Whether `events` on a socket from which nothing was wanted say it failed (a reset, a
+/// timeout): then the connection cannot complete. A hang-up alone (closed both ways without an
+/// error: its peer's FIN arrived and ours went, or the proxy cut it) leaves what is still to do
+/// to the other socket.
+fn failed(s: &TcpStream, events: u32, side: &str) -> bool {
+    if events & libc::EPOLLERR as u32 == 0 {
+        return false;
     }
-    if write {
-        events |= libc::POLLOUT;
+    // Read (and so clear) the pending error, for the log.
+    match s.take_error() {
+        Ok(Some(e)) => crate::debug!("relay: {side} socket failed: {e}"),
+        Ok(None) => crate::debug!("relay: {side} socket reported an error"),
+        Err(e) => crate::debug!("relay: {side} socket: {e}"),
     }
-    events
-}
-
-/// The poll entry of `s` for `events`; a negative descriptor (which poll skips) if nothing is
-/// wanted from it and it has already hung up.
-fn pollfd(s: &TcpStream, events: libc::c_short, hung_up: bool) -> libc::pollfd {
-    libc::pollfd {
-        fd: if events == 0 && hung_up {
-            -1
-        } else {
-            s.as_raw_fd()
-        },
-        events,
-        revents: 0,
-    }
-}
-
-enum Hangup {
-    /// Nothing to act on here.
-    None,
-    /// Both ways of this socket are closed without an error (its peer's FIN arrived and ours
-    /// went, or the proxy cut it): whatever is still to do waits on the other socket.
-    Closed,
-    /// The socket failed (a reset, a timeout): the connection cannot complete.
-    Failed,
-}
-
-/// What poll's error and hang-up flags on a socket from which nothing was wanted mean.
-fn hangup(s: &TcpStream, fd: &libc::pollfd, side: &str) -> Hangup {
-    if fd.fd < 0 || fd.events != 0 {
-        return Hangup::None;
-    }
-    if fd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-        // Read (and so clear) the pending error, for the log.
-        match s.take_error() {
-            Ok(Some(e)) => crate::debug!("relay: {side} socket failed: {e}"),
-            Ok(None) => crate::debug!("relay: {side} socket reported an error"),
-            Err(e) => crate::debug!("relay: {side} socket: {e}"),
-        }
-        return Hangup::Failed;
-    }
-    if fd.revents & libc::POLLHUP != 0 {
-        return Hangup::Closed;
-    }
-    Hangup::None
+    true
 }
 
 /// Make the coming close send a RST instead of a FIN, so the peer learns the connection failed
