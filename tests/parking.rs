@@ -1,6 +1,6 @@
-//! Idle connections park: after a short while without traffic a connection gives its relay
-//! thread back and waits in the parking lot, and comes back to a thread when either side speaks,
-//! closes or fails (issue 14). Parked connections are open connections: they are timed out,
+//! Waiting connections park: as soon as its sockets have nothing for it, a connection gives its
+//! relay thread back and waits in the parking lot, and comes back to a thread when either side
+//! speaks, closes or fails (issue 14). Parked connections are open connections: they are timed out,
 //! drained and counted like any other. `--max-threads` bounds the relay threads below the
 //! connection bound, and busy connections take turns so that none starves.
 //!
@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use common::*;
 use modes::Env;
 
-/// Longer than the proxy's park hysteresis (250 ms), with margin: a connection left alone this
-/// long is parked. (A wait for the proxy to do something, not a synchronisation: the proxy
-/// gives no sign of parking but its thread count.)
+/// A connection left alone this long has surely parked (it parks as soon as it waits, and its
+/// thread, if it was the last to run it, has moved on). The idle period is what these tests are
+/// about, not a synchronisation: the proxy gives no sign of parking but its thread count.
 const IDLE: Duration = Duration::from_millis(800);
 
 /// Threads besides the relay threads: the listener loop (main), the health checker, the log
-/// writer, the parking lot, and slack.
+/// writer, and slack.
 const OTHER_THREADS: usize = 6;
 /// Idle relay threads the pool keeps warm (pool.rs SPARE).
 const SPARE_THREADS: usize = 8;
@@ -275,6 +275,75 @@ fn five_thousand_idle_connections_hold_few_threads() {
         carry(&mut target, &mut clients[i], format!("down {i}").as_bytes());
     }
     assert!(p.threads() <= bound + 10);
+}
+
+/// 64 connections exchanging requests and replies nonstop (each waits for its reply between two
+/// requests) are served by about one relay thread per core: a connection waiting for its reply
+/// holds no thread. The proxy's thread count (from /proc) falls to that bound once the threads
+/// that started the connections have gone, while every connection keeps getting its replies.
+#[test]
+fn busy_request_reply_connections_share_a_few_threads() {
+    const N: usize = 64;
+    let echo = Backend::echo();
+    let p = Proxy::start(1, &[], |ports| {
+        config(&[app("chat", ports, &[echo.target()])])
+    });
+    let addr = p.v4(0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let clients: Vec<_> = (0..N)
+        .map(|i| {
+            let (stop, rounds) = (Arc::clone(&stop), Arc::clone(&rounds));
+            let started = Arc::clone(&started);
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                s.set_read_timeout(Some(WAIT)).unwrap();
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let msg = format!("client {i} request {n}\n");
+                    s.write_all(msg.as_bytes()).expect("request");
+                    let mut got = vec![0u8; msg.len()];
+                    s.read_exact(&mut got).expect("reply");
+                    assert_eq!(got, msg.as_bytes(), "client {i}: reply {n}");
+                    if n == 0 {
+                        started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    n += 1;
+                    rounds.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                n
+            })
+        })
+        .collect();
+    wait_for("every connection's first reply", WAIT, || {
+        (started.load(std::sync::atomic::Ordering::Relaxed) == N).then_some(())
+    });
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let bound = OTHER_THREADS + SPARE_THREADS + cores;
+    let threads = wait_for(
+        "the threads that started the connections to go",
+        WAIT,
+        || {
+            let t = p.threads();
+            (t <= bound).then_some(t)
+        },
+    );
+    // Still busy at that thread count: every connection goes on getting replies.
+    let before = rounds.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for("more round trips", WAIT, || {
+        let now = rounds.load(std::sync::atomic::Ordering::Relaxed);
+        (now >= before + 20 * N as u64).then_some(())
+    });
+    let during = p.threads();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let done: Vec<u64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    eprintln!("{N} busy connections: {threads} then {during} threads; round trips {done:?}");
+    assert!(
+        during <= bound,
+        "{N} busy connections held {during} threads (bound {bound})"
+    );
+    assert!(done.iter().all(|&n| n > 0), "a connection got no reply");
 }
 
 /// `--max-threads 4` and 32 concurrent bulk transfers (both ways, through an echo target):

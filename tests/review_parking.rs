@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A peer that sends one byte just after every park (the hysteresis is 250 ms), alternating
+/// A peer that sends one byte after every park (a pause longer than the old 250 ms hysteresis:
+/// the connection has parked and its thread moved on), alternating
 /// directions: every byte arrives, in order, and the proxy's CPU is bounded by the peer's own
 /// rate (a handful of system calls per wake-up, not a spin).
 #[test]
