@@ -264,16 +264,31 @@ impl<J: Job> Inner<J> {
 
     /// Queue jobs the source gave; those that may block go to threads of their own.
     fn take(self: &Arc<Self>, got: &mut Vec<J>) {
-        for job in got.drain(..) {
-            let state = self.lock();
-            if !job.may_block() {
-                let mut state = state;
-                self.enqueue(&mut state, job);
-                continue;
+        let mut state = self.lock();
+        self.queue_ready(&mut state, got);
+        drop(state);
+        self.place_blocking(got);
+    }
+
+    /// Queue the jobs of `got` that cannot block, leaving the others in it.
+    fn queue_ready(&self, state: &mut State<J>, got: &mut Vec<J>) {
+        let mut i = 0;
+        while i < got.len() {
+            if got[i].may_block() {
+                i += 1;
+            } else {
+                let job = got.swap_remove(i);
+                self.enqueue(state, job);
             }
-            if let Placed::Spawn(job, id) = self.place(state, job) {
+        }
+    }
+
+    /// Give each job of `got` (those that may block) a thread of its own, or queue it.
+    fn place_blocking(self: &Arc<Self>, got: &mut Vec<J>) {
+        for job in got.drain(..) {
+            if let Placed::Spawn(job, id) = self.place(self.lock(), job) {
                 if let Err((job, e)) = self.spawn(id, job) {
-                    // No thread at all can be had: this one runs it when it is free.
+                    // No thread at all can be had: a busy one runs it when it is free.
                     crate::warn!("cannot start a relay thread: {e}");
                     let mut state = self.lock();
                     self.enqueue(&mut state, job);
@@ -324,14 +339,15 @@ impl<J: Job> Inner<J> {
                     self.source.collect(true, &mut got);
                     state = self.lock();
                     state.waiting -= 1;
-                    drop(state);
-                    self.take(&mut got);
-                    state = self.lock();
+                    self.queue_ready(&mut state, &mut got);
                     // A batch of several: let another waiting thread share it.
                     let share = state.queue.len() > 1 && state.waiting > 0;
-                    if share {
+                    if share || !got.is_empty() {
                         drop(state);
-                        self.source.interrupt();
+                        if share {
+                            self.source.interrupt();
+                        }
+                        self.place_blocking(&mut got);
                         state = self.lock();
                     }
                     continue;
