@@ -575,9 +575,9 @@ def cmd_report(a):
     w("\n↑: higher is better; ↓: lower is better. Memory and CPU figures are the proxy's own "
       "(there is no proxy in *direct*), except the system memory per idle connection, which is the "
       "drop in MemAvailable (kernel memory included) for the client, the backend and the proxy "
-      "together: *direct* gives what the client and backend alone take. flyproxy runs a relay "
-      "thread per busy connection (idle ones park without a thread); the 64-stream figures run it "
-      "with `--max-threads 8`. HAProxy runs 2 threads and nginx 2 workers.\n")
+      "together: *direct* gives what the client and backend alone take. flyproxy relays on pooled "
+      "threads that wait on one epoll set, one per core at a time (a connection that would block "
+      "waits there without a thread); the 64-stream figures run it with `--max-threads 8`. HAProxy runs 2 threads and nginx 2 workers.\n")
 
     w("## Ratios\n")
     w("A proxy's median divided by the reference's median: ×1.00 is a tie; for a ↓ figure a "
@@ -635,10 +635,11 @@ def cmd_report(a):
         "2-core machine: p99 depends on scheduling more than on the proxy and moves more from "
         "run to run than the other figures (see every round below).")
     cav.append(
-        "**flyproxy** runs a relay thread per busy connection (no worker count to set; "
-        "`--max-threads` left at its default except in the 64-stream case); a connection idle "
-        "for 250 ms parks in an event loop without a thread, buffer or pipe, so the memory "
-        "figure is its two sockets and its parked state. HAProxy runs 2 threads and nginx 2 "
+        "**flyproxy** relays on pooled threads that wait for events one per core at a time, "
+        "plus a thread for each connection being connected (no worker count to set; "
+        "`--max-threads` left at its default except in the 64-stream case); a connection whose "
+        "reads and writes would block waits in an epoll set without a thread, buffer or pipe, so "
+        "the memory figure is its two sockets and its parked state. HAProxy runs 2 threads and nginx 2 "
         "worker processes. The system memory figure is the drop in MemAvailable for the whole "
         "machine, which other processes' allocations move by as much as the figure itself on a "
         "shared machine: compare it with *direct* in the same run, and across rounds.")

@@ -3,18 +3,22 @@
 //! A connection whose sockets have nothing for it right now (every read and write it wants said
 //! "would block") gives its thread back at once and waits here: its sockets, its state, and a
 //! buffer or pipe only if bytes are still in flight. The relay threads themselves wait on the
-//! lot (a few at a time, see `pool`), in one edge-triggered epoll set holding every waiting
-//! connection's sockets, and take up whichever connections become ready, several per wake-up
-//! when traffic is heavy: a busy proxy then moves from connection to connection without a
-//! context switch for each, as HAProxy's and nginx's event loops do, while an idle connection
-//! costs no thread at all.
+//! lot (a few at a time, see `pool`), in one epoll set holding every connection's sockets, and
+//! take up whichever connections become ready, several per wake-up when traffic is heavy: a
+//! busy proxy then moves from connection to connection without a context switch for each, as
+//! HAProxy's and nginx's event loops do, while an idle connection costs no thread at all.
 //!
-//! Each connection's sockets are registered once, for reading and writing, edge-triggered, and
-//! stay registered until they are closed. Edge-triggered is what makes this cheap: a relay only
-//! waits after its reads and writes said "would block", so the next readiness is a new edge, and
-//! no call is needed to re-arm a socket between waits. An edge that comes while the connection
-//! is being run (or is queued to run) is remembered, and its next `wait` runs it again at once
-//! instead of sleeping, so none is lost. A connection is run by one thread at a time: only the
+//! Each socket is registered once (`EPOLL_CTL_ADD` at its first wait) and armed one-shot, for
+//! only what its connection wants from it (`Ticket::arm`): reading, writing, or nothing but an
+//! error. A socket that reported an event is disarmed by the kernel until its connection waits
+//! again and re-arms it (`EPOLL_CTL_MOD`), so a connection that a thread is running never wakes
+//! another thread, and one side's traffic wakes nobody while nothing is wanted from it (a peer
+//! trickling bytes into a connection stuck on a slow reader). Re-arming looks at the socket's
+//! state then and reports at once what is already there, so nothing that came while the
+//! connection ran is lost. A socket that did not fire stays armed and costs nothing to keep.
+//! An event that comes while its connection runs (or is queued to run) is recorded by the
+//! thread that takes it from the kernel, and the connection's next `wait` gives it back to run
+//! again at once instead of sleeping. A connection is run by one thread at a time: only the
 //! thread that takes it out of the lot (or the one it was never given up by) has it.
 //!
 //! Deadlines (idle timeout, preread timeout, the retry of a connection waiting for a slot) are
@@ -50,9 +54,28 @@ impl Woke {
     fn any(&self) -> bool {
         self.0 != [0, 0]
     }
+
+    /// Add what `other` saw.
+    pub fn merge(&mut self, other: Woke) {
+        for i in 0..2 {
+            self.0[i] |= other.0[i];
+        }
+    }
+
+    /// The socket of `side` failed or was closed both ways (a reset, or the proxy cut it).
+    pub fn gone(&self, side: Side) -> bool {
+        self.0[side as usize] & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0
+    }
 }
 
-/// What the lot hands back: told what woke it before it runs.
+/// What a socket is armed for (`Ticket::arm`): bytes or the end of stream (`EPOLLRDHUP` too, so
+/// that a relay knows an end of stream waits behind the bytes it read), room to write, or, with
+/// neither, only an error or hang-up (which epoll always reports).
+pub const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+pub const WRITE: u32 = libc::EPOLLOUT as u32;
+pub const FAILURE: u32 = 0;
+
+/// What the lot hands back: told what woke it before it runs (see `Ticket::fired`).
 pub trait Wakeable: Send + 'static {
     fn woke(&mut self, woke: Woke);
 }
@@ -61,13 +84,16 @@ pub trait Wakeable: Send + 'static {
 /// connection) forgets the connection there.
 pub struct Ticket {
     id: u64,
-    enrolled: [bool; 2],
+    /// Registered in the epoll set.
+    added: [bool; 2],
+    /// What each socket is armed for now; None once it fired (one-shot) or before it is added.
+    armed: [Option<u32>; 2],
     lot: Arc<dyn Forget>,
 }
 
 trait Forget: Send + Sync {
     fn forget(&self, id: u64);
-    fn enroll(&self, id: u64, side: Side, fd: RawFd) -> io::Result<()>;
+    fn epoll(&self) -> RawFd;
 }
 
 impl Ticket {
@@ -75,14 +101,38 @@ impl Ticket {
         self.id
     }
 
-    /// Register `fd` as the connection's `side`, once. The socket must stay open as long as the
-    /// ticket lives (closing it is what takes it out of the epoll set).
-    pub fn enroll(&mut self, side: Side, fd: RawFd) -> io::Result<()> {
-        if !self.enrolled[side as usize] {
-            self.lot.enroll(self.id, side, fd)?;
-            self.enrolled[side as usize] = true;
+    /// Arm `fd`, the connection's `side`, for `events` (`READ`, `WRITE`, both, or `FAILURE`)
+    /// until it next fires; None leaves it as it is (a socket that hung up, from which nothing
+    /// more can come: armed, it would report its hang-up again at every wait). A socket already
+    /// armed for the same is left alone: no system call. The socket must stay open as long as
+    /// the ticket lives (closing it is what takes it out of the epoll set).
+    pub fn arm(&mut self, side: Side, fd: RawFd, events: Option<u32>) -> io::Result<()> {
+        let i = side as usize;
+        let Some(events) = events else {
+            return Ok(());
+        };
+        if self.armed[i] == Some(events) {
+            return Ok(());
         }
+        let op = if self.added[i] {
+            libc::EPOLL_CTL_MOD
+        } else {
+            libc::EPOLL_CTL_ADD
+        };
+        let flags = events | libc::EPOLLONESHOT as u32;
+        epoll_ctl(self.lot.epoll(), op, fd, flags, self.id << 1 | i as u64)?;
+        self.added[i] = true;
+        self.armed[i] = Some(events);
         Ok(())
+    }
+
+    /// The sockets that reported `woke` are disarmed (one-shot): the next `arm` re-arms them.
+    pub fn fired(&mut self, woke: Woke) {
+        for i in 0..2 {
+            if woke.0[i] != 0 {
+                self.armed[i] = None;
+            }
+        }
     }
 }
 
@@ -136,10 +186,11 @@ impl<T: Wakeable> Lot<T> {
         let interrupt = unsafe { OwnedFd::from_raw_fd(efd) };
         // Edge-triggered: each write wakes one waiting thread once, and nobody needs to read
         // the counter back (it cannot overflow in practice: 2^64 interrupts).
-        epoll_add(
+        epoll_ctl(
             epoll.as_raw_fd(),
+            libc::EPOLL_CTL_ADD,
             efd,
-            libc::EPOLLIN | libc::EPOLLET,
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
             INTERRUPT,
         )?;
         Ok(Arc::new(Lot {
@@ -171,14 +222,15 @@ impl<T: Wakeable> Lot<T> {
         drop(state);
         Ticket {
             id,
-            enrolled: [false; 2],
+            added: [false; 2],
+            armed: [None; 2],
             lot: Arc::clone(self) as Arc<dyn Forget>,
         }
     }
 
-    /// Leave `item` (the connection of `ticket`) here until one of its enrolled sockets shows an
+    /// Leave `item` (the connection of `ticket`) here until one of its armed sockets shows an
     /// event, or `deadline`. If an event came while it ran, it is given back at once with what
-    /// woke it: run it again.
+    /// woke it: run it again (and tell its ticket, `Ticket::fired`).
     pub fn wait(&self, ticket: u64, item: T, deadline: Option<Instant>) -> Result<(), (T, Woke)> {
         let mut state = self.lock();
         let Some(entry) = state.entries.get_mut(&ticket) else {
@@ -257,9 +309,11 @@ impl<T: Wakeable> Lot<T> {
             state.sleepers.swap_remove(i);
         }
         let mut ready = Vec::new();
+        let mut interrupted = false;
         for ev in &events[..usize::try_from(n).unwrap_or(0)] {
             let data = ev.u64;
             if data == INTERRUPT {
+                interrupted = true;
                 continue;
             }
             let (id, side) = (data >> 1, (data & 1) as usize);
@@ -294,9 +348,23 @@ impl<T: Wakeable> Lot<T> {
             item.woke(woke);
             out.push(item);
         }
+        // Keep a sleeping thread on the next deadline: the one that was may be this one, now
+        // leaving to run what it took; and an interrupt taken by a thread only looking was
+        // meant for one that sleeps (to take a queued job, or to count a new deadline in).
+        let next = state.timers.first().map(|&(at, _)| at);
+        let uncovered = next.is_some_and(|at| {
+            state
+                .sleepers
+                .iter()
+                .all(|(_, wake)| wake.is_none_or(|w| w > at))
+        });
+        let pass_on = !state.sleepers.is_empty() && (uncovered || (interrupted && !block));
         drop(state);
+        if pass_on {
+            self.interrupt();
+        }
         if let Some(e) = failed {
-            if e.kind() != io::ErrorKind::Interrupted {
+            if e.kind() != io::ErrorKind::Interrupted && block {
                 // Nothing waiting could be woken any more: better to say so loudly, and not
                 // spin on it.
                 crate::error!("parking lot: waiting for events failed: {e}");
@@ -312,6 +380,10 @@ impl<T: Wakeable> Lot<T> {
 }
 
 impl<T: Wakeable> Forget for Lot<T> {
+    fn epoll(&self) -> RawFd {
+        self.epoll.as_raw_fd()
+    }
+
     fn forget(&self, id: u64) {
         let mut state = self.lock();
         let entry = state.entries.remove(&id);
@@ -322,22 +394,12 @@ impl<T: Wakeable> Forget for Lot<T> {
         // Dropped without the lock: an item holds its own ticket.
         drop(entry);
     }
-
-    fn enroll(&self, id: u64, side: Side, fd: RawFd) -> io::Result<()> {
-        // EPOLLRDHUP: the relay must know that an end of stream waits behind the bytes it
-        // reads, as no new edge comes for it (see `transfer`).
-        let events = libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET;
-        epoll_add(self.epoll.as_raw_fd(), fd, events, id << 1 | side as u64)
-    }
 }
 
-fn epoll_add(epoll: RawFd, fd: RawFd, events: libc::c_int, data: u64) -> io::Result<()> {
-    let mut ev = libc::epoll_event {
-        events: events as u32,
-        u64: data,
-    };
+fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
+    let mut ev = libc::epoll_event { events, u64: data };
     // SAFETY: epoll_ctl with a valid event struct; both descriptors are open.
-    if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
+    if unsafe { libc::epoll_ctl(epoll, op, fd, &mut ev) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

@@ -6,12 +6,15 @@
 //! and take up whichever connections become ready: under load a thread goes from connection to
 //! connection without sleeping in between, and an idle connection holds no thread. So the pool
 //! needs about as many threads as cores for relaying, plus one for each connection that is
-//! starting (connecting to its backend or resolving its name, which block).
+//! starting (resolving its target's name and connecting, which block).
 //!
 //! The bound (`--max-threads`) may be far below the number of open connections: work that finds
 //! every thread busy waits in a FIFO queue, and a relay that is still moving bytes at the end of
 //! its time slice while others wait goes to the back of it, so every connection gets a thread
-//! within a bounded time however long the transfers are.
+//! within a bounded time however long the transfers are. Starting connections take at most the
+//! bound less `waiters` threads: the others are kept for relaying, so that connects to a slow
+//! target, however many, never stop the connections already relaying (at a bound of 1, the one
+//! thread does both in turn).
 //!
 //! Threads beyond the waiters are kept on an idle stack for connections that start: a new
 //! connection is handed to one directly (through its own channel, so it wakes exactly that
@@ -85,8 +88,10 @@ struct Inner<J> {
     max: usize,
     /// Threads that may wait for events at once.
     waiters: usize,
+    /// Threads that may run jobs that may block at once: the bound less the waiters.
+    start_limit: usize,
     state: Mutex<State<J>>,
-    /// Length of `State::queue`, readable without the lock.
+    /// Jobs in `State::queue` and `State::starts`, readable without the lock.
     queued: AtomicUsize,
     /// Runs a job; Some(job) gives the job back to be continued later, after those waiting.
     handler: Handler<J>,
@@ -97,8 +102,12 @@ type Handler<J> = Box<dyn Fn(J, &Turn) -> Option<J> + Send + Sync>;
 
 struct State<J> {
     idle: Vec<Worker<J>>,
-    /// Jobs waiting for a thread, in arrival order.
+    /// Relaying jobs waiting for a thread, in arrival order.
     queue: VecDeque<J>,
+    /// Jobs that may block (starting connections) waiting for a thread, in arrival order.
+    starts: VecDeque<J>,
+    /// Threads running a job that may block.
+    starting: usize,
     /// Threads alive, busy, waiting for events or idle.
     total: usize,
     /// Threads blocked in `Source::collect`.
@@ -127,13 +136,24 @@ impl<J: Job> Pool<J> {
         handler: impl Fn(J, &Turn) -> Option<J> + Send + Sync + 'static,
     ) -> Pool<J> {
         let max = max.max(1);
+        // At least one thread is kept from starting connections for the waiting ones, and one
+        // can always start connections: with a bound of 1, the one thread does both.
+        let waiters = if max >= 2 {
+            waiters.clamp(1, max - 1)
+        } else {
+            1
+        };
+        let start_limit = if max >= 2 { max - waiters } else { 1 };
         Pool {
             inner: Arc::new(Inner {
                 max,
-                waiters: waiters.clamp(1, max),
+                waiters,
+                start_limit,
                 state: Mutex::new(State {
                     idle: Vec::new(),
                     queue: VecDeque::new(),
+                    starts: VecDeque::new(),
+                    starting: 0,
                     total: 0,
                     waiting: 0,
                     next_id: 0,
@@ -156,7 +176,8 @@ impl<J: Job> Pool<J> {
     /// connection.
     pub fn submit(&self, job: J) -> Result<(), (J, io::Error)> {
         let state = self.inner.lock();
-        if state.waiting > 0 && !job.may_block() {
+        if !job.may_block() {
+            // A thread waiting for events takes it.
             let mut state = state;
             self.inner.enqueue(&mut state, job);
             drop(state);
@@ -177,36 +198,69 @@ impl<J: Job> Inner<J> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Queue `job`: with the relaying jobs, or, if it may block, with the starting ones (and
+    /// wake a waiting thread to take it, if one may).
     fn enqueue(&self, state: &mut State<J>, job: J) {
-        state.queue.push_back(job);
-        self.queued.store(state.queue.len(), Ordering::Relaxed);
+        if job.may_block() {
+            state.starts.push_back(job);
+        } else {
+            state.queue.push_back(job);
+        }
+        self.count(state);
     }
 
-    fn dequeue(&self, state: &mut State<J>) -> Option<J> {
-        let job = state.queue.pop_front();
-        self.queued.store(state.queue.len(), Ordering::Relaxed);
+    fn count(&self, state: &State<J>) {
+        self.queued
+            .store(state.queue.len() + state.starts.len(), Ordering::Relaxed);
+    }
+
+    /// The next job for a free thread: a starting connection first if it just ran one (so that
+    /// starts keep moving), then relaying, then starting, each within its bound.
+    fn dequeue(&self, state: &mut State<J>, after_start: bool) -> Option<J> {
+        let may_start = state.starting < self.start_limit && !state.starts.is_empty();
+        let job = if after_start && may_start {
+            state.starts.pop_front()
+        } else if let Some(job) = state.queue.pop_front() {
+            Some(job)
+        } else if may_start {
+            state.starts.pop_front()
+        } else {
+            None
+        };
+        if job.as_ref().is_some_and(|j| j.may_block()) {
+            state.starting += 1;
+        }
+        self.count(state);
         job
     }
 
-    /// Give `job` to an idle thread, or count a new thread for it, or queue it (waking a
-    /// waiting thread to take it).
+    /// Give `job` (one that may block) to an idle thread, or count a new thread for it, within
+    /// the bound of starting threads; or queue it, waking a waiting thread to take it if one
+    /// may.
     fn place(&self, mut state: MutexGuard<'_, State<J>>, job: J) -> Placed<J> {
         let mut job = job;
-        while let Some(worker) = state.idle.pop() {
-            match worker.jobs.send(job) {
-                Ok(()) => return Placed::Done,
-                // The worker expired between popping itself and exiting; try the next one.
-                Err(mpsc::SendError(j)) => job = j,
+        if state.starting < self.start_limit {
+            while let Some(worker) = state.idle.pop() {
+                match worker.jobs.send(job) {
+                    Ok(()) => {
+                        state.starting += 1;
+                        return Placed::Done;
+                    }
+                    // The worker expired between popping itself and exiting; try the next one.
+                    Err(mpsc::SendError(j)) => job = j,
+                }
+            }
+            if state.total < self.max {
+                let id = state.next_id;
+                state.next_id += 1;
+                state.total += 1;
+                state.starting += 1;
+                return Placed::Spawn(job, id);
             }
         }
-        if state.total < self.max {
-            let id = state.next_id;
-            state.next_id += 1;
-            state.total += 1;
-            return Placed::Spawn(job, id);
-        }
+        let startable = state.starting < self.start_limit;
         self.enqueue(&mut state, job);
-        let wake = state.waiting > 0;
+        let wake = startable && state.waiting > 0;
         drop(state);
         if wake {
             self.source.interrupt();
@@ -233,6 +287,7 @@ impl<J: Job> Inner<J> {
             Err(e) => {
                 let mut state = self.lock();
                 state.total -= 1;
+                state.starting -= 1;
                 if state.total > 0 {
                     // A live thread takes it when it is done with its own.
                     self.enqueue(&mut state, job);
@@ -262,12 +317,28 @@ impl<J: Job> Inner<J> {
         self.queued.load(Ordering::Relaxed) > 0
     }
 
-    /// Queue jobs the source gave; those that may block go to threads of their own.
+    /// Queue what the source gave: relaying jobs for the threads that wait for events (waking
+    /// one to share a batch), and jobs that may block for threads of their own.
     fn take(self: &Arc<Self>, got: &mut Vec<J>) {
+        if got.is_empty() {
+            return;
+        }
         let mut state = self.lock();
         self.queue_ready(&mut state, got);
+        let share = state.queue.len() > 1 && state.waiting > 0;
         drop(state);
-        self.place_blocking(got);
+        if share {
+            self.source.interrupt();
+        }
+        for job in got.drain(..) {
+            if let Placed::Spawn(job, id) = self.place(self.lock(), job) {
+                if let Err((_, e)) = self.spawn(id, job) {
+                    // spawn queued it for a live thread, or there is none: then it is dropped
+                    // with its connection, which is closed.
+                    crate::error!("cannot start a relay thread: {e}; a connection was closed");
+                }
+            }
+        }
     }
 
     /// Queue the jobs of `got` that cannot block, leaving the others in it.
@@ -279,20 +350,6 @@ impl<J: Job> Inner<J> {
             } else {
                 let job = got.swap_remove(i);
                 self.enqueue(state, job);
-            }
-        }
-    }
-
-    /// Give each job of `got` (those that may block) a thread of its own, or queue it.
-    fn place_blocking(self: &Arc<Self>, got: &mut Vec<J>) {
-        for job in got.drain(..) {
-            if let Placed::Spawn(job, id) = self.place(self.lock(), job) {
-                if let Err((job, e)) = self.spawn(id, job) {
-                    // No thread at all can be had: a busy one runs it when it is free.
-                    crate::warn!("cannot start a relay thread: {e}");
-                    let mut state = self.lock();
-                    self.enqueue(&mut state, job);
-                }
             }
         }
     }
@@ -314,6 +371,7 @@ impl<J: Job> Inner<J> {
             others_waiting: &others_waiting,
         };
         'jobs: loop {
+            let started = job.may_block();
             // A panic in one connection's code must not take the thread with it.
             let back = match catch_unwind(AssertUnwindSafe(|| (self.handler)(job, &turn))) {
                 Ok(back) => back,
@@ -325,29 +383,28 @@ impl<J: Job> Inner<J> {
                 }
             };
             let mut state = self.lock();
+            if started {
+                state.starting -= 1;
+            }
             if let Some(j) = back {
                 self.enqueue(&mut state, j);
             }
+            let mut after_start = started;
             loop {
-                if let Some(j) = self.dequeue(&mut state) {
+                if let Some(j) = self.dequeue(&mut state, after_start) {
                     job = j;
                     continue 'jobs;
                 }
+                after_start = false;
                 if state.waiting < self.waiters {
                     state.waiting += 1;
                     drop(state);
                     self.source.collect(true, &mut got);
                     state = self.lock();
                     state.waiting -= 1;
-                    self.queue_ready(&mut state, &mut got);
-                    // A batch of several: let another waiting thread share it.
-                    let share = state.queue.len() > 1 && state.waiting > 0;
-                    if share || !got.is_empty() {
+                    if !got.is_empty() {
                         drop(state);
-                        if share {
-                            self.source.interrupt();
-                        }
-                        self.place_blocking(&mut got);
+                        self.take(&mut got);
                         state = self.lock();
                     }
                     continue;

@@ -26,7 +26,7 @@ use crate::backends::routing::{
 use crate::cli::Settings;
 use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::{Conns, Registered};
-use crate::relay::park::{Lot, Side, Ticket, Wakeable, Woke};
+use crate::relay::park::{self, Lot, Side, Ticket, Wakeable, Woke};
 use crate::relay::pool::{Job as PoolJob, Turn};
 use crate::relay::preread::{self, Hello};
 use crate::relay::slots::Slots;
@@ -119,10 +119,11 @@ pub enum Task {
 
 impl Wakeable for Task {
     fn woke(&mut self, woke: Woke) {
-        // Only a relay acts on what woke it; a connection waiting for its ClientHello or a slot
-        // looks again whatever it was.
-        if let Task::Resume(s) = self {
-            s.relay.woke(woke);
+        match self {
+            Task::Resume(s) => s.woke(woke),
+            Task::Greet(g) => noted(&mut g.ticket, &mut g.woke, woke),
+            Task::Admit(a) => noted(&mut a.ticket, &mut a.woke, woke),
+            Task::New(_) => {}
         }
     }
 }
@@ -149,6 +150,9 @@ pub struct Greeting {
     hello: preread::HelloReader,
     /// Its place in the parking lot, from its first wait on.
     ticket: Option<Ticket>,
+    /// What its client socket showed while it waited, carried on to the relay: an end of stream
+    /// seen there must not be forgotten (see `transfer`).
+    woke: Woke,
 }
 
 /// What every session reads besides its own job: the options in force, the table of open
@@ -268,11 +272,12 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
             Pause::Wait => {
                 let deadline = s.relay.deadline(idle);
                 let client = s.reg.entry.client.as_raw_fd();
-                let enrolled = enroll(&mut s.ticket, cx, Side::Client, client).and_then(|t| {
-                    t.enroll(Side::Backend, backend.as_raw_fd())
+                let [on_client, on_backend] = s.relay.interest();
+                let armed = arm(&mut s.ticket, cx, Side::Client, client, on_client).and_then(|t| {
+                    t.arm(Side::Backend, backend.as_raw_fd(), on_backend)
                         .map(|()| t.id())
                 });
-                let id = match enrolled {
+                let id = match armed {
                     Ok(id) => id,
                     Err(e) => {
                         // The lot cannot watch it (out of memory, or fs.epoll.max_user_watches
@@ -287,7 +292,7 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
                     Err((Task::Resume(back), woke)) => {
                         // Something happened while it ran: run it again at once.
                         s = back;
-                        s.relay.woke(woke);
+                        s.woke(woke);
                     }
                     // The lot gives back what it was given.
                     Err(_) => unreachable!("the parking lot gave back another task"),
@@ -297,15 +302,34 @@ fn relay(mut s: Box<Session>, cx: &Context, turn: &Turn) -> Option<Task> {
     }
 }
 
-/// The connection's ticket in the lot, taken at its first wait, with its client socket enrolled.
-fn enroll<'t>(
+impl Session {
+    /// Note what woke it: its ticket learns which sockets fired, its relay what they showed.
+    fn woke(&mut self, woke: Woke) {
+        if let Some(t) = &mut self.ticket {
+            t.fired(woke);
+        }
+        self.relay.woke(woke);
+    }
+}
+
+/// Note what woke a connection that is not relaying yet.
+fn noted(ticket: &mut Option<Ticket>, acc: &mut Woke, woke: Woke) {
+    if let Some(t) = ticket {
+        t.fired(woke);
+    }
+    acc.merge(woke);
+}
+
+/// The connection's ticket in the lot (taken at its first wait), with `side` armed for `events`.
+fn arm<'t>(
     ticket: &'t mut Option<Ticket>,
     cx: &Context,
     side: Side,
     fd: std::os::fd::RawFd,
+    events: Option<u32>,
 ) -> io::Result<&'t mut Ticket> {
     let t = ticket.get_or_insert_with(|| cx.lot.ticket());
-    t.enroll(side, fd)?;
+    t.arm(side, fd, events)?;
     Ok(t)
 }
 
@@ -501,6 +525,7 @@ fn greet(job: Job, cx: &Context) -> Box<Greeting> {
         client_slots,
         hello: preread::HelloReader::new(),
         ticket: None,
+        woke: Woke::default(),
     })
 }
 
@@ -544,11 +569,14 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
                 break Hello::Timeout;
             }
             let fd = g.reg.entry.client.as_raw_fd();
-            match enroll(&mut g.ticket, cx, Side::Client, fd).map(|t| t.id()) {
+            match arm(&mut g.ticket, cx, Side::Client, fd, Some(park::READ)).map(|t| t.id()) {
                 Ok(id) => match cx.lot.wait(id, Task::Greet(g), Some(deadline)) {
                     Ok(()) => return Start::Wait,
                     // Bytes came meanwhile: read them.
-                    Err((Task::Greet(back), _)) => g = back,
+                    Err((Task::Greet(back), woke)) => {
+                        g = back;
+                        noted(&mut g.ticket, &mut g.woke, woke);
+                    }
                     // The lot gives back what it was given.
                     Err(_) => unreachable!("the parking lot gave back another task"),
                 },
@@ -569,6 +597,7 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
         accepted,
         mut client_slots,
         ticket,
+        woke,
         ..
     } = *g;
     let port = local.port();
@@ -621,6 +650,7 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
             first_bytes,
             wait: None,
             ticket,
+            woke,
         }),
         cx,
     )
@@ -647,6 +677,8 @@ pub struct Admitted {
     /// Its place among the app's waiters, and until when it waits.
     wait: Option<(LimitWait, Instant)>,
     ticket: Option<Ticket>,
+    /// What its client socket showed while it waited (see `Greeting::woke`).
+    woke: Woke,
 }
 
 impl Admitted {
@@ -703,6 +735,11 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             if a.reg.entry.was_drained() {
                 return a.end("-", "drained", None);
             }
+            if a.woke.gone(Side::Client) {
+                // Reset while it waited: nobody to connect for.
+                let why = "the client reset while waiting for a slot";
+                return a.end("-", "reset", Some(why.into()));
+            }
             let now = Instant::now();
             if now >= deadline {
                 return a.limited(LimitDenied::TimedOut);
@@ -711,11 +748,16 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             // connection at once.
             let fd = a.reg.entry.client.as_raw_fd();
             let at = deadline.min(now + LIMIT_RETRY);
-            match enroll(&mut a.ticket, cx, Side::Client, fd).map(|t| t.id()) {
+            // Armed for failure only: bytes the client sends meanwhile wait in its socket.
+            let failure = Some(park::FAILURE);
+            match arm(&mut a.ticket, cx, Side::Client, fd, failure).map(|t| t.id()) {
                 Ok(id) => match cx.lot.wait(id, Task::Admit(a), Some(at)) {
                     Ok(()) => return Start::Wait,
-                    // Its socket had news meanwhile (bytes, or a drain): look again.
-                    Err((Task::Admit(back), _)) => a = back,
+                    // Its socket failed meanwhile, or was cut: look again.
+                    Err((Task::Admit(back), woke)) => {
+                        a = back;
+                        noted(&mut a.ticket, &mut a.woke, woke);
+                    }
                     // The lot gives back what it was given.
                     Err(_) => unreachable!("the parking lot gave back another task"),
                 },
@@ -763,6 +805,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
         client_slots,
         first_bytes,
         ticket,
+        woke,
         ..
     } = *a;
     Start::Relay(Box::new(Session {
@@ -777,7 +820,11 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
         target: guard,
         target_name: target,
         first_bytes: first_bytes.len() as u64,
-        relay: Relay::new(),
+        relay: {
+            let mut relay = Relay::new();
+            relay.woke(woke);
+            relay
+        },
         ticket,
     }))
 }

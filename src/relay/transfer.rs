@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::relay::park::Woke;
+use crate::relay::park::{self, Woke};
 
 /// Bytes moved per splice (the pipe is sized to hold them).
 const PIPE_SIZE: usize = 1024 * 1024;
@@ -409,12 +409,14 @@ impl Direction {
     }
 }
 
-/// How long a busy connection keeps its thread while other connections wait for one.
-pub const SLICE: Duration = Duration::from_millis(50);
+/// How long a busy connection keeps its thread while other connections wait for one: short, as
+/// the threads that wait for events are few (one per core), and a connection whose peer just
+/// spoke should not wait long behind a transfer that never pauses.
+pub const SLICE: Duration = Duration::from_millis(5);
 
 /// Bytes one direction moves per pass before the relay looks at the clock: a transfer whose
 /// source never runs dry must still come back to check its time slice.
-const PASS_BUDGET: u64 = 8 * 1024 * 1024;
+const PASS_BUDGET: u64 = 1024 * 1024;
 
 /// Why `Relay::run` returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -440,7 +442,8 @@ pub struct Relay {
     /// Events seen on the client and the backend socket since the last run (epoll bits).
     woke: Woke,
     /// A hang-up without error was seen on the client or backend socket while nothing was
-    /// wanted from it (only `wait_here` needs this: poll reports a hang-up again and again).
+    /// wanted from it: nothing more can come from it, and polled or armed again it would report
+    /// the hang-up again at once, every time.
     hup: [bool; 2],
 }
 
@@ -484,6 +487,26 @@ impl Relay {
         }
     }
 
+    /// What to arm the client and the backend socket for while the relay waits (see
+    /// `park::Ticket::arm`): reading where a direction reads from it, writing where one has bytes
+    /// for it, and otherwise only an error, unless it hung up (None: nothing can come from it).
+    pub fn interest(&self) -> [Option<u32>; 2] {
+        let on = |read: bool, write: bool, hup: bool| {
+            let mut events = park::FAILURE;
+            if read {
+                events |= park::READ;
+            }
+            if write {
+                events |= park::WRITE;
+            }
+            (events != park::FAILURE || !hup).then_some(events)
+        };
+        [
+            on(self.up.wants_read(), self.down.wants_write(), self.hup[0]),
+            on(self.down.wants_read(), self.up.wants_write(), self.hup[1]),
+        ]
+    }
+
     /// Whether anything is still wanted from the client and from the backend socket.
     fn wanted(&self) -> [bool; 2] {
         [
@@ -509,7 +532,7 @@ impl Relay {
             // Where something is wanted from a socket, the pump's read or write meets whatever
             // happened there (bytes, end of stream, or the error) in order, so nothing already
             // received is lost. Where nothing is wanted, an error is acted on here: it is
-            // reported once (edge-triggered), and a reset must be passed on, not wait.
+            // reported once (one-shot), and a reset must be passed on, not wait.
             let woke = std::mem::take(&mut self.woke);
             let closing = (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32;
             self.up.closing |= woke.0[0] & closing != 0;
@@ -519,6 +542,9 @@ impl Relay {
             for (i, &(s, side)) in sockets.iter().enumerate() {
                 if !wanted[i] && failed(s, woke.0[i], side) {
                     return self.fail(client, backend);
+                }
+                if !wanted[i] && woke.0[i] & libc::EPOLLHUP as u32 != 0 {
+                    self.hup[i] = true;
                 }
             }
             let stepped = (
