@@ -1536,3 +1536,47 @@ fn check_names_the_keys_health_check_takes_for_an_unknown_one() {
         "suggests the app's keys for a HealthCheck key: {line}"
     );
 }
+
+/// A client that resets while it waits for a slot of its app leaves at once: logged
+/// `end=reset` long before the connect timeout, never connected to the target, and the wait
+/// costs no CPU; the slot it would have had goes to the next one.
+#[test]
+fn max_connections_waiter_that_resets_leaves_at_once() {
+    let echo = Backend::echo();
+    let p = Proxy::start(1, &["--connect-timeout", "20s"], |ports| {
+        config(&[app_with(
+            "limited",
+            ports,
+            &[echo.target()],
+            json!({"MaxConnections": 1}),
+        )])
+    });
+    let mut held = connect(p.v4(0));
+    roundtrip(&mut held, b"held");
+    let waiting = connect(p.v4(0));
+    let local = waiting.local_addr().unwrap();
+    // Waiting for the slot (it looks again every 50 ms without a thread): cheap.
+    let cpu = p.cpu_during(Duration::from_millis(500));
+    assert!(
+        cpu < 0.2,
+        "one connection waiting for a slot: {cpu:.2} s of CPU"
+    );
+    let before = Instant::now();
+    close_with_reset(waiting);
+    let c = p.wait_conn(local);
+    let took = before.elapsed();
+    assert_eq!(c.end, "reset", "{}", c.line);
+    assert_eq!(c.target, "-", "{}", c.line);
+    assert!(
+        took < Duration::from_secs(5),
+        "logged {took:?} after the reset"
+    );
+    assert_eq!(
+        echo.served(),
+        1,
+        "the backend saw the connection that reset"
+    );
+    drop(held);
+    let mut next = connect(p.v4(0));
+    roundtrip(&mut next, b"next gets the slot");
+}

@@ -449,7 +449,7 @@ two_modes!(
 );
 
 /// `--max-threads 2` with two bulk transfers that never pause: a third connection still gets a
-/// thread within a time slice or two (each relay hands its thread on after 50 ms while another
+/// thread within a time slice or two (each relay hands its thread on after 5 ms while another
 /// waits), so its echo comes back in well under a second instead of after the transfers.
 #[test]
 fn a_waiting_connection_gets_a_thread_while_long_transfers_run() {
@@ -507,4 +507,50 @@ fn a_waiting_connection_gets_a_thread_while_long_transfers_run() {
         "a connection waited {worst:?} for a thread"
     );
     assert!(moved.iter().all(|&m| m > 0));
+}
+
+/// At the thread bound, connections that hang in their connect (a target that drops SYNs)
+/// take only the threads that start connections: the ones that wait for events stay free, so
+/// an established connection keeps its round trips fast meanwhile, and the hung ones end
+/// `connect_failed` at the connect timeout.
+#[test]
+fn hung_connects_at_the_thread_bound_do_not_stop_relaying() {
+    const HUNG: usize = 8;
+    let echo = Backend::echo();
+    let hole = Blackhole::new();
+    let p = Proxy::start(
+        2,
+        &["--max-threads", "4", "--connect-timeout", "5s"],
+        |ports| {
+            config(&[
+                app("echo", &ports[..1], &[echo.target()]),
+                app("hole", &ports[1..], &[hole.target()]),
+            ])
+        },
+    );
+    let mut chat = connect(p.v4(0));
+    chat.set_read_timeout(Some(WAIT)).unwrap();
+    roundtrip(&mut chat, b"before\n");
+    let hung: Vec<TcpStream> = (0..HUNG)
+        .map(|_| {
+            let mut s = connect(p.v4(1));
+            s.write_all(b"x").unwrap();
+            s
+        })
+        .collect();
+    // Every thread a start may take is now stuck in a connect for 5 s.
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        let began = Instant::now();
+        roundtrip(&mut chat, format!("during {i}\n").as_bytes());
+        worst = worst.max(began.elapsed());
+    }
+    eprintln!("round trips beside {HUNG} hung connects on 4 threads: worst {worst:?}");
+    assert!(
+        worst < Duration::from_secs(2),
+        "a relaying connection waited {worst:?} behind connects to a silent target"
+    );
+    let local = hung[0].local_addr().unwrap();
+    let c = p.wait_conn(local);
+    assert_eq!(c.end, "connect_failed", "{}", c.line);
 }

@@ -2,8 +2,9 @@
 //! port removed by a reload, or all of them at shutdown, are closed once their drain deadline
 //! passes.
 //!
-//! Closing is done with `shutdown(2)` on both sockets, which wakes the relay thread's `poll`
-//! and makes it finish; the sockets are owned by the entry, behind an `Arc`, so a descriptor is
+//! Closing is done with `shutdown(2)` on both sockets, which wakes the connection wherever it
+//! is (a relay thread, or the parking lot: a hang-up is reported however a socket is armed) and
+//! makes it finish; the sockets are owned by the entry, behind an `Arc`, so a descriptor is
 //! never shut down after its number was reused by another connection.
 
 use std::collections::{HashMap, HashSet};
