@@ -510,9 +510,10 @@ fn a_waiting_connection_gets_a_thread_while_long_transfers_run() {
 }
 
 /// At the thread bound, connections that hang in their connect (a target that drops SYNs)
-/// take only the threads that start connections: the ones that wait for events stay free, so
-/// an established connection keeps its round trips fast meanwhile, and the hung ones end
-/// `connect_failed` at the connect timeout.
+/// take only the threads that start connections: the others stay free to relay, so an
+/// established connection keeps its round trips fast meanwhile, even beside two bulk transfers
+/// that never pause (they take turns with it), and the hung ones end `connect_failed` at the
+/// connect timeout.
 #[test]
 fn hung_connects_at_the_thread_bound_do_not_stop_relaying() {
     const HUNG: usize = 8;
@@ -531,6 +532,19 @@ fn hung_connects_at_the_thread_bound_do_not_stop_relaying() {
     let mut chat = connect(p.v4(0));
     chat.set_read_timeout(Some(WAIT)).unwrap();
     roundtrip(&mut chat, b"before\n");
+    let addr = p.v4(0);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let bulk: Vec<_> = (0..2)
+        .map(|i| {
+            let (stop, echoed) = (Arc::clone(&stop), Arc::clone(&echoed));
+            thread::spawn(move || endless_echo(addr, i, &stop, &echoed))
+        })
+        .collect();
+    wait_for("both bulk transfers under way", WAIT, || {
+        let n = echoed.load(std::sync::atomic::Ordering::Relaxed);
+        (n >= 8 << 20).then_some(())
+    });
     let hung: Vec<TcpStream> = (0..HUNG)
         .map(|_| {
             let mut s = connect(p.v4(1));
@@ -545,7 +559,9 @@ fn hung_connects_at_the_thread_bound_do_not_stop_relaying() {
         roundtrip(&mut chat, format!("during {i}\n").as_bytes());
         worst = worst.max(began.elapsed());
     }
-    eprintln!("round trips beside {HUNG} hung connects on 4 threads: worst {worst:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let moved: Vec<u64> = bulk.into_iter().map(|t| t.join().unwrap()).collect();
+    eprintln!("round trips beside {HUNG} hung connects and 2 bulk transfers ({moved:?} bytes) on 4 threads: worst {worst:?}");
     assert!(
         worst < Duration::from_secs(2),
         "a relaying connection waited {worst:?} behind connects to a silent target"
@@ -553,4 +569,41 @@ fn hung_connects_at_the_thread_bound_do_not_stop_relaying() {
     let local = hung[0].local_addr().unwrap();
     let c = p.wait_conn(local);
     assert_eq!(c.end, "connect_failed", "{}", c.line);
+}
+
+/// Send random bytes to the echo app at `addr` until `stop`, reading the echo meanwhile; checks
+/// that every byte came back and returns how many were sent.
+fn endless_echo(
+    addr: std::net::SocketAddr,
+    seed: u64,
+    stop: &std::sync::atomic::AtomicBool,
+    echoed: &Arc<std::sync::atomic::AtomicU64>,
+) -> u64 {
+    let s = connect(addr);
+    let mut r = s.try_clone().unwrap();
+    let echoed = Arc::clone(echoed);
+    let reader = thread::spawn(move || {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = r.read(&mut buf).expect("read the echo");
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            echoed.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        total
+    });
+    let chunk = random(256 * 1024, seed);
+    let mut w = s;
+    let mut sent = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        w.write_all(&chunk).expect("bulk write");
+        sent += chunk.len() as u64;
+    }
+    w.shutdown(Shutdown::Write).unwrap();
+    let got = reader.join().unwrap();
+    assert_eq!(got, sent, "transfer {seed}: echoed bytes");
+    sent
 }

@@ -280,3 +280,56 @@ fn reply_held_for_a_slow_reader(target_sends: bool) {
         c.line
     );
 }
+
+/// A client that sends an urgent byte (`MSG_OOB`) in the middle of a bulk upload: splice stops
+/// at the urgent mark for good, so the relay reads past it through a buffer. The bytes after it
+/// arrive at the target (the urgent byte itself is out of band and not relayed), and the proxy
+/// then waits at no cost: no stall, no spin.
+#[test]
+fn urgent_byte_in_a_bulk_upload_neither_stalls_nor_spins() {
+    let mut r = Relayed::start(&[]);
+    let bulk = vec![b'b'; 1 << 20];
+    let mut w = r.client.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        w.write_all(&bulk).unwrap();
+        let urgent = b'!';
+        // SAFETY: a one-byte send from a valid buffer on our own socket.
+        let n = unsafe {
+            libc::send(
+                std::os::fd::AsRawFd::as_raw_fd(&w),
+                &urgent as *const u8 as *const libc::c_void,
+                1,
+                libc::MSG_OOB,
+            )
+        };
+        assert_eq!(n, 1, "send MSG_OOB: {}", std::io::Error::last_os_error());
+        w.write_all(b"tail").unwrap();
+    });
+    r.target.set_read_timeout(Some(WAIT)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    while !got.ends_with(b"tail") {
+        let n = r
+            .target
+            .read(&mut buf)
+            .expect("the bytes after the urgent byte reach the target");
+        assert!(
+            n > 0,
+            "the target saw the end of stream after {} bytes",
+            got.len()
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    writer.join().unwrap();
+    assert_eq!(
+        got.len(),
+        (1 << 20) + 4,
+        "bytes relayed besides the urgent one"
+    );
+    let cpu = r.proxy.cpu_during(Duration::from_secs(2));
+    assert!(cpu < 0.3, "after an urgent byte: {cpu:.2} s of CPU in 2 s");
+    r.client.write_all(b"still relays").unwrap();
+    let mut more = [0u8; 12];
+    r.target.read_exact(&mut more).unwrap();
+    assert_eq!(&more, b"still relays");
+}

@@ -91,7 +91,8 @@ struct Inner<J> {
     /// Threads that may run jobs that may block at once: the bound less the waiters.
     start_limit: usize,
     state: Mutex<State<J>>,
-    /// Jobs in `State::queue` and `State::starts`, readable without the lock.
+    /// Jobs waiting that a free thread could run now (relaying ones, and starting ones within
+    /// their bound), readable without the lock.
     queued: AtomicUsize,
     /// Runs a job; Some(job) gives the job back to be continued later, after those waiting.
     handler: Handler<J>,
@@ -102,10 +103,13 @@ type Handler<J> = Box<dyn Fn(J, &Turn) -> Option<J> + Send + Sync>;
 
 struct State<J> {
     idle: Vec<Worker<J>>,
-    /// Relaying jobs waiting for a thread, in arrival order.
-    queue: VecDeque<J>,
+    /// Relaying jobs waiting for a thread, in arrival order (with their place in the order).
+    queue: VecDeque<(u64, J)>,
     /// Jobs that may block (starting connections) waiting for a thread, in arrival order.
-    starts: VecDeque<J>,
+    starts: VecDeque<(u64, J)>,
+    /// The next place in the arrival order of both queues: a thread takes whichever job came
+    /// first of those it may run, so neither kind starves the other.
+    next_seq: u64,
     /// Threads running a job that may block.
     starting: usize,
     /// Threads alive, busy, waiting for events or idle.
@@ -153,6 +157,7 @@ impl<J: Job> Pool<J> {
                     idle: Vec::new(),
                     queue: VecDeque::new(),
                     starts: VecDeque::new(),
+                    next_seq: 0,
                     starting: 0,
                     total: 0,
                     waiting: 0,
@@ -198,35 +203,47 @@ impl<J: Job> Inner<J> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue `job`: with the relaying jobs, or, if it may block, with the starting ones (and
-    /// wake a waiting thread to take it, if one may).
+    /// Queue `job`: with the relaying jobs, or, if it may block, with the starting ones.
     fn enqueue(&self, state: &mut State<J>, job: J) {
+        let seq = state.next_seq;
+        state.next_seq += 1;
         if job.may_block() {
-            state.starts.push_back(job);
+            state.starts.push_back((seq, job));
         } else {
-            state.queue.push_back(job);
+            state.queue.push_back((seq, job));
         }
         self.count(state);
     }
 
+    /// Publish how many waiting jobs a free thread could run now; called wherever the queues
+    /// or the count of starting threads change.
     fn count(&self, state: &State<J>) {
+        let startable = if state.starting < self.start_limit {
+            state.starts.len()
+        } else {
+            0
+        };
         self.queued
-            .store(state.queue.len() + state.starts.len(), Ordering::Relaxed);
+            .store(state.queue.len() + startable, Ordering::Relaxed);
     }
 
-    /// The next job for a free thread: a starting connection first if it just ran one (so that
-    /// starts keep moving), then relaying, then starting, each within its bound.
-    fn dequeue(&self, state: &mut State<J>, after_start: bool) -> Option<J> {
-        let may_start = state.starting < self.start_limit && !state.starts.is_empty();
-        let job = if after_start && may_start {
-            state.starts.pop_front()
-        } else if let Some(job) = state.queue.pop_front() {
-            Some(job)
-        } else if may_start {
-            state.starts.pop_front()
-        } else {
-            None
-        };
+    /// The next job for a free thread: whichever came first of the relaying ones and the
+    /// starting ones (these within their bound).
+    fn dequeue(&self, state: &mut State<J>) -> Option<J> {
+        let may_start = state.starting < self.start_limit;
+        let relay = state.queue.front().map(|&(seq, _)| seq);
+        let start = state
+            .starts
+            .front()
+            .filter(|_| may_start)
+            .map(|&(seq, _)| seq);
+        let job = match (relay, start) {
+            (Some(r), Some(s)) if s < r => state.starts.pop_front(),
+            (Some(_), _) => state.queue.pop_front(),
+            (None, Some(_)) => state.starts.pop_front(),
+            (None, None) => None,
+        }
+        .map(|(_, job)| job);
         if job.as_ref().is_some_and(|j| j.may_block()) {
             state.starting += 1;
         }
@@ -244,6 +261,7 @@ impl<J: Job> Inner<J> {
                 match worker.jobs.send(job) {
                     Ok(()) => {
                         state.starting += 1;
+                        self.count(&state);
                         return Placed::Done;
                     }
                     // The worker expired between popping itself and exiting; try the next one.
@@ -255,6 +273,7 @@ impl<J: Job> Inner<J> {
                 state.next_id += 1;
                 state.total += 1;
                 state.starting += 1;
+                self.count(&state);
                 return Placed::Spawn(job, id);
             }
         }
@@ -288,6 +307,7 @@ impl<J: Job> Inner<J> {
                 let mut state = self.lock();
                 state.total -= 1;
                 state.starting -= 1;
+                self.count(&state);
                 if state.total > 0 {
                     // A live thread takes it when it is done with its own.
                     self.enqueue(&mut state, job);
@@ -307,9 +327,7 @@ impl<J: Job> Inner<J> {
     /// has been busy for a time slice looks whether others wait, even if no thread was free to
     /// wait for events meanwhile.
     fn others_waiting(self: &Arc<Self>, got: &mut Vec<J>) -> bool {
-        if self.queued.load(Ordering::Relaxed) > 0 {
-            return true;
-        }
+        // Even with jobs queued: connections whose peers spoke must get in line too.
         if self.lock().waiting == 0 {
             self.source.collect(false, got);
             self.take(got);
@@ -385,17 +403,16 @@ impl<J: Job> Inner<J> {
             let mut state = self.lock();
             if started {
                 state.starting -= 1;
+                self.count(&state);
             }
             if let Some(j) = back {
                 self.enqueue(&mut state, j);
             }
-            let mut after_start = started;
             loop {
-                if let Some(j) = self.dequeue(&mut state, after_start) {
+                if let Some(j) = self.dequeue(&mut state) {
                     job = j;
                     continue 'jobs;
                 }
-                after_start = false;
                 if state.waiting < self.waiters {
                     state.waiting += 1;
                     drop(state);

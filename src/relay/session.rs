@@ -703,6 +703,16 @@ impl Admitted {
         Start::Ended
     }
 
+    /// Its client reset while it waited (for its ClientHello or a slot): nobody to connect for.
+    /// (A drain shuts the client socket down too, which looks the same: said as a drain.)
+    fn client_gone(self: Box<Self>) -> Start {
+        if self.reg.entry.was_drained() {
+            return self.end("-", "drained", None);
+        }
+        let why = "the client reset before a target was connected";
+        self.end("-", "reset", Some(why.into()))
+    }
+
     fn limited(self: Box<Self>, denied: LimitDenied) -> Start {
         self.app.stats.limited.fetch_add(1, Ordering::Relaxed);
         self.end("-", "limit", Some(denied.reason().into()))
@@ -736,9 +746,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
                 return a.end("-", "drained", None);
             }
             if a.woke.gone(Side::Client) {
-                // Reset while it waited: nobody to connect for.
-                let why = "the client reset while waiting for a slot";
-                return a.end("-", "reset", Some(why.into()));
+                return a.client_gone();
             }
             let now = Instant::now();
             if now >= deadline {
@@ -769,6 +777,9 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             }
         },
     };
+    if a.woke.gone(Side::Client) {
+        return a.client_gone();
+    }
     let (backend, guard) = match balance::connect(&a.app, cx.settings.connect_timeout) {
         Ok(ok) => ok,
         Err(failed) => {

@@ -12,8 +12,8 @@
 //! write side is shut down once every byte before it has been delivered, and the reply keeps
 //! flowing the other way. A reset on one side is passed on as a reset on the other, so neither
 //! peer hangs. An error reported on a socket nothing is wanted from is acted on at once, and a
-//! hang-up there is reported once (the lot is edge-triggered), so no close sequence leaves a
-//! thread spinning.
+//! socket that hung up is not armed again once nothing is wanted from it, so no close sequence
+//! leaves a thread spinning.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -297,23 +297,42 @@ impl Direction {
                 }
                 Carrier::None => unreachable!("carrier set above"),
             };
+            let piped = matches!(self.carrier, Carrier::Pipe(_));
             return match n {
+                // splice stops at urgent data (MSG_OOB) and says "would block", or 0 if the
+                // peer's FIN came too, there for good, where a read passes it: read once
+                // through a buffer before believing that nothing (or nothing more) is there.
+                // Otherwise such a byte would stall the direction, or end it early, or spin
+                // it (the socket stays readable).
+                Ok(0) if piped => {
+                    self.use_buffer();
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && piped => {
+                    self.use_buffer();
+                    continue;
+                }
                 Ok(n) => Ok(Some(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !self.no_splice => {
                     // This socket pair cannot be spliced: carry on through a buffer.
                     self.no_splice = true;
-                    self.release();
-                    self.carrier = Carrier::Buf {
-                        buf: take_buf(),
-                        lo: 0,
-                    };
+                    self.use_buffer();
                     continue;
                 }
                 Err(e) => Err(e),
             };
         }
+    }
+
+    /// Swap the (empty) pipe for a buffer.
+    fn use_buffer(&mut self) {
+        self.release();
+        self.carrier = Carrier::Buf {
+            buf: take_buf(),
+            lo: 0,
+        };
     }
 
     /// Move as much as possible from `src` to `dst` without blocking (up to `PASS_BUDGET`).
@@ -385,8 +404,9 @@ impl Direction {
                     if !self.bulk && !self.closing && matches!(self.carrier, Carrier::Buf { .. }) {
                         // A short read drained the socket (as far as it had bytes): deliver
                         // them, then wait rather than pay for a read that would only say
-                        // EAGAIN. Bytes that come after it are a new edge for the lot (or were
-                        // seen while it ran, and run it again), so nothing is missed.
+                        // EAGAIN. Re-arming the socket reports at once whatever came after it
+                        // (or it was seen while it ran, and runs it again), so nothing is
+                        // missed.
                         let before = self.moved;
                         let flushed = self.flush(dst, counter)?;
                         if flushed {
@@ -543,7 +563,10 @@ impl Relay {
                 if !wanted[i] && failed(s, woke.0[i], side) {
                     return self.fail(client, backend);
                 }
-                if !wanted[i] && woke.0[i] & libc::EPOLLHUP as u32 != 0 {
+                // Closed both ways without an error: nothing more can come from or go to it
+                // (what is still in it is read all the same).
+                let bits = woke.0[i];
+                if bits & libc::EPOLLHUP as u32 != 0 && bits & libc::EPOLLERR as u32 == 0 {
                     self.hup[i] = true;
                 }
             }
