@@ -49,6 +49,8 @@ FIGURES = [
     ("rss_with_mib", "RSS with the idle connections", "MiB", False, 1),
     ("per_conn_kib", "memory per idle connection", "KiB", False, 2),
     ("sysmem_per_conn_kib", "system memory per idle connection (MemAvailable)", "KiB", False, 2),
+    ("kernmem_per_conn_kib", "kernel memory per idle connection (slab, stacks, TCP buffers)", "KiB",
+     False, 2),
     ("threads_idle", "threads with the idle connections", "threads", False, 0),
     ("fair64_gbps", "bulk throughput, 64 streams", "Gbit/s", True, 1),
     ("fair64_min_over_mean", "slowest of 64 streams / mean", "ratio", True, 2),
@@ -126,6 +128,27 @@ def threads_of(root):
                         total += int(line.split()[1])
         except OSError:
             pass
+    return total
+
+
+def kernel_mem_kib():
+    """The kernel's own memory, which other processes' ordinary allocations (the noise in
+    MemAvailable on a shared machine) leave alone: slab objects (sockets, epoll entries, files),
+    kernel stacks (one per thread), page tables, and the pages holding TCP buffers."""
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            fields[name] = int(rest.split()[0])
+    total = fields.get("Slab", 0) + fields.get("KernelStack", 0) + fields.get("PageTables", 0)
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    for path in ("/proc/net/sockstat",):
+        with open(path) as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    parts = line.split()
+                    if "mem" in parts:
+                        total += int(parts[parts.index("mem") + 1]) * page_kib
     return total
 
 
@@ -347,6 +370,7 @@ def cmd_idle(a):
     time.sleep(a.settle)
     before = rss_kib(a.pid) if a.pid else 0
     avail_before = mem_available_kib()
+    kern_before = kernel_mem_kib()
     deadline = time.monotonic() + a.deadline
     socks = []
     msg = b"ping\n"
@@ -368,10 +392,11 @@ def cmd_idle(a):
             socks.append(s)
         opened = time.monotonic() - t0
         time.sleep(a.settle)
-        samples, avail = [], []
+        samples, avail, kern = [], [], []
         for _ in range(3):
             samples.append(rss_kib(a.pid) if a.pid else 0)
             avail.append(mem_available_kib())
+            kern.append(kernel_mem_kib())
             time.sleep(0.2)
         with_ = max(samples)
         avail_with = min(avail)
@@ -392,6 +417,7 @@ def cmd_idle(a):
     # The whole machine's view, kernel memory included: every socket of the proxy, the client
     # and the backend. The direct run (no proxy) gives what the client and backend alone take.
     record("sysmem_per_conn_kib", (avail_before - avail_with) / a.conns)
+    record("kernmem_per_conn_kib", (max(kern) - kern_before) / a.conns)
     if a.pid:
         record("rss_before_mib", before / 1024)
         record("rss_with_mib", with_ / 1024)
@@ -642,7 +668,11 @@ def cmd_report(a):
         "the memory figure is its two sockets and its parked state. HAProxy runs 2 threads and nginx 2 "
         "worker processes. The system memory figure is the drop in MemAvailable for the whole "
         "machine, which other processes' allocations move by as much as the figure itself on a "
-        "shared machine: compare it with *direct* in the same run, and across rounds.")
+        "shared machine: compare it with *direct* in the same run, and across rounds. The kernel "
+        "memory figure counts only the kernel's own memory (slab objects such as sockets, epoll "
+        "entries and files; kernel stacks, one per thread; page tables; pages holding TCP "
+        "buffers), which other processes' ordinary allocations leave alone: it ranks what idle "
+        "connections cost the kernel (client and backend included, as *direct* shows).")
     fg = [(r["value"], r["round"], r["config"]) for r in records
           if r["metric"] == "foreign_cpu_pct"]
     if fg:
