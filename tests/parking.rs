@@ -50,7 +50,7 @@ fn carry(from: &mut TcpStream, to: &mut TcpStream, data: &[u8]) {
     assert!(got == data, "{} bytes arrived changed", data.len());
 }
 
-/// A connection left idle past the hysteresis is used again, in both directions and in turns,
+/// A connection left idle long enough to have parked is used again, in both directions and in turns,
 /// small and bulk, every time after parking: every byte arrives intact and the log counts
 /// them all.
 #[test]
