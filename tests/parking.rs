@@ -50,9 +50,9 @@ fn carry(from: &mut TcpStream, to: &mut TcpStream, data: &[u8]) {
     assert!(got == data, "{} bytes arrived changed", data.len());
 }
 
-/// A connection left idle long enough to have parked is used again, in both directions and in turns,
-/// small and bulk, every time after parking: every byte arrives intact and the log counts
-/// them all.
+/// A connection left idle long enough to have parked is used again, in both directions and in
+/// turns, small and bulk, every time after parking: every byte arrives intact and the log
+/// counts them all.
 #[test]
 fn a_parked_connection_carries_on_both_ways_with_bytes_intact() {
     let mut r = Relayed::start(&[]);
