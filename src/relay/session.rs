@@ -121,8 +121,8 @@ impl Wakeable for Task {
     fn woke(&mut self, woke: Woke) {
         match self {
             Task::Resume(s) => s.woke(woke),
-            Task::Greet(g) => noted(&mut g.ticket, &mut g.woke, woke),
-            Task::Admit(a) => noted(&mut a.ticket, &mut a.woke, woke),
+            Task::Greet(g) => g.lot.noted(woke),
+            Task::Admit(a) => a.lot.noted(woke),
             Task::New(_) => {}
         }
     }
@@ -148,11 +148,109 @@ pub struct Greeting {
     accepted: Instant,
     client_slots: ClientSlots,
     hello: preread::HelloReader,
-    /// Its place in the parking lot, from its first wait on.
+    lot: InLot,
+}
+
+/// A connection's place in the parking lot before it relays, carried from its greeting to its
+/// admission to its session.
+#[derive(Default)]
+struct InLot {
+    /// Taken at its first wait.
     ticket: Option<Ticket>,
     /// What its client socket showed while it waited, carried on to the relay: an end of stream
     /// seen there must not be forgotten (see `transfer`).
     woke: Woke,
+}
+
+impl InLot {
+    /// Note what woke it: its ticket learns which sockets fired.
+    fn noted(&mut self, woke: Woke) {
+        if let Some(t) = &mut self.ticket {
+            t.fired(woke);
+        }
+        self.woke.merge(woke);
+    }
+}
+
+/// A connection that is not relaying yet and may wait in the lot for its client socket: its
+/// greeting (for the ClientHello) or its admission (for a slot of its app).
+trait Pending: Sized {
+    fn lot(&mut self) -> &mut InLot;
+    fn client_fd(&self) -> std::os::fd::RawFd;
+    fn into_task(self: Box<Self>) -> Task;
+    /// The lot gives back what it was given.
+    fn from_task(task: Task) -> Box<Self>;
+}
+
+impl Pending for Greeting {
+    fn lot(&mut self) -> &mut InLot {
+        &mut self.lot
+    }
+    fn client_fd(&self) -> std::os::fd::RawFd {
+        self.reg.entry.client.as_raw_fd()
+    }
+    fn into_task(self: Box<Self>) -> Task {
+        Task::Greet(self)
+    }
+    fn from_task(task: Task) -> Box<Self> {
+        match task {
+            Task::Greet(g) => g,
+            _ => unreachable!("the parking lot gave back another task"),
+        }
+    }
+}
+
+impl Pending for Admitted {
+    fn lot(&mut self) -> &mut InLot {
+        &mut self.lot
+    }
+    fn client_fd(&self) -> std::os::fd::RawFd {
+        self.reg.entry.client.as_raw_fd()
+    }
+    fn into_task(self: Box<Self>) -> Task {
+        Task::Admit(self)
+    }
+    fn from_task(task: Task) -> Box<Self> {
+        match task {
+            Task::Admit(a) => a,
+            _ => unreachable!("the parking lot gave back another task"),
+        }
+    }
+}
+
+/// What became of a pending connection that asked to wait.
+enum Waited<P> {
+    /// It waits in the lot; a thread takes it up when it is woken.
+    Parked,
+    /// Its client socket had news while it ran: carry on at once.
+    Again(Box<P>),
+    /// The lot cannot watch it (out of memory for the registration): wait on this thread.
+    Here(Box<P>),
+}
+
+/// Leave `p` in the lot until its client socket shows `events` or `until`.
+fn wait_for_client<P: Pending>(
+    mut p: Box<P>,
+    cx: &Context,
+    events: u32,
+    until: Instant,
+) -> Waited<P> {
+    let fd = p.client_fd();
+    let lot = p.lot();
+    match arm(&mut lot.ticket, cx, Side::Client, fd, Some(events)).map(|t| t.id()) {
+        Ok(id) => match cx.lot.wait(id, p.into_task(), Some(until)) {
+            Ok(()) => Waited::Parked,
+            Err((task, woke)) => {
+                let mut p = P::from_task(task);
+                p.lot().noted(woke);
+                Waited::Again(p)
+            }
+        },
+        Err(e) => {
+            crate::debug!("cannot park a connection: {e}");
+            Waited::Here(p)
+        }
+    }
 }
 
 /// What every session reads besides its own job: the options in force, the table of open
@@ -310,14 +408,6 @@ impl Session {
         }
         self.relay.woke(woke);
     }
-}
-
-/// Note what woke a connection that is not relaying yet.
-fn noted(ticket: &mut Option<Ticket>, acc: &mut Woke, woke: Woke) {
-    if let Some(t) = ticket {
-        t.fired(woke);
-    }
-    acc.merge(woke);
 }
 
 /// The connection's ticket in the lot (taken at its first wait), with `side` armed for `events`.
@@ -524,8 +614,7 @@ fn greet(job: Job, cx: &Context) -> Box<Greeting> {
         accepted,
         client_slots,
         hello: preread::HelloReader::new(),
-        ticket: None,
-        woke: Woke::default(),
+        lot: InLot::default(),
     })
 }
 
@@ -568,21 +657,12 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
             if now >= deadline {
                 break Hello::Timeout;
             }
-            let fd = g.reg.entry.client.as_raw_fd();
-            match arm(&mut g.ticket, cx, Side::Client, fd, Some(park::READ)).map(|t| t.id()) {
-                Ok(id) => match cx.lot.wait(id, Task::Greet(g), Some(deadline)) {
-                    Ok(()) => return Start::Wait,
-                    // Bytes came meanwhile: read them.
-                    Err((Task::Greet(back), woke)) => {
-                        g = back;
-                        noted(&mut g.ticket, &mut g.woke, woke);
-                    }
-                    // The lot gives back what it was given.
-                    Err(_) => unreachable!("the parking lot gave back another task"),
-                },
-                Err(e) => {
-                    // The lot cannot watch it (out of memory for the registration): wait here.
-                    crate::debug!("cannot park a connection: {e}");
+            match wait_for_client(g, cx, park::READ, deadline) {
+                Waited::Parked => return Start::Wait,
+                // Bytes came meanwhile: read them.
+                Waited::Again(back) => g = back,
+                Waited::Here(back) => {
+                    g = back;
                     preread::wait_readable(&g.reg.entry.client, deadline - now);
                 }
             }
@@ -596,8 +676,7 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
         local,
         accepted,
         mut client_slots,
-        ticket,
-        woke,
+        lot,
         ..
     } = *g;
     let port = local.port();
@@ -649,8 +728,7 @@ fn start(mut g: Box<Greeting>, cx: &Context) -> Start {
             client_slots,
             first_bytes,
             wait: None,
-            ticket,
-            woke,
+            lot,
         }),
         cx,
     )
@@ -676,9 +754,7 @@ pub struct Admitted {
     first_bytes: Vec<u8>,
     /// Its place among the app's waiters, and until when it waits.
     wait: Option<(LimitWait, Instant)>,
-    ticket: Option<Ticket>,
-    /// What its client socket showed while it waited (see `Greeting::woke`).
-    woke: Woke,
+    lot: InLot,
 }
 
 impl Admitted {
@@ -745,7 +821,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             if a.reg.entry.was_drained() {
                 return a.end("-", "drained", None);
             }
-            if a.woke.gone(Side::Client) {
+            if a.lot.woke.gone(Side::Client) {
                 return a.client_gone();
             }
             let now = Instant::now();
@@ -754,30 +830,20 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
             }
             // Its client socket is watched meanwhile: a drain shuts it down, which wakes the
             // connection at once.
-            let fd = a.reg.entry.client.as_raw_fd();
             let at = deadline.min(now + LIMIT_RETRY);
             // Armed for failure only: bytes the client sends meanwhile wait in its socket.
-            let failure = Some(park::FAILURE);
-            match arm(&mut a.ticket, cx, Side::Client, fd, failure).map(|t| t.id()) {
-                Ok(id) => match cx.lot.wait(id, Task::Admit(a), Some(at)) {
-                    Ok(()) => return Start::Wait,
-                    // Its socket failed meanwhile, or was cut: look again.
-                    Err((Task::Admit(back), woke)) => {
-                        a = back;
-                        noted(&mut a.ticket, &mut a.woke, woke);
-                    }
-                    // The lot gives back what it was given.
-                    Err(_) => unreachable!("the parking lot gave back another task"),
-                },
-                Err(e) => {
-                    // The lot cannot watch it (out of memory for the registration): wait here.
-                    crate::debug!("cannot park a connection: {e}");
+            match wait_for_client(a, cx, park::FAILURE, at) {
+                Waited::Parked => return Start::Wait,
+                // Its socket failed meanwhile, or was cut: look again.
+                Waited::Again(back) => a = back,
+                Waited::Here(back) => {
+                    a = back;
                     std::thread::sleep(at - now);
                 }
             }
         },
     };
-    if a.woke.gone(Side::Client) {
+    if a.lot.woke.gone(Side::Client) {
         return a.client_gone();
     }
     let (backend, guard) = match balance::connect(&a.app, cx.settings.connect_timeout) {
@@ -815,8 +881,7 @@ fn admit(mut a: Box<Admitted>, cx: &Context) -> Start {
         sni,
         client_slots,
         first_bytes,
-        ticket,
-        woke,
+        lot: InLot { ticket, woke },
         ..
     } = *a;
     Start::Relay(Box::new(Session {
