@@ -459,39 +459,18 @@ fn a_waiting_connection_gets_a_thread_while_long_transfers_run() {
     });
     let addr = p.v4(0);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let streams: Vec<_> = (0..2)
         .map(|i| {
-            let stop = Arc::clone(&stop);
-            thread::spawn(move || {
-                let s = connect(addr);
-                let mut r = s.try_clone().unwrap();
-                let reader = thread::spawn(move || {
-                    let mut buf = vec![0u8; 256 * 1024];
-                    let mut total = 0u64;
-                    while let Ok(n) = r.read(&mut buf) {
-                        if n == 0 {
-                            break;
-                        }
-                        total += n as u64;
-                    }
-                    total
-                });
-                let chunk = random(256 * 1024, i);
-                let mut w = s;
-                let mut sent = 0u64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    w.write_all(&chunk).expect("bulk write");
-                    sent += chunk.len() as u64;
-                }
-                w.shutdown(Shutdown::Write).unwrap();
-                let got = reader.join().unwrap();
-                assert_eq!(got, sent, "transfer {i}: echoed bytes");
-                sent
-            })
+            let (stop, echoed) = (Arc::clone(&stop), Arc::clone(&echoed));
+            thread::spawn(move || endless_echo(addr, i, &stop, &echoed))
         })
         .collect();
     // Both transfers under way, holding both threads.
-    thread::sleep(Duration::from_millis(500));
+    wait_for("both bulk transfers under way", WAIT, || {
+        let n = echoed.load(std::sync::atomic::Ordering::Relaxed);
+        (n >= 8 << 20).then_some(())
+    });
     let mut worst = Duration::ZERO;
     for i in 0..5 {
         let began = Instant::now();
