@@ -229,6 +229,17 @@ fn no_such_process(pid: u32) -> bool {
     (rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)) || is_zombie(pid)
 }
 
+/// SIGTERM to the new process of an upgrade (not our child, or our child: either way), then
+/// wait for it to exit and panic unless it exited 0.
+fn stop_new_process(pid: u32) {
+    signal(pid, libc::SIGTERM);
+    let mut reaped = Reaped::default();
+    wait_for("the new process to exit", WAIT, || {
+        reaped.gone(pid).then_some(())
+    });
+    reaped.assert_all_exited_0();
+}
+
 fn signal(pid: u32, sig: libc::c_int) {
     // SAFETY: kill(2) of a flyproxy generation this test started.
     let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
@@ -1036,12 +1047,7 @@ fn failed_upgrade_leaves_the_old_process_serving() {
 
     let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
     assert!(status.success(), "{status}");
-    signal(new, libc::SIGTERM);
-    let mut reaped = Reaped::default();
-    wait_for("the new process to exit", WAIT, || {
-        reaped.gone(new).then_some(())
-    });
-    reaped.assert_all_exited_0();
+    stop_new_process(new);
     assert!(running(&bin.dir).is_empty(), "{:?}", running(&bin.dir));
     eprintln!("failed upgrade: short connections: {}", tally.summary());
 }
@@ -1097,12 +1103,7 @@ fn parked_connections_on_the_old_process_carry_on_after_an_upgrade() {
     }
 
     drop(fresh);
-    signal(new, libc::SIGTERM);
-    let mut reaped = Reaped::default();
-    wait_for("the new process to exit", WAIT, || {
-        reaped.gone(new).then_some(())
-    });
-    reaped.assert_all_exited_0();
+    stop_new_process(new);
 }
 
 /// `flyproxy upgrade --pid-file PATH` signals the process named there, which upgrades.
@@ -1156,12 +1157,7 @@ fn upgrade_command_signals_the_pid_in_the_pid_file() {
     assert!(status.success(), "{status}");
     drop(after);
 
-    signal(new, libc::SIGTERM);
-    let mut reaped = Reaped::default();
-    wait_for("the new process to exit", WAIT, || {
-        reaped.gone(new).then_some(())
-    });
-    reaped.assert_all_exited_0();
+    stop_new_process(new);
     wait_for("the pid file to be removed", WAIT, || {
         (!pid_file.exists()).then_some(())
     });
@@ -1194,12 +1190,7 @@ fn upgrade_with_metrics_succeeds_and_the_new_process_serves_metrics() {
     });
     assert!(page.contains("flyproxy_build_info"), "{page}");
 
-    signal(new, libc::SIGTERM);
-    let mut reaped = Reaped::default();
-    wait_for("the new process to exit", WAIT, || {
-        reaped.gone(new).then_some(())
-    });
-    reaped.assert_all_exited_0();
+    stop_new_process(new);
 }
 
 /// `GET path` over HTTP/1.0; the whole response, which must be a 200.
@@ -1326,12 +1317,7 @@ fn upgrade_through_a_symlink_runs_the_binary_it_names_now() {
 
     let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
     assert!(status.success(), "{status}");
-    signal(new, libc::SIGTERM);
-    let mut reaped = Reaped::default();
-    wait_for("the new process to exit", WAIT, || {
-        reaped.gone(new).then_some(())
-    });
-    reaped.assert_all_exited_0();
+    stop_new_process(new);
 }
 
 /// Make a process started now slow to start, so that a test can catch it before it serves
@@ -1431,12 +1417,7 @@ fn sigusr2_during_an_upgrade_is_ignored() {
 
     let status = wait_for("the old process to exit", WAIT, || proxy.try_status());
     assert!(status.success(), "{status}");
-    signal(pending, libc::SIGTERM);
-    let mut reaped = Reaped::default();
-    wait_for("the new process to exit", WAIT, || {
-        reaped.gone(pending).then_some(())
-    });
-    reaped.assert_all_exited_0();
+    stop_new_process(pending);
 }
 
 /// SIGTERM while the new process of an upgrade is still starting stops the proxy: once the old
