@@ -13,6 +13,15 @@ use mio::net::TcpListener;
 /// paused at the connection bound or busy. The kernel caps it at net.core.somaxconn.
 const BACKLOG: libc::c_int = 4096;
 
+/// A poll(2) or epoll_wait(2) timeout for `left`: rounded up to the millisecond, so that a
+/// deadline a fraction of a millisecond away is not a busy loop of 0 ms waits (nor a wake-up a
+/// millisecond early), and capped at what the calls take. Zero stays zero.
+pub fn poll_ms(left: std::time::Duration) -> libc::c_int {
+    left.as_micros()
+        .div_ceil(1000)
+        .min(libc::c_int::MAX as u128) as libc::c_int
+}
+
 /// `::ffff:a.b.c.d` (an IPv4 client on a dual-stack socket) written as plain IPv4.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {

@@ -294,9 +294,8 @@ fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
             events: libc::POLLOUT,
             revents: 0,
         };
-        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
-        match unsafe { libc::poll(&mut pfd, 1, ms) } {
+        match unsafe { libc::poll(&mut pfd, 1, crate::net::poll_ms(left)) } {
             0 => continue,
             n if n < 0 => {
                 let e = io::Error::last_os_error();

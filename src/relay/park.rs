@@ -160,6 +160,15 @@ struct State<T> {
     next_sleeper: u64,
 }
 
+impl<T> State<T> {
+    /// Some sleeping thread will wake by `at`.
+    fn covered(&self, at: Instant) -> bool {
+        self.sleepers
+            .iter()
+            .any(|(_, wake)| wake.is_some_and(|w| w <= at))
+    }
+}
+
 struct Entry<T> {
     /// Some while the connection waits here; None while a thread has it.
     item: Option<T>,
@@ -247,8 +256,7 @@ impl<T: Wakeable> Lot<T> {
         };
         state.timers.insert((at, ticket));
         // Interrupt a sleeping thread if none would wake by then, so it counts the deadline in.
-        let late = !state.sleepers.is_empty()
-            && state.sleepers.iter().all(|(_, s)| s.is_none_or(|w| w > at));
+        let late = !state.sleepers.is_empty() && !state.covered(at);
         drop(state);
         if late {
             self.interrupt();
@@ -282,13 +290,7 @@ impl<T: Wakeable> Lot<T> {
             state.sleepers.push((id, next));
             me = Some(id);
             next.map_or(-1, |at| {
-                let left = at.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    0
-                } else {
-                    // Round up, so as not to wake a millisecond early and spin.
-                    left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32
-                }
+                crate::net::poll_ms(at.saturating_duration_since(Instant::now()))
             })
         } else {
             0
@@ -352,12 +354,7 @@ impl<T: Wakeable> Lot<T> {
         // leaving to run what it took; and an interrupt taken by a thread only looking was
         // meant for one that sleeps (to take a queued job, or to count a new deadline in).
         let next = state.timers.first().map(|&(at, _)| at);
-        let uncovered = next.is_some_and(|at| {
-            state
-                .sleepers
-                .iter()
-                .all(|(_, wake)| wake.is_none_or(|w| w > at))
-        });
+        let uncovered = next.is_some_and(|at| !state.covered(at));
         let pass_on = !state.sleepers.is_empty() && (uncovered || (interrupted && !block));
         drop(state);
         if pass_on {

@@ -102,8 +102,7 @@ pub fn wait_readable(client: &TcpStream, left: Duration) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
-    // Round up, so a deadline a fraction of a millisecond away is not a busy loop of 0 ms polls.
-    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as libc::c_int;
+    let ms = crate::net::poll_ms(left);
     loop {
         // SAFETY: one valid pollfd, for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };

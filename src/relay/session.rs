@@ -924,9 +924,8 @@ fn write_all_within(s: &TcpStream, mut buf: &[u8], timeout: std::time::Duration)
                     events: libc::POLLOUT,
                     revents: 0,
                 };
-                let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
                 // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, ms) };
+                unsafe { libc::poll(&mut pfd, 1, crate::net::poll_ms(left)) };
             }
             Err(e) => return Err(e),
         }

@@ -641,9 +641,8 @@ impl Relay {
             at.saturating_duration_since(Instant::now())
                 .min(Duration::from_secs(1))
         });
-        let timeout = left.as_millis().saturating_add(1).min(i32::MAX as u128) as i32;
         // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) } <= 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, crate::net::poll_ms(left)) } <= 0 {
             return;
         }
         for (i, fd) in fds.iter().enumerate() {
