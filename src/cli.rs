@@ -8,9 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::ops::log::{Format, Level};
-
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+use crate::sys::log::{Format, Level};
 
 /// Where `flyproxy status` looks when not told: the address the docs suggest for --metrics.
 pub const DEFAULT_STATUS_ADDR: SocketAddr =

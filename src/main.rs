@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use flyproxy::backends::loops;
 use flyproxy::cli::{self, Command, Mode, Settings};
 use flyproxy::frontend;
-use flyproxy::ops::{log, metrics, pidfile, upgrade};
-use flyproxy::{config, error};
+use flyproxy::sys::{log, pidfile, upgrade};
+use flyproxy::{config, error, metrics};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Version => {
-            println!("flyproxy {}", cli::VERSION);
+            println!("flyproxy {}", flyproxy::VERSION);
             ExitCode::SUCCESS
         }
         Command::Upgrade { pid_file } => request_upgrade(&pid_file),

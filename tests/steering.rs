@@ -14,7 +14,7 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 use flyproxy::bpf::{BpfError, Steering};
-use flyproxy::ops::caps::{self, Cap};
+use flyproxy::sys::caps::{self, Cap};
 
 const PORT: u16 = 4242;
 const UNSTEERED: u16 = 4243;

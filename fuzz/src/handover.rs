@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use arbitrary::Arbitrary;
-use flyproxy::ops::upgrade::{parse_env, HandedFds};
+use flyproxy::sys::upgrade::{parse_env, HandedFds};
 
 /// A listener entry: built well-formed from parts, or any text.
 #[derive(Arbitrary, Debug)]

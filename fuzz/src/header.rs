@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use arbitrary::Arbitrary;
 use flyproxy::backends::proxy_protocol::header;
 use flyproxy::config::ProxyProtocol;
-use flyproxy::net::canonical;
+use flyproxy::sys::net::canonical;
 
 /// v1: "the maximum line lengths the receiver must support including the CRLF are [...] 107
 /// characters" (the worst case, TCP6 with both ports 65535, is 104).

@@ -29,6 +29,6 @@ pub fn check(name: &str) {
         }
     }
     let mut line = String::new();
-    flyproxy::ops::log::push_escaped(&mut line, name);
+    flyproxy::sys::log::push_escaped(&mut line, name);
     assert!(!line.chars().any(char::is_control), "{line:?}");
 }

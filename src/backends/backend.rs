@@ -270,11 +270,11 @@ pub fn connect_one(
 /// the relay wants it. Done by hand rather than with `TcpStream::connect_timeout`, which
 /// switches the socket to blocking and back: three system calls per connection saved.
 fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = TcpStream::from(crate::net::tcp_socket(addr)?);
+    let stream = TcpStream::from(crate::sys::net::tcp_socket(addr)?);
     let fd = stream.as_raw_fd();
     // We forward whatever arrives at once; Nagle would only add latency.
     stream.set_nodelay(true)?;
-    let (storage, len) = crate::net::sockaddr(addr);
+    let (storage, len) = crate::sys::net::sockaddr(addr);
     // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
     if unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) } == 0 {
         return Ok(stream);
@@ -295,7 +295,7 @@ fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
-        match unsafe { libc::poll(&mut pfd, 1, crate::net::poll_ms(left)) } {
+        match unsafe { libc::poll(&mut pfd, 1, crate::sys::net::poll_ms(left)) } {
             0 => continue,
             n if n < 0 => {
                 let e = io::Error::last_os_error();

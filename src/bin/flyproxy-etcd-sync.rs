@@ -1,14 +1,14 @@
 //! `flyproxy-etcd-sync`: keep a flyproxy config file equal to an etcd key (see
-//! `flyproxy::ops::etcd_sync`). Exit status: 2 bad arguments, 1 etcdctl cannot be run; it
+//! `flyproxy::fleet`). Exit status: 2 bad arguments, 1 etcdctl cannot be run; it
 //! otherwise runs until stopped.
 
 use std::process::ExitCode;
 
-use flyproxy::ops::etcd_sync::{self, Follower, Invocation};
-use flyproxy::ops::log;
+use flyproxy::fleet::{self, Follower, Invocation};
+use flyproxy::sys::log;
 
 fn main() -> ExitCode {
-    let invocation = etcd_sync::parse_args(std::env::args().skip(1), |k| {
+    let invocation = fleet::parse_args(std::env::args().skip(1), |k| {
         std::env::var(k).ok().filter(|v| !v.is_empty())
     });
     match invocation {
@@ -17,11 +17,11 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Ok(Invocation::Help) => {
-            print!("{}", etcd_sync::HELP);
+            print!("{}", fleet::HELP);
             ExitCode::SUCCESS
         }
         Ok(Invocation::Version) => {
-            println!("flyproxy-etcd-sync {}", flyproxy::cli::VERSION);
+            println!("flyproxy-etcd-sync {}", flyproxy::VERSION);
             ExitCode::SUCCESS
         }
         Ok(Invocation::Run(settings)) => {

@@ -20,8 +20,6 @@ use libbpf_rs::{ErrorKind, Link, MapCore, MapFlags, MapHandle, ProgramType};
 
 use crate::config::prefix::Prefix;
 
-pub mod listener;
-
 /// The generated skeleton (`SteerSkelBuilder`, `SteerSkel`), built by build.rs. Lints are
 /// silenced on the generated code alone.
 #[allow(unused_imports, clippy::all, clippy::pedantic, clippy::nursery)]
@@ -518,8 +516,8 @@ fn classify(step: Step, source: libbpf_rs::Error) -> BpfError {
 /// Whether this process holds CAP_BPF (or CAP_SYS_ADMIN, which older kernels ask for) in its
 /// effective set. Capabilities are per thread: read the calling thread's.
 fn has_bpf_capabilities() -> bool {
-    use crate::ops::caps::Cap;
-    crate::ops::caps::current()
+    use crate::sys::caps::Cap;
+    crate::sys::caps::current()
         .is_ok_and(|c| c.effective.contains(Cap::Bpf) || c.effective.contains(Cap::SysAdmin))
 }
 

@@ -22,7 +22,7 @@ use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::ports::{Accepted, PortSource};
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE};
 use crate::frontend::watch::Watch;
-use crate::ops::metrics::Published;
+use crate::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::pool::Pool;
 use crate::relay::session::{self, ClientSlots, Job, Task};
@@ -203,7 +203,7 @@ impl Loop {
             Next::ExitNow => {
                 let open = self.conns.len();
                 crate::warn!("second stop signal: exiting now, {open} connections cut");
-                crate::ops::log::flush();
+                crate::sys::log::flush();
                 std::process::exit(1);
             }
         }
@@ -299,7 +299,7 @@ impl Loop {
                 conn.peer,
                 conn.local
             );
-            crate::net::reset(conn.stream);
+            crate::sys::net::reset(conn.stream);
             return;
         };
         let binding = Arc::clone(binding);

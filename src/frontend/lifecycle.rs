@@ -22,8 +22,8 @@ use mio::{Interest, Registry};
 
 use crate::frontend::ports::PortSource;
 use crate::frontend::tokens::UPGRADE_READY;
-use crate::ops::metrics::Endpoint;
-use crate::ops::upgrade::{self, Exec, Upgrade};
+use crate::metrics::Endpoint;
+use crate::sys::upgrade::{self, Exec, Upgrade};
 
 /// How long a new process may take to start serving before an upgrade is abandoned.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,7 +144,7 @@ impl Lifecycle {
         }
     }
 
-    /// SIGUSR2: start the binary anew with `source`'s listeners; see `ops::upgrade`.
+    /// SIGUSR2: start the binary anew with `source`'s listeners; see `sys::upgrade`.
     pub(super) fn upgrade_signal(&mut self, registry: &Registry, source: &dyn PortSource) {
         match self.phase {
             Phase::Draining { .. } => {
@@ -219,7 +219,7 @@ impl Lifecycle {
                 );
                 // Tell systemd the service now lives on in the new process. Only the main pid
                 // may say so (NotifyAccess=main), so it has to come from us.
-                let _ = crate::ops::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
+                let _ = crate::sys::systemd::notify(&format!("MAINPID={pid}\nREADY=1"));
                 // The new process serves /metrics on the same socket from now on.
                 if let Some(m) = &self.metrics {
                     m.hand_over();

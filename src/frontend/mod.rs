@@ -1,7 +1,7 @@
 //! The frontend: how connections reach the proxy, and the process around them.
 //!
 //! - `ports`: the seam between the modes (`PortSource`); `simple` is the simple mode's source,
-//!   `bpf::listener` the bpf mode's.
+//!   `bpf` the bpf mode's (it drives the program in the top-level `bpf` folder).
 //! - `start`: start-up, from a validated config to a serving loop, and why it can fail.
 //! - `event_loop`: the listener loop (accepting within the bound, signals, reload ticks, drain
 //!   deadlines) and the reload.
@@ -13,6 +13,7 @@
 //! Within the folder, imports go one way: `start` → `event_loop` → `lifecycle`, `watch` →
 //! `tokens` → `ports`.
 
+pub mod bpf;
 mod event_loop;
 mod lifecycle;
 pub mod ports;

@@ -2,7 +2,7 @@
 //!
 //! `PortSource` is what the listener loop needs from a mode: make a set of ports reachable,
 //! change it by a diff on reload, and accept from its listeners. `simple::PerPort` is the simple
-//! mode (one listener per port); the bpf mode's source lives in `bpf::listener`. Everything after
+//! mode (one listener per port); `bpf::Steered` is the bpf mode's, beside it. Everything after
 //! `accept()` is shared.
 
 use std::fmt;
@@ -13,19 +13,9 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use mio::net::TcpListener;
 
 use crate::config::Config;
-use crate::net::canonical;
+use crate::metrics::LookupReader;
+use crate::sys::net::canonical;
 use mio::{Registry, Token};
-
-/// Reads per-port-group lookup counters; called from the metrics thread.
-pub type LookupReader = Box<dyn Fn() -> Vec<LookupStats> + Send + Sync>;
-
-/// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LookupStats {
-    pub group: String,
-    pub steered: u64,
-    pub dropped: u64,
-}
 
 /// Tokens at and above this belong to listeners; below it the loop reserves its own.
 pub const FIRST_LISTENER: usize = 16;

@@ -18,7 +18,7 @@ use crate::config::{app_prefixes, Config};
 use crate::frontend::ports::{
     accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER,
 };
-use crate::net::{listen, listen_any};
+use crate::sys::net::{listen, listen_any};
 
 /// A listening socket as the config wants it: where, and for `[::]`, whether IPv4 too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -124,13 +124,13 @@ impl PerPort {
     /// one may come from an older process that did not set the option accepted sockets inherit.
     fn open(&mut self, bind: Bind) -> io::Result<TcpListener> {
         if let Some(l) = self.inherited.remove(&bind.addr) {
-            return crate::net::set_nodelay(l.as_raw_fd()).map(|()| l);
+            return crate::sys::net::set_nodelay(l.as_raw_fd()).map(|()| l);
         }
         if bind.dual {
             // An inherited IPv4-only wildcard (a host without IPv6) serves the same purpose.
             let v4 = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), bind.addr.port());
             if let Some(l) = self.inherited.remove(&v4) {
-                return crate::net::set_nodelay(l.as_raw_fd()).map(|()| l);
+                return crate::sys::net::set_nodelay(l.as_raw_fd()).map(|()| l);
             }
             return listen_any(bind.addr.port());
         }

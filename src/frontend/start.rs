@@ -17,25 +17,25 @@ use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
 use crate::backends::routing::UnroutedCounts;
-use crate::bpf::listener::{SetupError, Steered};
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
+use crate::frontend::bpf::{SetupError, Steered};
 use crate::frontend::event_loop::{Loop, SignalPipes};
 use crate::frontend::lifecycle::Lifecycle;
 use crate::frontend::ports::{PortError, PortSource};
 use crate::frontend::simple::PerPort;
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, WAKE};
 use crate::frontend::watch::Watch;
-use crate::ops::caps::{Cap, CapsError};
-use crate::ops::metrics::{self, Endpoint, Published, Sources};
-use crate::ops::pidfile::{self, PidFileError};
-use crate::ops::upgrade::{Exec, ReadyPipe};
-use crate::ops::user::{self, UserError};
+use crate::metrics::{self, Endpoint, Published, Sources};
 use crate::relay::conns::Conns;
 use crate::relay::park::Lot;
 use crate::relay::pool::Pool;
 use crate::relay::session::{self, Context, Task};
 use crate::relay::slots::Slots;
+use crate::sys::caps::{Cap, CapsError};
+use crate::sys::pidfile::{self, PidFileError};
+use crate::sys::upgrade::{Exec, ReadyPipe};
+use crate::sys::user::{self, UserError};
 
 /// Descriptors kept aside for what is not counted elsewhere: the standard streams, the config
 /// file, the poll and its waker, the signal and log pipes, bpf maps, an upgrade's pipe, a
@@ -276,14 +276,14 @@ fn drop_privileges(
         None => false,
     };
     let keep = capabilities_kept(mode, settings);
-    crate::ops::caps::keep_only(&keep).map_err(StartError::Caps)?;
+    crate::sys::caps::keep_only(&keep).map_err(StartError::Caps)?;
     if switched {
-        crate::ops::caps::regain(&keep).map_err(|e| StartError::User(UserError::Caps(e)))?;
+        crate::sys::caps::regain(&keep).map_err(|e| StartError::User(UserError::Caps(e)))?;
     }
     if let Some(ids) = run_as {
         crate::info!("running as {ids}");
     }
-    if let Ok(c) = crate::ops::caps::current() {
+    if let Ok(c) = crate::sys::caps::current() {
         crate::debug!("capabilities kept: {c}");
     }
     Ok(())
@@ -370,7 +370,7 @@ fn announce(
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
     // this from the old process instead (see lifecycle's upgrade_progress).
     if let Err(e) =
-        crate::ops::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
+        crate::sys::systemd::notify(&format!("READY=1\nSTATUS=serving {}", config.summary()))
     {
         crate::warn!("cannot notify systemd of readiness: {e}");
     }

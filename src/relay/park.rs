@@ -290,7 +290,7 @@ impl<T: Wakeable> Lot<T> {
             state.sleepers.push((id, next));
             me = Some(id);
             next.map_or(-1, |at| {
-                crate::net::poll_ms(at.saturating_duration_since(Instant::now()))
+                crate::sys::net::poll_ms(at.saturating_duration_since(Instant::now()))
             })
         } else {
             0

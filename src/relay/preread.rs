@@ -102,7 +102,7 @@ pub fn wait_readable(client: &TcpStream, left: Duration) -> bool {
         events: libc::POLLIN,
         revents: 0,
     };
-    let ms = crate::net::poll_ms(left);
+    let ms = crate::sys::net::poll_ms(left);
     loop {
         // SAFETY: one valid pollfd, for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };

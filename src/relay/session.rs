@@ -24,13 +24,13 @@ use crate::backends::routing::{
     Acquired, AppRoute, Binding, LimitDenied, LimitGuard, LimitWait, Unrouted, UnroutedCounts,
 };
 use crate::cli::Settings;
-use crate::ops::log::{self, Field, Level};
 use crate::relay::conns::{Conns, Registered};
 use crate::relay::park::{self, Lot, Side, Ticket, Wakeable, Woke};
 use crate::relay::pool::{Job as PoolJob, Turn};
 use crate::relay::preread::{self, Hello};
 use crate::relay::slots::Slots;
 use crate::relay::transfer::{Counters, Pause, Relay};
+use crate::sys::log::{self, Field, Level};
 
 /// An accepted client connection, on its way to a relay thread.
 pub struct Job {
@@ -925,7 +925,7 @@ fn write_all_within(s: &TcpStream, mut buf: &[u8], timeout: std::time::Duration)
                     revents: 0,
                 };
                 // SAFETY: one valid pollfd for the duration of the call.
-                unsafe { libc::poll(&mut pfd, 1, crate::net::poll_ms(left)) };
+                unsafe { libc::poll(&mut pfd, 1, crate::sys::net::poll_ms(left)) };
             }
             Err(e) => return Err(e),
         }

@@ -642,7 +642,7 @@ impl Relay {
                 .min(Duration::from_secs(1))
         });
         // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, crate::net::poll_ms(left)) } <= 0 {
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, crate::sys::net::poll_ms(left)) } <= 0 {
             return;
         }
         for (i, fd) in fds.iter().enumerate() {

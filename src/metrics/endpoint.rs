@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::ops::metrics::{render, status, Sources};
+use crate::metrics::{render, status, Sources};
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);

@@ -219,7 +219,7 @@ impl Inherited {
         }
         for &(addr, fd) in &fds.listeners {
             let bound = check_listener(fd).map_err(|why| bad(LISTEN_FDS, fd, why))?;
-            if crate::net::canonical(bound) != crate::net::canonical(addr) {
+            if crate::sys::net::canonical(bound) != crate::sys::net::canonical(addr) {
                 return Err(bad(
                     LISTEN_FDS,
                     fd,

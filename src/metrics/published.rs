@@ -5,8 +5,18 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use crate::backends::routing::{Routes, UnroutedCounts};
-use crate::frontend::ports::LookupReader;
 use crate::relay::slots::Slots;
+
+/// Reads per-port-group lookup counters; called from the metrics thread.
+pub type LookupReader = Box<dyn Fn() -> Vec<LookupStats> + Send + Sync>;
+
+/// sk_lookup verdicts for one group of ports (one app), from the program's per-CPU counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LookupStats {
+    pub group: String,
+    pub steered: u64,
+    pub dropped: u64,
+}
 
 /// What the listener loop publishes for the endpoint: the routing table in force, how reloads
 /// went, which config file is in force, and whether accepts are held back. Only the loop writes

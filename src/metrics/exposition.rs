@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use crate::backends::backend::{Backend, ConnectError};
 use crate::backends::routing::AppRoute;
-use crate::frontend::ports::LookupReader;
-use crate::ops::metrics::{Published, Sources};
+use crate::metrics::LookupReader;
+use crate::metrics::{Published, Sources};
 use crate::relay::slots::Slots;
 
 /// An app's backends, each once: a target listed twice is one backend with two turns, and
@@ -92,11 +92,7 @@ type Apps = [(Arc<AppRoute>, Vec<u16>)];
 
 fn build_info(out: &mut String) {
     let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");
-    f.sample(
-        "flyproxy_build_info",
-        &[("version", crate::cli::VERSION)],
-        1,
-    );
+    f.sample("flyproxy_build_info", &[("version", crate::VERSION)], 1);
 }
 
 /// Client connections by app: accepted, open, refused.
@@ -321,7 +317,7 @@ fn log_families(out: &mut String) {
         "counter",
         "Log lines dropped because stderr could not keep up.",
     );
-    f.sample(name, &[], crate::ops::log::dropped());
+    f.sample(name, &[], crate::sys::log::dropped());
 }
 
 /// Connections no app took, by port and reason; only once there is something to count, as a

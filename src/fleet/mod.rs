@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 use crate::config::sha256;
-use crate::ops::systemd;
+use crate::sys::systemd;
 
 /// First wait after a failure; doubled at each failure in a row up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -554,7 +554,7 @@ impl Follower {
     pub fn run(&mut self) -> SyncError {
         crate::info!(
             "flyproxy-etcd-sync {}: following etcd key {:?} into {} (endpoints: {})",
-            crate::cli::VERSION,
+            crate::VERSION,
             self.settings.key,
             self.settings.config.display(),
             std::env::var("ETCDCTL_ENDPOINTS").unwrap_or_else(|_| "etcdctl's default".into())

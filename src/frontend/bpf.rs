@@ -18,9 +18,8 @@ use mio::{Interest, Registry, Token};
 use crate::bpf::{BpfError, Steering, MAX_GROUPS};
 use crate::config::prefix::Prefix;
 use crate::config::Config;
-use crate::frontend::ports::{
-    self, Accepted, LookupReader, LookupStats, PortError, PortSource, FIRST_LISTENER,
-};
+use crate::frontend::ports::{self, Accepted, PortError, PortSource, FIRST_LISTENER};
+use crate::metrics::{LookupReader, LookupStats};
 
 /// Listener tokens above every simple-mode port token, so the two can never be confused.
 const V4: Token = Token(FIRST_LISTENER + 65_536);
@@ -129,10 +128,10 @@ impl Steered {
     ) -> Result<Steered, SetupError> {
         let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
             // From an older process, perhaps without the option its accepted sockets inherit.
-            Some(l) => crate::net::set_nodelay(l.as_raw_fd())
+            Some(l) => crate::sys::net::set_nodelay(l.as_raw_fd())
                 .map(|()| l)
                 .map_err(|e| SetupError::Listen(addr, e)),
-            None => crate::net::listen(addr, v6only).map_err(|e| SetupError::Listen(addr, e)),
+            None => crate::sys::net::listen(addr, v6only).map_err(|e| SetupError::Listen(addr, e)),
         };
         // Two sockets rather than one dual-stack one: the program picks the socket by the
         // packet's family, and a v6-only socket keeps `local_addr` of an IPv4 connection a

@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
-use crate::ops::metrics::exposition::unique_backends;
-use crate::ops::metrics::Sources;
+use crate::metrics::exposition::unique_backends;
+use crate::metrics::Sources;
 
 /// A page for people: each app, its ports, its targets with health and open connections.
 pub fn status(sources: &Sources) -> String {
@@ -16,7 +16,7 @@ pub fn status(sources: &Sources) -> String {
     let _ = writeln!(
         out,
         "flyproxy {}: {} of {} connection slots in use{}, reloads ok={} rejected={}",
-        crate::cli::VERSION,
+        crate::VERSION,
         slots.taken(),
         slots.max(),
         if published.accept_paused.load(Ordering::Relaxed) {

@@ -240,7 +240,7 @@ pub fn flush() {
 fn writer(rx: Receiver<Msg>) {
     // Capabilities belong to each thread: this one, started by the first log line, may
     // predate the main thread dropping them, and needs none.
-    let _ = crate::ops::caps::keep_only(&[]);
+    let _ = crate::sys::caps::keep_only(&[]);
     let stderr = std::io::stderr();
     let mut reported = 0;
     while let Ok(first) = rx.recv() {
@@ -285,19 +285,19 @@ fn writer(rx: Receiver<Msg>) {
 #[macro_export]
 macro_rules! log_at {
     ($lvl:expr, $($arg:tt)*) => {
-        if $crate::ops::log::enabled($lvl) {
-            $crate::ops::log::write($lvl, format_args!($($arg)*));
+        if $crate::sys::log::enabled($lvl) {
+            $crate::sys::log::write($lvl, format_args!($($arg)*));
         }
     };
 }
 #[macro_export]
-macro_rules! error { ($($arg:tt)*) => { $crate::log_at!($crate::ops::log::Level::Error, $($arg)*) }; }
+macro_rules! error { ($($arg:tt)*) => { $crate::log_at!($crate::sys::log::Level::Error, $($arg)*) }; }
 #[macro_export]
-macro_rules! warn { ($($arg:tt)*) => { $crate::log_at!($crate::ops::log::Level::Warn, $($arg)*) }; }
+macro_rules! warn { ($($arg:tt)*) => { $crate::log_at!($crate::sys::log::Level::Warn, $($arg)*) }; }
 #[macro_export]
-macro_rules! info { ($($arg:tt)*) => { $crate::log_at!($crate::ops::log::Level::Info, $($arg)*) }; }
+macro_rules! info { ($($arg:tt)*) => { $crate::log_at!($crate::sys::log::Level::Info, $($arg)*) }; }
 #[macro_export]
-macro_rules! debug { ($($arg:tt)*) => { $crate::log_at!($crate::ops::log::Level::Debug, $($arg)*) }; }
+macro_rules! debug { ($($arg:tt)*) => { $crate::log_at!($crate::sys::log::Level::Debug, $($arg)*) }; }
 
 /// UTC wall-clock time in RFC 3339 with milliseconds, without a date crate.
 struct Timestamp(u64, u32);

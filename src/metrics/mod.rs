@@ -19,5 +19,5 @@ mod status;
 
 pub use endpoint::{fetch_status, start, Endpoint, FDS};
 pub use exposition::render;
-pub use published::{ConfigHashes, Published, Sources};
+pub use published::{ConfigHashes, LookupReader, LookupStats, Published, Sources};
 pub use status::status;

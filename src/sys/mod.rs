@@ -1,0 +1,18 @@
+//! Helpers over the operating system, the bottom level: they know nothing of the proxy and
+//! import nothing from the folders above.
+//!
+//! - `net`: socket options, addresses, a listener's setup, the reset on close, poll timeouts.
+//! - `log`: text and JSON log lines through a non-blocking writer, the level macros.
+//! - `caps`: keeping only the capabilities a mode needs, and regaining them for an upgrade.
+//! - `user`: `--user`/`--group`, switching to them.
+//! - `pidfile`: writing and checking the pid file.
+//! - `systemd`: readiness and status notifications.
+//! - `upgrade`: handing listening descriptors to a new binary and taking them over.
+
+pub mod caps;
+pub mod log;
+pub mod net;
+pub mod pidfile;
+pub mod systemd;
+pub mod upgrade;
+pub mod user;
