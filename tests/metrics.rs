@@ -852,7 +852,7 @@ fn relaying_goes_on_while_a_scraper_stalls(maddr: SocketAddr, proxied: SocketAdd
 
 /// A scraper that sends its request a byte at a time, each byte within the 2 s read timeout,
 /// must not hold the one-request-at-a-time endpoint for longer than "a few seconds" (as
-/// src/ops/metrics promises): the timeout has to bound the whole request, not each read.
+/// src/metrics promises): the timeout has to bound the whole request, not each read.
 #[test]
 fn a_trickling_scraper_cannot_hold_the_endpoint() {
     let maddr = metrics_addr();
@@ -1669,7 +1669,7 @@ fn dropped_log_lines_are_counted_and_reported_in_the_log_format() {
     assert!(
         serde_json::from_str::<Value>(&report).is_ok_and(|v| v.is_object()),
         "with --log-format json the report of dropped lines is not JSON: {report:?} \
-         (src/ops/log.rs, writer(), writes it as text)"
+         (src/sys/log.rs, writer(), writes it as text)"
     );
     assert_every_line_is_an_event(&lines, true);
 }
