@@ -118,7 +118,8 @@ bench:
 # /etc/flyproxy/config.json, /etc/default/flyproxy (the proxy units' extra options) and
 # /etc/default/flyproxy-etcd-sync (conffiles), both man pages. dpkg-buildpackage writes its
 # results beside the source tree (..); they are moved to target/debian/ (the .deb, .changes and
-# .buildinfo), and lintian must find no error nor warning in them.
+# .buildinfo), where the source package (.dsc and .tar.xz, debian/source/options says what it
+# leaves out) is built too, and lintian must find no error nor warning in any of them.
 # The package's path is printed last. Install it with `apt install ./target/debian/flyproxy_*.deb`.
 VERSION      := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)
 DEB_ARCH     := $(shell dpkg --print-architecture 2>/dev/null)
@@ -126,16 +127,21 @@ DEB_DIR      := target/debian
 DEB          := $(DEB_DIR)/flyproxy_$(VERSION)_$(DEB_ARCH).deb
 DEB_OUTPUTS  := flyproxy_$(VERSION)_$(DEB_ARCH).deb flyproxy_$(VERSION)_$(DEB_ARCH).buildinfo \
                 flyproxy_$(VERSION)_$(DEB_ARCH).changes
+DEB_SOURCE   := flyproxy_$(VERSION).dsc flyproxy_$(VERSION).tar.xz
 
 deb: deps
 	@$(MAKE) --no-print-directory install-missing PKGS="$(DEB_DEPS)"
 	@# debian/changelog's version is the package's: it must be Cargo.toml's.
 	@v=$$(dpkg-parsechangelog -S Version); [ "$$v" = "$(VERSION)" ] || \
 	  { echo "debian/changelog is at $$v, Cargo.toml at $(VERSION): add a changelog entry (dch -v $(VERSION))" >&2; exit 1; }
-	@mkdir -p $(DEB_DIR) && cd $(DEB_DIR) && rm -f $(DEB_OUTPUTS)
+	@mkdir -p $(DEB_DIR) && cd $(DEB_DIR) && rm -f $(DEB_OUTPUTS) $(DEB_SOURCE)
 	dpkg-buildpackage -us -uc -b
 	@for f in $(DEB_OUTPUTS); do mv -f ../$$f $(DEB_DIR)/ || exit 1; done
-	lintian --fail-on error,warning --info $(DEB_DIR)/flyproxy_$(VERSION)_$(DEB_ARCH).changes
+	@# The source package too (what sbuild or an archive takes), from the cleaned tree.
+	debian/rules clean
+	cd $(DEB_DIR) && dpkg-source -b $(CURDIR)
+	lintian --fail-on error,warning --info $(DEB_DIR)/flyproxy_$(VERSION)_$(DEB_ARCH).changes \
+	  $(DEB_DIR)/flyproxy_$(VERSION).dsc
 	@echo $(DEB)
 
 clean:

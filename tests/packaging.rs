@@ -103,7 +103,7 @@ fn have(program: &str) -> bool {
 // The package
 
 /// Run `make deb` and copy the package into `dir`, with the other files dpkg-buildpackage wrote
-/// (the .changes and the .buildinfo) beside it. An exclusive lock on a file
+/// (the .changes and the .buildinfo) and the source package (.dsc, .tar.xz) beside it. An exclusive lock on a file
 /// in target/ keeps tests in parallel processes from building the same files at once.
 fn build_deb(dir: &Path) -> PathBuf {
     let lock_path = Path::new(ROOT).join("target").join(".packaging-test.lock");
@@ -145,6 +145,8 @@ fn build_deb(dir: &Path) -> PathBuf {
     for name in [
         format!("flyproxy_{VERSION}_{arch}.changes"),
         format!("flyproxy_{VERSION}_{arch}.buildinfo"),
+        format!("flyproxy_{VERSION}.dsc"),
+        format!("flyproxy_{VERSION}.tar.xz"),
     ] {
         let from = built.with_file_name(&name);
         fs::copy(&from, dir.join(&name)).unwrap_or_else(|e| {
@@ -196,7 +198,9 @@ fn deb_package_contents() {
     let dir = TempDir::new("deb");
     let deb = build_deb(&dir.path);
     let changes = deb_built_by_dpkg_buildpackage(&deb);
-    deb_lintian_clean(&changes);
+    let dsc = dir.path.join(format!("flyproxy_{VERSION}.dsc"));
+    deb_source_package(&dsc);
+    deb_lintian_clean(&[&changes, &dsc]);
     deb_control_fields(&deb);
     deb_files(&deb);
     deb_control_area(&deb, &dir.path.join("control"));
@@ -236,13 +240,34 @@ fn deb_built_by_dpkg_buildpackage(deb: &Path) -> PathBuf {
     changes
 }
 
-/// lintian, on the .changes (so on the package and the .buildinfo), finds no error
-/// and no warning. Overrides, each with its reason, are in debian/ (the package installs them
-/// where lintian finds them).
-fn deb_lintian_clean(changes: &Path) {
+/// The source package unpacks (its checksums match) into a tree with debian/ and the crate,
+/// and without cargo's build directories.
+fn deb_source_package(dsc: &Path) {
+    let dir = TempDir::new("deb-source");
+    let tree = dir.path.join("flyproxy");
+    run(Command::new("dpkg-source").arg("-x").arg(dsc).arg(&tree));
+    for f in [
+        "debian/control",
+        "debian/rules",
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/main.rs",
+    ] {
+        assert!(tree.join(f).exists(), "{f} is not in the source package");
+    }
+    assert!(
+        !tree.join("target").exists(),
+        "target/ is in the source package"
+    );
+}
+
+/// lintian, on the .changes (so on the package and the .buildinfo) and on the source package,
+/// finds no error and no warning. Overrides, each with its reason, are in debian/ (the package
+/// installs them where lintian finds them).
+fn deb_lintian_clean(files: &[&Path]) {
     let out = Command::new("lintian")
         .args(["--fail-on", "error,warning"])
-        .arg(changes)
+        .args(files)
         .output()
         .expect("run lintian (apt install lintian)");
     let text = format!(
@@ -256,8 +281,7 @@ fn deb_lintian_clean(changes: &Path) {
         .collect();
     assert!(
         out.status.success() && problems.is_empty(),
-        "lintian {}: {}:\n{text}",
-        changes.display(),
+        "lintian {files:?}: {}:\n{text}",
         out.status
     );
 }
