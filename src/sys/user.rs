@@ -4,6 +4,8 @@
 //! Names are looked up through NSS (`getpwnam_r`, `getgrnam_r` and their by-id twins), as
 //! `id` and `chown` do, so users from LDAP, sssd or systemd-userdb are found as well as those
 //! in /etc/passwd. A number is taken as a uid or gid as it is, with its name if it has one.
+//! The user's other groups (`getgrouplist`) are not looked up: the switch keeps only the one
+//! group, so the proxy holds no group's rights but that one.
 //!
 //! The switch happens once set-up is done, before any relay thread exists, and before the
 //! capabilities are narrowed (switching needs CAP_SETUID and CAP_SETGID, narrowing the bounding
