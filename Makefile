@@ -14,7 +14,11 @@ RUN_DEPS     := netcat-openbsd iproute2 bpftool
 # loopback ports; without etcd they fail in CI). Debian's etcd-server also enables an etcd.service
 # of its own on 127.0.0.1:2379 where systemd runs; the tests leave it alone.
 # openssl and curl for the TLS server-name tests (tests/shared_ports.rs).
-TEST_DEPS    := etcd-server etcd-client openssl curl
+# `make deb`: dpkg-buildpackage (dpkg-dev) with debhelper, then lintian on what it built.
+DEB_DEPS     := dpkg-dev debhelper lintian
+# The package tests (tests/packaging.rs) build the package (DEB_DEPS) and check it with lintian,
+# systemd-analyze (systemd), man (man-db) and readelf (binutils).
+TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db binutils
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
@@ -107,18 +111,38 @@ test: toolchain test-deps lint nextest
 bench:
 	bench/run.sh
 
-# The Debian package, target/debian/flyproxy_<version>_<arch>.deb, built with dpkg-deb alone by
-# dist/build-deb.sh from the stripped release binaries: /usr/bin/flyproxy, the etcd follower
-# /usr/bin/flyproxy-etcd-sync, systemd units for both modes and the follower (none enabled nor
-# started on install), /etc/flyproxy/config.json and /etc/default/flyproxy-etcd-sync (conffiles),
-# the man page. Install it with `apt install ./target/debian/flyproxy_*.deb`.
+# The Debian package, target/debian/flyproxy_<version>_<arch>.deb, built from the source package
+# in debian/ by `dpkg-buildpackage -us -uc -b` (debhelper; the release build uses rustup's cargo
+# from PATH, see debian/rules): /usr/bin/flyproxy, the etcd follower /usr/bin/flyproxy-etcd-sync,
+# systemd units for both modes and the follower (none enabled nor started on install),
+# /etc/flyproxy/config.json, /etc/default/flyproxy (the proxy units' extra options) and
+# /etc/default/flyproxy-etcd-sync (conffiles), both man pages. dpkg-buildpackage writes its
+# results beside the source tree (..); they are moved to target/debian/ (the .deb, .changes and
+# .buildinfo), where the source package (.dsc and .tar.xz, debian/source/options says what it
+# leaves out) is built too, and lintian must find no error nor warning in any of them.
+# The package's path is printed last. Install it with `apt install ./target/debian/flyproxy_*.deb`.
 VERSION      := $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' Cargo.toml | head -n 1)
 DEB_ARCH     := $(shell dpkg --print-architecture 2>/dev/null)
-DEB          := target/debian/flyproxy_$(VERSION)_$(DEB_ARCH).deb
+DEB_DIR      := target/debian
+DEB          := $(DEB_DIR)/flyproxy_$(VERSION)_$(DEB_ARCH).deb
+DEB_OUTPUTS  := flyproxy_$(VERSION)_$(DEB_ARCH).deb flyproxy_$(VERSION)_$(DEB_ARCH).buildinfo \
+                flyproxy_$(VERSION)_$(DEB_ARCH).changes
+DEB_SOURCE   := flyproxy_$(VERSION).dsc flyproxy_$(VERSION).tar.xz
 
 deb: deps
-	$(CARGO) build --release --bin flyproxy --bin flyproxy-etcd-sync
-	dist/build-deb.sh $(RELEASE) $(DEB)
+	@$(MAKE) --no-print-directory install-missing PKGS="$(DEB_DEPS)"
+	@# debian/changelog's version is the package's: it must be Cargo.toml's.
+	@v=$$(dpkg-parsechangelog -S Version); [ "$$v" = "$(VERSION)" ] || \
+	  { echo "debian/changelog is at $$v, Cargo.toml at $(VERSION): add a changelog entry (dch -v $(VERSION))" >&2; exit 1; }
+	@mkdir -p $(DEB_DIR) && cd $(DEB_DIR) && rm -f $(DEB_OUTPUTS) $(DEB_SOURCE)
+	dpkg-buildpackage -us -uc -b
+	@for f in $(DEB_OUTPUTS); do mv -f ../$$f $(DEB_DIR)/ || exit 1; done
+	@# The source package too (what sbuild or an archive takes), from the cleaned tree.
+	debian/rules clean
+	cd $(DEB_DIR) && dpkg-source -b $(CURDIR)
+	lintian --fail-on error,warning --info $(DEB_DIR)/flyproxy_$(VERSION)_$(DEB_ARCH).changes \
+	  $(DEB_DIR)/flyproxy_$(VERSION).dsc
+	@echo $(DEB)
 
 clean:
 	$(CARGO) clean

@@ -1,12 +1,17 @@
-//! Packaging and running as a service: the Debian package (`make deb`), the systemd units in
-//! `dist/`, readiness notification (`NOTIFY_SOCKET`) and the capabilities left after start-up.
+//! Packaging and running as a service: the Debian package (`make deb`: `dpkg-buildpackage` on
+//! the source package in `debian/`), the systemd units in `dist/`, readiness notification
+//! (`NOTIFY_SOCKET`) and the capabilities left after start-up.
 //!
 //! - The package tests need a release build, which is slow: they run when
 //!   `FLYPROXY_PACKAGING_TESTS=1` or `CI` is set (`make test` builds the package first then, so
 //!   the build does not compete with the other tests), and print why they skip otherwise. They
-//!   inspect the package without installing it; in CI, as root, they also install it with
-//!   `dpkg -i` and purge it again (never over a flyproxy package already installed).
-//! - The unit files are checked with `systemd-analyze verify` always (against the debug binary).
+//!   check that dpkg-buildpackage built it and lintian finds no error nor warning, and inspect it
+//!   without installing it; in CI, as root, they also install it with `dpkg -i` and purge it
+//!   again (never over a flyproxy package already installed).
+//! - The unit files are checked with `systemd-analyze verify` always (against the debug binary),
+//!   and the proxy is started with the command line a unit's `ExecStart=` gives with the options
+//!   of `/etc/default/flyproxy` (systemd is not PID 1 in every test machine, so the units are
+//!   not started with systemd itself).
 //! - The notify and capability tests run the debug binary like the other integration tests.
 //!   The capability ones need root (skipped without it, failing in CI): simple mode started as
 //!   root, and both modes run as `nobody` with exactly the capabilities their unit grants
@@ -28,6 +33,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use common::{app, config, free_port, in_ci, Backend, Proxy, TempDir, BIN, WAIT};
+
+/// Where `make deb` leaves the package and what dpkg-buildpackage wrote with it.
+const DEB_DIR: &str = "target/debian";
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -94,8 +102,9 @@ fn have(program: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The package
 
-/// Run `make deb` and copy the package into `dir`. An exclusive lock on a file in target/ keeps
-/// tests in parallel processes from building the same file at once.
+/// Run `make deb` and copy the package into `dir`, with the other files dpkg-buildpackage wrote
+/// (the .changes and the .buildinfo) and the source package (.dsc, .tar.xz) beside it. An exclusive lock on a file
+/// in target/ keeps tests in parallel processes from building the same files at once.
 fn build_deb(dir: &Path) -> PathBuf {
     let lock_path = Path::new(ROOT).join("target").join(".packaging-test.lock");
     fs::create_dir_all(lock_path.parent().unwrap()).unwrap();
@@ -126,11 +135,27 @@ fn build_deb(dir: &Path) -> PathBuf {
         .map(|l| Path::new(ROOT).join(l.trim()))
         .expect("make deb prints the package's path last");
     let arch = stdout(Command::new("dpkg").arg("--print-architecture"));
+    let arch = arch.trim();
     assert_eq!(
-        built.file_name().unwrap().to_string_lossy(),
-        format!("flyproxy_{VERSION}_{}.deb", arch.trim()),
-        "{out}"
+        built,
+        Path::new(ROOT)
+            .join(DEB_DIR)
+            .join(format!("flyproxy_{VERSION}_{arch}.deb"))
     );
+    for name in [
+        format!("flyproxy_{VERSION}_{arch}.changes"),
+        format!("flyproxy_{VERSION}_{arch}.buildinfo"),
+        format!("flyproxy_{VERSION}.dsc"),
+        format!("flyproxy_{VERSION}.tar.xz"),
+    ] {
+        let from = built.with_file_name(&name);
+        fs::copy(&from, dir.join(&name)).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (written by dpkg-buildpackage?)\n{out}",
+                from.display()
+            )
+        });
+    }
     let copy = dir.join(built.file_name().unwrap());
     fs::copy(&built, &copy).unwrap();
     copy
@@ -138,6 +163,7 @@ fn build_deb(dir: &Path) -> PathBuf {
 
 /// The files the package installs (directories left out), and their owners.
 const FILES: &[&str] = &[
+    "/etc/default/flyproxy",
     "/etc/default/flyproxy-etcd-sync",
     "/etc/flyproxy/config.json",
     "/lib/systemd/system/flyproxy-bpf.service",
@@ -148,12 +174,22 @@ const FILES: &[&str] = &[
     "/usr/share/doc/flyproxy/README.md.gz",
     "/usr/share/doc/flyproxy/changelog.gz",
     "/usr/share/doc/flyproxy/copyright",
+    "/usr/share/lintian/overrides/flyproxy",
+    "/usr/share/man/man1/flyproxy-etcd-sync.1.gz",
     "/usr/share/man/man1/flyproxy.1.gz",
 ];
 
-/// The package's control fields, file list, maintainer scripts and contents, without installing
-/// it: the binary runs and validates the shipped config, the units verify, the man page renders
-/// without warnings and names every option of every command.
+/// The conffiles: the config and the settings in /etc/default.
+const CONFFILES: &[&str] = &[
+    "/etc/default/flyproxy",
+    "/etc/default/flyproxy-etcd-sync",
+    "/etc/flyproxy/config.json",
+];
+
+/// The package's origin, lintian's verdict, control fields, file list, maintainer scripts and
+/// contents, without installing it: the binary runs and validates the shipped config, the units
+/// verify and pass /etc/default/flyproxy's options to the proxy, both man pages render without
+/// warnings and name every option of every command.
 #[test]
 fn deb_package_contents() {
     if !packaging_enabled("deb_package_contents") {
@@ -161,10 +197,93 @@ fn deb_package_contents() {
     }
     let dir = TempDir::new("deb");
     let deb = build_deb(&dir.path);
+    let changes = deb_built_by_dpkg_buildpackage(&deb);
+    let dsc = dir.path.join(format!("flyproxy_{VERSION}.dsc"));
+    deb_source_package(&dsc);
+    deb_lintian_clean(&[&changes, &dsc]);
     deb_control_fields(&deb);
     deb_files(&deb);
     deb_control_area(&deb, &dir.path.join("control"));
     deb_contents(&deb, &dir.path.join("root"));
+}
+
+/// dpkg-buildpackage built the package: its .changes (from dpkg-genchanges) names the source
+/// package and lists this very .deb, by size and SHA-256; a .buildinfo was written with it.
+/// Returns the .changes.
+fn deb_built_by_dpkg_buildpackage(deb: &Path) -> PathBuf {
+    let name = deb.file_name().unwrap().to_str().unwrap();
+    let changes = deb.with_extension("changes");
+    let text = fs::read_to_string(&changes).unwrap();
+    let field = |f: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{f}: ")))
+            .unwrap_or_else(|| panic!("no {f} in {}:\n{text}", changes.display()))
+            .to_owned()
+    };
+    assert_eq!(field("Source"), "flyproxy");
+    assert_eq!(field("Version"), VERSION);
+    assert!(
+        field("Binary").split_whitespace().any(|b| b == "flyproxy"),
+        "{text}"
+    );
+    let sha256 = stdout(Command::new("sha256sum").arg(deb));
+    let sha256 = sha256.split_whitespace().next().unwrap();
+    let size = fs::metadata(deb).unwrap().len();
+    let listed = format!(" {sha256} {size} {name}");
+    assert!(
+        text.lines().any(|l| l == listed),
+        "{} does not list this package ({listed}):\n{text}",
+        changes.display()
+    );
+    let buildinfo = fs::read_to_string(deb.with_extension("buildinfo")).unwrap();
+    assert!(buildinfo.contains("\nSource: flyproxy\n"), "{buildinfo}");
+    changes
+}
+
+/// The source package unpacks (its checksums match) into a tree with debian/ and the crate,
+/// and without cargo's build directories.
+fn deb_source_package(dsc: &Path) {
+    let dir = TempDir::new("deb-source");
+    let tree = dir.path.join("flyproxy");
+    run(Command::new("dpkg-source").arg("-x").arg(dsc).arg(&tree));
+    for f in [
+        "debian/control",
+        "debian/rules",
+        "Cargo.toml",
+        "Cargo.lock",
+        "src/main.rs",
+    ] {
+        assert!(tree.join(f).exists(), "{f} is not in the source package");
+    }
+    assert!(
+        !tree.join("target").exists(),
+        "target/ is in the source package"
+    );
+}
+
+/// lintian, on the .changes (so on the package and the .buildinfo) and on the source package,
+/// finds no error and no warning. Overrides, each with its reason, are in debian/ (the package
+/// installs them where lintian finds them).
+fn deb_lintian_clean(files: &[&Path]) {
+    let out = Command::new("lintian")
+        .args(["--fail-on", "error,warning"])
+        .args(files)
+        .output()
+        .expect("run lintian (apt install lintian)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let problems: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect();
+    assert!(
+        out.status.success() && problems.is_empty(),
+        "lintian {files:?}: {}:\n{text}",
+        out.status
+    );
 }
 
 /// The control fields: name, version, architecture, dependencies, description.
@@ -199,14 +318,14 @@ fn deb_files(deb: &Path) {
     assert_eq!(files, expected, "files in the package");
 }
 
-/// Control area: the config and the follower's settings are conffiles; the maintainer
-/// scripts are executable and start nothing.
+/// Control area: the config and both settings files in /etc/default are conffiles; the
+/// maintainer scripts are executable and start nothing.
 fn deb_control_area(deb: &Path, control: &Path) {
     run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(control));
-    assert_eq!(
-        fs::read_to_string(control.join("conffiles")).unwrap(),
-        "/etc/default/flyproxy-etcd-sync\n/etc/flyproxy/config.json\n"
-    );
+    let conffiles = fs::read_to_string(control.join("conffiles")).unwrap();
+    let mut listed: Vec<&str> = conffiles.lines().collect();
+    listed.sort_unstable();
+    assert_eq!(listed, CONFFILES, "conffiles:\n{conffiles}");
     for script in ["postinst", "prerm", "postrm"] {
         let path = control.join(script);
         let mode = fs::metadata(&path).unwrap().permissions().mode();
@@ -214,17 +333,37 @@ fn deb_control_area(deb: &Path, control: &Path) {
         run(Command::new("sh").arg("-n").arg(&path));
         let text = fs::read_to_string(&path).unwrap();
         let commands = shell_commands(&text);
-        for word in [
-            "enable",
-            "start",
-            "restart",
-            "try-restart",
-            "reload-or-restart",
-        ] {
-            assert!(
-                !commands.split_whitespace().any(|w| w == word),
-                "{script} must not enable or start a service ('{word}'):\n{text}"
-            );
+        let lines: Vec<&str> = commands
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            for word in [
+                "enable",
+                "start",
+                "restart",
+                "try-restart",
+                "reload-or-restart",
+            ] {
+                if !line.split_whitespace().any(|w| w == word) {
+                    continue;
+                }
+                // dh_installsystemd --no-enable's one exception: the links of a unit that the
+                // administrator had enabled are made again (on an upgrade, after a rename).
+                let unit = line.strip_prefix("deb-systemd-helper enable ");
+                let re_enable = unit
+                    .and_then(|u| u.split_whitespace().next())
+                    .is_some_and(|u| {
+                        i > 0
+                            && lines[i - 1]
+                                == format!("if deb-systemd-helper --quiet was-enabled {u}; then")
+                    });
+                assert!(
+                    word == "enable" && re_enable,
+                    "{script} must not enable or start a service ('{word}' in {line:?}):\n{text}"
+                );
+            }
         }
     }
 }
@@ -257,16 +396,18 @@ fn deb_contents(deb: &Path, root: &Path) {
             b.display()
         );
     }
-    // The follower's settings may hold etcd credentials: root only.
-    let mode = fs::metadata(root.join("etc/default/flyproxy-etcd-sync"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    // The follower's settings may hold etcd credentials: root only. The proxy's options are
+    // no secret.
+    let mode = |path: &str| fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("etc/default/flyproxy-etcd-sync"), 0o600);
+    assert_eq!(mode("etc/default/flyproxy"), 0o644);
 
     let man = root.join("usr/share/man");
-    verify_units(&root.join("lib/systemd/system"), &bin, &man);
+    let units = root.join("lib/systemd/system");
+    verify_units(&units, &bin, &man);
     check_man_page(&man.join("man1/flyproxy.1.gz"), &bin);
+    check_sync_man_page(&man.join("man1/flyproxy-etcd-sync.1.gz"), &sync);
+    options_reach_the_proxy(&units, &root.join("etc/default/flyproxy"), &bin);
 }
 
 /// A shell script without its comments and quoted strings (messages), leaving the commands.
@@ -345,6 +486,7 @@ fn deb_installs_and_purges() {
     for f in FILES {
         assert!(Path::new(f).exists(), "{f} not installed");
     }
+    assert_nothing_enabled();
     assert_eq!(
         stdout(Command::new("/usr/bin/flyproxy").arg("--version")).trim(),
         format!("flyproxy {VERSION}")
@@ -382,6 +524,10 @@ fn deb_installs_and_purges() {
         !Path::new("/etc/default/flyproxy-etcd-sync").exists(),
         "purge removes the follower's settings"
     );
+    assert!(
+        !Path::new("/etc/default/flyproxy").exists(),
+        "purge removes the proxy's options"
+    );
     let left = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", "flyproxy"])
         .output()
@@ -390,6 +536,26 @@ fn deb_installs_and_purges() {
         !String::from_utf8_lossy(&left.stdout).contains("installed"),
         "still known to dpkg after purge"
     );
+}
+
+/// Installing enabled no unit: no link to a flyproxy unit anywhere under /etc/systemd/system.
+fn assert_nothing_enabled() {
+    let mut found = Vec::new();
+    let mut dirs = vec![PathBuf::from("/etc/systemd/system")];
+    while let Some(dir) = dirs.pop() {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                dirs.push(path);
+            } else if kind.is_symlink()
+                && entry.file_name().to_string_lossy().starts_with("flyproxy")
+            {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    assert!(found.is_empty(), "installing enabled units: {found:?}");
 }
 
 /// `systemd-analyze verify` on the units in `unit_dir`, with their `/usr/bin/flyproxy` replaced
@@ -432,22 +598,7 @@ fn verify_units(unit_dir: &Path, bin: &Path, man_dir: &Path) {
 /// The man page renders without warnings, and names every command and every long option that
 /// the binary's help texts list.
 fn check_man_page(gz: &Path, bin: &Path) {
-    let out = Command::new("man")
-        .args(["--warnings", "-l"])
-        .arg(gz)
-        .env("MANWIDTH", "80")
-        .env("MANPAGER", "cat")
-        .output()
-        .expect("run man");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stderr.trim().is_empty(),
-        "man: {stderr}"
-    );
-    let source = {
-        let out = run(Command::new("gzip").arg("-dc").arg(gz));
-        String::from_utf8(out.stdout).unwrap().replace("\\-", "-")
-    };
+    let source = render_man_page(gz);
     let help = stdout(Command::new(bin).arg("--help"));
     let commands: Vec<String> = help
         .lines()
@@ -473,6 +624,199 @@ fn check_man_page(gz: &Path, bin: &Path) {
             );
         }
     }
+}
+
+/// flyproxy-etcd-sync's man page renders without warnings and names every long option of its
+/// `--help`, and the environment variable of each.
+fn check_sync_man_page(gz: &Path, sync: &Path) {
+    let source = render_man_page(gz);
+    let help = stdout(Command::new(sync).arg("--help"));
+    let options = long_options(&help);
+    assert!(options.len() >= 4, "options in --help: {options:?}\n{help}");
+    for option in options {
+        assert!(
+            source.contains(&option),
+            "flyproxy-etcd-sync's man page does not mention {option}"
+        );
+    }
+    for var in [
+        "FLYPROXY_ETCD_KEY",
+        "FLYPROXY_CONFIG",
+        "FLYPROXY_ETCDCTL",
+        "FLYPROXY_ETCD_RESYNC",
+    ] {
+        assert!(
+            help.contains(var),
+            "{var} is not in --help any more:\n{help}"
+        );
+        assert!(
+            source.contains(var),
+            "flyproxy-etcd-sync's man page does not mention {var}"
+        );
+    }
+}
+
+/// `man --warnings` renders the page cleanly; its source, with `\-` as `-`.
+fn render_man_page(gz: &Path) -> String {
+    let out = Command::new("man")
+        .args(["--warnings", "-l"])
+        .arg(gz)
+        .env("MANWIDTH", "80")
+        .env("MANPAGER", "cat")
+        .output()
+        .expect("run man");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "man {}: {stderr}",
+        gz.display()
+    );
+    let out = run(Command::new("gzip").arg("-dcf").arg(gz));
+    String::from_utf8(out.stdout).unwrap().replace("\\-", "-")
+}
+
+/// The words of a unit's `ExecStart=` as systemd passes them, with the variables of the
+/// `EnvironmentFile=` text `env_file`: a word that is `$NAME` becomes the value's words (none
+/// when it is empty or unset), `${NAME}` inside a word the value as it is (systemd.service(5),
+/// "Command lines"). The packaged units quote nothing, which this relies on (checked).
+fn unit_command_line(unit: &str, env_file: &str) -> Vec<String> {
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart=");
+    assert!(
+        !exec.contains(['"', '\'', '\\']),
+        "quoting in ExecStart={exec}"
+    );
+    let env = environment_file(env_file);
+    let value = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    };
+    let mut words = Vec::new();
+    for word in exec.split_whitespace() {
+        if let Some(name) = word.strip_prefix('$').filter(|n| !n.starts_with('{')) {
+            words.extend(value(name).split_whitespace().map(str::to_owned));
+        } else {
+            let mut word = word.to_owned();
+            for (k, v) in &env {
+                word = word.replace(&format!("${{{k}}}"), v);
+            }
+            words.push(word);
+        }
+    }
+    words
+}
+
+/// An `EnvironmentFile=` as systemd reads it (systemd.exec(5)): `NAME=value` lines, `#` and `;`
+/// comments, blank lines; a value in quotes loses them.
+fn environment_file(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not NAME=value: {l:?}"));
+            let v = v.trim();
+            let v = ['"', '\'']
+                .iter()
+                .find_map(|q| v.strip_prefix(*q).and_then(|v| v.strip_suffix(*q)))
+                .unwrap_or(v);
+            (k.trim().to_owned(), v.to_owned())
+        })
+        .collect()
+}
+
+/// Both proxy units read `/etc/default/flyproxy` (optional: `EnvironmentFile=-`) and put
+/// `$FLYPROXY_OPTS` on their command line; the shipped file sets no option, so the command line
+/// is the plain one. With an option set there (`--metrics` and `--max-connections`), the
+/// proxy started with flyproxy.service's command line has them in its /proc/PID/cmdline and
+/// serves them. `bin` stands in for /usr/bin/flyproxy, a temporary config for the packaged one.
+fn options_reach_the_proxy(unit_dir: &Path, default_file: &Path, bin: &Path) {
+    let shipped = fs::read_to_string(default_file).unwrap();
+    assert_eq!(
+        environment_file(&shipped),
+        [("FLYPROXY_OPTS".to_owned(), String::new())],
+        "{}:\n{shipped}",
+        default_file.display()
+    );
+    for (name, plain) in [
+        (
+            "flyproxy.service",
+            "/usr/bin/flyproxy simple -c /etc/flyproxy/config.json",
+        ),
+        (
+            "flyproxy-bpf.service",
+            "/usr/bin/flyproxy bpf -p 8000 -c /etc/flyproxy/config.json",
+        ),
+    ] {
+        let unit = fs::read_to_string(unit_dir.join(name)).unwrap();
+        assert!(
+            unit.lines()
+                .any(|l| l == "EnvironmentFile=-/etc/default/flyproxy"),
+            "{name} does not read /etc/default/flyproxy"
+        );
+        assert!(
+            unit.contains(" $FLYPROXY_OPTS\n"),
+            "{name}: no $FLYPROXY_OPTS in ExecStart"
+        );
+        assert_eq!(
+            unit_command_line(&unit, &shipped).join(" "),
+            plain,
+            "{name}"
+        );
+    }
+
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let options = format!(
+        "{}FLYPROXY_OPTS=--metrics {metrics} --max-connections 77\n",
+        shipped.replace("\nFLYPROXY_OPTS=\n", "\n")
+    );
+    let unit = fs::read_to_string(unit_dir.join("flyproxy.service")).unwrap();
+    let words = unit_command_line(&unit, &options);
+    assert_eq!(words[0], "/usr/bin/flyproxy");
+    let port = free_port();
+    let dir = TempDir::new("unit-options");
+    let cfg = dir.write(
+        "config.json",
+        &config(&[app("opts", &[port], &["127.0.0.1:9".to_owned()])]),
+    );
+    let args: Vec<String> = words[1..]
+        .iter()
+        .map(|w| {
+            if w == "/etc/flyproxy/config.json" {
+                cfg.display().to_string()
+            } else {
+                w.clone()
+            }
+        })
+        .collect();
+    let mut cmd = Command::new(bin);
+    cmd.args(&args);
+    let mut proxy = Proxy::spawn_cmd(cmd, dir, cfg);
+    proxy
+        .wait_started()
+        .unwrap_or_else(|log| panic!("{args:?} did not start:\n{log}"));
+    let cmdline = fs::read(format!("/proc/{}/cmdline", proxy.pid)).unwrap();
+    let cmdline: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned())
+        .collect();
+    let metrics_arg = metrics.to_string();
+    assert!(
+        cmdline
+            .windows(2)
+            .any(|w| w[0] == "--metrics" && w[1] == metrics_arg),
+        "--metrics {metrics} is not on the running proxy's command line: {cmdline:?}"
+    );
+    common::metrics::scrape_until(metrics, "the limit set in /etc/default/flyproxy", |m| {
+        m.value("flyproxy_connections_limit", &[]) == Some(77.0)
+    });
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(WAIT).success());
 }
 
 /// `--word-word` tokens of a help text.
@@ -511,8 +855,33 @@ fn units_verify_and_default_config_is_valid() {
     }
     let man = TempDir::new("man");
     fs::create_dir_all(man.path.join("man1")).unwrap();
-    fs::copy(dist.join("flyproxy.1"), man.path.join("man1/flyproxy.1")).unwrap();
+    for page in ["flyproxy.1", "flyproxy-etcd-sync.1"] {
+        fs::copy(dist.join(page), man.path.join("man1").join(page)).unwrap();
+    }
     verify_units(&dist, Path::new(BIN), &man.path);
+}
+
+/// The units in dist/ read dist/flyproxy.default's options (the package's
+/// /etc/default/flyproxy) and they reach the debug binary's command line (quick; no package
+/// needed). The man pages in dist/ render cleanly and name every option.
+#[test]
+fn unit_options_and_man_pages_in_dist() {
+    let dist = Path::new(ROOT).join("dist");
+    options_reach_the_proxy(&dist, &dist.join("flyproxy.default"), Path::new(BIN));
+    check_man_page(&dist.join("flyproxy.1"), Path::new(BIN));
+    let sync = Path::new(BIN).with_file_name("flyproxy-etcd-sync");
+    check_sync_man_page(&dist.join("flyproxy-etcd-sync.1"), &sync);
+}
+
+/// debian/changelog's version is the crate's: the package is built at Cargo.toml's version.
+#[test]
+fn debian_changelog_is_at_the_crate_version() {
+    let changelog = fs::read_to_string(Path::new(ROOT).join("debian/changelog")).unwrap();
+    let first = changelog.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with(&format!("flyproxy ({VERSION}) ")),
+        "debian/changelog starts with {first:?}, Cargo.toml is at {VERSION}: add an entry"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
