@@ -149,7 +149,7 @@ pub struct Lot<T> {
 }
 
 struct State<T> {
-    entries: HashMap<u64, Entry<T>>,
+    entries: HashMap<u64, Place<T>>,
     /// Deadlines of waiting connections, earliest first.
     timers: BTreeSet<(Instant, u64)>,
     /// Ids are never reused, so a late event for a connection that ended is ignored.
@@ -169,7 +169,8 @@ impl<T> State<T> {
     }
 }
 
-struct Entry<T> {
+/// A connection's place in the lot (its `Ticket` is the handle to it).
+struct Place<T> {
     /// Some while the connection waits here; None while a thread has it.
     item: Option<T>,
     /// Events seen since it last ran.
@@ -222,7 +223,7 @@ impl<T: Wakeable> Lot<T> {
         state.next_id += 1;
         state.entries.insert(
             id,
-            Entry {
+            Place {
                 item: None,
                 woke: Woke::default(),
                 deadline: None,

@@ -112,6 +112,9 @@ pub struct Session {
     phase: Phase,
 }
 
+/// The phase a connection is in. A phase that learns to wait for something more (a connect made
+/// non-blocking) says so from its own `step` with a `Step::Wait` naming what to arm: `run`, `park`
+/// and the lot stay as they are.
 enum Phase {
     Greeting(Greeting),
     Admission(Admission),
@@ -221,7 +224,7 @@ impl Wakeable for Box<Session> {
 fn park(mut s: Box<Session>, wait: Wait, cx: &Context) -> Option<Box<Session>> {
     let conn = &mut s.conn;
     let client = conn.reg.entry.client.as_raw_fd();
-    let backend = conn.reg.entry.backend.get().map(|b| b.as_raw_fd());
+    let backend = wait.backend;
     let ticket = conn.ticket.get_or_insert_with(|| cx.lot.ticket());
     let armed = ticket
         .arm(Side::Client, client, wait.events[0])

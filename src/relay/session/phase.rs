@@ -4,6 +4,7 @@
 //! this file, and `session` imports them, so that no two files import each other.
 
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use crate::relay::conns::Registered;
 use crate::relay::park::{Ticket, Woke};
 use crate::relay::per_client::ClientSlots;
 
-/// The timeouts a session keeps.
+/// The timeouts the relay reads, given by whoever builds it (from its own settings).
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     /// For a connect to a target, and for a slot of an app's MaxConnections.
@@ -72,8 +73,11 @@ impl<P, D> Step<P, D> {
 /// What a waiting phase waits for.
 pub(super) struct Wait {
     /// What to arm the client and the backend socket for (`park::READ`, ...; see
-    /// `park::Ticket::arm`). The backend's is used only once there is one.
+    /// `park::Ticket::arm`).
     pub(super) events: [Option<u32>; 2],
+    /// The backend socket, once the phase has one (it must stay open while the connection
+    /// lives: closing it is what takes it out of the lot's epoll set).
+    pub(super) backend: Option<RawFd>,
     /// When to step it again even if nothing happens.
     pub(super) until: Option<Instant>,
 }
@@ -83,6 +87,7 @@ impl Wait {
     pub(super) fn client(events: u32, until: Instant) -> Wait {
         Wait {
             events: [Some(events), None],
+            backend: None,
             until: Some(until),
         }
     }

@@ -4,6 +4,7 @@
 //! closed, reset, idle, or drained, with the bytes it moved.
 
 use std::convert::Infallible;
+use std::os::fd::AsRawFd;
 
 use super::connecting::Connected;
 use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
@@ -70,6 +71,7 @@ impl Relaying {
             Pause::Wait => {
                 let wait = Wait {
                     events: self.relay.interest(),
+                    backend: Some(backend.as_raw_fd()),
                     until: self.relay.deadline(idle),
                 };
                 Step::Wait(self, wait)
