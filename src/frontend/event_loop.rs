@@ -24,8 +24,9 @@ use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READ
 use crate::frontend::watch::Watch;
 use crate::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
+use crate::relay::per_client::{self, ClientSlots};
 use crate::relay::pool::Pool;
-use crate::relay::session::{self, ClientSlots, Job, Task};
+use crate::relay::session::{Incoming, Task};
 use crate::relay::slots::Slots;
 
 /// Connections accepted from one listener before the loop looks at the others, so one busy
@@ -313,7 +314,7 @@ impl Loop {
             match ClientSlots::take(self.clients.as_ref(), app.map(|a| &**a), conn.peer) {
                 Ok(slots) => slots,
                 Err(reached) => {
-                    session::refuse_client_limit(
+                    per_client::refuse_client_limit(
                         app.map(|a| &**a),
                         conn.stream,
                         conn.peer,
@@ -324,7 +325,7 @@ impl Loop {
                 }
             };
         self.slots.take();
-        let job = Job {
+        let job = Incoming {
             client: conn.stream,
             peer: conn.peer,
             local: conn.local,

@@ -30,8 +30,9 @@ use crate::metrics::{self, Endpoint, Published, Sources};
 use crate::relay::conns::Conns;
 use crate::relay::park::Lot;
 use crate::relay::pool::Pool;
-use crate::relay::session::{self, Context, Task};
+use crate::relay::session::{self, Context, Task, Timeouts};
 use crate::relay::slots::Slots;
+use crate::relay::transfer::Carriers;
 use crate::sys::caps::{Cap, CapsError};
 use crate::sys::pidfile::{self, PidFileError};
 use crate::sys::upgrade::{Exec, ReadyPipe};
@@ -168,7 +169,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         lookups: source.lookup_stats(),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
-    let pool = relay_pool(&settings, &conns, &slots, &published.unrouted)?;
+    let pool = relay_pool(&settings, fds.pipes, &conns, &slots, &published.unrouted)?;
     let checker =
         Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
@@ -309,13 +310,19 @@ fn start_metrics(
 /// lot where connections wait without one; one relay thread per core waits on the lot at a time.
 fn relay_pool(
     settings: &Settings,
+    pipe_budget: usize,
     conns: &Arc<Conns>,
     slots: &Arc<Slots>,
     unrouted: &Arc<UnroutedCounts>,
 ) -> Result<Pool<Task>, StartError> {
     let lot = Lot::new().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
     let cx = Context {
-        settings: settings.clone(),
+        timeouts: Timeouts {
+            connect: settings.connect_timeout,
+            idle: settings.idle_timeout,
+            preread: settings.preread_timeout,
+        },
+        carriers: Carriers::new(pipe_budget),
         conns: Arc::clone(conns),
         unrouted: Arc::clone(unrouted),
         slots: Arc::clone(slots),
@@ -475,6 +482,8 @@ struct FdBudget {
     limit: Option<u64>,
     /// Listeners, health checks, the metrics endpoint and `FD_RESERVE`.
     reserved: u64,
+    /// Kernel pipes the relay may hold at once: what the limit leaves beside the connections.
+    pipes: usize,
 }
 
 impl fmt::Display for FdBudget {
@@ -503,6 +512,7 @@ fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize
         let budget = FdBudget {
             limit: None,
             reserved,
+            pipes: usize::MAX,
         };
         return (max_connections, budget);
     }
@@ -516,16 +526,17 @@ fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize
             lim.rlim_cur = lim.rlim_max;
         }
     }
-    let budget = FdBudget {
-        limit: Some(lim.rlim_cur),
-        reserved,
-    };
     let available = lim.rlim_cur.saturating_sub(reserved);
     let fits = (available / 2) as usize;
     // Whatever the connections leave over is what the relay may spend on kernel pipes; past
     // that it copies through a buffer instead of failing a socket with EMFILE.
     let bound = max_connections.min(fits).max(1);
-    crate::relay::transfer::set_pipe_budget(available.saturating_sub(bound as u64 * 2) / 2);
+    let pipes = available.saturating_sub(bound as u64 * 2) / 2;
+    let budget = FdBudget {
+        limit: Some(lim.rlim_cur),
+        reserved,
+        pipes: usize::try_from(pipes).unwrap_or(usize::MAX),
+    };
     if max_connections > fits {
         crate::warn!(
             "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-pub struct Entry {
+/// An open connection's sockets, where a drain reaches them, and its drain state.
+pub struct OpenConn {
     /// The frontend port the client connected to.
     pub port: u16,
     pub client: TcpStream,
@@ -25,7 +26,7 @@ pub struct Entry {
     drained: AtomicBool,
 }
 
-impl Entry {
+impl OpenConn {
     pub fn was_drained(&self) -> bool {
         self.drained.load(Ordering::Acquire)
     }
@@ -47,7 +48,7 @@ pub struct Conns {
 
 #[derive(Default)]
 struct Table {
-    open: HashMap<u64, Arc<Entry>>,
+    open: HashMap<u64, Arc<OpenConn>>,
     /// Drains still running, so that a connection accepted before a drain began but
     /// registered after it (its relay thread was just starting) gets the deadline too.
     rules: Vec<Rule>,
@@ -78,7 +79,7 @@ impl Ports {
 pub struct Registered {
     conns: Arc<Conns>,
     id: u64,
-    pub entry: Arc<Entry>,
+    pub entry: Arc<OpenConn>,
 }
 
 impl Drop for Registered {
@@ -108,7 +109,7 @@ impl Conns {
             .filter(|r| r.began >= accepted && r.ports.contains(port))
             .map(|r| r.at)
             .min();
-        let entry = Arc::new(Entry {
+        let entry = Arc::new(OpenConn {
             port,
             client,
             backend: OnceLock::new(),

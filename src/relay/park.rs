@@ -149,7 +149,7 @@ pub struct Lot<T> {
 }
 
 struct State<T> {
-    entries: HashMap<u64, Entry<T>>,
+    entries: HashMap<u64, Place<T>>,
     /// Deadlines of waiting connections, earliest first.
     timers: BTreeSet<(Instant, u64)>,
     /// Ids are never reused, so a late event for a connection that ended is ignored.
@@ -169,7 +169,8 @@ impl<T> State<T> {
     }
 }
 
-struct Entry<T> {
+/// A connection's place in the lot (its `Ticket` is the handle to it).
+struct Place<T> {
     /// Some while the connection waits here; None while a thread has it.
     item: Option<T>,
     /// Events seen since it last ran.
@@ -222,7 +223,7 @@ impl<T: Wakeable> Lot<T> {
         state.next_id += 1;
         state.entries.insert(
             id,
-            Entry {
+            Place {
                 item: None,
                 woke: Woke::default(),
                 deadline: None,
@@ -280,7 +281,7 @@ impl<T: Wakeable> Lot<T> {
 
     /// The connections that are ready: woken by an event or due. With `block`, wait for at
     /// least one (or an interrupt); without, only look. Each comes with what woke it.
-    pub fn collect(&self, block: bool, out: &mut Vec<T>) {
+    pub fn collect<J: From<T>>(&self, block: bool, out: &mut Vec<J>) {
         let mut me = None;
         let timeout = if block {
             let mut state = self.lock();
@@ -348,7 +349,7 @@ impl<T: Wakeable> Lot<T> {
                 state.timers.remove(&(at, id));
             }
             item.woke(woke);
-            out.push(item);
+            out.push(J::from(item));
         }
         // Keep a sleeping thread on the next deadline: the one that was may be this one, now
         // leaving to run what it took; and an interrupt taken by a thread only looking was
@@ -393,6 +394,62 @@ impl<T: Wakeable> Forget for Lot<T> {
     }
 }
 
+/// Wait on this thread, with poll(2), for what a ticket would be armed for (`events` on the
+/// client and the backend socket, as for `Ticket::arm`: None, not at all) or `until`: only when
+/// the lot cannot take a connection (its sockets could not be registered). What the sockets
+/// showed comes back as the lot would have reported it. Not past a second, so that the caller
+/// tries the lot again now and then.
+pub fn wait_here(
+    fds: [Option<RawFd>; 2],
+    events: [Option<u32>; 2],
+    until: Option<Instant>,
+) -> Woke {
+    // epoll's bits and poll's, for what is waited for and what is reported.
+    const BITS: [(libc::c_short, libc::c_int); 5] = [
+        (libc::POLLIN, libc::EPOLLIN),
+        (libc::POLLRDHUP, libc::EPOLLRDHUP),
+        (libc::POLLOUT, libc::EPOLLOUT),
+        (libc::POLLERR | libc::POLLNVAL, libc::EPOLLERR),
+        (libc::POLLHUP, libc::EPOLLHUP),
+    ];
+    let mut pfds = [0, 1].map(|i| {
+        let (fd, wanted) = match (fds[i], events[i]) {
+            (Some(fd), Some(wanted)) => (fd, wanted),
+            // No socket, or one that hung up: nothing can come from it (poll would report the
+            // hang-up at once, every time).
+            _ => (-1, 0),
+        };
+        let mut events = 0;
+        for (p, e) in BITS {
+            if wanted & e as u32 != 0 {
+                events |= p;
+            }
+        }
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        }
+    });
+    let second = std::time::Duration::from_secs(1);
+    let left = until.map_or(second, |at| {
+        at.saturating_duration_since(Instant::now()).min(second)
+    });
+    let mut woke = Woke::default();
+    // SAFETY: `pfds` is a valid array of two pollfd for the duration of the call.
+    if unsafe { libc::poll(pfds.as_mut_ptr(), 2, crate::sys::net::poll_ms(left)) } <= 0 {
+        return woke;
+    }
+    for (i, pfd) in pfds.iter().enumerate() {
+        for (p, e) in BITS {
+            if pfd.revents & p != 0 {
+                woke.0[i] |= e as u32;
+            }
+        }
+    }
+    woke
+}
+
 fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
     let mut ev = libc::epoll_event { events, u64: data };
     // SAFETY: epoll_ctl with a valid event struct; both descriptors are open.
@@ -402,8 +459,9 @@ fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -
     Ok(())
 }
 
-impl<T: Wakeable> crate::relay::pool::Source<T> for Lot<T> {
-    fn collect(&self, block: bool, out: &mut Vec<T>) {
+/// The pool's jobs are what the lot holds, or made from it (`J::from`).
+impl<T: Wakeable, J: From<T>> crate::relay::pool::Source<J> for Lot<T> {
+    fn collect(&self, block: bool, out: &mut Vec<J>) {
         Lot::collect(self, block, out)
     }
 
@@ -411,3 +469,6 @@ impl<T: Wakeable> crate::relay::pool::Source<T> for Lot<T> {
         Lot::interrupt(self)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,8 +9,6 @@
 
 use std::io::{self, Read};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use crate::config::hostname;
 use crate::relay::client_hello::{self, Parsed, MAX_PREREAD};
@@ -92,24 +90,5 @@ impl HelloReader {
     /// Every byte read, to be sent to the target first.
     pub fn into_bytes(self) -> Vec<u8> {
         self.buf
-    }
-}
-
-/// Wait until `client` is readable (or hung up), at most `left`. False on timeout.
-pub fn wait_readable(client: &TcpStream, left: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: client.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = crate::sys::net::poll_ms(left);
-    loop {
-        // SAFETY: one valid pollfd, for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        // An error of poll itself is left to the next read to report.
-        return rc != 0;
     }
 }

@@ -22,6 +22,54 @@ pub fn poll_ms(left: std::time::Duration) -> libc::c_int {
         .min(libc::c_int::MAX as u128) as libc::c_int
 }
 
+/// Wait until `fd` shows one of the poll(2) `events` (or an error or hang-up), at most `left`.
+/// False on timeout; an error of poll itself is left to the caller's next read or write to
+/// report.
+pub fn poll_one(fd: std::os::fd::RawFd, events: libc::c_short, left: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = poll_ms(left);
+    loop {
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        return rc != 0;
+    }
+}
+
+/// Write all of `buf` to the non-blocking `s`, waiting for room at most `timeout` in all: for
+/// the few bytes that go before relaying starts (a PROXY header, the bytes read for the server
+/// name), which a working peer takes at once.
+pub fn write_all_within(
+    s: &std::net::TcpStream,
+    mut buf: &[u8],
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    use std::io::Write;
+    let deadline = std::time::Instant::now() + timeout;
+    while !buf.is_empty() {
+        match (&*s).write(buf) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                poll_one(s.as_raw_fd(), libc::POLLOUT, left);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// `::ffff:a.b.c.d` (an IPv4 client on a dual-stack socket) written as plain IPv4.
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -161,11 +209,19 @@ pub fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// Close `stream` with a reset (SO_LINGER 0) rather than a FIN: a connection the proxy will not
 /// serve ends at once for the client, as a refused one would, and leaves no TIME_WAIT.
 pub fn reset(stream: std::net::TcpStream) {
+    reset_on_close(&stream);
+    drop(stream);
+}
+
+/// Make the coming close of `stream` send a RST instead of a FIN (SO_LINGER 0), so the peer
+/// learns the connection failed rather than seeing an orderly end of stream.
+pub fn reset_on_close(stream: &std::net::TcpStream) {
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a linger struct of the size given, on a socket we own until it drops below.
+    // SAFETY: a linger struct of the size given, on a socket open for the call. Failure only
+    // leaves the close an orderly one.
     unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
@@ -175,5 +231,4 @@ pub fn reset(stream: std::net::TcpStream) {
             std::mem::size_of::<libc::linger>() as libc::socklen_t,
         );
     }
-    drop(stream);
 }

@@ -1,0 +1,92 @@
+//! The admission: take a slot of the app's MaxConnections, where it has the bound. A connection
+//! that must wait for one does so in the parking lot (looking again every `LIMIT_RETRY`, for at
+//! most the connect timeout), not on a thread: otherwise as many waiters as `--max-threads` would
+//! hold every relay thread for the connect timeout. Its client socket is watched meanwhile, for
+//! failure only (bytes the client sends wait in its socket): a reset, or a drain, which shuts it
+//! down, ends it at once.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::greeting::Greeted;
+use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
+use crate::backends::routing::{Acquired, LimitDenied, LimitGuard, LimitWait};
+use crate::relay::park::{self, Side};
+
+/// How often a connection waiting in the parking lot for a slot of its app looks again.
+const LIMIT_RETRY: Duration = Duration::from_millis(50);
+
+pub(super) struct Admission {
+    route: Route,
+    first_bytes: Vec<u8>,
+    /// Its place among the app's waiters, and until when it waits.
+    wait: Option<(LimitWait, Instant)>,
+}
+
+/// What the admission is done with.
+pub(super) struct Admitted {
+    pub(super) route: Route,
+    pub(super) first_bytes: Vec<u8>,
+    /// The app's MaxConnections slot, if it has the bound.
+    pub(super) limit: Option<LimitGuard>,
+}
+
+impl Admission {
+    pub(super) fn new(greeted: Greeted) -> Admission {
+        Admission {
+            route: greeted.route,
+            first_bytes: greeted.first_bytes,
+            wait: None,
+        }
+    }
+
+    pub(super) fn step(
+        mut self,
+        conn: &mut Conn,
+        timeouts: &Timeouts,
+    ) -> Step<Admission, Admitted> {
+        let Some(limit) = self.route.app.limit.clone() else {
+            return Step::Done(self.admitted(None));
+        };
+        let (waiting, deadline) = match &self.wait {
+            Some(w) => w,
+            None => match limit.acquire_or_wait() {
+                Ok(Acquired::Slot(slot)) => return Step::Done(self.admitted(Some(slot))),
+                Ok(Acquired::Wait(w)) => self.wait.insert((w, Instant::now() + timeouts.connect)),
+                Err(denied) => return Step::End(self.limited(denied)),
+            },
+        };
+        let deadline = *deadline;
+        if let Some(slot) = waiting.try_take() {
+            return Step::Done(self.admitted(Some(slot)));
+        }
+        if conn.reg.entry.was_drained() {
+            return Step::End(self.route.ending(None, "drained", None));
+        }
+        if conn.woke.gone(Side::Client) {
+            return Step::End(self.route.client_gone(conn));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Step::End(self.limited(LimitDenied::TimedOut));
+        }
+        // Armed for failure only: bytes the client sends meanwhile wait in its socket.
+        let at = deadline.min(now + LIMIT_RETRY);
+        Step::Wait(self, Wait::client(park::FAILURE, at))
+    }
+
+    /// Its place among the waiters, if it had one, goes with it.
+    fn admitted(self, limit: Option<LimitGuard>) -> Admitted {
+        Admitted {
+            route: self.route,
+            first_bytes: self.first_bytes,
+            limit,
+        }
+    }
+
+    fn limited(self, denied: LimitDenied) -> Ending {
+        self.route.app.stats.limited.fetch_add(1, Ordering::Relaxed);
+        self.route
+            .ending(None, "limit", Some(denied.reason().into()))
+    }
+}

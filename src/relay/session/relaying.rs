@@ -1,0 +1,93 @@
+//! Relaying: move bytes both ways until both are done (`transfer`). While every read and write it
+//! wants would block, the connection waits in the parking lot for its sockets (or its idle
+//! timeout); past its time slice while others wait for a thread, it hands its thread on. It ends
+//! closed, reset, idle, or drained, with the bytes it moved.
+
+use std::convert::Infallible;
+use std::os::fd::AsRawFd;
+
+use super::connecting::Connected;
+use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
+use crate::backends::backend::ActiveGuard;
+use crate::backends::routing::LimitGuard;
+use crate::relay::pool::Turn;
+use crate::relay::transfer::{Carriers, Counters, End, Pause, Relay};
+
+pub(super) struct Relaying {
+    route: Route,
+    /// The app's MaxConnections slot, held until the end.
+    _limit: Option<LimitGuard>,
+    target: ActiveGuard,
+    target_name: String,
+    /// Bytes read for the server name and sent before relaying began.
+    first_bytes: u64,
+    relay: Relay,
+}
+
+impl Relaying {
+    pub(super) fn new(connected: Connected) -> Relaying {
+        Relaying {
+            route: connected.route,
+            _limit: connected.limit,
+            target: connected.target,
+            target_name: connected.target_name,
+            first_bytes: connected.first_bytes,
+            relay: Relay::new(),
+        }
+    }
+
+    /// Never done: a relayed connection only ends.
+    pub(super) fn step(
+        mut self,
+        conn: &mut Conn,
+        timeouts: &Timeouts,
+        carriers: &Carriers,
+        turn: &Turn,
+    ) -> Step<Relaying, Infallible> {
+        // Set by the connecting phase before it is done (`Connecting::step`), never unset.
+        let Some(backend) = conn.reg.entry.backend.get() else {
+            unreachable!("relaying without a backend socket");
+        };
+        // What its sockets showed while it waited (before relaying too: an end of stream seen
+        // then must not be forgotten).
+        self.relay.woke(std::mem::take(&mut conn.woke));
+        let idle = timeouts.idle;
+        let bytes = self.target.backend();
+        let counters = Counters {
+            up: &bytes.bytes_up,
+            down: &bytes.bytes_down,
+        };
+        let pause = self.relay.run(
+            &conn.reg.entry.client,
+            backend,
+            idle,
+            &counters,
+            carriers,
+            &|| turn.others_waiting(),
+        );
+        match pause {
+            Pause::Ended(end) => Step::End(self.ended(conn, end)),
+            Pause::Yield => Step::Yield(self),
+            Pause::Wait => {
+                let wait = Wait {
+                    events: self.relay.interest(),
+                    backend: Some(backend.as_raw_fd()),
+                    until: self.relay.deadline(idle),
+                };
+                Step::Wait(self, wait)
+            }
+        }
+    }
+
+    fn ended(self, conn: &Conn, end: End) -> Ending {
+        let (up, down) = self.relay.moved();
+        let how = if conn.reg.entry.was_drained() {
+            "drained"
+        } else {
+            end.as_str()
+        };
+        let mut ending = self.route.ending(Some(self.target_name), how, None);
+        ending.moved = (up + self.first_bytes, down);
+        ending
+    }
+}
