@@ -418,15 +418,6 @@ pub fn read_file(path: &Path) -> Result<Vec<u8>, Problem> {
 }
 
 impl Config {
-    /// Read and validate the file at `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let bytes = read_file(path).map_err(|p| ConfigError {
-            path: path.to_owned(),
-            problems: vec![p],
-        })?;
-        Config::parse(path, &bytes)
-    }
-
     /// Validate `bytes` as the contents of `path` (the path only names the file in errors).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
