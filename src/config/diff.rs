@@ -13,7 +13,8 @@ pub struct Diff {
     pub ports_removed: Vec<u16>,
     pub apps_added: Vec<String>,
     pub apps_removed: Vec<String>,
-    /// Apps present in both whose ports or targets differ.
+    /// Apps present in both that differ in any setting (ports, addresses, hostnames, targets,
+    /// health check, balancing, limits, PROXY protocol): the whole app is compared.
     pub apps_changed: Vec<String>,
 }
 

@@ -1,6 +1,7 @@
 //! The config file: its raw serde shape (`raw`), the validated `Config` the proxy runs on (here)
-//! and how it is made (`validate`), and the diff between two configs that a reload applies
-//! (`diff`), and the SHA-256 that names a loaded file (`sha256`).
+//! and how it is made (`validate`; in files of their own: an app's `ports`, its `target`s, and
+//! `sharing`, which apps may share an address and port), the diff between two configs that a
+//! reload applies (`diff`), and the SHA-256 that names a loaded file (`sha256`).
 //!
 //! Parse, don't validate: `RawConfig` mirrors the JSON exactly (so the original challenge file
 //! loads byte for byte), and `Config::from_raw` turns it into a `Config` or into every problem
@@ -14,13 +15,18 @@ use std::time::Duration;
 
 mod diff;
 pub mod hostname;
+mod ports;
 pub mod prefix;
 mod raw;
 pub mod sha256;
+mod sharing;
+mod target;
 mod validate;
 
 pub use diff::Diff;
-pub use validate::{is_valid_name, parse_port_range, parse_target, port_ranges, NAME_MAX};
+pub use ports::{parse_port_range, port_ranges};
+pub use target::parse_target;
+pub use validate::{is_valid_name, NAME_MAX};
 
 use hostname::{HostnameError, Pattern};
 use prefix::{Prefix, PrefixError};
