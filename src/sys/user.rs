@@ -76,9 +76,10 @@ impl fmt::Display for UserError {
 
 impl std::error::Error for UserError {}
 
-/// One entry of a passwd or group file: name, id and (passwd) primary gid.
+/// A user or a group as one line of /etc/passwd or /etc/group gives it: its name, its id, and
+/// (a user) its primary gid.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub struct NamedId {
     pub name: String,
     pub id: u32,
     pub gid: Option<u32>,
@@ -86,8 +87,8 @@ pub struct Entry {
 
 /// Find `key` (a name, or a decimal id) in the text of /etc/passwd (`passwd = true`) or
 /// /etc/group. Lines that are not well-formed are skipped; a name wins over an id.
-pub fn find_entry(text: &str, key: &str, passwd: bool) -> Option<Entry> {
-    let parse = |line: &str| -> Option<Entry> {
+pub fn find_named_id(text: &str, key: &str, passwd: bool) -> Option<NamedId> {
+    let parse = |line: &str| -> Option<NamedId> {
         let mut fields = line.split(':');
         let name = fields.next()?;
         let _password = fields.next()?;
@@ -97,13 +98,13 @@ pub fn find_entry(text: &str, key: &str, passwd: bool) -> Option<Entry> {
         } else {
             None
         };
-        (!name.is_empty()).then(|| Entry {
+        (!name.is_empty()).then(|| NamedId {
             name: name.to_owned(),
             id,
             gid,
         })
     };
-    let entries: Vec<Entry> = text
+    let entries: Vec<NamedId> = text
         .lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(parse)
@@ -128,7 +129,7 @@ pub fn lookup(user: &str, group: Option<&str>) -> Result<Ids, UserError> {
     let read =
         |file: &'static str| std::fs::read_to_string(file).map_err(|e| UserError::Read(file, e));
     let passwd = read("/etc/passwd")?;
-    let (user_name, uid, primary) = match find_entry(&passwd, user, true) {
+    let (user_name, uid, primary) = match find_named_id(&passwd, user, true) {
         Some(e) => (e.name, e.id, e.gid),
         None => match parse_id(user) {
             Some(uid) => (user.to_owned(), uid, None),
@@ -137,7 +138,7 @@ pub fn lookup(user: &str, group: Option<&str>) -> Result<Ids, UserError> {
     };
     let groups = read("/etc/group")?;
     let (group_name, gid) = match group {
-        Some(g) => match find_entry(&groups, g, false) {
+        Some(g) => match find_named_id(&groups, g, false) {
             Some(e) => (e.name, e.id),
             None => match parse_id(g) {
                 Some(gid) => (g.to_owned(), gid),
@@ -146,7 +147,7 @@ pub fn lookup(user: &str, group: Option<&str>) -> Result<Ids, UserError> {
         },
         None => {
             let gid = primary.ok_or(UserError::NoPrimaryGroup(uid))?;
-            let name = find_entry(&groups, &gid.to_string(), false)
+            let name = find_named_id(&groups, &gid.to_string(), false)
                 .map_or_else(|| gid.to_string(), |e| e.name);
             (name, gid)
         }
@@ -226,12 +227,12 @@ mod tests {
 
     #[test]
     fn entries() {
-        let e = find_entry(PASSWD, "nobody", true).unwrap();
+        let e = find_named_id(PASSWD, "nobody", true).unwrap();
         assert_eq!((e.id, e.gid), (65534, Some(65534)));
-        assert_eq!(find_entry(PASSWD, "1001", true).unwrap().name, "app");
-        assert_eq!(find_entry(GROUP, "apps", false).unwrap().id, 1002);
-        assert!(find_entry(PASSWD, "broken line", true).is_none());
-        assert!(find_entry(PASSWD, "ghost", true).is_none());
+        assert_eq!(find_named_id(PASSWD, "1001", true).unwrap().name, "app");
+        assert_eq!(find_named_id(GROUP, "apps", false).unwrap().id, 1002);
+        assert!(find_named_id(PASSWD, "broken line", true).is_none());
+        assert!(find_named_id(PASSWD, "ghost", true).is_none());
         assert_eq!(parse_id("0"), Some(0));
         for bad in ["", "-1", "+1", "4294967295", "1x", " 1"] {
             assert_eq!(parse_id(bad), None, "{bad:?}");
