@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::thread;
 
+use crate::fleet::error::SyncError;
 use crate::fleet::output::{parse_get, Snapshot};
-use crate::fleet::SyncError;
 
 /// Lines of `etcdctl`'s stderr kept to explain a failure.
 const STDERR_LINES: usize = 3;

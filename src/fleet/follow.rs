@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::sha256;
 use crate::fleet::args::Settings;
+use crate::fleet::error::SyncError;
 use crate::fleet::etcdctl::{self, collect_stderr, read_lines};
 use crate::fleet::file::write_atomically;
 use crate::fleet::output::{parse_watch_line, Snapshot, WatchUpdate};
-use crate::fleet::SyncError;
 use crate::sys::systemd;
 
 /// First wait after a failure; doubled at each failure in a row up to `BACKOFF_MAX`.

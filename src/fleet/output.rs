@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::fleet::SyncError;
+use crate::fleet::error::SyncError;
 
 // etcdctl's `-w json` shapes (etcd 3.4 and later): a get response has lower-case keys, a watch
 // response the Go field names. Byte strings are base64; empty fields are left out.

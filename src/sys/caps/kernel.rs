@@ -4,8 +4,8 @@
 
 use std::io;
 
+use crate::sys::caps::error::CapsError;
 use crate::sys::caps::sets::{CapSet, Caps};
-use crate::sys::caps::CapsError;
 
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, as two 32-bit words.
 const VERSION_3: u32 = 0x2008_0522;

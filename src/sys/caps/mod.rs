@@ -41,74 +41,20 @@
 //!    `keep` is lowered (the kernel already lowers those no longer both permitted and
 //!    inheritable; this makes sure).
 //!
-//! `sets` names the capabilities and their sets; `kernel` makes the system calls.
+//! `sets` names the capabilities and their sets; `kernel` makes the system calls; `error`
+//! says what failed.
 
+mod error;
 mod kernel;
 mod sets;
 
-use std::fmt;
 use std::io;
 
+pub use error::CapsError;
 pub use kernel::current;
 pub use sets::{Cap, CapSet, Caps};
 
 use kernel::{drop_bounding, narrow_ambient, set};
-
-/// Why the capabilities could not be set as asked.
-#[derive(Debug)]
-pub enum CapsError {
-    /// `capget` failed.
-    Read(io::Error),
-    /// `prctl(PR_CAPBSET_DROP)` failed for a capability, for a reason other than lacking
-    /// `CAP_SETPCAP`.
-    Bounding { cap: u32, error: io::Error },
-    /// `prctl(PR_CAP_AMBIENT_LOWER)` failed for a capability.
-    Ambient { cap: u32, error: io::Error },
-    /// `capset` refused the new sets.
-    Set { wanted: Caps, error: io::Error },
-    /// `capset` succeeded but the sets read back are not the ones asked for.
-    Mismatch { wanted: Caps, got: Caps },
-}
-
-impl fmt::Display for CapsError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CapsError::Read(e) => write!(f, "cannot read the capabilities (capget): {e}"),
-            CapsError::Bounding { cap, error } => write!(
-                f,
-                "cannot drop {} from the capability bounding set: {error}",
-                CapSet(1 << cap)
-            ),
-            CapsError::Ambient { cap, error } => write!(
-                f,
-                "cannot drop {} from the ambient capabilities: {error}",
-                CapSet(1 << cap)
-            ),
-            CapsError::Set { wanted, error } => {
-                write!(
-                    f,
-                    "cannot set the capabilities to {wanted} (capset): {error}"
-                )
-            }
-            CapsError::Mismatch { wanted, got } => write!(
-                f,
-                "capabilities were set to {wanted} but read back as {got}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for CapsError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            CapsError::Read(e)
-            | CapsError::Bounding { error: e, .. }
-            | CapsError::Ambient { error: e, .. }
-            | CapsError::Set { error: e, .. } => Some(e),
-            CapsError::Mismatch { .. } => None,
-        }
-    }
-}
 
 /// Keep only `keep` (those of them the thread has) in the calling thread's effective,
 /// permitted, inheritable and ambient sets, and drop everything else from its bounding set if

@@ -163,8 +163,6 @@ impl fmt::Display for Caps {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys::caps::CapsError;
-    use std::io;
 
     #[test]
     fn names_and_sets() {
@@ -184,12 +182,5 @@ mod tests {
         assert_eq!(set.to_string(), "cap_net_admin,cap_bpf");
         assert_eq!(CapSet(0).to_string(), "none");
         assert_eq!(CapSet(1 << 45 | 1).to_string(), "cap_chown,cap_45");
-        let err = CapsError::Bounding {
-            cap: 21,
-            error: io::Error::from_raw_os_error(libc::EPERM),
-        };
-        assert!(err
-            .to_string()
-            .starts_with("cannot drop cap_sys_admin from the capability bounding set: "));
     }
 }
