@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::config::{App, Config};
+use crate::config::model::{App, Config};
 
 /// What a reload changes, for applying it as a diff and for the log line that says so.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde_json::Value;
 
-use crate::config::Problem;
+use crate::config::problem::Problem;
 
 /// An app's `Ports`: numbers and `"A-B"` ranges, expanded, in the order given, each once.
 /// Problems for what is not a port, and one problem listing every port given twice.

@@ -3,9 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::config::hostname::Pattern;
+use crate::config::limits::MAX_BINDINGS;
+use crate::config::model::{app_prefixes, App};
 use crate::config::ports::port_ranges;
 use crate::config::prefix::Prefix;
-use crate::config::{app_prefixes, App, Problem, MAX_BINDINGS};
+use crate::config::problem::Problem;
 
 /// Apps may share an (address prefix, port) only if Hostnames tell them apart: at most one app
 /// there without Hostnames, and no hostname on two of them. One problem per pair of apps and

@@ -3,7 +3,8 @@
 
 use std::net::Ipv6Addr;
 
-use crate::config::{Problem, Target};
+use crate::config::model::Target;
+use crate::config::problem::Problem;
 
 /// The targets of app `name` that are well-formed.
 pub(super) fn targets(

@@ -5,14 +5,16 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use crate::config::hostname::Pattern;
+use crate::config::limits::NAME_MAX;
+use crate::config::model::{
+    App, Balance, Config, HealthCheck, ProxyProtocol, DEFAULT_CONNECT_ATTEMPTS,
+};
 use crate::config::ports::app_ports;
 use crate::config::prefix::Prefix;
+use crate::config::problem::Problem;
 use crate::config::raw::{RawApp, RawConfig, RawHealthCheck};
 use crate::config::sharing::check_sharing;
 use crate::config::target::targets;
-use crate::config::{
-    App, Balance, Config, HealthCheck, Problem, ProxyProtocol, DEFAULT_CONNECT_ATTEMPTS,
-};
 
 impl Config {
     pub(super) fn from_raw(raw: RawConfig) -> Result<Config, Vec<Problem>> {
@@ -317,9 +319,6 @@ impl Options<'_> {
         h
     }
 }
-
-/// Longest app name accepted.
-pub const NAME_MAX: usize = 64;
 
 /// An app name: 1-64 characters, each an ASCII letter, digit, `.`, `_` or `-`. Names go into
 /// log lines, the status page and metric labels as they are; this keeps them one token that
