@@ -8,11 +8,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
-use flyproxy::backends::loops;
 use flyproxy::cli::{self, Command, Mode, Settings};
-use flyproxy::frontend;
+use flyproxy::frontend::{self, candidate};
 use flyproxy::sys::{log, pidfile, upgrade};
-use flyproxy::{config, error, metrics};
+use flyproxy::{error, metrics};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -75,21 +74,10 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
 
 /// `flyproxy check`: validate a config file.
 fn check(config: &Path) -> ExitCode {
-    // The loop check needs no mode: see `loops`.
-    let checked = config::Config::load(config).and_then(|c| {
-        let problems = loops::problems(&c);
-        if problems.is_empty() {
-            Ok(c)
-        } else {
-            Err(config::ConfigError {
-                path: config.to_owned(),
-                problems,
-            })
-        }
-    });
+    let checked = candidate::load(config).map_err(|e| e.into_config_error());
     match checked {
         Ok(c) => {
-            println!("{}: ok: {}", config.display(), c.summary());
+            println!("{}: ok: {}", config.display(), c.config.summary());
             ExitCode::SUCCESS
         }
         Err(e) => {

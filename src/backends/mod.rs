@@ -1,13 +1,14 @@
 //! Where a connection goes: each target's live state (`backend`), the routing table from a
 //! frontend port to its app (`routing`), picking and connecting to a target (`balance`), active
 //! health checks (`health`), per-client connection counts for the per-client limits
-//! (`clients`), the PROXY protocol header sent to targets (`proxy_protocol`), and refusing
+//! (`clients`), an app's MaxConnections (`limit`), the PROXY protocol header sent to targets (`proxy_protocol`), and refusing
 //! targets that are the proxy itself (`loops`).
 
 pub mod backend;
 pub mod balance;
 pub mod clients;
 pub mod health;
+pub mod limit;
 pub mod loops;
 pub mod proxy_protocol;
 pub mod routing;

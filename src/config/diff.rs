@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use crate::config::{App, Config};
+use crate::config::model::{App, Config};
 
 /// What a reload changes, for applying it as a diff and for the log line that says so.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -13,7 +13,8 @@ pub struct Diff {
     pub ports_removed: Vec<u16>,
     pub apps_added: Vec<String>,
     pub apps_removed: Vec<String>,
-    /// Apps present in both whose ports or targets differ.
+    /// Apps present in both that differ in any setting (ports, addresses, hostnames, targets,
+    /// health check, balancing, limits, PROXY protocol): the whole app is compared.
     pub apps_changed: Vec<String>,
 }
 

@@ -5,21 +5,22 @@
 //! decided in `lifecycle`; the loop carries it out.
 
 use std::collections::HashSet;
-use std::io::{self, Read};
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::UnixStream;
 use mio::{Events, Poll, Token};
 
 use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::{Routes, Unrouted};
 use crate::cli::Settings;
-use crate::config::{sha256, Config, Diff};
+use crate::config::{Config, Diff};
+use crate::frontend::candidate::{self, LoadError};
 use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::ports::{Accepted, PortSource};
+use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE};
 use crate::frontend::watch::Watch;
 use crate::metrics::Published;
@@ -34,44 +35,103 @@ use crate::relay::slots::Slots;
 const ACCEPT_BATCH: usize = 64;
 
 pub(super) struct Loop {
-    pub(super) settings: Settings,
+    settings: Settings,
     /// The config in force, and the file it came from.
-    pub(super) config: Config,
-    pub(super) watch: Watch,
-    pub(super) source: Box<dyn PortSource>,
-    pub(super) routes: Arc<Routes>,
-    pub(super) checker: Arc<Checker>,
-    pub(super) pool: Pool<Task>,
-    pub(super) slots: Arc<Slots>,
+    config: Config,
+    watch: Watch,
+    source: Box<dyn PortSource>,
+    routes: Arc<Routes>,
+    checker: Arc<Checker>,
+    pool: Pool<Task>,
+    slots: Arc<Slots>,
     /// Open connections per client address, with --max-connections-per-client; None without
     /// a limit.
-    pub(super) clients: Option<Arc<ClientCounts>>,
-    pub(super) conns: Arc<Conns>,
+    clients: Option<Arc<ClientCounts>>,
+    conns: Arc<Conns>,
     /// What the metrics endpoint reads of the loop's state.
-    pub(super) published: Arc<Published>,
-    pub(super) lifecycle: Lifecycle,
-    pub(super) signals: SignalPipes,
+    published: Arc<Published>,
+    lifecycle: Lifecycle,
+    signals: SignalPipes,
     /// Listeners that may have connections waiting: readiness is edge-triggered, so a listener
     /// we stopped draining early (batch, bound, back-off) stays here until it says WouldBlock.
-    pub(super) ready: HashSet<Token>,
+    ready: HashSet<Token>,
     /// Accepting is paused after an error such as EMFILE, until then.
-    pub(super) backoff_until: Option<Instant>,
-    pub(super) backoff: Duration,
+    backoff_until: Option<Instant>,
+    backoff: Duration,
     /// When the next connection being drained (a removed port, a stop) is due to be cut.
-    pub(super) next_drain: Option<Instant>,
+    next_drain: Option<Instant>,
 }
 
-/// The read ends of the signal self-pipes.
-pub(super) struct SignalPipes {
-    /// SIGHUP: reload.
-    pub(super) hup: UnixStream,
-    /// SIGTERM, SIGINT: stop.
-    pub(super) stop: UnixStream,
-    /// SIGUSR2: upgrade.
-    pub(super) upgrade: UnixStream,
+/// The config in force and those who follow it: the routing table built from it, the health
+/// checker watching its targets, and what the metrics endpoint reads. A reload replaces them
+/// together.
+pub(super) struct InForce {
+    pub(super) config: Config,
+    pub(super) routes: Arc<Routes>,
+    pub(super) checker: Arc<Checker>,
+    pub(super) published: Arc<Published>,
+}
+
+/// Where the loop hands accepted connections, and what it counts and drains them with.
+pub(super) struct Relay {
+    pub(super) pool: Pool<Task>,
+    /// The connection bound.
+    pub(super) slots: Arc<Slots>,
+    /// With --max-connections-per-client; None without a limit.
+    pub(super) clients: Option<Arc<ClientCounts>>,
+    pub(super) conns: Arc<Conns>,
 }
 
 impl Loop {
+    /// A loop over `source`'s listeners, with nothing yet ready to accept and nothing
+    /// draining. `watch` has seen the config file `in_force.config` came from.
+    pub(super) fn new(
+        settings: Settings,
+        watch: Watch,
+        source: Box<dyn PortSource>,
+        in_force: InForce,
+        relay: Relay,
+        lifecycle: Lifecycle,
+        signals: SignalPipes,
+    ) -> Loop {
+        Loop {
+            settings,
+            config: in_force.config,
+            watch,
+            source,
+            routes: in_force.routes,
+            checker: in_force.checker,
+            pool: relay.pool,
+            slots: relay.slots,
+            clients: relay.clients,
+            conns: relay.conns,
+            published: in_force.published,
+            lifecycle,
+            signals,
+            ready: HashSet::new(),
+            backoff_until: None,
+            backoff: Duration::ZERO,
+            next_drain: None,
+        }
+    }
+
+    /// A SIGHUP that came while starting: the file may have changed since it was read, so
+    /// reload it before serving.
+    pub(super) fn reload_if_hup_arrived(&mut self, poll: &Poll) {
+        if signals::arrived(&mut self.signals.hup) {
+            crate::info!(
+                "SIGHUP during start-up: reloading {}",
+                self.settings.config.display()
+            );
+            self.reload(poll, true);
+        }
+    }
+
+    /// True once the listeners were handed to a new process (which then owns the pid file).
+    pub(super) fn handed_over(&self) -> bool {
+        self.lifecycle.handed_over()
+    }
+
     /// Serve until the process has drained after a stop or a hand-over. An error means
     /// waiting for events failed.
     pub(super) fn run(&mut self, poll: &mut Poll) -> io::Result<()> {
@@ -137,7 +197,7 @@ impl Loop {
     fn event(&mut self, poll: &Poll, token: Token) {
         match token {
             SIGHUP_PIPE => {
-                drain_pipe(&mut self.signals.hup);
+                signals::arrived(&mut self.signals.hup);
                 if self.lifecycle.is_draining() {
                     // Draining: nothing would accept on a port a reload added.
                     crate::info!("SIGHUP ignored: stopping");
@@ -147,12 +207,12 @@ impl Loop {
                 }
             }
             STOP_PIPE => {
-                drain_pipe(&mut self.signals.stop);
+                signals::arrived(&mut self.signals.stop);
                 let next = self.lifecycle.stop_signal(poll.registry());
                 self.carry_out(poll, next);
             }
             UPGRADE_PIPE => {
-                drain_pipe(&mut self.signals.upgrade);
+                signals::arrived(&mut self.signals.upgrade);
                 self.lifecycle
                     .upgrade_signal(poll.registry(), self.source.as_ref());
             }
@@ -347,15 +407,19 @@ impl Loop {
     }
 
     /// Re-read the config and apply it as a diff. Any error leaves the running config as it is.
-    pub(super) fn reload(&mut self, poll: &Poll, forced: bool) {
+    fn reload(&mut self, poll: &Poll, forced: bool) {
         let began = Instant::now();
         let path = self.settings.config.clone();
         // Stat before reading: a write that lands after the read then still shows as a change
         // at the next tick.
         let sig = Watch::stat(&path);
-        let bytes = match crate::config::read_file(&path) {
-            Ok(b) => b,
-            Err(problem) => {
+        // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
+        let (new, sha) = match candidate::load(&path) {
+            Ok(c) => {
+                self.watch.seen(sig, c.bytes);
+                (c.config, c.sha256)
+            }
+            Err(LoadError::Unreadable { problem, .. }) => {
                 // Logged once per distinct error (and on every SIGHUP, which asks): a path left
                 // pointing at a directory must not write a line per tick forever.
                 let message = problem.to_string();
@@ -368,19 +432,16 @@ impl Loop {
                 }
                 return;
             }
-        };
-        let parsed = Config::parse(&path, &bytes)
-            .and_then(|c| super::start::check_loops(&path, &c).map(|()| c));
-        // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
-        let sha = sha256::hex(&bytes);
-        self.watch.seen(sig, bytes);
-        let new = match parsed {
-            Ok(c) => c,
-            Err(e) => {
-                for line in e.to_string().lines() {
+            Err(LoadError::Invalid {
+                error,
+                bytes,
+                sha256,
+            }) => {
+                self.watch.seen(sig, bytes);
+                for line in error.to_string().lines() {
                     crate::error!("reload rejected: {line}");
                 }
-                self.reject("", &sha);
+                self.reject("", &sha256);
                 return;
             }
         };
@@ -431,17 +492,5 @@ impl Loop {
         );
         self.published.rejected(Some(sha));
         self.watch.rejected();
-    }
-}
-
-fn drain_pipe(pipe: &mut UnixStream) {
-    let mut buf = [0u8; 64];
-    loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return,
-        }
     }
 }

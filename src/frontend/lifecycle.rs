@@ -281,3 +281,188 @@ impl Lifecycle {
         Next::Drain(until)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Every transition the diagram above shows, and the ones it refuses. An upgrade's "new
+    //! process" is `/bin/sh -c SCRIPT`, started through the real `upgrade::spawn`: the script
+    //! writes the readiness byte, exits early, or never answers.
+
+    use super::*;
+    use std::ffi::OsString;
+    use std::net::SocketAddr;
+    use std::os::fd::RawFd;
+
+    use mio::{Poll, Token};
+
+    use crate::config::Config;
+    use crate::frontend::ports::{Accepted, PortError};
+
+    /// A port source with no listeners: the lifecycle only asks it for what to hand over.
+    struct NoPorts;
+
+    impl PortSource for NoPorts {
+        fn apply(&mut self, _: &Registry, _: &Config) -> Result<(), PortError> {
+            Ok(())
+        }
+        fn accept(&mut self, _: Token) -> io::Result<Option<Accepted>> {
+            Ok(None)
+        }
+        fn stop(&mut self, _: &Registry) {}
+        fn listeners(&self) -> usize {
+            0
+        }
+        fn handover(&self) -> Vec<(SocketAddr, RawFd)> {
+            Vec::new()
+        }
+    }
+
+    /// The phase, in words, so an assertion failure says where the lifecycle is.
+    fn phase(l: &Lifecycle) -> &'static str {
+        match l.phase {
+            Phase::Serving => "serving",
+            Phase::Upgrading(_) => "upgrading",
+            Phase::Draining {
+                cause: Cause::Stopped,
+                ..
+            } => "draining (stopped)",
+            Phase::Draining {
+                cause: Cause::HandedOver { confirmed: false },
+                ..
+            } => "draining (handed over)",
+            Phase::Draining {
+                cause: Cause::HandedOver { confirmed: true },
+                ..
+            } => "draining (handed over, confirmed)",
+        }
+    }
+
+    /// A lifecycle whose upgrades run `sh -c script` (None: upgrades refused).
+    fn lifecycle(script: Option<&str>) -> Lifecycle {
+        let exec = script.map(|s| Exec {
+            exe: "/bin/sh".into(),
+            args: vec![OsString::from("-c"), OsString::from(s)],
+        });
+        Lifecycle::new(exec, None, Duration::from_secs(5))
+    }
+
+    const SERVES: &str = "printf R >&\"$FLYPROXY_READY_FD\"";
+    const FAILS: &str = "exit 3";
+    const HANGS: &str = "exec sleep 30";
+
+    /// SIGUSR2 from Serving, which must reach Upgrading.
+    fn upgrading(script: &str, poll: &Poll) -> Lifecycle {
+        let mut l = lifecycle(Some(script));
+        l.upgrade_signal(poll.registry(), &NoPorts);
+        assert_eq!(phase(&l), "upgrading");
+        assert!(l.upgrade_deadline().is_some() && !l.is_draining());
+        l
+    }
+
+    /// Feed the new process's readiness pipe to the lifecycle until it leaves Upgrading.
+    fn until_the_new_process_answers(l: &mut Lifecycle, poll: &Poll) -> Next {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let next = l.upgrade_progress(poll.registry());
+            if !matches!(l.phase, Phase::Upgrading(_)) {
+                return next;
+            }
+            assert!(Instant::now() < until, "the new process never answered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn serving_stop_drains_and_a_second_stop_exits_now() {
+        let poll = Poll::new().unwrap();
+        let mut l = lifecycle(None);
+        assert_eq!(phase(&l), "serving");
+        assert!(l.drain_deadline().is_none() && l.upgrade_deadline().is_none());
+        let before = Instant::now();
+        let Next::Drain(until) = l.stop_signal(poll.registry()) else {
+            panic!("a stop while serving must drain");
+        };
+        assert!(
+            until >= before + Duration::from_secs(5),
+            "the drain timeout"
+        );
+        assert_eq!(phase(&l), "draining (stopped)");
+        assert_eq!(l.drain_deadline(), Some(until));
+        assert!(l.is_draining() && !l.handed_over());
+        assert!(matches!(l.stop_signal(poll.registry()), Next::ExitNow));
+    }
+
+    #[test]
+    fn an_upgrade_without_a_known_binary_is_refused() {
+        let poll = Poll::new().unwrap();
+        let mut l = lifecycle(None);
+        l.upgrade_signal(poll.registry(), &NoPorts);
+        assert_eq!(phase(&l), "serving");
+    }
+
+    #[test]
+    fn no_upgrade_while_draining() {
+        let poll = Poll::new().unwrap();
+        let mut l = lifecycle(Some(SERVES));
+        let _ = l.stop_signal(poll.registry());
+        l.upgrade_signal(poll.registry(), &NoPorts);
+        assert_eq!(phase(&l), "draining (stopped)");
+    }
+
+    #[test]
+    fn readiness_news_while_serving_changes_nothing() {
+        let poll = Poll::new().unwrap();
+        let mut l = lifecycle(Some(SERVES));
+        assert!(matches!(l.upgrade_progress(poll.registry()), Next::Carry));
+        l.upgrade_timer(poll.registry(), Instant::now() + Duration::from_secs(3600));
+        assert_eq!(phase(&l), "serving");
+    }
+
+    #[test]
+    fn upgrading_then_the_new_process_serves_hands_over() {
+        let poll = Poll::new().unwrap();
+        let mut l = upgrading(SERVES, &poll);
+        // A second SIGUSR2 while one is in progress is ignored.
+        l.upgrade_signal(poll.registry(), &NoPorts);
+        assert_eq!(phase(&l), "upgrading");
+        let next = until_the_new_process_answers(&mut l, &poll);
+        assert!(matches!(next, Next::Drain(_)), "a hand-over drains");
+        assert_eq!(phase(&l), "draining (handed over)");
+        assert!(l.handed_over());
+        // The first stop after a hand-over only confirms it; the next exits at once.
+        assert!(matches!(l.stop_signal(poll.registry()), Next::Carry));
+        assert_eq!(phase(&l), "draining (handed over, confirmed)");
+        assert!(matches!(l.stop_signal(poll.registry()), Next::ExitNow));
+    }
+
+    #[test]
+    fn upgrading_then_the_new_process_fails_serves_on() {
+        let poll = Poll::new().unwrap();
+        let mut l = upgrading(FAILS, &poll);
+        let next = until_the_new_process_answers(&mut l, &poll);
+        assert!(matches!(next, Next::Carry));
+        assert_eq!(phase(&l), "serving");
+        assert!(l.upgrade_deadline().is_none());
+    }
+
+    #[test]
+    fn upgrading_then_the_timeout_serves_on() {
+        let poll = Poll::new().unwrap();
+        let mut l = upgrading(HANGS, &poll);
+        // Not yet due: nothing changes.
+        l.upgrade_timer(poll.registry(), Instant::now());
+        assert_eq!(phase(&l), "upgrading");
+        let due = l.upgrade_deadline().unwrap();
+        l.upgrade_timer(poll.registry(), due);
+        assert_eq!(phase(&l), "serving");
+    }
+
+    #[test]
+    fn upgrading_then_a_stop_abandons_the_upgrade_and_drains() {
+        let poll = Poll::new().unwrap();
+        let mut l = upgrading(HANGS, &poll);
+        assert!(matches!(l.stop_signal(poll.registry()), Next::Drain(_)));
+        assert_eq!(phase(&l), "draining (stopped)");
+        assert!(!l.handed_over() && l.upgrade_deadline().is_none());
+    }
+}

@@ -2,21 +2,28 @@
 //!
 //! - `ports`: the seam between the modes (`PortSource`); `simple` is the simple mode's source,
 //!   `bpf` the bpf mode's (it drives the program in the top-level `bpf` folder).
-//! - `start`: start-up, from a validated config to a serving loop, and why it can fail.
+//! - `start`: start-up, from the command line's settings to a serving loop, and why it can
+//!   fail.
+//! - `candidate`: loading a config file as start-up, every reload and `flyproxy check` do
+//!   (read, validate, check for loops, hash).
 //! - `event_loop`: the listener loop (accepting within the bound, signals, reload ticks, drain
 //!   deadlines) and the reload.
 //! - `lifecycle`: the process's phases (serving, upgrading, draining) and every transition
 //!   between them.
+//! - `signals`: the signals' self-pipes.
 //! - `watch`: noticing that the config file changed.
 //! - `tokens`: the loop's reserved tokens.
 //!
-//! Within the folder, imports go one way: `start` → `event_loop` → `lifecycle`, `watch` →
-//! `tokens` → `ports`.
+//! Within the folder, a file imports only from files listed after it, never back up:
+//! `start` → `event_loop` → `candidate`, `lifecycle`, `signals`, `watch` → `bpf`, `simple`,
+//! `tokens` → `ports`. (`start` also uses most of the files below `event_loop` directly.)
 
 pub mod bpf;
+pub mod candidate;
 mod event_loop;
 mod lifecycle;
 pub mod ports;
+mod signals;
 pub mod simple;
 mod start;
 mod tokens;

@@ -2,16 +2,15 @@
 //! refuse to start happens here, before the first connection is accepted, and is reported as a
 //! `StartError`; what fails later, while serving, is a `RunError::EventLoop`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixStream as StdUnixStream;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use mio::net::{TcpListener, UnixStream};
-use mio::{Interest, Poll, Token, Waker};
+use mio::net::TcpListener;
+use mio::{Poll, Waker};
 
 use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
@@ -20,11 +19,13 @@ use crate::backends::routing::UnroutedCounts;
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
-use crate::frontend::event_loop::{Loop, SignalPipes};
+use crate::frontend::candidate::{self, Candidate};
+use crate::frontend::event_loop::{InForce, Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
 use crate::frontend::ports::{PortError, PortSource};
+use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::simple::PerPort;
-use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, WAKE};
+use crate::frontend::tokens::WAKE;
 use crate::frontend::watch::Watch;
 use crate::metrics::{self, Endpoint, Published, Sources};
 use crate::relay::conns::Conns;
@@ -132,18 +133,18 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if let Some(path) = &settings.pid_file {
         pidfile::check_dir(path).map_err(StartError::PidFile)?;
     }
-    if stop_requested(&mut signals.stop) {
+    if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
     let adopted = handed.listeners.len();
     let mut source = port_source(&mode, handed.listeners)?;
-    if stop_requested(&mut signals.stop) {
+    if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
     source
         .apply(poll.registry(), &config)
         .map_err(StartError::Port)?;
-    if stop_requested(&mut signals.stop) {
+    if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
     drop_privileges(&mode, &settings, run_as.as_ref())?;
@@ -191,59 +192,41 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let clients = (settings.max_connections_per_client > 0)
         .then(|| ClientCounts::new(settings.max_connections_per_client));
     let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
-    let mut lp = Loop {
-        settings,
+    let pid_file = settings.pid_file.clone();
+    let in_force = InForce {
         config,
-        watch,
-        source,
         routes,
         checker,
+        published,
+    };
+    let relay = Relay {
         pool,
         slots,
         clients,
         conns,
-        published,
-        lifecycle,
-        signals,
-        ready: HashSet::new(),
-        backoff_until: None,
-        backoff: Duration::ZERO,
-        next_drain: None,
     };
-    // A SIGHUP that came while we were starting: the file may have changed since we read it.
-    if stop_requested(&mut lp.signals.hup) {
-        crate::info!(
-            "SIGHUP during start-up: reloading {}",
-            lp.settings.config.display()
-        );
-        lp.reload(&poll, true);
-    }
+    let mut lp = Loop::new(settings, watch, source, in_force, relay, lifecycle, signals);
+    lp.reload_if_hup_arrived(&poll);
     let result = lp.run(&mut poll);
-    if !lp.lifecycle.handed_over() {
-        remove_pid_file(&lp.settings);
+    if !lp.handed_over() {
+        remove_pid_file(pid_file.as_deref());
     }
     result.map_err(RunError::EventLoop)
 }
 
-/// Read and validate the config file, and start watching it.
-/// The config, the watch that has seen it, and the SHA-256 of the file's bytes: its identity
-/// as a fleet sees it (`sha256sum` of the file, or of the value in etcd).
+/// Load the config file (see `candidate`) and start watching it: the config, the watch that
+/// has seen it, and the file's SHA-256.
 fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
     // Stat before loading: a change written while we start shows as a change at the first
     // tick instead of being taken for what we loaded.
     let loaded_sig = Watch::stat(&settings.config);
-    let loaded = crate::config::read_file(&settings.config).map_err(|p| {
-        StartError::Config(ConfigError {
-            path: settings.config.clone(),
-            problems: vec![p],
-        })
-    })?;
-    let config = Config::parse(&settings.config, &loaded)
-        .and_then(|c| check_loops(&settings.config, &c).map(|()| c))
-        .map_err(StartError::Config)?;
-    let sha256 = crate::config::sha256::hex(&loaded);
+    let Candidate {
+        config,
+        bytes,
+        sha256,
+    } = candidate::load(&settings.config).map_err(|e| StartError::Config(e.into_config_error()))?;
     let mut watch = Watch::new();
-    watch.seen(loaded_sig, loaded);
+    watch.seen(loaded_sig, bytes);
     Ok((config, watch, sha256))
 }
 
@@ -252,15 +235,8 @@ fn event_loop_parts() -> Result<(Poll, Waker, SignalPipes), StartError> {
     let poll = Poll::new().map_err(|e| StartError::Os("cannot create the event loop", e))?;
     let waker = Waker::new(poll.registry(), WAKE)
         .map_err(|e| StartError::Os("cannot create the event loop waker", e))?;
-    let signals = SignalPipes {
-        hup: signal_pipe(&poll, SIGHUP_PIPE, &[signal_hook::consts::SIGHUP])?,
-        stop: signal_pipe(
-            &poll,
-            STOP_PIPE,
-            &[signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT],
-        )?,
-        upgrade: signal_pipe(&poll, UPGRADE_PIPE, &[signal_hook::consts::SIGUSR2])?,
-    };
+    let signals =
+        SignalPipes::new(&poll).map_err(|e| StartError::Os("cannot set up signal handling", e))?;
     Ok((poll, waker, signals))
 }
 
@@ -385,25 +361,11 @@ fn announce(
 
 /// On the way out, remove the pid file if it still names this process (after a hand-over it
 /// names the new one, which is not touched).
-fn remove_pid_file(settings: &Settings) {
-    let Some(path) = &settings.pid_file else {
+fn remove_pid_file(pid_file: Option<&Path>) {
+    let Some(path) = pid_file else {
         return;
     };
     pidfile::remove_if_ours(path, std::process::id());
-}
-
-/// Drain a signal pipe without waiting; true if a signal had arrived.
-fn stop_requested(pipe: &mut UnixStream) -> bool {
-    let mut buf = [0u8; 64];
-    let mut got = false;
-    loop {
-        match pipe.read(&mut buf) {
-            Ok(0) => return got,
-            Ok(_) => got = true,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return got,
-        }
-    }
 }
 
 /// A stop signal arrived before we served: what was set up is dropped on return (listeners
@@ -411,20 +373,6 @@ fn stop_requested(pipe: &mut UnixStream) -> bool {
 fn stopped_starting() -> Result<(), RunError> {
     crate::info!("stop signal during start-up: exiting before serving");
     Ok(())
-}
-
-/// The config's targets that are this proxy's own frontends, as a config error (start and
-/// every reload; `flyproxy check` runs the same).
-pub(super) fn check_loops(path: &std::path::Path, config: &Config) -> Result<(), ConfigError> {
-    let problems = crate::backends::loops::problems(config);
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(ConfigError {
-            path: path.to_owned(),
-            problems,
-        })
-    }
 }
 
 /// The mode's port source, using the listeners a previous process handed over where they fit.
@@ -438,23 +386,6 @@ fn port_source(
             Box::new(Steered::start(port, bind, inherited).map_err(StartError::Bpf)?)
         }
     })
-}
-
-/// A self-pipe for `signals`: the handler writes a byte, the loop sees the read end readable.
-fn signal_pipe(poll: &Poll, token: Token, signals: &[i32]) -> Result<UnixStream, StartError> {
-    let err = |e| StartError::Os("cannot set up signal handling", e);
-    let (read, write) = StdUnixStream::pair().map_err(err)?;
-    read.set_nonblocking(true).map_err(err)?;
-    write.set_nonblocking(true).map_err(err)?;
-    for &sig in signals {
-        let w = write.try_clone().map_err(err)?;
-        signal_hook::low_level::pipe::register(sig, w).map_err(err)?;
-    }
-    let mut read = UnixStream::from_std(read);
-    poll.registry()
-        .register(&mut read, token, Interest::READABLE)
-        .map_err(err)?;
-    Ok(read)
 }
 
 /// The capabilities kept once set up, before any relay thread exists (they inherit the main

@@ -19,8 +19,9 @@ pub struct LookupStats {
 }
 
 /// What the listener loop publishes for the endpoint: the routing table in force, how reloads
-/// went, which config file is in force, and whether accepts are held back. Only the loop writes
-/// it.
+/// went, which config file is in force, and whether accepts are held back. The loop writes
+/// every field; `unrouted` is also counted into by the relay threads (a session that finds no
+/// app for a server name), through a handle start-up gives them. The endpoint only reads.
 pub struct Published {
     pub routes: Mutex<Arc<Routes>>,
     pub reloads_ok: AtomicU64,

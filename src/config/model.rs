@@ -1,0 +1,166 @@
+//! The validated config the proxy runs on: apps with their ports, addresses, hostnames,
+//! targets and settings. Only `Config::parse` (through `validate`) makes one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::config::hostname::Pattern;
+use crate::config::prefix::Prefix;
+use crate::config::problem::{ConfigError, Problem};
+use crate::config::raw::RawConfig;
+
+/// Default for `ConnectAttempts`.
+pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
+
+/// A validated config: app names unique, every port in 1..=65535, apps sharing an (address
+/// prefix, port) told apart by Hostnames, every app with at least one port and one well-formed
+/// target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub apps: Vec<App>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    pub name: String,
+    /// Every port, ranges expanded, in the order given, each once.
+    pub ports: Vec<u16>,
+    /// The local addresses the app's ports answer on; empty: every address.
+    pub addresses: Vec<Prefix>,
+    /// TLS server names that pick this app among those sharing an address and port; empty:
+    /// the app takes what no other app's names claim there (the default).
+    pub hostnames: Vec<Pattern>,
+    pub targets: Vec<Target>,
+    pub health: HealthCheck,
+    pub balance: Balance,
+    /// Distinct targets tried for one client connection before it is closed.
+    pub connect_attempts: usize,
+    /// Open connections this app may have at once; None: only the global bound applies.
+    pub max_connections: Option<usize>,
+    /// Open connections one client address may have to this app at once; None: only
+    /// `--max-connections-per-client` applies.
+    pub max_connections_per_client: Option<usize>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Active health checking of an app's targets (a TCP connect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// How often a down target is checked; an up one is checked at `UP_CHECK_FACTOR` times this.
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failed checks that mark an up target down.
+    pub fall: u32,
+    /// Consecutive successful checks that bring a down target up.
+    pub rise: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> HealthCheck {
+        HealthCheck {
+            interval: Duration::from_millis(2000),
+            timeout: Duration::from_millis(1000),
+            fall: 1,
+            rise: 1,
+        }
+    }
+}
+
+/// How a target is picked among an app's healthy targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Uniformly at random.
+    Random,
+    /// Power of two random choices: the one with fewer active connections of two picked at
+    /// random. Nearly as good as least-connections, without its herd behaviour.
+    #[default]
+    P2c,
+    /// Each target in turn.
+    RoundRobin,
+}
+
+/// The PROXY protocol header sent to the backend before any client byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// A backend address as configured. The host stays a name: it is resolved at each connect, so a
+/// target whose address changes is followed.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    /// A DNS name, an IPv4 address, or an IPv6 address (stored without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Config {
+    /// Validate `bytes` as the contents of `path` (the path only names the file in errors).
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Config, ConfigError> {
+        let fail = |problems| ConfigError {
+            path: path.to_owned(),
+            problems,
+        };
+        let raw: RawConfig = serde_json::from_slice(bytes)
+            .map_err(|e| fail(vec![Problem::Syntax(e.to_string())]))?;
+        Config::from_raw(raw).map_err(fail)
+    }
+
+    /// Every configured port, each exactly once (apps may share one), ascending.
+    pub fn ports(&self) -> impl Iterator<Item = u16> {
+        let set: BTreeSet<u16> = self
+            .apps
+            .iter()
+            .flat_map(|a| a.ports.iter().copied())
+            .collect();
+        set.into_iter()
+    }
+
+    /// Every (port, address prefix) some app answers on, with the names of the apps there in
+    /// config order.
+    pub fn bindings(&self) -> BTreeMap<(u16, Prefix), Vec<&str>> {
+        let mut out: BTreeMap<(u16, Prefix), Vec<&str>> = BTreeMap::new();
+        for app in &self.apps {
+            let prefixes = app_prefixes(app);
+            for &port in &app.ports {
+                for &p in &prefixes {
+                    out.entry((port, p)).or_default().push(&app.name);
+                }
+            }
+        }
+        out
+    }
+
+    /// A one-line summary, as `flyproxy check` prints it.
+    pub fn summary(&self) -> String {
+        let targets: usize = self.apps.iter().map(|a| a.targets.len()).sum();
+        format!(
+            "{} apps, {} ports, {} targets",
+            self.apps.len(),
+            self.ports().count(),
+            targets
+        )
+    }
+}
+
+/// The prefixes an app's ports answer on: its `Addresses`, or every IPv4 and IPv6 address.
+pub fn app_prefixes(app: &App) -> Vec<Prefix> {
+    if app.addresses.is_empty() {
+        vec![Prefix::ALL_V4, Prefix::ALL_V6]
+    } else {
+        app.addresses.clone()
+    }
+}
