@@ -375,10 +375,13 @@ fn loopback_up() {
     }
 }
 
-/// Add the IPv6 address `addr` to `lo` in the calling thread's namespace, and wait until it is
-/// usable. Even with `nodad` the kernel installs the address's local route from a workqueue, so
-/// on a loaded machine a connect right after `ip addr add` can still fail with "network is
-/// unreachable"; a UDP connect (a route lookup, no packet) says when the route is there.
+/// Add the IPv6 address `addr` to `lo` in the calling thread's namespace, and wait until a TCP
+/// connection to it works. `ip addr add` returns with the address listed and its prefix route
+/// (main table) in place, but the kernel installs the address's *local* route (table local,
+/// which makes packets to it delivered here) later, from the DAD workqueue, even with `nodad`;
+/// until then a connect fails with "network is unreachable" (seen 1 run in 4 under the whole
+/// suite's load). A route lookup (a UDP connect) already succeeds on the prefix route, so the
+/// probe is what the tests do: a TCP connect to a listener on the address.
 #[allow(dead_code)] // used by tests/shared_ports.rs and tests/hardening_limits.rs
 pub fn add_v6(addr: Ipv6Addr) {
     let out = Command::new("ip")
@@ -398,9 +401,12 @@ pub fn add_v6(addr: Ipv6Addr) {
         "ip -6 addr add {addr}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    common::wait_for(&format!("a route to {addr}"), common::WAIT, || {
-        let probe = std::net::UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0)).ok()?;
-        probe.connect((addr, 9)).ok()
+    // bind checks only the address list, so it succeeds at once; the connect needs the route.
+    let probe = std::net::TcpListener::bind((addr, 0))
+        .unwrap_or_else(|e| panic!("bind [{addr}]:0 to probe the address: {e}"));
+    let at = probe.local_addr().expect("the probe's address");
+    common::wait_for(&format!("a TCP connection to {addr}"), common::WAIT, || {
+        TcpStream::connect_timeout(&at, std::time::Duration::from_millis(200)).ok()
     });
 }
 
