@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     app, config, connect, expect_closed, read_line, roundtrip, tag_of, wait_for, Backend, ConnLine,
-    Rng, WAIT,
+    Proxy, Rng, WAIT,
 };
 use netns::{ask, assert_reaches, assert_refused, v4, v6};
 
@@ -46,7 +46,9 @@ fn every_port_reaches_its_app_over_ipv4_and_ipv6() {
         let beta = Backend::tagged("beta");
         let alpha_ports = [1, 443, 7001, 7002, 7003, 65535];
         let beta_ports = [7101, 7102, 7103, 9090];
-        let mut proxy = netns::start(&two_apps(&alpha, &alpha_ports, &beta, &beta_ports), &[]);
+        let mut proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &alpha_ports, &beta, &beta_ports))
+            .start();
         let started = proxy.wait_log("started", |l| l.contains(" started mode=bpf "));
         assert!(
             started.contains(" 2 apps, 10 ports, 2 targets "),
@@ -126,19 +128,20 @@ fn reload_adds_and_removes_ports() {
     netns::run("reload_adds_and_removes_ports", |ns| {
         let alpha = Backend::tagged("alpha");
         let beta = Backend::tagged("beta");
-        let proxy = netns::start(
-            &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101, 7102]),
-            &[],
-        );
+        let proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101, 7102]))
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_reaches(7002, "alpha");
         assert_reaches(7102, "beta");
 
         // 7003 and 7102 go, 7004, 7005 and 7103 come, 7002 moves from alpha to beta.
-        let ok = netns::reload(
-            &proxy,
-            &two_apps(&alpha, &[7001, 7004, 7005], &beta, &[7101, 7002, 7103]),
-        );
+        let ok = proxy.reload(&two_apps(
+            &alpha,
+            &[7001, 7004, 7005],
+            &beta,
+            &[7101, 7002, 7103],
+        ));
         assert!(ok.contains(" ports_added=3 ports_removed=2 "), "{ok}");
         assert_eq!(steering.ports(), set(&[7001, 7004, 7005, 7101, 7002, 7103]));
         for port in [7001, 7004, 7005] {
@@ -151,10 +154,11 @@ fn reload_adds_and_removes_ports() {
         assert_refused(7102);
 
         // Beta goes altogether.
-        let ok = netns::reload(
-            &proxy,
-            &config(&[app("alpha", &[7001, 7004, 7005], &[alpha.target()])]),
-        );
+        let ok = proxy.reload(&config(&[app(
+            "alpha",
+            &[7001, 7004, 7005],
+            &[alpha.target()],
+        )]));
         assert!(
             ok.contains(" ports_added=0 ports_removed=3 apps_added=0 apps_removed=1 "),
             "{ok}"
@@ -189,10 +193,10 @@ fn removed_port_drains_its_open_connection() {
         const DRAIN_S: f64 = 4.0;
         let alpha = Backend::tagged("alpha");
         let beta = Backend::tagged("beta");
-        let proxy = netns::start(
-            &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-            &["--drain-timeout", "4s"],
-        );
+        let proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]))
+            .args(&["--drain-timeout", "4s"])
+            .start();
         let steering = ns.steering(proxy.pid);
 
         let mut removed = connect(v4(7002));
@@ -204,7 +208,7 @@ fn removed_port_drains_its_open_connection() {
         assert_eq!(read_line(&mut other), "beta");
 
         let mark = proxy.mark();
-        let ok = netns::reload(&proxy, &two_apps(&alpha, &[7001], &beta, &[7101]));
+        let ok = proxy.reload(&two_apps(&alpha, &[7001], &beta, &[7101]));
         assert!(ok.contains(" ports_added=0 ports_removed=1 "), "{ok}");
         proxy.wait_log_since(mark, "draining", |l| {
             l.contains("reload: 1 connections on removed ports draining for up to 4s")
@@ -252,16 +256,15 @@ fn failed_map_write_keeps_the_proxy_serving() {
     netns::run("failed_map_write_keeps_the_proxy_serving", |ns| {
         let alpha = Backend::tagged("alpha");
         let beta = Backend::tagged("beta");
-        let mut proxy = netns::start(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]), &[]);
+        let mut proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]))
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_reaches(7001, "alpha");
         steering.freeze_ports_map();
 
         let mark = proxy.mark();
-        let ok = netns::reload(
-            &proxy,
-            &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]),
-        );
+        let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]));
         assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
         let error = proxy.wait_log_since(mark, "map error", |l| {
             l.contains("bpf: cannot update the port map")
@@ -287,10 +290,7 @@ fn failed_map_write_keeps_the_proxy_serving() {
 
         // Another reload while the map still refuses: applied, retried quietly (the error is
         // not logged again), still serving.
-        let ok = netns::reload(
-            &proxy,
-            &two_apps(&alpha, &[7001, 7002, 7003, 7004], &beta, &[7101]),
-        );
+        let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002, 7003, 7004], &beta, &[7101]));
         assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
         let errors = proxy.lines_since(mark, |l| l.contains("bpf: cannot update the port map"));
         assert_eq!(errors.len(), 1, "{errors:#?}");
@@ -304,7 +304,7 @@ fn failed_map_write_keeps_the_proxy_serving() {
 
         // Back to the ports the map already holds: nothing left to write, and the proxy says
         // the map is whole again.
-        let ok = netns::reload(&proxy, &two_apps(&alpha, &[7001, 7002], &beta, &[7101]));
+        let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]));
         assert!(ok.contains(" ports_added=0 ports_removed=2 "), "{ok}");
         proxy.wait_log_since(mark, "recovery", |l| {
             l.contains(" INFO  bpf: port map updated after earlier failures; every port steered")
@@ -328,10 +328,10 @@ fn sigterm_refuses_new_connections_at_once_and_drains_open_ones() {
         |ns| {
             let alpha = Backend::tagged("alpha");
             let beta = Backend::tagged("beta");
-            let mut proxy = netns::start(
-                &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-                &["--drain-timeout", "60s"],
-            );
+            let mut proxy = Proxy::bpf()
+                .config(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]))
+                .args(&["--drain-timeout", "60s"])
+                .start();
             let steering = ns.steering(proxy.pid);
             let mut a = connect(v4(7001));
             assert_eq!(read_line(&mut a), "alpha");
@@ -392,10 +392,9 @@ fn sigterm_refuses_new_connections_at_once_and_drains_open_ones() {
 fn sigkill_leaves_nothing_attached() {
     netns::run("sigkill_leaves_nothing_attached", |ns| {
         let alpha = Backend::tagged("alpha");
-        let mut proxy = netns::start(
-            &config(&[app("alpha", &[7001, 7002], &[alpha.target()])]),
-            &[],
-        );
+        let mut proxy = Proxy::bpf()
+            .config(&config(&[app("alpha", &[7001, 7002], &[alpha.target()])]))
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_reaches(7001, "alpha");
         let mut open = connect(v4(7002));
@@ -429,10 +428,10 @@ fn upgrade_hands_steering_to_the_new_process_without_refusing() {
 fn upgrade_hands_steering(ns: netns::Netns) {
     let alpha = Backend::tagged("alpha");
     let beta = Backend::tagged("beta");
-    let mut proxy = netns::start(
-        &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-        &["--drain-timeout", "60s"],
-    );
+    let mut proxy = Proxy::bpf()
+        .config(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]))
+        .args(&["--drain-timeout", "60s"])
+        .start();
     let old = ns.steering(proxy.pid);
     let mut open = connect(v4(7002));
     assert_eq!(read_line(&mut open), "alpha");
@@ -474,10 +473,7 @@ fn upgrade_hands_steering(ns: netns::Netns) {
 
     // The new process serves and reloads.
     assert_reaches(7001, "alpha");
-    let ok = netns::reload(
-        &proxy,
-        &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]),
-    );
+    let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]));
     assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
     assert_reaches(7003, "alpha");
     assert_eq!(ns.links().len(), 1);
@@ -574,10 +570,10 @@ impl Drop for AlternatingClients {
 fn bind_to_ipv4_leaves_ipv6_alone() {
     netns::run("bind_to_ipv4_leaves_ipv6_alone", |ns| {
         let alpha = Backend::tagged("alpha");
-        let proxy = netns::start(
-            &config(&[app("alpha", &[7001, 7002], &[alpha.target()])]),
-            &["--bind", "127.0.0.1"],
-        );
+        let proxy = Proxy::bpf()
+            .config(&config(&[app("alpha", &[7001, 7002], &[alpha.target()])]))
+            .args(&["--bind", "127.0.0.1"])
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_eq!(steering.ports(), set(&[7001, 7002]));
         let other = TcpListener::bind(v6(7001)).expect("bind [::1]:7001");
@@ -609,10 +605,10 @@ fn bind_to_ipv4_leaves_ipv6_alone() {
 fn bind_address_limits_steering_to_that_address() {
     netns::run("bind_address_limits_steering_to_that_address", |_ns| {
         let alpha = Backend::tagged("alpha");
-        let _proxy = netns::start(
-            &config(&[app("alpha", &[7001, 7002], &[alpha.target()])]),
-            &["--bind", "127.0.0.1"],
-        );
+        let _proxy = Proxy::bpf()
+            .config(&config(&[app("alpha", &[7001, 7002], &[alpha.target()])]))
+            .args(&["--bind", "127.0.0.1"])
+            .start();
         assert_eq!(ask(v4(7001)), "alpha");
         for port in [7001, 7002] {
             let other = SocketAddr::from(([127, 0, 0, 2], port));
@@ -644,10 +640,9 @@ fn start_without_bpf_capabilities_fails_with_the_reason() {
             const CAP_SYS_ADMIN: libc::c_ulong = 21;
             const CAP_BPF: libc::c_ulong = 39;
             let alpha = Backend::tagged("alpha");
-            let mut proxy = netns::spawn_with(
-                &config(&[app("alpha", &[7001], &[alpha.target()])]),
-                &[],
-                |cmd| {
+            let mut proxy = Proxy::bpf()
+                .config(&config(&[app("alpha", &[7001], &[alpha.target()])]))
+                .command(|cmd| {
                     // SAFETY: only prctl(2) between fork and exec.
                     unsafe {
                         cmd.pre_exec(|| {
@@ -659,8 +654,8 @@ fn start_without_bpf_capabilities_fails_with_the_reason() {
                             Ok(())
                         });
                     }
-                },
-            );
+                })
+                .spawn();
             let status = proxy.wait_exit(WAIT);
             let log = proxy.logs().join("\n");
             assert_eq!(status.code(), Some(1), "{log}");
@@ -685,7 +680,9 @@ fn start_with_the_listener_port_taken_fails_with_the_reason() {
             let _taken =
                 TcpListener::bind(("0.0.0.0", netns::LISTENER_PORT)).expect("bind 0.0.0.0:8000");
             let alpha = Backend::tagged("alpha");
-            let mut proxy = netns::spawn(&config(&[app("alpha", &[7001], &[alpha.target()])]), &[]);
+            let mut proxy = Proxy::bpf()
+                .config(&config(&[app("alpha", &[7001], &[alpha.target()])]))
+                .spawn();
             let status = proxy.wait_exit(WAIT);
             let log = proxy.logs().join("\n");
             assert_eq!(status.code(), Some(1), "{log}");
@@ -711,7 +708,9 @@ fn ten_thousand_ports() {
         let beta = Backend::tagged("beta");
 
         let spawned = Instant::now();
-        let mut proxy = netns::start(&two_apps(&alpha, &big, &beta, &small), &[]);
+        let mut proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &big, &beta, &small))
+            .start();
         let start_ms = netns::ms_since(spawned);
         let started = proxy.wait_log("started", |l| l.contains(" started mode=bpf "));
         assert!(
@@ -739,7 +738,7 @@ fn ten_thousand_ports() {
 
         // Remove 20000..25000, add 10000..15000.
         let new_big: Vec<u16> = (10_000..15_000).chain(25_000..30_000).collect();
-        let ok = netns::reload(&proxy, &two_apps(&alpha, &new_big, &beta, &small));
+        let ok = proxy.reload(&two_apps(&alpha, &new_big, &beta, &small));
         assert!(ok.contains(" ports_added=5000 ports_removed=5000 "), "{ok}");
         let reload_ms = netns::took_ms(&ok);
         want = new_big.iter().chain(&small).copied().collect();

@@ -30,9 +30,12 @@ use modes::Env;
 /// Start `flyproxy simple` on one fresh port (more with `nports`) for an echo backend.
 fn serving(args: &[&str], backend: &Backend) -> Proxy {
     let target = backend.target();
-    Proxy::start(1, args, move |ports| {
-        config(&[app("echo", ports, std::slice::from_ref(&target))])
-    })
+    Proxy::simple()
+        .ports(1, move |ports| {
+            config(&[app("echo", ports, std::slice::from_ref(&target))])
+        })
+        .args(args)
+        .start()
 }
 
 /// The proxy answers on its first port, and stops with status 0 on SIGTERM.
@@ -143,10 +146,10 @@ fn pid_file_in_a_world_writable_directory_is_refused() {
     fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
     let pid_file = dir.path.join("flyproxy.pid");
     let port = common::free_port();
-    let mut p = Proxy::spawn(
-        &config(&[app("echo", &[port], &[backend.target()])]),
-        &["--pid-file", pid_file.to_str().unwrap()],
-    );
+    let mut p = Proxy::simple()
+        .config(&config(&[app("echo", &[port], &[backend.target()])]))
+        .args(&["--pid-file", pid_file.to_str().unwrap()])
+        .spawn();
     let (code, log) = refused_start(&mut p);
     assert_eq!(code, Some(1), "{log}");
     assert!(
@@ -280,7 +283,9 @@ fn config_too_large_or_a_fifo_is_a_clear_error() {
 fn sighup_during_start_up_is_a_reload_once_serving() {
     let backend = Backend::echo();
     let port = common::free_port();
-    let p = Proxy::spawn(&large_config(port, &backend.target()), &[]);
+    let p = Proxy::simple()
+        .config(&large_config(port, &backend.target()))
+        .spawn();
     wait_for("the SIGHUP handler", WAIT, || {
         catches(p.pid, libc::SIGHUP).then_some(())
     });
@@ -307,7 +312,9 @@ fn sighup_during_start_up_is_a_reload_once_serving() {
 fn sigterm_during_start_up_exits_cleanly() {
     let backend = Backend::echo();
     let port = common::free_port();
-    let mut p = Proxy::spawn(&large_config(port, &backend.target()), &[]);
+    let mut p = Proxy::simple()
+        .config(&large_config(port, &backend.target()))
+        .spawn();
     wait_for("the SIGTERM handler", WAIT, || {
         catches(p.pid, libc::SIGTERM).then_some(())
     });
@@ -327,7 +334,9 @@ fn bpf_sigterm_during_start_up_leaves_nothing_attached() {
         "bpf_sigterm_during_start_up_leaves_nothing_attached",
         |ns| {
             let backend = Backend::echo();
-            let mut p = netns::spawn(&large_config(7001, &backend.target()), &[]);
+            let mut p = Proxy::bpf()
+                .config(&large_config(7001, &backend.target()))
+                .spawn();
             wait_for("the SIGTERM handler", WAIT, || {
                 catches(p.pid, libc::SIGTERM).then_some(())
             });
@@ -492,10 +501,13 @@ fn a_target_on_the_proxys_own_frontend_is_refused() {
     assert_eq!(run(&["check", "-c", cfg.to_str().unwrap()]).code, Some(0));
 
     let port = common::free_port();
-    let mut p = Proxy::spawn(
-        &config(&[app("web", &[port], &[format!("localhost:{port}")])]),
-        &[],
-    );
+    let mut p = Proxy::simple()
+        .config(&config(&[app(
+            "web",
+            &[port],
+            &[format!("localhost:{port}")],
+        )]))
+        .spawn();
     let (code, log) = refused_start(&mut p);
     assert_eq!(code, Some(1), "{log}");
     assert!(
@@ -559,7 +571,7 @@ two_modes!(
                 app("beta", &ports[1..], &[beta.target()]),
             ])
         };
-        let mut p = env.start(&ports, &cfg(beta.target()), &["--reload-interval", "100ms"]);
+        let mut p = env.proxy().config_on(&ports, &cfg(beta.target())).args(&["--reload-interval", "100ms"]).start();
 
         let mark = p.mark();
         let own = format!("127.0.0.1:{}", ports[1]);

@@ -177,11 +177,13 @@ fn eleventh_from_one_address(env: Env) {
     let echo = Backend::echo();
     let maddr = env.metrics_addr();
     let m = maddr.to_string();
-    let p = env.start_on(
-        1,
-        &["--max-connections-per-client", "10", "--metrics", &m],
-        |ports| config(&[quiet_app("web", ports, &[echo.target()])]),
-    );
+    let p = env
+        .proxy()
+        .ports(1, |ports| {
+            config(&[quiet_app("web", ports, &[echo.target()])])
+        })
+        .args(&["--max-connections-per-client", "10", "--metrics", &m])
+        .start();
     let started = p.wait_log("started", |l| l.contains(" started mode="));
     assert!(
         started.contains(" max_connections_per_client=10 "),
@@ -280,7 +282,8 @@ fn per_client_limit_counts_an_ipv6_64_as_one_client_bpf() {
     modes::in_mode(
         Mode::Bpf,
         "per_client_limit_counts_an_ipv6_64_as_one_client_bpf",
-        |env| {
+        false,
+        |env: Env| {
             let host_a: std::net::Ipv6Addr = "2001:db8::a".parse().unwrap();
             let host_b: std::net::Ipv6Addr = "2001:db8::b".parse().unwrap();
             let other_net: std::net::Ipv6Addr = "2001:db8:0:1::a".parse().unwrap();
@@ -288,9 +291,13 @@ fn per_client_limit_counts_an_ipv6_64_as_one_client_bpf() {
                 netns::add_v6(a);
             }
             let echo = Backend::echo();
-            let p = env.start_on(1, &["--max-connections-per-client", "2"], |ports| {
-                config(&[quiet_app("web", ports, &[echo.target()])])
-            });
+            let p = env
+                .proxy()
+                .ports(1, |ports| {
+                    config(&[quiet_app("web", ports, &[echo.target()])])
+                })
+                .args(&["--max-connections-per-client", "2"])
+                .start();
             let port = p.ports[0];
             let mut held = Vec::new();
             for (i, from) in [host_a, host_b].into_iter().enumerate() {
@@ -316,17 +323,19 @@ fn per_client_limit_counts_an_ipv6_64_as_one_client_bpf() {
 fn per_app_client_limit_and_every_end_gives_the_count_back() {
     let echo = Backend::echo();
     let refusing = Refusing::new();
-    let p = Proxy::start(3, &[], |ports| {
-        let mut strict = quiet_app("strict", &ports[..1], &[echo.target()]);
-        strict["MaxConnectionsPerClient"] = json!(2);
-        let mut dead = quiet_app("dead", &ports[2..], &[refusing.target()]);
-        dead["MaxConnectionsPerClient"] = json!(1);
-        config(&[
-            strict,
-            quiet_app("loose", &ports[1..2], &[echo.target()]),
-            dead,
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(3, |ports| {
+            let mut strict = quiet_app("strict", &ports[..1], &[echo.target()]);
+            strict["MaxConnectionsPerClient"] = json!(2);
+            let mut dead = quiet_app("dead", &ports[2..], &[refusing.target()]);
+            dead["MaxConnectionsPerClient"] = json!(1);
+            config(&[
+                strict,
+                quiet_app("loose", &ports[1..2], &[echo.target()]),
+                dead,
+            ])
+        })
+        .start();
     let mut held: Vec<TcpStream> = (0..2)
         .map(|i| {
             let mut s = connect(p.v4(0));
@@ -371,15 +380,14 @@ fn waiters_for_an_apps_limit_are_bounded_and_another_app_is_served() {
     let echo = Backend::echo();
     // A long connect timeout: the two that wait must still be waiting when their turn comes,
     // however slow a loaded machine makes the steps in between.
-    let p = Proxy::start(
-        2,
-        &["--max-connections", "6", "--connect-timeout", "60s"],
-        |ports| {
+    let p = Proxy::simple()
+        .ports(2, |ports| {
             let mut busy = quiet_app("busy", &ports[..1], &[echo.target()]);
             busy["MaxConnections"] = json!(2);
             config(&[busy, quiet_app("calm", &ports[1..], &[echo.target()])])
-        },
-    );
+        })
+        .args(&["--max-connections", "6", "--connect-timeout", "60s"])
+        .start();
     let active: Vec<TcpStream> = (0..2)
         .map(|i| {
             let mut s = connect(p.v4(0));
@@ -542,17 +550,20 @@ fn a_target_listed_by_several_apps_is_checked_once() {
     let maddr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let m = maddr.to_string();
     // Up targets are checked every 5 intervals: every 500 ms here.
-    let _p = Proxy::start(3, &["--metrics", &m], |ports| {
-        let apps: Vec<_> = ["a", "b", "c"]
-            .iter()
-            .zip(ports)
-            .map(|(name, port)| {
-                json!({ "Name": name, "Ports": [port], "Targets": [echo.target()],
+    let _p = Proxy::simple()
+        .ports(3, |ports| {
+            let apps: Vec<_> = ["a", "b", "c"]
+                .iter()
+                .zip(ports)
+                .map(|(name, port)| {
+                    json!({ "Name": name, "Ports": [port], "Targets": [echo.target()],
                         "HealthCheck": { "IntervalMs": 100 } })
-            })
-            .collect();
-        config(&apps)
-    });
+                })
+                .collect();
+            config(&apps)
+        })
+        .args(&["--metrics", &m])
+        .start();
     wait_for("a first health check", WAIT, || {
         (echo.accepted() >= 1).then_some(())
     });
@@ -592,9 +603,12 @@ fn idle_connections_do_not_delay_a_scrape_and_bare_lf_is_answered() {
     let echo = Backend::echo();
     let maddr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let m = maddr.to_string();
-    let _p = Proxy::start(1, &["--metrics", &m], |ports| {
-        config(&[quiet_app("web", ports, &[echo.target()])])
-    });
+    let _p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[quiet_app("web", ports, &[echo.target()])])
+        })
+        .args(&["--metrics", &m])
+        .start();
     let idle: Vec<TcpStream> = (0..5)
         .map(|_| TcpStream::connect_timeout(&maddr, WAIT).expect("connect to metrics"))
         .collect();
@@ -631,7 +645,10 @@ fn a_removed_apps_bpf_counters_are_freed() {
             quiet_app("alpha", &[7001], &[echo.target()]),
             quiet_app("beta", &[7101], &[echo.target()]),
         ]);
-        let p = netns::start(&both, &["--metrics", "127.0.0.1:9100"]);
+        let p = Proxy::bpf()
+            .config(&both)
+            .args(&["--metrics", "127.0.0.1:9100"])
+            .start();
         for i in 0..3 {
             let mut s = connect(netns::v4(7101));
             roundtrip(&mut s, format!("beta {i}").as_bytes());
@@ -645,23 +662,17 @@ fn a_removed_apps_bpf_counters_are_freed() {
         let text = scrape(maddr);
         assert_eq!(steered(&text, "beta"), Some(3.0), "{text}");
 
-        netns::reload(
-            &p,
-            &config(&[quiet_app("alpha", &[7001], &[echo.target()])]),
-        );
+        p.reload(&config(&[quiet_app("alpha", &[7001], &[echo.target()])]));
         let text = scrape(maddr);
         assert_eq!(steered(&text, "beta"), None, "{text}");
         assert!(!text.text.contains("group=\"beta\""), "{text}");
         assert_eq!(steered(&text, "alpha"), Some(0.0), "{text}");
 
         // gamma takes beta's freed counters: from zero, not from beta's 3.
-        netns::reload(
-            &p,
-            &config(&[
-                quiet_app("alpha", &[7001], &[echo.target()]),
-                quiet_app("gamma", &[7201], &[echo.target()]),
-            ]),
-        );
+        p.reload(&config(&[
+            quiet_app("alpha", &[7001], &[echo.target()]),
+            quiet_app("gamma", &[7201], &[echo.target()]),
+        ]));
         let text = scrape(maddr);
         assert_eq!(steered(&text, "gamma"), Some(0.0), "{text}");
         let mut s = connect(netns::v4(7201));

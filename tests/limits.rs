@@ -18,9 +18,10 @@ const OTHER_THREADS: usize = 5;
 fn connections_past_the_limit_wait_until_a_slot_frees() {
     const MAX: usize = 5;
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--max-connections", "5"], |ports| {
-        config(&[app("lim", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("lim", ports, &[echo.target()])]))
+        .args(&["--max-connections", "5"])
+        .start();
     assert!(p
         .wait_log("started", |l| l.contains(" started "))
         .contains(" max_connections=5 "));
@@ -96,9 +97,10 @@ fn connections_past_the_limit_wait_until_a_slot_frees() {
 #[test]
 fn a_limit_of_one_serves_connections_in_turn() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--max-connections", "1"], |ports| {
-        config(&[app("one", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("one", ports, &[echo.target()])]))
+        .args(&["--max-connections", "1"])
+        .start();
     for i in 0..40 {
         let mut s = connect(p.v4(0));
         roundtrip(&mut s, format!("turn {i}").as_bytes());

@@ -86,7 +86,10 @@ fn the_test_parser_refuses_malformed_expositions() {
 fn start_proxy(nports: usize, args: &[&str], make_config: impl Fn(&[u16]) -> String) -> Proxy {
     for attempt in 0.. {
         let ports = free_ports(nports);
-        let mut p = Proxy::spawn(&make_config(&ports), args);
+        let mut p = Proxy::simple()
+            .config(&make_config(&ports))
+            .args(args)
+            .spawn();
         p.ports = ports;
         let started = wait_for("flyproxy to start", WAIT, || {
             if p.logs().iter().any(|l| l.contains("started mode=simple ")) {
@@ -924,7 +927,10 @@ fn bpf_lookups_count_the_connections_to_each_apps_ports() {
                 app("A", &[7001, 7002], &[echo.target()]),
                 app("B", &[7101], &[echo.target()]),
             ]);
-            let p = netns::start(&two, &["--metrics", "127.0.0.1:9100"]);
+            let p = Proxy::bpf()
+                .config(&two)
+                .args(&["--metrics", "127.0.0.1:9100"])
+                .start();
             let lookups = |m: &Exposition, g: &str, v: &str| {
                 m.get(
                     "flyproxy_bpf_lookups_total",
@@ -976,7 +982,7 @@ fn bpf_lookups_count_the_connections_to_each_apps_ports() {
                 app("B", &[7101], &[echo.target()]),
                 app("C", &[7201], &[echo.target()]),
             ]);
-            netns::reload(&p, &three);
+            p.reload(&three);
             conversation(netns::v4(7201), b"to C");
             conversation(netns::v4(7001), b"to A again");
             let m = scrape(maddr);
@@ -1498,10 +1504,9 @@ fn access_log_text() {
 fn an_app_name_with_a_line_break_is_refused_on_one_line() {
     let echo = Backend::echo();
     let port = free_port();
-    let mut p = Proxy::spawn(
-        &config(&[app("evil\nname", &[port], &[echo.target()])]),
-        &[],
-    );
+    let mut p = Proxy::simple()
+        .config(&config(&[app("evil\nname", &[port], &[echo.target()])]))
+        .spawn();
     let status = p.wait_exit(WAIT);
     assert_eq!(status.code(), Some(1), "{}", p.logs().join("\n"));
     assert_every_line_is_an_event(&p.logs(), false);

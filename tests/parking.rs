@@ -246,9 +246,12 @@ fn five_thousand_idle_connections_hold_few_threads() {
             }
         });
     }
-    let p = Proxy::start(1, &["--max-connections", "6000"], |ports| {
-        config(&[app("idle", ports, std::slice::from_ref(&target_addr))])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app("idle", ports, std::slice::from_ref(&target_addr))])
+        })
+        .args(&["--max-connections", "6000"])
+        .start();
     let mut clients = Vec::with_capacity(N);
     for i in 0..N as u32 {
         let mut c = connect(p.v4(0));
@@ -285,9 +288,9 @@ fn five_thousand_idle_connections_hold_few_threads() {
 fn busy_request_reply_connections_share_a_few_threads() {
     const N: usize = 64;
     let echo = Backend::echo();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app("chat", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("chat", ports, &[echo.target()])]))
+        .start();
     let addr = p.v4(0);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rounds = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -353,9 +356,10 @@ fn four_threads_carry_thirty_two_transfers() {
     const N: usize = 32;
     const SIZE: usize = 4 << 20;
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--max-threads", "4"], |ports| {
-        config(&[app("bulk", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("bulk", ports, &[echo.target()])]))
+        .args(&["--max-threads", "4"])
+        .start();
     let addr = p.v4(0);
     let began = Instant::now();
     let transfers: Vec<_> = (0..N)
@@ -417,7 +421,7 @@ two_modes!(
         const N: usize = 20;
         let echo = Backend::echo();
         let ports = env.ports(1);
-        let p = env.start(&ports, &config(&[app("echo", &ports, &[echo.target()])]), &[]);
+        let p = env.proxy().config_on(&ports, &config(&[app("echo", &ports, &[echo.target()])])).start();
         let mut clients: Vec<TcpStream> = (0..N)
             .map(|i| {
                 let mut s = connect(p.v4(0));
@@ -454,9 +458,10 @@ two_modes!(
 #[test]
 fn a_waiting_connection_gets_a_thread_while_long_transfers_run() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--max-threads", "2"], |ports| {
-        config(&[app("bulk", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("bulk", ports, &[echo.target()])]))
+        .args(&["--max-threads", "2"])
+        .start();
     let addr = p.v4(0);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let echoed = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -498,16 +503,15 @@ fn hung_connects_at_the_thread_bound_do_not_stop_relaying() {
     const HUNG: usize = 8;
     let echo = Backend::echo();
     let hole = Blackhole::new();
-    let p = Proxy::start(
-        2,
-        &["--max-threads", "4", "--connect-timeout", "5s"],
-        |ports| {
+    let p = Proxy::simple()
+        .ports(2, |ports| {
             config(&[
                 app("echo", &ports[..1], &[echo.target()]),
                 app("hole", &ports[1..], &[hole.target()]),
             ])
-        },
-    );
+        })
+        .args(&["--max-threads", "4", "--connect-timeout", "5s"])
+        .start();
     let mut chat = connect(p.v4(0));
     chat.set_read_timeout(Some(WAIT)).unwrap();
     roundtrip(&mut chat, b"before\n");

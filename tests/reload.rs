@@ -25,9 +25,10 @@ fn reload_ok(l: &str) -> bool {
 #[test]
 fn an_added_port_serves_after_reload_ok() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, FAST, |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(FAST)
+        .start();
     let new = free_port();
     expect_refused(v4(new));
 
@@ -52,9 +53,10 @@ fn an_added_port_serves_after_reload_ok() {
 #[test]
 fn a_removed_port_refuses_new_connections_and_keeps_open_ones() {
     let echo = Backend::echo();
-    let p = Proxy::start(2, FAST, |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(FAST)
+        .start();
     let mut live = connect(p.v4(1));
     roundtrip(&mut live, b"before");
     let local = live.local_addr().unwrap();
@@ -87,11 +89,10 @@ fn a_removed_port_refuses_new_connections_and_keeps_open_ones() {
 #[test]
 fn a_removed_port_drains_open_connections_after_the_drain_timeout() {
     let echo = Backend::echo();
-    let p = Proxy::start(
-        2,
-        &["--reload-interval", "100ms", "--drain-timeout", "1s"],
-        |ports| config(&[app("a", ports, &[echo.target()])]),
-    );
+    let p = Proxy::simple()
+        .ports(2, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(&["--reload-interval", "100ms", "--drain-timeout", "1s"])
+        .start();
     let mut live = connect(p.v4(1));
     roundtrip(&mut live, b"before");
     let local = live.local_addr().unwrap();
@@ -119,7 +120,10 @@ fn a_removed_port_drains_open_connections_after_the_drain_timeout() {
 fn changed_targets_apply_to_new_connections_only() {
     let old = Backend::tagged("old");
     let new = Backend::tagged("new");
-    let p = Proxy::start(2, FAST, |ports| config(&[app("a", ports, &[old.target()])]));
+    let p = Proxy::simple()
+        .ports(2, |ports| config(&[app("a", ports, &[old.target()])]))
+        .args(FAST)
+        .start();
     let mut before = connect(p.v4(0));
     assert_eq!(read_line(&mut before), "old");
     let local = before.local_addr().unwrap();
@@ -146,12 +150,15 @@ fn changed_targets_apply_to_new_connections_only() {
 fn a_port_moved_to_another_app_routes_to_it() {
     let a = Backend::tagged("a");
     let b = Backend::tagged("b");
-    let p = Proxy::start(3, FAST, |ports| {
-        config(&[
-            app("a", &ports[..2], &[a.target()]),
-            app("b", &ports[2..], &[b.target()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(3, |ports| {
+            config(&[
+                app("a", &ports[..2], &[a.target()]),
+                app("b", &ports[2..], &[b.target()]),
+            ])
+        })
+        .args(FAST)
+        .start();
     assert_eq!(tag_of(p.v4(1)), "a");
     let mark = p.mark();
     p.rewrite_config(&config(&[
@@ -170,9 +177,10 @@ fn a_port_moved_to_another_app_routes_to_it() {
 #[test]
 fn an_invalid_file_is_rejected_and_the_old_config_kept() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, FAST, |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(FAST)
+        .start();
     let extra = free_port();
 
     // Not JSON at all.
@@ -243,7 +251,10 @@ fn an_invalid_file_is_rejected_and_the_old_config_kept() {
 fn a_port_that_cannot_be_bound_rejects_the_whole_reload() {
     let old = Backend::tagged("old");
     let new = Backend::tagged("new");
-    let p = Proxy::start(1, FAST, |ports| config(&[app("a", ports, &[old.target()])]));
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[old.target()])]))
+        .args(FAST)
+        .start();
     let (free, busy) = (free_port(), free_port());
     let squatter = TcpListener::bind(("::", busy)).expect("occupy a port");
 
@@ -279,9 +290,10 @@ fn a_port_that_cannot_be_bound_rejects_the_whole_reload() {
 #[test]
 fn sighup_forces_a_reload() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--reload-interval", "1h"], |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(&["--reload-interval", "1h"])
+        .start();
 
     let mark = p.mark();
     p.signal(libc::SIGHUP);
@@ -311,12 +323,15 @@ fn reloads_under_a_steady_stream_of_connections_lose_nothing() {
     let e1 = Backend::echo();
     let e2 = Backend::echo_v6();
     let other = Backend::echo();
-    let p = Proxy::start(3, FAST, |ports| {
-        config(&[
-            app("stream", &ports[..2], &[e1.target()]),
-            app("other", &ports[2..], &[other.target()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(3, |ports| {
+            config(&[
+                app("stream", &ports[..2], &[e1.target()]),
+                app("other", &ports[2..], &[other.target()]),
+            ])
+        })
+        .args(FAST)
+        .start();
     let (s0, s1, o0) = (p.ports[0], p.ports[1], p.ports[2]);
     let toggled = free_port();
     let client = StreamingClient::start(s0, s1);
@@ -453,7 +468,7 @@ fn a_change_made_while_starting_is_not_lost() {
         "Apps": [app("a", &ports[..1], &vec![echo.target(); 700_000])]
     }))
     .unwrap();
-    let mut p = Proxy::spawn(&padded, FAST);
+    let mut p = Proxy::simple().config(&padded).args(FAST).spawn();
     p.ports = ports.clone();
     let rchar = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/io"))
@@ -487,9 +502,10 @@ fn a_change_made_while_starting_is_not_lost() {
 #[test]
 fn a_missing_config_file_keeps_the_running_config() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, FAST, |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(FAST)
+        .start();
     std::fs::remove_file(&p.config).unwrap();
     let mark = p.mark();
     p.signal(libc::SIGHUP);

@@ -75,7 +75,10 @@ fn too_many_pairs_reload_is_rejected(env: Env) {
     let echo = Backend::echo();
     let ports = env.ports(1);
     let served = app("served", &ports, &[echo.target()]);
-    let p = env.start(&ports, &config(std::slice::from_ref(&served)), &[]);
+    let p = env
+        .proxy()
+        .config_on(&ports, &config(std::slice::from_ref(&served)))
+        .start();
     let mark = p.mark();
     let mut apps = full_range_apps(17);
     apps.push(served);

@@ -100,9 +100,10 @@ fn a_client_that_never_reads_costs_no_cpu_and_bounded_memory() {
 #[test]
 fn one_thread_shared_by_an_endless_transfer_and_short_connections() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--max-threads", "1"], |ports| {
-        config(&[app("bulk", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("bulk", ports, &[echo.target()])]))
+        .args(&["--max-threads", "1"])
+        .start();
     let addr = p.v4(0);
     let stop = Arc::new(AtomicBool::new(false));
     let bulk = {
@@ -159,16 +160,12 @@ fn one_thread_shared_by_an_endless_transfer_and_short_connections() {
 #[test]
 fn silent_tls_clients_do_not_hold_every_thread() {
     let echo = Backend::echo();
-    let p = Proxy::start(
-        2,
-        &["--max-threads", "2", "--preread-timeout", "6s"],
-        |ports| {
+    let p = Proxy::simple().ports(2, |ports| {
             config(&[
                 serde_json::json!({"Name": "tls", "Ports": [ports[0]], "Hostnames": ["x.example"], "Targets": [echo.target()]}),
                 app("plain", &ports[1..], &[echo.target()]),
             ])
-        },
-    );
+        }).args(&["--max-threads", "2", "--preread-timeout", "6s"]).start();
     let silent: Vec<TcpStream> = (0..100).map(|_| connect(p.v4(0))).collect();
     thread::sleep(Duration::from_millis(500));
     let threads = p.threads();
@@ -216,15 +213,14 @@ fn silent_tls_clients_do_not_hold_every_thread() {
 #[test]
 fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
     let echo = Backend::echo();
-    let p = Proxy::start(
-        2,
-        &["--max-threads", "2", "--connect-timeout", "20s"],
-        |ports| {
+    let p = Proxy::simple()
+        .ports(2, |ports| {
             let mut limited = app("limited", &ports[..1], &[echo.target()]);
             limited["MaxConnections"] = serde_json::json!(2);
             config(&[limited, app("free", &ports[1..], &[echo.target()])])
-        },
-    );
+        })
+        .args(&["--max-threads", "2", "--connect-timeout", "20s"])
+        .start();
     let mut holders: Vec<TcpStream> = (0..2).map(|_| connect(p.v4(0))).collect();
     for (i, h) in holders.iter_mut().enumerate() {
         roundtrip(h, format!("holder {i}\n").as_bytes());
@@ -253,9 +249,14 @@ fn waiters_for_an_apps_slot_do_not_hold_every_thread() {
 #[test]
 fn sigterm_drains_connections_waiting_for_a_hello_or_a_slot() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(
-        2,
-        &[
+    let mut p = Proxy::simple().ports(2, |ports| {
+            let mut limited = app("limited", &ports[1..], &[echo.target()]);
+            limited["MaxConnections"] = serde_json::json!(1);
+            config(&[
+                serde_json::json!({"Name": "tls", "Ports": [ports[0]], "Hostnames": ["x.example"], "Targets": [echo.target()]}),
+                limited,
+            ])
+        }).args(&[
             "--max-threads",
             "2",
             "--preread-timeout",
@@ -264,16 +265,7 @@ fn sigterm_drains_connections_waiting_for_a_hello_or_a_slot() {
             "60s",
             "--drain-timeout",
             "2s",
-        ],
-        |ports| {
-            let mut limited = app("limited", &ports[1..], &[echo.target()]);
-            limited["MaxConnections"] = serde_json::json!(1);
-            config(&[
-                serde_json::json!({"Name": "tls", "Ports": [ports[0]], "Hostnames": ["x.example"], "Targets": [echo.target()]}),
-                limited,
-            ])
-        },
-    );
+        ]).start();
     let silent: Vec<TcpStream> = (0..20).map(|_| connect(p.v4(0))).collect();
     let mut holder = connect(p.v4(1));
     roundtrip(&mut holder, b"holder\n");

@@ -11,7 +11,9 @@ use common::*;
 #[test]
 fn sigterm_drains_open_connections_then_exits_0() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(2, &[], |ports| config(&[app("a", ports, &[echo.target()])]));
+    let mut p = Proxy::simple()
+        .ports(2, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .start();
     let mut open = connect(p.v4(0));
     roundtrip(&mut open, b"before");
     let local = open.local_addr().unwrap();
@@ -47,9 +49,10 @@ fn sigterm_drains_open_connections_then_exits_0() {
 #[test]
 fn sigterm_cuts_idle_connections_at_the_drain_timeout_and_exits_0() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(1, &["--drain-timeout", "500ms"], |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let mut p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(&["--drain-timeout", "500ms"])
+        .start();
     let mut idle = connect(p.v4(0));
     roundtrip(&mut idle, b"hello");
     let local = idle.local_addr().unwrap();
@@ -67,7 +70,9 @@ fn sigterm_cuts_idle_connections_at_the_drain_timeout_and_exits_0() {
 #[test]
 fn sigterm_without_connections_exits_0_at_once() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(1, &[], |ports| config(&[app("a", ports, &[echo.target()])]));
+    let mut p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .start();
     p.signal(libc::SIGTERM);
     let status = p.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");
@@ -79,7 +84,9 @@ fn sigterm_without_connections_exits_0_at_once() {
 #[test]
 fn sigint_stops_like_sigterm() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(1, &[], |ports| config(&[app("a", ports, &[echo.target()])]));
+    let mut p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .start();
     let mut open = connect(p.v4(0));
     roundtrip(&mut open, b"x");
     p.signal(libc::SIGINT);
@@ -95,7 +102,9 @@ fn sigint_stops_like_sigterm() {
 #[test]
 fn a_second_sigterm_exits_at_once() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(1, &[], |ports| config(&[app("a", ports, &[echo.target()])]));
+    let mut p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .start();
     let mut open = connect(p.v4(0));
     roundtrip(&mut open, b"x");
     p.signal(libc::SIGTERM);
@@ -116,7 +125,9 @@ fn a_second_sigterm_exits_at_once() {
 #[test]
 fn sighup_while_draining_opens_no_listener() {
     let echo = Backend::echo();
-    let mut p = Proxy::start(1, &[], |ports| config(&[app("a", ports, &[echo.target()])]));
+    let mut p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .start();
     let mut open = connect(p.v4(0));
     roundtrip(&mut open, b"x");
     p.signal(libc::SIGTERM);

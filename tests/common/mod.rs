@@ -1,16 +1,20 @@
-//! Shared helpers for the integration tests: a running `flyproxy simple` (`Proxy`), in-test
-//! backends (`Backend`), free ports, client helpers and waiting on conditions with deadlines.
+//! Shared helpers for the integration tests: a running proxy (`Proxy`, started in either mode
+//! through the one builder, `Launch`), waits for the log lines tests care about
+//! (`wait_reload_ok`, ...), in-test backends (`Backend`), free ports, client helpers and
+//! waiting on conditions with deadlines.
 //!
 //! Every wait here polls a condition up to a deadline; nothing sleeps to synchronise. Each test
 //! gets its own temporary directory and its own ports, so tests run in parallel (nextest runs
 //! each in its own process; `cargo test` runs them as threads of one process).
 //!
-//! Beside it: `tests/netns` (a network namespace per bpf test) and `tests/modes` (a test
-//! written once for both modes: `two_modes!`).
+//! Beside it: `tests/netns` (a network namespace of the test's own, and what bpftool says is
+//! attached there) and `tests/modes` (a test written once for both modes, each in a namespace
+//! of its own: `two_modes!`).
 
 #![allow(dead_code)]
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -215,47 +219,213 @@ struct LogBuf {
     changed: Condvar,
 }
 
-/// A running `flyproxy simple`, killed on drop. Its stderr (the log) is collected line by line.
+/// A running proxy (or another of our programs: [`Proxy::spawn_cmd`]), killed on drop. Its
+/// stderr (the log) is collected line by line.
 pub struct Proxy {
     child: Child,
+    /// The mode it was started in (by [`Launch`]; `spawn_cmd` says simple).
+    pub mode: Mode,
     pub pid: u32,
     pub dir: TempDir,
     pub config: PathBuf,
-    /// The ports the config was made from (by `start`).
+    /// The ports the config serves (as [`Launch::ports`] or [`Launch::config_on`] said).
     pub ports: Vec<u16>,
     log: Arc<LogBuf>,
     reader: Option<JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
 
+/// The two ways ports reach the proxy: `flyproxy simple` (a listener per port) and `flyproxy
+/// bpf` (one listener, an sk_lookup program steering the ports to it; root, and a network
+/// namespace of the test's own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Simple,
+    Bpf,
+}
+
+impl Mode {
+    /// The subcommand, as `started mode=` logs it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Simple => "simple",
+            Mode::Bpf => "bpf",
+        }
+    }
+}
+
+/// The port of bpf mode's own listener (`-p`). Any port works: a bpf-mode proxy runs in a
+/// network namespace of the test's own.
+pub const BPF_LISTENER_PORT: u16 = 8000;
+
+/// Builds a config file from the ports it is to serve.
+type MakeConfig<'a> = Box<dyn Fn(&[u16]) -> String + 'a>;
+
+/// Changes a command before it runs.
+type Adjust<'a> = Box<dyn Fn(&mut Command) + 'a>;
+
+/// How a config reaches [`Launch`]: as written, or built from fresh ports.
+enum Source<'a> {
+    Json(String),
+    Ports(usize, MakeConfig<'a>),
+}
+
+/// The one way the tests start a proxy: `Proxy::simple()` or `Proxy::bpf()` (or `env.proxy()`
+/// in a two-mode test), then the config and arguments, then [`Launch::start`] (wait for the
+/// `started` line) or [`Launch::spawn`] (do not wait: for a start that must fail).
+///
+/// The command line is `flyproxy simple -c CONFIG ARGS...` or `flyproxy bpf -p 8000 -c CONFIG
+/// --reload-interval 100ms ARGS...` (bpf mode's tests reload often; they need it fast).
+#[must_use]
+pub struct Launch<'a> {
+    mode: Mode,
+    bin: PathBuf,
+    source: Source<'a>,
+    ports: Vec<u16>,
+    args: Vec<OsString>,
+    adjust: Vec<Adjust<'a>>,
+}
+
 impl Proxy {
-    /// Start `flyproxy simple` with `args`, on `nports` fresh ports and the config `make_config`
-    /// builds from them, and wait until it logs `started`. If a port turned out to be taken in
-    /// the moment between picking and binding it, start again on other ports.
+    /// `Proxy::simple().ports(nports, make_config).args(args).start()`, kept for
+    /// tests/packaging.rs (which another change owns); new tests use the builder.
     pub fn start(nports: usize, args: &[&str], make_config: impl Fn(&[u16]) -> String) -> Proxy {
+        Proxy::simple()
+            .ports(nports, make_config)
+            .args(args)
+            .start()
+    }
+
+    /// A `flyproxy simple` to start.
+    pub fn simple<'a>() -> Launch<'a> {
+        Launch::new(Mode::Simple)
+    }
+
+    /// A `flyproxy bpf` to start (in the calling thread's network namespace).
+    pub fn bpf<'a>() -> Launch<'a> {
+        Launch::new(Mode::Bpf)
+    }
+}
+
+impl<'a> Launch<'a> {
+    pub fn new(mode: Mode) -> Launch<'a> {
+        Launch {
+            mode,
+            bin: PathBuf::from(BIN),
+            source: Source::Json(config(&[])),
+            ports: Vec::new(),
+            args: Vec::new(),
+            adjust: Vec::new(),
+        }
+    }
+
+    /// The config file's contents.
+    pub fn config(mut self, json: &str) -> Launch<'a> {
+        self.source = Source::Json(json.to_owned());
+        self
+    }
+
+    /// The config file's contents, which serve `ports` (what [`Proxy::v4`] and
+    /// [`Proxy::v6`] address).
+    pub fn config_on(mut self, ports: &[u16], json: &str) -> Launch<'a> {
+        self.ports = ports.to_vec();
+        self.config(json)
+    }
+
+    /// A config `make_config` builds from `n` fresh ports. If a port turns out to be taken in
+    /// the moment between picking and binding it, [`Launch::start`] starts again on others.
+    pub fn ports(mut self, n: usize, make_config: impl Fn(&[u16]) -> String + 'a) -> Launch<'a> {
+        self.source = Source::Ports(n, Box::new(make_config));
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Launch<'a> {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<A: Into<OsString> + Clone>(mut self, args: &[A]) -> Launch<'a> {
+        self.args.extend(args.iter().cloned().map(Into::into));
+        self
+    }
+
+    /// Another build of the binary (a copy elsewhere, say).
+    pub fn bin(mut self, bin: impl Into<PathBuf>) -> Launch<'a> {
+        self.bin = bin.into();
+        self
+    }
+
+    /// Change the command before it runs (an fd limit, the environment, ...).
+    pub fn command(mut self, adjust: impl Fn(&mut Command) + 'a) -> Launch<'a> {
+        self.adjust.push(Box::new(adjust));
+        self
+    }
+
+    /// Spawn the proxy without waiting for it.
+    pub fn spawn(self) -> Proxy {
+        self.spawn_once()
+    }
+
+    fn spawn_once(&self) -> Proxy {
+        let (json, ports) = match &self.source {
+            Source::Json(json) => (json.clone(), self.ports.clone()),
+            Source::Ports(n, make) => {
+                let ports = free_ports(*n);
+                (make(&ports), ports)
+            }
+        };
+        let dir = TempDir::new(self.mode.name());
+        let config = dir.write("config.json", &json);
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg(self.mode.name());
+        if self.mode == Mode::Bpf {
+            cmd.arg("-p").arg(BPF_LISTENER_PORT.to_string());
+        }
+        cmd.arg("-c").arg(&config);
+        if self.mode == Mode::Bpf {
+            cmd.args(["--reload-interval", "100ms"]);
+        }
+        cmd.args(&self.args);
+        for adjust in &self.adjust {
+            adjust(&mut cmd);
+        }
+        let mut p = Proxy::spawn_cmd(cmd, dir, config);
+        p.mode = self.mode;
+        p.ports = ports;
+        p
+    }
+
+    /// Spawn the proxy and wait for its `started` line; on exit before it, `Err` with the log.
+    pub fn try_start(self) -> Result<Proxy, String> {
         for attempt in 0.. {
-            let ports = free_ports(nports);
-            let mut p = Proxy::spawn(&make_config(&ports), args);
-            p.ports = ports;
+            let mut p = self.spawn_once();
             match p.wait_started() {
-                Ok(()) => return p,
-                Err(log) if attempt < 2 && log.contains("cannot listen on port") => continue,
-                Err(log) => panic!("flyproxy did not start:\n{log}"),
+                Ok(()) => return Ok(p),
+                // Fresh ports: one was taken between picking and binding it; pick others.
+                Err(log)
+                    if matches!(self.source, Source::Ports(..))
+                        && attempt < 2
+                        && log.contains("cannot listen on port") =>
+                {
+                    continue
+                }
+                Err(log) => return Err(log),
             }
         }
-        unreachable!()
+        unreachable!("the loop returns")
     }
 
-    /// Write `config_json` and spawn `flyproxy simple -c FILE ARGS...` without waiting.
-    pub fn spawn(config_json: &str, args: &[&str]) -> Proxy {
-        let dir = TempDir::new("proxy");
-        let config = dir.write("config.json", config_json);
-        let mut cmd = Command::new(BIN);
-        cmd.arg("simple").arg("-c").arg(&config).args(args);
-        Proxy::spawn_cmd(cmd, dir, config)
+    /// Spawn the proxy and wait for its `started` line (panicking with the log if it exits).
+    pub fn start(self) -> Proxy {
+        let mode = self.mode;
+        self.try_start()
+            .unwrap_or_else(|log| panic!("flyproxy {} did not start:\n{log}", mode.name()))
     }
+}
 
-    /// Spawn an arbitrary command line of the binary (its stderr collected like the proxy's).
+impl Proxy {
+    /// Spawn a command line [`Launch`] does not make (another of our programs, the config flag
+    /// spelled otherwise, ...), its stderr collected like the proxy's.
     pub fn spawn_cmd(mut cmd: Command, dir: TempDir, config: PathBuf) -> Proxy {
         let mut child = cmd
             .stdin(Stdio::null())
@@ -267,6 +437,7 @@ impl Proxy {
         let reader = collect_lines(child.stderr.take().unwrap(), Arc::clone(&log));
         Proxy {
             pid: child.id(),
+            mode: Mode::Simple,
             child,
             dir,
             config,
@@ -277,15 +448,12 @@ impl Proxy {
         }
     }
 
-    /// Wait for the `started` line; on exit before it, the log so far.
+    /// Wait for the `started mode=MODE` line; on exit before it, the log so far.
     pub fn wait_started(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
+        let started = format!(" INFO  started mode={} ", self.mode.name());
         loop {
-            if self
-                .logs()
-                .iter()
-                .any(|l| l.contains(" INFO  started mode=simple "))
-            {
+            if self.logs().iter().any(|l| l.contains(&started)) {
                 return Ok(());
             }
             if self.log_closed() || Instant::now() >= deadline {
@@ -384,6 +552,67 @@ impl Proxy {
             let l = self.lines_since(mark, &pred);
             (l.len() >= n).then_some(l)
         })
+    }
+
+    // The log lines tests wait for. The proxy's wording of them lives here, once.
+
+    /// The first `reload ok` line from `mark` on; panics (with the log) if a reload is rejected
+    /// first or none comes.
+    pub fn wait_reload_ok(&self, mark: usize) -> String {
+        let line = self.wait_log_since(mark, "reload ok", |l| {
+            is_reload_ok(l) || is_reload_rejected(l)
+        });
+        assert!(
+            is_reload_ok(&line),
+            "reload rejected:\n{}",
+            self.logs().join("\n")
+        );
+        line
+    }
+
+    /// The first `reload rejected` line from `mark` on; panics (with the log) if a reload
+    /// succeeds first or none comes.
+    pub fn wait_reload_rejected(&self, mark: usize) -> String {
+        let line = self.wait_log_since(mark, "reload rejected", |l| {
+            is_reload_ok(l) || is_reload_rejected(l)
+        });
+        assert!(
+            is_reload_rejected(&line),
+            "the reload was not rejected:\n{}",
+            self.logs().join("\n")
+        );
+        line
+    }
+
+    /// Replace the config and wait for the `reload ok` line that follows; return it.
+    pub fn reload(&self, json: &str) -> String {
+        let mark = self.mark();
+        self.rewrite_config(json);
+        self.wait_reload_ok(mark)
+    }
+
+    /// Replace the config and wait for the `reload rejected` line that follows; return it.
+    pub fn reload_rejected(&self, json: &str) -> String {
+        let mark = self.mark();
+        self.rewrite_config(json);
+        self.wait_reload_rejected(mark)
+    }
+
+    /// The `stopping:` line (listeners closed, draining) from `mark` on.
+    pub fn wait_stopping(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "stopping", is_stopping)
+    }
+
+    /// The `stopped: every connection finished` line from `mark` on.
+    pub fn wait_stopped_clean(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "stopped: every connection finished", |l| {
+            l.contains(" INFO  stopped: every connection finished")
+        })
+    }
+
+    /// The first `upgrade failed` line from `mark` on.
+    pub fn wait_upgrade_failed(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "upgrade failed", is_upgrade_failed)
     }
 
     /// Wait for the `conn` log line of the connection from `client` (its local address).
@@ -554,6 +783,26 @@ fn collect_lines(stderr: ChildStderr, log: Arc<LogBuf>) -> JoinHandle<()> {
         log.lines.lock().unwrap().1 = true;
         log.changed.notify_all();
     })
+}
+
+/// A `reload ok: ...` line.
+pub fn is_reload_ok(l: &str) -> bool {
+    l.contains(" INFO  reload ok: ")
+}
+
+/// A `reload rejected: ...` line (bad file, or a config that cannot be applied).
+pub fn is_reload_rejected(l: &str) -> bool {
+    l.contains(" reload rejected: ")
+}
+
+/// The `stopping: listeners closed, ...` line of a graceful stop.
+pub fn is_stopping(l: &str) -> bool {
+    l.contains(" INFO  stopping: ")
+}
+
+/// An `upgrade failed: ...` line.
+pub fn is_upgrade_failed(l: &str) -> bool {
+    l.contains(" upgrade failed")
 }
 
 /// An IPv4 address the way the proxy logs it (plain, not IPv4-mapped IPv6).
@@ -1187,9 +1436,12 @@ impl Relayed {
     pub fn start(args: &[&str]) -> Relayed {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let target_addr = listener.local_addr().unwrap().to_string();
-        let proxy = Proxy::start(1, args, |ports| {
-            config(&[app("app", ports, std::slice::from_ref(&target_addr))])
-        });
+        let proxy = Proxy::simple()
+            .args(args)
+            .ports(1, |ports| {
+                config(&[app("app", ports, std::slice::from_ref(&target_addr))])
+            })
+            .start();
         let mut client = connect(proxy.v4(0));
         client.write_all(HELLO).unwrap();
         let target = accept_relayed(&listener, HELLO);
