@@ -1070,7 +1070,7 @@ fn raising_max_connections_by_a_reload_serves_a_waiting_connection() {
 
     let mark = p.mark();
     p.rewrite_config(&cfg(&p.ports, 2));
-    p.wait_log_since(mark, "reload ok", |l| l.contains(" INFO  reload ok: "));
+    p.wait_reload_ok(mark);
     let mut got = [0u8; 7];
     waiting
         .read_exact(&mut got)
@@ -1121,7 +1121,7 @@ fn a_connection_waiting_for_its_apps_slot_is_drained_with_its_removed_port() {
         &[echo.target()],
         json!({"MaxConnections": 1}),
     )]));
-    let reload = p.wait_log_since(mark, "reload ok", |l| l.contains(" INFO  reload ok: "));
+    let reload = p.wait_reload_ok(mark);
     assert!(reload.contains("ports_removed=1"), "{reload}");
     // Closed within the drain timeout (with room for a loaded machine), never served.
     expect_closed(&mut waiting, Duration::from_secs(5));
@@ -1467,7 +1467,7 @@ fn a_down_target_stays_down_across_a_reload_that_keeps_it() {
         &targets,
         extra.clone(),
     )]));
-    let reload = p.wait_log_since(mark, "reload ok", |l| l.contains(" INFO  reload ok: "));
+    let reload = p.wait_reload_ok(mark);
     assert!(reload.contains("ports_added=1"), "{reload}");
 
     let mut after = tags(p.v4(0), 9);

@@ -386,8 +386,7 @@ impl KnownTraffic {
         apps.push(app("c", &self.p.ports[2..3], std::slice::from_ref(e)));
         let mark = self.p.mark();
         self.p.rewrite_config(&config(&apps));
-        self.p
-            .wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+        self.p.wait_reload_ok(mark);
         let m = scrape(self.maddr);
         assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
         assert_eq!(
@@ -425,9 +424,7 @@ impl KnownTraffic {
     fn a_rejected_reload_is_counted_and_changes_nothing(&self, ts1: f64) {
         let mark = self.p.mark();
         self.p.rewrite_config("{\"Apps\": [ this is not json");
-        self.p.wait_log_since(mark, "reload rejected", |l| {
-            l.contains(" reload rejected: ")
-        });
+        self.p.wait_reload_rejected(mark);
         // (The counter moves just after the log lines.)
         let m = scrape_until(self.maddr, "the rejected reload counted", |m| {
             m.value("flyproxy_reloads_total", &[("result", "rejected")]) == Some(1.0)
@@ -564,7 +561,7 @@ fn exposition_is_valid_and_escapes_label_values() {
     expect_closed(&mut s, WAIT);
     let mark = p.mark();
     p.rewrite_config(&apps(&p.ports, true));
-    p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+    p.wait_reload_ok(mark);
 
     let m = scrape_until(maddr, "the failed connection counted", |m| {
         m.value(

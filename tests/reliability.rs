@@ -1183,7 +1183,7 @@ fn low_fd_limit(env: Env) {
 /// With 128 descriptors the proxy starts with a lower bound, warns with the numbers, and
 /// reports the bound in force. The bound.
 fn the_bound_is_lowered_to_128_descriptors(p: &Proxy, metrics: SocketAddr) -> usize {
-    let started = p.wait_log("started", |l| l.contains(" started mode="));
+    let started = p.started_line();
     let bound: usize = field(&started, "max_connections")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no max_connections in {started}"));

@@ -889,7 +889,7 @@ fn a_refused_reload_keeps_the_shared_port_serving() {
         ]});
         let mark = p.mark();
         p.rewrite_config(&serde_json::to_string(&bad).unwrap());
-        let line = p.wait_log_since(mark, "reload rejected", |l| l.contains("reload rejected: "));
+        let line = p.wait_reload_rejected(mark);
         assert!(
             line.contains(r#"app "b": Ports: 7000 is already used by app "a" on 127.0.0.2"#),
             "{line}"

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,7 +30,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::{app, config, field, free_ports, wait_for, Backend, ConnLine, Proxy, Rng, TempDir};
-use common::{BIN, WAIT};
+use common::{assert_serves_then_stops, run, BIN, WAIT};
 use modes::{Env, Mode};
 
 /// Upgrades performed in a row by the load tests.
@@ -1545,4 +1545,52 @@ fn map_ids_held(pid: u32) -> Vec<u64> {
                 .collect::<Vec<u64>>()
         })
         .collect()
+}
+
+/// Issue 11, item 2: `flyproxy upgrade` signals only a flyproxy: a pid file naming another
+/// process is refused, and that process gets no SIGUSR2 (which would have killed it).
+#[test]
+fn upgrade_refuses_to_signal_a_process_that_is_not_flyproxy() {
+    let dir = TempDir::new("upgrade-pid");
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid_file = dir.write("flyproxy.pid", &format!("{}\n", sleeper.id()));
+    let out = run(&["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("is not flyproxy"), "{}", out.stderr);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the process was signalled"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// Issue 11, item 11: an upgrade does not execute a binary that group or others may write;
+/// the log says why and the running proxy carries on.
+#[test]
+fn upgrade_refuses_a_binary_others_may_write() {
+    let bin_dir = TempDir::new("bin");
+    let bin = bin_dir.path.join("flyproxy");
+    fs::copy(BIN, &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o777)).unwrap();
+    let backend = Backend::echo();
+    let port = common::free_port();
+    let dir = TempDir::new("proxy");
+    let cfg = dir.write(
+        "config.json",
+        &config(&[app("echo", &[port], &[backend.target()])]),
+    );
+    let mut cmd = Command::new(&bin);
+    cmd.arg("simple").arg("-c").arg(&cfg).stdin(Stdio::null());
+    let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
+    p.ports = vec![port];
+    p.wait_started().unwrap();
+    p.signal(libc::SIGUSR2);
+    let line = p.wait_upgrade_failed(0);
+    assert!(
+        line.contains("is writable by group or others (mode 777): refusing to execute it"),
+        "{line}"
+    );
+    assert_serves_then_stops(p);
 }

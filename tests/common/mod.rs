@@ -349,6 +349,14 @@ impl<'a> Launch<'a> {
         self
     }
 
+    /// Reread the config every 100 ms, for a test that reloads (bpf mode always does).
+    pub fn fast_reload(self) -> Launch<'a> {
+        match self.mode {
+            Mode::Simple => self.args(&["--reload-interval", "100ms"]),
+            Mode::Bpf => self,
+        }
+    }
+
     /// Another build of the binary (a copy elsewhere, say).
     pub fn bin(mut self, bin: impl Into<PathBuf>) -> Launch<'a> {
         self.bin = bin.into();
@@ -598,6 +606,12 @@ impl Proxy {
         self.wait_reload_rejected(mark)
     }
 
+    /// The `started mode=MODE ...` line (what it started with: limits, descriptors, hash).
+    pub fn started_line(&self) -> String {
+        let started = format!(" INFO  started mode={} ", self.mode.name());
+        self.wait_log("started", |l| l.contains(&started))
+    }
+
     /// The `stopping:` line (listeners closed, draining) from `mark` on.
     pub fn wait_stopping(&self, mark: usize) -> String {
         self.wait_log_since(mark, "stopping", is_stopping)
@@ -699,6 +713,68 @@ impl Proxy {
     pub fn cpu_during(&self, window: Duration) -> f64 {
         cpu_during(self.pid, window)
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers several test files share
+
+/// Start `flyproxy simple` on one fresh port for an echo backend.
+pub fn serving(args: &[&str], backend: &Backend) -> Proxy {
+    let target = backend.target();
+    Proxy::simple()
+        .ports(1, move |ports| {
+            config(&[app("echo", ports, std::slice::from_ref(&target))])
+        })
+        .args(args)
+        .start()
+}
+
+/// The proxy answers on its first port, and stops with status 0 on SIGTERM.
+pub fn assert_serves_then_stops(mut p: Proxy) {
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still serving\n");
+    drop(s);
+    p.signal(libc::SIGTERM);
+    let status = p.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", p.logs().join("\n"));
+}
+
+/// The exit status of a proxy expected to refuse to start, with its whole log.
+pub fn refused_start(p: &mut Proxy) -> (Option<i32>, String) {
+    let status = p.wait_exit(WAIT);
+    (status.code(), p.logs().join("\n"))
+}
+
+/// Signal `sig` has a handler in process `pid` (the SigCgt mask of /proc/PID/status).
+pub fn catches(pid: u32, sig: libc::c_int) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+/// A config that takes measurable time to load (about a second in a debug build): one app with
+/// 700,000 targets (about 13 MB, under the 16 MiB cap), a size a generated config can reach.
+pub fn large_config(port: u16, target: &str) -> String {
+    let targets = vec![target.to_owned(); 700_000];
+    serde_json::to_string(&serde_json::json!({"Apps": [app("big", &[port], &targets)]})).unwrap()
+}
+
+/// An app on every port (1-65535) of `n` addresses: `n` * 65,535 (address, port) pairs from
+/// a file of one line. (One app rather than `n`: the same pairs, at a 16th of the parsing, which
+/// matters to a debug build on a loaded machine.)
+pub fn full_range_apps(n: usize) -> Vec<serde_json::Value> {
+    let addresses: Vec<String> = (0..n)
+        .map(|i| format!("10.9.{}.{}", i / 256, i % 256))
+        .collect();
+    vec![
+        serde_json::json!({"Name": "wide", "Ports": ["1-65535"], "Addresses": addresses,
+                "Targets": ["127.0.0.1:9"]}),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
