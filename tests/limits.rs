@@ -12,7 +12,6 @@ mod netns;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::metrics::{request, scrape, Exposition};
@@ -160,21 +159,11 @@ const BULK: usize = 8 << 20;
 
 /// The proxy in simple mode on one port of `echo`, under an open-file limit of NOFILE.
 fn start_with_nofile(echo: &Backend) -> Proxy {
-    use std::process::Command;
-
     let ports = free_ports(1);
-    let dir = TempDir::new("fdlimit");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[app("fd", &ports, &[echo.target()])]),
-    );
-    let mut cmd = Command::new(BIN);
-    cmd.arg("simple").arg("-c").arg(&cfg);
-    with_fd_limit(&mut cmd, NOFILE);
-    let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-    p.ports = ports;
-    p.wait_started().expect("started");
-    p
+    Proxy::simple()
+        .config_on(&ports, &config(&[app("fd", &ports, &[echo.target()])]))
+        .command(|cmd| with_fd_limit(cmd, NOFILE))
+        .start()
 }
 
 /// The proxy says it lowers its bound, and starts with it: the bound.
@@ -698,25 +687,16 @@ fn thousands_of_unreachable_targets_stay_within_the_descriptor_budget() {
     let echo = Backend::echo();
     let ports = free_ports(2);
     let maddr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-    let dir = TempDir::new("health-budget");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[
-            json!({ "Name": "dead", "Ports": &ports[..1], "Targets": dead,
-                    "HealthCheck": { "IntervalMs": 100, "TimeoutMs": 500 } }),
-            quiet_app("live", &ports[1..], &[echo.target()]),
-        ]),
-    );
-    let mut cmd = Command::new(BIN);
-    cmd.arg("simple")
-        .arg("-c")
-        .arg(&cfg)
-        .arg("--metrics")
-        .arg(maddr.to_string());
-    with_fd_limit(&mut cmd, NOFILE);
-    let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-    p.ports = ports;
-    p.wait_started().expect("started");
+    let config = config(&[
+        json!({ "Name": "dead", "Ports": &ports[..1], "Targets": dead,
+                "HealthCheck": { "IntervalMs": 100, "TimeoutMs": 500 } }),
+        quiet_app("live", &ports[1..], &[echo.target()]),
+    ]);
+    let p = Proxy::simple()
+        .config_on(&ports, &config)
+        .args(&["--metrics", &maddr.to_string()])
+        .command(|cmd| with_fd_limit(cmd, NOFILE))
+        .start();
     let started = p.started_line();
     // Reserved: 32 general, 2 listeners, 64 connects + poll + waker, 4 metrics connections +
     // their listener.

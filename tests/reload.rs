@@ -623,20 +623,14 @@ fn reload_past_the_descriptor_budget_is_refused() {
     const NOFILE: u64 = 400;
     let echo = Backend::echo();
     let ports = common::free_ports(1 + 150);
-    let dir = TempDir::new("review");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[app("served", &ports[..1], &[echo.target()])]),
-    );
-    let mut cmd = std::process::Command::new(common::BIN);
-    cmd.arg("simple")
-        .arg("-c")
-        .arg(&cfg)
-        .args(["--max-connections", "100"]);
-    common::with_fd_limit(&mut cmd, NOFILE);
-    let mut p = common::Proxy::spawn_cmd(cmd, dir, cfg);
-    p.ports = ports.clone();
-    p.wait_started().expect("started");
+    let p = Proxy::simple()
+        .config_on(
+            &ports,
+            &config(&[app("served", &ports[..1], &[echo.target()])]),
+        )
+        .args(&["--max-connections", "100"])
+        .command(|cmd| with_fd_limit(cmd, NOFILE))
+        .start();
     // 400 - (32 other + 66 health checks) - 2 * 100 connections: room for 102 listeners.
     let mark = p.mark();
     p.rewrite_config(&config(&[

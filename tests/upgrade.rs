@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{app, config, field, free_ports, wait_for, Backend, ConnLine, Proxy, Rng, TempDir};
+use common::{app, config, field, wait_for, Backend, ConnLine, Launch, Proxy, Rng, TempDir};
 use common::{assert_serves_then_stops, run, BIN, WAIT};
 use modes::{Env, Mode};
 
@@ -39,8 +39,9 @@ const UPGRADES: usize = 20;
 /// Long-lived connections kept open (and carrying data) across all the upgrades.
 const LONG_LIVED: usize = 5;
 
-/// Options of every proxy here: open connections may outlive the whole test while draining.
-const RUN_ARGS: [&str; 4] = ["--drain-timeout", "120s", "--reload-interval", "100ms"];
+/// Options of every proxy here (beside a 100 ms reload interval): open connections may outlive
+/// the whole test while draining.
+const RUN_ARGS: [&str; 2] = ["--drain-timeout", "120s"];
 
 // ---------------------------------------------------------------------------------------------
 // The binary, and every process running it
@@ -270,53 +271,19 @@ fn start_in(
     backend: &Backend,
     extra: &[&str],
 ) -> (Proxy, PathBuf) {
-    for attempt in 0.. {
-        let ports = free_ports(nports);
-        let dir = TempDir::new(match mode {
-            Mode::Simple => "upgrade",
-            Mode::Bpf => "upgrade-bpf",
-        });
-        let cfg = dir.write(
-            "config.json",
-            &config(&[app("echo", &ports, &[backend.target()])]),
-        );
-        let pid_file = dir.path.join("flyproxy.pid");
-        let mut cmd = Command::new(&bin.path);
-        match mode {
-            Mode::Simple => cmd.arg("simple"),
-            Mode::Bpf => cmd
-                .arg("bpf")
-                .arg("-p")
-                .arg(netns::LISTENER_PORT.to_string()),
-        };
-        cmd.arg("-c")
-            .arg(&cfg)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(RUN_ARGS)
-            .args(extra);
-        let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-        p.ports = ports;
-        let started = match mode {
-            Mode::Simple => p.wait_started(),
-            // One listener of its own, in a namespace of the test's own: nothing to lose.
-            Mode::Bpf => {
-                p.wait_log("started mode=bpf", |l| {
-                    l.contains(" INFO  started mode=bpf ")
-                });
-                Ok(())
-            }
-        };
-        match started {
-            Ok(()) => {
-                wait_pid_file(&pid_file, p.pid);
-                return (p, pid_file);
-            }
-            Err(log) if attempt < 2 && log.contains("cannot listen on port") => continue,
-            Err(log) => panic!("flyproxy did not start:\n{log}"),
-        }
-    }
-    unreachable!()
+    let p = Launch::new(mode)
+        .bin(&bin.path)
+        .ports(nports, |ports| {
+            config(&[app("echo", ports, &[backend.target()])])
+        })
+        .file_arg("--pid-file", "flyproxy.pid")
+        .args(&RUN_ARGS)
+        .fast_reload()
+        .args(extra)
+        .start();
+    let pid_file = p.dir.path.join("flyproxy.pid");
+    wait_pid_file(&pid_file, p.pid);
+    (p, pid_file)
 }
 
 /// The pid in the pid file, if it holds one.
@@ -1576,16 +1543,13 @@ fn upgrade_refuses_a_binary_others_may_write() {
     fs::set_permissions(&bin, fs::Permissions::from_mode(0o777)).unwrap();
     let backend = Backend::echo();
     let port = common::free_port();
-    let dir = TempDir::new("proxy");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[app("echo", &[port], &[backend.target()])]),
-    );
-    let mut cmd = Command::new(&bin);
-    cmd.arg("simple").arg("-c").arg(&cfg).stdin(Stdio::null());
-    let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-    p.ports = vec![port];
-    p.wait_started().unwrap();
+    let p = Proxy::simple()
+        .bin(&bin)
+        .config_on(
+            &[port],
+            &config(&[app("echo", &[port], &[backend.target()])]),
+        )
+        .start();
     p.signal(libc::SIGUSR2);
     let line = p.wait_upgrade_failed(0);
     assert!(

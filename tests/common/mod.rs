@@ -283,6 +283,8 @@ pub struct Launch<'a> {
     source: Source<'a>,
     ports: Vec<u16>,
     args: Vec<OsString>,
+    /// `FLAG DIR/NAME` arguments, DIR being the proxy's own directory.
+    files: Vec<(String, String)>,
     adjust: Vec<Adjust<'a>>,
 }
 
@@ -315,6 +317,7 @@ impl<'a> Launch<'a> {
             source: Source::Json(config(&[])),
             ports: Vec::new(),
             args: Vec::new(),
+            files: Vec::new(),
             adjust: Vec::new(),
         }
     }
@@ -357,6 +360,13 @@ impl<'a> Launch<'a> {
         }
     }
 
+    /// `flag PATH`, PATH being `name` in the proxy's own directory (`proxy.dir`): a pid file,
+    /// say, that goes when the proxy does.
+    pub fn file_arg(mut self, flag: &str, name: &str) -> Launch<'a> {
+        self.files.push((flag.to_owned(), name.to_owned()));
+        self
+    }
+
     /// Another build of the binary (a copy elsewhere, say).
     pub fn bin(mut self, bin: impl Into<PathBuf>) -> Launch<'a> {
         self.bin = bin.into();
@@ -394,6 +404,9 @@ impl<'a> Launch<'a> {
             cmd.args(["--reload-interval", "100ms"]);
         }
         cmd.args(&self.args);
+        for (flag, name) in &self.files {
+            cmd.arg(flag).arg(dir.path.join(name));
+        }
         for adjust in &self.adjust {
             adjust(&mut cmd);
         }
