@@ -200,9 +200,7 @@ fn config_too_large_or_a_fifo_is_a_clear_error() {
     let p = serving(&["--reload-interval", "50ms"], &backend);
     let mark = p.mark();
     p.rewrite_config(&format!("{{\"Apps\": []{padding}}}"));
-    p.wait_log_since(mark, "too large", |l| {
-        l.contains("reload rejected") && l.contains("larger than 16 MiB")
-    });
+    p.wait_reload_rejected_for(mark, "larger than 16 MiB");
     assert_serves_then_stops(p);
 }
 
@@ -377,9 +375,7 @@ fn bad_names_and_zero_padded_ports_are_refused() {
         &[p.ports[0]],
         &[backend.target()],
     )]));
-    p.wait_log_since(mark, "name rejected", |l| {
-        l.contains("reload rejected") && l.contains("Name: must be")
-    });
+    p.wait_reload_rejected_for(mark, "Name: must be");
     assert!(
         p.lines_since(mark, |l| l.starts_with("INFO  forged"))
             .is_empty(),

@@ -70,12 +70,10 @@ fn a_target_on_the_proxys_own_frontend_is_refused() {
         &[port],
         &[format!("127.0.0.1:{port}")],
     )]));
-    p.wait_log_since(mark, "loop rejected", |l| {
-        l.contains("reload rejected")
-            && l.contains(&format!(
-                "\"127.0.0.1:{port}\" is this proxy's own frontend"
-            ))
-    });
+    p.wait_reload_rejected_for(
+        mark,
+        &format!("\"127.0.0.1:{port}\" is this proxy's own frontend"),
+    );
     assert_serves_then_stops(p);
 }
 
@@ -121,13 +119,8 @@ two_modes!(
         let mark = p.mark();
         let own = format!("127.0.0.1:{}", ports[1]);
         p.rewrite_config(&cfg(own.clone()));
-        p.wait_log_since(mark, "loop rejected", |l| {
-            l.contains("reload rejected")
-                && l.contains(&format!("\"{own}\" is this proxy's own frontend"))
-        });
-        p.wait_log_since(mark, "the end of the rejection", |l| {
-            l.contains("reload rejected: keeping the running config")
-        });
+        p.wait_reload_rejected_for(mark, &format!("\"{own}\" is this proxy's own frontend"));
+        p.wait_reload_kept(mark);
         assert_eq!(tag_of(p.v4(0)), "beta", "the running config serves on");
 
         let mark = p.mark();

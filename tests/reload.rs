@@ -246,9 +246,7 @@ fn an_invalid_file_is_rejected_and_the_old_config_kept() {
         l.contains(" ERROR ") && l.contains("not a valid config"),
         "{l}"
     );
-    p.wait_log_since(mark, "keeping the running config", |l| {
-        l.contains("reload rejected: keeping the running config")
-    });
+    p.wait_reload_kept(mark);
     let mut s = connect(p.v4(0));
     roundtrip(&mut s, b"still served");
 
@@ -261,18 +259,14 @@ fn an_invalid_file_is_rejected_and_the_old_config_kept() {
     )]));
     let l = p.wait_reload_rejected(mark);
     assert!(l.contains("app \"a\": Ports: 0 is not a port"), "{l}");
-    p.wait_log_since(mark, "keeping the running config", |l| {
-        l.contains("reload rejected: keeping the running config")
-    });
+    p.wait_reload_kept(mark);
     expect_refused(v4(extra));
     roundtrip(&mut s, b"still served");
 
     // An unknown key and a bad target: every problem is logged.
     let mark = p.mark();
     p.rewrite_config(r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["nope"],"Weight":1}]}"#);
-    p.wait_log_since(mark, "keeping the running config", |l| {
-        l.contains("reload rejected: keeping the running config")
-    });
+    p.wait_reload_kept(mark);
     let rejected = p.lines_since(mark, |l| l.contains("reload rejected: "));
     assert!(
         rejected
@@ -591,9 +585,7 @@ fn too_many_pairs_reload_is_rejected(env: Env) {
     let mut apps = full_range_apps(17);
     apps.push(served);
     p.rewrite_config(&config(&apps));
-    p.wait_log_since(mark, "the rejected reload", |l| {
-        l.contains("reload rejected") && l.contains("(address, port) pairs in all")
-    });
+    p.wait_reload_rejected_for(mark, "(address, port) pairs in all");
     assert!(
         p.lines_since(mark, |l| l.contains("reload ok")
             || l.contains("bpf: cannot update"))

@@ -605,6 +605,21 @@ impl Proxy {
         line
     }
 
+    /// The first `reload rejected` line from `mark` on that names `what` (a problem, a path).
+    pub fn wait_reload_rejected_for(&self, mark: usize, what: &str) -> String {
+        self.wait_log_since(mark, &format!("reload rejected ... {what}"), |l| {
+            is_reload_rejected(l) && l.contains(what)
+        })
+    }
+
+    /// The `reload rejected: keeping the running config` line that ends a rejection whose
+    /// problems were logged on lines of their own, from `mark` on.
+    pub fn wait_reload_kept(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "reload rejected: keeping the running config", |l| {
+            l.contains(" reload rejected: keeping the running config")
+        })
+    }
+
     /// Replace the config and wait for the `reload ok` line that follows; return it.
     pub fn reload(&self, json: &str) -> String {
         let mark = self.mark();
