@@ -121,68 +121,6 @@ fn every_port_reaches_its_app_over_ipv4_and_ipv6() {
     });
 }
 
-/// A reload adds ports (they reach their app at once), removes ports (refused at once), moves a
-/// port to another app, and removes a whole app; the ports map follows each diff exactly. A
-/// rejected config changes nothing.
-#[test]
-fn reload_adds_and_removes_ports() {
-    netns::run("reload_adds_and_removes_ports", |ns| {
-        let alpha = Backend::tagged("alpha");
-        let beta = Backend::tagged("beta");
-        let proxy = Proxy::bpf()
-            .config(&two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101, 7102]))
-            .start();
-        let steering = ns.steering(proxy.pid);
-        assert_reaches(7002, "alpha");
-        assert_reaches(7102, "beta");
-
-        // 7003 and 7102 go, 7004, 7005 and 7103 come, 7002 moves from alpha to beta.
-        let ok = proxy.reload(&two_apps(
-            &alpha,
-            &[7001, 7004, 7005],
-            &beta,
-            &[7101, 7002, 7103],
-        ));
-        assert!(ok.contains(" ports_added=3 ports_removed=2 "), "{ok}");
-        assert_eq!(steering.ports(), set(&[7001, 7004, 7005, 7101, 7002, 7103]));
-        for port in [7001, 7004, 7005] {
-            assert_reaches(port, "alpha");
-        }
-        for port in [7101, 7002, 7103] {
-            assert_reaches(port, "beta");
-        }
-        assert_refused(7003);
-        assert_refused(7102);
-
-        // Beta goes altogether.
-        let ok = proxy.reload(&config(&[app(
-            "alpha",
-            &[7001, 7004, 7005],
-            &[alpha.target()],
-        )]));
-        assert!(
-            ok.contains(" ports_added=0 ports_removed=3 apps_added=0 apps_removed=1 "),
-            "{ok}"
-        );
-        assert_eq!(steering.ports(), set(&[7001, 7004, 7005]));
-        for port in [7101, 7002, 7103] {
-            assert_refused(port);
-        }
-        assert_reaches(7004, "alpha");
-
-        // A config that fails validation is rejected whole: every port stays as it was.
-        let mark = proxy.mark();
-        proxy.rewrite_config(&format!(
-            r#"{{"Apps": [{{"Name": "alpha", "Ports": [7001, 70000], "Targets": ["{}"]}}]}}"#,
-            alpha.target()
-        ));
-        proxy.wait_reload_kept(mark);
-        assert_eq!(steering.ports(), set(&[7001, 7004, 7005]));
-        assert_reaches(7001, "alpha");
-        assert_refused(7002);
-    });
-}
-
 /// A real map write failure (the `ports` map frozen with bpftool, so the kernel refuses every
 /// update from a syscall) is logged once, does not stop the proxy, does not refuse the
 /// reload, and the ports steered before keep working.

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::*;
 use modes::Env;
+use netns::{assert_reaches, assert_refused};
 
 /// Short reload interval so that file changes are seen quickly.
 const FAST: &[&str] = &["--reload-interval", "100ms"];
@@ -168,6 +169,84 @@ fn removed_port_drains(env: Env) {
         assert_eq!((line.port, line.end.as_str()), (port, "closed"), "{line:?}");
     }
     netns::assert_reaches(kept_port, "alpha");
+}
+
+two_modes!(
+    /// A reload adds ports (they reach their app at once), removes ports (refused at once), moves
+    /// a port to another app, and removes a whole app; in bpf mode the ports map follows each
+    /// diff exactly. A rejected config changes nothing.
+    reload_adds_and_removes_ports,
+    adds_and_removes_ports
+);
+
+fn adds_and_removes_ports(env: Env) {
+    let (alpha, beta) = (Backend::tagged("alpha"), Backend::tagged("beta"));
+    let two_apps = |alpha_ports: &[u16], beta_ports: &[u16]| {
+        config(&[
+            app("alpha", alpha_ports, &[alpha.target()]),
+            app("beta", beta_ports, &[beta.target()]),
+        ])
+    };
+    // Alpha's 1-5 (4 and 5 come later) and beta's 1-3 (3 comes later).
+    let p = env.ports(8);
+    let (a1, a2, a3, a4, a5) = (p[0], p[1], p[2], p[3], p[4]);
+    let (b1, b2, b3) = (p[5], p[6], p[7]);
+    let set = |ports: &[u16]| {
+        ports
+            .iter()
+            .copied()
+            .collect::<std::collections::BTreeSet<u16>>()
+    };
+    let proxy = env
+        .proxy()
+        .config_on(&p, &two_apps(&[a1, a2, a3], &[b1, b2]))
+        .fast_reload()
+        .start();
+    let steering = env.ns.as_ref().map(|ns| ns.steering(proxy.pid));
+    assert_reaches(a2, "alpha");
+    assert_reaches(b2, "beta");
+
+    // a3 and b2 go, a4, a5 and b3 come, a2 moves from alpha to beta.
+    let ok = proxy.reload(&two_apps(&[a1, a4, a5], &[b1, a2, b3]));
+    assert!(ok.contains(" ports_added=3 ports_removed=2 "), "{ok}");
+    if let Some(steering) = &steering {
+        assert_eq!(steering.ports(), set(&[a1, a4, a5, b1, a2, b3]));
+    }
+    for port in [a1, a4, a5] {
+        assert_reaches(port, "alpha");
+    }
+    for port in [b1, a2, b3] {
+        assert_reaches(port, "beta");
+    }
+    assert_refused(a3);
+    assert_refused(b2);
+
+    // Beta goes altogether.
+    let ok = proxy.reload(&config(&[app("alpha", &[a1, a4, a5], &[alpha.target()])]));
+    assert!(
+        ok.contains(" ports_added=0 ports_removed=3 apps_added=0 apps_removed=1 "),
+        "{ok}"
+    );
+    if let Some(steering) = &steering {
+        assert_eq!(steering.ports(), set(&[a1, a4, a5]));
+    }
+    for port in [b1, a2, b3] {
+        assert_refused(port);
+    }
+    assert_reaches(a4, "alpha");
+
+    // A config that fails validation is rejected whole: every port stays as it was.
+    let mark = proxy.mark();
+    proxy.rewrite_config(&format!(
+        r#"{{"Apps": [{{"Name": "alpha", "Ports": [{a1}, 70000], "Targets": ["{}"]}}]}}"#,
+        alpha.target()
+    ));
+    proxy.wait_reload_kept(mark);
+    if let Some(steering) = &steering {
+        assert_eq!(steering.ports(), set(&[a1, a4, a5]));
+    }
+    assert_reaches(a1, "alpha");
+    assert_refused(a2);
 }
 
 /// New connections go to the new targets; a connection opened before stays on the old one.
