@@ -66,8 +66,6 @@ pub struct Env {
     /// bpf mode: the test's network namespace, to ask bpftool what is attached there. (Simple
     /// mode runs in a namespace of its own too where it can, but has nothing to ask.)
     pub ns: Option<netns::Netns>,
-    /// Whether this thread is in a network namespace of its own (not the host's).
-    pub own_netns: bool,
 }
 
 /// Run `body` in `mode` on a thread of its own, in a network namespace of its own (see the
@@ -78,17 +76,10 @@ pub fn in_mode(
     needs_netns: bool,
     body: impl FnOnce(Env) + Send + 'static,
 ) {
-    let env = move |ns: Option<netns::Netns>, own_netns| Env {
-        mode,
-        ns,
-        own_netns,
-    };
     match mode {
-        Mode::Bpf => netns::run(test, move |ns| body(env(Some(ns), true))),
-        Mode::Simple => netns::run_plain(test, needs_netns, move |ns| {
-            let own = ns.is_some();
-            body(env(None, own))
-        }),
+        Mode::Bpf => netns::run(test, move |ns| body(Env { mode, ns: Some(ns) })),
+        // Simple mode has nothing to ask bpftool: the namespace, if any, stays unnamed.
+        Mode::Simple => netns::run_plain(test, needs_netns, move |_| body(Env { mode, ns: None })),
     }
 }
 
