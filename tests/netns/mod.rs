@@ -432,11 +432,11 @@ pub fn add_v6(addr: Ipv6Addr) {
         "ip -6 addr add {addr}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // bind checks only the address list, so it succeeds at once; the connect needs the route.
-    let probe = std::net::TcpListener::bind((addr, 0))
-        .unwrap_or_else(|e| panic!("bind [{addr}]:0 to probe the address: {e}"));
-    let at = probe.local_addr().expect("the probe's address");
+    // A listener on the address (bind may fail while the address is still tentative) and a
+    // connection to it (which needs the local route).
     common::wait_for(&format!("a TCP connection to {addr}"), common::WAIT, || {
+        let probe = std::net::TcpListener::bind((addr, 0)).ok()?;
+        let at = probe.local_addr().ok()?;
         TcpStream::connect_timeout(&at, std::time::Duration::from_millis(200)).ok()
     });
 }
