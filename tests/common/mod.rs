@@ -469,12 +469,12 @@ impl Proxy {
         }
     }
 
-    /// Wait for the `started mode=MODE` line; on exit before it, the log so far.
+    /// Wait for the `started mode=MODE` line (text or `--log-format json`); on exit before it,
+    /// the log so far.
     pub fn wait_started(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
-        let started = format!(" INFO  started mode={} ", self.mode.name());
         loop {
-            if self.logs().iter().any(|l| l.contains(&started)) {
+            if self.logs().iter().any(|l| self.is_started(l)) {
                 return Ok(());
             }
             if self.log_closed() || Instant::now() >= deadline {
@@ -636,8 +636,16 @@ impl Proxy {
 
     /// The `started mode=MODE ...` line (what it started with: limits, descriptors, hash).
     pub fn started_line(&self) -> String {
-        let started = format!(" INFO  started mode={} ", self.mode.name());
-        self.wait_log("started", |l| l.contains(&started))
+        self.wait_log("started", |l| self.is_started(l))
+    }
+
+    /// Whether `l` is this proxy's `started mode=MODE ...` line, in the text or JSON format.
+    fn is_started(&self, l: &str) -> bool {
+        let msg = format!("started mode={} ", self.mode.name());
+        l.contains(&format!(" INFO  {msg}"))
+            || (l.starts_with('{')
+                && l.contains(r#""level":"info""#)
+                && l.contains(&format!(r#""msg":"{msg}"#)))
     }
 
     /// The `stopping:` line (listeners closed, draining) from `mark` on.

@@ -413,7 +413,7 @@ fn loopback_up() {
 /// until then a connect fails with "network is unreachable" (seen 1 run in 4 under the whole
 /// suite's load). A route lookup (a UDP connect) already succeeds on the prefix route, so the
 /// probe is what the tests do: a TCP connect to a listener on the address.
-#[allow(dead_code)] // used by tests/shared_ports.rs and tests/hardening_limits.rs
+#[allow(dead_code)] // used by tests/shared_ports.rs and tests/limits.rs
 pub fn add_v6(addr: Ipv6Addr) {
     let out = Command::new("ip")
         .args([
