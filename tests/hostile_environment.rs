@@ -5,8 +5,6 @@
 //! upgrades in tests/upgrade.rs.)
 
 mod common;
-#[allow(dead_code)]
-mod netns;
 
 use std::ffi::CString;
 use std::fs;
