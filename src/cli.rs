@@ -11,9 +11,7 @@ use std::time::Duration;
 use crate::sys::log::{Format, Level};
 
 /// Where `flyproxy status` looks when not told: the address the docs suggest for --metrics.
-/// Port 9089: outside 9100-9999, the range the Prometheus project hands out to exporters
-/// (all of it taken, 9100 by node_exporter, whose page `flyproxy status` once printed as if it
-/// were ours), and outside 9090-9094 (Prometheus, Pushgateway, Alertmanager).
+/// 9089: off 9100-9999, the Prometheus exporters' range (9100 is node_exporter's; see README).
 pub const DEFAULT_STATUS_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9089);
 
@@ -216,9 +214,8 @@ flyproxy status - show a running proxy's apps, ports, targets, health and open c
 
 Usage: flyproxy status [--metrics ADDR]
 
-Reads /status.json from a proxy started with --metrics ADDR and prints it as the /status
-page shows it; exits 1 if what answers there is not a flyproxy. The default port, 9089, is
-outside 9100-9999, the range Prometheus exporters take (9100 is node_exporter's).
+Reads /status.json from a proxy run with --metrics ADDR and prints it as /status shows it;
+exits 1 if no flyproxy answers. Port 9089 is off 9100-9999, the exporters' (9100: node_exporter).
 
 Options:
       --metrics ADDR  the proxy's --metrics address (default 127.0.0.1:9089)

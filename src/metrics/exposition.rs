@@ -77,7 +77,6 @@ pub fn render(sources: &Sources) -> String {
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
     build_info(&mut out);
-    process_families(&mut out, &crate::metrics::process::read());
     app_families(&mut out, apps);
     target_families(&mut out, apps);
     reload_families(&mut out, published);
@@ -87,6 +86,7 @@ pub fn render(sources: &Sources) -> String {
     if let Some(read) = lookups {
         lookup_families(&mut out, read);
     }
+    process_families(&mut out, &crate::metrics::process::read());
     out
 }
 
