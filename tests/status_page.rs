@@ -12,6 +12,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -589,6 +590,8 @@ fn dump_dom(chromium: &PathBuf, url: &str) -> String {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // A group of its own, so that a hung browser goes with all its helper processes.
+        .process_group(0)
         .spawn()
         .expect("spawn chromium");
     let mut stdout = child.stdout.take().unwrap();
@@ -603,7 +606,8 @@ fn dump_dom(chromium: &PathBuf, url: &str) -> String {
             break s;
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
+            // SAFETY: kill(2) on the group this test started; no memory is involved.
+            unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
             let _ = child.wait();
             panic!("chromium did not finish {url} within {WAIT:?}");
         }
