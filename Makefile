@@ -18,7 +18,7 @@ RUN_DEPS     := netcat-openbsd iproute2 bpftool
 DEB_DEPS     := dpkg-dev debhelper lintian
 # The package tests (tests/packaging.rs) build the package (DEB_DEPS) and check it with lintian,
 # systemd-analyze (systemd), man (man-db) and readelf (binutils).
-TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db binutils
+TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db binutils chromium prometheus
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
