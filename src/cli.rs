@@ -161,7 +161,7 @@ macro_rules! run_options {
       --log-level LEVEL      error, warn, info or debug (default info)
       --log-format FORMAT    text or json (default text)
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
-                             e.g. 127.0.0.1:9100 (default: off)
+                             e.g. 127.0.0.1:9089 (default: off)
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
       --user USER            once set up, run as USER (a name or uid; needs root)
       --group GROUP          with --user: run as GROUP (default: USER's primary group)
@@ -323,11 +323,11 @@ fn option(
             s.pid_file = Some(PathBuf::from(value("a file path")?));
         }
         "--metrics" if runs || name == "status" => {
-            let v = value("an address like 127.0.0.1:9100")?;
+            let v = value("an address like 127.0.0.1:9089")?;
             s.metrics = Some(v.parse::<SocketAddr>().map_err(|_| {
                 usage(
                     cmd,
-                    &format!("--metrics: '{v}' is not an address like 127.0.0.1:9100"),
+                    &format!("--metrics: '{v}' is not an address like 127.0.0.1:9089"),
                 )
             })?);
         }

@@ -447,7 +447,7 @@ fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 16] = [
+const FAMILIES: [(&str, &str); 23] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
@@ -467,10 +467,19 @@ const FAMILIES: [(&str, &str); 16] = [
     ("flyproxy_connections_open", "gauge"),
     ("flyproxy_accept_paused", "gauge"),
     ("flyproxy_log_lines_dropped_total", "counter"),
+    // The standard process families, last.
+    ("process_start_time_seconds", "gauge"),
+    ("process_cpu_seconds_total", "counter"),
+    ("process_resident_memory_bytes", "gauge"),
+    ("process_virtual_memory_bytes", "gauge"),
+    ("process_open_fds", "gauge"),
+    ("process_max_fds", "gauge"),
+    ("process_threads", "gauge"),
 ];
 
-/// Checks every exposition must pass beyond the syntax: counters are `_total`, whole and not
-/// negative; every value is finite.
+/// Checks every exposition must pass beyond the syntax: counters are `_total` and not negative,
+/// whole unless they count seconds (`process_cpu_seconds_total`, by Prometheus convention);
+/// every value is finite.
 fn check_values(m: &Exposition) {
     for f in &m.families {
         for s in &f.samples {
@@ -487,8 +496,9 @@ fn check_values(m: &Exposition) {
                     "counter {} not named _total",
                     f.name
                 );
+                let whole = s.value.fract() == 0.0 || f.name.ends_with("_seconds_total");
                 assert!(
-                    s.value >= 0.0 && s.value.fract() == 0.0,
+                    s.value >= 0.0 && whole,
                     "counter {} {:?} = {}",
                     s.name,
                     s.labels,
