@@ -96,6 +96,43 @@ fn sigusr1_reopens_a_rotated_log_file_and_kills_nothing() {
     assert_eq!(proxy.logs(), Vec::<String>::new());
 }
 
+/// A reopen that fails (a directory now stands at the path) keeps the file open before, says
+/// why in it, and the proxy serves on; the next SIGUSR1 after the path is usable reopens.
+#[test]
+fn a_failed_reopen_keeps_the_old_file_and_says_why() {
+    let backend = Backend::echo();
+    let mut proxy = spawn_logging_to("flyproxy.log", &backend, &[]);
+    let path = proxy.dir.path.join("flyproxy.log");
+    let rotated = proxy.dir.path.join("flyproxy.log.1");
+    fs::rename(&path, &rotated).unwrap();
+    fs::create_dir(&path).unwrap();
+    proxy.signal(libc::SIGUSR1);
+    let line = wait_file_line(&rotated, "the failed reopen", |l| {
+        l.contains(" ERROR cannot reopen log file ")
+    });
+    assert!(
+        line.contains("flyproxy.log: Is a directory") && line.contains("still writing to"),
+        "{line}"
+    );
+    let mut s = connect(proxy.v4(0));
+    roundtrip(
+        &mut s,
+        b"logged to the old file
+",
+    );
+    let client = s.local_addr().unwrap();
+    drop(s);
+    wait_conn_in(&rotated, client);
+
+    fs::remove_dir(&path).unwrap();
+    proxy.signal(libc::SIGUSR1);
+    wait_file_line(&path, "the second reopen", |l| {
+        l.contains(" INFO  reopened log file ")
+    });
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(proxy.wait_exit(WAIT).code(), Some(0));
+}
+
 /// `--access-log PATH`: the conn lines go there alone, whatever --log-level says (an access
 /// log is not a diagnostic); `off` drops them and only them. The other lines stay in the log.
 #[test]
@@ -230,5 +267,28 @@ fn journald_priority_prefixes_only_when_stderr_is_the_journal_stream() {
             assert!(!text.contains('<'), "{text}");
             assert!(started.contains(" INFO  started "), "{started}");
         }
+    }
+
+    // Errors: a config that cannot be read stops the start, each line at priority 3.
+    let stderr = dir.path.join("stderr-error");
+    fs::File::create(&stderr).unwrap();
+    let meta = fs::metadata(&stderr).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["simple", "-c", "/nonexistent-dir/config.json"])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let status = wait_for("flyproxy to exit", WAIT, || child.try_wait().unwrap());
+    assert_eq!(status.code(), Some(1));
+    let text = fs::read_to_string(&stderr).unwrap();
+    assert!(text.contains("<3>"), "{text}");
+    for line in text.lines() {
+        assert!(
+            line.starts_with("<3>") && line.contains(" ERROR "),
+            "{line}"
+        );
     }
 }
