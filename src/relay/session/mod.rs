@@ -143,7 +143,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .step(conn, &cx.timeouts, &cx.unrouted)
                 .map(Phase::Greeting, Done::Greeted),
             Phase::Admission(p) => p
-                .step(conn, &cx.timeouts)
+                .step(conn, &cx.timeouts, || cx.lot.ticket())
                 .map(Phase::Admission, Done::Admitted),
             Phase::Connecting(p) => p
                 .step(conn, &cx.timeouts)
