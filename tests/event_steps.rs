@@ -13,12 +13,13 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::metrics::scrape;
 use common::*;
 use serde_json::json;
 
@@ -223,16 +224,17 @@ fn fifteen_hundred_waiters_for_a_slot_cost_nothing_and_are_served_in_arrival_ord
     );
     let holder = Holder::start(true);
     let target = holder.addr.clone();
-    let p = Proxy::start(
-        1,
-        &["--max-connections", "4000", "--connect-timeout", "120s"],
-        |ports| {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let p = Proxy::simple()
+        .ports(1, |ports| {
             config(&[
                 json!({"Name": "limited", "Ports": ports, "Targets": [target],
                             "MaxConnections": N, "HealthCheck": {"IntervalMs": 3_600_000}}),
             ])
-        },
-    );
+        })
+        .args(&["--max-connections", "4000", "--connect-timeout", "120s"])
+        .args(&["--metrics", &metrics.to_string()])
+        .start();
     let open = |i: u32| {
         let mut c = connect(p.v4(0));
         c.write_all(&i.to_be_bytes()).unwrap();
@@ -242,10 +244,17 @@ fn fifteen_hundred_waiters_for_a_slot_cost_nothing_and_are_served_in_arrival_ord
     wait_for("every slot taken", WAIT * 3, || {
         (holder.count() == N as usize).then_some(())
     });
+    // Each ordered waiter is taken by its app (counted, so its place in the queue is taken a
+    // moment later on the same thread) before the next comes: their order is the test's.
     let mut waiters = Vec::new();
     for i in N..N + ORDERED {
         waiters.push(open(i));
-        thread::sleep(Duration::from_millis(30));
+        wait_for("the waiter taken by its app", WAIT, || {
+            let m = scrape(metrics);
+            let taken = m.get("flyproxy_app_connections_total", &[("app", "limited")]);
+            (taken as u32 == i + 1).then_some(())
+        });
+        thread::sleep(Duration::from_millis(20));
     }
     waiters.extend((N + ORDERED..2 * N).map(open));
     // Let every waiter reach its place in the queue and the threads that took them go idle.
