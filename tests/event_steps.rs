@@ -290,3 +290,55 @@ fn fifteen_hundred_waiters_for_a_slot_cost_nothing_and_are_served_in_arrival_ord
     }
     drop(waiters);
 }
+
+/// An app with `MaxConnections 2`: two connections wait behind the two holding its slots. The
+/// first waiter resets, and leaves the queue as it goes; when a slot is given back it goes to
+/// the second at once (not lost to the one that left, nor after the connect timeout).
+#[test]
+fn a_waiter_that_resets_leaves_the_queue_and_loses_no_slot() {
+    let echo = Backend::echo();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[
+                json!({"Name": "limited", "Ports": ports, "Targets": [echo.target()],
+                            "MaxConnections": 2}),
+            ])
+        })
+        .args(&[
+            "--connect-timeout",
+            "60s",
+            "--metrics",
+            &metrics.to_string(),
+        ])
+        .start();
+    let taken = |n: u32| {
+        wait_for("the connection taken by its app", WAIT, || {
+            let m = scrape(metrics);
+            let got = m.get("flyproxy_app_connections_total", &[("app", "limited")]);
+            (got as u32 == n).then_some(())
+        })
+    };
+    let mut holders: Vec<TcpStream> = (0..2).map(|_| connect(p.v4(0))).collect();
+    for h in &mut holders {
+        roundtrip(h, b"holder\n");
+    }
+    let mut first = connect(p.v4(0));
+    first.write_all(b"first\n").unwrap();
+    taken(3);
+    let mut second = connect(p.v4(0));
+    second.write_all(b"second\n").unwrap();
+    taken(4);
+    let gone = first.local_addr().unwrap();
+    close_with_reset(std::mem::replace(&mut first, placeholder()));
+    let line = p.wait_conn(gone);
+    assert_eq!(line.end, "reset", "{}", line.line);
+    drop(holders.pop());
+    let began = Instant::now();
+    expect_reply(&mut second, b"second\n");
+    assert!(
+        began.elapsed() < Duration::from_secs(5),
+        "the slot reached the second waiter after {:?}",
+        began.elapsed()
+    );
+}
