@@ -21,8 +21,10 @@
 //! again at once instead of sleeping. A connection is run by one thread at a time: only the
 //! thread that takes it out of the lot (or the one it was never given up by) has it.
 //!
-//! Deadlines (idle timeout, preread timeout, the retry of a connection waiting for a slot) are
-//! kept here too: a connection whose deadline comes is handed back as if a socket had woken it.
+//! Deadlines (idle timeout, preread timeout, the end of a wait for a slot) are kept here too: a
+//! connection whose deadline comes is handed back as if a socket had woken it. And another
+//! thread may wake a connection that waits for something other than its sockets (a slot of its
+//! app given to it) through its ticket's `Waker`.
 //! Drains reach waiting connections like any other: cutting one shuts its sockets down, which
 //! wakes it here.
 
@@ -88,17 +90,41 @@ pub struct Ticket {
     added: [bool; 2],
     /// What each socket is armed for now; None once it fired (one-shot) or before it is added.
     armed: [Option<u32>; 2],
-    lot: Arc<dyn Forget>,
+    lot: Arc<dyn LotRef>,
 }
 
-trait Forget: Send + Sync {
+/// The lot as its tickets and wakers see it, whatever it holds.
+trait LotRef: Send + Sync {
     fn forget(&self, id: u64);
     fn epoll(&self) -> RawFd;
+    fn wake(&self, id: u64);
+}
+
+/// Wakes one connection from another thread (`Ticket::waker`): handed back as if a socket had
+/// woken it, or, if a thread runs it now, given back at its next `wait` to run again. Nothing
+/// happens once the connection has ended.
+pub struct Waker {
+    id: u64,
+    lot: Arc<dyn LotRef>,
+}
+
+impl Waker {
+    pub fn wake(&self) {
+        self.lot.wake(self.id);
+    }
 }
 
 impl Ticket {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// What wakes this connection from another thread.
+    pub fn waker(&self) -> Waker {
+        Waker {
+            id: self.id,
+            lot: Arc::clone(&self.lot),
+        }
     }
 
     /// Arm `fd`, the connection's `side`, for `events` (`READ`, `WRITE`, both, or `FAILURE`)
@@ -158,6 +184,8 @@ struct State<T> {
     /// event), so that a new earlier deadline interrupts one of them.
     sleepers: Vec<(u64, Option<Instant>)>,
     next_sleeper: u64,
+    /// Waiting connections woken by a `Waker`, for the next `collect`.
+    woken: Vec<u64>,
 }
 
 impl<T> State<T> {
@@ -175,6 +203,8 @@ struct Place<T> {
     item: Option<T>,
     /// Events seen since it last ran.
     woke: Woke,
+    /// A `Waker` woke it since it last ran.
+    nudged: bool,
     deadline: Option<Instant>,
 }
 
@@ -212,6 +242,7 @@ impl<T: Wakeable> Lot<T> {
                 next_id: 0,
                 sleepers: Vec::new(),
                 next_sleeper: 0,
+                woken: Vec::new(),
             }),
         }))
     }
@@ -226,6 +257,7 @@ impl<T: Wakeable> Lot<T> {
             Place {
                 item: None,
                 woke: Woke::default(),
+                nudged: false,
                 deadline: None,
             },
         );
@@ -234,7 +266,7 @@ impl<T: Wakeable> Lot<T> {
             id,
             added: [false; 2],
             armed: [None; 2],
-            lot: Arc::clone(self) as Arc<dyn Forget>,
+            lot: Arc::clone(self) as Arc<dyn LotRef>,
         }
     }
 
@@ -247,7 +279,8 @@ impl<T: Wakeable> Lot<T> {
             // Its ticket is gone, which cannot be while the item (which holds it) lives.
             return Err((item, Woke::default()));
         };
-        if entry.woke.any() {
+        if entry.woke.any() || entry.nudged {
+            entry.nudged = false;
             return Err((item, std::mem::take(&mut entry.woke)));
         }
         entry.item = Some(item);
@@ -327,6 +360,7 @@ impl<T: Wakeable> Lot<T> {
                 }
             }
         }
+        ready.append(&mut state.woken);
         let now = Instant::now();
         while let Some(&(at, id)) = state.timers.first() {
             if at > now {
@@ -345,6 +379,7 @@ impl<T: Wakeable> Lot<T> {
                 continue;
             };
             let woke = std::mem::take(&mut entry.woke);
+            entry.nudged = false;
             if let Some(at) = entry.deadline.take() {
                 state.timers.remove(&(at, id));
             }
@@ -377,9 +412,25 @@ impl<T: Wakeable> Lot<T> {
     }
 }
 
-impl<T: Wakeable> Forget for Lot<T> {
+impl<T: Wakeable> LotRef for Lot<T> {
     fn epoll(&self) -> RawFd {
         self.epoll.as_raw_fd()
+    }
+
+    fn wake(&self, id: u64) {
+        let mut state = self.lock();
+        let Some(entry) = state.entries.get_mut(&id) else {
+            // It ended: nothing to wake.
+            return;
+        };
+        entry.nudged = true;
+        if entry.item.is_none() {
+            // A thread runs it: its next `wait` gives it back.
+            return;
+        }
+        state.woken.push(id);
+        drop(state);
+        self.interrupt();
     }
 
     fn forget(&self, id: u64) {

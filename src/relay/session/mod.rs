@@ -19,10 +19,13 @@
 //! wait for the sockets or a deadline, hand the thread on, done (with what the next phase starts
 //! from), or the end of the connection. `run` is the one loop that acts on that: a connection
 //! that has to wait leaves its thread at once and waits in the parking lot (`park`), whole, and
-//! comes back to a pool thread as a `Task::Resume` when a socket or its deadline wakes it, in
-//! the phase it was in; `upgrade` is the one place that moves from a phase to the next. Silent
-//! clients and connections waiting for a slot hold no thread, and a connection stays registered
-//! (for drains) and counted under the connection bound until `end` writes its log line.
+//! comes back to a pool thread as a `Task::Resume` when a socket, its deadline or (for a slot)
+//! another thread wakes it, in the phase it was in; `upgrade` is the one place that moves from
+//! a phase to the next. The greeting, the admission and relaying are event steps, run by the
+//! threads that wait for events; connecting, which may block, is run by a thread of its own.
+//! Silent clients and connections waiting for a slot hold no thread, and a connection stays
+//! registered (for drains) and counted under the connection bound until `end` writes its log
+//! line.
 
 mod admission;
 mod connecting;
@@ -97,11 +100,11 @@ impl From<Box<Session>> for Task {
 
 impl Job for Task {
     fn may_block(&self) -> bool {
-        // Starting a connection resolves and connects to its backend, which blocks; relaying
-        // never does.
         match self {
-            Task::New(_) => true,
-            Task::Resume(s) => !matches!(s.phase, Phase::Relaying(_)),
+            // One whose app is picked by its server name starts by reading its ClientHello, an
+            // event step; any other goes straight on (through its admission) to connect.
+            Task::New(incoming) => !incoming.binding.needs_server_name(),
+            Task::Resume(s) => s.phase.may_block(),
         }
     }
 }
@@ -122,6 +125,15 @@ enum Phase {
     Relaying(Relaying),
 }
 
+impl Phase {
+    /// Its step may block its thread: connecting (resolving a target's name, connecting to
+    /// it) does. The greeting, the admission and relaying never do: they are run by the threads
+    /// that wait for events, as many connections' steps one after another.
+    fn may_block(&self) -> bool {
+        matches!(self, Phase::Connecting(_))
+    }
+}
+
 /// What a phase is done with: what the next one starts from.
 enum Done {
     Greeted(Greeted),
@@ -130,8 +142,11 @@ enum Done {
 }
 
 /// Run `task` on this thread until the connection ends, parks, or (past its time slice while
-/// others wait) gives the thread up: then it is returned, to be continued after them.
+/// others wait) gives the thread up: then it is returned, to be continued after them. It is
+/// returned too as it reaches a phase that may block when this thread may not (see `Job`).
 pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
+    // A thread that waits for events must not block: a phase that may is handed on (`pool`).
+    let may_block = task.may_block();
     let mut s = match task {
         Task::New(incoming) => Session::new(incoming, cx),
         Task::Resume(s) => s,
@@ -143,7 +158,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .step(conn, &cx.timeouts, &cx.unrouted)
                 .map(Phase::Greeting, Done::Greeted),
             Phase::Admission(p) => p
-                .step(conn, &cx.timeouts)
+                .step(conn, &cx.timeouts, || cx.lot.ticket())
                 .map(Phase::Admission, Done::Admitted),
             Phase::Connecting(p) => p
                 .step(conn, &cx.timeouts)
@@ -153,7 +168,12 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .map(Phase::Relaying, |never: Infallible| match never {}),
         };
         match step {
-            Step::Done(done) => s.phase = upgrade(done),
+            Step::Done(done) => {
+                s.phase = upgrade(done);
+                if !may_block && s.phase.may_block() {
+                    return Some(Task::Resume(s));
+                }
+            }
             Step::End(ending) => {
                 end(s.conn, ending, cx);
                 return None;
