@@ -51,8 +51,8 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // After the environment is read (this starts the log's writer thread), before privileges
-    // are dropped (the files may be in a directory only root can write to).
+    // After the environment is read, before privileges are dropped (the files may be in a
+    // directory only root can write to).
     if let Err(e) = log::init(settings.log_file.as_deref(), &settings.access_log) {
         error!("{e}");
         error!("exiting with status 1");

@@ -18,8 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    app, assert_serves_then_stops, config, connect, expect_refused, refused_start, roundtrip, run,
-    serving, wait_for, Backend, Proxy, TempDir, BIN, WAIT,
+    app, assert_serves_then_stops, config, connect, expect_refused, is_root, refused_start,
+    roundtrip, run, serving, wait_for, Backend, Proxy, TempDir, BIN, WAIT,
 };
 
 /// Puts something at a path.
@@ -43,11 +43,6 @@ fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
         .split_whitespace()
         .map(|v| v.parse().unwrap())
         .collect()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -41,6 +41,12 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// Poll interval of every wait.
 const POLL: Duration = Duration::from_millis(10);
 
+/// The tests run as root (what switching user, namespaces and bpf need).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Poll `f` every 10 ms until it returns `Some`, or panic after `timeout` saying `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
