@@ -180,7 +180,7 @@ fn config_too_large_or_a_fifo_is_a_clear_error() {
     fs::write(&big, format!("{{\"Apps\": []{padding}}}")).unwrap();
     let out = run(&["check", "-c", big.to_str().unwrap()]);
     assert_eq!(out.code, Some(1));
-    assert!(out.stdout.contains("larger than 16 MiB"), "{}", out.stdout);
+    assert!(out.stderr.contains("larger than 16 MiB"), "{}", out.stderr);
 
     let fifo = dir.path.join("fifo.json");
     mkfifo(&fifo);
@@ -342,15 +342,15 @@ fn bad_names_and_zero_padded_ports_are_refused() {
     ] {
         let cfg = dir.write("c.json", &config(&[app(name, &[7001], &["h:1".into()])]));
         let out = run(&["check", "-c", cfg.to_str().unwrap()]);
-        assert_eq!(out.code, Some(1), "{name:?}: {}", out.stdout);
+        assert_eq!(out.code, Some(1), "{name:?}: {}", out.stderr);
         assert!(
-            out.stdout
+            out.stderr
                 .contains("Name: must be 1-64 characters, each a letter, a digit, '.', '_' or '-'"),
             "{name:?}: {}",
-            out.stdout
+            out.stderr
         );
         // One line per problem and the summary: a newline in the name does not make more.
-        assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+        assert_eq!(out.stderr.lines().count(), 2, "{}", out.stderr);
     }
     let cfg = dir.write(
         "p.json",
@@ -359,10 +359,10 @@ fn bad_names_and_zero_padded_ports_are_refused() {
     let out = run(&["check", "-c", cfg.to_str().unwrap()]);
     assert_eq!(out.code, Some(1));
     assert!(
-        out.stdout
+        out.stderr
             .contains("\"host:041901\" has a port with a leading zero"),
         "{}",
-        out.stdout
+        out.stderr
     );
 
     let backend = Backend::echo();

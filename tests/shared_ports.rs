@@ -700,7 +700,15 @@ fn bpf_bind_with_addresses() {
 fn check(dir: &TempDir, config: &Value) -> (Option<i32>, String) {
     let path = dir.write("c.json", &serde_json::to_string(config).unwrap());
     let o = run(&["check", "-c", path.to_str().unwrap()]);
-    (o.code, o.stdout)
+    // The verdict "ok" is on stdout, problems on stderr.
+    (
+        o.code,
+        if o.code == Some(0) {
+            o.stdout
+        } else {
+            o.stderr
+        },
+    )
 }
 
 #[test]
