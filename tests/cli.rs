@@ -531,6 +531,30 @@ fn start_with_a_missing_config_exits_1() {
     );
 }
 
+/// Issue 23: --metrics on an app's own port names the app and the port and says what to do,
+/// rather than only "Address already in use"; nothing is bound.
+#[test]
+fn metrics_on_an_app_port_names_the_app_and_what_to_do() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut p = Proxy::simple()
+        .config(&config(&[app("web", &[port], &[echo.target()])]))
+        .args(&["--metrics", &metrics])
+        .spawn();
+    assert_eq!(p.wait_exit(WAIT).code(), Some(1));
+    let logs = p.logs().join("\n");
+    assert!(
+        logs.contains(&format!(
+            "--metrics {metrics}: port {port} is also app \"web\"'s (in its Ports): give \
+             --metrics a port no app uses (the default is 9089), or take {port} out of the \
+             app's Ports"
+        )),
+        "{logs}"
+    );
+    expect_refused(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+}
+
 #[test]
 fn start_with_a_port_in_use_exits_1_and_names_the_port() {
     let echo = Backend::echo();

@@ -57,6 +57,12 @@ pub enum StartError {
     Caps(CapsError),
     /// The --metrics address could not be bound.
     Metrics(SocketAddr, io::Error),
+    /// The --metrics address is also an app's (this app, on this port): one of the two would
+    /// take the other's connections.
+    MetricsClash {
+        addr: SocketAddr,
+        app: String,
+    },
     /// The --pid-file cannot be written safely.
     PidFile(PidFileError),
     /// Switching to --user/--group failed.
@@ -72,6 +78,14 @@ impl fmt::Display for StartError {
             StartError::Bpf(e) => write!(f, "{e}"),
             StartError::Caps(e) => write!(f, "cannot drop capabilities: {e}"),
             StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
+            StartError::MetricsClash { addr, app } => write!(
+                f,
+                "--metrics {addr}: port {port} is also app {app:?}'s (in its Ports): give \
+                 --metrics a port no app uses (the default is {default}), or take {port} out \
+                 of the app's Ports",
+                port = addr.port(),
+                default = crate::cli::DEFAULT_STATUS_ADDR.port()
+            ),
             StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
             StartError::User(e) => write!(f, "--user: {e}"),
         }
@@ -130,6 +144,11 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         None => None,
     };
     let (config, watch, config_sha256) = load(&settings)?;
+    if let Some(addr) = settings.metrics {
+        if let Some(app) = app_on(&config, addr) {
+            return Err(StartError::MetricsClash { addr, app }.into());
+        }
+    }
     if let Some(path) = &settings.pid_file {
         pidfile::check_dir(path).map_err(StartError::PidFile)?;
     }
@@ -294,6 +313,19 @@ fn start_metrics(
     metrics::start(addr, inherited, sources())
         .map(Some)
         .map_err(|e| StartError::Metrics(addr, e))
+}
+
+/// The first app that answers on `addr` (its port, on an address of `addr`'s, or any address
+/// when `addr` is unspecified): the --metrics address must be no app's.
+fn app_on(config: &Config, addr: SocketAddr) -> Option<String> {
+    let ip = addr.ip();
+    config.apps.iter().find_map(|app| {
+        let on_port = app.ports.contains(&addr.port());
+        let on_addr = crate::config::app_prefixes(app)
+            .iter()
+            .any(|p| p.contains(ip) || (ip.is_unspecified() && p.is_v4() == ip.is_ipv4()));
+        (on_port && on_addr).then(|| app.name.clone())
+    })
 }
 
 /// The relay threads, at most `--max-threads` (default: the connection bound), and the parking
