@@ -45,57 +45,84 @@ pub enum Verdict {
     },
 }
 
-/// Any JSON document, remembering whether some object had a key twice. serde_json's `Value`
-/// keeps the last of duplicate keys while serde's derived structs may refuse them, so the
-/// oracle does not judge such documents (it still checks the invariants of what parses).
-struct DupScan(bool);
+/// Any JSON document with every key of every object kept in order, repeats included
+/// (serde_json's `Value` keeps only the last of a repeated key).
+enum Tree {
+    Object(Vec<(String, Tree)>),
+    Array(Vec<Tree>),
+    Other,
+}
 
-impl<'de> Deserialize<'de> for DupScan {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DupScan, D::Error> {
+impl<'de> Deserialize<'de> for Tree {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Tree, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = DupScan;
+            type Value = Tree;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON")
             }
-            fn visit_bool<E>(self, _: bool) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_bool<E>(self, _: bool) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_i64<E>(self, _: i64) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_i64<E>(self, _: i64) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_u64<E>(self, _: u64) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_u64<E>(self, _: u64) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_f64<E>(self, _: f64) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_f64<E>(self, _: f64) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_str<E>(self, _: &str) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_str<E>(self, _: &str) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_unit<E>(self) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_unit<E>(self) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<DupScan, A::Error> {
-                let mut dup = false;
-                while let Some(DupScan(d)) = a.next_element()? {
-                    dup |= d;
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Tree, A::Error> {
+                let mut out = Vec::new();
+                while let Some(t) = a.next_element()? {
+                    out.push(t);
                 }
-                Ok(DupScan(dup))
+                Ok(Tree::Array(out))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<DupScan, A::Error> {
-                let mut dup = false;
-                let mut keys = HashSet::new();
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Tree, A::Error> {
+                let mut out = Vec::new();
                 while let Some(k) = a.next_key::<String>()? {
-                    dup |= !keys.insert(k);
-                    let DupScan(d) = a.next_value()?;
-                    dup |= d;
+                    out.push((k, a.next_value()?));
                 }
-                Ok(DupScan(dup))
+                Ok(Tree::Object(out))
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// README: a key of the file, of an app or of a HealthCheck given more than once in its object
+/// is a problem (one per key, however often), and the last given is the one used. (Repeats
+/// of an unknown key are that key's one "unknown key" problem.)
+fn repeated_keys(tree: &Tree) -> usize {
+    fn repeated(entries: &[(String, Tree)], known: &[&str]) -> usize {
+        known
+            .iter()
+            .filter(|k| entries.iter().filter(|(e, _)| e == *k).count() > 1)
+            .count()
+    }
+    fn last<'t>(entries: &'t [(String, Tree)], key: &str) -> Option<&'t Tree> {
+        entries.iter().rev().find(|(k, _)| k == key).map(|(_, t)| t)
+    }
+    let Tree::Object(top) = tree else { return 0 };
+    let mut n = repeated(top, &["Apps"]);
+    if let Some(Tree::Array(apps)) = last(top, "Apps") {
+        for app in apps {
+            let Tree::Object(a) = app else { continue };
+            n += repeated(a, &APP_KEYS);
+            if let Some(Tree::Object(h)) = last(a, "HealthCheck") {
+                n += repeated(h, &HEALTH_KEYS);
+            }
+        }
+    }
+    n
 }
 
 /// A target as the README describes it: `host:port`, the host a DNS name (labels of letters,
@@ -201,14 +228,20 @@ fn present(o: &Map<String, Value>, k: &str) -> Option<Value> {
 }
 
 /// The oracle: what `Config::parse` must answer for `bytes`, or None when it does not judge
-/// (duplicate keys).
+/// (JSON nested past serde_json's limit).
 pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
-    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
         return Some(Verdict::Syntax);
-    };
-    if serde_json::from_slice::<DupScan>(bytes).map_or(true, |d| d.0) {
-        return None;
     }
+    // JSON, but nested past serde_json's limit of 128 for a value it builds: flyproxy skips an
+    // unknown key's value unread (no limit) but reads a known key's (limited), so whether this
+    // is a syntax error depends on where the depth is. Not judged.
+    let (Ok(v), Ok(tree)) = (
+        serde_json::from_slice::<Value>(bytes),
+        serde_json::from_slice::<Tree>(bytes),
+    ) else {
+        return None;
+    };
     let wrong = Some(Verdict::Checked {
         problems: 1,
         config: None,
@@ -216,7 +249,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
     let Some(top) = v.as_object() else {
         return wrong;
     };
-    let mut problems = top.keys().filter(|k| *k != "Apps").count();
+    let mut problems = top.keys().filter(|k| *k != "Apps").count() + repeated_keys(&tree);
     let Some(apps) = present(top, "Apps") else {
         return Some(Verdict::Checked {
             problems: problems + 1,
