@@ -128,7 +128,8 @@ mod type_tests {
             {"Name": "web", "Ports": 80, "Targets": "h:1", "MaxConnections": "100",
              "Balance": 3, "HealthCheck": {"Fall": "2", "Rise": true}, "ConnectAttempts": 1.5},
             {"Name": 7, "Ports": [1, true], "Targets": ["h:1", 5], "Addresses": "10.0.0.1",
-             "Hostnames": [null], "ProxyProtocol": ["v1"], "HealthCheck": []},
+             "Hostnames": [null], "ProxyProtocol": ["v1"], "HealthCheck": [],
+             "MaxConnectionsPerClient": "0"},
             5,
             {"Name": "c", "Ports": [2], "Targets": ["h:1"], "MaxConnections": 1, "MaxConnections": 2,
              "HealthCheck": {"Fall": 1, "Fall": 2}, "Nope": 1, "Nope": 2}
@@ -147,6 +148,7 @@ mod type_tests {
             r#"app "web": Balance: 3 is a number; write "3""#,
             r#"app "web": ConnectAttempts: 1.5 is not a number from 1 to 10"#,
             r#"app "web": MaxConnections: "100" is a string; write 100"#,
+            r##"app "#2": MaxConnectionsPerClient: "0" is a string; write a number from 1 to 1000000"##,
             r##"app "#2": Name: 7 is a number; write "7""##,
             r##"app "#2": Ports: true is a boolean; write a port, as 80"##,
             r##"app "#2": Addresses: "10.0.0.1" is a string; write ["10.0.0.1"]"##,

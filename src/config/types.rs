@@ -180,12 +180,14 @@ impl Typed<'_> {
         }
     }
 
-    /// A whole number; `expected` says which (`a number from 1 to 10`). A number that is not
-    /// whole or too large for any field is returned as its text for the range message.
+    /// A whole number; `expected` says which (`a number from 1 to 10`, the numbers in
+    /// `range`). A number that is not whole or too large for any field is returned as its text
+    /// for the range message. A string holding a number in `range` is told to lose its quotes.
     pub(super) fn int(
         &mut self,
         field: &str,
         v: Option<Value>,
+        range: std::ops::RangeInclusive<i64>,
         expected: &str,
     ) -> Option<Result<i64, String>> {
         match present(v)? {
@@ -193,7 +195,9 @@ impl Typed<'_> {
             other => {
                 let found = Found::of(other);
                 let write = match &found {
-                    Found::Scalar(Value::String(s)) if s.trim().parse::<i64>().is_ok() => {
+                    Found::Scalar(Value::String(s))
+                        if s.trim().parse::<i64>().is_ok_and(|n| range.contains(&n)) =>
+                    {
                         s.trim().to_owned()
                     }
                     _ => expected.to_owned(),

@@ -306,7 +306,7 @@ impl Options<'_> {
         max: i64,
         expected: &'static str,
     ) -> Option<i64> {
-        match self.typed.int(field, value, expected)? {
+        match self.typed.int(field, value, min..=max, expected)? {
             Ok(v) if (min..=max).contains(&v) => Some(v),
             Ok(v) => {
                 self.bad(field, v.to_string(), expected);
