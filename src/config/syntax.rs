@@ -1,6 +1,6 @@
 //! A file that is not JSON: where (line and column, for `PATH:LINE:COL:`) and a hint for the
 //! slips people make when they write JSON by hand (a comment, single quotes, a trailing comma,
-//! an empty file, a file saved in another encoding).
+//! an empty file, a file saved in another encoding or with a byte order mark).
 
 use crate::config::problem::Syntax;
 
@@ -12,6 +12,15 @@ pub(super) fn precheck(bytes: &[u8]) -> Option<Syntax> {
             line: 1,
             column: 1,
             hint: Some(r#"a config is an object: {"Apps": [...]}"#),
+        });
+    }
+    // Editors on Windows save one by default; serde_json says only "expected value".
+    if bytes.starts_with(b"\xef\xbb\xbf") {
+        return Some(Syntax {
+            message: "the file starts with a byte order mark".to_owned(),
+            line: 1,
+            column: 1,
+            hint: Some("save the file as UTF-8 without a BOM"),
         });
     }
     let bad = std::str::from_utf8(bytes).err()?.valid_up_to();
@@ -91,6 +100,10 @@ mod tests {
         let cases = [
             ("", "c.json:1:1: not a valid config: the file is empty"),
             ("  \n", "c.json:1:1: not a valid config: the file is empty"),
+            (
+                "\u{feff}{\"Apps\": []}",
+                "c.json:1:1: not a valid config: the file starts with a byte order mark (save",
+            ),
             (
                 "{\n  // web\n  \"Apps\": []}",
                 "c.json:2:3: not a valid config: key must be a string (JSON has no comments",
