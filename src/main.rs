@@ -93,7 +93,7 @@ fn check(config: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", e.first(flyproxy::config::PRINTED_MAX));
             let n = e.count();
             let noun = if n == 1 { "problem" } else { "problems" };
             eprintln!("{}: {n} {noun} found", config.display());

@@ -38,7 +38,7 @@ pub use model::{
     DEFAULT_CONNECT_ATTEMPTS,
 };
 pub use ports::{parse_port_range, port_ranges};
-pub use problem::{ConfigError, Problem, Syntax, PRINTED_MAX, STORED_MAX};
+pub use problem::{ConfigError, First, Problem, Syntax, PRINTED_MAX, STORED_MAX};
 pub use target::parse_target;
 pub use validate::is_valid_name;
 
@@ -192,7 +192,7 @@ mod type_tests {
         assert_eq!(e.count(), 1_000_000);
         // Only so many are kept: the rest cost a count, not memory.
         assert_eq!(e.problems.len(), super::STORED_MAX + 1);
-        let text = e.to_string();
+        let text = e.first(super::PRINTED_MAX).to_string();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), super::PRINTED_MAX + 1);
         assert_eq!(

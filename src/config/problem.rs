@@ -278,8 +278,10 @@ pub struct Syntax {
 }
 
 /// At most this many problems are kept for one file; the rest are counted. A 16 MiB file can
-/// hold eight million bad ports: kept, each with its app's name, they took 1.5 GB.
-pub const STORED_MAX: usize = 10_000;
+/// hold eight million bad ports: kept, each with its app's name, they took 1.5 GB. (A rejected
+/// reload logs every one kept: tens of thousands of lines are how a log that cannot keep up is
+/// tested, and a reload is logged once per change of the file.)
+pub const STORED_MAX: usize = 100_000;
 
 /// Problems as they are found: the first `STORED_MAX` kept, the rest counted.
 #[derive(Debug, Default)]
@@ -310,9 +312,9 @@ impl Problems {
     }
 }
 
-/// At most this many problems are printed for one file, then how many more there are: a
-/// generated file with a million bad ports should not print a million lines (or log them on
-/// every reload).
+/// At most this many problems are printed by `flyproxy check` (`ConfigError::first`), then how
+/// many more: an operator reads the first ones, fixes them and checks again; a generated file
+/// with a million bad ports should not scroll a million lines past.
 pub const PRINTED_MAX: usize = 100;
 
 /// Every problem found in one file.
@@ -335,14 +337,28 @@ impl ConfigError {
     }
 }
 
-impl fmt::Display for ConfigError {
+impl ConfigError {
+    /// The problems one a line, at most `max` of them, then how many more there are.
+    pub fn first(&self, max: usize) -> First<'_> {
+        First { error: self, max }
+    }
+}
+
+/// See `ConfigError::first`.
+pub struct First<'a> {
+    error: &'a ConfigError,
+    max: usize,
+}
+
+impl fmt::Display for First<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = self.path.display();
+        let path = self.error.path.display();
         let shown = self
+            .error
             .problems
             .iter()
             .filter(|p| !matches!(p, Problem::More(_)))
-            .take(PRINTED_MAX);
+            .take(self.max);
         let mut printed = 0;
         for p in shown {
             if printed > 0 {
@@ -357,15 +373,22 @@ impl fmt::Display for ConfigError {
                 _ => write!(f, "{path}: {p}")?,
             }
         }
-        let more = self.count() - printed;
+        let more = self.error.count() - printed;
         if more > 0 {
             write!(
                 f,
-                "\n{path}: ... and {more} more {} not shown (the first {PRINTED_MAX} are)",
+                "\n{path}: ... and {more} more {} not shown (the first {printed} are)",
                 if more == 1 { "problem" } else { "problems" }
             )?;
         }
         Ok(())
+    }
+}
+
+/// Every problem kept, one a line (then how many more were only counted).
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.first(usize::MAX).fmt(f)
     }
 }
 
