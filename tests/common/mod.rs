@@ -785,15 +785,15 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Running the binary to completion
 
-/// A problem on a line of `check`'s output naming `path`, for each of `want`.
-pub fn expect_problems(stdout: &str, path: &str, want: &[&str]) {
-    let lines: Vec<&str> = stdout.lines().collect();
+/// A problem on a line of `check`'s report (its stderr) naming `path`, for each of `want`.
+pub fn expect_problems(output: &str, path: &str, want: &[&str]) {
+    let lines: Vec<&str> = output.lines().collect();
     for w in want {
         assert!(
             lines
                 .iter()
                 .any(|l| l.starts_with(&format!("{path}: ")) && l.contains(w)),
-            "{w:?} missing:\n{stdout}"
+            "{w:?} missing:\n{output}"
         );
     }
 }
