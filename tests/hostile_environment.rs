@@ -574,6 +574,8 @@ fn a_file_of_many_unknown_keys_costs_linear_time() {
     }
     text.push('}');
     let path = dir.write("config.json", &text);
+    // Reaped by wait4 below, which also gives its CPU time (Child::wait does not).
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(BIN)
         .args(["check", "-c"])
         .arg(&path)
