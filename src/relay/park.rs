@@ -23,6 +23,8 @@
 //!
 //! Deadlines (idle timeout, preread timeout, the retry of a connection waiting for a slot) are
 //! kept here too: a connection whose deadline comes is handed back as if a socket had woken it.
+//! So is a connection that another thread wakes (`Nudge`: the answer to the name lookup it
+//! waits for came), without a socket or a descriptor of its own for it.
 //! Drains reach waiting connections like any other: cutting one shuts its sockets down, which
 //! wakes it here.
 
@@ -94,6 +96,23 @@ pub struct Ticket {
 trait Forget: Send + Sync {
     fn forget(&self, id: u64);
     fn epoll(&self) -> RawFd;
+    fn nudge(&self, id: u64);
+}
+
+/// Wakes one waiting connection from another thread, as if a socket had: for what is not a
+/// socket (a name lookup's answer). Cheap to keep; waking a connection that ended does nothing.
+#[derive(Clone)]
+pub struct Nudge {
+    id: u64,
+    lot: Arc<dyn Forget>,
+}
+
+impl Nudge {
+    /// Hand the connection back to run (at once if it waits; if it is running, its next
+    /// `wait` gives it back instead of waiting).
+    pub fn wake(&self) {
+        self.lot.nudge(self.id);
+    }
 }
 
 impl Ticket {
@@ -124,6 +143,22 @@ impl Ticket {
         self.added[i] = true;
         self.armed[i] = Some(events);
         Ok(())
+    }
+
+    /// What wakes this connection from another thread.
+    pub fn nudge(&self) -> Nudge {
+        Nudge {
+            id: self.id,
+            lot: Arc::clone(&self.lot),
+        }
+    }
+
+    /// The socket of `side` was closed and another may take its place (a connect failed over
+    /// to the next address): closing it took it out of the epoll set, so the next `arm`
+    /// registers anew.
+    pub fn replaced(&mut self, side: Side) {
+        self.added[side as usize] = false;
+        self.armed[side as usize] = None;
     }
 
     /// The sockets that reported `woke` are disarmed (one-shot): the next `arm` re-arms them.
@@ -158,6 +193,8 @@ struct State<T> {
     /// event), so that a new earlier deadline interrupts one of them.
     sleepers: Vec<(u64, Option<Instant>)>,
     next_sleeper: u64,
+    /// Waiting connections woken by a `Nudge`, for the next `collect` to hand back.
+    nudged: Vec<u64>,
 }
 
 impl<T> State<T> {
@@ -175,6 +212,8 @@ struct Place<T> {
     item: Option<T>,
     /// Events seen since it last ran.
     woke: Woke,
+    /// A `Nudge` woke it since it last ran.
+    nudged: bool,
     deadline: Option<Instant>,
 }
 
@@ -212,6 +251,7 @@ impl<T: Wakeable> Lot<T> {
                 next_id: 0,
                 sleepers: Vec::new(),
                 next_sleeper: 0,
+                nudged: Vec::new(),
             }),
         }))
     }
@@ -226,6 +266,7 @@ impl<T: Wakeable> Lot<T> {
             Place {
                 item: None,
                 woke: Woke::default(),
+                nudged: false,
                 deadline: None,
             },
         );
@@ -247,7 +288,8 @@ impl<T: Wakeable> Lot<T> {
             // Its ticket is gone, which cannot be while the item (which holds it) lives.
             return Err((item, Woke::default()));
         };
-        if entry.woke.any() {
+        if entry.woke.any() || entry.nudged {
+            entry.nudged = false;
             return Err((item, std::mem::take(&mut entry.woke)));
         }
         entry.item = Some(item);
@@ -327,6 +369,8 @@ impl<T: Wakeable> Lot<T> {
                 }
             }
         }
+        let nudged = std::mem::take(&mut state.nudged);
+        ready.extend(nudged);
         let now = Instant::now();
         while let Some(&(at, id)) = state.timers.first() {
             if at > now {
@@ -345,6 +389,7 @@ impl<T: Wakeable> Lot<T> {
                 continue;
             };
             let woke = std::mem::take(&mut entry.woke);
+            entry.nudged = false;
             if let Some(at) = entry.deadline.take() {
                 state.timers.remove(&(at, id));
             }
@@ -380,6 +425,26 @@ impl<T: Wakeable> Lot<T> {
 impl<T: Wakeable> Forget for Lot<T> {
     fn epoll(&self) -> RawFd {
         self.epoll.as_raw_fd()
+    }
+
+    fn nudge(&self, id: u64) {
+        let mut state = self.lock();
+        let Some(entry) = state.entries.get_mut(&id) else {
+            return;
+        };
+        if entry.nudged {
+            return;
+        }
+        entry.nudged = true;
+        let waiting = entry.item.is_some();
+        if waiting {
+            state.nudged.push(id);
+        }
+        drop(state);
+        if waiting {
+            // A sleeping thread takes it (the next `collect` would, in any case).
+            self.interrupt();
+        }
     }
 
     fn forget(&self, id: u64) {

@@ -199,3 +199,43 @@ fn a_deadline_wakes_it_and_interrupts_a_thread_sleeping_without_one() {
     assert_eq!(n, 1);
     assert!(at >= asked + wait, "woken {:?} early", asked + wait - at);
 }
+
+/// A nudge from another thread hands a waiting connection back (a sleeping `collect` is
+/// interrupted for it), and one that comes while the connection runs makes its next `wait`
+/// give it back at once: it is never lost.
+#[test]
+fn a_nudge_wakes_a_waiting_connection_and_is_not_lost_while_it_runs() {
+    let lot = Lot::new().unwrap();
+    let t = lot.ticket();
+    let nudge = t.nudge();
+    assert!(lot.wait(t.id(), item(), None).is_ok());
+    assert!(ready(&lot, QUIET).is_empty(), "woken without a nudge");
+    let from = std::thread::spawn({
+        let nudge = nudge.clone();
+        move || {
+            std::thread::sleep(Duration::from_millis(50));
+            nudge.wake();
+        }
+    });
+    let mut out: Vec<Item> = Vec::new();
+    let began = Instant::now();
+    while out.is_empty() && began.elapsed() < SOON {
+        lot.collect(true, &mut out);
+    }
+    from.join().unwrap();
+    assert_eq!(out.len(), 1, "the nudge woke it");
+    assert_eq!(out[0].woke, Woke::default(), "no socket news");
+    // Running now (taken out): a nudge meanwhile is kept for its next wait.
+    nudge.wake();
+    assert!(
+        lot.wait(t.id(), item(), None).is_err(),
+        "the nudge was lost"
+    );
+    assert!(
+        lot.wait(t.id(), item(), None).is_ok(),
+        "a nudge counts once"
+    );
+    drop(t);
+    nudge.wake();
+    assert!(ready(&lot, QUIET).is_empty(), "a forgotten connection woke");
+}
