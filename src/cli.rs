@@ -24,6 +24,8 @@ pub struct Settings {
     /// Open connections one client address may have at once; 0: no limit.
     pub max_connections_per_client: usize,
     pub connect_timeout: Duration,
+    /// How long a target name's addresses are kept once looked up; zero: not kept.
+    pub dns_ttl: Duration,
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
@@ -50,6 +52,7 @@ impl Default for Settings {
             max_threads: None,
             max_connections_per_client: 0,
             connect_timeout: Duration::from_secs(5),
+            dns_ttl: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
             preread_timeout: Duration::from_secs(5),
@@ -149,7 +152,10 @@ macro_rules! run_options {
                              open connections one client address (IPv6: one /64) may
                              have; past it new ones are closed at once (default 0: no
                              limit)
-      --connect-timeout DUR  time to connect to one target (default 5s)
+      --connect-timeout DUR  time to look up and connect to one target (default 5s)
+      --dns-ttl DUR          how long a target name's addresses are kept once looked
+                             up (default 10s; 0: look up at every connect); failed
+                             lookups are kept 1s
       --idle-timeout DUR     close a connection that moved no byte for this long
                              (default 1h; 0 disables)
       --drain-timeout DUR    how long open connections may finish after their port is
@@ -399,6 +405,7 @@ fn run_option(
         "--connect-timeout" => {
             s.connect_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }
+        "--dns-ttl" => s.dns_ttl = duration(cmd, flag, &value("a duration")?)?,
         "--idle-timeout" => {
             let d = duration(cmd, flag, &value("a duration")?)?;
             s.idle_timeout = (!d.is_zero()).then_some(d);
@@ -545,54 +552,4 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(args: &[&str]) -> Result<Command, UsageError> {
-        parse(args.iter().map(|s| s.to_string()))
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
-        assert_eq!(parse_duration("5m"), Some(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("0"), Some(Duration::ZERO));
-        for bad in ["", "5", "s", "1.5s", "-1s", "10d", "1 s"] {
-            assert_eq!(parse_duration(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn modes_and_options() {
-        let Ok(Command::Run(Mode::Bpf { port, bind }, s)) = run(&[
-            "bpf",
-            "-p",
-            "9000",
-            "--bind=127.0.0.1",
-            "--idle-timeout",
-            "0",
-        ]) else {
-            panic!()
-        };
-        assert_eq!((port, bind), (9000, Some("127.0.0.1".parse().unwrap())));
-        assert_eq!(s.idle_timeout, None);
-        let Ok(Command::Run(Mode::Simple, s)) = run(&["simple", "-c", "x.json"]) else {
-            panic!()
-        };
-        assert_eq!(s.config, PathBuf::from("x.json"));
-        assert_eq!(s.max_connections, 4096);
-        assert_eq!(s.max_connections_per_client, 0);
-        let Ok(Command::Run(_, s)) = run(&["simple", "--max-connections-per-client=10"]) else {
-            panic!()
-        };
-        assert_eq!(s.max_connections_per_client, 10);
-        assert!(run(&["simple", "--max-connections-per-client", "-1"]).is_err());
-        assert!(run(&["simple", "-p", "80"]).is_err());
-        assert!(run(&["check", "--max-connections", "5"]).is_err());
-        assert!(run(&["simple", "--connect-timeout", "0"]).is_err());
-        assert!(run(&["frob"]).is_err());
-        assert!(run(&[]).is_err());
-    }
-}
+mod tests;

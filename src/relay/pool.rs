@@ -5,8 +5,9 @@
 //! The threads themselves wait on the lot, at most `waiters` of them at a time (one per core),
 //! and take up whichever connections become ready: under load a thread goes from connection to
 //! connection without sleeping in between, and an idle connection holds no thread. So the pool
-//! needs about as many threads as cores for relaying, plus one for each connection that is
-//! starting (resolving its target's name and connecting, which block).
+//! needs about as many threads as cores: the waiters, started by the first jobs and kept. (A
+//! job that may block, which the session no longer has, gets a thread of its own besides: the
+//! rules below for such jobs stay for whoever needs them.)
 //!
 //! The bound (`--max-threads`) may be far below the number of open connections: work that finds
 //! every thread busy waits in a FIFO queue, and a relay that is still moving bytes at the end of
@@ -182,8 +183,17 @@ impl<J: Job> Pool<J> {
     pub fn submit(&self, job: J) -> Result<(), (J, io::Error)> {
         let state = self.inner.lock();
         if !job.may_block() {
-            // A thread waiting for events takes it.
             let mut state = state;
+            if state.total < self.inner.waiters {
+                // The threads that wait for events are started by the first jobs that need
+                // them; once started they stay.
+                let id = state.next_id;
+                state.next_id += 1;
+                state.total += 1;
+                drop(state);
+                return self.inner.spawn(id, job);
+            }
+            // A thread waiting for events takes it.
             self.inner.enqueue(&mut state, job);
             drop(state);
             self.inner.source.interrupt();
@@ -306,7 +316,9 @@ impl<J: Job> Inner<J> {
             Err(e) => {
                 let mut state = self.lock();
                 state.total -= 1;
-                state.starting -= 1;
+                if job.may_block() {
+                    state.starting -= 1;
+                }
                 self.count(&state);
                 if state.total > 0 {
                     // A live thread takes it when it is done with its own.

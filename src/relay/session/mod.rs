@@ -4,15 +4,17 @@
 //!
 //! ```text
 //!   accepted ──> greeting ──> admission ──> connecting ──> relaying ──> logged
-//!                 │  ^          │  ^                         │  ^
-//!                 └──┘          └──┘                         └──┘
-//!             waits for the  waits for a               waits for its sockets,
-//!             ClientHello    MaxConnections slot       or hands its thread on
+//!                 │  ^          │  ^           │  ^          │  ^
+//!                 └──┘          └──┘           └──┘          └──┘
+//!             waits for the  waits for a    waits for a    waits for its sockets,
+//!             ClientHello    MaxConnections name lookup,   or hands its thread on
+//!                            slot           its connect
 //! ```
 //!
 //! - `greeting`: read the ClientHello where apps share the port by Hostnames, pick the app.
 //! - `admission`: take a slot of the app's MaxConnections, waiting for one if it must.
-//! - `connecting`: connect to a target of the app and send what goes first.
+//! - `connecting`: look up and connect to a target of the app (without blocking: names are
+//!   resolved by the resolver's threads, `backends::resolver`) and send what goes first.
 //! - `relaying`: move bytes both ways until both are done (`transfer`).
 //!
 //! A phase's `step` runs it as far as it can without waiting and says what came of it (`Step`):
@@ -37,6 +39,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backends::resolver::Resolver;
 use crate::backends::routing::{Binding, UnroutedCounts};
 use crate::relay::access_log::ConnLine;
 use crate::relay::conns::Conns;
@@ -78,6 +81,8 @@ pub struct Context {
     pub unrouted: Arc<UnroutedCounts>,
     pub slots: Arc<Slots>,
     pub lot: Arc<Lot<Box<Session>>>,
+    /// Looks target names up, off the relay threads.
+    pub resolver: Resolver,
 }
 
 /// What a relay thread is given to run.
@@ -97,12 +102,10 @@ impl From<Box<Session>> for Task {
 
 impl Job for Task {
     fn may_block(&self) -> bool {
-        // Starting a connection resolves and connects to its backend, which blocks; relaying
-        // never does.
-        match self {
-            Task::New(_) => true,
-            Task::Resume(s) => !matches!(s.phase, Phase::Relaying(_)),
-        }
+        // No phase blocks: the greeting and admission wait in the lot, names are looked up by
+        // the resolver's threads, and the connect is non-blocking (see `connecting`). So a new
+        // connection is run by a thread that waits for events, with no hand-off.
+        false
     }
 }
 
@@ -146,7 +149,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .step(conn, &cx.timeouts)
                 .map(Phase::Admission, Done::Admitted),
             Phase::Connecting(p) => p
-                .step(conn, &cx.timeouts)
+                .step(conn, &cx.timeouts, &cx.resolver, &|| cx.lot.ticket())
                 .map(Phase::Connecting, Done::Connected),
             Phase::Relaying(p) => p
                 .step(conn, &cx.timeouts, &cx.carriers, turn)
