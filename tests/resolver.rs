@@ -397,6 +397,44 @@ fn a_name_that_never_answers_costs_only_its_own_clients_bpf() {
     a_name_that_never_answers_costs_only_its_own_clients(Mode::Bpf);
 }
 
+/// A target whose lookup hangs is given up at the connect timeout and the next target is tried
+/// in the same connection: the first client reaches the healthy target after the 1 s deadline
+/// (not the resolver's 5 s), and the hanging one, marked down then, is skipped by the next
+/// client, which is served at once.
+#[test]
+fn a_hanging_lookup_fails_over_to_the_next_target_at_the_deadline() {
+    with_dns(
+        "a_hanging_lookup_fails_over_to_the_next_target_at_the_deadline",
+        &[("slow.test", Answer::Never)],
+        |net| {
+            let good = Backend::tagged("good");
+            let mut both = app("both", &[7000], &["slow.test:80".to_owned(), good.target()]);
+            // Round-robin tries the first target first; checks stay out of the way.
+            both["Balance"] = "round-robin".into();
+            both["HealthCheck"] = serde_json::json!({"IntervalMs": 600_000});
+            let p = net.proxy(Mode::Simple, &config(&[both]), &["--connect-timeout", "1s"]);
+            let t = Instant::now();
+            let mut s = connect(at(7000));
+            assert_eq!(read_line(&mut s), "good");
+            let first = t.elapsed();
+            assert!(
+                first >= Duration::from_millis(950) && first < Duration::from_millis(1900),
+                "the first client was served after {first:?} with --connect-timeout 1s"
+            );
+            p.wait_log("slow.test marked down", |l| {
+                l.contains("target slow.test:80 of app both is down: name lookup: no answer within the connect timeout")
+            });
+            let t = Instant::now();
+            assert_eq!(tag_of(at(7000)), "good");
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "the next client waited {:?}",
+                t.elapsed()
+            );
+        },
+    );
+}
+
 /// A thousand connections to an app whose target is a name cause one lookup: the first fifty,
 /// at once while the DNS server takes 300 ms, share it; the others find the answer cached
 /// (`--dns-ttl 1m`). Every connection reaches the target.
