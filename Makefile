@@ -18,7 +18,7 @@ RUN_DEPS     := netcat-openbsd iproute2 bpftool
 DEB_DEPS     := dpkg-dev debhelper lintian
 # The package tests (tests/packaging.rs) build the package (DEB_DEPS) and check it with lintian,
 # systemd-analyze (systemd), man (man-db) and readelf (binutils).
-TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db binutils
+TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db binutils chromium prometheus
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
@@ -97,11 +97,17 @@ test: toolchain test-deps lint nextest
 	@# the package first, so its release build does not compete with the other tests for the CPU.
 	@if [ -n "$$CI" ] && [ "$$CI" != 0 ] && [ "$$CI" != false ] || [ "$$FLYPROXY_PACKAGING_TESTS" = 1 ]; then \
 	  $(MAKE) --no-print-directory deb; fi
+	@# Then the fuzz crate's checks on their seed corpora (fuzz/tests/seeds.rs, under a second):
+	@# its independent validators follow every config key, so a change that forgets them fails
+	@# here. They run even when the main tests failed; `make test` fails if either did.
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  echo "$(CARGO) nextest run --no-fail-fast"; $(CARGO) nextest run --no-fail-fast; \
 	else \
 	  echo "$(CARGO) test --no-fail-fast"; $(CARGO) test --no-fail-fast; \
-	fi
+	fi; main=$$?; \
+	echo "$(CARGO) test --manifest-path fuzz/Cargo.toml"; \
+	$(CARGO) test --manifest-path fuzz/Cargo.toml; fuzz=$$?; \
+	[ $$main -eq 0 ] && [ $$fuzz -eq 0 ]
 
 # The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network
 # namespace of its own (root; installs what it needs). Writes bench/results.md and .svg.
@@ -149,10 +155,12 @@ clean:
 
 .PHONY: fuzz reliability
 
-# Fuzzing, not part of `make test`: the config parser (bytes, and structured JSON), the PROXY
-# header writer (parsed back by an independent parser) and the command line, each under
-# libFuzzer for FUZZ_SECONDS (default 60). Installs cargo-fuzz if missing. See fuzz/run.sh.
-#   make fuzz FUZZ_SECONDS=30
+# Fuzzing, not part of `make test` (only the targets' checks on their seeds are): the config
+# parser (bytes, and structured JSON), app names, the PROXY header writer (parsed back by an
+# independent parser), the ClientHello parser (bytes, and structured hellos), the upgrade
+# hand-over variables and the command line, eight targets each under libFuzzer for
+# FUZZ_SECONDS (default 60). Installs cargo-fuzz if missing. See fuzz/run.sh, fuzz/README.md.
+#   make fuzz FUZZ_SECONDS=30 FUZZ_TARGETS="proxy_header names"
 fuzz: deps
 	CARGO=$(CARGO) fuzz/run.sh
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 use crate::sys::log::{Format, Level};
 
 /// Where `flyproxy status` looks when not told: the address the docs suggest for --metrics.
+/// 9089: off 9100-9999, the Prometheus exporters' range (9100 is node_exporter's; see README).
 pub const DEFAULT_STATUS_ADDR: SocketAddr =
-    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9100);
+    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9089);
 
 /// Options shared by both modes.
 #[derive(Debug, Clone)]
@@ -132,7 +133,7 @@ Usage:
   flyproxy check [-c PATH]            validate a config file and exit
   flyproxy upgrade --pid-file PATH    replace the running binary without refusing a connection
   flyproxy status [--metrics ADDR]    show apps, targets, health and open connections of a
-                                      proxy running with --metrics (default 127.0.0.1:9100)
+                                      proxy running with --metrics (default 127.0.0.1:9089)
 
 Run 'flyproxy <command> --help' for the options of each command.
 
@@ -166,7 +167,7 @@ macro_rules! run_options {
       --log-level LEVEL      error, warn, info or debug (default info)
       --log-format FORMAT    text or json (default text)
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
-                             e.g. 127.0.0.1:9100 (default: off)
+                             e.g. 127.0.0.1:9089 (default: off)
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
       --user USER            once set up, run as USER (a name or uid; needs root)
       --group GROUP          with --user: run as GROUP (default: USER's primary group)
@@ -219,10 +220,11 @@ flyproxy status - show a running proxy's apps, ports, targets, health and open c
 
 Usage: flyproxy status [--metrics ADDR]
 
-Reads the /status page that a proxy started with --metrics ADDR serves.
+Reads /status.json from a proxy run with --metrics ADDR and prints it as /status shows it;
+exits 1 if no flyproxy answers. Port 9089 is off 9100-9999, the exporters' (9100: node_exporter).
 
 Options:
-      --metrics ADDR  the proxy's --metrics address (default 127.0.0.1:9100)
+      --metrics ADDR  the proxy's --metrics address (default 127.0.0.1:9089)
   -h, --help          print this help
   -V, --version       print the version
 ";
@@ -327,11 +329,11 @@ fn option(
             s.pid_file = Some(PathBuf::from(value("a file path")?));
         }
         "--metrics" if runs || name == "status" => {
-            let v = value("an address like 127.0.0.1:9100")?;
+            let v = value("an address like 127.0.0.1:9089")?;
             s.metrics = Some(v.parse::<SocketAddr>().map_err(|_| {
                 usage(
                     cmd,
-                    &format!("--metrics: '{v}' is not an address like 127.0.0.1:9100"),
+                    &format!("--metrics: '{v}' is not an address like 127.0.0.1:9089"),
                 )
             })?);
         }

@@ -98,9 +98,14 @@ fn status(metrics: SocketAddr) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!(
-                "flyproxy: cannot read the status from {metrics}: {e}\n(is flyproxy running with --metrics {metrics}?)"
-            );
+            let hint = match e {
+                metrics::FetchError::NotOurs(..) => {
+                    "something other than flyproxy answers there: is flyproxy's --metrics another address?"
+                        .to_owned()
+                }
+                _ => format!("is flyproxy running with --metrics {metrics}?"),
+            };
+            eprintln!("flyproxy: cannot read the status from {metrics}: {e}\n({hint})");
             ExitCode::FAILURE
         }
     }

@@ -377,14 +377,16 @@ fn a_target_killed_while_connections_flow_costs_no_client_connection() {
         Server::tagged("t3"),
     ];
     let targets: Vec<String> = servers.iter().map(Server::target).collect();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "flow",
-            ports,
-            &targets,
-            json!({"HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64}}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "flow",
+                ports,
+                &targets,
+                json!({"HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64}}),
+            )])
+        })
+        .start();
     let gate = Arc::new(RwLock::new(()));
     let traffic = Traffic::start(p.v4(0), 3, &gate);
     traffic.wait("traffic to every target", |o| {
@@ -467,14 +469,16 @@ fn a_dead_target_comes_back_after_a_health_check() {
     let mut back = Server::dormant("back");
     let others = [Server::tagged("o1"), Server::tagged("o2")];
     let targets = vec![back.target(), others[0].target(), others[1].target()];
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "phoenix",
-            ports,
-            &targets,
-            json!({"HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64}}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "phoenix",
+                ports,
+                &targets,
+                json!({"HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64}}),
+            )])
+        })
+        .start();
 
     // Traffic finds it dead; every client connection is still served.
     let down = wait_for("the refusing target marked down", WAIT, || {
@@ -528,15 +532,17 @@ fn rise_needs_that_many_passing_checks_in_a_row() {
     let mut back = Server::dormant("back");
     let other = Server::tagged("other");
     let targets = vec![back.target(), other.target()];
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "riser",
-            ports,
-            &targets,
-            json!({"Balance": "round-robin",
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "riser",
+                ports,
+                &targets,
+                json!({"Balance": "round-robin",
                    "HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64, "Rise": 3}}),
-        )])
-    });
+            )])
+        })
+        .start();
     // Round-robin tries it first: refused, marked down, the client served by the other.
     assert_eq!(try_tagged(p.v4(0), b"x"), Ok("other".into()));
     p.wait_log("back down", |l| l.contains(&down_msg(&targets[0], "riser")));
@@ -575,14 +581,16 @@ fn fall_needs_that_many_failed_checks_of_an_idle_up_target() {
     let mut dying = Server::tagged("dying");
     let other = Server::tagged("other");
     let targets = vec![dying.target(), other.target()];
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "idle",
-            ports,
-            &targets,
-            json!({"HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64, "Fall": 2}}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "idle",
+                ports,
+                &targets,
+                json!({"HealthCheck": {"IntervalMs": INTERVAL.as_millis() as u64, "Fall": 2}}),
+            )])
+        })
+        .start();
     let mark = p.mark();
     dying.kill();
     let killed = Instant::now();
@@ -610,14 +618,16 @@ fn a_target_listed_twice_comes_back_with_both_of_its_turns() {
     let mut twice = Server::tagged("twice");
     let once = Server::tagged("once");
     let targets = vec![twice.target(), twice.target(), once.target()];
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "weighted",
-            ports,
-            &targets,
-            json!({"Balance": "round-robin", "HealthCheck": {"IntervalMs": 200}}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "weighted",
+                ports,
+                &targets,
+                json!({"Balance": "round-robin", "HealthCheck": {"IntervalMs": 200}}),
+            )])
+        })
+        .start();
     let before = count(&tags(p.v4(0), 30));
     assert_eq!(
         before,
@@ -662,7 +672,9 @@ fn unresolvable_and_refusing_targets_cost_no_client_connection() {
     let good = Server::tagged("good");
     let refusing = Refusing::new();
     let targets = vec![UNRESOLVABLE.to_owned(), refusing.target(), good.target()];
-    let p = Proxy::start(1, &[], |ports| config(&[app("mixed", ports, &targets)]));
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("mixed", ports, &targets)]))
+        .start();
     let addr = p.v4(0);
     let clients: Vec<JoinHandle<Vec<Result<String, String>>>> = (0..4)
         .map(|t| {
@@ -713,14 +725,16 @@ fn connect_attempts_bounds_the_targets_tried_per_connection() {
     let refusing = Refusing::new();
     let good = Server::tagged("good");
     let targets = vec![refusing.target(), good.target()];
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "once",
-            ports,
-            &targets,
-            json!({"ConnectAttempts": 1, "Balance": "round-robin"}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "once",
+                ports,
+                &targets,
+                json!({"ConnectAttempts": 1, "Balance": "round-robin"}),
+            )])
+        })
+        .start();
     let mut s = connect(p.v4(0));
     let local = s.local_addr().unwrap();
     expect_closed(&mut s, WAIT);
@@ -748,14 +762,16 @@ fn targets_all_down_are_still_tried_and_a_connection_brings_one_up() {
     let mut a = Server::dormant("a");
     let b = Server::dormant("b");
     let targets = vec![a.target(), b.target()];
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "allDown",
-            ports,
-            &targets,
-            json!({"HealthCheck": {"IntervalMs": 600_000}}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "allDown",
+                ports,
+                &targets,
+                json!({"HealthCheck": {"IntervalMs": 600_000}}),
+            )])
+        })
+        .start();
     let mut s = connect(p.v4(0));
     let local = s.local_addr().unwrap();
     expect_closed(&mut s, WAIT);
@@ -800,7 +816,9 @@ fn p2c_keeps_every_target_near_its_fair_share_of_open_connections() {
         Server::tagged("p2"),
     ];
     let targets: Vec<String> = servers.iter().map(Server::target).collect();
-    let p = Proxy::start(1, &[], |ports| config(&[app("p2c", ports, &targets)]));
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("p2c", ports, &targets)]))
+        .start();
     let started = Instant::now();
     let mut rng = Rng::new(5);
     // (index of the connection after which it closes, the stream, its target's index)
@@ -864,14 +882,16 @@ fn round_robin_spreads_sequential_connections_exactly_evenly() {
         Server::tagged("r2"),
     ];
     let targets: Vec<String> = servers.iter().map(Server::target).collect();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "rr",
-            ports,
-            &targets,
-            json!({"Balance": "round-robin"}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "rr",
+                ports,
+                &targets,
+                json!({"Balance": "round-robin"}),
+            )])
+        })
+        .start();
     let got = tags(p.v4(0), 30);
     assert_eq!(
         count(&got),
@@ -894,14 +914,16 @@ fn random_balance_reaches_every_target() {
         Server::tagged("x2"),
     ];
     let targets: Vec<String> = servers.iter().map(Server::target).collect();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app_with(
-            "rnd",
-            ports,
-            &targets,
-            json!({"Balance": "random"}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "rnd",
+                ports,
+                &targets,
+                json!({"Balance": "random"}),
+            )])
+        })
+        .start();
     let got = count(&tags(p.v4(0), 90));
     assert_eq!(
         got.keys().collect::<Vec<_>>(),
@@ -919,17 +941,20 @@ fn random_balance_reaches_every_target() {
 fn max_connections_holds_an_apps_extra_connection_until_one_closes() {
     let echo_a = Backend::echo();
     let echo_b = Backend::echo();
-    let p = Proxy::start(2, &["--connect-timeout", "20s"], |ports| {
-        config(&[
-            app_with(
-                "limited",
-                &ports[..1],
-                &[echo_a.target()],
-                json!({"MaxConnections": 2}),
-            ),
-            app("free", &ports[1..], &[echo_b.target()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[
+                app_with(
+                    "limited",
+                    &ports[..1],
+                    &[echo_a.target()],
+                    json!({"MaxConnections": 2}),
+                ),
+                app("free", &ports[1..], &[echo_b.target()]),
+            ])
+        })
+        .args(&["--connect-timeout", "20s"])
+        .start();
     let mut first = connect(p.v4(0));
     roundtrip(&mut first, b"first");
     let mut second = connect(p.v6(0));
@@ -967,14 +992,17 @@ fn max_connections_holds_an_apps_extra_connection_until_one_closes() {
 #[test]
 fn max_connections_closes_a_waiting_connection_after_the_connect_timeout() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--connect-timeout", "500ms"], |ports| {
-        config(&[app_with(
-            "limited",
-            ports,
-            &[echo.target()],
-            json!({"MaxConnections": 2}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "limited",
+                ports,
+                &[echo.target()],
+                json!({"MaxConnections": 2}),
+            )])
+        })
+        .args(&["--connect-timeout", "500ms"])
+        .start();
     let mut held: Vec<TcpStream> = (0..2)
         .map(|i| {
             let mut s = connect(p.v4(0));
@@ -1030,11 +1058,10 @@ fn raising_max_connections_by_a_reload_serves_a_waiting_connection() {
             json!({ "MaxConnections": max }),
         )])
     };
-    let p = Proxy::start(
-        1,
-        &["--connect-timeout", "60s", "--reload-interval", "100ms"],
-        |ports| cfg(ports, 1),
-    );
+    let p = Proxy::simple()
+        .ports(1, |ports| cfg(ports, 1))
+        .args(&["--connect-timeout", "60s", "--reload-interval", "100ms"])
+        .start();
     let mut holder = connect(p.v4(0));
     roundtrip(&mut holder, b"holds the slot");
     let mut waiting = connect(p.v4(0));
@@ -1043,7 +1070,7 @@ fn raising_max_connections_by_a_reload_serves_a_waiting_connection() {
 
     let mark = p.mark();
     p.rewrite_config(&cfg(&p.ports, 2));
-    p.wait_log_since(mark, "reload ok", |l| l.contains(" INFO  reload ok: "));
+    p.wait_reload_ok(mark);
     let mut got = [0u8; 7];
     waiting
         .read_exact(&mut got)
@@ -1070,14 +1097,17 @@ fn a_connection_waiting_for_its_apps_slot_is_drained_with_its_removed_port() {
         "--reload-interval",
         "100ms",
     ];
-    let p = Proxy::start(2, &args, |ports| {
-        config(&[app_with(
-            "lim",
-            ports,
-            &[echo.target()],
-            json!({"MaxConnections": 1}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[app_with(
+                "lim",
+                ports,
+                &[echo.target()],
+                json!({"MaxConnections": 1}),
+            )])
+        })
+        .args(&args)
+        .start();
     let mut holder = connect(p.v4(0));
     roundtrip(&mut holder, b"holds the slot");
     let mut waiting = connect(p.v4(1));
@@ -1091,7 +1121,7 @@ fn a_connection_waiting_for_its_apps_slot_is_drained_with_its_removed_port() {
         &[echo.target()],
         json!({"MaxConnections": 1}),
     )]));
-    let reload = p.wait_log_since(mark, "reload ok", |l| l.contains(" INFO  reload ok: "));
+    let reload = p.wait_reload_ok(mark);
     assert!(reload.contains("ports_removed=1"), "{reload}");
     // Closed within the drain timeout (with room for a loaded machine), never served.
     expect_closed(&mut waiting, Duration::from_secs(5));
@@ -1340,22 +1370,24 @@ fn parse_v2(buf: &[u8]) -> Parse {
 fn proxy_protocol_header_names_the_client_and_frontend_then_relays_intact() {
     let v1 = PpServer::new(1);
     let v2 = PpServer::new(2);
-    let p = Proxy::start(2, &[], |ports| {
-        config(&[
-            app_with(
-                "pp1",
-                &ports[..1],
-                &[v1.target()],
-                json!({"ProxyProtocol": "v1"}),
-            ),
-            app_with(
-                "pp2",
-                &ports[1..],
-                &[v2.target()],
-                json!({"ProxyProtocol": "v2"}),
-            ),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[
+                app_with(
+                    "pp1",
+                    &ports[..1],
+                    &[v1.target()],
+                    json!({"ProxyProtocol": "v1"}),
+                ),
+                app_with(
+                    "pp2",
+                    &ports[1..],
+                    &[v2.target()],
+                    json!({"ProxyProtocol": "v2"}),
+                ),
+            ])
+        })
+        .start();
     let mut rng = Rng::seeded();
     for (i, server) in [(0, &v1), (1, &v2)] {
         for frontend in [p.v4(i), p.v6(i)] {
@@ -1410,9 +1442,12 @@ fn a_down_target_stays_down_across_a_reload_that_keeps_it() {
     let others = [Server::tagged("k1"), Server::tagged("k2")];
     let targets = vec![sleeper.target(), others[0].target(), others[1].target()];
     let extra = json!({"Balance": "round-robin", "HealthCheck": {"IntervalMs": 600_000}});
-    let p = Proxy::start(2, &["--reload-interval", "100ms"], |ports| {
-        config(&[app_with("keep", &ports[..1], &targets, extra.clone())])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[app_with("keep", &ports[..1], &targets, extra.clone())])
+        })
+        .args(&["--reload-interval", "100ms"])
+        .start();
 
     let got = tags(p.v4(0), 3);
     assert!(!got.contains(&"sleeper".to_owned()), "{got:?}");
@@ -1432,7 +1467,7 @@ fn a_down_target_stays_down_across_a_reload_that_keeps_it() {
         &targets,
         extra.clone(),
     )]));
-    let reload = p.wait_log_since(mark, "reload ok", |l| l.contains(" INFO  reload ok: "));
+    let reload = p.wait_reload_ok(mark);
     assert!(reload.contains("ports_added=1"), "{reload}");
 
     let mut after = tags(p.v4(0), 9);
@@ -1543,14 +1578,17 @@ fn check_names_the_keys_health_check_takes_for_an_unknown_one() {
 #[test]
 fn max_connections_waiter_that_resets_leaves_at_once() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--connect-timeout", "20s"], |ports| {
-        config(&[app_with(
-            "limited",
-            ports,
-            &[echo.target()],
-            json!({"MaxConnections": 1}),
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "limited",
+                ports,
+                &[echo.target()],
+                json!({"MaxConnections": 1}),
+            )])
+        })
+        .args(&["--connect-timeout", "20s"])
+        .start();
     let mut held = connect(p.v4(0));
     roundtrip(&mut held, b"held");
     let waiting = connect(p.v4(0));

@@ -7,6 +7,7 @@
 //! which app served a port. Every wait polls with a deadline; nothing sleeps to synchronise.
 
 mod common;
+#[allow(dead_code)]
 mod netns;
 
 use std::collections::BTreeSet;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     app, config, connect, expect_closed, read_line, roundtrip, tag_of, wait_for, Backend, ConnLine,
-    Rng, WAIT,
+    Proxy, Rng, WAIT,
 };
 use netns::{ask, assert_reaches, assert_refused, v4, v6};
 
@@ -46,8 +47,10 @@ fn every_port_reaches_its_app_over_ipv4_and_ipv6() {
         let beta = Backend::tagged("beta");
         let alpha_ports = [1, 443, 7001, 7002, 7003, 65535];
         let beta_ports = [7101, 7102, 7103, 9090];
-        let mut proxy = netns::start(&two_apps(&alpha, &alpha_ports, &beta, &beta_ports), &[]);
-        let started = proxy.wait_log("started", |l| l.contains(" started mode=bpf "));
+        let mut proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &alpha_ports, &beta, &beta_ports))
+            .start();
+        let started = proxy.started_line();
         assert!(
             started.contains(" 2 apps, 10 ports, 2 targets "),
             "{started}"
@@ -118,132 +121,6 @@ fn every_port_reaches_its_app_over_ipv4_and_ipv6() {
     });
 }
 
-/// A reload adds ports (they reach their app at once), removes ports (refused at once), moves a
-/// port to another app, and removes a whole app; the ports map follows each diff exactly. A
-/// rejected config changes nothing.
-#[test]
-fn reload_adds_and_removes_ports() {
-    netns::run("reload_adds_and_removes_ports", |ns| {
-        let alpha = Backend::tagged("alpha");
-        let beta = Backend::tagged("beta");
-        let proxy = netns::start(
-            &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101, 7102]),
-            &[],
-        );
-        let steering = ns.steering(proxy.pid);
-        assert_reaches(7002, "alpha");
-        assert_reaches(7102, "beta");
-
-        // 7003 and 7102 go, 7004, 7005 and 7103 come, 7002 moves from alpha to beta.
-        let ok = netns::reload(
-            &proxy,
-            &two_apps(&alpha, &[7001, 7004, 7005], &beta, &[7101, 7002, 7103]),
-        );
-        assert!(ok.contains(" ports_added=3 ports_removed=2 "), "{ok}");
-        assert_eq!(steering.ports(), set(&[7001, 7004, 7005, 7101, 7002, 7103]));
-        for port in [7001, 7004, 7005] {
-            assert_reaches(port, "alpha");
-        }
-        for port in [7101, 7002, 7103] {
-            assert_reaches(port, "beta");
-        }
-        assert_refused(7003);
-        assert_refused(7102);
-
-        // Beta goes altogether.
-        let ok = netns::reload(
-            &proxy,
-            &config(&[app("alpha", &[7001, 7004, 7005], &[alpha.target()])]),
-        );
-        assert!(
-            ok.contains(" ports_added=0 ports_removed=3 apps_added=0 apps_removed=1 "),
-            "{ok}"
-        );
-        assert_eq!(steering.ports(), set(&[7001, 7004, 7005]));
-        for port in [7101, 7002, 7103] {
-            assert_refused(port);
-        }
-        assert_reaches(7004, "alpha");
-
-        // A config that fails validation is rejected whole: every port stays as it was.
-        let mark = proxy.mark();
-        proxy.rewrite_config(&format!(
-            r#"{{"Apps": [{{"Name": "alpha", "Ports": [7001, 70000], "Targets": ["{}"]}}]}}"#,
-            alpha.target()
-        ));
-        proxy.wait_log_since(mark, "reload rejected", |l| {
-            l.contains("reload rejected: keeping the running config")
-        });
-        assert_eq!(steering.ports(), set(&[7001, 7004, 7005]));
-        assert_reaches(7001, "alpha");
-        assert_refused(7002);
-    });
-}
-
-/// A port removed by a reload refuses new connections at once, while the connection already
-/// open on it keeps working until --drain-timeout, then is closed and logged `end=drained`.
-/// Connections on ports that stay are not touched.
-#[test]
-fn removed_port_drains_its_open_connection() {
-    netns::run("removed_port_drains_its_open_connection", |ns| {
-        const DRAIN_S: f64 = 4.0;
-        let alpha = Backend::tagged("alpha");
-        let beta = Backend::tagged("beta");
-        let proxy = netns::start(
-            &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-            &["--drain-timeout", "4s"],
-        );
-        let steering = ns.steering(proxy.pid);
-
-        let mut removed = connect(v4(7002));
-        assert_eq!(read_line(&mut removed), "alpha");
-        roundtrip(&mut removed, b"before the reload\n");
-        let mut kept = connect(v6(7001));
-        assert_eq!(read_line(&mut kept), "alpha");
-        let mut other = connect(v4(7101));
-        assert_eq!(read_line(&mut other), "beta");
-
-        let mark = proxy.mark();
-        let ok = netns::reload(&proxy, &two_apps(&alpha, &[7001], &beta, &[7101]));
-        assert!(ok.contains(" ports_added=0 ports_removed=1 "), "{ok}");
-        proxy.wait_log_since(mark, "draining", |l| {
-            l.contains("reload: 1 connections on removed ports draining for up to 4s")
-        });
-        assert_eq!(steering.ports(), set(&[7001, 7101]));
-
-        // New connections to the removed port: refused. The open one: still relayed.
-        assert_refused(7002);
-        roundtrip(&mut removed, b"after the reload\n");
-
-        // Cut at the drain deadline, and logged so.
-        let line = proxy.wait_conn(removed.local_addr().unwrap());
-        assert_eq!(
-            (line.app.as_str(), line.port, line.end.as_str()),
-            ("alpha", 7002, "drained"),
-            "{line:?}"
-        );
-        assert!(
-            netns::duration_s(&line) >= DRAIN_S,
-            "drained before the --drain-timeout had passed: {}",
-            line.line
-        );
-        expect_closed(&mut removed, WAIT);
-        proxy.wait_log_since(mark, "drain timeout", |l| {
-            l.contains("drain timeout: closed 1 connections")
-        });
-
-        // The others were not drained.
-        for (mut s, port) in [(kept, 7001), (other, 7101)] {
-            roundtrip(&mut s, b"still here\n");
-            s.shutdown(Shutdown::Write).unwrap();
-            expect_closed(&mut s, WAIT);
-            let line = proxy.wait_conn(s.local_addr().unwrap());
-            assert_eq!((line.port, line.end.as_str()), (port, "closed"), "{line:?}");
-        }
-        assert_reaches(7001, "alpha");
-    });
-}
-
 /// A real map write failure (the `ports` map frozen with bpftool, so the kernel refuses every
 /// update from a syscall) is logged once, does not stop the proxy, does not refuse the
 /// reload, and the ports steered before keep working.
@@ -252,16 +129,15 @@ fn failed_map_write_keeps_the_proxy_serving() {
     netns::run("failed_map_write_keeps_the_proxy_serving", |ns| {
         let alpha = Backend::tagged("alpha");
         let beta = Backend::tagged("beta");
-        let mut proxy = netns::start(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]), &[]);
+        let mut proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]))
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_reaches(7001, "alpha");
         steering.freeze_ports_map();
 
         let mark = proxy.mark();
-        let ok = netns::reload(
-            &proxy,
-            &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]),
-        );
+        let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]));
         assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
         let error = proxy.wait_log_since(mark, "map error", |l| {
             l.contains("bpf: cannot update the port map")
@@ -287,10 +163,7 @@ fn failed_map_write_keeps_the_proxy_serving() {
 
         // Another reload while the map still refuses: applied, retried quietly (the error is
         // not logged again), still serving.
-        let ok = netns::reload(
-            &proxy,
-            &two_apps(&alpha, &[7001, 7002, 7003, 7004], &beta, &[7101]),
-        );
+        let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002, 7003, 7004], &beta, &[7101]));
         assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
         let errors = proxy.lines_since(mark, |l| l.contains("bpf: cannot update the port map"));
         assert_eq!(errors.len(), 1, "{errors:#?}");
@@ -304,7 +177,7 @@ fn failed_map_write_keeps_the_proxy_serving() {
 
         // Back to the ports the map already holds: nothing left to write, and the proxy says
         // the map is whole again.
-        let ok = netns::reload(&proxy, &two_apps(&alpha, &[7001, 7002], &beta, &[7101]));
+        let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]));
         assert!(ok.contains(" ports_added=0 ports_removed=2 "), "{ok}");
         proxy.wait_log_since(mark, "recovery", |l| {
             l.contains(" INFO  bpf: port map updated after earlier failures; every port steered")
@@ -318,84 +191,15 @@ fn failed_map_write_keeps_the_proxy_serving() {
     });
 }
 
-/// SIGTERM detaches the program first: new connections to every port are refused at once,
-/// while the open connections keep working; the proxy exits 0 as soon as the last one closes
-/// (well before --drain-timeout), leaving nothing attached.
-#[test]
-fn sigterm_refuses_new_connections_at_once_and_drains_open_ones() {
-    netns::run(
-        "sigterm_refuses_new_connections_at_once_and_drains_open_ones",
-        |ns| {
-            let alpha = Backend::tagged("alpha");
-            let beta = Backend::tagged("beta");
-            let mut proxy = netns::start(
-                &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-                &["--drain-timeout", "60s"],
-            );
-            let steering = ns.steering(proxy.pid);
-            let mut a = connect(v4(7001));
-            assert_eq!(read_line(&mut a), "alpha");
-            roundtrip(&mut a, b"one\n");
-            let mut b = connect(v6(7101));
-            assert_eq!(read_line(&mut b), "beta");
-            roundtrip(&mut b, b"two\n");
-
-            let mark = proxy.mark();
-            proxy.signal(libc::SIGTERM);
-            let stopping = proxy.wait_log_since(mark, "stopping", |l| l.contains(" stopping: "));
-            assert!(stopping.contains(" 2 connections draining "), "{stopping}");
-
-            // Detached before that line was logged: no link in this namespace, every port refused
-            // (the listener's own port too), while the proxy still runs.
-            assert_eq!(
-                ns.links(),
-                vec![],
-                "sk_lookup link still attached after SIGTERM"
-            );
-            for port in [7001, 7002, 7101, netns::LISTENER_PORT] {
-                assert_refused(port);
-            }
-            assert!(proxy.try_status().is_none(), "exited with connections open");
-
-            // The open connections still relay.
-            roundtrip(&mut a, b"one again\n");
-            roundtrip(&mut b, b"two again\n");
-
-            a.shutdown(Shutdown::Write).unwrap();
-            expect_closed(&mut a, WAIT);
-            let line = proxy.wait_conn(a.local_addr().unwrap());
-            assert_eq!((line.port, line.end.as_str()), (7001, "closed"), "{line:?}");
-            assert!(
-                proxy.try_status().is_none(),
-                "exited with a connection still open"
-            );
-            roundtrip(&mut b, b"two, alone\n");
-
-            b.shutdown(Shutdown::Write).unwrap();
-            expect_closed(&mut b, WAIT);
-            // WAIT (20s) is well below the 60s drain timeout: the exit is the last connection's.
-            let status = proxy.wait_exit(WAIT);
-            assert_eq!(status.code(), Some(0));
-            let line = proxy.wait_conn(b.local_addr().unwrap());
-            assert_eq!((line.port, line.end.as_str()), (7101, "closed"), "{line:?}");
-            proxy.wait_log_since(mark, "stopped", |l| {
-                l.contains("stopped: every connection finished")
-            });
-            ns.wait_nothing_attached(&steering);
-        },
-    );
-}
-
 /// A proxy killed with SIGKILL leaves no link and no program behind: the kernel drops both with
 /// the process's descriptors, and the ports are refused again.
 #[test]
 fn sigkill_leaves_nothing_attached() {
     netns::run("sigkill_leaves_nothing_attached", |ns| {
         let alpha = Backend::tagged("alpha");
-        let mut proxy = netns::start(
-            &config(&[app("alpha", &[7001, 7002], &[alpha.target()])]),
-            &[],
-        );
+        let mut proxy = Proxy::bpf()
+            .config(&config(&[app("alpha", &[7001, 7002], &[alpha.target()])]))
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_reaches(7001, "alpha");
         let mut open = connect(v4(7002));
@@ -429,10 +233,10 @@ fn upgrade_hands_steering_to_the_new_process_without_refusing() {
 fn upgrade_hands_steering(ns: netns::Netns) {
     let alpha = Backend::tagged("alpha");
     let beta = Backend::tagged("beta");
-    let mut proxy = netns::start(
-        &two_apps(&alpha, &[7001, 7002], &beta, &[7101]),
-        &["--drain-timeout", "60s"],
-    );
+    let mut proxy = Proxy::bpf()
+        .config(&two_apps(&alpha, &[7001, 7002], &beta, &[7101]))
+        .args(&["--drain-timeout", "60s"])
+        .start();
     let old = ns.steering(proxy.pid);
     let mut open = connect(v4(7002));
     assert_eq!(read_line(&mut open), "alpha");
@@ -474,10 +278,7 @@ fn upgrade_hands_steering(ns: netns::Netns) {
 
     // The new process serves and reloads.
     assert_reaches(7001, "alpha");
-    let ok = netns::reload(
-        &proxy,
-        &two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]),
-    );
+    let ok = proxy.reload(&two_apps(&alpha, &[7001, 7002, 7003], &beta, &[7101]));
     assert!(ok.contains(" ports_added=1 ports_removed=0 "), "{ok}");
     assert_reaches(7003, "alpha");
     assert_eq!(ns.links().len(), 1);
@@ -574,10 +375,10 @@ impl Drop for AlternatingClients {
 fn bind_to_ipv4_leaves_ipv6_alone() {
     netns::run("bind_to_ipv4_leaves_ipv6_alone", |ns| {
         let alpha = Backend::tagged("alpha");
-        let proxy = netns::start(
-            &config(&[app("alpha", &[7001, 7002], &[alpha.target()])]),
-            &["--bind", "127.0.0.1"],
-        );
+        let proxy = Proxy::bpf()
+            .config(&config(&[app("alpha", &[7001, 7002], &[alpha.target()])]))
+            .args(&["--bind", "127.0.0.1"])
+            .start();
         let steering = ns.steering(proxy.pid);
         assert_eq!(steering.ports(), set(&[7001, 7002]));
         let other = TcpListener::bind(v6(7001)).expect("bind [::1]:7001");
@@ -609,10 +410,10 @@ fn bind_to_ipv4_leaves_ipv6_alone() {
 fn bind_address_limits_steering_to_that_address() {
     netns::run("bind_address_limits_steering_to_that_address", |_ns| {
         let alpha = Backend::tagged("alpha");
-        let _proxy = netns::start(
-            &config(&[app("alpha", &[7001, 7002], &[alpha.target()])]),
-            &["--bind", "127.0.0.1"],
-        );
+        let _proxy = Proxy::bpf()
+            .config(&config(&[app("alpha", &[7001, 7002], &[alpha.target()])]))
+            .args(&["--bind", "127.0.0.1"])
+            .start();
         assert_eq!(ask(v4(7001)), "alpha");
         for port in [7001, 7002] {
             let other = SocketAddr::from(([127, 0, 0, 2], port));
@@ -644,10 +445,9 @@ fn start_without_bpf_capabilities_fails_with_the_reason() {
             const CAP_SYS_ADMIN: libc::c_ulong = 21;
             const CAP_BPF: libc::c_ulong = 39;
             let alpha = Backend::tagged("alpha");
-            let mut proxy = netns::spawn_with(
-                &config(&[app("alpha", &[7001], &[alpha.target()])]),
-                &[],
-                |cmd| {
+            let mut proxy = Proxy::bpf()
+                .config(&config(&[app("alpha", &[7001], &[alpha.target()])]))
+                .command(|cmd| {
                     // SAFETY: only prctl(2) between fork and exec.
                     unsafe {
                         cmd.pre_exec(|| {
@@ -659,8 +459,8 @@ fn start_without_bpf_capabilities_fails_with_the_reason() {
                             Ok(())
                         });
                     }
-                },
-            );
+                })
+                .spawn();
             let status = proxy.wait_exit(WAIT);
             let log = proxy.logs().join("\n");
             assert_eq!(status.code(), Some(1), "{log}");
@@ -685,7 +485,9 @@ fn start_with_the_listener_port_taken_fails_with_the_reason() {
             let _taken =
                 TcpListener::bind(("0.0.0.0", netns::LISTENER_PORT)).expect("bind 0.0.0.0:8000");
             let alpha = Backend::tagged("alpha");
-            let mut proxy = netns::spawn(&config(&[app("alpha", &[7001], &[alpha.target()])]), &[]);
+            let mut proxy = Proxy::bpf()
+                .config(&config(&[app("alpha", &[7001], &[alpha.target()])]))
+                .spawn();
             let status = proxy.wait_exit(WAIT);
             let log = proxy.logs().join("\n");
             assert_eq!(status.code(), Some(1), "{log}");
@@ -711,9 +513,11 @@ fn ten_thousand_ports() {
         let beta = Backend::tagged("beta");
 
         let spawned = Instant::now();
-        let mut proxy = netns::start(&two_apps(&alpha, &big, &beta, &small), &[]);
+        let mut proxy = Proxy::bpf()
+            .config(&two_apps(&alpha, &big, &beta, &small))
+            .start();
         let start_ms = netns::ms_since(spawned);
-        let started = proxy.wait_log("started", |l| l.contains(" started mode=bpf "));
+        let started = proxy.started_line();
         assert!(
             started.contains(" 2 apps, 10003 ports, 2 targets "),
             "{started}"
@@ -739,7 +543,7 @@ fn ten_thousand_ports() {
 
         // Remove 20000..25000, add 10000..15000.
         let new_big: Vec<u16> = (10_000..15_000).chain(25_000..30_000).collect();
-        let ok = netns::reload(&proxy, &two_apps(&alpha, &new_big, &beta, &small));
+        let ok = proxy.reload(&two_apps(&alpha, &new_big, &beta, &small));
         assert!(ok.contains(" ports_added=5000 ports_removed=5000 "), "{ok}");
         let reload_ms = netns::took_ms(&ok);
         want = new_big.iter().chain(&small).copied().collect();

@@ -378,7 +378,7 @@ fn start_with_an_invalid_config_exits_1_with_the_reasons() {
     let echo = Backend::echo();
     let port = free_port();
     let json = config(&[app("a", &[port, 0], &[echo.target(), "nope".into()])]);
-    let mut p = Proxy::spawn(&json, &[]);
+    let mut p = Proxy::simple().config(&json).spawn();
     let status = p.wait_exit(WAIT);
     assert_eq!(status.code(), Some(1));
     let logs = p.logs().join("\n");
@@ -416,7 +416,9 @@ fn start_with_a_port_in_use_exits_1_and_names_the_port() {
     let echo = Backend::echo();
     let (free, busy) = (free_port(), free_port());
     let squatter = TcpListener::bind(("::", busy)).expect("occupy a port");
-    let mut p = Proxy::spawn(&config(&[app("a", &[free, busy], &[echo.target()])]), &[]);
+    let mut p = Proxy::simple()
+        .config(&config(&[app("a", &[free, busy], &[echo.target()])]))
+        .spawn();
     let status = p.wait_exit(WAIT);
     assert_eq!(status.code(), Some(1));
     let logs = p.logs().join("\n");
@@ -429,8 +431,12 @@ fn start_with_a_port_in_use_exits_1_and_names_the_port() {
     drop(squatter);
 
     // Two proxies on the same port: the second one cannot start.
-    let first = Proxy::start(1, &[], |ports| config(&[app("a", ports, &[echo.target()])]));
-    let mut second = Proxy::spawn(&config(&[app("b", &first.ports, &[echo.target()])]), &[]);
+    let first = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .start();
+    let mut second = Proxy::simple()
+        .config(&config(&[app("b", &first.ports, &[echo.target()])]))
+        .spawn();
     assert_eq!(second.wait_exit(WAIT).code(), Some(1));
     assert!(second
         .logs()

@@ -358,7 +358,7 @@ impl Instance {
             ]);
             Proxy::spawn_cmd(cmd, dir, config)
         });
-        let started = proxy.wait_log("started", |l| l.contains(" INFO  started mode=simple "));
+        let started = proxy.started_line();
         assert_eq!(
             common::field(&started, "sha256").as_deref(),
             Some(expect),
@@ -476,11 +476,7 @@ fn roll(etcd: &Etcd, fleet: &[Instance], value: &[u8], port: u16) -> (Duration, 
     let accepted = Instant::now();
     for (inst, (fmark, pmark)) in fleet.iter().zip(marks) {
         wait_written(&inst.follower, fmark, &sha);
-        let line = inst
-            .proxy()
-            .wait_log_since(pmark, &format!("reload ok sha256={sha}"), |l| {
-                l.contains(" INFO  reload ok: ")
-            });
+        let line = inst.proxy().wait_reload_ok(pmark);
         assert_eq!(
             common::field(&line, "sha256").as_deref(),
             Some(sha.as_str()),

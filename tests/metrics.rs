@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::metrics::*;
 use common::{
-    app, canonical, config, connect, expect_closed, free_port, free_ports, read_line, roundtrip,
-    wait_for, Backend, Proxy, Refusing, Rng, TempDir, BIN, WAIT,
+    app, canonical, config, connect, expect_closed, free_port, read_line, roundtrip, wait_for,
+    Backend, Proxy, Refusing, Rng, TempDir, BIN, WAIT,
 };
 use serde_json::Value;
 
@@ -80,31 +80,7 @@ fn the_test_parser_refuses_malformed_expositions() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Starting the proxy
-
-/// `Proxy::start`, for any log format: waits for the `started` line in text or JSON.
-fn start_proxy(nports: usize, args: &[&str], make_config: impl Fn(&[u16]) -> String) -> Proxy {
-    for attempt in 0.. {
-        let ports = free_ports(nports);
-        let mut p = Proxy::spawn(&make_config(&ports), args);
-        p.ports = ports;
-        let started = wait_for("flyproxy to start", WAIT, || {
-            if p.logs().iter().any(|l| l.contains("started mode=simple ")) {
-                return Some(true);
-            }
-            p.try_status().map(|_| false)
-        });
-        if started {
-            return p;
-        }
-        let log = p.logs().join("\n");
-        if attempt < 2 && log.contains("cannot listen") {
-            continue; // a port was taken in the moment between picking and binding it
-        }
-        panic!("flyproxy did not start:\n{log}");
-    }
-    unreachable!()
-}
+// Talking through the proxy
 
 /// Connect, send `msg`, read the echo, half-close and wait for the proxy to close.
 fn conversation(addr: SocketAddr, msg: &[u8]) -> SocketAddr {
@@ -171,18 +147,17 @@ impl KnownTraffic {
         let (e, r) = (echo.target(), refusing.target());
         let maddr = metrics_addr();
         let m_arg = maddr.to_string();
-        let p = start_proxy(
-            3,
-            &[
+        let p = Proxy::simple()
+            .ports(3, |ports| config(&known_apps(ports, &e, &r)))
+            .args(&[
                 "--metrics",
                 &m_arg,
                 "--max-connections",
                 "4",
                 "--reload-interval",
                 "100ms",
-            ],
-            |ports| config(&known_apps(ports, &e, &r)),
-        );
+            ])
+            .start();
         KnownTraffic {
             p,
             maddr,
@@ -383,8 +358,7 @@ impl KnownTraffic {
         apps.push(app("c", &self.p.ports[2..3], std::slice::from_ref(e)));
         let mark = self.p.mark();
         self.p.rewrite_config(&config(&apps));
-        self.p
-            .wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+        self.p.wait_reload_ok(mark);
         let m = scrape(self.maddr);
         assert_eq!(m.get("flyproxy_reloads_total", &[("result", "ok")]), 1.0);
         assert_eq!(
@@ -422,9 +396,7 @@ impl KnownTraffic {
     fn a_rejected_reload_is_counted_and_changes_nothing(&self, ts1: f64) {
         let mark = self.p.mark();
         self.p.rewrite_config("{\"Apps\": [ this is not json");
-        self.p.wait_log_since(mark, "reload rejected", |l| {
-            l.contains(" reload rejected: ")
-        });
+        self.p.wait_reload_rejected(mark);
         // (The counter moves just after the log lines.)
         let m = scrape_until(self.maddr, "the rejected reload counted", |m| {
             m.value("flyproxy_reloads_total", &[("result", "rejected")]) == Some(1.0)
@@ -475,7 +447,7 @@ fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 16] = [
+const FAMILIES: [(&str, &str); 23] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
@@ -495,10 +467,19 @@ const FAMILIES: [(&str, &str); 16] = [
     ("flyproxy_connections_open", "gauge"),
     ("flyproxy_accept_paused", "gauge"),
     ("flyproxy_log_lines_dropped_total", "counter"),
+    // The standard process families, last.
+    ("process_start_time_seconds", "gauge"),
+    ("process_cpu_seconds_total", "counter"),
+    ("process_resident_memory_bytes", "gauge"),
+    ("process_virtual_memory_bytes", "gauge"),
+    ("process_open_fds", "gauge"),
+    ("process_max_fds", "gauge"),
+    ("process_threads", "gauge"),
 ];
 
-/// Checks every exposition must pass beyond the syntax: counters are `_total`, whole and not
-/// negative; every value is finite.
+/// Checks every exposition must pass beyond the syntax: counters are `_total` and not negative,
+/// whole unless they count seconds (`process_cpu_seconds_total`, by Prometheus convention);
+/// every value is finite.
 fn check_values(m: &Exposition) {
     for f in &m.families {
         for s in &f.samples {
@@ -515,8 +496,9 @@ fn check_values(m: &Exposition) {
                     "counter {} not named _total",
                     f.name
                 );
+                let whole = s.value.fract() == 0.0 || f.name.ends_with("_seconds_total");
                 assert!(
-                    s.value >= 0.0 && s.value.fract() == 0.0,
+                    s.value >= 0.0 && whole,
                     "counter {} {:?} = {}",
                     s.name,
                     s.labels,
@@ -547,11 +529,10 @@ fn exposition_is_valid_and_escapes_label_values() {
             app("plain", &ports[2..3], &plain),
         ])
     };
-    let p = start_proxy(
-        3,
-        &["--metrics", &m_arg, "--reload-interval", "100ms"],
-        |ports| apps(ports, false),
-    );
+    let p = Proxy::simple()
+        .ports(3, |ports| apps(ports, false))
+        .args(&["--metrics", &m_arg, "--reload-interval", "100ms"])
+        .start();
     let m = scrape(maddr);
     check_values(&m);
 
@@ -561,7 +542,7 @@ fn exposition_is_valid_and_escapes_label_values() {
     expect_closed(&mut s, WAIT);
     let mark = p.mark();
     p.rewrite_config(&apps(&p.ports, true));
-    p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
+    p.wait_reload_ok(mark);
 
     let m = scrape_until(maddr, "the failed connection counted", |m| {
         m.value(
@@ -678,9 +659,10 @@ fn a_target_listed_twice_does_not_duplicate_series() {
         }
         let maddr = metrics_addr();
         let m_arg = maddr.to_string();
-        let _p = start_proxy(1, &["--metrics", &m_arg], |ports| {
-            config(&[app("dup", ports, &twice)])
-        });
+        let _p = Proxy::simple()
+            .ports(1, |ports| config(&[app("dup", ports, &twice)]))
+            .args(&["--metrics", &m_arg])
+            .start();
         let r = get(maddr, "/metrics");
         assert_eq!(r.status, 200);
         if let Err(e) = Exposition::parse(&r.body) {
@@ -703,9 +685,10 @@ fn hostile_scrapers_get_errors_and_do_not_block_scrapes_or_relaying() {
     let echo = Backend::echo();
     let maddr = metrics_addr();
     let m_arg = maddr.to_string();
-    let p = start_proxy(1, &["--metrics", &m_arg], |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(&["--metrics", &m_arg])
+        .start();
     scrape(maddr);
     bad_requests_get_their_status(maddr);
     oversized_requests_are_refused_promptly(maddr);
@@ -858,9 +841,10 @@ fn a_trickling_scraper_cannot_hold_the_endpoint() {
     let maddr = metrics_addr();
     let m_arg = maddr.to_string();
     let echo = Backend::echo();
-    let _p = start_proxy(1, &["--metrics", &m_arg], |ports| {
-        config(&[app("a", ports, &[echo.target()])])
-    });
+    let _p = Proxy::simple()
+        .ports(1, |ports| config(&[app("a", ports, &[echo.target()])]))
+        .args(&["--metrics", &m_arg])
+        .start();
     scrape(maddr);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -924,7 +908,10 @@ fn bpf_lookups_count_the_connections_to_each_apps_ports() {
                 app("A", &[7001, 7002], &[echo.target()]),
                 app("B", &[7101], &[echo.target()]),
             ]);
-            let p = netns::start(&two, &["--metrics", "127.0.0.1:9100"]);
+            let p = Proxy::bpf()
+                .config(&two)
+                .args(&["--metrics", "127.0.0.1:9100"])
+                .start();
             let lookups = |m: &Exposition, g: &str, v: &str| {
                 m.get(
                     "flyproxy_bpf_lookups_total",
@@ -976,7 +963,7 @@ fn bpf_lookups_count_the_connections_to_each_apps_ports() {
                 app("B", &[7101], &[echo.target()]),
                 app("C", &[7201], &[echo.target()]),
             ]);
-            netns::reload(&p, &three);
+            p.reload(&three);
             conversation(netns::v4(7201), b"to C");
             conversation(netns::v4(7001), b"to A again");
             let m = scrape(maddr);
@@ -1000,16 +987,15 @@ fn status_command_shows_apps_ports_targets_and_health() {
     let refusing = Refusing::new();
     let maddr = metrics_addr();
     let m_arg = maddr.to_string();
-    let p = start_proxy(
-        14,
-        &["--metrics", &m_arg, "--max-connections", "64"],
-        |ports| {
+    let p = Proxy::simple()
+        .ports(14, |ports| {
             config(&[
                 app("alpha", &ports[..13], &[echo.target()]),
                 app("beta", &ports[13..], &[refusing.target()]),
             ])
-        },
-    );
+        })
+        .args(&["--metrics", &m_arg, "--max-connections", "64"])
+        .start();
     conversation(p.v4(5), b"closed one");
     let mut held = connect(p.v4(12));
     roundtrip(&mut held, b"held one");
@@ -1356,16 +1342,15 @@ impl AccessLog {
     fn start(format: &str) -> AccessLog {
         let tagged = Backend::tagged("tag");
         let refusing = Refusing::new();
-        let p = start_proxy(
-            2,
-            &["--log-format", format, "--idle-timeout", "1s"],
-            |ports| {
+        let p = Proxy::simple()
+            .ports(2, |ports| {
                 config(&[
                     app(ACCESS_APP, &ports[..1], &[tagged.target()]),
                     app("b", &ports[1..], &[refusing.target()]),
                 ])
-            },
-        );
+            })
+            .args(&["--log-format", format, "--idle-timeout", "1s"])
+            .start();
         AccessLog {
             p,
             json: format == "json",
@@ -1498,10 +1483,9 @@ fn access_log_text() {
 fn an_app_name_with_a_line_break_is_refused_on_one_line() {
     let echo = Backend::echo();
     let port = free_port();
-    let mut p = Proxy::spawn(
-        &config(&[app("evil\nname", &[port], &[echo.target()])]),
-        &[],
-    );
+    let mut p = Proxy::simple()
+        .config(&config(&[app("evil\nname", &[port], &[echo.target()])]))
+        .spawn();
     let status = p.wait_exit(WAIT);
     assert_eq!(status.code(), Some(1), "{}", p.logs().join("\n"));
     assert_every_line_is_an_event(&p.logs(), false);

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use common::metrics::{scrape, Exposition};
 use common::*;
-use modes::{Env, Mode, NETNS_METRICS_PORT};
+use modes::{Env, Mode};
 use serde_json::json;
 
 /// An app whose targets are never health-checked while a test runs (an up target is checked
@@ -423,11 +423,11 @@ fn idle_flood(env: Env) {
     let ports = env.ports(1);
     let metrics = env.metrics_addr();
     let m = metrics.to_string();
-    let p = env.start(
-        &ports,
-        &config(&[app("flood", &ports, &[echo.target()])]),
-        &["--max-connections", "1000", "--metrics", &m],
-    );
+    let p = env
+        .proxy()
+        .config_on(&ports, &config(&[app("flood", &ports, &[echo.target()])]))
+        .args(&["--max-connections", "1000", "--metrics", &m])
+        .start();
     let addr = p.v4(0);
 
     // Warm up (one relay thread, the pipe pool), then the baseline figures.
@@ -682,14 +682,17 @@ fn slow_reader(env: Env) {
     let ports = env.ports(2);
     let metrics = env.metrics_addr();
     let m = metrics.to_string();
-    let p = env.start(
-        &ports,
-        &config(&[
-            quiet_app("sink", &ports[..1], &[sink.server.target()]),
-            quiet_app("other", &ports[1..], &[echo.target()]),
-        ]),
-        &["--metrics", &m],
-    );
+    let p = env
+        .proxy()
+        .config_on(
+            &ports,
+            &config(&[
+                quiet_app("sink", &ports[..1], &[sink.server.target()]),
+                quiet_app("other", &ports[1..], &[echo.target()]),
+            ]),
+        )
+        .args(&["--metrics", &m])
+        .start();
     // Warm up, then the baseline.
     roundtrip(&mut connect(p.v4(1)), &[7u8; 64 * 1024]);
     wait_no_open_connections(metrics);
@@ -830,11 +833,14 @@ fn client_resets(env: Env) {
     let ports = env.ports(1);
     let metrics = env.metrics_addr();
     let m = metrics.to_string();
-    let p = env.start(
-        &ports,
-        &config(&[quiet_app("resets", &ports, &[echo.target()])]),
-        &["--metrics", &m],
-    );
+    let p = env
+        .proxy()
+        .config_on(
+            &ports,
+            &config(&[quiet_app("resets", &ports, &[echo.target()])]),
+        )
+        .args(&["--metrics", &m])
+        .start();
     let addr = p.v4(0);
     let clients: Vec<JoinHandle<(SocketAddr, usize, usize)>> = (0..CLIENTS)
         .map(|i| {
@@ -923,11 +929,14 @@ fn silent_clients(env: Env) {
     let ports = env.ports(1);
     let metrics = env.metrics_addr();
     let m = metrics.to_string();
-    let p = env.start(
-        &ports,
-        &config(&[quiet_app("idle", &ports, &[echo.target()])]),
-        &["--idle-timeout", "500ms", "--metrics", &m],
-    );
+    let p = env
+        .proxy()
+        .config_on(
+            &ports,
+            &config(&[quiet_app("idle", &ports, &[echo.target()])]),
+        )
+        .args(&["--idle-timeout", "500ms", "--metrics", &m])
+        .start();
     let addr = p.v4(0);
     let chatty = thread::spawn(move || {
         let mut s = connect(addr);
@@ -1006,15 +1015,18 @@ fn backend_faults(env: Env) {
     let ports = env.ports(3);
     let metrics = env.metrics_addr();
     let m = metrics.to_string();
-    let p = env.start(
-        &ports,
-        &config(&[
-            quiet_app("mute", &ports[..1], &[silent.target()]),
-            quiet_app("resetting", &ports[1..2], &[resets.target()]),
-            quiet_app("halfclosing", &ports[2..], &[half.target()]),
-        ]),
-        &["--idle-timeout", "1s", "--metrics", &m],
-    );
+    let p = env
+        .proxy()
+        .config_on(
+            &ports,
+            &config(&[
+                quiet_app("mute", &ports[..1], &[silent.target()]),
+                quiet_app("resetting", &ports[1..2], &[resets.target()]),
+                quiet_app("halfclosing", &ports[2..], &[half.target()]),
+            ]),
+        )
+        .args(&["--idle-timeout", "1s", "--metrics", &m])
+        .start();
 
     // A target that never answers.
     let mut c = connect(p.v4(0));
@@ -1103,12 +1115,15 @@ fn low_fd_limit(env: Env) {
     let ports = env.ports(1);
     let metrics = env.metrics_addr();
     let m = metrics.to_string();
-    let mut p = env.start_with(
-        &ports,
-        &config(&[quiet_app("fd", &ports, &[echo.target()])]),
-        &["--max-connections", "4096", "--metrics", &m],
-        |cmd| with_fd_limit(cmd, NOFILE),
-    );
+    let mut p = env
+        .proxy()
+        .config_on(
+            &ports,
+            &config(&[quiet_app("fd", &ports, &[echo.target()])]),
+        )
+        .args(&["--max-connections", "4096", "--metrics", &m])
+        .command(|cmd| with_fd_limit(cmd, NOFILE))
+        .start();
     let addr = p.v4(0);
     let bound = the_bound_is_lowered_to_128_descriptors(&p, metrics);
 
@@ -1168,7 +1183,7 @@ fn low_fd_limit(env: Env) {
 /// With 128 descriptors the proxy starts with a lower bound, warns with the numbers, and
 /// reports the bound in force. The bound.
 fn the_bound_is_lowered_to_128_descriptors(p: &Proxy, metrics: SocketAddr) -> usize {
-    let started = p.wait_log("started", |l| l.contains(" started mode="));
+    let started = p.started_line();
     let bound: usize = field(&started, "max_connections")
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no max_connections in {started}"));
@@ -1233,9 +1248,12 @@ fn emfile_backs_off_and_recovers() {
     let echo = Backend::echo();
     let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
     let m = metrics.to_string();
-    let mut p = Proxy::start(1, &["--metrics", &m], |ports| {
-        config(&[quiet_app("fd", ports, &[echo.target()])])
-    });
+    let mut p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[quiet_app("fd", ports, &[echo.target()])])
+        })
+        .args(&["--metrics", &m])
+        .start();
     let addr = p.v4(0);
     let target = echo.target();
     let mut held: Vec<TcpStream> = (0..5)
@@ -1382,7 +1400,8 @@ fn local_ports_run_out() {
     // Bound before the range shrinks (a listener's port comes from the range too).
     let echo = Backend::echo();
     let _restore = shrink_the_port_range();
-    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, NETNS_METRICS_PORT));
+    // Any port: the namespace is the test's own.
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, 9100));
     let m = metrics.to_string();
     let target = echo.target();
     let cfg = config(&[json!({
@@ -1390,7 +1409,10 @@ fn local_ports_run_out() {
         // Checked often (an up target every 500 ms), so checks run while ports are out.
         "HealthCheck": { "IntervalMs": 100 }
     })]);
-    let p = netns::start(&cfg, &["--metrics", &m, "--connect-timeout", "2s"]);
+    let p = Proxy::bpf()
+        .config(&cfg)
+        .args(&["--metrics", &m, "--connect-timeout", "2s"])
+        .start();
     let (mut served, refused) = clients_past_the_port_range();
     for &local in &refused {
         let line = p.wait_conn(local);
@@ -1556,11 +1578,11 @@ enum Version {
 /// the last version, serving exactly its ports.
 fn config_chaos(env: Env) {
     let chaos = Chaos::new(&env);
-    let p = env.start(
-        &chaos.stable_ports,
-        &chaos.valid(0),
-        &["--reload-interval", "10ms"],
-    );
+    let p = env
+        .proxy()
+        .config_on(&chaos.stable_ports, &chaos.valid(0))
+        .args(&["--reload-interval", "10ms"])
+        .start();
     let load = SteadyLoad::start(&p);
     let seed = chaos_seed();
     let run = chaos.write_versions(&p, seed);

@@ -2,14 +2,14 @@
 //! by the TLS server name, port ranges, and the validation of it all, through the real binary
 //! in both modes.
 //!
-//! Every two-mode test runs in a network namespace of its own (tests/netns), simple mode too:
-//! there it can use extra IPv6 addresses on `lo` (added with `ip`) and fixed ports such as 443.
-//! That is why these tests use their own `both_modes_in_netns!` rather than tests/modes'
-//! `two_modes!`, whose simple mode runs on the host. The TLS
+//! Every two-mode test runs in a network namespace of its own (`two_modes!(netns ...)`), simple
+//! mode too: there it can use extra IPv6 addresses on `lo` (added with `ip`) and fixed ports
+//! such as 443. The TLS
 //! tests use the `openssl` tool (an `s_server` per target with its own self-signed certificate,
 //! made in the test) and `curl`; the client checks which certificate it reached.
 
 mod common;
+mod modes;
 #[allow(dead_code)]
 mod netns;
 
@@ -22,52 +22,24 @@ use std::time::{Duration, Instant};
 
 use common::{
     client_hello, connect, cpu_secs, expect_closed, expect_refused, field, metrics, read_line,
-    roundtrip, run, wait_for, Backend, Proxy, TempDir, WAIT,
+    roundtrip, run, wait_for, Backend, Launch, Proxy, TempDir, WAIT,
 };
+use modes::{Env, Mode};
 use serde_json::{json, Value};
 
-/// The two ways ports reach the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    Simple,
-    Bpf,
-}
-
-/// A test body written once, run as `NAME::simple` and `NAME::bpf`, each in a network namespace
-/// of its own (skipped without root, a failure in CI, as `netns::run` does).
-macro_rules! both_modes_in_netns {
-    ($(#[$doc:meta])* $name:ident, $body:expr) => {
-        $(#[$doc])*
-        mod $name {
-            use super::*;
-            #[test]
-            fn simple() {
-                netns::run(concat!(stringify!($name), "::simple"), |_| {
-                    ($body)(Mode::Simple)
-                });
-            }
-            #[test]
-            fn bpf() {
-                netns::run(concat!(stringify!($name), "::bpf"), |_| ($body)(Mode::Bpf));
-            }
-        }
-    };
-}
-
-/// Start the proxy in `mode` on `config` (in the calling thread's namespace), with `args`.
+/// Start the proxy in `mode` on `config` (in the calling thread's namespace), with `args`; both
+/// modes reread the config every 100 ms (bpf mode's tests do so anyway).
 fn start(mode: Mode, config: &Value, args: &[&str]) -> Proxy {
     let json = serde_json::to_string_pretty(config).unwrap();
-    match mode {
-        Mode::Simple => {
-            let mut all = vec!["--reload-interval", "100ms"];
-            all.extend_from_slice(args);
-            let mut p = Proxy::spawn(&json, &all);
-            p.wait_started()
-                .unwrap_or_else(|log| panic!("flyproxy simple did not start:\n{log}"));
-            p
-        }
-        Mode::Bpf => netns::start(&json, args),
-    }
+    let fast = match mode {
+        Mode::Simple => &["--reload-interval", "100ms"][..],
+        Mode::Bpf => &[],
+    };
+    Launch::new(mode)
+        .config(&json)
+        .args(fast)
+        .args(args)
+        .start()
 }
 
 /// Add `addr` (IPv6) to `lo` in the calling thread's namespace, usable once this returns.
@@ -217,7 +189,7 @@ fn tls_subject(addr: SocketAddr, name: Option<&str>) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // By address
 
-both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
+two_modes!(netns two_apps_one_port_by_address_v4_and_v6, |env: Env| {
     add_v6("fd00:fe::2");
     add_v6("fd00:fe::3");
     let (a, b) = (Backend::tagged("a"), Backend::tagged("b"));
@@ -225,7 +197,7 @@ both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
         {"Name": "a", "Ports": [5432], "Addresses": ["127.0.0.2", "fd00:fe::2"], "Targets": [a.target()]},
         {"Name": "b", "Ports": [5432], "Addresses": ["127.0.0.3", "fd00:fe::3"], "Targets": [b.target()]},
     ]});
-    let _p = start(mode, &config, &["--metrics", "127.0.0.1:9100"]);
+    let _p = start(env.mode, &config, &["--metrics", "127.0.0.1:9100"]);
     assert_eq!(ask(sa("127.0.0.2", 5432)), "a");
     assert_eq!(ask(sa("127.0.0.3", 5432)), "b");
     assert_eq!(ask(sa("fd00:fe::2", 5432)), "a");
@@ -242,7 +214,7 @@ both_modes_in_netns!(two_apps_one_port_by_address_v4_and_v6, |mode| {
     );
 });
 
-both_modes_in_netns!(longest_prefix_wins, |mode| {
+two_modes!(netns longest_prefix_wins, |env: Env| {
     add_v6("fd00:fe::5");
     add_v6("fd00:fe::9");
     let (wide, narrow) = (Backend::tagged("wide"), Backend::tagged("narrow"));
@@ -250,7 +222,7 @@ both_modes_in_netns!(longest_prefix_wins, |mode| {
         {"Name": "wide", "Ports": [7000], "Addresses": ["127.0.0.0/8", "fd00:fe::/64"], "Targets": [wide.target()]},
         {"Name": "narrow", "Ports": [7000], "Addresses": ["127.0.0.5", "fd00:fe::5"], "Targets": [narrow.target()]},
     ]});
-    let p = start(mode, &config, &["--metrics", "127.0.0.1:9100"]);
+    let p = start(env.mode, &config, &["--metrics", "127.0.0.1:9100"]);
     assert_eq!(ask(sa("127.0.0.9", 7000)), "wide");
     assert_eq!(ask(sa("127.0.0.5", 7000)), "narrow");
     assert_eq!(ask(sa("127.0.0.1", 7000)), "wide");
@@ -259,7 +231,7 @@ both_modes_in_netns!(longest_prefix_wins, |mode| {
     // ::1 is outside both IPv6 prefixes. bpf: not steered, refused. simple: the IPv6 wildcard
     // listener takes it and resets it at once, counted as no_app.
     expect_unserved(sa("::1", 7000));
-    if mode == Mode::Simple {
+    if env.mode == Mode::Simple {
         let m = metrics::scrape(sa("127.0.0.1", 9100));
         assert_eq!(
             m.value(
@@ -275,10 +247,10 @@ both_modes_in_netns!(longest_prefix_wins, |mode| {
     assert!(log.contains("started mode="), "{log}");
 });
 
-both_modes_in_netns!(
+two_modes!(
     /// A server-first protocol (the target speaks before the client) works on a port shared by
     /// address, with no Hostnames: the proxy never waits for the client there.
-    server_first_target_on_a_port_without_hostnames, |mode| {
+    netns server_first_target_on_a_port_without_hostnames, |env: Env| {
     let (db, other, tls) = (
         Backend::tagged("db"),
         Backend::tagged("other"),
@@ -290,7 +262,7 @@ both_modes_in_netns!(
         // Another port of the same config waits for a ClientHello; this one must not.
         {"Name": "tls", "Ports": [443], "Hostnames": ["x.example"], "Targets": [tls.target()]},
     ]});
-    let _p = start(mode, &config, &["--preread-timeout", "30s"]);
+    let _p = start(env.mode, &config, &["--preread-timeout", "30s"]);
     let began = Instant::now();
     let mut s = connect(sa("127.0.0.2", 3306));
     // Nothing sent: the target's greeting arrives anyway, long before any preread timeout.
@@ -306,10 +278,10 @@ both_modes_in_netns!(
 // ---------------------------------------------------------------------------------------------
 // By server name, with real TLS handshakes
 
-both_modes_in_netns!(
+two_modes!(
     /// Three apps on one port told apart by SNI; each target presents its own certificate and the
     /// client checks which one it reached.
-    three_apps_by_server_name_with_tls, |mode| {
+    netns three_apps_by_server_name_with_tls, |env: Env| {
     let dir = TempDir::new("sni");
     let shop = TlsTarget::start(&dir.path, "shop.example.com", 9441);
     let blog = TlsTarget::start(&dir.path, "blog.example.com", 9442);
@@ -319,7 +291,7 @@ both_modes_in_netns!(
         {"Name": "blog", "Ports": [443], "Hostnames": ["Blog.Example.com."], "Targets": [blog.target()]},
         {"Name": "default", "Ports": [443, 80], "Targets": [fallback.target()]},
     ]});
-    let p = start(mode, &config, &[]);
+    let p = start(env.mode, &config, &[]);
     let at = sa("127.0.0.1", 443);
     let cases = [
         (Some("shop.example.com"), "shop.example.com", "shop"),
@@ -364,18 +336,18 @@ both_modes_in_netns!(
     );
 });
 
-both_modes_in_netns!(
+two_modes!(
     /// Without a default app, a connection no name picks is closed and logged `end=no_route` with
     /// the reason, and counted; plain text and a silent client too; the ClientHello may come one
     /// byte per write.
-    no_route_reasons_and_a_trickled_hello, |mode| {
+    netns no_route_reasons_and_a_trickled_hello, |env: Env| {
     let (shop, blog) = (Backend::tagged("shop"), Backend::tagged("blog"));
     let config = json!({"Apps": [
         {"Name": "shop", "Ports": [8443], "Hostnames": ["shop.example.com"], "Targets": [shop.target()]},
         {"Name": "blog", "Ports": [8443], "Hostnames": ["*.blog.example.com"], "Targets": [blog.target()]},
     ]});
     let p = start(
-        mode,
+        env.mode,
         &config,
         &["--preread-timeout", "2s", "--metrics", "127.0.0.1:9100"],
     );
@@ -458,16 +430,16 @@ both_modes_in_netns!(
     assert_eq!(shop.served(), 0, "nothing reached shop");
 });
 
-both_modes_in_netns!(
+two_modes!(
     /// The PROXY header's destination is what the client dialled, and the ClientHello follows it
     /// unchanged.
-    proxy_header_then_the_hello, |mode| {
+    netns proxy_header_then_the_hello, |env: Env| {
     let echo = Backend::echo();
     let config = json!({"Apps": [
         {"Name": "shop", "Ports": [8443], "Addresses": ["127.0.0.7"], "Hostnames": ["shop.example.com"],
          "ProxyProtocol": "v1", "Targets": [echo.target()]},
     ]});
-    let _p = start(mode, &config, &[]);
+    let _p = start(env.mode, &config, &[]);
     let hello = client_hello(Some("shop.example.com"), 50);
     let mut s = connect(sa("127.0.0.7", 8443));
     s.write_all(&hello).unwrap();
@@ -483,10 +455,10 @@ both_modes_in_netns!(
     assert_eq!(back, hello);
 });
 
-both_modes_in_netns!(
+two_modes!(
     /// A reload moves a hostname to another app: a connection open before it stays on its target,
     /// the next one goes to the new app.
-    reload_moves_a_hostname_live_connection_stays, |mode| {
+    netns reload_moves_a_hostname_live_connection_stays, |env: Env| {
     let (shop, blog) = (Backend::tagged("shop"), Backend::tagged("blog"));
     let config = |shop_names: &[&str], blog_names: &[&str]| {
         json!({"Apps": [
@@ -495,7 +467,7 @@ both_modes_in_netns!(
         ]})
     };
     let p = start(
-        mode,
+        env.mode,
         &config(
             &["shop.example.com", "www.example.com"],
             &["blog.example.com"],
@@ -535,10 +507,10 @@ both_modes_in_netns!(
     assert_eq!(field(&line, "target"), Some(shop.target()), "{line}");
 });
 
-both_modes_in_netns!(
+two_modes!(
     /// `curl --resolve` to two HTTPS sites on one port, as a user would try it: curl checks each
     /// site's certificate against that site's own CA file.
-    curl_to_two_https_backends_on_one_port, |mode| {
+    netns curl_to_two_https_backends_on_one_port, |env: Env| {
     let dir = TempDir::new("curl");
     let shop = TlsTarget::start(&dir.path, "shop.example.com", 9441);
     let blog = TlsTarget::start(&dir.path, "blog.example.com", 9442);
@@ -546,7 +518,7 @@ both_modes_in_netns!(
         {"Name": "shop", "Ports": [443], "Hostnames": ["shop.example.com"], "Targets": [shop.target()]},
         {"Name": "blog", "Ports": [443], "Hostnames": ["blog.example.com"], "Targets": [blog.target()]},
     ]});
-    let _p = start(mode, &config, &[]);
+    let _p = start(env.mode, &config, &[]);
     let curl = |name: &str, ca: &Path| {
         Command::new("curl")
             .args([
@@ -600,10 +572,10 @@ fn bpf_ten_thousand_port_range_with_a_more_specific_app() {
                 {"Name": "lobby", "Ports": [25000, "26000-26001"], "Addresses": ["127.0.0.9"], "Targets": [lobby.target()]},
             ]});
             let began = Instant::now();
-            let p = netns::start(
-                &serde_json::to_string(&config).unwrap(),
-                &["--metrics", "127.0.0.1:9100"],
-            );
+            let p = Proxy::bpf()
+                .config(&serde_json::to_string(&config).unwrap())
+                .args(&["--metrics", "127.0.0.1:9100"])
+                .start();
             let started = began.elapsed();
             let steering = ns.steering(p.pid);
             let bindings = steering.bindings();
@@ -651,7 +623,7 @@ fn bpf_ten_thousand_port_range_with_a_more_specific_app() {
                 {"Name": "games", "Ports": ["20000-28999"], "Addresses": ["127.0.0.0/8"], "Targets": [games.target()]},
                 {"Name": "lobby", "Ports": ["26000-26001"], "Addresses": ["127.0.0.9"], "Targets": [lobby.target()]},
             ]});
-            let line = netns::reload(&p, &serde_json::to_string(&config).unwrap());
+            let line = p.reload(&serde_json::to_string(&config).unwrap());
             eprintln!("reload: {line}");
             assert_eq!(steering.bindings().len(), 9_002);
             assert_eq!(ask(sa("127.0.0.9", 25000)), "games");
@@ -669,10 +641,10 @@ fn bpf_shared_binding_counts_under_the_apps_together() {
             {"Name": "b", "Ports": [8443], "Hostnames": ["b.example"], "Targets": [b.target()]},
             {"Name": "a", "Ports": [8443, 8444], "Targets": [a.target()]},
         ]});
-        let _p = netns::start(
-            &serde_json::to_string(&config).unwrap(),
-            &["--metrics", "127.0.0.1:9100"],
-        );
+        let _p = Proxy::bpf()
+            .config(&serde_json::to_string(&config).unwrap())
+            .args(&["--metrics", "127.0.0.1:9100"])
+            .start();
         assert_eq!(
             hello_reaches(sa("127.0.0.1", 8443), &client_hello(Some("b.example"), 100)).0,
             "b"
@@ -713,10 +685,10 @@ fn bpf_bind_with_addresses() {
             {"Name": "a", "Ports": [7000], "Addresses": ["127.0.0.2"], "Targets": [a.target()]},
             {"Name": "b", "Ports": [7000], "Addresses": ["127.0.0.0/8"], "Targets": [b.target()]},
         ]});
-        let _p = netns::start(
-            &serde_json::to_string(&config).unwrap(),
-            &["--bind", "127.0.0.2"],
-        );
+        let _p = Proxy::bpf()
+            .config(&serde_json::to_string(&config).unwrap())
+            .args(&["--bind", "127.0.0.2"])
+            .start();
         assert_eq!(ask(sa("127.0.0.2", 7000)), "a");
         expect_refused(sa("127.0.0.3", 7000));
     });
@@ -917,7 +889,7 @@ fn a_refused_reload_keeps_the_shared_port_serving() {
         ]});
         let mark = p.mark();
         p.rewrite_config(&serde_json::to_string(&bad).unwrap());
-        let line = p.wait_log_since(mark, "reload rejected", |l| l.contains("reload rejected: "));
+        let line = p.wait_reload_rejected(mark);
         assert!(
             line.contains(r#"app "b": Ports: 7000 is already used by app "a" on 127.0.0.2"#),
             "{line}"

@@ -16,12 +16,14 @@ use common::*;
 fn every_port_routes_to_its_app_over_ipv4_and_ipv6() {
     let a = Backend::tagged("alpha");
     let b = Backend::tagged_v6("beta");
-    let p = Proxy::start(5, &[], |ports| {
-        config(&[
-            app("alpha", &ports[..3], &[a.target()]),
-            app("beta", &ports[3..], &[b.target()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(5, |ports| {
+            config(&[
+                app("alpha", &ports[..3], &[a.target()]),
+                app("beta", &ports[3..], &[b.target()]),
+            ])
+        })
+        .start();
     assert!(b.target().starts_with("[::1]:"), "{}", b.target());
     for i in 0..5 {
         let (want_app, want_backend) = if i < 3 { ("alpha", &a) } else { ("beta", &b) };
@@ -69,7 +71,9 @@ fn connections_spread_over_every_target() {
         Backend::tagged("t3"),
     ];
     let targets: Vec<String> = backends.iter().map(|b| b.target()).collect();
-    let p = Proxy::start(1, &[], |ports| config(&[app("spread", ports, &targets)]));
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("spread", ports, &targets)]))
+        .start();
     let mut seen = std::collections::BTreeMap::new();
     for i in 0..60 {
         let mut s = connect(p.v4(0));
@@ -94,13 +98,15 @@ fn connections_spread_over_every_target() {
 fn fails_over_past_refused_and_unresolvable_targets() {
     let good = Backend::echo();
     let refused = Refusing::new();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app(
-            "fo",
-            ports,
-            &[refused.target(), UNRESOLVABLE.to_owned(), good.target()],
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app(
+                "fo",
+                ports,
+                &[refused.target(), UNRESOLVABLE.to_owned(), good.target()],
+            )])
+        })
+        .start();
     for i in 0..30 {
         let mut s = connect(p.v4(0));
         roundtrip(&mut s, format!("attempt {i}\n").as_bytes());
@@ -132,13 +138,15 @@ fn fails_over_past_refused_and_unresolvable_targets() {
 #[test]
 fn all_targets_down_closes_the_client_and_logs_connect_failed() {
     let refused = Refusing::new();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app(
-            "down",
-            ports,
-            &[refused.target(), UNRESOLVABLE.to_owned()],
-        )])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app(
+                "down",
+                ports,
+                &[refused.target(), UNRESOLVABLE.to_owned()],
+            )])
+        })
+        .start();
     for _ in 0..3 {
         let started = Instant::now();
         let mut s = connect(p.v4(0));
@@ -170,12 +178,15 @@ fn all_targets_down_closes_the_client_and_logs_connect_failed() {
 fn connect_timeout_gives_up_on_a_silent_target() {
     let hole = Blackhole::new();
     let good = Backend::echo();
-    let p = Proxy::start(2, &["--connect-timeout", "300ms"], |ports| {
-        config(&[
-            app("silent", &ports[..1], &[hole.target()]),
-            app("mixed", &ports[1..], &[hole.target(), good.target()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[
+                app("silent", &ports[..1], &[hole.target()]),
+                app("mixed", &ports[1..], &[hole.target(), good.target()]),
+            ])
+        })
+        .args(&["--connect-timeout", "300ms"])
+        .start();
     let started = Instant::now();
     let mut s = connect(p.v4(0));
     let local = s.local_addr().unwrap();
@@ -209,9 +220,9 @@ fn connect_timeout_gives_up_on_a_silent_target() {
 fn sixty_four_mib_both_ways_intact() {
     const SIZE: usize = 64 << 20;
     let echo = Backend::echo();
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app("bulk", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("bulk", ports, &[echo.target()])]))
+        .start();
     let mut data = vec![0u8; SIZE];
     Rng::new(0x5EED_F00D).fill(&mut data);
     let data = std::sync::Arc::new(data);
@@ -252,12 +263,14 @@ fn sixty_four_mib_both_ways_intact() {
 fn half_close_still_gets_the_reply() {
     let echo = Backend::echo();
     let eof = Backend::reply_at_eof();
-    let p = Proxy::start(2, &[], |ports| {
-        config(&[
-            app("echo", &ports[..1], &[echo.target()]),
-            app("eof", &ports[1..], &[eof.target()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[
+                app("echo", &ports[..1], &[echo.target()]),
+                app("eof", &ports[1..], &[eof.target()]),
+            ])
+        })
+        .start();
 
     let mut s = connect(p.v4(0));
     s.write_all(b"hello\n").unwrap();
@@ -290,9 +303,10 @@ fn half_close_still_gets_the_reply() {
 #[test]
 fn idle_connections_are_closed_after_the_idle_timeout() {
     let echo = Backend::echo();
-    let p = Proxy::start(1, &["--idle-timeout", "400ms"], |ports| {
-        config(&[app("idle", ports, &[echo.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("idle", ports, &[echo.target()])]))
+        .args(&["--idle-timeout", "400ms"])
+        .start();
 
     // Busy for well over the timeout: a byte every 50 ms.
     let mut busy = connect(p.v4(0));
@@ -332,12 +346,15 @@ fn idle_connections_are_closed_after_the_idle_timeout() {
 #[test]
 fn log_lines_have_a_timestamp_and_a_level() {
     let echo = Backend::echo();
-    let p = Proxy::start(3, &["--max-connections", "77"], |ports| {
-        config(&[
-            app("x", &ports[..2], &[echo.target()]),
-            app("y", &ports[2..], &[echo.target(), UNRESOLVABLE.into()]),
-        ])
-    });
+    let p = Proxy::simple()
+        .ports(3, |ports| {
+            config(&[
+                app("x", &ports[..2], &[echo.target()]),
+                app("y", &ports[2..], &[echo.target(), UNRESOLVABLE.into()]),
+            ])
+        })
+        .args(&["--max-connections", "77"])
+        .start();
     let mut s = connect(p.v4(0));
     roundtrip(&mut s, b"x");
     let local = s.local_addr().unwrap();
@@ -399,10 +416,10 @@ fn log_level_filters_lines() {
     let echo = Backend::echo();
     // At error level there is no `started` line to wait for: wait on the port instead.
     let ports = free_ports(1);
-    let p = Proxy::spawn(
-        &config(&[app("q", &ports, &[echo.target()])]),
-        &["--log-level", "error"],
-    );
+    let p = Proxy::simple()
+        .config(&config(&[app("q", &ports, &[echo.target()])]))
+        .args(&["--log-level", "error"])
+        .spawn();
     let addr = SocketAddr::from(([127, 0, 0, 1], ports[0]));
     let mut s = wait_for("the quiet proxy to listen", WAIT, || {
         std::net::TcpStream::connect(addr).ok()
@@ -466,9 +483,11 @@ fn resets_are_passed_on_both_ways() {
             });
         }
     });
-    let p = Proxy::start(1, &[], |ports| {
-        config(&[app("rst", ports, std::slice::from_ref(&target))])
-    });
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app("rst", ports, std::slice::from_ref(&target))])
+        })
+        .start();
 
     // The client resets: the backend sees a reset, not an EOF.
     let mut s = connect(p.v4(0));
@@ -504,9 +523,11 @@ fn many_concurrent_connections_are_all_served() {
     const CLIENTS: usize = 200;
     let echo = Backend::echo();
     let echo6 = Backend::echo_v6();
-    let p = Proxy::start(2, &[], |ports| {
-        config(&[app("many", ports, &[echo.target(), echo6.target()])])
-    });
+    let p = Proxy::simple()
+        .ports(2, |ports| {
+            config(&[app("many", ports, &[echo.target(), echo6.target()])])
+        })
+        .start();
     let go = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|i| {

@@ -21,7 +21,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{app, config, field, free_ports, wait_for, Backend, ConnLine, Proxy, Rng, TempDir};
-use common::{BIN, WAIT};
+use common::{app, config, field, wait_for, Backend, ConnLine, Launch, Proxy, Rng, TempDir};
+use common::{assert_serves_then_stops, run, BIN, WAIT};
 use modes::{Env, Mode};
 
 /// Upgrades performed in a row by the load tests.
@@ -39,8 +39,9 @@ const UPGRADES: usize = 20;
 /// Long-lived connections kept open (and carrying data) across all the upgrades.
 const LONG_LIVED: usize = 5;
 
-/// Options of every proxy here: open connections may outlive the whole test while draining.
-const RUN_ARGS: [&str; 4] = ["--drain-timeout", "120s", "--reload-interval", "100ms"];
+/// Options of every proxy here (beside a 100 ms reload interval): open connections may outlive
+/// the whole test while draining.
+const RUN_ARGS: [&str; 2] = ["--drain-timeout", "120s"];
 
 // ---------------------------------------------------------------------------------------------
 // The binary, and every process running it
@@ -270,53 +271,19 @@ fn start_in(
     backend: &Backend,
     extra: &[&str],
 ) -> (Proxy, PathBuf) {
-    for attempt in 0.. {
-        let ports = free_ports(nports);
-        let dir = TempDir::new(match mode {
-            Mode::Simple => "upgrade",
-            Mode::Bpf => "upgrade-bpf",
-        });
-        let cfg = dir.write(
-            "config.json",
-            &config(&[app("echo", &ports, &[backend.target()])]),
-        );
-        let pid_file = dir.path.join("flyproxy.pid");
-        let mut cmd = Command::new(&bin.path);
-        match mode {
-            Mode::Simple => cmd.arg("simple"),
-            Mode::Bpf => cmd
-                .arg("bpf")
-                .arg("-p")
-                .arg(netns::LISTENER_PORT.to_string()),
-        };
-        cmd.arg("-c")
-            .arg(&cfg)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .args(RUN_ARGS)
-            .args(extra);
-        let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-        p.ports = ports;
-        let started = match mode {
-            Mode::Simple => p.wait_started(),
-            // One listener of its own, in a namespace of the test's own: nothing to lose.
-            Mode::Bpf => {
-                p.wait_log("started mode=bpf", |l| {
-                    l.contains(" INFO  started mode=bpf ")
-                });
-                Ok(())
-            }
-        };
-        match started {
-            Ok(()) => {
-                wait_pid_file(&pid_file, p.pid);
-                return (p, pid_file);
-            }
-            Err(log) if attempt < 2 && log.contains("cannot listen on port") => continue,
-            Err(log) => panic!("flyproxy did not start:\n{log}"),
-        }
-    }
-    unreachable!()
+    let p = Launch::new(mode)
+        .bin(&bin.path)
+        .ports(nports, |ports| {
+            config(&[app("echo", ports, &[backend.target()])])
+        })
+        .file_arg("--pid-file", "flyproxy.pid")
+        .args(&RUN_ARGS)
+        .fast_reload()
+        .args(extra)
+        .start();
+    let pid_file = p.dir.path.join("flyproxy.pid");
+    wait_pid_file(&pid_file, p.pid);
+    (p, pid_file)
 }
 
 /// The pid in the pid file, if it holds one.
@@ -1545,4 +1512,49 @@ fn map_ids_held(pid: u32) -> Vec<u64> {
                 .collect::<Vec<u64>>()
         })
         .collect()
+}
+
+/// Issue 11, item 2: `flyproxy upgrade` signals only a flyproxy: a pid file naming another
+/// process is refused, and that process gets no SIGUSR2 (which would have killed it).
+#[test]
+fn upgrade_refuses_to_signal_a_process_that_is_not_flyproxy() {
+    let dir = TempDir::new("upgrade-pid");
+    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
+    let pid_file = dir.write("flyproxy.pid", &format!("{}\n", sleeper.id()));
+    let out = run(&["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("is not flyproxy"), "{}", out.stderr);
+    thread::sleep(Duration::from_millis(200));
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "the process was signalled"
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+/// Issue 11, item 11: an upgrade does not execute a binary that group or others may write;
+/// the log says why and the running proxy carries on.
+#[test]
+fn upgrade_refuses_a_binary_others_may_write() {
+    let bin_dir = TempDir::new("bin");
+    let bin = bin_dir.path.join("flyproxy");
+    fs::copy(BIN, &bin).unwrap();
+    fs::set_permissions(&bin, fs::Permissions::from_mode(0o777)).unwrap();
+    let backend = Backend::echo();
+    let port = common::free_port();
+    let p = Proxy::simple()
+        .bin(&bin)
+        .config_on(
+            &[port],
+            &config(&[app("echo", &[port], &[backend.target()])]),
+        )
+        .start();
+    p.signal(libc::SIGUSR2);
+    let line = p.wait_upgrade_failed(0);
+    assert!(
+        line.contains("is writable by group or others (mode 777): refusing to execute it"),
+        "{line}"
+    );
+    assert_serves_then_stops(p);
 }

@@ -1,5 +1,5 @@
-//! The endpoint's HTTP side: one thread answering a few connections at once, and the client
-//! `flyproxy status` uses.
+//! The endpoint's HTTP side: one thread answering a few connections at once, what each path
+//! serves, and which connection gives way when they are all taken.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::metrics::{render, status, Sources};
+use crate::metrics::page::{html, refresh_of};
+use crate::metrics::status::{snapshot, text};
+use crate::metrics::{render, Sources};
 
 /// A request must arrive, and the answer leave, within this.
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -60,11 +62,10 @@ pub fn start(
 }
 
 /// Answer requests until a new process takes the socket over (upgrade). One thread serves up
-/// to `MAX_CONNS` connections at once with non-blocking sockets in one `poll`, so a client that
-/// connects and says nothing holds one of them for `IO_TIMEOUT` at most and never delays
-/// another's answer. At the bound, a new connection takes the place of the oldest one still
-/// waiting for its request: idle connections cannot keep a scraper out by filling the bound,
-/// since a scraper's request arrives with its first packet and is answered at once.
+/// to `MAX_CONNS` connections at once with non-blocking sockets in one `poll`, each with a
+/// deadline for its request and then for its answer, so no client holds a place for long and
+/// none delays another's answer. When every place is taken, `victim` says which connection
+/// gives way to a new one.
 ///
 /// Waits in `poll` with a short timeout rather than in `accept`, so that the hand-over is
 /// noticed; the socket is shared with the new process, so it must not be shut down, only
@@ -73,8 +74,8 @@ fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
     let mut conns: Vec<Conn> = Vec::with_capacity(MAX_CONNS);
     while !handed_over.load(Ordering::Acquire) {
         let now = Instant::now();
-        // Room for another connection: a free place, or one waiting for its request.
-        let room = conns.len() < MAX_CONNS || conns.iter().any(Conn::reading);
+        // Room for another connection: a free place, or one that may give way.
+        let room = conns.len() < MAX_CONNS || victim(&conns, now).is_some();
         let mut pfds = Vec::with_capacity(conns.len() + 1);
         pfds.push(libc::pollfd {
             fd: listener.as_raw_fd(),
@@ -92,9 +93,17 @@ fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
                 revents: 0,
             });
         }
+        // Wake for the next deadline, and (when full) for the moment an answer counts as
+        // stalled, since a new connection may be waiting for that place.
         let wait = conns
             .iter()
             .map(|c| c.deadline.saturating_duration_since(now))
+            .chain(
+                conns
+                    .iter()
+                    .filter(|_| !room)
+                    .map(|c| (c.last_progress + STALL).saturating_duration_since(now)),
+            )
             .fold(HANDOVER_CHECK, Duration::min);
         let ms = wait.as_millis().clamp(1, HANDOVER_CHECK.as_millis()) as libc::c_int;
         // SAFETY: `pfds` is a valid array of `pfds.len()` pollfds for the duration of the call.
@@ -107,10 +116,11 @@ fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
             }
             continue;
         }
+        let mut answers = Answers::default();
         // Connections first (their indexes match `pfds[1..]`), then expiry, then accepting.
         for (c, pfd) in conns.iter_mut().zip(&pfds[1..]) {
             if pfd.revents != 0 {
-                c.progress(sources);
+                c.progress(sources, &mut answers);
             }
         }
         let now = Instant::now();
@@ -123,51 +133,93 @@ fn serve(listener: TcpListener, handed_over: &AtomicBool, sources: &Sources) {
                     "metrics: {} not complete within {IO_TIMEOUT:?}; closed",
                     if c.reading() { "request" } else { "answer" }
                 );
+                c.abort();
                 return false;
             }
             true
         });
         if pfds[0].revents != 0 {
-            accept_some(&listener, &mut conns, sources);
+            accept_some(&listener, &mut conns, sources, &mut answers);
         }
     }
 }
 
-/// Accept what is waiting, within the bound (replacing the oldest connection still waiting
-/// for its request when full).
-fn accept_some(listener: &TcpListener, conns: &mut Vec<Conn>, sources: &Sources) {
+/// How long an answer may go without its client taking any of it before its place may go to
+/// a new connection. Long enough for a scraper that is reading to be woken and read again on
+/// a loaded machine; short enough that a scrape waiting in the listen backlog behind
+/// connections that never read is still answered well within a second.
+const STALL: Duration = Duration::from_millis(100);
+
+/// Which connection gives way to a new one when every place is taken, if any may; thinking of
+/// what a client can do with the few places:
+/// - A connection still waiting for its request (it says nothing, or trickles its request)
+///   goes first, the oldest first: a scraper's request arrives with its first packet and is
+///   answered at once, so a scraper is never in this state for long.
+/// - Then an answer its client has taken nothing of for `STALL`, the longest stalled first. A
+///   client that never reads stalls as soon as the socket buffers are full; one that reads a
+///   byte a second stalls as well (the socket reports room only once a good part of its buffer
+///   is free, so writes to it are rare). A scraper reading its answer takes some at every turn
+///   of the loop, so it is not chosen while it reads. A multi-MB answer (1,500 apps make 4 MB)
+///   never fits the buffers, so without this, 40 clients sending `GET /metrics` and never
+///   reading held every place until their deadlines, one group after another, and a scrape
+///   waited 18 s.
+/// - Nothing else: an answer being read is not cut for a newcomer, which waits in the listen
+///   backlog until a place frees or a connection stalls (the poll wakes for it).
+///
+/// Many connections (a thousand, say) only take turns: each takes a place only by pushing out
+/// an idle or stalled one, and the descriptors and memory held stay those of `MAX_CONNS`.
+fn victim(conns: &[Conn], now: Instant) -> Option<usize> {
+    let idle = conns
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.reading())
+        .min_by_key(|(_, c)| c.accepted);
+    let stalled = || {
+        conns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| now.saturating_duration_since(c.last_progress) >= STALL)
+            .min_by_key(|(_, c)| c.last_progress)
+    };
+    idle.or_else(stalled).map(|(i, _)| i)
+}
+
+/// Accept what is waiting, within the bound (making room as `victim` says when full).
+fn accept_some(
+    listener: &TcpListener,
+    conns: &mut Vec<Conn>,
+    sources: &Sources,
+    answers: &mut Answers,
+) {
     loop {
-        if conns.len() >= MAX_CONNS {
-            let oldest = conns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.reading())
-                .min_by_key(|(_, c)| c.accepted)
-                .map(|(i, _)| i);
-            let Some(i) = oldest else { return };
-            // Accept first: if nothing is waiting (another process took it), keep the old one.
-            match accept_one(listener) {
-                Some(conn) => {
-                    crate::debug!(
-                        "metrics: at {MAX_CONNS} connections: closed the oldest idle one"
-                    );
-                    conns[i] = conn;
-                    conns[i].progress(sources);
-                    conns.retain(|c| !c.done);
-                    continue;
-                }
+        let out = if conns.len() >= MAX_CONNS {
+            match victim(conns, Instant::now()) {
+                Some(i) => Some(i),
                 None => return,
             }
-        }
-        match accept_one(listener) {
-            Some(mut conn) => {
-                // The request usually came with the handshake's last packet: answer now.
-                conn.progress(sources);
-                if !conn.done {
-                    conns.push(conn);
+        } else {
+            None
+        };
+        // Accept first: if nothing is waiting (another process took it), keep the old one.
+        let Some(mut conn) = accept_one(listener) else {
+            return;
+        };
+        if let Some(i) = out {
+            let old = conns.swap_remove(i);
+            crate::debug!(
+                "metrics: at {MAX_CONNS} connections: closed one {} to make room",
+                if old.reading() {
+                    "still waiting for its request"
+                } else {
+                    "whose client does not read its answer"
                 }
-            }
-            None => return,
+            );
+            old.abort();
+        }
+        // The request usually came with the handshake's last packet: answer now.
+        conn.progress(sources, answers);
+        if !conn.done {
+            conns.push(conn);
         }
     }
 }
@@ -185,6 +237,7 @@ fn accept_one(listener: &TcpListener) -> Option<Conn> {
                 return Some(Conn {
                     stream,
                     accepted: now,
+                    last_progress: now,
                     deadline: now + IO_TIMEOUT,
                     request: Vec::new(),
                     answer: None,
@@ -218,11 +271,14 @@ pub const FDS: u64 = MAX_CONNS as u64 + 1;
 struct Conn {
     stream: TcpStream,
     accepted: Instant,
+    /// When the client last sent some of its request or took some of its answer.
+    last_progress: Instant,
     /// The request must be complete by then; once answering, the answer must be sent by then.
     deadline: Instant,
     request: Vec<u8>,
-    /// The answer and how much of it is sent.
-    answer: Option<(Vec<u8>, usize)>,
+    /// The answer (shared by the connections that asked for it in one turn of the loop) and
+    /// how much of it is sent.
+    answer: Option<(Arc<Vec<u8>>, usize)>,
     done: bool,
 }
 
@@ -231,34 +287,57 @@ impl Conn {
         self.answer.is_none()
     }
 
+    /// Close a connection whose answer is not all sent with a reset, so that the kernel drops
+    /// what is still queued for it at once: closed normally, each would stay an orphan socket
+    /// holding up to megabytes for a client that does not read.
+    fn abort(&self) {
+        let lin = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: the descriptor is open (owned by `self.stream`), and `lin` is a valid linger
+        // of the size given.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&lin as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+    }
+
     /// Read what has arrived, answer a complete request, write what the socket takes.
-    fn progress(&mut self, sources: &Sources) {
-        if let Err(e) = self.step(sources) {
+    fn progress(&mut self, sources: &Sources, answers: &mut Answers) {
+        if let Err(e) = self.step(sources, answers) {
             crate::debug!("metrics: request failed: {e}");
             self.done = true;
         }
     }
 
-    fn step(&mut self, sources: &Sources) -> io::Result<()> {
+    fn step(&mut self, sources: &Sources, answers: &mut Answers) -> io::Result<()> {
         let mut chunk = [0u8; 1024];
         while self.answer.is_none() {
             let complete = head_end(&self.request).is_some();
-            if complete || self.request.len() > MAX_REQUEST {
-                self.answer = Some((answer(&self.request, sources), 0));
-                self.deadline = Instant::now() + IO_TIMEOUT;
-                break;
-            }
-            match self.stream.read(&mut chunk) {
-                // Closed before a whole request: it gets the answer to what it sent.
-                Ok(0) => {
-                    self.answer = Some((answer(&self.request, sources), 0));
-                    self.deadline = Instant::now() + IO_TIMEOUT;
+            // Closed before a whole request (`eof`): it gets the answer to what it sent.
+            let mut eof = false;
+            if !complete && self.request.len() <= MAX_REQUEST {
+                match self.stream.read(&mut chunk) {
+                    Ok(0) => eof = true,
+                    Ok(n) => {
+                        self.request.extend_from_slice(&chunk[..n]);
+                        self.last_progress = Instant::now();
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err(e),
                 }
-                Ok(n) => self.request.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
             }
+            debug_assert!(complete || eof || self.request.len() > MAX_REQUEST);
+            self.answer = Some((answers.get(route(&self.request), sources), 0));
+            self.deadline = Instant::now() + IO_TIMEOUT;
         }
         let Some((out, sent)) = self.answer.as_mut() else {
             return Ok(());
@@ -266,7 +345,10 @@ impl Conn {
         while *sent < out.len() {
             match self.stream.write(&out[*sent..]) {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => *sent += n,
+                Ok(n) => {
+                    *sent += n;
+                    self.last_progress = Instant::now();
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
@@ -292,98 +374,108 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// The whole answer (head and body) to `request`.
-fn answer(request: &[u8], sources: &Sources) -> Vec<u8> {
-    let line = head_end(request)
-        .and_then(|i| std::str::from_utf8(&request[..i]).ok())
-        .and_then(|h| h.lines().next())
-        .unwrap_or("")
-        .trim_end_matches('\r');
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Page {
+    Metrics,
+    StatusText,
+    StatusJson,
+    /// The page for people, reloading every N seconds.
+    StatusHtml(u32),
+    NotFound,
+    NotAllowed,
+    BadRequest,
+}
+
+/// The page `request` asks for. `/` and `/status` serve HTML to a browser (its `Accept` names
+/// `text/html`) and stay what they were to everything else: `/status` is text that scripts and
+/// older `flyproxy status` read, `/` is not found.
+fn route(request: &[u8]) -> Page {
+    let Some(head) = head_end(request).and_then(|i| std::str::from_utf8(&request[..i]).ok()) else {
+        return Page::BadRequest;
+    };
+    let mut lines = head.lines().map(|l| l.trim_end_matches('\r'));
+    let line = lines.next().unwrap_or("");
+    let browser = lines.any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("text/html")
+        })
+    });
     let mut parts = line.split(' ');
-    let (status, ctype, body) = match (parts.next(), parts.next(), parts.next()) {
-        (Some("GET"), Some(path), Some(v)) if v.starts_with("HTTP/1.") => {
-            match path.split('?').next().unwrap_or("") {
-                "/metrics" => (
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    render(sources),
-                ),
-                "/status" => ("200 OK", "text/plain; charset=utf-8", status(sources)),
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "not found: try /metrics or /status\n".into(),
-                ),
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some("GET"), Some(target), Some(v)) if v.starts_with("HTTP/1.") => {
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let html = Page::StatusHtml(refresh_of(query));
+            match path {
+                "/metrics" => Page::Metrics,
+                "/status.json" => Page::StatusJson,
+                "/status.html" => html,
+                "/status" | "/" if browser => html,
+                "/status" => Page::StatusText,
+                _ => Page::NotFound,
             }
         }
-        (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/1.") => {
-            ("405 Method Not Allowed", "text/plain", "only GET\n".into())
+        (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/1.") => Page::NotAllowed,
+        _ => Page::BadRequest,
+    }
+}
+
+/// The answers rendered in one turn of the serving loop: connections that ask for the same
+/// page at the same moment share one rendering (and its memory), so a burst of connections
+/// costs one rendering, not one each.
+#[derive(Default)]
+struct Answers(Vec<(Page, Arc<Vec<u8>>)>);
+
+impl Answers {
+    fn get(&mut self, page: Page, sources: &Sources) -> Arc<Vec<u8>> {
+        if let Some((_, a)) = self.0.iter().find(|(p, _)| *p == page) {
+            return Arc::clone(a);
         }
-        _ => ("400 Bad Request", "text/plain", "bad request\n".into()),
+        let a = Arc::new(answer(page, sources));
+        self.0.push((page, Arc::clone(&a)));
+        a
+    }
+}
+
+/// The whole answer (head and body) for `page`.
+fn answer(page: Page, sources: &Sources) -> Vec<u8> {
+    let (status, ctype, body) = match page {
+        Page::Metrics => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(sources),
+        ),
+        Page::StatusText => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            text(&snapshot(sources)),
+        ),
+        Page::StatusJson => (
+            "200 OK",
+            "application/json",
+            // Serializing plain structs of strings and numbers cannot fail.
+            serde_json::to_string(&snapshot(sources)).unwrap_or_default(),
+        ),
+        Page::StatusHtml(refresh) => (
+            "200 OK",
+            "text/html; charset=utf-8",
+            html(&snapshot(sources), refresh),
+        ),
+        Page::NotFound => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics, /status, /status.json or /status.html\n".into(),
+        ),
+        Page::NotAllowed => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
+        Page::BadRequest => ("400 Bad Request", "text/plain", "bad request\n".into()),
     };
     let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
-}
-
-/// The largest answer `flyproxy status` takes (100,000 apps make a status page of about
-/// 14 MB), and how long the whole answer may take: whatever listens at the address given
-/// (a wrong one, or not a flyproxy) must not make the command grow without bound or wait for
-/// ever on a trickle.
-const STATUS_MAX_BYTES: usize = 64 << 20;
-const STATUS_DEADLINE: Duration = Duration::from_secs(10);
-
-/// `flyproxy status`: fetch the /status page from a running proxy.
-pub fn fetch_status(addr: SocketAddr) -> io::Result<String> {
-    let deadline = Instant::now() + STATUS_DEADLINE;
-    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.write_all(b"GET /status HTTP/1.1\r\nHost: flyproxy\r\nConnection: close\r\n\r\n")?;
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let too_slow = || {
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("no whole answer from {addr} within {STATUS_DEADLINE:?}"),
-        )
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(too_slow());
-        }
-        s.set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
-        match s.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) if buf.len() + n > STATUS_MAX_BYTES => {
-                return Err(io::Error::other(format!(
-                    "the answer from {addr} is larger than {} MiB",
-                    STATUS_MAX_BYTES >> 20
-                )))
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // This read's timeout was what was left of the deadline.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) && left < IO_TIMEOUT =>
-            {
-                return Err(too_slow())
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let resp = String::from_utf8(buf)
-        .map_err(|_| io::Error::other(format!("unexpected answer from {addr}")))?;
-    match resp.split_once("\r\n\r\n") {
-        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_owned()),
-        _ => Err(io::Error::other(format!("unexpected answer from {addr}"))),
-    }
 }
 
 #[cfg(test)]

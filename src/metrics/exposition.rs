@@ -1,11 +1,13 @@
 //! The /metrics text: the Prometheus text exposition format 0.0.4, one family after another.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::backends::backend::{Backend, ConnectError};
-use crate::backends::routing::AppRoute;
+use crate::backends::routing::{AppRoute, Unrouted};
+use crate::metrics::process::ProcessStats;
 use crate::metrics::LookupReader;
 use crate::metrics::{Published, Sources};
 use crate::relay::slots::Slots;
@@ -80,10 +82,11 @@ pub fn render(sources: &Sources) -> String {
     reload_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);
-    unrouted_families(&mut out, published);
+    unrouted_families(&mut out, apps, published);
     if let Some(read) = lookups {
         lookup_families(&mut out, read);
     }
+    process_families(&mut out, &crate::metrics::process::read());
     out
 }
 
@@ -320,11 +323,20 @@ fn log_families(out: &mut String) {
     f.sample(name, &[], crate::sys::log::dropped());
 }
 
-/// Connections no app took, by port and reason; only once there is something to count, as a
-/// family without samples is noise (most configs never refuse a connection this way).
-fn unrouted_families(out: &mut String, published: &Published) {
-    let unrouted = published.unrouted.snapshot();
-    if unrouted.is_empty() {
+/// Connections no app took, by port and reason. Every (port, reason) the config makes possible
+/// is there from the start at 0, so that `increase()` sees the first burst and an alert on it
+/// can fire; a count for a port no longer configured stays (counters do not go back).
+fn unrouted_families(out: &mut String, apps: &Apps, published: &Published) {
+    let mut counts: BTreeMap<(u16, Unrouted), u64> = BTreeMap::new();
+    for (app, ports) in apps {
+        for why in possible_unrouted(app) {
+            for &port in ports {
+                counts.insert((port, *why), 0);
+            }
+        }
+    }
+    counts.extend(published.unrouted.snapshot());
+    if counts.is_empty() {
         return;
     }
     let name = "flyproxy_unrouted_connections_total";
@@ -334,13 +346,110 @@ fn unrouted_families(out: &mut String, published: &Published) {
         "counter",
         "Connections no app took, by port and reason: no_app (no app on the dialled address), no_server_name, unknown_server_name, not_tls, too_large (where apps have Hostnames and none is without), preread_timeout, client_closed.",
     );
-    for ((port, why), n) in unrouted {
+    for ((port, why), n) in counts {
         let port = port.to_string();
         f.sample(
             name,
             &[("port", port.as_str()), ("reason", why.as_str())],
             n,
         );
+    }
+}
+
+/// The reasons a connection to one of `app`'s ports can find no app, from the config: only
+/// these are born at 0 (a port's `no_server_name` series where no app reads server names would
+/// be noise, and a range of 10,000 ports makes every extra reason 10,000 series).
+fn possible_unrouted(app: &AppRoute) -> &'static [Unrouted] {
+    // Every reason, written so that a new one does not compile until it is placed below.
+    const fn exhaustive(u: Unrouted) {
+        match u {
+            Unrouted::NoApp
+            | Unrouted::NoServerName
+            | Unrouted::UnknownServerName
+            | Unrouted::NotTls
+            | Unrouted::TooLarge
+            | Unrouted::PrereadTimeout
+            | Unrouted::ClientClosed => {}
+        }
+    }
+    const _: () = exhaustive(Unrouted::NoApp);
+    // Reading the server name is where all but `no_app` happen.
+    const BY_NAME: [Unrouted; 6] = [
+        Unrouted::NoServerName,
+        Unrouted::UnknownServerName,
+        Unrouted::NotTls,
+        Unrouted::TooLarge,
+        Unrouted::PrereadTimeout,
+        Unrouted::ClientClosed,
+    ];
+    const ALL: [Unrouted; 7] = [
+        Unrouted::NoApp,
+        Unrouted::NoServerName,
+        Unrouted::UnknownServerName,
+        Unrouted::NotTls,
+        Unrouted::TooLarge,
+        Unrouted::PrereadTimeout,
+        Unrouted::ClientClosed,
+    ];
+    // An app on some addresses only leaves the port's other addresses to no app.
+    match (app.addresses.is_empty(), app.hostnames.is_empty()) {
+        (true, true) => &[],
+        (false, true) => &ALL[..1],
+        (true, false) => &BY_NAME,
+        (false, false) => &ALL,
+    }
+}
+
+/// The process's resources, named as every Prometheus client library names them.
+fn process_families(out: &mut String, p: &ProcessStats) {
+    let gauges: [(&str, &str, &str, Option<f64>); 7] = [
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            p.start_time_seconds,
+        ),
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            p.cpu_seconds,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            p.resident_bytes.map(|v| v as f64),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            p.virtual_bytes.map(|v| v as f64),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            p.open_fds.map(|v| v as f64),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            p.max_fds.map(|v| v as f64),
+        ),
+        (
+            "process_threads",
+            "gauge",
+            "Number of OS threads in the process.",
+            p.threads.map(|v| v as f64),
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        if let Some(v) = value {
+            Family::head(out, name, kind, help).sample(name, &[], v);
+        }
     }
 }
 

@@ -1,23 +1,29 @@
-//! The metrics endpoint: `GET /metrics` in the Prometheus text exposition format (0.0.4) and
-//! `GET /status`, a page for people (`flyproxy status` prints it).
+//! The metrics and status endpoint: `GET /metrics` in the Prometheus text exposition format
+//! (0.0.4); the status as text (`/status`), JSON (`/status.json`) and a page for people
+//! (`/status.html`, or `/` and `/status` from a browser); `flyproxy status`'s client.
 //!
 //! Served by one thread of its own, off the relay path, a few connections at once (see
-//! `endpoint`), each with a whole-request deadline and a small request size cap: idle or slow
-//! clients cannot delay a scrape, and nothing here touches accepting or relaying. Values are
-//! read from the atomics the relay threads update, so a scrape takes no lock on the hot path.
+//! `endpoint`), each with deadlines and a small request size cap: idle clients, slow ones and
+//! ones that never read their answer cannot delay a scrape, and nothing here touches accepting
+//! or relaying. Values are read from the atomics the relay threads update, so a scrape takes no
+//! lock on the hot path.
 //!
 //! - `published`: what the listener loop publishes for the endpoint, and everything it reads.
-//! - `endpoint`: the HTTP side: the thread, its connections, the answer; `flyproxy status`'s
-//!   client.
-//! - `exposition`: the /metrics text.
-//! - `status`: the /status page.
+//! - `endpoint`: the HTTP side: the thread, its connections, which path serves what.
+//! - `exposition`: the /metrics text; `process`: its `process_*` families from /proc.
+//! - `status`: the status (its JSON shape and its text); `page`: its HTML.
+//! - `client`: `flyproxy status`, reading /status.json.
 
+mod client;
 mod endpoint;
 mod exposition;
+mod page;
+mod process;
 mod published;
 mod status;
 
-pub use endpoint::{fetch_status, start, Endpoint, FDS};
+pub use client::{fetch_status, FetchError};
+pub use endpoint::{start, Endpoint, FDS};
 pub use exposition::render;
 pub use published::{ConfigHashes, LookupReader, LookupStats, Published, Sources};
-pub use status::status;
+pub use status::{snapshot, text, Status};

@@ -1,83 +1,209 @@
-//! The /status page: for people, one line per app and per target.
+//! The status of a running proxy, once for every reader: `Status` is taken from the sources,
+//! served as JSON (`/status.json`, for programs and `flyproxy status`), as text (`/status`, one
+//! line per app and per target) and as HTML (`page`). `flyproxy status` prints the text of the
+//! JSON it read, so what it prints is exactly what `/status` serves.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
+use serde::{Deserialize, Serialize};
+
 use crate::metrics::exposition::unique_backends;
 use crate::metrics::Sources;
 
-/// A page for people: each app, its ports, its targets with health and open connections.
-pub fn status(sources: &Sources) -> String {
+/// The whole status (the shape of `/status.json`, documented in the README). Fields may be
+/// added; none is renamed or removed without a major version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The running version; its presence is what marks an answer as flyproxy's.
+    pub flyproxy: String,
+    /// Unix time of the snapshot, in seconds (rates are differences between two snapshots).
+    pub time: f64,
+    pub connections: Connections,
+    pub reloads: Reloads,
+    pub config: ConfigFile,
+    pub apps: Vec<AppStatus>,
+}
+
+/// The connection bound (`--max-connections`) and how full it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connections {
+    pub open: u64,
+    pub limit: u64,
+    pub accept_paused: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reloads {
+    pub ok: u64,
+    pub rejected: u64,
+}
+
+/// The config file in force, and the last one refused since (SHA-256 of their bytes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigFile {
+    pub sha256: String,
+    pub rejected_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub ports: Vec<u16>,
+    /// Where it answers when more specific than every address of its ports (empty: every
+    /// address), and its Hostnames.
+    pub addresses: Vec<String>,
+    pub hostnames: Vec<String>,
+    /// Client connections open now, and accepted since start.
+    pub open: u64,
+    pub accepted: u64,
+    /// Client connections closed without a target, by reason (as the metrics name them).
+    pub refused: Refused,
+    pub targets: Vec<TargetStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refused {
+    pub connect_failed: u64,
+    pub limit: u64,
+    pub client_limit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetStatus {
+    /// The target as the config writes it.
+    pub target: String,
+    /// `"up"` or `"down"` (passive and active health checks).
+    pub state: String,
+    /// Connections to it open now, and made since start.
+    pub open: u64,
+    pub total: u64,
+    /// Bytes relayed client to target, and target to client.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Failed connects since start.
+    pub connect_failures: u64,
+}
+
+/// The status now.
+pub fn snapshot(sources: &Sources) -> Status {
     let Sources {
         published, slots, ..
     } = sources;
     let routes = published.routes();
+    let hashes = published.config_hashes();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let apps = routes
+        .apps()
+        .iter()
+        .map(|(app, ports)| AppStatus {
+            name: app.name.clone(),
+            ports: ports.clone(),
+            addresses: app.addresses.iter().map(|a| a.to_string()).collect(),
+            hostnames: app.hostnames.iter().map(|h| h.to_string()).collect(),
+            open: app.stats.active.load(Ordering::Relaxed) as u64,
+            accepted: load(&app.stats.accepted),
+            refused: Refused {
+                connect_failed: load(&app.stats.failed),
+                limit: load(&app.stats.limited),
+                client_limit: load(&app.stats.client_limited),
+            },
+            targets: unique_backends(app)
+                .into_iter()
+                .map(|b| TargetStatus {
+                    target: b.target.to_string(),
+                    state: if b.is_up() { "up" } else { "down" }.into(),
+                    open: b.active.load(Ordering::Relaxed) as u64,
+                    total: load(&b.connections),
+                    bytes_sent: load(&b.bytes_up),
+                    bytes_received: load(&b.bytes_down),
+                    connect_failures: b.failures.iter().map(load).sum(),
+                })
+                .collect(),
+        })
+        .collect();
+    Status {
+        flyproxy: crate::VERSION.to_owned(),
+        time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+        connections: Connections {
+            open: slots.taken() as u64,
+            limit: slots.max() as u64,
+            accept_paused: published.accept_paused.load(Ordering::Relaxed),
+        },
+        reloads: Reloads {
+            ok: load(&published.reloads_ok),
+            rejected: load(&published.reloads_rejected),
+        },
+        config: ConfigFile {
+            sha256: hashes.running,
+            rejected_sha256: hashes.rejected,
+        },
+        apps,
+    }
+}
+
+/// Up to `n` items joined with `,`, and a count of the rest.
+pub(super) fn first(items: &[String], n: usize) -> String {
+    let mut s = items.iter().take(n).cloned().collect::<Vec<_>>().join(",");
+    if items.len() > n {
+        let _ = write!(s, " (+{} more)", items.len() - n);
+    }
+    s
+}
+
+/// The text page: each app, its ports, its targets with health and open connections.
+pub fn text(st: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "flyproxy {}: {} of {} connection slots in use{}, reloads ok={} rejected={}",
-        crate::VERSION,
-        slots.taken(),
-        slots.max(),
-        if published.accept_paused.load(Ordering::Relaxed) {
+        st.flyproxy,
+        st.connections.open,
+        st.connections.limit,
+        if st.connections.accept_paused {
             " (accepts paused)"
         } else {
             ""
         },
-        published.reloads_ok.load(Ordering::Relaxed),
-        published.reloads_rejected.load(Ordering::Relaxed),
+        st.reloads.ok,
+        st.reloads.rejected,
     );
-    let hashes = published.config_hashes();
     let _ = writeln!(
         out,
         "config sha256 {}{}",
-        hashes.running,
-        hashes
-            .rejected
+        st.config.sha256,
+        st.config
+            .rejected_sha256
+            .as_ref()
             .map(|r| format!(" (last rejected: {r})"))
             .unwrap_or_default()
     );
-    for (app, ports) in routes.apps() {
-        let shown: Vec<String> = ports.iter().take(12).map(u16::to_string).collect();
-        let more = ports.len().saturating_sub(12);
+    for app in &st.apps {
+        let ports: Vec<String> = app.ports.iter().map(u16::to_string).collect();
         let _ = writeln!(
             out,
-            "\napp {}  ports {}{}  open {}  accepted {}",
+            "\napp {}  ports {}  open {}  accepted {}",
             app.name,
-            shown.join(","),
-            if more > 0 {
-                format!(" (+{more} more)")
-            } else {
-                String::new()
-            },
-            app.stats.active.load(Ordering::Relaxed),
-            app.stats.accepted.load(Ordering::Relaxed),
+            first(&ports, 12),
+            app.open,
+            app.accepted,
         );
-        // Where the app answers, when it is more specific than every address of its ports.
-        let show = |items: Vec<String>| {
-            let n = items.len();
-            let mut s = items.into_iter().take(8).collect::<Vec<_>>().join(",");
-            if n > 8 {
-                s.push_str(&format!(" (+{} more)", n - 8));
-            }
-            s
-        };
         if !app.addresses.is_empty() {
-            let shown = show(app.addresses.iter().map(|a| a.to_string()).collect());
-            let _ = writeln!(out, "  addresses {shown}");
+            let _ = writeln!(out, "  addresses {}", first(&app.addresses, 8));
         }
         if !app.hostnames.is_empty() {
-            let shown = show(app.hostnames.iter().map(|h| h.to_string()).collect());
-            let _ = writeln!(out, "  hostnames {shown}");
+            let _ = writeln!(out, "  hostnames {}", first(&app.hostnames, 8));
         }
-        for b in unique_backends(app) {
+        for t in &app.targets {
             let _ = writeln!(
                 out,
                 "  {:<40} {:<4} open {:<6} total {}",
-                b.target.to_string(),
-                if b.is_up() { "up" } else { "DOWN" },
-                b.active.load(Ordering::Relaxed),
-                b.connections.load(Ordering::Relaxed),
+                t.target,
+                if t.state == "up" { "up" } else { "DOWN" },
+                t.open,
+                t.total,
             );
         }
     }

@@ -1,12 +1,15 @@
-//! Shared helpers for the integration tests: a running `flyproxy simple` (`Proxy`), in-test
-//! backends (`Backend`), free ports, client helpers and waiting on conditions with deadlines.
+//! Shared helpers for the integration tests: a running proxy (`Proxy`, started in either mode
+//! through the one builder, `Launch`), waits for the log lines tests care about
+//! (`wait_reload_ok`, ...), in-test backends (`Backend`), free ports, client helpers and
+//! waiting on conditions with deadlines.
 //!
 //! Every wait here polls a condition up to a deadline; nothing sleeps to synchronise. Each test
 //! gets its own temporary directory and its own ports, so tests run in parallel (nextest runs
 //! each in its own process; `cargo test` runs them as threads of one process).
 //!
-//! Beside it: `tests/netns` (a network namespace per bpf test) and `tests/modes` (a test
-//! written once for both modes: `two_modes!`).
+//! Beside it: `tests/netns` (a network namespace of the test's own, and what bpftool says is
+//! attached there) and `tests/modes` (a test written once for both modes, each in a namespace
+//! of its own: `two_modes!`).
 
 #![allow(dead_code)]
 
@@ -23,7 +26,11 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod launch;
 pub mod metrics;
+
+#[allow(unused_imports)] // each test crate uses some of them
+pub use launch::{Launch, Mode, BPF_LISTENER_PORT};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flyproxy");
 
@@ -215,13 +222,16 @@ struct LogBuf {
     changed: Condvar,
 }
 
-/// A running `flyproxy simple`, killed on drop. Its stderr (the log) is collected line by line.
+/// A running proxy (or another of our programs: [`Proxy::spawn_cmd`]), killed on drop. Its
+/// stderr (the log) is collected line by line.
 pub struct Proxy {
     child: Child,
+    /// The mode it was started in (by [`Launch`]; `spawn_cmd` says simple).
+    pub mode: Mode,
     pub pid: u32,
     pub dir: TempDir,
     pub config: PathBuf,
-    /// The ports the config was made from (by `start`).
+    /// The ports the config serves (as [`Launch::ports`] or [`Launch::config_on`] said).
     pub ports: Vec<u16>,
     log: Arc<LogBuf>,
     reader: Option<JoinHandle<()>>,
@@ -229,33 +239,8 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Start `flyproxy simple` with `args`, on `nports` fresh ports and the config `make_config`
-    /// builds from them, and wait until it logs `started`. If a port turned out to be taken in
-    /// the moment between picking and binding it, start again on other ports.
-    pub fn start(nports: usize, args: &[&str], make_config: impl Fn(&[u16]) -> String) -> Proxy {
-        for attempt in 0.. {
-            let ports = free_ports(nports);
-            let mut p = Proxy::spawn(&make_config(&ports), args);
-            p.ports = ports;
-            match p.wait_started() {
-                Ok(()) => return p,
-                Err(log) if attempt < 2 && log.contains("cannot listen on port") => continue,
-                Err(log) => panic!("flyproxy did not start:\n{log}"),
-            }
-        }
-        unreachable!()
-    }
-
-    /// Write `config_json` and spawn `flyproxy simple -c FILE ARGS...` without waiting.
-    pub fn spawn(config_json: &str, args: &[&str]) -> Proxy {
-        let dir = TempDir::new("proxy");
-        let config = dir.write("config.json", config_json);
-        let mut cmd = Command::new(BIN);
-        cmd.arg("simple").arg("-c").arg(&config).args(args);
-        Proxy::spawn_cmd(cmd, dir, config)
-    }
-
-    /// Spawn an arbitrary command line of the binary (its stderr collected like the proxy's).
+    /// Spawn a command line [`Launch`] does not make (another of our programs, the config flag
+    /// spelled otherwise, ...), its stderr collected like the proxy's.
     pub fn spawn_cmd(mut cmd: Command, dir: TempDir, config: PathBuf) -> Proxy {
         let mut child = cmd
             .stdin(Stdio::null())
@@ -267,6 +252,7 @@ impl Proxy {
         let reader = collect_lines(child.stderr.take().unwrap(), Arc::clone(&log));
         Proxy {
             pid: child.id(),
+            mode: Mode::Simple,
             child,
             dir,
             config,
@@ -277,15 +263,12 @@ impl Proxy {
         }
     }
 
-    /// Wait for the `started` line; on exit before it, the log so far.
+    /// Wait for the `started mode=MODE` line (text or `--log-format json`); on exit before it,
+    /// the log so far.
     pub fn wait_started(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
         loop {
-            if self
-                .logs()
-                .iter()
-                .any(|l| l.contains(" INFO  started mode=simple "))
-            {
+            if self.logs().iter().any(|l| self.is_started(l)) {
                 return Ok(());
             }
             if self.log_closed() || Instant::now() >= deadline {
@@ -386,6 +369,96 @@ impl Proxy {
         })
     }
 
+    // The log lines tests wait for. The proxy's wording of them lives here, once.
+
+    /// The first `reload ok` line from `mark` on; panics (with the log) if a reload is rejected
+    /// first or none comes.
+    pub fn wait_reload_ok(&self, mark: usize) -> String {
+        let line = self.wait_log_since(mark, "reload ok", |l| {
+            is_reload_ok(l) || is_reload_rejected(l)
+        });
+        assert!(
+            is_reload_ok(&line),
+            "reload rejected:\n{}",
+            self.logs().join("\n")
+        );
+        line
+    }
+
+    /// The first `reload rejected` line from `mark` on; panics (with the log) if a reload
+    /// succeeds first or none comes.
+    pub fn wait_reload_rejected(&self, mark: usize) -> String {
+        let line = self.wait_log_since(mark, "reload rejected", |l| {
+            is_reload_ok(l) || is_reload_rejected(l)
+        });
+        assert!(
+            is_reload_rejected(&line),
+            "the reload was not rejected:\n{}",
+            self.logs().join("\n")
+        );
+        line
+    }
+
+    /// The first `reload rejected` line from `mark` on that names `what` (a problem, a path).
+    pub fn wait_reload_rejected_for(&self, mark: usize, what: &str) -> String {
+        self.wait_log_since(mark, &format!("reload rejected ... {what}"), |l| {
+            is_reload_rejected(l) && l.contains(what)
+        })
+    }
+
+    /// The `reload rejected: keeping the running config` line that ends a rejection whose
+    /// problems were logged on lines of their own, from `mark` on.
+    pub fn wait_reload_kept(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "reload rejected: keeping the running config", |l| {
+            l.contains(" reload rejected: keeping the running config")
+        })
+    }
+
+    /// Replace the config and wait for the `reload ok` line that follows; return it.
+    pub fn reload(&self, json: &str) -> String {
+        let mark = self.mark();
+        self.rewrite_config(json);
+        self.wait_reload_ok(mark)
+    }
+
+    /// Replace the config and wait for the `reload rejected` line that follows; return it.
+    pub fn reload_rejected(&self, json: &str) -> String {
+        let mark = self.mark();
+        self.rewrite_config(json);
+        self.wait_reload_rejected(mark)
+    }
+
+    /// The `started mode=MODE ...` line (what it started with: limits, descriptors, hash).
+    pub fn started_line(&self) -> String {
+        self.wait_log("started", |l| self.is_started(l))
+    }
+
+    /// Whether `l` is this proxy's `started mode=MODE ...` line, in the text or JSON format.
+    fn is_started(&self, l: &str) -> bool {
+        let msg = format!("started mode={} ", self.mode.name());
+        l.contains(&format!(" INFO  {msg}"))
+            || (l.starts_with('{')
+                && l.contains(r#""level":"info""#)
+                && l.contains(&format!(r#""msg":"{msg}"#)))
+    }
+
+    /// The `stopping:` line (listeners closed, draining) from `mark` on.
+    pub fn wait_stopping(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "stopping", is_stopping)
+    }
+
+    /// The `stopped: every connection finished` line from `mark` on.
+    pub fn wait_stopped_clean(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "stopped: every connection finished", |l| {
+            l.contains(" INFO  stopped: every connection finished")
+        })
+    }
+
+    /// The first `upgrade failed` line from `mark` on.
+    pub fn wait_upgrade_failed(&self, mark: usize) -> String {
+        self.wait_log_since(mark, "upgrade failed", is_upgrade_failed)
+    }
+
     /// Wait for the `conn` log line of the connection from `client` (its local address).
     pub fn wait_conn(&self, client: SocketAddr) -> ConnLine {
         let want = canonical(client).to_string();
@@ -473,6 +546,68 @@ impl Proxy {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Helpers several test files share
+
+/// Start `flyproxy simple` on one fresh port for an echo backend.
+pub fn serving(args: &[&str], backend: &Backend) -> Proxy {
+    let target = backend.target();
+    Proxy::simple()
+        .ports(1, move |ports| {
+            config(&[app("echo", ports, std::slice::from_ref(&target))])
+        })
+        .args(args)
+        .start()
+}
+
+/// The proxy answers on its first port, and stops with status 0 on SIGTERM.
+pub fn assert_serves_then_stops(mut p: Proxy) {
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still serving\n");
+    drop(s);
+    p.signal(libc::SIGTERM);
+    let status = p.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", p.logs().join("\n"));
+}
+
+/// The exit status of a proxy expected to refuse to start, with its whole log.
+pub fn refused_start(p: &mut Proxy) -> (Option<i32>, String) {
+    let status = p.wait_exit(WAIT);
+    (status.code(), p.logs().join("\n"))
+}
+
+/// Signal `sig` has a handler in process `pid` (the SigCgt mask of /proc/PID/status).
+pub fn catches(pid: u32, sig: libc::c_int) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+/// A config that takes measurable time to load (about a second in a debug build): one app with
+/// 700,000 targets (about 13 MB, under the 16 MiB cap), a size a generated config can reach.
+pub fn large_config(port: u16, target: &str) -> String {
+    let targets = vec![target.to_owned(); 700_000];
+    serde_json::to_string(&serde_json::json!({"Apps": [app("big", &[port], &targets)]})).unwrap()
+}
+
+/// An app on every port (1-65535) of `n` addresses: `n` * 65,535 (address, port) pairs from
+/// a file of one line. (One app rather than `n`: the same pairs, at a 16th of the parsing, which
+/// matters to a debug build on a loaded machine.)
+pub fn full_range_apps(n: usize) -> Vec<serde_json::Value> {
+    let addresses: Vec<String> = (0..n)
+        .map(|i| format!("10.9.{}.{}", i / 256, i % 256))
+        .collect();
+    vec![
+        serde_json::json!({"Name": "wide", "Ports": ["1-65535"], "Addresses": addresses,
+                "Targets": ["127.0.0.1:9"]}),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
 // /proc figures of a process
 
 /// The number after `key` in /proc/PID/status (a `kB` unit dropped).
@@ -554,6 +689,26 @@ fn collect_lines(stderr: ChildStderr, log: Arc<LogBuf>) -> JoinHandle<()> {
         log.lines.lock().unwrap().1 = true;
         log.changed.notify_all();
     })
+}
+
+/// A `reload ok: ...` line.
+pub fn is_reload_ok(l: &str) -> bool {
+    l.contains(" INFO  reload ok: ")
+}
+
+/// A `reload rejected: ...` line (bad file, or a config that cannot be applied).
+pub fn is_reload_rejected(l: &str) -> bool {
+    l.contains(" reload rejected: ")
+}
+
+/// The `stopping: listeners closed, ...` line of a graceful stop.
+pub fn is_stopping(l: &str) -> bool {
+    l.contains(" INFO  stopping: ")
+}
+
+/// An `upgrade failed: ...` line.
+pub fn is_upgrade_failed(l: &str) -> bool {
+    l.contains(" upgrade failed")
 }
 
 /// An IPv4 address the way the proxy logs it (plain, not IPv4-mapped IPv6).
@@ -1187,9 +1342,12 @@ impl Relayed {
     pub fn start(args: &[&str]) -> Relayed {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let target_addr = listener.local_addr().unwrap().to_string();
-        let proxy = Proxy::start(1, args, |ports| {
-            config(&[app("app", ports, std::slice::from_ref(&target_addr))])
-        });
+        let proxy = Proxy::simple()
+            .args(args)
+            .ports(1, |ports| {
+                config(&[app("app", ports, std::slice::from_ref(&target_addr))])
+            })
+            .start();
         let mut client = connect(proxy.v4(0));
         client.write_all(HELLO).unwrap();
         let target = accept_relayed(&listener, HELLO);

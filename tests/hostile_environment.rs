@@ -1,14 +1,10 @@
-//! Hardening (issue 11): what a file, the environment, a signal or a target can do to the proxy,
-//! tried as an attacker would, each asserting what a user observes: files left untouched, the
-//! exit status and its message, the proxy still serving and stopping on SIGTERM, a loop refused
-//! or ended with `reason=loop` while another app is served, the uid in /proc.
-//!
-//! The bpf cases run in a network namespace of their own (`netns::run`).
+//! What a file, the environment or a user can do to the proxy (issue 11), tried as an attacker
+//! would, each asserting what a user observes: files left untouched, the exit status and its
+//! message, the proxy still serving and stopping on SIGTERM, the uid in /proc. (Signals during
+//! start-up are in tests/shutdown.rs and tests/reload.rs, loops in tests/loops.rs, refused
+//! upgrades in tests/upgrade.rs.)
 
 mod common;
-mod modes;
-#[allow(dead_code)]
-mod netns;
 
 use std::ffi::CString;
 use std::fs;
@@ -17,39 +13,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    app, config, connect, expect_closed, expect_refused, roundtrip, run, tag_of, wait_for, Backend,
-    Proxy, TempDir, BIN, WAIT,
+    app, assert_serves_then_stops, config, connect, expect_refused, refused_start, roundtrip, run,
+    serving, wait_for, Backend, Proxy, TempDir, BIN, WAIT,
 };
-use modes::Env;
-
-/// Start `flyproxy simple` on one fresh port (more with `nports`) for an echo backend.
-fn serving(args: &[&str], backend: &Backend) -> Proxy {
-    let target = backend.target();
-    Proxy::start(1, args, move |ports| {
-        config(&[app("echo", ports, std::slice::from_ref(&target))])
-    })
-}
-
-/// The proxy answers on its first port, and stops with status 0 on SIGTERM.
-fn assert_serves_then_stops(mut p: Proxy) {
-    let mut s = connect(p.v4(0));
-    roundtrip(&mut s, b"still serving\n");
-    drop(s);
-    p.signal(libc::SIGTERM);
-    let status = p.wait_exit(WAIT);
-    assert_eq!(status.code(), Some(0), "{}", p.logs().join("\n"));
-}
-
-/// The exit status of a proxy expected to refuse to start, with its whole log.
-fn refused_start(p: &mut Proxy) -> (Option<i32>, String) {
-    let status = p.wait_exit(WAIT);
-    (status.code(), p.logs().join("\n"))
-}
 
 /// Puts something at a path.
 type MakePath<'a> = &'a dyn Fn(&Path);
@@ -61,25 +32,6 @@ fn mkfifo(path: &Path) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: mkfifo with a valid C string.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
-}
-
-/// Signal `sig` has a handler in process `pid` (the SigCgt mask of /proc/PID/status).
-fn catches(pid: u32, sig: libc::c_int) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("SigCgt:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        })
-        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
-}
-
-/// A config that takes measurable time to load (about a second in a debug build): one app with
-/// 700,000 targets (about 13 MB, under the 16 MiB cap), a size a generated config can reach.
-fn large_config(port: u16, target: &str) -> String {
-    let targets = vec![target.to_owned(); 700_000];
-    serde_json::to_string(&serde_json::json!({"Apps": [app("big", &[port], &targets)]})).unwrap()
 }
 
 fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
@@ -143,10 +95,10 @@ fn pid_file_in_a_world_writable_directory_is_refused() {
     fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o777)).unwrap();
     let pid_file = dir.path.join("flyproxy.pid");
     let port = common::free_port();
-    let mut p = Proxy::spawn(
-        &config(&[app("echo", &[port], &[backend.target()])]),
-        &["--pid-file", pid_file.to_str().unwrap()],
-    );
+    let mut p = Proxy::simple()
+        .config(&config(&[app("echo", &[port], &[backend.target()])]))
+        .args(&["--pid-file", pid_file.to_str().unwrap()])
+        .spawn();
     let (code, log) = refused_start(&mut p);
     assert_eq!(code, Some(1), "{log}");
     assert!(
@@ -164,25 +116,6 @@ fn pid_file_in_a_world_writable_directory_is_refused() {
             .then_some(())
     });
     assert_serves_then_stops(p);
-}
-
-/// Issue 11, item 2: `flyproxy upgrade` signals only a flyproxy: a pid file naming another
-/// process is refused, and that process gets no SIGUSR2 (which would have killed it).
-#[test]
-fn upgrade_refuses_to_signal_a_process_that_is_not_flyproxy() {
-    let dir = TempDir::new("upgrade-pid");
-    let mut sleeper = Command::new("sleep").arg("60").spawn().unwrap();
-    let pid_file = dir.write("flyproxy.pid", &format!("{}\n", sleeper.id()));
-    let out = run(&["upgrade", "--pid-file", pid_file.to_str().unwrap()]);
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(out.stderr.contains("is not flyproxy"), "{}", out.stderr);
-    thread::sleep(Duration::from_millis(200));
-    assert!(
-        sleeper.try_wait().unwrap().is_none(),
-        "the process was signalled"
-    );
-    let _ = sleeper.kill();
-    let _ = sleeper.wait();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,82 +198,12 @@ fn config_too_large_or_a_fifo_is_a_clear_error() {
     let p = serving(&["--reload-interval", "50ms"], &backend);
     let mark = p.mark();
     p.rewrite_config(&format!("{{\"Apps\": []{padding}}}"));
-    p.wait_log_since(mark, "too large", |l| {
-        l.contains("reload rejected") && l.contains("larger than 16 MiB")
-    });
+    p.wait_reload_rejected_for(mark, "larger than 16 MiB");
     assert_serves_then_stops(p);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Signals during start-up
-
-/// Issue 11, item 4: a SIGHUP while a large config is still being loaded does not kill the
-/// proxy: it starts, then reloads.
-#[test]
-fn sighup_during_start_up_is_a_reload_once_serving() {
-    let backend = Backend::echo();
-    let port = common::free_port();
-    let p = Proxy::spawn(&large_config(port, &backend.target()), &[]);
-    wait_for("the SIGHUP handler", WAIT, || {
-        catches(p.pid, libc::SIGHUP).then_some(())
-    });
-    p.signal(libc::SIGHUP);
-    p.wait_log("the start-up SIGHUP taken as a reload", |l| {
-        l.contains("SIGHUP during start-up: reloading")
-    });
-    let started = p
-        .logs()
-        .iter()
-        .position(|l| l.contains(" started mode=simple "));
-    let reload = p
-        .logs()
-        .iter()
-        .position(|l| l.contains("SIGHUP during start-up"));
-    assert!(started < reload, "{}", p.logs().join("\n"));
-    let mut p = p;
-    p.ports = vec![port];
-    assert_serves_then_stops(p);
-}
-
-/// Issue 11, item 4: a SIGTERM during start-up exits 0 before serving, leaving nothing bound.
-#[test]
-fn sigterm_during_start_up_exits_cleanly() {
-    let backend = Backend::echo();
-    let port = common::free_port();
-    let mut p = Proxy::spawn(&large_config(port, &backend.target()), &[]);
-    wait_for("the SIGTERM handler", WAIT, || {
-        catches(p.pid, libc::SIGTERM).then_some(())
-    });
-    p.signal(libc::SIGTERM);
-    let (code, log) = refused_start(&mut p);
-    assert_eq!(code, Some(0), "{log}");
-    assert!(log.contains("stop signal during start-up"), "{log}");
-    assert!(!log.contains(" started mode="), "{log}");
-    expect_refused(SocketAddr::from(([127, 0, 0, 1], port)));
-}
-
-/// Issue 11, item 4, bpf mode: a SIGTERM during start-up exits 0 with no program attached and
-/// no port steered.
-#[test]
-fn bpf_sigterm_during_start_up_leaves_nothing_attached() {
-    netns::run(
-        "bpf_sigterm_during_start_up_leaves_nothing_attached",
-        |ns| {
-            let backend = Backend::echo();
-            let mut p = netns::spawn(&large_config(7001, &backend.target()), &[]);
-            wait_for("the SIGTERM handler", WAIT, || {
-                catches(p.pid, libc::SIGTERM).then_some(())
-            });
-            p.signal(libc::SIGTERM);
-            let (code, log) = refused_start(&mut p);
-            assert_eq!(code, Some(0), "{log}");
-            assert!(log.contains("stop signal during start-up"), "{log}");
-            assert!(ns.links().is_empty(), "{:?}", ns.links());
-            expect_refused(netns::v4(7001));
-            expect_refused(netns::v4(netns::LISTENER_PORT));
-        },
-    );
-}
 
 // ---------------------------------------------------------------------------------------------
 // Inherited descriptors
@@ -459,139 +322,6 @@ fn bad_inherited_descriptors_are_start_up_errors() {
 // ---------------------------------------------------------------------------------------------
 // Loops
 
-/// Issue 11, item 6: `check`, the start and every reload refuse a target that is the proxy's
-/// own frontend, naming it; the running config keeps serving.
-#[test]
-fn a_target_on_the_proxys_own_frontend_is_refused() {
-    let backend = Backend::echo();
-    let dir = TempDir::new("loop");
-    for target in ["127.0.0.1", "localhost", "[::1]", "0.0.0.0", "127.0.0.2"] {
-        let cfg = dir.write(
-            "loop.json",
-            &config(&[app(
-                "web",
-                &[7001, 7002],
-                &[backend.target(), format!("{target}:7002")],
-            )]),
-        );
-        let out = run(&["check", "-c", cfg.to_str().unwrap()]);
-        assert_eq!(out.code, Some(1), "{target}: {}", out.stdout);
-        assert!(
-            out.stdout.contains(&format!(
-                "app \"web\": Targets: \"{target}:7002\" is this proxy's own frontend"
-            )),
-            "{}",
-            out.stdout
-        );
-    }
-    // A local address on a port that is not a frontend is fine.
-    let cfg = dir.write(
-        "ok.json",
-        &config(&[app("web", &[7001], &["127.0.0.1:7002".into()])]),
-    );
-    assert_eq!(run(&["check", "-c", cfg.to_str().unwrap()]).code, Some(0));
-
-    let port = common::free_port();
-    let mut p = Proxy::spawn(
-        &config(&[app("web", &[port], &[format!("localhost:{port}")])]),
-        &[],
-    );
-    let (code, log) = refused_start(&mut p);
-    assert_eq!(code, Some(1), "{log}");
-    assert!(
-        log.contains(&format!(
-            "\"localhost:{port}\" is this proxy's own frontend"
-        )),
-        "{log}"
-    );
-
-    let p = serving(&["--reload-interval", "50ms"], &backend);
-    let port = p.ports[0];
-    let mark = p.mark();
-    p.rewrite_config(&config(&[app(
-        "echo",
-        &[port],
-        &[format!("127.0.0.1:{port}")],
-    )]));
-    p.wait_log_since(mark, "loop rejected", |l| {
-        l.contains("reload rejected")
-            && l.contains(&format!(
-                "\"127.0.0.1:{port}\" is this proxy's own frontend"
-            ))
-    });
-    assert_serves_then_stops(p);
-}
-
-/// This host's name, resolved: a name (not `localhost`) that the config check cannot know is
-/// local, as a DNS name that later points at the proxy would be.
-fn local_hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes.
-    assert_eq!(
-        unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) },
-        0
-    );
-    let name =
-        String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == 0).unwrap()]).into_owned();
-    let local = std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), 0))
-        .map(|mut a| a.any(|a| std::net::UdpSocket::bind((a.ip(), 0)).is_ok()))
-        .unwrap_or(false);
-    assert!(
-        local,
-        "this test needs the host name {name:?} to resolve to a local address"
-    );
-    name
-}
-
-two_modes!(
-    /// Issue 11, item 6, both modes: a reload naming a local address on one of the proxy's
-    /// ports is refused (the running config serves on), and a name that resolves to the proxy
-    /// only at connect time ends that connection as `connect_failed` with `reason=loop`, once
-    /// (no cascade), while the other app is served.
-    loops_are_refused_at_reload_and_cut_at_run_time,
-    |env: Env| {
-        let host = local_hostname();
-        let beta = Backend::tagged("beta");
-        let ports = env.ports(2);
-        let cfg = |alpha_target: String| {
-            config(&[
-                app("alpha", &ports[..1], &[alpha_target]),
-                app("beta", &ports[1..], &[beta.target()]),
-            ])
-        };
-        let mut p = env.start(&ports, &cfg(beta.target()), &["--reload-interval", "100ms"]);
-
-        let mark = p.mark();
-        let own = format!("127.0.0.1:{}", ports[1]);
-        p.rewrite_config(&cfg(own.clone()));
-        p.wait_log_since(mark, "loop rejected", |l| {
-            l.contains("reload rejected")
-                && l.contains(&format!("\"{own}\" is this proxy's own frontend"))
-        });
-        p.wait_log_since(mark, "the end of the rejection", |l| {
-            l.contains("reload rejected: keeping the running config")
-        });
-        assert_eq!(tag_of(p.v4(0)), "beta", "the running config serves on");
-
-        let mark = p.mark();
-        p.rewrite_config(&cfg(format!("{host}:{}", ports[1])));
-        p.wait_log_since(mark, "reload ok", |l| l.contains(" reload ok: "));
-        let mut s = connect(p.v4(0));
-        expect_closed(&mut s, WAIT);
-        let line = p.wait_conn(s.local_addr().unwrap());
-        assert_eq!(line.end, "connect_failed", "{}", line.line);
-        assert_eq!(line.reason.as_deref(), Some("loop"), "{}", line.line);
-        assert_eq!(line.target, format!("{host}:{}", ports[1]));
-        assert_eq!(tag_of(p.v4(1)), "beta");
-        // Cut at the first hop: one loop line, and beta saw no connection from the proxy itself.
-        let conns = p.conns();
-        let loops = conns.iter().filter(|c| c.reason.as_deref() == Some("loop")).count();
-        assert_eq!(loops, 1, "{}", p.logs().join("\n"));
-        p.signal(libc::SIGTERM);
-        assert_eq!(p.wait_exit(WAIT).code(), Some(0));
-    }
-);
-
 // ---------------------------------------------------------------------------------------------
 // Names and ports
 
@@ -643,9 +373,7 @@ fn bad_names_and_zero_padded_ports_are_refused() {
         &[p.ports[0]],
         &[backend.target()],
     )]));
-    p.wait_log_since(mark, "name rejected", |l| {
-        l.contains("reload rejected") && l.contains("Name: must be")
-    });
+    p.wait_reload_rejected_for(mark, "Name: must be");
     assert!(
         p.lines_since(mark, |l| l.starts_with("INFO  forged"))
             .is_empty(),
@@ -802,33 +530,4 @@ fn user_errors_are_clear() {
         "{}",
         out.stderr
     );
-}
-
-/// Issue 11, item 11: an upgrade does not execute a binary that group or others may write;
-/// the log says why and the running proxy carries on.
-#[test]
-fn upgrade_refuses_a_binary_others_may_write() {
-    let bin_dir = TempDir::new("bin");
-    let bin = bin_dir.path.join("flyproxy");
-    fs::copy(BIN, &bin).unwrap();
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o777)).unwrap();
-    let backend = Backend::echo();
-    let port = common::free_port();
-    let dir = TempDir::new("proxy");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[app("echo", &[port], &[backend.target()])]),
-    );
-    let mut cmd = Command::new(&bin);
-    cmd.arg("simple").arg("-c").arg(&cfg).stdin(Stdio::null());
-    let mut p = Proxy::spawn_cmd(cmd, dir, cfg);
-    p.ports = vec![port];
-    p.wait_started().unwrap();
-    p.signal(libc::SIGUSR2);
-    let line = p.wait_log("upgrade refused", |l| l.contains("upgrade failed"));
-    assert!(
-        line.contains("is writable by group or others (mode 777): refusing to execute it"),
-        "{line}"
-    );
-    assert_serves_then_stops(p);
 }

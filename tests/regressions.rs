@@ -1,30 +1,14 @@
-//! Defects found by a review of the merged work, attacking the real binary: each test is the
-//! failing case that was fixed.
+//! Regressions: each test is the failing case of a defect found by the review of the merged
+//! work (attacking the real binary), named after what it guards, its doc comment saying what
+//! went wrong before. Regressions that belong to a behaviour with a file of its own live there
+//! (tests/reload.rs: `too_many_pairs_reload`, `reload_past_the_descriptor_budget_is_refused`).
 
 mod common;
-#[allow(dead_code)]
-mod netns;
-#[macro_use]
-mod modes;
 
 use std::time::Duration;
 
-use common::{app, config, connect, roundtrip, run, Backend, TempDir, WAIT};
-use modes::Env;
+use common::{config, full_range_apps, run, TempDir, WAIT};
 use serde_json::json;
-
-/// An app on every port (1-65535) of `n` addresses: `n` * 65,535 (address, port) pairs from
-/// a file of one line. (One app rather than `n`: the same pairs, at a 16th of the parsing, which
-/// matters to a debug build on a loaded machine.)
-fn full_range_apps(n: usize) -> Vec<serde_json::Value> {
-    let addresses: Vec<String> = (0..n)
-        .map(|i| format!("10.9.{}.{}", i / 256, i % 256))
-        .collect();
-    vec![
-        json!({"Name": "wide", "Ports": ["1-65535"], "Addresses": addresses,
-                "Targets": ["127.0.0.1:9"]}),
-    ]
-}
 
 /// More (address, port) pairs than the proxy can hold (bpf mode's bindings map has 2^20
 /// entries) is a validation error naming the count, and cheap to find: before, `check`
@@ -66,40 +50,6 @@ fn too_many_address_port_pairs_is_a_problem() {
         out.stderr
     );
 }
-
-/// A reload past the bound is rejected whole and the running config keeps serving with no CPU
-/// spent. Before, bpf mode logged `reload ok`, wrote the map until it was full (the old port
-/// among those removed or not, as it happened) and retried the rest at every reload tick,
-/// using about 90% of a core for as long as that config stayed.
-fn too_many_pairs_reload_is_rejected(env: Env) {
-    let echo = Backend::echo();
-    let ports = env.ports(1);
-    let served = app("served", &ports, &[echo.target()]);
-    let p = env.start(&ports, &config(std::slice::from_ref(&served)), &[]);
-    let mark = p.mark();
-    let mut apps = full_range_apps(17);
-    apps.push(served);
-    p.rewrite_config(&config(&apps));
-    p.wait_log_since(mark, "the rejected reload", |l| {
-        l.contains("reload rejected") && l.contains("(address, port) pairs in all")
-    });
-    assert!(
-        p.lines_since(mark, |l| l.contains("reload ok")
-            || l.contains("bpf: cannot update"))
-            .is_empty(),
-        "{:#?}",
-        p.logs()
-    );
-    let mut s = connect(p.v4(0));
-    roundtrip(&mut s, b"still served");
-    let cpu = p.cpu_during(Duration::from_secs(3));
-    assert!(
-        cpu < 1.0,
-        "the proxy used {cpu:.2} CPU-s in 3 s after the rejected reload"
-    );
-}
-
-two_modes!(too_many_pairs_reload, too_many_pairs_reload_is_rejected);
 
 /// A target is checked against the prefixes of its port by lookup, not by trying each: with an
 /// address per app (an edge's way to tell apps apart), `check`, the start and every reload
@@ -148,60 +98,6 @@ fn loop_check_with_an_address_per_app_is_fast() {
         took < Duration::from_secs(10),
         "check of {APPS} apps took {took:?}"
     );
-}
-
-/// A reload that adds more listeners than the open-file limit leaves room for beside the
-/// connection bound is refused before anything is bound, naming the numbers; one that fits is
-/// applied. Before, simple mode bound until EMFILE (a range of 50,000 ports took every
-/// descriptor for half a second, failing the connects and accepts of live traffic, before the
-/// reload was rejected), and a range that happened to bind left too few descriptors for the
-/// connection bound fitted at start.
-#[test]
-fn reload_past_the_descriptor_budget_is_refused() {
-    const NOFILE: u64 = 400;
-    let echo = Backend::echo();
-    let ports = common::free_ports(1 + 150);
-    let dir = TempDir::new("review");
-    let cfg = dir.write(
-        "config.json",
-        &config(&[app("served", &ports[..1], &[echo.target()])]),
-    );
-    let mut cmd = std::process::Command::new(common::BIN);
-    cmd.arg("simple")
-        .arg("-c")
-        .arg(&cfg)
-        .args(["--max-connections", "100"]);
-    common::with_fd_limit(&mut cmd, NOFILE);
-    let mut p = common::Proxy::spawn_cmd(cmd, dir, cfg);
-    p.ports = ports.clone();
-    p.wait_started().expect("started");
-    // 400 - (32 other + 66 health checks) - 2 * 100 connections: room for 102 listeners.
-    let mark = p.mark();
-    p.rewrite_config(&config(&[
-        app("served", &ports[..1], &[echo.target()]),
-        app("wide", &ports[1..], &[echo.target()]),
-    ]));
-    let rejected = p.wait_log_since(mark, "the rejected reload", |l| {
-        l.contains("reload rejected")
-    });
-    assert!(
-        rejected.contains("the config needs 151 listening sockets")
-            && rejected.contains("room for 102"),
-        "{rejected}"
-    );
-    let mut s = connect(p.v4(0));
-    roundtrip(&mut s, b"still served");
-    // Nothing of the refused reload is listened on.
-    common::expect_refused(p.v4(1));
-    // Within the room: applied.
-    let mark = p.mark();
-    p.rewrite_config(&config(&[
-        app("served", &ports[..1], &[echo.target()]),
-        app("wide", &ports[1..61], &[echo.target()]),
-    ]));
-    p.wait_log_since(mark, "the reload", |l| l.contains("reload ok"));
-    let mut s = connect(p.v4(60));
-    roundtrip(&mut s, b"new port served");
 }
 
 /// `flyproxy status` pointed at something that is not a flyproxy (a wrong address): an endless
