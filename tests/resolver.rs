@@ -409,7 +409,7 @@ fn a_hanging_lookup_fails_over_to_the_next_target_at_the_deadline() {
 
 /// A thousand connections to an app whose target is a name cause one lookup: the first fifty,
 /// at once while the DNS server takes 300 ms, share it; the others find the answer cached
-/// (`--dns-ttl 1m`). Every connection reaches the target.
+/// (`--dns-ttl 1m`). Every connection reaches the target, and the metrics count the one lookup.
 #[test]
 fn a_thousand_connects_to_one_name_cause_one_lookup() {
     netns::run_plain(
@@ -427,7 +427,7 @@ fn a_thousand_connects_to_one_name_cause_one_lookup() {
                     Proxy::simple()
                         .config_on(&[7000], &config(&[app("named", &[7000], &[target])])),
                 )
-                .args(&["--dns-ttl", "1m"])
+                .args(&["--dns-ttl", "1m", "--metrics", "127.0.0.1:9089"])
                 .start();
             let clients: Vec<_> = (0..50)
                 .map(|_| {
@@ -447,6 +447,9 @@ fn a_thousand_connects_to_one_name_cause_one_lookup() {
                 1,
                 "lookups of fast.test ({queries} queries in all)"
             );
+            let m = common::metrics::scrape(SocketAddr::from((Ipv4Addr::LOCALHOST, 9089)));
+            assert_eq!(m.get("flyproxy_dns_lookups_total", &[]), 1.0);
+            assert_eq!(m.get("flyproxy_dns_lookups_refused_total", &[]), 0.0);
             drop(p);
         },
     );

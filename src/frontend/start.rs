@@ -165,13 +165,14 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
+    let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
         published: Arc::clone(&published),
         slots: Arc::clone(&slots),
         lookups: source.lookup_stats(),
+        resolver: resolver.clone(),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
-    let resolver = Resolver::new(settings.dns_ttl);
     let pool = relay_pool(
         &settings,
         fds.pipes,
