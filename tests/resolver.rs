@@ -265,7 +265,10 @@ fn never_answers(env: Env) {
             let timeout = Duration::from_secs(1);
             let began = Instant::now();
             // Forty clients of `neigh` now, and forty more once the first lookup has failed.
-            let waves: Vec<JoinHandle<Vec<(SocketAddr, Duration)>>> = [0u64, 7]
+            // Each client keeps its socket (closed by the proxy) to the end, so that no later
+            // client of `neigh` gets its port; `good`'s clients may, told apart by the app.
+            type Wave = Vec<(TcpStream, SocketAddr, Duration)>;
+            let waves: Vec<JoinHandle<Wave>> = [0u64, 7]
                 .into_iter()
                 .map(|after| {
                     thread::spawn(move || {
@@ -277,7 +280,7 @@ fn never_answers(env: Env) {
                                     let local = s.local_addr().unwrap();
                                     let t = Instant::now();
                                     expect_closed(&mut s, WAIT);
-                                    (local, t.elapsed())
+                                    (s, local, t.elapsed())
                                 })
                             })
                             .collect();
@@ -304,8 +307,8 @@ fn never_answers(env: Env) {
             assert!(down.is_empty(), "good's targets went down: {down:#?}");
             let waves: Vec<_> = waves.into_iter().map(|w| w.join().unwrap()).collect();
             let mut longest = 0f64;
-            for (local, waited) in &waves[0] {
-                let c = p.wait_conn(*local);
+            for (_, local, waited) in &waves[0] {
+                let c = p.wait_conn_of_app(*local, "neigh");
                 assert_eq!(c.end, "connect_failed", "{}", c.line);
                 let reason = c.reason.clone().unwrap_or_default();
                 assert!(
@@ -330,10 +333,10 @@ fn never_answers(env: Env) {
                     "the client waited {waited:?}"
                 );
             }
-            for (local, waited) in &waves[1] {
+            for (_, local, waited) in &waves[1] {
                 // After a failed lookup the name is either being looked up again (a timeout
                 // again) or remembered as failed for a second (at once).
-                let c = p.wait_conn(*local);
+                let c = p.wait_conn_of_app(*local, "neigh");
                 assert_eq!(c.end, "connect_failed", "{}", c.line);
                 assert!(
                     *waited < timeout + Duration::from_millis(900),
