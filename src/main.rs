@@ -51,6 +51,14 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // After the environment is read (this starts the log's writer thread), before privileges
+    // are dropped (the files may be in a directory only root can write to).
+    if let Err(e) = log::init(settings.log_file.as_deref(), &settings.access_log) {
+        error!("{e}");
+        error!("exiting with status 1");
+        log::flush();
+        return ExitCode::FAILURE;
+    }
     let handed = frontend::Handed {
         exec: upgrade::Exec::current().ok(),
         ready: inherited.ready,

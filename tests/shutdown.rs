@@ -248,3 +248,60 @@ fn bpf_sigterm_during_start_up_leaves_nothing_attached() {
         },
     );
 }
+
+/// Issue 23: SIGQUIT (nginx's graceful stop) killed the proxy at once (exit 131, connections
+/// cut). It now stops as SIGTERM does: listeners closed, the open connection finishes within
+/// the drain, exit 0.
+#[test]
+fn sigquit_drains_like_sigterm() {
+    let backend = Backend::echo();
+    let mut proxy = serving(&["--drain-timeout", "60s"], &backend);
+    let mut open = connect(proxy.v4(0));
+    roundtrip(&mut open, b"before SIGQUIT\n");
+    let mark = proxy.mark();
+    proxy.signal(libc::SIGQUIT);
+    let stopping = proxy.wait_stopping(mark);
+    assert!(stopping.contains(" 1 connections draining "), "{stopping}");
+    netns::assert_refused(proxy.ports[0]);
+    roundtrip(&mut open, b"while draining\n");
+    assert!(
+        proxy.try_status().is_none(),
+        "exited with a connection open"
+    );
+    drop(open);
+    let status = proxy.wait_exit(WAIT);
+    assert_eq!(status.code(), Some(0), "{}", proxy.logs().join("\n"));
+    proxy.wait_stopped_clean(mark);
+}
+
+/// Issue 23: SIGUSR1 killed the proxy (exit 138). No signal an operator may send by habit ends
+/// it: SIGUSR1 (reopens the logs), SIGWINCH, SIGPIPE and SIGALRM leave it serving, the open
+/// connection included, and it still stops cleanly on SIGTERM.
+#[test]
+fn habitual_signals_leave_the_proxy_running() {
+    let backend = Backend::echo();
+    let proxy = serving(&[], &backend);
+    let mut open = connect(proxy.v4(0));
+    for (sig, name) in [
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGWINCH, "SIGWINCH"),
+        (libc::SIGPIPE, "SIGPIPE"),
+        (libc::SIGALRM, "SIGALRM"),
+    ] {
+        let mark = proxy.mark();
+        proxy.signal(sig);
+        if sig == libc::SIGUSR1 {
+            proxy.wait_log_since(mark, "the SIGUSR1 line", |l| {
+                l.contains(" INFO  SIGUSR1: reopening the log files")
+            });
+        } else {
+            // Nothing to wait for: give the kernel time to deliver it, then look.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        roundtrip(&mut open, format!("after {name}\n").as_bytes());
+        let mut fresh = connect(proxy.v4(0));
+        roundtrip(&mut fresh, format!("new after {name}\n").as_bytes());
+    }
+    drop(open);
+    assert_serves_then_stops(proxy);
+}

@@ -317,6 +317,14 @@ fn serving_pid(line: &str) -> Option<u32> {
         .ok()
 }
 
+/// What `ps -C` matches: /proc/PID/comm.
+fn process_name(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim_end()
+        .to_owned()
+}
+
 /// Every pid named by a `started` line so far: all the generations.
 fn generations(proxy: &Proxy) -> Vec<u32> {
     proxy.logs().iter().filter_map(|l| started_pid(l)).collect()
@@ -1105,6 +1113,12 @@ fn upgrade_command_signals_the_pid_in_the_pid_file() {
     });
     let new = serving_pid(&line).unwrap_or_else(|| panic!("{line}"));
     wait_pid_file(&pid_file, new);
+    // Issue 23: the new process was named `N` after the /proc/self/fd/N it was executed
+    // through, and `ps -C flyproxy` (which matches /proc/PID/comm) no longer found it.
+    assert_eq!(process_name(new), "flyproxy", "/proc/{new}/comm");
+    let argv0 = fs::read(format!("/proc/{new}/cmdline")).unwrap();
+    let argv0 = String::from_utf8_lossy(argv0.split(|&b| b == 0).next().unwrap()).into_owned();
+    assert_eq!(Path::new(&argv0), bin.path, "argv[0] of pid {new}");
     // Once the old process has closed its copies of the listeners, new connections reach the
     // new process; the open one stays with the old one.
     proxy.wait_log_since(mark, "the old process's `stopping`", |l| {

@@ -21,7 +21,9 @@ use crate::frontend::candidate::{self, LoadError};
 use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::ports::{Accepted, PortSource};
 use crate::frontend::signals::{self, SignalPipes};
-use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE};
+use crate::frontend::tokens::{
+    REOPEN_PIPE, SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE,
+};
 use crate::frontend::watch::Watch;
 use crate::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
@@ -215,6 +217,11 @@ impl Loop {
                 signals::arrived(&mut self.signals.upgrade);
                 self.lifecycle
                     .upgrade_signal(poll.registry(), self.source.as_ref());
+            }
+            REOPEN_PIPE => {
+                signals::arrived(&mut self.signals.reopen);
+                crate::info!("SIGUSR1: reopening the log files");
+                crate::sys::log::reopen();
             }
             UPGRADE_READY => {
                 let next = self.lifecycle.upgrade_progress(poll.registry());

@@ -117,7 +117,7 @@ impl Lifecycle {
         )
     }
 
-    /// SIGTERM or SIGINT.
+    /// SIGTERM, SIGINT or SIGQUIT.
     pub(super) fn stop_signal(&mut self, registry: &Registry) -> Next {
         match &mut self.phase {
             Phase::Draining {

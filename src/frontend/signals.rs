@@ -5,30 +5,39 @@
 
 use std::io::{self, Read};
 use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use mio::net::UnixStream;
 use mio::{Interest, Poll, Token};
 
-use crate::frontend::tokens::{SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE};
+use crate::frontend::tokens::{REOPEN_PIPE, SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE};
 
 /// The read ends of the signal self-pipes.
 pub(super) struct SignalPipes {
     /// SIGHUP: reload.
     pub(super) hup: UnixStream,
-    /// SIGTERM, SIGINT: stop.
+    /// SIGTERM, SIGINT, SIGQUIT: stop.
     pub(super) stop: UnixStream,
     /// SIGUSR2: upgrade.
     pub(super) upgrade: UnixStream,
+    /// SIGUSR1: reopen the log files.
+    pub(super) reopen: UnixStream,
 }
 
 impl SignalPipes {
     /// Register the handlers and the pipes' read ends with `poll`, under their tokens.
     pub(super) fn new(poll: &Poll) -> io::Result<SignalPipes> {
-        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+        use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+        // A handler that only sets a flag nobody reads: the signal is caught, so its default
+        // action (terminate) never runs. Not SIG_IGN, which a child (an upgrade's new process,
+        // before it sets its own handlers up) would inherit across exec.
+        signal_hook::flag::register(SIGALRM, Arc::new(AtomicBool::new(false)))?;
         Ok(SignalPipes {
             hup: signal_pipe(poll, SIGHUP_PIPE, &[SIGHUP])?,
-            stop: signal_pipe(poll, STOP_PIPE, &[SIGTERM, SIGINT])?,
+            stop: signal_pipe(poll, STOP_PIPE, &[SIGTERM, SIGINT, SIGQUIT])?,
             upgrade: signal_pipe(poll, UPGRADE_PIPE, &[SIGUSR2])?,
+            reopen: signal_pipe(poll, REOPEN_PIPE, &[SIGUSR1])?,
         })
     }
 }

@@ -7,7 +7,7 @@ use crate::frontend::ports::FIRST_LISTENER;
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
 pub(super) const SIGHUP_PIPE: Token = Token(0);
-/// Readable when SIGTERM or SIGINT arrived.
+/// Readable when SIGTERM, SIGINT or SIGQUIT arrived.
 pub(super) const STOP_PIPE: Token = Token(1);
 /// Woken by a relay thread that gave back a slot the loop is waiting for.
 pub(super) const WAKE: Token = Token(2);
@@ -15,5 +15,7 @@ pub(super) const WAKE: Token = Token(2);
 pub(super) const UPGRADE_PIPE: Token = Token(3);
 /// The new process of an upgrade writes here once it serves (or closes it by dying).
 pub(super) const UPGRADE_READY: Token = Token(4);
+/// Readable when SIGUSR1 (reopen the log files) arrived.
+pub(super) const REOPEN_PIPE: Token = Token(5);
 
-const _: () = assert!(UPGRADE_READY.0 < FIRST_LISTENER);
+const _: () = assert!(REOPEN_PIPE.0 < FIRST_LISTENER);

@@ -64,6 +64,6 @@ impl ConnLine<'_> {
                 fields.push((name, Field::Str(v)));
             }
         }
-        log::record(level, "conn", &fields);
+        log::access(level, "conn", &fields);
     }
 }

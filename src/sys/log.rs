@@ -1,11 +1,18 @@
-//! Logging to stderr, one line per event, as text (`2026-11-26T06:43:26.123Z INFO  message
-//! key=value ...`) or as JSON objects (`--log-format json`).
+//! Logging, one line per event, as text (`2026-11-26T06:43:26.123Z INFO  message
+//! key=value ...`) or as JSON objects (`--log-format json`), to stderr or `--log-file`; the
+//! access lines (`conn`, one per connection) with them or apart (`--access-log`).
 //!
 //! Lines are formatted by the thread that logs them and handed to one writer thread through a
-//! bounded queue, so a slow or blocked stderr never stalls relaying or accepting: when the queue
-//! is full the line is dropped and counted, and the writer reports the count once it catches up.
-//! The level and format are globals set once at start; the macros check the level before
-//! formatting anything.
+//! bounded queue, so a slow or blocked stderr or disk never stalls relaying or accepting: when
+//! the queue is full the line is dropped and counted, and the writer reports the count once it
+//! catches up. The writer alone owns the destinations (`output`); reopening them on SIGUSR1 is
+//! a request it carries out between two batches. The level and format are globals set once at
+//! start; the macros check the level before formatting anything.
+
+mod output;
+
+use output::Outputs;
+pub use output::{AccessLog, OpenError};
 
 use std::fmt;
 use std::io::Write;
@@ -74,11 +81,27 @@ impl Format {
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 static JSON: AtomicBool = AtomicBool::new(false);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
+/// Where access lines go, as `ACCESS_*`: whether they are written, and at which levels.
+static ACCESS: AtomicU8 = AtomicU8::new(ACCESS_WITH_LOG);
+const ACCESS_WITH_LOG: u8 = 0;
+const ACCESS_OFF: u8 = 1;
+const ACCESS_OWN: u8 = 2;
+/// Set by `reopen`, taken by the writer after its batch: a request that survives a full queue.
+static REOPEN: AtomicBool = AtomicBool::new(false);
 
 enum Msg {
-    Line(String),
+    Line {
+        text: String,
+        level: Level,
+        /// An access line: written where those go.
+        access: bool,
+    },
     /// Acknowledged once every line before it is written.
     Flush(SyncSender<()>),
+    /// Write to these from now on.
+    Use(Box<Outputs>),
+    /// Wakes the writer to look at `REOPEN`.
+    Reopen,
 }
 
 static QUEUE_TX: OnceLock<Option<SyncSender<Msg>>> = OnceLock::new();
@@ -93,6 +116,33 @@ pub fn set_format(format: Format) {
 
 pub fn enabled(level: Level) -> bool {
     level as u8 <= LEVEL.load(Ordering::Relaxed)
+}
+
+/// Open the log file and the access log's file, if any, and write there from now on; until
+/// then everything goes to stderr. Call once at start, before privileges are dropped.
+pub fn init(log_file: Option<&std::path::Path>, access: &AccessLog) -> Result<(), OpenError> {
+    let outputs = Outputs::open(log_file, access)?;
+    let mode = match access {
+        AccessLog::WithLog => ACCESS_WITH_LOG,
+        AccessLog::Off => ACCESS_OFF,
+        AccessLog::Stderr | AccessLog::File(_) => ACCESS_OWN,
+    };
+    ACCESS.store(mode, Ordering::Relaxed);
+    if let Some(tx) = queue() {
+        // Blocking: the queue is all but empty at start, and no line may pass the switch.
+        let _ = tx.send(Msg::Use(Box::new(outputs)));
+    }
+    Ok(())
+}
+
+/// Ask the writer to reopen the log files at their paths (after a rotation renamed them). It
+/// does so after the lines already queued, which still go to the old files.
+pub fn reopen() {
+    REOPEN.store(true, Ordering::Relaxed);
+    if let Some(tx) = queue() {
+        // A full queue already has the writer busy: it sees the flag after that batch.
+        let _ = tx.try_send(Msg::Reopen);
+    }
 }
 
 /// Lines dropped because the writer could not keep up.
@@ -119,7 +169,7 @@ pub fn write(level: Level, args: fmt::Arguments<'_>) {
         push_escaped(&mut line, &args.to_string());
         line.push('\n');
     }
-    send(line);
+    send(line, level, false);
 }
 
 /// Append `text` with line breaks, tabs and other control characters written as escapes.
@@ -141,9 +191,25 @@ pub fn push_escaped(out: &mut String, text: &str) {
 /// Write one structured record: `msg` and its fields, as `msg k=v ...` in text or as JSON
 /// members. String values are quoted in text only when they need it.
 pub fn record(level: Level, msg: &str, fields: &[(&str, Field<'_>)]) {
-    if !enabled(level) {
-        return;
+    if enabled(level) {
+        send(format_record(level, msg, fields), level, false);
     }
+}
+
+/// Write one access record (a connection's line): as `record`, but where `--access-log` says,
+/// and, when that is a destination of its own, whatever the log level.
+pub fn access(level: Level, msg: &str, fields: &[(&str, Field<'_>)]) {
+    let write = match ACCESS.load(Ordering::Relaxed) {
+        ACCESS_OFF => false,
+        ACCESS_OWN => true,
+        _ => enabled(level),
+    };
+    if write {
+        send(format_record(level, msg, fields), level, true);
+    }
+}
+
+fn format_record(level: Level, msg: &str, fields: &[(&str, Field<'_>)]) -> String {
     let mut line = String::with_capacity(256);
     use fmt::Write as _;
     if JSON.load(Ordering::Relaxed) {
@@ -187,7 +253,7 @@ pub fn record(level: Level, msg: &str, fields: &[(&str, Field<'_>)]) {
         }
         line.push('\n');
     }
-    send(line);
+    line
 }
 
 /// A value in a structured record.
@@ -212,9 +278,13 @@ fn queue() -> Option<&'static SyncSender<Msg>> {
         .as_ref()
 }
 
-fn send(line: String) {
+fn send(text: String, level: Level, access: bool) {
     match queue() {
-        Some(tx) => match tx.try_send(Msg::Line(line)) {
+        Some(tx) => match tx.try_send(Msg::Line {
+            text,
+            level,
+            access,
+        }) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 DROPPED.fetch_add(1, Ordering::Relaxed);
@@ -222,7 +292,7 @@ fn send(line: String) {
         },
         // No writer thread could be started: write in place rather than lose the line.
         None => {
-            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+            let _ = std::io::stderr().lock().write_all(text.as_bytes());
         }
     }
 }
@@ -241,44 +311,64 @@ fn writer(rx: Receiver<Msg>) {
     // Capabilities belong to each thread: this one, started by the first log line, may
     // predate the main thread dropping them, and needs none.
     let _ = crate::sys::caps::keep_only(&[]);
-    let stderr = std::io::stderr();
+    let mut out = Outputs::stderr();
     let mut reported = 0;
     while let Ok(first) = rx.recv() {
-        let mut out = stderr.lock();
         let mut next = Some(first);
         // Write everything queued, then flush once.
         while let Some(msg) = next {
             match msg {
-                // A closed or full stderr must not take the proxy down; the line is lost.
-                Msg::Line(l) => {
-                    let _ = out.write_all(l.as_bytes());
-                }
+                Msg::Line {
+                    text,
+                    level,
+                    access,
+                } => out.write(level, access, &text),
                 Msg::Flush(ack) => {
-                    let _ = out.flush();
+                    out.flush();
                     let _ = ack.try_send(());
                 }
+                Msg::Use(outputs) => {
+                    out.flush();
+                    out = *outputs;
+                }
+                Msg::Reopen => {}
             }
             next = rx.try_recv().ok();
         }
         let dropped = DROPPED.load(Ordering::Relaxed);
         if dropped != reported {
             let msg = format!(
-                "{} log lines dropped: stderr could not keep up",
+                "{} log lines dropped: the log could not keep up",
                 dropped - reported
             );
-            let _ = if JSON.load(Ordering::Relaxed) {
-                writeln!(
-                    out,
-                    "{{\"ts\":\"{}\",\"level\":\"warn\",\"msg\":{}}}",
-                    Timestamp::now(),
-                    serde_json::Value::String(msg)
-                )
-            } else {
-                writeln!(out, "{} WARN  {msg}", Timestamp::now())
-            };
+            out.write(Level::Warn, false, &plain_line(Level::Warn, &msg));
             reported = dropped;
         }
-        let _ = out.flush();
+        if REOPEN.swap(false, Ordering::Relaxed) {
+            for (level, msg) in out.reopen() {
+                if enabled(level) {
+                    out.write(level, false, &plain_line(level, &msg));
+                }
+            }
+        }
+        out.flush();
+    }
+}
+
+/// A line of the writer's own (it has no `fmt::Arguments` to hand to `write`).
+fn plain_line(level: Level, msg: &str) -> String {
+    if JSON.load(Ordering::Relaxed) {
+        format!(
+            "{{\"ts\":\"{}\",\"level\":\"{}\",\"msg\":{}}}\n",
+            Timestamp::now(),
+            level.name(),
+            serde_json::Value::String(msg.to_owned())
+        )
+    } else {
+        let mut line = format!("{} {:<5} ", Timestamp::now(), level.label());
+        push_escaped(&mut line, msg);
+        line.push('\n');
+        line
     }
 }
 

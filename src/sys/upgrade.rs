@@ -227,6 +227,9 @@ impl Inherited {
                 ));
             }
         }
+        if fds.ready.is_some() {
+            name_after_argv0();
+        }
         // Every one checked: take them.
         let mut inherited = Inherited::default();
         if let Some(fd) = fds.ready {
@@ -248,6 +251,34 @@ impl Inherited {
         }
         Ok(inherited)
     }
+}
+
+/// Give the process the name of the binary again. A process started by an upgrade was executed
+/// through `/proc/self/fd/N` (see `spawn`), and the kernel names a process after the last part
+/// of the path executed: it would be called `N`, and `ps -C flyproxy`, `pgrep` or `killall`
+/// would not find it. argv[0] is the path as given (`spawn` sets it), so its last part is
+/// the name it had. fexecve(3) would not help: it executes `/dev/fd/N` (or `execveat` with an
+/// empty path), which names the process `N` just the same; executing by path instead would
+/// run whatever was renamed over it after `check_binary` looked.
+///
+/// Called on the main thread before any other starts: PR_SET_NAME names the calling thread,
+/// and the main thread's name is the process's (`/proc/PID/comm`), which later threads inherit.
+fn name_after_argv0() {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(argv0) = std::env::args_os().next() else {
+        return;
+    };
+    let Some(base) = std::path::Path::new(&argv0).file_name() else {
+        return;
+    };
+    // The kernel keeps 15 bytes and a NUL; a name with a NUL in it cannot be given.
+    let bytes: Vec<u8> = base.as_bytes().iter().copied().take(15).collect();
+    let Ok(name) = std::ffi::CString::new(bytes) else {
+        return;
+    };
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes from the pointer,
+    // which `name` keeps alive for the call. A failure only leaves the old name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
 
 /// The mode bits of what `fd` is, or why it is not open.
