@@ -97,16 +97,18 @@ test: toolchain test-deps lint nextest
 	@# the package first, so its release build does not compete with the other tests for the CPU.
 	@if [ -n "$$CI" ] && [ "$$CI" != 0 ] && [ "$$CI" != false ] || [ "$$FLYPROXY_PACKAGING_TESTS" = 1 ]; then \
 	  $(MAKE) --no-print-directory deb; fi
-	@# Then the fuzz crate's checks on their seed corpora (fuzz/tests/seeds.rs, under a second):
-	@# its independent validators follow every config key, so a change that forgets them fails
-	@# here. They run even when the main tests failed; `make test` fails if either did.
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	@# The fuzz crate's checks on their seed corpora (fuzz/tests/seeds.rs, under a second) run
+	@# first: its independent validators follow every config key, so a change that forgets them
+	@# fails here. The main tests run even when they failed, and their summary is the run's last
+	@# line; `make test` fails if either part did.
+	@echo "$(CARGO) test --manifest-path fuzz/Cargo.toml --test seeds"; \
+	$(CARGO) test --manifest-path fuzz/Cargo.toml --test seeds; fuzz=$$?; \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  echo "$(CARGO) nextest run --no-fail-fast"; $(CARGO) nextest run --no-fail-fast; \
 	else \
 	  echo "$(CARGO) test --no-fail-fast"; $(CARGO) test --no-fail-fast; \
 	fi; main=$$?; \
-	echo "$(CARGO) test --manifest-path fuzz/Cargo.toml"; \
-	$(CARGO) test --manifest-path fuzz/Cargo.toml; fuzz=$$?; \
+	[ $$fuzz -eq 0 ] || echo "flyproxy: the fuzz crate's seed checks failed (above)" >&2; \
 	[ $$main -eq 0 ] && [ $$fuzz -eq 0 ]
 
 # The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network

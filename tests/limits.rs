@@ -589,6 +589,86 @@ fn per_app_client_limit_and_every_end_gives_the_count_back() {
     assert!(p.lines(|l| l.contains("end=client_limit")).len() == 1);
 }
 
+/// Every app on a Hostnames port has `MaxConnectionsPerClient` (2 and 5), `--max-connections
+/// 200`: one address opening 200 silent connections holds 5 (the largest, counted at accept),
+/// the rest closed at once, and another address's hello is served at once, not after the
+/// preread timeout (issue 21: the app's limit was counted only after the hello, and the silent
+/// ones held every slot for 4.5 s, again at every retry). The app's own limit still applies
+/// once the name is read.
+fn silent_flood_on_a_hostnames_port(env: Env) {
+    let echo = Backend::echo();
+    let p = env
+        .proxy()
+        .ports(1, |ports| {
+            let mut small = quiet_app("small", ports, &[echo.target()]);
+            small["Hostnames"] = json!(["small.example"]);
+            small["MaxConnectionsPerClient"] = json!(2);
+            let mut big = quiet_app("big", ports, &[echo.target()]);
+            big["Hostnames"] = json!(["big.example"]);
+            big["MaxConnectionsPerClient"] = json!(5);
+            config(&[small, big])
+        })
+        .args(&["--max-connections", "200", "--preread-timeout", "60s"])
+        .start();
+    let flood = Ipv4Addr::new(127, 0, 0, 2);
+    let other = Ipv4Addr::new(127, 0, 0, 3);
+    let silent: Vec<TcpStream> = (0..200).map(|_| connect_from(flood, p.v4(0))).collect();
+    let refused = p.wait_log_count(0, 195, "refused at accept", |l| {
+        l.contains(" end=client_limit ") && l.contains("client=127.0.0.2:")
+    });
+    let line = ConnLine::parse(&refused[0]).unwrap();
+    assert_eq!(line.app, "-", "{}", line.line);
+    assert!(
+        line.line.contains(
+            "reason=\"the client address has 5 connections open (the largest \
+             MaxConnectionsPerClient of the apps on the port)\""
+        ),
+        "{}",
+        line.line
+    );
+
+    // Another address is served at once; the app's own limit (2) applies once the name
+    // picked it, though 5 may be open at accept.
+    let began = Instant::now();
+    let hello = client_hello(Some("small.example"), 16 * 1024);
+    let mut served: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut c = connect_from(other, p.v4(0));
+            roundtrip(&mut c, &hello);
+            c
+        })
+        .collect();
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "another address waited {took:?} behind 200 silent connections"
+    );
+    let mut third = connect_from(other, p.v4(0));
+    third.write_all(&hello).unwrap();
+    expect_closed(&mut third, WAIT);
+    let line = p.wait_conn(third.local_addr().unwrap());
+    assert_eq!(
+        (line.end.as_str(), line.app.as_str()),
+        ("client_limit", "small"),
+        "{}",
+        line.line
+    );
+    for c in &mut served {
+        roundtrip(c, b"still served");
+    }
+    assert_eq!(
+        p.lines(|l| l.contains(" end=client_limit ")).len(),
+        196,
+        "195 refused at accept, 1 by the app's limit"
+    );
+    drop(silent);
+}
+
+two_modes!(
+    per_client_limit_at_accept_on_a_hostnames_port_keeps_slots_for_other_addresses,
+    silent_flood_on_a_hostnames_port
+);
+
 // ---------------------------------------------------------------------------------------------
 // Waiting for an app's MaxConnections (item 10)
 

@@ -283,6 +283,15 @@ pub fn run(path: &Path, pid: u32, rewrites: u64, first: u64, stop: &AtomicBool) 
             eprintln!("chaos: writing {}: {e}", path.display());
         }
         out.writes += 1;
+        if second_last {
+            // The last valid version must be read before the invalid one replaces it, or the
+            // check afterwards ("the applied config is the last valid version") fails for want
+            // of a reload that had no chance to happen: announced, and left for 3 ticks of the
+            // file watch (--reload-interval 200ms), which a loaded machine needs.
+            hup(&mut out);
+            std::thread::sleep(Duration::from_millis(600));
+            continue;
+        }
         // Most writes are announced; the others must be noticed by the file watch.
         if rng.chance(70) {
             hup(&mut out);

@@ -1,95 +1,125 @@
-//! An app's `MaxConnections`: the slots its connections hold, and the bounded queue of those
-//! waiting for one. The routing table gives each app with a limit one `AppLimit`, kept across
-//! reloads while the app stays.
+//! An app's `MaxConnections`: the slots its connections hold, and the queue of those waiting for
+//! one. The routing table gives each app with a limit one `AppLimit`, kept across reloads while
+//! the app stays.
+//!
+//! Waiters queue in arrival order, and a slot given back goes to the first of them directly
+//! (it is never free in between, so a newcomer cannot take it past them), whose waker is then
+//! called, once, from the thread that gave the slot back: a waiter wakes only when a slot is
+//! its own, never on a timer to look again. A waiter that leaves (its client reset, a drain,
+//! its deadline) leaves the queue at once, and a slot given to it that it did not take goes on
+//! to the next: no slot is lost to a waiter that is gone.
 
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-/// An app's `MaxConnections`: a counting semaphore. A connection over the limit waits for a
-/// slot (in the parking lot, without a thread, through `acquire_or_wait`; holding one of the
-/// global slots, so the global bound still holds) and gives up after the connect timeout;
-/// other apps are served meanwhile. No more connections wait than the limit itself: past that
-/// they are refused at once, so a flood at one app holds at most twice its limit of the global
-/// slots and cannot take the others'.
-#[derive(Debug, Default)]
+/// What wakes a waiter once a slot is its own (for the relay: its connection, out of the
+/// parking lot). Called without the limit's lock held, from whichever thread gave the slot.
+pub type Waker = Box<dyn FnOnce() + Send>;
+
+/// An app's `MaxConnections`: a counting semaphore with a FIFO queue. A connection over the
+/// limit waits for a slot (in the parking lot, without a thread, through `acquire_or_wait`;
+/// holding one of the global slots, so the global bound still holds) and gives up after the
+/// connect timeout; other apps are served meanwhile. No more connections wait than the limit
+/// itself: past that they are refused at once, so a flood at one app holds at most twice its
+/// limit of the global slots and cannot take the others'.
+#[derive(Default)]
 pub struct AppLimit {
     state: Mutex<LimitState>,
-    freed: Condvar,
 }
 
-#[derive(Debug, Default)]
+impl std::fmt::Debug for AppLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("AppLimit")
+            .field("max", &st.max)
+            .field("used", &st.used)
+            .field("waiting", &st.queue.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
 struct LimitState {
     max: usize,
+    /// Slots held, including those given to a waiter that has not taken its own yet.
     used: usize,
-    /// Connections waiting for a slot now.
-    waiting: usize,
+    /// Waiters by their place in arrival order, with what wakes each.
+    queue: BTreeMap<u64, Waker>,
+    /// Waiters given a slot that they have not taken yet (`LimitWait::try_take`).
+    granted: BTreeSet<u64>,
+    next: u64,
+}
+
+impl LimitState {
+    /// Give free slots to the first waiters; what wakes them, to be called once the lock is
+    /// released.
+    fn grant(&mut self) -> Vec<Waker> {
+        let mut wake = Vec::new();
+        while self.used < self.max {
+            let Some((id, waker)) = self.queue.pop_first() else {
+                break;
+            };
+            self.used += 1;
+            self.granted.insert(id);
+            wake.push(waker);
+        }
+        wake
+    }
+}
+
+/// Wake those `grant` gave a slot to (without the lock: a waker takes the parking lot's).
+fn wake_all(wake: Vec<Waker>) {
+    for w in wake {
+        w();
+    }
 }
 
 impl AppLimit {
+    fn lock(&self) -> MutexGuard<'_, LimitState> {
+        // Every critical section is a few map operations: a poisoned lock is still whole.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Set from the app's `MaxConnections` when the routing table is built.
     pub(super) fn set_max(&self, max: usize) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).max = max;
-        // A raised limit may let waiters in.
-        self.freed.notify_all();
+        let mut st = self.lock();
+        st.max = max;
+        // A raised limit lets waiters in.
+        let wake = st.grant();
+        drop(st);
+        wake_all(wake);
     }
 
-    /// Take a slot, waiting up to `timeout`; Err if as many connections wait already as the
-    /// limit allows, if none came free in time, or if `cancelled` says the connection was cut
-    /// meanwhile (checked every `CANCEL_CHECK`).
-    pub fn acquire(
-        self: &Arc<Self>,
-        timeout: Duration,
-        cancelled: impl Fn() -> bool,
-    ) -> Result<LimitGuard, LimitDenied> {
-        const CANCEL_CHECK: Duration = Duration::from_millis(50);
-        let deadline = Instant::now() + timeout;
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.used < st.max {
-            st.used += 1;
-            return Ok(LimitGuard(Arc::clone(self)));
-        }
-        if st.waiting >= st.max {
-            return Err(LimitDenied::QueueFull);
-        }
-        st.waiting += 1;
-        let got = loop {
-            if st.used < st.max {
-                break true;
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || cancelled() {
-                break false;
-            }
-            st = self
-                .freed
-                .wait_timeout(st, left.min(CANCEL_CHECK))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        };
-        st.waiting -= 1;
-        if !got {
-            return Err(LimitDenied::TimedOut);
-        }
-        st.used += 1;
-        Ok(LimitGuard(Arc::clone(self)))
-    }
-}
-
-impl AppLimit {
-    /// Take a slot now, or a place among the connections waiting for one (the wait itself is
-    /// the caller's, e.g. in the parking lot, retrying with `LimitWait::try_take`); Err if as
-    /// many connections wait already as the limit allows.
-    pub fn acquire_or_wait(self: &Arc<Self>) -> Result<Acquired, LimitDenied> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.used < st.max {
+    /// Take a slot now, or a place at the back of the queue of connections waiting for one
+    /// (`waker` is called once a slot is its own: take it with `LimitWait::try_take`); Err if
+    /// as many connections wait already as the limit allows.
+    pub fn acquire_or_wait(self: &Arc<Self>, waker: Waker) -> Result<Acquired, LimitDenied> {
+        let mut st = self.lock();
+        // Behind waiters, even if a slot is free: it is theirs (given, not taken yet).
+        if st.used < st.max && st.queue.is_empty() {
             st.used += 1;
             return Ok(Acquired::Slot(LimitGuard(Arc::clone(self))));
         }
-        if st.waiting >= st.max {
+        if st.queue.len() >= st.max {
             return Err(LimitDenied::QueueFull);
         }
-        st.waiting += 1;
-        Ok(Acquired::Wait(LimitWait(Arc::clone(self))))
+        let id = st.next;
+        st.next += 1;
+        st.queue.insert(id, waker);
+        Ok(Acquired::Wait(LimitWait {
+            limit: Arc::clone(self),
+            id,
+        }))
+    }
+
+    /// Give a slot back: to the first waiter if there is one (and the limit, maybe lowered
+    /// by a reload, allows it).
+    fn release(&self) {
+        let mut st = self.lock();
+        st.used -= 1;
+        let wake = st.grant();
+        drop(st);
+        wake_all(wake);
     }
 }
 
@@ -100,27 +130,35 @@ pub enum Acquired {
 }
 
 /// A place among the connections waiting for one of an app's slots, until dropped.
-pub struct LimitWait(Arc<AppLimit>);
+pub struct LimitWait {
+    limit: Arc<AppLimit>,
+    /// Its place in arrival order.
+    id: u64,
+}
 
 impl LimitWait {
-    /// A slot if one is free now (the place is given back when `self` drops).
+    /// The slot given to this waiter, if one was (its waker was called, or is about to be).
     pub fn try_take(&self) -> Option<LimitGuard> {
-        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.used < st.max {
-            st.used += 1;
-            return Some(LimitGuard(Arc::clone(&self.0)));
-        }
-        None
+        let mut st = self.limit.lock();
+        st.granted
+            .remove(&self.id)
+            .then(|| LimitGuard(Arc::clone(&self.limit)))
     }
 }
 
 impl Drop for LimitWait {
+    /// Leave the queue; a slot given to it and not taken goes on to the next waiter.
     fn drop(&mut self) {
-        self.0
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiting -= 1;
+        let mut st = self.limit.lock();
+        if st.queue.remove(&self.id).is_some() {
+            return;
+        }
+        if st.granted.remove(&self.id) {
+            st.used -= 1;
+            let wake = st.grant();
+            drop(st);
+            wake_all(wake);
+        }
     }
 }
 
@@ -129,7 +167,7 @@ impl Drop for LimitWait {
 pub enum LimitDenied {
     /// As many connections wait already as the limit: refused without waiting.
     QueueFull,
-    /// No slot came free within the wait (or the wait was cancelled).
+    /// No slot came free within the wait.
     TimedOut,
 }
 
@@ -151,36 +189,33 @@ pub struct LimitGuard(Arc<AppLimit>);
 
 impl Drop for LimitGuard {
     fn drop(&mut self) {
-        self.0.state.lock().unwrap_or_else(|e| e.into_inner()).used -= 1;
-        self.0.freed.notify_one();
+        self.0.release();
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn waiters_are_bounded_by_the_limit() {
-        let limit = Arc::new(AppLimit::default());
-        limit.set_max(1);
-        let held = limit.acquire(Duration::ZERO, || false).unwrap();
-        // One waiter may wait; a second is refused at once, however long it would wait.
-        let l = Arc::clone(&limit);
-        let waiter = std::thread::spawn(move || l.acquire(Duration::from_secs(30), || false));
-        let until = Instant::now() + Duration::from_secs(20);
-        while limit.state.lock().unwrap().waiting == 0 {
-            assert!(Instant::now() < until, "the waiter never waited");
-            std::thread::sleep(Duration::from_millis(5));
+impl AppLimit {
+    /// Take a slot, waiting on this thread up to `timeout` (`cancelled` is looked at once the
+    /// wait is over): for tests, where the relay waits in the parking lot instead.
+    pub(crate) fn acquire(
+        self: &Arc<Self>,
+        timeout: std::time::Duration,
+        cancelled: impl Fn() -> bool,
+    ) -> Result<LimitGuard, LimitDenied> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiting = match self.acquire_or_wait(Box::new(move || {
+            let _ = tx.send(());
+        }))? {
+            Acquired::Slot(slot) => return Ok(slot),
+            Acquired::Wait(w) => w,
+        };
+        let _ = rx.recv_timeout(timeout);
+        match waiting.try_take() {
+            Some(slot) if !cancelled() => Ok(slot),
+            _ => Err(LimitDenied::TimedOut),
         }
-        let began = Instant::now();
-        assert_eq!(
-            limit.acquire(Duration::from_secs(30), || false).err(),
-            Some(LimitDenied::QueueFull)
-        );
-        assert!(began.elapsed() < Duration::from_secs(5));
-        drop(held);
-        assert!(waiter.join().unwrap().is_ok());
-        assert_eq!(limit.state.lock().unwrap().waiting, 0);
     }
 }
+
+#[cfg(test)]
+mod tests;

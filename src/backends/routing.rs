@@ -77,6 +77,12 @@ pub struct Binding {
     /// The names of every app here, sorted and joined with `+`: the port group (counter
     /// label) of this binding in bpf mode, where the kernel cannot tell them apart.
     pub group: String,
+    /// Where the server name picks the app and every app here has `MaxConnectionsPerClient`:
+    /// open connections per client to any of them, limited to the largest of theirs, counted
+    /// at accept (before the name is read, and before a slot is taken), so that one address
+    /// cannot hold every slot with silent connections. The app's own limit is counted too,
+    /// once the name picked it.
+    pub per_client: Option<Arc<ClientCounts>>,
 }
 
 /// Why a connection found no app.
@@ -207,6 +213,8 @@ pub struct Routes {
     limits: HashMap<String, Arc<AppLimit>>,
     /// Per app, likewise: connections open across a reload still count against the client.
     per_client: HashMap<String, Arc<ClientCounts>>,
+    /// Per binding (its apps, its prefix) counted at accept, likewise.
+    binding_clients: HashMap<(String, Prefix), Arc<ClientCounts>>,
     stats: HashMap<String, Arc<AppStats>>,
     /// Every app with its ports, in config order, for metrics and status.
     apps: Vec<(Arc<AppRoute>, Vec<u16>)>,
@@ -290,12 +298,14 @@ impl Routes {
             routes.push(route);
         }
         let mut tables: HashMap<Vec<usize>, Arc<PortTable>> = HashMap::new();
+        let mut binding_clients = HashMap::new();
         let by_port = on_port
             .into_iter()
             .map(|(port, on)| {
-                let table = tables
-                    .entry(on)
-                    .or_insert_with_key(|on| Arc::new(port_table(config, &routes, on)));
+                let table = tables.entry(on).or_insert_with_key(|on| {
+                    let kept = previous.map(|p| &p.binding_clients);
+                    Arc::new(port_table(config, &routes, on, kept, &mut binding_clients))
+                });
                 (port, Arc::clone(table))
             })
             .collect();
@@ -304,6 +314,7 @@ impl Routes {
             backends,
             limits,
             per_client,
+            binding_clients,
             stats,
             apps,
         }
@@ -340,8 +351,44 @@ impl Routes {
     }
 }
 
+/// The counts a binding takes at accept (see `Binding::per_client`), kept from the previous
+/// table if it had them for the same apps on the same prefix; None where the server name does
+/// not pick the app or an app here has no `MaxConnectionsPerClient`.
+fn counted_at_accept(
+    b: &Binding,
+    prefix: Prefix,
+    previous: Option<&HashMap<(String, Prefix), Arc<ClientCounts>>>,
+) -> Option<Arc<ClientCounts>> {
+    if !b.needs_server_name() {
+        return None;
+    }
+    let apps = b
+        .exact
+        .values()
+        .chain(b.wildcard.values())
+        .chain(&b.default);
+    let mut largest = 0;
+    for app in apps {
+        largest = largest.max(app.per_client.as_ref()?.limit());
+    }
+    match previous.and_then(|p| p.get(&(b.group.clone(), prefix))) {
+        Some(c) => {
+            c.set_limit(largest);
+            Some(Arc::clone(c))
+        }
+        None => Some(ClientCounts::new(largest)),
+    }
+}
+
 /// The table of a port served by the apps `on` (indices into `config.apps` and `routes`).
-fn port_table(config: &Config, routes: &[Arc<AppRoute>], on: &[usize]) -> PortTable {
+/// `kept`, the counts taken at accept in the previous table; `counted`, those of this one.
+fn port_table(
+    config: &Config,
+    routes: &[Arc<AppRoute>],
+    on: &[usize],
+    kept: Option<&HashMap<(String, Prefix), Arc<ClientCounts>>>,
+    counted: &mut HashMap<(String, Prefix), Arc<ClientCounts>>,
+) -> PortTable {
     let mut by_prefix: BTreeMap<Prefix, Binding> = BTreeMap::new();
     let mut names: BTreeMap<Prefix, Vec<&str>> = BTreeMap::new();
     for &i in on {
@@ -368,6 +415,10 @@ fn port_table(config: &Config, routes: &[Arc<AppRoute>], on: &[usize]) -> PortTa
             let mut n = names.remove(&prefix).unwrap_or_default();
             n.sort_unstable();
             b.group = n.join("+");
+            b.per_client = counted_at_accept(&b, prefix, kept);
+            if let Some(c) = &b.per_client {
+                counted.insert((b.group.clone(), prefix), Arc::clone(c));
+            }
             (prefix, Arc::new(b))
         })
         .collect();
@@ -423,6 +474,42 @@ mod tests {
         assert_eq!(at("[fd00::1]:443").group, "host");
         assert_eq!(at("[::ffff:10.1.2.3]:443").group, "host");
         assert!(r.lookup("127.0.0.1:80".parse().unwrap()).is_none());
+    }
+
+    /// Where every app picked by name has MaxConnectionsPerClient, the largest is counted at
+    /// accept, kept across a reload; not where one app has none, nor where no name is read.
+    #[test]
+    fn per_client_counts_at_accept_where_every_app_has_a_limit() {
+        let parse = |json: &str| Config::parse(Path::new("x"), json.as_bytes()).unwrap();
+        let c1 = parse(
+            r#"{"Apps":[
+              {"Name":"a","Ports":[443],"Hostnames":["a.example"],"Targets":["h:1"],"MaxConnectionsPerClient":2},
+              {"Name":"b","Ports":[443],"Hostnames":["b.example"],"Targets":["h:1"],"MaxConnectionsPerClient":5},
+              {"Name":"c","Ports":[444],"Hostnames":["c.example"],"Targets":["h:1"],"MaxConnectionsPerClient":5},
+              {"Name":"d","Ports":[444],"Targets":["h:1"]},
+              {"Name":"e","Ports":[445],"Targets":["h:1"],"MaxConnectionsPerClient":5}]}"#,
+        );
+        let r1 = Routes::new(&c1, None);
+        let at = |r: &Routes, a: &str| r.lookup(a.parse().unwrap()).unwrap().per_client.clone();
+        let counts = at(&r1, "127.0.0.1:443").expect("every app has a limit");
+        assert_eq!(counts.limit(), 5, "the largest");
+        assert!(at(&r1, "127.0.0.1:444").is_none(), "d has no limit");
+        assert!(
+            at(&r1, "127.0.0.1:445").is_none(),
+            "the app is known at accept"
+        );
+        let c2 = parse(
+            r#"{"Apps":[
+              {"Name":"a","Ports":[443],"Hostnames":["a.example"],"Targets":["h:1"],"MaxConnectionsPerClient":7},
+              {"Name":"b","Ports":[443],"Hostnames":["b.example"],"Targets":["h:1"],"MaxConnectionsPerClient":5}]}"#,
+        );
+        let r2 = Routes::new(&c2, Some(&r1));
+        let kept = at(&r2, "127.0.0.1:443").unwrap();
+        assert!(
+            Arc::ptr_eq(&counts, &kept),
+            "connections open across a reload still count"
+        );
+        assert_eq!(kept.limit(), 7);
     }
 
     #[test]

@@ -373,12 +373,14 @@ impl Loop {
         let binding = Arc::clone(binding);
         // Per-client limits first, before the connection takes a slot or a thread: a client at
         // its limit is closed at once and costs nothing more. Where the app is picked by the
-        // server name, only the global limit is known yet; the session checks the app's.
+        // server name, only the global limit and the largest of the apps' (if every app has
+        // one) are known yet; the session checks the app's.
         let app = (!binding.needs_server_name())
             .then(|| binding.default_app())
             .flatten();
+        let apps = binding.per_client.as_ref();
         let client_slots =
-            match ClientSlots::take(self.clients.as_ref(), app.map(|a| &**a), conn.peer) {
+            match ClientSlots::take(self.clients.as_ref(), apps, app.map(|a| &**a), conn.peer) {
                 Ok(slots) => slots,
                 Err(reached) => {
                     per_client::refuse_client_limit(

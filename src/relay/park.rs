@@ -21,10 +21,10 @@
 //! again at once instead of sleeping. A connection is run by one thread at a time: only the
 //! thread that takes it out of the lot (or the one it was never given up by) has it.
 //!
-//! Deadlines (idle timeout, preread timeout, the retry of a connection waiting for a slot) are
-//! kept here too: a connection whose deadline comes is handed back as if a socket had woken it.
-//! So is a connection that another thread wakes (`Nudge`: the answer to the name lookup it
-//! waits for came), without a socket or a descriptor of its own for it.
+//! Deadlines (idle timeout, preread timeout, the end of a wait for a slot) are kept here too: a
+//! connection whose deadline comes is handed back as if a socket had woken it. And another
+//! thread may wake a connection that waits for something other than its sockets (a slot of its
+//! app given to it, the answer to its target's name lookup) through its ticket's `Waker`.
 //! Drains reach waiting connections like any other: cutting one shuts its sockets down, which
 //! wakes it here.
 
@@ -90,34 +90,41 @@ pub struct Ticket {
     added: [bool; 2],
     /// What each socket is armed for now; None once it fired (one-shot) or before it is added.
     armed: [Option<u32>; 2],
-    lot: Arc<dyn Forget>,
+    lot: Arc<dyn LotRef>,
 }
 
-trait Forget: Send + Sync {
+/// The lot as its tickets and wakers see it, whatever it holds.
+trait LotRef: Send + Sync {
     fn forget(&self, id: u64);
     fn epoll(&self) -> RawFd;
-    fn nudge(&self, id: u64);
+    fn wake(&self, id: u64);
 }
 
-/// Wakes one waiting connection from another thread, as if a socket had: for what is not a
-/// socket (a name lookup's answer). Cheap to keep; waking a connection that ended does nothing.
-#[derive(Clone)]
-pub struct Nudge {
+/// Wakes one connection from another thread (`Ticket::waker`): handed back as if a socket had
+/// woken it, or, if a thread runs it now, given back at its next `wait` to run again. Nothing
+/// happens once the connection has ended.
+pub struct Waker {
     id: u64,
-    lot: Arc<dyn Forget>,
+    lot: Arc<dyn LotRef>,
 }
 
-impl Nudge {
-    /// Hand the connection back to run (at once if it waits; if it is running, its next
-    /// `wait` gives it back instead of waiting).
+impl Waker {
     pub fn wake(&self) {
-        self.lot.nudge(self.id);
+        self.lot.wake(self.id);
     }
 }
 
 impl Ticket {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// What wakes this connection from another thread.
+    pub fn waker(&self) -> Waker {
+        Waker {
+            id: self.id,
+            lot: Arc::clone(&self.lot),
+        }
     }
 
     /// Arm `fd`, the connection's `side`, for `events` (`READ`, `WRITE`, both, or `FAILURE`)
@@ -145,15 +152,7 @@ impl Ticket {
         Ok(())
     }
 
-    /// What wakes this connection from another thread.
-    pub fn nudge(&self) -> Nudge {
-        Nudge {
-            id: self.id,
-            lot: Arc::clone(&self.lot),
-        }
-    }
-
-    /// The socket of `side` was closed and another may take its place (a connect failed over
+    /// The socket of `side` was closed and another may take its place (a connect failing over
     /// to the next address): closing it took it out of the epoll set, so the next `arm`
     /// registers anew.
     pub fn replaced(&mut self, side: Side) {
@@ -193,8 +192,8 @@ struct State<T> {
     /// event), so that a new earlier deadline interrupts one of them.
     sleepers: Vec<(u64, Option<Instant>)>,
     next_sleeper: u64,
-    /// Waiting connections woken by a `Nudge`, for the next `collect` to hand back.
-    nudged: Vec<u64>,
+    /// Waiting connections woken by a `Waker`, for the next `collect`.
+    woken: Vec<u64>,
 }
 
 impl<T> State<T> {
@@ -212,7 +211,7 @@ struct Place<T> {
     item: Option<T>,
     /// Events seen since it last ran.
     woke: Woke,
-    /// A `Nudge` woke it since it last ran.
+    /// A `Waker` woke it since it last ran.
     nudged: bool,
     deadline: Option<Instant>,
 }
@@ -251,7 +250,7 @@ impl<T: Wakeable> Lot<T> {
                 next_id: 0,
                 sleepers: Vec::new(),
                 next_sleeper: 0,
-                nudged: Vec::new(),
+                woken: Vec::new(),
             }),
         }))
     }
@@ -275,7 +274,7 @@ impl<T: Wakeable> Lot<T> {
             id,
             added: [false; 2],
             armed: [None; 2],
-            lot: Arc::clone(self) as Arc<dyn Forget>,
+            lot: Arc::clone(self) as Arc<dyn LotRef>,
         }
     }
 
@@ -369,8 +368,7 @@ impl<T: Wakeable> Lot<T> {
                 }
             }
         }
-        let nudged = std::mem::take(&mut state.nudged);
-        ready.extend(nudged);
+        ready.append(&mut state.woken);
         let now = Instant::now();
         while let Some(&(at, id)) = state.timers.first() {
             if at > now {
@@ -422,29 +420,25 @@ impl<T: Wakeable> Lot<T> {
     }
 }
 
-impl<T: Wakeable> Forget for Lot<T> {
+impl<T: Wakeable> LotRef for Lot<T> {
     fn epoll(&self) -> RawFd {
         self.epoll.as_raw_fd()
     }
 
-    fn nudge(&self, id: u64) {
+    fn wake(&self, id: u64) {
         let mut state = self.lock();
         let Some(entry) = state.entries.get_mut(&id) else {
+            // It ended: nothing to wake.
             return;
         };
-        if entry.nudged {
+        entry.nudged = true;
+        if entry.item.is_none() {
+            // A thread runs it: its next `wait` gives it back.
             return;
         }
-        entry.nudged = true;
-        let waiting = entry.item.is_some();
-        if waiting {
-            state.nudged.push(id);
-        }
+        state.woken.push(id);
         drop(state);
-        if waiting {
-            // A sleeping thread takes it (the next `collect` would, in any case).
-            self.interrupt();
-        }
+        self.interrupt();
     }
 
     fn forget(&self, id: u64) {

@@ -1,7 +1,10 @@
 //! A connection's place under the per-client limits: `--max-connections-per-client` (taken by the
 //! listener loop at accept) and its app's `MaxConnectionsPerClient` (taken at accept where the
-//! app is known then, or by the session once the server name picked it). The counts are given
-//! back as the connection ends, however it ends.
+//! app is known then, or by the session once the server name picked it). Where the server name
+//! picks the app and every app on the (address, port) has `MaxConnectionsPerClient`, the largest
+//! of them is taken at accept too (`Binding::per_client`), so that a client's silent connections
+//! cannot hold every slot while their names are awaited. The counts are given back as the
+//! connection ends, however it ends.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
@@ -15,23 +18,30 @@ use crate::relay::access_log::ConnLine;
 /// Which limit a client reached, and its value.
 pub type Reached = (&'static str, usize);
 
+/// The limit taken at accept where every app on the port has one, in a refusal's reason.
+const EVERY_APP: &str = "the largest MaxConnectionsPerClient of the apps on the port";
+
 /// A connection's place under `--max-connections-per-client` and its app's
 /// `MaxConnectionsPerClient` (either may be absent).
 #[derive(Debug, Default)]
 pub struct ClientSlots {
     _global: Option<ClientSlot>,
+    /// Under the largest of the apps' limits, before the server name picks one.
+    _apps: Option<ClientSlot>,
     _app: Option<ClientSlot>,
     /// The app's limit has been checked (it may have none).
     app_checked: bool,
 }
 
 impl ClientSlots {
-    /// Count a new connection from `peer` under the global limit and, when the app is known at
-    /// accept, under `app`'s. Err names the limit already reached for this client and its
-    /// value (nothing stays counted then). Where the app is only known once the server name
+    /// Count a new connection from `peer` under the global limit, under `apps` (the counts of a
+    /// binding whose apps all have a limit, see `Binding::per_client`) and, when the app is
+    /// known at accept, under `app`'s. Err names the limit already reached for this client and
+    /// its value (nothing stays counted then). Where the app is only known once the server name
     /// is read, `take_app` counts it then.
     pub fn take(
         global: Option<&Arc<ClientCounts>>,
+        apps: Option<&Arc<ClientCounts>>,
         app: Option<&AppRoute>,
         peer: SocketAddr,
     ) -> Result<ClientSlots, Reached> {
@@ -43,8 +53,13 @@ impl ClientSlots {
             ),
             None => None,
         };
+        let apps = match apps {
+            Some(c) => Some(c.acquire(key).ok_or((EVERY_APP, c.limit()))?),
+            None => None,
+        };
         let mut slots = ClientSlots {
             _global: global,
+            _apps: apps,
             _app: None,
             app_checked: false,
         };

@@ -4,10 +4,11 @@
 //! would have to wait gives its thread back at once and waits in the parking lot (see `park`).
 //! The threads themselves wait on the lot, at most `waiters` of them at a time (one per core),
 //! and take up whichever connections become ready: under load a thread goes from connection to
-//! connection without sleeping in between, and an idle connection holds no thread. So the pool
-//! needs about as many threads as cores: the waiters, started by the first jobs and kept. (A
-//! job that may block, which the session no longer has, gets a thread of its own besides: the
-//! rules below for such jobs stay for whoever needs them.)
+//! connection without sleeping in between, and an idle connection holds no thread. Jobs that
+//! cannot block (relaying, reading a ClientHello, waiting for a slot: `Job::may_block` false)
+//! are only ever run by these threads, however many there are. So the pool needs about as many
+//! threads as cores for them. (Every step of a session is such a job now; the threads of their
+//! own for jobs that may block stay for one that ever does again.)
 //!
 //! The bound (`--max-threads`) may be far below the number of open connections: work that finds
 //! every thread busy waits in a FIFO queue, and a relay that is still moving bytes at the end of
@@ -183,21 +184,7 @@ impl<J: Job> Pool<J> {
     pub fn submit(&self, job: J) -> Result<(), (J, io::Error)> {
         let state = self.inner.lock();
         if !job.may_block() {
-            let mut state = state;
-            if state.total < self.inner.waiters {
-                // The threads that wait for events are started by the first jobs that need
-                // them; once started they stay.
-                let id = state.next_id;
-                state.next_id += 1;
-                state.total += 1;
-                drop(state);
-                return self.inner.spawn(id, job);
-            }
-            // A thread waiting for events takes it.
-            self.inner.enqueue(&mut state, job);
-            drop(state);
-            self.inner.source.interrupt();
-            return Ok(());
+            return self.inner.submit_event(state, job);
         }
         match self.inner.place(state, job) {
             Placed::Done => Ok(()),
@@ -259,6 +246,41 @@ impl<J: Job> Inner<J> {
         }
         self.count(state);
         job
+    }
+
+    /// Queue `job` (one that cannot block) for the threads that wait for events, waking one.
+    /// Only while fewer threads than `waiters` take events (at start, or with all of them
+    /// gone idle) is one brought in for it: an idle thread, or a new one under the bound.
+    fn submit_event(
+        self: &Arc<Self>,
+        mut state: MutexGuard<'_, State<J>>,
+        job: J,
+    ) -> Result<(), (J, io::Error)> {
+        // Threads waiting for events or running jobs that cannot block.
+        let events = state
+            .total
+            .saturating_sub(state.starting + state.idle.len());
+        let mut job = job;
+        if state.waiting == 0 && events < self.waiters {
+            while let Some(worker) = state.idle.pop() {
+                match worker.jobs.send(job) {
+                    Ok(()) => return Ok(()),
+                    // The worker expired between popping itself and exiting; try the next one.
+                    Err(mpsc::SendError(j)) => job = j,
+                }
+            }
+            if state.total < self.max {
+                let id = state.next_id;
+                state.next_id += 1;
+                state.total += 1;
+                drop(state);
+                return self.spawn(id, job);
+            }
+        }
+        self.enqueue(&mut state, job);
+        drop(state);
+        self.source.interrupt();
+        Ok(())
     }
 
     /// Give `job` (one that may block) to an idle thread, or count a new thread for it, within
@@ -361,12 +383,17 @@ impl<J: Job> Inner<J> {
             self.source.interrupt();
         }
         for job in got.drain(..) {
-            if let Placed::Spawn(job, id) = self.place(self.lock(), job) {
-                if let Err((_, e)) = self.spawn(id, job) {
-                    // spawn queued it for a live thread, or there is none: then it is dropped
-                    // with its connection, which is closed.
-                    crate::error!("cannot start a relay thread: {e}; a connection was closed");
-                }
+            self.hand_on(job);
+        }
+    }
+
+    /// Give `job`, one that may block, to a thread of its own (see `place`).
+    fn hand_on(self: &Arc<Self>, job: J) {
+        if let Placed::Spawn(job, id) = self.place(self.lock(), job) {
+            if let Err((_, e)) = self.spawn(id, job) {
+                // spawn queued it for a live thread, or there is none: then it is dropped
+                // with its connection, which is closed.
+                crate::error!("cannot start a relay thread: {e}; a connection was closed");
             }
         }
     }
@@ -417,8 +444,16 @@ impl<J: Job> Inner<J> {
                 state.starting -= 1;
                 self.count(&state);
             }
-            if let Some(j) = back {
-                self.enqueue(&mut state, j);
+            match back {
+                // A connection that goes on to a step that may block (its connect) goes to a
+                // thread of its own, not to this one, which waits for events.
+                Some(j) if j.may_block() && !started => {
+                    drop(state);
+                    self.hand_on(j);
+                    state = self.lock();
+                }
+                Some(j) => self.enqueue(&mut state, j),
+                None => {}
             }
             loop {
                 if let Some(j) = self.dequeue(&mut state) {

@@ -200,42 +200,40 @@ fn a_deadline_wakes_it_and_interrupts_a_thread_sleeping_without_one() {
     assert!(at >= asked + wait, "woken {:?} early", asked + wait - at);
 }
 
-/// A nudge from another thread hands a waiting connection back (a sleeping `collect` is
-/// interrupted for it), and one that comes while the connection runs makes its next `wait`
-/// give it back at once: it is never lost.
 #[test]
-fn a_nudge_wakes_a_waiting_connection_and_is_not_lost_while_it_runs() {
+fn a_waker_wakes_a_sleeping_thread_for_a_connection_waiting_on_nothing_else() {
+    let lot = Lot::new().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sleeper = Arc::clone(&lot);
+    std::thread::spawn(move || {
+        let mut out: Vec<Item> = Vec::new();
+        while out.is_empty() {
+            sleeper.collect(true, &mut out);
+        }
+        let _ = tx.send(out.len());
+    });
+    // No socket, no deadline: only its waker can wake it (a slot of its app given to it).
+    let t = lot.ticket();
+    assert!(lot.wait(t.id(), item(), None).is_ok());
+    std::thread::sleep(QUIET);
+    let waker = t.waker();
+    std::thread::spawn(move || waker.wake());
+    assert_eq!(rx.recv_timeout(SOON).expect("the waker woke nobody"), 1);
+}
+
+#[test]
+fn a_wake_while_it_runs_runs_it_again_at_its_next_wait_and_a_late_one_is_ignored() {
     let lot = Lot::new().unwrap();
     let t = lot.ticket();
-    let nudge = t.nudge();
+    // A thread has it when the wake comes.
+    t.waker().wake();
+    assert!(lot.wait(t.id(), item(), None).is_err(), "the wake was lost");
+    // Given back once: the next wait waits.
     assert!(lot.wait(t.id(), item(), None).is_ok());
-    assert!(ready(&lot, QUIET).is_empty(), "woken without a nudge");
-    let from = std::thread::spawn({
-        let nudge = nudge.clone();
-        move || {
-            std::thread::sleep(Duration::from_millis(50));
-            nudge.wake();
-        }
-    });
-    let mut out: Vec<Item> = Vec::new();
-    let began = Instant::now();
-    while out.is_empty() && began.elapsed() < SOON {
-        lot.collect(true, &mut out);
-    }
-    from.join().unwrap();
-    assert_eq!(out.len(), 1, "the nudge woke it");
-    assert_eq!(out[0].woke, Woke::default(), "no socket news");
-    // Running now (taken out): a nudge meanwhile is kept for its next wait.
-    nudge.wake();
-    assert!(
-        lot.wait(t.id(), item(), None).is_err(),
-        "the nudge was lost"
-    );
-    assert!(
-        lot.wait(t.id(), item(), None).is_ok(),
-        "a nudge counts once"
-    );
+    assert!(ready(&lot, QUIET).is_empty());
+    // Once its connection ended, a waker does nothing.
+    let waker = t.waker();
     drop(t);
-    nudge.wake();
-    assert!(ready(&lot, QUIET).is_empty(), "a forgotten connection woke");
+    waker.wake();
+    assert!(ready(&lot, QUIET).is_empty());
 }

@@ -1,20 +1,19 @@
 //! The admission: take a slot of the app's MaxConnections, where it has the bound. A connection
-//! that must wait for one does so in the parking lot (looking again every `LIMIT_RETRY`, for at
-//! most the connect timeout), not on a thread: otherwise as many waiters as `--max-threads` would
-//! hold every relay thread for the connect timeout. Its client socket is watched meanwhile, for
+//! that must wait for one queues behind the app's other waiters (`AppLimit`) and waits in the
+//! parking lot, not on a thread: otherwise as many waiters as `--max-threads` would hold every
+//! relay thread for the connect timeout. Nothing wakes it to look again: a slot given back goes
+//! to the first waiter, whose connection the releasing thread wakes through the lot; its only
+//! timer is its deadline, the connect timeout. Its client socket is watched meanwhile, for
 //! failure only (bytes the client sends wait in its socket): a reset, or a drain, which shuts it
-//! down, ends it at once.
+//! down, ends it at once, and it leaves the queue as it ends.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::greeting::Greeted;
 use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
-use crate::backends::routing::{Acquired, LimitDenied, LimitGuard, LimitWait};
-use crate::relay::park::{self, Side};
-
-/// How often a connection waiting in the parking lot for a slot of its app looks again.
-const LIMIT_RETRY: Duration = Duration::from_millis(50);
+use crate::backends::limit::{Acquired, LimitDenied, LimitGuard, LimitWait};
+use crate::relay::park::{self, Side, Ticket};
 
 pub(super) struct Admission {
     route: Route,
@@ -40,21 +39,29 @@ impl Admission {
         }
     }
 
+    /// `ticket` gives the connection its place in the lot if it has none yet: a waiter is
+    /// woken through it.
     pub(super) fn step(
         mut self,
         conn: &mut Conn,
         timeouts: &Timeouts,
+        ticket: impl FnOnce() -> Ticket,
     ) -> Step<Admission, Admitted> {
         let Some(limit) = self.route.app.limit.clone() else {
             return Step::Done(self.admitted(None));
         };
         let (waiting, deadline) = match &self.wait {
             Some(w) => w,
-            None => match limit.acquire_or_wait() {
-                Ok(Acquired::Slot(slot)) => return Step::Done(self.admitted(Some(slot))),
-                Ok(Acquired::Wait(w)) => self.wait.insert((w, Instant::now() + timeouts.connect)),
-                Err(denied) => return Step::End(self.limited(denied)),
-            },
+            None => {
+                let waker = conn.ticket.get_or_insert_with(ticket).waker();
+                match limit.acquire_or_wait(Box::new(move || waker.wake())) {
+                    Ok(Acquired::Slot(slot)) => return Step::Done(self.admitted(Some(slot))),
+                    Ok(Acquired::Wait(w)) => {
+                        self.wait.insert((w, Instant::now() + timeouts.connect))
+                    }
+                    Err(denied) => return Step::End(self.limited(denied)),
+                }
+            }
         };
         let deadline = *deadline;
         if let Some(slot) = waiting.try_take() {
@@ -66,13 +73,11 @@ impl Admission {
         if conn.woke.gone(Side::Client) {
             return Step::End(self.route.client_gone(conn));
         }
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             return Step::End(self.limited(LimitDenied::TimedOut));
         }
         // Armed for failure only: bytes the client sends meanwhile wait in its socket.
-        let at = deadline.min(now + LIMIT_RETRY);
-        Step::Wait(self, Wait::client(park::FAILURE, at))
+        Step::Wait(self, Wait::client(park::FAILURE, deadline))
     }
 
     /// Its place among the waiters, if it had one, goes with it.
@@ -84,6 +89,8 @@ impl Admission {
         }
     }
 
+    /// Its place among the waiters goes with it (a slot given to it meanwhile goes on to the
+    /// next).
     fn limited(self, denied: LimitDenied) -> Ending {
         self.route.app.stats.limited.fetch_add(1, Ordering::Relaxed);
         self.route

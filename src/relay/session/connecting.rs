@@ -7,7 +7,7 @@
 //! Nothing here blocks: a target's name is looked up by the resolver's own threads (at once if
 //! it is an address or cached), the connect is non-blocking, and the first bytes are written as
 //! the socket takes them. Whatever must be waited for (the lookup's answer, which nudges the
-//! connection; the connect, its socket writable; room for the first bytes) is waited for in the
+//! connection's waker; the connect, its socket writable; room for the first bytes) is waited for in the
 //! parking lot under the connect timeout, with the client socket watched for failure only (a
 //! reset, or a drain, which shuts it down, ends the connection at once). So a connection to an
 //! address or a cached name reaches its target on the thread that accepted its turn, with no
@@ -92,8 +92,8 @@ impl Connecting {
         }
         if let Stage::Dialing(dial) = &mut self.stage {
             let mut notify = || -> Notify {
-                let nudge = conn.ticket.get_or_insert_with(new_ticket).nudge();
-                Box::new(move || nudge.wake())
+                let waker = conn.ticket.get_or_insert_with(new_ticket).waker();
+                Box::new(move || waker.wake())
             };
             let app = &self.route.app;
             match dial.step(app, resolver, timeouts.connect, backend_woke, &mut notify) {

@@ -2,7 +2,9 @@
 //! Hostnames tell apps apart, the one its TLS ClientHello names: read within the preread timeout
 //! (counted from the accept), while the client is silent waiting in the parking lot, not on a
 //! thread. Otherwise as many silent clients as `--max-threads` would hold every relay thread for
-//! the preread timeout, and no other connection on any port would be served meanwhile.
+//! the preread timeout, and no other connection on any port would be served meanwhile. Its step
+//! never blocks, so the threads that wait for events run it as the bytes come, like relaying:
+//! a client trickling its hello a byte at a time costs a wake-up per byte, never a thread.
 //!
 //! Done with the app (counted there as accepted and active, and under its per-client limit) and
 //! the bytes read, which go to the target first; or the connection ends here, routed nowhere or

@@ -21,10 +21,13 @@
 //! wait for the sockets or a deadline, hand the thread on, done (with what the next phase starts
 //! from), or the end of the connection. `run` is the one loop that acts on that: a connection
 //! that has to wait leaves its thread at once and waits in the parking lot (`park`), whole, and
-//! comes back to a pool thread as a `Task::Resume` when a socket or its deadline wakes it, in
-//! the phase it was in; `upgrade` is the one place that moves from a phase to the next. Silent
-//! clients and connections waiting for a slot hold no thread, and a connection stays registered
-//! (for drains) and counted under the connection bound until `end` writes its log line.
+//! comes back to a pool thread as a `Task::Resume` when a socket, its deadline or (for a slot,
+//! or its target's name looked up) another thread wakes it, in the phase it was in; `upgrade` is
+//! the one place that moves from a phase to the next. Every phase is an event step, run by the
+//! threads that wait for events.
+//! Silent clients and connections waiting for a slot hold no thread, and a connection stays
+//! registered (for drains) and counted under the connection bound until `end` writes its log
+//! line.
 
 mod admission;
 mod connecting;
@@ -102,10 +105,11 @@ impl From<Box<Session>> for Task {
 
 impl Job for Task {
     fn may_block(&self) -> bool {
-        // No phase blocks: the greeting and admission wait in the lot, names are looked up by
-        // the resolver's threads, and the connect is non-blocking (see `connecting`). So a new
-        // connection is run by a thread that waits for events, with no hand-off.
-        false
+        match self {
+            // It starts with its greeting, an event step, and no phase after it blocks.
+            Task::New(_) => false,
+            Task::Resume(s) => s.phase.may_block(),
+        }
     }
 }
 
@@ -125,6 +129,18 @@ enum Phase {
     Relaying(Relaying),
 }
 
+impl Phase {
+    /// Its step may block its thread. None does: the greeting, the admission and relaying wait
+    /// in the lot, and connecting looks names up on the resolver's threads and connects without
+    /// blocking (see `connecting`). So every step is run by the threads that wait for events,
+    /// as many connections' steps one after another, and a new connection reaches its target
+    /// with no hand-off to another thread. (The hand-over for a phase that may block stays in
+    /// `run` and `pool` for one that ever does again.)
+    fn may_block(&self) -> bool {
+        false
+    }
+}
+
 /// What a phase is done with: what the next one starts from.
 enum Done {
     Greeted(Greeted),
@@ -133,8 +149,11 @@ enum Done {
 }
 
 /// Run `task` on this thread until the connection ends, parks, or (past its time slice while
-/// others wait) gives the thread up: then it is returned, to be continued after them.
+/// others wait) gives the thread up: then it is returned, to be continued after them. It is
+/// returned too as it reaches a phase that may block when this thread may not (see `Job`).
 pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
+    // A thread that waits for events must not block: a phase that may is handed on (`pool`).
+    let may_block = task.may_block();
     let mut s = match task {
         Task::New(incoming) => Session::new(incoming, cx),
         Task::Resume(s) => s,
@@ -146,7 +165,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .step(conn, &cx.timeouts, &cx.unrouted)
                 .map(Phase::Greeting, Done::Greeted),
             Phase::Admission(p) => p
-                .step(conn, &cx.timeouts)
+                .step(conn, &cx.timeouts, || cx.lot.ticket())
                 .map(Phase::Admission, Done::Admitted),
             Phase::Connecting(p) => p
                 .step(conn, &cx.timeouts, &cx.resolver, &|| cx.lot.ticket())
@@ -156,7 +175,12 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .map(Phase::Relaying, |never: Infallible| match never {}),
         };
         match step {
-            Step::Done(done) => s.phase = upgrade(done),
+            Step::Done(done) => {
+                s.phase = upgrade(done);
+                if !may_block && s.phase.may_block() {
+                    return Some(Task::Resume(s));
+                }
+            }
             Step::End(ending) => {
                 end(s.conn, ending, cx);
                 return None;
