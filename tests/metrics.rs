@@ -447,7 +447,7 @@ fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 23] = [
+const FAMILIES: [(&str, &str); 25] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
@@ -467,6 +467,8 @@ const FAMILIES: [(&str, &str); 23] = [
     ("flyproxy_connections_open", "gauge"),
     ("flyproxy_accept_paused", "gauge"),
     ("flyproxy_log_lines_dropped_total", "counter"),
+    ("flyproxy_dns_lookups_total", "counter"),
+    ("flyproxy_dns_lookups_refused_total", "counter"),
     // The standard process families, last.
     ("process_start_time_seconds", "gauge"),
     ("process_cpu_seconds_total", "counter"),

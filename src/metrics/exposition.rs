@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::resolver::Resolver;
 use crate::backends::routing::{AppRoute, Unrouted};
 use crate::metrics::process::ProcessStats;
 use crate::metrics::LookupReader;
@@ -72,6 +73,7 @@ pub fn render(sources: &Sources) -> String {
         published,
         slots,
         lookups,
+        resolver,
     } = sources;
     let routes = published.routes();
     let apps = routes.apps();
@@ -82,6 +84,7 @@ pub fn render(sources: &Sources) -> String {
     reload_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);
+    dns_families(&mut out, resolver);
     unrouted_families(&mut out, apps, published);
     if let Some(read) = lookups {
         lookup_families(&mut out, read);
@@ -321,6 +324,27 @@ fn log_families(out: &mut String) {
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::sys::log::dropped());
+}
+
+/// Target names looked up, and lookups refused because the resolver's queue was full.
+fn dns_families(out: &mut String, resolver: &Resolver) {
+    let stats = resolver.stats();
+    let name = "flyproxy_dns_lookups_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Target names looked up (getaddrinfo calls; an address or a cached name needs none).",
+    );
+    f.sample(name, &[], stats.lookups);
+    let name = "flyproxy_dns_lookups_refused_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Lookups refused at once because 1024 names already waited for the resolver's threads.",
+    );
+    f.sample(name, &[], stats.rejected);
 }
 
 /// Connections no app took, by port and reason. Every (port, reason) the config makes possible
