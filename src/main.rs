@@ -51,8 +51,8 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // After the environment is read (this starts the log's writer thread), before privileges
-    // are dropped (the files may be in a directory only root can write to).
+    // After the environment is read, before privileges are dropped (the files may be in a
+    // directory only root can write to).
     if let Err(e) = log::init(settings.log_file.as_deref(), &settings.access_log) {
         error!("{e}");
         error!("exiting with status 1");
@@ -80,8 +80,20 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
     code
 }
 
-/// `flyproxy check`: validate a config file.
+/// `flyproxy check`: validate a config file. The verdict "ok" is the command's output
+/// (stdout); problems are diagnostics (stderr), as compilers and linters print them, so a
+/// script that keeps stdout still shows the operator what is wrong.
 fn check(config: &Path) -> ExitCode {
+    if config == cli::Settings::default().config {
+        // The default path is relative: say where it was looked for, so that a check run from
+        // the wrong directory does not pass or fail on a file the operator did not mean.
+        let dir = std::env::current_dir()
+            .map_or_else(|e| format!("? ({e})"), |d| d.display().to_string());
+        eprintln!(
+            "flyproxy: checking {} in {dir} (the default; -c PATH checks another file)",
+            config.display()
+        );
+    }
     let checked = candidate::load(config).map_err(|e| e.into_config_error());
     match checked {
         Ok(c) => {
@@ -89,10 +101,10 @@ fn check(config: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            println!("{e}");
-            let n = e.problems.len();
+            eprintln!("{}", e.first(flyproxy::config::PRINTED_MAX));
+            let n = e.count();
             let noun = if n == 1 { "problem" } else { "problems" };
-            println!("{}: {n} {noun} found", config.display());
+            eprintln!("{}: {n} {noun} found", config.display());
             ExitCode::FAILURE
         }
     }

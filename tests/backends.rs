@@ -1518,15 +1518,15 @@ fn check_reports_bad_values_of_the_per_app_keys() {
         r#"app "c": HealthCheck.IntervalMs: 5 is not"#,
         r#"app "c": HealthCheck.Rise: 0 is not"#,
     ];
-    expect_problems(&o.stdout, &path, &want);
-    let lines: Vec<&str> = o.stdout.lines().collect();
+    expect_problems(&o.stderr, &path, &want);
+    let lines: Vec<&str> = o.stderr.lines().collect();
     assert_eq!(
         lines.last().copied(),
         Some(format!("{path}: {} problems found", want.len()).as_str()),
         "{}",
-        o.stdout
+        o.stderr
     );
-    assert_eq!(lines.len(), want.len() + 1, "{}", o.stdout);
+    assert_eq!(lines.len(), want.len() + 1, "{}", o.stderr);
 
     let good = json!({"Apps": [
         {"Name": "a", "Ports": [1], "Targets": ["h:1", "h:2"], "Balance": "round-robin",
@@ -1555,12 +1555,12 @@ fn check_names_the_keys_health_check_takes_for_an_unknown_one() {
                                 "HealthCheck": {"Interval": 500}}]});
     let path = dir.write("c.json", &json.to_string());
     let o = run(&["check", "-c", &path.display().to_string()]);
-    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
     let line = o
-        .stdout
+        .stderr
         .lines()
         .find(|l| l.contains("Interval"))
-        .unwrap_or_else(|| panic!("no line about the key:\n{}", o.stdout))
+        .unwrap_or_else(|| panic!("no line about the key:\n{}", o.stderr))
         .to_owned();
     assert!(line.contains(r#"app "a""#), "{line}");
     for key in ["IntervalMs", "TimeoutMs", "Fall", "Rise"] {

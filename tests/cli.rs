@@ -272,6 +272,53 @@ fn problem_cases() -> Vec<(&'static str, String, &'static str)> {
         ("no Apps", r#"{}"#.into(), r#"missing key "Apps""#),
         ("not JSON", "{ nope".into(), "not a valid config"),
         (
+            "ports a number, not a list (issue 23)",
+            r#"{"Apps":[{"Name":"a","Ports":80,"Targets":["h:1"]}]}"#.into(),
+            r#"app "a": Ports: 80 is a number; write [80]"#,
+        ),
+        (
+            "ports a string, not a list (issue 23)",
+            r#"{"Apps":[{"Name":"a","Ports":"80","Targets":["h:1"]}]}"#.into(),
+            r#"app "a": Ports: "80" is a string; write [80]"#,
+        ),
+        (
+            "targets a string, not a list (issue 23)",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":"h:1"}]}"#.into(),
+            r#"app "a": Targets: "h:1" is a string; write ["h:1"]"#,
+        ),
+        (
+            "a target a number (issue 23)",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1", 8080]}]}"#.into(),
+            r#"app "a": Targets: 8080 is a number; write "8080""#,
+        ),
+        (
+            "name a number (issue 23)",
+            r#"{"Apps":[{"Name":7,"Ports":[1],"Targets":["h:1"]}]}"#.into(),
+            r##"app "#1": Name: 7 is a number; write "7""##,
+        ),
+        (
+            "MaxConnections a string (issue 23)",
+            r#"{"Apps":[{"Name":"web","Ports":[1],"Targets":["h:1"],"MaxConnections":"100"}]}"#
+                .into(),
+            r#"app "web": MaxConnections: "100" is a string; write 100"#,
+        ),
+        (
+            "a key twice (issue 23)",
+            r#"{"Apps":[{"Name":"web","Ports":[1],"Targets":["h:1"],"MaxConnections":1,"MaxConnections":2}]}"#
+                .into(),
+            r#"app "web": MaxConnections given more than once; keep one"#,
+        ),
+        (
+            "an app not an object (issue 23)",
+            r#"{"Apps":[5]}"#.into(),
+            r#"Apps[0]: 5 is a number; write an app, as {"Name": "web""#,
+        ),
+        (
+            "Apps not a list (issue 23)",
+            r#"{"Apps":{"Name":"web"}}"#.into(),
+            r#"Apps: {...} is an object; write a list of apps"#,
+        ),
+        (
             "ports not numbers",
             r#"{"Apps":[{"Name":"a","Ports":["80"],"Targets":["h:1"]}]}"#.into(),
             r#"app "a": Ports: "80" is not a range "A-B""#,
@@ -283,8 +330,8 @@ fn problem_cases() -> Vec<(&'static str, String, &'static str)> {
 /// the file and says `want`, and the count.
 fn check_reports_one_problem(dir: &TempDir, name: &str, what: &str, json: &str, want: &str) {
     let (o, path) = check(dir, name, json);
-    assert_eq!(o.code, Some(1), "{what}: {}", o.stdout);
-    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(o.code, Some(1), "{what}: {}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
     let problems: Vec<&str> = lines
         .iter()
         .copied()
@@ -294,10 +341,15 @@ fn check_reports_one_problem(dir: &TempDir, name: &str, what: &str, json: &str, 
         problems.len(),
         1,
         "{what}: expected one problem:\n{}",
-        o.stdout
+        o.stderr
     );
+    // A syntax error is placed as PATH:LINE:COL:, the form editors jump to.
+    let prefix = match what {
+        "not JSON" => format!("{path}:1:3: "),
+        _ => format!("{path}: "),
+    };
     assert!(
-        problems[0].starts_with(&format!("{path}: ")) && problems[0].contains(want),
+        problems[0].starts_with(&prefix) && problems[0].contains(want),
         "{what}: {want:?} not in {:?}",
         problems[0]
     );
@@ -314,9 +366,9 @@ fn check_reports_a_missing_file(dir: &TempDir) {
     let o = run(&["check", "-c", &missing]);
     assert_eq!(o.code, Some(1));
     assert!(
-        o.stdout.contains(&format!("{missing}: cannot read")),
+        o.stderr.contains(&format!("{missing}: cannot read")),
         "{}",
-        o.stdout
+        o.stderr
     );
 }
 
@@ -330,7 +382,7 @@ fn check_reports_every_problem_at_once() {
         {"Name":"c","Targets":["::1:80","ok:1"]}
       ],"Extra":true}"#;
     let (o, path) = check(&dir, "all.json", json);
-    assert_eq!(o.code, Some(1), "{}", o.stdout);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
     let want = [
         r#"unknown key "Extra" at the top level"#,
         r#"app "a": unknown key "Weight""#,
@@ -344,13 +396,75 @@ fn check_reports_every_problem_at_once() {
         r#"app "c": Ports: missing or empty"#,
         r#"app "c": Targets: "::1:80" looks like an IPv6 address"#,
     ];
-    expect_problems(&o.stdout, &path, &want);
-    let lines: Vec<&str> = o.stdout.lines().collect();
-    assert_eq!(lines.len(), want.len() + 1, "{}", o.stdout);
+    expect_problems(&o.stderr, &path, &want);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), want.len() + 1, "{}", o.stderr);
     assert_eq!(
         lines.last().unwrap(),
         &format!("{path}: {} problems found", want.len())
     );
+}
+
+/// Issue 23: a syntax error is placed as PATH:LINE:COL: (editors jump there) with a hint for
+/// the usual slips; problems go to stderr and nothing but the verdict to stdout.
+#[test]
+fn check_places_syntax_errors_and_hints_at_the_slip() {
+    let dir = TempDir::new("check-syntax");
+    let cases = [
+        (
+            "empty.json",
+            "",
+            ":1:1: not a valid config: the file is empty",
+        ),
+        (
+            "comment.json",
+            "{\n  // the web app\n  \"Apps\": []\n}",
+            ":2:3: not a valid config: key must be a string (JSON has no comments: remove them)",
+        ),
+        (
+            "quotes.json",
+            "{'Apps': []}",
+            ":1:2: not a valid config: key must be a string (JSON strings take double quotes",
+        ),
+        (
+            "comma.json",
+            "{\"Apps\": [\n  {\"Name\": \"a\", \"Ports\": [1], \"Targets\": [\"h:1\"],}\n]}",
+            ":2:50: not a valid config: trailing comma (remove the comma after the last entry)",
+        ),
+    ];
+    for (name, text, want) in cases {
+        let (o, path) = check(&dir, name, text);
+        assert_eq!(o.code, Some(1), "{name}: {}", o.stderr);
+        assert!(o.stdout.is_empty(), "{name}: stdout {:?}", o.stdout);
+        let first = o.stderr.lines().next().unwrap_or_default();
+        assert_eq!(
+            first.strip_prefix(&path).map(|rest| rest.starts_with(want)),
+            Some(true),
+            "{name}: {want:?} not at the start of {first:?}"
+        );
+        assert!(o.stderr.ends_with(&format!("{path}: 1 problem found\n")));
+    }
+}
+
+/// Issue 23's example: wrong types in two apps and a key given twice, all reported in one run,
+/// each naming the app and the field and saying what to write.
+#[test]
+fn check_reports_every_type_error_at_once() {
+    let dir = TempDir::new("check-types");
+    let json = r#"{"Apps":[
+        {"Name":"web","Ports":[80],"Targets":["h:1"],"MaxConnections":"100"},
+        {"Name":"db","Ports":"5432","Targets":"h:5432","HealthCheck":{"Fall":1,"Fall":2}}
+      ]}"#;
+    let (o, path) = check(&dir, "types.json", json);
+    assert_eq!(o.code, Some(1), "{}", o.stderr);
+    let want = [
+        r#"app "web": MaxConnections: "100" is a string; write 100"#,
+        r#"app "db": Ports: "5432" is a string; write [5432]"#,
+        r#"app "db": Targets: "h:5432" is a string; write ["h:5432"]"#,
+        r#"app "db": HealthCheck.Fall given more than once; keep one"#,
+    ];
+    expect_problems(&o.stderr, &path, &want);
+    assert_eq!(o.stderr.lines().count(), want.len() + 1, "{}", o.stderr);
 }
 
 /// `check` without -c reads ./config.json.
@@ -370,6 +484,14 @@ fn check_defaults_to_config_json_in_the_current_directory() {
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         "config.json: ok: 1 apps, 1 ports, 1 targets\n"
+    );
+    // Issue 23: it says which file it read, the default's directory included.
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        format!(
+            "flyproxy: checking config.json in {} (the default; -c PATH checks another file)\n",
+            dir.path.canonicalize().unwrap().display()
+        )
     );
 }
 
@@ -409,6 +531,30 @@ fn start_with_a_missing_config_exits_1() {
         logs.contains(&format!("{}: cannot read", cfg.display())),
         "{logs}"
     );
+}
+
+/// Issue 23: --metrics on an app's own port names the app and the port and says what to do,
+/// rather than only "Address already in use"; nothing is bound.
+#[test]
+fn metrics_on_an_app_port_names_the_app_and_what_to_do() {
+    let echo = Backend::echo();
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut p = Proxy::simple()
+        .config(&config(&[app("web", &[port], &[echo.target()])]))
+        .args(&["--metrics", &metrics])
+        .spawn();
+    assert_eq!(p.wait_exit(WAIT).code(), Some(1));
+    let logs = p.logs().join("\n");
+    assert!(
+        logs.contains(&format!(
+            "--metrics {metrics}: port {port} is also app \"web\"'s (in its Ports): give \
+             --metrics a port no app uses (the default is 9089), or take {port} out of the \
+             app's Ports"
+        )),
+        "{logs}"
+    );
+    expect_refused(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
 }
 
 #[test]

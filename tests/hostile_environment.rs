@@ -10,7 +10,7 @@ use std::ffi::CString;
 use std::fs;
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
@@ -18,8 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
-    app, assert_serves_then_stops, config, connect, expect_refused, refused_start, roundtrip, run,
-    serving, wait_for, Backend, Proxy, TempDir, BIN, WAIT,
+    app, assert_serves_then_stops, config, connect, expect_refused, is_root, refused_start,
+    roundtrip, run, serving, wait_for, Backend, Proxy, TempDir, BIN, WAIT,
 };
 
 /// Puts something at a path.
@@ -43,11 +43,6 @@ fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
         .split_whitespace()
         .map(|v| v.parse().unwrap())
         .collect()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -180,7 +175,7 @@ fn config_too_large_or_a_fifo_is_a_clear_error() {
     fs::write(&big, format!("{{\"Apps\": []{padding}}}")).unwrap();
     let out = run(&["check", "-c", big.to_str().unwrap()]);
     assert_eq!(out.code, Some(1));
-    assert!(out.stdout.contains("larger than 16 MiB"), "{}", out.stdout);
+    assert!(out.stderr.contains("larger than 16 MiB"), "{}", out.stderr);
 
     let fifo = dir.path.join("fifo.json");
     mkfifo(&fifo);
@@ -342,15 +337,15 @@ fn bad_names_and_zero_padded_ports_are_refused() {
     ] {
         let cfg = dir.write("c.json", &config(&[app(name, &[7001], &["h:1".into()])]));
         let out = run(&["check", "-c", cfg.to_str().unwrap()]);
-        assert_eq!(out.code, Some(1), "{name:?}: {}", out.stdout);
+        assert_eq!(out.code, Some(1), "{name:?}: {}", out.stderr);
         assert!(
-            out.stdout
+            out.stderr
                 .contains("Name: must be 1-64 characters, each a letter, a digit, '.', '_' or '-'"),
             "{name:?}: {}",
-            out.stdout
+            out.stderr
         );
         // One line per problem and the summary: a newline in the name does not make more.
-        assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+        assert_eq!(out.stderr.lines().count(), 2, "{}", out.stderr);
     }
     let cfg = dir.write(
         "p.json",
@@ -359,10 +354,10 @@ fn bad_names_and_zero_padded_ports_are_refused() {
     let out = run(&["check", "-c", cfg.to_str().unwrap()]);
     assert_eq!(out.code, Some(1));
     assert!(
-        out.stdout
+        out.stderr
             .contains("\"host:041901\" has a port with a leading zero"),
         "{}",
-        out.stdout
+        out.stderr
     );
 
     let backend = Backend::echo();
@@ -438,6 +433,39 @@ fn user_switch_runs_as_nobody() {
         stat.is_none_or(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
             .then_some(())
     });
+}
+
+/// Issue 23: a --pid-file in a directory only root may write (as /run is) works with --user:
+/// it is written before privileges drop, and given to the user, so that the process an upgrade
+/// starts (as that user) rewrites it in place.
+#[test]
+fn pid_file_in_a_root_only_directory_works_with_user() {
+    if !is_root() {
+        eprintln!("skipping: switching user needs root");
+        return;
+    }
+    let backend = Backend::echo();
+    let run_dir = TempDir::new("user-root-run");
+    fs::set_permissions(&run_dir.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let pid_file = run_dir.path.join("flyproxy.pid");
+    let p = serving(
+        &["--user", "nobody", "--pid-file", pid_file.to_str().unwrap()],
+        &backend,
+    );
+    p.wait_log("running as", |l| l.contains("running as user nobody"));
+    assert_eq!(
+        fs::read_to_string(&pid_file).unwrap(),
+        format!("{}\n", p.pid)
+    );
+    assert_eq!(fs::metadata(&pid_file).unwrap().uid(), 65534);
+    let complaints = p.lines(|l| l.contains("--pid-file"));
+    assert!(complaints.is_empty(), "{complaints:?}");
+    let (new, _stop) = nobody_upgrades_with_the_kept_capability(&p, &pid_file);
+    wait_for("the pid file to name the new process", WAIT, || {
+        (fs::read_to_string(&pid_file).ok()? == format!("{new}\n")).then_some(())
+    });
+    // SAFETY: kill(2) of the new process, which runs as nobody (we are root).
+    unsafe { libc::kill(new as libc::pid_t, libc::SIGTERM) };
 }
 
 /// The capability set `field` (`CapEff:`, `CapPrm:`) of a /proc/PID/status text.

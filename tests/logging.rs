@@ -292,3 +292,29 @@ fn journald_priority_prefixes_only_when_stderr_is_the_journal_stream() {
         );
     }
 }
+
+/// Regression: with `--user`, a log file opened at start (as root, before the switch) is
+/// written by the same writer after it. Found when the log files' opening started the writer
+/// thread before the switch: that thread drops its capabilities as it starts, so glibc's
+/// setgroups, applied to every thread, failed in it and aborted the process (exit by SIGABRT,
+/// no line anywhere). The file sits in a directory only root may write to.
+#[test]
+fn a_log_file_opened_as_root_is_written_after_the_user_switch() {
+    if !is_root() {
+        eprintln!("skipping: switching user needs root");
+        return;
+    }
+    let backend = Backend::echo();
+    let mut proxy = spawn_logging_to("flyproxy.log", &backend, &["--user", "nobody"]);
+    let path = proxy.dir.path.join("flyproxy.log");
+    wait_file_line(&path, "the switch", |l| {
+        l.contains("running as user nobody (uid 65534)")
+    });
+    let mut s = connect(proxy.v4(0));
+    roundtrip(&mut s, b"as nobody, logged to a root's file\n");
+    let client = s.local_addr().unwrap();
+    drop(s);
+    wait_conn_in(&path, client);
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(proxy.wait_exit(WAIT).code(), Some(0));
+}

@@ -29,13 +29,13 @@ fn a_target_on_the_proxys_own_frontend_is_refused() {
             )]),
         );
         let out = run(&["check", "-c", cfg.to_str().unwrap()]);
-        assert_eq!(out.code, Some(1), "{target}: {}", out.stdout);
+        assert_eq!(out.code, Some(1), "{target}: {}", out.stderr);
         assert!(
-            out.stdout.contains(&format!(
+            out.stderr.contains(&format!(
                 "app \"web\": Targets: \"{target}:7002\" is this proxy's own frontend"
             )),
             "{}",
-            out.stdout
+            out.stderr
         );
     }
     // A local address on a port that is not a frontend is fine.

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{app, config, free_port, in_ci, Backend, Proxy, TempDir, BIN, WAIT};
+use common::{app, config, free_port, in_ci, is_root, Backend, Proxy, TempDir, BIN, WAIT};
 
 /// Where `make deb` leaves the package and what dpkg-buildpackage wrote with it.
 const DEB_DIR: &str = "target/debian";
@@ -46,11 +46,6 @@ const CAP_BPF: u32 = 39;
 
 fn env_set(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Whether the (slow) package tests run; prints why not.

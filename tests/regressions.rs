@@ -27,11 +27,11 @@ fn too_many_address_port_pairs_is_a_problem() {
         out.stderr
     );
     assert!(
-        out.stdout
+        out.stderr
             .contains("the apps have 1114095 (address, port) pairs in all")
-            && out.stdout.contains("more than the 1048576 the proxy holds"),
+            && out.stderr.contains("more than the 1048576 the proxy holds"),
         "check said: {}",
-        out.stdout
+        out.stderr
     );
     assert!(
         started.elapsed() < WAIT,
@@ -85,14 +85,14 @@ fn loop_check_with_an_address_per_app_is_fast() {
         out.stdout,
         out.stderr
     );
-    let problems: Vec<&str> = out.stdout.lines().collect();
+    let problems: Vec<&str> = out.stderr.lines().collect();
     assert!(
         problems.len() == 2
             && problems[0].contains(
                 "app \"looper\": Targets: \"127.0.0.1:443\" is this proxy's own frontend"
             ),
         "check said: {}",
-        out.stdout
+        out.stderr
     );
     assert!(
         took < Duration::from_secs(10),

@@ -12,6 +12,7 @@ use flyproxy::config::hostname::Pattern;
 use flyproxy::config::prefix::Prefix;
 use flyproxy::config::{
     parse_target, App, Balance, Config, Diff, HealthCheck, Problem, ProxyProtocol, Target,
+    PRINTED_MAX,
 };
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
@@ -34,66 +35,94 @@ const HEALTH_KEYS: [&str; 4] = ["IntervalMs", "TimeoutMs", "Fall", "Rise"];
 /// What the oracle expects `Config::parse` to say.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// Not JSON, or JSON of the wrong shape (a wrong type anywhere): one `Problem::Syntax`.
+    /// Not JSON (or nested past serde_json's limit): one `Problem::Syntax`.
     Syntax,
-    /// Well-typed: this many problems, and if none, exactly this config.
+    /// JSON: this many problems (a value of the wrong type is one, like any other), and if
+    /// none, exactly this config.
     Checked {
         problems: usize,
         config: Option<Config>,
     },
 }
 
-/// Any JSON document, remembering whether some object had a key twice. serde_json's `Value`
-/// keeps the last of duplicate keys while serde's derived structs may refuse them, so the
-/// oracle does not judge such documents (it still checks the invariants of what parses).
-struct DupScan(bool);
+/// Any JSON document with every key of every object kept in order, repeats included
+/// (serde_json's `Value` keeps only the last of a repeated key).
+enum Tree {
+    Object(Vec<(String, Tree)>),
+    Array(Vec<Tree>),
+    Other,
+}
 
-impl<'de> Deserialize<'de> for DupScan {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<DupScan, D::Error> {
+impl<'de> Deserialize<'de> for Tree {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Tree, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = DupScan;
+            type Value = Tree;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("any JSON")
             }
-            fn visit_bool<E>(self, _: bool) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_bool<E>(self, _: bool) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_i64<E>(self, _: i64) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_i64<E>(self, _: i64) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_u64<E>(self, _: u64) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_u64<E>(self, _: u64) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_f64<E>(self, _: f64) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_f64<E>(self, _: f64) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_str<E>(self, _: &str) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_str<E>(self, _: &str) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_unit<E>(self) -> Result<DupScan, E> {
-                Ok(DupScan(false))
+            fn visit_unit<E>(self) -> Result<Tree, E> {
+                Ok(Tree::Other)
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<DupScan, A::Error> {
-                let mut dup = false;
-                while let Some(DupScan(d)) = a.next_element()? {
-                    dup |= d;
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Tree, A::Error> {
+                let mut out = Vec::new();
+                while let Some(t) = a.next_element()? {
+                    out.push(t);
                 }
-                Ok(DupScan(dup))
+                Ok(Tree::Array(out))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<DupScan, A::Error> {
-                let mut dup = false;
-                let mut keys = HashSet::new();
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Tree, A::Error> {
+                let mut out = Vec::new();
                 while let Some(k) = a.next_key::<String>()? {
-                    dup |= !keys.insert(k);
-                    let DupScan(d) = a.next_value()?;
-                    dup |= d;
+                    out.push((k, a.next_value()?));
                 }
-                Ok(DupScan(dup))
+                Ok(Tree::Object(out))
             }
         }
         d.deserialize_any(V)
     }
+}
+
+/// README: a key of the file, of an app or of a HealthCheck given more than once in its object
+/// is a problem (one per key, however often), and the last given is the one used. (Repeats
+/// of an unknown key are that key's one "unknown key" problem.)
+fn repeated_keys(tree: &Tree) -> usize {
+    fn repeated(entries: &[(String, Tree)], known: &[&str]) -> usize {
+        known
+            .iter()
+            .filter(|k| entries.iter().filter(|(e, _)| e == *k).count() > 1)
+            .count()
+    }
+    fn last<'t>(entries: &'t [(String, Tree)], key: &str) -> Option<&'t Tree> {
+        entries.iter().rev().find(|(k, _)| k == key).map(|(_, t)| t)
+    }
+    let Tree::Object(top) = tree else { return 0 };
+    let mut n = repeated(top, &["Apps"]);
+    if let Some(Tree::Array(apps)) = last(top, "Apps") {
+        for app in apps {
+            let Tree::Object(a) = app else { continue };
+            n += repeated(a, &APP_KEYS);
+            if let Some(Tree::Object(h)) = last(a, "HealthCheck") {
+                n += repeated(h, &HEALTH_KEYS);
+            }
+        }
+    }
+    n
 }
 
 /// A target as the README describes it: `host:port`, the host a DNS name (labels of letters,
@@ -145,7 +174,10 @@ pub fn expected_target(s: &str) -> Option<Target> {
         (host, &s[colon + 1..])
     };
     // README: no leading zeros in a port.
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) || (port.len() > 1 && port.starts_with('0')) {
+    if port.is_empty()
+        || !port.bytes().all(|b| b.is_ascii_digit())
+        || (port.len() > 1 && port.starts_with('0'))
+    {
         return None;
     }
     let digits = port.trim_start_matches('0');
@@ -170,49 +202,22 @@ fn int(v: &Value) -> Option<i64> {
     v.as_i64()
 }
 
-/// Shape check: serde refuses the whole file at the first value of the wrong type.
-fn well_typed(v: &Value) -> bool {
-    let opt = |o: Option<&Value>, f: &dyn Fn(&Value) -> bool| match o {
-        None | Some(Value::Null) => true,
-        Some(v) => f(v),
+/// README: a value of the wrong JSON type is a problem of its own (the app and field named),
+/// and checking goes on. Entries of a string list that are not strings are each one problem and
+/// left out.
+fn strings(v: &Value, problems: &mut usize) -> Option<Vec<String>> {
+    let Value::Array(l) = v else {
+        *problems += 1;
+        return None;
     };
-    let is_int = |v: &Value| int(v).is_some();
-    let is_str = |v: &Value| v.is_string();
-    let Some(top) = v.as_object() else {
-        return false;
-    };
-    opt(top.get("Apps"), &|apps| {
-        let Some(apps) = apps.as_array() else {
-            return false;
-        };
-        apps.iter().all(|app| {
-            let Some(a) = app.as_object() else {
-                return false;
-            };
-            opt(a.get("Name"), &is_str)
-                // Port entries are numbers or "A-B" strings; any other entry is the
-                // validator's to report, not serde's.
-                && opt(a.get("Ports"), &|p| p.is_array())
-                && opt(a.get("Addresses"), &|t| {
-                    t.as_array().is_some_and(|l| l.iter().all(is_str))
-                })
-                && opt(a.get("Hostnames"), &|t| {
-                    t.as_array().is_some_and(|l| l.iter().all(is_str))
-                })
-                && opt(a.get("Targets"), &|t| {
-                    t.as_array().is_some_and(|l| l.iter().all(is_str))
-                })
-                && opt(a.get("HealthCheck"), &|h| {
-                    h.as_object()
-                        .is_some_and(|h| HEALTH_KEYS.iter().all(|k| opt(h.get(*k), &is_int)))
-                })
-                && opt(a.get("Balance"), &is_str)
-                && opt(a.get("ProxyProtocol"), &is_str)
-                && opt(a.get("ConnectAttempts"), &is_int)
-                && opt(a.get("MaxConnections"), &is_int)
-                && opt(a.get("MaxConnectionsPerClient"), &is_int)
-        })
-    })
+    let mut out = Vec::new();
+    for e in l {
+        match e.as_str() {
+            Some(s) => out.push(s.to_owned()),
+            None => *problems += 1,
+        }
+    }
+    Some(out)
 }
 
 fn present(o: &Map<String, Value>, k: &str) -> Option<Value> {
@@ -223,20 +228,35 @@ fn present(o: &Map<String, Value>, k: &str) -> Option<Value> {
 }
 
 /// The oracle: what `Config::parse` must answer for `bytes`, or None when it does not judge
-/// (duplicate keys).
+/// (JSON nested past serde_json's limit).
 pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
-    let Ok(v) = serde_json::from_slice::<Value>(bytes) else {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_err() {
         return Some(Verdict::Syntax);
-    };
-    if serde_json::from_slice::<DupScan>(bytes).map_or(true, |d| d.0) {
+    }
+    // JSON, but nested past serde_json's limit of 128 for a value it builds: flyproxy skips an
+    // unknown key's value unread (no limit) but reads a known key's (limited), so whether this
+    // is a syntax error depends on where the depth is. Not judged.
+    let (Ok(v), Ok(tree)) = (
+        serde_json::from_slice::<Value>(bytes),
+        serde_json::from_slice::<Tree>(bytes),
+    ) else {
         return None;
-    }
-    if !well_typed(&v) {
-        return Some(Verdict::Syntax);
-    }
-    let top = v.as_object().expect("well typed");
-    let mut problems = top.keys().filter(|k| *k != "Apps").count();
+    };
+    let wrong = Some(Verdict::Checked {
+        problems: 1,
+        config: None,
+    });
+    let Some(top) = v.as_object() else {
+        return wrong;
+    };
+    let mut problems = top.keys().filter(|k| *k != "Apps").count() + repeated_keys(&tree);
     let Some(apps) = present(top, "Apps") else {
+        return Some(Verdict::Checked {
+            problems: problems + 1,
+            config: None,
+        });
+    };
+    let Some(apps) = apps.as_array() else {
         return Some(Verdict::Checked {
             problems: problems + 1,
             config: None,
@@ -245,18 +265,23 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
     let mut names = HashSet::new();
     let mut out = Vec::new();
     let mut unusable = Vec::new();
-    for (i, app) in apps.as_array().expect("well typed").iter().enumerate() {
-        let a = app.as_object().expect("well typed");
-        let name = match a.get("Name").and_then(Value::as_str) {
-            Some(n) if !n.trim().is_empty() => {
+    for (i, app) in apps.iter().enumerate() {
+        let Some(a) = app.as_object() else {
+            problems += 1;
+            continue;
+        };
+        let name = match present(a, "Name") {
+            Some(Value::String(n)) if !n.trim().is_empty() => {
                 // README: 1-64 letters, digits, '.', '_' or '-'.
                 let ok = n.chars().count() <= 64
-                    && n.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c));
                 if !ok {
                     problems += 1;
                 }
                 n.to_owned()
             }
+            // Missing, empty, or not a string: one problem, and the app goes by its place.
             _ => {
                 problems += 1;
                 format!("#{}", i + 1)
@@ -295,14 +320,23 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
                 }
                 problems += usize::from(twice);
             }
+            // Missing, empty, or not a list: one problem.
             _ => problems += 1,
         }
+        // A list given but empty is "missing or empty"; given but not a list is a wrong type;
+        // either way no address is usable.
+        let nonempty = |v: &Value, problems: &mut usize| match v {
+            Value::Array(l) if l.is_empty() => {
+                *problems += 1;
+                Vec::new()
+            }
+            v => strings(v, problems).unwrap_or_default(),
+        };
         let mut addresses = Vec::new();
         let given = present(a, "Addresses");
-        if let Some(Value::Array(l)) = &given {
-            problems += usize::from(l.is_empty());
-            for t in l {
-                match expected_prefix(t.as_str().expect("well typed")) {
+        if let Some(v) = &given {
+            for t in nonempty(v, &mut problems) {
+                match expected_prefix(&t) {
                     Some(p) if addresses.contains(&p) => problems += 1,
                     Some(p) => addresses.push(p),
                     None => problems += 1,
@@ -311,10 +345,9 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         }
         unusable.push(given.is_some() && addresses.is_empty());
         let mut hostnames = Vec::new();
-        if let Some(Value::Array(l)) = present(a, "Hostnames") {
-            problems += usize::from(l.is_empty());
-            for t in &l {
-                match expected_hostname(t.as_str().expect("well typed")) {
+        if let Some(v) = present(a, "Hostnames") {
+            for t in nonempty(&v, &mut problems) {
+                match expected_hostname(&t) {
                     Some(h) if hostnames.contains(&h) => problems += 1,
                     Some(h) => hostnames.push(h),
                     None => problems += 1,
@@ -323,23 +356,24 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         }
         let mut targets = Vec::new();
         match present(a, "Targets") {
-            Some(Value::Array(l)) if !l.is_empty() => {
-                for t in &l {
-                    match expected_target(t.as_str().expect("well typed")) {
+            Some(v) => {
+                for t in nonempty(&v, &mut problems) {
+                    match expected_target(&t) {
                         Some(t) => targets.push(t),
                         None => problems += 1,
                     }
                 }
             }
-            _ => problems += 1,
+            None => problems += 1,
         }
+        // Not a whole number (a string, a fraction, true) or out of range: one problem.
         let mut ranged = |_key: &str, v: Option<Value>, lo: i64, hi: i64| -> Option<i64> {
-            let n = int(&v?).expect("well typed");
-            if (lo..=hi).contains(&n) {
-                Some(n)
-            } else {
-                problems += 1;
-                None
+            match int(&v?) {
+                Some(n) if (lo..=hi).contains(&n) => Some(n),
+                _ => {
+                    problems += 1;
+                    None
+                }
             }
         };
         let mut health = HealthCheck {
@@ -349,7 +383,11 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             rise: 1,
         };
         let mut health_unknown = 0;
-        if let Some(Value::Object(h)) = present(a, "HealthCheck") {
+        let health_given = present(a, "HealthCheck");
+        if health_given.as_ref().is_some_and(|h| !h.is_object()) {
+            health_unknown = 1; // the wrong type, counted with the unknown keys
+        }
+        if let Some(Value::Object(h)) = health_given {
             health_unknown = h
                 .keys()
                 .filter(|k| !HEALTH_KEYS.contains(&k.as_str()))
@@ -379,7 +417,15 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         )
         .map(|n| n as usize);
         problems += health_unknown;
-        let balance = match present(a, "Balance").as_ref().and_then(Value::as_str) {
+        let text = |k: &str, problems: &mut usize| match present(a, k) {
+            Some(Value::String(s)) => Some(s),
+            Some(_) => {
+                *problems += 1; // not a string: a wrong type
+                None
+            }
+            None => None,
+        };
+        let balance = match text("Balance", &mut problems).as_deref() {
             None | Some("p2c") => Balance::P2c,
             Some("random") => Balance::Random,
             Some("round-robin") => Balance::RoundRobin,
@@ -388,7 +434,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
                 Balance::P2c
             }
         };
-        let proxy_protocol = match present(a, "ProxyProtocol").as_ref().and_then(Value::as_str) {
+        let proxy_protocol = match text("ProxyProtocol", &mut problems).as_deref() {
             None => None,
             Some("v1") => Some(ProxyProtocol::V1),
             Some("v2") => Some(ProxyProtocol::V2),
@@ -595,15 +641,29 @@ pub fn check_bytes(bytes: &[u8]) -> Option<Config> {
         Ok(c) => invariants(c),
         Err(e) => {
             assert!(!e.problems.is_empty(), "an error with no problem in it");
-            // One line per problem, each naming the file. (A key or name with a newline in it
-            // is printed as it is, so a problem may span lines: compare problem by problem.)
+            // One line per problem, each naming the file (a syntax error with its line and
+            // column). (A key or name with a newline in it is printed as it is, so a problem
+            // may span lines: compare problem by problem.) `first` stops at its bound and
+            // says how many more.
             let text = e.to_string();
             let want: Vec<String> = e
                 .problems
                 .iter()
-                .map(|p| format!("fuzz.json: {p}"))
+                .map(|p| match p {
+                    Problem::Syntax(s) if s.line > 0 => {
+                        format!("fuzz.json:{}:{}: {p}", s.line, s.column.max(1))
+                    }
+                    _ => format!("fuzz.json: {p}"),
+                })
                 .collect();
             assert_eq!(text, want.join("\n"));
+            if e.count() > PRINTED_MAX {
+                let first = e.first(PRINTED_MAX).to_string();
+                assert!(
+                    first.starts_with(&want[..PRINTED_MAX].join("\n")),
+                    "{first}"
+                );
+            }
         }
     }
     match oracle(bytes) {
@@ -628,7 +688,7 @@ pub fn check_bytes(bytes: &[u8]) -> Option<Config> {
                         .any(|p| matches!(p, Problem::Syntax(_) | Problem::Io(_))),
                     "expected {problems} problems, got {e}"
                 );
-                assert_eq!(e.problems.len(), problems, "{e}");
+                assert_eq!(e.count(), problems, "{e}");
             }
         },
     }

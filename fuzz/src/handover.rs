@@ -87,7 +87,10 @@ pub fn check(input: &EnvInput) {
         (Err(e), None) => {
             let text = e.to_string();
             assert!(text.starts_with("FLYPROXY_"), "{text}");
-            assert!(!text.contains('\n'), "an error on more than one line: {text:?}");
+            assert!(
+                !text.contains('\n'),
+                "an error on more than one line: {text:?}"
+            );
         }
         _ => panic!("parse_env {got:?}, oracle {want:?} for {r:?} {l:?} {m:?}"),
     }

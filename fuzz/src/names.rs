@@ -9,7 +9,10 @@ use flyproxy::config::{is_valid_name, Config};
 
 fn oracle(name: &str) -> bool {
     let n = name.chars().count();
-    (1..=64).contains(&n) && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    (1..=64).contains(&n)
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 pub fn check(name: &str) {

@@ -108,6 +108,53 @@ fn oracle_targets() {
     }
 }
 
+/// Issue 23: values of the wrong type and repeated keys are problems among others, judged by
+/// the oracle and counted alike by both.
+#[test]
+fn oracle_judges_wrong_types_and_repeated_keys() {
+    use flyproxy_fuzz::config::{check_bytes, oracle, Verdict};
+    let docs: &[(&str, usize)] = &[
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"MaxConnections":"100"}]}"#,
+            1,
+        ),
+        (
+            r#"{"Apps":[{"Name":7,"Ports":80,"Targets":"h:1","HealthCheck":[]}]}"#,
+            4,
+        ),
+        (
+            r#"{"Apps":[5,null,{"Name":"a","Ports":[1,true],"Targets":["h:1",2]}]}"#,
+            4,
+        ),
+        (r#"{"Apps":{"Name":"a"},"Apps":[]}"#, 1),
+        (
+            r#"{"Apps":[{"Name":"a","Name":"b","Ports":[1],"Targets":["h:1"],"X":1,"X":2}]}"#,
+            2,
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"HealthCheck":{"Fall":1,"Fall":2,"Rise":"x"}}]}"#,
+            2,
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"Addresses":"10.0.0.1","Hostnames":[3]}]}"#,
+            2,
+        ),
+        (
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"Balance":1,"ProxyProtocol":false,"ConnectAttempts":1.5}]}"#,
+            3,
+        ),
+        (r#"[1]"#, 1),
+        (r#"null"#, 1),
+    ];
+    for (doc, want) in docs {
+        match oracle(doc.as_bytes()) {
+            Some(Verdict::Checked { problems, .. }) => assert_eq!(problems, *want, "{doc}"),
+            other => panic!("{doc}: {other:?}"),
+        }
+        check_bytes(doc.as_bytes());
+    }
+}
+
 #[test]
 fn handover_env() {
     each("handover_env", flyproxy_fuzz::handover::check);

@@ -1,5 +1,6 @@
-//! The config file: reading it (`file`), its raw serde shape (`raw`), the validated `Config` the
-//! proxy runs on (`model`) and how it is made (`validate`; in files of their own: an app's
+//! The config file: reading it (`file`), what is wrong when it is not JSON (`syntax`), its raw
+//! shape read key by key (`raw`), the validated `Config` the proxy runs on (`model`) and how it
+//! is made (`validate`; in files of their own: each value's JSON type (`types`), an app's
 //! `ports`, its `target`s, and `sharing`, which apps may share an address and port), what can
 //! be wrong with it (`problem`) and the bounds it is held to (`limits`), the diff between two
 //! configs that a reload applies (`diff`), and the SHA-256 that names a loaded file (`sha256`).
@@ -8,8 +9,9 @@
 //! here imports from it (and none imports another in a circle).
 //!
 //! Parse, don't validate: `RawConfig` mirrors the JSON exactly (so the original challenge file
-//! loads byte for byte), and `Config::from_raw` turns it into a `Config` or into every problem
-//! found at once. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
+//! loads byte for byte), keeping values of any type and noting keys given twice, and
+//! `Config::from_raw` turns it into a `Config` or into every problem found at once, a value of
+//! the wrong type being one problem among others. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
 //! touch a live listener.
 
 mod diff;
@@ -23,7 +25,9 @@ mod problem;
 mod raw;
 pub mod sha256;
 mod sharing;
+mod syntax;
 mod target;
+mod types;
 mod validate;
 
 pub use diff::Diff;
@@ -34,7 +38,7 @@ pub use model::{
     DEFAULT_CONNECT_ATTEMPTS,
 };
 pub use ports::{parse_port_range, port_ranges};
-pub use problem::{ConfigError, Problem};
+pub use problem::{ConfigError, First, Problem, Syntax, PRINTED_MAX, STORED_MAX};
 pub use target::parse_target;
 pub use validate::is_valid_name;
 
@@ -109,5 +113,91 @@ mod tests {
             );
         }
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+}
+
+#[cfg(test)]
+mod type_tests {
+    use super::tests::parse;
+
+    /// Issue 23: a value of the wrong type names the app (or its place in Apps) and the field,
+    /// says what to write, and checking goes on to every other problem.
+    #[test]
+    fn wrong_types_name_the_app_and_field_and_checking_goes_on() {
+        let s = r#"{"Apps": [
+            {"Name": "web", "Ports": 80, "Targets": "h:1", "MaxConnections": "100",
+             "Balance": 3, "HealthCheck": {"Fall": "2", "Rise": true}, "ConnectAttempts": 1.5},
+            {"Name": 7, "Ports": [1, true], "Targets": ["h:1", 5], "Addresses": "10.0.0.1",
+             "Hostnames": [null], "ProxyProtocol": ["v1"], "HealthCheck": [],
+             "MaxConnectionsPerClient": "0"},
+            5,
+            {"Name": "c", "Ports": [2], "Targets": ["h:1"], "MaxConnections": 1, "MaxConnections": 2,
+             "HealthCheck": {"Fall": 1, "Fall": 2}, "Nope": 1, "Nope": 2}
+          ], "Apps": []}"#;
+        let errs = parse(s).unwrap_err();
+        let want = [r#""Apps" given more than once at the top level; keep one"#];
+        // The last "Apps" is the one kept, as serde_json keeps the last of a repeated key.
+        assert_eq!(errs, want);
+
+        let errs = parse(&s.replace(r#", "Apps": []}"#, "}")).unwrap_err();
+        let want = [
+            r#"app "web": Ports: 80 is a number; write [80]"#,
+            r#"app "web": Targets: "h:1" is a string; write ["h:1"]"#,
+            r#"app "web": HealthCheck.Fall: "2" is a string; write 2"#,
+            r#"app "web": HealthCheck.Rise: true is a boolean; write a number from 1 to 100"#,
+            r#"app "web": Balance: 3 is a number; write "3""#,
+            r#"app "web": ConnectAttempts: 1.5 is not a number from 1 to 10"#,
+            r#"app "web": MaxConnections: "100" is a string; write 100"#,
+            r##"app "#2": MaxConnectionsPerClient: "0" is a string; write a number from 1 to 1000000"##,
+            r##"app "#2": Name: 7 is a number; write "7""##,
+            r##"app "#2": Ports: true is a boolean; write a port, as 80"##,
+            r##"app "#2": Addresses: "10.0.0.1" is a string; write ["10.0.0.1"]"##,
+            r##"app "#2": Hostnames: null is null; write a hostname in quotes"##,
+            r##"app "#2": Targets: 5 is a number; write "5""##,
+            r##"app "#2": HealthCheck: [...] is a list; write an object"##,
+            r##"app "#2": ProxyProtocol: [...] is a list; write "v1" or "v2""##,
+            r#"Apps[2]: 5 is a number; write an app, as {"Name": "web""#,
+            r#"app "c": unknown key "Nope""#,
+            r#"app "c": MaxConnections given more than once; keep one"#,
+            r#"app "c": HealthCheck.Fall given more than once; keep one"#,
+        ];
+        for w in want {
+            assert!(
+                errs.iter().any(|e| e.contains(w)),
+                "missing {w:?} in {errs:#?}"
+            );
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    /// A wrong value is quoted short: a huge string cannot make a huge line.
+    #[test]
+    fn a_long_wrong_value_is_cut_short() {
+        let long = "9".repeat(10_000);
+        let errs = parse(&format!(
+            r#"{{"Apps":[{{"Name":"a","Ports":[1],"Targets":["h:1"],"MaxConnections":"{long}"}}]}}"#
+        ))
+        .unwrap_err();
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].len() < 200, "{}", errs[0]);
+    }
+
+    /// A million problems: all counted, `STORED_MAX` kept, the first `PRINTED_MAX` printed, then
+    /// how many more.
+    #[test]
+    fn a_million_problems_are_counted_and_a_hundred_printed() {
+        let zeros = vec!["0"; 1_000_000].join(",");
+        let s = format!(r#"{{"Apps":[{{"Name":"a","Ports":[{zeros}],"Targets":["h:1"]}}]}}"#);
+        let e = super::Config::parse(std::path::Path::new("c.json"), s.as_bytes()).unwrap_err();
+        assert_eq!(e.count(), 1_000_000);
+        // Only so many are kept: the rest cost a count, not memory.
+        assert_eq!(e.problems.len(), super::STORED_MAX + 1);
+        let text = e.first(super::PRINTED_MAX).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), super::PRINTED_MAX + 1);
+        assert_eq!(
+            lines.last().unwrap(),
+            &"c.json: ... and 999900 more problems not shown (the first 100 are)"
+        );
     }
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use crate::config::hostname::Pattern;
 use crate::config::prefix::Prefix;
 use crate::config::problem::{ConfigError, Problem};
-use crate::config::raw::RawConfig;
+use crate::config::raw::{RawConfig, Shaped};
+use crate::config::syntax;
 
 /// Default for `ConnectAttempts`.
 pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
@@ -114,8 +115,11 @@ impl Config {
             path: path.to_owned(),
             problems,
         };
-        let raw: RawConfig = serde_json::from_slice(bytes)
-            .map_err(|e| fail(vec![Problem::Syntax(e.to_string())]))?;
+        if let Some(s) = syntax::precheck(bytes) {
+            return Err(fail(vec![Problem::Syntax(s)]));
+        }
+        let raw: Shaped<RawConfig> = serde_json::from_slice(bytes)
+            .map_err(|e| fail(vec![Problem::Syntax(syntax::from_serde(bytes, &e))]))?;
         Config::from_raw(raw).map_err(fail)
     }
 

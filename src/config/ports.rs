@@ -5,11 +5,13 @@ use std::collections::{BTreeSet, HashSet};
 
 use serde_json::Value;
 
-use crate::config::problem::Problem;
+use crate::config::problem::{Problem, Problems};
+use crate::config::raw::Found;
+use crate::config::types::wrong;
 
 /// An app's `Ports`: numbers and `"A-B"` ranges, expanded, in the order given, each once.
 /// Problems for what is not a port, and one problem listing every port given twice.
-pub(super) fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) -> Vec<u16> {
+pub(super) fn app_ports(app: &str, list: &[Value], problems: &mut Problems) -> Vec<u16> {
     let mut seen = HashSet::new();
     let mut order = Vec::new();
     let mut twice = BTreeSet::new();
@@ -37,11 +39,12 @@ pub(super) fn app_ports(app: &str, list: &[Value], problems: &mut Vec<Problem>) 
                 }
             },
             other => {
-                problems.push(Problem::BadPortRange {
-                    app: app.to_owned(),
-                    value: other.to_string(),
-                    why: "is not a port number or a range \"A-B\"",
-                });
+                problems.push(wrong(
+                    Some(app),
+                    "Ports",
+                    &Found::of(other.clone()),
+                    r#"a port, as 80, or a range in quotes, as "8000-8010""#.into(),
+                ));
                 continue;
             }
         };

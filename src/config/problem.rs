@@ -18,8 +18,23 @@ pub enum Problem {
     NotAFile(&'static str),
     /// The file is larger than `MAX_FILE_BYTES`.
     TooLarge,
-    /// The file is not JSON of the expected shape (serde's message carries line and column).
-    Syntax(String),
+    /// The file is not JSON: serde_json's message without its position, the position (line
+    /// and column from 1; 0 when serde_json gives none), and a hint for a common slip.
+    Syntax(Syntax),
+    /// A value of the wrong JSON type. `app` is None at the top level; `found` is the value
+    /// as written (cut short), `kind` what it is, `write` what to write instead.
+    WrongType {
+        app: Option<String>,
+        field: String,
+        found: String,
+        kind: &'static str,
+        write: String,
+    },
+    /// A key given more than once in one object (`app` None: at the top level).
+    GivenTwice { app: Option<String>, key: String },
+    /// Not a problem of its own: this many more were found past `STORED_MAX` and only
+    /// counted. Always the last of a list.
+    More(usize),
     /// The top-level `Apps` key is missing.
     MissingApps,
     /// A key that flyproxy does not know; `app` is None at the top level.
@@ -109,7 +124,32 @@ impl fmt::Display for Problem {
                 "larger than {} MiB: not read (a config file is at most that)",
                 MAX_FILE_BYTES >> 20
             ),
-            Problem::Syntax(e) => write!(f, "not a valid config: {e}"),
+            Problem::Syntax(e) => {
+                write!(f, "not a valid config: {}", e.message)?;
+                match e.hint {
+                    Some(hint) => write!(f, " ({hint})"),
+                    None => Ok(()),
+                }
+            }
+            Problem::WrongType {
+                app,
+                field,
+                found,
+                kind,
+                write,
+            } => {
+                if let Some(app) = app {
+                    write!(f, "app {app:?}: ")?;
+                }
+                write!(f, "{field}: {found} is {kind}; write {write}")
+            }
+            Problem::GivenTwice { app: Some(app), key } => {
+                write!(f, "app {app:?}: {key} given more than once; keep one")
+            }
+            Problem::More(n) => write!(f, "{n} more problems found, not kept"),
+            Problem::GivenTwice { app: None, key } => {
+                write!(f, "{key:?} given more than once at the top level; keep one")
+            }
             Problem::MissingApps => write!(f, "missing key \"Apps\" (a list of apps)"),
             Problem::UnknownKey { app: None, key } => {
                 write!(
@@ -226,6 +266,57 @@ fn is_are(ports: &str) -> &'static str {
 
 const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
 
+/// A file that is not JSON: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Syntax {
+    /// serde_json's message, without the "at line L column C" it ends with.
+    pub message: String,
+    pub line: usize,
+    pub column: usize,
+    /// What the operator most likely wrote instead (a comment, single quotes, ...).
+    pub hint: Option<&'static str>,
+}
+
+/// At most this many problems are kept for one file; the rest are counted. A 16 MiB file can
+/// hold eight million bad ports: kept, each with its app's name, they took 1.5 GB. (A rejected
+/// reload logs every one kept: tens of thousands of lines are how a log that cannot keep up is
+/// tested, and a reload is logged once per change of the file.)
+pub const STORED_MAX: usize = 100_000;
+
+/// Problems as they are found: the first `STORED_MAX` kept, the rest counted.
+#[derive(Debug, Default)]
+pub(super) struct Problems {
+    list: Vec<Problem>,
+    more: usize,
+}
+
+impl Problems {
+    pub(super) fn push(&mut self, p: Problem) {
+        if self.list.len() < STORED_MAX {
+            self.list.push(p);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The problems kept, and `Problem::More` last if some were only counted.
+    pub(super) fn into_vec(mut self) -> Vec<Problem> {
+        if self.more > 0 {
+            self.list.push(Problem::More(self.more));
+        }
+        self.list
+    }
+}
+
+/// At most this many problems are printed by `flyproxy check` (`ConfigError::first`), then how
+/// many more: an operator reads the first ones, fixes them and checks again; a generated file
+/// with a million bad ports should not scroll a million lines past.
+pub const PRINTED_MAX: usize = 100;
+
 /// Every problem found in one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -233,15 +324,71 @@ pub struct ConfigError {
     pub problems: Vec<Problem>,
 }
 
-impl fmt::Display for ConfigError {
+impl ConfigError {
+    /// How many problems were found, those only counted included.
+    pub fn count(&self) -> usize {
+        self.problems
+            .iter()
+            .map(|p| match p {
+                Problem::More(n) => *n,
+                _ => 1,
+            })
+            .sum()
+    }
+}
+
+impl ConfigError {
+    /// The problems one a line, at most `max` of them, then how many more there are.
+    pub fn first(&self, max: usize) -> First<'_> {
+        First { error: self, max }
+    }
+}
+
+/// See `ConfigError::first`.
+pub struct First<'a> {
+    error: &'a ConfigError,
+    max: usize,
+}
+
+impl fmt::Display for First<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, p) in self.problems.iter().enumerate() {
-            if i > 0 {
+        let path = self.error.path.display();
+        let shown = self
+            .error
+            .problems
+            .iter()
+            .filter(|p| !matches!(p, Problem::More(_)))
+            .take(self.max);
+        let mut printed = 0;
+        for p in shown {
+            if printed > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}: {p}", self.path.display())?;
+            printed += 1;
+            match p {
+                // PATH:LINE:COL: is the form editors and terminals jump to.
+                Problem::Syntax(s) if s.line > 0 => {
+                    write!(f, "{path}:{}:{}: {p}", s.line, s.column.max(1))?
+                }
+                _ => write!(f, "{path}: {p}")?,
+            }
+        }
+        let more = self.error.count() - printed;
+        if more > 0 {
+            write!(
+                f,
+                "\n{path}: ... and {more} more {} not shown (the first {printed} are)",
+                if more == 1 { "problem" } else { "problems" }
+            )?;
         }
         Ok(())
+    }
+}
+
+/// Every problem kept, one a line (then how many more were only counted).
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.first(usize::MAX).fmt(f)
     }
 }
 

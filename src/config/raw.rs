@@ -1,49 +1,293 @@
-//! The config file as written: serde types that mirror the JSON exactly, so that the original
-//! challenge file loads byte for byte and every problem, unknown keys included, can be reported
-//! by the validator rather than by serde.
+//! The config file as written: the three objects it has (the file, an app, a HealthCheck) read
+//! key by key, each known key's value kept as JSON, so that the validator, not serde, says what
+//! is wrong with it.
+//!
+//! Why not `#[derive(Deserialize)]` into typed fields: serde stops at the first value of the
+//! wrong type, with a message that names neither the app nor the field, and serde_json keeps
+//! the last of a key given twice without a word. Here a value of any type is accepted and kept
+//! (`validate` and `types` check each one, naming the app and field, and go on), a key given
+//! twice is recorded, and an unknown key is recorded and its value skipped unread
+//! (`IgnoredAny`, so a huge value under a misspelt key costs no memory). Only what is not JSON
+//! at all (and serde_json's nesting limit of 128) stops the read.
 
-use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-/// The file as written. Unknown keys are captured rather than refused by serde, so that the
-/// validator can report all of them, with the app they are in, instead of stopping at the first.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
+/// The file as written.
+#[derive(Debug, Default)]
 pub(super) struct RawConfig {
-    pub(super) apps: Option<Vec<RawApp>>,
-    #[serde(flatten)]
-    pub(super) unknown: BTreeMap<String, Value>,
+    /// Each app boxed: a `RawApp` is some 400 bytes, and a 16 MiB file can list millions of
+    /// entries that are not apps at all (`[]`), each of which should cost a pointer, not that.
+    pub(super) apps: Option<Shaped<Vec<Shaped<Box<RawApp>>>>>,
+    /// The keys, as read, that are not the file's (each once, in the order first seen).
+    pub(super) unknown: Vec<String>,
+    /// The keys given more than once (each once).
+    pub(super) twice: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
+/// One entry of `Apps`. Each field is the value as written (JSON `null` counts as absent).
+#[derive(Debug, Default)]
 pub(super) struct RawApp {
-    pub(super) name: Option<String>,
-    /// Numbers and `"A-B"` ranges; kept as JSON values so that 0, 70000 and "x" all get our
-    /// message, not serde's.
-    pub(super) ports: Option<Vec<Value>>,
-    pub(super) addresses: Option<Vec<String>>,
-    pub(super) hostnames: Option<Vec<String>>,
-    pub(super) targets: Option<Vec<String>>,
-    pub(super) health_check: Option<RawHealthCheck>,
-    pub(super) balance: Option<String>,
-    pub(super) connect_attempts: Option<i64>,
-    pub(super) max_connections: Option<i64>,
-    pub(super) max_connections_per_client: Option<i64>,
-    pub(super) proxy_protocol: Option<String>,
-    #[serde(flatten)]
-    pub(super) unknown: BTreeMap<String, Value>,
+    pub(super) name: Option<Value>,
+    /// Numbers and `"A-B"` ranges; kept as JSON so that 0, 70000 and "x" all get our message.
+    pub(super) ports: Option<Value>,
+    pub(super) addresses: Option<Value>,
+    pub(super) hostnames: Option<Value>,
+    pub(super) targets: Option<Value>,
+    pub(super) health_check: Option<Shaped<RawHealthCheck>>,
+    pub(super) balance: Option<Value>,
+    pub(super) connect_attempts: Option<Value>,
+    pub(super) max_connections: Option<Value>,
+    pub(super) max_connections_per_client: Option<Value>,
+    pub(super) proxy_protocol: Option<Value>,
+    pub(super) unknown: Vec<String>,
+    pub(super) twice: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "PascalCase")]
+#[derive(Debug, Default)]
 pub(super) struct RawHealthCheck {
-    pub(super) interval_ms: Option<i64>,
-    pub(super) timeout_ms: Option<i64>,
-    pub(super) fall: Option<i64>,
-    pub(super) rise: Option<i64>,
-    #[serde(flatten)]
-    pub(super) unknown: BTreeMap<String, Value>,
+    pub(super) interval_ms: Option<Value>,
+    pub(super) timeout_ms: Option<Value>,
+    pub(super) fall: Option<Value>,
+    pub(super) rise: Option<Value>,
+    pub(super) unknown: Vec<String>,
+    pub(super) twice: Vec<String>,
+}
+
+/// A place where a list or an object is wanted: what is there.
+#[derive(Debug)]
+pub(super) enum Shaped<T> {
+    /// The list or object wanted.
+    Is(T),
+    /// JSON `null`: the same as leaving the key out.
+    Null,
+    /// Something else. A scalar is kept to be quoted in the message; a list or an object of
+    /// the wrong kind is skipped unread, only its kind kept.
+    Wrong(Found),
+}
+
+/// A value of the wrong kind, as a message shows it.
+#[derive(Debug, Clone)]
+pub(super) enum Found {
+    Scalar(Value),
+    List,
+    Object,
+}
+
+/// The three objects of the file, read key by key.
+trait Object: Default {
+    /// Read the value of `key` into its field; false if `key` is not one of ours (its value is
+    /// then still unread). `seen` says whether the field was already set.
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        seen: &mut bool,
+    ) -> Result<bool, A::Error>;
+    fn unknown(&mut self) -> &mut Vec<String>;
+    fn twice(&mut self) -> &mut Vec<String>;
+}
+
+/// Set `slot` to the next value, noting in `seen` whether it already held one (the last of a
+/// key given twice is the one kept, as serde_json does, and the repeat is a problem).
+fn put<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    slot: &mut Option<T>,
+    map: &mut A,
+    seen: &mut bool,
+) -> Result<bool, A::Error> {
+    *seen = slot.is_some();
+    *slot = Some(map.next_value()?);
+    Ok(true)
+}
+
+impl Object for RawConfig {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        seen: &mut bool,
+    ) -> Result<bool, A::Error> {
+        match key {
+            "Apps" => put(&mut self.apps, map, seen),
+            _ => Ok(false),
+        }
+    }
+    fn unknown(&mut self) -> &mut Vec<String> {
+        &mut self.unknown
+    }
+    fn twice(&mut self) -> &mut Vec<String> {
+        &mut self.twice
+    }
+}
+
+impl Object for RawApp {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        seen: &mut bool,
+    ) -> Result<bool, A::Error> {
+        let slot = match key {
+            "HealthCheck" => return put(&mut self.health_check, map, seen),
+            "Name" => &mut self.name,
+            "Ports" => &mut self.ports,
+            "Addresses" => &mut self.addresses,
+            "Hostnames" => &mut self.hostnames,
+            "Targets" => &mut self.targets,
+            "Balance" => &mut self.balance,
+            "ConnectAttempts" => &mut self.connect_attempts,
+            "MaxConnections" => &mut self.max_connections,
+            "MaxConnectionsPerClient" => &mut self.max_connections_per_client,
+            "ProxyProtocol" => &mut self.proxy_protocol,
+            _ => return Ok(false),
+        };
+        put(slot, map, seen)
+    }
+    fn unknown(&mut self) -> &mut Vec<String> {
+        &mut self.unknown
+    }
+    fn twice(&mut self) -> &mut Vec<String> {
+        &mut self.twice
+    }
+}
+
+impl Object for RawHealthCheck {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        seen: &mut bool,
+    ) -> Result<bool, A::Error> {
+        let slot = match key {
+            "IntervalMs" => &mut self.interval_ms,
+            "TimeoutMs" => &mut self.timeout_ms,
+            "Fall" => &mut self.fall,
+            "Rise" => &mut self.rise,
+            _ => return Ok(false),
+        };
+        put(slot, map, seen)
+    }
+    fn unknown(&mut self) -> &mut Vec<String> {
+        &mut self.unknown
+    }
+    fn twice(&mut self) -> &mut Vec<String> {
+        &mut self.twice
+    }
+}
+
+/// Read an object key by key into `T`.
+fn read_object<'de, T: Object, A: MapAccess<'de>>(mut map: A) -> Result<T, A::Error> {
+    let mut out = T::default();
+    while let Some(key) = map.next_key::<String>()? {
+        let mut seen = false;
+        if !out.field(&key, &mut map, &mut seen)? {
+            map.next_value::<IgnoredAny>()?;
+            // Each unknown key once, however often it is given: one problem says it all.
+            if !out.unknown().contains(&key) {
+                out.unknown().push(key);
+            }
+        } else if seen && !out.twice().contains(&key) {
+            out.twice().push(key);
+        }
+    }
+    Ok(out)
+}
+
+/// What a `Shaped<T>` wants: an object (`T: Object`) or the list of apps.
+trait Wanted: Sized {
+    fn map<'de, A: MapAccess<'de>>(map: A) -> Result<Shaped<Self>, A::Error> {
+        skip_map(map)?;
+        Ok(Shaped::Wrong(Found::Object))
+    }
+    fn seq<'de, A: SeqAccess<'de>>(seq: A) -> Result<Shaped<Self>, A::Error> {
+        skip_seq(seq)?;
+        Ok(Shaped::Wrong(Found::List))
+    }
+}
+
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+impl Wanted for RawConfig {
+    fn map<'de, A: MapAccess<'de>>(map: A) -> Result<Shaped<Self>, A::Error> {
+        read_object(map).map(Shaped::Is)
+    }
+}
+
+impl Wanted for Box<RawApp> {
+    fn map<'de, A: MapAccess<'de>>(map: A) -> Result<Shaped<Self>, A::Error> {
+        read_object(map).map(|app| Shaped::Is(Box::new(app)))
+    }
+}
+
+impl Wanted for RawHealthCheck {
+    fn map<'de, A: MapAccess<'de>>(map: A) -> Result<Shaped<Self>, A::Error> {
+        read_object(map).map(Shaped::Is)
+    }
+}
+
+impl Wanted for Vec<Shaped<Box<RawApp>>> {
+    fn seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Shaped<Self>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(app) = seq.next_element()? {
+            out.push(app);
+        }
+        Ok(Shaped::Is(out))
+    }
+}
+
+impl<'de, T: Wanted> Deserialize<'de> for Shaped<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Shaped<T>, D::Error> {
+        d.deserialize_any(ShapeVisitor(PhantomData))
+    }
+}
+
+struct ShapeVisitor<T>(PhantomData<T>);
+
+impl<T> ShapeVisitor<T> {
+    fn scalar<E>(v: Value) -> Result<Shaped<T>, E> {
+        Ok(Shaped::Wrong(Found::Scalar(v)))
+    }
+}
+
+impl<'de, T: Wanted> Visitor<'de> for ShapeVisitor<T> {
+    type Value = Shaped<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Shaped<T>, A::Error> {
+        T::map(map)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Shaped<T>, A::Error> {
+        T::seq(seq)
+    }
+    fn visit_unit<E>(self) -> Result<Shaped<T>, E> {
+        Ok(Shaped::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Shaped<T>, E> {
+        Self::scalar(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Shaped<T>, E> {
+        Self::scalar(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Shaped<T>, E> {
+        Self::scalar(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Shaped<T>, E> {
+        Self::scalar(Value::from(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Shaped<T>, E> {
+        Self::scalar(Value::String(v.to_owned()))
+    }
 }

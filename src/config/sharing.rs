@@ -7,13 +7,13 @@ use crate::config::limits::MAX_BINDINGS;
 use crate::config::model::{app_prefixes, App};
 use crate::config::ports::port_ranges;
 use crate::config::prefix::Prefix;
-use crate::config::problem::Problem;
+use crate::config::problem::{Problem, Problems};
 
 /// Apps may share an (address prefix, port) only if Hostnames tell them apart: at most one app
 /// there without Hostnames, and no hostname on two of them. One problem per pair of apps and
 /// conflict, naming every port and address it concerns (a range of 10,000 shared ports is one
 /// line, not 10,000).
-pub(super) fn check_sharing(apps: &[App], unusable: &[bool], problems: &mut Vec<Problem>) {
+pub(super) fn check_sharing(apps: &[App], unusable: &[bool], problems: &mut Problems) {
     // Counted before anything is built: the count is cheap, the map below is not.
     let pairs: usize = apps
         .iter()

@@ -4,32 +4,21 @@
 use std::net::Ipv6Addr;
 
 use crate::config::model::Target;
-use crate::config::problem::Problem;
+use crate::config::problem::{Problem, Problems};
 
-/// The targets of app `name` that are well-formed.
-pub(super) fn targets(
-    name: &str,
-    raw: Option<Vec<String>>,
-    problems: &mut Vec<Problem>,
-) -> Vec<Target> {
+/// The targets of app `name` that are well-formed (an empty or missing list is the caller's
+/// to report).
+pub(super) fn targets(name: &str, raw: Vec<String>, problems: &mut Problems) -> Vec<Target> {
     let mut targets = Vec::new();
-    match raw {
-        Some(list) if !list.is_empty() => {
-            for t in list {
-                match parse_target(&t) {
-                    Ok(target) => targets.push(target),
-                    Err(why) => problems.push(Problem::BadTarget {
-                        app: name.to_owned(),
-                        target: t,
-                        why,
-                    }),
-                }
-            }
+    for t in raw {
+        match parse_target(&t) {
+            Ok(target) => targets.push(target),
+            Err(why) => problems.push(Problem::BadTarget {
+                app: name.to_owned(),
+                target: t,
+                why,
+            }),
         }
-        _ => problems.push(Problem::Missing {
-            app: name.to_owned(),
-            field: "Targets",
-        }),
     }
     targets
 }

@@ -4,6 +4,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use crate::config::hostname::Pattern;
 use crate::config::limits::NAME_MAX;
 use crate::config::model::{
@@ -11,35 +13,72 @@ use crate::config::model::{
 };
 use crate::config::ports::app_ports;
 use crate::config::prefix::Prefix;
-use crate::config::problem::Problem;
-use crate::config::raw::{RawApp, RawConfig, RawHealthCheck};
+use crate::config::problem::{Problem, Problems};
+use crate::config::raw::{Found, RawApp, RawConfig, RawHealthCheck, Shaped};
 use crate::config::sharing::check_sharing;
 use crate::config::target::targets;
+use crate::config::types::{present, wrong, Typed};
+
+/// What to write for the whole file, for `Apps`, and for one app, when it is something else.
+const FILE_EXAMPLE: &str = r#"an object, as {"Apps": [...]}"#;
+const APPS_EXAMPLE: &str =
+    r#"a list of apps, as [{"Name": "web", "Ports": [80], "Targets": ["backend:80"]}]"#;
+const APP_EXAMPLE: &str = r#"an app, as {"Name": "web", "Ports": [80], "Targets": ["backend:80"]}"#;
 
 impl Config {
-    pub(super) fn from_raw(raw: RawConfig) -> Result<Config, Vec<Problem>> {
-        let mut problems = Vec::new();
-        for key in raw.unknown.keys() {
-            problems.push(Problem::UnknownKey {
-                app: None,
-                key: key.clone(),
-            });
+    pub(super) fn from_raw(raw: Shaped<RawConfig>) -> Result<Config, Vec<Problem>> {
+        let mut problems = Problems::default();
+        let raw = match raw {
+            Shaped::Is(raw) => raw,
+            Shaped::Null => {
+                let null = Found::Scalar(serde_json::Value::Null);
+                return Err(vec![wrong(None, "the file", &null, FILE_EXAMPLE.into())]);
+            }
+            Shaped::Wrong(found) => {
+                return Err(vec![wrong(None, "the file", &found, FILE_EXAMPLE.into())])
+            }
+        };
+        for key in raw.unknown {
+            problems.push(Problem::UnknownKey { app: None, key });
         }
-        let Some(raw_apps) = raw.apps else {
-            problems.push(Problem::MissingApps);
-            return Err(problems);
+        for key in raw.twice {
+            problems.push(Problem::GivenTwice { app: None, key });
+        }
+        let raw_apps = match raw.apps {
+            None | Some(Shaped::Null) => {
+                problems.push(Problem::MissingApps);
+                return Err(problems.into_vec());
+            }
+            Some(Shaped::Wrong(found)) => {
+                problems.push(wrong(None, "Apps", &found, APPS_EXAMPLE.into()));
+                return Err(problems.into_vec());
+            }
+            Some(Shaped::Is(list)) => list,
         };
         let mut earlier = Earlier::default();
-        let apps: Vec<App> = raw_apps
-            .into_iter()
-            .enumerate()
-            .map(|(i, raw_app)| earlier.app(i, raw_app, &mut problems))
-            .collect();
+        let mut apps: Vec<App> = Vec::with_capacity(raw_apps.len());
+        for (i, entry) in raw_apps.into_iter().enumerate() {
+            // An entry that is not an object has no name to go by: its position names it.
+            let found = match entry {
+                Shaped::Is(raw_app) => {
+                    apps.push(earlier.app(i, *raw_app, &mut problems));
+                    continue;
+                }
+                Shaped::Null => Found::Scalar(serde_json::Value::Null),
+                Shaped::Wrong(found) => found,
+            };
+            problems.push(wrong(
+                None,
+                &format!("Apps[{i}]"),
+                &found,
+                APP_EXAMPLE.into(),
+            ));
+        }
         check_sharing(&apps, &earlier.unusable, &mut problems);
         if problems.is_empty() {
             Ok(Config { apps })
         } else {
-            Err(problems)
+            Err(problems.into_vec())
         }
     }
 }
@@ -56,35 +95,74 @@ struct Earlier {
 
 impl Earlier {
     /// Check the app at position `i`, recording what is wrong; the app as far as it is valid.
-    fn app(&mut self, i: usize, raw_app: RawApp, problems: &mut Vec<Problem>) -> App {
+    fn app(&mut self, i: usize, raw_app: RawApp, problems: &mut Problems) -> App {
         let name = self.name(i, raw_app.name, problems);
-        for key in raw_app.unknown.keys() {
+        for key in raw_app.unknown {
             problems.push(Problem::UnknownKey {
                 app: Some(name.clone()),
-                key: key.clone(),
+                key,
             });
         }
-        let ports = match raw_app.ports {
-            Some(list) if !list.is_empty() => app_ports(&name, &list, problems),
-            _ => {
-                problems.push(Problem::Missing {
-                    app: name.clone(),
-                    field: "Ports",
-                });
-                Vec::new()
-            }
-        };
-        let addresses_given = raw_app.addresses.is_some();
-        let addresses = app_addresses(&name, raw_app.addresses, problems);
-        self.unusable.push(addresses_given && addresses.is_empty());
-        let hostnames = app_hostnames(&name, raw_app.hostnames, problems);
-        let targets = targets(&name, raw_app.targets, problems);
-        let mut opts = Options {
-            app: &name,
+        for key in raw_app.twice {
+            problems.push(Problem::GivenTwice {
+                app: Some(name.clone()),
+                key,
+            });
+        }
+        let mut typed = Typed {
+            app: Some(&name),
             problems,
         };
+        let ports = match present(raw_app.ports) {
+            None => {
+                typed.missing("Ports");
+                Vec::new()
+            }
+            Some(v) => match typed.list("Ports", v, r#"a list of ports, as [80, "8000-8010"]"#) {
+                Some(list) if list.is_empty() => {
+                    typed.missing("Ports");
+                    Vec::new()
+                }
+                Some(list) => app_ports(&name, &list, typed.problems),
+                None => Vec::new(),
+            },
+        };
+        let addresses_given = present(raw_app.addresses);
+        let given = addresses_given.is_some();
+        let addresses = addresses_given.map_or_else(Vec::new, |v| {
+            let list = typed.nonempty_strings(
+                "Addresses",
+                v,
+                r#"an address or prefix in quotes, as "192.0.2.10" or "10.0.0.0/8""#,
+            );
+            app_addresses(&name, list, typed.problems)
+        });
+        self.unusable.push(given && addresses.is_empty());
+        let hostnames = present(raw_app.hostnames).map_or_else(Vec::new, |v| {
+            let list = typed.nonempty_strings(
+                "Hostnames",
+                v,
+                r#"a hostname in quotes, as "example.com" or "*.example.com""#,
+            );
+            app_hostnames(&name, list, typed.problems)
+        });
+        let targets = match present(raw_app.targets) {
+            None => {
+                typed.missing("Targets");
+                Vec::new()
+            }
+            Some(v) => {
+                let list = typed.nonempty_strings(
+                    "Targets",
+                    v,
+                    r#""host:port", as "backend.internal:7001""#,
+                );
+                targets(&name, list, typed.problems)
+            }
+        };
+        let mut opts = Options { typed };
         let health = opts.health(raw_app.health_check);
-        let balance = opts.balance(raw_app.balance.as_deref());
+        let balance = opts.balance(raw_app.balance);
         let connect_attempts = opts
             .int(
                 "ConnectAttempts",
@@ -112,7 +190,7 @@ impl Earlier {
                 "a number from 1 to 1000000",
             )
             .map(|n| n as usize);
-        let proxy_protocol = opts.proxy_protocol(raw_app.proxy_protocol.as_deref());
+        let proxy_protocol = opts.proxy_protocol(raw_app.proxy_protocol);
         App {
             name,
             ports,
@@ -130,20 +208,28 @@ impl Earlier {
 
     /// The app's name. An app without a usable one is still checked, under a name that says
     /// where it is.
-    fn name(&mut self, i: usize, raw: Option<String>, problems: &mut Vec<Problem>) -> String {
-        let name = match raw {
-            Some(n) if !n.trim().is_empty() => {
+    fn name(&mut self, i: usize, raw: Option<Value>, problems: &mut Problems) -> String {
+        let placeholder = format!("#{}", i + 1);
+        let name = match present(raw) {
+            Some(Value::String(n)) if !n.trim().is_empty() => {
                 if !is_valid_name(&n) {
                     problems.push(Problem::BadName { name: n.clone() });
                 }
                 n
             }
-            _ => {
-                let placeholder = format!("#{}", i + 1);
+            None | Some(Value::String(_)) => {
                 problems.push(Problem::Missing {
                     app: placeholder.clone(),
                     field: "Name",
                 });
+                placeholder
+            }
+            Some(other) => {
+                let mut typed = Typed {
+                    app: Some(&placeholder),
+                    problems,
+                };
+                typed.string("Name", Some(other), r#"a name in quotes, as "web""#);
                 placeholder
             }
         };
@@ -154,14 +240,7 @@ impl Earlier {
     }
 }
 
-fn app_addresses(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Prefix> {
-    let Some(list) = raw else { return Vec::new() };
-    if list.is_empty() {
-        problems.push(Problem::Missing {
-            app: app.to_owned(),
-            field: "Addresses",
-        });
-    }
+fn app_addresses(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Prefix> {
     let mut out: Vec<Prefix> = Vec::new();
     for s in list {
         match Prefix::parse(&s) {
@@ -181,14 +260,7 @@ fn app_addresses(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem
     out
 }
 
-fn app_hostnames(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem>) -> Vec<Pattern> {
-    let Some(list) = raw else { return Vec::new() };
-    if list.is_empty() {
-        problems.push(Problem::Missing {
-            app: app.to_owned(),
-            field: "Hostnames",
-        });
-    }
+fn app_hostnames(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Pattern> {
     let mut out: Vec<Pattern> = Vec::new();
     for s in list {
         match Pattern::parse(&s) {
@@ -210,40 +282,46 @@ fn app_hostnames(app: &str, raw: Option<Vec<String>>, problems: &mut Vec<Problem
 
 /// Checks an app's optional settings, recording what is wrong.
 struct Options<'a> {
-    app: &'a str,
-    problems: &'a mut Vec<Problem>,
+    typed: Typed<'a>,
 }
 
 impl Options<'_> {
     fn bad(&mut self, field: &'static str, value: String, expected: &'static str) {
-        self.problems.push(Problem::BadValue {
-            app: self.app.to_owned(),
+        let app = self.typed.app.unwrap_or_default().to_owned();
+        self.typed.problems.push(Problem::BadValue {
+            app,
             field,
             value,
             expected,
         });
     }
 
-    /// `value` if it is within `min..=max`; None (and a problem) if not, None if absent.
+    /// `value` if it is a whole number within `min..=max`; None (and a problem) if not, None
+    /// if absent.
     fn int(
         &mut self,
         field: &'static str,
-        value: Option<i64>,
+        value: Option<Value>,
         min: i64,
         max: i64,
         expected: &'static str,
     ) -> Option<i64> {
-        let v = value?;
-        if (min..=max).contains(&v) {
-            Some(v)
-        } else {
-            self.bad(field, v.to_string(), expected);
-            None
+        match self.typed.int(field, value, min..=max, expected)? {
+            Ok(v) if (min..=max).contains(&v) => Some(v),
+            Ok(v) => {
+                self.bad(field, v.to_string(), expected);
+                None
+            }
+            Err(text) => {
+                self.bad(field, text, expected);
+                None
+            }
         }
     }
 
-    fn balance(&mut self, raw: Option<&str>) -> Balance {
-        match raw {
+    fn balance(&mut self, raw: Option<Value>) -> Balance {
+        const CHOICES: &str = "\"random\", \"p2c\" or \"round-robin\"";
+        match self.typed.string("Balance", raw, CHOICES).as_deref() {
             None | Some("p2c") => Balance::P2c,
             Some("random") => Balance::Random,
             Some("round-robin") => Balance::RoundRobin,
@@ -258,8 +336,12 @@ impl Options<'_> {
         }
     }
 
-    fn proxy_protocol(&mut self, raw: Option<&str>) -> Option<ProxyProtocol> {
-        match raw {
+    fn proxy_protocol(&mut self, raw: Option<Value>) -> Option<ProxyProtocol> {
+        match self
+            .typed
+            .string("ProxyProtocol", raw, "\"v1\" or \"v2\"")
+            .as_deref()
+        {
             None => None,
             Some("v1") => Some(ProxyProtocol::V1),
             Some("v2") => Some(ProxyProtocol::V2),
@@ -270,12 +352,32 @@ impl Options<'_> {
         }
     }
 
-    fn health(&mut self, raw: Option<RawHealthCheck>) -> HealthCheck {
+    fn health(&mut self, raw: Option<Shaped<RawHealthCheck>>) -> HealthCheck {
         let mut h = HealthCheck::default();
-        let Some(raw) = raw else { return h };
-        for key in raw.unknown.keys() {
-            self.problems.push(Problem::UnknownKey {
-                app: Some(self.app.to_owned()),
+        let raw = match raw {
+            None | Some(Shaped::Null) => return h,
+            Some(Shaped::Wrong(found)) => {
+                let p = wrong(
+                    self.typed.app,
+                    "HealthCheck",
+                    &found,
+                    r#"an object, as {"IntervalMs": 2000, "Fall": 3}"#.into(),
+                );
+                self.typed.problems.push(p);
+                return h;
+            }
+            Some(Shaped::Is(raw)) => raw,
+        };
+        let app = self.typed.app.map(str::to_owned);
+        for key in raw.unknown {
+            self.typed.problems.push(Problem::UnknownKey {
+                app: app.clone(),
+                key: format!("HealthCheck.{key}"),
+            });
+        }
+        for key in raw.twice {
+            self.typed.problems.push(Problem::GivenTwice {
+                app: app.clone(),
                 key: format!("HealthCheck.{key}"),
             });
         }

@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
 use mio::net::TcpListener;
@@ -45,9 +45,10 @@ impl fmt::Display for PortError {
                     io::ErrorKind::PermissionDenied => {
                         " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
                     }
-                    io::ErrorKind::AddrNotAvailable => {
-                        " (the address is not on this host: simple mode listens only on local addresses)"
-                    }
+                    io::ErrorKind::AddrNotAvailable => match addr {
+                        Some(IpAddr::V6(_)) => NONLOCAL_V6,
+                        _ => NONLOCAL_V4,
+                    },
                     _ => "",
                 };
                 match addr {
@@ -67,6 +68,17 @@ impl fmt::Display for PortError {
         }
     }
 }
+
+/// What to do about an address this host does not have: the exact sysctl (for an address
+/// that is assigned later, as a floating or anycast address is), or bpf mode.
+const NONLOCAL_V4: &str =
+    " (the address is not on this host: simple mode listens only on local addresses; \
+     to listen on it before it is assigned, run `sysctl -w net.ipv4.ip_nonlocal_bind=1` (and \
+     set it in /etc/sysctl.d/ to keep it), or use bpf mode, which serves any address routed here)";
+const NONLOCAL_V6: &str =
+    " (the address is not on this host: simple mode listens only on local addresses; \
+     to listen on it before it is assigned, run `sysctl -w net.ipv6.ip_nonlocal_bind=1` (and \
+     set it in /etc/sysctl.d/ to keep it), or use bpf mode, which serves any address routed here)";
 
 impl std::error::Error for PortError {}
 

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mio::net::TcpListener;
@@ -58,6 +58,12 @@ pub enum StartError {
     Caps(CapsError),
     /// The --metrics address could not be bound.
     Metrics(SocketAddr, io::Error),
+    /// The --metrics address is also an app's (this app, on this port): one of the two would
+    /// take the other's connections.
+    MetricsClash {
+        addr: SocketAddr,
+        app: String,
+    },
     /// The --pid-file cannot be written safely.
     PidFile(PidFileError),
     /// Switching to --user/--group failed.
@@ -73,6 +79,14 @@ impl fmt::Display for StartError {
             StartError::Bpf(e) => write!(f, "{e}"),
             StartError::Caps(e) => write!(f, "cannot drop capabilities: {e}"),
             StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
+            StartError::MetricsClash { addr, app } => write!(
+                f,
+                "--metrics {addr}: port {port} is also app {app:?}'s (in its Ports): give \
+                 --metrics a port no app uses (the default is {default}), or take {port} out \
+                 of the app's Ports",
+                port = addr.port(),
+                default = crate::cli::DEFAULT_STATUS_ADDR.port()
+            ),
             StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
             StartError::User(e) => write!(f, "--user: {e}"),
         }
@@ -131,6 +145,11 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         None => None,
     };
     let (config, watch, config_sha256) = load(&settings)?;
+    if let Some(addr) = settings.metrics {
+        if let Some(app) = app_on(&config, addr) {
+            return Err(StartError::MetricsClash { addr, app }.into());
+        }
+    }
     if let Some(path) = &settings.pid_file {
         pidfile::check_dir(path).map_err(StartError::PidFile)?;
     }
@@ -147,6 +166,16 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
+    }
+    // Before privileges drop: a --pid-file in a directory only root may write (/run) works
+    // with --user. The file is then the user's, for an upgrade's process to rewrite. A process
+    // an upgrade started writes it only once it is ready to serve (below, before it tells the
+    // old one): until then the pid file must go on naming the old process, which serves on if
+    // the new one fails.
+    let upgraded = handed.ready.is_some();
+    let mut unannounced = PidFileUntilServing(None);
+    if !upgraded {
+        unannounced.0 = write_pid_file(&settings, run_as.as_ref());
     }
     drop_privileges(&mode, &settings, run_as.as_ref())?;
     let (max_connections, fds) = fit_fd_limit(
@@ -192,6 +221,10 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         max_connections,
         &fds,
     );
+    if upgraded {
+        write_pid_file(&settings, run_as.as_ref());
+    }
+    unannounced.0 = None;
     if let Some(ready) = handed.ready {
         crate::info!(
             "upgrade: serving with {adopted} listeners taken over from the previous process"
@@ -292,6 +325,19 @@ fn start_metrics(
         .map_err(|e| StartError::Metrics(addr, e))
 }
 
+/// The first app that answers on `addr` (its port, on an address of `addr`'s, or any address
+/// when `addr` is unspecified): the --metrics address must be no app's.
+fn app_on(config: &Config, addr: SocketAddr) -> Option<String> {
+    let ip = addr.ip();
+    config.apps.iter().find_map(|app| {
+        let on_port = app.ports.contains(&addr.port());
+        let on_addr = crate::config::app_prefixes(app)
+            .iter()
+            .any(|p| p.contains(ip) || (ip.is_unspecified() && p.is_v4() == ip.is_ipv4()));
+        (on_port && on_addr).then(|| app.name.clone())
+    })
+}
+
 /// The relay threads, at most `--max-threads` (default: the connection bound), and the parking
 /// lot where connections wait without one; one relay thread per core waits on the lot at a time.
 fn relay_pool(
@@ -335,7 +381,36 @@ fn max_threads(settings: &Settings, max_connections: usize) -> usize {
         .min(max_connections)
 }
 
-/// Say that the proxy serves: in the log, in the pid file, and to systemd.
+/// Write the --pid-file, given to `run_as` if the proxy is about to switch to it. A failure is
+/// logged and the proxy goes on (as it always did): the pid file serves `flyproxy upgrade` and
+/// systemd's PIDFile=, not the proxying.
+/// Its path if it was written.
+fn write_pid_file(settings: &Settings, run_as: Option<&user::Ids>) -> Option<PathBuf> {
+    let path = settings.pid_file.as_ref()?;
+    let written = pidfile::write(path, std::process::id())
+        .and_then(|()| run_as.map_or(Ok(()), |ids| pidfile::chown(path, ids.uid, ids.gid)));
+    match written {
+        Ok(()) => Some(path.clone()),
+        Err(e) => {
+            crate::error!("--pid-file {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// A pid file written before serving, removed again if start-up fails before it serves (so
+/// that it does not name a process that never served). Cleared once serving.
+struct PidFileUntilServing(Option<PathBuf>);
+
+impl Drop for PidFileUntilServing {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            pidfile::remove_if_ours(&path, std::process::id());
+        }
+    }
+}
+
+/// Say that the proxy serves: in the log and to systemd.
 fn announce(
     mode: &Mode,
     settings: &Settings,
@@ -357,11 +432,6 @@ fn announce(
         crate::backends::health::MAX_IN_FLIGHT,
         std::process::id()
     );
-    if let Some(path) = &settings.pid_file {
-        if let Err(e) = pidfile::write(path, std::process::id()) {
-            crate::error!("--pid-file {}: {e}", path.display());
-        }
-    }
     // Type=notify: the service is up once the listeners are. After an upgrade systemd takes
     // this from the old process instead (see lifecycle's upgrade_progress).
     if let Err(e) =

@@ -18,7 +18,7 @@ use std::fmt;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Lines queued for the writer at most; beyond this they are dropped (and counted).
@@ -128,11 +128,26 @@ pub fn init(log_file: Option<&std::path::Path>, access: &AccessLog) -> Result<()
         AccessLog::Stderr | AccessLog::File(_) => ACCESS_OWN,
     };
     ACCESS.store(mode, Ordering::Relaxed);
-    if let Some(tx) = queue() {
-        // Blocking: the queue is all but empty at start, and no line may pass the switch.
-        let _ = tx.send(Msg::Use(Box::new(outputs)));
+    // The writer thread is not started here but by the first line, as it always was: it drops
+    // its capabilities as it starts, and glibc aborts the process when a `--user` switch
+    // (setgroups/setuid, applied to every thread) fails in one thread. The outputs wait for
+    // it; a writer already running is handed them through its queue.
+    *lock_pending() = Some(outputs);
+    if let Some(Some(tx)) = QUEUE_TX.get() {
+        if let Some(outputs) = lock_pending().take() {
+            // Blocking: the queue is all but empty at start, and no line may pass the switch.
+            let _ = tx.send(Msg::Use(Box::new(outputs)));
+        }
     }
     Ok(())
+}
+
+/// Outputs opened by `init` before the writer thread exists; it takes them as it starts.
+static PENDING: Mutex<Option<Outputs>> = Mutex::new(None);
+
+fn lock_pending() -> std::sync::MutexGuard<'static, Option<Outputs>> {
+    // A panic while holding it leaves a plain Option: still usable.
+    PENDING.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Ask the writer to reopen the log files at their paths (after a rotation renamed them). It
@@ -311,7 +326,7 @@ fn writer(rx: Receiver<Msg>) {
     // Capabilities belong to each thread: this one, started by the first log line, may
     // predate the main thread dropping them, and needs none.
     let _ = crate::sys::caps::keep_only(&[]);
-    let mut out = Outputs::stderr();
+    let mut out = lock_pending().take().unwrap_or_else(Outputs::stderr);
     let mut reported = 0;
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);

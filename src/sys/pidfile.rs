@@ -93,6 +93,11 @@ pub fn write(path: &Path, pid: u32) -> Result<(), PidFileError> {
                 last = Some(e);
                 continue;
             }
+            // A directory we may not write in (`/run` once we run as --user): rewrite the
+            // file in place if it is ours, as start-up leaves it for the user it switches to.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return rewrite_ours(path, pid).map_err(|_| io("create a file in", &dir)(e))
+            }
             Err(e) => return Err(io("create a file in", &dir)(e)),
         };
         let written = file
@@ -107,6 +112,33 @@ pub fn write(path: &Path, pid: u32) -> Result<(), PidFileError> {
     Err(io("create a file in", &dir)(last.unwrap_or_else(|| {
         io::Error::from(io::ErrorKind::AlreadyExists)
     })))
+}
+
+/// Rewrite `path` in place with `pid`, if it is a regular file of one link owned by us. Used
+/// only in a directory we cannot write in: there nobody but its owner (root) can swap the
+/// file, `O_NOFOLLOW` refuses a symlink, and the owner and link count checks refuse a file
+/// that is someone else's or a hard link to one of ours elsewhere.
+fn rewrite_ours(path: &Path, pid: u32) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    // SAFETY: geteuid(2) cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != euid || meta.nlink() != 1 {
+        return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+    }
+    file.set_len(0)?;
+    file.write_all(format!("{pid}\n").as_bytes())
+}
+
+/// Give the pid file to the user the proxy is about to switch to, so that the process an
+/// upgrade starts (as that user) can rewrite it in place in a directory only root may write
+/// (see `rewrite_ours`). Not following a symlink: `write` just put a regular file there.
+pub fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), PidFileError> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .map_err(io_error("give to the --user", path))
 }
 
 /// Remove `path` if it still names `pid` (after an upgrade it names the new process). Read

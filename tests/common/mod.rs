@@ -41,6 +41,12 @@ pub const WAIT: Duration = Duration::from_secs(20);
 /// Poll interval of every wait.
 const POLL: Duration = Duration::from_millis(10);
 
+/// The tests run as root (what switching user, namespaces and bpf need).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Poll `f` every 10 ms until it returns `Some`, or panic after `timeout` saying `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -779,15 +785,15 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 // ---------------------------------------------------------------------------------------------
 // Running the binary to completion
 
-/// A problem on a line of `check`'s output naming `path`, for each of `want`.
-pub fn expect_problems(stdout: &str, path: &str, want: &[&str]) {
-    let lines: Vec<&str> = stdout.lines().collect();
+/// A problem on a line of `check`'s report (its stderr) naming `path`, for each of `want`.
+pub fn expect_problems(output: &str, path: &str, want: &[&str]) {
+    let lines: Vec<&str> = output.lines().collect();
     for w in want {
         assert!(
             lines
                 .iter()
                 .any(|l| l.starts_with(&format!("{path}: ")) && l.contains(w)),
-            "{w:?} missing:\n{stdout}"
+            "{w:?} missing:\n{output}"
         );
     }
 }
