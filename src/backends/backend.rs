@@ -32,6 +32,18 @@ pub struct Backend {
     /// Failed connects by `ConnectError::index`.
     pub failures: [AtomicU64; ConnectError::KINDS],
     up: AtomicBool,
+    /// Active checks that passed, and that failed (one that says nothing of the target, this
+    /// host's trouble, is neither).
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// Times it went down or up, and the Unix time in milliseconds of the last (until the
+    /// first, when it was first configured: its state holds since then).
+    pub state_changes: AtomicU64,
+    pub changed_ms: AtomicU64,
+    /// Why the last failed check failed, or the failed connect that marked it down: kept once
+    /// it is up again, for whoever asks why it went down. Written on those events only, never
+    /// per connection.
+    last_error: Mutex<Option<String>>,
     /// Consecutive failed and successful active checks.
     fails: AtomicU32,
     oks: AtomicU32,
@@ -52,6 +64,11 @@ impl Backend {
             // Targets start up: the first connection (or check) finds out otherwise, and
             // starting down would refuse traffic to a healthy fleet for a whole interval.
             up: AtomicBool::new(true),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            state_changes: AtomicU64::new(0),
+            changed_ms: AtomicU64::new(unix_ms()),
+            last_error: Mutex::new(None),
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
             check: Mutex::new(check),
@@ -66,6 +83,24 @@ impl Backend {
         *self.check.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why the last failed check (or the connect that marked it down) failed, if one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn failed_because(&self, why: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// It just went up or down.
+    fn changed(&self) {
+        self.state_changes.fetch_add(1, Ordering::Relaxed);
+        self.changed_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
     /// Passive health: a failed connect marks the target down at once, so the next
     /// connections skip it; the active check brings it back.
     /// Out of descriptors, memory or local ports is this host's trouble, not the target's:
@@ -77,6 +112,8 @@ impl Backend {
         }
         self.oks.store(0, Ordering::Relaxed);
         if self.up.swap(false, Ordering::Relaxed) {
+            self.changed();
+            self.failed_because(format!("connect: {e}"));
             crate::warn!("target {} of app {} is down: {e}", self.target, self.app);
         }
     }
@@ -86,6 +123,7 @@ impl Backend {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
+            self.changed();
             crate::info!(
                 "target {} of app {} is up: a connection succeeded",
                 self.target,
@@ -106,9 +144,11 @@ impl Backend {
         let HealthCheck { fall, rise, .. } = self.check_settings();
         match result {
             Ok(()) => {
+                self.checks_ok.fetch_add(1, Ordering::Relaxed);
                 self.fails.store(0, Ordering::Relaxed);
                 let oks = self.oks.fetch_add(1, Ordering::Relaxed) + 1;
                 if oks >= rise && !self.up.swap(true, Ordering::Relaxed) {
+                    self.changed();
                     crate::info!(
                         "target {} of app {} is up: health check passed",
                         self.target,
@@ -117,9 +157,12 @@ impl Backend {
                 }
             }
             Err(e) => {
+                self.checks_failed.fetch_add(1, Ordering::Relaxed);
+                self.failed_because(format!("health check: {e}"));
                 self.oks.store(0, Ordering::Relaxed);
                 let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
                 if fails >= fall && self.up.swap(false, Ordering::Relaxed) {
+                    self.changed();
                     crate::warn!(
                         "target {} of app {} is down: health check: {e}",
                         self.target,
@@ -129,6 +172,13 @@ impl Backend {
             }
         }
     }
+}
+
+/// Now as Unix time in milliseconds (0 before 1970: a clock that wrong shows as such).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why one target could not be reached.
@@ -174,6 +224,11 @@ impl ConnectError {
     pub const KINDS: usize = 5;
     pub const REASONS: [&'static str; ConnectError::KINDS] =
         ["unresolvable", "refused", "timeout", "error", "loop"];
+
+    /// Its label (`REASONS`).
+    pub fn reason(&self) -> &'static str {
+        ConnectError::REASONS[self.index()]
+    }
 
     pub fn index(&self) -> usize {
         match self {

@@ -33,6 +33,8 @@ pub struct Dial {
     failures: Vec<(Arc<Backend>, ConnectError)>,
     /// The target being tried.
     attempt: Option<Attempt>,
+    /// When the last target was picked: its connect's time (lookup included) counts from then.
+    began: Option<Instant>,
 }
 
 /// What a `Dial` came to.
@@ -146,6 +148,22 @@ impl Dial {
         }
     }
 
+    /// Targets picked so far (the one being tried or connected included).
+    pub fn attempts(&self) -> usize {
+        self.tried.len()
+    }
+
+    /// The targets that failed so far, each with why, in order (until `Progress::Failed`
+    /// hands them over).
+    pub fn failures(&self) -> &[(Arc<Backend>, ConnectError)] {
+        &self.failures
+    }
+
+    /// When the last target was picked (its lookup and connect began), if one was.
+    pub fn began(&self) -> Option<Instant> {
+        self.began
+    }
+
     /// Pick the next target and ask for its addresses; None if no target is left to try.
     fn next_attempt(
         &mut self,
@@ -161,7 +179,9 @@ impl Dial {
         self.tried.push(i);
         let backend = &app.backends[i];
         let guard = ActiveGuard::new(Arc::clone(backend));
-        let deadline = Instant::now() + timeout;
+        let now = Instant::now();
+        self.began = Some(now);
+        let deadline = now + timeout;
         let stage = match resolver.lookup(&backend.target.host, notify) {
             Lookup::Done(answer) => Stage::connecting(answer, backend.target.port),
             Lookup::Waiting(waiting) => Stage::Resolving(waiting),

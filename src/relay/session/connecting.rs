@@ -17,7 +17,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::admission::Admitted;
 use super::phase::{Conn, Route, Step, Timeouts, Wait};
@@ -116,6 +116,10 @@ impl Connecting {
                 }
                 Progress::Failed(failed) => {
                     self.route.app.stats.failed.fetch_add(1, Ordering::Relaxed);
+                    conn.timings.attempts = failed.0.len();
+                    for (b, e) in &failed.0 {
+                        conn.timings.failed(&b.target.to_string(), e.reason());
+                    }
                     // Every target tried was this proxy itself: say so in one word, naming the
                     // first (the `target ... is down` line gives the address it resolved to).
                     if let Some(first) = failed.only_loops() {
@@ -140,6 +144,7 @@ impl Connecting {
                     }
                     // TCP_NODELAY and non-blocking come from the connect (`dial`).
                     conn.reg.entry.backend.get_or_init(|| backend);
+                    connected(conn, dial, &self.route);
                     self.stage = self.sending(target, conn, timeouts);
                 }
             }
@@ -244,5 +249,22 @@ impl Connecting {
             target_name,
             first_bytes,
         })
+    }
+}
+
+/// Note how the connect went, for the log line and the app's histogram: the time since the
+/// target connected to was picked, and the targets tried before it.
+fn connected(conn: &mut Conn, dial: &Dial, route: &Route) {
+    let t = &mut conn.timings;
+    let now = Instant::now();
+    let took = dial
+        .began()
+        .map_or(Duration::ZERO, |b| now.duration_since(b));
+    route.app.stats.connect_time.observe(took);
+    t.connect = Some(took);
+    t.connected = Some(now);
+    t.attempts = dial.attempts();
+    for (b, e) in dial.failures() {
+        t.failed(&b.target.to_string(), e.reason());
     }
 }

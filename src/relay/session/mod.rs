@@ -44,7 +44,7 @@ use std::time::Instant;
 
 use crate::backends::resolver::Resolver;
 use crate::backends::routing::{Binding, UnroutedCounts};
-use crate::relay::access_log::ConnLine;
+use crate::relay::access_log::{ConnLine, Timings};
 use crate::relay::conns::Conns;
 use crate::relay::park::{self, Lot, Side, Wakeable, Woke};
 use crate::relay::per_client::ClientSlots;
@@ -228,6 +228,7 @@ impl Session {
                 client_slots,
                 ticket: None,
                 woke: Woke::default(),
+                timings: Timings::default(),
             },
             phase: Phase::Greeting(Greeting::new(binding)),
         })
@@ -286,11 +287,13 @@ fn end(conn: Conn, e: Ending, cx: &Context) {
         local,
         accepted,
         client_slots,
+        timings,
         ..
     } = conn;
     drop(client_slots);
     if let (Some(app), true) = (&e.app, e.active) {
         app.stats.active.fetch_sub(1, Ordering::Relaxed);
+        app.stats.duration.observe(accepted.elapsed());
     }
     ConnLine {
         app: e.app.as_ref().map(|a| a.name.as_str()),
@@ -304,6 +307,7 @@ fn end(conn: Conn, e: Ending, cx: &Context) {
         reason: e.reason.as_deref(),
         detail: e.detail,
         sni: e.sni.as_deref(),
+        timings: &timings,
     }
     .write();
     drop(reg);
