@@ -266,6 +266,46 @@ fn the_queue_gauge_rises_with_waiters_and_falls_as_they_are_admitted() {
     );
 }
 
+/// A connection that waited in vain for a slot (`end=limit` at the connect timeout) says how
+/// long it waited, and that no target was tried.
+#[test]
+fn a_wait_in_vain_is_logged_with_its_queue_wait() {
+    let echo = Backend::echo();
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "limited",
+                ports,
+                &[echo.target()],
+                json!({"MaxConnections": 1}),
+            )])
+        })
+        .args(&["--connect-timeout", "300ms"])
+        .start();
+    let mut held = connect(p.v4(0));
+    held.set_read_timeout(Some(WAIT)).unwrap();
+    roundtrip(&mut held, b"held");
+    let mut over = connect(p.v4(0));
+    over.set_read_timeout(Some(WAIT)).unwrap();
+    let local = over.local_addr().unwrap();
+    let _ = over.read(&mut [0u8; 1]);
+    let c = p.wait_conn(local);
+    assert_eq!(c.end, "limit", "{}", c.line);
+    let waited = secs(&field(&c.line, "queue_wait").expect("queue_wait"));
+    assert!(
+        (0.25..5.0).contains(&waited),
+        "queue_wait {waited}\n{}",
+        c.line
+    );
+    assert_eq!(
+        field(&c.line, "attempts").as_deref(),
+        Some("0"),
+        "{}",
+        c.line
+    );
+    assert_eq!(field(&c.line, "connect_time"), None, "{}", c.line);
+}
+
 /// Active checks are counted by result from 0; when the target stops, its failed checks count,
 /// its state change is counted and stamped, and /status.json says since when it is down and
 /// why its last check failed.

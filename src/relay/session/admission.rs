@@ -64,7 +64,7 @@ impl Admission {
                         self.queued = Some(now);
                         self.wait.insert((w, now + timeouts.connect))
                     }
-                    Err(denied) => return Step::End(self.limited(denied)),
+                    Err(denied) => return Step::End(self.limited(conn, denied)),
                 }
             }
         };
@@ -79,7 +79,7 @@ impl Admission {
             return Step::End(self.route.client_gone(conn));
         }
         if Instant::now() >= deadline {
-            return Step::End(self.limited(LimitDenied::TimedOut));
+            return Step::End(self.limited(conn, LimitDenied::TimedOut));
         }
         // Armed for failure only: bytes the client sends meanwhile wait in its socket.
         Step::Wait(self, Wait::client(park::FAILURE, deadline))
@@ -96,8 +96,9 @@ impl Admission {
     }
 
     /// Its place among the waiters goes with it (a slot given to it meanwhile goes on to the
-    /// next).
-    fn limited(self, denied: LimitDenied) -> Ending {
+    /// next); how long it waited in vain is noted (as HAProxy's `Tw` is).
+    fn limited(self, conn: &mut Conn, denied: LimitDenied) -> Ending {
+        conn.timings.queue = Some(self.queued.map_or(Duration::ZERO, |t| t.elapsed()));
         self.route.app.stats.limited.fetch_add(1, Ordering::Relaxed);
         self.route
             .ending(None, "limit", Some(denied.reason().into()))
