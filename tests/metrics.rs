@@ -628,6 +628,16 @@ fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
         "flyproxy_target_up",
         "flyproxy_bytes_total",
         "flyproxy_connect_failures_total",
+        "flyproxy_app_queued",
+        "flyproxy_connect_duration_seconds_count",
+        "flyproxy_connection_duration_seconds_count",
+        "flyproxy_target_connections_total",
+        "flyproxy_target_connections_active",
+        "flyproxy_target_bytes_total",
+        "flyproxy_target_connect_failures_total",
+        "flyproxy_health_checks_total",
+        "flyproxy_target_state_changes_total",
+        "flyproxy_target_last_change_timestamp_seconds",
     ] {
         assert_eq!(m.label_values(fam, "app"), want, "app labels of {fam}");
     }
@@ -643,6 +653,15 @@ fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
             assert_eq!(
                 m.get(
                     "flyproxy_bytes_total",
+                    &[("app", app), ("target", target), ("direction", d)]
+                ),
+                n as f64,
+                "{app:?} {d}"
+            );
+            // The new name reads the same counter.
+            assert_eq!(
+                m.get(
+                    "flyproxy_target_bytes_total",
                     &[("app", app), ("target", target), ("direction", d)]
                 ),
                 n as f64,
