@@ -156,6 +156,31 @@ fn a_black_holed_first_target_shows_in_the_line_and_the_histograms() {
     assert_eq!(m.get("flyproxy_target_up", &labels), 0.0);
 }
 
+/// A client that resets while its connect hangs: its line still says a target was tried.
+#[test]
+fn a_connection_cut_while_connecting_says_what_it_tried() {
+    let hole = Blackhole::new();
+    let p = Proxy::simple()
+        .ports(1, |ports| config(&[app("hole", ports, &[hole.target()])]))
+        .args(&["--connect-timeout", "10s"])
+        .start();
+    let mut s = connect(p.v4(0));
+    s.write_all(b"x").unwrap();
+    let local = s.local_addr().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    common::close_with_reset(s);
+    let c = p.wait_conn(local);
+    assert_eq!(c.end, "reset", "{}", c.line);
+    assert_eq!(
+        field(&c.line, "attempts").as_deref(),
+        Some("1"),
+        "{}",
+        c.line
+    );
+    assert_eq!(field(&c.line, "connect_time"), None, "{}", c.line);
+    assert!(secs(&c.duration) < 5.0, "{}", c.line);
+}
+
 /// In JSON, the same fields as numbers: a refusing first target, then an echo.
 #[test]
 fn the_timings_in_json() {

@@ -83,6 +83,11 @@ impl Connecting {
         // What the backend socket showed is the connect's (or the first bytes') news, not the
         // relay's: taken here.
         let backend_woke = std::mem::take(&mut conn.woke.0[Side::Backend as usize]) != 0;
+        let ending = conn.woke.gone(Side::Client) || conn.reg.entry.was_drained();
+        if let (true, Stage::Dialing(dial)) = (ending, &self.stage) {
+            // Cut while dialing: its line still says which targets it tried.
+            tried(conn, dial);
+        }
         if conn.woke.gone(Side::Client) {
             return Step::End(self.route.client_gone(conn));
         }
@@ -263,6 +268,12 @@ fn connected(conn: &mut Conn, dial: &Dial, route: &Route) {
     route.app.stats.connect_time.observe(took);
     t.connect = Some(took);
     t.connected = Some(now);
+    tried(conn, dial);
+}
+
+/// Note the targets tried so far, and those that failed.
+fn tried(conn: &mut Conn, dial: &Dial) {
+    let t = &mut conn.timings;
     t.attempts = dial.attempts();
     for (b, e) in dial.failures() {
         t.failed(&b.target.to_string(), e.reason());
