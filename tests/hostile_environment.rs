@@ -13,7 +13,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -557,5 +557,44 @@ fn user_errors_are_clear() {
         out.stderr.contains("--group needs --user"),
         "{}",
         out.stderr
+    );
+}
+
+/// Regression: a file of many unknown (or repeated) keys costs time in proportion to its
+/// size. Each new key was looked up in a list of the keys seen, so 40,000 keys took 12 CPU-s
+/// (debug build) in `check` and on the listener loop at a reload; 200,000 keys, within the
+/// file size cap, would take minutes. Measured as the child's CPU time (rusage), not by a
+/// clock: the bound holds on a loaded machine.
+#[test]
+fn a_file_of_many_unknown_keys_costs_linear_time() {
+    let dir = TempDir::new("many-keys");
+    let mut text = String::from("{\"Apps\": []");
+    for i in 0..200_000 {
+        text.push_str(&format!(",\"k{i}\":0"));
+    }
+    text.push('}');
+    let path = dir.write("config.json", &text);
+    let child = Command::new(BIN)
+        .args(["check", "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into the two locals above.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 1,
+        "status {status}"
+    );
+    let cpu = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let seconds = cpu(usage.ru_utime) + cpu(usage.ru_stime);
+    assert!(
+        seconds < 10.0,
+        "check of 200,000 unknown keys took {seconds:.1} CPU-s"
     );
 }

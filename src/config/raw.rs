@@ -10,6 +10,7 @@
 //! (`IgnoredAny`, so a huge value under a misspelt key costs no memory). Only what is not JSON
 //! at all (and serde_json's nesting limit of 128) stops the read.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -181,15 +182,18 @@ impl Object for RawHealthCheck {
 /// Read an object key by key into `T`.
 fn read_object<'de, T: Object, A: MapAccess<'de>>(mut map: A) -> Result<T, A::Error> {
     let mut out = T::default();
+    // Keys already listed, so that a file of a million keys costs a million look-ups, not a
+    // million squared (the lists keep the file's order for the messages).
+    let mut listed: HashSet<String> = HashSet::new();
     while let Some(key) = map.next_key::<String>()? {
         let mut seen = false;
         if !out.field(&key, &mut map, &mut seen)? {
             map.next_value::<IgnoredAny>()?;
             // Each unknown key once, however often it is given: one problem says it all.
-            if !out.unknown().contains(&key) {
+            if listed.insert(key.clone()) {
                 out.unknown().push(key);
             }
-        } else if seen && !out.twice().contains(&key) {
+        } else if seen && listed.insert(key.clone()) {
             out.twice().push(key);
         }
     }
