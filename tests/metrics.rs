@@ -447,14 +447,25 @@ fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 23] = [
+const FAMILIES: [(&str, &str); 35] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
     ("flyproxy_app_connections_refused_total", "counter"),
+    ("flyproxy_app_queued", "gauge"),
+    ("flyproxy_connect_duration_seconds", "histogram"),
+    ("flyproxy_connection_duration_seconds", "histogram"),
+    ("flyproxy_target_connections_total", "counter"),
+    ("flyproxy_target_connections_active", "gauge"),
+    ("flyproxy_target_up", "gauge"),
+    ("flyproxy_target_bytes_total", "counter"),
+    ("flyproxy_target_connect_failures_total", "counter"),
+    ("flyproxy_health_checks_total", "counter"),
+    ("flyproxy_target_state_changes_total", "counter"),
+    ("flyproxy_target_last_change_timestamp_seconds", "gauge"),
+    // The per-target families under their names before issue 23, deprecated, for one release.
     ("flyproxy_connections_total", "counter"),
     ("flyproxy_connections_active", "gauge"),
-    ("flyproxy_target_up", "gauge"),
     ("flyproxy_bytes_total", "counter"),
     ("flyproxy_connect_failures_total", "counter"),
     ("flyproxy_reloads_total", "counter"),
@@ -467,6 +478,8 @@ const FAMILIES: [(&str, &str); 23] = [
     ("flyproxy_connections_open", "gauge"),
     ("flyproxy_accept_paused", "gauge"),
     ("flyproxy_log_lines_dropped_total", "counter"),
+    ("flyproxy_dns_lookups_total", "counter"),
+    ("flyproxy_dns_lookups_refused_total", "counter"),
     // The standard process families, last.
     ("process_start_time_seconds", "gauge"),
     ("process_cpu_seconds_total", "counter"),
@@ -615,6 +628,16 @@ fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
         "flyproxy_target_up",
         "flyproxy_bytes_total",
         "flyproxy_connect_failures_total",
+        "flyproxy_app_queued",
+        "flyproxy_connect_duration_seconds_count",
+        "flyproxy_connection_duration_seconds_count",
+        "flyproxy_target_connections_total",
+        "flyproxy_target_connections_active",
+        "flyproxy_target_bytes_total",
+        "flyproxy_target_connect_failures_total",
+        "flyproxy_health_checks_total",
+        "flyproxy_target_state_changes_total",
+        "flyproxy_target_last_change_timestamp_seconds",
     ] {
         assert_eq!(m.label_values(fam, "app"), want, "app labels of {fam}");
     }
@@ -630,6 +653,15 @@ fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
             assert_eq!(
                 m.get(
                     "flyproxy_bytes_total",
+                    &[("app", app), ("target", target), ("direction", d)]
+                ),
+                n as f64,
+                "{app:?} {d}"
+            );
+            // The new name reads the same counter.
+            assert_eq!(
+                m.get(
+                    "flyproxy_target_bytes_total",
                     &[("app", app), ("target", target), ("direction", d)]
                 ),
                 n as f64,
@@ -1138,7 +1170,33 @@ struct Conn {
     duration: f64,
     end: String,
     reason: Option<String>,
+    /// The timing fields present (issue 23), in `TIMINGS` order, with `attempts` and `failed`.
+    timings: Vec<String>,
+    attempts: Option<u64>,
+    failed: Option<String>,
     line: String,
+}
+
+/// The timing fields a conn record may end with, in this order, each there once the connection
+/// got that far: seconds, except `attempts` (a whole number) and `failed` (`TARGET/REASON,...`).
+const TIMINGS: [&str; 5] = [
+    "queue_wait",
+    "connect_time",
+    "attempts",
+    "failed",
+    "first_byte",
+];
+
+/// `keys` are a part of `TIMINGS`, in its order.
+fn timing_keys(keys: &[&str], line: &str) -> Vec<String> {
+    let mut at = 0;
+    for k in keys {
+        match TIMINGS[at..].iter().position(|t| t == k) {
+            Some(i) => at += i + 1,
+            None => panic!("{k} is not a timing field, or out of order, in {line:?}"),
+        }
+    }
+    keys.iter().map(|k| k.to_string()).collect()
 }
 
 /// `2026-11-26T06:43:26.123Z`.
@@ -1206,21 +1264,33 @@ fn conn_from_text(line: &str) -> Option<Conn> {
     let mut want = vec![
         "app", "client", "port", "target", "up", "down", "duration", "end",
     ];
-    if keys.len() == 9 {
+    if keys.get(8) == Some(&"reason") {
         want.push("reason");
     }
-    assert_eq!(keys, want, "fields of {line:?}");
+    assert_eq!(
+        keys[..want.len().min(keys.len())],
+        want,
+        "fields of {line:?}"
+    );
+    let timings = timing_keys(&keys[want.len()..], line);
     let f = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let num = |k: &str| -> u64 {
         f(k).and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{k} in {line:?}"))
     };
-    let d = f("duration").unwrap();
-    let secs = d
-        .strip_suffix('s')
-        .filter(|n| n.split_once('.').is_some_and(|(_, frac)| frac.len() == 3))
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("duration {d:?} is not like 0.123s in {line:?}"));
+    let as_secs = |k: &str| -> f64 {
+        let d = f(k).unwrap();
+        d.strip_suffix('s')
+            .filter(|n| n.split_once('.').is_some_and(|(_, frac)| frac.len() == 3))
+            .and_then(|n| n.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{k} {d:?} is not like 0.123s in {line:?}"))
+    };
+    let secs = as_secs("duration");
+    for t in &timings {
+        if !["attempts", "failed"].contains(&t.as_str()) {
+            as_secs(t);
+        }
+    }
     Some(Conn {
         level: level.to_lowercase(),
         app: f("app").unwrap(),
@@ -1232,6 +1302,12 @@ fn conn_from_text(line: &str) -> Option<Conn> {
         duration: secs,
         end: f("end").unwrap(),
         reason: f("reason"),
+        attempts: timings
+            .iter()
+            .any(|t| t == "attempts")
+            .then(|| num("attempts")),
+        failed: f("failed"),
+        timings,
         line: line.to_owned(),
     })
 }
@@ -1249,9 +1325,23 @@ fn conn_from_json(line: &str) -> Option<Conn> {
     ];
     if obj.contains_key("reason") {
         want.push("reason");
-        want.sort_unstable();
     }
+    let timings: Vec<&str> = TIMINGS
+        .iter()
+        .copied()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
+    want.extend(&timings);
+    want.sort_unstable();
     assert_eq!(keys, want, "keys of {line}");
+    for t in &timings {
+        match *t {
+            "attempts" => assert!(v[t].is_u64(), "{t} is not a whole number in {line}"),
+            "failed" => assert!(v[t].is_string(), "{t} is not a string in {line}"),
+            _ => assert!(v[t].is_number(), "{t} is not a number in {line}"),
+        }
+    }
+    let timings: Vec<String> = timings.iter().map(|t| t.to_string()).collect();
     let s = |k: &str| {
         v[k].as_str()
             .unwrap_or_else(|| panic!("{k} is not a string in {line}"))
@@ -1275,6 +1365,9 @@ fn conn_from_json(line: &str) -> Option<Conn> {
             .unwrap_or_else(|| panic!("duration is not a number in {line}")),
         end: s("end"),
         reason: obj.contains_key("reason").then(|| s("reason")),
+        attempts: v["attempts"].as_u64(),
+        failed: obj.contains_key("failed").then(|| s("failed")),
+        timings,
         line: line.to_owned(),
     })
 }
@@ -1392,6 +1485,13 @@ impl AccessLog {
         assert!(c.duration >= 0.0 && c.duration < 10.0, "{}", c.line);
         assert_eq!(c.end, "closed", "{}", c.line);
         assert_eq!(c.reason, None, "{}", c.line);
+        assert_eq!(
+            c.timings,
+            ["queue_wait", "connect_time", "attempts", "first_byte"],
+            "{}",
+            c.line
+        );
+        assert_eq!(c.attempts, Some(1), "{}", c.line);
     }
 
     /// An idle connection, from IPv6: closed by the idle timeout.
@@ -1428,6 +1528,19 @@ impl AccessLog {
             .unwrap_or_else(|| panic!("no reason: {}", c.line));
         assert!(
             reason.contains(&self.refusing.target()) && reason.contains("refused"),
+            "{}",
+            c.line
+        );
+        assert_eq!(
+            c.timings,
+            ["queue_wait", "attempts", "failed"],
+            "{}",
+            c.line
+        );
+        assert_eq!(c.attempts, Some(1), "{}", c.line);
+        assert_eq!(
+            c.failed,
+            Some(format!("{}/refused", self.refusing.target())),
             "{}",
             c.line
         );

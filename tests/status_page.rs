@@ -543,8 +543,36 @@ fn promtool_finds_nothing_in_the_exposition() {
         ])
     });
     poke(p.ports[2]);
+    // A connection relayed and closed, so that the histograms have observations.
+    poke(p.ports[1]);
     let body = get(maddr, "/metrics").body;
-    Exposition::parse(&body).unwrap();
+    let m = Exposition::parse(&body).unwrap();
+    // The families of issue 23's timings and health, with values, are in what promtool reads.
+    for (family, kind) in [
+        ("flyproxy_app_queued", "gauge"),
+        ("flyproxy_connect_duration_seconds", "histogram"),
+        ("flyproxy_connection_duration_seconds", "histogram"),
+        ("flyproxy_target_connections_total", "counter"),
+        ("flyproxy_target_connections_active", "gauge"),
+        ("flyproxy_target_bytes_total", "counter"),
+        ("flyproxy_target_connect_failures_total", "counter"),
+        ("flyproxy_health_checks_total", "counter"),
+        ("flyproxy_target_state_changes_total", "counter"),
+        ("flyproxy_target_last_change_timestamp_seconds", "gauge"),
+    ] {
+        let f = m
+            .family(family)
+            .unwrap_or_else(|| panic!("{family} missing:\n{body}"));
+        assert_eq!(f.kind.as_deref(), Some(kind), "{family}");
+        assert!(!f.samples.is_empty(), "{family} has no samples");
+    }
+    assert!(
+        m.get(
+            "flyproxy_connection_duration_seconds_count",
+            &[("app", "down")]
+        ) >= 1.0,
+        "{body}"
+    );
     let mut child = Command::new(promtool)
         .args(["check", "metrics"])
         .stdin(Stdio::piped())

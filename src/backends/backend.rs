@@ -1,18 +1,18 @@
-//! A configured target's live state (health, active connections, counters), and resolving and
-//! connecting to it. Picking one of an app's targets, with failover, is `balance`'s.
+//! A configured target's live state (health, active connections, counters), and why connecting
+//! to it failed. Picking one of an app's targets is `balance`'s; connecting to one, with
+//! failover, `dial`'s.
 //!
-//! Names are resolved at every connect and every health check (in relay or checker threads,
-//! never in the listener loop), so a target whose address changes is followed without a reload.
+//! Names are resolved by `resolver` for every connect and every health check (never in the
+//! listener loop, and never on a relay thread), cached for `--dns-ttl`, so a target whose address
+//! changes is followed without a reload.
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use super::loops::Frontends;
+use crate::backends::resolver::ResolveError;
 use crate::config::{HealthCheck, Target};
 
 /// A target of one app and what the proxy knows of it. Kept across reloads while the app keeps
@@ -32,6 +32,18 @@ pub struct Backend {
     /// Failed connects by `ConnectError::index`.
     pub failures: [AtomicU64; ConnectError::KINDS],
     up: AtomicBool,
+    /// Active checks that passed, and that failed (one that says nothing of the target, this
+    /// host's trouble, is neither).
+    pub checks_ok: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// Times it went down or up, and the Unix time in milliseconds of the last (until the
+    /// first, when it was first configured: its state holds since then).
+    pub state_changes: AtomicU64,
+    pub changed_ms: AtomicU64,
+    /// Why the last failed check failed, or the failed connect that marked it down: kept once
+    /// it is up again, for whoever asks why it went down. Written on those events only, never
+    /// per connection.
+    last_error: Mutex<Option<String>>,
     /// Consecutive failed and successful active checks.
     fails: AtomicU32,
     oks: AtomicU32,
@@ -52,6 +64,11 @@ impl Backend {
             // Targets start up: the first connection (or check) finds out otherwise, and
             // starting down would refuse traffic to a healthy fleet for a whole interval.
             up: AtomicBool::new(true),
+            checks_ok: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            state_changes: AtomicU64::new(0),
+            changed_ms: AtomicU64::new(unix_ms()),
+            last_error: Mutex::new(None),
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
             check: Mutex::new(check),
@@ -66,6 +83,24 @@ impl Backend {
         *self.check.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Why the last failed check (or the connect that marked it down) failed, if one did.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn failed_because(&self, why: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+
+    /// It just went up or down.
+    fn changed(&self) {
+        self.state_changes.fetch_add(1, Ordering::Relaxed);
+        self.changed_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
     /// Passive health: a failed connect marks the target down at once, so the next
     /// connections skip it; the active check brings it back.
     /// Out of descriptors, memory or local ports is this host's trouble, not the target's:
@@ -77,6 +112,8 @@ impl Backend {
         }
         self.oks.store(0, Ordering::Relaxed);
         if self.up.swap(false, Ordering::Relaxed) {
+            self.changed();
+            self.failed_because(format!("connect: {e}"));
             crate::warn!("target {} of app {} is down: {e}", self.target, self.app);
         }
     }
@@ -86,6 +123,7 @@ impl Backend {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
+            self.changed();
             crate::info!(
                 "target {} of app {} is up: a connection succeeded",
                 self.target,
@@ -106,9 +144,11 @@ impl Backend {
         let HealthCheck { fall, rise, .. } = self.check_settings();
         match result {
             Ok(()) => {
+                self.checks_ok.fetch_add(1, Ordering::Relaxed);
                 self.fails.store(0, Ordering::Relaxed);
                 let oks = self.oks.fetch_add(1, Ordering::Relaxed) + 1;
                 if oks >= rise && !self.up.swap(true, Ordering::Relaxed) {
+                    self.changed();
                     crate::info!(
                         "target {} of app {} is up: health check passed",
                         self.target,
@@ -117,9 +157,12 @@ impl Backend {
                 }
             }
             Err(e) => {
+                self.checks_failed.fetch_add(1, Ordering::Relaxed);
+                self.failed_because(format!("health check: {e}"));
                 self.oks.store(0, Ordering::Relaxed);
                 let fails = self.fails.fetch_add(1, Ordering::Relaxed) + 1;
                 if fails >= fall && self.up.swap(false, Ordering::Relaxed) {
+                    self.changed();
                     crate::warn!(
                         "target {} of app {} is down: health check: {e}",
                         self.target,
@@ -131,15 +174,26 @@ impl Backend {
     }
 }
 
+/// Now as Unix time in milliseconds (0 before 1970: a clock that wrong shows as such).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Why one target could not be reached.
 #[derive(Debug)]
 pub enum ConnectError {
     /// The name did not resolve (or resolved to nothing).
     Unresolvable(io::Error),
+    /// The name was not looked up: the resolver's queue was full (this host's trouble).
+    ResolverBusy,
     /// Every address refused the connection.
     Refused,
     /// No answer within the connect timeout.
     Timeout,
+    /// The name's lookup gave no answer within the connect timeout.
+    LookupTimeout,
     /// Anything else (unreachable network, no route, ...).
     Other(io::Error),
     /// Every address the target resolved to is this proxy's own frontend (see `loops`).
@@ -150,8 +204,12 @@ impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConnectError::Unresolvable(e) => write!(f, "name does not resolve ({e})"),
+            ConnectError::ResolverBusy => write!(f, "name {}", ResolveError::Busy),
             ConnectError::Refused => write!(f, "connection refused"),
             ConnectError::Timeout => write!(f, "no answer within the connect timeout"),
+            ConnectError::LookupTimeout => {
+                write!(f, "name lookup: no answer within the connect timeout")
+            }
             ConnectError::Other(e) => write!(f, "{e}"),
             ConnectError::Loop(a) => write!(
                 f,
@@ -167,11 +225,16 @@ impl ConnectError {
     pub const REASONS: [&'static str; ConnectError::KINDS] =
         ["unresolvable", "refused", "timeout", "error", "loop"];
 
+    /// Its label (`REASONS`).
+    pub fn reason(&self) -> &'static str {
+        ConnectError::REASONS[self.index()]
+    }
+
     pub fn index(&self) -> usize {
         match self {
-            ConnectError::Unresolvable(_) => 0,
+            ConnectError::Unresolvable(_) | ConnectError::ResolverBusy => 0,
             ConnectError::Refused => 1,
-            ConnectError::Timeout => 2,
+            ConnectError::Timeout | ConnectError::LookupTimeout => 2,
             ConnectError::Other(_) => 3,
             ConnectError::Loop(_) => 4,
         }
@@ -179,10 +242,20 @@ impl ConnectError {
 
     /// A failure of this host (descriptors, memory, local ports), not of the target.
     pub fn is_local(&self) -> bool {
-        matches!(self, ConnectError::Other(e) if matches!(
-            e.raw_os_error(),
-            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
-        ))
+        match self {
+            ConnectError::ResolverBusy => true,
+            ConnectError::Other(e) => matches!(
+                e.raw_os_error(),
+                Some(
+                    libc::EMFILE
+                        | libc::ENFILE
+                        | libc::ENOBUFS
+                        | libc::ENOMEM
+                        | libc::EADDRNOTAVAIL
+                )
+            ),
+            _ => false,
+        }
     }
 
     /// The same error again, for another receiver of one result (`io::Error` is not `Clone`;
@@ -194,10 +267,20 @@ impl ConnectError {
         };
         match self {
             ConnectError::Unresolvable(e) => ConnectError::Unresolvable(copy(e)),
+            ConnectError::ResolverBusy => ConnectError::ResolverBusy,
             ConnectError::Refused => ConnectError::Refused,
             ConnectError::Timeout => ConnectError::Timeout,
+            ConnectError::LookupTimeout => ConnectError::LookupTimeout,
             ConnectError::Other(e) => ConnectError::Other(copy(e)),
             ConnectError::Loop(a) => ConnectError::Loop(*a),
+        }
+    }
+
+    /// A lookup that gave no address.
+    pub fn from_resolve(e: ResolveError) -> ConnectError {
+        match e {
+            ResolveError::Failed(why) => ConnectError::Unresolvable(io::Error::other(why.as_ref())),
+            ResolveError::Busy => ConnectError::ResolverBusy,
         }
     }
 
@@ -236,92 +319,6 @@ impl AllFailed {
                 .all(|(_, e)| matches!(e, ConnectError::Loop(_)));
         all.then(|| &self.0[0].0.target)
     }
-}
-
-/// Resolve `target` now and connect to the first of its addresses that answers within the
-/// time left of `timeout`. An address that is one of `own` (this proxy's frontends) is never
-/// connected to: that connection would come straight back to us.
-pub fn connect_one(
-    target: &Target,
-    timeout: Duration,
-    own: &Frontends,
-) -> Result<TcpStream, ConnectError> {
-    let deadline = Instant::now() + timeout;
-    let addrs = resolve(target)?;
-    let mut last = ConnectError::Timeout;
-    for addr in addrs {
-        if own.is_own(addr) {
-            last = ConnectError::Loop(addr);
-            continue;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(ConnectError::Timeout);
-        }
-        match connect_addr(addr, left) {
-            Ok(s) => return Ok(s),
-            Err(e) => last = ConnectError::from_io(e),
-        }
-    }
-    Err(last)
-}
-
-/// Connect to `addr` within `timeout`, returning the stream non-blocking with TCP_NODELAY, as
-/// the relay wants it. Done by hand rather than with `TcpStream::connect_timeout`, which
-/// switches the socket to blocking and back: three system calls per connection saved.
-fn connect_addr(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = TcpStream::from(crate::sys::net::tcp_socket(addr)?);
-    let fd = stream.as_raw_fd();
-    // We forward whatever arrives at once; Nagle would only add latency.
-    stream.set_nodelay(true)?;
-    let (storage, len) = crate::sys::net::sockaddr(addr);
-    // SAFETY: storage holds a valid sockaddr of `len` bytes for this family.
-    if unsafe { libc::connect(fd, &storage as *const _ as *const libc::sockaddr, len) } == 0 {
-        return Ok(stream);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() != Some(libc::EINPROGRESS) {
-        return Err(e);
-    }
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::from(io::ErrorKind::TimedOut));
-        }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        match unsafe { libc::poll(&mut pfd, 1, crate::sys::net::poll_ms(left)) } {
-            0 => continue,
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            _ => {
-                return match stream.take_error()? {
-                    Some(e) => Err(e),
-                    None => Ok(stream),
-                }
-            }
-        }
-    }
-}
-
-pub fn resolve(target: &Target) -> Result<Vec<SocketAddr>, ConnectError> {
-    let addrs: Vec<SocketAddr> = (target.host.as_str(), target.port)
-        .to_socket_addrs()
-        .map_err(ConnectError::Unresolvable)?
-        .collect();
-    if addrs.is_empty() {
-        return Err(ConnectError::Unresolvable(io::Error::other("no addresses")));
-    }
-    Ok(addrs)
 }
 
 /// Counts a connection on a backend for as long as it lives.

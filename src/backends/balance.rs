@@ -1,13 +1,9 @@
-//! Balancing: picking one of an app's targets, and connecting to one with failover.
+//! Balancing: picking one of an app's targets (connecting to it, with failover, is `dial`'s).
 
-use std::net::TcpStream;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
 
 use rand::Rng;
 
-use crate::backends::backend::{connect_one, ActiveGuard, AllFailed};
 use crate::backends::routing::AppRoute;
 use crate::config::Balance;
 
@@ -38,29 +34,4 @@ pub fn pick(app: &AppRoute, tried: &[usize]) -> Option<usize> {
             Some(pool[if load(b) < load(a) { b } else { a }])
         }
     }
-}
-
-/// Connect to one of `app`'s targets, trying at most `app.connect_attempts` distinct ones, each
-/// given the whole `timeout`. The connection is counted on its target until the guard drops.
-pub fn connect(app: &AppRoute, timeout: Duration) -> Result<(TcpStream, ActiveGuard), AllFailed> {
-    let mut tried = Vec::with_capacity(app.connect_attempts);
-    let mut failures = Vec::new();
-    while tried.len() < app.connect_attempts {
-        let Some(i) = pick(app, &tried) else { break };
-        tried.push(i);
-        let backend = &app.backends[i];
-        // Count it before connecting, so concurrent picks (p2c) see the load it is about to add.
-        let guard = ActiveGuard::new(Arc::clone(backend));
-        match connect_one(&backend.target, timeout, &app.own) {
-            Ok(stream) => {
-                backend.connect_succeeded();
-                return Ok((stream, guard));
-            }
-            Err(e) => {
-                backend.connect_failed(&e);
-                failures.push((Arc::clone(backend), e));
-            }
-        }
-    }
-    Err(AllFailed(failures))
 }

@@ -12,6 +12,11 @@
 //!   view of it (each applying its own `Fall` and `Rise`, and judging the time the connect took
 //!   against its own `TimeoutMs`).
 //!
+//! Names are looked up by the same `Resolver` the relay uses (its cache too), without blocking
+//! the checker: a check whose target is a name waits for the answer beside the other checks, and
+//! its clock (its `TimeoutMs`) starts only once the addresses are known, so a name whose lookup
+//! hangs delays and fails no other target's check. (It fails only its own, when the lookup does.)
+//!
 //! The listener loop hands it the current backends after each reload; backends that left the
 //! config are simply no longer checked.
 
@@ -24,7 +29,8 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::backends::backend::{self, Backend, ConnectError};
+use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::resolver::{Answer, Lookup, Notify, Resolver, Waiting};
 use crate::config::Target;
 
 /// An up target is checked this many times less often than a down one: passive checks (every
@@ -37,29 +43,29 @@ pub const MAX_IN_FLIGHT: usize = 64;
 /// Descriptors the checker may hold at once: its connects, its poll and its waker.
 pub const FDS: u64 = MAX_IN_FLIGHT as u64 + 2;
 
-/// Woken by `Checker::set` (a reload).
+/// Woken by `Checker::set` (a reload), and by the resolver when a name's answer is in.
 const WAKE: Token = Token(usize::MAX);
 
 /// Shared between the listener loop (which replaces the list) and the checker thread.
 pub struct Checker {
     backends: Mutex<Option<Vec<Arc<Backend>>>>,
-    waker: Waker,
+    waker: Arc<Waker>,
 }
 
 impl Checker {
-    /// Start the checker thread.
-    pub fn start() -> io::Result<Arc<Checker>> {
+    /// Start the checker thread, looking names up with `resolver`.
+    pub fn start(resolver: Resolver) -> io::Result<Arc<Checker>> {
         let poll = Poll::new()?;
-        let waker = Waker::new(poll.registry(), WAKE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let checker = Arc::new(Checker {
             backends: Mutex::new(None),
-            waker,
+            waker: Arc::clone(&waker),
         });
         let c = Arc::clone(&checker);
         std::thread::Builder::new()
             .name("health".into())
             .stack_size(256 * 1024)
-            .spawn(move || Run::new(poll).run(&c))?;
+            .spawn(move || Run::new(poll, resolver, waker).run(&c))?;
         Ok(checker)
     }
 
@@ -83,6 +89,9 @@ impl Checker {
 /// The checker thread's state.
 struct Run {
     poll: Poll,
+    resolver: Resolver,
+    /// What the resolver wakes the poll with when an answer is in.
+    waker: Arc<Waker>,
     /// The backends of each distinct target, as of the last `set`.
     targets: HashMap<Target, Vec<Arc<Backend>>>,
     /// When each backend (by the address of its state) was last checked, or first seen. Its
@@ -107,9 +116,13 @@ struct Run {
 struct Check {
     /// Every backend naming the target when the check began.
     backends: Vec<Arc<Backend>>,
+    /// The name's lookup, while its answer is awaited; the check's clock has not started.
+    lookup: Option<Waiting>,
+    /// When the addresses were known: the check's clock starts then.
     began: Instant,
-    /// The longest `TimeoutMs` among the backends: the check ends by then.
-    deadline: Instant,
+    /// The longest `TimeoutMs` among the backends: the check ends by then, once it began
+    /// (None while its name is looked up).
+    deadline: Option<Instant>,
     /// Addresses not tried yet because the bound was reached.
     queued: Vec<SocketAddr>,
     /// Connects of this check in flight.
@@ -118,9 +131,11 @@ struct Check {
 }
 
 impl Run {
-    fn new(poll: Poll) -> Run {
+    fn new(poll: Poll, resolver: Resolver, waker: Arc<Waker>) -> Run {
         Run {
             poll,
+            resolver,
+            waker,
             targets: HashMap::new(),
             last: HashMap::new(),
             checks: HashMap::new(),
@@ -137,6 +152,7 @@ impl Run {
             if let Some(backends) = checker.take() {
                 self.replace(backends);
             }
+            self.resolved();
             let now = Instant::now();
             self.expire(now);
             self.fill_queued();
@@ -146,7 +162,7 @@ impl Run {
             self.start_queued();
             // While targets wait for room, a finished connect or a check's deadline wakes the
             // poll; otherwise also the next scan.
-            let deadline = self.checks.values().map(|c| c.deadline).min();
+            let deadline = self.checks.values().filter_map(|c| c.deadline).min();
             let wake = match (self.queue.is_empty(), deadline) {
                 (true, Some(d)) => d.min(self.next_scan),
                 (true, None) => self.next_scan,
@@ -234,37 +250,57 @@ impl Run {
         }
     }
 
-    /// Begin checking `target`: resolve it now and connect to as many of its addresses as
-    /// the bound allows (the rest as room frees up).
+    /// Begin checking `target`: ask for its addresses; if they are known now (an address, or
+    /// cached), connect to as many as the bound allows (the rest as room frees up), else once
+    /// the resolver has them (`resolved`).
     fn begin(&mut self, target: Target) {
         let Some(backends) = self.targets.get(&target).cloned() else {
             return;
         };
-        let began = Instant::now();
-        let timeout = backends
-            .iter()
-            .map(|b| b.check_settings().timeout)
-            .max()
-            .unwrap_or_default();
+        let waker = &self.waker;
+        let mut notify = || -> Notify {
+            let waker = Arc::clone(waker);
+            Box::new(move || {
+                if let Err(e) = waker.wake() {
+                    crate::error!("cannot wake the health checker: {e}");
+                }
+            })
+        };
         let mut check = Check {
             backends,
-            began,
-            deadline: began + timeout,
+            lookup: None,
+            began: Instant::now(),
+            deadline: None,
             queued: Vec::new(),
             open: 0,
             last_error: None,
         };
-        match backend::resolve(&target) {
-            // Tried in the order the resolver gave, like a real connection.
-            Ok(mut addrs) => {
-                addrs.reverse();
-                check.queued = addrs;
-            }
-            Err(e) => check.last_error = Some(e),
+        match self.resolver.lookup(&target.host, &mut notify) {
+            Lookup::Done(answer) => check.start(answer, target.port),
+            Lookup::Waiting(w) => check.lookup = Some(w),
         }
+        let started = check.lookup.is_none();
         self.checks.insert(target.clone(), check);
-        self.fill(&target);
-        self.finish_if_failed(&target);
+        if started {
+            self.fill(&target);
+            self.finish_if_failed(&target);
+        }
+    }
+
+    /// Start the checks whose name's answer came in.
+    fn resolved(&mut self) {
+        let answered: Vec<(Target, Answer)> = self
+            .checks
+            .iter()
+            .filter_map(|(t, c)| Some((t.clone(), c.lookup.as_ref()?.answer()?)))
+            .collect();
+        for (target, answer) in answered {
+            if let Some(check) = self.checks.get_mut(&target) {
+                check.start(answer, target.port);
+            }
+            self.fill(&target);
+            self.finish_if_failed(&target);
+        }
     }
 
     /// Start queued addresses of checks under way, while the bound allows.
@@ -318,7 +354,7 @@ impl Run {
     /// A check with nothing in flight and nothing left to try has failed.
     fn finish_if_failed(&mut self, target: &Target) {
         if let Some(c) = self.checks.get(target) {
-            if c.open == 0 && c.queued.is_empty() {
+            if c.lookup.is_none() && c.open == 0 && c.queued.is_empty() {
                 let e = self
                     .checks
                     .get_mut(target)
@@ -358,7 +394,7 @@ impl Run {
         let late: Vec<Target> = self
             .checks
             .iter()
-            .filter(|(_, c)| c.deadline <= now)
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
             .map(|(t, _)| t.clone())
             .collect();
         for t in late {
@@ -388,6 +424,32 @@ impl Run {
                 Err(e) => Err(e.clone_kind()),
             };
             b.checked(own);
+        }
+    }
+}
+
+impl Check {
+    /// The addresses are known (or the lookup failed): the clock starts now.
+    fn start(&mut self, answer: Answer, port: u16) {
+        self.lookup = None;
+        self.began = Instant::now();
+        let timeout = self
+            .backends
+            .iter()
+            .map(|b| b.check_settings().timeout)
+            .max()
+            .unwrap_or_default();
+        self.deadline = Some(self.began + timeout);
+        match answer {
+            // Tried in the order the resolver gave, like a real connection: popped from the end.
+            Ok(addrs) => {
+                self.queued = addrs
+                    .iter()
+                    .rev()
+                    .map(|&ip| SocketAddr::new(ip, port))
+                    .collect();
+            }
+            Err(e) => self.last_error = Some(ConnectError::from_resolve(e)),
         }
     }
 }

@@ -112,6 +112,12 @@ impl AppLimit {
         }))
     }
 
+    /// Connections waiting for a slot now (one given a slot it has not taken yet no longer
+    /// waits). For metrics and status: taken under the lock, off the relay path.
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+
     /// Give a slot back: to the first waiter if there is one (and the limit, maybe lowered
     /// by a reload, allows it).
     fn release(&self) {

@@ -1,14 +1,18 @@
 //! Where a connection goes: each target's live state (`backend`), the routing table from a
-//! frontend port to its app (`routing`), picking and connecting to a target (`balance`), active
-//! health checks (`health`), per-client connection counts for the per-client limits
-//! (`clients`), an app's MaxConnections (`limit`), the PROXY protocol header sent to targets (`proxy_protocol`), and refusing
-//! targets that are the proxy itself (`loops`).
+//! frontend port to its app (`routing`), picking a target (`balance`), connecting to one without
+//! blocking, with failover (`dial`), resolving target names off the connection's path with a
+//! cache (`resolver`), active health checks (`health`), latency histograms cheap enough for every connection (`histogram`), per-client connection counts for the
+//! per-client limits (`clients`), an app's MaxConnections (`limit`), the PROXY protocol header
+//! sent to targets (`proxy_protocol`), and refusing targets that are the proxy itself (`loops`).
 
 pub mod backend;
 pub mod balance;
 pub mod clients;
+pub mod dial;
 pub mod health;
+pub mod histogram;
 pub mod limit;
 pub mod loops;
 pub mod proxy_protocol;
+pub mod resolver;
 pub mod routing;

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::backends::backend::Backend;
 use crate::backends::clients::ClientCounts;
+use crate::backends::histogram::Histogram;
 use crate::backends::limit::AppLimit;
 use crate::backends::loops::Frontends;
 use crate::config::hostname::{self, Pattern};
@@ -63,6 +64,10 @@ pub struct AppStats {
     pub failed: AtomicU64,
     /// Closed at accept because the client address had its limit of connections open.
     pub client_limited: AtomicU64,
+    /// How long the connect to the target finally used took (its lookup included).
+    pub connect_time: Histogram,
+    /// Client connections' whole life, accept to close.
+    pub duration: Histogram,
 }
 
 /// The apps on one (address prefix, port): told apart by the ClientHello's server name.

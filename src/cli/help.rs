@@ -30,7 +30,10 @@ macro_rules! run_options {
                              open connections one client address (IPv6: one /64) may
                              have; past it new ones are closed at once (default 0: no
                              limit)
-      --connect-timeout DUR  time to connect to one target (default 5s)
+      --connect-timeout DUR  time to look up and connect to one target (default 5s)
+      --dns-ttl DUR          how long a target name's addresses are kept once looked
+                             up (default 10s; 0: look up at every connect); failed
+                             lookups are kept 1s
       --idle-timeout DUR     close a connection that moved no byte for this long
                              (default 1h; 0 disables)
       --drain-timeout DUR    how long open connections may finish after their port is

@@ -32,6 +32,8 @@ pub struct Settings {
     /// Open connections one client address may have at once; 0: no limit.
     pub max_connections_per_client: usize,
     pub connect_timeout: Duration,
+    /// How long a target name's addresses are kept once looked up; zero: not kept.
+    pub dns_ttl: Duration,
     /// None: never close a connection for being idle.
     pub idle_timeout: Option<Duration>,
     pub drain_timeout: Duration,
@@ -62,6 +64,7 @@ impl Default for Settings {
             max_threads: None,
             max_connections_per_client: 0,
             connect_timeout: Duration::from_secs(5),
+            dns_ttl: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(3600)),
             drain_timeout: Duration::from_secs(30),
             preread_timeout: Duration::from_secs(5),
@@ -313,6 +316,11 @@ mod tests {
         assert_eq!(s.config, PathBuf::from("x.json"));
         assert_eq!(s.max_connections, 4096);
         assert_eq!(s.max_connections_per_client, 0);
+        assert_eq!(s.dns_ttl, Duration::from_secs(10));
+        let Ok(Command::Run(_, s)) = run(&["simple", "--dns-ttl", "0"]) else {
+            panic!()
+        };
+        assert_eq!(s.dns_ttl, Duration::ZERO);
         let Ok(Command::Run(_, s)) = run(&["simple", "--max-connections-per-client=10"]) else {
             panic!()
         };

@@ -54,6 +54,7 @@ pub(super) fn run_option(
         "--connect-timeout" => {
             s.connect_timeout = nonzero(cmd, flag, duration(cmd, flag, &value("a duration")?)?)?
         }
+        "--dns-ttl" => s.dns_ttl = duration(cmd, flag, &value("a duration")?)?,
         "--idle-timeout" => {
             let d = duration(cmd, flag, &value("a duration")?)?;
             s.idle_timeout = (!d.is_zero()).then_some(d);

@@ -14,6 +14,7 @@ use mio::{Poll, Waker};
 
 use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
+use crate::backends::resolver::Resolver;
 use crate::backends::routing::Routes;
 use crate::backends::routing::UnroutedCounts;
 use crate::cli::{Mode, Settings};
@@ -193,15 +194,24 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
+    let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
         published: Arc::clone(&published),
         slots: Arc::clone(&slots),
         lookups: source.lookup_stats(),
+        resolver: resolver.clone(),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
-    let pool = relay_pool(&settings, fds.pipes, &conns, &slots, &published.unrouted)?;
-    let checker =
-        Checker::start().map_err(|e| StartError::Os("cannot start the health checker", e))?;
+    let pool = relay_pool(
+        &settings,
+        fds.pipes,
+        &conns,
+        &slots,
+        &published.unrouted,
+        &resolver,
+    )?;
+    let checker = Checker::start(resolver)
+        .map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
     announce(
         &mode,
@@ -336,6 +346,7 @@ fn relay_pool(
     conns: &Arc<Conns>,
     slots: &Arc<Slots>,
     unrouted: &Arc<UnroutedCounts>,
+    resolver: &Resolver,
 ) -> Result<Pool<Task>, StartError> {
     let lot = Lot::new().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
     let cx = Context {
@@ -349,6 +360,7 @@ fn relay_pool(
         unrouted: Arc::clone(unrouted),
         slots: Arc::clone(slots),
         lot: Arc::clone(&lot),
+        resolver: resolver.clone(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pool = Pool::new(

@@ -1,11 +1,16 @@
 //! The /metrics text: the Prometheus text exposition format 0.0.4, one family after another.
+//! The per-app families are `apps`'s, the per-target ones `targets`'s.
+
+mod apps;
+mod targets;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::backend::Backend;
+use crate::backends::resolver::Resolver;
 use crate::backends::routing::{AppRoute, Unrouted};
 use crate::metrics::process::ProcessStats;
 use crate::metrics::LookupReader;
@@ -24,9 +29,13 @@ pub(super) fn unique_backends(app: &AppRoute) -> Vec<&Arc<Backend>> {
     seen
 }
 
-/// A label value escaped as the exposition format asks: backslash, double quote, newline.
-fn esc(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
+/// A label value escaped as the exposition format asks (backslash, double quote, newline),
+/// appended to `out`: a scrape writes hundreds of thousands of them, so without a copy.
+fn push_esc(out: &mut String, v: &str) {
+    if !v.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        out.push_str(v);
+        return;
+    }
     for c in v.chars() {
         match c {
             '\\' => out.push_str("\\\\"),
@@ -35,7 +44,6 @@ fn esc(v: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
 /// Writes one metric family: HELP and TYPE once, then its samples.
@@ -58,7 +66,10 @@ impl Family<'_> {
                 if i > 0 {
                     self.out.push(',');
                 }
-                let _ = write!(self.out, "{k}=\"{}\"", esc(v));
+                self.out.push_str(k);
+                self.out.push_str("=\"");
+                push_esc(self.out, v);
+                self.out.push('"');
             }
             self.out.push('}');
         }
@@ -72,16 +83,18 @@ pub fn render(sources: &Sources) -> String {
         published,
         slots,
         lookups,
+        resolver,
     } = sources;
     let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
     build_info(&mut out);
-    app_families(&mut out, apps);
-    target_families(&mut out, apps);
+    apps::families(&mut out, apps);
+    targets::families(&mut out, apps);
     reload_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);
+    dns_families(&mut out, resolver);
     unrouted_families(&mut out, apps, published);
     if let Some(read) = lookups {
         lookup_families(&mut out, read);
@@ -96,141 +109,6 @@ type Apps = [(Arc<AppRoute>, Vec<u16>)];
 fn build_info(out: &mut String) {
     let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");
     f.sample("flyproxy_build_info", &[("version", crate::VERSION)], 1);
-}
-
-/// Client connections by app: accepted, open, refused.
-fn app_families(out: &mut String, apps: &Apps) {
-    macro_rules! per_app {
-        ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(out, $name, $kind, $help);
-            for (app, _) in apps {
-                f.sample($name, &[("app", app.name.as_str())], $get(&app.stats));
-            }
-        }};
-    }
-    per_app!(
-        "flyproxy_app_connections_total",
-        "counter",
-        "Client connections accepted, by app.",
-        |s: &crate::backends::routing::AppStats| s.accepted.load(Ordering::Relaxed)
-    );
-    per_app!(
-        "flyproxy_app_connections_active",
-        "gauge",
-        "Client connections open now (connecting or relaying), by app.",
-        |s: &crate::backends::routing::AppStats| s.active.load(Ordering::Relaxed)
-    );
-    let name = "flyproxy_app_connections_refused_total";
-    let mut f = Family::head(
-        out,
-        name,
-        "counter",
-        "Client connections closed without a target: reason=\"connect_failed\" (no target answered), \"limit\" (the app's MaxConnections) or \"client_limit\" (the client address had its limit of connections open).",
-    );
-    for (app, _) in apps {
-        let s = &app.stats;
-        f.sample(
-            name,
-            &[("app", app.name.as_str()), ("reason", "connect_failed")],
-            s.failed.load(Ordering::Relaxed),
-        );
-        f.sample(
-            name,
-            &[("app", app.name.as_str()), ("reason", "limit")],
-            s.limited.load(Ordering::Relaxed),
-        );
-        f.sample(
-            name,
-            &[("app", app.name.as_str()), ("reason", "client_limit")],
-            s.client_limited.load(Ordering::Relaxed),
-        );
-    }
-}
-
-/// Connections to targets by app and target: made, open, health, bytes, failures.
-fn target_families(out: &mut String, apps: &Apps) {
-    macro_rules! per_target {
-        ($name:expr, $kind:expr, $help:expr, $get:expr) => {{
-            let mut f = Family::head(out, $name, $kind, $help);
-            for (app, _) in apps {
-                for b in unique_backends(app) {
-                    let t = b.target.to_string();
-                    f.sample(
-                        $name,
-                        &[("app", app.name.as_str()), ("target", t.as_str())],
-                        $get(b),
-                    );
-                }
-            }
-        }};
-    }
-    per_target!(
-        "flyproxy_connections_total",
-        "counter",
-        "Connections made to a target, by app and target.",
-        |b: &crate::backends::backend::Backend| b.connections.load(Ordering::Relaxed)
-    );
-    per_target!(
-        "flyproxy_connections_active",
-        "gauge",
-        "Connections to a target open now, by app and target.",
-        |b: &crate::backends::backend::Backend| b.active.load(Ordering::Relaxed)
-    );
-    per_target!(
-        "flyproxy_target_up",
-        "gauge",
-        "1 if the target is considered up (passive and active health checks), else 0.",
-        |b: &crate::backends::backend::Backend| u8::from(b.is_up())
-    );
-    let name = "flyproxy_bytes_total";
-    let mut f = Family::head(
-        out,
-        name,
-        "counter",
-        "Bytes relayed, by app, target and direction.",
-    );
-    for (app, _) in apps {
-        for b in unique_backends(app) {
-            let t = b.target.to_string();
-            for (dir, v) in [
-                ("client_to_target", &b.bytes_up),
-                ("target_to_client", &b.bytes_down),
-            ] {
-                f.sample(
-                    name,
-                    &[
-                        ("app", app.name.as_str()),
-                        ("target", t.as_str()),
-                        ("direction", dir),
-                    ],
-                    v.load(Ordering::Relaxed),
-                );
-            }
-        }
-    }
-    let name = "flyproxy_connect_failures_total";
-    let mut f = Family::head(
-        out,
-        name,
-        "counter",
-        "Failed connects to a target, by app, target and reason.",
-    );
-    for (app, _) in apps {
-        for b in unique_backends(app) {
-            let t = b.target.to_string();
-            for (i, reason) in ConnectError::REASONS.iter().enumerate() {
-                f.sample(
-                    name,
-                    &[
-                        ("app", app.name.as_str()),
-                        ("target", t.as_str()),
-                        ("reason", reason),
-                    ],
-                    b.failures[i].load(Ordering::Relaxed),
-                );
-            }
-        }
-    }
 }
 
 /// How config reloads went.
@@ -321,6 +199,27 @@ fn log_families(out: &mut String) {
         "Log lines dropped because stderr could not keep up.",
     );
     f.sample(name, &[], crate::sys::log::dropped());
+}
+
+/// Target names looked up, and lookups refused because the resolver's queue was full.
+fn dns_families(out: &mut String, resolver: &Resolver) {
+    let stats = resolver.stats();
+    let name = "flyproxy_dns_lookups_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Target names looked up (getaddrinfo calls; an address or a cached name needs none).",
+    );
+    f.sample(name, &[], stats.lookups);
+    let name = "flyproxy_dns_lookups_refused_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Lookups refused at once because 1024 names already waited for the resolver's threads.",
+    );
+    f.sample(name, &[], stats.rejected);
 }
 
 /// Connections no app took, by port and reason. Every (port, reason) the config makes possible
@@ -482,7 +381,13 @@ mod tests {
 
     #[test]
     fn label_escaping() {
+        let esc = |v: &str| {
+            let mut out = String::new();
+            push_esc(&mut out, v);
+            out
+        };
         assert_eq!(esc(r#"a"b\c"#), r#"a\"b\\c"#);
         assert_eq!(esc("x\ny"), "x\\ny");
+        assert_eq!(esc("plain"), "plain");
     }
 }

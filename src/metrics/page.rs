@@ -103,11 +103,19 @@ reloads ok {}, rejected {}; config sha256 <code>{}</code>{}. \
         let r = &app.refused;
         let _ = write!(
             o,
-            "<br>open {}, accepted {} (<span data-rate=\"a{i}\" data-total=\"{}\">-</span>/s), \
+            "<br>open {}, queued <span class=\"queued\">{}</span>, accepted {} \
+(<span data-rate=\"a{i}\" data-total=\"{}\">-</span>/s), \
 refused: no target {}, limit {}, client limit {}</p>\n\
-<table><tr><th>target</th><th>state</th><th>open</th><th>total</th><th>conn/s</th>\
-<th>failed connects</th><th>bytes sent</th><th>bytes received</th><th>bytes/s</th></tr>\n",
-            app.open, app.accepted, app.accepted, r.connect_failed, r.limit, r.client_limit,
+<table><tr><th>target</th><th>state</th><th>since</th><th>open</th><th>total</th><th>conn/s</th>\
+<th>failed connects</th><th>bytes sent</th><th>bytes received</th><th>bytes/s</th>\
+<th>last check error</th></tr>\n",
+            app.open,
+            app.queued,
+            app.accepted,
+            app.accepted,
+            r.connect_failed,
+            r.limit,
+            r.client_limit,
         );
         for (j, t) in app.targets.iter().enumerate() {
             let state = if t.state == "up" { "up" } else { "down" };
@@ -115,19 +123,24 @@ refused: no target {}, limit {}, client limit {}</p>\n\
             let _ = writeln!(
                 o,
                 "<tr class=\"target\" data-app=\"{}\" data-target=\"{}\" data-state=\"{state}\">\
-<td>{}</td><td class=\"{state}\">{}</td><td>{}</td><td>{}</td>\
+<td>{}</td><td class=\"{state}\">{}</td>\
+<td class=\"since\" data-since=\"{:.3}\">{} ago</td><td>{}</td><td>{}</td>\
 <td data-rate=\"c{i}.{j}\" data-total=\"{}\">-</td><td>{}</td><td>{}</td><td>{}</td>\
-<td data-rate=\"b{i}.{j}\" data-total=\"{bytes}\">-</td></tr>",
+<td data-rate=\"b{i}.{j}\" data-total=\"{bytes}\">-</td>\
+<td class=\"error\">{}</td></tr>",
                 esc(&app.name),
                 esc(&t.target),
                 esc(&t.target),
                 state.to_uppercase(),
+                t.since,
+                ago(st.time - t.since),
                 t.open,
                 t.total,
                 t.total,
                 t.connect_failures,
                 t.bytes_sent,
                 t.bytes_received,
+                esc(t.last_check_error.as_deref().unwrap_or("-")),
             );
         }
         o.push_str("</table>\n");
@@ -141,6 +154,17 @@ refused: no target {}, limit {}, client limit {}</p>\n\
     o
 }
 
+/// A time span for people: `42s`, `5m 3s`, `2h 4m`, `3d 2h`.
+fn ago(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86_400 => format!("{}h {}m", s / 3600, s / 60 % 60),
+        _ => format!("{}d {}h", s / 86_400, s / 3600 % 24),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,6 +175,15 @@ mod tests {
             esc("<a href='x'>&\"</a>"),
             "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
         );
+    }
+
+    #[test]
+    fn spans_for_people() {
+        assert_eq!(ago(-1.0), "0s");
+        assert_eq!(ago(42.9), "42s");
+        assert_eq!(ago(303.0), "5m 3s");
+        assert_eq!(ago(7440.0), "2h 4m");
+        assert_eq!(ago(266_400.0), "3d 2h");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::backends::resolver::Resolver;
 use crate::backends::routing::{Routes, UnroutedCounts};
 use crate::relay::slots::Slots;
 
@@ -119,4 +120,6 @@ pub struct Sources {
     pub slots: Arc<Slots>,
     /// The mode's lookup counters (bpf mode only).
     pub lookups: Option<LookupReader>,
+    /// Target names' lookups, for their counters.
+    pub resolver: Resolver,
 }

@@ -57,6 +57,10 @@ pub struct AppStatus {
     /// Client connections open now, and accepted since start.
     pub open: u64,
     pub accepted: u64,
+    /// Client connections waiting now for a slot of its MaxConnections (absent from an older
+    /// flyproxy's answer: read as 0).
+    #[serde(default)]
+    pub queued: u64,
     /// Client connections closed without a target, by reason (as the metrics name them).
     pub refused: Refused,
     pub targets: Vec<TargetStatus>,
@@ -83,6 +87,14 @@ pub struct TargetStatus {
     pub bytes_received: u64,
     /// Failed connects since start.
     pub connect_failures: u64,
+    /// Unix time (seconds) of its last state change (down or up); until the first, when it
+    /// was configured: its `state` holds since then.
+    #[serde(default)]
+    pub since: f64,
+    /// Why its last failed health check (or the failed connect that marked it down) failed;
+    /// kept once it is up again. None: none failed yet.
+    #[serde(default)]
+    pub last_check_error: Option<String>,
 }
 
 /// The status now.
@@ -103,6 +115,7 @@ pub fn snapshot(sources: &Sources) -> Status {
             hostnames: app.hostnames.iter().map(|h| h.to_string()).collect(),
             open: app.stats.active.load(Ordering::Relaxed) as u64,
             accepted: load(&app.stats.accepted),
+            queued: app.limit.as_ref().map_or(0, |l| l.queued() as u64),
             refused: Refused {
                 connect_failed: load(&app.stats.failed),
                 limit: load(&app.stats.limited),
@@ -118,6 +131,8 @@ pub fn snapshot(sources: &Sources) -> Status {
                     bytes_sent: load(&b.bytes_up),
                     bytes_received: load(&b.bytes_down),
                     connect_failures: b.failures.iter().map(load).sum(),
+                    since: load(&b.changed_ms) as f64 / 1000.0,
+                    last_check_error: b.last_error(),
                 })
                 .collect(),
         })

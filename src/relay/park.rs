@@ -24,7 +24,7 @@
 //! Deadlines (idle timeout, preread timeout, the end of a wait for a slot) are kept here too: a
 //! connection whose deadline comes is handed back as if a socket had woken it. And another
 //! thread may wake a connection that waits for something other than its sockets (a slot of its
-//! app given to it) through its ticket's `Waker`.
+//! app given to it, the answer to its target's name lookup) through its ticket's `Waker`.
 //! Drains reach waiting connections like any other: cutting one shuts its sockets down, which
 //! wakes it here.
 
@@ -150,6 +150,14 @@ impl Ticket {
         self.added[i] = true;
         self.armed[i] = Some(events);
         Ok(())
+    }
+
+    /// The socket of `side` was closed and another may take its place (a connect failing over
+    /// to the next address): closing it took it out of the epoll set, so the next `arm`
+    /// registers anew.
+    pub fn replaced(&mut self, side: Side) {
+        self.added[side as usize] = false;
+        self.armed[side as usize] = None;
     }
 
     /// The sockets that reported `woke` are disarmed (one-shot): the next `arm` re-arms them.

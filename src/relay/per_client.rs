@@ -111,6 +111,7 @@ pub fn refuse_client_limit(
         reason: Some(&reason),
         detail: None,
         sni: None,
+        timings: &Default::default(),
     }
     .write();
 }

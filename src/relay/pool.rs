@@ -7,8 +7,8 @@
 //! connection without sleeping in between, and an idle connection holds no thread. Jobs that
 //! cannot block (relaying, reading a ClientHello, waiting for a slot: `Job::may_block` false)
 //! are only ever run by these threads, however many there are. So the pool needs about as many
-//! threads as cores for them, plus one for each connection that is connecting (resolving its
-//! target's name and connecting, which block).
+//! threads as cores for them. (Every step of a session is such a job now; the threads of their
+//! own for jobs that may block stay for one that ever does again.)
 //!
 //! The bound (`--max-threads`) may be far below the number of open connections: work that finds
 //! every thread busy waits in a FIFO queue, and a relay that is still moving bytes at the end of

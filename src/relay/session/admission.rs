@@ -8,7 +8,7 @@
 //! down, ends it at once, and it leaves the queue as it ends.
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::greeting::Greeted;
 use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
@@ -20,6 +20,8 @@ pub(super) struct Admission {
     first_bytes: Vec<u8>,
     /// Its place among the app's waiters, and until when it waits.
     wait: Option<(LimitWait, Instant)>,
+    /// When it began to wait for a slot (its `queue_wait` counts from then).
+    queued: Option<Instant>,
 }
 
 /// What the admission is done with.
@@ -36,6 +38,7 @@ impl Admission {
             route: greeted.route,
             first_bytes: greeted.first_bytes,
             wait: None,
+            queued: None,
         }
     }
 
@@ -48,24 +51,26 @@ impl Admission {
         ticket: impl FnOnce() -> Ticket,
     ) -> Step<Admission, Admitted> {
         let Some(limit) = self.route.app.limit.clone() else {
-            return Step::Done(self.admitted(None));
+            return Step::Done(self.admitted(conn, None));
         };
         let (waiting, deadline) = match &self.wait {
             Some(w) => w,
             None => {
                 let waker = conn.ticket.get_or_insert_with(ticket).waker();
                 match limit.acquire_or_wait(Box::new(move || waker.wake())) {
-                    Ok(Acquired::Slot(slot)) => return Step::Done(self.admitted(Some(slot))),
+                    Ok(Acquired::Slot(slot)) => return Step::Done(self.admitted(conn, Some(slot))),
                     Ok(Acquired::Wait(w)) => {
-                        self.wait.insert((w, Instant::now() + timeouts.connect))
+                        let now = Instant::now();
+                        self.queued = Some(now);
+                        self.wait.insert((w, now + timeouts.connect))
                     }
-                    Err(denied) => return Step::End(self.limited(denied)),
+                    Err(denied) => return Step::End(self.limited(conn, denied)),
                 }
             }
         };
         let deadline = *deadline;
         if let Some(slot) = waiting.try_take() {
-            return Step::Done(self.admitted(Some(slot)));
+            return Step::Done(self.admitted(conn, Some(slot)));
         }
         if conn.reg.entry.was_drained() {
             return Step::End(self.route.ending(None, "drained", None));
@@ -74,14 +79,15 @@ impl Admission {
             return Step::End(self.route.client_gone(conn));
         }
         if Instant::now() >= deadline {
-            return Step::End(self.limited(LimitDenied::TimedOut));
+            return Step::End(self.limited(conn, LimitDenied::TimedOut));
         }
         // Armed for failure only: bytes the client sends meanwhile wait in its socket.
         Step::Wait(self, Wait::client(park::FAILURE, deadline))
     }
 
-    /// Its place among the waiters, if it had one, goes with it.
-    fn admitted(self, limit: Option<LimitGuard>) -> Admitted {
+    /// Its place among the waiters, if it had one, goes with it; how long it waited is noted.
+    fn admitted(self, conn: &mut Conn, limit: Option<LimitGuard>) -> Admitted {
+        conn.timings.queue = Some(self.queued.map_or(Duration::ZERO, |t| t.elapsed()));
         Admitted {
             route: self.route,
             first_bytes: self.first_bytes,
@@ -90,8 +96,9 @@ impl Admission {
     }
 
     /// Its place among the waiters goes with it (a slot given to it meanwhile goes on to the
-    /// next).
-    fn limited(self, denied: LimitDenied) -> Ending {
+    /// next); how long it waited in vain is noted (as HAProxy's `Tw` is).
+    fn limited(self, conn: &mut Conn, denied: LimitDenied) -> Ending {
+        conn.timings.queue = Some(self.queued.map_or(Duration::ZERO, |t| t.elapsed()));
         self.route.app.stats.limited.fetch_add(1, Ordering::Relaxed);
         self.route
             .ending(None, "limit", Some(denied.reason().into()))

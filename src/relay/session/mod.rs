@@ -4,25 +4,27 @@
 //!
 //! ```text
 //!   accepted ──> greeting ──> admission ──> connecting ──> relaying ──> logged
-//!                 │  ^          │  ^                         │  ^
-//!                 └──┘          └──┘                         └──┘
-//!             waits for the  waits for a               waits for its sockets,
-//!             ClientHello    MaxConnections slot       or hands its thread on
+//!                 │  ^          │  ^           │  ^          │  ^
+//!                 └──┘          └──┘           └──┘          └──┘
+//!             waits for the  waits for a    waits for a    waits for its sockets,
+//!             ClientHello    MaxConnections name lookup,   or hands its thread on
+//!                            slot           its connect
 //! ```
 //!
 //! - `greeting`: read the ClientHello where apps share the port by Hostnames, pick the app.
 //! - `admission`: take a slot of the app's MaxConnections, waiting for one if it must.
-//! - `connecting`: connect to a target of the app and send what goes first.
+//! - `connecting`: look up and connect to a target of the app (without blocking: names are
+//!   resolved by the resolver's threads, `backends::resolver`) and send what goes first.
 //! - `relaying`: move bytes both ways until both are done (`transfer`).
 //!
 //! A phase's `step` runs it as far as it can without waiting and says what came of it (`Step`):
 //! wait for the sockets or a deadline, hand the thread on, done (with what the next phase starts
 //! from), or the end of the connection. `run` is the one loop that acts on that: a connection
 //! that has to wait leaves its thread at once and waits in the parking lot (`park`), whole, and
-//! comes back to a pool thread as a `Task::Resume` when a socket, its deadline or (for a slot)
-//! another thread wakes it, in the phase it was in; `upgrade` is the one place that moves from
-//! a phase to the next. The greeting, the admission and relaying are event steps, run by the
-//! threads that wait for events; connecting, which may block, is run by a thread of its own.
+//! comes back to a pool thread as a `Task::Resume` when a socket, its deadline or (for a slot,
+//! or its target's name looked up) another thread wakes it, in the phase it was in; `upgrade` is
+//! the one place that moves from a phase to the next. Every phase is an event step, run by the
+//! threads that wait for events.
 //! Silent clients and connections waiting for a slot hold no thread, and a connection stays
 //! registered (for drains) and counted under the connection bound until `end` writes its log
 //! line.
@@ -40,8 +42,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::backends::resolver::Resolver;
 use crate::backends::routing::{Binding, UnroutedCounts};
-use crate::relay::access_log::ConnLine;
+use crate::relay::access_log::{ConnLine, Timings};
 use crate::relay::conns::Conns;
 use crate::relay::park::{self, Lot, Side, Wakeable, Woke};
 use crate::relay::per_client::ClientSlots;
@@ -81,6 +84,8 @@ pub struct Context {
     pub unrouted: Arc<UnroutedCounts>,
     pub slots: Arc<Slots>,
     pub lot: Arc<Lot<Box<Session>>>,
+    /// Looks target names up, off the relay threads.
+    pub resolver: Resolver,
 }
 
 /// What a relay thread is given to run.
@@ -101,9 +106,8 @@ impl From<Box<Session>> for Task {
 impl Job for Task {
     fn may_block(&self) -> bool {
         match self {
-            // One whose app is picked by its server name starts by reading its ClientHello, an
-            // event step; any other goes straight on (through its admission) to connect.
-            Task::New(incoming) => !incoming.binding.needs_server_name(),
+            // It starts with its greeting, an event step, and no phase after it blocks.
+            Task::New(_) => false,
             Task::Resume(s) => s.phase.may_block(),
         }
     }
@@ -126,11 +130,14 @@ enum Phase {
 }
 
 impl Phase {
-    /// Its step may block its thread: connecting (resolving a target's name, connecting to
-    /// it) does. The greeting, the admission and relaying never do: they are run by the threads
-    /// that wait for events, as many connections' steps one after another.
+    /// Its step may block its thread. None does: the greeting, the admission and relaying wait
+    /// in the lot, and connecting looks names up on the resolver's threads and connects without
+    /// blocking (see `connecting`). So every step is run by the threads that wait for events,
+    /// as many connections' steps one after another, and a new connection reaches its target
+    /// with no hand-off to another thread. (The hand-over for a phase that may block stays in
+    /// `run` and `pool` for one that ever does again.)
     fn may_block(&self) -> bool {
-        matches!(self, Phase::Connecting(_))
+        false
     }
 }
 
@@ -161,7 +168,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
                 .step(conn, &cx.timeouts, || cx.lot.ticket())
                 .map(Phase::Admission, Done::Admitted),
             Phase::Connecting(p) => p
-                .step(conn, &cx.timeouts)
+                .step(conn, &cx.timeouts, &cx.resolver, &|| cx.lot.ticket())
                 .map(Phase::Connecting, Done::Connected),
             Phase::Relaying(p) => p
                 .step(conn, &cx.timeouts, &cx.carriers, turn)
@@ -221,6 +228,7 @@ impl Session {
                 client_slots,
                 ticket: None,
                 woke: Woke::default(),
+                timings: Timings::default(),
             },
             phase: Phase::Greeting(Greeting::new(binding)),
         })
@@ -279,11 +287,13 @@ fn end(conn: Conn, e: Ending, cx: &Context) {
         local,
         accepted,
         client_slots,
+        timings,
         ..
     } = conn;
     drop(client_slots);
     if let (Some(app), true) = (&e.app, e.active) {
         app.stats.active.fetch_sub(1, Ordering::Relaxed);
+        app.stats.duration.observe(accepted.elapsed());
     }
     ConnLine {
         app: e.app.as_ref().map(|a| a.name.as_str()),
@@ -297,6 +307,7 @@ fn end(conn: Conn, e: Ending, cx: &Context) {
         reason: e.reason.as_deref(),
         detail: e.detail,
         sni: e.sni.as_deref(),
+        timings: &timings,
     }
     .write();
     drop(reg);

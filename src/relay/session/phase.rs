@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backends::routing::AppRoute;
+use crate::relay::access_log::Timings;
 use crate::relay::conns::Registered;
 use crate::relay::park::{Ticket, Woke};
 use crate::relay::per_client::ClientSlots;
@@ -40,6 +41,9 @@ pub(super) struct Conn {
     /// What its sockets showed while it waited, for its phase to act on: an end of stream seen
     /// before relaying must not be forgotten once it relays (see `transfer`).
     pub(super) woke: Woke,
+    /// Where its time went on the way to its target, for its log line and its app's
+    /// histograms.
+    pub(super) timings: Timings,
 }
 
 /// What became of a phase `P` that was stepped; `D` is what it is done with.

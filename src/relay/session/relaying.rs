@@ -65,6 +65,12 @@ impl Relaying {
             carriers,
             &|| turn.others_waiting(),
         );
+        // The target's first byte: seen at the step that moved it (it woke this one).
+        if conn.timings.first_byte.is_none() && self.relay.moved().1 > 0 {
+            if let Some(at) = conn.timings.connected {
+                conn.timings.first_byte = Some(at.elapsed());
+            }
+        }
         match pause {
             Pause::Ended(end) => Step::End(self.ended(conn, end)),
             Pause::Yield => Step::Yield(self),
