@@ -41,14 +41,8 @@ impl Holder {
     /// `indexed`: read a 4-byte index from every connection (else keep each unread).
     fn start(indexed: bool) -> Holder {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        // std listens with a backlog of 128; the proxy connects as fast as its clients come
-        // (non-blocking connects, no thread each), and 2000 of them at once overflow that
-        // while this thread competes for the CPU: the dropped handshakes then wait for
-        // SYN-ACK retransmissions (1, 2, 4, 8 s ...), longer than WAIT. Listening again with a
-        // larger backlog (capped by net.core.somaxconn) only resizes the queue.
-        // SAFETY: listen(2) on a socket this function owns.
-        let rc = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
-        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        // 2000 connects at once: see listen_deep.
+        listen_deep(&listener);
         let addr = listener.local_addr().unwrap().to_string();
         let held: Arc<Mutex<HashMap<u32, TcpStream>>> = Arc::default();
         let order: Arc<Mutex<Vec<u32>>> = Arc::default();
