@@ -832,6 +832,8 @@ pub fn run(args: &[&str]) -> Output {
 
 /// Run the binary at `bin` (a copy of it, say) with `args`, as `run` does.
 pub fn run_path(bin: &Path, args: &[&str]) -> Output {
+    // Reaped by wait4 below, which gives its CPU time too (Child::wait does not).
+    #[allow(clippy::zombie_processes)]
     let mut child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
