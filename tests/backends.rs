@@ -1593,7 +1593,7 @@ fn max_connections_waiter_that_resets_leaves_at_once() {
     roundtrip(&mut held, b"held");
     let waiting = connect(p.v4(0));
     let local = waiting.local_addr().unwrap();
-    // Waiting for the slot (it looks again every 50 ms without a thread): cheap.
+    // Waiting for the slot (queued, woken only when a slot frees or at its deadline): cheap.
     let cpu = p.cpu_during(Duration::from_millis(500));
     assert!(
         cpu < 0.2,
