@@ -23,10 +23,32 @@ pub(super) struct RawConfig {
     /// Each app boxed: a `RawApp` is some 400 bytes, and a 16 MiB file can list millions of
     /// entries that are not apps at all (`[]`), each of which should cost a pointer, not that.
     pub(super) apps: Option<Shaped<Vec<Shaped<Box<RawApp>>>>>,
-    /// The keys, as read, that are not the file's (each once, in the order first seen).
+    pub(super) keys: Keys,
+}
+
+/// The keys of one object that are not ours, and those given more than once: each listed
+/// once, in the order first seen.
+#[derive(Debug, Default)]
+pub(super) struct Keys {
     pub(super) unknown: Vec<String>,
-    /// The keys given more than once (each once).
     pub(super) twice: Vec<String>,
+    /// Every key in either list, so that a file of a million keys costs a million look-ups,
+    /// not a million squared.
+    listed: HashSet<String>,
+}
+
+impl Keys {
+    fn unknown(&mut self, key: String) {
+        // Each unknown key once, however often it is given: one problem says it all.
+        if self.listed.insert(key.clone()) {
+            self.unknown.push(key);
+        }
+    }
+    fn twice(&mut self, key: String) {
+        if self.listed.insert(key.clone()) {
+            self.twice.push(key);
+        }
+    }
 }
 
 /// One entry of `Apps`. Each field is the value as written (JSON `null` counts as absent).
@@ -44,8 +66,7 @@ pub(super) struct RawApp {
     pub(super) max_connections: Option<Value>,
     pub(super) max_connections_per_client: Option<Value>,
     pub(super) proxy_protocol: Option<Value>,
-    pub(super) unknown: Vec<String>,
-    pub(super) twice: Vec<String>,
+    pub(super) keys: Keys,
 }
 
 #[derive(Debug, Default)]
@@ -54,8 +75,7 @@ pub(super) struct RawHealthCheck {
     pub(super) timeout_ms: Option<Value>,
     pub(super) fall: Option<Value>,
     pub(super) rise: Option<Value>,
-    pub(super) unknown: Vec<String>,
-    pub(super) twice: Vec<String>,
+    pub(super) keys: Keys,
 }
 
 /// A place where a list or an object is wanted: what is there.
@@ -88,8 +108,7 @@ trait Object: Default {
         map: &mut A,
         seen: &mut bool,
     ) -> Result<bool, A::Error>;
-    fn unknown(&mut self) -> &mut Vec<String>;
-    fn twice(&mut self) -> &mut Vec<String>;
+    fn keys(&mut self) -> &mut Keys;
 }
 
 /// Set `slot` to the next value, noting in `seen` whether it already held one (the last of a
@@ -116,11 +135,8 @@ impl Object for RawConfig {
             _ => Ok(false),
         }
     }
-    fn unknown(&mut self) -> &mut Vec<String> {
-        &mut self.unknown
-    }
-    fn twice(&mut self) -> &mut Vec<String> {
-        &mut self.twice
+    fn keys(&mut self) -> &mut Keys {
+        &mut self.keys
     }
 }
 
@@ -147,11 +163,8 @@ impl Object for RawApp {
         };
         put(slot, map, seen)
     }
-    fn unknown(&mut self) -> &mut Vec<String> {
-        &mut self.unknown
-    }
-    fn twice(&mut self) -> &mut Vec<String> {
-        &mut self.twice
+    fn keys(&mut self) -> &mut Keys {
+        &mut self.keys
     }
 }
 
@@ -171,30 +184,21 @@ impl Object for RawHealthCheck {
         };
         put(slot, map, seen)
     }
-    fn unknown(&mut self) -> &mut Vec<String> {
-        &mut self.unknown
-    }
-    fn twice(&mut self) -> &mut Vec<String> {
-        &mut self.twice
+    fn keys(&mut self) -> &mut Keys {
+        &mut self.keys
     }
 }
 
 /// Read an object key by key into `T`.
 fn read_object<'de, T: Object, A: MapAccess<'de>>(mut map: A) -> Result<T, A::Error> {
     let mut out = T::default();
-    // Keys already listed, so that a file of a million keys costs a million look-ups, not a
-    // million squared (the lists keep the file's order for the messages).
-    let mut listed: HashSet<String> = HashSet::new();
     while let Some(key) = map.next_key::<String>()? {
         let mut seen = false;
         if !out.field(&key, &mut map, &mut seen)? {
             map.next_value::<IgnoredAny>()?;
-            // Each unknown key once, however often it is given: one problem says it all.
-            if listed.insert(key.clone()) {
-                out.unknown().push(key);
-            }
-        } else if seen && listed.insert(key.clone()) {
-            out.twice().push(key);
+            out.keys().unknown(key);
+        } else if seen {
+            out.keys().twice(key);
         }
     }
     Ok(out)

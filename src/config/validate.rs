@@ -38,10 +38,10 @@ impl Config {
                 return Err(vec![wrong(None, "the file", &found, FILE_EXAMPLE.into())])
             }
         };
-        for key in raw.unknown {
+        for key in raw.keys.unknown {
             problems.push(Problem::UnknownKey { app: None, key });
         }
-        for key in raw.twice {
+        for key in raw.keys.twice {
             problems.push(Problem::GivenTwice { app: None, key });
         }
         let raw_apps = match raw.apps {
@@ -97,13 +97,13 @@ impl Earlier {
     /// Check the app at position `i`, recording what is wrong; the app as far as it is valid.
     fn app(&mut self, i: usize, raw_app: RawApp, problems: &mut Problems) -> App {
         let name = self.name(i, raw_app.name, problems);
-        for key in raw_app.unknown {
+        for key in raw_app.keys.unknown {
             problems.push(Problem::UnknownKey {
                 app: Some(name.clone()),
                 key,
             });
         }
-        for key in raw_app.twice {
+        for key in raw_app.keys.twice {
             problems.push(Problem::GivenTwice {
                 app: Some(name.clone()),
                 key,
@@ -369,13 +369,13 @@ impl Options<'_> {
             Some(Shaped::Is(raw)) => raw,
         };
         let app = self.typed.app.map(str::to_owned);
-        for key in raw.unknown {
+        for key in raw.keys.unknown {
             self.typed.problems.push(Problem::UnknownKey {
                 app: app.clone(),
                 key: format!("HealthCheck.{key}"),
             });
         }
-        for key in raw.twice {
+        for key in raw.keys.twice {
             self.typed.problems.push(Problem::GivenTwice {
                 app: app.clone(),
                 key: format!("HealthCheck.{key}"),
