@@ -21,20 +21,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 // ---------------------------------------------------------------------------------------------
 // Config helpers
-
-/// `app(..)` with extra per-app keys merged in.
-fn app_with(name: &str, ports: &[u16], targets: &[String], extra: Value) -> Value {
-    let mut a = app(name, ports, targets);
-    let (Value::Object(a_map), Value::Object(extra)) = (&mut a, extra) else {
-        panic!("app and extra keys must be JSON objects");
-    };
-    a_map.extend(extra);
-    a
-}
 
 /// `target HOST:PORT of app A is down: ` as the proxy logs it.
 fn down_msg(target: &str, app: &str) -> String {
@@ -992,17 +982,7 @@ fn max_connections_holds_an_apps_extra_connection_until_one_closes() {
 #[test]
 fn max_connections_closes_a_waiting_connection_after_the_connect_timeout() {
     let echo = Backend::echo();
-    let p = Proxy::simple()
-        .ports(1, |ports| {
-            config(&[app_with(
-                "limited",
-                ports,
-                &[echo.target()],
-                json!({"MaxConnections": 2}),
-            )])
-        })
-        .args(&["--connect-timeout", "500ms"])
-        .start();
+    let p = limited_proxy(&echo, 2, "500ms");
     let mut held: Vec<TcpStream> = (0..2)
         .map(|i| {
             let mut s = connect(p.v4(0));
@@ -1578,17 +1558,7 @@ fn check_names_the_keys_health_check_takes_for_an_unknown_one() {
 #[test]
 fn max_connections_waiter_that_resets_leaves_at_once() {
     let echo = Backend::echo();
-    let p = Proxy::simple()
-        .ports(1, |ports| {
-            config(&[app_with(
-                "limited",
-                ports,
-                &[echo.target()],
-                json!({"MaxConnections": 1}),
-            )])
-        })
-        .args(&["--connect-timeout", "20s"])
-        .start();
+    let p = limited_proxy(&echo, 1, "20s");
     let mut held = connect(p.v4(0));
     roundtrip(&mut held, b"held");
     let waiting = connect(p.v4(0));

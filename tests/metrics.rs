@@ -27,10 +27,6 @@ use common::{
 };
 use serde_json::Value;
 
-fn metrics_addr() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
-}
-
 /// The parser itself refuses what it should (a parser that accepts everything proves nothing).
 #[test]
 fn the_test_parser_refuses_malformed_expositions() {

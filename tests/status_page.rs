@@ -20,13 +20,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::metrics::{get, request, scrape, Exposition};
-use common::{app, config, free_port, wait_for, Proxy, Refusing, TempDir, WAIT};
+use common::metrics::{get, metrics_addr, request, scrape, Exposition};
+use common::{app, config, wait_for, Proxy, Refusing, TempDir, WAIT};
 use serde_json::Value;
-
-fn metrics_addr() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
-}
 
 /// A target that accepts connections and closes them (enough to be up), until `stop`: then its
 /// port refuses, as a backend that was shut down.

@@ -7,28 +7,16 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::metrics::{get, scrape, scrape_until};
+use common::metrics::{get, metrics_addr, scrape, scrape_until};
 use common::{
-    app, config, connect, field, free_port, roundtrip, Backend, Blackhole, Proxy, Refusing, WAIT,
+    app, app_with, config, connect, field, limited_proxy, roundtrip, Backend, Blackhole, Proxy,
+    Refusing, WAIT,
 };
 use serde_json::{json, Value};
-
-fn metrics_addr() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
-}
-
-fn app_with(name: &str, ports: &[u16], targets: &[String], extra: Value) -> Value {
-    let mut a = app(name, ports, targets);
-    let (Value::Object(a_map), Value::Object(extra)) = (&mut a, extra) else {
-        panic!("app and extra keys must be JSON objects");
-    };
-    a_map.extend(extra);
-    a
-}
 
 /// `1.234s` as seconds.
 fn secs(v: &str) -> f64 {
@@ -296,17 +284,7 @@ fn the_queue_gauge_rises_with_waiters_and_falls_as_they_are_admitted() {
 #[test]
 fn a_wait_in_vain_is_logged_with_its_queue_wait() {
     let echo = Backend::echo();
-    let p = Proxy::simple()
-        .ports(1, |ports| {
-            config(&[app_with(
-                "limited",
-                ports,
-                &[echo.target()],
-                json!({"MaxConnections": 1}),
-            )])
-        })
-        .args(&["--connect-timeout", "300ms"])
-        .start();
+    let p = limited_proxy(&echo, 1, "300ms");
     let mut held = connect(p.v4(0));
     held.set_read_timeout(Some(WAIT)).unwrap();
     roundtrip(&mut held, b"held");

@@ -10,10 +10,15 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::common::WAIT;
+use crate::common::{free_port, WAIT};
 
 // ---------------------------------------------------------------------------------------------
 // HTTP against the endpoint
+
+/// A free loopback address for a proxy's `--metrics`.
+pub fn metrics_addr() -> SocketAddr {
+    SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, free_port()))
+}
 
 /// One answer of the endpoint.
 #[derive(Debug)]

@@ -213,6 +213,22 @@ pub fn app(name: &str, ports: &[u16], targets: &[String]) -> serde_json::Value {
     serde_json::json!({ "Name": name, "Ports": ports, "Targets": targets })
 }
 
+/// `app(..)` with extra per-app keys merged in.
+pub fn app_with(
+    name: &str,
+    ports: &[u16],
+    targets: &[String],
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    let mut a = app(name, ports, targets);
+    let (serde_json::Value::Object(a_map), serde_json::Value::Object(extra)) = (&mut a, extra)
+    else {
+        panic!("app and extra keys must be JSON objects");
+    };
+    a_map.extend(extra);
+    a
+}
+
 /// A whole config file from its apps.
 pub fn config(apps: &[serde_json::Value]) -> String {
     serde_json::to_string_pretty(&serde_json::json!({ "Apps": apps })).unwrap()
@@ -883,6 +899,24 @@ pub fn run_path(bin: &Path, args: &[&str]) -> Output {
         stderr: t_err.join().unwrap(),
         cpu_seconds: secs(usage.ru_utime) + secs(usage.ru_stime),
     }
+}
+
+/// A proxy on one port for one app, `limited`, relaying to `backend` with `MaxConnections`
+/// set to `max` and the given `--connect-timeout`: the set-up of every test of waiting for
+/// an app's slot.
+pub fn limited_proxy(backend: &Backend, max: u32, connect_timeout: &str) -> Proxy {
+    let target = backend.target();
+    Proxy::simple()
+        .ports(1, move |ports| {
+            config(&[app_with(
+                "limited",
+                ports,
+                std::slice::from_ref(&target),
+                serde_json::json!({ "MaxConnections": max }),
+            )])
+        })
+        .args(&["--connect-timeout", connect_timeout])
+        .start()
 }
 
 // ---------------------------------------------------------------------------------------------
