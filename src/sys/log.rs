@@ -24,6 +24,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Lines queued for the writer at most; beyond this they are dropped (and counted).
 const QUEUE: usize = 16 * 1024;
 
+/// After writing a batch the writer rests this long before it waits for lines again. A line
+/// queued while it rests wakes no one (the channel wakes a receiver only if one is blocked in
+/// `recv`): without the rest, every `conn` line of a busy proxy woke the writer, a context switch
+/// per connection. Lines reach the log at most this much later; `flush` still waits for them.
+const REST: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     Error = 0,
@@ -367,6 +373,7 @@ fn writer(rx: Receiver<Msg>) {
             }
         }
         out.flush();
+        std::thread::sleep(REST);
     }
 }
 

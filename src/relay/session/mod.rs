@@ -48,7 +48,7 @@ use crate::relay::access_log::{ConnLine, Timings};
 use crate::relay::conns::Conns;
 use crate::relay::park::{self, Lot, Side, Wakeable, Woke};
 use crate::relay::per_client::ClientSlots;
-use crate::relay::pool::{Job, Turn};
+use crate::relay::pool::Turn;
 use crate::relay::slots::Slots;
 use crate::relay::transfer::Carriers;
 use admission::{Admission, Admitted};
@@ -103,42 +103,19 @@ impl From<Box<Session>> for Task {
     }
 }
 
-impl Job for Task {
-    fn may_block(&self) -> bool {
-        match self {
-            // It starts with its greeting, an event step, and no phase after it blocks.
-            Task::New(_) => false,
-            Task::Resume(s) => s.phase.may_block(),
-        }
-    }
-}
-
 /// A connection: what every phase shares, and the phase it is in.
 pub struct Session {
     conn: Conn,
     phase: Phase,
 }
 
-/// The phase a connection is in. A phase that learns to wait for something more (a connect made
-/// non-blocking) says so from its own `step` with a `Step::Wait` naming what to arm: `run`, `park`
-/// and the lot stay as they are.
+/// The phase a connection is in. A phase that has to wait says so from its own `step` with a
+/// `Step::Wait` naming what to arm: `run`, `park` and the lot stay as they are.
 enum Phase {
     Greeting(Greeting),
     Admission(Admission),
     Connecting(Connecting),
     Relaying(Relaying),
-}
-
-impl Phase {
-    /// Its step may block its thread. None does: the greeting, the admission and relaying wait
-    /// in the lot, and connecting looks names up on the resolver's threads and connects without
-    /// blocking (see `connecting`). So every step is run by the threads that wait for events,
-    /// as many connections' steps one after another, and a new connection reaches its target
-    /// with no hand-off to another thread. (The hand-over for a phase that may block stays in
-    /// `run` and `pool` for one that ever does again.)
-    fn may_block(&self) -> bool {
-        false
-    }
 }
 
 /// What a phase is done with: what the next one starts from.
@@ -149,11 +126,9 @@ enum Done {
 }
 
 /// Run `task` on this thread until the connection ends, parks, or (past its time slice while
-/// others wait) gives the thread up: then it is returned, to be continued after them. It is
-/// returned too as it reaches a phase that may block when this thread may not (see `Job`).
+/// others wait) gives the thread up: then it is returned, to be continued after them. No phase
+/// blocks the thread: each waits in the lot (`Step::Wait`) for what it needs.
 pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
-    // A thread that waits for events must not block: a phase that may is handed on (`pool`).
-    let may_block = task.may_block();
     let mut s = match task {
         Task::New(incoming) => Session::new(incoming, cx),
         Task::Resume(s) => s,
@@ -177,9 +152,6 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
         match step {
             Step::Done(done) => {
                 s.phase = upgrade(done);
-                if !may_block && s.phase.may_block() {
-                    return Some(Task::Resume(s));
-                }
             }
             Step::End(ending) => {
                 end(s.conn, ending, cx);
