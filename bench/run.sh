@@ -387,15 +387,17 @@ run_wrk() {
     raw=$WORK/raw/r$BENCH_ROUND-$cfg-wrk-$name.txt
     local hdr=()
     [[ $name == close ]] && hdr=(-H "Connection: close")
-    local j0 j1 p0 p1 b0 b1
+    local j0 j1 p0 p1 b0 b1 s0 s1
     j0=$(machine_jiffies)
     b0=$("${TOOL[@]}" cpu --pid "${PIDS[backend-http]}")
     [[ $cfg != direct ]] && p0=$("${TOOL[@]}" cpu --pid "${PIDS[proxy]}")
+    [[ $cfg != direct ]] && s0=$("${TOOL[@]}" ctxsw --pid "${PIDS[proxy]}")
     timeout $((DURATION + 20)) wrk -t $WRK_THREADS -c "$WRK_CONNS" -d "${DURATION}s" --latency \
         "${hdr[@]}" "http://127.0.0.1:$(port_of "$cfg" http)/" >"$raw" 2>&1 || rc=$?
     j1=$(machine_jiffies)
     b1=$("${TOOL[@]}" cpu --pid "${PIDS[backend-http]}")
     [[ $cfg != direct ]] && p1=$("${TOOL[@]}" cpu --pid "${PIDS[proxy]}")
+    [[ $cfg != direct ]] && s1=$("${TOOL[@]}" ctxsw --pid "${PIDS[proxy]}")
     if (( rc != 0 )); then failed "wrk $name exited $rc: $(tail -c 300 "$raw")"; return 1; fi
     "${TOOL[@]}" wrk "$raw" --name "$name" || { failed "wrk $name: bad output"; return 1; }
     # CPU split over the run, in % of one core (wall time from the machine's jiffies).
@@ -406,6 +408,12 @@ run_wrk() {
     "${TOOL[@]}" record --quiet "${name}_cpu_backend_pct" "$(awk -v a="$b0" -v b="$b1" -v w="$wall" 'BEGIN{print 100*(b-a)/w}')"
     if [[ $cfg != direct ]]; then
         "${TOOL[@]}" record --quiet "${name}_cpu_proxy_pct" "$(awk -v a="$p0" -v b="$p1" -v w="$wall" 'BEGIN{print 100*(b-a)/w}')"
+        # The proxy's context switches (all its threads, from /proc) per request wrk completed.
+        local reqs
+        reqs=$(sed -n 's/^ *\([0-9][0-9]*\) requests in.*/\1/p' "$raw")
+        if [[ -n $reqs && $reqs -gt 0 ]]; then
+            "${TOOL[@]}" record "${name}_ctxsw_per_req" "$(awk -v a="$s0" -v b="$s1" -v n="$reqs" 'BEGIN{print (b-a)/n}')"
+        fi
     fi
 }
 

@@ -46,6 +46,8 @@ FIGURES = [
     ("keepalive_rps", "requests/s, kept-alive, 50 conns", "req/s", True, 0),
     ("keepalive_p50_ms", "latency p50, kept-alive", "ms", False, 3),
     ("keepalive_p99_ms", "latency p99, kept-alive", "ms", False, 3),
+    ("close_ctxsw_per_req", "context switches per new connection", "switches", False, 3),
+    ("keepalive_ctxsw_per_req", "context switches per kept-alive request", "switches", False, 3),
     ("rss_with_mib", "RSS with the idle connections", "MiB", False, 1),
     ("per_conn_kib", "memory per idle connection", "KiB", False, 2),
     ("sysmem_per_conn_kib", "system memory per idle connection (MemAvailable)", "KiB", False, 2),
@@ -193,6 +195,31 @@ def cpu_seconds(root):
 
 def cmd_cpu(a):
     print(f"{cpu_seconds(a.pid):.2f}")
+
+
+def context_switches(root):
+    """Voluntary + involuntary context switches of every live thread of the process tree
+    (/proc/PID/task/TID/status): what a proxy costs the scheduler per request."""
+    total = 0
+    for p in tree_pids(root):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tids:
+            try:
+                with open(f"/proc/{p}/task/{t}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches:",
+                                            "nonvoluntary_ctxt_switches:")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
+def cmd_ctxsw(a):
+    print(context_switches(a.pid))
 
 
 def cmd_rss(a):
@@ -909,6 +936,9 @@ def main():
     s = sub.add_parser("cpu")
     s.add_argument("--pid", type=int, required=True)
     s.set_defaults(fn=cmd_cpu)
+    s = sub.add_parser("ctxsw")
+    s.add_argument("--pid", type=int, required=True)
+    s.set_defaults(fn=cmd_ctxsw)
 
     s = sub.add_parser("rss")
     s.add_argument("--pid", type=int, required=True)
