@@ -100,6 +100,9 @@ pub struct Backend {
     pub bytes_down: AtomicU64,
     /// Failed connects by `ConnectError::index`.
     pub failures: [AtomicU64; ConnectError::KINDS],
+    /// Microseconds the connects to it that were used took, in all (with `connections`, their
+    /// average, as the admin socket's `show targets` says).
+    pub connect_us: AtomicU64,
     up: AtomicBool,
     /// Active checks that passed, and that failed (one that says nothing of the target, this
     /// host's trouble, is neither).
@@ -138,6 +141,7 @@ impl Backend {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             failures: Default::default(),
+            connect_us: AtomicU64::new(0),
             // Targets start up: the first connection (or check) finds out otherwise, and
             // starting down would refuse traffic to a healthy fleet for a whole interval.
             up: AtomicBool::new(true),

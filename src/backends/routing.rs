@@ -68,6 +68,12 @@ pub struct AppStats {
     pub connect_time: Histogram,
     /// Client connections' whole life, accept to close.
     pub duration: Histogram,
+    /// Set by the admin socket's `disable app`: new connections are refused (reset) as soon
+    /// as the app is known, open ones go on. Here, with the counters, because these are kept
+    /// across reloads while the app stays.
+    pub disabled: std::sync::atomic::AtomicBool,
+    /// Connections refused because the app was disabled.
+    pub refused_disabled: AtomicU64,
 }
 
 /// The apps on one (address prefix, port): told apart by the ClientHello's server name.

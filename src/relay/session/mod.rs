@@ -45,7 +45,7 @@ use std::time::Instant;
 use crate::backends::resolver::Resolver;
 use crate::backends::routing::{Binding, UnroutedCounts};
 use crate::relay::access_log::{ConnLine, Timings};
-use crate::relay::conns::Conns;
+use crate::relay::conns::{self, Conns};
 use crate::relay::park::{self, Lot, Side, Wakeable, Woke};
 use crate::relay::per_client::ClientSlots;
 use crate::relay::pool::{Job, Turn};
@@ -141,6 +141,17 @@ impl Phase {
     }
 }
 
+impl Phase {
+    /// The phase `show conns` names (an admission that waits says `queued` itself).
+    fn shown(&self) -> conns::Phase {
+        match self {
+            Phase::Greeting(_) | Phase::Admission(_) => conns::Phase::Greeting,
+            Phase::Connecting(_) => conns::Phase::Connecting,
+            Phase::Relaying(_) => conns::Phase::Relaying,
+        }
+    }
+}
+
 /// What a phase is done with: what the next one starts from.
 enum Done {
     Greeted(Greeted),
@@ -177,6 +188,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
         match step {
             Step::Done(done) => {
                 s.phase = upgrade(done);
+                s.conn.reg.entry.set_phase(s.phase.shown());
                 if !may_block && s.phase.may_block() {
                     return Some(Task::Resume(s));
                 }
@@ -221,7 +233,7 @@ impl Session {
         } = incoming;
         Box::new(Session {
             conn: Conn {
-                reg: cx.conns.register(local.port(), client, accepted),
+                reg: cx.conns.register(local.port(), client, peer, accepted),
                 peer,
                 local,
                 accepted,
