@@ -21,6 +21,7 @@ use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
 use crate::frontend::candidate::{self, Candidate};
+use crate::frontend::control;
 use crate::frontend::event_loop::{InForce, Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
 use crate::frontend::ports::{PortError, PortSource};
@@ -68,6 +69,8 @@ pub enum StartError {
     PidFile(PidFileError),
     /// Switching to --user/--group failed.
     User(UserError),
+    /// The --admin-socket could not be created.
+    Admin(crate::admin::SocketError),
 }
 
 impl fmt::Display for StartError {
@@ -89,6 +92,7 @@ impl fmt::Display for StartError {
             ),
             StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
             StartError::User(e) => write!(f, "--user: {e}"),
+            StartError::Admin(e) => write!(f, "--admin-socket {e}"),
         }
     }
 }
@@ -177,6 +181,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if !upgraded {
         unannounced.0 = write_pid_file(&settings, run_as.as_ref());
     }
+    let admin = control::bind(&settings, run_as.as_ref(), upgraded).map_err(StartError::Admin)?;
     drop_privileges(&mode, &settings, run_as.as_ref())?;
     let (max_connections, fds) = fit_fd_limit(
         settings.max_connections,
@@ -194,6 +199,13 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
+    let parts = control::Parts {
+        published: &published,
+        conns: &conns,
+        slots: &slots,
+    };
+    let admin_reloads = control::start(admin, &settings, &routes, parts)
+        .map_err(|e| StartError::Os("cannot start the admin socket's thread", e))?;
     let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
         published: Arc::clone(&published),
@@ -249,6 +261,9 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         conns,
     };
     let mut lp = Loop::new(settings, watch, source, in_force, relay, lifecycle, signals);
+    if let Some(requests) = admin_reloads {
+        lp.admin_reloads(requests);
+    }
     lp.reload_if_hup_arrived(&poll);
     let result = lp.run(&mut poll);
     if !lp.handed_over() {
