@@ -149,7 +149,8 @@ fn run_words(words: &[&str], shared: &Shared) -> Result<Answer, String> {
             }
             let n = picked.len();
             crate::info!("admin: {n} connections of app {app} killed");
-            done(format!("ok: killed {n} connections\n"))
+            let noun = if n == 1 { "connection" } else { "connections" };
+            done(format!("ok: killed {n} {noun}\n"))
         }
         ["reload"] => Ok(Answer::Reload(shared.reloader.request())),
         _ => Err(unknown(words)),
