@@ -719,3 +719,66 @@ fn hostile_admin_clients_cost_little_and_others_are_served() {
 fn fds_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Runtime state in metrics and the status
+
+/// What was set shows in /metrics (`flyproxy_target_state`, `flyproxy_app_enabled`), in
+/// /status.json and in `flyproxy status`.
+#[test]
+fn runtime_state_shows_in_metrics_and_status() {
+    let (a, b) = (Backend::echo(), Backend::echo());
+    let (ta, tb) = (a.target(), b.target());
+    let metrics = common::metrics::metrics_addr();
+    let targets = [ta.clone(), tb.clone()];
+    let p = Proxy::simple()
+        .ports(1, move |ports| config(&[app("web", ports, &targets)]))
+        .args(&["--metrics", &metrics.to_string()])
+        .file_arg("--admin-socket", SOCKET)
+        .start();
+    let sock = socket_of(&p);
+    let m = common::metrics::scrape(metrics);
+    let state = |m: &common::metrics::Exposition, t: &str, s: &str| {
+        m.get(
+            "flyproxy_target_state",
+            &[("app", "web"), ("target", t), ("state", s)],
+        )
+    };
+    assert_eq!(state(&m, &ta, "ready"), 1.0);
+    assert_eq!(state(&m, &ta, "drain"), 0.0);
+    assert_eq!(m.get("flyproxy_app_enabled", &[("app", "web")]), 1.0);
+
+    ok(&sock, &format!("set target web {ta} state drain"));
+    ok(&sock, &format!("set target web {tb} weight 3"));
+    ok(&sock, "disable app web");
+    let m = common::metrics::scrape(metrics);
+    assert_eq!(state(&m, &ta, "ready"), 0.0);
+    assert_eq!(state(&m, &ta, "drain"), 1.0);
+    assert_eq!(state(&m, &ta, "maint"), 0.0);
+    assert_eq!(state(&m, &tb, "ready"), 1.0);
+    assert_eq!(m.get("flyproxy_app_enabled", &[("app", "web")]), 0.0);
+
+    let json = common::metrics::get(metrics, "/status.json");
+    let st: serde_json::Value = serde_json::from_str(&json.body).unwrap();
+    let web = &st["apps"][0];
+    assert_eq!(web["enabled"], json!(false), "{web}");
+    let of = |t: &str| {
+        web["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["target"] == json!(t))
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(of(&ta)["admin_state"], json!("drain"));
+    assert_eq!(of(&tb)["weight"], json!(3));
+
+    let out = run(&["status", "--metrics", &metrics.to_string()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains("DISABLED"), "{}", out.stdout);
+    let line_a = out.stdout.lines().find(|l| l.contains(&ta)).unwrap();
+    assert!(line_a.trim_end().ends_with(" drain"), "{line_a}");
+    let line_b = out.stdout.lines().find(|l| l.contains(&tb)).unwrap();
+    assert!(line_b.trim_end().ends_with(" weight 3"), "{line_b}");
+}
