@@ -135,7 +135,7 @@ fn status(metrics: SocketAddr) -> ExitCode {
 /// `flyproxy ctl`: one command to the admin socket; its answer on stdout, or on stderr with
 /// exit 1 if it is an error.
 fn ctl(socket: &Path, command: &str) -> ExitCode {
-    match admin::ask(socket, command) {
+    match admin::ask(socket, command, admin::CTL_DEADLINE) {
         Ok(answer) if answer.starts_with("error:") => {
             eprint!("{answer}");
             ExitCode::FAILURE

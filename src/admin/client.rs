@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 /// The largest answer taken (`show conns` lists 10,000 connections at most, about 1.5 MB).
 const MAX_BYTES: usize = 64 << 20;
-/// A reload of a large config may take a while; anything else answers at once.
-const DEADLINE: Duration = Duration::from_secs(150);
+/// How long `flyproxy ctl` waits for a whole answer: a reload of a large config may take a
+/// while; anything else answers at once.
+pub const CTL_DEADLINE: Duration = Duration::from_secs(150);
 
 /// Why no answer could be read.
 #[derive(Debug)]
@@ -21,7 +22,7 @@ pub enum AskError {
     /// The connection closed before the empty line that ends an answer.
     Cut(PathBuf),
     TooLarge(PathBuf),
-    TooSlow(PathBuf),
+    TooSlow(PathBuf, Duration),
 }
 
 impl fmt::Display for AskError {
@@ -43,8 +44,8 @@ impl fmt::Display for AskError {
                     MAX_BYTES >> 20
                 )
             }
-            AskError::TooSlow(p) => {
-                write!(f, "{}: no whole answer within {DEADLINE:?}", p.display())
+            AskError::TooSlow(p, d) => {
+                write!(f, "{}: no whole answer within {d:?}", p.display())
             }
         }
     }
@@ -53,12 +54,12 @@ impl fmt::Display for AskError {
 impl std::error::Error for AskError {}
 
 /// Send `command` (one line) to the socket at `path`; its answer without the empty line that
-/// ends it.
-pub fn ask(path: &Path, command: &str) -> Result<String, AskError> {
+/// ends it, within `deadline`.
+pub fn ask(path: &Path, command: &str, deadline: Duration) -> Result<String, AskError> {
     let io_err = |e| AskError::Io(path.to_owned(), e);
     let mut s = UnixStream::connect(path).map_err(|e| AskError::Connect(path.to_owned(), e))?;
     let began = Instant::now();
-    s.set_write_timeout(Some(DEADLINE)).map_err(io_err)?;
+    s.set_write_timeout(Some(deadline)).map_err(io_err)?;
     let mut line = command.replace('\n', " ");
     line.push('\n');
     s.write_all(line.as_bytes()).map_err(io_err)?;
@@ -69,10 +70,10 @@ pub fn ask(path: &Path, command: &str) -> Result<String, AskError> {
             answer.truncate(end);
             return Ok(String::from_utf8_lossy(&answer).into_owned());
         }
-        let left = DEADLINE
+        let left = deadline
             .checked_sub(began.elapsed())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| AskError::TooSlow(path.to_owned()))?;
+            .ok_or_else(|| AskError::TooSlow(path.to_owned(), deadline))?;
         s.set_read_timeout(Some(left)).map_err(io_err)?;
         match s.read(&mut buf) {
             Ok(0) => return Err(AskError::Cut(path.to_owned())),
@@ -84,7 +85,7 @@ pub fn ask(path: &Path, command: &str) -> Result<String, AskError> {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(AskError::TooSlow(path.to_owned()))
+                return Err(AskError::TooSlow(path.to_owned(), deadline))
             }
             Err(e) => return Err(io_err(e)),
         }

@@ -23,9 +23,9 @@ mod show;
 mod socket;
 mod state;
 
-pub use client::{ask, AskError};
+pub use client::{ask, AskError, CTL_DEADLINE};
 pub use commands::Shared;
 pub use reload::{ReloadOutcome, ReloadRequest, Reloader};
-pub use server::{start, MAX_CLIENTS};
+pub use server::{start, FDS, MAX_CLIENTS};
 pub use socket::{bind, SocketError};
 pub use state::{Applied, RuntimeState, StateError};

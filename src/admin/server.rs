@@ -30,6 +30,9 @@ use super::reload::ReloadOutcome;
 
 /// Clients served at once.
 pub const MAX_CLIENTS: usize = 16;
+/// Descriptors the admin socket may hold at once: its clients, the listening socket, the
+/// thread's poll, and a client being told `busy` while it takes another's place.
+pub const FDS: u64 = MAX_CLIENTS as u64 + 3;
 /// The longest command line taken.
 const MAX_LINE: usize = 4096;
 /// For each whole line, counted from the connect or the last answer.

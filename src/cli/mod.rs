@@ -201,6 +201,7 @@ fn ctl(mut args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
         }
         match arg.as_str() {
             "-h" | "--help" => return Ok(Command::Help(CTL_HELP)),
+            "-V" | "--version" => return Ok(Command::Version),
             "-s" | "--socket" => {
                 let v = args
                     .next()
@@ -384,5 +385,36 @@ mod tests {
         assert!(run(&["simple", "--connect-timeout", "0"]).is_err());
         assert!(run(&["frob"]).is_err());
         assert!(run(&[]).is_err());
+    }
+
+    /// `flyproxy ctl`: options first, then every word is the command, joined by spaces.
+    #[test]
+    fn ctl_takes_the_words_after_its_options() {
+        let Ok(Command::Ctl { socket, command }) = run(&[
+            "ctl", "-s", "/x.sock", "set", "target", "web", "a:1", "state", "drain",
+        ]) else {
+            panic!()
+        };
+        assert_eq!(socket, PathBuf::from("/x.sock"));
+        assert_eq!(command, "set target web a:1 state drain");
+        let Ok(Command::Ctl { socket, command }) = run(&["ctl", "show", "conns", "-s"]) else {
+            panic!()
+        };
+        assert_eq!(socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(
+            command, "show conns -s",
+            "an option after the command is a word of it"
+        );
+        assert!(run(&["ctl"]).is_err());
+        assert!(run(&["ctl", "-s"]).is_err());
+        assert!(run(&["ctl", "--frob", "help"]).is_err());
+        assert!(matches!(run(&["ctl", "--help"]), Ok(Command::Help(_))));
+        let Ok(Command::Run(_, s)) = run(&["simple", "--admin-socket", "/a", "--state-file=/b"])
+        else {
+            panic!()
+        };
+        assert_eq!(s.admin_socket, Some(PathBuf::from("/a")));
+        assert_eq!(s.state_file, Some(PathBuf::from("/b")));
+        assert!(run(&["simple", "--admin-socket", ""]).is_err());
     }
 }

@@ -10,6 +10,7 @@
 use std::os::unix::net::UnixListener;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::admin::{self, ReloadRequest, Reloader, RuntimeState, Shared, SocketError};
 use crate::backends::routing::Routes;
@@ -39,7 +40,9 @@ pub(super) fn bind(
         });
     };
     let handed = if upgraded {
-        match admin::ask(path, "show state") {
+        // Bounded well within the upgrade's own 30 s: the old process answers at once, and
+        // if it cannot, the new one starts as the config (and the state file) says.
+        match admin::ask(path, "show state", Duration::from_secs(5)) {
             Ok(json) if !json.starts_with("error:") => Some(json),
             Ok(e) => {
                 crate::warn!(

@@ -186,7 +186,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let (max_connections, fds) = fit_fd_limit(
         settings.max_connections,
         source.listeners() as u64,
-        settings.metrics.is_some(),
+        (settings.metrics.is_some(), settings.admin_socket.is_some()),
     );
     if let Some(limit) = fds.limit {
         // What the limit leaves beside the connections and everything reserved but the
@@ -526,11 +526,17 @@ impl fmt::Display for FdBudget {
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
 /// descriptors per connection (client and backend) would not fit beside what is reserved:
 /// the listeners, the health checker's connects (`health::FDS`), the metrics endpoint's
-/// connections (`metrics::FDS`, with `--metrics`) and `FD_RESERVE`. Says so with the numbers.
-fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize, FdBudget) {
+/// connections (`metrics::FDS`, with `--metrics`), the admin socket's (`admin::FDS`, with
+/// `--admin-socket`; counted with the other) and `FD_RESERVE`. Says so with the numbers.
+fn fit_fd_limit(
+    max_connections: usize,
+    listeners: u64,
+    (metrics, admin): (bool, bool),
+) -> (usize, FdBudget) {
     let health_fds = crate::backends::health::FDS;
     let metrics_fds = if metrics { metrics::FDS } else { 0 };
-    let reserved = FD_RESERVE + listeners + health_fds + metrics_fds;
+    let other = FD_RESERVE + if admin { crate::admin::FDS } else { 0 };
+    let reserved = other + listeners + health_fds + metrics_fds;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -567,7 +573,7 @@ fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize
     };
     if max_connections > fits {
         crate::warn!(
-            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",
+            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {other} other): lowering the bound to {}",
             max_connections as u64 * 2 + reserved,
             lim.rlim_cur,
             fits.max(1)
