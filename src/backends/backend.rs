@@ -19,7 +19,7 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex};
 
 use crate::backends::resolver::ResolveError;
-use crate::config::{HealthCheck, Target};
+use crate::config::{HealthCheck, Target, TargetSpec};
 
 /// What a target may take, as set by the config (`Drain`) or an operator at run time. Its
 /// health (up or down) is apart from this: a ready target that is down gets no connection
@@ -77,9 +77,9 @@ impl fmt::Display for TargetState {
     }
 }
 
-/// The largest weight; a target's share of new connections is its weight over the sum of the
-/// weights of the targets picked among.
-pub const MAX_WEIGHT: u32 = 256;
+/// The largest weight (the config's); a target's share of new connections is its weight over
+/// the sum of the weights of the targets picked among.
+pub use crate::config::MAX_WEIGHT;
 
 /// A target's weight when the config gives none.
 pub const DEFAULT_WEIGHT: u32 = 1;
@@ -127,6 +127,10 @@ pub struct Backend {
     weight: AtomicU32,
     /// Gets connections only when no primary (not backup) target of the app is usable.
     backup: AtomicBool,
+    /// What the config said of its Weight and Drain at the last load: a reload applies them
+    /// only when they change (see `follow_config`).
+    config_weight: AtomicU32,
+    config_drain: AtomicBool,
     /// Smooth weighted round robin's running score (see `balance`), per app as a backend is.
     pub(super) rr_score: AtomicI64,
 }
@@ -156,6 +160,8 @@ impl Backend {
             state: AtomicU8::new(TargetState::Ready.to_u8()),
             weight: AtomicU32::new(DEFAULT_WEIGHT),
             backup: AtomicBool::new(false),
+            config_weight: AtomicU32::new(DEFAULT_WEIGHT),
+            config_drain: AtomicBool::new(false),
             rr_score: AtomicI64::new(0),
         }
     }
@@ -205,7 +211,28 @@ impl Backend {
     }
 
     pub fn check_settings(&self) -> HealthCheck {
-        *self.check.lock().unwrap_or_else(|e| e.into_inner())
+        self.check.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Apply what the config says of this target, at the first load and every reload. Backup
+    /// is the config's alone. Weight and Drain apply when the config's value changes (for a
+    /// new target: differs from the defaults, weight 1 and not drained), so a reload that
+    /// leaves them as they were keeps what an operator set at run time, and one that changes
+    /// them is the operator's word too. Maintenance is stronger than drain and only an
+    /// operator ends it: the config's Drain moves a ready target to drain and a drained one
+    /// back to ready, and leaves one in maintenance there.
+    pub fn follow_config(&self, spec: &TargetSpec) {
+        self.set_backup(spec.backup);
+        if self.config_weight.swap(spec.weight, Ordering::Relaxed) != spec.weight {
+            self.set_weight(spec.weight);
+        }
+        if self.config_drain.swap(spec.drain, Ordering::Relaxed) != spec.drain {
+            match (spec.drain, self.state()) {
+                (true, TargetState::Ready) => self.set_state(TargetState::Drain),
+                (false, TargetState::Drain) => self.set_state(TargetState::Ready),
+                _ => {}
+            }
+        }
     }
 
     /// Why the last failed check (or the connect that marked it down) failed, if one did.
@@ -266,7 +293,10 @@ impl Backend {
                 return;
             }
         }
-        let HealthCheck { fall, rise, .. } = self.check_settings();
+        let (fall, rise) = {
+            let check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+            (check.fall, check.rise)
+        };
         match result {
             Ok(()) => {
                 self.checks_ok.fetch_add(1, Ordering::Relaxed);
@@ -463,5 +493,52 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_target;
+
+    fn spec(weight: u32, drain: bool, backup: bool) -> TargetSpec {
+        TargetSpec {
+            target: parse_target("h:1").unwrap(),
+            weight,
+            backup,
+            drain,
+        }
+    }
+
+    /// The config's Weight and Drain apply when they change; an operator's setting holds
+    /// across reloads that leave them alone; maintenance is the operator's to end.
+    #[test]
+    fn the_config_applies_what_it_changes() {
+        let b = Backend::new("a", parse_target("h:1").unwrap(), HealthCheck::default());
+        b.follow_config(&spec(3, true, true));
+        assert_eq!(
+            (b.weight(), b.state(), b.backup()),
+            (3, TargetState::Drain, true)
+        );
+        // An operator steps in; a reload with the same file keeps their word.
+        b.set_weight(7);
+        b.set_state(TargetState::Ready);
+        b.follow_config(&spec(3, true, false));
+        assert_eq!(
+            (b.weight(), b.state(), b.backup()),
+            (7, TargetState::Ready, false)
+        );
+        // The file changes: its new values apply.
+        b.follow_config(&spec(5, false, false));
+        assert_eq!((b.weight(), b.state()), (5, TargetState::Ready));
+        b.follow_config(&spec(5, true, false));
+        assert_eq!(b.state(), TargetState::Drain);
+        b.follow_config(&spec(5, false, false));
+        assert_eq!(b.state(), TargetState::Ready);
+        // Maintenance stays through the file's Drain either way.
+        b.set_state(TargetState::Maint);
+        b.follow_config(&spec(5, true, false));
+        b.follow_config(&spec(5, false, false));
+        assert_eq!(b.state(), TargetState::Maint);
     }
 }

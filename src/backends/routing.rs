@@ -247,7 +247,8 @@ impl Routes {
             let app_backends = app
                 .targets
                 .iter()
-                .map(|t| {
+                .map(|spec| {
+                    let t = &spec.target;
                     let key = (app.name.clone(), t.clone());
                     // A target listed twice in one app is one backend with two turns.
                     if let Some(b) = backends.get(&key) {
@@ -255,11 +256,12 @@ impl Routes {
                     }
                     let b = match previous.and_then(|p| p.backends.get(&key)) {
                         Some(b) => {
-                            *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health;
+                            *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health.clone();
                             Arc::clone(b)
                         }
-                        None => Arc::new(Backend::new(&app.name, t.clone(), app.health)),
+                        None => Arc::new(Backend::new(&app.name, t.clone(), app.health.clone())),
                     };
+                    b.follow_config(spec);
                     backends.insert(key, Arc::clone(&b));
                     b
                 })
