@@ -15,7 +15,8 @@
 //!    thread pool and the lot where waiting connections wait, the connection bound, the table of
 //!    open connections that drains use.
 //! 5. `bpf`: the sk_lookup program, its skeleton, maps and link. `metrics`: the metrics and
-//!    status endpoint, reading what the levels below publish. `fleet`: the etcd follower, a
+//!    status endpoint, reading what the levels below publish. `admin`: the admin socket
+//!    (`flyproxy ctl`), steering targets, apps and connections at run time. `fleet`: the etcd follower, a
 //!    program beside the proxy (the `flyproxy-etcd-sync` binary), using only `config` and `sys`.
 //! 6. `frontend`: how ports reach the process (`ports`, the seam between the modes, with
 //!    `simple` and `bpf` beside it), start-up, the listener loop and the lifecycle, which put
@@ -24,6 +25,7 @@
 /// The version every binary and endpoint reports (Cargo.toml's).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+pub mod admin;
 pub mod backends;
 pub mod bpf;
 pub mod cli;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use flyproxy::cli::{self, Command, Mode, Settings};
 use flyproxy::frontend::{self, candidate};
 use flyproxy::sys::{log, pidfile, upgrade};
-use flyproxy::{error, metrics};
+use flyproxy::{admin, error, metrics};
 
 fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Upgrade { pid_file } => request_upgrade(&pid_file),
         Command::Status { metrics } => status(metrics),
         Command::Check { config } => check(&config),
+        Command::Ctl { socket, command } => ctl(&socket, &command),
         Command::Run(mode, settings) => run(mode, settings),
     }
 }
@@ -126,6 +127,25 @@ fn status(metrics: SocketAddr) -> ExitCode {
                 _ => format!("is flyproxy running with --metrics {metrics}?"),
             };
             eprintln!("flyproxy: cannot read the status from {metrics}: {e}\n({hint})");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `flyproxy ctl`: one command to the admin socket; its answer on stdout, or on stderr with
+/// exit 1 if it is an error.
+fn ctl(socket: &Path, command: &str) -> ExitCode {
+    match admin::ask(socket, command, admin::CTL_DEADLINE) {
+        Ok(answer) if answer.starts_with("error:") => {
+            eprint!("{answer}");
+            ExitCode::FAILURE
+        }
+        Ok(answer) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("flyproxy: ctl: {e}");
             ExitCode::FAILURE
         }
     }

@@ -323,6 +323,41 @@ fn problem_cases() -> Vec<(&'static str, String, &'static str)> {
             r#"{"Apps":[{"Name":"a","Ports":["80"],"Targets":["h:1"]}]}"#.into(),
             r#"app "a": Ports: "80" is not a range "A-B""#,
         ),
+        (
+            "unknown key in a target object",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":[{"Address":"h:1","Wieght":2}]}]}"#
+                .into(),
+            r#"app "a": Targets: "h:1": unknown key "Wieght" (a target takes Address, Weight, Backup, Drain)"#,
+        ),
+        (
+            "target weight out of range",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:2",{"Address":"h:1","Weight":300}]}]}"#
+                .into(),
+            r#"app "a": Targets: "h:1": Weight: 300 is not a number from 1 to 256"#,
+        ),
+        (
+            "target object without an Address",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":[{"Backup":true}]}]}"#.into(),
+            r#"app "a": Targets: #1: Address: missing"#,
+        ),
+        (
+            "target Backup not a boolean",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":[{"Address":"h:1","Backup":"yes"}]}]}"#
+                .into(),
+            r#"app "a": Targets: "h:1": Backup: "yes" is a string; write true or false"#,
+        ),
+        (
+            "unknown health check kind",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"HealthCheck":{"Kind":"udp"}}]}"#
+                .into(),
+            r#"app "a": HealthCheck.Kind: "udp" is not "tcp", "http" or "tls""#,
+        ),
+        (
+            "health check key of another kind",
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"HealthCheck":{"Path":"/"}}]}"#
+                .into(),
+            r#"app "a": HealthCheck.Path: only for Kind "http" (the Kind here is "tcp")"#,
+        ),
     ]
 }
 

@@ -443,7 +443,7 @@ fn refused(m: &Exposition, app: &str, reason: &str) -> f64 {
 // Format validity
 
 /// Every family the endpoint serves in simple mode, with its type.
-const FAMILIES: [(&str, &str); 35] = [
+const FAMILIES: [(&str, &str); 38] = [
     ("flyproxy_build_info", "gauge"),
     ("flyproxy_app_connections_total", "counter"),
     ("flyproxy_app_connections_active", "gauge"),
@@ -464,6 +464,9 @@ const FAMILIES: [(&str, &str); 35] = [
     ("flyproxy_connections_active", "gauge"),
     ("flyproxy_bytes_total", "counter"),
     ("flyproxy_connect_failures_total", "counter"),
+    ("flyproxy_target_state", "gauge"),
+    ("flyproxy_app_enabled", "gauge"),
+    ("flyproxy_app_refused_disabled_total", "counter"),
     ("flyproxy_reloads_total", "counter"),
     (
         "flyproxy_config_last_reload_success_timestamp_seconds",
@@ -634,6 +637,9 @@ fn the_names_round_trip(m: &Exposition, echo: &str, t6: &str) {
         "flyproxy_health_checks_total",
         "flyproxy_target_state_changes_total",
         "flyproxy_target_last_change_timestamp_seconds",
+        "flyproxy_target_state",
+        "flyproxy_app_enabled",
+        "flyproxy_app_refused_disabled_total",
     ] {
         assert_eq!(m.label_values(fam, "app"), want, "app labels of {fam}");
     }

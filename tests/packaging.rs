@@ -740,11 +740,11 @@ fn options_reach_the_proxy(unit_dir: &Path, default_file: &Path, bin: &Path) {
     for (name, plain) in [
         (
             "flyproxy.service",
-            "/usr/bin/flyproxy simple -c /etc/flyproxy/config.json",
+            "/usr/bin/flyproxy simple -c /etc/flyproxy/config.json --admin-socket /run/flyproxy/admin.sock",
         ),
         (
             "flyproxy-bpf.service",
-            "/usr/bin/flyproxy bpf -p 8000 -c /etc/flyproxy/config.json",
+            "/usr/bin/flyproxy bpf -p 8000 -c /etc/flyproxy/config.json --admin-socket /run/flyproxy/admin.sock",
         ),
     ] {
         let unit = fs::read_to_string(unit_dir.join(name)).unwrap();
@@ -774,6 +774,7 @@ fn options_reach_the_proxy(unit_dir: &Path, default_file: &Path, bin: &Path) {
     assert_eq!(words[0], "/usr/bin/flyproxy");
     let port = free_port();
     let dir = TempDir::new("unit-options");
+    let proxy_dir = dir.path.clone();
     let cfg = dir.write(
         "config.json",
         &config(&[app("opts", &[port], &["127.0.0.1:9".to_owned()])]),
@@ -783,6 +784,9 @@ fn options_reach_the_proxy(unit_dir: &Path, default_file: &Path, bin: &Path) {
         .map(|w| {
             if w == "/etc/flyproxy/config.json" {
                 cfg.display().to_string()
+            } else if w == "/run/flyproxy/admin.sock" {
+                // systemd's RuntimeDirectory= makes /run/flyproxy; here, a directory of our own.
+                proxy_dir.join("admin.sock").display().to_string()
             } else {
                 w.clone()
             }

@@ -11,8 +11,8 @@ use arbitrary::Arbitrary;
 use flyproxy::config::hostname::Pattern;
 use flyproxy::config::prefix::Prefix;
 use flyproxy::config::{
-    parse_target, App, Balance, Config, Diff, HealthCheck, Problem, ProxyProtocol, Target,
-    PRINTED_MAX,
+    parse_target, App, Balance, CheckKind, Config, Diff, HealthCheck, HttpCheck, Problem,
+    ProxyProtocol, Target, TargetSpec, PRINTED_MAX,
 };
 use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{json, Map, Value};
@@ -30,7 +30,18 @@ const APP_KEYS: [&str; 11] = [
     "MaxConnectionsPerClient",
     "ProxyProtocol",
 ];
-const HEALTH_KEYS: [&str; 4] = ["IntervalMs", "TimeoutMs", "Fall", "Rise"];
+const HEALTH_KEYS: [&str; 9] = [
+    "IntervalMs",
+    "TimeoutMs",
+    "Fall",
+    "Rise",
+    "Kind",
+    "Path",
+    "Host",
+    "ExpectStatus",
+    "ServerName",
+];
+const TARGET_KEYS: [&str; 4] = ["Address", "Weight", "Backup", "Drain"];
 
 /// What the oracle expects `Config::parse` to say.
 #[derive(Debug, PartialEq, Eq)]
@@ -119,6 +130,13 @@ fn repeated_keys(tree: &Tree) -> usize {
             n += repeated(a, &APP_KEYS);
             if let Some(Tree::Object(h)) = last(a, "HealthCheck") {
                 n += repeated(h, &HEALTH_KEYS);
+            }
+            if let Some(Tree::Array(targets)) = last(a, "Targets") {
+                for t in targets {
+                    if let Tree::Object(t) = t {
+                        n += repeated(t, &TARGET_KEYS);
+                    }
+                }
             }
         }
     }
@@ -224,6 +242,164 @@ fn present(o: &Map<String, Value>, k: &str) -> Option<Value> {
     match o.get(k) {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.clone()),
+    }
+}
+
+/// README: each target `"host:port"` or `{"Address": "host:port", "Weight": 1-256, "Backup":
+/// bool, "Drain": bool}`; each wrong thing in an object one problem (an unknown key, a missing
+/// or bad Address, a Weight not a whole number in range, a Backup or Drain not a boolean); any
+/// other entry one problem; a target listed again with other settings one problem.
+fn expected_targets(list: &[Value], problems: &mut usize) -> Vec<TargetSpec> {
+    let mut out: Vec<TargetSpec> = Vec::new();
+    for entry in list {
+        let spec = match entry {
+            Value::String(s) => expected_target(s).map(TargetSpec::plain),
+            Value::Object(o) => {
+                *problems += o
+                    .keys()
+                    .filter(|k| !TARGET_KEYS.contains(&k.as_str()))
+                    .count();
+                let target = match present(o, "Address") {
+                    Some(Value::String(s)) => expected_target(&s),
+                    _ => None,
+                };
+                if target.is_none() {
+                    *problems += 1;
+                }
+                let weight = match present(o, "Weight") {
+                    None => Some(1),
+                    Some(v) => int(&v).filter(|w| (1..=256).contains(w)).map(|w| w as u32),
+                };
+                if weight.is_none() {
+                    *problems += 1;
+                }
+                let mut flag = |k: &str| match present(o, k) {
+                    None => Some(false),
+                    Some(Value::Bool(b)) => Some(b),
+                    Some(_) => {
+                        *problems += 1;
+                        None
+                    }
+                };
+                let (backup, drain) = (flag("Backup"), flag("Drain"));
+                // Unknown keys alone leave the target itself well-formed.
+                match (target, weight, backup, drain) {
+                    (Some(target), Some(weight), Some(backup), Some(drain)) => Some(TargetSpec {
+                        target,
+                        weight,
+                        backup,
+                        drain,
+                    }),
+                    _ => None,
+                }
+            }
+            _ => {
+                *problems += 1;
+                continue;
+            }
+        };
+        let Some(spec) = spec else {
+            if entry.is_string() {
+                *problems += 1;
+            }
+            continue;
+        };
+        match out.iter().find(|t| t.target == spec.target) {
+            Some(first) if *first != spec => *problems += 1,
+            _ => out.push(spec),
+        }
+    }
+    out
+}
+
+/// README: `Kind` "tcp" (the default), "http" with `Path` (from /, visible ASCII, at most
+/// 1024), `Host` (visible ASCII, at most 255) and `ExpectStatus` (100-599 or [lo, hi]), "tls"
+/// with `ServerName` (a DNS name; default the app's first exact Hostname). A key of another
+/// Kind is one problem; a bad value one problem.
+fn expected_kind(h: &Map<String, Value>, hostnames: &[Pattern], problems: &mut usize) -> CheckKind {
+    let kind = match present(h, "Kind") {
+        None => "tcp",
+        Some(Value::String(k)) if ["tcp", "http", "tls"].contains(&k.as_str()) => {
+            if k == "tcp" {
+                "tcp"
+            } else if k == "http" {
+                "http"
+            } else {
+                "tls"
+            }
+        }
+        Some(_) => {
+            *problems += 1;
+            "unknown"
+        }
+    };
+    for (key, wants) in [
+        ("Path", "http"),
+        ("Host", "http"),
+        ("ExpectStatus", "http"),
+        ("ServerName", "tls"),
+    ] {
+        if present(h, key).is_some() && kind != wants && kind != "unknown" {
+            *problems += 1;
+        }
+    }
+    let visible = |s: &str, max: usize| {
+        (1..=max).contains(&s.len()) && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    };
+    let mut text = |key: &str, ok: &dyn Fn(&str) -> bool| match present(h, key) {
+        None => None,
+        Some(Value::String(s)) if ok(&s) => Some(s),
+        Some(_) => {
+            *problems += 1;
+            None
+        }
+    };
+    let path = text("Path", &|s| s.starts_with('/') && visible(s, 1024));
+    let host = text("Host", &|s| visible(s, 255));
+    let server_name = text("ServerName", &|s| {
+        matches!(expected_hostname(s), Some(Pattern::Exact(_)))
+    })
+    .and_then(|s| match expected_hostname(&s) {
+        Some(Pattern::Exact(n)) => Some(n),
+        _ => None,
+    });
+    let code = |v: &Value| {
+        v.as_u64()
+            .filter(|n| (100..=599).contains(n))
+            .map(|n| n as u16)
+    };
+    let expect = match present(h, "ExpectStatus") {
+        None => None,
+        Some(v) => {
+            let range = match &v {
+                Value::Number(_) => code(&v).map(|c| (c, c)),
+                Value::Array(p) if p.len() == 2 => match (code(&p[0]), code(&p[1])) {
+                    (Some(lo), Some(hi)) if lo <= hi => Some((lo, hi)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if range.is_none() {
+                *problems += 1;
+            }
+            range
+        }
+    };
+    match kind {
+        "http" => CheckKind::Http(HttpCheck {
+            path: path.unwrap_or_else(|| "/".into()),
+            host,
+            expect: expect.unwrap_or((200, 399)),
+        }),
+        "tls" => CheckKind::Tls {
+            server_name: server_name.or_else(|| {
+                hostnames.iter().find_map(|p| match p {
+                    Pattern::Exact(n) => Some(n.clone()),
+                    Pattern::Wildcard(_) => None,
+                })
+            }),
+        },
+        _ => CheckKind::Tcp,
     }
 }
 
@@ -354,18 +530,14 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
                 }
             }
         }
-        let mut targets = Vec::new();
-        match present(a, "Targets") {
-            Some(v) => {
-                for t in nonempty(&v, &mut problems) {
-                    match expected_target(&t) {
-                        Some(t) => targets.push(t),
-                        None => problems += 1,
-                    }
-                }
+        let targets = match present(a, "Targets") {
+            Some(Value::Array(l)) if !l.is_empty() => expected_targets(&l, &mut problems),
+            // Missing, empty, or not a list: one problem.
+            _ => {
+                problems += 1;
+                Vec::new()
             }
-            None => problems += 1,
-        }
+        };
         // Not a whole number (a string, a fraction, true) or out of range: one problem.
         let mut ranged = |_key: &str, v: Option<Value>, lo: i64, hi: i64| -> Option<i64> {
             match int(&v?) {
@@ -381,8 +553,10 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             timeout: Duration::from_millis(1000),
             fall: 1,
             rise: 1,
+            kind: CheckKind::Tcp,
         };
         let mut health_unknown = 0;
+        let mut kind_keys = None;
         let health_given = present(a, "HealthCheck");
         if health_given.as_ref().is_some_and(|h| !h.is_object()) {
             health_unknown = 1; // the wrong type, counted with the unknown keys
@@ -404,6 +578,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             if let Some(n) = ranged("Rise", present(&h, "Rise"), 1, 100) {
                 health.rise = n as u32;
             }
+            kind_keys = Some(h);
         }
         let connect_attempts =
             ranged("ConnectAttempts", present(a, "ConnectAttempts"), 1, 10).unwrap_or(3) as usize;
@@ -417,6 +592,9 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         )
         .map(|n| n as usize);
         problems += health_unknown;
+        if let Some(h) = kind_keys {
+            health.kind = expected_kind(&h, &hostnames, &mut problems);
+        }
         let text = |k: &str, problems: &mut usize| match present(a, k) {
             Some(Value::String(s)) => Some(s),
             Some(_) => {
@@ -611,7 +789,7 @@ fn invariants(c: &Config) {
             assert!(own.insert(*p), "port {p} twice in one app");
             ports.insert(*p);
         }
-        for t in &a.targets {
+        for t in a.targets.iter().map(|spec| &spec.target) {
             assert!(t.port != 0);
             // Display gives back a target that parses to the same thing.
             let shown = t.to_string();
@@ -621,7 +799,7 @@ fn invariants(c: &Config) {
         assert!(a
             .max_connections
             .is_none_or(|m| (1..=1_000_000).contains(&m)));
-        let h = a.health;
+        let h = &a.health;
         assert!(
             h.interval >= Duration::from_millis(100) && h.interval <= Duration::from_secs(3600)
         );

@@ -5,15 +5,84 @@
 //! Names are resolved by `resolver` for every connect and every health check (never in the
 //! listener loop, and never on a relay thread), cached for `--dns-ttl`, so a target whose address
 //! changes is followed without a reload.
+//!
+//! Besides its health (up or down, the checks' and connects' verdict) a target has what an
+//! operator or the config says of it: a `TargetState` (ready, drain, maint), a weight and
+//! whether it is a backup. The pick reads all of them on every connection, so each is an atomic.
 
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex};
 
 use crate::backends::resolver::ResolveError;
-use crate::config::{HealthCheck, Target};
+use crate::config::{HealthCheck, Target, TargetSpec};
+
+/// What a target may take, as set by the config (`Drain`) or an operator at run time. Its
+/// health (up or down) is apart from this: a ready target that is down gets no connection
+/// either, and a drained one that is up gets none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TargetState {
+    /// In the pool: new connections may go to it.
+    Ready,
+    /// No new connections; open ones go on until they end. Still health checked, so that its
+    /// health is known when it comes back.
+    Drain,
+    /// No new connections and no health checks (the target is being worked on); open ones go
+    /// on.
+    Maint,
+}
+
+impl TargetState {
+    /// Every state, in the order of their names in `as_str`.
+    pub const ALL: [TargetState; 3] = [TargetState::Ready, TargetState::Drain, TargetState::Maint];
+
+    /// Its name, as commands, logs, status and metrics write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TargetState::Ready => "ready",
+            TargetState::Drain => "drain",
+            TargetState::Maint => "maint",
+        }
+    }
+
+    /// The state named `s` (`as_str`'s names), if it is one.
+    pub fn parse(s: &str) -> Option<TargetState> {
+        TargetState::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    fn from_u8(v: u8) -> TargetState {
+        match v {
+            0 => TargetState::Ready,
+            1 => TargetState::Drain,
+            _ => TargetState::Maint,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            TargetState::Ready => 0,
+            TargetState::Drain => 1,
+            TargetState::Maint => 2,
+        }
+    }
+}
+
+impl fmt::Display for TargetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The largest weight (the config's); a target's share of new connections is its weight over
+/// the sum of the weights of the targets picked among.
+pub use crate::config::MAX_WEIGHT;
+
+/// A target's weight when the config gives none.
+pub const DEFAULT_WEIGHT: u32 = 1;
 
 /// A target of one app and what the proxy knows of it. Kept across reloads while the app keeps
 /// the target, so health and load survive a reload.
@@ -31,6 +100,9 @@ pub struct Backend {
     pub bytes_down: AtomicU64,
     /// Failed connects by `ConnectError::index`.
     pub failures: [AtomicU64; ConnectError::KINDS],
+    /// Microseconds the connects to it that were used took, in all (with `connections`, their
+    /// average, as the admin socket's `show targets` says).
+    pub connect_us: AtomicU64,
     up: AtomicBool,
     /// Active checks that passed, and that failed (one that says nothing of the target, this
     /// host's trouble, is neither).
@@ -49,6 +121,18 @@ pub struct Backend {
     oks: AtomicU32,
     /// The app's check settings; replaced on reload.
     pub check: Mutex<HealthCheck>,
+    /// A `TargetState` (`TargetState::to_u8`).
+    state: AtomicU8,
+    /// 0..=MAX_WEIGHT; 0 takes no new connections.
+    weight: AtomicU32,
+    /// Gets connections only when no primary (not backup) target of the app is usable.
+    backup: AtomicBool,
+    /// What the config said of its Weight and Drain at the last load: a reload applies them
+    /// only when they change (see `follow_config`).
+    config_weight: AtomicU32,
+    config_drain: AtomicBool,
+    /// Smooth weighted round robin's running score (see `balance`), per app as a backend is.
+    pub(super) rr_score: AtomicI64,
 }
 
 impl Backend {
@@ -61,6 +145,7 @@ impl Backend {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             failures: Default::default(),
+            connect_us: AtomicU64::new(0),
             // Targets start up: the first connection (or check) finds out otherwise, and
             // starting down would refuse traffic to a healthy fleet for a whole interval.
             up: AtomicBool::new(true),
@@ -72,6 +157,12 @@ impl Backend {
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
             check: Mutex::new(check),
+            state: AtomicU8::new(TargetState::Ready.to_u8()),
+            weight: AtomicU32::new(DEFAULT_WEIGHT),
+            backup: AtomicBool::new(false),
+            config_weight: AtomicU32::new(DEFAULT_WEIGHT),
+            config_drain: AtomicBool::new(false),
+            rr_score: AtomicI64::new(0),
         }
     }
 
@@ -79,8 +170,69 @@ impl Backend {
         self.up.load(Ordering::Relaxed)
     }
 
+    pub fn state(&self) -> TargetState {
+        TargetState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Set its state; a change is logged. Leaving `Maint` resumes its health checks at their
+    /// next scan (the checker skips a target in maint, and finds it due once it is not).
+    pub fn set_state(&self, state: TargetState) {
+        let was = TargetState::from_u8(self.state.swap(state.to_u8(), Ordering::Relaxed));
+        if was != state {
+            crate::info!(
+                "target {} of app {} is now {state} (was {was})",
+                self.target,
+                self.app
+            );
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Set its weight, at most `MAX_WEIGHT` (a larger one is taken as that: callers check what
+    /// they are given and say so; this only keeps the pick's arithmetic in its bounds).
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.min(MAX_WEIGHT), Ordering::Relaxed);
+    }
+
+    pub fn backup(&self) -> bool {
+        self.backup.load(Ordering::Relaxed)
+    }
+
+    pub fn set_backup(&self, backup: bool) {
+        self.backup.store(backup, Ordering::Relaxed);
+    }
+
+    /// Whether a new connection may go to it, whatever its health: ready, with a weight.
+    pub fn takes_new(&self) -> bool {
+        self.state() == TargetState::Ready && self.weight() > 0
+    }
+
     pub fn check_settings(&self) -> HealthCheck {
-        *self.check.lock().unwrap_or_else(|e| e.into_inner())
+        self.check.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Apply what the config says of this target, at the first load and every reload. Backup
+    /// is the config's alone. Weight and Drain apply when the config's value changes (for a
+    /// new target: differs from the defaults, weight 1 and not drained), so a reload that
+    /// leaves them as they were keeps what an operator set at run time, and one that changes
+    /// them is the operator's word too. Maintenance is stronger than drain and only an
+    /// operator ends it: the config's Drain moves a ready target to drain and a drained one
+    /// back to ready, and leaves one in maintenance there.
+    pub fn follow_config(&self, spec: &TargetSpec) {
+        self.set_backup(spec.backup);
+        if self.config_weight.swap(spec.weight, Ordering::Relaxed) != spec.weight {
+            self.set_weight(spec.weight);
+        }
+        if self.config_drain.swap(spec.drain, Ordering::Relaxed) != spec.drain {
+            match (spec.drain, self.state()) {
+                (true, TargetState::Ready) => self.set_state(TargetState::Drain),
+                (false, TargetState::Drain) => self.set_state(TargetState::Ready),
+                _ => {}
+            }
+        }
     }
 
     /// Why the last failed check (or the connect that marked it down) failed, if one did.
@@ -141,7 +293,10 @@ impl Backend {
                 return;
             }
         }
-        let HealthCheck { fall, rise, .. } = self.check_settings();
+        let (fall, rise) = {
+            let check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+            (check.fall, check.rise)
+        };
         match result {
             Ok(()) => {
                 self.checks_ok.fetch_add(1, Ordering::Relaxed);
@@ -338,5 +493,52 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_target;
+
+    fn spec(weight: u32, drain: bool, backup: bool) -> TargetSpec {
+        TargetSpec {
+            target: parse_target("h:1").unwrap(),
+            weight,
+            backup,
+            drain,
+        }
+    }
+
+    /// The config's Weight and Drain apply when they change; an operator's setting holds
+    /// across reloads that leave them alone; maintenance is the operator's to end.
+    #[test]
+    fn the_config_applies_what_it_changes() {
+        let b = Backend::new("a", parse_target("h:1").unwrap(), HealthCheck::default());
+        b.follow_config(&spec(3, true, true));
+        assert_eq!(
+            (b.weight(), b.state(), b.backup()),
+            (3, TargetState::Drain, true)
+        );
+        // An operator steps in; a reload with the same file keeps their word.
+        b.set_weight(7);
+        b.set_state(TargetState::Ready);
+        b.follow_config(&spec(3, true, false));
+        assert_eq!(
+            (b.weight(), b.state(), b.backup()),
+            (7, TargetState::Ready, false)
+        );
+        // The file changes: its new values apply.
+        b.follow_config(&spec(5, false, false));
+        assert_eq!((b.weight(), b.state()), (5, TargetState::Ready));
+        b.follow_config(&spec(5, true, false));
+        assert_eq!(b.state(), TargetState::Drain);
+        b.follow_config(&spec(5, false, false));
+        assert_eq!(b.state(), TargetState::Ready);
+        // Maintenance stays through the file's Drain either way.
+        b.set_state(TargetState::Maint);
+        b.follow_config(&spec(5, true, false));
+        b.follow_config(&spec(5, false, false));
+        assert_eq!(b.state(), TargetState::Maint);
     }
 }

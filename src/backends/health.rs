@@ -18,7 +18,9 @@
 //! hangs delays and fails no other target's check. (It fails only its own, when the lookup does.)
 //!
 //! The listener loop hands it the current backends after each reload; backends that left the
-//! config are simply no longer checked.
+//! config are simply no longer checked. Nor is a backend in maintenance (`TargetState::Maint`):
+//! the operator is working on it, and its checks would only log noise. It is found due again
+//! at the first scan after it leaves maintenance (scans come at least every shortest interval).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::backends::backend::{Backend, ConnectError};
+use crate::backends::backend::{Backend, ConnectError, TargetState};
 use crate::backends::resolver::{Answer, Lookup, Notify, Resolver, Waiting};
 use crate::config::Target;
 
@@ -202,13 +204,14 @@ impl Run {
         self.next_scan = now;
     }
 
-    /// When `target` is next due: when the first of its backends is.
-    fn due(&self, backends: &[Arc<Backend>], now: Instant) -> Instant {
+    /// When `target` is next due: when the first of its backends not in maintenance is (None
+    /// while every one is).
+    fn due(&self, backends: &[Arc<Backend>], now: Instant) -> Option<Instant> {
         backends
             .iter()
+            .filter(|b| checked(b))
             .map(|b| self.last.get(&Arc::as_ptr(b)).copied().unwrap_or(now) + interval_of(b))
             .min()
-            .unwrap_or(now + Duration::from_secs(60))
     }
 
     /// Find the targets due now, the longest overdue first, into the queue; and when to look
@@ -225,7 +228,9 @@ impl Run {
             if self.checks.contains_key(target) {
                 continue;
             }
-            let at = self.due(backends, now);
+            let Some(at) = self.due(backends, now) else {
+                continue;
+            };
             if at <= now {
                 due.push((at, target));
             } else {
@@ -254,9 +259,14 @@ impl Run {
     /// cached), connect to as many as the bound allows (the rest as room frees up), else once
     /// the resolver has them (`resolved`).
     fn begin(&mut self, target: Target) {
-        let Some(backends) = self.targets.get(&target).cloned() else {
+        let Some(backends) = self.targets.get(&target) else {
             return;
         };
+        let backends: Vec<Arc<Backend>> = backends.iter().filter(|b| checked(b)).cloned().collect();
+        if backends.is_empty() {
+            // Every one went into maintenance since the scan.
+            return;
+        }
         let waker = &self.waker;
         let mut notify = || -> Notify {
             let waker = Arc::clone(waker);
@@ -417,6 +427,10 @@ impl Run {
             if let Some(last) = self.last.get_mut(&Arc::as_ptr(b)) {
                 *last = done;
             }
+            if !checked(b) {
+                // Went into maintenance while the check was under way: not its verdict.
+                continue;
+            }
             let own = match &result {
                 // Connected, but later than this app allows.
                 Ok(()) if took > b.check_settings().timeout => Err(ConnectError::Timeout),
@@ -452,6 +466,11 @@ impl Check {
             Err(e) => self.last_error = Some(ConnectError::from_resolve(e)),
         }
     }
+}
+
+/// Whether `b` is health checked: not while it is in maintenance.
+fn checked(b: &Backend) -> bool {
+    b.state() != TargetState::Maint
 }
 
 fn interval_of(b: &Backend) -> Duration {

@@ -114,7 +114,7 @@ pub fn problems(config: &Config) -> Vec<Problem> {
     let own = Frontends::new(config);
     let mut found = Vec::new();
     for app in &config.apps {
-        for t in &app.targets {
+        for t in app.targets.iter().map(|spec| &spec.target) {
             let local = if is_localhost_name(&t.host) {
                 // Whatever loopback address it resolves to.
                 ["127.0.0.1", "::1"]

@@ -68,6 +68,12 @@ pub struct AppStats {
     pub connect_time: Histogram,
     /// Client connections' whole life, accept to close.
     pub duration: Histogram,
+    /// Set by the admin socket's `disable app`: new connections are refused (reset) as soon
+    /// as the app is known, open ones go on. Here, with the counters, because these are kept
+    /// across reloads while the app stays.
+    pub disabled: std::sync::atomic::AtomicBool,
+    /// Connections refused because the app was disabled.
+    pub refused_disabled: AtomicU64,
 }
 
 /// The apps on one (address prefix, port): told apart by the ClientHello's server name.
@@ -241,7 +247,8 @@ impl Routes {
             let app_backends = app
                 .targets
                 .iter()
-                .map(|t| {
+                .map(|spec| {
+                    let t = &spec.target;
                     let key = (app.name.clone(), t.clone());
                     // A target listed twice in one app is one backend with two turns.
                     if let Some(b) = backends.get(&key) {
@@ -249,11 +256,12 @@ impl Routes {
                     }
                     let b = match previous.and_then(|p| p.backends.get(&key)) {
                         Some(b) => {
-                            *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health;
+                            *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health.clone();
                             Arc::clone(b)
                         }
-                        None => Arc::new(Backend::new(&app.name, t.clone(), app.health)),
+                        None => Arc::new(Backend::new(&app.name, t.clone(), app.health.clone())),
                     };
+                    b.follow_config(spec);
                     backends.insert(key, Arc::clone(&b));
                     b
                 })

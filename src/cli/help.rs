@@ -11,6 +11,8 @@ Usage:
   flyproxy upgrade --pid-file PATH    replace the running binary without refusing a connection
   flyproxy status [--metrics ADDR]    show apps, targets, health and open connections of a
                                       proxy running with --metrics (default 127.0.0.1:9089)
+  flyproxy ctl [-s PATH] COMMAND...   steer a running proxy through its --admin-socket
+                                      (drain a target, disable an app, list connections...)
 
 Run 'flyproxy <command> --help' for the options of each command.
 
@@ -50,6 +52,10 @@ macro_rules! run_options {
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
                              e.g. 127.0.0.1:9089 (default: off)
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
+      --admin-socket PATH    serve the admin socket (flyproxy ctl) at PATH, mode 0660,
+                             owned by --user and --group (default: off)
+      --state-file PATH      keep what was set through the admin socket (target states
+                             and weights, disabled apps) in PATH across restarts
       --user USER            once set up, run as USER (a name or uid; needs root)
       --group GROUP          with --user: run as GROUP (default: USER's primary group)
   -h, --help                 print this help
@@ -110,6 +116,25 @@ Options:
       --metrics ADDR  the proxy's --metrics address (default 127.0.0.1:9089)
   -h, --help          print this help
   -V, --version       print the version
+";
+
+pub const CTL_HELP: &str = "\
+flyproxy ctl - steer a running proxy through its admin socket
+
+Usage: flyproxy ctl [-s PATH] COMMAND...
+
+Sends COMMAND (the words after the options, as one line) to the admin socket of a proxy run
+with --admin-socket PATH and prints the answer; exits 1, with the error on stderr, if the
+answer is an error or no proxy answers. 'flyproxy ctl help' lists the commands:
+
+  show apps | show targets [APP] | show conns [APP [TARGET]] | show config | show state
+  set target APP TARGET state ready|drain|maint | set target APP TARGET weight N
+  disable app APP | enable app APP | kill conn ID | kill conns APP [TARGET] | reload
+
+Options:
+  -s, --socket PATH  the proxy's --admin-socket (default /run/flyproxy/admin.sock)
+  -h, --help         print this help
+  -V, --version      print the version
 ";
 
 pub const CHECK_HELP: &str = "\

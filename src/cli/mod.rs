@@ -13,7 +13,7 @@ use crate::sys::log::{AccessLog, Format, Level};
 mod help;
 mod options;
 
-pub use help::{BPF_HELP, CHECK_HELP, HELP, SIMPLE_HELP, STATUS_HELP, UPGRADE_HELP};
+pub use help::{BPF_HELP, CHECK_HELP, CTL_HELP, HELP, SIMPLE_HELP, STATUS_HELP, UPGRADE_HELP};
 pub use options::parse_duration;
 use options::{bpf_option, run_option};
 
@@ -21,6 +21,9 @@ use options::{bpf_option, run_option};
 /// 9089: off 9100-9999, the Prometheus exporters' range (9100 is node_exporter's; see README).
 pub const DEFAULT_STATUS_ADDR: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9089);
+
+/// Where `flyproxy ctl` looks when not told: where the packaged service puts the admin socket.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/flyproxy/admin.sock";
 
 /// Options shared by both modes.
 #[derive(Debug, Clone)]
@@ -54,6 +57,10 @@ pub struct Settings {
     pub user: Option<String>,
     /// With `user`: run as this group (default: the user's primary group).
     pub group: Option<String>,
+    /// Serve the admin socket (`flyproxy ctl`) here; None: not served.
+    pub admin_socket: Option<PathBuf>,
+    /// Keep the runtime state (what was set through the admin socket) here across restarts.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -77,6 +84,8 @@ impl Default for Settings {
             pid_file: None,
             user: None,
             group: None,
+            admin_socket: None,
+            state_file: None,
         }
     }
 }
@@ -116,6 +125,11 @@ pub enum Command {
     Check {
         config: PathBuf,
     },
+    /// Send `command` to the admin socket at `socket` and print the answer.
+    Ctl {
+        socket: PathBuf,
+        command: String,
+    },
     /// Print this text to stdout and exit 0.
     Help(&'static str),
     Version,
@@ -149,6 +163,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     match first.as_str() {
         "-h" | "--help" | "help" => return Ok(Command::Help(HELP)),
         "-V" | "--version" => return Ok(Command::Version),
+        "ctl" => return ctl(args),
         _ => {}
     }
     let (name, mut mode) = command_named(&first)?;
@@ -172,6 +187,45 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         }
     }
     finish(name, mode, s)
+}
+
+/// `flyproxy ctl [-s PATH] COMMAND...`: the words after the options are the command line.
+fn ctl(mut args: impl Iterator<Item = String>) -> Result<Command, UsageError> {
+    let cmd = Some("ctl");
+    let mut socket = PathBuf::from(DEFAULT_ADMIN_SOCKET);
+    let mut words = Vec::new();
+    while let Some(arg) = args.next() {
+        if !words.is_empty() {
+            words.push(arg);
+            continue;
+        }
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Command::Help(CTL_HELP)),
+            "-V" | "--version" => return Ok(Command::Version),
+            "-s" | "--socket" => {
+                let v = args
+                    .next()
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| usage(cmd, &format!("{arg} needs a value (a socket path)")))?;
+                socket = PathBuf::from(v);
+            }
+            a if a.starts_with("--socket=") => socket = PathBuf::from(&a["--socket=".len()..]),
+            a if a.starts_with('-') => {
+                return Err(usage(cmd, &format!("unknown option '{a}' for 'ctl'")))
+            }
+            _ => words.push(arg),
+        }
+    }
+    if words.is_empty() {
+        return Err(usage(
+            cmd,
+            "ctl needs a command, such as 'show apps' (or 'help')",
+        ));
+    }
+    Ok(Command::Ctl {
+        socket,
+        command: words.join(" "),
+    })
 }
 
 /// A value for the option being parsed, asked for with a description of what it should be.
@@ -331,5 +385,36 @@ mod tests {
         assert!(run(&["simple", "--connect-timeout", "0"]).is_err());
         assert!(run(&["frob"]).is_err());
         assert!(run(&[]).is_err());
+    }
+
+    /// `flyproxy ctl`: options first, then every word is the command, joined by spaces.
+    #[test]
+    fn ctl_takes_the_words_after_its_options() {
+        let Ok(Command::Ctl { socket, command }) = run(&[
+            "ctl", "-s", "/x.sock", "set", "target", "web", "a:1", "state", "drain",
+        ]) else {
+            panic!()
+        };
+        assert_eq!(socket, PathBuf::from("/x.sock"));
+        assert_eq!(command, "set target web a:1 state drain");
+        let Ok(Command::Ctl { socket, command }) = run(&["ctl", "show", "conns", "-s"]) else {
+            panic!()
+        };
+        assert_eq!(socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        assert_eq!(
+            command, "show conns -s",
+            "an option after the command is a word of it"
+        );
+        assert!(run(&["ctl"]).is_err());
+        assert!(run(&["ctl", "-s"]).is_err());
+        assert!(run(&["ctl", "--frob", "help"]).is_err());
+        assert!(matches!(run(&["ctl", "--help"]), Ok(Command::Help(_))));
+        let Ok(Command::Run(_, s)) = run(&["simple", "--admin-socket", "/a", "--state-file=/b"])
+        else {
+            panic!()
+        };
+        assert_eq!(s.admin_socket, Some(PathBuf::from("/a")));
+        assert_eq!(s.state_file, Some(PathBuf::from("/b")));
+        assert!(run(&["simple", "--admin-socket", ""]).is_err());
     }
 }

@@ -80,6 +80,8 @@ pub(super) fn run_option(
             }
             s.group = Some(v);
         }
+        "--admin-socket" => s.admin_socket = Some(path_value(cmd, flag, value("a socket path")?)?),
+        "--state-file" => s.state_file = Some(path_value(cmd, flag, value("a file path")?)?),
         "--log-format" => {
             let v = value("text or json")?;
             s.log_format = Format::parse(&v)
@@ -142,6 +144,13 @@ pub(super) fn bpf_option(
         };
     }
     Ok(())
+}
+
+fn path_value(cmd: Option<&'static str>, flag: &str, v: String) -> Result<PathBuf, UsageError> {
+    if v.is_empty() {
+        return Err(usage(cmd, &format!("{flag}: needs a path")));
+    }
+    Ok(PathBuf::from(v))
 }
 
 fn nonzero(cmd: Option<&'static str>, flag: &str, d: Duration) -> Result<Duration, UsageError> {

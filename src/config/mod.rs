@@ -1,7 +1,7 @@
 //! The config file: reading it (`file`), what is wrong when it is not JSON (`syntax`), its raw
 //! shape read key by key (`raw`), the validated `Config` the proxy runs on (`model`) and how it
 //! is made (`validate`; in files of their own: each value's JSON type (`types`), an app's
-//! `ports`, its `target`s, and `sharing`, which apps may share an address and port), what can
+//! `ports`, its `target`s, its health `check`'s kind, and `sharing`, which apps may share an address and port), what can
 //! be wrong with it (`problem`) and the bounds it is held to (`limits`), the diff between two
 //! configs that a reload applies (`diff`), and the SHA-256 that names a loaded file (`sha256`).
 //!
@@ -14,6 +14,7 @@
 //! the wrong type being one problem among others. Nothing but a `Config` ever reaches the running proxy, so a bad reload cannot
 //! touch a live listener.
 
+mod check;
 mod diff;
 mod file;
 pub mod hostname;
@@ -34,8 +35,8 @@ pub use diff::Diff;
 pub use file::read_file;
 pub use limits::{MAX_BINDINGS, MAX_FILE_BYTES, NAME_MAX};
 pub use model::{
-    app_prefixes, App, Balance, Config, HealthCheck, ProxyProtocol, Target,
-    DEFAULT_CONNECT_ATTEMPTS,
+    app_prefixes, App, Balance, CheckKind, Config, HealthCheck, HttpCheck, ProxyProtocol, Target,
+    TargetSpec, DEFAULT_CONNECT_ATTEMPTS, DEFAULT_EXPECT_STATUS, MAX_WEIGHT,
 };
 pub use ports::{parse_port_range, port_ranges};
 pub use problem::{ConfigError, First, Problem, Syntax, PRINTED_MAX, STORED_MAX};
@@ -59,7 +60,7 @@ mod tests {
            "Targets": ["tcp-echo.fly.dev:6001", "tcp-echo.fly.dev:6002", "bad.target.for.testing:6003"]}]}"#;
         let c = parse(s).unwrap();
         assert_eq!(c.apps[0].ports, vec![6001, 6200, 6300, 6400]);
-        assert_eq!(c.apps[0].targets[2].host, "bad.target.for.testing");
+        assert_eq!(c.apps[0].targets[2].target.host, "bad.target.for.testing");
         assert_eq!(c.summary(), "1 apps, 4 ports, 3 targets");
     }
 

@@ -33,7 +33,7 @@ pub struct App {
     /// TLS server names that pick this app among those sharing an address and port; empty:
     /// the app takes what no other app's names claim there (the default).
     pub hostnames: Vec<Pattern>,
-    pub targets: Vec<Target>,
+    pub targets: Vec<TargetSpec>,
     pub health: HealthCheck,
     pub balance: Balance,
     /// Distinct targets tried for one client connection before it is closed.
@@ -46,8 +46,8 @@ pub struct App {
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 
-/// Active health checking of an app's targets (a TCP connect).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Active health checking of an app's targets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
     /// How often a down target is checked; an up one is checked at `UP_CHECK_FACTOR` times this.
     pub interval: Duration,
@@ -56,7 +56,50 @@ pub struct HealthCheck {
     pub fall: u32,
     /// Consecutive successful checks that bring a down target up.
     pub rise: u32,
+    /// What a check does once connected.
+    pub kind: CheckKind,
 }
+
+/// What a health check asks of a target (`HealthCheck.Kind`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum CheckKind {
+    /// The connect alone.
+    #[default]
+    Tcp,
+    /// An HTTP/1.1 request; the status line's code decides.
+    Http(HttpCheck),
+    /// A TLS ClientHello; a handshake record (a ServerHello) in answer passes.
+    Tls {
+        /// The server name sent: `ServerName`, else the app's first exact Hostname; None: the
+        /// target's host if it is a name (an address is never sent as one), else none.
+        server_name: Option<String>,
+    },
+}
+
+impl CheckKind {
+    /// Its name in the config, the logs and the metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CheckKind::Tcp => "tcp",
+            CheckKind::Http(_) => "http",
+            CheckKind::Tls { .. } => "tls",
+        }
+    }
+}
+
+/// `HealthCheck.Kind` "http": `GET Path HTTP/1.1`, up when the status is in `expect`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HttpCheck {
+    /// Starts with `/`, printable ASCII without spaces.
+    pub path: String,
+    /// The `Host` header; None: the target as written (`host:port`).
+    pub host: Option<String>,
+    /// The status codes that pass, both ends included.
+    pub expect: (u16, u16),
+}
+
+/// `ExpectStatus` when none is given: success and redirects.
+pub const DEFAULT_EXPECT_STATUS: (u16, u16) = (200, 399);
 
 impl Default for HealthCheck {
     fn default() -> HealthCheck {
@@ -65,6 +108,7 @@ impl Default for HealthCheck {
             timeout: Duration::from_millis(1000),
             fall: 1,
             rise: 1,
+            kind: CheckKind::Tcp,
         }
     }
 }
@@ -87,6 +131,34 @@ pub enum Balance {
 pub enum ProxyProtocol {
     V1,
     V2,
+}
+
+/// The largest weight a target takes (the config's 1..=256; an operator may also set 0 at run
+/// time, which takes no new connections).
+pub const MAX_WEIGHT: u32 = 256;
+
+/// A target as an app lists it: where it is, and how it takes connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetSpec {
+    pub target: Target,
+    /// 1..=MAX_WEIGHT; 1 when not given.
+    pub weight: u32,
+    /// Gets connections only when no other target is usable.
+    pub backup: bool,
+    /// Starts (or goes, on a reload that sets it) in the drain state.
+    pub drain: bool,
+}
+
+impl TargetSpec {
+    /// A target written as `"host:port"`: weight 1, neither backup nor drained.
+    pub fn plain(target: Target) -> TargetSpec {
+        TargetSpec {
+            target,
+            weight: 1,
+            backup: false,
+            drain: false,
+        }
+    }
 }
 
 /// A backend address as configured. The host stays a name: it is resolved at each connect, so a

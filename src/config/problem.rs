@@ -96,6 +96,36 @@ pub enum Problem {
         target: String,
         why: &'static str,
     },
+    /// A key a target object does not take. `target` names the target: its Address quoted, or
+    /// `#N`, its place in the list.
+    TargetUnknownKey {
+        app: String,
+        target: String,
+        key: String,
+    },
+    /// A key given more than once in a target object.
+    TargetGivenTwice {
+        app: String,
+        target: String,
+        key: String,
+    },
+    /// A target object without an Address.
+    TargetNoAddress { app: String, target: String },
+    /// A target object's setting outside what it takes.
+    TargetValue {
+        app: String,
+        target: String,
+        field: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+    /// A HealthCheck key that only a Kind other than the app's takes.
+    CheckKeyForKind {
+        app: String,
+        key: &'static str,
+        wants: &'static str,
+        kind: &'static str,
+    },
     /// A target that is the proxy's own frontend: a local address (or `localhost`) on one of
     /// its ports (see `backends::loops`).
     Loop {
@@ -247,6 +277,38 @@ impl fmt::Display for Problem {
             } => {
                 write!(f, "app {app:?}: {field}: {value} is not {expected}")
             }
+            Problem::CheckKeyForKind {
+                app,
+                key,
+                wants,
+                kind,
+            } => write!(
+                f,
+                "app {app:?}: HealthCheck.{key}: only for Kind {wants:?} (the Kind here is {kind:?})"
+            ),
+            Problem::TargetUnknownKey { app, target, key } => write!(
+                f,
+                "app {app:?}: Targets: {target}: unknown key {key:?} (a target takes {TARGET_KEYS})"
+            ),
+            Problem::TargetGivenTwice { app, target, key } => write!(
+                f,
+                "app {app:?}: Targets: {target}: {key} given more than once; keep one"
+            ),
+            Problem::TargetNoAddress { app, target } => write!(
+                f,
+                "app {app:?}: Targets: {target}: Address: missing (a target object is \
+                 {{\"Address\": \"host:port\", \"Weight\": 2}})"
+            ),
+            Problem::TargetValue {
+                app,
+                target,
+                field,
+                value,
+                expected,
+            } => write!(
+                f,
+                "app {app:?}: Targets: {target}: {field}: {value} is not {expected}"
+            ),
         }
     }
 }
@@ -264,7 +326,10 @@ fn is_are(ports: &str) -> &'static str {
     }
 }
 
-const HEALTH_KEYS: &str = "IntervalMs, TimeoutMs, Fall, Rise";
+const HEALTH_KEYS: &str =
+    "IntervalMs, TimeoutMs, Fall, Rise, Kind, Path, Host, ExpectStatus, ServerName";
+
+const TARGET_KEYS: &str = "Address, Weight, Backup, Drain";
 
 /// A file that is not JSON: where and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

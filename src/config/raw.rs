@@ -1,4 +1,5 @@
-//! The config file as written: the three objects it has (the file, an app, a HealthCheck) read
+//! The config file as written: the four objects it has (the file, an app, a HealthCheck, a
+//! target written as an object) read
 //! key by key, each known key's value kept as JSON, so that the validator, not serde, says what
 //! is wrong with it.
 //!
@@ -59,7 +60,8 @@ pub(super) struct RawApp {
     pub(super) ports: Option<Value>,
     pub(super) addresses: Option<Value>,
     pub(super) hostnames: Option<Value>,
-    pub(super) targets: Option<Value>,
+    /// Each entry `"host:port"` or an object (`RawTarget`).
+    pub(super) targets: Option<Shaped<Vec<RawTargetEntry>>>,
     pub(super) health_check: Option<Shaped<RawHealthCheck>>,
     pub(super) balance: Option<Value>,
     pub(super) connect_attempts: Option<Value>,
@@ -75,6 +77,32 @@ pub(super) struct RawHealthCheck {
     pub(super) timeout_ms: Option<Value>,
     pub(super) fall: Option<Value>,
     pub(super) rise: Option<Value>,
+    pub(super) kind: Option<Value>,
+    pub(super) path: Option<Value>,
+    pub(super) host: Option<Value>,
+    pub(super) expect_status: Option<Value>,
+    pub(super) server_name: Option<Value>,
+    pub(super) keys: Keys,
+}
+
+/// One entry of `Targets`.
+#[derive(Debug)]
+pub(super) enum RawTargetEntry {
+    /// `"host:port"`.
+    Address(String),
+    /// `{"Address": ..., "Weight": ...}`, boxed for the same reason apps are.
+    Object(Box<RawTarget>),
+    /// Anything else (null included).
+    Wrong(Found),
+}
+
+/// A target written as an object.
+#[derive(Debug, Default)]
+pub(super) struct RawTarget {
+    pub(super) address: Option<Value>,
+    pub(super) weight: Option<Value>,
+    pub(super) backup: Option<Value>,
+    pub(super) drain: Option<Value>,
     pub(super) keys: Keys,
 }
 
@@ -98,7 +126,7 @@ pub(super) enum Found {
     Object,
 }
 
-/// The three objects of the file, read key by key.
+/// The objects of the file, read key by key.
 trait Object: Default {
     /// Read the value of `key` into its field; false if `key` is not one of ours (its value is
     /// then still unread). `seen` says whether the field was already set.
@@ -153,7 +181,7 @@ impl Object for RawApp {
             "Ports" => &mut self.ports,
             "Addresses" => &mut self.addresses,
             "Hostnames" => &mut self.hostnames,
-            "Targets" => &mut self.targets,
+            "Targets" => return put(&mut self.targets, map, seen),
             "Balance" => &mut self.balance,
             "ConnectAttempts" => &mut self.connect_attempts,
             "MaxConnections" => &mut self.max_connections,
@@ -180,6 +208,32 @@ impl Object for RawHealthCheck {
             "TimeoutMs" => &mut self.timeout_ms,
             "Fall" => &mut self.fall,
             "Rise" => &mut self.rise,
+            "Kind" => &mut self.kind,
+            "Path" => &mut self.path,
+            "Host" => &mut self.host,
+            "ExpectStatus" => &mut self.expect_status,
+            "ServerName" => &mut self.server_name,
+            _ => return Ok(false),
+        };
+        put(slot, map, seen)
+    }
+    fn keys(&mut self) -> &mut Keys {
+        &mut self.keys
+    }
+}
+
+impl Object for RawTarget {
+    fn field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        seen: &mut bool,
+    ) -> Result<bool, A::Error> {
+        let slot = match key {
+            "Address" => &mut self.address,
+            "Weight" => &mut self.weight,
+            "Backup" => &mut self.backup,
+            "Drain" => &mut self.drain,
             _ => return Ok(false),
         };
         put(slot, map, seen)
@@ -251,6 +305,56 @@ impl Wanted for Vec<Shaped<Box<RawApp>>> {
             out.push(app);
         }
         Ok(Shaped::Is(out))
+    }
+}
+
+impl Wanted for Vec<RawTargetEntry> {
+    fn seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<Shaped<Self>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(entry) = seq.next_element()? {
+            out.push(entry);
+        }
+        Ok(Shaped::Is(out))
+    }
+}
+
+/// An entry of `Targets`: a string, an object read key by key, or anything else kept (a list
+/// only as its kind) for the message.
+impl<'de> Deserialize<'de> for RawTargetEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawTargetEntry, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = RawTargetEntry;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawTargetEntry, A::Error> {
+                read_object(map).map(|t| RawTargetEntry::Object(Box::new(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<RawTargetEntry, A::Error> {
+                skip_seq(seq)?;
+                Ok(RawTargetEntry::Wrong(Found::List))
+            }
+            fn visit_unit<E>(self) -> Result<RawTargetEntry, E> {
+                Ok(RawTargetEntry::Wrong(Found::Scalar(Value::Null)))
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<RawTargetEntry, E> {
+                Ok(RawTargetEntry::Wrong(Found::Scalar(Value::Bool(v))))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<RawTargetEntry, E> {
+                Ok(RawTargetEntry::Wrong(Found::Scalar(Value::from(v))))
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawTargetEntry, E> {
+                Ok(RawTargetEntry::Wrong(Found::Scalar(Value::from(v))))
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<RawTargetEntry, E> {
+                Ok(RawTargetEntry::Wrong(Found::Scalar(Value::from(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTargetEntry, E> {
+                Ok(RawTargetEntry::Address(v.to_owned()))
+            }
+        }
+        d.deserialize_any(EntryVisitor)
     }
 }
 

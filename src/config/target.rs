@@ -1,26 +1,208 @@
-//! An app's `Targets`: `host:port` with a DNS name, an IPv4 address or a bracketed IPv6
-//! address, nothing a resolver would read another way.
+//! An app's `Targets`: each `"host:port"` (a DNS name, an IPv4 address or a bracketed IPv6
+//! address, nothing a resolver would read another way), or an object with that `Address` and
+//! its settings: `{"Address": "host:port", "Weight": 1-256, "Backup": true, "Drain": true}`.
+//!
+//! A problem in an object names the app, the target (its Address as written, or `#N`, its
+//! place in the list, when the Address is missing or not a string) and the key.
 
+use std::collections::HashMap;
 use std::net::Ipv6Addr;
 
-use crate::config::model::Target;
+use serde_json::Value;
+
+use crate::config::model::{Target, TargetSpec, MAX_WEIGHT};
 use crate::config::problem::{Problem, Problems};
+use crate::config::raw::{Found, RawTarget, RawTargetEntry};
+use crate::config::types::{present, wrong, Typed};
+
+/// What one entry of `Targets` is, for the messages.
+pub(super) const TARGET_EXAMPLE: &str = r#""host:port", as "backend.internal:7001""#;
 
 /// The targets of app `name` that are well-formed (an empty or missing list is the caller's
-/// to report).
-pub(super) fn targets(name: &str, raw: Vec<String>, problems: &mut Problems) -> Vec<Target> {
-    let mut targets = Vec::new();
-    for t in raw {
-        match parse_target(&t) {
-            Ok(target) => targets.push(target),
-            Err(why) => problems.push(Problem::BadTarget {
+/// to report). A target listed twice is one target with two turns (as it always was), so both
+/// entries must say the same of it.
+pub(super) fn targets(
+    name: &str,
+    raw: Vec<RawTargetEntry>,
+    problems: &mut Problems,
+) -> Vec<TargetSpec> {
+    let mut out: Vec<TargetSpec> = Vec::with_capacity(raw.len());
+    // Each target's first entry, by address, to compare the settings of a repeat.
+    let mut first: HashMap<Target, usize> = HashMap::new();
+    for (i, entry) in raw.into_iter().enumerate() {
+        let (written, spec) = match entry {
+            RawTargetEntry::Address(t) => {
+                let spec = address(name, t.clone(), problems).map(TargetSpec::plain);
+                (t, spec)
+            }
+            RawTargetEntry::Object(raw) => match object(name, i, *raw, problems) {
+                Some((written, spec)) => (written, spec),
+                None => continue,
+            },
+            RawTargetEntry::Wrong(found) => {
+                let write = match as_text(&found) {
+                    Some(t) => format!("{t:?}"),
+                    None => TARGET_EXAMPLE.to_owned(),
+                };
+                problems.push(wrong(Some(name), "Targets", &found, write));
+                continue;
+            }
+        };
+        let Some(spec) = spec else { continue };
+        match first.get(&spec.target) {
+            Some(&j) if out[j] != spec => problems.push(Problem::BadTarget {
                 app: name.to_owned(),
-                target: t,
-                why,
+                target: written,
+                why: "is listed twice with different Weight, Backup or Drain; a target listed \
+                      twice is one target with two turns: give both entries the same settings",
             }),
+            Some(_) => out.push(spec),
+            None => {
+                first.insert(spec.target.clone(), out.len());
+                out.push(spec);
+            }
         }
     }
-    targets
+    out
+}
+
+/// A target's address, or None (and the problem).
+fn address(app: &str, written: String, problems: &mut Problems) -> Option<Target> {
+    match parse_target(&written) {
+        Ok(t) => Some(t),
+        Err(why) => {
+            problems.push(Problem::BadTarget {
+                app: app.to_owned(),
+                target: written,
+                why,
+            });
+            None
+        }
+    }
+}
+
+/// A target written as an object, at place `i` of the list: the Address as written (for a
+/// repeat's message) and the target if it is well-formed; None when it has no usable Address
+/// (a problem of its own).
+fn object(
+    app: &str,
+    i: usize,
+    raw: RawTarget,
+    problems: &mut Problems,
+) -> Option<(String, Option<TargetSpec>)> {
+    let written = match present(raw.address.clone()) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    // How messages name this target.
+    let label = match &written {
+        Some(s) => format!("{s:?}"),
+        None => format!("#{}", i + 1),
+    };
+    for key in raw.keys.unknown {
+        problems.push(Problem::TargetUnknownKey {
+            app: app.to_owned(),
+            target: label.clone(),
+            key,
+        });
+    }
+    for key in raw.keys.twice {
+        problems.push(Problem::TargetGivenTwice {
+            app: app.to_owned(),
+            target: label.clone(),
+            key,
+        });
+    }
+    let field = |key: &str| format!("Targets: {label}: {key}");
+    let target = match present(raw.address) {
+        None => {
+            problems.push(Problem::TargetNoAddress {
+                app: app.to_owned(),
+                target: label.clone(),
+            });
+            None
+        }
+        Some(Value::String(s)) => address(app, s, problems),
+        Some(other) => {
+            let found = Found::of(other);
+            problems.push(wrong(
+                Some(app),
+                &field("Address"),
+                &found,
+                TARGET_EXAMPLE.into(),
+            ));
+            None
+        }
+    };
+    let mut typed = Typed {
+        app: Some(app),
+        problems,
+    };
+    const WEIGHT: &str = "a number from 1 to 256";
+    let weight = match typed.int(
+        &field("Weight"),
+        raw.weight,
+        1..=i64::from(MAX_WEIGHT),
+        WEIGHT,
+    ) {
+        None => Some(1),
+        Some(Ok(w)) if (1..=i64::from(MAX_WEIGHT)).contains(&w) => Some(w as u32),
+        Some(Ok(w)) => {
+            bad_weight(app, &label, w.to_string(), typed.problems);
+            None
+        }
+        Some(Err(text)) => {
+            bad_weight(app, &label, text, typed.problems);
+            None
+        }
+    };
+    let backup = boolean(app, &field("Backup"), raw.backup, typed.problems);
+    let drain = boolean(app, &field("Drain"), raw.drain, typed.problems);
+    let spec = match (target, weight, backup, drain) {
+        (Some(target), Some(weight), Ok(backup), Ok(drain)) => Some(TargetSpec {
+            target,
+            weight,
+            backup,
+            drain,
+        }),
+        _ => None,
+    };
+    Some((written.unwrap_or(label), spec))
+}
+
+fn bad_weight(app: &str, target: &str, value: String, problems: &mut Problems) {
+    problems.push(Problem::TargetValue {
+        app: app.to_owned(),
+        target: target.to_owned(),
+        field: "Weight",
+        value,
+        expected: "a number from 1 to 256",
+    });
+}
+
+/// A `true` or `false` (false when not given); Err (and the problem) for anything else.
+fn boolean(app: &str, field: &str, v: Option<Value>, problems: &mut Problems) -> Result<bool, ()> {
+    match present(v) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(b),
+        Some(other) => {
+            let found = Found::of(other);
+            let write = match &found {
+                Found::Scalar(Value::String(s)) if s == "true" || s == "false" => s.clone(),
+                _ => "true or false".to_owned(),
+            };
+            problems.push(wrong(Some(app), field, &found, write));
+            Err(())
+        }
+    }
+}
+
+/// A scalar as it would read inside a string (a number or true/false), if it is one.
+fn as_text(found: &Found) -> Option<String> {
+    match found {
+        Found::Scalar(v @ (Value::Number(_) | Value::Bool(_))) => Some(v.to_string()),
+        _ => None,
+    }
 }
 
 /// Parse `host:port`. The host is a DNS name, an IPv4 address, or a bracketed IPv6 address.
@@ -89,6 +271,134 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::parse;
+
+    /// The problems of one app `a` on port 1 whose Targets are `targets` (JSON).
+    fn problems(targets: &str) -> Vec<String> {
+        parse(&format!(
+            r#"{{"Apps":[{{"Name":"a","Ports":[1],"Targets":{targets}}}]}}"#
+        ))
+        .unwrap_err()
+    }
+
+    #[test]
+    fn objects_and_strings_mix() {
+        let c = parse(
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1",
+                {"Address":"h:2","Weight":3},
+                {"Address":"[::1]:3","Backup":true,"Drain":false},
+                {"Address":"h:4","Drain":true,"Weight":256},
+                {"Address":"h:1"}]}]}"#,
+        )
+        .unwrap();
+        let t = &c.apps[0].targets;
+        let plain = |s: &str| TargetSpec::plain(parse_target(s).unwrap());
+        assert_eq!(t[0], plain("h:1"));
+        assert_eq!(
+            t[1],
+            TargetSpec {
+                weight: 3,
+                ..plain("h:2")
+            }
+        );
+        assert_eq!(
+            t[2],
+            TargetSpec {
+                backup: true,
+                ..plain("[::1]:3")
+            }
+        );
+        assert_eq!(
+            t[3],
+            TargetSpec {
+                weight: 256,
+                drain: true,
+                ..plain("h:4")
+            }
+        );
+        assert_eq!(t[4], plain("h:1"), "the same settings: two turns");
+        assert_eq!(c.summary(), "1 apps, 1 ports, 5 targets");
+    }
+
+    #[test]
+    fn each_problem_names_the_app_the_target_and_the_field() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"[{"Address":"h:1","Wieght":2}]"#,
+                r#"app "a": Targets: "h:1": unknown key "Wieght" (a target takes Address, Weight, Backup, Drain)"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Weight":2,"Weight":3}]"#,
+                r#"app "a": Targets: "h:1": Weight given more than once; keep one"#,
+            ),
+            (
+                r#"["h:1",{"Weight":2}]"#,
+                r#"app "a": Targets: #2: Address: missing (a target object is {"Address": "host:port", "Weight": 2})"#,
+            ),
+            (
+                r#"[{"Address":7}]"#,
+                r#"app "a": Targets: #1: Address: 7 is a number; write "host:port", as "backend.internal:7001""#,
+            ),
+            (
+                r#"[{"Address":"h"}]"#,
+                r#"app "a": Targets: "h" is not host:port"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Weight":0}]"#,
+                r#"app "a": Targets: "h:1": Weight: 0 is not a number from 1 to 256"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Weight":257}]"#,
+                r#"app "a": Targets: "h:1": Weight: 257 is not a number from 1 to 256"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Weight":1.5}]"#,
+                r#"app "a": Targets: "h:1": Weight: 1.5 is not a number from 1 to 256"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Weight":"3"}]"#,
+                r#"app "a": Targets: "h:1": Weight: "3" is a string; write 3"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Backup":"yes"}]"#,
+                r#"app "a": Targets: "h:1": Backup: "yes" is a string; write true or false"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Drain":"true"}]"#,
+                r#"app "a": Targets: "h:1": Drain: "true" is a string; write true"#,
+            ),
+            (
+                r#"[{"Address":"h:1","Drain":1}]"#,
+                r#"app "a": Targets: "h:1": Drain: 1 is a number; write true or false"#,
+            ),
+            (
+                r#"["h:1",{"Address":"h:1","Weight":2}]"#,
+                r#"app "a": Targets: "h:1" is listed twice with different Weight, Backup or Drain"#,
+            ),
+            (
+                r#"[["h:1"]]"#,
+                r#"app "a": Targets: [...] is a list; write "host:port", as "backend.internal:7001""#,
+            ),
+            (
+                r#"[{"Address":"h:1","Backup":true,"Drain":true},null]"#,
+                r#"app "a": Targets: null is null; write "host:port""#,
+            ),
+            (
+                r#"{"Address":"h:1"}"#,
+                r#"app "a": Targets: {...} is an object; write a list, each entry "host:port""#,
+            ),
+        ];
+        for (targets, want) in cases {
+            let got = problems(targets);
+            assert!(
+                got.len() == 1 && got[0].starts_with(want),
+                "{targets}: want {want:?}, got {got:#?}"
+            );
+        }
+        // Every problem of one object at once.
+        let got = problems(r#"[{"Address":"h","Weight":-1,"Backup":0,"X":1}]"#);
+        assert_eq!(got.len(), 4, "{got:#?}");
+    }
 
     #[test]
     fn targets() {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::config::check::check_kind;
 use crate::config::hostname::Pattern;
 use crate::config::limits::NAME_MAX;
 use crate::config::model::{
@@ -16,7 +17,7 @@ use crate::config::prefix::Prefix;
 use crate::config::problem::{Problem, Problems};
 use crate::config::raw::{Found, RawApp, RawConfig, RawHealthCheck, Shaped};
 use crate::config::sharing::check_sharing;
-use crate::config::target::targets;
+use crate::config::target::{targets, TARGET_EXAMPLE};
 use crate::config::types::{present, wrong, Typed};
 
 /// What to write for the whole file, for `Apps`, and for one app, when it is something else.
@@ -146,22 +147,29 @@ impl Earlier {
             );
             app_hostnames(&name, list, typed.problems)
         });
-        let targets = match present(raw_app.targets) {
-            None => {
+        let targets = match raw_app.targets {
+            None | Some(Shaped::Null) => {
                 typed.missing("Targets");
                 Vec::new()
             }
-            Some(v) => {
-                let list = typed.nonempty_strings(
-                    "Targets",
-                    v,
-                    r#""host:port", as "backend.internal:7001""#,
-                );
-                targets(&name, list, typed.problems)
+            Some(Shaped::Is(list)) if list.is_empty() => {
+                typed.missing("Targets");
+                Vec::new()
+            }
+            Some(Shaped::Is(list)) => targets(&name, list, typed.problems),
+            Some(Shaped::Wrong(found)) => {
+                let write = match &found {
+                    Found::Scalar(Value::String(s)) => format!("[{s:?}]"),
+                    _ => format!("a list, each entry {TARGET_EXAMPLE}"),
+                };
+                typed
+                    .problems
+                    .push(wrong(Some(&name), "Targets", &found, write));
+                Vec::new()
             }
         };
         let mut opts = Options { typed };
-        let health = opts.health(raw_app.health_check);
+        let health = opts.health(raw_app.health_check, &hostnames);
         let balance = opts.balance(raw_app.balance);
         let connect_attempts = opts
             .int(
@@ -352,7 +360,11 @@ impl Options<'_> {
         }
     }
 
-    fn health(&mut self, raw: Option<Shaped<RawHealthCheck>>) -> HealthCheck {
+    fn health(
+        &mut self,
+        raw: Option<Shaped<RawHealthCheck>>,
+        hostnames: &[Pattern],
+    ) -> HealthCheck {
         let mut h = HealthCheck::default();
         let raw = match raw {
             None | Some(Shaped::Null) => return h,
@@ -368,14 +380,15 @@ impl Options<'_> {
             }
             Some(Shaped::Is(raw)) => raw,
         };
+        let mut raw = raw;
         let app = self.typed.app.map(str::to_owned);
-        for key in raw.keys.unknown {
+        for key in std::mem::take(&mut raw.keys.unknown) {
             self.typed.problems.push(Problem::UnknownKey {
                 app: app.clone(),
                 key: format!("HealthCheck.{key}"),
             });
         }
-        for key in raw.keys.twice {
+        for key in std::mem::take(&mut raw.keys.twice) {
             self.typed.problems.push(Problem::GivenTwice {
                 app: app.clone(),
                 key: format!("HealthCheck.{key}"),
@@ -384,7 +397,7 @@ impl Options<'_> {
         let ms = |n: i64| Duration::from_millis(n as u64);
         if let Some(n) = self.int(
             "HealthCheck.IntervalMs",
-            raw.interval_ms,
+            raw.interval_ms.take(),
             100,
             3_600_000,
             "a number of milliseconds from 100 to 3600000",
@@ -393,7 +406,7 @@ impl Options<'_> {
         }
         if let Some(n) = self.int(
             "HealthCheck.TimeoutMs",
-            raw.timeout_ms,
+            raw.timeout_ms.take(),
             10,
             600_000,
             "a number of milliseconds from 10 to 600000",
@@ -402,7 +415,7 @@ impl Options<'_> {
         }
         if let Some(n) = self.int(
             "HealthCheck.Fall",
-            raw.fall,
+            raw.fall.take(),
             1,
             100,
             "a number from 1 to 100",
@@ -411,13 +424,14 @@ impl Options<'_> {
         }
         if let Some(n) = self.int(
             "HealthCheck.Rise",
-            raw.rise,
+            raw.rise.take(),
             1,
             100,
             "a number from 1 to 100",
         ) {
             h.rise = n as u32;
         }
+        h.kind = check_kind(&mut self.typed, &mut raw, hostnames);
         h
     }
 }

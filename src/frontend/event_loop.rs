@@ -7,11 +7,13 @@
 use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
+use crate::admin::{ReloadOutcome, ReloadRequest};
 use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::routing::{Routes, Unrouted};
@@ -62,6 +64,8 @@ pub(super) struct Loop {
     backoff: Duration,
     /// When the next connection being drained (a removed port, a stop) is due to be cut.
     next_drain: Option<Instant>,
+    /// The admin socket's `reload` commands, each waiting for its outcome (they wake the loop).
+    admin_reloads: Option<Receiver<ReloadRequest>>,
 }
 
 /// The config in force and those who follow it: the routing table built from it, the health
@@ -114,6 +118,31 @@ impl Loop {
             backoff_until: None,
             backoff: Duration::ZERO,
             next_drain: None,
+            admin_reloads: None,
+        }
+    }
+
+    /// Take the admin socket's reload requests from now on.
+    pub(super) fn admin_reloads(&mut self, requests: Receiver<ReloadRequest>) {
+        self.admin_reloads = Some(requests);
+    }
+
+    /// Reload for each `reload` command waiting, and answer it with the outcome.
+    fn reload_for_admin(&mut self, poll: &Poll) {
+        let Some(requests) = &self.admin_reloads else {
+            return;
+        };
+        let waiting: Vec<ReloadRequest> = requests.try_iter().collect();
+        for request in waiting {
+            let outcome = if self.lifecycle.is_draining() {
+                ReloadOutcome::Rejected {
+                    problems: vec!["the proxy is stopping: nothing to reload".into()],
+                }
+            } else {
+                crate::info!("admin: reloading {}", self.settings.config.display());
+                self.reload(poll, true)
+            };
+            request.answer(outcome);
         }
     }
 
@@ -227,7 +256,7 @@ impl Loop {
                 let next = self.lifecycle.upgrade_progress(poll.registry());
                 self.carry_out(poll, next);
             }
-            WAKE => {}
+            WAKE => self.reload_for_admin(poll),
             listener => {
                 self.ready.insert(listener);
             }
@@ -416,7 +445,8 @@ impl Loop {
     }
 
     /// Re-read the config and apply it as a diff. Any error leaves the running config as it is.
-    fn reload(&mut self, poll: &Poll, forced: bool) {
+    /// What became of it is returned (for the admin socket's `reload`).
+    fn reload(&mut self, poll: &Poll, forced: bool) -> ReloadOutcome {
         let began = Instant::now();
         let path = self.settings.config.clone();
         // Stat before reading: a write that lands after the read then still shows as a change
@@ -439,7 +469,8 @@ impl Loop {
                     );
                     self.published.rejected(None);
                 }
-                return;
+                let problems = vec![format!("{}: {message}", path.display())];
+                return ReloadOutcome::Rejected { problems };
             }
             Err(LoadError::Invalid {
                 error,
@@ -447,11 +478,12 @@ impl Loop {
                 sha256,
             }) => {
                 self.watch.seen(sig, bytes);
-                for line in error.to_string().lines() {
+                let problems: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
+                for line in &problems {
                     crate::error!("reload rejected: {line}");
                 }
                 self.reject("", &sha256);
-                return;
+                return ReloadOutcome::Rejected { problems };
             }
         };
         let diff = Diff::between(&self.config, &new);
@@ -463,11 +495,13 @@ impl Loop {
             } else if forced {
                 crate::info!("reload: config unchanged sha256={sha}");
             }
-            return;
+            return ReloadOutcome::Unchanged { sha256: sha };
         }
         if let Err(e) = self.source.apply(poll.registry(), &new) {
             self.reject(&format!("{e}; "), &sha);
-            return;
+            return ReloadOutcome::Rejected {
+                problems: vec![e.to_string()],
+            };
         }
         self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
         self.checker.set(self.routes.backends());
@@ -490,6 +524,7 @@ impl Loop {
             "reload ok: {diff} took={:.3}ms sha256={sha}",
             began.elapsed().as_secs_f64() * 1000.0
         );
+        ReloadOutcome::Applied { sha256: sha }
     }
 
     /// A reload of the file hashing to `sha` failed (for `why`, or for reasons already

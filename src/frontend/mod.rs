@@ -4,6 +4,7 @@
 //!   `bpf` the bpf mode's (it drives the program in the top-level `bpf` folder).
 //! - `start`: start-up, from the command line's settings to a serving loop, and why it can
 //!   fail.
+//! - `control`: start-up's part for the admin socket and the runtime state it restores.
 //! - `candidate`: loading a config file as start-up, every reload and `flyproxy check` do
 //!   (read, validate, check for loops, hash).
 //! - `event_loop`: the listener loop (accepting within the bound, signals, reload ticks, drain
@@ -15,11 +16,12 @@
 //! - `tokens`: the loop's reserved tokens.
 //!
 //! Within the folder, a file imports only from files listed after it, never back up:
-//! `start` → `event_loop` → `candidate`, `lifecycle`, `signals`, `watch` → `bpf`, `simple`,
+//! `start` → `control`, `event_loop` → `candidate`, `lifecycle`, `signals`, `watch` → `bpf`, `simple`,
 //! `tokens` → `ports`. (`start` also uses most of the files below `event_loop` directly.)
 
 pub mod bpf;
 pub mod candidate;
+mod control;
 mod event_loop;
 mod lifecycle;
 pub mod ports;

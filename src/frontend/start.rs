@@ -21,6 +21,7 @@ use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
 use crate::frontend::candidate::{self, Candidate};
+use crate::frontend::control;
 use crate::frontend::event_loop::{InForce, Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
 use crate::frontend::ports::{PortError, PortSource};
@@ -68,6 +69,8 @@ pub enum StartError {
     PidFile(PidFileError),
     /// Switching to --user/--group failed.
     User(UserError),
+    /// The --admin-socket could not be created.
+    Admin(crate::admin::SocketError),
 }
 
 impl fmt::Display for StartError {
@@ -89,6 +92,7 @@ impl fmt::Display for StartError {
             ),
             StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
             StartError::User(e) => write!(f, "--user: {e}"),
+            StartError::Admin(e) => write!(f, "--admin-socket {e}"),
         }
     }
 }
@@ -177,11 +181,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if !upgraded {
         unannounced.0 = write_pid_file(&settings, run_as.as_ref());
     }
+    let admin = control::bind(&settings, run_as.as_ref(), upgraded).map_err(StartError::Admin)?;
     drop_privileges(&mode, &settings, run_as.as_ref())?;
     let (max_connections, fds) = fit_fd_limit(
         settings.max_connections,
         source.listeners() as u64,
-        settings.metrics.is_some(),
+        (settings.metrics.is_some(), settings.admin_socket.is_some()),
     );
     if let Some(limit) = fds.limit {
         // What the limit leaves beside the connections and everything reserved but the
@@ -194,6 +199,13 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
+    let parts = control::Parts {
+        published: &published,
+        conns: &conns,
+        slots: &slots,
+    };
+    let admin_reloads = control::start(admin, &settings, &routes, parts)
+        .map_err(|e| StartError::Os("cannot start the admin socket's thread", e))?;
     let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
         published: Arc::clone(&published),
@@ -249,6 +261,9 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         conns,
     };
     let mut lp = Loop::new(settings, watch, source, in_force, relay, lifecycle, signals);
+    if let Some(requests) = admin_reloads {
+        lp.admin_reloads(requests);
+    }
     lp.reload_if_hup_arrived(&poll);
     let result = lp.run(&mut poll);
     if !lp.handed_over() {
@@ -511,11 +526,17 @@ impl fmt::Display for FdBudget {
 /// Raise the open-file soft limit to the hard limit, and lower the connection bound if two
 /// descriptors per connection (client and backend) would not fit beside what is reserved:
 /// the listeners, the health checker's connects (`health::FDS`), the metrics endpoint's
-/// connections (`metrics::FDS`, with `--metrics`) and `FD_RESERVE`. Says so with the numbers.
-fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize, FdBudget) {
+/// connections (`metrics::FDS`, with `--metrics`), the admin socket's (`admin::FDS`, with
+/// `--admin-socket`; counted with the other) and `FD_RESERVE`. Says so with the numbers.
+fn fit_fd_limit(
+    max_connections: usize,
+    listeners: u64,
+    (metrics, admin): (bool, bool),
+) -> (usize, FdBudget) {
     let health_fds = crate::backends::health::FDS;
     let metrics_fds = if metrics { metrics::FDS } else { 0 };
-    let reserved = FD_RESERVE + listeners + health_fds + metrics_fds;
+    let other = FD_RESERVE + if admin { crate::admin::FDS } else { 0 };
+    let reserved = other + listeners + health_fds + metrics_fds;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -552,7 +573,7 @@ fn fit_fd_limit(max_connections: usize, listeners: u64, metrics: bool) -> (usize
     };
     if max_connections > fits {
         crate::warn!(
-            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {FD_RESERVE} other): lowering the bound to {}",
+            "--max-connections {max_connections} needs {} file descriptors but the open-file limit is {} ({reserved} reserved: {listeners} listeners, {health_fds} health checks, {metrics_fds} metrics, {other} other): lowering the bound to {}",
             max_connections as u64 * 2 + reserved,
             lim.rlim_cur,
             fits.max(1)

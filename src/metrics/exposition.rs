@@ -1,7 +1,9 @@
 //! The /metrics text: the Prometheus text exposition format 0.0.4, one family after another.
-//! The per-app families are `apps`'s, the per-target ones `targets`'s.
+//! The per-app families are `apps`'s, the per-target ones `targets`'s, the runtime state's
+//! (what the admin socket set) `runtime`'s.
 
 mod apps;
+mod runtime;
 mod targets;
 
 use std::collections::BTreeMap;
@@ -91,6 +93,7 @@ pub fn render(sources: &Sources) -> String {
     build_info(&mut out);
     apps::families(&mut out, apps);
     targets::families(&mut out, apps);
+    runtime::families(&mut out, apps);
     reload_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::metrics::status::{first, Status};
+use crate::metrics::status::{first, runtime_note, Status};
 
 /// Reload period when the URL does not ask for one (`?refresh=N`), and the bounds of N.
 pub const DEFAULT_REFRESH: u32 = 5;
@@ -90,7 +90,8 @@ reloads ok {}, rejected {}; config sha256 <code>{}</code>{}. \
         let ports: Vec<String> = app.ports.iter().map(u16::to_string).collect();
         let _ = write!(
             o,
-            "<h2 class=\"app\" data-app=\"{name}\">app {name}</h2>\n<p>ports {}",
+            "<h2 class=\"app\" data-app=\"{name}\">app {name}{}</h2>\n<p>ports {}",
+            if app.enabled { "" } else { " (disabled)" },
             esc(&first(&ports, 12)),
             name = esc(&app.name),
         );
@@ -123,7 +124,7 @@ refused: no target {}, limit {}, client limit {}</p>\n\
             let _ = writeln!(
                 o,
                 "<tr class=\"target\" data-app=\"{}\" data-target=\"{}\" data-state=\"{state}\">\
-<td>{}</td><td class=\"{state}\">{}</td>\
+<td>{}{}</td><td class=\"{state}\">{}</td>\
 <td class=\"since\" data-since=\"{:.3}\">{} ago</td><td>{}</td><td>{}</td>\
 <td data-rate=\"c{i}.{j}\" data-total=\"{}\">-</td><td>{}</td><td>{}</td><td>{}</td>\
 <td data-rate=\"b{i}.{j}\" data-total=\"{bytes}\">-</td>\
@@ -131,6 +132,7 @@ refused: no target {}, limit {}, client limit {}</p>\n\
                 esc(&app.name),
                 esc(&t.target),
                 esc(&t.target),
+                esc(&runtime_note(t)),
                 state.to_uppercase(),
                 t.since,
                 ago(st.time - t.since),

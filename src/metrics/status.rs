@@ -64,6 +64,9 @@ pub struct AppStatus {
     /// Client connections closed without a target, by reason (as the metrics name them).
     pub refused: Refused,
     pub targets: Vec<TargetStatus>,
+    /// False while the admin socket has it disabled (absent from an older flyproxy: true).
+    #[serde(default = "yes")]
+    pub enabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -71,6 +74,9 @@ pub struct Refused {
     pub connect_failed: u64,
     pub limit: u64,
     pub client_limit: u64,
+    /// Refused at accept while the app was disabled.
+    #[serde(default)]
+    pub disabled: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +101,42 @@ pub struct TargetStatus {
     /// kept once it is up again. None: none failed yet.
     #[serde(default)]
     pub last_check_error: Option<String>,
+    /// What the config or the admin socket says it may take: `"ready"`, `"drain"` or
+    /// `"maint"` (its health is `state`), its weight and whether it is a backup.
+    #[serde(default = "ready")]
+    pub admin_state: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub backup: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn ready() -> String {
+    "ready".into()
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What a target's runtime state adds to its line on the text and HTML pages: nothing when it
+/// is ready, of weight 1 and no backup.
+pub(super) fn runtime_note(t: &TargetStatus) -> String {
+    let mut note = String::new();
+    if t.admin_state != "ready" {
+        let _ = write!(note, " {}", t.admin_state);
+    }
+    if t.weight != 1 {
+        let _ = write!(note, " weight {}", t.weight);
+    }
+    if t.backup {
+        note.push_str(" backup");
+    }
+    note
 }
 
 /// The status now.
@@ -120,7 +162,9 @@ pub fn snapshot(sources: &Sources) -> Status {
                 connect_failed: load(&app.stats.failed),
                 limit: load(&app.stats.limited),
                 client_limit: load(&app.stats.client_limited),
+                disabled: load(&app.stats.refused_disabled),
             },
+            enabled: !app.stats.disabled.load(Ordering::Relaxed),
             targets: unique_backends(app)
                 .into_iter()
                 .map(|b| TargetStatus {
@@ -133,6 +177,9 @@ pub fn snapshot(sources: &Sources) -> Status {
                     connect_failures: b.failures.iter().map(load).sum(),
                     since: load(&b.changed_ms) as f64 / 1000.0,
                     last_check_error: b.last_error(),
+                    admin_state: b.state().as_str().into(),
+                    weight: b.weight(),
+                    backup: b.backup(),
                 })
                 .collect(),
         })
@@ -199,11 +246,12 @@ pub fn text(st: &Status) -> String {
         let ports: Vec<String> = app.ports.iter().map(u16::to_string).collect();
         let _ = writeln!(
             out,
-            "\napp {}  ports {}  open {}  accepted {}",
+            "\napp {}  ports {}  open {}  accepted {}{}",
             app.name,
             first(&ports, 12),
             app.open,
             app.accepted,
+            if app.enabled { "" } else { "  DISABLED" },
         );
         if !app.addresses.is_empty() {
             let _ = writeln!(out, "  addresses {}", first(&app.addresses, 8));
@@ -214,11 +262,12 @@ pub fn text(st: &Status) -> String {
         for t in &app.targets {
             let _ = writeln!(
                 out,
-                "  {:<40} {:<4} open {:<6} total {}",
+                "  {:<40} {:<4} open {:<6} total {}{}",
                 t.target,
                 if t.state == "up" { "up" } else { "DOWN" },
                 t.open,
                 t.total,
+                runtime_note(t),
             );
         }
     }

@@ -63,6 +63,14 @@ impl Slots {
         self.taken.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Wake the listener loop for something else it is asked to do (an admin socket's reload:
+    /// its poll has one waker, and it lives here).
+    pub fn wake_loop(&self) {
+        if let Err(e) = self.waker.wake() {
+            crate::error!("cannot wake the listener loop: {e}");
+        }
+    }
+
     /// From now on every slot given back wakes the loop, which exits when the last one is.
     pub fn wake_on_every_release(&self) {
         self.stopping.store(true, Ordering::Release);

@@ -412,9 +412,14 @@ macro_rules! info { ($($arg:tt)*) => { $crate::log_at!($crate::sys::log::Level::
 macro_rules! debug { ($($arg:tt)*) => { $crate::log_at!($crate::sys::log::Level::Debug, $($arg)*) }; }
 
 /// UTC wall-clock time in RFC 3339 with milliseconds, without a date crate.
-struct Timestamp(u64, u32);
+pub struct Timestamp(u64, u32);
 
 impl Timestamp {
+    /// The time `ms` milliseconds after the Unix epoch.
+    pub fn from_unix_ms(ms: u64) -> Timestamp {
+        Timestamp(ms / 1000, (ms % 1000) as u32)
+    }
+
     fn now() -> Timestamp {
         let d = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::greeting::Greeted;
 use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
 use crate::backends::limit::{Acquired, LimitDenied, LimitGuard, LimitWait};
+use crate::relay::conns::Phase;
 use crate::relay::park::{self, Side, Ticket};
 
 pub(super) struct Admission {
@@ -60,6 +61,7 @@ impl Admission {
                 match limit.acquire_or_wait(Box::new(move || waker.wake())) {
                     Ok(Acquired::Slot(slot)) => return Step::Done(self.admitted(conn, Some(slot))),
                     Ok(Acquired::Wait(w)) => {
+                        conn.reg.entry.set_phase(Phase::Queued);
                         let now = Instant::now();
                         self.queued = Some(now);
                         self.wait.insert((w, now + timeouts.connect))
@@ -73,7 +75,8 @@ impl Admission {
             return Step::Done(self.admitted(conn, Some(slot)));
         }
         if conn.reg.entry.was_drained() {
-            return Step::End(self.route.ending(None, "drained", None));
+            let end = conn.reg.entry.cut_end();
+            return Step::End(self.route.ending(None, end, None));
         }
         if conn.woke.gone(Side::Client) {
             return Step::End(self.route.client_gone(conn));

@@ -17,6 +17,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::admission::Admitted;
@@ -93,7 +94,8 @@ impl Connecting {
         }
         if conn.reg.entry.was_drained() {
             let target = self.target_name();
-            return Step::End(self.route.ending(target, "drained", None));
+            let end = conn.reg.entry.cut_end();
+            return Step::End(self.route.ending(target, end, None));
         }
         if let Stage::Dialing(dial) = &mut self.stage {
             let mut notify = || -> Notify {
@@ -149,7 +151,10 @@ impl Connecting {
                     }
                     // TCP_NODELAY and non-blocking come from the connect (`dial`).
                     conn.reg.entry.backend.get_or_init(|| backend);
-                    connected(conn, dial, &self.route);
+                    let _ = conn.reg.entry.target.set(Arc::clone(target.backend()));
+                    let took = connected(conn, dial, &self.route);
+                    let us = took.as_micros().min(u128::from(u64::MAX)) as u64;
+                    target.backend().connect_us.fetch_add(us, Ordering::Relaxed);
                     self.stage = self.sending(target, conn, timeouts);
                 }
             }
@@ -258,8 +263,8 @@ impl Connecting {
 }
 
 /// Note how the connect went, for the log line and the app's histogram: the time since the
-/// target connected to was picked, and the targets tried before it.
-fn connected(conn: &mut Conn, dial: &Dial, route: &Route) {
+/// target connected to was picked, and the targets tried before it. That time is returned.
+fn connected(conn: &mut Conn, dial: &Dial, route: &Route) -> Duration {
     let t = &mut conn.timings;
     let now = Instant::now();
     let took = dial
@@ -269,6 +274,7 @@ fn connected(conn: &mut Conn, dial: &Dial, route: &Route) {
     t.connect = Some(took);
     t.connected = Some(now);
     tried(conn, dial);
+    took
 }
 
 /// Note the targets tried so far, and those that failed.

@@ -118,7 +118,7 @@ fn route(conn: &mut Conn, choice: Choice, unrouted: &UnroutedCounts) -> Step<Gre
         Ok(app) => app,
         Err(why) => {
             let end = if conn.reg.entry.was_drained() {
-                "drained"
+                conn.reg.entry.cut_end()
             } else {
                 unrouted.count(conn.local.port(), why);
                 "no_route"
@@ -135,6 +135,24 @@ fn route(conn: &mut Conn, choice: Choice, unrouted: &UnroutedCounts) -> Step<Gre
             });
         }
     };
+    let _ = conn.reg.entry.app.set(Arc::clone(&app));
+    if app.stats.disabled.load(Ordering::Relaxed) {
+        // `disable app`: refused as it would be at accept, with a reset, before it counts
+        // anywhere (where the server name picks the app, it is known only now).
+        app.stats.refused_disabled.fetch_add(1, Ordering::Relaxed);
+        crate::sys::net::reset_on_close(&conn.reg.entry.client);
+        return Step::End(Ending {
+            app: Some(app),
+            active: false,
+            target: None,
+            moved: (0, 0),
+            end: "disabled",
+            // An operator's choice, not a fault: logged at info, saying how to undo it.
+            reason: None,
+            detail: Some("the app is disabled (flyproxy ctl enable app)"),
+            sni,
+        });
+    }
     if let Err(reached) = conn.client_slots.take_app(&app, conn.peer) {
         let reason = per_client::refused(Some(&app), reached);
         return Step::End(Ending {

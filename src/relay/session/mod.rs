@@ -45,7 +45,7 @@ use std::time::Instant;
 use crate::backends::resolver::Resolver;
 use crate::backends::routing::{Binding, UnroutedCounts};
 use crate::relay::access_log::{ConnLine, Timings};
-use crate::relay::conns::Conns;
+use crate::relay::conns::{self, Conns};
 use crate::relay::park::{self, Lot, Side, Wakeable, Woke};
 use crate::relay::per_client::ClientSlots;
 use crate::relay::pool::Turn;
@@ -118,6 +118,17 @@ enum Phase {
     Relaying(Relaying),
 }
 
+impl Phase {
+    /// The phase `show conns` names (an admission that waits says `queued` itself).
+    fn shown(&self) -> conns::Phase {
+        match self {
+            Phase::Greeting(_) | Phase::Admission(_) => conns::Phase::Greeting,
+            Phase::Connecting(_) => conns::Phase::Connecting,
+            Phase::Relaying(_) => conns::Phase::Relaying,
+        }
+    }
+}
+
 /// What a phase is done with: what the next one starts from.
 enum Done {
     Greeted(Greeted),
@@ -152,6 +163,7 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
         match step {
             Step::Done(done) => {
                 s.phase = upgrade(done);
+                s.conn.reg.entry.set_phase(s.phase.shown());
             }
             Step::End(ending) => {
                 end(s.conn, ending, cx);
@@ -193,7 +205,7 @@ impl Session {
         } = incoming;
         Box::new(Session {
             conn: Conn {
-                reg: cx.conns.register(local.port(), client, accepted),
+                reg: cx.conns.register(local.port(), client, peer, accepted),
                 peer,
                 local,
                 accepted,

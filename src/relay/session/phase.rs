@@ -128,7 +128,7 @@ impl Route {
     /// (A drain shuts the client socket down too, which looks the same: said as a drain.)
     pub(super) fn client_gone(self, conn: &Conn) -> Ending {
         if conn.reg.entry.was_drained() {
-            return self.ending(None, "drained", None);
+            return self.ending(None, conn.reg.entry.cut_end(), None);
         }
         let why = "the client reset before a target was connected";
         self.ending(None, "reset", Some(why.into()))

@@ -56,6 +56,8 @@ impl Relaying {
         let counters = Counters {
             up: &bytes.bytes_up,
             down: &bytes.bytes_down,
+            conn: Some(&conn.reg.entry),
+            sent_before: self.first_bytes,
         };
         let pause = self.relay.run(
             &conn.reg.entry.client,
@@ -88,7 +90,7 @@ impl Relaying {
     fn ended(self, conn: &Conn, end: End) -> Ending {
         let (up, down) = self.relay.moved();
         let how = if conn.reg.entry.was_drained() {
-            "drained"
+            conn.reg.entry.cut_end()
         } else {
             end.as_str()
         };

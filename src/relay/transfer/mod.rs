@@ -22,6 +22,7 @@ use std::net::TcpStream;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use crate::relay::conns::OpenConn;
 use crate::relay::park::{self, Woke};
 use direction::Direction;
 
@@ -82,10 +83,14 @@ pub struct Relay {
     hup: [bool; 2],
 }
 
-/// The two live counters (the target's, for metrics) that delivered bytes are added to.
+/// The two live counters (the target's, for metrics) that delivered bytes are added to, and
+/// the connection's entry in the table of open connections, where its own totals are
+/// published (with the bytes sent before relaying, `sent_before`) as they move.
 pub struct Counters<'a> {
     pub up: &'a AtomicU64,
     pub down: &'a AtomicU64,
+    pub conn: Option<&'a OpenConn>,
+    pub sent_before: u64,
 }
 
 impl Default for Relay {
@@ -202,6 +207,9 @@ impl Relay {
             let now = Instant::now();
             if a.moved || b.moved {
                 self.last_activity = now;
+                if let Some(c) = counters.conn {
+                    c.moved(self.up.moved + counters.sent_before, self.down.moved, now);
+                }
             }
             if self.up.done() && self.down.done() {
                 return Pause::Ended(End::Closed);

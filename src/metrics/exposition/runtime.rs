@@ -1,0 +1,56 @@
+//! The runtime state's families (issue 22): what an operator set through the admin socket, as
+//! gauges an alert can watch (a target left in drain, an app left disabled).
+//! `flyproxy_target_state{app,target,state}` is 1 for the state a target is in and 0 for the
+//! others; `flyproxy_app_enabled{app}` 1 or 0; `flyproxy_app_refused_disabled_total{app}` the
+//! connections refused while the app was disabled.
+
+use std::sync::atomic::Ordering;
+
+use super::{unique_backends, Apps, Family};
+use crate::backends::backend::TargetState;
+
+pub(super) fn families(out: &mut String, apps: &Apps) {
+    let name = "flyproxy_target_state";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "1 for the state a target is in (ready, drain or maint; set by the config's Drain or the admin socket), 0 for the others.",
+    );
+    for (app, _) in apps {
+        for b in unique_backends(app) {
+            let target = b.target.to_string();
+            let now = b.state();
+            for state in TargetState::ALL {
+                let labels = [
+                    ("app", app.name.as_str()),
+                    ("target", target.as_str()),
+                    ("state", state.as_str()),
+                ];
+                f.sample(name, &labels, u8::from(state == now));
+            }
+        }
+    }
+    let name = "flyproxy_app_enabled";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "1 if the app takes new connections, 0 if the admin socket disabled it.",
+    );
+    for (app, _) in apps {
+        let enabled = !app.stats.disabled.load(Ordering::Relaxed);
+        f.sample(name, &[("app", app.name.as_str())], u8::from(enabled));
+    }
+    let name = "flyproxy_app_refused_disabled_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Connections refused (reset) because the app was disabled, by app.",
+    );
+    for (app, _) in apps {
+        let n = app.stats.refused_disabled.load(Ordering::Relaxed);
+        f.sample(name, &[("app", app.name.as_str())], n);
+    }
+}
