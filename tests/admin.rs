@@ -597,6 +597,32 @@ fn commands_errors_and_ctl_exit_codes() {
     assert_eq!(run(&["ctl", "-s", s]).code, Some(2));
 }
 
+/// With `--user nobody`, the socket (created as root, before the switch) is nobody's and its
+/// group's, mode 0660, and the proxy (now nobody) serves it.
+#[test]
+fn the_socket_belongs_to_the_user_and_group_it_runs_as() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        eprintln!("skipping: switching user needs root");
+        return;
+    }
+    let echo = Backend::echo();
+    let target = echo.target();
+    let p = Proxy::simple()
+        .ports(1, move |ports| {
+            config(&[app("web", ports, std::slice::from_ref(&target))])
+        })
+        .args(&["--user", "nobody"])
+        .file_arg("--admin-socket", SOCKET)
+        .start();
+    p.wait_log("running as", |l| l.contains("running as user nobody"));
+    let sock = socket_of(&p);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert!(ok(&sock, "show apps").starts_with("app=web "));
+}
+
 /// A second proxy on a socket path a live one answers on refuses to start; a stale socket file
 /// (nobody answers) is replaced.
 #[test]
