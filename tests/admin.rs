@@ -439,6 +439,17 @@ fn state_file_survives_a_restart_and_a_corrupt_one_is_a_warning() {
     assert!(warning.contains("starting as the config says"), "{warning}");
     let sock = socket_of(&p);
     assert_eq!(value(&target_line(&sock, "web", &ta), "state"), "ready");
+    drop(p);
+
+    // A FIFO put there cannot stall the start (nothing would ever write to it).
+    std::fs::remove_file(&state_file).unwrap();
+    let c = std::ffi::CString::new(state_file.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let p = launch(ta.clone(), tb.clone()).start();
+    p.wait_log("a warning about the FIFO", |l| {
+        l.contains(" WARN ") && l.contains("--state-file") && l.contains("FIFO")
+    });
 }
 
 /// `flyproxy upgrade` hands the runtime state to the new process, which then answers on the

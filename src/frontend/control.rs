@@ -12,7 +12,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{self, ReloadRequest, Reloader, RuntimeState, Shared, SocketError};
+use crate::admin::{self, ReloadRequest, Reloader, RuntimeState, Shared, SocketError, StateError};
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
 use crate::metrics::Published;
@@ -87,6 +87,10 @@ pub(super) fn start(
     if let Some(path) = &settings.state_file {
         match runtime.load_file(routes) {
             Ok(applied) => restored(&format!("--state-file {}", path.display()), &applied),
+            Err(e @ StateError::Parse(_)) => crate::warn!(
+                "--state-file {}: {e}; starting as the config says",
+                path.display()
+            ),
             Err(e) => crate::warn!("{e}; starting as the config says"),
         }
     }
