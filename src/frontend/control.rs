@@ -107,8 +107,11 @@ pub(super) fn start(
     let Some(listener) = bound.listener else {
         return Ok(None);
     };
+    // The `reload` command's one connection to the reload: through the listener loop, which
+    // reloads itself when woken.
     let slots = Arc::clone(parts.slots);
-    let (reloader, requests) = Reloader::new(Arc::new(move || slots.wake_loop()));
+    let (reload_now, requests) = admin::through_loop(Arc::new(move || slots.wake_loop()));
+    let reloader = Reloader::new(reload_now);
     let shared = Shared {
         published: Arc::clone(parts.published),
         conns: Arc::clone(parts.conns),
