@@ -152,7 +152,7 @@ fn run_words(words: &[&str], shared: &Shared) -> Result<Answer, String> {
             let noun = if n == 1 { "connection" } else { "connections" };
             done(format!("ok: killed {n} {noun}\n"))
         }
-        ["reload"] => Ok(Answer::Reload(shared.reloader.request())),
+        ["reload"] => shared.reloader.request().map(Answer::Reload),
         _ => Err(unknown(words)),
     }
 }
