@@ -251,14 +251,17 @@ two_modes!(
 );
 
 /// `show conns` tells a connection waiting for its ClientHello (greeting), one waiting for its
-/// app's slot (queued) and one relaying; `kill conn` ends the one named, alone, logged
-/// `end=killed`; `kill conns APP` ends the rest of the app's.
+/// app's slot (queued), one connecting to a target that does not answer, and one relaying;
+/// `kill conn` ends the one named, alone, logged `end=killed`; `kill conns APP` ends the rest
+/// of the app's.
 #[test]
 fn show_conns_phases_and_kill() {
     let echo = Backend::echo();
     let target = echo.target();
+    let hole = Blackhole::new();
+    let hole_target = hole.target();
     let p = Proxy::simple()
-        .ports(2, move |ports| {
+        .ports(3, move |ports| {
             config(&[
                 app_with(
                     "tls",
@@ -268,10 +271,11 @@ fn show_conns_phases_and_kill() {
                 ),
                 app_with(
                     "limited",
-                    &ports[1..],
+                    &ports[1..2],
                     std::slice::from_ref(&target),
                     json!({"MaxConnections": 1}),
                 ),
+                app("hole", &ports[2..], std::slice::from_ref(&hole_target)),
             ])
         })
         .args(&["--preread-timeout", "60s", "--connect-timeout", "60s"])
@@ -282,6 +286,7 @@ fn show_conns_phases_and_kill() {
     let mut relaying = connect(p.v4(1));
     roundtrip(&mut relaying, b"relayed\n");
     let queued = connect(p.v4(1));
+    let connecting = connect(p.v4(2));
     let line_of = |s: &TcpStream, conns: &str| -> Option<String> {
         let client = format!("client={}", s.local_addr().unwrap());
         conns
@@ -289,12 +294,16 @@ fn show_conns_phases_and_kill() {
             .find(|l| l.contains(&client))
             .map(str::to_owned)
     };
-    let conns = wait_for("the queued connection in show conns", WAIT, || {
+    let conns = wait_for("the queued and connecting ones in show conns", WAIT, || {
         let conns = ok(&sock, "show conns");
-        line_of(&queued, &conns)
-            .is_some_and(|l| value(&l, "phase") == "queued")
-            .then_some(conns)
+        let phase = |s: &TcpStream| line_of(s, &conns).map(|l| value(&l, "phase"));
+        (phase(&queued).as_deref() == Some("queued")
+            && phase(&connecting).as_deref() == Some("connecting"))
+        .then_some(conns)
     });
+    let c = line_of(&connecting, &conns).unwrap();
+    assert_eq!(value(&c, "app"), "hole", "{conns}");
+    assert_eq!(value(&c, "target"), "-", "not connected yet: {conns}");
     let g = line_of(&greeting, &conns).expect("the greeting connection is listed");
     assert_eq!(value(&g, "phase"), "greeting", "{conns}");
     assert_eq!(
