@@ -227,10 +227,19 @@ fn disable_refuses_new_and_keeps_open(env: Env) {
         ok(&sock, "show apps").contains("app=web ")
             && ok(&sock, "show apps").contains(" state=disabled ")
     );
-    let mut refused = connect(p.v4(0));
-    let _ = refused.write_all(b"x");
-    expect_reset(&mut refused, "a connection to a disabled app");
-    let line = p.wait_conn(refused.local_addr().unwrap());
+    let mark = p.mark();
+    // Reset at once: so soon that the connect itself may report it.
+    match TcpStream::connect(p.v4(0)) {
+        Ok(mut refused) => {
+            let _ = refused.write_all(b"x");
+            expect_reset(&mut refused, "a connection to a disabled app");
+        }
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    let line = p.wait_log_since(mark, "the refused connection's line", |l| {
+        ConnLine::parse(l).is_some()
+    });
+    let line = ConnLine::parse(&line).unwrap();
     assert_eq!(line.end, "disabled", "{}", line.line);
     assert_eq!(line.app, "web");
     roundtrip(&mut open, b"the open one goes on\n");
