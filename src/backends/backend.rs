@@ -349,6 +349,8 @@ pub enum ConnectError {
     Other(io::Error),
     /// Every address the target resolved to is this proxy's own frontend (see `loops`).
     Loop(SocketAddr),
+    /// Connected, but the target's answer to an http or tls health check failed it (why).
+    Unhealthy(String),
 }
 
 impl fmt::Display for ConnectError {
@@ -366,6 +368,7 @@ impl fmt::Display for ConnectError {
                 f,
                 "resolves to {a}, this proxy's own frontend: not connected, it would loop"
             ),
+            ConnectError::Unhealthy(why) => f.write_str(why),
         }
     }
 }
@@ -386,7 +389,9 @@ impl ConnectError {
             ConnectError::Unresolvable(_) | ConnectError::ResolverBusy => 0,
             ConnectError::Refused => 1,
             ConnectError::Timeout | ConnectError::LookupTimeout => 2,
-            ConnectError::Other(_) => 3,
+            // Never a connect's failure (only a check's), so never counted by reason; "error"
+            // should it ever be.
+            ConnectError::Other(_) | ConnectError::Unhealthy(_) => 3,
             ConnectError::Loop(_) => 4,
         }
     }
@@ -424,6 +429,7 @@ impl ConnectError {
             ConnectError::LookupTimeout => ConnectError::LookupTimeout,
             ConnectError::Other(e) => ConnectError::Other(copy(e)),
             ConnectError::Loop(a) => ConnectError::Loop(*a),
+            ConnectError::Unhealthy(why) => ConnectError::Unhealthy(why.clone()),
         }
     }
 
