@@ -1741,6 +1741,40 @@ fn a_drain_in_the_file_keeps_new_connections_off_and_open_ones_going() {
     );
 }
 
+/// Issue 22: a reload that changes a Weight in the file applies it (round robin shows it
+/// exactly: 1:1, then 1:3), and the targets keep their state (no target is new to the reload).
+#[test]
+fn a_reload_that_changes_a_weight_applies_it() {
+    let a = Server::tagged("a");
+    let b = Server::tagged("b");
+    let with = |wb: u32, ports: &[u16]| {
+        config(&[
+            json!({"Name": "rw", "Ports": ports, "Balance": "round-robin", "Targets": [
+                a.target(), {"Address": b.target(), "Weight": wb},
+            ]}),
+        ])
+    };
+    let p = Proxy::simple()
+        .ports(1, |ports| with(1, ports))
+        .args(&["--reload-interval", "100ms"])
+        .start();
+    let got = count(&tags(p.v4(0), 40));
+    assert_eq!(
+        got,
+        BTreeMap::from([("a".into(), 20), ("b".into(), 20)]),
+        "{got:?}"
+    );
+    let mark = p.mark();
+    p.rewrite_config(&with(3, &p.ports));
+    p.wait_reload_ok(mark);
+    let got = count(&tags(p.v4(0), 40));
+    assert_eq!(
+        got,
+        BTreeMap::from([("a".into(), 10), ("b".into(), 30)]),
+        "{got:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Health check kinds: http and tls
 

@@ -583,3 +583,6 @@ fn interval_of(b: &Backend) -> Duration {
         check.interval
     }
 }
+
+#[cfg(test)]
+mod tests;

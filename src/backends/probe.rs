@@ -369,6 +369,34 @@ mod tests {
         }
     }
 
+    /// A peer that takes any request and answers without end.
+    struct Endless;
+    impl Read for Endless {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            buf.fill(b'x');
+            Ok(buf.len())
+        }
+    }
+    impl Write for Endless {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_endless_answer_is_read_only_to_the_bound() {
+        let mut ex = Exchange::new(b"GET / HTTP/1.1\r\n\r\n".to_vec());
+        assert!(!ex.step(&mut Endless).unwrap(), "not closed");
+        assert_eq!(ex.answer().len(), READ_MAX);
+        assert!(!ex.step(&mut Endless).unwrap(), "nothing more is read");
+        assert_eq!(ex.answer().len(), READ_MAX);
+        let k = CheckKind::Tls { server_name: None };
+        assert!(matches!(judge(&k, ex.answer(), false), Verdict::Fail(_)));
+    }
+
     #[test]
     fn tls_server_name_is_never_an_address() {
         let k = CheckKind::Tls { server_name: None };
