@@ -1741,6 +1741,30 @@ fn a_drain_in_the_file_keeps_new_connections_off_and_open_ones_going() {
     );
 }
 
+/// An app whose every target is drained takes no connection: each is closed at once, logged
+/// `end=connect_failed` with why, and no target sees it.
+#[test]
+fn every_target_drained_closes_new_connections_saying_why() {
+    let a = Server::tagged("a");
+    let targets = json!([{"Address": a.target(), "Drain": true}]);
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[json!({"Name": "none", "Ports": ports, "Targets": targets})])
+        })
+        .start();
+    let mut s = connect(p.v4(0));
+    let client = s.local_addr().unwrap();
+    expect_closed(&mut s, WAIT);
+    let line = p.wait_conn(client);
+    assert_eq!(line.end, "connect_failed", "{}", line.line);
+    let reason = line.reason.unwrap_or_default();
+    assert!(
+        reason.contains("no target takes new connections"),
+        "{reason:?}"
+    );
+    assert_eq!(a.served(), 0);
+}
+
 /// Issue 22: a reload that changes a Weight in the file applies it (round robin shows it
 /// exactly: 1:1, then 1:3), and the targets keep their state (no target is new to the reload).
 #[test]

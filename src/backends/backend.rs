@@ -206,6 +206,13 @@ impl Backend {
         self.state() == TargetState::Ready && self.weight() > 0
     }
 
+    /// The app's check interval and timeout, without copying the rest of its settings (the
+    /// checker reads them for every backend at every scan).
+    pub fn check_timing(&self) -> (std::time::Duration, std::time::Duration) {
+        let check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+        (check.interval, check.timeout)
+    }
+
     pub fn check_settings(&self) -> HealthCheck {
         self.check.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -456,6 +463,12 @@ pub struct AllFailed(pub Vec<(Arc<Backend>, ConnectError)>);
 
 impl fmt::Display for AllFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            // Nothing was tried: the pick found no target taking new connections.
+            return f.write_str(
+                "no target takes new connections (each is drained, in maintenance or weighted 0)",
+            );
+        }
         for (i, (b, e)) in self.0.iter().enumerate() {
             if i > 0 {
                 write!(f, "; ")?;

@@ -253,7 +253,7 @@ impl Run {
         let mut due: Vec<(Instant, &Probe)> = Vec::new();
         for (target, backends) in &self.targets {
             for b in backends {
-                next = next.min(now + b.check_settings().interval);
+                next = next.min(now + b.check_timing().0);
             }
             if self.checks.contains_key(target) {
                 continue;
@@ -535,7 +535,7 @@ impl Run {
             }
             let own = match &result {
                 // Connected, but later than this app allows.
-                Ok(()) if took > b.check_settings().timeout => Err(ConnectError::Timeout),
+                Ok(()) if took > b.check_timing().1 => Err(ConnectError::Timeout),
                 Ok(()) => Ok(()),
                 Err(e) => Err(e.clone_kind()),
             };
@@ -552,7 +552,7 @@ impl Check {
         let timeout = self
             .backends
             .iter()
-            .map(|b| b.check_settings().timeout)
+            .map(|b| b.check_timing().1)
             .max()
             .unwrap_or_default();
         self.deadline = Some(self.began + timeout);
@@ -576,11 +576,11 @@ fn checked(b: &Backend) -> bool {
 }
 
 fn interval_of(b: &Backend) -> Duration {
-    let check = b.check_settings();
+    let (interval, _) = b.check_timing();
     if b.is_up() {
-        check.interval * UP_CHECK_FACTOR
+        interval * UP_CHECK_FACTOR
     } else {
-        check.interval
+        interval
     }
 }
 
