@@ -356,6 +356,39 @@ fn show_conns_phases_and_kill() {
     assert!(ask(&sock, &format!("kill conn {id}")).starts_with("error: no open connection with id"));
 }
 
+/// A target a reload removed keeps its open connections (the port stays): they are still
+/// listed and killed by its name; once none is open, the name is an error again.
+#[test]
+fn connections_of_a_removed_target_are_still_reached() {
+    let (a, b) = (Backend::echo(), Backend::echo());
+    let (ta, tb) = (a.target(), b.target());
+    let p = Proxy::simple()
+        .ports(1, {
+            let ta = ta.clone();
+            move |ports| config(&[app("web", ports, std::slice::from_ref(&ta))])
+        })
+        .fast_reload()
+        .file_arg("--admin-socket", SOCKET)
+        .start();
+    let sock = socket_of(&p);
+    let mut on_a = connect(p.v4(0));
+    roundtrip(&mut on_a, b"to a\n");
+    p.reload(&config(&[app("web", &p.ports, std::slice::from_ref(&tb))]));
+    let listed = ok(&sock, &format!("show conns web {ta}"));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert_eq!(
+        ok(&sock, &format!("kill conns web {ta}")),
+        "ok: killed 1 connection\n"
+    );
+    expect_closed(&mut on_a, WAIT);
+    assert_eq!(p.wait_conn(on_a.local_addr().unwrap()).end, "killed");
+    let gone = wait_for("the killed connection out of the table", WAIT, || {
+        let answer = ask(&sock, &format!("kill conns web {ta}"));
+        answer.starts_with("error:").then_some(answer)
+    });
+    assert!(gone.contains(&format!("has no target \"{ta}\"")), "{gone}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Runtime state over reloads, upgrades and restarts
 
