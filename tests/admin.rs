@@ -227,10 +227,19 @@ fn disable_refuses_new_and_keeps_open(env: Env) {
         ok(&sock, "show apps").contains("app=web ")
             && ok(&sock, "show apps").contains(" state=disabled ")
     );
-    let mut refused = connect(p.v4(0));
-    let _ = refused.write_all(b"x");
-    expect_reset(&mut refused, "a connection to a disabled app");
-    let line = p.wait_conn(refused.local_addr().unwrap());
+    let mark = p.mark();
+    // Reset at once: so soon that the connect itself may report it.
+    match TcpStream::connect(p.v4(0)) {
+        Ok(mut refused) => {
+            let _ = refused.write_all(b"x");
+            expect_reset(&mut refused, "a connection to a disabled app");
+        }
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    let line = p.wait_log_since(mark, "the refused connection's line", |l| {
+        ConnLine::parse(l).is_some()
+    });
+    let line = ConnLine::parse(&line).unwrap();
     assert_eq!(line.end, "disabled", "{}", line.line);
     assert_eq!(line.app, "web");
     roundtrip(&mut open, b"the open one goes on\n");
@@ -251,14 +260,17 @@ two_modes!(
 );
 
 /// `show conns` tells a connection waiting for its ClientHello (greeting), one waiting for its
-/// app's slot (queued) and one relaying; `kill conn` ends the one named, alone, logged
-/// `end=killed`; `kill conns APP` ends the rest of the app's.
+/// app's slot (queued), one connecting to a target that does not answer, and one relaying;
+/// `kill conn` ends the one named, alone, logged `end=killed`; `kill conns APP` ends the rest
+/// of the app's.
 #[test]
 fn show_conns_phases_and_kill() {
     let echo = Backend::echo();
     let target = echo.target();
+    let hole = Blackhole::new();
+    let hole_target = hole.target();
     let p = Proxy::simple()
-        .ports(2, move |ports| {
+        .ports(3, move |ports| {
             config(&[
                 app_with(
                     "tls",
@@ -268,10 +280,11 @@ fn show_conns_phases_and_kill() {
                 ),
                 app_with(
                     "limited",
-                    &ports[1..],
+                    &ports[1..2],
                     std::slice::from_ref(&target),
                     json!({"MaxConnections": 1}),
                 ),
+                app("hole", &ports[2..], std::slice::from_ref(&hole_target)),
             ])
         })
         .args(&["--preread-timeout", "60s", "--connect-timeout", "60s"])
@@ -282,6 +295,7 @@ fn show_conns_phases_and_kill() {
     let mut relaying = connect(p.v4(1));
     roundtrip(&mut relaying, b"relayed\n");
     let queued = connect(p.v4(1));
+    let connecting = connect(p.v4(2));
     let line_of = |s: &TcpStream, conns: &str| -> Option<String> {
         let client = format!("client={}", s.local_addr().unwrap());
         conns
@@ -289,12 +303,16 @@ fn show_conns_phases_and_kill() {
             .find(|l| l.contains(&client))
             .map(str::to_owned)
     };
-    let conns = wait_for("the queued connection in show conns", WAIT, || {
+    let conns = wait_for("the queued and connecting ones in show conns", WAIT, || {
         let conns = ok(&sock, "show conns");
-        line_of(&queued, &conns)
-            .is_some_and(|l| value(&l, "phase") == "queued")
-            .then_some(conns)
+        let phase = |s: &TcpStream| line_of(s, &conns).map(|l| value(&l, "phase"));
+        (phase(&queued).as_deref() == Some("queued")
+            && phase(&connecting).as_deref() == Some("connecting"))
+        .then_some(conns)
     });
+    let c = line_of(&connecting, &conns).unwrap();
+    assert_eq!(value(&c, "app"), "hole", "{conns}");
+    assert_eq!(value(&c, "target"), "-", "not connected yet: {conns}");
     let g = line_of(&greeting, &conns).expect("the greeting connection is listed");
     assert_eq!(value(&g, "phase"), "greeting", "{conns}");
     assert_eq!(
@@ -336,6 +354,39 @@ fn show_conns_phases_and_kill() {
     expect_closed(&mut queued, WAIT);
     assert_eq!(p.wait_conn(queued.local_addr().unwrap()).end, "killed");
     assert!(ask(&sock, &format!("kill conn {id}")).starts_with("error: no open connection with id"));
+}
+
+/// A target a reload removed keeps its open connections (the port stays): they are still
+/// listed and killed by its name; once none is open, the name is an error again.
+#[test]
+fn connections_of_a_removed_target_are_still_reached() {
+    let (a, b) = (Backend::echo(), Backend::echo());
+    let (ta, tb) = (a.target(), b.target());
+    let p = Proxy::simple()
+        .ports(1, {
+            let ta = ta.clone();
+            move |ports| config(&[app("web", ports, std::slice::from_ref(&ta))])
+        })
+        .fast_reload()
+        .file_arg("--admin-socket", SOCKET)
+        .start();
+    let sock = socket_of(&p);
+    let mut on_a = connect(p.v4(0));
+    roundtrip(&mut on_a, b"to a\n");
+    p.reload(&config(&[app("web", &p.ports, std::slice::from_ref(&tb))]));
+    let listed = ok(&sock, &format!("show conns web {ta}"));
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert_eq!(
+        ok(&sock, &format!("kill conns web {ta}")),
+        "ok: killed 1 connection\n"
+    );
+    expect_closed(&mut on_a, WAIT);
+    assert_eq!(p.wait_conn(on_a.local_addr().unwrap()).end, "killed");
+    let gone = wait_for("the killed connection out of the table", WAIT, || {
+        let answer = ask(&sock, &format!("kill conns web {ta}"));
+        answer.starts_with("error:").then_some(answer)
+    });
+    assert!(gone.contains(&format!("has no target \"{ta}\"")), "{gone}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,6 +490,17 @@ fn state_file_survives_a_restart_and_a_corrupt_one_is_a_warning() {
     assert!(warning.contains("starting as the config says"), "{warning}");
     let sock = socket_of(&p);
     assert_eq!(value(&target_line(&sock, "web", &ta), "state"), "ready");
+    drop(p);
+
+    // A FIFO put there cannot stall the start (nothing would ever write to it).
+    std::fs::remove_file(&state_file).unwrap();
+    let c = std::ffi::CString::new(state_file.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let p = launch(ta.clone(), tb.clone()).start();
+    p.wait_log("a warning about the FIFO", |l| {
+        l.contains(" WARN ") && l.contains("--state-file") && l.contains("FIFO")
+    });
 }
 
 /// `flyproxy upgrade` hands the runtime state to the new process, which then answers on the
@@ -595,6 +657,32 @@ fn commands_errors_and_ctl_exit_codes() {
         nobody.stderr
     );
     assert_eq!(run(&["ctl", "-s", s]).code, Some(2));
+}
+
+/// With `--user nobody`, the socket (created as root, before the switch) is nobody's and its
+/// group's, mode 0660, and the proxy (now nobody) serves it.
+#[test]
+fn the_socket_belongs_to_the_user_and_group_it_runs_as() {
+    use std::os::unix::fs::MetadataExt;
+    if !is_root() {
+        eprintln!("skipping: switching user needs root");
+        return;
+    }
+    let echo = Backend::echo();
+    let target = echo.target();
+    let p = Proxy::simple()
+        .ports(1, move |ports| {
+            config(&[app("web", ports, std::slice::from_ref(&target))])
+        })
+        .args(&["--user", "nobody"])
+        .file_arg("--admin-socket", SOCKET)
+        .start();
+    p.wait_log("running as", |l| l.contains("running as user nobody"));
+    let sock = socket_of(&p);
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert!(ok(&sock, "show apps").starts_with("app=web "));
 }
 
 /// A second proxy on a socket path a live one answers on refuses to start; a stale socket file

@@ -1588,3 +1588,388 @@ fn max_connections_waiter_that_resets_leaves_at_once() {
     let mut next = connect(p.v4(0));
     roundtrip(&mut next, b"next gets the slot");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Target weights, backups and the config's Drain
+
+/// `n` connections (`try_tagged`) made by `threads` client threads at once; the tag of each.
+fn tags_from_threads(addr: SocketAddr, n: usize, threads: usize) -> Vec<String> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<JoinHandle<Vec<String>>> = (0..threads)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            thread::spawn(move || {
+                let mut got = Vec::new();
+                while next.fetch_add(1, Ordering::AcqRel) < n {
+                    got.push(try_tagged(addr, b"weighted\n").unwrap());
+                }
+                got
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+/// Issue 22: targets weighted 1 and 3 share 2000 connections a quarter / three quarters (within
+/// 20-30% / 70-80%), with every balance: p2c (candidates drawn by weight, open connections
+/// compared per weight), smooth weighted round robin, weighted random. Four clients at once, so
+/// that p2c sees connections open, as it would in use.
+#[test]
+fn weights_1_and_3_share_connections_a_quarter_and_three_quarters() {
+    for balance in ["p2c", "round-robin", "random"] {
+        let light = Server::tagged("light");
+        let heavy = Server::tagged("heavy");
+        let targets = json!([
+            {"Address": light.target(), "Weight": 1},
+            {"Address": heavy.target(), "Weight": 3},
+        ]);
+        let p = Proxy::simple()
+            .ports(1, |ports| {
+                config(&[
+                    json!({"Name": "weighted", "Ports": ports, "Targets": targets,
+                                "Balance": balance}),
+                ])
+            })
+            .start();
+        let got = count(&tags_from_threads(p.v4(0), 2000, 4));
+        let light_n = got.get("light").copied().unwrap_or(0);
+        let heavy_n = got.get("heavy").copied().unwrap_or(0);
+        assert_eq!(light_n + heavy_n, 2000, "{balance}: {got:?}");
+        assert!(
+            (400..=600).contains(&light_n),
+            "{balance}: weight 1 got {light_n} of 2000 (want 20-30%), weight 3 {heavy_n}"
+        );
+        eprintln!("{balance}: weight 1 got {light_n}, weight 3 got {heavy_n} of 2000");
+    }
+}
+
+/// Issue 22: a backup gets no connection while a primary is up; all of them once both
+/// primaries are down; none again once a primary is back up (its health check brings it back).
+#[test]
+fn a_backup_serves_only_while_every_primary_is_down() {
+    const INTERVAL: u64 = 200;
+    let mut p1 = Server::tagged("p1");
+    let mut p2 = Server::tagged("p2");
+    let backup = Server::tagged("backup");
+    let targets = json!([p1.target(), p2.target(), {"Address": backup.target(), "Backup": true}]);
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[json!({"Name": "bk", "Ports": ports, "Targets": targets,
+                            "HealthCheck": {"IntervalMs": INTERVAL, "TimeoutMs": 10000}})])
+        })
+        .start();
+    let got = count(&tags(p.v4(0), 100));
+    assert_eq!(got.get("backup"), None, "a primary is up: {got:?}");
+    assert!(got.contains_key("p1") && got.contains_key("p2"), "{got:?}");
+    assert_eq!(backup.served(), 0);
+
+    // Both primaries die: once both are marked down (the first connections find out, each
+    // still served through failover), every connection goes to the backup.
+    p1.kill();
+    p2.kill();
+    wait_for("both primaries marked down", WAIT, || {
+        try_tagged(p.v4(0), b"x").unwrap();
+        let down = |t: &str| !p.lines(|l| l.contains(&down_msg(t, "bk"))).is_empty();
+        (down(&p1.target()) && down(&p2.target())).then_some(())
+    });
+    let got = count(&tags(p.v4(0), 100));
+    assert_eq!(got, BTreeMap::from([("backup".into(), 100)]), "{got:?}");
+
+    // One primary back: its check brings it up, and it takes every connection again.
+    let mark = p.mark();
+    p1.listen();
+    p.wait_log_since(mark, "p1 back up", |l| {
+        l.contains(&up_msg(&p1.target(), "bk"))
+    });
+    let before = backup.served();
+    let got = count(&tags(p.v4(0), 100));
+    assert_eq!(got, BTreeMap::from([("p1".into(), 100)]), "{got:?}");
+    assert_eq!(backup.served(), before);
+}
+
+/// Issue 22: `Drain` in the file. A reload that drains a target sends the next 300
+/// connections elsewhere while its 3 open ones finish their bytes intact; a reload that
+/// undrains it brings it back.
+#[test]
+fn a_drain_in_the_file_keeps_new_connections_off_and_open_ones_going() {
+    let a = Server::tagged("a");
+    let b = Server::tagged("b");
+    let with = |a_drain: bool, b_drain: bool, ports: &[u16]| {
+        config(&[json!({"Name": "dr", "Ports": ports, "Targets": [
+            {"Address": a.target(), "Drain": a_drain},
+            {"Address": b.target(), "Drain": b_drain},
+        ]})])
+    };
+    let p = Proxy::simple()
+        .ports(1, |ports| with(false, true, ports))
+        .args(&["--reload-interval", "100ms"])
+        .start();
+    // b starts drained: these go to a, and stay open.
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s = connect(p.v4(0));
+            assert_eq!(read_line(&mut s), "a");
+            s
+        })
+        .collect();
+    wait_for("the 3 open on a", WAIT, || (a.open() >= 3).then_some(()));
+
+    let mark = p.mark();
+    p.rewrite_config(&with(true, false, &p.ports));
+    p.wait_reload_ok(mark);
+    let got = count(&tags(p.v4(0), 300));
+    assert_eq!(got, BTreeMap::from([("b".into(), 300)]), "{got:?}");
+    for (i, s) in held.iter_mut().enumerate() {
+        let msg = format!("still here {i}\n").repeat(1000);
+        s.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes(), "connection {i} on the drained target");
+    }
+    drop(held);
+
+    let mark = p.mark();
+    p.rewrite_config(&with(false, false, &p.ports));
+    p.wait_reload_ok(mark);
+    let got = count(&tags(p.v4(0), 100));
+    assert!(
+        got.contains_key("a"),
+        "undrained, a is picked again: {got:?}"
+    );
+}
+
+/// An app whose every target is drained takes no connection: each is closed at once, logged
+/// `end=connect_failed` with why, and no target sees it.
+#[test]
+fn every_target_drained_closes_new_connections_saying_why() {
+    let a = Server::tagged("a");
+    let targets = json!([{"Address": a.target(), "Drain": true}]);
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[json!({"Name": "none", "Ports": ports, "Targets": targets})])
+        })
+        .start();
+    let mut s = connect(p.v4(0));
+    let client = s.local_addr().unwrap();
+    expect_closed(&mut s, WAIT);
+    let line = p.wait_conn(client);
+    assert_eq!(line.end, "connect_failed", "{}", line.line);
+    let reason = line.reason.unwrap_or_default();
+    assert!(
+        reason.contains("no target takes new connections"),
+        "{reason:?}"
+    );
+    assert_eq!(a.served(), 0);
+}
+
+/// Issue 22: a reload that changes a Weight in the file applies it (round robin shows it
+/// exactly: 1:1, then 1:3), and the targets keep their state (no target is new to the reload).
+#[test]
+fn a_reload_that_changes_a_weight_applies_it() {
+    let a = Server::tagged("a");
+    let b = Server::tagged("b");
+    let with = |wb: u32, ports: &[u16]| {
+        config(&[
+            json!({"Name": "rw", "Ports": ports, "Balance": "round-robin", "Targets": [
+                a.target(), {"Address": b.target(), "Weight": wb},
+            ]}),
+        ])
+    };
+    let p = Proxy::simple()
+        .ports(1, |ports| with(1, ports))
+        .args(&["--reload-interval", "100ms"])
+        .start();
+    let got = count(&tags(p.v4(0), 40));
+    assert_eq!(
+        got,
+        BTreeMap::from([("a".into(), 20), ("b".into(), 20)]),
+        "{got:?}"
+    );
+    let mark = p.mark();
+    p.rewrite_config(&with(3, &p.ports));
+    p.wait_reload_ok(mark);
+    let got = count(&tags(p.v4(0), 40));
+    assert_eq!(
+        got,
+        BTreeMap::from([("a".into(), 10), ("b".into(), 30)]),
+        "{got:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health check kinds: http and tls
+
+/// A tiny HTTP server: answers every request with `status` (settable), and keeps the last
+/// request's head.
+struct HttpTarget {
+    addr: SocketAddr,
+    status: Arc<AtomicUsize>,
+    last: Arc<Mutex<String>>,
+    requests: Arc<AtomicUsize>,
+}
+
+impl HttpTarget {
+    fn start(status: usize) -> HttpTarget {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let t = HttpTarget {
+            addr,
+            status: Arc::new(AtomicUsize::new(status)),
+            last: Arc::default(),
+            requests: Arc::default(),
+        };
+        let (status, last, requests) = (
+            Arc::clone(&t.status),
+            Arc::clone(&t.last),
+            Arc::clone(&t.requests),
+        );
+        // Detached: it ends with the test process. A thread per connection, so that no slow
+        // peer holds up a check.
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut s) = conn else { continue };
+                let (status, last, requests) = (
+                    Arc::clone(&status),
+                    Arc::clone(&last),
+                    Arc::clone(&requests),
+                );
+                thread::spawn(move || {
+                    let _ = s.set_read_timeout(Some(WAIT));
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                        match s.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => break,
+                        }
+                    }
+                    *last.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
+                    requests.fetch_add(1, Ordering::AcqRel);
+                    let code = status.load(Ordering::Acquire);
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                });
+            }
+        });
+        t
+    }
+
+    fn target(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// Issue 22: an http check marks a target answering 500 down and 204 up; it asks for its Path
+/// with the target as Host, and the reason is logged. Another target of the app, answering 200
+/// all along, stays up.
+#[test]
+fn an_http_check_goes_by_the_status_code() {
+    let web = HttpTarget::start(204);
+    let steady = HttpTarget::start(200);
+    let targets = vec![web.target(), steady.target()];
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "web",
+                ports,
+                &targets,
+                // A long TimeoutMs: a loaded machine's slow check would be a down of its own.
+                json!({"HealthCheck": {"Kind": "http", "Path": "/healthz", "IntervalMs": 100,
+                                       "TimeoutMs": 10000}}),
+            )])
+        })
+        .start();
+    wait_for("a first check", WAIT, || {
+        (web.requests.load(Ordering::Acquire) > 0).then_some(())
+    });
+    let head = web.last.lock().unwrap().clone();
+    assert!(head.starts_with("GET /healthz HTTP/1.1\r\n"), "{head:?}");
+    assert!(
+        head.contains(&format!("\r\nHost: {}\r\n", web.target())),
+        "{head:?}"
+    );
+    assert!(head.contains("\r\nConnection: close\r\n"), "{head:?}");
+    assert!(p
+        .lines(|l| l.contains(&down_msg(&targets[0], "web")))
+        .is_empty());
+
+    let mark = p.mark();
+    web.status.store(500, Ordering::Release);
+    let down = p.wait_log_since(mark, "the 500 target down", |l| {
+        l.contains(&down_msg(&targets[0], "web"))
+    });
+    assert!(
+        down.ends_with("health check: HTTP status 500, expected 200-399"),
+        "{down}"
+    );
+
+    let mark = p.mark();
+    web.status.store(204, Ordering::Release);
+    let up = p.wait_log_since(mark, "the 204 target up", |l| {
+        l.contains(&up_msg(&targets[0], "web"))
+    });
+    assert!(up.ends_with("is up: health check passed"), "{up}");
+    assert!(steady.requests.load(Ordering::Acquire) >= 2);
+    assert!(
+        p.lines(|l| l.contains(&down_msg(&targets[1], "web")))
+            .is_empty(),
+        "{:#?}",
+        p.logs()
+    );
+}
+
+/// Issue 22: a tls check (a ClientHello with the app's first Hostname) is failed by a plain
+/// TCP echo (which answers with the ClientHello's own bytes) and passed by `openssl s_server`:
+/// its port refuses at first (down), then the server starts there and its check brings it up.
+#[test]
+fn a_tls_check_wants_a_server_hello() {
+    let dir = TempDir::new("tls-check");
+    let tls_port = free_port();
+    let plain = Backend::echo();
+    let targets = vec![format!("127.0.0.1:{tls_port}"), plain.target()];
+    let p = Proxy::simple()
+        .ports(1, |ports| {
+            config(&[app_with(
+                "tls",
+                ports,
+                &targets,
+                json!({"Hostnames": ["svc.example.com"],
+                       "HealthCheck": {"Kind": "tls", "IntervalMs": 100, "TimeoutMs": 10000}}),
+            )])
+        })
+        .start();
+    let down = p.wait_log("the echo target down", |l| {
+        l.contains(&down_msg(&targets[1], "tls"))
+    });
+    assert!(
+        down.ends_with(
+            "health check: TLS handshake message 1 in answer to a ClientHello, not a ServerHello"
+        ),
+        "{down}"
+    );
+    p.wait_log("the TLS target down while its port refuses", |l| {
+        l.contains(&down_msg(&targets[0], "tls"))
+    });
+
+    let mark = p.mark();
+    let _tls = common::tls::TlsTarget::start(&dir.path, "svc.example.com", tls_port);
+    let up = p.wait_log_since(mark, "the TLS target up", |l| {
+        l.contains(&up_msg(&targets[0], "tls"))
+    });
+    assert!(up.ends_with("is up: health check passed"), "{up}");
+    // The echo stays down, check after check.
+    wait_for("the echo checked again", WAIT, || {
+        (plain.accepted() >= 3).then_some(())
+    });
+    assert!(
+        p.lines_since(mark, |l| l.contains(&up_msg(&targets[1], "tls")))
+            .is_empty(),
+        "{:#?}",
+        p.logs()
+    );
+}

@@ -15,14 +15,14 @@ mod netns;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{
     client_hello, connect, cpu_secs, expect_closed, expect_refused, field, metrics, read_line,
-    roundtrip, run, wait_for, Backend, Launch, Proxy, TempDir, WAIT,
+    roundtrip, run, tls::TlsTarget, wait_for, Backend, Launch, Proxy, TempDir, WAIT,
 };
 use modes::{Env, Mode};
 use serde_json::{json, Value};
@@ -79,86 +79,6 @@ fn hello_reaches(addr: SocketAddr, hello: &[u8]) -> (String, TcpStream) {
     s.read_exact(&mut back).unwrap();
     assert_eq!(back, hello, "the ClientHello reached the target changed");
     (tag, s)
-}
-
-// ---------------------------------------------------------------------------------------------
-// TLS targets: openssl s_server with a certificate of its own.
-
-/// A self-signed certificate for `name` (CN and subjectAltName), as files in `dir`.
-fn cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let (c, k) = (
-        dir.join(format!("{name}.crt")),
-        dir.join(format!("{name}.key")),
-    );
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj"])
-        .arg(format!("/CN={name}"))
-        .arg("-addext")
-        .arg(format!("subjectAltName=DNS:{name}"))
-        .arg("-keyout")
-        .arg(&k)
-        .arg("-out")
-        .arg(&c)
-        .output()
-        .expect("openssl is needed for the TLS tests (make deps installs it)");
-    assert!(
-        out.status.success(),
-        "openssl req: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (c, k)
-}
-
-/// `openssl s_server -www` on 127.0.0.1:`port` with a certificate for `name`; killed on drop.
-struct TlsTarget {
-    child: Child,
-    port: u16,
-    cert: PathBuf,
-}
-
-impl TlsTarget {
-    fn start(dir: &Path, name: &str, port: u16) -> TlsTarget {
-        let (c, k) = cert(dir, name);
-        let child = Command::new("openssl")
-            .args(["s_server", "-quiet", "-www", "-accept"])
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("-cert")
-            .arg(&c)
-            .arg("-key")
-            .arg(&k)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn openssl s_server");
-        wait_for(&format!("s_server for {name} on {port}"), WAIT, || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        TlsTarget {
-            child,
-            port,
-            cert: c,
-        }
-    }
-
-    fn target(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for TlsTarget {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A whole TLS handshake with `openssl s_client` to `addr`, sending `name` as the server name

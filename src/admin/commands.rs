@@ -79,13 +79,11 @@ fn run_words(words: &[&str], shared: &Shared) -> Result<Answer, String> {
         }
         ["show", "conns", rest @ ..] if rest.len() <= 2 => {
             let (app, target) = (rest.first().copied(), rest.get(1).copied());
-            if let Some(app) = app {
-                app_named(&routes, app)?;
-                if let Some(t) = target {
-                    target_named(&routes, app, t)?;
-                }
+            let picked = show::select(&shared.conns, app, target);
+            if picked.is_empty() {
+                known(&routes, app, target)?;
             }
-            done(show::conns(&show::select(&shared.conns, app, target)))
+            done(show::conns(&picked))
         }
         ["show", "config"] => done(show::config(&shared.published, &shared.config_path)),
         ["show", "state"] => done(shared.runtime.to_json(&routes) + "\n"),
@@ -138,12 +136,11 @@ fn run_words(words: &[&str], shared: &Shared) -> Result<Answer, String> {
             done("ok: killed 1 connection\n".to_owned())
         }
         ["kill", "conns", app, rest @ ..] if rest.len() <= 1 => {
-            app_named(&routes, app)?;
             let target = rest.first().copied();
-            if let Some(t) = target {
-                target_named(&routes, app, t)?;
-            }
             let picked = show::select(&shared.conns, Some(app), target);
+            if picked.is_empty() {
+                known(&routes, Some(app), target)?;
+            }
             for c in &picked {
                 c.cut(Cut::Killed);
             }
@@ -152,8 +149,19 @@ fn run_words(words: &[&str], shared: &Shared) -> Result<Answer, String> {
             let noun = if n == 1 { "connection" } else { "connections" };
             done(format!("ok: killed {n} {noun}\n"))
         }
-        ["reload"] => Ok(Answer::Reload(shared.reloader.request())),
+        ["reload"] => shared.reloader.request().map(Answer::Reload),
         _ => Err(unknown(words)),
+    }
+}
+
+/// For the connection commands, which take an app or target a reload removed while its
+/// connections are still open: with none open, an error if the config does not have it
+/// either.
+fn known(routes: &Routes, app: Option<&str>, target: Option<&str>) -> Result<(), String> {
+    match (app, target) {
+        (Some(app), Some(t)) => target_named(routes, app, t).map(drop),
+        (Some(app), None) => app_named(routes, app).map(drop),
+        _ => Ok(()),
     }
 }
 

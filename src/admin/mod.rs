@@ -12,7 +12,7 @@
 //! - `commands`: what each command does; `show`: the `show` commands' answers.
 //! - `state`: runtime state (target states and weights, disabled apps): kept over a restart
 //!   with `--state-file`, handed to the new process of an upgrade.
-//! - `reload`: the `reload` command's way to the listener loop, and its outcome.
+//! - `reload`: the `reload` command's way to whoever reloads (one function), and its outcome.
 //! - `socket`: creating the socket file; `client`: `flyproxy ctl`'s side.
 
 mod client;
@@ -25,7 +25,7 @@ mod state;
 
 pub use client::{ask, AskError, CTL_DEADLINE};
 pub use commands::Shared;
-pub use reload::{ReloadOutcome, ReloadRequest, Reloader};
+pub use reload::{through_loop, ReloadNow, ReloadOutcome, ReloadRequest, Reloader};
 pub use server::{start, FDS, MAX_CLIENTS};
 pub use socket::{bind, SocketError};
 pub use state::{Applied, RuntimeState, StateError};

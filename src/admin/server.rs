@@ -81,6 +81,8 @@ fn serve(mut poll: Poll, listener: UnixListener, shared: &Shared) {
     let mut events = Events::with_capacity(64);
     let mut clients: Vec<Option<Client>> = (0..MAX_CLIENTS).map(|_| None).collect();
     let mut routes = shared.published.routes();
+    // Set while accepting fails (out of descriptors): said once, not at every attempt.
+    let mut accept_failing = false;
     loop {
         let now = Instant::now();
         let mut wake = clients
@@ -102,7 +104,7 @@ fn serve(mut poll: Poll, listener: UnixListener, shared: &Shared) {
         }
         for event in events.iter() {
             match event.token() {
-                LISTENER => accept(&poll, &listener, &mut clients),
+                LISTENER => accept(&poll, &listener, &mut clients, &mut accept_failing),
                 Token(i) => {
                     if let Some(Some(c)) = clients.get_mut(i) {
                         if !c.step(shared) {
@@ -111,6 +113,10 @@ fn serve(mut poll: Poll, listener: UnixListener, shared: &Shared) {
                     }
                 }
             }
+        }
+        if accept_failing {
+            // Readiness is edge-triggered: those still queued would wait for the next client.
+            accept(&poll, &listener, &mut clients, &mut accept_failing);
         }
         let latest = shared.published.routes();
         if !Arc::ptr_eq(&latest, &routes) {
@@ -153,16 +159,26 @@ fn serve(mut poll: Poll, listener: UnixListener, shared: &Shared) {
 
 /// Accept every waiting client; past `MAX_CLIENTS`, each takes the place of the one waiting
 /// longest.
-fn accept(poll: &Poll, listener: &UnixListener, clients: &mut [Option<Client>]) {
+fn accept(
+    poll: &Poll,
+    listener: &UnixListener,
+    clients: &mut [Option<Client>],
+    failing: &mut bool,
+) {
     loop {
         let mut stream = match listener.accept() {
-            Ok((s, _)) => s,
+            Ok((s, _)) => {
+                *failing = false;
+                s
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 // Out of descriptors, most likely: the waiting client stays queued; try again
                 // at the next event rather than spin.
-                crate::warn!("admin socket: accept failed: {e}");
+                if !std::mem::replace(failing, true) {
+                    crate::warn!("admin socket: accept failed: {e}");
+                }
                 return;
             }
         };

@@ -88,11 +88,10 @@ pub(super) fn targets(routes: &Routes, only: Option<&str>) -> String {
 /// The connections `show conns`, `kill conns` and the like mean: of app `app` (all if None),
 /// to target `target` (any if None).
 pub(super) fn select(conns: &Conns, app: Option<&str>, target: Option<&str>) -> Vec<Arc<OpenConn>> {
+    // The app first: comparing a target means writing it out.
     conns.select(|c| {
-        let app_ok = app.is_none_or(|n| c.app.get().is_some_and(|a| a.name == n));
-        let target_ok =
-            target.is_none_or(|t| c.target.get().is_some_and(|b| b.target.to_string() == t));
-        app_ok && target_ok
+        app.is_none_or(|n| c.app.get().is_some_and(|a| a.name == n))
+            && target.is_none_or(|t| c.target.get().is_some_and(|b| b.target.to_string() == t))
     })
 }
 

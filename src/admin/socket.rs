@@ -59,7 +59,13 @@ pub fn bind(
             if !replace_live && UnixStream::connect(path).is_ok() {
                 return Err(SocketError::InUse(path.to_owned()));
             }
-            std::fs::remove_file(path).map_err(err("remove the stale socket"))?;
+            let what = if replace_live {
+                "take the path over from the old process (its directory must be writable by \
+                 the user flyproxy runs as, as systemd's RuntimeDirectory= makes it)"
+            } else {
+                "remove the stale socket"
+            };
+            std::fs::remove_file(path).map_err(err(what))?;
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(err("look at the path")(e)),

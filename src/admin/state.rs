@@ -13,7 +13,7 @@
 //! `{"Targets": [{"App": "web", "Target": "10.0.0.1:80", "State": "drain", "Weight": 3}],
 //!   "DisabledApps": ["api"]}`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -58,7 +58,8 @@ struct Set {
 /// Why saved state could not be read or written.
 #[derive(Debug)]
 pub enum StateError {
-    Read(PathBuf, io::Error),
+    /// Not a regular file, larger than a config may be, or unreadable: what is wrong.
+    Read(PathBuf, String),
     /// Not the saved form: what serde said.
     Parse(String),
     Write(PathBuf, io::Error),
@@ -67,7 +68,9 @@ pub enum StateError {
 impl fmt::Display for StateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StateError::Read(p, e) => write!(f, "--state-file {}: cannot read: {e}", p.display()),
+            StateError::Read(p, why) => {
+                write!(f, "--state-file {}: cannot read: {why}", p.display())
+            }
             StateError::Parse(why) => write!(f, "not a flyproxy runtime state: {why}"),
             StateError::Write(p, e) => {
                 write!(f, "--state-file {}: cannot write: {e}", p.display())
@@ -170,16 +173,22 @@ impl RuntimeState {
         write_atomically(path, json.as_bytes()).map_err(|e| StateError::Write(path.clone(), e))
     }
 
-    /// Read the --state-file, if there is one and it exists, and apply it to `routes`.
+    /// Read the --state-file, if there is one and it exists, and apply it to `routes`. Read
+    /// as the config is (`config::read_file`): a regular file only, never blocking on a FIFO
+    /// put there, and no larger than a config may be.
     pub fn load_file(&self, routes: &Routes) -> Result<Applied, StateError> {
         let Some(path) = &self.file else {
             return Ok(Applied::default());
         };
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Applied::default()),
-            Err(e) => return Err(StateError::Read(path.clone(), e)),
-        };
+        if let Err(e) = std::fs::symlink_metadata(path) {
+            if e.kind() == io::ErrorKind::NotFound {
+                return Ok(Applied::default());
+            }
+        }
+        let bytes = crate::config::read_file(path)
+            .map_err(|p| StateError::Read(path.clone(), p.to_string()))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| StateError::Parse("the file is not UTF-8 text".into()))?;
         self.apply_json(&text, routes)
     }
 
@@ -189,6 +198,12 @@ impl RuntimeState {
         let saved: Saved =
             serde_json::from_str(json).map_err(|e| StateError::Parse(e.to_string()))?;
         let mut applied = Applied::default();
+        // Indexed once: a file may name every target of 100,000 apps.
+        let apps: HashMap<&str, &Arc<AppRoute>> = routes
+            .apps()
+            .iter()
+            .map(|(a, _)| (a.name.as_str(), a))
+            .collect();
         for t in &saved.targets {
             let state = match t.state.as_deref().map(TargetState::parse) {
                 Some(None) => {
@@ -203,7 +218,9 @@ impl RuntimeState {
                 Some(Some(s)) => Some(s),
                 None => None,
             };
-            let backends = find_target(routes, &t.app, &t.target);
+            let backends = apps
+                .get(t.app.as_str())
+                .map_or_else(Vec::new, |app| backends_of(app, &t.target));
             if backends.is_empty() {
                 applied.skipped.push(format!(
                     "target {} of app {}: not in the config",
@@ -226,7 +243,7 @@ impl RuntimeState {
             applied.targets += 1;
         }
         for name in &saved.disabled_apps {
-            match find_app(routes, name) {
+            match apps.get(name.as_str()) {
                 Some(app) => {
                     app.stats.disabled.store(true, Ordering::Relaxed);
                     applied.apps += 1;
@@ -261,9 +278,11 @@ pub(super) fn find_app<'a>(routes: &'a Routes, name: &str) -> Option<&'a Arc<App
 /// The backends of app `app` whose target is `target` as the config spells it (one unless the
 /// app lists it twice, which is one backend with two turns: deduplicated).
 pub(super) fn find_target(routes: &Routes, app: &str, target: &str) -> Vec<Arc<Backend>> {
-    let Some(app) = find_app(routes, app) else {
-        return Vec::new();
-    };
+    find_app(routes, app).map_or_else(Vec::new, |app| backends_of(app, target))
+}
+
+/// The backends of `app` whose target is `target`, each once.
+fn backends_of(app: &AppRoute, target: &str) -> Vec<Arc<Backend>> {
     let mut found: Vec<Arc<Backend>> = Vec::new();
     for b in &app.backends {
         if b.target.to_string() == target && !found.iter().any(|f| Arc::ptr_eq(f, b)) {
@@ -274,15 +293,20 @@ pub(super) fn find_target(routes: &Routes, app: &str, target: &str) -> Vec<Arc<B
 }
 
 /// Write `bytes` to `path` through a temporary file in the same directory, synced and renamed.
+/// The temporary file is created anew (`O_EXCL`): a symlink planted at its name is never
+/// followed, and a rename replaces one planted at `path` itself.
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
+    // One left by a crash of a process with our pid, or planted: not ours to follow.
+    let _ = std::fs::remove_file(&tmp);
     let written = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .mode(0o640)
             .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;

@@ -210,6 +210,13 @@ impl Backend {
         self.state() == TargetState::Ready && self.weight() > 0
     }
 
+    /// The app's check interval and timeout, without copying the rest of its settings (the
+    /// checker reads them for every backend at every scan).
+    pub fn check_timing(&self) -> (std::time::Duration, std::time::Duration) {
+        let check = self.check.lock().unwrap_or_else(|e| e.into_inner());
+        (check.interval, check.timeout)
+    }
+
     pub fn check_settings(&self) -> HealthCheck {
         self.check.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -353,6 +360,8 @@ pub enum ConnectError {
     Other(io::Error),
     /// Every address the target resolved to is this proxy's own frontend (see `loops`).
     Loop(SocketAddr),
+    /// Connected, but the target's answer to an http or tls health check failed it (why).
+    Unhealthy(String),
 }
 
 impl fmt::Display for ConnectError {
@@ -370,6 +379,7 @@ impl fmt::Display for ConnectError {
                 f,
                 "resolves to {a}, this proxy's own frontend: not connected, it would loop"
             ),
+            ConnectError::Unhealthy(why) => f.write_str(why),
         }
     }
 }
@@ -390,7 +400,9 @@ impl ConnectError {
             ConnectError::Unresolvable(_) | ConnectError::ResolverBusy => 0,
             ConnectError::Refused => 1,
             ConnectError::Timeout | ConnectError::LookupTimeout => 2,
-            ConnectError::Other(_) => 3,
+            // Never a connect's failure (only a check's), so never counted by reason; "error"
+            // should it ever be.
+            ConnectError::Other(_) | ConnectError::Unhealthy(_) => 3,
             ConnectError::Loop(_) => 4,
         }
     }
@@ -428,6 +440,7 @@ impl ConnectError {
             ConnectError::LookupTimeout => ConnectError::LookupTimeout,
             ConnectError::Other(e) => ConnectError::Other(copy(e)),
             ConnectError::Loop(a) => ConnectError::Loop(*a),
+            ConnectError::Unhealthy(why) => ConnectError::Unhealthy(why.clone()),
         }
     }
 
@@ -454,6 +467,12 @@ pub struct AllFailed(pub Vec<(Arc<Backend>, ConnectError)>);
 
 impl fmt::Display for AllFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            // Nothing was tried: the pick found no target taking new connections.
+            return f.write_str(
+                "no target takes new connections (each is drained, in maintenance or weighted 0)",
+            );
+        }
         for (i, (b, e)) in self.0.iter().enumerate() {
             if i > 0 {
                 write!(f, "; ")?;

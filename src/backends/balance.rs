@@ -7,10 +7,14 @@
 //! connection, whatever its health.
 //!
 //! Within the tier, by the app's `Balance`, each weighted:
-//! - `P2c`: two distinct candidates drawn at random in proportion to their weights, the one
-//!   with fewer open connections per unit of weight wins (a tie goes to the first drawn). Open
-//!   connections then settle in proportion to the weights, and while connections are short
-//!   (none open) the draw alone gives each target its weight's share.
+//! - `P2c`: two candidates drawn at random in proportion to their weights (the same one twice
+//!   is simply picked), and the second wins only if, having taken this connection, it would
+//!   still hold fewer open connections per unit of weight than the first holds now; otherwise
+//!   the first, the weighted draw, does. Open connections then stay within about one of their
+//!   weights' shares, and where few are open the draw decides, so each target still gets its
+//!   weight's share of connections. Without that one connection of slack a connection just
+//!   closing (still counted open for a moment) would decide every pick of sequential clients:
+//!   weights 1 and 3 measured 47% / 53% with one client, instead of 25% / 75%.
 //! - `RoundRobin`: smooth weighted round robin (nginx's): every pick adds each candidate's
 //!   weight to its score, the highest score wins and gives back the sum of the weights. Weights
 //!   1 and 3 go B A B B, spread out rather than B B B A; equal weights are plain round robin.
@@ -34,20 +38,20 @@ pub fn pick(app: &AppRoute, tried: &[usize]) -> Option<usize> {
     match (pool.len(), app.balance) {
         (0, _) => None,
         (1, _) => Some(pool[0].0),
-        (_, Balance::Random) => Some(pool[draw(&pool, None)].0),
+        (_, Balance::Random) => Some(pool[draw(&pool)].0),
         (_, Balance::RoundRobin) => Some(smooth_round_robin(&app.backends, &pool)),
         (_, Balance::P2c) => {
-            let a = draw(&pool, None);
-            let b = draw(&pool, Some(a));
-            let (ia, wa) = pool[a];
-            let (ib, wb) = pool[b];
+            let (ia, wa) = pool[draw(&pool)];
+            let (ib, wb) = pool[draw(&pool)];
             let load = |i: usize| app.backends[i].active.load(Ordering::Relaxed) as u64;
-            // load(b) / wb < load(a) / wa, without division.
-            Some(if load(ib) * u64::from(wa) < load(ia) * u64::from(wb) {
-                ib
-            } else {
-                ia
-            })
+            // (load(b) + 1) / wb < load(a) / wa, without division (false when b is a).
+            Some(
+                if (load(ib) + 1) * u64::from(wa) < load(ia) * u64::from(wb) {
+                    ib
+                } else {
+                    ia
+                },
+            )
         }
     }
 }
@@ -76,20 +80,11 @@ fn tier(backends: &[std::sync::Arc<Backend>], tried: &[usize]) -> Vec<(usize, u3
     Vec::new()
 }
 
-/// A position in `pool` drawn in proportion to the weights, other than `not` (`pool` has two
-/// entries or more when `not` is given, every weight above 0).
-fn draw(pool: &[(usize, u32)], not: Option<usize>) -> usize {
-    let total: u64 = pool
-        .iter()
-        .enumerate()
-        .filter(|&(p, _)| Some(p) != not)
-        .map(|(_, &(_, w))| u64::from(w))
-        .sum();
+/// A position in `pool` drawn in proportion to the weights (every weight above 0).
+fn draw(pool: &[(usize, u32)]) -> usize {
+    let total: u64 = pool.iter().map(|&(_, w)| u64::from(w)).sum();
     let mut at = rand::rng().random_range(0..total.max(1));
     for (p, &(_, w)) in pool.iter().enumerate() {
-        if Some(p) == not {
-            continue;
-        }
         if at < u64::from(w) {
             return p;
         }
@@ -245,9 +240,8 @@ mod tests {
             ));
         }
         let open = |i: usize| app.backends[i].active.load(Ordering::Relaxed);
-        // Each pick sees both (two targets) and takes the lighter per weight: within one of
-        // 100 / 300.
-        assert!((99..=101).contains(&open(0)), "{} {}", open(0), open(1));
+        // Within a connection or so of 100 / 300 (see the slack in the module doc).
+        assert!((97..=103).contains(&open(0)), "{} {}", open(0), open(1));
         drop(held);
     }
 

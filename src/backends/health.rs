@@ -1,5 +1,7 @@
-//! Active health checks: one background thread that checks targets with a TCP connect, a down
-//! target every `IntervalMs` and an up one every `UP_CHECK_FACTOR` intervals.
+//! Active health checks: one background thread that checks targets, a down target every
+//! `IntervalMs` and an up one every `UP_CHECK_FACTOR` intervals: a TCP connect, then for the
+//! `http` and `tls` kinds a request and its answer (`probe` says what is sent and judges what
+//! comes back), all within the check's `TimeoutMs`.
 //!
 //! Checks run as non-blocking connects in one poll, so a slow target does not hold the others
 //! back and the checker stays one thread however many targets there are. Two bounds keep it
@@ -8,9 +10,14 @@
 //!   connection bound is fitted to the open-file limit, see `FDS`); targets due meanwhile wait
 //!   their turn, the longest-waiting first, so with thousands of unreachable targets the checks
 //!   fall behind their interval rather than take descriptors from clients;
-//! - a target is checked once however many apps list it, and the result goes to every app's
-//!   view of it (each applying its own `Fall` and `Rise`, and judging the time the connect took
+//! - a target is checked once however many apps list it with the same kind of check (a
+//!   `Probe`: the target and the kind with its settings), and the result goes to every app's
+//!   view of it (each applying its own `Fall` and `Rise`, and judging the time the check took
 //!   against its own `TimeoutMs`).
+//!
+//! An http or tls check's exchange runs on the connection that connected first (the others
+//! are closed): its request is written and its answer read without blocking, at most
+//! `probe::READ_MAX` bytes, and judged as soon as it can be.
 //!
 //! Names are looked up by the same `Resolver` the relay uses (its cache too), without blocking
 //! the checker: a check whose target is a name waits for the answer beside the other checks, and
@@ -32,8 +39,9 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::backends::backend::{Backend, ConnectError, TargetState};
+use crate::backends::probe::{self, Verdict};
 use crate::backends::resolver::{Answer, Lookup, Notify, Resolver, Waiting};
-use crate::config::Target;
+use crate::config::{CheckKind, Target};
 
 /// An up target is checked this many times less often than a down one: passive checks (every
 /// real connection) already watch up targets closely.
@@ -94,23 +102,39 @@ struct Run {
     resolver: Resolver,
     /// What the resolver wakes the poll with when an answer is in.
     waker: Arc<Waker>,
-    /// The backends of each distinct target, as of the last `set`.
-    targets: HashMap<Target, Vec<Arc<Backend>>>,
+    /// The backends of each distinct target and kind of check, as of the last `set`.
+    targets: HashMap<Probe, Vec<Arc<Backend>>>,
     /// When each backend (by the address of its state) was last checked, or first seen. Its
     /// next check is that plus its interval as of now, so a target that a failed connection
     /// just marked down is due at the shorter interval at once.
     last: HashMap<*const Backend, Instant>,
     /// Checks under way, by target.
-    checks: HashMap<Target, Check>,
+    checks: HashMap<Probe, Check>,
     /// Targets found due by the last scan and not started yet (the bound was reached), the
     /// longest-waiting first. The targets are scanned again only once these are all started,
     /// so a connect finishing costs no pass over every target.
-    queue: VecDeque<Target>,
+    queue: VecDeque<Probe>,
     /// When to scan the targets again for checks due.
     next_scan: Instant,
-    /// Connects in flight: token to the target being checked and the socket.
-    sockets: HashMap<Token, (Target, TcpStream)>,
+    /// Connects and exchanges in flight, by token.
+    sockets: HashMap<Token, Conn>,
     next_token: usize,
+}
+
+/// What one check does: a target and the kind of check (with its settings). Apps that list
+/// the target with the same kind share its checks.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Probe {
+    target: Target,
+    kind: CheckKind,
+}
+
+/// One socket of a check: connecting, then (http, tls) exchanging.
+struct Conn {
+    probe: Probe,
+    stream: TcpStream,
+    /// Once connected, for a kind that sends a request: its exchange.
+    exchange: Option<probe::Exchange>,
 }
 
 /// One target's check: every address it resolved to is tried at once (as far as the bound
@@ -127,8 +151,10 @@ struct Check {
     deadline: Option<Instant>,
     /// Addresses not tried yet because the bound was reached.
     queued: Vec<SocketAddr>,
-    /// Connects of this check in flight.
+    /// Connects (or the exchange) of this check in flight.
     open: usize,
+    /// Connected, and exchanging (http, tls): a deadline passed now is the answer's.
+    answering: bool,
     last_error: Option<ConnectError>,
 }
 
@@ -182,7 +208,7 @@ impl Run {
             }
             for ev in events.iter() {
                 if ev.token() != WAKE {
-                    self.connect_done(ev.token());
+                    self.ready(ev.token());
                 }
             }
         }
@@ -194,7 +220,11 @@ impl Run {
         self.targets.clear();
         for b in backends {
             self.last.entry(Arc::as_ptr(&b)).or_insert(now);
-            self.targets.entry(b.target.clone()).or_default().push(b);
+            let probe = Probe {
+                target: b.target.clone(),
+                kind: b.check_settings().kind,
+            };
+            self.targets.entry(probe).or_default().push(b);
         }
         let current: HashSet<*const Backend> =
             self.targets.values().flatten().map(Arc::as_ptr).collect();
@@ -220,10 +250,10 @@ impl Run {
         // Look again at least every minute, and every shortest down interval, to notice
         // targets marked down passively since.
         let mut next = now + Duration::from_secs(60);
-        let mut due: Vec<(Instant, &Target)> = Vec::new();
+        let mut due: Vec<(Instant, &Probe)> = Vec::new();
         for (target, backends) in &self.targets {
             for b in backends {
-                next = next.min(now + b.check_settings().interval);
+                next = next.min(now + b.check_timing().0);
             }
             if self.checks.contains_key(target) {
                 continue;
@@ -237,7 +267,7 @@ impl Run {
                 next = next.min(at);
             }
         }
-        due.sort();
+        due.sort_by_key(|(at, _)| *at);
         self.queue = due.into_iter().map(|(_, t)| t.clone()).collect();
         self.next_scan = next;
     }
@@ -258,7 +288,7 @@ impl Run {
     /// Begin checking `target`: ask for its addresses; if they are known now (an address, or
     /// cached), connect to as many as the bound allows (the rest as room frees up), else once
     /// the resolver has them (`resolved`).
-    fn begin(&mut self, target: Target) {
+    fn begin(&mut self, target: Probe) {
         let Some(backends) = self.targets.get(&target) else {
             return;
         };
@@ -283,10 +313,11 @@ impl Run {
             deadline: None,
             queued: Vec::new(),
             open: 0,
+            answering: false,
             last_error: None,
         };
-        match self.resolver.lookup(&target.host, &mut notify) {
-            Lookup::Done(answer) => check.start(answer, target.port),
+        match self.resolver.lookup(&target.target.host, &mut notify) {
+            Lookup::Done(answer) => check.start(answer, target.target.port),
             Lookup::Waiting(w) => check.lookup = Some(w),
         }
         let started = check.lookup.is_none();
@@ -299,14 +330,14 @@ impl Run {
 
     /// Start the checks whose name's answer came in.
     fn resolved(&mut self) {
-        let answered: Vec<(Target, Answer)> = self
+        let answered: Vec<(Probe, Answer)> = self
             .checks
             .iter()
             .filter_map(|(t, c)| Some((t.clone(), c.lookup.as_ref()?.answer()?)))
             .collect();
         for (target, answer) in answered {
             if let Some(check) = self.checks.get_mut(&target) {
-                check.start(answer, target.port);
+                check.start(answer, target.target.port);
             }
             self.fill(&target);
             self.finish_if_failed(&target);
@@ -315,7 +346,7 @@ impl Run {
 
     /// Start queued addresses of checks under way, while the bound allows.
     fn fill_queued(&mut self) {
-        let waiting: Vec<Target> = self
+        let waiting: Vec<Probe> = self
             .checks
             .iter()
             .filter(|(_, c)| !c.queued.is_empty())
@@ -331,7 +362,7 @@ impl Run {
     }
 
     /// Start connects to `target`'s queued addresses, while the bound allows.
-    fn fill(&mut self, target: &Target) {
+    fn fill(&mut self, target: &Probe) {
         while self.sockets.len() < MAX_IN_FLIGHT {
             let Some(check) = self.checks.get_mut(target) else {
                 return;
@@ -354,7 +385,12 @@ impl Run {
             match started {
                 Ok(s) => {
                     check.open += 1;
-                    self.sockets.insert(token, (target.clone(), s));
+                    let conn = Conn {
+                        probe: target.clone(),
+                        stream: s,
+                        exchange: None,
+                    };
+                    self.sockets.insert(token, conn);
                 }
                 Err(e) => check.last_error = Some(e),
             }
@@ -362,7 +398,7 @@ impl Run {
     }
 
     /// A check with nothing in flight and nothing left to try has failed.
-    fn finish_if_failed(&mut self, target: &Target) {
+    fn finish_if_failed(&mut self, target: &Probe) {
         if let Some(c) = self.checks.get(target) {
             if c.lookup.is_none() && c.open == 0 && c.queued.is_empty() {
                 let e = self
@@ -375,50 +411,116 @@ impl Run {
         }
     }
 
-    /// A connect finished: connected, or failed with SO_ERROR set.
-    fn connect_done(&mut self, token: Token) {
-        let Some((target, s)) = self.sockets.remove(&token) else {
+    /// A socket is ready: its connect finished (connected, or failed with SO_ERROR set), or
+    /// its exchange can go on.
+    fn ready(&mut self, token: Token) {
+        let Some(conn) = self.sockets.get_mut(&token) else {
             return;
         };
-        let result = match s.take_error() {
-            Ok(None) => s.peer_addr().map(|_| ()).map_err(ConnectError::from_io),
-            Ok(Some(e)) | Err(e) => Err(ConnectError::from_io(e)),
-        };
-        drop(s);
-        let Some(check) = self.checks.get_mut(&target) else {
-            return;
-        };
-        check.open -= 1;
-        match result {
-            Ok(()) => self.finish(&target, Ok(())),
-            Err(e) => {
-                check.last_error = Some(e);
-                self.fill(&target);
-                self.finish_if_failed(&target);
+        if conn.exchange.is_none() {
+            let result = match conn.stream.take_error() {
+                Ok(None) => conn
+                    .stream
+                    .peer_addr()
+                    .map(|_| ())
+                    .map_err(ConnectError::from_io),
+                Ok(Some(e)) | Err(e) => Err(ConnectError::from_io(e)),
+            };
+            let probe = conn.probe.clone();
+            if let Err(e) = result {
+                self.sockets.remove(&token);
+                if let Some(check) = self.checks.get_mut(&probe) {
+                    check.open -= 1;
+                    check.last_error = Some(e);
+                }
+                self.fill(&probe);
+                self.finish_if_failed(&probe);
+                return;
+            }
+            let request = probe::request(&probe.kind, &probe.target);
+            if request.is_empty() {
+                self.sockets.remove(&token);
+                self.finish(&probe, Ok(()));
+                return;
+            }
+            if let Err(e) = self.answer_on(token, &probe, request) {
+                self.finish(&probe, Err(ConnectError::Other(e)));
+                return;
             }
         }
+        self.exchange(token);
     }
 
+    /// `token`'s connection connected first: the check's exchange runs on it and the check's
+    /// other connects (and addresses not tried yet) are dropped.
+    fn answer_on(&mut self, token: Token, probe: &Probe, request: Vec<u8>) -> io::Result<()> {
+        self.sockets.retain(|t, c| *t == token || c.probe != *probe);
+        if let Some(check) = self.checks.get_mut(probe) {
+            check.open = 1;
+            check.queued.clear();
+            check.answering = true;
+        }
+        let Some(conn) = self.sockets.get_mut(&token) else {
+            return Ok(());
+        };
+        conn.exchange = Some(probe::Exchange::new(request));
+        self.poll.registry().reregister(
+            &mut conn.stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+
+    /// Write what is left of the request and read what came of the answer, each until it would
+    /// block (the poll is edge-triggered), then judge the answer.
+    fn exchange(&mut self, token: Token) {
+        let Some(conn) = self.sockets.get_mut(&token) else {
+            return;
+        };
+        let Some(ex) = conn.exchange.as_mut() else {
+            return;
+        };
+        let probe = conn.probe.clone();
+        let verdict = match ex.step(&mut conn.stream) {
+            Err(e) => Err(ConnectError::from_io(e)),
+            Ok(closed) => match probe::judge(&probe.kind, ex.answer(), closed) {
+                Verdict::More => return,
+                Verdict::Pass => Ok(()),
+                Verdict::Fail(why) => Err(ConnectError::Unhealthy(why)),
+            },
+        };
+        self.sockets.remove(&token);
+        self.finish(&probe, verdict);
+    }
     /// Checks past their deadline fail with a timeout.
     fn expire(&mut self, now: Instant) {
-        let late: Vec<Target> = self
+        let late: Vec<Probe> = self
             .checks
             .iter()
             .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
             .map(|(t, _)| t.clone())
             .collect();
         for t in late {
-            self.finish(&t, Err(ConnectError::Timeout));
+            let answering = self.checks.get(&t).is_some_and(|c| c.answering);
+            let e = if answering {
+                ConnectError::Unhealthy(format!(
+                    "connected, but no whole {} answer within the timeout",
+                    t.kind.as_str()
+                ))
+            } else {
+                ConnectError::Timeout
+            };
+            self.finish(&t, Err(e));
         }
     }
 
     /// End `target`'s check: close its connects, tell every backend naming it.
-    fn finish(&mut self, target: &Target, result: Result<(), ConnectError>) {
+    fn finish(&mut self, target: &Probe, result: Result<(), ConnectError>) {
         let Some(check) = self.checks.remove(target) else {
             return;
         };
         if check.open > 0 {
-            self.sockets.retain(|_, (t, _)| t != target);
+            self.sockets.retain(|_, c| c.probe != *target);
         }
         let done = Instant::now();
         let took = done.duration_since(check.began);
@@ -433,7 +535,7 @@ impl Run {
             }
             let own = match &result {
                 // Connected, but later than this app allows.
-                Ok(()) if took > b.check_settings().timeout => Err(ConnectError::Timeout),
+                Ok(()) if took > b.check_timing().1 => Err(ConnectError::Timeout),
                 Ok(()) => Ok(()),
                 Err(e) => Err(e.clone_kind()),
             };
@@ -450,7 +552,7 @@ impl Check {
         let timeout = self
             .backends
             .iter()
-            .map(|b| b.check_settings().timeout)
+            .map(|b| b.check_timing().1)
             .max()
             .unwrap_or_default();
         self.deadline = Some(self.began + timeout);
@@ -474,10 +576,13 @@ fn checked(b: &Backend) -> bool {
 }
 
 fn interval_of(b: &Backend) -> Duration {
-    let check = b.check_settings();
+    let (interval, _) = b.check_timing();
     if b.is_up() {
-        check.interval * UP_CHECK_FACTOR
+        interval * UP_CHECK_FACTOR
     } else {
-        check.interval
+        interval
     }
 }
+
+#[cfg(test)]
+mod tests;

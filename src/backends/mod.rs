@@ -1,7 +1,8 @@
 //! Where a connection goes: each target's live state (`backend`), the routing table from a
 //! frontend port to its app (`routing`), picking a target (`balance`), connecting to one without
 //! blocking, with failover (`dial`), resolving target names off the connection's path with a
-//! cache (`resolver`), active health checks (`health`), latency histograms cheap enough for every connection (`histogram`), per-client connection counts for the
+//! cache (`resolver`), active health checks (`health`) and what they send and expect of a
+//! target (`probe`), latency histograms cheap enough for every connection (`histogram`), per-client connection counts for the
 //! per-client limits (`clients`), an app's MaxConnections (`limit`), the PROXY protocol header
 //! sent to targets (`proxy_protocol`), and refusing targets that are the proxy itself (`loops`).
 
@@ -13,6 +14,7 @@ pub mod health;
 pub mod histogram;
 pub mod limit;
 pub mod loops;
+pub mod probe;
 pub mod proxy_protocol;
 pub mod resolver;
 pub mod routing;

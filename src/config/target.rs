@@ -15,6 +15,9 @@ use crate::config::problem::{Problem, Problems};
 use crate::config::raw::{Found, RawTarget, RawTargetEntry};
 use crate::config::types::{present, wrong, Typed};
 
+/// The longest Address quoted whole in the messages about its object's keys.
+const LABEL_MAX: usize = 80;
+
 /// What one entry of `Targets` is, for the messages.
 pub(super) const TARGET_EXAMPLE: &str = r#""host:port", as "backend.internal:7001""#;
 
@@ -94,8 +97,14 @@ fn object(
         Some(Value::String(s)) => Some(s),
         _ => None,
     };
-    // How messages name this target.
+    // How messages name this target: quoted, and cut short, since every problem of the
+    // object carries it (a megabyte Address and many unknown keys must not make a gigabyte
+    // of messages).
     let label = match &written {
+        Some(s) if s.chars().count() > LABEL_MAX => {
+            let cut: String = s.chars().take(LABEL_MAX).collect();
+            format!("{cut:?}...")
+        }
         Some(s) => format!("{s:?}"),
         None => format!("#{}", i + 1),
     };
@@ -395,6 +404,11 @@ mod tests {
                 "{targets}: want {want:?}, got {got:#?}"
             );
         }
+        // A long Address is cut short where it names its object.
+        let long = "h".repeat(300);
+        let got = problems(&format!(r#"[{{"Address":"{long}:1","X":1}}]"#));
+        let unknown = got.iter().find(|p| p.contains("unknown key")).unwrap();
+        assert!(unknown.len() < 250, "{unknown}");
         // Every problem of one object at once.
         let got = problems(r#"[{"Address":"h","Weight":-1,"Backup":0,"X":1}]"#);
         assert_eq!(got.len(), 4, "{got:#?}");

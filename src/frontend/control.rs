@@ -12,7 +12,7 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{self, ReloadRequest, Reloader, RuntimeState, Shared, SocketError};
+use crate::admin::{self, ReloadRequest, Reloader, RuntimeState, Shared, SocketError, StateError};
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
 use crate::metrics::Published;
@@ -87,6 +87,10 @@ pub(super) fn start(
     if let Some(path) = &settings.state_file {
         match runtime.load_file(routes) {
             Ok(applied) => restored(&format!("--state-file {}", path.display()), &applied),
+            Err(e @ StateError::Parse(_)) => crate::warn!(
+                "--state-file {}: {e}; starting as the config says",
+                path.display()
+            ),
             Err(e) => crate::warn!("{e}; starting as the config says"),
         }
     }
@@ -103,8 +107,11 @@ pub(super) fn start(
     let Some(listener) = bound.listener else {
         return Ok(None);
     };
+    // The `reload` command's one connection to the reload: through the listener loop, which
+    // reloads itself when woken.
     let slots = Arc::clone(parts.slots);
-    let (reloader, requests) = Reloader::new(Arc::new(move || slots.wake_loop()));
+    let (reload_now, requests) = admin::through_loop(Arc::new(move || slots.wake_loop()));
+    let reloader = Reloader::new(reload_now);
     let shared = Shared {
         published: Arc::clone(parts.published),
         conns: Arc::clone(parts.conns),

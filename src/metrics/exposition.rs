@@ -93,7 +93,8 @@ pub fn render(sources: &Sources) -> String {
     build_info(&mut out);
     apps::families(&mut out, apps);
     targets::families(&mut out, apps);
-    runtime::families(&mut out, apps);
+    runtime::target_families(&mut out, apps);
+    runtime::app_families(&mut out, apps);
     reload_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod launch;
 pub mod metrics;
+pub mod tls;
 
 #[allow(unused_imports)] // each test crate uses some of them
 pub use launch::{Launch, Mode, BPF_LISTENER_PORT};

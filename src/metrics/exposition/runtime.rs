@@ -2,14 +2,16 @@
 //! gauges an alert can watch (a target left in drain, an app left disabled).
 //! `flyproxy_target_state{app,target,state}` is 1 for the state a target is in and 0 for the
 //! others; `flyproxy_app_enabled{app}` 1 or 0; `flyproxy_app_refused_disabled_total{app}` the
-//! connections refused while the app was disabled.
+//! connections refused while the app was disabled. The per-target family is apart from the
+//! per-app ones, to be left out with the other per-target series where those are.
 
 use std::sync::atomic::Ordering;
 
 use super::{unique_backends, Apps, Family};
 use crate::backends::backend::TargetState;
 
-pub(super) fn families(out: &mut String, apps: &Apps) {
+/// `flyproxy_target_state`: three series a target.
+pub(super) fn target_families(out: &mut String, apps: &Apps) {
     let name = "flyproxy_target_state";
     let mut f = Family::head(
         out,
@@ -31,6 +33,10 @@ pub(super) fn families(out: &mut String, apps: &Apps) {
             }
         }
     }
+}
+
+/// `flyproxy_app_enabled` and `flyproxy_app_refused_disabled_total`: one series an app each.
+pub(super) fn app_families(out: &mut String, apps: &Apps) {
     let name = "flyproxy_app_enabled";
     let mut f = Family::head(
         out,

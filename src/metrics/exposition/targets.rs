@@ -79,7 +79,7 @@ const FAMILIES: [TargetFamily; 8] = [
         name: "flyproxy_health_checks_total",
         old: None,
         kind: "counter",
-        help: "Active health checks of a target, by app, target and result: ok (connected within TimeoutMs) or failed.",
+        help: "Active health checks of a target, by app, target and result: ok (connected within TimeoutMs and, for Kind http and tls, answered as expected) or failed.",
         read: |b, emit| {
             emit(&[("result", "ok")], &b.checks_ok.load(Ordering::Relaxed));
             emit(
