@@ -24,10 +24,11 @@
 //! - `Random`: drawn in proportion to the weights.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use rand::Rng;
 
-use crate::backends::backend::Backend;
+use crate::backends::backend::{Backend, TargetState};
 use crate::backends::routing::AppRoute;
 use crate::config::Balance;
 
@@ -57,27 +58,30 @@ pub fn pick(app: &AppRoute, tried: &[usize]) -> Option<usize> {
 }
 
 /// The first tier (see the module doc) with anyone untried in it: (index, weight) pairs, each
-/// weight read once so that one pick sees one value of it.
-fn tier(backends: &[std::sync::Arc<Backend>], tried: &[usize]) -> Vec<(usize, u32)> {
-    let open: Vec<(usize, u32)> = backends
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !tried.contains(i))
-        .filter(|(_, b)| b.takes_new())
-        .map(|(i, b)| (i, b.weight()))
-        .filter(|&(_, w)| w > 0)
-        .collect();
-    for (backup, up) in [(false, true), (true, true), (false, false), (true, false)] {
-        let pool: Vec<(usize, u32)> = open
-            .iter()
-            .copied()
-            .filter(|&(i, _)| backends[i].backup() == backup && backends[i].is_up() == up)
-            .collect();
-        if !pool.is_empty() {
-            return pool;
+/// weight read once so that one pick sees one value of it. One pass: an entry of a better tier
+/// than those kept so far replaces them.
+fn tier(backends: &[Arc<Backend>], tried: &[usize]) -> Vec<(usize, u32)> {
+    let mut pool = Vec::new();
+    let mut best = u8::MAX;
+    for (i, b) in backends.iter().enumerate() {
+        if tried.contains(&i) || b.state() != TargetState::Ready {
+            continue;
+        }
+        let w = b.weight();
+        if w == 0 {
+            continue;
+        }
+        // 0: a primary up, 1: a backup up, 2: a primary down, 3: a backup down.
+        let rank = u8::from(b.backup()) + 2 * u8::from(!b.is_up());
+        if rank < best {
+            best = rank;
+            pool.clear();
+        }
+        if rank == best {
+            pool.push((i, w));
         }
     }
-    Vec::new()
+    pool
 }
 
 /// A position in `pool` drawn in proportion to the weights (every weight above 0).
@@ -95,7 +99,7 @@ fn draw(pool: &[(usize, u32)]) -> usize {
 }
 
 /// Smooth weighted round robin over `pool` (see the module doc): the index picked.
-fn smooth_round_robin(backends: &[std::sync::Arc<Backend>], pool: &[(usize, u32)]) -> usize {
+fn smooth_round_robin(backends: &[Arc<Backend>], pool: &[(usize, u32)]) -> usize {
     let total: i64 = pool.iter().map(|&(_, w)| i64::from(w)).sum();
     let mut best = pool[0].0;
     let mut best_score = i64::MIN;
@@ -114,7 +118,6 @@ fn smooth_round_robin(backends: &[std::sync::Arc<Backend>], pool: &[(usize, u32)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backends::backend::TargetState;
     use crate::backends::routing::Routes;
     use crate::config::Config;
     use std::path::Path;
