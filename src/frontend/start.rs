@@ -21,12 +21,13 @@ use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
 use crate::frontend::candidate::{self, Candidate};
-use crate::frontend::event_loop::{InForce, Loop, Relay};
+use crate::frontend::event_loop::{Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
+use crate::frontend::plane;
 use crate::frontend::ports::{PortError, PortSource};
 use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::simple::PerPort;
-use crate::frontend::tokens::WAKE;
+use crate::frontend::tokens::{PLANE, WAKE};
 use crate::frontend::watch::Watch;
 use crate::metrics::{self, Endpoint, Published, Sources};
 use crate::relay::conns::Conns;
@@ -161,8 +162,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
+    let routes = Arc::new(Routes::new(&config, None));
     source
-        .apply(poll.registry(), &config)
+        .apply(
+            poll.registry(),
+            &plane::first_change(source.steers(), &config, &routes),
+        )
         .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
@@ -190,7 +195,6 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         source.set_listener_room(limit.saturating_sub(others + 2 * max_connections as u64));
     }
 
-    let routes = Arc::new(Routes::new(&config, None));
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
     let conns = Arc::new(Conns::default());
@@ -236,20 +240,30 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         .then(|| ClientCounts::new(settings.max_connections_per_client));
     let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
     let pid_file = settings.pid_file.clone();
-    let in_force = InForce {
+    let steers = source.steers();
+    let mut plane_end = plane::start(plane::InForce {
+        path: settings.config.clone(),
+        watch,
         config,
-        routes,
+        routes: Arc::clone(&routes),
         checker,
-        published,
-    };
+        published: Arc::clone(&published),
+        steers,
+    })
+    .map_err(|e| StartError::Os("cannot start the config plane", e))?;
+    poll.registry()
+        .register(&mut plane_end.pipe, PLANE, mio::Interest::READABLE)
+        .map_err(|e| StartError::Os("cannot set up the config plane's wake-ups", e))?;
     let relay = Relay {
         pool,
         slots,
         clients,
         conns,
     };
-    let mut lp = Loop::new(settings, watch, source, in_force, relay, lifecycle, signals);
-    lp.reload_if_hup_arrived(&poll);
+    let mut lp = Loop::new(
+        settings, source, routes, plane_end, published, relay, lifecycle, signals,
+    );
+    lp.reload_if_hup_arrived();
     let result = lp.run(&mut poll);
     if !lp.handed_over() {
         remove_pid_file(pid_file.as_deref());
