@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, RwLock};
 
 use crate::config::prefix::Prefix;
 use crate::config::{Config, Problem};
@@ -29,6 +30,25 @@ use crate::config::{Config, Problem};
 #[derive(Debug, Default)]
 pub struct Frontends {
     ports: HashMap<u16, PortPrefixes>,
+}
+
+/// The frontends of the config in force, shared by every app's route: a route is kept across
+/// reloads while its app is unchanged, the frontends are the whole config's, so they are
+/// replaced in place.
+#[derive(Debug, Default)]
+pub struct OwnFrontends(RwLock<Arc<Frontends>>);
+
+impl OwnFrontends {
+    /// `addr` would be accepted by this proxy itself, as the config in force says.
+    pub fn is_own(&self, addr: SocketAddr) -> bool {
+        let now = Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()));
+        now.is_own(addr)
+    }
+
+    /// These are the frontends from now on.
+    pub fn set(&self, frontends: Arc<Frontends>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = frontends;
+    }
 }
 
 /// A port's prefixes, looked up by masking the address to each length in use rather than

@@ -315,7 +315,7 @@ impl Plane {
             }
             return Some(Outcome::Unchanged { sha256: sha });
         }
-        let routes = Arc::new(Routes::new(&new, Some(&self.at.routes)));
+        let routes = Arc::new(self.at.routes.update(&new, &diff));
         let ports = port_change(
             self.at.steers,
             Some((&self.at.config, &self.at.routes, &diff)),
@@ -335,6 +335,7 @@ impl Plane {
                 problems: vec![why],
             });
         }
+        routes.in_force();
         self.at.checker.set(routes.backends());
         self.at.published.reloaded(Arc::clone(&routes), &sha);
         // The old config and table are dropped here, on this thread.

@@ -160,3 +160,85 @@ fn state_survives_a_reload() {
     drop(held);
     assert!(l2.acquire(Duration::ZERO, || false).is_ok());
 }
+
+/// An update gives the same routing as a table built whole, keeps the routes of unchanged
+/// apps (the same Arcs) and state of changed ones, and drops what left.
+#[test]
+fn an_update_routes_as_a_whole_build_and_keeps_unchanged_routes() {
+    let parse = |json: &str| Config::parse(Path::new("x"), json.as_bytes()).unwrap();
+    let c1 = parse(
+        r#"{"Apps":[
+          {"Name":"keep","Ports":[443,8000,8001],"Targets":["h:1"]},
+          {"Name":"host","Ports":[443],"Hostnames":["a.example"],"Targets":["h:1"],"MaxConnectionsPerClient":3},
+          {"Name":"net","Ports":[443,80],"Addresses":["10.0.0.0/8"],"Targets":["h:1","h:2"]},
+          {"Name":"gone","Ports":[80,9000],"Addresses":["10.1.2.3"],"Targets":["h:1"]},
+          {"Name":"moves","Ports":[7000],"Targets":["h:9"]}]}"#,
+    );
+    let c2 = parse(
+        r#"{"Apps":[
+          {"Name":"keep","Ports":[443,8000,8001],"Targets":["h:1"]},
+          {"Name":"host","Ports":[443],"Hostnames":["b.example"],"Targets":["h:1"],"MaxConnectionsPerClient":3},
+          {"Name":"net","Ports":[443,80],"Addresses":["10.0.0.0/8"],"Targets":["h:2","h:3"]},
+          {"Name":"new","Ports":[80],"Addresses":["10.1.0.0/16","fd00::/8"],"Targets":["h:1"]},
+          {"Name":"moves","Ports":[7001],"Targets":["h:9"]}]}"#,
+    );
+    let r1 = Routes::new(&c1, None);
+    let diff = Diff::between(&c1, &c2);
+    let up = r1.update(&c2, &diff);
+    let whole = Routes::new(&c2, Some(&r1));
+    let pick = |r: &Routes, at: &str, name: &str| {
+        r.lookup(at.parse().unwrap()).map(|b| {
+            let app = if name.is_empty() {
+                b.without_name(Unrouted::NotTls)
+            } else {
+                b.for_name(name)
+            };
+            (b.group.clone(), app.map(|a| a.name.clone()).ok())
+        })
+    };
+    for at in [
+        "127.0.0.1:443",
+        "10.1.2.3:443",
+        "10.1.2.3:80",
+        "10.9.9.9:80",
+        "[fd00::1]:80",
+        "127.0.0.1:80",
+        "127.0.0.1:8000",
+        "127.0.0.1:8001",
+        "127.0.0.1:9000",
+        "127.0.0.1:7000",
+        "127.0.0.1:7001",
+    ] {
+        for name in ["", "a.example", "b.example"] {
+            assert_eq!(pick(&up, at, name), pick(&whole, at, name), "{at} {name}");
+        }
+    }
+    assert_eq!(
+        pick(&up, "10.1.2.3:80", "").unwrap().1.as_deref(),
+        Some("new")
+    );
+    assert!(up.port(9000).is_none() && up.port(7000).is_none());
+    let names: Vec<&str> = up.apps().iter().map(|(a, _)| a.name.as_str()).collect();
+    assert_eq!(names, ["keep", "host", "net", "new", "moves"]);
+    // Unchanged: the very route; changed: a new route with the old state.
+    assert!(Arc::ptr_eq(&r1.apps()[0].0, &up.apps()[0].0));
+    let (old_net, new_net) = (r1.route("net").unwrap(), up.route("net").unwrap());
+    assert!(Arc::ptr_eq(&old_net.stats, &new_net.stats));
+    assert!(
+        Arc::ptr_eq(&old_net.backends[1], &new_net.backends[0]),
+        "h:2 kept"
+    );
+    assert!(Arc::ptr_eq(
+        r1.route("host").unwrap().per_client.as_ref().unwrap(),
+        up.route("host").unwrap().per_client.as_ref().unwrap()
+    ));
+    // The binding of 443 on every address has the same apps: its counts at accept are kept.
+    let counts = |r: &Routes| {
+        r.lookup("127.0.0.1:443".parse().unwrap())
+            .unwrap()
+            .per_client
+            .clone()
+    };
+    assert!(counts(&r1).is_none(), "keep has no MaxConnectionsPerClient");
+    assert_eq!(up.backends().len(), 6);
+}
