@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, RwLock};
 
 use crate::config::prefix::Prefix;
-use crate::config::{Config, Problem};
+use crate::config::{Config, Problem, Target};
 
 /// Where this proxy accepts: each port with the prefixes it answers on.
 #[derive(Debug, Default)]
@@ -94,7 +94,7 @@ impl Frontends {
 
 /// The address a connection to `ip` arrives at: IPv4-mapped as IPv4, and the unspecified
 /// address as loopback (connecting to 0.0.0.0 or :: reaches this host's loopback).
-fn dialled(ip: IpAddr) -> IpAddr {
+pub fn dialled(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, |v4| dialled(IpAddr::V4(v4))),
@@ -135,18 +135,7 @@ pub fn problems(config: &Config) -> Vec<Problem> {
     let mut found = Vec::new();
     for app in &config.apps {
         for t in &app.targets {
-            let local = if is_localhost_name(&t.host) {
-                // Whatever loopback address it resolves to.
-                ["127.0.0.1", "::1"]
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                    .any(|ip| own.is_own(SocketAddr::new(ip, t.port)))
-            } else {
-                t.host
-                    .parse::<IpAddr>()
-                    .is_ok_and(|ip| own.is_own(SocketAddr::new(ip, t.port)))
-            };
-            if local {
+            if target_is_own(t, |a| own.is_own(a)) {
                 found.push(Problem::Loop {
                     app: app.name.clone(),
                     target: t.to_string(),
@@ -156,6 +145,32 @@ pub fn problems(config: &Config) -> Vec<Problem> {
         }
     }
     found
+}
+
+/// Whether target `t` is a frontend, as `is_own` says of an address, without resolving a
+/// name: an IP address, or `localhost` (whatever loopback address it resolves to).
+pub fn target_is_own(t: &Target, is_own: impl Fn(SocketAddr) -> bool) -> bool {
+    if is_localhost_name(&t.host) {
+        ["127.0.0.1", "::1"]
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .any(|ip| is_own(SocketAddr::new(ip, t.port)))
+    } else {
+        t.host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| is_own(SocketAddr::new(ip, t.port)))
+    }
+}
+
+/// The address a target connects to, if it is one of this host's without a lookup (an IP
+/// address that is local, or `localhost`): only such a target can be a frontend at check
+/// time.
+pub fn local_target(t: &Target) -> Option<IpAddr> {
+    if is_localhost_name(&t.host) {
+        return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let ip = dialled(t.host.parse::<IpAddr>().ok()?);
+    is_local(ip).then_some(ip)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 
 pub mod bpf;
 pub mod candidate;
+pub mod directory;
 mod event_loop;
 mod lifecycle;
 pub mod plane;

@@ -17,7 +17,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,12 +26,13 @@ use mio::net::UnixStream;
 
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
-use crate::config::{app_prefixes, App, Config, Diff};
+use crate::config::{app_prefixes, App, Config, ConfigError, Diff};
 use crate::frontend::candidate::{self, LoadError};
+use crate::frontend::directory::Directory;
 use crate::frontend::ports::PortChange;
 use crate::frontend::simple;
 use crate::frontend::watch::Watch;
-use crate::metrics::Published;
+use crate::metrics::{Published, RejectedFile};
 
 /// What a reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +121,7 @@ pub(super) struct LoopEnd {
 /// follow it.
 pub(super) struct InForce {
     pub(super) path: PathBuf,
-    pub(super) watch: Watch,
+    pub(super) source: Source,
     pub(super) config: Config,
     pub(super) routes: Arc<Routes>,
     pub(super) checker: Arc<Checker>,
@@ -129,12 +130,70 @@ pub(super) struct InForce {
     pub(super) steers: bool,
 }
 
+/// Where the config comes from.
+pub(super) enum Source {
+    /// One file, and what was last seen of it.
+    File(Watch),
+    /// A directory of files (`-c DIR`).
+    Dir(Directory),
+}
+
 struct Plane {
     at: InForce,
+    /// A change of a directory was refused by the loop (its ports): the directory's apps are
+    /// not all in force, and the next reload tries again even if no file changed.
+    behind: bool,
     requests: Receiver<Request>,
     changes: Sender<Change>,
     verdicts: Receiver<Verdict>,
     pipe: UnixStream,
+}
+
+/// What start-up loaded: the config, where it comes from, its SHA-256, and the directory's
+/// files refused (each logged; the proxy starts with the others).
+pub(super) struct Loaded {
+    pub(super) config: Config,
+    pub(super) source: Source,
+    pub(super) sha256: String,
+    pub(super) rejected: Vec<RejectedFile>,
+}
+
+/// Load the config file at `path` (see `candidate`), or every file of the config directory
+/// there (see `directory`), and start watching it.
+pub(super) fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    if path.is_dir() {
+        let mut dir = Directory::open(path);
+        let found = dir.refresh(true);
+        for r in &found.rejected {
+            for p in &r.problems {
+                crate::error!("config file rejected: {}: {p}", r.file);
+            }
+        }
+        let (files, serving) = dir.counts();
+        crate::info!(
+            "config directory {}: {files} files, {serving} serving, {} rejected",
+            path.display(),
+            found.rejected.len()
+        );
+        return Ok(Loaded {
+            config: dir.config(),
+            sha256: dir.sha256(),
+            source: Source::Dir(dir),
+            rejected: found.rejected,
+        });
+    }
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(path);
+    let c = candidate::load(path).map_err(|e| e.into_config_error())?;
+    let mut watch = Watch::new();
+    watch.seen(loaded_sig, c.bytes);
+    Ok(Loaded {
+        config: c.config,
+        source: Source::File(watch),
+        sha256: c.sha256,
+        rejected: Vec::new(),
+    })
 }
 
 /// Start the plane's thread; the loop's end of it is returned.
@@ -145,6 +204,7 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     let (pipe, loop_pipe) = UnixStream::pair()?;
     let plane = Plane {
         at,
+        behind: false,
         requests,
         changes,
         verdicts,
@@ -247,7 +307,12 @@ impl Plane {
                     replies.extend(reply);
                 }
             }
-            if !asked && !self.at.watch.changed(&self.at.path) {
+            let look = match &self.at.source {
+                Source::File(watch) => asked || watch.changed(&self.at.path),
+                // Finding what changed is the reload's first step.
+                Source::Dir(_) => true,
+            };
+            if !look {
                 continue;
             }
             let Some(outcome) = self.reload(asked) else {
@@ -262,22 +327,28 @@ impl Plane {
     /// Re-read the config and have the loop apply it as a diff. Any error leaves the running
     /// config as it is. None: the loop is gone.
     fn reload(&mut self, forced: bool) -> Option<Outcome> {
+        if let Source::Dir(_) = self.at.source {
+            return self.reload_dir(forced);
+        }
         let began = Instant::now();
         let path = self.at.path.clone();
+        let Source::File(watch) = &mut self.at.source else {
+            return None;
+        };
         // Stat before reading: a write that lands after the read then still shows as a change
         // at the next tick.
         let sig = Watch::stat(&path);
         // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
         let (new, sha) = match candidate::load(&path) {
             Ok(c) => {
-                self.at.watch.seen(sig, c.bytes);
+                watch.seen(sig, c.bytes);
                 (c.config, c.sha256)
             }
             Err(LoadError::Unreadable { problem, .. }) => {
                 // Logged once per distinct error (and on every SIGHUP, which asks): a path left
                 // pointing at a directory must not write a line per tick forever.
                 let message = problem.to_string();
-                if self.at.watch.unreadable(sig, &message) || forced {
+                if watch.unreadable(sig, &message) || forced {
                     crate::error!(
                         "reload rejected: {}: {message}; keeping the running config",
                         path.display()
@@ -293,7 +364,7 @@ impl Plane {
                 bytes,
                 sha256,
             }) => {
-                self.at.watch.seen(sig, bytes);
+                watch.seen(sig, bytes);
                 let text = error.to_string();
                 for line in text.lines() {
                     crate::error!("reload rejected: {line}");
@@ -304,6 +375,56 @@ impl Plane {
                 });
             }
         };
+        self.apply(new, sha, began, forced)
+    }
+
+    /// Look for changed files in the config directory, take in those that pass, report
+    /// those that do not, and have the loop apply the result.
+    fn reload_dir(&mut self, forced: bool) -> Option<Outcome> {
+        let began = Instant::now();
+        let Source::Dir(dir) = &mut self.at.source else {
+            return None;
+        };
+        let found = dir.refresh(forced);
+        let mut problems = Vec::new();
+        for r in &found.rejected {
+            for p in &r.problems {
+                crate::error!("reload rejected: config file {}: {p}", r.file);
+                problems.push(format!("{}: {p}", r.file));
+            }
+        }
+        if !found.rejected.is_empty() {
+            self.at
+                .published
+                .files_rejected(found.rejected.len(), dir.rejected());
+        } else if found.changed {
+            self.at.published.files_rejected(0, dir.rejected());
+        }
+        if !found.changed && !self.behind {
+            if !found.rejected.is_empty() {
+                return Some(Outcome::Rejected { problems });
+            }
+            if forced {
+                let sha = dir.sha256();
+                crate::info!("reload: config unchanged sha256={sha}");
+                return Some(Outcome::Unchanged { sha256: sha });
+            }
+            return Some(Outcome::Unchanged {
+                sha256: self.at.published.config_hashes().running,
+            });
+        }
+        let (new, sha) = (dir.config(), dir.sha256());
+        let outcome = self.apply(new, sha, began, forced)?;
+        self.behind = matches!(outcome, Outcome::Rejected { .. });
+        if !problems.is_empty() && !self.behind {
+            // Applied, but not every file.
+            return Some(Outcome::Rejected { problems });
+        }
+        Some(outcome)
+    }
+
+    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force.
+    fn apply(&mut self, new: Config, sha: String, began: Instant, forced: bool) -> Option<Outcome> {
         let diff = Diff::between(&self.at.config, &new);
         if diff.is_empty() {
             // Same apps in other bytes (spacing, key order) is still the file in force: its
@@ -368,6 +489,8 @@ impl Plane {
             "reload rejected: {why}keeping the running config; rejected sha256={sha} running={running}"
         );
         self.at.published.rejected(Some(sha));
-        self.at.watch.rejected();
+        if let Source::File(watch) = &mut self.at.source {
+            watch.rejected();
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mio::net::TcpListener;
@@ -20,7 +21,6 @@ use crate::backends::routing::UnroutedCounts;
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
-use crate::frontend::candidate::{self, Candidate};
 use crate::frontend::event_loop::{Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
 use crate::frontend::plane;
@@ -28,7 +28,6 @@ use crate::frontend::ports::{PortError, PortSource};
 use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::simple::PerPort;
 use crate::frontend::tokens::{PLANE, WAKE};
-use crate::frontend::watch::Watch;
 use crate::metrics::{self, Endpoint, Published, Sources};
 use crate::relay::conns::Conns;
 use crate::relay::park::Lot;
@@ -145,7 +144,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         Some(u) => Some(user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?),
         None => None,
     };
-    let (config, watch, config_sha256) = load(&settings)?;
+    let plane::Loaded {
+        config,
+        source: config_source,
+        sha256: config_sha256,
+        rejected: rejected_files,
+    } = plane::load(&settings.config).map_err(StartError::Config)?;
     if let Some(addr) = settings.metrics {
         if let Some(app) = app_on(&config, addr) {
             return Err(StartError::MetricsClash { addr, app }.into());
@@ -197,6 +201,10 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
 
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
+    if let plane::Source::Dir(_) = config_source {
+        published.directory.store(true, Ordering::Relaxed);
+        published.files_rejected(rejected_files.len(), rejected_files);
+    }
     let conns = Arc::new(Conns::default());
     let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
@@ -243,7 +251,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     let steers = source.steers();
     let mut plane_end = plane::start(plane::InForce {
         path: settings.config.clone(),
-        watch,
+        source: config_source,
         config,
         routes: Arc::clone(&routes),
         checker,
@@ -269,22 +277,6 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         remove_pid_file(pid_file.as_deref());
     }
     result.map_err(RunError::EventLoop)
-}
-
-/// Load the config file (see `candidate`) and start watching it: the config, the watch that
-/// has seen it, and the file's SHA-256.
-fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
-    // Stat before loading: a change written while we start shows as a change at the first
-    // tick instead of being taken for what we loaded.
-    let loaded_sig = Watch::stat(&settings.config);
-    let Candidate {
-        config,
-        bytes,
-        sha256,
-    } = candidate::load(&settings.config).map_err(|e| StartError::Config(e.into_config_error()))?;
-    let mut watch = Watch::new();
-    watch.seen(loaded_sig, bytes);
-    Ok((config, watch, sha256))
 }
 
 /// The poll, the waker relay threads wake it with, and the signals' self-pipes.
