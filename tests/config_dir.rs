@@ -154,7 +154,9 @@ fn a_bad_file_is_rejected_alone(env: Env) {
     // A broken new version of a: its last good version serves on.
     let mark = p.mark();
     put(&apps, "a.json", r#"{"Apps": [{"Name": "a"}]}"#);
-    p.wait_reload_rejected_for(mark, "config file a.json");
+    // Both problems, each on a line of its own.
+    p.wait_reload_rejected_for(mark, "Ports: missing or empty");
+    p.wait_reload_rejected_for(mark, "Targets: missing or empty");
     assert_eq!(tag_of(at(0)), "a");
     let files: Vec<String> = rejected_files(maddr).into_iter().map(|r| r.0).collect();
     assert_eq!(files, ["a.json", "broken.json", "clash.json", "worse.json"]);

@@ -410,6 +410,19 @@ impl Routes {
         self.by_name.get(name).map(|&i| &*self.apps[i].0)
     }
 
+    /// The (port, prefix) pairs where the app named `name` answers.
+    pub fn pairs_of(&self, name: &str) -> Vec<(u16, Prefix)> {
+        let Some(&i) = self.by_name.get(name) else {
+            return Vec::new();
+        };
+        let (route, ports) = &self.apps[i];
+        let prefixes = route.prefixes();
+        ports
+            .iter()
+            .flat_map(|&port| prefixes.iter().map(move |&p| (port, p)))
+            .collect()
+    }
+
     /// The binding that takes a connection to `local` (the address the client dialled).
     pub fn lookup(&self, local: SocketAddr) -> Option<&Arc<Binding>> {
         self.by_port.get(&local.port())?.lookup(local.ip())

@@ -14,7 +14,7 @@
 //!                                        <──────────── Verdict (old table) ──────────┘
 //! ```
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use mio::net::UnixStream;
 
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
-use crate::config::{app_prefixes, App, Config, ConfigError, Diff};
+use crate::config::{Config, ConfigError, Diff};
 use crate::frontend::candidate::{self, LoadError};
 use crate::frontend::directory::Directory;
 use crate::frontend::ports::PortChange;
@@ -233,7 +233,7 @@ pub(super) fn first_change(steers: bool, config: &Config, routes: &Routes) -> Po
 /// descriptor budget.
 fn port_change(
     steers: bool,
-    old: Option<(&Config, &Routes, &Diff)>,
+    old: Option<(&Routes, &Diff)>,
     new: &Config,
     routes: &Routes,
 ) -> PortChange {
@@ -254,29 +254,14 @@ fn port_change(
                 )
             })
             .collect(),
-        Some((old_config, old_routes, diff)) => {
-            fn by_name(c: &Config) -> HashMap<&str, &App> {
-                c.apps.iter().map(|a| (a.name.as_str(), a)).collect()
-            }
-            let (old_apps, new_apps) = (by_name(old_config), by_name(new));
+        Some((old_routes, diff)) => {
+            // The pairs of the apps the diff names, as the two tables have them.
             let mut touched = BTreeSet::new();
-            let mut add_pairs = |a: &App| {
-                let prefixes = app_prefixes(a);
-                for &port in &a.ports {
-                    for &p in &prefixes {
-                        touched.insert((port, p));
-                    }
-                }
-            };
             for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
-                if let Some(a) = old_apps.get(name.as_str()) {
-                    add_pairs(a);
-                }
+                touched.extend(old_routes.pairs_of(name));
             }
             for name in diff.apps_added.iter().chain(&diff.apps_changed) {
-                if let Some(a) = new_apps.get(name.as_str()) {
-                    add_pairs(a);
-                }
+                touched.extend(routes.pairs_of(name));
             }
             touched
                 .into_iter()
@@ -386,19 +371,18 @@ impl Plane {
             return None;
         };
         let found = dir.refresh(forced);
+        // Published before it is logged: whoever reads the log line finds it in /status.
+        if !found.rejected.is_empty() || found.changed {
+            self.at
+                .published
+                .files_rejected(found.rejected.len(), dir.rejected());
+        }
         let mut problems = Vec::new();
         for r in &found.rejected {
             for p in &r.problems {
                 crate::error!("reload rejected: config file {}: {p}", r.file);
                 problems.push(format!("{}: {p}", r.file));
             }
-        }
-        if !found.rejected.is_empty() {
-            self.at
-                .published
-                .files_rejected(found.rejected.len(), dir.rejected());
-        } else if found.changed {
-            self.at.published.files_rejected(0, dir.rejected());
         }
         if !found.changed && !self.behind {
             if !found.rejected.is_empty() {
@@ -439,7 +423,7 @@ impl Plane {
         let routes = Arc::new(self.at.routes.update(&new, &diff));
         let ports = port_change(
             self.at.steers,
-            Some((&self.at.config, &self.at.routes, &diff)),
+            Some((&self.at.routes, &diff)),
             &new,
             &routes,
         );
