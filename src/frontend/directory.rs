@@ -44,6 +44,9 @@ pub struct Directory {
     /// new frontend could make loop. (app, target as written, address).
     local_targets: HashMap<u16, Vec<(String, String, IpAddr)>>,
     watch: Option<DirWatch>,
+    /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
+    /// when a file is created, renamed in or out, or deleted).
+    dir_sig: Option<FileSig>,
 }
 
 #[derive(Default)]
@@ -104,6 +107,7 @@ impl Directory {
             frontends: HashMap::new(),
             local_targets: HashMap::new(),
             watch,
+            dir_sig: None,
         }
     }
 
@@ -119,8 +123,20 @@ impl Directory {
                     None
                 }
             },
-            _ => None,
+            (None, false) => {
+                // No inotify: rescan only when the directory itself changed (a file written
+                // in place, not renamed over, then waits for SIGHUP).
+                let sig = Watch::stat(&self.dir);
+                if sig.is_some() && sig == self.dir_sig {
+                    return Refresh::default();
+                }
+                None
+            }
+            (_, true) => None,
         };
+        if self.watch.is_none() {
+            self.dir_sig = Watch::stat(&self.dir);
+        }
         // Each file to look at, with its metadata now (None: gone).
         let mut look: BTreeMap<String, Option<FileSig>> = BTreeMap::new();
         match named {
@@ -518,6 +534,7 @@ impl Directory {
             frontends: HashMap::new(),
             local_targets: HashMap::new(),
             watch: None,
+            dir_sig: None,
         }
     }
 }

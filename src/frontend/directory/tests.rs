@@ -87,3 +87,24 @@ fn a_target_that_is_another_files_frontend_is_a_loop() {
     assert!(r.rejected[0].problems[0].contains("app \"c\""), "{r:?}");
     fs::remove_dir_all(&d).unwrap();
 }
+
+/// Without inotify, a tick rescans only when the directory itself changed: a file renamed in
+/// is seen, one rewritten in place waits for a full rescan (SIGHUP).
+#[test]
+fn without_inotify_the_directory_mtime_says_when_to_rescan() {
+    let d = dir("no-inotify");
+    fs::write(d.join("a.json"), app("a", 7201, "")).unwrap();
+    let mut dir = Directory::open_unwatched(&d);
+    assert!(dir.refresh(true).changed);
+    assert!(!dir.refresh(false).changed, "nothing changed");
+    fs::write(d.join(".b.tmp"), app("b", 7202, "")).unwrap();
+    fs::rename(d.join(".b.tmp"), d.join("b.json")).unwrap();
+    assert!(dir.refresh(false).changed, "renamed in");
+    // Same size, in place: the directory's mtime does not move.
+    fs::write(d.join("a.json"), app("a", 7203, "")).unwrap();
+    assert!(!dir.refresh(false).changed);
+    assert!(dir.refresh(true).changed, "a full rescan sees it");
+    let ports: Vec<u16> = dir.config().apps.iter().map(|a| a.ports[0]).collect();
+    assert_eq!(ports, [7203, 7202]);
+    fs::remove_dir_all(&d).unwrap();
+}
