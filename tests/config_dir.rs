@@ -237,11 +237,12 @@ fn check_reports_every_problem_of_every_file() {
     }
 }
 
-/// 20,000 apps, a file each, on one port told apart by Hostnames: changing one file reloads
+/// 10,000 apps, a file each (CI-sized: a debug build on a loaded machine starts them well
+/// within the waits), on one port told apart by Hostnames: changing one file reloads
 /// that app alone, a rewrite of a file with the same size (within the same mtime tick) is
 /// seen, and SIGHUP rescans every file and finds nothing changed.
-fn one_file_among_twenty_thousand(env: Env) {
-    const APPS: usize = 20_000;
+fn one_file_among_ten_thousand(env: Env) {
+    const APPS: usize = 10_000;
     let echo = Backend::echo();
     let ports = env.ports(1);
     let home = TempDir::new("dir-many");
@@ -264,23 +265,23 @@ fn one_file_among_twenty_thousand(env: Env) {
     put(&apps, "app00000.json", &file(0, &echo.target()));
     let p = start_dir(&env, home, &apps, &[]);
     p.wait_log("the count", |l| {
-        l.contains("20000 files, 20000 serving, 0 rejected")
+        l.contains("10000 files, 10000 serving, 0 rejected")
     });
     let mut s = connect(SocketAddr::from(([127, 0, 0, 1], ports[0])));
     roundtrip(&mut s, b"default app");
 
     let mark = p.mark();
-    put(&apps, "app12345.json", &file(12345, "192.0.2.1:1001"));
+    put(&apps, "app02345.json", &file(2345, "192.0.2.1:1001"));
     let line = p.wait_reload_ok(mark);
     assert!(
-        line.contains("apps_added=0 apps_removed=0 apps_changed=1 changed=[app12345]"),
+        line.contains("apps_added=0 apps_removed=0 apps_changed=1 changed=[app02345]"),
         "{line}"
     );
     // In place, same size, at once: only inotify can tell.
     let mark = p.mark();
-    fs::write(apps.join("app12345.json"), file(12345, "192.0.2.1:1002")).unwrap();
+    fs::write(apps.join("app02345.json"), file(2345, "192.0.2.1:1002")).unwrap();
     let line = p.wait_reload_ok(mark);
-    assert!(line.contains("changed=[app12345]"), "{line}");
+    assert!(line.contains("changed=[app02345]"), "{line}");
 
     let mark = p.mark();
     p.signal(libc::SIGHUP);
@@ -292,4 +293,4 @@ fn one_file_among_twenty_thousand(env: Env) {
     roundtrip(&mut s, b"still the default app");
 }
 
-two_modes!(twenty_thousand_files, one_file_among_twenty_thousand);
+two_modes!(ten_thousand_files, one_file_among_ten_thousand);
