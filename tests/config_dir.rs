@@ -294,3 +294,32 @@ fn one_file_among_ten_thousand(env: Env) {
 }
 
 two_modes!(ten_thousand_files, one_file_among_ten_thousand);
+
+/// A file whose port cannot be bound (simple mode: another process listens on it) is refused
+/// with the change it came in, the running config serving on; once the port is free, SIGHUP
+/// applies it.
+#[test]
+fn a_port_that_cannot_be_bound_is_retried_at_sighup() {
+    let env = Env {
+        mode: Mode::Simple,
+        ns: None,
+    };
+    let (ta, tb) = (Backend::tagged("a"), Backend::tagged("b"));
+    let ports = env.ports(2);
+    let home = TempDir::new("dir-bind");
+    let apps = home.path.join("apps");
+    fs::create_dir(&apps).unwrap();
+    put(&apps, "a.json", &app_file("a", &ports[..1], &[ta.target()]));
+    let p = start_dir(&env, home, &apps, &[]);
+    let taken = std::net::TcpListener::bind(("0.0.0.0", ports[1])).unwrap();
+    let mark = p.mark();
+    put(&apps, "b.json", &app_file("b", &ports[1..], &[tb.target()]));
+    p.wait_reload_rejected_for(mark, "cannot listen on port");
+    assert_eq!(tag_of(SocketAddr::from(([127, 0, 0, 1], ports[0]))), "a");
+    drop(taken);
+    let mark = p.mark();
+    p.signal(libc::SIGHUP);
+    let line = p.wait_reload_ok(mark);
+    assert!(line.contains("new=[b]"), "{line}");
+    assert_eq!(tag_of(SocketAddr::from(([127, 0, 0, 1], ports[1]))), "b");
+}

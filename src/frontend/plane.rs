@@ -384,7 +384,10 @@ impl Plane {
                 problems.push(format!("{}: {p}", r.file));
             }
         }
-        if !found.changed && !self.behind {
+        // A change the loop refused (a port that could not be bound) is tried again at the
+        // next change or SIGHUP, not at every tick.
+        let retry = self.behind && forced;
+        if !(found.changed || retry) {
             if !found.rejected.is_empty() {
                 return Some(Outcome::Rejected { problems });
             }
@@ -398,12 +401,10 @@ impl Plane {
             });
         }
         let (new, sha) = (dir.config(), dir.sha256());
+        // Applied with some files refused is Applied: the refused files are logged and listed
+        // in /status.
         let outcome = self.apply(new, sha, began, forced)?;
         self.behind = matches!(outcome, Outcome::Rejected { .. });
-        if !problems.is_empty() && !self.behind {
-            // Applied, but not every file.
-            return Some(Outcome::Rejected { problems });
-        }
         Some(outcome)
     }
 
