@@ -95,6 +95,9 @@ fn check(config: &Path) -> ExitCode {
             config.display()
         );
     }
+    if config.is_dir() {
+        return check_dir(config);
+    }
     let checked = candidate::load(config).map_err(|e| e.into_config_error());
     match checked {
         Ok(c) => {
@@ -109,6 +112,32 @@ fn check(config: &Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `flyproxy check DIR`: every problem of every file of a config directory, each line
+/// naming its file, as the proxy would refuse them at start (and serve the rest).
+fn check_dir(dir: &Path) -> ExitCode {
+    let (config, rejected) = flyproxy::frontend::directory::check(dir);
+    if rejected.is_empty() {
+        println!("{}: ok: {}", dir.display(), config.summary());
+        return ExitCode::SUCCESS;
+    }
+    let mut n = 0;
+    for r in &rejected {
+        for p in &r.problems {
+            eprintln!("{}: {p}", r.file);
+            n += 1;
+        }
+    }
+    let noun = if n == 1 { "problem" } else { "problems" };
+    let files = if rejected.len() == 1 { "file" } else { "files" };
+    eprintln!(
+        "{}: {n} {noun} found in {} {files} (the others would serve: {})",
+        dir.display(),
+        rejected.len(),
+        config.summary()
+    );
+    ExitCode::FAILURE
 }
 
 /// `flyproxy status`: print a running proxy's status page.

@@ -25,7 +25,7 @@ mod state;
 
 pub use client::{ask, AskError, CTL_DEADLINE};
 pub use commands::Shared;
-pub use reload::{through_loop, ReloadNow, ReloadOutcome, ReloadRequest, Reloader};
+pub use reload::{ReloadNow, ReloadOutcome, Reloader};
 pub use server::{start, FDS, MAX_CLIENTS};
 pub use socket::{bind, SocketError};
 pub use state::{Applied, RuntimeState, StateError};

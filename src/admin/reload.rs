@@ -3,13 +3,11 @@
 //! thread of its own so that the admin thread never waits (one at most per admin client: 16).
 //! A client that leaves before its outcome does not end its thread, so the threads are counted
 //! and a reload asked for while `MAX_WAITING` already wait is refused.
-//! Start-up gives that function (`frontend::control`); while the listener loop reloads, it is
-//! `through_loop`: a request on a channel and a wake-up of the loop's poll, answered by the
-//! loop on the request's own channel. Pointing the command at another reload entry is a
-//! change of that one function.
+//! Start-up gives that function (`frontend::control`): the config plane's own reload entry,
+//! the one SIGHUP and the reload tick use, so the command's answer is that reload's outcome.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 
 /// Reloads asked for through the socket and not done yet, at most.
@@ -80,35 +78,6 @@ impl Reloader {
         }
         Ok(rx)
     }
-}
-
-/// One request to reload, with where its outcome goes (the listener loop's side of
-/// `through_loop`).
-pub struct ReloadRequest {
-    reply: SyncSender<ReloadOutcome>,
-}
-
-impl ReloadRequest {
-    /// Give the outcome to whoever asked (gone already: nothing to do).
-    pub fn answer(self, outcome: ReloadOutcome) {
-        let _ = self.reply.try_send(outcome);
-    }
-}
-
-/// A `ReloadNow` for a listener loop that reloads itself: it sends a request on a channel and
-/// wakes the loop with `wake`; the loop keeps the returned end, reloads for each request when
-/// woken and answers it.
-pub fn through_loop(wake: Arc<dyn Fn() + Send + Sync>) -> (ReloadNow, Receiver<ReloadRequest>) {
-    let (requests, rx): (Sender<ReloadRequest>, _) = mpsc::channel();
-    let now: ReloadNow = Arc::new(move || {
-        let (reply, outcome) = mpsc::sync_channel(1);
-        if requests.send(ReloadRequest { reply }).is_err() {
-            return None;
-        }
-        wake();
-        outcome.recv().ok()
-    });
-    (now, rx)
 }
 
 #[cfg(test)]

@@ -21,14 +21,34 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::sync::{Arc, RwLock};
 
 use crate::config::prefix::Prefix;
-use crate::config::{Config, Problem};
+use crate::config::{Config, Problem, Target};
 
 /// Where this proxy accepts: each port with the prefixes it answers on.
 #[derive(Debug, Default)]
 pub struct Frontends {
     ports: HashMap<u16, PortPrefixes>,
+}
+
+/// The frontends of the config in force, shared by every app's route: a route is kept across
+/// reloads while its app is unchanged, the frontends are the whole config's, so they are
+/// replaced in place.
+#[derive(Debug, Default)]
+pub struct OwnFrontends(RwLock<Arc<Frontends>>);
+
+impl OwnFrontends {
+    /// `addr` would be accepted by this proxy itself, as the config in force says.
+    pub fn is_own(&self, addr: SocketAddr) -> bool {
+        let now = Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()));
+        now.is_own(addr)
+    }
+
+    /// These are the frontends from now on.
+    pub fn set(&self, frontends: Arc<Frontends>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = frontends;
+    }
 }
 
 /// A port's prefixes, looked up by masking the address to each length in use rather than
@@ -44,13 +64,20 @@ struct PortPrefixes {
 
 impl Frontends {
     pub fn new(config: &Config) -> Frontends {
+        // Straight from the apps: `Config::bindings` would also sort and name every pair,
+        // which at 200,000 apps costs more than the rest of a reload.
         let mut ports: HashMap<u16, PortPrefixes> = HashMap::new();
-        for (port, prefix) in config.bindings().into_keys() {
-            let at = ports.entry(port).or_default();
-            if !at.lens.contains(&prefix.prefix_len()) {
-                at.lens.push(prefix.prefix_len());
+        for app in &config.apps {
+            let prefixes = crate::config::app_prefixes(app);
+            for &port in &app.ports {
+                let at = ports.entry(port).or_default();
+                for &prefix in &prefixes {
+                    if !at.lens.contains(&prefix.prefix_len()) {
+                        at.lens.push(prefix.prefix_len());
+                    }
+                    at.set.insert(prefix);
+                }
             }
-            at.set.insert(prefix);
         }
         Frontends { ports }
     }
@@ -74,7 +101,7 @@ impl Frontends {
 
 /// The address a connection to `ip` arrives at: IPv4-mapped as IPv4, and the unspecified
 /// address as loopback (connecting to 0.0.0.0 or :: reaches this host's loopback).
-fn dialled(ip: IpAddr) -> IpAddr {
+pub fn dialled(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, |v4| dialled(IpAddr::V4(v4))),
@@ -115,18 +142,7 @@ pub fn problems(config: &Config) -> Vec<Problem> {
     let mut found = Vec::new();
     for app in &config.apps {
         for t in app.targets.iter().map(|spec| &spec.target) {
-            let local = if is_localhost_name(&t.host) {
-                // Whatever loopback address it resolves to.
-                ["127.0.0.1", "::1"]
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                    .any(|ip| own.is_own(SocketAddr::new(ip, t.port)))
-            } else {
-                t.host
-                    .parse::<IpAddr>()
-                    .is_ok_and(|ip| own.is_own(SocketAddr::new(ip, t.port)))
-            };
-            if local {
+            if target_is_own(t, |a| own.is_own(a)) {
                 found.push(Problem::Loop {
                     app: app.name.clone(),
                     target: t.to_string(),
@@ -136,6 +152,32 @@ pub fn problems(config: &Config) -> Vec<Problem> {
         }
     }
     found
+}
+
+/// Whether target `t` is a frontend, as `is_own` says of an address, without resolving a
+/// name: an IP address, or `localhost` (whatever loopback address it resolves to).
+pub fn target_is_own(t: &Target, is_own: impl Fn(SocketAddr) -> bool) -> bool {
+    if is_localhost_name(&t.host) {
+        ["127.0.0.1", "::1"]
+            .iter()
+            .filter_map(|a| a.parse::<IpAddr>().ok())
+            .any(|ip| is_own(SocketAddr::new(ip, t.port)))
+    } else {
+        t.host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| is_own(SocketAddr::new(ip, t.port)))
+    }
+}
+
+/// The address a target connects to, if it is one of this host's without a lookup (an IP
+/// address that is local, or `localhost`): only such a target can be a frontend at check
+/// time.
+pub fn local_target(t: &Target) -> Option<IpAddr> {
+    if is_localhost_name(&t.host) {
+        return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let ip = dialled(t.host.parse::<IpAddr>().ok()?);
+    is_local(ip).then_some(ip)
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
 //! Where a connection goes: each target's live state (`backend`), the routing table from a
-//! frontend port to its app (`routing`), picking a target (`balance`), connecting to one without
+//! frontend port to its app (`routing`; why a connection found none, `unrouted`), picking a target (`balance`), connecting to one without
 //! blocking, with failover (`dial`), resolving target names off the connection's path with a
 //! cache (`resolver`), active health checks (`health`) and what they send and expect of a
 //! target (`probe`), latency histograms cheap enough for every connection (`histogram`), per-client connection counts for the
@@ -18,3 +18,4 @@ pub mod probe;
 pub mod proxy_protocol;
 pub mod resolver;
 pub mod routing;
+pub mod unrouted;

@@ -23,7 +23,7 @@ Run 'flyproxy <command> --help' for the options of each command.
 /// The options both modes share, as one literal so that each help text can `concat!` it.
 macro_rules! run_options {
     () => {
-        "  -c, --config PATH          config file (default ./config.json)
+        "  -c, --config PATH          config file, or a directory of *.json files (default ./config.json)
       --max-connections N    open client connections at most; beyond it new ones wait
                              in the kernel backlog (default 4096)
       --max-threads N        relay threads at most; idle connections hold none, and
@@ -146,7 +146,7 @@ Prints a one-line summary and exits 0 if the file is valid; prints every problem
 found and exits 1 if not.
 
 Options:
-  -c, --config PATH   config file (default ./config.json)
+  -c, --config PATH   config file, or a directory of *.json files (default ./config.json)
   -h, --help          print this help
   -V, --version       print the version
 ";

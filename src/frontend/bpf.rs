@@ -1,6 +1,7 @@
 //! bpf mode's port source: one listener per address family, and the sk_lookup program that
-//! steers every configured (address prefix, port) to it. A reload only rewrites the bindings
-//! map, as a diff.
+//! steers every configured (address prefix, port) to it. A reload writes or deletes only the
+//! map entries of the (prefix, port) pairs whose apps changed (the config plane works out
+//! which), never the whole map.
 //!
 //! Map writes that fail do not refuse a reload (the config is valid, and what is already
 //! steered keeps working): the binding stays wanted and is retried at every reload tick.
@@ -17,8 +18,7 @@ use mio::{Interest, Registry, Token};
 
 use crate::bpf::{BpfError, Steering, MAX_GROUPS};
 use crate::config::prefix::Prefix;
-use crate::config::Config;
-use crate::frontend::ports::{self, Accepted, PortError, PortSource, FIRST_LISTENER};
+use crate::frontend::ports::{self, Accepted, PortChange, PortError, PortSource, FIRST_LISTENER};
 use crate::metrics::{LookupReader, LookupStats};
 
 /// Listener tokens above every simple-mode port token, so the two can never be confused.
@@ -33,6 +33,12 @@ pub struct Steered {
     wanted: BTreeMap<(u16, Prefix), u32>,
     /// Pairs written into the map, with the group written.
     steered: BTreeMap<(u16, Prefix), u32>,
+    /// Pairs where `wanted` and `steered` may differ: a change not yet written, or a write
+    /// that failed and is retried at every tick. Only these are looked at.
+    dirty: BTreeSet<(u16, Prefix)>,
+    /// How many entries of `wanted` and `steered` name each group: a group no entry names
+    /// any more is released.
+    uses: HashMap<u32, usize>,
     /// Port group (counter index) of each app, or of the apps sharing a binding by Hostnames
     /// (their names joined with `+`), by name (see `GroupNames`).
     groups: Arc<Mutex<GroupNames>>,
@@ -49,6 +55,8 @@ pub struct Steered {
 #[derive(Default)]
 pub struct GroupNames {
     by_name: BTreeMap<String, u32>,
+    /// The same, by id (every id is handed to one name; the overflow id to `OVERFLOW`).
+    by_id: HashMap<u32, String>,
     /// Released ids, reused before new ones.
     free: Vec<u32>,
     /// The next id never handed out.
@@ -78,18 +86,13 @@ impl GroupNames {
         };
         let stale = self.stale.remove(&g);
         self.by_name.entry(name.to_owned()).or_insert(g);
+        self.by_id.entry(g).or_insert_with(|| name.to_owned());
         (g, stale)
     }
 
-    /// Release the groups no port uses any more (neither wanted nor still in the map).
-    fn release_unused(&mut self, in_use: &BTreeSet<u32>) {
-        let gone: Vec<(String, u32)> = self
-            .by_name
-            .iter()
-            .filter(|(_, g)| !in_use.contains(g))
-            .map(|(n, g)| (n.clone(), *g))
-            .collect();
-        for (name, g) in gone {
+    /// Release group `g`, which no port uses any more (neither wanted nor still in the map).
+    fn release(&mut self, g: u32) {
+        if let Some(name) = self.by_id.remove(&g) {
             self.by_name.remove(&name);
             self.stale.insert(g);
             if g != MAX_GROUPS - 1 {
@@ -168,67 +171,98 @@ impl Steered {
             steering,
             wanted: BTreeMap::new(),
             steered: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            uses: HashMap::new(),
             groups: Arc::default(),
             failing: false,
             registered: false,
         })
     }
 
-    /// Release the port groups of apps that left, once no port in the map names them (a
-    /// failed map write keeps a group until a retry removes its ports).
-    fn release_groups(&mut self) {
-        let in_use: BTreeSet<u32> = self
-            .wanted
-            .values()
-            .chain(self.steered.values())
-            .copied()
-            .collect();
-        self.groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release_unused(&in_use);
+    /// Count one more (`true`) or one fewer use of group `g`; a group no longer used is
+    /// released at once (a failed map write keeps a group until a retry removes its ports).
+    fn count(&mut self, g: u32, more: bool) {
+        let n = self.uses.entry(g).or_insert(0);
+        if more {
+            *n += 1;
+            return;
+        }
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.uses.remove(&g);
+            self.groups
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(g);
+        }
     }
 
-    /// Bring the map in line with `wanted`; failures are logged and left for the next tick.
-    /// New bindings go in before old ones go out: a longer prefix added beside a shorter one
-    /// takes over at once, and a port never has a moment with neither.
+    /// Set what `wanted` (`steered: false`) or `steered` holds for `key`, counting uses.
+    fn set(&mut self, steered: bool, key: (u16, Prefix), group: Option<u32>) {
+        let map = if steered {
+            &mut self.steered
+        } else {
+            &mut self.wanted
+        };
+        let old = match group {
+            Some(g) => map.insert(key, g),
+            None => map.remove(&key),
+        };
+        if old == group {
+            return;
+        }
+        // Count the new use before dropping the old one: a group moving between two entries
+        // is never released in between.
+        if let Some(g) = group {
+            self.count(g, true);
+        }
+        if let Some(g) = old {
+            self.count(g, false);
+        }
+    }
+
+    /// Bring the map in line with `wanted` for the pairs not yet in line; failures are logged
+    /// and left for the next tick. New bindings go in before old ones go out: a longer prefix
+    /// added beside a shorter one takes over at once, and a port never has a moment with
+    /// neither.
     fn sync(&mut self) {
         let mut failed: Option<(u16, BpfError)> = None;
         // Ports (not bindings) that failed, for the message.
         let mut failures = BTreeSet::new();
+        let keys: Vec<(u16, Prefix)> = self.dirty.iter().copied().collect();
         // New bindings, and bindings whose apps (so group) changed.
-        let add: Vec<((u16, Prefix), u32)> = self
-            .wanted
-            .iter()
-            .filter(|(k, g)| self.steered.get(k) != Some(g))
-            .map(|(k, g)| (*k, *g))
-            .collect();
-        for ((port, prefix), group) in add {
+        for &(port, prefix) in &keys {
+            let Some(&group) = self.wanted.get(&(port, prefix)) else {
+                continue;
+            };
+            if self.steered.get(&(port, prefix)) == Some(&group) {
+                continue;
+            }
             match self.steering.add_binding(prefix, port, group) {
-                Ok(()) => {
-                    self.steered.insert((port, prefix), group);
-                }
+                Ok(()) => self.set(true, (port, prefix), Some(group)),
                 Err(e) => {
                     failures.insert(port);
                     failed.get_or_insert((port, e));
                 }
             }
         }
-        let remove: Vec<(u16, Prefix)> = self
-            .steered
-            .keys()
-            .filter(|k| !self.wanted.contains_key(k))
-            .copied()
-            .collect();
-        for (port, prefix) in remove {
+        for &(port, prefix) in &keys {
+            if self.wanted.contains_key(&(port, prefix))
+                || !self.steered.contains_key(&(port, prefix))
+            {
+                continue;
+            }
             match self.steering.remove_binding(prefix, port) {
-                Ok(()) => {
-                    self.steered.remove(&(port, prefix));
-                }
+                Ok(()) => self.set(true, (port, prefix), None),
                 Err(e) => {
                     failures.insert(port);
                     failed.get_or_insert((port, e));
                 }
+            }
+        }
+        for key in keys {
+            if self.wanted.get(&key) == self.steered.get(&key) {
+                self.dirty.remove(&key);
             }
         }
         match failed {
@@ -251,7 +285,7 @@ impl Steered {
 }
 
 impl PortSource for Steered {
-    fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError> {
+    fn apply(&mut self, registry: &Registry, change: &PortChange) -> Result<(), PortError> {
         if !self.registered {
             for (l, token) in [(&mut self.v4, V4), (&mut self.v6, V6)] {
                 if let Some(l) = l {
@@ -262,38 +296,40 @@ impl PortSource for Steered {
             }
             self.registered = true;
         }
-        // The whole wanted map from the config: a binding that moved to another app keeps
-        // being steered, only its group changes.
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        let mut stale = Vec::new();
-        self.wanted = config
-            .bindings()
-            .into_iter()
-            .map(|(key, mut apps)| {
-                apps.sort_unstable();
-                let (g, zero) = groups.id(&apps.join("+"));
-                if zero {
-                    stale.push(g);
+        // Only the pairs whose apps changed: a binding that moved to another app keeps being
+        // steered, only its group changes.
+        for (key, group) in &change.steer {
+            let g = match group {
+                Some(name) => {
+                    let (g, zero) = self
+                        .groups
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .id(name);
+                    if zero {
+                        // Not fatal: the app's counters would start from the last app's counts.
+                        if let Err(e) = self.steering.clear_group(g) {
+                            crate::error!("bpf: {e}");
+                        }
+                    }
+                    Some(g)
                 }
-                (key, g)
-            })
-            .collect();
-        drop(groups);
-        for g in stale {
-            // Not fatal: the app's counters would start from the last app's counts.
-            if let Err(e) = self.steering.clear_group(g) {
-                crate::error!("bpf: {e}");
-            }
+                None => None,
+            };
+            self.set(false, *key, g);
+            self.dirty.insert(*key);
         }
         self.sync();
-        self.release_groups();
         Ok(())
     }
 
+    fn steers(&self) -> bool {
+        true
+    }
+
     fn tick(&mut self) {
-        if self.wanted != self.steered {
+        if !self.dirty.is_empty() {
             self.sync();
-            self.release_groups();
         }
     }
 
@@ -372,7 +408,7 @@ mod tests {
         assert_eq!(g.id("b"), (1, false));
         assert_eq!(g.id("a"), (0, false));
         // "b" leaves the config: its group is no longer in use.
-        g.release_unused(&BTreeSet::from([0]));
+        g.release(1);
         assert!(!g.by_name.contains_key("b"));
         // The next new app gets it, to be zeroed first; then it is simply its own.
         assert_eq!(g.id("c"), (1, true));

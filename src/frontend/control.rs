@@ -8,16 +8,15 @@
 //! connection: the --state-file's first, then the old process's, which is newer.
 
 use std::os::unix::net::UnixListener;
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{self, ReloadRequest, Reloader, RuntimeState, Shared, SocketError, StateError};
+use crate::admin::{self, ReloadOutcome, Reloader, RuntimeState, Shared, SocketError, StateError};
 use crate::backends::routing::Routes;
 use crate::cli::Settings;
+use crate::frontend::plane::{Outcome, Reloads};
 use crate::metrics::Published;
 use crate::relay::conns::Conns;
-use crate::relay::slots::Slots;
 use crate::sys::user::Ids;
 
 /// The admin socket created, and the state the old process handed over.
@@ -71,18 +70,18 @@ pub(super) fn bind(
 pub(super) struct Parts<'a> {
     pub(super) published: &'a Arc<Published>,
     pub(super) conns: &'a Arc<Conns>,
-    pub(super) slots: &'a Arc<Slots>,
+    /// The config plane's reload entry, which the `reload` command uses as SIGHUP does.
+    pub(super) reloads: Reloads,
 }
 
-/// Restore the runtime state into `routes`, then serve the socket if there is one: the
-/// requests to reload it makes, for the listener loop. A state that cannot be read is a
+/// Restore the runtime state into `routes`, then serve the socket if there is one. A state that cannot be read is a
 /// warning: the proxy starts as the config says.
 pub(super) fn start(
     bound: Bound,
     settings: &Settings,
     routes: &Routes,
     parts: Parts,
-) -> std::io::Result<Option<Receiver<ReloadRequest>>> {
+) -> std::io::Result<()> {
     let runtime = RuntimeState::new(settings.state_file.clone());
     if let Some(path) = &settings.state_file {
         match runtime.load_file(routes) {
@@ -105,13 +104,16 @@ pub(super) fn start(
         }
     }
     let Some(listener) = bound.listener else {
-        return Ok(None);
+        return Ok(());
     };
-    // The `reload` command's one connection to the reload: through the listener loop, which
-    // reloads itself when woken.
-    let slots = Arc::clone(parts.slots);
-    let (reload_now, requests) = admin::through_loop(Arc::new(move || slots.wake_loop()));
-    let reloader = Reloader::new(reload_now);
+    let reloads = parts.reloads;
+    let reloader = Reloader::new(Arc::new(move || {
+        reloads.reload().map(|outcome| match outcome {
+            Outcome::Applied { sha256 } => ReloadOutcome::Applied { sha256 },
+            Outcome::Unchanged { sha256 } => ReloadOutcome::Unchanged { sha256 },
+            Outcome::Rejected { problems } => ReloadOutcome::Rejected { problems },
+        })
+    }));
     let shared = Shared {
         published: Arc::clone(parts.published),
         conns: Arc::clone(parts.conns),
@@ -123,7 +125,7 @@ pub(super) fn start(
     if let Some(path) = &settings.admin_socket {
         crate::info!("admin socket: {}", path.display());
     }
-    Ok(Some(requests))
+    Ok(())
 }
 
 fn restored(from: &str, applied: &admin::Applied) {

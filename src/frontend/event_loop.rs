@@ -1,32 +1,29 @@
 //! The listener loop: one mio `Poll` that accepts connections from the mode's listeners, hands
 //! them to the relay pool, and handles signals, config reload ticks, drain deadlines and the
 //! connection bound. It is the only thread that touches the routing table and the listeners,
-//! so neither needs a lock. What the signals do to the process as a whole (stop, upgrade) is
-//! decided in `lifecycle`; the loop carries it out.
+//! so neither needs a lock. A reload is built by the config plane (`plane`) on a thread of
+//! its own; the loop only swaps the new table in and applies its port change. What the
+//! signals do to the process as a whole (stop, upgrade) is decided in `lifecycle`; the loop
+//! carries it out.
 
 use std::collections::HashSet;
 use std::io;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
-use crate::admin::{ReloadOutcome, ReloadRequest};
 use crate::backends::clients::ClientCounts;
-use crate::backends::health::Checker;
 use crate::backends::routing::{Routes, Unrouted};
 use crate::cli::Settings;
-use crate::config::{Config, Diff};
-use crate::frontend::candidate::{self, LoadError};
 use crate::frontend::lifecycle::{Lifecycle, Next};
+use crate::frontend::plane::{Change, LoopEnd, Verdict};
 use crate::frontend::ports::{Accepted, PortSource};
 use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::tokens::{
-    REOPEN_PIPE, SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE,
+    PLANE, REOPEN_PIPE, SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE,
 };
-use crate::frontend::watch::Watch;
 use crate::metrics::Published;
 use crate::relay::conns::{Conns, Ports};
 use crate::relay::per_client::{self, ClientSlots};
@@ -40,12 +37,10 @@ const ACCEPT_BATCH: usize = 64;
 
 pub(super) struct Loop {
     settings: Settings,
-    /// The config in force, and the file it came from.
-    config: Config,
-    watch: Watch,
     source: Box<dyn PortSource>,
+    /// The routing table in force (the config plane builds the next one).
     routes: Arc<Routes>,
-    checker: Arc<Checker>,
+    plane: LoopEnd,
     pool: Pool<Task>,
     slots: Arc<Slots>,
     /// Open connections per client address, with --max-connections-per-client; None without
@@ -64,18 +59,6 @@ pub(super) struct Loop {
     backoff: Duration,
     /// When the next connection being drained (a removed port, a stop) is due to be cut.
     next_drain: Option<Instant>,
-    /// The admin socket's `reload` commands, each waiting for its outcome (they wake the loop).
-    admin_reloads: Option<Receiver<ReloadRequest>>,
-}
-
-/// The config in force and those who follow it: the routing table built from it, the health
-/// checker watching its targets, and what the metrics endpoint reads. A reload replaces them
-/// together.
-pub(super) struct InForce {
-    pub(super) config: Config,
-    pub(super) routes: Arc<Routes>,
-    pub(super) checker: Arc<Checker>,
-    pub(super) published: Arc<Published>,
 }
 
 /// Where the loop hands accepted connections, and what it counts and drains them with.
@@ -89,72 +72,48 @@ pub(super) struct Relay {
 }
 
 impl Loop {
-    /// A loop over `source`'s listeners, with nothing yet ready to accept and nothing
-    /// draining. `watch` has seen the config file `in_force.config` came from.
+    /// A loop over `source`'s listeners, routing by `routes` until the config plane
+    /// (`plane`, its pipe registered) sends another, with nothing yet ready to accept and
+    /// nothing draining.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         settings: Settings,
-        watch: Watch,
         source: Box<dyn PortSource>,
-        in_force: InForce,
+        routes: Arc<Routes>,
+        plane: LoopEnd,
+        published: Arc<Published>,
         relay: Relay,
         lifecycle: Lifecycle,
         signals: SignalPipes,
     ) -> Loop {
         Loop {
             settings,
-            config: in_force.config,
-            watch,
             source,
-            routes: in_force.routes,
-            checker: in_force.checker,
+            routes,
+            plane,
             pool: relay.pool,
             slots: relay.slots,
             clients: relay.clients,
             conns: relay.conns,
-            published: in_force.published,
+            published,
             lifecycle,
             signals,
             ready: HashSet::new(),
             backoff_until: None,
             backoff: Duration::ZERO,
             next_drain: None,
-            admin_reloads: None,
-        }
-    }
-
-    /// Take the admin socket's reload requests from now on.
-    pub(super) fn admin_reloads(&mut self, requests: Receiver<ReloadRequest>) {
-        self.admin_reloads = Some(requests);
-    }
-
-    /// Reload for each `reload` command waiting, and answer it with the outcome.
-    fn reload_for_admin(&mut self, poll: &Poll) {
-        let Some(requests) = &self.admin_reloads else {
-            return;
-        };
-        let waiting: Vec<ReloadRequest> = requests.try_iter().collect();
-        for request in waiting {
-            let outcome = if self.lifecycle.is_draining() {
-                ReloadOutcome::Rejected {
-                    problems: vec!["the proxy is stopping: nothing to reload".into()],
-                }
-            } else {
-                crate::info!("admin: reloading {}", self.settings.config.display());
-                self.reload(poll, true)
-            };
-            request.answer(outcome);
         }
     }
 
     /// A SIGHUP that came while starting: the file may have changed since it was read, so
     /// reload it before serving.
-    pub(super) fn reload_if_hup_arrived(&mut self, poll: &Poll) {
+    pub(super) fn reload_if_hup_arrived(&mut self) {
         if signals::arrived(&mut self.signals.hup) {
             crate::info!(
                 "SIGHUP during start-up: reloading {}",
                 self.settings.config.display()
             );
-            self.reload(poll, true);
+            self.plane.reloads.request();
         }
     }
 
@@ -205,9 +164,7 @@ impl Loop {
                 next_tick = now + self.settings.reload_interval;
                 if !draining {
                     self.source.tick();
-                    if self.watch.changed(&self.settings.config) {
-                        self.reload(poll, false);
-                    }
+                    self.plane.reloads.tick();
                 }
             }
             self.lifecycle.upgrade_timer(poll.registry(), now);
@@ -234,7 +191,7 @@ impl Loop {
                     crate::info!("SIGHUP ignored: stopping");
                 } else {
                     crate::info!("SIGHUP: reloading {}", self.settings.config.display());
-                    self.reload(poll, true);
+                    self.plane.reloads.request();
                 }
             }
             STOP_PIPE => {
@@ -256,7 +213,15 @@ impl Loop {
                 let next = self.lifecycle.upgrade_progress(poll.registry());
                 self.carry_out(poll, next);
             }
-            WAKE => self.reload_for_admin(poll),
+            WAKE => {}
+            PLANE => {
+                signals::arrived(&mut self.plane.pipe);
+                while let Ok(change) = self.plane.changes.try_recv() {
+                    let verdict = self.apply(poll, change);
+                    // The plane waits for it; gone only if the plane is (the process exits).
+                    let _ = self.plane.verdicts.send(verdict);
+                }
+            }
             listener => {
                 self.ready.insert(listener);
             }
@@ -444,71 +409,26 @@ impl Loop {
         }
     }
 
-    /// Re-read the config and apply it as a diff. Any error leaves the running config as it is.
-    /// What became of it is returned (for the admin socket's `reload`).
-    fn reload(&mut self, poll: &Poll, forced: bool) -> ReloadOutcome {
-        let began = Instant::now();
-        let path = self.settings.config.clone();
-        // Stat before reading: a write that lands after the read then still shows as a change
-        // at the next tick.
-        let sig = Watch::stat(&path);
-        // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
-        let (new, sha) = match candidate::load(&path) {
-            Ok(c) => {
-                self.watch.seen(sig, c.bytes);
-                (c.config, c.sha256)
-            }
-            Err(LoadError::Unreadable { problem, .. }) => {
-                // Logged once per distinct error (and on every SIGHUP, which asks): a path left
-                // pointing at a directory must not write a line per tick forever.
-                let message = problem.to_string();
-                if self.watch.unreadable(sig, &message) || forced {
-                    crate::error!(
-                        "reload rejected: {}: {message}; keeping the running config",
-                        path.display()
-                    );
-                    self.published.rejected(None);
-                }
-                let problems = vec![format!("{}: {message}", path.display())];
-                return ReloadOutcome::Rejected { problems };
-            }
-            Err(LoadError::Invalid {
-                error,
-                bytes,
-                sha256,
-            }) => {
-                self.watch.seen(sig, bytes);
-                let problems: Vec<String> = error.to_string().lines().map(str::to_owned).collect();
-                for line in &problems {
-                    crate::error!("reload rejected: {line}");
-                }
-                self.reject("", &sha256);
-                return ReloadOutcome::Rejected { problems };
-            }
-        };
-        let diff = Diff::between(&self.config, &new);
-        if diff.is_empty() {
-            // Same apps in other bytes (spacing, key order) is still the file in force: its
-            // hash is what a fleet compares.
-            if self.published.config_file(&sha) {
-                crate::info!("reload: config unchanged, new file sha256={sha}");
-            } else if forced {
-                crate::info!("reload: config unchanged sha256={sha}");
-            }
-            return ReloadOutcome::Unchanged { sha256: sha };
-        }
-        if let Err(e) = self.source.apply(poll.registry(), &new) {
-            self.reject(&format!("{e}; "), &sha);
-            return ReloadOutcome::Rejected {
-                problems: vec![e.to_string()],
+    /// Swap in the config plane's new table and apply its port change; the table no longer
+    /// in force goes back to the plane, to be dropped there. A port change that fails leaves
+    /// everything as it was.
+    fn apply(&mut self, poll: &Poll, change: Change) -> Verdict {
+        if self.lifecycle.is_draining() {
+            // The listeners are closed: nothing would accept on a port the change adds.
+            return Verdict {
+                refused: Some("the proxy is stopping".into()),
+                dropped: change.routes,
             };
         }
-        self.routes = Arc::new(Routes::new(&new, Some(&self.routes)));
-        self.checker.set(self.routes.backends());
-        self.published.reloaded(Arc::clone(&self.routes), &sha);
-        self.config = new;
-        if !diff.ports_removed.is_empty() {
-            let removed: HashSet<u16> = diff.ports_removed.iter().copied().collect();
+        if let Err(e) = self.source.apply(poll.registry(), &change.ports) {
+            return Verdict {
+                refused: Some(e.to_string()),
+                dropped: change.routes,
+            };
+        }
+        let old = std::mem::replace(&mut self.routes, change.routes);
+        if !change.ports_removed.is_empty() {
+            let removed: HashSet<u16> = change.ports_removed.iter().copied().collect();
             let at = Instant::now() + self.settings.drain_timeout;
             let n = self.conns.drain(Ports::Some(removed), at);
             // Set even when none is open now: one accepted just before may register late.
@@ -520,21 +440,9 @@ impl Loop {
                 );
             }
         }
-        crate::info!(
-            "reload ok: {diff} took={:.3}ms sha256={sha}",
-            began.elapsed().as_secs_f64() * 1000.0
-        );
-        ReloadOutcome::Applied { sha256: sha }
-    }
-
-    /// A reload of the file hashing to `sha` failed (for `why`, or for reasons already
-    /// logged): say which file was refused and which one keeps serving.
-    fn reject(&mut self, why: &str, sha: &str) {
-        let running = self.published.config_hashes().running;
-        crate::error!(
-            "reload rejected: {why}keeping the running config; rejected sha256={sha} running={running}"
-        );
-        self.published.rejected(Some(sha));
-        self.watch.rejected();
+        Verdict {
+            refused: None,
+            dropped: old,
+        }
     }
 }

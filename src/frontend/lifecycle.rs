@@ -295,14 +295,13 @@ mod tests {
 
     use mio::{Poll, Token};
 
-    use crate::config::Config;
-    use crate::frontend::ports::{Accepted, PortError};
+    use crate::frontend::ports::{Accepted, PortChange, PortError};
 
     /// A port source with no listeners: the lifecycle only asks it for what to hand over.
     struct NoPorts;
 
     impl PortSource for NoPorts {
-        fn apply(&mut self, _: &Registry, _: &Config) -> Result<(), PortError> {
+        fn apply(&mut self, _: &Registry, _: &PortChange) -> Result<(), PortError> {
             Ok(())
         }
         fn accept(&mut self, _: Token) -> io::Result<Option<Accepted>> {

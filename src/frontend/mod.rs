@@ -8,7 +8,9 @@
 //! - `candidate`: loading a config file as start-up, every reload and `flyproxy check` do
 //!   (read, validate, check for loops, hash).
 //! - `event_loop`: the listener loop (accepting within the bound, signals, reload ticks, drain
-//!   deadlines) and the reload.
+//!   deadlines), which swaps in what the plane built.
+//! - `plane`: the config plane, the thread that reloads (reads, validates, diffs, builds the
+//!   new routing table and port change) so that the loop never pauses for it.
 //! - `lifecycle`: the process's phases (serving, upgrading, draining) and every transition
 //!   between them.
 //! - `signals`: the signals' self-pipes.
@@ -16,14 +18,16 @@
 //! - `tokens`: the loop's reserved tokens.
 //!
 //! Within the folder, a file imports only from files listed after it, never back up:
-//! `start` → `control`, `event_loop` → `candidate`, `lifecycle`, `signals`, `watch` → `bpf`, `simple`,
-//! `tokens` → `ports`. (`start` also uses most of the files below `event_loop` directly.)
+//! `start` → `control`, `event_loop` → `plane`, `lifecycle`, `signals` → `candidate`, `watch`, `bpf`,
+//! `simple`, `tokens` → `ports`. (`start` also uses most of the files below `event_loop` directly.)
 
 pub mod bpf;
 pub mod candidate;
 mod control;
+pub mod directory;
 mod event_loop;
 mod lifecycle;
+pub mod plane;
 pub mod ports;
 mod signals;
 pub mod simple;

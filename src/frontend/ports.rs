@@ -1,7 +1,8 @@
 //! How configured ports reach the process: the one thing the two modes do differently.
 //!
 //! `PortSource` is what the listener loop needs from a mode: make a set of ports reachable,
-//! change it by a diff on reload, and accept from its listeners. `simple::PerPort` is the simple
+//! change it by a diff on reload (a `PortChange`, worked out off the loop by the config
+//! plane), and accept from its listeners. `simple::PerPort` is the simple
 //! mode (one listener per port); `bpf::Steered` is the bpf mode's, beside it. Everything after
 //! `accept()` is shared.
 
@@ -12,7 +13,9 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 
 use mio::net::TcpListener;
 
-use crate::config::Config;
+use std::collections::BTreeSet;
+
+use crate::config::prefix::Prefix;
 use crate::metrics::LookupReader;
 use crate::sys::net::canonical;
 use mio::{Registry, Token};
@@ -82,6 +85,28 @@ const NONLOCAL_V6: &str =
 
 impl std::error::Error for PortError {}
 
+/// A listening socket as the config wants it: where, and for `[::]`, whether IPv4 too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bind {
+    pub addr: SocketAddr,
+    /// `[::]` taking IPv4 as well (dual-stack). False for every other address.
+    pub dual: bool,
+}
+
+/// What a new config asks of the mode's ports, worked out by the config plane (off the
+/// listener loop) so that applying it costs the loop only what changed. Only the part the
+/// mode reads is filled (see `PortSource::steers`).
+#[derive(Debug, Default)]
+pub struct PortChange {
+    /// Simple mode: every listener the config wants (bounded by the descriptor budget, so
+    /// the loop compares it with what it has).
+    pub binds: BTreeSet<Bind>,
+    /// bpf mode: the (port, prefix) pairs whose apps changed, each with its port group (the
+    /// names of the apps there, sorted and joined with `+`), or None where no app answers
+    /// any more. Pairs not listed stay as they are.
+    pub steer: Vec<((u16, Prefix), Option<String>)>,
+}
+
 /// One accepted connection and the address it came in on.
 pub struct Accepted {
     pub stream: TcpStream,
@@ -92,10 +117,14 @@ pub struct Accepted {
 }
 
 pub trait PortSource {
-    /// Serve exactly `config`'s ports: the source works out what changed since the last
-    /// apply (the config also tells a mode that needs it which app each port is). On error
-    /// nothing has changed: the reload (or the start-up) is refused whole.
-    fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError>;
+    /// Serve the ports as `change` says (the first change, at start-up, lists everything).
+    /// On error nothing has changed: the reload (or the start-up) is refused whole.
+    fn apply(&mut self, registry: &Registry, change: &PortChange) -> Result<(), PortError>;
+
+    /// Whether the mode reads `PortChange::steer` (bpf) rather than `binds` (simple).
+    fn steers(&self) -> bool {
+        false
+    }
 
     /// Called at every reload tick, for work that may need retrying.
     fn tick(&mut self) {}

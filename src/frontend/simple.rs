@@ -15,18 +15,11 @@ use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
 use crate::config::{app_prefixes, Config};
+pub use crate::frontend::ports::Bind;
 use crate::frontend::ports::{
-    accept_from, handover_of, Accepted, PortError, PortSource, FIRST_LISTENER,
+    accept_from, handover_of, Accepted, PortChange, PortError, PortSource, FIRST_LISTENER,
 };
 use crate::sys::net::{listen, listen_any};
-
-/// A listening socket as the config wants it: where, and for `[::]`, whether IPv4 too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Bind {
-    pub addr: SocketAddr,
-    /// `[::]` taking IPv4 as well (dual-stack). False for every other address.
-    pub dual: bool,
-}
 
 /// Simple mode's listeners, by what they bind; tokens are handed out in order, never reused.
 pub struct PerPort {
@@ -179,10 +172,10 @@ impl PortSource for PerPort {
         self.room = Some(room);
     }
 
-    fn apply(&mut self, registry: &Registry, config: &Config) -> Result<(), PortError> {
-        let want = wanted(config);
+    fn apply(&mut self, registry: &Registry, change: &PortChange) -> Result<(), PortError> {
+        let want = &change.binds;
         let have: BTreeSet<Bind> = self.listeners.keys().copied().collect();
-        let gone: Vec<Bind> = have.difference(&want).copied().collect();
+        let gone: Vec<Bind> = have.difference(want).copied().collect();
         let new: Vec<Bind> = want.difference(&have).copied().collect();
         if let Some(room) = self.room {
             if want.len() as u64 > room && new.len() > gone.len() {

@@ -7,6 +7,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mio::net::TcpListener;
@@ -20,15 +21,14 @@ use crate::backends::routing::UnroutedCounts;
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
-use crate::frontend::candidate::{self, Candidate};
 use crate::frontend::control;
-use crate::frontend::event_loop::{InForce, Loop, Relay};
+use crate::frontend::event_loop::{Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
+use crate::frontend::plane;
 use crate::frontend::ports::{PortError, PortSource};
 use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::simple::PerPort;
-use crate::frontend::tokens::WAKE;
-use crate::frontend::watch::Watch;
+use crate::frontend::tokens::{PLANE, WAKE};
 use crate::metrics::{self, Endpoint, Published, Sources};
 use crate::relay::conns::Conns;
 use crate::relay::park::Lot;
@@ -148,7 +148,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         Some(u) => Some(user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?),
         None => None,
     };
-    let (config, watch, config_sha256) = load(&settings)?;
+    let plane::Loaded {
+        config,
+        source: config_source,
+        sha256: config_sha256,
+        rejected: rejected_files,
+    } = plane::load(&settings.config).map_err(StartError::Config)?;
     if let Some(addr) = settings.metrics {
         if let Some(app) = app_on(&config, addr) {
             return Err(StartError::MetricsClash { addr, app }.into());
@@ -165,8 +170,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
+    let routes = Arc::new(Routes::new(&config, None));
     source
-        .apply(poll.registry(), &config)
+        .apply(
+            poll.registry(),
+            &plane::first_change(source.steers(), &config, &routes),
+        )
         .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
@@ -195,17 +204,13 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         source.set_listener_room(limit.saturating_sub(others + 2 * max_connections as u64));
     }
 
-    let routes = Arc::new(Routes::new(&config, None));
     let slots = Arc::new(Slots::new(max_connections, waker));
     let published = Arc::new(Published::new(Arc::clone(&routes), config_sha256.clone()));
+    if let plane::Source::Dir(_) = config_source {
+        published.directory.store(true, Ordering::Relaxed);
+        published.files_rejected(rejected_files.len(), rejected_files);
+    }
     let conns = Arc::new(Conns::default());
-    let parts = control::Parts {
-        published: &published,
-        conns: &conns,
-        slots: &slots,
-    };
-    let admin_reloads = control::start(admin, &settings, &routes, parts)
-        .map_err(|e| StartError::Os("cannot start the admin socket's thread", e))?;
     let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
         published: Arc::clone(&published),
@@ -248,44 +253,42 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         .then(|| ClientCounts::new(settings.max_connections_per_client));
     let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
     let pid_file = settings.pid_file.clone();
-    let in_force = InForce {
+    let steers = source.steers();
+    let mut plane_end = plane::start(plane::InForce {
+        path: settings.config.clone(),
+        source: config_source,
         config,
-        routes,
+        routes: Arc::clone(&routes),
         checker,
-        published,
+        published: Arc::clone(&published),
+        steers,
+    })
+    .map_err(|e| StartError::Os("cannot start the config plane", e))?;
+    poll.registry()
+        .register(&mut plane_end.pipe, PLANE, mio::Interest::READABLE)
+        .map_err(|e| StartError::Os("cannot set up the config plane's wake-ups", e))?;
+    let parts = control::Parts {
+        published: &published,
+        conns: &conns,
+        reloads: plane_end.reloads.clone(),
     };
+    control::start(admin, &settings, &routes, parts)
+        .map_err(|e| StartError::Os("cannot start the admin socket's thread", e))?;
     let relay = Relay {
         pool,
         slots,
         clients,
         conns,
     };
-    let mut lp = Loop::new(settings, watch, source, in_force, relay, lifecycle, signals);
-    if let Some(requests) = admin_reloads {
-        lp.admin_reloads(requests);
-    }
-    lp.reload_if_hup_arrived(&poll);
+    let mut lp = Loop::new(
+        settings, source, routes, plane_end, published, relay, lifecycle, signals,
+    );
+    lp.reload_if_hup_arrived();
     let result = lp.run(&mut poll);
     if !lp.handed_over() {
         remove_pid_file(pid_file.as_deref());
     }
     result.map_err(RunError::EventLoop)
-}
-
-/// Load the config file (see `candidate`) and start watching it: the config, the watch that
-/// has seen it, and the file's SHA-256.
-fn load(settings: &Settings) -> Result<(Config, Watch, String), StartError> {
-    // Stat before loading: a change written while we start shows as a change at the first
-    // tick instead of being taken for what we loaded.
-    let loaded_sig = Watch::stat(&settings.config);
-    let Candidate {
-        config,
-        bytes,
-        sha256,
-    } = candidate::load(&settings.config).map_err(|e| StartError::Config(e.into_config_error()))?;
-    let mut watch = Watch::new();
-    watch.seen(loaded_sig, bytes);
-    Ok((config, watch, sha256))
 }
 
 /// The poll, the waker relay threads wake it with, and the signals' self-pipes.

@@ -18,4 +18,7 @@ pub(super) const UPGRADE_READY: Token = Token(4);
 /// Readable when SIGUSR1 (reopen the log files) arrived.
 pub(super) const REOPEN_PIPE: Token = Token(5);
 
-const _: () = assert!(REOPEN_PIPE.0 < FIRST_LISTENER);
+/// Readable when the config plane has a new routing table for the loop to apply.
+pub(super) const PLANE: Token = Token(6);
+
+const _: () = assert!(PLANE.0 < FIRST_LISTENER);

@@ -16,7 +16,7 @@ pub(super) struct Watch {
 }
 
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
-pub(super) struct FileSig {
+pub struct FileSig {
     mtime: Option<SystemTime>,
     len: u64,
     ino: u64,
@@ -36,7 +36,7 @@ impl Watch {
         }
     }
 
-    pub(super) fn stat(path: &Path) -> Option<FileSig> {
+    pub fn stat(path: &Path) -> Option<FileSig> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
         Some(FileSig {

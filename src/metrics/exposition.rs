@@ -96,6 +96,7 @@ pub fn render(sources: &Sources) -> String {
     runtime::target_families(&mut out, apps);
     runtime::app_families(&mut out, apps);
     reload_families(&mut out, published);
+    rejected_file_families(&mut out, published);
     bound_families(&mut out, slots, published);
     log_families(&mut out);
     dns_families(&mut out, resolver);
@@ -160,6 +161,29 @@ fn reload_families(out: &mut String, published: &Published) {
         );
         f.sample(name, &[("sha256", rejected.as_str())], 1);
     }
+}
+
+/// Directory mode (`-c DIR`): the config files refused now, and refusals since start.
+fn rejected_file_families(out: &mut String, published: &Published) {
+    if !published.directory.load(Ordering::Relaxed) {
+        return;
+    }
+    let name = "flyproxy_config_files_rejected";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "Files of the config directory refused now (each listed with its problems in /status).",
+    );
+    f.sample(name, &[], published.rejected_files().len());
+    let name = "flyproxy_config_file_rejections_total";
+    let mut f = Family::head(
+        out,
+        name,
+        "counter",
+        "Times a file of the config directory was refused (a file refused again after a change counts again).",
+    );
+    f.sample(name, &[], published.file_rejections.load(Ordering::Relaxed));
 }
 
 /// The connection bound and how full it is.

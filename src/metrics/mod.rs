@@ -25,5 +25,5 @@ mod status;
 pub use client::{fetch_status, FetchError};
 pub use endpoint::{start, Endpoint, FDS};
 pub use exposition::render;
-pub use published::{ConfigHashes, LookupReader, LookupStats, Published, Sources};
+pub use published::{ConfigHashes, LookupReader, LookupStats, Published, RejectedFile, Sources};
 pub use status::{snapshot, text, Status};

@@ -36,6 +36,20 @@ pub struct Published {
     pub accept_paused: AtomicBool,
     /// Connections no app took (counted by the listener loop and the sessions).
     pub unrouted: Arc<UnroutedCounts>,
+    /// Directory mode: the files refused now, each with its problems, and how many
+    /// refusals there were since start (a file refused again after a change counts again).
+    rejected_files: Mutex<Vec<RejectedFile>>,
+    pub file_rejections: AtomicU64,
+    /// The config is a directory (`-c DIR`): the families above are exposed.
+    pub directory: AtomicBool,
+}
+
+/// A config file of a directory that is refused, with every problem (its last good version,
+/// if any, serves).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RejectedFile {
+    pub file: String,
+    pub problems: Vec<String>,
 }
 
 /// SHA-256 (hex, as `sha256sum` prints it) of config files' bytes.
@@ -62,6 +76,9 @@ impl Published {
             }),
             accept_paused: AtomicBool::new(false),
             unrouted: Arc::default(),
+            rejected_files: Mutex::default(),
+            file_rejections: AtomicU64::new(0),
+            directory: AtomicBool::new(false),
         }
     }
 
@@ -95,6 +112,24 @@ impl Published {
         self.config_file(sha256);
         self.reloads_ok.fetch_add(1, Ordering::Relaxed);
         self.last_reload_ok_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    /// Directory mode: `refused` more files were refused; `now`, every file refused now.
+    pub fn files_rejected(&self, refused: usize, now: Vec<RejectedFile>) {
+        self.file_rejections
+            .fetch_add(refused as u64, Ordering::Relaxed);
+        *self
+            .rejected_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = now;
+    }
+
+    /// The config files refused now (directory mode).
+    pub fn rejected_files(&self) -> Vec<RejectedFile> {
+        self.rejected_files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A reload was refused: the running config stays. `sha256` names the refused file when

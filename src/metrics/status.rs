@@ -23,6 +23,17 @@ pub struct Status {
     pub reloads: Reloads,
     pub config: ConfigFile,
     pub apps: Vec<AppStatus>,
+    /// Directory mode: the config files refused now, each with every problem (absent from
+    /// an older flyproxy's answer: read as none).
+    #[serde(default)]
+    pub rejected_files: Vec<RejectedFileStatus>,
+}
+
+/// A file of the config directory that is refused (its last good version, if any, serves).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedFileStatus {
+    pub file: String,
+    pub problems: Vec<String>,
 }
 
 /// The connection bound (`--max-connections`) and how full it is.
@@ -203,6 +214,14 @@ pub fn snapshot(sources: &Sources) -> Status {
             rejected_sha256: hashes.rejected,
         },
         apps,
+        rejected_files: published
+            .rejected_files()
+            .into_iter()
+            .map(|r| RejectedFileStatus {
+                file: r.file,
+                problems: r.problems,
+            })
+            .collect(),
     }
 }
 
@@ -242,6 +261,7 @@ pub fn text(st: &Status) -> String {
             .map(|r| format!(" (last rejected: {r})"))
             .unwrap_or_default()
     );
+    rejected_files_text(&mut out, st);
     for app in &st.apps {
         let ports: Vec<String> = app.ports.iter().map(u16::to_string).collect();
         let _ = writeln!(
@@ -272,4 +292,14 @@ pub fn text(st: &Status) -> String {
         }
     }
     out
+}
+
+/// Directory mode: the files refused, each with its problems.
+fn rejected_files_text(out: &mut String, st: &Status) {
+    for r in &st.rejected_files {
+        let _ = writeln!(out, "config file {} REJECTED:", r.file);
+        for p in &r.problems {
+            let _ = writeln!(out, "  {p}");
+        }
+    }
 }

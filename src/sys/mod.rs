@@ -8,8 +8,10 @@
 //! - `pidfile`: writing and checking the pid file.
 //! - `systemd`: readiness and status notifications.
 //! - `upgrade`: handing listening descriptors to a new binary and taking them over.
+//! - `inotify`: watching a directory for files that change, without blocking.
 
 pub mod caps;
+pub mod inotify;
 pub mod log;
 pub mod net;
 pub mod pidfile;

@@ -1,0 +1,543 @@
+//! `-c DIR`: the config as a directory of files, each `*.json` in it (not a dotfile) holding
+//! `{"Apps": [...]}`, typically one app named after the file. The config in force is the
+//! apps of every file's last good version, in file name order.
+//!
+//! Blast radius of one file: a file is checked on its own (as a whole config file would be)
+//! and then against the apps serving from the other files: an app name another file serves,
+//! an (address prefix, port) that Hostnames do not tell apart from another file's app, a
+//! target that is one of the proxy's own frontends (its own, or another file's), or a
+//! frontend that makes another file's target loop. Such a file is rejected alone, with every
+//! problem; its last good version, if it had one, keeps serving, and every other file's
+//! change applies. A serving app wins a clash against a newcomer; among newcomers, the first
+//! file by name wins. A rejected file is tried again whenever another file changes (the app
+//! it clashed with may be gone), and when it changes itself.
+//!
+//! What changed is told by inotify (`sys::inotify`): a tick reads the names of the files
+//! written, moved or deleted since the last, and looks only at those. Without inotify, when
+//! its queue overflowed, on SIGHUP and at start, every file is looked at (a readdir and a
+//! stat each; only files whose size, mtime or inode changed are read again).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use crate::backends::loops::{dialled, is_local, local_target, target_is_own};
+use crate::config::hostname::Pattern;
+use crate::config::prefix::Prefix;
+use crate::config::{self, app_prefixes, sha256, App, Config};
+use crate::frontend::watch::{FileSig, Watch};
+use crate::sys::inotify::{DirWatch, Events};
+
+/// A config directory as the config plane keeps it.
+pub struct Directory {
+    dir: PathBuf,
+    files: BTreeMap<String, FileState>,
+    /// App name -> the file serving it.
+    owners: HashMap<String, String>,
+    /// (port, prefix) -> who answers there, by app name.
+    slots: HashMap<(u16, Prefix), Slot>,
+    /// Every served (port, prefix), counted, and the prefix lengths in use per port: the
+    /// frontends a target must not be.
+    frontends: HashMap<u16, (HashMap<Prefix, u32>, Vec<u8>)>,
+    /// Targets that are this host (an IP address of it, or `localhost`), by port: those a
+    /// new frontend could make loop. (app, target as written, address).
+    local_targets: HashMap<u16, Vec<(String, String, IpAddr)>>,
+    watch: Option<DirWatch>,
+    /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
+    /// when a file is created, renamed in or out, or deleted).
+    dir_sig: Option<FileSig>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The app without Hostnames.
+    default: Option<String>,
+    names: HashMap<Pattern, String>,
+}
+
+struct FileState {
+    sig: Option<FileSig>,
+    /// SHA-256 of the contents last read.
+    sha256: String,
+    /// The version in force (its apps and hash); None: none ever was.
+    good: Option<(Vec<App>, String)>,
+    /// Why the contents last read are refused; None: they are in force.
+    problems: Option<Vec<String>>,
+    /// The apps of refused contents that were valid on their own: tried again when other
+    /// files change.
+    pending: Option<Vec<App>>,
+}
+
+/// A file refused, with every problem (as the metrics endpoint publishes it).
+pub use crate::metrics::RejectedFile as Rejected;
+
+/// What a refresh found.
+#[derive(Debug, Default)]
+pub struct Refresh {
+    /// The apps in force changed.
+    pub changed: bool,
+    /// Files refused by this refresh (each logged and counted once per version).
+    pub rejected: Vec<Rejected>,
+}
+
+/// Whether `name` is a config file of the directory: `*.json`, not a dotfile.
+fn is_config_file(name: &str) -> bool {
+    name.ends_with(".json") && !name.starts_with('.')
+}
+
+impl Directory {
+    /// The directory at `dir`, nothing read yet; watched through inotify if it can be.
+    pub fn open(dir: &Path) -> Directory {
+        let watch = match DirWatch::new(dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                crate::warn!(
+                    "cannot watch {} with inotify ({e}): every file is looked at on each change of the directory",
+                    dir.display()
+                );
+                None
+            }
+        };
+        Directory {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            slots: HashMap::new(),
+            frontends: HashMap::new(),
+            local_targets: HashMap::new(),
+            watch,
+            dir_sig: None,
+        }
+    }
+
+    /// Look for changed files and take in what they say: every file if `full`, else those
+    /// inotify named (every file if it cannot say).
+    pub fn refresh(&mut self, full: bool) -> Refresh {
+        let named = match (&mut self.watch, full) {
+            (Some(w), false) => match w.read() {
+                Events::Names(names) => Some(names),
+                Events::Rescan => {
+                    // Watch again: the directory may have been replaced.
+                    self.watch = DirWatch::new(&self.dir).ok();
+                    None
+                }
+            },
+            (None, false) => {
+                // No inotify: rescan only when the directory itself changed (a file written
+                // in place, not renamed over, then waits for SIGHUP).
+                let sig = Watch::stat(&self.dir);
+                if sig.is_some() && sig == self.dir_sig {
+                    return Refresh::default();
+                }
+                None
+            }
+            (_, true) => None,
+        };
+        if self.watch.is_none() {
+            self.dir_sig = Watch::stat(&self.dir);
+        }
+        // Each file to look at, with its metadata now (None: gone).
+        let mut look: BTreeMap<String, Option<FileSig>> = BTreeMap::new();
+        match named {
+            Some(names) => {
+                for n in names.into_iter().filter(|n| is_config_file(n)) {
+                    let sig = Watch::stat(&self.dir.join(&n));
+                    look.insert(n, sig);
+                }
+            }
+            None => {
+                let listed = self.list();
+                for n in self.files.keys() {
+                    if !listed.contains_key(n) {
+                        look.insert(n.clone(), None);
+                    }
+                }
+                for (n, sig) in listed {
+                    if self.files.get(&n).is_none_or(|f| f.sig != Some(sig)) {
+                        look.insert(n, Some(sig));
+                    }
+                }
+            }
+        }
+        let mut out = Refresh::default();
+        for (name, sig) in &look {
+            if sig.is_none() {
+                out.changed |= self.remove(name);
+            }
+        }
+        for (name, sig) in look {
+            if let Some(sig) = sig {
+                self.take(&name, sig, &mut out);
+            }
+        }
+        if out.changed {
+            self.retry_pending(&mut out);
+        }
+        out
+    }
+
+    /// The config files there now, with their metadata.
+    fn list(&self) -> BTreeMap<String, FileSig> {
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            // Gone for a moment or for good: keep serving what we have.
+            return self
+                .files
+                .iter()
+                .filter_map(|(n, f)| Some((n.clone(), f.sig?)))
+                .collect();
+        };
+        entries
+            .filter_map(|e| {
+                let name = e.ok()?.file_name().into_string().ok()?;
+                if !is_config_file(&name) {
+                    return None;
+                }
+                let sig = Watch::stat(&self.dir.join(&name))?;
+                Some((name, sig))
+            })
+            .collect()
+    }
+
+    /// A file is gone: its apps no longer serve. True if it had some.
+    fn remove(&mut self, name: &str) -> bool {
+        let Some(state) = self.files.remove(name) else {
+            return false;
+        };
+        match state.good {
+            Some((apps, _)) => {
+                self.unindex(&apps);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Read the file `name` (metadata `sig`) and take its apps in if they pass.
+    fn take(&mut self, name: &str, sig: FileSig, out: &mut Refresh) {
+        let path = self.dir.join(name);
+        let (sha, parsed) = match config::read_file(&path) {
+            Ok(bytes) => {
+                let sha = sha256::hex(&bytes);
+                if self.files.get(name).is_some_and(|f| f.sha256 == sha) {
+                    // Same contents (rewritten alike, or only touched).
+                    if let Some(f) = self.files.get_mut(name) {
+                        f.sig = Some(sig);
+                    }
+                    return;
+                }
+                let parsed = Config::parse(&path, &bytes)
+                    .map(|c| c.apps)
+                    .map_err(|e| e.to_string().lines().map(str::to_owned).collect());
+                (sha, parsed)
+            }
+            Err(problem) => (
+                String::new(),
+                Err(vec![format!("{}: {problem}", path.display())]),
+            ),
+        };
+        let state = self.files.entry(name.to_owned()).or_insert(FileState {
+            sig: None,
+            sha256: String::new(),
+            good: None,
+            problems: None,
+            pending: None,
+        });
+        state.sig = Some(sig);
+        state.sha256 = sha.clone();
+        state.pending = None;
+        let apps = match parsed {
+            Ok(apps) => apps,
+            Err(problems) => return self.refuse(name, problems, None, out),
+        };
+        let problems = self.clashes(name, &apps);
+        if !problems.is_empty() {
+            return self.refuse(name, problems, Some(apps), out);
+        }
+        self.accept(name, apps, sha);
+        out.changed = true;
+    }
+
+    fn refuse(
+        &mut self,
+        name: &str,
+        problems: Vec<String>,
+        pending: Option<Vec<App>>,
+        out: &mut Refresh,
+    ) {
+        if let Some(state) = self.files.get_mut(name) {
+            state.problems = Some(problems.clone());
+            state.pending = pending;
+        }
+        out.rejected.push(Rejected {
+            file: name.to_owned(),
+            problems,
+        });
+    }
+
+    /// `apps` (hashing to `sha`) serve from `name` from now on, in place of its last version.
+    fn accept(&mut self, name: &str, apps: Vec<App>, sha: String) {
+        let Some(state) = self.files.get_mut(name) else {
+            return;
+        };
+        state.problems = None;
+        state.pending = None;
+        let old = state.good.replace((apps, sha));
+        if let Some((old, _)) = old {
+            self.unindex(&old);
+        }
+        let Some((apps, _)) = self.files.get(name).and_then(|s| s.good.clone()) else {
+            return;
+        };
+        self.index(name, &apps);
+    }
+
+    /// Try again the files refused for a clash, now that other files changed.
+    fn retry_pending(&mut self, out: &mut Refresh) {
+        let waiting: Vec<(String, Vec<App>, String)> = self
+            .files
+            .iter()
+            .filter_map(|(n, f)| Some((n.clone(), f.pending.clone()?, f.sha256.clone())))
+            .collect();
+        for (name, apps, sha) in waiting {
+            if self.clashes(&name, &apps).is_empty() {
+                crate::info!("config file {name}: accepted now that what it clashed with changed");
+                self.accept(&name, apps, sha);
+                out.changed = true;
+            }
+        }
+    }
+
+    /// Every problem of `apps` (valid on their own) from `file` beside the other files'.
+    fn clashes(&self, file: &str, apps: &[App]) -> Vec<String> {
+        let other = |app: &str| self.owners.get(app).is_some_and(|f| f != file);
+        let mut problems = Vec::new();
+        for app in apps {
+            if let Some(f) = self.owners.get(&app.name).filter(|f| *f != file) {
+                problems.push(format!("app {:?}: Name: already served from {f}", app.name));
+            }
+            for prefix in app_prefixes(app) {
+                for &port in &app.ports {
+                    let Some(slot) = self.slots.get(&(port, prefix)) else {
+                        continue;
+                    };
+                    if app.hostnames.is_empty() {
+                        if let Some(first) = slot.default.as_ref().filter(|a| other(a)) {
+                            problems.push(format!(
+                                "app {:?}: Ports: {port} on {prefix} already used by app {first:?} (file {}), and neither has Hostnames (apps share an address and port only when Hostnames tell them apart)",
+                                app.name, self.owners[first]
+                            ));
+                        }
+                    }
+                    for h in &app.hostnames {
+                        if let Some(first) = slot.names.get(h).filter(|a| other(a)) {
+                            problems.push(format!(
+                                "app {:?}: Hostnames: {h:?} is also claimed by app {first:?} (file {}) on port {port} on {prefix}",
+                                app.name, self.owners[first]
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        problems.extend(self.loops(file, apps));
+        problems
+    }
+
+    /// Targets of `apps` that would be frontends (their own or the others'), and the others'
+    /// targets that their frontends would make loop.
+    fn loops(&self, file: &str, apps: &[App]) -> Vec<String> {
+        let mine: HashMap<u16, Vec<Prefix>> = apps.iter().fold(HashMap::new(), |mut m, a| {
+            for &port in &a.ports {
+                m.entry(port).or_default().extend(app_prefixes(a));
+            }
+            m
+        });
+        let is_own = |addr: SocketAddr| {
+            let ip = dialled(addr.ip());
+            let theirs = self.frontends.get(&addr.port()).is_some_and(|(set, lens)| {
+                lens.iter().any(|&len| {
+                    set.get(&Prefix::new(ip, len)).is_some_and(|&n| {
+                        n > self.own_count(file, addr.port(), &Prefix::new(ip, len))
+                    })
+                })
+            });
+            let ours = mine
+                .get(&addr.port())
+                .is_some_and(|ps| ps.iter().any(|p| p.contains(ip)));
+            (theirs || ours) && is_local(ip)
+        };
+        let mut problems = Vec::new();
+        for app in apps {
+            for t in app.targets.iter().map(|spec| &spec.target) {
+                if target_is_own(t, is_own) {
+                    problems.push(format!(
+                        "app {:?}: Targets: {:?} is this proxy's own frontend (port {} on a local address): connections to it would loop back into the proxy",
+                        app.name,
+                        t.to_string(),
+                        t.port
+                    ));
+                }
+            }
+        }
+        for (port, prefixes) in &mine {
+            for (app, target, ip) in self.local_targets.get(port).into_iter().flatten() {
+                if self.owners.get(app).is_some_and(|f| f != file)
+                    && prefixes.iter().any(|p| p.contains(*ip))
+                {
+                    problems.push(format!(
+                        "port {port}: would be a frontend that app {app:?} (file {}) targets ({target:?}): its connections would loop back into the proxy",
+                        self.owners[app]
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    /// How many of the frontend (`port`, `prefix`) counts are `file`'s own serving apps
+    /// (which the file's new version replaces).
+    fn own_count(&self, file: &str, port: u16, prefix: &Prefix) -> u32 {
+        let Some((apps, _)) = self.files.get(file).and_then(|f| f.good.as_ref()) else {
+            return 0;
+        };
+        apps.iter()
+            .filter(|a| a.ports.contains(&port) && app_prefixes(a).contains(prefix))
+            .count() as u32
+    }
+
+    fn index(&mut self, file: &str, apps: &[App]) {
+        for app in apps {
+            self.owners.insert(app.name.clone(), file.to_owned());
+            for prefix in app_prefixes(app) {
+                for &port in &app.ports {
+                    let slot = self.slots.entry((port, prefix)).or_default();
+                    if app.hostnames.is_empty() {
+                        slot.default = Some(app.name.clone());
+                    }
+                    for h in &app.hostnames {
+                        slot.names.insert(h.clone(), app.name.clone());
+                    }
+                    let (set, lens) = self.frontends.entry(port).or_default();
+                    *set.entry(prefix).or_insert(0) += 1;
+                    if !lens.contains(&prefix.prefix_len()) {
+                        lens.push(prefix.prefix_len());
+                    }
+                }
+            }
+            for t in app.targets.iter().map(|spec| &spec.target) {
+                if let Some(ip) = local_target(t) {
+                    self.local_targets.entry(t.port).or_default().push((
+                        app.name.clone(),
+                        t.to_string(),
+                        ip,
+                    ));
+                }
+            }
+        }
+    }
+
+    fn unindex(&mut self, apps: &[App]) {
+        for app in apps {
+            self.owners.remove(&app.name);
+            for prefix in app_prefixes(app) {
+                for &port in &app.ports {
+                    if let Some(slot) = self.slots.get_mut(&(port, prefix)) {
+                        if slot.default.as_ref() == Some(&app.name) {
+                            slot.default = None;
+                        }
+                        slot.names.retain(|_, a| *a != app.name);
+                        if slot.default.is_none() && slot.names.is_empty() {
+                            self.slots.remove(&(port, prefix));
+                        }
+                    }
+                    if let Some((set, _)) = self.frontends.get_mut(&port) {
+                        if let Some(n) = set.get_mut(&prefix) {
+                            *n -= 1;
+                            if *n == 0 {
+                                set.remove(&prefix);
+                            }
+                        }
+                    }
+                }
+            }
+            for t in app.targets.iter().map(|spec| &spec.target) {
+                if let Some(list) = self.local_targets.get_mut(&t.port) {
+                    list.retain(|(a, _, _)| *a != app.name);
+                }
+            }
+        }
+    }
+
+    /// The config in force: every file's last good apps, in file name order.
+    pub fn config(&self) -> Config {
+        Config {
+            apps: self
+                .files
+                .values()
+                .filter_map(|f| f.good.as_ref())
+                .flat_map(|(apps, _)| apps.iter().cloned())
+                .collect(),
+        }
+    }
+
+    /// The SHA-256 that names the directory's config in force: of the lines `SHA256  NAME`
+    /// (as `sha256sum *.json` prints them) of every file in force, in name order.
+    pub fn sha256(&self) -> String {
+        let mut list = String::new();
+        for (name, f) in &self.files {
+            if let Some((_, sha)) = &f.good {
+                list.push_str(sha);
+                list.push_str("  ");
+                list.push_str(name);
+                list.push('\n');
+            }
+        }
+        sha256::hex(list.as_bytes())
+    }
+
+    /// Every file refused now, with its problems.
+    pub fn rejected(&self) -> Vec<Rejected> {
+        self.files
+            .iter()
+            .filter_map(|(n, f)| {
+                Some(Rejected {
+                    file: n.clone(),
+                    problems: f.problems.clone()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The files looked at, and how many serve.
+    pub fn counts(&self) -> (usize, usize) {
+        let serving = self.files.values().filter(|f| f.good.is_some()).count();
+        (self.files.len(), serving)
+    }
+}
+
+/// `flyproxy check DIR`: every problem of every file, as the proxy would find them at start.
+/// The config of the files that pass, and the files refused.
+pub fn check(dir: &Path) -> (Config, Vec<Rejected>) {
+    let mut d = Directory::open_unwatched(dir);
+    d.refresh(true);
+    (d.config(), d.rejected())
+}
+
+impl Directory {
+    fn open_unwatched(dir: &Path) -> Directory {
+        Directory {
+            dir: dir.to_owned(),
+            files: BTreeMap::new(),
+            owners: HashMap::new(),
+            slots: HashMap::new(),
+            frontends: HashMap::new(),
+            local_targets: HashMap::new(),
+            watch: None,
+            dir_sig: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

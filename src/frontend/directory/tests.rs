@@ -1,0 +1,110 @@
+//! A directory's files refused alone, and the serving app winning a clash.
+
+use super::*;
+
+fn dir(label: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("flyproxy-dir-{label}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn app(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"{{"Apps":[{{"Name":"{name}","Ports":[{port}],"Targets":["192.0.2.1:80"]{extra}}}]}}"#
+    )
+}
+
+#[test]
+fn a_bad_or_clashing_file_is_refused_alone_and_the_serving_app_wins() {
+    let d = dir("clash");
+    fs::write(d.join("a.json"), app("a", 7001, "")).unwrap();
+    fs::write(d.join("b.json"), app("b", 7001, "")).unwrap();
+    fs::write(d.join("c.json"), r#"{"Apps":[{"Name":"c"}]}"#).unwrap();
+    fs::write(d.join("d.json"), app("a", 7002, "")).unwrap();
+    fs::write(
+        d.join("e.json"),
+        app("e", 7001, r#","Hostnames":["e.example"]"#),
+    )
+    .unwrap();
+    fs::write(d.join(".hidden.json"), "nonsense").unwrap();
+    fs::write(d.join("notes.txt"), "nonsense").unwrap();
+    let mut dir = Directory::open(&d);
+    let r = dir.refresh(true);
+    assert!(r.changed);
+    let names: Vec<String> = dir.config().apps.iter().map(|a| a.name.clone()).collect();
+    assert_eq!(names, ["a", "e"]);
+    let rejected: Vec<&str> = r.rejected.iter().map(|r| r.file.as_str()).collect();
+    assert_eq!(rejected, ["b.json", "c.json", "d.json"]);
+    assert!(
+        r.rejected[0].problems[0].contains("already used by app \"a\" (file a.json)"),
+        "{:?}",
+        r.rejected[0]
+    );
+    assert_eq!(r.rejected[1].problems.len(), 2, "{:?}", r.rejected[1]);
+    assert!(r.rejected[2].problems[0].contains("already served from a.json"));
+
+    // a goes: b, waiting for it, serves now; a change of d applies alone.
+    fs::remove_file(d.join("a.json")).unwrap();
+    fs::write(d.join("d.json"), app("d", 7003, "")).unwrap();
+    let r = dir.refresh(false);
+    assert!(r.changed && r.rejected.is_empty(), "{r:?}");
+    let names: Vec<String> = dir.config().apps.iter().map(|a| a.name.clone()).collect();
+    assert_eq!(names, ["b", "d", "e"]);
+
+    // A broken new version of b: the last good one keeps serving.
+    fs::write(d.join("b.json"), "{").unwrap();
+    let r = dir.refresh(false);
+    assert!(!r.changed);
+    assert_eq!(r.rejected.len(), 1);
+    assert!(dir.config().apps.iter().any(|a| a.name == "b"));
+    assert_eq!(dir.rejected().len(), 2, "b and c");
+    fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn a_target_that_is_another_files_frontend_is_a_loop() {
+    let d = dir("loop");
+    fs::write(d.join("a.json"), app("a", 7101, "")).unwrap();
+    fs::write(
+        d.join("b.json"),
+        r#"{"Apps":[{"Name":"b","Ports":[7102],"Targets":["127.0.0.1:7101"]}]}"#,
+    )
+    .unwrap();
+    fs::write(
+        d.join("c.json"),
+        r#"{"Apps":[{"Name":"c","Ports":[7103],"Targets":["127.0.0.1:7104"]}]}"#,
+    )
+    .unwrap();
+    let mut dir = Directory::open(&d);
+    let r = dir.refresh(true);
+    let rejected: Vec<&str> = r.rejected.iter().map(|r| r.file.as_str()).collect();
+    assert_eq!(rejected, ["b.json"], "{r:?}");
+    // A newcomer whose frontend is c's target is refused: c serves on.
+    fs::write(d.join("d.json"), app("d", 7104, "")).unwrap();
+    let r = dir.refresh(false);
+    assert_eq!(r.rejected.len(), 1, "{r:?}");
+    assert!(r.rejected[0].problems[0].contains("app \"c\""), "{r:?}");
+    fs::remove_dir_all(&d).unwrap();
+}
+
+/// Without inotify, a tick rescans only when the directory itself changed: a file renamed in
+/// is seen, one rewritten in place waits for a full rescan (SIGHUP).
+#[test]
+fn without_inotify_the_directory_mtime_says_when_to_rescan() {
+    let d = dir("no-inotify");
+    fs::write(d.join("a.json"), app("a", 7201, "")).unwrap();
+    let mut dir = Directory::open_unwatched(&d);
+    assert!(dir.refresh(true).changed);
+    assert!(!dir.refresh(false).changed, "nothing changed");
+    fs::write(d.join(".b.tmp"), app("b", 7202, "")).unwrap();
+    fs::rename(d.join(".b.tmp"), d.join("b.json")).unwrap();
+    assert!(dir.refresh(false).changed, "renamed in");
+    // Same size, in place: the directory's mtime does not move.
+    fs::write(d.join("a.json"), app("a", 7203, "")).unwrap();
+    assert!(!dir.refresh(false).changed);
+    assert!(dir.refresh(true).changed, "a full rescan sees it");
+    let ports: Vec<u16> = dir.config().apps.iter().map(|a| a.ports[0]).collect();
+    assert_eq!(ports, [7203, 7202]);
+    fs::remove_dir_all(&d).unwrap();
+}

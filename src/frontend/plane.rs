@@ -1,0 +1,481 @@
+//! The config plane: a thread of its own that reloads the config, so that the listener loop
+//! never stops accepting for one. It reads, parses, validates, checks for loops, hashes and
+//! diffs the file, builds the new routing table and works out what the mode's ports must do
+//! (`PortChange`); the loop only swaps the table in and applies the port change, then hands
+//! the table it replaced back here to be dropped (freeing a large table is itself work the
+//! accepting thread should not do).
+//!
+//! One entry, [`Reloads`], asks for a reload and, if wanted, for its [`Outcome`]: SIGHUP,
+//! the reload tick and the admin command all go through it. Requests that arrive while a
+//! reload runs are answered together by the next one.
+//!
+//! ```text
+//!  SIGHUP / tick / admin ──Request──> plane: load, validate, diff, build ──Change──> loop
+//!                                        <──────────── Verdict (old table) ──────────┘
+//! ```
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mio::net::UnixStream;
+
+use crate::backends::health::Checker;
+use crate::backends::routing::Routes;
+use crate::config::{Config, ConfigError, Diff};
+use crate::frontend::candidate::{self, LoadError};
+use crate::frontend::directory::Directory;
+use crate::frontend::ports::PortChange;
+use crate::frontend::simple;
+use crate::frontend::watch::Watch;
+use crate::metrics::{Published, RejectedFile};
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The file hashing to `sha256` is in force from now on.
+    Applied { sha256: String },
+    /// The file says what the running config says (perhaps in other bytes).
+    Unchanged { sha256: String },
+    /// Refused, with every problem; the running config keeps serving.
+    Rejected { problems: Vec<String> },
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Applied { sha256 } => write!(f, "reload ok: sha256={sha256}"),
+            Outcome::Unchanged { sha256 } => write!(f, "config unchanged: sha256={sha256}"),
+            Outcome::Rejected { problems } => {
+                write!(f, "reload rejected: {}", problems.join("; "))
+            }
+        }
+    }
+}
+
+/// Asks the config plane for reloads. Cheap to clone; every method returns at once except
+/// [`Reloads::reload`], which waits for the outcome.
+#[derive(Clone)]
+pub struct Reloads(Sender<Request>);
+
+enum Request {
+    /// Reload now (SIGHUP, admin), telling `reply` how it went.
+    Reload { reply: Option<Sender<Outcome>> },
+    /// The reload tick: reload if the file changed.
+    Tick,
+}
+
+impl Reloads {
+    /// Reload now, as SIGHUP does, without waiting.
+    pub fn request(&self) {
+        let _ = self.0.send(Request::Reload { reply: None });
+    }
+
+    /// Reload now and wait for the outcome (for a caller on a thread of its own: the
+    /// listener loop must never wait for the plane). None if the plane has stopped (the
+    /// process is exiting).
+    pub fn reload(&self) -> Option<Outcome> {
+        let (tx, rx) = mpsc::channel();
+        self.0.send(Request::Reload { reply: Some(tx) }).ok()?;
+        rx.recv().ok()
+    }
+
+    /// The reload tick: the plane looks whether the file changed.
+    pub(super) fn tick(&self) {
+        let _ = self.0.send(Request::Tick);
+    }
+}
+
+/// A new routing table for the loop to swap in, and what its ports must do.
+pub(super) struct Change {
+    pub(super) routes: Arc<Routes>,
+    pub(super) ports: PortChange,
+    /// Ports no app has any more: their open connections drain.
+    pub(super) ports_removed: Vec<u16>,
+}
+
+/// The loop's answer to a `Change`.
+pub(super) struct Verdict {
+    /// Why the change could not be applied (a port that cannot be listened on, a stop under
+    /// way); None: applied.
+    pub(super) refused: Option<String>,
+    /// The table no longer in force (the replaced one, or the refused new one), to be
+    /// dropped here.
+    pub(super) dropped: Arc<Routes>,
+}
+
+/// The loop's end of the plane: where changes arrive and verdicts go.
+pub(super) struct LoopEnd {
+    pub(super) reloads: Reloads,
+    pub(super) changes: Receiver<Change>,
+    pub(super) verdicts: Sender<Verdict>,
+    /// Readable when a change is waiting (register it with `tokens::PLANE`).
+    pub(super) pipe: UnixStream,
+}
+
+/// What the plane starts from: the config in force (as loaded at start-up) and those who
+/// follow it.
+pub(super) struct InForce {
+    pub(super) path: PathBuf,
+    pub(super) source: Source,
+    pub(super) config: Config,
+    pub(super) routes: Arc<Routes>,
+    pub(super) checker: Arc<Checker>,
+    pub(super) published: Arc<Published>,
+    /// The mode reads `PortChange::steer` (bpf) rather than `binds`.
+    pub(super) steers: bool,
+}
+
+/// Where the config comes from.
+pub(super) enum Source {
+    /// One file, and what was last seen of it.
+    File(Watch),
+    /// A directory of files (`-c DIR`).
+    Dir(Directory),
+}
+
+struct Plane {
+    at: InForce,
+    /// A change of a directory was refused by the loop (its ports): the directory's apps are
+    /// not all in force, and the next reload tries again even if no file changed.
+    behind: bool,
+    requests: Receiver<Request>,
+    changes: Sender<Change>,
+    verdicts: Receiver<Verdict>,
+    pipe: UnixStream,
+}
+
+/// What start-up loaded: the config, where it comes from, its SHA-256, and the directory's
+/// files refused (each logged; the proxy starts with the others).
+pub(super) struct Loaded {
+    pub(super) config: Config,
+    pub(super) source: Source,
+    pub(super) sha256: String,
+    pub(super) rejected: Vec<RejectedFile>,
+}
+
+/// Load the config file at `path` (see `candidate`), or every file of the config directory
+/// there (see `directory`), and start watching it.
+pub(super) fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    if path.is_dir() {
+        let mut dir = Directory::open(path);
+        let found = dir.refresh(true);
+        for r in &found.rejected {
+            for p in &r.problems {
+                crate::error!("config file rejected: {}: {p}", r.file);
+            }
+        }
+        let (files, serving) = dir.counts();
+        crate::info!(
+            "config directory {}: {files} files, {serving} serving, {} rejected",
+            path.display(),
+            found.rejected.len()
+        );
+        return Ok(Loaded {
+            config: dir.config(),
+            sha256: dir.sha256(),
+            source: Source::Dir(dir),
+            rejected: found.rejected,
+        });
+    }
+    // Stat before loading: a change written while we start shows as a change at the first
+    // tick instead of being taken for what we loaded.
+    let loaded_sig = Watch::stat(path);
+    let c = candidate::load(path).map_err(|e| e.into_config_error())?;
+    let mut watch = Watch::new();
+    watch.seen(loaded_sig, c.bytes);
+    Ok(Loaded {
+        config: c.config,
+        source: Source::File(watch),
+        sha256: c.sha256,
+        rejected: Vec::new(),
+    })
+}
+
+/// Start the plane's thread; the loop's end of it is returned.
+pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
+    let (req_tx, requests) = mpsc::channel();
+    let (changes, changes_rx) = mpsc::channel();
+    let (verdicts_tx, verdicts) = mpsc::channel();
+    let (pipe, loop_pipe) = UnixStream::pair()?;
+    let plane = Plane {
+        at,
+        behind: false,
+        requests,
+        changes,
+        verdicts,
+        pipe,
+    };
+    std::thread::Builder::new()
+        .name("config-plane".into())
+        .spawn(move || plane.run())?;
+    Ok(LoopEnd {
+        reloads: Reloads(req_tx),
+        changes: changes_rx,
+        verdicts: verdicts_tx,
+        pipe: loop_pipe,
+    })
+}
+
+/// The port change that serves `config` (with `routes`, built from it) from nothing: what
+/// start-up applies.
+pub(super) fn first_change(steers: bool, config: &Config, routes: &Routes) -> PortChange {
+    port_change(steers, None, config, routes)
+}
+
+/// What the mode's ports must do to go from `old` (a config and its table; None: nothing
+/// served yet) to `new`. bpf mode gets the pairs of the apps the diff names, each compared
+/// between the two tables; simple mode the whole set of listeners, which is bounded by the
+/// descriptor budget.
+fn port_change(
+    steers: bool,
+    old: Option<(&Routes, &Diff)>,
+    new: &Config,
+    routes: &Routes,
+) -> PortChange {
+    if !steers {
+        return PortChange {
+            binds: simple::wanted(new),
+            steer: Vec::new(),
+        };
+    }
+    let steer = match old {
+        None => new
+            .bindings()
+            .into_keys()
+            .map(|(port, prefix)| {
+                (
+                    (port, prefix),
+                    routes.group(port, &prefix).map(str::to_owned),
+                )
+            })
+            .collect(),
+        Some((old_routes, diff)) => {
+            // The pairs of the apps the diff names, as the two tables have them.
+            let mut touched = BTreeSet::new();
+            for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
+                touched.extend(old_routes.pairs_of(name));
+            }
+            for name in diff.apps_added.iter().chain(&diff.apps_changed) {
+                touched.extend(routes.pairs_of(name));
+            }
+            touched
+                .into_iter()
+                .filter_map(|(port, prefix)| {
+                    let group = routes.group(port, &prefix);
+                    (group != old_routes.group(port, &prefix))
+                        .then(|| ((port, prefix), group.map(str::to_owned)))
+                })
+                .collect()
+        }
+    };
+    PortChange {
+        binds: Default::default(),
+        steer,
+    }
+}
+
+impl Plane {
+    /// Serve requests until the loop is gone.
+    fn run(mut self) {
+        while let Ok(first) = self.requests.recv() {
+            // Everything asked meanwhile is answered by this one reload.
+            let mut asked = false;
+            let mut replies = Vec::new();
+            for r in std::iter::once(first).chain(self.requests.try_iter()) {
+                if let Request::Reload { reply } = r {
+                    asked = true;
+                    replies.extend(reply);
+                }
+            }
+            let look = match &self.at.source {
+                Source::File(watch) => asked || watch.changed(&self.at.path),
+                // Finding what changed is the reload's first step.
+                Source::Dir(_) => true,
+            };
+            if !look {
+                continue;
+            }
+            let Some(outcome) = self.reload(asked) else {
+                return;
+            };
+            for r in replies {
+                let _ = r.send(outcome.clone());
+            }
+        }
+    }
+
+    /// Re-read the config and have the loop apply it as a diff. Any error leaves the running
+    /// config as it is. None: the loop is gone.
+    fn reload(&mut self, forced: bool) -> Option<Outcome> {
+        if let Source::Dir(_) = self.at.source {
+            return self.reload_dir(forced);
+        }
+        let began = Instant::now();
+        let path = self.at.path.clone();
+        let Source::File(watch) = &mut self.at.source else {
+            return None;
+        };
+        // Stat before reading: a write that lands after the read then still shows as a change
+        // at the next tick.
+        let sig = Watch::stat(&path);
+        // The file's identity as a fleet sees it (`sha256sum` of the file, or of the etcd value).
+        let (new, sha) = match candidate::load(&path) {
+            Ok(c) => {
+                watch.seen(sig, c.bytes);
+                (c.config, c.sha256)
+            }
+            Err(LoadError::Unreadable { problem, .. }) => {
+                // Logged once per distinct error (and on every SIGHUP, which asks): a path left
+                // pointing at a directory must not write a line per tick forever.
+                let message = problem.to_string();
+                if watch.unreadable(sig, &message) || forced {
+                    crate::error!(
+                        "reload rejected: {}: {message}; keeping the running config",
+                        path.display()
+                    );
+                    self.at.published.rejected(None);
+                }
+                return Some(Outcome::Rejected {
+                    problems: vec![format!("{}: {message}", path.display())],
+                });
+            }
+            Err(LoadError::Invalid {
+                error,
+                bytes,
+                sha256,
+            }) => {
+                watch.seen(sig, bytes);
+                let text = error.to_string();
+                for line in text.lines() {
+                    crate::error!("reload rejected: {line}");
+                }
+                self.reject("", &sha256);
+                return Some(Outcome::Rejected {
+                    problems: text.lines().map(str::to_owned).collect(),
+                });
+            }
+        };
+        self.apply(new, sha, began, forced)
+    }
+
+    /// Look for changed files in the config directory, take in those that pass, report
+    /// those that do not, and have the loop apply the result.
+    fn reload_dir(&mut self, forced: bool) -> Option<Outcome> {
+        let began = Instant::now();
+        let Source::Dir(dir) = &mut self.at.source else {
+            return None;
+        };
+        let found = dir.refresh(forced);
+        // Published before it is logged: whoever reads the log line finds it in /status.
+        if !found.rejected.is_empty() || found.changed {
+            self.at
+                .published
+                .files_rejected(found.rejected.len(), dir.rejected());
+        }
+        let mut problems = Vec::new();
+        for r in &found.rejected {
+            for p in &r.problems {
+                crate::error!("reload rejected: config file {}: {p}", r.file);
+                problems.push(format!("{}: {p}", r.file));
+            }
+        }
+        // A change the loop refused (a port that could not be bound) is tried again at the
+        // next change or SIGHUP, not at every tick.
+        let retry = self.behind && forced;
+        if !(found.changed || retry) {
+            if !found.rejected.is_empty() {
+                return Some(Outcome::Rejected { problems });
+            }
+            if forced {
+                let sha = dir.sha256();
+                crate::info!("reload: config unchanged sha256={sha}");
+                return Some(Outcome::Unchanged { sha256: sha });
+            }
+            return Some(Outcome::Unchanged {
+                sha256: self.at.published.config_hashes().running,
+            });
+        }
+        let (new, sha) = (dir.config(), dir.sha256());
+        // Applied with some files refused is Applied: the refused files are logged and listed
+        // in /status.
+        let outcome = self.apply(new, sha, began, forced)?;
+        self.behind = matches!(outcome, Outcome::Rejected { .. });
+        Some(outcome)
+    }
+
+    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force.
+    fn apply(&mut self, new: Config, sha: String, began: Instant, forced: bool) -> Option<Outcome> {
+        let diff = Diff::between(&self.at.config, &new);
+        if diff.is_empty() {
+            // Same apps in other bytes (spacing, key order) is still the file in force: its
+            // hash is what a fleet compares.
+            if self.at.published.config_file(&sha) {
+                crate::info!("reload: config unchanged, new file sha256={sha}");
+            } else if forced {
+                crate::info!("reload: config unchanged sha256={sha}");
+            }
+            return Some(Outcome::Unchanged { sha256: sha });
+        }
+        let routes = Arc::new(self.at.routes.update(&new, &diff));
+        let ports = port_change(
+            self.at.steers,
+            Some((&self.at.routes, &diff)),
+            &new,
+            &routes,
+        );
+        let change = Change {
+            routes: Arc::clone(&routes),
+            ports,
+            ports_removed: diff.ports_removed.clone(),
+        };
+        let verdict = self.ask_loop(change)?;
+        drop(verdict.dropped);
+        if let Some(why) = verdict.refused {
+            self.reject(&format!("{why}; "), &sha);
+            return Some(Outcome::Rejected {
+                problems: vec![why],
+            });
+        }
+        routes.in_force();
+        self.at.checker.set(routes.backends());
+        self.at.published.reloaded(Arc::clone(&routes), &sha);
+        // The old config and table are dropped here, on this thread.
+        self.at.config = new;
+        self.at.routes = routes;
+        crate::info!(
+            "reload ok: {diff} took={:.3}ms sha256={sha}",
+            began.elapsed().as_secs_f64() * 1000.0
+        );
+        Some(Outcome::Applied { sha256: sha })
+    }
+
+    /// Hand `change` to the loop, wake it, and wait for its verdict. None: the loop is gone.
+    fn ask_loop(&mut self, change: Change) -> Option<Verdict> {
+        self.changes.send(change).ok()?;
+        match self.pipe.write(&[1]) {
+            // A full pipe is already readable: the loop will look.
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return None,
+        }
+        self.verdicts.recv().ok()
+    }
+
+    /// A reload of the file hashing to `sha` failed (for `why`, or for reasons already
+    /// logged): say which file was refused and which one keeps serving.
+    fn reject(&mut self, why: &str, sha: &str) {
+        let running = self.at.published.config_hashes().running;
+        crate::error!(
+            "reload rejected: {why}keeping the running config; rejected sha256={sha} running={running}"
+        );
+        self.at.published.rejected(Some(sha));
+        if let Source::File(watch) = &mut self.at.source {
+            watch.rejected();
+        }
+    }
+}
