@@ -137,6 +137,16 @@ class Node:
     def echo_through(self, i, timeout=2.0):
         return in_netns(self.echo.pid, lambda: echo_once((v4(i), PORT_OF[i]), timeout))
 
+    def serving(self, i):
+        """Whether a line comes back through app i; an exited proxy is an error, with its words."""
+        if self.proxy.poll() is not None:
+            with open(self.proxy_log_path, "rb") as f:
+                said = [x.split(" ", 1)[-1] for x in f.read().decode("utf-8", "replace").splitlines()
+                        if "exiting with status" not in x]
+            raise RuntimeError(f"node {self.k}'s proxy exited ({self.proxy.returncode}) at start "
+                               f"on -c DIR: " + " / ".join(said[-3:])[:400])
+        return self.echo_through(i) >= 0
+
     def cpu(self):
         return proc_cpu(self.proxy.pid) + proc_cpu(self.sync.pid)
 
@@ -276,7 +286,7 @@ def main():
             n.start_proxy()
         res["proxy_start_s"] = [round(x, 2) for x in each_node(
             nodes, "serving the last app", 300 + APPS / 500,
-            lambda n: n.echo_through(APPS - 1) >= 0, [n.t_proxy for n in nodes])]
+            lambda n: n.serving(APPS - 1), [n.t_proxy for n in nodes])]
         log(f"fleet: proxies serving after {res['proxy_start_s']} s")
         # One put, served by every node.
         served = []

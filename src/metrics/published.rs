@@ -128,7 +128,8 @@ pub struct Sources {
 
 /// Per-target series are served in /metrics while the config has at most `max` targets (each
 /// app's targets, each once); past it they are left out, and `/metrics?app=NAME` serves one
-/// app's. At 100,000 apps they were 90% of a 212 MB scrape. Also remembers whether the last
+/// app's. With two targets per app they are about 60% of the exposition (2,000 apps: 14.2 MB,
+/// 5.9 MB without them). Also remembers whether the last
 /// scrape left them out, so that starting to leave them out is logged once, not per scrape.
 pub struct TargetSeriesCap {
     pub max: usize,
