@@ -532,6 +532,13 @@ def fmt(v, unit=""):
     return "n/a" if v is None else f"{v}{unit}"
 
 
+def probe_cell(p):
+    """A probe's longest wait, and how many of its connections waited over 10 ms."""
+    if not p:
+        return "n/a"
+    return f"{fmt(p.get('max_ms'), ' ms')} ({p.get('over_10ms')} of {p.get('probes')} over 10 ms)"
+
+
 def report(meta, runs, base):
     rows = []
     for r in runs:
@@ -548,8 +555,8 @@ def report(meta, runs, base):
             f"| {name} | {r['start_s']} s | {r['rss_start_per_app_b']} B "
             f"| {fmt(r.get('rss_after_per_app_b'), ' B')} ({fmt(r.get('reloads'))} reloads) "
             f"| {fmt(o.get('cpu_ms'), ' ms')} ({fmt(o.get('cpu_sched_ms'), ' ms')}) "
-            f"| {fmt(o.get('probe', {}).get('max_ms'), ' ms')} "
-            f"| {fmt(f.get('probe', {}).get('max_ms'), ' ms')} ({fmt(f.get('reloads'))} reloads) "
+            f"| {probe_cell(o.get('probe'))} "
+            f"| {probe_cell(f.get('probe'))}, {fmt(f.get('reloads'))} reloads "
             f"| {fmt(ro.get('loop_us_per_conn'), ' us')} | {fmt(b.get('loop_us_per_conn'), ' us')} "
             f"| {fmt(ratio, 'x')} | {fmt(m.get('bytes'))} | {fmt(m.get('cpu_s'), ' s')} "
             f"| {r.get('error', '')} |")
