@@ -6,10 +6,13 @@ a network namespace of its own (root). Writes FLEET_OUT.json and .md.
   own, auto-compaction by revision (keep 1,000) and an 8 GiB quota: the settings the README
   gives a fleet.
 - FLEET_APPS (200,000) app keys under /flyproxy/apps/ (one key per app, its JSON as value;
-  written in transactions of 128 puts through etcd's JSON gateway), apps as `make scale`'s.
+  written in transactions of 128 puts through etcd's JSON gateway), apps as `make scale`'s,
+  its `catchall` app included.
 - FLEET_NODES (3) nodes on loopback: each a network namespace of its own (held by its echo
   targets) with its proxy (`flyproxy simple -c DIR`), and its follower in the bench's namespace
-  (beside etcd): `flyproxy-etcd-sync --endpoints URL --prefix /flyproxy/apps/ --dir DIR`.
+  (beside etcd): `flyproxy-etcd-sync --prefix /flyproxy/apps/ --dir DIR`, etcd's address in
+  `ETCDCTL_ENDPOINTS` (and `--endpoints URL` too where the follower lists that option), with
+  `--status-file` where it has one.
   The measures then, each node's as seen from inside its namespace:
   - sync: followers started on empty directories: time until each directory holds every app;
     then each proxy's start to its first connection through the last app;
@@ -19,7 +22,7 @@ a network namespace of its own (root). Writes FLEET_OUT.json and .md.
     proxy + follower CPU (% of a core, utime+stime from /proc), and a probe per node through
     an unchanged app every 5 ms (its longest wait, and how many over 10 ms);
   - a bad put (an app's value with `Tragets` for `Targets`): after 5 s, whether each node's
-    file of that app is unchanged, its follower's log names the key, and it still relays
+    file of that app is unchanged, its follower's log and status file name the app, and it still relays
     through that app; then a node's proxy restarted: whether it serves that app.
 If the follower binary lacks `--prefix` (the one-key-per-app mode), the scenario is skipped
 with a message saying so, and the run exits 0.
@@ -39,7 +42,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale import (  # noqa: E402  (the same apps, addresses and /proc readers)
-    TARGETS, WORK, echo_once, env_int, log, make_apps, proc_cpu, swapped, v4,
+    CATCHALL, TARGETS, WORK, echo_once, env_int, log, make_apps, proc_cpu, swapped, v4,
 )
 
 BIN = os.path.join(WORK, "bin", "flyproxy")
@@ -116,12 +119,19 @@ class Node:
                                      stderr=subprocess.DEVNULL)
         self.sync_log = open(os.path.join(WORK, f"node{k}-sync.log"), "wb")
         self.proxy_log_path = os.path.join(WORK, f"node{k}-proxy.log")
+        self.status_path = os.path.join(WORK, f"node{k}-sync-status.json")
         self.sync = self.proxy = None
 
-    def start_sync(self):
-        self.sync = subprocess.Popen(
-            [SYNC, "--endpoints", ETCD, "--prefix", PREFIX, "--dir", self.dir],
-            stdout=self.sync_log, stderr=self.sync_log)
+    def start_sync(self, help_text):
+        # The endpoints as an option where the follower has one, and in etcdctl's own variable
+        # (which a follower driving etcdctl reads) in any case.
+        args = [SYNC, "--prefix", PREFIX, "--dir", self.dir]
+        if "--endpoints" in help_text:
+            args += ["--endpoints", ETCD]
+        if "--status-file" in help_text:
+            args += ["--status-file", self.status_path]
+        self.sync = subprocess.Popen(args, stdout=self.sync_log, stderr=self.sync_log,
+                                     env=dict(os.environ, ETCDCTL_ENDPOINTS=ETCD))
 
     def start_proxy(self):
         log_f = open(self.proxy_log_path, "ab")
@@ -231,10 +241,33 @@ def report(res):
           "(bench/scale/fleet.py).", ""]
     if "skipped" in res:
         md += [f"Skipped: {res['skipped']}", ""]
-    for k, v in res.items():
-        if k in ("apps", "nodes", "flyproxy", "date", "skipped"):
-            continue
-        md.append(f"- **{k}**: `{json.dumps(v)}`")
+    if "error" in res:
+        md += [f"**Failed**: {res['error']}", ""]
+    churn = res.get("churn", {})
+    rows = [
+        ("synced from empty (s)", res.get("sync_s")),
+        ("proxy start to the last app served (s)", res.get("proxy_start_s")),
+        (f"proxy + follower CPU, {churn.get('puts')} puts in {churn.get('seconds')} s (% of a core)",
+         churn.get("cpu_pct")),
+        ("probe's longest wait during the puts (ms)",
+         [p.get("max_ms") for p in churn.get("probe", [])] or None),
+        ("probe connections over 10 ms / made",
+         [f"{p.get('over_10ms')} / {p.get('probes')}" for p in churn.get("probe", [])] or None),
+        ("bad put: file unchanged", [b["file_unchanged"] for b in res.get("bad_put", [])] or None),
+        ("bad put: in the follower's log", [b["follower_logged"] for b in res.get("bad_put", [])] or None),
+        ("bad put: in its status file", [b["in_status_file"] for b in res.get("bad_put", [])] or None),
+        ("bad put: the app still served", [b["still_serving"] for b in res.get("bad_put", [])] or None),
+    ]
+    if any(v is not None for _, v in rows):
+        md += ["| per node | " + " | ".join(f"node {k}" for k in range(res["nodes"])) + " |",
+               "|---" * (res["nodes"] + 1) + "|"]
+        md += [f"| {name} | " + " | ".join(str(x) for x in v) + " |" for name, v in rows if v]
+        md.append("")
+    for key, what in [("put_all_s", "seconds to put every key"),
+                      ("one_put_served_by_all_ms", "one put served by every node (ms), each try"),
+                      ("restart_after_bad_put_serves", "node 0 restarted after the bad put serves the app")]:
+        if key in res:
+            md.append(f"- {what}: {res[key]}")
     md.append("")
     with open(OUT + ".md", "w") as f:
         f.write("\n".join(md))
@@ -272,15 +305,15 @@ def main():
         for i, a in enumerate(apps):
             PORT_OF[i] = a["Ports"][0]
         t0 = time.monotonic()
-        put_all(apps)
+        put_all(apps + [CATCHALL])
         res["put_all_s"] = round(time.monotonic() - t0, 1)
         log(f"fleet: {APPS:,} keys put in {res['put_all_s']} s")
         nodes = [Node(k) for k in range(NODES)]
         t0 = time.monotonic()
         for n in nodes:
-            n.start_sync()
+            n.start_sync(help_text)
         res["sync_s"] = [round(x, 1) for x in each_node(
-            nodes, "synced from empty", 600 + APPS / 100, lambda n: n.count() >= APPS, [t0] * NODES)]
+            nodes, "synced from empty", 600 + APPS / 100, lambda n: n.count() >= APPS + 1, [t0] * NODES)]
         log(f"fleet: synced from empty: {res['sync_s']} s")
         for n in nodes:
             n.start_proxy()
@@ -321,20 +354,28 @@ def main():
         # A bad put.
         victim = apps[3]
         before = [open(os.path.join(n.dir, victim["Name"] + ".json"), "rb").read() for n in nodes]
+        logged_before = [os.path.getsize(n.sync_log.name) for n in nodes]
         bad = dict(victim)
         bad["Tragets"] = bad.pop("Targets")
         etcd_call("/v3/kv/put", {"key": b64(PREFIX + victim["Name"]), "value": b64(json.dumps(bad))})
         time.sleep(5)
         res["bad_put"] = []
-        for n, b in zip(nodes, before):
+        for n, b, at in zip(nodes, before, logged_before):
             after = open(os.path.join(n.dir, victim["Name"] + ".json"), "rb").read()
-            said = open(n.sync_log.name, "rb").read().decode("utf-8", "replace")
+            with open(n.sync_log.name, "rb") as f:
+                f.seek(at)
+                said = f.read().decode("utf-8", "replace")
             try:
                 serving = n.echo_through(3) >= 0
             except OSError:
                 serving = False
+            status = ""
+            if os.path.exists(n.status_path):
+                with open(n.status_path) as f:
+                    status = f.read()
             res["bad_put"].append({"file_unchanged": after == b,
-                                   "follower_reported": victim["Name"] in said,
+                                   "follower_logged": victim["Name"] in said,
+                                   "in_status_file": victim["Name"] in status,
                                    "still_serving": serving})
         n = nodes[0]
         n.proxy.send_signal(signal.SIGTERM)
@@ -361,4 +402,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # Stopped (Ctrl-C, TERM): unwind, so that every process started here is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

@@ -629,4 +629,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # Stopped (Ctrl-C, TERM): unwind, so that every process started here is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())
