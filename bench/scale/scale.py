@@ -253,11 +253,13 @@ class Proxy:
             for line in lines[since:]:
                 if pred(line):
                     return line, len(lines)
+            # The last lines that are not the probes' `conn` lines, for the error.
+            said = " / ".join([x for x in lines if " conn " not in x][-3:])[:600]
             if self.p.poll() is not None:
-                raise RuntimeError(f"the proxy exited ({self.p.returncode}) waiting for {what}:\n"
-                                   + "\n".join(lines[-5:]))
+                raise RuntimeError(f"the proxy exited ({self.p.returncode}) waiting for {what}; "
+                                   f"its last lines: {said}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"no {what} within {timeout:.0f} s:\n" + "\n".join(lines[-5:]))
+                raise RuntimeError(f"no {what} within {timeout:.0f} s; its last lines: {said}")
             time.sleep(0.01)
 
     def stop(self):
@@ -420,7 +422,7 @@ def change_step(proxy, cfg, idle, i, timeout):
     mark = proxy.mark()
     c0, s0, t0 = proc_cpu(proxy.pid), proc_sched(proxy.pid), time.monotonic()
     cfg.change(i)
-    line, _ = proxy.wait_line(RELOAD_LINE.search, mark, timeout, "the reload of a one-app change")
+    line, _ = proxy.wait_line(RELOAD_LINE.search, mark, timeout, "reload line after a one-app change")
     dt = time.monotonic() - t0
     cpu = proc_cpu(proxy.pid) - c0 - idle[0] * dt
     sched = proc_sched(proxy.pid) - s0 - idle[1] * dt
@@ -437,7 +439,7 @@ def full_rewrite_step(proxy, cfg, keep, timeout):
     wrote = time.monotonic() - t0
     # The change may be applied in one reload or several (a directory read as it is written):
     # wait for the first, then until no reload line came for 2 s.
-    _, seen = proxy.wait_line(RELOAD_LINE.search, mark, timeout, "the reload of the full rewrite")
+    _, seen = proxy.wait_line(RELOAD_LINE.search, mark, timeout, "reload line after the full rewrite")
     quiet_since = time.monotonic()
     while time.monotonic() - quiet_since < 2.0:
         time.sleep(0.1)
