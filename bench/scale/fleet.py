@@ -137,7 +137,7 @@ class Node:
         log_f = open(self.proxy_log_path, "ab")
         self.proxy = subprocess.Popen(
             ["nsenter", f"--net=/proc/{self.echo.pid}/ns/net", BIN, "simple", "-c", self.dir,
-             "--reload-interval", "200ms", "--drain-timeout", "1s"],
+             "--reload-interval", "200ms", "--drain-timeout", "1s", "--access-log", "off"],
             stdout=log_f, stderr=log_f)
         self.t_proxy = time.monotonic()
 
