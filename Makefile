@@ -22,7 +22,7 @@ TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db 
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
-.PHONY: all toolchain deps test-deps build run test lint nextest clean bench deb
+.PHONY: all toolchain deps test-deps build run test lint nextest clean bench deb scale scale-fleet
 
 all: build
 
@@ -118,6 +118,25 @@ test: toolchain test-deps lint nextest
 # More settings (ROUNDS, DURATION, CONFIGS, REV, ...): bench/README.md.
 bench:
 	bench/run.sh
+
+# Edge scale (issue 20), root, in a network namespace of its own: generated configs of
+# SCALE_APPS apps (each its own IPv4 /32 and IPv6 /128 on 1-3 of ports 443/80/8080, two
+# targets), as one file and as a directory of per-app files, both modes: start time, RSS per
+# app (at start and after SCALE_RELOADS reloads), proxy CPU per one-app change, the longest
+# accept stall a 5 ms probe sees during one-app changes and a full rewrite, loop CPU per new
+# connection against SCALE_BASE apps, /metrics size and scrape CPU. Writes
+# bench/scale-results.json and .md. See bench/README.md.
+#   make scale                      # SCALE_APPS=200000
+#   make scale SCALE_APPS=20000     # a quick run
+# The fleet scenario (real etcd, 3 follower+proxy nodes on loopback, FLEET_APPS keys):
+#   make scale-fleet
+SCALE_APPS   ?= 200000
+scale: deps
+	SCALE_APPS=$(SCALE_APPS) bench/scale/run.sh
+
+scale-fleet: deps
+	@$(MAKE) --no-print-directory install-missing PKGS="etcd-server etcd-client"
+	bench/scale/run.sh --fleet
 
 # The Debian package, target/debian/flyproxy_<version>_<arch>.deb, built from the source package
 # in debian/ by `dpkg-buildpackage -us -uc -b` (debhelper; the release build uses rustup's cargo

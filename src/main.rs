@@ -31,7 +31,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Upgrade { pid_file } => request_upgrade(&pid_file),
-        Command::Status { metrics } => status(metrics),
+        Command::Status { metrics, app } => status(metrics, app.as_deref()),
         Command::Check { config } => check(&config),
         Command::Ctl { socket, command } => ctl(&socket, &command),
         Command::Run(mode, settings) => run(mode, settings),
@@ -141,8 +141,8 @@ fn check_dir(dir: &Path) -> ExitCode {
 }
 
 /// `flyproxy status`: print a running proxy's status page.
-fn status(metrics: SocketAddr) -> ExitCode {
-    match metrics::fetch_status(metrics) {
+fn status(metrics: SocketAddr, app: Option<&str>) -> ExitCode {
+    match metrics::fetch_status(metrics, app) {
         Ok(page) => {
             print!("{page}");
             ExitCode::SUCCESS
@@ -152,6 +152,9 @@ fn status(metrics: SocketAddr) -> ExitCode {
                 metrics::FetchError::NotOurs(..) => {
                     "something other than flyproxy answers there: is flyproxy's --metrics another address?"
                         .to_owned()
+                }
+                metrics::FetchError::NoApp(..) => {
+                    "'flyproxy status' without --app lists the apps and how many there are".to_owned()
                 }
                 _ => format!("is flyproxy running with --metrics {metrics}?"),
             };

@@ -9,6 +9,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -599,6 +600,266 @@ fn promtool_finds_nothing_in_the_exposition() {
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded at scale (issue 20): per-target series only up to --metrics-target-series targets,
+// one app's all with ?app=NAME, the status listing the first 1,000 apps
+
+/// `promtool check metrics` finds nothing in `body` (skipped, as above, without promtool).
+fn promtool_clean(body: &str) {
+    let Some(promtool) = tool("promtool", "prometheus") else {
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {:?}\nstdout: {}\nstderr: {}\n{body}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Families labelled by target (the `flyproxy_target_*` ones, health checks, and the four
+/// deprecated names).
+fn target_families(m: &Exposition) -> Vec<String> {
+    m.families
+        .iter()
+        .filter(|f| f.samples.iter().any(|s| s.labels.contains_key("target")))
+        .map(|f| f.name.clone())
+        .collect()
+}
+
+/// Every (name, labels) of `m`'s samples whose app is `app`.
+fn series_of(m: &Exposition, app: &str) -> BTreeSet<String> {
+    m.families
+        .iter()
+        .flat_map(|f| &f.samples)
+        .filter(|s| s.labels.get("app").map(String::as_str) == Some(app))
+        .map(|s| format!("{}{:?}", s.name, s.labels))
+        .collect()
+}
+
+const OMITTED: &str = "flyproxy_target_series_omitted";
+
+/// Three apps of two targets each, 6 targets, past a cap of 5: /metrics has every per-app
+/// series and no per-target one, says how many targets it left out, and the log says so once;
+/// `?app=NAME` has that app's per-target series all the same. A reload down to 4 targets
+/// brings them back and the gauge goes.
+#[test]
+fn past_the_target_series_cap_only_per_app_series_and_the_count_left_out() {
+    let sinks = [Sink::new(), Sink::new()];
+    let targets: Vec<String> = sinks.iter().map(Sink::target).collect();
+    let maddr = metrics_addr();
+    let apps = |ports: &[u16], n: usize| {
+        let names = ["web", "shop", "blog"];
+        config(
+            &(0..n)
+                .map(|i| app(names[i], &ports[i..i + 1], &targets))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let p = Proxy::start(
+        3,
+        &[
+            "--metrics",
+            &maddr.to_string(),
+            "--metrics-target-series",
+            "5",
+            "--reload-interval",
+            "100ms",
+        ],
+        |ports| apps(ports, 3),
+    );
+    for _ in 0..3 {
+        let body = get(maddr, "/metrics").body;
+        let m = Exposition::parse(&body).unwrap();
+        assert_eq!(target_families(&m), Vec::<String>::new(), "{body}");
+        assert_eq!(m.get(OMITTED, &[]), 6.0);
+        assert_eq!(
+            m.label_values("flyproxy_app_connections_total", "app"),
+            ["blog", "shop", "web"].map(String::from).into()
+        );
+        assert!(m.family("flyproxy_connect_duration_seconds").is_some());
+        assert!(m.family("flyproxy_reloads_total").is_some());
+        promtool_clean(&body);
+    }
+    let said = p.lines(|l| l.contains("more than --metrics-target-series 5"));
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("6 targets"), "{}", said[0]);
+
+    let one = get(maddr, "/metrics?app=shop");
+    assert_eq!(one.status, 200, "{one:?}");
+    assert!(one
+        .header("Content-Type")
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let m = Exposition::parse(&one.body).unwrap();
+    let apps_seen: BTreeSet<String> = m
+        .families
+        .iter()
+        .flat_map(|f| &f.samples)
+        .filter_map(|s| s.labels.get("app").cloned())
+        .collect();
+    assert_eq!(apps_seen, ["shop".to_owned()].into(), "{}", one.body);
+    assert_eq!(
+        m.label_values("flyproxy_target_connections_total", "target"),
+        targets.iter().cloned().collect()
+    );
+    assert_eq!(m.samples("flyproxy_target_up").len(), 2);
+    assert!(m.family(OMITTED).is_none());
+    promtool_clean(&one.body);
+
+    let mark = p.mark();
+    p.rewrite_config(&apps(&p.ports, 2));
+    p.wait_reload_ok(mark);
+    let m = scrape(maddr);
+    assert!(m.family(OMITTED).is_none(), "{}", m.text);
+    assert_eq!(m.samples("flyproxy_target_up").len(), 4, "{}", m.text);
+}
+
+/// Under the default cap a config's /metrics is what it always was: every per-target family,
+/// no gauge of omitted series; and `?app=NAME` (percent-encoded or not) serves exactly that
+/// app's series of the whole exposition.
+#[test]
+fn a_small_config_keeps_every_series_and_one_app_is_its_part_of_them() {
+    let sink = Sink::new();
+    let refusing = Refusing::new();
+    let maddr = metrics_addr();
+    let _p = start(2, maddr, |ports| {
+        config(&[
+            app("web-1.x", &ports[..1], &[sink.target(), refusing.target()]),
+            app("shop", &ports[1..], &[sink.target()]),
+        ])
+    });
+    let m = scrape(maddr);
+    assert!(m.family(OMITTED).is_none(), "{}", m.text);
+    let fams = target_families(&m);
+    for f in [
+        "flyproxy_target_connections_total",
+        "flyproxy_target_up",
+        "flyproxy_target_bytes_total",
+        "flyproxy_health_checks_total",
+        "flyproxy_connections_total",
+    ] {
+        assert!(fams.iter().any(|n| n == f), "{f} missing: {fams:?}");
+    }
+    assert_eq!(m.samples("flyproxy_target_up").len(), 3);
+    for q in ["web-1.x", "web%2D1%2ex", "w%65b-1.x"] {
+        let r = get(maddr, &format!("/metrics?app={q}"));
+        assert_eq!(r.status, 200, "{q}: {r:?}");
+        let one = Exposition::parse(&r.body).unwrap();
+        assert_eq!(series_of(&one, "web-1.x"), series_of(&m, "web-1.x"), "{q}");
+        assert!(series_of(&one, "shop").is_empty());
+    }
+}
+
+/// An app the config does not have is a 404 that names it, on every page that takes `app=`;
+/// a malformed `app=` is a 400 that says what is wrong; parameters the endpoint does not know
+/// are ignored, as they always were. `flyproxy status --app` shows one app, and exits 1 naming
+/// an app the proxy does not have.
+#[test]
+fn one_app_by_name_and_clear_errors_for_unknown_apps_and_bad_queries() {
+    let sink = Sink::new();
+    let maddr = metrics_addr();
+    let _p = start(2, maddr, |ports| {
+        config(&[
+            app("web", &ports[..1], &[sink.target()]),
+            app("shop", &ports[1..], &[sink.target()]),
+        ])
+    });
+    for path in ["/metrics", "/status", "/status.json", "/status.html"] {
+        let r = get(maddr, &format!("{path}?app=nope"));
+        assert_eq!(r.status, 404, "{path}: {r:?}");
+        assert_eq!(
+            r.body, "no app named \"nope\" in the config in force\n",
+            "{path}"
+        );
+        for (q, why) in [
+            ("app=%zz", "bad percent-encoding"),
+            ("app=%C3", "bad percent-encoding"),
+            ("app=", "needs an app name"),
+            ("app=web&app=shop", "more than once"),
+        ] {
+            let r = get(maddr, &format!("{path}?{q}"));
+            assert_eq!(r.status, 400, "{path}?{q}: {r:?}");
+            assert!(r.body.contains(why), "{path}?{q}: {}", r.body);
+        }
+        let r = get(maddr, &format!("{path}?format=x&app=web&z"));
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    let st: Value = serde_json::from_str(&get(maddr, "/status.json?app=shop").body).unwrap();
+    assert_eq!(st["apps"].as_array().unwrap().len(), 1);
+    assert_eq!(st["apps"][0]["name"], "shop");
+    assert_eq!(st["apps_total"], 2);
+    let out = common::run(&["status", "--metrics", &maddr.to_string(), "--app", "shop"]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(out.stdout, get(maddr, "/status?app=shop").body);
+    assert!(out.stdout.contains("\napp shop  ports "), "{}", out.stdout);
+    assert!(!out.stdout.contains("\napp web "), "{}", out.stdout);
+    let out = common::run(&["status", "--metrics", &maddr.to_string(), "--app", "nope"]);
+    assert_eq!(out.code, Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(
+        out.stderr.contains("no app named \"nope\""),
+        "{}",
+        out.stderr
+    );
+}
+
+/// 1,001 apps: the status (JSON, text, page and `flyproxy status`) lists the first 1,000,
+/// counts all 1,001 and says how to see the others; `?app=` shows the last one.
+#[test]
+fn the_status_lists_the_first_1000_apps_and_counts_them_all() {
+    const APPS: usize = 1001;
+    let sink = Sink::new();
+    let maddr = metrics_addr();
+    // Every app on one port, told apart by Hostnames; a long check interval keeps 1,001
+    // health checks from loading the machine.
+    let _p = start(1, maddr, |ports| {
+        let apps: Vec<Value> = (0..APPS)
+            .map(|i| {
+                let mut a = app(&format!("app-{i:04}"), ports, &[sink.target()]);
+                a["Hostnames"] = serde_json::json!([format!("app{i}.example")]);
+                a["HealthCheck"] = serde_json::json!({ "IntervalMs": 60000 });
+                a
+            })
+            .collect();
+        config(&apps)
+    });
+    let st = status_json(maddr);
+    let listed = st["apps"].as_array().unwrap();
+    assert_eq!(listed.len(), 1000);
+    assert_eq!(listed[999]["name"], "app-0999");
+    assert_eq!(st["apps_total"], APPS);
+    let more = "1000 of 1001 apps shown (1 more): ?app=NAME, or flyproxy status --app NAME";
+    let text = get(maddr, "/status").body;
+    assert!(text.contains(more), "{}", &text[text.len() - 300..]);
+    assert!(!text.contains("app app-1000 "));
+    assert!(get(maddr, "/status.html").body.contains(more));
+    let out = common::run(&["status", "--metrics", &maddr.to_string()]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert!(out.stdout.contains(more));
+    let one: Value = serde_json::from_str(&get(maddr, "/status.json?app=app-1000").body).unwrap();
+    assert_eq!(one["apps"][0]["name"], "app-1000");
+    assert_eq!(
+        one["apps"][0]["hostnames"],
+        serde_json::json!(["app1000.example"])
     );
 }
 

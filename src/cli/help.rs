@@ -51,6 +51,10 @@ macro_rules! run_options {
                              elsewhere, whatever the level); SIGUSR1 reopens a file
       --metrics ADDR         serve Prometheus /metrics and a /status page on ADDR,
                              e.g. 127.0.0.1:9089 (default: off)
+      --metrics-target-series N
+                             serve per-target series in /metrics while the config has
+                             at most N targets (default 10000); past it, per-app
+                             series only, and /metrics?app=NAME for one app's all
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
       --admin-socket PATH    serve the admin socket (flyproxy ctl) at PATH, mode 0660,
                              owned by --user and --group (default: off)
@@ -107,13 +111,15 @@ Options:
 pub const STATUS_HELP: &str = "\
 flyproxy status - show a running proxy's apps, ports, targets, health and open connections
 
-Usage: flyproxy status [--metrics ADDR]
+Usage: flyproxy status [--metrics ADDR] [--app NAME]
 
-Reads /status.json from a proxy run with --metrics ADDR and prints it as /status shows it;
-exits 1 if no flyproxy answers. Port 9089 is off 9100-9999, the exporters' (9100: node_exporter).
+Reads /status.json from a proxy run with --metrics ADDR and prints it as /status shows it
+(the first 1000 apps, and how many there are); exits 1 if no flyproxy answers. Port 9089 is
+off 9100-9999, the exporters' (9100: node_exporter).
 
 Options:
       --metrics ADDR  the proxy's --metrics address (default 127.0.0.1:9089)
+      --app NAME      only this app (exits 1 if the proxy has no app of that name)
   -h, --help          print this help
   -V, --version       print the version
 ";

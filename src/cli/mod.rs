@@ -51,6 +51,10 @@ pub struct Settings {
     pub access_log: AccessLog,
     /// Where to serve /metrics and /status; None: not served.
     pub metrics: Option<SocketAddr>,
+    /// Per-target series are in /metrics while the config has at most this many targets.
+    pub metrics_target_series: usize,
+    /// `flyproxy status --app NAME`: only this app.
+    pub status_app: Option<String>,
     /// Where to write our pid once serving (and remove it at exit).
     pub pid_file: Option<PathBuf>,
     /// Run as this user (a name or uid) once set up; None: stay who we were started as.
@@ -81,6 +85,10 @@ impl Default for Settings {
             log_file: None,
             access_log: AccessLog::WithLog,
             metrics: None,
+            // Small and medium configs keep every series (10,000 targets make /metrics about
+            // 20 MB); past it a scrape would grow by 2 KB per target.
+            metrics_target_series: 10_000,
+            status_app: None,
             pid_file: None,
             user: None,
             group: None,
@@ -121,6 +129,8 @@ pub enum Command {
     /// Fetch and print the /status page of a running proxy.
     Status {
         metrics: SocketAddr,
+        /// Only this app's status.
+        app: Option<String>,
     },
     Check {
         config: PathBuf,
@@ -285,6 +295,13 @@ fn option(
                 )
             })?);
         }
+        "--app" if name == "status" => {
+            let v = value("an app name")?;
+            if v.is_empty() {
+                return Err(usage(cmd, "--app: needs an app name"));
+            }
+            s.status_app = Some(v);
+        }
         "-p" | "--port" | "--bind" if name == "bpf" => bpf_option(cmd, flag, value, mode)?,
         _ if runs && run_option(cmd, flag, value, s)? => {}
         other if other.starts_with('-') => {
@@ -330,6 +347,7 @@ fn finish(name: &'static str, mode: Option<Mode>, s: Settings) -> Result<Command
         },
         None if name == "status" => Command::Status {
             metrics: s.metrics.unwrap_or(DEFAULT_STATUS_ADDR),
+            app: s.status_app,
         },
         None => Command::Check { config: s.config },
     })

@@ -40,6 +40,15 @@ pub(super) fn run_option(
                 }
             }
         }
+        "--metrics-target-series" => {
+            let v = value("a number")?;
+            s.metrics_target_series = v.parse::<usize>().map_err(|_| {
+                usage(
+                    cmd,
+                    &format!("--metrics-target-series: '{v}' is not a whole number (0: none)"),
+                )
+            })?;
+        }
         "--max-connections-per-client" => {
             let v = value("a number")?;
             s.max_connections_per_client = v.parse::<usize>().map_err(|_| {

@@ -217,6 +217,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         slots: Arc::clone(&slots),
         lookups: source.lookup_stats(),
         resolver: resolver.clone(),
+        target_series: metrics::TargetSeriesCap::new(settings.metrics_target_series),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
     let pool = relay_pool(

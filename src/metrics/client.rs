@@ -27,6 +27,8 @@ pub enum FetchError {
     TooLarge(SocketAddr),
     /// Something answered, but not flyproxy's status: what was wrong with it.
     NotOurs(SocketAddr, String),
+    /// The proxy has no app of the name asked for (`--app`).
+    NoApp(SocketAddr, String),
 }
 
 impl fmt::Display for FetchError {
@@ -40,6 +42,9 @@ impl fmt::Display for FetchError {
                     "the answer from {a} is larger than {} MiB",
                     MAX_BYTES >> 20
                 )
+            }
+            FetchError::NoApp(a, name) => {
+                write!(f, "the proxy at {a} has no app named {name:?}")
             }
             FetchError::NotOurs(a, why) => {
                 write!(
@@ -57,12 +62,23 @@ impl From<io::Error> for FetchError {
     }
 }
 
-/// `flyproxy status`: the text of the running proxy's status, as its `/status` serves it.
-pub fn fetch_status(addr: SocketAddr) -> Result<String, FetchError> {
-    let raw = get(addr, "/status.json")?;
+/// `flyproxy status`: the text of the running proxy's status, as its `/status` serves it (of
+/// the app named `app` only, if given).
+pub fn fetch_status(addr: SocketAddr, app: Option<&str>) -> Result<String, FetchError> {
+    let path = match app {
+        Some(name) => format!("/status.json?app={}", encode(name)),
+        None => "/status.json".to_owned(),
+    };
+    let raw = get(addr, &path)?;
     let not_ours = |why: String| FetchError::NotOurs(addr, why);
     let (head, body) = split_answer(&raw).ok_or_else(|| not_ours("not HTTP".into()))?;
     let status_line = head.lines().next().unwrap_or("");
+    // Our endpoint's answer for a name it does not have; another server's 404 says otherwise.
+    if let Some(name) = app {
+        if status_line.starts_with("HTTP/1.1 404") && body.starts_with(b"no app named") {
+            return Err(FetchError::NoApp(addr, name.to_owned()));
+        }
+    }
     if !status_line.starts_with("HTTP/1.1 200") {
         return Err(not_ours(format!("{status_line:?}")));
     }
@@ -81,6 +97,19 @@ pub fn fetch_status(addr: SocketAddr) -> Result<String, FetchError> {
     let status: Status =
         serde_json::from_slice(body).map_err(|e| not_ours(format!("its JSON: {e}")))?;
     Ok(text(&status))
+}
+
+/// `name` percent-encoded for a query: every byte but letters, digits, `.`, `_`, `-`.
+fn encode(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The head (as text) and the body of an HTTP answer.

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::metrics::exposition::render_app;
 use crate::metrics::page::{html, refresh_of};
-use crate::metrics::status::{snapshot, text};
+use crate::metrics::query::{self, Query};
+use crate::metrics::status::{snapshot, text, Status};
 use crate::metrics::{render, Sources};
 
 /// A request must arrive, and the answer leave, within this.
@@ -374,17 +376,19 @@ fn head_end(buf: &[u8]) -> Option<usize> {
     None
 }
 
-/// What a request asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a request asks for. Each page that lists apps serves one app's part with `?app=NAME`
+/// (`Query::app`), else all of it within its bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Page {
-    Metrics,
-    StatusText,
-    StatusJson,
+    Metrics(Query),
+    StatusText(Query),
+    StatusJson(Query),
     /// The page for people, reloading every N seconds.
-    StatusHtml(u32),
+    StatusHtml(u32, Query),
     NotFound,
     NotAllowed,
-    BadRequest,
+    /// The request, or its query, is malformed: why, for the client.
+    BadRequest(String),
 }
 
 /// The page `request` asks for. `/` and `/status` serve HTML to a browser (its `Accept` names
@@ -392,7 +396,7 @@ enum Page {
 /// older `flyproxy status` read, `/` is not found.
 fn route(request: &[u8]) -> Page {
     let Some(head) = head_end(request).and_then(|i| std::str::from_utf8(&request[..i]).ok()) else {
-        return Page::BadRequest;
+        return Page::BadRequest("bad request\n".into());
     };
     let mut lines = head.lines().map(|l| l.trim_end_matches('\r'));
     let line = lines.next().unwrap_or("");
@@ -405,18 +409,26 @@ fn route(request: &[u8]) -> Page {
     match (parts.next(), parts.next(), parts.next()) {
         (Some("GET"), Some(target), Some(v)) if v.starts_with("HTTP/1.") => {
             let (path, query) = target.split_once('?').unwrap_or((target, ""));
-            let html = Page::StatusHtml(refresh_of(query));
+            if !matches!(
+                path,
+                "/metrics" | "/status.json" | "/status.html" | "/status" | "/"
+            ) {
+                return Page::NotFound;
+            }
+            let q = match query::parse(query) {
+                Ok(q) => q,
+                Err(e) => return Page::BadRequest(format!("{e}\n")),
+            };
             match path {
-                "/metrics" => Page::Metrics,
-                "/status.json" => Page::StatusJson,
-                "/status.html" => html,
-                "/status" | "/" if browser => html,
-                "/status" => Page::StatusText,
-                _ => Page::NotFound,
+                "/metrics" => Page::Metrics(q),
+                "/status.json" => Page::StatusJson(q),
+                "/status" if !browser => Page::StatusText(q),
+                "/" if !browser => Page::NotFound,
+                _ => Page::StatusHtml(refresh_of(query), q),
             }
         }
         (Some(_), Some(_), Some(v)) if v.starts_with("HTTP/1.") => Page::NotAllowed,
-        _ => Page::BadRequest,
+        _ => Page::BadRequest("bad request\n".into()),
     }
 }
 
@@ -431,35 +443,39 @@ impl Answers {
         if let Some((_, a)) = self.0.iter().find(|(p, _)| *p == page) {
             return Arc::clone(a);
         }
-        let a = Arc::new(answer(page, sources));
+        let a = Arc::new(answer(&page, sources));
         self.0.push((page, Arc::clone(&a)));
         a
     }
 }
 
 /// The whole answer (head and body) for `page`.
-fn answer(page: Page, sources: &Sources) -> Vec<u8> {
+fn answer(page: &Page, sources: &Sources) -> Vec<u8> {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let status = |q: &Query| snapshot(sources, q.app.as_deref());
+    let ok = |ctype, body: Option<String>, q: &Query| match body {
+        Some(body) => ("200 OK", ctype, body),
+        None => ("404 Not Found", TEXT, no_app(q)),
+    };
     let (status, ctype, body) = match page {
-        Page::Metrics => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(sources),
-        ),
-        Page::StatusText => (
-            "200 OK",
-            "text/plain; charset=utf-8",
-            text(&snapshot(sources)),
-        ),
-        Page::StatusJson => (
-            "200 OK",
+        Page::Metrics(q) => {
+            let body = match &q.app {
+                Some(name) => render_app(sources, name),
+                None => Some(render(sources)),
+            };
+            ok("text/plain; version=0.0.4; charset=utf-8", body, q)
+        }
+        Page::StatusText(q) => ok(TEXT, status(q).map(|s| text(&s)), q),
+        // Serializing plain structs of strings and numbers cannot fail.
+        Page::StatusJson(q) => ok(
             "application/json",
-            // Serializing plain structs of strings and numbers cannot fail.
-            serde_json::to_string(&snapshot(sources)).unwrap_or_default(),
+            status(q).map(|s: Status| serde_json::to_string(&s).unwrap_or_default()),
+            q,
         ),
-        Page::StatusHtml(refresh) => (
-            "200 OK",
+        Page::StatusHtml(refresh, q) => ok(
             "text/html; charset=utf-8",
-            html(&snapshot(sources), refresh),
+            status(q).map(|s| html(&s, *refresh)),
+            q,
         ),
         Page::NotFound => (
             "404 Not Found",
@@ -467,7 +483,7 @@ fn answer(page: Page, sources: &Sources) -> Vec<u8> {
             "not found: try /metrics, /status, /status.json or /status.html\n".into(),
         ),
         Page::NotAllowed => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
-        Page::BadRequest => ("400 Bad Request", "text/plain", "bad request\n".into()),
+        Page::BadRequest(why) => ("400 Bad Request", "text/plain", why.clone()),
     };
     let mut out = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
@@ -476,6 +492,15 @@ fn answer(page: Page, sources: &Sources) -> Vec<u8> {
     .into_bytes();
     out.extend_from_slice(body.as_bytes());
     out
+}
+
+/// The 404 body for an app no config in force has (the name as asked, shortened: it is the
+/// client's text).
+fn no_app(q: &Query) -> String {
+    let name = q.app.as_deref().unwrap_or("");
+    let shown: String = name.chars().take(80).collect();
+    let more = if shown.len() < name.len() { "..." } else { "" };
+    format!("no app named {shown:?}{more} in the config in force\n")
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! The /metrics text: the Prometheus text exposition format 0.0.4, one family after another.
 //! The per-app families are `apps`'s, the per-target ones `targets`'s, the runtime state's
-//! (what the admin socket set) `runtime`'s.
+//! (what the admin socket set) `runtime`'s. Per-target series (the runtime state's per-target
+//! family with them) are served while the config has at most `--metrics-target-series` targets
+//! (see `TargetSeriesCap`); `render_app` serves one app's series, its targets' always included.
 
 mod apps;
 mod runtime;
@@ -86,15 +88,30 @@ pub fn render(sources: &Sources) -> String {
         slots,
         lookups,
         resolver,
+        target_series: cap,
     } = sources;
     let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
     build_info(&mut out);
     apps::families(&mut out, apps);
-    targets::families(&mut out, apps);
-    runtime::target_families(&mut out, apps);
+    let targets = apps.iter().map(|(app, _)| unique_backends(app).len()).sum();
+    let omit = targets > cap.max;
+    if omit {
+        omitted_family(&mut out, targets);
+    } else {
+        targets::families(&mut out, apps);
+        runtime::target_families(&mut out, apps);
+    }
     runtime::app_families(&mut out, apps);
+    if cap.started_omitting(omit) {
+        crate::info!(
+            "metrics: the config has {targets} targets, more than --metrics-target-series {}: \
+             per-target series are left out of /metrics (flyproxy_target_series_omitted says \
+             how many targets); /metrics?app=NAME serves one app's",
+            cap.max
+        );
+    }
     reload_families(&mut out, published);
     rejected_file_families(&mut out, published);
     bound_families(&mut out, slots, published);
@@ -108,8 +125,34 @@ pub fn render(sources: &Sources) -> String {
     out
 }
 
+/// Every series of the app named `name` (its per-target ones whatever the cap); None if no app
+/// in force has that name.
+pub fn render_app(sources: &Sources, name: &str) -> Option<String> {
+    let routes = sources.published.routes();
+    let one = routes.apps().iter().find(|(app, _)| app.name == name)?;
+    let one = std::slice::from_ref(one);
+    let mut out = String::with_capacity(16 * 1024);
+    apps::families(&mut out, one);
+    targets::families(&mut out, one);
+    runtime::target_families(&mut out, one);
+    runtime::app_families(&mut out, one);
+    Some(out)
+}
+
 /// Apps in force, each with its ports.
 type Apps = [(Arc<AppRoute>, Vec<u16>)];
+
+/// In place of the per-target families: how many targets' series were left out.
+fn omitted_family(out: &mut String, targets: usize) {
+    let name = "flyproxy_target_series_omitted";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "Targets whose per-target series this scrape leaves out: the config has more targets than --metrics-target-series (see /metrics?app=NAME). Absent when none is left out.",
+    );
+    f.sample(name, &[], targets);
+}
 
 fn build_info(out: &mut String) {
     let mut f = Family::head(out, "flyproxy_build_info", "gauge", "The running version.");

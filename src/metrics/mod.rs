@@ -9,7 +9,8 @@
 //! lock on the hot path.
 //!
 //! - `published`: what the listener loop publishes for the endpoint, and everything it reads.
-//! - `endpoint`: the HTTP side: the thread, its connections, which path serves what.
+//! - `endpoint`: the HTTP side: the thread, its connections, which path serves what;
+//!   `query`: the query string (`?app=NAME`).
 //! - `exposition`: the /metrics text; `process`: its `process_*` families from /proc.
 //! - `status`: the status (its JSON shape and its text); `page`: its HTML.
 //! - `client`: `flyproxy status`, reading /status.json.
@@ -20,10 +21,13 @@ mod exposition;
 mod page;
 mod process;
 mod published;
+mod query;
 mod status;
 
 pub use client::{fetch_status, FetchError};
 pub use endpoint::{start, Endpoint, FDS};
 pub use exposition::render;
-pub use published::{ConfigHashes, LookupReader, LookupStats, Published, RejectedFile, Sources};
+pub use published::{
+    ConfigHashes, LookupReader, LookupStats, Published, RejectedFile, Sources, TargetSeriesCap,
+};
 pub use status::{snapshot, text, Status};

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::metrics::status::{first, runtime_note, Status};
+use crate::metrics::status::{first, more_apps, runtime_note, Status};
 
 /// Reload period when the URL does not ask for one (`?refresh=N`), and the bounds of N.
 pub const DEFAULT_REFRESH: u32 = 5;
@@ -146,6 +146,9 @@ refused: no target {}, limit {}, client limit {}</p>\n\
             );
         }
         o.push_str("</table>\n");
+    }
+    if let Some(more) = more_apps(st) {
+        let _ = writeln!(o, "<p class=\"more\">{}</p>", esc(&more));
     }
     let _ = write!(
         o,

@@ -2,6 +2,10 @@
 //! served as JSON (`/status.json`, for programs and `flyproxy status`), as text (`/status`, one
 //! line per app and per target) and as HTML (`page`). `flyproxy status` prints the text of the
 //! JSON it read, so what it prints is exactly what `/status` serves.
+//!
+//! A status lists at most `STATUS_APPS` apps (the first in the config) and counts them all
+//! (`apps_total`): at 100,000 apps the whole list was 14 MB, too much for a page or a terminal.
+//! `?app=NAME` (`flyproxy status --app NAME`) gives one app's, whatever its place.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -22,7 +26,12 @@ pub struct Status {
     pub connections: Connections,
     pub reloads: Reloads,
     pub config: ConfigFile,
+    /// The first `STATUS_APPS` apps, or the one asked for.
     pub apps: Vec<AppStatus>,
+    /// Apps in force, listed or not (absent from an older flyproxy's answer, which listed
+    /// every app: read as 0, meaning "as many as listed").
+    #[serde(default)]
+    pub apps_total: usize,
     /// Directory mode: the config files refused now, each with every problem (absent from
     /// an older flyproxy's answer: read as none).
     #[serde(default)]
@@ -35,6 +44,9 @@ pub struct RejectedFileStatus {
     pub file: String,
     pub problems: Vec<String>,
 }
+
+/// Apps listed in a status of every app; the others are counted only.
+pub const STATUS_APPS: usize = 1000;
 
 /// The connection bound (`--max-connections`) and how full it is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -150,16 +162,21 @@ pub(super) fn runtime_note(t: &TargetStatus) -> String {
     note
 }
 
-/// The status now.
-pub fn snapshot(sources: &Sources) -> Status {
+/// The status now: of the app named `app`, or of the first `STATUS_APPS` apps. None: no app
+/// in force has that name.
+pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
     let Sources {
         published, slots, ..
     } = sources;
     let routes = published.routes();
+    let all = routes.apps();
+    let listed = match app {
+        Some(name) => std::slice::from_ref(all.iter().find(|(a, _)| a.name == name)?),
+        None => &all[..all.len().min(STATUS_APPS)],
+    };
     let hashes = published.config_hashes();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let apps = routes
-        .apps()
+    let apps = listed
         .iter()
         .map(|(app, ports)| AppStatus {
             name: app.name.clone(),
@@ -195,7 +212,7 @@ pub fn snapshot(sources: &Sources) -> Status {
                 .collect(),
         })
         .collect();
-    Status {
+    Some(Status {
         flyproxy: crate::VERSION.to_owned(),
         time: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -214,6 +231,7 @@ pub fn snapshot(sources: &Sources) -> Status {
             rejected_sha256: hashes.rejected,
         },
         apps,
+        apps_total: all.len(),
         rejected_files: published
             .rejected_files()
             .into_iter()
@@ -222,7 +240,20 @@ pub fn snapshot(sources: &Sources) -> Status {
                 problems: r.problems,
             })
             .collect(),
-    }
+    })
+}
+
+/// The line that says how many apps a status leaves out, and how to see one; None when it
+/// lists them all.
+pub(super) fn more_apps(st: &Status) -> Option<String> {
+    let left = st.apps_total.saturating_sub(st.apps.len());
+    (left > 0).then(|| {
+        format!(
+            "{} of {} apps shown ({left} more): ?app=NAME, or flyproxy status --app NAME, shows one",
+            st.apps.len(),
+            st.apps_total
+        )
+    })
 }
 
 /// Up to `n` items joined with `,`, and a count of the rest.
@@ -290,6 +321,9 @@ pub fn text(st: &Status) -> String {
                 runtime_note(t),
             );
         }
+    }
+    if let Some(more) = more_apps(st) {
+        let _ = writeln!(out, "\n{more}");
     }
     out
 }
