@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 
 use crate::fleet::error::SyncError;
-use crate::fleet::output::{parse_get, Snapshot};
+use crate::fleet::output::{parse_get, parse_get_prefix, Listing, Snapshot};
 
 /// Lines of `etcdctl`'s stderr kept to explain a failure.
 const STDERR_LINES: usize = 3;
@@ -51,6 +51,25 @@ pub(super) fn get(etcdctl: &Path, key: &str) -> Result<Snapshot, SyncError> {
         });
     }
     parse_get(&out.stdout, key)
+}
+
+/// `etcdctl get --prefix`: every key under `prefix` at one revision, or (`probe`) only that
+/// revision, how many keys there are and one key, which costs etcd next to nothing (etcdctl 3.4
+/// has no `--count-only`).
+pub(super) fn get_prefix(etcdctl: &Path, prefix: &str, probe: bool) -> Result<Listing, SyncError> {
+    let mut cmd = command(etcdctl);
+    cmd.args(["get", "-w", "json", "--prefix"]);
+    if probe {
+        cmd.args(["--keys-only", "--limit=1"]);
+    }
+    let out = cmd.arg(prefix).output().map_err(SyncError::Spawn)?;
+    if !out.status.success() {
+        return Err(SyncError::Etcdctl {
+            status: out.status,
+            stderr: tail(&out.stderr),
+        });
+    }
+    parse_get_prefix(&out.stdout, prefix)
 }
 
 /// The child's stdout, line by line, on a channel that disconnects when it ends.

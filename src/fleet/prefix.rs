@@ -1,0 +1,341 @@
+//! One key per app: every key under `--prefix` is one app, written as `DIR/<name>.json` (see
+//! `value` for the format and the names allowed).
+//!
+//! The cycle: when the follower has no revision to resume from (at start, after a compaction
+//! that passed it, after etcd came back with lower revisions: rebuilt or restored), it lists the
+//! whole prefix at one revision (`etcdctl get --prefix`) and reconciles the directory with it;
+//! then it watches from the next revision (`etcdctl watch --prefix --rev`). Each put is written
+//! as its app's file, each delete removes it. When the watch ends (etcd unreachable, no
+//! leader), the next cycle resumes the watch from the last revision applied: etcd replays every
+//! change since, deletes included, so nothing is listed again unless that revision was
+//! compacted. Every `--resync` a cheap `get --keys-only --limit=1` tells an etcd that stopped
+//! answering (the watch would wait on gRPC's own backoff) and the store's revision for the
+//! status file.
+//!
+//! Reconcile: every key's value is validated and its file written if it differs; an owned file
+//! whose key is gone is removed. The follower owns exactly the `*.json` files in DIR whose name
+//! does not start with '.' (the proxy reads those, and nothing else); any other file is left
+//! alone. A key whose value is refused keeps its last good file, if it had one.
+//!
+//! A problem with one app (a bad value, a FIFO at its path, a write that failed) is that app's:
+//! logged, listed in the status file, and every other app goes on.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use crate::config::sha256;
+use crate::fleet::cycle::{Cycle, Notifier};
+use crate::fleet::error::SyncError;
+use crate::fleet::etcdctl::{self, collect_stderr, read_lines};
+use crate::fleet::file::{read_regular, remove_regular, write_atomically};
+use crate::fleet::output::{parse_watch_prefix, KeyValue, Listing, PrefixUpdate};
+use crate::fleet::status::Monitor;
+use crate::fleet::value::{app_file, app_name};
+
+/// What a put did to its file.
+#[derive(Debug, PartialEq, Eq)]
+enum Put {
+    Written,
+    Unchanged,
+    Refused,
+}
+
+pub struct PrefixFollower {
+    prefix: String,
+    dir: PathBuf,
+    etcdctl: PathBuf,
+    resync: Duration,
+    /// The revision the files are current as of; 0: list the prefix before watching.
+    revision: i64,
+    monitor: Monitor,
+}
+
+impl PrefixFollower {
+    pub fn new(
+        prefix: String,
+        dir: PathBuf,
+        etcdctl: PathBuf,
+        resync: Duration,
+        status_file: Option<PathBuf>,
+    ) -> PrefixFollower {
+        let monitor = Monitor::new(status_file, "prefix", &prefix, dir.display().to_string());
+        PrefixFollower {
+            prefix,
+            dir,
+            etcdctl,
+            resync,
+            revision: 0,
+            monitor,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.json"))
+    }
+
+    /// Apply a put of `key` at `revision`: its file written if the value is good and differs.
+    fn put(&mut self, key: &[u8], revision: i64, value: &[u8]) -> Put {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        let name = match app_name(&self.prefix, key) {
+            Ok(n) => n,
+            Err(why) => {
+                self.monitor
+                    .reject(&shown, revision, "no file is written for it", vec![why]);
+                return Put::Refused;
+            }
+        };
+        let path = self.path(name);
+        let stays = || format!("{} left as it is", path.display());
+        let bytes = match app_file(name, value, &path) {
+            Ok(b) => b,
+            Err(problems) => {
+                self.monitor.reject(&shown, revision, &stays(), problems);
+                return Put::Refused;
+            }
+        };
+        let written = read_regular(&path).and_then(|now| {
+            if now.as_deref() == Some(&bytes[..]) {
+                return Ok(false);
+            }
+            write_atomically(&path, &bytes)?;
+            if now.is_none() {
+                self.monitor.files += 1;
+            }
+            Ok(true)
+        });
+        match written {
+            Ok(false) => {
+                self.monitor.clear(&shown);
+                Put::Unchanged
+            }
+            Ok(true) => {
+                self.monitor.clear(&shown);
+                self.monitor.applied(&shown, revision, "written");
+                crate::info!(
+                    "wrote {} from etcd key {shown:?} revision={revision} bytes={} sha256={}",
+                    path.display(),
+                    bytes.len(),
+                    sha256::hex(&bytes)
+                );
+                Put::Written
+            }
+            Err(e) => {
+                let why = format!("cannot write {}: {e}", path.display());
+                self.monitor.reject(&shown, revision, &stays(), vec![why]);
+                Put::Refused
+            }
+        }
+    }
+
+    /// Apply a delete of `key` at `revision`: its file removed.
+    fn delete(&mut self, key: &[u8], revision: i64) {
+        let shown = String::from_utf8_lossy(key).into_owned();
+        self.monitor.clear(&shown);
+        // A key that names no safe file never had one.
+        let Ok(name) = app_name(&self.prefix, key) else {
+            return;
+        };
+        let path = self.path(name);
+        match remove_regular(&path) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.monitor.files = self.monitor.files.saturating_sub(1);
+                self.monitor.applied(&shown, revision, "removed");
+                crate::info!(
+                    "removed {}: etcd key {shown:?} deleted at revision={revision}",
+                    path.display()
+                );
+            }
+            Err(e) => crate::warn!(
+                "etcd key {shown:?} deleted at revision={revision}, but cannot remove {}: {e}",
+                path.display()
+            ),
+        }
+    }
+
+    /// The files this follower owns in DIR, by app name: `*.json`, not starting with '.'.
+    fn owned(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let file = entry?.file_name();
+            let Some(file) = file.to_str() else { continue };
+            if let Some(name) = file.strip_suffix(".json") {
+                if !file.starts_with('.') {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Bring DIR to `listing`: every key's file written if it differs, every owned file
+    /// whose key is gone removed. The revision is `listing`'s after.
+    fn reconcile(&mut self, listing: Listing) -> Result<(), SyncError> {
+        let dir_error = |e| SyncError::Write(self.dir.clone(), e);
+        fs::create_dir_all(&self.dir).map_err(dir_error)?;
+        let owned = self.owned().map_err(dir_error)?;
+        self.monitor.clear_all();
+        self.monitor.files = owned.len();
+        let (mut written, mut unchanged, mut refused) = (0, 0, 0);
+        let mut present = std::collections::HashSet::with_capacity(listing.kvs.len());
+        for kv in &listing.kvs {
+            let value = kv.value.as_deref().unwrap_or_default();
+            match self.put(&kv.key, kv.revision, value) {
+                Put::Written => written += 1,
+                Put::Unchanged => unchanged += 1,
+                Put::Refused => refused += 1,
+            }
+            if let Ok(name) = app_name(&self.prefix, &kv.key) {
+                present.insert(name.to_string());
+            }
+        }
+        let mut removed = 0;
+        for name in owned.iter().filter(|n| !present.contains(n.as_str())) {
+            let path = self.path(name);
+            match remove_regular(&path) {
+                Ok(true) => {
+                    removed += 1;
+                    self.monitor.files = self.monitor.files.saturating_sub(1);
+                    crate::info!(
+                        "removed {}: no etcd key {:?} at revision={}",
+                        path.display(),
+                        format!("{}{name}", self.prefix),
+                        listing.revision
+                    );
+                }
+                Ok(false) => {}
+                Err(e) => crate::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
+        crate::info!(
+            "reconciled {} with etcd prefix {:?} at revision={}: {} keys, {written} written, {unchanged} unchanged, {removed} removed, {refused} refused",
+            self.dir.display(),
+            self.prefix,
+            listing.revision,
+            listing.kvs.len()
+        );
+        self.set_revision(listing.revision);
+        Ok(())
+    }
+
+    fn set_revision(&mut self, revision: i64) {
+        self.revision = revision;
+        self.monitor.revision = revision;
+        self.monitor.save();
+    }
+
+    /// Apply one watch response's changes, in order.
+    fn apply(&mut self, revision: i64, events: Vec<KeyValue>) {
+        let mut last = self.revision;
+        for ev in events {
+            match &ev.value {
+                Some(v) => {
+                    self.put(&ev.key, ev.revision, v);
+                }
+                None => self.delete(&ev.key, ev.revision),
+            }
+            last = last.max(ev.revision);
+        }
+        // The response's revision: every change up to it has been delivered.
+        self.monitor.contact(revision);
+        self.set_revision(last.max(revision));
+    }
+
+    /// A cheap get: reachable, and at which revision. A store revision below what the files
+    /// are current as of is another history (rebuilt, restored): list again.
+    fn probe(&mut self) -> Result<bool, SyncError> {
+        let count = etcdctl::get_prefix(&self.etcdctl, &self.prefix, true)?;
+        self.monitor.contact(count.revision);
+        if count.revision < self.revision {
+            crate::warn!(
+                "etcd is at revision {}, below the {} the files are current as of (rebuilt or restored?): listing {:?} again",
+                count.revision,
+                self.revision,
+                self.prefix
+            );
+            self.revision = 0;
+            return Ok(false);
+        }
+        self.monitor.save();
+        Ok(true)
+    }
+
+    /// Apply watch responses as they come; probe every `resync`. Returns when the watch
+    /// output ends or the prefix must be listed again.
+    fn follow(&mut self, lines: &Receiver<String>) -> Result<(), SyncError> {
+        let mut next_probe = Instant::now() + self.resync;
+        loop {
+            let wait = next_probe.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(wait) {
+                Ok(line) => match parse_watch_prefix(&line, &self.prefix)? {
+                    PrefixUpdate::Changed { revision, events } => self.apply(revision, events),
+                    PrefixUpdate::Ended(why) => {
+                        crate::warn!("etcd watch ended: {why}; listing {:?} again", self.prefix);
+                        self.revision = 0;
+                        return Ok(());
+                    }
+                },
+                Err(RecvTimeoutError::Timeout) => {
+                    next_probe = Instant::now() + self.resync;
+                    if !self.probe()? {
+                        return Ok(());
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        }
+    }
+}
+
+impl Cycle for PrefixFollower {
+    fn cycle(&mut self, notify: &mut Notifier) -> Result<(), SyncError> {
+        // Reachable first (and not another history), cheaply: the watch would wait instead.
+        if self.revision != 0 {
+            self.probe()?;
+        }
+        if self.revision == 0 {
+            let listing = etcdctl::get_prefix(&self.etcdctl, &self.prefix, false)?;
+            self.monitor.contact(listing.revision);
+            self.reconcile(listing)?;
+        }
+        let from = self.revision + 1;
+        notify.status(&format!("following from revision {from}"));
+        let mut child = etcdctl::command(&self.etcdctl)
+            .args(["watch", "-w", "json", "--prefix"])
+            .arg(format!("--rev={from}"))
+            .arg(&self.prefix)
+            .spawn()
+            .map_err(SyncError::Spawn)?;
+        let lines = read_lines(&mut child);
+        let stderr = collect_stderr(&mut child);
+        crate::info!(
+            "watching etcd prefix {:?} from revision {from}",
+            self.prefix
+        );
+        let result = self.follow(&lines);
+        let _ = child.kill();
+        let status = child.wait();
+        let stderr = stderr.join().unwrap_or_default();
+        match (result, status) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(status)) if !status.success() && self.revision != 0 => {
+                Err(SyncError::Etcdctl { status, stderr })
+            }
+            (Ok(()), _) => Ok(()),
+        }
+    }
+
+    fn kept(&self) -> (&'static str, String) {
+        (
+            "the app files are left as they are",
+            format!("the files in {} left as they are", self.dir.display()),
+        )
+    }
+
+    fn monitor(&mut self) -> &mut Monitor {
+        &mut self.monitor
+    }
+}
