@@ -1063,7 +1063,12 @@ fn apps_follower_never_writes_a_bad_value() {
     etcd.put_key(&format!("{PREFIX}web"), &good);
     let dir = TempDir::new("sync-bad");
     let f = apps_follower(&etcd.endpoints_from(0), &dir.path);
-    wait_written(&f, 0, &sha256sum(&app_file(&good)));
+    let line = f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    assert!(line.contains(": 1 keys, 1 written,"), "{line}");
+    assert_eq!(
+        fs::read(dir.path.join("web.json")).unwrap(),
+        app_file(&good)
+    );
     let web = format!("{PREFIX}web");
     let bad: [(&str, String, &str); 8] = [
         (

@@ -44,10 +44,15 @@ pub(super) fn run(follower: &mut impl Cycle) -> SyncError {
                     other => format!("{other}; {kept}"),
                 });
             }
-            Ok(()) => crate::info!(
-                "etcd watch ended; retrying in {:.1}s",
-                backoff.as_secs_f64()
-            ),
+            Ok(()) => {
+                // Ended by etcd's answer (compacted, cancelled), not by a failure: no reason
+                // to wait long (still a little, so a watch that keeps ending cannot spin).
+                backoff = BACKOFF_MIN;
+                crate::info!(
+                    "etcd watch ended; retrying in {:.1}s",
+                    backoff.as_secs_f64()
+                );
+            }
         }
         // A cycle that ran long (a watch that held) was a success: start the backoff over.
         if started.elapsed() > BACKOFF_MAX {

@@ -77,7 +77,9 @@ impl PrefixFollower {
     }
 
     /// Apply a put of `key` at `revision`: its file written if the value is good and differs.
-    fn put(&mut self, key: &[u8], revision: i64, value: &[u8]) -> Put {
+    /// `listing`: part of a reconcile, whose files are logged at debug level (a cold start of
+    /// 200,000 apps would otherwise log 200,000 lines) and summed up in one line.
+    fn put(&mut self, key: &[u8], revision: i64, value: &[u8], listing: bool) -> Put {
         let shown = String::from_utf8_lossy(key).into_owned();
         let name = match app_name(&self.prefix, key) {
             Ok(n) => n,
@@ -114,7 +116,13 @@ impl PrefixFollower {
             Ok(true) => {
                 self.monitor.clear(&shown);
                 self.monitor.applied(&shown, revision, "written");
-                crate::info!(
+                let level = if listing {
+                    crate::sys::log::Level::Debug
+                } else {
+                    crate::sys::log::Level::Info
+                };
+                crate::log_at!(
+                    level,
                     "wrote {} from etcd key {shown:?} revision={revision} bytes={} sha256={}",
                     path.display(),
                     bytes.len(),
@@ -183,7 +191,7 @@ impl PrefixFollower {
         let mut present = std::collections::HashSet::with_capacity(listing.kvs.len());
         for kv in &listing.kvs {
             let value = kv.value.as_deref().unwrap_or_default();
-            match self.put(&kv.key, kv.revision, value) {
+            match self.put(&kv.key, kv.revision, value, true) {
                 Put::Written => written += 1,
                 Put::Unchanged => unchanged += 1,
                 Put::Refused => refused += 1,
@@ -233,7 +241,7 @@ impl PrefixFollower {
         for ev in events {
             match &ev.value {
                 Some(v) => {
-                    self.put(&ev.key, ev.revision, v);
+                    self.put(&ev.key, ev.revision, v, false);
                 }
                 None => self.delete(&ev.key, ev.revision),
             }
