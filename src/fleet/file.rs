@@ -7,7 +7,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::MAX_FILE_BYTES;
 
@@ -94,23 +94,96 @@ fn parent(path: &Path) -> &Path {
 /// user keeps it so); anything else there (a FIFO, a symlink, a directory) is refused and left
 /// alone. On any error the temporary file is removed and `path` is untouched.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = parent(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
-    let old = match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => Some(m),
-        Ok(m) => return Err(not_regular(&m)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => return Err(e),
+    let mut staged = Staged::write(path, bytes)?;
+    let synced = match &staged.file {
+        Some(file) => file.sync_all(),
+        None => Ok(()),
     };
-    let mut tmp_name = OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".etcd-sync.{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    // A leftover from an earlier process with the same pid (a crash mid-write) is ours to clear.
-    let _ = fs::remove_file(&tmp);
-    let result = (|| {
+    if let Err(e) = synced {
+        return Err(staged.abandon(e));
+    }
+    staged.file = None;
+    staged.rename()?;
+    sync_dir(parent(path))
+}
+
+/// Replace every `(path, bytes)` of `files`, all in one directory `dir`, each atomically as
+/// `write_atomically` does, but with two syncs for all of them instead of two each: every new
+/// file is written, then the file system is synced once (`syncfs`), then each is renamed over
+/// its path and the directory synced once. (Two syncs per file made a cold start of 20,000 apps
+/// take 107 s on ext4, nearly all of it waiting for the journal.) One result per file, in
+/// order; a file that fails leaves its path untouched and the others go on.
+pub fn write_all_atomically(dir: &Path, files: &[(PathBuf, Vec<u8>)]) -> Vec<io::Result<()>> {
+    // Each closed once written: a batch must not hold a descriptor per file.
+    let mut staged: Vec<io::Result<Staged>> = files
+        .iter()
+        .map(|(path, bytes)| {
+            Staged::write(path, bytes).map(|mut s| {
+                s.file = None;
+                s
+            })
+        })
+        .collect();
+    if staged.iter().any(|s| s.is_ok()) {
+        if let Err(e) = syncfs(dir) {
+            for s in &mut staged {
+                if let Ok(st) = std::mem::replace(s, Err(io::Error::other("abandoned"))) {
+                    *s = Err(st.abandon(io::Error::new(e.kind(), e.to_string())));
+                }
+            }
+        }
+    }
+    let results: Vec<io::Result<()>> = staged
+        .into_iter()
+        .map(|s| s.and_then(Staged::rename))
+        .collect();
+    if results.iter().any(|r| r.is_ok()) {
+        if let Err(e) = sync_dir(dir) {
+            crate::warn!("cannot sync {}: {e}", dir.display());
+        }
+    }
+    results
+}
+
+/// Sync the whole file system `dir` is on: every file written since reaches the disk.
+fn syncfs(dir: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let d = File::open(dir)?;
+    // SAFETY: syncfs on a descriptor we own for the duration of the call.
+    if unsafe { libc::syncfs(d.as_raw_fd()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A new file written beside `path`, not yet in its place.
+struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    /// Open until synced (or closed unsynced, for a batch synced at once).
+    file: Option<File>,
+}
+
+impl Staged {
+    /// Write `bytes` to a temporary file beside `path`, with the mode and group of the regular
+    /// file at `path` if there is one (anything else there is refused).
+    fn write(path: &Path, bytes: &[u8]) -> io::Result<Staged> {
+        let name = path
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+        let old = match fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_file() => Some(m),
+            Ok(m) => return Err(not_regular(&m)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut tmp_name = OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".etcd-sync.{}", std::process::id()));
+        let tmp = parent(path).join(tmp_name);
+        // A leftover from an earlier process with the same pid (a crash mid-write) is ours to
+        // clear.
+        let _ = fs::remove_file(&tmp);
         // 0644 for a new file: the proxy's unit runs as another (dynamic) user and must read it.
         let mut file = OpenOptions::new()
             .write(true)
@@ -118,21 +191,38 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
-        if let Some(old) = &old {
-            keep_group(&file, old.gid())?;
-            // After the chown, which may clear set-id bits.
-            file.set_permissions(fs::Permissions::from_mode(old.mode() & 0o7777))?;
+        let filled = (|| {
+            if let Some(old) = &old {
+                keep_group(&file, old.gid())?;
+                // After the chown, which may clear set-id bits.
+                file.set_permissions(fs::Permissions::from_mode(old.mode() & 0o7777))?;
+            }
+            file.write_all(bytes)
+        })();
+        let staged = Staged {
+            tmp,
+            path: path.to_path_buf(),
+            file: Some(file),
+        };
+        match filled {
+            Ok(()) => Ok(staged),
+            Err(e) => Err(staged.abandon(e)),
         }
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
     }
-    result
+
+    /// Put the new file in its place.
+    fn rename(self) -> io::Result<()> {
+        match fs::rename(&self.tmp, &self.path) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.abandon(e)),
+        }
+    }
+
+    /// Give up: the temporary file removed, `e` passed on.
+    fn abandon(self, e: io::Error) -> io::Error {
+        let _ = fs::remove_file(&self.tmp);
+        e
+    }
 }
 
 /// Give `file` the group `gid` unless it has it already (the usual case: then no privilege is
@@ -196,6 +286,39 @@ mod tests {
         // A directory that cannot be written: an error, and the old file stays.
         let missing = dir.join("no-such-dir").join("config.json");
         assert!(write_atomically(&missing, b"x").is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn many_at_once_each_replaced_or_refused_alone() {
+        let dir = temp("many");
+        fs::write(dir.join("a.json"), b"old a").unwrap();
+        fs::set_permissions(dir.join("a.json"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::create_dir(dir.join("d.json")).unwrap();
+        let files = vec![
+            (dir.join("a.json"), b"new a".to_vec()),
+            (dir.join("b.json"), b"new b".to_vec()),
+            (dir.join("d.json"), b"refused".to_vec()),
+        ];
+        let results = write_all_atomically(&dir, &files);
+        assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+        assert!(results[2]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("a directory"));
+        assert_eq!(fs::read(dir.join("a.json")).unwrap(), b"new a");
+        assert_eq!(
+            fs::metadata(dir.join("a.json")).unwrap().mode() & 0o7777,
+            0o600
+        );
+        assert_eq!(fs::read(dir.join("b.json")).unwrap(), b"new b");
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "b.json", "d.json"]);
         fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -22,7 +22,7 @@
 
 use std::fs;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -30,15 +30,28 @@ use crate::config::sha256;
 use crate::fleet::cycle::{Cycle, Notifier};
 use crate::fleet::error::SyncError;
 use crate::fleet::etcdctl::{self, collect_stderr, read_lines};
-use crate::fleet::file::{read_regular, remove_regular, write_atomically};
+use crate::fleet::file::{read_regular, remove_regular, write_all_atomically};
 use crate::fleet::output::{parse_watch_prefix, KeyValue, Listing, PrefixUpdate};
 use crate::fleet::status::Monitor;
 use crate::fleet::value::{app_file, app_name};
 
-/// What a put did to its file.
-#[derive(Debug, PartialEq, Eq)]
+/// Files written together, with one sync for all (`write_all_atomically`): at most this many.
+const BATCH: usize = 512;
+
+/// A good value whose file differs: to be written (by `flush`, with others).
+struct Pending {
+    /// The key, for messages and the status file.
+    shown: String,
+    revision: i64,
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// No file was there.
+    new: bool,
+}
+
+/// What a put asks of its file.
 enum Put {
-    Written,
+    Write(Pending),
     Unchanged,
     Refused,
 }
@@ -76,10 +89,9 @@ impl PrefixFollower {
         self.dir.join(format!("{name}.json"))
     }
 
-    /// Apply a put of `key` at `revision`: its file written if the value is good and differs.
-    /// `listing`: part of a reconcile, whose files are logged at debug level (a cold start of
-    /// 200,000 apps would otherwise log 200,000 lines) and summed up in one line.
-    fn put(&mut self, key: &[u8], revision: i64, value: &[u8], listing: bool) -> Put {
+    /// Judge a put of `key` at `revision`: refused (logged, listed), unchanged, or a file to
+    /// write.
+    fn plan(&mut self, key: &[u8], revision: i64, value: &[u8]) -> Put {
         let shown = String::from_utf8_lossy(key).into_owned();
         let name = match app_name(&self.prefix, key) {
             Ok(n) => n,
@@ -90,52 +102,83 @@ impl PrefixFollower {
             }
         };
         let path = self.path(name);
-        let stays = || format!("{} left as it is", path.display());
         let bytes = match app_file(name, value, &path) {
             Ok(b) => b,
             Err(problems) => {
-                self.monitor.reject(&shown, revision, &stays(), problems);
+                let stays = format!("{} left as it is", path.display());
+                self.monitor.reject(&shown, revision, &stays, problems);
                 return Put::Refused;
             }
         };
-        let written = read_regular(&path).and_then(|now| {
-            if now.as_deref() == Some(&bytes[..]) {
-                return Ok(false);
-            }
-            write_atomically(&path, &bytes)?;
-            if now.is_none() {
-                self.monitor.files += 1;
-            }
-            Ok(true)
-        });
-        match written {
-            Ok(false) => {
+        match read_regular(&path) {
+            Ok(Some(now)) if now == bytes => {
                 self.monitor.clear(&shown);
                 Put::Unchanged
             }
-            Ok(true) => {
-                self.monitor.clear(&shown);
-                self.monitor.applied(&shown, revision, "written");
-                let level = if listing {
-                    crate::sys::log::Level::Debug
-                } else {
-                    crate::sys::log::Level::Info
-                };
-                crate::log_at!(
-                    level,
-                    "wrote {} from etcd key {shown:?} revision={revision} bytes={} sha256={}",
-                    path.display(),
-                    bytes.len(),
-                    sha256::hex(&bytes)
-                );
-                Put::Written
-            }
+            Ok(now) => Put::Write(Pending {
+                shown,
+                revision,
+                path,
+                bytes,
+                new: now.is_none(),
+            }),
             Err(e) => {
-                let why = format!("cannot write {}: {e}", path.display());
-                self.monitor.reject(&shown, revision, &stays(), vec![why]);
+                self.refuse_write(&shown, revision, &path, e);
                 Put::Refused
             }
         }
+    }
+
+    fn refuse_write(&mut self, shown: &str, revision: i64, path: &Path, e: io::Error) {
+        let why = format!("cannot write {}: {e}", path.display());
+        let stays = format!("{} left as it is", path.display());
+        self.monitor.reject(shown, revision, &stays, vec![why]);
+    }
+
+    /// Write every pending file (one sync for all). `listing`: part of a reconcile, whose files
+    /// are logged at debug level (a cold start of 200,000 apps would otherwise log 200,000
+    /// lines) and summed up in one line. Returns (written, refused).
+    fn flush(&mut self, batch: &mut Vec<Pending>, listing: bool) -> (usize, usize) {
+        if batch.is_empty() {
+            return (0, 0);
+        }
+        let files: Vec<(PathBuf, Vec<u8>)> = batch
+            .iter_mut()
+            .map(|p| (p.path.clone(), std::mem::take(&mut p.bytes)))
+            .collect();
+        let results = write_all_atomically(&self.dir, &files);
+        let (mut written, mut refused) = (0, 0);
+        let level = if listing {
+            crate::sys::log::Level::Debug
+        } else {
+            crate::sys::log::Level::Info
+        };
+        for ((p, (_, bytes)), result) in batch.drain(..).zip(&files).zip(results) {
+            match result {
+                Ok(()) => {
+                    written += 1;
+                    if p.new {
+                        self.monitor.files += 1;
+                    }
+                    self.monitor.clear(&p.shown);
+                    self.monitor.applied(&p.shown, p.revision, "written");
+                    crate::log_at!(
+                        level,
+                        "wrote {} from etcd key {:?} revision={} bytes={} sha256={}",
+                        p.path.display(),
+                        p.shown,
+                        p.revision,
+                        bytes.len(),
+                        sha256::hex(bytes)
+                    );
+                }
+                Err(e) => {
+                    refused += 1;
+                    self.refuse_write(&p.shown, p.revision, &p.path, e);
+                }
+            }
+        }
+        (written, refused)
     }
 
     /// Apply a delete of `key` at `revision`: its file removed.
@@ -189,17 +232,24 @@ impl PrefixFollower {
         self.monitor.files = owned.len();
         let (mut written, mut unchanged, mut refused) = (0, 0, 0);
         let mut present = std::collections::HashSet::with_capacity(listing.kvs.len());
+        let mut batch = Vec::with_capacity(BATCH);
         for kv in &listing.kvs {
             let value = kv.value.as_deref().unwrap_or_default();
-            match self.put(&kv.key, kv.revision, value, true) {
-                Put::Written => written += 1,
+            match self.plan(&kv.key, kv.revision, value) {
+                Put::Write(p) => batch.push(p),
                 Put::Unchanged => unchanged += 1,
                 Put::Refused => refused += 1,
+            }
+            if batch.len() >= BATCH {
+                let (w, r) = self.flush(&mut batch, true);
+                (written, refused) = (written + w, refused + r);
             }
             if let Ok(name) = app_name(&self.prefix, &kv.key) {
                 present.insert(name.to_string());
             }
         }
+        let (w, r) = self.flush(&mut batch, true);
+        (written, refused) = (written + w, refused + r);
         let mut removed = 0;
         for name in owned.iter().filter(|n| !present.contains(n.as_str())) {
             let path = self.path(name);
@@ -235,18 +285,31 @@ impl PrefixFollower {
         self.monitor.save();
     }
 
-    /// Apply one watch response's changes, in order.
+    /// Apply one watch response's changes, in order: puts written together (a response may
+    /// hold many: a transaction, or the changes replayed after an outage), flushed before a
+    /// delete and before a second change to a key already waiting.
     fn apply(&mut self, revision: i64, events: Vec<KeyValue>) {
         let mut last = self.revision;
+        let mut batch: Vec<Pending> = Vec::new();
         for ev in events {
+            let shown = String::from_utf8_lossy(&ev.key);
+            if ev.value.is_none() || batch.iter().any(|p| p.shown == shown) {
+                self.flush(&mut batch, false);
+            }
             match &ev.value {
                 Some(v) => {
-                    self.put(&ev.key, ev.revision, v, false);
+                    if let Put::Write(p) = self.plan(&ev.key, ev.revision, v) {
+                        batch.push(p);
+                    }
+                    if batch.len() >= BATCH {
+                        self.flush(&mut batch, false);
+                    }
                 }
                 None => self.delete(&ev.key, ev.revision),
             }
             last = last.max(ev.revision);
         }
+        self.flush(&mut batch, false);
         // The response's revision: every change up to it has been delivered.
         self.monitor.contact(revision);
         self.set_revision(last.max(revision));
