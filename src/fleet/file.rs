@@ -107,6 +107,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(parent(path))
 }
 
+/// Replace `path` with `bytes` as `write_atomically` does, but without waiting for the disk:
+/// for a report rewritten at every change (the status file), which a crash may lose but never
+/// shows half written.
+pub fn replace_unsynced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut staged = Staged::write(path, bytes)?;
+    staged.file = None;
+    staged.rename()
+}
+
 /// Replace every `(path, bytes)` of `files`, all in one directory `dir`, each atomically as
 /// `write_atomically` does, but with two syncs for all of them instead of two each: every new
 /// file is written, then the file system is synced once (`syncfs`), then each is renamed over

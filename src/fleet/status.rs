@@ -1,5 +1,6 @@
 //! What monitoring sees of a follower: the `--status-file`, a JSON object replaced atomically
-//! whenever something changes (and at every resync, which refreshes `etcd_revision` and
+//! (renamed into place; not synced to disk, as it is rewritten at every change and a report, not
+//! a config) whenever something changes (and at every resync, which refreshes `etcd_revision` and
 //! `checked_unix`):
 //!
 //! - `revision`: the etcd revision the files are current as of (0: never synced). A node is
@@ -21,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::fleet::file::write_atomically;
+use crate::fleet::file::replace_unsynced;
 
 /// Rejected keys listed in the file (all are counted and logged).
 const SHOWN: usize = 100;
@@ -193,7 +194,7 @@ impl Monitor {
             }
         };
         bytes.push(b'\n');
-        match write_atomically(path, &bytes) {
+        match replace_unsynced(path, &bytes) {
             Ok(()) => self.save_failed = false,
             Err(e) if !self.save_failed => {
                 self.save_failed = true;
