@@ -952,7 +952,8 @@ fn mkfifo(path: &Path) {
 
 /// From empty, every app's file is written, each as the proxy's own `check` accepts it; what
 /// was in the directory is reconciled (a changed file rewritten keeping its mode, an owned file
-/// whose key is gone removed, files that are not `*.json` or are dotfiles left alone); then a
+/// whose key is gone removed, a dead follower's temporary file removed, files that are not
+/// `*.json` or are dotfiles left alone); then a
 /// put appears as a file and a delete removes it.
 #[test]
 fn apps_follower_syncs_a_directory_then_follows_puts_and_deletes() {
@@ -982,6 +983,8 @@ fn apps_follower_syncs_a_directory_then_follows_puts_and_deletes() {
     fs::write(apps.join("gone.json"), b"{\"Apps\": []}\n").unwrap();
     fs::write(apps.join("notes.txt"), b"mine").unwrap();
     fs::write(apps.join(".draft.json"), b"mine too").unwrap();
+    // A follower that died mid-write left its temporary file.
+    fs::write(apps.join(".app1.json.etcd-sync.4000000"), b"{\"Apps\"").unwrap();
 
     let f = apps_follower(&etcd.endpoints_from(0), &apps);
     let line = f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));

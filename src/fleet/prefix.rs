@@ -207,7 +207,9 @@ impl PrefixFollower {
         }
     }
 
-    /// The files this follower owns in DIR, by app name: `*.json`, not starting with '.'.
+    /// The files this follower owns in DIR, by app name: `*.json`, not starting with '.'. A
+    /// temporary file left by a follower that died mid-write (`.NAME.json.etcd-sync.PID`) is
+    /// removed on the way.
     fn owned(&self) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
@@ -216,6 +218,12 @@ impl PrefixFollower {
             if let Some(name) = file.strip_suffix(".json") {
                 if !file.starts_with('.') {
                     names.push(name.to_string());
+                }
+            } else if is_leftover(file) {
+                let path = self.dir.join(file);
+                match remove_regular(&path) {
+                    Ok(_) => crate::info!("removed {}: a write never finished", path.display()),
+                    Err(e) => crate::warn!("cannot remove {}: {e}", path.display()),
                 }
             }
         }
@@ -408,5 +416,38 @@ impl Cycle for PrefixFollower {
 
     fn monitor(&mut self) -> &mut Monitor {
         &mut self.monitor
+    }
+}
+
+/// A temporary file of `write_all_atomically`, `.NAME.json.etcd-sync.PID`, from another process
+/// (this one's own are gone once a write returns).
+fn is_leftover(file: &str) -> bool {
+    let Some((stem, pid)) = file.rsplit_once(".etcd-sync.") else {
+        return false;
+    };
+    file.starts_with('.')
+        && stem.ends_with(".json")
+        && !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && pid != std::process::id().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers() {
+        assert!(is_leftover(".web.json.etcd-sync.1"));
+        for not in [
+            "web.json.etcd-sync.1",
+            ".web.json.etcd-sync.",
+            ".web.json.etcd-sync.1x",
+            ".web.txt.etcd-sync.1",
+            ".web.json",
+            &format!(".web.json.etcd-sync.{}", std::process::id()),
+        ] {
+            assert!(!is_leftover(not), "{not}");
+        }
     }
 }
