@@ -1336,3 +1336,41 @@ fn a_proxy_restarted_after_a_bad_put_starts_on_the_last_good_file() {
     );
     exchange(SocketAddr::from(([127, 0, 0, 1], port)), "good").unwrap();
 }
+
+/// etcd rebuilt empty (revisions from 1 again, as after a wipe): the follower notices the lower
+/// revision and lists again, but an empty prefix does not take the node's apps down: the files
+/// stay (with a warning); what is put into the new etcd is followed.
+#[test]
+fn apps_follower_keeps_its_files_when_etcd_comes_back_empty() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "apps_follower_keeps_its_files_when_etcd_comes_back_empty",
+            &why,
+        );
+    }
+    let mut etcd = Etcd::start(1);
+    for i in 0..20 {
+        let name = format!("app{i}");
+        etcd.put_key(&format!("{PREFIX}{name}"), &app_value(&name, 6300));
+    }
+    let dir = TempDir::new("sync-empty");
+    let f = apps_follower(&etcd.endpoints_from(0), &dir.path);
+    f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    let before = names_in(&dir.path);
+    assert_eq!(before.len(), 20);
+
+    let mark = f.mark();
+    etcd.wipe_member(0);
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    let line = f.wait_log_since(mark, "the empty prefix noticed", |l| {
+        l.contains(" WARN  etcd prefix ") && l.contains(" holds no key ")
+    });
+    assert!(line.contains("the 20 app files"), "{line}");
+    assert_eq!(names_in(&dir.path), before);
+    let value = app_value("fresh", 6301);
+    let mark = f.mark();
+    etcd.put_key(&format!("{PREFIX}fresh"), &value);
+    wait_written(&f, mark, &sha256sum(&app_file(&value)));
+    assert_eq!(names_in(&dir.path).len(), 21);
+}

@@ -13,6 +13,8 @@ struct Header {
     /// Left out of a watch response that says the history was compacted.
     #[serde(default)]
     revision: i64,
+    #[serde(default)]
+    cluster_id: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -90,6 +92,8 @@ pub struct KeyValue {
 pub struct Listing {
     /// The store's revision the listing is current as of.
     pub revision: i64,
+    /// The cluster that answered (another one has another history: its revisions are not ours).
+    pub cluster_id: u64,
     pub kvs: Vec<KeyValue>,
     /// How many keys the prefix holds (also past a `--limit`).
     pub count: i64,
@@ -137,6 +141,7 @@ pub fn parse_get_prefix(out: &[u8], prefix: &str) -> Result<Listing, SyncError> 
     }
     Ok(Listing {
         revision: resp.header.revision,
+        cluster_id: resp.header.cluster_id,
         kvs,
         count: resp.count,
     })
@@ -387,9 +392,12 @@ mod tests {
     #[test]
     fn prefix_output() {
         // Keys "/p/a" (L3AvYQ==) and "/p/b" (L3AvYg==).
-        let get = br#"{"header":{"revision":7},"kvs":[{"key":"L3AvYQ==","mod_revision":5,"value":"djI="},{"key":"L3AvYg==","mod_revision":6}],"count":2}"#;
+        let get = br#"{"header":{"cluster_id":5,"revision":7},"kvs":[{"key":"L3AvYQ==","mod_revision":5,"value":"djI="},{"key":"L3AvYg==","mod_revision":6}],"count":2}"#;
         let l = parse_get_prefix(get, "/p/").unwrap();
-        assert_eq!((l.revision, l.count, l.kvs.len()), (7, 2, 2));
+        assert_eq!(
+            (l.revision, l.cluster_id, l.count, l.kvs.len()),
+            (7, 5, 2, 2)
+        );
         assert_eq!(l.kvs[0].key, b"/p/a");
         assert_eq!(l.kvs[0].value.as_deref(), Some(&b"v2"[..]));
         assert_eq!(l.kvs[1].value.as_deref(), Some(&b""[..]));

@@ -9,11 +9,12 @@
 //! leader), the next cycle resumes the watch from the last revision applied: etcd replays every
 //! change since, deletes included, so nothing is listed again unless that revision was
 //! compacted. Every `--resync` a cheap `get --keys-only --limit=1` tells an etcd that stopped
-//! answering (the watch would wait on gRPC's own backoff) and the store's revision for the
-//! status file.
+//! answering (the watch would wait on gRPC's own backoff), another cluster (its revisions are not
+//! ours) and the store's revision for the status file.
 //!
 //! Reconcile: every key's value is validated and its file written if it differs; an owned file
-//! whose key is gone is removed. The follower owns exactly the `*.json` files in DIR whose name
+//! whose key is gone is removed, unless the prefix holds no key at all (then every file stays:
+//! see `reconcile`). The follower owns exactly the `*.json` files in DIR whose name
 //! does not start with '.' (the proxy reads those, and nothing else); any other file is left
 //! alone. A key whose value is refused keeps its last good file, if it had one.
 //!
@@ -63,6 +64,8 @@ pub struct PrefixFollower {
     resync: Duration,
     /// The revision the files are current as of; 0: list the prefix before watching.
     revision: i64,
+    /// The cluster `revision` is of.
+    cluster_id: u64,
     monitor: Monitor,
 }
 
@@ -81,6 +84,7 @@ impl PrefixFollower {
             etcdctl,
             resync,
             revision: 0,
+            cluster_id: 0,
             monitor,
         }
     }
@@ -259,7 +263,23 @@ impl PrefixFollower {
         let (w, r) = self.flush(&mut batch, true);
         (written, refused) = (written + w, refused + r);
         let mut removed = 0;
-        for name in owned.iter().filter(|n| !present.contains(n.as_str())) {
+        // No key at all while DIR holds apps: an etcd rebuilt empty or restored from the wrong
+        // backup, or a prefix mistyped, would otherwise take every app of the node down at once.
+        // The files stay (deletes seen by the watch still remove theirs, one by one).
+        let keep_all = listing.kvs.is_empty() && !owned.is_empty();
+        if keep_all {
+            crate::warn!(
+                "etcd prefix {:?} holds no key at revision={}: the {} app files in {} are kept, not removed (delete them by hand if that is meant)",
+                self.prefix,
+                listing.revision,
+                owned.len(),
+                self.dir.display()
+            );
+        }
+        for name in owned
+            .iter()
+            .filter(|n| !keep_all && !present.contains(n.as_str()))
+        {
             let path = self.path(name);
             match remove_regular(&path) {
                 Ok(true) => {
@@ -323,16 +343,19 @@ impl PrefixFollower {
         self.set_revision(last.max(revision));
     }
 
-    /// A cheap get: reachable, and at which revision. A store revision below what the files
-    /// are current as of is another history (rebuilt, restored): list again.
+    /// A cheap get: reachable, and at which revision. Another cluster, or a store revision
+    /// below what the files are current as of, is another history (rebuilt, restored): list
+    /// again.
     fn probe(&mut self) -> Result<bool, SyncError> {
         let count = etcdctl::get_prefix(&self.etcdctl, &self.prefix, true)?;
         self.monitor.contact(count.revision);
-        if count.revision < self.revision {
+        if count.revision < self.revision || count.cluster_id != self.cluster_id {
             crate::warn!(
-                "etcd is at revision {}, below the {} the files are current as of (rebuilt or restored?): listing {:?} again",
+                "etcd is at revision {} of cluster {:x}, the files are current as of revision {} of cluster {:x} (rebuilt or restored?): listing {:?} again",
                 count.revision,
+                count.cluster_id,
                 self.revision,
+                self.cluster_id,
                 self.prefix
             );
             self.revision = 0;
@@ -378,7 +401,9 @@ impl Cycle for PrefixFollower {
         if self.revision == 0 {
             let listing = etcdctl::get_prefix(&self.etcdctl, &self.prefix, false)?;
             self.monitor.contact(listing.revision);
+            let cluster_id = listing.cluster_id;
             self.reconcile(listing)?;
+            self.cluster_id = cluster_id;
         }
         let from = self.revision + 1;
         notify.status(&format!("following from revision {from}"));
