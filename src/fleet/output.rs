@@ -35,6 +35,9 @@ struct GetResponse {
     /// How many keys the range holds (all of them, also past a `--limit`).
     #[serde(default)]
     count: i64,
+    /// More keys past a `--limit`.
+    #[serde(default)]
+    more: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +100,8 @@ pub struct Listing {
     pub kvs: Vec<KeyValue>,
     /// How many keys the prefix holds (also past a `--limit`).
     pub count: i64,
+    /// More keys past a `--limit`.
+    pub more: bool,
 }
 
 /// What one watch response on a prefix asks for.
@@ -122,7 +127,7 @@ fn check_prefix(key: &[u8], prefix: &str, what: &str) -> Result<(), SyncError> {
     }
 }
 
-/// Parse `etcdctl get -w json --prefix PREFIX` output.
+/// Parse `etcdctl get -w json --prefix PREFIX` output (or of a range under the prefix).
 pub fn parse_get_prefix(out: &[u8], prefix: &str) -> Result<Listing, SyncError> {
     let resp: GetResponse =
         serde_json::from_slice(out).map_err(|e| SyncError::Output(format!("get response: {e}")))?;
@@ -144,6 +149,7 @@ pub fn parse_get_prefix(out: &[u8], prefix: &str) -> Result<Listing, SyncError> 
         cluster_id: resp.header.cluster_id,
         kvs,
         count: resp.count,
+        more: resp.more,
     })
 }
 

@@ -2,8 +2,10 @@
 //! `value` for the format and the names allowed).
 //!
 //! The cycle: when the follower has no revision to resume from (at start, after a compaction
-//! that passed it, after etcd came back with lower revisions: rebuilt or restored), it lists the
-//! whole prefix at one revision (`etcdctl get --prefix`) and reconciles the directory with it;
+//! that passed it, after etcd came back with lower revisions or as another cluster: rebuilt or
+//! restored), it lists the
+//! whole prefix at one revision (`etcdctl get`, in pages read at the first one's revision) and
+//! reconciles the directory with it;
 //! then it watches from the next revision (`etcdctl watch --prefix --rev`). Each put is written
 //! as its app's file, each delete removes it. When the watch ends (etcd unreachable, no
 //! leader), the next cycle resumes the watch from the last revision applied: etcd replays every
@@ -347,7 +349,7 @@ impl PrefixFollower {
     /// below what the files are current as of, is another history (rebuilt, restored): list
     /// again.
     fn probe(&mut self) -> Result<bool, SyncError> {
-        let count = etcdctl::get_prefix(&self.etcdctl, &self.prefix, true)?;
+        let count = etcdctl::probe_prefix(&self.etcdctl, &self.prefix)?;
         self.monitor.contact(count.revision);
         if count.revision < self.revision || count.cluster_id != self.cluster_id {
             crate::warn!(
@@ -399,7 +401,7 @@ impl Cycle for PrefixFollower {
             self.probe()?;
         }
         if self.revision == 0 {
-            let listing = etcdctl::get_prefix(&self.etcdctl, &self.prefix, false)?;
+            let listing = etcdctl::list_prefix(&self.etcdctl, &self.prefix)?;
             self.monitor.contact(listing.revision);
             let cluster_id = listing.cluster_id;
             self.reconcile(listing)?;
