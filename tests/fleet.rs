@@ -1379,3 +1379,65 @@ fn apps_follower_keeps_its_files_when_etcd_comes_back_empty() {
     wait_written(&f, mark, &sha256sum(&app_file(&value)));
     assert_eq!(names_in(&dir.path).len(), 21);
 }
+
+/// End to end, one key per app: the follower writes the directory and `flyproxy simple -c DIR`
+/// serves it; an app put into etcd is served by the proxy, a bad put for it is refused by the
+/// follower while the proxy serves on, and a deleted app is served no more.
+///
+/// Needs the proxy's directory mode (`-c DIR`, issue 20, the plane branch).
+#[test]
+fn end_to_end_an_app_put_into_etcd_is_served_by_a_proxy_reading_the_directory() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "end_to_end_an_app_put_into_etcd_is_served_by_a_proxy_reading_the_directory",
+            &why,
+        );
+    }
+    let etcd = Etcd::start(1);
+    let backend = Backend::tagged_at("127.0.0.1:0", "e2e");
+    let target = backend.addr.to_string();
+    let value = |name: &str, port: u16| {
+        format!(r#"{{"Name": "{name}", "Ports": [{port}], "Targets": ["{target}"]}}"#)
+    };
+    let ports = common::free_ports(2);
+    etcd.put_key(&format!("{PREFIX}first"), &value("first", ports[0]));
+    let dir = TempDir::new("e2e");
+    let apps = dir.path.join("apps");
+    let f = apps_follower(&etcd.endpoints_from(0), &apps);
+    f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("simple")
+        .arg("-c")
+        .arg(&apps)
+        .args(["--reload-interval", "100ms"]);
+    die_with_parent(&mut cmd);
+    let mut proxy = Proxy::spawn_cmd(cmd, TempDir::new("e2e-proxy"), apps.clone());
+    proxy
+        .wait_started()
+        .expect("the proxy starts on the directory");
+    let served = |port: u16| exchange(SocketAddr::from(([127, 0, 0, 1], port)), "e2e");
+    served(ports[0]).unwrap();
+
+    // A put: served by the proxy.
+    let t0 = Instant::now();
+    etcd.put_key(&format!("{PREFIX}second"), &value("second", ports[1]));
+    wait_for("the new app served", WAIT, || served(ports[1]).ok());
+    eprintln!("put served {:?} after etcd accepted it", t0.elapsed());
+
+    // A bad put for it: never written, the proxy serves its last good version.
+    let mark = f.mark();
+    let bad = format!(
+        r#"{{"Name": "second", "Ports": [{}], "Tragets": []}}"#,
+        ports[1]
+    );
+    etcd.put_key(&format!("{PREFIX}second"), &bad);
+    wait_rejected(&f, mark, &format!("{PREFIX}second"));
+    served(ports[1]).unwrap();
+
+    // Deleted: its file removed, and the proxy stops serving it.
+    etcd.del_key(&format!("{PREFIX}second"));
+    wait_for("the deleted app no longer served", WAIT, || {
+        served(ports[1]).is_err().then_some(())
+    });
+    served(ports[0]).unwrap();
+}
