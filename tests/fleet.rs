@@ -17,8 +17,9 @@ mod netns;
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use netns::Namespace;
 
 const SYNC: &str = env!("CARGO_BIN_EXE_flyproxy-etcd-sync");
 const KEY: &str = "/flyproxy/config";
+const PREFIX: &str = "/flyproxy/apps/";
 /// The same in every namespace.
 const TARGET: &str = "127.0.0.1:7001";
 const METRICS: &str = "127.0.0.1:9100";
@@ -229,8 +231,47 @@ impl Etcd {
     }
 
     fn del(&self) {
-        let out = self.ctl(&["del", KEY], b"");
+        self.del_key(KEY);
+    }
+
+    /// `etcdctl put key` with `value` on stdin, retried while the cluster settles.
+    fn put_key(&self, key: &str, value: &str) {
+        wait_for("etcdctl put to succeed", WAIT, || {
+            self.ctl(&["put", key], value.as_bytes())
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    fn del_key(&self, key: &str) {
+        let out = self.ctl(&["del", key], b"");
         assert!(out.status.success(), "etcdctl del: {:?}", out);
+    }
+
+    /// Put every (key, value), a hundred to a transaction (etcd allows 128 by default).
+    fn put_many(&self, kvs: &[(String, String)]) {
+        for chunk in kvs.chunks(100) {
+            // etcdctl txn on stdin: compares, a blank line, puts, a blank line, no failure ops.
+            let mut script = String::from("\n");
+            for (k, v) in chunk {
+                script += &format!("put {k} {v:?}\n");
+            }
+            script += "\n\n";
+            let out = self.ctl(&["txn"], script.as_bytes());
+            assert!(
+                out.status.success() && out.stdout.starts_with(b"SUCCESS"),
+                "etcdctl txn: {out:?}"
+            );
+        }
+    }
+
+    /// The store's revision now.
+    fn revision(&self) -> i64 {
+        let out = self.ctl(&["get", "-w", "json", "/"], b"");
+        assert!(out.status.success(), "etcdctl get: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["header"]["revision"].as_i64().expect("a revision")
     }
 
     fn wait_healthy(&self) {
@@ -283,16 +324,56 @@ impl Drop for Etcd {
 // ---------------------------------------------------------------------------------------------
 // The follower and the fleet
 
-/// Start `flyproxy-etcd-sync` for `config` on `endpoints`, its log collected like a proxy's.
+/// Start `flyproxy-etcd-sync` for `config` on `endpoints`, its log collected like a proxy's,
+/// its status file in its own directory (`status_of`).
 fn follower(endpoints: &str, config: &std::path::Path) -> Proxy {
     let mut cmd = Command::new(SYNC);
-    cmd.args(["--key", KEY, "--resync", "1s", "--config"])
-        .arg(config)
+    cmd.args(["--key", KEY, "--config"]).arg(config);
+    sync_cmd(cmd, endpoints, config)
+}
+
+/// Start `flyproxy-etcd-sync --prefix PREFIX --dir DIR` on `endpoints`.
+fn apps_follower(endpoints: &str, dir: &Path) -> Proxy {
+    let mut cmd = Command::new(SYNC);
+    cmd.args(["--prefix", PREFIX, "--dir"]).arg(dir);
+    sync_cmd(cmd, endpoints, dir)
+}
+
+fn sync_cmd(mut cmd: Command, endpoints: &str, target: &Path) -> Proxy {
+    let own = TempDir::new("sync");
+    cmd.args(["--resync", "1s", "--status-file"])
+        .arg(own.path.join("status.json"))
         .env("ETCDCTL_ENDPOINTS", endpoints)
         .env("ETCDCTL_DIAL_TIMEOUT", "1s")
         .env("ETCDCTL_COMMAND_TIMEOUT", "2s");
     die_with_parent(&mut cmd);
-    Proxy::spawn_cmd(cmd, TempDir::new("sync"), config.to_path_buf())
+    Proxy::spawn_cmd(cmd, own, target.to_path_buf())
+}
+
+/// A follower's status file, once it has one.
+fn status_of(f: &Proxy) -> serde_json::Value {
+    let path = f.dir.path.join("status.json");
+    wait_for("the status file", WAIT, || fs::read(&path).ok());
+    serde_json::from_slice(&fs::read(&path).unwrap()).expect("the status file is JSON")
+}
+
+/// The follower's rejection of `key`: its log line (with the revision) and its entry in the
+/// status file, waiting for both.
+fn wait_rejected(f: &Proxy, mark: usize, key: &str) -> (String, serde_json::Value) {
+    let line = f.wait_log_since(mark, &format!("rejected {key}"), |l| {
+        l.contains(&format!(" WARN  rejected etcd key {key:?} revision="))
+    });
+    let revision: i64 = common::field(&line, "revision")
+        .and_then(|r| r.trim_end_matches(':').parse().ok())
+        .unwrap_or_else(|| panic!("a revision in {line}"));
+    let entry = wait_for("the rejection in the status file", WAIT, || {
+        status_of(f)["rejected"]
+            .as_array()?
+            .iter()
+            .find(|r| r["key"] == key && r["revision"] == revision)
+            .cloned()
+    });
+    (line, entry)
 }
 
 /// The follower's `wrote` line for `sha`, waiting for it.
@@ -509,44 +590,52 @@ fn roll(etcd: &Etcd, fleet: &[Instance], value: &[u8], port: u16) -> (Duration, 
 }
 
 /// Put a config with an error while clients loop through `port` on every instance: every
-/// instance rejects it, naming its hash, keeps serving `running`, and no connection fails.
+/// follower refuses it (log line with key and revision, status file) and never writes it, so no
+/// proxy even sees it (issue 20: a proxy restarted after a bad put starts on the last good
+/// file); every instance keeps serving `running`, and no connection fails.
 fn roll_bad(etcd: &Etcd, fleet: &[Instance], port: u16, running: &str) {
-    // Valid JSON, invalid config: a port out of range. Two trailing newlines, kept exactly.
+    // Valid JSON, invalid config: a port out of range. Two trailing newlines.
     let bad = format!(
         "{{\"Apps\": [{{\"Name\": \"fleet\", \"Ports\": [{port}, 70000], \"Targets\": [\"{TARGET}\"]}}]}}\n\n"
     )
     .into_bytes();
-    let sha = sha256sum(&bad);
     let stop = Arc::new(AtomicBool::new(false));
     let loops: Vec<_> = fleet
         .iter()
         .map(|i| i.client_loop(port, Arc::clone(&stop), 20_000))
         .collect();
-    let marks: Vec<usize> = fleet.iter().map(|i| i.proxy().mark()).collect();
+    let marks: Vec<(usize, usize)> = fleet
+        .iter()
+        .map(|i| (i.follower.mark(), i.proxy().mark()))
+        .collect();
+    let before: Vec<Vec<u8>> = fleet
+        .iter()
+        .map(|i| fs::read(&i.proxy().config).unwrap())
+        .collect();
     etcd.put(&bad);
-    for (inst, mark) in fleet.iter().zip(marks) {
-        let line = inst
-            .proxy()
-            .wait_log_since(mark, "reload rejected ... rejected sha256", |l| {
-                l.contains(" reload rejected: keeping the running config; ")
-            });
-        assert_eq!(
-            common::field(&line, "sha256").as_deref(),
-            Some(sha.as_str()),
-            "{line}"
-        );
-        assert_eq!(
-            common::field(&line, "running").as_deref(),
-            Some(running),
-            "{line}"
-        );
+    for ((inst, (fmark, pmark)), before) in fleet.iter().zip(marks).zip(before) {
+        let (line, entry) = wait_rejected(&inst.follower, fmark, KEY);
+        assert!(line.contains("Ports: 70000 is not a port"), "{line}");
         assert!(
-            inst.proxy()
-                .lines_since(mark, |l| l.contains("Ports: 70000 is not a port"))
-                .len()
-                == 1,
+            entry["problems"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p.as_str().unwrap().contains("Ports: 70000 is not a port")),
+            "{entry}"
+        );
+        assert_eq!(
+            fs::read(&inst.proxy().config).unwrap(),
+            before,
             "{}",
-            inst.proxy().logs().join("\n")
+            inst.name
+        );
+        // The proxy never saw it: no reload at all since the put.
+        assert_eq!(
+            inst.proxy().lines_since(pmark, |l| l.contains(" reload ")),
+            Vec::<String>::new(),
+            "{}",
+            inst.name
         );
     }
     // Let the loops run on the kept config a little longer (bounded by their count).
@@ -573,9 +662,7 @@ fn roll_bad(etcd: &Etcd, fleet: &[Instance], port: u16, running: &str) {
         assert_eq!(inst.metrics_sha256(), running, "{}", inst.name);
         let status = inst.status();
         assert!(
-            status.contains(&format!(
-                "\nconfig sha256 {running} (last rejected: {sha})\n"
-            )),
+            status.contains(&format!("\nconfig sha256 {running}\n")),
             "{}: {status}",
             inst.name
         );
@@ -593,10 +680,20 @@ fn start_fleet(etcd: &Etcd, first: &[u8]) -> Result<Vec<Instance>, String> {
 // ---------------------------------------------------------------------------------------------
 // Tests
 
-/// The follower alone, no proxy and no namespaces: arbitrary bytes reach the file exactly; a
-/// deleted key leaves it; an etcd that is down at start leaves the file and is retried; a put
-/// after etcd returns is written, also when etcd came back rebuilt (revisions from 1 again).
-/// No temporary file is ever left behind.
+/// A config the proxy accepts, in bytes a follower must keep exactly: tabs, CR LF, a trailing
+/// blank line (a follower that trimmed or re-encoded the value would change its hash).
+fn odd_config(port: u16) -> Vec<u8> {
+    format!(
+        "{{\t\"Apps\":\r\n [{{\"Name\": \"odd\", \"Ports\": [{port}],\t\"Targets\": [\"{TARGET}\"]}}]}}\r\n\n"
+    )
+    .into_bytes()
+}
+
+/// The follower alone, no proxy and no namespaces: a value reaches the file exactly; a bad value
+/// never reaches it (issue 20: a proxy restarted after a bad put must start on the last good
+/// file); a deleted key leaves it; an etcd that is down at start leaves the file and is retried;
+/// a put after etcd returns is written, also when etcd came back rebuilt (revisions from 1
+/// again). No temporary file is ever left behind.
 #[test]
 fn follower_writes_exact_bytes_and_survives_etcd_outages() {
     if let Some(why) = etcd_missing() {
@@ -616,24 +713,32 @@ fn follower_writes_exact_bytes_and_survives_etcd_outages() {
     });
     assert_eq!(fs::read(&config).unwrap(), b"the last good file\n");
 
-    // Every byte value, newlines at the end, CR LF, NUL: the file equals the value.
-    let mut value: Vec<u8> = (0..=255u8).collect();
-    value.extend_from_slice(b"\r\n\0\n\n");
+    // Tabs, CR LF, blank lines at the end: the file equals the value.
+    let value = odd_config(6300);
     let mark = f.mark();
     etcd.put(&value);
     wait_written(&f, mark, &sha256sum(&value));
     assert_eq!(fs::read(&config).unwrap(), value);
-    // An empty line only: not confused with an absent key.
-    let mark = f.mark();
-    etcd.put(b"\n");
-    wait_written(&f, mark, &sha256sum(b"\n"));
-    assert_eq!(fs::read(&config).unwrap(), b"\n");
+    // An empty line only, bytes that are no config, an unknown key: never written.
+    for bad in [
+        &b"\n"[..],
+        &[0, 1, 2, 255, b'\n'],
+        br#"{"Apps": [{"Name": "odd", "Ports": [6300], "Tragets": ["127.0.0.1:7001"]}]}"#,
+    ] {
+        let mark = f.mark();
+        etcd.put(bad);
+        let line = f.wait_log_since(mark, "the rejection", |l| {
+            l.contains(" WARN  rejected etcd key \"/flyproxy/config\" revision=")
+        });
+        assert!(line.contains("left as it is"), "{line}");
+        assert_eq!(fs::read(&config).unwrap(), value);
+    }
 
     // Deleted: the file stays as it was.
     let mark = f.mark();
     etcd.del();
     f.wait_log_since(mark, "the deletion", |l| l.contains(" is absent "));
-    assert_eq!(fs::read(&config).unwrap(), b"\n");
+    assert_eq!(fs::read(&config).unwrap(), value);
 
     // etcd down: the follower says so and leaves the file; back up, a put reaches the file.
     etcd.kill_member(0);
@@ -641,7 +746,7 @@ fn follower_writes_exact_bytes_and_survives_etcd_outages() {
     f.wait_log_since(mark, "etcd unreachable", |l| {
         l.contains(" WARN  ") && l.contains("left as it is")
     });
-    assert_eq!(fs::read(&config).unwrap(), b"\n");
+    assert_eq!(fs::read(&config).unwrap(), value);
     etcd.start_member(0);
     etcd.wait_healthy();
     let mark = f.mark();
@@ -661,21 +766,23 @@ fn follower_writes_exact_bytes_and_survives_etcd_outages() {
     etcd.start_member(0);
     etcd.wait_healthy();
     let mark = f.mark();
-    etcd.put(b"back");
-    wait_written(&f, mark, &sha256sum(b"back"));
+    let back = odd_config(6301);
+    etcd.put(&back);
+    wait_written(&f, mark, &sha256sum(&back));
 
     // etcd rebuilt empty (revisions start again, far below what the follower saw): the value
     // put into the new cluster is still written.
     for i in 0..5 {
-        etcd.put(format!("history {i}").as_bytes());
+        etcd.put(&odd_config(6310 + i));
     }
     let mark = f.mark();
     etcd.wipe_member(0);
     etcd.start_member(0);
     etcd.wait_healthy();
-    etcd.put(b"rebuilt");
-    wait_written(&f, mark, &sha256sum(b"rebuilt"));
-    assert_eq!(fs::read(&config).unwrap(), b"rebuilt");
+    let rebuilt = odd_config(6320);
+    etcd.put(&rebuilt);
+    wait_written(&f, mark, &sha256sum(&rebuilt));
+    assert_eq!(fs::read(&config).unwrap(), rebuilt);
 
     let names: Vec<_> = fs::read_dir(&dir.path)
         .unwrap()
@@ -812,4 +919,525 @@ fn follower_notifies_ready_after_its_first_attempt() {
     f.wait_log("the failure logged", |l| {
         l.contains(" WARN  etcdctl failed")
     });
+}
+
+// ---------------------------------------------------------------------------------------------
+// One key per app
+
+/// An app's value as etcd holds it: the app object as in the Apps list.
+fn app_value(name: &str, port: u16) -> String {
+    format!(r#"{{"Name": "{name}", "Ports": [{port}], "Targets": ["{TARGET}"]}}"#)
+}
+
+/// What `DIR/<name>.json` holds for `value`: the value's bytes in an Apps list.
+fn app_file(value: &str) -> Vec<u8> {
+    format!("{{\"Apps\": [{value}]}}\n").into_bytes()
+}
+
+/// The names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+}
+
+/// From empty, every app's file is written (6,000 apps, listed in pages at one revision), each
+/// as the proxy's own `check` accepts it; what
+/// was in the directory is reconciled (a changed file rewritten keeping its mode, an owned file
+/// whose key is gone removed, a dead follower's temporary file removed, files that are not
+/// `*.json` or are dotfiles left alone); then a
+/// put appears as a file and a delete removes it.
+#[test]
+fn apps_follower_syncs_a_directory_then_follows_puts_and_deletes() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "apps_follower_syncs_a_directory_then_follows_puts_and_deletes",
+            &why,
+        );
+    }
+    // Past the follower's page of 5,000 keys: the listing takes two `etcdctl get`s.
+    const APPS: usize = 6_000;
+    let etcd = Etcd::start(1);
+    let kvs: Vec<(String, String)> = (0..APPS)
+        .map(|i| {
+            let name = format!("app{i}");
+            (
+                format!("{PREFIX}{name}"),
+                app_value(&name, 10_000 + i as u16),
+            )
+        })
+        .collect();
+    etcd.put_many(&kvs);
+    let dir = TempDir::new("sync-apps");
+    let apps = dir.path.join("apps");
+    fs::create_dir(&apps).unwrap();
+    fs::write(apps.join("app0.json"), b"{\"Apps\": []}\n").unwrap();
+    fs::set_permissions(apps.join("app0.json"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(apps.join("gone.json"), b"{\"Apps\": []}\n").unwrap();
+    fs::write(apps.join("notes.txt"), b"mine").unwrap();
+    fs::write(apps.join(".draft.json"), b"mine too").unwrap();
+    // A follower that died mid-write left its temporary file.
+    fs::write(apps.join(".app1.json.etcd-sync.4000000"), b"{\"Apps\"").unwrap();
+
+    let f = apps_follower(&etcd.endpoints_from(0), &apps);
+    // A debug build validating 6,000 apps on a loaded machine: more than `WAIT` is allowed.
+    let line = wait_for("the reconcile", Duration::from_secs(120), || {
+        f.lines(|l| l.contains(" INFO  reconciled ")).pop()
+    });
+    assert!(
+        line.contains(&format!(
+            ": {APPS} keys, {APPS} written, 0 unchanged, 1 removed, 0 refused"
+        )),
+        "{line}"
+    );
+    let mut want: Vec<String> = (0..APPS).map(|i| format!("app{i}.json")).collect();
+    want.extend([".draft.json".into(), "notes.txt".into()]);
+    want.sort();
+    assert_eq!(names_in(&apps), want);
+    for (key, value) in &kvs {
+        let name = key.strip_prefix(PREFIX).unwrap();
+        assert_eq!(
+            fs::read(apps.join(format!("{name}.json"))).unwrap(),
+            app_file(value)
+        );
+    }
+    assert_eq!(
+        fs::metadata(apps.join("app0.json")).unwrap().mode() & 0o7777,
+        0o640,
+        "the mode of the file replaced is kept"
+    );
+    // The proxy's own check takes a written file.
+    let check = common::run(&["check", "-c", apps.join("app7.json").to_str().unwrap()]);
+    assert_eq!(check.code, Some(0), "{}{}", check.stdout, check.stderr);
+    let status = status_of(&f);
+    assert_eq!(status["mode"], "prefix");
+    assert_eq!(status["files"], APPS);
+    assert_eq!(status["rejected_count"], 0);
+    let synced = status["revision"].as_i64().unwrap();
+    assert!(synced >= 1, "{status}");
+
+    // A put: a new file. A change: the file rewritten. A delete: the file removed.
+    let value = app_value("new-app", 6400);
+    let mark = f.mark();
+    etcd.put_key(&format!("{PREFIX}new-app"), &value);
+    wait_written(&f, mark, &sha256sum(&app_file(&value)));
+    assert_eq!(
+        fs::read(apps.join("new-app.json")).unwrap(),
+        app_file(&value)
+    );
+    let value = app_value("app5", 6401);
+    let mark = f.mark();
+    etcd.put_key(&format!("{PREFIX}app5"), &value);
+    wait_written(&f, mark, &sha256sum(&app_file(&value)));
+    assert_eq!(fs::read(apps.join("app5.json")).unwrap(), app_file(&value));
+    let mark = f.mark();
+    etcd.del_key(&format!("{PREFIX}app6"));
+    let line = f.wait_log_since(mark, "the removal", |l| l.contains(" INFO  removed "));
+    assert!(line.contains("app6.json"), "{line}");
+    assert!(!apps.join("app6.json").exists());
+    // The status file follows: the last change and the revision it came with.
+    let revision = etcd.revision();
+    let status = wait_for("the status at the delete's revision", WAIT, || {
+        let s = status_of(&f);
+        (s["revision"].as_i64() >= Some(revision)).then_some(s)
+    });
+    assert_eq!(status["last_applied"]["key"], format!("{PREFIX}app6"));
+    assert_eq!(status["last_applied"]["action"], "removed");
+    assert_eq!(status["files"], APPS);
+    assert!(names_in(&apps).iter().all(|n| !n.contains("etcd-sync")));
+}
+
+/// A bad value never reaches the disk: an unknown key, a target that is not host:port, a Name
+/// that is not the key's, a value that is no single app, keys that are no safe file name.
+/// Each is logged with its key and revision and listed in the status file; the last good file
+/// stays, also when the follower starts again with the bad value still in etcd; a good value
+/// afterwards clears the rejection.
+#[test]
+fn apps_follower_never_writes_a_bad_value() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run("apps_follower_never_writes_a_bad_value", &why);
+    }
+    let etcd = Etcd::start(1);
+    let good = app_value("web", 6300);
+    etcd.put_key(&format!("{PREFIX}web"), &good);
+    let dir = TempDir::new("sync-bad");
+    let f = apps_follower(&etcd.endpoints_from(0), &dir.path);
+    let line = f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    assert!(line.contains(": 1 keys, 1 written,"), "{line}");
+    assert_eq!(
+        fs::read(dir.path.join("web.json")).unwrap(),
+        app_file(&good)
+    );
+    let web = format!("{PREFIX}web");
+    let bad: [(&str, String, &str); 8] = [
+        (
+            &web,
+            format!(r#"{{"Name": "web", "Ports": [6300], "Tragets": ["{TARGET}"]}}"#),
+            "unknown key \"Tragets\"",
+        ),
+        (
+            &web,
+            r#"{"Name": "web", "Ports": [6300], "Targets": ["no-port"]}"#.into(),
+            "is not host:port",
+        ),
+        (
+            &web,
+            app_value("other", 6300),
+            "Name must equal the key's last segment \"web\"",
+        ),
+        (&web, format!("[{good}]"), "must be one app"),
+        (&web, format!("{good}], \"Extra\": [1"), ""),
+        (
+            "/flyproxy/apps/..",
+            app_value("..", 6300),
+            "not an app name usable as a file name",
+        ),
+        (
+            "/flyproxy/apps/x/y",
+            app_value("y", 6300),
+            "not an app name usable as a file name",
+        ),
+        (
+            "/flyproxy/apps/.hidden",
+            app_value(".hidden", 6300),
+            "not an app name usable as a file name",
+        ),
+    ];
+    for (key, value, why) in &bad {
+        let mark = f.mark();
+        etcd.put_key(key, value);
+        let (line, entry) = wait_rejected(&f, mark, key);
+        assert!(line.contains(why), "{line}");
+        let problems = entry["problems"].as_array().unwrap();
+        assert!(
+            problems.iter().any(|p| p.as_str().unwrap().contains(why)),
+            "{entry}"
+        );
+        assert_eq!(names_in(&dir.path), ["web.json"], "after {key} {value}");
+        assert_eq!(
+            fs::read(dir.path.join("web.json")).unwrap(),
+            app_file(&good)
+        );
+    }
+    let status = status_of(&f);
+    assert_eq!(status["rejected_count"], 4, "{status}");
+
+    // Started again with the bad values in etcd: the last good file stays, each is reported.
+    drop(f);
+    let f = apps_follower(&etcd.endpoints_from(0), &dir.path);
+    let line = f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    assert!(
+        line.contains(": 4 keys, 0 written, 0 unchanged, 0 removed, 4 refused"),
+        "{line}"
+    );
+    assert_eq!(names_in(&dir.path), ["web.json"]);
+    assert_eq!(
+        fs::read(dir.path.join("web.json")).unwrap(),
+        app_file(&good)
+    );
+    assert_eq!(status_of(&f)["rejected_count"], 4);
+
+    // A good value for web: written, and web is no longer listed as rejected.
+    let better = app_value("web", 6301);
+    let mark = f.mark();
+    etcd.put_key(&web, &better);
+    wait_written(&f, mark, &sha256sum(&app_file(&better)));
+    let status = wait_for("web's rejection cleared", WAIT, || {
+        let s = status_of(&f);
+        (s["rejected_count"] == 3).then_some(s)
+    });
+    assert!(
+        status["rejected"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["key"] != web.as_str()),
+        "{status}"
+    );
+}
+
+/// A FIFO planted where the follower reads or writes does not hang it: the app whose path it
+/// is gets a clear error (logged, in the status file) within bounded time, every other app goes
+/// on, and once the FIFO is gone the value is written. The same for one-key mode's file.
+#[test]
+fn a_fifo_at_a_followed_path_does_not_hang_the_follower() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run("a_fifo_at_a_followed_path_does_not_hang_the_follower", &why);
+    }
+    let etcd = Etcd::start(1);
+    let dir = TempDir::new("sync-fifo");
+    mkfifo(&dir.path.join("web.json"));
+    let web = app_value("web", 6300);
+    etcd.put_key(&format!("{PREFIX}web"), &web);
+    let f = apps_follower(&etcd.endpoints_from(0), &dir.path);
+    let (line, _) = wait_rejected(&f, 0, &format!("{PREFIX}web"));
+    assert!(line.contains("it is a FIFO, not a regular file"), "{line}");
+    // Another app is written all the same.
+    let other = app_value("other", 6301);
+    let mark = f.mark();
+    etcd.put_key(&format!("{PREFIX}other"), &other);
+    wait_written(&f, mark, &sha256sum(&app_file(&other)));
+    // The FIFO removed, the next change to web is written.
+    fs::remove_file(dir.path.join("web.json")).unwrap();
+    let web = app_value("web", 6302);
+    let mark = f.mark();
+    etcd.put_key(&format!("{PREFIX}web"), &web);
+    wait_written(&f, mark, &sha256sum(&app_file(&web)));
+    drop(f);
+
+    // One key: a FIFO at the config path.
+    let config = dir.path.join("config.json");
+    mkfifo(&config);
+    let value = fleet_config(&[6300]);
+    etcd.put(&value);
+    let f = follower(&etcd.endpoints_from(0), &config);
+    let line = f.wait_log("the FIFO refused", |l| {
+        l.contains(" WARN  cannot write ") && l.contains("it is a FIFO, not a regular file")
+    });
+    assert!(line.contains("retrying in"), "{line}");
+    fs::remove_file(&config).unwrap();
+    wait_written(&f, 0, &sha256sum(&value));
+    assert_eq!(fs::read(&config).unwrap(), value);
+}
+
+/// A node whose etcd is gone keeps its files and catches up when etcd returns: from the last
+/// revision it applied (etcd replays the changes, deletes too, with no new listing), or, when
+/// that revision was compacted meanwhile, by listing the prefix again and reconciling. The
+/// follower talks to one member of three; the changes are made through the others.
+#[test]
+fn apps_follower_keeps_its_files_while_etcd_is_gone_and_catches_up() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "apps_follower_keeps_its_files_while_etcd_is_gone_and_catches_up",
+            &why,
+        );
+    }
+    let mut etcd = Etcd::start(3);
+    for name in ["a", "b", "c"] {
+        etcd.put_key(&format!("{PREFIX}{name}"), &app_value(name, 6300));
+    }
+    let dir = TempDir::new("sync-gone");
+    // Member 0 only.
+    let f = apps_follower(&etcd.members[0].endpoint(), &dir.path);
+    f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    assert_eq!(names_in(&dir.path), ["a.json", "b.json", "c.json"]);
+    let files = |names: &[&str]| -> Vec<Vec<u8>> {
+        names
+            .iter()
+            .map(|n| fs::read(dir.path.join(format!("{n}.json"))).unwrap())
+            .collect()
+    };
+    let before = files(&["a", "b", "c"]);
+
+    // Gone: the files stay, the status says so.
+    etcd.kill_member(0);
+    let mark = f.mark();
+    f.wait_log_since(mark, "etcd unreachable", |l| {
+        l.contains(" WARN  etcdctl failed") && l.contains("left as they are")
+    });
+    wait_for("the status to say etcd is unreachable", WAIT, || {
+        (status_of(&f)["etcd_reachable"] == false).then_some(())
+    });
+    // Changed meanwhile through the other members: a put, a delete, a bad put.
+    let d = app_value("d", 6300);
+    etcd.put_key(&format!("{PREFIX}d"), &d);
+    etcd.del_key(&format!("{PREFIX}a"));
+    etcd.put_key(&format!("{PREFIX}b"), "{\"Name\": \"b\"}");
+    assert_eq!(files(&["a", "b", "c"]), before);
+
+    // Back: caught up from the last revision applied, no new listing.
+    let mark = f.mark();
+    etcd.start_member(0);
+    wait_written(&f, mark, &sha256sum(&app_file(&d)));
+    wait_rejected(&f, mark, &format!("{PREFIX}b"));
+    wait_for("a.json removed", WAIT, || {
+        (!dir.path.join("a.json").exists()).then_some(())
+    });
+    assert_eq!(names_in(&dir.path), ["b.json", "c.json", "d.json"]);
+    assert_eq!(files(&["b", "c"]), before[1..]);
+    assert_eq!(
+        f.lines_since(mark, |l| l.contains(" reconciled ")),
+        Vec::<String>::new(),
+        "a watch from the last revision, not a new listing"
+    );
+
+    // Gone again; this time the history it would resume from is compacted away.
+    etcd.kill_member(0);
+    let mark = f.mark();
+    f.wait_log_since(mark, "etcd unreachable", |l| {
+        l.contains(" WARN  etcdctl failed")
+    });
+    let e = app_value("e", 6300);
+    etcd.put_key(&format!("{PREFIX}e"), &e);
+    etcd.del_key(&format!("{PREFIX}c"));
+    let out = etcd.ctl(&["compact", &etcd.revision().to_string()], b"");
+    assert!(out.status.success(), "compact: {out:?}");
+    let mark = f.mark();
+    etcd.start_member(0);
+    let line = f.wait_log_since(mark, "a new listing", |l| l.contains(" INFO  reconciled "));
+    assert!(line.contains(", 1 removed, 1 refused"), "{line}");
+    assert_eq!(names_in(&dir.path), ["b.json", "d.json", "e.json"]);
+    assert_eq!(fs::read(dir.path.join("e.json")).unwrap(), app_file(&e));
+    let revision = etcd.revision();
+    wait_for("the status at etcd's revision", WAIT, || {
+        let s = status_of(&f);
+        (s["revision"].as_i64() >= Some(revision) && s["etcd_reachable"] == true).then_some(())
+    });
+}
+
+/// One key: a bad value is never written, so a proxy started after it (a rolling restart)
+/// starts on the last good file and serves (issue 20: it used to exit 1 on "unknown key").
+#[test]
+fn a_proxy_restarted_after_a_bad_put_starts_on_the_last_good_file() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "a_proxy_restarted_after_a_bad_put_starts_on_the_last_good_file",
+            &why,
+        );
+    }
+    let etcd = Etcd::start(1);
+    let backend = Backend::tagged_at("127.0.0.1:0", "good");
+    let port = free_port();
+    let good = format!(
+        "{{\"Apps\": [{{\"Name\": \"fleet\", \"Ports\": [{port}], \"Targets\": [\"{}\"]}}]}}\n",
+        backend.addr
+    );
+    etcd.put(good.as_bytes());
+    let dir = TempDir::new("sync-restart");
+    let config = dir.path.join("config.json");
+    let f = follower(&etcd.endpoints_from(0), &config);
+    wait_written(&f, 0, &sha256sum(good.as_bytes()));
+    let start_proxy = || {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("simple").arg("-c").arg(&config);
+        die_with_parent(&mut cmd);
+        Proxy::spawn_cmd(cmd, TempDir::new("proxy"), config.clone())
+    };
+    let proxy = start_proxy();
+    assert_eq!(
+        common::field(&proxy.started_line(), "sha256").as_deref(),
+        Some(sha256sum(good.as_bytes()).as_str())
+    );
+    let bad = good.replace("Targets", "Tragets");
+    let mark = f.mark();
+    etcd.put(bad.as_bytes());
+    let (line, _) = wait_rejected(&f, mark, KEY);
+    assert!(line.contains("unknown key \"Tragets\""), "{line}");
+    assert_eq!(fs::read(&config).unwrap(), good.as_bytes());
+    drop(proxy);
+    let proxy = start_proxy();
+    assert_eq!(
+        common::field(&proxy.started_line(), "sha256").as_deref(),
+        Some(sha256sum(good.as_bytes()).as_str())
+    );
+    exchange(SocketAddr::from(([127, 0, 0, 1], port)), "good").unwrap();
+}
+
+/// etcd rebuilt empty (revisions from 1 again, as after a wipe): the follower notices the lower
+/// revision and lists again, but an empty prefix does not take the node's apps down: the files
+/// stay (with a warning); what is put into the new etcd is followed.
+#[test]
+fn apps_follower_keeps_its_files_when_etcd_comes_back_empty() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "apps_follower_keeps_its_files_when_etcd_comes_back_empty",
+            &why,
+        );
+    }
+    let mut etcd = Etcd::start(1);
+    for i in 0..20 {
+        let name = format!("app{i}");
+        etcd.put_key(&format!("{PREFIX}{name}"), &app_value(&name, 6300));
+    }
+    let dir = TempDir::new("sync-empty");
+    let f = apps_follower(&etcd.endpoints_from(0), &dir.path);
+    f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    let before = names_in(&dir.path);
+    assert_eq!(before.len(), 20);
+
+    let mark = f.mark();
+    etcd.wipe_member(0);
+    etcd.start_member(0);
+    etcd.wait_healthy();
+    let line = f.wait_log_since(mark, "the empty prefix noticed", |l| {
+        l.contains(" WARN  etcd prefix ") && l.contains(" holds no key ")
+    });
+    assert!(line.contains("the 20 app files"), "{line}");
+    assert_eq!(names_in(&dir.path), before);
+    let value = app_value("fresh", 6301);
+    let mark = f.mark();
+    etcd.put_key(&format!("{PREFIX}fresh"), &value);
+    wait_written(&f, mark, &sha256sum(&app_file(&value)));
+    assert_eq!(names_in(&dir.path).len(), 21);
+}
+
+/// End to end, one key per app: the follower writes the directory and `flyproxy simple -c DIR`
+/// serves it; an app put into etcd is served by the proxy, a bad put for it is refused by the
+/// follower while the proxy serves on, and a deleted app is served no more.
+///
+/// Needs the proxy's directory mode (`-c DIR`, issue 20, the plane branch).
+#[test]
+fn end_to_end_an_app_put_into_etcd_is_served_by_a_proxy_reading_the_directory() {
+    if let Some(why) = etcd_missing() {
+        return cannot_run(
+            "end_to_end_an_app_put_into_etcd_is_served_by_a_proxy_reading_the_directory",
+            &why,
+        );
+    }
+    let etcd = Etcd::start(1);
+    let backend = Backend::tagged_at("127.0.0.1:0", "e2e");
+    let target = backend.addr.to_string();
+    let value = |name: &str, port: u16| {
+        format!(r#"{{"Name": "{name}", "Ports": [{port}], "Targets": ["{target}"]}}"#)
+    };
+    let ports = common::free_ports(2);
+    etcd.put_key(&format!("{PREFIX}first"), &value("first", ports[0]));
+    let dir = TempDir::new("e2e");
+    let apps = dir.path.join("apps");
+    let f = apps_follower(&etcd.endpoints_from(0), &apps);
+    f.wait_log("the reconcile", |l| l.contains(" INFO  reconciled "));
+    let mut cmd = Command::new(BIN);
+    cmd.arg("simple")
+        .arg("-c")
+        .arg(&apps)
+        .args(["--reload-interval", "100ms"]);
+    die_with_parent(&mut cmd);
+    let mut proxy = Proxy::spawn_cmd(cmd, TempDir::new("e2e-proxy"), apps.clone());
+    proxy
+        .wait_started()
+        .expect("the proxy starts on the directory");
+    let served = |port: u16| exchange(SocketAddr::from(([127, 0, 0, 1], port)), "e2e");
+    served(ports[0]).unwrap();
+
+    // A put: served by the proxy.
+    let t0 = Instant::now();
+    etcd.put_key(&format!("{PREFIX}second"), &value("second", ports[1]));
+    wait_for("the new app served", WAIT, || served(ports[1]).ok());
+    eprintln!("put served {:?} after etcd accepted it", t0.elapsed());
+
+    // A bad put for it: never written, the proxy serves its last good version.
+    let mark = f.mark();
+    let bad = format!(
+        r#"{{"Name": "second", "Ports": [{}], "Tragets": []}}"#,
+        ports[1]
+    );
+    etcd.put_key(&format!("{PREFIX}second"), &bad);
+    wait_rejected(&f, mark, &format!("{PREFIX}second"));
+    served(ports[1]).unwrap();
+
+    // Deleted: its file removed, and the proxy stops serving it.
+    etcd.del_key(&format!("{PREFIX}second"));
+    wait_for("the deleted app no longer served", WAIT, || {
+        served(ports[1]).is_err().then_some(())
+    });
+    served(ports[0]).unwrap();
 }

@@ -1,10 +1,10 @@
-//! `flyproxy-etcd-sync`: keep a flyproxy config file equal to an etcd key (see
+//! `flyproxy-etcd-sync`: keep flyproxy's config equal to what etcd holds (see
 //! `flyproxy::fleet`). Exit status: 2 bad arguments, 1 etcdctl cannot be run; it
 //! otherwise runs until stopped.
 
 use std::process::ExitCode;
 
-use flyproxy::fleet::{self, Follower, Invocation};
+use flyproxy::fleet::{self, Invocation};
 use flyproxy::sys::log;
 
 fn main() -> ExitCode {
@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Invocation::Run(settings)) => {
-            let e = Follower::new(settings).run();
+            let e = fleet::run(settings);
             flyproxy::error!("{e}; is etcd-client installed (or --etcdctl set)?");
             log::flush();
             ExitCode::FAILURE

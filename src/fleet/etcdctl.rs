@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 
 use crate::fleet::error::SyncError;
-use crate::fleet::output::{parse_get, Snapshot};
+use crate::fleet::output::{parse_get, parse_get_prefix, Listing, Snapshot};
 
 /// Lines of `etcdctl`'s stderr kept to explain a failure.
 const STDERR_LINES: usize = 3;
@@ -51,6 +51,107 @@ pub(super) fn get(etcdctl: &Path, key: &str) -> Result<Snapshot, SyncError> {
         });
     }
     parse_get(&out.stdout, key)
+}
+
+/// `etcdctl get --prefix --keys-only --limit=1`: the store's revision, the cluster and how
+/// many keys the prefix holds, which costs etcd next to nothing (etcdctl 3.4 has no
+/// `--count-only`).
+pub(super) fn probe_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, SyncError> {
+    let out = command(etcdctl)
+        .args([
+            "get",
+            "-w",
+            "json",
+            "--prefix",
+            "--keys-only",
+            "--limit=1",
+            prefix,
+        ])
+        .output()
+        .map_err(SyncError::Spawn)?;
+    if !out.status.success() {
+        return Err(SyncError::Etcdctl {
+            status: out.status,
+            stderr: tail(&out.stderr),
+        });
+    }
+    parse_get_prefix(&out.stdout, prefix)
+}
+
+/// Keys per `etcdctl get` of a listing: a listing of 200,000 apps is about 55 MB of output, too
+/// much for one call's `ETCDCTL_COMMAND_TIMEOUT` on a slow link and for etcd to build at once
+/// for many nodes starting together.
+const PAGE: usize = 5_000;
+
+/// Every key under `prefix` at one revision, in pages of `PAGE` keys: the first page says the
+/// revision, the others are read at it (`--rev`), each starting at the last key of the one
+/// before (so that key comes twice and is dropped once). A revision compacted meanwhile fails
+/// the listing, which is then started over.
+pub(super) fn list_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, SyncError> {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let end = prefix_end(prefix);
+    let mut listing: Option<Listing> = None;
+    let mut start = prefix.as_bytes().to_vec();
+    loop {
+        let mut cmd = command(etcdctl);
+        cmd.args(["get", "-w", "json", &format!("--limit={PAGE}")]);
+        if let Some(l) = &listing {
+            cmd.arg(format!("--rev={}", l.revision));
+        }
+        // A key is an argument: it cannot hold a NUL byte (checked below), and it starts
+        // with the prefix, which does not start with '-'.
+        cmd.arg(OsStr::from_bytes(&start))
+            .arg(OsStr::from_bytes(&end));
+        let out = cmd.output().map_err(SyncError::Spawn)?;
+        if !out.status.success() {
+            return Err(SyncError::Etcdctl {
+                status: out.status,
+                stderr: tail(&out.stderr),
+            });
+        }
+        let page = parse_get_prefix(&out.stdout, prefix)?;
+        let more = page.more;
+        let all = match &mut listing {
+            None => listing.insert(page),
+            Some(l) => {
+                let skip = usize::from(page.kvs.first().is_some_and(|kv| kv.key == start));
+                l.kvs.extend(page.kvs.into_iter().skip(skip));
+                l
+            }
+        };
+        let last = all.kvs.last().map(|kv| kv.key.clone());
+        match last {
+            Some(key) if more && key != start => {
+                if key.contains(&0) {
+                    return Err(SyncError::Output(format!(
+                        "cannot list past key {:?}: it holds a NUL byte",
+                        String::from_utf8_lossy(&key)
+                    )));
+                }
+                start = key;
+            }
+            // Done, or no progress (which a limit above one cannot give).
+            _ => break,
+        }
+    }
+    // Set by the first page: the loop runs at least once.
+    listing.ok_or_else(|| SyncError::Output("empty listing".to_string()))
+}
+
+/// The end of the range of keys starting with `prefix` (etcdctl's own `--prefix` range): the
+/// prefix with its last byte below 0xff incremented and what follows dropped.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only 0xff bytes (not a UTF-8 string's): every key from the prefix on. etcd spells it
+    // "\0", which an argument cannot hold; never reached from a `&str`.
+    vec![0]
 }
 
 /// The child's stdout, line by line, on a channel that disconnects when it ends.
@@ -108,6 +209,13 @@ fn tail(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end("/flyproxy/apps/"), b"/flyproxy/apps0");
+        assert_eq!(prefix_end("a"), b"b");
+        assert_eq!(prefix_end("\u{7f}"), [0x80]);
+    }
 
     #[test]
     fn stderr_tail_names_the_error() {

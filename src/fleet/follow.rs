@@ -1,55 +1,73 @@
-//! The follower: get, write, watch from the next revision, resync, and start over after a
-//! backoff when a cycle fails (see the folder's documentation for why each step is so).
+//! One key, one file: get, write, watch from the next revision, resync, and start over after a
+//! backoff when a cycle fails (see the folder's documentation for why each step is so). A value
+//! is written only when the proxy's own validation accepts it.
 
-use std::fs;
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::sha256;
-use crate::fleet::args::Settings;
+use crate::fleet::cycle::{Cycle, Notifier};
 use crate::fleet::error::SyncError;
 use crate::fleet::etcdctl::{self, collect_stderr, read_lines};
-use crate::fleet::file::write_atomically;
+use crate::fleet::file::{read_regular, write_atomically};
 use crate::fleet::output::{parse_watch_line, Snapshot, WatchUpdate};
-use crate::sys::systemd;
-
-/// First wait after a failure; doubled at each failure in a row up to `BACKOFF_MAX`.
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+use crate::fleet::status::Monitor;
+use crate::fleet::value::check_config;
 
 /// The follower's state: what the file holds as of which revision.
 pub struct Follower {
-    settings: Settings,
+    key: String,
+    config: PathBuf,
+    etcdctl: PathBuf,
+    resync: Duration,
     /// The revision the file is known to be current as of; watch events below it are old.
     revision: i64,
     /// The key was absent at the last look (said once, not at every resync).
     absent: bool,
-    /// systemd has been told READY=1 (once, after the first attempt).
-    ready: bool,
+    /// The digest of the last value refused (said once, not at every resync).
+    rejected: Option<[u8; 32]>,
+    monitor: Monitor,
 }
 
 impl Follower {
-    pub fn new(settings: Settings) -> Follower {
+    pub fn new(
+        key: String,
+        config: PathBuf,
+        etcdctl: PathBuf,
+        resync: Duration,
+        status_file: Option<PathBuf>,
+    ) -> Follower {
+        let monitor = Monitor::new(status_file, "key", &key, config.display().to_string());
         Follower {
-            settings,
+            key,
+            config,
+            etcdctl,
+            resync,
             revision: 0,
             absent: false,
-            ready: false,
+            rejected: None,
+            monitor,
         }
     }
 
     /// `etcdctl get`: the key's value now.
     pub fn get(&self) -> Result<Snapshot, SyncError> {
-        etcdctl::get(&self.settings.etcdctl, &self.settings.key)
+        etcdctl::get(&self.etcdctl, &self.key)
     }
 
     /// Bring the file to what a `get` returned: the key as it is now, whatever came before. (A
     /// lower revision than seen so far means another cluster, or one restored from a backup:
     /// it is still the truth now.) `Ok(true)` when the file was written.
     pub fn apply_get(&mut self, snap: Snapshot) -> Result<bool, SyncError> {
+        if snap.revision < self.revision {
+            self.monitor.restart_revisions(snap.revision);
+        }
+        self.monitor.contact(snap.revision);
         let written = self.write(snap.value, snap.revision)?;
         self.revision = snap.revision;
+        self.monitor.revision = snap.revision;
+        self.monitor.save();
         Ok(written)
     }
 
@@ -59,89 +77,69 @@ impl Follower {
         if snap.revision < self.revision {
             return Ok(false);
         }
+        self.monitor.contact(snap.revision);
         let written = self.write(snap.value, snap.revision)?;
         self.revision = snap.revision;
+        self.monitor.revision = snap.revision;
+        self.monitor.save();
         Ok(written)
     }
 
-    /// Write `value` (the key at `revision`) unless the file holds it already; an absent key
-    /// leaves the file as it is.
+    /// Write `value` (the key at `revision`) unless the file holds it already or the proxy
+    /// would refuse it; an absent key leaves the file as it is. The file is read as the proxy
+    /// reads it (never a FIFO, never through a symlink): anything but a regular file there is
+    /// an error, and nothing is written over it.
     fn write(&mut self, value: Option<Vec<u8>>, revision: i64) -> Result<bool, SyncError> {
-        let path = &self.settings.config;
-        Ok(match value {
-            None if self.absent => false,
-            None => {
+        let path = &self.config;
+        let Some(value) = value else {
+            if !self.absent {
                 self.absent = true;
                 crate::warn!(
                     "etcd key {:?} is absent (revision {revision}): {} left as it is",
-                    self.settings.key,
+                    self.key,
                     path.display()
                 );
-                false
             }
-            Some(value) => {
-                self.absent = false;
-                if fs::read(path).is_ok_and(|now| now == value) {
-                    crate::debug!("{} already holds revision {revision}", path.display());
-                    false
-                } else {
-                    write_atomically(path, &value)
-                        .map_err(|e| SyncError::Write(path.clone(), e))?;
-                    crate::info!(
-                        "wrote {} from etcd key {:?} revision={revision} bytes={} sha256={}",
-                        path.display(),
-                        self.settings.key,
-                        value.len(),
-                        sha256::hex(&value)
-                    );
-                    true
-                }
+            return Ok(false);
+        };
+        self.absent = false;
+        if let Err(problems) = check_config(path, &value) {
+            let digest = sha256::digest(&value);
+            if self.rejected != Some(digest) {
+                self.rejected = Some(digest);
+                let stays = format!("{} left as it is", path.display());
+                self.monitor.reject(&self.key, revision, &stays, problems);
             }
-        })
-    }
-
-    /// Get, then watch until the watch ends; `Err` is why the cycle stopped early.
-    fn cycle(&mut self) -> Result<(), SyncError> {
-        let snap = self.get()?;
-        let from = snap.revision + 1;
-        self.apply_get(snap)?;
-        self.notify(&format!("following from revision {from}"));
-        let mut child = etcdctl::command(&self.settings.etcdctl)
-            .args([
-                "watch",
-                "-w",
-                "json",
-                &format!("--rev={from}"),
-                &self.settings.key,
-            ])
-            .spawn()
-            .map_err(SyncError::Spawn)?;
-        let lines = read_lines(&mut child);
-        let stderr = collect_stderr(&mut child);
-        crate::info!(
-            "watching etcd key {:?} from revision {from}",
-            self.settings.key
-        );
-        let result = self.follow(&lines);
-        // The watch may still run (a resync or parse failure stopped following): end it.
-        let _ = child.kill();
-        let status = child.wait();
-        let stderr = stderr.join().unwrap_or_default();
-        match (result, status) {
-            (Err(e), _) => Err(e),
-            (Ok(()), Ok(status)) if !status.success() => Err(SyncError::Etcdctl { status, stderr }),
-            (Ok(()), _) => Ok(()),
+            return Ok(false);
         }
+        self.rejected = None;
+        self.monitor.clear(&self.key);
+        let now = read_regular(path).map_err(|e| SyncError::Write(path.clone(), e))?;
+        self.monitor.files = 1;
+        if now.as_deref() == Some(&value[..]) {
+            crate::debug!("{} already holds revision {revision}", path.display());
+            return Ok(false);
+        }
+        write_atomically(path, &value).map_err(|e| SyncError::Write(path.clone(), e))?;
+        self.monitor.applied(&self.key, revision, "written");
+        crate::info!(
+            "wrote {} from etcd key {:?} revision={revision} bytes={} sha256={}",
+            path.display(),
+            self.key,
+            value.len(),
+            sha256::hex(&value)
+        );
+        Ok(true)
     }
 
     /// Apply watch responses as they come; get again every `resync`. Returns when the watch
     /// output ends or asks for a fresh get.
     fn follow(&mut self, lines: &Receiver<String>) -> Result<(), SyncError> {
-        let mut next_resync = Instant::now() + self.settings.resync;
+        let mut next_resync = Instant::now() + self.resync;
         loop {
             let wait = next_resync.saturating_duration_since(Instant::now());
             match lines.recv_timeout(wait) {
-                Ok(line) => match parse_watch_line(&line, &self.settings.key)? {
+                Ok(line) => match parse_watch_line(&line, &self.key)? {
                     WatchUpdate::Changed(snap) => {
                         self.apply_event(snap)?;
                     }
@@ -152,7 +150,7 @@ impl Follower {
                     }
                 },
                 Err(RecvTimeoutError::Timeout) => {
-                    next_resync = Instant::now() + self.settings.resync;
+                    next_resync = Instant::now() + self.resync;
                     // A successful resync catches anything the watch could have missed. A
                     // failed one means etcd is unreachable: the watch would wait for it on its
                     // client library's own reconnect backoff (gRPC's grows to two minutes), so
@@ -165,62 +163,43 @@ impl Follower {
             }
         }
     }
-
-    /// Follow for ever: cycles, with a backoff between failed ones. Returns only when etcdctl
-    /// cannot be started at all.
-    pub fn run(&mut self) -> SyncError {
-        crate::info!(
-            "flyproxy-etcd-sync {}: following etcd key {:?} into {} (endpoints: {})",
-            crate::VERSION,
-            self.settings.key,
-            self.settings.config.display(),
-            std::env::var("ETCDCTL_ENDPOINTS").unwrap_or_else(|_| "etcdctl's default".into())
-        );
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            let started = Instant::now();
-            match self.cycle() {
-                Err(e @ SyncError::Spawn(_)) => return e,
-                Err(e) => {
-                    crate::warn!(
-                        "{e}; {} left as it is; retrying in {:.1}s",
-                        self.settings.config.display(),
-                        backoff.as_secs_f64()
-                    );
-                    // The first attempt over without etcd: ready all the same, so the proxy
-                    // ordered after this unit starts on the last good file.
-                    self.notify(&match e {
-                        SyncError::Etcdctl { .. } => {
-                            "etcd unreachable; the config file is left as it is".to_string()
-                        }
-                        other => format!("{other}; the config file is left as it is"),
-                    });
-                }
-                Ok(()) => crate::info!(
-                    "etcd watch ended; retrying in {:.1}s",
-                    backoff.as_secs_f64()
-                ),
-            }
-            // A cycle that ran long (a watch that held) was a success: start the backoff over.
-            if started.elapsed() > BACKOFF_MAX {
-                backoff = BACKOFF_MIN;
-            }
-            thread::sleep(backoff);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
-    }
 }
 
-impl Follower {
-    /// Tell systemd (a `Type=notify` unit) how it goes, for `systemctl status`; the first time
-    /// also READY=1: the first attempt is over, whatever its outcome, so a proxy ordered after
-    /// this unit starts on the freshest file there is and never waits for etcd.
-    fn notify(&mut self, status: &str) {
-        let ready = if self.ready { "" } else { "READY=1\n" };
-        self.ready = true;
-        if let Err(e) = systemd::notify(&format!("{ready}STATUS={status}")) {
-            crate::warn!("cannot notify systemd: {e}");
+impl Cycle for Follower {
+    /// Get, then watch until the watch ends.
+    fn cycle(&mut self, notify: &mut Notifier) -> Result<(), SyncError> {
+        let snap = self.get()?;
+        let from = snap.revision + 1;
+        self.apply_get(snap)?;
+        notify.status(&format!("following from revision {from}"));
+        let mut child = etcdctl::command(&self.etcdctl)
+            .args(["watch", "-w", "json", &format!("--rev={from}"), &self.key])
+            .spawn()
+            .map_err(SyncError::Spawn)?;
+        let lines = read_lines(&mut child);
+        let stderr = collect_stderr(&mut child);
+        crate::info!("watching etcd key {:?} from revision {from}", self.key);
+        let result = self.follow(&lines);
+        // The watch may still run (a resync or parse failure stopped following): end it.
+        let _ = child.kill();
+        let status = child.wait();
+        let stderr = stderr.join().unwrap_or_default();
+        match (result, status) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Ok(status)) if !status.success() => Err(SyncError::Etcdctl { status, stderr }),
+            (Ok(()), _) => Ok(()),
         }
+    }
+
+    fn kept(&self) -> (&'static str, String) {
+        (
+            "the config file is left as it is",
+            format!("{} left as it is", self.config.display()),
+        )
+    }
+
+    fn monitor(&mut self) -> &mut Monitor {
+        &mut self.monitor
     }
 }
 
@@ -228,39 +207,52 @@ impl Follower {
 mod tests {
     use super::*;
     use crate::fleet::args::DEFAULT_RESYNC;
+    use std::fs;
 
     #[test]
     fn older_changes_and_absent_keys_leave_the_file() {
         let dir = std::env::temp_dir().join(format!("etcd-sync-apply-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.json");
-        let mut f = Follower::new(Settings {
-            key: "/k".into(),
-            config: path.clone(),
-            etcdctl: "etcdctl".into(),
-            resync: DEFAULT_RESYNC,
-        });
-        let snap = |revision: i64, value: Option<&[u8]>| Snapshot {
-            revision,
-            value: value.map(<[u8]>::to_vec),
+        let mut f = Follower::new(
+            "/k".into(),
+            path.clone(),
+            "etcdctl".into(),
+            DEFAULT_RESYNC,
+            None,
+        );
+        // Valid configs told apart by their port.
+        let v = |port: u16| {
+            format!(r#"{{"Apps": [{{"Name": "a", "Ports": [{port}], "Targets": ["h:1"]}}]}}"#)
+                .into_bytes()
         };
-        assert!(f.apply_get(snap(5, Some(b"five"))).unwrap());
+        let snap = |revision: i64, value: Option<Vec<u8>>| Snapshot { revision, value };
+        assert!(f.apply_get(snap(5, Some(v(5)))).unwrap());
         // The same bytes again: nothing written.
-        assert!(!f.apply_event(snap(5, Some(b"five"))).unwrap());
+        assert!(!f.apply_event(snap(5, Some(v(5)))).unwrap());
         // A watch event older than what a get already gave (a resync racing the watch).
-        assert!(!f.apply_event(snap(4, Some(b"four"))).unwrap());
+        assert!(!f.apply_event(snap(4, Some(v(4)))).unwrap());
         // Deleted: the file stays, said once.
         assert!(!f.apply_event(snap(6, None)).unwrap());
         assert!(!f.apply_get(snap(6, None)).unwrap());
-        assert_eq!(fs::read(&path).unwrap(), b"five");
-        assert!(f.apply_event(snap(7, Some(b""))).unwrap());
-        assert_eq!(fs::read(&path).unwrap(), b"");
+        assert_eq!(fs::read(&path).unwrap(), v(5));
+        // A value the proxy would refuse (empty, not a config, a bad port): never written.
+        for bad in [
+            &b""[..],
+            b"five",
+            br#"{"Apps": [{"Name": "a", "Ports": [0]}]}"#,
+        ] {
+            assert!(!f.apply_event(snap(7, Some(bad.to_vec()))).unwrap());
+            assert_eq!(fs::read(&path).unwrap(), v(5));
+        }
+        assert!(f.apply_event(snap(8, Some(v(8)))).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), v(8));
         // A get is the truth even at a lower revision (etcd rebuilt or restored from a backup),
         // and later events are compared with it.
-        assert!(f.apply_get(snap(2, Some(b"rebuilt"))).unwrap());
-        assert_eq!(fs::read(&path).unwrap(), b"rebuilt");
-        assert!(f.apply_event(snap(3, Some(b"three"))).unwrap());
-        assert_eq!(fs::read(&path).unwrap(), b"three");
+        assert!(f.apply_get(snap(2, Some(v(2)))).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), v(2));
+        assert!(f.apply_event(snap(3, Some(v(3)))).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), v(3));
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,6 @@
-//! The etcd follower (`flyproxy-etcd-sync`): keeps one instance's config file equal to the
-//! value of one etcd key, so a fleet of flyproxy instances follows one config. flyproxy's own
-//! file watch does the rest (a bad value is rejected there and the running config serves on).
+//! The etcd follower (`flyproxy-etcd-sync`): keeps one instance's config equal to what etcd
+//! holds (one key holding the whole file, or one key per app under a prefix), so a fleet of
+//! flyproxy instances follows one config. flyproxy's own file watch does the rest.
 //!
 //! Why it drives `etcdctl` rather than speaking etcd's gRPC API: flyproxy takes no new crates,
 //! and `etcdctl` (Debian `etcd-client`) already does endpoints, failover between members, TLS
@@ -22,23 +22,82 @@
 //! failed resync ends the watch: reconnecting is then on this follower's backoff (at most
 //! `BACKOFF_MAX`), not on the client library's, which grows to minutes during a long outage.
 //! A deleted or absent key leaves the file as it is, and is logged. The last good file always
-//! stays in place: nothing here removes or empties it.
+//! stays in place: nothing in one-key mode removes or empties it.
+//!
+//! One key per app (`--prefix`, `--dir`, in `prefix`): each key under the prefix is one app,
+//! written as its own file in the directory the proxy reads, so a change costs one app and no
+//! value comes near etcd's request size limit.
+//!
+//! In both modes a value is validated with the proxy's own code before anything touches the
+//! disk (`value`): a bad value is never written, the last good file stays, and the rejection is
+//! logged with the key, the revision and every problem, and listed in the `--status-file`
+//! (`status`), which also says which revision the files are current as of. Files are read and
+//! written as the proxy reads its config (`file`): regular files only, never a FIFO, never
+//! through a symlink, size-capped, never blocking.
 //!
 //! The parts: `args` (the command line and its defaults), `etcdctl` (running it),
-//! `output` (parsing what it prints), `file` (replacing the config file atomically), `follow`
-//! (the cycle above, with its backoff), `error` (why a step failed).
+//! `output` (parsing what it prints), `value` (what may be written), `file` (reading and
+//! replacing files safely), `status` (what monitoring sees), `cycle` (list, watch, back off),
+//! `follow` (one key), `prefix` (one key per app), `error` (why a step failed).
 
 mod args;
+mod cycle;
 mod error;
 mod etcdctl;
 mod file;
 mod follow;
 mod output;
+mod prefix;
+mod status;
+mod value;
 
 pub use args::{
-    parse_args, Invocation, Settings, DEFAULT_CONFIG, DEFAULT_KEY, DEFAULT_RESYNC, HELP,
+    parse_args, Invocation, Settings, Source, DEFAULT_CONFIG, DEFAULT_KEY, DEFAULT_RESYNC, HELP,
 };
 pub use error::SyncError;
-pub use file::write_atomically;
+pub use file::{read_regular, write_atomically};
 pub use follow::Follower;
 pub use output::{decode_base64, parse_get, parse_watch_line, Snapshot, WatchUpdate};
+pub use prefix::PrefixFollower;
+
+/// Follow as `settings` say, for ever. Returns only when etcdctl cannot be started at all.
+pub fn run(settings: Settings) -> SyncError {
+    let Settings {
+        source,
+        etcdctl,
+        resync,
+        status_file,
+    } = settings;
+    let endpoints =
+        std::env::var("ETCDCTL_ENDPOINTS").unwrap_or_else(|_| "etcdctl's default".into());
+    match source {
+        Source::Key { key, config } => {
+            crate::info!(
+                "flyproxy-etcd-sync {}: following etcd key {key:?} into {} (endpoints: {endpoints})",
+                crate::VERSION,
+                config.display(),
+            );
+            cycle::run(&mut Follower::new(
+                key,
+                config,
+                etcdctl,
+                resync,
+                status_file,
+            ))
+        }
+        Source::Prefix { prefix, dir } => {
+            crate::info!(
+                "flyproxy-etcd-sync {}: following etcd prefix {prefix:?} into {}, one file per app (endpoints: {endpoints})",
+                crate::VERSION,
+                dir.display(),
+            );
+            cycle::run(&mut PrefixFollower::new(
+                prefix,
+                dir,
+                etcdctl,
+                resync,
+                status_file,
+            ))
+        }
+    }
+}

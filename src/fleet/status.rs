@@ -1,0 +1,206 @@
+//! What monitoring sees of a follower: the `--status-file`, a JSON object replaced atomically
+//! (renamed into place; not synced to disk, as it is rewritten at every change and a report, not
+//! a config) whenever something changes (and at every resync, which refreshes `etcd_revision` and
+//! `checked_unix`):
+//!
+//! - `revision`: the etcd revision the files are current as of (0: never synced). A node is
+//!   behind while this is below the `mod_revision` of the latest change under its key or
+//!   prefix; `etcd_revision` is the store's revision at the follower's last contact, to compare
+//!   with `etcdctl endpoint status` (which counts changes to every key, so it may be ahead
+//!   without anything to follow).
+//! - `etcd_reachable`, `checked_unix`, `last_error`: whether the last contact worked.
+//! - `last_applied`: the last key written or removed, with its revision.
+//! - `rejected`: every key whose current value was refused, with its revision and problems
+//!   (the first `SHOWN` keys, `rejected_count` all of them); a key leaves the list when a good
+//!   value or a delete replaces the bad one.
+//!
+//! Rejections are also logged, one line each with the key, the revision and every problem.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::fleet::file::replace_unsynced;
+
+/// Rejected keys listed in the file (all are counted and logged).
+const SHOWN: usize = 100;
+/// Problems listed per rejected key (all are logged).
+const PROBLEMS_SHOWN: usize = 20;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejected {
+    pub key: String,
+    pub revision: i64,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub key: String,
+    pub revision: i64,
+    /// "written" or "removed".
+    pub action: &'static str,
+}
+
+/// The file's contents.
+#[derive(Debug, Serialize)]
+struct Report<'a> {
+    mode: &'static str,
+    source: &'a str,
+    target: String,
+    revision: i64,
+    etcd_revision: i64,
+    etcd_reachable: bool,
+    checked_unix: u64,
+    last_error: Option<&'a str>,
+    last_applied: Option<&'a Applied>,
+    files: usize,
+    rejected_count: usize,
+    rejected: Vec<&'a Rejected>,
+    updated_unix: u64,
+}
+
+/// The follower's state as monitoring sees it, and where it is written.
+pub struct Monitor {
+    path: Option<PathBuf>,
+    mode: &'static str,
+    source: String,
+    target: String,
+    pub revision: i64,
+    etcd_revision: i64,
+    reachable: bool,
+    checked_unix: u64,
+    last_error: Option<String>,
+    last_applied: Option<Applied>,
+    pub files: usize,
+    rejected: BTreeMap<String, Rejected>,
+    /// The last write of the file failed (said once until one succeeds).
+    save_failed: bool,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Monitor {
+    pub fn new(path: Option<PathBuf>, mode: &'static str, source: &str, target: String) -> Self {
+        Monitor {
+            path,
+            mode,
+            source: source.to_string(),
+            target,
+            revision: 0,
+            etcd_revision: 0,
+            reachable: false,
+            checked_unix: 0,
+            last_error: None,
+            last_applied: None,
+            files: 0,
+            rejected: BTreeMap::new(),
+            save_failed: false,
+        }
+    }
+
+    /// etcd answered, at store revision `revision`.
+    pub fn contact(&mut self, revision: i64) {
+        self.etcd_revision = self.etcd_revision.max(revision);
+        self.reachable = true;
+        self.checked_unix = now_unix();
+        self.last_error = None;
+    }
+
+    /// etcd (or the watch) failed.
+    pub fn failed(&mut self, why: String) {
+        self.reachable = false;
+        self.checked_unix = now_unix();
+        self.last_error = Some(why);
+    }
+
+    /// A listing from a rebuilt or restored etcd starts the revisions again.
+    pub fn restart_revisions(&mut self, revision: i64) {
+        self.etcd_revision = revision;
+        self.revision = revision;
+    }
+
+    /// `key`'s value at `revision` is refused: logged with every problem, listed.
+    pub fn reject(&mut self, key: &str, revision: i64, what_stays: &str, problems: Vec<String>) {
+        crate::warn!(
+            "rejected etcd key {key:?} revision={revision}: not written, {what_stays}; {} problem(s): {}",
+            problems.len(),
+            problems.join("; ")
+        );
+        let mut problems = problems;
+        if problems.len() > PROBLEMS_SHOWN {
+            let more = problems.len() - PROBLEMS_SHOWN;
+            problems.truncate(PROBLEMS_SHOWN);
+            problems.push(format!("... and {more} more (see the log)"));
+        }
+        self.rejected.insert(
+            key.to_string(),
+            Rejected {
+                key: key.to_string(),
+                revision,
+                problems,
+            },
+        );
+    }
+
+    /// `key` holds a good value now, or none: no longer rejected.
+    pub fn clear(&mut self, key: &str) {
+        self.rejected.remove(key);
+    }
+
+    /// Forget every rejection (a full listing lists them again).
+    pub fn clear_all(&mut self) {
+        self.rejected.clear();
+    }
+
+    pub fn applied(&mut self, key: &str, revision: i64, action: &'static str) {
+        self.last_applied = Some(Applied {
+            key: key.to_string(),
+            revision,
+            action,
+        });
+    }
+
+    /// Write the status file, if there is one. A failure is logged (once until a write
+    /// works) and does not stop the follower: the files matter more than the report.
+    pub fn save(&mut self) {
+        let Some(path) = &self.path else { return };
+        let report = Report {
+            mode: self.mode,
+            source: &self.source,
+            target: self.target.clone(),
+            revision: self.revision,
+            etcd_revision: self.etcd_revision,
+            etcd_reachable: self.reachable,
+            checked_unix: self.checked_unix,
+            last_error: self.last_error.as_deref(),
+            last_applied: self.last_applied.as_ref(),
+            files: self.files,
+            rejected_count: self.rejected.len(),
+            rejected: self.rejected.values().take(SHOWN).collect(),
+            updated_unix: now_unix(),
+        };
+        let mut bytes = match serde_json::to_vec_pretty(&report) {
+            Ok(b) => b,
+            Err(e) => {
+                crate::warn!("cannot encode the status: {e}");
+                return;
+            }
+        };
+        bytes.push(b'\n');
+        match replace_unsynced(path, &bytes) {
+            Ok(()) => self.save_failed = false,
+            Err(e) if !self.save_failed => {
+                self.save_failed = true;
+                crate::warn!("cannot write the status file {}: {e}", path.display());
+            }
+            Err(_) => {}
+        }
+    }
+}
