@@ -4,8 +4,13 @@
 //! The bounds go from half a millisecond (a connect on the same host) to 30 s (past any sane
 //! connect timeout; a connection's whole life beyond it lands in `+Inf` and still counts in the
 //! sum), roughly 1-2.5-5 per decade, as Prometheus client libraries' defaults do.
+//!
+//! The buckets are allocated at the first observation: an edge holds hundreds of thousands of
+//! apps, two histograms each, and most apps see few connections (the buckets are 136 bytes a
+//! histogram; an unused one costs a pointer).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Upper bounds of the buckets, in seconds (the `le` label); `+Inf` follows them.
@@ -16,7 +21,10 @@ pub const BOUNDS: [f64; 15] = [
 /// Observations per bucket (not cumulative: each lands in one), the last being `+Inf`, and
 /// their sum in microseconds.
 #[derive(Debug, Default)]
-pub struct Histogram {
+pub struct Histogram(OnceLock<Box<Buckets>>);
+
+#[derive(Debug, Default)]
+struct Buckets {
     buckets: [AtomicU64; BOUNDS.len() + 1],
     sum_micros: AtomicU64,
 }
@@ -31,11 +39,12 @@ pub struct Snapshot {
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
+        let h = self.0.get_or_init(Box::default);
         let secs = d.as_secs_f64();
         let i = BOUNDS.partition_point(|&b| b < secs);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        h.buckets[i].fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        h.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// The buckets read one by one (an observation landing meanwhile may be in the sum and
@@ -43,14 +52,20 @@ impl Histogram {
     /// that `+Inf` and `_count` always agree.
     pub fn snapshot(&self) -> Snapshot {
         let mut cumulative = [0; BOUNDS.len() + 1];
+        let Some(h) = self.0.get() else {
+            return Snapshot {
+                cumulative,
+                sum_seconds: 0.0,
+            };
+        };
         let mut total = 0;
-        for (c, b) in cumulative.iter_mut().zip(&self.buckets) {
+        for (c, b) in cumulative.iter_mut().zip(&h.buckets) {
             total += b.load(Ordering::Relaxed);
             *c = total;
         }
         Snapshot {
             cumulative,
-            sum_seconds: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            sum_seconds: h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
         }
     }
 }
@@ -58,6 +73,13 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unused_histogram_reads_as_zero() {
+        let s = Histogram::default().snapshot();
+        assert_eq!(s.cumulative, [0; BOUNDS.len() + 1]);
+        assert_eq!(s.sum_seconds, 0.0);
+    }
 
     #[test]
     fn each_observation_lands_in_the_first_bucket_that_holds_it() {

@@ -279,9 +279,24 @@ fn port_change(
     }
 }
 
+/// Hand the memory a reload freed back to the system. A reload frees as much as it allocates
+/// (the old config and table), but glibc keeps freed memory in its arenas, so without this
+/// the resident size grew by about 100 MB per reload at 200,000 apps. On this thread, never
+/// the listener loop's.
+fn give_back_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns unused memory of the allocator's heaps; it takes the
+    // allocator's own locks and has no precondition.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Plane {
     /// Serve requests until the loop is gone.
     fn run(mut self) {
+        // What start-up freed (the files read, the parse) goes back too.
+        give_back_freed_memory();
         while let Ok(first) = self.requests.recv() {
             // Everything asked meanwhile is answered by this one reload.
             let mut asked = false;
@@ -447,9 +462,11 @@ impl Plane {
         // The old config and table are dropped here, on this thread.
         self.at.config = new;
         self.at.routes = routes;
+        let took = began.elapsed();
+        give_back_freed_memory();
         crate::info!(
             "reload ok: {diff} took={:.3}ms sha256={sha}",
-            began.elapsed().as_secs_f64() * 1000.0
+            took.as_secs_f64() * 1000.0
         );
         Some(Outcome::Applied { sha256: sha })
     }
