@@ -54,6 +54,8 @@ fn help_and_version_exit_0() {
         "--drain-timeout",
         "--reload-interval",
         "--log-level",
+        "--metrics-target-series",
+        "--metrics-app-series",
     ] {
         assert!(simple.contains(opt), "{opt} missing from simple --help");
     }
@@ -82,6 +84,8 @@ fn bad_arguments_exit_2_with_a_message() {
         &["simple", "--reload-interval", "0"],
         &["simple", "--reload-interval=soon"],
         &["simple", "--log-level", "loud"],
+        &["simple", "--metrics-app-series", "many"],
+        &["bpf", "--metrics-app-series", "-1"],
         &["simple", "-p", "80"],
         &["check", "--max-connections", "5"],
         &["check", "--idle-timeout", "1s"],
@@ -123,6 +127,13 @@ fn bad_argument_messages_name_the_problem() {
     assert!(o.stderr.contains("loud"), "{}", o.stderr);
     let o = run(&["simple", "--max-connections", "0"]);
     assert!(o.stderr.contains("--max-connections"), "{}", o.stderr);
+    let o = run(&["simple", "--metrics-app-series", "1e5"]);
+    assert!(
+        o.stderr
+            .contains("--metrics-app-series: '1e5' is not a whole number"),
+        "{}",
+        o.stderr
+    );
     let o = run(&["nope"]);
     assert!(o.stderr.contains("unknown command 'nope'"), "{}", o.stderr);
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::metrics::{get, metrics_addr, request, scrape, Exposition};
+use common::metrics::{get, metrics_addr, request, scrape, scrape_until, Exposition};
 use common::{app, config, wait_for, Proxy, Refusing, TempDir, WAIT};
 use serde_json::Value;
 
@@ -731,6 +731,142 @@ fn past_the_target_series_cap_only_per_app_series_and_the_count_left_out() {
     let m = scrape(maddr);
     assert!(m.family(OMITTED).is_none(), "{}", m.text);
     assert_eq!(m.samples("flyproxy_target_up").len(), 4, "{}", m.text);
+}
+
+const APPS_OMITTED: &str = "flyproxy_app_series_omitted";
+
+/// The samples of the per-app families (the runtime state's included), each labelled by app
+/// under the bound.
+const PER_APP: [&str; 12] = [
+    "flyproxy_app_connections_total",
+    "flyproxy_app_connections_active",
+    "flyproxy_app_connections_refused_total",
+    "flyproxy_app_queued",
+    "flyproxy_connect_duration_seconds_bucket",
+    "flyproxy_connect_duration_seconds_sum",
+    "flyproxy_connect_duration_seconds_count",
+    "flyproxy_connection_duration_seconds_bucket",
+    "flyproxy_connection_duration_seconds_sum",
+    "flyproxy_connection_duration_seconds_count",
+    "flyproxy_app_enabled",
+    "flyproxy_app_refused_disabled_total",
+];
+
+/// Three apps past `--metrics-app-series 2`: /metrics has no per-app series; each per-app
+/// family is one series without the app label holding every app's sum (checked against the
+/// connections made: web 2 relayed, shop 1, blog 1 whose target refuses), the gauge says 3
+/// apps were left out, and the log says so once. `?app=NAME` has that app's series all the
+/// same. A reload down to 2 apps (at the bound) brings the per-app series back, exactly one an
+/// app, and the gauge goes.
+#[test]
+fn past_the_app_series_cap_each_per_app_family_is_every_apps_sum() {
+    let sink = Sink::new();
+    let refusing = Refusing::new();
+    let maddr = metrics_addr();
+    let apps = |ports: &[u16], n: usize| {
+        let all = [
+            app("web", &ports[..1], &[sink.target()]),
+            app("shop", &ports[1..2], &[sink.target()]),
+            app("blog", &ports[2..], &[refusing.target()]),
+        ];
+        config(&all[..n])
+    };
+    let p = Proxy::start(
+        3,
+        &[
+            "--metrics",
+            &maddr.to_string(),
+            "--metrics-app-series",
+            "2",
+            "--reload-interval",
+            "100ms",
+        ],
+        |ports| apps(ports, 3),
+    );
+    for port in [p.ports[0], p.ports[0], p.ports[1], p.ports[2]] {
+        poke(port);
+    }
+    let count = "flyproxy_connection_duration_seconds_count";
+    let m = scrape_until(maddr, "4 connections closed", |m| {
+        m.value(count, &[]) == Some(4.0)
+    });
+    for _ in 0..3 {
+        let body = get(maddr, "/metrics").body;
+        let m = Exposition::parse(&body).unwrap();
+        for name in PER_APP {
+            let family = m.samples(name);
+            assert!(!family.is_empty(), "{name} missing:\n{body}");
+            assert!(
+                family.iter().all(|s| !s.labels.contains_key("app")),
+                "{name} has a per-app series:\n{body}"
+            );
+        }
+        assert_eq!(m.get(APPS_OMITTED, &[]), 3.0);
+        // Per-target series have their own bound (3 targets are under its default).
+        assert_eq!(m.samples("flyproxy_target_up").len(), 3, "{body}");
+        promtool_clean(&body);
+    }
+    assert_eq!(m.get("flyproxy_app_connections_total", &[]), 4.0);
+    assert_eq!(m.get("flyproxy_app_connections_active", &[]), 0.0);
+    let refused = "flyproxy_app_connections_refused_total";
+    assert_eq!(m.get(refused, &[("reason", "connect_failed")]), 1.0);
+    assert_eq!(m.get(refused, &[("reason", "limit")]), 0.0);
+    assert_eq!(m.get(refused, &[("reason", "client_limit")]), 0.0);
+    assert_eq!(m.get("flyproxy_app_queued", &[]), 0.0);
+    // Relayed connections were connected: web's 2 and shop's 1.
+    let connect = "flyproxy_connect_duration_seconds";
+    assert_eq!(m.get(&format!("{connect}_count"), &[]), 3.0);
+    assert_eq!(m.get(&format!("{connect}_bucket"), &[("le", "+Inf")]), 3.0);
+    assert!(m.get(&format!("{connect}_sum"), &[]) > 0.0);
+    assert_eq!(m.get("flyproxy_app_enabled", &[]), 3.0);
+    assert_eq!(m.get("flyproxy_app_refused_disabled_total", &[]), 0.0);
+    let said = p.lines(|l| l.contains("more than --metrics-app-series 2"));
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("3 apps"), "{}", said[0]);
+
+    let one = get(maddr, "/metrics?app=web");
+    assert_eq!(one.status, 200, "{one:?}");
+    let m = Exposition::parse(&one.body).unwrap();
+    for name in PER_APP {
+        assert_eq!(
+            m.label_values(name, "app"),
+            ["web".to_owned()].into(),
+            "{name}: {}",
+            one.body
+        );
+    }
+    assert_eq!(
+        m.get("flyproxy_app_connections_total", &[("app", "web")]),
+        2.0
+    );
+    assert_eq!(m.get(count, &[("app", "web")]), 2.0);
+    assert!(m.family(APPS_OMITTED).is_none());
+    promtool_clean(&one.body);
+
+    let mark = p.mark();
+    p.rewrite_config(&apps(&p.ports, 2));
+    p.wait_reload_ok(mark);
+    let body = get(maddr, "/metrics").body;
+    let m = Exposition::parse(&body).unwrap();
+    assert!(m.family(APPS_OMITTED).is_none(), "{body}");
+    for name in PER_APP {
+        let family = m.samples(name);
+        assert!(
+            family.iter().all(|s| s.labels.contains_key("app")),
+            "{name}:\n{body}"
+        );
+        assert_eq!(
+            m.label_values(name, "app"),
+            ["shop", "web"].map(String::from).into(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        m.get("flyproxy_app_connections_total", &[("app", "web")]),
+        2.0
+    );
+    assert_eq!(m.get("flyproxy_app_enabled", &[("app", "shop")]), 1.0);
+    promtool_clean(&body);
 }
 
 /// Under the default cap a config's /metrics is what it always was: every per-target family,

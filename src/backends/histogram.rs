@@ -47,6 +47,16 @@ impl Histogram {
         h.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
+    /// Counts `other`'s observations into this one too, bucket by bucket: how a sum over
+    /// many histograms (every app's, in /metrics past `--metrics-app-series`) is built.
+    pub fn add(&self, other: &Histogram) {
+        for (mine, theirs) in self.buckets.iter().zip(&other.buckets) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let micros = other.sum_micros.load(Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
     /// The buckets read one by one (an observation landing meanwhile may be in the sum and
     /// not the buckets, or the reverse: the next scrape has it); the count is their total, so
     /// that `+Inf` and `_count` always agree.
@@ -94,5 +104,23 @@ mod tests {
         assert_eq!(s.cumulative[BOUNDS.len() - 1], 2, "30 s");
         assert_eq!(s.cumulative[BOUNDS.len()], 3, "+Inf is the count");
         assert!((s.sum_seconds - 60.0035).abs() < 1e-9, "{}", s.sum_seconds);
+    }
+
+    #[test]
+    fn a_sum_of_histograms_has_every_observation_of_each() {
+        let (a, b, sum) = (
+            Histogram::default(),
+            Histogram::default(),
+            Histogram::default(),
+        );
+        a.observe(Duration::from_millis(3));
+        b.observe(Duration::from_millis(3));
+        b.observe(Duration::from_secs(2));
+        sum.add(&a);
+        sum.add(&b);
+        let s = sum.snapshot();
+        assert_eq!(s.cumulative[3], 2, "5 ms holds both 3 ms ones");
+        assert_eq!(s.cumulative[BOUNDS.len()], 3);
+        assert!((s.sum_seconds - 2.006).abs() < 1e-9, "{}", s.sum_seconds);
     }
 }

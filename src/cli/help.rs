@@ -55,6 +55,10 @@ macro_rules! run_options {
                              serve per-target series in /metrics while the config has
                              at most N targets (default 10000); past it, per-app
                              series only, and /metrics?app=NAME for one app's all
+      --metrics-app-series N
+                             serve per-app series in /metrics while the config has at
+                             most N apps (default 10000); past it, each per-app family
+                             is one series of every app's sum
       --pid-file PATH        write the pid here once serving; an upgrade rewrites it
       --admin-socket PATH    serve the admin socket (flyproxy ctl) at PATH, mode 0660,
                              owned by --user and --group (default: off)

@@ -53,6 +53,9 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     /// Per-target series are in /metrics while the config has at most this many targets.
     pub metrics_target_series: usize,
+    /// Per-app series are in /metrics while the config has at most this many apps; past it,
+    /// one series of every app's sum in each per-app family.
+    pub metrics_app_series: usize,
     /// `flyproxy status --app NAME`: only this app.
     pub status_app: Option<String>,
     /// Where to write our pid once serving (and remove it at exit).
@@ -88,6 +91,9 @@ impl Default for Settings {
             // Small and medium configs keep every series (10,000 targets make /metrics about
             // 20 MB); past it a scrape would grow by 2 KB per target.
             metrics_target_series: 10_000,
+            // The same for apps: 10,000 apps' series are about 29 MB; past it each app would
+            // add 2.9 KB (590 MB at 200,000 apps), where the sums are a few KB however many.
+            metrics_app_series: 10_000,
             status_app: None,
             pid_file: None,
             user: None,

@@ -49,6 +49,15 @@ pub(super) fn run_option(
                 )
             })?;
         }
+        "--metrics-app-series" => {
+            let v = value("a number")?;
+            s.metrics_app_series = v.parse::<usize>().map_err(|_| {
+                usage(
+                    cmd,
+                    &format!("--metrics-app-series: '{v}' is not a whole number (0: none)"),
+                )
+            })?;
+        }
         "--max-connections-per-client" => {
             let v = value("a number")?;
             s.max_connections_per_client = v.parse::<usize>().map_err(|_| {

@@ -217,7 +217,8 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         slots: Arc::clone(&slots),
         lookups: source.lookup_stats(),
         resolver: resolver.clone(),
-        target_series: metrics::TargetSeriesCap::new(settings.metrics_target_series),
+        target_series: metrics::SeriesCap::new(settings.metrics_target_series),
+        app_series: metrics::SeriesCap::new(settings.metrics_app_series),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
     let pool = relay_pool(

@@ -2,7 +2,9 @@
 //! The per-app families are `apps`'s, the per-target ones `targets`'s, the runtime state's
 //! (what the admin socket set) `runtime`'s. Per-target series (the runtime state's per-target
 //! family with them) are served while the config has at most `--metrics-target-series` targets
-//! (see `TargetSeriesCap`); `render_app` serves one app's series, its targets' always included.
+//! (see `SeriesCap`); per-app series while it has at most `--metrics-app-series` apps, past
+//! that one series of every app's sum in each per-app family (see `apps::Scope`).
+//! `render_app` serves one app's series, its targets' always included.
 
 mod apps;
 mod runtime;
@@ -20,6 +22,7 @@ use crate::metrics::process::ProcessStats;
 use crate::metrics::LookupReader;
 use crate::metrics::{Published, Sources};
 use crate::relay::slots::Slots;
+use apps::Scope;
 
 /// An app's backends, each once: a target listed twice is one backend with two turns, and
 /// must be one series (a duplicate series makes Prometheus reject the whole scrape).
@@ -63,10 +66,32 @@ impl Family<'_> {
     }
 
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.sample_with(name, labels.iter().copied(), value);
+    }
+
+    /// A sample labelled `app` first if it has one (None: a sum over every app), then `extra`.
+    fn app_sample(
+        &mut self,
+        name: &str,
+        app: Option<&str>,
+        extra: &[(&str, &str)],
+        value: impl std::fmt::Display,
+    ) {
+        let labels = app.map(|a| ("app", a)).into_iter();
+        self.sample_with(name, labels.chain(extra.iter().copied()), value);
+    }
+
+    fn sample_with<'l>(
+        &mut self,
+        name: &str,
+        labels: impl Iterator<Item = (&'l str, &'l str)>,
+        value: impl std::fmt::Display,
+    ) {
         self.out.push_str(name);
-        if !labels.is_empty() {
+        let mut labels = labels.peekable();
+        if labels.peek().is_some() {
             self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
+            for (i, (k, v)) in labels.enumerate() {
                 if i > 0 {
                     self.out.push(',');
                 }
@@ -89,12 +114,31 @@ pub fn render(sources: &Sources) -> String {
         lookups,
         resolver,
         target_series: cap,
+        app_series,
     } = sources;
     let routes = published.routes();
     let apps = routes.apps();
     let mut out = String::with_capacity(4096);
     build_info(&mut out);
-    apps::families(&mut out, apps);
+    let sum_apps = apps.len() > app_series.max;
+    let totals = sum_apps.then(|| apps::Totals::of(apps));
+    let scope = match &totals {
+        Some(t) => Scope::Summed(t),
+        None => Scope::Each(apps),
+    };
+    apps::families(&mut out, &scope);
+    if sum_apps {
+        omitted_apps_family(&mut out, apps.len());
+    }
+    if app_series.started_omitting(sum_apps) {
+        crate::info!(
+            "metrics: the config has {} apps, more than --metrics-app-series {}: per-app series \
+             are left out of /metrics, each per-app family is one series of every app's sum \
+             (flyproxy_app_series_omitted says how many apps); /metrics?app=NAME serves one app's",
+            apps.len(),
+            app_series.max
+        );
+    }
     let targets = apps.iter().map(|(app, _)| unique_backends(app).len()).sum();
     let omit = targets > cap.max;
     if omit {
@@ -103,7 +147,7 @@ pub fn render(sources: &Sources) -> String {
         targets::families(&mut out, apps);
         runtime::target_families(&mut out, apps);
     }
-    runtime::app_families(&mut out, apps);
+    runtime::app_families(&mut out, &scope);
     if cap.started_omitting(omit) {
         crate::info!(
             "metrics: the config has {targets} targets, more than --metrics-target-series {}: \
@@ -132,10 +176,10 @@ pub fn render_app(sources: &Sources, name: &str) -> Option<String> {
     let one = routes.apps().iter().find(|(app, _)| app.name == name)?;
     let one = std::slice::from_ref(one);
     let mut out = String::with_capacity(16 * 1024);
-    apps::families(&mut out, one);
+    apps::families(&mut out, &Scope::Each(one));
     targets::families(&mut out, one);
     runtime::target_families(&mut out, one);
-    runtime::app_families(&mut out, one);
+    runtime::app_families(&mut out, &Scope::Each(one));
     Some(out)
 }
 
@@ -152,6 +196,18 @@ fn omitted_family(out: &mut String, targets: usize) {
         "Targets whose per-target series this scrape leaves out: the config has more targets than --metrics-target-series (see /metrics?app=NAME). Absent when none is left out.",
     );
     f.sample(name, &[], targets);
+}
+
+/// With the per-app families summed: how many apps' series were left out.
+fn omitted_apps_family(out: &mut String, apps: usize) {
+    let name = "flyproxy_app_series_omitted";
+    let mut f = Family::head(
+        out,
+        name,
+        "gauge",
+        "Apps whose per-app series this scrape leaves out, each per-app family holding one series of every app's sum: the config has more apps than --metrics-app-series (see /metrics?app=NAME). Absent when none is left out.",
+    );
+    f.sample(name, &[], apps);
 }
 
 fn build_info(out: &mut String) {

@@ -28,6 +28,6 @@ pub use client::{fetch_status, FetchError};
 pub use endpoint::{start, Endpoint, FDS};
 pub use exposition::render;
 pub use published::{
-    ConfigHashes, LookupReader, LookupStats, Published, RejectedFile, Sources, TargetSeriesCap,
+    ConfigHashes, LookupReader, LookupStats, Published, RejectedFile, SeriesCap, Sources,
 };
 pub use status::{snapshot, text, Status};
