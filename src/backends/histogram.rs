@@ -49,12 +49,17 @@ impl Histogram {
 
     /// Counts `other`'s observations into this one too, bucket by bucket: how a sum over
     /// many histograms (every app's, in /metrics past `--metrics-app-series`) is built.
+    /// An unused `other` adds nothing (and allocates nothing here).
     pub fn add(&self, other: &Histogram) {
-        for (mine, theirs) in self.buckets.iter().zip(&other.buckets) {
-            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        let Some(theirs) = other.0.get() else {
+            return;
+        };
+        let mine = self.0.get_or_init(Box::default);
+        for (m, t) in mine.buckets.iter().zip(&theirs.buckets) {
+            m.fetch_add(t.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        let micros = other.sum_micros.load(Ordering::Relaxed);
-        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        let micros = theirs.sum_micros.load(Ordering::Relaxed);
+        mine.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// The buckets read one by one (an observation landing meanwhile may be in the sum and
