@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::backends::loops::{dialled, is_local, local_target, target_is_own};
 use crate::config::hostname::Pattern;
@@ -61,12 +62,12 @@ struct FileState {
     /// SHA-256 of the contents last read.
     sha256: String,
     /// The version in force (its apps and hash); None: none ever was.
-    good: Option<(Vec<App>, String)>,
+    good: Option<(Vec<Arc<App>>, String)>,
     /// Why the contents last read are refused; None: they are in force.
     problems: Option<Vec<String>>,
     /// The apps of refused contents that were valid on their own: tried again when other
     /// files change.
-    pending: Option<Vec<App>>,
+    pending: Option<Vec<Arc<App>>>,
 }
 
 /// A file refused, with every problem (as the metrics endpoint publishes it).
@@ -262,7 +263,7 @@ impl Directory {
         &mut self,
         name: &str,
         problems: Vec<String>,
-        pending: Option<Vec<App>>,
+        pending: Option<Vec<Arc<App>>>,
         out: &mut Refresh,
     ) {
         if let Some(state) = self.files.get_mut(name) {
@@ -276,7 +277,7 @@ impl Directory {
     }
 
     /// `apps` (hashing to `sha`) serve from `name` from now on, in place of its last version.
-    fn accept(&mut self, name: &str, apps: Vec<App>, sha: String) {
+    fn accept(&mut self, name: &str, apps: Vec<Arc<App>>, sha: String) {
         let Some(state) = self.files.get_mut(name) else {
             return;
         };
@@ -294,7 +295,7 @@ impl Directory {
 
     /// Try again the files refused for a clash, now that other files changed.
     fn retry_pending(&mut self, out: &mut Refresh) {
-        let waiting: Vec<(String, Vec<App>, String)> = self
+        let waiting: Vec<(String, Vec<Arc<App>>, String)> = self
             .files
             .iter()
             .filter_map(|(n, f)| Some((n.clone(), f.pending.clone()?, f.sha256.clone())))
@@ -309,7 +310,7 @@ impl Directory {
     }
 
     /// Every problem of `apps` (valid on their own) from `file` beside the other files'.
-    fn clashes(&self, file: &str, apps: &[App]) -> Vec<String> {
+    fn clashes(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
         let other = |app: &str| self.owners.get(app).is_some_and(|f| f != file);
         let mut problems = Vec::new();
         for app in apps {
@@ -346,7 +347,7 @@ impl Directory {
 
     /// Targets of `apps` that would be frontends (their own or the others'), and the others'
     /// targets that their frontends would make loop.
-    fn loops(&self, file: &str, apps: &[App]) -> Vec<String> {
+    fn loops(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
         let mine: HashMap<u16, Vec<Prefix>> = apps.iter().fold(HashMap::new(), |mut m, a| {
             for &port in &a.ports {
                 m.entry(port).or_default().extend(app_prefixes(a));
@@ -406,7 +407,7 @@ impl Directory {
             .count() as u32
     }
 
-    fn index(&mut self, file: &str, apps: &[App]) {
+    fn index(&mut self, file: &str, apps: &[Arc<App>]) {
         for app in apps {
             self.owners.insert(app.name.clone(), file.to_owned());
             for prefix in app_prefixes(app) {
@@ -437,7 +438,7 @@ impl Directory {
         }
     }
 
-    fn unindex(&mut self, apps: &[App]) {
+    fn unindex(&mut self, apps: &[Arc<App>]) {
         for app in apps {
             self.owners.remove(&app.name);
             for prefix in app_prefixes(app) {
