@@ -26,7 +26,7 @@ use std::sync::Arc;
 use crate::backends::loops::{dialled, is_local, local_target, target_is_own};
 use crate::config::hostname::Pattern;
 use crate::config::prefix::Prefix;
-use crate::config::{self, app_prefixes, sha256, App, Config};
+use crate::config::{self, app_prefixes, sha256, App, Config, Diff};
 use crate::frontend::watch::{FileSig, Watch};
 use crate::sys::inotify::{DirWatch, Events};
 
@@ -48,6 +48,8 @@ pub struct Directory {
     /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
     /// when a file is created, renamed in or out, or deleted).
     dir_sig: Option<FileSig>,
+    /// What the refresh under way changed, as it goes (see `Refresh::diff`).
+    touched: touched::Touched,
 }
 
 #[derive(Default)]
@@ -80,6 +82,8 @@ pub struct Refresh {
     pub changed: bool,
     /// Files refused by this refresh (each logged and counted once per version).
     pub rejected: Vec<Rejected>,
+    /// The apps and ports in force before and after this refresh differ by this.
+    pub diff: Diff,
 }
 
 /// Whether `name` is a config file of the directory: `*.json`, not a dotfile.
@@ -109,6 +113,7 @@ impl Directory {
             local_targets: HashMap::new(),
             watch,
             dir_sig: None,
+            touched: touched::Touched::default(),
         }
     }
 
@@ -175,6 +180,7 @@ impl Directory {
         if out.changed {
             self.retry_pending(&mut out);
         }
+        out.diff = self.diff_touched();
         out
     }
 
@@ -409,6 +415,7 @@ impl Directory {
 
     fn index(&mut self, file: &str, apps: &[Arc<App>]) {
         for app in apps {
+            self.note(app, false);
             self.owners.insert(app.name.clone(), file.to_owned());
             for prefix in app_prefixes(app) {
                 for &port in &app.ports {
@@ -440,6 +447,7 @@ impl Directory {
 
     fn unindex(&mut self, apps: &[Arc<App>]) {
         for app in apps {
+            self.note(app, true);
             self.owners.remove(&app.name);
             for prefix in app_prefixes(app) {
                 for &port in &app.ports {
@@ -447,7 +455,13 @@ impl Directory {
                         if slot.default.as_ref() == Some(&app.name) {
                             slot.default = None;
                         }
-                        slot.names.retain(|_, a| *a != app.name);
+                        // By the app's own Hostnames, not a pass over the slot's: a slot may
+                        // hold thousands of apps.
+                        for h in &app.hostnames {
+                            if slot.names.get(h) == Some(&app.name) {
+                                slot.names.remove(h);
+                            }
+                        }
                         if slot.default.is_none() && slot.names.is_empty() {
                             self.slots.remove(&(port, prefix));
                         }
@@ -536,9 +550,12 @@ impl Directory {
             local_targets: HashMap::new(),
             watch: None,
             dir_sig: None,
+            touched: touched::Touched::default(),
         }
     }
 }
+
+mod touched;
 
 #[cfg(test)]
 mod tests;

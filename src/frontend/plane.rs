@@ -135,7 +135,7 @@ pub(super) enum Source {
     /// One file, and what was last seen of it.
     File(Watch),
     /// A directory of files (`-c DIR`).
-    Dir(Directory),
+    Dir(Box<Directory>),
 }
 
 struct Plane {
@@ -178,7 +178,7 @@ pub(super) fn load(path: &Path) -> Result<Loaded, ConfigError> {
         return Ok(Loaded {
             config: dir.config(),
             sha256: dir.sha256(),
-            source: Source::Dir(dir),
+            source: Source::Dir(Box::new(dir)),
             rejected: found.rejected,
         });
     }
@@ -375,7 +375,7 @@ impl Plane {
                 });
             }
         };
-        self.apply(new, sha, began, forced)
+        self.apply(new, None, sha, began, forced)
     }
 
     /// Look for changed files in the config directory, take in those that pass, report
@@ -416,16 +416,28 @@ impl Plane {
             });
         }
         let (new, sha) = (dir.config(), dir.sha256());
+        // The directory says what changed, from the files that did: no compare of every app.
+        // Not after a change the loop refused: the config in force is then older than the
+        // directory's last refresh, and only a whole compare tells the difference.
+        let diff = (!self.behind).then_some(found.diff);
         // Applied with some files refused is Applied: the refused files are logged and listed
         // in /status.
-        let outcome = self.apply(new, sha, began, forced)?;
+        let outcome = self.apply(new, diff, sha, began, forced)?;
         self.behind = matches!(outcome, Outcome::Rejected { .. });
         Some(outcome)
     }
 
-    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force.
-    fn apply(&mut self, new: Config, sha: String, began: Instant, forced: bool) -> Option<Outcome> {
-        let diff = Diff::between(&self.at.config, &new);
+    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force:
+    /// `diff` if the caller knows it, else found by comparing every app.
+    fn apply(
+        &mut self,
+        new: Config,
+        diff: Option<Diff>,
+        sha: String,
+        began: Instant,
+        forced: bool,
+    ) -> Option<Outcome> {
+        let diff = diff.unwrap_or_else(|| Diff::between(&self.at.config, &new));
         if diff.is_empty() {
             // Same apps in other bytes (spacing, key order) is still the file in force: its
             // hash is what a fleet compares.
