@@ -143,6 +143,9 @@ struct Plane {
     /// A change of a directory was refused by the loop (its ports): the directory's apps are
     /// not all in force, and the next reload tries again even if no file changed.
     behind: bool,
+    /// Simple mode: the listeners the config in force needs, counted per (port, prefix) so a
+    /// reload changes them by its apps (built when the thread starts).
+    wanted: simple::Wanted,
     requests: Receiver<Request>,
     changes: Sender<Change>,
     verdicts: Receiver<Verdict>,
@@ -205,6 +208,7 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     let plane = Plane {
         at,
         behind: false,
+        wanted: simple::Wanted::default(),
         requests,
         changes,
         verdicts,
@@ -295,6 +299,9 @@ fn give_back_freed_memory() {
 impl Plane {
     /// Serve requests until the loop is gone.
     fn run(mut self) {
+        if !self.at.steers {
+            self.wanted = simple::Wanted::of(&self.at.config);
+        }
         // What start-up freed (the files read, the parse) goes back too.
         give_back_freed_memory();
         while let Ok(first) = self.requests.recv() {
@@ -449,12 +456,14 @@ impl Plane {
             return Some(Outcome::Unchanged { sha256: sha });
         }
         let routes = Arc::new(self.at.routes.update(&new, &diff));
-        let ports = port_change(
-            self.at.steers,
-            Some((&self.at.routes, &diff)),
-            &new,
-            &routes,
-        );
+        let ports = if self.at.steers {
+            port_change(true, Some((&self.at.routes, &diff)), &new, &routes)
+        } else {
+            PortChange {
+                binds: self.wanted_after(&diff, &routes),
+                steer: Vec::new(),
+            }
+        };
         let change = Change {
             routes: Arc::clone(&routes),
             ports,
@@ -463,6 +472,10 @@ impl Plane {
         let verdict = self.ask_loop(change)?;
         drop(verdict.dropped);
         if let Some(why) = verdict.refused {
+            if !self.at.steers {
+                // Counted as if applied: count again what is in force.
+                self.wanted = simple::Wanted::of(&self.at.config);
+            }
             self.reject(&format!("{why}; "), &sha);
             return Some(Outcome::Rejected {
                 problems: vec![why],
@@ -481,6 +494,23 @@ impl Plane {
             took.as_secs_f64() * 1000.0
         );
         Some(Outcome::Applied { sha256: sha })
+    }
+
+    /// Simple mode: the listeners wanted once `diff` applies (`routes` is the new table),
+    /// counted by the pairs of the apps it names alone.
+    fn wanted_after(&mut self, diff: &Diff, routes: &Routes) -> BTreeSet<simple::Bind> {
+        let old = &self.at.routes;
+        for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
+            for (port, prefix) in old.pairs_of(name) {
+                self.wanted.count(port, &prefix, false);
+            }
+        }
+        for name in diff.apps_added.iter().chain(&diff.apps_changed) {
+            for (port, prefix) in routes.pairs_of(name) {
+                self.wanted.count(port, &prefix, true);
+            }
+        }
+        self.wanted.binds()
     }
 
     /// Hand `change` to the loop, wake it, and wait for its verdict. None: the loop is gone.
