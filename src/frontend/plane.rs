@@ -482,7 +482,19 @@ impl Plane {
             });
         }
         routes.in_force();
-        self.at.checker.set(routes.backends());
+        // The health checker gets the backends of the apps the diff names, not the list of
+        // every backend.
+        let backends_of = |r: &Routes, names: &[&Vec<String>]| -> Vec<_> {
+            names
+                .iter()
+                .flat_map(|n| n.iter())
+                .filter_map(|n| r.route(n))
+                .flat_map(|route| route.backends.iter().cloned())
+                .collect()
+        };
+        let removed = backends_of(&self.at.routes, &[&diff.apps_removed, &diff.apps_changed]);
+        let added = backends_of(&routes, &[&diff.apps_added, &diff.apps_changed]);
+        self.at.checker.change(added, removed);
         self.at.published.reloaded(Arc::clone(&routes), &sha);
         // The old config and table are dropped here, on this thread.
         self.at.config = new;
