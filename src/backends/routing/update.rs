@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{binding, AppRoute, PortTable, Routes};
-use crate::backends::loops::Frontends;
 use crate::config::prefix::Prefix;
 use crate::config::{Config, Diff};
 
@@ -15,7 +14,6 @@ impl Routes {
     /// added, removed or changed get new tables, in which only the bindings of those apps
     /// are rebuilt.
     pub fn update(&self, config: &Config, diff: &Diff) -> Routes {
-        let frontends = Arc::new(Frontends::new(config));
         let new_names: HashSet<&str> = diff
             .apps_added
             .iter()
@@ -48,6 +46,8 @@ impl Routes {
         // its own routes: scanning every fresh route per touched prefix made a rewrite of
         // every app quadratic (20,000 apps with an address each never finished).
         let mut touched: BTreeMap<u16, Touched> = BTreeMap::new();
+        // The (port, prefix) pairs that leave and join the frontends.
+        let (mut out, mut into) = (Vec::new(), Vec::new());
         for name in &gone {
             if let Some(&i) = self.by_name.get(*name) {
                 let (route, ports) = &self.apps[i];
@@ -56,6 +56,7 @@ impl Routes {
                     let t = touched.entry(*port).or_default();
                     for prefix in &prefixes {
                         t.on.entry(*prefix).or_default();
+                        out.push((*port, *prefix));
                     }
                 }
             }
@@ -66,6 +67,7 @@ impl Routes {
                 let t = touched.entry(*port).or_default();
                 t.names.push(route.name.as_str());
                 for prefix in &prefixes {
+                    into.push((*port, *prefix));
                     let on = t.on.entry(*prefix).or_default();
                     // An address listed twice is one binding of the app, as in `port_table`.
                     if !on.last().is_some_and(|r| Arc::ptr_eq(r, route)) {
@@ -90,6 +92,8 @@ impl Routes {
                 None => by_port.remove(&port),
             };
         }
+        // The loop check's index of frontends, changed by the pairs of the apps changed alone.
+        let frontends = Arc::new(self.frontends.changed(&out, &into));
         Routes::of(by_port, apps, Arc::clone(&self.own), frontends)
     }
 }
