@@ -117,9 +117,6 @@ struct Run {
     waker: Arc<Waker>,
     /// The backends of each distinct target and kind of check, as of the last `set`.
     targets: HashMap<Probe, Vec<Arc<Backend>>>,
-    /// Where each backend is in `targets` (its kind of check may change after it was put
-    /// there: a reload changes a kept backend's settings in place).
-    probe_of: HashMap<*const Backend, Probe>,
     /// When each backend (by the address of its state) was last checked, or first seen. Its
     /// next check is that plus its interval as of now, so a target that a failed connection
     /// just marked down is due at the shorter interval at once.
@@ -181,7 +178,6 @@ impl Run {
             resolver,
             waker,
             targets: HashMap::new(),
-            probe_of: HashMap::new(),
             last: HashMap::new(),
             checks: HashMap::new(),
             queue: VecDeque::new(),

@@ -40,11 +40,9 @@ impl Run {
     fn replace(&mut self, backends: Vec<Arc<Backend>>) {
         let now = Instant::now();
         self.targets.clear();
-        self.probe_of.clear();
         for b in backends {
             self.last.entry(Arc::as_ptr(&b)).or_insert(now);
             let probe = Probe::of(&b);
-            self.probe_of.insert(Arc::as_ptr(&b), probe.clone());
             self.targets.entry(probe).or_default().push(b);
         }
         let current: HashSet<*const Backend> =
@@ -61,15 +59,31 @@ impl Run {
     fn change(&mut self, added: Vec<Arc<Backend>>, removed: Vec<Arc<Backend>>) {
         let now = Instant::now();
         let kept: HashSet<*const Backend> = added.iter().map(Arc::as_ptr).collect();
+        let mut done = HashSet::new();
         for b in &removed {
             let ptr = Arc::as_ptr(b);
-            let Some(probe) = self.probe_of.remove(&ptr) else {
+            if !done.insert(ptr) {
                 continue; // listed twice: gone already
+            }
+            // Under its target and kind of check as of now; a reload that changed the kind
+            // in place (a kept backend of a changed app) left it under the old one: look in
+            // every list then (rare: the check's kind changed).
+            let probe = Probe::of(b);
+            let listed = self
+                .targets
+                .get(&probe)
+                .is_some_and(|l| l.iter().any(|x| Arc::as_ptr(x) == ptr));
+            let lists: Vec<Probe> = if listed {
+                vec![probe]
+            } else {
+                self.targets.keys().cloned().collect()
             };
-            if let Some(list) = self.targets.get_mut(&probe) {
-                list.retain(|x| Arc::as_ptr(x) != ptr);
-                if list.is_empty() {
-                    self.targets.remove(&probe);
+            for probe in lists {
+                if let Some(list) = self.targets.get_mut(&probe) {
+                    list.retain(|x| Arc::as_ptr(x) != ptr);
+                    if list.is_empty() {
+                        self.targets.remove(&probe);
+                    }
                 }
             }
             if !kept.contains(&ptr) {
@@ -81,7 +95,6 @@ impl Run {
             let ptr = Arc::as_ptr(&b);
             self.last.entry(ptr).or_insert(now);
             let probe = Probe::of(&b);
-            self.probe_of.insert(ptr, probe.clone());
             // Looked at no later than a scan would have it looked at.
             let soonest = interval_of(&b).min(b.check_timing().0);
             self.next_scan = self.next_scan.min(now + soonest);
