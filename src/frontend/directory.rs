@@ -42,8 +42,9 @@ pub struct Directory {
     /// frontends a target must not be.
     frontends: HashMap<u16, (HashMap<Prefix, u32>, Vec<u8>)>,
     /// Targets that are this host (an IP address of it, or `localhost`), by port: those a
-    /// new frontend could make loop. (app, target as written, address).
-    local_targets: HashMap<u16, Vec<(String, String, IpAddr)>>,
+    /// new frontend could make loop. By port, then by app (so an app leaves without a pass
+    /// over every app's): (target as written, address).
+    local_targets: HashMap<u16, BTreeMap<String, Vec<(String, IpAddr)>>>,
     watch: Option<DirWatch>,
     /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
     /// when a file is created, renamed in or out, or deleted).
@@ -388,7 +389,8 @@ impl Directory {
             }
         }
         for (port, prefixes) in &mine {
-            for (app, target, ip) in self.local_targets.get(port).into_iter().flatten() {
+            let on_port = self.local_targets.get(port).into_iter().flatten();
+            for (app, (target, ip)) in on_port.flat_map(|(a, ts)| ts.iter().map(move |t| (a, t))) {
                 if self.owners.get(app).is_some_and(|f| f != file)
                     && prefixes.iter().any(|p| p.contains(*ip))
                 {
@@ -435,11 +437,12 @@ impl Directory {
             }
             for t in app.targets.iter().map(|spec| &spec.target) {
                 if let Some(ip) = local_target(t) {
-                    self.local_targets.entry(t.port).or_default().push((
-                        app.name.clone(),
-                        t.to_string(),
-                        ip,
-                    ));
+                    self.local_targets
+                        .entry(t.port)
+                        .or_default()
+                        .entry(app.name.clone())
+                        .or_default()
+                        .push((t.to_string(), ip));
                 }
             }
         }
@@ -477,8 +480,8 @@ impl Directory {
                 }
             }
             for t in app.targets.iter().map(|spec| &spec.target) {
-                if let Some(list) = self.local_targets.get_mut(&t.port) {
-                    list.retain(|(a, _, _)| *a != app.name);
+                if let Some(apps) = self.local_targets.get_mut(&t.port) {
+                    apps.remove(&app.name);
                 }
             }
         }
