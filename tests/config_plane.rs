@@ -99,3 +99,65 @@ two_modes!(
     big_reload_off_the_loop,
     a_big_reload_is_built_off_the_listener_loop
 );
+
+/// App 0 on every address of `port`, apps 1..n each on an IPv4 /32 of its own there (as at
+/// the edge: an address per app), each with `targets`.
+fn apps_with_addresses(n: usize, port: u16, targets: &[String]) -> String {
+    let apps: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let mut app = serde_json::json!({
+                "Name": format!("app{i}"),
+                "Ports": [port],
+                "Targets": targets,
+            });
+            if i > 0 {
+                let a = format!("127.16.{}.{}/32", i >> 8, i & 255);
+                app["Addresses"] = serde_json::json!([a]);
+            }
+            app
+        })
+        .collect();
+    config(&apps)
+}
+
+/// Rewriting every one of 20,000 apps that each have an address of their own costs the
+/// plane about what building them at start-up cost. Before, each rebuilt binding scanned every
+/// changed app for the ones on its address: quadratic, and such a reload never finished.
+fn a_rewrite_of_every_app_with_its_own_address_is_linear(env: Env) {
+    const APPS: usize = 20_000;
+    let echo = Backend::echo();
+    let ports = env.ports(1);
+    let p = env
+        .proxy()
+        .config_on(
+            &ports,
+            &apps_with_addresses(APPS, ports[0], &[echo.target()]),
+        )
+        .start();
+    let plane = wait_for("the config-plane thread", WAIT, || {
+        thread_named(p.pid, "config-plane")
+    });
+    // Start-up parsed, checked and built all the apps on the main thread.
+    let started = thread_cpu(p.pid, p.pid);
+    let plane0 = thread_cpu(p.pid, plane);
+    let mark = p.mark();
+    p.rewrite_config(&apps_with_addresses(
+        APPS,
+        ports[0],
+        &[echo.target(), "192.0.2.1:9".to_owned()],
+    ));
+    let line = p.wait_reload_ok(mark);
+    assert!(line.contains(&format!("apps_changed={APPS}")), "{line}");
+    let planed = thread_cpu(p.pid, plane) - plane0;
+    assert!(
+        planed <= 3.0 * started + 0.5,
+        "the rewrite cost the plane {planed:.2} CPU-s, start-up {started:.2}"
+    );
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"after the rewrite");
+}
+
+two_modes!(
+    rewrite_with_addresses_is_linear,
+    a_rewrite_of_every_app_with_its_own_address_is_linear
+);

@@ -29,7 +29,7 @@
 //! the operator is working on it, and its checks would only log noise. It is found due again
 //! at the first scan after it leaves maintenance (scans come at least every shortest interval).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -58,7 +58,8 @@ const WAKE: Token = Token(usize::MAX);
 
 /// Shared between the listener loop (which replaces the list) and the checker thread.
 pub struct Checker {
-    backends: Mutex<Option<Vec<Arc<Backend>>>>,
+    /// What `set` and `change` asked since the checker thread last looked, in order.
+    backends: Mutex<Vec<follow::Update>>,
     waker: Arc<Waker>,
 }
 
@@ -68,7 +69,7 @@ impl Checker {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
         let checker = Arc::new(Checker {
-            backends: Mutex::new(None),
+            backends: Mutex::new(Vec::new()),
             waker: Arc::clone(&waker),
         });
         let c = Arc::clone(&checker);
@@ -81,18 +82,30 @@ impl Checker {
 
     /// Check these backends from now on.
     pub fn set(&self, backends: Vec<Arc<Backend>>) {
-        *self.backends.lock().unwrap_or_else(|e| e.into_inner()) = Some(backends);
+        self.ask(true, follow::Update::Set(backends));
+    }
+
+    /// Check `added` too, and `removed` no more (a reload's apps added, removed and changed:
+    /// a backend kept by a changed app is in both). Costs the backends named, not all.
+    pub fn change(&self, added: Vec<Arc<Backend>>, removed: Vec<Arc<Backend>>) {
+        self.ask(false, follow::Update::Change { added, removed });
+    }
+
+    fn ask(&self, replaces: bool, update: follow::Update) {
+        let mut queued = self.backends.lock().unwrap_or_else(|e| e.into_inner());
+        if replaces {
+            queued.clear();
+        }
+        queued.push(update);
+        drop(queued);
         if let Err(e) = self.waker.wake() {
             crate::error!("cannot wake the health checker: {e}");
         }
     }
 
-    /// The new list of backends, if `set` gave one since the last call.
-    fn take(&self) -> Option<Vec<Arc<Backend>>> {
-        self.backends
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+    /// What `set` and `change` asked since the last call.
+    fn take(&self) -> Vec<follow::Update> {
+        std::mem::take(&mut *self.backends.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -177,8 +190,8 @@ impl Run {
     fn run(mut self, checker: &Checker) {
         let mut events = Events::with_capacity(256);
         loop {
-            if let Some(backends) = checker.take() {
-                self.replace(backends);
+            for update in checker.take() {
+                self.follow(update);
             }
             self.resolved();
             let now = Instant::now();
@@ -212,26 +225,6 @@ impl Run {
                 }
             }
         }
-    }
-
-    /// A reload's backends: group them by target; forget the state of those that left.
-    fn replace(&mut self, backends: Vec<Arc<Backend>>) {
-        let now = Instant::now();
-        self.targets.clear();
-        for b in backends {
-            self.last.entry(Arc::as_ptr(&b)).or_insert(now);
-            let probe = Probe {
-                target: b.target.clone(),
-                kind: b.check_settings().kind,
-            };
-            self.targets.entry(probe).or_default().push(b);
-        }
-        let current: HashSet<*const Backend> =
-            self.targets.values().flatten().map(Arc::as_ptr).collect();
-        self.last.retain(|k, _| current.contains(k));
-        // New targets get their schedule at once.
-        self.queue.clear();
-        self.next_scan = now;
     }
 
     /// When `target` is next due: when the first of its backends not in maintenance is (None
@@ -583,6 +576,8 @@ fn interval_of(b: &Backend) -> Duration {
         interval
     }
 }
+
+mod follow;
 
 #[cfg(test)]
 mod tests;

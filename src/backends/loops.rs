@@ -19,7 +19,7 @@
 //! - [`Frontends::is_own`], at each connect, on the addresses a name resolved to: a name that
 //!   later resolves to this host fails that connection with reason `loop` instead of relaying.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, RwLock};
 
@@ -27,9 +27,12 @@ use crate::config::prefix::Prefix;
 use crate::config::{Config, Problem, Target};
 
 /// Where this proxy accepts: each port with the prefixes it answers on.
-#[derive(Debug, Default)]
+///
+/// Each port's prefixes are shared between the frontends of one reload and the next: a
+/// reload copies only the ports its apps touch (see `Frontends::changed`).
+#[derive(Debug, Default, Clone)]
 pub struct Frontends {
-    ports: HashMap<u16, PortPrefixes>,
+    ports: HashMap<u16, Arc<PortPrefixes>>,
 }
 
 /// The frontends of the config in force, shared by every app's route: a route is kept across
@@ -55,11 +58,29 @@ impl OwnFrontends {
 /// tried one by one: an edge with an address per app has as many prefixes on a port as it has
 /// apps, and every target of every app is checked against them (a scan made 100,000 such
 /// apps take minutes to check, and every connect to a target on that port pay for the scan).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct PortPrefixes {
-    set: HashSet<Prefix>,
-    /// The distinct prefix lengths in `set` (at most 33 + 129).
+    /// Each prefix, with how many of the apps' (port, prefix) pairs answer there.
+    set: HashMap<Prefix, u32>,
+    /// The distinct prefix lengths `set` had (at most 33 + 129; one no longer in use costs
+    /// a lookup that finds nothing).
     lens: Vec<u8>,
+}
+
+impl PortPrefixes {
+    fn count(&mut self, prefix: Prefix, add: bool) {
+        if add {
+            if !self.lens.contains(&prefix.prefix_len()) {
+                self.lens.push(prefix.prefix_len());
+            }
+            *self.set.entry(prefix).or_insert(0) += 1;
+        } else if let Some(n) = self.set.get_mut(&prefix) {
+            *n -= 1;
+            if *n == 0 {
+                self.set.remove(&prefix);
+            }
+        }
+    }
 }
 
 impl Frontends {
@@ -72,14 +93,27 @@ impl Frontends {
             for &port in &app.ports {
                 let at = ports.entry(port).or_default();
                 for &prefix in &prefixes {
-                    if !at.lens.contains(&prefix.prefix_len()) {
-                        at.lens.push(prefix.prefix_len());
-                    }
-                    at.set.insert(prefix);
+                    at.count(prefix, true);
                 }
             }
         }
+        let ports = ports.into_iter().map(|(p, at)| (p, Arc::new(at))).collect();
         Frontends { ports }
+    }
+
+    /// These frontends without the (port, prefix) pairs `out` (of apps removed or changed)
+    /// and with `into` (of apps added or changed): each port touched is copied once, the
+    /// others are shared.
+    pub fn changed(&self, out: &[(u16, Prefix)], into: &[(u16, Prefix)]) -> Frontends {
+        let mut next = self.clone();
+        for (pairs, add) in [(out, false), (into, true)] {
+            for &(port, prefix) in pairs {
+                let at = next.ports.entry(port).or_default();
+                Arc::make_mut(at).count(prefix, add);
+            }
+        }
+        next.ports.retain(|_, at| !at.set.is_empty());
+        next
     }
 
     /// `addr` would be accepted by this proxy itself.
@@ -94,7 +128,7 @@ impl Frontends {
         let covered = prefixes
             .lens
             .iter()
-            .any(|&len| prefixes.set.contains(&Prefix::new(ip, len)));
+            .any(|&len| prefixes.set.contains_key(&Prefix::new(ip, len)));
         covered && is_local(ip)
     }
 }
@@ -223,5 +257,32 @@ mod tests {
         assert!(own.is_own("127.0.0.1:7001".parse().unwrap()));
         assert!(!own.is_own("127.0.0.1:7003".parse().unwrap()));
         assert!(!own.is_own("192.0.2.1:7001".parse().unwrap()));
+    }
+
+    /// Pairs counted out and in give the frontends of the changed config; a pair two apps
+    /// share stays while one is left, and a port with none left goes.
+    #[test]
+    fn changed_frontends_are_the_new_configs() {
+        let p = |s: &str| Prefix::parse(s).unwrap();
+        let c = Config::parse(
+            Path::new("c.json"),
+            br#"{"Apps":[
+                {"Name":"a","Ports":[7001],"Addresses":["127.0.0.2/32"],"Targets":["192.0.2.1:1"]},
+                {"Name":"b","Ports":[7001],"Addresses":["127.0.0.2/32"],"Hostnames":["b.example"],"Targets":["192.0.2.1:1"]},
+                {"Name":"c","Ports":[7002],"Addresses":["127.0.0.3/32"],"Targets":["192.0.2.1:1"]}]}"#,
+        )
+        .unwrap();
+        let own = Frontends::new(&c);
+        // b and c go; d comes on 7003 on every IPv4 address.
+        let next = own.changed(
+            &[(7001, p("127.0.0.2/32")), (7002, p("127.0.0.3/32"))],
+            &[(7003, p("0.0.0.0/0"))],
+        );
+        assert!(next.is_own("127.0.0.2:7001".parse().unwrap()));
+        assert!(!next.is_own("127.0.0.3:7002".parse().unwrap()));
+        assert!(next.is_own("127.0.0.9:7003".parse().unwrap()));
+        assert!(!next.ports.contains_key(&7002));
+        // The frontends before are as they were.
+        assert!(own.is_own("127.0.0.3:7002".parse().unwrap()));
     }
 }

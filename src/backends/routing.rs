@@ -11,7 +11,7 @@
 //! connection keeps the binding (so the apps) it was accepted with, so a reload never changes
 //! the target of a connection already open; the next connection sees the new table.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use crate::backends::limit::AppLimit;
 use crate::backends::loops::{Frontends, OwnFrontends};
 use crate::config::hostname::{self, Pattern};
 use crate::config::prefix::Prefix;
-use crate::config::{App, Balance, Config, Diff, ProxyProtocol};
+use crate::config::{App, Balance, Config, ProxyProtocol};
 
 // Re-exported because the relay (rewritten in parallel) imports them from here; new code
 // should import them from `limit`, and this line can go once nothing does.
@@ -313,78 +313,6 @@ impl Routes {
         Routes::of(by_port, apps, own, frontends)
     }
 
-    /// The table for `config`, which differs from this table's config by `diff`: the routes
-    /// of unchanged apps are kept whole (shared, not rebuilt), and only the ports of apps
-    /// added, removed or changed get new tables, in which only the bindings of those apps
-    /// are rebuilt.
-    pub fn update(&self, config: &Config, diff: &Diff) -> Routes {
-        let frontends = Arc::new(Frontends::new(config));
-        let new_names: HashSet<&str> = diff
-            .apps_added
-            .iter()
-            .chain(&diff.apps_changed)
-            .map(String::as_str)
-            .collect();
-        let gone: HashSet<&str> = diff
-            .apps_removed
-            .iter()
-            .chain(&diff.apps_changed)
-            .map(String::as_str)
-            .collect();
-        let mut apps = Vec::with_capacity(config.apps.len());
-        // The new routes of added and changed apps, with their ports.
-        let mut fresh: Vec<(Arc<AppRoute>, &[u16])> = Vec::with_capacity(new_names.len());
-        for app in &config.apps {
-            let old = self.by_name.get(app.name.as_str()).map(|&i| &self.apps[i]);
-            let route = match old {
-                Some((route, _)) if !new_names.contains(app.name.as_str()) => Arc::clone(route),
-                _ => {
-                    let r = Arc::new(AppRoute::new(app, old.map(|o| &*o.0), &self.own));
-                    fresh.push((Arc::clone(&r), &app.ports));
-                    r
-                }
-            };
-            apps.push((route, app.ports.clone()));
-        }
-        // Port -> what changes there: the prefixes touched, and the new routes on it.
-        let mut touched: BTreeMap<u16, (BTreeSet<Prefix>, Vec<Arc<AppRoute>>)> = BTreeMap::new();
-        for name in &gone {
-            if let Some(&i) = self.by_name.get(*name) {
-                let (route, ports) = &self.apps[i];
-                let prefixes = route.prefixes();
-                for port in ports {
-                    touched.entry(*port).or_default().0.extend(&prefixes);
-                }
-            }
-        }
-        for (route, ports) in &fresh {
-            let prefixes = route.prefixes();
-            for port in ports.iter() {
-                let t = touched.entry(*port).or_default();
-                t.0.extend(&prefixes);
-                t.1.push(Arc::clone(route));
-            }
-        }
-        let mut by_port = self.by_port.clone();
-        // Ports that shared a table and change alike share the new one.
-        let mut made: HashMap<(usize, Vec<&str>), Option<Arc<PortTable>>> = HashMap::new();
-        for (port, (prefixes, routes)) in &touched {
-            let old = self.by_port.get(port);
-            let mut names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
-            names.sort_unstable();
-            let key = (old.map_or(0, |t| Arc::as_ptr(t) as usize), names);
-            let table = made
-                .entry(key)
-                .or_insert_with(|| updated_table(old.map(|t| &**t), prefixes, routes, &gone))
-                .clone();
-            match table {
-                Some(t) => by_port.insert(*port, t),
-                None => by_port.remove(port),
-            };
-        }
-        Routes::of(by_port, apps, Arc::clone(&self.own), frontends)
-    }
-
     // `Named` hashes and compares only the name, which never changes.
     #[allow(clippy::mutable_key_type)]
     fn of(
@@ -499,18 +427,15 @@ fn binding(routes: &[&Arc<AppRoute>], kept: Option<&Binding>) -> Binding {
 impl Binding {
     /// Every app here, each once.
     fn routes(&self) -> Vec<&Arc<AppRoute>> {
-        let mut out: Vec<&Arc<AppRoute>> = Vec::new();
-        for r in self
-            .default
+        // A set of the routes seen, not a scan of `out`: a binding may hold thousands of
+        // apps told apart by Hostnames.
+        let mut seen: HashSet<*const AppRoute> = HashSet::new();
+        self.default
             .iter()
             .chain(self.exact.values())
             .chain(self.wildcard.values())
-        {
-            if !out.iter().any(|o| Arc::ptr_eq(o, r)) {
-                out.push(r);
-            }
-        }
-        out
+            .filter(|r| seen.insert(Arc::as_ptr(r)))
+            .collect()
     }
 }
 
@@ -558,33 +483,7 @@ fn port_table(routes: &[&Arc<AppRoute>], kept: Option<&PortTable>) -> PortTable 
     PortTable::new(bindings)
 }
 
-/// `old` (a port's table; None: a port new to the config) with the bindings of `prefixes`
-/// rebuilt: without the apps in `gone`, with `fresh` (the new routes on this port) where they
-/// answer. None: no app is left on the port.
-fn updated_table(
-    old: Option<&PortTable>,
-    prefixes: &BTreeSet<Prefix>,
-    fresh: &[Arc<AppRoute>],
-    gone: &HashSet<&str>,
-) -> Option<Arc<PortTable>> {
-    let mut bindings = old.map(|t| t.bindings.clone()).unwrap_or_default();
-    for prefix in prefixes {
-        let before = bindings.remove(prefix);
-        let mut on: Vec<&Arc<AppRoute>> = before
-            .as_ref()
-            .map(|b| b.routes())
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|r| !gone.contains(r.name.as_str()))
-            .collect();
-        on.extend(fresh.iter().filter(|r| r.prefixes().contains(prefix)));
-        if !on.is_empty() {
-            let b = binding(&on, before.as_deref());
-            bindings.insert(*prefix, Arc::new(b));
-        }
-    }
-    (!bindings.is_empty()).then(|| Arc::new(PortTable::new(bindings)))
-}
+mod update;
 
 #[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 
 use crate::config::model::{App, Config};
 
@@ -22,9 +23,9 @@ impl Diff {
     pub fn between(old: &Config, new: &Config) -> Diff {
         let old_ports: BTreeSet<u16> = old.ports().collect();
         let new_ports: BTreeSet<u16> = new.ports().collect();
-        let old_apps: BTreeMap<&str, &App> =
+        let old_apps: BTreeMap<&str, &Arc<App>> =
             old.apps.iter().map(|a| (a.name.as_str(), a)).collect();
-        let new_apps: BTreeMap<&str, &App> =
+        let new_apps: BTreeMap<&str, &Arc<App>> =
             new.apps.iter().map(|a| (a.name.as_str(), a)).collect();
         Diff {
             ports_added: new_ports.difference(&old_ports).copied().collect(),
@@ -41,7 +42,12 @@ impl Diff {
                 .collect(),
             apps_changed: new_apps
                 .iter()
-                .filter(|(n, a)| old_apps.get(*n).is_some_and(|old| old != *a))
+                .filter(|(n, a)| {
+                    // The same Arc is the same app (shared, unchanged): no deep compare.
+                    old_apps
+                        .get(*n)
+                        .is_some_and(|old| !Arc::ptr_eq(old, a) && old != *a)
+                })
                 .map(|(n, _)| n.to_string())
                 .collect(),
         }

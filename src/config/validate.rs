@@ -2,6 +2,7 @@
 //! field, or a config the proxy can run on.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -77,7 +78,9 @@ impl Config {
         }
         check_sharing(&apps, &earlier.unusable, &mut problems);
         if problems.is_empty() {
-            Ok(Config { apps })
+            Ok(Config {
+                apps: apps.into_iter().map(Arc::new).collect(),
+            })
         } else {
             Err(problems.into_vec())
         }

@@ -21,11 +21,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::backends::loops::{dialled, is_local, local_target, target_is_own};
 use crate::config::hostname::Pattern;
 use crate::config::prefix::Prefix;
-use crate::config::{self, app_prefixes, sha256, App, Config};
+use crate::config::{self, app_prefixes, sha256, App, Config, Diff};
 use crate::frontend::watch::{FileSig, Watch};
 use crate::sys::inotify::{DirWatch, Events};
 
@@ -41,12 +42,15 @@ pub struct Directory {
     /// frontends a target must not be.
     frontends: HashMap<u16, (HashMap<Prefix, u32>, Vec<u8>)>,
     /// Targets that are this host (an IP address of it, or `localhost`), by port: those a
-    /// new frontend could make loop. (app, target as written, address).
-    local_targets: HashMap<u16, Vec<(String, String, IpAddr)>>,
+    /// new frontend could make loop. By port, then by app (so an app leaves without a pass
+    /// over every app's): (target as written, address).
+    local_targets: HashMap<u16, BTreeMap<String, Vec<(String, IpAddr)>>>,
     watch: Option<DirWatch>,
     /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
     /// when a file is created, renamed in or out, or deleted).
     dir_sig: Option<FileSig>,
+    /// What the refresh under way changed, as it goes (see `Refresh::diff`).
+    touched: touched::Touched,
 }
 
 #[derive(Default)]
@@ -61,12 +65,12 @@ struct FileState {
     /// SHA-256 of the contents last read.
     sha256: String,
     /// The version in force (its apps and hash); None: none ever was.
-    good: Option<(Vec<App>, String)>,
+    good: Option<(Vec<Arc<App>>, String)>,
     /// Why the contents last read are refused; None: they are in force.
     problems: Option<Vec<String>>,
     /// The apps of refused contents that were valid on their own: tried again when other
     /// files change.
-    pending: Option<Vec<App>>,
+    pending: Option<Vec<Arc<App>>>,
 }
 
 /// A file refused, with every problem (as the metrics endpoint publishes it).
@@ -79,6 +83,8 @@ pub struct Refresh {
     pub changed: bool,
     /// Files refused by this refresh (each logged and counted once per version).
     pub rejected: Vec<Rejected>,
+    /// The apps and ports in force before and after this refresh differ by this.
+    pub diff: Diff,
 }
 
 /// Whether `name` is a config file of the directory: `*.json`, not a dotfile.
@@ -108,6 +114,7 @@ impl Directory {
             local_targets: HashMap::new(),
             watch,
             dir_sig: None,
+            touched: touched::Touched::default(),
         }
     }
 
@@ -174,6 +181,7 @@ impl Directory {
         if out.changed {
             self.retry_pending(&mut out);
         }
+        out.diff = self.diff_touched();
         out
     }
 
@@ -262,7 +270,7 @@ impl Directory {
         &mut self,
         name: &str,
         problems: Vec<String>,
-        pending: Option<Vec<App>>,
+        pending: Option<Vec<Arc<App>>>,
         out: &mut Refresh,
     ) {
         if let Some(state) = self.files.get_mut(name) {
@@ -276,7 +284,7 @@ impl Directory {
     }
 
     /// `apps` (hashing to `sha`) serve from `name` from now on, in place of its last version.
-    fn accept(&mut self, name: &str, apps: Vec<App>, sha: String) {
+    fn accept(&mut self, name: &str, apps: Vec<Arc<App>>, sha: String) {
         let Some(state) = self.files.get_mut(name) else {
             return;
         };
@@ -294,7 +302,7 @@ impl Directory {
 
     /// Try again the files refused for a clash, now that other files changed.
     fn retry_pending(&mut self, out: &mut Refresh) {
-        let waiting: Vec<(String, Vec<App>, String)> = self
+        let waiting: Vec<(String, Vec<Arc<App>>, String)> = self
             .files
             .iter()
             .filter_map(|(n, f)| Some((n.clone(), f.pending.clone()?, f.sha256.clone())))
@@ -309,7 +317,7 @@ impl Directory {
     }
 
     /// Every problem of `apps` (valid on their own) from `file` beside the other files'.
-    fn clashes(&self, file: &str, apps: &[App]) -> Vec<String> {
+    fn clashes(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
         let other = |app: &str| self.owners.get(app).is_some_and(|f| f != file);
         let mut problems = Vec::new();
         for app in apps {
@@ -346,7 +354,7 @@ impl Directory {
 
     /// Targets of `apps` that would be frontends (their own or the others'), and the others'
     /// targets that their frontends would make loop.
-    fn loops(&self, file: &str, apps: &[App]) -> Vec<String> {
+    fn loops(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
         let mine: HashMap<u16, Vec<Prefix>> = apps.iter().fold(HashMap::new(), |mut m, a| {
             for &port in &a.ports {
                 m.entry(port).or_default().extend(app_prefixes(a));
@@ -381,7 +389,8 @@ impl Directory {
             }
         }
         for (port, prefixes) in &mine {
-            for (app, target, ip) in self.local_targets.get(port).into_iter().flatten() {
+            let on_port = self.local_targets.get(port).into_iter().flatten();
+            for (app, (target, ip)) in on_port.flat_map(|(a, ts)| ts.iter().map(move |t| (a, t))) {
                 if self.owners.get(app).is_some_and(|f| f != file)
                     && prefixes.iter().any(|p| p.contains(*ip))
                 {
@@ -406,8 +415,9 @@ impl Directory {
             .count() as u32
     }
 
-    fn index(&mut self, file: &str, apps: &[App]) {
+    fn index(&mut self, file: &str, apps: &[Arc<App>]) {
         for app in apps {
+            self.note(app, false);
             self.owners.insert(app.name.clone(), file.to_owned());
             for prefix in app_prefixes(app) {
                 for &port in &app.ports {
@@ -427,18 +437,20 @@ impl Directory {
             }
             for t in app.targets.iter().map(|spec| &spec.target) {
                 if let Some(ip) = local_target(t) {
-                    self.local_targets.entry(t.port).or_default().push((
-                        app.name.clone(),
-                        t.to_string(),
-                        ip,
-                    ));
+                    self.local_targets
+                        .entry(t.port)
+                        .or_default()
+                        .entry(app.name.clone())
+                        .or_default()
+                        .push((t.to_string(), ip));
                 }
             }
         }
     }
 
-    fn unindex(&mut self, apps: &[App]) {
+    fn unindex(&mut self, apps: &[Arc<App>]) {
         for app in apps {
+            self.note(app, true);
             self.owners.remove(&app.name);
             for prefix in app_prefixes(app) {
                 for &port in &app.ports {
@@ -446,7 +458,13 @@ impl Directory {
                         if slot.default.as_ref() == Some(&app.name) {
                             slot.default = None;
                         }
-                        slot.names.retain(|_, a| *a != app.name);
+                        // By the app's own Hostnames, not a pass over the slot's: a slot may
+                        // hold thousands of apps.
+                        for h in &app.hostnames {
+                            if slot.names.get(h) == Some(&app.name) {
+                                slot.names.remove(h);
+                            }
+                        }
                         if slot.default.is_none() && slot.names.is_empty() {
                             self.slots.remove(&(port, prefix));
                         }
@@ -462,8 +480,8 @@ impl Directory {
                 }
             }
             for t in app.targets.iter().map(|spec| &spec.target) {
-                if let Some(list) = self.local_targets.get_mut(&t.port) {
-                    list.retain(|(a, _, _)| *a != app.name);
+                if let Some(apps) = self.local_targets.get_mut(&t.port) {
+                    apps.remove(&app.name);
                 }
             }
         }
@@ -535,9 +553,12 @@ impl Directory {
             local_targets: HashMap::new(),
             watch: None,
             dir_sig: None,
+            touched: touched::Touched::default(),
         }
     }
 }
+
+mod touched;
 
 #[cfg(test)]
 mod tests;

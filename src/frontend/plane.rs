@@ -135,7 +135,7 @@ pub(super) enum Source {
     /// One file, and what was last seen of it.
     File(Watch),
     /// A directory of files (`-c DIR`).
-    Dir(Directory),
+    Dir(Box<Directory>),
 }
 
 struct Plane {
@@ -143,6 +143,9 @@ struct Plane {
     /// A change of a directory was refused by the loop (its ports): the directory's apps are
     /// not all in force, and the next reload tries again even if no file changed.
     behind: bool,
+    /// Simple mode: the listeners the config in force needs, counted per (port, prefix) so a
+    /// reload changes them by its apps (built when the thread starts).
+    wanted: simple::Wanted,
     requests: Receiver<Request>,
     changes: Sender<Change>,
     verdicts: Receiver<Verdict>,
@@ -178,7 +181,7 @@ pub(super) fn load(path: &Path) -> Result<Loaded, ConfigError> {
         return Ok(Loaded {
             config: dir.config(),
             sha256: dir.sha256(),
-            source: Source::Dir(dir),
+            source: Source::Dir(Box::new(dir)),
             rejected: found.rejected,
         });
     }
@@ -205,6 +208,7 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     let plane = Plane {
         at,
         behind: false,
+        wanted: simple::Wanted::default(),
         requests,
         changes,
         verdicts,
@@ -295,6 +299,9 @@ fn give_back_freed_memory() {
 impl Plane {
     /// Serve requests until the loop is gone.
     fn run(mut self) {
+        if !self.at.steers {
+            self.wanted = simple::Wanted::of(&self.at.config);
+        }
         // What start-up freed (the files read, the parse) goes back too.
         give_back_freed_memory();
         while let Ok(first) = self.requests.recv() {
@@ -375,7 +382,7 @@ impl Plane {
                 });
             }
         };
-        self.apply(new, sha, began, forced)
+        self.apply(new, None, sha, began, forced)
     }
 
     /// Look for changed files in the config directory, take in those that pass, report
@@ -416,16 +423,28 @@ impl Plane {
             });
         }
         let (new, sha) = (dir.config(), dir.sha256());
+        // The directory says what changed, from the files that did: no compare of every app.
+        // Not after a change the loop refused: the config in force is then older than the
+        // directory's last refresh, and only a whole compare tells the difference.
+        let diff = (!self.behind).then_some(found.diff);
         // Applied with some files refused is Applied: the refused files are logged and listed
         // in /status.
-        let outcome = self.apply(new, sha, began, forced)?;
+        let outcome = self.apply(new, diff, sha, began, forced)?;
         self.behind = matches!(outcome, Outcome::Rejected { .. });
         Some(outcome)
     }
 
-    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force.
-    fn apply(&mut self, new: Config, sha: String, began: Instant, forced: bool) -> Option<Outcome> {
-        let diff = Diff::between(&self.at.config, &new);
+    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force:
+    /// `diff` if the caller knows it, else found by comparing every app.
+    fn apply(
+        &mut self,
+        new: Config,
+        diff: Option<Diff>,
+        sha: String,
+        began: Instant,
+        forced: bool,
+    ) -> Option<Outcome> {
+        let diff = diff.unwrap_or_else(|| Diff::between(&self.at.config, &new));
         if diff.is_empty() {
             // Same apps in other bytes (spacing, key order) is still the file in force: its
             // hash is what a fleet compares.
@@ -437,12 +456,14 @@ impl Plane {
             return Some(Outcome::Unchanged { sha256: sha });
         }
         let routes = Arc::new(self.at.routes.update(&new, &diff));
-        let ports = port_change(
-            self.at.steers,
-            Some((&self.at.routes, &diff)),
-            &new,
-            &routes,
-        );
+        let ports = if self.at.steers {
+            port_change(true, Some((&self.at.routes, &diff)), &new, &routes)
+        } else {
+            PortChange {
+                binds: self.wanted_after(&diff, &routes),
+                steer: Vec::new(),
+            }
+        };
         let change = Change {
             routes: Arc::clone(&routes),
             ports,
@@ -451,13 +472,29 @@ impl Plane {
         let verdict = self.ask_loop(change)?;
         drop(verdict.dropped);
         if let Some(why) = verdict.refused {
+            if !self.at.steers {
+                // Counted as if applied: count again what is in force.
+                self.wanted = simple::Wanted::of(&self.at.config);
+            }
             self.reject(&format!("{why}; "), &sha);
             return Some(Outcome::Rejected {
                 problems: vec![why],
             });
         }
         routes.in_force();
-        self.at.checker.set(routes.backends());
+        // The health checker gets the backends of the apps the diff names, not the list of
+        // every backend.
+        let backends_of = |r: &Routes, names: &[&Vec<String>]| -> Vec<_> {
+            names
+                .iter()
+                .flat_map(|n| n.iter())
+                .filter_map(|n| r.route(n))
+                .flat_map(|route| route.backends.iter().cloned())
+                .collect()
+        };
+        let removed = backends_of(&self.at.routes, &[&diff.apps_removed, &diff.apps_changed]);
+        let added = backends_of(&routes, &[&diff.apps_added, &diff.apps_changed]);
+        self.at.checker.change(added, removed);
         self.at.published.reloaded(Arc::clone(&routes), &sha);
         // The old config and table are dropped here, on this thread.
         self.at.config = new;
@@ -469,6 +506,23 @@ impl Plane {
             took.as_secs_f64() * 1000.0
         );
         Some(Outcome::Applied { sha256: sha })
+    }
+
+    /// Simple mode: the listeners wanted once `diff` applies (`routes` is the new table),
+    /// counted by the pairs of the apps it names alone.
+    fn wanted_after(&mut self, diff: &Diff, routes: &Routes) -> BTreeSet<simple::Bind> {
+        let old = &self.at.routes;
+        for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
+            for (port, prefix) in old.pairs_of(name) {
+                self.wanted.count(port, &prefix, false);
+            }
+        }
+        for name in diff.apps_added.iter().chain(&diff.apps_changed) {
+            for (port, prefix) in routes.pairs_of(name) {
+                self.wanted.count(port, &prefix, true);
+            }
+        }
+        self.wanted.binds()
     }
 
     /// Hand `change` to the loop, wake it, and wait for its verdict. None: the loop is gone.

@@ -14,6 +14,7 @@ use std::os::fd::RawFd;
 use mio::net::TcpListener;
 use mio::{Interest, Registry, Token};
 
+use crate::config::prefix::Prefix;
 use crate::config::{app_prefixes, Config};
 pub use crate::frontend::ports::Bind;
 use crate::frontend::ports::{
@@ -38,55 +39,93 @@ pub struct PerPort {
 
 /// The listeners `config` needs.
 pub fn wanted(config: &Config) -> BTreeSet<Bind> {
-    // Port -> (IPv4 wildcard needed, IPv6 wildcard needed, single addresses).
-    let mut per_port: BTreeMap<u16, (bool, bool, BTreeSet<IpAddr>)> = BTreeMap::new();
-    for app in &config.apps {
-        let prefixes = app_prefixes(app);
-        for &port in &app.ports {
-            let e = per_port.entry(port).or_default();
-            for p in &prefixes {
-                match (p.is_v4(), p.is_host()) {
-                    (true, false) => e.0 = true,
-                    (false, false) => e.1 = true,
-                    (_, true) => {
-                        e.2.insert(p.addr());
-                    }
+    Wanted::of(config).binds()
+}
+
+/// The listeners a config needs, counted so that a reload changes them by the (port, prefix)
+/// pairs of the apps it changes: a pass over every app per reload was the largest part of a
+/// one-app change at 200,000 apps. Per port: how many pairs take more than one IPv4 address,
+/// more than one IPv6 address, and each single address.
+#[derive(Debug, Default)]
+pub struct Wanted(BTreeMap<u16, PortWants>);
+
+#[derive(Debug, Default)]
+struct PortWants {
+    any4: u32,
+    any6: u32,
+    hosts: HashMap<IpAddr, u32>,
+}
+
+impl Wanted {
+    pub fn of(config: &Config) -> Wanted {
+        let mut w = Wanted::default();
+        for app in &config.apps {
+            let prefixes = app_prefixes(app);
+            for &port in &app.ports {
+                for p in &prefixes {
+                    w.count(port, p, true);
                 }
             }
         }
+        w
     }
-    let mut out = BTreeSet::new();
-    for (port, (all4, all6, hosts)) in per_port {
-        let at = |ip: IpAddr| SocketAddr::new(ip, port);
-        if all4 && all6 {
-            out.insert(Bind {
-                addr: at(Ipv6Addr::UNSPECIFIED.into()),
-                dual: true,
-            });
-            continue;
+
+    /// Count the pair (`port`, `prefix`) of an app in (`add`) or out (an app that answered
+    /// there is gone or changed; each pair counted in once is counted out once).
+    pub fn count(&mut self, port: u16, prefix: &Prefix, add: bool) {
+        let e = self.0.entry(port).or_default();
+        let n = match (prefix.is_v4(), prefix.is_host()) {
+            (true, false) => &mut e.any4,
+            (false, false) => &mut e.any6,
+            (_, true) => e.hosts.entry(prefix.addr()).or_insert(0),
+        };
+        *n = if add { *n + 1 } else { n.saturating_sub(1) };
+        if prefix.is_host() && *n == 0 {
+            e.hosts.remove(&prefix.addr());
         }
-        if all4 {
-            out.insert(Bind {
-                addr: at(Ipv4Addr::UNSPECIFIED.into()),
-                dual: false,
-            });
+        if e.any4 == 0 && e.any6 == 0 && e.hosts.is_empty() {
+            self.0.remove(&port);
         }
-        if all6 {
-            out.insert(Bind {
-                addr: at(Ipv6Addr::UNSPECIFIED.into()),
-                dual: false,
-            });
-        }
-        for ip in hosts {
-            if (ip.is_ipv4() && !all4) || (ip.is_ipv6() && !all6) {
+    }
+
+    /// The listeners: per port and family, a wildcard where some app takes more than single
+    /// addresses, else one per address; one dual-stack socket where both families need a
+    /// wildcard.
+    pub fn binds(&self) -> BTreeSet<Bind> {
+        let mut out = BTreeSet::new();
+        for (&port, w) in &self.0 {
+            let at = |ip: IpAddr| SocketAddr::new(ip, port);
+            let (all4, all6) = (w.any4 > 0, w.any6 > 0);
+            if all4 && all6 {
                 out.insert(Bind {
-                    addr: at(ip),
+                    addr: at(Ipv6Addr::UNSPECIFIED.into()),
+                    dual: true,
+                });
+                continue;
+            }
+            if all4 {
+                out.insert(Bind {
+                    addr: at(Ipv4Addr::UNSPECIFIED.into()),
                     dual: false,
                 });
             }
+            if all6 {
+                out.insert(Bind {
+                    addr: at(Ipv6Addr::UNSPECIFIED.into()),
+                    dual: false,
+                });
+            }
+            for &ip in w.hosts.keys() {
+                if (ip.is_ipv4() && !all4) || (ip.is_ipv6() && !all6) {
+                    out.insert(Bind {
+                        addr: at(ip),
+                        dual: false,
+                    });
+                }
+            }
         }
+        out
     }
-    out
 }
 
 /// Whether two listeners of ours would refuse each other's bind: the same port, the same
@@ -311,5 +350,32 @@ mod tests {
             ),
             ["0.0.0.0:80", "[::1]:80"]
         );
+    }
+
+    /// Counting an app's pairs out and its new version's in gives what the new config wants,
+    /// down to a port no app is left on.
+    #[test]
+    fn counted_changes_want_what_the_new_config_wants() {
+        let parse = |json: &str| Config::parse(Path::new("c"), json.as_bytes()).unwrap();
+        let old = parse(
+            r#"{"Apps":[{"Name":"a","Ports":[80,81],"Addresses":["127.0.0.2"],"Targets":["h:1"]},
+                        {"Name":"b","Ports":[80],"Addresses":["127.0.0.3","::1"],"Targets":["h:1"]},
+                        {"Name":"c","Ports":[82],"Targets":["h:1"]}]}"#,
+        );
+        let new = parse(
+            r#"{"Apps":[{"Name":"a","Ports":[80],"Addresses":["127.0.0.0/8"],"Targets":["h:1"]},
+                        {"Name":"b","Ports":[80],"Addresses":["127.0.0.3","::1"],"Targets":["h:1"]}]}"#,
+        );
+        let mut w = Wanted::of(&old);
+        for (name, add, config) in [("a", false, &old), ("c", false, &old), ("a", true, &new)] {
+            let app = config.apps.iter().find(|x| x.name == name).unwrap();
+            for &port in &app.ports {
+                for p in app_prefixes(app) {
+                    w.count(port, &p, add);
+                }
+            }
+        }
+        assert_eq!(w.binds(), wanted(&new));
+        assert_ne!(wanted(&old), wanted(&new));
     }
 }

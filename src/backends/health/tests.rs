@@ -73,3 +73,49 @@ fn maintenance_stops_the_checks_and_ready_resumes_them() {
     });
     wait_until("its check's verdict", || maint.is_up());
 }
+
+/// A reload's change leaves the checker with what the whole new list would: the removed
+/// backends gone (a target with none left too), the added ones grouped by target, and a kept
+/// backend's last check kept.
+#[test]
+fn a_change_checks_what_the_whole_list_would() {
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
+    let mut run = Run::new(poll, Resolver::new(Duration::from_secs(10)), waker);
+    let backend = |app: &str, t: &str| {
+        Arc::new(Backend::new(
+            app,
+            parse_target(t).unwrap(),
+            HealthCheck::default(),
+        ))
+    };
+    let (a, b, c) = (
+        backend("a", "192.0.2.1:80"),
+        backend("b", "192.0.2.1:80"),
+        backend("c", "192.0.2.2:80"),
+    );
+    run.follow(follow::Update::Set(vec![a.clone(), b.clone(), c.clone()]));
+    let checked_a = Instant::now() - Duration::from_secs(5);
+    run.last.insert(Arc::as_ptr(&a), checked_a);
+    // a is changed (kept), c removed, d added on a new target.
+    let d = backend("d", "192.0.2.3:80");
+    run.follow(follow::Update::Change {
+        added: vec![a.clone(), d.clone()],
+        removed: vec![a.clone(), c.clone()],
+    });
+    let mut lists: Vec<(String, usize)> = run
+        .targets
+        .iter()
+        .map(|(p, l)| (p.target.to_string(), l.len()))
+        .collect();
+    lists.sort();
+    assert_eq!(
+        lists,
+        [
+            ("192.0.2.1:80".to_owned(), 2),
+            ("192.0.2.3:80".to_owned(), 1)
+        ]
+    );
+    assert_eq!(run.last.get(&Arc::as_ptr(&a)), Some(&checked_a));
+    assert!(!run.last.contains_key(&Arc::as_ptr(&c)));
+}

@@ -108,3 +108,55 @@ fn without_inotify_the_directory_mtime_says_when_to_rescan() {
     assert_eq!(ports, [7203, 7202]);
     fs::remove_dir_all(&d).unwrap();
 }
+
+/// The diff a refresh gives, from the files that changed, is what comparing every app of the
+/// configs before and after gives: apps added, removed (file deleted, or an app moved out of a
+/// file), changed, moved between files unchanged (no change), ports added and removed; and a
+/// file refused changes nothing.
+#[test]
+fn a_refresh_says_what_changed_as_a_whole_compare_would() {
+    let d = dir("diff");
+    fs::write(d.join("a.json"), app("a", 7001, "")).unwrap();
+    fs::write(d.join("b.json"), app("b", 7002, "")).unwrap();
+    let mut dir = Directory::open(&d);
+    let mut before = Config { apps: Vec::new() };
+    let mut step = |dir: &mut Directory, what: &str| {
+        let r = dir.refresh(true);
+        let now = dir.config();
+        assert_eq!(r.diff, Diff::between(&before, &now), "{what}");
+        before = now;
+        r.diff
+    };
+    let first = step(&mut dir, "start");
+    assert_eq!(first.apps_added, ["a", "b"]);
+    assert_eq!(first.ports_added, [7001, 7002]);
+    // a changes port, c comes, b goes.
+    fs::write(d.join("a.json"), app("a", 7003, "")).unwrap();
+    fs::write(d.join("c.json"), app("c", 7001, "")).unwrap();
+    fs::remove_file(d.join("b.json")).unwrap();
+    let diff = step(&mut dir, "change, add, remove");
+    assert_eq!(
+        (diff.apps_added, diff.apps_removed, diff.apps_changed),
+        (vec!["c".into()], vec!["b".into()], vec!["a".into()])
+    );
+    assert_eq!(
+        (diff.ports_added, diff.ports_removed),
+        (vec![7003], vec![7002])
+    );
+    // c moves, unchanged, to another file: nothing changed.
+    fs::remove_file(d.join("c.json")).unwrap();
+    fs::write(d.join("d.json"), app("c", 7001, "")).unwrap();
+    assert!(step(&mut dir, "move").is_empty());
+    // Rewritten alike, and a refused file: nothing changed.
+    fs::write(d.join("a.json"), app("a", 7003, "")).unwrap();
+    fs::write(d.join("e.json"), app("a", 7004, "")).unwrap();
+    assert!(step(&mut dir, "alike and refused").is_empty());
+    // e waits for a's name: when a goes, e's a serves in its place (changed).
+    fs::remove_file(d.join("a.json")).unwrap();
+    let diff = step(&mut dir, "the waiting file serves");
+    assert_eq!(diff.apps_changed, ["a"]);
+    assert_eq!(
+        (diff.ports_added, diff.ports_removed),
+        (vec![7004], vec![7003])
+    );
+}
