@@ -638,7 +638,10 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
     problems += sharing_clashes(&out, &unusable);
     Some(Verdict::Checked {
         problems,
-        config: (problems == 0).then_some(Config { apps: out }),
+        // The proxy's config shares its apps (`Arc<App>`); the oracle builds them plainly.
+        config: (problems == 0).then(|| Config {
+            apps: out.into_iter().map(std::sync::Arc::new).collect(),
+        }),
     })
 }
 
