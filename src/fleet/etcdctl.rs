@@ -40,42 +40,24 @@ pub(super) fn command(etcdctl: &Path) -> Command {
 
 /// `etcdctl get`: the key's value now. etcdctl's own dial and command timeouts bound it.
 pub(super) fn get(etcdctl: &Path, key: &str) -> Result<Snapshot, SyncError> {
-    let out = command(etcdctl)
-        .args(["get", "-w", "json", key])
-        .output()
-        .map_err(SyncError::Spawn)?;
-    if !out.status.success() {
-        return Err(SyncError::Etcdctl {
-            status: out.status,
-            stderr: tail(&out.stderr),
-        });
-    }
-    parse_get(&out.stdout, key)
+    let out = stdout_of(command(etcdctl).args(["get", "-w", "json", key]))?;
+    parse_get(&out, key)
 }
 
 /// `etcdctl get --prefix --keys-only --limit=1`: the store's revision, the cluster and how
 /// many keys the prefix holds, which costs etcd next to nothing (etcdctl 3.4 has no
 /// `--count-only`).
 pub(super) fn probe_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, SyncError> {
-    let out = command(etcdctl)
-        .args([
-            "get",
-            "-w",
-            "json",
-            "--prefix",
-            "--keys-only",
-            "--limit=1",
-            prefix,
-        ])
-        .output()
-        .map_err(SyncError::Spawn)?;
-    if !out.status.success() {
-        return Err(SyncError::Etcdctl {
-            status: out.status,
-            stderr: tail(&out.stderr),
-        });
-    }
-    parse_get_prefix(&out.stdout, prefix)
+    let out = stdout_of(command(etcdctl).args([
+        "get",
+        "-w",
+        "json",
+        "--prefix",
+        "--keys-only",
+        "--limit=1",
+        prefix,
+    ]))?;
+    parse_get_prefix(&out, prefix)
 }
 
 /// Keys per `etcdctl get` of a listing: a listing of 200,000 apps is about 55 MB of output, too
@@ -103,14 +85,7 @@ pub(super) fn list_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, SyncE
         // with the prefix, which does not start with '-'.
         cmd.arg(OsStr::from_bytes(&start))
             .arg(OsStr::from_bytes(&end));
-        let out = cmd.output().map_err(SyncError::Spawn)?;
-        if !out.status.success() {
-            return Err(SyncError::Etcdctl {
-                status: out.status,
-                stderr: tail(&out.stderr),
-            });
-        }
-        let page = parse_get_prefix(&out.stdout, prefix)?;
+        let page = parse_get_prefix(&stdout_of(&mut cmd)?, prefix)?;
         let more = page.more;
         let all = match &mut listing {
             None => listing.insert(page),
@@ -190,6 +165,18 @@ pub(super) fn collect_stderr(child: &mut Child) -> thread::JoinHandle<String> {
 
 /// What etcdctl said on stderr, for a log line: its `Error:` lines when there are any (the
 /// client library's JSON warnings before them only repeat the cause), else the last few lines.
+/// Run `cmd` to its end: its output, or why it failed (with the end of what it said).
+fn stdout_of(cmd: &mut Command) -> Result<Vec<u8>, SyncError> {
+    let out = cmd.output().map_err(SyncError::Spawn)?;
+    if !out.status.success() {
+        return Err(SyncError::Etcdctl {
+            status: out.status,
+            stderr: tail(&out.stderr),
+        });
+    }
+    Ok(out.stdout)
+}
+
 fn tail(bytes: &[u8]) -> String {
     let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();

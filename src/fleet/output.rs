@@ -153,18 +153,24 @@ pub fn parse_get_prefix(out: &[u8], prefix: &str) -> Result<Listing, SyncError> 
     })
 }
 
+/// Why etcd ended a watch with this response (its history compacted past where the watch
+/// started, or the watch cancelled), if it did.
+fn ended(resp: &WatchResponse) -> Option<String> {
+    if resp.compact_revision != 0 {
+        return Some(format!(
+            "history compacted up to revision {}",
+            resp.compact_revision
+        ));
+    }
+    resp.canceled.then(|| "cancelled by etcd".to_string())
+}
+
 /// Parse one line of `etcdctl watch -w json --prefix PREFIX` output.
 pub fn parse_watch_prefix(line: &str, prefix: &str) -> Result<PrefixUpdate, SyncError> {
     let resp: WatchResponse = serde_json::from_str(line)
         .map_err(|e| SyncError::Output(format!("watch response: {e}")))?;
-    if resp.compact_revision != 0 {
-        return Ok(PrefixUpdate::Ended(format!(
-            "history compacted up to revision {}",
-            resp.compact_revision
-        )));
-    }
-    if resp.canceled {
-        return Ok(PrefixUpdate::Ended("cancelled by etcd".to_string()));
+    if let Some(why) = ended(&resp) {
+        return Ok(PrefixUpdate::Ended(why));
     }
     let mut events = Vec::new();
     for ev in resp.events.unwrap_or_default() {
@@ -217,14 +223,8 @@ pub fn parse_get(out: &[u8], key: &str) -> Result<Snapshot, SyncError> {
 pub fn parse_watch_line(line: &str, key: &str) -> Result<WatchUpdate, SyncError> {
     let resp: WatchResponse = serde_json::from_str(line)
         .map_err(|e| SyncError::Output(format!("watch response: {e}")))?;
-    if resp.compact_revision != 0 {
-        return Ok(WatchUpdate::Ended(format!(
-            "history compacted up to revision {}",
-            resp.compact_revision
-        )));
-    }
-    if resp.canceled {
-        return Ok(WatchUpdate::Ended("cancelled by etcd".to_string()));
+    if let Some(why) = ended(&resp) {
+        return Ok(WatchUpdate::Ended(why));
     }
     let mut last = None;
     for ev in resp.events.unwrap_or_default() {
