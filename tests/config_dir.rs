@@ -295,6 +295,91 @@ fn one_file_among_ten_thousand(env: Env) {
 
 two_modes!(ten_thousand_files, one_file_among_ten_thousand);
 
+/// What a hostile or careless writer can leave in the directory: a FIFO (opened without
+/// blocking, never read), a symlink to a character device (never read from: `/dev/zero` would
+/// never end), a directory named like a file, a dangling symlink (a file that is not there) and a
+/// symlink to a good file elsewhere (followed, as a Kubernetes ConfigMap mount needs). The
+/// proxy starts, serves the good files, reports the bad ones, and a reload with them still
+/// there takes as little as one without them: no thread waits on a FIFO and nothing spins.
+#[test]
+fn odd_entries_are_rejected_without_hanging() {
+    let env = Env {
+        mode: Mode::Simple,
+        ns: None,
+    };
+    let (ta, tb, tc) = (
+        Backend::tagged("a"),
+        Backend::tagged("b"),
+        Backend::tagged("c"),
+    );
+    let ports = env.ports(3);
+    let home = TempDir::new("dir-odd");
+    let apps = home.path.join("apps");
+    fs::create_dir(&apps).unwrap();
+    put(&apps, "a.json", &app_file("a", &ports[..1], &[ta.target()]));
+    let elsewhere = home.path.join("b-real.json");
+    fs::write(&elsewhere, app_file("b", &ports[1..2], &[tb.target()])).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, apps.join("b.json")).unwrap();
+    let fifo = std::ffi::CString::new(apps.join("fifo.json").to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0, "mkfifo");
+    std::os::unix::fs::symlink("/dev/zero", apps.join("zero.json")).unwrap();
+    fs::create_dir(apps.join("dir.json")).unwrap();
+    std::os::unix::fs::symlink(apps.join("nowhere"), apps.join("dangling.json")).unwrap();
+
+    let maddr = metrics_addr();
+    let p = start_dir(&env, home, &apps, &["--metrics", &maddr.to_string()]);
+    let at = |i: usize| SocketAddr::from(([127, 0, 0, 1], ports[i]));
+    assert_eq!(tag_of(at(0)), "a");
+    assert_eq!(tag_of(at(1)), "b");
+    let rejected = rejected_files(maddr);
+    let reasons: Vec<(&str, &str)> = rejected
+        .iter()
+        .map(|(f, problems)| (f.as_str(), problems[0].as_str()))
+        .collect();
+    let names: Vec<&str> = reasons.iter().map(|r| r.0).collect();
+    // The dangling symlink names no file: it is as absent as a deleted one.
+    assert_eq!(names, ["dir.json", "fifo.json", "zero.json"], "{reasons:?}");
+    for (file, kind) in [
+        ("dir.json", "a directory"),
+        ("fifo.json", "a FIFO"),
+        ("zero.json", "a character device"),
+    ] {
+        let problem = reasons.iter().find(|r| r.0 == file).unwrap().1;
+        assert!(problem.contains(kind), "{file}: {problem}");
+    }
+
+    // A change beside them applies, and rescanning them (SIGHUP reads every file) costs little.
+    let mark = p.mark();
+    put(
+        &apps,
+        "c.json",
+        &app_file("c", &ports[2..3], &[tc.target()]),
+    );
+    let line = p.wait_reload_ok(mark);
+    assert!(line.contains("new=[c]"), "{line}");
+    assert_eq!(tag_of(at(2)), "c");
+    let (cpu, threads) = (p.cpu_secs(), p.threads());
+    for _ in 0..5 {
+        let mark = p.mark();
+        p.signal(libc::SIGHUP);
+        p.wait_log_since(mark, "config unchanged", |l| {
+            l.contains("reload: config unchanged")
+        });
+    }
+    let used = p.cpu_secs() - cpu;
+    assert!(
+        used < 2.0,
+        "5 rescans with the odd entries took {used:.2} CPU-s"
+    );
+    assert!(
+        p.threads() <= threads + 2,
+        "threads {threads} -> {}",
+        p.threads()
+    );
+    assert_eq!(tag_of(at(0)), "a");
+}
+
 /// A file whose port cannot be bound (simple mode: another process listens on it) is refused
 /// with the change it came in, the running config serving on; once the port is free, SIGHUP
 /// applies it.
