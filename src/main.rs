@@ -32,7 +32,7 @@ fn main() -> ExitCode {
         }
         Command::Upgrade { pid_file } => request_upgrade(&pid_file),
         Command::Status { metrics, app } => status(metrics, app.as_deref()),
-        Command::Check { config } => check(&config),
+        Command::Check { config, given } => check(&config, given),
         Command::Ctl { socket, command } => ctl(&socket, &command),
         Command::Run(mode, settings) => run(mode, settings),
     }
@@ -84,8 +84,8 @@ fn run(mode: Mode, settings: Settings) -> ExitCode {
 /// `flyproxy check`: validate a config file. The verdict "ok" is the command's output
 /// (stdout); problems are diagnostics (stderr), as compilers and linters print them, so a
 /// script that keeps stdout still shows the operator what is wrong.
-fn check(config: &Path) -> ExitCode {
-    if config == cli::Settings::default().config {
+fn check(config: &Path, given: bool) -> ExitCode {
+    if !given {
         // The default path is relative: say where it was looked for, so that a check run from
         // the wrong directory does not pass or fail on a file the operator did not mean.
         let dir = std::env::current_dir()

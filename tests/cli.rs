@@ -539,6 +539,14 @@ fn check_defaults_to_config_json_in_the_current_directory() {
             dir.path.canonicalize().unwrap().display()
         )
     );
+    // Named with -c, even as the default's name, it is the operator's choice: no note.
+    let o = Command::new(BIN)
+        .args(["check", "-c", "config.json"])
+        .current_dir(&dir.path)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "");
 }
 
 #[test]

@@ -29,6 +29,8 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/flyproxy/admin.sock";
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub config: PathBuf,
+    /// `config` came from `-c` rather than being the default.
+    pub config_given: bool,
     pub max_connections: usize,
     /// Relay threads at most; None: as many as the connection bound.
     pub max_threads: Option<usize>,
@@ -74,6 +76,7 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             config: PathBuf::from("config.json"),
+            config_given: false,
             max_connections: 4096,
             max_threads: None,
             max_connections_per_client: 0,
@@ -140,6 +143,8 @@ pub enum Command {
     },
     Check {
         config: PathBuf,
+        /// The path came from `-c` (else it is the default, relative one).
+        given: bool,
     },
     /// Send `command` to the admin socket at `socket` and print the answer.
     Ctl {
@@ -287,7 +292,8 @@ fn option(
         "-h" | "--help" => return Ok(Some(Command::Help(help_of(name)))),
         "-V" | "--version" => return Ok(Some(Command::Version)),
         "-c" | "--config" if name != "status" && name != "upgrade" => {
-            s.config = PathBuf::from(value("a file path")?)
+            s.config = PathBuf::from(value("a file path")?);
+            s.config_given = true;
         }
         "--pid-file" if runs || name == "upgrade" => {
             s.pid_file = Some(PathBuf::from(value("a file path")?));
@@ -355,7 +361,10 @@ fn finish(name: &'static str, mode: Option<Mode>, s: Settings) -> Result<Command
             metrics: s.metrics.unwrap_or(DEFAULT_STATUS_ADDR),
             app: s.status_app,
         },
-        None => Command::Check { config: s.config },
+        None => Command::Check {
+            given: s.config_given,
+            config: s.config,
+        },
     })
 }
 
