@@ -32,9 +32,9 @@ use std::time::{Duration, Instant};
 use crate::config::sha256;
 use crate::fleet::cycle::{Cycle, Notifier};
 use crate::fleet::error::SyncError;
-use crate::fleet::etcdctl::{self, collect_stderr, read_lines};
+use crate::fleet::etcdctl::{self, collect_stderr, read_lines, Listed};
 use crate::fleet::file::{read_regular, remove_regular, write_all_atomically};
-use crate::fleet::output::{parse_watch_prefix, KeyValue, Listing, PrefixUpdate};
+use crate::fleet::output::{parse_watch_prefix, KeyValue, PrefixUpdate};
 use crate::fleet::status::Monitor;
 use crate::fleet::value::{app_file, app_name};
 
@@ -236,39 +236,47 @@ impl PrefixFollower {
         Ok(names)
     }
 
-    /// Bring DIR to `listing`: every key's file written if it differs, every owned file
-    /// whose key is gone removed. The revision is `listing`'s after.
-    fn reconcile(&mut self, listing: Listing) -> Result<(), SyncError> {
+    /// List the prefix and bring DIR to it, a page at a time (a page's files written with one
+    /// sync): every key's file written if it differs, then every owned file whose key is gone
+    /// removed. The revision is the listing's after. What is held per key meanwhile is the
+    /// owned files' names (to tell which to remove), not the values.
+    fn reconcile(&mut self) -> Result<Listed, SyncError> {
         let dir_error = |e| SyncError::Write(self.dir.clone(), e);
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
-        let owned = self.owned().map_err(dir_error)?;
-        self.monitor.clear_all();
+        let mut owned = self.owned().map_err(dir_error)?;
+        // Keys come in byte order; a sorted list found by binary search tells which owned
+        // files a key of the listing names, without a set of every key.
+        owned.sort_unstable();
+        let mut present = vec![false; owned.len()];
+        self.monitor.begin_listing();
         self.monitor.files = owned.len();
         let (mut written, mut unchanged, mut refused) = (0, 0, 0);
-        let mut present = std::collections::HashSet::with_capacity(listing.kvs.len());
-        let mut batch = Vec::with_capacity(BATCH);
-        for kv in &listing.kvs {
-            let value = kv.value.as_deref().unwrap_or_default();
-            match self.plan(&kv.key, kv.revision, value) {
-                Put::Write(p) => batch.push(p),
-                Put::Unchanged => unchanged += 1,
-                Put::Refused => refused += 1,
+        let (etcdctl, prefix) = (self.etcdctl.clone(), self.prefix.clone());
+        let listing = etcdctl::list_prefix(&etcdctl, &prefix, |kvs| {
+            let mut batch = Vec::with_capacity(kvs.len());
+            for kv in &kvs {
+                let value = kv.value.as_deref().unwrap_or_default();
+                match self.plan(&kv.key, kv.revision, value) {
+                    Put::Write(p) => batch.push(p),
+                    Put::Unchanged => unchanged += 1,
+                    Put::Refused => refused += 1,
+                }
+                if let Ok(name) = app_name(&prefix, &kv.key) {
+                    if let Ok(i) = owned.binary_search_by(|o| o.as_str().cmp(name)) {
+                        present[i] = true;
+                    }
+                }
             }
-            if batch.len() >= BATCH {
-                let (w, r) = self.flush(&mut batch, true);
-                (written, refused) = (written + w, refused + r);
-            }
-            if let Ok(name) = app_name(&self.prefix, &kv.key) {
-                present.insert(name.to_string());
-            }
-        }
-        let (w, r) = self.flush(&mut batch, true);
-        (written, refused) = (written + w, refused + r);
+            let (w, r) = self.flush(&mut batch, true);
+            (written, refused) = (written + w, refused + r);
+            Ok(())
+        })?;
+        self.monitor.end_listing();
         let mut removed = 0;
         // No key at all while DIR holds apps: an etcd rebuilt empty or restored from the wrong
         // backup, or a prefix mistyped, would otherwise take every app of the node down at once.
         // The files stay (deletes seen by the watch still remove theirs, one by one).
-        let keep_all = listing.kvs.is_empty() && !owned.is_empty();
+        let keep_all = listing.keys == 0 && !owned.is_empty();
         if keep_all {
             crate::warn!(
                 "etcd prefix {:?} holds no key at revision={}: the {} app files in {} are kept, not removed (delete them by hand if that is meant)",
@@ -278,9 +286,10 @@ impl PrefixFollower {
                 self.dir.display()
             );
         }
-        for name in owned
+        for (name, _) in owned
             .iter()
-            .filter(|n| !keep_all && !present.contains(n.as_str()))
+            .zip(&present)
+            .filter(|(_, &present)| !keep_all && !present)
         {
             let path = self.path(name);
             match remove_regular(&path) {
@@ -303,10 +312,10 @@ impl PrefixFollower {
             self.dir.display(),
             self.prefix,
             listing.revision,
-            listing.kvs.len()
+            listing.keys
         );
         self.set_revision(listing.revision);
-        Ok(())
+        Ok(listing)
     }
 
     fn set_revision(&mut self, revision: i64) {
@@ -401,11 +410,9 @@ impl Cycle for PrefixFollower {
             self.probe()?;
         }
         if self.revision == 0 {
-            let listing = etcdctl::list_prefix(&self.etcdctl, &self.prefix)?;
+            let listing = self.reconcile()?;
             self.monitor.contact(listing.revision);
-            let cluster_id = listing.cluster_id;
-            self.reconcile(listing)?;
-            self.cluster_id = cluster_id;
+            self.cluster_id = listing.cluster_id;
         }
         let from = self.revision + 1;
         notify.status(&format!("following from revision {from}"));

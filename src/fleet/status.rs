@@ -76,6 +76,8 @@ pub struct Monitor {
     last_applied: Option<Applied>,
     pub files: usize,
     rejected: BTreeMap<String, Rejected>,
+    /// During a listing: the keys it rejected (`begin_listing`).
+    relisted: Option<std::collections::HashSet<String>>,
     /// The last write of the file failed (said once until one succeeds).
     save_failed: bool,
 }
@@ -101,6 +103,7 @@ impl Monitor {
             last_applied: None,
             files: 0,
             rejected: BTreeMap::new(),
+            relisted: None,
             save_failed: false,
         }
     }
@@ -139,6 +142,9 @@ impl Monitor {
             problems.truncate(PROBLEMS_SHOWN);
             problems.push(format!("... and {more} more (see the log)"));
         }
+        if let Some(keys) = &mut self.relisted {
+            keys.insert(key.to_string());
+        }
         self.rejected.insert(
             key.to_string(),
             Rejected {
@@ -154,9 +160,18 @@ impl Monitor {
         self.rejected.remove(key);
     }
 
-    /// Forget every rejection (a full listing lists them again).
-    pub fn clear_all(&mut self) {
-        self.rejected.clear();
+    /// A full listing starts: a rejection it does not make again goes at `end_listing` (its
+    /// key is gone, or fixed by a change the watch missed). Until then the rejections stay
+    /// listed, also if the listing fails half way.
+    pub fn begin_listing(&mut self) {
+        self.relisted = Some(std::collections::HashSet::new());
+    }
+
+    /// The listing is over: only the rejections it made stay.
+    pub fn end_listing(&mut self) {
+        if let Some(keys) = self.relisted.take() {
+            self.rejected.retain(|key, _| keys.contains(key));
+        }
     }
 
     pub fn applied(&mut self, key: &str, revision: i64, action: &'static str) {
