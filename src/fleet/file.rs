@@ -346,6 +346,27 @@ mod tests {
     }
 
     #[test]
+    fn a_large_batch_synced_at_once_is_replaced_as_a_small_one() {
+        // Past OWN_SYNCS: one syncfs for all, rather than a sync per file.
+        let dir = temp("large");
+        fs::create_dir(dir.join("d.json")).unwrap();
+        let mut files: Vec<(PathBuf, Vec<u8>)> = (0..OWN_SYNCS + 4)
+            .map(|i| (dir.join(format!("{i}.json")), format!("app {i}").into_bytes()))
+            .collect();
+        files.push((dir.join("d.json"), b"refused".to_vec()));
+        let results = write_all_atomically(&dir, &files);
+        let (last, written) = results.split_last().unwrap();
+        assert!(written.iter().all(|r| r.is_ok()), "{results:?}");
+        assert!(last.is_err());
+        for (path, bytes) in &files[..files.len() - 1] {
+            assert_eq!(&fs::read(path).unwrap(), bytes);
+        }
+        let count = fs::read_dir(&dir).unwrap().count();
+        assert_eq!(count, OWN_SYNCS + 5, "no temporary file left");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn fifos_and_symlinks_are_refused_without_waiting() {
         let dir = temp("fifo");
         let fifo = dir.join("fifo.json");
