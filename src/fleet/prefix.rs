@@ -351,7 +351,10 @@ impl PrefixFollower {
         self.flush(&mut batch, false);
         // The response's revision: every change up to it has been delivered.
         self.monitor.contact(revision);
-        self.set_revision(last.max(revision));
+        let revision = last.max(revision);
+        self.revision = revision;
+        self.monitor.revision = revision;
+        self.monitor.save_soon();
     }
 
     /// A cheap get: reachable, and at which revision. Another cluster, or a store revision
@@ -381,8 +384,11 @@ impl PrefixFollower {
     fn follow(&mut self, lines: &Receiver<String>) -> Result<(), SyncError> {
         let mut next_probe = Instant::now() + self.resync;
         loop {
-            let wait = next_probe.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(wait) {
+            let until = self
+                .monitor
+                .save_due()
+                .map_or(next_probe, |due| due.min(next_probe));
+            match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
                 Ok(line) => match parse_watch_prefix(&line, &self.prefix)? {
                     PrefixUpdate::Changed { revision, events } => self.apply(revision, events),
                     PrefixUpdate::Ended(why) => {
@@ -392,9 +398,15 @@ impl PrefixFollower {
                     }
                 },
                 Err(RecvTimeoutError::Timeout) => {
-                    next_probe = Instant::now() + self.resync;
-                    if !self.probe()? {
-                        return Ok(());
+                    let now = Instant::now();
+                    if now >= next_probe {
+                        next_probe = now + self.resync;
+                        // Saves the file too.
+                        if !self.probe()? {
+                            return Ok(());
+                        }
+                    } else if self.monitor.save_due().is_some_and(|due| due <= now) {
+                        self.monitor.save();
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
