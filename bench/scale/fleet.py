@@ -296,7 +296,7 @@ def wait_until(what, timeout, ok, every=0.005):
     raise RuntimeError(f"{what}: not within {timeout} s")
 
 
-def each_node(nodes, what, timeout, ok, since):
+def each_node(nodes, what, timeout, ok, since, every=0.005):
     """Seconds from since[k] until ok(node k) held, for every node (polled in turn)."""
     done = [None] * len(nodes)
     deadline = time.monotonic() + timeout
@@ -311,7 +311,7 @@ def each_node(nodes, what, timeout, ok, since):
         if time.monotonic() > deadline:
             raise RuntimeError(f"nodes {[nodes[k].k for k, d in enumerate(done) if d is None]}: "
                                f"not {what} within {timeout:.0f} s")
-        time.sleep(0.005)
+        time.sleep(every)
     return done
 
 
@@ -380,6 +380,8 @@ def report(res):
         md.append("")
     for key, what in [("put_all_s", "seconds to put every key"),
                       ("one_put_served_by_all_ms", "one put served by every node (ms), each try"),
+                      ("one_put_written_by_all_ms",
+                       "the same puts' files written by every node's follower (ms)"),
                       ("restart_after_bad_put_serves_s",
                        "node 0's proxy restarted after the bad put: seconds until it serves that app")]:
         if key in res:
@@ -444,19 +446,29 @@ def main():
             lambda n: n.serving(last_i, 1.0), [t0] * NODES)]
         log(f"fleet: proxies serving the last app: {res['sync_served_s']} s")
         # One put, served by every node.
-        served, own = [], []
+        served, written, own = [], [], []
         for t in range(PUT_TRIES):
             i = APPS + t
             app = own_app(i, PUT_PORT + t)
             PORT_OF[i] = app["Ports"][0]
             own.append((i, app))
+            # The follower's part apart: until each node's file is there (polled every 1 ms).
+            files_at = {}
             t0 = time.monotonic()
             put(app)
+            watcher = threading.Thread(target=lambda: files_at.update(times=each_node(
+                nodes, "writing a new app's file", 30,
+                lambda n: os.path.exists(os.path.join(n.dir, app["Name"] + ".json")),
+                [t0] * NODES, every=0.001)))
+            watcher.start()
             times = each_node(nodes, "serving a new app", 30,
                               lambda n: n.echo_through(i, 1.0) >= 0, [t0] * NODES)
+            watcher.join()
             served.append(round(max(times) * 1e3, 1))
+            written.append(round(max(files_at["times"]) * 1e3, 1))
         res["one_put_served_by_all_ms"] = served
-        log(f"fleet: one put served by all nodes within {served} ms")
+        res["one_put_written_by_all_ms"] = written
+        log(f"fleet: one put served by all nodes within {served} ms (files written within {written} ms)")
         # Churn.
         probes = [NodeProbe(n, 1) for n in nodes]
         c0, t0 = [n.cpu() for n in nodes], time.monotonic()
