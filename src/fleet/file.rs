@@ -351,7 +351,12 @@ mod tests {
         let dir = temp("large");
         fs::create_dir(dir.join("d.json")).unwrap();
         let mut files: Vec<(PathBuf, Vec<u8>)> = (0..OWN_SYNCS + 4)
-            .map(|i| (dir.join(format!("{i}.json")), format!("app {i}").into_bytes()))
+            .map(|i| {
+                (
+                    dir.join(format!("{i}.json")),
+                    format!("app {i}").into_bytes(),
+                )
+            })
             .collect();
         files.push((dir.join("d.json"), b"refused".to_vec()));
         let results = write_all_atomically(&dir, &files);
