@@ -194,6 +194,11 @@ def children(pid):
     return kids
 
 
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+
+
 def tree_cpu(pid):
     """CPU-seconds of `pid` and every descendant, live or reaped (utime+stime+cutime+cstime)."""
     try:
@@ -359,6 +364,7 @@ def report(res):
     rows = [
         ("synced from empty: follower wrote every file (s)", res.get("sync_s")),
         ("synced from empty: proxy serves the last file's app (s)", res.get("sync_served_s")),
+        ("follower's peak RSS (MB)", res.get("follower_peak_rss_mb")),
         (f"proxy CPU, {churn.get('puts')} puts in {churn.get('seconds')} s (% of a core)",
          churn.get("proxy_cpu_pct")),
         ("follower CPU, itself (% of a core)", churn.get("follower_cpu_pct")),
@@ -445,6 +451,7 @@ def main():
             nodes, "serving the last app", 600 + APPS / 100,
             lambda n: n.serving(last_i, 1.0), [t0] * NODES)]
         log(f"fleet: proxies serving the last app: {res['sync_served_s']} s")
+        res["follower_peak_rss_mb"] = [round(peak_rss_kib(n.sync.pid) / 1024, 1) for n in nodes]
         # One put, served by every node.
         served, written, own = [], [], []
         for t in range(PUT_TRIES):
