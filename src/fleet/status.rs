@@ -286,4 +286,26 @@ mod tests {
         assert_eq!(m.save_due(), None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_listing_keeps_the_rejections_it_makes_again_and_only_those() {
+        let mut m = Monitor::new(None, "prefix", "/p/", "d".into());
+        m.reject("/p/gone", 1, "kept", vec!["bad".into()]);
+        m.reject("/p/still", 1, "kept", vec!["bad".into()]);
+        m.begin_listing();
+        m.reject("/p/still", 5, "kept", vec!["bad".into()]);
+        assert_eq!(m.rejected.len(), 2, "listed until the listing is over");
+        m.end_listing();
+        let keys: Vec<&String> = m.rejected.keys().collect();
+        assert_eq!(keys, ["/p/still"]);
+        assert_eq!(m.rejected["/p/still"].revision, 5);
+        // A listing that failed half way (begun, never ended) removed nothing; the next one
+        // judges afresh.
+        m.begin_listing();
+        m.begin_listing();
+        m.reject("/p/new", 6, "kept", vec!["bad".into()]);
+        m.end_listing();
+        let keys: Vec<&String> = m.rejected.keys().collect();
+        assert_eq!(keys, ["/p/new"]);
+    }
 }
