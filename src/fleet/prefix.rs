@@ -5,7 +5,7 @@
 //! that passed it, after etcd came back with lower revisions or as another cluster: rebuilt or
 //! restored), it lists the
 //! whole prefix at one revision (`etcdctl get`, in pages read at the first one's revision) and
-//! reconciles the directory with it;
+//! reconciles the directory with it, a page at a time;
 //! then it watches from the next revision (`etcdctl watch --prefix --rev`). Each put is written
 //! as its app's file, each delete removes it. When the watch ends (etcd unreachable, no
 //! leader), the next cycle resumes the watch from the last revision applied: etcd replays every
@@ -38,7 +38,8 @@ use crate::fleet::output::{parse_watch_prefix, KeyValue, PrefixUpdate};
 use crate::fleet::status::Monitor;
 use crate::fleet::value::{app_file, app_name};
 
-/// Files written together, with one sync for all (`write_all_atomically`): at most this many.
+/// A watch response's files written together (`write_all_atomically`): at most this many. A
+/// listing writes a page's at once.
 const BATCH: usize = 512;
 
 /// A good value whose file differs: to be written (by `flush`, with others).
