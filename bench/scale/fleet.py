@@ -2,28 +2,35 @@
 """The fleet scenario of issue 20 (`make scale-fleet`), run by bench/scale/run.sh --fleet inside
 a network namespace of its own (root). Writes FLEET_OUT.json and .md.
 
-- A real etcd (Debian's etcd-server) on 127.0.0.1:23790, with a data directory of the run's
-  own, auto-compaction by revision (keep 1,000) and an 8 GiB quota: the settings the README
-  gives a fleet.
+- A real etcd cluster (Debian's etcd-server) of FLEET_MEMBERS (3) members on loopback (client
+  ports 23790, 23791, ...), data directories of the run's own, auto-compaction by revision (keep
+  1,000) and an 8 GiB quota: the settings the README gives a fleet.
 - FLEET_APPS (200,000) app keys under /flyproxy/apps/ (one key per app, its JSON as value;
-  written in transactions of 128 puts through etcd's JSON gateway), apps as `make scale`'s,
-  its `catchall` app included.
+  written in transactions of 128 puts through etcd's JSON gateway, FLEET_LOADERS (4) at once),
+  apps as `make scale`'s, its `catchall` app included, and one app `zz-last` on a port of its
+  own (listed last, so a node serving it has every file).
 - FLEET_NODES (3) nodes on loopback: each a network namespace of its own (held by its echo
   targets) with its proxy (`flyproxy simple -c DIR`), and its follower in the bench's namespace
-  (beside etcd): `flyproxy-etcd-sync --prefix /flyproxy/apps/ --dir DIR`, etcd's address in
-  `ETCDCTL_ENDPOINTS` (and `--endpoints URL` too where the follower lists that option), with
-  `--status-file` where it has one.
+  (beside etcd): `flyproxy-etcd-sync --prefix /flyproxy/apps/ --dir DIR --status-file FILE`,
+  node k's etcd member (k modulo the members) in `ETCDCTL_ENDPOINTS`.
   The measures then, each node's as seen from inside its namespace:
-  - sync: followers started on empty directories: time until each directory holds every app;
-    then each proxy's start to its first connection through the last app;
-  - one put: a new app's key put; time until each node relays a connection through it (a probe
-    per node tries every 5 ms); FLEET_PUT_TRIES times;
+  - sync from empty: every node's follower and proxy started together on an empty directory:
+    time until its directory holds every app, and until its proxy serves `zz-last`;
+  - one put: a new app's key put (an address and a port no other app has, so that no other
+    app, the catchall included, can answer for it); time until each node relays a connection
+    through it (a probe per node tries every 5 ms); FLEET_PUT_TRIES times;
   - churn: FLEET_PUTS puts per second (one app changed each) for FLEET_SECONDS s: each node's
-    proxy + follower CPU (% of a core, utime+stime from /proc), and a probe per node through
-    an unchanged app every 5 ms (its longest wait, and how many over 10 ms);
-  - a bad put (an app's value with `Tragets` for `Targets`): after 5 s, whether each node's
-    file of that app is unchanged, its follower's log and status file name the app, and it still relays
-    through that app; then a node's proxy restarted: whether it serves that app.
+    proxy CPU and follower CPU (% of a core, utime+stime from /proc; the follower's with its
+    etcdctl children's, also given apart), and a probe per node through an unchanged app every
+    5 ms (its longest wait, and how many over 10 ms);
+  - a bad put (the first one-put app's value with `Tragets` for `Targets`): once each node's
+    status file names it (or after 10 s), whether each node's file of that app is unchanged,
+    its follower's log and status file name the app, and it still relays through that app;
+    then node 0's proxy restarted: the seconds until it serves that app again;
+  - etcd gone: the last node's etcd member stopped; a new app put through another member:
+    seconds until the other nodes serve it; the cut-off node's probe through an unchanged app
+    for FLEET_OUTAGE (10) s (failures, longest wait); the member started again: seconds until
+    the cut-off node serves the new app.
 If the follower binary lacks `--prefix` (the one-key-per-app mode), the scenario is skipped
 with a message saying so, and the run exits 0.
 """
@@ -42,7 +49,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale import (  # noqa: E402  (the same apps, addresses and /proc readers)
-    CATCHALL, TARGETS, WORK, echo_once, env_int, log, make_apps, proc_cpu, swapped, v4,
+    CATCHALL, TARGETS, TICK, WORK, echo_once, env_int, log, make_apps, proc_cpu, swapped, v4,
 )
 
 BIN = os.path.join(WORK, "bin", "flyproxy")
@@ -51,36 +58,100 @@ ECHO = os.path.join(WORK, "bin", "echo")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 APPS = env_int("FLEET_APPS", 200_000)
 NODES = env_int("FLEET_NODES", 3)
+MEMBERS = env_int("FLEET_MEMBERS", 3)
+LOADERS = env_int("FLEET_LOADERS", 4)
 PUTS = env_int("FLEET_PUTS", 10)
 SECONDS = env_int("FLEET_SECONDS", 60)
 PUT_TRIES = env_int("FLEET_PUT_TRIES", 5)
+OUTAGE = env_int("FLEET_OUTAGE", 10)
 OUT = os.environ.get("FLEET_OUT") or os.path.join(REPO, "bench", "scale-fleet-results")
 PREFIX = "/flyproxy/apps/"
-ETCD = "http://127.0.0.1:23790"
 CLONE_NEWNET = 0x40000000
 libc = ctypes.CDLL("libc.so.6", use_errno=True)
+# Ports no generated app (nor the catchall) has: an app on one is served only once it is there.
+LAST_PORT, PUT_PORT, GONE_PORT = 9099, 9100, 9200
+
+
+def client_url(m):
+    return f"http://127.0.0.1:{23790 + m}"
 
 
 def b64(s):
     return base64.b64encode(s.encode()).decode()
 
 
-def etcd_call(path, body, timeout=30):
-    req = urllib.request.Request(ETCD + path, data=json.dumps(body).encode(),
+def etcd_call(path, body, timeout=30, member=0):
+    req = urllib.request.Request(client_url(member) + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.load(r)
 
 
-def put(app):
-    etcd_call("/v3/kv/put", {"key": b64(PREFIX + app["Name"]), "value": b64(json.dumps(app))})
+def put(app, member=0):
+    return etcd_call("/v3/kv/put", {"key": b64(PREFIX + app["Name"]), "value": b64(json.dumps(app))},
+                     member=member)
 
 
 def put_all(apps):
-    for i in range(0, len(apps), 128):
-        ops = [{"requestPut": {"key": b64(PREFIX + a["Name"]), "value": b64(json.dumps(a))}}
-               for a in apps[i:i + 128]]
-        etcd_call("/v3/kv/txn", {"success": ops})
+    """Every app, in transactions of 128 puts (etcd's --max-txn-ops), LOADERS at once."""
+    chunks = [apps[i:i + 128] for i in range(0, len(apps), 128)]
+    errors = []
+
+    def load(part):
+        try:
+            for chunk in part:
+                ops = [{"requestPut": {"key": b64(PREFIX + a["Name"]), "value": b64(json.dumps(a))}}
+                       for a in chunk]
+                etcd_call("/v3/kv/txn", {"success": ops}, timeout=120)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load, args=(chunks[k::LOADERS],)) for k in range(LOADERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def own_app(i, port):
+    """App i on `port`, a port of its own: nothing else answers there."""
+    return {"Name": f"own-{i:06d}", "Ports": [port], "Addresses": [f"{v4(i)}/32"],
+            "Targets": list(TARGETS)}
+
+
+class Member:
+    """One etcd member, started again on the same data directory after a stop."""
+
+    def __init__(self, m):
+        self.m = m
+        self.data = os.path.join(WORK, f"etcd{m}")
+        self.proc = None
+
+    def start(self):
+        peers = ",".join(f"m{k}=http://127.0.0.1:{23800 + k}" for k in range(MEMBERS))
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", f"m{self.m}", "--data-dir", self.data,
+             "--listen-client-urls", client_url(self.m), "--advertise-client-urls", client_url(self.m),
+             "--listen-peer-urls", f"http://127.0.0.1:{23800 + self.m}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{23800 + self.m}",
+             "--initial-cluster", peers, "--initial-cluster-token", "flyproxy-fleet",
+             "--initial-cluster-state", "new",
+             # A loaded 2-core machine: no elections for a slow heartbeat.
+             "--heartbeat-interval", "250", "--election-timeout", "2500",
+             "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000",
+             "--quota-backend-bytes", str(8 << 30)],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, f"etcd{self.m}.log"), "ab"))
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def in_netns(holder_pid, fn):
@@ -107,9 +178,41 @@ def in_netns(holder_pid, fn):
     return out["value"]
 
 
+def stat_fields(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def children(pid):
+    kids = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(x) for x in f.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def peak_rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:"))
+
+
+def tree_cpu(pid):
+    """CPU-seconds of `pid` and every descendant, live or reaped (utime+stime+cutime+cstime)."""
+    try:
+        f = stat_fields(pid)
+    except OSError:
+        return 0.0
+    own = sum(int(x) for x in f[11:15]) / TICK
+    return own + sum(tree_cpu(k) for k in children(pid))
+
+
 class Node:
     def __init__(self, k):
         self.k = k
+        self.member = k % MEMBERS
         self.dir = os.path.join(WORK, f"node{k}", "apps.d")
         os.makedirs(self.dir, exist_ok=True)
         # The namespace's holder: its echo targets, started in a fresh network namespace.
@@ -125,13 +228,14 @@ class Node:
     def start_sync(self, help_text):
         # The endpoints as an option where the follower has one, and in etcdctl's own variable
         # (which a follower driving etcdctl reads) in any case.
+        url = client_url(self.member)
         args = [SYNC, "--prefix", PREFIX, "--dir", self.dir]
         if "--endpoints" in help_text:
-            args += ["--endpoints", ETCD]
+            args += ["--endpoints", url]
         if "--status-file" in help_text:
             args += ["--status-file", self.status_path]
         self.sync = subprocess.Popen(args, stdout=self.sync_log, stderr=self.sync_log,
-                                     env=dict(os.environ, ETCDCTL_ENDPOINTS=ETCD))
+                                     env=dict(os.environ, ETCDCTL_ENDPOINTS=url))
 
     def start_proxy(self):
         log_f = open(self.proxy_log_path, "ab")
@@ -147,18 +251,29 @@ class Node:
     def echo_through(self, i, timeout=2.0):
         return in_netns(self.echo.pid, lambda: echo_once((v4(i), PORT_OF[i]), timeout))
 
-    def serving(self, i):
+    def serving(self, i, timeout=2.0):
         """Whether a line comes back through app i; an exited proxy is an error, with its words."""
         if self.proxy.poll() is not None:
             with open(self.proxy_log_path, "rb") as f:
                 said = [x.split(" ", 1)[-1] for x in f.read().decode("utf-8", "replace").splitlines()
                         if "exiting with status" not in x]
-            raise RuntimeError(f"node {self.k}'s proxy exited ({self.proxy.returncode}) at start "
+            raise RuntimeError(f"node {self.k}'s proxy exited ({self.proxy.returncode}) "
                                f"on -c DIR: " + " / ".join(said[-3:])[:400])
-        return self.echo_through(i) >= 0
+        return self.echo_through(i, timeout) >= 0
+
+    def status(self):
+        try:
+            with open(self.status_path) as f:
+                return f.read()
+        except OSError:
+            return ""
 
     def cpu(self):
-        return proc_cpu(self.proxy.pid) + proc_cpu(self.sync.pid)
+        """(proxy, follower alone, its etcdctl children) CPU-seconds so far."""
+        f = stat_fields(self.sync.pid)
+        follower = (int(f[11]) + int(f[12])) / TICK
+        etcdctl = (int(f[13]) + int(f[14])) / TICK + sum(tree_cpu(k) for k in children(self.sync.pid))
+        return proc_cpu(self.proxy.pid), follower, etcdctl
 
     def stop(self):
         for p in (self.proxy, self.sync, self.echo):
@@ -186,7 +301,7 @@ def wait_until(what, timeout, ok, every=0.005):
     raise RuntimeError(f"{what}: not within {timeout} s")
 
 
-def each_node(nodes, what, timeout, ok, since):
+def each_node(nodes, what, timeout, ok, since, every=0.005):
     """Seconds from since[k] until ok(node k) held, for every node (polled in turn)."""
     done = [None] * len(nodes)
     deadline = time.monotonic() + timeout
@@ -199,9 +314,9 @@ def each_node(nodes, what, timeout, ok, since):
                 except OSError:
                     pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"nodes {[k for k, d in enumerate(done) if d is None]}: "
+            raise RuntimeError(f"nodes {[nodes[k].k for k, d in enumerate(done) if d is None]}: "
                                f"not {what} within {timeout:.0f} s")
-        time.sleep(0.005)
+        time.sleep(every)
     return done
 
 
@@ -236,7 +351,8 @@ def report(res):
     with open(OUT + ".json", "w") as f:
         json.dump(res, f, indent=1)
         f.write("\n")
-    md = [f"# flyproxy fleet: {res['apps']:,} app keys, {res['nodes']} nodes", "",
+    md = [f"# flyproxy fleet: {res['apps']:,} app keys, {res['nodes']} nodes, "
+          f"{res.get('members')} etcd members", "",
           f"flyproxy {res.get('flyproxy')}, {res.get('date')}. `make scale-fleet` "
           "(bench/scale/fleet.py).", ""]
     if "skipped" in res:
@@ -244,11 +360,16 @@ def report(res):
     if "error" in res:
         md += [f"**Failed**: {res['error']}", ""]
     churn = res.get("churn", {})
+    gone = res.get("etcd_gone", {})
     rows = [
-        ("synced from empty (s)", res.get("sync_s")),
-        ("proxy start to the last app served (s)", res.get("proxy_start_s")),
-        (f"proxy + follower CPU, {churn.get('puts')} puts in {churn.get('seconds')} s (% of a core)",
-         churn.get("cpu_pct")),
+        ("synced from empty: follower wrote every file (s)", res.get("sync_s")),
+        ("synced from empty: proxy serves the last file's app (s)", res.get("sync_served_s")),
+        ("follower's peak RSS (MB)", res.get("follower_peak_rss_mb")),
+        (f"proxy CPU, {churn.get('puts')} puts in {churn.get('seconds')} s (% of a core)",
+         churn.get("proxy_cpu_pct")),
+        ("follower CPU, itself (% of a core)", churn.get("follower_cpu_pct")),
+        ("follower's etcdctl CPU (% of a core)", churn.get("etcdctl_cpu_pct")),
+        ("proxy + follower + etcdctl (% of a core)", churn.get("cpu_pct")),
         ("probe's longest wait during the puts (ms)",
          [p.get("max_ms") for p in churn.get("probe", [])] or None),
         ("probe connections over 10 ms / made",
@@ -265,16 +386,26 @@ def report(res):
         md.append("")
     for key, what in [("put_all_s", "seconds to put every key"),
                       ("one_put_served_by_all_ms", "one put served by every node (ms), each try"),
-                      ("restart_after_bad_put_serves", "node 0 restarted after the bad put serves the app")]:
+                      ("one_put_written_by_all_ms",
+                       "the same puts' files written by every node's follower (ms)"),
+                      ("restart_after_bad_put_serves_s",
+                       "node 0's proxy restarted after the bad put: seconds until it serves that app")]:
         if key in res:
             md.append(f"- {what}: {res[key]}")
+    if gone:
+        md.append(f"- etcd gone (node {gone.get('node')}'s member stopped {OUTAGE} s): "
+                  f"the other nodes served a put after {gone.get('others_served_s')} s; "
+                  f"the cut-off node's probe meanwhile: {gone.get('probe')}; "
+                  f"it served the put {gone.get('caught_up_s')} s after its member was started again "
+                  f"(member ready after {gone.get('member_back_s')} s)")
     md.append("")
     with open(OUT + ".md", "w") as f:
         f.write("\n".join(md))
 
 
 def main():
-    res = {"apps": APPS, "nodes": NODES, "flyproxy": os.environ.get("FLYPROXY_REV", "?"),
+    res = {"apps": APPS, "nodes": NODES, "members": MEMBERS,
+           "flyproxy": os.environ.get("FLYPROXY_REV", "?"),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     help_text = ""
     if os.path.exists(SYNC):
@@ -287,53 +418,64 @@ def main():
         return 0
     if not shutil.which("etcd"):
         sys.exit("fleet: etcd is not installed (Debian etcd-server; `make scale-fleet` installs it)")
-    data = os.path.join(WORK, "etcd")
-    etcd = subprocess.Popen(
-        ["etcd", "--name", "fleet", "--data-dir", data,
-         "--listen-client-urls", ETCD, "--advertise-client-urls", ETCD,
-         "--listen-peer-urls", "http://127.0.0.1:23800",
-         "--initial-advertise-peer-urls", "http://127.0.0.1:23800",
-         "--initial-cluster", "fleet=http://127.0.0.1:23800",
-         "--auto-compaction-mode", "revision", "--auto-compaction-retention", "1000",
-         "--quota-backend-bytes", str(8 << 30)],
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(WORK, "etcd.log"), "wb"))
+    members = [Member(m) for m in range(MEMBERS)]
     nodes = []
     try:
-        wait_until("etcd answering", 30, lambda: etcd_call("/v3/kv/range", {"key": b64("x")}) or True,
-                   every=0.1)
+        for m in members:
+            m.start()
+        for m in members:
+            wait_until(f"etcd member {m.m} answering", 60,
+                       lambda: etcd_call("/v3/kv/range", {"key": b64("x")}, member=m.m) or True,
+                       every=0.1)
         apps = make_apps(APPS)
         for i, a in enumerate(apps):
             PORT_OF[i] = a["Ports"][0]
+        last_i = APPS + 1000
+        last = dict(own_app(last_i, LAST_PORT), Name="zz-last")
+        PORT_OF[last_i] = LAST_PORT
         t0 = time.monotonic()
-        put_all(apps + [CATCHALL])
+        put_all(apps + [CATCHALL, last])
         res["put_all_s"] = round(time.monotonic() - t0, 1)
         log(f"fleet: {APPS:,} keys put in {res['put_all_s']} s")
+        files = APPS + 2
         nodes = [Node(k) for k in range(NODES)]
+        # Sync from empty: each node's follower and proxy started together on an empty DIR.
         t0 = time.monotonic()
         for n in nodes:
+            n.start_proxy()
             n.start_sync(help_text)
         res["sync_s"] = [round(x, 1) for x in each_node(
-            nodes, "synced from empty", 600 + APPS / 100, lambda n: n.count() >= APPS + 1, [t0] * NODES)]
-        log(f"fleet: synced from empty: {res['sync_s']} s")
-        for n in nodes:
-            n.start_proxy()
-        res["proxy_start_s"] = [round(x, 2) for x in each_node(
-            nodes, "serving the last app", 300 + APPS / 500,
-            lambda n: n.serving(APPS - 1), [n.t_proxy for n in nodes])]
-        log(f"fleet: proxies serving after {res['proxy_start_s']} s")
+            nodes, "synced from empty", 600 + APPS / 100, lambda n: n.count() >= files, [t0] * NODES)]
+        log(f"fleet: followers synced from empty: {res['sync_s']} s")
+        res["sync_served_s"] = [round(x, 1) for x in each_node(
+            nodes, "serving the last app", 600 + APPS / 100,
+            lambda n: n.serving(last_i, 1.0), [t0] * NODES)]
+        log(f"fleet: proxies serving the last app: {res['sync_served_s']} s")
+        res["follower_peak_rss_mb"] = [round(peak_rss_kib(n.sync.pid) / 1024, 1) for n in nodes]
         # One put, served by every node.
-        served = []
+        served, written, own = [], [], []
         for t in range(PUT_TRIES):
             i = APPS + t
-            app = make_apps(APPS + t + 1)[i]
+            app = own_app(i, PUT_PORT + t)
             PORT_OF[i] = app["Ports"][0]
+            own.append((i, app))
+            # The follower's part apart: until each node's file is there (polled every 1 ms).
+            files_at = {}
             t0 = time.monotonic()
             put(app)
+            watcher = threading.Thread(target=lambda: files_at.update(times=each_node(
+                nodes, "writing a new app's file", 30,
+                lambda n: os.path.exists(os.path.join(n.dir, app["Name"] + ".json")),
+                [t0] * NODES, every=0.001)))
+            watcher.start()
             times = each_node(nodes, "serving a new app", 30,
                               lambda n: n.echo_through(i, 1.0) >= 0, [t0] * NODES)
+            watcher.join()
             served.append(round(max(times) * 1e3, 1))
+            written.append(round(max(files_at["times"]) * 1e3, 1))
         res["one_put_served_by_all_ms"] = served
-        log(f"fleet: one put served by all nodes within {served} ms")
+        res["one_put_written_by_all_ms"] = written
+        log(f"fleet: one put served by all nodes within {served} ms (files written within {written} ms)")
         # Churn.
         probes = [NodeProbe(n, 1) for n in nodes]
         c0, t0 = [n.cpu() for n in nodes], time.monotonic()
@@ -345,48 +487,57 @@ def main():
             k += 1
             time.sleep(max(0.0, t0 + k / PUTS - time.monotonic()))
         dt = time.monotonic() - t0
+        used = [[(b - a) / dt * 100 for a, b in zip(c, n.cpu())] for n, c in zip(nodes, c0)]
         res["churn"] = {
             "puts": k, "seconds": round(dt, 1),
-            "cpu_pct": [round((n.cpu() - c) / dt * 100, 2) for n, c in zip(nodes, c0)],
+            "proxy_cpu_pct": [round(u[0], 2) for u in used],
+            "follower_cpu_pct": [round(u[1], 2) for u in used],
+            "etcdctl_cpu_pct": [round(u[2], 2) for u in used],
+            "cpu_pct": [round(sum(u), 2) for u in used],
             "probe": [p.stop() for p in probes],
         }
         log(f"fleet: churn {res['churn']}")
-        # A bad put.
-        victim = apps[3]
-        before = [open(os.path.join(n.dir, victim["Name"] + ".json"), "rb").read() for n in nodes]
+        # A bad put, of an app on a port of its own (so that no other app answers for it).
+        victim_i, victim = own[0]
+        path = lambda n: os.path.join(n.dir, victim["Name"] + ".json")  # noqa: E731
+        before = [open(path(n), "rb").read() for n in nodes]
         logged_before = [os.path.getsize(n.sync_log.name) for n in nodes]
         bad = dict(victim)
         bad["Tragets"] = bad.pop("Targets")
-        etcd_call("/v3/kv/put", {"key": b64(PREFIX + victim["Name"]), "value": b64(json.dumps(bad))})
-        time.sleep(5)
+        put(bad)
+        try:
+            each_node(nodes, "reporting the bad put", 10, lambda n: victim["Name"] in n.status(),
+                      [time.monotonic()] * NODES)
+        except RuntimeError as e:
+            log(f"fleet: {e}")
         res["bad_put"] = []
         for n, b, at in zip(nodes, before, logged_before):
-            after = open(os.path.join(n.dir, victim["Name"] + ".json"), "rb").read()
+            after = open(path(n), "rb").read()
             with open(n.sync_log.name, "rb") as f:
                 f.seek(at)
                 said = f.read().decode("utf-8", "replace")
             try:
-                serving = n.echo_through(3) >= 0
+                serving = n.echo_through(victim_i) >= 0
             except OSError:
                 serving = False
-            status = ""
-            if os.path.exists(n.status_path):
-                with open(n.status_path) as f:
-                    status = f.read()
             res["bad_put"].append({"file_unchanged": after == b,
                                    "follower_logged": victim["Name"] in said,
-                                   "in_status_file": victim["Name"] in status,
+                                   "in_status_file": victim["Name"] in n.status(),
                                    "still_serving": serving})
         n = nodes[0]
         n.proxy.send_signal(signal.SIGTERM)
         n.proxy.wait(30)
         n.start_proxy()
         try:
-            wait_until("restarted node serving", 300 + APPS / 500, lambda: n.echo_through(3) >= 0)
-            res["restart_after_bad_put_serves"] = True
+            res["restart_after_bad_put_serves_s"] = round(wait_until(
+                "restarted node serving", 300 + APPS / 500, lambda: n.serving(victim_i, 1.0)), 2)
         except RuntimeError:
-            res["restart_after_bad_put_serves"] = False
-        log(f"fleet: bad put {res['bad_put']}, restart serves: {res['restart_after_bad_put_serves']}")
+            res["restart_after_bad_put_serves_s"] = None
+        log(f"fleet: bad put {res['bad_put']}, restart serves after: "
+            f"{res['restart_after_bad_put_serves_s']} s")
+        if MEMBERS > 1 and NODES > 1:
+            res["etcd_gone"] = etcd_gone(nodes, members)
+            log(f"fleet: etcd gone: {res['etcd_gone']}")
         report(res)
         return 0
     except Exception as e:
@@ -397,8 +548,42 @@ def main():
     finally:
         for n in nodes:
             n.stop()
-        etcd.terminate()
-        etcd.wait()
+        for m in members:
+            m.stop()
+
+
+def etcd_gone(nodes, members):
+    """The last node's member stopped for OUTAGE s while a new app is put through another; then
+    started again: how the cut-off node and the others fare."""
+    cut = nodes[-1]
+    others = [n for n in nodes if n.member != cut.member]
+    via = next(m for m in members if m.m != cut.member)
+    out = {"node": cut.k}
+    probe = NodeProbe(cut, 1)
+    members[cut.member].stop()
+    t_stop = time.monotonic()
+    i = APPS + 500
+    PORT_OF[i] = GONE_PORT
+    t0 = time.monotonic()
+    put(own_app(i, GONE_PORT), member=via.m)
+    out["others_served_s"] = [round(x, 2) for x in each_node(
+        others, "serving a put made while a member was gone", 60,
+        lambda n: n.echo_through(i, 1.0) >= 0, [t0] * len(others))]
+    time.sleep(max(0.0, t_stop + OUTAGE - time.monotonic()))
+    try:
+        out["cut_off_served_it_meanwhile"] = cut.echo_through(i, 1.0) >= 0
+    except OSError:
+        out["cut_off_served_it_meanwhile"] = False
+    out["probe"] = probe.stop()
+    members[cut.member].start()
+    t0 = time.monotonic()
+    out["member_back_s"] = round(wait_until(
+        "the member answering again", 60,
+        lambda: etcd_call("/v3/kv/range", {"key": b64("x")}, member=cut.member, timeout=1) or True,
+        every=0.1), 2)
+    out["caught_up_s"] = round(wait_until(
+        "the cut-off node serving the put", 120, lambda: cut.echo_through(i, 1.0) >= 0), 2)
+    return out
 
 
 if __name__ == "__main__":

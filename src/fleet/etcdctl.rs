@@ -9,7 +9,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 
 use crate::fleet::error::SyncError;
-use crate::fleet::output::{parse_get, parse_get_prefix, Listing, Snapshot};
+use crate::fleet::output::{parse_get, parse_get_prefix, KeyValue, Listing, Snapshot};
 
 /// Lines of `etcdctl`'s stderr kept to explain a failure.
 const STDERR_LINES: usize = 3;
@@ -65,39 +65,58 @@ pub(super) fn probe_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, Sync
 /// for many nodes starting together.
 const PAGE: usize = 5_000;
 
-/// Every key under `prefix` at one revision, in pages of `PAGE` keys: the first page says the
-/// revision, the others are read at it (`--rev`), each starting at the last key of the one
-/// before (so that key comes twice and is dropped once). A revision compacted meanwhile fails
-/// the listing, which is then started over.
-pub(super) fn list_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, SyncError> {
+/// What a listing was: its revision, the cluster that answered, and how many keys it held.
+pub(super) struct Listed {
+    pub revision: i64,
+    pub cluster_id: u64,
+    pub keys: usize,
+}
+
+/// Every key under `prefix` at one revision, in pages of `PAGE` keys, each handed to `page` as
+/// it comes (so no more than a page of values is held at once, not all 200,000): the first page
+/// says the revision, the others are read at it (`--rev`), each starting at the last key of the
+/// one before (so that key comes twice and is dropped once). A revision compacted meanwhile
+/// fails the listing, which is then started over. `page` failing stops the listing.
+pub(super) fn list_prefix(
+    etcdctl: &Path,
+    prefix: &str,
+    mut page: impl FnMut(Vec<KeyValue>) -> Result<(), SyncError>,
+) -> Result<Listed, SyncError> {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
     let end = prefix_end(prefix);
-    let mut listing: Option<Listing> = None;
+    let mut listed: Option<Listed> = None;
     let mut start = prefix.as_bytes().to_vec();
     loop {
         let mut cmd = command(etcdctl);
         cmd.args(["get", "-w", "json", &format!("--limit={PAGE}")]);
-        if let Some(l) = &listing {
+        if let Some(l) = &listed {
             cmd.arg(format!("--rev={}", l.revision));
         }
         // A key is an argument: it cannot hold a NUL byte (checked below), and it starts
         // with the prefix, which does not start with '-'.
         cmd.arg(OsStr::from_bytes(&start))
             .arg(OsStr::from_bytes(&end));
-        let page = parse_get_prefix(&stdout_of(&mut cmd)?, prefix)?;
-        let more = page.more;
-        let all = match &mut listing {
-            None => listing.insert(page),
+        let got = parse_get_prefix(&stdout_of(&mut cmd)?, prefix)?;
+        let mut kvs = got.kvs;
+        let all = match &mut listed {
+            None => listed.insert(Listed {
+                revision: got.revision,
+                cluster_id: got.cluster_id,
+                keys: 0,
+            }),
             Some(l) => {
-                let skip = usize::from(page.kvs.first().is_some_and(|kv| kv.key == start));
-                l.kvs.extend(page.kvs.into_iter().skip(skip));
+                if kvs.first().is_some_and(|kv| kv.key == start) {
+                    kvs.remove(0);
+                }
                 l
             }
         };
-        let last = all.kvs.last().map(|kv| kv.key.clone());
+        all.keys += kvs.len();
+        let last = kvs.last().map(|kv| kv.key.clone());
+        page(kvs)?;
         match last {
-            Some(key) if more && key != start => {
+            Some(key) if got.more && key != start => {
                 if key.contains(&0) {
                     return Err(SyncError::Output(format!(
                         "cannot list past key {:?}: it holds a NUL byte",
@@ -111,7 +130,7 @@ pub(super) fn list_prefix(etcdctl: &Path, prefix: &str) -> Result<Listing, SyncE
         }
     }
     // Set by the first page: the loop runs at least once.
-    listing.ok_or_else(|| SyncError::Output("empty listing".to_string()))
+    listed.ok_or_else(|| SyncError::Output("empty listing".to_string()))
 }
 
 /// The end of the range of keys starting with `prefix` (etcdctl's own `--prefix` range): the

@@ -5,7 +5,7 @@
 //! that passed it, after etcd came back with lower revisions or as another cluster: rebuilt or
 //! restored), it lists the
 //! whole prefix at one revision (`etcdctl get`, in pages read at the first one's revision) and
-//! reconciles the directory with it;
+//! reconciles the directory with it, a page at a time;
 //! then it watches from the next revision (`etcdctl watch --prefix --rev`). Each put is written
 //! as its app's file, each delete removes it. When the watch ends (etcd unreachable, no
 //! leader), the next cycle resumes the watch from the last revision applied: etcd replays every
@@ -32,13 +32,14 @@ use std::time::{Duration, Instant};
 use crate::config::sha256;
 use crate::fleet::cycle::{Cycle, Notifier};
 use crate::fleet::error::SyncError;
-use crate::fleet::etcdctl::{self, collect_stderr, read_lines};
+use crate::fleet::etcdctl::{self, collect_stderr, read_lines, Listed};
 use crate::fleet::file::{read_regular, remove_regular, write_all_atomically};
-use crate::fleet::output::{parse_watch_prefix, KeyValue, Listing, PrefixUpdate};
+use crate::fleet::output::{parse_watch_prefix, KeyValue, PrefixUpdate};
 use crate::fleet::status::Monitor;
 use crate::fleet::value::{app_file, app_name};
 
-/// Files written together, with one sync for all (`write_all_atomically`): at most this many.
+/// A watch response's files written together (`write_all_atomically`): at most this many. A
+/// listing writes a page's at once.
 const BATCH: usize = 512;
 
 /// A good value whose file differs: to be written (by `flush`, with others).
@@ -236,39 +237,47 @@ impl PrefixFollower {
         Ok(names)
     }
 
-    /// Bring DIR to `listing`: every key's file written if it differs, every owned file
-    /// whose key is gone removed. The revision is `listing`'s after.
-    fn reconcile(&mut self, listing: Listing) -> Result<(), SyncError> {
+    /// List the prefix and bring DIR to it, a page at a time (a page's files written with one
+    /// sync): every key's file written if it differs, then every owned file whose key is gone
+    /// removed. The revision is the listing's after. What is held per key meanwhile is the
+    /// owned files' names (to tell which to remove), not the values.
+    fn reconcile(&mut self) -> Result<Listed, SyncError> {
         let dir_error = |e| SyncError::Write(self.dir.clone(), e);
         fs::create_dir_all(&self.dir).map_err(dir_error)?;
-        let owned = self.owned().map_err(dir_error)?;
-        self.monitor.clear_all();
+        let mut owned = self.owned().map_err(dir_error)?;
+        // Keys come in byte order; a sorted list found by binary search tells which owned
+        // files a key of the listing names, without a set of every key.
+        owned.sort_unstable();
+        let mut present = vec![false; owned.len()];
+        self.monitor.begin_listing();
         self.monitor.files = owned.len();
         let (mut written, mut unchanged, mut refused) = (0, 0, 0);
-        let mut present = std::collections::HashSet::with_capacity(listing.kvs.len());
-        let mut batch = Vec::with_capacity(BATCH);
-        for kv in &listing.kvs {
-            let value = kv.value.as_deref().unwrap_or_default();
-            match self.plan(&kv.key, kv.revision, value) {
-                Put::Write(p) => batch.push(p),
-                Put::Unchanged => unchanged += 1,
-                Put::Refused => refused += 1,
+        let (etcdctl, prefix) = (self.etcdctl.clone(), self.prefix.clone());
+        let listing = etcdctl::list_prefix(&etcdctl, &prefix, |kvs| {
+            let mut batch = Vec::with_capacity(kvs.len());
+            for kv in &kvs {
+                let value = kv.value.as_deref().unwrap_or_default();
+                match self.plan(&kv.key, kv.revision, value) {
+                    Put::Write(p) => batch.push(p),
+                    Put::Unchanged => unchanged += 1,
+                    Put::Refused => refused += 1,
+                }
+                if let Ok(name) = app_name(&prefix, &kv.key) {
+                    if let Ok(i) = owned.binary_search_by(|o| o.as_str().cmp(name)) {
+                        present[i] = true;
+                    }
+                }
             }
-            if batch.len() >= BATCH {
-                let (w, r) = self.flush(&mut batch, true);
-                (written, refused) = (written + w, refused + r);
-            }
-            if let Ok(name) = app_name(&self.prefix, &kv.key) {
-                present.insert(name.to_string());
-            }
-        }
-        let (w, r) = self.flush(&mut batch, true);
-        (written, refused) = (written + w, refused + r);
+            let (w, r) = self.flush(&mut batch, true);
+            (written, refused) = (written + w, refused + r);
+            Ok(())
+        })?;
+        self.monitor.end_listing();
         let mut removed = 0;
         // No key at all while DIR holds apps: an etcd rebuilt empty or restored from the wrong
         // backup, or a prefix mistyped, would otherwise take every app of the node down at once.
         // The files stay (deletes seen by the watch still remove theirs, one by one).
-        let keep_all = listing.kvs.is_empty() && !owned.is_empty();
+        let keep_all = listing.keys == 0 && !owned.is_empty();
         if keep_all {
             crate::warn!(
                 "etcd prefix {:?} holds no key at revision={}: the {} app files in {} are kept, not removed (delete them by hand if that is meant)",
@@ -278,9 +287,10 @@ impl PrefixFollower {
                 self.dir.display()
             );
         }
-        for name in owned
+        for (name, _) in owned
             .iter()
-            .filter(|n| !keep_all && !present.contains(n.as_str()))
+            .zip(&present)
+            .filter(|(_, &present)| !keep_all && !present)
         {
             let path = self.path(name);
             match remove_regular(&path) {
@@ -303,10 +313,10 @@ impl PrefixFollower {
             self.dir.display(),
             self.prefix,
             listing.revision,
-            listing.kvs.len()
+            listing.keys
         );
         self.set_revision(listing.revision);
-        Ok(())
+        Ok(listing)
     }
 
     fn set_revision(&mut self, revision: i64) {
@@ -342,7 +352,10 @@ impl PrefixFollower {
         self.flush(&mut batch, false);
         // The response's revision: every change up to it has been delivered.
         self.monitor.contact(revision);
-        self.set_revision(last.max(revision));
+        let revision = last.max(revision);
+        self.revision = revision;
+        self.monitor.revision = revision;
+        self.monitor.save_soon();
     }
 
     /// A cheap get: reachable, and at which revision. Another cluster, or a store revision
@@ -372,8 +385,11 @@ impl PrefixFollower {
     fn follow(&mut self, lines: &Receiver<String>) -> Result<(), SyncError> {
         let mut next_probe = Instant::now() + self.resync;
         loop {
-            let wait = next_probe.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(wait) {
+            let until = self
+                .monitor
+                .save_due()
+                .map_or(next_probe, |due| due.min(next_probe));
+            match lines.recv_timeout(until.saturating_duration_since(Instant::now())) {
                 Ok(line) => match parse_watch_prefix(&line, &self.prefix)? {
                     PrefixUpdate::Changed { revision, events } => self.apply(revision, events),
                     PrefixUpdate::Ended(why) => {
@@ -383,9 +399,15 @@ impl PrefixFollower {
                     }
                 },
                 Err(RecvTimeoutError::Timeout) => {
-                    next_probe = Instant::now() + self.resync;
-                    if !self.probe()? {
-                        return Ok(());
+                    let now = Instant::now();
+                    if now >= next_probe {
+                        next_probe = now + self.resync;
+                        // Saves the file too.
+                        if !self.probe()? {
+                            return Ok(());
+                        }
+                    } else if self.monitor.save_due().is_some_and(|due| due <= now) {
+                        self.monitor.save();
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(()),
@@ -401,11 +423,9 @@ impl Cycle for PrefixFollower {
             self.probe()?;
         }
         if self.revision == 0 {
-            let listing = etcdctl::list_prefix(&self.etcdctl, &self.prefix)?;
+            let listing = self.reconcile()?;
             self.monitor.contact(listing.revision);
-            let cluster_id = listing.cluster_id;
-            self.reconcile(listing)?;
-            self.cluster_id = cluster_id;
+            self.cluster_id = listing.cluster_id;
         }
         let from = self.revision + 1;
         notify.status(&format!("following from revision {from}"));

@@ -1,7 +1,8 @@
 //! What monitoring sees of a follower: the `--status-file`, a JSON object replaced atomically
 //! (renamed into place; not synced to disk, as it is rewritten at every change and a report, not
 //! a config) whenever something changes (and at every resync, which refreshes `etcd_revision` and
-//! `checked_unix`):
+//! `checked_unix`); for changes applied one key per app, at most once every `SAVE_EVERY`
+//! (rejections and failures at once):
 //!
 //! - `revision`: the etcd revision the files are current as of (0: never synced). A node is
 //!   behind while this is below the `mod_revision` of the latest change under its key or
@@ -18,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -28,6 +29,10 @@ use crate::fleet::file::replace_unsynced;
 const SHOWN: usize = 100;
 /// Problems listed per rejected key (all are logged).
 const PROBLEMS_SHOWN: usize = 20;
+/// The file is rewritten at most this often for changes applied (`save_soon`): at 10 puts/s,
+/// a rewrite per put cost the follower a third of what the put's own file did (the rename
+/// over the old report flushes the new one to disk on ext4).
+pub const SAVE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Rejected {
@@ -76,8 +81,15 @@ pub struct Monitor {
     last_applied: Option<Applied>,
     pub files: usize,
     rejected: BTreeMap<String, Rejected>,
+    /// During a listing: the keys it rejected (`begin_listing`).
+    relisted: Option<std::collections::HashSet<String>>,
     /// The last write of the file failed (said once until one succeeds).
     save_failed: bool,
+    /// When the file was last written, and whether something changed since.
+    saved_at: Option<Instant>,
+    unsaved: bool,
+    /// A rejection since the last write: written at once, not at `SAVE_EVERY`.
+    urgent: bool,
 }
 
 fn now_unix() -> u64 {
@@ -101,7 +113,11 @@ impl Monitor {
             last_applied: None,
             files: 0,
             rejected: BTreeMap::new(),
+            relisted: None,
             save_failed: false,
+            saved_at: None,
+            unsaved: false,
+            urgent: false,
         }
     }
 
@@ -139,6 +155,10 @@ impl Monitor {
             problems.truncate(PROBLEMS_SHOWN);
             problems.push(format!("... and {more} more (see the log)"));
         }
+        if let Some(keys) = &mut self.relisted {
+            keys.insert(key.to_string());
+        }
+        self.urgent = true;
         self.rejected.insert(
             key.to_string(),
             Rejected {
@@ -154,9 +174,18 @@ impl Monitor {
         self.rejected.remove(key);
     }
 
-    /// Forget every rejection (a full listing lists them again).
-    pub fn clear_all(&mut self) {
-        self.rejected.clear();
+    /// A full listing starts: a rejection it does not make again goes at `end_listing` (its
+    /// key is gone, or fixed by a change the watch missed). Until then the rejections stay
+    /// listed, also if the listing fails half way.
+    pub fn begin_listing(&mut self) {
+        self.relisted = Some(std::collections::HashSet::new());
+    }
+
+    /// The listing is over: only the rejections it made stay.
+    pub fn end_listing(&mut self) {
+        if let Some(keys) = self.relisted.take() {
+            self.rejected.retain(|key, _| keys.contains(key));
+        }
     }
 
     pub fn applied(&mut self, key: &str, revision: i64, action: &'static str) {
@@ -167,9 +196,29 @@ impl Monitor {
         });
     }
 
+    /// Write the status file now if it was last written `SAVE_EVERY` ago or a key was
+    /// rejected since; else later, when `save_due` says.
+    pub fn save_soon(&mut self) {
+        let due = self.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+        if due || self.urgent {
+            self.save();
+        } else {
+            self.unsaved = true;
+        }
+    }
+
+    /// When a change put off by `save_soon` is to be written (`save`), if one is.
+    pub fn save_due(&self) -> Option<Instant> {
+        self.unsaved
+            .then(|| self.saved_at.map_or_else(Instant::now, |t| t + SAVE_EVERY))
+    }
+
     /// Write the status file, if there is one. A failure is logged (once until a write
     /// works) and does not stop the follower: the files matter more than the report.
     pub fn save(&mut self) {
+        self.saved_at = Some(Instant::now());
+        self.unsaved = false;
+        self.urgent = false;
         let Some(path) = &self.path else { return };
         let report = Report {
             mode: self.mode,
@@ -202,5 +251,61 @@ impl Monitor {
             }
             Err(_) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_are_saved_at_most_every_second_but_rejections_at_once() {
+        let dir = std::env::temp_dir().join(format!("etcd-sync-status-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("status.json");
+        let mut m = Monitor::new(Some(path.clone()), "prefix", "/p/", "d".into());
+        let revision_in_file = || {
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            v["revision"].as_i64().unwrap()
+        };
+        m.revision = 1;
+        m.save_soon();
+        assert_eq!(revision_in_file(), 1, "the first change is saved at once");
+        assert_eq!(m.save_due(), None);
+        m.revision = 2;
+        m.save_soon();
+        assert_eq!(revision_in_file(), 1, "the next one waits");
+        let due = m.save_due().expect("a save is due");
+        assert!(due > Instant::now() && due <= Instant::now() + SAVE_EVERY);
+        m.reject("/p/a", 3, "kept", vec!["bad".into()]);
+        m.revision = 3;
+        m.save_soon();
+        assert_eq!(revision_in_file(), 3, "a rejection is saved at once");
+        assert_eq!(m.save_due(), None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_listing_keeps_the_rejections_it_makes_again_and_only_those() {
+        let mut m = Monitor::new(None, "prefix", "/p/", "d".into());
+        m.reject("/p/gone", 1, "kept", vec!["bad".into()]);
+        m.reject("/p/still", 1, "kept", vec!["bad".into()]);
+        m.begin_listing();
+        m.reject("/p/still", 5, "kept", vec!["bad".into()]);
+        assert_eq!(m.rejected.len(), 2, "listed until the listing is over");
+        m.end_listing();
+        let keys: Vec<&String> = m.rejected.keys().collect();
+        assert_eq!(keys, ["/p/still"]);
+        assert_eq!(m.rejected["/p/still"].revision, 5);
+        // A listing that failed half way (begun, never ended) removed nothing; the next one
+        // judges afresh.
+        m.begin_listing();
+        m.begin_listing();
+        m.reject("/p/new", 6, "kept", vec!["bad".into()]);
+        m.end_listing();
+        let keys: Vec<&String> = m.rejected.keys().collect();
+        assert_eq!(keys, ["/p/new"]);
     }
 }
