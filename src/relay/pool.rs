@@ -7,17 +7,20 @@
 //! thread goes from connection to connection without sleeping in between, and an idle
 //! connection holds no thread.
 //!
-//! A thread that takes several ready connections at once queues the rest (FIFO), for itself and
-//! any thread that comes free, and wakes a sleeping thread to share them only when there are
-//! enough to share (`SHARE`). A relay that is still moving bytes at the end of its time slice
-//! while others wait goes to the back of the queue, so every connection gets its turn within a
-//! bounded time however long the transfers are.
+//! One thread at a time waits on the lot; the others, with nothing queued, sleep apart until
+//! there is work to share: more than `SHARE` jobs queued at once, or a job that used up its time
+//! slice (CPU-bound work, which a second core speeds up). A thread that takes several ready
+//! connections at once queues the rest (FIFO) and runs them in turn. So under moderate load one
+//! thread takes every event with few sleeps between them (each sleep is a context switch), and
+//! the other cores join only when the work is more than one can do. A relay that is still
+//! moving bytes at the end of its time slice while others wait goes to the back of the queue,
+//! so every connection gets its turn within a bounded time however long the transfers are.
 
 use std::collections::VecDeque;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Relay threads need little stack: the relay loop keeps its buffers on the heap, and nothing
 /// deep runs on them (names are looked up on the resolver's threads). Only the pages a thread
@@ -59,6 +62,8 @@ impl Turn<'_> {
 struct Inner<J> {
     threads: usize,
     state: Mutex<State<J>>,
+    /// Where threads with nothing to do and no room to wait on the lot sleep.
+    helpers: Condvar,
     /// Jobs waiting for a thread, readable without the lock.
     queued: AtomicUsize,
     /// Runs a job; Some(job) gives the job back to be continued later, after those waiting.
@@ -71,8 +76,10 @@ type Handler<J> = Box<dyn Fn(J, &Turn) -> Option<J> + Send + Sync>;
 struct State<J> {
     /// Jobs waiting for a thread, in arrival order.
     queue: VecDeque<J>,
-    /// Threads blocked in `Source::collect`.
+    /// Threads blocked in `Source::collect` (at most one).
     waiting: usize,
+    /// Threads asleep on `helpers`.
+    idle: usize,
 }
 
 impl<J: Send + 'static> Pool<J> {
@@ -89,7 +96,9 @@ impl<J: Send + 'static> Pool<J> {
                 state: Mutex::new(State {
                     queue: VecDeque::new(),
                     waiting: 0,
+                    idle: 0,
                 }),
+                helpers: Condvar::new(),
                 queued: AtomicUsize::new(0),
                 handler: Box::new(handler),
                 source,
@@ -168,8 +177,15 @@ impl<J: Send + 'static> Inner<J> {
         for job in got.drain(..) {
             self.enqueue(state, job);
         }
-        if state.queue.len() > SHARE && state.waiting > 0 {
-            self.source.interrupt();
+        if state.queue.len() > SHARE {
+            self.help(state);
+        }
+    }
+
+    /// Bring in a sleeping thread to share the queue, if one sleeps.
+    fn help(&self, state: &State<J>) {
+        if state.idle > 0 {
+            self.helpers.notify_one();
         }
     }
 
@@ -187,6 +203,13 @@ impl<J: Send + 'static> Inner<J> {
         let mut state = self.lock();
         loop {
             let Some(job) = self.dequeue(&mut state) else {
+                if state.waiting > 0 {
+                    // Another thread waits on the lot: sleep until there is work to share.
+                    state.idle += 1;
+                    state = self.helpers.wait(state).unwrap_or_else(|e| e.into_inner());
+                    state.idle -= 1;
+                    continue;
+                }
                 state.waiting += 1;
                 drop(state);
                 self.source.collect(true, &mut got);
@@ -206,7 +229,9 @@ impl<J: Send + 'static> Inner<J> {
             };
             state = self.lock();
             if let Some(j) = back {
+                // It used up its time slice while others wait: work enough for another core.
                 self.enqueue(&mut state, j);
+                self.help(&state);
             }
         }
     }
