@@ -34,7 +34,7 @@ pub struct Published {
     config_sha256: Mutex<ConfigHashes>,
     /// Accepting is held back by the connection bound.
     pub accept_paused: Arc<AtomicBool>,
-    /// Connections no app took (counted by the listener loop and the sessions).
+    /// Connections no app took (counted at accept and by the sessions).
     pub unrouted: Arc<UnroutedCounts>,
     /// Directory mode: the files refused now, each with its problems, and how many
     /// refusals there were since start (a file refused again after a change counts again).
