@@ -530,7 +530,7 @@ cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
     printf 'm:rustc\t%s\n' "$(rustc --version 2>/dev/null || echo ?)"
     printf 's:rounds × run length\t%s × %ss (iperf3 -t and wrk -d); configs interleaved per round, order rotated\n' "$ROUNDS" "$DURATION"
     printf 's:network\tloopback inside a network namespace created for the run (unshare --net)\n'
-    printf 's:threads / workers\tHAProxy nbthread 2; nginx worker_processes 2; flyproxy: a mio accept loop, pooled relay threads waiting on one epoll set one per core at a time (a connection that would block waits there without a thread), --max-threads at its default (= --max-connections) except in the %s-stream case (--max-threads %s)\n' "$FAIR_STREAMS" "$FAIR_THREADS"
+    printf 's:threads / workers\tHAProxy nbthread 2; nginx worker_processes 2; flyproxy: one relay thread per core, accepting and relaying from one epoll set that holds the listeners and every connection (one thread waits on it at a time, the others join when there is work to share; a connection that would block waits there without a thread), --max-threads at its default (= --max-connections) except in the %s-stream case (--max-threads %s)\n' "$FAIR_STREAMS" "$FAIR_THREADS"
     printf 's:logging\tnone per connection: flyproxy --log-level warn, HAProxy without any log line, nginx stream without access_log\n'
     printf 's:timeouts\tconnect 5s, idle 1h for all (flyproxy --connect-timeout 5s --idle-timeout 1h; HAProxy timeout connect/client/server; nginx proxy_connect_timeout/proxy_timeout)\n'
     printf 's:connection bound\t%s client connections for all (flyproxy --max-connections, HAProxy maxconn, nginx worker_connections %s per worker counting both sides)\n' "$MAXCONN" "$((2 * MAXCONN))"

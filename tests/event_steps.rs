@@ -26,8 +26,6 @@ use serde_json::json;
 /// Threads besides the relay threads: the listener loop (main), the health checker, the log
 /// writer, the metrics endpoint, and slack.
 const OTHER_THREADS: usize = 6;
-/// Idle relay threads the pool keeps warm (pool.rs SPARE).
-const SPARE_THREADS: usize = 8;
 
 /// A target that accepts every connection and keeps it open, unread, by the 4-byte index its
 /// client sent first (0 for a connection that sent fewer), recording the order they came in.
@@ -270,7 +268,7 @@ fn fifteen_hundred_waiters_for_a_slot_cost_nothing_and_are_served_in_arrival_ord
     assert!(cpu < 0.3, "{N} waiters for a slot: {cpu:.3} CPU-s in 3 s");
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
     assert!(
-        threads <= OTHER_THREADS + SPARE_THREADS + cores,
+        threads <= OTHER_THREADS + cores,
         "{threads} threads while {N} connections wait for a slot"
     );
 

@@ -14,20 +14,18 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 
 use mio::net::TcpListener;
-use mio::{Interest, Registry, Token};
 
 use crate::bpf::{BpfError, Steering, MAX_GROUPS};
 use crate::config::prefix::Prefix;
-use crate::frontend::ports::{self, Accepted, PortChange, PortError, PortSource, FIRST_LISTENER};
+use crate::frontend::ports::{PortChange, PortError, PortSource};
 use crate::metrics::{LookupReader, LookupStats};
-
-/// Listener tokens above every simple-mode port token, so the two can never be confused.
-const V4: Token = Token(FIRST_LISTENER + 65_536);
-const V6: Token = Token(FIRST_LISTENER + 65_537);
+use crate::relay::doors::{Door, Doors};
 
 pub struct Steered {
-    v4: Option<TcpListener>,
-    v6: Option<TcpListener>,
+    /// The listeners, open as doors the relay threads accept from; both closed by `stop`.
+    v4: Option<Arc<Door>>,
+    v6: Option<Arc<Door>>,
+    doors: Arc<Doors>,
     steering: Steering,
     /// (port, prefix) pairs the config wants steered, with their port group.
     wanted: BTreeMap<(u16, Prefix), u32>,
@@ -44,7 +42,6 @@ pub struct Steered {
     groups: Arc<Mutex<GroupNames>>,
     /// A failed map write has been logged and not yet recovered, so retries stay quiet.
     failing: bool,
-    registered: bool,
 }
 
 /// App names to port-group ids (the index of an app's lookup counters). An app keeps its id
@@ -123,11 +120,13 @@ impl Steered {
     /// Bind the listener(s) on `port` (all addresses, or `bind`), load the program with them in
     /// its socket map, and attach it to this network namespace. No port is steered yet.
     /// Listeners in `inherited` (handed over by the process we upgrade) are used instead of
-    /// binding anew.
+    /// binding anew. They are opened as `doors` at once (accepting starts with the relay
+    /// threads; nothing is steered to them before the first `apply`).
     pub fn start(
         port: u16,
         bind: Option<IpAddr>,
         mut inherited: HashMap<SocketAddr, TcpListener>,
+        doors: Arc<Doors>,
     ) -> Result<Steered, SetupError> {
         let mut listen = |addr: SocketAddr, v6only| match inherited.remove(&addr) {
             // From an older process, perhaps without the option its accepted sockets inherit.
@@ -165,9 +164,23 @@ impl Steered {
             bind,
         )
         .map_err(SetupError::Bpf)?;
+        let open = |l: Option<TcpListener>| match l {
+            Some(l) => {
+                let addr = l
+                    .local_addr()
+                    .map_err(|e| SetupError::Listen(addr_of(port), e))?;
+                doors
+                    .open(l)
+                    .map(Some)
+                    .map_err(|e| SetupError::Listen(addr, e))
+            }
+            None => Ok(None),
+        };
+        let (v4, v6) = (open(v4)?, open(v6)?);
         Ok(Steered {
             v4,
             v6,
+            doors,
             steering,
             wanted: BTreeMap::new(),
             steered: BTreeMap::new(),
@@ -175,7 +188,6 @@ impl Steered {
             uses: HashMap::new(),
             groups: Arc::default(),
             failing: false,
-            registered: false,
         })
     }
 
@@ -284,18 +296,13 @@ impl Steered {
     }
 }
 
+/// The wildcard address on `port`, for a listener whose own address cannot be read.
+fn addr_of(port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)
+}
+
 impl PortSource for Steered {
-    fn apply(&mut self, registry: &Registry, change: &PortChange) -> Result<(), PortError> {
-        if !self.registered {
-            for (l, token) in [(&mut self.v4, V4), (&mut self.v6, V6)] {
-                if let Some(l) = l {
-                    registry
-                        .register(l, token, Interest::READABLE)
-                        .map_err(PortError::Register)?;
-                }
-            }
-            self.registered = true;
-        }
+    fn apply(&mut self, change: &PortChange) -> Result<(), PortError> {
         // Only the pairs whose apps changed: a binding that moved to another app keeps being
         // steered, only its group changes.
         for (key, group) in &change.steer {
@@ -333,26 +340,12 @@ impl PortSource for Steered {
         }
     }
 
-    fn accept(&mut self, token: Token) -> io::Result<Option<Accepted>> {
-        let listener = match token {
-            V4 => self.v4.as_ref(),
-            V6 => self.v6.as_ref(),
-            _ => None,
-        };
-        match listener {
-            // The accepted socket's local address keeps the port the client dialled.
-            Some(l) => ports::accept_from(l),
-            None => Ok(None),
-        }
-    }
-
-    fn stop(&mut self, registry: &Registry) {
+    fn stop(&mut self) {
         // Detach first: from here on the kernel refuses connections to our ports at once,
         // instead of queueing SYNs on a listener that is about to close.
         self.steering.detach();
-        for l in [self.v4.take(), self.v6.take()].into_iter().flatten() {
-            let mut l = l;
-            let _ = registry.deregister(&mut l);
+        for door in [self.v4.take(), self.v6.take()].into_iter().flatten() {
+            self.doors.close(&door);
         }
     }
 
@@ -364,7 +357,7 @@ impl PortSource for Steered {
         [&self.v4, &self.v6]
             .into_iter()
             .flatten()
-            .filter_map(ports::handover_of)
+            .filter_map(|d| d.handover())
             .collect()
     }
 

@@ -1,87 +1,126 @@
-//! The listener loop: one mio `Poll` that accepts connections from the mode's listeners, hands
-//! them to the relay pool, and handles signals, config reload ticks, drain deadlines and the
-//! connection bound. It is the only thread that touches the routing table and the listeners,
-//! so neither needs a lock. A reload is built by the config plane (`plane`) on a thread of
-//! its own; the loop only swaps the new table in and applies its port change. What the
-//! signals do to the process as a whole (stop, upgrade) is decided in `lifecycle`; the loop
-//! carries it out.
+//! The listener loop: one mio `Poll` for signals, config reload ticks, drain deadlines, and
+//! resuming accepts paused at the connection bound or after an accept error. It does not accept:
+//! the relay threads do, from the doors the mode opened (`relay::accept`), so a new connection
+//! costs no hand-off between threads. The loop is the only thread that opens and closes
+//! listeners (through the mode's `PortSource`) and swaps the routing table the relay threads
+//! route by. A reload is built by the config plane (`plane`) on a thread of its own; the loop
+//! only swaps the new table in and applies its port change. What the signals do to the process
+//! as a whole (stop, upgrade) is decided in `lifecycle`; the loop carries it out.
 
 use std::collections::HashSet;
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token};
 
 use crate::backends::clients::ClientCounts;
-use crate::backends::routing::{Routes, Unrouted};
+use crate::backends::resolver::Resolver;
+use crate::backends::routing::Routes;
 use crate::cli::Settings;
 use crate::frontend::lifecycle::{Lifecycle, Next};
 use crate::frontend::plane::{Change, LoopEnd, Verdict};
-use crate::frontend::ports::{Accepted, PortSource};
+use crate::frontend::ports::PortSource;
 use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::tokens::{
     PLANE, REOPEN_PIPE, SIGHUP_PIPE, STOP_PIPE, UPGRADE_PIPE, UPGRADE_READY, WAKE,
 };
 use crate::metrics::Published;
+use crate::relay::accept::Accepting;
 use crate::relay::conns::{Conns, Ports};
-use crate::relay::per_client::{self, ClientSlots};
+use crate::relay::doors::Doors;
+use crate::relay::park::Lot;
 use crate::relay::pool::Pool;
-use crate::relay::session::{Incoming, Task};
+use crate::relay::session::{self, Context, Session, Task, Timeouts};
 use crate::relay::slots::Slots;
-
-/// Connections accepted from one listener before the loop looks at the others, so one busy
-/// port cannot starve the rest (or the signals).
-const ACCEPT_BATCH: usize = 64;
+use crate::relay::transfer::Carriers;
 
 pub(super) struct Loop {
     settings: Settings,
     source: Box<dyn PortSource>,
-    /// The routing table in force (the config plane builds the next one).
-    routes: Arc<Routes>,
     plane: LoopEnd,
-    pool: Pool<Task>,
     slots: Arc<Slots>,
-    /// Open connections per client address, with --max-connections-per-client; None without
-    /// a limit.
-    clients: Option<Arc<ClientCounts>>,
     conns: Arc<Conns>,
-    /// What the metrics endpoint reads of the loop's state.
-    published: Arc<Published>,
+    /// The relay threads' accepting: the routing table they route by (the config plane builds
+    /// the next one), and the doors held paused.
+    accepting: Arc<Accepting>,
     lifecycle: Lifecycle,
     signals: SignalPipes,
-    /// Listeners that may have connections waiting: readiness is edge-triggered, so a listener
-    /// we stopped draining early (batch, bound, back-off) stays here until it says WouldBlock.
-    ready: HashSet<Token>,
-    /// Accepting is paused after an error such as EMFILE, until then.
-    backoff_until: Option<Instant>,
-    backoff: Duration,
     /// When the next connection being drained (a removed port, a stop) is due to be cut.
     next_drain: Option<Instant>,
 }
 
-/// Where the loop hands accepted connections, and what it counts and drains them with.
+/// What the loop shares with the relay threads: the bound, the open connections it drains, and
+/// their accepting.
 pub(super) struct Relay {
-    pub(super) pool: Pool<Task>,
     /// The connection bound.
     pub(super) slots: Arc<Slots>,
-    /// With --max-connections-per-client; None without a limit.
-    pub(super) clients: Option<Arc<ClientCounts>>,
     pub(super) conns: Arc<Conns>,
+    pub(super) accepting: Arc<Accepting>,
+}
+
+impl Relay {
+    /// The relay threads (`threads` of them, not started yet) and what the loop shares with
+    /// them: connections wait in `lot`, and come in through `doors`, routed by `routes` and
+    /// counted under `slots` and --max-connections-per-client; the relay may hold `pipes`
+    /// kernel pipes at once.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn build(
+        settings: &Settings,
+        threads: usize,
+        pipes: usize,
+        lot: Arc<Lot<Box<Session>>>,
+        doors: Arc<Doors>,
+        routes: Arc<Routes>,
+        published: &Published,
+        resolver: &Resolver,
+        slots: Arc<Slots>,
+    ) -> (Pool<Task>, Relay) {
+        let conns = Arc::new(Conns::default());
+        let clients = (settings.max_connections_per_client > 0)
+            .then(|| ClientCounts::new(settings.max_connections_per_client));
+        let accepting = Arc::new(Accepting::new(
+            doors,
+            routes,
+            Arc::clone(&slots),
+            clients,
+            Arc::clone(&published.unrouted),
+            Arc::clone(&published.accept_paused),
+        ));
+        let cx = Context {
+            timeouts: Timeouts {
+                connect: settings.connect_timeout,
+                idle: settings.idle_timeout,
+                preread: settings.preread_timeout,
+            },
+            carriers: Carriers::new(pipes),
+            conns: Arc::clone(&conns),
+            unrouted: Arc::clone(&published.unrouted),
+            slots: Arc::clone(&slots),
+            lot: Arc::clone(&lot),
+            resolver: resolver.clone(),
+            accepting: Arc::clone(&accepting),
+        };
+        let pool = Pool::new(threads, lot, move |task, turn| {
+            session::run(task, &cx, turn)
+        });
+        let relay = Relay {
+            slots,
+            conns,
+            accepting,
+        };
+        (pool, relay)
+    }
 }
 
 impl Loop {
-    /// A loop over `source`'s listeners, routing by `routes` until the config plane
-    /// (`plane`, its pipe registered) sends another, with nothing yet ready to accept and
-    /// nothing draining.
-    #[allow(clippy::too_many_arguments)]
+    /// A loop over `source`'s listeners, whose connections the relay threads route by the
+    /// table `relay.accepting` holds until the config plane (`plane`, its pipe registered)
+    /// sends another, with nothing draining.
     pub(super) fn new(
         settings: Settings,
         source: Box<dyn PortSource>,
-        routes: Arc<Routes>,
         plane: LoopEnd,
-        published: Arc<Published>,
         relay: Relay,
         lifecycle: Lifecycle,
         signals: SignalPipes,
@@ -89,18 +128,12 @@ impl Loop {
         Loop {
             settings,
             source,
-            routes,
             plane,
-            pool: relay.pool,
             slots: relay.slots,
-            clients: relay.clients,
             conns: relay.conns,
-            published,
+            accepting: relay.accepting,
             lifecycle,
             signals,
-            ready: HashSet::new(),
-            backoff_until: None,
-            backoff: Duration::ZERO,
             next_drain: None,
         }
     }
@@ -133,7 +166,7 @@ impl Loop {
             for t in [
                 self.next_drain,
                 self.lifecycle.drain_deadline(),
-                self.backoff_until,
+                self.accepting.backoff_until(),
                 self.lifecycle.upgrade_deadline(),
             ]
             .into_iter()
@@ -141,11 +174,7 @@ impl Loop {
             {
                 wake_at = wake_at.min(t);
             }
-            let timeout = if !self.ready.is_empty() && self.can_accept(now) {
-                Duration::ZERO
-            } else {
-                wake_at.saturating_duration_since(now)
-            };
+            let timeout = wake_at.saturating_duration_since(now);
             if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
@@ -158,7 +187,9 @@ impl Loop {
             let now = Instant::now();
             let draining = self.lifecycle.is_draining();
             if !draining {
-                self.accept_ready(now);
+                // A slot came back at the bound (WAKE), or the back-off after an accept error
+                // is over: arm the doors held paused again.
+                self.accepting.resume(now);
             }
             if now >= next_tick {
                 next_tick = now + self.settings.reload_interval;
@@ -197,7 +228,7 @@ impl Loop {
             STOP_PIPE => {
                 signals::arrived(&mut self.signals.stop);
                 let next = self.lifecycle.stop_signal(poll.registry());
-                self.carry_out(poll, next);
+                self.carry_out(next);
             }
             UPGRADE_PIPE => {
                 signals::arrived(&mut self.signals.upgrade);
@@ -211,20 +242,19 @@ impl Loop {
             }
             UPGRADE_READY => {
                 let next = self.lifecycle.upgrade_progress(poll.registry());
-                self.carry_out(poll, next);
+                self.carry_out(next);
             }
+            // A slot came back at the bound, or a relay thread started a back-off: `run` looks.
             WAKE => {}
             PLANE => {
                 signals::arrived(&mut self.plane.pipe);
                 while let Ok(change) = self.plane.changes.try_recv() {
-                    let verdict = self.apply(poll, change);
+                    let verdict = self.apply(change);
                     // The plane waits for it; gone only if the plane is (the process exits).
                     let _ = self.plane.verdicts.send(verdict);
                 }
             }
-            listener => {
-                self.ready.insert(listener);
-            }
+            _ => {}
         }
     }
 
@@ -248,13 +278,12 @@ impl Loop {
     }
 
     /// Do what a lifecycle transition asks of the rest of the process.
-    fn carry_out(&mut self, poll: &Poll, next: Next) {
+    fn carry_out(&mut self, next: Next) {
         match next {
             Next::Carry => {}
             Next::Drain(until) => {
                 self.slots.wake_on_every_release();
-                self.source.stop(poll.registry());
-                self.ready.clear();
+                self.source.stop();
                 let n = self.conns.drain(Ports::All, until);
                 self.next_drain = Some(self.next_drain.map_or(until, |d| d.min(until)));
                 crate::info!(
@@ -271,148 +300,10 @@ impl Loop {
         }
     }
 
-    fn can_accept(&self, now: Instant) -> bool {
-        self.backoff_until.is_none_or(|t| now >= t) && !self.slots.is_full()
-    }
-
-    /// Accept from every listener that may have connections waiting, within the bound.
-    fn accept_ready(&mut self, now: Instant) {
-        if self.ready.is_empty() {
-            return;
-        }
-        if self.backoff_until.is_some_and(|t| now < t) {
-            return;
-        }
-        self.backoff_until = None;
-        let tokens: Vec<Token> = self.ready.iter().copied().collect();
-        for token in tokens {
-            let mut accepted = 0;
-            loop {
-                if self.slots.is_full() {
-                    if !self.published.accept_paused.swap(true, Ordering::Relaxed) {
-                        crate::warn!(
-                            "connection limit reached ({}): new connections wait in the kernel backlog",
-                            self.slots.max()
-                        );
-                    }
-                    return;
-                }
-                if self.published.accept_paused.swap(false, Ordering::Relaxed) {
-                    crate::info!("below the connection limit again: accepting");
-                }
-                if accepted == ACCEPT_BATCH {
-                    break;
-                }
-                match self.source.accept(token) {
-                    Ok(Some(conn)) => {
-                        accepted += 1;
-                        self.backoff = Duration::ZERO;
-                        self.dispatch(conn);
-                    }
-                    Ok(None) => {
-                        self.ready.remove(&token);
-                        break;
-                    }
-                    Err(e) => {
-                        if self.accept_error(e, now) {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Decide what an accept error means; true if accepting should pause for a while.
-    fn accept_error(&mut self, e: io::Error, now: Instant) -> bool {
-        match e.raw_os_error() {
-            // The client gave up before we got to it, or a signal: nothing wrong with us.
-            Some(libc::ECONNABORTED) | Some(libc::EINTR) | Some(libc::EPROTO) => false,
-            // Out of descriptors or memory: the connection stays queued in the kernel. Back off
-            // (doubling up to a second) instead of spinning on the same error.
-            _ => {
-                self.backoff =
-                    (self.backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                self.backoff_until = Some(now + self.backoff);
-                crate::error!("accept failed: {e}; pausing accepts for {:?}", self.backoff);
-                true
-            }
-        }
-    }
-
-    fn dispatch(&mut self, conn: Accepted) {
-        let port = conn.local.port();
-        let Some(table) = self.routes.port(port) else {
-            // bpf mode, a port removed from the config while the kernel still queued a
-            // connection for it. Closing it is what a removed listener would have done.
-            crate::debug!(
-                "conn client={} port={port}: port no longer configured, closed",
-                conn.peer,
-            );
-            return;
-        };
-        let Some(binding) = table.lookup(conn.local.ip()) else {
-            // A wildcard listener of the port took a connection to an address no app on it
-            // answers (simple mode), or the config changed while it was queued: reset at once,
-            // as a refused connection would be.
-            self.published.unrouted.count(port, Unrouted::NoApp);
-            crate::debug!(
-                "conn client={} local={}: no app on this address, reset",
-                conn.peer,
-                conn.local
-            );
-            crate::sys::net::reset(conn.stream);
-            return;
-        };
-        let binding = Arc::clone(binding);
-        // Per-client limits first, before the connection takes a slot or a thread: a client at
-        // its limit is closed at once and costs nothing more. Where the app is picked by the
-        // server name, only the global limit and the largest of the apps' (if every app has
-        // one) are known yet; the session checks the app's.
-        let app = (!binding.needs_server_name())
-            .then(|| binding.default_app())
-            .flatten();
-        let apps = binding.per_client.as_ref();
-        let client_slots =
-            match ClientSlots::take(self.clients.as_ref(), apps, app.map(|a| &**a), conn.peer) {
-                Ok(slots) => slots,
-                Err(reached) => {
-                    per_client::refuse_client_limit(
-                        app.map(|a| &**a),
-                        conn.stream,
-                        conn.peer,
-                        port,
-                        reached,
-                    );
-                    return;
-                }
-            };
-        self.slots.take();
-        let job = Incoming {
-            client: conn.stream,
-            peer: conn.peer,
-            local: conn.local,
-            binding,
-            accepted: Instant::now(),
-            client_slots,
-        };
-        if let Err((task, e)) = self.pool.submit(Task::New(job)) {
-            if let Task::New(job) = task {
-                crate::error!(
-                    "conn local={} client={}: no relay thread: {e}; closed",
-                    job.local,
-                    job.peer
-                );
-            }
-            // No thread took the job, so the pool will not give its slot back.
-            self.slots.cancel();
-        }
-    }
-
     /// Swap in the config plane's new table and apply its port change; the table no longer
     /// in force goes back to the plane, to be dropped there. A port change that fails leaves
     /// everything as it was.
-    fn apply(&mut self, poll: &Poll, change: Change) -> Verdict {
+    fn apply(&mut self, change: Change) -> Verdict {
         if self.lifecycle.is_draining() {
             // The listeners are closed: nothing would accept on a port the change adds.
             return Verdict {
@@ -420,13 +311,13 @@ impl Loop {
                 dropped: change.routes,
             };
         }
-        if let Err(e) = self.source.apply(poll.registry(), &change.ports) {
+        if let Err(e) = self.source.apply(&change.ports) {
             return Verdict {
                 refused: Some(e.to_string()),
                 dropped: change.routes,
             };
         }
-        let old = std::mem::replace(&mut self.routes, change.routes);
+        let old = self.accepting.set_routes(change.routes);
         if !change.ports_removed.is_empty() {
             let removed: HashSet<u16> = change.ports_removed.iter().copied().collect();
             let at = Instant::now() + self.settings.drain_timeout;

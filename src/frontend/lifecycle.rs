@@ -293,21 +293,18 @@ mod tests {
     use std::net::SocketAddr;
     use std::os::fd::RawFd;
 
-    use mio::{Poll, Token};
+    use mio::Poll;
 
-    use crate::frontend::ports::{Accepted, PortChange, PortError};
+    use crate::frontend::ports::{PortChange, PortError};
 
     /// A port source with no listeners: the lifecycle only asks it for what to hand over.
     struct NoPorts;
 
     impl PortSource for NoPorts {
-        fn apply(&mut self, _: &Registry, _: &PortChange) -> Result<(), PortError> {
+        fn apply(&mut self, _: &PortChange) -> Result<(), PortError> {
             Ok(())
         }
-        fn accept(&mut self, _: Token) -> io::Result<Option<Accepted>> {
-            Ok(None)
-        }
-        fn stop(&mut self, _: &Registry) {}
+        fn stop(&mut self) {}
         fn listeners(&self) -> usize {
             0
         }

@@ -7,8 +7,8 @@
 //! - `control`: start-up's part for the admin socket and the runtime state it restores.
 //! - `candidate`: loading a config file as start-up, every reload and `flyproxy check` do
 //!   (read, validate, check for loops, hash).
-//! - `event_loop`: the listener loop (accepting within the bound, signals, reload ticks, drain
-//!   deadlines), which swaps in what the plane built.
+//! - `event_loop`: the listener loop (resuming accepts paused at the bound, signals, reload
+//!   ticks, drain deadlines), which swaps in what the plane built; the relay threads accept.
 //! - `plane`: the config plane, the thread that reloads (reads, validates, diffs, builds the
 //!   new routing table and port change) so that the loop never pauses for it.
 //! - `lifecycle`: the process's phases (serving, upgrading, draining) and every transition

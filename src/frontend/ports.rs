@@ -2,26 +2,18 @@
 //!
 //! `PortSource` is what the listener loop needs from a mode: make a set of ports reachable,
 //! change it by a diff on reload (a `PortChange`, worked out off the loop by the config
-//! plane), and accept from its listeners. `simple::PerPort` is the simple
-//! mode (one listener per port); `bpf::Steered` is the bpf mode's, beside it. Everything after
-//! `accept()` is shared.
-
-use std::fmt;
-use std::io;
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
-
-use mio::net::TcpListener;
+//! plane), with listeners opened as doors (`relay::doors`), from which the relay threads
+//! accept. `simple::PerPort` is the simple mode (one listener per port); `bpf::Steered` is the
+//! bpf mode's, beside it. Everything from `accept()` on is shared.
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
 
 use crate::config::prefix::Prefix;
 use crate::metrics::LookupReader;
-use crate::sys::net::canonical;
-use mio::{Registry, Token};
-
-/// Tokens at and above this belong to listeners; below it the loop reserves its own.
-pub const FIRST_LISTENER: usize = 16;
 
 /// Why a set of ports could not be made reachable.
 #[derive(Debug)]
@@ -33,7 +25,7 @@ pub enum PortError {
         addr: Option<std::net::IpAddr>,
         error: io::Error,
     },
-    /// A listener could not be added to the event loop.
+    /// A listener could not be watched by the relay threads.
     Register(io::Error),
     /// More listeners than the open-file limit leaves room for beside the connection bound.
     TooManyListeners { wanted: usize, room: u64 },
@@ -107,19 +99,10 @@ pub struct PortChange {
     pub steer: Vec<((u16, Prefix), Option<String>)>,
 }
 
-/// One accepted connection and the address it came in on.
-pub struct Accepted {
-    pub stream: TcpStream,
-    pub peer: SocketAddr,
-    /// The address and port the client dialled (getsockname of the accepted socket, which
-    /// in bpf mode is the original destination, not the listener's), IPv4 written as IPv4.
-    pub local: SocketAddr,
-}
-
 pub trait PortSource {
     /// Serve the ports as `change` says (the first change, at start-up, lists everything).
     /// On error nothing has changed: the reload (or the start-up) is refused whole.
-    fn apply(&mut self, registry: &Registry, change: &PortChange) -> Result<(), PortError>;
+    fn apply(&mut self, change: &PortChange) -> Result<(), PortError>;
 
     /// Whether the mode reads `PortChange::steer` (bpf) rather than `binds` (simple).
     fn steers(&self) -> bool {
@@ -133,12 +116,9 @@ pub trait PortSource {
     /// bound is fitted to it (a mode with a fixed number of listeners ignores it).
     fn set_listener_room(&mut self, _room: u64) {}
 
-    /// Accept one connection from the listener behind `token`. `Ok(None)`: nothing waiting
-    /// (or a token that is no longer ours).
-    fn accept(&mut self, token: Token) -> io::Result<Option<Accepted>>;
-
-    /// Stop taking new connections (shutdown). Open connections are left alone.
-    fn stop(&mut self, registry: &Registry);
+    /// Stop taking new connections (shutdown): the doors are closed, so that no relay thread
+    /// accepts again once this returns. Open connections are left alone.
+    fn stop(&mut self);
 
     /// Listener sockets held, for fd accounting.
     fn listeners(&self) -> usize;
@@ -150,28 +130,4 @@ pub trait PortSource {
     fn lookup_stats(&self) -> Option<LookupReader> {
         None
     }
-}
-
-/// A listener's bound address and fd, for an upgrade.
-pub fn handover_of(l: &TcpListener) -> Option<(SocketAddr, RawFd)> {
-    Some((l.local_addr().ok()?, l.as_raw_fd()))
-}
-
-/// Accept one connection, with the address the client dialled: the accepted socket's local
-/// address, which keeps the original destination when sk_lookup steered the connection to us.
-pub fn accept_from(listener: &TcpListener) -> io::Result<Option<Accepted>> {
-    let (stream, peer) = match listener.accept() {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    // mio accepts with SOCK_NONBLOCK; the relay wants exactly that, as a std stream.
-    // SAFETY: into_raw_fd hands over sole ownership of a valid, open socket.
-    let stream = unsafe { TcpStream::from_raw_fd(stream.into_raw_fd()) };
-    let local = canonical(stream.local_addr()?);
-    Ok(Some(Accepted {
-        stream,
-        peer: canonical(peer),
-        local,
-    }))
 }

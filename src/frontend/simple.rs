@@ -10,23 +10,22 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use mio::net::TcpListener;
-use mio::{Interest, Registry, Token};
 
 use crate::config::prefix::Prefix;
 use crate::config::{app_prefixes, Config};
 pub use crate::frontend::ports::Bind;
-use crate::frontend::ports::{
-    accept_from, handover_of, Accepted, PortChange, PortError, PortSource, FIRST_LISTENER,
-};
+use crate::frontend::ports::{PortChange, PortError, PortSource};
+use crate::relay::doors::{Door, Doors};
 use crate::sys::net::{listen, listen_any};
 
-/// Simple mode's listeners, by what they bind; tokens are handed out in order, never reused.
+/// Simple mode's listeners, by what they bind, each open as a door the relay threads accept
+/// from.
 pub struct PerPort {
-    listeners: BTreeMap<Bind, (Token, TcpListener)>,
-    by_token: HashMap<Token, Bind>,
-    next_token: usize,
+    doors: Arc<Doors>,
+    listeners: BTreeMap<Bind, Arc<Door>>,
     /// Listeners handed over by the process we upgrade, used instead of binding anew; those
     /// the config no longer wants are closed after the first apply.
     inherited: HashMap<SocketAddr, TcpListener>,
@@ -142,11 +141,10 @@ fn clash(a: &Bind, b: &Bind) -> bool {
 }
 
 impl PerPort {
-    pub fn new(inherited: HashMap<SocketAddr, TcpListener>) -> PerPort {
+    pub fn new(doors: Arc<Doors>, inherited: HashMap<SocketAddr, TcpListener>) -> PerPort {
         PerPort {
+            doors,
             listeners: BTreeMap::new(),
-            by_token: HashMap::new(),
-            next_token: FIRST_LISTENER,
             inherited,
             room: None,
         }
@@ -169,40 +167,24 @@ impl PerPort {
         listen(bind.addr, bind.addr.is_ipv6())
     }
 
-    fn token(&mut self) -> Token {
-        let t = Token(self.next_token);
-        self.next_token += 1;
-        t
-    }
-
-    /// Bind and register `bind`.
-    fn add(&mut self, registry: &Registry, bind: Bind) -> Result<(Token, TcpListener), PortError> {
-        let mut l = self.open(bind).map_err(|error| PortError::Listen {
+    /// Bind `bind` and open it as a door.
+    fn add(&mut self, bind: Bind) -> Result<Arc<Door>, PortError> {
+        let l = self.open(bind).map_err(|error| PortError::Listen {
             port: bind.addr.port(),
             addr: (!bind.addr.ip().is_unspecified()).then_some(bind.addr.ip()),
             error,
         })?;
-        let token = self.token();
-        registry
-            .register(&mut l, token, Interest::READABLE)
-            .map_err(PortError::Register)?;
-        Ok((token, l))
+        self.doors.open(l).map_err(PortError::Register)
     }
 
-    fn close(&mut self, registry: &Registry, bind: &Bind) -> bool {
+    fn close(&mut self, bind: &Bind) -> bool {
         match self.listeners.remove(bind) {
-            Some((token, mut l)) => {
-                self.by_token.remove(&token);
-                let _ = registry.deregister(&mut l);
+            Some(door) => {
+                self.doors.close(&door);
                 true
             }
             None => false,
         }
-    }
-
-    fn keep(&mut self, bind: Bind, token: Token, l: TcpListener) {
-        self.by_token.insert(token, bind);
-        self.listeners.insert(bind, (token, l));
     }
 }
 
@@ -211,7 +193,7 @@ impl PortSource for PerPort {
         self.room = Some(room);
     }
 
-    fn apply(&mut self, registry: &Registry, change: &PortChange) -> Result<(), PortError> {
+    fn apply(&mut self, change: &PortChange) -> Result<(), PortError> {
         let want = &change.binds;
         let have: BTreeSet<Bind> = self.listeners.keys().copied().collect();
         let gone: Vec<Bind> = have.difference(want).copied().collect();
@@ -229,18 +211,19 @@ impl PortSource for PerPort {
         // change before anything else has moved. A new listener that would clash with one of
         // ours that is going away (a port going from single addresses to every address, or
         // back) can only be bound once that one is closed: those come second.
-        let mut fresh: Vec<(Bind, Token, TcpListener)> = Vec::new();
+        let mut fresh: Vec<(Bind, Arc<Door>)> = Vec::new();
         let (later, now): (Vec<Bind>, Vec<Bind>) = new
             .into_iter()
             .partition(|b| gone.iter().any(|g| clash(b, g)));
-        let undo = |fresh: Vec<(Bind, Token, TcpListener)>| {
-            for (_, _, mut l) in fresh {
-                let _ = registry.deregister(&mut l);
+        let doors = Arc::clone(&self.doors);
+        let undo = |fresh: Vec<(Bind, Arc<Door>)>| {
+            for (_, door) in fresh {
+                doors.close(&door);
             }
         };
         for bind in now {
-            match self.add(registry, bind) {
-                Ok((t, l)) => fresh.push((bind, t, l)),
+            match self.add(bind) {
+                Ok(door) => fresh.push((bind, door)),
                 Err(e) => {
                     undo(fresh);
                     return Err(e);
@@ -256,17 +239,19 @@ impl PortSource for PerPort {
                 .copied()
                 .collect();
             for g in &closed {
-                self.close(registry, g);
+                self.close(g);
             }
             for bind in later {
-                match self.add(registry, bind) {
-                    Ok((t, l)) => fresh.push((bind, t, l)),
+                match self.add(bind) {
+                    Ok(door) => fresh.push((bind, door)),
                     Err(e) => {
                         undo(fresh);
                         // Put back what was closed, so the running config keeps serving.
                         for g in closed {
-                            match self.add(registry, g) {
-                                Ok((t, l)) => self.keep(g, t, l),
+                            match self.add(g) {
+                                Ok(door) => {
+                                    self.listeners.insert(g, door);
+                                }
                                 Err(again) => crate::error!(
                                     "cannot listen again on {} after a refused reload: {again}",
                                     g.addr
@@ -279,29 +264,17 @@ impl PortSource for PerPort {
             }
         }
         for g in &gone {
-            self.close(registry, g);
+            self.close(g);
         }
-        for (bind, t, l) in fresh {
-            self.keep(bind, t, l);
-        }
+        self.listeners.extend(fresh);
         self.inherited.clear();
         Ok(())
     }
 
-    fn accept(&mut self, token: Token) -> io::Result<Option<Accepted>> {
-        let Some(bind) = self.by_token.get(&token) else {
-            return Ok(None);
-        };
-        match self.listeners.get(bind) {
-            Some((_, l)) => accept_from(l),
-            None => Ok(None),
-        }
-    }
-
-    fn stop(&mut self, registry: &Registry) {
+    fn stop(&mut self) {
         let all: Vec<Bind> = self.listeners.keys().copied().collect();
         for b in &all {
-            self.close(registry, b);
+            self.close(b);
         }
     }
 
@@ -312,7 +285,7 @@ impl PortSource for PerPort {
     fn handover(&self) -> Vec<(SocketAddr, RawFd)> {
         self.listeners
             .values()
-            .filter_map(|(_, l)| handover_of(l))
+            .filter_map(|d| d.handover())
             .collect()
     }
 }

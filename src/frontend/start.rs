@@ -13,11 +13,9 @@ use std::sync::Arc;
 use mio::net::TcpListener;
 use mio::{Poll, Waker};
 
-use crate::backends::clients::ClientCounts;
 use crate::backends::health::Checker;
 use crate::backends::resolver::Resolver;
 use crate::backends::routing::Routes;
-use crate::backends::routing::UnroutedCounts;
 use crate::cli::{Mode, Settings};
 use crate::config::{Config, ConfigError};
 use crate::frontend::bpf::{SetupError, Steered};
@@ -30,12 +28,9 @@ use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::simple::PerPort;
 use crate::frontend::tokens::{PLANE, WAKE};
 use crate::metrics::{self, Endpoint, Published, Sources};
-use crate::relay::conns::Conns;
+use crate::relay::doors::Doors;
 use crate::relay::park::Lot;
-use crate::relay::pool::Pool;
-use crate::relay::session::{self, Context, Task, Timeouts};
 use crate::relay::slots::Slots;
-use crate::relay::transfer::Carriers;
 use crate::sys::caps::{Cap, CapsError};
 use crate::sys::pidfile::{self, PidFileError};
 use crate::sys::upgrade::{Exec, ReadyPipe};
@@ -144,6 +139,8 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     // config, loading the bpf program, binding thousands of ports): a SIGHUP now is a reload
     // once serving, a SIGTERM now a clean exit at the next step, and neither kills us.
     let (mut poll, waker, mut signals) = event_loop_parts()?;
+    let lot = Lot::new().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
+    let doors = Doors::new(lot.listeners());
     let run_as = match &settings.user {
         Some(u) => Some(user::lookup(u, settings.group.as_deref()).map_err(StartError::User)?),
         None => None,
@@ -166,16 +163,13 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         return stopped_starting();
     }
     let adopted = handed.listeners.len();
-    let mut source = port_source(&mode, handed.listeners)?;
+    let mut source = port_source(&mode, handed.listeners, doors.clone())?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
     let routes = Arc::new(Routes::new(&config, None));
     source
-        .apply(
-            poll.registry(),
-            &plane::first_change(source.steers(), &config, &routes),
-        )
+        .apply(&plane::first_change(source.steers(), &config, &routes))
         .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
@@ -210,7 +204,6 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         published.directory.store(true, Ordering::Relaxed);
         published.files_rejected(rejected_files.len(), rejected_files);
     }
-    let conns = Arc::new(Conns::default());
     let resolver = Resolver::new(settings.dns_ttl);
     let sources = || Sources {
         published: Arc::clone(&published),
@@ -221,14 +214,19 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         app_series: metrics::SeriesCap::new(settings.metrics_app_series),
     };
     let metrics_endpoint = start_metrics(&settings, handed.metrics, sources)?;
-    let pool = relay_pool(
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = max_threads(&settings, slots.max()).min(cores);
+    let (pool, relay) = Relay::build(
         &settings,
+        threads,
         fds.pipes,
-        &conns,
-        &slots,
-        &published.unrouted,
+        lot,
+        doors,
+        Arc::clone(&routes),
+        &published,
         &resolver,
-    )?;
+        slots,
+    );
     let checker = Checker::start(resolver)
         .map_err(|e| StartError::Os("cannot start the health checker", e))?;
     checker.set(routes.backends());
@@ -251,8 +249,6 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         ready.signal();
     }
 
-    let clients = (settings.max_connections_per_client > 0)
-        .then(|| ClientCounts::new(settings.max_connections_per_client));
     let lifecycle = Lifecycle::new(handed.exec, metrics_endpoint, settings.drain_timeout);
     let pid_file = settings.pid_file.clone();
     let steers = source.steers();
@@ -271,20 +267,15 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         .map_err(|e| StartError::Os("cannot set up the config plane's wake-ups", e))?;
     let parts = control::Parts {
         published: &published,
-        conns: &conns,
+        conns: &relay.conns,
         reloads: plane_end.reloads.clone(),
     };
     control::start(admin, &settings, &routes, parts)
         .map_err(|e| StartError::Os("cannot start the admin socket's thread", e))?;
-    let relay = Relay {
-        pool,
-        slots,
-        clients,
-        conns,
-    };
-    let mut lp = Loop::new(
-        settings, source, routes, plane_end, published, relay, lifecycle, signals,
-    );
+    // The relay threads accept from the doors from now on.
+    pool.start()
+        .map_err(|e| StartError::Os("cannot start the relay threads", e))?;
+    let mut lp = Loop::new(settings, source, plane_end, relay, lifecycle, signals);
     lp.reload_if_hup_arrived();
     let result = lp.run(&mut poll);
     if !lp.handed_over() {
@@ -356,40 +347,6 @@ fn app_on(config: &Config, addr: SocketAddr) -> Option<String> {
             .any(|p| p.contains(ip) || (ip.is_unspecified() && p.is_v4() == ip.is_ipv4()));
         (on_port && on_addr).then(|| app.name.clone())
     })
-}
-
-/// The relay threads, at most `--max-threads` (default: the connection bound), and the parking
-/// lot where connections wait without one; one relay thread per core waits on the lot at a time.
-fn relay_pool(
-    settings: &Settings,
-    pipe_budget: usize,
-    conns: &Arc<Conns>,
-    slots: &Arc<Slots>,
-    unrouted: &Arc<UnroutedCounts>,
-    resolver: &Resolver,
-) -> Result<Pool<Task>, StartError> {
-    let lot = Lot::new().map_err(|e| StartError::Os("cannot start the parking lot", e))?;
-    let cx = Context {
-        timeouts: Timeouts {
-            connect: settings.connect_timeout,
-            idle: settings.idle_timeout,
-            preread: settings.preread_timeout,
-        },
-        carriers: Carriers::new(pipe_budget),
-        conns: Arc::clone(conns),
-        unrouted: Arc::clone(unrouted),
-        slots: Arc::clone(slots),
-        lot: Arc::clone(&lot),
-        resolver: resolver.clone(),
-    };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pool = Pool::new(
-        max_threads(settings, slots.max()),
-        cores,
-        lot,
-        move |task, turn| session::run(task, &cx, turn),
-    );
-    Ok(pool)
 }
 
 /// The relay thread bound: `--max-threads`, or the connection bound, the most connections that
@@ -481,11 +438,12 @@ fn stopped_starting() -> Result<(), RunError> {
 fn port_source(
     mode: &Mode,
     inherited: HashMap<SocketAddr, TcpListener>,
+    doors: Arc<Doors>,
 ) -> Result<Box<dyn PortSource>, StartError> {
     Ok(match *mode {
-        Mode::Simple => Box::new(PerPort::new(inherited)),
+        Mode::Simple => Box::new(PerPort::new(doors, inherited)),
         Mode::Bpf { port, bind } => {
-            Box::new(Steered::start(port, bind, inherited).map_err(StartError::Bpf)?)
+            Box::new(Steered::start(port, bind, inherited, doors).map_err(StartError::Bpf)?)
         }
     })
 }

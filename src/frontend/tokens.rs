@@ -1,9 +1,7 @@
-//! The listener loop's token space: the reserved tokens, each named for what wakes it, below
-//! `ports::FIRST_LISTENER`; the modes' listeners at and above it.
+//! The listener loop's tokens, each named for what wakes it. (The listening sockets are not
+//! among them: the relay threads watch and accept from those.)
 
 use mio::Token;
-
-use crate::frontend::ports::FIRST_LISTENER;
 
 /// Readable when SIGHUP arrived (signal-hook writes a byte into the pipe from the handler).
 pub(super) const SIGHUP_PIPE: Token = Token(0);
@@ -20,5 +18,3 @@ pub(super) const REOPEN_PIPE: Token = Token(5);
 
 /// Readable when the config plane has a new routing table for the loop to apply.
 pub(super) const PLANE: Token = Token(6);
-
-const _: () = assert!(PLANE.0 < FIRST_LISTENER);

@@ -33,8 +33,8 @@ pub struct Published {
     /// config each instance of a fleet runs.
     config_sha256: Mutex<ConfigHashes>,
     /// Accepting is held back by the connection bound.
-    pub accept_paused: AtomicBool,
-    /// Connections no app took (counted by the listener loop and the sessions).
+    pub accept_paused: Arc<AtomicBool>,
+    /// Connections no app took (counted at accept and by the sessions).
     pub unrouted: Arc<UnroutedCounts>,
     /// Directory mode: the files refused now, each with its problems, and how many
     /// refusals there were since start (a file refused again after a change counts again).
@@ -74,7 +74,7 @@ impl Published {
                 running: sha256,
                 rejected: None,
             }),
-            accept_paused: AtomicBool::new(false),
+            accept_paused: Arc::new(AtomicBool::new(false)),
             unrouted: Arc::default(),
             rejected_files: Mutex::default(),
             file_rejections: AtomicU64::new(0),

@@ -27,6 +27,11 @@
 //! app given to it, the answer to its target's name lookup) through its ticket's `Waker`.
 //! Drains reach waiting connections like any other: cutting one shuts its sockets down, which
 //! wakes it here.
+//!
+//! The listening sockets are in the same epoll set (`Listeners`), armed one-shot too: the thread
+//! that is told of waiting connections has the listener to itself, accepts a batch and starts
+//! each connection on itself, and re-arms the listener when it is done with it (see
+//! `relay::accept`). New connections thus cost no hand-off between threads, as in HAProxy.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -36,6 +41,9 @@ use std::time::Instant;
 
 /// The epoll data of the lot's own eventfd, which `interrupt` writes to wake a waiting thread.
 const INTERRUPT: u64 = u64::MAX;
+/// Set in the epoll data of a listening socket (`Listeners`), beside its key; a connection's
+/// data (its id, shifted) never reaches it.
+const LISTENER: u64 = 1 << 62;
 /// Events taken per wake-up: enough for a batch under load, small enough that one thread does
 /// not take all the work of a burst while another thread could share it.
 const BATCH: usize = 32;
@@ -170,6 +178,42 @@ impl Ticket {
     }
 }
 
+/// A listening socket that has connections waiting (`Listeners::add`): the key it was added
+/// with. The thread given it has it alone until it re-arms it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listening(pub u64);
+
+/// Where listening sockets are watched: the lot's epoll set, shared with the connections.
+#[derive(Clone)]
+pub struct Listeners {
+    lot: Arc<dyn LotRef>,
+}
+
+impl Listeners {
+    /// Watch `fd`, a non-blocking listening socket, as `key` (below 2^62), armed for one event.
+    pub fn add(&self, fd: RawFd, key: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, key)
+    }
+
+    /// Arm `fd` (added as `key`) again for one event; connections already waiting fire it at
+    /// once. The caller must know `fd` is still that listener (not closed and reused).
+    pub fn rearm(&self, fd: RawFd, key: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_MOD, fd, key)
+    }
+
+    /// Stop watching `fd`, before it is closed (a thread that holds it may still re-arm it
+    /// until then, so closing alone would not do).
+    pub fn remove(&self, fd: RawFd) {
+        let _ = epoll_ctl(self.lot.epoll(), libc::EPOLL_CTL_DEL, fd, 0, 0);
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, key: u64) -> io::Result<()> {
+        debug_assert!(key < LISTENER);
+        let events = (libc::EPOLLIN | libc::EPOLLONESHOT) as u32;
+        epoll_ctl(self.lot.epoll(), op, fd, events, LISTENER | key)
+    }
+}
+
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.lot.forget(self.id);
@@ -255,6 +299,13 @@ impl<T: Wakeable> Lot<T> {
         }))
     }
 
+    /// Where listening sockets are added to this lot's epoll set.
+    pub fn listeners(self: &Arc<Self>) -> Listeners {
+        Listeners {
+            lot: Arc::clone(self) as Arc<dyn LotRef>,
+        }
+    }
+
     /// A place for a new connection, held by the thread that runs it.
     pub fn ticket(self: &Arc<Self>) -> Ticket {
         let mut state = self.lock();
@@ -320,9 +371,10 @@ impl<T: Wakeable> Lot<T> {
         };
     }
 
-    /// The connections that are ready: woken by an event or due. With `block`, wait for at
-    /// least one (or an interrupt); without, only look. Each comes with what woke it.
-    pub fn collect<J: From<T>>(&self, block: bool, out: &mut Vec<J>) {
+    /// The connections that are ready: woken by an event or due, and the listeners that have
+    /// connections waiting. With `block`, wait for at least one (or an interrupt); without,
+    /// only look. Each connection comes with what woke it.
+    pub fn collect<J: From<T> + From<Listening>>(&self, block: bool, out: &mut Vec<J>) {
         let mut me = None;
         let timeout = if block {
             let mut state = self.lock();
@@ -358,6 +410,10 @@ impl<T: Wakeable> Lot<T> {
             let data = ev.u64;
             if data == INTERRUPT {
                 interrupted = true;
+                continue;
+            }
+            if data & LISTENER != 0 {
+                out.push(J::from(Listening(data & !LISTENER)));
                 continue;
             }
             let (id, side) = (data >> 1, (data & 1) as usize);
@@ -519,7 +575,7 @@ fn epoll_ctl(epoll: RawFd, op: libc::c_int, fd: RawFd, events: u32, data: u64) -
 }
 
 /// The pool's jobs are what the lot holds, or made from it (`J::from`).
-impl<T: Wakeable, J: From<T>> crate::relay::pool::Source<J> for Lot<T> {
+impl<T: Wakeable, J: From<T> + From<Listening>> crate::relay::pool::Source<J> for Lot<T> {
     fn collect(&self, block: bool, out: &mut Vec<J>) {
         Lot::collect(self, block, out)
     }

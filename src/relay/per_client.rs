@@ -1,5 +1,5 @@
 //! A connection's place under the per-client limits: `--max-connections-per-client` (taken by the
-//! listener loop at accept) and its app's `MaxConnectionsPerClient` (taken at accept where the
+//! accepting relay thread at accept) and its app's `MaxConnectionsPerClient` (taken at accept where the
 //! app is known then, or by the session once the server name picked it). Where the server name
 //! picks the app and every app on the (address, port) has `MaxConnectionsPerClient`, the largest
 //! of them is taken at accept too (`Binding::per_client`), so that a client's silent connections
@@ -86,8 +86,8 @@ impl ClientSlots {
 }
 
 /// A connection closed at accept because its client address already has `limit` connections
-/// open under `which` limit: counted and logged as `end=client_limit`. Called by the listener
-/// loop instead of handing the connection on.
+/// open under `which` limit: counted and logged as `end=client_limit`. Called at accept
+/// instead of starting the connection's session.
 /// `app` is None where the app is not known yet (it would be picked by the server name).
 pub fn refuse_client_limit(
     app: Option<&AppRoute>,

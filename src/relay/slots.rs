@@ -1,9 +1,10 @@
 //! The connection bound: how many accepted connections may be in the relay at once.
 //!
-//! The listener loop takes a slot for every connection it accepts; the session gives it back
-//! once the connection has ended and its sockets are closed, whether it ended on a relay thread
-//! or woke from the parking lot to end. The loop stops accepting while every slot is taken, and
-//! is woken when one comes back, or, while it drains for a stop, at every slot given back.
+//! A relay thread takes a slot before every accept (`accept`); the session gives it back once
+//! the connection has ended and its sockets are closed (or the accept gives it back at once if
+//! nothing came or the connection was refused). Accepting pauses while every slot is taken, and
+//! the listener loop is woken when one comes back at the bound, to resume it, or, while it
+//! drains for a stop, at every slot given back.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
@@ -40,13 +41,18 @@ impl Slots {
         self.taken() >= self.max
     }
 
-    /// Take a slot for a connection just accepted; the listener loop checks `is_full` first.
-    pub fn take(&self) {
-        self.taken.fetch_add(1, Ordering::AcqRel);
+    /// Take a slot for a connection about to be accepted, if one is free: threads accepting
+    /// at once never pass the bound together.
+    pub fn try_take(&self) -> bool {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
     }
 
-    /// Give a slot back, waking the listener loop if it is waiting for one (paused at the
-    /// bound, or draining for shutdown). Waking only then keeps the common path free of
+    /// Give a slot back, waking the listener loop if accepting may be paused for one (at the
+    /// bound), or it drains for shutdown. Waking only then keeps the common path free of
     /// cross-thread wake-ups.
     pub fn release(&self) {
         let before = self.taken.fetch_sub(1, Ordering::AcqRel);
@@ -55,12 +61,6 @@ impl Slots {
                 crate::error!("cannot wake the listener loop: {e}");
             }
         }
-    }
-
-    /// Give back a slot taken for a connection no relay thread took. The loop itself does
-    /// this, so there is nobody to wake.
-    pub fn cancel(&self) {
-        self.taken.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Wake the listener loop for something else it is asked to do (an admin socket's reload:

@@ -8,6 +8,17 @@ use std::time::Duration;
 
 struct Item {
     woke: Woke,
+    /// Set for a listener the lot handed out instead of a connection.
+    listening: Option<Listening>,
+}
+
+impl From<Listening> for Item {
+    fn from(l: Listening) -> Item {
+        Item {
+            woke: Woke::default(),
+            listening: Some(l),
+        }
+    }
 }
 
 impl Wakeable for Item {
@@ -19,6 +30,7 @@ impl Wakeable for Item {
 fn item() -> Item {
     Item {
         woke: Woke::default(),
+        listening: None,
     }
 }
 
@@ -236,4 +248,36 @@ fn a_wake_while_it_runs_runs_it_again_at_its_next_wait_and_a_late_one_is_ignored
     drop(t);
     waker.wake();
     assert!(ready(&lot, QUIET).is_empty());
+}
+
+#[test]
+fn a_listener_is_handed_to_one_thread_until_it_is_re_armed() {
+    let lot = Lot::new().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    let listeners = lot.listeners();
+    listeners.add(l.as_raw_fd(), 7).unwrap();
+    let _c1 = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let _c2 = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let got = ready(&lot, SOON);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].listening, Some(Listening(7)));
+    // Two connections wait, but the listener fired once: nobody else is told until it is armed
+    // again.
+    assert!(ready(&lot, QUIET).is_empty(), "handed out twice");
+    l.accept().unwrap();
+    // Re-armed with a connection still waiting: handed out again at once.
+    listeners.rearm(l.as_raw_fd(), 7).unwrap();
+    let got = ready(&lot, SOON);
+    assert_eq!(got[0].listening, Some(Listening(7)));
+    l.accept().unwrap();
+    // Nothing waiting: re-armed, it stays quiet; taken out, a new connection wakes nobody.
+    listeners.rearm(l.as_raw_fd(), 7).unwrap();
+    assert!(ready(&lot, QUIET).is_empty());
+    listeners.remove(l.as_raw_fd());
+    let _c3 = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    assert!(
+        ready(&lot, QUIET).is_empty(),
+        "a removed listener woke a thread"
+    );
 }

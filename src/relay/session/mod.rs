@@ -36,18 +36,16 @@ mod phase;
 mod relaying;
 
 use std::convert::Infallible;
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use crate::backends::resolver::Resolver;
-use crate::backends::routing::{Binding, UnroutedCounts};
+use crate::backends::routing::UnroutedCounts;
+use crate::relay::accept::Accepting;
 use crate::relay::access_log::{ConnLine, Timings};
 use crate::relay::conns::{self, Conns};
-use crate::relay::park::{self, Lot, Side, Wakeable, Woke};
-use crate::relay::per_client::ClientSlots;
+use crate::relay::park::{self, Listening, Lot, Side, Wakeable, Woke};
 use crate::relay::pool::Turn;
 use crate::relay::slots::Slots;
 use crate::relay::transfer::Carriers;
@@ -57,21 +55,8 @@ use greeting::{Greeted, Greeting};
 use phase::{Conn, Ending, Step, Wait};
 use relaying::Relaying;
 
+pub use crate::relay::accept::Incoming;
 pub use phase::Timeouts;
-
-/// An accepted client connection, on its way to a relay thread.
-pub struct Incoming {
-    pub client: TcpStream,
-    pub peer: SocketAddr,
-    /// The address and port the client dialled (canonical: IPv4 as IPv4).
-    pub local: SocketAddr,
-    /// The apps on that address and port; the relay thread picks one.
-    pub binding: Arc<Binding>,
-    pub accepted: Instant,
-    /// The client's counts under the per-client limits in force, given back as the
-    /// connection ends, however it ends.
-    pub client_slots: ClientSlots,
-}
 
 /// What every session reads besides its own connection: its timeouts, the carriers its bytes
 /// go through, the table of open connections through which drains (a removed port, a stop, an
@@ -86,15 +71,25 @@ pub struct Context {
     pub lot: Arc<Lot<Box<Session>>>,
     /// Looks target names up, off the relay threads.
     pub resolver: Resolver,
+    /// Where new connections come from.
+    pub accepting: Arc<Accepting>,
 }
 
 /// What a relay thread is given to run.
 pub enum Task {
+    /// A listener with connections waiting: accept them and start each on this thread.
+    Accept(Listening),
     /// A connection just accepted.
     New(Incoming),
     /// A connection that waited in the parking lot or gave its thread up, to carry on in the
     /// phase it was in.
     Resume(Box<Session>),
+}
+
+impl From<Listening> for Task {
+    fn from(l: Listening) -> Task {
+        Task::Accept(l)
+    }
 }
 
 impl From<Box<Session>> for Task {
@@ -141,6 +136,7 @@ enum Done {
 /// blocks the thread: each waits in the lot (`Step::Wait`) for what it needs.
 pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
     let mut s = match task {
+        Task::Accept(door) => return accept(door, cx, turn),
         Task::New(incoming) => Session::new(incoming, cx),
         Task::Resume(s) => s,
     };
@@ -179,6 +175,21 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
             }
         }
     }
+}
+
+/// Accept the connections waiting on `door` and run each on this thread until it waits, as a
+/// connection woken in the lot would be: no other thread is involved.
+fn accept(door: Listening, cx: &Context, turn: &Turn) -> Option<Task> {
+    let mut batch = cx.accepting.batch(door.0)?;
+    while let Some(incoming) = batch.take() {
+        if let Some(back) = run(Task::New(incoming), cx, turn) {
+            // Its time slice ended (not on its first steps, in practice): the door goes back to
+            // whichever thread is free.
+            batch.stop();
+            return Some(back);
+        }
+    }
+    None
 }
 
 /// The one place a connection moves from a phase to the next, from what the phase was done

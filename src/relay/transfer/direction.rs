@@ -168,13 +168,15 @@ impl Direction {
 
     /// Move as much as possible from `src` to `dst` without blocking (up to `PASS_BUDGET`).
     /// `other_done`: the other direction is over, so once this one is the connection ends and
-    /// both sockets are closed.
+    /// both sockets are closed. Without `may_read`, `src` is known to have nothing yet: only
+    /// what is pending is written.
     pub(super) fn pump(
         &mut self,
         src: &TcpStream,
         dst: &TcpStream,
         counter: &AtomicU64,
         other_done: bool,
+        may_read: bool,
         carriers: &Carriers,
     ) -> io::Result<Pass> {
         let mut step = Pass::default();
@@ -218,6 +220,10 @@ impl Direction {
                     }
                     self.shut = true;
                 }
+                return Ok(step);
+            }
+            if !may_read {
+                self.release(carriers);
                 return Ok(step);
             }
             match self.fill(src, carriers)? {

@@ -81,6 +81,11 @@ pub struct Relay {
     /// wanted from it: nothing more can come from it, and polled or armed again it would report
     /// the hang-up again at once, every time.
     hup: [bool; 2],
+    /// The client and the backend socket were armed for reading when the relay last waited:
+    /// one that did not wake it has nothing to read (the lot would have said so), so the next
+    /// run does not ask it (a read that would only say EAGAIN, one per request on a kept-alive
+    /// connection).
+    armed_read: [bool; 2],
 }
 
 /// The two live counters (the target's, for metrics) that delivered bytes are added to, and
@@ -107,6 +112,7 @@ impl Relay {
             last_activity: Instant::now(),
             woke: Woke::default(),
             hup: [false; 2],
+            armed_read: [false; 2],
         }
     }
 
@@ -130,7 +136,8 @@ impl Relay {
     /// What to arm the client and the backend socket for while the relay waits (see
     /// `park::Ticket::arm`): reading where a direction reads from it, writing where one has bytes
     /// for it, and otherwise only an error, unless it hung up (None: nothing can come from it).
-    pub fn interest(&self) -> [Option<u32>; 2] {
+    /// Called as it waits: it remembers which sockets it armed for reading.
+    pub fn interest(&mut self) -> [Option<u32>; 2] {
         let on = |read: bool, write: bool, hup: bool| {
             let mut events = park::FAILURE;
             if read {
@@ -141,6 +148,7 @@ impl Relay {
             }
             (events != park::FAILURE || !hup).then_some(events)
         };
+        self.armed_read = [self.up.wants_read(), self.down.wants_read()];
         [
             on(self.up.wants_read(), self.down.wants_write(), self.hup[0]),
             on(self.down.wants_read(), self.up.wants_write(), self.hup[1]),
@@ -169,6 +177,9 @@ impl Relay {
         others_waiting: &dyn Fn() -> bool,
     ) -> Pause {
         let mut slice_end = Instant::now() + SLICE;
+        // Sockets it waited on for reading that did not wake it: not read on the first pass.
+        let mut quiet = [0, 1].map(|i| self.armed_read[i] && self.woke.0[i] == 0);
+        self.armed_read = [false; 2];
         loop {
             // Where something is wanted from a socket, the pump's read or write meets whatever
             // happened there (bytes, end of stream, or the error) in order, so nothing already
@@ -191,12 +202,14 @@ impl Relay {
                     self.hup[i] = true;
                 }
             }
+            let (up_done, down_done) = (self.up.done(), self.down.done());
             let stepped = (
                 self.up
-                    .pump(client, backend, counters.up, self.down.done(), carriers),
+                    .pump(client, backend, counters.up, down_done, !quiet[0], carriers),
                 self.down
-                    .pump(backend, client, counters.down, self.up.done(), carriers),
+                    .pump(backend, client, counters.down, up_done, !quiet[1], carriers),
             );
+            quiet = [false; 2];
             let (a, b) = match stepped {
                 (Err(e), _) | (_, Err(e)) => {
                     crate::debug!("relay error: {e}");
