@@ -116,7 +116,7 @@ struct Run {
     /// What the resolver wakes the poll with when an answer is in.
     waker: Arc<Waker>,
     /// The backends of each distinct target and kind of check, as of the last `set`.
-    targets: HashMap<Probe, Vec<Arc<Backend>>>,
+    targets: HashMap<Probe, follow::Listed>,
     /// When each backend (by the address of its state) was last checked, or first seen. Its
     /// next check is that plus its interval as of now, so a target that a failed connection
     /// just marked down is due at the shorter interval at once.
@@ -229,7 +229,7 @@ impl Run {
 
     /// When `target` is next due: when the first of its backends not in maintenance is (None
     /// while every one is).
-    fn due(&self, backends: &[Arc<Backend>], now: Instant) -> Option<Instant> {
+    fn due(&self, backends: &follow::Listed, now: Instant) -> Option<Instant> {
         backends
             .iter()
             .filter(|b| checked(b))
@@ -245,7 +245,7 @@ impl Run {
         let mut next = now + Duration::from_secs(60);
         let mut due: Vec<(Instant, &Probe)> = Vec::new();
         for (target, backends) in &self.targets {
-            for b in backends {
+            for b in backends.iter() {
                 next = next.min(now + b.check_timing().0);
             }
             if self.checks.contains_key(target) {
@@ -285,7 +285,11 @@ impl Run {
         let Some(backends) = self.targets.get(&target) else {
             return;
         };
-        let backends: Vec<Arc<Backend>> = backends.iter().filter(|b| checked(b)).cloned().collect();
+        let backends: Vec<Arc<Backend>> = backends
+            .each_turn()
+            .filter(|b| checked(b))
+            .cloned()
+            .collect();
         if backends.is_empty() {
             // Every one went into maintenance since the scan.
             return;
