@@ -32,13 +32,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::backends::backend::{Backend, ConnectError, TargetState};
+use crate::backends::backend::{Backend, ConnectError, TargetState, HEALTH_EPOCH};
 use crate::backends::probe::{self, Verdict};
 use crate::backends::resolver::{Answer, Lookup, Notify, Resolver, Waiting};
 use crate::config::{CheckKind, Target};
@@ -123,6 +124,8 @@ struct Run {
     last: HashMap<*const Backend, Instant>,
     /// Checks under way, by target.
     checks: HashMap<Probe, Check>,
+    /// When each target is due, as the last scan found it (see `scan`).
+    due_at: HashMap<Probe, Due>,
     /// Targets found due by the last scan and not started yet (the bound was reached), the
     /// longest-waiting first. The targets are scanned again only once these are all started,
     /// so a connect finishing costs no pass over every target.
@@ -180,6 +183,7 @@ impl Run {
             targets: HashMap::new(),
             last: HashMap::new(),
             checks: HashMap::new(),
+            due_at: HashMap::new(),
             queue: VecDeque::new(),
             next_scan: Instant::now(),
             sockets: HashMap::new(),
@@ -227,16 +231,6 @@ impl Run {
         }
     }
 
-    /// When `target` is next due: when the first of its backends not in maintenance is (None
-    /// while every one is).
-    fn due(&self, backends: &follow::Listed, now: Instant) -> Option<Instant> {
-        backends
-            .iter()
-            .filter(|b| checked(b))
-            .map(|b| self.last.get(&Arc::as_ptr(b)).copied().unwrap_or(now) + interval_of(b))
-            .min()
-    }
-
     /// Find the targets due now, the longest overdue first, into the queue; and when to look
     /// again.
     fn scan(&mut self, now: Instant) {
@@ -244,14 +238,24 @@ impl Run {
         // targets marked down passively since.
         let mut next = now + Duration::from_secs(60);
         let mut due: Vec<(Instant, &Probe)> = Vec::new();
+        let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
         for (target, backends) in &self.targets {
-            for b in backends.iter() {
-                next = next.min(now + b.check_timing().0);
-            }
+            // Kept while no backend's health or state changed, and its list and its checks'
+            // times did not (`follow` and `finish` forget it then): a scan then costs a
+            // lookup per target, not a pass over every app listing it.
+            let s = match self.due_at.get(target) {
+                Some(s) if s.epoch == epoch => *s,
+                _ => {
+                    let s = Due::of(backends, &self.last, now, epoch);
+                    self.due_at.insert(target.clone(), s);
+                    s
+                }
+            };
+            next = next.min(now + s.shortest);
             if self.checks.contains_key(target) {
                 continue;
             }
-            let Some(at) = self.due(backends, now) else {
+            let Some(at) = s.at else {
                 continue;
             };
             if at <= now {
@@ -516,6 +520,8 @@ impl Run {
         let Some(check) = self.checks.remove(target) else {
             return;
         };
+        // Its backends' last check moves: when it is next due, too.
+        self.due_at.remove(target);
         if check.open > 0 {
             self.sockets.retain(|_, c| c.probe != *target);
         }
@@ -564,6 +570,45 @@ impl Check {
             }
             Err(e) => self.last_error = Some(ConnectError::from_resolve(e)),
         }
+    }
+}
+
+/// When a target is next due, and its backends' shortest interval, as of `epoch`.
+#[derive(Debug, Clone, Copy)]
+struct Due {
+    epoch: u64,
+    /// When the first of its backends not in maintenance is due (None while every one is).
+    at: Option<Instant>,
+    /// The shortest interval among its backends: a scan comes at least this often.
+    shortest: Duration,
+}
+
+impl Due {
+    fn of(
+        backends: &follow::Listed,
+        last: &HashMap<*const Backend, Instant>,
+        now: Instant,
+        epoch: u64,
+    ) -> Due {
+        let mut d = Due {
+            epoch,
+            at: None,
+            shortest: Duration::from_secs(60),
+        };
+        for b in backends.iter() {
+            let (interval, _) = b.check_timing();
+            d.shortest = d.shortest.min(interval);
+            if checked(b) {
+                let every = if b.is_up() {
+                    interval * UP_CHECK_FACTOR
+                } else {
+                    interval
+                };
+                let at = last.get(&Arc::as_ptr(b)).copied().unwrap_or(now) + every;
+                d.at = Some(d.at.map_or(at, |x| x.min(at)));
+            }
+        }
+        d
     }
 }
 

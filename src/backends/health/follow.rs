@@ -84,6 +84,7 @@ impl Run {
     fn replace(&mut self, backends: Vec<Arc<Backend>>) {
         let now = Instant::now();
         self.targets.clear();
+        self.due_at.clear();
         for b in backends {
             self.last.entry(Arc::as_ptr(&b)).or_insert(now);
             let probe = Probe::of(&b);
@@ -124,6 +125,7 @@ impl Run {
                 self.targets.keys().cloned().collect()
             };
             for probe in lists {
+                self.due_at.remove(&probe);
                 if let Some(list) = self.targets.get_mut(&probe) {
                     list.remove(ptr);
                     if list.is_empty() {
@@ -143,6 +145,7 @@ impl Run {
             // Looked at no later than a scan would have it looked at.
             let soonest = interval_of(&b).min(b.check_timing().0);
             self.next_scan = self.next_scan.min(now + soonest);
+            self.due_at.remove(&probe);
             let list = self.targets.entry(probe).or_default();
             new_target |= list.is_empty();
             list.push(b);
