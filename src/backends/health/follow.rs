@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use super::{interval_of, Probe, Run};
 use crate::backends::backend::Backend;
+use crate::backends::backend::HEALTH_EPOCH;
+use std::sync::atomic::Ordering;
 
 /// What `Checker::set` and `Checker::change` ask.
 pub(super) enum Update {
@@ -107,6 +109,7 @@ impl Run {
     /// (as often as listed); a backend in both keeps when it was last checked.
     fn change(&mut self, added: Vec<Arc<Backend>>, removed: Vec<Arc<Backend>>) {
         let now = Instant::now();
+        let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
         let kept: HashSet<*const Backend> = added.iter().map(Arc::as_ptr).collect();
         let mut done = HashSet::new();
         for b in &removed {
@@ -124,8 +127,18 @@ impl Run {
             } else {
                 self.targets.keys().cloned().collect()
             };
+            let last = self.last.get(&ptr).copied().unwrap_or(now);
             for probe in lists {
-                self.due_at.remove(&probe);
+                // When the target is due stays known if another backend gives it too (at
+                // 200,000 apps listing one target, a pass over them per reload otherwise).
+                let known = listed
+                    && self
+                        .due_at
+                        .get_mut(&probe)
+                        .is_some_and(|d| d.epoch == epoch && d.without(b, last));
+                if !known {
+                    self.due_at.remove(&probe);
+                }
                 if let Some(list) = self.targets.get_mut(&probe) {
                     list.remove(ptr);
                     if list.is_empty() {
@@ -145,7 +158,13 @@ impl Run {
             // Looked at no later than a scan would have it looked at.
             let soonest = interval_of(&b).min(b.check_timing().0);
             self.next_scan = self.next_scan.min(now + soonest);
-            self.due_at.remove(&probe);
+            let last = self.last.get(&ptr).copied().unwrap_or(now);
+            match self.due_at.get_mut(&probe) {
+                Some(d) if d.epoch == epoch => d.with(&b, last),
+                _ => {
+                    self.due_at.remove(&probe);
+                }
+            }
             let list = self.targets.entry(probe).or_default();
             new_target |= list.is_empty();
             list.push(b);
