@@ -226,7 +226,8 @@ pub struct Routes {
 /// room (`ORDER_GAP`) between neighbours for an app added between them.
 #[derive(Debug, Clone)]
 struct Placed {
-    ports: Vec<u16>,
+    /// Shared: copying a shard of the index copies no list of ports.
+    ports: Arc<[u16]>,
     order: u64,
 }
 
@@ -356,7 +357,7 @@ impl Routes {
             .enumerate()
             .map(|(i, (route, app))| {
                 let placed = Placed {
-                    ports: app.ports.clone(),
+                    ports: app.ports.as_slice().into(),
                     order: (i as u64 + 1) * ORDER_GAP,
                 };
                 (Named(route), placed)
@@ -446,7 +447,7 @@ impl Routes {
                 self.by_name.iter().map(|(n, p)| (p.order, n, p)).collect();
             all.sort_unstable_by_key(|&(order, _, _)| order);
             all.into_iter()
-                .map(|(_, n, p)| (Arc::clone(&n.0), p.ports.clone()))
+                .map(|(_, n, p)| (Arc::clone(&n.0), p.ports.to_vec()))
                 .collect()
         })
     }

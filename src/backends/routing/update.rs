@@ -87,7 +87,7 @@ impl Routes {
                 .flatten();
             placed_all &= at.is_some();
             let placed = Placed {
-                ports: f.app.ports.clone(),
+                ports: f.app.ports.as_slice().into(),
                 order: at.unwrap_or(0),
             };
             by_name.insert(Named(Arc::clone(&route)), placed);
@@ -116,7 +116,7 @@ impl Routes {
         for name in &gone {
             if let Some((Named(route), placed)) = self.by_name.get_key_value(*name) {
                 let prefixes = route.prefixes();
-                for port in &placed.ports {
+                for port in placed.ports.iter() {
                     let t = touched.entry(*port).or_default();
                     for prefix in &prefixes {
                         t.on.entry(*prefix).or_default();
