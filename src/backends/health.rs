@@ -43,6 +43,7 @@ use crate::backends::backend::{Backend, ConnectError, TargetState, HEALTH_EPOCH}
 use crate::backends::probe::{self, Verdict};
 use crate::backends::resolver::{Answer, Lookup, Notify, Resolver, Waiting};
 use crate::config::{CheckKind, Target};
+use due::Due;
 
 /// An up target is checked this many times less often than a down one: passive checks (every
 /// real connection) already watch up targets closely.
@@ -573,91 +574,6 @@ impl Check {
     }
 }
 
-/// When a target is next due, and its backends' shortest interval, as of `epoch`; each with
-/// how many backends give it, so that one leaving (a reload) is told apart from the last
-/// that did without a pass over the others.
-#[derive(Debug, Clone, Copy)]
-struct Due {
-    epoch: u64,
-    /// When the first of its backends not in maintenance is due (None while every one is).
-    at: Option<Instant>,
-    at_n: usize,
-    /// The shortest interval among its backends: a scan comes at least this often.
-    shortest: Duration,
-    shortest_n: usize,
-}
-
-impl Due {
-    fn of(
-        backends: &follow::Listed,
-        last: &HashMap<*const Backend, Instant>,
-        now: Instant,
-        epoch: u64,
-    ) -> Due {
-        let mut d = Due {
-            epoch,
-            at: None,
-            at_n: 0,
-            // A scan at least every minute: the shortest with none counted.
-            shortest: Duration::from_secs(60),
-            shortest_n: 0,
-        };
-        for b in backends.iter() {
-            d.with(b, last.get(&Arc::as_ptr(b)).copied().unwrap_or(now));
-        }
-        d
-    }
-
-    /// `b`'s interval, and when it is due (None in maintenance), last checked at `last`.
-    fn of_one(b: &Backend, last: Instant) -> (Duration, Option<Instant>) {
-        let (interval, _) = b.check_timing();
-        let every = if b.is_up() {
-            interval * UP_CHECK_FACTOR
-        } else {
-            interval
-        };
-        (interval, checked(b).then_some(last + every))
-    }
-
-    /// `b` (last checked at `last`) is among the target's backends.
-    fn with(&mut self, b: &Backend, last: Instant) {
-        let (interval, at) = Due::of_one(b, last);
-        match interval.cmp(&self.shortest) {
-            std::cmp::Ordering::Less => (self.shortest, self.shortest_n) = (interval, 1),
-            std::cmp::Ordering::Equal => self.shortest_n += 1,
-            std::cmp::Ordering::Greater => {}
-        }
-        match (at, self.at) {
-            (Some(a), Some(s)) if a == s => self.at_n += 1,
-            (Some(a), Some(s)) if a > s => {}
-            (Some(a), _) => (self.at, self.at_n) = (Some(a), 1),
-            (None, _) => {}
-        }
-    }
-
-    /// `b` (last checked at `last`) left the target's backends. False if it was the last to
-    /// give the earliest time or the shortest interval: then only a pass over the others says.
-    /// (Its settings may have changed in place since it was counted: it then counts as
-    /// giving neither, which at worst keeps a time earlier than needed, or a shorter
-    /// interval: a check or a scan sooner.)
-    fn without(&mut self, b: &Backend, last: Instant) -> bool {
-        let (interval, at) = Due::of_one(b, last);
-        if interval == self.shortest && self.shortest_n > 0 {
-            self.shortest_n -= 1;
-            if self.shortest_n == 0 {
-                return false;
-            }
-        }
-        if at.is_some() && at == self.at {
-            self.at_n -= 1;
-            if self.at_n == 0 {
-                return false;
-            }
-        }
-        true
-    }
-}
-
 /// Whether `b` is health checked: not while it is in maintenance.
 fn checked(b: &Backend) -> bool {
     b.state() != TargetState::Maint
@@ -672,6 +588,7 @@ fn interval_of(b: &Backend) -> Duration {
     }
 }
 
+mod due;
 mod follow;
 
 #[cfg(test)]
