@@ -408,3 +408,113 @@ fn a_port_that_cannot_be_bound_is_retried_at_sighup() {
     assert!(line.contains("new=[b]"), "{line}");
     assert_eq!(tag_of(SocketAddr::from(([127, 0, 0, 1], ports[1]))), "b");
 }
+
+/// The digest that names the directory's config (README, "A directory of files"): the sum,
+/// modulo 2^256, of the SHA-256 of each file's `sha256sum` line, computed here with coreutils'
+/// `sha256sum` alone, independent of flyproxy's own code. It changes with a file's bytes and
+/// only then (not with a file rewritten alike, nor with a file rejected).
+fn documented_digest(dir: &Path, files: &[&str]) -> String {
+    let sha256sum = |input: Option<&[u8]>, args: &[&str]| -> String {
+        let mut cmd = Command::new("sha256sum");
+        cmd.current_dir(dir).args(args);
+        let out = match input {
+            None => cmd.output().expect("sha256sum"),
+            Some(bytes) => {
+                use std::io::Write;
+                let mut child = cmd
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("sha256sum");
+                child.stdin.take().unwrap().write_all(bytes).unwrap();
+                child.wait_with_output().unwrap()
+            }
+        };
+        assert!(out.status.success(), "sha256sum {args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let mut sum = [0u64; 4];
+    let listing = sha256sum(None, files);
+    for line in listing.lines() {
+        let hex = sha256sum(Some(format!("{line}\n").as_bytes()), &[]);
+        // Big-endian hex into little-endian limbs, added with carry.
+        let mut carry = 0u128;
+        for (i, limb) in sum.iter_mut().enumerate() {
+            let at = 64 - 16 * (i + 1);
+            let add = u64::from_str_radix(&hex[at..at + 16], 16).unwrap();
+            let s = *limb as u128 + add as u128 + carry;
+            *limb = s as u64;
+            carry = s >> 64;
+        }
+    }
+    sum.iter().rev().map(|l| format!("{l:016x}")).collect()
+}
+
+#[test]
+fn the_directory_digest_is_the_documented_sum_of_sha256sum_lines() {
+    let env = Env {
+        mode: Mode::Simple,
+        ns: None,
+    };
+    let echo = Backend::echo();
+    let ports = env.ports(2);
+    let home = TempDir::new("dir-digest");
+    let apps = home.path.join("apps");
+    fs::create_dir(&apps).unwrap();
+    put(
+        &apps,
+        "a.json",
+        &app_file("a", &ports[..1], &[echo.target()]),
+    );
+    put(
+        &apps,
+        "b.json",
+        &app_file("b", &ports[1..], &[echo.target()]),
+    );
+    let p = start_dir(&env, home, &apps, &[]);
+    let started = p.wait_log("started", |l| l.contains(" started "));
+    let first = field(&started, "sha256").unwrap();
+    assert_eq!(first, documented_digest(&apps, &["a.json", "b.json"]));
+
+    // One file's bytes change: the digest follows.
+    let mark = p.mark();
+    put(
+        &apps,
+        "b.json",
+        &app_file("b", &ports[1..], &[echo.target(), echo.target()]),
+    );
+    let line = p.wait_reload_ok(mark);
+    let second = field(&line, "sha256").unwrap();
+    assert_ne!(second, first);
+    assert_eq!(second, documented_digest(&apps, &["a.json", "b.json"]));
+
+    // Rewritten alike, and a file rejected: the digest stays, and still matches the recipe
+    // over the files in force.
+    let mark = p.mark();
+    put(
+        &apps,
+        "a.json",
+        &app_file("a", &ports[..1], &[echo.target()]),
+    );
+    put(&apps, "c.json", r#"{"Apps":[{"Name":"c"}]}"#);
+    p.wait_log_since(mark, "c.json rejected", |l| {
+        l.contains("reload rejected: config file c.json")
+    });
+    let mark = p.mark();
+    p.signal(libc::SIGHUP);
+    let line = p.wait_log_since(mark, "config unchanged", |l| {
+        l.contains("reload: config unchanged")
+    });
+    assert_eq!(field(&line, "sha256").unwrap(), second, "{line}");
+    assert!(p.lines_since(mark, |l| l.contains("reload ok")).is_empty());
+    assert_eq!(second, documented_digest(&apps, &["a.json", "b.json"]));
+
+    // A file removed: its line leaves the sum.
+    let mark = p.mark();
+    fs::remove_file(apps.join("b.json")).unwrap();
+    let line = p.wait_reload_ok(mark);
+    assert_eq!(
+        field(&line, "sha256").unwrap(),
+        documented_digest(&apps, &["a.json"])
+    );
+}

@@ -19,6 +19,12 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex};
 
 use crate::backends::resolver::ResolveError;
+
+/// Counts every change of any backend's health (up, down) or state (ready, drain, maint), in
+/// the process: the health checker keeps when each target is due while it stays the same,
+/// so a scan costs the targets, not a pass over every app's view of them. (A count shared
+/// by every proxy in the process only makes it look again more often.)
+pub static HEALTH_EPOCH: AtomicU64 = AtomicU64::new(0);
 use crate::config::{HealthCheck, Target, TargetSpec};
 
 /// What a target may take, as set by the config (`Drain`) or an operator at run time. Its
@@ -179,6 +185,7 @@ impl Backend {
     pub fn set_state(&self, state: TargetState) {
         let was = TargetState::from_u8(self.state.swap(state.to_u8(), Ordering::Relaxed));
         if was != state {
+            HEALTH_EPOCH.fetch_add(1, Ordering::Relaxed);
             crate::info!(
                 "target {} of app {} is now {state} (was {was})",
                 self.target,
@@ -256,6 +263,7 @@ impl Backend {
 
     /// It just went up or down.
     fn changed(&self) {
+        HEALTH_EPOCH.fetch_add(1, Ordering::Relaxed);
         self.state_changes.fetch_add(1, Ordering::Relaxed);
         self.changed_ms.store(unix_ms(), Ordering::Relaxed);
     }

@@ -32,16 +32,18 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use crate::backends::backend::{Backend, ConnectError, TargetState};
+use crate::backends::backend::{Backend, ConnectError, TargetState, HEALTH_EPOCH};
 use crate::backends::probe::{self, Verdict};
 use crate::backends::resolver::{Answer, Lookup, Notify, Resolver, Waiting};
 use crate::config::{CheckKind, Target};
+use due::Due;
 
 /// An up target is checked this many times less often than a down one: passive checks (every
 /// real connection) already watch up targets closely.
@@ -116,13 +118,15 @@ struct Run {
     /// What the resolver wakes the poll with when an answer is in.
     waker: Arc<Waker>,
     /// The backends of each distinct target and kind of check, as of the last `set`.
-    targets: HashMap<Probe, Vec<Arc<Backend>>>,
+    targets: HashMap<Probe, follow::Listed>,
     /// When each backend (by the address of its state) was last checked, or first seen. Its
     /// next check is that plus its interval as of now, so a target that a failed connection
     /// just marked down is due at the shorter interval at once.
     last: HashMap<*const Backend, Instant>,
     /// Checks under way, by target.
     checks: HashMap<Probe, Check>,
+    /// When each target is due, as the last scan found it (see `scan`).
+    due_at: HashMap<Probe, Due>,
     /// Targets found due by the last scan and not started yet (the bound was reached), the
     /// longest-waiting first. The targets are scanned again only once these are all started,
     /// so a connect finishing costs no pass over every target.
@@ -180,6 +184,7 @@ impl Run {
             targets: HashMap::new(),
             last: HashMap::new(),
             checks: HashMap::new(),
+            due_at: HashMap::new(),
             queue: VecDeque::new(),
             next_scan: Instant::now(),
             sockets: HashMap::new(),
@@ -227,16 +232,6 @@ impl Run {
         }
     }
 
-    /// When `target` is next due: when the first of its backends not in maintenance is (None
-    /// while every one is).
-    fn due(&self, backends: &[Arc<Backend>], now: Instant) -> Option<Instant> {
-        backends
-            .iter()
-            .filter(|b| checked(b))
-            .map(|b| self.last.get(&Arc::as_ptr(b)).copied().unwrap_or(now) + interval_of(b))
-            .min()
-    }
-
     /// Find the targets due now, the longest overdue first, into the queue; and when to look
     /// again.
     fn scan(&mut self, now: Instant) {
@@ -244,14 +239,24 @@ impl Run {
         // targets marked down passively since.
         let mut next = now + Duration::from_secs(60);
         let mut due: Vec<(Instant, &Probe)> = Vec::new();
+        let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
         for (target, backends) in &self.targets {
-            for b in backends {
-                next = next.min(now + b.check_timing().0);
-            }
+            // Kept while no backend's health or state changed, and its list and its checks'
+            // times did not (`follow` and `finish` forget it then): a scan then costs a
+            // lookup per target, not a pass over every app listing it.
+            let s = match self.due_at.get(target) {
+                Some(s) if s.epoch == epoch => *s,
+                _ => {
+                    let s = Due::of(backends, &self.last, now, epoch);
+                    self.due_at.insert(target.clone(), s);
+                    s
+                }
+            };
+            next = next.min(now + s.shortest);
             if self.checks.contains_key(target) {
                 continue;
             }
-            let Some(at) = self.due(backends, now) else {
+            let Some(at) = s.at else {
                 continue;
             };
             if at <= now {
@@ -285,7 +290,11 @@ impl Run {
         let Some(backends) = self.targets.get(&target) else {
             return;
         };
-        let backends: Vec<Arc<Backend>> = backends.iter().filter(|b| checked(b)).cloned().collect();
+        let backends: Vec<Arc<Backend>> = backends
+            .each_turn()
+            .filter(|b| checked(b))
+            .cloned()
+            .collect();
         if backends.is_empty() {
             // Every one went into maintenance since the scan.
             return;
@@ -512,6 +521,8 @@ impl Run {
         let Some(check) = self.checks.remove(target) else {
             return;
         };
+        // Its backends' last check moves: when it is next due, too.
+        self.due_at.remove(target);
         if check.open > 0 {
             self.sockets.retain(|_, c| c.probe != *target);
         }
@@ -577,6 +588,7 @@ fn interval_of(b: &Backend) -> Duration {
     }
 }
 
+mod due;
 mod follow;
 
 #[cfg(test)]

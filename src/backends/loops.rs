@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, RwLock};
 
+use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{Config, Problem, Target};
 
@@ -60,8 +61,10 @@ impl OwnFrontends {
 /// apps take minutes to check, and every connect to a target on that port pay for the scan).
 #[derive(Debug, Default, Clone)]
 struct PortPrefixes {
-    /// Each prefix, with how many of the apps' (port, prefix) pairs answer there.
-    set: HashMap<Prefix, u32>,
+    /// Each prefix, with how many of the apps' (port, prefix) pairs answer there. `Shards`:
+    /// a reload's next index copies only the shards of the prefixes it touches (a port with
+    /// an address per app has as many prefixes as apps).
+    set: Shards<Prefix, u32>,
     /// The distinct prefix lengths `set` had (at most 33 + 129; one no longer in use costs
     /// a lookup that finds nothing).
     lens: Vec<u8>,
@@ -73,7 +76,12 @@ impl PortPrefixes {
             if !self.lens.contains(&prefix.prefix_len()) {
                 self.lens.push(prefix.prefix_len());
             }
-            *self.set.entry(prefix).or_insert(0) += 1;
+            match self.set.get_mut(&prefix) {
+                Some(n) => *n += 1,
+                None => {
+                    self.set.insert(prefix, 1);
+                }
+            }
         } else if let Some(n) = self.set.get_mut(&prefix) {
             *n -= 1;
             if *n == 0 {

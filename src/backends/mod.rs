@@ -4,7 +4,8 @@
 //! cache (`resolver`), active health checks (`health`) and what they send and expect of a
 //! target (`probe`), latency histograms cheap enough for every connection (`histogram`), per-client connection counts for the
 //! per-client limits (`clients`), an app's MaxConnections (`limit`), the PROXY protocol header
-//! sent to targets (`proxy_protocol`), and refusing targets that are the proxy itself (`loops`).
+//! sent to targets (`proxy_protocol`), refusing targets that are the proxy itself (`loops`), and hash maps whose versions share
+//! what a reload did not change (`shards`).
 
 pub mod backend;
 pub mod balance;
@@ -18,4 +19,5 @@ pub mod probe;
 pub mod proxy_protocol;
 pub mod resolver;
 pub mod routing;
+pub mod shards;
 pub mod unrouted;

@@ -7,20 +7,22 @@
 //! without Hostnames (the default). The listener loop looks the binding up at accept; the relay
 //! thread reads the server name if the binding needs it and picks the app.
 //!
-//! A `Routes` is built whole from a validated `Config` and replaced whole on reload. A
-//! connection keeps the binding (so the apps) it was accepted with, so a reload never changes
+//! A `Routes` is built whole from a validated `Config` at start; a reload makes the next one
+//! from it and the reload's diff (`update`), sharing whatever the diff does not name, and the
+//! new table replaces the old one whole. A connection keeps the binding (so the apps) it was accepted with, so a reload never changes
 //! the target of a connection already open; the next connection sees the new table.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::backends::backend::Backend;
 use crate::backends::clients::ClientCounts;
 use crate::backends::histogram::Histogram;
 use crate::backends::limit::AppLimit;
 use crate::backends::loops::{Frontends, OwnFrontends};
+use crate::backends::shards::Shards;
 use crate::config::hostname::{self, Pattern};
 use crate::config::prefix::Prefix;
 use crate::config::{App, Balance, Config, ProxyProtocol};
@@ -30,6 +32,7 @@ use crate::config::{App, Balance, Config, ProxyProtocol};
 pub use crate::backends::limit::{Acquired, LimitDenied, LimitGuard, LimitWait};
 // Likewise: they lived here before.
 pub use crate::backends::unrouted::{Unrouted, UnroutedCounts};
+pub use update::Fresh;
 
 #[derive(Debug)]
 pub struct AppRoute {
@@ -129,35 +132,58 @@ impl Binding {
 /// The bindings of one port, looked up by masking the dialled address to each prefix length in
 /// use, longest first: a hash lookup per length (at most 33 + 129), so the cost of routing a
 /// new connection does not grow with the apps on the port (a scan of every binding cost
-/// 250 us per connection at 100,000 apps, each with an address of its own).
-#[derive(Debug, Default)]
+/// 250 us per connection at 100,000 apps, each with an address of its own). The bindings are
+/// `Shards`, so the next table of a port with an address per app copies only the shards of
+/// the prefixes a reload touched.
+#[derive(Debug, Default, Clone)]
 pub struct PortTable {
-    bindings: HashMap<Prefix, Arc<Binding>>,
-    /// The distinct prefix lengths in `bindings`, per family, longest first.
-    v4_lens: Vec<u8>,
-    v6_lens: Vec<u8>,
+    bindings: Shards<Prefix, Arc<Binding>>,
+    /// The prefix lengths in `bindings`, per family, longest first, each with how many
+    /// bindings have it (kept as bindings come and go, never recounted).
+    v4_lens: Vec<(u8, u32)>,
+    v6_lens: Vec<(u8, u32)>,
 }
 
 impl PortTable {
-    /// The table of these bindings.
-    fn new(bindings: HashMap<Prefix, Arc<Binding>>) -> PortTable {
-        let mut t = PortTable {
-            bindings,
-            ..PortTable::default()
-        };
-        for p in t.bindings.keys() {
-            let lens = if p.is_v4() {
-                &mut t.v4_lens
-            } else {
-                &mut t.v6_lens
-            };
-            if !lens.contains(&p.prefix_len()) {
-                lens.push(p.prefix_len());
-            }
+    /// Put `binding` at `prefix` (replacing what was there).
+    fn insert(&mut self, prefix: Prefix, binding: Arc<Binding>) {
+        if self.bindings.insert(prefix, binding).is_none() {
+            self.count_len(&prefix, true);
         }
-        t.v4_lens.sort_unstable_by(|a, b| b.cmp(a));
-        t.v6_lens.sort_unstable_by(|a, b| b.cmp(a));
-        t
+    }
+
+    /// Take the binding at `prefix` out.
+    fn remove(&mut self, prefix: &Prefix) -> Option<Arc<Binding>> {
+        let b = self.bindings.remove(prefix)?;
+        self.count_len(prefix, false);
+        Some(b)
+    }
+
+    fn count_len(&mut self, prefix: &Prefix, add: bool) {
+        let lens = if prefix.is_v4() {
+            &mut self.v4_lens
+        } else {
+            &mut self.v6_lens
+        };
+        let len = prefix.prefix_len();
+        match lens.iter().position(|&(l, _)| l == len) {
+            Some(i) if add => lens[i].1 += 1,
+            Some(i) => {
+                lens[i].1 -= 1;
+                if lens[i].1 == 0 {
+                    lens.remove(i);
+                }
+            }
+            None if add => {
+                lens.push((len, 1));
+                lens.sort_unstable_by_key(|&(len, _)| std::cmp::Reverse(len));
+            }
+            None => {}
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bindings.is_empty()
     }
 
     /// The binding of the longest prefix covering `ip` (an IPv4-mapped address as IPv4).
@@ -169,7 +195,7 @@ impl PortTable {
             &self.v6_lens
         };
         lens.iter()
-            .find_map(|&len| self.bindings.get(&Prefix::new(ip, len)))
+            .find_map(|&(len, _)| self.bindings.get(&Prefix::new(ip, len)))
     }
 
     /// The binding of exactly `prefix`.
@@ -182,16 +208,31 @@ impl PortTable {
 pub struct Routes {
     /// Ports served by the same apps share one table (a range of 10,000 ports is one table).
     by_port: HashMap<u16, Arc<PortTable>>,
-    /// Every app with its ports, in config order, for metrics and status.
-    apps: Vec<(Arc<AppRoute>, Vec<u16>)>,
-    /// `apps` by name: where the next table finds an app's route (kept whole while the app is
-    /// unchanged) and its state (backends, limits, counters: kept for what remains).
-    by_name: HashMap<Named, usize>,
+    /// Every app by name, with its ports and its place in config order: where the next table
+    /// finds an app's route (kept whole while the app is unchanged) and its state (backends,
+    /// limits, counters: kept for what remains). `Shards`, so that the next table copies
+    /// only the shards of the apps a reload names.
+    by_name: Shards<Named, Placed>,
+    /// Every app with its ports in config order, for metrics, status and the admin socket:
+    /// made when first asked for (a reload never needs it; a scrape reads every app anyway).
+    listed: OnceLock<Vec<(Arc<AppRoute>, Vec<u16>)>>,
     /// The frontends every route checks its targets against, shared by all tables.
     own: Arc<OwnFrontends>,
     /// This config's frontends, to be put in `own` once the table is in force.
     frontends: Arc<Frontends>,
 }
+
+/// An app's ports, and its place in config order: apps are listed by `order`, which leaves
+/// room (`ORDER_GAP`) between neighbours for an app added between them.
+#[derive(Debug, Clone)]
+struct Placed {
+    /// Shared: copying a shard of the index copies no list of ports.
+    ports: Arc<[u16]>,
+    order: u64,
+}
+
+/// The distance between the places of neighbours in a table built whole.
+const ORDER_GAP: u64 = 1 << 20;
 
 /// An app's route, hashed and compared by its name (so a map of them needs no copy of it).
 #[derive(Debug, Clone)]
@@ -296,40 +337,45 @@ impl Routes {
             for &port in &app.ports {
                 on_port.entry(port).or_default().push(i);
             }
-            apps.push((route, app.ports.clone()));
+            apps.push(route);
         }
         let mut tables: HashMap<Vec<usize>, Arc<PortTable>> = HashMap::new();
         let by_port = on_port
             .into_iter()
             .map(|(port, on)| {
                 let table = tables.entry(on).or_insert_with_key(|on| {
-                    let routes: Vec<&Arc<AppRoute>> = on.iter().map(|&i| &apps[i].0).collect();
+                    let routes: Vec<&Arc<AppRoute>> = on.iter().map(|&i| &apps[i]).collect();
                     let kept = previous.and_then(|p| p.by_port.get(&port));
                     Arc::new(port_table(&routes, kept.map(|t| &**t)))
                 });
                 (port, Arc::clone(table))
             })
             .collect();
-        Routes::of(by_port, apps, own, frontends)
+        let by_name = apps
+            .into_iter()
+            .zip(&config.apps)
+            .enumerate()
+            .map(|(i, (route, app))| {
+                let placed = Placed {
+                    ports: app.ports.as_slice().into(),
+                    order: (i as u64 + 1) * ORDER_GAP,
+                };
+                (Named(route), placed)
+            })
+            .collect();
+        Routes::of(by_port, by_name, own, frontends)
     }
 
-    // `Named` hashes and compares only the name, which never changes.
-    #[allow(clippy::mutable_key_type)]
     fn of(
         by_port: HashMap<u16, Arc<PortTable>>,
-        apps: Vec<(Arc<AppRoute>, Vec<u16>)>,
+        by_name: Shards<Named, Placed>,
         own: Arc<OwnFrontends>,
         frontends: Arc<Frontends>,
     ) -> Routes {
-        let by_name = apps
-            .iter()
-            .enumerate()
-            .map(|(i, (r, _))| (Named(Arc::clone(r)), i))
-            .collect();
         Routes {
             by_port,
-            apps,
             by_name,
+            listed: OnceLock::new(),
             own,
             frontends,
         }
@@ -343,17 +389,27 @@ impl Routes {
 
     /// The route of the app named `name`.
     pub fn route(&self, name: &str) -> Option<&AppRoute> {
-        self.by_name.get(name).map(|&i| &*self.apps[i].0)
+        self.by_name.get_key_value(name).map(|(n, _)| &*n.0)
+    }
+
+    /// The route of the app named `name`, shared.
+    pub fn route_arc(&self, name: &str) -> Option<&Arc<AppRoute>> {
+        self.by_name.get_key_value(name).map(|(n, _)| &n.0)
+    }
+
+    /// How many apps the table routes to.
+    pub fn app_count(&self) -> usize {
+        self.by_name.len()
     }
 
     /// The (port, prefix) pairs where the app named `name` answers.
     pub fn pairs_of(&self, name: &str) -> Vec<(u16, Prefix)> {
-        let Some(&i) = self.by_name.get(name) else {
+        let Some((Named(route), placed)) = self.by_name.get_key_value(name) else {
             return Vec::new();
         };
-        let (route, ports) = &self.apps[i];
         let prefixes = route.prefixes();
-        ports
+        placed
+            .ports
             .iter()
             .flat_map(|&port| prefixes.iter().map(move |&p| (port, p)))
             .collect()
@@ -384,16 +440,23 @@ impl Routes {
             .and_then(|b| b.default.as_ref())
     }
 
-    /// Every app with its ports, in config order.
+    /// Every app with its ports, in config order (made at the first call: see `listed`).
     pub fn apps(&self) -> &[(Arc<AppRoute>, Vec<u16>)] {
-        &self.apps
+        self.listed.get_or_init(|| {
+            let mut all: Vec<(u64, &Named, &Placed)> =
+                self.by_name.iter().map(|(n, p)| (p.order, n, p)).collect();
+            all.sort_unstable_by_key(|&(order, _, _)| order);
+            all.into_iter()
+                .map(|(_, n, p)| (Arc::clone(&n.0), p.ports.to_vec()))
+                .collect()
+        })
     }
 
     /// Every backend, for the health checker.
     pub fn backends(&self) -> Vec<Arc<Backend>> {
-        self.apps
-            .iter()
-            .flat_map(|(r, _)| r.backends.iter().cloned())
+        self.by_name
+            .keys()
+            .flat_map(|n| n.0.backends.iter().cloned())
             .collect()
     }
 }
@@ -473,14 +536,12 @@ fn port_table(routes: &[&Arc<AppRoute>], kept: Option<&PortTable>) -> PortTable 
             by_prefix.entry(prefix).or_default().push(route);
         }
     }
-    let bindings = by_prefix
-        .into_iter()
-        .map(|(prefix, on)| {
-            let old = kept.and_then(|k| k.binding(&prefix));
-            (prefix, Arc::new(binding(&on, old.map(|b| &**b))))
-        })
-        .collect();
-    PortTable::new(bindings)
+    let mut table = PortTable::default();
+    for (prefix, on) in by_prefix {
+        let old = kept.and_then(|k| k.binding(&prefix));
+        table.insert(prefix, Arc::new(binding(&on, old.map(|b| &**b))));
+    }
+    table
 }
 
 mod update;

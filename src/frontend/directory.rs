@@ -17,7 +17,7 @@
 //! its queue overflowed, on SIGHUP and at start, every file is looked at (a readdir and a
 //! stat each; only files whose size, mtime or inode changed are read again).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -29,6 +29,7 @@ use crate::config::prefix::Prefix;
 use crate::config::{self, app_prefixes, sha256, App, Config, Diff};
 use crate::frontend::watch::{FileSig, Watch};
 use crate::sys::inotify::{DirWatch, Events};
+use digest::Digest;
 
 /// A config directory as the config plane keeps it.
 pub struct Directory {
@@ -51,6 +52,13 @@ pub struct Directory {
     dir_sig: Option<FileSig>,
     /// What the refresh under way changed, as it goes (see `Refresh::diff`).
     touched: touched::Touched,
+    /// Names the config in force (see `digest`), kept as files come and go.
+    digest: Digest,
+    /// The files refused now, with their problems: kept as files are taken in and out, so
+    /// that publishing them costs the refused files, not a pass over every file.
+    refused: BTreeMap<String, Vec<String>>,
+    /// The files whose apps wait for what they clashed with to go (`FileState::pending`).
+    waiting: BTreeSet<String>,
 }
 
 #[derive(Default)]
@@ -66,8 +74,6 @@ struct FileState {
     sha256: String,
     /// The version in force (its apps and hash); None: none ever was.
     good: Option<(Vec<Arc<App>>, String)>,
-    /// Why the contents last read are refused; None: they are in force.
-    problems: Option<Vec<String>>,
     /// The apps of refused contents that were valid on their own: tried again when other
     /// files change.
     pending: Option<Vec<Arc<App>>>,
@@ -105,6 +111,10 @@ impl Directory {
                 None
             }
         };
+        Directory::new(dir, watch)
+    }
+
+    fn new(dir: &Path, watch: Option<DirWatch>) -> Directory {
         Directory {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
@@ -115,6 +125,9 @@ impl Directory {
             watch,
             dir_sig: None,
             touched: touched::Touched::default(),
+            digest: Digest::default(),
+            refused: BTreeMap::new(),
+            waiting: BTreeSet::new(),
         }
     }
 
@@ -212,8 +225,11 @@ impl Directory {
         let Some(state) = self.files.remove(name) else {
             return false;
         };
+        self.refused.remove(name);
+        self.waiting.remove(name);
         match state.good {
-            Some((apps, _)) => {
+            Some((apps, sha)) => {
+                self.digest.sub(&sha, name);
                 self.unindex(&apps);
                 true
             }
@@ -248,12 +264,12 @@ impl Directory {
             sig: None,
             sha256: String::new(),
             good: None,
-            problems: None,
             pending: None,
         });
         state.sig = Some(sig);
         state.sha256 = sha.clone();
         state.pending = None;
+        self.waiting.remove(name);
         let apps = match parsed {
             Ok(apps) => apps,
             Err(problems) => return self.refuse(name, problems, None, out),
@@ -274,9 +290,12 @@ impl Directory {
         out: &mut Refresh,
     ) {
         if let Some(state) = self.files.get_mut(name) {
-            state.problems = Some(problems.clone());
+            if pending.is_some() {
+                self.waiting.insert(name.to_owned());
+            }
             state.pending = pending;
         }
+        self.refused.insert(name.to_owned(), problems.clone());
         out.rejected.push(Rejected {
             file: name.to_owned(),
             problems,
@@ -288,10 +307,13 @@ impl Directory {
         let Some(state) = self.files.get_mut(name) else {
             return;
         };
-        state.problems = None;
         state.pending = None;
+        self.waiting.remove(name);
+        self.refused.remove(name);
+        self.digest.add(&sha, name);
         let old = state.good.replace((apps, sha));
-        if let Some((old, _)) = old {
+        if let Some((old, old_sha)) = old {
+            self.digest.sub(&old_sha, name);
             self.unindex(&old);
         }
         let Some((apps, _)) = self.files.get(name).and_then(|s| s.good.clone()) else {
@@ -302,10 +324,14 @@ impl Directory {
 
     /// Try again the files refused for a clash, now that other files changed.
     fn retry_pending(&mut self, out: &mut Refresh) {
+        // The files waiting, not a pass over every file.
         let waiting: Vec<(String, Vec<Arc<App>>, String)> = self
-            .files
+            .waiting
             .iter()
-            .filter_map(|(n, f)| Some((n.clone(), f.pending.clone()?, f.sha256.clone())))
+            .filter_map(|n| {
+                let f = self.files.get(n)?;
+                Some((n.clone(), f.pending.clone()?, f.sha256.clone()))
+            })
             .collect();
         for (name, apps, sha) in waiting {
             if self.clashes(&name, &apps).is_empty() {
@@ -499,30 +525,19 @@ impl Directory {
         }
     }
 
-    /// The SHA-256 that names the directory's config in force: of the lines `SHA256  NAME`
-    /// (as `sha256sum *.json` prints them) of every file in force, in name order.
+    /// The digest that names the directory's config in force (see `digest`: the sum of the
+    /// SHA-256 of each file's `sha256sum` line), kept as files change.
     pub fn sha256(&self) -> String {
-        let mut list = String::new();
-        for (name, f) in &self.files {
-            if let Some((_, sha)) = &f.good {
-                list.push_str(sha);
-                list.push_str("  ");
-                list.push_str(name);
-                list.push('\n');
-            }
-        }
-        sha256::hex(list.as_bytes())
+        self.digest.hex()
     }
 
     /// Every file refused now, with its problems.
     pub fn rejected(&self) -> Vec<Rejected> {
-        self.files
+        self.refused
             .iter()
-            .filter_map(|(n, f)| {
-                Some(Rejected {
-                    file: n.clone(),
-                    problems: f.problems.clone()?,
-                })
+            .map(|(file, problems)| Rejected {
+                file: file.clone(),
+                problems: problems.clone(),
             })
             .collect()
     }
@@ -544,20 +559,12 @@ pub fn check(dir: &Path) -> (Config, Vec<Rejected>) {
 
 impl Directory {
     fn open_unwatched(dir: &Path) -> Directory {
-        Directory {
-            dir: dir.to_owned(),
-            files: BTreeMap::new(),
-            owners: HashMap::new(),
-            slots: HashMap::new(),
-            frontends: HashMap::new(),
-            local_targets: HashMap::new(),
-            watch: None,
-            dir_sig: None,
-            touched: touched::Touched::default(),
-        }
+        Directory::new(dir, None)
     }
 }
 
+mod digest;
+mod order;
 mod touched;
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use mio::net::UnixStream;
 
 use crate::backends::health::Checker;
 use crate::backends::routing::Routes;
+use crate::config::prefix::Prefix;
 use crate::config::{Config, ConfigError, Diff};
 use crate::frontend::candidate::{self, LoadError};
 use crate::frontend::directory::Directory;
@@ -142,7 +143,7 @@ struct Plane {
     at: InForce,
     /// A change of a directory was refused by the loop (its ports): the directory's apps are
     /// not all in force, and the next reload tries again even if no file changed.
-    behind: bool,
+    owed: Option<dir::Owed>,
     /// Simple mode: the listeners the config in force needs, counted per (port, prefix) so a
     /// reload changes them by its apps (built when the thread starts).
     wanted: simple::Wanted,
@@ -207,7 +208,7 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     let (pipe, loop_pipe) = UnixStream::pair()?;
     let plane = Plane {
         at,
-        behind: false,
+        owed: None,
         wanted: simple::Wanted::default(),
         requests,
         changes,
@@ -226,62 +227,56 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
 }
 
 /// The port change that serves `config` (with `routes`, built from it) from nothing: what
-/// start-up applies.
+/// start-up applies. bpf mode gets every pair; simple mode the whole set of listeners, which
+/// is bounded by the descriptor budget.
 pub(super) fn first_change(steers: bool, config: &Config, routes: &Routes) -> PortChange {
-    port_change(steers, None, config, routes)
-}
-
-/// What the mode's ports must do to go from `old` (a config and its table; None: nothing
-/// served yet) to `new`. bpf mode gets the pairs of the apps the diff names, each compared
-/// between the two tables; simple mode the whole set of listeners, which is bounded by the
-/// descriptor budget.
-fn port_change(
-    steers: bool,
-    old: Option<(&Routes, &Diff)>,
-    new: &Config,
-    routes: &Routes,
-) -> PortChange {
     if !steers {
         return PortChange {
-            binds: simple::wanted(new),
+            binds: simple::wanted(config),
             steer: Vec::new(),
         };
     }
-    let steer = match old {
-        None => new
-            .bindings()
-            .into_keys()
-            .map(|(port, prefix)| {
-                (
-                    (port, prefix),
-                    routes.group(port, &prefix).map(str::to_owned),
-                )
-            })
-            .collect(),
-        Some((old_routes, diff)) => {
-            // The pairs of the apps the diff names, as the two tables have them.
-            let mut touched = BTreeSet::new();
-            for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
-                touched.extend(old_routes.pairs_of(name));
-            }
-            for name in diff.apps_added.iter().chain(&diff.apps_changed) {
-                touched.extend(routes.pairs_of(name));
-            }
-            touched
-                .into_iter()
-                .filter_map(|(port, prefix)| {
-                    let group = routes.group(port, &prefix);
-                    (group != old_routes.group(port, &prefix))
-                        .then(|| ((port, prefix), group.map(str::to_owned)))
-                })
-                .collect()
-        }
-    };
+    let steer = config
+        .bindings()
+        .into_keys()
+        .map(|(port, prefix)| {
+            (
+                (port, prefix),
+                routes.group(port, &prefix).map(str::to_owned),
+            )
+        })
+        .collect();
     PortChange {
         binds: Default::default(),
         steer,
     }
 }
+
+/// bpf mode: what the map entries must become to go from `old` to `routes` by `diff`: the
+/// pairs of the apps the diff names, each compared between the two tables.
+fn steer_change(
+    old: &Routes,
+    diff: &Diff,
+    routes: &Routes,
+) -> Vec<((u16, Prefix), Option<String>)> {
+    let mut touched = BTreeSet::new();
+    for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
+        touched.extend(old.pairs_of(name));
+    }
+    for name in diff.apps_added.iter().chain(&diff.apps_changed) {
+        touched.extend(routes.pairs_of(name));
+    }
+    touched
+        .into_iter()
+        .filter_map(|(port, prefix)| {
+            let group = routes.group(port, &prefix);
+            (group != old.group(port, &prefix)).then(|| ((port, prefix), group.map(str::to_owned)))
+        })
+        .collect()
+}
+
+/// A directory reload naming at least this many apps hands what it freed back to the system.
+const TRIM_AT: usize = 1000;
 
 /// Hand the memory a reload freed back to the system. A reload frees as much as it allocates
 /// (the old config and table), but glibc keeps freed memory in its arenas, so without this
@@ -301,6 +296,12 @@ impl Plane {
     fn run(mut self) {
         if !self.at.steers {
             self.wanted = simple::Wanted::of(&self.at.config);
+        }
+        if let Source::Dir(_) = self.at.source {
+            // The directory holds the apps in force, and a reload changes the table by the
+            // directory's diff: a copy of the list of every app here would be memory, and a
+            // list to rebuild per reload.
+            self.at.config = Config { apps: Vec::new() };
         }
         // What start-up freed (the files read, the parse) goes back too.
         give_back_freed_memory();
@@ -382,85 +383,60 @@ impl Plane {
                 });
             }
         };
-        self.apply(new, None, sha, began, forced)
+        self.apply_file(new, sha, began, forced)
     }
 
-    /// Look for changed files in the config directory, take in those that pass, report
-    /// those that do not, and have the loop apply the result.
-    fn reload_dir(&mut self, forced: bool) -> Option<Outcome> {
-        let began = Instant::now();
-        let Source::Dir(dir) = &mut self.at.source else {
-            return None;
-        };
-        let found = dir.refresh(forced);
-        // Published before it is logged: whoever reads the log line finds it in /status.
-        if !found.rejected.is_empty() || found.changed {
-            self.at
-                .published
-                .files_rejected(found.rejected.len(), dir.rejected());
-        }
-        let mut problems = Vec::new();
-        for r in &found.rejected {
-            for p in &r.problems {
-                crate::error!("reload rejected: config file {}: {p}", r.file);
-                problems.push(format!("{}: {p}", r.file));
-            }
-        }
-        // A change the loop refused (a port that could not be bound) is tried again at the
-        // next change or SIGHUP, not at every tick.
-        let retry = self.behind && forced;
-        if !(found.changed || retry) {
-            if !found.rejected.is_empty() {
-                return Some(Outcome::Rejected { problems });
-            }
-            if forced {
-                let sha = dir.sha256();
-                crate::info!("reload: config unchanged sha256={sha}");
-                return Some(Outcome::Unchanged { sha256: sha });
-            }
-            return Some(Outcome::Unchanged {
-                sha256: self.at.published.config_hashes().running,
-            });
-        }
-        let (new, sha) = (dir.config(), dir.sha256());
-        // The directory says what changed, from the files that did: no compare of every app.
-        // Not after a change the loop refused: the config in force is then older than the
-        // directory's last refresh, and only a whole compare tells the difference.
-        let diff = (!self.behind).then_some(found.diff);
-        // Applied with some files refused is Applied: the refused files are logged and listed
-        // in /status.
-        let outcome = self.apply(new, diff, sha, began, forced)?;
-        self.behind = matches!(outcome, Outcome::Rejected { .. });
-        Some(outcome)
-    }
-
-    /// Have the loop apply `new` (hashing to `sha`), as a diff from the config in force:
-    /// `diff` if the caller knows it, else found by comparing every app.
-    fn apply(
+    /// Have the loop apply `new` (a whole file, hashing to `sha`), as a diff from the config
+    /// in force found by comparing every app.
+    fn apply_file(
         &mut self,
         new: Config,
-        diff: Option<Diff>,
         sha: String,
         began: Instant,
         forced: bool,
     ) -> Option<Outcome> {
-        let diff = diff.unwrap_or_else(|| Diff::between(&self.at.config, &new));
+        let diff = Diff::between(&self.at.config, &new);
         if diff.is_empty() {
-            // Same apps in other bytes (spacing, key order) is still the file in force: its
-            // hash is what a fleet compares.
-            if self.at.published.config_file(&sha) {
-                crate::info!("reload: config unchanged, new file sha256={sha}");
-            } else if forced {
-                crate::info!("reload: config unchanged sha256={sha}");
-            }
-            return Some(Outcome::Unchanged { sha256: sha });
+            return Some(self.unchanged(sha, forced));
         }
-        let routes = Arc::new(self.at.routes.update(&new, &diff));
+        let routes = self.at.routes.update(&new, &diff);
+        let outcome = self.commit(routes, &diff, sha, began)?;
+        if let Outcome::Applied { .. } = outcome {
+            // The old config is dropped here, on this thread.
+            self.at.config = new;
+        }
+        Some(outcome)
+    }
+
+    /// The apps in force are the same (perhaps in other bytes: spacing, key order): the file
+    /// hashing to `sha` is still what serves, and its hash is what a fleet compares.
+    fn unchanged(&mut self, sha: String, forced: bool) -> Outcome {
+        if self.at.published.config_file(&sha) {
+            crate::info!("reload: config unchanged, new file sha256={sha}");
+        } else if forced {
+            crate::info!("reload: config unchanged sha256={sha}");
+        }
+        Outcome::Unchanged { sha256: sha }
+    }
+
+    /// Have the loop swap `routes` (the table in force changed by `diff`, from the config
+    /// hashing to `sha`) in, and follow it: ports, health checks, what the endpoints show.
+    fn commit(
+        &mut self,
+        routes: Routes,
+        diff: &Diff,
+        sha: String,
+        began: Instant,
+    ) -> Option<Outcome> {
+        let routes = Arc::new(routes);
         let ports = if self.at.steers {
-            port_change(true, Some((&self.at.routes, &diff)), &new, &routes)
+            PortChange {
+                binds: Default::default(),
+                steer: steer_change(&self.at.routes, diff, &routes),
+            }
         } else {
             PortChange {
-                binds: self.wanted_after(&diff, &routes),
+                binds: self.wanted_after(diff, &routes, true),
                 steer: Vec::new(),
             }
         };
@@ -473,8 +449,8 @@ impl Plane {
         drop(verdict.dropped);
         if let Some(why) = verdict.refused {
             if !self.at.steers {
-                // Counted as if applied: count again what is in force.
-                self.wanted = simple::Wanted::of(&self.at.config);
+                // Counted as if applied: count it back.
+                self.wanted_after(diff, &routes, false);
             }
             self.reject(&format!("{why}; "), &sha);
             return Some(Outcome::Rejected {
@@ -496,11 +472,16 @@ impl Plane {
         let added = backends_of(&routes, &[&diff.apps_added, &diff.apps_changed]);
         self.at.checker.change(added, removed);
         self.at.published.reloaded(Arc::clone(&routes), &sha);
-        // The old config and table are dropped here, on this thread.
-        self.at.config = new;
+        // The old table is dropped here, on this thread.
         self.at.routes = routes;
         let took = began.elapsed();
-        give_back_freed_memory();
+        // A few apps' change frees little, and what it frees the next one reuses; handing it
+        // back would have the next reload fault it in again (at 200,000 apps the trim and the
+        // faults were a third of a one-app change).
+        let named = diff.apps_added.len() + diff.apps_removed.len() + diff.apps_changed.len();
+        if matches!(self.at.source, Source::File(_)) || named >= TRIM_AT {
+            give_back_freed_memory();
+        }
         crate::info!(
             "reload ok: {diff} took={:.3}ms sha256={sha}",
             took.as_secs_f64() * 1000.0
@@ -509,17 +490,23 @@ impl Plane {
     }
 
     /// Simple mode: the listeners wanted once `diff` applies (`routes` is the new table),
-    /// counted by the pairs of the apps it names alone.
-    fn wanted_after(&mut self, diff: &Diff, routes: &Routes) -> BTreeSet<simple::Bind> {
+    /// counted by the pairs of the apps it names alone; `forward` false counts it back (the
+    /// loop refused it).
+    fn wanted_after(
+        &mut self,
+        diff: &Diff,
+        routes: &Routes,
+        forward: bool,
+    ) -> BTreeSet<simple::Bind> {
         let old = &self.at.routes;
         for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
             for (port, prefix) in old.pairs_of(name) {
-                self.wanted.count(port, &prefix, false);
+                self.wanted.count(port, &prefix, !forward);
             }
         }
         for name in diff.apps_added.iter().chain(&diff.apps_changed) {
             for (port, prefix) in routes.pairs_of(name) {
-                self.wanted.count(port, &prefix, true);
+                self.wanted.count(port, &prefix, forward);
             }
         }
         self.wanted.binds()
@@ -550,3 +537,5 @@ impl Plane {
         }
     }
 }
+
+mod dir;

@@ -119,3 +119,48 @@ fn a_change_checks_what_the_whole_list_would() {
     assert_eq!(run.last.get(&Arc::as_ptr(&a)), Some(&checked_a));
     assert!(!run.last.contains_key(&Arc::as_ptr(&c)));
 }
+
+/// When a target shared by many apps is due stays known across a reload that changes one of
+/// them (no pass over the others), and is what a pass over them would find.
+#[test]
+fn a_change_keeps_when_a_shared_target_is_due() {
+    let poll = Poll::new().unwrap();
+    let waker = Arc::new(Waker::new(poll.registry(), WAKE).unwrap());
+    let mut run = Run::new(poll, Resolver::new(Duration::from_secs(10)), waker);
+    let backend = |app: &str| {
+        Arc::new(Backend::new(
+            app,
+            parse_target("192.0.2.1:80").unwrap(),
+            HealthCheck::default(),
+        ))
+    };
+    let all: Vec<Arc<Backend>> = (0..100).map(|i| backend(&format!("app{i}"))).collect();
+    run.follow(follow::Update::Set(all.clone()));
+    let now = Instant::now();
+    run.scan(now);
+    let probe = Probe::of(&all[0]);
+    let whole = |run: &Run| Due::of(&run.targets[&probe], &run.last, now, 0);
+    let before = run.due_at[&probe];
+    // app0 changed, keeping its backend; app1 removed; app100 added.
+    let new = backend("app100");
+    run.follow(follow::Update::Change {
+        added: vec![all[0].clone(), new.clone()],
+        removed: vec![all[0].clone(), all[1].clone()],
+    });
+    let kept = run.due_at.get(&probe).copied();
+    let kept = kept.expect("still known after a change of a few of its backends");
+    assert_eq!(kept.at, before.at);
+    assert_eq!(
+        (kept.at, kept.shortest),
+        (whole(&run).at, whole(&run).shortest)
+    );
+    // Every backend giving the earliest time leaves: only a pass can say.
+    let rest: Vec<Arc<Backend>> = all[2..].to_vec();
+    run.follow(follow::Update::Change {
+        added: Vec::new(),
+        removed: rest,
+    });
+    if let Some(d) = run.due_at.get(&probe) {
+        assert_eq!((d.at, d.shortest), (whole(&run).at, whole(&run).shortest));
+    }
+}

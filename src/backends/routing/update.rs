@@ -4,42 +4,107 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use super::{binding, AppRoute, PortTable, Routes};
+use super::{binding, AppRoute, Named, Placed, PortTable, Routes, ORDER_GAP};
+use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
-use crate::config::{Config, Diff};
+use crate::config::{App, Config, Diff};
+
+/// An app a reload adds or changes, with its neighbours in config order: the apps serving just
+/// before and just after it (None: it is the first, or the last). The new table places it
+/// between them without renumbering the others.
+pub struct Fresh<'a> {
+    pub app: &'a Arc<App>,
+    pub after: Option<&'a str>,
+    pub before: Option<&'a str>,
+}
+
+/// Visits every app's name in config order (see `Routes::update_with`).
+pub type EachName<'a> = dyn Fn(&mut dyn FnMut(&str)) + 'a;
 
 impl Routes {
-    /// The table for `config`, which differs from this table's config by `diff`: the routes
-    /// of unchanged apps are kept whole (shared, not rebuilt), and only the ports of apps
-    /// added, removed or changed get new tables, in which only the bindings of those apps
-    /// are rebuilt.
+    /// The table for `config` (a whole file), which differs from this table's config by
+    /// `diff`; the apps are listed in `config`'s order.
     pub fn update(&self, config: &Config, diff: &Diff) -> Routes {
-        let new_names: HashSet<&str> = diff
+        let named: HashSet<&str> = diff
             .apps_added
             .iter()
             .chain(&diff.apps_changed)
             .map(String::as_str)
             .collect();
+        let fresh: Vec<Fresh> = config
+            .apps
+            .iter()
+            .filter(|a| named.contains(a.name.as_str()))
+            .map(|app| Fresh {
+                app,
+                after: None,
+                before: None,
+            })
+            .collect();
+        let order = |each: &mut dyn FnMut(&str)| config.apps.iter().for_each(|a| each(&a.name));
+        self.update_with(diff, &fresh, &order, true)
+    }
+
+    /// The table that differs from this one by `diff`: the routes of unchanged apps are kept
+    /// whole (shared, not rebuilt), and only the ports of apps added, removed or changed get
+    /// new tables, in which only the bindings of those apps are rebuilt. `fresh` are the apps
+    /// added and changed, in config order, each placed between its neighbours; `order` visits
+    /// every app's name in config order, and is called only when `reorder` asks (a whole file
+    /// read anyway) or when the neighbours leave no room (many apps added side by side).
+    pub fn update_with(
+        &self,
+        diff: &Diff,
+        fresh: &[Fresh],
+        order: &EachName,
+        reorder: bool,
+    ) -> Routes {
         let gone: HashSet<&str> = diff
             .apps_removed
             .iter()
             .chain(&diff.apps_changed)
             .map(String::as_str)
             .collect();
-        let mut apps = Vec::with_capacity(config.apps.len());
+        let mut by_name = self.by_name.clone();
+        for name in &diff.apps_removed {
+            by_name.remove(name.as_str());
+        }
+        let pending: HashSet<&str> = fresh.iter().map(|f| f.app.name.as_str()).collect();
+        let mut placed_all = !reorder;
+        let mut done: HashSet<&str> = HashSet::with_capacity(fresh.len());
         // The new routes of added and changed apps, with their ports.
-        let mut fresh: Vec<(Arc<AppRoute>, &[u16])> = Vec::with_capacity(new_names.len());
-        for app in &config.apps {
-            let old = self.by_name.get(app.name.as_str()).map(|&i| &self.apps[i]);
-            let route = match old {
-                Some((route, _)) if !new_names.contains(app.name.as_str()) => Arc::clone(route),
-                _ => {
-                    let r = Arc::new(AppRoute::new(app, old.map(|o| &*o.0), &self.own));
-                    fresh.push((Arc::clone(&r), &app.ports));
-                    r
-                }
+        let mut new_routes: Vec<(Arc<AppRoute>, &[u16])> = Vec::with_capacity(fresh.len());
+        for f in fresh {
+            let name = f.app.name.as_str();
+            let old = self.by_name.get_key_value(name);
+            let route = Arc::new(AppRoute::new(f.app, old.map(|(n, _)| &*n.0), &self.own));
+            let place = Place {
+                by_name: &by_name,
+                pending: &pending,
+                done: &done,
             };
-            apps.push((route, app.ports.clone()));
+            let at = placed_all
+                .then(|| place.between(f, old.map(|(_, p)| p.order)))
+                .flatten();
+            placed_all &= at.is_some();
+            let placed = Placed {
+                ports: f.app.ports.as_slice().into(),
+                order: at.unwrap_or(0),
+            };
+            by_name.insert(Named(Arc::clone(&route)), placed);
+            done.insert(name);
+            new_routes.push((route, &f.app.ports));
+        }
+        if !placed_all {
+            let mut i = 0;
+            order(&mut |name| {
+                i += 1;
+                let at = i * ORDER_GAP;
+                if by_name.get(name).is_some_and(|p| p.order != at) {
+                    if let Some(p) = by_name.get_mut(name) {
+                        p.order = at;
+                    }
+                }
+            });
         }
         // Port -> the prefixes touched there, each with the new routes that answer on it.
         // Grouped by prefix here, once per route, so that rebuilding a binding looks only at
@@ -49,10 +114,9 @@ impl Routes {
         // The (port, prefix) pairs that leave and join the frontends.
         let (mut out, mut into) = (Vec::new(), Vec::new());
         for name in &gone {
-            if let Some(&i) = self.by_name.get(*name) {
-                let (route, ports) = &self.apps[i];
+            if let Some((Named(route), placed)) = self.by_name.get_key_value(*name) {
                 let prefixes = route.prefixes();
-                for port in ports {
+                for port in placed.ports.iter() {
                     let t = touched.entry(*port).or_default();
                     for prefix in &prefixes {
                         t.on.entry(*prefix).or_default();
@@ -61,7 +125,7 @@ impl Routes {
                 }
             }
         }
-        for (route, ports) in &fresh {
+        for (route, ports) in &new_routes {
             let prefixes = route.prefixes();
             for port in ports.iter() {
                 let t = touched.entry(*port).or_default();
@@ -94,7 +158,7 @@ impl Routes {
         }
         // The loop check's index of frontends, changed by the pairs of the apps changed alone.
         let frontends = Arc::new(self.frontends.changed(&out, &into));
-        Routes::of(by_port, apps, Arc::clone(&self.own), frontends)
+        Routes::of(by_port, by_name, Arc::clone(&self.own), frontends)
     }
 }
 
@@ -114,9 +178,10 @@ fn updated_table(
     touched: &BTreeMap<Prefix, Vec<Arc<AppRoute>>>,
     gone: &HashSet<&str>,
 ) -> Option<Arc<PortTable>> {
-    let mut bindings = old.map(|t| t.bindings.clone()).unwrap_or_default();
+    // Shares the old table's shards but those of the prefixes touched.
+    let mut table = old.cloned().unwrap_or_default();
     for (prefix, fresh) in touched {
-        let before = bindings.remove(prefix);
+        let before = table.remove(prefix);
         let mut on: Vec<&Arc<AppRoute>> = before
             .as_ref()
             .map(|b| b.routes())
@@ -127,8 +192,52 @@ fn updated_table(
         on.extend(fresh);
         if !on.is_empty() {
             let b = binding(&on, before.as_deref());
-            bindings.insert(*prefix, Arc::new(b));
+            table.insert(*prefix, Arc::new(b));
         }
     }
-    (!bindings.is_empty()).then(|| Arc::new(PortTable::new(bindings)))
+    (!table.is_empty()).then(|| Arc::new(table))
+}
+
+/// Where a fresh app goes in config order, as the table under construction has its
+/// neighbours.
+struct Place<'a, 'b> {
+    by_name: &'a Shards<Named, Placed>,
+    /// The fresh apps, and those of them placed so far (in config order).
+    pending: &'a HashSet<&'b str>,
+    done: &'a HashSet<&'b str>,
+}
+
+/// Where the place of a fresh app's next neighbour stands.
+enum Upper {
+    /// It is the last app.
+    None,
+    /// Placed: below this.
+    Below(u64),
+    /// Fresh too and not placed yet: it checks its own place against this one's.
+    Later,
+}
+
+impl Place<'_, '_> {
+    /// The place of `f` (which had `current`, if it was in the table): kept if it is still
+    /// between its neighbours', else between them. None: no room, or a neighbour that is not
+    /// where config order says (then every app is placed again).
+    fn between(&self, f: &Fresh, current: Option<u64>) -> Option<u64> {
+        let unplaced = |n: &str| self.pending.contains(n) && !self.done.contains(n);
+        let lo = match f.after {
+            None => 0,
+            Some(n) if unplaced(n) => return None,
+            Some(n) => self.by_name.get(n)?.order,
+        };
+        let hi = match f.before {
+            None => Upper::None,
+            Some(n) if unplaced(n) => Upper::Later,
+            Some(n) => Upper::Below(self.by_name.get(n)?.order),
+        };
+        match (hi, current) {
+            (Upper::Below(hi), Some(c)) if lo < c && c < hi => Some(c),
+            (Upper::Below(hi), _) => (hi > lo + 1).then(|| lo + (hi - lo) / 2),
+            (Upper::None | Upper::Later, Some(c)) if lo < c => Some(c),
+            (Upper::None | Upper::Later, _) => lo.checked_add(ORDER_GAP),
+        }
+    }
 }

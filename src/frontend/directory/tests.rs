@@ -160,3 +160,60 @@ fn a_refresh_says_what_changed_as_a_whole_compare_would() {
         (vec![7004], vec![7003])
     );
 }
+
+/// A table changed by each refresh's diff alone (`Routes::update_with`, the apps placed
+/// between their neighbours) lists the apps in the directory's config order, as one built
+/// whole does; and the digest is the sum of the SHA-256 of the files' `sha256sum` lines.
+#[test]
+fn a_table_changed_by_diffs_keeps_config_order_and_the_digest_sums_the_lines() {
+    use crate::backends::routing::Routes;
+    let d = dir("order");
+    let mut dir = Directory::open(&d);
+    dir.refresh(true);
+    let mut routes = Routes::new(&dir.config(), None);
+    // A small generator, so that the run is the same every time.
+    let mut seed = 20u64;
+    let mut next = |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    for step in 0..300 {
+        let f = next(40);
+        let file = d.join(format!("f{f:02}.json"));
+        match next(4) {
+            0 => {
+                let _ = fs::remove_file(&file);
+            }
+            k => {
+                // One or two apps in the file, each with a port of its own (no clash).
+                let apps: Vec<String> = (0..1 + k % 2)
+                    .map(|i| {
+                        format!(
+                            r#"{{"Name":"a{f:02}-{i}","Ports":[{}],"Targets":["192.0.2.1:{}"]}}"#,
+                            7000 + f * 2 + i,
+                            80 + next(3)
+                        )
+                    })
+                    .collect();
+                fs::write(&file, format!(r#"{{"Apps":[{}]}}"#, apps.join(","))).unwrap();
+            }
+        }
+        let r = dir.refresh(true);
+        let fresh = dir.fresh(&r.diff);
+        let order = |each: &mut dyn FnMut(&str)| dir.each_name(each);
+        routes = routes.update_with(&r.diff, &fresh, &order, false);
+        let listed: Vec<&str> = routes.apps().iter().map(|(a, _)| a.name.as_str()).collect();
+        let config = dir.config();
+        let want: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(listed, want, "step {step}");
+    }
+    // The digest, from the files as `sha256sum` lists them (every file passes here).
+    let mut sum = digest::Digest::default();
+    for e in fs::read_dir(&d).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        sum.add(&sha256::hex(&fs::read(d.join(&name)).unwrap()), &name);
+    }
+    assert_eq!(dir.sha256(), sum.hex());
+}

@@ -48,14 +48,14 @@ impl Directory {
     }
 
     /// The app serving under `name`.
-    fn serving(&self, name: &str) -> Option<&Arc<App>> {
+    pub fn serving(&self, name: &str) -> Option<&Arc<App>> {
         let file = self.owners.get(name)?;
         let (apps, _) = self.files.get(file)?.good.as_ref()?;
         apps.iter().find(|a| a.name == name)
     }
 
     /// Whether some app serves on `port`.
-    fn port_served(&self, port: u16) -> bool {
+    pub fn port_served(&self, port: u16) -> bool {
         self.frontends
             .get(&port)
             .is_some_and(|(set, _)| !set.is_empty())
