@@ -87,6 +87,16 @@ pub struct Refresh {
     pub diff: Diff,
 }
 
+/// A file's apps, or every problem it has on its own (one a line).
+type Parsed = Result<Vec<Arc<App>>, Vec<String>>;
+
+/// The apps of the file at `path` read as `bytes`, or its problems.
+fn parse(path: &Path, bytes: &[u8]) -> Parsed {
+    Config::parse(path, bytes)
+        .map(|c| c.apps)
+        .map_err(|e| e.to_string().lines().map(str::to_owned).collect())
+}
+
 /// Whether `name` is a config file of the directory: `*.json`, not a dotfile.
 fn is_config_file(name: &str) -> bool {
     name.ends_with(".json") && !name.starts_with('.')
@@ -234,16 +244,26 @@ impl Directory {
                     }
                     return;
                 }
-                let parsed = Config::parse(&path, &bytes)
-                    .map(|c| c.apps)
-                    .map_err(|e| e.to_string().lines().map(str::to_owned).collect());
-                (sha, parsed)
+                (sha, parse(&path, &bytes))
             }
             Err(problem) => (
                 String::new(),
                 Err(vec![format!("{}: {problem}", path.display())]),
             ),
         };
+        self.take_parsed(name, sig, sha, parsed, out);
+    }
+
+    /// Take in the file `name` (metadata `sig`), read with SHA-256 `sha` and parsed to
+    /// `parsed`, if its apps pass beside the other files'.
+    fn take_parsed(
+        &mut self,
+        name: &str,
+        sig: FileSig,
+        sha: String,
+        parsed: Parsed,
+        out: &mut Refresh,
+    ) {
         let state = self.files.entry(name.to_owned()).or_insert(FileState {
             sig: None,
             sha256: String::new(),
@@ -538,7 +558,7 @@ impl Directory {
 /// The config of the files that pass, and the files refused.
 pub fn check(dir: &Path) -> (Config, Vec<Rejected>) {
     let mut d = Directory::open_unwatched(dir);
-    d.refresh(true);
+    d.load();
     (d.config(), d.rejected())
 }
 
@@ -558,6 +578,7 @@ impl Directory {
     }
 }
 
+mod load;
 mod touched;
 
 #[cfg(test)]
