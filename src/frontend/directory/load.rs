@@ -13,8 +13,8 @@ use super::{is_config_file, parse, touched, Directory, Parsed, Refresh};
 use crate::config::{self, sha256};
 use crate::frontend::watch::{FileSig, Watch};
 
-/// At most this many threads read and parse (the machine's cores, if fewer): the disk and
-/// the kernel's directory lookups gain nothing from more.
+/// At most this many threads read and parse: two per core, so that a thread waiting for the
+/// disk (a directory not in the page cache) leaves its core to another; more gain nothing.
 const READERS_MAX: usize = 4;
 
 /// Below this many files one thread reads them all: starting threads would cost more.
@@ -71,7 +71,7 @@ impl Directory {
 /// Each of `names` (files of `dir`) read, hashed and parsed, in the same order.
 fn read_all(dir: &Path, names: &[String]) -> Vec<FileRead> {
     let readers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
+        .map_or(1, |n| n.get() * 2)
         .min(READERS_MAX);
     if readers < 2 || names.len() < THREADED_FROM {
         return names.iter().map(|n| read_one(dir, n)).collect();
