@@ -627,7 +627,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             addresses,
             hostnames,
             targets,
-            health,
+            health: health.shared(),
             balance,
             connect_attempts,
             max_connections,
