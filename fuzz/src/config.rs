@@ -211,7 +211,7 @@ pub fn expected_target(s: &str) -> Option<Target> {
         return None;
     }
     Some(Target {
-        host: host.to_owned(),
+        host: host.into(),
         port: n as u16,
     })
 }

@@ -185,8 +185,9 @@ impl TargetSpec {
 /// target whose address changes is followed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
-    /// A DNS name, an IPv4 address, or an IPv6 address (stored without brackets).
-    pub host: String,
+    /// A DNS name, an IPv4 address, or an IPv6 address (stored without brackets). Shared:
+    /// the target's live state (a `Backend`, kept per app and target) holds the same text.
+    pub host: Arc<str>,
     pub port: u16,
 }
 

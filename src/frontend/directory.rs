@@ -14,8 +14,9 @@
 //!
 //! What changed is told by inotify (`sys::inotify`): a tick reads the names of the files
 //! written, moved or deleted since the last, and looks only at those. Without inotify, when
-//! its queue overflowed, on SIGHUP and at start, every file is looked at (a readdir and a
-//! stat each; only files whose size, mtime or inode changed are read again).
+//! its queue overflowed and on SIGHUP, every file is looked at (a readdir and a stat each;
+//! only files whose size, mtime or inode changed are read again). At start every file is
+//! read, on a few threads (`load`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
