@@ -211,7 +211,7 @@ pub fn expected_target(s: &str) -> Option<Target> {
         return None;
     }
     Some(Target {
-        host: host.to_owned(),
+        host: host.into(),
         port: n as u16,
     })
 }
@@ -627,7 +627,7 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             addresses,
             hostnames,
             targets,
-            health,
+            health: health.shared(),
             balance,
             connect_attempts,
             max_connections,

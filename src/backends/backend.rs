@@ -95,8 +95,8 @@ pub const DEFAULT_WEIGHT: u32 = 1;
 #[derive(Debug)]
 pub struct Backend {
     pub target: Target,
-    /// The app it belongs to, for logs.
-    pub app: String,
+    /// The app it belongs to, for logs (one name shared by the app's targets).
+    pub app: Arc<str>,
     /// Connections relaying to this target now.
     pub active: AtomicUsize,
     /// Connections made to this target.
@@ -125,8 +125,8 @@ pub struct Backend {
     /// Consecutive failed and successful active checks.
     fails: AtomicU32,
     oks: AtomicU32,
-    /// The app's check settings; replaced on reload.
-    pub check: Mutex<HealthCheck>,
+    /// The app's check settings (the app's own, shared); replaced on reload.
+    check: Mutex<Arc<HealthCheck>>,
     /// A `TargetState` (`TargetState::to_u8`).
     state: AtomicU8,
     /// 0..=MAX_WEIGHT; 0 takes no new connections.
@@ -142,10 +142,15 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(app: &str, target: Target, check: HealthCheck) -> Backend {
+    /// A target of `app` (a name, or the app's shared one) checked as `check` says.
+    pub fn new(
+        app: impl Into<Arc<str>>,
+        target: Target,
+        check: impl Into<Arc<HealthCheck>>,
+    ) -> Backend {
         Backend {
             target,
-            app: app.to_owned(),
+            app: app.into(),
             active: AtomicUsize::new(0),
             connections: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -162,7 +167,7 @@ impl Backend {
             last_error: Mutex::new(None),
             fails: AtomicU32::new(0),
             oks: AtomicU32::new(0),
-            check: Mutex::new(check),
+            check: Mutex::new(check.into()),
             state: AtomicU8::new(TargetState::Ready.to_u8()),
             weight: AtomicU32::new(DEFAULT_WEIGHT),
             backup: AtomicBool::new(false),
@@ -225,7 +230,12 @@ impl Backend {
     }
 
     pub fn check_settings(&self) -> HealthCheck {
-        self.check.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        HealthCheck::clone(&self.check.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The app's check settings from now on (a reload).
+    pub fn set_check(&self, check: Arc<HealthCheck>) {
+        *self.check.lock().unwrap_or_else(|e| e.into_inner()) = check;
     }
 
     /// Apply what the config says of this target, at the first load and every reload. Backup

@@ -84,15 +84,15 @@ pub struct AppStats {
 /// The apps on one (address prefix, port): told apart by the ClientHello's server name.
 #[derive(Debug, Default)]
 pub struct Binding {
-    /// Exact hostnames, lower-case.
-    exact: HashMap<String, Arc<AppRoute>>,
-    /// Wildcards by the suffix after `*.`.
-    wildcard: HashMap<String, Arc<AppRoute>>,
+    /// The apps here with Hostnames; None where none has any (an edge's binding is mostly
+    /// one app on an address of its own: two empty maps there were 96 bytes, four times an
+    /// app).
+    names: Option<Box<Names>>,
     /// The app without Hostnames, if there is one.
     default: Option<Arc<AppRoute>>,
-    /// The names of every app here, sorted and joined with `+`: the port group (counter
-    /// label) of this binding in bpf mode, where the kernel cannot tell them apart.
-    pub group: String,
+    /// The port group where more than one app is here (see `group`); None: the one app's
+    /// name is the group (not a copy of it per binding, four times an app at the edge).
+    shared_group: Option<Box<str>>,
     /// Where the server name picks the app and every app here has `MaxConnectionsPerClient`:
     /// open connections per client to any of them, limited to the largest of theirs, counted
     /// at accept (before the name is read, and before a slot is taken), so that one address
@@ -101,10 +101,42 @@ pub struct Binding {
     pub per_client: Option<Arc<ClientCounts>>,
 }
 
+/// A binding's apps with Hostnames, by name.
+#[derive(Debug, Default)]
+struct Names {
+    /// Exact hostnames, lower-case.
+    exact: HashMap<String, Arc<AppRoute>>,
+    /// Wildcards by the suffix after `*.`.
+    wildcard: HashMap<String, Arc<AppRoute>>,
+}
+
 impl Binding {
     /// Whether the server name must be read to pick the app.
     pub fn needs_server_name(&self) -> bool {
-        !self.exact.is_empty() || !self.wildcard.is_empty()
+        self.names
+            .as_ref()
+            .is_some_and(|n| !n.exact.is_empty() || !n.wildcard.is_empty())
+    }
+
+    /// The names of every app here, sorted and joined with `+`: the port group (counter
+    /// label) of this binding in bpf mode, where the kernel cannot tell them apart.
+    pub fn group(&self) -> &str {
+        match &self.shared_group {
+            Some(g) => g,
+            None => self
+                .default
+                .iter()
+                .chain(self.named())
+                .next()
+                .map_or("", |r| r.name.as_str()),
+        }
+    }
+
+    /// The apps with Hostnames, exact ones first (none if no app here has any).
+    fn named(&self) -> impl Iterator<Item = &Arc<AppRoute>> {
+        self.names
+            .iter()
+            .flat_map(|n| n.exact.values().chain(n.wildcard.values()))
     }
 
     /// The app without Hostnames (the only app of a binding that needs no server name).
@@ -114,11 +146,12 @@ impl Binding {
 
     /// The app for a (normalised) server name: exact, then wildcard, then the default.
     pub fn for_name(&self, name: &str) -> Result<&Arc<AppRoute>, Unrouted> {
-        self.exact
-            .get(name)
-            .or_else(|| {
-                hostname::wildcard_suffix(name).and_then(|suffix| self.wildcard.get(suffix))
+        let named = self.names.as_ref().and_then(|n| {
+            n.exact.get(name).or_else(|| {
+                hostname::wildcard_suffix(name).and_then(|suffix| n.wildcard.get(suffix))
             })
+        });
+        named
             .or(self.default.as_ref())
             .ok_or(Unrouted::UnknownServerName)
     }
@@ -271,10 +304,16 @@ impl AppRoute {
                 Some(b) => Arc::clone(b),
                 None => match old.and_then(|o| o.backends.iter().find(|b| b.target == *t)) {
                     Some(b) => {
-                        *b.check.lock().unwrap_or_else(|e| e.into_inner()) = app.health.clone();
+                        b.set_check(Arc::clone(&app.health));
                         Arc::clone(b)
                     }
-                    None => Arc::new(Backend::new(&app.name, t.clone(), app.health.clone())),
+                    None => {
+                        // One name for the app's targets, not a copy each.
+                        let name = backends
+                            .first()
+                            .map_or_else(|| Arc::from(app.name.as_str()), |b| Arc::clone(&b.app));
+                        Arc::new(Backend::new(name, t.clone(), Arc::clone(&app.health)))
+                    }
                 },
             };
             b.follow_config(spec);
@@ -423,7 +462,7 @@ impl Routes {
     /// The port group (see `Binding::group`) of exactly (`port`, `prefix`), if some app
     /// answers there.
     pub fn group(&self, port: u16, prefix: &Prefix) -> Option<&str> {
-        Some(&self.by_port.get(&port)?.binding(prefix)?.group)
+        Some(self.by_port.get(&port)?.binding(prefix)?.group())
     }
 
     /// The bindings of `port`, if it is configured.
@@ -472,17 +511,20 @@ fn binding(routes: &[&Arc<AppRoute>], kept: Option<&Binding>) -> Binding {
             b.default = Some(Arc::clone(route));
         }
         for h in &route.hostnames {
+            let names = b.names.get_or_insert_with(Box::default);
             let map = match h {
-                Pattern::Exact(_) => &mut b.exact,
-                Pattern::Wildcard(_) => &mut b.wildcard,
+                Pattern::Exact(_) => &mut names.exact,
+                Pattern::Wildcard(_) => &mut names.wildcard,
             };
             let (Pattern::Exact(key) | Pattern::Wildcard(key)) = h;
             map.insert(key.clone(), Arc::clone(route));
         }
     }
     names.sort_unstable();
-    b.group = names.join("+");
-    let kept = kept.filter(|k| k.group == b.group);
+    if names.len() > 1 {
+        b.shared_group = Some(names.join("+").into());
+    }
+    let kept = kept.filter(|k| k.group() == b.group());
     b.per_client = counted_at_accept(&b, kept.and_then(|k| k.per_client.as_ref()));
     b
 }
@@ -495,8 +537,7 @@ impl Binding {
         let mut seen: HashSet<*const AppRoute> = HashSet::new();
         self.default
             .iter()
-            .chain(self.exact.values())
-            .chain(self.wildcard.values())
+            .chain(self.named())
             .filter(|r| seen.insert(Arc::as_ptr(r)))
             .collect()
     }
@@ -509,11 +550,7 @@ fn counted_at_accept(b: &Binding, kept: Option<&Arc<ClientCounts>>) -> Option<Ar
     if !b.needs_server_name() {
         return None;
     }
-    let apps = b
-        .exact
-        .values()
-        .chain(b.wildcard.values())
-        .chain(&b.default);
+    let apps = b.named().chain(&b.default);
     let mut largest = 0;
     for app in apps {
         largest = largest.max(app.per_client.as_ref()?.limit());

@@ -32,7 +32,7 @@ mod types;
 mod validate;
 
 pub use diff::Diff;
-pub use file::read_file;
+pub use file::{read_file, read_file_meta};
 pub use limits::{MAX_BINDINGS, MAX_FILE_BYTES, NAME_MAX};
 pub use model::{
     app_prefixes, App, Balance, CheckKind, Config, HealthCheck, HttpCheck, ProxyProtocol, Target,
@@ -60,7 +60,7 @@ mod tests {
            "Targets": ["tcp-echo.fly.dev:6001", "tcp-echo.fly.dev:6002", "bad.target.for.testing:6003"]}]}"#;
         let c = parse(s).unwrap();
         assert_eq!(c.apps[0].ports, vec![6001, 6200, 6300, 6400]);
-        assert_eq!(c.apps[0].targets[2].target.host, "bad.target.for.testing");
+        assert_eq!(&*c.apps[0].targets[2].target.host, "bad.target.for.testing");
         assert_eq!(c.summary(), "1 apps, 4 ports, 3 targets");
     }
 

@@ -38,7 +38,9 @@ pub struct App {
     /// the app takes what no other app's names claim there (the default).
     pub hostnames: Vec<Pattern>,
     pub targets: Vec<TargetSpec>,
-    pub health: HealthCheck,
+    /// Shared: every app with the default checks holds the same one (see
+    /// `HealthCheck::shared`), and so do the app's targets' live states.
+    pub health: Arc<HealthCheck>,
     pub balance: Balance,
     /// Distinct targets tried for one client connection before it is closed.
     pub connect_attempts: usize,
@@ -105,6 +107,20 @@ pub struct HttpCheck {
 /// `ExpectStatus` when none is given: success and redirects.
 pub const DEFAULT_EXPECT_STATUS: (u16, u16) = (200, 399);
 
+impl HealthCheck {
+    /// `self`, shared: the default settings (almost every app's) are one value for the whole
+    /// process instead of a copy per app and per target (at 200,000 apps, tens of MB).
+    pub fn shared(self) -> Arc<HealthCheck> {
+        static DEFAULT: std::sync::OnceLock<Arc<HealthCheck>> = std::sync::OnceLock::new();
+        let default = DEFAULT.get_or_init(|| Arc::new(HealthCheck::default()));
+        if self == **default {
+            Arc::clone(default)
+        } else {
+            Arc::new(self)
+        }
+    }
+}
+
 impl Default for HealthCheck {
     fn default() -> HealthCheck {
         HealthCheck {
@@ -169,8 +185,9 @@ impl TargetSpec {
 /// target whose address changes is followed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Target {
-    /// A DNS name, an IPv4 address, or an IPv6 address (stored without brackets).
-    pub host: String,
+    /// A DNS name, an IPv4 address, or an IPv6 address (stored without brackets). Shared:
+    /// the target's live state (a `Backend`, kept per app and target) holds the same text.
+    pub host: Arc<str>,
     pub port: u16,
 }
 

@@ -270,7 +270,7 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(Target {
-            host: host.to_owned(),
+            host: host.into(),
             port: p,
         }),
         _ => Err("has a port that is not a number in 1-65535"),
@@ -420,7 +420,7 @@ mod tests {
             parse_target("[::1]:7001").unwrap().to_string(),
             "[::1]:7001"
         );
-        assert_eq!(parse_target("10.0.0.1:80").unwrap().host, "10.0.0.1");
+        assert_eq!(&*parse_target("10.0.0.1:80").unwrap().host, "10.0.0.1");
         assert!(parse_target("host:0").is_err());
         assert!(parse_target("host:+80").is_err());
         assert!(parse_target("host:65536").is_err());

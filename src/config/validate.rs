@@ -172,7 +172,7 @@ impl Earlier {
             }
         };
         let mut opts = Options { typed };
-        let health = opts.health(raw_app.health_check, &hostnames);
+        let health = opts.health(raw_app.health_check, &hostnames).shared();
         let balance = opts.balance(raw_app.balance);
         let connect_attempts = opts
             .int(

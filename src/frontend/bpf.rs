@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use mio::net::TcpListener;
 
-use crate::bpf::{BpfError, Steering, MAX_GROUPS};
+use crate::bpf::{BpfError, Steering, MAX_GROUPS, STEER_BATCH};
 use crate::config::prefix::Prefix;
 use crate::frontend::ports::{PortChange, PortError, PortSource};
 use crate::metrics::{LookupReader, LookupStats};
@@ -242,19 +242,34 @@ impl Steered {
         // Ports (not bindings) that failed, for the message.
         let mut failures = BTreeSet::new();
         let keys: Vec<(u16, Prefix)> = self.dirty.iter().copied().collect();
-        // New bindings, and bindings whose apps (so group) changed.
-        for &(port, prefix) in &keys {
-            let Some(&group) = self.wanted.get(&(port, prefix)) else {
-                continue;
-            };
-            if self.steered.get(&(port, prefix)) == Some(&group) {
+        // New bindings, and bindings whose apps (so group) changed: in batches (one syscall
+        // for thousands), each batch that fails written again one by one, for the failures'
+        // ports.
+        let adds: Vec<((u16, Prefix), u32)> = keys
+            .iter()
+            .filter_map(|key| {
+                let group = *self.wanted.get(key)?;
+                (self.steered.get(key) != Some(&group)).then_some((*key, group))
+            })
+            .collect();
+        for chunk in adds.chunks(STEER_BATCH) {
+            let items: Vec<(Prefix, u16, u32)> = chunk
+                .iter()
+                .map(|&((port, prefix), group)| (prefix, port, group))
+                .collect();
+            if chunk.len() > 1 && self.steering.add_bindings(&items).is_ok() {
+                for &(key, group) in chunk {
+                    self.set(true, key, Some(group));
+                }
                 continue;
             }
-            match self.steering.add_binding(prefix, port, group) {
-                Ok(()) => self.set(true, (port, prefix), Some(group)),
-                Err(e) => {
-                    failures.insert(port);
-                    failed.get_or_insert((port, e));
+            for &((port, prefix), group) in chunk {
+                match self.steering.add_binding(prefix, port, group) {
+                    Ok(()) => self.set(true, (port, prefix), Some(group)),
+                    Err(e) => {
+                        failures.insert(port);
+                        failed.get_or_insert((port, e));
+                    }
                 }
             }
         }

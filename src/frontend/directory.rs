@@ -14,8 +14,9 @@
 //!
 //! What changed is told by inotify (`sys::inotify`): a tick reads the names of the files
 //! written, moved or deleted since the last, and looks only at those. Without inotify, when
-//! its queue overflowed, on SIGHUP and at start, every file is looked at (a readdir and a
-//! stat each; only files whose size, mtime or inode changed are read again).
+//! its queue overflowed and on SIGHUP, every file is looked at (a readdir and a stat each;
+//! only files whose size, mtime or inode changed are read again). At start every file is
+//! read, on a few threads (`load`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -91,6 +92,16 @@ pub struct Refresh {
     pub rejected: Vec<Rejected>,
     /// The apps and ports in force before and after this refresh differ by this.
     pub diff: Diff,
+}
+
+/// A file's apps, or every problem it has on its own (one a line).
+type Parsed = Result<Vec<Arc<App>>, Vec<String>>;
+
+/// The apps of the file at `path` read as `bytes`, or its problems.
+fn parse(path: &Path, bytes: &[u8]) -> Parsed {
+    Config::parse(path, bytes)
+        .map(|c| c.apps)
+        .map_err(|e| e.to_string().lines().map(str::to_owned).collect())
 }
 
 /// Whether `name` is a config file of the directory: `*.json`, not a dotfile.
@@ -250,16 +261,26 @@ impl Directory {
                     }
                     return;
                 }
-                let parsed = Config::parse(&path, &bytes)
-                    .map(|c| c.apps)
-                    .map_err(|e| e.to_string().lines().map(str::to_owned).collect());
-                (sha, parsed)
+                (sha, parse(&path, &bytes))
             }
             Err(problem) => (
                 String::new(),
                 Err(vec![format!("{}: {problem}", path.display())]),
             ),
         };
+        self.take_parsed(name, sig, sha, parsed, out);
+    }
+
+    /// Take in the file `name` (metadata `sig`), read with SHA-256 `sha` and parsed to
+    /// `parsed`, if its apps pass beside the other files'.
+    fn take_parsed(
+        &mut self,
+        name: &str,
+        sig: FileSig,
+        sha: String,
+        parsed: Parsed,
+        out: &mut Refresh,
+    ) {
         let state = self.files.entry(name.to_owned()).or_insert(FileState {
             sig: None,
             sha256: String::new(),
@@ -553,7 +574,7 @@ impl Directory {
 /// The config of the files that pass, and the files refused.
 pub fn check(dir: &Path) -> (Config, Vec<Rejected>) {
     let mut d = Directory::open_unwatched(dir);
-    d.refresh(true);
+    d.load();
     (d.config(), d.rejected())
 }
 
@@ -564,6 +585,7 @@ impl Directory {
 }
 
 mod digest;
+mod load;
 mod order;
 mod touched;
 

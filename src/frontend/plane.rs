@@ -167,7 +167,7 @@ pub(super) struct Loaded {
 pub(super) fn load(path: &Path) -> Result<Loaded, ConfigError> {
     if path.is_dir() {
         let mut dir = Directory::open(path);
-        let found = dir.refresh(true);
+        let found = dir.load();
         for r in &found.rejected {
             for p in &r.problems {
                 crate::error!("config file rejected: {}: {p}", r.file);

@@ -22,6 +22,18 @@ pub struct FileSig {
     ino: u64,
 }
 
+impl FileSig {
+    /// The signature of a file with metadata `m`.
+    pub fn of(m: &std::fs::Metadata) -> FileSig {
+        use std::os::unix::fs::MetadataExt;
+        FileSig {
+            mtime: m.modified().ok(),
+            len: m.len(),
+            ino: m.ino(),
+        }
+    }
+}
+
 /// A file modified this recently may have changed again within the same timestamp tick
 /// (coarse on some kernels and filesystems) without its size changing: compare contents.
 const RECENT: Duration = Duration::from_secs(2);
@@ -37,13 +49,7 @@ impl Watch {
     }
 
     pub fn stat(path: &Path) -> Option<FileSig> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).ok()?;
-        Some(FileSig {
-            mtime: m.modified().ok(),
-            len: m.len(),
-            ino: m.ino(),
-        })
+        Some(FileSig::of(&std::fs::metadata(path).ok()?))
     }
 
     /// Remember the file as it was read (at a load or a reload attempt).

@@ -27,7 +27,7 @@ fn who_gets_a_connection() {
     assert_eq!(name(any, "api.example.com").as_deref(), Ok("wild"));
     assert_eq!(name(any, "a.b.example.com").as_deref(), Ok("dflt"));
     assert_eq!(name(any, "example.com").as_deref(), Ok("dflt"));
-    assert_eq!(any.group, "dflt+exact+wild");
+    assert_eq!(any.group(), "dflt+exact+wild");
     let net = at("10.9.9.9:443");
     assert!(!net.needs_server_name());
     assert_eq!(net.default_app().unwrap().name, "net");
@@ -42,8 +42,8 @@ fn who_gets_a_connection() {
         host.without_name(Unrouted::NotTls).map(|a| a.name.clone()),
         Err(Unrouted::NotTls)
     );
-    assert_eq!(at("[fd00::1]:443").group, "host");
-    assert_eq!(at("[::ffff:10.1.2.3]:443").group, "host");
+    assert_eq!(at("[fd00::1]:443").group(), "host");
+    assert_eq!(at("[::ffff:10.1.2.3]:443").group(), "host");
     assert!(r.lookup("127.0.0.1:80".parse().unwrap()).is_none());
 }
 
@@ -194,7 +194,7 @@ fn an_update_routes_as_a_whole_build_and_keeps_unchanged_routes() {
             } else {
                 b.for_name(name)
             };
-            (b.group.clone(), app.map(|a| a.name.clone()).ok())
+            (b.group().to_owned(), app.map(|a| a.name.clone()).ok())
         })
     };
     for at in [
