@@ -15,9 +15,10 @@ Measured in each (mode, form), in this order, on one proxy process:
 - start: from spawning the proxy to the first connection relayed (a line echoed through app 0);
 - rss_start: VmRSS then, and per app;
 - metrics: GET /metrics, its size and the proxy's CPU for it (and /metrics?app=NAME's);
-- routing: the loop thread's CPU per new connection (SCALE_CONNS connections, each to a random
-  app's address and port, half over IPv6, a line echoed and closed), from
-  /proc/PID/task/PID/schedstat (the loop runs on the main thread; ns precision) and stat;
+- routing: the accepting threads' CPU per new connection (SCALE_CONNS connections, each to a
+  random app's address and port, half over IPv6, a line echoed and closed): the relay threads
+  (`relay-N`), which accept, route and relay each connection, and the main thread (the listener
+  loop), from /proc/PID/task/TID/schedstat (ns precision) and stat;
 - one_app: SCALE_CHANGES changes of one app (its targets' order swapped; dir: that app's file
   replaced by rename), each waited for in the log (`reload ok`), the proxy's CPU per change
   (utime+stime from /proc/PID/stat, and the sum of its threads' schedstat) less what it uses
@@ -400,8 +401,22 @@ def metrics_step(proxy, app_name):
     return out
 
 
+def accepting_tids(pid):
+    """The threads a new connection runs on: the relay threads (`relay-N`: they accept, route
+    and relay) and the main thread (the listener loop)."""
+    tids = [str(pid)]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if f.read().startswith("relay-"):
+                    tids.append(tid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return tids
+
+
 def routing_step(proxy, n_apps, apps, conns):
-    """Loop-thread CPU per new connection over `conns` connections to random apps."""
+    """The accepting threads' CPU per new connection over `conns` connections to random apps."""
     rng = random.Random(7)
     addrs = []
     for _ in range(conns):
@@ -409,7 +424,9 @@ def routing_step(proxy, n_apps, apps, conns):
         port = rng.choice(apps[i]["Ports"])
         addrs.append((v6(i) if rng.random() < 0.5 else v4(i), port))
     pid = proxy.pid
-    l0, lt0, t0 = sched_ns(pid, pid), thread_cpu(pid, pid), time.monotonic()
+    tids = accepting_tids(pid)
+    l0 = sum(sched_ns(pid, t) for t in tids)
+    lt0, t0 = sum(thread_cpu(pid, t) for t in tids), time.monotonic()
     failed = 0
     for a in addrs:
         try:
@@ -417,10 +434,11 @@ def routing_step(proxy, n_apps, apps, conns):
         except OSError:
             failed += 1
     wall = time.monotonic() - t0
-    loop_ns = sched_ns(pid, pid) - l0
-    loop_ticks = thread_cpu(pid, pid) - lt0
+    loop_ns = sum(sched_ns(pid, t) for t in tids) - l0
+    loop_ticks = sum(thread_cpu(pid, t) for t in tids) - lt0
     return {
         "conns": conns, "failed": failed, "conns_per_s": round(conns / wall),
+        "threads": len(tids),
         "loop_us_per_conn": round(loop_ns / 1e3 / conns, 2),
         "loop_us_per_conn_stat": round(loop_ticks * 1e6 / conns, 2),
     }
@@ -498,7 +516,7 @@ def run_one(mode, form, apps, label, full):
             res["metrics"] = metrics_step(proxy, apps[1]["Name"])
             log(f"{label}: /metrics {res['metrics']['bytes']} bytes, {res['metrics']['cpu_s']} CPU-s")
         res["routing"] = routing_step(proxy, n, apps, CONNS)
-        log(f"{label}: routing {res['routing']['loop_us_per_conn']} us loop CPU per connection")
+        log(f"{label}: routing {res['routing']['loop_us_per_conn']} us accepting threads' CPU per connection")
         if not full:
             return res
         probe = Probe(probe_addr(apps, 1))
@@ -576,12 +594,12 @@ def report(meta, runs, base):
         "",
         f"flyproxy {meta['flyproxy']}, {meta['date']}, {meta['cpus']} CPUs, load average at "
         f"the start {meta['loadavg']}. `make scale SCALE_APPS={meta['apps']}` (bench/scale/). "
-        f"Routing ratio: loop-thread CPU per new connection at {meta['apps']:,} apps over "
+        f"Routing ratio: the accepting threads' CPU (relay threads and listener loop) per new connection at {meta['apps']:,} apps over "
         f"{meta['base']:,} apps, same mode.",
         "",
         "| mode, config | start to first connection | RSS per app at start | RSS per app after reloads "
         "| proxy CPU per one-app change (threads' schedstat) | probe max wait, one-app changes "
-        "| probe max wait, full rewrite | loop CPU per new connection | at "
+        "| probe max wait, full rewrite | accepting threads' CPU per new connection | at "
         f"{meta['base']:,} apps | ratio | /metrics bytes | /metrics scrape CPU | notes |",
         "|---" * 13 + "|",
         *rows,
