@@ -144,6 +144,8 @@ struct Plane {
     /// A change of a directory was refused by the loop (its ports): the directory's apps are
     /// not all in force, and the next reload tries again even if no file changed.
     owed: Option<dir::Owed>,
+    /// Apps named by the reloads applied since memory was last given back (see `commit`).
+    untrimmed: usize,
     /// Simple mode: the listeners the config in force needs, counted per (port, prefix) so a
     /// reload changes them by its apps (built when the thread starts).
     wanted: simple::Wanted,
@@ -209,6 +211,7 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     let plane = Plane {
         at,
         owed: None,
+        untrimmed: 0,
         wanted: simple::Wanted::default(),
         requests,
         changes,
@@ -275,7 +278,7 @@ fn steer_change(
         .collect()
 }
 
-/// A directory reload naming at least this many apps hands what it freed back to the system.
+/// Directory reloads that named this many apps in all hand what they freed back to the system.
 const TRIM_AT: usize = 1000;
 
 /// Hand the memory a reload freed back to the system. A reload frees as much as it allocates
@@ -476,11 +479,14 @@ impl Plane {
         self.at.routes = routes;
         let took = began.elapsed();
         // A few apps' change frees little, and what it frees the next one reuses; handing it
-        // back would have the next reload fault it in again (at 200,000 apps the trim and the
-        // faults were a third of a one-app change).
-        let named = diff.apps_added.len() + diff.apps_removed.len() + diff.apps_changed.len();
-        if matches!(self.at.source, Source::File(_)) || named >= TRIM_AT {
+        // back each time would have the next reload fault it in again (at 200,000 apps the
+        // trim and the faults were a third of a one-app change). So the trim comes once the
+        // reloads since the last have named `TRIM_AT` apps: a rewrite of every app, in
+        // reloads of a few hundred, still gives its memory back as it goes.
+        self.untrimmed += diff.apps_added.len() + diff.apps_removed.len() + diff.apps_changed.len();
+        if matches!(self.at.source, Source::File(_)) || self.untrimmed >= TRIM_AT {
             give_back_freed_memory();
+            self.untrimmed = 0;
         }
         crate::info!(
             "reload ok: {diff} took={:.3}ms sha256={sha}",
