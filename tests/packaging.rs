@@ -468,10 +468,32 @@ fn deb_installs_and_purges() {
         }
     }
     let _purge = Purge;
+    // dpkg refuses at once while another dpkg or apt holds its lock (an unattended upgrade, a
+    // package install elsewhere on the machine, another checkout's test run): wait for the
+    // lock, up to a deadline, as `apt-get -o DPkg::Lock::Timeout` would, rather than fail.
     let dpkg = |args: &[&str]| {
-        run(Command::new("dpkg")
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive"))
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let out = loop {
+            let out = Command::new("dpkg")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| panic!("run dpkg {args:?}: {e}"));
+            let locked = String::from_utf8_lossy(&out.stderr).contains("locked by another process");
+            if out.status.success() || !locked || std::time::Instant::now() > deadline {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
+        assert!(
+            out.status.success(),
+            "dpkg {args:?} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     };
 
     dpkg(&["-i", deb.to_str().unwrap()]);
