@@ -119,10 +119,13 @@ two_modes!(
             most <= OTHER_THREADS + cores,
             "{most} threads during a flood of new connections ({cores} cores)"
         );
-        // Its ticks (one a second) and slack; a wake-up per connection would be 1,600.
+        // Its ticks (one a second) and slack: a tenth of the connections, for the times its
+        // thread waits on a lock the relay threads hold (voluntary switches too: 29 seen with
+        // both cores kept busy by others, 0-4 on a quiet machine). Waking it per connection, as
+        // when it accepted and handed them on, would be 800 or more (0.5 per connection).
         let ticks = took.as_secs() + 2;
         assert!(
-            woken <= ticks + 20,
+            woken <= ticks + n as u64 / 10,
             "the listener loop was woken {woken} times for {n} connections in {took:?}"
         );
     }
