@@ -402,18 +402,25 @@ def metrics_step(proxy, app_name):
     return out
 
 
-def accepting_tids(pid):
-    """The threads a new connection runs on: the relay threads (`relay-N`: they accept, route
-    and relay) and the main thread (the listener loop)."""
+def tids_where(pid, wanted):
+    """The main thread of `pid` (the listener loop) and its threads whose name `wanted` takes."""
     tids = [str(pid)]
     for tid in os.listdir(f"/proc/{pid}/task"):
+        if tid == str(pid):
+            continue
         try:
             with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if f.read().startswith("relay-"):
+                if wanted(f.read().strip()):
                     tids.append(tid)
         except (FileNotFoundError, ProcessLookupError):
             pass
     return tids
+
+
+def accepting_tids(pid):
+    """The threads a new connection runs on: the relay threads (`relay-N`: they accept, route
+    and relay) and the main thread (the listener loop)."""
+    return tids_where(pid, lambda name: name.startswith("relay-"))
 
 
 def routing_step(proxy, n_apps, apps, conns):
@@ -445,19 +452,6 @@ def routing_step(proxy, n_apps, apps, conns):
     }
 
 
-def named_tids(pid, names):
-    """The threads of `pid` whose name is one of `names`, and the main thread."""
-    tids = [str(pid)]
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                if f.read().strip() in names:
-                    tids.append(tid)
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return tids
-
-
 # The threads that apply a change: the config plane reads the file and builds the change, the
 # listener loop (the main thread) swaps it in and binds or unbinds. Their schedstat around one
 # change is that change's cost without subtracting an idle rate (which at 200,000 apps is larger
@@ -470,7 +464,7 @@ def change_step(proxy, cfg, idle, i, timeout):
     """Change app i alone, wait for its reload; the CPU it took beyond idle, and the applying
     threads' own CPU."""
     mark = proxy.mark()
-    tids = named_tids(proxy.pid, APPLY_THREADS)
+    tids = tids_where(proxy.pid, lambda name: name in APPLY_THREADS)
     a0 = sum(sched_ns(proxy.pid, t) for t in tids)
     c0, s0, t0 = proc_cpu(proxy.pid), proc_sched(proxy.pid), time.monotonic()
     cfg.change(i)
