@@ -68,10 +68,19 @@ fn cannot_run(test: &str, why: &str) {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd
-        .stdin(Stdio::null())
+    let out = spawn(cmd);
+    succeeded(cmd, out)
+}
+
+/// `cmd` run to its end, stdin empty, whatever its status.
+fn spawn(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+        .unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
+}
+
+/// `out` of `cmd`, which must have succeeded (else its output is the failure's message).
+fn succeeded(cmd: &Command, out: Output) -> Output {
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\n{}\n{}",
@@ -473,27 +482,16 @@ fn deb_installs_and_purges() {
     // lock, up to a deadline, as `apt-get -o DPkg::Lock::Timeout` would, rather than fail.
     let dpkg = |args: &[&str]| {
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        let out = loop {
-            let out = Command::new("dpkg")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap_or_else(|e| panic!("run dpkg {args:?}: {e}"));
+        let mut cmd = Command::new("dpkg");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        loop {
+            let out = spawn(&mut cmd);
             let locked = String::from_utf8_lossy(&out.stderr).contains("locked by another process");
             if out.status.success() || !locked || std::time::Instant::now() > deadline {
-                break out;
+                break succeeded(&cmd, out);
             }
             std::thread::sleep(Duration::from_millis(250));
-        };
-        assert!(
-            out.status.success(),
-            "dpkg {args:?} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        }
     };
 
     dpkg(&["-i", deb.to_str().unwrap()]);
