@@ -90,12 +90,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let i = self.shard_of(key);
-        // Looked up before copying: removing what is not there copies nothing.
-        if !self.shards[i].contains_key(key) {
-            return None;
-        }
-        let old = Arc::make_mut(&mut self.shards[i]).remove(key);
+        let old = self.shard_holding(key)?.remove(key);
         self.len -= 1;
         old
     }
@@ -106,11 +101,22 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.shard_holding(key)?.get_mut(key)
+    }
+
+    /// The shard holding `key`, made this version's own (copied if shared) to change; None,
+    /// with nothing copied, when `key` is not there: looked up before copying, so removing or
+    /// changing what is not there copies no shard.
+    fn shard_holding<Q>(&mut self, key: &Q) -> Option<&mut HashMap<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let i = self.shard_of(key);
         if !self.shards[i].contains_key(key) {
             return None;
         }
-        Arc::make_mut(&mut self.shards[i]).get_mut(key)
+        Some(Arc::make_mut(&mut self.shards[i]))
     }
 
     pub fn len(&self) -> usize {
