@@ -117,12 +117,13 @@ struct Run {
     resolver: Resolver,
     /// What the resolver wakes the poll with when an answer is in.
     waker: Arc<Waker>,
-    /// The backends of each distinct target and kind of check, as of the last `set`.
+    /// The backends of each distinct target and kind of check, as of the last `set`, each
+    /// with when it was last checked, or first seen. Its next check is that plus its interval
+    /// as of now, so a target that a failed connection just marked down is due at the shorter
+    /// interval at once.
     targets: HashMap<Probe, follow::Listed>,
-    /// When each backend (by the address of its state) was last checked, or first seen. Its
-    /// next check is that plus its interval as of now, so a target that a failed connection
-    /// just marked down is due at the shorter interval at once.
-    last: HashMap<*const Backend, Instant>,
+    /// Backends that joined a list so far (see `follow::Entry::joined`).
+    joined: u64,
     /// Checks under way, by target.
     checks: HashMap<Probe, Check>,
     /// When each target is due, as the last scan found it (see `scan`).
@@ -157,14 +158,17 @@ struct Conn {
 /// One target's check: every address it resolved to is tried at once (as far as the bound
 /// allows); the first to connect passes it.
 struct Check {
-    /// Every backend naming the target when the check began.
-    backends: Vec<Arc<Backend>>,
+    /// `Run::joined` when the check began: its verdict goes to the backends that had joined
+    /// by then (and are still listed).
+    joined: u64,
+    /// The longest `TimeoutMs` among its backends when it began: it ends by then, once it
+    /// began.
+    timeout: Duration,
     /// The name's lookup, while its answer is awaited; the check's clock has not started.
     lookup: Option<Waiting>,
     /// When the addresses were known: the check's clock starts then.
     began: Instant,
-    /// The longest `TimeoutMs` among the backends: the check ends by then, once it began
-    /// (None while its name is looked up).
+    /// When it ends (`timeout` after it began; None while its name is looked up).
     deadline: Option<Instant>,
     /// Addresses not tried yet because the bound was reached.
     queued: Vec<SocketAddr>,
@@ -182,7 +186,7 @@ impl Run {
             resolver,
             waker,
             targets: HashMap::new(),
-            last: HashMap::new(),
+            joined: 0,
             checks: HashMap::new(),
             due_at: HashMap::new(),
             queue: VecDeque::new(),
@@ -247,7 +251,7 @@ impl Run {
             let s = match self.due_at.get(target) {
                 Some(s) if s.epoch == epoch => *s,
                 _ => {
-                    let s = Due::of(backends, &self.last, now, epoch);
+                    let s = Due::of(backends, epoch);
                     self.due_at.insert(target.clone(), s);
                     s
                 }
@@ -290,12 +294,17 @@ impl Run {
         let Some(backends) = self.targets.get(&target) else {
             return;
         };
-        let backends: Vec<Arc<Backend>> = backends
-            .each_turn()
-            .filter(|b| checked(b))
-            .cloned()
-            .collect();
-        if backends.is_empty() {
+        // As the scan found it, unless a backend's health or state changed since.
+        let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
+        let due = match self.due_at.get(&target) {
+            Some(d) if d.epoch == epoch => *d,
+            _ => {
+                let d = Due::of(backends, epoch);
+                self.due_at.insert(target.clone(), d);
+                d
+            }
+        };
+        if due.at.is_none() {
             // Every one went into maintenance since the scan.
             return;
         }
@@ -309,7 +318,8 @@ impl Run {
             })
         };
         let mut check = Check {
-            backends,
+            joined: self.joined,
+            timeout: due.timeout,
             lookup: None,
             began: Instant::now(),
             deadline: None,
@@ -516,7 +526,9 @@ impl Run {
         }
     }
 
-    /// End `target`'s check: close its connects, tell every backend naming it.
+    /// End `target`'s check: close its connects, tell every backend naming it; and when the
+    /// target is next due, found in the same pass (at 200,000 apps listing one target, every
+    /// further pass over its backends per check was a share of the checker's time at rest).
     fn finish(&mut self, target: &Probe, result: Result<(), ConnectError>) {
         let Some(check) = self.checks.remove(target) else {
             return;
@@ -526,25 +538,38 @@ impl Run {
         if check.open > 0 {
             self.sockets.retain(|_, c| c.probe != *target);
         }
+        // Only backends still configured: one a reload removed meanwhile is not in the list.
+        let Some(list) = self.targets.get_mut(target) else {
+            return;
+        };
         let done = Instant::now();
         let took = done.duration_since(check.began);
-        for b in &check.backends {
-            // Only backends still configured: one a reload removed meanwhile keeps no entry.
-            if let Some(last) = self.last.get_mut(&Arc::as_ptr(b)) {
-                *last = done;
+        // Read before the pass: a change of any backend's health or state meanwhile (this
+        // verdict's own included) leaves the time found here stale, to be found again.
+        let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
+        let mut due = Due::none(epoch);
+        for e in list.iter_mut() {
+            // One that joined since the check began: not its verdict.
+            if e.joined <= check.joined {
+                e.last = done;
+                // In maintenance (went there while the check was under way): not its verdict.
+                if checked(&e.backend) {
+                    for _ in 0..e.turns {
+                        let own = match &result {
+                            // Connected, but later than this app allows.
+                            Ok(()) if took > e.backend.check_timing().1 => {
+                                Err(ConnectError::Timeout)
+                            }
+                            Ok(()) => Ok(()),
+                            Err(e) => Err(e.clone_kind()),
+                        };
+                        e.backend.checked(own);
+                    }
+                }
             }
-            if !checked(b) {
-                // Went into maintenance while the check was under way: not its verdict.
-                continue;
-            }
-            let own = match &result {
-                // Connected, but later than this app allows.
-                Ok(()) if took > b.check_timing().1 => Err(ConnectError::Timeout),
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.clone_kind()),
-            };
-            b.checked(own);
+            due.with(&e.backend, e.last);
         }
+        self.due_at.insert(target.clone(), due);
     }
 }
 
@@ -553,13 +578,7 @@ impl Check {
     fn start(&mut self, answer: Answer, port: u16) {
         self.lookup = None;
         self.began = Instant::now();
-        let timeout = self
-            .backends
-            .iter()
-            .map(|b| b.check_timing().1)
-            .max()
-            .unwrap_or_default();
-        self.deadline = Some(self.began + timeout);
+        self.deadline = Some(self.began + self.timeout);
         match answer {
             // Tried in the order the resolver gave, like a real connection: popped from the end.
             Ok(addrs) => {

@@ -1,8 +1,6 @@
 //! When a target is next due (`Due`), kept between scans and changed by a reload's backends
 //! without a pass over every backend listing the target.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{checked, follow, UP_CHECK_FACTOR};
@@ -20,43 +18,62 @@ pub(super) struct Due {
     /// The shortest interval among its backends: a scan comes at least this often.
     pub(super) shortest: Duration,
     shortest_n: usize,
+    /// The longest `TimeoutMs` among its backends not in maintenance: a check of the target
+    /// ends by then (each backend judges the time it took against its own).
+    pub(super) timeout: Duration,
+    timeout_n: usize,
 }
 
 impl Due {
-    pub(super) fn of(
-        backends: &follow::Listed,
-        last: &HashMap<*const Backend, Instant>,
-        now: Instant,
-        epoch: u64,
-    ) -> Due {
-        let mut d = Due {
+    pub(super) fn of(backends: &follow::Listed, epoch: u64) -> Due {
+        let mut d = Due::none(epoch);
+        for e in backends.iter() {
+            d.with(&e.backend, e.last);
+        }
+        d
+    }
+
+    /// A target with no backends counted yet.
+    pub(super) fn none(epoch: u64) -> Due {
+        Due {
             epoch,
             at: None,
             at_n: 0,
             // A scan at least every minute: the shortest with none counted.
             shortest: Duration::from_secs(60),
             shortest_n: 0,
-        };
-        for b in backends.iter() {
-            d.with(b, last.get(&Arc::as_ptr(b)).copied().unwrap_or(now));
+            timeout: Duration::ZERO,
+            timeout_n: 0,
         }
-        d
     }
 
-    /// `b`'s interval, and when it is due (None in maintenance), last checked at `last`.
-    fn of_one(b: &Backend, last: Instant) -> (Duration, Option<Instant>) {
-        let (interval, _) = b.check_timing();
+    /// `b`'s interval, when it is due (None in maintenance), last checked at `last`, and its
+    /// timeout (None in maintenance).
+    fn of_one(b: &Backend, last: Instant) -> (Duration, Option<Instant>, Option<Duration>) {
+        let (interval, timeout) = b.check_timing();
         let every = if b.is_up() {
             interval * UP_CHECK_FACTOR
         } else {
             interval
         };
-        (interval, checked(b).then_some(last + every))
+        let checked = checked(b);
+        (
+            interval,
+            checked.then_some(last + every),
+            checked.then_some(timeout),
+        )
     }
 
     /// `b` (last checked at `last`) is among the target's backends.
     pub(super) fn with(&mut self, b: &Backend, last: Instant) {
-        let (interval, at) = Due::of_one(b, last);
+        let (interval, at, timeout) = Due::of_one(b, last);
+        if let Some(t) = timeout {
+            match t.cmp(&self.timeout) {
+                std::cmp::Ordering::Greater => (self.timeout, self.timeout_n) = (t, 1),
+                std::cmp::Ordering::Equal => self.timeout_n += 1,
+                std::cmp::Ordering::Less => {}
+            }
+        }
         match interval.cmp(&self.shortest) {
             std::cmp::Ordering::Less => (self.shortest, self.shortest_n) = (interval, 1),
             std::cmp::Ordering::Equal => self.shortest_n += 1,
@@ -71,12 +88,19 @@ impl Due {
     }
 
     /// `b` (last checked at `last`) left the target's backends. False if it was the last to
-    /// give the earliest time or the shortest interval: then only a pass over the others says.
+    /// give the earliest time, the shortest interval or the longest timeout: then only a pass
+    /// over the others says.
     /// (Its settings may have changed in place since it was counted: it then counts as
     /// giving neither, which at worst keeps a time earlier than needed, or a shorter
     /// interval: a check or a scan sooner.)
     pub(super) fn without(&mut self, b: &Backend, last: Instant) -> bool {
-        let (interval, at) = Due::of_one(b, last);
+        let (interval, at, timeout) = Due::of_one(b, last);
+        if timeout.is_some() && timeout == Some(self.timeout) && self.timeout_n > 0 {
+            self.timeout_n -= 1;
+            if self.timeout_n == 0 {
+                return false;
+            }
+        }
         if interval == self.shortest && self.shortest_n > 0 {
             self.shortest_n -= 1;
             if self.shortest_n == 0 {

@@ -23,23 +23,44 @@ pub(super) enum Update {
 
 /// The backends of one target (and kind of check), by the address of their state, each with
 /// how many times it is listed (a target listed twice in an app is one backend with two
-/// turns). A map, so that a reload's backend leaves its target's list without a pass over the
-/// list: at 200,000 apps with the same two targets each list held 200,000 backends.
+/// turns) and when it was last checked. A map, so that a reload's backend leaves its target's
+/// list without a pass over the list: at 200,000 apps with the same two targets each list held
+/// 200,000 backends. When each was last checked lives here, beside it, rather than in a map of
+/// its own: a check's result then reaches every backend of the target in one pass over this
+/// list, with no look-up per backend.
 #[derive(Default)]
-pub(super) struct Listed(HashMap<*const Backend, (Arc<Backend>, usize)>);
+pub(super) struct Listed(HashMap<*const Backend, Entry>);
+
+pub(super) struct Entry {
+    pub(super) backend: Arc<Backend>,
+    /// How many times it is listed: a check's result is told it once per turn.
+    pub(super) turns: usize,
+    /// When it was last checked, or first seen.
+    pub(super) last: Instant,
+    /// When it joined, as `Run::joined` counts: a check begun before is not its verdict.
+    pub(super) joined: u64,
+}
 
 impl Listed {
-    fn push(&mut self, b: Arc<Backend>) {
-        self.0.entry(Arc::as_ptr(&b)).or_insert((b, 0)).1 += 1;
+    fn push(&mut self, b: Arc<Backend>, last: Instant, joined: u64) {
+        self.0
+            .entry(Arc::as_ptr(&b))
+            .or_insert(Entry {
+                backend: b,
+                turns: 0,
+                last,
+                joined,
+            })
+            .turns += 1;
     }
 
-    /// Take `b` out, every time it was listed; whether it was.
-    fn remove(&mut self, b: *const Backend) -> bool {
-        self.0.remove(&b).is_some()
+    /// Take `b` out, every time it was listed; its entry if it was.
+    fn remove(&mut self, b: *const Backend) -> Option<Entry> {
+        self.0.remove(&b)
     }
 
-    fn contains(&self, b: *const Backend) -> bool {
-        self.0.contains_key(&b)
+    fn get(&self, b: *const Backend) -> Option<&Entry> {
+        self.0.get(&b)
     }
 
     pub(super) fn is_empty(&self) -> bool {
@@ -47,21 +68,18 @@ impl Listed {
     }
 
     /// Every backend, once.
-    pub(super) fn iter(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.0.values().map(|(b, _)| b)
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.0.values()
     }
 
-    /// Every backend, as many times as it is listed.
-    pub(super) fn each_turn(&self) -> impl Iterator<Item = &Arc<Backend>> {
-        self.0
-            .values()
-            .flat_map(|(b, n)| std::iter::repeat_n(b, *n))
+    pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut Entry> {
+        self.0.values_mut()
     }
 
     /// How many listings (a backend listed twice counts twice).
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.0.values().map(|(_, n)| n).sum()
+        self.0.values().map(|e| e.turns).sum()
     }
 }
 
@@ -85,23 +103,32 @@ impl Run {
     /// A reload's backends: group them by target; forget the state of those that left.
     fn replace(&mut self, backends: Vec<Arc<Backend>>) {
         let now = Instant::now();
-        self.targets.clear();
-        self.due_at.clear();
-        for b in backends {
-            self.last.entry(Arc::as_ptr(&b)).or_insert(now);
-            let probe = Probe::of(&b);
-            self.targets.entry(probe).or_default().push(b);
-        }
-        let current: HashSet<*const Backend> = self
+        // Those listed before keep when they were last checked.
+        let before: HashMap<*const Backend, (Instant, u64)> = self
             .targets
             .values()
             .flat_map(|l| l.iter())
-            .map(Arc::as_ptr)
+            .map(|e| (Arc::as_ptr(&e.backend), (e.last, e.joined)))
             .collect();
-        self.last.retain(|k, _| current.contains(k));
+        self.targets.clear();
+        self.due_at.clear();
+        for b in backends {
+            let (last, joined) = before
+                .get(&Arc::as_ptr(&b))
+                .copied()
+                .unwrap_or_else(|| (now, self.join()));
+            let probe = Probe::of(&b);
+            self.targets.entry(probe).or_default().push(b, last, joined);
+        }
         // New targets get their schedule at once.
         self.queue.clear();
         self.next_scan = now;
+    }
+
+    /// The next `Entry::joined`.
+    fn join(&mut self) -> u64 {
+        self.joined += 1;
+        self.joined
     }
 
     /// As `replace` with the list changed by `removed` then `added`: the backends removed
@@ -111,6 +138,9 @@ impl Run {
         let now = Instant::now();
         let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
         let kept: HashSet<*const Backend> = added.iter().map(Arc::as_ptr).collect();
+        // A backend both removed and added keeps when it was last checked, and its place in
+        // a check under way.
+        let mut carried: HashMap<*const Backend, (Instant, u64)> = HashMap::new();
         let mut done = HashSet::new();
         for b in &removed {
             let ptr = Arc::as_ptr(b);
@@ -121,13 +151,14 @@ impl Run {
             // in place (a kept backend of a changed app) left it under the old one: look in
             // every list then (rare: the check's kind changed).
             let probe = Probe::of(b);
-            let listed = self.targets.get(&probe).is_some_and(|l| l.contains(ptr));
+            let entry = self.targets.get(&probe).and_then(|l| l.get(ptr));
+            let listed = entry.is_some();
+            let last = entry.map_or(now, |e| e.last);
             let lists: Vec<Probe> = if listed {
                 vec![probe]
             } else {
                 self.targets.keys().cloned().collect()
             };
-            let last = self.last.get(&ptr).copied().unwrap_or(now);
             for probe in lists {
                 // When the target is due stays known if another backend gives it too (at
                 // 200,000 apps listing one target, a pass over them per reload otherwise).
@@ -140,25 +171,33 @@ impl Run {
                     self.due_at.remove(&probe);
                 }
                 if let Some(list) = self.targets.get_mut(&probe) {
-                    list.remove(ptr);
+                    if let Some(e) = list.remove(ptr) {
+                        if kept.contains(&ptr) {
+                            carried.insert(ptr, (e.last, e.joined));
+                        }
+                    }
                     if list.is_empty() {
                         self.targets.remove(&probe);
                     }
                 }
             }
-            if !kept.contains(&ptr) {
-                self.last.remove(&ptr);
-            }
         }
         let mut new_target = false;
         for b in added {
             let ptr = Arc::as_ptr(&b);
-            self.last.entry(ptr).or_insert(now);
             let probe = Probe::of(&b);
             // Looked at no later than a scan would have it looked at.
             let soonest = interval_of(&b).min(b.check_timing().0);
             self.next_scan = self.next_scan.min(now + soonest);
-            let last = self.last.get(&ptr).copied().unwrap_or(now);
+            // Listed already (a second turn), carried over from `removed`, or new.
+            let known = self.targets.get(&probe).and_then(|l| l.get(ptr));
+            let (last, joined) = match known.map(|e| (e.last, e.joined)) {
+                Some(k) => k,
+                None => match carried.get(&ptr) {
+                    Some(&k) => k,
+                    None => (now, self.join()),
+                },
+            };
             match self.due_at.get_mut(&probe) {
                 Some(d) if d.epoch == epoch => d.with(&b, last),
                 _ => {
@@ -167,12 +206,33 @@ impl Run {
             }
             let list = self.targets.entry(probe).or_default();
             new_target |= list.is_empty();
-            list.push(b);
+            list.push(b, last, joined);
         }
         if new_target {
             // A new target gets its schedule at once; one already checked is due as before.
             self.queue.clear();
             self.next_scan = now;
+        }
+    }
+}
+
+#[cfg(test)]
+impl Run {
+    /// When `b` was last checked (or first seen), if it is listed.
+    pub(super) fn last_of(&self, b: &Arc<Backend>) -> Option<Instant> {
+        let probe = Probe::of(b);
+        Some(self.targets.get(&probe)?.get(Arc::as_ptr(b))?.last)
+    }
+
+    /// Say `b` was last checked at `at`.
+    pub(super) fn set_last(&mut self, b: &Arc<Backend>, at: Instant) {
+        let probe = Probe::of(b);
+        if let Some(e) = self
+            .targets
+            .get_mut(&probe)
+            .and_then(|l| l.0.get_mut(&Arc::as_ptr(b)))
+        {
+            e.last = at;
         }
     }
 }

@@ -96,7 +96,7 @@ fn a_change_checks_what_the_whole_list_would() {
     );
     run.follow(follow::Update::Set(vec![a.clone(), b.clone(), c.clone()]));
     let checked_a = Instant::now() - Duration::from_secs(5);
-    run.last.insert(Arc::as_ptr(&a), checked_a);
+    run.set_last(&a, checked_a);
     // a is changed (kept), c removed, d added on a new target.
     let d = backend("d", "192.0.2.3:80");
     run.follow(follow::Update::Change {
@@ -116,8 +116,8 @@ fn a_change_checks_what_the_whole_list_would() {
             ("192.0.2.3:80".to_owned(), 1)
         ]
     );
-    assert_eq!(run.last.get(&Arc::as_ptr(&a)), Some(&checked_a));
-    assert!(!run.last.contains_key(&Arc::as_ptr(&c)));
+    assert_eq!(run.last_of(&a), Some(checked_a));
+    assert!(run.last_of(&c).is_none());
 }
 
 /// When a target shared by many apps is due stays known across a reload that changes one of
@@ -139,7 +139,7 @@ fn a_change_keeps_when_a_shared_target_is_due() {
     let now = Instant::now();
     run.scan(now);
     let probe = Probe::of(&all[0]);
-    let whole = |run: &Run| Due::of(&run.targets[&probe], &run.last, now, 0);
+    let whole = |run: &Run| Due::of(&run.targets[&probe], 0);
     let before = run.due_at[&probe];
     // app0 changed, keeping its backend; app1 removed; app100 added.
     let new = backend("app100");
