@@ -179,6 +179,44 @@ fn a_bad_file_is_rejected_alone(env: Env) {
 
 two_modes!(bad_file_alone, a_bad_file_is_rejected_alone);
 
+/// Issue 20: a file whose app takes the --metrics port is refused alone, in start-up's words
+/// for such an app; the other files serve on, the metrics endpoint too. (Before, simple mode
+/// failed the reload with "another process listens", and bpf mode would have steered the
+/// metrics port's connections to the app.)
+fn metrics_port_file_is_rejected(env: Env) {
+    let ta = Backend::tagged("a");
+    let ports = env.ports(1);
+    let home = TempDir::new("dir-metrics");
+    let apps = home.path.join("apps");
+    fs::create_dir(&apps).unwrap();
+    put(&apps, "a.json", &app_file("a", &ports, &[ta.target()]));
+    let maddr = metrics_addr();
+    let p = start_dir(&env, home, &apps, &["--metrics", &maddr.to_string()]);
+    let mark = p.mark();
+    put(
+        &apps,
+        "greedy.json",
+        &app_file("greedy", &[maddr.port()], &[ta.target()]),
+    );
+    let line = p.wait_reload_rejected_for(mark, "config file greedy.json");
+    assert!(
+        line.contains(&metrics_clash_words(maddr, "greedy")),
+        "{line}"
+    );
+    let rejected = rejected_files(maddr);
+    assert_eq!(
+        rejected,
+        [(
+            "greedy.json".to_owned(),
+            vec![metrics_clash_words(maddr, "greedy")]
+        )]
+    );
+    assert_eq!(tag_of(SocketAddr::from(([127, 0, 0, 1], ports[0]))), "a");
+    assert_eq!(get(maddr, "/metrics").status, 200);
+}
+
+two_modes!(metrics_port_file, metrics_port_file_is_rejected);
+
 /// `flyproxy check DIR`: every problem of every file, each line naming its file; exit 1. A
 /// directory without a problem: ok, exit 0.
 #[test]

@@ -648,6 +648,38 @@ fn a_missing_config_file_keeps_the_running_config() {
     assert!(p.lines(reload_ok).len() == 1);
 }
 
+/// Issue 20: a reload that gives an app the --metrics port is refused as start-up refuses
+/// such a config, in the same words, and the running config serves on, the metrics endpoint
+/// too. Before, simple mode failed the reload with "another process listens" (it tried to bind
+/// the port), and bpf mode would have steered the metrics port's connections to the app.
+fn metrics_port_reload_is_rejected(env: Env) {
+    let echo = Backend::echo();
+    let ports = env.ports(1);
+    let maddr = env.metrics_addr();
+    let served = app("served", &ports, &[echo.target()]);
+    let p = env
+        .proxy()
+        .config_on(&ports, &config(std::slice::from_ref(&served)))
+        .fast_reload()
+        .args(&["--metrics", &maddr.to_string()])
+        .start();
+    let mark = p.mark();
+    let greedy = app("greedy", &[maddr.port()], &[echo.target()]);
+    p.rewrite_config(&config(&[served, greedy]));
+    p.wait_reload_rejected_for(mark, &metrics_clash_words(maddr, "greedy"));
+    assert!(
+        p.lines_since(mark, is_reload_ok).is_empty(),
+        "{:#?}",
+        p.logs()
+    );
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"still served");
+    let r = common::metrics::get(maddr, "/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+two_modes!(metrics_port_reload, metrics_port_reload_is_rejected);
+
 /// A reload past the bound is rejected whole and the running config keeps serving with no CPU
 /// spent. Before, bpf mode logged `reload ok`, wrote the map until it was full (the old port
 /// among those removed or not, as it happened) and retried the rest at every reload tick,

@@ -60,6 +60,8 @@ pub struct Directory {
     refused: BTreeMap<String, Vec<String>>,
     /// The files whose apps wait for what they clashed with to go (`FileState::pending`).
     waiting: BTreeSet<String>,
+    /// The --metrics address, no app's once serving (see `reserve`).
+    reserved: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -130,6 +132,7 @@ impl Directory {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
             owners: HashMap::new(),
+            reserved: None,
             slots: HashMap::new(),
             frontends: HashMap::new(),
             local_targets: HashMap::new(),
@@ -396,6 +399,7 @@ impl Directory {
             }
         }
         problems.extend(self.loops(file, apps));
+        problems.extend(self.on_reserved(apps));
         problems
     }
 
@@ -587,6 +591,7 @@ impl Directory {
 mod digest;
 mod load;
 mod order;
+mod reserve;
 mod touched;
 
 #[cfg(test)]

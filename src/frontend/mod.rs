@@ -29,6 +29,7 @@ mod event_loop;
 mod lifecycle;
 pub mod plane;
 pub mod ports;
+pub mod reserved;
 mod signals;
 pub mod simple;
 mod start;

@@ -17,6 +17,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
@@ -31,6 +32,7 @@ use crate::config::{Config, ConfigError, Diff};
 use crate::frontend::candidate::{self, LoadError};
 use crate::frontend::directory::Directory;
 use crate::frontend::ports::PortChange;
+use crate::frontend::reserved;
 use crate::frontend::simple;
 use crate::frontend::watch::Watch;
 use crate::metrics::{Published, RejectedFile};
@@ -129,6 +131,8 @@ pub(super) struct InForce {
     pub(super) published: Arc<Published>,
     /// The mode reads `PortChange::steer` (bpf) rather than `binds`.
     pub(super) steers: bool,
+    /// The --metrics address: a reload refuses an app on it, as start-up does.
+    pub(super) metrics: Option<SocketAddr>,
 }
 
 /// Where the config comes from.
@@ -300,11 +304,12 @@ impl Plane {
         if !self.at.steers {
             self.wanted = simple::Wanted::of(&self.at.config);
         }
-        if let Source::Dir(_) = self.at.source {
+        if let Source::Dir(dir) = &mut self.at.source {
             // The directory holds the apps in force, and a reload changes the table by the
             // directory's diff: a copy of the list of every app here would be memory, and a
             // list to rebuild per reload.
             self.at.config = Config { apps: Vec::new() };
+            dir.reserve(self.at.metrics);
         }
         // What start-up freed (the files read, the parse) goes back too.
         give_back_freed_memory();
@@ -386,6 +391,13 @@ impl Plane {
                 });
             }
         };
+        if let Some(clash) = reserved::clash(new.apps.iter().map(|a| &**a), self.at.metrics) {
+            crate::error!("reload rejected: {clash}");
+            self.reject("", &sha);
+            return Some(Outcome::Rejected {
+                problems: vec![clash.to_string()],
+            });
+        }
         self.apply_file(new, sha, began, forced)
     }
 

@@ -24,6 +24,7 @@ use crate::frontend::event_loop::{Loop, Relay};
 use crate::frontend::lifecycle::Lifecycle;
 use crate::frontend::plane;
 use crate::frontend::ports::{PortError, PortSource};
+use crate::frontend::reserved::{self, MetricsClash};
 use crate::frontend::signals::{self, SignalPipes};
 use crate::frontend::simple::PerPort;
 use crate::frontend::tokens::{PLANE, WAKE};
@@ -77,14 +78,11 @@ impl fmt::Display for StartError {
             StartError::Bpf(e) => write!(f, "{e}"),
             StartError::Caps(e) => write!(f, "cannot drop capabilities: {e}"),
             StartError::Metrics(a, e) => write!(f, "--metrics {a}: cannot listen: {e}"),
-            StartError::MetricsClash { addr, app } => write!(
-                f,
-                "--metrics {addr}: port {port} is also app {app:?}'s (in its Ports): give \
-                 --metrics a port no app uses (the default is {default}), or take {port} out \
-                 of the app's Ports",
-                port = addr.port(),
-                default = crate::cli::DEFAULT_STATUS_ADDR.port()
-            ),
+            StartError::MetricsClash { addr, app } => MetricsClash {
+                addr: *addr,
+                app: app.clone(),
+            }
+            .fmt(f),
             StartError::PidFile(e) => write!(f, "--pid-file: {e}"),
             StartError::User(e) => write!(f, "--user: {e}"),
             StartError::Admin(e) => write!(f, "--admin-socket {e}"),
@@ -151,10 +149,10 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         sha256: config_sha256,
         rejected: rejected_files,
     } = plane::load(&settings.config).map_err(StartError::Config)?;
-    if let Some(addr) = settings.metrics {
-        if let Some(app) = app_on(&config, addr) {
-            return Err(StartError::MetricsClash { addr, app }.into());
-        }
+    if let Some(MetricsClash { addr, app }) =
+        reserved::clash(config.apps.iter().map(|a| &**a), settings.metrics)
+    {
+        return Err(StartError::MetricsClash { addr, app }.into());
     }
     if let Some(path) = &settings.pid_file {
         pidfile::check_dir(path).map_err(StartError::PidFile)?;
@@ -260,6 +258,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         checker,
         published: Arc::clone(&published),
         steers,
+        metrics: settings.metrics,
     })
     .map_err(|e| StartError::Os("cannot start the config plane", e))?;
     poll.registry()
@@ -334,19 +333,6 @@ fn start_metrics(
     metrics::start(addr, inherited, sources())
         .map(Some)
         .map_err(|e| StartError::Metrics(addr, e))
-}
-
-/// The first app that answers on `addr` (its port, on an address of `addr`'s, or any address
-/// when `addr` is unspecified): the --metrics address must be no app's.
-fn app_on(config: &Config, addr: SocketAddr) -> Option<String> {
-    let ip = addr.ip();
-    config.apps.iter().find_map(|app| {
-        let on_port = app.ports.contains(&addr.port());
-        let on_addr = crate::config::app_prefixes(app)
-            .iter()
-            .any(|p| p.contains(ip) || (ip.is_unspecified() && p.is_v4() == ip.is_ipv4()));
-        (on_port && on_addr).then(|| app.name.clone())
-    })
 }
 
 /// The relay thread bound: `--max-threads`, or the connection bound, the most connections that

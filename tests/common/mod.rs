@@ -1523,3 +1523,13 @@ pub fn client_hello(name: Option<&str>, record: usize) -> Vec<u8> {
     }
     wire
 }
+
+/// What the proxy says of an app whose Ports take the --metrics address `metrics` (start-up
+/// and reloads alike).
+pub fn metrics_clash_words(metrics: SocketAddr, app: &str) -> String {
+    let port = metrics.port();
+    format!(
+        "--metrics {metrics}: port {port} is also app {app:?}'s (in its Ports): give --metrics a \
+         port no app uses (the default is 9089), or take {port} out of the app's Ports"
+    )
+}
