@@ -343,7 +343,7 @@ pub struct Syntax {
 }
 
 /// At most this many problems are kept for one file; the rest are counted. A 16 MiB file can
-/// hold eight million bad ports: kept, each with its app's name, they took 1.5 GB. (A rejected
+/// hold eight million bad ports (a 64 MiB one, four times as many): kept, each with its app's name, they took 1.5 GB. (A rejected
 /// reload logs every one kept: tens of thousands of lines are how a log that cannot keep up is
 /// tested, and a reload is logged once per change of the file.)
 pub const STORED_MAX: usize = 100_000;

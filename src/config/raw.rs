@@ -21,7 +21,7 @@ use serde_json::Value;
 /// The file as written.
 #[derive(Debug, Default)]
 pub(super) struct RawConfig {
-    /// Each app boxed: a `RawApp` is some 400 bytes, and a 16 MiB file can list millions of
+    /// Each app boxed: a `RawApp` is some 400 bytes, and a 64 MiB file can list millions of
     /// entries that are not apps at all (`[]`), each of which should cost a pointer, not that.
     pub(super) apps: Option<Shaped<Vec<Shaped<Box<RawApp>>>>>,
     pub(super) keys: Keys,

@@ -8,7 +8,7 @@ use crate::config::problem::{Problem, Problems};
 use crate::config::raw::Found;
 
 /// Longest excerpt of a wrong value quoted in a message: enough to recognise it, short enough
-/// that a 16 MiB string cannot make a 16 MiB line.
+/// that a 64 MiB string cannot make a 64 MiB line.
 const SHOWN_MAX: usize = 40;
 
 /// JSON `null` is the same as leaving the key out (as it always was).

@@ -145,4 +145,19 @@ mod tests {
         }
         assert!(check_config(Path::new("c.json"), b"{\"Apps\": [}").is_err());
     }
+
+    /// Single-key mode reads a value as the proxy reads its file: the same cap (the one
+    /// `config::MAX_FILE_BYTES`), so a file the proxy takes the follower writes, and the
+    /// other way round.
+    #[test]
+    fn whole_file_values_are_capped_as_the_proxy_caps_a_file() {
+        let path = Path::new("d/config.json");
+        let app = r#"{"Apps": [{"Name": "web", "Ports": [443], "Targets": ["10.0.0.1:443"]}]}"#;
+        let mut value = app.as_bytes().to_vec();
+        value.resize(17 << 20, b' ');
+        assert_eq!(check_config(path, &value), Ok(()));
+        value.resize(MAX_FILE_BYTES as usize + 1, b' ');
+        let errs = check_config(path, &value).unwrap_err();
+        assert!(errs[0].contains("larger than"), "{errs:?}");
+    }
 }
