@@ -29,7 +29,7 @@ die() { log "FATAL: $*"; exit 1; }
 if [[ "${1:-}" != "--inside" ]]; then
     if [[ "$(id -u)" -ne 0 ]]; then
         command -v sudo >/dev/null || die "the scale bench needs root (network namespace, eBPF)"
-        exec sudo --preserve-env=SCALE_APPS,SCALE_BASE,SCALE_MODES,SCALE_FORMS,SCALE_RELOADS,SCALE_CHANGES,SCALE_CONNS,SCALE_OUT,SCALE_BIN,FLEET_APPS,FLEET_NODES,FLEET_MEMBERS,FLEET_LOADERS,FLEET_PUTS,FLEET_SECONDS,FLEET_PUT_TRIES,FLEET_OUTAGE,FLEET_OUT,NICE,KEEP,CARGO_TARGET_DIR,PATH "$0" "$@"
+        exec sudo --preserve-env=SCALE_APPS,SCALE_BASE,SCALE_MODES,SCALE_FORMS,SCALE_RELOADS,SCALE_CHANGES,SCALE_CONNS,SCALE_OUT,SCALE_BIN,FLEET_APPS,FLEET_NODES,FLEET_MEMBERS,FLEET_LOADERS,FLEET_PUTS,FLEET_SECONDS,FLEET_PUT_TRIES,FLEET_OUTAGE,FLEET_REST,FLEET_OUT,NICE,KEEP,CARGO_TARGET_DIR,PATH "$0" "$@"
     fi
     for tool in ip unshare python3; do
         command -v "$tool" >/dev/null || die "$tool is not installed (iproute2, util-linux, python3)"
