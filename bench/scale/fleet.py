@@ -19,9 +19,11 @@ a network namespace of its own (root). Writes FLEET_OUT.json and .md.
   - one put: a new app's key put (an address and a port no other app has, so that no other
     app, the catchall included, can answer for it); time until each node relays a connection
     through it (a probe per node tries every 5 ms); FLEET_PUT_TRIES times;
-  - at rest: FLEET_REST (30) s with no put: each node's proxy CPU and follower CPU as in churn
-    (what 200,000 apps cost a node that nothing changes: mostly the health checks of the
-    targets every app lists), to set the churn's figures against;
+  - at rest: FLEET_REST (30) s with no put, first without the probe, then with it (as in
+    churn): each node's proxy CPU and follower CPU as in churn. Without the probe: what the
+    apps cost a node that nothing changes (mostly the health checks of the targets every app
+    lists); with it: that and the probe's own connections (some 130 a second), so that churn
+    less this is what the puts cost;
   - churn: FLEET_PUTS puts per second (one app changed each) for FLEET_SECONDS s: each node's
     proxy CPU and follower CPU (% of a core, utime+stime from /proc; the follower's with its
     etcdctl children's, also given apart), and a probe per node through an unchanged app every
@@ -365,11 +367,15 @@ def report(res):
         md += [f"**Failed**: {res['error']}", ""]
     churn = res.get("churn", {})
     rest = res.get("rest", {})
+    probed = res.get("rest_probed", {})
     gone = res.get("etcd_gone", {})
     rows = [
         (f"proxy CPU at rest, no put for {rest.get('seconds')} s (% of a core)",
          rest.get("proxy_cpu_pct")),
         ("proxy + follower + etcdctl at rest (% of a core)", rest.get("cpu_pct")),
+        ("proxy CPU at rest with the probe running (% of a core)", probed.get("proxy_cpu_pct")),
+        ("proxy + follower + etcdctl at rest with the probe (% of a core)",
+         probed.get("cpu_pct")),
         ("synced from empty: follower wrote every file (s)", res.get("sync_s")),
         ("synced from empty: proxy serves the last file's app (s)", res.get("sync_served_s")),
         ("follower's peak RSS (MB)", res.get("follower_peak_rss_mb")),
@@ -484,19 +490,23 @@ def main():
         res["one_put_served_by_all_ms"] = served
         res["one_put_written_by_all_ms"] = written
         log(f"fleet: one put served by all nodes within {served} ms (files written within {written} ms)")
-        # At rest: the same nodes with no put, for the churn's figures to be set against.
-        c0, t0 = [n.cpu() for n in nodes], time.monotonic()
-        time.sleep(REST)
-        dt = time.monotonic() - t0
-        used = [[(b - a) / dt * 100 for a, b in zip(c, n.cpu())] for n, c in zip(nodes, c0)]
-        res["rest"] = {
-            "seconds": round(dt, 1),
-            "proxy_cpu_pct": [round(u[0], 2) for u in used],
-            "follower_cpu_pct": [round(u[1], 2) for u in used],
-            "etcdctl_cpu_pct": [round(u[2], 2) for u in used],
-            "cpu_pct": [round(sum(u), 2) for u in used],
-        }
-        log(f"fleet: at rest {res['rest']}")
+        # At rest: the same nodes with no put, without the probe and with it, for the churn's
+        # figures to be set against.
+        for key, probing in (("rest", False), ("rest_probed", True)):
+            probes = [NodeProbe(n, 1) for n in nodes] if probing else []
+            c0, t0 = [n.cpu() for n in nodes], time.monotonic()
+            time.sleep(REST)
+            dt = time.monotonic() - t0
+            used = [[(b - a) / dt * 100 for a, b in zip(c, n.cpu())] for n, c in zip(nodes, c0)]
+            res[key] = {
+                "seconds": round(dt, 1),
+                "proxy_cpu_pct": [round(u[0], 2) for u in used],
+                "follower_cpu_pct": [round(u[1], 2) for u in used],
+                "etcdctl_cpu_pct": [round(u[2], 2) for u in used],
+                "cpu_pct": [round(sum(u), 2) for u in used],
+                "probe": [p.stop() for p in probes],
+            }
+            log(f"fleet: at rest{' with the probe' if probing else ''} {res[key]}")
         # Churn.
         probes = [NodeProbe(n, 1) for n in nodes]
         c0, t0 = [n.cpu() for n in nodes], time.monotonic()
