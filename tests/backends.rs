@@ -786,16 +786,25 @@ fn targets_all_down_are_still_tried_and_a_connection_brings_one_up() {
 // Balancing
 
 /// p2c over 3 targets, 1,000 connections of uneven length (10% long-lived, 90% short), opened
-/// one after another: sampled after every connection, no target ever holds more than 1.5x its
-/// fair share (a third) of the open connections, counted at the backends themselves (and, the
-/// same way, from the client's side by the tag each connection got).
+/// one after another: sampled after every connection, the largest target's share of the open
+/// connections, counted at the backends themselves (and, the same way, from the client's side by
+/// the tag each connection got), stays near a third: at most 1.2x its fair share on average, at
+/// most 1.4x in 95% of the samples, and never 2x.
 ///
 /// Lengths are counted in connections opened meanwhile, not in time, so that how many are open
 /// at once (30 to 40 once the long ones pile up) does not depend on the machine's speed, and
-/// the seed is fixed, so the load is the same at every run. The bound is applied only while 30
-/// or more are open: with a handful open, one connection more is already "more than 1.5x" and
-/// says nothing about balancing. At this size the bound tells p2c apart: with this same load,
-/// "random" and "round-robin" each went past it at most seeds tried, p2c peaked at 1.3x.
+/// the seed is fixed, so the load is the same at every run. Samples count only while 30 or more
+/// are open: with a handful open, one connection more is already "more than 1.5x" and says
+/// nothing about balancing.
+///
+/// Why a distribution and not a bound on every sample: p2c's picks are random, so its worst
+/// sample of some 1,400 has a tail (1.27-1.60x over 40 runs with the closes synced as below, its
+/// 99th percentile 1.24-1.41x), and a bound of 1.5x on the worst one failed at random. The bulk
+/// is steady: mean 1.09-1.15x, 95th percentile 1.18-1.30x, quiet or with both cores busy. With
+/// the same load "round-robin" gave mean 1.23x and 95th percentile 1.41x every run, and "random"
+/// mean 1.16-1.41x and 95th percentile 1.31-1.78x (8 runs each). The mean is the steady figure
+/// (p2c: 1.11x give or take 0.015) and tells p2c apart; the 95th percentile moves in steps of
+/// about 0.08x (one connection in 35), hence its looser bound.
 #[test]
 fn p2c_keeps_every_target_near_its_fair_share_of_open_connections() {
     const CONNS: usize = 1000;
@@ -813,10 +822,25 @@ fn p2c_keeps_every_target_near_its_fair_share_of_open_connections() {
     let mut rng = Rng::new(5);
     // (index of the connection after which it closes, the stream, its target's index)
     let mut open: Vec<(usize, TcpStream, usize)> = Vec::new();
-    let (mut samples, mut worst) = (0usize, 0f64);
-    let mut violations = Vec::new();
+    let mut ratios: Vec<f64> = Vec::new();
+    let mut gross = Vec::new();
     for i in 0..CONNS {
         open.retain(|(close_at, _, _)| *close_at > i);
+        // p2c picks by the connections the proxy holds open, and the proxy sees a client's close
+        // only when a relay thread gets to it: on a loaded machine, closes from the last few
+        // steps could still be counted at the next pick, and which ones depends on scheduling.
+        // Waiting until the backends have seen every close (the proxy closes the target's side
+        // after it stops counting the connection) makes each pick see the load the client made.
+        let synced = Instant::now() + Duration::from_secs(10);
+        while servers.iter().map(Server::open).sum::<usize>() != open.len() {
+            assert!(
+                Instant::now() < synced,
+                "backends hold {} connections, the client {}, 10 s after the closes",
+                servers.iter().map(Server::open).sum::<usize>(),
+                open.len()
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
         let mut s = connect(p.v4(0));
         let tag = read_line(&mut s);
         let which = ["p0", "p1", "p2"]
@@ -840,25 +864,40 @@ fn p2c_keeps_every_target_near_its_fair_share_of_open_connections() {
             if total < MEANINGFUL {
                 continue;
             }
-            samples += 1;
             let max = *counts.iter().max().unwrap();
             let ratio = max as f64 / (total as f64 / 3.0);
-            worst = worst.max(ratio);
-            if ratio > 1.5 {
-                violations.push(format!("conn {i}: {view} {counts:?}"));
+            ratios.push(ratio);
+            if ratio >= 2.0 {
+                gross.push(format!("conn {i}: {view} {counts:?}"));
             }
         }
     }
     let took = started.elapsed();
     drop(open);
-    eprintln!("p2c: {samples} samples, worst max/fair {worst:.2}, {CONNS} connections in {took:?}");
-    assert!(
-        violations.is_empty(),
-        "a target held more than 1.5x its fair share: {violations:#?}"
-    );
+    let samples = ratios.len();
     assert!(
         samples >= CONNS,
         "only {samples} samples with {MEANINGFUL}+ connections open"
+    );
+    ratios.sort_by(f64::total_cmp);
+    let mean = ratios.iter().sum::<f64>() / samples as f64;
+    let p95 = ratios[samples * 95 / 100];
+    eprintln!(
+        "p2c: {samples} samples, largest share / fair: mean {mean:.3}, p95 {p95:.2}, worst {:.2}; \
+         {CONNS} connections in {took:?}",
+        ratios[samples - 1]
+    );
+    assert!(
+        gross.is_empty(),
+        "a target held 2x its fair share: {gross:#?}"
+    );
+    assert!(
+        p95 <= 1.4,
+        "p95 of the largest share: {p95:.2}x its fair share (over 1.4x)"
+    );
+    assert!(
+        mean <= 1.2,
+        "the largest share averaged {mean:.3}x its fair share (over 1.2x)"
     );
 }
 

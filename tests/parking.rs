@@ -644,7 +644,10 @@ fn a_byte_after_every_park_arrives_in_order_at_little_cost() {
 /// buffers without bound (its RSS stays near where it was), and the idle timeout still cuts it.
 #[test]
 fn a_client_that_never_reads_costs_no_cpu_and_bounded_memory() {
-    let mut r = Relayed::start(&["--idle-timeout", "4s"]);
+    // 8 s: the idle clock starts when the path is full, and telling it full takes 200 blocked
+    // writes 5 ms apart; on a machine loaded far past its cores (load average 24 seen) that
+    // took over 4 s once, and the idle timeout cut the connection before the measurement.
+    let mut r = Relayed::start(&["--idle-timeout", "8s"]);
     let local = r.client.local_addr().unwrap();
     r.target.set_nonblocking(true).unwrap();
     let chunk = vec![7u8; 64 * 1024];

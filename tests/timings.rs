@@ -229,8 +229,21 @@ fn the_queue_gauge_rises_with_waiters_and_falls_as_they_are_admitted() {
         scrape_until(maddr, &format!("{n} queued"), |m| {
             m.value("flyproxy_app_queued", &[("app", "limited")]) == Some(n)
         });
-        let st: Value = serde_json::from_str(&get(maddr, "/status.json").body).unwrap();
-        assert_eq!(st["apps"][0]["queued"], n as u64, "{st}");
+        // /status.json is polled too, not read once: under load it was seen (1 run in 25 with
+        // both cores busy) to answer with the count of a few milliseconds before the scrape
+        // that had just shown `n`, then to agree on the next read.
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let st: Value = serde_json::from_str(&get(maddr, "/status.json").body).unwrap();
+            if st["apps"][0]["queued"] == n as u64 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/status.json's queued is not {n} after {WAIT:?}: {st}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     };
     queued(0.0);
     let mut held: Vec<TcpStream> = (0..2)
