@@ -408,11 +408,16 @@ run_wrk() {
     "${TOOL[@]}" record --quiet "${name}_cpu_backend_pct" "$(awk -v a="$b0" -v b="$b1" -v w="$wall" 'BEGIN{print 100*(b-a)/w}')"
     if [[ $cfg != direct ]]; then
         "${TOOL[@]}" record --quiet "${name}_cpu_proxy_pct" "$(awk -v a="$p0" -v b="$p1" -v w="$wall" 'BEGIN{print 100*(b-a)/w}')"
-        # The proxy's context switches (all its threads, from /proc) per request wrk completed.
-        local reqs
+        # The proxy's context switches (all its threads, from /proc) per request wrk completed:
+        # in all, voluntary (its own sleeps and hand-offs) and involuntary (preemption).
+        local reqs v0 i0 v1 i1
         reqs=$(sed -n 's/^ *\([0-9][0-9]*\) requests in.*/\1/p' "$raw")
+        read -r v0 i0 <<<"$s0"
+        read -r v1 i1 <<<"$s1"
         if [[ -n $reqs && $reqs -gt 0 ]]; then
-            "${TOOL[@]}" record "${name}_ctxsw_per_req" "$(awk -v a="$s0" -v b="$s1" -v n="$reqs" 'BEGIN{print (b-a)/n}')"
+            "${TOOL[@]}" record "${name}_ctxsw_per_req" "$(awk -v a="$((v0 + i0))" -v b="$((v1 + i1))" -v n="$reqs" 'BEGIN{print (b-a)/n}')"
+            "${TOOL[@]}" record "${name}_vcsw_per_req" "$(awk -v a="$v0" -v b="$v1" -v n="$reqs" 'BEGIN{print (b-a)/n}')"
+            "${TOOL[@]}" record "${name}_ivcsw_per_req" "$(awk -v a="$i0" -v b="$i1" -v n="$reqs" 'BEGIN{print (b-a)/n}')"
         fi
     fi
 }

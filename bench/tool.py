@@ -47,7 +47,14 @@ FIGURES = [
     ("keepalive_p50_ms", "latency p50, kept-alive", "ms", False, 3),
     ("keepalive_p99_ms", "latency p99, kept-alive", "ms", False, 3),
     ("close_ctxsw_per_req", "context switches per new connection", "switches", False, 3),
+    ("close_vcsw_per_req", "… voluntary (the proxy's sleeps, hand-offs) per new connection",
+     "switches", False, 3),
+    ("close_ivcsw_per_req", "… involuntary (preempted) per new connection", "switches", False, 3),
     ("keepalive_ctxsw_per_req", "context switches per kept-alive request", "switches", False, 3),
+    ("keepalive_vcsw_per_req", "… voluntary (the proxy's sleeps, hand-offs) per kept-alive request",
+     "switches", False, 3),
+    ("keepalive_ivcsw_per_req", "… involuntary (preempted) per kept-alive request", "switches",
+     False, 3),
     ("rss_with_mib", "RSS with the idle connections", "MiB", False, 1),
     ("per_conn_kib", "memory per idle connection", "KiB", False, 2),
     ("sysmem_per_conn_kib", "system memory per idle connection (MemAvailable)", "KiB", False, 2),
@@ -198,9 +205,11 @@ def cmd_cpu(a):
 
 
 def context_switches(root):
-    """Voluntary + involuntary context switches of every live thread of the process tree
-    (/proc/PID/task/TID/status): what a proxy costs the scheduler per request."""
-    total = 0
+    """Voluntary and involuntary context switches of every live thread of the process tree
+    (/proc/PID/task/TID/status), apart: voluntary ones are the proxy's own sleeps and
+    hand-offs, involuntary ones the scheduler preempting it (on a machine whose cores the
+    client and backend share, mostly the scheduler's doing)."""
+    counts = {"voluntary_ctxt_switches:": 0, "nonvoluntary_ctxt_switches:": 0}
     for p in tree_pids(root):
         try:
             tids = os.listdir(f"/proc/{p}/task")
@@ -210,16 +219,17 @@ def context_switches(root):
             try:
                 with open(f"/proc/{p}/task/{t}/status") as f:
                     for line in f:
-                        if line.startswith(("voluntary_ctxt_switches:",
-                                            "nonvoluntary_ctxt_switches:")):
-                            total += int(line.split()[1])
+                        key = line.split(maxsplit=1)[0] if line.strip() else ""
+                        if key in counts:
+                            counts[key] += int(line.split()[1])
             except OSError:
                 pass
-    return total
+    return counts["voluntary_ctxt_switches:"], counts["nonvoluntary_ctxt_switches:"]
 
 
 def cmd_ctxsw(a):
-    print(context_switches(a.pid))
+    """Prints the voluntary and the involuntary count, space apart."""
+    print(*context_switches(a.pid))
 
 
 def cmd_rss(a):
@@ -629,7 +639,7 @@ def cmd_report(a):
       "(there is no proxy in *direct*), except the system memory per idle connection, which is the "
       "drop in MemAvailable (kernel memory included) for the client, the backend and the proxy "
       "together: *direct* gives what the client and backend alone take. flyproxy relays on pooled "
-      "threads that wait on one epoll set, one per core at a time (a connection that would block "
+      "threads, one per core, that wait on one epoll set, one at a time (a connection that would block "
       "waits there without a thread); the 64-stream figures run it with `--max-threads 8`. HAProxy runs 2 threads and nginx 2 workers.\n")
 
     w("## Ratios\n")
@@ -688,8 +698,9 @@ def cmd_report(a):
         "2-core machine: p99 depends on scheduling more than on the proxy and moves more from "
         "run to run than the other figures (see every round below).")
     cav.append(
-        "**flyproxy** relays on pooled threads that wait for events one per core at a time, "
-        "plus a thread for each connection being connected (no worker count to set; "
+        "**flyproxy** relays on pooled threads, one per core, that accept, connect and relay "
+        "on one epoll set (one thread waits on it at a time, the others join when work queues; "
+        "names are looked up on resolver threads of their own; no worker count to set, "
         "`--max-threads` left at its default except in the 64-stream case); a connection whose "
         "reads and writes would block waits in an epoll set without a thread, buffer or pipe, so "
         "the memory figure is its two sockets and its parked state. HAProxy runs 2 threads and nginx 2 "
