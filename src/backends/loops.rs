@@ -19,13 +19,14 @@
 //! - [`Frontends::is_own`], at each connect, on the addresses a name resolved to: a name that
 //!   later resolves to this host fails that connection with reason `loop` instead of relaying.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{Arc, RwLock};
 
 use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{Config, Problem, Target};
+// Keyed by the config's ports: see the hasher's module doc.
+use crate::sys::hash::FastMap;
 
 /// Where this proxy accepts: each port with the prefixes it answers on.
 ///
@@ -33,7 +34,7 @@ use crate::config::{Config, Problem, Target};
 /// reload copies only the ports its apps touch (see `Frontends::changed`).
 #[derive(Debug, Default, Clone)]
 pub struct Frontends {
-    ports: HashMap<u16, Arc<PortPrefixes>>,
+    ports: FastMap<u16, Arc<PortPrefixes>>,
 }
 
 /// The frontends of the config in force, shared by every app's route: a route is kept across
@@ -71,6 +72,29 @@ struct PortPrefixes {
 }
 
 impl PortPrefixes {
+    /// The prefixes of `pairs` (one per app's pair: a prefix may come more than once), each
+    /// counted.
+    fn of(mut pairs: Vec<Prefix>) -> PortPrefixes {
+        pairs.sort_unstable();
+        let mut lens: Vec<u8> = Vec::new();
+        let mut counted: Vec<(Prefix, u32)> = Vec::new();
+        for prefix in pairs {
+            match counted.last_mut() {
+                Some((last, n)) if *last == prefix => *n += 1,
+                _ => {
+                    if !lens.contains(&prefix.prefix_len()) {
+                        lens.push(prefix.prefix_len());
+                    }
+                    counted.push((prefix, 1));
+                }
+            }
+        }
+        PortPrefixes {
+            set: counted.into_iter().collect(),
+            lens,
+        }
+    }
+
     fn count(&mut self, prefix: Prefix, add: bool) {
         if add {
             if !self.lens.contains(&prefix.prefix_len()) {
@@ -95,17 +119,19 @@ impl Frontends {
     pub fn new(config: &Config) -> Frontends {
         // Straight from the apps: `Config::bindings` would also sort and name every pair,
         // which at 200,000 apps costs more than the rest of a reload.
-        let mut ports: HashMap<u16, PortPrefixes> = HashMap::new();
+        // Each port's pairs listed, then sorted and counted: at 200,000 apps with addresses of
+        // their own, a lookup per pair into a growing map was most of this.
+        let mut pairs: FastMap<u16, Vec<Prefix>> = FastMap::default();
         for app in &config.apps {
             let prefixes = crate::config::app_prefixes(app);
             for &port in &app.ports {
-                let at = ports.entry(port).or_default();
-                for &prefix in &prefixes {
-                    at.count(prefix, true);
-                }
+                pairs.entry(port).or_default().extend_from_slice(&prefixes);
             }
         }
-        let ports = ports.into_iter().map(|(p, at)| (p, Arc::new(at))).collect();
+        let ports = pairs
+            .into_iter()
+            .map(|(p, pairs)| (p, Arc::new(PortPrefixes::of(pairs))))
+            .collect();
         Frontends { ports }
     }
 

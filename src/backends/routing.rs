@@ -7,12 +7,12 @@
 //! without Hostnames (the default). The listener loop looks the binding up at accept; the relay
 //! thread reads the server name if the binding needs it and picks the app.
 //!
-//! A `Routes` is built whole from a validated `Config` at start; a reload makes the next one
+//! A `Routes` is built whole from a validated `Config` at start (`build`); a reload makes the next one
 //! from it and the reload's diff (`update`), sharing whatever the diff does not name, and the
 //! new table replaces the old one whole. A connection keeps the binding (so the apps) it was accepted with, so a reload never changes
 //! the target of a connection already open; the next connection sees the new table.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, OnceLock};
@@ -25,7 +25,9 @@ use crate::backends::loops::{Frontends, OwnFrontends};
 use crate::backends::shards::Shards;
 use crate::config::hostname::{self, Pattern};
 use crate::config::prefix::Prefix;
-use crate::config::{App, Balance, Config, ProxyProtocol};
+use crate::config::{App, Balance, ProxyProtocol};
+// Keyed by ports and by lists of apps, from the config: see the hasher's module doc.
+use crate::sys::hash::FastMap;
 
 // Re-exported because the relay (rewritten in parallel) imports them from here; new code
 // should import them from `limit`, and this line can go once nothing does.
@@ -101,7 +103,8 @@ pub struct Binding {
     pub per_client: Option<Arc<ClientCounts>>,
 }
 
-/// A binding's apps with Hostnames, by name.
+/// A binding's apps with Hostnames, by name. Looked up by the server name a client sends:
+/// SipHash (`HashMap`'s own), not the config's fast hasher.
 #[derive(Debug, Default)]
 struct Names {
     /// Exact hostnames, lower-case.
@@ -219,6 +222,33 @@ impl PortTable {
         self.bindings.is_empty()
     }
 
+    /// The table of `bindings` (each prefix once), made at its size at once.
+    fn of(bindings: Vec<(Prefix, Arc<Binding>)>) -> PortTable {
+        let (mut v4, mut v6) = ([0u32; 33], [0u32; 129]);
+        for (prefix, _) in &bindings {
+            let len = usize::from(prefix.prefix_len());
+            if prefix.is_v4() {
+                v4[len] += 1;
+            } else {
+                v6[len] += 1;
+            }
+        }
+        // Longest first, as `count_len` keeps them.
+        let lens = |counts: &[u32]| -> Vec<(u8, u32)> {
+            (0..counts.len())
+                .rev()
+                .filter(|&l| counts[l] > 0)
+                // At most 128: fits.
+                .map(|l| (l as u8, counts[l]))
+                .collect()
+        };
+        PortTable {
+            v4_lens: lens(&v4),
+            v6_lens: lens(&v6),
+            bindings: bindings.into_iter().collect(),
+        }
+    }
+
     /// The binding of the longest prefix covering `ip` (an IPv4-mapped address as IPv4).
     pub fn lookup(&self, ip: std::net::IpAddr) -> Option<&Arc<Binding>> {
         let ip = crate::config::prefix::canonical(ip);
@@ -240,7 +270,7 @@ impl PortTable {
 #[derive(Debug)]
 pub struct Routes {
     /// Ports served by the same apps share one table (a range of 10,000 ports is one table).
-    by_port: HashMap<u16, Arc<PortTable>>,
+    by_port: FastMap<u16, Arc<PortTable>>,
     /// Every app by name, with its ports and its place in config order: where the next table
     /// finds an app's route (kept whole while the app is unchanged) and its state (backends,
     /// limits, counters: kept for what remains). `Shards`, so that the next table copies
@@ -350,63 +380,19 @@ impl AppRoute {
     }
 
     /// The prefixes the app answers on: its `Addresses`, or every IPv4 and IPv6 address.
-    fn prefixes(&self) -> Vec<Prefix> {
+    fn prefixes(&self) -> &[Prefix] {
+        const EVERY: [Prefix; 2] = [Prefix::ALL_V4, Prefix::ALL_V6];
         if self.addresses.is_empty() {
-            vec![Prefix::ALL_V4, Prefix::ALL_V6]
+            &EVERY
         } else {
-            self.addresses.clone()
+            &self.addresses
         }
     }
 }
 
 impl Routes {
-    /// Build the table for `config`, keeping the state of `previous` for what remains.
-    pub fn new(config: &Config, previous: Option<&Routes>) -> Routes {
-        let own = previous.map_or_else(Arc::default, |p| Arc::clone(&p.own));
-        let frontends = Arc::new(Frontends::new(config));
-        if previous.is_none() {
-            own.set(Arc::clone(&frontends));
-        }
-        let mut apps = Vec::with_capacity(config.apps.len());
-        // Port -> the apps on it, by index in config order.
-        let mut on_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
-        for (i, app) in config.apps.iter().enumerate() {
-            let old = previous.and_then(|p| p.route(&app.name));
-            let route = Arc::new(AppRoute::new(app, old, &own));
-            for &port in &app.ports {
-                on_port.entry(port).or_default().push(i);
-            }
-            apps.push(route);
-        }
-        let mut tables: HashMap<Vec<usize>, Arc<PortTable>> = HashMap::new();
-        let by_port = on_port
-            .into_iter()
-            .map(|(port, on)| {
-                let table = tables.entry(on).or_insert_with_key(|on| {
-                    let routes: Vec<&Arc<AppRoute>> = on.iter().map(|&i| &apps[i]).collect();
-                    let kept = previous.and_then(|p| p.by_port.get(&port));
-                    Arc::new(port_table(&routes, kept.map(|t| &**t)))
-                });
-                (port, Arc::clone(table))
-            })
-            .collect();
-        let by_name = apps
-            .into_iter()
-            .zip(&config.apps)
-            .enumerate()
-            .map(|(i, (route, app))| {
-                let placed = Placed {
-                    ports: app.ports.as_slice().into(),
-                    order: (i as u64 + 1) * ORDER_GAP,
-                };
-                (Named(route), placed)
-            })
-            .collect();
-        Routes::of(by_port, by_name, own, frontends)
-    }
-
     fn of(
-        by_port: HashMap<u16, Arc<PortTable>>,
+        by_port: FastMap<u16, Arc<PortTable>>,
         by_name: Shards<Named, Placed>,
         own: Arc<OwnFrontends>,
         frontends: Arc<Frontends>,
@@ -465,6 +451,21 @@ impl Routes {
         Some(self.by_port.get(&port)?.binding(prefix)?.group())
     }
 
+    /// Every (port, prefix) some app answers on, in order, with its port group (see
+    /// `Binding::group`): what bpf mode steers. Straight from the tables: through the config's
+    /// pairs and a look-up each, this was a large part of a start at 200,000 apps.
+    pub fn every_group(&self) -> Vec<((u16, Prefix), String)> {
+        let mut out: Vec<((u16, Prefix), String)> = Vec::new();
+        for (&port, table) in &self.by_port {
+            out.reserve(table.bindings.len());
+            for (prefix, b) in table.bindings.iter() {
+                out.push(((port, *prefix), b.group().to_owned()));
+            }
+        }
+        out.sort_unstable_by_key(|&(pair, _)| pair);
+        out
+    }
+
     /// The bindings of `port`, if it is configured.
     pub fn port(&self, port: u16) -> Option<&Arc<PortTable>> {
         self.by_port.get(&port)
@@ -504,6 +505,13 @@ impl Routes {
 /// accept of `kept` (the binding there before) if it was of the same apps.
 fn binding(routes: &[&Arc<AppRoute>], kept: Option<&Binding>) -> Binding {
     let mut b = Binding::default();
+    // Most of an edge's bindings: one app on an address of its own.
+    if let [route] = routes {
+        if route.hostnames.is_empty() {
+            b.default = Some(Arc::clone(route));
+            return b;
+        }
+    }
     let mut names: Vec<&str> = Vec::with_capacity(routes.len());
     for route in routes {
         names.push(&route.name);
@@ -564,23 +572,7 @@ fn counted_at_accept(b: &Binding, kept: Option<&Arc<ClientCounts>>) -> Option<Ar
     }
 }
 
-/// The table of a port served by `routes`; `kept`, the port's table before, whose counts
-/// taken at accept are kept where a binding has the same apps.
-fn port_table(routes: &[&Arc<AppRoute>], kept: Option<&PortTable>) -> PortTable {
-    let mut by_prefix: BTreeMap<Prefix, Vec<&Arc<AppRoute>>> = BTreeMap::new();
-    for route in routes {
-        for prefix in route.prefixes() {
-            by_prefix.entry(prefix).or_default().push(route);
-        }
-    }
-    let mut table = PortTable::default();
-    for (prefix, on) in by_prefix {
-        let old = kept.and_then(|k| k.binding(&prefix));
-        table.insert(prefix, Arc::new(binding(&on, old.map(|b| &**b))));
-    }
-    table
-}
-
+mod build;
 mod update;
 
 #[cfg(test)]

@@ -10,9 +10,12 @@
 //! so a small map costs what a `HashMap` does.
 
 use std::borrow::Borrow;
-use std::collections::hash_map::{HashMap, RandomState};
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
+
+// The keys are app names and address prefixes from the config, never a peer's: the fast
+// hasher's module says why that needs no random key.
+use crate::sys::hash::{BuildFast, FastMap};
 
 /// Entries per shard (on average) past which the shards double.
 const PER_SHARD: usize = 256;
@@ -21,27 +24,32 @@ const PER_SHARD: usize = 256;
 #[derive(Debug, Clone)]
 pub struct Shards<K, V> {
     /// Always a power of two in number.
-    shards: Vec<Arc<HashMap<K, V>>>,
+    shards: Vec<Arc<FastMap<K, V>>>,
     len: usize,
     /// Picks the shard of a key; the same in every version of the map.
-    pick: RandomState,
+    pick: BuildFast,
 }
 
 impl<K, V> Default for Shards<K, V> {
     fn default() -> Self {
         Shards {
-            shards: vec![Arc::new(HashMap::new())],
+            shards: vec![Arc::default()],
             len: 0,
-            pick: RandomState::new(),
+            pick: BuildFast::default(),
         }
     }
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
     fn shard_of<Q: Hash + ?Sized>(&self, key: &Q) -> usize {
-        // Power-of-two count: the low bits choose. The shards' own maps hash with keys of
-        // their own, so these bits say nothing of where an entry sits in its shard.
-        (self.pick.hash_one(key) as usize) & (self.shards.len() - 1)
+        self.pick_of(key, self.shards.len())
+    }
+
+    /// The shard of `key` among `n` (a power of two): bits 32 and up of its hash. The shards'
+    /// own maps hash with the same function and place an entry by the low bits (and tag it
+    /// with the top 7), so these bits say nothing of where an entry sits in its shard.
+    fn pick_of<Q: Hash + ?Sized>(&self, key: &Q, n: usize) -> usize {
+        ((self.pick.hash_one(key) >> 32) as usize) & (n - 1)
     }
 
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
@@ -107,7 +115,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
     /// The shard holding `key`, made this version's own (copied if shared) to change; None,
     /// with nothing copied, when `key` is not there: looked up before copying, so removing or
     /// changing what is not there copies no shard.
-    fn shard_holding<Q>(&mut self, key: &Q) -> Option<&mut HashMap<K, V>>
+    fn shard_holding<Q>(&mut self, key: &Q) -> Option<&mut FastMap<K, V>>
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -142,8 +150,8 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
     /// Twice the shards, every entry placed again.
     fn grow(&mut self) {
         let n = self.shards.len() * 2;
-        let mut next: Vec<HashMap<K, V>> = (0..n)
-            .map(|_| HashMap::with_capacity(self.len / n + 1))
+        let mut next: Vec<FastMap<K, V>> = (0..n)
+            .map(|_| FastMap::with_capacity_and_hasher(self.len / n + 1, BuildFast::default()))
             .collect();
         for shard in std::mem::take(&mut self.shards) {
             let entries: Box<dyn Iterator<Item = (K, V)>> = match Arc::try_unwrap(shard) {
@@ -157,8 +165,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
                 ),
             };
             for (k, v) in entries {
-                let i = (self.pick.hash_one(&k) as usize) & (n - 1);
-                next[i].insert(k, v);
+                next[self.pick_of(&k, n)].insert(k, v);
             }
         }
         self.shards = next.into_iter().map(Arc::new).collect();
@@ -166,11 +173,26 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> FromIterator<(K, V)> for Shards<K, V> {
+    /// The shards made at their final number and size up front: at 200,000 entries, growing
+    /// one insert at a time placed every entry again at each of ten doublings.
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let items: Vec<(K, V)> = iter.into_iter().collect();
+        let n = items.len().div_ceil(PER_SHARD).max(1).next_power_of_two();
         let mut m = Shards::default();
-        for (k, v) in iter {
-            m.insert(k, v);
+        // A little over the average, so that a shard a bit fuller than most does not rehash.
+        let each = items.len() / n + items.len() / n / 8 + 1;
+        let mut shards: Vec<FastMap<K, V>> = (0..n)
+            .map(|_| FastMap::with_capacity_and_hasher(each, BuildFast::default()))
+            .collect();
+        for (k, v) in items {
+            let shard = &mut shards[m.pick_of(&k, n)];
+            // As `insert`: a key given twice keeps the later key and value.
+            if shard.remove(&k).is_none() {
+                m.len += 1;
+            }
+            shard.insert(k, v);
         }
+        m.shards = shards.into_iter().map(Arc::new).collect();
         m
     }
 }

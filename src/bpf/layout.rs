@@ -59,7 +59,20 @@ pub fn binding_key(prefix: Prefix, port: u16) -> [u8; 24] {
     k
 }
 
-/// The `bindings` value, as `struct binding`: the port group and the prefix's family.
+/// The `hosts` key of (prefix, port), as `struct host_key` in steer.bpf.c, if `prefix` is one
+/// address exactly (an IPv4 /32, an IPv6 /128): `binding_key` without its prefix length. None:
+/// a shorter prefix, which goes in the `bindings` trie.
+pub fn host_key(prefix: Prefix, port: u16) -> Option<[u8; 20]> {
+    let full = if prefix.is_v4() { 32 } else { 128 };
+    if prefix.prefix_len() != full {
+        return None;
+    }
+    let mut k = [0u8; 20];
+    k.copy_from_slice(&binding_key(prefix, port)[4..]);
+    Some(k)
+}
+
+/// The `bindings` (and `hosts`) value, as `struct binding`: the port group and the prefix's family.
 pub(super) fn binding_value(prefix: Prefix, group: u32) -> [u8; 8] {
     let family = if prefix.is_v4() { AF_INET } else { AF_INET6 };
     let mut v = [0u8; 8];

@@ -16,11 +16,11 @@ mod layout;
 
 use error::{classify, stats_error};
 pub use error::{BpfError, Step};
-pub use layout::binding_key;
 use layout::{
     bind_value, binding_value, LISTENER_V4, LISTENER_V6, NETNS_PATH, STAT_DROPPED_ASSIGN,
     STAT_DROPPED_NO_LISTENER, STAT_PASSED, STAT_STEERED,
 };
+pub use layout::{binding_key, host_key};
 
 use std::fs;
 use std::mem::MaybeUninit;
@@ -52,8 +52,12 @@ pub struct Steering {
     /// The attachment; `None` after [`Steering::detach`]. Never forgotten or
     /// disconnected: dropping it is what detaches the program.
     link: Option<Link>,
-    /// Our own fd of the `bindings` map (the skeleton's copy was closed with it).
+    /// Our own fd of the `bindings` trie (the skeleton's copy was closed with it): the
+    /// prefixes shorter than one address.
     bindings: MapHandle,
+    /// Our own fd of the `hosts` hash map: the bindings of one address exactly (an IPv4 /32,
+    /// an IPv6 /128), most of an edge's, and much cheaper to write than trie entries.
+    hosts: MapHandle,
     /// Our own fds of the counter maps.
     counters: Counters,
 }
@@ -137,6 +141,7 @@ impl Steering {
             })
         };
         let bindings = handle(&skel.maps.bindings)?;
+        let hosts = handle(&skel.maps.hosts)?;
         let stats = handle(&skel.maps.stats)?;
         let group_stats = handle(&skel.maps.group_stats)?;
 
@@ -154,6 +159,7 @@ impl Steering {
         Ok(Steering {
             link: Some(link),
             bindings,
+            hosts,
             counters: Counters { stats, group_stats },
         })
     }
@@ -163,45 +169,47 @@ impl Steering {
     /// binding twice overwrites its group.
     pub fn add_binding(&mut self, prefix: Prefix, port: u16, group: u32) -> Result<(), BpfError> {
         let value = binding_value(prefix, group);
-        self.bindings
-            .update(&binding_key(prefix, port), &value, MapFlags::ANY)
-            .map_err(|source| BpfError::Port {
-                port,
-                adding: true,
-                source,
-            })
+        let done = match host_key(prefix, port) {
+            Some(key) => self.hosts.update(&key, &value, MapFlags::ANY),
+            None => self
+                .bindings
+                .update(&binding_key(prefix, port), &value, MapFlags::ANY),
+        };
+        done.map_err(|source| BpfError::Port {
+            port,
+            adding: true,
+            source,
+        })
     }
 
-    /// Steer each (prefix, port, group) of `items` as `add_binding` does, in one batch update
-    /// (a start with 200,000 apps writes 800,000 bindings: one syscall each was most of it).
+    /// Steer each (prefix, port, group) of `items` as `add_binding` does, in a batch update per
+    /// map (a start with 200,000 apps writes 800,000 bindings: one syscall each was most of it).
     /// On an error some of them may be in and others not: the caller adds them one by one then
     /// (adding a binding twice only overwrites it).
     pub fn add_bindings(&mut self, items: &[(Prefix, u16, u32)]) -> Result<(), BpfError> {
-        let Some(&(_, first_port, _)) = items.first() else {
-            return Ok(());
-        };
-        let mut keys = Vec::with_capacity(items.len() * 24);
-        let mut values = Vec::with_capacity(items.len() * 8);
+        // Each map's keys and values, in one buffer each: (hosts, trie).
+        let mut hosts = Batch::default();
+        let mut trie = Batch::default();
         for &(prefix, port, group) in items {
-            keys.extend_from_slice(&binding_key(prefix, port));
-            values.extend_from_slice(&binding_value(prefix, group));
+            let value = binding_value(prefix, group);
+            match host_key(prefix, port) {
+                Some(key) => hosts.push(port, &key, &value),
+                None => trie.push(port, &binding_key(prefix, port), &value),
+            }
         }
-        // At most `STEER_BATCH` items a call (the caller's chunks), far below u32::MAX.
-        let count = u32::try_from(items.len()).unwrap_or(u32::MAX);
-        self.bindings
-            .update_batch(&keys, &values, count, MapFlags::ANY, MapFlags::empty())
-            .map_err(|source| BpfError::Port {
-                port: first_port,
-                adding: true,
-                source,
-            })
+        hosts.write(&self.hosts)?;
+        trie.write(&self.bindings)
     }
 
     /// Stop steering `prefix` on `port`: new connections that only it covered take the
     /// kernel's normal lookup. Established connections are not affected. Removing a binding
     /// that is not there is not an error.
     pub fn remove_binding(&mut self, prefix: Prefix, port: u16) -> Result<(), BpfError> {
-        match self.bindings.delete(&binding_key(prefix, port)) {
+        let done = match host_key(prefix, port) {
+            Some(key) => self.hosts.delete(&key),
+            None => self.bindings.delete(&binding_key(prefix, port)),
+        };
+        match done {
             Err(source) if source.kind() != ErrorKind::NotFound => Err(BpfError::Port {
                 port,
                 adding: false,
@@ -263,6 +271,43 @@ impl Steering {
         Ok(Counters {
             stats: dup(&self.counters.stats)?,
             group_stats: dup(&self.counters.group_stats)?,
+        })
+    }
+}
+
+/// Keys and values for one map's batch update, end to end as the kernel reads them.
+#[derive(Default)]
+struct Batch {
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    count: u32,
+    /// The first item's port, for the error.
+    first_port: Option<u16>,
+}
+
+impl Batch {
+    fn push(&mut self, port: u16, key: &[u8], value: &[u8]) {
+        self.keys.extend_from_slice(key);
+        self.values.extend_from_slice(value);
+        self.count += 1;
+        self.first_port.get_or_insert(port);
+    }
+
+    fn write(&self, map: &MapHandle) -> Result<(), BpfError> {
+        let Some(port) = self.first_port else {
+            return Ok(());
+        };
+        map.update_batch(
+            &self.keys,
+            &self.values,
+            self.count,
+            MapFlags::ANY,
+            MapFlags::empty(),
+        )
+        .map_err(|source| BpfError::Port {
+            port,
+            adding: true,
+            source,
         })
     }
 }

@@ -18,7 +18,7 @@
 //! only files whose size, mtime or inode changed are read again). At start every file is
 //! read, on a few threads (`load`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -29,24 +29,26 @@ use crate::config::hostname::Pattern;
 use crate::config::prefix::Prefix;
 use crate::config::{self, app_prefixes, sha256, App, Config, Diff};
 use crate::frontend::watch::{FileSig, Watch};
+use crate::sys::hash::FastMap;
 use crate::sys::inotify::{DirWatch, Events};
 use digest::Digest;
 
-/// A config directory as the config plane keeps it.
+/// A config directory as the config plane keeps it. Its indices are keyed by what the files
+/// say (app names, ports, prefixes, hostnames), never by what a peer sends: `FastMap`.
 pub struct Directory {
     dir: PathBuf,
     files: BTreeMap<String, FileState>,
     /// App name -> the file serving it.
-    owners: HashMap<String, String>,
+    owners: FastMap<String, String>,
     /// (port, prefix) -> who answers there, by app name.
-    slots: HashMap<(u16, Prefix), Slot>,
+    slots: FastMap<(u16, Prefix), Slot>,
     /// Every served (port, prefix), counted, and the prefix lengths in use per port: the
     /// frontends a target must not be.
-    frontends: HashMap<u16, (HashMap<Prefix, u32>, Vec<u8>)>,
+    frontends: FastMap<u16, (FastMap<Prefix, u32>, Vec<u8>)>,
     /// Targets that are this host (an IP address of it, or `localhost`), by port: those a
     /// new frontend could make loop. By port, then by app (so an app leaves without a pass
     /// over every app's): (target as written, address).
-    local_targets: HashMap<u16, BTreeMap<String, Vec<(String, IpAddr)>>>,
+    local_targets: FastMap<u16, BTreeMap<String, Vec<(String, IpAddr)>>>,
     watch: Option<DirWatch>,
     /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
     /// when a file is created, renamed in or out, or deleted).
@@ -68,7 +70,7 @@ pub struct Directory {
 struct Slot {
     /// The app without Hostnames.
     default: Option<String>,
-    names: HashMap<Pattern, String>,
+    names: FastMap<Pattern, String>,
 }
 
 struct FileState {
@@ -131,11 +133,11 @@ impl Directory {
         Directory {
             dir: dir.to_owned(),
             files: BTreeMap::new(),
-            owners: HashMap::new(),
+            owners: FastMap::default(),
             reserved: None,
-            slots: HashMap::new(),
-            frontends: HashMap::new(),
-            local_targets: HashMap::new(),
+            slots: FastMap::default(),
+            frontends: FastMap::default(),
+            local_targets: FastMap::default(),
             watch,
             dir_sig: None,
             touched: touched::Touched::default(),
@@ -406,7 +408,7 @@ impl Directory {
     /// Targets of `apps` that would be frontends (their own or the others'), and the others'
     /// targets that their frontends would make loop.
     fn loops(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
-        let mine: HashMap<u16, Vec<Prefix>> = apps.iter().fold(HashMap::new(), |mut m, a| {
+        let mine: FastMap<u16, Vec<Prefix>> = apps.iter().fold(FastMap::default(), |mut m, a| {
             for &port in &a.ports {
                 m.entry(port).or_default().extend(app_prefixes(a));
             }

@@ -243,15 +243,11 @@ pub(super) fn first_change(steers: bool, config: &Config, routes: &Routes) -> Po
             steer: Vec::new(),
         };
     }
-    let steer = config
-        .bindings()
-        .into_keys()
-        .map(|(port, prefix)| {
-            (
-                (port, prefix),
-                routes.group(port, &prefix).map(str::to_owned),
-            )
-        })
+    // The routes' own bindings: the config's (port, prefix) pairs, each with its group.
+    let steer = routes
+        .every_group()
+        .into_iter()
+        .map(|(pair, group)| (pair, Some(group)))
         .collect();
     PortChange {
         binds: Default::default(),

@@ -52,7 +52,8 @@ pub struct Wanted(BTreeMap<u16, PortWants>);
 struct PortWants {
     any4: u32,
     any6: u32,
-    hosts: HashMap<IpAddr, u32>,
+    /// Addresses from the config (see the hasher's module doc).
+    hosts: crate::sys::hash::FastMap<IpAddr, u32>,
 }
 
 impl Wanted {

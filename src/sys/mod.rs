@@ -9,8 +9,11 @@
 //! - `systemd`: readiness and status notifications.
 //! - `upgrade`: handing listening descriptors to a new binary and taking them over.
 //! - `inotify`: watching a directory for files that change, without blocking.
+//! - `hash`: a fast hasher for maps whose keys come from the config, not from a peer (no OS
+//!   here, but a leaf that every level uses).
 
 pub mod caps;
+pub mod hash;
 pub mod inotify;
 pub mod log;
 pub mod net;

@@ -149,7 +149,8 @@ impl Netns {
     }
 
     /// The proxy's attachment: exactly one sk_lookup link in this namespace, its program named
-    /// `steer`, and the program's `bindings` map, whose descriptor process `pid` holds.
+    /// `steer`, and the program's `bindings` and `hosts` maps, whose descriptors process `pid`
+    /// holds.
     pub fn steering(&self, pid: u32) -> Steering {
         let links = self.links();
         assert_eq!(
@@ -163,25 +164,30 @@ impl Netns {
             prog_by_id(prog).unwrap_or_else(|| panic!("program {prog} of link {link} not listed"));
         assert_eq!(p["type"], "sk_lookup", "{p}");
         assert_eq!(p["name"], "steer", "{p}");
-        let ports_map = p["map_ids"]
-            .as_array()
-            .expect("map_ids")
-            .iter()
-            .map(|m| m.as_u64().unwrap())
-            .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == "bindings")
-            .unwrap_or_else(|| panic!("program {prog} has no map named bindings: {p}"));
+        let map_named = |name: &str| {
+            p["map_ids"]
+                .as_array()
+                .expect("map_ids")
+                .iter()
+                .map(|m| m.as_u64().unwrap())
+                .find(|&m| bpftool(&["map", "show", "id", &m.to_string()])["name"] == name)
+                .unwrap_or_else(|| panic!("program {prog} has no map named {name}: {p}"))
+        };
+        let (ports_map, hosts_map) = (map_named("bindings"), map_named("hosts"));
         // This bpftool may be built without pid support (no `pids` in its JSON): ownership is
         // checked through the proxy's own descriptors instead.
         let held = bpf_map_ids_of(pid);
-        assert!(
-            held.contains(&ports_map),
-            "the proxy (pid {}) holds no fd of bindings map {ports_map} (it holds maps {held:?})",
-            pid
-        );
+        for map in [ports_map, hosts_map] {
+            assert!(
+                held.contains(&map),
+                "the proxy (pid {pid}) holds no fd of map {map} (it holds maps {held:?})",
+            );
+        }
         Steering {
             link,
             prog,
             ports_map,
+            hosts_map,
         }
     }
 
@@ -204,7 +210,10 @@ impl Netns {
 pub struct Steering {
     pub link: u64,
     pub prog: u64,
+    /// The `bindings` trie (prefixes shorter than one address).
     pub ports_map: u64,
+    /// The `hosts` hash map (IPv4 /32 and IPv6 /128 bindings).
+    pub hosts_map: u64,
 }
 
 impl Steering {
@@ -213,13 +222,19 @@ impl Steering {
         self.bindings().into_iter().map(|(_, port)| port).collect()
     }
 
-    /// The `bindings` map as (prefix, port): `198.51.100.0/24`, `::/0`, `127.0.0.2/32`.
+    /// The bindings as (prefix, port): `198.51.100.0/24`, `::/0`, `127.0.0.2/32`: the
+    /// `bindings` trie's and the `hosts` map's (whose keys are a trie key without its prefix
+    /// length: one address exactly).
     pub fn bindings(&self) -> BTreeSet<(String, u16)> {
+        let hosts = bpftool(&["map", "dump", "id", &self.hosts_map.to_string()]);
+        let hosts = hosts.as_array().expect("bpftool map dump: an array");
         bpftool(&["map", "dump", "id", &self.ports_map.to_string()])
             .as_array()
             .expect("bpftool map dump: an array")
             .iter()
-            .map(|e| {
+            .map(|e| (e, false))
+            .chain(hosts.iter().map(|e| (e, true)))
+            .map(|(e, host)| {
                 let bytes: Vec<u8> = e["key"]
                     .as_array()
                     .expect("raw key bytes")
@@ -229,6 +244,14 @@ impl Steering {
                             .unwrap()
                     })
                     .collect();
+                // struct host_key: struct binding_key without its prefix length (160 bits: the
+                // port and a whole address).
+                let bytes = if host {
+                    assert_eq!(bytes.len(), 20, "a hosts key is 20 bytes");
+                    [(32u32 + 128).to_ne_bytes().to_vec(), bytes].concat()
+                } else {
+                    bytes
+                };
                 // struct binding_key: prefixlen (u32, host order) counting the 32 port bits
                 // and the address bits; the port (u32, host order); the address, IPv4 mapped.
                 assert_eq!(bytes.len(), 24, "a binding key is 24 bytes");
@@ -244,11 +267,14 @@ impl Steering {
             .collect()
     }
 
-    /// Freeze the `bindings` map: from now on every update from a syscall fails with EPERM.
+    /// Freeze the `bindings` and `hosts` maps: from now on every update from a syscall fails
+    /// with EPERM.
     pub fn freeze_ports_map(&self) {
-        run_bpftool(&["map", "freeze", "id", &self.ports_map.to_string()]);
-        let m = bpftool(&["map", "show", "id", &self.ports_map.to_string()]);
-        assert_eq!(m["frozen"], 1, "{m}");
+        for map in [self.ports_map, self.hosts_map] {
+            run_bpftool(&["map", "freeze", "id", &map.to_string()]);
+            let m = bpftool(&["map", "show", "id", &map.to_string()]);
+            assert_eq!(m["frozen"], 1, "{m}");
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Who gets a connection, and what survives a reload.
 
 use super::*;
-use crate::config::Diff;
+use crate::config::{Config, Diff};
 use std::path::Path;
 use std::time::Duration;
 

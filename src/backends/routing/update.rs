@@ -1,13 +1,15 @@
 //! `Routes::update`: the next table from this one and a diff, rebuilding only what the
 //! apps added, removed or changed touch.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{binding, AppRoute, Named, Placed, PortTable, Routes, ORDER_GAP};
 use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config, Diff};
+// App names and ports from the config: see the hasher's module doc.
+use crate::sys::hash::{FastMap, FastSet};
 
 /// An app a reload adds or changes, with its neighbours in config order: the apps serving just
 /// before and just after it (None: it is the first, or the last). The new table places it
@@ -25,7 +27,7 @@ impl Routes {
     /// The table for `config` (a whole file), which differs from this table's config by
     /// `diff`; the apps are listed in `config`'s order.
     pub fn update(&self, config: &Config, diff: &Diff) -> Routes {
-        let named: HashSet<&str> = diff
+        let named: FastSet<&str> = diff
             .apps_added
             .iter()
             .chain(&diff.apps_changed)
@@ -58,7 +60,7 @@ impl Routes {
         order: &EachName,
         reorder: bool,
     ) -> Routes {
-        let gone: HashSet<&str> = diff
+        let gone: FastSet<&str> = diff
             .apps_removed
             .iter()
             .chain(&diff.apps_changed)
@@ -68,9 +70,10 @@ impl Routes {
         for name in &diff.apps_removed {
             by_name.remove(name.as_str());
         }
-        let pending: HashSet<&str> = fresh.iter().map(|f| f.app.name.as_str()).collect();
+        let pending: FastSet<&str> = fresh.iter().map(|f| f.app.name.as_str()).collect();
         let mut placed_all = !reorder;
-        let mut done: HashSet<&str> = HashSet::with_capacity(fresh.len());
+        let mut done: FastSet<&str> =
+            FastSet::with_capacity_and_hasher(fresh.len(), Default::default());
         // The new routes of added and changed apps, with their ports.
         let mut new_routes: Vec<(Arc<AppRoute>, &[u16])> = Vec::with_capacity(fresh.len());
         for f in fresh {
@@ -118,7 +121,7 @@ impl Routes {
                 let prefixes = route.prefixes();
                 for port in placed.ports.iter() {
                     let t = touched.entry(*port).or_default();
-                    for prefix in &prefixes {
+                    for prefix in prefixes {
                         t.on.entry(*prefix).or_default();
                         out.push((*port, *prefix));
                     }
@@ -130,7 +133,7 @@ impl Routes {
             for port in ports.iter() {
                 let t = touched.entry(*port).or_default();
                 t.names.push(route.name.as_str());
-                for prefix in &prefixes {
+                for prefix in prefixes {
                     into.push((*port, *prefix));
                     let on = t.on.entry(*prefix).or_default();
                     // An address listed twice is one binding of the app, as in `port_table`.
@@ -142,7 +145,7 @@ impl Routes {
         }
         let mut by_port = self.by_port.clone();
         // Ports that shared a table and change alike share the new one.
-        let mut made: HashMap<(usize, Vec<&str>), Option<Arc<PortTable>>> = HashMap::new();
+        let mut made: FastMap<(usize, Vec<&str>), Option<Arc<PortTable>>> = FastMap::default();
         for (port, mut t) in touched {
             let old = self.by_port.get(&port);
             t.names.sort_unstable();
@@ -176,7 +179,7 @@ struct Touched<'a> {
 fn updated_table(
     old: Option<&PortTable>,
     touched: &BTreeMap<Prefix, Vec<Arc<AppRoute>>>,
-    gone: &HashSet<&str>,
+    gone: &FastSet<&str>,
 ) -> Option<Arc<PortTable>> {
     // Shares the old table's shards but those of the prefixes touched.
     let mut table = old.cloned().unwrap_or_default();
@@ -203,8 +206,8 @@ fn updated_table(
 struct Place<'a, 'b> {
     by_name: &'a Shards<Named, Placed>,
     /// The fresh apps, and those of them placed so far (in config order).
-    pending: &'a HashSet<&'b str>,
-    done: &'a HashSet<&'b str>,
+    pending: &'a FastSet<&'b str>,
+    done: &'a FastSet<&'b str>,
 }
 
 /// Where the place of a fresh app's next neighbour stands.

@@ -52,6 +52,8 @@ impl Directory {
         // The order `files` (a BTreeMap) and a full refresh take them in.
         names.sort_unstable();
         let read = read_all(&self.dir, &names);
+        // Typically an app a file: the index of names at its size at once.
+        self.owners.reserve(names.len());
         let mut out = Refresh::default();
         for (name, file) in names.iter().zip(read) {
             let Some(sig) = file.sig else {

@@ -1,7 +1,9 @@
 //! What a directory refresh changed, noted as it goes (see `Touched`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+// App names and ports from the files: see the hasher's module doc.
+use crate::sys::hash::FastMap;
 
 use super::Directory;
 use crate::config::{App, Diff};
@@ -12,8 +14,8 @@ use crate::config::{App, Diff};
 /// the files that changed, never a pass over every app.
 #[derive(Default)]
 pub(super) struct Touched {
-    apps: HashMap<String, Option<Arc<App>>>,
-    ports: HashMap<u16, bool>,
+    apps: FastMap<String, Option<Arc<App>>>,
+    ports: FastMap<u16, bool>,
 }
 
 impl Directory {
