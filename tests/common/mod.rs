@@ -610,7 +610,7 @@ pub fn catches(pid: u32, sig: libc::c_int) -> bool {
         .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
 }
 
-/// A config that takes measurable time to load (about a second in a debug build): one app with
+/// A config that takes measurable time to load (2-3 CPU-s in a debug build): one app with
 /// 700,000 targets (about 13 MB, under the 16 MiB cap), a size a generated config can reach.
 pub fn large_config(port: u16, target: &str) -> String {
     let targets = vec![target.to_owned(); 700_000];
