@@ -38,26 +38,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Every thread allocates from one glibc arena. With an arena per thread (glibc's default,
-/// up to 8 per core), what the start-up's reader threads, the config plane and the relay
-/// threads free stays in the arena of whoever allocated it, and a rewrite of every app
-/// (its new records allocated on the plane's thread, the old freed into the readers')
-/// left the resident size 25% above the start's at 50,000 apps, 8% with one arena
-/// (`make scale`'s RSS after reloads). Small blocks still come from each thread's own
-/// cache without the arena's lock. Before any thread starts: threads take an arena at their
-/// first allocation.
-fn one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt sets one of the allocator's parameters and has no precondition; no
-    // other thread runs yet.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
 /// `flyproxy simple` and `flyproxy bpf`: serve until stopped.
 fn run(mode: Mode, settings: Settings) -> ExitCode {
-    one_malloc_arena();
     log::set_level(settings.log_level);
     log::set_format(settings.log_format);
     // Before any thread starts: this reads and clears the environment.
