@@ -78,9 +78,12 @@ impl Config {
         }
         check_sharing(&apps, &earlier.unusable, &mut problems);
         if problems.is_empty() {
-            Ok(Config {
-                apps: apps.into_iter().map(Arc::new).collect(),
-            })
+            // A new vector, not `collect`'s in-place reuse of the `App`s' buffer: that keeps
+            // its whole size (176 bytes an app) under 8-byte `Arc`s for as long as the config
+            // lives (a directory keeps each file's).
+            let mut shared = Vec::with_capacity(apps.len());
+            shared.extend(apps.into_iter().map(Arc::new));
+            Ok(Config { apps: shared })
         } else {
             Err(problems.into_vec())
         }
@@ -252,7 +255,7 @@ impl Earlier {
 }
 
 fn app_addresses(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Prefix> {
-    let mut out: Vec<Prefix> = Vec::new();
+    let mut out: Vec<Prefix> = Vec::with_capacity(list.len());
     for s in list {
         match Prefix::parse(&s) {
             Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {

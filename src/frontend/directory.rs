@@ -24,31 +24,37 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::backends::loops::{dialled, is_local, local_target, target_is_own};
-use crate::config::hostname::Pattern;
+use crate::backends::loops::{dialled, is_local, target_is_own};
 use crate::config::prefix::Prefix;
 use crate::config::{self, app_prefixes, sha256, App, Config, Diff};
 use crate::frontend::watch::{FileSig, Watch};
-use crate::sys::hash::FastMap;
+use crate::sys::hash::{FastMap, FastSet};
 use crate::sys::inotify::{DirWatch, Events};
 use digest::Digest;
+use index::{hex, target_ip, ByName, Sha, Slot, UNREAD};
 
 /// A config directory as the config plane keeps it. Its indices are keyed by what the files
 /// say (app names, ports, prefixes, hostnames), never by what a peer sends: `FastMap`.
+///
+/// Its indices hold per app what they must and share the rest: an app is its `Arc<App>` (the
+/// file state's), a file name the `files` key's `Arc<str>`, a hash 32 bytes. At 200,000 apps
+/// each byte an app costs is 200 kB; copies of names and hex hashes in every index were
+/// about 2.5 kB an app.
 pub struct Directory {
     dir: PathBuf,
-    files: BTreeMap<String, FileState>,
-    /// App name -> the file serving it.
-    owners: FastMap<String, String>,
-    /// (port, prefix) -> who answers there, by app name.
+    files: BTreeMap<Arc<str>, FileState>,
+    /// App name -> the file serving it (the `files` key, shared).
+    owners: FastMap<String, Arc<str>>,
+    /// (port, prefix) -> who answers there. The served (port, prefix) pairs: the frontends
+    /// a target must not be.
     slots: FastMap<(u16, Prefix), Slot>,
-    /// Every served (port, prefix), counted, and the prefix lengths in use per port: the
-    /// frontends a target must not be.
-    frontends: FastMap<u16, (FastMap<Prefix, u32>, Vec<u8>)>,
-    /// Targets that are this host (an IP address of it, or `localhost`), by port: those a
-    /// new frontend could make loop. By port, then by app (so an app leaves without a pass
-    /// over every app's): (target as written, address).
-    local_targets: FastMap<u16, BTreeMap<String, Vec<(String, IpAddr)>>>,
+    /// Per served port: how many `slots` it has, and the prefix lengths in use on it.
+    ports: FastMap<u16, (u32, Vec<u8>)>,
+    /// The apps with targets that are this host (an IP address of it, or `localhost`), by
+    /// the target's port and address: those a new frontend could make loop. By app, so an
+    /// app leaves without a pass over every app's; the target itself is found again in the
+    /// app when a problem names it.
+    local_targets: FastMap<u16, FastMap<IpAddr, FastSet<ByName>>>,
     watch: Option<DirWatch>,
     /// Without inotify: the directory's own metadata at the last rescan (its mtime changes
     /// when a file is created, renamed in or out, or deleted).
@@ -66,19 +72,12 @@ pub struct Directory {
     reserved: Option<SocketAddr>,
 }
 
-#[derive(Default)]
-struct Slot {
-    /// The app without Hostnames.
-    default: Option<String>,
-    names: FastMap<Pattern, String>,
-}
-
 struct FileState {
     sig: Option<FileSig>,
     /// SHA-256 of the contents last read.
-    sha256: String,
+    sha256: Sha,
     /// The version in force (its apps and hash); None: none ever was.
-    good: Option<(Vec<Arc<App>>, String)>,
+    good: Option<(Vec<Arc<App>>, Sha)>,
     /// The apps of refused contents that were valid on their own: tried again when other
     /// files change.
     pending: Option<Vec<Arc<App>>>,
@@ -136,7 +135,7 @@ impl Directory {
             owners: FastMap::default(),
             reserved: None,
             slots: FastMap::default(),
-            frontends: FastMap::default(),
+            ports: FastMap::default(),
             local_targets: FastMap::default(),
             watch,
             dir_sig: None,
@@ -185,12 +184,16 @@ impl Directory {
             None => {
                 let listed = self.list();
                 for n in self.files.keys() {
-                    if !listed.contains_key(n) {
-                        look.insert(n.clone(), None);
+                    if !listed.contains_key(&**n) {
+                        look.insert(n.to_string(), None);
                     }
                 }
                 for (n, sig) in listed {
-                    if self.files.get(&n).is_none_or(|f| f.sig != Some(sig)) {
+                    if self
+                        .files
+                        .get(n.as_str())
+                        .is_none_or(|f| f.sig != Some(sig))
+                    {
                         look.insert(n, Some(sig));
                     }
                 }
@@ -221,7 +224,7 @@ impl Directory {
             return self
                 .files
                 .iter()
-                .filter_map(|(n, f)| Some((n.clone(), f.sig?)))
+                .filter_map(|(n, f)| Some((n.to_string(), f.sig?)))
                 .collect();
         };
         entries
@@ -245,7 +248,7 @@ impl Directory {
         self.waiting.remove(name);
         match state.good {
             Some((apps, sha)) => {
-                self.digest.sub(&sha, name);
+                self.digest.sub(&hex(&sha), name);
                 self.unindex(&apps);
                 true
             }
@@ -258,7 +261,7 @@ impl Directory {
         let path = self.dir.join(name);
         let (sha, parsed) = match config::read_file(&path) {
             Ok(bytes) => {
-                let sha = sha256::hex(&bytes);
+                let sha = sha256::digest(&bytes);
                 if self.files.get(name).is_some_and(|f| f.sha256 == sha) {
                     // Same contents (rewritten alike, or only touched).
                     if let Some(f) = self.files.get_mut(name) {
@@ -268,10 +271,7 @@ impl Directory {
                 }
                 (sha, parse(&path, &bytes))
             }
-            Err(problem) => (
-                String::new(),
-                Err(vec![format!("{}: {problem}", path.display())]),
-            ),
+            Err(problem) => (UNREAD, Err(vec![format!("{}: {problem}", path.display())])),
         };
         self.take_parsed(name, sig, sha, parsed, out);
     }
@@ -282,18 +282,24 @@ impl Directory {
         &mut self,
         name: &str,
         sig: FileSig,
-        sha: String,
+        sha: Sha,
         parsed: Parsed,
         out: &mut Refresh,
     ) {
-        let state = self.files.entry(name.to_owned()).or_insert(FileState {
-            sig: None,
-            sha256: String::new(),
-            good: None,
-            pending: None,
-        });
+        if !self.files.contains_key(name) {
+            let state = FileState {
+                sig: None,
+                sha256: UNREAD,
+                good: None,
+                pending: None,
+            };
+            self.files.insert(Arc::from(name), state);
+        }
+        let Some(state) = self.files.get_mut(name) else {
+            return;
+        };
         state.sig = Some(sig);
-        state.sha256 = sha.clone();
+        state.sha256 = sha;
         state.pending = None;
         self.waiting.remove(name);
         let apps = match parsed {
@@ -329,34 +335,38 @@ impl Directory {
     }
 
     /// `apps` (hashing to `sha`) serve from `name` from now on, in place of its last version.
-    fn accept(&mut self, name: &str, apps: Vec<Arc<App>>, sha: String) {
+    fn accept(&mut self, name: &str, apps: Vec<Arc<App>>, sha: Sha) {
         let Some(state) = self.files.get_mut(name) else {
             return;
         };
         state.pending = None;
         self.waiting.remove(name);
         self.refused.remove(name);
-        self.digest.add(&sha, name);
+        self.digest.add(&hex(&sha), name);
         let old = state.good.replace((apps, sha));
         if let Some((old, old_sha)) = old {
-            self.digest.sub(&old_sha, name);
+            self.digest.sub(&hex(&old_sha), name);
             self.unindex(&old);
         }
-        let Some((apps, _)) = self.files.get(name).and_then(|s| s.good.clone()) else {
+        let Some((file, state)) = self.files.get_key_value(name) else {
             return;
         };
-        self.index(name, &apps);
+        let Some((apps, _)) = state.good.clone() else {
+            return;
+        };
+        let file = Arc::clone(file);
+        self.index(&file, &apps);
     }
 
     /// Try again the files refused for a clash, now that other files changed.
     fn retry_pending(&mut self, out: &mut Refresh) {
         // The files waiting, not a pass over every file.
-        let waiting: Vec<(String, Vec<Arc<App>>, String)> = self
+        let waiting: Vec<(String, Vec<Arc<App>>, Sha)> = self
             .waiting
             .iter()
             .filter_map(|n| {
-                let f = self.files.get(n)?;
-                Some((n.clone(), f.pending.clone()?, f.sha256.clone()))
+                let f = self.files.get(n.as_str())?;
+                Some((n.clone(), f.pending.clone()?, f.sha256))
             })
             .collect();
         for (name, apps, sha) in waiting {
@@ -370,10 +380,10 @@ impl Directory {
 
     /// Every problem of `apps` (valid on their own) from `file` beside the other files'.
     fn clashes(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
-        let other = |app: &str| self.owners.get(app).is_some_and(|f| f != file);
+        let other = |app: &Arc<App>| self.owners.get(&app.name).is_some_and(|f| &**f != file);
         let mut problems = Vec::new();
         for app in apps {
-            if let Some(f) = self.owners.get(&app.name).filter(|f| *f != file) {
+            if let Some(f) = self.owners.get(&app.name).filter(|f| &***f != file) {
                 problems.push(format!("app {:?}: Name: already served from {f}", app.name));
             }
             for prefix in app_prefixes(app) {
@@ -384,16 +394,16 @@ impl Directory {
                     if app.hostnames.is_empty() {
                         if let Some(first) = slot.default.as_ref().filter(|a| other(a)) {
                             problems.push(format!(
-                                "app {:?}: Ports: {port} on {prefix} already used by app {first:?} (file {}), and neither has Hostnames (apps share an address and port only when Hostnames tell them apart)",
-                                app.name, self.owners[first]
+                                "app {:?}: Ports: {port} on {prefix} already used by app {:?} (file {}), and neither has Hostnames (apps share an address and port only when Hostnames tell them apart)",
+                                app.name, first.name, self.owners[&first.name]
                             ));
                         }
                     }
                     for h in &app.hostnames {
-                        if let Some(first) = slot.names.get(h).filter(|a| other(a)) {
+                        if let Some(first) = slot.name(h).filter(|a| other(a)) {
                             problems.push(format!(
-                                "app {:?}: Hostnames: {h:?} is also claimed by app {first:?} (file {}) on port {port} on {prefix}",
-                                app.name, self.owners[first]
+                                "app {:?}: Hostnames: {h:?} is also claimed by app {:?} (file {}) on port {port} on {prefix}",
+                                app.name, first.name, self.owners[&first.name]
                             ));
                         }
                     }
@@ -416,11 +426,12 @@ impl Directory {
         });
         let is_own = |addr: SocketAddr| {
             let ip = dialled(addr.ip());
-            let theirs = self.frontends.get(&addr.port()).is_some_and(|(set, lens)| {
+            let theirs = self.ports.get(&addr.port()).is_some_and(|(_, lens)| {
                 lens.iter().any(|&len| {
-                    set.get(&Prefix::new(ip, len)).is_some_and(|&n| {
-                        n > self.own_count(file, addr.port(), &Prefix::new(ip, len))
-                    })
+                    let prefix = Prefix::new(ip, len);
+                    self.slots
+                        .get(&(addr.port(), prefix))
+                        .is_some_and(|s| s.apps() > self.own_count(file, addr.port(), &prefix))
                 })
             });
             let ours = mine
@@ -442,14 +453,27 @@ impl Directory {
             }
         }
         for (port, prefixes) in &mine {
+            // The other files' apps with a local target inside the new frontends, by name
+            // (the order the problems are listed in), with the addresses that are.
+            let mut hit: BTreeMap<&str, (&Arc<App>, Vec<IpAddr>)> = BTreeMap::new();
             let on_port = self.local_targets.get(port).into_iter().flatten();
-            for (app, (target, ip)) in on_port.flat_map(|(a, ts)| ts.iter().map(move |t| (a, t))) {
-                if self.owners.get(app).is_some_and(|f| f != file)
-                    && prefixes.iter().any(|p| p.contains(*ip))
-                {
+            for (ip, apps) in on_port.filter(|(ip, _)| prefixes.iter().any(|p| p.contains(**ip))) {
+                for ByName(app) in apps {
+                    if self.owners.get(&app.name).is_some_and(|f| &**f != file) {
+                        hit.entry(&app.name)
+                            .or_insert((app, Vec::new()))
+                            .1
+                            .push(*ip);
+                    }
+                }
+            }
+            for (name, (app, ips)) in hit {
+                let targets = app.targets.iter().map(|spec| &spec.target);
+                for t in targets.filter(|t| t.port == *port && ips.contains(&target_ip(t))) {
                     problems.push(format!(
-                        "port {port}: would be a frontend that app {app:?} (file {}) targets ({target:?}): its connections would loop back into the proxy",
-                        self.owners[app]
+                        "port {port}: would be a frontend that app {name:?} (file {}) targets ({:?}): its connections would loop back into the proxy",
+                        self.owners[name],
+                        t.to_string()
                     ));
                 }
             }
@@ -466,78 +490,6 @@ impl Directory {
         apps.iter()
             .filter(|a| a.ports.contains(&port) && app_prefixes(a).contains(prefix))
             .count() as u32
-    }
-
-    fn index(&mut self, file: &str, apps: &[Arc<App>]) {
-        for app in apps {
-            self.note(app, false);
-            self.owners.insert(app.name.clone(), file.to_owned());
-            for prefix in app_prefixes(app) {
-                for &port in &app.ports {
-                    let slot = self.slots.entry((port, prefix)).or_default();
-                    if app.hostnames.is_empty() {
-                        slot.default = Some(app.name.clone());
-                    }
-                    for h in &app.hostnames {
-                        slot.names.insert(h.clone(), app.name.clone());
-                    }
-                    let (set, lens) = self.frontends.entry(port).or_default();
-                    *set.entry(prefix).or_insert(0) += 1;
-                    if !lens.contains(&prefix.prefix_len()) {
-                        lens.push(prefix.prefix_len());
-                    }
-                }
-            }
-            for t in app.targets.iter().map(|spec| &spec.target) {
-                if let Some(ip) = local_target(t) {
-                    self.local_targets
-                        .entry(t.port)
-                        .or_default()
-                        .entry(app.name.clone())
-                        .or_default()
-                        .push((t.to_string(), ip));
-                }
-            }
-        }
-    }
-
-    fn unindex(&mut self, apps: &[Arc<App>]) {
-        for app in apps {
-            self.note(app, true);
-            self.owners.remove(&app.name);
-            for prefix in app_prefixes(app) {
-                for &port in &app.ports {
-                    if let Some(slot) = self.slots.get_mut(&(port, prefix)) {
-                        if slot.default.as_ref() == Some(&app.name) {
-                            slot.default = None;
-                        }
-                        // By the app's own Hostnames, not a pass over the slot's: a slot may
-                        // hold thousands of apps.
-                        for h in &app.hostnames {
-                            if slot.names.get(h) == Some(&app.name) {
-                                slot.names.remove(h);
-                            }
-                        }
-                        if slot.default.is_none() && slot.names.is_empty() {
-                            self.slots.remove(&(port, prefix));
-                        }
-                    }
-                    if let Some((set, _)) = self.frontends.get_mut(&port) {
-                        if let Some(n) = set.get_mut(&prefix) {
-                            *n -= 1;
-                            if *n == 0 {
-                                set.remove(&prefix);
-                            }
-                        }
-                    }
-                }
-            }
-            for t in app.targets.iter().map(|spec| &spec.target) {
-                if let Some(apps) = self.local_targets.get_mut(&t.port) {
-                    apps.remove(&app.name);
-                }
-            }
-        }
     }
 
     /// The config in force: every file's last good apps, in file name order.
@@ -591,6 +543,7 @@ impl Directory {
 }
 
 mod digest;
+mod index;
 mod load;
 mod order;
 mod reserve;

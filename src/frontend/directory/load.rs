@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{is_config_file, parse, touched, Directory, Parsed, Refresh};
+use super::{is_config_file, parse, touched, Directory, Parsed, Refresh, Sha, UNREAD};
 use crate::config::{self, sha256};
 use crate::frontend::watch::{FileSig, Watch};
 
@@ -28,8 +28,8 @@ struct FileRead {
     /// Its metadata when read (None: it could not be stat'ed either; it is skipped, as a
     /// file gone between the listing and the read).
     sig: Option<FileSig>,
-    /// SHA-256 of its contents (empty if unreadable).
-    sha: String,
+    /// SHA-256 of its contents (`UNREAD` if unreadable).
+    sha: Sha,
     parsed: Parsed,
 }
 
@@ -107,14 +107,14 @@ fn read_one(dir: &Path, name: &str) -> FileRead {
     match config::read_file_meta(&path) {
         Ok((bytes, meta)) => FileRead {
             sig: Some(FileSig::of(&meta)),
-            sha: sha256::hex(&bytes),
+            sha: sha256::digest(&bytes),
             parsed: parse(&path, &bytes),
         },
         Err(problem) => FileRead {
             // Refused with its metadata (a FIFO, a directory, too large), as a refresh that
             // listed it would; gone since the listing: skipped.
             sig: Watch::stat(&path),
-            sha: String::new(),
+            sha: UNREAD,
             parsed: Err(vec![format!("{}: {problem}", path.display())]),
         },
     }

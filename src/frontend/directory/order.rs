@@ -17,14 +17,14 @@ impl Directory {
             let Some(file) = self.owners.get(name) else {
                 continue;
             };
-            let Some((key, f)) = self.files.get_key_value(file) else {
+            let Some((key, f)) = self.files.get_key_value(&**file) else {
                 continue;
             };
             let Some((apps, _)) = &f.good else {
                 continue;
             };
             if let Some(i) = apps.iter().position(|a| a.name == *name) {
-                at.push((key.as_str(), i, &apps[i]));
+                at.push((&**key, i, &apps[i]));
             }
         }
         at.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));

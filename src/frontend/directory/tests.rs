@@ -217,3 +217,44 @@ fn a_table_changed_by_diffs_keeps_config_order_and_the_digest_sums_the_lines() {
     }
     assert_eq!(dir.sha256(), sum.hex());
 }
+
+#[test]
+fn a_frontend_that_another_files_local_target_would_loop_into_is_refused_until_it_goes() {
+    let d = dir("loops");
+    let target = |name: &str, port: u16, to: &str| {
+        format!(
+            r#"{{"Apps":[{{"Name":"{name}","Ports":[{port}],"Targets":["192.0.2.1:80","{to}"]}}]}}"#
+        )
+    };
+    fs::write(d.join("a.json"), target("a", 7101, "127.0.0.1:7201")).unwrap();
+    fs::write(d.join("b.json"), target("b", 7102, "localhost:7201")).unwrap();
+    fs::write(
+        d.join("c.json"),
+        r#"{"Apps":[{"Name":"c","Ports":[7201],"Addresses":["127.0.0.0/8"],"Targets":["192.0.2.1:80"]}]}"#,
+    )
+    .unwrap();
+    let mut dir = Directory::open(&d);
+    let r = dir.refresh(true);
+    let rejected: Vec<&str> = r.rejected.iter().map(|r| r.file.as_str()).collect();
+    assert_eq!(rejected, ["c.json"], "{r:?}");
+    assert_eq!(
+        r.rejected[0].problems,
+        [
+            "port 7201: would be a frontend that app \"a\" (file a.json) targets (\"127.0.0.1:7201\"): its connections would loop back into the proxy",
+            "port 7201: would be a frontend that app \"b\" (file b.json) targets (\"localhost:7201\"): its connections would loop back into the proxy",
+        ]
+    );
+    // a and b stop targeting it: c, waiting, serves; a target into c is then refused.
+    fs::write(d.join("a.json"), target("a", 7101, "192.0.2.2:7201")).unwrap();
+    fs::remove_file(d.join("b.json")).unwrap();
+    let r = dir.refresh(false);
+    assert!(r.changed && r.rejected.is_empty(), "{r:?}");
+    assert!(dir.config().apps.iter().any(|a| a.name == "c"));
+    fs::write(d.join("b.json"), target("b", 7102, "127.0.0.1:7201")).unwrap();
+    let r = dir.refresh(false);
+    assert_eq!(r.rejected.len(), 1, "{r:?}");
+    assert!(
+        r.rejected[0].problems[0].contains("is this proxy's own frontend"),
+        "{r:?}"
+    );
+}

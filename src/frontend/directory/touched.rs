@@ -52,15 +52,13 @@ impl Directory {
     /// The app serving under `name`.
     pub fn serving(&self, name: &str) -> Option<&Arc<App>> {
         let file = self.owners.get(name)?;
-        let (apps, _) = self.files.get(file)?.good.as_ref()?;
+        let (apps, _) = self.files.get(&**file)?.good.as_ref()?;
         apps.iter().find(|a| a.name == name)
     }
 
     /// Whether some app serves on `port`.
     pub fn port_served(&self, port: u16) -> bool {
-        self.frontends
-            .get(&port)
-            .is_some_and(|(set, _)| !set.is_empty())
+        self.ports.get(&port).is_some_and(|&(slots, _)| slots > 0)
     }
 
     /// `app` is about to serve or stop serving: note what served under its name and on its
