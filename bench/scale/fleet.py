@@ -417,6 +417,20 @@ def report(res):
         f.write("\n".join(md))
 
 
+def cpu_since(nodes, c0, t0, probes):
+    """Each node's CPU since `c0` (per node: proxy, follower, etcdctl) and monotonic `t0`, in %
+    of a core, and what each of `probes` saw (stopped here): at rest and under churn alike."""
+    dt = time.monotonic() - t0
+    used = [[(b - a) / dt * 100 for a, b in zip(c, n.cpu())] for n, c in zip(nodes, c0)]
+    return {
+        "seconds": round(dt, 1),
+        "proxy_cpu_pct": [round(u[0], 2) for u in used],
+        "follower_cpu_pct": [round(u[1], 2) for u in used],
+        "etcdctl_cpu_pct": [round(u[2], 2) for u in used],
+        "cpu_pct": [round(sum(u), 2) for u in used],
+        "probe": [p.stop() for p in probes],
+    }
+
 def main():
     res = {"apps": APPS, "nodes": NODES, "members": MEMBERS,
            "flyproxy": os.environ.get("FLYPROXY_REV", "?"),
@@ -496,16 +510,7 @@ def main():
             probes = [NodeProbe(n, 1) for n in nodes] if probing else []
             c0, t0 = [n.cpu() for n in nodes], time.monotonic()
             time.sleep(REST)
-            dt = time.monotonic() - t0
-            used = [[(b - a) / dt * 100 for a, b in zip(c, n.cpu())] for n, c in zip(nodes, c0)]
-            res[key] = {
-                "seconds": round(dt, 1),
-                "proxy_cpu_pct": [round(u[0], 2) for u in used],
-                "follower_cpu_pct": [round(u[1], 2) for u in used],
-                "etcdctl_cpu_pct": [round(u[2], 2) for u in used],
-                "cpu_pct": [round(sum(u), 2) for u in used],
-                "probe": [p.stop() for p in probes],
-            }
+            res[key] = cpu_since(nodes, c0, t0, probes)
             log(f"fleet: at rest{' with the probe' if probing else ''} {res[key]}")
         # Churn.
         probes = [NodeProbe(n, 1) for n in nodes]
@@ -517,16 +522,7 @@ def main():
             put(apps[i])
             k += 1
             time.sleep(max(0.0, t0 + k / PUTS - time.monotonic()))
-        dt = time.monotonic() - t0
-        used = [[(b - a) / dt * 100 for a, b in zip(c, n.cpu())] for n, c in zip(nodes, c0)]
-        res["churn"] = {
-            "puts": k, "seconds": round(dt, 1),
-            "proxy_cpu_pct": [round(u[0], 2) for u in used],
-            "follower_cpu_pct": [round(u[1], 2) for u in used],
-            "etcdctl_cpu_pct": [round(u[2], 2) for u in used],
-            "cpu_pct": [round(sum(u), 2) for u in used],
-            "probe": [p.stop() for p in probes],
-        }
+        res["churn"] = {"puts": k, **cpu_since(nodes, c0, t0, probes)}
         log(f"fleet: churn {res['churn']}")
         # A bad put, of an app on a port of its own (so that no other app answers for it).
         victim_i, victim = own[0]
