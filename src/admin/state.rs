@@ -201,7 +201,7 @@ impl RuntimeState {
         // Indexed once: a file may name every target of 100,000 apps.
         let apps: HashMap<&str, &Arc<AppRoute>> = routes
             .apps()
-            .iter()
+            .into_iter()
             .map(|(a, _)| (a.name.as_str(), a))
             .collect();
         for t in &saved.targets {
@@ -268,11 +268,7 @@ pub struct Applied {
 
 /// The app named `name` in `routes`.
 pub(super) fn find_app<'a>(routes: &'a Routes, name: &str) -> Option<&'a Arc<AppRoute>> {
-    routes
-        .apps()
-        .iter()
-        .map(|(a, _)| a)
-        .find(|a| a.name == name)
+    routes.route_arc(name)
 }
 
 /// The backends of app `app` whose target is `target` as the config spells it (one unless the

@@ -117,7 +117,7 @@ pub fn render(sources: &Sources) -> String {
         app_series,
     } = sources;
     let routes = published.routes();
-    let apps = routes.apps();
+    let apps = &routes.apps()[..];
     let mut out = String::with_capacity(4096);
     build_info(&mut out);
     let sum_apps = apps.len() > app_series.max;
@@ -173,8 +173,7 @@ pub fn render(sources: &Sources) -> String {
 /// in force has that name.
 pub fn render_app(sources: &Sources, name: &str) -> Option<String> {
     let routes = sources.published.routes();
-    let one = routes.apps().iter().find(|(app, _)| app.name == name)?;
-    let one = std::slice::from_ref(one);
+    let one = &[routes.app(name)?][..];
     let mut out = String::with_capacity(16 * 1024);
     apps::families(&mut out, &Scope::Each(one));
     targets::families(&mut out, one);
@@ -184,7 +183,7 @@ pub fn render_app(sources: &Sources, name: &str) -> Option<String> {
 }
 
 /// Apps in force, each with its ports.
-type Apps = [(Arc<AppRoute>, Vec<u16>)];
+type Apps<'a> = [(&'a Arc<AppRoute>, &'a [u16])];
 
 /// In place of the per-target families: how many targets' series were left out.
 fn omitted_family(out: &mut String, targets: usize) {
@@ -356,7 +355,7 @@ fn unrouted_families(out: &mut String, apps: &Apps, published: &Published) {
     let mut counts: BTreeMap<(u16, Unrouted), u64> = BTreeMap::new();
     for (app, ports) in apps {
         for why in possible_unrouted(app) {
-            for &port in ports {
+            for &port in *ports {
                 counts.insert((port, *why), 0);
             }
         }

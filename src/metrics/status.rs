@@ -169,10 +169,17 @@ pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
         published, slots, ..
     } = sources;
     let routes = published.routes();
-    let all = routes.apps();
+    let all;
+    let one;
     let listed = match app {
-        Some(name) => std::slice::from_ref(all.iter().find(|(a, _)| a.name == name)?),
-        None => &all[..all.len().min(STATUS_APPS)],
+        Some(name) => {
+            one = [routes.app(name)?];
+            &one[..]
+        }
+        None => {
+            all = routes.apps();
+            &all[..all.len().min(STATUS_APPS)]
+        }
     };
     let hashes = published.config_hashes();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -180,7 +187,7 @@ pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
         .iter()
         .map(|(app, ports)| AppStatus {
             name: app.name.clone(),
-            ports: ports.clone(),
+            ports: ports.to_vec(),
             addresses: app.addresses.iter().map(|a| a.to_string()).collect(),
             hostnames: app.hostnames.iter().map(|h| h.to_string()).collect(),
             open: app.stats.active.load(Ordering::Relaxed) as u64,
@@ -231,7 +238,7 @@ pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
             rejected_sha256: hashes.rejected,
         },
         apps,
-        apps_total: all.len(),
+        apps_total: routes.app_count(),
         rejected_files: published
             .rejected_files()
             .into_iter()

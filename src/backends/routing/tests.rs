@@ -222,7 +222,7 @@ fn an_update_routes_as_a_whole_build_and_keeps_unchanged_routes() {
     let names: Vec<&str> = up.apps().iter().map(|(a, _)| a.name.as_str()).collect();
     assert_eq!(names, ["keep", "host", "net", "new", "moves"]);
     // Unchanged: the very route; changed: a new route with the old state.
-    assert!(Arc::ptr_eq(&r1.apps()[0].0, &up.apps()[0].0));
+    assert!(Arc::ptr_eq(r1.apps()[0].0, up.apps()[0].0));
     let (old_net, new_net) = (r1.route("net").unwrap(), up.route("net").unwrap());
     assert!(Arc::ptr_eq(&old_net.stats, &new_net.stats));
     assert!(

@@ -14,7 +14,7 @@ use crate::backends::routing::AppStats;
 /// query that sums over apps (`sum(rate(flyproxy_app_connections_total[5m]))`, a histogram's
 /// quantile `by (le)`) reads the same on either side of the bound.
 pub(super) enum Scope<'a> {
-    Each(&'a Apps),
+    Each(&'a Apps<'a>),
     Summed(&'a Totals),
 }
 
