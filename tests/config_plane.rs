@@ -163,3 +163,53 @@ two_modes!(
     rewrite_with_addresses_is_linear,
     a_rewrite_of_every_app_with_its_own_address_is_linear
 );
+
+/// The nice value of thread `tid` of `pid`, from /proc/PID/task/TID/stat.
+fn thread_nice(pid: u32, tid: u32) -> i32 {
+    let path = format!("/proc/{pid}/task/{tid}/stat");
+    let stat = fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let rest = stat.rsplit_once(") ").expect("a stat line").1;
+    // Field 19 of the line; `rest` starts at field 3.
+    rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+}
+
+/// The config plane runs at the lowest priority (nice 19) and the threads that accept and
+/// relay at the process's own, so that on a busy core a reload's work (a rewrite of 200,000
+/// apps is minutes of it) gives way to a new connection (issue 20: a probe connecting during
+/// such a rewrite waited up to 148 ms).
+fn the_config_plane_gives_way_to_the_relay_threads(env: Env) {
+    let echo = Backend::echo();
+    let ports = env.ports(1);
+    let p = env
+        .proxy()
+        .config_on(&ports, &many_apps(2, ports[0], &[echo.target()]))
+        .start();
+    let plane = wait_for("the config-plane thread", WAIT, || {
+        thread_named(p.pid, "config-plane")
+    });
+    wait_for("the config plane at nice 19", WAIT, || {
+        (thread_nice(p.pid, plane) == 19).then_some(())
+    });
+    // A connection relayed: the relay threads have started.
+    let mut s = connect(p.v4(0));
+    roundtrip(&mut s, b"relayed");
+    let own = thread_nice(p.pid, p.pid);
+    assert!(own < 19, "the process itself runs at nice {own}");
+    let relay = wait_for("a relay thread", WAIT, || thread_named(p.pid, "relay-0"));
+    assert_eq!(
+        thread_nice(p.pid, relay),
+        own,
+        "relay-0 runs at the process's nice"
+    );
+    // A reload is still applied (on the plane, at its priority).
+    let mark = p.mark();
+    p.rewrite_config(&many_apps(3, ports[0], &[echo.target()]));
+    let line = p.wait_reload_ok(mark);
+    assert!(line.contains("apps_added=1"), "{line}");
+    assert_eq!(thread_nice(p.pid, plane), 19);
+}
+
+two_modes!(
+    plane_gives_way_to_relay_threads,
+    the_config_plane_gives_way_to_the_relay_threads
+);
