@@ -54,7 +54,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from scale import (  # noqa: E402  (the same apps, addresses and /proc readers)
-    CATCHALL, TARGETS, TICK, WORK, echo_once, env_int, log, make_apps, proc_cpu, swapped, v4,
+    CATCHALL, TARGETS, TICK, WORK, Probe, echo_once, env_int, log, make_apps, proc_cpu, swapped, v4,
 )
 
 BIN = os.path.join(WORK, "bin", "flyproxy")
@@ -326,31 +326,10 @@ def each_node(nodes, what, timeout, ok, since, every=0.005):
     return done
 
 
-class NodeProbe:
-    """Every 5 ms, a connection through app i of a node, from inside its namespace."""
-
-    def __init__(self, node, i):
-        self.waits, self.failed, self.stopping = [], 0, threading.Event()
-        self.t = threading.Thread(target=self.run, args=(node, i), daemon=True)
-        self.t.start()
-
-    def run(self, node, i):
-        fd = os.open(f"/proc/{node.echo.pid}/ns/net", os.O_RDONLY)
-        libc.setns(fd, CLONE_NEWNET)
-        os.close(fd)
-        while not self.stopping.is_set():
-            try:
-                self.waits.append(echo_once((v4(i), PORT_OF[i]), timeout=30))
-            except OSError:
-                self.failed += 1
-            time.sleep(0.005)
-
-    def stop(self):
-        self.stopping.set()
-        self.t.join()
-        w = sorted(self.waits)
-        return {"probes": len(w), "max_ms": round(w[-1] * 1e3, 2) if w else None,
-                "over_10ms": sum(1 for x in w if x > 0.010), "failed": self.failed}
+def node_probe(node, i):
+    """Every 5 ms, a connection through app i of a node, from inside its namespace (a process
+    of its own: see scale.Probe)."""
+    return Probe((v4(i), PORT_OF[i]), node.proxy.pid, netns=node.echo.pid)
 
 
 def report(res):
@@ -507,13 +486,13 @@ def main():
         # At rest: the same nodes with no put, without the probe and with it, for the churn's
         # figures to be set against.
         for key, probing in (("rest", False), ("rest_probed", True)):
-            probes = [NodeProbe(n, 1) for n in nodes] if probing else []
+            probes = [node_probe(n, 1) for n in nodes] if probing else []
             c0, t0 = [n.cpu() for n in nodes], time.monotonic()
             time.sleep(REST)
             res[key] = cpu_since(nodes, c0, t0, probes)
             log(f"fleet: at rest{' with the probe' if probing else ''} {res[key]}")
         # Churn.
-        probes = [NodeProbe(n, 1) for n in nodes]
+        probes = [node_probe(n, 1) for n in nodes]
         c0, t0 = [n.cpu() for n in nodes], time.monotonic()
         k = 0
         while time.monotonic() - t0 < SECONDS:
@@ -586,7 +565,7 @@ def etcd_gone(nodes, members):
     others = [n for n in nodes if n.member != cut.member]
     via = next(m for m in members if m.m != cut.member)
     out = {"node": cut.k}
-    probe = NodeProbe(cut, 1)
+    probe = node_probe(cut, 1)
     members[cut.member].stop()
     t_stop = time.monotonic()
     i = APPS + 500

@@ -43,7 +43,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 WORK = os.environ.get("WORK") or sys.exit("run through bench/scale/run.sh (WORK is not set)")
@@ -80,7 +79,6 @@ TARGETS = ["127.0.0.1:7001", "127.0.0.1:7002"]
 PORTS = [443, 80, 8080]
 METRICS = ("127.0.0.1", 9089)
 BPF_PORT = 8000
-PROBE_EVERY = 0.005
 TICK = os.sysconf("SC_CLK_TCK")
 # What a reload's outcome looks like in the log (`reload ok: ...`, `reload rejected: ...`).
 RELOAD_LINE = re.compile(r"\breload (ok|rejected)\b")
@@ -321,36 +319,23 @@ def first_connection(proxy, addr, timeout):
 
 
 class Probe:
-    """Connects every 5 ms through one app and echoes a line; records each wait."""
+    """Connects every 5 ms through one app and echoes a line, from a process of its own
+    (probe.py: a thread here would share the interpreter lock with the writing of the
+    config, and wait on it); `stop` gives its longest wait and how many waited over 10 ms.
+    `netns`: a pid whose network namespace it probes from; `pid`: the proxy's, for its
+    relay threads' run-queue wait."""
 
-    def __init__(self, addr):
-        self.addr, self.waits, self.failures = addr, [], []
-        self.stopping = threading.Event()
-        self.t = threading.Thread(target=self.run, daemon=True)
-        self.t.start()
-
-    def run(self):
-        nxt = time.monotonic()
-        while not self.stopping.is_set():
-            try:
-                self.waits.append(echo_once(self.addr, timeout=30))
-            except OSError as e:
-                self.failures.append(str(e))
-            nxt += PROBE_EVERY
-            time.sleep(max(0.0, nxt - time.monotonic()))
-            nxt = max(nxt, time.monotonic() - PROBE_EVERY)
+    def __init__(self, addr, pid=None, netns=None):
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "probe.py"),
+               addr[0], str(addr[1])] + ([str(pid)] if pid else [])
+        if netns:
+            cmd = ["nsenter", f"--net=/proc/{netns}/ns/net"] + cmd
+        self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
 
     def stop(self):
-        self.stopping.set()
-        self.t.join()
-        w = sorted(self.waits)
-        return {
-            "probes": len(w),
-            "max_ms": round(w[-1] * 1e3, 2) if w else None,
-            "p99_ms": round(w[int(len(w) * 0.99)] * 1e3, 2) if w else None,
-            "over_10ms": sum(1 for x in w if x > 0.010),
-            "failed": len(self.failures),
-        }
+        self.p.send_signal(signal.SIGTERM)
+        out, _ = self.p.communicate(timeout=60)
+        return json.loads(out)
 
 
 def http_get(path, timeout=120):
@@ -479,7 +464,7 @@ def change_step(proxy, cfg, idle, i, timeout):
 
 
 def full_rewrite_step(proxy, cfg, keep, timeout):
-    probe = Probe(probe_addr(cfg.apps, keep))
+    probe = Probe(probe_addr(cfg.apps, keep), proxy.pid)
     mark = proxy.mark()
     c0, t0 = proc_cpu(proxy.pid), time.monotonic()
     cfg.change_all_but(keep)
@@ -539,7 +524,7 @@ def run_one(mode, form, apps, label, full):
         log(f"{label}: routing {res['routing']['loop_us_per_conn']} us accepting threads' CPU per connection")
         if not full:
             return res
-        probe = Probe(probe_addr(apps, 1))
+        probe = Probe(probe_addr(apps, 1), proxy.pid)
         cpus, scheds, waits, applies = [], [], [], []
         for k in range(CHANGES):
             c, s, dt, a = change_step(proxy, cfg, idle, n - 1, timeout)
