@@ -22,12 +22,13 @@ a network namespace of its own (root). Writes FLEET_OUT.json and .md.
   - at rest: FLEET_REST (30) s with no put, first without the probe, then with it (as in
     churn): each node's proxy CPU and follower CPU as in churn. Without the probe: what the
     apps cost a node that nothing changes (mostly the health checks of the targets every app
-    lists); with it: that and the probe's own connections (some 130 a second), so that churn
-    less this is what the puts cost;
-  - churn: FLEET_PUTS puts per second (one app changed each) for FLEET_SECONDS s: each node's
-    proxy CPU and follower CPU (% of a core, utime+stime from /proc; the follower's with its
-    etcdctl children's, also given apart), and a probe per node through an unchanged app every
-    5 ms (its longest wait, and how many over 10 ms);
+    lists); with it: that and the probe's own connections (some 200 a second);
+  - churn: FLEET_PUTS puts per second (one app changed each) for FLEET_SECONDS s without the
+    probe: each node's proxy CPU and follower CPU (% of a core, utime+stime from /proc; the
+    follower's with its etcdctl children's, also given apart), so that churn less rest is what
+    the puts cost; then as many puts again with a probe per node through an unchanged app every
+    5 ms, from a process of its own (its longest wait, how many over 10 ms, and the relay
+    threads' longest wait for a CPU during one probe);
   - a bad put (the first one-put app's value with `Tragets` for `Targets`): once each node's
     status file names it (or after 10 s), whether each node's file of that app is unchanged,
     its follower's log and status file name the app, and it still relays through that app;
@@ -345,6 +346,7 @@ def report(res):
     if "error" in res:
         md += [f"**Failed**: {res['error']}", ""]
     churn = res.get("churn", {})
+    churn_probed = res.get("churn_probed", {})
     rest = res.get("rest", {})
     probed = res.get("rest_probed", {})
     gone = res.get("etcd_gone", {})
@@ -363,10 +365,15 @@ def report(res):
         ("follower CPU, itself (% of a core)", churn.get("follower_cpu_pct")),
         ("follower's etcdctl CPU (% of a core)", churn.get("etcdctl_cpu_pct")),
         ("proxy + follower + etcdctl (% of a core)", churn.get("cpu_pct")),
+        ("proxy + follower + etcdctl, the same with the probe running (% of a core)",
+         churn_probed.get("cpu_pct")),
         ("probe's longest wait during the puts (ms)",
-         [p.get("max_ms") for p in churn.get("probe", [])] or None),
+         [p.get("max_ms") for p in churn_probed.get("probe", [])] or None),
         ("probe connections over 10 ms / made",
-         [f"{p.get('over_10ms')} / {p.get('probes')}" for p in churn.get("probe", [])] or None),
+         [f"{p.get('over_10ms')} / {p.get('probes')}" for p in churn_probed.get("probe", [])]
+         or None),
+        ("relay threads' longest wait for a CPU during one probe (ms)",
+         [p.get("relay_run_queue_ms_max") for p in churn_probed.get("probe", [])] or None),
         ("bad put: file unchanged", [b["file_unchanged"] for b in res.get("bad_put", [])] or None),
         ("bad put: in the follower's log", [b["follower_logged"] for b in res.get("bad_put", [])] or None),
         ("bad put: in its status file", [b["in_status_file"] for b in res.get("bad_put", [])] or None),
@@ -491,18 +498,21 @@ def main():
             time.sleep(REST)
             res[key] = cpu_since(nodes, c0, t0, probes)
             log(f"fleet: at rest{' with the probe' if probing else ''} {res[key]}")
-        # Churn.
-        probes = [node_probe(n, 1) for n in nodes]
-        c0, t0 = [n.cpu() for n in nodes], time.monotonic()
+        # Churn: first without the probe (what the puts cost a node: the probe's own
+        # connections, some 200 a second, are not part of it), then the same with the probe,
+        # for its waits.
         k = 0
-        while time.monotonic() - t0 < SECONDS:
-            i = 2 + (k * 7919) % (APPS - 2)
-            apps[i] = swapped(apps[i])
-            put(apps[i])
-            k += 1
-            time.sleep(max(0.0, t0 + k / PUTS - time.monotonic()))
-        res["churn"] = {"puts": k, **cpu_since(nodes, c0, t0, probes)}
-        log(f"fleet: churn {res['churn']}")
+        for key, probing in (("churn", False), ("churn_probed", True)):
+            probes = [node_probe(n, 1) for n in nodes] if probing else []
+            c0, t0, k0 = [n.cpu() for n in nodes], time.monotonic(), k
+            while time.monotonic() - t0 < SECONDS:
+                i = 2 + (k * 7919) % (APPS - 2)
+                apps[i] = swapped(apps[i])
+                put(apps[i])
+                k += 1
+                time.sleep(max(0.0, t0 + (k - k0) / PUTS - time.monotonic()))
+            res[key] = {"puts": k - k0, **cpu_since(nodes, c0, t0, probes)}
+            log(f"fleet: {key} {res[key]}")
         # A bad put, of an app on a port of its own (so that no other app answers for it).
         victim_i, victim = own[0]
         path = lambda n: os.path.join(n.dir, victim["Name"] + ".json")  # noqa: E731
