@@ -639,7 +639,7 @@ def cmd_report(a):
       "(there is no proxy in *direct*), except the system memory per idle connection, which is the "
       "drop in MemAvailable (kernel memory included) for the client, the backend and the proxy "
       "together: *direct* gives what the client and backend alone take. flyproxy relays on pooled "
-      "threads, one per core, that wait on one epoll set, one at a time (a connection that would block "
+      "threads, one per core, that all wait on one epoll set (a connection that would block "
       "waits there without a thread); the 64-stream figures run it with `--max-threads 8`. HAProxy runs 2 threads and nginx 2 workers.\n")
 
     w("## Ratios\n")
@@ -699,7 +699,7 @@ def cmd_report(a):
         "run to run than the other figures (see every round below).")
     cav.append(
         "**flyproxy** relays on pooled threads, one per core, that accept, connect and relay "
-        "on one epoll set (one thread waits on it at a time, the others join when work queues; "
+        "on one epoll set (every thread with nothing to run waits on it; "
         "names are looked up on resolver threads of their own; no worker count to set, "
         "`--max-threads` left at its default except in the 64-stream case); a connection whose "
         "reads and writes would block waits in an epoll set without a thread, buffer or pipe, so "

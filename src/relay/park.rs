@@ -3,10 +3,11 @@
 //! A connection whose sockets have nothing for it right now (every read and write it wants said
 //! "would block") gives its thread back at once and waits here: its sockets, its state, and a
 //! buffer or pipe only if bytes are still in flight. The relay threads themselves wait on the
-//! lot (a few at a time, see `pool`), in one epoll set holding every connection's sockets, and
-//! take up whichever connections become ready, several per wake-up when traffic is heavy: a
-//! busy proxy then moves from connection to connection without a context switch for each, as
-//! HAProxy's and nginx's event loops do, while an idle connection costs no thread at all.
+//! lot (each one with nothing to run, see `pool`), in one epoll set holding every connection's
+//! sockets, and take up whichever connections become ready, several per wake-up when traffic is
+//! heavy: a busy proxy then moves from connection to connection without a context switch for
+//! each, as HAProxy's and nginx's event loops do, while an idle connection costs no thread at
+//! all.
 //!
 //! Each socket is registered once (`EPOLL_CTL_ADD` at its first wait) and armed one-shot, for
 //! only what its connection wants from it (`Ticket::arm`): reading, writing, or nothing but an

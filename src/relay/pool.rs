@@ -7,30 +7,32 @@
 //! thread goes from connection to connection without sleeping in between, and an idle
 //! connection holds no thread.
 //!
-//! One thread at a time waits on the lot; the others, with nothing queued, sleep apart until
-//! there is work to share: more than `SHARE` jobs queued at once, or a job that used up its time
-//! slice (CPU-bound work, which a second core speeds up). A thread that takes several ready
-//! connections at once queues the rest (FIFO) and runs them in turn. So under moderate load one
-//! thread takes every event with few sleeps between them (each sleep is a context switch), and
-//! the other cores join only when the work is more than one can do. A relay that is still
-//! moving bytes at the end of its time slice while others wait goes to the back of the queue,
-//! so every connection gets its turn within a bounded time however long the transfers are.
+//! Every thread with nothing to run waits on the lot (epoll wakes one waiter per event), so
+//! each core takes up what becomes ready while the others run what they took, as HAProxy's
+//! threads do, and no core sits idle while events wait for the one thread that watches. A
+//! thread that takes several ready connections at once queues the rest (FIFO) and runs them in
+//! turn; when more than `SHARE` are queued, or a job used up its time slice (CPU-bound work,
+//! which a second core speeds up), it interrupts a waiting thread to share them. A relay that
+//! is still moving bytes at the end of its time slice while others wait goes to the back of the
+//! queue, so every connection gets its turn within a bounded time however long the transfers
+//! are. Connections are armed one-shot (see `park`), so an event goes to one thread and a
+//! connection a thread runs never wakes another.
 
 use std::collections::VecDeque;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Relay threads need little stack: the relay loop keeps its buffers on the heap, and nothing
 /// deep runs on them (names are looked up on the resolver's threads). Only the pages a thread
 /// touches count in RSS.
 const STACK_SIZE: usize = 256 * 1024;
 
-/// Queued jobs past which a thread that queued them wakes a sleeping one to share them. Fewer
-/// are run by the thread that took them, one after another: a job is a few system calls, far
-/// less than waking another thread (a context switch on each side), and waking one for every
-/// pair of events was most of the relay's switches under load.
+/// Queued jobs past which the thread that queued them interrupts a waiting one to share them.
+/// Fewer are run by the thread that took them, one after another: a job is a few system calls,
+/// far less than waking another thread (a context switch on each side), and the other thread
+/// takes whatever else becomes ready meanwhile anyway.
 const SHARE: usize = 4;
 
 /// Where waiting jobs come from when they are ready: the parking lot.
@@ -62,8 +64,6 @@ impl Turn<'_> {
 struct Inner<J> {
     threads: usize,
     state: Mutex<State<J>>,
-    /// Where threads with nothing to do and no room to wait on the lot sleep.
-    helpers: Condvar,
     /// Jobs waiting for a thread, readable without the lock.
     queued: AtomicUsize,
     /// Runs a job; Some(job) gives the job back to be continued later, after those waiting.
@@ -76,10 +76,8 @@ type Handler<J> = Box<dyn Fn(J, &Turn) -> Option<J> + Send + Sync>;
 struct State<J> {
     /// Jobs waiting for a thread, in arrival order.
     queue: VecDeque<J>,
-    /// Threads blocked in `Source::collect` (at most one).
+    /// Threads blocked in `Source::collect`.
     waiting: usize,
-    /// Threads asleep on `helpers`.
-    idle: usize,
 }
 
 impl<J: Send + 'static> Pool<J> {
@@ -96,9 +94,7 @@ impl<J: Send + 'static> Pool<J> {
                 state: Mutex::new(State {
                     queue: VecDeque::new(),
                     waiting: 0,
-                    idle: 0,
                 }),
-                helpers: Condvar::new(),
                 queued: AtomicUsize::new(0),
                 handler: Box::new(handler),
                 source,
@@ -162,8 +158,8 @@ impl<J: Send + 'static> Inner<J> {
         self.queued.load(Ordering::Relaxed) > 0
     }
 
-    /// Queue what the source gave, waking a thread waiting for events if there is enough to
-    /// share.
+    /// Queue what the source gave, interrupting a thread waiting for events if there is enough
+    /// to share.
     fn take(&self, got: &mut Vec<J>) {
         if got.is_empty() {
             return;
@@ -178,14 +174,14 @@ impl<J: Send + 'static> Inner<J> {
             self.enqueue(state, job);
         }
         if state.queue.len() > SHARE {
-            self.help(state);
+            self.share(state);
         }
     }
 
-    /// Bring in a sleeping thread to share the queue, if one sleeps.
-    fn help(&self, state: &State<J>) {
-        if state.idle > 0 {
-            self.helpers.notify_one();
+    /// Bring in a thread waiting for events to share the queue, if one waits.
+    fn share(&self, state: &State<J>) {
+        if state.waiting > 0 {
+            self.source.interrupt();
         }
     }
 
@@ -203,13 +199,6 @@ impl<J: Send + 'static> Inner<J> {
         let mut state = self.lock();
         loop {
             let Some(job) = self.dequeue(&mut state) else {
-                if state.waiting > 0 {
-                    // Another thread waits on the lot: sleep until there is work to share.
-                    state.idle += 1;
-                    state = self.helpers.wait(state).unwrap_or_else(|e| e.into_inner());
-                    state.idle -= 1;
-                    continue;
-                }
                 state.waiting += 1;
                 drop(state);
                 self.source.collect(true, &mut got);
@@ -231,7 +220,7 @@ impl<J: Send + 'static> Inner<J> {
             if let Some(j) = back {
                 // It used up its time slice while others wait: work enough for another core.
                 self.enqueue(&mut state, j);
-                self.help(&state);
+                self.share(&state);
             }
         }
     }
