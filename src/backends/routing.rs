@@ -450,12 +450,12 @@ impl Routes {
     /// Every (port, prefix) some app answers on, in order, with its port group (see
     /// `Binding::group`): what bpf mode steers. Straight from the tables: through the config's
     /// pairs and a look-up each, this was a large part of a start at 200,000 apps.
-    pub fn every_group(&self) -> Vec<((u16, Prefix), String)> {
-        let mut out: Vec<((u16, Prefix), String)> = Vec::new();
+    pub fn every_group(&self) -> Vec<((u16, Prefix), &str)> {
+        let mut out: Vec<((u16, Prefix), &str)> = Vec::new();
         for (&port, table) in &self.by_port {
             out.reserve(table.bindings.len());
             for (prefix, b) in table.bindings.iter() {
-                out.push(((port, *prefix), b.group().to_owned()));
+                out.push(((port, *prefix), b.group()));
             }
         }
         out.sort_unstable_by_key(|&(pair, _)| pair);

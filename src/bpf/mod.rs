@@ -52,14 +52,24 @@ pub struct Steering {
     /// The attachment; `None` after [`Steering::detach`]. Never forgotten or
     /// disconnected: dropping it is what detaches the program.
     link: Option<Link>,
+    /// The maps of steered bindings.
+    maps: Bindings,
+    /// Our own fds of the counter maps.
+    counters: Counters,
+}
+
+/// The two maps of steered bindings, apart from the link so that several threads may write
+/// them at once (`Steering` holds the link, which may not leave its thread): a start writes
+/// 800,000 entries at 200,000 apps, and the kernel's hash map takes concurrent writers (it
+/// locks a bucket, not the map).
+#[derive(Debug)]
+pub struct Bindings {
     /// Our own fd of the `bindings` trie (the skeleton's copy was closed with it): the
     /// prefixes shorter than one address.
-    bindings: MapHandle,
+    trie: MapHandle,
     /// Our own fd of the `hosts` hash map: the bindings of one address exactly (an IPv4 /32,
     /// an IPv6 /128), most of an edge's, and much cheaper to write than trie entries.
     hosts: MapHandle,
-    /// Our own fds of the counter maps.
-    counters: Counters,
 }
 
 /// Reads the program's per-CPU counters. Holds its own map fds, so a copy can live on the
@@ -74,7 +84,7 @@ pub struct Counters {
 /// beyond it share the last counter.
 pub const MAX_GROUPS: u32 = 4096;
 
-/// Bindings written in one batch update at most (see `Steering::add_bindings`).
+/// Bindings written in one batch update at most (see `Bindings::add_many`).
 pub const STEER_BATCH: usize = 4096;
 
 impl Steering {
@@ -158,8 +168,10 @@ impl Steering {
 
         Ok(Steering {
             link: Some(link),
-            bindings,
-            hosts,
+            maps: Bindings {
+                trie: bindings,
+                hosts,
+            },
             counters: Counters { stats, group_stats },
         })
     }
@@ -168,55 +180,17 @@ impl Steering {
     /// their lookups under `group`. A longer prefix on the same port wins over it. Adding a
     /// binding twice overwrites its group.
     pub fn add_binding(&mut self, prefix: Prefix, port: u16, group: u32) -> Result<(), BpfError> {
-        let value = binding_value(prefix, group);
-        let done = match host_key(prefix, port) {
-            Some(key) => self.hosts.update(&key, &value, MapFlags::ANY),
-            None => self
-                .bindings
-                .update(&binding_key(prefix, port), &value, MapFlags::ANY),
-        };
-        done.map_err(|source| BpfError::Port {
-            port,
-            adding: true,
-            source,
-        })
+        self.maps.add(prefix, port, group)
     }
 
-    /// Steer each (prefix, port, group) of `items` as `add_binding` does, in a batch update per
-    /// map (a start with 200,000 apps writes 800,000 bindings: one syscall each was most of it).
-    /// On an error some of them may be in and others not: the caller adds them one by one then
-    /// (adding a binding twice only overwrites it).
-    pub fn add_bindings(&mut self, items: &[(Prefix, u16, u32)]) -> Result<(), BpfError> {
-        // Each map's keys and values, in one buffer each: (hosts, trie).
-        let mut hosts = Batch::default();
-        let mut trie = Batch::default();
-        for &(prefix, port, group) in items {
-            let value = binding_value(prefix, group);
-            match host_key(prefix, port) {
-                Some(key) => hosts.push(port, &key, &value),
-                None => trie.push(port, &binding_key(prefix, port), &value),
-            }
-        }
-        hosts.write(&self.hosts)?;
-        trie.write(&self.bindings)
-    }
-
-    /// Stop steering `prefix` on `port`: new connections that only it covered take the
-    /// kernel's normal lookup. Established connections are not affected. Removing a binding
-    /// that is not there is not an error.
+    /// Stop steering `prefix` on `port` (see `Bindings::remove`).
     pub fn remove_binding(&mut self, prefix: Prefix, port: u16) -> Result<(), BpfError> {
-        let done = match host_key(prefix, port) {
-            Some(key) => self.hosts.delete(&key),
-            None => self.bindings.delete(&binding_key(prefix, port)),
-        };
-        match done {
-            Err(source) if source.kind() != ErrorKind::NotFound => Err(BpfError::Port {
-                port,
-                adding: false,
-                source,
-            }),
-            _ => Ok(()),
-        }
+        self.maps.remove(prefix, port)
+    }
+
+    /// The maps of steered bindings, to write from other threads too.
+    pub fn bindings(&self) -> &Bindings {
+        &self.maps
     }
 
     /// Steer `port` on every address, IPv4 and IPv6.
@@ -309,6 +283,66 @@ impl Batch {
             adding: true,
             source,
         })
+    }
+}
+
+impl Bindings {
+    /// Steer connections to `prefix` on `port` (insert into the bindings map), counting
+    /// their lookups under `group`. A longer prefix on the same port wins over it. Adding a
+    /// binding twice overwrites its group.
+    pub fn add(&self, prefix: Prefix, port: u16, group: u32) -> Result<(), BpfError> {
+        let value = binding_value(prefix, group);
+        let done = match host_key(prefix, port) {
+            Some(key) => self.hosts.update(&key, &value, MapFlags::ANY),
+            None => self
+                .trie
+                .update(&binding_key(prefix, port), &value, MapFlags::ANY),
+        };
+        done.map_err(|source| BpfError::Port {
+            port,
+            adding: true,
+            source,
+        })
+    }
+
+    /// Steer each (prefix, port, group) of `items` as `add` does, in a batch update per
+    /// map (a start with 200,000 apps writes 800,000 bindings: one syscall each was most of it).
+    /// On an error some of them may be in and others not: the caller adds them one by one then
+    /// (adding a binding twice only overwrites it).
+    pub fn add_many(
+        &self,
+        items: impl IntoIterator<Item = (Prefix, u16, u32)>,
+    ) -> Result<(), BpfError> {
+        // Each map's keys and values, in one buffer each: (hosts, trie).
+        let mut hosts = Batch::default();
+        let mut trie = Batch::default();
+        for (prefix, port, group) in items {
+            let value = binding_value(prefix, group);
+            match host_key(prefix, port) {
+                Some(key) => hosts.push(port, &key, &value),
+                None => trie.push(port, &binding_key(prefix, port), &value),
+            }
+        }
+        hosts.write(&self.hosts)?;
+        trie.write(&self.trie)
+    }
+
+    /// Stop steering `prefix` on `port`: new connections that only it covered take the
+    /// kernel's normal lookup. Established connections are not affected. Removing a binding
+    /// that is not there is not an error.
+    pub fn remove(&self, prefix: Prefix, port: u16) -> Result<(), BpfError> {
+        let done = match host_key(prefix, port) {
+            Some(key) => self.hosts.delete(&key),
+            None => self.trie.delete(&binding_key(prefix, port)),
+        };
+        match done {
+            Err(source) if source.kind() != ErrorKind::NotFound => Err(BpfError::Port {
+                port,
+                adding: false,
+                source,
+            }),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -4,24 +4,29 @@
 //! which), never the whole map.
 //!
 //! Map writes that fail do not refuse a reload (the config is valid, and what is already
-//! steered keeps working): the binding stays wanted and is retried at every reload tick.
+//! steered keeps working): the binding stays pending and is retried at every reload tick.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mio::net::TcpListener;
 
-use crate::bpf::{BpfError, Steering, MAX_GROUPS, STEER_BATCH};
+use crate::backends::routing::Routes;
+use crate::bpf::{Bindings, BpfError, Steering, MAX_GROUPS, STEER_BATCH};
 use crate::config::prefix::Prefix;
 // (port, prefix) pairs and group ids from the config: see the hasher's module doc.
 use crate::frontend::ports::{PortChange, PortError, PortSource};
 use crate::metrics::{LookupReader, LookupStats};
 use crate::relay::doors::{Door, Doors};
-use crate::sys::hash::{FastMap, FastSet};
+use crate::sys::hash::FastMap;
+
+/// A steered (port, address prefix).
+type Pair = (u16, Prefix);
 
 pub struct Steered {
     /// The listeners, open as doors the relay threads accept from; both closed by `stop`.
@@ -29,17 +34,16 @@ pub struct Steered {
     v6: Option<Arc<Door>>,
     doors: Arc<Doors>,
     steering: Steering,
-    /// (port, prefix) pairs the config wants steered, with their port group.
-    wanted: FastMap<(u16, Prefix), u32>,
     /// Pairs written into the map, with the group written.
     steered: FastMap<(u16, Prefix), u32>,
-    /// Pairs where `wanted` and `steered` may differ: a change not yet written, or a write
-    /// that failed and is retried at every tick. Only these are looked at (in order: see
-    /// `sync`). Hash maps and sets: a start with 200,000 apps puts 800,000 pairs in each.
-    dirty: FastSet<(u16, Prefix)>,
-    /// How many entries of `wanted` and `steered` name each group: a group no entry names
-    /// any more is released.
-    uses: FastMap<u32, usize>,
+    /// Pairs whose map entry is not what the config wants, because a write failed: the group
+    /// to write, or None to delete. Retried at every tick (and with every change); empty
+    /// while every write succeeds (a change is written as it comes, never kept here).
+    pending: FastMap<(u16, Prefix), Option<u32>>,
+    /// How many entries of `steered` and `pending` (and of a change being written) name each
+    /// group, by group id (every id is below MAX_GROUPS): a group nothing names any more is
+    /// released. A vector, not a map: a start counts 800,000 entries.
+    uses: Vec<u32>,
     /// Port group (counter index) of each app, or of the apps sharing a binding by Hostnames
     /// (their names joined with `+`), by name (see `GroupNames`).
     groups: Arc<Mutex<GroupNames>>,
@@ -80,12 +84,15 @@ impl GroupNames {
         } else if self.next < MAX_GROUPS - 1 {
             self.next += 1;
             (app, self.next - 1)
+        } else if let Some(&g) = self.by_name.get(OVERFLOW) {
+            // Most apps of a large config: named already (and so not stale), nothing to copy.
+            return (g, false);
         } else {
             // Shared overflow counter: reported once, under a name that says so.
             (OVERFLOW, MAX_GROUPS - 1)
         };
         let stale = self.stale.remove(&g);
-        self.by_name.entry(name.to_owned()).or_insert(g);
+        self.by_name.insert(name.to_owned(), g);
         self.by_id.entry(g).or_insert_with(|| name.to_owned());
         (g, stale)
     }
@@ -185,30 +192,21 @@ impl Steered {
             v6,
             doors,
             steering,
-            wanted: FastMap::default(),
             steered: FastMap::default(),
-            dirty: FastSet::default(),
-            uses: FastMap::default(),
+            pending: FastMap::default(),
+            uses: vec![0; MAX_GROUPS as usize],
             groups: Arc::default(),
             failing: false,
         })
     }
 
-    /// Count one more (`true`) or one fewer use of group `g`; a group no longer used is
-    /// returned, for the caller to release at once (a failed map write keeps a group until a
-    /// retry removes its ports).
-    fn count(&mut self, g: u32, more: bool) -> Option<u32> {
-        let n = self.uses.entry(g).or_insert(0);
-        if more {
-            *n += 1;
-            return None;
-        }
+    /// One fewer use of group `g`: whether nothing uses it any more (to be released at once; a
+    /// failed map write keeps a group until a retry removes its ports).
+    #[must_use]
+    fn unuse(&mut self, g: u32) -> bool {
+        let n = &mut self.uses[g as usize];
         *n = n.saturating_sub(1);
-        if *n == 0 {
-            self.uses.remove(&g);
-            return Some(g);
-        }
-        None
+        *n == 0
     }
 
     /// Release group `g`, which nothing uses any more.
@@ -219,98 +217,112 @@ impl Steered {
             .release(g);
     }
 
-    /// Set what `wanted` (`steered: false`) or `steered` holds for `key`, counting uses; a
-    /// group no longer used is returned, to release at once.
-    #[must_use]
-    fn set(&mut self, steered: bool, key: (u16, Prefix), group: Option<u32>) -> Option<u32> {
-        let map = if steered {
-            &mut self.steered
-        } else {
-            &mut self.wanted
-        };
-        let old = match group {
-            Some(g) => map.insert(key, g),
-            None => map.remove(&key),
-        };
-        if old == group {
-            return None;
+    /// Write `steer` (each (port, prefix) with the name of its group, or None to stop steering
+    /// it) and what is still pending from failed writes: groups handed out under one lock (a
+    /// start has 800,000 pairs), then the writes, logged if any fails.
+    fn change<'a>(
+        &mut self,
+        steer: impl ExactSizeIterator<Item = ((u16, Prefix), Option<&'a str>)>,
+    ) {
+        let groups = Arc::clone(&self.groups);
+        let mut names = groups.lock().unwrap_or_else(|e| e.into_inner());
+        let mut items: Vec<((u16, Prefix), Option<u32>)> =
+            Vec::with_capacity(steer.len() + self.pending.len());
+        // Each name's group, once looked up: an app has several pairs, and past MAX_GROUPS
+        // every look-up in `names` misses (0.3 s of a start at 200,000 apps).
+        let mut known: FastMap<&str, u32> = FastMap::default();
+        for (key, group) in steer {
+            let g = group.map(|name| {
+                if let Some(&g) = known.get(name) {
+                    return g;
+                }
+                let (g, zero) = names.id(name);
+                known.insert(name, g);
+                if zero {
+                    // Not fatal: the app's counters would start from the last app's counts.
+                    if let Err(e) = self.steering.clear_group(g) {
+                        crate::error!("bpf: {e}");
+                    }
+                }
+                g
+            });
+            // The item's use, counted before the one it replaces is dropped: a group moving
+            // between two entries is never released in between.
+            if let Some(g) = g {
+                self.uses[g as usize] += 1;
+            }
+            // A failed write of this pair, not retried: this change replaces it.
+            if let Some(Some(old)) = self.pending.remove(&key) {
+                if self.unuse(old) {
+                    names.release(old);
+                }
+            }
+            items.push((key, g));
         }
-        // Count the new use before dropping the old one: a group moving between two entries
-        // is never released in between.
-        if let Some(g) = group {
-            self.count(g, true);
-        }
-        self.count(old?, false)
+        drop(names);
+        items.extend(self.pending.drain());
+        self.write(items);
     }
 
-    /// `set`, releasing at once a group no longer used.
-    fn set_steered(&mut self, key: (u16, Prefix), group: Option<u32>) {
-        if let Some(unused) = self.set(true, key, group) {
-            self.release(unused);
-        }
-    }
-
-    /// Bring the map in line with `wanted` for the pairs not yet in line; failures are logged
-    /// and left for the next tick. New bindings go in before old ones go out: a longer prefix
+    /// Bring the map in line with `items` (each pair with its group, or None to delete it, a
+    /// use of that group counted for each): failed writes go to `pending`, logged, and are
+    /// retried at the next tick. New bindings go in before old ones go out: a longer prefix
     /// added beside a shorter one takes over at once, and a port never has a moment with
     /// neither.
-    fn sync(&mut self) {
+    fn write(&mut self, mut items: Vec<((u16, Prefix), Option<u32>)>) {
         let mut failed: Option<(u16, BpfError)> = None;
         // Ports (not bindings) that failed, for the message.
         let mut failures = BTreeSet::new();
         // In order, so that the batches, and which port a failure names first, are the same
-        // from run to run.
-        let mut keys: Vec<(u16, Prefix)> = self.dirty.iter().copied().collect();
-        keys.sort_unstable();
-        // New bindings, and bindings whose apps (so group) changed: in batches (one syscall
-        // for thousands), each batch that fails written again one by one, for the failures'
-        // ports.
-        let adds: Vec<((u16, Prefix), u32)> = keys
-            .iter()
-            .filter_map(|key| {
-                let group = *self.wanted.get(key)?;
-                (self.steered.get(key) != Some(&group)).then_some((*key, group))
-            })
-            .collect();
+        // from run to run (a change comes sorted: this costs little).
+        items.sort_unstable_by_key(|&(key, _)| key);
+        // New bindings, and bindings whose apps (so group) changed, in batches (one syscall
+        // for thousands), on several threads for a start; each batch that fails written again
+        // one by one, for the failures' ports. A pair already in the map as wanted (a retry
+        // after a change back) needs no write.
+        let mut adds: Vec<(Pair, u32)> = Vec::with_capacity(items.len());
+        for &(key, g) in &items {
+            let Some(g) = g else { continue };
+            if self.steered.get(&key) == Some(&g) {
+                self.settle(key, Some(g));
+            } else {
+                adds.push((key, g));
+            }
+        }
+        let written = write_batches(self.steering.bindings(), &adds);
         self.steered.reserve(adds.len());
-        for chunk in adds.chunks(STEER_BATCH) {
-            let items: Vec<(Prefix, u16, u32)> = chunk
-                .iter()
-                .map(|&((port, prefix), group)| (prefix, port, group))
-                .collect();
-            if chunk.len() > 1 && self.steering.add_bindings(&items).is_ok() {
-                for &(key, group) in chunk {
-                    self.set_steered(key, Some(group));
+        for (chunk, ok) in adds.chunks(STEER_BATCH).zip(written) {
+            if ok {
+                for &(key, g) in chunk {
+                    self.settle(key, Some(g));
                 }
                 continue;
             }
-            for &((port, prefix), group) in chunk {
-                match self.steering.add_binding(prefix, port, group) {
-                    Ok(()) => self.set_steered((port, prefix), Some(group)),
+            for &((port, prefix), g) in chunk {
+                match self.steering.add_binding(prefix, port, g) {
+                    Ok(()) => self.settle((port, prefix), Some(g)),
                     Err(e) => {
                         failures.insert(port);
                         failed.get_or_insert((port, e));
+                        self.pending.insert((port, prefix), Some(g));
                     }
                 }
             }
         }
-        for &(port, prefix) in &keys {
-            if self.wanted.contains_key(&(port, prefix))
-                || !self.steered.contains_key(&(port, prefix))
-            {
+        for &((port, prefix), g) in &items {
+            if g.is_some() {
+                continue;
+            }
+            if !self.steered.contains_key(&(port, prefix)) {
                 continue;
             }
             match self.steering.remove_binding(prefix, port) {
-                Ok(()) => self.set_steered((port, prefix), None),
+                Ok(()) => self.settle((port, prefix), None),
                 Err(e) => {
                     failures.insert(port);
                     failed.get_or_insert((port, e));
+                    self.pending.insert((port, prefix), None);
                 }
-            }
-        }
-        for key in keys {
-            if self.wanted.get(&key) == self.steered.get(&key) {
-                self.dirty.remove(&key);
             }
         }
         match failed {
@@ -330,7 +342,70 @@ impl Steered {
             None => {}
         }
     }
+
+    /// `key` is in the map as `group` says (None: not in it): the item's use of `group` moves
+    /// to `steered`, and the group written before is used once fewer (released if nothing
+    /// else uses it).
+    fn settle(&mut self, key: (u16, Prefix), group: Option<u32>) {
+        let old = match group {
+            Some(g) => self.steered.insert(key, g),
+            None => self.steered.remove(&key),
+        };
+        if let Some(old) = old {
+            if self.unuse(old) {
+                self.release(old);
+            }
+        }
+    }
 }
+
+/// Write `adds` in batches of `STEER_BATCH`, on a thread per core when there are many (a start
+/// at 200,000 apps writes 800,000 bindings, a microsecond each in the kernel, most of bpf
+/// mode's start once the table is built); whether each batch was written whole.
+fn write_batches(maps: &Bindings, adds: &[(Pair, u32)]) -> Vec<bool> {
+    let chunks: Vec<&[(Pair, u32)]> = adds.chunks(STEER_BATCH).collect();
+    // A batch of one is written by the caller, one by one, for its error.
+    let write = |chunk: &[(Pair, u32)]| {
+        chunk.len() > 1
+            && maps
+                .add_many(chunk.iter().map(|&((port, prefix), g)| (prefix, port, g)))
+                .is_ok()
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(chunks.len() / PARALLEL_BATCHES);
+    if threads < 2 {
+        return chunks.into_iter().map(write).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let take = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = chunks.get(i) else {
+                return done;
+            };
+            done.push((i, write(chunk)));
+        }
+    };
+    let mut written = vec![false; chunks.len()];
+    std::thread::scope(|s| {
+        let others: Vec<_> = (1..threads).map(|_| s.spawn(take)).collect();
+        let mut done = take();
+        for t in others {
+            // A panic in a writer (a bug) leaves its batches unmarked: written again one by one.
+            done.extend(t.join().unwrap_or_default());
+        }
+        for (i, ok) in done {
+            written[i] = ok;
+        }
+    });
+    written
+}
+
+/// Batches per writing thread, at least, before `write_batches` starts threads: a reload's few
+/// batches are written on the loop's thread.
+const PARALLEL_BATCHES: usize = 4;
 
 /// The wildcard address on `port`, for a listener whose own address cannot be read.
 fn addr_of(port: u16) -> SocketAddr {
@@ -341,30 +416,13 @@ impl PortSource for Steered {
     fn apply(&mut self, change: &PortChange) -> Result<(), PortError> {
         // Only the pairs whose apps changed: a binding that moved to another app keeps being
         // steered, only its group changes.
-        // One lock for the whole change (not one per pair: a start has 800,000); a group
-        // released on the way is released under it, in the same order as ever.
-        let groups = Arc::clone(&self.groups);
-        let mut names = groups.lock().unwrap_or_else(|e| e.into_inner());
-        self.wanted.reserve(change.steer.len());
-        self.dirty.reserve(change.steer.len());
-        for (key, group) in &change.steer {
-            let g = group.as_deref().map(|name| {
-                let (g, zero) = names.id(name);
-                if zero {
-                    // Not fatal: the app's counters would start from the last app's counts.
-                    if let Err(e) = self.steering.clear_group(g) {
-                        crate::error!("bpf: {e}");
-                    }
-                }
-                g
-            });
-            if let Some(unused) = self.set(false, *key, g) {
-                names.release(unused);
-            }
-            self.dirty.insert(*key);
-        }
-        drop(names);
-        self.sync();
+        self.change(change.steer.iter().map(|(key, g)| (*key, g.as_deref())));
+        Ok(())
+    }
+
+    fn steer_all(&mut self, routes: &Routes) -> Result<(), PortError> {
+        let all = routes.every_group();
+        self.change(all.into_iter().map(|(key, g)| (key, Some(g))));
         Ok(())
     }
 
@@ -373,8 +431,8 @@ impl PortSource for Steered {
     }
 
     fn tick(&mut self) {
-        if !self.dirty.is_empty() {
-            self.sync();
+        if !self.pending.is_empty() {
+            self.change(std::iter::empty());
         }
     }
 

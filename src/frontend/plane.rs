@@ -247,7 +247,7 @@ pub(super) fn first_change(steers: bool, config: &Config, routes: &Routes) -> Po
     let steer = routes
         .every_group()
         .into_iter()
-        .map(|(pair, group)| (pair, Some(group)))
+        .map(|(pair, group)| (pair, Some(group.to_owned())))
         .collect();
     PortChange {
         binds: Default::default(),

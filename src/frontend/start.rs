@@ -169,9 +169,12 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         return stopped_starting();
     }
     let routes = Arc::new(Routes::new(&config, None));
-    source
-        .apply(&plane::first_change(source.steers(), &config, &routes))
-        .map_err(StartError::Port)?;
+    if source.steers() {
+        source.steer_all(&routes)
+    } else {
+        source.apply(&plane::first_change(false, &config, &routes))
+    }
+    .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
