@@ -21,7 +21,6 @@ use crate::backends::backend::Backend;
 use crate::backends::clients::ClientCounts;
 use crate::backends::histogram::Histogram;
 use crate::backends::limit::AppLimit;
-use crate::backends::loops::{Frontends, OwnFrontends};
 use crate::backends::shards::Shards;
 use crate::config::hostname::{self, Pattern};
 use crate::config::prefix::Prefix;
@@ -34,6 +33,7 @@ use crate::sys::hash::FastMap;
 pub use crate::backends::limit::{Acquired, LimitDenied, LimitGuard, LimitWait};
 // Likewise: they lived here before.
 pub use crate::backends::unrouted::{Unrouted, UnroutedCounts};
+pub use own::OwnFrontends;
 pub use update::Fresh;
 
 #[derive(Debug)]
@@ -270,7 +270,8 @@ impl PortTable {
 #[derive(Debug)]
 pub struct Routes {
     /// Ports served by the same apps share one table (a range of 10,000 ports is one table).
-    by_port: FastMap<u16, Arc<PortTable>>,
+    /// Shared with `own` once the table is in force: they are also where the proxy accepts.
+    by_port: Arc<Ports>,
     /// Every app by name, with its ports and its place in config order: where the next table
     /// finds an app's route (kept whole while the app is unchanged) and its state (backends,
     /// limits, counters: kept for what remains). `Shards`, so that the next table copies
@@ -281,9 +282,10 @@ pub struct Routes {
     listed: OnceLock<Vec<(Arc<AppRoute>, Vec<u16>)>>,
     /// The frontends every route checks its targets against, shared by all tables.
     own: Arc<OwnFrontends>,
-    /// This config's frontends, to be put in `own` once the table is in force.
-    frontends: Arc<Frontends>,
 }
+
+/// Each port's table.
+type Ports = FastMap<u16, Arc<PortTable>>;
 
 /// An app's ports, and its place in config order: apps are listed by `order`, which leaves
 /// room (`ORDER_GAP`) between neighbours for an app added between them.
@@ -391,25 +393,19 @@ impl AppRoute {
 }
 
 impl Routes {
-    fn of(
-        by_port: FastMap<u16, Arc<PortTable>>,
-        by_name: Shards<Named, Placed>,
-        own: Arc<OwnFrontends>,
-        frontends: Arc<Frontends>,
-    ) -> Routes {
+    fn of(by_port: Ports, by_name: Shards<Named, Placed>, own: Arc<OwnFrontends>) -> Routes {
         Routes {
-            by_port,
+            by_port: Arc::new(by_port),
             by_name,
             listed: OnceLock::new(),
             own,
-            frontends,
         }
     }
 
     /// This table is in force from now on: its frontends are the ones every route's targets
     /// are checked against (a new table is built before it is known to be applied).
     pub fn in_force(&self) {
-        self.own.set(Arc::clone(&self.frontends));
+        self.own.set(&self.by_port);
     }
 
     /// The route of the app named `name`.
@@ -456,7 +452,7 @@ impl Routes {
     /// pairs and a look-up each, this was a large part of a start at 200,000 apps.
     pub fn every_group(&self) -> Vec<((u16, Prefix), String)> {
         let mut out: Vec<((u16, Prefix), String)> = Vec::new();
-        for (&port, table) in &self.by_port {
+        for (&port, table) in self.by_port.iter() {
             out.reserve(table.bindings.len());
             for (prefix, b) in table.bindings.iter() {
                 out.push(((port, *prefix), b.group().to_owned()));
@@ -573,6 +569,7 @@ fn counted_at_accept(b: &Binding, kept: Option<&Arc<ClientCounts>>) -> Option<Ar
 }
 
 mod build;
+mod own;
 mod update;
 
 #[cfg(test)]

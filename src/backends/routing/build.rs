@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{binding, AppRoute, Named, OwnFrontends, Placed, PortTable, Routes, ORDER_GAP};
-use crate::backends::loops::Frontends;
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config};
 // Keyed by ports and by lists of apps, from the config: see the hasher's module doc.
@@ -14,8 +13,7 @@ use crate::sys::hash::FastMap;
 impl Routes {
     /// Build the table for `config`, keeping the state of `previous` for what remains. A large
     /// config is built on a thread per core (see `PARALLEL_FROM`): the routes of the apps in
-    /// slices, then each port's table, the index of names and the loop check's frontends side
-    /// by side.
+    /// slices, then each port's table and the index of names.
     pub fn new(config: &Config, previous: Option<&Routes>) -> Routes {
         let own = previous.map_or_else(Arc::default, |p| Arc::clone(&p.own));
         let threads = if config.apps.len() >= PARALLEL_FROM {
@@ -23,9 +21,7 @@ impl Routes {
         } else {
             1
         };
-        let (by_port, by_name, frontends) = std::thread::scope(|s| {
-            // The loop check's index needs only the config: made beside the rest.
-            let frontends = (threads > 1).then(|| s.spawn(|| Frontends::new(config)));
+        let (by_port, by_name) = {
             let apps = routes_of(&config.apps, previous, &own, threads);
             // Port -> the apps on it, by index in config order.
             let mut on_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
@@ -73,16 +69,13 @@ impl Routes {
                     (Named(route), placed)
                 })
                 .collect();
-            let frontends = Arc::new(match frontends {
-                Some(f) => joined(f),
-                None => Frontends::new(config),
-            });
-            (by_port, by_name, frontends)
-        });
+            (by_port, by_name)
+        };
+        let routes = Routes::of(by_port, by_name, own);
         if previous.is_none() {
-            own.set(Arc::clone(&frontends));
+            routes.in_force();
         }
-        Routes::of(by_port, by_name, own, frontends)
+        routes
     }
 }
 

@@ -114,8 +114,6 @@ impl Routes {
         // its own routes: scanning every fresh route per touched prefix made a rewrite of
         // every app quadratic (20,000 apps with an address each never finished).
         let mut touched: BTreeMap<u16, Touched> = BTreeMap::new();
-        // The (port, prefix) pairs that leave and join the frontends.
-        let (mut out, mut into) = (Vec::new(), Vec::new());
         for name in &gone {
             if let Some((Named(route), placed)) = self.by_name.get_key_value(*name) {
                 let prefixes = route.prefixes();
@@ -123,7 +121,6 @@ impl Routes {
                     let t = touched.entry(*port).or_default();
                     for prefix in prefixes {
                         t.on.entry(*prefix).or_default();
-                        out.push((*port, *prefix));
                     }
                 }
             }
@@ -134,7 +131,6 @@ impl Routes {
                 let t = touched.entry(*port).or_default();
                 t.names.push(route.name.as_str());
                 for prefix in prefixes {
-                    into.push((*port, *prefix));
                     let on = t.on.entry(*prefix).or_default();
                     // An address listed twice is one binding of the app, as in `port_table`.
                     if !on.last().is_some_and(|r| Arc::ptr_eq(r, route)) {
@@ -143,7 +139,7 @@ impl Routes {
                 }
             }
         }
-        let mut by_port = self.by_port.clone();
+        let mut by_port = (*self.by_port).clone();
         // Ports that shared a table and change alike share the new one.
         let mut made: FastMap<(usize, Vec<&str>), Option<Arc<PortTable>>> = FastMap::default();
         for (port, mut t) in touched {
@@ -159,9 +155,7 @@ impl Routes {
                 None => by_port.remove(&port),
             };
         }
-        // The loop check's index of frontends, changed by the pairs of the apps changed alone.
-        let frontends = Arc::new(self.frontends.changed(&out, &into));
-        Routes::of(by_port, by_name, Arc::clone(&self.own), frontends)
+        Routes::of(by_port, by_name, Arc::clone(&self.own))
     }
 }
 
