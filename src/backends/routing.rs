@@ -497,16 +497,22 @@ impl Routes {
     }
 }
 
+/// Whether `routes` (the apps on one (prefix, port)) are one app without Hostnames: their
+/// binding is then the same on each of the app's ports and prefixes, and one is shared by all
+/// of them (an edge's app with an address of each family on three ports had six, 64 bytes
+/// each).
+fn is_sole(routes: &[&Arc<AppRoute>]) -> bool {
+    matches!(routes, [route] if route.hostnames.is_empty())
+}
+
 /// The binding of `routes` (the apps on one (prefix, port)), keeping the counts taken at
 /// accept of `kept` (the binding there before) if it was of the same apps.
 fn binding(routes: &[&Arc<AppRoute>], kept: Option<&Binding>) -> Binding {
     let mut b = Binding::default();
     // Most of an edge's bindings: one app on an address of its own.
-    if let [route] = routes {
-        if route.hostnames.is_empty() {
-            b.default = Some(Arc::clone(route));
-            return b;
-        }
+    if let ([route], true) = (routes, is_sole(routes)) {
+        b.default = Some(Arc::clone(route));
+        return b;
     }
     let mut names: Vec<&str> = Vec::with_capacity(routes.len());
     for route in routes {

@@ -279,3 +279,36 @@ fn the_frontends_are_the_table_in_forces() {
     assert!(is_own(&r1, "127.0.0.3:7002"));
     assert!(!is_own(&r1, "127.0.0.9:7003"));
 }
+
+/// An app alone where it answers, without Hostnames, has one binding on all its ports and
+/// prefixes, in a table built whole and in one an update made; an app sharing an address
+/// gets a binding of its own there.
+#[test]
+fn an_app_alone_has_one_binding_everywhere() {
+    let parse = |json: &str| Config::parse(Path::new("x"), json.as_bytes()).unwrap();
+    let c1 = parse(
+        r#"{"Apps":[
+          {"Name":"a","Ports":[443,80],"Addresses":["10.0.0.1/32","fd00::1/128"],"Targets":["h:1"]},
+          {"Name":"b","Ports":[443],"Addresses":["10.0.0.2/32"],"Targets":["h:1"]},
+          {"Name":"c","Ports":[443],"Addresses":["10.0.0.2/32"],"Hostnames":["c.example"],"Targets":["h:1"]}]}"#,
+    );
+    let c2 = parse(
+        r#"{"Apps":[
+          {"Name":"a","Ports":[443,80,8080],"Addresses":["10.0.0.1/32","fd00::1/128"],"Targets":["h:1"]},
+          {"Name":"b","Ports":[443],"Addresses":["10.0.0.2/32"],"Targets":["h:1"]},
+          {"Name":"c","Ports":[443],"Addresses":["10.0.0.2/32"],"Hostnames":["c.example"],"Targets":["h:1"]}]}"#,
+    );
+    let r1 = Routes::new(&c1, None);
+    let r2 = r1.update(&c2, &Diff::between(&c1, &c2));
+    for (r, ports) in [(&r1, &[443, 80][..]), (&r2, &[443, 80, 8080][..])] {
+        let at = |s: &str| r.lookup(s.parse().unwrap()).unwrap();
+        let first = at("10.0.0.1:443");
+        for &port in ports {
+            assert!(Arc::ptr_eq(first, at(&format!("10.0.0.1:{port}"))));
+            assert!(Arc::ptr_eq(first, at(&format!("[fd00::1]:{port}"))));
+        }
+        assert_eq!(first.default_app().unwrap().name, "a");
+        let shared = at("10.0.0.2:443");
+        assert!(shared.needs_server_name() && shared.group() == "b+c");
+    }
+}

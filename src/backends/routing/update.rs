@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{binding, AppRoute, Named, Placed, PortTable, Routes, ORDER_GAP};
+use super::{binding, is_sole, AppRoute, Binding, Named, Placed, PortTable, Routes, ORDER_GAP};
 use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config, Diff};
@@ -142,13 +142,14 @@ impl Routes {
         let mut by_port = (*self.by_port).clone();
         // Ports that shared a table and change alike share the new one.
         let mut made: FastMap<(usize, Vec<&str>), Option<Arc<PortTable>>> = FastMap::default();
+        let mut sole = Sole::default();
         for (port, mut t) in touched {
             let old = self.by_port.get(&port);
             t.names.sort_unstable();
             let key = (old.map_or(0, |t| Arc::as_ptr(t) as usize), t.names);
             let table = made
                 .entry(key)
-                .or_insert_with(|| updated_table(old.map(|t| &**t), &t.on, &gone))
+                .or_insert_with(|| updated_table(old.map(|t| &**t), &t.on, &gone, &mut sole))
                 .clone();
             match table {
                 Some(t) => by_port.insert(port, t),
@@ -167,6 +168,10 @@ struct Touched<'a> {
     names: Vec<&'a str>,
 }
 
+/// The bindings of apps alone where they answer (see `is_sole`) made by an update, by route:
+/// each shared by the app's pairs the update rebuilds.
+type Sole = FastMap<*const AppRoute, Arc<Binding>>;
+
 /// `old` (a port's table; None: a port new to the config) with the bindings of the prefixes
 /// in `touched` rebuilt: without the apps in `gone`, with the new routes `touched` gives for
 /// each. None: no app is left on the port.
@@ -174,6 +179,7 @@ fn updated_table(
     old: Option<&PortTable>,
     touched: &BTreeMap<Prefix, Vec<Arc<AppRoute>>>,
     gone: &FastSet<&str>,
+    sole: &mut Sole,
 ) -> Option<Arc<PortTable>> {
     // Shares the old table's shards but those of the prefixes touched.
     let mut table = old.cloned().unwrap_or_default();
@@ -187,7 +193,12 @@ fn updated_table(
             .filter(|r| !gone.contains(r.name.as_str()))
             .collect();
         on.extend(fresh);
-        if !on.is_empty() {
+        if is_sole(&on) {
+            let b = sole
+                .entry(Arc::as_ptr(on[0]))
+                .or_insert_with(|| Arc::new(binding(&on, None)));
+            table.insert(*prefix, Arc::clone(b));
+        } else if !on.is_empty() {
             let b = binding(&on, before.as_deref());
             table.insert(*prefix, Arc::new(b));
         }
