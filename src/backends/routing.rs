@@ -261,6 +261,24 @@ impl PortTable {
             .find_map(|&(len, _)| self.bindings.get(&Prefix::new(ip, len)))
     }
 
+    /// Whether a binding here takes more than one address of the family (IPv4 if `v4`).
+    pub fn wide(&self, v4: bool) -> bool {
+        let (lens, host) = if v4 {
+            (&self.v4_lens, 32)
+        } else {
+            (&self.v6_lens, 128)
+        };
+        lens.iter().any(|&(len, _)| len < host)
+    }
+
+    /// The single addresses here: each binding's of a /32 or /128.
+    pub fn hosts(&self) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        self.bindings
+            .keys()
+            .filter(|p| p.is_host())
+            .map(|p| p.addr())
+    }
+
     /// The binding of exactly `prefix`.
     pub fn binding(&self, prefix: &Prefix) -> Option<&Arc<Binding>> {
         self.bindings.get(prefix)
@@ -460,6 +478,11 @@ impl Routes {
         }
         out.sort_unstable_by_key(|&(pair, _)| pair);
         out
+    }
+
+    /// Every configured port with its bindings.
+    pub fn ports(&self) -> impl Iterator<Item = (u16, &PortTable)> {
+        self.by_port.iter().map(|(&port, t)| (port, &**t))
     }
 
     /// The bindings of `port`, if it is configured.

@@ -170,7 +170,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     }
     let routes = Arc::new(Routes::new(&config, None));
     source
-        .apply(&plane::first_change(source.steers(), &config, &routes))
+        .apply(&plane::first_change(source.steers(), &routes))
         .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
