@@ -20,107 +20,52 @@
 //!   later resolves to this host fails that connection with reason `loop` instead of relaying.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::sync::{Arc, RwLock};
 
-use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{Config, Problem, Target};
 // Keyed by the config's ports: see the hasher's module doc.
-use crate::sys::hash::FastMap;
+use crate::sys::hash::{FastMap, FastSet};
 
-/// Where this proxy accepts: each port with the prefixes it answers on.
-///
-/// Each port's prefixes are shared between the frontends of one reload and the next: a
-/// reload copies only the ports its apps touch (see `Frontends::changed`).
+/// Where a config's apps accept: each port with the prefixes it answers on (the running
+/// proxy asks its routing table in force instead: `routing::OwnFrontends`).
 #[derive(Debug, Default, Clone)]
 pub struct Frontends {
-    ports: FastMap<u16, Arc<PortPrefixes>>,
-}
-
-/// The frontends of the config in force, shared by every app's route: a route is kept across
-/// reloads while its app is unchanged, the frontends are the whole config's, so they are
-/// replaced in place.
-#[derive(Debug, Default)]
-pub struct OwnFrontends(RwLock<Arc<Frontends>>);
-
-impl OwnFrontends {
-    /// `addr` would be accepted by this proxy itself, as the config in force says.
-    pub fn is_own(&self, addr: SocketAddr) -> bool {
-        let now = Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()));
-        now.is_own(addr)
-    }
-
-    /// These are the frontends from now on.
-    pub fn set(&self, frontends: Arc<Frontends>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = frontends;
-    }
+    ports: FastMap<u16, PortPrefixes>,
 }
 
 /// A port's prefixes, looked up by masking the address to each length in use rather than
 /// tried one by one: an edge with an address per app has as many prefixes on a port as it has
 /// apps, and every target of every app is checked against them (a scan made 100,000 such
-/// apps take minutes to check, and every connect to a target on that port pay for the scan).
+/// apps take minutes to check).
 #[derive(Debug, Default, Clone)]
 struct PortPrefixes {
-    /// Each prefix, with how many of the apps' (port, prefix) pairs answer there. `Shards`:
-    /// a reload's next index copies only the shards of the prefixes it touches (a port with
-    /// an address per app has as many prefixes as apps).
-    set: Shards<Prefix, u32>,
-    /// The distinct prefix lengths `set` had (at most 33 + 129; one no longer in use costs
-    /// a lookup that finds nothing).
+    set: FastSet<Prefix>,
+    /// The distinct prefix lengths in `set`.
     lens: Vec<u8>,
 }
 
 impl PortPrefixes {
-    /// The prefixes of `pairs` (one per app's pair: a prefix may come more than once), each
-    /// counted.
+    /// The prefixes of `pairs` (one per app's pair: a prefix may come more than once).
     fn of(mut pairs: Vec<Prefix>) -> PortPrefixes {
         pairs.sort_unstable();
+        pairs.dedup();
         let mut lens: Vec<u8> = Vec::new();
-        let mut counted: Vec<(Prefix, u32)> = Vec::new();
-        for prefix in pairs {
-            match counted.last_mut() {
-                Some((last, n)) if *last == prefix => *n += 1,
-                _ => {
-                    if !lens.contains(&prefix.prefix_len()) {
-                        lens.push(prefix.prefix_len());
-                    }
-                    counted.push((prefix, 1));
-                }
+        for prefix in &pairs {
+            if !lens.contains(&prefix.prefix_len()) {
+                lens.push(prefix.prefix_len());
             }
         }
         PortPrefixes {
-            set: counted.into_iter().collect(),
+            set: pairs.into_iter().collect(),
             lens,
-        }
-    }
-
-    fn count(&mut self, prefix: Prefix, add: bool) {
-        if add {
-            if !self.lens.contains(&prefix.prefix_len()) {
-                self.lens.push(prefix.prefix_len());
-            }
-            match self.set.get_mut(&prefix) {
-                Some(n) => *n += 1,
-                None => {
-                    self.set.insert(prefix, 1);
-                }
-            }
-        } else if let Some(n) = self.set.get_mut(&prefix) {
-            *n -= 1;
-            if *n == 0 {
-                self.set.remove(&prefix);
-            }
         }
     }
 }
 
 impl Frontends {
     pub fn new(config: &Config) -> Frontends {
-        // Straight from the apps: `Config::bindings` would also sort and name every pair,
-        // which at 200,000 apps costs more than the rest of a reload.
-        // Each port's pairs listed, then sorted and counted: at 200,000 apps with addresses of
-        // their own, a lookup per pair into a growing map was most of this.
+        // Each port's pairs listed, then sorted: at 200,000 apps with addresses of their own,
+        // a lookup per pair into a growing set was most of this.
         let mut pairs: FastMap<u16, Vec<Prefix>> = FastMap::default();
         for app in &config.apps {
             let prefixes = crate::config::app_prefixes(app);
@@ -130,24 +75,9 @@ impl Frontends {
         }
         let ports = pairs
             .into_iter()
-            .map(|(p, pairs)| (p, Arc::new(PortPrefixes::of(pairs))))
+            .map(|(p, pairs)| (p, PortPrefixes::of(pairs)))
             .collect();
         Frontends { ports }
-    }
-
-    /// These frontends without the (port, prefix) pairs `out` (of apps removed or changed)
-    /// and with `into` (of apps added or changed): each port touched is copied once, the
-    /// others are shared.
-    pub fn changed(&self, out: &[(u16, Prefix)], into: &[(u16, Prefix)]) -> Frontends {
-        let mut next = self.clone();
-        for (pairs, add) in [(out, false), (into, true)] {
-            for &(port, prefix) in pairs {
-                let at = next.ports.entry(port).or_default();
-                Arc::make_mut(at).count(prefix, add);
-            }
-        }
-        next.ports.retain(|_, at| !at.set.is_empty());
-        next
     }
 
     /// `addr` would be accepted by this proxy itself.
@@ -162,7 +92,7 @@ impl Frontends {
         let covered = prefixes
             .lens
             .iter()
-            .any(|&len| prefixes.set.contains_key(&Prefix::new(ip, len)));
+            .any(|&len| prefixes.set.contains(&Prefix::new(ip, len)));
         covered && is_local(ip)
     }
 }
@@ -291,32 +221,5 @@ mod tests {
         assert!(own.is_own("127.0.0.1:7001".parse().unwrap()));
         assert!(!own.is_own("127.0.0.1:7003".parse().unwrap()));
         assert!(!own.is_own("192.0.2.1:7001".parse().unwrap()));
-    }
-
-    /// Pairs counted out and in give the frontends of the changed config; a pair two apps
-    /// share stays while one is left, and a port with none left goes.
-    #[test]
-    fn changed_frontends_are_the_new_configs() {
-        let p = |s: &str| Prefix::parse(s).unwrap();
-        let c = Config::parse(
-            Path::new("c.json"),
-            br#"{"Apps":[
-                {"Name":"a","Ports":[7001],"Addresses":["127.0.0.2/32"],"Targets":["192.0.2.1:1"]},
-                {"Name":"b","Ports":[7001],"Addresses":["127.0.0.2/32"],"Hostnames":["b.example"],"Targets":["192.0.2.1:1"]},
-                {"Name":"c","Ports":[7002],"Addresses":["127.0.0.3/32"],"Targets":["192.0.2.1:1"]}]}"#,
-        )
-        .unwrap();
-        let own = Frontends::new(&c);
-        // b and c go; d comes on 7003 on every IPv4 address.
-        let next = own.changed(
-            &[(7001, p("127.0.0.2/32")), (7002, p("127.0.0.3/32"))],
-            &[(7003, p("0.0.0.0/0"))],
-        );
-        assert!(next.is_own("127.0.0.2:7001".parse().unwrap()));
-        assert!(!next.is_own("127.0.0.3:7002".parse().unwrap()));
-        assert!(next.is_own("127.0.0.9:7003".parse().unwrap()));
-        assert!(!next.ports.contains_key(&7002));
-        // The frontends before are as they were.
-        assert!(own.is_own("127.0.0.3:7002".parse().unwrap()));
     }
 }

@@ -21,7 +21,6 @@ use crate::backends::backend::Backend;
 use crate::backends::clients::ClientCounts;
 use crate::backends::histogram::Histogram;
 use crate::backends::limit::AppLimit;
-use crate::backends::loops::{Frontends, OwnFrontends};
 use crate::backends::shards::Shards;
 use crate::config::hostname::{self, Pattern};
 use crate::config::prefix::Prefix;
@@ -34,6 +33,7 @@ use crate::sys::hash::FastMap;
 pub use crate::backends::limit::{Acquired, LimitDenied, LimitGuard, LimitWait};
 // Likewise: they lived here before.
 pub use crate::backends::unrouted::{Unrouted, UnroutedCounts};
+pub use own::OwnFrontends;
 pub use update::Fresh;
 
 #[derive(Debug)]
@@ -261,6 +261,24 @@ impl PortTable {
             .find_map(|&(len, _)| self.bindings.get(&Prefix::new(ip, len)))
     }
 
+    /// Whether a binding here takes more than one address of the family (IPv4 if `v4`).
+    pub fn wide(&self, v4: bool) -> bool {
+        let (lens, host) = if v4 {
+            (&self.v4_lens, 32)
+        } else {
+            (&self.v6_lens, 128)
+        };
+        lens.iter().any(|&(len, _)| len < host)
+    }
+
+    /// The single addresses here: each binding's of a /32 or /128.
+    pub fn hosts(&self) -> impl Iterator<Item = std::net::IpAddr> + '_ {
+        self.bindings
+            .keys()
+            .filter(|p| p.is_host())
+            .map(|p| p.addr())
+    }
+
     /// The binding of exactly `prefix`.
     pub fn binding(&self, prefix: &Prefix) -> Option<&Arc<Binding>> {
         self.bindings.get(prefix)
@@ -270,7 +288,8 @@ impl PortTable {
 #[derive(Debug)]
 pub struct Routes {
     /// Ports served by the same apps share one table (a range of 10,000 ports is one table).
-    by_port: FastMap<u16, Arc<PortTable>>,
+    /// Shared with `own` once the table is in force: they are also where the proxy accepts.
+    by_port: Arc<Ports>,
     /// Every app by name, with its ports and its place in config order: where the next table
     /// finds an app's route (kept whole while the app is unchanged) and its state (backends,
     /// limits, counters: kept for what remains). `Shards`, so that the next table copies
@@ -278,9 +297,10 @@ pub struct Routes {
     by_name: Shards<Named, Placed>,
     /// The frontends every route checks its targets against, shared by all tables.
     own: Arc<OwnFrontends>,
-    /// This config's frontends, to be put in `own` once the table is in force.
-    frontends: Arc<Frontends>,
 }
+
+/// Each port's table.
+type Ports = FastMap<u16, Arc<PortTable>>;
 
 /// An app's ports, and its place in config order: apps are listed by `order`, which leaves
 /// room (`ORDER_GAP`) between neighbours for an app added between them.
@@ -388,24 +408,18 @@ impl AppRoute {
 }
 
 impl Routes {
-    fn of(
-        by_port: FastMap<u16, Arc<PortTable>>,
-        by_name: Shards<Named, Placed>,
-        own: Arc<OwnFrontends>,
-        frontends: Arc<Frontends>,
-    ) -> Routes {
+    fn of(by_port: Ports, by_name: Shards<Named, Placed>, own: Arc<OwnFrontends>) -> Routes {
         Routes {
-            by_port,
+            by_port: Arc::new(by_port),
             by_name,
             own,
-            frontends,
         }
     }
 
     /// This table is in force from now on: its frontends are the ones every route's targets
     /// are checked against (a new table is built before it is known to be applied).
     pub fn in_force(&self) {
-        self.own.set(Arc::clone(&self.frontends));
+        self.own.set(&self.by_port);
     }
 
     /// The route of the app named `name`.
@@ -452,7 +466,7 @@ impl Routes {
     /// pairs and a look-up each, this was a large part of a start at 200,000 apps.
     pub fn every_group(&self) -> Vec<((u16, Prefix), &str)> {
         let mut out: Vec<((u16, Prefix), &str)> = Vec::new();
-        for (&port, table) in &self.by_port {
+        for (&port, table) in self.by_port.iter() {
             out.reserve(table.bindings.len());
             for (prefix, b) in table.bindings.iter() {
                 out.push(((port, *prefix), b.group()));
@@ -460,6 +474,11 @@ impl Routes {
         }
         out.sort_unstable_by_key(|&(pair, _)| pair);
         out
+    }
+
+    /// Every configured port with its bindings.
+    pub fn ports(&self) -> impl Iterator<Item = (u16, &PortTable)> {
+        self.by_port.iter().map(|(&port, t)| (port, &**t))
     }
 
     /// The bindings of `port`, if it is configured.
@@ -509,16 +528,22 @@ impl Routes {
     }
 }
 
+/// Whether `routes` (the apps on one (prefix, port)) are one app without Hostnames: their
+/// binding is then the same on each of the app's ports and prefixes, and one is shared by all
+/// of them (an edge's app with an address of each family on three ports had six, 64 bytes
+/// each).
+fn is_sole(routes: &[&Arc<AppRoute>]) -> bool {
+    matches!(routes, [route] if route.hostnames.is_empty())
+}
+
 /// The binding of `routes` (the apps on one (prefix, port)), keeping the counts taken at
 /// accept of `kept` (the binding there before) if it was of the same apps.
 fn binding(routes: &[&Arc<AppRoute>], kept: Option<&Binding>) -> Binding {
     let mut b = Binding::default();
     // Most of an edge's bindings: one app on an address of its own.
-    if let [route] = routes {
-        if route.hostnames.is_empty() {
-            b.default = Some(Arc::clone(route));
-            return b;
-        }
+    if let ([route], true) = (routes, is_sole(routes)) {
+        b.default = Some(Arc::clone(route));
+        return b;
     }
     let mut names: Vec<&str> = Vec::with_capacity(routes.len());
     for route in routes {
@@ -581,6 +606,7 @@ fn counted_at_accept(b: &Binding, kept: Option<&Arc<ClientCounts>>) -> Option<Ar
 }
 
 mod build;
+mod own;
 mod update;
 
 #[cfg(test)]

@@ -43,8 +43,9 @@ use index::{hex, target_ip, ByName, Sha, Slot, UNREAD};
 pub struct Directory {
     dir: PathBuf,
     files: BTreeMap<Arc<str>, FileState>,
-    /// App name -> the file serving it (the `files` key, shared).
-    owners: FastMap<String, Arc<str>>,
+    /// App (by name) -> the file serving it (the `files` key, shared). Keyed by the app's
+    /// record, not a copy of its name.
+    owners: FastMap<ByName, Arc<str>>,
     /// (port, prefix) -> who answers there. The served (port, prefix) pairs: the frontends
     /// a target must not be.
     slots: FastMap<(u16, Prefix), Slot>,
@@ -380,10 +381,14 @@ impl Directory {
 
     /// Every problem of `apps` (valid on their own) from `file` beside the other files'.
     fn clashes(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
-        let other = |app: &Arc<App>| self.owners.get(&app.name).is_some_and(|f| &**f != file);
+        let other = |app: &Arc<App>| {
+            self.owners
+                .get(app.name.as_str())
+                .is_some_and(|f| &**f != file)
+        };
         let mut problems = Vec::new();
         for app in apps {
-            if let Some(f) = self.owners.get(&app.name).filter(|f| &***f != file) {
+            if let Some(f) = self.owners.get(app.name.as_str()).filter(|f| &***f != file) {
                 problems.push(format!("app {:?}: Name: already served from {f}", app.name));
             }
             for prefix in app_prefixes(app) {
@@ -395,7 +400,7 @@ impl Directory {
                         if let Some(first) = slot.default.as_ref().filter(|a| other(a)) {
                             problems.push(format!(
                                 "app {:?}: Ports: {port} on {prefix} already used by app {:?} (file {}), and neither has Hostnames (apps share an address and port only when Hostnames tell them apart)",
-                                app.name, first.name, self.owners[&first.name]
+                                app.name, first.name, self.owners[first.name.as_str()]
                             ));
                         }
                     }
@@ -403,7 +408,7 @@ impl Directory {
                         if let Some(first) = slot.name(h).filter(|a| other(a)) {
                             problems.push(format!(
                                 "app {:?}: Hostnames: {h:?} is also claimed by app {:?} (file {}) on port {port} on {prefix}",
-                                app.name, first.name, self.owners[&first.name]
+                                app.name, first.name, self.owners[first.name.as_str()]
                             ));
                         }
                     }
@@ -459,7 +464,11 @@ impl Directory {
             let on_port = self.local_targets.get(port).into_iter().flatten();
             for (ip, apps) in on_port.filter(|(ip, _)| prefixes.iter().any(|p| p.contains(**ip))) {
                 for ByName(app) in apps {
-                    if self.owners.get(&app.name).is_some_and(|f| &**f != file) {
+                    if self
+                        .owners
+                        .get(app.name.as_str())
+                        .is_some_and(|f| &**f != file)
+                    {
                         hit.entry(&app.name)
                             .or_insert((app, Vec::new()))
                             .1

@@ -150,9 +150,6 @@ struct Plane {
     owed: Option<dir::Owed>,
     /// Apps named by the reloads applied since memory was last given back (see `commit`).
     untrimmed: usize,
-    /// Simple mode: the listeners the config in force needs, counted per (port, prefix) so a
-    /// reload changes them by its apps (built when the thread starts).
-    wanted: simple::Wanted,
     requests: Receiver<Request>,
     changes: Sender<Change>,
     verdicts: Receiver<Verdict>,
@@ -216,7 +213,6 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
         at,
         owed: None,
         untrimmed: 0,
-        wanted: simple::Wanted::default(),
         requests,
         changes,
         verdicts,
@@ -233,25 +229,13 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     })
 }
 
-/// The port change that serves `config` (with `routes`, built from it) from nothing: what
-/// start-up applies. bpf mode gets every pair; simple mode the whole set of listeners, which
-/// is bounded by the descriptor budget.
-pub(super) fn first_change(steers: bool, config: &Config, routes: &Routes) -> PortChange {
-    if !steers {
-        return PortChange {
-            binds: simple::wanted(config),
-            steer: Vec::new(),
-        };
-    }
-    // The routes' own bindings: the config's (port, prefix) pairs, each with its group.
-    let steer = routes
-        .every_group()
-        .into_iter()
-        .map(|(pair, group)| (pair, Some(group.to_owned())))
-        .collect();
+/// Simple mode: the port change that serves the table `routes` from nothing, what start-up
+/// applies: the whole set of listeners, which is bounded by the descriptor budget. (bpf mode
+/// steers straight from the table at start: `Source::steer_all`.)
+pub(super) fn first_change(routes: &Routes) -> PortChange {
     PortChange {
-        binds: Default::default(),
-        steer,
+        binds: simple::wanted(routes),
+        steer: Vec::new(),
     }
 }
 
@@ -303,9 +287,6 @@ impl Plane {
         // is hundreds of reloads back to back, each tens of milliseconds of CPU.
         if let Err(e) = crate::sys::priority::lower_this_thread() {
             crate::warn!("config plane: cannot lower its priority ({e}): reloads compete with connections for the CPU");
-        }
-        if !self.at.steers {
-            self.wanted = simple::Wanted::of(&self.at.config);
         }
         if let Source::Dir(dir) = &mut self.at.source {
             // The directory holds the apps in force, and a reload changes the table by the
@@ -454,7 +435,7 @@ impl Plane {
             }
         } else {
             PortChange {
-                binds: self.wanted_after(diff, &routes, true),
+                binds: simple::wanted(&routes),
                 steer: Vec::new(),
             }
         };
@@ -466,10 +447,6 @@ impl Plane {
         let verdict = self.ask_loop(change)?;
         drop(verdict.dropped);
         if let Some(why) = verdict.refused {
-            if !self.at.steers {
-                // Counted as if applied: count it back.
-                self.wanted_after(diff, &routes, false);
-            }
             self.reject(&format!("{why}; "), &sha);
             return Some(Outcome::Rejected {
                 problems: vec![why],
@@ -508,29 +485,6 @@ impl Plane {
             took.as_secs_f64() * 1000.0
         );
         Some(Outcome::Applied { sha256: sha })
-    }
-
-    /// Simple mode: the listeners wanted once `diff` applies (`routes` is the new table),
-    /// counted by the pairs of the apps it names alone; `forward` false counts it back (the
-    /// loop refused it).
-    fn wanted_after(
-        &mut self,
-        diff: &Diff,
-        routes: &Routes,
-        forward: bool,
-    ) -> BTreeSet<simple::Bind> {
-        let old = &self.at.routes;
-        for name in diff.apps_removed.iter().chain(&diff.apps_changed) {
-            for (port, prefix) in old.pairs_of(name) {
-                self.wanted.count(port, &prefix, !forward);
-            }
-        }
-        for name in diff.apps_added.iter().chain(&diff.apps_changed) {
-            for (port, prefix) in routes.pairs_of(name) {
-                self.wanted.count(port, &prefix, forward);
-            }
-        }
-        self.wanted.binds()
     }
 
     /// Hand `change` to the loop, wake it, and wait for its verdict. None: the loop is gone.

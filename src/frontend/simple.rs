@@ -14,8 +14,7 @@ use std::sync::Arc;
 
 use mio::net::TcpListener;
 
-use crate::config::prefix::Prefix;
-use crate::config::{app_prefixes, Config};
+use crate::backends::routing::Routes;
 pub use crate::frontend::ports::Bind;
 use crate::frontend::ports::{PortChange, PortError, PortSource};
 use crate::relay::doors::{Door, Doors};
@@ -36,96 +35,46 @@ pub struct PerPort {
     room: Option<u64>,
 }
 
-/// The listeners `config` needs.
-pub fn wanted(config: &Config) -> BTreeSet<Bind> {
-    Wanted::of(config).binds()
-}
-
-/// The listeners a config needs, counted so that a reload changes them by the (port, prefix)
-/// pairs of the apps it changes: a pass over every app per reload was the largest part of a
-/// one-app change at 200,000 apps. Per port: how many pairs take more than one IPv4 address,
-/// more than one IPv6 address, and each single address.
-#[derive(Debug, Default)]
-pub struct Wanted(BTreeMap<u16, PortWants>);
-
-#[derive(Debug, Default)]
-struct PortWants {
-    any4: u32,
-    any6: u32,
-    /// Addresses from the config (see the hasher's module doc).
-    hosts: crate::sys::hash::FastMap<IpAddr, u32>,
-}
-
-impl Wanted {
-    pub fn of(config: &Config) -> Wanted {
-        let mut w = Wanted::default();
-        for app in &config.apps {
-            let prefixes = app_prefixes(app);
-            for &port in &app.ports {
-                for p in &prefixes {
-                    w.count(port, p, true);
-                }
-            }
+/// The listeners the table `routes` needs: per port and family, a wildcard where some app
+/// takes more than single addresses, else one per address; one dual-stack socket where both
+/// families need a wildcard. Read from the table's bindings, which are the config's (port,
+/// prefix) pairs: a count of those pairs kept beside it was about 200 bytes an app at 200,000
+/// apps with addresses of their own, and the addresses of a family a wildcard covers are not
+/// even looked at.
+pub fn wanted(routes: &Routes) -> BTreeSet<Bind> {
+    let mut out = BTreeSet::new();
+    for (port, table) in routes.ports() {
+        let at = |ip: IpAddr| SocketAddr::new(ip, port);
+        let (all4, all6) = (table.wide(true), table.wide(false));
+        if all4 && all6 {
+            out.insert(Bind {
+                addr: at(Ipv6Addr::UNSPECIFIED.into()),
+                dual: true,
+            });
+            continue;
         }
-        w
-    }
-
-    /// Count the pair (`port`, `prefix`) of an app in (`add`) or out (an app that answered
-    /// there is gone or changed; each pair counted in once is counted out once).
-    pub fn count(&mut self, port: u16, prefix: &Prefix, add: bool) {
-        let e = self.0.entry(port).or_default();
-        let n = match (prefix.is_v4(), prefix.is_host()) {
-            (true, false) => &mut e.any4,
-            (false, false) => &mut e.any6,
-            (_, true) => e.hosts.entry(prefix.addr()).or_insert(0),
-        };
-        *n = if add { *n + 1 } else { n.saturating_sub(1) };
-        if prefix.is_host() && *n == 0 {
-            e.hosts.remove(&prefix.addr());
+        if all4 {
+            out.insert(Bind {
+                addr: at(Ipv4Addr::UNSPECIFIED.into()),
+                dual: false,
+            });
         }
-        if e.any4 == 0 && e.any6 == 0 && e.hosts.is_empty() {
-            self.0.remove(&port);
+        if all6 {
+            out.insert(Bind {
+                addr: at(Ipv6Addr::UNSPECIFIED.into()),
+                dual: false,
+            });
         }
-    }
-
-    /// The listeners: per port and family, a wildcard where some app takes more than single
-    /// addresses, else one per address; one dual-stack socket where both families need a
-    /// wildcard.
-    pub fn binds(&self) -> BTreeSet<Bind> {
-        let mut out = BTreeSet::new();
-        for (&port, w) in &self.0 {
-            let at = |ip: IpAddr| SocketAddr::new(ip, port);
-            let (all4, all6) = (w.any4 > 0, w.any6 > 0);
-            if all4 && all6 {
+        for ip in table.hosts() {
+            if (ip.is_ipv4() && !all4) || (ip.is_ipv6() && !all6) {
                 out.insert(Bind {
-                    addr: at(Ipv6Addr::UNSPECIFIED.into()),
-                    dual: true,
-                });
-                continue;
-            }
-            if all4 {
-                out.insert(Bind {
-                    addr: at(Ipv4Addr::UNSPECIFIED.into()),
+                    addr: at(ip),
                     dual: false,
                 });
             }
-            if all6 {
-                out.insert(Bind {
-                    addr: at(Ipv6Addr::UNSPECIFIED.into()),
-                    dual: false,
-                });
-            }
-            for &ip in w.hosts.keys() {
-                if (ip.is_ipv4() && !all4) || (ip.is_ipv6() && !all6) {
-                    out.insert(Bind {
-                        addr: at(ip),
-                        dual: false,
-                    });
-                }
-            }
         }
-        out
     }
+    out
 }
 
 /// Whether two listeners of ours would refuse each other's bind: the same port, the same
@@ -294,11 +243,12 @@ impl PortSource for PerPort {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use std::path::Path;
 
     fn binds(json: &str) -> Vec<String> {
         let c = Config::parse(Path::new("c"), json.as_bytes()).unwrap();
-        wanted(&c)
+        wanted(&Routes::new(&c, None))
             .into_iter()
             .map(|b| format!("{}{}", b.addr, if b.dual { " dual" } else { "" }))
             .collect()
@@ -326,10 +276,10 @@ mod tests {
         );
     }
 
-    /// Counting an app's pairs out and its new version's in gives what the new config wants,
-    /// down to a port no app is left on.
+    /// A table an update made wants what the new config wants, down to a port no app is left
+    /// on.
     #[test]
-    fn counted_changes_want_what_the_new_config_wants() {
+    fn an_updated_table_wants_what_the_new_config_wants() {
         let parse = |json: &str| Config::parse(Path::new("c"), json.as_bytes()).unwrap();
         let old = parse(
             r#"{"Apps":[{"Name":"a","Ports":[80,81],"Addresses":["127.0.0.2"],"Targets":["h:1"]},
@@ -340,16 +290,9 @@ mod tests {
             r#"{"Apps":[{"Name":"a","Ports":[80],"Addresses":["127.0.0.0/8"],"Targets":["h:1"]},
                         {"Name":"b","Ports":[80],"Addresses":["127.0.0.3","::1"],"Targets":["h:1"]}]}"#,
         );
-        let mut w = Wanted::of(&old);
-        for (name, add, config) in [("a", false, &old), ("c", false, &old), ("a", true, &new)] {
-            let app = config.apps.iter().find(|x| x.name == name).unwrap();
-            for &port in &app.ports {
-                for p in app_prefixes(app) {
-                    w.count(port, &p, add);
-                }
-            }
-        }
-        assert_eq!(w.binds(), wanted(&new));
-        assert_ne!(wanted(&old), wanted(&new));
+        let before = Routes::new(&old, None);
+        let after = before.update(&new, &crate::config::Diff::between(&old, &new));
+        assert_eq!(wanted(&after), wanted(&Routes::new(&new, None)));
+        assert_ne!(wanted(&before), wanted(&after));
     }
 }

@@ -172,7 +172,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
     if source.steers() {
         source.steer_all(&routes)
     } else {
-        source.apply(&plane::first_change(false, &config, &routes))
+        source.apply(&plane::first_change(&routes))
     }
     .map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {

@@ -2,10 +2,11 @@
 //! again), on a thread per core for a large one.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use super::{binding, AppRoute, Named, OwnFrontends, Placed, PortTable, Routes, ORDER_GAP};
-use crate::backends::loops::Frontends;
+use super::{
+    binding, is_sole, AppRoute, Binding, Named, OwnFrontends, Placed, PortTable, Routes, ORDER_GAP,
+};
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config};
 // Keyed by ports and by lists of apps, from the config: see the hasher's module doc.
@@ -14,8 +15,7 @@ use crate::sys::hash::FastMap;
 impl Routes {
     /// Build the table for `config`, keeping the state of `previous` for what remains. A large
     /// config is built on a thread per core (see `PARALLEL_FROM`): the routes of the apps in
-    /// slices, then each port's table, the index of names and the loop check's frontends side
-    /// by side.
+    /// slices, then each port's table and the index of names.
     pub fn new(config: &Config, previous: Option<&Routes>) -> Routes {
         let own = previous.map_or_else(Arc::default, |p| Arc::clone(&p.own));
         let threads = if config.apps.len() >= PARALLEL_FROM {
@@ -23,9 +23,7 @@ impl Routes {
         } else {
             1
         };
-        let (by_port, by_name, frontends) = std::thread::scope(|s| {
-            // The loop check's index needs only the config: made beside the rest.
-            let frontends = (threads > 1).then(|| s.spawn(|| Frontends::new(config)));
+        let (by_port, by_name) = {
             let apps = routes_of(&config.apps, previous, &own, threads);
             // Port -> the apps on it, by index in config order.
             let mut on_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
@@ -73,41 +71,48 @@ impl Routes {
                     (Named(route), placed)
                 })
                 .collect();
-            let frontends = Arc::new(match frontends {
-                Some(f) => joined(f),
-                None => Frontends::new(config),
-            });
-            (by_port, by_name, frontends)
-        });
+            (by_port, by_name)
+        };
+        let routes = Routes::of(by_port, by_name, own);
         if previous.is_none() {
-            own.set(Arc::clone(&frontends));
+            routes.in_force();
         }
-        Routes::of(by_port, by_name, own, frontends)
+        routes
     }
 }
 
-/// The table of a port served by `routes`; `kept`, the port's table before, whose counts
-/// taken at accept are kept where a binding has the same apps.
-fn port_table(routes: &[&Arc<AppRoute>], kept: Option<&PortTable>) -> PortTable {
+/// The table of a port served by the apps `on` (indices into `routes`); `kept`, the port's
+/// table before, whose counts taken at accept are kept where a binding has the same apps.
+/// A binding of one app alone is that app's `sole` binding, the same on all its ports.
+fn port_table(
+    routes: &[Arc<AppRoute>],
+    on: &[usize],
+    kept: Option<&PortTable>,
+    sole: &[OnceLock<Arc<Binding>>],
+) -> PortTable {
     // Every (prefix, app) pair sorted, so that each prefix's apps are side by side in config
     // order: a sort of 400,000 pairs costs a fraction of as many inserts into a tree of
     // prefixes (at 200,000 apps with addresses of their own).
-    let mut pairs: Vec<(Prefix, usize)> = routes
+    let mut pairs: Vec<(Prefix, usize)> = on
         .iter()
-        .enumerate()
-        .flat_map(|(i, route)| route.prefixes().iter().map(move |&p| (p, i)))
+        .flat_map(|&i| routes[i].prefixes().iter().map(move |&p| (p, i)))
         .collect();
     pairs.sort_unstable();
     let mut bindings = Vec::new();
-    let mut on: Vec<&Arc<AppRoute>> = Vec::new();
+    let mut here: Vec<&Arc<AppRoute>> = Vec::new();
     for (k, &(prefix, i)) in pairs.iter().enumerate() {
-        on.push(routes[i]);
+        here.push(&routes[i]);
         if pairs.get(k + 1).is_some_and(|&(next, _)| next == prefix) {
             continue;
         }
-        let old = kept.and_then(|k| k.binding(&prefix));
-        bindings.push((prefix, Arc::new(binding(&on, old.map(|b| &**b)))));
-        on.clear();
+        let b = if is_sole(&here) {
+            Arc::clone(sole[i].get_or_init(|| Arc::new(binding(&here, None))))
+        } else {
+            let old = kept.and_then(|k| k.binding(&prefix));
+            Arc::new(binding(&here, old.map(|b| &**b)))
+        };
+        bindings.push((prefix, b));
+        here.clear();
     }
     PortTable::of(bindings)
 }
@@ -154,10 +159,11 @@ fn port_tables(
     jobs: Vec<(Vec<usize>, Option<&PortTable>)>,
     threads: usize,
 ) -> Vec<Arc<PortTable>> {
-    let build = move |on: &[usize], kept: Option<&PortTable>| {
-        let on: Vec<&Arc<AppRoute>> = on.iter().map(|&i| &routes[i]).collect();
-        Arc::new(port_table(&on, kept))
-    };
+    // Each app's binding where it is alone (see `is_sole`), made by the first table needing it.
+    let sole: Vec<OnceLock<Arc<Binding>>> = routes.iter().map(|_| OnceLock::new()).collect();
+    let sole = &sole;
+    let build =
+        move |on: &[usize], kept: Option<&PortTable>| Arc::new(port_table(routes, on, kept, sole));
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_unstable_by_key(|&j| std::cmp::Reverse(jobs[j].0.len()));
     let mut shares: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads.max(1)];

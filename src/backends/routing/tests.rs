@@ -243,3 +243,72 @@ fn an_update_routes_as_a_whole_build_and_keeps_unchanged_routes() {
     assert!(counts(&r1).is_none(), "keep has no MaxConnectionsPerClient");
     assert_eq!(up.backends().len(), 6);
 }
+
+/// The frontends a target is checked against are the table in force's: a new table's once it
+/// is in force (a pair two apps share stays while one is left, a port with none left goes),
+/// and the table before's until then.
+#[test]
+fn the_frontends_are_the_table_in_forces() {
+    let parse = |json: &str| Config::parse(Path::new("x"), json.as_bytes()).unwrap();
+    let c1 = parse(
+        r#"{"Apps":[
+          {"Name":"a","Ports":[7001],"Addresses":["127.0.0.2/32"],"Targets":["192.0.2.1:1"]},
+          {"Name":"b","Ports":[7001],"Addresses":["127.0.0.2/32"],"Hostnames":["b.example"],"Targets":["192.0.2.1:1"]},
+          {"Name":"c","Ports":[7002],"Addresses":["127.0.0.3/32"],"Targets":["192.0.2.1:1"]}]}"#,
+    );
+    // b and c go; d comes on 7003 on every IPv4 address.
+    let c2 = parse(
+        r#"{"Apps":[
+          {"Name":"a","Ports":[7001],"Addresses":["127.0.0.2/32"],"Targets":["192.0.2.1:1"]},
+          {"Name":"d","Ports":[7003],"Addresses":["0.0.0.0/0"],"Targets":["192.0.2.1:1"]}]}"#,
+    );
+    let is_own = |r: &Routes, at: &str| r.route("a").unwrap().own.is_own(at.parse().unwrap());
+    let r1 = Routes::new(&c1, None);
+    assert!(is_own(&r1, "127.0.0.2:7001") && is_own(&r1, "127.0.0.3:7002"));
+    let next = r1.update(&c2, &Diff::between(&c1, &c2));
+    // Not in force yet: the frontends before are as they were.
+    assert!(is_own(&next, "127.0.0.3:7002"));
+    assert!(!is_own(&next, "127.0.0.9:7003"));
+    next.in_force();
+    assert!(is_own(&next, "127.0.0.2:7001"));
+    assert!(!is_own(&next, "127.0.0.3:7002"));
+    assert!(is_own(&next, "127.0.0.9:7003"));
+    assert!(next.port(7002).is_none());
+    // The table before is as it was, should it be in force again.
+    r1.in_force();
+    assert!(is_own(&r1, "127.0.0.3:7002"));
+    assert!(!is_own(&r1, "127.0.0.9:7003"));
+}
+
+/// An app alone where it answers, without Hostnames, has one binding on all its ports and
+/// prefixes, in a table built whole and in one an update made; an app sharing an address
+/// gets a binding of its own there.
+#[test]
+fn an_app_alone_has_one_binding_everywhere() {
+    let parse = |json: &str| Config::parse(Path::new("x"), json.as_bytes()).unwrap();
+    let c1 = parse(
+        r#"{"Apps":[
+          {"Name":"a","Ports":[443,80],"Addresses":["10.0.0.1/32","fd00::1/128"],"Targets":["h:1"]},
+          {"Name":"b","Ports":[443],"Addresses":["10.0.0.2/32"],"Targets":["h:1"]},
+          {"Name":"c","Ports":[443],"Addresses":["10.0.0.2/32"],"Hostnames":["c.example"],"Targets":["h:1"]}]}"#,
+    );
+    let c2 = parse(
+        r#"{"Apps":[
+          {"Name":"a","Ports":[443,80,8080],"Addresses":["10.0.0.1/32","fd00::1/128"],"Targets":["h:1"]},
+          {"Name":"b","Ports":[443],"Addresses":["10.0.0.2/32"],"Targets":["h:1"]},
+          {"Name":"c","Ports":[443],"Addresses":["10.0.0.2/32"],"Hostnames":["c.example"],"Targets":["h:1"]}]}"#,
+    );
+    let r1 = Routes::new(&c1, None);
+    let r2 = r1.update(&c2, &Diff::between(&c1, &c2));
+    for (r, ports) in [(&r1, &[443, 80][..]), (&r2, &[443, 80, 8080][..])] {
+        let at = |s: &str| r.lookup(s.parse().unwrap()).unwrap();
+        let first = at("10.0.0.1:443");
+        for &port in ports {
+            assert!(Arc::ptr_eq(first, at(&format!("10.0.0.1:{port}"))));
+            assert!(Arc::ptr_eq(first, at(&format!("[fd00::1]:{port}"))));
+        }
+        assert_eq!(first.default_app().unwrap().name, "a");
+        let shared = at("10.0.0.2:443");
+        assert!(shared.needs_server_name() && shared.group() == "b+c");
+    }
+}

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{binding, AppRoute, Named, Placed, PortTable, Routes, ORDER_GAP};
+use super::{binding, is_sole, AppRoute, Binding, Named, Placed, PortTable, Routes, ORDER_GAP};
 use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config, Diff};
@@ -114,8 +114,6 @@ impl Routes {
         // its own routes: scanning every fresh route per touched prefix made a rewrite of
         // every app quadratic (20,000 apps with an address each never finished).
         let mut touched: BTreeMap<u16, Touched> = BTreeMap::new();
-        // The (port, prefix) pairs that leave and join the frontends.
-        let (mut out, mut into) = (Vec::new(), Vec::new());
         for name in &gone {
             if let Some((Named(route), placed)) = self.by_name.get_key_value(*name) {
                 let prefixes = route.prefixes();
@@ -123,7 +121,6 @@ impl Routes {
                     let t = touched.entry(*port).or_default();
                     for prefix in prefixes {
                         t.on.entry(*prefix).or_default();
-                        out.push((*port, *prefix));
                     }
                 }
             }
@@ -134,7 +131,6 @@ impl Routes {
                 let t = touched.entry(*port).or_default();
                 t.names.push(route.name.as_str());
                 for prefix in prefixes {
-                    into.push((*port, *prefix));
                     let on = t.on.entry(*prefix).or_default();
                     // An address listed twice is one binding of the app, as in `port_table`.
                     if !on.last().is_some_and(|r| Arc::ptr_eq(r, route)) {
@@ -143,25 +139,24 @@ impl Routes {
                 }
             }
         }
-        let mut by_port = self.by_port.clone();
+        let mut by_port = (*self.by_port).clone();
         // Ports that shared a table and change alike share the new one.
         let mut made: FastMap<(usize, Vec<&str>), Option<Arc<PortTable>>> = FastMap::default();
+        let mut sole = Sole::default();
         for (port, mut t) in touched {
             let old = self.by_port.get(&port);
             t.names.sort_unstable();
             let key = (old.map_or(0, |t| Arc::as_ptr(t) as usize), t.names);
             let table = made
                 .entry(key)
-                .or_insert_with(|| updated_table(old.map(|t| &**t), &t.on, &gone))
+                .or_insert_with(|| updated_table(old.map(|t| &**t), &t.on, &gone, &mut sole))
                 .clone();
             match table {
                 Some(t) => by_port.insert(port, t),
                 None => by_port.remove(&port),
             };
         }
-        // The loop check's index of frontends, changed by the pairs of the apps changed alone.
-        let frontends = Arc::new(self.frontends.changed(&out, &into));
-        Routes::of(by_port, by_name, Arc::clone(&self.own), frontends)
+        Routes::of(by_port, by_name, Arc::clone(&self.own))
     }
 }
 
@@ -173,6 +168,10 @@ struct Touched<'a> {
     names: Vec<&'a str>,
 }
 
+/// The bindings of apps alone where they answer (see `is_sole`) made by an update, by route:
+/// each shared by the app's pairs the update rebuilds.
+type Sole = FastMap<*const AppRoute, Arc<Binding>>;
+
 /// `old` (a port's table; None: a port new to the config) with the bindings of the prefixes
 /// in `touched` rebuilt: without the apps in `gone`, with the new routes `touched` gives for
 /// each. None: no app is left on the port.
@@ -180,6 +179,7 @@ fn updated_table(
     old: Option<&PortTable>,
     touched: &BTreeMap<Prefix, Vec<Arc<AppRoute>>>,
     gone: &FastSet<&str>,
+    sole: &mut Sole,
 ) -> Option<Arc<PortTable>> {
     // Shares the old table's shards but those of the prefixes touched.
     let mut table = old.cloned().unwrap_or_default();
@@ -193,7 +193,12 @@ fn updated_table(
             .filter(|r| !gone.contains(r.name.as_str()))
             .collect();
         on.extend(fresh);
-        if !on.is_empty() {
+        if is_sole(&on) {
+            let b = sole
+                .entry(Arc::as_ptr(on[0]))
+                .or_insert_with(|| Arc::new(binding(&on, None)));
+            table.insert(*prefix, Arc::clone(b));
+        } else if !on.is_empty() {
             let b = binding(&on, before.as_deref());
             table.insert(*prefix, Arc::new(b));
         }

@@ -93,7 +93,10 @@ impl Directory {
     pub(super) fn index(&mut self, file: &Arc<str>, apps: &[Arc<App>]) {
         for app in apps {
             self.note(app, false);
-            self.owners.insert(app.name.clone(), Arc::clone(file));
+            // Removed first: an insert over an equal key would keep the old record.
+            self.owners.remove(app.name.as_str());
+            self.owners
+                .insert(ByName(Arc::clone(app)), Arc::clone(file));
             for prefix in app_prefixes(app) {
                 for &port in &app.ports {
                     let (slots_on_port, lens) = self.ports.entry(port).or_default();
@@ -131,7 +134,7 @@ impl Directory {
     pub(super) fn unindex(&mut self, apps: &[Arc<App>]) {
         for app in apps {
             self.note(app, true);
-            self.owners.remove(&app.name);
+            self.owners.remove(app.name.as_str());
             for prefix in app_prefixes(app) {
                 for &port in &app.ports {
                     let Some(slot) = self.slots.get_mut(&(port, prefix)) else {

@@ -14,7 +14,7 @@ impl Directory {
     pub fn fresh<'a>(&'a self, diff: &Diff) -> Vec<Fresh<'a>> {
         let mut at: Vec<(&'a str, usize, &'a Arc<App>)> = Vec::new();
         for name in diff.apps_added.iter().chain(&diff.apps_changed) {
-            let Some(file) = self.owners.get(name) else {
+            let Some(file) = self.owners.get(name.as_str()) else {
                 continue;
             };
             let Some((key, f)) = self.files.get_key_value(&**file) else {
