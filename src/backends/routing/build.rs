@@ -4,9 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use super::{
-    binding, is_sole, AppRoute, Binding, Named, OwnFrontends, Placed, PortTable, Routes, ORDER_GAP,
-};
+use super::binding::{binding, is_sole};
+use super::{AppRoute, Binding, Named, OwnFrontends, Placed, PortTable, Routes, ORDER_GAP};
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config};
 // Keyed by ports and by lists of apps, from the config: see the hasher's module doc.

@@ -4,7 +4,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{binding, is_sole, AppRoute, Binding, Named, Placed, PortTable, Routes, ORDER_GAP};
+use super::binding::{binding, is_sole};
+use super::{AppRoute, Binding, Named, Placed, PortTable, Routes, ORDER_GAP};
 use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config, Diff};
