@@ -281,13 +281,6 @@ fn give_back_freed_memory() {
 impl Plane {
     /// Serve requests until the loop is gone.
     fn run(mut self) {
-        // A reload's work (reading and parsing files, building the table, freeing the old
-        // one) shares the cores with the relay threads: at the lowest priority, a relay
-        // thread woken for a connection preempts it at once. A full rewrite of 200,000 apps
-        // is hundreds of reloads back to back, each tens of milliseconds of CPU.
-        if let Err(e) = crate::sys::priority::lower_this_thread() {
-            crate::warn!("config plane: cannot lower its priority ({e}): reloads compete with connections for the CPU");
-        }
         if let Source::Dir(dir) = &mut self.at.source {
             // The directory holds the apps in force, and a reload changes the table by the
             // directory's diff: a copy of the list of every app here would be memory, and a

@@ -9,7 +9,6 @@
 //! - `systemd`: readiness and status notifications.
 //! - `upgrade`: handing listening descriptors to a new binary and taking them over.
 //! - `inotify`: watching a directory for files that change, without blocking.
-//! - `priority`: running a thread at the lowest priority (the config plane's reloads).
 //! - `hash`: a fast hasher for maps whose keys come from the config, not from a peer (no OS
 //!   here, but a leaf that every level uses).
 
@@ -19,7 +18,6 @@ pub mod inotify;
 pub mod log;
 pub mod net;
 pub mod pidfile;
-pub mod priority;
 pub mod systemd;
 pub mod upgrade;
 pub mod user;
