@@ -49,7 +49,10 @@ def run_queue_ns(pid, tids):
     return out
 
 
-def echo_once(addr, timeout):
+def echo_once(addr, timeout=5.0):
+    """Connect, send a line, read it back, close: the seconds it took. (Also the bench's own
+    connect-and-echo: scale.py and fleet.py import it from here.)"""
+    t0 = time.monotonic()
     fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
@@ -61,6 +64,7 @@ def echo_once(addr, timeout):
             if not b:
                 raise ConnectionError("closed before the echo")
             got += b
+    return time.monotonic() - t0
 
 
 def main():
@@ -73,10 +77,8 @@ def main():
     nxt = time.monotonic()
     while not stopping:
         q0 = run_queue_ns(pid, tids)
-        t0 = time.monotonic()
         try:
-            echo_once(addr, 30)
-            waits.append(time.monotonic() - t0)
+            waits.append(echo_once(addr, 30))
         except OSError:
             failures += 1
         q1 = run_queue_ns(pid, tids)

@@ -45,6 +45,8 @@ import subprocess
 import sys
 import time
 
+from probe import echo_once  # the probe's connect-and-echo, one for both
+
 WORK = os.environ.get("WORK") or sys.exit("run through bench/scale/run.sh (WORK is not set)")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.join(WORK, "bin", "flyproxy")
@@ -280,23 +282,6 @@ class Proxy:
                 self.p.kill()
                 self.p.wait()
         self.logf.close()
-
-
-def echo_once(addr, timeout=5.0):
-    """Connect, send a line, read it back, close: the seconds it took."""
-    t0 = time.monotonic()
-    fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-    with socket.socket(fam, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(addr)
-        s.sendall(b"x\n")
-        got = b""
-        while not got.endswith(b"\n"):
-            b = s.recv(64)
-            if not b:
-                raise ConnectionError("closed before the echo")
-            got += b
-    return time.monotonic() - t0
 
 
 def first_connection(proxy, addr, timeout):
