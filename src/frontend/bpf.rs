@@ -35,11 +35,11 @@ pub struct Steered {
     doors: Arc<Doors>,
     steering: Steering,
     /// Pairs written into the map, with the group written.
-    steered: FastMap<(u16, Prefix), u32>,
+    steered: FastMap<Pair, u32>,
     /// Pairs whose map entry is not what the config wants, because a write failed: the group
     /// to write, or None to delete. Retried at every tick (and with every change); empty
     /// while every write succeeds (a change is written as it comes, never kept here).
-    pending: FastMap<(u16, Prefix), Option<u32>>,
+    pending: FastMap<Pair, Option<u32>>,
     /// How many entries of `steered` and `pending` (and of a change being written) name each
     /// group, by group id (every id is below MAX_GROUPS): a group nothing names any more is
     /// released. A vector, not a map: a start counts 800,000 entries.
@@ -220,13 +220,10 @@ impl Steered {
     /// Write `steer` (each (port, prefix) with the name of its group, or None to stop steering
     /// it) and what is still pending from failed writes: groups handed out under one lock (a
     /// start has 800,000 pairs), then the writes, logged if any fails.
-    fn change<'a>(
-        &mut self,
-        steer: impl ExactSizeIterator<Item = ((u16, Prefix), Option<&'a str>)>,
-    ) {
+    fn change<'a>(&mut self, steer: impl ExactSizeIterator<Item = (Pair, Option<&'a str>)>) {
         let groups = Arc::clone(&self.groups);
         let mut names = groups.lock().unwrap_or_else(|e| e.into_inner());
-        let mut items: Vec<((u16, Prefix), Option<u32>)> =
+        let mut items: Vec<(Pair, Option<u32>)> =
             Vec::with_capacity(steer.len() + self.pending.len());
         // Each name's group, once looked up: an app has several pairs, and past MAX_GROUPS
         // every look-up in `names` misses (0.3 s of a start at 200,000 apps).
@@ -269,7 +266,7 @@ impl Steered {
     /// retried at the next tick. New bindings go in before old ones go out: a longer prefix
     /// added beside a shorter one takes over at once, and a port never has a moment with
     /// neither.
-    fn write(&mut self, mut items: Vec<((u16, Prefix), Option<u32>)>) {
+    fn write(&mut self, mut items: Vec<(Pair, Option<u32>)>) {
         let mut failed: Option<(u16, BpfError)> = None;
         // Ports (not bindings) that failed, for the message.
         let mut failures = BTreeSet::new();
@@ -346,7 +343,7 @@ impl Steered {
     /// `key` is in the map as `group` says (None: not in it): the item's use of `group` moves
     /// to `steered`, and the group written before is used once fewer (released if nothing
     /// else uses it).
-    fn settle(&mut self, key: (u16, Prefix), group: Option<u32>) {
+    fn settle(&mut self, key: Pair, group: Option<u32>) {
         let old = match group {
             Some(g) => self.steered.insert(key, g),
             None => self.steered.remove(&key),
@@ -420,7 +417,7 @@ impl PortSource for Steered {
         Ok(())
     }
 
-    fn steer_all(&mut self, routes: &Routes) -> Result<(), PortError> {
+    fn serve_all(&mut self, routes: &Routes) -> Result<(), PortError> {
         let all = routes.every_group();
         self.change(all.into_iter().map(|(key, g)| (key, Some(g))));
         Ok(())

@@ -295,6 +295,7 @@ mod tests {
 
     use mio::Poll;
 
+    use crate::backends::routing::Routes;
     use crate::frontend::ports::{PortChange, PortError};
 
     /// A port source with no listeners: the lifecycle only asks it for what to hand over.
@@ -302,6 +303,9 @@ mod tests {
 
     impl PortSource for NoPorts {
         fn apply(&mut self, _: &PortChange) -> Result<(), PortError> {
+            Ok(())
+        }
+        fn serve_all(&mut self, _: &Routes) -> Result<(), PortError> {
             Ok(())
         }
         fn stop(&mut self) {}

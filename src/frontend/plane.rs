@@ -229,16 +229,6 @@ pub(super) fn start(at: InForce) -> io::Result<LoopEnd> {
     })
 }
 
-/// Simple mode: the port change that serves the table `routes` from nothing, what start-up
-/// applies: the whole set of listeners, which is bounded by the descriptor budget. (bpf mode
-/// steers straight from the table at start: `Source::steer_all`.)
-pub(super) fn first_change(routes: &Routes) -> PortChange {
-    PortChange {
-        binds: simple::wanted(routes),
-        steer: Vec::new(),
-    }
-}
-
 /// bpf mode: what the map entries must become to go from `old` to `routes` by `diff`: the
 /// pairs of the apps the diff names, each compared between the two tables.
 fn steer_change(

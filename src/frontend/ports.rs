@@ -110,13 +110,11 @@ pub trait PortSource {
         false
     }
 
-    /// Start-up in a mode that steers: steer every (port, prefix) of `routes`, as `apply` of a
-    /// change listing them all would, but straight from the table (at 200,000 apps such a
-    /// change's 800,000 owned group names cost a tenth of the start). A mode that does not
-    /// steer has nothing to do here.
-    fn steer_all(&mut self, _routes: &Routes) -> Result<(), PortError> {
-        Ok(())
-    }
+    /// Start-up: serve every app of `routes` from nothing, as `apply` of a change listing
+    /// everything would. Each mode reads the table its own way (bpf straight from it: at
+    /// 200,000 apps a change's 800,000 owned group names cost a tenth of the start). On error
+    /// the start-up is refused.
+    fn serve_all(&mut self, routes: &Routes) -> Result<(), PortError>;
 
     /// Called at every reload tick, for work that may need retrying.
     fn tick(&mut self) {}

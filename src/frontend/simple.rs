@@ -143,6 +143,14 @@ impl PortSource for PerPort {
         self.room = Some(room);
     }
 
+    fn serve_all(&mut self, routes: &Routes) -> Result<(), PortError> {
+        // The whole set of listeners, bounded by the descriptor budget as any change is.
+        self.apply(&PortChange {
+            binds: wanted(routes),
+            steer: Vec::new(),
+        })
+    }
+
     fn apply(&mut self, change: &PortChange) -> Result<(), PortError> {
         let want = &change.binds;
         let have: BTreeSet<Bind> = self.listeners.keys().copied().collect();

@@ -169,12 +169,7 @@ pub fn run(settings: Settings, mode: Mode, handed: Handed) -> Result<(), RunErro
         return stopped_starting();
     }
     let routes = Arc::new(Routes::new(&config, None));
-    if source.steers() {
-        source.steer_all(&routes)
-    } else {
-        source.apply(&plane::first_change(&routes))
-    }
-    .map_err(StartError::Port)?;
+    source.serve_all(&routes).map_err(StartError::Port)?;
     if signals::arrived(&mut signals.stop) {
         return stopped_starting();
     }
