@@ -117,26 +117,40 @@ impl Trickle {
         self.written.load(Ordering::Relaxed)
     }
 
-    /// Stop, and give the clients back.
-    fn stop(mut self) -> Vec<TcpStream> {
+    /// Stop, and give the clients back with how many bytes each was sent.
+    fn stop(mut self) -> (Vec<TcpStream>, usize) {
         self.stop.store(true, Ordering::Relaxed);
-        self.thread.take().unwrap().join().unwrap()
+        let clients = self.thread.take().unwrap().join().unwrap();
+        let each = self.written() as usize / clients.len().max(1);
+        (clients, each)
     }
 }
 
-/// What trickling costs the proxy over `window`: its CPU seconds per MB written, and the most
-/// threads it had (sampled every 100 ms).
-fn trickle_cost(p: &Proxy, t: &Trickle, window: Duration) -> (f64, f64, usize) {
-    let (cpu0, bytes0) = (p.cpu_secs(), t.written());
-    let began = Instant::now();
-    let mut threads = 0;
-    while began.elapsed() < window {
-        threads = threads.max(p.threads());
-        thread::sleep(Duration::from_millis(100));
+/// What trickling cost the proxy over some windows: its CPU seconds, the bytes written, and
+/// the most threads it had (sampled every 100 ms).
+#[derive(Default)]
+struct Cost {
+    cpu: f64,
+    bytes: u64,
+    threads: usize,
+}
+
+impl Cost {
+    /// Add what `t` costs `p` over the next `window`.
+    fn measure(&mut self, p: &Proxy, t: &Trickle, window: Duration) {
+        let (cpu0, bytes0) = (p.cpu_secs(), t.written());
+        let began = Instant::now();
+        while began.elapsed() < window {
+            self.threads = self.threads.max(p.threads());
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.cpu += p.cpu_secs() - cpu0;
+        self.bytes += t.written() - bytes0;
     }
-    let cpu = p.cpu_secs() - cpu0;
-    let bytes = t.written() - bytes0;
-    (cpu, cpu / (bytes as f64 / 1e6), threads)
+
+    fn per_mb(&self) -> f64 {
+        self.cpu / (self.bytes as f64 / 1e6)
+    }
 }
 
 /// 2000 clients on a Hostnames port each send their ClientHello one byte every 50 ms (issue
@@ -147,11 +161,15 @@ fn trickle_cost(p: &Proxy, t: &Trickle, window: Duration) -> (f64, f64, usize) {
 #[test]
 fn trickled_client_hellos_take_few_threads_and_cost_about_what_relaying_does() {
     const N: usize = 2000;
+    // The two are measured in alternate windows, so that a change in the machine's load
+    // (other tests, builds) weighs on both alike: measured one after the other, 4 s each, a
+    // busy spell in one of them made the ratio 1.72 on a loaded machine.
+    const ROUNDS: usize = 4;
     let own = raise_own_fd_limit();
     assert!(
-        own >= (2 * N + 500) as u64,
+        own >= (3 * N + 500) as u64,
         "this test needs {} descriptors; the open-file limit is {own}",
-        2 * N + 500
+        3 * N + 500
     );
     let holder = Holder::start(false);
     let target = holder.addr.clone();
@@ -166,44 +184,63 @@ fn trickled_client_hellos_take_few_threads_and_cost_about_what_relaying_does() {
         })
         .args(&["--max-connections", "4500", "--preread-timeout", "120s"])
         .start();
-    // Records of 2 bytes: a hello of about 260 bytes, 13 s at a byte every 50 ms, so that no
-    // hello is whole while it is measured.
+    // Records of 2 bytes: a hello of about 260 bytes; the greeting clients send a byte every
+    // 50 ms for ROUNDS x 1.25 s, about 100 bytes, so that no hello is whole while it is measured.
     let hello = client_hello(Some("x.example"), 2);
     assert!(hello.len() > 200, "{}", hello.len());
-    let window = Duration::from_secs(4);
+    let (warm, window) = (Duration::from_millis(250), Duration::from_secs(1));
 
-    let greeting: Vec<TcpStream> = (0..N).map(|_| connect(p.v4(0))).collect();
-    let t = Trickle::start(greeting, hello.clone());
-    thread::sleep(Duration::from_secs(1));
-    let (greet_cpu, greet_per_mb, greet_threads) = trickle_cost(&p, &t, window);
-    drop(t.stop());
-
-    let relaying: Vec<TcpStream> = (0..N).map(|_| connect(p.v4(1))).collect();
+    let mut greeting: Vec<TcpStream> = (0..N).map(|_| connect(p.v4(0))).collect();
+    let mut relaying: Vec<TcpStream> = (0..N).map(|_| connect(p.v4(1))).collect();
     wait_for("every plain connection relayed to the target", WAIT, || {
         (holder.count() >= N).then_some(())
     });
-    // The same bytes, on connections that relay them.
-    let t = Trickle::start(relaying, hello);
-    thread::sleep(Duration::from_secs(1));
-    let (relay_cpu, relay_per_mb, relay_threads) = trickle_cost(&p, &t, window);
-    drop(t.stop());
+    let (mut greet, mut relay) = (Cost::default(), Cost::default());
+    let mut greeted = 0;
+    for _ in 0..ROUNDS {
+        // The greeting clients go on with their hellos where they stopped.
+        let t = Trickle::start(greeting, hello[greeted..].to_vec());
+        thread::sleep(warm);
+        greet.measure(&p, &t, window);
+        let sent;
+        (greeting, sent) = t.stop();
+        greeted += sent;
+        // The same bytes, on connections that relay them.
+        let t = Trickle::start(relaying, hello.clone());
+        thread::sleep(warm);
+        relay.measure(&p, &t, window);
+        relaying = t.stop().0;
+    }
+    assert!(
+        greeted < hello.len(),
+        "a hello was sent whole ({greeted} bytes)"
+    );
 
-    let ratio = greet_per_mb / relay_per_mb;
+    let ratio = greet.per_mb() / relay.per_mb();
     eprintln!(
-        "{N} clients trickling hellos: {greet_threads} threads, {greet_cpu:.2} CPU-s in \
-         {window:?} ({greet_per_mb:.1} CPU-s/MB); the same bytes relayed: {relay_threads} \
-         threads, {relay_cpu:.2} CPU-s ({relay_per_mb:.1} CPU-s/MB); ratio {ratio:.2}"
+        "{N} clients trickling hellos: {} threads, {:.2} CPU-s in {ROUNDS} x {window:?} ({:.1} \
+         CPU-s/MB); the same bytes relayed: {} threads, {:.2} CPU-s ({:.1} CPU-s/MB); ratio \
+         {ratio:.2}",
+        greet.threads,
+        greet.cpu,
+        greet.per_mb(),
+        relay.threads,
+        relay.cpu,
+        relay.per_mb()
     );
     assert!(
-        greet_threads <= 16,
-        "{greet_threads} proxy threads while {N} clients trickle their ClientHellos"
+        greet.threads <= 16,
+        "{} proxy threads while {N} clients trickle their ClientHellos",
+        greet.threads
     );
     // Issue 21's target is 1.5x; the old relay was at about 2x. The margin is for a loaded
     // machine, where both figures are noisy.
     assert!(
         ratio < 1.6,
         "reading trickled ClientHellos costs {ratio:.2}x relaying the same bytes \
-         ({greet_cpu:.2} vs {relay_cpu:.2} CPU-s in {window:?})"
+         ({:.2} vs {:.2} CPU-s in {ROUNDS} x {window:?})",
+        greet.cpu,
+        relay.cpu
     );
 }
 
