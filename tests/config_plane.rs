@@ -64,6 +64,7 @@ fn a_big_reload_is_built_off_the_listener_loop(env: Env) {
     let p = env
         .proxy()
         .config_on(&ports, &many_apps(APPS, ports[0], &[echo.target()]))
+        .big()
         .start();
     let plane = wait_for("the config-plane thread", WAIT, || {
         thread_named(p.pid, "config-plane")
@@ -76,7 +77,7 @@ fn a_big_reload_is_built_off_the_listener_loop(env: Env) {
         ports[0],
         &[echo.target(), "192.0.2.1:9".to_owned()],
     ));
-    let line = p.wait_reload_ok(mark);
+    let line = p.wait_big_reload_ok(mark);
     assert!(line.contains("apps_changed=20000"), "{line}");
     let (looped, planed) = (
         thread_cpu(p.pid, p.pid) - loop0,
@@ -133,6 +134,7 @@ fn a_rewrite_of_every_app_with_its_own_address_is_linear(env: Env) {
             &ports,
             &apps_with_addresses(APPS, ports[0], &[echo.target()]),
         )
+        .big()
         .start();
     let plane = wait_for("the config-plane thread", WAIT, || {
         thread_named(p.pid, "config-plane")
@@ -148,7 +150,7 @@ fn a_rewrite_of_every_app_with_its_own_address_is_linear(env: Env) {
         ports[0],
         &[echo.target(), "192.0.2.1:9".to_owned()],
     ));
-    let line = p.wait_reload_ok(mark);
+    let line = p.wait_big_reload_ok(mark);
     assert!(line.contains(&format!("apps_changed={APPS}")), "{line}");
     let planed = thread_cpu(p.pid, plane) - plane0;
     assert!(

@@ -257,6 +257,10 @@ pub struct Proxy {
     /// The ports the config serves (as [`Launch::ports`] or [`Launch::config_on`] said).
     pub ports: Vec<u16>,
     log: Arc<LogBuf>,
+    /// The `conn` lines `wait_conn` and `wait_conn_of_app` have returned, by index: the kernel
+    /// may give a later connection the client port of an earlier one (to another port of the
+    /// proxy), and each call must find its own connection's line, not the earlier one's.
+    conns_taken: Mutex<HashSet<usize>>,
     reader: Option<JoinHandle<()>>,
     status: Option<ExitStatus>,
 }
@@ -281,6 +285,7 @@ impl Proxy {
             config,
             ports: Vec::new(),
             log,
+            conns_taken: Mutex::default(),
             reader: Some(reader),
             status: None,
         }
@@ -289,7 +294,12 @@ impl Proxy {
     /// Wait for the `started mode=MODE` line (text or `--log-format json`); on exit before it,
     /// the log so far.
     pub fn wait_started(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + WAIT;
+        self.wait_started_within(WAIT)
+    }
+
+    /// `wait_started`, waiting up to `within`.
+    pub fn wait_started_within(&mut self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
         loop {
             if self.logs().iter().any(|l| self.is_started(l)) {
                 return Ok(());
@@ -348,12 +358,23 @@ impl Proxy {
     /// The first log line from `mark` on that satisfies `pred`, waiting up to `WAIT` for it.
     /// Panics (with the log) if it does not come, or the proxy's log ends without it.
     pub fn wait_log_since(&self, mark: usize, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT;
+        self.wait_line(what, WAIT, |i, l| i >= mark && pred(l))
+    }
+
+    /// The first log line that `pick` (given its index and text) takes, waiting up to `within`
+    /// for it. Panics (with the log) if it does not come, or the proxy's log ends without it.
+    fn wait_line(
+        &self,
+        what: &str,
+        within: Duration,
+        mut pick: impl FnMut(usize, &str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
         loop {
             let closed;
             {
                 let g = self.log.lines.lock().unwrap();
-                if let Some(l) = g.0.iter().skip(mark).find(|l| pred(l)) {
+                if let Some((_, l)) = g.0.iter().enumerate().find(|(i, l)| pick(*i, l)) {
                     return l.clone();
                 }
                 closed = g.1;
@@ -397,8 +418,19 @@ impl Proxy {
     /// The first `reload ok` line from `mark` on; panics (with the log) if a reload is rejected
     /// first or none comes.
     pub fn wait_reload_ok(&self, mark: usize) -> String {
-        let line = self.wait_log_since(mark, "reload ok", |l| {
-            is_reload_ok(l) || is_reload_rejected(l)
+        self.wait_reload_ok_within(mark, WAIT)
+    }
+
+    /// `wait_reload_ok` for a reload of tens of thousands of apps, with a deadline of its own:
+    /// the debug build's reload of 20,000 apps took 20.7 s of wall clock with the load average
+    /// at 17 on 2 cores (the suite at 4 test threads beside builds).
+    pub fn wait_big_reload_ok(&self, mark: usize) -> String {
+        self.wait_reload_ok_within(mark, WAIT * 4)
+    }
+
+    fn wait_reload_ok_within(&self, mark: usize, within: Duration) -> String {
+        let line = self.wait_line("reload ok", within, |i, l| {
+            i >= mark && (is_reload_ok(l) || is_reload_rejected(l))
         });
         assert!(
             is_reload_ok(&line),
@@ -482,13 +514,11 @@ impl Proxy {
         self.wait_log_since(mark, "upgrade failed", is_upgrade_failed)
     }
 
-    /// Wait for the `conn` log line of the connection from `client` (its local address).
+    /// Wait for the `conn` log line of the connection from `client` (its local address): the
+    /// first such line no earlier `wait_conn*` call returned.
     pub fn wait_conn(&self, client: SocketAddr) -> ConnLine {
         let want = canonical(client).to_string();
-        let line = self.wait_log(&format!("conn client={want}"), |l| {
-            ConnLine::parse(l).is_some_and(|c| c.client == want)
-        });
-        ConnLine::parse(&line).unwrap()
+        self.wait_conn_where(&format!("conn client={want}"), |c| c.client == want)
     }
 
     /// The `conn` line of the connection from `client` to `app`. Where other connections to
@@ -496,8 +526,16 @@ impl Proxy {
     /// earlier: the app tells the lines apart.
     pub fn wait_conn_of_app(&self, client: SocketAddr, app: &str) -> ConnLine {
         let want = canonical(client).to_string();
-        let line = self.wait_log(&format!("conn client={want} app={app}"), |l| {
-            ConnLine::parse(l).is_some_and(|c| c.client == want && c.app == app)
+        self.wait_conn_where(&format!("conn client={want} app={app}"), |c| {
+            c.client == want && c.app == app
+        })
+    }
+
+    /// The first `conn` line no earlier call has returned that satisfies `pred`.
+    fn wait_conn_where(&self, what: &str, pred: impl Fn(&ConnLine) -> bool) -> ConnLine {
+        let line = self.wait_line(what, WAIT, |i, l| {
+            ConnLine::parse(l).is_some_and(|c| pred(&c))
+                && self.conns_taken.lock().unwrap().insert(i)
         });
         ConnLine::parse(&line).unwrap()
     }
