@@ -1,9 +1,9 @@
 //! Accepting, on the relay threads: a thread that the parking lot tells of connections waiting
 //! on a door accepts a batch of them, and for each does the accept-time work (its app's
-//! binding by the address it dialled, the per-client limits, a slot under the connection bound)
-//! and starts its session right there, on itself; nothing is handed to another thread. Then it
-//! re-arms the door (at once if it stopped at the batch's end: whichever thread is free next
-//! takes the rest).
+//! binding by the address it dialled, the per-client limits, a slot under the connection bound).
+//! It re-arms the door once the batch is over (whichever thread is free next takes the rest),
+//! then starts the first session on itself and queues the others for whichever thread is free
+//! first (`relay::session`).
 //!
 //! Accepting pauses, the door left unarmed, while every slot of the bound is taken (the
 //! listener loop, woken by the slot given back at the bound, resumes it: `resume`) and after an

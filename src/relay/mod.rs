@@ -13,7 +13,8 @@
 //!   or a deadline without a thread, in any phase. Neither knows what a session is.
 //! - `slots`: the connection bound. `conns`: the table of open connections that drains close.
 //!
-//! A relay thread told of connections waiting on a door accepts them and starts each on itself.
+//! A relay thread told of connections waiting on a door accepts them, starts the first on itself
+//! and queues the others for whichever thread is free first.
 //! A session runs on a pool thread while it can go on without waiting; when its phase has to
 //! wait (for the client's hello, a slot of its app, or its sockets while relaying) it leaves the
 //! thread at once and waits in the lot, and a thread takes it up again, in the same phase, when

@@ -30,9 +30,10 @@
 //! wakes it here.
 //!
 //! The listening sockets are in the same epoll set (`Listeners`), armed one-shot too: the thread
-//! that is told of waiting connections has the listener to itself, accepts a batch and starts
-//! each connection on itself, and re-arms the listener when it is done with it (see
-//! `relay::accept`). New connections thus cost no hand-off between threads, as in HAProxy.
+//! that is told of waiting connections has the listener to itself, accepts a batch, re-arms the
+//! listener and starts the first connection on itself, the others queued for whichever thread is
+//! free first (see `relay::accept`; the pool wakes a waiting thread for them only when more than
+//! a few are queued).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;

@@ -1,6 +1,6 @@
 //! The relay threads: a fixed few (one per core, at most `--max-threads`), started with the
 //! proxy, each waiting on the parking lot for whatever becomes ready there: a listener with
-//! connections waiting (the thread accepts them and starts each one itself, see `accept`), or a
+//! connections waiting (the thread accepts them and starts them, see `accept`), or a
 //! connection whose sockets or deadline woke it. No step of a connection blocks its thread
 //! (greeting, admission and relaying wait in the lot, a connect is non-blocking and names are
 //! looked up on the resolver's threads), so these threads are all the relay needs: under load a
@@ -49,15 +49,22 @@ pub struct Pool<J: Send + 'static> {
 }
 
 /// What a handler can ask of the pool while it runs a job.
-pub struct Turn<'a> {
+pub struct Turn<'a, J> {
     others_waiting: &'a dyn Fn() -> bool,
+    queue: &'a dyn Fn(J),
 }
 
-impl Turn<'_> {
+impl<J> Turn<'_, J> {
     /// Jobs are waiting for a thread (ready connections included): a handler past its time slice
     /// should hand its thread on.
     pub fn others_waiting(&self) -> bool {
         (self.others_waiting)()
+    }
+
+    /// Queue `job` for whichever thread is free first (this one once its job is done), as a
+    /// job the source gave would be: past `SHARE` queued, a waiting thread is brought in.
+    pub fn queue(&self, job: J) {
+        (self.queue)(job)
     }
 }
 
@@ -71,7 +78,7 @@ struct Inner<J> {
     source: Arc<dyn Source<J>>,
 }
 
-type Handler<J> = Box<dyn Fn(J, &Turn) -> Option<J> + Send + Sync>;
+type Handler<J> = Box<dyn Fn(J, &Turn<J>) -> Option<J> + Send + Sync>;
 
 struct State<J> {
     /// Jobs waiting for a thread, in arrival order.
@@ -86,7 +93,7 @@ impl<J: Send + 'static> Pool<J> {
     pub fn new(
         threads: usize,
         source: Arc<dyn Source<J>>,
-        handler: impl Fn(J, &Turn) -> Option<J> + Send + Sync + 'static,
+        handler: impl Fn(J, &Turn<J>) -> Option<J> + Send + Sync + 'static,
     ) -> Pool<J> {
         Pool {
             inner: Arc::new(Inner {
@@ -193,8 +200,16 @@ impl<J: Send + 'static> Inner<J> {
         // The closure needs its own buffer and a shared borrow of the pool only.
         let others = std::cell::RefCell::new(others);
         let others_waiting = || (others.borrow_mut())();
+        let queue = |job: J| {
+            let mut state = self.lock();
+            self.enqueue(&mut state, job);
+            if state.queue.len() > SHARE {
+                self.share(&state);
+            }
+        };
         let turn = Turn {
             others_waiting: &others_waiting,
+            queue: &queue,
         };
         let mut state = self.lock();
         loop {

@@ -134,7 +134,7 @@ enum Done {
 /// Run `task` on this thread until the connection ends, parks, or (past its time slice while
 /// others wait) gives the thread up: then it is returned, to be continued after them. No phase
 /// blocks the thread: each waits in the lot (`Step::Wait`) for what it needs.
-pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
+pub fn run(task: Task, cx: &Context, turn: &Turn<Task>) -> Option<Task> {
     let mut s = match task {
         Task::Accept(door) => return accept(door, cx, turn),
         Task::New(incoming) => Session::new(incoming, cx),
@@ -177,19 +177,20 @@ pub fn run(task: Task, cx: &Context, turn: &Turn) -> Option<Task> {
     }
 }
 
-/// Accept the connections waiting on `door` and run each on this thread until it waits, as a
-/// connection woken in the lot would be: no other thread is involved.
-fn accept(door: Listening, cx: &Context, turn: &Turn) -> Option<Task> {
+/// Accept the connections waiting on `door`, re-arm it, run the first on this thread until it
+/// waits (as a connection woken in the lot would be) and queue the others for whichever thread
+/// is free first: a connection runs up to its first wait for its reply (a target on this host
+/// has answered the connect by then), so a batch run here one after another, the door unarmed
+/// meanwhile, would leave the other cores idle while new connections wait in the backlog.
+fn accept(door: Listening, cx: &Context, turn: &Turn<Task>) -> Option<Task> {
     let mut batch = cx.accepting.batch(door.0)?;
+    let first = batch.take()?;
     while let Some(incoming) = batch.take() {
-        if let Some(back) = run(Task::New(incoming), cx, turn) {
-            // Its time slice ended (not on its first steps, in practice): the door goes back to
-            // whichever thread is free.
-            batch.stop();
-            return Some(back);
-        }
+        turn.queue(Task::New(incoming));
     }
-    None
+    // Re-armed by now (the batch is over), so whichever thread is free takes the next ones.
+    drop(batch);
+    run(Task::New(first), cx, turn)
 }
 
 /// The one place a connection moves from a phase to the next, from what the phase was done

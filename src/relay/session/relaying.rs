@@ -8,6 +8,7 @@ use std::os::fd::AsRawFd;
 
 use super::connecting::Connected;
 use super::phase::{Conn, Ending, Route, Step, Timeouts, Wait};
+use super::Task;
 use crate::backends::backend::ActiveGuard;
 use crate::backends::routing::LimitGuard;
 use crate::relay::pool::Turn;
@@ -42,7 +43,7 @@ impl Relaying {
         conn: &mut Conn,
         timeouts: &Timeouts,
         carriers: &Carriers,
-        turn: &Turn,
+        turn: &Turn<Task>,
     ) -> Step<Relaying, Infallible> {
         // Set by the connecting phase before it is done (`Connecting::step`), never unset.
         let Some(backend) = conn.reg.entry.backend.get() else {
