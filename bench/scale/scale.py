@@ -67,7 +67,11 @@ CHANGES = env_int("SCALE_CHANGES", 10)
 CONNS = env_int("SCALE_CONNS", 20_000)
 MODES = os.environ.get("SCALE_MODES", "simple bpf").split()
 FORMS = os.environ.get("SCALE_FORMS", "file dir").split()
-OUT = os.environ.get("SCALE_OUT") or os.path.join(REPO, "bench", "scale-results")
+# 1: the start figure alone (and RSS then): no base run, no later step (a quick start A/B),
+# reported in the work directory unless SCALE_OUT says where (not over the full results).
+START_ONLY = os.environ.get("SCALE_START_ONLY", "") == "1"
+OUT = os.environ.get("SCALE_OUT") or (os.path.join(WORK, "scale-start") if START_ONLY
+                                      else os.path.join(REPO, "bench", "scale-results"))
 for m in MODES:
     if m not in ("simple", "bpf"):
         sys.exit(f"SCALE_MODES: unknown mode {m!r} (simple, bpf)")
@@ -500,6 +504,8 @@ def run_one(mode, form, apps, label, full):
         res["rss_start_kib"] = rss_kib(proxy.pid)
         res["rss_start_per_app_b"] = round(res["rss_start_kib"] * 1024 / n)
         log(f"{label}: first connection after {res['start_s']} s, RSS {res['rss_start_kib']} KiB")
+        if START_ONLY:
+            return res
         idle = idle_rates(proxy)
         res["idle_cpu_pct"] = round(idle[0] * 100, 2)
         if full:
@@ -637,8 +643,8 @@ def main():
         apps = make_apps(APPS)
         runs, base = [], {}
         for mode in MODES:
-            b = run_one(mode, "file", apps[:BASE], f"{mode}-base", full=False)
-            base[mode] = b
+            if not START_ONLY:
+                base[mode] = run_one(mode, "file", apps[:BASE], f"{mode}-base", full=False)
             for form in FORMS:
                 runs.append(run_one(mode, form, apps, f"{mode}-{form}", full=True))
                 report(meta, runs, base)

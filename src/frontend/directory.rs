@@ -30,8 +30,8 @@ use crate::config::{self, app_prefixes, sha256, App, Config, Diff};
 use crate::frontend::watch::{FileSig, Watch};
 use crate::sys::hash::{FastMap, FastSet};
 use crate::sys::inotify::{DirWatch, Events};
-use digest::Digest;
-use index::{hex, target_ip, ByName, Sha, Slot, UNREAD};
+use digest::{Digest, Line};
+use index::{target_ip, ByName, Sha, Slot, UNREAD};
 
 /// A config directory as the config plane keeps it. Its indices are keyed by what the files
 /// say (app names, ports, prefixes, hostnames), never by what a peer sends: `FastMap`.
@@ -249,7 +249,7 @@ impl Directory {
         self.waiting.remove(name);
         match state.good {
             Some((apps, sha)) => {
-                self.digest.sub(&hex(&sha), name);
+                self.digest.sub(Line::of(&sha, name));
                 self.unindex(&apps);
                 true
             }
@@ -274,7 +274,7 @@ impl Directory {
             }
             Err(problem) => (UNREAD, Err(vec![format!("{}: {problem}", path.display())])),
         };
-        self.take_parsed(name, sig, sha, parsed, out);
+        self.take_parsed(name, sig, sha, None, parsed, out);
     }
 
     /// Take in the file `name` (metadata `sig`), read with SHA-256 `sha` and parsed to
@@ -284,6 +284,7 @@ impl Directory {
         name: &str,
         sig: FileSig,
         sha: Sha,
+        line: Option<Line>,
         parsed: Parsed,
         out: &mut Refresh,
     ) {
@@ -311,7 +312,7 @@ impl Directory {
         if !problems.is_empty() {
             return self.refuse(name, problems, Some(apps), out);
         }
-        self.accept(name, apps, sha);
+        self.accept(name, apps, sha, line);
         out.changed = true;
     }
 
@@ -336,17 +337,19 @@ impl Directory {
     }
 
     /// `apps` (hashing to `sha`) serve from `name` from now on, in place of its last version.
-    fn accept(&mut self, name: &str, apps: Vec<Arc<App>>, sha: Sha) {
+    /// `line`: the file's digest line, if its reader worked it out already.
+    fn accept(&mut self, name: &str, apps: Vec<Arc<App>>, sha: Sha, line: Option<Line>) {
         let Some(state) = self.files.get_mut(name) else {
             return;
         };
         state.pending = None;
         self.waiting.remove(name);
         self.refused.remove(name);
-        self.digest.add(&hex(&sha), name);
+        self.digest
+            .add(line.unwrap_or_else(|| Line::of(&sha, name)));
         let old = state.good.replace((apps, sha));
         if let Some((old, old_sha)) = old {
-            self.digest.sub(&hex(&old_sha), name);
+            self.digest.sub(Line::of(&old_sha, name));
             self.unindex(&old);
         }
         let Some((file, state)) = self.files.get_key_value(name) else {
@@ -373,7 +376,7 @@ impl Directory {
         for (name, apps, sha) in waiting {
             if self.clashes(&name, &apps).is_empty() {
                 crate::info!("config file {name}: accepted now that what it clashed with changed");
-                self.accept(&name, apps, sha);
+                self.accept(&name, apps, sha, None);
                 out.changed = true;
             }
         }

@@ -12,11 +12,10 @@ use crate::config::sha256;
 pub(super) struct Digest([u64; 4]);
 
 impl Digest {
-    /// The file `name`, whose version in force hashes to `sha` (hex), is in force from now on.
-    pub(super) fn add(&mut self, sha: &str, name: &str) {
-        let line = line(sha, name);
+    /// A file whose `line` (see `Line::of`) is that of its version in force serves from now on.
+    pub(super) fn add(&mut self, line: Line) {
         let mut carry = false;
-        for (limb, add) in self.0.iter_mut().zip(line) {
+        for (limb, add) in self.0.iter_mut().zip(line.0) {
             let (s, c1) = limb.overflowing_add(add);
             let (s, c2) = s.overflowing_add(u64::from(carry));
             *limb = s;
@@ -24,11 +23,10 @@ impl Digest {
         }
     }
 
-    /// The file `name`, whose version in force hashed to `sha`, is no longer.
-    pub(super) fn sub(&mut self, sha: &str, name: &str) {
-        let line = line(sha, name);
+    /// A file whose version in force had `line` no longer serves.
+    pub(super) fn sub(&mut self, line: Line) {
         let mut borrow = false;
-        for (limb, sub) in self.0.iter_mut().zip(line) {
+        for (limb, sub) in self.0.iter_mut().zip(line.0) {
             let (d, b1) = limb.overflowing_sub(sub);
             let (d, b2) = d.overflowing_sub(u64::from(borrow));
             *limb = d;
@@ -42,17 +40,41 @@ impl Digest {
     }
 }
 
-/// The SHA-256 of the file's `sha256sum` line, as a number (big-endian, as its hex reads).
-fn line(sha: &str, name: &str) -> [u64; 4] {
-    let d = sha256::digest(format!("{sha}  {name}\n").as_bytes());
-    let mut limbs = [0u64; 4];
-    for (i, limb) in limbs.iter_mut().enumerate() {
-        let at = 32 - 8 * (i + 1);
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&d[at..at + 8]);
-        *limb = u64::from_be_bytes(b);
+/// The SHA-256 of a file's `sha256sum` line, as a number (big-endian, as its hex reads): what
+/// the file adds to the digest. Worked out where the file is read (on the reading threads at
+/// start: a hash of each of 200,000 lines there, not on the one thread taking files in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Line([u64; 4]);
+
+impl Line {
+    /// The line of the file `name` whose contents hash to `sha`.
+    pub(super) fn of(sha: &[u8; 32], name: &str) -> Line {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 64];
+        for (pair, b) in hex.chunks_exact_mut(2).zip(sha) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 15)];
+        }
+        Line::new(&hex, name)
     }
-    limbs
+
+    /// The line `SHA  NAME\n` (`sha`: the file's hash in hex).
+    pub(super) fn new(sha: &[u8], name: &str) -> Line {
+        let mut text = Vec::with_capacity(sha.len() + name.len() + 3);
+        text.extend_from_slice(sha);
+        text.extend_from_slice(b"  ");
+        text.extend_from_slice(name.as_bytes());
+        text.push(b'\n');
+        let d = sha256::digest(&text);
+        let mut limbs = [0u64; 4];
+        for (i, limb) in limbs.iter_mut().enumerate() {
+            let at = 32 - 8 * (i + 1);
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&d[at..at + 8]);
+            *limb = u64::from_be_bytes(b);
+        }
+        Line(limbs)
+    }
 }
 
 #[cfg(test)]
@@ -63,24 +85,33 @@ mod tests {
     fn one_file_is_its_lines_hash_and_a_sum_undoes() {
         let mut d = Digest::default();
         assert_eq!(d.hex(), "0".repeat(64));
-        d.add("ab", "a.json");
+        d.add(Line::new(b"ab", "a.json"));
         assert_eq!(d.hex(), sha256::hex(b"ab  a.json\n"));
-        d.add("cd", "b.json");
+        d.add(Line::new(b"cd", "b.json"));
         let mut other = Digest::default();
-        other.add("cd", "b.json");
-        other.add("ab", "a.json");
+        other.add(Line::new(b"cd", "b.json"));
+        other.add(Line::new(b"ab", "a.json"));
         assert_eq!(d, other, "in any order");
-        d.sub("ab", "a.json");
-        d.sub("cd", "b.json");
+        d.sub(Line::new(b"ab", "a.json"));
+        d.sub(Line::new(b"cd", "b.json"));
         assert_eq!(d, Digest::default());
+    }
+
+    #[test]
+    fn a_line_of_hash_bytes_is_that_of_their_hex() {
+        let sha = sha256::digest(b"{}");
+        assert_eq!(
+            Line::of(&sha, "a.json"),
+            Line::new(sha256::hex(b"{}").as_bytes(), "a.json")
+        );
     }
 
     #[test]
     fn carries_across_limbs() {
         let mut d = Digest([u64::MAX, u64::MAX, u64::MAX, 0]);
         let before = d;
-        d.add("x", "y");
-        d.sub("x", "y");
+        d.add(Line::new(b"x", "y"));
+        d.sub(Line::new(b"x", "y"));
         assert_eq!(d, before);
     }
 }

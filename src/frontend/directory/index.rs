@@ -70,15 +70,6 @@ pub(super) type Sha = [u8; 32];
 /// The hash of contents that could not be read (never a file's).
 pub(super) const UNREAD: Sha = [0; 32];
 
-/// `sha` in hex, as the digest's lines write it.
-pub(super) fn hex(sha: &Sha) -> String {
-    use std::fmt::Write;
-    sha.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 /// The address a target of this host connects to, as `local_target` gives it, without
 /// asking whether it is local: where an app's entry in `local_targets` is, even if the
 /// address has left the host since.

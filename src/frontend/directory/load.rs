@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
-use super::{is_config_file, parse, touched, Directory, Parsed, Refresh, Sha, UNREAD};
+use super::{is_config_file, parse, touched, Directory, Line, Parsed, Refresh, Sha, UNREAD};
 use crate::config::{self, sha256};
 use crate::frontend::watch::{FileSig, Watch};
 
@@ -33,6 +33,9 @@ struct FileRead {
     sig: Option<FileSig>,
     /// SHA-256 of its contents (`UNREAD` if unreadable).
     sha: Sha,
+    /// Its line of the directory's digest, if it was read (worked out here, on the reading
+    /// threads: the thread taking the files in is the one the others wait for).
+    line: Option<Line>,
     parsed: Parsed,
 }
 
@@ -56,17 +59,18 @@ impl Directory {
         names.sort_unstable();
         // Typically an app a file: the index of names at its size at once.
         self.owners.reserve(names.len());
+        self.touched.off = true;
         let mut out = Refresh::default();
         let dir = self.dir.clone();
         read_all(&dir, &names, |name, file| {
             if let Some(sig) = file.sig {
-                self.take_parsed(name, sig, file.sha, file.parsed, &mut out);
+                self.take_parsed(name, sig, file.sha, file.line, file.parsed, &mut out);
             }
         });
         if out.changed {
             self.retry_pending(&mut out);
         }
-        // What taking the files in noted for a refresh's diff: nothing to compare with.
+        // Noting again, for the refreshes to come.
         self.touched = touched::Touched::default();
         out
     }
@@ -152,16 +156,21 @@ impl Drop for Leaving<'_> {
 fn read_one(dir: &Path, name: &str) -> FileRead {
     let path = dir.join(name);
     match config::read_file_meta(&path) {
-        Ok((bytes, meta)) => FileRead {
-            sig: Some(FileSig::of(&meta)),
-            sha: sha256::digest(&bytes),
-            parsed: parse(&path, &bytes),
-        },
+        Ok((bytes, meta)) => {
+            let sha = sha256::digest(&bytes);
+            FileRead {
+                sig: Some(FileSig::of(&meta)),
+                sha,
+                line: Some(Line::of(&sha, name)),
+                parsed: parse(&path, &bytes),
+            }
+        }
         Err(problem) => FileRead {
             // Refused with its metadata (a FIFO, a directory, too large), as a refresh that
             // listed it would; gone since the listing: skipped.
             sig: Watch::stat(&path),
             sha: UNREAD,
+            line: None,
             parsed: Err(vec![format!("{}: {problem}", path.display())]),
         },
     }

@@ -16,6 +16,9 @@ use crate::config::{App, Diff};
 pub(super) struct Touched {
     apps: FastMap<String, Option<Arc<App>>>,
     ports: FastMap<u16, bool>,
+    /// Noting nothing: the first load, whose diff nobody reads (at 200,000 apps the notes
+    /// were a copy of every name, on the one thread taking the files in).
+    pub(super) off: bool,
 }
 
 impl Directory {
@@ -64,6 +67,9 @@ impl Directory {
     /// `app` is about to serve or stop serving: note what served under its name and on its
     /// ports before this refresh, if this refresh has not yet.
     pub(super) fn note(&mut self, app: &Arc<App>, serving: bool) {
+        if self.touched.off {
+            return;
+        }
         if !self.touched.apps.contains_key(&app.name) {
             let before = serving.then(|| Arc::clone(app));
             self.touched.apps.insert(app.name.clone(), before);
