@@ -186,10 +186,10 @@ pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
     let apps = listed
         .iter()
         .map(|(app, ports)| AppStatus {
-            name: app.name.clone(),
+            name: app.name().to_owned(),
             ports: ports.to_vec(),
-            addresses: app.addresses.iter().map(|a| a.to_string()).collect(),
-            hostnames: app.hostnames.iter().map(|h| h.to_string()).collect(),
+            addresses: app.addresses().iter().map(|a| a.to_string()).collect(),
+            hostnames: app.hostnames().iter().map(|h| h.to_string()).collect(),
             open: app.stats.active.load(Ordering::Relaxed) as u64,
             accepted: load(&app.stats.accepted),
             queued: app.limit.as_ref().map_or(0, |l| l.queued() as u64),

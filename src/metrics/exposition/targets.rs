@@ -116,7 +116,7 @@ pub(super) fn families(out: &mut String, apps: &Apps) {
                 .into_iter()
                 .map(|b| (&**b, b.target.to_string()))
                 .collect();
-            (app.name.as_str(), backends)
+            (app.name(), backends)
         })
         .collect();
     for fam in &FAMILIES {

@@ -175,7 +175,7 @@ impl Connecting {
     /// modes), then the client's bytes read for its server name, unchanged.
     fn sending(&mut self, target: ActiveGuard, conn: &Conn, timeouts: &Timeouts) -> Stage {
         let (peer, local): (SocketAddr, SocketAddr) = (conn.peer, conn.local);
-        let mut preamble = match self.route.app.proxy_protocol {
+        let mut preamble = match self.route.app.proxy_protocol() {
             Some(version) => proxy_protocol::header(version, peer, local),
             None => Vec::new(),
         };
