@@ -55,11 +55,16 @@ pub(super) fn targets(routes: &Routes, only: Option<&str>) -> String {
                 continue;
             }
             seen.push(Arc::as_ptr(b));
-            let total = b.connections.load(Ordering::Relaxed);
-            let failures: u64 = b.failures.iter().map(|f| f.load(Ordering::Relaxed)).sum();
+            let total = b.traffic_seen().connections.load(Ordering::Relaxed);
+            let failures: u64 = b
+                .traffic_seen()
+                .failures
+                .iter()
+                .map(|f| f.load(Ordering::Relaxed))
+                .sum();
             let avg_ms = match total {
                 0 => 0.0,
-                n => b.connect_us.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0,
+                n => b.traffic_seen().connect_us.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0,
             };
             let _ = write!(
                 out,
