@@ -29,7 +29,7 @@ pub(super) fn apps(routes: &Routes) -> String {
         let _ = writeln!(
             out,
             "app={} ports={} state={state} open={} queued={} total={} refused_disabled={}",
-            app.name,
+            app.name(),
             port_ranges(ports),
             s.active.load(Ordering::Relaxed),
             app.limit.as_ref().map_or(0, |l| l.queued()),
@@ -45,7 +45,7 @@ pub(super) fn apps(routes: &Routes) -> String {
 pub(super) fn targets(routes: &Routes, only: Option<&str>) -> String {
     let mut out = String::new();
     for (app, _) in routes.apps() {
-        if only.is_some_and(|n| n != app.name) {
+        if only.is_some_and(|n| n != app.name()) {
             continue;
         }
         let mut seen: Vec<*const crate::backends::backend::Backend> = Vec::new();
@@ -55,16 +55,21 @@ pub(super) fn targets(routes: &Routes, only: Option<&str>) -> String {
                 continue;
             }
             seen.push(Arc::as_ptr(b));
-            let total = b.connections.load(Ordering::Relaxed);
-            let failures: u64 = b.failures.iter().map(|f| f.load(Ordering::Relaxed)).sum();
+            let total = b.traffic_seen().connections.load(Ordering::Relaxed);
+            let failures: u64 = b
+                .traffic_seen()
+                .failures
+                .iter()
+                .map(|f| f.load(Ordering::Relaxed))
+                .sum();
             let avg_ms = match total {
                 0 => 0.0,
-                n => b.connect_us.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0,
+                n => b.traffic_seen().connect_us.load(Ordering::Relaxed) as f64 / n as f64 / 1000.0,
             };
             let _ = write!(
                 out,
                 "app={} target={} state={} health={} since={}",
-                app.name,
+                app.name(),
                 b.target,
                 b.state().as_str(),
                 if b.is_up() { "up" } else { "down" },
@@ -90,7 +95,7 @@ pub(super) fn targets(routes: &Routes, only: Option<&str>) -> String {
 pub(super) fn select(conns: &Conns, app: Option<&str>, target: Option<&str>) -> Vec<Arc<OpenConn>> {
     // The app first: comparing a target means writing it out.
     conns.select(|c| {
-        app.is_none_or(|n| c.app.get().is_some_and(|a| a.name == n))
+        app.is_none_or(|n| c.app.get().is_some_and(|a| a.name() == n))
             && target.is_none_or(|t| c.target.get().is_some_and(|b| b.target.to_string() == t))
     })
 }
@@ -106,7 +111,7 @@ pub(super) fn conns(open: &[Arc<OpenConn>]) -> String {
             out,
             "id={} app={} client={} port={} target={} phase={} age={} idle={} up={up} down={down}",
             c.id,
-            c.app.get().map_or("-", |a| a.name.as_str()),
+            c.app.get().map_or("-", |a| a.name()),
             c.peer,
             c.port,
             c.target

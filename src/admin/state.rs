@@ -124,19 +124,19 @@ impl RuntimeState {
         let map = self.lock().clone();
         for (app, _) in routes.apps() {
             if app.stats.disabled.load(Ordering::Relaxed) {
-                saved.disabled_apps.push(app.name.clone());
+                saved.disabled_apps.push(app.name().to_owned());
             }
             let mut seen = BTreeSet::new();
             for b in &app.backends {
                 let target = b.target.to_string();
-                let Some(set) = map.get(&(app.name.clone(), target.clone())) else {
+                let Some(set) = map.get(&(app.name().to_owned(), target.clone())) else {
                     continue;
                 };
                 if !seen.insert(target.clone()) {
                     continue;
                 }
                 saved.targets.push(SavedTarget {
-                    app: app.name.clone(),
+                    app: app.name().to_owned(),
                     target,
                     state: set.state.then(|| b.state().as_str().to_owned()),
                     weight: set.weight.then(|| b.weight()),
@@ -155,7 +155,7 @@ impl RuntimeState {
             .flat_map(|(app, _)| {
                 app.backends
                     .iter()
-                    .map(|b| (app.name.clone(), b.target.to_string()))
+                    .map(|b| (app.name().to_owned(), b.target.to_string()))
             })
             .collect();
         self.lock().retain(|k, _| live.contains(k));
@@ -202,7 +202,7 @@ impl RuntimeState {
         let apps: HashMap<&str, &Arc<AppRoute>> = routes
             .apps()
             .into_iter()
-            .map(|(a, _)| (a.name.as_str(), a))
+            .map(|(a, _)| (a.name(), a))
             .collect();
         for t in &saved.targets {
             let state = match t.state.as_deref().map(TargetState::parse) {

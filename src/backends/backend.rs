@@ -16,9 +16,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::backends::resolver::ResolveError;
+pub use crate::backends::traffic::Traffic;
+use crate::backends::traffic::NO_TRAFFIC;
 
 /// Counts every change of any backend's health (up, down) or state (ready, drain, maint), in
 /// the process: the health checker keeps when each target is due while it stays the same,
@@ -99,16 +101,8 @@ pub struct Backend {
     pub app: Arc<str>,
     /// Connections relaying to this target now.
     pub active: AtomicUsize,
-    /// Connections made to this target.
-    pub connections: AtomicU64,
-    /// Bytes delivered client to target, and target to client, counted as they move.
-    pub bytes_up: AtomicU64,
-    pub bytes_down: AtomicU64,
-    /// Failed connects by `ConnectError::index`.
-    pub failures: [AtomicU64; ConnectError::KINDS],
-    /// Microseconds the connects to it that were used took, in all (with `connections`, their
-    /// average, as the admin socket's `show targets` says).
-    pub connect_us: AtomicU64,
+    /// What connections to it did, allocated at the first connect to it (see `Traffic`).
+    traffic: OnceLock<Box<Traffic>>,
     up: AtomicBool,
     /// Active checks that passed, and that failed (one that says nothing of the target, this
     /// host's trouble, is neither).
@@ -121,7 +115,7 @@ pub struct Backend {
     /// Why the last failed check failed, or the failed connect that marked it down: kept once
     /// it is up again, for whoever asks why it went down. Written on those events only, never
     /// per connection.
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<Box<str>>>,
     /// Consecutive failed and successful active checks.
     fails: AtomicU32,
     oks: AtomicU32,
@@ -142,6 +136,16 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// Its traffic counters, to count into (allocated at the first count).
+    pub fn traffic(&self) -> &Traffic {
+        self.traffic.get_or_init(Box::default)
+    }
+
+    /// Its traffic counters, to read: zeros (allocating nothing) if nothing was counted.
+    pub fn traffic_seen(&self) -> &Traffic {
+        self.traffic.get().map_or(&NO_TRAFFIC, |t| t)
+    }
+
     /// A target of `app` (a name, or the app's shared one) checked as `check` says.
     pub fn new(
         app: impl Into<Arc<str>>,
@@ -152,11 +156,7 @@ impl Backend {
             target,
             app: app.into(),
             active: AtomicUsize::new(0),
-            connections: AtomicU64::new(0),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            failures: Default::default(),
-            connect_us: AtomicU64::new(0),
+            traffic: OnceLock::new(),
             // Targets start up: the first connection (or check) finds out otherwise, and
             // starting down would refuse traffic to a healthy fleet for a whole interval.
             up: AtomicBool::new(true),
@@ -264,11 +264,12 @@ impl Backend {
         self.last_error
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_deref()
+            .map(str::to_owned)
     }
 
     fn failed_because(&self, why: String) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
     }
 
     /// It just went up or down.
@@ -283,7 +284,7 @@ impl Backend {
     /// Out of descriptors, memory or local ports is this host's trouble, not the target's:
     /// counted, but it marks nothing down.
     pub(super) fn connect_failed(&self, e: &ConnectError) {
-        self.failures[e.index()].fetch_add(1, Ordering::Relaxed);
+        self.traffic().failures[e.index()].fetch_add(1, Ordering::Relaxed);
         if e.is_local() {
             return;
         }
@@ -297,7 +298,7 @@ impl Backend {
 
     /// A successful connect is proof the target is up.
     pub(super) fn connect_succeeded(&self) {
-        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.traffic().connections.fetch_add(1, Ordering::Relaxed);
         self.fails.store(0, Ordering::Relaxed);
         if !self.up.swap(true, Ordering::Relaxed) {
             self.changed();
@@ -404,7 +405,7 @@ impl fmt::Display for ConnectError {
 
 impl ConnectError {
     /// How many kinds there are, and their labels by `index`.
-    pub const KINDS: usize = 5;
+    pub const KINDS: usize = crate::backends::traffic::FAILURE_KINDS;
     pub const REASONS: [&'static str; ConnectError::KINDS] =
         ["unresolvable", "refused", "timeout", "error", "loop"];
 

@@ -36,7 +36,7 @@ use crate::config::Balance;
 /// `app.backends`).
 pub fn pick(app: &AppRoute, tried: &[usize]) -> Option<usize> {
     let pool = tier(&app.backends, tried);
-    match (pool.len(), app.balance) {
+    match (pool.len(), app.balance()) {
         (0, _) => None,
         (1, _) => Some(pool[0].0),
         (_, Balance::Random) => Some(pool[draw(&pool)].0),

@@ -172,7 +172,7 @@ impl Dial {
         timeout: Duration,
         notify: &mut dyn FnMut() -> Notify,
     ) -> Option<Attempt> {
-        if self.tried.len() >= app.connect_attempts {
+        if self.tried.len() >= app.connect_attempts() {
             return None;
         }
         let i = pick(app, &self.tried)?;

@@ -20,4 +20,5 @@ pub mod proxy_protocol;
 pub mod resolver;
 pub mod routing;
 pub mod shards;
+pub mod traffic;
 pub mod unrouted;

@@ -38,18 +38,13 @@ pub use update::Fresh;
 
 #[derive(Debug)]
 pub struct AppRoute {
-    pub name: String,
+    /// The app as configured (the config's own record, shared, not copied: its name,
+    /// addresses and hostnames were a copy per route, about 100 bytes an app at the edge).
+    pub app: Arc<App>,
     pub backends: Vec<Arc<Backend>>,
-    pub balance: Balance,
-    pub connect_attempts: usize,
     pub limit: Option<Arc<AppLimit>>,
     /// Open connections per client address, with the app's `MaxConnectionsPerClient`.
     pub per_client: Option<Arc<ClientCounts>>,
-    pub proxy_protocol: Option<ProxyProtocol>,
-    /// Where the app answers, for status: its `Addresses` (empty: every address) and
-    /// `Hostnames`.
-    pub addresses: Vec<Prefix>,
-    pub hostnames: Vec<Pattern>,
     /// Round-robin position.
     pub next: AtomicUsize,
     /// This proxy's own frontends in the config in force: a target resolving to one of
@@ -131,7 +126,7 @@ impl Binding {
                 .iter()
                 .chain(self.named())
                 .next()
-                .map_or("", |r| r.name.as_str()),
+                .map_or("", |r| r.name()),
         }
     }
 
@@ -320,13 +315,13 @@ struct Named(Arc<AppRoute>);
 
 impl std::hash::Hash for Named {
     fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        self.0.name.as_str().hash(h)
+        self.0.app.name.as_str().hash(h)
     }
 }
 
 impl PartialEq for Named {
     fn eq(&self, other: &Named) -> bool {
-        self.0.name == other.0.name
+        self.0.app.name == other.0.app.name
     }
 }
 
@@ -334,7 +329,7 @@ impl Eq for Named {}
 
 impl std::borrow::Borrow<str> for Named {
     fn borrow(&self) -> &str {
-        &self.0.name
+        &self.0.app.name
     }
 }
 
@@ -342,7 +337,7 @@ impl AppRoute {
     /// The route of `app`, keeping the state of its previous route `old` (the same app in the
     /// table before): the backends of the targets it still has (their health and load), its
     /// limit and counts (connections open across the reload still count), its counters.
-    fn new(app: &App, old: Option<&AppRoute>, own: &Arc<OwnFrontends>) -> AppRoute {
+    fn new(app: &Arc<App>, old: Option<&AppRoute>, own: &Arc<OwnFrontends>) -> AppRoute {
         let mut backends: Vec<Arc<Backend>> = Vec::with_capacity(app.targets.len());
         for spec in &app.targets {
             let t = &spec.target;
@@ -381,28 +376,51 @@ impl AppRoute {
             }
         });
         AppRoute {
-            name: app.name.clone(),
+            app: Arc::clone(app),
             backends,
-            balance: app.balance,
-            connect_attempts: app.connect_attempts,
             limit,
             per_client,
-            proxy_protocol: app.proxy_protocol,
-            addresses: app.addresses.clone(),
-            hostnames: app.hostnames.clone(),
             next: AtomicUsize::new(0),
             own: Arc::clone(own),
             stats: old.map(|o| Arc::clone(&o.stats)).unwrap_or_default(),
         }
     }
 
+    /// The app's name.
+    pub fn name(&self) -> &str {
+        &self.app.name
+    }
+
+    pub fn balance(&self) -> Balance {
+        self.app.balance
+    }
+
+    /// Distinct targets tried for one client connection before it is closed.
+    pub fn connect_attempts(&self) -> usize {
+        self.app.connect_attempts
+    }
+
+    pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {
+        self.app.proxy_protocol
+    }
+
+    /// Where the app answers, for status: its `Addresses` (empty: every address) and
+    /// `Hostnames`.
+    pub fn addresses(&self) -> &[Prefix] {
+        &self.app.addresses
+    }
+
+    pub fn hostnames(&self) -> &[Pattern] {
+        &self.app.hostnames
+    }
+
     /// The prefixes the app answers on: its `Addresses`, or every IPv4 and IPv6 address.
     fn prefixes(&self) -> &[Prefix] {
         const EVERY: [Prefix; 2] = [Prefix::ALL_V4, Prefix::ALL_V6];
-        if self.addresses.is_empty() {
+        if self.app.addresses.is_empty() {
             &EVERY
         } else {
-            &self.addresses
+            &self.app.addresses
         }
     }
 }

@@ -5,8 +5,10 @@
 //! A problem in an object names the app, the target (its Address as written, or `#N`, its
 //! place in the list, when the Address is missing or not a string) and the key.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::Ipv6Addr;
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -14,6 +16,7 @@ use crate::config::model::{Target, TargetSpec, MAX_WEIGHT};
 use crate::config::problem::{Problem, Problems};
 use crate::config::raw::{Found, RawTarget, RawTargetEntry};
 use crate::config::types::{present, wrong, Typed};
+use crate::sys::hash::FastSet;
 
 /// The longest Address quoted whole in the messages about its object's keys.
 const LABEL_MAX: usize = 80;
@@ -214,6 +217,32 @@ fn as_text(found: &Found) -> Option<String> {
     }
 }
 
+/// Hosts this thread parsed lately, kept to share their text: at the edge, many apps list
+/// the same few target hosts, and a copy a target was 48 bytes with glibc's header, about 100
+/// bytes an app. Bounded (emptied when full), since any config's hosts pass through it.
+const HOSTS_KEPT: usize = 4096;
+
+/// `host` as an `Arc<str>` shared with the targets this thread parsed lately with the same
+/// host (compared by text: sharing changes nothing but where the bytes are).
+fn shared_host(host: &str) -> Arc<str> {
+    thread_local! {
+        // Keyed by hosts from the config, never a peer's: the fast hasher is enough.
+        static HOSTS: RefCell<FastSet<Arc<str>>> = RefCell::default();
+    }
+    HOSTS.with(|hosts| {
+        let mut hosts = hosts.borrow_mut();
+        if let Some(h) = hosts.get(host) {
+            return Arc::clone(h);
+        }
+        if hosts.len() >= HOSTS_KEPT {
+            hosts.clear();
+        }
+        let h: Arc<str> = Arc::from(host);
+        hosts.insert(Arc::clone(&h));
+        h
+    })
+}
+
 /// Parse `host:port`. The host is a DNS name, an IPv4 address, or a bracketed IPv6 address.
 pub fn parse_target(s: &str) -> Result<Target, &'static str> {
     const SHAPE: &str = "is not host:port (e.g. \"backend.internal:7001\" or \"[::1]:7001\")";
@@ -270,7 +299,7 @@ pub fn parse_target(s: &str) -> Result<Target, &'static str> {
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => Ok(Target {
-            host: host.into(),
+            host: shared_host(host),
             port: p,
         }),
         _ => Err("has a port that is not a number in 1-65535"),

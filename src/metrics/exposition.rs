@@ -417,7 +417,7 @@ fn possible_unrouted(app: &AppRoute) -> &'static [Unrouted] {
         Unrouted::ClientClosed,
     ];
     // An app on some addresses only leaves the port's other addresses to no app.
-    match (app.addresses.is_empty(), app.hostnames.is_empty()) {
+    match (app.addresses().is_empty(), app.hostnames().is_empty()) {
         (true, true) => &[],
         (false, true) => &ALL[..1],
         (true, false) => &BY_NAME,

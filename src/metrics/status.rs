@@ -186,10 +186,10 @@ pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
     let apps = listed
         .iter()
         .map(|(app, ports)| AppStatus {
-            name: app.name.clone(),
+            name: app.name().to_owned(),
             ports: ports.to_vec(),
-            addresses: app.addresses.iter().map(|a| a.to_string()).collect(),
-            hostnames: app.hostnames.iter().map(|h| h.to_string()).collect(),
+            addresses: app.addresses().iter().map(|a| a.to_string()).collect(),
+            hostnames: app.hostnames().iter().map(|h| h.to_string()).collect(),
             open: app.stats.active.load(Ordering::Relaxed) as u64,
             accepted: load(&app.stats.accepted),
             queued: app.limit.as_ref().map_or(0, |l| l.queued() as u64),
@@ -206,10 +206,10 @@ pub fn snapshot(sources: &Sources, app: Option<&str>) -> Option<Status> {
                     target: b.target.to_string(),
                     state: if b.is_up() { "up" } else { "down" }.into(),
                     open: b.active.load(Ordering::Relaxed) as u64,
-                    total: load(&b.connections),
-                    bytes_sent: load(&b.bytes_up),
-                    bytes_received: load(&b.bytes_down),
-                    connect_failures: b.failures.iter().map(load).sum(),
+                    total: load(&b.traffic_seen().connections),
+                    bytes_sent: load(&b.traffic_seen().bytes_up),
+                    bytes_received: load(&b.traffic_seen().bytes_down),
+                    connect_failures: b.traffic_seen().failures.iter().map(load).sum(),
                     since: load(&b.changed_ms) as f64 / 1000.0,
                     last_check_error: b.last_error(),
                     admin_state: b.state().as_str().into(),

@@ -100,7 +100,7 @@ pub fn refuse_client_limit(
     drop(client);
     let reason = refused(app, reached);
     ConnLine {
-        app: app.map(|a| a.name.as_str()),
+        app: app.map(|a| a.name()),
         client: peer,
         port,
         target: None,

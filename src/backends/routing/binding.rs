@@ -13,7 +13,7 @@ use crate::config::hostname::Pattern;
 /// of them (an edge's app with an address of each family on three ports had six, 64 bytes
 /// each).
 pub(super) fn is_sole(routes: &[&Arc<AppRoute>]) -> bool {
-    matches!(routes, [route] if route.hostnames.is_empty())
+    matches!(routes, [route] if route.hostnames().is_empty())
 }
 
 /// The binding of `routes` (the apps on one (prefix, port)), keeping the counts taken at
@@ -27,11 +27,11 @@ pub(super) fn binding(routes: &[&Arc<AppRoute>], kept: Option<&Binding>) -> Bind
     }
     let mut names: Vec<&str> = Vec::with_capacity(routes.len());
     for route in routes {
-        names.push(&route.name);
-        if route.hostnames.is_empty() {
+        names.push(route.name());
+        if route.hostnames().is_empty() {
             b.default = Some(Arc::clone(route));
         }
-        for h in &route.hostnames {
+        for h in route.hostnames() {
             let names = b.names.get_or_insert_with(Box::default);
             let map = match h {
                 Pattern::Exact(_) => &mut names.exact,

@@ -20,7 +20,7 @@ fn who_gets_a_connection() {
     .unwrap();
     let r = Routes::new(&c, None);
     let at = |a: &str| r.lookup(a.parse().unwrap()).unwrap();
-    let name = |b: &Binding, n: &str| b.for_name(n).map(|a| a.name.clone());
+    let name = |b: &Binding, n: &str| b.for_name(n).map(|a| a.name().to_owned());
     let any = at("127.0.0.1:443");
     assert!(any.needs_server_name());
     assert_eq!(name(any, "www.example.com").as_deref(), Ok("exact"));
@@ -30,7 +30,7 @@ fn who_gets_a_connection() {
     assert_eq!(any.group(), "dflt+exact+wild");
     let net = at("10.9.9.9:443");
     assert!(!net.needs_server_name());
-    assert_eq!(net.default_app().unwrap().name, "net");
+    assert_eq!(net.default_app().unwrap().name(), "net");
     let host = at("10.1.2.3:443");
     assert_eq!(name(host, "www.example.com").as_deref(), Ok("host"));
     assert_eq!(
@@ -39,7 +39,8 @@ fn who_gets_a_connection() {
         "no fallback to a shorter prefix"
     );
     assert_eq!(
-        host.without_name(Unrouted::NotTls).map(|a| a.name.clone()),
+        host.without_name(Unrouted::NotTls)
+            .map(|a| a.name().to_owned()),
         Err(Unrouted::NotTls)
     );
     assert_eq!(at("[fd00::1]:443").group(), "host");
@@ -77,7 +78,7 @@ fn longest_prefix_by_hash_among_many() {
     );
     let app = |a: &str| {
         r.lookup(a.parse().unwrap())
-            .map(|b| b.default_app().unwrap().name.clone())
+            .map(|b| b.default_app().unwrap().name().to_owned())
     };
     assert_eq!(app("10.1.0.1:443").as_deref(), Some("h0"));
     assert_eq!(app("10.1.1.250:443").as_deref(), Some("h499"));
@@ -194,7 +195,7 @@ fn an_update_routes_as_a_whole_build_and_keeps_unchanged_routes() {
             } else {
                 b.for_name(name)
             };
-            (b.group().to_owned(), app.map(|a| a.name.clone()).ok())
+            (b.group().to_owned(), app.map(|a| a.name().to_owned()).ok())
         })
     };
     for at in [
@@ -219,7 +220,7 @@ fn an_update_routes_as_a_whole_build_and_keeps_unchanged_routes() {
         Some("new")
     );
     assert!(up.port(9000).is_none() && up.port(7000).is_none());
-    let names: Vec<&str> = up.apps().iter().map(|(a, _)| a.name.as_str()).collect();
+    let names: Vec<&str> = up.apps().iter().map(|(a, _)| a.name()).collect();
     assert_eq!(names, ["keep", "host", "net", "new", "moves"]);
     // Unchanged: the very route; changed: a new route with the old state.
     assert!(Arc::ptr_eq(r1.apps()[0].0, up.apps()[0].0));
@@ -307,7 +308,7 @@ fn an_app_alone_has_one_binding_everywhere() {
             assert!(Arc::ptr_eq(first, at(&format!("10.0.0.1:{port}"))));
             assert!(Arc::ptr_eq(first, at(&format!("[fd00::1]:{port}"))));
         }
-        assert_eq!(first.default_app().unwrap().name, "a");
+        assert_eq!(first.default_app().unwrap().name(), "a");
         let shared = at("10.0.0.2:443");
         assert!(shared.needs_server_name() && shared.group() == "b+c");
     }

@@ -130,7 +130,7 @@ impl Routes {
             let prefixes = route.prefixes();
             for port in ports.iter() {
                 let t = touched.entry(*port).or_default();
-                t.names.push(route.name.as_str());
+                t.names.push(route.name());
                 for prefix in prefixes {
                     let on = t.on.entry(*prefix).or_default();
                     // An address listed twice is one binding of the app, as in `port_table`.
@@ -191,7 +191,7 @@ fn updated_table(
             .map(|b| b.routes())
             .unwrap_or_default()
             .into_iter()
-            .filter(|r| !gone.contains(r.name.as_str()))
+            .filter(|r| !gone.contains(r.name()))
             .collect();
         on.extend(fresh);
         if is_sole(&on) {

@@ -204,7 +204,7 @@ fn a_table_changed_by_diffs_keeps_config_order_and_the_digest_sums_the_lines() {
         let fresh = dir.fresh(&r.diff);
         let order = |each: &mut dyn FnMut(&str)| dir.each_name(each);
         routes = routes.update_with(&r.diff, &fresh, &order, false);
-        let listed: Vec<&str> = routes.apps().iter().map(|(a, _)| a.name.as_str()).collect();
+        let listed: Vec<&str> = routes.apps().iter().map(|(a, _)| a.name()).collect();
         let config = dir.config();
         let want: Vec<&str> = config.apps.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(listed, want, "step {step}");

@@ -64,7 +64,7 @@ impl Scope<'_> {
             Scope::Each(apps) => {
                 for (app, _) in *apps {
                     let queued = app.limit.as_ref().map_or(0, |l| l.queued());
-                    f(Some(app.name.as_str()), &app.stats, queued);
+                    f(Some(app.name()), &app.stats, queued);
                 }
             }
             Scope::Summed(t) => f(None, &t.stats, t.queued),

@@ -27,7 +27,7 @@ pub(super) fn target_families(out: &mut String, apps: &Apps) {
             let now = b.state();
             for state in TargetState::ALL {
                 let labels = [
-                    ("app", app.name.as_str()),
+                    ("app", app.name()),
                     ("target", target.as_str()),
                     ("state", state.as_str()),
                 ];
@@ -47,7 +47,7 @@ pub(super) fn app_families(out: &mut String, scope: &Scope<'_>) {
         Scope::Each(apps) => {
             for (app, _) in *apps {
                 let enabled = !app.stats.disabled.load(Ordering::Relaxed);
-                f.sample(name, &[("app", app.name.as_str())], u8::from(enabled));
+                f.sample(name, &[("app", app.name())], u8::from(enabled));
             }
         }
         Scope::Summed(t) => f.sample(name, &[], t.enabled),

@@ -32,7 +32,7 @@ const FAMILIES: [TargetFamily; 8] = [
         old: Some("flyproxy_connections_total"),
         kind: "counter",
         help: "Connections made to a target, by app and target.",
-        read: |b, emit| emit(&[], &b.connections.load(Ordering::Relaxed)),
+        read: |b, emit| emit(&[], &b.traffic_seen().connections.load(Ordering::Relaxed)),
     },
     TargetFamily {
         name: "flyproxy_target_connections_active",
@@ -56,11 +56,11 @@ const FAMILIES: [TargetFamily; 8] = [
         read: |b, emit| {
             emit(
                 &[("direction", "client_to_target")],
-                &b.bytes_up.load(Ordering::Relaxed),
+                &b.traffic_seen().bytes_up.load(Ordering::Relaxed),
             );
             emit(
                 &[("direction", "target_to_client")],
-                &b.bytes_down.load(Ordering::Relaxed),
+                &b.traffic_seen().bytes_down.load(Ordering::Relaxed),
             );
         },
     },
@@ -71,7 +71,7 @@ const FAMILIES: [TargetFamily; 8] = [
         help: "Failed connects to a target, by app, target and reason: unresolvable, refused, timeout, error (any other), loop (the target resolves to this proxy's own frontend).",
         read: |b, emit| {
             for (i, reason) in ConnectError::REASONS.iter().enumerate() {
-                emit(&[("reason", reason)], &b.failures[i].load(Ordering::Relaxed));
+                emit(&[("reason", reason)], &b.traffic_seen().failures[i].load(Ordering::Relaxed));
             }
         },
     },
@@ -116,7 +116,7 @@ pub(super) fn families(out: &mut String, apps: &Apps) {
                 .into_iter()
                 .map(|b| (&**b, b.target.to_string()))
                 .collect();
-            (app.name.as_str(), backends)
+            (app.name(), backends)
         })
         .collect();
     for fam in &FAMILIES {

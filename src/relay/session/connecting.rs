@@ -154,7 +154,11 @@ impl Connecting {
                     let _ = conn.reg.entry.target.set(Arc::clone(target.backend()));
                     let took = connected(conn, dial, &self.route);
                     let us = took.as_micros().min(u128::from(u64::MAX)) as u64;
-                    target.backend().connect_us.fetch_add(us, Ordering::Relaxed);
+                    target
+                        .backend()
+                        .traffic()
+                        .connect_us
+                        .fetch_add(us, Ordering::Relaxed);
                     self.stage = self.sending(target, conn, timeouts);
                 }
             }
@@ -175,7 +179,7 @@ impl Connecting {
     /// modes), then the client's bytes read for its server name, unchanged.
     fn sending(&mut self, target: ActiveGuard, conn: &Conn, timeouts: &Timeouts) -> Stage {
         let (peer, local): (SocketAddr, SocketAddr) = (conn.peer, conn.local);
-        let mut preamble = match self.route.app.proxy_protocol {
+        let mut preamble = match self.route.app.proxy_protocol() {
             Some(version) => proxy_protocol::header(version, peer, local),
             None => Vec::new(),
         };
@@ -250,6 +254,7 @@ impl Connecting {
         let target_name = target_state.target.to_string();
         let first_bytes = self.first_bytes.len() as u64;
         target_state
+            .traffic()
             .bytes_up
             .fetch_add(first_bytes, Ordering::Relaxed);
         Step::Done(Connected {

@@ -292,7 +292,7 @@ fn end(conn: Conn, e: Ending, cx: &Context) {
         app.stats.duration.observe(accepted.elapsed());
     }
     ConnLine {
-        app: e.app.as_ref().map(|a| a.name.as_str()),
+        app: e.app.as_ref().map(|a| a.name()),
         client: peer,
         port: local.port(),
         target: e.target.as_deref(),

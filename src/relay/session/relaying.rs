@@ -53,7 +53,7 @@ impl Relaying {
         // then must not be forgotten).
         self.relay.woke(std::mem::take(&mut conn.woke));
         let idle = timeouts.idle;
-        let bytes = self.target.backend();
+        let bytes = self.target.backend().traffic();
         let counters = Counters {
             up: &bytes.bytes_up,
             down: &bytes.bytes_down,
