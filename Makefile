@@ -22,7 +22,7 @@ TEST_DEPS    := etcd-server etcd-client openssl curl $(DEB_DEPS) systemd man-db 
 # The backends `make run` starts, matching the targets in the shipped config.json.
 ECHO_ADDRS   := 127.0.0.1:15001 127.0.0.1:15002 127.0.0.1:16001 127.0.0.1:16002 127.0.0.1:17001 [::1]:17002
 
-.PHONY: all toolchain deps test-deps build run test lint nextest clean bench deb scale scale-fleet
+.PHONY: all toolchain deps test-deps build run test test-repeat lint nextest clean bench deb scale scale-fleet
 
 all: build
 
@@ -110,6 +110,26 @@ test: toolchain test-deps lint nextest
 	fi; main=$$?; \
 	[ $$fuzz -eq 0 ] || echo "flyproxy: the fuzz crate's seed checks failed (above)" >&2; \
 	[ $$main -eq 0 ] && [ $$fuzz -eq 0 ]
+
+# The whole suite RUNS times in a row, at twice as many test threads as cores (the load a flaky
+# test shows itself under), stopping at the first failing run; each run's log in
+# target/test-repeat/. Add `BUSY=1` to keep every core busy as well (a `yes` loop per core).
+#   make test-repeat RUNS=20
+RUNS ?= 20
+test-repeat: test-deps nextest
+	$(CARGO) build --bins --examples
+	@mkdir -p target/test-repeat; threads=$$(( 2 * $$(nproc) )); busy=; \
+	if [ "$(BUSY)" = 1 ]; then for i in $$(seq $$(nproc)); do yes >/dev/null & busy="$$busy $$!"; done; fi; \
+	trap '[ -z "$$busy" ] || kill $$busy' EXIT; \
+	for i in $$(seq $(RUNS)); do \
+	  log=target/test-repeat/run$$i.log; \
+	  if $(CARGO) nextest run --no-fail-fast --test-threads $$threads >$$log 2>&1; then \
+	    echo "run $$i of $(RUNS): $$(grep -E '^ +Summary' $$log | sed 's/^ *//')"; \
+	  else \
+	    grep -E '^ +(FAIL|TIMEOUT|Summary)' $$log | sort -u; \
+	    echo "flyproxy: run $$i of $(RUNS) failed; its log: $$log" >&2; exit 1; \
+	  fi; \
+	done
 
 # The benchmark against HAProxy, nginx stream and a direct connection, on loopback in a network
 # namespace of its own (root; installs what it needs). Writes bench/results.md and .svg.
