@@ -303,13 +303,23 @@ fn show_conns_phases_and_kill() {
             .find(|l| l.contains(&client))
             .map(str::to_owned)
     };
-    let conns = wait_for("the queued and connecting ones in show conns", WAIT, || {
-        let conns = ok(&sock, "show conns");
-        let phase = |s: &TcpStream| line_of(s, &conns).map(|l| value(&l, "phase"));
-        (phase(&queued).as_deref() == Some("queued")
-            && phase(&connecting).as_deref() == Some("connecting"))
-        .then_some(conns)
-    });
+    // The relaying one's counts too: the relay thread counts the bytes once its write has
+    // returned, and on a loaded machine the client can read its echo before that (a whole-suite
+    // run at 4 test threads beside builds saw down=0).
+    let conns = wait_for(
+        "the queued, connecting and relayed ones in show conns",
+        WAIT,
+        || {
+            let conns = ok(&sock, "show conns");
+            let phase = |s: &TcpStream| line_of(s, &conns).map(|l| value(&l, "phase"));
+            let counted = line_of(&relaying, &conns)
+                .is_some_and(|l| value(&l, "up") == "8" && value(&l, "down") == "8");
+            (phase(&queued).as_deref() == Some("queued")
+                && phase(&connecting).as_deref() == Some("connecting")
+                && counted)
+                .then_some(conns)
+        },
+    );
     let c = line_of(&connecting, &conns).unwrap();
     assert_eq!(value(&c, "app"), "hole", "{conns}");
     assert_eq!(value(&c, "target"), "-", "not connected yet: {conns}");
