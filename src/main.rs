@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use flyproxy::cli::{self, Command, Mode, Settings};
 use flyproxy::frontend::{self, candidate};
-use flyproxy::sys::{log, pidfile, upgrade};
+use flyproxy::sys::{alloc, log, pidfile, upgrade};
 use flyproxy::{admin, error, metrics};
 
 fn main() -> ExitCode {
@@ -40,6 +40,8 @@ fn main() -> ExitCode {
 
 /// `flyproxy simple` and `flyproxy bpf`: serve until stopped.
 fn run(mode: Mode, settings: Settings) -> ExitCode {
+    // First of all: an arena made before it would stay.
+    alloc::limit_arenas();
     log::set_level(settings.log_level);
     log::set_format(settings.log_format);
     // Before any thread starts: this reads and clears the environment.
