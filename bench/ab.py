@@ -148,14 +148,42 @@ def run_iperf(cfg, mode, a, rnd):
     """Bulk throughput, as bench/run.sh measures it: Gbit/s the iperf3 server received."""
     pid = cfg.proc.pid
     c0 = tool.cpu_seconds(pid)
+    v0, _ = tool.context_switches(pid)
+    perf = count_syscalls(pid, a) if cfg.kind != "haproxy-splice" else None
     streams = mode[len("iperf"):]
     out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(cfg.port - 1), "-t",
                           str(a.duration), "-P", streams, "-J", "--connect-timeout", "5000"],
                          capture_output=True, text=True, timeout=a.duration + 30).stdout
     c1 = tool.cpu_seconds(pid)
+    v1, _ = tool.context_switches(pid)
     end = json.loads(out)["end"]["sum_received"]
-    return {"round": rnd, "config": cfg.label, "mode": mode, "gbps": end["bits_per_second"] / 1e9,
-            "cpu_s_per_gb": (c1 - c0) / (end["bytes"] / 1e9)}
+    gb = end["bytes"] / 1e9
+    rec = {"round": rnd, "config": cfg.label, "mode": mode, "gbps": end["bits_per_second"] / 1e9,
+           "cpu_s_per_gb": (c1 - c0) / gb, "vcsw_per_gb": (v1 - v0) / gb}
+    if perf:
+        rec["syscalls_per_gb"] = syscalls_counted(perf, gb)
+    return rec
+
+
+def count_syscalls(pid, a):
+    """With --syscalls, count the system calls of `pid` by name for the run's duration."""
+    if not a.syscalls:
+        return None
+    # Counting only (no sampling).
+    events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
+    return subprocess.Popen(["perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "--",
+                             "sleep", str(a.duration)], stderr=subprocess.PIPE, text=True)
+
+
+def syscalls_counted(perf, per):
+    """What `count_syscalls` counted, by name, per `per` (requests, or GB)."""
+    _, err = perf.communicate(timeout=30)
+    calls = {}
+    for line in err.splitlines():
+        f = line.split(",")
+        if len(f) > 2 and f[0].replace(".", "").isdigit() and "sys_enter_" in f[2]:
+            calls[f[2].split("sys_enter_")[1]] = round(float(f[0]) / max(per, 1e-9), 2)
+    return {k: v for k, v in calls.items() if v}
 
 
 def run_wrk(cfg, mode, a, rnd):
@@ -166,12 +194,7 @@ def run_wrk(cfg, mode, a, rnd):
     c0 = tool.cpu_seconds(pid)
     v0, n0 = tool.context_switches(pid)
     t0 = thread_ticks(pid)
-    perf = None
-    if a.syscalls and cfg.kind != "haproxy-splice":
-        # Counting only (no sampling): system calls per request, by name.
-        events = ",".join(f"syscalls:sys_enter_{c}" for c in SYSCALLS)
-        perf = subprocess.Popen(["perf", "stat", "-x", ",", "-e", events, "-p", str(pid), "--",
-                                 "sleep", str(a.duration)], stderr=subprocess.PIPE, text=True)
+    perf = count_syscalls(pid, a) if cfg.kind != "haproxy-splice" else None
     cmd = ["wrk", "-t", "2", "-c", str(a.conns), "-d", f"{a.duration}s", "--latency"]
     if mode == "close":
         cmd += ["-H", "Connection: close"]
@@ -199,20 +222,16 @@ def run_wrk(cfg, mode, a, rnd):
         "top2_thread_pct": [round(100 * b / hz / wall) for b in busiest],
     }
     if perf:
-        _, err = perf.communicate(timeout=30)
-        calls = {}
-        for line in err.splitlines():
-            f = line.split(",")
-            if len(f) > 2 and f[0].replace(".", "").isdigit() and "sys_enter_" in f[2]:
-                calls[f[2].split("sys_enter_")[1]] = round(float(f[0]) / max(reqs, 1), 2)
-        rec["syscalls_per_req"] = {k: v for k, v in calls.items() if v}
+        rec["syscalls_per_req"] = syscalls_counted(perf, reqs)
     return rec
 
 
 def fmt(r):
     if "gbps" in r:
         return (f"r{r['round']} {r['config']:>10} {r['mode']:>9}: {r['gbps']:6.2f} Gbit/s  "
-                f"{r['cpu_s_per_gb']:.3f} CPU s/GB")
+                f"{r['cpu_s_per_gb']:.3f} CPU s/GB  vcsw {r['vcsw_per_gb']:.0f}/GB"
+                + (f"\n    system calls per GB: {r['syscalls_per_gb']}"
+                   if "syscalls_per_gb" in r else ""))
     return (f"r{r['round']} {r['config']:>10} {r['mode']:>9}: {r['rps']:9.0f} req/s  "
             f"p99 {r['p99_ms']:6.2f} ms  cpu {r['cpu_us_per_req']:5.1f} us/req "
             f"({r['proxy_cpu_pct']:3.0f}%, threads {r['top2_thread_pct']})  "

@@ -9,14 +9,28 @@
 //! each, as HAProxy's and nginx's event loops do, while an idle connection costs no thread at
 //! all.
 //!
-//! Each socket is registered once (`EPOLL_CTL_ADD` at its first wait) and armed one-shot, for
-//! only what its connection wants from it (`Ticket::arm`): reading, writing, or nothing but an
-//! error. A socket that reported an event is disarmed by the kernel until its connection waits
-//! again and re-arms it (`EPOLL_CTL_MOD`), so a connection that a thread is running never wakes
-//! another thread, and one side's traffic wakes nobody while nothing is wanted from it (a peer
-//! trickling bytes into a connection stuck on a slow reader). Re-arming looks at the socket's
-//! state then and reports at once what is already there, so nothing that came while the
-//! connection ran is lost. A socket that did not fire stays armed and costs nothing to keep.
+//! Each socket is registered once (`EPOLL_CTL_ADD` at its first wait) for only what its
+//! connection wants from it (`Ticket::arm`): reading, writing, or nothing but an error, so one
+//! side's traffic wakes nobody while nothing is wanted from it (a peer trickling bytes into a
+//! connection stuck on a slow reader). It is armed in one of two ways, which the connection
+//! picks at each wait:
+//! - one-shot: a socket that reported an event is disarmed by the kernel until its connection
+//!   waits again and re-arms it (`EPOLL_CTL_MOD`), so a connection that a thread is running
+//!   never wakes another thread. That suits a bulk transfer, which runs long and whose socket
+//!   has news all the time; a re-arm per wait is nothing beside the bytes it moves.
+//! - edge-triggered (`EDGE`): the socket stays armed, and reports each time something new comes
+//!   (bytes, room, the end, an error). That suits a request and its reply, where a wait comes
+//!   every few hundred bytes: a one-shot socket would cost a re-arm for every request and every
+//!   reply (two `epoll_ctl` per request on a kept-alive connection, a fifth of the relay's
+//!   system calls), and an edge-triggered one costs none once the interest stops changing. Its
+//!   rule: the connection waits only once every read and write it wants has said "would block"
+//!   or a short read has drained the socket (what comes after that reports anew), which is
+//!   what each phase's step does anyway. An event that comes while a thread runs the
+//!   connection is recorded by whichever thread takes it (below).
+//!
+//! Either way, arming anew (a change of what is wanted, or a one-shot socket after it fired)
+//! looks at the socket's state then and reports at once what is already there, so nothing that
+//! came while the connection ran is lost. A socket armed as it already is costs no system call.
 //! An event that comes while its connection runs (or is queued to run) is recorded by the
 //! thread that takes it from the kernel, and the connection's next `wait` gives it back to run
 //! again at once instead of sleeping. A connection is run by one thread at a time: only the
@@ -86,6 +100,9 @@ impl Woke {
 pub const READ: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
 pub const WRITE: u32 = libc::EPOLLOUT as u32;
 pub const FAILURE: u32 = 0;
+/// Added to what a socket is armed for: keep it armed, edge-triggered, instead of one-shot
+/// (see the module's notes for when each suits).
+pub const EDGE: u32 = libc::EPOLLET as u32;
 
 /// What the lot hands back: told what woke it before it runs (see `Ticket::fired`).
 pub trait Wakeable: Send + 'static {
@@ -137,11 +154,12 @@ impl Ticket {
         }
     }
 
-    /// Arm `fd`, the connection's `side`, for `events` (`READ`, `WRITE`, both, or `FAILURE`)
-    /// until it next fires; None leaves it as it is (a socket that hung up, from which nothing
-    /// more can come: armed, it would report its hang-up again at every wait). A socket already
-    /// armed for the same is left alone: no system call. The socket must stay open as long as
-    /// the ticket lives (closing it is what takes it out of the epoll set).
+    /// Arm `fd`, the connection's `side`, for `events` (`READ`, `WRITE`, both, or `FAILURE`,
+    /// with `EDGE` to keep it armed) until it next fires; None leaves it as it is (a socket that
+    /// hung up, from which nothing more can come: armed, it would report its hang-up again at
+    /// every wait). A socket already armed for the same is left alone: no system call. The
+    /// socket must stay open as long as the ticket lives (closing it is what takes it out of the
+    /// epoll set).
     pub fn arm(&mut self, side: Side, fd: RawFd, events: Option<u32>) -> io::Result<()> {
         let i = side as usize;
         let Some(events) = events else {
@@ -155,7 +173,11 @@ impl Ticket {
         } else {
             libc::EPOLL_CTL_ADD
         };
-        let flags = events | libc::EPOLLONESHOT as u32;
+        let flags = if events & EDGE != 0 {
+            events
+        } else {
+            events | libc::EPOLLONESHOT as u32
+        };
         epoll_ctl(self.lot.epoll(), op, fd, flags, self.id << 1 | i as u64)?;
         self.added[i] = true;
         self.armed[i] = Some(events);
@@ -170,10 +192,11 @@ impl Ticket {
         self.armed[side as usize] = None;
     }
 
-    /// The sockets that reported `woke` are disarmed (one-shot): the next `arm` re-arms them.
+    /// The one-shot sockets that reported `woke` are disarmed: the next `arm` re-arms them. An
+    /// edge-triggered one stays armed.
     pub fn fired(&mut self, woke: Woke) {
         for i in 0..2 {
-            if woke.0[i] != 0 {
+            if woke.0[i] != 0 && self.armed[i].is_some_and(|e| e & EDGE == 0) {
                 self.armed[i] = None;
             }
         }

@@ -2,7 +2,7 @@
 //! accepted side of a loopback pair (`s`); the test plays its peer (`c`).
 
 use super::*;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
@@ -138,6 +138,38 @@ fn one_shot_then_re_arming_reports_what_came_meanwhile() {
     t.arm(Side::Client, s.as_raw_fd(), Some(READ)).unwrap();
     let bits = client_bits(&ready(&lot, SOON));
     assert_ne!(bits & IN, 0, "{bits:#x}");
+}
+
+#[test]
+fn kept_armed_it_wakes_for_each_new_arrival_without_a_system_call() {
+    let lot = Lot::new().unwrap();
+    let (s, mut c) = pair();
+    let mut t = lot.ticket();
+    t.arm(Side::Client, s.as_raw_fd(), Some(READ | EDGE))
+        .unwrap();
+    assert!(lot.wait(t.id(), item(), None).is_ok());
+    let mut buf = [0u8; 64];
+    for round in ["request 1", "request 2", "request 3"] {
+        c.write_all(round.as_bytes()).unwrap();
+        let mut woken = ready(&lot, SOON);
+        let bits = client_bits(&woken);
+        assert_ne!(bits & IN, 0, "{round}: {bits:#x}");
+        let mut it = woken.pop().unwrap();
+        t.fired(it.woke);
+        it.woke = Woke::default();
+        // Read to "would block", as a relay does before it waits.
+        let n = (&s).read(&mut buf).unwrap();
+        assert_eq!(&buf[..n], round.as_bytes());
+        assert!((&s).read(&mut buf).is_err());
+        // Still armed as it was (the one-shot test above needs a re-arm here): `arm` would
+        // have nothing to do, and the next round's bytes wake it all the same.
+        assert_eq!(t.armed[0], Some(READ | EDGE), "{round}: disarmed");
+        assert!(lot.wait(t.id(), it, None).is_ok());
+        assert!(
+            ready(&lot, QUIET).is_empty(),
+            "{round}: woken with nothing new"
+        );
+    }
 }
 
 #[test]

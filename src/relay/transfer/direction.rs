@@ -22,7 +22,7 @@ pub(super) struct Direction {
     no_splice: bool,
     /// The last read filled its carrier: a bulk transfer, worth splicing (as HAProxy's
     /// splice-auto decides). Cleared by a short read.
-    bulk: bool,
+    pub(super) bulk: bool,
     /// `src` has no more bytes (read returned 0).
     eof: bool,
     /// `src`'s peer has closed its side (the lot saw `EPOLLRDHUP`): a short read does not mean

@@ -137,16 +137,27 @@ impl Relay {
     /// `park::Ticket::arm`): reading where a direction reads from it, writing where one has bytes
     /// for it, and otherwise only an error, unless it hung up (None: nothing can come from it).
     /// Called as it waits: it remembers which sockets it armed for reading.
+    ///
+    /// Kept armed (`park::EDGE`) while neither direction is a bulk transfer: requests and
+    /// replies then wait without a re-arm each (`run` waits only once every read and write it
+    /// wants would block, or a short read drained the socket, as an edge-triggered socket
+    /// needs). A bulk transfer's sockets are armed one-shot, so that its news, which comes all
+    /// the time, does not wake another thread while one runs it.
     pub fn interest(&mut self) -> [Option<u32>; 2] {
+        let edge = if self.up.bulk || self.down.bulk {
+            0
+        } else {
+            park::EDGE
+        };
         let on = |read: bool, write: bool, hup: bool| {
-            let mut events = park::FAILURE;
+            let mut events = park::FAILURE | edge;
             if read {
                 events |= park::READ;
             }
             if write {
                 events |= park::WRITE;
             }
-            (events != park::FAILURE || !hup).then_some(events)
+            (events & !park::EDGE != park::FAILURE || !hup).then_some(events)
         };
         self.armed_read = [self.up.wants_read(), self.down.wants_read()];
         [
