@@ -71,7 +71,9 @@ impl Greeting {
             let hello = match self.hello.step(&conn.reg.entry.client) {
                 Some(hello) => hello,
                 None if Instant::now() >= deadline => Hello::Timeout,
-                None => return Step::Wait(self, Wait::client(park::READ, deadline)),
+                // Kept armed (the reader reads to "would block"): a hello trickled a byte at a time
+                // costs a wake-up per byte, not a re-arm too.
+                None => return Step::Wait(self, Wait::client(park::READ | park::EDGE, deadline)),
             };
             let bytes = std::mem::take(&mut self.hello).into_bytes();
             choose(&self.binding, hello, bytes)
