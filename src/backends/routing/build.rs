@@ -24,7 +24,7 @@ impl Routes {
         };
         let (by_port, by_name) = {
             let apps = routes_of(&config.apps, previous, &own, threads);
-            // Port -> the apps on it, by index in config order.
+                                                     // Port -> the apps on it, by index in config order.
             let mut on_port: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
             for (i, app) in config.apps.iter().enumerate() {
                 for &port in &app.ports {
@@ -165,7 +165,14 @@ fn port_tables(
         move |on: &[usize], kept: Option<&PortTable>| Arc::new(port_table(routes, on, kept, sole));
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_unstable_by_key(|&j| std::cmp::Reverse(jobs[j].0.len()));
-    let mut shares: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads.max(1)];
+    // A thread per job up to twice the cores: three ports' tables of the same size on two
+    // cores finish together after one and a half tables' time, where two threads took two.
+    let threads = if threads > 1 {
+        jobs.len().clamp(threads, 2 * threads)
+    } else {
+        1
+    };
+    let mut shares: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads];
     for j in order {
         // `shares` is never empty (at least one thread).
         if let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) {
