@@ -278,6 +278,11 @@ impl PortTable {
     pub fn binding(&self, prefix: &Prefix) -> Option<&Arc<Binding>> {
         self.bindings.get(prefix)
     }
+
+    /// Every binding with its prefix, in no particular order.
+    pub fn bindings(&self) -> impl Iterator<Item = (&Prefix, &Arc<Binding>)> {
+        self.bindings.iter()
+    }
 }
 
 #[derive(Debug)]

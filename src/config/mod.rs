@@ -32,7 +32,7 @@ mod types;
 mod validate;
 
 pub use diff::Diff;
-pub use file::{read_file, read_file_meta};
+pub use file::{read_file, read_file_meta, ConfigDir};
 pub use limits::{MAX_BINDINGS, MAX_FILE_BYTES, NAME_MAX};
 pub use model::{
     app_prefixes, App, Balance, CheckKind, Config, HealthCheck, HttpCheck, ProxyProtocol, Target,

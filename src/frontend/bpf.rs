@@ -97,6 +97,17 @@ impl GroupNames {
         (g, stale)
     }
 
+    /// The group `id` gives every name it has not named yet, if nothing can change what it
+    /// gives any name: every id handed out and the shared overflow group named (a config past
+    /// MAX_GROUPS apps), with none released since. `id` then changes nothing, and can be
+    /// answered from what it holds, on several threads.
+    fn frozen(&self) -> Option<u32> {
+        if !self.free.is_empty() || self.next < MAX_GROUPS - 1 {
+            return None;
+        }
+        self.by_name.get(OVERFLOW).copied()
+    }
+
     /// Release group `g`, which no port uses any more (neither wanted nor still in the map).
     fn release(&mut self, g: u32) {
         if let Some(name) = self.by_id.remove(&g) {
@@ -287,8 +298,38 @@ impl Steered {
             }
         }
         let written = write_batches(self.steering.bindings(), &adds);
+        self.settle_written(&adds, &written, &mut failed, &mut failures);
+        for &((port, prefix), g) in &items {
+            if g.is_some() {
+                continue;
+            }
+            if !self.steered.contains_key(&(port, prefix)) {
+                continue;
+            }
+            match self.steering.remove_binding(prefix, port) {
+                Ok(()) => self.settle((port, prefix), None),
+                Err(e) => {
+                    failures.insert(port);
+                    failed.get_or_insert((port, e));
+                    self.pending.insert((port, prefix), None);
+                }
+            }
+        }
+        self.report(failed, &failures);
+    }
+
+    /// `adds` were written in batches of `STEER_BATCH`, each whole or not as `written` says:
+    /// those written are settled; each of a batch that failed is written again one by one, for
+    /// the failures' ports, and what still fails goes to `pending`.
+    fn settle_written(
+        &mut self,
+        adds: &[(Pair, u32)],
+        written: &[bool],
+        failed: &mut Option<(u16, BpfError)>,
+        failures: &mut BTreeSet<u16>,
+    ) {
         self.steered.reserve(adds.len());
-        for (chunk, ok) in adds.chunks(STEER_BATCH).zip(written) {
+        for (chunk, &ok) in adds.chunks(STEER_BATCH).zip(written) {
             if ok {
                 for &(key, g) in chunk {
                     self.settle(key, Some(g));
@@ -306,22 +347,10 @@ impl Steered {
                 }
             }
         }
-        for &((port, prefix), g) in &items {
-            if g.is_some() {
-                continue;
-            }
-            if !self.steered.contains_key(&(port, prefix)) {
-                continue;
-            }
-            match self.steering.remove_binding(prefix, port) {
-                Ok(()) => self.settle((port, prefix), None),
-                Err(e) => {
-                    failures.insert(port);
-                    failed.get_or_insert((port, e));
-                    self.pending.insert((port, prefix), None);
-                }
-            }
-        }
+    }
+
+    /// Log a write's first failure (once, until every port is steered again), or the recovery.
+    fn report(&mut self, failed: Option<(u16, BpfError)>, failures: &BTreeSet<u16>) {
         match failed {
             Some((port, e)) => {
                 if !self.failing {
@@ -418,6 +447,10 @@ impl PortSource for Steered {
     }
 
     fn serve_all(&mut self, routes: &Routes) -> Result<(), PortError> {
+        if self.steered.is_empty() && self.pending.is_empty() {
+            self.steer_first(routes);
+            return Ok(());
+        }
         let all = routes.every_group();
         self.change(all.into_iter().map(|(key, g)| (key, Some(g))));
         Ok(())
@@ -482,6 +515,8 @@ impl PortSource for Steered {
         }))
     }
 }
+
+mod first;
 
 #[cfg(test)]
 mod tests {

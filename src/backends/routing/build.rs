@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::binding::{binding, is_sole};
 use super::{AppRoute, Binding, Named, OwnFrontends, Placed, PortTable, Routes, ORDER_GAP};
+use crate::backends::shards::Shards;
 use crate::config::prefix::Prefix;
 use crate::config::{App, Config};
 // Keyed by ports and by lists of apps, from the config: see the hasher's module doc.
@@ -47,28 +48,22 @@ impl Routes {
                     (port, job)
                 })
                 .collect();
-            let tables = port_tables(&apps, jobs, threads);
+            // The index of names needs only the routes: made beside the port tables.
+            let (tables, by_name) = if threads > 1 {
+                std::thread::scope(|s| {
+                    let tables = s.spawn(|| port_tables(&apps, jobs, threads));
+                    let by_name = names_of(&apps, &config.apps);
+                    (joined(tables), by_name)
+                })
+            } else {
+                (
+                    port_tables(&apps, jobs, threads),
+                    names_of(&apps, &config.apps),
+                )
+            };
             let by_port = ports
                 .into_iter()
                 .map(|(port, job)| (port, Arc::clone(&tables[job])))
-                .collect();
-            // Apps with the same ports share one list (an edge has a handful of lists for
-            // 200,000 apps: a copy each was 32 bytes an app).
-            let mut lists: FastMap<&[u16], Arc<[u16]>> = FastMap::default();
-            let by_name = apps
-                .into_iter()
-                .zip(&config.apps)
-                .enumerate()
-                .map(|(i, (route, app))| {
-                    let ports = lists
-                        .entry(app.ports.as_slice())
-                        .or_insert_with_key(|&p| p.into());
-                    let placed = Placed {
-                        ports: Arc::clone(ports),
-                        order: (i as u64 + 1) * ORDER_GAP,
-                    };
-                    (Named(route), placed)
-                })
                 .collect();
             (by_port, by_name)
         };
@@ -78,6 +73,29 @@ impl Routes {
         }
         routes
     }
+}
+
+/// Every app's route by name, with its ports and its place in config order (`routes` and
+/// `apps` side by side).
+fn names_of(routes: &[Arc<AppRoute>], apps: &[Arc<App>]) -> Shards<Named, Placed> {
+    // Apps with the same ports share one list (an edge has a handful of lists for 200,000
+    // apps: a copy each was 32 bytes an app).
+    let mut lists: FastMap<&[u16], Arc<[u16]>> = FastMap::default();
+    routes
+        .iter()
+        .zip(apps)
+        .enumerate()
+        .map(|(i, (route, app))| {
+            let ports = lists
+                .entry(app.ports.as_slice())
+                .or_insert_with_key(|&p| p.into());
+            let placed = Placed {
+                ports: Arc::clone(ports),
+                order: (i as u64 + 1) * ORDER_GAP,
+            };
+            (Named(Arc::clone(route)), placed)
+        })
+        .collect()
 }
 
 /// The table of a port served by the apps `on` (indices into `routes`); `kept`, the port's
@@ -165,7 +183,14 @@ fn port_tables(
         move |on: &[usize], kept: Option<&PortTable>| Arc::new(port_table(routes, on, kept, sole));
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_unstable_by_key(|&j| std::cmp::Reverse(jobs[j].0.len()));
-    let mut shares: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads.max(1)];
+    // A thread per job up to twice the cores: three ports' tables of the same size on two
+    // cores finish together after one and a half tables' time, where two threads took two.
+    let threads = if threads > 1 {
+        jobs.len().clamp(threads, 2 * threads)
+    } else {
+        1
+    };
+    let mut shares: Vec<(usize, Vec<usize>)> = vec![(0, Vec::new()); threads];
     for j in order {
         // `shares` is never empty (at least one thread).
         if let Some(least) = shares.iter_mut().min_by_key(|(load, _)| *load) {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use super::{is_config_file, parse, touched, Directory, Line, Parsed, Refresh, Sha, UNREAD};
-use crate::config::{self, sha256};
+use crate::config::{self, sha256, ConfigDir};
 use crate::frontend::watch::{FileSig, Watch};
 
 /// At most this many threads read and parse, one per core: the thread taking the files in runs
@@ -62,7 +62,10 @@ impl Directory {
         self.touched.off = true;
         let mut out = Refresh::default();
         let dir = self.dir.clone();
-        read_all(&dir, &names, |name, file| {
+        // Opened once, its files by name (see `ConfigDir`); unopenable now (gone since the
+        // listing), each file by its path, as a refresh reads one.
+        let at = ConfigDir::open(&dir).ok();
+        read_all(&dir, at.as_ref(), &names, |name, file| {
             if let Some(sig) = file.sig {
                 self.take_parsed(name, sig, file.sha, file.line, file.parsed, &mut out);
             }
@@ -79,13 +82,18 @@ impl Directory {
 /// Each of `names` (files of `dir`) read, hashed and parsed, and given to `take` with its name
 /// in the same order, on the calling thread: while readers read on, it takes each batch in as
 /// soon as it and every batch before it are read.
-fn read_all(dir: &Path, names: &[String], mut take: impl FnMut(&str, FileRead)) {
+fn read_all(
+    dir: &Path,
+    at: Option<&ConfigDir>,
+    names: &[String],
+    mut take: impl FnMut(&str, FileRead),
+) {
     let readers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(READERS_MAX);
     if readers < 2 || names.len() < THREADED_FROM {
         for n in names {
-            take(n, read_one(dir, n));
+            take(n, read_one(dir, at, n));
         }
         return;
     }
@@ -103,7 +111,10 @@ fn read_all(dir: &Path, names: &[String], mut take: impl FnMut(&str, FileRead)) 
                 break;
             }
             let to = (from + BATCH).min(names.len());
-            let batch: Vec<FileRead> = names[from..to].iter().map(|n| read_one(dir, n)).collect();
+            let batch: Vec<FileRead> = names[from..to]
+                .iter()
+                .map(|n| read_one(dir, at, n))
+                .collect();
             done.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(from, batch);
@@ -152,26 +163,32 @@ impl Drop for Leaving<'_> {
     }
 }
 
-/// The file `name` of `dir`, read, hashed and parsed.
-fn read_one(dir: &Path, name: &str) -> FileRead {
-    let path = dir.join(name);
-    match config::read_file_meta(&path) {
+/// The file `name` of `dir` (opened as `at`), read, hashed and parsed.
+fn read_one(dir: &Path, at: Option<&ConfigDir>, name: &str) -> FileRead {
+    let read = match at {
+        Some(at) => at.read_file_meta(name),
+        None => config::read_file_meta(&dir.join(name)),
+    };
+    match read {
         Ok((bytes, meta)) => {
             let sha = sha256::digest(&bytes);
             FileRead {
                 sig: Some(FileSig::of(&meta)),
                 sha,
                 line: Some(Line::of(&sha, name)),
-                parsed: parse(&path, &bytes),
+                parsed: parse(&dir.join(name), &bytes),
             }
         }
-        Err(problem) => FileRead {
-            // Refused with its metadata (a FIFO, a directory, too large), as a refresh that
-            // listed it would; gone since the listing: skipped.
-            sig: Watch::stat(&path),
-            sha: UNREAD,
-            line: None,
-            parsed: Err(vec![format!("{}: {problem}", path.display())]),
-        },
+        Err(problem) => {
+            let path = dir.join(name);
+            FileRead {
+                // Refused with its metadata (a FIFO, a directory, too large), as a refresh that
+                // listed it would; gone since the listing: skipped.
+                sig: Watch::stat(&path),
+                sha: UNREAD,
+                line: None,
+                parsed: Err(vec![format!("{}: {problem}", path.display())]),
+            }
+        }
     }
 }
