@@ -61,7 +61,7 @@ impl Routes {
                 .enumerate()
                 .map(|(i, (route, app))| {
                     let ports = lists
-                        .entry(app.ports.as_slice())
+                        .entry(&app.ports[..])
                         .or_insert_with_key(|&p| p.into());
                     let placed = Placed {
                         ports: Arc::clone(ports),
