@@ -623,10 +623,10 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
         };
         out.push(App {
             name,
-            ports,
-            addresses,
-            hostnames,
-            targets,
+            ports: ports.into(),
+            addresses: addresses.into(),
+            hostnames: hostnames.into(),
+            targets: targets.into(),
             health: health.shared(),
             balance,
             connect_attempts,
@@ -739,7 +739,7 @@ fn sharing_clashes(apps: &[App], unusable: &[bool]) -> usize {
         let prefixes: Vec<Prefix> = if app.addresses.is_empty() {
             all.to_vec()
         } else {
-            app.addresses.clone()
+            app.addresses.to_vec()
         };
         for &port in &app.ports {
             for &p in &prefixes {

@@ -5,9 +5,9 @@
 //! copies only the list of shards, and a change copies the one shard it touches (about 200
 //! entries however big the map), so the next version costs what changed.
 //!
-//! A map starts as one shard and doubles its shards as it grows (a rehash of every entry, as
-//! a `Vec` copies itself when it grows: rare, and paid by the change that crosses the size),
-//! so a small map costs what a `HashMap` does.
+//! A map starts as one shard and adds shards as it grows, about 1.4 times as many each time (a
+//! rehash of every entry, as a `Vec` copies itself when it grows: rare, and paid by the change
+//! that crosses the size), so a small map costs what a `HashMap` does.
 
 use std::borrow::Borrow;
 use std::hash::{BuildHasher, Hash};
@@ -17,13 +17,24 @@ use std::sync::Arc;
 // hasher's module says why that needs no random key.
 use crate::sys::hash::{BuildFast, FastMap};
 
-/// Entries per shard (on average) past which the shards double.
+/// Entries per shard (on average) past which the shards grow.
 const PER_SHARD: usize = 256;
+
+/// Entries per shard (on average) a map starts at when built whole or grown: each shard's
+/// table is made for `SHARD_CAP`, which fills 256 buckets to 7/8 (a hash table's buckets are a
+/// power of two), with room for the shards a little fuller than the average. The number of
+/// shards is not a power of two (see `pick_of`): with one, the average fell anywhere between
+/// half and all of `PER_SHARD`, and a table sized for the fuller end took 512 buckets, 40% full
+/// (the routing port tables at 20,000 apps, a fifth of their memory).
+const FILL: usize = 180;
+
+/// The capacity each shard's table is made with (see `FILL`).
+const SHARD_CAP: usize = 224;
 
 /// A hash map of `K` to `V` whose clones share their unchanged shards (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Shards<K, V> {
-    /// Always a power of two in number.
+    /// Any number of them (at least one).
     shards: Vec<Arc<FastMap<K, V>>>,
     len: usize,
     /// Picks the shard of a key; the same in every version of the map.
@@ -45,11 +56,13 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
         self.pick_of(key, self.shards.len())
     }
 
-    /// The shard of `key` among `n` (a power of two): bits 32 and up of its hash. The shards'
-    /// own maps hash with the same function and place an entry by the low bits (and tag it
-    /// with the top 7), so these bits say nothing of where an entry sits in its shard.
+    /// The shard of `key` among `n`: bits 16 to 47 of its hash, scaled to `n` (a multiply
+    /// and a shift, for any `n`). The shards' own maps hash with the same function and place
+    /// an entry by the low bits (and tag it with the top 7), so these bits say nothing of
+    /// where an entry sits in its shard.
     fn pick_of<Q: Hash + ?Sized>(&self, key: &Q, n: usize) -> usize {
-        ((self.pick.hash_one(key) >> 32) as usize) & (n - 1)
+        let bits = (self.pick.hash_one(key) >> 16) as u32;
+        ((u64::from(bits) * n as u64) >> 32) as usize
     }
 
     pub fn get<Q>(&self, key: &Q) -> Option<&V>
@@ -147,11 +160,12 @@ impl<K: Hash + Eq + Clone, V: Clone> Shards<K, V> {
         self.iter().map(|(_, v)| v)
     }
 
-    /// Twice the shards, every entry placed again.
+    /// More shards (`FILL` entries each on average, about 1.4 times as many), every entry
+    /// placed again.
     fn grow(&mut self) {
-        let n = self.shards.len() * 2;
+        let n = self.len.div_ceil(FILL).max(self.shards.len() + 1);
         let mut next: Vec<FastMap<K, V>> = (0..n)
-            .map(|_| FastMap::with_capacity_and_hasher(self.len / n + 1, BuildFast::default()))
+            .map(|_| FastMap::with_capacity_and_hasher(SHARD_CAP, BuildFast::default()))
             .collect();
         for shard in std::mem::take(&mut self.shards) {
             let entries: Box<dyn Iterator<Item = (K, V)>> = match Arc::try_unwrap(shard) {
@@ -177,10 +191,10 @@ impl<K: Hash + Eq + Clone, V: Clone> FromIterator<(K, V)> for Shards<K, V> {
     /// one insert at a time placed every entry again at each of ten doublings.
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let items: Vec<(K, V)> = iter.into_iter().collect();
-        let n = items.len().div_ceil(PER_SHARD).max(1).next_power_of_two();
+        let n = items.len().div_ceil(FILL).max(1);
         let mut m = Shards::default();
-        // A little over the average, so that a shard a bit fuller than most does not rehash.
-        let each = items.len() / n + items.len() / n / 8 + 1;
+        // A small map in one shard of its own size; a large one in shards of `SHARD_CAP`.
+        let each = items.len().min(SHARD_CAP);
         let mut shards: Vec<FastMap<K, V>> = (0..n)
             .map(|_| FastMap::with_capacity_and_hasher(each, BuildFast::default()))
             .collect();

@@ -59,7 +59,7 @@ mod tests {
         let s = r#"{"Apps": [{"Name": "six-thousand", "Ports": [6001, 6200, 6300, 6400],
            "Targets": ["tcp-echo.fly.dev:6001", "tcp-echo.fly.dev:6002", "bad.target.for.testing:6003"]}]}"#;
         let c = parse(s).unwrap();
-        assert_eq!(c.apps[0].ports, vec![6001, 6200, 6300, 6400]);
+        assert_eq!(c.apps[0].ports[..], [6001, 6200, 6300, 6400]);
         assert_eq!(&*c.apps[0].targets[2].target.host, "bad.target.for.testing");
         assert_eq!(c.summary(), "1 apps, 4 ports, 3 targets");
     }

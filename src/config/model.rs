@@ -31,13 +31,13 @@ pub struct Config {
 pub struct App {
     pub name: String,
     /// Every port, ranges expanded, in the order given, each once.
-    pub ports: Vec<u16>,
+    pub ports: Box<[u16]>,
     /// The local addresses the app's ports answer on; empty: every address.
-    pub addresses: Vec<Prefix>,
+    pub addresses: Box<[Prefix]>,
     /// TLS server names that pick this app among those sharing an address and port; empty:
     /// the app takes what no other app's names claim there (the default).
-    pub hostnames: Vec<Pattern>,
-    pub targets: Vec<TargetSpec>,
+    pub hostnames: Box<[Pattern]>,
+    pub targets: Box<[TargetSpec]>,
     /// Shared: every app with the default checks holds the same one (see
     /// `HealthCheck::shared`), and so do the app's targets' live states.
     pub health: Arc<HealthCheck>,
@@ -258,6 +258,6 @@ pub fn app_prefixes(app: &App) -> Vec<Prefix> {
     if app.addresses.is_empty() {
         vec![Prefix::ALL_V4, Prefix::ALL_V6]
     } else {
-        app.addresses.clone()
+        app.addresses.to_vec()
     }
 }

@@ -207,10 +207,11 @@ impl Earlier {
         let proxy_protocol = opts.proxy_protocol(raw_app.proxy_protocol);
         App {
             name,
-            ports,
-            addresses,
-            hostnames,
-            targets,
+            // Boxed slices, not vectors: 8 bytes less each, an app's record kept per app.
+            ports: ports.into(),
+            addresses: addresses.into(),
+            hostnames: hostnames.into(),
+            targets: targets.into(),
             health,
             balance,
             connect_attempts,

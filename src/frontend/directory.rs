@@ -18,7 +18,7 @@
 //! only files whose size, mtime or inode changed are read again). At start every file is
 //! read, on a few threads (`load`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -67,21 +67,22 @@ pub struct Directory {
     /// The files refused now, with their problems: kept as files are taken in and out, so
     /// that publishing them costs the refused files, not a pass over every file.
     refused: BTreeMap<String, Vec<String>>,
-    /// The files whose apps wait for what they clashed with to go (`FileState::pending`).
-    waiting: BTreeSet<String>,
+    /// The files whose apps wait for what they clashed with to go: the apps of their refused
+    /// contents that were valid on their own, tried again when other files change. Here
+    /// rather than in each file's state: few files wait, and every file's state costs its
+    /// size 200,000 times.
+    waiting: BTreeMap<String, Vec<Arc<App>>>,
     /// The --metrics address, no app's once serving (see `reserve`).
     reserved: Option<SocketAddr>,
 }
 
+/// A file as the directory keeps it, one per file: kept small (an edge has 200,000).
 struct FileState {
     sig: Option<FileSig>,
     /// SHA-256 of the contents last read.
     sha256: Sha,
     /// The version in force (its apps and hash); None: none ever was.
-    good: Option<(Vec<Arc<App>>, Sha)>,
-    /// The apps of refused contents that were valid on their own: tried again when other
-    /// files change.
-    pending: Option<Vec<Arc<App>>>,
+    good: Option<(Box<[Arc<App>]>, Sha)>,
 }
 
 /// A file refused, with every problem (as the metrics endpoint publishes it).
@@ -143,7 +144,7 @@ impl Directory {
             touched: touched::Touched::default(),
             digest: Digest::default(),
             refused: BTreeMap::new(),
-            waiting: BTreeSet::new(),
+            waiting: BTreeMap::new(),
         }
     }
 
@@ -293,7 +294,6 @@ impl Directory {
                 sig: None,
                 sha256: UNREAD,
                 good: None,
-                pending: None,
             };
             self.files.insert(Arc::from(name), state);
         }
@@ -302,7 +302,6 @@ impl Directory {
         };
         state.sig = Some(sig);
         state.sha256 = sha;
-        state.pending = None;
         self.waiting.remove(name);
         let apps = match parsed {
             Ok(apps) => apps,
@@ -323,11 +322,8 @@ impl Directory {
         pending: Option<Vec<Arc<App>>>,
         out: &mut Refresh,
     ) {
-        if let Some(state) = self.files.get_mut(name) {
-            if pending.is_some() {
-                self.waiting.insert(name.to_owned());
-            }
-            state.pending = pending;
+        if let (Some(apps), true) = (pending, self.files.contains_key(name)) {
+            self.waiting.insert(name.to_owned(), apps);
         }
         self.refused.insert(name.to_owned(), problems.clone());
         out.rejected.push(Rejected {
@@ -342,12 +338,11 @@ impl Directory {
         let Some(state) = self.files.get_mut(name) else {
             return;
         };
-        state.pending = None;
         self.waiting.remove(name);
         self.refused.remove(name);
         self.digest
             .add(line.unwrap_or_else(|| Line::of(&sha, name)));
-        let old = state.good.replace((apps, sha));
+        let old = state.good.replace((apps.into_boxed_slice(), sha));
         if let Some((old, old_sha)) = old {
             self.digest.sub(Line::of(&old_sha, name));
             self.unindex(&old);
@@ -368,9 +363,9 @@ impl Directory {
         let waiting: Vec<(String, Vec<Arc<App>>, Sha)> = self
             .waiting
             .iter()
-            .filter_map(|n| {
+            .filter_map(|(n, apps)| {
                 let f = self.files.get(n.as_str())?;
-                Some((n.clone(), f.pending.clone()?, f.sha256))
+                Some((n.clone(), apps.clone(), f.sha256))
             })
             .collect();
         for (name, apps, sha) in waiting {

@@ -87,7 +87,7 @@ fn names_of(routes: &[Arc<AppRoute>], apps: &[Arc<App>]) -> Shards<Named, Placed
         .enumerate()
         .map(|(i, (route, app))| {
             let ports = lists
-                .entry(app.ports.as_slice())
+                .entry(&app.ports[..])
                 .or_insert_with_key(|&p| p.into());
             let placed = Placed {
                 ports: Arc::clone(ports),

@@ -91,7 +91,7 @@ impl Routes {
                 .flatten();
             placed_all &= at.is_some();
             let placed = Placed {
-                ports: f.app.ports.as_slice().into(),
+                ports: f.app.ports[..].into(),
                 order: at.unwrap_or(0),
             };
             by_name.insert(Named(Arc::clone(&route)), placed);
