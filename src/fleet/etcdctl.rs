@@ -26,12 +26,19 @@ pub(super) fn command(etcdctl: &Path) -> Command {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: prctl is async-signal-safe and touches only the child. It kills etcdctl if
-    // the follower dies (the main thread, which spawns every child, lives as long as the
-    // process), so no orphaned watch outlives a stopped follower.
+    // It kills etcdctl if the follower dies (the main thread, which spawns every child, lives
+    // as long as the process), so no orphaned watch outlives a stopped follower. A follower
+    // that died between the fork and the prctl is not signalled: the child checks that its
+    // parent is still the follower after it (an orphan of a suite run held a watch for 20
+    // minutes before this check).
+    let follower = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe and touch only the child.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != follower {
+                return Err(std::io::Error::other("the follower is gone"));
+            }
             Ok(())
         });
     }
