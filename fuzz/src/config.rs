@@ -581,16 +581,16 @@ pub fn oracle(bytes: &[u8]) -> Option<Verdict> {
             kind_keys = Some(h);
         }
         let connect_attempts =
-            ranged("ConnectAttempts", present(a, "ConnectAttempts"), 1, 10).unwrap_or(3) as usize;
+            ranged("ConnectAttempts", present(a, "ConnectAttempts"), 1, 10).unwrap_or(3) as u32;
         let max_connections = ranged("MaxConnections", present(a, "MaxConnections"), 1, 1_000_000)
-            .map(|n| n as usize);
+            .map(|n| n as u32);
         let max_connections_per_client = ranged(
             "MaxConnectionsPerClient",
             present(a, "MaxConnectionsPerClient"),
             1,
             1_000_000,
         )
-        .map(|n| n as usize);
+        .map(|n| n as u32);
         problems += health_unknown;
         if let Some(h) = kind_keys {
             health.kind = expected_kind(&h, &hostnames, &mut problems);

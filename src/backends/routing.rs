@@ -368,16 +368,16 @@ impl AppRoute {
         }
         let limit = app.max_connections.map(|max| {
             let l = old.and_then(|o| o.limit.clone()).unwrap_or_default();
-            l.set_max(max);
+            l.set_max(max as usize);
             l
         });
         let per_client = app.max_connections_per_client.map(|max| {
             match old.and_then(|o| o.per_client.as_ref()) {
                 Some(c) => {
-                    c.set_limit(max);
+                    c.set_limit(max as usize);
                     Arc::clone(c)
                 }
-                None => ClientCounts::new(max),
+                None => ClientCounts::new(max as usize),
             }
         });
         AppRoute {
@@ -402,7 +402,7 @@ impl AppRoute {
 
     /// Distinct targets tried for one client connection before it is closed.
     pub fn connect_attempts(&self) -> usize {
-        self.app.connect_attempts
+        self.app.connect_attempts as usize
     }
 
     pub fn proxy_protocol(&self) -> Option<ProxyProtocol> {

@@ -14,7 +14,7 @@ use crate::config::raw::{RawConfig, Shaped};
 use crate::config::syntax;
 
 /// Default for `ConnectAttempts`.
-pub const DEFAULT_CONNECT_ATTEMPTS: usize = 3;
+pub const DEFAULT_CONNECT_ATTEMPTS: u32 = 3;
 
 /// A validated config: app names unique, every port in 1..=65535, apps sharing an (address
 /// prefix, port) told apart by Hostnames, every app with at least one port and one well-formed
@@ -42,13 +42,15 @@ pub struct App {
     /// `HealthCheck::shared`), and so do the app's targets' live states.
     pub health: Arc<HealthCheck>,
     pub balance: Balance,
-    /// Distinct targets tried for one client connection before it is closed.
-    pub connect_attempts: usize,
+    /// Distinct targets tried for one client connection before it is closed. These three
+    /// are 32-bit (their bounds are 10 and 1,000,000): an app's record 24 bytes smaller, a
+    /// smaller malloc block per app.
+    pub connect_attempts: u32,
     /// Open connections this app may have at once; None: only the global bound applies.
-    pub max_connections: Option<usize>,
+    pub max_connections: Option<u32>,
     /// Open connections one client address may have to this app at once; None: only
     /// `--max-connections-per-client` applies.
-    pub max_connections_per_client: Option<usize>,
+    pub max_connections_per_client: Option<u32>,
     pub proxy_protocol: Option<ProxyProtocol>,
 }
 

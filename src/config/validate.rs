@@ -185,7 +185,7 @@ impl Earlier {
                 10,
                 "a number from 1 to 10",
             )
-            .map_or(DEFAULT_CONNECT_ATTEMPTS, |n| n as usize);
+            .map_or(DEFAULT_CONNECT_ATTEMPTS, |n| n as u32);
         let max_connections = opts
             .int(
                 "MaxConnections",
@@ -194,7 +194,7 @@ impl Earlier {
                 1_000_000,
                 "a number from 1 to 1000000",
             )
-            .map(|n| n as usize);
+            .map(|n| n as u32);
         let max_connections_per_client = opts
             .int(
                 "MaxConnectionsPerClient",
@@ -203,7 +203,7 @@ impl Earlier {
                 1_000_000,
                 "a number from 1 to 1000000",
             )
-            .map(|n| n as usize);
+            .map(|n| n as u32);
         let proxy_protocol = opts.proxy_protocol(raw_app.proxy_protocol);
         App {
             name,

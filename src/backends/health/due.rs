@@ -27,8 +27,8 @@ pub(super) struct Due {
 impl Due {
     pub(super) fn of(backends: &follow::Listed, epoch: u64) -> Due {
         let mut d = Due::none(epoch);
-        for e in backends.iter() {
-            d.with(&e.backend, e.last);
+        for (b, e) in backends.iter() {
+            d.with(b, e.last.at());
         }
         d
     }

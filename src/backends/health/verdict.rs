@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::due::Due;
-use super::{checked, Probe, Run};
+use super::{checked, follow, Probe, Run};
 use crate::backends::backend::{ConnectError, HEALTH_EPOCH};
 
 impl Run {
@@ -31,26 +31,25 @@ impl Run {
         // verdict's own included) leaves the time found here stale, to be found again.
         let epoch = HEALTH_EPOCH.load(Ordering::Relaxed);
         let mut due = Due::none(epoch);
-        for e in list.iter_mut() {
+        let done_at = follow::Stamp::of(done);
+        for (b, e) in list.iter_mut() {
             // One that joined since the check began: not its verdict.
             if e.joined <= check.joined {
-                e.last = done;
+                e.last = done_at;
                 // In maintenance (went there while the check was under way): not its verdict.
-                if checked(&e.backend) {
+                if checked(b) {
                     for _ in 0..e.turns {
                         let own = match &result {
                             // Connected, but later than this app allows.
-                            Ok(()) if took > e.backend.check_timing().1 => {
-                                Err(ConnectError::Timeout)
-                            }
+                            Ok(()) if took > b.check_timing().1 => Err(ConnectError::Timeout),
                             Ok(()) => Ok(()),
                             Err(e) => Err(e.clone_kind()),
                         };
-                        e.backend.checked(own);
+                        b.checked(own);
                     }
                 }
             }
-            due.with(&e.backend, e.last);
+            due.with(b, e.last.at());
         }
         self.due_at.insert(target.clone(), due);
     }
