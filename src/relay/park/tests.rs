@@ -66,6 +66,17 @@ fn client_bits(items: &[Item]) -> u32 {
     items[0].woke.0[Side::Client as usize]
 }
 
+/// The one connection woken within `SOON`, taken as a relay thread runs it: its ticket told
+/// what fired and its news cleared. With what its client socket showed.
+fn run_woken(lot: &Lot<Item>, t: &mut Ticket) -> (Item, u32) {
+    let mut woken = ready(lot, SOON);
+    let bits = client_bits(&woken);
+    let mut it = woken.pop().unwrap();
+    t.fired(it.woke);
+    it.woke = Woke::default();
+    (it, bits)
+}
+
 const IN: u32 = libc::EPOLLIN as u32;
 const OUT: u32 = libc::EPOLLOUT as u32;
 const HUP: u32 = libc::EPOLLHUP as u32;
@@ -121,11 +132,7 @@ fn one_shot_then_re_arming_reports_what_came_meanwhile() {
     t.arm(Side::Client, s.as_raw_fd(), Some(READ)).unwrap();
     assert!(lot.wait(t.id(), item(), None).is_ok());
     c.write_all(b"first").unwrap();
-    let mut woken = ready(&lot, SOON);
-    client_bits(&woken);
-    let mut it = woken.pop().unwrap();
-    t.fired(it.woke);
-    it.woke = Woke::default();
+    let (it, _) = run_woken(&lot, &mut t);
     // It fired once: more bytes wake nobody while it is not armed again (as while a thread
     // runs it).
     c.write_all(b"second").unwrap();
@@ -151,12 +158,8 @@ fn kept_armed_it_wakes_for_each_new_arrival_without_a_system_call() {
     let mut buf = [0u8; 64];
     for round in ["request 1", "request 2", "request 3"] {
         c.write_all(round.as_bytes()).unwrap();
-        let mut woken = ready(&lot, SOON);
-        let bits = client_bits(&woken);
+        let (it, bits) = run_woken(&lot, &mut t);
         assert_ne!(bits & IN, 0, "{round}: {bits:#x}");
-        let mut it = woken.pop().unwrap();
-        t.fired(it.woke);
-        it.woke = Woke::default();
         // Read to "would block", as a relay does before it waits.
         let n = (&s).read(&mut buf).unwrap();
         assert_eq!(&buf[..n], round.as_bytes());
@@ -182,12 +185,8 @@ fn a_hung_up_socket_is_left_alone() {
     // Closed both ways without an error: the peer's FIN came and ours went.
     drop(c);
     s.shutdown(std::net::Shutdown::Both).unwrap();
-    let mut woken = ready(&lot, SOON);
-    let bits = client_bits(&woken);
+    let (it, bits) = run_woken(&lot, &mut t);
     assert_ne!(bits & HUP, 0, "{bits:#x}");
-    let mut it = woken.pop().unwrap();
-    t.fired(it.woke);
-    it.woke = Woke::default();
     // Nothing wanted from it and nothing more can come: left unarmed, it stays quiet.
     t.arm(Side::Client, s.as_raw_fd(), None).unwrap();
     assert!(lot.wait(t.id(), it, None).is_ok());

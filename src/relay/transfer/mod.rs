@@ -150,14 +150,14 @@ impl Relay {
             park::EDGE
         };
         let on = |read: bool, write: bool, hup: bool| {
-            let mut events = park::FAILURE | edge;
+            let mut events = park::FAILURE;
             if read {
                 events |= park::READ;
             }
             if write {
                 events |= park::WRITE;
             }
-            (events & !park::EDGE != park::FAILURE || !hup).then_some(events)
+            (events != park::FAILURE || !hup).then_some(events | edge)
         };
         self.armed_read = [self.up.wants_read(), self.down.wants_read()];
         [
