@@ -18,6 +18,8 @@
 #   SCALE_OUT=bench/scale-results   path prefix of the results: .json and .md
 #   SCALE_START_ONLY=1  the start figure alone (no base run, no later step; the report is
 #                       printed, and written in the work directory unless SCALE_OUT is set)
+#   SCALE_REWRITE_ONLY=1  the start, then the rewrite of every app alone (the probe's waits;
+#                       reported as SCALE_START_ONLY's)
 #   SCALE_BIN=PATH      measure this flyproxy binary instead of building the working tree's
 #   NICE=-10            run everything at this niceness
 #   KEEP=1              keep the work directory (configs, logs) after the run
@@ -31,7 +33,7 @@ die() { log "FATAL: $*"; exit 1; }
 if [[ "${1:-}" != "--inside" ]]; then
     if [[ "$(id -u)" -ne 0 ]]; then
         command -v sudo >/dev/null || die "the scale bench needs root (network namespace, eBPF)"
-        exec sudo --preserve-env=SCALE_APPS,SCALE_BASE,SCALE_START_ONLY,SCALE_MODES,SCALE_FORMS,SCALE_RELOADS,SCALE_CHANGES,SCALE_CONNS,SCALE_OUT,SCALE_BIN,FLEET_APPS,FLEET_NODES,FLEET_MEMBERS,FLEET_LOADERS,FLEET_PUTS,FLEET_SECONDS,FLEET_PUT_TRIES,FLEET_OUTAGE,FLEET_REST,FLEET_OUT,NICE,KEEP,CARGO_TARGET_DIR,PATH "$0" "$@"
+        exec sudo --preserve-env=SCALE_APPS,SCALE_BASE,SCALE_START_ONLY,SCALE_REWRITE_ONLY,SCALE_MODES,SCALE_FORMS,SCALE_RELOADS,SCALE_CHANGES,SCALE_CONNS,SCALE_OUT,SCALE_BIN,FLEET_APPS,FLEET_NODES,FLEET_MEMBERS,FLEET_LOADERS,FLEET_PUTS,FLEET_SECONDS,FLEET_PUT_TRIES,FLEET_OUTAGE,FLEET_REST,FLEET_OUT,NICE,KEEP,CARGO_TARGET_DIR,PATH "$0" "$@"
     fi
     for tool in ip unshare python3; do
         command -v "$tool" >/dev/null || die "$tool is not installed (iproute2, util-linux, python3)"

@@ -70,7 +70,10 @@ FORMS = os.environ.get("SCALE_FORMS", "file dir").split()
 # 1: the start figure alone (and RSS then): no base run, no later step (a quick start A/B),
 # reported in the work directory unless SCALE_OUT says where (not over the full results).
 START_ONLY = os.environ.get("SCALE_START_ONLY", "") == "1"
-OUT = os.environ.get("SCALE_OUT") or (os.path.join(WORK, "scale-start") if START_ONLY
+# 1: the start, then the rewrite of every app alone (a quick A/B of the probe's waits),
+# reported like SCALE_START_ONLY.
+REWRITE_ONLY = os.environ.get("SCALE_REWRITE_ONLY", "") == "1"
+OUT = os.environ.get("SCALE_OUT") or (os.path.join(WORK, "scale-start") if START_ONLY or REWRITE_ONLY
                                       else os.path.join(REPO, "bench", "scale-results"))
 for m in MODES:
     if m not in ("simple", "bpf"):
@@ -524,6 +527,11 @@ def run_one(mode, form, apps, label, full):
         log(f"{label}: first connection after {res['start_s']} s, RSS {res['rss_start_kib']} KiB")
         if START_ONLY:
             return res
+        if REWRITE_ONLY:
+            res["full_rewrite"] = full_rewrite_step(proxy, cfg, 1, timeout)
+            log(f"{label}: full rewrite probe max {res['full_rewrite']['probe']['max_ms']} ms, "
+                f"relay threads' longest wait for a core {res['full_rewrite']['probe'].get('relay_run_queue_ms_max')} ms")
+            return res
         idle = idle_rates(proxy)
         res["idle_cpu_pct"] = round(idle[0] * 100, 2)
         if full:
@@ -661,7 +669,7 @@ def main():
         apps = make_apps(APPS)
         runs, base = [], {}
         for mode in MODES:
-            if not START_ONLY:
+            if not START_ONLY and not REWRITE_ONLY:
                 base[mode] = run_one(mode, "file", apps[:BASE], f"{mode}-base", full=False)
             for form in FORMS:
                 runs.append(run_one(mode, form, apps, f"{mode}-{form}", full=True))

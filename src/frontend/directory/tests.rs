@@ -17,7 +17,17 @@ fn app(name: &str, port: u16, extra: &str) -> String {
 
 #[test]
 fn a_bad_or_clashing_file_is_refused_alone_and_the_serving_app_wins() {
-    let d = dir("clash");
+    refused_alone(|dir| dir.refresh(true), "clash");
+}
+
+/// The first load (start-up, `check`) takes the files in as a full refresh does.
+#[test]
+fn the_first_load_refuses_and_keeps_waiting_files_as_a_refresh_does() {
+    refused_alone(Directory::load, "clash-load");
+}
+
+fn refused_alone(first: impl FnOnce(&mut Directory) -> Refresh, label: &str) {
+    let d = dir(label);
     fs::write(d.join("a.json"), app("a", 7001, "")).unwrap();
     fs::write(d.join("b.json"), app("b", 7001, "")).unwrap();
     fs::write(d.join("c.json"), r#"{"Apps":[{"Name":"c"}]}"#).unwrap();
@@ -30,10 +40,11 @@ fn a_bad_or_clashing_file_is_refused_alone_and_the_serving_app_wins() {
     fs::write(d.join(".hidden.json"), "nonsense").unwrap();
     fs::write(d.join("notes.txt"), "nonsense").unwrap();
     let mut dir = Directory::open(&d);
-    let r = dir.refresh(true);
+    let r = first(&mut dir);
     assert!(r.changed);
     let names: Vec<String> = dir.config().apps.iter().map(|a| a.name.clone()).collect();
     assert_eq!(names, ["a", "e"]);
+    assert_eq!(dir.counts(), (5, 2), "five files looked at, two serving");
     let rejected: Vec<&str> = r.rejected.iter().map(|r| r.file.as_str()).collect();
     assert_eq!(rejected, ["b.json", "c.json", "d.json"]);
     assert!(
