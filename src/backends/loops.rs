@@ -130,8 +130,12 @@ pub fn is_local(ip: IpAddr) -> bool {
 /// A host name that is this host whatever the resolver says (RFC 6761: `localhost` and names
 /// under it), written in any case, with or without the root dot.
 fn is_localhost_name(host: &str) -> bool {
-    let h = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-    h == "localhost" || h.ends_with(".localhost")
+    // Compared in place: every target of every app is asked this as files are taken in
+    // (400,000 at a start with 200,000 apps), and a lowercased copy was an allocation each.
+    const UNDER: &[u8] = b".localhost";
+    let h = host.strip_suffix('.').unwrap_or(host).as_bytes();
+    h.eq_ignore_ascii_case(&UNDER[1..])
+        || (h.len() >= UNDER.len() && h[h.len() - UNDER.len()..].eq_ignore_ascii_case(UNDER))
 }
 
 /// Every target of `config` that is the proxy's own frontend, as a problem naming it.
@@ -201,6 +205,8 @@ mod tests {
         assert!(is_localhost_name("LocalHost."));
         assert!(is_localhost_name("a.localhost"));
         assert!(!is_localhost_name("localhost.example.com"));
+        assert!(is_localhost_name("localhost") && is_localhost_name("B.A.LOCALHOST."));
+        assert!(!is_localhost_name("xlocalhost") && !is_localhost_name("ocalhost"));
     }
 
     #[test]
