@@ -315,6 +315,8 @@ impl Directory {
         out.changed = true;
     }
 
+    /// Refuse the file `name` with `problems`; `pending`: its apps, valid on their own, to try
+    /// again when other files change (they clashed with what serves).
     fn refuse(
         &mut self,
         name: &str,
@@ -322,7 +324,7 @@ impl Directory {
         pending: Option<Vec<Arc<App>>>,
         out: &mut Refresh,
     ) {
-        if let (Some(apps), true) = (pending, self.files.contains_key(name)) {
+        if let Some(apps) = pending {
             self.waiting.insert(name.to_owned(), apps);
         }
         self.refused.insert(name.to_owned(), problems.clone());

@@ -121,8 +121,7 @@ impl Directory {
                     state.good = Some((apps.into_boxed_slice(), sha));
                     out.changed = true;
                 } else {
-                    self.waiting.insert(name.to_owned(), apps);
-                    self.refuse(name, problems, None, out);
+                    self.refuse(name, problems, Some(apps), out);
                 }
             }
         }
