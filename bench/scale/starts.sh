@@ -3,9 +3,10 @@
 # (as `make scale` generates them), to compare start times with less noise than one `make scale`
 # run: the files are written once, before the first start (a start right after writing them
 # competes with the kernel writing them back), then each binary starts in turn, RUNS rounds.
-# Root; each start in a network namespace of its own. Per start it prints the seconds from spawn
-# to the directory read (`config directory` line), to the `started` line and to the first line
-# echoed through app 0, and the process's CPU then.
+# Root; each start in a network namespace of its own, with the options and the timing of `make
+# scale`'s start step (scale.Proxy, scale.first_connection). Per start it prints the seconds
+# from spawn to the directory read (`config directory` line), to the `started` line and to the
+# first line echoed through app 0, and the process's CPU then.
 #
 #   bench/scale/starts.sh BINARY...                  # simple mode, 3 rounds, 200,000 apps
 #   MODE=bpf RUNS=2 SCALE_APPS=20000 bench/scale/starts.sh /tmp/a/flyproxy /tmp/b/flyproxy
@@ -19,47 +20,33 @@ RUNS=${RUNS:-3}
 if [[ "${1:-}" == "--one" ]]; then
     # One start, inside a fresh network namespace: --one BINARY CONFIG_DIR ECHO
     bin=$2 cfg=$3 echo_bin=$4
-    ip link set lo up
-    ip -6 route add local fd00::/8 dev lo
-    ulimit -n 1048576 2>/dev/null || ulimit -n 524288 2>/dev/null || true
+    source "$SCALE_DIR/netns.sh"
     "$echo_bin" 127.0.0.1:7001 127.0.0.1:7002 2>/dev/null &
     echo_pid=$!
-    args=("$MODE")
-    [[ "$MODE" == bpf ]] && args+=(-p 8000)
-    log=$(mktemp)
-    t0=$(date +%s.%N)
-    "$bin" "${args[@]}" -c "$cfg" --reload-interval 200ms --access-log off >"$log" 2>&1 &
-    pid=$!
-    T0=$t0 PID=$pid LOG=$log SCALE_DIR=$SCALE_DIR python3 - <<'PY'
-import datetime, os, sys, time
+    trap 'kill "$echo_pid" 2>/dev/null' EXIT
+    # The proxy as `make scale` starts it, timed as its start step is (scale.first_connection).
+    BIN=$bin CFG=$cfg MODE=$MODE python3 - <<'PY'
+import datetime, os, sys, time, types
 sys.path.insert(0, os.environ["SCALE_DIR"])
-from probe import echo_once
-t0, pid, log = float(os.environ["T0"]), os.environ["PID"], os.environ["LOG"]
-deadline = time.time() + 600
-while True:
-    try:
-        echo_once(("127.16.0.0", 443), timeout=1.0)
-        break
-    except OSError:
-        if time.time() > deadline:
-            sys.exit("nothing echoed within 600 s")
-        time.sleep(0.005)
-first = time.time() - t0
-st = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-cpu = (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
-def at(word):
-    for line in open(log):
-        if word in line:
-            ts = datetime.datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ")
-            return ts.replace(tzinfo=datetime.timezone.utc).timestamp() - t0
-    return float("nan")
-print(f"first echo {first:.3f} s  directory read {at('config directory'):.3f} s  "
-      f"started {at(' started '):.3f} s  CPU {cpu:.2f} s")
+import scale
+scale.BIN = os.environ["BIN"]
+t0 = time.time()
+proxy = scale.Proxy(os.environ["MODE"], types.SimpleNamespace(path=os.environ["CFG"]), "start")
+try:
+    first = scale.first_connection(proxy, ("127.16.0.0", 443), 600)
+    st = open(f"/proc/{proxy.pid}/stat").read().rsplit(")", 1)[1].split()
+    cpu = (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+    def at(word):
+        for line in proxy.lines():
+            if word in line:
+                ts = datetime.datetime.strptime(line.split()[0], "%Y-%m-%dT%H:%M:%S.%fZ")
+                return ts.replace(tzinfo=datetime.timezone.utc).timestamp() - t0
+        return float("nan")
+    print(f"first echo {first:.3f} s  directory read {at('config directory'):.3f} s  "
+          f"started {at(' started '):.3f} s  CPU {cpu:.2f} s")
+finally:
+    proxy.stop()
 PY
-    kill -INT "$pid"
-    wait "$pid" || true
-    kill "$echo_pid"
-    rm -f "$log"
     exit 0
 fi
 
