@@ -70,7 +70,7 @@ impl Frontends {
         for app in &config.apps {
             let prefixes = crate::config::app_prefixes(app);
             for &port in &app.ports {
-                pairs.entry(port).or_default().extend_from_slice(&prefixes);
+                pairs.entry(port).or_default().extend_from_slice(prefixes);
             }
         }
         let ports = pairs

@@ -87,6 +87,30 @@ mod tests {
         }
     }
 
+    /// A key written with escapes is the key it spells (read as a copy, where every other key
+    /// is read in place), known or not, given once or twice.
+    #[test]
+    fn keys_with_escapes_are_the_keys_they_spell() {
+        let c = parse(
+            r#"{"\u0041pps":[{"N\u0061me":"a","Ports":[1],"Targets":["h:1"],"Max\u0043onnections":3}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.apps[0].name.as_str(), c.apps[0].max_connections),
+            ("a", Some(3))
+        );
+        let errs = parse(
+            r#"{"Apps":[{"Name":"a","Ports":[1],"Targets":["h:1"],"W\u0065ight":3,"Ports":[2]}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(
+            errs[0].starts_with("app \"a\": unknown key \"Weight\" ("),
+            "{errs:?}"
+        );
+        assert_eq!(errs[1], "app \"a\": Ports given more than once; keep one");
+    }
+
     #[test]
     fn every_problem_is_reported_at_once() {
         let s = r#"{"Apps": [

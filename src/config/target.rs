@@ -33,12 +33,15 @@ pub(super) fn targets(
     problems: &mut Problems,
 ) -> Vec<TargetSpec> {
     let mut out: Vec<TargetSpec> = Vec::with_capacity(raw.len());
-    // Each target's first entry, by address, to compare the settings of a repeat.
-    let mut first: HashMap<Target, usize> = HashMap::new();
+    // Each target's first entry, by address, to compare the settings of a repeat: found by a
+    // look through `out` while the list is short (most apps list a few targets, and a map in
+    // each of 200,000 apps was an allocation per app), in a map from FIRST_BY_MAP entries on
+    // (an app may list thousands).
+    let mut first: Option<HashMap<Target, usize>> = None;
     for (i, entry) in raw.into_iter().enumerate() {
         let (written, spec) = match entry {
             RawTargetEntry::Address(t) => {
-                let spec = address(name, t.clone(), problems).map(TargetSpec::plain);
+                let spec = address(name, &t, problems).map(TargetSpec::plain);
                 (t, spec)
             }
             RawTargetEntry::Object(raw) => match object(name, i, *raw, problems) {
@@ -55,8 +58,12 @@ pub(super) fn targets(
             }
         };
         let Some(spec) = spec else { continue };
-        match first.get(&spec.target) {
-            Some(&j) if out[j] != spec => problems.push(Problem::BadTarget {
+        let earlier = match &first {
+            Some(map) => map.get(&spec.target).copied(),
+            None => out.iter().position(|s| s.target == spec.target),
+        };
+        match earlier {
+            Some(j) if out[j] != spec => problems.push(Problem::BadTarget {
                 app: name.to_owned(),
                 target: written,
                 why: "is listed twice with different Weight, Backup or Drain; a target listed \
@@ -64,22 +71,34 @@ pub(super) fn targets(
             }),
             Some(_) => out.push(spec),
             None => {
-                first.insert(spec.target.clone(), out.len());
+                if let Some(map) = &mut first {
+                    map.insert(spec.target.clone(), out.len());
+                }
                 out.push(spec);
+                if first.is_none() && out.len() >= FIRST_BY_MAP {
+                    let mut map = HashMap::with_capacity(out.len() * 2);
+                    for (j, s) in out.iter().enumerate() {
+                        map.entry(s.target.clone()).or_insert(j);
+                    }
+                    first = Some(map);
+                }
             }
         }
     }
     out
 }
 
+/// From this many entries a target list's repeats are found through a map (see `targets`).
+const FIRST_BY_MAP: usize = 16;
+
 /// A target's address, or None (and the problem).
-fn address(app: &str, written: String, problems: &mut Problems) -> Option<Target> {
-    match parse_target(&written) {
+fn address(app: &str, written: &str, problems: &mut Problems) -> Option<Target> {
+    match parse_target(written) {
         Ok(t) => Some(t),
         Err(why) => {
             problems.push(Problem::BadTarget {
                 app: app.to_owned(),
-                target: written,
+                target: written.to_owned(),
                 why,
             });
             None
@@ -134,7 +153,7 @@ fn object(
             });
             None
         }
-        Some(Value::String(s)) => address(app, s, problems),
+        Some(Value::String(s)) => address(app, &s, problems),
         Some(other) => {
             let found = Found::of(other);
             problems.push(wrong(
@@ -317,6 +336,40 @@ mod tests {
             r#"{{"Apps":[{{"Name":"a","Ports":[1],"Targets":{targets}}}]}}"#
         ))
         .unwrap_err()
+    }
+
+    /// A repeat with other settings is found wherever it is, in a short list (looked through)
+    /// and in a long one (a map from FIRST_BY_MAP entries on), before and after the map is
+    /// built; a repeat with the same settings is two turns of one target.
+    #[test]
+    fn repeats_found_in_short_and_long_lists() {
+        for len in [2, FIRST_BY_MAP - 1, FIRST_BY_MAP, FIRST_BY_MAP + 5] {
+            let list: Vec<String> = (1..=len).map(|p| format!(r#""h:{p}""#)).collect();
+            for again in [1, len] {
+                let same = format!("[{},\"h:{again}\"]", list.join(","));
+                let c = parse(&format!(
+                    r#"{{"Apps":[{{"Name":"a","Ports":[1],"Targets":{same}}}]}}"#
+                ))
+                .unwrap();
+                assert_eq!(
+                    c.apps[0].targets.len(),
+                    len + 1,
+                    "{len} targets, h:{again} again"
+                );
+                let other = format!(
+                    r#"[{},{{"Address":"h:{again}","Weight":2}}]"#,
+                    list.join(",")
+                );
+                let found = problems(&other);
+                let want = format!(
+                    r#"app "a": Targets: "h:{again}" is listed twice with different Weight, Backup or Drain;"#
+                );
+                assert!(
+                    found.len() == 1 && found[0].starts_with(&want),
+                    "{len} targets, h:{again} again: {found:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -57,7 +57,11 @@ impl Config {
             }
             Some(Shaped::Is(list)) => list,
         };
-        let mut earlier = Earlier::default();
+        let mut earlier = Earlier {
+            // A file of one app (a config directory's typical file) has no name to repeat.
+            names: (raw_apps.len() > 1).then(BTreeSet::new),
+            unusable: Vec::with_capacity(raw_apps.len()),
+        };
         let mut apps: Vec<App> = Vec::with_capacity(raw_apps.len());
         for (i, entry) in raw_apps.into_iter().enumerate() {
             // An entry that is not an object has no name to go by: its position names it.
@@ -91,9 +95,9 @@ impl Config {
 }
 
 /// What checking an app needs to know of the apps before it in the file.
-#[derive(Default)]
 struct Earlier {
-    names: BTreeSet<String>,
+    /// The names so far; None when the file lists one app.
+    names: Option<BTreeSet<String>>,
     /// By position: the app's Addresses were given but none is usable. Such an app is left
     /// out of the sharing checks (its addresses are already a problem) rather than taken for
     /// "every address" there.
@@ -224,7 +228,7 @@ impl Earlier {
     /// The app's name. An app without a usable one is still checked, under a name that says
     /// where it is.
     fn name(&mut self, i: usize, raw: Option<Value>, problems: &mut Problems) -> String {
-        let placeholder = format!("#{}", i + 1);
+        let placeholder = || format!("#{}", i + 1);
         let name = match present(raw) {
             Some(Value::String(n)) if !n.trim().is_empty() => {
                 if !is_valid_name(&n) {
@@ -234,12 +238,13 @@ impl Earlier {
             }
             None | Some(Value::String(_)) => {
                 problems.push(Problem::Missing {
-                    app: placeholder.clone(),
+                    app: placeholder(),
                     field: "Name",
                 });
-                placeholder
+                placeholder()
             }
             Some(other) => {
+                let placeholder = placeholder();
                 let mut typed = Typed {
                     app: Some(&placeholder),
                     problems,
@@ -248,8 +253,10 @@ impl Earlier {
                 placeholder
             }
         };
-        if !self.names.insert(name.clone()) {
-            problems.push(Problem::DuplicateApp { name: name.clone() });
+        if let Some(names) = &mut self.names {
+            if !names.insert(name.clone()) {
+                problems.push(Problem::DuplicateApp { name: name.clone() });
+            }
         }
         name
     }

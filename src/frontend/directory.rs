@@ -31,6 +31,7 @@ use crate::frontend::watch::{FileSig, Watch};
 use crate::sys::hash::{FastMap, FastSet};
 use crate::sys::inotify::{DirWatch, Events};
 use digest::{Digest, Line};
+use frontends::Frontends;
 use index::{target_ip, ByName, Sha, Slot, UNREAD};
 
 /// A config directory as the config plane keeps it. Its indices are keyed by what the files
@@ -102,9 +103,9 @@ pub struct Refresh {
 /// A file's apps, or every problem it has on its own (one a line).
 type Parsed = Result<Vec<Arc<App>>, Vec<String>>;
 
-/// The apps of the file at `path` read as `bytes`, or its problems.
-fn parse(path: &Path, bytes: &[u8]) -> Parsed {
-    Config::parse(path, bytes)
+/// The apps of the file `name` of `dir` read as `bytes`, or its problems.
+fn parse(dir: &Path, name: &str, bytes: &[u8]) -> Parsed {
+    Config::parse_with(bytes, || dir.join(name))
         .map(|c| c.apps)
         .map_err(|e| e.to_string().lines().map(str::to_owned).collect())
 }
@@ -271,7 +272,7 @@ impl Directory {
                     }
                     return;
                 }
-                (sha, parse(&path, &bytes))
+                (sha, parse(&self.dir, name, &bytes))
             }
             Err(problem) => (UNREAD, Err(vec![format!("{}: {problem}", path.display())])),
         };
@@ -391,7 +392,7 @@ impl Directory {
             if let Some(f) = self.owners.get(app.name.as_str()).filter(|f| &***f != file) {
                 problems.push(format!("app {:?}: Name: already served from {f}", app.name));
             }
-            for prefix in app_prefixes(app) {
+            for &prefix in app_prefixes(app) {
                 for &port in &app.ports {
                     let Some(slot) = self.slots.get(&(port, prefix)) else {
                         continue;
@@ -423,12 +424,7 @@ impl Directory {
     /// Targets of `apps` that would be frontends (their own or the others'), and the others'
     /// targets that their frontends would make loop.
     fn loops(&self, file: &str, apps: &[Arc<App>]) -> Vec<String> {
-        let mine: FastMap<u16, Vec<Prefix>> = apps.iter().fold(FastMap::default(), |mut m, a| {
-            for &port in &a.ports {
-                m.entry(port).or_default().extend(app_prefixes(a));
-            }
-            m
-        });
+        let mine = Frontends::of(apps);
         let is_own = |addr: SocketAddr| {
             let ip = dialled(addr.ip());
             let theirs = self.ports.get(&addr.port()).is_some_and(|(_, lens)| {
@@ -439,9 +435,7 @@ impl Directory {
                         .is_some_and(|s| s.apps() > self.own_count(file, addr.port(), &prefix))
                 })
             });
-            let ours = mine
-                .get(&addr.port())
-                .is_some_and(|ps| ps.iter().any(|p| p.contains(ip)));
+            let ours = mine.on(addr.port()).iter().any(|p| p.contains(ip));
             (theirs || ours) && is_local(ip)
         };
         let mut problems = Vec::new();
@@ -457,7 +451,8 @@ impl Directory {
                 }
             }
         }
-        for (port, prefixes) in &mine {
+        mine.each(|port, prefixes| {
+            let port = &port;
             // The other files' apps with a local target inside the new frontends, by name
             // (the order the problems are listed in), with the addresses that are.
             let mut hit: BTreeMap<&str, (&Arc<App>, Vec<IpAddr>)> = BTreeMap::new();
@@ -486,7 +481,7 @@ impl Directory {
                     ));
                 }
             }
-        }
+        });
         problems
     }
 
@@ -552,6 +547,7 @@ impl Directory {
 }
 
 mod digest;
+mod frontends;
 mod index;
 mod load;
 mod order;

@@ -88,7 +88,7 @@ impl Directory {
             self.owners.remove(app.name.as_str());
             self.owners
                 .insert(ByName(Arc::clone(app)), Arc::clone(file));
-            for prefix in app_prefixes(app) {
+            for &prefix in app_prefixes(app) {
                 for &port in &app.ports {
                     let (slots_on_port, lens) = self.ports.entry(port).or_default();
                     let slot = self.slots.entry((port, prefix)).or_insert_with(|| {
@@ -126,7 +126,7 @@ impl Directory {
         for app in apps {
             self.note(app, true);
             self.owners.remove(app.name.as_str());
-            for prefix in app_prefixes(app) {
+            for &prefix in app_prefixes(app) {
                 for &port in &app.ports {
                     let Some(slot) = self.slots.get_mut(&(port, prefix)) else {
                         continue;

@@ -226,7 +226,7 @@ fn read_one(dir: &Path, at: Option<&ConfigDir>, name: &str) -> FileRead {
                 sig: Some(FileSig::of(&meta)),
                 sha,
                 line: Some(Line::of(&sha, name)),
-                parsed: parse(&dir.join(name), &bytes),
+                parsed: parse(dir, name, &bytes),
             }
         }
         Err(problem) => {
