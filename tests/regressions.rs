@@ -100,6 +100,46 @@ fn loop_check_with_an_address_per_app_is_fast() {
     );
 }
 
+/// An app's long lists are checked for repeats through a set: 100,000 Addresses and 100,000
+/// Hostnames in one app (a few MB of file, which the follower also validates before it writes
+/// a value) were each looked for among every one before it, quadratic: minutes of CPU. The one
+/// repeat in each list is still found, however far from the first.
+#[test]
+fn long_address_and_hostname_lists_are_checked_in_linear_time() {
+    const N: usize = 100_000;
+    let mut addresses: Vec<String> = (0..N)
+        .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    addresses.push("10.0.0.7".into());
+    let mut hostnames: Vec<String> = (0..N).map(|i| format!("h{i}.example.com")).collect();
+    hostnames.push("h7.example.com".into());
+    let app = json!({"Name": "long", "Ports": [443], "Addresses": addresses,
+                     "Hostnames": hostnames, "Targets": ["192.0.2.1:443"]});
+    let dir = TempDir::new("review");
+    let path = dir.write("c.json", &config(&[app]));
+    let out = run(&["check", "-c", path.to_str().unwrap()]);
+    assert_eq!(
+        (out.code, out.stderr.lines().count()),
+        (Some(1), 3),
+        "check said: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    for want in [
+        "2 problems found",
+        r#"app "long": Addresses: "10.0.0.7" is listed twice"#,
+        r#"app "long": Hostnames: "h7.example.com" is listed twice"#,
+    ] {
+        assert!(out.stderr.contains(want), "no {want:?} in: {}", out.stderr);
+    }
+    // CPU time, not the clock, so that other tests' load does not count.
+    assert!(
+        out.cpu_seconds < 10.0,
+        "check of {N} addresses and hostnames took {:.1} CPU-s",
+        out.cpu_seconds
+    );
+}
+
 /// `flyproxy status` pointed at something that is not a flyproxy (a wrong address): an endless
 /// answer is cut at a bound, and a trickling one at a deadline, each with a message. Before,
 /// the command read whatever came into memory (8 GB in 25 s from `yes | nc -l`) and waited for

@@ -16,6 +16,7 @@
 
 mod check;
 mod diff;
+mod distinct;
 mod file;
 pub mod hostname;
 mod limits;

@@ -1,10 +1,11 @@
 //! An app's `Ports` (numbers and `"A-B"` ranges, expanded) and ports written back compactly
 //! for messages.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use serde_json::Value;
 
+use crate::config::distinct::Distinct;
 use crate::config::problem::{Problem, Problems};
 use crate::config::raw::Found;
 use crate::config::types::wrong;
@@ -12,12 +13,8 @@ use crate::config::types::wrong;
 /// An app's `Ports`: numbers and `"A-B"` ranges, expanded, in the order given, each once.
 /// Problems for what is not a port, and one problem listing every port given twice.
 pub(super) fn app_ports(app: &str, list: &[Value], problems: &mut Problems) -> Vec<u16> {
-    // The ports so far, looked for in `order` while there are few (most apps have a port or
-    // three, and a set in each of 200,000 apps was an allocation per app), in a set from
-    // SEEN_BY_SET on (a range is thousands).
-    let mut seen: Option<HashSet<u16>> = None;
     // Sized for a list of numbers, which the app's record then keeps as it is.
-    let mut order = Vec::with_capacity(list.len());
+    let mut order = Distinct::with_capacity(list.len());
     let mut twice = BTreeSet::new();
     for v in list {
         let range = match v {
@@ -53,16 +50,7 @@ pub(super) fn app_ports(app: &str, list: &[Value], problems: &mut Problems) -> V
             }
         };
         for p in range {
-            let new = match &mut seen {
-                Some(set) => set.insert(p),
-                None => !order.contains(&p),
-            };
-            if new {
-                order.push(p);
-                if seen.is_none() && order.len() >= SEEN_BY_SET {
-                    seen = Some(order.iter().copied().collect());
-                }
-            } else {
+            if !order.insert(p) {
                 twice.insert(p);
             }
         }
@@ -73,11 +61,8 @@ pub(super) fn app_ports(app: &str, list: &[Value], problems: &mut Problems) -> V
             app: app.to_owned(),
         });
     }
-    order
+    order.into_vec()
 }
-
-/// From this many ports an app's repeats are found through a set (see `app_ports`).
-const SEEN_BY_SET: usize = 16;
 
 /// `"A-B"`: an inclusive range, 1 <= A <= B <= 65535. (A single port is written as a number.)
 pub fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, &'static str> {

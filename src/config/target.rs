@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::config::distinct::SET_FROM;
 use crate::config::model::{Target, TargetSpec, MAX_WEIGHT};
 use crate::config::problem::{Problem, Problems};
 use crate::config::raw::{Found, RawTarget, RawTargetEntry};
@@ -34,9 +35,9 @@ pub(super) fn targets(
 ) -> Vec<TargetSpec> {
     let mut out: Vec<TargetSpec> = Vec::with_capacity(raw.len());
     // Each target's first entry, by address, to compare the settings of a repeat: found by a
-    // look through `out` while the list is short (most apps list a few targets, and a map in
-    // each of 200,000 apps was an allocation per app), in a map from FIRST_BY_MAP entries on
-    // (an app may list thousands).
+    // look through `out` while it is short (most apps list a few targets, and a map in each of
+    // 200,000 apps was an allocation per app), in a map once it holds SET_FROM entries (an app
+    // may list thousands, and a hostile one millions).
     let mut first: Option<HashMap<Target, usize>> = None;
     for (i, entry) in raw.into_iter().enumerate() {
         let (written, spec) = match entry {
@@ -75,21 +76,19 @@ pub(super) fn targets(
                     map.insert(spec.target.clone(), out.len());
                 }
                 out.push(spec);
-                if first.is_none() && out.len() >= FIRST_BY_MAP {
-                    let mut map = HashMap::with_capacity(out.len() * 2);
-                    for (j, s) in out.iter().enumerate() {
-                        map.entry(s.target.clone()).or_insert(j);
-                    }
-                    first = Some(map);
-                }
             }
+        }
+        if first.is_none() && out.len() >= SET_FROM {
+            // Sized by what it holds, the distinct targets, not by the entries (repeats too).
+            let mut map = HashMap::new();
+            for (j, s) in out.iter().enumerate() {
+                map.entry(s.target.clone()).or_insert(j);
+            }
+            first = Some(map);
         }
     }
     out
 }
-
-/// From this many entries a target list's repeats are found through a map (see `targets`).
-const FIRST_BY_MAP: usize = 16;
 
 /// A target's address, or None (and the problem).
 fn address(app: &str, written: &str, problems: &mut Problems) -> Option<Target> {
@@ -339,11 +338,11 @@ mod tests {
     }
 
     /// A repeat with other settings is found wherever it is, in a short list (looked through)
-    /// and in a long one (a map from FIRST_BY_MAP entries on), before and after the map is
+    /// and in a long one (a map from SET_FROM entries on), before and after the map is
     /// built; a repeat with the same settings is two turns of one target.
     #[test]
     fn repeats_found_in_short_and_long_lists() {
-        for len in [2, FIRST_BY_MAP - 1, FIRST_BY_MAP, FIRST_BY_MAP + 5] {
+        for len in [2, SET_FROM - 1, SET_FROM, SET_FROM + 5] {
             let list: Vec<String> = (1..=len).map(|p| format!(r#""h:{p}""#)).collect();
             for again in [1, len] {
                 let same = format!("[{},\"h:{again}\"]", list.join(","));

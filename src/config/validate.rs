@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::config::check::check_kind;
+use crate::config::distinct::Distinct;
 use crate::config::hostname::Pattern;
 use crate::config::limits::NAME_MAX;
 use crate::config::model::{
@@ -96,7 +97,7 @@ impl Config {
 
 /// What checking an app needs to know of the apps before it in the file.
 struct Earlier {
-    /// The names so far; None when the file lists one app.
+    /// The names so far; None when the file lists one app (or none).
     names: Option<BTreeSet<String>>,
     /// By position: the app's Addresses were given but none is usable. Such an app is left
     /// out of the sharing checks (its addresses are already a problem) rather than taken for
@@ -263,15 +264,18 @@ impl Earlier {
 }
 
 fn app_addresses(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Prefix> {
-    let mut out: Vec<Prefix> = Vec::with_capacity(list.len());
+    let mut out = Distinct::with_capacity(list.len());
     for s in list {
         match Prefix::parse(&s) {
-            Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {
-                app: app.to_owned(),
-                field: "Addresses",
-                value: s,
-            }),
-            Ok(p) => out.push(p),
+            Ok(p) => {
+                if !out.insert(p) {
+                    problems.push(Problem::Duplicate {
+                        app: app.to_owned(),
+                        field: "Addresses",
+                        value: s,
+                    });
+                }
+            }
             Err(why) => problems.push(Problem::BadAddress {
                 app: app.to_owned(),
                 value: s,
@@ -279,19 +283,22 @@ fn app_addresses(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<P
             }),
         }
     }
-    out
+    out.into_vec()
 }
 
 fn app_hostnames(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Pattern> {
-    let mut out: Vec<Pattern> = Vec::new();
+    let mut out = Distinct::with_capacity(list.len());
     for s in list {
         match Pattern::parse(&s) {
-            Ok(p) if out.contains(&p) => problems.push(Problem::Duplicate {
-                app: app.to_owned(),
-                field: "Hostnames",
-                value: s,
-            }),
-            Ok(p) => out.push(p),
+            Ok(p) => {
+                if !out.insert(p) {
+                    problems.push(Problem::Duplicate {
+                        app: app.to_owned(),
+                        field: "Hostnames",
+                        value: s,
+                    });
+                }
+            }
             Err(why) => problems.push(Problem::BadHostname {
                 app: app.to_owned(),
                 value: s,
@@ -299,7 +306,7 @@ fn app_hostnames(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<P
             }),
         }
     }
-    out
+    out.into_vec()
 }
 
 /// Checks an app's optional settings, recording what is wrong.

@@ -6,19 +6,27 @@ use crate::config::prefix::Prefix;
 use crate::config::{app_prefixes, App};
 use crate::sys::hash::FastMap;
 
+/// Below this many ports, the ports of a file of one app are looked through (see `One`).
+const ONE_PORTS_MAX: usize = 16;
+
 /// A file's frontends, by port: the prefixes its apps answer on there.
 pub(super) enum Frontends<'a> {
-    /// A file of one app (the typical file) answers on that app's ports and prefixes, each
-    /// port once (an app lists a port once): nothing to build. A map in each of 200,000
-    /// files was three allocations on the thread the readers wait for at start.
+    /// A file of one app with a few ports (the typical file) answers on that app's ports and
+    /// prefixes, each port once (an app lists a port once): nothing to build, and a port is
+    /// looked for among a few. A map in each of 200,000 files was three allocations on the
+    /// thread the readers wait for at start.
     One(&'a App),
     Many(FastMap<u16, Vec<Prefix>>),
 }
 
 impl<'a> Frontends<'a> {
     pub(super) fn of(apps: &'a [Arc<App>]) -> Frontends<'a> {
+        // An app of many ports (a range) gets the map: `on` is asked for every target, and a
+        // look through 65,535 ports for each of a million targets would be quadratic.
         if let [one] = apps {
-            return Frontends::One(one);
+            if one.ports.len() < ONE_PORTS_MAX {
+                return Frontends::One(one);
+            }
         }
         let mut by_port: FastMap<u16, Vec<Prefix>> = FastMap::default();
         for a in apps {
