@@ -339,8 +339,11 @@ mod tests {
 
     /// A lifecycle whose upgrades run `sh -c script` (None: upgrades refused).
     fn lifecycle(script: Option<&str>) -> Lifecycle {
+        // bash, not sh: dash redirects only to a one-digit descriptor (`>&12` is "Bad fd
+        // number"), and in a test process where earlier tests left descriptors open (a health
+        // checker's, under `cargo test`) the readiness socket is past 9.
         let exec = script.map(|s| Exec {
-            exe: "/bin/sh".into(),
+            exe: "/bin/bash".into(),
             args: vec![OsString::from("-c"), OsString::from(s)],
         });
         Lifecycle::new(exec, None, Duration::from_secs(5))
