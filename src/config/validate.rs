@@ -2,6 +2,7 @@
 //! field, or a config the proxy can run on.
 
 use std::collections::BTreeSet;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -264,46 +265,59 @@ impl Earlier {
 }
 
 fn app_addresses(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Prefix> {
-    let mut out = Distinct::with_capacity(list.len());
-    for s in list {
-        match Prefix::parse(&s) {
-            Ok(p) => {
-                if !out.insert(p) {
-                    problems.push(Problem::Duplicate {
-                        app: app.to_owned(),
-                        field: "Addresses",
-                        value: s,
-                    });
-                }
-            }
-            Err(why) => problems.push(Problem::BadAddress {
-                app: app.to_owned(),
-                value: s,
-                why,
-            }),
-        }
-    }
-    out.into_vec()
+    each_once(
+        app,
+        "Addresses",
+        list,
+        problems,
+        Prefix::parse,
+        |value, why| Problem::BadAddress {
+            app: app.to_owned(),
+            value,
+            why,
+        },
+    )
 }
 
 fn app_hostnames(app: &str, list: Vec<String>, problems: &mut Problems) -> Vec<Pattern> {
+    each_once(
+        app,
+        "Hostnames",
+        list,
+        problems,
+        Pattern::parse,
+        |value, why| Problem::BadHostname {
+            app: app.to_owned(),
+            value,
+            why,
+        },
+    )
+}
+
+/// The strings of `list` (the app's `field`) parsed, each value once in the order given: a
+/// problem for each string that does not parse (`bad`) and for each that parses to a value
+/// given before.
+fn each_once<T: Eq + Hash + Clone, E>(
+    app: &str,
+    field: &'static str,
+    list: Vec<String>,
+    problems: &mut Problems,
+    parse: impl Fn(&str) -> Result<T, E>,
+    bad: impl Fn(String, E) -> Problem,
+) -> Vec<T> {
     let mut out = Distinct::with_capacity(list.len());
     for s in list {
-        match Pattern::parse(&s) {
-            Ok(p) => {
-                if !out.insert(p) {
+        match parse(&s) {
+            Ok(v) => {
+                if !out.insert(v) {
                     problems.push(Problem::Duplicate {
                         app: app.to_owned(),
-                        field: "Hostnames",
+                        field,
                         value: s,
                     });
                 }
             }
-            Err(why) => problems.push(Problem::BadHostname {
-                app: app.to_owned(),
-                value: s,
-                why,
-            }),
+            Err(why) => problems.push(bad(s, why)),
         }
     }
     out.into_vec()
